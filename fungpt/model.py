@@ -1,0 +1,638 @@
+"""The GPT model: a decoder-only transformer language model, GPT-2 style.
+
+Architecture (Radford et al. 2019, "Language Models are Unsupervised Multitask
+Learners", GPT-2), built on the transformer of Vaswani et al. 2017 ("Attention
+Is All You Need"):
+
+    token ids -> token embedding (+ position encoding) -> dropout
+              -> n_layer x Block:  x = x + attn(norm(x));  x = x + mlp(norm(x))
+              -> final norm -> linear "lm_head" -> logits over the vocabulary
+
+Each block is "pre-norm" (the normalisation sits inside the residual branch, as
+in GPT-2), which keeps a clean residual path from input to output and makes deep
+stacks train stably. Optional modern variants are one config field away: rotary
+position embedding (Su et al. 2021, "RoFormer"), RMSNorm, ReLU^2, QK-norm.
+
+Shape notation used in every comment below:
+    B  batch size              T   time (sequence length of this chunk)
+    C  n_embd (channels)       nh  n_head (number of attention heads)
+    hs head size = C // nh     V   vocab_size
+
+Reading order: GPTConfig, CausalSelfAttention, MLP, Block, KVCache, GPT,
+sample_next_token.
+"""
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fungpt.errors import FunGPTError
+from fungpt.positions import POS_ENCODINGS, NoPositions, make_positions
+
+ACTIVATIONS = ("gelu_tanh", "gelu", "relu2")
+NORMS = ("layernorm", "rmsnorm")
+
+
+@dataclasses.dataclass
+class GPTConfig:
+    """Hyperparameters of the model. The defaults are GPT-2 small (124M)."""
+
+    vocab_size: int = 50304
+    """Vocabulary size V. GPT-2 has 50257 tokens; 50304 pads it to a multiple of 64, which is faster on GPUs."""
+    block_size: int = 1024
+    """Context length: the longest sequence the model can read at once."""
+    n_layer: int = 12
+    """Number of transformer blocks."""
+    n_head: int = 12
+    """Number of attention heads per block."""
+    n_embd: int = 768
+    """Embedding width C; must be divisible by n_head."""
+    dropout: float = 0.0
+    """Dropout probability in [0, 1) on embeddings, attention weights and residual branches (0 for pretraining)."""
+    bias: bool = True
+    """Use biases in Linear layers and LayerNorms (GPT-2: True)."""
+    pos_encoding: str = "learned"
+    """Position encoding: 'learned' (GPT-2), 'sinusoidal', 'rope' or 'none'."""
+    rope_base: float = 10000.0
+    """Base of the rotary angles theta_i = rope_base^(-2i/hs) (only for pos_encoding='rope')."""
+    activation: str = "gelu_tanh"
+    """MLP activation: 'gelu_tanh' (GPT-2's tanh approximation), 'gelu' (exact) or 'relu2' (ReLU squared)."""
+    tie_embeddings: bool = True
+    """Share one matrix between the token embedding and the output layer (GPT-2: True)."""
+    norm: str = "layernorm"
+    """Normalisation layer: 'layernorm' (GPT-2) or 'rmsnorm'."""
+    qk_norm: bool = False
+    """RMS-normalise queries and keys per head before attention (stabilises training)."""
+
+    def __post_init__(self):
+        # Types first, so that e.g. a YAML "1e-4" string gives a clear message.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            ok = isinstance(value, f.type) and not (f.type is not bool and isinstance(value, bool))
+            if f.type is float and isinstance(value, int) and not isinstance(value, bool):
+                ok = True
+            if not ok:
+                raise FunGPTError(f"model config {f.name}={value!r} should be of type {f.type.__name__}: fix its value")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise FunGPTError(f"model config {name}={getattr(self, name)} must be positive: set it to at least 1")
+        if self.n_embd % self.n_head != 0:
+            raise FunGPTError(
+                f"model config n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                "choose n_embd as a multiple of n_head"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise FunGPTError(f"model config dropout={self.dropout} must be in [0, 1): use e.g. 0.0 or 0.1")
+        if self.pos_encoding not in POS_ENCODINGS:
+            raise FunGPTError(
+                f"model config pos_encoding={self.pos_encoding!r} is unknown: use one of {', '.join(POS_ENCODINGS)}"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise FunGPTError(
+                f"model config activation={self.activation!r} is unknown: use one of {', '.join(ACTIVATIONS)}"
+            )
+        if self.norm not in NORMS:
+            raise FunGPTError(f"model config norm={self.norm!r} is unknown: use one of {', '.join(NORMS)}")
+        if self.rope_base <= 0:
+            raise FunGPTError(f"model config rope_base={self.rope_base} must be positive: the usual value is 10000")
+        if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2 != 0:
+            raise FunGPTError(
+                f"model config head size n_embd/n_head={self.n_embd // self.n_head} must be even for "
+                "pos_encoding='rope' (dimensions are rotated in pairs): change n_embd or n_head"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        """Build a config from a dict (e.g. read from JSON); unknown keys are an error, not ignored."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise FunGPTError(f"unknown model config key(s) {', '.join(unknown)}: valid keys are {', '.join(names)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def make_norm(config: GPTConfig, dim: int) -> nn.Module:
+    """LayerNorm: (x - mean) / std * weight + bias.  RMSNorm: x / rms(x) * weight (no centring, no bias)."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=1e-5)
+    return nn.LayerNorm(dim, eps=1e-5, bias=config.bias)
+
+
+class ReLU2(nn.Module):
+    """ReLU squared, relu(x)^2 (So et al. 2021, "Primer"); used in the modded-nanogpt speedrun."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
+def make_activation(name: str) -> nn.Module:
+    return {
+        # GPT-2 used the tanh approximation 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) of GELU
+        "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+        "gelu": lambda: nn.GELU(),  # exact: x * Phi(x), Phi the standard normal CDF
+        "relu2": ReLU2,
+    }[name]()
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention.
+
+    Every token emits a query q, a key k and a value v (three linear maps of x).
+    Token t's output is a weighted average of the values of tokens 0..t, with
+    weights softmax(q_t . k_s / sqrt(hs)): the "scaled dot-product attention"
+    of Vaswani et al. The 1/sqrt(hs) keeps the scores at unit variance so the
+    softmax does not saturate. "Causal": a token never looks at later tokens,
+    which is what lets us train on all positions of a sequence at once.
+    With nh heads, C is split into nh independent heads of size hs.
+    """
+
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx  # which slot of the KV cache belongs to this layer
+        self.n_head = config.n_head
+        self.head_size = config.n_embd // config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # mixes the heads' outputs
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        # QK-norm (Dehghani et al. 2023): bounds the scores q.k, preventing attention-logit blow-ups.
+        self.q_norm = nn.RMSNorm(self.head_size, eps=1e-5) if config.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_size, eps=1e-5) if config.qk_norm else nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: NoPositions,
+        pos: torch.Tensor,
+        kv_cache: "KVCache | None" = None,
+        attn_impl: str = "sdpa",
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, T, C) -> (y (B, T, C), attention weights (B, nh, T, T_total) if attn_impl='plain' else None)."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = positions.rotate(q, k, pos)  # RoPE rotates here; other encodings: identity
+
+        if kv_cache is not None:
+            # Store this chunk's keys/values at positions t0..t0+T-1, get back all of 0..t0+T-1.
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, T_total, hs), T_total = t0 + T
+        T_total = k.size(2)
+        t0 = T_total - T  # absolute position of the first query
+
+        # Query i (absolute position t0 + i) may see keys j <= t0 + i: a lower-triangular
+        # (T, T_total) mask shifted right by t0. Without a cache t0 = 0 and it is square.
+        weights = None
+        if attn_impl == "plain":
+            mask = torch.ones(T, T_total, dtype=torch.bool, device=x.device).tril(diagonal=t0)  # (T, T_total)
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_size)  # (B, nh, T, T_total)
+            att = att.masked_fill(~mask, float("-inf"))  # forbidden entries get zero weight after softmax
+            weights = F.softmax(att, dim=-1)  # (B, nh, T, T_total), each row sums to 1
+            y = self.attn_dropout(weights) @ v  # (B, nh, T, hs)
+        elif attn_impl == "sdpa":
+            # Same maths in one fused (often flash-attention) kernel. Careful with the mask:
+            # is_causal=True aligns the triangle to the *top-left*, i.e. assumes t0 = 0, which is
+            # wrong for a cache with t0 > 0 and T > 1. So: is_causal for t0 = 0; no mask for a
+            # single new token (it may see everything cached); an explicit mask otherwise.
+            mask = None
+            if t0 > 0 and T > 1:
+                mask = torch.ones(T, T_total, dtype=torch.bool, device=x.device).tril(diagonal=t0)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=(t0 == 0 and T > 1),
+                dropout_p=self.dropout if self.training else 0.0,
+            )  # (B, nh, T, hs)
+        else:
+            raise FunGPTError(f"attn_impl={attn_impl!r} is unknown: use 'sdpa' or 'plain'")
+
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh, hs) -> (B, T, C): heads side by side
+        return self.resid_dropout(self.c_proj(y)), weights
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: C -> 4C -> activation -> C, applied to every token alone."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.act = make_activation(config.activation)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+
+
+class Block(nn.Module):
+    """One transformer block: attention (tokens talk to each other), then MLP (each token thinks alone)."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = make_norm(config, config.n_embd)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = make_norm(config, config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, positions, pos, kv_cache=None, attn_impl="sdpa"):
+        a, weights = self.attn(self.ln_1(x), positions, pos, kv_cache, attn_impl)
+        x = x + a  # residual connection: each sub-layer only adds a correction to x
+        x = x + self.mlp(self.ln_2(x))
+        return x, weights
+
+
+class KVCache:
+    """Keys and values of past tokens, so generation does not recompute them every step.
+
+    When generating, the keys/values of tokens already seen never change (causal
+    attention: earlier tokens never look at later ones). So we keep them, and
+    each step only runs the network on the newest token.
+
+    Preallocated tensors, one slot per layer:
+        k, v: (n_layer, B, nh, max_len, hs)
+        pos:  number of positions filled so far (the absolute position t0 of the next token)
+    A forward pass with the cache writes its T new keys/values into [pos:pos+T],
+    attends over [:pos+T], and then advances pos by T. reset() empties it.
+    """
+
+    def __init__(self, n_layer, batch_size, n_head, max_len, head_size, device=None, dtype=torch.float32):
+        shape = (n_layer, batch_size, n_head, max_len, head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def reset(self) -> None:
+        self.pos = 0  # no need to zero the tensors: positions >= pos are never read
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nh, T, hs) at [pos:pos+T]; return all keys/values (B, nh, pos+T, hs)."""
+        t0, T = self.pos, k.size(2)
+        if k.size(0) != self.k.size(1):
+            raise FunGPTError(f"KV cache was made for batch size {self.k.size(1)}, got {k.size(0)}: make a new cache")
+        if t0 + T > self.max_len:
+            raise FunGPTError(f"KV cache is full ({t0} + {T} > max_len {self.max_len}): reset() it or crop the context")
+        self.k[layer, :, :, t0 : t0 + T] = k
+        self.v[layer, :, :, t0 : t0 + T] = v
+        return self.k[layer, :, :, : t0 + T].to(k.dtype), self.v[layer, :, :, : t0 + T].to(v.dtype)
+
+
+class GPT(nn.Module):
+    """The language model: token ids (B, T) -> next-token logits (B, T, V)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embedding table (V, C)
+        self.pos = make_positions(config)  # see positions.py
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = make_norm(config, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # (C -> V)
+        if config.tie_embeddings:
+            # Weight tying (Press & Wolf 2017): the output layer scores token v by the dot product
+            # of the final hidden state with v's input embedding. Saves V*C parameters (38M in GPT-2).
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2 init: every block adds its two c_proj outputs to the residual stream, so the variance
+        # of x grows with depth; scaling these by 1/sqrt(2 * n_layer) keeps it roughly constant.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2 initialisation: N(0, 0.02) weights, zero biases. (HF uses std 0.01 for the
+        # learned position table; we use 0.02 for it too, it makes no practical difference.)
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        attn_impl: str = "sdpa",
+        return_attn: bool = False,
+        kv_cache: KVCache | None = None,
+    ):
+        """Run the model on token ids idx (B, T).
+
+        Returns
+            logits (B, T, V)                      if targets is None and not return_attn
+            (logits, loss)                        if targets (B, T) is given; loss is the mean
+                                                  cross-entropy over positions whose target != -1
+            (logits, loss_or_None, attn)          if return_attn: attn is a list with one
+                                                  (B, nh, T, T_total) tensor of attention weights
+                                                  per layer (this forces attn_impl='plain')
+        attn_impl: 'sdpa' (fused, fast) or 'plain' (explicit softmax, readable; same result).
+        kv_cache: continue from the kv_cache.pos tokens already cached (see generate_stream).
+        """
+        B, T = idx.shape
+        t0 = kv_cache.pos if kv_cache is not None else 0
+        if t0 + T > self.config.block_size:
+            if kv_cache is None:
+                raise FunGPTError(f"sequence length {T} exceeds block_size {self.config.block_size}; crop the context")
+            raise FunGPTError(
+                f"sequence length {t0 + T} (cached {t0} + new {T}) exceeds block_size "
+                f"{self.config.block_size}; crop the context and reset the cache"
+            )
+        if return_attn:
+            attn_impl = "plain"  # only the plain path materialises the weights
+        pos = torch.arange(t0, t0 + T, device=idx.device)  # (T,) absolute positions
+
+        x = self.pos.add_to_embeddings(self.wte(idx), pos)  # (B, T, C)
+        x = self.drop(x)
+        attn = []
+        for block in self.blocks:
+            x, weights = block(x, self.pos, pos, kv_cache, attn_impl)
+            attn.append(weights)
+        if kv_cache is not None:
+            kv_cache.pos += T  # every layer has stored its keys/values for these T tokens
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+
+        loss = None
+        if targets is not None:
+            # Cross-entropy = -log p(correct next token), averaged; -1 marks positions to skip.
+            loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
+        if return_attn:
+            return logits, loss, attn
+        return logits if targets is None else (logits, loss)
+
+    # ------------------------------------------------------------------ generation
+
+    def make_kv_cache(self, batch_size: int) -> KVCache:
+        """An empty KV cache for this model with room for block_size positions."""
+        c, p = self.config, self.wte.weight
+        return KVCache(c.n_layer, batch_size, c.n_head, c.block_size, c.n_embd // c.n_head, p.device, p.dtype)
+
+    @torch.no_grad()
+    def generate_stream(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> Iterator[torch.Tensor]:
+        """Continue the prompt idx (B, T) one token at a time, yielding each new token's ids (B,).
+
+        use_cache=False is the reference: every step runs the whole model on the last
+        block_size tokens. use_cache=True gives the same tokens, faster: run the prompt
+        once to fill the KV cache ("prefill"), then feed only the newest token. When the
+        sequence outgrows block_size the window slides: positions restart at 0 for the
+        last block_size tokens (exactly what the uncached path sees), so the cache is
+        rebuilt from that window, at every step from then on.
+        """
+        if idx.dim() != 2 or idx.size(1) == 0:
+            raise FunGPTError("generate needs a (B, T) prompt with at least one token: pass a non-empty prompt")
+        block_size = self.config.block_size
+        was_training = self.training
+        self.eval()  # no dropout while generating
+        try:
+            cache = self.make_kv_cache(idx.size(0)) if use_cache else None
+            for _ in range(max_new_tokens):
+                if cache is None:
+                    logits = self(idx[:, -block_size:])  # (B, T', V)
+                elif cache.pos == 0 or cache.pos >= block_size:
+                    cache.reset()  # (re)fill the cache from the current window
+                    logits = self(idx[:, -block_size:], kv_cache=cache)
+                else:
+                    logits = self(idx[:, -1:], kv_cache=cache)  # (B, 1, V): just the newest token
+                next_id = sample_next_token(logits[:, -1, :], generator, temperature, top_k, top_p)  # (B, 1)
+                idx = torch.cat((idx, next_id), dim=1)  # (B, T + 1)
+                yield next_id[:, 0]
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Like generate_stream, but returns the prompt plus all new tokens: (B, T + max_new_tokens)."""
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache))
+        return torch.cat([idx] + [t[:, None] for t in new], dim=1)
+
+    # ------------------------------------------------------------------ accounting
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Number of parameters (a tied matrix counts once).
+
+        non_embedding=True leaves out the position table and, if untied, the token
+        embedding table (pure look-ups, no compute). A tied wte stays in: it is also
+        the output layer, which does a real matmul (the nanoGPT convention).
+        """
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields shared tensors once
+        if non_embedding:
+            n -= sum(p.numel() for p in self.pos.parameters())
+            if not self.config.tie_embeddings:
+                n -= self.wte.weight.numel()
+        return n
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token at full context (PaLM paper, Chowdhery et al. 2022, appendix B).
+
+        6N: each weight does one multiply-add (2 FLOPs) per token forward and twice that
+        backward, N = non-embedding parameters. Plus attention scores and weighted sum,
+        which have no weights: 12 * n_layer * n_embd * block_size (same 2 + 4 split).
+        """
+        c = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * c.block_size
+
+    def estimate_mfu(self, tokens_per_sec: float, peak_flops: float) -> float:
+        """Model FLOPs utilisation: achieved training FLOP/s as a fraction of the hardware peak."""
+        return self.flops_per_token() * tokens_per_sec / peak_flops
+
+    # ------------------------------------------------------------------ Hugging Face GPT-2 interop
+
+    # HF GPT-2 stores these four as Conv1D, whose weight is (in, out): the transpose of nn.Linear's (out, in).
+    _HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+    @classmethod
+    def from_hf(cls, path: str | os.PathLike) -> "GPT":
+        """Load a local Hugging Face GPT-2 folder (any size gpt2 .. gpt2-xl), e.g. from save_pretrained."""
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FunGPTError(
+                f"no Hugging Face model at '{path}' (config.json missing): pass a local folder with "
+                "config.json and model.safetensors or pytorch_model.bin"
+            )
+        hf = json.loads((path / "config.json").read_text())
+        if hf.get("model_type", "gpt2") != "gpt2":
+            raise FunGPTError(f"'{path}' holds a {hf['model_type']!r} model: only GPT-2 checkpoints can be loaded")
+        act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(
+            hf.get("activation_function", "gelu_new")
+        )
+        n_embd = hf["n_embd"]
+        if act is None or hf.get("n_inner") not in (None, 4 * n_embd) or hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
+            raise FunGPTError(
+                f"'{path}' uses GPT-2 options FunGPT lacks (activation_function, n_inner or "
+                "layer_norm_epsilon differ from GPT-2's): use a standard GPT-2 checkpoint"
+            )
+        config = GPTConfig(
+            vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
+            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=n_embd, bias=True, pos_encoding="learned",
+            activation=act, tie_embeddings=hf.get("tie_word_embeddings", True), norm="layernorm",
+        )
+
+        hf_sd = _load_hf_weights(path)
+        sd = {}
+        for key, t in hf_sd.items():
+            key = key.removeprefix("transformer.")
+            if key.endswith((".attn.bias", ".attn.masked_bias")):
+                continue  # old checkpoints store the causal mask as a buffer; we build it on the fly
+            if key == "lm_head.weight" and config.tie_embeddings:
+                continue  # same matrix as wte
+            if key.startswith("h."):  # h.{i}.* -> blocks.{i}.*
+                key = "blocks." + key.removeprefix("h.")
+            elif key.startswith("wpe."):  # wpe.weight -> pos.wpe.weight
+                key = "pos." + key
+            if key.endswith(cls._HF_CONV1D):
+                t = t.t()
+            sd[key] = t.float().contiguous()
+
+        # Build on the meta device (no memory, no random init) and then adopt the loaded tensors.
+        with torch.device("meta"):
+            model = cls(config)
+        expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_embeddings else set())
+        missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+        if missing or unexpected:
+            raise FunGPTError(
+                f"weights in '{path}' do not match a GPT-2 model: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}: is this a GPT-2 checkpoint?"
+            )
+        model.load_state_dict(sd, strict=False, assign=True)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.wte.weight  # assign=True replaced wte's parameter: re-tie
+        return model
+
+    def save_hf(self, path: str | os.PathLike) -> None:
+        """Save as a Hugging Face GPT-2 folder (config.json + model.safetensors) for GPT2LMHeadModel."""
+        from safetensors.torch import save_file
+
+        c = self.config
+        problems = [
+            msg for bad, msg in [
+                (c.pos_encoding != "learned", f"pos_encoding={c.pos_encoding!r} (needs 'learned')"),
+                (not c.bias, "bias=False (needs True)"),
+                (c.norm != "layernorm", f"norm={c.norm!r} (needs 'layernorm')"),
+                (c.activation not in ("gelu", "gelu_tanh"), f"activation={c.activation!r} (needs gelu/gelu_tanh)"),
+                (not c.tie_embeddings, "tie_embeddings=False (needs True)"),
+                (c.qk_norm, "qk_norm=True (needs False)"),
+            ] if bad
+        ]
+        if problems:
+            raise FunGPTError(f"cannot save as Hugging Face GPT-2: model has {', '.join(problems)}")
+
+        tensors = {}
+        for key, t in self.state_dict().items():
+            if key == "lm_head.weight":
+                continue  # tied to wte; HF re-ties it on load
+            if key.endswith(self._HF_CONV1D):
+                t = t.t()
+            if key.startswith("blocks."):  # blocks.{i}.* -> h.{i}.*
+                key = "h." + key.removeprefix("blocks.")
+            key = key.removeprefix("pos.")  # pos.wpe.weight -> wpe.weight
+            # clone: safetensors refuses tensors that share memory
+            tensors["transformer." + key] = t.detach().to("cpu", torch.float32).contiguous().clone()
+        hf_config = {
+            "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": c.vocab_size, "n_positions": c.block_size, "n_ctx": c.block_size,
+            "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": None,
+            "activation_function": "gelu_new" if c.activation == "gelu_tanh" else "gelu",
+            "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+            "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
+            "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False, "tie_word_embeddings": True, "use_cache": True,
+            "torch_dtype": "float32",
+        }
+        if c.vocab_size > 50256:  # GPT-2's <|endoftext|> token
+            hf_config.update(bos_token_id=50256, eos_token_id=50256)
+
+        # Write each file under a temporary name, then rename: a crash never leaves half a file.
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path / "model.safetensors.tmp"), metadata={"format": "pt"})
+        (path / "config.json.tmp").write_text(json.dumps(hf_config, indent=2) + "\n")
+        os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
+        os.replace(path / "config.json.tmp", path / "config.json")
+
+
+def _load_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Read a HF checkpoint: model.safetensors (possibly sharded) or pytorch_model.bin."""
+    if (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(path / "model.safetensors"))
+    if (path / "model.safetensors.index.json").is_file():
+        from safetensors.torch import load_file
+
+        shards = set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values())
+        return {k: v for shard in sorted(shards) for k, v in load_file(str(path / shard)).items()}
+    if (path / "pytorch_model.bin").is_file():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FunGPTError(f"no weights in '{path}': expected model.safetensors or pytorch_model.bin")
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    generator: torch.Generator | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> torch.Tensor:
+    """Pick the next token for each row of logits (B, V); returns ids (B, 1).
+
+    temperature: divide logits by it before softmax; < 1 sharpens, > 1 flattens;
+        0 means greedy (argmax, ignoring top_k/top_p).
+    top_k: keep only tokens whose logit is >= the k-th largest logit. Ties at the
+        k-th value are all kept, so more than k tokens can survive (the result
+        never depends on an arbitrary tie-break).
+    top_p: nucleus sampling (Holtzman et al. 2019). Keep the smallest set of most
+        probable tokens whose total probability is >= top_p (at least the top token);
+        tokens tied with the least probable kept token are kept too.
+    Filters apply in this order: temperature, top_k, top_p (on the renormalised
+    top-k distribution). Then one token is drawn with torch.multinomial(generator).
+    """
+    if temperature < 0:
+        raise FunGPTError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+    logits = logits.float() / temperature  # (B, V)
+    if top_k is not None:
+        if top_k < 1:
+            raise FunGPTError(f"top_k={top_k} must be >= 1 (or None to disable)")
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1) k-th largest
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0.0 < top_p <= 1.0:
+            raise FunGPTError(f"top_p={top_p} must be in (0, 1] (or None to disable)")
+        probs = F.softmax(logits, dim=-1)  # (B, V)
+        sorted_probs, _ = probs.sort(dim=-1, descending=True)  # (B, V)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of strictly better-ranked tokens
+        n_keep = (mass_before < top_p).sum(dim=-1, keepdim=True)  # (B, 1), >= 1 since mass_before[0] = 0
+        cutoff = sorted_probs.gather(-1, n_keep - 1)  # (B, 1) probability of the last kept token
+        logits = logits.masked_fill(probs < cutoff, float("-inf"))
+    probs = F.softmax(logits, dim=-1)  # (B, V)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)

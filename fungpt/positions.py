@@ -1,0 +1,157 @@
+"""Position encodings: how a transformer learns *where* each token is.
+
+Self-attention on its own is permutation-equivariant: shuffle the input tokens and
+the outputs are shuffled the same way. Word order matters in language, so every
+GPT injects position information somewhere. This file holds four swappable ways
+to do it; the model picks one with `make_positions(config)` and never branches on
+the variant again.
+
+Every module answers two questions:
+
+    add_to_embeddings(tok_emb, pos) -> x
+        Called once, at the bottom of the network. Absolute encodings
+        (learned, sinusoidal) add a vector per position to the token embeddings.
+    rotate(q, k, pos) -> (q, k)
+        Called in every attention layer on the queries and keys. Only rotary
+        encoding (RoPE) does something here.
+
+`pos` is a 1-D LongTensor with the absolute position of every token in the
+current chunk: usually 0..T-1, but t0..t0+T-1 when decoding with a KV cache,
+where new tokens continue after the t0 tokens already in the cache.
+
+Shapes: T time, C n_embd, nh heads, hs head size, B batch.
+    tok_emb, x: (B, T, C)    q, k: (B, nh, T, hs)    pos: (T,)
+"""
+
+import torch
+from torch import nn
+
+
+class NoPositions(nn.Module):
+    """No position encoding at all ("NoPE").
+
+    It still works for a *causal* (decoder-only) model, because the causal mask
+    itself leaks order: the token at position p attends to exactly p + 1 tokens.
+    E.g. if the first token's value vector is distinctive, how strongly it is
+    diluted by the average tells a token how far into the sequence it is; from
+    such counts later layers can reconstruct positions (Haviv et al. 2022,
+    "Transformer Language Models without Positional Encodings Still Learn
+    Positional Information"). This is also the base class: identity everywhere.
+    """
+
+    def add_to_embeddings(self, tok_emb: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return tok_emb
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return q, k
+
+
+class LearnedPositions(NoPositions):
+    """A learned table with one vector per absolute position (GPT-2).
+
+    `wpe` ("word position embedding", the name GPT-2 uses) is an ordinary
+    nn.Embedding of shape (block_size, C), trained like any other weight. Its
+    row for position p is added to the token embedding at position p. Simple and
+    effective, but the model cannot handle positions it has no row for: the
+    context length is fixed at block_size.
+    """
+
+    def __init__(self, block_size: int, n_embd: int):
+        super().__init__()
+        self.wpe = nn.Embedding(block_size, n_embd)  # (block_size, C)
+
+    def add_to_embeddings(self, tok_emb: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return tok_emb + self.wpe(pos)  # (B, T, C) + (T, C) broadcasts over B
+
+
+class SinusoidalPositions(NoPositions):
+    """A fixed (not learned) table of sines and cosines (Vaswani et al. 2017).
+
+        PE[p, 2i]   = sin(p / 10000^(2i/C))
+        PE[p, 2i+1] = cos(p / 10000^(2i/C))
+
+    Each pair of channels (2i, 2i+1) is a point on a circle that turns with
+    position p at its own speed: the first pairs turn fast (wavelength 2*pi),
+    the last ones slowly (wavelength ~ 2*pi*10000). Like the hands of a clock,
+    the set of angles identifies the position, and PE[p + s] is a fixed linear
+    function (a rotation) of PE[p], which makes relative offsets easy to learn.
+    The table has no parameters, so it is a non-persistent buffer: recomputed
+    at construction, never saved in checkpoints.
+    """
+
+    def __init__(self, block_size: int, n_embd: int):
+        super().__init__()
+        p = torch.arange(block_size, dtype=torch.float32)[:, None]  # (block_size, 1)
+        two_i = torch.arange(0, n_embd, 2, dtype=torch.float32)  # (ceil(C/2),) = 0, 2, 4, ...
+        angle = p / (10000.0 ** (two_i / n_embd))  # (block_size, ceil(C/2))
+        pe = torch.zeros(block_size, n_embd)  # (block_size, C)
+        pe[:, 0::2] = torch.sin(angle)
+        pe[:, 1::2] = torch.cos(angle[:, : n_embd // 2])  # odd C: one fewer cosine column
+        self.register_buffer("pe", pe, persistent=False)
+
+    def add_to_embeddings(self, tok_emb: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return tok_emb + self.pe[pos].to(tok_emb.dtype)  # (B, T, C) + (T, C)
+
+
+class RotaryPositions(NoPositions):
+    """Rotary position embedding, RoPE (Su et al. 2021, "RoFormer").
+
+    Instead of adding anything to x, RoPE rotates each query and key vector by
+    an angle proportional to its position, inside every attention layer. Split
+    a head's hs dimensions into hs/2 pairs; pair i of the vector at position m
+    is rotated by the angle m * theta_i, with theta_i = base^(-2i/hs) (fast
+    rotation for the first pairs, slow for the last, as in the sinusoids).
+
+    Why this encodes *relative* position: a rotation R(a) satisfies
+    R(a)^T R(b) = R(b - a). So for a query at position m and a key at n,
+
+        (R(m theta) q) . (R(n theta) k) = q . R((n - m) theta) k,
+
+    a score that depends only on the offset n - m, not on m and n themselves.
+
+    Pairing convention: we use the "half-split" convention of GPT-NeoX and
+    Hugging Face Llama, pairing x_i with x_{i + hs/2}. The paper pairs
+    neighbours (x_{2i}, x_{2i+1}) instead. The two are the same up to a fixed
+    permutation of the head dimensions, which the learned q/k projections absorb,
+    so they are equally good; half-split is cheaper and easier to read because
+    each half is one contiguous slice. (Beware when porting weights between the
+    two conventions: the permutation must then be applied to the weights.)
+
+    cos and sin of every angle are precomputed for block_size positions in
+    non-persistent buffers (derived from the config, so not saved).
+    """
+
+    def __init__(self, block_size: int, head_size: int, base: float = 10000.0):
+        super().__init__()
+        half = head_size // 2
+        theta = base ** (-torch.arange(half, dtype=torch.float32) / half)  # (hs/2,) = base^(-2i/hs)
+        angle = torch.arange(block_size, dtype=torch.float32)[:, None] * theta  # (block_size, hs/2)
+        self.register_buffer("cos", torch.cos(angle), persistent=False)
+        self.register_buffer("sin", torch.sin(angle), persistent=False)
+
+    def _rotate_one(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.size(-1) // 2
+        x1, x2 = x[..., :half], x[..., half:]  # (B, nh, T, hs/2) each: the pairs (x_i, x_{i+hs/2})
+        # the 2-D rotation [cos -sin; sin cos] applied to every pair (x1, x2)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, nh, T, hs)
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = self.cos[pos].to(q.dtype)  # (T, hs/2), broadcasts over (B, nh)
+        sin = self.sin[pos].to(q.dtype)
+        return self._rotate_one(q, cos, sin), self._rotate_one(k, cos, sin)
+
+
+def make_positions(config) -> NoPositions:
+    """Build the position module named by `config.pos_encoding`."""
+    head_size = config.n_embd // config.n_head
+    makers = {
+        "learned": lambda: LearnedPositions(config.block_size, config.n_embd),
+        "sinusoidal": lambda: SinusoidalPositions(config.block_size, config.n_embd),
+        "rope": lambda: RotaryPositions(config.block_size, head_size, config.rope_base),
+        "none": lambda: NoPositions(),
+    }
+    return makers[config.pos_encoding]()  # GPTConfig has validated the name
+
+
+POS_ENCODINGS = ("learned", "sinusoidal", "rope", "none")
+"""The valid values of GPTConfig.pos_encoding."""

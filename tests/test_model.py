@@ -1,0 +1,417 @@
+"""Tests for fungpt/model.py and fungpt/positions.py (tiny models, CPU, no network)."""
+
+import math
+
+import pytest
+import torch
+
+from fungpt.errors import FunGPTError
+from fungpt.model import GPT, GPTConfig, KVCache, sample_next_token
+from fungpt.positions import POS_ENCODINGS, RotaryPositions
+
+torch.set_num_threads(2)
+
+
+def tiny(**kw) -> GPTConfig:
+    base = dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+def make_model(seed=0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(tiny(**kw)).eval()
+
+
+def tokens(B, T, vocab=50, seed=1):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- forward
+
+
+def test_output_shapes_and_loss():
+    model = make_model()
+    idx = tokens(3, 10)
+    logits = model(idx)
+    assert logits.shape == (3, 10, 50)
+    logits2, loss = model(idx, idx)
+    assert torch.equal(logits, logits2) and loss.shape == ()
+    logits3, loss3, attn = model(idx, return_attn=True)
+    assert loss3 is None and len(attn) == 2 and attn[0].shape == (3, 2, 10, 10)
+    assert torch.allclose(attn[0].sum(-1), torch.ones(3, 2, 10))
+    assert torch.allclose(logits3, logits, atol=1e-5)
+
+
+def test_too_long_sequence_is_a_clear_error():
+    model = make_model()
+    with pytest.raises(FunGPTError, match="exceeds block_size 16"):
+        model(tokens(1, 17))
+
+
+@pytest.mark.parametrize("pos_encoding", POS_ENCODINGS)
+@pytest.mark.parametrize("variant", [{}, {"norm": "rmsnorm", "qk_norm": True, "activation": "relu2", "bias": False}])
+def test_causality(pos_encoding, variant):
+    model = make_model(pos_encoding=pos_encoding, **variant)
+    idx = tokens(2, 16)
+    t = 6
+    changed = idx.clone()
+    changed[:, t + 1 :] = (changed[:, t + 1 :] + 7) % 50
+    a, b = model(idx), model(changed)
+    assert torch.allclose(a[:, : t + 1], b[:, : t + 1], atol=1e-6)
+    assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])
+
+
+@pytest.mark.parametrize("pos_encoding", POS_ENCODINGS)
+def test_plain_attention_matches_sdpa(pos_encoding):
+    model = make_model(pos_encoding=pos_encoding, qk_norm=pos_encoding == "rope")
+    idx = tokens(2, 16)
+    assert torch.allclose(model(idx, attn_impl="plain"), model(idx, attn_impl="sdpa"), atol=1e-5)
+
+
+def test_position_encoding_matters():
+    # Without positions a model still sees order only through the causal mask; with them, a
+    # shifted copy of the same tokens gives different logits at equal context.
+    for pe in ("learned", "sinusoidal", "rope"):
+        model = make_model(pos_encoding=pe)
+        idx = tokens(1, 8)
+        twice = torch.cat([idx, idx], dim=1)
+        assert not torch.allclose(model(idx)[0, 0], model(twice)[0, 8], atol=1e-4)
+
+
+def test_targets_minus_one_are_ignored():
+    model = make_model()
+    idx = tokens(2, 10)
+    targets = tokens(2, 10, seed=5)
+    masked = targets.clone()
+    masked[:, ::2] = -1
+    logits, loss = model(idx, masked)
+    keep = masked != -1
+    expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_initial_loss_is_log_vocab():
+    model = make_model(seed=3)
+    idx = tokens(32, 16, seed=2)
+    _, loss = model(idx, tokens(32, 16, seed=4))
+    assert abs(loss.item() - math.log(50)) < 0.1
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = GPT(tiny()).train()
+    idx = tokens(4, 16, seed=7)
+    x, y = idx[:, :-1], idx[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+
+
+def test_dropout_training_runs_both_impls():
+    torch.manual_seed(0)
+    model = GPT(tiny(dropout=0.1)).train()
+    for impl in ("sdpa", "plain"):
+        _, loss = model(tokens(2, 16), tokens(2, 16, seed=3), attn_impl=impl)
+        loss.backward()
+
+
+# ---------------------------------------------------------------- KV cache and generation
+
+
+@pytest.mark.parametrize("pos_encoding", POS_ENCODINGS)
+def test_cached_equals_uncached_greedy_past_block_size(pos_encoding):
+    model = make_model(pos_encoding=pos_encoding)
+    model.train()  # generation must switch to eval and back
+    prompt = tokens(2, 5)
+    fast = model.generate(prompt, 40, temperature=0, use_cache=True)
+    slow = model.generate(prompt, 40, temperature=0, use_cache=False)
+    assert fast.shape == (2, 45)
+    assert torch.equal(fast, slow)
+    assert torch.equal(fast[:, :5], prompt)
+    assert model.training
+
+
+def test_generate_with_long_prompt_is_cropped():
+    model = make_model(pos_encoding="rope")
+    prompt = tokens(1, 30)
+    out = model.generate(prompt, 5, temperature=0)
+    assert torch.equal(out, model.generate(prompt, 5, temperature=0, use_cache=False))
+    assert torch.equal(model.generate(prompt[:, -16:], 1, temperature=0)[:, -1], out[:, 30])
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "rope"])
+def test_cache_chunked_prefill_matches_full_forward(pos_encoding):
+    # Prefill 6 tokens, then a chunk of 5 (T > 1 with t0 > 0: needs the shifted mask), then 1.
+    model = make_model(pos_encoding=pos_encoding)
+    idx = tokens(2, 12)
+    full = model(idx)
+    for impl in ("sdpa", "plain"):
+        cache = model.make_kv_cache(2)
+        parts = [model(idx[:, a:b], kv_cache=cache, attn_impl=impl) for a, b in [(0, 6), (6, 11), (11, 12)]]
+        assert cache.pos == 12
+        assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
+
+
+def test_kv_cache_shapes_and_errors():
+    cache = KVCache(n_layer=2, batch_size=3, n_head=2, max_len=16, head_size=16)
+    assert cache.k.shape == (2, 3, 2, 16, 16) and cache.pos == 0
+    model = make_model()
+    model(tokens(3, 10), kv_cache=cache)
+    assert cache.pos == 10
+    with pytest.raises(FunGPTError, match="exceeds block_size"):
+        model(tokens(3, 7), kv_cache=cache)
+    cache.reset()
+    assert cache.pos == 0
+    with pytest.raises(FunGPTError, match="batch size"):
+        model(tokens(2, 4), kv_cache=cache)
+
+
+def test_generate_stream_yields_each_token():
+    model = make_model()
+    prompt = tokens(2, 3)
+    steps = list(model.generate_stream(prompt, 4, temperature=0))
+    assert len(steps) == 4 and all(s.shape == (2,) for s in steps)
+    assert torch.equal(torch.stack(steps, dim=1), model.generate(prompt, 4, temperature=0)[:, 3:])
+
+
+def test_seeded_sampling_is_reproducible():
+    model = make_model()
+    prompt = tokens(2, 3)
+
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        return model.generate(prompt, 20, temperature=1.0, top_k=20, top_p=0.95, generator=g)
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+# ---------------------------------------------------------------- sample_next_token
+
+
+def allowed_tokens(logits, n=400, **kw):
+    g = torch.Generator().manual_seed(0)
+    draws = sample_next_token(logits.expand(n, -1), generator=g, **kw)
+    return set(draws.flatten().tolist())
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.randn(5, 30, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_next_token(logits, temperature=0), logits.argmax(-1, keepdim=True))
+    assert sample_next_token(logits).shape == (5, 1)
+
+
+def test_top_k_keeps_exactly_the_k_largest_and_ties():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 0.0, 2.0]])
+    assert allowed_tokens(logits, top_k=1) == {1}
+    assert allowed_tokens(logits, top_k=3) == {1, 2, 3}
+    # ties at the k-th value are all kept: here the 2nd largest value 3.0 appears three times
+    tied = torch.tensor([[3.0, 5.0, 3.0, 1.0, 3.0, 0.0]])
+    assert allowed_tokens(tied, top_k=2) == {0, 1, 2, 4}
+    assert allowed_tokens(tied, top_k=100) == {0, 1, 2, 3, 4, 5}
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = torch.tensor([[0.05, 0.5, 0.25, 0.15, 0.05]])
+    logits = probs.log()
+    assert allowed_tokens(logits, top_p=0.4) == {1}  # 0.5 >= 0.4 already
+    assert allowed_tokens(logits, top_p=0.7) == {1, 2}  # 0.75
+    assert allowed_tokens(logits, top_p=0.85) == {1, 2, 3}  # 0.9
+    assert allowed_tokens(logits, top_p=0.01) == {1}  # always at least the top token
+    # the least probable kept token (0.05) is tied with another: both are kept
+    assert allowed_tokens(logits, top_p=0.95) == {0, 1, 2, 3, 4}
+    tied = torch.tensor([[0.3, 0.3, 0.3, 0.1]]).log()
+    assert allowed_tokens(tied, top_p=0.5) == {0, 1, 2}
+    # top-k then top-p on the renormalised top-k distribution: {1: 2/3, 2: 1/3}
+    assert allowed_tokens(logits, top_k=2, top_p=0.6) == {1}
+
+
+def test_sampling_rejects_bad_arguments():
+    logits = torch.zeros(1, 5)
+    for kw in ({"temperature": -1.0}, {"top_k": 0}, {"top_p": 0.0}, {"top_p": 1.5}):
+        with pytest.raises(FunGPTError):
+            sample_next_token(logits, **kw)
+
+
+# ---------------------------------------------------------------- positions
+
+
+def test_rope_scores_depend_only_on_relative_offset():
+    hs = 16
+    rope = RotaryPositions(block_size=64, head_size=hs)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, hs, generator=g), torch.randn(1, 1, 1, hs, generator=g)
+
+    def score(m, n):
+        qm, _ = rope.rotate(q, q, torch.tensor([m]))
+        _, kn = rope.rotate(k, k, torch.tensor([n]))
+        return (qm * kn).sum().item()
+
+    for m, n in [(5, 2), (3, 9), (0, 0)]:
+        for s in (1, 7, 30):
+            assert score(m, n) == pytest.approx(score(m + s, n + s), abs=1e-4)
+    assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-4)
+    # rotation preserves length
+    qr, _ = rope.rotate(q, k, torch.tensor([11]))
+    assert torch.allclose(qr.norm(), q.norm())
+
+
+def test_position_buffers_are_not_saved():
+    for pe, n_extra in [("learned", 1), ("sinusoidal", 0), ("rope", 0), ("none", 0)]:
+        sd = make_model(pos_encoding=pe).state_dict()
+        assert sum(k.startswith("pos.") for k in sd) == n_extra
+
+
+# ---------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"n_embd": 30, "n_head": 4},
+        {"vocab_size": 0},
+        {"block_size": -1},
+        {"n_layer": 0},
+        {"n_head": 0},
+        {"n_embd": 0},
+        {"dropout": 1.0},
+        {"dropout": -0.1},
+        {"pos_encoding": "alibi"},
+        {"activation": "swish"},
+        {"norm": "batchnorm"},
+        {"rope_base": 0.0},
+        {"pos_encoding": "rope", "n_embd": 30, "n_head": 10},
+        {"n_layer": "2"},
+        {"bias": 1},
+    ],
+)
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(FunGPTError):
+        tiny(**bad)
+
+
+def test_config_dict_round_trip():
+    cfg = tiny(pos_encoding="rope", dropout=0.1)
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(FunGPTError, match="n_layers"):
+        GPTConfig.from_dict({"n_layers": 3})
+
+
+# ---------------------------------------------------------------- size and FLOPs
+
+
+def test_gpt2_small_parameter_count_on_meta():
+    cfg = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert model.num_params() == 124_439_808
+    assert model.num_params(non_embedding=True) == 124_439_808 - 1024 * 768
+    n = model.num_params(non_embedding=True)
+    assert model.flops_per_token() == 6 * n + 12 * 12 * 768 * 1024
+    for pe in ("sinusoidal", "rope", "none"):  # the other position modules build on meta too
+        with torch.device("meta"):
+            GPT(GPTConfig(pos_encoding=pe, n_layer=1))
+
+
+def test_untied_embeddings_count_separately():
+    tied, untied = make_model(), make_model(tie_embeddings=False)
+    assert untied.num_params() - tied.num_params() == 50 * 32
+    assert untied.lm_head.weight is not untied.wte.weight
+    assert tied.lm_head.weight is tied.wte.weight
+
+
+def test_init_scales_residual_projections():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=8, n_embd=256, n_head=4, vocab_size=100, block_size=32))
+    std = model.blocks[0].mlp.c_proj.weight.std().item()
+    assert std == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert model.blocks[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert torch.all(model.blocks[0].attn.c_attn.bias == 0)
+
+
+# ---------------------------------------------------------------- Hugging Face interop
+
+
+def random_hf_model():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=100, bos_token_id=0, eos_token_id=0
+    )
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # random (not init-default) LayerNorm params, so they are really tested
+        for name, p in model.named_parameters():
+            if "ln_" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_from_hf_matches_transformers(tmp_path, safe):
+    hf = random_hf_model()
+    hf.save_pretrained(tmp_path, safe_serialization=safe)
+    ours = GPT.from_hf(tmp_path).eval()
+    assert ours.config.block_size == 32 and ours.config.activation == "gelu_tanh"
+    assert ours.lm_head.weight is ours.wte.weight
+    idx = tokens(2, 20, vocab=100)
+    with torch.no_grad():
+        expected = hf(idx).logits
+        assert (ours(idx) - expected).abs().max().item() < 1e-4
+        assert (ours(idx, attn_impl="plain") - expected).abs().max().item() < 1e-4
+
+
+def test_save_hf_loads_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ours = make_model(vocab_size=100, block_size=32, activation="gelu")
+    with torch.no_grad():
+        for name, p in ours.named_parameters():  # non-default values everywhere
+            if name.endswith("bias") or "ln_" in name:
+                p.normal_(0.0, 0.1)
+    ours.save_hf(tmp_path / "out")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
+    idx = tokens(2, 20, vocab=100)
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)).abs().max().item() < 1e-4
+    # and back again
+    again = GPT.from_hf(tmp_path / "out")
+    assert again.config.activation == "gelu"
+    assert (again(idx) - ours(idx)).abs().max().item() < 1e-5
+
+
+def test_save_hf_rejects_non_gpt2_models(tmp_path):
+    with pytest.raises(FunGPTError, match="pos_encoding='rope'"):
+        make_model(pos_encoding="rope").save_hf(tmp_path)
+
+
+def test_from_hf_missing_files_are_clear_errors(tmp_path):
+    with pytest.raises(FunGPTError, match="config.json"):
+        GPT.from_hf(tmp_path / "nope")
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 32, "vocab_size": 100}'
+    )
+    with pytest.raises(FunGPTError, match="model.safetensors"):
+        GPT.from_hf(tmp_path)
+
+
+def test_from_hf_without_prefix_and_untied(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf = random_hf_model()
+    hf.transformer.save_pretrained(tmp_path / "base")  # GPT2Model: keys have no "transformer." prefix
+    ours = GPT.from_hf(tmp_path / "base").eval()
+    idx = tokens(1, 12, vocab=100)
+    with torch.no_grad():
+        assert (ours(idx) - hf(idx).logits).abs().max().item() < 1e-4
+
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=16, vocab_size=100,
+                                  tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+    untied = transformers.GPT2LMHeadModel(cfg).eval()
+    untied.save_pretrained(tmp_path / "untied")
+    ours = GPT.from_hf(tmp_path / "untied").eval()
+    assert not ours.config.tie_embeddings and ours.lm_head.weight is not ours.wte.weight
+    with torch.no_grad():
+        assert (ours(idx) - untied(idx).logits).abs().max().item() < 1e-4
