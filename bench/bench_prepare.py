@@ -1,0 +1,104 @@
+"""Benchmark `fungpt prepare`: how many MB of text per second it tokenizes.
+
+Builds a corpus of at least --mb megabytes by repeating Tiny Shakespeare in a
+temporary folder, then times `prepare` with the char tokenizer and with a BPE
+tokenizer (vocabulary --bpe-vocab, trained on the corpus; training is included
+in the time). Prints MB/s for each and, with --append FILE, adds a result block
+with the machine's details to a Markdown file such as BENCHMARKS.md.
+
+    python bench/bench_prepare.py
+    python bench/bench_prepare.py --mb 50 --append BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from fungpt.data import load_meta, prepare, shakespeare_path  # noqa: E402
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def build_corpus(path: Path, megabytes: float) -> int:
+    """Write Tiny Shakespeare repeated until the file holds at least `megabytes` MB."""
+    text = shakespeare_path().read_bytes()
+    repeats = -(-int(megabytes * 1e6) // len(text))  # ceiling division
+    with open(path, "wb") as f:
+        for _ in range(repeats):
+            f.write(text)
+    return path.stat().st_size
+
+
+def time_prepare(corpus: Path, out: Path, **kwargs) -> tuple[float, dict]:
+    start = time.perf_counter()
+    prepare(corpus, out, progress=False, **kwargs)
+    return time.perf_counter() - start, load_meta(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mb", type=float, default=50, help="corpus size in MB (default 50)")
+    parser.add_argument("--bpe-vocab", type=int, default=4096, help="BPE vocabulary size (default 4096)")
+    parser.add_argument("--append", metavar="FILE", help="append a result block to this Markdown file")
+    args = parser.parse_args()
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="fungpt-bench-") as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        size = build_corpus(corpus, args.mb)
+        print(f"corpus: {size / 1e6:.1f} MB (Tiny Shakespeare repeated)")
+        for label, kwargs in (
+            ("char", {"tokenizer": "char"}),
+            (f"bpe (vocab {args.bpe_vocab}, incl. training)", {"tokenizer": "bpe", "vocab_size": args.bpe_vocab}),
+        ):
+            seconds, meta = time_prepare(corpus, Path(tmp) / kwargs["tokenizer"], **kwargs)
+            tokens = meta["train_tokens"] + meta["val_tokens"]
+            rate = size / 1e6 / seconds
+            results.append((label, seconds, rate, tokens))
+            print(f"{label:32s} {seconds:7.2f} s  {rate:7.1f} MB/s  {tokens:,} tokens")
+
+    if args.append:
+        path = Path(args.append)
+        command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+        lines = [
+            "",
+            f"## prepare throughput, {datetime.date.today().isoformat()}",
+            "",
+            f"- machine: {cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+            f"- command: `{command}`",
+            f"- corpus: {size / 1e6:.1f} MB (Tiny Shakespeare repeated)",
+            "",
+            "| tokenizer | seconds | MB/s | tokens |",
+            "|---|---:|---:|---:|",
+            *(f"| {label} | {seconds:.2f} | {rate:.1f} | {tokens:,} |" for label, seconds, rate, tokens in results),
+            "",
+        ]
+        new_file = not path.exists()
+        with open(path, "a", encoding="utf-8") as f:
+            if new_file:
+                f.write("# Benchmarks\n")
+            f.write("\n".join(lines))
+        print(f"appended results to {path}")
+
+
+if __name__ == "__main__":
+    main()

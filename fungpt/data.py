@@ -1,0 +1,674 @@
+"""The data layer: from raw text to batches of token ids.
+
+Two halves:
+
+1. `prepare(...)` (run once, `fungpt prepare`) reads a text corpus, tokenizes it,
+   splits it into train and validation parts and writes a *prepared dataset*:
+
+       DIR/train.bin             token ids, raw little-endian uint16 (uint32 if vocab > 65536)
+       DIR/val.bin
+       DIR/meta.json             counts, dtype, tokenizer kind, checksum of the source, ...
+       DIR/tokenizer_meta.json   the tokenizer (see fungpt.tokenizer), plus tokenizer.json for bpe
+
+   Raw .bin files are the simplest format there is: token i sits at byte
+   i * itemsize, so training can memory-map them and read any window instantly,
+   even when the dataset is far larger than RAM.
+
+2. `BatchLoader` (used by training) draws random windows of `block_size + 1`
+   tokens from a .bin file and returns them as (x, y) tensors, y being x shifted
+   left by one token: the model learns to predict y[t] from x[0..t].
+
+What counts as input (`resolve_source`):
+  * a text file;
+  * a folder: every regular file below it, in sorted path order, skipping hidden
+    files and folders (names starting with ".") and empty files. We do not filter
+    by extension; instead a file containing NUL bytes is refused as binary, so a
+    stray image in the folder gives a clear error rather than garbage tokens.
+    Documents are separated by <|endoftext|> (bpe, gpt2) or a newline (char);
+  * the name `shakespeare`: Tiny Shakespeare (1.1 MB), found via $FUNGPT_DATA_DIR
+    or the cache, or downloaded once (see `shakespeare_path`).
+
+How the split works: the corpus text (documents and separators) is split by
+*characters*: the first int(n * (1 - val_fraction)) characters are train, the rest
+val, exactly as nanoGPT does for Tiny Shakespeare (1,003,854 / 111,540 chars).
+Knowing n needs a first pass over the corpus; that pass is cheap (it decodes
+UTF-8, counts characters, hashes the bytes and checks the input) and lets us find
+every input problem *before* anything is written.
+
+Big corpora are streamed in chunks of about 8 MB, so memory stays flat whatever
+the corpus size. Chunks (and the smaller groups sent to BPE's parallel encoder)
+are cut just before a newline that follows a non-space character. At such a point
+GPT-2's pre-tokenizer always starts a new piece anyway, so the token ids are
+exactly those of encoding each split's text in one go.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import itertools
+import json
+import os
+import re
+import shutil
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fungpt.errors import FunGPTError
+from fungpt.tokenizer import (
+    EOT_TEXT,
+    CharTokenizer,
+    GPT2Tokenizer,
+    Tokenizer,
+    check_bpe_vocab_size,
+    check_kind,
+    train_tokenizer,
+)
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+SHAKESPEARE_FILE = "tinyshakespeare.txt"
+DOWNLOAD_TIMEOUT_S = 30.0
+
+CHUNK_BYTES = 8 << 20  # read the corpus 8 MB at a time
+BPE_GROUP_CHARS = 32 << 10  # BPE encodes ~32K-character groups in parallel batches
+
+# A safe place to cut text: just before a newline ("\n" or "\r\n") that follows a
+# non-space character. GPT-2's pre-tokenizer starts a new piece there whatever
+# comes before or after, so cutting never changes the tokens.
+_SAFE_CUT = re.compile(r"(?<=\S)(?=\r?\n)")
+
+
+# ---------------------------------------------------------------------------
+# Finding the input
+# ---------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Where downloads are kept: $FUNGPT_CACHE_DIR, else $XDG_CACHE_HOME/fungpt, else ~/.cache/fungpt."""
+    if os.environ.get("FUNGPT_CACHE_DIR"):
+        return Path(os.environ["FUNGPT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fungpt"
+
+
+def fetch_url(url: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> bytes:
+    """Download `url` and return its bytes (also works with file:// URLs)."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shakespeare_path() -> Path:
+    """Return the path of Tiny Shakespeare, downloading it once if needed.
+
+    Looks in order at $FUNGPT_DATA_DIR/tinyshakespeare.txt, then the cache folder
+    (`cache_dir()`), then downloads SHAKESPEARE_URL into the cache. The file's
+    SHA-256 is checked every time, so a damaged or different file is never used.
+    """
+    data_dir = os.environ.get("FUNGPT_DATA_DIR")
+    if data_dir:
+        local = Path(data_dir) / SHAKESPEARE_FILE
+        if local.is_file():
+            if _sha256_file(local) != SHAKESPEARE_SHA256:
+                raise FunGPTError(
+                    f"{local} is not Tiny Shakespeare (wrong SHA-256 checksum); replace it with a fresh "
+                    f"download of {SHAKESPEARE_URL} or unset FUNGPT_DATA_DIR"
+                )
+            return local
+
+    cached = cache_dir() / SHAKESPEARE_FILE
+    if cached.is_file():
+        if _sha256_file(cached) == SHAKESPEARE_SHA256:
+            return cached
+        cached.unlink()  # damaged cache: fetch it again below
+
+    try:
+        data = fetch_url(SHAKESPEARE_URL)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise FunGPTError(
+            f"could not download Tiny Shakespeare from {SHAKESPEARE_URL} ({reason}); download that file "
+            f"by hand as {SHAKESPEARE_FILE} into a folder and set FUNGPT_DATA_DIR to that folder"
+        ) from None
+    if hashlib.sha256(data).hexdigest() != SHAKESPEARE_SHA256:
+        raise FunGPTError(
+            f"the file downloaded from {SHAKESPEARE_URL} has the wrong SHA-256 checksum, so it was not "
+            "saved; try again later, or download it by hand and set FUNGPT_DATA_DIR"
+        )
+    # Write to a temporary name and rename: a crash mid-write never leaves a
+    # truncated file under the real name.
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(f"{cached.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, cached)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return cached
+
+
+def _is_hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def resolve_source(source: str | Path) -> list[Path]:
+    """Turn the --input argument into the list of files to read (see the module docstring)."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        if str(source) == "shakespeare":
+            return [shakespeare_path()]
+        raise FunGPTError(
+            f"data path '{source}' does not exist: pass a text file, a folder of text files or 'shakespeare'"
+        )
+    if path.is_file():
+        if path.stat().st_size == 0:
+            raise FunGPTError(f"input file {path} is empty; pass a file with some text in it")
+        return [path]
+    if path.is_dir():
+        files = sorted(
+            (p for p in path.rglob("*") if p.is_file() and not _is_hidden(p.relative_to(path))),
+            key=lambda p: p.relative_to(path).as_posix(),
+        )
+        files = [p for p in files if p.stat().st_size > 0]
+        if not files:
+            raise FunGPTError(
+                f"folder {path} holds no text (hidden and empty files are skipped); put some text files in it"
+            )
+        return files
+    raise FunGPTError(f"data path '{source}' is neither a file nor a folder; pass a text file or a folder")
+
+
+# ---------------------------------------------------------------------------
+# Reading text in chunks
+# ---------------------------------------------------------------------------
+
+
+def _find_safe_cut(text: str, start: int) -> int | None:
+    """First safe cut position at or after `start` (see _SAFE_CUT), or None."""
+    m = _SAFE_CUT.search(text, start)
+    return m.start() if m else None
+
+
+def _last_safe_cut(text: str) -> int | None:
+    """Last safe cut position in `text` (same rule as _SAFE_CUT), or None."""
+    end = len(text)
+    while (newline := text.rfind("\n", 0, end)) > 0:
+        cut = newline - 1 if text[newline - 1] == "\r" else newline  # cut before "\r\n"
+        if cut > 0 and not text[cut - 1].isspace():
+            return cut
+        end = cut
+    return None
+
+
+def _split_groups(text: str, size: int) -> list[str]:
+    """Cut `text` at safe points into pieces of roughly `size` characters."""
+    groups, start = [], 0
+    while len(text) - start > size:
+        cut = _find_safe_cut(text, start + size)
+        if cut is None:
+            break
+        groups.append(text[start:cut])
+        start = cut
+    groups.append(text[start:])
+    return groups
+
+
+def _iter_file_text(
+    path: Path, errors: str, chunk_bytes: int, on_bytes: Callable[[bytes], None] | None
+) -> Iterator[str]:
+    """Yield the text of one file in chunks of about `chunk_bytes`, cut at safe points.
+
+    Raises FunGPTError for NUL bytes (binary file) and, with errors="strict", for
+    invalid UTF-8, naming the byte offset of the problem.
+    """
+    # An incremental decoder keeps a multi-byte character that straddles two reads
+    # until the rest of it arrives.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
+    offset = 0  # bytes of this file read so far
+    carry = ""  # decoded text after the last cut, waiting for more
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise FunGPTError(f"could not read {path}: {e.strerror}") from None
+    with f:
+        while True:
+            try:
+                data = f.read(chunk_bytes)
+            except OSError as e:
+                raise FunGPTError(f"could not read {path}: {e.strerror}") from None
+            final = not data
+            nul = data.find(b"\x00")
+            if nul >= 0:
+                raise FunGPTError(
+                    f"{path} looks like a binary file (NUL byte at byte offset {offset + nul}); pass text files only"
+                )
+            if on_bytes is not None and data:
+                on_bytes(data)
+            pending = len(decoder.getstate()[0])  # undecoded bytes held from the last read
+            try:
+                text = decoder.decode(data, final=final)
+            except UnicodeDecodeError as e:
+                bad = offset - pending + e.start
+                raise FunGPTError(
+                    f"{path} is not valid UTF-8 (bad byte at offset {bad}); fix the file or pass "
+                    "--errors replace to substitute U+FFFD for undecodable bytes"
+                ) from None
+            offset += len(data)
+            buffer = carry + text
+            if final:
+                if buffer:
+                    yield buffer
+                return
+            # Yield up to the last safe cut; keep the rest for the next round.
+            cut = _last_safe_cut(buffer)
+            if cut is None:
+                if len(buffer) < 4 * chunk_bytes:
+                    carry = buffer  # no safe cut yet: read more first
+                    continue
+                cut = len(buffer)  # one enormous line: cut anyway (may change a token or two)
+            yield buffer[:cut]
+            carry = buffer[cut:]
+
+
+def _iter_corpus(
+    files: list[Path],
+    separator: str,
+    errors: str,
+    chunk_bytes: int | None = None,
+    on_bytes: Callable[[bytes], None] | None = None,
+) -> Iterator[tuple[str, bool]]:
+    """Yield (text, is_separator) for the whole corpus: documents with separators between them."""
+    chunk_bytes = chunk_bytes or CHUNK_BYTES  # read at call time so tests can shrink it
+    for i, path in enumerate(files):
+        if i > 0:
+            yield separator, True
+        for text in _iter_file_text(path, errors, chunk_bytes, on_bytes):
+            yield text, False
+
+
+def _progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, disable=not enabled)
+
+
+# ---------------------------------------------------------------------------
+# prepare
+# ---------------------------------------------------------------------------
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Smallest unsigned type that holds every id: uint16 up to 65,536 tokens, else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def _encode(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    """Token ids of `text` as a numpy array, using the fastest path each tokenizer has."""
+    if isinstance(tokenizer, CharTokenizer):
+        return tokenizer.encode_array(text)
+    groups = _split_groups(text, BPE_GROUP_CHARS)
+    ids = tokenizer.encode_batch(groups)  # parallel on all cores
+    return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=sum(map(len, ids)))
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FunGPTError(f"output {out} exists and is not a folder; choose another --out")
+    if (out / "meta.json").exists():
+        if not overwrite:
+            raise FunGPTError(f"{out} already holds a prepared dataset; pass --overwrite to replace it")
+    elif any(out.iterdir()):
+        # Never delete a folder we did not make, even with --overwrite.
+        raise FunGPTError(f"output folder {out} is not empty and is not a prepared dataset; choose another --out")
+
+
+def prepare(
+    input: str | Path,
+    out: str | Path,
+    tokenizer: str = "char",
+    vocab_size: int | None = None,
+    val_fraction: float = 0.1,
+    overwrite: bool = False,
+    errors: str = "strict",
+    progress: bool = True,
+) -> Path:
+    """Tokenize a corpus into DIR/train.bin, DIR/val.bin, DIR/meta.json and the tokenizer.
+
+    `input` is a text file, a folder or "shakespeare"; `tokenizer` is "char", "bpe"
+    (trained here, `vocab_size` defaults to 4096) or "gpt2". The first
+    (1 - val_fraction) of the characters are train, the rest val. Everything is
+    written into a temporary folder that is renamed to `out` only once complete.
+    Returns the output folder.
+    """
+    # --- check the arguments before touching anything -------------------------
+    check_kind(tokenizer)
+    if vocab_size is not None and tokenizer != "bpe":
+        raise FunGPTError(f"--vocab-size only applies to --tokenizer bpe, not {tokenizer}; leave it out")
+    if tokenizer == "bpe" and vocab_size is not None:
+        check_bpe_vocab_size(vocab_size)
+    if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+        raise FunGPTError(
+            f"val fraction must be between 0 and 1 (exclusive), got {val_fraction}; e.g. --val-fraction 0.1"
+        )
+    if errors not in ("strict", "replace"):
+        raise FunGPTError(f"errors must be 'strict' or 'replace', got {errors!r}")
+    out = Path(out).expanduser().resolve()  # absolute, so out.name is never empty
+    _check_out_dir(out, overwrite)
+    files = resolve_source(input)
+    total_bytes = sum(p.stat().st_size for p in files)
+    gpt2 = GPT2Tokenizer() if tokenizer == "gpt2" else None  # fail early if unavailable
+    separator = "\n" if tokenizer == "char" else EOT_TEXT
+
+    # --- pass 1: check, count and hash the corpus ---------------------------------
+    hasher = hashlib.sha256()
+    n_chars = 0
+    separator_spans = []  # (start, end) character offsets of each separator
+    chars_seen: set[str] = set()
+    with _progress_bar(total_bytes, "checking", progress) as bar:
+
+        def on_bytes(data: bytes) -> None:
+            hasher.update(data)
+            bar.update(len(data))
+
+        for text, is_separator in _iter_corpus(files, separator, errors, on_bytes=on_bytes):
+            if is_separator:
+                separator_spans.append((n_chars, n_chars + len(text)))
+            if tokenizer == "char":
+                chars_seen.update(text)
+            n_chars += len(text)
+    if n_chars == 0:
+        raise FunGPTError(f"input '{input}' holds no text; pass a file with some text in it")
+
+    # Where train ends. Never cut through a multi-character separator.
+    boundary = int(n_chars * (1 - val_fraction))
+    for start, end in separator_spans:
+        if start < boundary < end:
+            boundary = end
+    if boundary == 0 or boundary == n_chars:
+        which = "train" if boundary == 0 else "val"
+        raise FunGPTError(
+            f"the {which} split has 0 tokens ({n_chars} characters of text, val fraction {val_fraction}); "
+            "use more text or a different --val-fraction"
+        )
+
+    # --- the tokenizer ---------------------------------------------------------------
+    if tokenizer == "char":
+        tok: Tokenizer = CharTokenizer(sorted(chars_seen))
+    elif tokenizer == "bpe":
+        with _progress_bar(total_bytes, "training bpe", progress) as bar:
+            chunks = (
+                group
+                for text, is_separator in _iter_corpus(files, separator, errors, on_bytes=lambda b: bar.update(len(b)))
+                if not is_separator
+                for group in _split_groups(text, BPE_GROUP_CHARS)
+            )
+            tok = train_tokenizer("bpe", chunks, vocab_size)
+    else:
+        tok = gpt2
+    dtype = token_dtype(tok.vocab_size)
+
+    # --- pass 2: encode into a temporary folder, then rename it --------------------
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    counts = {f"{s}_{k}": 0 for s in SPLITS for k in ("tokens", "bytes", "chars")}
+    try:
+        tmp.mkdir(parents=True)
+        check = hashlib.sha256()
+        position = 0  # characters of the corpus handled so far
+        with (
+            open(tmp / "train.bin", "wb") as train_f,
+            open(tmp / "val.bin", "wb") as val_f,
+            _progress_bar(total_bytes, f"encoding ({tok.name})", progress) as bar,
+        ):
+
+            def on_bytes(data: bytes) -> None:
+                check.update(data)
+                bar.update(len(data))
+
+            def write(split: str, f, text: str) -> None:
+                ids = _encode(tok, text)
+                f.write(ids.astype(dtype).tobytes())
+                counts[f"{split}_tokens"] += len(ids)
+                counts[f"{split}_chars"] += len(text)
+                counts[f"{split}_bytes"] += len(text.encode("utf-8"))
+
+            for text, _ in _iter_corpus(files, separator, errors, on_bytes=on_bytes):
+                # Cut the piece that straddles the train/val boundary in two.
+                cut = min(max(boundary - position, 0), len(text))
+                if cut > 0:
+                    write("train", train_f, text[:cut])
+                if cut < len(text):
+                    write("val", val_f, text[cut:])
+                position += len(text)
+
+        if check.hexdigest() != hasher.hexdigest():
+            raise FunGPTError(f"input '{input}' changed while it was being prepared; run prepare again")
+        tok.save(tmp)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "tokenizer": tok.name,
+            "vocab_size": tok.vocab_size,
+            "eot_id": tok.eot_id,
+            "dtype": dtype.name,
+            **counts,
+            "val_fraction": val_fraction,
+            "source": str(input),
+            "source_files": len(files),
+            "source_bytes": total_bytes,
+            "source_sha256": hasher.hexdigest(),
+            "errors": errors,
+        }
+        # meta.json is written last: a folder with meta.json is a complete dataset.
+        with open(tmp / "meta.json", "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+            f.write("\n")
+
+        # Swap the finished folder into place. When overwriting, the old dataset is
+        # moved aside first and deleted only after the new one is in place.
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FunGPTError(f"could not write the dataset to {out}: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Reading a prepared dataset
+# ---------------------------------------------------------------------------
+
+_REQUIRED_KEYS = ("format_version", "tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens")
+
+
+def load_meta(data_dir: str | Path) -> dict:
+    """Read DIR/meta.json and check that the .bin files match it; return the dict."""
+    data_dir = Path(data_dir)
+    meta_path = data_dir / "meta.json"
+    if not data_dir.is_dir():
+        raise FunGPTError(f"data folder {data_dir} does not exist; create it with `fungpt prepare --out {data_dir}`")
+    if not meta_path.is_file():
+        raise FunGPTError(
+            f"{data_dir} is not a prepared dataset ({meta_path} is missing); create it with `fungpt prepare`"
+        )
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        missing = [k for k in _REQUIRED_KEYS if k not in meta]
+    except (OSError, ValueError, TypeError) as e:
+        raise FunGPTError(
+            f"{meta_path} is corrupt ({type(e).__name__}); run `fungpt prepare --overwrite` again"
+        ) from None
+    if missing:
+        raise FunGPTError(f"{meta_path} lacks {', '.join(missing)}; run `fungpt prepare --overwrite` again")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise FunGPTError(
+            f"{meta_path} has format version {meta['format_version']}, this FunGPT reads version "
+            f"{FORMAT_VERSION}; run `fungpt prepare --overwrite` again"
+        )
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split in SPLITS:
+        bin_path = data_dir / f"{split}.bin"
+        if not bin_path.is_file():
+            raise FunGPTError(f"{bin_path} is missing; run `fungpt prepare --overwrite` again")
+        expected = meta[f"{split}_tokens"] * itemsize
+        actual = bin_path.stat().st_size
+        if actual != expected:
+            raise FunGPTError(
+                f"{bin_path} has {actual} bytes but meta.json promises {meta[f'{split}_tokens']} "
+                f"{meta['dtype']} tokens ({expected} bytes); run `fungpt prepare --overwrite` again"
+            )
+    return meta
+
+
+def check_split_fits(meta: dict, block_size: int) -> None:
+    """Refuse a block_size that leaves no room for a single (x, y) window in a split."""
+    for split in SPLITS:
+        n = meta[f"{split}_tokens"]
+        if block_size + 1 > n:
+            raise FunGPTError(
+                f"block size {block_size} is too large for this dataset: the {split} split has only {n} tokens "
+                f"and one training window needs block_size + 1 = {block_size + 1}; use a smaller --block-size, "
+                "more text or a larger --val-fraction"
+            )
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        # Pinned (page-locked) memory lets the copy run asynchronously with compute.
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+class BatchLoader:
+    """Random (x, y) training windows from DIR/{split}.bin.
+
+    Every call to `next_batch()` picks `batch_size` start positions uniformly at
+    random and returns x = tokens[s : s + block_size], y = tokens[s + 1 : s + block_size + 1]
+    as int64 tensors of shape (batch_size, block_size).
+
+    The randomness comes from the loader's own torch.Generator, seeded from
+    (seed, rank, split): runs are reproducible, every DDP rank sees different
+    windows, and `state_dict()` captures the generator so a resumed run draws
+    exactly the batches it would have drawn without stopping.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str,
+        batch_size: int,
+        block_size: int,
+        device: str | torch.device = "cpu",
+        seed: int = 1337,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if split not in SPLITS:
+            raise FunGPTError(f"unknown split {split!r}: use 'train' or 'val'")
+        if not 0 <= rank < world_size:
+            raise FunGPTError(f"rank {rank} is outside 0..{world_size - 1}")
+        self.meta = load_meta(data_dir)
+        check_split_fits(self.meta, block_size)
+        self.path = Path(data_dir) / f"{split}.bin"
+        self.dtype = np.dtype(self.meta["dtype"])
+        self.n_tokens = self.meta[f"{split}_tokens"]
+        self.split, self.batch_size, self.block_size = split, batch_size, block_size
+        self.device = torch.device(device)
+        # world_size is only checked: windows are random, so ranks need no sharding,
+        # just different seeds (below).
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        # Mix (seed, rank, split) into one well-spread 63-bit seed.
+        words = np.random.SeedSequence([seed, rank, SPLITS.index(split)]).generate_state(2, dtype=np.uint32)
+        self.generator = torch.Generator().manual_seed((int(words[0]) << 31) ^ int(words[1]))
+        self.batches_drawn = 0
+        self._offsets = np.arange(block_size + 1)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # We open the memmap afresh for every batch, like nanoGPT: pages read
+        # through a long-lived memmap stay counted in the process's memory, which
+        # looks like a leak on big datasets. Opening one costs microseconds.
+        data = np.memmap(self.path, dtype=self.dtype, mode="r")
+        # Largest start is n - block_size - 1 so that y's last token exists.
+        starts = torch.randint(self.n_tokens - self.block_size, (self.batch_size,), generator=self.generator)
+        # One fancy-index gathers all windows at once: row b holds tokens
+        # starts[b] .. starts[b] + block_size (block_size + 1 of them).
+        windows = torch.from_numpy(data[starts.numpy()[:, None] + self._offsets].astype(np.int64))
+        self.batches_drawn += 1
+        x = windows[:, :-1].contiguous()
+        y = windows[:, 1:].contiguous()
+        return _to_device(x, self.device), _to_device(y, self.device)
+
+    def state_dict(self) -> dict:
+        """Plain tensors and ints only, so torch.load(weights_only=True) can read it."""
+        return {
+            "generator_state": self.generator.get_state(),
+            "batches_drawn": self.batches_drawn,
+            "seed": self.seed,
+            "rank": self.rank,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator_state"])
+        self.batches_drawn = int(state["batches_drawn"])
+
+
+def iter_eval_windows(
+    data_dir: str | Path,
+    split: str,
+    block_size: int,
+    batch_size: int,
+    device: str | torch.device = "cpu",
+    ignore_index: int = -1,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (x, y) batches that score every token of a split exactly once.
+
+    Windows start at 0, block_size, 2*block_size, ... so each token of the split
+    (except the first, which has no context) is a target once. If the tail does
+    not fill a window, one last window ends at the final token and its targets
+    already scored are set to `ignore_index` (skip them in the loss, e.g.
+    F.cross_entropy(..., ignore_index=-1)). The last batch may be smaller.
+    The number of scored targets is n_tokens - 1.
+    """
+    meta = load_meta(data_dir)
+    check_split_fits(meta, block_size)
+    n = meta[f"{split}_tokens"]
+    device = torch.device(device)
+    data = np.memmap(Path(data_dir) / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+    n_full = (n - 1) // block_size
+    starts = [i * block_size for i in range(n_full)]
+    tail = (n - 1) - n_full * block_size  # targets not covered by the full windows
+    if tail:
+        starts.append(n - 1 - block_size)
+    offsets = np.arange(block_size + 1)
+    for i in range(0, len(starts), batch_size):
+        batch_starts = np.array(starts[i : i + batch_size])
+        windows = torch.from_numpy(data[batch_starts[:, None] + offsets].astype(np.int64))
+        x = windows[:, :-1].contiguous()
+        y = windows[:, 1:].contiguous()
+        if tail and i + batch_size >= len(starts):
+            y[-1, : block_size - tail] = ignore_index  # those targets were scored already
+        yield _to_device(x, device), _to_device(y, device)

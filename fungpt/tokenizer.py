@@ -1,0 +1,416 @@
+"""Tokenizers: turning text into integer ids and back.
+
+A language model never sees characters, only integers ("token ids") in
+`range(vocab_size)`. This module offers three ways to make them, all behind one
+small interface (`Tokenizer`):
+
+* ``char``  - one id per distinct character of the training corpus. Tiny vocabulary
+  (65 for Tiny Shakespeare), long sequences, and it cannot encode a character it
+  has never seen. The classic starting point.
+* ``bpe``   - byte-level Byte Pair Encoding trained on *your* corpus with the Hugging
+  Face ``tokenizers`` library. It starts from the 256 possible bytes and repeatedly
+  merges the most frequent neighbouring pair into a new token. Because every
+  string is a sequence of UTF-8 bytes, it can encode *anything* (emoji, CJK, ...)
+  and decode it back exactly.
+* ``gpt2``  - the exact 50,257-token encoding GPT-2 was trained with, through
+  OpenAI's ``tiktoken``. Needed to load GPT-2 weights; its files are downloaded
+  once and cached by tiktoken.
+
+Every tokenizer can `save(dir)` itself and `load_tokenizer(dir)` reads back
+whichever kind was saved. The layout on disk is
+
+    dir/tokenizer_meta.json   {"kind": "char" | "bpe" | "gpt2", ...}
+    dir/tokenizer.json        (bpe only: the Hugging Face tokenizer file)
+
+For char, the vocabulary (list of characters) lives inside tokenizer_meta.json.
+
+The text ``<|endoftext|>`` is special for bpe and gpt2: it encodes to the single
+end-of-text id (`eot_id`) that separates documents, and decodes back to the same
+text, so every string still round-trips exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from fungpt.errors import FunGPTError
+
+EOT_TEXT = "<|endoftext|>"
+META_FILE = "tokenizer_meta.json"
+BPE_FILE = "tokenizer.json"
+KINDS = ("char", "bpe", "gpt2")
+
+# A byte-level BPE vocabulary always contains the 256 single bytes plus <|endoftext|>.
+MIN_BPE_VOCAB = 257
+DEFAULT_BPE_VOCAB = 4096
+
+# tiktoken downloads GPT-2's files with `requests` and no timeout, which can hang
+# forever on a network that silently drops packets. We wait at most this long.
+GPT2_LOAD_TIMEOUT_S = 60.0
+
+
+class Tokenizer:
+    """The interface every tokenizer implements.
+
+    Subclasses set `name` and implement `encode`, `decode`, `vocab_size` and
+    `_save_files`. `encode_batch` and `encode_array` have simple default versions
+    that subclasses override when they can do it faster.
+    """
+
+    name: str = "base"
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of distinct ids: every id is in range(vocab_size)."""
+        raise NotImplementedError
+
+    @property
+    def eot_id(self) -> int | None:
+        """Id of the end-of-text token that separates documents (None if there is none)."""
+        return None
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode many strings at once (subclasses use the library's parallel version)."""
+        return [self.encode(t) for t in texts]
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Encode to a 1-D numpy integer array (what the data preparation writes to disk)."""
+        return np.asarray(self.encode(text), dtype=np.int64)
+
+    def save(self, directory: str | Path) -> None:
+        """Write the tokenizer into `directory` so that `load_tokenizer` can read it back."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {"kind": self.name, **self._save_files(directory)}
+        with open(directory / META_FILE, "w", encoding="utf-8") as f:
+            json.dump(meta, f, ensure_ascii=False, indent=1)
+            f.write("\n")
+
+    def _save_files(self, directory: Path) -> dict:
+        """Write kind-specific files; return extra fields for tokenizer_meta.json."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size})"
+
+
+# ---------------------------------------------------------------------------
+# Character level
+# ---------------------------------------------------------------------------
+
+
+class CharTokenizer(Tokenizer):
+    """One token per character; the vocabulary is the sorted set of training characters."""
+
+    name = "char"
+
+    def __init__(self, chars: Iterable[str]):
+        chars = list(chars)
+        if not chars:
+            raise FunGPTError("a char tokenizer needs at least one character; the training text is empty")
+        if any(len(c) != 1 for c in chars) or len(set(chars)) != len(chars):
+            raise FunGPTError("a char vocabulary must be a list of distinct single characters")
+        self.chars = chars
+        self.stoi = {c: i for i, c in enumerate(chars)}
+        # Lookup table from every Unicode code point (0..0x10FFFF) to its id, -1 for
+        # characters outside the vocabulary. 4.4 MB, and it lets us encode a whole
+        # string with a single numpy indexing operation instead of a Python loop.
+        self._table = np.full(0x110000, -1, dtype=np.int32)
+        self._table[[ord(c) for c in chars]] = np.arange(len(chars), dtype=np.int32)
+
+    @classmethod
+    def train(cls, corpus: str | Iterable[str]) -> CharTokenizer:
+        """Build the vocabulary from a string, or from an iterable of text chunks."""
+        if isinstance(corpus, str):
+            corpus = [corpus]
+        seen: set[str] = set()
+        for chunk in corpus:
+            seen.update(chunk)
+        return cls(sorted(seen))
+
+    from_text = train  # alias: CharTokenizer.from_text("hello")
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        # UTF-32 stores every character as exactly one 4-byte number (its code point),
+        # so np.frombuffer gives us all code points at C speed, index for index
+        # the same as Python's text[i]. The table maps code points to ids.
+        # ("surrogatepass" lets lone surrogates through, to be reported as unknown.)
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        ids = self._table[codes]
+        if ids.size and ids.min() < 0:
+            pos = int(np.argmax(ids < 0))
+            raise FunGPTError(
+                f"character {text[pos]!r} at position {pos} is not in this char-level vocabulary "
+                f"({self.vocab_size} characters seen in training); use a bpe tokenizer or remove it"
+            )
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def decode(self, ids: Iterable[int]) -> str:
+        try:
+            return "".join([self.chars[i] for i in ids])
+        except (IndexError, TypeError):
+            raise FunGPTError(
+                f"cannot decode: ids must be integers in range({self.vocab_size}) for this char tokenizer"
+            ) from None
+
+    def _save_files(self, directory: Path) -> dict:
+        return {"chars": self.chars}
+
+
+# ---------------------------------------------------------------------------
+# Byte-level BPE (Hugging Face tokenizers)
+# ---------------------------------------------------------------------------
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE trained on your corpus (GPT-2's recipe, your own merges).
+
+    Id 0 is <|endoftext|> (GPT-2 puts it last, at 50256; the position does not matter).
+    """
+
+    name = "bpe"
+
+    def __init__(self, hf_tokenizer):
+        self._tok = hf_tokenizer
+        self._eot = hf_tokenizer.token_to_id(EOT_TEXT)
+
+    @staticmethod
+    def _new_hf_tokenizer():
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        tok = HFTokenizer(models.BPE())
+        # Split text like GPT-2 does (words, numbers, punctuation, whitespace runs) and
+        # map every byte to a printable stand-in character, so merges work on bytes.
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        return tok
+
+    @classmethod
+    def train(
+        cls,
+        corpus: str | Iterable[str] | list[Path],
+        vocab_size: int = DEFAULT_BPE_VOCAB,
+        progress: bool = False,
+    ) -> BPETokenizer:
+        """Learn merges from text.
+
+        `corpus` is a string, any iterable of text chunks, or a list of `Path`s to
+        read. Merges never cross a chunk boundary, so cut chunks at whitespace.
+        """
+        from tokenizers import pre_tokenizers, trainers
+
+        check_bpe_vocab_size(vocab_size)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOT_TEXT],
+            # Start with all 256 bytes, even ones absent from the corpus, so that
+            # any string at all can be encoded later.
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=progress,
+        )
+        tok = cls._new_hf_tokenizer()
+        if isinstance(corpus, (str, Path)):
+            corpus = [corpus]
+        if isinstance(corpus, (list, tuple)) and corpus and all(isinstance(c, Path) for c in corpus):
+            tok.train([str(p) for p in corpus], trainer=trainer)  # files: the library reads them
+        else:
+            tok.train_from_iterator(corpus, trainer=trainer)  # strings / chunks of text
+        return cls(tok)
+
+    @classmethod
+    def load(cls, path: str | Path) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            return cls(HFTokenizer.from_file(str(path)))
+        except Exception as e:  # the library raises plain Exceptions for bad files
+            raise FunGPTError(f"could not read the BPE tokenizer file {path}: {e}") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eot_id(self) -> int | None:
+        return self._eot
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # Runs in parallel on all cores (Rust threads); the "fast" variant skips
+        # computing character offsets, which we do not need.
+        return [e.ids for e in self._tok.encode_batch_fast(texts)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        # skip_special_tokens=False keeps <|endoftext|> so decode(encode(s)) == s.
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def _save_files(self, directory: Path) -> dict:
+        self._tok.save(str(directory / BPE_FILE))
+        return {"file": BPE_FILE}
+
+
+def check_bpe_vocab_size(vocab_size: int) -> None:
+    """Refuse vocabulary sizes that byte-level BPE cannot honour."""
+    if not isinstance(vocab_size, int) or vocab_size < MIN_BPE_VOCAB:
+        raise FunGPTError(
+            f"vocab size {vocab_size} is too small for byte-level BPE: it needs at least "
+            f"{MIN_BPE_VOCAB} (256 bytes + {EOT_TEXT})"
+        )
+
+
+# ---------------------------------------------------------------------------
+# GPT-2 (tiktoken)
+# ---------------------------------------------------------------------------
+
+
+def _load_gpt2_encoding(timeout: float = GPT2_LOAD_TIMEOUT_S):
+    """Return tiktoken's "gpt2" encoding, or raise FunGPTError explaining how to get it."""
+    try:
+        import tiktoken
+    except ImportError:
+        raise FunGPTError(
+            "the gpt2 tokenizer needs the tiktoken package: pip install tiktoken "
+            "(or install the extra: pip install 'fungpt[gpt2]')"
+        ) from None
+
+    # Load in a helper thread so a hanging download cannot freeze us forever.
+    result: dict = {}
+
+    def work():
+        try:
+            result["enc"] = tiktoken.get_encoding("gpt2")
+        except BaseException as e:  # noqa: BLE001 - reported below
+            result["err"] = e
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if "enc" in result:
+        return result["enc"]
+    why = f"{type(result['err']).__name__}: {result['err']}" if "err" in result else f"timed out after {timeout:.0f}s"
+    why = " ".join(why.split())[:300]  # keep the message on one line
+    raise FunGPTError(
+        f"could not load GPT-2's encoding through tiktoken (no network and no cached files? {why}); "
+        "connect once to cache it, or set TIKTOKEN_CACHE_DIR to a folder holding its files, "
+        "or use --tokenizer bpe"
+    )
+
+
+class GPT2Tokenizer(Tokenizer):
+    """GPT-2's own 50,257-token byte-level BPE, through tiktoken."""
+
+    name = "gpt2"
+
+    def __init__(self, encoding=None):
+        # `encoding` lets tests inject a tiktoken.Encoding without the network.
+        self._enc = encoding if encoding is not None else _load_gpt2_encoding()
+        self._eot = self._enc.encode_single_token(EOT_TEXT)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._enc.n_vocab
+
+    @property
+    def eot_id(self) -> int | None:
+        return self._eot
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode(text, allowed_special={EOT_TEXT})
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._enc.encode_batch(texts, allowed_special={EOT_TEXT})
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._enc.decode(list(ids))
+
+    def _save_files(self, directory: Path) -> dict:
+        return {"encoding": "gpt2"}
+
+
+# ---------------------------------------------------------------------------
+# Factory and loading
+# ---------------------------------------------------------------------------
+
+
+def check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise FunGPTError(f"unknown tokenizer {kind!r}: choose one of {', '.join(KINDS)}")
+
+
+def train_tokenizer(
+    kind: str,
+    corpus: str | Iterable[str] | None = None,
+    vocab_size: int | None = None,
+    progress: bool = False,
+) -> Tokenizer:
+    """Make a tokenizer of `kind` ("char", "bpe", "gpt2") fitted to `corpus`.
+
+    `corpus` is a string or an iterable of text chunks (gpt2 needs none: it is
+    fixed). `vocab_size` applies to bpe only (default 4096); char takes its size
+    from the corpus.
+    """
+    check_kind(kind)
+    if vocab_size is not None and kind != "bpe":
+        raise FunGPTError(f"--vocab-size only applies to --tokenizer bpe, not {kind}; leave it out")
+    if corpus is None and kind != "gpt2":
+        raise FunGPTError(f"a {kind} tokenizer must be trained on some text; pass a corpus")
+    if kind == "char":
+        return CharTokenizer.train(corpus)
+    if kind == "bpe":
+        return BPETokenizer.train(corpus, vocab_size or DEFAULT_BPE_VOCAB, progress=progress)
+    return GPT2Tokenizer()
+
+
+make_tokenizer = train_tokenizer
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """Read back a tokenizer written by `Tokenizer.save(directory)`."""
+    meta_path = Path(directory) / META_FILE
+    if not meta_path.is_file():
+        raise FunGPTError(f"no tokenizer found: {meta_path} is missing; run `fungpt prepare` to create it")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        kind = meta["kind"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FunGPTError(
+            f"tokenizer file {meta_path} is corrupt ({type(e).__name__}); run `fungpt prepare` again"
+        ) from None
+    if kind == "char":
+        chars = meta.get("chars")
+        if not isinstance(chars, list) or not all(isinstance(c, str) for c in chars):
+            raise FunGPTError(f"tokenizer file {meta_path} is corrupt (bad 'chars' list); run `fungpt prepare` again")
+        try:
+            return CharTokenizer(chars)
+        except FunGPTError as e:
+            raise FunGPTError(f"tokenizer file {meta_path} is corrupt ({e}); run `fungpt prepare` again") from None
+    if kind == "bpe":
+        bpe_path = meta_path.parent / str(meta.get("file", BPE_FILE))
+        if not bpe_path.is_file():
+            raise FunGPTError(f"BPE tokenizer file {bpe_path} is missing; run `fungpt prepare` again")
+        return BPETokenizer.load(bpe_path)
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    raise FunGPTError(f"tokenizer file {meta_path} names an unknown kind {kind!r}; expected one of {', '.join(KINDS)}")

@@ -1,0 +1,459 @@
+"""Tests for fungpt.data: prepare, Tiny Shakespeare lookup/download, loaders.
+
+Hermetic: the download is exercised with file:// URLs and a temporary cache.
+Tests needing the real Tiny Shakespeare read it from $FUNGPT_DATA_DIR and are
+skipped when that is not set.
+"""
+
+import hashlib
+import json
+import os
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fungpt.data as data_mod
+import fungpt.tokenizer as tokenizer_mod
+from fungpt.data import (
+    BatchLoader,
+    check_split_fits,
+    iter_eval_windows,
+    load_meta,
+    prepare,
+    resolve_source,
+    shakespeare_path,
+    token_dtype,
+)
+from fungpt.errors import FunGPTError
+from fungpt.tokenizer import EOT_TEXT, load_tokenizer
+
+TEXT = (
+    "ROMEO:\nBut, soft! what light through yonder window breaks?\n\n"
+    "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n  Deny thy father.\n"
+) * 40
+
+
+def shakespeare_file() -> Path | None:
+    data_dir = os.environ.get("FUNGPT_DATA_DIR")
+    path = Path(data_dir) / "tinyshakespeare.txt" if data_dir else None
+    return path if path and path.is_file() else None
+
+
+needs_shakespeare = pytest.mark.skipif(
+    shakespeare_file() is None, reason="FUNGPT_DATA_DIR with tinyshakespeare.txt not set"
+)
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def char_data(tmp_path, corpus) -> Path:
+    return prepare(corpus, tmp_path / "char", progress=False)
+
+
+def read_bin(directory: Path, split: str) -> np.ndarray:
+    meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+    return np.fromfile(directory / f"{split}.bin", dtype=meta["dtype"])
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Names of temporary folders prepare may have left in `parent`."""
+    return [p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+# --- prepare: contents ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,vocab", [("char", None), ("bpe", 400)])
+def test_prepare_writes_consistent_dataset(tmp_path, corpus, kind, vocab):
+    out = prepare(corpus, tmp_path / "out", tokenizer=kind, vocab_size=vocab, progress=False)
+    meta = load_meta(out)
+    for key in (
+        "tokenizer",
+        "vocab_size",
+        "dtype",
+        "train_tokens",
+        "val_tokens",
+        "train_bytes",
+        "val_bytes",
+        "train_chars",
+        "val_chars",
+        "source",
+        "source_sha256",
+        "val_fraction",
+        "format_version",
+    ):
+        assert key in meta
+    assert meta["tokenizer"] == kind and meta["dtype"] == "uint16"
+    assert meta["source_sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
+    n_train = int(len(TEXT) * 0.9)
+    assert (meta["train_chars"], meta["val_chars"]) == (n_train, len(TEXT) - n_train)
+    assert meta["train_bytes"] == len(TEXT[:n_train].encode("utf-8"))
+    tok = load_tokenizer(out)
+    assert tok.vocab_size == meta["vocab_size"]
+    for split, text in (("train", TEXT[:n_train]), ("val", TEXT[n_train:])):
+        ids = read_bin(out, split)
+        assert (out / f"{split}.bin").stat().st_size == meta[f"{split}_tokens"] * 2
+        assert len(ids) == meta[f"{split}_tokens"]
+        assert ids.tolist() == tok.encode(text)  # same as encoding the split in one go
+        assert tok.decode(ids.tolist()) == text
+    assert leftovers(tmp_path) == []
+
+
+def test_small_chunks_give_identical_bpe_tokens(tmp_path, corpus, monkeypatch):
+    """Chunked reading and grouped batch encoding must not change any token."""
+    big = prepare(corpus, tmp_path / "big", tokenizer="bpe", vocab_size=300, progress=False)
+    monkeypatch.setattr(data_mod, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(data_mod, "BPE_GROUP_CHARS", 10)
+    small = prepare(corpus, tmp_path / "small", tokenizer="bpe", vocab_size=300, progress=False)
+    for split in ("train", "val"):
+        assert read_bin(big, split).tolist() == read_bin(small, split).tolist()
+
+
+def test_gpt2_prepare_with_fake_encoding(tmp_path, corpus, monkeypatch):
+    tiktoken = pytest.importorskip("tiktoken")
+    ranks = {bytes([i]): i for i in range(256)}
+    pat = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    fake = tiktoken.Encoding(name="fake-gpt2", pat_str=pat, mergeable_ranks=ranks, special_tokens={EOT_TEXT: 257})
+    monkeypatch.setattr(tokenizer_mod, "_load_gpt2_encoding", lambda: fake)
+    out = prepare(corpus, tmp_path / "g", tokenizer="gpt2", progress=False)
+    meta = load_meta(out)
+    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 258 and meta["eot_id"] == 257
+    assert load_tokenizer(out).decode(read_bin(out, "train").tolist()) == TEXT[: meta["train_chars"]]
+
+
+def test_gpt2_unavailable_is_clean_error(tmp_path, corpus, monkeypatch):
+    def offline():
+        raise FunGPTError("could not load GPT-2's encoding through tiktoken (offline)")
+
+    monkeypatch.setattr(tokenizer_mod, "_load_gpt2_encoding", offline)
+    with pytest.raises(FunGPTError, match="tiktoken"):
+        prepare(corpus, tmp_path / "g", tokenizer="gpt2", progress=False)
+    assert not (tmp_path / "g").exists() and leftovers(tmp_path) == []
+
+
+def test_folder_input_sorted_with_separators(tmp_path):
+    folder = tmp_path / "docs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "b.txt").write_text("second doc " * 30, encoding="utf-8")
+    (folder / "a.md").write_text("first doc " * 30, encoding="utf-8")
+    (folder / "sub" / "c").write_text("third doc " * 30, encoding="utf-8")
+    (folder / "empty.txt").write_bytes(b"")
+    (folder / ".hidden").write_bytes(b"\x00\x01 secret")
+    (folder / ".git").mkdir()
+    (folder / ".git" / "HEAD").write_text("ref: main", encoding="utf-8")
+    files = resolve_source(folder)
+    assert [p.relative_to(folder).as_posix() for p in files] == ["a.md", "b.txt", "sub/c"]
+
+    expected = "first doc " * 30 + "{sep}" + "second doc " * 30 + "{sep}" + "third doc " * 30
+    char = prepare(folder, tmp_path / "char", val_fraction=0.2, progress=False)
+    text = expected.format(sep="\n")
+    ids = np.concatenate([read_bin(char, "train"), read_bin(char, "val")]).tolist()
+    assert load_tokenizer(char).decode(ids) == text
+    assert load_meta(char)["source_files"] == 3
+
+    bpe = prepare(folder, tmp_path / "bpe", tokenizer="bpe", vocab_size=300, val_fraction=0.2, progress=False)
+    tok = load_tokenizer(bpe)
+    ids = np.concatenate([read_bin(bpe, "train"), read_bin(bpe, "val")]).tolist()
+    assert ids.count(tok.eot_id) == 2
+    assert tok.decode(ids) == expected.format(sep=EOT_TEXT)
+
+
+def test_split_never_cuts_through_the_separator(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("x" * 86, encoding="utf-8")
+    (folder / "b.txt").write_text("y" * 1, encoding="utf-8")
+    # 86 + 13 + 1 = 100 chars; the 0.1 split point (90) falls inside <|endoftext|>.
+    out = prepare(folder, tmp_path / "out", tokenizer="bpe", vocab_size=260, progress=False)
+    meta = load_meta(out)
+    assert (meta["train_chars"], meta["val_chars"]) == (99, 1)
+
+
+def test_errors_replace_substitutes(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"hello \xff world\n" * 20)
+    out = prepare(path, tmp_path / "out", errors="replace", progress=False)
+    assert "\ufffd" in load_tokenizer(out).chars
+
+
+def test_token_dtype():
+    assert token_dtype(65) == np.uint16
+    assert token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32
+    assert token_dtype(100_277) == np.uint32
+
+
+# --- prepare: Tiny Shakespeare -------------------------------------------------------
+
+
+@needs_shakespeare
+def test_shakespeare_char_matches_nanogpt(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))  # must not be needed
+    assert shakespeare_path() == shakespeare_file()
+    out = prepare("shakespeare", tmp_path / "sh", progress=False)
+    meta = load_meta(out)
+    assert meta["vocab_size"] == 65
+    assert (meta["train_tokens"], meta["val_tokens"]) == (1_003_854, 111_540)
+    assert (meta["train_chars"], meta["val_chars"]) == (1_003_854, 111_540)
+    assert meta["source_sha256"] == data_mod.SHAKESPEARE_SHA256
+    assert not (tmp_path / "cache").exists()
+
+
+# --- Tiny Shakespeare lookup and download ------------------------------------------------
+
+
+@pytest.fixture
+def fake_download(tmp_path, monkeypatch):
+    """Point the download at a small local file (file:// URL) with its checksum; empty cache."""
+    source = tmp_path / "remote" / "input.txt"
+    source.parent.mkdir()
+    source.write_text(TEXT, encoding="utf-8")
+    monkeypatch.delenv("FUNGPT_DATA_DIR", raising=False)
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(data_mod, "SHAKESPEARE_URL", source.as_uri())
+    monkeypatch.setattr(data_mod, "SHAKESPEARE_SHA256", hashlib.sha256(source.read_bytes()).hexdigest())
+    return source
+
+
+def test_download_into_cache_then_reuse(tmp_path, fake_download, monkeypatch):
+    path = shakespeare_path()
+    assert path == tmp_path / "cache" / "tinyshakespeare.txt"
+    assert path.read_bytes() == fake_download.read_bytes()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["tinyshakespeare.txt"]
+
+    def no_network(url, timeout=0):
+        raise AssertionError("should use the cache")
+
+    monkeypatch.setattr(data_mod, "fetch_url", no_network)
+    assert shakespeare_path() == path
+    assert resolve_source("shakespeare") == [path]
+
+
+def test_download_wrong_checksum_caches_nothing(tmp_path, fake_download, monkeypatch):
+    monkeypatch.setattr(data_mod, "SHAKESPEARE_SHA256", "0" * 64)
+    with pytest.raises(FunGPTError, match="wrong SHA-256"):
+        shakespeare_path()
+    cache = tmp_path / "cache"
+    assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_damaged_cache_is_refetched(tmp_path, fake_download):
+    cached = tmp_path / "cache" / "tinyshakespeare.txt"
+    cached.parent.mkdir()
+    cached.write_text("truncated", encoding="utf-8")
+    assert shakespeare_path().read_bytes() == fake_download.read_bytes()
+
+
+def test_no_network_says_how_to_fix(tmp_path, fake_download, monkeypatch):
+    def offline(url, timeout=0):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(data_mod, "fetch_url", offline)
+    with pytest.raises(FunGPTError, match="FUNGPT_DATA_DIR") as err:
+        prepare("shakespeare", tmp_path / "out", progress=False)
+    assert "Name or service not known" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_file_in_data_dir_refused(tmp_path, monkeypatch):
+    (tmp_path / "tinyshakespeare.txt").write_text("not it", encoding="utf-8")
+    monkeypatch.setenv("FUNGPT_DATA_DIR", str(tmp_path))
+    with pytest.raises(FunGPTError, match="not Tiny Shakespeare"):
+        shakespeare_path()
+
+
+def test_cache_dir_respects_xdg(tmp_path, monkeypatch):
+    monkeypatch.delenv("FUNGPT_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert data_mod.cache_dir() == tmp_path / "fungpt"
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "x"))
+    assert data_mod.cache_dir() == tmp_path / "x"
+
+
+# --- prepare: bad input --------------------------------------------------------------
+
+
+def _write(tmp_path, name, data: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+BAD_INPUTS = {
+    "missing": (lambda t: t / "nope.txt", {}, "does not exist"),
+    "empty file": (lambda t: _write(t, "e.txt", b""), {}, "is empty"),
+    "empty folder": (lambda t: (t / "d").mkdir() or t / "d", {}, "holds no text"),
+    "binary": (lambda t: _write(t, "b.bin", b"\x89PNG\r\n\x1a\n\x00\x00\x00"), {}, "looks like a binary file"),
+    "bad utf-8": (
+        lambda t: _write(t, "u.txt", b"abc\n" * 10 + b"\xc3\x28 x"),
+        {},
+        r"not valid UTF-8 \(bad byte at offset 40\).*--errors replace",
+    ),
+    "bpe vocab too small": (
+        lambda t: _write(t, "c.txt", TEXT.encode()),
+        {"tokenizer": "bpe", "vocab_size": 200},
+        "too small",
+    ),
+    "vocab size with char": (lambda t: _write(t, "c.txt", TEXT.encode()), {"vocab_size": 500}, "only applies"),
+    "unknown tokenizer": (lambda t: _write(t, "c.txt", TEXT.encode()), {"tokenizer": "words"}, "unknown tokenizer"),
+    "val fraction 0": (lambda t: _write(t, "c.txt", TEXT.encode()), {"val_fraction": 0}, "between 0 and 1"),
+    "val fraction 1": (lambda t: _write(t, "c.txt", TEXT.encode()), {"val_fraction": 1.0}, "between 0 and 1"),
+    "val fraction negative": (lambda t: _write(t, "c.txt", TEXT.encode()), {"val_fraction": -0.1}, "between 0 and 1"),
+    "too little text": (lambda t: _write(t, "c.txt", b"a"), {}, "split has 0 tokens"),
+    "val split empty": (lambda t: _write(t, "c.txt", b"abcdefghi"), {"val_fraction": 1e-17}, "val split has 0 tokens"),
+    "bad errors mode": (lambda t: _write(t, "c.txt", TEXT.encode()), {"errors": "ignore"}, "strict"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_raises_and_leaves_nothing(tmp_path, case):
+    make, kwargs, pattern = BAD_INPUTS[case]
+    source = make(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(FunGPTError, match=pattern) as err:
+        prepare(source, out, progress=False, **kwargs)
+    assert "\n" not in str(err.value)
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_binary_file_inside_folder_is_named(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text(TEXT, encoding="utf-8")
+    (folder / "z.png").write_bytes(b"\x89PNG\x00\x00")
+    with pytest.raises(FunGPTError, match=r"z\.png looks like a binary file"):
+        prepare(folder, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_invalid_utf8_offset_across_chunks(tmp_path):
+    # Tiny reads, so a multi-byte character straddles reads and the bad byte is deep in.
+    raw = ("é日🎉\n" * 10).encode("utf-8")
+    path = _write(tmp_path, "u.txt", raw + b"ab\xfe")
+    with pytest.raises(FunGPTError, match=f"offset {len(raw) + 2}"):
+        list(data_mod._iter_file_text(path, "strict", 3, None))
+    good = _write(tmp_path, "g.txt", raw)
+    assert "".join(data_mod._iter_file_text(good, "strict", 3, None)) == raw.decode("utf-8")
+
+
+def test_existing_dataset_refused_then_overwritten(tmp_path, corpus, char_data):
+    with pytest.raises(FunGPTError, match="already holds a prepared dataset; pass --overwrite"):
+        prepare(corpus, char_data, progress=False)
+    assert load_meta(char_data)["tokenizer"] == "char"
+    prepare(corpus, char_data, tokenizer="bpe", vocab_size=300, overwrite=True, progress=False)
+    assert load_meta(char_data)["tokenizer"] == "bpe"
+    assert leftovers(tmp_path) == []
+
+
+def test_failed_overwrite_keeps_old_dataset(tmp_path, char_data):
+    bad = _write(tmp_path, "bad.bin", b"\x00\x00")
+    with pytest.raises(FunGPTError):
+        prepare(bad, char_data, overwrite=True, progress=False)
+    assert load_meta(char_data)["tokenizer"] == "char"
+
+
+def test_unrelated_folder_never_replaced(tmp_path, corpus):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me", encoding="utf-8")
+    with pytest.raises(FunGPTError, match="not empty and is not a prepared dataset"):
+        prepare(corpus, out, overwrite=True, progress=False)
+    assert (out / "notes.txt").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert load_meta(prepare(corpus, empty, progress=False))["train_tokens"] > 0
+
+
+# --- load_meta and check_split_fits ----------------------------------------------------
+
+
+def test_load_meta_errors(tmp_path, char_data):
+    with pytest.raises(FunGPTError, match="does not exist"):
+        load_meta(tmp_path / "nowhere")
+    with pytest.raises(FunGPTError, match="not a prepared dataset"):
+        load_meta(tmp_path)
+    with open(char_data / "val.bin", "ab") as f:
+        f.write(b"\x00")
+    with pytest.raises(FunGPTError, match="val.bin has"):
+        load_meta(char_data)
+    (char_data / "val.bin").unlink()
+    with pytest.raises(FunGPTError, match="val.bin is missing"):
+        load_meta(char_data)
+    (char_data / "meta.json").write_text("{", encoding="utf-8")
+    with pytest.raises(FunGPTError, match="meta.json is corrupt"):
+        load_meta(char_data)
+
+
+def test_check_split_fits(char_data):
+    meta = load_meta(char_data)
+    check_split_fits(meta, meta["val_tokens"] - 1)
+    with pytest.raises(FunGPTError, match=f"block size {meta['val_tokens']} is too large.*val split"):
+        check_split_fits(meta, meta["val_tokens"])
+
+
+# --- BatchLoader and evaluation windows -------------------------------------------------
+
+
+def test_batch_loader_shapes_and_shift(char_data):
+    train = read_bin(char_data, "train").astype(np.int64)
+    loader = BatchLoader(char_data, "train", batch_size=4, block_size=16)
+    x, y = loader.next_batch()
+    assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    windows = {tuple(train[s : s + 17]) for s in range(len(train) - 16)}
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        assert tuple(row_x + row_y[-1:]) in windows
+
+
+def test_batch_loader_seeds_and_ranks(char_data):
+    def batches(**kw):
+        loader = BatchLoader(char_data, "train", batch_size=4, block_size=8, **kw)
+        return [loader.next_batch()[0] for _ in range(3)]
+
+    same = zip(batches(seed=1), batches(seed=1))
+    assert all(torch.equal(a, b) for a, b in same)
+    assert not torch.equal(batches(seed=1)[0], batches(seed=2)[0])
+    assert not torch.equal(batches(rank=0, world_size=2)[0], batches(rank=1, world_size=2)[0])
+
+
+def test_batch_loader_resume_exactly(tmp_path, char_data):
+    loader = BatchLoader(char_data, "train", batch_size=3, block_size=8, seed=7)
+    for _ in range(5):
+        loader.next_batch()
+    torch.save(loader.state_dict(), tmp_path / "state.pt")
+    expected = [loader.next_batch() for _ in range(4)]
+
+    resumed = BatchLoader(char_data, "train", batch_size=3, block_size=8, seed=7)
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert resumed.batches_drawn == 5
+    for x, y in expected:
+        rx, ry = resumed.next_batch()
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
+def test_batch_loader_rejects_bad_arguments(char_data):
+    with pytest.raises(FunGPTError, match="too large"):
+        BatchLoader(char_data, "val", batch_size=2, block_size=10**6)
+    with pytest.raises(FunGPTError, match="unknown split"):
+        BatchLoader(char_data, "test", batch_size=2, block_size=8)
+
+
+@pytest.mark.parametrize("block_size", [7, 16])
+def test_eval_windows_score_every_token_once(char_data, block_size):
+    val = read_bin(char_data, "val").astype(np.int64)
+    scored = []
+    for x, y in iter_eval_windows(char_data, "val", block_size=block_size, batch_size=5):
+        assert x.shape == y.shape and x.shape[1] == block_size
+        keep = y != -1
+        assert torch.equal(x[:, 1:][keep[:, :-1]], y[:, :-1][keep[:, :-1]])
+        scored.extend(y[keep].tolist())
+    assert scored == val[1:].tolist()

@@ -1,0 +1,215 @@
+"""Tests for fungpt.tokenizer: round trips, errors, save/load of every kind.
+
+All hermetic: the gpt2 tests inject a tiny fake tiktoken encoding or a failing
+loader instead of touching the network (set FUNGPT_TEST_GPT2=1 to also try the
+real GPT-2 encoding, which needs tiktoken's cached files or the network).
+"""
+
+import json
+import os
+import sys
+import time
+
+import pytest
+
+import fungpt.tokenizer as tokenizer_mod
+from fungpt.errors import FunGPTError
+from fungpt.tokenizer import (
+    EOT_TEXT,
+    BPETokenizer,
+    CharTokenizer,
+    GPT2Tokenizer,
+    load_tokenizer,
+    train_tokenizer,
+)
+
+CORPUS = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+    "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n"
+) * 20
+
+UNUSUAL = ["", "a", "日本語 🎉", "hello\n\n\nworld  ", "\r\n\t\x01", f"one{EOT_TEXT}two", "  leading spaces", "é" * 5]
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return BPETokenizer.train(CORPUS, vocab_size=300)
+
+
+def fake_gpt2_encoding():
+    """A tiny tiktoken Encoding shaped like GPT-2's: 256 bytes, one merge, <|endoftext|>."""
+    tiktoken = pytest.importorskip("tiktoken")
+    ranks = {bytes([i]): i for i in range(256)}
+    ranks[b"th"] = 256
+    pat = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    return tiktoken.Encoding(name="fake-gpt2", pat_str=pat, mergeable_ranks=ranks, special_tokens={EOT_TEXT: 257})
+
+
+# --- char ----------------------------------------------------------------------
+
+
+def test_char_round_trip_and_vocab():
+    tok = CharTokenizer.train(CORPUS)
+    assert tok.name == "char" and tok.eot_id is None
+    assert tok.chars == sorted(set(CORPUS))
+    assert tok.vocab_size == len(set(CORPUS))
+    ids = tok.encode(CORPUS)
+    assert len(ids) == len(CORPUS) and all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids) == CORPUS
+    assert tok.encode("") == [] and tok.decode([]) == ""
+
+
+def test_char_train_from_chunks_equals_from_text():
+    chunks = [CORPUS[i : i + 7] for i in range(0, len(CORPUS), 7)]
+    assert CharTokenizer.train(iter(chunks)).chars == CharTokenizer.from_text(CORPUS).chars
+
+
+def test_char_unknown_character_names_char_and_position():
+    tok = CharTokenizer.train("abc ")
+    with pytest.raises(FunGPTError) as err:
+        tok.encode("abc abcé")
+    msg = str(err.value)
+    assert "'é'" in msg and "position 7" in msg and "4 characters" in msg and "bpe" in msg
+    with pytest.raises(FunGPTError, match="position 0"):
+        tok.encode("\U0001f389")  # emoji, code point far beyond the vocabulary
+    with pytest.raises(FunGPTError, match="position 1"):
+        tok.encode("a\ud800")  # lone surrogate
+
+
+def test_char_decode_bad_id():
+    with pytest.raises(FunGPTError, match="range"):
+        CharTokenizer.train("ab").decode([0, 5])
+
+
+# --- bpe -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", UNUSUAL + [CORPUS])
+def test_bpe_round_trip_any_string(bpe, text):
+    ids = bpe.encode(text)
+    assert all(0 <= i < bpe.vocab_size for i in ids)
+    assert bpe.decode(ids) == text
+
+
+def test_bpe_basics(bpe):
+    assert bpe.name == "bpe"
+    assert bpe.vocab_size <= 300
+    assert bpe.eot_id is not None
+    assert bpe.encode(EOT_TEXT) == [bpe.eot_id]
+    assert len(bpe.encode(CORPUS)) < len(CORPUS) / 2  # merges actually compress
+    assert bpe.encode_batch(UNUSUAL) == [bpe.encode(t) for t in UNUSUAL]
+
+
+def test_bpe_train_from_files_and_chunks(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text(CORPUS, encoding="utf-8")
+    from_file = BPETokenizer.train([path], vocab_size=280)
+    from_chunks = BPETokenizer.train(iter(CORPUS.splitlines(keepends=True)), vocab_size=280)
+    assert from_file.decode(from_file.encode("日本語 " + CORPUS[:50])) == "日本語 " + CORPUS[:50]
+    assert from_chunks.vocab_size <= 280
+
+
+@pytest.mark.parametrize("size", [0, 100, 256])
+def test_bpe_vocab_too_small(size):
+    with pytest.raises(FunGPTError, match=f"vocab size {size} is too small.*at least 257"):
+        BPETokenizer.train(CORPUS, vocab_size=size)
+
+
+# --- gpt2 ----------------------------------------------------------------------
+
+
+def test_gpt2_with_fake_encoding_round_trip():
+    tok = GPT2Tokenizer(encoding=fake_gpt2_encoding())
+    assert tok.name == "gpt2" and tok.vocab_size == 258 and tok.eot_id == 257
+    for text in UNUSUAL:
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.encode(f"a{EOT_TEXT}") == [ord("a"), 257]
+    assert tok.encode_batch(["the", "x"]) == [tok.encode("the"), tok.encode("x")]
+
+
+def test_gpt2_load_failure_is_a_clear_error(monkeypatch):
+    tiktoken = pytest.importorskip("tiktoken")
+
+    def offline(name):
+        raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'\nsecond line")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(FunGPTError) as err:
+        GPT2Tokenizer()
+    msg = str(err.value)
+    assert "tiktoken" in msg and "--tokenizer bpe" in msg and "TIKTOKEN_CACHE_DIR" in msg
+    assert "\n" not in msg
+
+
+def test_gpt2_load_hang_times_out(monkeypatch):
+    tiktoken = pytest.importorskip("tiktoken")
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: time.sleep(5))
+    start = time.monotonic()
+    with pytest.raises(FunGPTError, match="timed out"):
+        tokenizer_mod._load_gpt2_encoding(timeout=0.2)
+    assert time.monotonic() - start < 2
+
+
+def test_gpt2_without_tiktoken(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # makes `import tiktoken` fail
+    with pytest.raises(FunGPTError, match="pip install tiktoken"):
+        GPT2Tokenizer()
+
+
+@pytest.mark.skipif(os.environ.get("FUNGPT_TEST_GPT2") != "1", reason="set FUNGPT_TEST_GPT2=1 (needs cached files)")
+def test_gpt2_real_encoding():
+    tok = GPT2Tokenizer()
+    assert tok.vocab_size == 50257 and tok.eot_id == 50256
+    assert tok.encode("Hello world") == [15496, 995]
+
+
+# --- factory, save and load ------------------------------------------------------
+
+
+def test_save_and_load_every_kind(tmp_path, monkeypatch, bpe):
+    monkeypatch.setattr(tokenizer_mod, "_load_gpt2_encoding", fake_gpt2_encoding)
+    tokenizers = {
+        "char": CharTokenizer.train(CORPUS + "é"),
+        "bpe": bpe,
+        "gpt2": GPT2Tokenizer(),
+    }
+    for kind, tok in tokenizers.items():
+        tok.save(tmp_path / kind)
+        meta = json.loads((tmp_path / kind / "tokenizer_meta.json").read_text(encoding="utf-8"))
+        assert meta["kind"] == kind
+        loaded = load_tokenizer(tmp_path / kind)
+        assert type(loaded) is type(tok) and loaded.name == kind
+        assert loaded.vocab_size == tok.vocab_size and loaded.eot_id == tok.eot_id
+        text = CORPUS[:200] + "é"
+        assert loaded.encode(text) == tok.encode(text)
+        assert loaded.decode(loaded.encode(text)) == text
+
+
+def test_load_missing_or_corrupt(tmp_path, bpe):
+    with pytest.raises(FunGPTError, match="tokenizer_meta.json is missing"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_meta.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(FunGPTError, match="tokenizer_meta.json is corrupt"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_meta.json").write_text('{"kind": "wordpiece"}', encoding="utf-8")
+    with pytest.raises(FunGPTError, match="unknown kind 'wordpiece'"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_meta.json").write_text('{"kind": "char", "chars": ["a", "ab"]}', encoding="utf-8")
+    with pytest.raises(FunGPTError, match="corrupt"):
+        load_tokenizer(tmp_path)
+    bpe.save(tmp_path / "b")
+    (tmp_path / "b" / "tokenizer.json").write_text("garbage", encoding="utf-8")
+    with pytest.raises(FunGPTError, match="tokenizer.json"):
+        load_tokenizer(tmp_path / "b")
+    (tmp_path / "b" / "tokenizer.json").unlink()
+    with pytest.raises(FunGPTError, match="tokenizer.json is missing"):
+        load_tokenizer(tmp_path / "b")
+
+
+def test_train_tokenizer_factory():
+    assert train_tokenizer("char", CORPUS).name == "char"
+    assert train_tokenizer("bpe", CORPUS, vocab_size=270).vocab_size <= 270
+    with pytest.raises(FunGPTError, match="unknown tokenizer 'words'"):
+        train_tokenizer("words", CORPUS)
+    with pytest.raises(FunGPTError, match="only applies to --tokenizer bpe"):
+        train_tokenizer("char", CORPUS, vocab_size=100)
