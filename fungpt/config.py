@@ -1,0 +1,229 @@
+"""Run configuration: what to train on, what to train, and how.
+
+A run is described by one `RunConfig`: a top-level `out_dir` plus three sections,
+
+    [data]   DataConfig   which text, which tokenizer, how much of it is held out
+    [model]  GPTConfig    the architecture (defined in model.py)
+    [train]  TrainConfig  optimiser, schedule, batch, logging, device
+
+The same dataclasses feed three places, so they cannot drift apart:
+  * TOML files (`configs/*.toml`), read by `load_config`;
+  * the command line, generated from the dataclasses by tyro (each field's docstring
+    becomes its `--help` text); precedence is CLI > file > defaults;
+  * the run folder, where the resolved config is saved as `config.json`.
+
+Every dataclass checks its own values in `__post_init__`, so a bad setting fails in a
+second with one clear line instead of an hour into training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from fungpt.errors import FunGPTError
+from fungpt.model import GPTConfig
+
+TOKENIZERS = ("char", "bpe", "gpt2")
+LR_SCHEDULES = ("cosine", "wsd", "constant")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _check_choice(section: str, name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise FunGPTError(f"{section}.{name} = {value!r} is not valid: choose one of {', '.join(choices)}")
+
+
+@dataclass
+class DataConfig:
+    """Which text to train on and how to turn it into tokens."""
+
+    path: str = "shakespeare"
+    """A prepared folder (from `fungpt prepare`), a text file, a folder of text files, or 'shakespeare'."""
+    tokenizer: str = "char"
+    """Tokenizer used when `path` still has to be prepared: char, bpe or gpt2."""
+    vocab_size: int | None = None
+    """Vocabulary size for a BPE tokenizer trained on the corpus (default 4096)."""
+    val_fraction: float = 0.1
+    """Fraction of the corpus, taken from its end, held out for validation."""
+
+    def __post_init__(self) -> None:
+        _check_choice("data", "tokenizer", self.tokenizer, TOKENIZERS)
+        if not 0.0 < self.val_fraction < 1.0:
+            raise FunGPTError(f"data.val_fraction = {self.val_fraction} must be between 0 and 1 (e.g. 0.1)")
+        if self.vocab_size is not None and self.vocab_size <= 0:
+            raise FunGPTError(f"data.vocab_size = {self.vocab_size} must be positive")
+
+
+@dataclass
+class TrainConfig:
+    """How to optimise: batch, schedule, logging, checkpoints and hardware. Names follow nanoGPT's."""
+
+    batch_size: int = 12
+    """Sequences per micro-batch (per process)."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step (per process); tokens per step =
+    batch_size * block_size * grad_accum_steps * number of processes."""
+    max_iters: int = 2000
+    """Optimizer steps to train for."""
+    lr: float = 1e-3
+    """Peak learning rate, reached after warmup."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the decay."""
+    warmup_iters: int = 100
+    """Steps of linear warmup from 0 to lr."""
+    lr_decay_iters: int | None = None
+    """Step at which the decay reaches min_lr; defaults to max_iters. When set, the schedule does not
+    depend on max_iters, so a longer run continues the same curve."""
+    lr_schedule: str = "cosine"
+    """cosine (GPT-2/nanoGPT), wsd (warmup-stable-decay: flat, then linear decay over the last
+    wsd_decay_frac of the run) or constant (after warmup)."""
+    wsd_decay_frac: float = 0.2
+    """With lr_schedule = wsd: the final fraction of the schedule spent decaying to min_lr."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied only to matrices (2-D and larger), never to biases or norms."""
+    beta1: float = 0.9
+    """AdamW beta1 (momentum)."""
+    beta2: float = 0.99
+    """AdamW beta2 (second-moment decay); 0.99 suits small batches, GPT-2 used 0.95."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    eval_interval: int = 250
+    """Steps between evaluations of train and val loss."""
+    eval_iters: int = 20
+    """Batches averaged per evaluation."""
+    checkpoint_interval: int = 250
+    """Steps between checkpoints (a checkpoint is also written at the end and on Ctrl-C)."""
+    log_interval: int = 10
+    """Steps between rows in metrics.jsonl and progress-bar updates."""
+    seed: int = 1337
+    """Random seed for initialisation, batches and dropout."""
+    device: str = "auto"
+    """auto (cuda, then mps, then cpu), cpu, cuda or mps."""
+    dtype: str = "auto"
+    """auto (bfloat16 where the GPU supports it, float16 + loss scaling on older GPUs, float32 on
+    CPU and MPS), float32, bfloat16 or float16."""
+    compile: bool = False
+    """Compile the model with torch.compile (the saved weights are always the uncompiled model's)."""
+    max_minutes: float | None = None
+    """Wall-clock budget for the whole command; when set, the lr schedule runs on the fraction of the
+    budget used instead of on steps, and training ends with a final eval and checkpoint on time."""
+    skip_nonfinite: bool = False
+    """Skip an optimizer step whose loss or gradient is NaN/inf instead of stopping with an error."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to out_dir/tensorboard."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs `pip install wandb`)."""
+    wandb_project: str = "fungpt"
+    """Weights & Biases project name."""
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "grad_accum_steps", "eval_interval", "eval_iters", "checkpoint_interval",
+                    "log_interval")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise FunGPTError(f"train.{name} = {getattr(self, name)} must be a positive integer")
+        for name in ("max_iters", "warmup_iters", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise FunGPTError(f"train.{name} = {getattr(self, name)} must not be negative")
+        if self.lr <= 0:
+            raise FunGPTError(f"train.lr = {self.lr} must be positive (e.g. 1e-3)")
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            raise FunGPTError(f"train.min_lr = {self.min_lr} must be between 0 and train.lr = {self.lr}")
+        if self.lr_decay_iters is not None and self.lr_decay_iters <= 0:
+            raise FunGPTError(f"train.lr_decay_iters = {self.lr_decay_iters} must be positive (or unset)")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise FunGPTError(f"train.{name} = {getattr(self, name)} must be in [0, 1)")
+        if not 0.0 < self.wsd_decay_frac <= 1.0:
+            raise FunGPTError(f"train.wsd_decay_frac = {self.wsd_decay_frac} must be in (0, 1]")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise FunGPTError(f"train.max_minutes = {self.max_minutes} must be positive (or unset)")
+        _check_choice("train", "lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("train", "device", self.device, DEVICES)
+        _check_choice("train", "dtype", self.dtype, DTYPES)
+
+    @property
+    def decay_iters(self) -> int:
+        """The step at which the schedule reaches min_lr."""
+        return self.lr_decay_iters if self.lr_decay_iters is not None else self.max_iters
+
+
+def _default_model() -> GPTConfig:
+    # A small model that trains on a laptop CPU in minutes; vocab_size is set from the data.
+    return GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a training run. Saved as config.json in the run folder."""
+
+    out_dir: str = "out/shakespeare-char-cpu"
+    """Run folder: config, metrics, checkpoints, tokenizer and plots are written here."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: GPTConfig = field(default_factory=_default_model)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> RunConfig:
+        """Build a RunConfig from nested dicts (TOML or config.json); unknown keys are an error."""
+        sections = {"data": DataConfig, "model": GPTConfig, "train": TrainConfig}
+        unknown = set(d) - {"out_dir", *sections}
+        if unknown:
+            raise FunGPTError(f"{source}: unknown top-level key(s) {sorted(unknown)}; "
+                              f"expected out_dir, [data], [model], [train]")
+        kwargs: dict[str, Any] = {}
+        if "out_dir" in d:
+            kwargs["out_dir"] = str(d["out_dir"])
+        for name, klass in sections.items():
+            kwargs[name] = _build_section(klass, d.get(name, {}), f"{source} [{name}]", defaults=getattr(cls(), name))
+        return cls(**kwargs)
+
+
+def _build_section(klass: type, values: Any, where: str, defaults: Any) -> Any:
+    if not isinstance(values, dict):
+        raise FunGPTError(f"{where} must be a table of settings, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(klass)}
+    unknown = set(values) - names
+    if unknown:
+        raise FunGPTError(f"{where}: unknown setting(s) {sorted(unknown)}; "
+                          f"see `fungpt train --help` for the valid ones")
+    merged = {**dataclasses.asdict(defaults), **values}
+    try:
+        return klass(**merged)
+    except TypeError as e:  # e.g. a wrong type that the dataclass cannot take
+        raise FunGPTError(f"{where}: {e}") from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a TOML run config. Missing settings keep their defaults."""
+    path = Path(path)
+    if not path.is_file():
+        raise FunGPTError(f"config file {path} does not exist (see configs/ for examples)")
+    try:
+        with path.open("rb") as f:
+            d = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise FunGPTError(f"config file {path} is not valid TOML: {e}") from None
+    return RunConfig.from_dict(d, source=str(path))
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    """Read the resolved config.json that training saved in a run folder."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FunGPTError(f"{run_dir} is not a FunGPT run folder (no config.json); pass the out_dir of a training run")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FunGPTError(f"{path} is corrupt ({e}); it should be the JSON config written by `fungpt train`") from None
+    return RunConfig.from_dict(d, source=str(path))

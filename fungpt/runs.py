@@ -1,0 +1,66 @@
+"""Loading a trained run (config, tokenizer, weights) for sampling, evaluation and inspection."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fungpt import checkpoint as ckpt
+from fungpt.config import RunConfig, load_run_config
+from fungpt.errors import FunGPTError
+from fungpt.hardware import detect_precision
+from fungpt.model import GPT
+from fungpt.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass
+class LoadedRun:
+    model: GPT
+    tokenizer: Tokenizer
+    config: RunConfig
+    step: int
+    device: str
+    run_dir: Path
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "last", device: str = "auto") -> LoadedRun:
+    """Rebuild the model of a run folder from its config and verified safetensors weights."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FunGPTError(f"run folder {run_dir} does not exist; pass the out_dir of a training run")
+    if checkpoint not in ("last", "best"):
+        raise FunGPTError(f"--checkpoint {checkpoint!r} is not valid: choose last or best")
+    cfg = load_run_config(run_dir)
+    kind = "latest" if checkpoint == "last" else "best"
+    folder = ckpt.find_checkpoint(run_dir, kind)
+    if folder is None:
+        raise FunGPTError(f"{run_dir} has no {checkpoint} checkpoint yet (train it first)")
+    manifest = ckpt.verify_checkpoint(folder)
+    tokenizer = load_tokenizer(run_dir)
+    if tokenizer.vocab_size != cfg.model.vocab_size:
+        raise FunGPTError(f"the tokenizer in {run_dir} has {tokenizer.vocab_size} tokens but the model in "
+                          f"{run_dir / 'config.json'} expects {cfg.model.vocab_size}: they do not belong together")
+    dev = detect_precision(device, "float32").device
+    model = GPT(cfg.model)
+    ckpt.load_weights(folder, model)
+    model.to(dev).eval()
+    return LoadedRun(model, tokenizer, cfg, int(manifest["step"]), dev, run_dir)
+
+
+def data_dir_of(run_dir: str | Path) -> Path:
+    """The prepared dataset folder a run was trained on (recorded in run.json)."""
+    info = Path(run_dir) / "run.json"
+    try:
+        return Path(json.loads(info.read_text(encoding="utf-8"))["data_dir"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        raise FunGPTError(f"{info} is missing or corrupt: cannot tell which data {run_dir} was trained on; "
+                          f"pass --input TEXT_FILE") from None
+
+
+def seeded_generator(seed: int, device: str) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g

@@ -1,0 +1,148 @@
+"""`fungpt sample` and `fungpt eval`: use a trained run."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+import torch
+
+from fungpt.errors import FunGPTError
+from fungpt.runs import LoadedRun, data_dir_of, load_run, seeded_generator
+
+
+def default_prompt_ids(run: LoadedRun) -> list[int]:
+    """With no prompt, start from end-of-text (BPE, GPT-2) or a newline (char), as a fresh document."""
+    tok = run.tokenizer
+    if getattr(tok, "eot_id", None) is not None:
+        return [tok.eot_id]
+    try:
+        return tok.encode("\n")
+    except FunGPTError:
+        return [0]
+
+
+def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path | None = None, num_samples: int = 1,
+           max_new_tokens: int = 500, temperature: float = 0.8, top_k: int | None = 200, top_p: float | None = None,
+           seed: int = 1337, checkpoint: str = "last", device: str = "auto",
+           out: TextIO | None = None) -> list[str]:
+    """Generate `num_samples` continuations of the prompt, streaming text to `out` as it is made.
+
+    The same seed gives the same text. Returns the generated texts (without the prompt).
+    """
+    if num_samples <= 0 or max_new_tokens < 0:
+        raise FunGPTError("--num-samples must be positive and --max-new-tokens not negative")
+    if temperature < 0:
+        raise FunGPTError(f"--temperature {temperature} must be >= 0 (0 means greedy)")
+    if top_k is not None and top_k <= 0:
+        raise FunGPTError(f"--top-k {top_k} must be positive")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise FunGPTError(f"--top-p {top_p} must be in (0, 1]")
+    if prompt is not None and prompt_file is not None:
+        raise FunGPTError("give either --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        try:
+            prompt = Path(prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise FunGPTError(f"cannot read prompt file {prompt_file}: {e}") from None
+    loaded = load_run(run, checkpoint, device)
+    ids = loaded.tokenizer.encode(prompt) if prompt else default_prompt_ids(loaded)
+    if not ids:
+        ids = default_prompt_ids(loaded)
+    gen = seeded_generator(seed, loaded.device)
+    texts = []
+    for i in range(num_samples):
+        if out is not None:
+            if num_samples > 1:
+                out.write(f"--- sample {i + 1} ---\n")
+            out.write(prompt or "")
+        idx = torch.tensor([ids], dtype=torch.long, device=loaded.device)
+        new: list[int] = []
+        shown = ""
+        for tok in loaded.model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                                                top_p=top_p, generator=gen):
+            new.append(int(torch.as_tensor(tok).reshape(-1)[0]))
+            # Decode everything so far and print what is new: with byte-level BPE a character can
+            # span several tokens, so single tokens may not decode to whole characters.
+            text = loaded.tokenizer.decode(new)
+            if out is not None and not text.endswith("\ufffd"):
+                out.write(text[len(shown):])
+                out.flush()
+                shown = text
+        text = loaded.tokenizer.decode(new)
+        if out is not None:
+            out.write(text[len(shown):] + "\n")
+            out.flush()
+        texts.append(text)
+    return texts
+
+
+@torch.no_grad()
+def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: str = "last", device: str = "auto",
+                 batch_size: int = 16) -> dict[str, float]:
+    """Loss, perplexity and bits per byte/character of a run on its val split or on any text file.
+
+    Every token is scored once: the text is cut into consecutive windows of block_size tokens
+    and each window predicts its next tokens (the first tokens of a window see a shorter context).
+      loss        mean cross-entropy in nats per token
+      perplexity  exp(loss): the model is as unsure as a uniform choice among this many tokens
+      bits/byte   total bits / UTF-8 bytes: comparable across tokenizers (char, BPE, GPT-2)
+    """
+    loaded = load_run(run, checkpoint, device)
+    if input is not None:
+        path = Path(input)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise FunGPTError(f"--input {path} does not exist") from None
+        except UnicodeDecodeError as e:
+            raise FunGPTError(f"--input {path} is not valid UTF-8 (byte {e.start}); convert it to UTF-8") from None
+        tokens = np.asarray(loaded.tokenizer.encode(text), dtype=np.int64)
+        n_bytes, n_chars, source = len(text.encode("utf-8")), len(text), str(path)
+    else:
+        from fungpt.data import load_meta
+
+        data_dir = data_dir_of(run)
+        meta = load_meta(data_dir)
+        tokens = np.fromfile(data_dir / "val.bin", dtype=np.dtype(meta["dtype"])).astype(np.int64)
+        n_bytes, n_chars, source = meta["val_bytes"], meta.get("val_chars", meta["val_bytes"]), f"{data_dir} (val)"
+    if len(tokens) < 2:
+        raise FunGPTError(f"{source} is too short to evaluate: it needs at least 2 tokens")
+    T = loaded.config.model.block_size
+    n_windows = math.ceil((len(tokens) - 1) / T)
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, n_windows, batch_size):
+        xs, ys = [], []
+        for w in range(start, min(start + batch_size, n_windows)):
+            chunk = tokens[w * T: w * T + T + 1]
+            x = np.zeros(T, dtype=np.int64)
+            y = np.full(T, -1, dtype=np.int64)  # -1 = padding, ignored by the loss
+            x[: len(chunk) - 1] = chunk[:-1]
+            y[: len(chunk) - 1] = chunk[1:]
+            xs.append(x)
+            ys.append(y)
+        x = torch.from_numpy(np.stack(xs)).to(loaded.device)
+        y = torch.from_numpy(np.stack(ys)).to(loaded.device)
+        logits = loaded.model(x)
+        nll = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
+                                                ignore_index=-1, reduction="sum")
+        total_nll += nll.item()
+        total_tokens += int((y != -1).sum())
+    loss = total_nll / total_tokens
+    # The first token is never predicted; scale the byte count to the part that was.
+    frac = total_tokens / len(tokens)
+    bits = total_nll / math.log(2)
+    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_token": loss / math.log(2),
+            "bits_per_byte": bits / (n_bytes * frac), "bits_per_char": bits / (n_chars * frac),
+            "tokens": total_tokens, "step": loaded.step, "source": source}
+
+
+def print_eval(result: dict, file: TextIO = sys.stdout) -> None:
+    print(f"{result['source']} at step {result['step']}: {result['tokens']:,} tokens", file=file)
+    print(f"  loss        {result['loss']:.4f} nats/token", file=file)
+    print(f"  perplexity  {result['perplexity']:.3f}", file=file)
+    print(f"  bits/byte   {result['bits_per_byte']:.4f}", file=file)
+    print(f"  bits/char   {result['bits_per_char']:.4f}", file=file)

@@ -1,0 +1,548 @@
+"""Training: a linear loop built from small functions, readable in one sitting.
+
+    train(cfg)
+      ├─ resolve_data         prepared folder, or prepare the text on the fly into a cache
+      ├─ build model, configure_optimizer (AdamW, decay on matrices only)
+      ├─ resume from the latest checkpoint (optional)
+      └─ loop:  get_lr → accumulate gradients over micro-batches → clip → step
+                → log → evaluate → save_checkpoint
+
+Notation: B = batch_size, T = block_size, A = grad_accum_steps, W = number of processes.
+One optimizer step sees B * T * A * W tokens.
+
+Multi-GPU / multi-node: launch with `torchrun --nproc_per_node=N -m fungpt train ...`.
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; each process trains a replica on different
+batches (DistributedDataParallel averages gradients during backward), and rank 0 alone
+logs and saves. On CPUs the gloo backend is used, on GPUs nccl.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fungpt import checkpoint as ckpt
+from fungpt.config import DataConfig, RunConfig, TrainConfig, load_run_config
+from fungpt.data import BatchLoader, cache_dir, check_split_fits, load_meta, prepare, resolve_source
+from fungpt.errors import FunGPTError
+from fungpt.hardware import Precision, detect_precision
+from fungpt.model import GPT
+from fungpt.tokenizer import load_tokenizer
+
+# ----------------------------------------------------------------------------------------------
+# Setup helpers
+
+
+@dataclass
+class Dist:
+    """Where this process sits in a (possibly one-process) distributed run."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str) -> Dist:
+    """Join the process group when launched by torchrun (which sets RANK and WORLD_SIZE)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist()
+    d = Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+    return d
+
+
+def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True) -> Path:
+    """Return a prepared dataset folder for `data.path`, preparing it into the cache if needed.
+
+    The cache key covers everything that changes the tokens: the source files (path, size and
+    modification time), the tokenizer, the vocab size and the val fraction.
+    """
+    path = Path(data.path).expanduser()
+    if path.is_dir() and (path / "meta.json").is_file():
+        return path  # already prepared by `fungpt prepare`
+    if data.path != "shakespeare" and not path.exists():
+        raise FunGPTError(f"data.path {data.path!r} does not exist: pass a text file, a folder of text, "
+                          f"a prepared folder or 'shakespeare'")
+    key_parts: list[str] = [data.tokenizer, str(data.vocab_size), repr(data.val_fraction)]
+    if data.path == "shakespeare":
+        name = "shakespeare"
+    else:
+        name = path.stem or "corpus"
+        for p in resolve_source(data.path):
+            st = p.stat()
+            key_parts.append(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}")
+    key = hashlib.sha256("\n".join(key_parts).encode()).hexdigest()[:12]
+    out = cache_dir() / "datasets" / f"{name}-{data.tokenizer}-{key}"
+    if is_main and not (out / "meta.json").is_file():
+        vocab = data.vocab_size if data.vocab_size is not None else (4096 if data.tokenizer == "bpe" else None)
+        prepare(data.path, out, tokenizer=data.tokenizer, vocab_size=vocab, val_fraction=data.val_fraction,
+                overwrite=True, progress=progress)
+    if dist.is_initialized():
+        dist.barrier()  # the other ranks wait until rank 0 has prepared the data
+    return out
+
+
+def prepare_out_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
+    """Check the run folder before any work: refuse to mix two runs in one folder."""
+    out = Path(cfg.out_dir)
+    has_run = (out / "config.json").is_file()
+    if resume and overwrite:
+        raise FunGPTError("--resume and --overwrite contradict each other: pick one")
+    if resume:
+        if ckpt.find_checkpoint(out) is None:
+            raise FunGPTError(f"nothing to resume in {out}: it holds no checkpoint (drop --resume to start a new run)")
+        saved = load_run_config(out)
+        if saved.model != cfg.model:
+            old, new = saved.model.to_dict(), cfg.model.to_dict()
+            diffs = [f"{k} {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k]]
+            raise FunGPTError(f"cannot resume {out}: its checkpoint was trained with a different model "
+                              f"({'; '.join(diffs)}); use the original settings or a new out_dir")
+    elif has_run:
+        if not overwrite:
+            raise FunGPTError(f"{out} already holds a training run: pass --resume to continue it, --overwrite to "
+                              f"replace it, or choose another out_dir")
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FunGPTError(f"cannot create out_dir {out}: {e.strerror or e}") from None
+    if not os.access(out, os.W_OK):
+        raise FunGPTError(f"out_dir {out} is not writable; choose another out_dir or fix its permissions")
+    return out
+
+
+def configure_optimizer(model: GPT, tc: TrainConfig, device: str) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only.
+
+    Decay pulls weights towards zero, which regularises the matrices that mix features
+    (embeddings, attention and MLP weights). Biases and norm gains are 1-D: decaying them
+    only fights the model (a LayerNorm gain decayed to 0 would switch its output off).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # fused (one CUDA kernel for all parameters) on GPUs; foreach (batched tensor ops) elsewhere.
+    impl = {"fused": True} if device == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), **impl)
+
+
+def get_lr(it: float, tc: TrainConfig) -> float:
+    """Learning rate at step `it` (a float: in time-budget mode it is the budget fraction times decay_iters).
+
+    warmup: linear from ~0 to lr over warmup_iters (large early updates from random weights are
+    unstable, and AdamW's second-moment estimates need a few steps to become meaningful); then
+      cosine:   lr → min_lr along half a cosine by decay_iters (GPT-2, nanoGPT)
+      wsd:      flat at lr, then linear to min_lr over the last wsd_decay_frac (warmup-stable-decay,
+                Hu et al. 2024 "MiniCPM"); a run can be extended without re-warming
+      constant: lr
+    After decay_iters the rate stays at min_lr.
+    """
+    if it < tc.warmup_iters:
+        return tc.lr * (it + 1) / (tc.warmup_iters + 1)
+    if tc.lr_schedule == "constant":
+        return tc.lr
+    total = tc.decay_iters
+    if it >= total:
+        return tc.min_lr
+    if tc.lr_schedule == "cosine":
+        frac = (it - tc.warmup_iters) / max(1, total - tc.warmup_iters)  # 0 → 1 over the decay
+        return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (tc.lr - tc.min_lr)
+    decay_start = total * (1.0 - tc.wsd_decay_frac)  # wsd
+    if it < decay_start:
+        return tc.lr
+    frac = (it - decay_start) / max(1e-9, total - decay_start)
+    return tc.lr + frac * (tc.min_lr - tc.lr)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, device: str, autocast) -> dict[str, float]:
+    """Mean loss over eval_iters batches of each split.
+
+    The eval batches come from loaders with a fixed seed, so every evaluation sees the same
+    windows: the curve then shows the model changing, not the batches. Eval has its own
+    loaders, so it never disturbs the training batch sequence (exact resume depends on that).
+    """
+    was_training = model.training
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        loader = BatchLoader(data_dir, split, cfg.train.batch_size, cfg.model.block_size, device=device,
+                             seed=cfg.train.seed + 12345)
+        losses = torch.zeros(cfg.train.eval_iters)
+        for k in range(cfg.train.eval_iters):
+            x, y = loader.next_batch()
+            with autocast():
+                _, loss = model(x, y)
+            losses[k] = loss.float().item()
+        out[split] = losses.mean().item()
+    model.train(was_training)
+    return out
+
+
+def measure_peak_flops(device: str, dtype: torch.dtype) -> float:
+    """Measure this device's dense matmul throughput (FLOP/s): the ceiling that MFU is quoted against."""
+    n = 1024 if device == "cpu" else 4096
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):  # warm up
+        a @ b
+    reps = 5 if device == "cpu" else 50
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)  # a matmul of two n×n matrices costs 2n³ FLOPs
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elif device == "mps":
+        torch.mps.synchronize()
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line, always), plus TensorBoard and wandb when asked."""
+
+    def __init__(self, out_dir: Path, cfg: RunConfig, keep_until_step: int | None):
+        self.path = out_dir / "metrics.jsonl"
+        if keep_until_step is not None and self.path.exists():
+            # Resuming: drop rows logged after the checkpoint, which the resumed run will redo.
+            rows = [r for r in self.path.read_text(encoding="utf-8").splitlines() if r.strip()]
+            kept = [r for r in rows if _row_step(r) <= keep_until_step]
+            ckpt.atomic_write_text(self.path, "".join(r + "\n" for r in kept))
+        elif self.path.exists():
+            self.path.unlink()
+        self.file = self.path.open("a", encoding="utf-8")
+        self.tb = self.wandb = None
+        if cfg.train.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise FunGPTError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+        if cfg.train.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise FunGPTError("train.wandb needs the wandb package: pip install wandb") from None
+            self.wandb = wandb.init(project=cfg.train.wandb_project, config=cfg.to_dict(), dir=str(out_dir))
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        for k, v in row.items():
+            if k != "step" and isinstance(v, float) and self.tb is not None:
+                self.tb.add_scalar(k, v, row["step"])
+        if self.wandb is not None:
+            self.wandb.log(row, step=row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _row_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return 1 << 62  # an unreadable (half-written) row is dropped
+
+
+class _StopFlag:
+    """Ctrl-C sets a flag; the loop saves a checkpoint at the end of the step and exits cleanly.
+
+    A second Ctrl-C interrupts at once (the last saved checkpoint is still intact).
+    """
+
+    def __init__(self) -> None:
+        self.stop = False
+        self._old = None
+
+    def __enter__(self) -> _StopFlag:
+        if threading_is_main():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = True
+        print("\nCtrl-C: finishing this step and saving a checkpoint (press again to abort)", file=sys.stderr)
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop
+
+
+def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          start_time: float | None = None) -> dict[str, Any]:
+    """Train the model described by `cfg`; return a summary (final step, losses, out_dir)."""
+    start_time = time.time() if start_time is None else start_time
+    tc = cfg.train
+    prec: Precision = detect_precision(tc.device, tc.dtype)
+    ddp = setup_distributed(prec.device)
+    device = f"cuda:{ddp.local_rank}" if prec.device == "cuda" else prec.device
+    if prec.device == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~fp32 accuracy at tensor-core speed
+        torch.backends.cudnn.allow_tf32 = True
+    say = print if ddp.is_main else (lambda *a, **k: None)
+
+    # Data first: the vocabulary size of the model comes from the tokenizer.
+    data_dir = resolve_data(cfg.data, ddp.is_main, progress and ddp.is_main)
+    meta = load_meta(data_dir)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=int(meta["vocab_size"])))
+    check_split_fits(meta, cfg.model.block_size)
+    out_dir = prepare_out_dir(cfg, resume, overwrite) if ddp.is_main else Path(cfg.out_dir)
+    say(f"fungpt: {prec.reason}" + (f", {ddp.world_size} processes (DDP)" if ddp.enabled else ""))
+
+    # Model and optimizer. Every rank builds the same initial weights from the same seed.
+    torch.manual_seed(tc.seed)
+    model = GPT(cfg.model).to(device)
+    optimizer = configure_optimizer(model, tc, prec.device)
+    scaler = torch.amp.GradScaler(prec.device, enabled=prec.needs_grad_scaler)
+    loader = BatchLoader(data_dir, "train", tc.batch_size, cfg.model.block_size, device=device,
+                         seed=tc.seed, rank=ddp.rank, world_size=ddp.world_size)
+    step, best_val, elapsed_before = 0, float("inf"), 0.0
+    torch.manual_seed(tc.seed + ddp.rank)  # dropout masks differ per rank
+
+    if resume:
+        folder = ckpt.find_checkpoint(cfg.out_dir)
+        ckpt.verify_checkpoint(folder)
+        ckpt.load_weights(folder, model)
+        state = ckpt.load_state(folder)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
+        loader.load_state_dict(state["loader"][ddp.rank] if ddp.rank < len(state["loader"]) else state["loader"][0])
+        step, best_val, elapsed_before = state["step"], state["best_val"], state["elapsed_s"]
+        rng = state["rng"][min(ddp.rank, len(state["rng"]) - 1)]
+        torch.set_rng_state(rng["cpu"])
+        if prec.device == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"])
+        say(f"fungpt: resuming {out_dir} from step {step}")
+
+    if ddp.is_main:
+        ckpt.atomic_write_text(out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        run_info = {"data_dir": str(data_dir.resolve()), "device": prec.device, "dtype": prec.dtype,
+                    "precision_reason": prec.reason, "world_size": ddp.world_size, "torch": torch.__version__}
+        ckpt.atomic_write_text(out_dir / "run.json", json.dumps(run_info, indent=2))
+        load_tokenizer(data_dir).save(out_dir)
+
+    # Compile and wrap *after* loading; saving always uses `model`, the plain module.
+    fwd_model: torch.nn.Module = torch.compile(model) if tc.compile else model
+    if ddp.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        fwd_model = DDP(fwd_model, device_ids=[ddp.local_rank] if prec.device == "cuda" else None)
+
+    def autocast():
+        if not prec.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=prec.device, dtype=prec.torch_dtype)
+
+    tokens_per_step = tc.batch_size * cfg.model.block_size * tc.grad_accum_steps * ddp.world_size
+    peak_flops = measure_peak_flops(device, prec.torch_dtype if prec.device != "cpu" else torch.float32)
+    flops_per_step = model.flops_per_token() * tokens_per_step
+    log = MetricsLog(out_dir, cfg, keep_until_step=step if resume else None) if ddp.is_main else None
+    budget_s = tc.max_minutes * 60 if tc.max_minutes else None
+    train_start = time.time() - elapsed_before  # so elapsed time includes the pre-resume part
+
+    def elapsed() -> float:
+        return time.time() - train_start
+
+    def schedule_position() -> float:
+        """Where we are in the lr schedule, in steps (time-budget mode: budget fraction × decay_iters)."""
+        if budget_s is None:
+            return step
+        return min(1.0, elapsed() / budget_s) * tc.decay_iters
+
+    def do_eval() -> dict[str, float]:
+        nonlocal best_val
+        losses = evaluate(model, data_dir, cfg, device, autocast)
+        if ddp.is_main:
+            log.write({"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
+                       "elapsed_s": round(time.time() - start_time, 3), "tokens": step * tokens_per_step})
+            if losses["val"] < best_val:
+                best_val = losses["val"]
+                ckpt.save_checkpoint(out_dir, "best", step, model, extra={"val_loss": best_val})
+        return losses
+
+    def do_save() -> None:
+        # Every rank contributes its loader and RNG state (a collective call); rank 0 writes.
+        loaders, rngs = _gather(loader.state_dict(), ddp), _gather(_rng_state(prec.device), ddp)
+        if ddp.is_main:
+            state = {"step": step, "best_val": best_val, "elapsed_s": elapsed(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "loader": loaders, "rng": rngs}
+            ckpt.save_checkpoint(out_dir, "latest", step, model, state=state)
+
+    def out_of_time(step_time: float, eval_time: float) -> bool:
+        """Stop early enough that the final eval and checkpoint also fit in the budget."""
+        if budget_s is None:
+            return False
+        finished = time.time() - start_time + step_time + eval_time >= budget_s
+        if ddp.enabled:  # every rank must stop at the same step
+            flag = torch.tensor([float(finished)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            finished = bool(flag.item())
+        return finished
+
+    bar = None
+    if progress and ddp.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tc.max_iters, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    losses: dict[str, float] = {}
+    if step == 0:
+        t0 = time.time()
+        losses = do_eval()  # the starting point of the curve: about ln(vocab_size) for random weights
+        eval_time = time.time() - t0
+    else:
+        eval_time = 0.0
+    step_time, last_loss = 0.0, float("nan")
+    fwd_model.train()
+    with _StopFlag() as interrupt:
+        while step < tc.max_iters and not out_of_time(step_time, eval_time) and not interrupt.stop:
+            t_step = time.time()
+            lr = get_lr(schedule_position(), tc)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            # Gradient accumulation: A micro-batches, each loss divided by A, so the summed
+            # gradients equal those of one batch A times larger.
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(tc.grad_accum_steps):
+                x, y = loader.next_batch()
+                last_micro = micro == tc.grad_accum_steps - 1
+                # DDP all-reduces gradients in backward; skip that on all but the last micro-step.
+                sync = contextlib.nullcontext() if (last_micro or not ddp.enabled) else fwd_model.no_sync()
+                with sync:
+                    with autocast():
+                        _, loss = fwd_model(x, y)
+                        loss = loss / tc.grad_accum_steps
+                    scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+
+            scaler.unscale_(optimizer)  # back to true gradient values (no-op without float16)
+            max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            last_loss = loss_sum.item()
+            if not (math.isfinite(last_loss) and math.isfinite(grad_norm.item())) and not scaler.is_enabled():
+                # float16 overflow is handled by the scaler (it skips the step); anything else is divergence.
+                if not tc.skip_nonfinite:
+                    if bar is not None:
+                        bar.close()
+                    raise FunGPTError(f"training diverged at step {step + 1}: the loss or gradient is "
+                                      f"{'NaN/inf'} (loss {last_loss}); the last good checkpoint is untouched. "
+                                      f"Lower train.lr, or set train.skip_nonfinite = true to skip such steps")
+                optimizer.zero_grad(set_to_none=True)
+                say(f"fungpt: skipped step {step + 1}: non-finite loss or gradient")
+                step += 1
+                continue
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_time = time.time() - t_step
+
+            if ddp.is_main and (step % tc.log_interval == 0 or step == 1):
+                tok_s = tokens_per_step / step_time
+                mfu = flops_per_step / step_time / peak_flops
+                log.write({"step": step, "train_loss": last_loss, "lr": lr, "dt_ms": round(step_time * 1000, 2),
+                           "tokens_per_sec": round(tok_s, 1), "mfu": round(mfu, 4),
+                           "elapsed_s": round(time.time() - start_time, 3), "tokens": step * tokens_per_step})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.0%}")
+            if bar is not None:
+                bar.update(1)
+            if step % tc.eval_interval == 0 and step < tc.max_iters:
+                t0 = time.time()
+                losses = do_eval()
+                eval_time = time.time() - t0
+                if bar is not None:
+                    bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            if step % tc.checkpoint_interval == 0:
+                do_save()
+
+    if bar is not None:
+        bar.close()
+    if interrupt.stop:
+        do_save()
+        say(f"fungpt: interrupted at step {step}; checkpoint saved. Resume with the same command plus --resume")
+    else:
+        losses = do_eval()
+        say(f"fungpt: step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+            f"({time.time() - start_time:.1f} s)")
+        do_save()
+    if ddp.is_main:
+        log.close()
+        _plot_quietly(out_dir)
+    if ddp.enabled:
+        dist.barrier()
+    return {"out_dir": str(out_dir), "step": step, "train_loss": losses.get("train", last_loss),
+            "val_loss": losses.get("val", float("nan")), "interrupted": interrupt.stop,
+            "elapsed_s": time.time() - start_time}
+
+
+def _rng_state(device: str) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _gather(obj: Any, ddp: Dist) -> list[Any]:
+    """Collect one object per rank on every rank (a list of length 1 without DDP)."""
+    if not ddp.enabled:
+        return [obj]
+    out: list[Any] = [None] * ddp.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _plot_quietly(out_dir: Path) -> None:
+    """Write loss.png at the end of training; a plotting problem must never fail a finished run."""
+    try:
+        from fungpt.plot import plot_runs
+
+        plot_runs([out_dir], out=out_dir / "loss.png")
+    except Exception as e:  # noqa: BLE001 - the run itself succeeded
+        print(f"fungpt: could not draw loss.png ({e})", file=sys.stderr)

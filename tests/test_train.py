@@ -1,0 +1,221 @@
+"""The trainer, the CLI and the run folder, end to end on tiny models (CPU, seconds each)."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fungpt import checkpoint as ckpt
+from fungpt.cli import main
+from fungpt.config import DataConfig, RunConfig, TrainConfig, load_config
+from fungpt.errors import FunGPTError
+from fungpt.model import GPT, GPTConfig
+from fungpt.sample import evaluate_run, sample
+from fungpt.train import get_lr, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def corpus(tmp_path, monkeypatch) -> Path:
+    """A small text file with some structure to learn; datasets are cached inside tmp_path."""
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    lines = [f"the {a} {b} sat on the {c}.\n" for a in ("cat", "dog", "fox") for b in ("quietly", "slowly")
+             for c in ("mat", "log", "hill", "wall")]
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(lines) * 40, encoding="utf-8")
+    return path
+
+
+def tiny_config(corpus: Path, out_dir: Path, **train_overrides) -> RunConfig:
+    train_kw = dict(batch_size=4, max_iters=12, lr=3e-3, min_lr=3e-4, warmup_iters=2, eval_interval=6,
+                    eval_iters=2, checkpoint_interval=6, log_interval=1, device="cpu")
+    train_kw.update(train_overrides)
+    return RunConfig(out_dir=str(out_dir), data=DataConfig(path=str(corpus), tokenizer="char"),
+                     model=GPTConfig(vocab_size=1, block_size=16, n_layer=2, n_head=2, n_embd=32),
+                     train=TrainConfig(**train_kw))
+
+
+def read_rows(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_end_to_end_train_sample_eval(corpus, tmp_path):
+    out = tmp_path / "run"
+    result = train(tiny_config(corpus, out, max_iters=30, eval_interval=10), progress=False)
+    assert result["step"] == 30
+    for name in ("config.json", "run.json", "metrics.jsonl", "latest.json", "best.json", "loss.png"):
+        assert (out / name).is_file(), name
+    rows = read_rows(out)
+    evals = [r for r in rows if "val_loss" in r]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 30
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5  # it learned something
+    vocab = json.loads((out / "config.json").read_text())["model"]["vocab_size"]
+    assert abs(evals[0]["val_loss"] - math.log(vocab)) < 0.3  # random init: about ln(V)
+
+    buf = io.StringIO()
+    texts = sample(out, prompt="the ", max_new_tokens=20, seed=7, out=buf)
+    assert len(texts[0]) > 0 and buf.getvalue().startswith("the ")
+    again = sample(out, prompt="the ", max_new_tokens=20, seed=7)
+    assert again == texts  # same seed, same text
+
+    res = evaluate_run(out)
+    assert math.isclose(res["perplexity"], math.exp(res["loss"]))
+    assert res["bits_per_byte"] == pytest.approx(res["bits_per_char"])  # ASCII: one byte per character
+    assert res["loss"] < evals[0]["val_loss"]
+    res_file = evaluate_run(out, input=corpus)
+    assert res_file["tokens"] == len(corpus.read_text()) - 1
+
+
+def test_metrics_schema(corpus, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=6, eval_interval=3), progress=False)
+    rows = read_rows(out)
+    train_rows = [r for r in rows if "lr" in r]
+    eval_rows = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 7))
+    for r in train_rows:
+        assert set(r) >= {"step", "train_loss", "lr", "dt_ms", "tokens_per_sec", "mfu", "elapsed_s"}
+        assert r["dt_ms"] > 0 and r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1
+    for r in eval_rows:
+        assert set(r) >= {"step", "train_loss", "val_loss", "elapsed_s"}
+    assert [r["step"] for r in eval_rows] == [0, 3, 6]
+
+
+def test_resume_is_bit_exact(corpus, tmp_path):
+    # lr_decay_iters pins the schedule, so the short first leg follows the same lr curve.
+    full = tmp_path / "full"
+    train(tiny_config(corpus, full, max_iters=12, lr_decay_iters=12), progress=False)
+    part = tmp_path / "part"
+    train(tiny_config(corpus, part, max_iters=6, lr_decay_iters=12), progress=False)
+    result = train(tiny_config(corpus, part, max_iters=12, lr_decay_iters=12), resume=True, progress=False)
+    assert result["step"] == 12
+
+    def losses(out):
+        return [(r["step"], r["train_loss"]) for r in read_rows(out) if "lr" in r]
+
+    assert losses(part) == losses(full)  # bit for bit, not approximately
+    a = ckpt.find_checkpoint(full)
+    b = ckpt.find_checkpoint(part)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def test_grad_accumulation_matches_big_batch():
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    model = GPT(cfg)
+    x = torch.randint(0, 20, (8, 8))
+    y = torch.randint(0, 20, (8, 8))
+    _, loss = model(x, y)
+    loss.backward()
+    big = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    k = 4
+    for xm, ym in zip(x.chunk(k), y.chunk(k)):
+        _, loss = model(xm, ym)
+        (loss / k).backward()  # what the trainer does for each micro-step
+    for g_big, p in zip(big, model.parameters()):
+        torch.testing.assert_close(p.grad, g_big, rtol=1e-5, atol=1e-6)
+
+
+def test_lr_schedules():
+    cos = TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    assert get_lr(0, cos) < get_lr(5, cos) < get_lr(10, cos)
+    assert get_lr(10, cos) == pytest.approx(1.0)
+    assert get_lr(60, cos) == pytest.approx(0.55)  # half-way down the cosine
+    assert get_lr(110, cos) == pytest.approx(0.1) and get_lr(500, cos) == pytest.approx(0.1)
+    fixed = dataclasses.replace(cos, lr_decay_iters=60)
+    assert get_lr(60, fixed) == pytest.approx(0.1)
+    assert get_lr(30, dataclasses.replace(fixed, max_iters=1000)) == get_lr(30, fixed)  # independent of max_iters
+    wsd = dataclasses.replace(cos, lr_schedule="wsd", wsd_decay_frac=0.5)
+    assert get_lr(50, wsd) == 1.0 and get_lr(110, wsd) == pytest.approx(0.1)
+    assert get_lr(82.5, wsd) == pytest.approx(0.55)
+    const = dataclasses.replace(cos, lr_schedule="constant")
+    assert get_lr(100, const) == 1.0
+
+
+def test_toml_then_cli_precedence(tmp_path, monkeypatch, corpus):
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text(f'out_dir = "{tmp_path / "o"}"\n[data]\npath = "{corpus}"\n'
+                        '[model]\nn_layer = 1\nn_head = 2\nn_embd = 16\nblock_size = 8\n'
+                        '[train]\nmax_iters = 3\nlr = 0.002\nbatch_size = 2\neval_iters = 1\ndevice = "cpu"\n')
+    cfg = load_config(cfg_file)
+    assert cfg.train.lr == 0.002 and cfg.train.beta1 == 0.9  # file, then defaults
+    seen = {}
+    # (fungpt.train the attribute is the function; patch the module object itself)
+    monkeypatch.setattr(sys.modules["fungpt.train"], "train", lambda run, **kw: seen.update(run=run, **kw) or
+                        {"out_dir": run.out_dir, "interrupted": False})
+    assert main(["train", "--config", str(cfg_file), "--train.lr", "0.01", "--model.n-layer", "3"]) == 0
+    run = seen["run"]
+    assert run.train.lr == 0.01 and run.model.n_layer == 3  # CLI wins
+    assert run.train.max_iters == 3 and run.model.n_embd == 16  # file beats defaults
+    assert run.train.weight_decay == TrainConfig().weight_decay
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--model.n-embd", "30", "--model.n-head", "4"], "n_embd"),
+    (["--train.batch-size", "0"], "batch_size"),
+    (["--train.lr", "-1"], "lr"),
+    (["--model.pos-encoding", "spiral"], "pos_encoding"),
+    (["--data.tokenizer", "words"], "tokenizer"),
+    (["--train.device", "tpu"], "device"),
+    (["--data.path", "/no/such/file.txt"], "does not exist"),
+    (["--model.block-size", "100000"], "block_size"),
+])
+def test_config_errors_are_one_line(args, expected, corpus, tmp_path, capsys):
+    base = ["train", "--data.path", str(corpus), "--out-dir", str(tmp_path / "o"), "--train.device", "cpu"]
+    assert main(base + args) == 2
+    err_all = capsys.readouterr().err
+    assert "Traceback" not in err_all
+    err = err_all.strip().splitlines()[-1]  # progress bars of data preparation may come before it
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
+    assert expected in err
+
+
+def test_out_dir_with_other_run_is_refused(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=2), progress=False)
+    with pytest.raises(FunGPTError, match="already holds a training run"):
+        train(tiny_config(corpus, out, max_iters=2), progress=False)
+    other = dataclasses.replace(tiny_config(corpus, out, max_iters=4),
+                                model=GPTConfig(vocab_size=1, block_size=16, n_layer=3, n_head=2, n_embd=32))
+    with pytest.raises(FunGPTError, match="different model"):
+        train(other, resume=True, progress=False)
+    train(tiny_config(corpus, out, max_iters=2), overwrite=True, progress=False)
+
+
+def test_cli_sample_unknown_character_is_clear(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=2), progress=False)
+    assert main(["sample", "--run", str(out), "--prompt", "Zebra", "--max-new-tokens", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "'Z'" in err
+
+
+def test_ddp_two_gloo_processes(corpus, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fungpt",
+           "train", "--data.path", str(corpus), "--out-dir", str(out), "--train.device", "cpu",
+           "--model.n-layer", "1", "--model.n-head", "2", "--model.n-embd", "16", "--model.block-size", "8",
+           "--train.batch-size", "2", "--train.grad-accum-steps", "2", "--train.max-iters", "4",
+           "--train.eval-interval", "2", "--train.eval-iters", "1", "--train.log-interval", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_rows(out)
+    assert [r["step"] for r in rows if "lr" in r] == [1, 2, 3, 4]  # logged once (rank 0), not twice
+    state = ckpt.load_state(ckpt.find_checkpoint(out))
+    assert len(state["loader"]) == 2 and state["step"] == 4
+    ranks = [s["rank"] for s in state["loader"]]
+    assert ranks == [0, 1]  # each rank's batch stream is saved, for exact resume
+    assert not torch.equal(state["loader"][0]["generator_state"], state["loader"][1]["generator_state"])
+    assert json.loads((out / "run.json").read_text())["world_size"] == 2
