@@ -388,8 +388,12 @@ class GPT(nn.Module):
         top_p: float | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        yield_logits: bool = False,
     ) -> Iterator[torch.Tensor]:
         """Continue the prompt idx (B, T) one token at a time, yielding each new token's ids (B,).
+
+        With yield_logits=True it yields (ids (B,), logits (B, V)) pairs instead: the raw logits
+        the token was sampled from, for showing next-token probabilities.
 
         use_cache=False is the reference: every step runs the whole model on the last
         block_size tokens. use_cache=True gives the same tokens, faster: run the prompt
@@ -415,7 +419,7 @@ class GPT(nn.Module):
                     logits = self(idx[:, -1:], kv_cache=cache)  # (B, 1, V): just the newest token
                 next_id = sample_next_token(logits[:, -1, :], generator, temperature, top_k, top_p)  # (B, 1)
                 idx = torch.cat((idx, next_id), dim=1)  # (B, T + 1)
-                yield next_id[:, 0]
+                yield (next_id[:, 0], logits[:, -1, :]) if yield_logits else next_id[:, 0]
         finally:
             self.train(was_training)
 

@@ -415,3 +415,14 @@ def test_from_hf_without_prefix_and_untied(tmp_path):
     assert not ours.config.tie_embeddings and ours.lm_head.weight is not ours.wte.weight
     with torch.no_grad():
         assert (ours(idx) - untied(idx).logits).abs().max().item() < 1e-4
+
+
+def test_generate_stream_can_yield_the_logits_it_sampled_from():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    idx = torch.randint(0, 50, (1, 5))
+    pairs = list(model.generate_stream(idx, 6, temperature=0.0, yield_logits=True))
+    plain = list(model.generate_stream(idx, 6, temperature=0.0))
+    for (tok, logits), tok2 in zip(pairs, plain):
+        assert logits.shape == (1, 50)
+        assert tok.item() == logits.argmax(-1).item() == tok2.item()  # greedy picks the argmax of these logits
