@@ -219,3 +219,26 @@ def test_ddp_two_gloo_processes(corpus, tmp_path):
     assert ranks == [0, 1]  # each rank's batch stream is saved, for exact resume
     assert not torch.equal(state["loader"][0]["generator_state"], state["loader"][1]["generator_state"])
     assert json.loads((out / "run.json").read_text())["world_size"] == 2
+
+
+def test_tensorboard_events_are_written(corpus, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=4, eval_interval=2, tensorboard=True), progress=False)
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    scalars = acc.Tags()["scalars"]
+    assert {"train_loss", "val_loss", "lr"} <= set(scalars)
+    assert [e.step for e in acc.Scalars("lr")] == [1, 2, 3, 4]
+
+
+def test_examples_run(tmp_path, monkeypatch, corpus):
+    """The custom-corpus example runs end to end on a tiny corpus (a few steps)."""
+    monkeypatch.chdir(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "custom_corpus.py"), str(corpus), "--chars",
+                           "--iters", "3"], env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "bits/byte" in proc.stdout

@@ -1,0 +1,44 @@
+"""Train on your own text: a file or a folder of text files, with a BPE tokenizer trained on it.
+
+    python examples/custom_corpus.py PATH [--chars]
+
+PATH is a .txt file or a folder (every text file below it is used, in sorted order).
+--chars models characters instead of BPE tokens (better for very small corpora).
+The script prepares the data once, trains, reports bits per byte on the held-out 10%, and samples.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from fungpt import DataConfig, GPTConfig, RunConfig, TrainConfig, evaluate_run, prepare, sample, train
+from fungpt.errors import FunGPTError
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("path", help="a text file or a folder of text files")
+    ap.add_argument("--chars", action="store_true", help="character-level instead of BPE")
+    ap.add_argument("--iters", type=int, default=1000)
+    args = ap.parse_args()
+    name = Path(args.path).stem or "corpus"
+    try:
+        data_dir = prepare(args.path, f"data/{name}", tokenizer="char" if args.chars else "bpe",
+                           vocab_size=None if args.chars else 2048, overwrite=True)
+        cfg = RunConfig(
+            out_dir=f"out/{name}",
+            data=DataConfig(path=str(data_dir)),  # an already prepared folder
+            model=GPTConfig(vocab_size=1, block_size=128, n_layer=4, n_head=4, n_embd=192, dropout=0.1,
+                            pos_encoding="rope"),
+            train=TrainConfig(batch_size=16, max_iters=args.iters, lr=1e-3, min_lr=1e-4, warmup_iters=100),
+        )
+        result = train(cfg, overwrite=True)
+        metrics = evaluate_run(result["out_dir"])
+        print(f"val: {metrics['loss']:.3f} nats/token, {metrics['bits_per_byte']:.3f} bits/byte\n")
+        sample(result["out_dir"], max_new_tokens=200, seed=0, out=sys.stdout)
+    except FunGPTError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
