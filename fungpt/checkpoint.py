@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -79,20 +80,69 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def _write_file(path: Path, data: bytes) -> None:
+    """Write bytes and fsync them: after this returns, the data is on disk, not just in a cache.
+
+    Writing through our own file handle (rather than letting a library open the file) means a
+    full disk or a read-only folder always surfaces as an OSError that save_checkpoint can explain.
+    """
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fresh_folder(parent: Path, kind: str, step: int) -> Path:
+    """A folder name for a new checkpoint that no existing folder (above all, the current one) has.
+
+    Saving twice at the same step happens (Ctrl-C right after a scheduled save, or a resume that
+    is interrupted at once). Deleting the old folder to reuse its name would open a window in
+    which the pointer names a folder that does not exist, so the second one gets a suffix.
+    """
+    final = parent / f"{kind}-{step:07d}"
+    n = 1
+    while final.exists():
+        final = parent / f"{kind}-{step:07d}.{n}"
+        n += 1
+    return final
+
+
+def tokenizer_fingerprint(directory: str | Path) -> str | None:
+    """sha256 over the tokenizer files in `directory` (tokenizer_meta.json and the file it names).
+
+    Stored in each checkpoint's manifest, so that loading can tell when the tokenizer next to the
+    weights was replaced by a different one. None when the folder has no tokenizer.
+    """
+    meta = Path(directory) / "tokenizer_meta.json"
+    if not meta.is_file():
+        return None
+    h = hashlib.sha256(meta.read_bytes())
+    try:
+        extra = json.loads(meta.read_text(encoding="utf-8")).get("file")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        extra = None
+    if isinstance(extra, str) and (Path(directory) / extra).is_file():
+        h.update((Path(directory) / extra).read_bytes())
+    return h.hexdigest()
+
+
 def save_checkpoint(out_dir: str | Path, kind: str, step: int, model: torch.nn.Module,
                     state: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
     """Atomically save the model's weights (and optionally the training state) as checkpoint `kind`.
 
     kind is "latest" (resumable, with state) or "best" (weights only). `model` must be the plain
     module, not a torch.compile or DDP wrapper, so the saved names are the model's own.
-    Returns the checkpoint folder. On any OS error (disk full, read-only folder) the previous
+    Returns the checkpoint folder. On any write error (disk full, read-only folder) the previous
     checkpoint is left untouched and a FunGPTError explains what happened.
     """
-    from safetensors.torch import save_file
+    import io
+
+    from safetensors.torch import save as safetensors_bytes
 
     out_dir = Path(out_dir)
-    final = out_dir / "checkpoints" / f"{kind}-{step:07d}"
-    tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
+    parent = out_dir / "checkpoints"
+    tmp = parent / f".{kind}-{step:07d}.tmp-{os.getpid()}"
+    final = tmp  # replaced below; named here so the error path can always refer to it
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -104,32 +154,42 @@ def save_checkpoint(out_dir: str | Path, kind: str, step: int, model: torch.nn.M
                 continue
             seen.add(t.data_ptr())
             tensors[name] = t.detach().contiguous().cpu()
-        save_file(tensors, str(tmp / MODEL_FILE))
+        _write_file(tmp / MODEL_FILE, safetensors_bytes(tensors))
         files = [MODEL_FILE]
         if state is not None:
-            torch.save(state, tmp / STATE_FILE)
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            _write_file(tmp / STATE_FILE, buf.getvalue())
             files.append(STATE_FILE)
         manifest = {"step": step, "kind": kind, **(extra or {}),
                     "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files}}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        for f in [*files, MANIFEST_FILE]:
-            with (tmp / f).open("rb") as fh:
-                os.fsync(fh.fileno())
-        shutil.rmtree(final, ignore_errors=True)  # a leftover from a run killed after this point
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        _write_file(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode("utf-8"))
+        final = _fresh_folder(parent, kind, step)
+        os.replace(tmp, final)  # the complete folder appears under its final name in one step
+        _fsync_dir(parent)
         rel = final.relative_to(out_dir).as_posix()
         atomic_write_text(out_dir / f"{kind}.json", json.dumps({"step": step, "dir": rel}))
-    except OSError as e:
+    except (OSError, FunGPTError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise FunGPTError(f"could not save the {kind} checkpoint at step {step} in {out_dir}: {e.strerror or e}; "
+        if final != tmp and not _pointer_names(out_dir, kind, final):
+            shutil.rmtree(final, ignore_errors=True)  # renamed, but the pointer could not be switched
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise FunGPTError(f"could not save the {kind} checkpoint at step {step} in {out_dir}: {why}; "
                           f"the previous checkpoint is intact (free some disk space or fix permissions, "
                           f"then resume with --resume)") from None
-    # Only now that the pointer names the new folder is it safe to delete the old ones.
-    for old in final.parent.glob(f"{kind}-*"):
+    # Only now that the pointer names the new folder is it safe to delete the old ones (and any
+    # temporary folder left behind by a run that was killed in the middle of a save).
+    for old in [*parent.glob(f"{kind}-*"), *parent.glob(f".{kind}-*.tmp-*")]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _pointer_names(out_dir: Path, kind: str, folder: Path) -> bool:
+    try:
+        return find_checkpoint(out_dir, kind) == folder
+    except FunGPTError:
+        return False
 
 
 def find_checkpoint(out_dir: str | Path, kind: str = "latest") -> Path | None:
@@ -148,34 +208,73 @@ def find_checkpoint(out_dir: str | Path, kind: str = "latest") -> Path | None:
 def verify_checkpoint(ckpt_dir: Path) -> dict[str, Any]:
     """Check every file against the manifest's size and sha256; return the manifest."""
     manifest_path = ckpt_dir / MANIFEST_FILE
+    if not ckpt_dir.is_dir():
+        raise FunGPTError(f"checkpoint folder {ckpt_dir} is missing (the pointer file names it); "
+                          f"restore it from a backup or train again")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         files = manifest["files"]
+        expected = {name: (int(info["bytes"]), str(info["sha256"])) for name, info in files.items()}
+        int(manifest["step"])
     except FileNotFoundError:
         raise FunGPTError(f"checkpoint {ckpt_dir} has no {MANIFEST_FILE}: it is incomplete or not a FunGPT "
                           f"checkpoint") from None
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError):
         raise FunGPTError(f"{manifest_path} is corrupt; the checkpoint cannot be trusted") from None
-    for name, info in files.items():
+    if MODEL_FILE not in expected:
+        raise FunGPTError(f"{manifest_path} lists no {MODEL_FILE}; the checkpoint cannot be trusted")
+    for name, (size, sha) in expected.items():
         path = ckpt_dir / name
         if not path.is_file():
             raise FunGPTError(f"checkpoint file {path} is missing")
-        if path.stat().st_size != info["bytes"] or _sha256(path) != info["sha256"]:
-            raise FunGPTError(f"checkpoint file {path} is corrupt or truncated (its size or sha256 does not match "
-                              f"{MANIFEST_FILE}); restore it or train again")
+        if path.stat().st_size != size:
+            raise FunGPTError(f"checkpoint file {path} is truncated or corrupt ({path.stat().st_size} bytes, "
+                              f"{MANIFEST_FILE} says {size}); restore it or train again")
+        if _sha256(path) != sha:
+            raise FunGPTError(f"checkpoint file {path} is corrupt (its sha256 does not match {MANIFEST_FILE}); "
+                              f"restore it or train again")
     return manifest
 
 
+def check_model_config(manifest: dict[str, Any], ckpt_dir: Path, model_config: dict[str, Any],
+                       config_path: Path) -> None:
+    """Refuse weights that were trained with a different architecture than `model_config` asks for.
+
+    The manifest records the model config the weights were saved with (checkpoints written
+    before that was recorded are checked by tensor names and shapes in load_weights instead).
+    """
+    saved = manifest.get("model")
+    if not isinstance(saved, dict):
+        return
+    skip = {"init_from"}  # where training started, not part of the architecture
+    diffs = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in model_config.items()
+             if k in saved and k not in skip and saved[k] != v]
+    if diffs:
+        raise FunGPTError(f"checkpoint {ckpt_dir} was trained with a different model than {config_path} asks for "
+                          f"({'; '.join(diffs)}); use the original settings or retrain")
+
+
 def load_weights(ckpt_dir: Path, model: torch.nn.Module) -> None:
-    """Load verified safetensors weights into `model` (which re-ties shared weights itself)."""
+    """Load verified safetensors weights into `model` (which re-ties shared weights itself).
+
+    safetensors is a plain format (a JSON header, then raw numbers): reading it never runs code.
+    A file that is not safetensors (e.g. a pickle renamed to model.safetensors) is refused.
+    """
     from safetensors.torch import load_file
 
     path = ckpt_dir / MODEL_FILE
     try:
         tensors = load_file(str(path))
-    except Exception as e:  # safetensors raises its own error type for a corrupt header
-        raise FunGPTError(f"could not read weights from {path}: {e}") from None
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a bad header
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FunGPTError(f"could not read weights from {path}: it is not a valid safetensors file "
+                          f"({first[:120]})") from None
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape: the model config differs from the weights'
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        raise FunGPTError(f"weights in {path} do not fit the model built from the config "
+                          f"({(lines or [str(e)])[0][:200]}); was the config changed?") from None
     # lm_head.weight is stored once under the embedding's name when the two are tied.
     missing = [m for m in missing if m not in _tied_names(model)]
     if missing or unexpected:
@@ -193,13 +292,28 @@ def _tied_names(model: torch.nn.Module) -> set[str]:
     return tied
 
 
+STATE_KEYS = ("step", "best_val", "elapsed_s", "optimizer", "loader", "rng")
+
+
 def load_state(ckpt_dir: Path) -> dict[str, Any]:
-    """Load the training state with weights_only=True: tensors and plain containers, never code."""
+    """Load the training state with weights_only=True: tensors and plain containers, never code.
+
+    A pickle can name any Python function to call while it is read (that is how the classic
+    "malicious checkpoint" works). weights_only=True swaps in an unpickler that only accepts
+    tensors, numbers, strings and containers, and refuses everything else before calling it.
+    """
     path = ckpt_dir / STATE_FILE
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols; the error below says enough
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FunGPTError(f"{path} is missing: this checkpoint holds weights only and cannot be resumed") from None
-    except Exception as e:  # torch raises UnpicklingError (and others) for anything unsafe or corrupt
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FunGPTError(f"refusing to load {path}: it is not a plain tensor checkpoint ({first[:160]})") from None
+    except Exception as e:  # noqa: BLE001 - UnpicklingError for anything unsafe, others for corrupt bytes
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
+        raise FunGPTError(f"refusing to load {path}: it is not a plain tensor checkpoint, nothing in it was run "
+                          f"({(detail or type(e).__name__)[:160]})") from None
+    if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
+        raise FunGPTError(f"{path} is not a FunGPT training state (expected the keys {', '.join(STATE_KEYS)})")
+    return state

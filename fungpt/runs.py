@@ -39,10 +39,18 @@ def load_run(run_dir: str | Path, checkpoint: str = "last", device: str = "auto"
     if folder is None:
         raise FunGPTError(f"{run_dir} has no {checkpoint} checkpoint yet (train it first)")
     manifest = ckpt.verify_checkpoint(folder)
+    ckpt.check_model_config(manifest, folder, cfg.model.to_dict(), run_dir / "config.json")
     tokenizer = load_tokenizer(run_dir)
+    tok_file = run_dir / "tokenizer_meta.json"
     if tokenizer.vocab_size != cfg.model.vocab_size:
-        raise FunGPTError(f"the tokenizer in {run_dir} has {tokenizer.vocab_size} tokens but the model in "
+        raise FunGPTError(f"the tokenizer {tok_file} has {tokenizer.vocab_size} tokens but the model in "
                           f"{run_dir / 'config.json'} expects {cfg.model.vocab_size}: they do not belong together")
+    # Same size is not enough (two character sets can both have 65 symbols): the checkpoint
+    # records a fingerprint of the tokenizer files it was trained with.
+    saved_fp = manifest.get("tokenizer_sha256")
+    if saved_fp and saved_fp != ckpt.tokenizer_fingerprint(run_dir):
+        raise FunGPTError(f"the tokenizer {tok_file} is not the one checkpoint {folder} was trained with "
+                          f"(its fingerprint differs): restore the run's original tokenizer files")
     dev = detect_precision(device, "float32").device
     model = GPT(cfg.model)
     ckpt.load_weights(folder, model)

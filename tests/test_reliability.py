@@ -1,0 +1,773 @@
+"""Reliability: crash-safe checkpoints, loading that never runs code, the NaN guard, and one clear
+error line for every bad input (issue 5). See docs/reliability.md for the table of failures.
+
+Subprocess tests run `python -m fungpt train` for real and kill it (SIGKILL) or interrupt it
+(SIGINT); in-process tests simulate what cannot be produced on demand (a full disk, a crash in
+the middle of a save) by patching the one function that writes checkpoint files.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fungpt import checkpoint as ckpt
+from fungpt.cli import main
+from fungpt.config import DataConfig, RunConfig, TrainConfig, load_run_config
+from fungpt.data import prepare
+from fungpt.errors import FunGPTError
+from fungpt.model import GPT, GPTConfig
+from fungpt.runs import load_run
+from fungpt.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny model, so that a step takes milliseconds and a checkpoint is a few hundred kB.
+TINY_MODEL = ["--model.n-layer", "2", "--model.n-head", "2", "--model.n-embd", "32", "--model.block-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A corpus, its prepared folder and one finished run that tests copy before changing."""
+    base = tmp_path_factory.mktemp("reliability")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FUNGPT_CACHE_DIR", str(base / "cache"))
+        lines = [f"the {a} {b} sat on the {c}.\n" for a in ("cat", "dog", "fox") for b in ("quietly", "slowly")
+                 for c in ("mat", "log", "hill", "wall")]
+        corpus = base / "corpus.txt"
+        corpus.write_text("".join(lines) * 40, encoding="utf-8")
+        data = prepare(str(corpus), base / "data", tokenizer="char", progress=False)
+        run = base / "run"
+        train(tiny_config(data, run, max_iters=6, checkpoint_interval=3), progress=False)
+    return {"base": base, "corpus": corpus, "data": data, "run": run}
+
+
+@pytest.fixture(autouse=True)
+def _cache(world, monkeypatch):
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(world["base"] / "cache"))
+
+
+def tiny_config(data: Path, out_dir: Path, **train_overrides) -> RunConfig:
+    train_kw = dict(batch_size=4, max_iters=12, lr=3e-3, min_lr=3e-4, warmup_iters=2, eval_interval=6,
+                    eval_iters=2, checkpoint_interval=3, log_interval=1, device="cpu")
+    train_kw.update(train_overrides)
+    return RunConfig(out_dir=str(out_dir), data=DataConfig(path=str(data)),
+                     model=GPTConfig(vocab_size=1, block_size=16, n_layer=2, n_head=2, n_embd=32),
+                     train=TrainConfig(**train_kw))
+
+
+def copy_run(world, tmp_path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(world["run"], out)
+    return out
+
+
+def sha256_tree(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    """Run `fungpt ARGV` in-process; return (exit status, stderr)."""
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> str:
+    assert code != 0
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: "), err[-2000:]
+    for needle in needles:
+        assert needle in last, (needle, last)
+    return last
+
+
+def check_loadable(out: Path) -> int | None:
+    """Everything `--resume` and `fungpt sample` need must load; return the checkpoint's step (None if none yet)."""
+    folder = ckpt.find_checkpoint(out)
+    if folder is None:
+        assert not (out / "latest.json").exists()
+        return None
+    manifest = ckpt.verify_checkpoint(folder)
+    model = GPT(load_run_config(out).model)
+    ckpt.load_weights(folder, model)
+    state = ckpt.load_state(folder)
+    assert state["step"] == manifest["step"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    best = ckpt.find_checkpoint(out, "best")
+    if best is not None:
+        ckpt.verify_checkpoint(best)
+        ckpt.load_weights(best, GPT(load_run_config(out).model))
+    assert load_run(out, device="cpu").step == manifest["step"]  # what `fungpt sample` does
+    return int(manifest["step"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic saves: a crash or a full disk in the middle of a save leaves the previous checkpoint
+
+
+class _Crash(BaseException):
+    """Stands in for the process dying: not an Exception, so no handler in fungpt catches it."""
+
+
+def _patch_writer(monkeypatch, fail_when, exc):
+    real = ckpt._write_file
+
+    def writer(path: Path, data: bytes) -> None:
+        if fail_when(path):
+            if isinstance(exc, _Crash):
+                real(path, data[: len(data) // 2])  # half a file on disk, like a kill mid-write
+            raise exc
+        real(path, data)
+
+    monkeypatch.setattr(ckpt, "_write_file", writer)
+
+
+@pytest.mark.parametrize("victim", [ckpt.MODEL_FILE, ckpt.STATE_FILE, ckpt.MANIFEST_FILE])
+def test_crash_mid_save_leaves_previous_checkpoint(world, tmp_path, monkeypatch, victim):
+    out = copy_run(world, tmp_path)
+    before = ckpt.find_checkpoint(out)
+    hashes = sha256_tree(before)
+    model = GPT(load_run_config(out).model)
+    ckpt.load_weights(before, model)
+    state = ckpt.load_state(before)
+    _patch_writer(monkeypatch, lambda p: p.name == victim, _Crash())
+    with pytest.raises(_Crash):
+        ckpt.save_checkpoint(out, "latest", 7, model, state={**state, "step": 7})
+    assert ckpt.find_checkpoint(out) == before and sha256_tree(before) == hashes
+    assert check_loadable(out) == 6
+    assert list((out / "checkpoints").glob(".latest-*.tmp-*"))  # the half-written folder is left behind...
+    monkeypatch.undo()
+    ckpt.save_checkpoint(out, "latest", 7, model, state={**state, "step": 7})
+    assert check_loadable(out) == 7
+    assert not list((out / "checkpoints").glob(".latest-*.tmp-*"))  # ...and swept away by the next save
+    assert not before.exists()
+
+
+def test_saving_twice_at_one_step_never_deletes_the_current_checkpoint(world, tmp_path, monkeypatch):
+    out = copy_run(world, tmp_path)
+    first = ckpt.find_checkpoint(out)
+    model = GPT(load_run_config(out).model)
+    ckpt.load_weights(first, model)
+    state = ckpt.load_state(first)
+    # A crash during the second save at the same step must leave the first one loadable.
+    _patch_writer(monkeypatch, lambda p: p.name == ckpt.STATE_FILE, _Crash())
+    with pytest.raises(_Crash):
+        ckpt.save_checkpoint(out, "latest", 6, model, state=state)
+    assert ckpt.find_checkpoint(out) == first and check_loadable(out) == 6
+    monkeypatch.undo()
+    second = ckpt.save_checkpoint(out, "latest", 6, model, state=state)
+    assert second != first and ckpt.find_checkpoint(out) == second and check_loadable(out) == 6
+
+
+def test_disk_full_during_training(world, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _patch_writer(monkeypatch, lambda p: "latest-0000006" in p.parent.name,
+                  OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    argv = ["train", "--data.path", world["data"], "--out-dir", out, "--train.device", "cpu", *TINY_MODEL,
+            "--train.max-iters", "9", "--train.checkpoint-interval", "3", "--train.eval-interval", "100",
+            "--train.eval-iters", "1", "--train.batch-size", "4"]
+    code, stderr = run_cli(argv, capsys)
+    assert_one_line_error(code, stderr, "could not save the latest checkpoint at step 6", "No space left on device",
+                          "intact")
+    assert check_loadable(out) == 3  # the previous checkpoint survives and loads
+    assert not list((out / "checkpoints").glob(".latest-*"))  # no half-written folder left behind
+    monkeypatch.undo()
+    code, stderr = run_cli([*argv, "--resume"], capsys)
+    assert code == 0, stderr
+    assert check_loadable(out) == 9
+
+
+@pytest.mark.parametrize("err, words", [(errno.EACCES, "Permission denied"), (errno.EROFS, "Read-only file system"),
+                                        (errno.EDQUOT, "quota")])
+@pytest.mark.parametrize("victim", [ckpt.MODEL_FILE, ckpt.STATE_FILE, ckpt.MANIFEST_FILE])
+def test_write_errors_while_saving_keep_the_previous_checkpoint(world, tmp_path, monkeypatch, err, words, victim):
+    out = copy_run(world, tmp_path)
+    before = ckpt.find_checkpoint(out)
+    hashes = sha256_tree(out)
+    model = GPT(load_run_config(out).model)
+    ckpt.load_weights(before, model)
+    state = ckpt.load_state(before)
+    _patch_writer(monkeypatch, lambda p: p.name == victim, OSError(err, os.strerror(err)))
+    with pytest.raises(FunGPTError, match=f"could not save the latest checkpoint at step 7 in .*{words}.*intact"):
+        ckpt.save_checkpoint(out, "latest", 7, model, state={**state, "step": 7})
+    assert sha256_tree(out) == hashes  # nothing changed, nothing left behind
+    assert check_loadable(out) == 6
+
+
+def test_pointer_write_failure_keeps_the_previous_checkpoint(world, tmp_path, monkeypatch):
+    """The last step of a save (replacing latest.json) failing must not leave the new folder half-adopted."""
+    out = copy_run(world, tmp_path)
+    before = ckpt.find_checkpoint(out)
+    hashes = sha256_tree(out)
+    model = GPT(load_run_config(out).model)
+    ckpt.load_weights(before, model)
+    state = ckpt.load_state(before)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == "latest.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(FunGPTError, match="No space left on device"):
+        ckpt.save_checkpoint(out, "latest", 7, model, state={**state, "step": 7})
+    monkeypatch.undo()
+    assert sha256_tree(out) == hashes
+    assert check_loadable(out) == 6
+
+
+def test_unwritable_out_dir_is_refused_up_front(world, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "locked"
+    out.mkdir()
+    argv = ["train", "--data.path", world["data"], "--out-dir", out, "--train.device", "cpu", *TINY_MODEL]
+    if os.geteuid() == 0:  # root writes through chmod 500, so simulate what a normal user would see
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == out else real_access(p, mode))
+    else:
+        out.chmod(0o500)
+    try:
+        assert_one_line_error(*run_cli(argv, capsys), "not writable", str(out))
+    finally:
+        out.chmod(0o700)
+    assert not any(out.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume after kill -9, at random moments (several here; >= 20 in the slow variant)
+
+# Runs the real CLI, with each checkpoint file write slowed down so that kills often land in
+# the middle of a save (between two files, or between the folder rename and the pointer).
+_SLOW_SAVES = """
+import os, sys, time
+import fungpt.checkpoint as c
+_write = c._write_file
+def _slow(path, data):
+    _write(path, data)
+    time.sleep(float(os.environ["FUNGPT_TEST_SAVE_SLEEP"]))
+c._write_file = _slow
+from fungpt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _train_cmd(data: Path, out: Path, max_iters: int, resume: bool) -> list[str]:
+    return [sys.executable, "-c", _SLOW_SAVES, "train", "--data.path", str(data), "--out-dir", str(out),
+            "--train.device", "cpu", *TINY_MODEL, "--train.batch-size", "4", "--train.max-iters", str(max_iters),
+            "--train.checkpoint-interval", "1", "--train.eval-interval", "7", "--train.eval-iters", "1",
+            "--train.log-interval", "1", "--train.warmup-iters", "2", *(["--resume"] if resume else [])]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "FUNGPT_TEST_SAVE_SLEEP": "0.01"}
+
+
+def _pointer_step(out: Path) -> int:
+    try:
+        return int(json.loads((out / "latest.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def kill_resume_cycle(data: Path, out: Path, kills: int, max_iters: int, seed: int) -> dict[str, int]:
+    """SIGKILL a real training process `kills` times at random moments, checking the run each time."""
+    rng = random.Random(seed)
+    stats = {"kills": 0, "mid_save": 0, "loadable": 0, "no_checkpoint_yet": 0}
+    for _ in range(kills):
+        resume = (out / "config.json").is_file()
+        start = _pointer_step(out)
+        proc = subprocess.Popen(_train_cmd(data, out, max_iters, resume), env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if rng.random() < 0.2:
+            time.sleep(rng.uniform(0.0, 3.0))  # often during start-up, before the first save
+        else:
+            deadline = time.time() + 60
+            while _pointer_step(out) == start and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.01)  # wait until it is training (a new save landed) ...
+            time.sleep(rng.uniform(0.0, 0.4))  # ... then strike at a random moment
+        if proc.poll() is not None:  # it finished (or failed) before the kill
+            err = proc.stderr.read().decode()
+            assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+            break
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+        stats["kills"] += 1
+        # a temp folder of this very process: it was killed in the middle of a save
+        stats["mid_save"] += bool(list((out / "checkpoints").glob(f".*.tmp-{proc.pid}")))
+        step = check_loadable(out)  # raises if anything is unloadable
+        stats["loadable" if step is not None else "no_checkpoint_yet"] += 1
+    final = subprocess.run(_train_cmd(data, out, max_iters, (out / "config.json").is_file()), env=_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert check_loadable(out) == max_iters
+    train_steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    assert train_steps == list(range(1, max_iters + 1))  # every step logged once: no gap, no repeat
+    return stats
+
+
+def _reference_losses(data: Path, out: Path, max_iters: int) -> list[float]:
+    proc = subprocess.run(_train_cmd(data, out, max_iters, False), env={**_env(), "FUNGPT_TEST_SAVE_SLEEP": "0"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _losses(out)
+
+
+def _losses(out: Path) -> list[float]:
+    return [r["train_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+
+
+def test_kill9_at_random_moments_then_resume(world, tmp_path):
+    stats = kill_resume_cycle(world["data"], tmp_path / "run", kills=3, max_iters=30, seed=5)
+    assert stats["kills"] >= 2, stats
+    # Killed and resumed, the run is bit-for-bit the run that was never interrupted.
+    assert _losses(tmp_path / "run") == _reference_losses(world["data"], tmp_path / "ref", 30)
+
+
+@pytest.mark.slow
+def test_kill9_many_random_moments(world, tmp_path):
+    """>= 20 kill points (FUNGPT_KILL_POINTS to change); prints the tally for the report."""
+    kills = int(os.environ.get("FUNGPT_KILL_POINTS", "24"))
+    stats = kill_resume_cycle(world["data"], tmp_path / "run", kills=kills, max_iters=400, seed=2024)
+    print(f"\nkill -9 tally: {stats}")
+    assert stats["kills"] >= min(20, kills), stats
+    assert _losses(tmp_path / "run") == _reference_losses(world["data"], tmp_path / "ref", 400)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ctrl-C
+
+
+def test_ctrl_c_saves_and_resume_continues(world, tmp_path, capsys):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fungpt", "train", "--data.path", str(world["data"]), "--out-dir", str(out),
+           "--train.device", "cpu", *TINY_MODEL, "--train.batch-size", "4", "--train.max-iters", "100000",
+           "--train.lr-decay-iters", "100000", "--train.checkpoint-interval", "1000",
+           "--train.eval-interval", "1000", "--train.eval-iters", "1", "--train.log-interval", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and sum("lr" in line for line in metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert "Ctrl-C: finishing this step and saving a checkpoint" in stderr
+    line = next(ln for ln in stdout.splitlines() if "interrupted at step" in ln)
+    stopped = int(line.split("interrupted at step ")[1].split(";")[0])
+    assert stopped >= 3
+    assert check_loadable(out) == stopped  # saved at exactly the step it stopped
+    assert _train_steps(out)[-1] == stopped
+    code, err = run_cli(["train", "--data.path", world["data"], "--out-dir", out, "--train.device", "cpu",
+                         *TINY_MODEL, "--train.batch-size", "4", "--train.max-iters", stopped + 4,
+                         "--train.lr-decay-iters", "100000", "--train.eval-iters", "1", "--train.log-interval", "1",
+                         "--resume"], capsys)
+    assert code == 0, err
+    assert _train_steps(out) == list(range(1, stopped + 5))  # continued from there, nothing redone or lost
+    assert check_loadable(out) == stopped + 4
+
+
+def _train_steps(out: Path) -> list[int]:
+    return [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+
+
+# ----------------------------------------------------------------------------------------------
+# Divergence
+
+
+def _nan_at_step(monkeypatch, bad_step: int) -> None:
+    real = GPT.forward
+    calls = {"n": 0}
+
+    def forward(self, idx, targets=None, **kw):
+        out = real(self, idx, targets, **kw)
+        if self.training and targets is not None:
+            calls["n"] += 1
+            if calls["n"] == bad_step:  # one micro-batch per step, so call n is step n
+                return out[0], out[1] * float("nan")
+        return out
+
+    monkeypatch.setattr(GPT, "forward", forward)
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(world, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _nan_at_step(monkeypatch, 8)
+    cfg = tiny_config(world["data"], out, max_iters=12, checkpoint_interval=3, eval_interval=100)
+    seen = {}
+    real_save = ckpt.save_checkpoint
+
+    def spy(out_dir, kind, step, *a, **kw):
+        folder = real_save(out_dir, kind, step, *a, **kw)
+        seen[kind] = sha256_tree(folder)
+        return folder
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", spy)
+    with pytest.raises(FunGPTError, match=r"diverged at step 8: .*last checkpoint \(latest-0000006\) is untouched"):
+        train(cfg, progress=False)
+    folder = ckpt.find_checkpoint(out)
+    assert check_loadable(out) == 6 and sha256_tree(folder) == seen["latest"]
+
+
+def test_nonfinite_weights_are_never_saved(world, tmp_path, monkeypatch):
+    """An update that overflows the weights (loss still finite) must not replace the good checkpoint."""
+    train_module = sys.modules["fungpt.train"]
+    real_configure = train_module.configure_optimizer
+
+    def configure(*a, **kw):
+        opt = real_configure(*a, **kw)
+        real_step, calls = opt.step, {"n": 0}
+
+        def step(*sa, **skw):
+            real_step(*sa, **skw)
+            calls["n"] += 1
+            if calls["n"] == 6:
+                with torch.no_grad():
+                    next(iter(opt.param_groups[0]["params"])).fill_(float("inf"))
+
+        opt.step = step
+        return opt
+
+    monkeypatch.setattr(train_module, "configure_optimizer", configure)
+    out = tmp_path / "run"
+    with pytest.raises(FunGPTError, match="diverged by step 6: the weights contain NaN/inf, so no checkpoint"):
+        train(tiny_config(world["data"], out, max_iters=12, checkpoint_interval=3, eval_interval=100),
+              progress=False)
+    assert check_loadable(out) == 3
+
+
+def test_skip_nonfinite_skips_the_step(world, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _nan_at_step(monkeypatch, 5)
+    result = train(tiny_config(world["data"], out, max_iters=9, skip_nonfinite=True), progress=False)
+    assert result["step"] == 9 and math_isfinite(result["val_loss"])
+    assert "skipped step 5" in capsys.readouterr().out
+    assert 5 not in _train_steps(out) and 6 in _train_steps(out)
+    assert check_loadable(out) == 9
+
+
+def math_isfinite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
+
+
+def test_real_divergence_through_the_cli(world, tmp_path, capsys):
+    """An absurd learning rate really diverges: exit 2, the step named, the good checkpoint untouched."""
+    out = tmp_path / "run"
+    base = ["train", "--data.path", world["data"], "--out-dir", out, "--train.device", "cpu", *TINY_MODEL,
+            "--train.batch-size", "4", "--train.eval-iters", "1", "--train.checkpoint-interval", "1",
+            "--train.warmup-iters", "0", "--train.lr-schedule", "constant"]
+    code, err = run_cli([*base, "--train.max-iters", "3"], capsys)
+    assert code == 0, err
+    code, err = run_cli([*base, "--train.max-iters", "50", "--train.lr", "1e30", "--train.min-lr", "0",
+                         "--train.grad-clip", "0", "--resume"], capsys)
+    last = assert_one_line_error(code, err, "training diverged at step ")
+    bad_step = int(last.split("diverged at step ")[1].split(":")[0])
+    assert 3 < bad_step < 50
+    # checkpoints are written every step, so the one kept is from the step before, and it loads
+    assert check_loadable(out) == bad_step - 1
+    assert f"latest-{bad_step - 1:07d}" in last
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading never runs code
+
+
+class _Payload:
+    """Unpickling this runs `touch MARKER` (the classic malicious checkpoint)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _plant(folder: Path, name: str, data: bytes) -> None:
+    """Replace a checkpoint file and fix the manifest, so that only weights_only / safetensors stand in the way."""
+    (folder / name).write_bytes(data)
+    manifest = json.loads((folder / ckpt.MANIFEST_FILE).read_text())
+    manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def _evil_bytes(marker: Path, tmp_path: Path) -> bytes:
+    path = tmp_path / "evil.pt"
+    torch.save({"step": 6, "best_val": 1.0, "elapsed_s": 1.0, "optimizer": _Payload(marker), "loader": [],
+                "rng": []}, path)
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+def test_the_payload_is_live(tmp_path):
+    """Control: loaded unsafely, the payload really runs (so the refusals below mean something)."""
+    marker = tmp_path / "MARKER"
+    pickle.loads(pickle.dumps(_Payload(marker)))
+    assert marker.exists()
+
+
+def test_malicious_state_pt_is_refused_by_resume_and_never_run(world, tmp_path, capsys):
+    out = copy_run(world, tmp_path)
+    marker = tmp_path / "PWNED"
+    _plant(ckpt.find_checkpoint(out), ckpt.STATE_FILE, _evil_bytes(marker, tmp_path))
+    ckpt.verify_checkpoint(ckpt.find_checkpoint(out))  # the checksums match: weights_only is the defence
+    argv = ["train", "--data.path", world["data"], "--out-dir", out, "--train.device", "cpu", *TINY_MODEL,
+            "--train.max-iters", "9", "--train.checkpoint-interval", "3", "--train.eval-iters", "2",
+            "--train.eval-interval", "6", "--train.batch-size", "4", "--train.lr", "3e-3", "--train.min-lr", "3e-4",
+            "--train.warmup-iters", "2", "--resume"]
+    last = assert_one_line_error(*run_cli(argv, capsys), "refusing to load", "state.pt", "posix.system")
+    assert "nothing in it was run" in last
+    # sample reads only the safetensors weights: the planted pickle is never opened
+    assert main(["sample", "--run", str(out), "--prompt", "the ", "--max-new-tokens", "5", "--device", "cpu"]) == 0
+    assert not marker.exists()
+
+
+def test_pickle_disguised_as_safetensors_is_refused_by_sample_and_resume(world, tmp_path, capsys):
+    out = copy_run(world, tmp_path)
+    marker = tmp_path / "PWNED"
+    _plant(ckpt.find_checkpoint(out), ckpt.MODEL_FILE, pickle.dumps(_Payload(marker)))
+    assert_one_line_error(*run_cli(["sample", "--run", out, "--max-new-tokens", "3", "--device", "cpu"], capsys),
+                          "model.safetensors", "not a valid safetensors file")
+    assert_one_line_error(*run_cli(["eval", "--run", out, "--device", "cpu"], capsys), "model.safetensors")
+    argv = ["train", "--data.path", world["data"], "--out-dir", out, "--train.device", "cpu", *TINY_MODEL,
+            "--train.batch-size", "4", "--train.max-iters", "9", "--resume"]
+    assert_one_line_error(*run_cli(argv, capsys), "model.safetensors")
+    assert not marker.exists()
+
+
+def test_no_unsafe_torch_load_anywhere():
+    """Every torch.load in the package passes weights_only=True (a grep, so new code is covered too)."""
+    for path in (ROOT / "fungpt").glob("*.py"):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if "torch.load(" in line and not line.lstrip().startswith(("#", '"')) and "`" not in line:
+                assert "weights_only=True" in line, f"{path.name}:{n}: {line.strip()}"
+            assert "pickle.load" not in line, f"{path.name}:{n}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Corrupt, truncated and mismatched checkpoints: one line naming the file
+
+
+def _truncate(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def _flip(p: Path) -> None:
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
+def _edit_config(out: Path, **model) -> None:
+    d = json.loads((out / "config.json").read_text())
+    d["model"].update(model)
+    (out / "config.json").write_text(json.dumps(d))
+
+
+def _other_tokenizer(out: Path, chars: str) -> None:
+    (out / "tokenizer_meta.json").write_text(json.dumps({"kind": "char", "chars": list(chars)}))
+
+
+def _same_size_tokenizer(out: Path) -> None:
+    meta = json.loads((out / "tokenizer_meta.json").read_text())
+    chars = meta["chars"]
+    chars[-1], chars[-2] = chars[-2], chars[-1]  # same size, different mapping
+    (out / "tokenizer_meta.json").write_text(json.dumps(meta))
+
+
+CORRUPTIONS = {
+    "truncated weights": (lambda o: _truncate(ckpt.find_checkpoint(o) / "model.safetensors"),
+                          ["model.safetensors", "truncated"]),
+    "flipped byte in weights": (lambda o: _flip(ckpt.find_checkpoint(o) / "model.safetensors"),
+                                ["model.safetensors", "sha256"]),
+    "truncated state": (lambda o: _truncate(ckpt.find_checkpoint(o) / "state.pt"), ["state.pt", "truncated"]),
+    "missing weights": (lambda o: (ckpt.find_checkpoint(o) / "model.safetensors").unlink(),
+                        ["model.safetensors", "missing"]),
+    "corrupt manifest": (lambda o: (ckpt.find_checkpoint(o) / "manifest.json").write_text("{not json"),
+                         ["manifest.json", "corrupt"]),
+    "missing manifest": (lambda o: (ckpt.find_checkpoint(o) / "manifest.json").unlink(), ["manifest.json"]),
+    "corrupt pointer": (lambda o: (o / "latest.json").write_text("{\"dir\": "), ["latest.json", "corrupt"]),
+    "pointer to nowhere": (lambda o: shutil.rmtree(ckpt.find_checkpoint(o)), ["latest-", "missing"]),
+    "corrupt config.json": (lambda o: (o / "config.json").write_text("[1, 2"), ["config.json", "corrupt"]),
+    "config asks for another model": (lambda o: _edit_config(o, n_embd=64), ["config.json", "n_embd 32 -> 64"]),
+    "tokenizer of another size": (lambda o: _other_tokenizer(o, "abc"), ["tokenizer_meta.json", "3 tokens"]),
+    "tokenizer of the same size": (_same_size_tokenizer, ["tokenizer_meta.json", "not the one"]),
+    "corrupt tokenizer": (lambda o: (o / "tokenizer_meta.json").write_text("nope"), ["tokenizer_meta.json"]),
+}
+
+
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_corrupt_checkpoint_gives_one_line_naming_the_file(world, tmp_path, capsys, name):
+    out = copy_run(world, tmp_path)
+    damage, needles = CORRUPTIONS[name]
+    damage(out)
+    argv = ["sample", "--run", out, "--max-new-tokens", "3", "--device", "cpu"]
+    if "state" in name:  # sample does not read the training state; resume does
+        argv = ["train", "--data.path", world["data"], "--out-dir", out, "--train.device", "cpu", *TINY_MODEL,
+                "--train.batch-size", "4", "--train.max-iters", "9", "--resume"]
+    assert_one_line_error(*run_cli(argv, capsys), *needles)
+
+
+def test_resume_refuses_a_corrupt_checkpoint_too(world, tmp_path, capsys):
+    out = copy_run(world, tmp_path)
+    _flip(ckpt.find_checkpoint(out) / "model.safetensors")
+    argv = ["train", "--data.path", world["data"], "--out-dir", out, "--train.device", "cpu", *TINY_MODEL,
+            "--train.batch-size", "4", "--train.max-iters", "9", "--resume"]
+    assert_one_line_error(*run_cli(argv, capsys), "model.safetensors", "sha256")
+
+
+# ----------------------------------------------------------------------------------------------
+# Every bad input: non-zero exit, one `error:` line, no traceback
+
+
+def _files(world, tmp_path) -> dict[str, str]:
+    """Placeholders the cases below use; creates the files they need."""
+    t = tmp_path
+    (t / "bad_syntax.toml").write_text("[model\nn_layer = 2\n")
+    (t / "unknown_key.toml").write_text("[train]\nlearning_rate = 0.1\n")
+    (t / "wrong_type.toml").write_text('[model]\nn_layer = "four"\n')
+    (t / "wrong_type_train.toml").write_text('[train]\nbatch_size = "four"\n')
+    (t / "unknown_section.toml").write_text("[optim]\nlr = 0.1\n")
+    (t / "not_utf8.toml").write_bytes(b"[train]\nlr = \xff\n")
+    (t / "a_file").write_text("x")
+    (t / "empty.txt").write_text("")
+    other = t / "other"
+    shutil.copytree(world["run"], other)
+    (t / "prepared").mkdir()
+    (t / "prepared" / "meta.json").write_text("{}")
+    return {"corpus": str(world["corpus"]), "data": str(world["data"]), "run": str(world["run"]),
+            "other": str(other), "tmp": str(t)}
+
+
+TRAIN = ["train", "--data.path", "{data}", "--out-dir", "{tmp}/new", "--train.device", "cpu"]
+
+BAD_INPUTS = {
+    # model
+    "n_embd not divisible by n_head": ([*TRAIN, "--model.n-embd", "30", "--model.n-head", "4"], "n_embd"),
+    "n_layer zero": ([*TRAIN, "--model.n-layer", "0"], "n_layer"),
+    "unknown pos_encoding": ([*TRAIN, "--model.pos-encoding", "spiral"], "pos_encoding"),
+    "unknown activation": ([*TRAIN, "--model.activation", "tanh"], "activation"),
+    "dropout 1.5": ([*TRAIN, "--model.dropout", "1.5"], "dropout"),
+    "rope with odd head size": ([*TRAIN, "--model.pos-encoding", "rope", "--model.n-embd", "6",
+                                 "--model.n-head", "2"], "even"),
+    "block_size larger than the val split": ([*TRAIN, "--model.block-size", "100000"], "block_size"),
+    # train
+    "batch_size zero": ([*TRAIN, "--train.batch-size", "0"], "batch_size"),
+    "batch_size negative": ([*TRAIN, "--train.batch-size", "-3"], "batch_size"),
+    "negative lr": ([*TRAIN, "--train.lr", "-1"], "train.lr"),
+    "min_lr above lr": ([*TRAIN, "--train.min-lr", "1"], "min_lr"),
+    "beta1 of 1": ([*TRAIN, "--train.beta1", "1.0"], "beta1"),
+    "unknown lr_schedule": ([*TRAIN, "--train.lr-schedule", "linear"], "lr_schedule"),
+    "unknown device": ([*TRAIN, "--train.device", "tpu"], "device"),
+    "cuda without a GPU": ([*TRAIN, "--train.device", "cuda"], "CUDA"),
+    "mps without Apple silicon": ([*TRAIN, "--train.device", "mps"], "mps"),
+    "unknown dtype": ([*TRAIN, "--train.dtype", "float8"], "dtype"),
+    "negative grad_clip": ([*TRAIN, "--train.grad-clip", "-1"], "grad_clip"),
+    "eval_iters zero": ([*TRAIN, "--train.eval-iters", "0"], "eval_iters"),
+    "negative max_minutes": ([*TRAIN, "--train.max-minutes", "-1"], "max_minutes"),
+    # data
+    "unknown tokenizer": ([*TRAIN, "--data.tokenizer", "words"], "tokenizer"),
+    "missing data path": ([*TRAIN, "--data.path", "/no/such/file.txt"], "does not exist"),
+    "val_fraction 1.5": ([*TRAIN, "--data.val-fraction", "1.5"], "val_fraction"),
+    "negative vocab_size": ([*TRAIN, "--data.vocab-size", "-5"], "vocab_size"),
+    "empty corpus": ([*TRAIN, "--data.path", "{tmp}/empty.txt"], "empty.txt"),
+    "corrupt prepared folder": ([*TRAIN, "--data.path", "{tmp}/prepared"], "meta.json"),
+    # out_dir
+    "out_dir holds another run": ([*TRAIN, "--out-dir", "{other}"], "already holds a training run"),
+    "resume and overwrite": ([*TRAIN, "--out-dir", "{other}", "--resume", "--overwrite"], "contradict"),
+    "resume an empty folder": ([*TRAIN, "--resume"], "nothing to resume"),
+    "resume with another model": ([*TRAIN, "--out-dir", "{other}", "--resume", *TINY_MODEL[:-2],
+                                   "--model.block-size", "8"], "different model"),
+    "out_dir is a file": ([*TRAIN, "--out-dir", "{tmp}/a_file"], "is a file"),
+    # config files
+    "missing config file": ([*TRAIN, "--config", "{tmp}/nope.toml"], "nope.toml"),
+    "TOML syntax error": ([*TRAIN, "--config", "{tmp}/bad_syntax.toml"], "not valid TOML"),
+    "TOML unknown key": ([*TRAIN, "--config", "{tmp}/unknown_key.toml"], "learning_rate"),
+    "TOML wrong type (model)": ([*TRAIN, "--config", "{tmp}/wrong_type.toml"], "n_layer"),
+    "TOML wrong type (train)": ([*TRAIN, "--config", "{tmp}/wrong_type_train.toml"], "batch_size"),
+    "TOML unknown section": ([*TRAIN, "--config", "{tmp}/unknown_section.toml"], "optim"),
+    "TOML not UTF-8": ([*TRAIN, "--config", "{tmp}/not_utf8.toml"], "not_utf8.toml"),
+    # sample / eval / prepare / plot
+    "sample: missing run": (["sample", "--run", "{tmp}/nope"], "does not exist"),
+    "sample: not a run folder": (["sample", "--run", "{tmp}"], "config.json"),
+    "sample: top_p 1.5": (["sample", "--run", "{run}", "--top-p", "1.5"], "top-p"),
+    "sample: negative temperature": (["sample", "--run", "{run}", "--temperature", "-1"], "temperature"),
+    "sample: top_k 0": (["sample", "--run", "{run}", "--top-k", "0"], "top-k"),
+    "sample: missing prompt file": (["sample", "--run", "{run}", "--prompt-file", "{tmp}/nope.txt"], "nope.txt"),
+    "sample: cuda without a GPU": (["sample", "--run", "{run}", "--device", "cuda"], "CUDA"),
+    "eval: missing input": (["eval", "--run", "{run}", "--input", "{tmp}/nope.txt"], "nope.txt"),
+    "eval: batch_size 0": (["eval", "--run", "{run}", "--batch-size", "0"], "batch-size"),
+    "prepare: missing input": (["prepare", "--input", "{tmp}/nope.txt", "--out", "{tmp}/p"], "nope.txt"),
+    "prepare: out exists": (["prepare", "--input", "{corpus}", "--out", "{data}"], "overwrite"),
+    "plot: missing run": (["plot", "{tmp}/nope"], "nope"),
+}
+
+# tyro's own parse errors: it prints a framed message (not an `error:` line) and exits 2.
+TYRO_ERRORS = {
+    "unknown flag": [*TRAIN, "--train.nope", "3"],
+    "not a number": [*TRAIN, "--train.max-iters", "many"],
+    "bad choice": ["sample", "--run", "x", "--checkpoint", "worst"],
+    "missing required flag": ["prepare", "--input", "x"],
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_is_one_clear_line(world, tmp_path, capsys, name):
+    argv, needle = BAD_INPUTS[name]
+    files = _files(world, tmp_path)
+    before = sha256_tree(Path(files["other"]))
+    code, err = run_cli([a.format(**files) for a in argv], capsys)
+    assert_one_line_error(code, err, needle)
+    assert sha256_tree(Path(files["other"])) == before  # a refused command leaves existing runs alone
+    assert not (tmp_path / "new" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("name", list(TYRO_ERRORS))
+def test_parse_errors_exit_nonzero_without_traceback(world, tmp_path, capsys, name):
+    files = _files(world, tmp_path)
+    argv = [a.format(**files) for a in TYRO_ERRORS[name]]
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "Traceback" not in captured.err + captured.out
+
+
+def test_refusals_come_before_any_data_preparation(world, tmp_path, capsys, monkeypatch):
+    """Out_dir and config mistakes must not wait for a (possibly long) preparation of the data."""
+    train_module = sys.modules["fungpt.train"]  # (fungpt.train, the attribute, is the function)
+
+    def boom(*a, **k):
+        raise AssertionError("data was prepared before the refusal")
+
+    monkeypatch.setattr(train_module, "resolve_data", boom)
+    other = copy_run(world, tmp_path)
+    for argv, needle in [(["--out-dir", other], "already holds"), (["--out-dir", tmp_path / "x", "--resume"],
+                                                                    "nothing to resume"),
+                         (["--out-dir", other, "--resume", "--overwrite"], "contradict"),
+                         (["--out-dir", tmp_path / "y", "--train.device", "cuda"], "CUDA")]:
+        code, err = run_cli(["train", "--data.path", world["corpus"], "--train.device", "cpu", *argv], capsys)
+        assert_one_line_error(code, err, needle)
+
+
+def test_bad_input_count():
+    """The issue asks for at least 25 distinct bad inputs."""
+    assert len(BAD_INPUTS) + len(TYRO_ERRORS) + len(CORRUPTIONS) >= 25
