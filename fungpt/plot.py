@@ -7,6 +7,9 @@ from pathlib import Path
 
 from fungpt.errors import FunGPTError
 
+FIGSIZE = (8, 5)  # inches; the PNG is FIGSIZE * DPI pixels (800 x 500)
+DPI = 100
+
 X_AXES = {  # --x choice: (metrics.jsonl key, axis label)
     "step": ("step", "optimizer step"),
     "tokens": ("tokens", "tokens seen"),
@@ -30,7 +33,10 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
 
 
 def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
-    """Draw train loss (thin) and val loss (thick, with markers) of every run against `x`."""
+    """Draw train loss (thin) and val loss (thick, with markers) of every run against `x`.
+
+    Runs without eval rows (val_loss) just show their train curve. Returns the image path.
+    """
     if x not in X_AXES:
         raise FunGPTError(f"--x {x!r} is not valid: choose one of {', '.join(X_AXES)}")
     out = Path(out)
@@ -41,12 +47,17 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
     matplotlib.use("Agg")  # draw to files; no display needed
     import matplotlib.pyplot as plt
 
+    if not runs:
+        raise FunGPTError("give at least one run folder to plot")
     key, label = X_AXES[x]
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
-    for i, run in enumerate(runs):
+    names = [Path(run).name for run in runs]
+    if len(set(names)) < len(names):  # same folder name in different places: label with the full path
+        names = [str(run) for run in runs]
+    fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
+    drawn = 0
+    for i, (run, name) in enumerate(zip(runs, names)):
         train, evals = read_metrics(run)
         color = f"C{i % 10}"
-        name = Path(run).name
         tr = [r for r in train if key in r and "train_loss" in r]
         if tr:
             ax.plot([r[key] for r in tr], [r["train_loss"] for r in tr], color=color, alpha=0.35, lw=1,
@@ -55,6 +66,11 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
         if ev:
             ax.plot([r[key] for r in ev], [r["val_loss"] for r in ev], color=color, lw=2, marker="o", ms=3,
                     label=f"{name} val")
+        drawn += bool(tr) + bool(ev)
+    if not drawn:
+        plt.close(fig)
+        raise FunGPTError(f"no loss rows with {key!r} in the metrics.jsonl of {', '.join(map(str, runs))}: "
+                          f"train for a few steps first" + (", or try --x step" if x != "step" else ""))
     ax.set_xlabel(label)
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.set_title("FunGPT loss curves")
@@ -62,6 +78,11 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
     ax.legend()
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    tmp = out.with_name(out.stem + ".tmp" + out.suffix)  # write, then rename: never a half-written image
+    try:
+        fig.savefig(tmp)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
     return out

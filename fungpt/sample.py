@@ -25,14 +25,69 @@ def default_prompt_ids(run: LoadedRun) -> list[int]:
         return [0]
 
 
+def sampling_distribution(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                          top_p: float | None = None) -> torch.Tensor:
+    """The probabilities the next token is actually drawn from: logits (..., V) -> probs (..., V).
+
+    The same filters as fungpt.model.sample_next_token, in the same order: divide by the
+    temperature, keep the top_k largest logits (ties included), then the smallest set of most
+    likely tokens holding top_p of the probability; renormalise. Filtered-out tokens get 0.
+    With temperature 0 (greedy) the most likely token is always chosen, so the model's own
+    distribution (softmax of the raw logits) is returned to show how sure it was.
+    """
+    logits = logits.float()
+    if temperature == 0:
+        return torch.softmax(logits, dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]  # (..., 1) k-th largest
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        probs = torch.softmax(logits, dim=-1)
+        sorted_probs = probs.sort(dim=-1, descending=True).values
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of strictly better tokens
+        n_keep = (mass_before < top_p).sum(dim=-1, keepdim=True)  # >= 1
+        cutoff = sorted_probs.gather(-1, n_keep - 1)  # probability of the last kept token
+        logits = logits.masked_fill(probs < cutoff, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def top_candidates(logits: torch.Tensor, tokenizer, k: int = 5, temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None) -> list[tuple[int, str, float]]:
+    """The k most likely next tokens of one position: [(id, visible text, probability), ...], best first.
+
+    logits: (V,) or (1, V) raw model output. Probabilities are those of `sampling_distribution`
+    with the given settings (temperature=1 and no filters: the model's own softmax). Tokens that
+    the filters removed (probability 0) are left out, so fewer than k may come back.
+    """
+    from fungpt.viz import show_token
+
+    probs = sampling_distribution(logits.reshape(-1), temperature, top_k, top_p)  # (V,)
+    values, ids = torch.topk(probs, min(k, probs.numel()))
+    return [(int(i), show_token(tokenizer.decode([int(i)])), float(p)) for p, i in zip(values, ids) if p > 0]
+
+
+def _write_probs_line(out: TextIO, step: int, token: int, p: float, cands: list[tuple[int, str, float]],
+                      tokenizer) -> None:
+    from fungpt.viz import show_token
+
+    listing = "  ".join(f"{text:>6} {q:.3f}" for _, text, q in cands)
+    out.write(f"{step:>5}  {show_token(tokenizer.decode([token])):>6} {p:.3f}   | {listing}\n")
+
+
 def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path | None = None, num_samples: int = 1,
            max_new_tokens: int = 500, temperature: float = 0.8, top_k: int | None = 200, top_p: float | None = None,
            seed: int = 1337, checkpoint: str = "last", device: str = "auto",
-           out: TextIO | None = None) -> list[str]:
+           out: TextIO | None = None, show_probs: bool = False, show_top: int = 5) -> list[str]:
     """Generate `num_samples` continuations of the prompt, streaming text to `out` as it is made.
 
     The same seed gives the same text. Returns the generated texts (without the prompt).
+    show_probs: instead of streaming the text, write one line per generated token: the token
+    chosen, its probability and the `show_top` most likely candidates (probabilities after
+    temperature, top-k and top-p, i.e. those the token was drawn from); then the whole text.
     """
+    if show_top <= 0:
+        raise FunGPTError(f"--show-top {show_top} must be positive")
     if num_samples <= 0 or max_new_tokens < 0:
         raise FunGPTError("--num-samples must be positive and --max-new-tokens not negative")
     if temperature < 0:
@@ -58,8 +113,13 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
         if out is not None:
             if num_samples > 1:
                 out.write(f"--- sample {i + 1} ---\n")
-            out.write(prompt or "")
+            if not show_probs:
+                out.write(prompt or "")
         idx = torch.tensor([ids], dtype=torch.long, device=loaded.device)
+        if show_probs:
+            texts.append(_sample_showing_probs(loaded, idx, max_new_tokens, temperature, top_k, top_p, gen,
+                                               show_top, out, prompt or ""))
+            continue
         new: list[int] = []
         shown = ""
         for tok in loaded.model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k,
@@ -78,6 +138,34 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
             out.flush()
         texts.append(text)
     return texts
+
+
+def _sample_showing_probs(loaded: LoadedRun, idx: torch.Tensor, max_new_tokens: int, temperature: float,
+                          top_k: int | None, top_p: float | None, gen: torch.Generator, show_top: int,
+                          out: TextIO | None, prompt: str) -> str:
+    """One sample, writing a line per step with the top candidates; returns the generated text."""
+    tok = loaded.tokenizer
+    if out is not None:
+        out.write(f"prompt: {prompt!r}\n")
+        shown = "the model's own softmax (greedy picks the top one)" if temperature == 0 else \
+            f"after temperature {temperature}, top-k {top_k}, top-p {top_p}: the distribution sampled from"
+        out.write(f"{'step':>5}  {'token':>6} {'p':>5}   | top {show_top} candidates, probabilities {shown}\n")
+    new: list[int] = []
+    stream = loaded.model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                          generator=gen, yield_logits=True)
+    for step, (ids, logits) in enumerate(stream, start=1):
+        token = int(ids[0])
+        new.append(token)
+        if out is not None:
+            cands = top_candidates(logits[0], tok, show_top, temperature, top_k, top_p)
+            p = float(sampling_distribution(logits[0], temperature, top_k, top_p)[token])
+            _write_probs_line(out, step, token, p, cands, tok)
+            out.flush()
+    text = tok.decode(new)
+    if out is not None:
+        out.write(f"--- text ---\n{prompt}{text}\n")
+        out.flush()
+    return text
 
 
 @torch.no_grad()

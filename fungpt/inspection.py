@@ -1,0 +1,263 @@
+"""`fungpt inspect`: what a model is made of and what training it costs.
+
+For a run folder or a TOML config this reports
+  * parameters per module (one transformer block in detail; all blocks are identical),
+  * FLOPs per token (forward, and forward + backward for training),
+  * memory for the weights, the gradients, AdamW's state and the activations at the
+    configured batch (an estimate, see `estimate_memory`), and the KV cache for generation,
+  * for a run: the step, the tokens seen so far and the training FLOPs they cost.
+
+`inspect_target(...)` returns all of it as a dict (tests and other tools use the numbers);
+`format_report(...)` turns the dict into an aligned plain-text table.
+
+The model is built on PyTorch's "meta" device: tensors with shapes but no storage, so even a
+GPT-2 XL config is inspected in a fraction of a second without allocating its 6 GB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from fungpt.errors import FunGPTError
+from fungpt.model import GPT, GPTConfig
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+FP32 = 4  # bytes: FunGPT keeps weights, gradients and AdamW state in float32 (autocast only computes in 16 bits)
+
+
+def meta_model(config: GPTConfig) -> GPT:
+    """The model with shapes only (no memory, no random init work), for counting."""
+    with torch.device("meta"):
+        return GPT(config)
+
+
+def parameter_rows(model: GPT) -> list[tuple[str, str, int]]:
+    """(module, shapes, parameters) rows: top-level modules, and the modules of ONE block as blocks.*.
+
+    A tied lm_head is listed with 0 parameters: it is the same matrix as wte, counted once.
+    """
+    groups: dict[str, list] = {}
+    for name, p in model.named_parameters():  # a shared (tied) tensor is yielded once, under its first name
+        module = name.rsplit(".", 1)[0]
+        if module.startswith("blocks.") and not module.startswith("blocks.0."):
+            continue  # all blocks have the same shapes: show block 0 as blocks.*
+        module = re.sub(r"^blocks\.0\.", "blocks.*.", module)
+        groups.setdefault(module, []).append(p)
+    rows = []
+    for module, params in groups.items():
+        shapes = " + ".join("x".join(str(d) for d in p.shape) for p in params)
+        rows.append((module, shapes, sum(p.numel() for p in params)))
+    if model.config.tie_embeddings:
+        rows.append(("lm_head", "tied to wte", 0))
+    return rows
+
+
+def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", attn_impl: str = "sdpa",
+                    block_size: int | None = None) -> dict:
+    """Estimated training memory in bytes, for one micro-batch of batch_size x block_size tokens.
+
+    weights      N x 4 bytes     FunGPT keeps float32 weights even with a 16-bit dtype (autocast
+                                 computes in 16 bits from these float32 "master" weights)
+    grads        N x 4 bytes     one float32 gradient per weight
+    optimizer    2 N x 4 bytes   AdamW's two running averages (m and v) per weight
+    activations  an ESTIMATE of the tensors the forward pass keeps for the backward pass, with
+                 s = bytes per element of `dtype`, B = batch_size, T = block_size, C = n_embd:
+                   per block   s * 16 B T C        inputs of both norms and of the four Linear layers
+                                                   (1+1+1+1 + 4 for the MLP's wide layer), q, k, v (3),
+                                                   the attention output (1), the activation's input (4)
+                             + s * 2 B T C         with RoPE, and again with QK-norm: the new q and k
+                             + s * nh B T^2        only with attn_impl='plain': the softmax weights.
+                                                   Fused kernels (sdpa, flash attention) recompute them
+                                                   in the backward pass and keep only B nh T statistics.
+                   top         s * 2 B T C         final norm and lm_head inputs
+                             + 4 B T V             cross-entropy's float32 log-softmax of the logits
+                 Dropout masks, PyTorch's workspace and allocator slack are not counted: expect
+                 the real peak to be somewhat higher. tests/test_viz.py checks the formula against
+                 the tensors autograd actually saves (within 25% on small float32 models).
+    weight_copies  N x s          only with 16-bit autocast: the cast copies of the weights that
+                                 live through forward and backward
+    temporaries  s * 2 x per-block activations + N x 4 bytes: the gradients of the block backward
+                 is working on, and AdamW's batched-update scratch (checked against the measured
+                 peak of a small CPU run in tests/test_hardware.py: within 2x)
+    kv_cache     2 x n_layer x B x T x C x s      what generation with a KV cache of B sequences
+                                                   of T tokens stores (not used in training)
+    Returns a dict of those byte counts plus 'total' (training: everything but kv_cache),
+    'params' and the inputs. batch_size = 0 gives the part that does not grow with the batch.
+    """
+    if dtype not in DTYPE_BYTES:
+        raise FunGPTError(f"dtype {dtype!r} is not valid: choose one of {', '.join(DTYPE_BYTES)}")
+    if attn_impl not in ("sdpa", "plain"):
+        raise FunGPTError(f"attn_impl {attn_impl!r} is not valid: choose sdpa or plain")
+    if batch_size < 0:
+        raise FunGPTError(f"batch_size {batch_size} must not be negative")
+    s = DTYPE_BYTES[dtype]
+    B, T = batch_size, block_size or config.block_size
+    C, L, nh, V = config.n_embd, config.n_layer, config.n_head, config.vocab_size
+    n = meta_model(config).num_params()
+    extra = 2 * (config.pos_encoding == "rope") + 2 * config.qk_norm  # new copies of q and k
+    per_block = (16 + extra) * B * T * C + (nh * B * T * T if attn_impl == "plain" else 0)  # elements
+    activations = s * (L * per_block + 2 * B * T * C) + FP32 * B * T * V
+    mem = {"weights": n * FP32, "grads": n * FP32, "optimizer": 2 * n * FP32, "activations": activations,
+           "weight_copies": n * s if s < FP32 else 0, "temporaries": s * 2 * per_block + n * FP32}
+    mem["total"] = sum(mem.values())
+    mem["kv_cache"] = 2 * L * B * T * C * s
+    mem.update(params=n, batch_size=B, block_size=T, dtype=dtype, attn_impl=attn_impl)
+    return mem
+
+
+def _vocab_for_config(cfg) -> tuple[int, str | None]:
+    """The vocabulary size a TOML config will train with, and a note when it had to be assumed."""
+    from fungpt.data import load_meta
+    from fungpt.train import resolve_data
+
+    path = Path(cfg.data.path).expanduser()
+    if path.is_dir() and (path / "meta.json").is_file():
+        return int(load_meta(path)["vocab_size"]), None
+    try:
+        # is_main=False: only compute where `fungpt train` caches this dataset, never prepare it.
+        cached = resolve_data(cfg.data, is_main=False, progress=False)
+        if (cached / "meta.json").is_file():
+            return int(load_meta(cached)["vocab_size"]), None
+    except FunGPTError:
+        pass
+    if cfg.data.tokenizer == "gpt2":
+        return 50257, "data not prepared yet: assuming GPT-2's vocabulary of 50,257 tokens"
+    if cfg.data.tokenizer == "bpe":
+        v = cfg.data.vocab_size or 4096
+        return v, f"data not prepared yet: assuming the BPE vocabulary size {v:,}"
+    return cfg.model.vocab_size, (f"data not prepared yet: assuming the config's vocab_size = "
+                                  f"{cfg.model.vocab_size} (Tiny Shakespeare has 65 characters)")
+
+
+def _read_tokens_seen(run_dir: Path) -> tuple[int | None, int | None]:
+    """(step, tokens) of the last readable row of metrics.jsonl, or (None, None)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None, None
+    last = None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a half-written last line from a killed run
+        if "tokens" in row:
+            last = row
+    return (last["step"], last["tokens"]) if last else (None, None)
+
+
+def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
+    """Everything `fungpt inspect` prints, as a dict. `target` is a run folder or a .toml config."""
+    from fungpt.config import load_config, load_run_config
+    from fungpt.hardware import detect_precision
+
+    target = Path(target)
+    info: dict = {"source": str(target), "vocab_note": None, "step": None, "tokens_seen": None, "checkpoint": None}
+    if target.is_dir():
+        cfg = load_run_config(target)
+        info["kind"] = "run"
+        try:
+            dtype = json.loads((target / "run.json").read_text(encoding="utf-8"))["dtype"]
+        except (OSError, ValueError, KeyError):
+            dtype = "float32"
+        info["step"], info["tokens_seen"] = _read_tokens_seen(target)
+        from fungpt import checkpoint as ckpt
+
+        folder = ckpt.find_checkpoint(target, "latest")
+        if folder is not None and (folder / "manifest.json").is_file():
+            manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+            info["checkpoint"] = {"dir": str(folder), "step": manifest.get("step"),
+                                  "bytes": sum(f["bytes"] for f in manifest.get("files", {}).values())}
+    elif target.suffix == ".toml":
+        cfg = load_config(target)
+        info["kind"] = "config"
+        vocab, info["vocab_note"] = _vocab_for_config(cfg)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+        dtype = detect_precision(cfg.train.device, cfg.train.dtype).dtype if cfg.train.dtype == "auto" \
+            else cfg.train.dtype
+    else:
+        raise FunGPTError(f"{target} is neither a run folder nor a .toml config: pass the out_dir of a training "
+                          f"run or a file from configs/")
+    model = meta_model(cfg.model)
+    tc = cfg.train
+    B = batch_size or tc.batch_size
+    info.update(
+        config=cfg, dtype=dtype, batch_size=B, block_size=cfg.model.block_size,
+        params=model.num_params(), params_non_embedding=model.num_params(non_embedding=True),
+        param_rows=parameter_rows(model),
+        flops_per_token_train=model.flops_per_token(), flops_per_token_forward=model.flops_per_token() // 3,
+        tokens_per_step=B * cfg.model.block_size * tc.grad_accum_steps,
+        memory=estimate_memory(cfg.model, B, dtype),
+    )
+    if info["tokens_seen"] is not None:
+        info["train_flops_so_far"] = info["flops_per_token_train"] * info["tokens_seen"]
+    return info
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # not reached
+
+
+def human_count(n: float) -> str:
+    """1234567 -> '1.23M' (powers of 1000: parameters, FLOPs, tokens)."""
+    for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:,.0f}"
+
+
+def format_report(info: dict) -> str:
+    """The dict of `inspect_target` as aligned plain text."""
+    m = info["config"].model
+    lines = [f"{info['source']} ({info['kind']})",
+             f"model: {m.n_layer} layers x {m.n_head} heads x {m.n_embd} channels, context {m.block_size}, "
+             f"vocabulary {m.vocab_size:,}, positions {m.pos_encoding}, norm {m.norm}, activation {m.activation}"]
+    if info["vocab_note"]:
+        lines.append(f"note: {info['vocab_note']}")
+    lines += ["", "parameters", f"  {'module':<26}{'shapes':<34}{'params':>12}"]
+    for module, shapes, count in info["param_rows"]:
+        lines.append(f"  {module:<26}{shapes:<34}{count:>12,}")
+    block = sum(c for mod, _, c in info["param_rows"] if mod.startswith("blocks.*"))
+    lines += [f"  {'one block (blocks.*)':<60}{block:>12,}",
+              f"  {f'all {m.n_layer} blocks':<60}{block * m.n_layer:>12,}",
+              f"  {'total':<60}{info['params']:>12,}",
+              f"  {'total without position table':<60}{info['params_non_embedding']:>12,}"]
+    ft, ff = info["flops_per_token_train"], info["flops_per_token_forward"]
+    lines += ["", "compute (at full context)",
+              f"  FLOPs per token, forward            {human_count(ff):>10}",
+              f"  FLOPs per token, training (x3)      {human_count(ft):>10}   6N + 12 L C T, see GPT.flops_per_token"]
+    mem = info["memory"]
+    lines += ["", f"memory at batch {info['batch_size']} x {info['block_size']} tokens, {info['dtype']} "
+                  f"(estimate, see fungpt.inspection.estimate_memory)",
+              f"  weights (float32)                   {human_bytes(mem['weights']):>10}",
+              f"  gradients (float32)                 {human_bytes(mem['grads']):>10}",
+              f"  AdamW state (2 x float32)           {human_bytes(mem['optimizer']):>10}",
+              f"  activations (estimate)              {human_bytes(mem['activations']):>10}",
+              f"  training total (estimate)           {human_bytes(mem['total']):>10}",
+              f"  KV cache for generation             {human_bytes(mem['kv_cache']):>10}   "
+              f"{info['batch_size']} sequences of {info['block_size']} tokens"]
+    lines += ["", "training",
+              f"  tokens per optimizer step           {info['tokens_per_step']:>10,}"]
+    if info["kind"] == "run":
+        if info["tokens_seen"] is not None:
+            lines += [f"  step                                {info['step']:>10,}",
+                      f"  tokens seen                         {info['tokens_seen']:>10,}",
+                      f"  training FLOPs so far               {human_count(info['train_flops_so_far']):>10}"]
+        else:
+            lines.append("  no metrics.jsonl rows yet: the run has not logged a step")
+        ck = info["checkpoint"]
+        if ck:
+            lines.append(f"  latest checkpoint                   step {ck['step']}, {human_bytes(ck['bytes'])}")
+    else:
+        n_steps = info["config"].train.max_iters
+        lines.append(f"  planned: {n_steps:,} steps = {n_steps * info['tokens_per_step']:,} tokens, "
+                     f"{human_count(n_steps * info['tokens_per_step'] * ft)} FLOPs")
+    return "\n".join(lines)

@@ -1,0 +1,266 @@
+"""See inside: loss plots, inspect, attention maps, position pictures and --show-probs (CPU, seconds)."""
+
+from __future__ import annotations
+
+import io
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fungpt.cli import main
+from fungpt.config import DataConfig, RunConfig, TrainConfig
+from fungpt.errors import FunGPTError
+from fungpt.inspection import estimate_memory, inspect_target
+from fungpt.model import GPT, GPTConfig, sample_next_token
+from fungpt.plot import plot_runs
+from fungpt.runs import load_run
+from fungpt.sample import sample, sampling_distribution, top_candidates
+from fungpt.tokenizer import CharTokenizer
+from fungpt.train import train
+from fungpt.viz import (
+    DPI,
+    POSITION_FIGSIZE,
+    attention_figsize,
+    attention_maps,
+    cosine_similarity_matrix,
+    plot_attention,
+    rope_relative_scores,
+    token_labels,
+)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A tiny char-level run trained for a few steps (with eval rows and checkpoints)."""
+    tmp = tmp_path_factory.mktemp("viz")
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("ROMEO: is it so?\nJULIET: ay, my lord, it is so.\n" * 60, encoding="utf-8")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FUNGPT_CACHE_DIR", str(tmp / "cache"))
+        cfg = RunConfig(out_dir=str(tmp / "run"), data=DataConfig(path=str(corpus), tokenizer="char"),
+                        model=GPTConfig(vocab_size=1, block_size=32, n_layer=2, n_head=2, n_embd=32),
+                        train=TrainConfig(batch_size=4, max_iters=10, warmup_iters=2, eval_interval=5, eval_iters=2,
+                                          checkpoint_interval=5, log_interval=1, device="cpu"))
+        train(cfg, progress=False)
+    return tmp / "run"
+
+
+def check_png(path: Path, size_inches: tuple[float, float]) -> None:
+    """A readable PNG of exactly size_inches * DPI pixels that is not one flat colour."""
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        assert im.size == (round(size_inches[0] * DPI), round(size_inches[1] * DPI))
+        pixels = np.asarray(im.convert("L"), dtype=np.float32)
+    assert pixels.std() > 10, "image is (nearly) blank"
+
+
+# ----------------------------------------------------------------------------------- attention
+
+
+def test_attention_maps_are_the_models_own_weights(run_dir):
+    loaded = load_run(run_dir, device="cpu")
+    ids = loaded.tokenizer.encode("ROMEO: is it so?")
+    w = attention_maps(loaded.model, ids)
+    T = len(ids)
+    assert w.shape == (2, 2, T, T)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 2, T))  # softmax rows
+    assert torch.all(w.triu(diagonal=1) == 0)  # causal: nothing above the diagonal
+    _, _, attn = loaded.model(torch.tensor([ids]), return_attn=True)
+    torch.testing.assert_close(w, torch.stack([a[0] for a in attn]))
+    # the weights really do depend on the trained parameters: a fresh model gives others
+    fresh = GPT(loaded.config.model).eval()
+    assert not torch.allclose(attention_maps(fresh, ids), w)
+
+
+def test_attention_maps_refuses_prompt_longer_than_context(run_dir):
+    loaded = load_run(run_dir, device="cpu")
+    with pytest.raises(FunGPTError, match="context is 32"):
+        attention_maps(loaded.model, [0] * 33)
+
+
+def test_token_labels_make_whitespace_visible():
+    tok = CharTokenizer.train("ab \n")
+    assert token_labels(tok, tok.encode("a b\n")) == ["a", "␣", "b", "\\n"]
+
+
+@pytest.mark.parametrize("flags,grid", [([], (2, 2)), (["--layer", "1"], (1, 2)), (["--layer", "0", "--head", "1"],
+                                                                                    (1, 1))])
+def test_cli_attention_writes_image(run_dir, tmp_path, flags, grid):
+    out = tmp_path / "att.png"
+    prompt = "ROMEO: is it so?"
+    assert main(["attention", str(run_dir), "--prompt", prompt, "--out", str(out), *flags]) == 0
+    check_png(out, attention_figsize(*grid, len(prompt)))
+
+
+def test_cli_attention_bad_layer_is_one_line(run_dir, tmp_path, capsys):
+    out = tmp_path / "att.png"
+    assert main(["attention", str(run_dir), "--prompt", "ROMEO", "--layer", "5", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --layer 5 does not exist") and "\n" not in err
+    assert not out.exists()
+
+
+def test_plot_attention_svg_is_valid_xml(tmp_path):
+    w = torch.softmax(torch.randn(1, 2, 5, 5).masked_fill(torch.ones(5, 5).triu(1).bool(), -torch.inf), -1)
+    out = plot_attention(w, list("abcde"), tmp_path / "a.svg")
+    assert ET.parse(out).getroot().tag.endswith("svg")
+
+
+# ----------------------------------------------------------------------------------- positions
+
+
+@pytest.mark.parametrize("kind", ["sinusoidal", "rope", "learned"])
+def test_cli_positions_writes_image(run_dir, tmp_path, kind):
+    out = tmp_path / f"{kind}.png"
+    args = ["positions", "--pos-encoding", kind, "--out", str(out)]
+    if kind == "learned":
+        args += ["--run", str(run_dir)]
+    assert main(args) == 0
+    check_png(out, POSITION_FIGSIZE[kind])
+
+
+def test_positions_learned_needs_a_run(tmp_path, capsys):
+    assert main(["positions", "--pos-encoding", "learned", "--out", str(tmp_path / "p.png")]) == 2
+    assert "--run" in capsys.readouterr().err
+
+
+def test_rope_scores_depend_only_on_the_offset():
+    s = rope_relative_scores(block_size=24, head_size=16)  # (T, T)
+    torch.testing.assert_close(s[1:, 1:], s[:-1, :-1], atol=1e-4, rtol=1e-4)  # constant along diagonals
+    assert s.diagonal().mean() > s[0, 20]  # q resembles k, so the zero offset scores highest
+
+
+def test_cosine_similarity_matrix():
+    sim = cosine_similarity_matrix(torch.randn(10, 8))
+    torch.testing.assert_close(sim.diagonal(), torch.ones(10))
+    torch.testing.assert_close(sim, sim.T)
+
+
+# ---------------------------------------------------------------------------------------- plot
+
+
+def write_metrics(run: Path, rows: list[dict]) -> Path:
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9, "trai')
+    return run
+
+
+def test_plot_runs_with_and_without_val_rows(tmp_path):
+    with_val = write_metrics(tmp_path / "a", [{"step": s, "train_loss": 4 - s / 10, "tokens": 64 * s,
+                                               "elapsed_s": s / 2} for s in range(1, 20)]
+                             + [{"step": 0, "train_loss": 4.2, "val_loss": 4.2, "tokens": 0, "elapsed_s": 0.0},
+                                {"step": 19, "train_loss": 2.1, "val_loss": 2.3, "tokens": 1216, "elapsed_s": 9.5}])
+    no_val = write_metrics(tmp_path / "b", [{"step": s, "train_loss": 4 - s / 8, "tokens": 64 * s,
+                                             "elapsed_s": s / 3} for s in range(1, 20)])
+    for x in ("step", "tokens", "time"):
+        out = plot_runs([with_val, no_val], tmp_path / f"loss-{x}.png", x=x)
+        check_png(out, (8, 5))
+    svg = plot_runs([no_val], tmp_path / "loss.svg")
+    assert ET.parse(svg).getroot().tag.endswith("svg")
+
+
+def test_plot_cli_on_trained_run_and_errors(run_dir, tmp_path, capsys):
+    out = tmp_path / "loss.png"
+    assert main(["plot", str(run_dir), "--x", "tokens", "--out", str(out)]) == 0
+    check_png(out, (8, 5))
+    empty = write_metrics(tmp_path / "empty", [])
+    assert main(["plot", str(empty), "--out", str(tmp_path / "e.png")]) == 2
+    assert "no loss rows" in capsys.readouterr().err
+    assert not (tmp_path / "e.png").exists()
+
+
+# ------------------------------------------------------------------------------------- inspect
+
+
+def test_inspect_run(run_dir, capsys):
+    info = inspect_target(run_dir)
+    model = GPT(load_run(run_dir, device="cpu").config.model)
+    assert info["params"] == model.num_params()
+    rows = info["param_rows"]
+    block = sum(c for m, _, c in rows if m.startswith("blocks.*"))
+    top = sum(c for m, _, c in rows if not m.startswith("blocks.*"))
+    assert top + 2 * block == info["params"]  # two identical blocks
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert info["tokens_seen"] == last["tokens"] == 10 * 4 * 32
+    assert info["flops_per_token_train"] == model.flops_per_token()
+    mem = info["memory"]
+    assert mem["weights"] == 4 * info["params"] and mem["optimizer"] == 2 * mem["weights"]
+    assert main(["inspect", str(run_dir)]) == 0
+    text = capsys.readouterr().out
+    assert "blocks.*.attn.c_attn" in text and f"{info['params']:,}" in text and "1,280" in text
+
+
+def test_inspect_config_without_prepared_data(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))  # nothing prepared here
+    root = Path(__file__).resolve().parents[1]
+    assert main(["inspect", str(root / "configs/shakespeare-char-cpu.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "assuming" in out and "809,856" in out  # the README's 0.8M-parameter model
+    assert main(["inspect", str(tmp_path / "nothing.txt")]) == 2
+
+
+@pytest.mark.parametrize("cfg,impl", [
+    (GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=4, n_embd=64), "sdpa"),
+    (GPTConfig(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32, pos_encoding="rope"), "plain"),
+])
+def test_activation_estimate_matches_saved_tensors(cfg, impl):
+    """The formula in estimate_memory against the bytes autograd really keeps for the backward pass."""
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:  # weights are counted separately
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    idx = torch.randint(0, cfg.vocab_size, (3, cfg.block_size))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(idx, idx, attn_impl=impl)
+    estimate = estimate_memory(cfg, batch_size=3, attn_impl=impl)["activations"]
+    assert 0.75 < estimate / sum(saved.values()) < 1.25
+
+
+# ---------------------------------------------------------------------------------- show-probs
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.6),
+                                                     (0.9, 10, 0.8)])
+def test_sampling_distribution_is_what_sampling_draws_from(temperature, top_k, top_p):
+    logits = torch.randn(1, 50) * 3
+    probs = sampling_distribution(logits, temperature, top_k, top_p)
+    torch.testing.assert_close(probs.sum(), torch.tensor(1.0))
+    for seed in range(20):  # same generator state -> the same draw from the same distribution
+        ours = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed))
+        theirs = sample_next_token(logits, torch.Generator().manual_seed(seed), temperature, top_k, top_p)
+        assert ours.item() == theirs.item()
+    if top_k is not None:
+        assert int((probs > 0).sum()) <= top_k
+
+
+def test_top_candidates():
+    tok = CharTokenizer.train("abc\n")
+    logits = torch.tensor([0.0, 2.0, 1.0, -1.0])  # '\n' < 'a' < 'b' < 'c' in sorted vocab
+    cands = top_candidates(logits, tok, k=3)
+    assert [c[1] for c in cands] == ["a", "b", "\\n"]
+    assert cands[0][2] == pytest.approx(torch.softmax(logits, 0)[1].item())
+    assert [c[0] for c in top_candidates(logits, tok, k=3, top_k=1)] == [1]  # filtered tokens are left out
+
+
+def test_show_probs_same_text_and_one_line_per_token(run_dir):
+    plain, shown = io.StringIO(), io.StringIO()
+    a = sample(run_dir, prompt="ROMEO:", max_new_tokens=8, device="cpu", out=plain)
+    b = sample(run_dir, prompt="ROMEO:", max_new_tokens=8, device="cpu", out=shown, show_probs=True, show_top=3)
+    assert a == b  # showing probabilities does not change what is sampled
+    lines = [ln for ln in shown.getvalue().splitlines() if ln.strip()[:1].isdigit()]
+    assert len(lines) == 8
+    for line in lines:
+        probs = [float(p) for p in line.split("|")[1].split()[1::2]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.001
+    assert shown.getvalue().rstrip().endswith("ROMEO:" + a[0].rstrip())
