@@ -1,0 +1,407 @@
+"""`fungpt serve`: a web page for exploring a trained run in the browser.
+
+    fungpt serve out/shakespeare-char-cpu            # then open http://127.0.0.1:8000/
+
+The page (fungpt/static/: plain HTML, CSS and JavaScript, no build step, no network access)
+streams a sample token by token; clicking a generated token shows the model's top-10
+next-token probabilities at that step and the attention pattern of any layer and head; a
+side panel shows the run's loss curve and config.
+
+The HTTP API behind it (FastAPI on uvicorn):
+    GET  /api/info        the run: name, step, sizes, config.json, this server's limits
+    GET  /api/metrics     the loss curve: train rows [step, loss] and eval rows [step, train, val]
+    POST /api/generate    {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed"}
+                          -> server-sent events (text/event-stream), one JSON object per event:
+                          {"type": "start", "prompt_tokens": [...]}, then one
+                          {"type": "token", "index", "id", "text", "prob", "top": [{"id", "text", "prob"}]}
+                          per new token, then {"type": "done", "text", "n_tokens"}
+    POST /api/attention   {"ids", "layer", "head"} -> the (T, T) attention weights of that head
+Every mistake in a request gets a 4xx answer {"error": "<one clear line>"}.
+
+Concurrency: there is one model and a lock around every use of it. Generation takes the lock
+for one token at a time, so two clients streaming at once take turns step by step (both see
+progress) and never see each other's state: each request has its own KV cache and its own
+torch.Generator seeded from its seed, so the same seed gives the same text with or without
+other clients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fungpt.errors import FunGPTError
+from fungpt.runs import LoadedRun, load_run, seeded_generator
+from fungpt.sample import default_prompt_ids, top_candidates
+from fungpt.viz import attention_maps
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+# Default limits: they keep one request from holding the model for minutes, and keep the
+# JSON answers small. (The page reads them from /api/info.)
+MAX_PROMPT_CHARS = 4000
+MAX_PROMPT_TOKENS = 2048
+MAX_NEW_TOKENS = 1000
+DEFAULT_NEW_TOKENS = 200
+MAX_ATTENTION_TOKENS = 256  # a 256 x 256 heatmap is 65k numbers, about 0.5 MB of JSON
+TOP_K_SHOWN = 10  # candidates sent with every token
+MAX_TRAIN_POINTS = 1000  # the loss curve is thinned to at most this many train points
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
+
+
+# ---------------------------------------------------------------------------- requests
+
+
+class GenerateRequest(BaseModel):
+    """What the page sends to start a sample. Unknown fields are refused, so typos are caught."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = ""
+    max_new_tokens: int | None = Field(None, ge=1)  # None: 200, or the server's limit if lower
+    temperature: float = Field(0.8, ge=0, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int = Field(1337, ge=0, le=MAX_SEED)
+
+
+class AttentionRequest(BaseModel):
+    """A token sequence (usually prompt + generated so far) and which head to show."""
+
+    model_config = ConfigDict(extra="forbid")
+    ids: list[int] = Field(min_length=1)
+    layer: int = Field(0, ge=0)
+    head: int = Field(0, ge=0)
+
+
+class ApiError(Exception):
+    """A request the server understood but cannot serve: answered as {"error": message}."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------------------- model helpers
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """The text of one token. (A byte-level BPE token may be part of a character: shown as U+FFFD.)"""
+    return tokenizer.decode([token_id])
+
+
+# ---------------------------------------------------------------------------- the app
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _describe_validation(exc: RequestValidationError) -> str:
+    """Pydantic's error list as one line a person can act on, e.g. "top_k: must be >= 1 (got 0)"."""
+    parts = []
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            return "the request body is not valid JSON"
+        if err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",):
+            return "the request needs a JSON body"
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        field = ".".join(loc) or "body"
+        msg = err.get("msg", "is not valid")
+        if err.get("type") == "extra_forbidden":
+            msg = "is not a known field"
+        elif "input" in err and err.get("type") != "missing" and not isinstance(err["input"], (dict, list)):
+            msg += f" (got {err['input']!r})"
+        parts.append(f"{field}: {msg}")
+    return "; ".join(parts) or "the request is not valid"
+
+
+def _read_config(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def create_app(run_dir: str | Path, checkpoint: str = "last", device: str = "auto", *,
+               max_prompt_chars: int = MAX_PROMPT_CHARS, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+               max_new_tokens: int = MAX_NEW_TOKENS) -> FastAPI:
+    """Load the run (raising FunGPTError if it cannot be loaded) and build the web app around it."""
+    run = load_run(run_dir, checkpoint, device)
+    return _build_app(run, checkpoint, max_prompt_chars, max_prompt_tokens, max_new_tokens)
+
+
+def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_prompt_tokens: int,
+               max_new_tokens: int) -> FastAPI:
+    model, tok, mcfg = run.model, run.tokenizer, run.config.model
+    # One model: every forward pass holds this lock. Re-entrant, because a finished stream may be
+    # closed (and take the lock) by the garbage collector in a thread that already holds it.
+    lock = threading.RLock()
+    app = FastAPI(title="FunGPT explorer", docs_url=None, redoc_url=None)
+    # Set on Ctrl-C: open streams end at their next token, so the server can stop at once
+    # instead of waiting for (or cancelling) a 1000-token generation.
+    stopping = app.state.stopping = threading.Event()
+
+    # Errors: always {"error": "..."} with a 4xx status, never a stack trace or pydantic's raw list.
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, _describe_validation(exc))
+
+    @app.exception_handler(ApiError)
+    async def _on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, str(exc))
+
+    @app.exception_handler(FunGPTError)
+    async def _on_fungpt_error(request: Request, exc: FunGPTError) -> JSONResponse:
+        return _error(400, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message = f"no such page: {request.url.path}"
+        elif exc.status_code == 405:
+            allowed = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow", "another method")
+            message = f"{request.method} is not allowed on {request.url.path}: use {allowed}"
+        else:
+            message = str(exc.detail)
+        return _error(exc.status_code, message)
+
+    # ------------------------------------------------------------------ the page
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    # ------------------------------------------------------------------ the run
+
+    config_json = _read_config(run.run_dir)
+    info = {
+        "run": run.run_dir.resolve().name,
+        "run_dir": str(run.run_dir),
+        "checkpoint": checkpoint,
+        "step": run.step,
+        "device": str(run.device),
+        "tokenizer": tok.name,
+        "vocab_size": tok.vocab_size,
+        "params": model.num_params(),
+        "block_size": mcfg.block_size,
+        "n_layer": mcfg.n_layer,
+        "n_head": mcfg.n_head,
+        "n_embd": mcfg.n_embd,
+        "config": config_json,
+        "limits": {"max_prompt_chars": max_prompt_chars, "max_prompt_tokens": max_prompt_tokens,
+                   "max_new_tokens": max_new_tokens, "max_attention_tokens": MAX_ATTENTION_TOKENS},
+    }
+
+    @app.get("/api/info")
+    def get_info() -> dict:
+        return info
+
+    @app.get("/api/metrics")
+    def get_metrics() -> dict:
+        from fungpt.plot import read_metrics
+
+        try:
+            train_rows, eval_rows = read_metrics(run.run_dir)
+        except FunGPTError:
+            train_rows, eval_rows = [], []  # a run copied without its metrics: no curve, not an error
+        train = [[r["step"], r["train_loss"]] for r in train_rows if "step" in r and "train_loss" in r]
+        stride = max(1, -(-len(train) // MAX_TRAIN_POINTS))  # ceil division: thin long runs
+        last = train[-1:] if train and (len(train) - 1) % stride else []
+        evals = [[r["step"], r.get("train_loss"), r["val_loss"]] for r in eval_rows if "step" in r]
+        return {"train": train[::stride] + last, "eval": evals}
+
+    # ------------------------------------------------------------------ generation
+
+    def encode_prompt(prompt: str) -> list[int]:
+        if len(prompt) > max_prompt_chars:
+            raise ApiError(f"the prompt has {len(prompt)} characters; this server takes at most {max_prompt_chars}")
+        if prompt:
+            ids = tok.encode(prompt)  # FunGPTError (-> 400) for characters outside a char vocabulary
+        else:
+            ids = default_prompt_ids(run)  # no prompt: start a fresh document, as `fungpt sample` does
+        if len(ids) > max_prompt_tokens:
+            raise ApiError(f"the prompt is {len(ids)} tokens; this server takes at most {max_prompt_tokens}")
+        return ids or [0]
+
+    def events(req: GenerateRequest, prompt_ids: list[int]) -> Iterator[str]:
+        """Run one generation, yielding server-sent events. Runs in a worker thread, one step per next()."""
+
+        def sse(obj: dict) -> str:
+            return f"data: {json.dumps(obj)}\n\n"  # one SSE event; JSON never contains a raw newline
+
+        yield sse({"type": "start", "prompt_tokens": [{"id": i, "text": token_text(tok, i)} for i in prompt_ids]})
+        idx = torch.tensor([prompt_ids], dtype=torch.long, device=run.device)  # (1, T)
+        gen = seeded_generator(req.seed, run.device)  # this request's own random stream
+        stream = model.generate_stream(idx, req.max_new_tokens, temperature=req.temperature, top_k=req.top_k,
+                                       top_p=req.top_p, generator=gen, yield_logits=True)
+        new: list[int] = []
+        try:
+            while True:
+                if stopping.is_set():
+                    yield sse({"type": "error", "error": "the server is shutting down"})
+                    return
+                with lock:  # one step at a time: the two clients of a busy server take turns
+                    try:
+                        ids, logits = next(stream)  # (1,), (1, V)
+                    except StopIteration:
+                        break
+                token_id = int(ids[0])
+                new.append(token_id)
+                prob = float(F.softmax(logits[0].float(), dim=-1)[token_id])
+                # The model's own probabilities (softmax, before temperature and filters), best first.
+                top = [{"id": i, "text": token_text(tok, i), "prob": round(p, 5)}
+                       for i, _, p in top_candidates(logits[0], tok, k=TOP_K_SHOWN)]
+                yield sse({"type": "token", "index": len(new) - 1, "id": token_id, "text": token_text(tok, token_id),
+                           "prob": round(prob, 5), "top": top})
+            yield sse({"type": "done", "text": tok.decode(new), "n_tokens": len(new)})
+        except Exception as e:  # the response has started: report in the stream, the page shows it
+            yield sse({"type": "error", "error": str(e) if isinstance(e, FunGPTError) else f"generation failed: {e!r}"})
+        finally:
+            with lock:
+                stream.close()  # also when the client went away mid-stream
+
+    @app.post("/api/generate")
+    def generate(req: GenerateRequest) -> StreamingResponse:
+        if req.max_new_tokens is None:
+            req.max_new_tokens = min(DEFAULT_NEW_TOKENS, max_new_tokens)
+        if req.max_new_tokens > max_new_tokens:
+            raise ApiError(f"max_new_tokens {req.max_new_tokens} is over this server's limit of {max_new_tokens}")
+        prompt_ids = encode_prompt(req.prompt)  # before streaming starts, so errors still get a 4xx
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # tell proxies not to buffer
+        return StreamingResponse(events(req, prompt_ids), media_type="text/event-stream", headers=headers)
+
+    # ------------------------------------------------------------------ attention
+
+    @app.post("/api/attention")
+    def attention(req: AttentionRequest) -> dict:
+        if req.layer >= mcfg.n_layer:
+            raise ApiError(f"layer {req.layer} is out of range: this model has {mcfg.n_layer} layers "
+                           f"(0..{mcfg.n_layer - 1})")
+        if req.head >= mcfg.n_head:
+            raise ApiError(f"head {req.head} is out of range: this model has {mcfg.n_head} heads "
+                           f"(0..{mcfg.n_head - 1})")
+        if len(req.ids) > max_prompt_tokens + max_new_tokens:
+            raise ApiError(f"ids has {len(req.ids)} tokens; this server takes at most "
+                           f"{max_prompt_tokens + max_new_tokens}")
+        bad = [i for i in req.ids if not 0 <= i < tok.vocab_size]
+        if bad:
+            raise ApiError(f"token id {bad[0]} is not in the vocabulary (0..{tok.vocab_size - 1})")
+        # The model sees at most block_size tokens (generation slides its window the same way).
+        start = max(0, len(req.ids) - min(mcfg.block_size, MAX_ATTENTION_TOKENS))
+        ids = torch.tensor(req.ids[start:], dtype=torch.long, device=run.device)  # (T,)
+        with lock:
+            maps = attention_maps(model, ids)  # (n_layer, nh, T, T)
+        weights = maps[req.layer, req.head]  # (T, T): row = query, column = key
+        return {"layer": req.layer, "head": req.head, "offset": start,
+                "tokens": [{"id": int(i), "text": token_text(tok, int(i))} for i in ids.tolist()],
+                "weights": [[round(w, 4) for w in row] for row in weights.tolist()]}
+
+    return app
+
+
+# ---------------------------------------------------------------------------- running it
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Open the listening socket ourselves, so a busy port is one clear error (and port 0 works)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise FunGPTError(f"--host {host!r} is not a valid address ({e.strerror})") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart right after a stop
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise FunGPTError(f"cannot listen on {host}:{port} ({e.strerror}); is another server running there? "
+                          f"pick another --port") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which also tells the app's open streams to end when it is asked to stop."""
+
+    def __init__(self, app: FastAPI):
+        # On Ctrl-C, open streams end at their next token (app.state.stopping); the timeout is a backstop.
+        super().__init__(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+        self.stopping = app.state.stopping
+
+    def handle_exit(self, sig, frame) -> None:  # called by uvicorn's SIGINT/SIGTERM handler
+        self.stopping.set()
+        super().handle_exit(sig, frame)
+
+    def stop(self) -> None:
+        """Ask the server to stop, from any thread (what Ctrl-C does)."""
+        self.stopping.set()
+        self.should_exit = True
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, checkpoint: str = "last",
+          device: str = "auto") -> None:
+    """Serve the explorer for `run` until Ctrl-C."""
+    app = create_app(run, checkpoint, device)
+    sock = _bind(host, port)
+    url = _url(sock)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"fungpt: warning: listening on {host}: anyone who can reach this machine can use the model "
+              f"(there is no password)")
+    print(f"fungpt: exploring {run} at {url}/   (Ctrl-C to stop)", flush=True)
+    server = _Server(app)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass  # uvicorn shut down cleanly, then re-raised the Ctrl-C it had caught
+    finally:
+        sock.close()
+    print("fungpt: server stopped", flush=True)
+
+
+@contextlib.contextmanager
+def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run `app` in a background thread (for tests and notebooks); yields its base URL, stops on exit.
+
+    port=0 lets the OS pick a free port.
+    """
+    sock = _bind(host, port)
+    server = _Server(app)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise FunGPTError("the explorer server did not start")
+        time.sleep(0.02)
+    try:
+        yield _url(sock)
+    finally:
+        server.stop()
+        thread.join(timeout=10)
+        sock.close()
+        app.state.stopping.clear()  # the app can be served again

@@ -1,0 +1,369 @@
+// The FunGPT explorer page. Plain JavaScript, no libraries and no build step.
+//
+// It talks to the server it was loaded from (fungpt/serve.py):
+//   GET  /api/info        -> run summary, config, limits           (header, selectors, config table)
+//   GET  /api/metrics     -> loss curve rows                        (drawn as SVG)
+//   POST /api/generate    -> server-sent events, one per new token  (streamed into #output)
+//   POST /api/attention   -> (T, T) weights of one layer and head    (drawn on a <canvas>)
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  info: null,
+  promptTokens: [],   // [{id, text}] the prompt as the model saw it
+  gen: [],            // [{id, text, prob, top: [{id, text, prob}]}] generated tokens, in order
+  selected: null,     // index into gen of the clicked token
+  controller: null,   // AbortController of the running generation
+};
+
+// Make whitespace visible where a token is shown on its own.
+function visible(text) {
+  if (text === "") return "∅";
+  return text.replace(/ /g, "␣").replace(/\n/g, "↵").replace(/\t/g, "⇥").replace(/\r/g, "␍");
+}
+
+function setStatus(text, isError = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", isError);
+}
+
+async function fetchJSON(url, options) {
+  const response = await fetch(url, options);
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(body.error || `${response.status} ${response.statusText}`);
+  return body;
+}
+
+// ------------------------------------------------------------------ run info, config, loss curve
+
+async function loadInfo() {
+  const info = await fetchJSON("/api/info");
+  state.info = info;
+  const params = info.params >= 1e6 ? `${(info.params / 1e6).toFixed(2)}M` : `${(info.params / 1e3).toFixed(1)}k`;
+  $("run-summary").textContent =
+    `${info.run} · step ${info.step} (${info.checkpoint}) · ${params} parameters · ` +
+    `${info.n_layer} layers × ${info.n_head} heads × ${info.n_embd} wide · context ${info.block_size} · ` +
+    `${info.tokenizer} tokenizer, ${info.vocab_size} tokens · ${info.device}`;
+  fillSelect($("layer"), info.n_layer);
+  fillSelect($("head"), info.n_head);
+  $("max_new_tokens").max = info.limits.max_new_tokens;
+  $("prompt").maxLength = info.limits.max_prompt_chars;
+  renderConfig(info.config);
+}
+
+function fillSelect(select, n) {
+  select.innerHTML = "";
+  for (let i = 0; i < n; i++) select.add(new Option(String(i), String(i)));
+}
+
+function renderConfig(config) {
+  const box = $("config");
+  box.innerHTML = "";
+  const row = (key, value) => {
+    const div = document.createElement("div");
+    div.className = "kv";
+    const k = document.createElement("span");
+    const v = document.createElement("span");
+    k.textContent = key;
+    v.textContent = value === null ? "—" : String(value);
+    div.append(k, v);
+    box.append(div);
+  };
+  const entries = Object.entries(config || {});
+  for (const [key, value] of entries) if (typeof value !== "object" || value === null) row(key, value);
+  for (const [key, value] of entries) {
+    if (typeof value !== "object" || value === null) continue;
+    const head = document.createElement("div");
+    head.className = "sec";
+    head.textContent = `[${key}]`;
+    box.append(head);
+    for (const [k, v] of Object.entries(value)) row(k, v);
+  }
+  if (!entries.length) box.textContent = "(this run has no config.json)";
+}
+
+// Round numbers for axis ticks: 1, 2 or 5 times a power of ten.
+function ticks(lo, hi, count) {
+  const raw = (hi - lo) / Math.max(count, 1);
+  const mag = Math.pow(10, Math.floor(Math.log10(raw || 1)));
+  const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= raw) || raw;
+  const out = [];
+  for (let t = Math.ceil(lo / step) * step; t <= hi + 1e-9; t += step) out.push(+t.toFixed(10));
+  return out;
+}
+
+async function loadMetrics() {
+  const svg = $("loss");
+  const { train, eval: evals } = await fetchJSON("/api/metrics");
+  const W = 420, H = 240, left = 42, right = 12, top = 10, bottom = 30;
+  const points = train.map(([s, l]) => [s, l]).concat(evals.map(([s, , v]) => [s, v]));
+  const ns = "http://www.w3.org/2000/svg";
+  const el = (tag, attrs, text) => {
+    const e = document.createElementNS(ns, tag);
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+    if (text !== undefined) e.textContent = text;
+    svg.append(e);
+    return e;
+  };
+  svg.innerHTML = "";
+  if (!points.length) {
+    el("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, "no metrics.jsonl in this run");
+    return;
+  }
+  const xs = points.map((p) => p[0]), ys = points.map((p) => p[1]);
+  const x0 = Math.min(...xs), x1 = Math.max(...xs, x0 + 1);
+  const y0 = Math.min(...ys), y1 = Math.max(...ys, y0 + 1e-3);
+  const X = (s) => left + ((s - x0) / (x1 - x0)) * (W - left - right);
+  const Y = (l) => top + (1 - (l - y0) / (y1 - y0)) * (H - top - bottom);
+  for (const t of ticks(y0, y1, 5)) {
+    el("line", { class: "grid", x1: left, x2: W - right, y1: Y(t), y2: Y(t) });
+    el("text", { x: left - 5, y: Y(t) + 4, "text-anchor": "end" }, String(t));
+  }
+  for (const t of ticks(x0, x1, 5)) {
+    el("text", { x: X(t), y: H - bottom + 15, "text-anchor": "middle" }, String(t));
+  }
+  el("line", { class: "axis", x1: left, x2: W - right, y1: H - bottom, y2: H - bottom });
+  el("line", { class: "axis", x1: left, x2: left, y1: top, y2: H - bottom });
+  el("text", { x: (left + W - right) / 2, y: H - 2, "text-anchor": "middle" }, "step");
+  const path = (rows) => rows.map(([s, l], i) => `${i ? "L" : "M"}${X(s).toFixed(1)},${Y(l).toFixed(1)}`).join("");
+  if (train.length) el("path", { class: "train", d: path(train) });
+  const val = evals.map(([s, , v]) => [s, v]);
+  if (val.length) el("path", { class: "val", d: path(val) });
+  for (const [s, v] of val) {
+    el("circle", { class: "valdot", cx: X(s), cy: Y(v), r: 2.5 }).append(
+      Object.assign(document.createElementNS(ns, "title"), { textContent: `step ${s}: val ${v.toFixed(3)}` }));
+  }
+}
+
+// ------------------------------------------------------------------ generation (streamed)
+
+function readSettings() {
+  const num = (id) => $(id).value.trim() === "" ? null : Number($(id).value);
+  return {
+    prompt: $("prompt").value,
+    temperature: num("temperature") ?? 0.8,
+    top_k: num("top_k"),
+    top_p: num("top_p"),
+    max_new_tokens: num("max_new_tokens") ?? 200,
+    seed: num("seed") ?? 0,
+  };
+}
+
+function addTokenSpan(token, kind, index) {
+  const span = document.createElement("span");
+  span.className = `tok ${kind}`;
+  // A newline token gets a visible arrow, so it can be seen and clicked, then the line break.
+  span.textContent = kind === "gen" ? token.text.replace(/\n/g, "↵\n") : token.text;
+  if (kind === "gen") {
+    span.dataset.index = index;
+    span.title = `token ${token.id}, p = ${(100 * token.prob).toFixed(1)}%`;
+    span.addEventListener("click", () => selectToken(index));
+  }
+  $("output").append(span);
+  return span;
+}
+
+async function generate() {
+  if (state.controller) return;
+  const settings = readSettings();
+  state.gen = [];
+  state.promptTokens = [];
+  state.selected = null;
+  $("output").innerHTML = "";
+  $("output").dataset.state = "running";
+  clearInspector();
+  const controller = new AbortController();
+  state.controller = controller;
+  $("generate").disabled = true;
+  $("stop").disabled = false;
+  setStatus("generating…");
+  const started = performance.now();
+  try {
+    const response = await fetch("/api/generate", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(settings),
+      signal: controller.signal,
+    });
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({}));
+      throw new Error(body.error || `${response.status} ${response.statusText}`);
+    }
+    // Server-sent events: blocks separated by a blank line, each "data: {json}".
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        for (const line of block.split("\n")) {
+          if (line.startsWith("data: ")) handleEvent(JSON.parse(line.slice(6)), started);
+        }
+      }
+    }
+    if ($("output").dataset.state === "running") $("output").dataset.state = "done";
+  } catch (err) {
+    if (err.name === "AbortError") {
+      setStatus(`stopped after ${state.gen.length} tokens`);
+      $("output").dataset.state = "done";
+    } else {
+      setStatus(err.message, true);
+      $("output").dataset.state = "error";
+    }
+  } finally {
+    state.controller = null;
+    $("generate").disabled = false;
+    $("stop").disabled = true;
+  }
+}
+
+function handleEvent(event, started) {
+  if (event.type === "start") {
+    state.promptTokens = event.prompt_tokens;
+    addTokenSpan({ text: $("prompt").value }, "prompt");
+  } else if (event.type === "token") {
+    state.gen.push(event);
+    addTokenSpan(event, "gen", state.gen.length - 1);
+    setStatus(`generating… ${state.gen.length} tokens`);
+    const out = $("output");
+    out.scrollTop = out.scrollHeight;
+  } else if (event.type === "done") {
+    const seconds = (performance.now() - started) / 1000;
+    setStatus(`done: ${event.n_tokens} tokens in ${seconds.toFixed(1)} s — click a token`);
+    $("output").dataset.state = "done";
+  } else if (event.type === "error") {
+    setStatus(event.error, true);
+    $("output").dataset.state = "error";
+  }
+}
+
+// ------------------------------------------------------------------ inspecting one step
+
+function clearInspector() {
+  $("step-info").textContent = "Click a generated token.";
+  $("probs").innerHTML = "";
+  $("attn-info").textContent = "Click a generated token to see what the model looked at when it predicted it.";
+  const canvas = $("heatmap");
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  delete canvas.dataset.t;
+  state.attn = null;
+}
+
+function selectToken(index) {
+  state.selected = index;
+  for (const el of document.querySelectorAll(".tok.selected")) el.classList.remove("selected");
+  const span = document.querySelector(`.tok.gen[data-index="${index}"]`);
+  if (span) span.classList.add("selected");
+  const token = state.gen[index];
+  $("step-info").innerHTML = "";
+  const strong = document.createElement("strong");
+  strong.className = "mono";
+  strong.textContent = `«${visible(token.text)}»`;
+  $("step-info").append(`Step ${index + 1}: the model picked `, strong,
+    ` (p = ${(100 * token.prob).toFixed(1)}%). Its top 10 candidates were:`);
+  drawProbs(token);
+  loadAttention();
+}
+
+function drawProbs(token) {
+  const box = $("probs");
+  box.innerHTML = "";
+  const max = Math.max(...token.top.map((c) => c.prob), 1e-9);
+  for (const cand of token.top) {
+    const row = document.createElement("div");
+    row.className = "bar-row" + (cand.id === token.id ? " chosen" : "");
+    row.innerHTML = `<span class="cand"></span><div class="track"><div class="bar"></div></div><span class="pct"></span>`;
+    row.querySelector(".cand").textContent = visible(cand.text);
+    row.querySelector(".bar").style.width = `${(100 * cand.prob) / max}%`;
+    row.querySelector(".pct").textContent = `${(100 * cand.prob).toFixed(1)}%`;
+    box.append(row);
+  }
+  if (!token.top.some((c) => c.id === token.id)) {
+    const note = document.createElement("div");
+    note.className = "small muted";
+    note.textContent = `The picked token was not in the top 10 (sampling is random).`;
+    box.append(note);
+  }
+}
+
+async function loadAttention() {
+  if (state.selected === null) return;
+  const index = state.selected;
+  // The context the model read to predict this token: the prompt plus everything generated before it.
+  const ids = state.promptTokens.map((t) => t.id).concat(state.gen.slice(0, index).map((t) => t.id));
+  const layer = Number($("layer").value), head = Number($("head").value);
+  try {
+    const result = await fetchJSON("/api/attention", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ ids, layer, head }),
+    });
+    if (state.selected !== index) return; // the user clicked another token meanwhile
+    state.attn = result;
+    drawHeatmap(result);
+    const T = result.tokens.length;
+    const cropped = result.offset > 0 ? ` (the last ${T} tokens: the model's context window)` : "";
+    $("attn-info").textContent =
+      `Layer ${layer}, head ${head}: row i shows how much token i attends to each earlier token j${cropped}. ` +
+      `The bottom row is what the model looked at when it predicted «${visible(state.gen[index].text)}».`;
+  } catch (err) {
+    $("attn-info").textContent = `attention: ${err.message}`;
+  }
+}
+
+// White (0) to deep blue (1). A square-root scale makes small but real weights visible.
+function color(w) {
+  const t = Math.sqrt(Math.max(0, Math.min(1, w)));
+  const r = Math.round(255 - t * (255 - 24)), g = Math.round(255 - t * (255 - 64)), b = Math.round(255 - t * (255 - 160));
+  return `rgb(${r},${g},${b})`;
+}
+
+function drawHeatmap(result) {
+  const canvas = $("heatmap");
+  const ctx = canvas.getContext("2d");
+  const T = result.weights.length;
+  const cell = canvas.width / T;
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  for (let i = 0; i < T; i++) {
+    for (let j = 0; j < T; j++) {
+      ctx.fillStyle = j > i ? "#f1f2f4" : color(result.weights[i][j]); // grey: the future, always masked
+      ctx.fillRect(j * cell, i * cell, Math.ceil(cell), Math.ceil(cell));
+    }
+  }
+  canvas.dataset.t = String(T);
+}
+
+function onHeatmapHover(event) {
+  const result = state.attn;
+  if (!result) return;
+  const canvas = $("heatmap");
+  const rect = canvas.getBoundingClientRect();
+  const T = result.weights.length;
+  const j = Math.floor(((event.clientX - rect.left) / rect.width) * T);
+  const i = Math.floor(((event.clientY - rect.top) / rect.height) * T);
+  if (i < 0 || j < 0 || i >= T || j >= T) return;
+  const q = visible(result.tokens[i].text), k = visible(result.tokens[j].text);
+  $("attn-hover").textContent = j > i
+    ? `query ${i} «${q}» cannot see the later key ${j} «${k}»`
+    : `query ${i} «${q}» → key ${j} «${k}»: ${result.weights[i][j].toFixed(3)}`;
+}
+
+// ------------------------------------------------------------------ wiring
+
+$("generate").addEventListener("click", generate);
+$("stop").addEventListener("click", () => state.controller && state.controller.abort());
+$("prompt").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) generate(); // Ctrl+Enter generates
+});
+$("layer").addEventListener("change", loadAttention);
+$("head").addEventListener("change", loadAttention);
+$("heatmap").addEventListener("mousemove", onHeatmapHover);
+
+loadInfo().catch((err) => setStatus(`could not load the run: ${err.message}`, true));
+loadMetrics().catch((err) => setStatus(`could not load the loss curve: ${err.message}`, true));

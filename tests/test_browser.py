@@ -1,0 +1,126 @@
+"""The explorer page end to end, in a real headless Chromium driven by Playwright.
+
+Uses Debian's chromium (/usr/bin/chromium; `.ci/run` installs it): no browser is downloaded.
+The test types a prompt, watches the text stream in, clicks a generated token, checks the
+probability panel and the attention heatmap, and saves a screenshot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+
+from fungpt.serve import create_app, running_server  # noqa: E402
+
+CHROMIUM = os.environ.get("FUNGPT_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update"]
+
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(),
+    reason=f"no Chromium at {CHROMIUM}: apt-get install chromium chromium-driver (.ci/run does)")
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    from test_serve import shared_tiny_run  # the same tiny trained run as the API tests
+
+    run_dir = shared_tiny_run(tmp_path_factory)
+    with running_server(create_app(run_dir, device="cpu")) as base:
+        yield base
+
+
+@pytest.fixture()
+def page(tmp_path):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1280, "height": 900})
+            pg = context.new_page()
+            pg.set_default_timeout(60_000)  # generous: CI machines can be slow and busy
+            problems: list[str] = []
+            pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            pg.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+            pg.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
+            pg.problems = problems
+            yield pg
+        finally:
+            browser.close()
+
+
+def api_text(url: str, **body) -> str:
+    """The text the API generates for these settings (what the page must show)."""
+    with httpx.stream("POST", f"{url}/api/generate", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and '"type": "done"' in line:
+                return json.loads(line[6:])["text"]
+    raise AssertionError("no done event")
+
+
+def test_explore_a_run_in_the_browser(url, page, tmp_path):
+    page.goto(url)
+    sync_api.expect(page.locator("#run-summary")).to_contain_text("step 20")
+    sync_api.expect(page.locator("#config")).to_contain_text("n_layer")
+    sync_api.expect(page.locator("#loss path.val")).to_have_count(1)  # the loss curve is drawn
+    assert page.locator("#layer option").count() == 2 and page.locator("#head option").count() == 2
+
+    page.fill("#prompt", "The cat")
+    page.fill("#max_new_tokens", "40")
+    page.fill("#seed", "3")
+    page.fill("#top_k", "10")
+    page.click("#generate")
+    tokens = page.locator("#output .tok.gen")
+    tokens.first.wait_for()  # the first streamed token has appeared
+    sync_api.expect(page.locator("#output")).to_have_attribute("data-state", "done")
+    assert tokens.count() == 40
+    expected = api_text(url, prompt="The cat", max_new_tokens=40, seed=3, top_k=10, temperature=0.8)
+    shown = "".join(tokens.all_text_contents()).replace("↵", "")
+    assert page.locator("#output .tok.prompt").inner_text() == "The cat"
+    assert shown == expected  # the page shows exactly the streamed tokens
+
+    tokens.nth(5).click()
+    sync_api.expect(tokens.nth(5)).to_have_class("tok gen selected")
+    bars = page.locator("#probs .bar-row")
+    sync_api.expect(bars).to_have_count(10)
+    sync_api.expect(page.locator("#step-info")).to_contain_text("Step 6")
+    percents = [float(t.rstrip("%")) for t in page.locator("#probs .pct").all_text_contents()]
+    assert percents == sorted(percents, reverse=True) and 0 < sum(percents) <= 100.5
+    assert page.locator("#probs .bar-row.chosen").count() <= 1  # the picked token, if in the top 10
+
+    heatmap = page.locator("#heatmap")
+    # Context of the 6th generated token: the 7 prompt characters and the 5 tokens before it.
+    sync_api.expect(heatmap).to_have_attribute("data-t", "12")
+    sync_api.expect(page.locator("#attn-info")).to_contain_text("Layer 0, head 0")
+    page.select_option("#layer", "1")
+    page.select_option("#head", "1")
+    sync_api.expect(page.locator("#attn-info")).to_contain_text("Layer 1, head 1")
+    # The canvas really has colour in it: the first query can only attend to itself (weight 1, dark blue).
+    corner = page.evaluate("() => Array.from(document.getElementById('heatmap').getContext('2d')"
+                           ".getImageData(2, 2, 1, 1).data)")
+    assert corner[2] > corner[0] + 50, corner  # blue, not white or grey
+
+    shot = tmp_path / "serve.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("FUNGPT_SCREENSHOT"):  # keep a copy, e.g. for the README
+        shutil.copy(shot, os.environ["FUNGPT_SCREENSHOT"])
+    assert page.problems == []
+
+
+def test_a_bad_request_shows_its_error(url, page):
+    page.goto(url)
+    sync_api.expect(page.locator("#run-summary")).to_contain_text("step 20")
+    page.fill("#prompt", "The cat €")  # € is not in the tiny run's character vocabulary
+    page.click("#generate")
+    sync_api.expect(page.locator("#status")).to_contain_text("'€' at position 8 is not in this char-level vocabulary")
+    sync_api.expect(page.locator("#status")).to_have_class("muted error")
+    # the browser logs the 400 response itself; anything else would be a problem
+    assert [p for p in page.problems if "400" not in p] == []

@@ -1,0 +1,318 @@
+"""`fungpt serve`: the explorer's HTTP API against a real server on a loopback port.
+
+A tiny run is trained once for the module (a few seconds); every test talks to a real uvicorn
+server on 127.0.0.1 through httpx, as the page does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+import torch  # noqa: E402
+
+from fungpt.cli import main  # noqa: E402
+from fungpt.config import DataConfig, RunConfig, TrainConfig  # noqa: E402
+from fungpt.errors import FunGPTError  # noqa: E402
+from fungpt.model import GPTConfig  # noqa: E402
+from fungpt.plot import read_metrics  # noqa: E402
+from fungpt.runs import load_run  # noqa: E402
+from fungpt.sample import sample  # noqa: E402
+from fungpt.serve import create_app, running_server  # noqa: E402
+from fungpt.train import train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_NEW = 50  # the test server's limits, small so the limit tests are cheap
+MAX_CHARS = 100
+
+
+def make_tiny_run(root: Path) -> Path:
+    """Train a 2-layer, 2-head char model for 20 steps on a small made-up corpus: a real run folder."""
+    lines = [f"{a} {b} sat on the {c}, said {d}!\n" for a in ("The cat", "A dog", "My fox")
+             for b in ("quietly", "slowly") for c in ("mat", "log", "hill") for d in ("Ann", "Bob")]
+    corpus = root / "corpus.txt"
+    corpus.write_text("".join(lines) * 20, encoding="utf-8")
+    out = root / "run"
+    cfg = RunConfig(out_dir=str(out), data=DataConfig(path=str(corpus), tokenizer="char"),
+                    model=GPTConfig(vocab_size=1, block_size=32, n_layer=2, n_head=2, n_embd=32),
+                    train=TrainConfig(batch_size=4, max_iters=20, lr=3e-3, min_lr=3e-4, warmup_iters=2,
+                                      eval_interval=10, eval_iters=2, checkpoint_interval=10, log_interval=1,
+                                      device="cpu"))
+    train(cfg, progress=False)
+    return out
+
+
+def shared_tiny_run(tmp_path_factory) -> Path:
+    """The tiny run, trained once per test session (this file and test_browser.py share it)."""
+    root = tmp_path_factory.getbasetemp() / "serve-tiny-run"
+    if not (root / "trained").is_file():  # the marker is written only after training finished
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("FUNGPT_CACHE_DIR", str(root / "cache"))
+            make_tiny_run(root)
+        (root / "trained").touch()
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return shared_tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def url(run_dir) -> str:
+    app = create_app(run_dir, device="cpu", max_prompt_chars=MAX_CHARS, max_new_tokens=MAX_NEW)
+    with running_server(app) as base:
+        yield base
+
+
+def stream_events(url: str, **body) -> list[dict]:
+    """POST /api/generate and read its server-sent events as they arrive."""
+    events = []
+    with httpx.stream("POST", f"{url}/api/generate", json=body, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[len("data: "):]))
+    return events
+
+
+def generated_ids(events: list[dict]) -> list[int]:
+    return [e["id"] for e in events if e["type"] == "token"]
+
+
+def test_page_info_and_metrics(url, run_dir):
+    page = httpx.get(f"{url}/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert '<script src="/static/app.js">' in page.text
+    for name in ("app.js", "style.css"):
+        assert httpx.get(f"{url}/static/{name}").status_code == 200, name
+    info = httpx.get(f"{url}/api/info").json()
+    assert info["step"] == 20 and info["n_layer"] == 2 and info["n_head"] == 2 and info["block_size"] == 32
+    assert info["config"] == json.loads((run_dir / "config.json").read_text())
+    assert info["limits"]["max_new_tokens"] == MAX_NEW
+    metrics = httpx.get(f"{url}/api/metrics").json()
+    train_rows, eval_rows = read_metrics(run_dir)
+    assert metrics["train"] == [[r["step"], r["train_loss"]] for r in train_rows]
+    assert [row[0] for row in metrics["eval"]] == [r["step"] for r in eval_rows] == [0, 10, 20]
+
+
+def test_generate_streams_the_same_text_as_fungpt_sample(url, run_dir):
+    settings = dict(max_new_tokens=30, temperature=0.9, top_k=20, seed=5)
+    events = stream_events(url, prompt="The cat", **settings)
+    kinds = [e["type"] for e in events]
+    assert kinds == ["start"] + ["token"] * 30 + ["done"]
+    assert "".join(t["text"] for t in events[0]["prompt_tokens"]) == "The cat"
+    tokens = events[1:-1]
+    assert [t["index"] for t in tokens] == list(range(30))
+    for t in tokens:
+        probs = [c["prob"] for c in t["top"]]
+        assert len(probs) == 10 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.0001
+        by_id = {c["id"]: c["prob"] for c in t["top"]}
+        if t["id"] in by_id:  # the token's own probability agrees with its entry in the top 10
+            assert t["prob"] == pytest.approx(by_id[t["id"]], abs=1e-5)
+        else:
+            assert t["prob"] <= probs[-1]
+    text = "".join(t["text"] for t in tokens)
+    assert events[-1] == {"type": "done", "text": text, "n_tokens": 30}
+    # Same seed and settings as the command line: the very same text.
+    assert sample(run_dir, prompt="The cat", device="cpu", **settings) == [text]
+
+
+def test_top_candidates_match_the_model(url, run_dir):
+    """The probabilities streamed for the first step are the model's softmax after the prompt."""
+    events = stream_events(url, prompt="A dog", max_new_tokens=1, temperature=0)
+    token = events[1]
+    run = load_run(run_dir, device="cpu")
+    ids = torch.tensor([run.tokenizer.encode("A dog")])
+    with torch.no_grad():
+        probs = torch.softmax(run.model(ids)[0, -1], dim=-1)
+    top = torch.topk(probs, 10)
+    assert [c["id"] for c in token["top"]] == top.indices.tolist()
+    assert [c["prob"] for c in token["top"]] == pytest.approx(top.values.tolist(), abs=1e-5)
+    assert token["id"] == top.indices[0].item()  # temperature 0: greedy
+
+
+def test_empty_prompt_starts_a_new_document(url):
+    events = stream_events(url, prompt="", max_new_tokens=3, seed=1)
+    assert [t["text"] for t in events[0]["prompt_tokens"]] == ["\n"]
+    assert len(generated_ids(events)) == 3
+
+
+def test_two_concurrent_clients_get_what_they_get_alone(url):
+    body = dict(prompt="My fox", max_new_tokens=MAX_NEW, temperature=1.0)
+    alone = {seed: generated_ids(stream_events(url, seed=seed, **body)) for seed in (1, 2)}
+    assert alone[1] != alone[2]
+    together: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def client(seed: int) -> None:
+        try:
+            together[seed] = generated_ids(stream_events(url, seed=seed, **body))
+        except BaseException as e:  # surfaced below: a failing thread must fail the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(seed,)) for seed in (1, 2, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert together == alone
+
+
+def test_client_that_leaves_mid_stream_does_not_block_others(url):
+    with httpx.stream("POST", f"{url}/api/generate", json={"prompt": "The", "max_new_tokens": MAX_NEW},
+                      timeout=60) as r:
+        for line in r.iter_lines():
+            if '"type": "token"' in line:
+                break  # read one token, then hang up
+    assert len(generated_ids(stream_events(url, prompt="The", max_new_tokens=5))) == 5
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"max_new_tokens": MAX_NEW + 1}, 400, f"over this server's limit of {MAX_NEW}"),
+    ({"prompt": "a" * (MAX_CHARS + 1)}, 400, f"at most {MAX_CHARS}"),
+    ({"prompt": "The cat€"}, 400, "'€' at position 7 is not in this char-level vocabulary"),
+    ({"top_k": 0}, 422, "top_k: Input should be greater than or equal to 1"),
+    ({"top_p": 1.5}, 422, "top_p: Input should be less than or equal to 1"),
+    ({"top_p": 0}, 422, "top_p: Input should be greater than 0"),
+    ({"temperature": -1}, 422, "temperature: Input should be greater than or equal to 0"),
+    ({"max_new_tokens": 0}, 422, "max_new_tokens: Input should be greater than or equal to 1"),
+    ({"seed": "abc"}, 422, "seed: Input should be a valid integer"),
+    ({"promt": "typo"}, 422, "promt: is not a known field"),
+])
+def test_bad_generate_requests_get_a_clear_json_error(url, body, status, message):
+    r = httpx.post(f"{url}/api/generate", json=body)
+    assert r.status_code == status
+    assert r.headers["content-type"] == "application/json"
+    assert message in r.json()["error"]
+
+
+def test_malformed_requests(url):
+    r = httpx.post(f"{url}/api/generate", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json() == {"error": "the request body is not valid JSON"}
+    r = httpx.get(f"{url}/api/nothing-here")
+    assert r.status_code == 404 and r.json() == {"error": "no such page: /api/nothing-here"}
+    r = httpx.get(f"{url}/api/generate")
+    assert r.status_code == 405 and r.json() == {"error": "GET is not allowed on /api/generate: use POST"}
+    r = httpx.post(f"{url}/api/attention")
+    assert r.status_code == 422 and r.json() == {"error": "the request needs a JSON body"}
+
+
+def test_attention_is_the_models_own(url, run_dir):
+    run = load_run(run_dir, device="cpu")
+    ids = run.tokenizer.encode("The cat sat")
+    r = httpx.post(f"{url}/api/attention", json={"ids": ids, "layer": 1, "head": 1})
+    assert r.status_code == 200
+    got = r.json()
+    assert got["offset"] == 0 and "".join(t["text"] for t in got["tokens"]) == "The cat sat"
+    weights = torch.tensor(got["weights"])  # (T, T)
+    with torch.no_grad():
+        _, _, attn = run.model(torch.tensor([ids]), return_attn=True)
+    torch.testing.assert_close(weights, attn[1][0, 1], atol=1e-4, rtol=0)
+    assert torch.allclose(weights.sum(-1), torch.ones(len(ids)), atol=1e-3)  # each row is a distribution
+
+    # Longer than the context: the last block_size (32) tokens, as generation sees them.
+    long_ids = run.tokenizer.encode("The cat sat on the mat, said Ann!\n" * 2)
+    got = httpx.post(f"{url}/api/attention", json={"ids": long_ids, "layer": 0, "head": 0}).json()
+    assert got["offset"] == len(long_ids) - 32 and len(got["weights"]) == 32
+    assert [t["id"] for t in got["tokens"]] == long_ids[-32:]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"ids": [1, 2], "layer": 2}, "layer 2 is out of range: this model has 2 layers (0..1)"),
+    ({"ids": [1, 2], "head": 5}, "head 5 is out of range: this model has 2 heads (0..1)"),
+    ({"ids": [1, 999]}, "token id 999 is not in the vocabulary"),
+    ({"ids": []}, "ids: List should have at least 1 item"),
+    ({"ids": [1], "layer": -1}, "layer: Input should be greater than or equal to 0"),
+])
+def test_bad_attention_requests(url, body, message):
+    r = httpx.post(f"{url}/api/attention", json=body)
+    assert 400 <= r.status_code < 500
+    assert message in r.json()["error"]
+
+
+def test_streams_end_when_the_server_stops(run_dir):
+    """What Ctrl-C does to open streams: they end at the next token with a clear last event."""
+    app = create_app(run_dir, device="cpu")
+    with running_server(app) as base:
+        app.state.stopping.set()  # what the server's Ctrl-C handler sets
+        events = stream_events(base, prompt="The", max_new_tokens=MAX_NEW)
+    assert [e["type"] for e in events] == ["start", "error"]
+    assert events[-1]["error"] == "the server is shutting down"
+    assert not app.state.stopping.is_set()  # cleared when the server has stopped
+
+
+def test_create_app_on_a_missing_run_is_a_fungpt_error(tmp_path):
+    with pytest.raises(FunGPTError, match="does not exist"):
+        create_app(tmp_path / "nope")
+    assert main(["serve", str(tmp_path / "nope")]) == 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_busy_port_is_a_clear_error(run_dir, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        assert main(["serve", str(run_dir), "--port", str(port), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
+
+
+def test_fungpt_serve_stops_cleanly_on_ctrl_c(run_dir):
+    port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "fungpt", "serve", str(run_dir), "--port", str(port),
+                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/api/info", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "fungpt serve did not come up"
+            time.sleep(0.2)
+        # Ctrl-C in the middle of a stream: the stream ends (at its next token, or complete if it
+        # was already fully sent) and the server exits.
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/api/generate", json={"max_new_tokens": 1000},
+                          timeout=60) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if '"type": "token"' in line)
+            proc.send_signal(signal.SIGINT)
+            rest = [json.loads(x[6:]) for x in lines if x.startswith("data: ")]
+        assert rest[-1]["type"] in ("done", "error")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "ERROR" not in err, err
+    assert f"http://127.0.0.1:{port}/" in out and "server stopped" in out
