@@ -343,7 +343,7 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
 def prepare(
     input: str | Path,
     out: str | Path,
-    tokenizer: str = "char",
+    tokenizer: str | Tokenizer = "char",
     vocab_size: int | None = None,
     val_fraction: float = 0.1,
     overwrite: bool = False,
@@ -353,13 +353,18 @@ def prepare(
     """Tokenize a corpus into DIR/train.bin, DIR/val.bin, DIR/meta.json and the tokenizer.
 
     `input` is a text file, a folder or "shakespeare"; `tokenizer` is "char", "bpe"
-    (trained here, `vocab_size` defaults to 4096) or "gpt2". The first
+    (trained here, `vocab_size` defaults to 4096), "gpt2", or a ready `Tokenizer` object
+    (a pretrained model's own tokenizer, used as is). The first
     (1 - val_fraction) of the characters are train, the rest val. Everything is
     written into a temporary folder that is renamed to `out` only once complete.
     Returns the output folder.
     """
     # --- check the arguments before touching anything -------------------------
-    check_kind(tokenizer)
+    # A ready Tokenizer object (e.g. a pretrained model's own, see pretrained.py) is used as is.
+    given = tokenizer if isinstance(tokenizer, Tokenizer) else None
+    tokenizer = given.name if given is not None else tokenizer
+    if given is None:
+        check_kind(tokenizer)
     if vocab_size is not None and tokenizer != "bpe":
         raise FunGPTError(f"--vocab-size only applies to --tokenizer bpe, not {tokenizer}; leave it out")
     if tokenizer == "bpe" and vocab_size is not None:
@@ -374,8 +379,9 @@ def prepare(
     _check_out_dir(out, overwrite)
     files = resolve_source(input)
     total_bytes = sum(p.stat().st_size for p in files)
-    gpt2 = GPT2Tokenizer() if tokenizer == "gpt2" else None  # fail early if unavailable
-    separator = "\n" if tokenizer == "char" else EOT_TEXT
+    gpt2 = GPT2Tokenizer() if tokenizer == "gpt2" and given is None else None  # fail early if unavailable
+    has_eot = given.eot_id is not None if given is not None else tokenizer != "char"
+    separator = EOT_TEXT if has_eot else "\n"
 
     # --- pass 1: check, count and hash the corpus ---------------------------------
     hasher = hashlib.sha256()
@@ -410,8 +416,10 @@ def prepare(
         )
 
     # --- the tokenizer ---------------------------------------------------------------
-    if tokenizer == "char":
-        tok: Tokenizer = CharTokenizer(sorted(chars_seen))
+    if given is not None:
+        tok: Tokenizer = given
+    elif tokenizer == "char":
+        tok = CharTokenizer(sorted(chars_seen))
     elif tokenizer == "bpe":
         with _progress_bar(total_bytes, "training bpe", progress) as bar:
             chunks = (

@@ -85,3 +85,36 @@ def detect_precision(device: str, dtype: str) -> Precision:
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     cuda_bf16 = cuda and torch.cuda.is_bf16_supported()
     return choose_precision(device, dtype, cuda=cuda, mps=mps, cuda_bf16=cuda_bf16)
+
+
+def check_compile(device: str, *, platform: str | None = None, has_triton: bool | None = None,
+                  cxx: str | None = "detect") -> None:
+    """Refuse `compile = true` with one clear line where torch.compile cannot work.
+
+    torch.compile's default backend (inductor) writes new kernels and compiles them: on NVIDIA GPUs
+    with Triton (a separate package, Linux only in practice), on CPUs as C++ with the system's
+    compiler. On Apple MPS it is still experimental. Nothing in FunGPT needs Triton otherwise.
+    The capabilities are arguments so every case can be tested; by default they are detected.
+    """
+    import importlib.util
+    import shutil
+    import sys
+
+    platform = sys.platform if platform is None else platform
+    if has_triton is None:
+        has_triton = importlib.util.find_spec("triton") is not None
+    if cxx == "detect":
+        cxx = next((c for c in ("c++", "g++", "clang++", "cl") if shutil.which(c)), None)
+    fix = "set train.compile = false (training works the same, just without the compiled speed-up)"
+    if platform == "win32":
+        raise FunGPTError(f"train.compile = true is not supported on Windows here (torch.compile needs Triton "
+                          f"for GPUs and a configured C++ toolchain for CPUs); {fix}")
+    if device == "mps":
+        raise FunGPTError(f"train.compile = true is not supported on Apple MPS (torch.compile is experimental "
+                          f"there); {fix}")
+    if device == "cuda" and not has_triton:
+        raise FunGPTError(f"train.compile = true on a CUDA GPU needs the triton package, which is not installed: "
+                          f"pip install triton, or {fix}")
+    if device == "cpu" and cxx is None:
+        raise FunGPTError(f"train.compile = true on the CPU needs a C++ compiler (torch.compile builds C++ "
+                          f"kernels) and none was found: install g++ or clang, or {fix}")

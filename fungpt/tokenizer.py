@@ -15,12 +15,16 @@ small interface (`Tokenizer`):
 * ``gpt2``  - the exact 50,257-token encoding GPT-2 was trained with, through
   OpenAI's ``tiktoken``. Needed to load GPT-2 weights; its files are downloaded
   once and cached by tiktoken.
+* ``hf``    - the tokenizer that ships with a pretrained Hugging Face model folder
+  (``tokenizer.json``, or GPT-2's older ``vocab.json`` + ``merges.txt``), loaded with
+  the ``tokenizers`` library. It is never trained here: fine-tuning a pretrained
+  model must use the exact encoding the model learned (see pretrained.py).
 
 Every tokenizer can `save(dir)` itself and `load_tokenizer(dir)` reads back
 whichever kind was saved. The layout on disk is
 
-    dir/tokenizer_meta.json   {"kind": "char" | "bpe" | "gpt2", ...}
-    dir/tokenizer.json        (bpe only: the Hugging Face tokenizer file)
+    dir/tokenizer_meta.json   {"kind": "char" | "bpe" | "gpt2" | "hf", ...}
+    dir/tokenizer.json        (bpe and hf: the Hugging Face tokenizer file)
 
 For char, the vocabulary (list of characters) lives inside tokenizer_meta.json.
 
@@ -43,7 +47,8 @@ from fungpt.errors import FunGPTError
 EOT_TEXT = "<|endoftext|>"
 META_FILE = "tokenizer_meta.json"
 BPE_FILE = "tokenizer.json"
-KINDS = ("char", "bpe", "gpt2")
+KINDS = ("char", "bpe", "gpt2")  # kinds that `train_tokenizer` / `fungpt prepare --tokenizer` can make
+HF_KIND = "hf"  # loaded from a pretrained model's files, never trained (see HFTokenizer)
 
 # A byte-level BPE vocabulary always contains the 256 single bytes plus <|endoftext|>.
 MIN_BPE_VOCAB = 257
@@ -100,6 +105,10 @@ class Tokenizer:
     def _save_files(self, directory: Path) -> dict:
         """Write kind-specific files; return extra fields for tokenizer_meta.json."""
         return {}
+
+    def describe(self) -> str:
+        """One phrase naming this tokenizer, for messages: e.g. "char tokenizer (65 tokens)"."""
+        return f"{self.name} tokenizer ({self.vocab_size:,} tokens)"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size})"
@@ -270,6 +279,61 @@ class BPETokenizer(Tokenizer):
         return {"file": BPE_FILE}
 
 
+class HFTokenizer(BPETokenizer):
+    """The tokenizer of a pretrained Hugging Face model folder, loaded with the `tokenizers` library.
+
+    Two on-disk formats exist: `tokenizer.json` (one file with everything, what recent
+    models ship) and GPT-2's original pair `vocab.json` (token -> id) + `merges.txt` (the
+    merge rules, in the order they were learned). Both describe the same byte-level BPE.
+    `source` records where it came from, for messages ("hf tokenizer from models/gpt2").
+    """
+
+    name = HF_KIND
+
+    def __init__(self, hf_tokenizer, source: str = ""):
+        super().__init__(hf_tokenizer)
+        self.source = source
+
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> HFTokenizer:
+        """Read tokenizer.json, or else vocab.json + merges.txt, from a Hugging Face model folder."""
+        from tokenizers import Tokenizer as HFLibTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        directory = Path(directory)
+        try:
+            if (directory / BPE_FILE).is_file():
+                return cls(HFLibTokenizer.from_file(str(directory / BPE_FILE)), source=str(directory))
+            vocab, merges = directory / "vocab.json", directory / "merges.txt"
+            if vocab.is_file() and merges.is_file():
+                tok = HFLibTokenizer(models.BPE.from_file(str(vocab), str(merges)))
+                # GPT-2's recipe: split like GPT-2, work on bytes mapped to printable characters.
+                tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+                tok.decoder = decoders.ByteLevel()
+                if tok.token_to_id(EOT_TEXT) is not None:
+                    tok.add_special_tokens([EOT_TEXT])  # encode "<|endoftext|>" as one id, never split it
+                return cls(tok, source=str(directory))
+        except Exception as e:  # the library raises plain Exceptions for bad files
+            why = " ".join(str(e).split())  # one line
+            raise FunGPTError(f"could not read the tokenizer files in {directory}: {why}") from None
+        raise FunGPTError(
+            f"no tokenizer in {directory}: a Hugging Face model folder needs tokenizer.json, or vocab.json and "
+            "merges.txt; copy them from where the model came from"
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> HFTokenizer:
+        tok = BPETokenizer.load(path)._tok
+        return cls(tok, source=str(Path(path).parent))
+
+    def describe(self) -> str:
+        return f"hf tokenizer from {self.source} ({self.vocab_size:,} tokens)" if self.source else super().describe()
+
+    def _save_files(self, directory: Path) -> dict:
+        self._tok.save(str(directory / BPE_FILE))
+        return {"file": BPE_FILE, "source": self.source}
+
+
 def check_bpe_vocab_size(vocab_size: int) -> None:
     """Refuse vocabulary sizes that byte-level BPE cannot honour."""
     if not isinstance(vocab_size, int) or vocab_size < MIN_BPE_VOCAB:
@@ -413,4 +477,11 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         return BPETokenizer.load(bpe_path)
     if kind == "gpt2":
         return GPT2Tokenizer()
+    if kind == HF_KIND:
+        hf_path = meta_path.parent / str(meta.get("file", BPE_FILE))
+        if not hf_path.is_file():
+            raise FunGPTError(f"tokenizer file {hf_path} is missing; run `fungpt prepare` again")
+        tok = HFTokenizer.load(hf_path)
+        tok.source = str(meta.get("source") or tok.source)
+        return tok
     raise FunGPTError(f"tokenizer file {meta_path} names an unknown kind {kind!r}; expected one of {', '.join(KINDS)}")

@@ -1,0 +1,206 @@
+"""A plan before training: size, compute, memory and time, without writing a run folder.
+
+`fungpt train --config F --dry-run` answers "will this fit, and how long will it take?":
+
+  1. the model is built on PyTorch's "meta" device, where tensors have shapes but no storage,
+     so even gpt2-xl is counted in milliseconds without allocating 6 GB;
+  2. parameters, tokens per optimizer step and FLOPs per step follow from the shapes;
+  3. memory is estimated from the parts training keeps alive (below) and compared with what
+     the device has;
+  4. a few real optimizer steps are timed and the whole run's duration projected from them.
+
+Memory comes from `fungpt.inspection.estimate_memory` (the same estimate `fungpt inspect` prints):
+weights, gradients and AdamW state from the parameter count, activations from a per-layer formula
+checked against the tensors autograd saves, plus 16-bit weight copies and backward temporaries.
+
+The same estimate gives the advice printed on a CUDA out-of-memory error: the largest batch
+that fits and the grad_accum_steps that keep the same tokens per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from fungpt.config import RunConfig, default_model
+from fungpt.errors import FunGPTError
+from fungpt.hardware import Precision, detect_precision
+from fungpt.inspection import estimate_memory
+from fungpt.model import GPT, GPTConfig
+
+# Keep this fraction of the device free for the framework (CUDA context, allocator fragmentation).
+SAFETY = 0.9
+GIB = 1024**3
+
+
+def device_memory(device: str) -> int | None:
+    """Total memory of `device` in bytes (None where it cannot be told)."""
+    try:
+        if device.startswith("cuda"):
+            return int(torch.cuda.mem_get_info(device)[1])
+        if device == "mps":
+            return int(torch.mps.recommended_max_memory())
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))  # not on Windows
+    except Exception:  # noqa: BLE001 - no such device, no such API on this platform or torch build
+        return None
+
+
+def largest_batch(model_cfg: GPTConfig, dtype: str, memory: int) -> int:
+    """The largest micro-batch whose estimate fits in SAFETY * memory bytes (0 if not even one sequence)."""
+    fixed = estimate_memory(model_cfg, 0, dtype)["total"]
+    per_seq = estimate_memory(model_cfg, 1, dtype)["total"] - fixed
+    return max(0, int((SAFETY * memory - fixed) // per_seq))
+
+
+def batch_advice(cfg: RunConfig, dtype: str, memory: int) -> str:
+    """What to set when the batch does not fit: a smaller batch_size with more grad_accum_steps."""
+    tc = cfg.train
+    fit = largest_batch(cfg.model, dtype, memory)
+    if fit < 1:
+        fixed = estimate_memory(cfg.model, 0, dtype)["total"]
+        return (f"even one sequence does not fit: weights, gradients and AdamW state alone need about "
+                f"{fixed / GIB:.1f} GiB of {memory / GIB:.1f} GiB; use a smaller model or block_size, or a larger GPU")
+    fit = min(fit, tc.batch_size)
+    accum = math.ceil(tc.batch_size * tc.grad_accum_steps / fit)
+    return (f"the estimate says batch_size = {fit} fits; set train.batch_size = {fit} and "
+            f"train.grad_accum_steps = {accum} to keep about the same {tc.batch_size * tc.grad_accum_steps} "
+            f"sequences per optimizer step")
+
+
+def out_of_memory_advice(cfg: RunConfig, prec: Precision) -> str:
+    """The one-line message for a CUDA out-of-memory error during training."""
+    memory = device_memory("cuda")
+    head = (f"out of GPU memory with batch_size = {cfg.train.batch_size}, block_size = {cfg.model.block_size} "
+            f"({prec.dtype})")
+    if memory is None:
+        return f"{head}: lower train.batch_size and raise train.grad_accum_steps to keep the same tokens per step"
+    return f"{head}: {batch_advice(cfg, prec.dtype, memory)}"
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 1024**2:.1f} MiB"
+
+
+def _fmt_duration(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Print the plan for `cfg` and return its figures; trains a few steps to time them, saves nothing."""
+    from fungpt import pretrained
+    from fungpt.data import BatchLoader, check_split_fits, load_meta
+    from fungpt.tokenizer import load_tokenizer
+    from fungpt.train import configure_optimizer, resolve_data
+
+    tc = cfg.train
+    prec = detect_precision(tc.device, tc.dtype)
+    pre = pretrained.resolve(cfg.model.init_from) if pretrained.is_pretrained(cfg.model.init_from) else None
+    if pre is not None:
+        cfg = dataclasses.replace(cfg, model=pretrained.merge_model_config(cfg.model, pre.config, default_model()))
+    data_dir = resolve_data(cfg.data, progress=False, tokenizer=pre and pre.tokenizer)
+    meta = load_meta(data_dir)
+    if pre is not None:
+        pretrained.check_data_tokenizer(load_tokenizer(data_dir), data_dir, pre)
+    else:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=int(meta["vocab_size"])))
+    check_split_fits(meta, cfg.model.block_size)
+    mc = cfg.model
+
+    # 1-2. Size and compute, on the meta device: shapes only, no memory.
+    with torch.device("meta"):
+        meta_model = GPT(mc)
+    n_params = meta_model.num_params()
+    tokens_per_step = tc.batch_size * mc.block_size * tc.grad_accum_steps
+    flops_per_step = meta_model.flops_per_token() * tokens_per_step
+    del meta_model
+
+    # 3. Memory.
+    mem = estimate_memory(mc, tc.batch_size, prec.dtype)
+    have = device_memory(prec.device)
+    fits = have is None or mem["total"] <= SAFETY * have
+    out(f"fungpt: dry run: {prec.reason}")
+    start = f"pretrained {pre.name}" if pre else "scratch"
+    out(f"  model          {n_params:,} parameters ({mc.n_layer} layers, {mc.n_head} heads, n_embd {mc.n_embd}, "
+        f"block_size {mc.block_size}, vocab {mc.vocab_size:,}; from {start})")
+    out(f"  per step       {tokens_per_step:,} tokens (batch {tc.batch_size} x block {mc.block_size} x "
+        f"grad_accum {tc.grad_accum_steps}), {flops_per_step:.3g} FLOPs")
+    out(f"  memory         {_fmt_bytes(mem['total'])} estimated: weights {_fmt_bytes(mem['weights'])}, "
+        f"gradients {_fmt_bytes(mem['grads'])}, AdamW {_fmt_bytes(mem['optimizer'])}, "
+        + (f"16-bit weight copies {_fmt_bytes(mem['weight_copies'])}, " if mem["weight_copies"] else "")
+        + f"activations {_fmt_bytes(mem['activations'])} ({prec.dtype})")
+    if have is None:
+        out(f"  device         {prec.device}: its memory size is unknown here")
+    else:
+        verdict = "fits" if fits else f"does NOT fit: {batch_advice(cfg, prec.dtype, have)}"
+        out(f"  device         {prec.device} has {_fmt_bytes(have)}: {verdict}")
+
+    # 4. Time a few real steps (random weights: the speed does not depend on their values).
+    step_s = _time_steps(cfg, prec, data_dir, timed_steps, configure_optimizer, BatchLoader) if fits else None
+    result: dict[str, Any] = {"num_params": n_params, "tokens_per_step": tokens_per_step,
+                              "flops_per_step": flops_per_step, "memory": mem, "device_memory": have,
+                              "fits": fits, "device": prec.device, "dtype": prec.dtype, "step_s": step_s}
+    if step_s is not None:
+        # Each evaluation runs eval_iters forward passes on each of 2 splits; a forward pass is about a
+        # third of a micro-step (backward costs about twice the forward).
+        evals = tc.max_iters // tc.eval_interval + 2  # the periodic ones, the first and the final one
+        eval_s = evals * 2 * tc.eval_iters * step_s / tc.grad_accum_steps / 3
+        total_s = tc.max_iters * step_s + eval_s
+        line = (f"  time           {step_s * 1000:.0f} ms per step (median of {timed_steps}): {tc.max_iters:,} steps "
+                f"+ evals ~ {_fmt_duration(total_s)}")
+        if tc.max_minutes is not None and total_s > tc.max_minutes * 60:
+            steps_in_budget = int(max(0.0, tc.max_minutes * 60 - eval_s) / step_s)
+            line += f"; max_minutes = {tc.max_minutes} stops it after about {steps_in_budget:,} steps"
+            total_s = tc.max_minutes * 60
+        out(line)
+        result["projected_s"] = total_s
+    out("fungpt: dry run done (nothing was written; drop --dry-run to train)")
+    return result
+
+
+def _time_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_optimizer, batch_loader) -> float:
+    """Median seconds per optimizer step over `n` steps, after one warm-up step."""
+    tc = cfg.train
+    device = prec.device
+    torch.manual_seed(tc.seed)
+    model = GPT(cfg.model).to(device)
+    model.train()
+    optimizer = configure_optimizer(model, tc, device)
+    scaler = torch.amp.GradScaler(device, enabled=prec.needs_grad_scaler)
+    loader = batch_loader(data_dir, "train", tc.batch_size, cfg.model.block_size, device=device, seed=tc.seed)
+
+    def autocast():
+        if not prec.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device, dtype=prec.torch_dtype)
+
+    times = []
+    try:
+        for i in range(n + 1):
+            t0 = time.perf_counter()
+            for _ in range(tc.grad_accum_steps):
+                x, y = loader.next_batch()
+                with autocast():
+                    _, loss = model(x, y)
+                scaler.scale(loss / tc.grad_accum_steps).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i > 0:  # the first step pays one-off costs (allocations, kernel selection)
+                times.append(time.perf_counter() - t0)
+    except torch.cuda.OutOfMemoryError:
+        raise FunGPTError(out_of_memory_advice(cfg, prec)) from None
+    times.sort()
+    return times[len(times) // 2]

@@ -1,0 +1,306 @@
+"""Starting from pretrained GPT-2 weights: resolving `init_from`, its tokenizer, and its architecture.
+
+Fine-tuning means: take a model someone trained on a huge corpus, and keep training it on
+your (small) text with a small learning rate. It learns your text's style in minutes, where
+training from scratch would need days. Two things must come from the pretrained model:
+
+  * its architecture (layers, heads, width, vocabulary): the weights only fit that shape;
+  * its tokenizer: the model learned what each id means, so your text must be encoded with
+    exactly the same token ids. Data prepared with another tokenizer is refused.
+
+`[model] init_from` names the weights:
+
+  "scratch"                       random initialisation (the default)
+  a local folder                  a Hugging Face GPT-2 folder: config.json, model.safetensors (or
+                                  pytorch_model.bin) and tokenizer.json (or vocab.json + merges.txt)
+  gpt2, gpt2-medium,              a Hugging Face hub name (124M, 350M, 774M, 1.5B parameters),
+  gpt2-large, gpt2-xl             found in the huggingface_hub cache, downloaded when online
+
+Two settings may differ from the checkpoint: `block_size` may be smaller (the learned position
+table is cropped to its first rows, so the model simply never sees the later positions) and
+`dropout` (not part of the weights). Any other [model] field that is set to something other than
+both its default and the checkpoint's value is an error, so a config can never silently train a
+different model than it says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fungpt.errors import FunGPTError
+from fungpt.model import GPT, GPTConfig
+from fungpt.tokenizer import HFTokenizer, Tokenizer
+
+SCRATCH = "scratch"
+HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# What we need from a hub repository: the config, the weights and the tokenizer (not the
+# TensorFlow, Flax, ONNX... copies of the weights that the gpt2 repositories also hold).
+HUB_FILES = ["config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt"]
+# [model] fields that a fine-tuning config may set differently from the checkpoint.
+OVERRIDABLE = ("block_size", "dropout")
+# Text used to check that two tokenizers agree: letters, digits, punctuation, whitespace runs,
+# accents and an emoji, so different merges or vocabularies show up as different ids.
+PROBE_TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n  ROMEO. O, 1597 — "
+              "naïve café, 'tis well!  \t\"Quoth\" <|endoftext|> 😀 end.")
+
+
+@dataclass
+class Pretrained:
+    """A resolved `init_from`: where its files are, its architecture and its tokenizer."""
+
+    name: str  # as written in the config ("gpt2", "models/my-gpt2")
+    path: Path  # the local folder holding config.json, the weights and the tokenizer files
+    config: GPTConfig  # the architecture, exactly as in the checkpoint
+    tokenizer: Tokenizer
+
+
+def is_pretrained(init_from: str) -> bool:
+    return init_from != SCRATCH
+
+
+def _hub_folder(name: str) -> Path:
+    """The local snapshot folder of hub model `name`: from the cache, or downloaded when online."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FunGPTError(f"init_from = {name!r} needs the huggingface_hub package: pip install 'fungpt[hf]' "
+                          "(or pass a local Hugging Face GPT-2 folder)") from None
+    try:  # the cache first: works offline, and never touches the network when the files are there
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (the library raises several kinds of errors)
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise FunGPTError(_how_to_get(name, "HF_HUB_OFFLINE is set and it is not in the cache"))
+    try:
+        print(f"fungpt: downloading {name} from the Hugging Face hub (once; it is cached afterwards)")
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+    except Exception as e:  # noqa: BLE001 - no network, proxy, disk full...
+        why = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        raise FunGPTError(_how_to_get(name, f"it is not cached and the download failed ({why})")) from None
+
+
+def _how_to_get(name: str, why: str) -> str:
+    return (f"cannot load {name!r}: {why}. On a machine with internet run `huggingface-cli download {name}` "
+            f"(then copy ~/.cache/huggingface here, or set HF_HOME to it), or set init_from to a local folder "
+            f"holding the model's config.json, model.safetensors and tokenizer files")
+
+
+def resolve_path(init_from: str) -> Path:
+    """The local folder that `init_from` names (hub names go through the huggingface_hub cache)."""
+    path = Path(init_from).expanduser()
+    if path.is_dir():
+        return path
+    if init_from in HUB_NAMES:
+        return _hub_folder(init_from)
+    raise FunGPTError(f"model.init_from = {init_from!r} is neither 'scratch', a local Hugging Face GPT-2 folder, "
+                      f"nor a hub name ({', '.join(HUB_NAMES)}); check the path")
+
+
+def resolve(init_from: str) -> Pretrained:
+    """Find the checkpoint and read its architecture and tokenizer (the weights are loaded later)."""
+    path = resolve_path(init_from)
+    config = GPT.hf_config(path)
+    tokenizer = HFTokenizer.from_dir(path)
+    tokenizer.source = init_from  # messages then say "hf tokenizer from gpt2", not a cache path
+    if tokenizer.vocab_size > config.vocab_size:
+        raise FunGPTError(f"the tokenizer in {path} has {tokenizer.vocab_size:,} tokens but the model only "
+                          f"{config.vocab_size:,} embeddings: they do not belong together")
+    return Pretrained(init_from, path, config, tokenizer)
+
+
+def merge_model_config(asked: GPTConfig, checkpoint: GPTConfig, defaults: GPTConfig) -> GPTConfig:
+    """The architecture to fine-tune: the checkpoint's, with the allowed overrides from `asked`.
+
+    A field counts as set by the user when it differs from `defaults` (the config's defaults).
+    block_size may only shrink; dropout may be anything; any other field that is set must equal
+    the checkpoint's value. vocab_size always comes from the checkpoint.
+    """
+    ignored = {"vocab_size", "init_from", *OVERRIDABLE}
+    conflicts = []
+    for f in dataclasses.fields(GPTConfig):
+        if f.name in ignored:
+            continue
+        mine, theirs, default = getattr(asked, f.name), getattr(checkpoint, f.name), getattr(defaults, f.name)
+        if mine != default and mine != theirs:
+            conflicts.append(f"{f.name} = {mine!r} (the checkpoint has {theirs!r})")
+    if conflicts:
+        raise FunGPTError(f"[model] contradicts the pretrained model {asked.init_from!r}: {'; '.join(conflicts)}. "
+                          f"The architecture comes from the checkpoint: remove these settings (only block_size "
+                          f"and dropout may be changed)")
+    block_size = checkpoint.block_size
+    if asked.block_size != defaults.block_size:
+        if asked.block_size > checkpoint.block_size:
+            raise FunGPTError(f"model.block_size = {asked.block_size} is larger than the pretrained model's "
+                              f"{checkpoint.block_size} positions: use at most {checkpoint.block_size}")
+        block_size = asked.block_size
+    return dataclasses.replace(checkpoint, block_size=block_size, dropout=asked.dropout, init_from=asked.init_from)
+
+
+def load_weights(model: GPT, path: str | Path) -> None:
+    """Copy the pretrained weights of folder `path` into `model` (which may have a shorter block_size)."""
+    source = GPT.from_hf(path)
+    state = source.state_dict()
+    if "pos.wpe.weight" in state:  # crop the position table: keep the first block_size positions
+        state["pos.wpe.weight"] = state["pos.wpe.weight"][: model.config.block_size]
+    with torch.no_grad():
+        model.load_state_dict(state)
+
+
+def tokenizer_fingerprint(tok: Tokenizer) -> str:
+    """A short hash of how `tok` encodes the probe text (for cache folder names)."""
+    return hashlib.sha256(repr((tok.vocab_size, tok.encode(PROBE_TEXT))).encode()).hexdigest()[:12]
+
+
+def same_encoding(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether two tokenizers turn text into the same ids (checked on a varied probe text).
+
+    Comparing behaviour rather than names lets e.g. data prepared with tiktoken's `gpt2` encoding
+    be used for fine-tuning the hub's gpt2 model, whose tokenizer.json encodes identically.
+    """
+    if a.vocab_size != b.vocab_size:
+        return False
+    try:
+        return a.encode(PROBE_TEXT) == b.encode(PROBE_TEXT)
+    except FunGPTError:  # e.g. a char tokenizer that does not know the emoji
+        return False
+
+
+def check_data_tokenizer(data_tok: Tokenizer, data_dir: Path, pre: Pretrained) -> None:
+    """Refuse a prepared dataset whose tokens do not mean what the pretrained model expects."""
+    if not same_encoding(data_tok, pre.tokenizer):
+        raise FunGPTError(
+            f"the prepared data in {data_dir} was made with the {data_tok.describe()}, but the pretrained model "
+            f"{pre.name!r} needs its own {pre.tokenizer.describe()}: set data.path to the text itself (it is then "
+            f"encoded with the model's tokenizer) or prepare it again with that tokenizer"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Export: a run folder -> a Hugging Face GPT-2 folder (`fungpt export`)
+
+
+def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "last") -> Path:
+    """Write a run's weights and tokenizer as a Hugging Face GPT-2 folder.
+
+    The result loads with `transformers.GPT2LMHeadModel.from_pretrained(out_dir)` and
+    `transformers.AutoTokenizer.from_pretrained(out_dir)`. Everything is written into a temporary
+    folder renamed into place at the end, so a failure never leaves a half-exported folder.
+    """
+    import shutil
+
+    from fungpt.runs import load_run
+
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FunGPTError(f"--out {out} already exists and is not an empty folder; choose a new folder")
+    run = load_run(run_dir, checkpoint=checkpoint, device="cpu")
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        run.model.save_hf(tmp)
+        save_hf_tokenizer(run.tokenizer, tmp, run.model.config.block_size)
+        if out.exists():
+            out.rmdir()  # the empty folder checked above
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_hf_tokenizer(tok: Tokenizer, directory: Path, model_max_length: int) -> None:
+    """Write tokenizer.json + tokenizer_config.json, which transformers' AutoTokenizer reads.
+
+    bpe and hf tokenizers already are `tokenizers` objects. A char tokenizer becomes a word-level
+    model whose "words" are single characters (every character is split off, and decoding joins
+    them without spaces). GPT-2's tiktoken encoding is rebuilt as a byte-level BPE (see below).
+    """
+    import json
+
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFLibTokenizer
+
+    from fungpt.tokenizer import EOT_TEXT, BPETokenizer, CharTokenizer, GPT2Tokenizer
+
+    if isinstance(tok, BPETokenizer):  # also HFTokenizer
+        hf = tok._tok
+    elif isinstance(tok, CharTokenizer):
+        hf = HFLibTokenizer(models.WordLevel({c: i for i, c in enumerate(tok.chars)}, unk_token=None))
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
+        hf.decoder = decoders.Fuse()  # join tokens back without separators
+    elif isinstance(tok, GPT2Tokenizer):
+        hf = _tiktoken_to_hf(tok._enc)
+    else:
+        raise FunGPTError(f"cannot export a {tok.describe()} in Hugging Face format")
+    hf.save(str(directory / "tokenizer.json"))
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
+                              "clean_up_tokenization_spaces": False}
+    if tok.eot_id is not None:
+        config.update(bos_token=EOT_TEXT, eos_token=EOT_TEXT, unk_token=EOT_TEXT)
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def _byte_to_char() -> dict[int, str]:
+    """GPT-2's map from the 256 bytes to printable characters (how byte-level BPE files spell tokens).
+
+    Printable Latin-1 bytes stand for themselves; the others (controls, space...) are shifted to
+    code points from 256 up, in byte order.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _tiktoken_to_hf(enc):
+    """Rebuild a tiktoken byte-level BPE (e.g. GPT-2's) as a `tokenizers` BPE with vocab and merges.
+
+    tiktoken stores only each token's bytes and rank (= id, = merge order). The merge that made a
+    token is found by running BPE on its bytes using only lower-ranked merges: what is left are the
+    two parts that the token's own merge joins.
+    """
+    from tokenizers import Tokenizer as HFLibTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from fungpt.tokenizer import EOT_TEXT
+
+    ranks: dict[bytes, int] = enc._mergeable_ranks
+    spell = _byte_to_char()
+
+    def text(b: bytes) -> str:
+        return "".join(spell[x] for x in b)
+
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) == 1:
+            continue
+        parts = [bytes([x]) for x in token]
+        while len(parts) > 2:  # apply the lowest-ranked available merge, as BPE encoding does
+            pairs = [(ranks.get(parts[i] + parts[i + 1], 1 << 62), i) for i in range(len(parts) - 1)]
+            best, i = min(pairs)
+            if best >= rank:
+                break
+            parts[i: i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) == 2:
+            merges.append((text(parts[0]), text(parts[1])))
+    for special, sid in getattr(enc, "_special_tokens", {}).items():
+        vocab[special] = sid
+    hf = HFLibTokenizer(models.BPE(vocab, merges))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    if EOT_TEXT in vocab:
+        hf.add_special_tokens([EOT_TEXT])
+    return hf

@@ -1,0 +1,204 @@
+"""Fine-tuning a pretrained Hugging Face GPT-2 (`init_from`) and exporting a run back (`fungpt export`).
+
+Everything is hermetic: the "pretrained" model is a tiny random GPT-2 saved by transformers, with a
+byte-level BPE tokenizer trained here on the test corpus. No network, no hub downloads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fungpt import pretrained
+from fungpt.cli import main
+from fungpt.config import DataConfig, RunConfig, TrainConfig, default_model
+from fungpt.data import BatchLoader, prepare
+from fungpt.errors import FunGPTError
+from fungpt.runs import data_dir_of, load_run
+from fungpt.tokenizer import HFTokenizer, load_tokenizer
+from fungpt.train import train
+
+transformers = pytest.importorskip("transformers")
+
+N_POSITIONS = 64  # the pretrained model's context; the tests fine-tune with a cropped 32
+
+
+def _corpus_text() -> str:
+    lines = [f"the {a} {b} sat on the {c}.\n" for a in ("cat", "dog", "fox") for b in ("quietly", "slowly")
+             for c in ("mat", "log", "hill", "wall")]
+    return "".join(lines) * 30
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    """A random GPT-2 in Hugging Face format, with tokenizer.json + vocab.json/merges.txt trained on the spot."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    d = tmp_path_factory.mktemp("hf-gpt2")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([_corpus_text()], vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False)
+    bpe.save(str(d / "tokenizer.json"))
+    bpe.save_model(str(d))  # vocab.json + merges.txt, GPT-2's original format
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=bpe.get_vocab_size(), n_positions=N_POSITIONS, n_embd=32,
+                                     n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                     bos_token_id=0, eos_token_id=0)  # <|endoftext|> is id 0 here
+    transformers.GPT2LMHeadModel(config).save_pretrained(d)
+    return d
+
+
+@pytest.fixture()
+def corpus(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "corpus.txt"
+    path.write_text(_corpus_text(), encoding="utf-8")
+    return path
+
+
+def finetune_config(init_from: Path | str, data_path: Path, out_dir: Path, **model_overrides) -> RunConfig:
+    model = dataclasses.replace(default_model(), init_from=str(init_from), **model_overrides)
+    return RunConfig(out_dir=str(out_dir), data=DataConfig(path=str(data_path)), model=model,
+                     train=TrainConfig(batch_size=4, max_iters=10, lr=3e-3, min_lr=3e-3, warmup_iters=0,
+                                       lr_schedule="constant", eval_interval=100, eval_iters=2,
+                                       checkpoint_interval=100, log_interval=1, device="cpu"))
+
+
+def hf_model(path: Path) -> transformers.GPT2LMHeadModel:
+    return transformers.GPT2LMHeadModel.from_pretrained(path).eval()
+
+
+def test_finetune_matches_transformers_then_learns_then_exports(hf_dir, corpus, tmp_path):
+    out = tmp_path / "run"
+    cfg = finetune_config(hf_dir, corpus, out, block_size=32)
+    result = train(cfg, progress=False)
+    assert result["step"] == 10
+
+    # The architecture came from the checkpoint, with the position table cropped to 32.
+    saved = json.loads((out / "config.json").read_text(encoding="utf-8"))["model"]
+    assert (saved["n_layer"], saved["n_embd"], saved["block_size"]) == (2, 32, 32)
+    assert load_tokenizer(out).name == "hf"
+
+    # The first step's loss is the pretrained model's loss on the first batch, as transformers computes it.
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    train_rows = [r for r in rows if "lr" in r]
+    x, y = BatchLoader(data_dir_of(out), "train", 4, 32, device="cpu", seed=cfg.train.seed).next_batch()
+    with torch.no_grad():  # y is x shifted by one token: the next-token loss on all 32 positions
+        hf_logits = hf_model(hf_dir)(x).logits
+        expected = torch.nn.functional.cross_entropy(hf_logits.flatten(0, 1), y.flatten()).item()
+    assert train_rows[0]["step"] == 1
+    assert abs(train_rows[0]["train_loss"] - expected) < 1e-4
+    assert train_rows[-1]["train_loss"] < train_rows[0]["train_loss"] - 0.5  # it learns the corpus
+
+    # Export: transformers loads the fine-tuned weights with the same logits, and the tokenizer too.
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "hf-out")]) == 0
+    run = load_run(out, device="cpu")
+    idx = torch.randint(0, run.model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (hf_model(tmp_path / "hf-out")(idx).logits - run.model(idx)).abs().max().item()
+    assert diff < 1e-4
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf-out")
+    text = "the fox sat on the hill.<|endoftext|>the cat"
+    assert auto(text)["input_ids"] == run.tokenizer.encode(text)
+    assert auto.eos_token == "<|endoftext|>"
+    # Exporting again into the same (now full) folder is refused instead of mixing two exports.
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "hf-out")]) == 2
+
+
+def test_vocab_and_merges_format_encodes_like_tokenizer_json(hf_dir, tmp_path):
+    old_style = tmp_path / "old"
+    old_style.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        (old_style / name).write_bytes((hf_dir / name).read_bytes())
+    a, b = HFTokenizer.from_dir(hf_dir), HFTokenizer.from_dir(old_style)
+    text = "the dog sat quietly on the wall.<|endoftext|>and the fox"
+    assert a.encode(text) == b.encode(text)
+    assert b.decode(b.encode(text)) == text
+    assert b.encode("<|endoftext|>") == [b.eot_id]
+    with pytest.raises(FunGPTError, match="tokenizer.json, or vocab.json and merges.txt"):
+        HFTokenizer.from_dir(tmp_path)
+
+
+def test_data_prepared_with_another_tokenizer_is_refused(hf_dir, corpus, tmp_path):
+    prepared = prepare(corpus, tmp_path / "char-data", tokenizer="char", progress=False)
+    with pytest.raises(FunGPTError, match=r"char tokenizer .* needs its own hf tokenizer"):
+        train(finetune_config(hf_dir, prepared, tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # Prepared with the model's own tokenizer: accepted.
+    own = prepare(corpus, tmp_path / "own-data", tokenizer=HFTokenizer.from_dir(hf_dir), progress=False)
+    assert train(finetune_config(hf_dir, own, tmp_path / "run2", block_size=16), progress=False)["step"] == 10
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"n_layer": 6}, r"n_layer = 6 \(the checkpoint has 2\)"),
+    ({"n_embd": 64, "n_head": 8}, r"n_head = 8 .*n_embd = 64"),
+    ({"pos_encoding": "rope"}, "pos_encoding = 'rope'"),
+    ({"block_size": 128}, "larger than the pretrained model's 64 positions"),
+])
+def test_contradicting_model_fields_are_refused(hf_dir, corpus, tmp_path, override, message):
+    with pytest.raises(FunGPTError, match=message):
+        train(finetune_config(hf_dir, corpus, tmp_path / "run", **override), progress=False)
+
+
+def test_allowed_overrides_and_toml(hf_dir, tmp_path):
+    toml = tmp_path / "ft.toml"
+    toml.write_text(f'[model]\ninit_from = "{hf_dir.as_posix()}"\ndropout = 0.1\nblock_size = 16\nn_layer = 2\n',
+                    encoding="utf-8")
+    from fungpt.config import load_config
+
+    cfg = load_config(toml)
+    merged = pretrained.merge_model_config(cfg.model, pretrained.resolve(cfg.model.init_from).config,
+                                           default_model())
+    assert (merged.block_size, merged.dropout, merged.n_layer, merged.n_embd) == (16, 0.1, 2, 32)
+    assert merged.vocab_size == pretrained.resolve(str(hf_dir)).tokenizer.vocab_size
+
+
+def test_hub_name_offline_and_not_cached_says_how_to_get_it(tmp_path, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+    with pytest.raises(FunGPTError, match=r"huggingface-cli download gpt2-medium.*local folder"):
+        pretrained.resolve("gpt2-medium")
+    with pytest.raises(FunGPTError, match="neither 'scratch', a local Hugging Face GPT-2 folder, nor a hub name"):
+        pretrained.resolve(str(tmp_path / "no-such-model"))
+
+
+def test_export_char_run_tokenizer_loads_in_transformers(corpus, tmp_path):
+    from fungpt.model import GPTConfig
+
+    out = tmp_path / "char-run"
+    cfg = RunConfig(out_dir=str(out), data=DataConfig(path=str(corpus)),
+                    model=GPTConfig(vocab_size=1, block_size=16, n_layer=1, n_head=2, n_embd=16),
+                    train=TrainConfig(batch_size=2, max_iters=2, eval_iters=1, log_interval=1, device="cpu"))
+    train(cfg, progress=False)
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "exp")]) == 0
+    run = load_run(out, device="cpu")
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "exp")
+    text = "the dog sat\non the mat."
+    assert auto(text)["input_ids"] == run.tokenizer.encode(text)
+    assert auto.decode(run.tokenizer.encode(text)) == text
+
+
+def test_gpt2_tiktoken_encoding_converts_to_the_same_bpe():
+    tiktoken = pytest.importorskip("tiktoken")
+    # A small tiktoken encoding (GPT-2's regex, merges learned by the tokenizers library) stands in
+    # for GPT-2's, which would need a download.
+    from tokenizers import ByteLevelBPETokenizer
+
+    from fungpt.tokenizer import GPT2Tokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([_corpus_text()], vocab_size=290, show_progress=False)
+    inv = {v: k for k, v in pretrained._byte_to_char().items()}
+    ranks = {bytes(inv[ch] for ch in tok): i for tok, i in bpe.get_vocab().items()}
+    pat = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    enc = tiktoken.Encoding("tiny", pat_str=pat, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": len(ranks)})
+    ours = GPT2Tokenizer(encoding=enc)
+    hf = pretrained._tiktoken_to_hf(enc)
+    text = "the quietly slow fox sat on 12 walls, 'tis said.<|endoftext|>  end\n"
+    assert hf.encode(text).ids == ours.encode(text)
+    assert hf.decode(ours.encode(text), skip_special_tokens=False) == text

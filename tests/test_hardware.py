@@ -1,0 +1,254 @@
+"""Device and precision choice, float16 loss scaling on the CPU, compile refusal, the dry-run plan,
+out-of-memory advice and the wall-clock budget (`max_minutes`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from fungpt import checkpoint as ckpt
+from fungpt import plan
+from fungpt.cli import main
+from fungpt.config import DataConfig, RunConfig, TrainConfig
+from fungpt.errors import FunGPTError
+from fungpt.hardware import check_compile, choose_precision
+from fungpt.inspection import estimate_memory
+from fungpt.model import GPT, GPTConfig
+from fungpt.runs import load_run
+from fungpt.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- the choice table
+
+@pytest.mark.parametrize(("device", "dtype", "cuda", "mps", "bf16", "want"), [
+    ("auto", "auto", True, False, True, ("cuda", "bfloat16")),
+    ("auto", "auto", True, False, False, ("cuda", "float16")),  # e.g. T4, V100: float16 + GradScaler
+    ("auto", "auto", True, True, True, ("cuda", "bfloat16")),  # CUDA before MPS
+    ("auto", "auto", False, True, False, ("mps", "float32")),
+    ("auto", "auto", False, False, False, ("cpu", "float32")),
+    ("cpu", "auto", True, False, True, ("cpu", "float32")),
+    ("cpu", "float16", False, False, False, ("cpu", "float16")),  # allowed: it is how the CPU tests run it
+    ("cuda", "float32", True, False, True, ("cuda", "float32")),
+    ("mps", "auto", False, True, False, ("mps", "float32")),
+])
+def test_choice_table(device, dtype, cuda, mps, bf16, want):
+    p = choose_precision(device, dtype, cuda=cuda, mps=mps, cuda_bf16=bf16)
+    assert (p.device, p.dtype) == want
+    assert p.needs_grad_scaler == (p.dtype == "float16")
+    assert p.reason.startswith(f"device {p.device}")  # the one line printed and saved in run.json
+
+
+@pytest.mark.parametrize(("device", "dtype", "cuda", "mps", "bf16", "message"), [
+    ("cuda", "auto", False, False, False, "no CUDA GPU"),
+    ("mps", "auto", False, False, False, "MPS backend is not available"),
+    ("cuda", "bfloat16", True, False, False, "does not support it"),
+])
+def test_asking_for_what_the_machine_lacks_is_an_error(device, dtype, cuda, mps, bf16, message):
+    with pytest.raises(FunGPTError, match=message):
+        choose_precision(device, dtype, cuda=cuda, mps=mps, cuda_bf16=bf16)
+
+
+def test_compile_is_refused_where_it_cannot_work():
+    with pytest.raises(FunGPTError, match="Windows"):
+        check_compile("cpu", platform="win32", cxx="cl")
+    with pytest.raises(FunGPTError, match="needs the triton package"):
+        check_compile("cuda", platform="linux", has_triton=False)
+    with pytest.raises(FunGPTError, match="MPS"):
+        check_compile("mps", platform="darwin")
+    with pytest.raises(FunGPTError, match="C\\+\\+ compiler"):
+        check_compile("cpu", platform="linux", cxx=None)
+    check_compile("cuda", platform="linux", has_triton=True)  # these work: no error
+    check_compile("cpu", platform="linux", cxx="g++")
+
+
+# ----------------------------------------------------------------------------- float16 + GradScaler on CPU
+
+def tiny_model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=32))
+
+
+def test_grad_scaler_skips_an_overflowing_step_and_lowers_the_scale():
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    # A scale so large that float16 gradients overflow; backing off 256x per skipped step.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-8)
+    x = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(0))
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.float16):
+            _, loss = model(x, x)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # skipped: weights unchanged
+    assert scaler.get_scale() < 2.0**40  # and the scale backed off
+    for _ in range(6):  # the scale keeps backing off until the gradients fit, then steps happen
+        step()
+        if any(not torch.equal(a, p) for a, p in zip(before, model.parameters())):
+            break
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+@pytest.fixture()
+def corpus(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    lines = [f"the {a} {b} sat on the {c}.\n" for a in ("cat", "dog", "fox") for b in ("quietly", "slowly")
+             for c in ("mat", "log", "hill", "wall")]
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(lines) * 40, encoding="utf-8")
+    return path
+
+
+def tiny_config(corpus: Path, out_dir: Path, **train_kw) -> RunConfig:
+    kw = dict(batch_size=4, max_iters=8, lr=3e-3, min_lr=3e-4, warmup_iters=0, eval_interval=1000, eval_iters=2,
+              checkpoint_interval=1000, log_interval=1, device="cpu")
+    kw.update(train_kw)
+    return RunConfig(out_dir=str(out_dir), data=DataConfig(path=str(corpus)),
+                     model=GPTConfig(vocab_size=1, block_size=16, n_layer=1, n_head=2, n_embd=32),
+                     train=TrainConfig(**kw))
+
+
+def test_training_in_float16_on_cpu_survives_overflow_without_the_nan_guard(corpus, tmp_path, monkeypatch):
+    class HugeScale(torch.amp.GradScaler):
+        def __init__(self, device, enabled=True):
+            super().__init__(device, init_scale=2.0**40, enabled=enabled)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", HugeScale)
+    out = tmp_path / "fp16"
+    result = train(tiny_config(corpus, out, dtype="float16", max_iters=30), progress=False)
+    assert result["step"] == 30  # the NaN guard did not stop it: the scaler skipped the inf steps
+    info = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert (info["device"], info["dtype"]) == ("cpu", "float16") and "float16" in info["precision_reason"]
+    state = ckpt.load_state(ckpt.find_checkpoint(out))
+    assert state["scaler"]["scale"] < 2.0**40  # it backed off
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    losses = [r["train_loss"] for r in rows if "lr" in r]
+    assert losses[-1] < losses[0]  # and trained once the scale fitted
+
+
+# ----------------------------------------------------------------------------- dry run and memory
+
+def test_dry_run_counts_what_a_real_run_builds_and_writes_nothing(corpus, tmp_path, capsys):
+    cfg = tiny_config(corpus, tmp_path / "run", max_iters=2)
+    figures = plan.dry_run(cfg, timed_steps=1)
+    printed = capsys.readouterr().out
+    assert not (tmp_path / "run").exists()  # no run folder
+    assert "parameters" in printed and "FLOPs" in printed and "ms per step" in printed
+    train(cfg, progress=False)
+    real = load_run(tmp_path / "run", device="cpu").model
+    assert figures["num_params"] == real.num_params()
+    assert figures["tokens_per_step"] == 4 * 16
+    assert figures["flops_per_step"] == real.flops_per_token() * 4 * 16
+    assert figures["step_s"] > 0  # timed and figures["projected_s"] > 0
+
+
+def test_dry_run_from_the_cli(corpus, tmp_path, capsys):
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'out_dir = "{(tmp_path / "r").as_posix()}"\n[data]\npath = "{corpus.as_posix()}"\n'
+                    '[model]\nn_layer = 1\nn_embd = 32\nn_head = 2\nblock_size = 16\n'
+                    '[train]\ndevice = "cpu"\nmax_iters = 50\nbatch_size = 2\n', encoding="utf-8")
+    assert main(["train", "--config", str(toml), "--dry-run"]) == 0
+    assert "projected" not in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+MEASURE = textwrap.dedent("""
+    import json, sys
+    import torch
+
+    def status_kib(field):
+        for line in open("/proc/self/status", encoding="utf-8"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+
+    from fungpt.model import GPT, GPTConfig
+    from fungpt.train import configure_optimizer
+    from fungpt.config import TrainConfig
+    torch.set_num_threads(1)
+    cfg = GPTConfig(**json.loads(sys.argv[1]))
+    B = int(sys.argv[2])
+    x = torch.randint(0, cfg.vocab_size, (B, cfg.block_size))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident size (VmHWM) to the current one (Linux >= 4.0)
+    base = status_kib("VmRSS")
+    model = GPT(cfg)
+    opt = configure_optimizer(model, TrainConfig(), "cpu")
+    for _ in range(2):
+        _, loss = model(x, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    print((status_kib("VmHWM") - base) * 1024)
+""")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads the peak resident size from Linux's /proc")
+def test_memory_estimate_is_within_2x_of_the_measured_peak():
+    """Measured: in a fresh process, the peak resident memory (VmHWM, reset through /proc/self/clear_refs
+    just before the model is built) minus the resident memory then, over two training steps. The CPU
+    allocator returns freed memory, so the peak is what training really held at once."""
+    model_cfg = GPTConfig(vocab_size=512, block_size=128, n_layer=4, n_head=4, n_embd=256)
+    batch = 8
+    out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(model_cfg.to_dict()), str(batch)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    measured = int(out.stdout.split()[-1])
+    estimate = estimate_memory(model_cfg, batch, "float32")["total"]
+    assert measured / 2 <= estimate <= measured * 2, (estimate, measured)
+
+
+def test_out_of_memory_gives_the_batch_that_fits(corpus, tmp_path, monkeypatch):
+    forward = GPT.forward
+
+    def oom(self, *args, **kwargs):  # training steps run out of memory; evaluation (no gradients) fits
+        if torch.is_grad_enabled():
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", oom)
+    monkeypatch.setattr(plan, "device_memory", lambda device: 1024**2)  # pretend a 1 MiB GPU
+    cfg = tiny_config(corpus, tmp_path / "run", batch_size=64, grad_accum_steps=2)
+    fixed = estimate_memory(GPTConfig(**{**cfg.model.to_dict(), "vocab_size": 100}), 0, "float32")["total"]
+    assert fixed < 1024**2 * plan.SAFETY  # the model itself fits in the pretend GPU
+    with pytest.raises(FunGPTError, match=r"out of GPU memory") as err:
+        train(cfg, progress=False)
+    msg = str(err.value)
+    fit = int(msg.split("train.batch_size = ")[1].split()[0])
+    accum = int(msg.split("train.grad_accum_steps = ")[1].split()[0])
+    assert 1 <= fit < 64 and fit * accum >= 64 * 2 and fit * (accum - 1) < 64 * 2
+
+
+# ----------------------------------------------------------------------------- time budget
+
+def test_max_minutes_stops_on_time_with_the_schedule_decayed(corpus, tmp_path):
+    out = tmp_path / "budget"
+    budget_min = 0.1  # 6 seconds
+    cfg = tiny_config(corpus, out, max_iters=1_000_000, warmup_iters=10, lr_decay_iters=100,
+                      checkpoint_interval=200, max_minutes=budget_min)
+    result = train(cfg, progress=False)
+    assert 0 < result["step"] < 1_000_000
+    # "On time": the whole command, final eval and checkpoint included, within the budget
+    # (a little slack for the machine being shared).
+    assert result["elapsed_s"] <= budget_min * 60 + 2.0
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert max(lrs) > 0.9 * cfg.train.lr  # warmed up, then decayed ...
+    assert (lrs[-1] - cfg.train.min_lr) / (cfg.train.lr - cfg.train.min_lr) < 0.02  # ... to min_lr at the end
+    assert rows[-1]["step"] == result["step"] and "val_loss" in rows[-1]  # final eval
+
+    # Resume counts the time already spent: the budget is gone, so it only re-evaluates and saves.
+    again = train(cfg, resume=True, progress=False)
+    assert again["step"] == result["step"]
