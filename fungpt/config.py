@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +116,17 @@ class TrainConfig:
     max_minutes: float | None = None
     """Wall-clock budget for the whole command; when set, the lr schedule runs on the fraction of the
     budget used instead of on steps, and training ends with a final eval and checkpoint on time."""
+    optimizer: str = "adamw"
+    """adamw (everything on AdamW), or muon: the 2-D matrices inside the blocks on Muon (Jordan et al.
+    2024, "Muon: MomentUm Orthogonalized by Newton-Schulz", the modded-nanogpt speedrun optimizer;
+    torch.optim.Muon), embeddings, output head, norms and biases on AdamW at lr."""
+    muon_lr: float = 0.03
+    """Peak learning rate of the Muon matrices (scheduled like lr: warmup and decay scale both)."""
+    muon_momentum: float = 0.95
+    """Muon's (Nesterov) momentum."""
+    eval_full_val: bool = False
+    """Score every eval's val loss on the entire val split (every token once) instead of eval_iters
+    random batches: exact and comparable across runs, at the cost of one pass over the split."""
     skip_nonfinite: bool = False
     """Skip an optimizer step whose loss or gradient is NaN/inf instead of stopping with an error."""
     tensorboard: bool = False
@@ -146,6 +159,10 @@ class TrainConfig:
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise FunGPTError(f"train.max_minutes = {self.max_minutes} must be positive (or unset)")
         _check_choice("train", "lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("train", "optimizer", self.optimizer, ("adamw", "muon"))
+        if self.muon_lr <= 0 or not 0.0 <= self.muon_momentum < 1.0:
+            raise FunGPTError(f"train.muon_lr = {self.muon_lr} must be positive and train.muon_momentum = "
+                              f"{self.muon_momentum} in [0, 1)")
         _check_choice("train", "device", self.device, DEVICES)
         _check_choice("train", "dtype", self.dtype, DTYPES)
 
@@ -158,6 +175,11 @@ class TrainConfig:
 def _default_model() -> GPTConfig:
     # A small model that trains on a laptop CPU in minutes; vocab_size is set from the data.
     return GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
+
+
+def default_model() -> GPTConfig:
+    """The [model] defaults of a run config (with init_from, a field differing from these counts as set)."""
+    return _default_model()
 
 
 @dataclass
@@ -198,10 +220,37 @@ def _build_section(klass: type, values: Any, where: str, defaults: Any) -> Any:
         raise FunGPTError(f"{where}: unknown setting(s) {sorted(unknown)}; "
                           f"see `fungpt train --help` for the valid ones")
     merged = {**dataclasses.asdict(defaults), **values}
+    for name in values:
+        merged[name] = _check_type(klass, name, values[name], where)
     try:
         return klass(**merged)
     except TypeError as e:  # e.g. a wrong type that the dataclass cannot take
         raise FunGPTError(f"{where}: {e}") from None
+
+
+def _check_type(klass: type, name: str, value: Any, where: str) -> Any:
+    """Check a value from a file against the field's annotation; return it (an int is fine for a float).
+
+    TOML and JSON values arrive untyped as far as the dataclass is concerned, so without this
+    `batch_size = "four"` would fail deep inside a comparison with a confusing message.
+    """
+    hint = typing.get_type_hints(klass).get(name)
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return value
+    for t in options:
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is str and isinstance(value, str):
+            return value
+        if t not in (bool, int, float, str, type(None)):
+            return value  # a type this simple check does not know: let the dataclass judge
+    wanted = " or ".join("null" if t is type(None) else getattr(t, "__name__", str(t)) for t in options)
+    raise FunGPTError(f"{where}: {name} = {value!r} should be of type {wanted}")
 
 
 def load_config(path: str | Path) -> RunConfig:
@@ -214,6 +263,10 @@ def load_config(path: str | Path) -> RunConfig:
             d = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise FunGPTError(f"config file {path} is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:  # TOML files must be UTF-8
+        raise FunGPTError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:  # e.g. a folder or an unreadable file
+        raise FunGPTError(f"cannot read config file {path}: {e.strerror or e}") from None
     return RunConfig.from_dict(d, source=str(path))
 
 

@@ -70,6 +70,10 @@ class GPTConfig:
     """Normalisation layer: 'layernorm' (GPT-2) or 'rmsnorm'."""
     qk_norm: bool = False
     """RMS-normalise queries and keys per head before attention (stabilises training)."""
+    init_from: str = "scratch"
+    """Where training starts: 'scratch' (random weights), a local Hugging Face GPT-2 folder, or a hub name
+    (gpt2, gpt2-medium, gpt2-large, gpt2-xl). Not part of the architecture: GPT ignores it, and with a
+    pretrained start the architecture comes from the checkpoint (see pretrained.py)."""
 
     def __post_init__(self):
         # Types first, so that e.g. a YAML "1e-4" string gives a clear message.
@@ -389,6 +393,7 @@ class GPT(nn.Module):
         generator: torch.Generator | None = None,
         use_cache: bool = True,
         yield_logits: bool = False,
+        lookahead: int = 0,
     ) -> Iterator[torch.Tensor]:
         """Continue the prompt idx (B, T) one token at a time, yielding each new token's ids (B,).
 
@@ -401,27 +406,79 @@ class GPT(nn.Module):
         sequence outgrows block_size the window slides: positions restart at 0 for the
         last block_size tokens (exactly what the uncached path sees), so the cache is
         rebuilt from that window, at every step from then on.
+
+        lookahead=k > 0 (greedy decoding, temperature=0, batch size 1, with the cache) turns on
+        prompt-lookup speculation (Saxena 2023, "Prompt Lookup Decoding"; the verification
+        step is Leviathan et al. 2023's speculative decoding): guess the next k tokens by finding
+        the latest earlier occurrence of the last few tokens and copying what followed it, then
+        check all guesses in one forward pass. Every guess that equals the model's own argmax is
+        kept, plus the model's token at the first wrong guess, so the output is the same greedy
+        sequence; it only arrives sooner, because one pass over the weights (the cost of
+        decoding one token on a CPU, where reading the weights from memory dominates) can
+        yield several tokens.
         """
         if idx.dim() != 2 or idx.size(1) == 0:
             raise FunGPTError("generate needs a (B, T) prompt with at least one token: pass a non-empty prompt")
+        if lookahead < 0:
+            raise FunGPTError(f"lookahead={lookahead} must be >= 0 (0 turns speculation off)")
         block_size = self.config.block_size
+        B, T0 = idx.shape
+        # All tokens so far, preallocated: writing into a buffer is cheaper than torch.cat every step.
+        seq = torch.empty(B, T0 + max_new_tokens, dtype=idx.dtype, device=idx.device)
+        seq[:, :T0] = idx
+        n = T0  # tokens filled in seq
+        speculate = lookahead > 0 and use_cache and temperature == 0 and B == 1
+        history = idx[0].tolist() if speculate else []  # a Python list makes the n-gram search cheap
         was_training = self.training
         self.eval()  # no dropout while generating
         try:
-            cache = self.make_kv_cache(idx.size(0)) if use_cache else None
-            for _ in range(max_new_tokens):
+            cache = self.make_kv_cache(B) if use_cache else None
+            while n < T0 + max_new_tokens:
                 if cache is None:
-                    logits = self(idx[:, -block_size:])  # (B, T', V)
+                    logits = self(seq[:, max(0, n - block_size) : n])  # (B, T', V)
                 elif cache.pos == 0 or cache.pos >= block_size:
                     cache.reset()  # (re)fill the cache from the current window
-                    logits = self(idx[:, -block_size:], kv_cache=cache)
+                    logits = self(seq[:, max(0, n - block_size) : n], kv_cache=cache)
+                elif speculate and cache.pos + 1 + lookahead <= block_size:
+                    draft = _lookup_draft(history, min(lookahead, T0 + max_new_tokens - n - 1))
+                    if draft:
+                        yield from self._verify_draft(seq, n, draft, cache, history, yield_logits)
+                        n = len(history)  # history holds the prompt and every token yielded so far
+                        continue
+                    logits = self(seq[:, n - 1 : n], kv_cache=cache)
                 else:
-                    logits = self(idx[:, -1:], kv_cache=cache)  # (B, 1, V): just the newest token
+                    logits = self(seq[:, n - 1 : n], kv_cache=cache)  # (B, 1, V): just the newest token
                 next_id = sample_next_token(logits[:, -1, :], generator, temperature, top_k, top_p)  # (B, 1)
-                idx = torch.cat((idx, next_id), dim=1)  # (B, T + 1)
+                seq[:, n] = next_id[:, 0]
+                n += 1
+                if speculate:
+                    history.append(int(next_id))
                 yield (next_id[:, 0], logits[:, -1, :]) if yield_logits else next_id[:, 0]
         finally:
             self.train(was_training)
+
+    def _verify_draft(self, seq, n, draft, cache, history, yield_logits):
+        """Check draft tokens with one cached forward pass; yield the accepted ones (greedy, B = 1).
+
+        Input: the newest token seq[:, n-1] followed by the k draft tokens. Output position i
+        predicts the token after input i, so the draft token i is right iff it equals the argmax
+        at position i. We keep the right prefix plus the model's own token where the first
+        wrong guess was, and roll the cache back over the rejected positions.
+        """
+        start = cache.pos
+        chunk = torch.tensor([[int(seq[0, n - 1])] + draft], dtype=seq.dtype, device=seq.device)  # (1, 1 + k)
+        logits = self(chunk, kv_cache=cache)  # (1, 1 + k, V)
+        preds = logits[0].argmax(dim=-1).tolist()  # 1 + k greedy tokens
+        accepted = 0
+        while accepted < len(draft) and draft[accepted] == preds[accepted]:
+            accepted += 1
+        new = preds[: accepted + 1]  # the right guesses, then the model's correction (or one bonus token)
+        cache.pos = start + 1 + accepted  # keys/values of rejected guesses sit beyond pos: never read
+        for i, tok in enumerate(new):
+            seq[0, n + i] = tok
+            history.append(tok)
+            ids = seq[:, n + i]  # (1,)
+            yield (ids, logits[:, i, :]) if yield_logits else ids
 
     @torch.no_grad()
     def generate(
@@ -433,9 +490,11 @@ class GPT(nn.Module):
         top_p: float | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        lookahead: int = 0,
     ) -> torch.Tensor:
         """Like generate_stream, but returns the prompt plus all new tokens: (B, T + max_new_tokens)."""
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache))
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache,
+                                        lookahead=lookahead))
         return torch.cat([idx] + [t[:, None] for t in new], dim=1)
 
     # ------------------------------------------------------------------ accounting
@@ -477,29 +536,7 @@ class GPT(nn.Module):
     def from_hf(cls, path: str | os.PathLike) -> "GPT":
         """Load a local Hugging Face GPT-2 folder (any size gpt2 .. gpt2-xl), e.g. from save_pretrained."""
         path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FunGPTError(
-                f"no Hugging Face model at '{path}' (config.json missing): pass a local folder with "
-                "config.json and model.safetensors or pytorch_model.bin"
-            )
-        hf = json.loads((path / "config.json").read_text())
-        if hf.get("model_type", "gpt2") != "gpt2":
-            raise FunGPTError(f"'{path}' holds a {hf['model_type']!r} model: only GPT-2 checkpoints can be loaded")
-        act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(
-            hf.get("activation_function", "gelu_new")
-        )
-        n_embd = hf["n_embd"]
-        if act is None or hf.get("n_inner") not in (None, 4 * n_embd) or hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
-            raise FunGPTError(
-                f"'{path}' uses GPT-2 options FunGPT lacks (activation_function, n_inner or "
-                "layer_norm_epsilon differ from GPT-2's): use a standard GPT-2 checkpoint"
-            )
-        config = GPTConfig(
-            vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
-            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=n_embd, bias=True, pos_encoding="learned",
-            activation=act, tie_embeddings=hf.get("tie_word_embeddings", True), norm="layernorm",
-        )
-
+        config = cls.hf_config(path)
         hf_sd = _load_hf_weights(path)
         sd = {}
         for key, t in hf_sd.items():
@@ -530,6 +567,33 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             model.lm_head.weight = model.wte.weight  # assign=True replaced wte's parameter: re-tie
         return model
+
+    @staticmethod
+    def hf_config(path: str | os.PathLike) -> GPTConfig:
+        """The architecture of a local Hugging Face GPT-2 folder, read from its config.json (no weights)."""
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FunGPTError(
+                f"no Hugging Face model at '{path}' (config.json missing): pass a local folder with "
+                "config.json and model.safetensors or pytorch_model.bin"
+            )
+        hf = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        if hf.get("model_type", "gpt2") != "gpt2":
+            raise FunGPTError(f"'{path}' holds a {hf['model_type']!r} model: only GPT-2 checkpoints can be loaded")
+        act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(
+            hf.get("activation_function", "gelu_new")
+        )
+        n_embd = hf["n_embd"]
+        if act is None or hf.get("n_inner") not in (None, 4 * n_embd) or hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
+            raise FunGPTError(
+                f"'{path}' uses GPT-2 options FunGPT lacks (activation_function, n_inner or "
+                "layer_norm_epsilon differ from GPT-2's): use a standard GPT-2 checkpoint"
+            )
+        return GPTConfig(
+            vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
+            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=n_embd, bias=True, pos_encoding="learned",
+            activation=act, tie_embeddings=hf.get("tie_word_embeddings", True), norm="layernorm",
+        )
 
     def save_hf(self, path: str | os.PathLike) -> None:
         """Save as a Hugging Face GPT-2 folder (config.json + model.safetensors) for GPT2LMHeadModel."""
@@ -578,7 +642,7 @@ class GPT(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path / "model.safetensors.tmp"), metadata={"format": "pt"})
-        (path / "config.json.tmp").write_text(json.dumps(hf_config, indent=2) + "\n")
+        (path / "config.json.tmp").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
         os.replace(path / "config.json.tmp", path / "config.json")
 
@@ -592,11 +656,33 @@ def _load_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     if (path / "model.safetensors.index.json").is_file():
         from safetensors.torch import load_file
 
-        shards = set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values())
+        index = (path / "model.safetensors.index.json").read_text(encoding="utf-8")
+        shards = set(json.loads(index)["weight_map"].values())
         return {k: v for shard in sorted(shards) for k, v in load_file(str(path / shard)).items()}
     if (path / "pytorch_model.bin").is_file():
         return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
     raise FunGPTError(f"no weights in '{path}': expected model.safetensors or pytorch_model.bin")
+
+
+def _lookup_draft(history: list[int], k: int, max_ngram: int = 3) -> list[int]:
+    """Guess up to k next tokens by copying: find the latest earlier occurrence of the last n
+    tokens (n = max_ngram down to 1) and return the k tokens that followed it ([] if none).
+
+    The copy may run past the end of history into the guess itself (as in LZ77 compression), so a
+    repeating pattern such as "abcabc" is continued for all k tokens, not cut off at the end.
+    """
+    if k <= 0:
+        return []
+    for size in range(min(max_ngram, len(history) - 1), 0, -1):
+        tail = history[-size:]
+        for start in range(len(history) - size - 1, -1, -1):  # latest match first, never the tail itself
+            if history[start : start + size] == tail:
+                source = history[start + size :]  # what followed the match, then (by overlap) the guess itself
+                draft: list[int] = []
+                for i in range(k):
+                    draft.append(source[i] if i < len(source) else draft[i - len(source)])
+                return draft
+    return []
 
 
 def sample_next_token(

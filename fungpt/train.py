@@ -36,12 +36,13 @@ import torch
 import torch.distributed as dist
 
 from fungpt import checkpoint as ckpt
-from fungpt.config import DataConfig, RunConfig, TrainConfig, load_run_config
-from fungpt.data import BatchLoader, cache_dir, check_split_fits, load_meta, prepare, resolve_source
+from fungpt import pretrained
+from fungpt.config import DataConfig, RunConfig, TrainConfig, default_model, load_run_config
+from fungpt.data import BatchLoader, cache_dir, check_split_fits, iter_eval_windows, load_meta, prepare, resolve_source
 from fungpt.errors import FunGPTError
-from fungpt.hardware import Precision, detect_precision
+from fungpt.hardware import Precision, check_compile, detect_precision
 from fungpt.model import GPT
-from fungpt.tokenizer import load_tokenizer
+from fungpt.tokenizer import Tokenizer, load_tokenizer
 
 # ----------------------------------------------------------------------------------------------
 # Setup helpers
@@ -74,11 +75,13 @@ def setup_distributed(device: str) -> Dist:
     return d
 
 
-def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True) -> Path:
+def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
+                 tokenizer: Tokenizer | None = None) -> Path:
     """Return a prepared dataset folder for `data.path`, preparing it into the cache if needed.
 
     The cache key covers everything that changes the tokens: the source files (path, size and
-    modification time), the tokenizer, the vocab size and the val fraction.
+    modification time), the tokenizer, the vocab size and the val fraction. `tokenizer`: a ready
+    tokenizer to encode with instead of data.tokenizer (a pretrained model's own, see pretrained.py).
     """
     path = Path(data.path).expanduser()
     if path.is_dir() and (path / "meta.json").is_file():
@@ -86,7 +89,12 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True) 
     if data.path != "shakespeare" and not path.exists():
         raise FunGPTError(f"data.path {data.path!r} does not exist: pass a text file, a folder of text, "
                           f"a prepared folder or 'shakespeare'")
+    kind = data.tokenizer if tokenizer is None else tokenizer.name
     key_parts: list[str] = [data.tokenizer, str(data.vocab_size), repr(data.val_fraction)]
+    if tokenizer is not None:
+        from fungpt.pretrained import tokenizer_fingerprint
+
+        key_parts = [kind, tokenizer_fingerprint(tokenizer), repr(data.val_fraction)]
     if data.path == "shakespeare":
         name = "shakespeare"
     else:
@@ -95,35 +103,49 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True) 
             st = p.stat()
             key_parts.append(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}")
     key = hashlib.sha256("\n".join(key_parts).encode()).hexdigest()[:12]
-    out = cache_dir() / "datasets" / f"{name}-{data.tokenizer}-{key}"
+    out = cache_dir() / "datasets" / f"{name}-{kind}-{key}"
     if is_main and not (out / "meta.json").is_file():
         vocab = data.vocab_size if data.vocab_size is not None else (4096 if data.tokenizer == "bpe" else None)
-        prepare(data.path, out, tokenizer=data.tokenizer, vocab_size=vocab, val_fraction=data.val_fraction,
-                overwrite=True, progress=progress)
+        prepare(data.path, out, tokenizer=tokenizer or data.tokenizer, vocab_size=None if tokenizer else vocab,
+                val_fraction=data.val_fraction, overwrite=True, progress=progress)
     if dist.is_initialized():
         dist.barrier()  # the other ranks wait until rank 0 has prepared the data
     return out
 
 
-def prepare_out_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
-    """Check the run folder before any work: refuse to mix two runs in one folder."""
+def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> None:
+    """Refuse a bad out_dir before any work (data preparation can take minutes); changes nothing."""
     out = Path(cfg.out_dir)
-    has_run = (out / "config.json").is_file()
     if resume and overwrite:
         raise FunGPTError("--resume and --overwrite contradict each other: pick one")
+    if out.exists() and not out.is_dir():
+        raise FunGPTError(f"out_dir {out} is a file, not a folder: choose another out_dir")
+    has_run = (out / "config.json").is_file()
+    if resume and not has_run:
+        raise FunGPTError(f"nothing to resume in {out}: it holds no training run (drop --resume to start a new run)")
+    if has_run and not resume and not overwrite:
+        raise FunGPTError(f"{out} already holds a training run: pass --resume to continue it, --overwrite to "
+                          f"replace it, or choose another out_dir")
     if resume:
-        if ckpt.find_checkpoint(out) is None:
-            raise FunGPTError(f"nothing to resume in {out}: it holds no checkpoint (drop --resume to start a new run)")
+        load_run_config(out)  # a corrupt config.json is reported now, not after preparing the data
+        ckpt.find_checkpoint(out)  # likewise a corrupt latest.json
+
+
+def prepare_out_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
+    """Check the run folder: refuse to mix two runs in one folder, or to resume with another model."""
+    out = Path(cfg.out_dir)
+    check_out_dir(cfg, resume, overwrite)
+    has_run = (out / "config.json").is_file()
+    if resume:
+        # A run killed before its first checkpoint has a config.json but nothing to load; it
+        # resumes by starting from step 0 (after the same model check as any other resume).
         saved = load_run_config(out)
         if saved.model != cfg.model:
             old, new = saved.model.to_dict(), cfg.model.to_dict()
             diffs = [f"{k} {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k]]
             raise FunGPTError(f"cannot resume {out}: its checkpoint was trained with a different model "
                               f"({'; '.join(diffs)}); use the original settings or a new out_dir")
-    elif has_run:
-        if not overwrite:
-            raise FunGPTError(f"{out} already holds a training run: pass --resume to continue it, --overwrite to "
-                              f"replace it, or choose another out_dir")
+    elif has_run:  # with --overwrite (check_out_dir refused it otherwise)
         shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -134,20 +156,70 @@ def prepare_out_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
     return out
 
 
-def configure_optimizer(model: GPT, tc: TrainConfig, device: str) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only.
+class CombinedOptimizer(torch.optim.Optimizer):
+    """Several optimizers stepped as one (e.g. Muon for the block matrices, AdamW for the rest).
+
+    param_groups lists every group of every part, so the training loop sets learning rates
+    the same way for all; each group's "lr_scale" says its peak lr relative to train.lr.
+    """
+
+    def __init__(self, *parts: torch.optim.Optimizer):
+        self.parts = parts
+        self.param_groups = [g for part in parts for g in part.param_groups]
+        self.defaults = {}
+        self.state = {}  # the parts keep their own state
+
+    def step(self, closure=None):  # noqa: D102 - see torch.optim.Optimizer
+        for part in self.parts:
+            part.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if len(state_dict.get("parts", [])) != len(self.parts):
+            raise FunGPTError("the checkpoint's optimizer state does not match train.optimizer: resume with the "
+                              "optimizer the run was started with")
+        for part, sd in zip(self.parts, state_dict["parts"]):
+            part.load_state_dict(sd)
+
+
+def configure_optimizer(model: GPT, tc: TrainConfig, device: str) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only; with optimizer = "muon", Muon for the block matrices.
 
     Decay pulls weights towards zero, which regularises the matrices that mix features
     (embeddings, attention and MLP weights). Biases and norm gains are 1-D: decaying them
     only fights the model (a LayerNorm gain decayed to 0 would switch its output off).
+
+    Muon (Jordan et al. 2024) replaces each matrix's momentum-smoothed gradient by the nearest
+    orthogonal matrix (a few Newton-Schulz iterations), so every direction of the update moves
+    equally far. It is meant for the hidden 2-D matrices only: the embedding table (a look-up,
+    not a linear map of activations), the output head, norms and biases stay on AdamW.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused (one CUDA kernel for all parameters) on GPUs; foreach (batched tensor ops) elsewhere.
     impl = {"fused": True} if device == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), **impl)
+    muon: list[torch.nn.Parameter] = []
+    if tc.optimizer == "muon":
+        # named_parameters() yields a tied matrix once, under its first name (wte), so lm_head never lands here
+        muon = [p for name, p in model.named_parameters() if name.startswith("blocks.") and p.dim() == 2]
+    in_muon = {id(p) for p in muon}
+    decay = [p for p in params if p.dim() >= 2 and id(p) not in in_muon]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay, "lr_scale": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+    adamw = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), **impl)
+    if not muon:
+        return adamw
+    from fungpt.muon import Muon  # float32 and batched: torch.optim.Muon's bfloat16 is slow on CPUs
+
+    matrices = Muon([{"params": muon, "lr_scale": tc.muon_lr / tc.lr}], lr=tc.muon_lr,
+                    momentum=tc.muon_momentum, weight_decay=tc.weight_decay)
+    return CombinedOptimizer(adamw, matrices)
 
 
 def get_lr(it: float, tc: TrainConfig) -> float:
@@ -199,8 +271,22 @@ def evaluate(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, device: str
                 _, loss = model(x, y)
             losses[k] = loss.float().item()
         out[split] = losses.mean().item()
+    if cfg.train.eval_full_val:
+        out["val"] = _full_split_loss(model, data_dir, "val", cfg, device, autocast)
     model.train(was_training)
     return out
+
+
+def _full_split_loss(model, data_dir: Path, split: str, cfg: RunConfig, device: str, autocast) -> float:
+    """Mean loss over every token of a split (each scored once, see data.iter_eval_windows)."""
+    total, count = 0.0, 0
+    for x, y in iter_eval_windows(data_dir, split, cfg.model.block_size, 4 * cfg.train.batch_size, device=device):
+        with autocast():
+            logits = model(x)  # (B, T, V)
+        scored = y != -1  # the last window repeats a few already-scored targets, marked -1
+        loss = torch.nn.functional.cross_entropy(logits[scored].float(), y[scored], reduction="sum")
+        total, count = total + loss.item(), count + int(scored.sum())
+    return total / count
 
 
 def measure_peak_flops(device: str, dtype: torch.dtype) -> float:
@@ -254,8 +340,12 @@ class MetricsLog:
             self.wandb = wandb.init(project=cfg.train.wandb_project, config=cfg.to_dict(), dir=str(out_dir))
 
     def write(self, row: dict[str, Any]) -> None:
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        except OSError as e:  # e.g. the disk filled up between two checkpoints
+            raise FunGPTError(f"could not write {self.path}: {e.strerror or e}; the last checkpoint is intact "
+                              f"(free some disk space, then resume with --resume)") from None
         for k, v in row.items():
             if k != "step" and isinstance(v, float) and self.tb is not None:
                 self.tb.add_scalar(k, v, row["step"])
@@ -303,6 +393,17 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._old)
 
 
+@contextlib.contextmanager
+def _close_on_error(bar):
+    """Close the progress bar when the loop fails, so the error starts on a line of its own."""
+    try:
+        yield
+    except BaseException:
+        if bar is not None:
+            bar.close()
+        raise
+
+
 def threading_is_main() -> bool:
     import threading
 
@@ -326,11 +427,20 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~fp32 accuracy at tensor-core speed
         torch.backends.cudnn.allow_tf32 = True
     say = print if ddp.is_main else (lambda *a, **k: None)
+    check_out_dir(cfg, resume, overwrite)  # before preparing data, which can take minutes
+
+    # A pretrained start: the architecture and the tokenizer come from the checkpoint (pretrained.py).
+    pre = pretrained.resolve(cfg.model.init_from) if pretrained.is_pretrained(cfg.model.init_from) else None
+    if pre is not None:
+        cfg = dataclasses.replace(cfg, model=pretrained.merge_model_config(cfg.model, pre.config, default_model()))
 
     # Data first: the vocabulary size of the model comes from the tokenizer.
-    data_dir = resolve_data(cfg.data, ddp.is_main, progress and ddp.is_main)
+    data_dir = resolve_data(cfg.data, ddp.is_main, progress and ddp.is_main, tokenizer=pre and pre.tokenizer)
     meta = load_meta(data_dir)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=int(meta["vocab_size"])))
+    if pre is not None:
+        pretrained.check_data_tokenizer(load_tokenizer(data_dir), data_dir, pre)
+    else:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=int(meta["vocab_size"])))
     check_split_fits(meta, cfg.model.block_size)
     out_dir = prepare_out_dir(cfg, resume, overwrite) if ddp.is_main else Path(cfg.out_dir)
     say(f"fungpt: {prec.reason}" + (f", {ddp.world_size} processes (DDP)" if ddp.enabled else ""))
@@ -340,25 +450,45 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
     model = GPT(cfg.model).to(device)
     optimizer = configure_optimizer(model, tc, prec.device)
     scaler = torch.amp.GradScaler(prec.device, enabled=prec.needs_grad_scaler)
+    if tc.optimizer == "muon" and scaler.is_enabled():
+        raise FunGPTError("train.optimizer = 'muon' does not support float16 loss scaling: use dtype = 'bfloat16' "
+                          "or 'float32'")
     loader = BatchLoader(data_dir, "train", tc.batch_size, cfg.model.block_size, device=device,
                          seed=tc.seed, rank=ddp.rank, world_size=ddp.world_size)
-    step, best_val, elapsed_before = 0, float("inf"), 0.0
+    step, best_val, elapsed_before, timings = 0, float("inf"), 0.0, {}
+    schedule_origin: float | None = None  # budget seconds used when step 1 began (set before the loop)
     torch.manual_seed(tc.seed + ddp.rank)  # dropout masks differ per rank
 
-    if resume:
-        folder = ckpt.find_checkpoint(cfg.out_dir)
-        ckpt.verify_checkpoint(folder)
+    folder = ckpt.find_checkpoint(cfg.out_dir) if resume else None
+    if folder is not None:
+        manifest = ckpt.verify_checkpoint(folder)
+        ckpt.check_model_config(manifest, folder, cfg.model.to_dict(), Path(cfg.out_dir) / "config.json")
         ckpt.load_weights(folder, model)
         state = ckpt.load_state(folder)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
-        loader.load_state_dict(state["loader"][ddp.rank] if ddp.rank < len(state["loader"]) else state["loader"][0])
-        step, best_val, elapsed_before = state["step"], state["best_val"], state["elapsed_s"]
-        rng = state["rng"][min(ddp.rank, len(state["rng"]) - 1)]
-        torch.set_rng_state(rng["cpu"])
-        if prec.device == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
+            loaders = state["loader"]
+            loader.load_state_dict(loaders[ddp.rank] if ddp.rank < len(loaders) else loaders[0])
+            step, best_val, elapsed_before = int(state["step"]), float(state["best_val"]), float(state["elapsed_s"])
+            schedule_origin = float(state.get("schedule_origin_s") or 0.0)  # time-budget mode, see below
+            timings = state.get("timings") or {}  # so a resumed run knows what to reserve at once
+            rng = state["rng"][min(ddp.rank, len(state["rng"]) - 1)]
+            torch.set_rng_state(rng["cpu"])
+            if prec.device == "cuda" and "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            raise FunGPTError(f"the training state in {folder / ckpt.STATE_FILE} does not fit this run "
+                              f"({type(e).__name__}: {str(e)[:120]}); resume with the original settings") from None
+        if step != int(manifest["step"]):
+            raise FunGPTError(f"{folder / ckpt.STATE_FILE} is at step {step} but {folder / ckpt.MANIFEST_FILE} "
+                              f"says step {manifest['step']}: the checkpoint is inconsistent")
         say(f"fungpt: resuming {out_dir} from step {step}")
+    elif resume:
+        say(f"fungpt: {out_dir} has no checkpoint yet (stopped before its first save): starting from step 0")
+    if pre is not None and folder is None:
+        pretrained.load_weights(model, pre.path)
+        say(f"fungpt: starting from the pretrained weights of {pre.name} ({model.num_params():,} parameters)")
 
     if ddp.is_main:
         ckpt.atomic_write_text(out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
@@ -366,8 +496,13 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
                     "precision_reason": prec.reason, "world_size": ddp.world_size, "torch": torch.__version__}
         ckpt.atomic_write_text(out_dir / "run.json", json.dumps(run_info, indent=2))
         load_tokenizer(data_dir).save(out_dir)
+    # Each checkpoint records what it belongs to, so loading can refuse a mismatched config or tokenizer.
+    ckpt_extra = {"model": cfg.model.to_dict(),
+                  "tokenizer_sha256": ckpt.tokenizer_fingerprint(out_dir) if ddp.is_main else None}
 
     # Compile and wrap *after* loading; saving always uses `model`, the plain module.
+    if tc.compile:
+        check_compile(prec.device)  # a clear refusal where torch.compile cannot work
     fwd_model: torch.nn.Module = torch.compile(model) if tc.compile else model
     if ddp.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -382,18 +517,28 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
     tokens_per_step = tc.batch_size * cfg.model.block_size * tc.grad_accum_steps * ddp.world_size
     peak_flops = measure_peak_flops(device, prec.torch_dtype if prec.device != "cpu" else torch.float32)
     flops_per_step = model.flops_per_token() * tokens_per_step
-    log = MetricsLog(out_dir, cfg, keep_until_step=step if resume else None) if ddp.is_main else None
+    log = MetricsLog(out_dir, cfg, keep_until_step=step if folder is not None else None) if ddp.is_main else None
     budget_s = tc.max_minutes * 60 if tc.max_minutes else None
-    train_start = time.time() - elapsed_before  # so elapsed time includes the pre-resume part
+    # The budget covers the whole command (setup included) plus the time spent before a resume.
+    train_start = start_time - elapsed_before
+    save_time = timings.get("save", 0.0)  # how long the last checkpoint took (reserved at the end of a budget)
 
     def elapsed() -> float:
         return time.time() - train_start
 
     def schedule_position() -> float:
-        """Where we are in the lr schedule, in steps (time-budget mode: budget fraction × decay_iters)."""
+        """Where we are in the lr schedule, in steps (time-budget mode: budget fraction × decay_iters).
+
+        With a budget, the fraction is taken at the expected end of this step, of the budget minus the
+        time reserved for the final eval and checkpoint: the last step then runs at (almost) min_lr.
+        """
         if budget_s is None:
             return step
-        return min(1.0, elapsed() / budget_s) * tc.decay_iters
+        if elapsed() + 2 * step_time + eval_time + save_time >= budget_s:
+            return tc.decay_iters  # no step will fit after this one: this one finishes the decay
+        origin = schedule_origin or 0.0  # setup time (data, model, first eval) is not schedule time
+        usable = max(budget_s - eval_time - save_time - origin, 1e-9)
+        return min(1.0, max(0.0, elapsed() + step_time - origin) / usable) * tc.decay_iters
 
     def do_eval() -> dict[str, float]:
         nonlocal best_val
@@ -403,48 +548,59 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
                        "elapsed_s": round(time.time() - start_time, 3), "tokens": step * tokens_per_step})
             if losses["val"] < best_val:
                 best_val = losses["val"]
-                ckpt.save_checkpoint(out_dir, "best", step, model, extra={"val_loss": best_val})
+                ckpt.save_checkpoint(out_dir, "best", step, model, extra={"val_loss": best_val, **ckpt_extra})
         return losses
 
     def do_save() -> None:
+        nonlocal save_time
+        t_save = time.time()
         # Every rank contributes its loader and RNG state (a collective call); rank 0 writes.
         loaders, rngs = _gather(loader.state_dict(), ddp), _gather(_rng_state(prec.device), ddp)
+        # Never replace a good checkpoint with broken weights (e.g. a huge update that overflowed).
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise FunGPTError(f"training diverged by step {step}: the weights contain NaN/inf, so no checkpoint "
+                              f"was written and the last good one is untouched. Lower train.lr")
         if ddp.is_main:
-            state = {"step": step, "best_val": best_val, "elapsed_s": elapsed(), "optimizer": optimizer.state_dict(),
+            state = {"step": step, "best_val": best_val, "elapsed_s": elapsed(), "schedule_origin_s": schedule_origin,
+                     "timings": {"step": step_time, "eval": eval_time, "save": save_time},
+                     "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "loader": loaders, "rng": rngs}
-            ckpt.save_checkpoint(out_dir, "latest", step, model, state=state)
+            ckpt.save_checkpoint(out_dir, "latest", step, model, state=state, extra=ckpt_extra)
+        save_time = time.time() - t_save
 
     def out_of_time(step_time: float, eval_time: float) -> bool:
         """Stop early enough that the final eval and checkpoint also fit in the budget."""
         if budget_s is None:
             return False
-        finished = time.time() - start_time + step_time + eval_time >= budget_s
+        finished = elapsed() + step_time + eval_time + save_time >= budget_s
         if ddp.enabled:  # every rank must stop at the same step
             flag = torch.tensor([float(finished)], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             finished = bool(flag.item())
         return finished
 
-    bar = None
-    if progress and ddp.is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=tc.max_iters, initial=step, desc="train", unit="step", dynamic_ncols=True)
     losses: dict[str, float] = {}
     if step == 0:
         t0 = time.time()
         losses = do_eval()  # the starting point of the curve: about ln(vocab_size) for random weights
         eval_time = time.time() - t0
     else:
-        eval_time = 0.0
-    step_time, last_loss = 0.0, float("nan")
+        eval_time = timings.get("eval", 0.0)
+    step_time, last_loss = timings.get("step", 0.0), float("nan")
+    if schedule_origin is None:
+        schedule_origin = elapsed()
     fwd_model.train()
-    with _StopFlag() as interrupt:
+    bar = None
+    if progress and ddp.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tc.max_iters, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    with _StopFlag() as interrupt, _close_on_error(bar):
         while step < tc.max_iters and not out_of_time(step_time, eval_time) and not interrupt.stop:
             t_step = time.time()
             lr = get_lr(schedule_position(), tc)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon groups peak at muon_lr
 
             # Gradient accumulation: A micro-batches, each loss divided by A, so the summed
             # gradients equal those of one batch A times larger.
@@ -455,10 +611,17 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
                 # DDP all-reduces gradients in backward; skip that on all but the last micro-step.
                 sync = contextlib.nullcontext() if (last_micro or not ddp.enabled) else fwd_model.no_sync()
                 with sync:
-                    with autocast():
-                        _, loss = fwd_model(x, y)
-                        loss = loss / tc.grad_accum_steps
-                    scaler.scale(loss).backward()
+                    try:
+                        with autocast():
+                            _, loss = fwd_model(x, y)
+                            loss = loss / tc.grad_accum_steps
+                        scaler.scale(loss).backward()
+                    except torch.cuda.OutOfMemoryError:
+                        from fungpt.plan import out_of_memory_advice
+
+                        if bar is not None:
+                            bar.close()
+                        raise FunGPTError(out_of_memory_advice(cfg, prec)) from None
                 loss_sum += loss.detach()
 
             scaler.unscale_(optimizer)  # back to true gradient values (no-op without float16)
@@ -470,9 +633,11 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
                 if not tc.skip_nonfinite:
                     if bar is not None:
                         bar.close()
-                    raise FunGPTError(f"training diverged at step {step + 1}: the loss or gradient is "
-                                      f"{'NaN/inf'} (loss {last_loss}); the last good checkpoint is untouched. "
-                                      f"Lower train.lr, or set train.skip_nonfinite = true to skip such steps")
+                    kept = ckpt.find_checkpoint(out_dir)
+                    where = f"the last checkpoint ({kept.name}) is untouched" if kept else "no checkpoint was written"
+                    raise FunGPTError(f"training diverged at step {step + 1}: the loss or gradient is NaN/inf "
+                                      f"(loss {last_loss}); {where}. Lower train.lr, or set "
+                                      f"train.skip_nonfinite = true to skip such steps")
                 optimizer.zero_grad(set_to_none=True)
                 say(f"fungpt: skipped step {step + 1}: non-finite loss or gradient")
                 step += 1
