@@ -20,7 +20,6 @@ that fits and the grad_accum_steps that keep the same tokens per step.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import time
@@ -29,7 +28,7 @@ from typing import Any
 
 import torch
 
-from fungpt.config import RunConfig, default_model
+from fungpt.config import RunConfig
 from fungpt.errors import FunGPTError
 from fungpt.hardware import Precision, detect_precision
 from fungpt.inspection import estimate_memory
@@ -98,23 +97,12 @@ def _fmt_duration(s: float) -> str:
 
 def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = print) -> dict[str, Any]:
     """Print the plan for `cfg` and return its figures; trains a few steps to time them, saves nothing."""
-    from fungpt import pretrained
-    from fungpt.data import BatchLoader, check_split_fits, load_meta
-    from fungpt.tokenizer import load_tokenizer
-    from fungpt.train import configure_optimizer, resolve_data
+    from fungpt.data import BatchLoader
+    from fungpt.train import configure_optimizer, resolve_model_and_data
 
     tc = cfg.train
     prec = detect_precision(tc.device, tc.dtype)
-    pre = pretrained.resolve(cfg.model.init_from) if pretrained.is_pretrained(cfg.model.init_from) else None
-    if pre is not None:
-        cfg = dataclasses.replace(cfg, model=pretrained.merge_model_config(cfg.model, pre.config, default_model()))
-    data_dir = resolve_data(cfg.data, progress=False, tokenizer=pre and pre.tokenizer)
-    meta = load_meta(data_dir)
-    if pre is not None:
-        pretrained.check_data_tokenizer(load_tokenizer(data_dir), data_dir, pre)
-    else:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=int(meta["vocab_size"])))
-    check_split_fits(meta, cfg.model.block_size)
+    cfg, data_dir, pre = resolve_model_and_data(cfg, progress=False)
     mc = cfg.model
 
     # 1-2. Size and compute, on the meta device: shapes only, no memory.

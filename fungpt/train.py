@@ -131,6 +131,25 @@ def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> None:
         ckpt.find_checkpoint(out)  # likewise a corrupt latest.json
 
 
+def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool = True):
+    """Settle the model config and the data together; returns (cfg, data_dir, pretrained or None).
+
+    A pretrained start (init_from) brings its own architecture and tokenizer (pretrained.py), and the
+    data is encoded with that tokenizer. From scratch, the vocabulary size comes from the data.
+    """
+    pre = pretrained.resolve(cfg.model.init_from) if pretrained.is_pretrained(cfg.model.init_from) else None
+    if pre is not None:
+        cfg = dataclasses.replace(cfg, model=pretrained.merge_model_config(cfg.model, pre.config, default_model()))
+    data_dir = resolve_data(cfg.data, is_main, progress, tokenizer=pre and pre.tokenizer)
+    meta = load_meta(data_dir)
+    if pre is not None:
+        pretrained.check_data_tokenizer(load_tokenizer(data_dir), data_dir, pre)
+    else:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=int(meta["vocab_size"])))
+    check_split_fits(meta, cfg.model.block_size)
+    return cfg, data_dir, pre
+
+
 def prepare_out_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
     """Check the run folder: refuse to mix two runs in one folder, or to resume with another model."""
     out = Path(cfg.out_dir)
@@ -429,19 +448,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
     say = print if ddp.is_main else (lambda *a, **k: None)
     check_out_dir(cfg, resume, overwrite)  # before preparing data, which can take minutes
 
-    # A pretrained start: the architecture and the tokenizer come from the checkpoint (pretrained.py).
-    pre = pretrained.resolve(cfg.model.init_from) if pretrained.is_pretrained(cfg.model.init_from) else None
-    if pre is not None:
-        cfg = dataclasses.replace(cfg, model=pretrained.merge_model_config(cfg.model, pre.config, default_model()))
-
-    # Data first: the vocabulary size of the model comes from the tokenizer.
-    data_dir = resolve_data(cfg.data, ddp.is_main, progress and ddp.is_main, tokenizer=pre and pre.tokenizer)
-    meta = load_meta(data_dir)
-    if pre is not None:
-        pretrained.check_data_tokenizer(load_tokenizer(data_dir), data_dir, pre)
-    else:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=int(meta["vocab_size"])))
-    check_split_fits(meta, cfg.model.block_size)
+    cfg, data_dir, pre = resolve_model_and_data(cfg, ddp.is_main, progress and ddp.is_main)
     out_dir = prepare_out_dir(cfg, resume, overwrite) if ddp.is_main else Path(cfg.out_dir)
     say(f"fungpt: {prec.reason}" + (f", {ddp.world_size} processes (DDP)" if ddp.enabled else ""))
 

@@ -102,16 +102,6 @@ def test_grad_scaler_skips_an_overflowing_step_and_lowers_the_scale():
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
-@pytest.fixture()
-def corpus(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
-    lines = [f"the {a} {b} sat on the {c}.\n" for a in ("cat", "dog", "fox") for b in ("quietly", "slowly")
-             for c in ("mat", "log", "hill", "wall")]
-    path = tmp_path / "corpus.txt"
-    path.write_text("".join(lines) * 40, encoding="utf-8")
-    return path
-
-
 def tiny_config(corpus: Path, out_dir: Path, **train_kw) -> RunConfig:
     kw = dict(batch_size=4, max_iters=8, lr=3e-3, min_lr=3e-4, warmup_iters=0, eval_interval=1000, eval_iters=2,
               checkpoint_interval=1000, log_interval=1, device="cpu")

@@ -25,17 +25,6 @@ from fungpt.train import get_lr, train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture()
-def corpus(tmp_path, monkeypatch) -> Path:
-    """A small text file with some structure to learn; datasets are cached inside tmp_path."""
-    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
-    lines = [f"the {a} {b} sat on the {c}.\n" for a in ("cat", "dog", "fox") for b in ("quietly", "slowly")
-             for c in ("mat", "log", "hill", "wall")]
-    path = tmp_path / "corpus.txt"
-    path.write_text("".join(lines) * 40, encoding="utf-8")
-    return path
-
-
 def tiny_config(corpus: Path, out_dir: Path, **train_overrides) -> RunConfig:
     train_kw = dict(batch_size=4, max_iters=12, lr=3e-3, min_lr=3e-4, warmup_iters=2, eval_interval=6,
                     eval_iters=2, checkpoint_interval=6, log_interval=1, device="cpu")
