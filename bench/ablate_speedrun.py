@@ -1,0 +1,75 @@
+"""Ablation of the CPU speedrun's modern pieces: add them one at a time to the classic GPT-2 setup.
+
+    python bench/ablate_speedrun.py                         # 300 steps each, batch 32, block 64
+    python bench/ablate_speedrun.py --steps 600 --append BENCHMARKS.md
+
+Every variant trains the speedrun shape (configs/speedrun-cpu.toml: 4 x 128, block 64, batch 32)
+for the same number of steps with the same lr schedule on steps (not on time, so the loss column
+is independent of machine load), and reports the final val loss over the entire val split and the
+median ms/step (which does depend on load: compare rows of one run only). The rows are cumulative:
+each adds one piece to the row above; the last row is the speedrun preset.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CLASSIC = ["--model.pos-encoding", "learned", "--model.norm", "layernorm", "--model.no-qk-norm",
+           "--model.activation", "gelu_tanh", "--model.tie-embeddings", "--train.optimizer", "adamw"]
+STEPS = [  # (row name, flags that turn the piece on), cumulative
+    ("classic GPT-2 (learned positions, LayerNorm, GELU, tied head), AdamW", []),
+    ("+ RoPE (Su et al. 2021)", ["--model.pos-encoding", "rope"]),
+    ("+ RMSNorm (Zhang & Sennrich 2019) + QK-norm (Dehghani et al. 2023)",
+     ["--model.norm", "rmsnorm", "--model.qk-norm"]),
+    ("+ ReLU^2 (So et al. 2021, Primer)", ["--model.activation", "relu2"]),
+    ("+ untied output head", ["--model.no-tie-embeddings"]),
+    ("+ Muon for the block matrices (Jordan et al. 2024) = speedrun preset", ["--train.optimizer", "muon"]),
+]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--append", type=Path, default=None)
+    args = ap.parse_args(argv)
+    env = dict(os.environ)
+    env.setdefault("FUNGPT_DATA_DIR", "/work/shared/data")
+    tmp = Path(tempfile.mkdtemp(prefix="fungpt-ablate-"))
+    flags: list[str] = list(CLASSIC)
+    rows = []
+    for name, extra in STEPS:
+        flags += extra
+        out = tmp / "run"
+        cmd = [sys.executable, "-m", "fungpt", "train", "--config", str(ROOT / "configs/speedrun-cpu.toml"),
+               "--out-dir", str(out), "--overwrite", "--train.max-minutes", "None",
+               "--train.max-iters", str(args.steps), "--train.lr-decay-iters", str(args.steps),
+               "--train.warmup-iters", str(max(1, args.steps // 50)), "--train.log-interval", "1", *flags]
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        val = [r["val_loss"] for r in metrics if "val_loss" in r][-1]
+        ms = statistics.median(r["dt_ms"] for r in metrics if "dt_ms" in r and r["step"] >= 10)
+        rows.append(f"| {name} | {val:.4f} | {ms:.0f} | {32 * 64 / ms * 1000:,.0f} |")
+        print(rows[-1], flush=True)
+    text = (f"## speedrun ablation, {datetime.date.today()}\n\n"
+            f"- command: `python bench/ablate_speedrun.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
+            f"- {args.steps} steps each (schedule on steps), batch 32, block 64, 4 x 128; val over the whole split; "
+            f"1-min load average at the end: {os.getloadavg()[0]:.1f}\n\n"
+            "| variant (cumulative) | val loss | median ms/step | tokens/s |\n|---|---:|---:|---:|\n"
+            + "\n".join(rows) + "\n")
+    print(text)
+    if args.append:
+        with args.append.open("a", encoding="utf-8") as f:
+            f.write("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Generation speed: FunGPT (KV cache, with and without prompt-lookup speculation, and uncached)
+against Hugging Face `generate`, on the same weights, side by side in one process.
+
+    python bench/bench_generate.py                       # 6 x 384 GPT-2, batch 1, 500 greedy tokens
+    python bench/bench_generate.py --append BENCHMARKS.md
+
+The weights: a randomly initialised Hugging Face GPT-2 (n_layer 6, n_embd 384, n_head 6, vocab 65
+like Tiny Shakespeare char, n_positions 1024 so that prompt + 500 tokens fit the context), saved with
+save_pretrained and loaded into FunGPT with GPT.from_hf. --init-std scales the random weights: with
+GPT-2's 0.02 a random model's greedy output repeats one token, the easiest case for speculation;
+a larger std gives varied text (a harder case), reported as the "accepted per pass" column.
+
+Every round runs each contender once, in turn (interleaved), so load from other processes hits
+all of them alike; the table reports each one's median tokens/s over the rounds and checks that
+all of them produced exactly the same tokens. transformers is a benchmark dependency only.
+"""
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def build_models(init_std: float, workdir: Path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fungpt.model import GPT
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=65, n_positions=1024, n_embd=384, n_layer=6, n_head=6,
+                        initializer_range=init_std, bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(workdir)
+    hf = GPT2LMHeadModel.from_pretrained(workdir).eval()
+    return hf, GPT.from_hf(workdir).eval()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--new-tokens", type=int, default=500)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--lookahead", type=int, default=8, help="draft tokens per pass for the speculative row")
+    ap.add_argument("--init-std", type=float, default=0.02, help="std of the random weights (GPT-2: 0.02)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--skip-uncached", action="store_true", help="leave out the slow uncached path")
+    ap.add_argument("--append", type=Path, default=None, help="append the results table to this markdown file")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf, model = build_models(args.init_std, Path(tmp))
+    n = args.new_tokens
+    prompt = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7]])  # (1, 8)
+    passes = {"speculative": 0}
+
+    def hf_generate():
+        with torch.no_grad():
+            out = hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
+                              pad_token_id=0)
+        return out[0, prompt.size(1):]
+
+    def counted_speculative():
+        # count the forward passes, to report how many tokens each pass yielded
+        count = [0]
+        hook = model.lm_head.register_forward_hook(lambda *a: count.__setitem__(0, count[0] + 1))
+        try:
+            out = model.generate(prompt, n, temperature=0.0, lookahead=args.lookahead)[0, prompt.size(1):]
+        finally:
+            hook.remove()
+        passes["speculative"] = count[0]
+        return out
+
+    contenders = {
+        "Hugging Face generate (KV cache)": hf_generate,
+        "FunGPT cached": lambda: model.generate(prompt, n, temperature=0.0)[0, prompt.size(1):],
+        f"FunGPT cached + lookahead {args.lookahead}": counted_speculative,
+    }
+    if not args.skip_uncached:
+        contenders["FunGPT uncached"] = lambda: model.generate(prompt, n, temperature=0.0,
+                                                               use_cache=False)[0, prompt.size(1):]
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    outputs: dict[str, torch.Tensor] = {}
+    for _ in range(args.rounds):
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            outputs[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+
+    ref = outputs["Hugging Face generate (KV cache)"]
+    hf_tps = n / statistics.median(times["Hugging Face generate (KV cache)"])
+    distinct = len(set(ref.tolist()))
+    rows = []
+    for name in contenders:
+        tps = n / statistics.median(times[name])
+        same = torch.equal(outputs[name], ref)
+        per_pass = f"{n / passes['speculative']:.2f}" if name.startswith("FunGPT cached + look") else "1"
+        rows.append(f"| {name} | {tps:,.1f} | {tps / hf_tps:.2f}x | {per_pass} | {'yes' if same else 'NO'} |")
+    header = (f"## generation, {datetime.date.today()}\n\n"
+              f"- machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+              f"Python {platform.python_version()}, torch {torch.__version__}\n"
+              f"- command: `python bench/bench_generate.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
+              f"- model: 6 x 384 GPT-2, vocab 65, random weights (std {args.init_std}), batch 1, "
+              f"{n} new greedy tokens ({distinct} distinct); median of {args.rounds} interleaved rounds\n\n"
+              "| contender | tokens/s | vs HF | tokens per forward pass | same tokens as HF |\n"
+              "|---|---:|---:|---:|---|\n")
+    text = header + "\n".join(rows) + "\n"
+    print(text)
+    if args.append:
+        with args.append.open("a", encoding="utf-8") as f:
+            f.write("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Training throughput: FunGPT's trainer against nanoGPT's CPU recipe, side by side, interleaved.
+
+    python bench/bench_train.py                                 # baby shape: 4 x 128, block 64, batch 12
+    python bench/bench_train.py --append BENCHMARKS.md
+    python bench/bench_train.py --no-reference -- --model.n-layer 6 ...   # extra flags go to fungpt train
+
+Each round runs `fungpt train` (the real command, logging every step) and then nanoGPT's recipe
+(/work/shared/anchors/nanogpt-cpu.sh, or $NANOGPT_CPU_SH) for --iters steps, as separate
+processes, one after the other, so machine load hits both alike. Reported per contender: the
+median ms/iter over steps >= 20 (nanoGPT's script uses the same cut) and over rounds, tokens/s,
+MFU against this machine's fp32 matmul ceiling (measured by this script, in the same run), and
+the peak resident memory of the process. The FunGPT side is given nanoGPT's architecture
+(bias = false, exact GELU) unless --keep-arch, so that both do the same arithmetic.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+NANOGPT_SH = Path(os.environ.get("NANOGPT_CPU_SH", "/work/shared/anchors/nanogpt-cpu.sh"))
+
+
+def run_measured(cmd: list[str], env: dict) -> tuple[str, float, float]:
+    """Run cmd; return (stdout+stderr, wall seconds, peak RSS in MiB of the process tree)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{out[-3000:]}")
+    return out, wall, usage.ru_maxrss / 1024  # Linux reports KiB
+
+
+def peak_flops() -> float:
+    from fungpt.train import measure_peak_flops
+
+    return max(measure_peak_flops("cpu", torch.float32) for _ in range(3))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(ROOT / "configs/shakespeare-char-cpu.toml"))
+    ap.add_argument("--iters", type=int, default=250)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--no-reference", action="store_true", help="skip nanoGPT")
+    ap.add_argument("--keep-arch", action="store_true", help="keep the config's architecture (bias, activation)")
+    ap.add_argument("--append", type=Path, default=None)
+    ap.add_argument("extra", nargs="*", help="extra `fungpt train` flags (after --)")
+    args = ap.parse_args(argv)
+
+    py = sys.executable
+    env = dict(os.environ)
+    env.setdefault("FUNGPT_DATA_DIR", "/work/shared/data")
+    tmp = Path(tempfile.mkdtemp(prefix="fungpt-bench-"))
+    arch = [] if args.keep_arch else ["--model.no-bias", "--model.activation", "gelu"]
+    fungpt_cmd = [py, "-m", "fungpt", "train", "--config", args.config, "--out-dir", str(tmp / "run"),
+                  "--overwrite", "--train.max-iters", str(args.iters), "--train.log-interval", "1",
+                  "--train.eval-interval", str(args.iters), "--train.checkpoint-interval", str(10 * args.iters),
+                  "--train.device", "cpu", *arch, *args.extra]
+    ms: dict[str, list[float]] = {"FunGPT": [], "nanoGPT": []}
+    rss: dict[str, float] = {"FunGPT": 0.0, "nanoGPT": 0.0}
+    loads = []
+    flops = peak_flops()
+    for _ in range(args.rounds):
+        loads.append(os.getloadavg()[0])
+        _, _, mem = run_measured(fungpt_cmd, env)
+        rows = [json.loads(line) for line in (tmp / "run/metrics.jsonl").read_text().splitlines()]
+        ms["FunGPT"].append(statistics.median(r["dt_ms"] for r in rows if "dt_ms" in r and r["step"] >= 20))
+        rss["FunGPT"] = max(rss["FunGPT"], mem)
+        if not args.no_reference:
+            out, _, mem = run_measured(["bash", str(NANOGPT_SH), py, f"--max_iters={args.iters}"], env)
+            m = re.search(r"median_ms_per_iter=([\d.]+)", out)
+            ms["nanoGPT"].append(float(m.group(1)))
+            rss["nanoGPT"] = max(rss["nanoGPT"], mem)
+    flops = max(flops, peak_flops())
+
+    run_cfg = json.loads((tmp / "run/config.json").read_text())
+    m, t = run_cfg["model"], run_cfg["train"]
+    from fungpt.model import GPT, GPTConfig
+
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_dict(m))
+    tokens = t["batch_size"] * m["block_size"] * t["grad_accum_steps"]
+    lines = []
+    for name, values in ms.items():
+        if not values:
+            continue
+        med = statistics.median(values)
+        tok_s = tokens / (med / 1000)
+        mfu = model.flops_per_token() * tok_s / flops
+        lines.append(f"| {name} | {med:.1f} | {', '.join(f'{v:.1f}' for v in values)} | {tok_s:,.0f} | "
+                     f"{mfu:.1%} | {rss[name]:.0f} |")
+    ratio = ""
+    if ms["nanoGPT"]:
+        speedup = statistics.median(ms["nanoGPT"]) / statistics.median(ms["FunGPT"])
+        ratio = f"\n- FunGPT speed-up over nanoGPT: **{speedup:.2f}x**\n"
+    text = (f"## training throughput, {datetime.date.today()}\n\n"
+            f"- machine: {platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}; fp32 matmul ceiling measured in this run: {flops / 1e9:.0f} GFLOP/s; "
+            f"1-min load average at each round's start: {', '.join(f'{x:.1f}' for x in loads)}\n"
+            f"- command: `python bench/bench_train.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
+            f"- shape: {m['n_layer']} x {m['n_embd']} ({m['n_head']} heads), block {m['block_size']}, batch "
+            f"{t['batch_size']}, bias {m['bias']}, {m['activation']}, {m['pos_encoding']}, {m['norm']}; "
+            f"{args.iters} steps per run, {args.rounds} interleaved rounds\n\n"
+            "| contender | median ms/iter | per round | tokens/s | MFU | peak RSS MiB |\n"
+            "|---|---:|---|---:|---:|---:|\n" + "\n".join(lines) + "\n" + ratio)
+    print(text)
+    if args.append:
+        with args.append.open("a", encoding="utf-8") as f:
+            f.write("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Speed-related features: Muon, full-split evaluation, prompt-lookup speculative generation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fungpt.config import DataConfig, RunConfig, TrainConfig
+from fungpt.data import prepare
+from fungpt.errors import FunGPTError
+from fungpt.model import GPT, GPTConfig, _lookup_draft
+from fungpt.train import CombinedOptimizer, _full_split_loss, configure_optimizer, train
+
+
+def small_model(**kw) -> GPT:
+    torch.manual_seed(0)
+    base = dict(vocab_size=50, block_size=64, n_layer=2, n_head=2, n_embd=32)
+    base.update(kw)
+    return GPT(GPTConfig(**base))
+
+
+# ---------------------------------------------------------------- Muon
+
+
+def test_muon_takes_block_matrices_and_adamw_the_rest():
+    model = small_model(tie_embeddings=False)
+    opt = configure_optimizer(model, TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.02), "cpu")
+    assert isinstance(opt, CombinedOptimizer)
+    adamw, muon = opt.parts
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    names = {name for name, p in model.named_parameters() if id(p) in in_muon}
+    expected = {n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
+    assert names == expected and expected
+    assert not any(n.startswith(("wte", "lm_head", "pos")) for n in names)
+    in_adamw = {id(p) for g in adamw.param_groups for p in g["params"]}
+    assert in_adamw | in_muon == {id(p) for p in model.parameters()} and not in_adamw & in_muon
+    # The training loop sets group["lr"] = lr * lr_scale: Muon's groups peak at muon_lr.
+    assert [g["lr_scale"] for g in muon.param_groups] == [pytest.approx(20.0)]
+
+
+def test_muon_step_orthogonalises_and_state_round_trips():
+    model = small_model()
+    opt = configure_optimizer(model, TrainConfig(optimizer="muon", weight_decay=0.0), "cpu")
+    w = model.blocks[0].mlp.c_fc.weight
+    before = w.detach().clone()
+    x = torch.randint(0, 50, (2, 16))
+    _, loss = model(x, x)
+    loss.backward()
+    opt.step()
+    update = before - w.detach()
+    # Muon's update is (close to) orthogonal: its singular values are about equal, unlike the gradient's
+    # (a rank-deficient gradient keeps a few small ones, hence the top 90% only).
+    s = torch.linalg.svdvals(update)[: int(0.9 * update.size(1))]
+    g = torch.linalg.svdvals(w.grad)[: int(0.9 * update.size(1))]
+    assert s.max() / s.min() < 2 < g.max() / g.min()
+    state = opt.state_dict()
+    opt2 = configure_optimizer(model, TrainConfig(optimizer="muon"), "cpu")
+    opt2.load_state_dict(state)
+    assert torch.equal(opt2.parts[1].state[w]["momentum_buffer"], opt.parts[1].state[w]["momentum_buffer"])
+    with pytest.raises(FunGPTError, match="optimizer"):
+        opt2.load_state_dict({"parts": [state["parts"][0]]})
+
+
+def test_unknown_optimizer_is_rejected():
+    with pytest.raises(FunGPTError, match="optimizer"):
+        TrainConfig(optimizer="sgd")
+
+
+# ---------------------------------------------------------------- full-split evaluation
+
+
+@pytest.fixture()
+def prepared(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat; the dog sat on the log.\n" * 60, encoding="utf-8")
+    return prepare(corpus, tmp_path / "data", tokenizer="char", progress=False)
+
+
+def test_full_split_loss_scores_every_val_token_once(prepared):
+    import json
+
+    import numpy as np
+
+    meta = json.loads((prepared / "meta.json").read_text())
+    model = small_model(vocab_size=meta["vocab_size"], block_size=16).eval()
+    cfg = RunConfig(model=model.config, train=TrainConfig(batch_size=3))
+    got = _full_split_loss(model, prepared, "val", cfg, "cpu", lambda: torch.autocast("cpu", enabled=False))
+    # Reference: every target 1..n-1 scored with as much context as its window gives, one at a time.
+    data = torch.from_numpy(np.fromfile(prepared / "val.bin", dtype=np.dtype(meta["dtype"])).astype(np.int64))
+    n, T = len(data), 16
+    total = 0.0
+    with torch.no_grad():
+        for t in range(1, n):
+            start = ((t - 1) // T) * T if (t - 1) // T < (n - 1) // T else n - 1 - T
+            logits = model(data[start:t][None])[0, -1]
+            total -= torch.log_softmax(logits, -1)[data[t]].item()
+    assert got == pytest.approx(total / (n - 1), rel=1e-5)
+
+
+def test_eval_full_val_run_logs_the_full_split_loss(prepared, tmp_path):
+    cfg = RunConfig(out_dir=str(tmp_path / "run"), data=DataConfig(path=str(prepared)),
+                    model=GPTConfig(vocab_size=1, block_size=16, n_layer=1, n_head=2, n_embd=16),
+                    train=TrainConfig(batch_size=4, max_iters=3, eval_interval=100, eval_iters=1, warmup_iters=0,
+                                      checkpoint_interval=100, device="cpu", eval_full_val=True,
+                                      optimizer="muon"))
+    result = train(cfg, progress=False)
+    from fungpt.runs import load_run
+
+    run = load_run(tmp_path / "run")
+    expected = _full_split_loss(run.model, prepared, "val", cfg, "cpu", lambda: torch.autocast("cpu", enabled=False))
+    assert math.isclose(result["val_loss"], expected, rel_tol=1e-5)
+
+
+# ---------------------------------------------------------------- prompt-lookup speculation
+
+
+def test_lookup_draft_copies_what_followed_the_latest_match():
+    assert _lookup_draft([1, 2, 3, 9, 1, 2, 3], 2) == [9, 1]
+    assert _lookup_draft([5, 1, 2, 7, 1, 2], 3) == [7, 1, 2]  # 2-gram [1, 2] matched at index 1
+    assert _lookup_draft([4, 4, 4], 5) == [4, 4, 4, 4, 4]  # overlapping copy continues the pattern
+    assert _lookup_draft([1, 2, 3], 4) == []  # nothing repeats
+    assert _lookup_draft([1, 1], 0) == []
+
+
+@pytest.mark.parametrize("prompt", [[1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [7, 8, 9, 10, 11]])
+def test_lookahead_gives_the_same_greedy_tokens_and_logits(prompt):
+    model = small_model(block_size=48)
+    with torch.no_grad():  # make the random model's greedy text repetitive, so guesses are accepted
+        model.wte.weight.mul_(20)
+    idx = torch.tensor([prompt])
+    plain = list(model.generate_stream(idx, 60, temperature=0.0, yield_logits=True))  # slides past block_size
+    fast = list(model.generate_stream(idx, 60, temperature=0.0, yield_logits=True, lookahead=5))
+    assert torch.equal(torch.stack([t for t, _ in plain]), torch.stack([t for t, _ in fast]))
+    for (_, a), (_, b) in zip(plain, fast):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_lookahead_saves_forward_passes_on_repetitive_text():
+    model = small_model()
+    calls = []
+    model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    out = model.generate(torch.tensor([[3, 3, 3, 3]]), 40, temperature=0.0, lookahead=8)
+    n_fast = len(calls)
+    calls.clear()
+    assert torch.equal(out, model.generate(torch.tensor([[3, 3, 3, 3]]), 40, temperature=0.0))
+    if len(set(out[0, 4:].tolist())) == 1:  # the greedy continuation repeats: guesses are right
+        assert n_fast < len(calls) / 3
+
+
+def test_lookahead_must_not_be_negative():
+    with pytest.raises(FunGPTError, match="lookahead"):
+        next(small_model().generate_stream(torch.tensor([[1]]), 3, temperature=0.0, lookahead=-1))
+
+
+def test_float32_muon_matches_torch_muon():
+    from fungpt.muon import Muon
+
+    torch.manual_seed(0)
+    tall, wide = torch.randn(96, 32), torch.randn(24, 80)
+    ours = [torch.nn.Parameter(t.clone()) for t in (tall, wide)]
+    ref = [torch.nn.Parameter(t.clone()) for t in (tall, wide)]
+    opt_ours = Muon(ours, lr=0.05, momentum=0.9, weight_decay=0.1)
+    opt_ref = torch.optim.Muon(ref, lr=0.05, momentum=0.9, weight_decay=0.1)
+    for _ in range(3):
+        grads = [torch.randn_like(t) for t in (tall, wide)]
+        for p, q, g in zip(ours, ref, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_ours.step()
+        opt_ref.step()
+    for p, q, start in zip(ours, ref, (tall, wide)):
+        moved = (q - start).abs().max()
+        assert moved > 0.01
+        # torch's Newton-Schulz runs in bfloat16 (about 3 significant digits); ours in float32
+        assert (p - q).abs().max() < 0.05 * moved
+    with pytest.raises(ValueError, match="2-D"):
+        Muon([torch.nn.Parameter(torch.zeros(3))])
