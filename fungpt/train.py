@@ -44,6 +44,10 @@ from fungpt.hardware import Precision, check_compile, detect_precision
 from fungpt.model import GPT
 from fungpt.tokenizer import Tokenizer, load_tokenizer
 
+# With a time budget, the seconds kept for Python to exit after training returns (tearing down
+# torch's thread pools and freeing memory): measured at 0.5-1 s on a 2-core CPU.
+EXIT_RESERVE_S = 1.0
+
 # ----------------------------------------------------------------------------------------------
 # Setup helpers
 
@@ -541,10 +545,11 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         """
         if budget_s is None:
             return step
-        if elapsed() + 2 * step_time + eval_time + save_time >= budget_s:
-            return tc.decay_iters  # no step will fit after this one: this one finishes the decay
+        if elapsed() + 3 * step_time + end_time() >= budget_s:
+            # out_of_time will stop after this step (it needs two more steps' time): finish the decay now
+            return tc.decay_iters
         origin = schedule_origin or 0.0  # setup time (data, model, first eval) is not schedule time
-        usable = max(budget_s - eval_time - save_time - origin, 1e-9)
+        usable = max(budget_s - end_time() - origin, 1e-9)
         return min(1.0, max(0.0, elapsed() + step_time - origin) / usable) * tc.decay_iters
 
     def do_eval() -> dict[str, float]:
@@ -569,17 +574,26 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
                               f"was written and the last good one is untouched. Lower train.lr")
         if ddp.is_main:
             state = {"step": step, "best_val": best_val, "elapsed_s": elapsed(), "schedule_origin_s": schedule_origin,
-                     "timings": {"step": step_time, "eval": eval_time, "save": save_time},
+                     "timings": {"step": step_time, "eval": eval_time, "save": save_time, "plot": plot_time},
                      "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "loader": loaders, "rng": rngs}
             ckpt.save_checkpoint(out_dir, "latest", step, model, state=state, extra=ckpt_extra)
         save_time = time.time() - t_save
 
+    def end_time() -> float:
+        """Seconds the end of the run takes: final eval, checkpoint and loss plot (measured at step 0),
+        and the interpreter's own exit."""
+        return eval_time + save_time + plot_time + EXIT_RESERVE_S
+
     def out_of_time(step_time: float, eval_time: float) -> bool:
-        """Stop early enough that the final eval and checkpoint also fit in the budget."""
+        """Stop early enough that the final eval, checkpoint and plot also fit in the budget.
+
+        Another step is taken only if two steps' time would still fit: step times vary by a few
+        percent, and the budget is a promise to the user.
+        """
         if budget_s is None:
             return False
-        finished = elapsed() + step_time + eval_time + save_time >= budget_s
+        finished = elapsed() + 2 * step_time + end_time() >= budget_s
         if ddp.enabled:  # every rank must stop at the same step
             flag = torch.tensor([float(finished)], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -587,13 +601,22 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         return finished
 
     losses: dict[str, float] = {}
+    step_time, last_loss = timings.get("step", 0.0), float("nan")
+    plot_time = timings.get("plot", 0.0)
     if step == 0:
         t0 = time.time()
         losses = do_eval()  # the starting point of the curve: about ln(vocab_size) for random weights
         eval_time = time.time() - t0
+        if budget_s is not None:
+            # With a time budget, the end of the run must be reserved before it happens: a step-0
+            # checkpoint and plot measure how long saving and plotting take on this machine.
+            do_save()
+            if ddp.is_main:
+                t0 = time.time()
+                _plot_quietly(out_dir)
+                plot_time = time.time() - t0
     else:
         eval_time = timings.get("eval", 0.0)
-    step_time, last_loss = timings.get("step", 0.0), float("nan")
     if schedule_origin is None:
         schedule_origin = elapsed()
     fwd_model.train()
