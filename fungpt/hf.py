@@ -1,0 +1,156 @@
+"""Hugging Face GPT-2 interop: load its checkpoints into a FunGPT `GPT`, and write ours in its layout.
+
+FunGPT's parameter names follow GPT-2's, with three differences this file translates:
+  * HF prefixes everything with `transformer.` and calls the blocks `h.{i}` (ours: `blocks.{i}`);
+  * the position table is `wpe` (ours: `pos.wpe`, inside the swappable position module);
+  * HF's GPT-2 uses `Conv1D` layers whose weight is (in, out), the transpose of `nn.Linear`'s
+    (out, in), for c_attn, c_proj and c_fc: those four are transposed on the way in and out.
+Only plain GPT-2 can be written (learned positions, biases, LayerNorm, GELU, tied embeddings).
+`GPT.from_hf`, `GPT.hf_config` and `GPT.save_hf` call these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from fungpt.errors import FunGPTError
+from fungpt.model import GPT, GPTConfig
+
+# HF GPT-2 stores these four as Conv1D, whose weight is (in, out): the transpose of nn.Linear's (out, in).
+HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def hf_config(path: str | os.PathLike) -> GPTConfig:
+    """The architecture of a local Hugging Face GPT-2 folder, read from its config.json (no weights)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FunGPTError(
+            f"no Hugging Face model at '{path}' (config.json missing): pass a local folder with "
+            "config.json and model.safetensors or pytorch_model.bin"
+        )
+    hf = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise FunGPTError(f"'{path}' holds a {hf['model_type']!r} model: only GPT-2 checkpoints can be loaded")
+    act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(
+        hf.get("activation_function", "gelu_new")
+    )
+    n_embd = hf["n_embd"]
+    if act is None or hf.get("n_inner") not in (None, 4 * n_embd) or hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
+        raise FunGPTError(
+            f"'{path}' uses GPT-2 options FunGPT lacks (activation_function, n_inner or "
+            "layer_norm_epsilon differ from GPT-2's): use a standard GPT-2 checkpoint"
+        )
+    return GPTConfig(
+        vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
+        n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=n_embd, bias=True, pos_encoding="learned",
+        activation=act, tie_embeddings=hf.get("tie_word_embeddings", True), norm="layernorm",
+    )
+
+
+def load_gpt2(path: str | os.PathLike) -> GPT:
+    """Load a local Hugging Face GPT-2 folder (any size gpt2 .. gpt2-xl), e.g. from save_pretrained."""
+    path = Path(path)
+    config = hf_config(path)
+    hf_sd = _load_hf_weights(path)
+    sd = {}
+    for key, t in hf_sd.items():
+        key = key.removeprefix("transformer.")
+        if key.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # old checkpoints store the causal mask as a buffer; we build it on the fly
+        if key == "lm_head.weight" and config.tie_embeddings:
+            continue  # same matrix as wte
+        if key.startswith("h."):  # h.{i}.* -> blocks.{i}.*
+            key = "blocks." + key.removeprefix("h.")
+        elif key.startswith("wpe."):  # wpe.weight -> pos.wpe.weight
+            key = "pos." + key
+        if key.endswith(HF_CONV1D):
+            t = t.t()
+        sd[key] = t.float().contiguous()
+
+    # Build on the meta device (no memory, no random init) and then adopt the loaded tensors.
+    with torch.device("meta"):
+        model = GPT(config)
+    expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_embeddings else set())
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise FunGPTError(
+            f"weights in '{path}' do not match a GPT-2 model: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}: is this a GPT-2 checkpoint?"
+        )
+    model.load_state_dict(sd, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.wte.weight  # assign=True replaced wte's parameter: re-tie
+    return model
+
+
+def save_gpt2(model: GPT, path: str | os.PathLike) -> None:
+    """Save as a Hugging Face GPT-2 folder (config.json + model.safetensors) for GPT2LMHeadModel."""
+    from safetensors.torch import save_file
+
+    c = model.config
+    problems = [
+        msg for bad, msg in [
+            (c.pos_encoding != "learned", f"pos_encoding={c.pos_encoding!r} (needs 'learned')"),
+            (not c.bias, "bias=False (needs True)"),
+            (c.norm != "layernorm", f"norm={c.norm!r} (needs 'layernorm')"),
+            (c.activation not in ("gelu", "gelu_tanh"), f"activation={c.activation!r} (needs gelu/gelu_tanh)"),
+            (not c.tie_embeddings, "tie_embeddings=False (needs True)"),
+            (c.qk_norm, "qk_norm=True (needs False)"),
+        ] if bad
+    ]
+    if problems:
+        raise FunGPTError(f"cannot save as Hugging Face GPT-2: model has {', '.join(problems)}")
+
+    tensors = {}
+    for key, t in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue  # tied to wte; HF re-ties it on load
+        if key.endswith(HF_CONV1D):
+            t = t.t()
+        if key.startswith("blocks."):  # blocks.{i}.* -> h.{i}.*
+            key = "h." + key.removeprefix("blocks.")
+        key = key.removeprefix("pos.")  # pos.wpe.weight -> wpe.weight
+        # clone: safetensors refuses tensors that share memory
+        tensors["transformer." + key] = t.detach().to("cpu", torch.float32).contiguous().clone()
+    hf_config = {
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": c.vocab_size, "n_positions": c.block_size, "n_ctx": c.block_size,
+        "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": None,
+        "activation_function": "gelu_new" if c.activation == "gelu_tanh" else "gelu",
+        "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+        "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
+        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False, "tie_word_embeddings": True, "use_cache": True,
+        "torch_dtype": "float32",
+    }
+    if c.vocab_size > 50256:  # GPT-2's <|endoftext|> token
+        hf_config.update(bos_token_id=50256, eos_token_id=50256)
+
+    # Write each file under a temporary name, then rename: a crash never leaves half a file.
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "model.safetensors.tmp"), metadata={"format": "pt"})
+    (path / "config.json.tmp").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+    os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
+    os.replace(path / "config.json.tmp", path / "config.json")
+
+
+def _load_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Read a HF checkpoint: model.safetensors (possibly sharded) or pytorch_model.bin."""
+    if (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(path / "model.safetensors"))
+    if (path / "model.safetensors.index.json").is_file():
+        from safetensors.torch import load_file
+
+        index = (path / "model.safetensors.index.json").read_text(encoding="utf-8")
+        shards = set(json.loads(index)["weight_map"].values())
+        return {k: v for shard in sorted(shards) for k, v in load_file(str(path / shard)).items()}
+    if (path / "pytorch_model.bin").is_file():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FunGPTError(f"no weights in '{path}': expected model.safetensors or pytorch_model.bin")
