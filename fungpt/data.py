@@ -644,6 +644,44 @@ class BatchLoader:
         self.batches_drawn = int(state["batches_drawn"])
 
 
+def eval_windows(
+    tokens: np.ndarray,
+    block_size: int,
+    batch_size: int,
+    device: str | torch.device = "cpu",
+    ignore_index: int = -1,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (x, y) batches, each (B, T), that score every token of `tokens` exactly once.
+
+    `tokens` is any 1-D array of ids (a memmapped .bin file, or text just encoded).
+    Windows start at 0, T, 2T, ... so each token (except the first, which has no
+    context) is a target once. If the tail does not fill a window, one last window
+    ends at the final token and its targets already scored are set to `ignore_index`
+    (skip them in the loss, e.g. F.cross_entropy(..., ignore_index=-1)): the tail
+    keeps a full context instead of being padded. Text shorter than a window gives one
+    shorter window (T = n - 1). The last batch may be smaller. n - 1 targets in all.
+    """
+    n = len(tokens)
+    if n < 2:
+        raise FunGPTError(f"cannot evaluate {n} token(s): at least 2 are needed (one to read, one to predict)")
+    device = torch.device(device)
+    T = min(block_size, n - 1)
+    n_full = (n - 1) // T
+    starts = [i * T for i in range(n_full)]
+    tail = (n - 1) - n_full * T  # targets not covered by the full windows
+    if tail:
+        starts.append(n - 1 - T)
+    offsets = np.arange(T + 1)
+    for i in range(0, len(starts), batch_size):
+        batch_starts = np.array(starts[i : i + batch_size])
+        windows = torch.from_numpy(np.asarray(tokens[batch_starts[:, None] + offsets]).astype(np.int64))
+        x = windows[:, :-1].contiguous()  # (B, T)
+        y = windows[:, 1:].contiguous()  # (B, T): x shifted by one
+        if tail and i + batch_size >= len(starts):
+            y[-1, : T - tail] = ignore_index  # those targets were scored already
+        yield _to_device(x, device), _to_device(y, device)
+
+
 def iter_eval_windows(
     data_dir: str | Path,
     split: str,
@@ -652,31 +690,8 @@ def iter_eval_windows(
     device: str | torch.device = "cpu",
     ignore_index: int = -1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (x, y) batches that score every token of a split exactly once.
-
-    Windows start at 0, block_size, 2*block_size, ... so each token of the split
-    (except the first, which has no context) is a target once. If the tail does
-    not fill a window, one last window ends at the final token and its targets
-    already scored are set to `ignore_index` (skip them in the loss, e.g.
-    F.cross_entropy(..., ignore_index=-1)). The last batch may be smaller.
-    The number of scored targets is n_tokens - 1.
-    """
+    """`eval_windows` over a prepared split (memory-mapped, so it works for any size)."""
     meta = load_meta(data_dir)
     check_split_fits(meta, block_size)
-    n = meta[f"{split}_tokens"]
-    device = torch.device(device)
     data = np.memmap(Path(data_dir) / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
-    n_full = (n - 1) // block_size
-    starts = [i * block_size for i in range(n_full)]
-    tail = (n - 1) - n_full * block_size  # targets not covered by the full windows
-    if tail:
-        starts.append(n - 1 - block_size)
-    offsets = np.arange(block_size + 1)
-    for i in range(0, len(starts), batch_size):
-        batch_starts = np.array(starts[i : i + batch_size])
-        windows = torch.from_numpy(data[batch_starts[:, None] + offsets].astype(np.int64))
-        x = windows[:, :-1].contiguous()
-        y = windows[:, 1:].contiguous()
-        if tail and i + batch_size >= len(starts):
-            y[-1, : block_size - tail] = ignore_index  # those targets were scored already
-        yield _to_device(x, device), _to_device(y, device)
+    yield from eval_windows(data, block_size, batch_size, device, ignore_index)

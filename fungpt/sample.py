@@ -10,8 +10,10 @@ from typing import TextIO
 import numpy as np
 import torch
 
+from fungpt.data import eval_windows, load_meta
 from fungpt.errors import FunGPTError
 from fungpt.runs import LoadedRun, data_dir_of, load_run, seeded_generator
+from fungpt.train import score_windows
 
 
 def default_prompt_ids(run: LoadedRun) -> list[int]:
@@ -173,8 +175,8 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
                  batch_size: int = 16) -> dict[str, float]:
     """Loss, perplexity and bits per byte/character of a run on its val split or on any text file.
 
-    Every token is scored once: the text is cut into consecutive windows of block_size tokens
-    and each window predicts its next tokens (the first tokens of a window see a shorter context).
+    Every token is scored once (data.eval_windows): consecutive windows of block_size tokens each
+    predict their next tokens; the first tokens of a window see a shorter context.
       loss        mean cross-entropy in nats per token
       perplexity  exp(loss): the model is as unsure as a uniform choice among this many tokens
       bits/byte   total bits / UTF-8 bytes: comparable across tokenizers (char, BPE, GPT-2)
@@ -188,37 +190,17 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
             raise FunGPTError(f"--input {path} does not exist") from None
         except UnicodeDecodeError as e:
             raise FunGPTError(f"--input {path} is not valid UTF-8 (byte {e.start}); convert it to UTF-8") from None
-        tokens = np.asarray(loaded.tokenizer.encode(text), dtype=np.int64)
+        tokens = np.asarray(loaded.tokenizer.encode(text), dtype=np.int64)  # (n,)
         n_bytes, n_chars, source = len(text.encode("utf-8")), len(text), str(path)
     else:
-        from fungpt.data import load_meta
-
         data_dir = data_dir_of(run)
         meta = load_meta(data_dir)
-        tokens = np.fromfile(data_dir / "val.bin", dtype=np.dtype(meta["dtype"])).astype(np.int64)
+        tokens = np.memmap(data_dir / "val.bin", dtype=np.dtype(meta["dtype"]), mode="r")  # (n,)
         n_bytes, n_chars, source = meta["val_bytes"], meta.get("val_chars", meta["val_bytes"]), f"{data_dir} (val)"
     if len(tokens) < 2:
         raise FunGPTError(f"{source} is too short to evaluate: it needs at least 2 tokens")
-    T = loaded.config.model.block_size
-    n_windows = math.ceil((len(tokens) - 1) / T)
-    total_nll, total_tokens = 0.0, 0
-    for start in range(0, n_windows, batch_size):
-        xs, ys = [], []
-        for w in range(start, min(start + batch_size, n_windows)):
-            chunk = tokens[w * T: w * T + T + 1]
-            x = np.zeros(T, dtype=np.int64)
-            y = np.full(T, -1, dtype=np.int64)  # -1 = padding, ignored by the loss
-            x[: len(chunk) - 1] = chunk[:-1]
-            y[: len(chunk) - 1] = chunk[1:]
-            xs.append(x)
-            ys.append(y)
-        x = torch.from_numpy(np.stack(xs)).to(loaded.device)
-        y = torch.from_numpy(np.stack(ys)).to(loaded.device)
-        logits = loaded.model(x)
-        nll = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
-                                                ignore_index=-1, reduction="sum")
-        total_nll += nll.item()
-        total_tokens += int((y != -1).sum())
+    windows = eval_windows(tokens, loaded.config.model.block_size, batch_size, device=loaded.device)
+    total_nll, total_tokens = score_windows(loaded.model, windows)
     loss = total_nll / total_tokens
     # The first token is never predicted; scale the byte count to the part that was.
     frac = total_tokens / len(tokens)

@@ -300,15 +300,22 @@ def evaluate(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, device: str
     return out
 
 
-def _full_split_loss(model, data_dir: Path, split: str, cfg: RunConfig, device: str, autocast) -> float:
-    """Mean loss over every token of a split (each scored once, see data.iter_eval_windows)."""
+def score_windows(model: torch.nn.Module, windows, autocast=contextlib.nullcontext) -> tuple[float, int]:
+    """Summed cross-entropy (nats) and number of scored targets over (x, y) batches from data.eval_windows."""
     total, count = 0.0, 0
-    for x, y in iter_eval_windows(data_dir, split, cfg.model.block_size, 4 * cfg.train.batch_size, device=device):
+    for x, y in windows:
         with autocast():
             logits = model(x)  # (B, T, V)
         scored = y != -1  # the last window repeats a few already-scored targets, marked -1
         loss = torch.nn.functional.cross_entropy(logits[scored].float(), y[scored], reduction="sum")
         total, count = total + loss.item(), count + int(scored.sum())
+    return total, count
+
+
+def _full_split_loss(model, data_dir: Path, split: str, cfg: RunConfig, device: str, autocast) -> float:
+    """Mean loss over every token of a split (each scored once, see data.eval_windows)."""
+    windows = iter_eval_windows(data_dir, split, cfg.model.block_size, 4 * cfg.train.batch_size, device=device)
+    total, count = score_windows(model, windows, autocast)
     return total / count
 
 

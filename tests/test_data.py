@@ -457,3 +457,16 @@ def test_eval_windows_score_every_token_once(char_data, block_size):
         assert torch.equal(x[:, 1:][keep[:, :-1]], y[:, :-1][keep[:, :-1]])
         scored.extend(y[keep].tolist())
     assert scored == val[1:].tolist()
+
+
+@pytest.mark.parametrize("n, block_size", [(33, 8), (30, 8), (5, 8), (2, 8)])
+def test_eval_windows_scores_every_target_of_an_array_once(n, block_size):
+    from fungpt.data import eval_windows
+
+    tokens = np.arange(100, 100 + n)  # distinct ids, so each target names its position
+    seen = []
+    for x, y in eval_windows(tokens, block_size, batch_size=3):
+        assert x.shape == y.shape and x.shape[1] == min(block_size, n - 1)
+        assert torch.equal(y[:, :-1][y[:, :-1] != -1], x[:, 1:][y[:, :-1] != -1])  # y is x shifted by one
+        seen += y[y != -1].tolist()
+    assert sorted(seen) == list(range(101, 100 + n))  # every token but the first, exactly once

@@ -231,3 +231,16 @@ def test_examples_run(tmp_path, monkeypatch, corpus):
                            "--iters", "3"], env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "bits/byte" in proc.stdout
+
+
+def test_eval_on_a_text_shorter_than_the_context(corpus, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=2), progress=False)
+    short = tmp_path / "short.txt"
+    short.write_text("the cat", encoding="utf-8")  # 7 tokens < block_size 16
+    res = evaluate_run(out, input=short)
+    assert res["tokens"] == 6 and math.isfinite(res["loss"])
+    one = tmp_path / "one.txt"
+    one.write_text("t", encoding="utf-8")
+    with pytest.raises(FunGPTError, match="too short"):
+        evaluate_run(out, input=one)
