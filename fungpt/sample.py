@@ -12,6 +12,7 @@ import torch
 
 from fungpt.data import eval_windows, load_meta
 from fungpt.errors import FunGPTError
+from fungpt.model import sampling_probs
 from fungpt.runs import LoadedRun, data_dir_of, load_run, seeded_generator
 from fungpt.train import score_windows
 
@@ -31,27 +32,13 @@ def sampling_distribution(logits: torch.Tensor, temperature: float = 1.0, top_k:
                           top_p: float | None = None) -> torch.Tensor:
     """The probabilities the next token is actually drawn from: logits (..., V) -> probs (..., V).
 
-    The same filters as fungpt.model.sample_next_token, in the same order: divide by the
-    temperature, keep the top_k largest logits (ties included), then the smallest set of most
-    likely tokens holding top_p of the probability; renormalise. Filtered-out tokens get 0.
-    With temperature 0 (greedy) the most likely token is always chosen, so the model's own
+    That is fungpt.model.sampling_probs (temperature, then top_k, then top_p; filtered-out tokens
+    get 0). With temperature 0 (greedy) the most likely token is always chosen, so the model's own
     distribution (softmax of the raw logits) is returned to show how sure it was.
     """
-    logits = logits.float()
     if temperature == 0:
-        return torch.softmax(logits, dim=-1)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]  # (..., 1) k-th largest
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        probs = torch.softmax(logits, dim=-1)
-        sorted_probs = probs.sort(dim=-1, descending=True).values
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of strictly better tokens
-        n_keep = (mass_before < top_p).sum(dim=-1, keepdim=True)  # >= 1
-        cutoff = sorted_probs.gather(-1, n_keep - 1)  # probability of the last kept token
-        logits = logits.masked_fill(probs < cutoff, float("-inf"))
-    return torch.softmax(logits, dim=-1)
+        return torch.softmax(logits.float(), dim=-1)
+    return sampling_probs(logits, temperature, top_k, top_p)
 
 
 def top_candidates(logits: torch.Tensor, tokenizer, k: int = 5, temperature: float = 1.0, top_k: int | None = None,
