@@ -534,7 +534,6 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
 
     tokens_per_step = tc.batch_size * cfg.model.block_size * tc.grad_accum_steps * ddp.world_size
     peak_flops = measure_peak_flops(device, prec.torch_dtype if prec.device != "cpu" else torch.float32)
-    flops_per_step = model.flops_per_token() * tokens_per_step
     log = MetricsLog(out_dir, cfg, keep_until_step=step if folder is not None else None) if ddp.is_main else None
     budget_s = tc.max_minutes * 60 if tc.max_minutes else None
     # The budget covers the whole command (setup included) plus the time spent before a resume.
@@ -687,7 +686,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
 
             if ddp.is_main and (step % tc.log_interval == 0 or step == 1):
                 tok_s = tokens_per_step / step_time
-                mfu = flops_per_step / step_time / peak_flops
+                mfu = model.estimate_mfu(tok_s, peak_flops)  # achieved FLOP/s over the measured ceiling
                 log.write({"step": step, "train_loss": last_loss, "lr": lr, "dt_ms": round(step_time * 1000, 2),
                            "tokens_per_sec": round(tok_s, 1), "mfu": round(mfu, 4),
                            "elapsed_s": round(time.time() - start_time, 3), "tokens": step * tokens_per_step})
