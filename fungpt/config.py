@@ -127,6 +127,8 @@ class TrainConfig:
     eval_full_val: bool = False
     """Score every eval's val loss on the entire val split (every token once) instead of eval_iters
     random batches: exact and comparable across runs, at the cost of one pass over the split."""
+    plot: bool = True
+    """Write loss.png into out_dir at the end of training (`fungpt plot` makes it any time later)."""
     skip_nonfinite: bool = False
     """Skip an optimizer step whose loss or gradient is NaN/inf instead of stopping with an error."""
     tensorboard: bool = False

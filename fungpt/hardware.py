@@ -118,3 +118,32 @@ def check_compile(device: str, *, platform: str | None = None, has_triton: bool 
     if device == "cpu" and cxx is None:
         raise FunGPTError(f"train.compile = true on the CPU needs a C++ compiler (torch.compile builds C++ "
                           f"kernels) and none was found: install g++ or clang, or {fix}")
+
+
+# glibc mallopt() parameter numbers (from <malloc.h>)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS.
+
+    A CPU training step allocates and frees the same few-MB activation tensors every step. By
+    default glibc serves blocks above 128 KiB with fresh mmap()s and unmaps them on free, so each
+    step page-faults its activations back in from zeroed pages. Raising the mmap and trim
+    thresholds lets freed blocks be reused (measured: ReLU^2 forward + backward on a (32, 64, 512)
+    tensor 2.8 ms -> 0.35 ms; a whole speedrun step ~3-7% faster). The cost: the process keeps its
+    peak memory until it exits. Returns False (and changes nothing) off glibc, e.g. on macOS.
+    """
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return False
+    one_gib = 1 << 30
+    return all(libc.mallopt(param, value) == 1 for param, value in
+               ((_M_MMAP_THRESHOLD, one_gib), (_M_TRIM_THRESHOLD, one_gib), (_M_TOP_PAD, 64 << 20)))

@@ -67,7 +67,7 @@ class GPTConfig:
     norm: str = "layernorm"
     """Normalisation layer: 'layernorm' (GPT-2) or 'rmsnorm'."""
     qk_norm: bool = False
-    """RMS-normalise queries and keys per head before attention (stabilises training)."""
+    """Normalise queries and keys per head (with the model's `norm`, no bias) before attention (stabilises training)."""
     init_from: str = "scratch"
     """Where training starts: 'scratch' (random weights), a local Hugging Face GPT-2 folder, or a hub name
     (gpt2, gpt2-medium, gpt2-large, gpt2-xl). Not part of the architecture: GPT ignores it, and with a
@@ -123,18 +123,43 @@ class GPTConfig:
         return dataclasses.asdict(self)
 
 
-def make_norm(config: GPTConfig, dim: int) -> nn.Module:
-    """LayerNorm: (x - mean) / std * weight + bias.  RMSNorm: x / rms(x) * weight (no centring, no bias)."""
+def make_norm(config: GPTConfig, dim: int, bias: bool | None = None) -> nn.Module:
+    """LayerNorm: (x - mean) / std * weight + bias.  RMSNorm: x / rms(x) * weight (no centring, no bias).
+
+    On a CPU, LayerNorm is one fused kernel while RMSNorm is composed of several element-wise
+    operations: a step with RMSNorm everywhere is ~5% slower there, although RMSNorm does less maths.
+    """
     if config.norm == "rmsnorm":
         return nn.RMSNorm(dim, eps=1e-5)
-    return nn.LayerNorm(dim, eps=1e-5, bias=config.bias)
+    return nn.LayerNorm(dim, eps=1e-5, bias=config.bias if bias is None else bias)
+
+
+class _ReLU2Function(torch.autograd.Function):
+    """relu(x)^2 with a hand-written backward: d/dx relu(x)^2 = 2 relu(x).
+
+    Autograd on `F.relu(x).square()` saves two tensors and runs four element-wise
+    passes in backward; this saves r = relu(x) once and needs two (measured 35%
+    faster forward + backward on a CPU, where the MLP's (B, T, 4C) tensors make
+    every pass over memory count).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        r = torch.relu(x)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (r,) = ctx.saved_tensors
+        return (r + r).mul_(grad)  # 2 relu(x) * grad: zero where x <= 0
 
 
 class ReLU2(nn.Module):
     """ReLU squared, relu(x)^2 (So et al. 2021, "Primer"); used in the modded-nanogpt speedrun."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(x).square()
+        return _ReLU2Function.apply(x)
 
 
 def make_activation(name: str) -> nn.Module:
@@ -169,8 +194,9 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         # QK-norm (Dehghani et al. 2023): bounds the scores q.k, preventing attention-logit blow-ups.
-        self.q_norm = nn.RMSNorm(self.head_size, eps=1e-5) if config.qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(self.head_size, eps=1e-5) if config.qk_norm else nn.Identity()
+        # It uses the model's norm kind, without bias (a gain per head dimension).
+        self.q_norm = make_norm(config, self.head_size, bias=False) if config.qk_norm else nn.Identity()
+        self.k_norm = make_norm(config, self.head_size, bias=False) if config.qk_norm else nn.Identity()
 
     def forward(
         self,

@@ -40,7 +40,7 @@ from fungpt import pretrained
 from fungpt.config import DataConfig, RunConfig, TrainConfig, default_model, load_run_config
 from fungpt.data import BatchLoader, cache_dir, check_split_fits, iter_eval_windows, load_meta, prepare, resolve_source
 from fungpt.errors import FunGPTError
-from fungpt.hardware import Precision, check_compile, detect_precision
+from fungpt.hardware import Precision, check_compile, detect_precision, keep_freed_memory
 from fungpt.model import GPT
 from fungpt.tokenizer import Tokenizer, load_tokenizer
 
@@ -312,6 +312,33 @@ def score_windows(model: torch.nn.Module, windows, autocast=contextlib.nullconte
     return total, count
 
 
+@torch.no_grad()
+def estimate_eval_time(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, device: str, autocast) -> float:
+    """Seconds one `evaluate` call will take, from timing a single forward batch and scaling up.
+
+    Time-budget runs must reserve the final eval before it happens. Timing one batch costs a
+    fraction of a second where a full eval costs seconds, much of a short budget. The batch is
+    timed twice and the second (warm) timing used; the estimate errs high, by 10% on purpose.
+    """
+    tc = cfg.train
+    windows = 4 * tc.batch_size  # the full-split eval's batch size (see _full_split_loss)
+    x = torch.zeros(windows, cfg.model.block_size, dtype=torch.long, device=device)
+    was_training = model.training
+    model.eval()
+    for _ in range(2):
+        t0 = time.time()
+        with autocast():
+            model(x)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds_per_window = (time.time() - t0) / windows
+    model.train(was_training)
+    n_windows = 2 * tc.eval_iters * tc.batch_size  # evaluate's train and val batches
+    if tc.eval_full_val:
+        n_windows += math.ceil((load_meta(data_dir)["val_tokens"] - 1) / cfg.model.block_size)
+    return 1.1 * seconds_per_window * n_windows
+
+
 def _full_split_loss(model, data_dir: Path, split: str, cfg: RunConfig, device: str, autocast) -> float:
     """Mean loss over every token of a split (each scored once, see data.eval_windows)."""
     windows = iter_eval_windows(data_dir, split, cfg.model.block_size, 4 * cfg.train.batch_size, device=device)
@@ -450,6 +477,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
     start_time = time.time() if start_time is None else start_time
     tc = cfg.train
     prec: Precision = detect_precision(tc.device, tc.dtype)
+    if prec.device == "cpu":
+        keep_freed_memory()  # reuse activation memory between steps (see hardware.keep_freed_memory)
     ddp = setup_distributed(prec.device)
     device = f"cuda:{ddp.local_rank}" if prec.device == "cuda" else prec.device
     if prec.device == "cuda":
@@ -609,18 +638,21 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
     losses: dict[str, float] = {}
     step_time, last_loss = timings.get("step", 0.0), float("nan")
     plot_time = timings.get("plot", 0.0)
-    if step == 0:
+    if step == 0 and budget_s is None:
         t0 = time.time()
         losses = do_eval()  # the starting point of the curve: about ln(vocab_size) for random weights
         eval_time = time.time() - t0
-        if budget_s is not None:
-            # With a time budget, the end of the run must be reserved before it happens: a step-0
-            # checkpoint and plot measure how long saving and plotting take on this machine.
-            do_save()
-            if ddp.is_main:
-                t0 = time.time()
-                _plot_quietly(out_dir)
-                plot_time = time.time() - t0
+    elif step == 0:
+        # With a time budget, the end of the run must be reserved before it happens. The step-0 eval
+        # is skipped (it would spend seconds of a short budget on a known number, about ln(vocab));
+        # its cost is estimated from one batch instead, and a step-0 checkpoint and plot measure how
+        # long saving and plotting take on this machine.
+        eval_time = estimate_eval_time(model, data_dir, cfg, device, autocast)
+        do_save()
+        if ddp.is_main and tc.plot:
+            t0 = time.time()
+            _plot_quietly(out_dir)
+            plot_time = time.time() - t0
     else:
         eval_time = timings.get("eval", 0.0)
     if schedule_origin is None:
@@ -715,7 +747,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         do_save()
     if ddp.is_main:
         log.close()
-        _plot_quietly(out_dir)
+        if tc.plot:
+            _plot_quietly(out_dir)
     if ddp.enabled:
         dist.barrier()
     return {"out_dir": str(out_dir), "step": step, "train_loss": losses.get("train", last_loss),

@@ -301,7 +301,7 @@ def plot_positions(kind: str, out: str | Path, run=None, block_size: int | None 
         axes[0].set(title="speed of pair i: theta_i = base^(-2i/hs)", xlabel="pair i",
                     ylabel="radians per position (log)")
         axes[0].grid(alpha=0.3)
-        im = axes[1].imshow(rope.cos.numpy(), aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1,
+        im = axes[1].imshow(rope.cos[:, : hs // 2].numpy(), aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1,
                             interpolation="nearest")
         axes[1].set(title="cos(m theta_i): the angle of pair i at position m", xlabel="pair i",
                     ylabel="position m")

@@ -178,3 +178,85 @@ def test_float32_muon_matches_torch_muon():
         assert (p - q).abs().max() < 0.05 * moved
     with pytest.raises(ValueError, match="2-D"):
         Muon([torch.nn.Parameter(torch.zeros(3))])
+
+
+# ---------------------------------------------------------------- fast pieces and time budgets
+
+
+def test_relu2_hand_written_backward_matches_autograd():
+    from fungpt.model import ReLU2
+
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    x.data[0, 0, :3] = torch.tensor([0.0, -0.0, 1e-12], dtype=torch.float64)  # the kink and its neighbourhood
+    assert torch.autograd.gradcheck(ReLU2(), (x,))
+    g = torch.randn(3, 5, 7, dtype=torch.float64)
+    (got,) = torch.autograd.grad(ReLU2()(x), x, g)
+    (want,) = torch.autograd.grad(torch.relu(x).square(), x, g)
+    assert torch.equal(ReLU2()(x), torch.relu(x).square()) and torch.allclose(got, want)
+
+
+def test_rope_rotation_equals_the_pairwise_rotation_formula():
+    from fungpt.positions import RotaryPositions
+
+    hs, T = 8, 5
+    rope = RotaryPositions(block_size=T, head_size=hs)
+    q, k = torch.randn(2, 3, T, hs), torch.randn(2, 3, T, hs)
+    pos = torch.arange(T)
+    qr, kr = rope.rotate(q, k, pos)
+    theta = 10000.0 ** (-torch.arange(hs // 2) / (hs // 2))
+    angle = pos[:, None].float() * theta  # (T, hs/2)
+    for x, xr in ((q, qr), (k, kr)):
+        x1, x2 = x[..., : hs // 2], x[..., hs // 2 :]
+        want = torch.cat((x1 * angle.cos() - x2 * angle.sin(), x1 * angle.sin() + x2 * angle.cos()), dim=-1)
+        assert torch.allclose(xr, want, atol=1e-6)
+
+
+def test_qk_norm_uses_the_models_norm_kind():
+    ln = small_model(qk_norm=True).blocks[0].attn
+    rms = small_model(qk_norm=True, norm="rmsnorm").blocks[0].attn
+    assert isinstance(ln.q_norm, torch.nn.LayerNorm) and ln.q_norm.bias is None
+    assert isinstance(rms.k_norm, torch.nn.RMSNorm)
+    assert set(ln.state_dict()) == set(rms.state_dict())  # same parameter names either way
+
+
+def test_keep_freed_memory_stops_page_faults_between_steps():
+    import platform
+
+    from fungpt.hardware import keep_freed_memory
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        assert keep_freed_memory() is False
+        return
+    # run in a child: mallopt changes the whole process, and the test should not change pytest's
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, sys, torch\n"
+        "from fungpt.hardware import keep_freed_memory\n"
+        "if sys.argv[1] == 'keep': assert keep_freed_memory()\n"
+        "def step():\n"
+        "    torch.ones(1 << 24)  # 64 MiB, freed again (above glibc's largest automatic mmap threshold)\n"
+        "step(); step()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(20): step()\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    )
+    faults = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
+                                       check=True).stdout) for mode in ("keep", "default")}
+    assert faults["keep"] < 1000 < 10_000 < faults["default"], faults  # a 64 MiB block is 16,384 pages
+
+
+def test_budget_run_skips_the_step0_eval_and_can_skip_the_plot(prepared, tmp_path):
+    import json
+
+    cfg = RunConfig(out_dir=str(tmp_path / "run"), data=DataConfig(path=str(prepared)),
+                    model=GPTConfig(vocab_size=1, block_size=16, n_layer=1, n_head=2, n_embd=16),
+                    train=TrainConfig(batch_size=4, max_iters=5, eval_interval=100, eval_iters=1, warmup_iters=0,
+                                      checkpoint_interval=100, device="cpu", eval_full_val=True,
+                                      max_minutes=5.0, plot=False))
+    train(cfg, progress=False)
+    rows = [json.loads(r) for r in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    evals = [r["step"] for r in rows if "val_loss" in r]
+    assert evals == [5]  # only the final eval: no step-0 eval under a time budget
+    assert not (tmp_path / "run/loss.png").exists()
