@@ -2,6 +2,7 @@
 
     python bench/bench_train.py                                 # baby shape: 4 x 128, block 64, batch 12
     python bench/bench_train.py --append BENCHMARKS.md
+    python bench/bench_train.py --shape 6,6,384,256 --iters 40      # both sides: layers, heads, width, block
     python bench/bench_train.py --no-reference -- --model.n-layer 6 ...   # extra flags go to fungpt train
 
 Each round runs `fungpt train` (the real command, logging every step) and then nanoGPT's recipe
@@ -59,6 +60,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-reference", action="store_true", help="skip nanoGPT")
     ap.add_argument("--keep-arch", action="store_true", help="keep the config's architecture (bias, activation)")
     ap.add_argument("--append", type=Path, default=None)
+    ap.add_argument("--shape", default=None, help="L,H,C,T: n_layer, n_head, n_embd, block_size for both sides "
+                    "(default: the config's, nanoGPT's 4,4,128,64)")
     ap.add_argument("extra", nargs="*", help="extra `fungpt train` flags (after --)")
     args = ap.parse_args(argv)
 
@@ -67,6 +70,12 @@ def main(argv=None) -> int:
     env.setdefault("FUNGPT_DATA_DIR", "/work/shared/data")
     tmp = Path(tempfile.mkdtemp(prefix="fungpt-bench-"))
     arch = [] if args.keep_arch else ["--model.no-bias", "--model.activation", "gelu"]
+    ref_shape: list[str] = []
+    if args.shape:
+        n_layer, n_head, n_embd, block = (int(v) for v in args.shape.split(","))
+        arch += ["--model.n-layer", str(n_layer), "--model.n-head", str(n_head), "--model.n-embd", str(n_embd),
+                 "--model.block-size", str(block)]
+        ref_shape = [f"--n_layer={n_layer}", f"--n_head={n_head}", f"--n_embd={n_embd}", f"--block_size={block}"]
     fungpt_cmd = [py, "-m", "fungpt", "train", "--config", args.config, "--out-dir", str(tmp / "run"),
                   "--overwrite", "--train.max-iters", str(args.iters), "--train.log-interval", "1",
                   "--train.eval-interval", str(args.iters), "--train.checkpoint-interval", str(10 * args.iters),
@@ -82,7 +91,7 @@ def main(argv=None) -> int:
         ms["FunGPT"].append(statistics.median(r["dt_ms"] for r in rows if "dt_ms" in r and r["step"] >= 20))
         rss["FunGPT"] = max(rss["FunGPT"], mem)
         if not args.no_reference:
-            out, _, mem = run_measured(["bash", str(NANOGPT_SH), py, f"--max_iters={args.iters}"], env)
+            out, _, mem = run_measured(["bash", str(NANOGPT_SH), py, f"--max_iters={args.iters}", *ref_shape], env)
             m = re.search(r"median_ms_per_iter=([\d.]+)", out)
             ms["nanoGPT"].append(float(m.group(1)))
             rss["nanoGPT"] = max(rss["nanoGPT"], mem)

@@ -127,7 +127,7 @@ def make_norm(config: GPTConfig, dim: int, bias: bool | None = None) -> nn.Modul
     """LayerNorm: (x - mean) / std * weight + bias.  RMSNorm: x / rms(x) * weight (no centring, no bias).
 
     On a CPU, LayerNorm is one fused kernel while RMSNorm is composed of several element-wise
-    operations: a step with RMSNorm everywhere is ~5% slower there, although RMSNorm does less maths.
+    operations: a step with RMSNorm everywhere was 7-20% slower there (BENCHMARKS.md), although it does less maths.
     """
     if config.norm == "rmsnorm":
         return nn.RMSNorm(dim, eps=1e-5)

@@ -260,3 +260,15 @@ def test_budget_run_skips_the_step0_eval_and_can_skip_the_plot(prepared, tmp_pat
     evals = [r["step"] for r in rows if "val_loss" in r]
     assert evals == [5]  # only the final eval: no step-0 eval under a time budget
     assert not (tmp_path / "run/loss.png").exists()
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.toml")))
+def test_every_preset_loads_and_builds_its_model(preset):
+    from fungpt.config import load_config
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / preset)
+    if cfg.model.init_from == "scratch":
+        with torch.device("meta"):  # no memory: only the shapes are checked
+            GPT(GPTConfig(**{**cfg.model.to_dict(), "vocab_size": 65}))
+    if preset == "speedrun-cpu.toml":
+        assert cfg.train.max_minutes and cfg.train.eval_full_val and not cfg.train.plot
