@@ -115,7 +115,8 @@ class TrainConfig:
     """Compile the model with torch.compile (the saved weights are always the uncompiled model's)."""
     max_minutes: float | None = None
     """Wall-clock budget for the whole command; when set, the lr schedule runs on the fraction of the
-    budget used instead of on steps, and training ends with a final eval and checkpoint on time."""
+    budget used instead of on steps, and training ends with a final eval and checkpoint on time. The
+    step-0 eval is skipped (its cost is estimated from one batch instead) so the budget goes to training."""
     optimizer: str = "adamw"
     """adamw (everything on AdamW), or muon: the 2-D matrices inside the blocks on Muon (Jordan et al.
     2024, "Muon: MomentUm Orthogonalized by Newton-Schulz", the modded-nanogpt speedrun optimizer;
