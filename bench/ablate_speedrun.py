@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchlib import publish
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CLASSIC = ["--model.pos-encoding", "learned", "--model.norm", "layernorm", "--model.no-qk-norm",
@@ -64,10 +66,7 @@ def main(argv=None) -> int:
             f"1-min load average at the end: {os.getloadavg()[0]:.1f}\n\n"
             "| variant (cumulative) | val loss | median ms/step | tokens/s |\n|---|---:|---:|---:|\n"
             + "\n".join(rows) + "\n")
-    print(text)
-    if args.append:
-        with args.append.open("a", encoding="utf-8") as f:
-            f.write("\n" + text)
+    publish(text, args.append)
     return 0
 
 

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchlib import publish
 
 
 def build_models(init_std: float, workdir: Path):
@@ -110,10 +111,7 @@ def main(argv=None) -> int:
               "| contender | tokens/s | vs HF | tokens per forward pass | same tokens as HF |\n"
               "|---|---:|---:|---:|---|\n")
     text = header + "\n".join(rows) + "\n"
-    print(text)
-    if args.append:
-        with args.append.open("a", encoding="utf-8") as f:
-            f.write("\n" + text)
+    publish(text, args.append)
     return 0
 
 

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import publish
+
 ROOT = Path(__file__).resolve().parents[1]
 NANOGPT_DIR = Path(os.environ.get("NANOGPT_DIR", "/work/shared/anchors/nanoGPT"))
 # nanogpt-cpu.sh's flags for nanoGPT's README CPU recipe (keep in step with that script)
@@ -91,10 +93,7 @@ def main(argv=None) -> int:
             f"- final val loss over the entire val split; each FunGPT budget covers its whole command\n\n"
             "| run | budget | steps | final val | command wall |\n|---|---:|---:|---:|---:|\n"
             + ref_row + "\n" + "\n".join(rows) + "\n")
-    print(text)
-    if args.append:
-        with args.append.open("a", encoding="utf-8") as fh:
-            fh.write("\n" + text)
+    publish(text, args.append)
     if args.plot:
         plot(points, curve, w, args.plot)
     return 0

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchlib import publish
 
 ROOT = Path(__file__).resolve().parents[1]
 NANOGPT_SH = Path(os.environ.get("NANOGPT_CPU_SH", "/work/shared/anchors/nanogpt-cpu.sh"))
@@ -127,10 +128,7 @@ def main(argv=None) -> int:
             f"{args.iters} steps per run, {args.rounds} interleaved rounds\n\n"
             "| contender | median ms/iter | per round | tokens/s | MFU | peak RSS MiB |\n"
             "|---|---:|---|---:|---:|---:|\n" + "\n".join(lines) + "\n" + ratio)
-    print(text)
-    if args.append:
-        with args.append.open("a", encoding="utf-8") as f:
-            f.write("\n" + text)
+    publish(text, args.append)
     return 0
 
 
