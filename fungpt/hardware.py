@@ -128,11 +128,12 @@ def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS.
 
     A CPU training step allocates and frees the same few-MB activation tensors every step. By
-    default glibc serves blocks above 128 KiB with fresh mmap()s and unmaps them on free, so each
-    step page-faults its activations back in from zeroed pages. Raising the mmap and trim
-    thresholds lets freed blocks be reused (measured: ReLU^2 forward + backward on a (32, 64, 512)
-    tensor 2.8 ms -> 0.35 ms; a whole speedrun step ~3-7% faster). The cost: the process keeps its
-    peak memory until it exits. Returns False (and changes nothing) off glibc, e.g. on macOS.
+    default glibc serves large blocks with fresh mmap()s and unmaps them on free, and trims freed
+    memory at the top of its heap back to the OS (both thresholds start at 128 KiB and adapt only
+    part of the way), so each step page-faults its activations back in from zeroed pages. Raising
+    the thresholds lets freed blocks be reused (measured on the speedrun shape: 2,178 -> 0.3 page
+    faults per step, 149 -> 128 ms per step; BENCHMARKS.md). The cost: the process keeps its peak
+    memory until it exits. Returns False (and changes nothing) off glibc, e.g. on macOS.
     """
     import ctypes
     import ctypes.util
