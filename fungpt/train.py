@@ -27,6 +27,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +179,24 @@ def prepare_out_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
     if not os.access(out, os.W_OK):
         raise FunGPTError(f"out_dir {out} is not writable; choose another out_dir or fix its permissions")
     return out
+
+
+def check_resume_tokenizer(manifest: dict[str, Any], data_dir: Path, cfg: RunConfig) -> None:
+    """Refuse to resume on data encoded with another tokenizer than the checkpoint's.
+
+    The model check cannot see this when both tokenizers have the same size (two character sets
+    of 65 symbols): token 7 would silently mean another character. The checkpoint records a
+    fingerprint of its tokenizer files; the data's tokenizer is saved the same way and compared.
+    """
+    saved = manifest.get("tokenizer_sha256")
+    if not saved:
+        return  # written before fingerprints existed: nothing to compare with
+    with tempfile.TemporaryDirectory() as tmp:
+        load_tokenizer(data_dir).save(tmp)
+        if ckpt.tokenizer_fingerprint(tmp) != saved:
+            raise FunGPTError(f"cannot resume {cfg.out_dir}: data.path {cfg.data.path!r} is encoded with a different "
+                              f"tokenizer than the one the checkpoint was trained with (same size, other tokens); "
+                              f"resume with the original data and tokenizer, or train into a new out_dir")
 
 
 class CombinedOptimizer(torch.optim.Optimizer):
@@ -512,6 +531,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
     if folder is not None:
         manifest = ckpt.verify_checkpoint(folder)
         ckpt.check_model_config(manifest, folder, cfg.model.to_dict(), Path(cfg.out_dir) / "config.json")
+        check_resume_tokenizer(manifest, data_dir, cfg)
         ckpt.load_weights(folder, model)
         state = ckpt.load_state(folder)
         try:

@@ -98,6 +98,20 @@ def test_resume_is_bit_exact(corpus, tmp_path):
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
 
 
+def test_resume_refuses_data_with_another_tokenizer_of_the_same_size(corpus, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=6), progress=False)
+    text = corpus.read_text()
+    # Swap two letters for two that the corpus lacks: as many symbols, but different ones.
+    other = tmp_path / "other.txt"
+    other.write_text(text.replace("c", "X").replace("d", "Z"), encoding="utf-8")
+    assert len(set(other.read_text())) == len(set(text))
+    with pytest.raises(FunGPTError, match="different tokenizer"):
+        train(tiny_config(other, out, max_iters=12), resume=True, progress=False)
+    # The original data still resumes (the check compares like with like).
+    assert train(tiny_config(corpus, out, max_iters=12), resume=True, progress=False)["step"] == 12
+
+
 def test_grad_accumulation_matches_big_batch():
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=16)
