@@ -30,11 +30,8 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory):
-    from test_serve import shared_tiny_run  # the same tiny trained run as the API tests
-
-    run_dir = shared_tiny_run(tmp_path_factory)
-    with running_server(create_app(run_dir, device="cpu")) as base:
+def url(tiny_run):
+    with running_server(create_app(tiny_run, device="cpu")) as base:  # the API tests' run (conftest.py)
         yield base
 
 

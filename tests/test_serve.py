@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,52 +25,20 @@ httpx = pytest.importorskip("httpx")
 import torch  # noqa: E402
 
 from fungpt.cli import main  # noqa: E402
-from fungpt.config import DataConfig, RunConfig, TrainConfig  # noqa: E402
 from fungpt.errors import FunGPTError  # noqa: E402
-from fungpt.model import GPTConfig  # noqa: E402
 from fungpt.plot import read_metrics  # noqa: E402
 from fungpt.runs import load_run  # noqa: E402
 from fungpt.sample import sample  # noqa: E402
 from fungpt.serve import create_app, running_server  # noqa: E402
-from fungpt.train import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW = 50  # the test server's limits, small so the limit tests are cheap
 MAX_CHARS = 100
 
 
-def make_tiny_run(root: Path) -> Path:
-    """Train a 2-layer, 2-head char model for 20 steps on a small made-up corpus: a real run folder."""
-    lines = [f"{a} {b} sat on the {c}, said {d}!\n" for a in ("The cat", "A dog", "My fox")
-             for b in ("quietly", "slowly") for c in ("mat", "log", "hill") for d in ("Ann", "Bob")]
-    corpus = root / "corpus.txt"
-    corpus.write_text("".join(lines) * 20, encoding="utf-8")
-    out = root / "run"
-    cfg = RunConfig(out_dir=str(out), data=DataConfig(path=str(corpus), tokenizer="char"),
-                    model=GPTConfig(vocab_size=1, block_size=32, n_layer=2, n_head=2, n_embd=32),
-                    train=TrainConfig(batch_size=4, max_iters=20, lr=3e-3, min_lr=3e-4, warmup_iters=2,
-                                      eval_interval=10, eval_iters=2, checkpoint_interval=10, log_interval=1,
-                                      device="cpu"))
-    train(cfg, progress=False)
-    return out
-
-
-def shared_tiny_run(tmp_path_factory) -> Path:
-    """The tiny run, trained once per test session (this file and test_browser.py share it)."""
-    root = tmp_path_factory.getbasetemp() / "serve-tiny-run"
-    if not (root / "trained").is_file():  # the marker is written only after training finished
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir()
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("FUNGPT_CACHE_DIR", str(root / "cache"))
-            make_tiny_run(root)
-        (root / "trained").touch()
-    return root / "run"
-
-
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return shared_tiny_run(tmp_path_factory)
+def run_dir(tiny_run) -> Path:
+    return tiny_run  # conftest.py: trained once per test session
 
 
 @pytest.fixture(scope="module")
