@@ -33,6 +33,7 @@ from torch import nn
 
 from fungpt.errors import FunGPTError
 from fungpt.positions import POS_ENCODINGS, NoPositions, make_positions
+from fungpt.speculative import lookup_draft, verify_draft
 
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu2")
 NORMS = ("layernorm", "rmsnorm")
@@ -432,14 +433,9 @@ class GPT(nn.Module):
         rebuilt from that window, at every step from then on.
 
         lookahead=k > 0 (greedy decoding, temperature=0, batch size 1, with the cache) turns on
-        prompt-lookup speculation (Saxena 2023, "Prompt Lookup Decoding"; the verification
-        step is Leviathan et al. 2023's speculative decoding): guess the next k tokens by finding
-        the latest earlier occurrence of the last few tokens and copying what followed it, then
-        check all guesses in one forward pass. Every guess that equals the model's own argmax is
-        kept, plus the model's token at the first wrong guess, so the output is the same greedy
-        sequence; it only arrives sooner, because one pass over the weights (the cost of
-        decoding one token on a CPU, where reading the weights from memory dominates) can
-        yield several tokens.
+        prompt-lookup speculation (speculative.py): guess the next k tokens by copying from
+        earlier text and check all guesses in one forward pass. The output is the same greedy
+        sequence; it arrives sooner when the text repeats itself.
         """
         if idx.dim() != 2 or idx.size(1) == 0:
             raise FunGPTError("generate needs a (B, T) prompt with at least one token: pass a non-empty prompt")
@@ -464,9 +460,9 @@ class GPT(nn.Module):
                     cache.reset()  # (re)fill the cache from the current window
                     logits = self(seq[:, max(0, n - block_size) : n], kv_cache=cache)
                 elif speculate and cache.pos + 1 + lookahead <= block_size:
-                    draft = _lookup_draft(history, min(lookahead, T0 + max_new_tokens - n - 1))
+                    draft = lookup_draft(history, min(lookahead, T0 + max_new_tokens - n - 1))
                     if draft:
-                        yield from self._verify_draft(seq, n, draft, cache, history, yield_logits)
+                        yield from verify_draft(self, seq, n, draft, cache, history, yield_logits)
                         n = len(history)  # history holds the prompt and every token yielded so far
                         continue
                     logits = self(seq[:, n - 1 : n], kv_cache=cache)
@@ -480,29 +476,6 @@ class GPT(nn.Module):
                 yield (next_id[:, 0], logits[:, -1, :]) if yield_logits else next_id[:, 0]
         finally:
             self.train(was_training)
-
-    def _verify_draft(self, seq, n, draft, cache, history, yield_logits):
-        """Check draft tokens with one cached forward pass; yield the accepted ones (greedy, B = 1).
-
-        Input: the newest token seq[:, n-1] followed by the k draft tokens. Output position i
-        predicts the token after input i, so the draft token i is right iff it equals the argmax
-        at position i. We keep the right prefix plus the model's own token where the first
-        wrong guess was, and roll the cache back over the rejected positions.
-        """
-        start = cache.pos
-        chunk = torch.tensor([[int(seq[0, n - 1])] + draft], dtype=seq.dtype, device=seq.device)  # (1, 1 + k)
-        logits = self(chunk, kv_cache=cache)  # (1, 1 + k, V)
-        preds = logits[0].argmax(dim=-1).tolist()  # 1 + k greedy tokens
-        accepted = 0
-        while accepted < len(draft) and draft[accepted] == preds[accepted]:
-            accepted += 1
-        new = preds[: accepted + 1]  # the right guesses, then the model's correction (or one bonus token)
-        cache.pos = start + 1 + accepted  # keys/values of rejected guesses sit beyond pos: never read
-        for i, tok in enumerate(new):
-            seq[0, n + i] = tok
-            history.append(tok)
-            ids = seq[:, n + i]  # (1,)
-            yield (ids, logits[:, i, :]) if yield_logits else ids
 
     @torch.no_grad()
     def generate(
@@ -573,27 +546,6 @@ class GPT(nn.Module):
         from fungpt.hf import save_gpt2
 
         save_gpt2(self, path)
-
-
-def _lookup_draft(history: list[int], k: int, max_ngram: int = 3) -> list[int]:
-    """Guess up to k next tokens by copying: find the latest earlier occurrence of the last n
-    tokens (n = max_ngram down to 1) and return the k tokens that followed it ([] if none).
-
-    The copy may run past the end of history into the guess itself (as in LZ77 compression), so a
-    repeating pattern such as "abcabc" is continued for all k tokens, not cut off at the end.
-    """
-    if k <= 0:
-        return []
-    for size in range(min(max_ngram, len(history) - 1), 0, -1):
-        tail = history[-size:]
-        for start in range(len(history) - size - 1, -1, -1):  # latest match first, never the tail itself
-            if history[start : start + size] == tail:
-                source = history[start + size :]  # what followed the match, then (by overlap) the guess itself
-                draft: list[int] = []
-                for i in range(k):
-                    draft.append(source[i] if i < len(source) else draft[i - len(source)])
-                return draft
-    return []
 
 
 def sampling_probs(

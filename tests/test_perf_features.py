@@ -11,7 +11,8 @@ import torch
 from fungpt.config import DataConfig, RunConfig, TrainConfig
 from fungpt.data import prepare
 from fungpt.errors import FunGPTError
-from fungpt.model import GPT, GPTConfig, _lookup_draft
+from fungpt.model import GPT, GPTConfig
+from fungpt.speculative import lookup_draft
 from fungpt.train import CombinedOptimizer, _full_split_loss, configure_optimizer, train
 
 
@@ -119,11 +120,11 @@ def test_eval_full_val_run_logs_the_full_split_loss(prepared, tmp_path):
 
 
 def test_lookup_draft_copies_what_followed_the_latest_match():
-    assert _lookup_draft([1, 2, 3, 9, 1, 2, 3], 2) == [9, 1]
-    assert _lookup_draft([5, 1, 2, 7, 1, 2], 3) == [7, 1, 2]  # 2-gram [1, 2] matched at index 1
-    assert _lookup_draft([4, 4, 4], 5) == [4, 4, 4, 4, 4]  # overlapping copy continues the pattern
-    assert _lookup_draft([1, 2, 3], 4) == []  # nothing repeats
-    assert _lookup_draft([1, 1], 0) == []
+    assert lookup_draft([1, 2, 3, 9, 1, 2, 3], 2) == [9, 1]
+    assert lookup_draft([5, 1, 2, 7, 1, 2], 3) == [7, 1, 2]  # 2-gram [1, 2] matched at index 1
+    assert lookup_draft([4, 4, 4], 5) == [4, 4, 4, 4, 4]  # overlapping copy continues the pattern
+    assert lookup_draft([1, 2, 3], 4) == []  # nothing repeats
+    assert lookup_draft([1, 1], 0) == []
 
 
 @pytest.mark.parametrize("prompt", [[1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [7, 8, 9, 10, 11]])
