@@ -53,7 +53,7 @@ def top_candidates(logits: torch.Tensor, tokenizer, k: int = 5, temperature: flo
 
     probs = sampling_distribution(logits.reshape(-1), temperature, top_k, top_p)  # (V,)
     values, ids = torch.topk(probs, min(k, probs.numel()))
-    return [(int(i), show_token(tokenizer.decode([int(i)])), float(p)) for p, i in zip(values, ids) if p > 0]
+    return [(int(i), show_token(tokenizer.token_text(int(i))), float(p)) for p, i in zip(values, ids) if p > 0]
 
 
 def _write_probs_line(out: TextIO, step: int, token: int, p: float, cands: list[tuple[int, str, float]],
@@ -61,7 +61,7 @@ def _write_probs_line(out: TextIO, step: int, token: int, p: float, cands: list[
     from fungpt.viz import show_token
 
     listing = "  ".join(f"{text:>6} {q:.3f}" for _, text, q in cands)
-    out.write(f"{step:>5}  {show_token(tokenizer.decode([token])):>6} {p:.3f}   | {listing}\n")
+    out.write(f"{step:>5}  {show_token(tokenizer.token_text(token)):>6} {p:.3f}   | {listing}\n")
 
 
 def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path | None = None, num_samples: int = 1,

@@ -100,8 +100,8 @@ class ApiError(Exception):
 
 
 def token_text(tokenizer, token_id: int) -> str:
-    """The text of one token. (A byte-level BPE token may be part of a character: shown as U+FFFD.)"""
-    return tokenizer.decode([token_id])
+    """The text of one token (part of a character shows its bytes: see Tokenizer.token_text)."""
+    return tokenizer.token_text(token_id)
 
 
 # ---------------------------------------------------------------------------- the app

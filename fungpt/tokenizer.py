@@ -35,6 +35,7 @@ text, so every string still round-trips exactly.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections.abc import Iterable
@@ -84,6 +85,20 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a byte-level BPE token can be part of a UTF-8 character)."""
+        return self.decode([token_id]).encode("utf-8")
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text, for showing tokens one by one.
+
+        Usually the same as decode([token_id]). But a byte-level BPE token may hold only part of
+        a multi-byte character ("é" is the two bytes C3 A9, which can be two tokens); decoded
+        alone it would become the replacement character '\ufffd'. Here its bytes stay visible,
+        as escapes: '\\xc3'. Joining the token_texts of a text is then not always the text.
+        """
+        return self.token_bytes(token_id).decode("utf-8", errors="backslashreplace")
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many strings at once (subclasses use the library's parallel version)."""
@@ -274,6 +289,15 @@ class BPETokenizer(Tokenizer):
         # skip_special_tokens=False keeps <|endoftext|> so decode(encode(s)) == s.
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self._tok.id_to_token(token_id)  # the token in byte-level stand-in characters
+        if piece is None:
+            raise FunGPTError(f"cannot decode: token id {token_id} is not in range({self.vocab_size})")
+        alphabet = _byte_level_alphabet()
+        if all(ch in alphabet for ch in piece):
+            return bytes(alphabet[ch] for ch in piece)
+        return piece.encode("utf-8")  # a special token such as <|endoftext|> is stored as plain text
+
     def _save_files(self, directory: Path) -> dict:
         self._tok.save(str(directory / BPE_FILE))
         return {"file": BPE_FILE}
@@ -332,6 +356,21 @@ class HFTokenizer(BPETokenizer):
     def _save_files(self, directory: Path) -> dict:
         self._tok.save(str(directory / BPE_FILE))
         return {"file": BPE_FILE, "source": self.source}
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (Radford et al. 2019), read backwards: stand-in character -> byte.
+
+    Byte-level BPE writes each byte as one printable character, so that tokens are readable
+    strings: printable bytes ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for themselves, and the other 68
+    (space, control characters, ...) are given chr(256), chr(257), ... in byte order ('Ġ' is the space).
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {chr(b): b for b in printable}
+    others = [b for b in range(256) if chr(b) not in table]
+    table.update({chr(256 + n): b for n, b in enumerate(others)})
+    return table
 
 
 def check_bpe_vocab_size(vocab_size: int) -> None:
@@ -407,6 +446,9 @@ class GPT2Tokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._enc.decode(list(ids))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._enc.decode_single_token_bytes(token_id)
 
     def _save_files(self, directory: Path) -> dict:
         return {"encoding": "gpt2"}

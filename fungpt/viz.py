@@ -40,12 +40,12 @@ def show_token(text: str) -> str:
 
 
 def token_labels(tokenizer, ids: Sequence[int]) -> list[str]:
-    """One label per token id: its decoded text, made visible with `show_token`.
+    """One label per token id: its text, made visible with `show_token`.
 
-    With byte-level BPE a single token can be part of a multi-byte character; it then
-    decodes to the replacement character '�', which is shown as is.
+    With byte-level BPE a single token can be part of a multi-byte character; its bytes are
+    then shown as escapes such as '\\xc3' (Tokenizer.token_text).
     """
-    return [show_token(tokenizer.decode([int(i)])) for i in ids]
+    return [show_token(tokenizer.token_text(int(i))) for i in ids]
 
 
 # ------------------------------------------------------------------------------------- attention

@@ -127,6 +127,24 @@ def test_gpt2_with_fake_encoding_round_trip():
     assert tok.encode_batch(["the", "x"]) == [tok.encode("the"), tok.encode("x")]
 
 
+@pytest.mark.parametrize("kind", ["char", "bpe", "gpt2"])
+def test_token_bytes_join_to_the_text_and_partial_characters_show_as_escapes(kind, bpe):
+    text = "café, naïve — 日本 " + EOT_TEXT + " end"
+    tok = {"char": lambda: CharTokenizer.train(text), "bpe": lambda: bpe,
+           "gpt2": lambda: GPT2Tokenizer(encoding=fake_gpt2_encoding())}[kind]()
+    ids = tok.encode(text)
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
+    texts = [tok.token_text(i) for i in ids]
+    assert all("\ufffd" not in t for t in texts)  # never the replacement character
+    if kind == "char":
+        assert texts == list(text)
+    else:
+        # "é" is C3 A9: an untrained byte-level BPE keeps multi-byte characters as separate byte tokens.
+        partial = [t for i, t in zip(ids, texts) if tok.token_bytes(i) in (b"\xc3", b"\xa9")]
+        assert partial and set(partial) <= {"\\xc3", "\\xa9"}
+        assert tok.token_text(tok.encode("abc")[0]) == tok.decode(tok.encode("abc")[:1])  # whole characters: as decode
+
+
 def test_gpt2_load_failure_is_a_clear_error(monkeypatch):
     tiktoken = pytest.importorskip("tiktoken")
 
