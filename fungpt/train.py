@@ -27,7 +27,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,22 +180,47 @@ def prepare_out_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
     return out
 
 
-def check_resume_tokenizer(manifest: dict[str, Any], data_dir: Path, cfg: RunConfig) -> None:
-    """Refuse to resume on data encoded with another tokenizer than the checkpoint's.
+def check_resume_tokenizer(data_dir: Path, out_dir: Path) -> None:
+    """Refuse to resume on data whose token ids mean something else than in the checkpoint's run.
 
     The model check cannot see this when both tokenizers have the same size (two character sets
-    of 65 symbols): token 7 would silently mean another character. The checkpoint records a
-    fingerprint of its tokenizer files; the data's tokenizer is saved the same way and compared.
+    of 65 symbols): token 7 would silently mean another character. The run folder still holds
+    the tokenizer the checkpoint was trained with (it is rewritten only after this check), so
+    the two are compared by what every id stands for, its bytes. (Not by file contents: a newer
+    `tokenizers` release may write the same tokenizer differently.)
     """
-    saved = manifest.get("tokenizer_sha256")
-    if not saved:
-        return  # written before fingerprints existed: nothing to compare with
-    with tempfile.TemporaryDirectory() as tmp:
-        load_tokenizer(data_dir).save(tmp)
-        if ckpt.tokenizer_fingerprint(tmp) != saved:
-            raise FunGPTError(f"cannot resume {cfg.out_dir}: data.path {cfg.data.path!r} is encoded with a different "
-                              f"tokenizer than the one the checkpoint was trained with (same size, other tokens); "
-                              f"resume with the original data and tokenizer, or train into a new out_dir")
+    old, new = load_tokenizer(out_dir), load_tokenizer(data_dir)
+    if old.vocab_size != new.vocab_size:
+        bad = 0  # the model check reports the size mismatch; name a token anyway
+    else:
+        bad = next((i for i in range(old.vocab_size) if old.token_bytes(i) != new.token_bytes(i)), None)
+        if bad is None:
+            return
+    raise FunGPTError(f"cannot resume {out_dir}: the data is encoded with a tokenizer whose ids mean other text than "
+                      f"in the checkpoint's ({new.describe()} vs {old.describe()}; id {bad} is "
+                      f"{new.token_text(bad)!r} instead of {old.token_text(bad)!r}); resume with the original data "
+                      f"and tokenizer, or train into a new out_dir")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any], device: str) -> None:
+    """Load a saved optimizer state, keeping this run's AdamW implementation (fused or foreach).
+
+    load_state_dict restores every group setting, the implementation flags included: a state saved
+    by a version that used foreach on CPU would otherwise bring foreach back (and a float16 run's
+    GradScaler, which hands fused AdamW its scale, would then fail).
+    """
+    optimizer.load_state_dict(state_dict)
+    for group in optimizer.param_groups:
+        if "fused" in group:  # AdamW groups (Muon's have no such flag)
+            group.update(adamw_impl(device))
+
+
+def adamw_impl(device: str) -> dict[str, Any]:
+    """fused (one kernel for all parameters) on GPUs and CPUs; foreach (batched tensor ops) elsewhere (e.g. mps).
+
+    On a CPU fused took 2.5-3 ms per step where foreach took 5-6 ms, on the 4 x 128 baby shape (BENCHMARKS.md).
+    """
+    return {"fused": True, "foreach": None} if device in ("cuda", "cpu") else {"fused": None, "foreach": True}
 
 
 class CombinedOptimizer(torch.optim.Optimizer):
@@ -229,6 +253,8 @@ class CombinedOptimizer(torch.optim.Optimizer):
                               "optimizer the run was started with")
         for part, sd in zip(self.parts, state_dict["parts"]):
             part.load_state_dict(sd)
+        # load_state_dict gives each part new group dicts: list those, or setting "lr" here would miss them.
+        self.param_groups = [g for part in self.parts for g in part.param_groups]
 
 
 def configure_optimizer(model: GPT, tc: TrainConfig, device: str) -> torch.optim.Optimizer:
@@ -244,9 +270,6 @@ def configure_optimizer(model: GPT, tc: TrainConfig, device: str) -> torch.optim
     not a linear map of activations), the output head, norms and biases stay on AdamW.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    # fused (one kernel for all parameters) on GPUs and CPUs: on a CPU it took 2.5-3 ms per step where foreach
-    # (batched tensor ops) took 5-6 ms on the 4 x 128 baby shape (BENCHMARKS.md); foreach elsewhere (e.g. mps).
-    impl = {"fused": True} if device in ("cuda", "cpu") else {"foreach": True}
     muon: list[torch.nn.Parameter] = []
     if tc.optimizer == "muon":
         # named_parameters() yields a tied matrix once, under its first name (wte), so lm_head never lands here
@@ -256,7 +279,7 @@ def configure_optimizer(model: GPT, tc: TrainConfig, device: str) -> torch.optim
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": tc.weight_decay, "lr_scale": 1.0},
               {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
-    adamw = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), **impl)
+    adamw = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), **adamw_impl(device))
     if not muon:
         return adamw
     from fungpt.muon import Muon  # float32 and batched: torch.optim.Muon's bfloat16 is slow on CPUs
@@ -532,11 +555,11 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
     if folder is not None:
         manifest = ckpt.verify_checkpoint(folder)
         ckpt.check_model_config(manifest, folder, cfg.model.to_dict(), Path(cfg.out_dir) / "config.json")
-        check_resume_tokenizer(manifest, data_dir, cfg)
+        check_resume_tokenizer(data_dir, out_dir)
         ckpt.load_weights(folder, model)
         state = ckpt.load_state(folder)
         try:
-            optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(optimizer, state["optimizer"], prec.device)
             scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
             loaders = state["loader"]
             loader.load_state_dict(loaders[ddp.rank] if ddp.rank < len(loaders) else loaders[0])
