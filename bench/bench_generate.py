@@ -47,7 +47,8 @@ def weight_read_floor(model, rounds: int = 20) -> dict[str, float]:
     Times, per token, (a) the model's Linear layers as F.linear calls on a (1, in) input (the
     matrix-vector products that decoding runs, through torch's BLAS, as HF's addmm also does) and
     (b) a plain sum over the same matrices: reading the same bytes with no arithmetic to speak
-    of, a floor no implementation of (a) can beat on this machine. Matrices are visited in the
+    of: a reference reading speed for this machine, which (a) would approach if it were purely
+    limited by memory. Matrices are visited in the
     model's order, so caches see the same traffic as in decoding.
     """
     import torch.nn.functional as F

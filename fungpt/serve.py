@@ -13,8 +13,9 @@ The HTTP API behind it (FastAPI on uvicorn):
     POST /api/generate    {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed"}
                           -> server-sent events (text/event-stream), one JSON object per event:
                           {"type": "start", "prompt_tokens": [...]}, then one
-                          {"type": "token", "index", "id", "text", "prob", "top": [{"id", "text", "prob"}]}
-                          per new token, then {"type": "done", "text", "n_tokens"}
+                          {"type": "token", "index", "id", "text", "piece", "prob", "top": [{"id", "text", "prob"}]}
+                          per new token, then {"type": "done", "text", "n_tokens"}; "text" is the token
+                          alone (token_text), "piece" the text it completes (TextPieces)
     POST /api/attention   {"ids", "layer", "head"} -> the (T, T) attention weights of that head
 Every mistake in a request gets a 4xx answer {"error": "<one clear line>"}.
 
@@ -102,6 +103,27 @@ class ApiError(Exception):
 def token_text(tokenizer, token_id: int) -> str:
     """The text of one token (part of a character shows its bytes: see Tokenizer.token_text)."""
     return tokenizer.token_text(token_id)
+
+
+class TextPieces:
+    """Cuts generated text into per-token pieces that join into the decoded text.
+
+    add(id) returns the text that token completes. A byte-level BPE token that starts a
+    multi-byte character completes nothing (its piece is ""); the token that ends the character
+    gets the whole character. The page shows pieces as the running text, and token_text when a
+    single token is inspected.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") and self.tokenizer.token_text(token_id) != "\ufffd":
+            return ""  # the character is not complete yet
+        piece, self.shown = text[len(self.shown):], text
+        return piece
 
 
 # ---------------------------------------------------------------------------- the app
@@ -252,6 +274,7 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
         stream = model.generate_stream(idx, req.max_new_tokens, temperature=req.temperature, top_k=req.top_k,
                                        top_p=req.top_p, generator=gen, yield_logits=True)
         new: list[int] = []
+        pieces = TextPieces(tok)
         try:
             while True:
                 if stopping.is_set():
@@ -268,8 +291,9 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
                 # The model's own probabilities (softmax, before temperature and filters), best first.
                 top = [{"id": i, "text": token_text(tok, i), "prob": round(p, 5)}
                        for i, _, p in top_candidates(logits[0], tok, k=TOP_K_SHOWN)]
+                piece = pieces.add(token_id)
                 yield sse({"type": "token", "index": len(new) - 1, "id": token_id, "text": token_text(tok, token_id),
-                           "prob": round(prob, 5), "top": top})
+                           "piece": piece, "prob": round(prob, 5), "top": top})
             yield sse({"type": "done", "text": tok.decode(new), "n_tokens": len(new)})
         except Exception as e:  # the response has started: report in the stream, the page shows it
             yield sse({"type": "error", "error": str(e) if isinstance(e, FunGPTError) else f"generation failed: {e!r}"})

@@ -296,7 +296,7 @@ class BPETokenizer(Tokenizer):
         alphabet = _byte_level_alphabet()
         if all(ch in alphabet for ch in piece):
             return bytes(alphabet[ch] for ch in piece)
-        return piece.encode("utf-8")  # a special token such as <|endoftext|> is stored as plain text
+        return piece.encode("utf-8")  # an added token written with characters outside the byte alphabet
 
     def _save_files(self, directory: Path) -> dict:
         self._tok.save(str(directory / BPE_FILE))

@@ -29,7 +29,7 @@ from fungpt.errors import FunGPTError  # noqa: E402
 from fungpt.plot import read_metrics  # noqa: E402
 from fungpt.runs import load_run  # noqa: E402
 from fungpt.sample import sample  # noqa: E402
-from fungpt.serve import create_app, running_server  # noqa: E402
+from fungpt.serve import TextPieces, create_app, running_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW = 50  # the test server's limits, small so the limit tests are cheap
@@ -96,7 +96,8 @@ def test_generate_streams_the_same_text_as_fungpt_sample(url, run_dir):
             assert t["prob"] == pytest.approx(by_id[t["id"]], abs=1e-5)
         else:
             assert t["prob"] <= probs[-1]
-    text = "".join(t["text"] for t in tokens)
+    text = "".join(t["piece"] for t in tokens)
+    assert text == "".join(t["text"] for t in tokens)  # char-level: each token is one whole character
     assert events[-1] == {"type": "done", "text": text, "n_tokens": 30}
     # Same seed and settings as the command line: the very same text.
     assert sample(run_dir, prompt="The cat", device="cpu", **settings) == [text]
@@ -283,3 +284,17 @@ def test_fungpt_serve_stops_cleanly_on_ctrl_c(run_dir):
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "ERROR" not in err, err
     assert f"http://127.0.0.1:{port}/" in out and "server stopped" in out
+
+
+def test_text_pieces_join_into_the_text_and_hold_back_partial_characters():
+    from fungpt.tokenizer import BPETokenizer
+
+    tok = BPETokenizer.train("the cat sat on the mat\n" * 50, vocab_size=280)  # never saw "é" or "日"
+    text = "the café 日本 mat"
+    ids = tok.encode(text)
+    stream = TextPieces(tok)
+    pieces = [stream.add(i) for i in ids]
+    assert "".join(pieces) == text
+    assert "\ufffd" not in "".join(pieces)
+    assert "" in pieces  # the first byte of "é" completes nothing
+    assert "é" in pieces and "日" in pieces  # the token with the last byte carries the whole character

@@ -154,7 +154,11 @@ function addTokenSpan(token, kind, index) {
   const span = document.createElement("span");
   span.className = `tok ${kind}`;
   // A newline token gets a visible arrow, so it can be seen and clicked, then the line break.
-  span.textContent = kind === "gen" ? token.text.replace(/\n/g, "↵\n") : token.text;
+  // Generated tokens show their piece: the text they complete. A token holding only the first byte(s)
+  // of a character completes nothing yet; it stays a small clickable box (see TextPieces in serve.py).
+  const text = kind === "gen" ? (token.piece ?? token.text) : token.text;
+  span.textContent = kind === "gen" ? text.replace(/\n/g, "↵\n") : text;
+  if (kind === "gen" && text === "") span.classList.add("partial");
   if (kind === "gen") {
     span.dataset.index = index;
     span.title = `token ${token.id}, p = ${(100 * token.prob).toFixed(1)}%`;
