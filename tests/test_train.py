@@ -278,3 +278,15 @@ def test_eval_on_a_text_shorter_than_the_context(corpus, tmp_path):
     one.write_text("t", encoding="utf-8")
     with pytest.raises(FunGPTError, match="too short"):
         evaluate_run(out, input=one)
+
+
+def test_the_command_exits_fast_with_its_status_and_all_its_output():
+    # `python -m fungpt` ends with os._exit (cli.entry): the status and the buffered output must survive it.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # keep stdout block-buffered
+    ok = subprocess.run([sys.executable, "-m", "fungpt", "--help"], capture_output=True, text=True, timeout=120,
+                        env=env)
+    assert ok.returncode == 0 and "Run `fungpt COMMAND --help`" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "fungpt", "train", "--train.max-minutes", "-1"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
