@@ -15,7 +15,7 @@ The HTTP API behind it (FastAPI on uvicorn):
                           {"type": "start", "prompt_tokens": [...]}, then one
                           {"type": "token", "index", "id", "text", "piece", "prob", "top": [{"id", "text", "prob"}]}
                           per new token, then {"type": "done", "text", "n_tokens"}; "text" is the token
-                          alone (token_text), "piece" the text it completes (TextPieces)
+                          alone (Tokenizer.token_text), "piece" the text it completes (TextPieces)
     POST /api/attention   {"ids", "layer", "head"} -> the (T, T) attention weights of that head
 Every mistake in a request gets a 4xx answer {"error": "<one clear line>"}.
 
@@ -100,11 +100,6 @@ class ApiError(Exception):
 # ---------------------------------------------------------------------------- model helpers
 
 
-def token_text(tokenizer, token_id: int) -> str:
-    """The text of one token (part of a character shows its bytes: see Tokenizer.token_text)."""
-    return tokenizer.token_text(token_id)
-
-
 class TextPieces:
     """Cuts generated text into per-token pieces that join into the decoded text.
 
@@ -120,6 +115,8 @@ class TextPieces:
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
         text = self.tokenizer.decode(self.ids)
+        # Decoding bytes that stop inside a character ends in U+FFFD. (Unless the token itself is a
+        # real U+FFFD character: then the text is complete.)
         if text.endswith("\ufffd") and self.tokenizer.token_text(token_id) != "\ufffd":
             return ""  # the character is not complete yet
         piece, self.shown = text[len(self.shown):], text
@@ -268,7 +265,7 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
         def sse(obj: dict) -> str:
             return f"data: {json.dumps(obj)}\n\n"  # one SSE event; JSON never contains a raw newline
 
-        yield sse({"type": "start", "prompt_tokens": [{"id": i, "text": token_text(tok, i)} for i in prompt_ids]})
+        yield sse({"type": "start", "prompt_tokens": [{"id": i, "text": tok.token_text(i)} for i in prompt_ids]})
         idx = torch.tensor([prompt_ids], dtype=torch.long, device=run.device)  # (1, T)
         gen = seeded_generator(req.seed, run.device)  # this request's own random stream
         stream = model.generate_stream(idx, req.max_new_tokens, temperature=req.temperature, top_k=req.top_k,
@@ -289,10 +286,10 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
                 new.append(token_id)
                 prob = float(F.softmax(logits[0].float(), dim=-1)[token_id])
                 # The model's own probabilities (softmax, before temperature and filters), best first.
-                top = [{"id": i, "text": token_text(tok, i), "prob": round(p, 5)}
+                top = [{"id": i, "text": tok.token_text(i), "prob": round(p, 5)}
                        for i, _, p in top_candidates(logits[0], tok, k=TOP_K_SHOWN)]
                 piece = pieces.add(token_id)
-                yield sse({"type": "token", "index": len(new) - 1, "id": token_id, "text": token_text(tok, token_id),
+                yield sse({"type": "token", "index": len(new) - 1, "id": token_id, "text": tok.token_text(token_id),
                            "piece": piece, "prob": round(prob, 5), "top": top})
             yield sse({"type": "done", "text": tok.decode(new), "n_tokens": len(new)})
         except Exception as e:  # the response has started: report in the stream, the page shows it
@@ -334,7 +331,7 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
             maps = attention_maps(model, ids)  # (n_layer, nh, T, T)
         weights = maps[req.layer, req.head]  # (T, T): row = query, column = key
         return {"layer": req.layer, "head": req.head, "offset": start,
-                "tokens": [{"id": int(i), "text": token_text(tok, int(i))} for i in ids.tolist()],
+                "tokens": [{"id": int(i), "text": tok.token_text(int(i))} for i in ids.tolist()],
                 "weights": [[round(w, 4) for w in row] for row in weights.tolist()]}
 
     return app

@@ -202,6 +202,14 @@ def check_resume_tokenizer(data_dir: Path, out_dir: Path) -> None:
                       f"and tokenizer, or train into a new out_dir")
 
 
+def adamw_impl(device: str) -> dict[str, Any]:
+    """fused (one kernel for all parameters) on GPUs and CPUs; foreach (batched tensor ops) elsewhere (e.g. mps).
+
+    On a CPU fused took 2.5-3 ms per step where foreach took 5-6 ms, on the 4 x 128 baby shape (BENCHMARKS.md).
+    """
+    return {"fused": True, "foreach": None} if device in ("cuda", "cpu") else {"fused": None, "foreach": True}
+
+
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any], device: str) -> None:
     """Load a saved optimizer state, keeping this run's AdamW implementation (fused or foreach).
 
@@ -213,14 +221,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict[str,
     for group in optimizer.param_groups:
         if "fused" in group:  # AdamW groups (Muon's have no such flag)
             group.update(adamw_impl(device))
-
-
-def adamw_impl(device: str) -> dict[str, Any]:
-    """fused (one kernel for all parameters) on GPUs and CPUs; foreach (batched tensor ops) elsewhere (e.g. mps).
-
-    On a CPU fused took 2.5-3 ms per step where foreach took 5-6 ms, on the 4 x 128 baby shape (BENCHMARKS.md).
-    """
-    return {"fused": True, "foreach": None} if device in ("cuda", "cpu") else {"fused": None, "foreach": True}
 
 
 class CombinedOptimizer(torch.optim.Optimizer):
@@ -666,7 +666,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
 
     def end_time() -> float:
         """Seconds the end of the run takes: final eval, two checkpoints (the final eval usually writes
-        "best", then "latest") and loss plot (measured at step 0), and the interpreter's own exit."""
+        "best", then "latest") and loss plot (measured at step 0), and the command's exit."""
         return eval_time + 2 * save_time + plot_time + EXIT_RESERVE_S
 
     def out_of_time(step_time: float, eval_time: float) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -261,6 +262,31 @@ def test_budget_run_skips_the_step0_eval_and_can_skip_the_plot(prepared, tmp_pat
     evals = [r["step"] for r in rows if "val_loss" in r]
     assert evals == [5]  # only the final eval: no step-0 eval under a time budget
     assert not (tmp_path / "run/loss.png").exists()
+
+
+def test_eval_estimate_uses_the_fastest_of_its_timings(prepared, monkeypatch):
+    import contextlib
+    import types
+
+    import fungpt.train  # noqa: F401 - the module (fungpt.train the name is the function)
+
+    train_mod = sys.modules["fungpt.train"]
+    clock = [0.0]
+    costs = iter([5.0, 1.0, 3.0])  # seconds per forward pass: a cold first pass, then interference
+
+    class FakeModel(torch.nn.Module):
+        def forward(self, x):
+            clock[0] += next(costs)  # time passes only inside the forward
+            return x
+
+    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    cfg = RunConfig(out_dir="unused", data=DataConfig(path=str(prepared)),
+                    model=GPTConfig(vocab_size=1, block_size=16, n_layer=1, n_head=2, n_embd=16),
+                    train=TrainConfig(batch_size=4, eval_iters=1, device="cpu", eval_full_val=False))
+    est = train_mod.estimate_eval_time(FakeModel(), prepared, cfg, "cpu", contextlib.nullcontext)
+    windows = 4 * 4  # one timed batch holds 4 x batch_size windows
+    n_windows = 2 * 1 * 4  # evaluate's train and val batches: 2 x eval_iters x batch_size
+    assert est == pytest.approx(1.3 * (1.0 / windows) * n_windows)  # the fastest timing, with the 30% margin
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.toml")))
