@@ -246,7 +246,10 @@ def test_keep_freed_memory_stops_page_faults_between_steps():
     )
     faults = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
                                        check=True).stdout) for mode in ("keep", "default")}
-    assert faults["keep"] < 1000 < 10_000 < faults["default"], faults  # a 64 MiB block is 16,384 pages
+    block = 1 << 14  # pages in a 64 MiB block (4 KiB pages)
+    # Without it, each of the 20 steps faults its block in again. With it, steps reuse the block; the
+    # kernel may still reclaim the idle pages now and then (a CI run once saw one re-fault in 20 steps).
+    assert faults["default"] >= 18 * block and faults["keep"] <= 2 * block, faults
 
 
 def test_budget_run_skips_the_step0_eval_and_can_skip_the_plot(prepared, tmp_path):
