@@ -324,11 +324,12 @@ def evaluate(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, device: str
     The eval batches come from loaders with a fixed seed, so every evaluation sees the same
     windows: the curve then shows the model changing, not the batches. Eval has its own
     loaders, so it never disturbs the training batch sequence (exact resume depends on that).
+    With eval_full_val, val is the mean over the whole split instead (no val batches are drawn).
     """
     was_training = model.training
     model.eval()
     out = {}
-    for split in ("train", "val"):
+    for split in ("train",) if cfg.train.eval_full_val else ("train", "val"):
         loader = BatchLoader(data_dir, split, cfg.train.batch_size, cfg.model.block_size, device=device,
                              seed=cfg.train.seed + 12345)
         losses = torch.zeros(cfg.train.eval_iters)
@@ -382,8 +383,9 @@ def estimate_eval_time(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, d
         seconds_per_window = min(seconds_per_window, (time.time() - t0) / windows)
     model.train(was_training)
     n_windows = 2 * tc.eval_iters * tc.batch_size  # evaluate's train and val batches
-    if tc.eval_full_val:
+    if tc.eval_full_val:  # the whole val split replaces the val batches
         n_windows += math.ceil((load_meta(data_dir)["val_tokens"] - 1) / cfg.model.block_size)
+        n_windows -= tc.eval_iters * tc.batch_size
     return 1.3 * seconds_per_window * n_windows
 
 

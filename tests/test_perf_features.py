@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from fungpt.config import DataConfig, RunConfig, TrainConfig
-from fungpt.data import prepare
+from fungpt.data import load_meta, prepare
 from fungpt.errors import FunGPTError
 from fungpt.model import GPT, GPTConfig
 from fungpt.speculative import lookup_draft
@@ -290,6 +291,41 @@ def test_eval_estimate_uses_the_fastest_of_its_timings(prepared, monkeypatch):
     windows = 4 * 4  # one timed batch holds 4 x batch_size windows
     n_windows = 2 * 1 * 4  # evaluate's train and val batches: 2 x eval_iters x batch_size
     assert est == pytest.approx(1.3 * (1.0 / windows) * n_windows)  # the fastest timing, with the 30% margin
+
+    # With the full val split, evaluate draws train batches only, then scores every val window once.
+    costs = iter([1.0, 1.0, 1.0])
+    cfg.train.eval_full_val = True
+    est = train_mod.estimate_eval_time(FakeModel(), prepared, cfg, "cpu", contextlib.nullcontext)
+    val_windows = math.ceil((load_meta(prepared)["val_tokens"] - 1) / 16)
+    assert est == pytest.approx(1.3 * (1.0 / windows) * (1 * 4 + val_windows))
+
+
+def test_full_val_eval_draws_no_val_batches(prepared, monkeypatch):
+    """The val batches' mean would be replaced by the full-split loss: drawing them is wasted time."""
+    import fungpt.train  # noqa: F401
+
+    train_mod = sys.modules["fungpt.train"]
+    splits = []
+    real = train_mod.BatchLoader
+
+    def recording(data_dir, split, *a, **k):
+        splits.append(split)
+        return real(data_dir, split, *a, **k)
+
+    monkeypatch.setattr(train_mod, "BatchLoader", recording)
+    cfg = RunConfig(out_dir="unused", data=DataConfig(path=str(prepared)),
+                    model=GPTConfig(vocab_size=load_meta(prepared)["vocab_size"], block_size=16, n_layer=1, n_head=2,
+                                    n_embd=16),
+                    train=TrainConfig(batch_size=4, eval_iters=2, device="cpu", eval_full_val=True))
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    out = train_mod.evaluate(model, prepared, cfg, "cpu", contextlib.nullcontext)
+    assert splits == ["train"]
+    assert out["val"] == pytest.approx(_full_split_loss(model, prepared, "val", cfg, "cpu", contextlib.nullcontext))
+    cfg.train.eval_full_val = False
+    splits.clear()
+    train_mod.evaluate(model, prepared, cfg, "cpu", contextlib.nullcontext)
+    assert splits == ["train", "val"]
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.toml")))
