@@ -29,6 +29,7 @@ from typing import Any
 import tomllib
 
 from fungpt.errors import FunGPTError
+from fungpt.linear import CPU_MATMULS
 from fungpt.model import GPTConfig
 
 TOKENIZERS = ("char", "bpe", "gpt2")
@@ -113,6 +114,9 @@ class TrainConfig:
     CPU and MPS), float32, bfloat16 or float16."""
     compile: bool = False
     """Compile the model with torch.compile (the saved weights are always the uncompiled model's)."""
+    cpu_matmul: str = "auto"
+    """Library for float32 matrix products on a CPU: auto (oneDNN on AMD CPUs with AVX-512, where torch's
+    MKL runs its slower AVX2 kernels; torch's default elsewhere), onednn, or torch (see fungpt/linear.py)."""
     max_minutes: float | None = None
     """Wall-clock budget for the whole command; when set, the lr schedule runs on the fraction of the
     budget used instead of on steps, and training ends with a final eval and checkpoint on time. The
@@ -168,6 +172,7 @@ class TrainConfig:
                               f"{self.muon_momentum} in [0, 1)")
         _check_choice("train", "device", self.device, DEVICES)
         _check_choice("train", "dtype", self.dtype, DTYPES)
+        _check_choice("train", "cpu_matmul", self.cpu_matmul, CPU_MATMULS)
 
     @property
     def decay_iters(self) -> int:

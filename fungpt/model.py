@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fungpt.errors import FunGPTError
+from fungpt.linear import Linear
 from fungpt.positions import POS_ENCODINGS, NoPositions, make_positions
 from fungpt.speculative import lookup_draft, verify_draft
 
@@ -190,8 +191,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.head_size = config.n_embd // config.n_head
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # mixes the heads' outputs
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)  # mixes the heads' outputs
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         # QK-norm (Dehghani et al. 2023): bounds the scores q.k, preventing attention-logit blow-ups.
@@ -209,10 +210,8 @@ class CausalSelfAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, T, C) -> (y (B, T, C), attention weights (B, nh, T, T_total) if attn_impl='plain' else None)."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, self.head_size)  # (B, T, 3, nh, hs): C = nh * hs
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, T, hs), views into qkv
         q, k = self.q_norm(q), self.k_norm(k)
         q, k = positions.rotate(q, k, pos)  # RoPE rotates here; other encodings: identity
 
@@ -255,9 +254,9 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.act = make_activation(config.activation)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -312,9 +311,10 @@ class KVCache:
             raise FunGPTError(f"KV cache was made for batch size {self.k.size(1)}, got {k.size(0)}: make a new cache")
         if t0 + T > self.max_len:
             raise FunGPTError(f"KV cache is full ({t0} + {T} > max_len {self.max_len}): reset() it or crop the context")
-        self.k[layer, :, :, t0 : t0 + T] = k
-        self.v[layer, :, :, t0 : t0 + T] = v
-        return self.k[layer, :, :, : t0 + T].to(k.dtype), self.v[layer, :, :, : t0 + T].to(v.dtype)
+        k_all, v_all = self.k[layer], self.v[layer]  # (B, nh, max_len, hs)
+        k_all.narrow(2, t0, T).copy_(k)  # positions t0 .. t0+T-1
+        v_all.narrow(2, t0, T).copy_(v)
+        return k_all.narrow(2, 0, t0 + T).to(k.dtype), v_all.narrow(2, 0, t0 + T).to(v.dtype)
 
 
 class GPT(nn.Module):
@@ -328,7 +328,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = make_norm(config, config.n_embd)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # (C -> V)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)  # (C -> V)
         if config.tie_embeddings:
             # Weight tying (Press & Wolf 2017): the output layer scores token v by the dot product
             # of the final hidden state with v's input embedding. Saves V*C parameters (38M in GPT-2).

@@ -1,0 +1,140 @@
+"""fungpt/linear.py: the Linear layer whose float32 CPU matrix products may run on oneDNN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fungpt import linear
+from fungpt.errors import FunGPTError
+from fungpt.linear import Linear, OneDNNLinear, choose_cpu_matmul
+from fungpt.model import GPT, GPTConfig
+
+needs_onednn = pytest.mark.skipif(not linear.onednn_works(), reason="this torch has no working oneDNN linear op")
+
+
+@pytest.fixture()
+def matmul_setting():
+    """Restore the process's CPU matmul choice after a test that changes it."""
+    before = list(linear._chosen)
+    yield linear.set_cpu_matmul
+    linear._chosen[:] = before
+
+
+def _grads(fn, x, w, b, gy):
+    for t in (x, w, b):
+        if t is not None:
+            t.grad = None
+    y = fn(x, w, b)
+    y.backward(gy)
+    return y.detach(), x.grad.clone(), w.grad.clone(), None if b is None else b.grad.clone()
+
+
+@needs_onednn
+@pytest.mark.parametrize("x_shape, n_out, bias", [
+    ((12, 64, 128), 384, True),   # wider output (N > K): the weight gradient goes through the transposed product
+    ((768, 512), 128, False),     # narrower output (N < K)
+    ((2, 5, 96), 96, True),       # square
+    ((1, 1, 384), 1152, True),    # one token, as in decoding
+])
+def test_onednn_linear_matches_f_linear_forward_and_backward(x_shape, n_out, bias):
+    torch.manual_seed(0)
+    x = torch.randn(*x_shape, requires_grad=True)
+    w = torch.randn(n_out, x_shape[-1], requires_grad=True)
+    b = torch.randn(n_out, requires_grad=True) if bias else None
+    gy = torch.randn(*x_shape[:-1], n_out)
+    ours = _grads(OneDNNLinear.apply, x, w, b, gy)
+    ref = _grads(F.linear, x, w, b, gy)
+    for got, want in zip(ours, ref):
+        if want is None:
+            assert got is None
+            continue
+        assert got.shape == want.shape and got.is_contiguous()
+        # same products, other order of additions: float32 rounding of sums of up to 768 terms
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+@needs_onednn
+def test_model_trains_the_same_on_onednn_and_on_torchs_blas(matmul_setting):
+    """Three AdamW steps of a small GPT (tied head, biases) land on the same weights with either library."""
+    def run(setting):
+        matmul_setting(setting)
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        x = torch.randint(0, 50, (4, 32))
+        losses = []
+        for _ in range(3):
+            _, loss = model(x, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        return losses, model.lm_head.weight.detach()
+
+    (l_dnn, w_dnn), (l_blas, w_blas) = run("onednn"), run("torch")
+    assert l_dnn == pytest.approx(l_blas, rel=1e-5)
+    torch.testing.assert_close(w_dnn, w_blas, rtol=1e-4, atol=1e-5)
+
+
+@needs_onednn
+def test_linear_uses_onednn_only_for_float32_cpu_tensors_outside_autocast(matmul_setting, monkeypatch):
+    calls = []
+    real = OneDNNLinear.apply
+    monkeypatch.setattr(OneDNNLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    layer = Linear(8, 4)
+    x = torch.randn(3, 8)
+    matmul_setting("onednn")
+    layer(x)
+    assert len(calls) == 1
+    layer.double()(x.double())  # float64: torch's BLAS
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer.float()(x).dtype == torch.bfloat16  # autocast decides the precision: F.linear
+    matmul_setting("torch")
+    layer(x)
+    assert len(calls) == 1
+
+
+def test_choose_cpu_matmul_decision_table():
+    def choose(setting="auto", onednn=True, avx512=True, vendor="AuthenticAMD"):
+        return choose_cpu_matmul(setting, onednn=onednn, avx512=avx512, vendor=vendor)
+
+    assert choose() == "onednn"  # AMD with AVX-512: MKL would run its AVX2 kernels
+    assert choose(vendor="GenuineIntel") == "torch"  # MKL runs AVX-512 on Intel
+    assert choose(avx512=False) == "torch"  # no wider kernels for oneDNN to use
+    assert choose(onednn=False) == "torch"
+    assert choose(vendor="") == "torch"  # unknown CPU: keep torch's default
+    assert choose("torch") == "torch" and choose("onednn", vendor="GenuineIntel") == "onednn"
+    with pytest.raises(FunGPTError, match="no working oneDNN"):
+        choose("onednn", onednn=False)
+    with pytest.raises(FunGPTError, match="use one of auto, onednn, torch"):
+        choose("mkl")
+
+
+@pytest.mark.parametrize("K, N, bias", [(384, 1152, True), (7, 5, False), (3, 4, True), (1536, 384, True)])
+def test_matvec_by_rows_equals_f_linear(K, N, bias):
+    torch.manual_seed(0)
+    x, w = torch.randn(K), torch.randn(N, K)
+    b = torch.randn(N) if bias else None
+    got = linear.matvec_by_rows(x, w.t().contiguous(), b, linear.row_bags(K))
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
+def test_one_row_decoding_follows_weight_updates_and_saves_nothing(matmul_setting, monkeypatch):
+    matmul_setting("onednn")
+    calls = []
+    real = linear.matvec_by_rows
+    monkeypatch.setattr(linear, "matvec_by_rows", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    layer = Linear(16, 8)
+    x = torch.randn(1, 1, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        layer.weight.mul_(-2.0)  # an in-place update (an optimizer step, load_state_dict) bumps its version
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert len(calls) == 2
+    assert set(layer.state_dict()) == {"weight", "bias"}  # the W^T copy is not a parameter or buffer
+    layer(x)  # with grad enabled the row goes through OneDNNLinear (it may need a backward)
+    assert len(calls) == 2
