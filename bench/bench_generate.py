@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from benchlib import publish
+from benchlib import machine, publish
 
 
 def build_models(init_std: float, workdir: Path):
@@ -44,17 +44,21 @@ def build_models(init_std: float, workdir: Path):
 def weight_read_floor(model, rounds: int = 20) -> dict[str, float]:
     """What bounds batch-1 decoding: one token multiplies a (1, in) vector by every weight matrix.
 
-    Times, per token, (a) the model's Linear layers as F.linear calls on a (1, in) input (the
-    matrix-vector products that decoding runs, through torch's BLAS, as HF's addmm also does) and
-    (b) a plain sum over the same matrices: reading the same bytes with no arithmetic to speak
-    of: a reference reading speed for this machine, which (a) would approach if it were purely
-    limited by memory. Matrices are visited in the
+    Times, per token, the model's Linear layers as matrix-vector products (a) through torch's BLAS
+    (F.linear; HF's Conv1D addmm goes there too), (b) through oneDNN and (c) as fungpt.linear's
+    row sums (F.embedding_bag over W^T, what FunGPT's decoding runs where cpu_matmul is "onednn"),
+    and (d) a plain sum over the same matrices: reading the same bytes with no arithmetic to speak
+    of, the speed a product purely limited by memory would approach. Matrices are visited in the
     model's order, so caches see the same traffic as in decoding.
     """
     import torch.nn.functional as F
 
+    from fungpt.linear import matvec_by_rows, onednn_linear, onednn_works, row_bags
+
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = [torch.randn(1, m.in_features) for m in linears]
+    transposed = [m.weight.detach().t().contiguous() for m in linears]
+    bags = [row_bags(m.in_features) for m in linears]
     n_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
 
     def per_token(fn) -> float:
@@ -64,11 +68,19 @@ def weight_read_floor(model, rounds: int = 20) -> dict[str, float]:
             fn()
         return (time.perf_counter() - t0) / rounds
 
+    kernels = {
+        "blas": lambda: [F.linear(x, m.weight, m.bias) for x, m in zip(inputs, linears)],
+        "rows": lambda: [matvec_by_rows(x[0], wt, m.bias, b) for x, wt, m, b in zip(inputs, transposed, linears, bags)],
+        "read": lambda: [m.weight.sum() for m in linears],
+    }
+    if onednn_works():
+        kernels["onednn"] = lambda: [onednn_linear(x, m.weight, m.bias) for x, m in zip(inputs, linears)]
     with torch.no_grad():
-        gemv = per_token(lambda: [F.linear(x, m.weight, m.bias) for x, m in zip(inputs, linears)])
-        read = per_token(lambda: [m.weight.sum() for m in linears])
-    return {"mbytes": n_bytes / 1e6, "gemv_ms": gemv * 1e3, "read_ms": read * 1e3,
-            "gemv_gbs": n_bytes / gemv / 1e9, "read_gbs": n_bytes / read / 1e9}
+        times = {name: per_token(fn) for name, fn in kernels.items()}
+    out = {"mbytes": n_bytes / 1e6}
+    for name, t in times.items():
+        out[f"{name}_ms"], out[f"{name}_gbs"] = t * 1e3, n_bytes / t / 1e9
+    return out
 
 
 def main(argv=None) -> int:
@@ -81,6 +93,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-uncached", action="store_true", help="leave out the slow uncached path")
     ap.add_argument("--append", type=Path, default=None, help="append the results table to this markdown file")
     args = ap.parse_args(argv)
+    from fungpt.linear import cpu_matmul
+
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -133,8 +147,7 @@ def main(argv=None) -> int:
         per_pass = f"{n / passes['speculative']:.2f}" if name.startswith("FunGPT cached + look") else "1"
         rows.append(f"| {name} | {tps:,.1f} | {tps / hf_tps:.2f}x | {per_pass} | {'yes' if same else 'NO'} |")
     header = (f"## generation, {datetime.date.today()}\n\n"
-              f"- machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-              f"Python {platform.python_version()}, torch {torch.__version__}\n"
+              f"- machine: {machine()}, Python {platform.python_version()}; FunGPT cpu_matmul: {cpu_matmul()}\n"
               f"- command: `python bench/bench_generate.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
               f"- model: 6 x 384 GPT-2, vocab 65, random weights (std {args.init_std}), batch 1, "
               f"{n} new greedy tokens ({distinct} distinct); median of {args.rounds} interleaved rounds\n\n"
@@ -142,11 +155,15 @@ def main(argv=None) -> int:
               "|---|---:|---:|---:|---|\n")
     floor = weight_read_floor(model)
     hf_ms = 1000 / hf_tps
+    onednn = (f", through oneDNN {floor['onednn_ms']:.2f} ms ({floor['onednn_gbs']:.1f} GB/s)"
+              if "onednn_ms" in floor else "")
     footer = (f"\nWhat bounds plain cached decoding (`weight_read_floor`, same process): one token reads "
-              f"{floor['mbytes']:.1f} MB of weight matrices. Their matrix-vector products through torch's BLAS "
-              f"take {floor['gemv_ms']:.2f} ms per token ({floor['gemv_gbs']:.1f} GB/s); merely reading the same "
-              f"bytes takes {floor['read_ms']:.2f} ms ({floor['read_gbs']:.1f} GB/s). HF generate spends "
-              f"{hf_ms:.2f} ms per token, so 3x HF means {hf_ms / 3:.2f} ms per token, everything included.\n")
+              f"{floor['mbytes']:.1f} MB of weight matrices. Their matrix-vector products take, per token, "
+              f"{floor['blas_ms']:.2f} ms through torch's BLAS ({floor['blas_gbs']:.1f} GB/s){onednn}, and "
+              f"{floor['rows_ms']:.2f} ms as row sums (`fungpt.linear.matvec_by_rows`, {floor['rows_gbs']:.1f} GB/s); "
+              f"merely reading the same bytes takes {floor['read_ms']:.2f} ms ({floor['read_gbs']:.1f} GB/s). "
+              f"HF generate spends {hf_ms:.2f} ms per token, so 3x HF means {hf_ms / 3:.2f} ms per token, "
+              f"everything included.\n")
     text = header + "\n".join(rows) + "\n" + footer
     publish(text, args.append)
     return 0

@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import publish
+from benchlib import machine, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 NANOGPT_DIR = Path(os.environ.get("NANOGPT_DIR", "/work/shared/anchors/nanoGPT"))
@@ -84,10 +83,11 @@ def main(argv=None) -> int:
         rows.append(f"| `{Path(args.config).name}`, max_minutes = {f:g} W | {w * f:.1f} s | {final['step']} | "
                     f"**{final['val_loss']:.4f}**{verdict} | {wall:.1f} s |")
         points.append((wall, final["val_loss"], f))
+        matmul = json.loads((out_dir / "run.json").read_text()).get("cpu_matmul")
         print(rows[-1], flush=True)
 
     text = (f"## CPU speedrun, side by side, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n"
-            f"- machine: {platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.platform()}; "
+            f"- machine: {machine()}; FunGPT's cpu_matmul: {matmul}; "
             f"1-min load average before each run: {', '.join(f'{x:.1f}' for x in loads)}\n"
             f"- command: `python bench/bench_speedrun.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
             f"- final val loss over the entire val split; each FunGPT budget covers its whole command\n\n"

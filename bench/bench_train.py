@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from benchlib import publish
+from benchlib import machine, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 NANOGPT_SH = Path(os.environ.get("NANOGPT_CPU_SH", "/work/shared/anchors/nanogpt-cpu.sh"))
@@ -99,6 +98,7 @@ def main(argv=None) -> int:
     flops = max(flops, peak_flops())
 
     run_cfg = json.loads((tmp / "run/config.json").read_text())
+    run_info = json.loads((tmp / "run/run.json").read_text())
     m, t = run_cfg["model"], run_cfg["train"]
     from fungpt.model import GPT, GPTConfig
 
@@ -119,8 +119,8 @@ def main(argv=None) -> int:
         speedup = statistics.median(ms["nanoGPT"]) / statistics.median(ms["FunGPT"])
         ratio = f"\n- FunGPT speed-up over nanoGPT: **{speedup:.2f}x**\n"
     text = (f"## training throughput, {datetime.date.today()}\n\n"
-            f"- machine: {platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-            f"torch {torch.__version__}; fp32 matmul ceiling measured in this run: {flops / 1e9:.0f} GFLOP/s; "
+            f"- machine: {machine()}; FunGPT's cpu_matmul: {run_info.get('cpu_matmul')}; fp32 matmul ceiling "
+            f"(the faster of torch's BLAS and oneDNN) measured in this run: {flops / 1e9:.0f} GFLOP/s; "
             f"1-min load average at each round's start: {', '.join(f'{x:.1f}' for x in loads)}\n"
             f"- command: `python bench/bench_train.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
             f"- shape: {m['n_layer']} x {m['n_embd']} ({m['n_head']} heads), block {m['block_size']}, batch "

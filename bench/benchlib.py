@@ -1,6 +1,28 @@
-"""What the bench scripts share: printing a result block and appending it to BENCHMARKS.md."""
+"""What the bench scripts share: describing the machine, printing a result block and appending it to BENCHMARKS.md."""
 
+import os
+import platform
 from pathlib import Path
+
+import torch
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: from /proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine() -> str:
+    """One line for a result block: CPU, cores, torch threads, the kernels torch runs, torch version."""
+    return (f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"{torch.backends.cpu.get_cpu_capability()} kernels, torch {torch.__version__}")
 
 
 def publish(text: str, append: Path | None) -> None:
