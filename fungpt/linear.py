@@ -182,24 +182,26 @@ class Linear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device, dtype)
-        self._rows_cache: tuple | None = None  # (key, W^T, bags) for matvec_by_rows; never saved
+        self._rows_cache: tuple | None = None  # (weight, (version, threads), W^T, bags) for matvec_by_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-                and cpu_matmul() == "onednn"):
-            return F.linear(x, self.weight, self.bias)
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return OneDNNLinear.apply(x, self.weight, self.bias)
-        if x.numel() == x.size(-1) and self.weight.numel() <= ROW_SUM_MAX_ELEMENTS:
+        w, b = self.weight, self.bias
+        if not (x.is_cpu and x.dtype == torch.float32 and w.dtype == torch.float32 and cpu_matmul() == "onednn"
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+            return F.linear(x, w, b)
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+            return OneDNNLinear.apply(x, w, b)
+        if x.numel() == x.size(-1) and w.numel() <= ROW_SUM_MAX_ELEMENTS:
             return self._matvec(x)  # (..., K) with one row -> (..., N)
         # No backward needed (evaluation, prefill): skip autograd.Function's ~14 us per call.
-        return onednn_linear(x.reshape(-1, x.size(-1)), self.weight, self.bias).view(*x.shape[:-1], -1)
+        return onednn_linear(x.reshape(-1, x.size(-1)), w, b).view(*x.shape[:-1], -1)
 
     def _matvec(self, x: torch.Tensor) -> torch.Tensor:
-        """matvec_by_rows with W^T: a copy of the weight, remade whenever it changes (its version counter)."""
-        key = (self.weight.data_ptr(), self.weight._version, torch.get_num_threads())
-        if self._rows_cache is None or self._rows_cache[0] != key:
-            self._rows_cache = (key, self.weight.detach().t().contiguous(), row_bags(self.in_features, x.device))
-        _, weight_t, bags = self._rows_cache
-        return matvec_by_rows(x.reshape(-1), weight_t, self.bias, bags).view(*x.shape[:-1], -1)
+        """matvec_by_rows with W^T: a copy of the weight, remade whenever it changes (in place, its version
+        counter moves; replaced, it is another tensor) or the number of threads does."""
+        w, cache = self.weight, self._rows_cache
+        if cache is None or cache[0] is not w or cache[1] != (w._version, torch.get_num_threads()):
+            cache = (w, (w._version, torch.get_num_threads()), w.detach().t().contiguous(),
+                     row_bags(self.in_features, x.device))
+            self._rows_cache = cache
+        return matvec_by_rows(x.reshape(-1), cache[2], self.bias, cache[3]).view(*x.shape[:-1], -1)
