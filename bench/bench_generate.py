@@ -1,5 +1,6 @@
 """Generation speed: FunGPT (KV cache, with and without prompt-lookup speculation, and uncached)
-against Hugging Face `generate`, on the same weights, side by side in one process.
+against Hugging Face `generate` (plain, and with its own prompt lookup), on the same weights, side by
+side in one process.
 
     python bench/bench_generate.py                       # 6 x 384 GPT-2, batch 1, 500 greedy tokens
     python bench/bench_generate.py --append BENCHMARKS.md
@@ -110,6 +111,12 @@ def main(argv=None) -> int:
                               pad_token_id=0)
         return out[0, prompt.size(1):]
 
+    def hf_prompt_lookup():  # HF's own prompt-lookup speculation (same idea as FunGPT's lookahead)
+        with torch.no_grad():
+            out = hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
+                              pad_token_id=0, prompt_lookup_num_tokens=args.lookahead)
+        return out[0, prompt.size(1):]
+
     def counted_speculative():
         # count the forward passes, to report how many tokens each pass yielded
         count = [0]
@@ -124,6 +131,7 @@ def main(argv=None) -> int:
     contenders = {
         "Hugging Face generate (KV cache)": hf_generate,
         "FunGPT cached": lambda: model.generate(prompt, n, temperature=0.0)[0, prompt.size(1):],
+        f"Hugging Face generate + prompt_lookup_num_tokens {args.lookahead}": hf_prompt_lookup,
         f"FunGPT cached + lookahead {args.lookahead}": counted_speculative,
     }
     if not args.skip_uncached:
@@ -144,7 +152,8 @@ def main(argv=None) -> int:
     for name in contenders:
         tps = n / statistics.median(times[name])
         same = torch.equal(outputs[name], ref)
-        per_pass = f"{n / passes['speculative']:.2f}" if name.startswith("FunGPT cached + look") else "1"
+        per_pass = (f"{n / passes['speculative']:.2f}" if name.startswith("FunGPT cached + look")
+                    else "-" if "prompt_lookup" in name else "1")  # HF's passes are not counted
         rows.append(f"| {name} | {tps:,.1f} | {tps / hf_tps:.2f}x | {per_pass} | {'yes' if same else 'NO'} |")
     header = (f"## generation, {datetime.date.today()}\n\n"
               f"- machine: {machine()}, Python {platform.python_version()}; FunGPT cpu_matmul: {cpu_matmul()}\n"

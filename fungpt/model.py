@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fungpt.errors import FunGPTError
-from fungpt.linear import Linear
+from fungpt.linear import Linear  # nn.Linear, with faster CPU kernels where measured (linear.py)
 from fungpt.positions import POS_ENCODINGS, NoPositions, make_positions
 from fungpt.speculative import lookup_draft, verify_draft
 
