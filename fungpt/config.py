@@ -115,8 +115,9 @@ class TrainConfig:
     compile: bool = False
     """Compile the model with torch.compile (the saved weights are always the uncompiled model's)."""
     cpu_matmul: str = "auto"
-    """Library for float32 matrix products on a CPU: auto (oneDNN on AMD CPUs with AVX-512, where torch's
-    MKL runs its slower AVX2 kernels; torch's default elsewhere), onednn, or torch (see fungpt/linear.py)."""
+    """Library for float32 matrix products on a CPU: auto ($FUNGPT_CPU_MATMUL if set, else oneDNN on AMD CPUs
+    with AVX-512, where torch's MKL runs its slower AVX2 kernels, and torch's default elsewhere), onednn, or
+    torch (see fungpt/linear.py). The library used is recorded in run.json."""
     max_minutes: float | None = None
     """Wall-clock budget for the whole command; when set, the lr schedule runs on the fraction of the
     budget used instead of on steps, and training ends with a final eval and checkpoint on time. The

@@ -13,21 +13,21 @@ picks its fastest kernels only on Intel processors: on AMD processors with AVX-5
 it runs its 256-bit AVX2 kernels, about half of what the chip can do. oneDNN, the other maths
 library inside torch, chooses its kernels from the CPU's features whatever the vendor, so it runs
 512-bit kernels there. Measured on a 2-core AMD EPYC (Zen 5) at the 4 x 128 model's shapes
-(BENCHMARKS.md, "Fourth session"): forward and input-grad products 2.0x faster, weight gradients
-1.3-1.6x, a whole training step 1.4x.
+(BENCHMARKS.md, "Fourth session"): forward and input-grad products 1.8-2.2x faster, weight
+gradients 1.1-2.0x, a whole training step 1.4-1.5x.
 
 Batch-1 decoding is different: one token multiplies a single row x by every weight matrix, so the
 time goes into reading the weights from memory, not into arithmetic. There `matvec_by_rows`
 computes W x as a weighted sum of the rows of W^T with `F.embedding_bag`, whose kernel streams
-memory about twice as fast as either library's matrix-vector product.
+memory 1.5-1.8x as fast as oneDNN's matrix-vector product and 2.2-3x as fast as MKL's.
 
 `Linear` is an `nn.Linear` (same parameters, same checkpoints, same Hugging Face conversion)
 whose forward takes these paths when `cpu_matmul()` is "onednn" and the input is a float32 CPU
 tensor outside autocast and torch.compile; everything else (GPUs, bfloat16, compiled graphs, and
 cpu_matmul "torch") goes to `F.linear` as usual. Results agree with MKL's to float32 rounding
-(the additions happen in another order). `cpu_matmul` is chosen once per process ("auto":
-oneDNN on non-Intel CPUs with AVX-512); `set_cpu_matmul` overrides it (train.cpu_matmul in the
-config, or the FUNGPT_CPU_MATMUL environment variable for any command).
+(the additions happen in another order). `cpu_matmul` is chosen once per process: train.cpu_matmul when a
+training config sets it, else the FUNGPT_CPU_MATMUL environment variable (any command), else by
+machine: oneDNN on non-Intel CPUs with AVX-512.
 """
 
 import functools
@@ -53,7 +53,11 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 class OneDNNLinear(torch.autograd.Function):
-    """y = x W^T + b with all three matrix products on oneDNN (see the module docstring)."""
+    """y = x W^T + b with all three matrix products on oneDNN (see the module docstring).
+
+    First derivatives only: double backward, forward-mode AD and torch.func transforms are not
+    supported (Linear sends float32 CPU products here only when cpu_matmul() is "onednn").
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -63,6 +67,7 @@ class OneDNNLinear(torch.autograd.Function):
         return onednn_linear(x2, weight, bias).view(*x.shape[:-1], weight.size(0))  # (..., N)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative is refused, not silently zero
     def backward(ctx, gy: torch.Tensor):
         x2, weight = ctx.saved_tensors
         gy2 = gy.reshape(-1, gy.size(-1))  # (M, N)
@@ -87,8 +92,9 @@ class OneDNNLinear(torch.autograd.Function):
 @functools.cache
 def onednn_works() -> bool:
     """Whether this torch has oneDNN's linear op and it computes what F.linear does (checked once)."""
-    try:
-        x, w = torch.randn(8, 16), torch.randn(4, 16)
+    try:  # fixed inputs, not torch.randn: the check must not move the random stream a run's seed set
+        x = torch.arange(128, dtype=torch.float32).view(8, 16).sin()
+        w = torch.arange(64, dtype=torch.float32).view(4, 16).cos()
         return torch.allclose(onednn_linear(x, w, None), F.linear(x, w), atol=1e-5)
     except (RuntimeError, AttributeError):
         return False
@@ -130,16 +136,25 @@ def _detected(setting: str) -> str:
 
 
 def set_cpu_matmul(setting: str) -> str:
-    """Choose the CPU matmul library for this process ("auto", "onednn" or "torch"); returns the resolved one."""
+    """Choose the CPU matmul library for this process; returns the one resolved ("onednn" or "torch").
+
+    "onednn" and "torch" are taken as they are. "auto" takes $FUNGPT_CPU_MATMUL when it is set, and
+    otherwise asks choose_cpu_matmul about this machine.
+    """
+    if setting == "auto" and os.environ.get("FUNGPT_CPU_MATMUL", "auto") != "auto":
+        setting = os.environ["FUNGPT_CPU_MATMUL"]
+        if setting not in CPU_MATMULS:
+            raise FunGPTError(f"FUNGPT_CPU_MATMUL={setting!r} is unknown: set it to one of {', '.join(CPU_MATMULS)}, "
+                              "or unset it")
     resolved = _detected(setting)
     _chosen[:] = [resolved]
     return resolved
 
 
 def cpu_matmul() -> str:
-    """The CPU matmul library in use: set_cpu_matmul's choice, else $FUNGPT_CPU_MATMUL, else "auto" resolved."""
+    """The CPU matmul library in use: set_cpu_matmul's choice, else set_cpu_matmul("auto")'s."""
     if not _chosen:
-        set_cpu_matmul(os.environ.get("FUNGPT_CPU_MATMUL", "auto"))
+        set_cpu_matmul("auto")
     return _chosen[0]
 
 
@@ -150,8 +165,8 @@ def matvec_by_rows(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor |
     W x is a weighted sum of the rows of W^T: y = sum_k x_k W^T[k, :]. That is exactly what
     `F.embedding_bag(mode="sum", per_sample_weights=x)` computes over a "bag" of all K rows, and
     its CPU kernel streams each row once at close to memory speed: batch-1 decoding reads every
-    weight once per token, so that speed is what counts (measured on a 6 x 384 model: 60 GB/s
-    against 31 for oneDNN and 15 for MKL's matrix-vector product, BENCHMARKS.md).
+    weight once per token, so that speed is what counts (measured on a 6 x 384 model's 24 matrices:
+    26-42 GB/s, against 17-28 for oneDNN's and 12-14 for MKL's matrix-vector product, BENCHMARKS.md).
     bags = (rows, starts) from `row_bags`: the K rows split into a few bags that the threads sum
     in parallel; the bags' partial sums are then added up.
     """
@@ -182,26 +197,36 @@ class Linear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device, dtype)
-        self._rows_cache: tuple | None = None  # (weight, (version, threads), W^T, bags) for matvec_by_rows
+        self._rows_cache: tuple | None = None  # (key, W^T, bags) for matvec_by_rows, see _matvec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
-        if not (x.is_cpu and x.dtype == torch.float32 and w.dtype == torch.float32 and cpu_matmul() == "onednn"
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+        if torch.compiler.is_compiling() or not (
+                x.is_cpu and x.dtype == torch.float32 and w.dtype == torch.float32 and x.numel() > 0
+                and cpu_matmul() == "onednn" and not torch.is_autocast_enabled("cpu")):
             return F.linear(x, w, b)
-        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
             return OneDNNLinear.apply(x, w, b)
         if x.numel() == x.size(-1) and w.numel() <= ROW_SUM_MAX_ELEMENTS:
             return self._matvec(x)  # (..., K) with one row -> (..., N)
         # No backward needed (evaluation, prefill): skip autograd.Function's ~14 us per call.
-        return onednn_linear(x.reshape(-1, x.size(-1)), w, b).view(*x.shape[:-1], -1)
+        return onednn_linear(x.reshape(-1, x.size(-1)), w, b).view(*x.shape[:-1], self.out_features)
 
     def _matvec(self, x: torch.Tensor) -> torch.Tensor:
-        """matvec_by_rows with W^T: a copy of the weight, remade whenever it changes (in place, its version
-        counter moves; replaced, it is another tensor) or the number of threads does."""
-        w, cache = self.weight, self._rows_cache
-        if cache is None or cache[0] is not w or cache[1] != (w._version, torch.get_num_threads()):
-            cache = (w, (w._version, torch.get_num_threads()), w.detach().t().contiguous(),
-                     row_bags(self.in_features, x.device))
-            self._rows_cache = cache
-        return matvec_by_rows(x.reshape(-1), cache[2], self.bias, cache[3]).view(*x.shape[:-1], -1)
+        """matvec_by_rows with W^T: a copy of the weight, remade whenever the weight changes.
+
+        The key catches in-place updates (optimizer steps, load_state_dict: the version counter moves)
+        and new tensors (`.to()`, `weight.data = t`: another storage). Not caught: writing in place
+        through `weight.data`, which bypasses the version counter (torch.no_grad() updates don't).
+        """
+        w = self.weight
+        key = (id(w), w.data_ptr(), w._version, torch.get_num_threads())
+        if self._rows_cache is None or self._rows_cache[0] != key:
+            self._rows_cache = (key, w.detach().t().contiguous(), row_bags(self.in_features, x.device))
+        _, weight_t, bags = self._rows_cache
+        return matvec_by_rows(x.reshape(-1), weight_t, self.bias, bags).view(*x.shape[:-1], self.out_features)
+
+    def __getstate__(self) -> dict:
+        # copy.deepcopy and pickling leave the W^T copy behind: the copy's weights start a new version
+        # count, which could match a stale key, and the copy would carry the cache's memory.
+        return {**super().__getstate__(), "_rows_cache": None}

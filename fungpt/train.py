@@ -400,7 +400,8 @@ def _full_split_loss(model, data_dir: Path, split: str, cfg: RunConfig, device: 
 def measure_peak_flops(device: str, dtype: torch.dtype) -> float:
     """Measure this device's dense matmul throughput (FLOP/s): the ceiling that MFU is quoted against.
 
-    On a CPU in float32 it is the faster of torch's BLAS and oneDNN (fungpt/linear.py), whichever the run uses.
+    On a CPU in float32 it is the faster of torch's BLAS and oneDNN (fungpt/linear.py), even when the run
+    uses the slower one: MFU says how much of the machine's best matmul speed a run gets.
     """
     n = 1024 if device == "cpu" else 4096
     a = torch.randn(n, n, device=device, dtype=dtype)

@@ -138,3 +138,79 @@ def test_one_row_decoding_follows_weight_updates_and_saves_nothing(matmul_settin
     assert set(layer.state_dict()) == {"weight", "bias"}  # the W^T copy is not a parameter or buffer
     layer(x)  # with grad enabled the row goes through OneDNNLinear (it may need a backward)
     assert len(calls) == 2
+
+
+@needs_onednn
+def test_gradients_reach_a_trainable_bias_of_a_frozen_layer_and_strided_inputs(matmul_setting):
+    matmul_setting("onednn")
+    torch.manual_seed(0)
+    layer = Linear(16, 8)
+    layer.weight.requires_grad_(False)  # only the bias trains, and the input needs no grad
+    x = torch.randn(6, 16)
+    layer(x).square().sum().backward()
+    want = torch.autograd.grad(F.linear(x, layer.weight, layer.bias).square().sum(), layer.bias)[0]
+    torch.testing.assert_close(layer.bias.grad, want)
+
+    layer.weight.requires_grad_(True)
+    xt = torch.randn(16, 6, requires_grad=True)  # x = xt.t() is a transposed (strided) view
+    (g_x, g_w) = torch.autograd.grad(layer(xt.t()).square().sum(), (xt, layer.weight))
+    (r_x, r_w) = torch.autograd.grad(F.linear(xt.t(), layer.weight, layer.bias).square().sum(), (xt, layer.weight))
+    torch.testing.assert_close(g_x, r_x, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g_w, r_w, rtol=1e-4, atol=1e-5)
+
+
+@needs_onednn
+def test_second_derivatives_are_refused_not_silently_zero(matmul_setting):
+    matmul_setting("onednn")
+    layer = Linear(4, 3)
+    x = torch.randn(2, 4, requires_grad=True)
+    (g,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward"):
+        g.sum().backward()
+
+
+@needs_onednn
+def test_decoding_cache_sees_new_weights_after_copies_loads_and_replacements(matmul_setting):
+    import copy
+
+    matmul_setting("onednn")
+    torch.manual_seed(0)
+    layer = Linear(16, 8)
+    x = torch.randn(1, 16)
+
+    def check(m):
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), F.linear(x, m.weight, m.bias))
+
+    with torch.no_grad():
+        layer(x)  # fills the W^T cache
+        layer.weight.add_(1.0)  # version 1
+        check(layer)
+        twin = copy.deepcopy(layer)  # the copy's weight starts a new version count
+        assert twin._rows_cache is None
+        twin.weight.mul_(3.0)
+        check(twin)
+    layer.load_state_dict({"weight": torch.randn(8, 16), "bias": torch.randn(8)})
+    check(layer)
+    layer.weight.data = torch.randn(8, 16)  # another storage behind the same Parameter
+    check(layer)
+    assert layer(torch.empty(0, 16)).shape == (0, 8)
+
+
+def test_env_var_sets_auto_and_bad_values_get_one_clear_line(matmul_setting, monkeypatch):
+    monkeypatch.setenv("FUNGPT_CPU_MATMUL", "torch")
+    assert matmul_setting("auto") == "torch"
+    if linear.onednn_works():
+        assert matmul_setting("onednn") == "onednn"  # an explicit setting beats the variable
+    monkeypatch.setenv("FUNGPT_CPU_MATMUL", "mkl")
+    with pytest.raises(FunGPTError, match="FUNGPT_CPU_MATMUL='mkl' is unknown"):
+        matmul_setting("auto")
+
+
+def test_the_onednn_check_leaves_the_random_stream_alone():
+    linear.onednn_works.cache_clear()
+    torch.manual_seed(0)
+    linear.onednn_works()
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    torch.testing.assert_close(after, torch.rand(3))
