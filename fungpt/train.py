@@ -789,7 +789,9 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
                            "tokens_per_sec": round(tok_s, 1), "mfu": round(mfu, 4),
                            "elapsed_s": round(time.time() - start_time, 3), "tokens": step * tokens_per_step})
                 if bar is not None:
-                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.0%}")
+                    # refresh=False: shown at the bar's next (rate-limited) redraw, not redrawn on every log row
+                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.0%}",
+                                    refresh=False)
             if bar is not None:
                 bar.update(1)
             if step % tc.eval_interval == 0 and step < tc.max_iters:
