@@ -9,14 +9,9 @@ import torch
 
 def cpu_model() -> str:
     """The CPU's model name (Linux: from /proc/cpuinfo), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    from fungpt.hardware import cpu_info
+
+    return cpu_info("model name") or platform.processor() or platform.machine() or "unknown CPU"
 
 
 def machine() -> str:

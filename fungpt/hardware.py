@@ -120,6 +120,19 @@ def check_compile(device: str, *, platform: str | None = None, has_triton: bool 
                           f"kernels) and none was found: install g++ or clang, or {fix}")
 
 
+def cpu_info(field: str) -> str:
+    """A field of Linux's /proc/cpuinfo for the first CPU, e.g. "vendor_id" or "model name"; "" if unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name.strip() == field:
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
 # glibc mallopt() parameter numbers (from <malloc.h>)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 

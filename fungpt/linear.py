@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fungpt.errors import FunGPTError
+from fungpt.hardware import cpu_info
 
 CPU_MATMULS = ("auto", "onednn", "torch")
 _chosen: list[str] = []  # the choice of set_cpu_matmul, if any (a one-element list: no `global` statement)
@@ -117,22 +118,12 @@ def choose_cpu_matmul(setting: str, *, onednn: bool, avx512: bool, vendor: str) 
     return "onednn" if onednn and avx512 and vendor not in ("GenuineIntel", "") else "torch"
 
 
-def _cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 @functools.cache
 def _detected(setting: str) -> str:
     avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
     needs_probe = setting != "torch"
-    return choose_cpu_matmul(setting, onednn=needs_probe and onednn_works(), avx512=avx512, vendor=_cpu_vendor())
+    vendor = cpu_info("vendor_id")  # "" off Linux: "auto" then keeps torch's default
+    return choose_cpu_matmul(setting, onednn=needs_probe and onednn_works(), avx512=avx512, vendor=vendor)
 
 
 def set_cpu_matmul(setting: str) -> str:

@@ -214,3 +214,23 @@ def test_the_onednn_check_leaves_the_random_stream_alone():
     after = torch.rand(3)
     torch.manual_seed(0)
     torch.testing.assert_close(after, torch.rand(3))
+
+
+def test_cpu_info_reads_a_field_and_is_empty_when_unknown(monkeypatch, tmp_path):
+    import builtins
+    import io
+
+    from fungpt.hardware import cpu_info
+
+    text = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n"
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: io.StringIO(text) if f == "/proc/cpuinfo"
+                        else real_open(f, *a, **k))
+    assert cpu_info("vendor_id") == "AuthenticAMD" and cpu_info("model name") == "AMD EPYC"
+    assert cpu_info("flags") == ""
+
+    def no_file(f, *a, **k):
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr(builtins, "open", no_file)
+    assert cpu_info("vendor_id") == ""
