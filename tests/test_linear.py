@@ -216,7 +216,7 @@ def test_the_onednn_check_leaves_the_random_stream_alone():
     torch.testing.assert_close(after, torch.rand(3))
 
 
-def test_cpu_info_reads_a_field_and_is_empty_when_unknown(monkeypatch, tmp_path):
+def test_cpu_info_reads_a_field_and_is_empty_when_unknown(monkeypatch):
     import builtins
     import io
 
