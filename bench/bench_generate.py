@@ -54,12 +54,12 @@ def weight_read_floor(model, rounds: int = 20) -> dict[str, float]:
     """
     import torch.nn.functional as F
 
-    from fungpt.linear import matvec_by_rows, onednn_linear, onednn_works, row_bags
+    from fungpt.linear import onednn_linear, onednn_works, row_bags, row_product
 
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = [torch.randn(1, m.in_features) for m in linears]
     transposed = [m.weight.detach().t().contiguous() for m in linears]
-    bags = [row_bags(m.in_features) for m in linears]
+    products = [row_product(wt, m.bias, row_bags(m.in_features)) for wt, m in zip(transposed, linears)]
     n_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
 
     def per_token(fn) -> float:
@@ -71,7 +71,7 @@ def weight_read_floor(model, rounds: int = 20) -> dict[str, float]:
 
     kernels = {
         "blas": lambda: [F.linear(x, m.weight, m.bias) for x, m in zip(inputs, linears)],
-        "rows": lambda: [matvec_by_rows(x[0], wt, m.bias, b) for x, wt, m, b in zip(inputs, transposed, linears, bags)],
+        "rows": lambda: [product(x[0]) for x, product in zip(inputs, products)],
         "read": lambda: [m.weight.sum() for m in linears],
     }
     if onednn_works():
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     footer = (f"\nWhat bounds plain cached decoding (`weight_read_floor`, same process): one token reads "
               f"{floor['mbytes']:.1f} MB of weight matrices. Their matrix-vector products take, per token, "
               f"{floor['blas_ms']:.2f} ms through torch's BLAS ({floor['blas_gbs']:.1f} GB/s){onednn}, and "
-              f"{floor['rows_ms']:.2f} ms as row sums (`fungpt.linear.matvec_by_rows`, {floor['rows_gbs']:.1f} GB/s); "
+              f"{floor['rows_ms']:.2f} ms as row sums (`fungpt.linear.row_product`, {floor['rows_gbs']:.1f} GB/s); "
               f"merely reading the same bytes takes {floor['read_ms']:.2f} ms ({floor['read_gbs']:.1f} GB/s). "
               f"HF generate spends {hf_ms:.2f} ms per token, so 3x HF means {hf_ms / 3:.2f} ms per token, "
               f"everything included.\n")

@@ -17,8 +17,8 @@ library inside torch, chooses its kernels from the CPU's features whatever the v
 gradients 1.1-2.0x, a whole training step 1.4-1.5x.
 
 Batch-1 decoding is different: one token multiplies a single row x by every weight matrix, so the
-time goes into reading the weights from memory, not into arithmetic. There `matvec_by_rows`
-computes W x as a weighted sum of the rows of W^T with `F.embedding_bag`, whose kernel streams
+time goes into reading the weights from memory, not into arithmetic. There `row_product`
+computes W x as a weighted sum of the rows of W^T with an embedding bag, whose kernel streams
 memory 1.5-1.8x as fast as oneDNN's matrix-vector product and 2.2-3x as fast as MKL's.
 
 `Linear` is an `nn.Linear` (same parameters, same checkpoints, same Hugging Face conversion)
@@ -151,33 +151,50 @@ def cpu_matmul() -> str:
     return _chosen[0]
 
 
-def matvec_by_rows(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
-                   bags: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """y = W x + b for one input vector x (K,), given weight_t = W^T (K, N) contiguous; returns (N,).
+def row_product(weight_t: torch.Tensor, bias: torch.Tensor | None, bags: tuple[torch.Tensor, ...]):
+    """The function x (K,), residual (N,) or None -> W x + b (+ residual), given weight_t = W^T (K, N) contiguous.
 
-    W x is a weighted sum of the rows of W^T: y = sum_k x_k W^T[k, :]. That is exactly what
-    `F.embedding_bag(mode="sum", per_sample_weights=x)` computes over a "bag" of all K rows, and
+    W x is a weighted sum of the rows of W^T: y = sum_k x_k W^T[k, :]. That is exactly what an
+    embedding bag in "sum" mode with per-sample weights x computes over a "bag" of all K rows, and
     its CPU kernel streams each row once at close to memory speed: batch-1 decoding reads every
     weight once per token, so that speed is what counts (measured on a 6 x 384 model's 24 matrices:
-    26-42 GB/s, against 17-28 for oneDNN's and 12-14 for MKL's matrix-vector product, BENCHMARKS.md).
-    bags = (rows, starts) from `row_bags`: the K rows split into a few bags that the threads sum
-    in parallel; the bags' partial sums are then added up.
+    26-55 GB/s, against 17-29 for oneDNN's and 11-14 for MKL's matrix-vector product, BENCHMARKS.md).
+    bags = (rows, starts, ones) from `row_bags`: the K rows split into one bag per thread, which the
+    threads sum in parallel. Their partial sums (n_bags, N) are added up as a matrix-vector product
+    with a vector of ones, one operation that also adds the bias or the residual (an addmv: 5 us
+    where a sum and an add took 7.5 in decoding, measured).
+
+    `torch.embedding_bag` is F.embedding_bag without its Python argument checks (2 us less a call,
+    24 calls a token): positional arguments (weight, indices, offsets, scale_grad_by_freq, mode 0 =
+    "sum", sparse, per_sample_weights); its first output is the bags' sums.
     """
-    rows, starts = bags
-    partial = F.embedding_bag(rows, weight_t, starts, mode="sum", per_sample_weights=x)  # (n_bags, N)
-    return partial.sum(0) if bias is None else torch.add(bias, partial.sum(0))
+    rows, starts, ones = bags
+
+    def product(x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        partial = torch.embedding_bag(weight_t, rows, starts, False, 0, False, x)[0].t()  # (N, n_bags)
+        if residual is None:
+            return torch.mv(partial, ones) if bias is None else torch.addmv(bias, partial, ones)
+        y = torch.addmv(residual, partial, ones)  # residual + W x
+        return y if bias is None else y.add_(bias)
+
+    return product
 
 
-def row_bags(K: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, starts) for matvec_by_rows: all K rows, in 2 bags per thread (measured fastest)."""
-    n_bags = min(K, 2 * torch.get_num_threads())
+def row_bags(K: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, starts, ones) for row_product: all K rows, in one bag per thread.
+
+    Measured in decoding on 2 threads (6 x 384 model, 7 interleaved rounds): 1.35 ms per token with
+    one bag per thread, 1.39, 1.42 and 1.49 with 2, 3 and 4 (each bag's partial sum is one more row
+    for the addmv to add, and the threads' share of work is already even).
+    """
+    n_bags = min(K, torch.get_num_threads())
     rows = torch.arange(K, device=device)  # bag contents: every row of W^T, in order
     starts = torch.arange(0, K, -(-K // n_bags), device=device)  # where each bag begins
-    return rows, starts
+    return rows, starts, torch.ones(starts.numel(), device=device)  # starts may be fewer than n_bags
 
 
 ROW_SUM_MAX_ELEMENTS = 1 << 22
-"""Largest weight (4M elements, 16 MB) decoded by matvec_by_rows, whose W^T copy costs that much memory
+"""Largest weight (4M elements, 16 MB) decoded by row_product, whose W^T copy costs that much memory
 again: covers the block matrices up to GPT-2 small (768 x 3072), not its 50257 x 768 token table."""
 
 
@@ -185,12 +202,13 @@ class Linear(nn.Linear):
     """nn.Linear whose float32 CPU products may run on oneDNN (module docstring); same parameters.
 
     With cpu_matmul() == "onednn": products that need a backward go through OneDNNLinear; one input
-    row without grad (batch-1 decoding) through matvec_by_rows; other rows through oneDNN directly.
+    row without grad (batch-1 decoding) through row_product (see `decoder`); other rows through
+    oneDNN directly.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device, dtype)
-        self._rows_cache: tuple | None = None  # (key, W^T, bags) for matvec_by_rows, see _matvec
+        self._rows_cache: tuple | None = None  # (key, W^T, bags) for row_product, see _row_table
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
@@ -201,12 +219,32 @@ class Linear(nn.Linear):
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
             return OneDNNLinear.apply(x, w, b)
         if x.numel() == x.size(-1) and w.numel() <= ROW_SUM_MAX_ELEMENTS:
-            return self._matvec(x)  # (..., K) with one row -> (..., N)
+            weight_t, bags = self._row_table()
+            y = row_product(weight_t, b, bags)(x.reshape(-1))  # (..., K) with one row -> (N,)
+            return y.view(*x.shape[:-1], self.out_features)
         # No backward needed (evaluation, prefill): skip autograd.Function's ~14 us per call.
         return onednn_linear(x.reshape(-1, x.size(-1)), w, b).view(*x.shape[:-1], self.out_features)
 
-    def _matvec(self, x: torch.Tensor) -> torch.Tensor:
-        """matvec_by_rows with W^T: a copy of the weight, remade whenever the weight changes.
+    def decoder(self):
+        """The function x (K,), residual (N,) or None -> W x + b (+ residual): batch-1 decoding's product (decode.py).
+
+        Row sums (row_product) for a float32 CPU weight where cpu_matmul() is "onednn" and the weight
+        is small enough for its W^T copy; F.linear otherwise. It uses the weights as they are now: make
+        a new one after changing them. No autograd: call it under torch.no_grad().
+        """
+        w, b = self.weight, self.bias
+        if cpu_matmul() == "onednn" and w.is_cpu and w.dtype == torch.float32 and w.numel() <= ROW_SUM_MAX_ELEMENTS:
+            weight_t, bags = self._row_table()
+            return row_product(weight_t, b, bags)
+
+        def product(x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+            y = F.linear(x, w, b)
+            return y if residual is None else y.add_(residual)  # float addition commutes: = residual + y
+
+        return product
+
+    def _row_table(self) -> tuple[torch.Tensor, tuple]:
+        """(W^T, bags) for row_product: W^T is a copy of the weight, remade whenever the weight changes.
 
         The key catches in-place updates (optimizer steps, load_state_dict: the version counter moves)
         and new tensors (`.to()`, `weight.data = t`: another storage). Not caught: writing in place
@@ -215,9 +253,8 @@ class Linear(nn.Linear):
         w = self.weight
         key = (id(w), w.data_ptr(), w._version, torch.get_num_threads())
         if self._rows_cache is None or self._rows_cache[0] != key:
-            self._rows_cache = (key, w.detach().t().contiguous(), row_bags(self.in_features, x.device))
-        _, weight_t, bags = self._rows_cache
-        return matvec_by_rows(x.reshape(-1), weight_t, self.bias, bags).view(*x.shape[:-1], self.out_features)
+            self._rows_cache = (key, w.detach().t().contiguous(), row_bags(self.in_features, w.device))
+        return self._rows_cache[1], self._rows_cache[2]
 
     def __getstate__(self) -> dict:
         # copy.deepcopy and pickling leave the W^T copy behind: the copy's weights start a new version

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fungpt.decode import Decoder
 from fungpt.errors import FunGPTError
 from fungpt.linear import Linear  # nn.Linear, with faster CPU kernels where measured (linear.py)
 from fungpt.positions import POS_ENCODINGS, NoPositions, make_positions
@@ -287,17 +288,19 @@ class KVCache:
     attention: earlier tokens never look at later ones). So we keep them, and
     each step only runs the network on the newest token.
 
-    Preallocated tensors, one slot per layer:
-        k, v: (n_layer, B, nh, max_len, hs)
+    Preallocated, one slot per layer, stored position by position: for every position its key
+    and its value side by side, which lets a decoding step write both with one copy (decode.py):
+        kv:   (n_layer, B, max_len, 2, nh, hs)
+        k, v: (n_layer, B, nh, max_len, hs), views into kv (the layout attention reads)
         pos:  number of positions filled so far (the absolute position t0 of the next token)
     A forward pass with the cache writes its T new keys/values into [pos:pos+T],
     attends over [:pos+T], and then advances pos by T. reset() empties it.
     """
 
     def __init__(self, n_layer, batch_size, n_head, max_len, head_size, device=None, dtype=torch.float32):
-        shape = (n_layer, batch_size, n_head, max_len, head_size)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.kv = torch.zeros(n_layer, batch_size, max_len, 2, n_head, head_size, device=device, dtype=dtype)
+        self.k = self.kv[:, :, :, 0].transpose(2, 3)  # (n_layer, B, max_len, nh, hs) -> (n_layer, B, nh, max_len, hs)
+        self.v = self.kv[:, :, :, 1].transpose(2, 3)
         self.max_len = max_len
         self.pos = 0
 
@@ -451,8 +454,11 @@ class GPT(nn.Module):
         history = idx[0].tolist() if speculate else []  # a Python list makes the n-gram search cheap
         was_training = self.training
         self.eval()  # no dropout while generating
+        # One float32 sequence on a CPU: single-token steps take the lean path of decode.py.
+        lean = B == 1 and idx.is_cpu and self.wte.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
         try:
             cache = self.make_kv_cache(B) if use_cache else None
+            decoder = Decoder(self, cache) if lean and use_cache else None
             while n < T0 + max_new_tokens:
                 if cache is None:
                     logits = self(seq[:, max(0, n - block_size) : n])  # (B, T', V)
@@ -466,6 +472,8 @@ class GPT(nn.Module):
                         n = len(history)  # history holds the prompt and every token yielded so far
                         continue
                     logits = self(seq[:, n - 1 : n], kv_cache=cache)
+                elif decoder is not None:
+                    logits = decoder.step(seq[0, n - 1 : n])  # (1, 1, V), as the line below
                 else:
                     logits = self(seq[:, n - 1 : n], kv_cache=cache)  # (B, 1, V): just the newest token
                 next_id = sample_next_token(logits[:, -1, :], generator, temperature, top_k, top_p)  # (B, 1)
@@ -491,8 +499,8 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Like generate_stream, but returns the prompt plus all new tokens: (B, T + max_new_tokens)."""
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache,
-                                        lookahead=lookahead))
-        return torch.cat([idx] + [t[:, None] for t in new], dim=1)
+                                        lookahead=lookahead))  # max_new_tokens x (B,)
+        return torch.cat((idx, torch.stack(new, dim=1)), dim=1) if new else idx.clone()
 
     # ------------------------------------------------------------------ accounting
 

@@ -61,7 +61,7 @@ class LearnedPositions(NoPositions):
         self.wpe = nn.Embedding(block_size, n_embd)  # (block_size, C)
 
     def add_to_embeddings(self, tok_emb: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return tok_emb + self.wpe(pos)  # (B, T, C) + (T, C) broadcasts over B
+        return tok_emb + self.wpe.weight[pos]  # (B, T, C) + (T, C) broadcasts over B; = self.wpe(pos)
 
 
 class SinusoidalPositions(NoPositions):

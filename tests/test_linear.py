@@ -113,20 +113,21 @@ def test_choose_cpu_matmul_decision_table():
 
 
 @pytest.mark.parametrize("K, N, bias", [(384, 1152, True), (7, 5, False), (3, 4, True), (1536, 384, True)])
-def test_matvec_by_rows_equals_f_linear(K, N, bias):
+def test_row_product_equals_f_linear(K, N, bias):
     torch.manual_seed(0)
-    x, w = torch.randn(K), torch.randn(N, K)
+    x, w, r = torch.randn(K), torch.randn(N, K), torch.randn(N)
     b = torch.randn(N) if bias else None
-    got = linear.matvec_by_rows(x, w.t().contiguous(), b, linear.row_bags(K))
-    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+    product = linear.row_product(w.t().contiguous(), b, linear.row_bags(K))
+    torch.testing.assert_close(product(x), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(product(x, r), r + F.linear(x, w, b), rtol=1e-5, atol=1e-4)
 
 
 @needs_onednn
 def test_one_row_decoding_follows_weight_updates_and_saves_nothing(matmul_setting, monkeypatch):
     matmul_setting("onednn")
     calls = []
-    real = linear.matvec_by_rows
-    monkeypatch.setattr(linear, "matvec_by_rows", lambda *a: calls.append(1) or real(*a))
+    real = linear.row_product
+    monkeypatch.setattr(linear, "row_product", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
     layer = Linear(16, 8)
     x = torch.randn(1, 1, 16)

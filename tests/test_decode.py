@@ -1,0 +1,93 @@
+"""fungpt/decode.py: the lean one-token decoding step must compute what GPT.forward with a KVCache computes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fungpt import linear
+from fungpt.decode import Decoder
+from fungpt.linear import Linear
+from fungpt.model import GPT, GPTConfig
+from fungpt.positions import POS_ENCODINGS
+
+torch.set_num_threads(2)
+
+VARIANTS = [
+    {},  # GPT-2: LayerNorm, tanh GELU, biases, tied head
+    {"norm": "rmsnorm", "qk_norm": True, "activation": "relu2", "bias": False, "tie_embeddings": False},
+    {"qk_norm": True, "activation": "gelu"},  # QK-norm as LayerNorm, exact GELU
+]
+MATMULS = ["torch"] + (["onednn"] if linear.onednn_works() else [])
+
+
+@pytest.fixture(params=MATMULS)
+def cpu_matmul(request):
+    """Run the test with each CPU matmul library (row sums only come with 'onednn'); restore the choice after."""
+    before = list(linear._chosen)
+    linear.set_cpu_matmul(request.param)
+    yield request.param
+    linear._chosen[:] = before
+
+
+def make_model(seed=0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    config = GPTConfig(vocab_size=50, block_size=24, n_layer=2, n_head=2, n_embd=32, **kw)
+    model = GPT(config).eval()
+    with torch.no_grad():  # non-zero biases and norm gains, so that a bias or gain left out shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "ln" in name or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("pos_encoding", POS_ENCODINGS)
+@pytest.mark.parametrize("variant", VARIANTS)
+@torch.no_grad()
+def test_step_matches_the_forward_pass_with_a_cache(pos_encoding, variant, cpu_matmul):
+    model = make_model(pos_encoding=pos_encoding, **variant)
+    prompt = torch.randint(0, 50, (1, 5), generator=torch.Generator().manual_seed(1))
+    ref_cache, lean_cache = model.make_kv_cache(1), model.make_kv_cache(1)
+    model(prompt, kv_cache=ref_cache)
+    model(prompt, kv_cache=lean_cache)
+    decoder = Decoder(model, lean_cache)
+    token = prompt[0, -1:]
+    for _ in range(10):
+        want = model(token[None], kv_cache=ref_cache)  # (1, 1, V)
+        got = decoder.step(token)
+        assert got.shape == want.shape == (1, 1, 50)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert lean_cache.pos == ref_cache.pos
+        token = want[0, -1].argmax().view(1)
+    torch.testing.assert_close(lean_cache.kv, ref_cache.kv, rtol=1e-4, atol=1e-5)  # same keys and values stored
+
+
+@pytest.mark.parametrize("pos_encoding", POS_ENCODINGS)
+def test_greedy_generation_of_one_sequence_equals_the_uncached_reference(pos_encoding, cpu_matmul):
+    # 40 new tokens from a 5-token prompt with block_size 24: the window slides past the block.
+    model = make_model(pos_encoding=pos_encoding)
+    prompt = torch.randint(0, 50, (1, 5), generator=torch.Generator().manual_seed(2))
+    fast = model.generate(prompt, 40, temperature=0, use_cache=True)
+    assert torch.equal(fast, model.generate(prompt, 40, temperature=0, use_cache=False))
+
+
+def test_generation_of_one_sequence_on_a_cpu_takes_the_lean_step(monkeypatch):
+    steps = []
+    real = Decoder.step
+    monkeypatch.setattr(Decoder, "step", lambda self, token: steps.append(int(token)) or real(self, token))
+    model = make_model()
+    prompt = torch.randint(0, 50, (1, 4), generator=torch.Generator().manual_seed(3))
+    out = model.generate(prompt, 6, temperature=0)
+    assert steps == out[0, 4:-1].tolist()  # every new token but the first (the prefill gives that one)
+    model.generate(torch.cat((prompt, prompt)), 6, temperature=0)  # two sequences: GPT.forward, not the step
+    assert len(steps) == 5
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@torch.no_grad()
+def test_linear_decoder_adds_bias_and_residual(bias, cpu_matmul):
+    torch.manual_seed(0)
+    layer = Linear(48, 40, bias=bias)
+    x, r = torch.randn(48), torch.randn(40)
+    product = layer.decoder()
+    torch.testing.assert_close(product(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(product(x, r), r + F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
