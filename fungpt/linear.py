@@ -151,7 +151,8 @@ def cpu_matmul() -> str:
     return _chosen[0]
 
 
-def row_product(weight_t: torch.Tensor, bias: torch.Tensor | None, bags: tuple[torch.Tensor, ...]):
+def row_product(weight_t: torch.Tensor, bias: torch.Tensor | None, bags: tuple[torch.Tensor, ...],
+                out: torch.Tensor | None = None):
     """The function x (K,), residual (N,) or None -> W x + b (+ residual), given weight_t = W^T (K, N) contiguous.
 
     W x is a weighted sum of the rows of W^T: y = sum_k x_k W^T[k, :]. That is exactly what an
@@ -167,8 +168,22 @@ def row_product(weight_t: torch.Tensor, bias: torch.Tensor | None, bags: tuple[t
     `torch.embedding_bag` is F.embedding_bag without its Python argument checks (2 us less a call,
     24 calls a token): positional arguments (weight, indices, offsets, scale_grad_by_freq, mode 0 =
     "sum", sparse, per_sample_weights); its first output is the bags' sums.
+
+    With out, a (1, N) tensor, the function is x -> W x + b written into out (no residual): an addmm
+    with a row of ones adds the partial sums without transposing them (decode.py keeps its q, k, v
+    views on such a buffer).
     """
     rows, starts, ones = bags
+    if out is not None:
+        ones_row, bias_row = ones.view(1, -1), None if bias is None else bias.view(1, -1)  # (1, n_bags), (1, N)
+
+        def product_into(x: torch.Tensor) -> torch.Tensor:
+            partial = torch.embedding_bag(weight_t, rows, starts, False, 0, False, x)[0]  # (n_bags, N)
+            if bias_row is None:
+                return torch.mm(ones_row, partial, out=out)
+            return torch.addmm(bias_row, ones_row, partial, out=out)  # (1, N)
+
+        return product_into
 
     def product(x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         partial = torch.embedding_bag(weight_t, rows, starts, False, 0, False, x)[0].t()  # (N, n_bags)
@@ -225,17 +240,20 @@ class Linear(nn.Linear):
         # No backward needed (evaluation, prefill): skip autograd.Function's ~14 us per call.
         return onednn_linear(x.reshape(-1, x.size(-1)), w, b).view(*x.shape[:-1], self.out_features)
 
-    def decoder(self):
+    def decoder(self, out: torch.Tensor | None = None):
         """The function x (K,), residual (N,) or None -> W x + b (+ residual): batch-1 decoding's product (decode.py).
 
-        Row sums (row_product) for a float32 CPU weight where cpu_matmul() is "onednn" and the weight
-        is small enough for its W^T copy; F.linear otherwise. It uses the weights as they are now: make
-        a new one after changing them. No autograd: call it under torch.no_grad().
+        With out, a (1, N) tensor: the function x -> W x + b, written into out. Row sums (row_product)
+        for a float32 CPU weight where cpu_matmul() is "onednn" and the weight is small enough for its
+        W^T copy; F.linear otherwise. It uses the weights as they are now: make a new one after
+        changing them. No autograd: call it under torch.no_grad().
         """
         w, b = self.weight, self.bias
         if cpu_matmul() == "onednn" and w.is_cpu and w.dtype == torch.float32 and w.numel() <= ROW_SUM_MAX_ELEMENTS:
             weight_t, bags = self._row_table()
-            return row_product(weight_t, b, bags)
+            return row_product(weight_t, b, bags, out)
+        if out is not None:
+            return lambda x: out.copy_(F.linear(x, w, b).view(1, -1))
 
         def product(x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
             y = F.linear(x, w, b)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from fungpt import linear
 from fungpt.decode import Decoder
+from fungpt.errors import FunGPTError
 from fungpt.linear import Linear
 from fungpt.model import GPT, GPTConfig
 from fungpt.positions import POS_ENCODINGS
@@ -80,6 +81,15 @@ def test_generation_of_one_sequence_on_a_cpu_takes_the_lean_step(monkeypatch):
     assert steps == out[0, 4:-1].tolist()  # every new token but the first (the prefill gives that one)
     model.generate(torch.cat((prompt, prompt)), 6, temperature=0)  # two sequences: GPT.forward, not the step
     assert len(steps) == 5
+
+
+@torch.no_grad()
+def test_a_full_cache_is_a_clear_error():
+    model = make_model()
+    cache = model.make_kv_cache(1)
+    model(torch.zeros(1, 24, dtype=torch.long), kv_cache=cache)  # block_size 24: full
+    with pytest.raises(FunGPTError, match="KV cache is full"):
+        Decoder(model, cache).step(torch.tensor([1]))
 
 
 @pytest.mark.parametrize("bias", [True, False])
