@@ -59,7 +59,8 @@ def test_step_matches_the_forward_pass_with_a_cache(pos_encoding, variant, cpu_m
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         assert lean_cache.pos == ref_cache.pos
         token = want[0, -1].argmax().view(1)
-    torch.testing.assert_close(lean_cache.kv, ref_cache.kv, rtol=1e-4, atol=1e-5)  # same keys and values stored
+    n = ref_cache.pos  # same keys and values stored (positions beyond pos hold no data)
+    torch.testing.assert_close(lean_cache.kv[:, :, :n], ref_cache.kv[:, :, :n], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("pos_encoding", POS_ENCODINGS)
@@ -101,3 +102,16 @@ def test_linear_decoder_adds_bias_and_residual(bias, cpu_matmul):
     product = layer.decoder()
     torch.testing.assert_close(product(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(product(x, r), r + F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_generated_tokens_can_train_the_model():
+    # The step runs in inference mode; what generation hands back must still work with autograd.
+    model = make_model()
+    prompt = torch.randint(0, 50, (1, 4), generator=torch.Generator().manual_seed(4))
+    out = model.generate(prompt, 8, temperature=0)
+    ids = torch.stack(list(model.generate_stream(prompt, 8, temperature=0)), dim=1)
+    model.train()
+    for seq in (out, torch.cat((prompt, ids), dim=1)):
+        _, loss = model(seq[:, :-1], seq[:, 1:])
+        loss.backward()
+    assert model.wte.weight.grad is not None
