@@ -105,16 +105,19 @@ def main(argv=None) -> int:
     prompt = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7]])  # (1, 8)
     passes = {"speculative": 0}
 
+    # HF's plainest greedy loop: no end-of-text token (so exactly n tokens, without the min_new_tokens
+    # processor that forcing them would add) and an explicit attention mask (none to infer from padding).
+    hf_args = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False, use_cache=True,
+                   eos_token_id=None, pad_token_id=0)
+
     def hf_generate():
         with torch.no_grad():
-            out = hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
-                              pad_token_id=0)
+            out = hf.generate(prompt, **hf_args)
         return out[0, prompt.size(1):]
 
     def hf_prompt_lookup():  # HF's own prompt-lookup speculation (same idea as FunGPT's lookahead)
         with torch.no_grad():
-            out = hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
-                              pad_token_id=0, prompt_lookup_num_tokens=args.lookahead)
+            out = hf.generate(prompt, **hf_args, prompt_lookup_num_tokens=args.lookahead)
         return out[0, prompt.size(1):]
 
     def counted_speculative():

@@ -433,7 +433,8 @@ class GPT(nn.Module):
         once to fill the KV cache ("prefill"), then feed only the newest token. When the
         sequence outgrows block_size the window slides: positions restart at 0 for the
         last block_size tokens (exactly what the uncached path sees), so the cache is
-        rebuilt from that window, at every step from then on.
+        rebuilt from that window, at every step from then on. For one float32 sequence on a CPU the
+        single-token steps run through decode.py's Decoder (same logits, far fewer operations).
 
         lookahead=k > 0 (greedy decoding, temperature=0, batch size 1, with the cache) turns on
         prompt-lookup speculation (speculative.py): guess the next k tokens by copying from
