@@ -433,8 +433,8 @@ class GPT(nn.Module):
         once to fill the KV cache ("prefill"), then feed only the newest token. When the
         sequence outgrows block_size the window slides: positions restart at 0 for the
         last block_size tokens (exactly what the uncached path sees), so the cache is
-        rebuilt from that window, at every step from then on. For one float32 sequence on a CPU the
-        single-token steps run through decode.py's Decoder (same logits, far fewer operations).
+        rebuilt from that window, at every step from then on. One float32 sequence on a CPU takes
+        its single-token steps through decode.py's Decoder: the same logits, far fewer operations.
 
         lookahead=k > 0 (greedy decoding, temperature=0, batch size 1, with the cache) turns on
         prompt-lookup speculation (speculative.py): guess the next k tokens by copying from
@@ -455,10 +455,11 @@ class GPT(nn.Module):
         history = idx[0].tolist() if speculate else []  # a Python list makes the n-gram search cheap
         was_training = self.training
         self.eval()  # no dropout while generating
-        # One float32 sequence on a CPU: single-token steps take the lean path of decode.py.
-        lean = B == 1 and idx.is_cpu and self.wte.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
         try:
             cache = self.make_kv_cache(B) if use_cache else None
+            # One float32 sequence on a CPU: its single-token steps take the lean path of decode.py.
+            lean = (B == 1 and idx.is_cpu and self.wte.weight.dtype == torch.float32
+                    and not torch.is_autocast_enabled("cpu"))
             decoder = Decoder(self, cache) if lean and use_cache else None
             while n < T0 + max_new_tokens:
                 if cache is None:
