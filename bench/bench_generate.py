@@ -94,7 +94,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-uncached", action="store_true", help="leave out the slow uncached path")
     ap.add_argument("--append", type=Path, default=None, help="append the results table to this markdown file")
     args = ap.parse_args(argv)
+    from fungpt.decode import Decoder
     from fungpt.linear import cpu_matmul
+    from fungpt.model import GPT
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,13 +123,19 @@ def main(argv=None) -> int:
         return out[0, prompt.size(1):]
 
     def counted_speculative():
-        # count the forward passes, to report how many tokens each pass yielded
+        # Count the passes over the weights (GPT.forward calls and lean one-token steps), to report how many
+        # tokens each pass yielded. Not with a module hook: generation skips the lean step when hooks are set.
         count = [0]
-        hook = model.lm_head.register_forward_hook(lambda *a: count.__setitem__(0, count[0] + 1))
+        real_forward, real_step = GPT.forward, Decoder.step
+
+        def counted(fn):
+            return lambda *a, **k: count.__setitem__(0, count[0] + 1) or fn(*a, **k)
+
+        GPT.forward, Decoder.step = counted(real_forward), counted(real_step)
         try:
             out = model.generate(prompt, n, temperature=0.0, lookahead=args.lookahead)[0, prompt.size(1):]
         finally:
-            hook.remove()
+            GPT.forward, Decoder.step = real_forward, real_step
         passes["speculative"] = count[0]
         return out
 

@@ -4,28 +4,28 @@ With a KV cache, every step of generation runs the model on a single new token. 
 is tiny (2 FLOPs per weight); the time goes to two things:
 
   1. Reading every weight matrix once. A 6 x 384 model streams 42.6 MB of float32 weights per
-     token (more than the CPU's caches hold), 0.6-1.2 ms on the 2-core machine of BENCHMARKS.md.
-     `Linear.decoder` reads them at close to memory speed (row sums, linear.py).
-  2. The fixed cost of every tensor operation: 3-5 us in eager PyTorch (Python, the dispatcher,
-     allocating the result), whatever the tensor's size, and 10-30 us when the caches are cold,
-     which they are here: the weights streaming through evict the code and data that each
-     operation needs. GPT.forward issues ~800 of them per token for that model (module calls,
-     reshapes, checks for every variant and batch size): as much time as the reading.
+     token, more than the CPU's caches hold. `Linear.decoder` reads them at close to memory speed
+     (row sums, linear.py): 0.8-1.8 ms per token on the 2-core machine of BENCHMARKS.md.
+  2. The fixed cost of every tensor operation: a few us in eager PyTorch (Python, the dispatcher,
+     allocating the result), whatever the tensor's size, and several times that when the caches
+     are cold, which they are here: the weights streaming through push out the code and data
+     that each operation needs. GPT.forward, written for any batch, length and variant, issues
+     245 operations per token for that model (each calling more inside).
 
-`Decoder.step` computes what `model(token, kv_cache=cache)` computes, for batch size 1, in about
-25 operations per block. Measured on the 6 x 384 model (BENCHMARKS.md): 1.2-1.9 ms per token,
-against 2.0-2.5 ms for GPT.forward with the cache and 4-5.5 ms for Hugging Face's generate.
+`Decoder.step` computes what `model(token, kv_cache=cache)` computes, for batch size 1, with 137
+operations per token for that model (about 22 per block); BENCHMARKS.md ("Fifth session") has the
+counts and the times. How:
 
   * vectors (C,) instead of (B, T, C) tensors: no reshapes between the pieces;
-  * each Linear layer's product adds the bias, or the residual stream, in its last operation;
-  * the new key and value go into the cache with one `torch.stack` (the cache keeps each
-    position's key and value side by side);
-  * direct torch calls for the norms and GELU, the model's own modules for the rest (QK-norm,
-    ReLU^2, positions), called through `.forward`: no module hooks fire here.
+  * each Linear layer's product adds the bias, or the residual stream, in its last operation,
+    and c_attn writes q, k, v into a buffer that fixed views read, so nothing is split or copied;
+  * direct torch calls for LayerNorm, RMSNorm and GELU instead of module calls; the model's own
+    modules for the rest (ReLU^2, positions);
+  * inference mode: like no_grad, and the operations also skip updating version counters.
 
 GPT.forward with a KVCache stays the reference: the tests check that both give the same logits for
-every position encoding, norm, activation and QK-norm, and `GPT.generate_stream` uses this path for
-one float32 sequence on a CPU.
+every position encoding, norm, activation and QK-norm. `GPT.generate_stream` takes this path for
+one float32 sequence on a CPU, unless module hooks are registered (the step would skip them).
 
 Shapes: C n_embd, nh n_head, hs = C // nh, V vocab_size, p the new token's position, T = p + 1.
 """
@@ -38,10 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fungpt.errors import FunGPTError
+from fungpt.linear import Linear
 from fungpt.positions import NoPositions
 
 
-def direct(module: nn.Module):
+def direct(module: nn.Module) -> Callable:
     """The function a small module computes, as one direct torch call where we know it.
 
     F.layer_norm and friends are Python wrappers that check for tensor subclasses and read
@@ -64,14 +65,13 @@ class _Layer(NamedTuple):
     """What a decoding step uses of one block: functions (products, norms, activation) and tensors (views)."""
 
     ln_1: Callable
-    c_attn: Callable  # x -> q, k, v written into the buffer that q, k and kv_new view
-    q: torch.Tensor  # (1, nh, 1, hs)
+    c_attn: Callable  # x -> writes the new token's q, k, v into the buffer that q, k, v below view
+    q: torch.Tensor  # (1, nh, 1, hs): (B, nh, T, hs) as attention takes it
     k: torch.Tensor  # (1, nh, 1, hs)
+    v: torch.Tensor  # (1, nh, 1, hs)
     q_norm: Callable
     k_norm: Callable
-    kv_new: torch.Tensor  # (1, 2C): the new token's k and v side by side
-    kv_rows: torch.Tensor  # (max_len, 2C): this layer's cache, a row per position
-    k_all: torch.Tensor  # (1, nh, max_len, hs), a view of the cache
+    k_all: torch.Tensor  # (1, nh, max_len, hs): this layer's keys in the cache
     v_all: torch.Tensor  # (1, nh, max_len, hs)
     c_proj: Callable  # (y, residual) -> residual + c_proj(y)
     ln_2: Callable
@@ -85,59 +85,95 @@ class Decoder:
 
     Made once per generation: it gathers, layer by layer, the functions and tensors a step uses
     (the Linear layers' decoders, direct norm calls, the cache's views), so that the step itself
-    does little but call tensor operations. It uses the weights as they were when it was made.
+    does little but call tensor operations. If a Linear layer's weight changes in place (or is
+    replaced) between steps, the next step notices and gathers them again.
     """
+
+    @staticmethod
+    def supports(model: nn.Module, idx: torch.Tensor) -> bool:
+        """Whether generating from idx (B, T) may use the Decoder: one float32 sequence on a CPU, no autocast,
+        the model's own Linear layers, and no module hooks anywhere (the step calls no modules, so they
+        would silently not run)."""
+        modules = list(model.modules())
+        hooks = any(m._forward_hooks or m._forward_pre_hooks for m in modules) or any(
+            (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks))
+        return (idx.size(0) == 1 and idx.is_cpu and model.wte.weight.is_cpu and model.wte.weight.dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu") and not hooks
+                and all(isinstance(b.attn.c_attn, Linear) and isinstance(b.attn.c_proj, Linear)
+                        and isinstance(b.mlp.c_fc, Linear) and isinstance(b.mlp.c_proj, Linear) for b in model.blocks)
+                and isinstance(model.lm_head, Linear))
 
     def __init__(self, model, cache):
         c = model.config
-        self.C = C = c.n_embd
-        nh, hs = c.n_head, C // c.n_head
-        self.cache, self.wte, self.positions = cache, model.wte.weight, model.pos
+        if cache.k.size(1) != 1 or cache.max_len > c.block_size:
+            raise FunGPTError(f"Decoder needs a cache for one sequence of at most block_size {c.block_size} positions "
+                              f"(got batch {cache.k.size(1)}, max_len {cache.max_len}): use model.make_kv_cache(1)")
+        if model.training or not cache.k.is_cpu or cache.k.dtype != torch.float32:
+            raise FunGPTError("Decoder runs float32 models on a CPU in eval mode: call model.eval() (and keep the "
+                              "model in float32 on the CPU), or generate with GPT.forward")
+        self.model, self.cache = model, cache
+        self._gather()
+
+    def _gather(self) -> None:
+        model, cache = self.model, self.cache
+        C, nh = model.config.n_embd, model.config.n_head
+        hs = C // nh
+        self.C = C
+        self.wte, self.positions = model.wte.weight, model.pos
         # RoPE rotates q and k in every layer; other encodings do nothing there (skip the call)
         self.rotate = None if type(model.pos).rotate is NoPositions.rotate else model.pos.rotate
         self.layers = []
         for i, b in enumerate(model.blocks):
             qkv = torch.empty(1, 3 * C)  # c_attn writes each new token's q, k, v here
-            q, k, _ = qkv.view(3, 1, nh, 1, hs).unbind(0)  # (B, nh, T, hs) views into qkv
+            q, k, v = qkv.view(3, 1, nh, 1, hs).unbind(0)  # 3 x (1, nh, 1, hs), views into qkv
             self.layers.append(_Layer(
-                direct(b.ln_1), b.attn.c_attn.decoder(out=qkv), q, k, direct(b.attn.q_norm), direct(b.attn.k_norm),
-                qkv[:, C:], cache.kv[i, 0].view(-1, 2 * C), cache.k[i, :1], cache.v[i, :1],
-                b.attn.c_proj.decoder(), direct(b.ln_2), b.mlp.c_fc.decoder(), direct(b.mlp.act),
-                b.mlp.c_proj.decoder(),
+                ln_1=direct(b.ln_1), c_attn=b.attn.c_attn.decoder_into(qkv), q=q, k=k, v=v,
+                q_norm=direct(b.attn.q_norm), k_norm=direct(b.attn.k_norm),
+                k_all=cache.k[i, :1], v_all=cache.v[i, :1],
+                c_proj=b.attn.c_proj.decoder(), ln_2=direct(b.ln_2), c_fc=b.mlp.c_fc.decoder(),
+                act=direct(b.mlp.act), mlp_proj=b.mlp.c_proj.decoder(),
             ))
         self.ln_f, self.lm_head = direct(model.ln_f), model.lm_head.decoder()
+        # The Linear decoders may hold copies of the weights (W^T for row sums): remember which versions.
+        self.weights = [m.weight for m in model.modules() if isinstance(m, Linear)]
+        self.versions = self._versions()
 
-    @torch.inference_mode()
+    def _versions(self) -> list[tuple[int, int]]:
+        return [(w._version, w.data_ptr()) for w in self.weights]
+
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """Logits (1, 1, V) for the token id (1,) at position cache.pos; stores its keys/values, advances the cache.
 
         Same result as model(token[None], kv_cache=cache) up to float32 rounding (the additions run in
-        another order). The model must be in eval mode (no dropout).
-
-        Runs in inference mode: like no_grad, and the operations also skip updating version counters
-        and recording views (measured: 10% less time per token, BENCHMARKS.md). The logits it returns
-        are "inference tensors": read them, or compute from them, but do not modify them in place or
-        save them for a backward pass (clone them first).
+        another order).
         """
-        C, rotate, cache = self.C, self.rotate, self.cache
+        cache = self.cache
         p = cache.pos
         T = p + 1
         if T > cache.max_len:
             raise FunGPTError(f"KV cache is full ({p} + 1 > max_len {cache.max_len}): reset() it or crop the context")
+        if self._versions() != self.versions:
+            self._gather()  # a weight changed since the last step (e.g. while a generate_stream was paused)
+        with torch.inference_mode():
+            x = self._blocks(token, p, T)  # (C,)
+        # Outside inference mode, so that the logits are an ordinary tensor (the caller may edit them in place)
+        return self.lm_head(self.ln_f(x)).view(1, 1, -1)  # (1, 1, V)
+
+    def _blocks(self, token: torch.Tensor, p: int, T: int) -> torch.Tensor:
+        """The residual stream x (C,) after every block, for the token at position p; fills the cache at p."""
+        C, rotate = self.C, self.rotate
         pos = torch.arange(p, T)  # (1,) absolute position of this token
         x = self.positions.add_to_embeddings(self.wte[token], pos)[0]  # (1, C) -> (C,)
-        for ln_1, c_attn, q0, k0, q_norm, k_norm, kv_new, kv_rows, k_all, v_all, c_proj, ln_2, c_fc, act, mlp_proj \
-                in self.layers:
-            c_attn(ln_1(x))  # fills q0, k0 and kv_new
-            q, k = q_norm(q0), k_norm(k0)  # QK-norm; identity otherwise
+        for L in self.layers:
+            L.c_attn(L.ln_1(x))  # fills L.q, L.k, L.v
+            q, k = L.q_norm(L.q), L.k_norm(L.k)  # QK-norm; identity otherwise
             if rotate is not None:
                 q, k = rotate(q, k, pos)
-            if k is not k0:
-                k0.copy_(k)  # the normalised or rotated key is the one to cache
-            kv_rows.index_copy_(0, pos, kv_new)  # this position's key and value, one copy
-            y = F.scaled_dot_product_attention(q, k_all.narrow(2, 0, T), v_all.narrow(2, 0, T))
+            L.k_all.index_copy_(2, pos, k)  # cache this position's key and value
+            L.v_all.index_copy_(2, pos, L.v)
+            y = F.scaled_dot_product_attention(q, L.k_all.narrow(2, 0, T), L.v_all.narrow(2, 0, T))
             # y (1, nh, 1, hs): one query may see every cached position, so no mask
-            x = c_proj(y.view(C), x)  # x + attention(...)
-            x = mlp_proj(act(c_fc(ln_2(x))), x)  # x + mlp(...)
-        cache.pos = T
-        return self.lm_head(self.ln_f(x)).view(1, 1, -1)  # (1, 1, V)
+            x = L.c_proj(y.view(C), x)  # x + attention(...)
+            x = L.mlp_proj(L.act(L.c_fc(L.ln_2(x))), x)  # x + mlp(...)
+        self.cache.pos = T
+        return x

@@ -17,7 +17,7 @@ library inside torch, chooses its kernels from the CPU's features whatever the v
 gradients 1.1-2.0x, a whole training step 1.4-1.5x.
 
 Batch-1 decoding is different: one token multiplies a single row x by every weight matrix, so the
-time goes into reading the weights from memory, not into arithmetic. There `row_product`
+time goes into reading the weights from memory, not into arithmetic. There `row_sums`
 computes W x as a weighted sum of the rows of W^T with an embedding bag, whose kernel streams
 memory 1.5-1.8x as fast as oneDNN's matrix-vector product and 2.2-3x as fast as MKL's.
 
@@ -32,6 +32,7 @@ machine: oneDNN on non-Intel CPUs with AVX-512.
 
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -151,42 +152,35 @@ def cpu_matmul() -> str:
     return _chosen[0]
 
 
-def row_product(weight_t: torch.Tensor, bias: torch.Tensor | None, bags: tuple[torch.Tensor, ...],
-                out: torch.Tensor | None = None):
-    """The function x (K,), residual (N,) or None -> W x + b (+ residual), given weight_t = W^T (K, N) contiguous.
+def row_sums(weight_t: torch.Tensor, bags: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
+    """The bags' partial sums of W x for one input vector x (K,), given weight_t = W^T (K, N): (n_bags, N).
 
     W x is a weighted sum of the rows of W^T: y = sum_k x_k W^T[k, :]. That is exactly what an
     embedding bag in "sum" mode with per-sample weights x computes over a "bag" of all K rows, and
     its CPU kernel streams each row once at close to memory speed: batch-1 decoding reads every
-    weight once per token, so that speed is what counts (measured on a 6 x 384 model's 24 matrices:
-    26-55 GB/s, against 17-29 for oneDNN's and 11-14 for MKL's matrix-vector product, BENCHMARKS.md).
-    bags = (rows, starts, ones) from `row_bags`: the K rows split into one bag per thread, which the
-    threads sum in parallel. Their partial sums (n_bags, N) are added up as a matrix-vector product
-    with a vector of ones, one operation that also adds the bias or the residual (an addmv: 5 us
-    where a sum and an add took 7.5 in decoding, measured).
-
-    `torch.embedding_bag` is F.embedding_bag without its Python argument checks (2 us less a call,
-    24 calls a token): positional arguments (weight, indices, offsets, scale_grad_by_freq, mode 0 =
-    "sum", sparse, per_sample_weights); its first output is the bags' sums.
-
-    With out, a (1, N) tensor, the function is x -> W x + b written into out (no residual): an addmm
-    with a row of ones adds the partial sums without transposing them (decode.py keeps its q, k, v
-    views on such a buffer).
+    weight once per token, so that speed is what counts (BENCHMARKS.md, the generation blocks'
+    "What bounds plain cached decoding": faster than oneDNN's matrix-vector product and 2-4x
+    MKL's in every run). bags = (rows,
+    starts, ones) from `row_bags`: the K rows in one bag per thread, which the threads sum in
+    parallel; the partial sums still have to be added up (row_product).
     """
-    rows, starts, ones = bags
-    if out is not None:
-        ones_row, bias_row = ones.view(1, -1), None if bias is None else bias.view(1, -1)  # (1, n_bags), (1, N)
+    rows, starts, _ = bags
+    # torch.embedding_bag is F.embedding_bag without its Python argument checks (a few us less, 25 calls a
+    # token). Positional: weight, indices, offsets, scale_grad_by_freq=False, mode=0 ("sum"), sparse=False,
+    # per_sample_weights=x; its first output is the bags' sums.
+    return torch.embedding_bag(weight_t, rows, starts, False, 0, False, x)[0]  # (n_bags, N)
 
-        def product_into(x: torch.Tensor) -> torch.Tensor:
-            partial = torch.embedding_bag(weight_t, rows, starts, False, 0, False, x)[0]  # (n_bags, N)
-            if bias_row is None:
-                return torch.mm(ones_row, partial, out=out)
-            return torch.addmm(bias_row, ones_row, partial, out=out)  # (1, N)
 
-        return product_into
+def row_product(weight_t: torch.Tensor, bias: torch.Tensor | None, bags: tuple[torch.Tensor, ...]) -> Callable:
+    """The function x (K,), residual (N,) or None -> W x + b (+ residual), by row sums (see row_sums).
+
+    The partial sums are added up as a matrix-vector product with a vector of ones: one operation
+    that also adds the bias or the residual (an addmv, instead of a sum and an add).
+    """
+    ones = bags[2]  # (n_bags,)
 
     def product(x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        partial = torch.embedding_bag(weight_t, rows, starts, False, 0, False, x)[0].t()  # (N, n_bags)
+        partial = row_sums(weight_t, bags, x).t()  # (N, n_bags)
         if residual is None:
             return torch.mv(partial, ones) if bias is None else torch.addmv(bias, partial, ones)
         y = torch.addmv(residual, partial, ones)  # residual + W x
@@ -195,12 +189,30 @@ def row_product(weight_t: torch.Tensor, bias: torch.Tensor | None, bags: tuple[t
     return product
 
 
+def row_product_into(weight_t: torch.Tensor, bias: torch.Tensor | None, bags: tuple[torch.Tensor, ...],
+                     out: torch.Tensor) -> Callable:
+    """The function x (K,) -> W x + b written into out (1, N), by row sums (see row_sums).
+
+    A row of ones times the partial sums (n_bags, N) adds them up without transposing them (an
+    addmm with out=): decode.py keeps fixed q, k, v views on such a buffer.
+    """
+    ones_row, bias_row = bags[2].view(1, -1), None if bias is None else bias.view(1, -1)  # (1, n_bags), (1, N)
+
+    def product(x: torch.Tensor) -> torch.Tensor:
+        partial = row_sums(weight_t, bags, x)  # (n_bags, N)
+        if bias_row is None:
+            return torch.mm(ones_row, partial, out=out)
+        return torch.addmm(bias_row, ones_row, partial, out=out)  # (1, N)
+
+    return product
+
+
 def row_bags(K: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, starts, ones) for row_product: all K rows, in one bag per thread.
 
-    Measured in decoding on 2 threads (6 x 384 model, 7 interleaved rounds): 1.35 ms per token with
-    one bag per thread, 1.39, 1.42 and 1.49 with 2, 3 and 4 (each bag's partial sum is one more row
-    for the addmv to add, and the threads' share of work is already even).
+    Measured in decoding on 2 threads (6 x 384 model, BENCHMARKS.md "Fifth session"): one bag per
+    thread was as fast as 2, 3 or 4 (1.35 ms per token against 1.39, 1.42 and 1.49), and each bag's
+    partial sum is one more row for the final addmv to add.
     """
     n_bags = min(K, torch.get_num_threads())
     rows = torch.arange(K, device=device)  # bag contents: every row of W^T, in order
@@ -234,32 +246,43 @@ class Linear(nn.Linear):
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
             return OneDNNLinear.apply(x, w, b)
         if x.numel() == x.size(-1) and w.numel() <= ROW_SUM_MAX_ELEMENTS:
-            weight_t, bags = self._row_table()
-            y = row_product(weight_t, b, bags)(x.reshape(-1))  # (..., K) with one row -> (N,)
+            weight_t, bags = self._row_table()  # (..., K) with one row -> (N,)
+            y = row_product(weight_t, b, bags)(x.reshape(-1))
             return y.view(*x.shape[:-1], self.out_features)
         # No backward needed (evaluation, prefill): skip autograd.Function's ~14 us per call.
         return onednn_linear(x.reshape(-1, x.size(-1)), w, b).view(*x.shape[:-1], self.out_features)
 
-    def decoder(self, out: torch.Tensor | None = None):
+    def _rows_apply(self) -> bool:
+        """Whether decoding products take the row-sum path (cpu_matmul "onednn", float32 CPU, W^T affordable)."""
+        w = self.weight
+        return (cpu_matmul() == "onednn" and w.is_cpu and w.dtype == torch.float32
+                and w.numel() <= ROW_SUM_MAX_ELEMENTS)
+
+    def decoder(self) -> Callable:
         """The function x (K,), residual (N,) or None -> W x + b (+ residual): batch-1 decoding's product (decode.py).
 
-        With out, a (1, N) tensor: the function x -> W x + b, written into out. Row sums (row_product)
-        for a float32 CPU weight where cpu_matmul() is "onednn" and the weight is small enough for its
-        W^T copy; F.linear otherwise. It uses the weights as they are now: make a new one after
-        changing them. No autograd: call it under torch.no_grad().
+        Row sums (row_product) where `_rows_apply`, F.linear otherwise. The row sums use a copy of
+        the weight made now: after changing the weight, ask for a new decoder. No autograd: call it
+        under torch.no_grad() or torch.inference_mode().
         """
         w, b = self.weight, self.bias
-        if cpu_matmul() == "onednn" and w.is_cpu and w.dtype == torch.float32 and w.numel() <= ROW_SUM_MAX_ELEMENTS:
+        if self._rows_apply():
             weight_t, bags = self._row_table()
-            return row_product(weight_t, b, bags, out)
-        if out is not None:
-            return lambda x: out.copy_(F.linear(x, w, b).view(1, -1))
+            return row_product(weight_t, b, bags)
 
         def product(x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
             y = F.linear(x, w, b)
             return y if residual is None else y.add_(residual)  # float addition commutes: = residual + y
 
         return product
+
+    def decoder_into(self, out: torch.Tensor) -> Callable:
+        """Like decoder, for the function x (K,) -> W x + b written into out, a (1, N) tensor."""
+        w, b = self.weight, self.bias
+        if self._rows_apply():
+            weight_t, bags = self._row_table()
+            return row_product_into(weight_t, b, bags, out)
+        return lambda x: out.copy_(F.linear(x, w, b).view(1, -1))
 
     def _row_table(self) -> tuple[torch.Tensor, tuple]:
         """(W^T, bags) for row_product: W^T is a copy of the weight, remade whenever the weight changes.

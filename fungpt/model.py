@@ -288,19 +288,17 @@ class KVCache:
     attention: earlier tokens never look at later ones). So we keep them, and
     each step only runs the network on the newest token.
 
-    Preallocated, one slot per layer, stored position by position: for every position its key
-    and its value side by side, which lets a decoding step write both with one copy (decode.py):
-        kv:   (n_layer, B, max_len, 2, nh, hs)
-        k, v: (n_layer, B, nh, max_len, hs), views into kv (the layout attention reads)
+    Preallocated tensors, one slot per layer:
+        k, v: (n_layer, B, nh, max_len, hs)
         pos:  number of positions filled so far (the absolute position t0 of the next token)
     A forward pass with the cache writes its T new keys/values into [pos:pos+T],
     attends over [:pos+T], and then advances pos by T. reset() empties it.
     """
 
     def __init__(self, n_layer, batch_size, n_head, max_len, head_size, device=None, dtype=torch.float32):
-        self.kv = torch.zeros(n_layer, batch_size, max_len, 2, n_head, head_size, device=device, dtype=dtype)
-        self.k = self.kv[:, :, :, 0].transpose(2, 3)  # (n_layer, B, max_len, nh, hs) -> (n_layer, B, nh, max_len, hs)
-        self.v = self.kv[:, :, :, 1].transpose(2, 3)
+        shape = (n_layer, batch_size, n_head, max_len, head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
 
@@ -434,7 +432,8 @@ class GPT(nn.Module):
         sequence outgrows block_size the window slides: positions restart at 0 for the
         last block_size tokens (exactly what the uncached path sees), so the cache is
         rebuilt from that window, at every step from then on. One float32 sequence on a CPU takes
-        its single-token steps through decode.py's Decoder: the same logits, far fewer operations.
+        its single-token steps through decode.py's Decoder: the same logits, far fewer operations
+        (not with module hooks registered: those steps would skip them, so GPT.forward runs instead).
 
         lookahead=k > 0 (greedy decoding, temperature=0, batch size 1, with the cache) turns on
         prompt-lookup speculation (speculative.py): guess the next k tokens by copying from
@@ -457,27 +456,26 @@ class GPT(nn.Module):
         self.eval()  # no dropout while generating
         try:
             cache = self.make_kv_cache(B) if use_cache else None
-            # One float32 sequence on a CPU: its single-token steps take the lean path of decode.py.
-            lean = (B == 1 and idx.is_cpu and self.wte.weight.dtype == torch.float32
-                    and not torch.is_autocast_enabled("cpu"))
-            decoder = Decoder(self, cache) if lean and use_cache else None
+            # One float32 sequence on a CPU (and no module hooks to honour): single-token steps take
+            # the lean path of decode.py.
+            decoder = Decoder(self, cache) if use_cache and Decoder.supports(self, idx) else None
             while n < T0 + max_new_tokens:
                 if cache is None:
                     logits = self(seq[:, max(0, n - block_size) : n])  # (B, T', V)
                 elif cache.pos == 0 or cache.pos >= block_size:
                     cache.reset()  # (re)fill the cache from the current window
                     logits = self(seq[:, max(0, n - block_size) : n], kv_cache=cache)
-                elif speculate and cache.pos + 1 + lookahead <= block_size:
-                    draft = lookup_draft(history, min(lookahead, T0 + max_new_tokens - n - 1))
+                else:
+                    fits = speculate and cache.pos + 1 + lookahead <= block_size
+                    draft = lookup_draft(history, min(lookahead, T0 + max_new_tokens - n - 1)) if fits else []
                     if draft:
                         yield from verify_draft(self, seq, n, draft, cache, history, yield_logits)
                         n = len(history)  # history holds the prompt and every token yielded so far
                         continue
-                    logits = self(seq[:, n - 1 : n], kv_cache=cache)
-                elif decoder is not None:
-                    logits = decoder.step(seq[0, n - 1 : n])  # (1, 1, V), as the line below
-                else:
-                    logits = self(seq[:, n - 1 : n], kv_cache=cache)  # (B, 1, V): just the newest token
+                    if decoder is not None:
+                        logits = decoder.step(seq[0, n - 1 : n])  # (1, 1, V), as GPT.forward below
+                    else:
+                        logits = self(seq[:, n - 1 : n], kv_cache=cache)  # (B, 1, V): just the newest token
                 next_id = sample_next_token(logits[:, -1, :], generator, temperature, top_k, top_p)  # (B, 1)
                 seq[:, n] = next_id[:, 0]
                 n += 1

@@ -59,8 +59,9 @@ def test_step_matches_the_forward_pass_with_a_cache(pos_encoding, variant, cpu_m
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         assert lean_cache.pos == ref_cache.pos
         token = want[0, -1].argmax().view(1)
-    n = ref_cache.pos  # same keys and values stored (positions beyond pos hold no data)
-    torch.testing.assert_close(lean_cache.kv[:, :, :n], ref_cache.kv[:, :, :n], rtol=1e-4, atol=1e-5)
+    n = ref_cache.pos  # the same keys and values stored
+    torch.testing.assert_close(lean_cache.k[:, :, :, :n], ref_cache.k[:, :, :, :n], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lean_cache.v[:, :, :, :n], ref_cache.v[:, :, :, :n], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("pos_encoding", POS_ENCODINGS)
@@ -81,7 +82,49 @@ def test_generation_of_one_sequence_on_a_cpu_takes_the_lean_step(monkeypatch):
     out = model.generate(prompt, 6, temperature=0)
     assert steps == out[0, 4:-1].tolist()  # every new token but the first (the prefill gives that one)
     model.generate(torch.cat((prompt, prompt)), 6, temperature=0)  # two sequences: GPT.forward, not the step
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.generate(prompt, 3, temperature=0)  # autocast: GPT.forward
+    model.to(torch.bfloat16).generate(prompt, 3, temperature=0)  # not float32: GPT.forward
     assert len(steps) == 5
+
+
+def test_module_hooks_still_run_and_foreign_linears_still_work():
+    model = make_model()
+    prompt = torch.randint(0, 50, (1, 4), generator=torch.Generator().manual_seed(5))
+    want = model.generate(prompt, 6, temperature=0, use_cache=False)
+    calls = []
+    handle = model.blocks[1].register_forward_hook(lambda *a: calls.append(1))
+    assert torch.equal(model.generate(prompt, 6, temperature=0), want)
+    assert len(calls) == 6  # the prefill and five one-token steps: the hook saw every forward pass
+    handle.remove()
+    plain = torch.nn.Linear(32, 128)  # e.g. an adapter library's replacement layer
+    plain.load_state_dict(model.blocks[0].mlp.c_fc.state_dict())
+    model.blocks[0].mlp.c_fc = plain
+    assert torch.equal(model.generate(prompt, 6, temperature=0), want)
+
+
+@torch.no_grad()
+def test_weights_changed_between_steps_are_used(cpu_matmul):
+    model = make_model()
+    prompt = torch.randint(0, 50, (1, 4), generator=torch.Generator().manual_seed(6))
+    ref_cache, lean_cache = model.make_kv_cache(1), model.make_kv_cache(1)
+    model(prompt, kv_cache=ref_cache)
+    model(prompt, kv_cache=lean_cache)
+    decoder = Decoder(model, lean_cache)
+    token = prompt[0, -1:]
+    decoder.step(token), model(token[None], kv_cache=ref_cache)
+    model.blocks[0].mlp.c_fc.weight.mul_(1.5)  # in place, as an optimizer step would (a paused generate_stream)
+    model.blocks[1].attn.c_proj.weight.data = torch.randn(32, 32)  # a new tensor behind the same parameter
+    torch.testing.assert_close(decoder.step(token), model(token[None], kv_cache=ref_cache), rtol=1e-4, atol=1e-5)
+
+
+def test_decoder_refuses_what_it_cannot_run():
+    model = make_model()
+    with pytest.raises(FunGPTError, match="one sequence"):
+        Decoder(model, model.make_kv_cache(2))
+    model.train()
+    with pytest.raises(FunGPTError, match="eval mode"):
+        Decoder(model, model.make_kv_cache(1))
 
 
 @torch.no_grad()
@@ -95,23 +138,25 @@ def test_a_full_cache_is_a_clear_error():
 
 @pytest.mark.parametrize("bias", [True, False])
 @torch.no_grad()
-def test_linear_decoder_adds_bias_and_residual(bias, cpu_matmul):
+def test_linear_decoders_add_bias_and_residual(bias, cpu_matmul):
     torch.manual_seed(0)
     layer = Linear(48, 40, bias=bias)
-    x, r = torch.randn(48), torch.randn(40)
+    x, r, out = torch.randn(48), torch.randn(40), torch.empty(1, 40)
+    want = F.linear(x, layer.weight, layer.bias)
     product = layer.decoder()
-    torch.testing.assert_close(product(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(product(x, r), r + F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(product(x), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(product(x, r), r + want, rtol=1e-5, atol=1e-5)
+    layer.decoder_into(out)(x)
+    torch.testing.assert_close(out[0], want, rtol=1e-5, atol=1e-5)
 
 
-def test_generated_tokens_can_train_the_model():
-    # The step runs in inference mode; what generation hands back must still work with autograd.
+def test_what_generation_hands_back_works_with_autograd_and_in_place_edits():
+    # The step runs in inference mode inside; its logits and the ids must still be ordinary tensors.
     model = make_model()
     prompt = torch.randint(0, 50, (1, 4), generator=torch.Generator().manual_seed(4))
-    out = model.generate(prompt, 8, temperature=0)
-    ids = torch.stack(list(model.generate_stream(prompt, 8, temperature=0)), dim=1)
-    model.train()
-    for seq in (out, torch.cat((prompt, ids), dim=1)):
-        _, loss = model(seq[:, :-1], seq[:, 1:])
-        loss.backward()
-    assert model.wte.weight.grad is not None
+    w = torch.ones(50, requires_grad=True)
+    for ids, logits in model.generate_stream(prompt, 5, temperature=0, yield_logits=True):
+        assert not ids.is_inference() and not logits.is_inference()
+        logits.mul_(2.0)  # an in-place edit is allowed
+        (logits * w).sum().backward()  # and so is saving them for a backward pass
+    assert w.grad is not None

@@ -120,6 +120,9 @@ def test_row_product_equals_f_linear(K, N, bias):
     product = linear.row_product(w.t().contiguous(), b, linear.row_bags(K))
     torch.testing.assert_close(product(x), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(product(x, r), r + F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+    out = torch.empty(1, N)
+    linear.row_product_into(w.t().contiguous(), b, linear.row_bags(K), out)(x)
+    torch.testing.assert_close(out[0], F.linear(x, w, b), rtol=1e-5, atol=1e-4)
 
 
 @needs_onednn
