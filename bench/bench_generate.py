@@ -84,6 +84,32 @@ def weight_read_floor(model, rounds: int = 20) -> dict[str, float]:
     return out
 
 
+def ops_per_token(model, prompt) -> dict[str, int]:
+    """Tensor operations that reach torch's dispatcher for one cached token (each is a fixed cost of a
+    few us in eager mode): GPT.forward with a KVCache, and the lean Decoder.step of decode.py."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fungpt.decode import Decoder
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = {}
+    with torch.no_grad():
+        for name in ("forward", "step"):
+            cache = model.make_kv_cache(1)
+            model(prompt, kv_cache=cache)
+            token, decoder = prompt[0, -1:], Decoder(model, cache)  # (1,)
+            with Count() as mode:
+                model(token[None], kv_cache=cache) if name == "forward" else decoder.step(token)
+            counts[name] = mode.n
+    return counts
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new-tokens", type=int, default=500)
@@ -174,6 +200,7 @@ def main(argv=None) -> int:
               "| contender | tokens/s | vs HF | tokens per forward pass | same tokens as HF |\n"
               "|---|---:|---:|---:|---|\n")
     floor = weight_read_floor(model)
+    ops = ops_per_token(model, prompt)
     hf_ms = 1000 / hf_tps
     onednn = (f", through oneDNN {floor['onednn_ms']:.2f} ms ({floor['onednn_gbs']:.1f} GB/s)"
               if "onednn_ms" in floor else "")
@@ -183,7 +210,8 @@ def main(argv=None) -> int:
               f"{floor['rows_ms']:.2f} ms as row sums (`fungpt.linear.row_product`, {floor['rows_gbs']:.1f} GB/s); "
               f"merely reading the same bytes takes {floor['read_ms']:.2f} ms ({floor['read_gbs']:.1f} GB/s). "
               f"HF generate spends {hf_ms:.2f} ms per token, so 3x HF means {hf_ms / 3:.2f} ms per token, "
-              f"everything included.\n")
+              f"everything included. Tensor operations per cached token (`ops_per_token`): {ops['forward']} "
+              f"through GPT.forward, {ops['step']} through FunGPT's lean step (decode.py).\n")
     text = header + "\n".join(rows) + "\n" + footer
     publish(text, args.append)
     return 0

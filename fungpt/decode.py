@@ -10,11 +10,11 @@ is tiny (2 FLOPs per weight); the time goes to two things:
      allocating the result), whatever the tensor's size, and several times that when the caches
      are cold, which they are here: the weights streaming through push out the code and data
      that each operation needs. GPT.forward, written for any batch, length and variant, issues
-     245 operations per token for that model (each calling more inside).
+     245 operations per token for that model (operations that reach torch's dispatcher).
 
-`Decoder.step` computes what `model(token, kv_cache=cache)` computes, for batch size 1, with 137
-operations per token for that model (about 22 per block); BENCHMARKS.md ("Fifth session") has the
-counts and the times. How:
+`Decoder.step` computes what `model(token, kv_cache=cache)` computes, for batch size 1, with 142
+operations per token for that model (about 23 per block; `bench/bench_generate.py` counts both and
+BENCHMARKS.md, "Fifth session", has the times). How:
 
   * vectors (C,) instead of (B, T, C) tensors: no reshapes between the pieces;
   * each Linear layer's product adds the bias, or the residual stream, in its last operation,
