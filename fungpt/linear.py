@@ -160,9 +160,9 @@ def row_sums(weight_t: torch.Tensor, bags: tuple[torch.Tensor, ...], x: torch.Te
     its CPU kernel streams each row once at close to memory speed: batch-1 decoding reads every
     weight once per token, so that speed is what counts (BENCHMARKS.md, the generation blocks'
     "What bounds plain cached decoding": faster than oneDNN's matrix-vector product and 2-4x
-    MKL's in every run). bags = (rows,
-    starts, ones) from `row_bags`: the K rows in one bag per thread, which the threads sum in
-    parallel; the partial sums still have to be added up (row_product).
+    MKL's in every run). bags = (rows, starts, ones) from `row_bags`: the K rows in one bag per
+    thread, which the threads sum in parallel; the partial sums still have to be added up
+    (row_product).
     """
     rows, starts, _ = bags
     # torch.embedding_bag is F.embedding_bag without its Python argument checks (a few us less, 25 calls a
@@ -211,7 +211,7 @@ def row_bags(K: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     """(rows, starts, ones) for row_product: all K rows, in one bag per thread.
 
     Measured in decoding on 2 threads (6 x 384 model, BENCHMARKS.md "Fifth session"): one bag per
-    thread was as fast as 2, 3 or 4 (1.35 ms per token against 1.39, 1.42 and 1.49), and each bag's
+    thread was a little faster than 2, 3 or 4 (1.35 ms per token against 1.39, 1.42 and 1.49); each bag's
     partial sum is one more row for the final addmv to add.
     """
     n_bags = min(K, torch.get_num_threads())

@@ -41,17 +41,22 @@ def make_model(seed=0, **kw) -> GPT:
     return model
 
 
+def prefilled(model, prompt):
+    """A reference cache and a Decoder on its own cache, both after the prompt; and the prompt's last token."""
+    ref_cache, lean_cache = model.make_kv_cache(1), model.make_kv_cache(1)
+    model(prompt, kv_cache=ref_cache)
+    model(prompt, kv_cache=lean_cache)
+    return ref_cache, Decoder(model, lean_cache), prompt[0, -1:]
+
+
 @pytest.mark.parametrize("pos_encoding", POS_ENCODINGS)
 @pytest.mark.parametrize("variant", VARIANTS)
 @torch.no_grad()
 def test_step_matches_the_forward_pass_with_a_cache(pos_encoding, variant, cpu_matmul):
     model = make_model(pos_encoding=pos_encoding, **variant)
     prompt = torch.randint(0, 50, (1, 5), generator=torch.Generator().manual_seed(1))
-    ref_cache, lean_cache = model.make_kv_cache(1), model.make_kv_cache(1)
-    model(prompt, kv_cache=ref_cache)
-    model(prompt, kv_cache=lean_cache)
-    decoder = Decoder(model, lean_cache)
-    token = prompt[0, -1:]
+    ref_cache, decoder, token = prefilled(model, prompt)
+    lean_cache = decoder.cache
     for _ in range(10):
         want = model(token[None], kv_cache=ref_cache)  # (1, 1, V)
         got = decoder.step(token)
@@ -107,11 +112,7 @@ def test_module_hooks_still_run_and_foreign_linears_still_work():
 def test_weights_changed_between_steps_are_used(cpu_matmul):
     model = make_model()
     prompt = torch.randint(0, 50, (1, 4), generator=torch.Generator().manual_seed(6))
-    ref_cache, lean_cache = model.make_kv_cache(1), model.make_kv_cache(1)
-    model(prompt, kv_cache=ref_cache)
-    model(prompt, kv_cache=lean_cache)
-    decoder = Decoder(model, lean_cache)
-    token = prompt[0, -1:]
+    ref_cache, decoder, token = prefilled(model, prompt)
     decoder.step(token), model(token[None], kv_cache=ref_cache)
     model.blocks[0].mlp.c_fc.weight.mul_(1.5)  # in place, as an optimizer step would (a paused generate_stream)
     model.blocks[1].attn.c_proj.weight.data = torch.randn(32, 32)  # a new tensor behind the same parameter
