@@ -159,7 +159,7 @@ def row_sums(weight_t: torch.Tensor, bags: tuple[torch.Tensor, ...], x: torch.Te
     embedding bag in "sum" mode with per-sample weights x computes over a "bag" of all K rows, and
     its CPU kernel streams each row once at close to memory speed: batch-1 decoding reads every
     weight once per token, so that speed is what counts (BENCHMARKS.md, the generation blocks'
-    "What bounds plain cached decoding": faster than oneDNN's matrix-vector product and 2-4x
+    "What bounds plain cached decoding": faster than oneDNN's matrix-vector product and 2-3x
     MKL's in every run). bags = (rows, starts, ones) from `row_bags`: the K rows in one bag per
     thread, which the threads sum in parallel; the partial sums still have to be added up
     (row_product).
