@@ -92,16 +92,17 @@ class Decoder:
     @staticmethod
     def supports(model: nn.Module, idx: torch.Tensor) -> bool:
         """Whether generating from idx (B, T) may use the Decoder: one float32 sequence on a CPU, no autocast,
-        the model's own Linear layers, and no module hooks anywhere (the step calls no modules, so they
+        the model's own Linear layers, and no forward hooks anywhere (the step calls no modules, so hooks
         would silently not run)."""
-        modules = list(model.modules())
-        hooks = any(m._forward_hooks or m._forward_pre_hooks for m in modules) or any(
-            (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks))
-        return (idx.size(0) == 1 and idx.is_cpu and model.wte.weight.is_cpu and model.wte.weight.dtype == torch.float32
-                and not torch.is_autocast_enabled("cpu") and not hooks
-                and all(isinstance(b.attn.c_attn, Linear) and isinstance(b.attn.c_proj, Linear)
-                        and isinstance(b.mlp.c_fc, Linear) and isinstance(b.mlp.c_proj, Linear) for b in model.blocks)
-                and isinstance(model.lm_head, Linear))
+        w = model.wte.weight
+        one_cpu_float32 = idx.size(0) == 1 and idx.is_cpu and w.is_cpu and w.dtype == torch.float32
+        linears = [model.lm_head] + [m for b in model.blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc,
+                                                                        b.mlp.c_proj)]
+        own_linears = all(isinstance(m, Linear) for m in linears)
+        # Module hooks, and the global ones of torch.nn.modules.module.register_module_forward_hook & co.
+        hooks = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()) or bool(
+            nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+        return one_cpu_float32 and own_linears and not hooks and not torch.is_autocast_enabled("cpu")
 
     def __init__(self, model, cache):
         c = model.config

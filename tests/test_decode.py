@@ -102,6 +102,12 @@ def test_module_hooks_still_run_and_foreign_linears_still_work():
     assert torch.equal(model.generate(prompt, 6, temperature=0), want)
     assert len(calls) == 6  # the prefill and five one-token steps: the hook saw every forward pass
     handle.remove()
+    calls.clear()
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, *a: calls.append(1) if m is model.lm_head else None)  # a global hook, on every module
+    assert torch.equal(model.generate(prompt, 6, temperature=0), want)
+    handle.remove()
+    assert len(calls) == 6
     plain = torch.nn.Linear(32, 128)  # e.g. an adapter library's replacement layer
     plain.load_state_dict(model.blocks[0].mlp.c_fc.state_dict())
     model.blocks[0].mlp.c_fc = plain
