@@ -18,7 +18,7 @@ BENCHMARKS.md, "Fifth session", has the times). How:
 
   * vectors (C,) instead of (B, T, C) tensors: no reshapes between the pieces;
   * each Linear layer's product adds the bias, or the residual stream, in its last operation,
-    and c_attn writes q, k, v into a buffer that fixed views read, so nothing is split or copied;
+    and c_attn writes q, k, v into a buffer that fixed views read, so they need no reshaping;
   * direct torch calls for LayerNorm, RMSNorm and GELU instead of module calls; the model's own
     modules for the rest (ReLU^2, positions);
   * inference mode: like no_grad, and the operations also skip updating version counters.

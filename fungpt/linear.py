@@ -246,9 +246,7 @@ class Linear(nn.Linear):
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
             return OneDNNLinear.apply(x, w, b)
         if x.numel() == x.size(-1) and w.numel() <= ROW_SUM_MAX_ELEMENTS:
-            weight_t, bags = self._row_table()  # (..., K) with one row -> (N,)
-            y = row_product(weight_t, b, bags)(x.reshape(-1))
-            return y.view(*x.shape[:-1], self.out_features)
+            return self.decoder()(x.reshape(-1)).view(*x.shape[:-1], self.out_features)  # (..., K), one row -> (..., N)
         # No backward needed (evaluation, prefill): skip autograd.Function's ~14 us per call.
         return onednn_linear(x.reshape(-1, x.size(-1)), w, b).view(*x.shape[:-1], self.out_features)
 
