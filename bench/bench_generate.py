@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from benchlib import machine, publish
+from benchlib import cpu_steal, cpu_times, machine, memory_read_gbs, publish
 
 
 def build_models(init_std: float, workdir: Path):
@@ -176,12 +176,15 @@ def main(argv=None) -> int:
                                                                use_cache=False)[0, prompt.size(1):]
     times: dict[str, list[float]] = {k: [] for k in contenders}
     outputs: dict[str, torch.Tensor] = {}
+    read_gbs, steal_from = [], cpu_times()
     for _ in range(args.rounds):
+        read_gbs.append(memory_read_gbs())  # the machine's state at the round's start
         for name, fn in contenders.items():
             t0 = time.perf_counter()
             outputs[name] = fn()
             times[name].append(time.perf_counter() - t0)
 
+    steal = cpu_steal(steal_from, cpu_times())
     ref = outputs["Hugging Face generate (KV cache)"]
     hf_tps = n / statistics.median(times["Hugging Face generate (KV cache)"])
     distinct = len(set(ref.tolist()))
@@ -212,7 +215,12 @@ def main(argv=None) -> int:
               f"HF generate spends {hf_ms:.2f} ms per token, so 3x HF means {hf_ms / 3:.2f} ms per token, "
               f"everything included. Tensor operations per cached token (`ops_per_token`): {ops['forward']} "
               f"through GPT.forward, {ops['step']} through FunGPT's lean step (decode.py).\n")
-    text = header + "\n".join(rows) + "\n" + footer
+    per_round = [h / f for h, f in zip(times["Hugging Face generate (KV cache)"], times["FunGPT cached"])]
+    state = (f"\nPer round, FunGPT cached against HF generate: {', '.join(f'{r:.2f}x' for r in per_round)}. "
+             f"The machine's state at each round's start (`benchlib.memory_read_gbs`, a plain sum over 64 MB): "
+             f"{', '.join(f'{g:.0f}' for g in read_gbs)} GB/s; CPU time stolen by the host during the rounds: "
+             f"{steal}.\n")
+    text = header + "\n".join(rows) + "\n" + state + footer
     publish(text, args.append)
     return 0
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from benchlib import machine, publish
+from benchlib import cpu_steal, cpu_times, machine, memory_read_gbs, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 NANOGPT_SH = Path(os.environ.get("NANOGPT_CPU_SH", "/work/shared/anchors/nanogpt-cpu.sh"))
@@ -82,10 +82,12 @@ def main(argv=None) -> int:
                   "--train.device", "cpu", *arch, *args.extra]
     ms: dict[str, list[float]] = {"FunGPT": [], "nanoGPT": []}
     rss: dict[str, float] = {"FunGPT": 0.0, "nanoGPT": 0.0}
-    loads = []
+    loads, read_gbs = [], []
     flops = peak_flops()
+    steal_from = cpu_times()
     for _ in range(args.rounds):
         loads.append(os.getloadavg()[0])
+        read_gbs.append(memory_read_gbs())  # the machine's state at the round's start
         _, _, mem = run_measured(fungpt_cmd, env)
         rows = [json.loads(line) for line in (tmp / "run/metrics.jsonl").read_text().splitlines()]
         ms["FunGPT"].append(statistics.median(r["dt_ms"] for r in rows if "dt_ms" in r and r["step"] >= 20))
@@ -95,6 +97,7 @@ def main(argv=None) -> int:
             m = re.search(r"median_ms_per_iter=([\d.]+)", out)
             ms["nanoGPT"].append(float(m.group(1)))
             rss["nanoGPT"] = max(rss["nanoGPT"], mem)
+    steal = cpu_steal(steal_from, cpu_times())
     flops = max(flops, peak_flops())
 
     run_cfg = json.loads((tmp / "run/config.json").read_text())
@@ -117,11 +120,14 @@ def main(argv=None) -> int:
     ratio = ""
     if ms["nanoGPT"]:
         speedup = statistics.median(ms["nanoGPT"]) / statistics.median(ms["FunGPT"])
-        ratio = f"\n- FunGPT speed-up over nanoGPT: **{speedup:.2f}x**\n"
+        per_round = ", ".join(f"{n / f:.2f}x" for f, n in zip(ms["FunGPT"], ms["nanoGPT"]))
+        ratio = f"\n- FunGPT speed-up over nanoGPT: **{speedup:.2f}x** (per round: {per_round})\n"
     text = (f"## training throughput, {datetime.date.today()}\n\n"
             f"- machine: {machine()}; FunGPT's cpu_matmul: {run_info.get('cpu_matmul')}; fp32 matmul ceiling "
             f"(the faster of torch's BLAS and oneDNN) measured in this run: {flops / 1e9:.0f} GFLOP/s; "
-            f"1-min load average at each round's start: {', '.join(f'{x:.1f}' for x in loads)}\n"
+            f"1-min load average at each round's start: {', '.join(f'{x:.1f}' for x in loads)}; memory read "
+            f"(`benchlib.memory_read_gbs`) at each round's start: {', '.join(f'{g:.0f}' for g in read_gbs)} GB/s; "
+            f"CPU time stolen by the host during the rounds: {steal}\n"
             f"- command: `python bench/bench_train.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
             f"- shape: {m['n_layer']} x {m['n_embd']} ({m['n_head']} heads), block {m['block_size']}, batch "
             f"{t['batch_size']}, bias {m['bias']}, {m['activation']}, {m['pos_encoding']}, {m['norm']}; "

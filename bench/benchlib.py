@@ -2,6 +2,7 @@
 
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +19,37 @@ def machine() -> str:
     """One line for a result block: CPU, cores, torch threads, the kernels torch runs, torch version."""
     return (f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
             f"{torch.backends.cpu.get_cpu_capability()} kernels, torch {torch.__version__}")
+
+
+def memory_read_gbs(mbytes: int = 64) -> float:
+    """How fast this machine reads memory right now: GB/s of a plain sum over a buffer twice the size of
+    a typical L3 cache (best of 5). A probe of the machine's state: on a shared host other tenants' memory
+    traffic halves it at times (BENCHMARKS.md, "Sixth session"), and memory-bound work slows with it."""
+    x = torch.ones(mbytes * 2**20 // 4)
+    x.sum()  # fault the pages in
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+def cpu_times() -> list[int] | None:
+    """The machine's cumulative CPU times from /proc/stat (Linux), for cpu_steal; None elsewhere."""
+    try:
+        return [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def cpu_steal(before: list[int] | None, after: list[int] | None) -> str:
+    """The share of CPU time the hypervisor gave to other guests between two cpu_times() ("steal")."""
+    if not before or not after or len(before) < 8:
+        return "unknown"
+    delta = [b - a for a, b in zip(before, after)]
+    total = sum(delta[:8])  # user nice system idle iowait irq softirq steal
+    return f"{delta[7] / total:.1%}" if total else "unknown"
 
 
 def publish(text: str, append: Path | None) -> None:
