@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import machine, publish
+from benchlib import cpu_steal, cpu_times, machine, memory_read_gbs, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 NANOGPT_DIR = Path(os.environ.get("NANOGPT_DIR", "/work/shared/anchors/nanoGPT"))
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     env = dict(os.environ)
     env.setdefault("FUNGPT_DATA_DIR", "/work/shared/data")
     tmp = Path(tempfile.mkdtemp(prefix="fungpt-speedrun-"))
-    loads = [os.getloadavg()[0]]
+    loads, read_gbs, steal_from = [os.getloadavg()[0]], [memory_read_gbs()], cpu_times()
     curve: list[tuple[float, float]] = []
     if args.wall is None:
         w, ref_val, ref_ms, curve = run_nanogpt(tmp, env)
@@ -71,6 +71,7 @@ def main(argv=None) -> int:
     rows, points = [], []
     for f in sorted(args.fractions):
         loads.append(os.getloadavg()[0])
+        read_gbs.append(memory_read_gbs())
         out_dir = tmp / f"sr-{f:g}"
         cmd = [sys.executable, "-m", "fungpt", "train", "--config", args.config, "--out-dir", str(out_dir),
                "--overwrite", "--train.max-minutes", f"{w * f / 60:.5f}", *args.extra]
@@ -88,7 +89,9 @@ def main(argv=None) -> int:
 
     text = (f"## CPU speedrun, side by side, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n"
             f"- machine: {machine()}; FunGPT's cpu_matmul: {matmul}; "
-            f"1-min load average before each run: {', '.join(f'{x:.1f}' for x in loads)}\n"
+            f"1-min load average before each run: {', '.join(f'{x:.1f}' for x in loads)}; memory read "
+            f"(`benchlib.memory_read_gbs`) before each run: {', '.join(f'{g:.0f}' for g in read_gbs)} GB/s; "
+            f"CPU time stolen by the host during the runs: {cpu_steal(steal_from, cpu_times())}\n"
             f"- command: `python bench/bench_speedrun.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
             f"- final val loss over the entire val split; each FunGPT budget covers its whole command\n\n"
             "| run | budget | steps | final val | command wall |\n|---|---:|---:|---:|---:|\n"
