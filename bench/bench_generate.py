@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from benchlib import cpu_steal, cpu_times, machine, memory_read_gbs, publish
+from benchlib import cpu_times, machine, machine_state, memory_read_gbs, publish
 
 
 def build_models(init_std: float, workdir: Path):
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
             outputs[name] = fn()
             times[name].append(time.perf_counter() - t0)
 
-    steal = cpu_steal(steal_from, cpu_times())
+    state = machine_state(read_gbs, "at each round's start", steal_from)
     ref = outputs["Hugging Face generate (KV cache)"]
     hf_tps = n / statistics.median(times["Hugging Face generate (KV cache)"])
     distinct = len(set(ref.tolist()))
@@ -216,11 +216,9 @@ def main(argv=None) -> int:
               f"everything included. Tensor operations per cached token (`ops_per_token`): {ops['forward']} "
               f"through GPT.forward, {ops['step']} through FunGPT's lean step (decode.py).\n")
     per_round = [h / f for h, f in zip(times["Hugging Face generate (KV cache)"], times["FunGPT cached"])]
-    state = (f"\nPer round, FunGPT cached against HF generate: {', '.join(f'{r:.2f}x' for r in per_round)}. "
-             f"The machine's state at each round's start (`benchlib.memory_read_gbs`, a plain sum over 64 MB): "
-             f"{', '.join(f'{g:.0f}' for g in read_gbs)} GB/s; CPU time stolen by the host during the rounds: "
-             f"{steal}.\n")
-    text = header + "\n".join(rows) + "\n" + state + footer
+    rounds = (f"\nPer round, FunGPT cached against HF generate: {', '.join(f'{r:.2f}x' for r in per_round)}. "
+              f"The machine's state: {state}.\n")
+    text = header + "\n".join(rows) + "\n" + rounds + footer
     publish(text, args.append)
     return 0
 

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import cpu_steal, cpu_times, machine, memory_read_gbs, publish
+from benchlib import cpu_times, machine, machine_state, memory_read_gbs, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 NANOGPT_DIR = Path(os.environ.get("NANOGPT_DIR", "/work/shared/anchors/nanoGPT"))
@@ -89,9 +89,8 @@ def main(argv=None) -> int:
 
     text = (f"## CPU speedrun, side by side, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n"
             f"- machine: {machine()}; FunGPT's cpu_matmul: {matmul}; "
-            f"1-min load average before each run: {', '.join(f'{x:.1f}' for x in loads)}; memory read "
-            f"(`benchlib.memory_read_gbs`) before each run: {', '.join(f'{g:.0f}' for g in read_gbs)} GB/s; "
-            f"CPU time stolen by the host during the runs: {cpu_steal(steal_from, cpu_times())}\n"
+            f"1-min load average before each run: {', '.join(f'{x:.1f}' for x in loads)}; "
+            f"{machine_state(read_gbs, 'before each run', steal_from)}\n"
             f"- command: `python bench/bench_speedrun.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
             f"- final val loss over the entire val split; each FunGPT budget covers its whole command\n\n"
             "| run | budget | steps | final val | command wall |\n|---|---:|---:|---:|---:|\n"

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from benchlib import cpu_steal, cpu_times, machine, memory_read_gbs, publish
+from benchlib import cpu_times, machine, machine_state, memory_read_gbs, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 NANOGPT_SH = Path(os.environ.get("NANOGPT_CPU_SH", "/work/shared/anchors/nanogpt-cpu.sh"))
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
             m = re.search(r"median_ms_per_iter=([\d.]+)", out)
             ms["nanoGPT"].append(float(m.group(1)))
             rss["nanoGPT"] = max(rss["nanoGPT"], mem)
-    steal = cpu_steal(steal_from, cpu_times())
+    state = machine_state(read_gbs, "at each round's start", steal_from)
     flops = max(flops, peak_flops())
 
     run_cfg = json.loads((tmp / "run/config.json").read_text())
@@ -125,9 +125,7 @@ def main(argv=None) -> int:
     text = (f"## training throughput, {datetime.date.today()}\n\n"
             f"- machine: {machine()}; FunGPT's cpu_matmul: {run_info.get('cpu_matmul')}; fp32 matmul ceiling "
             f"(the faster of torch's BLAS and oneDNN) measured in this run: {flops / 1e9:.0f} GFLOP/s; "
-            f"1-min load average at each round's start: {', '.join(f'{x:.1f}' for x in loads)}; memory read "
-            f"(`benchlib.memory_read_gbs`) at each round's start: {', '.join(f'{g:.0f}' for g in read_gbs)} GB/s; "
-            f"CPU time stolen by the host during the rounds: {steal}\n"
+            f"1-min load average at each round's start: {', '.join(f'{x:.1f}' for x in loads)}; {state}\n"
             f"- command: `python bench/bench_train.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
             f"- shape: {m['n_layer']} x {m['n_embd']} ({m['n_head']} heads), block {m['block_size']}, batch "
             f"{t['batch_size']}, bias {m['bias']}, {m['activation']}, {m['pos_encoding']}, {m['norm']}; "

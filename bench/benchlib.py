@@ -52,6 +52,13 @@ def cpu_steal(before: list[int] | None, after: list[int] | None) -> str:
     return f"{delta[7] / total:.1%}" if total else "unknown"
 
 
+def machine_state(read_gbs: list[float], when: str, steal_from: list[int] | None) -> str:
+    """The phrase a result block gives for the machine's state: memory_read_gbs probes taken `when` (e.g.
+    "at each round's start") and the CPU time stolen by the host since cpu_times() returned steal_from."""
+    return (f"memory read (`benchlib.memory_read_gbs`) {when}: {', '.join(f'{g:.0f}' for g in read_gbs)} GB/s; "
+            f"CPU time stolen by the host meanwhile: {cpu_steal(steal_from, cpu_times())}")
+
+
 def publish(text: str, append: Path | None) -> None:
     """Print a Markdown result block; with --append FILE, also add it to the end of that file."""
     print(text)
