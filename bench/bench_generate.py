@@ -4,12 +4,16 @@ side in one process.
 
     python bench/bench_generate.py                       # 6 x 384 GPT-2, batch 1, 500 greedy tokens
     python bench/bench_generate.py --append BENCHMARKS.md
+    python bench/bench_generate.py --config configs/speedrun-cpu.toml   # the model of a run config
 
-The weights: a randomly initialised Hugging Face GPT-2 (n_layer 6, n_embd 384, n_head 6, vocab 65
-like Tiny Shakespeare char, n_positions 1024 so that prompt + 500 tokens fit the context), saved with
-save_pretrained and loaded into FunGPT with GPT.from_hf. --init-std scales the random weights: with
-GPT-2's 0.02 a random model's greedy output repeats one token, the easiest case for speculation;
-a larger std gives varied text (a harder case), reported as the "accepted per pass" column.
+The weights: a randomly initialised Hugging Face GPT-2 (by default n_layer 6, n_embd 384, n_head 6,
+vocab 65 like Tiny Shakespeare char, n_positions 1024 so that prompt + 500 tokens fit the context),
+saved with save_pretrained and loaded into FunGPT with GPT.from_hf. With --config, the model is that
+TOML run config's [model], its block_size raised where needed so that the prompt and all new tokens
+fit one window; a model Hugging Face's GPT-2 cannot express (RoPE, RMSNorm, ...) is measured on
+FunGPT's side only, with the reason printed. --init-std scales the random weights: with GPT-2's 0.02
+a random model's greedy output repeats one token, the easiest case for speculation; a larger std
+gives varied text (a harder case), reported as the "tokens per forward pass" column.
 
 Every round runs each contender once, in turn (interleaved), so load from other processes hits
 all of them alike; the table reports each one's median tokens/s over the rounds and checks that
@@ -17,6 +21,7 @@ all of them produced exactly the same tokens. transformers is a benchmark depend
 """
 
 import argparse
+import dataclasses
 import datetime
 import platform
 import statistics
@@ -29,17 +34,29 @@ import torch
 from benchlib import cpu_times, machine, machine_state, memory_read_gbs, publish
 
 
-def build_models(init_std: float, workdir: Path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
+def build_models(cfg, init_std: float, workdir: Path):
+    """(HF model or None, FunGPT model, why HF is left out) with the same random weights, for GPTConfig cfg."""
+    from fungpt.hf import gpt2_incompatibilities
     from fungpt.model import GPT
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=65, n_positions=1024, n_embd=384, n_layer=6, n_head=6,
-                        initializer_range=init_std, bos_token_id=0, eos_token_id=0)
+    problems = gpt2_incompatibilities(cfg)
+    if problems:  # FunGPT only; weights drawn like HF's GPT-2 initialisation (normal(0, std) matrices)
+        model = GPT(cfg)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, init_std)
+        return None, model.eval(), ", ".join(problems)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                        n_layer=cfg.n_layer, n_head=cfg.n_head, initializer_range=init_std,
+                        activation_function="gelu_new" if cfg.activation == "gelu_tanh" else "gelu",
+                        bos_token_id=0, eos_token_id=0)
     GPT2LMHeadModel(config).save_pretrained(workdir)
     hf = GPT2LMHeadModel.from_pretrained(workdir).eval()
-    return hf, GPT.from_hf(workdir).eval()
+    return hf, GPT.from_hf(workdir).eval(), ""
 
 
 def weight_read_floor(model, rounds: int = 20) -> dict[str, float]:
@@ -118,19 +135,26 @@ def main(argv=None) -> int:
     ap.add_argument("--init-std", type=float, default=0.02, help="std of the random weights (GPT-2: 0.02)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--skip-uncached", action="store_true", help="leave out the slow uncached path")
+    ap.add_argument("--config", type=Path, default=None,
+                    help="measure the [model] of this TOML run config (default: a 6 x 384 GPT-2, vocab 65)")
     ap.add_argument("--append", type=Path, default=None, help="append the results table to this markdown file")
     args = ap.parse_args(argv)
+    from fungpt.config import load_config
     from fungpt.decode import Decoder
     from fungpt.linear import cpu_matmul
-    from fungpt.model import GPT
+    from fungpt.model import GPT, GPTConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    n, prompt_len = args.new_tokens, 8
+    cfg = (load_config(args.config).model if args.config else
+           GPTConfig(vocab_size=65, block_size=1024, n_layer=6, n_head=6, n_embd=384))
+    # One window holds the prompt and every new token: generation speed without the sliding window's re-prefills.
+    cfg = dataclasses.replace(cfg, block_size=max(cfg.block_size, prompt_len + n), dropout=0.0, init_from="scratch")
     with tempfile.TemporaryDirectory() as tmp:
-        hf, model = build_models(args.init_std, Path(tmp))
-    n = args.new_tokens
-    prompt = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7]])  # (1, 8)
+        hf, model, no_hf = build_models(cfg, args.init_std, Path(tmp))
+    prompt = torch.arange(prompt_len).remainder(cfg.vocab_size)[None]  # (1, 8)
     passes = {"speculative": 0}
 
     # HF's plainest greedy loop: no end-of-text token (so exactly n tokens, without the min_new_tokens
@@ -171,6 +195,9 @@ def main(argv=None) -> int:
         f"Hugging Face generate + prompt_lookup_num_tokens {args.lookahead}": hf_prompt_lookup,
         f"FunGPT cached + lookahead {args.lookahead}": counted_speculative,
     }
+    if hf is None:  # a model HF's GPT-2 cannot express: FunGPT's own paths only
+        contenders = {name: fn for name, fn in contenders.items() if name.startswith("FunGPT")}
+    base = "Hugging Face generate (KV cache)" if hf is not None else "FunGPT cached"  # the "vs" column's reference
     if not args.skip_uncached:
         contenders["FunGPT uncached"] = lambda: model.generate(prompt, n, temperature=0.0,
                                                                use_cache=False)[0, prompt.size(1):]
@@ -185,26 +212,29 @@ def main(argv=None) -> int:
             times[name].append(time.perf_counter() - t0)
 
     state = machine_state(read_gbs, "at each round's start", steal_from)
-    ref = outputs["Hugging Face generate (KV cache)"]
-    hf_tps = n / statistics.median(times["Hugging Face generate (KV cache)"])
+    ref = outputs[base]
+    base_tps = n / statistics.median(times[base])
     distinct = len(set(ref.tolist()))
+    short = "HF" if hf is not None else "FunGPT cached"
     rows = []
     for name in contenders:
         tps = n / statistics.median(times[name])
         same = torch.equal(outputs[name], ref)
         per_pass = (f"{n / passes['speculative']:.2f}" if name.startswith("FunGPT cached + look")
                     else "-" if "prompt_lookup" in name else "1")  # HF's passes are not counted
-        rows.append(f"| {name} | {tps:,.1f} | {tps / hf_tps:.2f}x | {per_pass} | {'yes' if same else 'NO'} |")
+        rows.append(f"| {name} | {tps:,.1f} | {tps / base_tps:.2f}x | {per_pass} | {'yes' if same else 'NO'} |")
+    arch = "GPT-2" if hf is not None else f"FunGPT ({no_hf}: no Hugging Face GPT-2 to compare with)"
+    source = f" from {args.config}" if args.config else ""
     header = (f"## generation, {datetime.date.today()}\n\n"
               f"- machine: {machine()}, Python {platform.python_version()}; FunGPT cpu_matmul: {cpu_matmul()}\n"
               f"- command: `python bench/bench_generate.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
-              f"- model: 6 x 384 GPT-2, vocab 65, random weights (std {args.init_std}), batch 1, "
+              f"- model{source}: {cfg.n_layer} x {cfg.n_embd} ({cfg.n_head} heads) {arch}, vocab {cfg.vocab_size}, "
+              f"block_size {cfg.block_size}, random weights (std {args.init_std}), batch 1, "
               f"{n} new greedy tokens ({distinct} distinct); median of {args.rounds} interleaved rounds\n\n"
-              "| contender | tokens/s | vs HF | tokens per forward pass | same tokens as HF |\n"
+              f"| contender | tokens/s | vs {short} | tokens per forward pass | same tokens as {short} |\n"
               "|---|---:|---:|---:|---|\n")
     floor = weight_read_floor(model)
     ops = ops_per_token(model, prompt)
-    hf_ms = 1000 / hf_tps
     onednn = (f", through oneDNN {floor['onednn_ms']:.2f} ms ({floor['onednn_gbs']:.1f} GB/s)"
               if "onednn_ms" in floor else "")
     footer = (f"\nWhat bounds plain cached decoding (`weight_read_floor`, same process): one token reads "
@@ -212,12 +242,13 @@ def main(argv=None) -> int:
               f"{floor['blas_ms']:.2f} ms through torch's BLAS ({floor['blas_gbs']:.1f} GB/s){onednn}, and "
               f"{floor['rows_ms']:.2f} ms as row sums (`fungpt.linear.row_product`, {floor['rows_gbs']:.1f} GB/s); "
               f"merely reading the same bytes takes {floor['read_ms']:.2f} ms ({floor['read_gbs']:.1f} GB/s). "
-              f"HF generate spends {hf_ms:.2f} ms per token, so 3x HF means {hf_ms / 3:.2f} ms per token, "
-              f"everything included. Tensor operations per cached token (`ops_per_token`): {ops['forward']} "
+              + (f"HF generate spends {1000 / base_tps:.2f} ms per token, so 3x HF means {1000 / base_tps / 3:.2f} "
+                 "ms per token, everything included. " if hf is not None else "")
+              + f"Tensor operations per cached token (`ops_per_token`): {ops['forward']} "
               f"through GPT.forward, {ops['step']} through FunGPT's lean step (decode.py).\n")
-    per_round = [h / f for h, f in zip(times["Hugging Face generate (KV cache)"], times["FunGPT cached"])]
-    rounds = (f"\nPer round, FunGPT cached against HF generate: {', '.join(f'{r:.2f}x' for r in per_round)}. "
-              f"The machine's state: {state}.\n")
+    per_round = [b / f for b, f in zip(times[base], times["FunGPT cached"])]
+    rounds = (f"\nPer round, FunGPT cached against {short}: {', '.join(f'{r:.2f}x' for r in per_round)}. "
+              f"The machine's state: {state}.\n") if hf is not None else f"\nThe machine's state: {state}.\n"
     text = header + "\n".join(rows) + "\n" + rounds + footer
     publish(text, args.append)
     return 0

@@ -87,12 +87,9 @@ def load_gpt2(path: str | os.PathLike) -> GPT:
     return model
 
 
-def save_gpt2(model: GPT, path: str | os.PathLike) -> None:
-    """Save as a Hugging Face GPT-2 folder (config.json + model.safetensors) for GPT2LMHeadModel."""
-    from safetensors.torch import save_file
-
-    c = model.config
-    problems = [
+def gpt2_incompatibilities(c: GPTConfig) -> list[str]:
+    """What keeps a model of this config from being a Hugging Face GPT-2 (empty list: nothing)."""
+    return [
         msg for bad, msg in [
             (c.pos_encoding != "learned", f"pos_encoding={c.pos_encoding!r} (needs 'learned')"),
             (not c.bias, "bias=False (needs True)"),
@@ -102,6 +99,14 @@ def save_gpt2(model: GPT, path: str | os.PathLike) -> None:
             (c.qk_norm, "qk_norm=True (needs False)"),
         ] if bad
     ]
+
+
+def save_gpt2(model: GPT, path: str | os.PathLike) -> None:
+    """Save as a Hugging Face GPT-2 folder (config.json + model.safetensors) for GPT2LMHeadModel."""
+    from safetensors.torch import save_file
+
+    c = model.config
+    problems = gpt2_incompatibilities(c)
     if problems:
         raise FunGPTError(f"cannot save as Hugging Face GPT-2: model has {', '.join(problems)}")
 

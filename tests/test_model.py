@@ -388,6 +388,18 @@ def test_save_hf_rejects_non_gpt2_models(tmp_path):
         make_model(pos_encoding="rope").save_hf(tmp_path)
 
 
+def test_gpt2_incompatibilities_names_every_difference():
+    from fungpt.hf import gpt2_incompatibilities
+
+    assert gpt2_incompatibilities(GPTConfig(vocab_size=65, n_layer=2, n_head=2, n_embd=32)) == []
+    modern = GPTConfig(vocab_size=65, n_layer=2, n_head=2, n_embd=32, pos_encoding="rope", bias=False, norm="rmsnorm",
+                       activation="relu2", tie_embeddings=False, qk_norm=True)
+    found = " ".join(gpt2_incompatibilities(modern))
+    for problem in ("pos_encoding='rope'", "bias=False", "norm='rmsnorm'", "activation='relu2'", "tie_embeddings=False",
+                    "qk_norm=True"):
+        assert problem in found
+
+
 def test_from_hf_missing_files_are_clear_errors(tmp_path):
     with pytest.raises(FunGPTError, match="config.json"):
         GPT.from_hf(tmp_path / "nope")
