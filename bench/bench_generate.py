@@ -33,6 +33,33 @@ from pathlib import Path
 import torch
 from benchlib import cpu_times, machine, machine_state, memory_read_gbs, publish
 
+# The published GPT-2 sizes (n_layer, n_head, n_embd), for configs that fine-tune one (init_from), measured offline.
+GPT2_HUB_SIZES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
+                  "gpt2-xl": (48, 25, 1600)}
+
+
+def config_model(path: Path):
+    """The GPTConfig a training run of this TOML config would build, without its data or weights: the vocabulary
+    size follows [data] tokenizer (char: [model] vocab_size, 65 for Tiny Shakespeare; bpe: [data] vocab_size;
+    gpt2: 50257), and init_from a GPT-2 (hub name or local folder) gives that model's shape."""
+    from fungpt.config import load_config
+    from fungpt.model import GPT
+    from fungpt.tokenizer import DEFAULT_BPE_VOCAB
+
+    run = load_config(path)
+    cfg, init = run.model, run.model.init_from
+    if init in GPT2_HUB_SIZES:
+        n_layer, n_head, n_embd = GPT2_HUB_SIZES[init]
+        cfg = dataclasses.replace(cfg, n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50257,
+                                  block_size=1024)
+    elif init != "scratch":
+        cfg = dataclasses.replace(GPT.hf_config(init), dropout=cfg.dropout)
+    elif run.data.tokenizer == "bpe":
+        cfg = dataclasses.replace(cfg, vocab_size=run.data.vocab_size or DEFAULT_BPE_VOCAB)
+    elif run.data.tokenizer == "gpt2":
+        cfg = dataclasses.replace(cfg, vocab_size=50257)
+    return cfg
+
 
 def build_models(cfg, init_std: float, workdir: Path):
     """(HF model or None, FunGPT model, why HF is left out) with the same random weights, for GPTConfig cfg."""
@@ -139,7 +166,6 @@ def main(argv=None) -> int:
                     help="measure the [model] of this TOML run config (default: a 6 x 384 GPT-2, vocab 65)")
     ap.add_argument("--append", type=Path, default=None, help="append the results table to this markdown file")
     args = ap.parse_args(argv)
-    from fungpt.config import load_config
     from fungpt.decode import Decoder
     from fungpt.linear import cpu_matmul
     from fungpt.model import GPT, GPTConfig
@@ -148,8 +174,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     n, prompt_len = args.new_tokens, 8
-    cfg = (load_config(args.config).model if args.config else
-           GPTConfig(vocab_size=65, block_size=1024, n_layer=6, n_head=6, n_embd=384))
+    cfg = config_model(args.config) if args.config else GPTConfig(vocab_size=65, block_size=1024, n_layer=6,
+                                                                 n_head=6, n_embd=384)
     # One window holds the prompt and every new token: generation speed without the sliding window's re-prefills.
     cfg = dataclasses.replace(cfg, block_size=max(cfg.block_size, prompt_len + n), dropout=0.0, init_from="scratch")
     with tempfile.TemporaryDirectory() as tmp:

@@ -250,37 +250,51 @@ class Linear(nn.Linear):
         # No backward needed (evaluation, prefill): skip autograd.Function's ~14 us per call.
         return onednn_linear(x.reshape(-1, x.size(-1)), w, b).view(*x.shape[:-1], self.out_features)
 
-    def _rows_apply(self) -> bool:
-        """Whether decoding products take the row-sum path (cpu_matmul "onednn", float32 CPU, W^T affordable)."""
+    def _onednn_apply(self) -> bool:
+        """Whether this layer's products without autograd go to oneDNN (cpu_matmul "onednn", float32 CPU weight)."""
         w = self.weight
-        return (cpu_matmul() == "onednn" and w.is_cpu and w.dtype == torch.float32
-                and w.numel() <= ROW_SUM_MAX_ELEMENTS)
+        return cpu_matmul() == "onednn" and w.is_cpu and w.dtype == torch.float32
+
+    def _rows_apply(self) -> bool:
+        """Whether decoding products take the row-sum path (oneDNN's conditions, and W^T affordable)."""
+        return self._onednn_apply() and self.weight.numel() <= ROW_SUM_MAX_ELEMENTS
+
+    def _dense(self) -> Callable:
+        """x (K,) -> W x + b as one matrix-vector product: oneDNN where `_onednn_apply` (like forward), else F.linear.
+
+        For weights too large for row sums, e.g. GPT-2's 50257 x 768 output layer: oneDNN reads it at 34.5 GB/s,
+        MKL at 14.8 (4.5 against 10.4 ms per token; BENCHMARKS.md, "Sixth session").
+        """
+        w, b = self.weight, self.bias
+        if self._onednn_apply():
+            return lambda x: onednn_linear(x.view(1, -1), w, b).view(-1)  # (K,) -> (1, K) -> (1, N) -> (N,)
+        return lambda x: F.linear(x, w, b)
 
     def decoder(self) -> Callable:
         """The function x (K,), residual (N,) or None -> W x + b (+ residual): batch-1 decoding's product (decode.py).
 
-        Row sums (row_product) where `_rows_apply`, F.linear otherwise. The row sums use a copy of
-        the weight made now: after changing the weight, ask for a new decoder. No autograd: call it
-        under torch.no_grad() or torch.inference_mode().
+        Row sums (row_product) where `_rows_apply`, one matrix-vector product otherwise (`_dense`). The row
+        sums use a copy of the weight made now: after changing the weight, ask for a new decoder. No
+        autograd: call it under torch.no_grad() or torch.inference_mode().
         """
-        w, b = self.weight, self.bias
         if self._rows_apply():
             weight_t, bags = self._row_table()
-            return row_product(weight_t, b, bags)
+            return row_product(weight_t, self.bias, bags)
+        dense = self._dense()
 
         def product(x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-            y = F.linear(x, w, b)
+            y = dense(x)
             return y if residual is None else y.add_(residual)  # float addition commutes: = residual + y
 
         return product
 
     def decoder_into(self, out: torch.Tensor) -> Callable:
         """Like decoder, for the function x (K,) -> W x + b written into out, a (1, N) tensor."""
-        w, b = self.weight, self.bias
         if self._rows_apply():
             weight_t, bags = self._row_table()
-            return row_product_into(weight_t, b, bags, out)
-        return lambda x: out.copy_(F.linear(x, w, b).view(1, -1))
+            return row_product_into(weight_t, self.bias, bags, out)
+        dense = self._dense()
+        return lambda x: out.copy_(dense(x).view(1, -1))
 
     def _row_table(self) -> tuple[torch.Tensor, tuple]:
         """(W^T, bags) for row_product: W^T is a copy of the weight, remade whenever the weight changes.

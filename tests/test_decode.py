@@ -143,9 +143,15 @@ def test_a_full_cache_is_a_clear_error():
         Decoder(model, cache).step(torch.tensor([1]))
 
 
+@pytest.mark.parametrize("row_sums", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 @torch.no_grad()
-def test_linear_decoders_add_bias_and_residual(bias, cpu_matmul):
+def test_linear_decoders_add_bias_and_residual(bias, row_sums, cpu_matmul, monkeypatch):
+    if not row_sums:  # a weight too large for a W^T copy (GPT-2's output layer): one matrix-vector product
+        monkeypatch.setattr(linear, "ROW_SUM_MAX_ELEMENTS", 0)
+    calls = []
+    real = linear.onednn_linear
+    monkeypatch.setattr(linear, "onednn_linear", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
     layer = Linear(48, 40, bias=bias)
     x, r, out = torch.randn(48), torch.randn(40), torch.empty(1, 40)
@@ -155,6 +161,20 @@ def test_linear_decoders_add_bias_and_residual(bias, cpu_matmul):
     torch.testing.assert_close(product(x, r), r + want, rtol=1e-5, atol=1e-5)
     layer.decoder_into(out)(x)
     torch.testing.assert_close(out[0], want, rtol=1e-5, atol=1e-5)
+    # Without row sums, oneDNN's product where it is the CPU matmul library (2x MKL's speed on big weights)
+    assert len(calls) == (3 if cpu_matmul == "onednn" and not row_sums else 0)
+
+
+@torch.no_grad()
+def test_step_matches_the_forward_pass_without_row_sums(cpu_matmul, monkeypatch):
+    monkeypatch.setattr(linear, "ROW_SUM_MAX_ELEMENTS", 0)  # every layer too large for row sums
+    model = make_model()
+    prompt = torch.randint(0, 50, (1, 5), generator=torch.Generator().manual_seed(1))
+    ref_cache, decoder, token = prefilled(model, prompt)
+    for _ in range(5):
+        want = model(token[None], kv_cache=ref_cache)  # (1, 1, V)
+        torch.testing.assert_close(decoder.step(token), want, rtol=1e-4, atol=1e-5)
+        token = want[0, -1].argmax().view(1)
 
 
 def test_what_generation_hands_back_works_with_autograd_and_in_place_edits():
