@@ -18,8 +18,8 @@ Shape notation used in every comment below:
     C  n_embd (channels)       nh  n_head (number of attention heads)
     hs head size = C // nh     V   vocab_size
 
-Reading order: GPTConfig, CausalSelfAttention, MLP, Block, KVCache, GPT,
-sample_next_token.
+Reading order: GPTConfig, CausalSelfAttention, MLP, Block, KVCache, GPT. Generation
+draws each new token with sampling.py's sample_next_token.
 """
 
 import dataclasses
@@ -35,6 +35,7 @@ from fungpt.decode import Decoder
 from fungpt.errors import FunGPTError
 from fungpt.linear import Linear  # nn.Linear, with faster CPU kernels where measured (linear.py)
 from fungpt.positions import POS_ENCODINGS, NoPositions, make_positions
+from fungpt.sampling import sample_next_token  # logits -> next token (sampling.py); also imported from here
 from fungpt.speculative import lookup_draft, verify_draft
 
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu2")
@@ -554,61 +555,3 @@ class GPT(nn.Module):
         from fungpt.hf import save_gpt2
 
         save_gpt2(self, path)
-
-
-def sampling_probs(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-) -> torch.Tensor:
-    """The distribution the next token is drawn from: logits (..., V) -> probabilities (..., V).
-
-    temperature (> 0): divide logits by it before softmax; < 1 sharpens, > 1 flattens.
-    top_k: keep only tokens whose logit is >= the k-th largest logit. Ties at the
-        k-th value are all kept, so more than k tokens can survive (the result
-        never depends on an arbitrary tie-break).
-    top_p: nucleus sampling (Holtzman et al. 2019). Keep the smallest set of most
-        probable tokens whose total probability is >= top_p (at least the top token);
-        tokens tied with the least probable kept token are kept too.
-    Filters apply in this order: temperature, top_k, top_p (on the renormalised
-    top-k distribution); filtered-out tokens get probability 0.
-    """
-    if temperature <= 0:
-        raise FunGPTError(f"temperature={temperature} must be > 0 here (0 = greedy is handled by sample_next_token)")
-    logits = logits.float() / temperature  # (..., V)
-    if top_k is not None:
-        if top_k < 1:
-            raise FunGPTError(f"top_k={top_k} must be >= 1 (or None to disable)")
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]  # (..., 1) k-th largest
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        if not 0.0 < top_p <= 1.0:
-            raise FunGPTError(f"top_p={top_p} must be in (0, 1] (or None to disable)")
-        probs = F.softmax(logits, dim=-1)  # (..., V)
-        sorted_probs, _ = probs.sort(dim=-1, descending=True)  # (..., V)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of strictly better-ranked tokens
-        n_keep = (mass_before < top_p).sum(dim=-1, keepdim=True)  # (..., 1), >= 1 since mass_before[0] = 0
-        cutoff = sorted_probs.gather(-1, n_keep - 1)  # (..., 1) probability of the last kept token
-        logits = logits.masked_fill(probs < cutoff, float("-inf"))
-    return F.softmax(logits, dim=-1)  # (..., V)
-
-
-def sample_next_token(
-    logits: torch.Tensor,
-    generator: torch.Generator | None = None,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-) -> torch.Tensor:
-    """Pick the next token for each row of logits (B, V); returns ids (B, 1).
-
-    temperature 0 means greedy (argmax, ignoring top_k/top_p); otherwise one token is
-    drawn with torch.multinomial(generator) from `sampling_probs` (see there for the filters).
-    """
-    if temperature < 0:
-        raise FunGPTError(f"temperature={temperature} must be >= 0 (0 = greedy)")
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-    probs = sampling_probs(logits, temperature, top_k, top_p)  # (B, V)
-    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)

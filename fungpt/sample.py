@@ -12,8 +12,8 @@ import torch
 
 from fungpt.data import eval_windows, load_meta
 from fungpt.errors import FunGPTError
-from fungpt.model import sampling_probs
 from fungpt.runs import LoadedRun, data_dir_of, load_run, seeded_generator
+from fungpt.sampling import sampling_probs
 from fungpt.train import score_windows
 
 
@@ -32,7 +32,7 @@ def sampling_distribution(logits: torch.Tensor, temperature: float = 1.0, top_k:
                           top_p: float | None = None) -> torch.Tensor:
     """The probabilities the next token is actually drawn from: logits (..., V) -> probs (..., V).
 
-    That is fungpt.model.sampling_probs (temperature, then top_k, then top_p; filtered-out tokens
+    That is fungpt.sampling.sampling_probs (temperature, then top_k, then top_p; filtered-out tokens
     get 0). With temperature 0 (greedy) the most likely token is always chosen, so the model's own
     distribution (softmax of the raw logits) is returned to show how sure it was.
     """

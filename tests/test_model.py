@@ -231,6 +231,26 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert allowed_tokens(logits, top_k=2, top_p=0.6) == {1}
 
 
+def test_draw_follows_the_probabilities():
+    from fungpt.sampling import draw
+
+    probs = torch.tensor([0.0, 0.1, 0.0, 0.6, 0.3, 0.0])  # zero-probability tokens first, between and last
+    n = 20000
+    ids = draw(probs.expand(n, -1), torch.Generator().manual_seed(0))  # (n, 1): each row drawn on its own
+    assert ids.shape == (n, 1)
+    freq = torch.bincount(ids.flatten(), minlength=6) / n
+    assert freq[[0, 2, 5]].sum() == 0  # never a token with probability 0
+    assert (freq - probs).abs().max() < 0.015  # 3 standard errors of the largest share, sqrt(0.25 / 20000)
+
+
+def test_draw_never_runs_past_the_last_token(monkeypatch):
+    from fungpt import sampling
+
+    # A uniform number that, times the total, lands on the total itself (rounding): still a real token.
+    monkeypatch.setattr(sampling.torch, "rand", lambda shape, **kw: torch.ones(shape, dtype=kw.get("dtype")))
+    assert sampling.draw(torch.tensor([[0.5, 0.5, 0.0]])).item() == 1
+
+
 def test_sampling_rejects_bad_arguments():
     logits = torch.zeros(1, 5)
     for kw in ({"temperature": -1.0}, {"top_k": 0}, {"top_p": 0.0}, {"top_p": 1.5}):

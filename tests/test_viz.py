@@ -20,6 +20,7 @@ from fungpt.model import GPT, GPTConfig, sample_next_token
 from fungpt.plot import plot_runs
 from fungpt.runs import load_run
 from fungpt.sample import sample, sampling_distribution, top_candidates
+from fungpt.sampling import draw
 from fungpt.tokenizer import CharTokenizer
 from fungpt.train import train
 from fungpt.viz import (
@@ -237,7 +238,7 @@ def test_sampling_distribution_is_what_sampling_draws_from(temperature, top_k, t
     probs = sampling_distribution(logits, temperature, top_k, top_p)
     torch.testing.assert_close(probs.sum(), torch.tensor(1.0))
     for seed in range(20):  # same generator state -> the same draw from the same distribution
-        ours = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed))
+        ours = draw(probs, torch.Generator().manual_seed(seed))
         theirs = sample_next_token(logits, torch.Generator().manual_seed(seed), temperature, top_k, top_p)
         assert ours.item() == theirs.item()
     if top_k is not None:

@@ -1,0 +1,83 @@
+"""From logits to the next token: temperature, top-k and top-p (nucleus) filtering, and the draw.
+
+`sample_next_token` is what generation calls once per new token; `sampling_probs` is the distribution
+it draws from (also shown by `fungpt sample --show-probs`), `draw` the drawing itself. Pure functions of
+their arguments: the same logits and generator state give the same token.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from fungpt.errors import FunGPTError
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of probs (B, V), drawn with those probabilities: ids (B, 1).
+
+    Inverse-CDF sampling: lay the probabilities end to end on [0, 1) (their running sum, the CDF), draw
+    one uniform number u, and take the token whose stretch contains u; a token with probability 0 has an
+    empty stretch and is never drawn. One random number per row, where torch.multinomial drew one per
+    token: 0.05 against 0.9 ms for GPT-2's 50257 tokens (BENCHMARKS.md, "Sixth session").
+    """
+    cdf = probs.cumsum(dim=-1)  # (B, V), ends at the total (1 up to rounding)
+    total = cdf[:, -1:]  # (B, 1)
+    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=probs.dtype) * total  # (B, 1)
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # below the total even after rounding
+    return torch.searchsorted(cdf, u, right=True)  # (B, 1): the first token whose cumulative sum exceeds u
+
+
+def sampling_probs(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> torch.Tensor:
+    """The distribution the next token is drawn from: logits (..., V) -> probabilities (..., V).
+
+    temperature (> 0): divide logits by it before softmax; < 1 sharpens, > 1 flattens.
+    top_k: keep only tokens whose logit is >= the k-th largest logit. Ties at the
+        k-th value are all kept, so more than k tokens can survive (the result
+        never depends on an arbitrary tie-break).
+    top_p: nucleus sampling (Holtzman et al. 2019). Keep the smallest set of most
+        probable tokens whose total probability is >= top_p (at least the top token);
+        tokens tied with the least probable kept token are kept too.
+    Filters apply in this order: temperature, top_k, top_p (on the renormalised
+    top-k distribution); filtered-out tokens get probability 0.
+    """
+    if temperature <= 0:
+        raise FunGPTError(f"temperature={temperature} must be > 0 here (0 = greedy is handled by sample_next_token)")
+    logits = logits.float() / temperature  # (..., V)
+    if top_k is not None:
+        if top_k < 1:
+            raise FunGPTError(f"top_k={top_k} must be >= 1 (or None to disable)")
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]  # (..., 1) k-th largest
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0.0 < top_p <= 1.0:
+            raise FunGPTError(f"top_p={top_p} must be in (0, 1] (or None to disable)")
+        probs = F.softmax(logits, dim=-1)  # (..., V)
+        sorted_probs, _ = probs.sort(dim=-1, descending=True)  # (..., V)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of strictly better-ranked tokens
+        n_keep = (mass_before < top_p).sum(dim=-1, keepdim=True)  # (..., 1), >= 1 since mass_before[0] = 0
+        cutoff = sorted_probs.gather(-1, n_keep - 1)  # (..., 1) probability of the last kept token
+        logits = logits.masked_fill(probs < cutoff, float("-inf"))
+    return F.softmax(logits, dim=-1)  # (..., V)
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    generator: torch.Generator | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> torch.Tensor:
+    """Pick the next token for each row of logits (B, V); returns ids (B, 1).
+
+    temperature 0 means greedy (argmax, ignoring top_k/top_p); otherwise one token is
+    drawn (`draw`, with generator) from `sampling_probs` (see there for the filters).
+    """
+    if temperature < 0:
+        raise FunGPTError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+    return draw(sampling_probs(logits, temperature, top_k, top_p), generator)  # (B, V) -> (B, 1)
