@@ -48,12 +48,15 @@ def config_model(path: Path):
 
     run = load_config(path)
     cfg, init = run.model, run.model.init_from
-    if init in GPT2_HUB_SIZES:
+    if init != "scratch" and Path(init).expanduser().is_dir():  # a local folder first, as training looks
+        cfg = GPT.hf_config(Path(init).expanduser())
+    elif init in GPT2_HUB_SIZES:
         n_layer, n_head, n_embd = GPT2_HUB_SIZES[init]
         cfg = dataclasses.replace(cfg, n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50257,
                                   block_size=1024)
     elif init != "scratch":
-        cfg = dataclasses.replace(GPT.hf_config(init), dropout=cfg.dropout)
+        raise SystemExit(f"{path}: init_from = {init!r} is neither a local folder nor one of "
+                         f"{', '.join(GPT2_HUB_SIZES)}: cannot tell the model's shape")
     elif run.data.tokenizer == "bpe":
         cfg = dataclasses.replace(cfg, vocab_size=run.data.vocab_size or DEFAULT_BPE_VOCAB)
     elif run.data.tokenizer == "gpt2":
@@ -68,7 +71,7 @@ def build_models(cfg, init_std: float, workdir: Path):
 
     torch.manual_seed(0)
     problems = gpt2_incompatibilities(cfg)
-    if problems:  # FunGPT only; weights drawn like HF's GPT-2 initialisation (normal(0, std) matrices)
+    if problems:  # FunGPT only; every matrix drawn from normal(0, std)
         model = GPT(cfg)
         with torch.no_grad():
             for p in model.parameters():

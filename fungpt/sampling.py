@@ -12,18 +12,25 @@ from fungpt.errors import FunGPTError
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row of probs (B, V), drawn with those probabilities: ids (B, 1).
+    """One token per row of probs (..., V), drawn with those probabilities: ids (..., 1).
 
-    Inverse-CDF sampling: lay the probabilities end to end on [0, 1) (their running sum, the CDF), draw
-    one uniform number u, and take the token whose stretch contains u; a token with probability 0 has an
-    empty stretch and is never drawn. One random number per row, where torch.multinomial drew one per
-    token: 0.05 against 0.9 ms for GPT-2's 50257 tokens (BENCHMARKS.md, "Sixth session").
+    On a CPU, inverse-CDF sampling: lay the probabilities end to end (their running sum, the CDF), draw
+    one uniform number u below the total, and take the token whose stretch contains u; a token with
+    probability 0 has an empty stretch and is never drawn. One random number per row, where
+    torch.multinomial draws one per token: 0.05-0.07 against 1.06-1.18 ms for GPT-2's 50257 tokens (BENCHMARKS.md,
+    "Sixth session"). Elsewhere torch.multinomial: a GPU's cumsum adds in an order of its own, so its
+    running sums need not even increase.
     """
-    cdf = probs.cumsum(dim=-1)  # (B, V), ends at the total (1 up to rounding)
-    total = cdf[:, -1:]  # (B, 1)
-    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=probs.dtype) * total  # (B, 1)
+    if not probs.is_cpu:
+        return torch.multinomial(probs, 1, generator=generator)
+    cdf = probs.cumsum(dim=-1)  # (..., V), added left to right: never decreasing; ends at the total (~1)
+    total = cdf[..., -1:]  # (..., 1)
+    if not bool((total > 0).all()):  # NaN fails the test too
+        raise FunGPTError("cannot sample the next token: its probabilities are NaN or all zero (NaN or all -inf "
+                          "logits; a model whose training diverged gives these)")
+    u = torch.rand(total.shape, generator=generator, dtype=probs.dtype) * total  # (..., 1)
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # below the total even after rounding
-    return torch.searchsorted(cdf, u, right=True)  # (B, 1): the first token whose cumulative sum exceeds u
+    return torch.searchsorted(cdf, u, right=True)  # (..., 1): the first token whose running sum exceeds u
 
 
 def sampling_probs(
