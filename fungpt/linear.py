@@ -222,7 +222,7 @@ def row_bags(K: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 ROW_SUM_MAX_ELEMENTS = 1 << 22
 """Largest weight (4M elements, 16 MB) decoded by row_product, whose W^T copy costs that much memory
-again: covers the block matrices up to GPT-2 small (768 x 3072), not its 50257 x 768 token table."""
+again: covers the block matrices up to GPT-2 medium (1024 x 4096), not the 50257 x C token table."""
 
 
 class Linear(nn.Linear):
