@@ -33,6 +33,11 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     return torch.searchsorted(cdf, u, right=True)  # (..., 1): the first token whose running sum exceeds u
 
 
+NUCLEUS_HEAD = 256
+"""How many of the most probable tokens top-p first looks at (it sorts the whole vocabulary only if their
+probabilities add up to less than top_p)."""
+
+
 def sampling_probs(
     logits: torch.Tensor,
     temperature: float = 1.0,
@@ -63,8 +68,14 @@ def sampling_probs(
         if not 0.0 < top_p <= 1.0:
             raise FunGPTError(f"top_p={top_p} must be in (0, 1] (or None to disable)")
         probs = F.softmax(logits, dim=-1)  # (..., V)
-        sorted_probs, _ = probs.sort(dim=-1, descending=True)  # (..., V)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of strictly better-ranked tokens
+        # The most probable tokens, in order: the top NUCLEUS_HEAD first (topk), every token only if those
+        # hold less than top_p (sorting GPT-2's 50257 probabilities takes ~4 ms, its top 256 ~0.1 ms).
+        sorted_probs = torch.topk(probs, min(NUCLEUS_HEAD, probs.size(-1)), dim=-1).values  # (..., k) descending
+        mass_upto = sorted_probs.cumsum(dim=-1)  # (..., k)
+        if not bool((mass_upto[..., -1] >= top_p).all()):  # the nucleus may reach past the top k: sort them all
+            sorted_probs = probs.sort(dim=-1, descending=True).values  # (..., V)
+            mass_upto = sorted_probs.cumsum(dim=-1)
+        mass_before = mass_upto - sorted_probs  # probability of strictly better-ranked tokens
         n_keep = (mass_before < top_p).sum(dim=-1, keepdim=True)  # (..., 1), >= 1 since mass_before[0] = 0
         cutoff = sorted_probs.gather(-1, n_keep - 1)  # (..., 1) probability of the last kept token
         logits = logits.masked_fill(probs < cutoff, float("-inf"))

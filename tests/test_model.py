@@ -259,6 +259,21 @@ def test_draw_never_runs_past_the_last_token(monkeypatch):
     assert sampling.draw(torch.tensor([[0.5, 0.5, 0.0]])).item() == 1
 
 
+@pytest.mark.parametrize("top_p", [0.3, 0.6, 0.9, 0.999])
+def test_top_p_looks_past_its_head_only_when_needed(top_p, monkeypatch):
+    # top_p first sorts only the NUCLEUS_HEAD most probable tokens: the result must not depend on that size.
+    from fungpt import sampling
+
+    # a flat row (its nucleus holds 10-50 tokens), a middling one, a peaked one (1-2 tokens up to top_p 0.9)
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(5)) * torch.tensor([[0.3], [2.0], [6.0]])
+    whole = [sampling.sampling_probs(row, top_p=top_p) for row in logits]  # head 256 > 50 tokens: a full sort
+    monkeypatch.setattr(sampling, "NUCLEUS_HEAD", 4)
+    for row, want in zip(logits, whole):  # each row alone: the peaked one stays in the head, the flat one cannot
+        torch.testing.assert_close(sampling.sampling_probs(row, top_p=top_p), want, rtol=0, atol=0)
+    torch.testing.assert_close(sampling.sampling_probs(logits, top_p=top_p), torch.stack(whole), rtol=0, atol=0)
+    assert int((whole[0] > 0).sum()) > 4  # the flat row's nucleus does reach past the head
+
+
 def test_sampling_rejects_bad_arguments():
     logits = torch.zeros(1, 5)
     for kw in ({"temperature": -1.0}, {"top_k": 0}, {"top_p": 0.0}, {"top_p": 1.5}):
