@@ -96,9 +96,23 @@ def test_explore_a_run_in_the_browser(url, page, tmp_path):
     # Context of the 6th generated token: the 7 prompt characters and the 5 tokens before it.
     sync_api.expect(heatmap).to_have_attribute("data-t", "12")
     sync_api.expect(page.locator("#attn-info")).to_contain_text("Layer 0, head 0")
-    page.select_option("#layer", "1")
-    page.select_option("#head", "1")
+    # Two quick changes whose answers arrive out of order: the page must end on the later choice.
+    held = []
+    page.route("**/api/attention", lambda route: held.append(route))  # hold each request until let through below
+    page.select_option("#layer", "1")  # asks for layer 1, head 0
+    page.select_option("#head", "1")  # asks for layer 1, head 1
+    for _ in range(500):
+        if len(held) == 2:
+            break
+        page.wait_for_timeout(10)
+    assert len(held) == 2
+    held[1].continue_()  # the newer request is answered first...
     sync_api.expect(page.locator("#attn-info")).to_contain_text("Layer 1, head 1")
+    with page.expect_response("**/api/attention"):
+        held[0].continue_()  # ...then the older one
+    page.evaluate("() => new Promise((done) => setTimeout(done, 200))")  # time for the page to handle it
+    sync_api.expect(page.locator("#attn-info")).to_contain_text("Layer 1, head 1")
+    page.unroute("**/api/attention")
     # The canvas really has colour in it: the first query can only attend to itself (weight 1, dark blue).
     corner = page.evaluate("() => Array.from(document.getElementById('heatmap').getContext('2d')"
                            ".getImageData(2, 2, 1, 1).data)")

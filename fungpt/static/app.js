@@ -15,6 +15,7 @@ const state = {
   gen: [],            // [{id, text, prob, top: [{id, text, prob}]}] generated tokens, in order
   selected: null,     // index into gen of the clicked token
   controller: null,   // AbortController of the running generation
+  attnRequest: 0,     // number of the latest attention request: an older answer arriving late is dropped
 };
 
 // Make whitespace visible where a token is shown on its own.
@@ -302,13 +303,16 @@ async function loadAttention() {
   // The context the model read to predict this token: the prompt plus everything generated before it.
   const ids = state.promptTokens.map((t) => t.id).concat(state.gen.slice(0, index).map((t) => t.id));
   const layer = Number($("layer").value), head = Number($("head").value);
+  const request = ++state.attnRequest;
   try {
     const result = await fetchJSON("/api/attention", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ ids, layer, head }),
     });
-    if (state.selected !== index) return; // the user clicked another token meanwhile
+    // Answers can arrive out of order: show only the latest request's (another token, layer or head may
+    // have been picked meanwhile).
+    if (request !== state.attnRequest || state.selected !== index) return;
     state.attn = result;
     drawHeatmap(result);
     const T = result.tokens.length;
@@ -317,7 +321,7 @@ async function loadAttention() {
       `Layer ${layer}, head ${head}: row i shows how much token i attends to each earlier token j${cropped}. ` +
       `The bottom row is what the model looked at when it predicted «${visible(state.gen[index].text)}».`;
   } catch (err) {
-    $("attn-info").textContent = `attention: ${err.message}`;
+    if (request === state.attnRequest) $("attn-info").textContent = `attention: ${err.message}`;
   }
 }
 
