@@ -8,9 +8,10 @@
 from fungpt.config import DataConfig, RunConfig, TrainConfig, load_config
 from fungpt.data import BatchLoader, prepare
 from fungpt.errors import FunGPTError
-from fungpt.model import GPT, GPTConfig, sample_next_token
+from fungpt.model import GPT, GPTConfig
 from fungpt.runs import load_run
 from fungpt.sample import evaluate_run, sample
+from fungpt.sampling import sample_next_token
 from fungpt.tokenizer import load_tokenizer
 from fungpt.train import train
 
