@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 from benchlib import cpu_times, machine, machine_state, memory_read_gbs, publish
 
-# The published GPT-2 sizes (n_layer, n_head, n_embd), for configs that fine-tune one (init_from), measured offline.
+# The published GPT-2 sizes (n_layer, n_head, n_embd): a config that fine-tunes one (init_from) is measured
+# at that shape without downloading its weights.
 GPT2_HUB_SIZES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
                   "gpt2-xl": (48, 25, 1600)}
 
@@ -43,14 +44,18 @@ def config_model(path: Path):
     size follows [data] tokenizer (char: [model] vocab_size, 65 for Tiny Shakespeare; bpe: [data] vocab_size;
     gpt2: 50257), and init_from a GPT-2 (hub name or local folder) gives that model's shape."""
     from fungpt.config import load_config
+    from fungpt.errors import FunGPTError
     from fungpt.model import GPT
     from fungpt.tokenizer import DEFAULT_BPE_VOCAB
 
-    run = load_config(path)
-    cfg, init = run.model, run.model.init_from
-    if init != "scratch" and Path(init).expanduser().is_dir():  # a local folder first, as training looks
-        cfg = GPT.hf_config(Path(init).expanduser())
-    elif init in GPT2_HUB_SIZES:
+    try:
+        run = load_config(path)
+        cfg, init = run.model, run.model.init_from
+        if init != "scratch" and Path(init).expanduser().is_dir():  # a local folder first, as training looks
+            return GPT.hf_config(Path(init).expanduser())
+    except FunGPTError as e:
+        raise SystemExit(f"bench_generate: {e}") from None
+    if init in GPT2_HUB_SIZES:
         n_layer, n_head, n_embd = GPT2_HUB_SIZES[init]
         cfg = dataclasses.replace(cfg, n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50257,
                                   block_size=1024)
