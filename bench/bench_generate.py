@@ -18,6 +18,11 @@ gives varied text (a harder case), reported as the "tokens per forward pass" col
 Every round runs each contender once, in turn (interleaved), so load from other processes hits
 all of them alike; the table reports each one's median tokens/s over the rounds and checks that
 all of them produced exactly the same tokens. transformers is a benchmark dependency only.
+
+--interleave K adds, to every round, one run of HF generate and FunGPT cached taking turns every K
+tokens in the same thread (`alternating`): on a host whose speed swings within seconds, both then
+meet the same swings, and the ratio of their summed times says how they compare in the state the
+host was in, not which of them ran in its faster moments.
 """
 
 import argparse
@@ -136,6 +141,40 @@ def weight_read_floor(model, rounds: int = 20) -> dict[str, float]:
     return out
 
 
+def alternating(hf_generate, fungpt_stream, n: int, k: int) -> tuple[float, float, bool]:
+    """Run HF generate and a FunGPT token stream taking turns every k tokens; (HF s, FunGPT s, same tokens).
+
+    One HF generate call, as in the table; its streamer (called with every new token) runs the next k
+    tokens of fungpt_stream whenever HF has made k more. Same thread, so the same torch thread pool and
+    no thread hand-offs; HF's time is the call's wall time less the time spent in FunGPT's turns.
+    """
+    from transformers.generation.streamers import BaseStreamer
+
+    class Turns(BaseStreamer):
+        def __init__(self):
+            self.calls, self.fungpt_s, self.tokens = 0, 0.0, []
+
+        def fungpt_turn(self, count: int) -> None:
+            t0 = time.perf_counter()
+            self.tokens += [next(fungpt_stream) for _ in range(count)]
+            self.fungpt_s += time.perf_counter() - t0
+
+        def put(self, value):  # the first call carries the prompt, then one call per new token
+            self.calls += 1
+            made = self.calls - 1
+            if made % k == 0 and 0 < made < n:
+                self.fungpt_turn(k)
+
+        def end(self):
+            self.fungpt_turn(n - len(self.tokens))
+
+    turns = Turns()
+    t0 = time.perf_counter()
+    hf_tokens = hf_generate(turns)
+    total = time.perf_counter() - t0
+    return total - turns.fungpt_s, turns.fungpt_s, torch.equal(hf_tokens, torch.cat(turns.tokens))
+
+
 def ops_per_token(model, prompt) -> dict[str, int]:
     """Tensor operations that reach torch's dispatcher for one cached token (each is a fixed cost of a
     few us in eager mode): GPT.forward with a KVCache, and the lean Decoder.step of decode.py."""
@@ -170,6 +209,8 @@ def main(argv=None) -> int:
     ap.add_argument("--init-std", type=float, default=0.02, help="std of the random weights (GPT-2: 0.02)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--skip-uncached", action="store_true", help="leave out the slow uncached path")
+    ap.add_argument("--interleave", type=int, default=0, metavar="K",
+                    help="also time HF generate and FunGPT cached taking turns every K tokens (0: off)")
     ap.add_argument("--config", type=Path, default=None,
                     help="measure the [model] of this TOML run config (default: a 6 x 384 GPT-2, vocab 65)")
     ap.add_argument("--append", type=Path, default=None, help="append the results table to this markdown file")
@@ -196,9 +237,9 @@ def main(argv=None) -> int:
     hf_args = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False, use_cache=True,
                    eos_token_id=None, pad_token_id=0)
 
-    def hf_generate():
+    def hf_generate(streamer=None):
         with torch.no_grad():
-            out = hf.generate(prompt, **hf_args)
+            out = hf.generate(prompt, **hf_args, streamer=streamer)
         return out[0, prompt.size(1):]
 
     def hf_prompt_lookup():  # HF's own prompt-lookup speculation (same idea as FunGPT's lookahead)
@@ -238,12 +279,18 @@ def main(argv=None) -> int:
     times: dict[str, list[float]] = {k: [] for k in contenders}
     outputs: dict[str, torch.Tensor] = {}
     read_gbs, steal_from = [], cpu_times()
+    turns: list[tuple[float, float, bool]] = []  # --interleave: (HF s, FunGPT s, same tokens) per round
+    interleave = args.interleave if hf is not None else 0
     for _ in range(args.rounds):
         read_gbs.append(memory_read_gbs())  # the machine's state at the round's start
         for name, fn in contenders.items():
             t0 = time.perf_counter()
             outputs[name] = fn()
             times[name].append(time.perf_counter() - t0)
+        if interleave:
+            with torch.no_grad():
+                stream = model.generate_stream(prompt, n, temperature=0.0)
+                turns.append(alternating(hf_generate, stream, n, interleave))
 
     state = machine_state(read_gbs, "at each round's start", steal_from)
     ref = outputs[base]
@@ -283,6 +330,13 @@ def main(argv=None) -> int:
     per_round = [b / f for b, f in zip(times[base], times["FunGPT cached"])]
     rounds = (f"\nPer round, FunGPT cached against {short}: {', '.join(f'{r:.2f}x' for r in per_round)}. "
               f"The machine's state: {state}.\n") if hf is not None else f"\nThe machine's state: {state}.\n"
+    if turns:
+        hf_s, fun_s = sum(t[0] for t in turns), sum(t[1] for t in turns)
+        rounds += (f"\nTaking turns every {interleave} tokens (`--interleave`, one HF generate call per round, "
+                   f"FunGPT's turns run from its streamer): FunGPT cached {n * len(turns) / fun_s:,.1f} tokens/s, "
+                   f"HF {n * len(turns) / hf_s:,.1f}, **{hf_s / fun_s:.2f}x** over all rounds (per round: "
+                   f"{', '.join(f'{h / f:.2f}x' for h, f, _ in turns)}); same tokens as HF: "
+                   f"{'yes' if all(t[2] for t in turns) else 'NO'}.\n")
     text = header + "\n".join(rows) + "\n" + rounds + footer
     publish(text, args.append)
     return 0

@@ -12,6 +12,10 @@ median ms/iter over steps >= 20 (nanoGPT's script uses the same cut) and over ro
 MFU against this machine's fp32 matmul ceiling (measured by this script, in the same run), and
 the peak resident memory of the process. The FunGPT side is given nanoGPT's architecture
 (bias = false, exact GELU) unless --keep-arch, so that both do the same arithmetic.
+
+--turns S runs each round's two commands at once but never together: they take turns of S seconds
+(the one waiting is paused with SIGSTOP; Linux and macOS). On a host whose speed swings within
+seconds, both then meet the same swings; the median ms/iter ignores the few steps a pause cuts in two.
 """
 
 import argparse
@@ -19,6 +23,7 @@ import datetime
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -46,6 +51,50 @@ def run_measured(cmd: list[str], env: dict) -> tuple[str, float, float]:
     return out, wall, usage.ru_maxrss / 1024  # Linux reports KiB
 
 
+def run_taking_turns(cmds: list[list[str]], env: dict, turn_s: float) -> list[tuple[str, float]]:
+    """Start all cmds, but let only one run at a time, for turn_s seconds each in a cycle; when one is left it
+    runs to its end. Each runs in a process group of its own, paused and resumed whole (SIGSTOP, SIGCONT).
+    Returns (stdout+stderr, peak RSS in MiB) per command."""
+    logs = [tempfile.TemporaryFile(mode="w+") for _ in cmds]  # files, not pipes: a full pipe would block a step
+    procs: list[subprocess.Popen] = []
+    results: dict[int, tuple[str, float]] = {}
+    ended: set[int] = set()  # exited and reaped
+    try:
+        for cmd, log in zip(cmds, logs):
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, text=True,
+                                          start_new_session=True))
+            os.killpg(procs[-1].pid, signal.SIGSTOP)
+        while len(ended) < len(procs):
+            for i, proc in enumerate(procs):
+                if i in ended:
+                    continue
+                os.killpg(proc.pid, signal.SIGCONT)
+                alone = len(ended) == len(procs) - 1
+                end = time.monotonic() + turn_s
+                while True:
+                    pid, status, usage = os.wait4(proc.pid, 0 if alone else os.WNOHANG)
+                    if pid:
+                        ended.add(i)
+                        logs[i].seek(0)
+                        out = logs[i].read()
+                        if os.waitstatus_to_exitcode(status) != 0:
+                            raise SystemExit(f"command failed: {' '.join(cmds[i])}\n{out[-3000:]}")
+                        results[i] = (out, usage.ru_maxrss / 1024)  # Linux reports KiB
+                        break
+                    if time.monotonic() >= end:
+                        os.killpg(proc.pid, signal.SIGSTOP)
+                        break
+                    time.sleep(0.002)
+    finally:
+        for i, proc in enumerate(procs):
+            if i not in ended:  # interrupted or failed: leave nothing paused or running behind
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for log in logs:
+            log.close()
+    return [results[i] for i in range(len(procs))]
+
+
 def peak_flops() -> float:
     from fungpt.train import measure_peak_flops
 
@@ -62,6 +111,8 @@ def main(argv=None) -> int:
     ap.add_argument("--append", type=Path, default=None)
     ap.add_argument("--shape", default=None, help="L,H,C,T: n_layer, n_head, n_embd, block_size for both sides "
                     "(default: the config's, nanoGPT's 4,4,128,64)")
+    ap.add_argument("--turns", type=float, default=0.0, metavar="S",
+                    help="run FunGPT and nanoGPT at once, taking turns of S seconds (0: one after the other)")
     ap.add_argument("extra", nargs="*", help="extra `fungpt train` flags (after --)")
     args = ap.parse_args(argv)
 
@@ -88,15 +139,20 @@ def main(argv=None) -> int:
     for _ in range(args.rounds):
         loads.append(os.getloadavg()[0])
         read_gbs.append(memory_read_gbs())  # the machine's state at the round's start
-        _, _, mem = run_measured(fungpt_cmd, env)
+        nano_cmd = ["bash", str(NANOGPT_SH), py, f"--max_iters={args.iters}", *ref_shape]
+        if args.turns and not args.no_reference:
+            (_, mem), (out, nano_mem) = run_taking_turns([fungpt_cmd, nano_cmd], env, args.turns)
+        else:
+            _, _, mem = run_measured(fungpt_cmd, env)
+            if not args.no_reference:
+                out, _, nano_mem = run_measured(nano_cmd, env)
         rows = [json.loads(line) for line in (tmp / "run/metrics.jsonl").read_text().splitlines()]
         ms["FunGPT"].append(statistics.median(r["dt_ms"] for r in rows if "dt_ms" in r and r["step"] >= 20))
         rss["FunGPT"] = max(rss["FunGPT"], mem)
         if not args.no_reference:
-            out, _, mem = run_measured(["bash", str(NANOGPT_SH), py, f"--max_iters={args.iters}", *ref_shape], env)
             m = re.search(r"median_ms_per_iter=([\d.]+)", out)
             ms["nanoGPT"].append(float(m.group(1)))
-            rss["nanoGPT"] = max(rss["nanoGPT"], mem)
+            rss["nanoGPT"] = max(rss["nanoGPT"], nano_mem)
     state = machine_state(read_gbs, "at each round's start", steal_from)
     flops = max(flops, peak_flops())
 
@@ -129,7 +185,8 @@ def main(argv=None) -> int:
             f"- command: `python bench/bench_train.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
             f"- shape: {m['n_layer']} x {m['n_embd']} ({m['n_head']} heads), block {m['block_size']}, batch "
             f"{t['batch_size']}, bias {m['bias']}, {m['activation']}, {m['pos_encoding']}, {m['norm']}; "
-            f"{args.iters} steps per run, {args.rounds} interleaved rounds\n\n"
+            f"{args.iters} steps per run, {args.rounds} interleaved rounds"
+            + (f", the two commands taking turns of {args.turns:g} s within each round" if args.turns else "") + "\n\n"
             "| contender | median ms/iter | per round | tokens/s | MFU | peak RSS MiB |\n"
             "|---|---:|---|---:|---:|---:|\n" + "\n".join(lines) + "\n" + ratio)
     publish(text, args.append)
