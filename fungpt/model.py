@@ -529,10 +529,6 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * c.block_size
 
-    def estimate_mfu(self, tokens_per_sec: float, peak_flops: float) -> float:
-        """Model FLOPs utilisation: achieved training FLOP/s as a fraction of the hardware peak."""
-        return self.flops_per_token() * tokens_per_sec / peak_flops
-
     # ------------------------------------------------------------------ Hugging Face GPT-2 interop
     # The mapping between HF's GPT-2 layout and ours (names, transposed Conv1D weights) is in fungpt/hf.py.
 
