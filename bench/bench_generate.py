@@ -152,17 +152,20 @@ def alternating(hf_generate, fungpt_stream, n: int, k: int) -> tuple[float, floa
 
     class Turns(BaseStreamer):
         def __init__(self):
-            self.calls, self.fungpt_s, self.tokens = 0, 0.0, []
+            self.prompt_seen, self.made, self.fungpt_s, self.tokens = False, 0, 0.0, []
 
         def fungpt_turn(self, count: int) -> None:
             t0 = time.perf_counter()
-            self.tokens += [next(fungpt_stream) for _ in range(count)]
+            with torch.no_grad():
+                self.tokens += [next(fungpt_stream) for _ in range(count)]
             self.fungpt_s += time.perf_counter() - t0
 
-        def put(self, value):  # the first call carries the prompt, then one call per new token
-            self.calls += 1
-            made = self.calls - 1
-            if made % k == 0 and 0 < made < n:
+        def put(self, value):  # the first call carries the prompt, then the new tokens (one a call, batch 1)
+            if not self.prompt_seen:
+                self.prompt_seen = True
+                return
+            self.made += value.numel()
+            if self.made % k == 0 and self.made < n:
                 self.fungpt_turn(k)
 
         def end(self):
@@ -215,6 +218,8 @@ def main(argv=None) -> int:
                     help="measure the [model] of this TOML run config (default: a 6 x 384 GPT-2, vocab 65)")
     ap.add_argument("--append", type=Path, default=None, help="append the results table to this markdown file")
     args = ap.parse_args(argv)
+    if args.interleave < 0:
+        ap.error("--interleave must be >= 0 (0: off)")
     from fungpt.decode import Decoder
     from fungpt.linear import cpu_matmul
     from fungpt.model import GPT, GPTConfig
@@ -288,9 +293,9 @@ def main(argv=None) -> int:
             outputs[name] = fn()
             times[name].append(time.perf_counter() - t0)
         if interleave:
-            with torch.no_grad():
-                stream = model.generate_stream(prompt, n, temperature=0.0)
-                turns.append(alternating(hf_generate, stream, n, interleave))
+            stream = model.generate_stream(prompt, n, temperature=0.0)
+            turns.append(alternating(hf_generate, stream, n, interleave))
+            stream.close()  # frees its KV cache now
 
     state = machine_state(read_gbs, "at each round's start", steal_from)
     ref = outputs[base]
@@ -330,6 +335,8 @@ def main(argv=None) -> int:
     per_round = [b / f for b, f in zip(times[base], times["FunGPT cached"])]
     rounds = (f"\nPer round, FunGPT cached against {short}: {', '.join(f'{r:.2f}x' for r in per_round)}. "
               f"The machine's state: {state}.\n") if hf is not None else f"\nThe machine's state: {state}.\n"
+    if args.interleave and not interleave:
+        rounds += "\n`--interleave` left out: there is no Hugging Face model to take turns with.\n"
     if turns:
         hf_s, fun_s = sum(t[0] for t in turns), sum(t[1] for t in turns)
         rounds += (f"\nTaking turns every {interleave} tokens (`--interleave`, one HF generate call per round, "

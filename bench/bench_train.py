@@ -14,11 +14,14 @@ the peak resident memory of the process. The FunGPT side is given nanoGPT's arch
 (bias = false, exact GELU) unless --keep-arch, so that both do the same arithmetic.
 
 --turns S runs each round's two commands at once but never together: they take turns of S seconds
-(the one waiting is paused with SIGSTOP; Linux and macOS). On a host whose speed swings within
-seconds, both then meet the same swings; the median ms/iter ignores the few steps a pause cuts in two.
+(the one waiting is paused with SIGSTOP; Linux). On a host whose speed swings within seconds, both
+then meet the same swings. FunGPT is given 4x --iters steps and stopped when nanoGPT's recipe ends,
+so neither runs alone; its median is over the steps it made. The medians ignore the few steps that a
+pause cuts in two, so S should be many steps long (1 s for the baby shape).
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -51,47 +54,67 @@ def run_measured(cmd: list[str], env: dict) -> tuple[str, float, float]:
     return out, wall, usage.ru_maxrss / 1024  # Linux reports KiB
 
 
-def run_taking_turns(cmds: list[list[str]], env: dict, turn_s: float) -> list[tuple[str, float]]:
-    """Start all cmds, but let only one run at a time, for turn_s seconds each in a cycle; when one is left it
-    runs to its end. Each runs in a process group of its own, paused and resumed whole (SIGSTOP, SIGCONT).
-    Returns (stdout+stderr, peak RSS in MiB) per command."""
+def run_taking_turns(cmds: list[list[str]], env: dict, turn_s: float, lead: int) -> list[tuple[str, float]]:
+    """Start all cmds, but let only one run at a time, for turn_s seconds each in a cycle, until cmds[lead] ends;
+    the others are then stopped (killed), so that none of them ran without the lead. Each runs in a process group
+    of its own, paused and resumed whole (SIGSTOP, SIGCONT). Returns (stdout+stderr so far, peak RSS in MiB)
+    per command. A command that fails, Ctrl-C or SIGTERM kill all of them: nothing is left paused behind."""
+
+    def interrupted(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old_handlers = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
     logs = [tempfile.TemporaryFile(mode="w+") for _ in cmds]  # files, not pipes: a full pipe would block a step
     procs: list[subprocess.Popen] = []
     results: dict[int, tuple[str, float]] = {}
-    ended: set[int] = set()  # exited and reaped
+
+    def reap(i: int, status: int, usage, stopped: bool = False) -> None:
+        procs[i].returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: tell Popen
+        logs[i].seek(0)
+        out = logs[i].read()
+        if procs[i].returncode != 0 and not stopped:
+            raise SystemExit(f"command failed ({procs[i].returncode}): {' '.join(cmds[i])}\n{out[-3000:]}")
+        results[i] = (out, usage.ru_maxrss / 1024)  # Linux reports KiB
+
     try:
         for cmd, log in zip(cmds, logs):
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, text=True,
                                           start_new_session=True))
             os.killpg(procs[-1].pid, signal.SIGSTOP)
-        while len(ended) < len(procs):
+        while lead not in results:
             for i, proc in enumerate(procs):
-                if i in ended:
+                if proc.returncode is not None:
                     continue
                 os.killpg(proc.pid, signal.SIGCONT)
-                alone = len(ended) == len(procs) - 1
+                alone = sum(p.returncode is None for p in procs) == 1  # only the lead is left
                 end = time.monotonic() + turn_s
                 while True:
                     pid, status, usage = os.wait4(proc.pid, 0 if alone else os.WNOHANG)
                     if pid:
-                        ended.add(i)
-                        logs[i].seek(0)
-                        out = logs[i].read()
-                        if os.waitstatus_to_exitcode(status) != 0:
-                            raise SystemExit(f"command failed: {' '.join(cmds[i])}\n{out[-3000:]}")
-                        results[i] = (out, usage.ru_maxrss / 1024)  # Linux reports KiB
+                        reap(i, status, usage)
                         break
-                    if time.monotonic() >= end:
+                    left = end - time.monotonic()
+                    if left <= 0:
                         os.killpg(proc.pid, signal.SIGSTOP)
                         break
-                    time.sleep(0.002)
-    finally:
-        for i, proc in enumerate(procs):
-            if i not in ended:  # interrupted or failed: leave nothing paused or running behind
+                    time.sleep(min(left, 0.02))  # coarse: every wake-up takes a core from the contender
+                if lead in results:
+                    break
+        for i, proc in enumerate(procs):  # the lead has ended: stop the others where they are
+            if proc.returncode is None:
                 os.killpg(proc.pid, signal.SIGKILL)
+                _, status, usage = os.wait4(proc.pid, 0)
+                reap(i, status, usage, stopped=True)
+    finally:
+        for proc in procs:
+            if proc.returncode is None:  # failed or interrupted: leave nothing paused or running behind
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         for log in logs:
             log.close()
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
     return [results[i] for i in range(len(procs))]
 
 
@@ -115,6 +138,8 @@ def main(argv=None) -> int:
                     help="run FunGPT and nanoGPT at once, taking turns of S seconds (0: one after the other)")
     ap.add_argument("extra", nargs="*", help="extra `fungpt train` flags (after --)")
     args = ap.parse_args(argv)
+    if args.turns < 0:
+        ap.error("--turns must be >= 0 (0: one command after the other)")
 
     py = sys.executable
     env = dict(os.environ)
@@ -131,7 +156,10 @@ def main(argv=None) -> int:
                   "--overwrite", "--train.max-iters", str(args.iters), "--train.log-interval", "1",
                   "--train.eval-interval", str(args.iters), "--train.checkpoint-interval", str(10 * args.iters),
                   "--train.device", "cpu", *arch, *args.extra]
+    fungpt_turns_cmd = [*fungpt_cmd, "--train.max-iters", str(4 * args.iters), "--train.eval-interval",
+                        str(40 * args.iters)]  # later flags win: no eval or checkpoint before it is stopped
     ms: dict[str, list[float]] = {"FunGPT": [], "nanoGPT": []}
+    fungpt_steps: list[int] = []  # steps FunGPT made per round (more than --iters with --turns)
     rss: dict[str, float] = {"FunGPT": 0.0, "nanoGPT": 0.0}
     loads, read_gbs = [], []
     flops = peak_flops()
@@ -141,13 +169,18 @@ def main(argv=None) -> int:
         read_gbs.append(memory_read_gbs())  # the machine's state at the round's start
         nano_cmd = ["bash", str(NANOGPT_SH), py, f"--max_iters={args.iters}", *ref_shape]
         if args.turns and not args.no_reference:
-            (_, mem), (out, nano_mem) = run_taking_turns([fungpt_cmd, nano_cmd], env, args.turns)
+            # FunGPT, the faster, gets steps to spare and is stopped when nanoGPT ends: every step of both ran
+            # in the same stretch of time
+            (_, mem), (out, nano_mem) = run_taking_turns([fungpt_turns_cmd, nano_cmd], env, args.turns, lead=1)
         else:
             _, _, mem = run_measured(fungpt_cmd, env)
             if not args.no_reference:
                 out, _, nano_mem = run_measured(nano_cmd, env)
-        rows = [json.loads(line) for line in (tmp / "run/metrics.jsonl").read_text().splitlines()]
-        ms["FunGPT"].append(statistics.median(r["dt_ms"] for r in rows if "dt_ms" in r and r["step"] >= 20))
+        lines = (tmp / "run/metrics.jsonl").read_text().split("\n")[:-1]  # whole lines: a stopped run may cut one
+        rows = [json.loads(line) for line in lines]
+        steps = [r["dt_ms"] for r in rows if "dt_ms" in r and r["step"] >= 20]
+        ms["FunGPT"].append(statistics.median(steps))
+        fungpt_steps.append(len(steps) + 19)
         rss["FunGPT"] = max(rss["FunGPT"], mem)
         if not args.no_reference:
             m = re.search(r"median_ms_per_iter=([\d.]+)", out)
@@ -186,7 +219,9 @@ def main(argv=None) -> int:
             f"- shape: {m['n_layer']} x {m['n_embd']} ({m['n_head']} heads), block {m['block_size']}, batch "
             f"{t['batch_size']}, bias {m['bias']}, {m['activation']}, {m['pos_encoding']}, {m['norm']}; "
             f"{args.iters} steps per run, {args.rounds} interleaved rounds"
-            + (f", the two commands taking turns of {args.turns:g} s within each round" if args.turns else "") + "\n\n"
+            + (f"; within each round the two commands take turns of {args.turns:g} s, FunGPT stopped when nanoGPT "
+               f"ends (after {', '.join(map(str, fungpt_steps))} steps)" if args.turns and not args.no_reference
+               else "") + "\n\n"
             "| contender | median ms/iter | per round | tokens/s | MFU | peak RSS MiB |\n"
             "|---|---:|---|---:|---:|---:|\n" + "\n".join(lines) + "\n" + ratio)
     publish(text, args.append)

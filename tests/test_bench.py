@@ -3,6 +3,7 @@
 import os
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -35,11 +36,34 @@ def test_alternating_takes_turns_every_k_tokens_and_compares_the_tokens(bench):
             yield torch.tensor([i])
 
     hf_s, fungpt_s, same = alternating(fake_hf, stream(range(n)), n, k)
-    assert same and hf_s >= 0 and fungpt_s >= 0
+    assert same
     runs = list(_runs(order))
     assert [run[0][0] for run in runs] == ["hf", "fungpt"] * 3
     assert [len(run) for run in runs] == [4, 4, 4, 4, 2, 2]  # k tokens a turn, then what is left
     assert not alternating(fake_hf, stream([0] * n), n, k)[2]  # different tokens are reported
+
+
+def test_alternating_splits_the_time_between_the_two(bench, monkeypatch):
+    import bench_generate
+
+    clock = [0.0]
+    monkeypatch.setattr(bench_generate, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    n = 10
+
+    def fake_hf(streamer):  # 1 s per HF token
+        streamer.put(torch.tensor([[0]]))
+        for i in range(n):
+            clock[0] += 1.0
+            streamer.put(torch.tensor([i]))
+        streamer.end()
+        return torch.arange(n)
+
+    def stream():  # 0.25 s per FunGPT token
+        for i in range(n):
+            clock[0] += 0.25
+            yield torch.tensor([i])
+
+    assert bench_generate.alternating(fake_hf, stream(), n, 3) == (10.0, 2.5, True)
 
 
 def _runs(order, side=lambda event: event[0]):
@@ -71,17 +95,21 @@ def _stamper(path: Path, seconds: float) -> list[str]:
     return [sys.executable, "-c", code]
 
 
-def test_run_taking_turns_never_runs_the_commands_together(bench, tmp_path):
+def test_run_taking_turns_never_runs_the_commands_together_and_stops_them_with_the_lead(bench, tmp_path):
     from bench_train import run_taking_turns
 
-    paths = [tmp_path / "a.txt", tmp_path / "b.txt"]
-    results = run_taking_turns([_stamper(paths[0], 0.6), _stamper(paths[1], 0.6)], dict(os.environ), 0.1)
-    assert [out.strip() for out, _ in results] == ["done", "done"] and all(rss > 0 for _, rss in results)
-    events = [i for _, i in sorted((float(t), i) for i, p in enumerate(paths) for t in p.read_text().split())]
-    runs = [len(run) for run in _runs(events, side=lambda i: i)]  # clock stamps in a row from the same command
-    assert len(runs) >= 4  # turns of 0.1 s over 0.6 s of running each
-    # Taking turns, each wrote ~1 stamp per ms for a whole turn; running together, their stamps would interleave.
-    assert min(runs[:-1]) >= 20
+    paths = [tmp_path / "a.txt", tmp_path / "lead.txt"]
+    results = run_taking_turns([_stamper(paths[0], 3.0), _stamper(paths[1], 0.5)], dict(os.environ), 0.1, lead=1)
+    assert results[1][0].strip() == "done" and "done" not in results[0][0]  # the other was stopped mid-way
+    stamps = [[float(t) for t in p.read_text().split()] for p in paths]
+    # ... when the lead ended (the lead may still take one more turn to exit after its last stamp): without the
+    # lead's end stopping it, it would have run on alone for another ~2.5 s
+    assert max(stamps[0]) < max(stamps[1]) + 2 * 0.1
+    events = [i for _, i in sorted((t, i) for i, ts in enumerate(stamps) for t in ts)]
+    runs = _runs(events, side=lambda i: i)  # clock stamps in a row from the same command
+    # Turns of 0.1 s over 0.5 s of the lead's running: about 10 runs of ~100 stamps (1 per ms). Running at the
+    # same time, their stamps would interleave in hundreds of short runs.
+    assert 4 <= len(list(runs)) <= 40
 
 
 def test_run_taking_turns_reports_a_failed_command_and_leaves_nothing_running(bench, tmp_path):
@@ -90,7 +118,8 @@ def test_run_taking_turns_reports_a_failed_command_and_leaves_nothing_running(be
     pid_file = tmp_path / "pid"
     sleeper = [sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
                "time.sleep(30)"]
+    failing = [sys.executable, "-c", "print('bo' + 'om'); raise SystemExit(3)"]  # 'boom' only in its output
     with pytest.raises(SystemExit, match="boom"):
-        run_taking_turns([sleeper, [sys.executable, "-c", "raise SystemExit('boom')"]], dict(os.environ), 0.05)
+        run_taking_turns([sleeper, failing], dict(os.environ), 0.3, lead=0)
     with pytest.raises(ProcessLookupError):  # killed and reaped, not left paused or running
         os.kill(int(pid_file.read_text()), 0)
