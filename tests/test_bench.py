@@ -123,3 +123,28 @@ def test_run_taking_turns_reports_a_failed_command_and_leaves_nothing_running(be
         run_taking_turns([sleeper, failing], dict(os.environ), 0.3, lead=0)
     with pytest.raises(ProcessLookupError):  # killed and reaped, not left paused or running
         os.kill(int(pid_file.read_text()), 0)
+
+
+def test_alternating_with_a_real_hf_generate_gives_every_token_to_both(bench, tmp_path):
+    """Pins the streamer protocol of the installed transformers: the prompt first, then one call per new token."""
+    transformers = pytest.importorskip("transformers")
+    from bench_generate import alternating
+
+    from fungpt.model import GPT
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=17, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    model = GPT.from_hf(tmp_path).eval()
+    prompt, n = torch.tensor([[1, 2, 3]]), 7
+
+    def hf_generate(streamer):
+        with torch.no_grad():
+            out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
+                              eos_token_id=None, pad_token_id=0, streamer=streamer)
+        return out[0, prompt.size(1):]
+
+    stream = model.generate_stream(prompt, n, temperature=0.0)
+    hf_s, fungpt_s, same = alternating(hf_generate, stream, n, 3)
+    assert same and next(stream, None) is None  # FunGPT made exactly n tokens, the same as HF's
