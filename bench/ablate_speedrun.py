@@ -50,9 +50,16 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--append", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.steps <= 10:
+        ap.error("--steps must be more than 10: the median step time skips the first 10 steps")
+    with tempfile.TemporaryDirectory(prefix="fungpt-ablate-") as tmp:  # the runs: removed at the end
+        return measure(args, argv, Path(tmp))
+
+
+def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
+    """The runs of main, in tmp; prints (and appends) the result block."""
     env = dict(os.environ)
     env.setdefault("FUNGPT_DATA_DIR", "/work/shared/data")
-    tmp = Path(tempfile.mkdtemp(prefix="fungpt-ablate-"))
     flags: list[str] = list(CLASSIC)
     runs = []
     for name, extra in STEPS:

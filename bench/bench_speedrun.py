@@ -55,10 +55,14 @@ def main(argv=None) -> int:
     ap.add_argument("--append", type=Path, default=None)
     ap.add_argument("extra", nargs="*", help="extra `fungpt train` flags (after --)")
     args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="fungpt-speedrun-") as tmp:  # the runs: removed at the end
+        return measure(args, argv, Path(tmp))
 
+
+def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
+    """The runs of main, in tmp; prints (and appends) the result block."""
     env = dict(os.environ)
     env.setdefault("FUNGPT_DATA_DIR", "/work/shared/data")
-    tmp = Path(tempfile.mkdtemp(prefix="fungpt-speedrun-"))
     loads, read_gbs, steal_from = [os.getloadavg()[0]], [memory_read_gbs()], cpu_times()
     curve: list[tuple[float, float]] = []
     if args.wall is None:

@@ -10,7 +10,8 @@ Each round runs `fungpt train` (the real command, logging every step) and then n
 processes, one after the other, so machine load hits both alike. Reported per contender: the
 median ms/iter over steps >= 20 (nanoGPT's script uses the same cut) and over rounds, tokens/s,
 MFU against this machine's fp32 matmul ceiling (measured by this script, in the same run), and
-the peak resident memory of the process. The FunGPT side is given nanoGPT's architecture
+the peak resident memory of the command (started by peak_rss.py, so that it is the command's own
+and not this script's; the largest over the rounds). The FunGPT side is given nanoGPT's architecture
 (bias = false, exact GELU) unless --keep-arch, so that both do the same arithmetic.
 
 --turns S runs each round's two commands at once but never together: they take turns of S seconds
@@ -41,45 +42,80 @@ ROOT = Path(__file__).resolve().parents[1]
 NANOGPT_SH = Path(os.environ.get("NANOGPT_CPU_SH", "/work/shared/anchors/nanogpt-cpu.sh"))
 
 
+PEAK_RSS = ROOT / "bench/peak_rss.py"
+
+
+def launched(cmd: list[str], rss_file: Path) -> list[str]:
+    """cmd started by peak_rss.py, which writes its peak RSS (KiB) to rss_file: a command started from this
+    script directly would report at least this script's own size (see peak_rss.py)."""
+    return [sys.executable, "-S", str(PEAK_RSS), str(rss_file), *cmd]
+
+
+def read_peak_mib(rss_file: Path) -> float:
+    return int(rss_file.read_text()) / 1024
+
+
+def group_peak_mib(pgid: int) -> float:
+    """The largest peak RSS (VmHWM) among the live processes of a process group, in MiB (Linux /proc), for a
+    command about to be killed, which peak_rss.py cannot report on. 0.0 if none is found."""
+    peak = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
+            if int(fields[2]) != pgid:
+                continue
+            status = (stat.parent / "status").read_text()
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                peak = max(peak, int(line.split()[1]))  # kB
+    return peak / 1024
+
+
 def run_measured(cmd: list[str], env: dict) -> tuple[str, float, float]:
-    """Run cmd; return (stdout+stderr, wall seconds, peak RSS in MiB of the process tree)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{out[-3000:]}")
-    return out, wall, usage.ru_maxrss / 1024  # Linux reports KiB
+    """Run cmd; return (stdout+stderr, wall seconds, peak RSS in MiB of the command and its children)."""
+    with tempfile.TemporaryDirectory(prefix="fungpt-rss-") as d:
+        rss_file = Path(d) / "peak"
+        t0 = time.perf_counter()
+        proc = subprocess.run(launched(cmd, rss_file), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                              text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}")
+        return proc.stdout, wall, read_peak_mib(rss_file)
 
 
 def run_taking_turns(cmds: list[list[str]], env: dict, turn_s: float, lead: int) -> list[tuple[str, float]]:
     """Start all cmds, but let only one run at a time, for turn_s seconds each in a cycle, until cmds[lead] ends;
     the others are then stopped (killed), so that none of them ran without the lead. Each runs in a process group
     of its own, paused and resumed whole (SIGSTOP, SIGCONT). Returns (stdout+stderr so far, peak RSS in MiB)
-    per command. A command that fails, Ctrl-C or SIGTERM kill all of them: nothing is left paused behind."""
+    per command; a killed command's peak is the one it had reached when it was stopped. A command that fails,
+    Ctrl-C or SIGTERM kill all of them: nothing is left paused behind."""
 
     def interrupted(signum, frame):
         raise SystemExit(128 + signum)
 
     old_handlers = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
     logs = [tempfile.TemporaryFile(mode="w+") for _ in cmds]  # files, not pipes: a full pipe would block a step
+    rss_dir = tempfile.TemporaryDirectory(prefix="fungpt-rss-")
+    rss_files = [Path(rss_dir.name) / f"peak-{i}" for i in range(len(cmds))]
     procs: list[subprocess.Popen] = []
     results: dict[int, tuple[str, float]] = {}
 
-    def reap(i: int, status: int, usage, stopped: bool = False) -> None:
+    def reap(i: int, status: int, peak_mib: float | None = None) -> None:
+        """Record command i's output and peak RSS: peak_rss.py's, or peak_mib for a command that was killed."""
         procs[i].returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: tell Popen
         logs[i].seek(0)
         out = logs[i].read()
-        if procs[i].returncode != 0 and not stopped:
+        if procs[i].returncode != 0 and peak_mib is None:
             raise SystemExit(f"command failed ({procs[i].returncode}): {' '.join(cmds[i])}\n{out[-3000:]}")
-        results[i] = (out, usage.ru_maxrss / 1024)  # Linux reports KiB
+        results[i] = (out, read_peak_mib(rss_files[i]) if peak_mib is None else peak_mib)
 
     try:
-        for cmd, log in zip(cmds, logs):
-            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, text=True,
-                                          start_new_session=True))
+        for cmd, log, rss_file in zip(cmds, logs, rss_files):
+            procs.append(subprocess.Popen(launched(cmd, rss_file), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                          text=True, start_new_session=True))
             os.killpg(procs[-1].pid, signal.SIGSTOP)
         while lead not in results:
             for i, proc in enumerate(procs):
@@ -89,9 +125,9 @@ def run_taking_turns(cmds: list[list[str]], env: dict, turn_s: float, lead: int)
                 alone = sum(p.returncode is None for p in procs) == 1  # only the lead is left
                 end = time.monotonic() + turn_s
                 while True:
-                    pid, status, usage = os.wait4(proc.pid, 0 if alone else os.WNOHANG)
+                    pid, status, _ = os.wait4(proc.pid, 0 if alone else os.WNOHANG)
                     if pid:
-                        reap(i, status, usage)
+                        reap(i, status)
                         break
                     left = end - time.monotonic()
                     if left <= 0:
@@ -102,9 +138,10 @@ def run_taking_turns(cmds: list[list[str]], env: dict, turn_s: float, lead: int)
                     break
         for i, proc in enumerate(procs):  # the lead has ended: stop the others where they are
             if proc.returncode is None:
+                peak = group_peak_mib(proc.pid)  # its peak so far: read while it is paused, before the kill
                 os.killpg(proc.pid, signal.SIGKILL)
-                _, status, usage = os.wait4(proc.pid, 0)
-                reap(i, status, usage, stopped=True)
+                _, status, _ = os.wait4(proc.pid, 0)
+                reap(i, status, peak)
     finally:
         for proc in procs:
             if proc.returncode is None:  # failed or interrupted: leave nothing paused or running behind
@@ -113,6 +150,7 @@ def run_taking_turns(cmds: list[list[str]], env: dict, turn_s: float, lead: int)
                 proc.wait()
         for log in logs:
             log.close()
+        rss_dir.cleanup()
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
     return [results[i] for i in range(len(procs))]
@@ -140,11 +178,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.turns < 0:
         ap.error("--turns must be >= 0 (0: one command after the other)")
+    with tempfile.TemporaryDirectory(prefix="fungpt-bench-") as tmp:  # runs and scratch copies: removed at the end
+        return measure(args, argv, Path(tmp))
 
+
+def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
+    """The rounds of main, with their runs in tmp; prints (and appends) the result block."""
     py = sys.executable
     env = dict(os.environ)
     env.setdefault("FUNGPT_DATA_DIR", "/work/shared/data")
-    tmp = Path(tempfile.mkdtemp(prefix="fungpt-bench-"))
+    env["TMPDIR"] = str(tmp)  # nanogpt-cpu.sh's scratch copy goes here too, also when --turns kills it
     arch = [] if args.keep_arch else ["--model.no-bias", "--model.activation", "gelu"]
     ref_shape: list[str] = []
     if args.shape:

@@ -121,8 +121,23 @@ def test_run_taking_turns_reports_a_failed_command_and_leaves_nothing_running(be
     failing = [sys.executable, "-c", "print('bo' + 'om'); raise SystemExit(3)"]  # 'boom' only in its output
     with pytest.raises(SystemExit, match="boom"):
         run_taking_turns([sleeper, failing], dict(os.environ), 0.3, lead=0)
-    with pytest.raises(ProcessLookupError):  # killed and reaped, not left paused or running
-        os.kill(int(pid_file.read_text()), 0)
+    assert _ended(int(pid_file.read_text()))  # killed, not left paused or running
+
+
+def _ended(pid: int, wait_s: float = 5.0) -> bool:
+    """Whether process pid has ended: gone, or a zombie (a command's launcher died with it, so the command waits
+    for init to collect it). Waits up to wait_s for a SIGKILL to be delivered."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state in ("Z", "X") or time.monotonic() > deadline:
+            return state in ("Z", "X")
+        time.sleep(0.01)
 
 
 def test_alternating_with_a_real_hf_generate_gives_every_token_to_both(bench, tmp_path):
@@ -148,3 +163,32 @@ def test_alternating_with_a_real_hf_generate_gives_every_token_to_both(bench, tm
     stream = model.generate_stream(prompt, n, temperature=0.0)
     hf_s, fungpt_s, same = alternating(hf_generate, stream, n, 3)
     assert same and next(stream, None) is None  # FunGPT made exactly n tokens, the same as HF's
+
+
+def _rss_mib() -> float:
+    return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_peak_rss_is_the_commands_own_not_the_bench_scripts(bench):
+    """wait4 on a command started straight from a large process reports at least that process's size."""
+    from bench_train import run_measured
+
+    ballast = torch.ones(256 * 2**20 // 4)  # this process: 256 MiB larger than the command will be
+    command = [sys.executable, "-S", "-c", "x = b'x' * (64 << 20); print(len(x))"]  # writes 64 MiB
+    out, _, peak = run_measured(command, dict(os.environ))
+    assert out.strip() == str(64 << 20)
+    assert 64 <= peak < 64 + 64 < _rss_mib()  # its 64 MiB plus an interpreter, far below this process
+    del ballast
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_run_taking_turns_reports_each_commands_peak_also_when_it_is_stopped(bench):
+    from bench_train import run_taking_turns
+
+    ballast = torch.ones(256 * 2**20 // 4)
+    holder = [sys.executable, "-S", "-c", "import time; x = b'x' * (96 << 20); time.sleep(30)"]  # killed
+    lead = [sys.executable, "-S", "-c", "import time; x = b'x' * (32 << 20); time.sleep(0.5)"]
+    (_, held), (_, led) = run_taking_turns([holder, lead], dict(os.environ), 0.2, lead=1)
+    assert 96 <= held < 96 + 64 and 32 <= led < 32 + 64 and held + led < _rss_mib()
+    del ballast
