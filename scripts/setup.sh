@@ -1,14 +1,25 @@
 #!/usr/bin/env bash
 # Create .venv and install FunGPT into it.   Usage: bash scripts/setup.sh [test]
 #   test: also install the test extras (pytest, ruff, transformers, tiktoken, tensorboard).
-# Torch is installed first and on its own: without a GPU, `torch==2.13.0` is the CPU build
-# (an unpinned `torch` on Linux pulls a multi-GB CUDA build that a CPU cannot use).
+# Torch is installed first and on its own. With an NVIDIA GPU: PyPI's build (CUDA). Without one, on Linux:
+# the CPU build from PyTorch's own index, since PyPI's Linux wheel is the CUDA build with several GB of
+# NVIDIA libraries a CPU cannot use; where that index cannot be reached (an offline mirror of PyPI, which
+# then serves the CPU build), and on macOS and Windows (whose PyPI wheels are CPU builds): torch==2.13.0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+CPU_INDEX=https://download.pytorch.org/whl/cpu
+reachable() { .venv/bin/python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" "$1" \
+  >/dev/null 2>&1; }
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1; then pip install torch; else pip install torch==2.13.0; fi
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    pip install torch
+  elif [ "$(uname -s)" = Linux ] && reachable "$CPU_INDEX/torch/"; then
+    pip install torch==2.13.0 --index-url "$CPU_INDEX" --extra-index-url https://pypi.org/simple
+  else
+    pip install torch==2.13.0
+  fi
 fi
 if [ "${1:-}" = "test" ]; then pip install -e ".[test]"; else pip install -e .; fi
