@@ -25,6 +25,7 @@ live in safetensors (a plain tensor format), and the training state is loaded wi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -193,16 +194,39 @@ def _pointer_names(out_dir: Path, kind: str, folder: Path) -> bool:
 
 
 def find_checkpoint(out_dir: str | Path, kind: str = "latest") -> Path | None:
-    """The folder the `kind` pointer names, or None if the run has no such checkpoint yet."""
+    """The folder the `kind` pointer names, or None if the run has no such checkpoint yet.
+
+    Without a readable pointer (deleted, or damaged) the newest complete `kind` folder is taken: a
+    folder gets its final name only once all its files are written (save_checkpoint), so it is
+    whole. Starting over instead would delete it at the first save.
+    """
     pointer = Path(out_dir) / f"{kind}.json"
     if not pointer.is_file():
-        return None
+        return _newest_folder(Path(out_dir), kind)
     try:
         rel = json.loads(pointer.read_text(encoding="utf-8"))["dir"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-        raise FunGPTError(f"{pointer} is corrupt; delete it to fall back to starting over, "
-                          f"or restore it from a backup") from None
+        newest = _newest_folder(Path(out_dir), kind)
+        if newest is None:
+            raise FunGPTError(f"{pointer} is corrupt and {Path(out_dir) / 'checkpoints'} holds no complete checkpoint; "
+                              f"delete {pointer.name} to start over, or restore the run from a backup") from None
+        return newest
     return Path(out_dir) / rel
+
+
+def _newest_folder(out_dir: Path, kind: str) -> Path | None:
+    """The `kind` checkpoint folder with the highest step (then suffix, see _fresh_folder) that has a manifest."""
+
+    def order(folder: Path) -> tuple[int, int]:
+        step, _, n = folder.name[len(kind) + 1:].partition(".")  # "latest-0000030.1" -> ("0000030", "1")
+        return int(step), int(n or 0)
+
+    folders = []
+    for folder in (out_dir / "checkpoints").glob(f"{kind}-*"):
+        with contextlib.suppress(ValueError):
+            folders.append((order(folder), folder))
+    complete = [f for key, f in sorted(folders, reverse=True) if (f / MANIFEST_FILE).is_file()]
+    return complete[0] if complete else None
 
 
 def verify_checkpoint(ckpt_dir: Path) -> dict[str, Any]:

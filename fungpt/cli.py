@@ -37,7 +37,7 @@ class TrainArgs:
     resume: bool = False
     """Continue the run in out_dir from its last checkpoint."""
     overwrite: bool = False
-    """Delete the run already in out_dir and start over."""
+    """Delete the run already in out_dir (the files training wrote there, nothing else) and start over."""
     dry_run: bool = False
     """Print the plan (parameters, tokens and FLOPs per step, memory needed against the device's, a few
     timed steps and the projected duration) and exit without writing a run folder."""
@@ -323,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # e.g. `fungpt sample ... | head`
         return 0
+    except OSError as e:  # a path that cannot be read or written (a file where a folder is needed, ...)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}; check the path", file=sys.stderr)
+        return 2
     except SystemExit as e:  # tyro's own parse errors and --help (it has printed its message), Ctrl-C's 130
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     return 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -62,6 +63,9 @@ class DataConfig:
             raise FunGPTError(f"data.val_fraction = {self.val_fraction} must be between 0 and 1 (e.g. 0.1)")
         if self.vocab_size is not None and self.vocab_size <= 0:
             raise FunGPTError(f"data.vocab_size = {self.vocab_size} must be positive")
+        if self.vocab_size is not None and self.tokenizer != "bpe":
+            raise FunGPTError(f"data.vocab_size = {self.vocab_size} only applies to the bpe tokenizer, not "
+                              f"{self.tokenizer!r}: remove it from the config file or pass --data.vocab-size None")
 
 
 @dataclass
@@ -145,6 +149,12 @@ class TrainConfig:
     """Weights & Biases project name."""
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # nan passes every comparison below as False, inf most of them
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise FunGPTError(f"train.{f.name} = {value} must be a finite number")
+        if self.seed < 0:
+            raise FunGPTError(f"train.seed = {self.seed} must not be negative")
         positive = ("batch_size", "grad_accum_steps", "eval_interval", "eval_iters", "checkpoint_interval",
                     "log_interval")
         for name in positive:
@@ -198,8 +208,12 @@ class RunConfig:
     out_dir: str = "out/shakespeare-char-cpu"
     """Run folder: config, metrics, checkpoints, tokenizer and plots are written here."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Which text to train on and how to turn it into tokens."""
     model: GPTConfig = field(default_factory=_default_model)
+    """The model. A run's defaults are a small 4 x 128 GPT (0.8M parameters) that trains on a laptop CPU in
+    minutes; GPTConfig() by itself is GPT-2 small (124M)."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """The optimizer, schedule, batches, evals, checkpoints and hardware of the run."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -288,4 +302,8 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FunGPTError(f"{path} is corrupt ({e}); it should be the JSON config written by `fungpt train`") from None
+    if isinstance(d, dict) and ("model_type" in d or "architectures" in d):  # e.g. the folder of `fungpt export`
+        raise FunGPTError(f"{run_dir} holds a Hugging Face model ({d.get('model_type', 'a config.json of its')}), "
+                          f"not a FunGPT training run: fine-tune it with `fungpt train --model.init-from {run_dir}`, "
+                          f"or load it with transformers")
     return RunConfig.from_dict(d, source=str(path))

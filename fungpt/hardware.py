@@ -56,10 +56,10 @@ def choose_precision(device: str, dtype: str, *, cuda: bool, mps: bool, cuda_bf1
         why.append(f"device {device} (auto: {found})")
     else:
         if device == "cuda" and not cuda:
-            raise FunGPTError("train.device = 'cuda' but no CUDA GPU is available here (is the CUDA build of torch "
-                              "installed?); use device = 'auto' or 'cpu'")
+            raise FunGPTError("device 'cuda' was asked for, but no CUDA GPU is available here (is the CUDA build of "
+                              "torch installed?); use device = 'auto' or 'cpu'")
         if device == "mps" and not mps:
-            raise FunGPTError("train.device = 'mps' but Apple's MPS backend is not available here; "
+            raise FunGPTError("device 'mps' was asked for, but Apple's MPS backend is not available here; "
                               "use 'auto' or 'cpu'")
         why.append(f"device {device} (as configured)")
 

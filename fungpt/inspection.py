@@ -241,6 +241,9 @@ def format_report(info: dict) -> str:
               f"  gradients (float32)                 {human_bytes(mem['grads']):>10}",
               f"  AdamW state (2 x float32)           {human_bytes(mem['optimizer']):>10}",
               f"  activations (estimate)              {human_bytes(mem['activations']):>10}",
+              f"  backward temporaries (estimate)     {human_bytes(mem['temporaries']):>10}",
+              *([f"  16-bit weight copies (autocast)     {human_bytes(mem['weight_copies']):>10}"]
+                if mem["weight_copies"] else []),
               f"  training total (estimate)           {human_bytes(mem['total']):>10}",
               f"  KV cache for generation             {human_bytes(mem['kv_cache']):>10}   "
               f"{info['batch_size']} sequences of {info['block_size']} tokens"]

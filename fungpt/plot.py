@@ -13,21 +13,31 @@ DPI = 100
 X_AXES = {  # --x choice: (metrics.jsonl key, axis label)
     "step": ("step", "optimizer step"),
     "tokens": ("tokens", "tokens seen"),
-    "time": ("elapsed_s", "wall time (s)"),
+    "time": ("run_s", "wall time (s)"),
 }
 
 
 def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
-    """Split a run's metrics.jsonl into (train rows, eval rows). Unreadable lines are skipped."""
+    """Split a run's metrics.jsonl into (train rows, eval rows). Unreadable lines are skipped.
+
+    Each row with elapsed_s (seconds since its command started) also gets run_s, the seconds since the
+    run began, over all its commands: a resumed run's elapsed_s starts again from 0.
+    """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FunGPTError(f"{run_dir} has no metrics.jsonl: pass the out_dir of a training run")
     train, evals = [], []
+    earlier = last = 0.0  # seconds of the run's earlier commands; elapsed_s of the previous row
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a half-written last line from a killed run
+        if isinstance(row.get("elapsed_s"), (int, float)):
+            if row["elapsed_s"] < last:  # a resumed command: its clock started again
+                earlier += last
+            last = row["elapsed_s"]
+            row["run_s"] = earlier + last
         (evals if "val_loss" in row else train).append(row)
     return train, evals
 

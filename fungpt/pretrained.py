@@ -153,23 +153,27 @@ def load_weights(model: GPT, path: str | Path) -> None:
         model.load_state_dict(state)
 
 
+def encoding_signature(tok: Tokenizer) -> tuple:
+    """What identifies how `tok` turns text into ids: its size and its ids for a varied probe text; for a
+    tokenizer that cannot encode all of the probe (a character vocabulary), what every id stands for."""
+    try:
+        return tok.vocab_size, tok.encode(PROBE_TEXT)
+    except FunGPTError:
+        return tok.vocab_size, [tok.token_bytes(i) for i in range(tok.vocab_size)]
+
+
 def tokenizer_fingerprint(tok: Tokenizer) -> str:
-    """A short hash of how `tok` encodes the probe text (for cache folder names)."""
-    return hashlib.sha256(repr((tok.vocab_size, tok.encode(PROBE_TEXT))).encode()).hexdigest()[:12]
+    """A short hash of `encoding_signature` (for cache folder names)."""
+    return hashlib.sha256(repr(encoding_signature(tok)).encode()).hexdigest()[:12]
 
 
 def same_encoding(a: Tokenizer, b: Tokenizer) -> bool:
-    """Whether two tokenizers turn text into the same ids (checked on a varied probe text).
+    """Whether two tokenizers turn text into the same ids (`encoding_signature`).
 
     Comparing behaviour rather than names lets e.g. data prepared with tiktoken's `gpt2` encoding
     be used for fine-tuning the hub's gpt2 model, whose tokenizer.json encodes identically.
     """
-    if a.vocab_size != b.vocab_size:
-        return False
-    try:
-        return a.encode(PROBE_TEXT) == b.encode(PROBE_TEXT)
-    except FunGPTError:  # e.g. a char tokenizer that does not know the emoji
-        return False
+    return a.vocab_size == b.vocab_size and encoding_signature(a) == encoding_signature(b)
 
 
 def check_data_tokenizer(data_tok: Tokenizer, data_dir: Path, pre: Pretrained) -> None:

@@ -175,6 +175,8 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise FunGPTError(f"--input {path} does not exist") from None
+        except IsADirectoryError:
+            raise FunGPTError(f"--input {path} is a folder: eval reads one text file") from None
         except UnicodeDecodeError as e:
             raise FunGPTError(f"--input {path} is not valid UTF-8 (byte {e.start}); convert it to UTF-8") from None
         tokens = np.asarray(loaded.tokenizer.encode(text), dtype=np.int64)  # (n,)

@@ -278,12 +278,33 @@ class BPETokenizer(Tokenizer):
         return self._eot
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+        try:
+            return self._tok.encode(text).ids
+        except Exception as e:  # the library raises plain Exceptions (a WordLevel vocabulary without [UNK])
+            raise self._encode_error(text, e) from None
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         # Runs in parallel on all cores (Rust threads); the "fast" variant skips
         # computing character offsets, which we do not need.
-        return [e.ids for e in self._tok.encode_batch_fast(texts)]
+        try:
+            return [e.ids for e in self._tok.encode_batch_fast(texts)]
+        except Exception as e:
+            raise self._encode_error("".join(texts), e) from None
+
+    def _encode_error(self, text: str, error: Exception) -> FunGPTError:
+        """The error for text this tokenizer cannot encode, naming the first character it cannot take alone."""
+
+        def fails(ch: str) -> bool:
+            try:
+                self._tok.encode(ch)
+                return False
+            except Exception:
+                return True
+
+        bad = next((ch for ch in dict.fromkeys(text) if fails(ch)), None)  # unique characters, in order
+        what = f"character {bad!r} is not in its vocabulary" if bad is not None else str(error)
+        return FunGPTError(f"this tokenizer cannot encode the text: {what}; remove it from the text, or use a "
+                           f"tokenizer that covers it")
 
     def decode(self, ids: Iterable[int]) -> str:
         # skip_special_tokens=False keeps <|endoftext|> so decode(encode(s)) == s.
@@ -495,7 +516,8 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     """Read back a tokenizer written by `Tokenizer.save(directory)`."""
     meta_path = Path(directory) / META_FILE
     if not meta_path.is_file():
-        raise FunGPTError(f"no tokenizer found: {meta_path} is missing; run `fungpt prepare` to create it")
+        raise FunGPTError(f"no tokenizer found: {meta_path} is missing (a prepared dataset gets one from `fungpt "
+                          f"prepare`, a run folder from `fungpt train`)")
     try:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)

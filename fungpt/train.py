@@ -43,6 +43,8 @@ from fungpt.errors import FunGPTError
 from fungpt.hardware import Precision, check_compile, detect_precision, keep_freed_memory
 from fungpt.linear import onednn_linear, onednn_works, set_cpu_matmul
 from fungpt.model import GPT
+from fungpt.tokenizer import BPE_FILE as TOKENIZER_BPE_FILE
+from fungpt.tokenizer import META_FILE as TOKENIZER_META_FILE
 from fungpt.tokenizer import Tokenizer, load_tokenizer
 
 # With a time budget, the seconds kept for the command to end after the final checkpoint: printing,
@@ -119,6 +121,40 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
     return out
 
 
+# What a training run writes into its out_dir, and so all that --overwrite deletes there: the folder may
+# hold the user's own files too (a run in the current folder, notes next to the checkpoints).
+RUN_FILES = ("config.json", "run.json", "metrics.jsonl", "latest.json", "best.json", "loss.png",
+             TOKENIZER_META_FILE, TOKENIZER_BPE_FILE)
+RUN_FOLDERS = ("checkpoints", "tensorboard", "wandb")
+
+
+def holds_run(out: Path) -> bool:
+    """Whether out holds a FunGPT training run: a config.json that FunGPT wrote (it loads as a run config), or a
+    damaged one next to the run's other files. A config.json of anything else is not a run."""
+    if not (out / "config.json").is_file():
+        return False
+    try:
+        load_run_config(out)
+        return True
+    except FunGPTError:
+        return any((out / name).exists() for name in ("metrics.jsonl", "latest.json", "checkpoints"))
+
+
+def remove_run(out: Path) -> None:
+    """Delete the files of the run in out (RUN_FILES, RUN_FOLDERS, and their half-written temporaries); leave
+    everything else in the folder alone."""
+    paths = [out / name for name in RUN_FILES] + [t for name in RUN_FILES for t in out.glob(f".{name}.tmp-*")]
+    try:
+        for path in paths:
+            path.unlink(missing_ok=True)
+        for name in RUN_FOLDERS:
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+    except OSError as e:
+        raise FunGPTError(f"could not remove the previous run's {e.filename or out}: {e.strerror or e}; "
+                          f"fix its permissions or choose another out_dir") from None
+
+
 def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> None:
     """Refuse a bad out_dir before any work (data preparation can take minutes); changes nothing."""
     out = Path(cfg.out_dir)
@@ -126,7 +162,10 @@ def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> None:
         raise FunGPTError("--resume and --overwrite contradict each other: pick one")
     if out.exists() and not out.is_dir():
         raise FunGPTError(f"out_dir {out} is a file, not a folder: choose another out_dir")
-    has_run = (out / "config.json").is_file()
+    has_run = holds_run(out)
+    if (out / "config.json").is_file() and not has_run:
+        raise FunGPTError(f"{out} holds a config.json that is not a FunGPT run's, which training would overwrite: "
+                          f"choose another out_dir")
     if resume and not has_run:
         raise FunGPTError(f"nothing to resume in {out}: it holds no training run (drop --resume to start a new run)")
     if has_run and not resume and not overwrite:
@@ -160,7 +199,7 @@ def prepare_out_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
     """Check the run folder: refuse to mix two runs in one folder, or to resume with another model."""
     out = Path(cfg.out_dir)
     check_out_dir(cfg, resume, overwrite)
-    has_run = (out / "config.json").is_file()
+    has_run = holds_run(out)
     if resume:
         # A run killed before its first checkpoint has a config.json but nothing to load; it
         # resumes by starting from step 0 (after the same model check as any other resume).
@@ -171,7 +210,7 @@ def prepare_out_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
             raise FunGPTError(f"cannot resume {out}: its checkpoint was trained with a different model "
                               f"({'; '.join(diffs)}); use the original settings or a new out_dir")
     elif has_run:  # with --overwrite (check_out_dir refused it otherwise)
-        shutil.rmtree(out)
+        remove_run(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -567,6 +606,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
     loader = BatchLoader(data_dir, "train", tc.batch_size, cfg.model.block_size, device=device,
                          seed=tc.seed, rank=ddp.rank, world_size=ddp.world_size)
     step, best_val, elapsed_before, timings = 0, float("inf"), 0.0, {}
+    tokens_before: int | None = None  # tokens trained on before a resume (the batch size may have changed since)
     schedule_origin: float | None = None  # budget seconds used when step 1 began (set before the loop)
     torch.manual_seed(tc.seed + ddp.rank)  # dropout masks differ per rank
 
@@ -585,6 +625,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
             step, best_val, elapsed_before = int(state["step"]), float(state["best_val"]), float(state["elapsed_s"])
             schedule_origin = float(state.get("schedule_origin_s") or 0.0)  # time-budget mode, see below
             timings = state.get("timings") or {}  # so a resumed run knows what to reserve at once
+            tokens_before = state.get("tokens")  # None in checkpoints from before it was saved
             rng = state["rng"][min(ddp.rank, len(state["rng"]) - 1)]
             torch.set_rng_state(rng["cpu"])
             if prec.device == "cuda" and "cuda" in rng:
@@ -595,6 +636,11 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         if step != int(manifest["step"]):
             raise FunGPTError(f"{folder / ckpt.STATE_FILE} is at step {step} but {folder / ckpt.MANIFEST_FILE} "
                               f"says step {manifest['step']}: the checkpoint is inconsistent")
+        if step >= tc.max_iters and tc.max_minutes is None:
+            say(f"fungpt: {out_dir} already reached step {step} (train.max_iters = {tc.max_iters}): nothing to "
+                f"train; raise train.max_iters to continue it")
+            return {"out_dir": str(out_dir), "step": step, "train_loss": float("nan"), "val_loss": float("nan"),
+                    "interrupted": False, "elapsed_s": time.time() - start_time}
         say(f"fungpt: resuming {out_dir} from step {step}")
     elif resume:
         say(f"fungpt: {out_dir} has no checkpoint yet (stopped before its first save): starting from step 0")
@@ -628,6 +674,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         return torch.autocast(device_type=prec.device, dtype=prec.torch_dtype)
 
     tokens_per_step = tc.batch_size * cfg.model.block_size * tc.grad_accum_steps * ddp.world_size
+    tokens_seen = int(tokens_before) if tokens_before is not None else step * tokens_per_step
     peak_flops = measure_peak_flops(device, prec.torch_dtype if prec.device != "cpu" else torch.float32)
     # Once per run, not per step: each walks the module tree (~55 us for the 4 x 128 model)
     params = list(model.parameters())  # for gradient clipping
@@ -661,7 +708,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         losses = evaluate(model, data_dir, cfg, device, autocast)
         if ddp.is_main:
             log.write({"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                       "elapsed_s": round(time.time() - start_time, 3), "tokens": step * tokens_per_step})
+                       "elapsed_s": round(time.time() - start_time, 3), "tokens": tokens_seen})
             if losses["val"] < best_val:
                 best_val = losses["val"]
                 ckpt.save_checkpoint(out_dir, "best", step, model, extra={"val_loss": best_val, **ckpt_extra})
@@ -677,7 +724,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
             raise FunGPTError(f"training diverged by step {step}: the weights contain NaN/inf, so no checkpoint "
                               f"was written and the last good one is untouched. Lower train.lr")
         if ddp.is_main:
-            state = {"step": step, "best_val": best_val, "elapsed_s": elapsed(), "schedule_origin_s": schedule_origin,
+            state = {"step": step, "tokens": tokens_seen, "best_val": best_val, "elapsed_s": elapsed(),
+                     "schedule_origin_s": schedule_origin,
                      "timings": {"step": step_time, "eval": eval_time, "save": save_time, "plot": plot_time},
                      "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "loader": loaders, "rng": rngs}
@@ -711,6 +759,9 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         t0 = time.time()
         losses = do_eval()  # the starting point of the curve: about ln(vocab_size) for random weights
         eval_time = time.time() - t0
+        ln_v = math.log(cfg.model.vocab_size)
+        chance = f" (random weights: about ln(vocab_size) = {ln_v:.4f})" if pre is None else ""
+        say(f"step 0: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{chance}")
     elif step == 0:
         # With a time budget, the end of the run must be reserved before it happens. The step-0 eval
         # is skipped (it would spend seconds of a short budget on a known number, about ln(vocab));
@@ -777,12 +828,12 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
                                       f"train.skip_nonfinite = true to skip such steps")
                 optimizer.zero_grad(set_to_none=True)
                 say(f"fungpt: skipped step {step + 1}: non-finite loss or gradient")
-                step += 1
+                step, tokens_seen = step + 1, tokens_seen + tokens_per_step
                 continue
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
+            step, tokens_seen = step + 1, tokens_seen + tokens_per_step
             step_time = time.time() - t_step
 
             if ddp.is_main and (step % tc.log_interval == 0 or step == 1):
@@ -790,7 +841,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
                 mfu = flops_per_step / step_time / peak_flops  # achieved FLOP/s over the measured ceiling
                 log.write({"step": step, "train_loss": last_loss, "lr": lr, "dt_ms": round(step_time * 1000, 2),
                            "tokens_per_sec": round(tok_s, 1), "mfu": round(mfu, 4),
-                           "elapsed_s": round(time.time() - start_time, 3), "tokens": step * tokens_per_step})
+                           "elapsed_s": round(time.time() - start_time, 3), "tokens": tokens_seen})
                 if bar is not None:
                     # refresh=False: shown at the bar's next (rate-limited) redraw, not redrawn on every log row
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.0%}",
@@ -803,14 +854,15 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
                 eval_time = time.time() - t0
                 if bar is not None:
                     bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            if step % tc.checkpoint_interval == 0:
+            if step % tc.checkpoint_interval == 0 and step < tc.max_iters:  # the last step is saved below
                 do_save()
 
     if bar is not None:
         bar.close()
     if interrupt.stop:
         do_save()
-        say(f"fungpt: interrupted at step {step}; checkpoint saved. Resume with the same command plus --resume")
+        how = "with --resume in place of --overwrite" if overwrite else "plus --resume"
+        say(f"fungpt: interrupted at step {step}; checkpoint saved. Resume with the same command {how}")
     else:
         losses = do_eval()
         say(f"fungpt: step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "

@@ -182,6 +182,13 @@ def test_export_char_run_tokenizer_loads_in_transformers(corpus, tmp_path):
     assert auto(text)["input_ids"] == run.tokenizer.encode(text)
     assert auto.decode(run.tokenizer.encode(text)) == text
 
+    # The exported folder fine-tunes like any Hugging Face GPT-2, though its character vocabulary cannot encode
+    # every character (the tokenizer's fingerprint must not need to).
+    tuned = train(finetune_config(tmp_path / "exp", corpus, tmp_path / "tuned", block_size=16), progress=False)
+    assert tuned["step"] == 10
+    with pytest.raises(FunGPTError, match="character 'é' is not in its vocabulary"):
+        load_tokenizer(tmp_path / "tuned").encode("café")
+
 
 def test_gpt2_tiktoken_encoding_converts_to_the_same_bpe():
     tiktoken = pytest.importorskip("tiktoken")

@@ -605,7 +605,10 @@ CORRUPTIONS = {
     "corrupt manifest": (lambda o: (ckpt.find_checkpoint(o) / "manifest.json").write_text("{not json"),
                          ["manifest.json", "corrupt"]),
     "missing manifest": (lambda o: (ckpt.find_checkpoint(o) / "manifest.json").unlink(), ["manifest.json"]),
-    "corrupt pointer": (lambda o: (o / "latest.json").write_text("{\"dir\": "), ["latest.json", "corrupt"]),
+    # (a corrupt pointer alone is recovered from: the newest complete folder is used, test_train.py)
+    "corrupt pointer, no folder left": (lambda o: (shutil.rmtree(ckpt.find_checkpoint(o)),
+                                                   (o / "latest.json").write_text("{\"dir\": ")),
+                                        ["latest.json", "corrupt", "no complete checkpoint"]),
     "pointer to nowhere": (lambda o: shutil.rmtree(ckpt.find_checkpoint(o)), ["latest-", "missing"]),
     "corrupt config.json": (lambda o: (o / "config.json").write_text("[1, 2"), ["config.json", "corrupt"]),
     "config asks for another model": (lambda o: _edit_config(o, n_embd=64), ["config.json", "n_embd 32 -> 64"]),
@@ -654,6 +657,10 @@ def _files(world, tmp_path) -> dict[str, str]:
     shutil.copytree(world["run"], other)
     (t / "prepared").mkdir()
     (t / "prepared" / "meta.json").write_text("{}")
+    (t / "project").mkdir()  # a folder of the user's own, with a config.json that is not a run's
+    (t / "project" / "config.json").write_text('{"name": "my-app"}')
+    (t / "hf").mkdir()  # like the folder `fungpt export` writes
+    (t / "hf" / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
     return {"corpus": str(world["corpus"]), "data": str(world["data"]), "run": str(world["run"]),
             "other": str(other), "tmp": str(t)}
 
@@ -684,11 +691,15 @@ BAD_INPUTS = {
     "negative grad_clip": ([*TRAIN, "--train.grad-clip", "-1"], "grad_clip"),
     "eval_iters zero": ([*TRAIN, "--train.eval-iters", "0"], "eval_iters"),
     "negative max_minutes": ([*TRAIN, "--train.max-minutes", "-1"], "max_minutes"),
+    "negative seed": ([*TRAIN, "--train.seed", "-1"], "train.seed"),
+    "lr nan": ([*TRAIN, "--train.lr", "nan"], "finite"),
+    "lr inf": ([*TRAIN, "--train.lr", "inf"], "finite"),
     # data
     "unknown tokenizer": ([*TRAIN, "--data.tokenizer", "words"], "tokenizer"),
     "missing data path": ([*TRAIN, "--data.path", "/no/such/file.txt"], "does not exist"),
     "val_fraction 1.5": ([*TRAIN, "--data.val-fraction", "1.5"], "val_fraction"),
     "negative vocab_size": ([*TRAIN, "--data.vocab-size", "-5"], "vocab_size"),
+    "vocab_size for the char tokenizer": ([*TRAIN, "--data.vocab-size", "300"], "--data.vocab-size None"),
     "empty corpus": ([*TRAIN, "--data.path", "{tmp}/empty.txt"], "empty.txt"),
     "corrupt prepared folder": ([*TRAIN, "--data.path", "{tmp}/prepared"], "meta.json"),
     # out_dir
@@ -698,6 +709,8 @@ BAD_INPUTS = {
     "resume with another model": ([*TRAIN, "--out-dir", "{other}", "--resume", *TINY_MODEL[:-2],
                                    "--model.block-size", "8"], "different model"),
     "out_dir is a file": ([*TRAIN, "--out-dir", "{tmp}/a_file"], "is a file"),
+    "out_dir has a config.json of something else": ([*TRAIN, "--out-dir", "{tmp}/project"], "not a FunGPT run"),
+    "... also with --overwrite": ([*TRAIN, "--out-dir", "{tmp}/project", "--overwrite"], "not a FunGPT run"),
     # config files
     "missing config file": ([*TRAIN, "--config", "{tmp}/nope.toml"], "nope.toml"),
     "TOML syntax error": ([*TRAIN, "--config", "{tmp}/bad_syntax.toml"], "not valid TOML"),
@@ -714,6 +727,10 @@ BAD_INPUTS = {
     "sample: top_k 0": (["sample", "--run", "{run}", "--top-k", "0"], "top-k"),
     "sample: missing prompt file": (["sample", "--run", "{run}", "--prompt-file", "{tmp}/nope.txt"], "nope.txt"),
     "sample: cuda without a GPU": (["sample", "--run", "{run}", "--device", "cuda"], "CUDA"),
+    "sample: a Hugging Face folder": (["sample", "--run", "{tmp}/hf"], "Hugging Face model"),
+    "eval: input is a folder": (["eval", "--run", "{run}", "--input", "{tmp}"], "is a folder"),
+    "plot: out under a file": (["plot", "{run}", "--out", "{tmp}/a_file/loss.png"], "a_file"),
+    "export: out under a file": (["export", "--run", "{run}", "--out", "{tmp}/a_file/hf"], "a_file"),
     "eval: missing input": (["eval", "--run", "{run}", "--input", "{tmp}/nope.txt"], "nope.txt"),
     "eval: batch_size 0": (["eval", "--run", "{run}", "--batch-size", "0"], "batch-size"),
     "prepare: missing input": (["prepare", "--input", "{tmp}/nope.txt", "--out", "{tmp}/p"], "nope.txt"),
@@ -738,6 +755,7 @@ def test_bad_input_is_one_clear_line(world, tmp_path, capsys, name):
     code, err = run_cli([a.format(**files) for a in argv], capsys)
     assert_one_line_error(code, err, needle)
     assert sha256_tree(Path(files["other"])) == before  # a refused command leaves existing runs alone
+    assert (tmp_path / "project" / "config.json").read_text() == '{"name": "my-app"}'  # and the user's files
     assert not (tmp_path / "new" / "checkpoints").exists()
 
 

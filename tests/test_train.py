@@ -100,6 +100,64 @@ def test_resume_is_bit_exact(corpus, tmp_path, optimizer):
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
 
 
+def test_overwrite_deletes_the_runs_files_and_nothing_else(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=6), progress=False)
+    (out / "notes.txt").write_text("my notes")
+    (out / "src").mkdir()
+    (out / "src" / "main.py").write_text("print(1)")
+    train(tiny_config(corpus, out, max_iters=3, eval_interval=3), overwrite=True, progress=False)
+    assert (out / "notes.txt").read_text() == "my notes" and (out / "src" / "main.py").is_file()
+    assert max(r["step"] for r in read_rows(out)) == 3  # the old run's rows are gone
+    assert [p.name for p in (out / "checkpoints").glob("latest-*")] == ["latest-0000003"]
+    # A run in the current folder, replaced in place
+    monkeypatch.chdir(out)
+    train(tiny_config(corpus, Path("."), max_iters=2, eval_interval=2), overwrite=True, progress=False)
+    assert (out / "notes.txt").is_file() and max(r["step"] for r in read_rows(out)) == 2
+
+
+@pytest.mark.parametrize("pointer", ["deleted", "corrupt"])
+def test_resume_without_a_readable_pointer_takes_the_newest_checkpoint(corpus, tmp_path, capsys, pointer):
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=12), progress=False)
+    if pointer == "deleted":
+        (out / "latest.json").unlink()
+    else:
+        (out / "latest.json").write_text("{not json")
+    result = train(tiny_config(corpus, out, max_iters=18), resume=True, progress=False)
+    assert "resuming" in capsys.readouterr().out and result["step"] == 18
+    steps = [r["step"] for r in read_rows(out) if "lr" in r]
+    assert steps == list(range(1, 19))  # continued from step 12, not started over
+
+
+def test_the_last_step_is_saved_once_and_a_finished_run_is_left_alone(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=12, checkpoint_interval=6), progress=False)
+    assert [p.name for p in (out / "checkpoints").glob("latest-*")] == ["latest-0000012"]  # no latest-0000012.1
+    before = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    result = train(tiny_config(corpus, out, max_iters=12), resume=True, progress=False)
+    assert result["step"] == 12 and "nothing to train" in capsys.readouterr().out
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_tokens_and_time_add_up_across_a_resume_with_another_batch_size(corpus, tmp_path):
+    from fungpt.plot import read_metrics
+
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=6), progress=False)  # batch 4 x block 16
+    train(tiny_config(corpus, out, max_iters=8, batch_size=2), resume=True, progress=False)
+    tokens = {r["step"]: r["tokens"] for r in read_rows(out) if "lr" in r}
+    assert tokens[6] == 6 * 4 * 16 and tokens[7] == tokens[6] + 2 * 16 and tokens[8] == tokens[7] + 2 * 16
+    # elapsed_s counts from each command's start; read_metrics adds run_s, the time over the run's commands
+    rows = [{"step": 5, "train_loss": 2.0, "elapsed_s": 9.0}, {"step": 6, "train_loss": 2.0, "val_loss": 2.1,
+            "elapsed_s": 10.0}, {"step": 7, "train_loss": 1.9, "elapsed_s": 3.0}, {"step": 8, "train_loss": 1.8,
+            "elapsed_s": 4.0}]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train_rows, eval_rows = read_metrics(out)
+    assert [r["run_s"] for r in train_rows] == [9.0, 13.0, 14.0] and eval_rows[0]["run_s"] == 10.0
+
+
 def test_resume_refuses_data_with_another_tokenizer_of_the_same_size(corpus, tmp_path):
     out = tmp_path / "run"
     train(tiny_config(corpus, out, max_iters=6), progress=False)
