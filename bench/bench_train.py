@@ -78,12 +78,21 @@ def run_measured(cmd: list[str], env: dict) -> tuple[str, float, float]:
     with tempfile.TemporaryDirectory(prefix="fungpt-rss-") as d:
         rss_file = Path(d) / "peak"
         t0 = time.perf_counter()
-        proc = subprocess.run(launched(cmd, rss_file), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                              text=True)
+        # A process group of its own, killed whole if this script stops early (Ctrl-C): the launcher and the
+        # command both, not the launcher alone
+        proc = subprocess.Popen(launched(cmd, rss_file), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                text=True, start_new_session=True)
+        try:
+            out, _ = proc.communicate()
+        finally:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
-            raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}")
-        return proc.stdout, wall, read_peak_mib(rss_file)
+            raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{out[-3000:]}")
+        return out, wall, read_peak_mib(rss_file)
 
 
 def run_taking_turns(cmds: list[list[str]], env: dict, turn_s: float, lead: int) -> list[tuple[str, float]]:

@@ -16,6 +16,7 @@ can fix.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -325,7 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except OSError as e:  # a path that cannot be read or written (a file where a folder is needed, ...)
         where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}; check the path", file=sys.stderr)
+        path_errors = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EACCES, errno.EPERM,
+                       errno.EROFS, errno.ENAMETOOLONG)
+        hint = "; check the path" if e.errno in path_errors else ""  # not for e.g. a full disk
+        print(f"error: {where}{e.strerror or e}{hint}", file=sys.stderr)
         return 2
     except SystemExit as e:  # tyro's own parse errors and --help (it has printed its message), Ctrl-C's 130
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)

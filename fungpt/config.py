@@ -302,8 +302,23 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FunGPTError(f"{path} is corrupt ({e}); it should be the JSON config written by `fungpt train`") from None
-    if isinstance(d, dict) and ("model_type" in d or "architectures" in d):  # e.g. the folder of `fungpt export`
+    if is_hf_config(path):  # e.g. the folder of `fungpt export`
         raise FunGPTError(f"{run_dir} holds a Hugging Face model ({d.get('model_type', 'a config.json of its')}), "
                           f"not a FunGPT training run: fine-tune it with `fungpt train --model.init-from {run_dir}`, "
                           f"or load it with transformers")
+    if not isinstance(d, dict):
+        raise FunGPTError(f"{path} is not a FunGPT run config (it holds a JSON {type(d).__name__}, not an object)")
+    data = d.get("data")
+    if isinstance(data, dict) and data.get("tokenizer", "char") != "bpe":
+        # Versions before the check in DataConfig saved a vocab_size that only bpe uses (it was ignored)
+        data.pop("vocab_size", None)
     return RunConfig.from_dict(d, source=str(path))
+
+
+def is_hf_config(path: Path) -> bool:
+    """Whether the JSON file at path is a Hugging Face model config (it names a model_type or architectures)."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and ("model_type" in d or "architectures" in d)

@@ -106,8 +106,9 @@ class GPTConfig:
             )
         if self.norm not in NORMS:
             raise FunGPTError(f"model config norm={self.norm!r} is unknown: use one of {', '.join(NORMS)}")
-        if self.rope_base <= 0:
-            raise FunGPTError(f"model config rope_base={self.rope_base} must be positive: the usual value is 10000")
+        if not 0 < self.rope_base < math.inf:  # (nan fails this too)
+            raise FunGPTError(f"model config rope_base={self.rope_base} must be a positive number: the usual value is "
+                              f"10000")
         if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2 != 0:
             raise FunGPTError(
                 f"model config head size n_embd/n_head={self.n_embd // self.n_head} must be even for "

@@ -20,8 +20,9 @@ X_AXES = {  # --x choice: (metrics.jsonl key, axis label)
 def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     """Split a run's metrics.jsonl into (train rows, eval rows). Unreadable lines are skipped.
 
-    Each row with elapsed_s (seconds since its command started) also gets run_s, the seconds since the
-    run began, over all its commands: a resumed run's elapsed_s starts again from 0.
+    Every row gets run_s, the seconds since the run began over all its commands (a resumed run's
+    elapsed_s starts again from 0 with each command). Training logs it; for files from versions that
+    did not, it is rebuilt from elapsed_s, taking each drop in elapsed_s for a resume.
     """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
@@ -33,11 +34,11 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a half-written last line from a killed run
-        if isinstance(row.get("elapsed_s"), (int, float)):
+        if "run_s" not in row and isinstance(row.get("elapsed_s"), (int, float)):
             if row["elapsed_s"] < last:  # a resumed command: its clock started again
                 earlier += last
             last = row["elapsed_s"]
-            row["run_s"] = earlier + last
+            row["run_s"] = round(earlier + last, 3)
         (evals if "val_loss" in row else train).append(row)
     return train, evals
 

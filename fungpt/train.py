@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from fungpt import checkpoint as ckpt
 from fungpt import pretrained
-from fungpt.config import DataConfig, RunConfig, TrainConfig, default_model, load_run_config
+from fungpt.config import DataConfig, RunConfig, TrainConfig, default_model, is_hf_config, load_run_config
 from fungpt.data import BatchLoader, cache_dir, check_split_fits, iter_eval_windows, load_meta, prepare, resolve_source
 from fungpt.errors import FunGPTError
 from fungpt.hardware import Precision, check_compile, detect_precision, keep_freed_memory
@@ -122,37 +122,54 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
 
 
 # What a training run writes into its out_dir, and so all that --overwrite deletes there: the folder may
-# hold the user's own files too (a run in the current folder, notes next to the checkpoints).
-RUN_FILES = ("config.json", "run.json", "metrics.jsonl", "latest.json", "best.json", "loss.png",
-             TOKENIZER_META_FILE, TOKENIZER_BPE_FILE)
-RUN_FOLDERS = ("checkpoints", "tensorboard", "wandb")
+# hold the user's own files too (a run in the current folder, notes next to the checkpoints). config.json
+# comes last: until it is gone the folder still counts as a run, so a failed --overwrite can be repeated.
+RUN_FILES = ("run.json", "metrics.jsonl", "latest.json", "best.json", "loss.png", TOKENIZER_META_FILE,
+             TOKENIZER_BPE_FILE, "config.json")
+CHECKPOINT_KINDS = ("latest", "best")  # checkpoints/{kind}-STEP folders (checkpoint.py)
+
+
+def _run_checkpoints(out: Path) -> list[Path]:
+    """The checkpoint folders a run wrote under out/checkpoints, and their half-written temporaries."""
+    folder = out / "checkpoints"
+    return [p for kind in CHECKPOINT_KINDS for pattern in (f"{kind}-*", f".{kind}-*.tmp-*")
+            for p in folder.glob(pattern)]
 
 
 def holds_run(out: Path) -> bool:
-    """Whether out holds a FunGPT training run: a config.json that FunGPT wrote (it loads as a run config), or a
-    damaged one next to the run's other files. A config.json of anything else is not a run."""
-    if not (out / "config.json").is_file():
-        return False
-    try:
-        load_run_config(out)
-        return True
-    except FunGPTError:
-        return any((out / name).exists() for name in ("metrics.jsonl", "latest.json", "checkpoints"))
+    """Whether out holds a FunGPT training run: a config.json that loads as a run config, or, if that file is
+    missing or damaged, a checkpoint of FunGPT's (a manifest in checkpoints/latest-* or best-*) or its
+    tokenizer file. A config.json of anything else (a project, a Hugging Face model) is not a run."""
+    if (out / "config.json").is_file():
+        try:
+            load_run_config(out)
+            return True
+        except FunGPTError:
+            if is_hf_config(out / "config.json"):
+                return False
+    return (out / TOKENIZER_META_FILE).is_file() or any((p / ckpt.MANIFEST_FILE).is_file()
+                                                        for p in _run_checkpoints(out))
 
 
 def remove_run(out: Path) -> None:
-    """Delete the files of the run in out (RUN_FILES, RUN_FOLDERS, and their half-written temporaries); leave
-    everything else in the folder alone."""
-    paths = [out / name for name in RUN_FILES] + [t for name in RUN_FILES for t in out.glob(f".{name}.tmp-*")]
+    """Delete what the run in out wrote (its checkpoint folders, RUN_FILES, TensorBoard event files, and
+    half-written temporaries); leave everything else in the folder alone."""
     try:
-        for path in paths:
-            path.unlink(missing_ok=True)
-        for name in RUN_FOLDERS:
-            if (out / name).is_dir():
-                shutil.rmtree(out / name)
+        for path in _run_checkpoints(out):
+            if path.is_symlink() or not path.is_dir():
+                path.unlink()
+            else:
+                shutil.rmtree(path)
+        with contextlib.suppress(OSError):
+            (out / "checkpoints").rmdir()  # only if nothing else is left in it
+        for path in (out / "tensorboard").glob("events.out.tfevents.*"):
+            path.unlink()
+        for name in RUN_FILES:
+            for path in [*out.glob(f".{name}.tmp-*"), out / name]:
+                path.unlink(missing_ok=True)
     except OSError as e:
         raise FunGPTError(f"could not remove the previous run's {e.filename or out}: {e.strerror or e}; "
-                          f"fix its permissions or choose another out_dir") from None
+                          f"fix that and pass --overwrite again, or choose another out_dir") from None
 
 
 def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> None:
@@ -163,7 +180,7 @@ def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FunGPTError(f"out_dir {out} is a file, not a folder: choose another out_dir")
     has_run = holds_run(out)
-    if (out / "config.json").is_file() and not has_run:
+    if (out / "config.json").is_file() and not has_run:  # not one of ours: never overwrite or delete it
         raise FunGPTError(f"{out} holds a config.json that is not a FunGPT run's, which training would overwrite: "
                           f"choose another out_dir")
     if resume and not has_run:
@@ -636,7 +653,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         if step != int(manifest["step"]):
             raise FunGPTError(f"{folder / ckpt.STATE_FILE} is at step {step} but {folder / ckpt.MANIFEST_FILE} "
                               f"says step {manifest['step']}: the checkpoint is inconsistent")
-        if step >= tc.max_iters and tc.max_minutes is None:
+        if step >= tc.max_iters:
             say(f"fungpt: {out_dir} already reached step {step} (train.max_iters = {tc.max_iters}): nothing to "
                 f"train; raise train.max_iters to continue it")
             return {"out_dir": str(out_dir), "step": step, "train_loss": float("nan"), "val_loss": float("nan"),
@@ -708,7 +725,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         losses = evaluate(model, data_dir, cfg, device, autocast)
         if ddp.is_main:
             log.write({"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                       "elapsed_s": round(time.time() - start_time, 3), "tokens": tokens_seen})
+                       "elapsed_s": round(time.time() - start_time, 3), "run_s": round(elapsed(), 3),
+                       "tokens": tokens_seen})
             if losses["val"] < best_val:
                 best_val = losses["val"]
                 ckpt.save_checkpoint(out_dir, "best", step, model, extra={"val_loss": best_val, **ckpt_extra})
@@ -841,7 +859,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
                 mfu = flops_per_step / step_time / peak_flops  # achieved FLOP/s over the measured ceiling
                 log.write({"step": step, "train_loss": last_loss, "lr": lr, "dt_ms": round(step_time * 1000, 2),
                            "tokens_per_sec": round(tok_s, 1), "mfu": round(mfu, 4),
-                           "elapsed_s": round(time.time() - start_time, 3), "tokens": tokens_seen})
+                           "elapsed_s": round(time.time() - start_time, 3), "run_s": round(elapsed(), 3),
+                           "tokens": tokens_seen})
                 if bar is not None:
                     # refresh=False: shown at the bar's next (rate-limited) redraw, not redrawn on every log row
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.0%}",
@@ -861,8 +880,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         bar.close()
     if interrupt.stop:
         do_save()
-        how = "with --resume in place of --overwrite" if overwrite else "plus --resume"
-        say(f"fungpt: interrupted at step {step}; checkpoint saved. Resume with the same command {how}")
+        how = " with --resume in place of --overwrite" if overwrite else "" if resume else " plus --resume"
+        say(f"fungpt: interrupted at step {step}; checkpoint saved. Resume with the same command{how}")
     else:
         losses = do_eval()
         say(f"fungpt: step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "

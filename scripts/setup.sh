@@ -2,9 +2,11 @@
 # Create .venv and install FunGPT into it.   Usage: bash scripts/setup.sh [test]
 #   test: also install the test extras (pytest, ruff, transformers, tiktoken, tensorboard).
 # Torch is installed first and on its own. With an NVIDIA GPU: PyPI's build (CUDA). Without one, on Linux:
-# the CPU build from PyTorch's own index, since PyPI's Linux wheel is the CUDA build with several GB of
-# NVIDIA libraries a CPU cannot use; where that index cannot be reached (an offline mirror of PyPI, which
-# then serves the CPU build), and on macOS and Windows (whose PyPI wheels are CPU builds): torch==2.13.0.
+# the CPU build (2.13.0+cpu) from PyTorch's own index, added to the usual one: PyPI's Linux wheel is the
+# CUDA build, with several GB of NVIDIA libraries a CPU cannot use. Where PyTorch's index cannot be reached
+# (the probe honours the https_proxy variable, not pip.conf), and on macOS and Windows, whose PyPI wheels
+# are CPU builds: torch==2.13.0 from the usual index, which on Linux is the CPU build only if that index
+# (a local mirror) serves it; the line printed at the end says which build was installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -17,9 +19,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then
     pip install torch
   elif [ "$(uname -s)" = Linux ] && reachable "$CPU_INDEX/torch/"; then
-    pip install torch==2.13.0 --index-url "$CPU_INDEX" --extra-index-url https://pypi.org/simple
+    pip install torch==2.13.0 --extra-index-url "$CPU_INDEX"  # 2.13.0+cpu ranks above 2.13.0 (PEP 440)
   else
     pip install torch==2.13.0
   fi
+  .venv/bin/python -c "import torch; print('setup: installed torch', torch.__version__, '(CUDA build)' if torch.version.cuda else '(CPU build)')"
 fi
 if [ "${1:-}" = "test" ]; then pip install -e ".[test]"; else pip install -e .; fi

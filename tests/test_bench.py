@@ -192,3 +192,26 @@ def test_run_taking_turns_reports_each_commands_peak_also_when_it_is_stopped(ben
     (_, held), (_, led) = run_taking_turns([holder, lead], dict(os.environ), 0.2, lead=1)
     assert 96 <= held < 96 + 64 and 32 <= led < 32 + 64 and held + led < _rss_mib()
     del ballast
+
+
+def test_run_measured_stopped_early_leaves_nothing_running(bench, tmp_path, monkeypatch):
+    """Ctrl-C while a command runs: the command goes too, not only its launcher (peak_rss.py)."""
+    import subprocess
+    import time
+
+    from bench_train import run_measured
+
+    pid_file = tmp_path / "pid"
+    command = [sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+               "time.sleep(30)"]
+
+    def interrupted(self, *args, **kwargs):  # Ctrl-C once the command is running
+        deadline = time.monotonic() + 20
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(subprocess.Popen, "communicate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_measured(command, dict(os.environ))
+    assert _ended(int(pid_file.read_text()))

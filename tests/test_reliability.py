@@ -660,6 +660,13 @@ def _files(world, tmp_path) -> dict[str, str]:
     (t / "project").mkdir()  # a folder of the user's own, with a config.json that is not a run's
     (t / "project" / "config.json").write_text('{"name": "my-app"}')
     (t / "hf").mkdir()  # like the folder `fungpt export` writes
+    mlproj = t / "mlproj"  # another tool's model folder: its config.json, checkpoints/ and metrics.jsonl
+    (mlproj / "checkpoints" / "epoch3").mkdir(parents=True)
+    (mlproj / "checkpoints" / "epoch3" / "model.bin").write_bytes(b"weights")
+    (mlproj / "config.json").write_text('{"model_type": "llama"}')
+    (mlproj / "metrics.jsonl").write_text('{"loss": 1.0}\n')
+    (t / "nulljson").mkdir()
+    (t / "nulljson" / "config.json").write_text("null")
     (t / "hf" / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
     return {"corpus": str(world["corpus"]), "data": str(world["data"]), "run": str(world["run"]),
             "other": str(other), "tmp": str(t)}
@@ -711,6 +718,10 @@ BAD_INPUTS = {
     "out_dir is a file": ([*TRAIN, "--out-dir", "{tmp}/a_file"], "is a file"),
     "out_dir has a config.json of something else": ([*TRAIN, "--out-dir", "{tmp}/project"], "not a FunGPT run"),
     "... also with --overwrite": ([*TRAIN, "--out-dir", "{tmp}/project", "--overwrite"], "not a FunGPT run"),
+    "out_dir of another tool's model, with --overwrite": ([*TRAIN, "--out-dir", "{tmp}/mlproj", "--overwrite"],
+                                                          "not a FunGPT run"),
+    "out_dir with a config.json of null": ([*TRAIN, "--out-dir", "{tmp}/nulljson"], "not a FunGPT run"),
+    "sample: a config.json of null": (["sample", "--run", "{tmp}/nulljson"], "not a FunGPT run config"),
     # config files
     "missing config file": ([*TRAIN, "--config", "{tmp}/nope.toml"], "nope.toml"),
     "TOML syntax error": ([*TRAIN, "--config", "{tmp}/bad_syntax.toml"], "not valid TOML"),
@@ -756,6 +767,8 @@ def test_bad_input_is_one_clear_line(world, tmp_path, capsys, name):
     assert_one_line_error(code, err, needle)
     assert sha256_tree(Path(files["other"])) == before  # a refused command leaves existing runs alone
     assert (tmp_path / "project" / "config.json").read_text() == '{"name": "my-app"}'  # and the user's files
+    assert (tmp_path / "mlproj" / "checkpoints" / "epoch3" / "model.bin").is_file()
+    assert (tmp_path / "mlproj" / "config.json").is_file() and (tmp_path / "mlproj" / "metrics.jsonl").is_file()
     assert not (tmp_path / "new" / "checkpoints").exists()
 
 

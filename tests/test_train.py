@@ -106,14 +106,50 @@ def test_overwrite_deletes_the_runs_files_and_nothing_else(corpus, tmp_path, mon
     (out / "notes.txt").write_text("my notes")
     (out / "src").mkdir()
     (out / "src" / "main.py").write_text("print(1)")
+    (out / "checkpoints" / "README").write_text("mine")
     train(tiny_config(corpus, out, max_iters=3, eval_interval=3), overwrite=True, progress=False)
     assert (out / "notes.txt").read_text() == "my notes" and (out / "src" / "main.py").is_file()
+    assert (out / "checkpoints" / "README").read_text() == "mine"
     assert max(r["step"] for r in read_rows(out)) == 3  # the old run's rows are gone
     assert [p.name for p in (out / "checkpoints").glob("latest-*")] == ["latest-0000003"]
     # A run in the current folder, replaced in place
     monkeypatch.chdir(out)
     train(tiny_config(corpus, Path("."), max_iters=2, eval_interval=2), overwrite=True, progress=False)
     assert (out / "notes.txt").is_file() and max(r["step"] for r in read_rows(out)) == 2
+
+
+def test_overwrite_with_a_symlinked_checkpoints_folder_cleans_inside_it(corpus, tmp_path):
+    out, elsewhere = tmp_path / "run", tmp_path / "big-disk"
+    elsewhere.mkdir()
+    (elsewhere / "other.txt").write_text("keep")
+    out.mkdir()
+    (out / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    train(tiny_config(corpus, out, max_iters=6), progress=False)
+    train(tiny_config(corpus, out, max_iters=3, eval_interval=3), overwrite=True, progress=False)
+    assert (out / "checkpoints").is_symlink() and (elsewhere / "other.txt").read_text() == "keep"
+    assert sorted(p.name for p in elsewhere.glob("latest-*")) == ["latest-0000003"]
+
+
+def test_a_run_that_lost_its_config_is_not_trained_over(corpus, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=6), progress=False)
+    (out / "config.json").unlink()
+    with pytest.raises(FunGPTError, match="already holds a training run"):
+        train(tiny_config(corpus, out, max_iters=3), progress=False)
+    assert ckpt.find_checkpoint(out).name == "latest-0000006"
+
+
+def test_a_run_saved_with_vocab_size_and_the_char_tokenizer_still_loads(corpus, tmp_path):
+    """Earlier versions accepted (and ignored) data.vocab_size for char and gpt2; their run folders still load."""
+    from fungpt.config import load_run_config
+
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=2, eval_interval=2), progress=False)
+    saved = json.loads((out / "config.json").read_text())
+    saved["data"]["vocab_size"] = 512
+    (out / "config.json").write_text(json.dumps(saved))
+    assert load_run_config(out).data.vocab_size is None
+    assert sample(out, prompt="the ", max_new_tokens=3, seed=0)
 
 
 @pytest.mark.parametrize("pointer", ["deleted", "corrupt"])
@@ -149,7 +185,10 @@ def test_tokens_and_time_add_up_across_a_resume_with_another_batch_size(corpus, 
     train(tiny_config(corpus, out, max_iters=8, batch_size=2), resume=True, progress=False)
     tokens = {r["step"]: r["tokens"] for r in read_rows(out) if "lr" in r}
     assert tokens[6] == 6 * 4 * 16 and tokens[7] == tokens[6] + 2 * 16 and tokens[8] == tokens[7] + 2 * 16
+    run_s = [r["run_s"] for r in read_rows(out) if "lr" in r]  # logged: the time over the run's commands
+    assert run_s == sorted(run_s)
     # elapsed_s counts from each command's start; read_metrics adds run_s, the time over the run's commands
+    # (files written before training logged run_s)
     rows = [{"step": 5, "train_loss": 2.0, "elapsed_s": 9.0}, {"step": 6, "train_loss": 2.0, "val_loss": 2.1,
             "elapsed_s": 10.0}, {"step": 7, "train_loss": 1.9, "elapsed_s": 3.0}, {"step": 8, "train_loss": 1.8,
             "elapsed_s": 4.0}]
