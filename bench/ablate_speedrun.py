@@ -50,8 +50,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--append", type=Path, default=None)
     args = ap.parse_args(argv)
-    if args.steps <= 10:
-        ap.error("--steps must be more than 10: the median step time skips the first 10 steps")
+    if args.steps < 10:
+        ap.error("--steps must be at least 10: the median step time is taken over steps 10 and later")
     with tempfile.TemporaryDirectory(prefix="fungpt-ablate-") as tmp:  # the runs: removed at the end
         return measure(args, argv, Path(tmp))
 

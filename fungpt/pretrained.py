@@ -205,6 +205,10 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "last"
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FunGPTError(f"--out {out} already exists and is not an empty folder; choose a new folder")
     run = load_run(run_dir, checkpoint=checkpoint, device="cpu")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)  # here, so that a bad path is named as the user wrote it
+    except OSError as e:
+        raise FunGPTError(f"cannot create the folder for --out {out}: {e.filename}: {e.strerror}") from None
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -189,8 +189,15 @@ def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> None:
         raise FunGPTError(f"{out} already holds a training run: pass --resume to continue it, --overwrite to "
                           f"replace it, or choose another out_dir")
     if resume:
-        load_run_config(out)  # a corrupt config.json is reported now, not after preparing the data
+        saved = load_run_config(out)  # a corrupt config.json is reported now, not after preparing the data
         ckpt.find_checkpoint(out)  # likewise a corrupt latest.json
+        old, new = saved.data, cfg.data
+        if old.path == new.path and (old.tokenizer, old.vocab_size) != (new.tokenizer, new.vocab_size):
+            # (caught later too, by the tokenizer check, but only after a possibly long tokenizer training)
+            raise FunGPTError(f"cannot resume {out}: it was trained on {old.path} with data.tokenizer = "
+                              f"{old.tokenizer!r} (vocab_size {old.vocab_size}), not {new.tokenizer!r} "
+                              f"(vocab_size {new.vocab_size}); resume with the original data settings or train "
+                              f"into a new out_dir")
 
 
 def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool = True):

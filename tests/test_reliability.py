@@ -713,6 +713,8 @@ BAD_INPUTS = {
     "out_dir holds another run": ([*TRAIN, "--out-dir", "{other}"], "already holds a training run"),
     "resume and overwrite": ([*TRAIN, "--out-dir", "{other}", "--resume", "--overwrite"], "contradict"),
     "resume an empty folder": ([*TRAIN, "--resume"], "nothing to resume"),
+    "resume with another tokenizer": ([*TRAIN, "--out-dir", "{other}", "--resume", "--data.tokenizer", "bpe"],
+                                      "data.tokenizer = 'char'"),
     "resume with another model": ([*TRAIN, "--out-dir", "{other}", "--resume", *TINY_MODEL[:-2],
                                    "--model.block-size", "8"], "different model"),
     "out_dir is a file": ([*TRAIN, "--out-dir", "{tmp}/a_file"], "is a file"),
