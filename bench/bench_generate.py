@@ -38,11 +38,6 @@ from pathlib import Path
 import torch
 from benchlib import cpu_times, machine, machine_state, memory_read_gbs, publish
 
-# The published GPT-2 sizes (n_layer, n_head, n_embd): a config that fine-tunes one (init_from) is measured
-# at that shape without downloading its weights.
-GPT2_HUB_SIZES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
-                  "gpt2-xl": (48, 25, 1600)}
-
 
 def config_model(path: Path):
     """The GPTConfig a training run of this TOML config would build, without its data or weights: the vocabulary
@@ -51,7 +46,8 @@ def config_model(path: Path):
     from fungpt.config import load_config
     from fungpt.errors import FunGPTError
     from fungpt.model import GPT
-    from fungpt.tokenizer import DEFAULT_BPE_VOCAB
+    from fungpt.pretrained import HUB_SHAPES  # the published GPT-2 sizes: a fine-tuning config is measured at
+    from fungpt.tokenizer import DEFAULT_BPE_VOCAB  # its shape without downloading the weights
 
     try:
         run = load_config(path)
@@ -60,13 +56,13 @@ def config_model(path: Path):
             return GPT.hf_config(Path(init).expanduser())
     except FunGPTError as e:
         raise SystemExit(f"bench_generate: {e}") from None
-    if init in GPT2_HUB_SIZES:
-        n_layer, n_head, n_embd = GPT2_HUB_SIZES[init]
+    if init in HUB_SHAPES:
+        n_layer, n_head, n_embd = HUB_SHAPES[init]
         cfg = dataclasses.replace(cfg, n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50257,
                                   block_size=1024)
     elif init != "scratch":
         raise SystemExit(f"{path}: init_from = {init!r} is neither a local folder nor one of "
-                         f"{', '.join(GPT2_HUB_SIZES)}: cannot tell the model's shape")
+                         f"{', '.join(HUB_SHAPES)}: cannot tell the model's shape")
     elif run.data.tokenizer == "bpe":
         cfg = dataclasses.replace(cfg, vocab_size=run.data.vocab_size or DEFAULT_BPE_VOCAB)
     elif run.data.tokenizer == "gpt2":

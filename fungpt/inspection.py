@@ -152,7 +152,8 @@ def _read_tokens_seen(run_dir: Path) -> tuple[int | None, int | None]:
 
 def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
     """Everything `fungpt inspect` prints, as a dict. `target` is a run folder or a .toml config."""
-    from fungpt.config import load_config, load_run_config
+    from fungpt import pretrained
+    from fungpt.config import default_model, load_config, load_run_config
     from fungpt.hardware import detect_precision
 
     target = Path(target)
@@ -175,8 +176,13 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
     elif target.suffix == ".toml":
         cfg = load_config(target)
         info["kind"] = "config"
-        vocab, info["vocab_note"] = _vocab_for_config(cfg)
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+        if pretrained.is_pretrained(cfg.model.init_from):  # fine-tuning: the checkpoint's architecture, as training
+            checkpoint, info["vocab_note"] = pretrained.architecture(cfg.model.init_from)
+            model = pretrained.merge_model_config(cfg.model, checkpoint, default_model())
+        else:
+            vocab, info["vocab_note"] = _vocab_for_config(cfg)
+            model = dataclasses.replace(cfg.model, vocab_size=vocab)
+        cfg = dataclasses.replace(cfg, model=model)
         dtype = detect_precision(cfg.train.device, cfg.train.dtype).dtype if cfg.train.dtype == "auto" \
             else cfg.train.dtype
     else:
@@ -229,7 +235,7 @@ def format_report(info: dict) -> str:
     lines += [f"  {'one block (blocks.*)':<60}{block:>12,}",
               f"  {f'all {m.n_layer} blocks':<60}{block * m.n_layer:>12,}",
               f"  {'total':<60}{info['params']:>12,}",
-              f"  {'total without position table':<60}{info['params_non_embedding']:>12,}"]
+              f"  {'total without look-up tables (positions; untied wte)':<60}{info['params_non_embedding']:>12,}"]
     ft, ff = info["flops_per_token_train"], info["flops_per_token_forward"]
     lines += ["", "compute (at full context)",
               f"  FLOPs per token, forward            {human_count(ff):>10}",

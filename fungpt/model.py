@@ -344,8 +344,8 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module: nn.Module) -> None:
-        # GPT-2 initialisation: N(0, 0.02) weights, zero biases. (HF uses std 0.01 for the
-        # learned position table; we use 0.02 for it too, it makes no practical difference.)
+        # GPT-2 initialisation: N(0, 0.02) weights, zero biases, as Hugging Face's GPT2 does (its
+        # initializer_range). OpenAI's original code drew the position table with std 0.01.
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,10 @@ from fungpt.model import GPT, GPTConfig
 from fungpt.tokenizer import HFTokenizer, Tokenizer
 
 SCRATCH = "scratch"
-HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# The published GPT-2 sizes (n_layer, n_head, n_embd); all have a 1024-token context and 50,257 tokens.
+HUB_SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
+              "gpt2-xl": (48, 25, 1600)}
+HUB_NAMES = tuple(HUB_SHAPES)
 # What we need from a hub repository: the config, the weights and the tokenizer (not the
 # TensorFlow, Flax, ONNX... copies of the weights that the gpt2 repositories also hold).
 HUB_FILES = ["config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt"]
@@ -101,6 +105,27 @@ def resolve_path(init_from: str) -> Path:
         return _hub_folder(init_from)
     raise FunGPTError(f"model.init_from = {init_from!r} is neither 'scratch', a local Hugging Face GPT-2 folder, "
                       f"nor a hub name ({', '.join(HUB_NAMES)}); check the path")
+
+
+def architecture(init_from: str) -> tuple[GPTConfig, str | None]:
+    """The architecture `init_from` names, without downloading anything, and a note when it was assumed: a local
+    folder's config.json, a hub model's from the local cache, else the published shape of that GPT-2 size
+    (what `fungpt inspect` shows for a fine-tuning config)."""
+    path = Path(init_from).expanduser()
+    if path.is_dir():
+        return GPT.hf_config(path), None
+    if init_from in HUB_SHAPES:
+        try:
+            from huggingface_hub import snapshot_download
+
+            return GPT.hf_config(Path(snapshot_download(init_from, allow_patterns=HUB_FILES,
+                                                        local_files_only=True))), None
+        except Exception:  # noqa: BLE001 - not installed, or not cached
+            n_layer, n_head, n_embd = HUB_SHAPES[init_from]
+            # GPTConfig() is GPT-2 small's architecture, with the vocabulary padded; GPT-2's is 50,257 tokens
+            shape = GPTConfig(vocab_size=50257, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+            return shape, f"{init_from} is not in the local Hugging Face cache: its published shape is shown"
+    return GPT.hf_config(resolve_path(init_from)), None  # neither a folder nor a hub name: resolve_path raises
 
 
 def resolve(init_from: str) -> Pretrained:
@@ -213,6 +238,11 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "last"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         run.model.save_hf(tmp)
+        # The end-of-text id, so that transformers' generate stops there (without it, it assumes GPT-2's
+        # 50256, outside a small vocabulary); None for a tokenizer without one (char)
+        hf_config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+        hf_config["bos_token_id"] = hf_config["eos_token_id"] = run.tokenizer.eot_id
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         save_hf_tokenizer(run.tokenizer, tmp, run.model.config.block_size)
         if out.exists():
             out.rmdir()  # the empty folder checked above

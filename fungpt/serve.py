@@ -75,7 +75,7 @@ class GenerateRequest(BaseModel):
     prompt: str = ""
     max_new_tokens: int | None = Field(None, ge=1)  # None: 200, or the server's limit if lower
     temperature: float = Field(0.8, ge=0, allow_inf_nan=False)
-    top_k: int | None = Field(None, ge=1)
+    top_k: int | None = Field(200, ge=1)  # as `fungpt sample`; null: off
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int = Field(1337, ge=0, le=MAX_SEED)
 
@@ -324,14 +324,17 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
         bad = [i for i in req.ids if not 0 <= i < tok.vocab_size]
         if bad:
             raise ApiError(f"token id {bad[0]} is not in the vocabulary (0..{tok.vocab_size - 1})")
-        # The model sees at most block_size tokens (generation slides its window the same way).
-        start = max(0, len(req.ids) - min(mcfg.block_size, MAX_ATTENTION_TOKENS))
-        ids = torch.tensor(req.ids[start:], dtype=torch.long, device=run.device)  # (T,)
+        # The model sees at most block_size tokens (generation slides its window the same way): the weights
+        # are those of that window. Only the last MAX_ATTENTION_TOKENS of them are sent, to keep the map
+        # drawable; their rows still sum to 1 over the whole window (the keys left out take the rest).
+        window = max(0, len(req.ids) - mcfg.block_size)
+        ids = torch.tensor(req.ids[window:], dtype=torch.long, device=run.device)  # (T,)
         with lock:
             maps = attention_maps(model, ids)  # (n_layer, nh, T, T)
-        weights = maps[req.layer, req.head]  # (T, T): row = query, column = key
-        return {"layer": req.layer, "head": req.head, "offset": start,
-                "tokens": [{"id": int(i), "text": tok.token_text(int(i))} for i in ids.tolist()],
+        shown = min(len(ids), MAX_ATTENTION_TOKENS)
+        weights = maps[req.layer, req.head, -shown:, -shown:]  # (shown, shown): row = query, column = key
+        return {"layer": req.layer, "head": req.head, "offset": len(req.ids) - shown,
+                "tokens": [{"id": int(i), "text": tok.token_text(int(i))} for i in ids[-shown:].tolist()],
                 "weights": [[round(w, 4) for w in row] for row in weights.tolist()]}
 
     return app
@@ -340,8 +343,14 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
 # ---------------------------------------------------------------------------- running it
 
 
+def _check_port(port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise FunGPTError(f"--port {port} is not a port number: use 1-65535 (or 0 for any free port)")
+
+
 def _bind(host: str, port: int) -> socket.socket:
     """Open the listening socket ourselves, so a busy port is one clear error (and port 0 works)."""
+    _check_port(port)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
@@ -386,6 +395,7 @@ def _url(sock: socket.socket) -> str:
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, checkpoint: str = "last",
           device: str = "auto") -> None:
     """Serve the explorer for `run` until Ctrl-C."""
+    _check_port(port)  # before the model is loaded
     app = create_app(run, checkpoint, device)
     sock = _bind(host, port)
     url = _url(sock)

@@ -104,6 +104,8 @@ def test_finetune_matches_transformers_then_learns_then_exports(hf_dir, corpus, 
     text = "the fox sat on the hill.<|endoftext|>the cat"
     assert auto(text)["input_ids"] == run.tokenizer.encode(text)
     assert auto.eos_token == "<|endoftext|>"
+    # generate stops at the tokenizer's end-of-text id (0 here), not at GPT-2's 50256
+    assert hf_model(tmp_path / "hf-out").generation_config.eos_token_id == run.tokenizer.eot_id == 0
     # Exporting again into the same (now full) folder is refused instead of mixing two exports.
     assert main(["export", "--run", str(out), "--out", str(tmp_path / "hf-out")]) == 2
 
@@ -181,6 +183,7 @@ def test_export_char_run_tokenizer_loads_in_transformers(corpus, tmp_path):
     text = "the dog sat\non the mat."
     assert auto(text)["input_ids"] == run.tokenizer.encode(text)
     assert auto.decode(run.tokenizer.encode(text)) == text
+    assert json.loads((tmp_path / "exp" / "config.json").read_text())["eos_token_id"] is None  # char: no end-of-text
 
     # The exported folder fine-tunes like any Hugging Face GPT-2, though its character vocabulary cannot encode
     # every character (the tokenizer's fingerprint must not need to).

@@ -206,6 +206,16 @@ def test_temperature_zero_is_argmax():
     assert sample_next_token(logits).shape == (5, 1)
 
 
+def test_a_tiny_temperature_samples_the_largest_logits_not_nan():
+    from fungpt.sampling import sampling_probs
+
+    logits = torch.tensor([[1.0, 3.0, 2.0, 3.0], [40.0, -1e4, 39.99, 0.0]])
+    for t in (1e-8, 1e-300):  # dividing unshifted logits by these overflows float32 to +-inf: NaN after softmax
+        probs = sampling_probs(logits, temperature=t)
+        assert torch.equal(probs, torch.tensor([[0.0, 0.5, 0.0, 0.5], [1.0, 0.0, 0.0, 0.0]]))
+    assert allowed_tokens(logits[1:], temperature=1e-300) == {0}
+
+
 def test_top_k_keeps_exactly_the_k_largest_and_ties():
     logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 0.0, 2.0]])
     assert allowed_tokens(logits, top_k=1) == {1}

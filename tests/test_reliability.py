@@ -749,6 +749,8 @@ BAD_INPUTS = {
     "prepare: missing input": (["prepare", "--input", "{tmp}/nope.txt", "--out", "{tmp}/p"], "nope.txt"),
     "prepare: out exists": (["prepare", "--input", "{corpus}", "--out", "{data}"], "overwrite"),
     "plot: missing run": (["plot", "{tmp}/nope"], "nope"),
+    "serve: port out of range": (["serve", "{run}", "--port", "70000"], "--port 70000"),
+    "serve: negative port": (["serve", "{run}", "--port", "-1"], "--port -1"),
 }
 
 # tyro's own parse errors: it prints a framed message (not an `error:` line) and exits 2.

@@ -204,6 +204,20 @@ def test_attention_is_the_models_own(url, run_dir):
     assert [t["id"] for t in got["tokens"]] == long_ids[-32:]
 
 
+def test_attention_shown_in_part_is_still_the_whole_windows(url, run_dir, monkeypatch):
+    """Only the last MAX_ATTENTION_TOKENS are sent, but as the model weighed them over its whole window."""
+    import fungpt.serve
+
+    monkeypatch.setattr(fungpt.serve, "MAX_ATTENTION_TOKENS", 8)  # read per request
+    run = load_run(run_dir, device="cpu")
+    ids = run.tokenizer.encode("The cat sat on the mat")  # shorter than block_size (32): all of it is the window
+    got = httpx.post(f"{url}/api/attention", json={"ids": ids, "layer": 1, "head": 0}).json()
+    assert got["offset"] == len(ids) - 8 and [t["id"] for t in got["tokens"]] == ids[-8:]
+    with torch.no_grad():
+        _, _, attn = run.model(torch.tensor([ids]), return_attn=True)
+    torch.testing.assert_close(torch.tensor(got["weights"]), attn[1][0, 0, -8:, -8:], atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("body, message", [
     ({"ids": [1, 2], "layer": 2}, "layer 2 is out of range: this model has 2 layers (0..1)"),
     ({"ids": [1, 2], "head": 5}, "head 5 is out of range: this model has 2 heads (0..1)"),
@@ -298,3 +312,16 @@ def test_text_pieces_join_into_the_text_and_hold_back_partial_characters():
     assert "\ufffd" not in "".join(pieces)
     assert "" in pieces  # the first byte of "é" completes nothing
     assert "é" in pieces and "日" in pieces  # the token with the last byte carries the whole character
+
+
+def test_the_pages_sampling_defaults_are_fungpt_samples():
+    """The same seed gives the text `fungpt sample` gives: same temperature and top_k unless changed."""
+    import inspect
+
+    from fungpt.sample import sample
+    from fungpt.serve import GenerateRequest
+
+    defaults = inspect.signature(sample).parameters
+    request = GenerateRequest()
+    assert (request.temperature, request.top_k, request.top_p) == (
+        defaults["temperature"].default, defaults["top_k"].default, defaults["top_p"].default)

@@ -316,7 +316,8 @@ async function loadAttention() {
     state.attn = result;
     drawHeatmap(result);
     const T = result.tokens.length;
-    const cropped = result.offset > 0 ? ` (the last ${T} tokens: the model's context window)` : "";
+    const cropped = result.offset > 0 ? ` (the last ${T} tokens of the model's context window; weight on ` +
+      "earlier tokens is not drawn)" : "";
     $("attn-info").textContent =
       `Layer ${layer}, head ${head}: row i shows how much token i attends to each earlier token j${cropped}. ` +
       `The bottom row is what the model looked at when it predicted «${visible(state.gen[index].text)}».`;
