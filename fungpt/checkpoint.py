@@ -225,7 +225,7 @@ def _newest_folder(out_dir: Path, kind: str) -> Path | None:
     for folder in (out_dir / "checkpoints").glob(f"{kind}-*"):
         with contextlib.suppress(ValueError):
             folders.append((order(folder), folder))
-    complete = [f for key, f in sorted(folders, reverse=True) if (f / MANIFEST_FILE).is_file()]
+    complete = [f for _, f in sorted(folders, reverse=True) if (f / MANIFEST_FILE).is_file()]
     return complete[0] if complete else None
 
 

@@ -69,6 +69,16 @@ def is_pretrained(init_from: str) -> bool:
     return init_from != SCRATCH
 
 
+def _cached_hub_folder(name: str) -> Path | None:
+    """The snapshot folder of hub model `name` in the local Hugging Face cache, or None (not cached)."""
+    from huggingface_hub import snapshot_download
+
+    try:  # never touches the network
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (the library raises several kinds of errors)
+        return None
+
+
 def _hub_folder(name: str) -> Path:
     """The local snapshot folder of hub model `name`: from the cache, or downloaded when online."""
     try:
@@ -76,10 +86,9 @@ def _hub_folder(name: str) -> Path:
     except ImportError:
         raise FunGPTError(f"init_from = {name!r} needs the huggingface_hub package: pip install 'fungpt[hf]' "
                           "(or pass a local Hugging Face GPT-2 folder)") from None
-    try:  # the cache first: works offline, and never touches the network when the files are there
-        return Path(snapshot_download(name, allow_patterns=HUB_FILES, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not cached (the library raises several kinds of errors)
-        pass
+    cached = _cached_hub_folder(name)  # the cache first: works offline
+    if cached is not None:
+        return cached
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         raise FunGPTError(_how_to_get(name, "HF_HUB_OFFLINE is set and it is not in the cache"))
     try:
@@ -116,15 +125,15 @@ def architecture(init_from: str) -> tuple[GPTConfig, str | None]:
         return GPT.hf_config(path), None
     if init_from in HUB_SHAPES:
         try:
-            from huggingface_hub import snapshot_download
-
-            return GPT.hf_config(Path(snapshot_download(init_from, allow_patterns=HUB_FILES,
-                                                        local_files_only=True))), None
-        except Exception:  # noqa: BLE001 - not installed, or not cached
-            n_layer, n_head, n_embd = HUB_SHAPES[init_from]
-            # GPTConfig() is GPT-2 small's architecture, with the vocabulary padded; GPT-2's is 50,257 tokens
-            shape = GPTConfig(vocab_size=50257, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
-            return shape, f"{init_from} is not in the local Hugging Face cache: its published shape is shown"
+            cached = _cached_hub_folder(init_from)
+        except ImportError:  # no huggingface_hub: nothing can be cached
+            cached = None
+        if cached is not None:
+            return GPT.hf_config(cached), None
+        n_layer, n_head, n_embd = HUB_SHAPES[init_from]
+        # GPTConfig() is GPT-2 small's architecture, with the vocabulary padded; GPT-2's is 50,257 tokens
+        shape = GPTConfig(vocab_size=50257, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+        return shape, f"{init_from} is not in the local Hugging Face cache: its published shape is shown"
     return GPT.hf_config(resolve_path(init_from)), None  # neither a folder nor a hub name: resolve_path raises
 
 

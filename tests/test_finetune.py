@@ -212,3 +212,24 @@ def test_gpt2_tiktoken_encoding_converts_to_the_same_bpe():
     text = "the quietly slow fox sat on 12 walls, 'tis said.<|endoftext|>  end\n"
     assert hf.encode(text).ids == ours.encode(text)
     assert hf.decode(ours.encode(text), skip_special_tokens=False) == text
+
+
+def test_inspect_shows_the_pretrained_architecture_of_a_finetuning_config(hf_dir, tmp_path, monkeypatch):
+    from fungpt.inspection import inspect_target
+
+    toml = tmp_path / "ft.toml"
+    toml.write_text(f'[model]\ninit_from = "{hf_dir.as_posix()}"\nblock_size = 32\n', encoding="utf-8")
+    info = inspect_target(toml)
+    m = info["config"].model
+    # The checkpoint's shape (2 x 32, its vocabulary), with the allowed override, as training builds it
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.vocab_size) == (2, 2, 32, 32,
+                                                                           hf_model(hf_dir).config.vocab_size)
+    assert info["vocab_note"] is None
+    # A hub name that is not in the local cache: its published shape, said so, and nothing downloaded
+    monkeypatch.setattr(pretrained, "_cached_hub_folder", lambda name: None)
+    monkeypatch.setattr(pretrained, "_hub_folder", lambda name: pytest.fail("inspect must not download"))
+    toml.write_text('[model]\ninit_from = "gpt2-medium"\n', encoding="utf-8")
+    info = inspect_target(toml)
+    m = info["config"].model
+    assert (m.n_layer, m.n_head, m.n_embd, m.vocab_size) == (24, 16, 1024, 50257)
+    assert "not in the local Hugging Face cache" in info["vocab_note"]
