@@ -138,6 +138,9 @@ def _describe_validation(exc: RequestValidationError) -> str:
             return "the request body is not valid JSON"
         if err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",):
             return "the request needs a JSON body"
+        if tuple(err.get("loc", ())) == ("body",) and isinstance(err.get("input"), (bytes, str)):
+            # a body FastAPI did not parse as JSON: it was sent without that content type (e.g. curl -d)
+            return "the request body must be sent with Content-Type: application/json"
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         field = ".".join(loc) or "body"
         msg = err.get("msg", "is not valid")
