@@ -204,7 +204,7 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
 
     # ------------------------------------------------------------------ the page
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)  # HEAD: `curl -I`, uptime checks
     def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
 

@@ -182,6 +182,7 @@ def test_malformed_requests(url):
     assert r.status_code == 405 and r.json() == {"error": "GET is not allowed on /api/generate: use POST"}
     r = httpx.post(f"{url}/api/attention")
     assert r.status_code == 422 and r.json() == {"error": "the request needs a JSON body"}
+    assert httpx.head(f"{url}/").status_code == 200  # `curl -I`: the page is there
     r = httpx.post(f"{url}/api/generate", content=b'{"prompt": "hi"}')  # as `curl -d` sends it: no content type
     assert r.status_code == 422
     assert r.json() == {"error": "the request body must be sent with Content-Type: application/json"}
