@@ -38,6 +38,7 @@ import torch
 
 from fungpt.errors import FunGPTError
 
+KINDS = ("latest", "best")  # checkpoints/{kind}-{step:07d}[.n] folders, see save_checkpoint
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
@@ -180,10 +181,17 @@ def save_checkpoint(out_dir: str | Path, kind: str, step: int, model: torch.nn.M
                           f"then resume with --resume)") from None
     # Only now that the pointer names the new folder is it safe to delete the old ones (and any
     # temporary folder left behind by a run that was killed in the middle of a save).
-    for old in [*parent.glob(f"{kind}-*"), *parent.glob(f".{kind}-*.tmp-*")]:
+    for old in checkpoint_folders(out_dir, kind, temporaries=True):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoint_folders(out_dir: Path, kind: str, temporaries: bool = False) -> list[Path]:
+    """The `kind` checkpoint folders in out_dir/checkpoints; with temporaries, also half-written ones left by a
+    save that was killed (.{kind}-STEP.tmp-PID)."""
+    parent = Path(out_dir) / "checkpoints"
+    return [*parent.glob(f"{kind}-*"), *(parent.glob(f".{kind}-*.tmp-*") if temporaries else [])]
 
 
 def _pointer_names(out_dir: Path, kind: str, folder: Path) -> bool:
@@ -222,7 +230,7 @@ def _newest_folder(out_dir: Path, kind: str) -> Path | None:
         return int(step), int(n or 0)
 
     folders = []
-    for folder in (out_dir / "checkpoints").glob(f"{kind}-*"):
+    for folder in checkpoint_folders(out_dir, kind):
         with contextlib.suppress(ValueError):
             folders.append((order(folder), folder))
     complete = [f for _, f in sorted(folders, reverse=True) if (f / MANIFEST_FILE).is_file()]

@@ -302,7 +302,7 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FunGPTError(f"{path} is corrupt ({e}); it should be the JSON config written by `fungpt train`") from None
-    if is_hf_config(path):  # e.g. the folder of `fungpt export`
+    if _names_hf_model(d):  # e.g. the folder of `fungpt export`
         raise FunGPTError(f"{run_dir} holds a Hugging Face model ({d.get('model_type', 'a config.json of its')}), "
                           f"not a FunGPT training run: fine-tune it with `fungpt train --model.init-from {run_dir}`, "
                           f"or load it with transformers")
@@ -321,4 +321,8 @@ def is_hf_config(path: Path) -> bool:
         d = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
+    return _names_hf_model(d)
+
+
+def _names_hf_model(d: Any) -> bool:
     return isinstance(d, dict) and ("model_type" in d or "architectures" in d)

@@ -126,14 +126,11 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
 # comes last: until it is gone the folder still counts as a run, so a failed --overwrite can be repeated.
 RUN_FILES = ("run.json", "metrics.jsonl", "latest.json", "best.json", "loss.png", TOKENIZER_META_FILE,
              TOKENIZER_BPE_FILE, "config.json")
-CHECKPOINT_KINDS = ("latest", "best")  # checkpoints/{kind}-STEP folders (checkpoint.py)
 
 
 def _run_checkpoints(out: Path) -> list[Path]:
     """The checkpoint folders a run wrote under out/checkpoints, and their half-written temporaries."""
-    folder = out / "checkpoints"
-    return [p for kind in CHECKPOINT_KINDS for pattern in (f"{kind}-*", f".{kind}-*.tmp-*")
-            for p in folder.glob(pattern)]
+    return [p for kind in ckpt.KINDS for p in ckpt.checkpoint_folders(out, kind, temporaries=True)]
 
 
 def holds_run(out: Path) -> bool:
