@@ -116,9 +116,12 @@ def test_run_taking_turns_reports_a_failed_command_and_leaves_nothing_running(be
     from bench_train import run_taking_turns
 
     pid_file = tmp_path / "pid"
-    sleeper = [sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
-               "time.sleep(30)"]
-    failing = [sys.executable, "-c", "print('bo' + 'om'); raise SystemExit(3)"]  # 'boom' only in its output
+    # The sleeper writes its pid whole (a rename), and the failing command fails only once that file is there,
+    # however slow the machine is.
+    sleeper = [sys.executable, "-c", f"import os, time; open({str(pid_file)!r} + '.tmp', 'w').write(str(os.getpid())); "
+               f"os.rename({str(pid_file)!r} + '.tmp', {str(pid_file)!r}); time.sleep(30)"]
+    failing = [sys.executable, "-c", f"import os, time\nwhile not os.path.exists({str(pid_file)!r}): time.sleep(0.01)\n"
+               "print('bo' + 'om'); raise SystemExit(3)"]  # 'boom' only in its output
     with pytest.raises(SystemExit, match="boom"):
         run_taking_turns([sleeper, failing], dict(os.environ), 0.3, lead=0)
     assert _ended(int(pid_file.read_text()))  # killed, not left paused or running
@@ -183,12 +186,17 @@ def test_peak_rss_is_the_commands_own_not_the_bench_scripts(bench):
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
-def test_run_taking_turns_reports_each_commands_peak_also_when_it_is_stopped(bench):
+def test_run_taking_turns_reports_each_commands_peak_also_when_it_is_stopped(bench, tmp_path):
     from bench_train import run_taking_turns
 
     ballast = torch.ones(256 * 2**20 // 4)
-    holder = [sys.executable, "-S", "-c", "import time; x = b'x' * (96 << 20); time.sleep(30)"]  # killed
-    lead = [sys.executable, "-S", "-c", "import time; x = b'x' * (32 << 20); time.sleep(0.5)"]
+    # The lead ends only once the holder has written all its 96 MiB (it waits for the holder's flag file), so
+    # the holder's peak is complete however slow the machine is; the holder is then killed mid-sleep.
+    flag = tmp_path / "written"
+    holder = [sys.executable, "-S", "-c",
+              f"import time; x = b'x' * (96 << 20); open({str(flag)!r}, 'w').close(); time.sleep(30)"]
+    lead = [sys.executable, "-S", "-c",
+            f"import os, time\nwhile not os.path.exists({str(flag)!r}): time.sleep(0.01)\nx = b'x' * (32 << 20)"]
     (_, held), (_, led) = run_taking_turns([holder, lead], dict(os.environ), 0.2, lead=1)
     assert 96 <= held < 96 + 64 and 32 <= led < 32 + 64 and held + led < _rss_mib()
     del ballast
