@@ -323,7 +323,9 @@ def test_cli_sample_unknown_character_is_clear(corpus, tmp_path, capsys):
 
 def test_ddp_two_gloo_processes(corpus, tmp_path):
     out = tmp_path / "ddp"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    scratch = tmp_path / "tmp"  # torchrun leaves a torchelastic_* folder in TMPDIR: keep it out of /tmp
+    scratch.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fungpt",
            "train", "--data.path", str(corpus), "--out-dir", str(out), "--train.device", "cpu",
            "--model.n-layer", "1", "--model.n-head", "2", "--model.n-embd", "16", "--model.block-size", "8",
