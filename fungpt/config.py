@@ -127,9 +127,10 @@ class TrainConfig:
     budget used instead of on steps, and training ends with a final eval and checkpoint on time. The
     step-0 eval is skipped (its cost is estimated from one batch instead) so the budget goes to training."""
     optimizer: str = "adamw"
-    """adamw (everything on AdamW), or muon: the 2-D matrices inside the blocks on Muon (Jordan et al.
-    2024, "Muon: MomentUm Orthogonalized by Newton-Schulz", the modded-nanogpt speedrun optimizer;
-    torch.optim.Muon), embeddings, output head, norms and biases on AdamW at lr."""
+    """adamw (everything on AdamW), or muon: the 2-D matrices inside the blocks on Muon (Keller Jordan
+    2024, "Muon: An optimizer for hidden layers in neural networks", the modded-nanogpt speedrun optimizer;
+    fungpt/muon.py, a float32 batched form of torch.optim.Muon), embeddings, output head, norms and biases
+    on AdamW at lr."""
     muon_lr: float = 0.03
     """Peak learning rate of the Muon matrices (scheduled like lr: warmup and decay scale both)."""
     muon_momentum: float = 0.95

@@ -4,8 +4,11 @@ The choice logic takes the machine's capabilities as arguments (rather than aski
 itself), so every row of the decision table can be tested on any machine.
 
 Precision, in short:
-  * float32 everywhere works, and is the right choice on CPUs: this project measured bf16
-    matmuls on a 2-core x86 CPU at under 1 GFLOP/s against ~175 for fp32 (17x slower training).
+  * float32 everywhere works, and is the right choice on CPUs: bfloat16 autocast made training
+    slower on every CPU measured. Without bf16 instructions the products are emulated (the
+    performance issue measured 17x slower on a 2-core x86 CPU); even on a Zen 5, whose AVX512-BF16
+    products run ~1.8x float32's speed, a step took 43.3 against 29.8 ms, lost to the casts and to
+    elementwise work in bfloat16 (BENCHMARKS.md, eighth session).
   * bfloat16 autocast on GPUs that support it (NVIDIA Ampere and newer): same exponent range
     as fp32, so no loss scaling is needed, and about twice the matmul speed.
   * float16 autocast on older NVIDIA GPUs (T4, V100): fast, but its small range makes small

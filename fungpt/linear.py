@@ -19,7 +19,8 @@ gradients 1.1-2.0x, a whole training step 1.4-1.5x.
 Batch-1 decoding is different: one token multiplies a single row x by every weight matrix, so the
 time goes into reading the weights from memory, not into arithmetic. There `row_sums`
 computes W x as a weighted sum of the rows of W^T with an embedding bag, whose kernel streams
-memory 1.5-1.8x as fast as oneDNN's matrix-vector product and 2.2-3x as fast as MKL's.
+memory 1.4-2.3x as fast as oneDNN's matrix-vector product and 2.1-4.3x as fast as MKL's (the recorded
+generation runs in BENCHMARKS.md).
 
 `Linear` is an `nn.Linear` (same parameters, same checkpoints, same Hugging Face conversion)
 whose forward takes these paths when `cpu_matmul()` is "onednn" and the input is a float32 CPU
@@ -159,8 +160,8 @@ def row_sums(weight_t: torch.Tensor, bags: tuple[torch.Tensor, ...], x: torch.Te
     embedding bag in "sum" mode with per-sample weights x computes over a "bag" of all K rows, and
     its CPU kernel streams each row once at close to memory speed: batch-1 decoding reads every
     weight once per token, so that speed is what counts (BENCHMARKS.md, the generation blocks'
-    "What bounds plain cached decoding": faster than oneDNN's matrix-vector product and 2-3x
-    MKL's in every run). bags = (rows, starts, ones) from `row_bags`: the K rows in one bag per
+    "What bounds plain cached decoding": 1.4-2.3x oneDNN's matrix-vector product and 2.1-4.3x
+    MKL's over the recorded runs). bags = (rows, starts, ones) from `row_bags`: the K rows in one bag per
     thread, which the threads sum in parallel; the partial sums still have to be added up
     (row_product).
     """

@@ -1,7 +1,8 @@
 """Muon, an optimizer for the 2-D weight matrices of a network, in float32 and batched for CPUs.
 
-Muon (Jordan et al. 2024, "Muon: MomentUm Orthogonalized by Newton-Schulz", the optimizer of the
-modded-nanogpt speedrun records) takes the usual momentum-smoothed gradient M of a matrix and
+Muon (Keller Jordan 2024, "Muon: An optimizer for hidden layers in neural networks",
+https://kellerjordan.github.io/posts/muon/; the name stands for MomentUm Orthogonalized by Newton-Schulz;
+the optimizer of the modded-nanogpt speedrun records) takes the usual momentum-smoothed gradient M of a matrix and
 replaces it by the nearest orthogonal matrix, roughly U V^T where M = U S V^T. Every direction of
 the update then moves the same distance: directions that the gradient barely touches (small
 singular values) are not starved by a few dominant ones.

@@ -325,7 +325,7 @@ def configure_optimizer(model: GPT, tc: TrainConfig, device: str) -> torch.optim
     (embeddings, attention and MLP weights). Biases and norm gains are 1-D: decaying them
     only fights the model (a LayerNorm gain decayed to 0 would switch its output off).
 
-    Muon (Jordan et al. 2024) replaces each matrix's momentum-smoothed gradient by the nearest
+    Muon (Keller Jordan 2024) replaces each matrix's momentum-smoothed gradient by the nearest
     orthogonal matrix (a few Newton-Schulz iterations), so every direction of the update moves
     equally far. It is meant for the hidden 2-D matrices only: the embedding table (a look-up,
     not a linear map of activations), the output head, norms and biases stay on AdamW.
@@ -359,7 +359,7 @@ def get_lr(it: float, tc: TrainConfig) -> float:
       wsd:      flat at lr, then linear to min_lr over the last wsd_decay_frac (warmup-stable-decay,
                 Hu et al. 2024 "MiniCPM"); a run can be extended without re-warming
       constant: lr
-    After decay_iters the rate stays at min_lr.
+    With cosine and wsd, the rate stays at min_lr after decay_iters.
     """
     if it < tc.warmup_iters:
         return tc.lr * (it + 1) / (tc.warmup_iters + 1)
