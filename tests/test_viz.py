@@ -265,3 +265,15 @@ def test_show_probs_same_text_and_one_line_per_token(run_dir):
         probs = [float(p) for p in line.split("|")[1].split()[1::2]]
         assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.001
     assert shown.getvalue().rstrip().endswith("ROMEO:" + a[0].rstrip())
+
+
+def test_walkthroughs_show_probs_excerpt_is_the_figures_own_rows():
+    """docs/walkthrough.md quotes the first rows of docs/figures/show-probs.txt: regenerating the figure must
+    not leave the walkthrough describing draws the file no longer shows."""
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    figure = (docs / "figures" / "show-probs.txt").read_text(encoding="utf-8").splitlines()
+    walkthrough = (docs / "walkthrough.md").read_text(encoding="utf-8")
+    excerpt = walkthrough.split("From\n[figures/show-probs.txt](figures/show-probs.txt):")[1].split("```text\n")[1]
+    rows = [line for line in excerpt.split("```")[0].splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) >= 3
+    assert rows == [line for line in figure if line.strip()[:1].isdigit()][:len(rows)]
