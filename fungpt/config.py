@@ -56,9 +56,13 @@ class DataConfig:
     """Vocabulary size for a BPE tokenizer trained on the corpus (default 4096)."""
     val_fraction: float = 0.1
     """Fraction of the corpus, taken from its end, held out for validation."""
+    errors: str = "strict"
+    """Bytes that are not valid UTF-8, when `path` still has to be prepared: strict (stop, naming the file
+    and the byte) or replace (each becomes U+FFFD, the replacement character)."""
 
     def __post_init__(self) -> None:
         _check_choice("data", "tokenizer", self.tokenizer, TOKENIZERS)
+        _check_choice("data", "errors", self.errors, ("strict", "replace"))
         if not 0.0 < self.val_fraction < 1.0:
             raise FunGPTError(f"data.val_fraction = {self.val_fraction} must be between 0 and 1 (e.g. 0.1)")
         if self.vocab_size is not None and self.vocab_size <= 0:
@@ -284,7 +288,9 @@ def load_config(path: str | Path) -> RunConfig:
         raise FunGPTError(f"config file {path} does not exist (see configs/ for examples)")
     try:
         with path.open("rb") as f:
-            d = tomllib.load(f)
+            raw = f.read()
+        # Some Windows editors start UTF-8 files with a byte-order mark, which TOML does not allow: skip it.
+        d = tomllib.loads(raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise FunGPTError(f"config file {path} is not valid TOML: {e}") from None
     except UnicodeDecodeError as e:  # TOML files must be UTF-8

@@ -268,8 +268,9 @@ def _iter_file_text(
             except UnicodeDecodeError as e:
                 bad = offset - pending + e.start
                 raise FunGPTError(
-                    f"{path} is not valid UTF-8 (bad byte at offset {bad}); fix the file or pass "
-                    "--errors replace to substitute U+FFFD for undecodable bytes"
+                    f"{path} is not valid UTF-8 (bad byte at offset {bad}); fix the file, or substitute U+FFFD "
+                    "for undecodable bytes: `fungpt prepare --errors replace`, or data.errors = \"replace\" "
+                    "(--data.errors replace) for `fungpt train`"
                 ) from None
             offset += len(data)
             buffer = carry + text

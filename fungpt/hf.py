@@ -101,14 +101,21 @@ def gpt2_incompatibilities(c: GPTConfig) -> list[str]:
     ]
 
 
-def save_gpt2(model: GPT, path: str | os.PathLike) -> None:
-    """Save as a Hugging Face GPT-2 folder (config.json + model.safetensors) for GPT2LMHeadModel."""
-    from safetensors.torch import save_file
-
-    c = model.config
+def check_gpt2_compatible(c: GPTConfig) -> None:
+    """Refuse, in one line, a model that Hugging Face's GPT-2 layout cannot hold."""
     problems = gpt2_incompatibilities(c)
     if problems:
-        raise FunGPTError(f"cannot save as Hugging Face GPT-2: model has {', '.join(problems)}")
+        raise FunGPTError(f"cannot save as Hugging Face GPT-2: model has {', '.join(problems)}; only a model with "
+                          "GPT-2's architecture (the defaults of those settings) fits that layout: this run stays "
+                          "usable with fungpt sample, eval and serve")
+
+
+def save_gpt2(model: GPT, path: str | os.PathLike) -> None:
+    """Save as a Hugging Face GPT-2 folder (config.json + model.safetensors) for GPT2LMHeadModel."""
+    from safetensors.torch import save as safetensors_bytes
+
+    c = model.config
+    check_gpt2_compatible(c)
 
     tensors = {}
     for key, t in model.state_dict().items():
@@ -138,7 +145,9 @@ def save_gpt2(model: GPT, path: str | os.PathLike) -> None:
     # Write each file under a temporary name, then rename: a crash never leaves half a file.
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / "model.safetensors.tmp"), metadata={"format": "pt"})
+    # Written by Python, not safetensors.torch.save_file: that creates its file readable by its owner only (0600),
+    # and an exported folder is made to be shared.
+    (path / "model.safetensors.tmp").write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
     (path / "config.json.tmp").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
     os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
     os.replace(path / "config.json.tmp", path / "config.json")

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from fungpt.errors import FunGPTError
+from fungpt.hf import check_gpt2_compatible
 from fungpt.model import GPT, GPTConfig
 from fungpt.tokenizer import HFTokenizer, Tokenizer
 
@@ -239,6 +240,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "last"
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FunGPTError(f"--out {out} already exists and is not an empty folder; choose a new folder")
     run = load_run(run_dir, checkpoint=checkpoint, device="cpu")
+    check_gpt2_compatible(run.model.config)  # before any folder is made for it
     try:
         out.parent.mkdir(parents=True, exist_ok=True)  # here, so that a bad path is named as the user wrote it
     except OSError as e:

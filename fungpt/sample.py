@@ -14,6 +14,7 @@ from fungpt.data import eval_windows, load_meta
 from fungpt.errors import FunGPTError
 from fungpt.runs import LoadedRun, data_dir_of, load_run, seeded_generator
 from fungpt.sampling import sampling_probs
+from fungpt.tokenizer import load_tokenizer
 from fungpt.train import score_windows
 
 
@@ -89,7 +90,7 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
         raise FunGPTError("give either --prompt or --prompt-file, not both")
     if prompt_file is not None:
         try:
-            prompt = Path(prompt_file).read_text(encoding="utf-8")
+            prompt = Path(prompt_file).read_bytes().decode("utf-8")  # as prepare reads: "\r\n" stays "\r\n"
         except (OSError, UnicodeDecodeError) as e:
             raise FunGPTError(f"cannot read prompt file {prompt_file}: {e}") from None
     loaded = load_run(run, checkpoint, device)
@@ -172,7 +173,7 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
     if input is not None:
         path = Path(input)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_bytes().decode("utf-8")  # as prepare reads it: read_text would turn "\r\n" into "\n"
         except FileNotFoundError:
             raise FunGPTError(f"--input {path} does not exist") from None
         except IsADirectoryError:
@@ -183,7 +184,20 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
         n_bytes, n_chars, source = len(text.encode("utf-8")), len(text), str(path)
     else:
         data_dir = data_dir_of(run)
+        if not data_dir.is_dir():
+            raise FunGPTError(f"the data {run} was trained on ({data_dir}) is gone; pass --input TEXT_FILE to "
+                              f"evaluate on a text file")
         meta = load_meta(data_dir)
+        # The folder may have been prepared again since training (an edited corpus, another tokenizer):
+        # its token ids would then mean other text than the model's, and the loss would be meaningless.
+        data_tok, run_tok = load_tokenizer(data_dir), loaded.tokenizer
+        bad = run_tok.first_difference(data_tok)
+        if bad is not None:
+            differs = (f"{data_tok.describe()} against the run's {run_tok.describe()}"
+                       if data_tok.vocab_size != run_tok.vocab_size else
+                       f"id {bad} is {data_tok.token_text(bad)!r} there, {run_tok.token_text(bad)!r} in the run")
+            raise FunGPTError(f"{data_dir} was prepared again since {run} was trained: its tokens mean other text "
+                              f"({differs}); pass --input TEXT_FILE to evaluate on a text file")
         tokens = np.memmap(data_dir / "val.bin", dtype=np.dtype(meta["dtype"]), mode="r")  # (n,)
         n_bytes, n_chars, source = meta["val_bytes"], meta.get("val_chars", meta["val_bytes"]), f"{data_dir} (val)"
     if len(tokens) < 2:

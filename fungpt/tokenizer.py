@@ -125,6 +125,17 @@ class Tokenizer:
         """One phrase naming this tokenizer, for messages: e.g. "char tokenizer (65 tokens)"."""
         return f"{self.name} tokenizer ({self.vocab_size:,} tokens)"
 
+    def first_difference(self, other: Tokenizer) -> int | None:
+        """The first token id that stands for other bytes in `other` than here (0 when the sizes differ),
+        or None when every id means the same in both: token files written by one can be read by the other.
+
+        Compared by what every id stands for, not by file contents: two character sets can both have 65
+        symbols, and a newer `tokenizers` release may write the same tokenizer differently.
+        """
+        if self.vocab_size != other.vocab_size:
+            return 0
+        return next((i for i in range(self.vocab_size) if self.token_bytes(i) != other.token_bytes(i)), None)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size})"
 

@@ -88,8 +88,9 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
     """Return a prepared dataset folder for `data.path`, preparing it into the cache if needed.
 
     The cache key covers everything that changes the tokens: the source files (path, size and
-    modification time), the tokenizer, the vocab size and the val fraction. `tokenizer`: a ready
-    tokenizer to encode with instead of data.tokenizer (a pretrained model's own, see pretrained.py).
+    modification time), the tokenizer, the vocab size, the val fraction and how undecodable bytes are
+    treated. `tokenizer`: a ready tokenizer to encode with instead of data.tokenizer (a pretrained
+    model's own, see pretrained.py).
     """
     path = Path(data.path).expanduser()
     if path.is_dir() and (path / "meta.json").is_file():
@@ -103,6 +104,8 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
         from fungpt.pretrained import tokenizer_fingerprint
 
         key_parts = [kind, tokenizer_fingerprint(tokenizer), repr(data.val_fraction)]
+    if data.errors != "strict":
+        key_parts.append(f"errors={data.errors}")  # only then: the folders prepared before this setting keep their keys
     if data.path == "shakespeare":
         name = "shakespeare"
     else:
@@ -115,7 +118,7 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
     if is_main and not (out / "meta.json").is_file():
         vocab = data.vocab_size if data.vocab_size is not None else (4096 if data.tokenizer == "bpe" else None)
         prepare(data.path, out, tokenizer=tokenizer or data.tokenizer, vocab_size=None if tokenizer else vocab,
-                val_fraction=data.val_fraction, overwrite=True, progress=progress)
+                val_fraction=data.val_fraction, overwrite=True, errors=data.errors, progress=progress)
     if dist.is_initialized():
         dist.barrier()  # the other ranks wait until rank 0 has prepared the data
     return out
@@ -246,17 +249,12 @@ def check_resume_tokenizer(data_dir: Path, out_dir: Path) -> None:
 
     The model check cannot see this when both tokenizers have the same size (two character sets
     of 65 symbols): token 7 would silently mean another character. The run folder still holds
-    the tokenizer the checkpoint was trained with (it is rewritten only after this check), so
-    the two are compared by what every id stands for, its bytes. (Not by file contents: a newer
-    `tokenizers` release may write the same tokenizer differently.)
+    the tokenizer the checkpoint was trained with (it is rewritten only after this check).
     """
     old, new = load_tokenizer(out_dir), load_tokenizer(data_dir)
-    if old.vocab_size != new.vocab_size:
-        bad = 0  # the model check reports the size mismatch; name a token anyway
-    else:
-        bad = next((i for i in range(old.vocab_size) if old.token_bytes(i) != new.token_bytes(i)), None)
-        if bad is None:
-            return
+    bad = old.first_difference(new)  # with other sizes 0: the model check reports the size, this names a token
+    if bad is None:
+        return
     raise FunGPTError(f"cannot resume {out_dir}: the data is encoded with a tokenizer whose ids mean other text than "
                       f"in the checkpoint's ({new.describe()} vs {old.describe()}; id {bad} is "
                       f"{new.token_text(bad)!r} instead of {old.token_text(bad)!r}); resume with the original data "

@@ -184,6 +184,8 @@ def test_export_char_run_tokenizer_loads_in_transformers(corpus, tmp_path):
     assert auto(text)["input_ids"] == run.tokenizer.encode(text)
     assert auto.decode(run.tokenizer.encode(text)) == text
     assert json.loads((tmp_path / "exp" / "config.json").read_text())["eos_token_id"] is None  # char: no end-of-text
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "exp").iterdir()}
+    assert len(set(modes.values())) == 1, modes  # the weights as readable as the other files (were 0600)
 
     # The exported folder fine-tunes like any Hugging Face GPT-2, though its character vocabulary cannot encode
     # every character (the tokenizer's fingerprint must not need to).
@@ -191,6 +193,19 @@ def test_export_char_run_tokenizer_loads_in_transformers(corpus, tmp_path):
     assert tuned["step"] == 10
     with pytest.raises(FunGPTError, match="character 'é' is not in its vocabulary"):
         load_tokenizer(tmp_path / "tuned").encode("café")
+
+
+def test_export_of_a_non_gpt2_run_is_refused_before_any_folder_is_made(corpus, tmp_path, capsys):
+    from fungpt.model import GPTConfig
+
+    out = tmp_path / "rope-run"
+    cfg = RunConfig(out_dir=str(out), data=DataConfig(path=str(corpus)),
+                    model=GPTConfig(vocab_size=1, block_size=16, n_layer=1, n_head=2, n_embd=16, pos_encoding="rope"),
+                    train=TrainConfig(batch_size=2, max_iters=1, eval_iters=1, log_interval=1, device="cpu"))
+    train(cfg, progress=False)
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "new" / "exp")]) == 2
+    assert "pos_encoding='rope'" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_gpt2_tiktoken_encoding_converts_to_the_same_bpe():

@@ -437,7 +437,7 @@ def test_save_hf_loads_in_transformers(tmp_path):
 
 
 def test_save_hf_rejects_non_gpt2_models(tmp_path):
-    with pytest.raises(FunGPTError, match="pos_encoding='rope'"):
+    with pytest.raises(FunGPTError, match="pos_encoding='rope'.*usable with fungpt sample"):
         make_model(pos_encoding="rope").save_hf(tmp_path)
 
 

@@ -20,6 +20,7 @@ from fungpt.config import DataConfig, RunConfig, TrainConfig, load_config
 from fungpt.errors import FunGPTError
 from fungpt.model import GPT, GPTConfig
 from fungpt.sample import evaluate_run, sample
+from fungpt.tokenizer import load_tokenizer
 from fungpt.train import get_lr, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -281,6 +282,13 @@ def test_toml_then_cli_precedence(tmp_path, monkeypatch, corpus):
     assert run.train.weight_decay == TrainConfig().weight_decay
 
 
+def test_toml_saved_with_a_byte_order_mark_loads(tmp_path):
+    """Windows editors may start a UTF-8 file with a BOM, which TOML itself does not allow."""
+    cfg_file = tmp_path / "bom.toml"
+    cfg_file.write_bytes(b"\xef\xbb\xbf[train]\nlr = 0.002\n")
+    assert load_config(cfg_file).train.lr == 0.002
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--model.n-embd", "30", "--model.n-head", "4"], "n_embd"),
     (["--train.batch-size", "0"], "batch_size"),
@@ -364,6 +372,59 @@ def test_examples_run(tmp_path, monkeypatch, corpus):
                            "--iters", "3"], env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "bits/byte" in proc.stdout
+
+
+def test_eval_refuses_a_data_folder_prepared_again_with_another_tokenizer(corpus, tmp_path):
+    """Re-preparing the run's data folder from an edited corpus renumbers the characters: the val loss
+    would be computed on ids that mean other text (silently wrong), or crash on ids past the vocabulary."""
+    from fungpt.data import prepare
+    from fungpt.runs import data_dir_of
+
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=2), progress=False)
+    data_dir = data_dir_of(out)
+    before = evaluate_run(out)["loss"]
+    edited = tmp_path / "edited.txt"
+    edited.write_text(corpus.read_text().replace("w", "z"), encoding="utf-8")  # same size, ids shifted
+    prepare(edited, data_dir, "char", overwrite=True, progress=False)
+    with pytest.raises(FunGPTError, match=r"prepared again .*id \d+ is .*pass --input"):
+        evaluate_run(out)
+    prepare(edited, data_dir, "bpe", vocab_size=300, overwrite=True, progress=False)
+    with pytest.raises(FunGPTError, match="prepared again .*bpe tokenizer"):
+        evaluate_run(out)
+    prepare(corpus, data_dir, "char", overwrite=True, progress=False)  # the original data again: accepted
+    assert evaluate_run(out)["loss"] == before
+
+
+def test_eval_and_prompt_files_keep_windows_line_endings(tmp_path, monkeypatch):
+    """prepare keeps "\r\n" (the \r is a token); eval --input and --prompt-file must read text the same way."""
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(b"the cat sat on the mat.\r\nthe dog sat on the log.\r\n" * 80)
+    out = tmp_path / "run"
+    train(tiny_config(crlf, out, max_iters=2), progress=False)
+    text = crlf.read_bytes().decode("utf-8")
+    assert evaluate_run(out, input=crlf)["tokens"] == len(text) - 1  # every \r scored, none dropped
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes(b"the cat\r\nthe")
+    buf = io.StringIO()
+    sample(out, prompt_file=prompt, max_new_tokens=3, seed=1, out=buf)
+    assert buf.getvalue().startswith("the cat\r\nthe")
+
+
+def test_train_on_text_with_bad_utf8_names_a_fix_train_accepts(corpus, tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text(corpus.read_text(), encoding="utf-8")
+    (folder / "b.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1") * 20)  # \xe9 is not UTF-8
+    cfg = tiny_config(folder, tmp_path / "run", max_iters=2)
+    with pytest.raises(FunGPTError, match=r"b.txt is not valid UTF-8 .*data.errors"):
+        train(cfg, progress=False)
+    cfg.data = dataclasses.replace(cfg.data, errors="replace")
+    assert train(cfg, progress=False)["step"] == 2
+    assert "\ufffd" in load_tokenizer(tmp_path / "run").decode(range(load_tokenizer(tmp_path / "run").vocab_size))
+    with pytest.raises(FunGPTError, match="data.errors"):
+        DataConfig(errors="ignore")
 
 
 def test_eval_on_a_text_shorter_than_the_context(corpus, tmp_path):
