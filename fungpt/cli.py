@@ -25,6 +25,7 @@ from typing import Annotated, Literal
 
 import tyro
 
+from fungpt import _startup
 from fungpt.config import RunConfig
 from fungpt.errors import FunGPTError
 
@@ -303,6 +304,7 @@ def process_start_time() -> float:
 
 def main(argv: list[str] | None = None) -> int:
     start_time = process_start_time()
+    _startup.restore()  # Ctrl-C is a KeyboardInterrupt again, handled below (see fungpt/_startup.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())

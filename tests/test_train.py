@@ -450,3 +450,43 @@ def test_the_command_exits_fast_with_its_status_and_all_its_output():
                          capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["/venv/bin/python", "/venv/bin/fungpt", "train"], True),  # the console script
+    (["python", "-m", "fungpt", "train"], True),
+    (["python", "-u", "-m", "fungpt", "train"], True),  # as torchrun starts its workers
+    (["python", "-mfungpt"], True),
+    (["python", "-m", "pytest", "-m", "fungpt"], False),  # a library user (and a marker named fungpt)
+    (["python", "script.py", "-m", "fungpt"], False),
+    (["python", "-c", "import fungpt"], False),
+    ([], False),
+])
+def test_the_ctrl_c_handler_is_only_for_the_fungpt_command(argv, expected):
+    from fungpt._startup import is_the_fungpt_command
+
+    assert is_the_fungpt_command(argv) is expected
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="watches /proc/PID/maps (Linux)")
+def test_ctrl_c_while_the_command_imports_torch_is_one_line(tmp_path):
+    """SIGINT while torch is being imported, before cli.main() runs, is the same one line as later on."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "fungpt", "train", "--help"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:  # wait until torch's library is being loaded
+        try:
+            if "libtorch" in maps.read_text():
+                break
+        except OSError:
+            pass
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out[-500:], err[-2000:])
+    assert "fungpt: interrupted" in err and "Traceback" not in err

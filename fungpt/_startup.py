@@ -1,0 +1,50 @@
+"""Ctrl-C while the `fungpt` command is still starting: one line, not a traceback from inside torch.
+
+Importing torch takes a second or two, all of it before `cli.main()` can catch KeyboardInterrupt. So when
+this process is the `fungpt` command itself (the console script, or `python -m fungpt` as torchrun starts
+it), `fungpt/__init__.py` first installs a SIGINT handler that ends the process at once with the usual
+"fungpt: interrupted" and status 130; nothing has been written yet. `cli.main()` puts Python's own handler
+back as soon as it runs. Imported as a library (`from fungpt import GPT`, pytest), nothing changes.
+"""
+
+import os
+import signal
+import sys
+
+
+def is_the_fungpt_command(argv: list[str]) -> bool:
+    """Whether argv, the interpreter's original command line (sys.orig_argv), runs the fungpt command:
+    `.../fungpt ...` (the console script) or `python [options] -m fungpt ...`."""
+    if not argv:
+        return False
+    name = os.path.basename(argv[0]).lower()
+    if name in ("fungpt", "fungpt.exe", "fungpt-script.py"):
+        return True
+    if len(argv) > 1 and os.path.basename(argv[1]).lower() in ("fungpt", "fungpt-script.py"):
+        return True  # python .../bin/fungpt ...
+    for i, arg in enumerate(argv[1:], start=1):  # the interpreter's options come before -m MODULE
+        if arg == "-m":
+            return i + 1 < len(argv) and argv[i + 1] == "fungpt"
+        if arg.startswith("-m"):
+            return arg == "-mfungpt"
+        if not arg.startswith("-"):
+            return False  # a script (or an option's value): not -m fungpt
+    return False
+
+
+def quit_at_once(signum, frame) -> None:
+    os.write(2, b"\nfungpt: interrupted\n")
+    os._exit(130)
+
+
+def install() -> None:
+    """Called first thing by fungpt/__init__.py."""
+    if is_the_fungpt_command(getattr(sys, "orig_argv", sys.argv)) and signal.getsignal(signal.SIGINT) is \
+            signal.default_int_handler:
+        signal.signal(signal.SIGINT, quit_at_once)
+
+
+def restore() -> None:
+    """Called by cli.main(): from here on Ctrl-C is a KeyboardInterrupt again, which main() handles."""
+    if signal.getsignal(signal.SIGINT) is quit_at_once:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
