@@ -165,7 +165,8 @@ def inspect_command(target: tyro.conf.Positional[str], batch_size: int | None = 
     """Show parameters per module, FLOPs per token, memory and tokens seen of a run or a config.
 
     Args:
-        target: A run folder (out_dir of `fungpt train`) or a TOML config (configs/*.toml).
+        target: A run folder (out_dir of `fungpt train`), a TOML config (configs/*.toml) or a Hugging Face
+            GPT-2 folder (e.g. from `fungpt export`).
         batch_size: Estimate memory at this batch size instead of the configured one.
     """
     from fungpt.inspection import format_report, inspect_target
@@ -200,7 +201,7 @@ def attention_command(run: tyro.conf.Positional[str], prompt: str, layer: int | 
     path = plot_attention(weights, token_labels(loaded.tokenizer, ids), out,
                           layers=None if layer is None else [layer], heads=None if head is None else [head],
                           title=f"{loaded.run_dir.name} at step {loaded.step}: attention weights\n"
-                                f"(row = query token, column = key token; grey = future, masked)")
+                                f"(row = query, column = key; grey = future, masked)")
     print(f"fungpt: wrote {path}")
 
 

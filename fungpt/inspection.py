@@ -151,14 +151,16 @@ def _read_tokens_seen(run_dir: Path) -> tuple[int | None, int | None]:
 
 
 def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
-    """Everything `fungpt inspect` prints, as a dict. `target` is a run folder or a .toml config."""
+    """Everything `fungpt inspect` prints, as a dict. `target` is a run folder, a .toml config or a Hugging Face
+    GPT-2 folder (what `fungpt export` writes, what fine-tuning starts from)."""
     from fungpt import pretrained
-    from fungpt.config import default_model, load_config, load_run_config
+    from fungpt.config import RunConfig, default_model, is_hf_config, load_config, load_run_config
     from fungpt.hardware import detect_precision
 
     target = Path(target)
     info: dict = {"source": str(target), "vocab_note": None, "step": None, "tokens_seen": None, "checkpoint": None}
-    if target.is_dir():
+    hf_folder = target.is_dir() and is_hf_config(target / "config.json")
+    if target.is_dir() and not hf_folder:
         cfg = load_run_config(target)
         info["kind"] = "run"
         try:
@@ -173,9 +175,13 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
             manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
             info["checkpoint"] = {"dir": str(folder), "step": manifest.get("step"),
                                   "bytes": sum(f["bytes"] for f in manifest.get("files", {}).values())}
-    elif target.suffix == ".toml":
-        cfg = load_config(target)
-        info["kind"] = "config"
+    elif hf_folder or target.suffix == ".toml":
+        if hf_folder:  # shown as a config that fine-tunes it, with this run's defaults for the rest
+            cfg = RunConfig(model=dataclasses.replace(default_model(), init_from=str(target)))
+            info["kind"] = "Hugging Face model"
+        else:
+            cfg = load_config(target)
+            info["kind"] = "config"
         if pretrained.is_pretrained(cfg.model.init_from):  # fine-tuning: the checkpoint's architecture, as training
             checkpoint, info["vocab_note"] = pretrained.architecture(cfg.model.init_from)
             model = pretrained.merge_model_config(cfg.model, checkpoint, default_model())
@@ -187,7 +193,7 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
             else cfg.train.dtype
     else:
         raise FunGPTError(f"{target} is neither a run folder nor a .toml config: pass the out_dir of a training "
-                          f"run or a file from configs/")
+                          f"run, a file from configs/ or a Hugging Face GPT-2 folder")
     model = meta_model(cfg.model)
     tc = cfg.train
     B = batch_size or tc.batch_size
@@ -265,7 +271,7 @@ def format_report(info: dict) -> str:
         ck = info["checkpoint"]
         if ck:
             lines.append(f"  latest checkpoint                   step {ck['step']}, {human_bytes(ck['bytes'])}")
-    else:
+    elif info["kind"] == "config":
         n_steps = info["config"].train.max_iters
         lines.append(f"  planned: {n_steps:,} steps = {n_steps * info['tokens_per_step']:,} tokens, "
                      f"{human_count(n_steps * info['tokens_per_step'] * ft)} FLOPs")

@@ -130,17 +130,21 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def _describe_validation(exc: RequestValidationError) -> str:
-    """Pydantic's error list as one line a person can act on, e.g. "top_k: must be >= 1 (got 0)"."""
+def _describe_validation(exc: RequestValidationError, sent_as_json: bool) -> str:
+    """Pydantic's error list as one line a person can act on, e.g. "top_k: must be >= 1 (got 0)".
+
+    sent_as_json: whether the request said Content-Type: application/json (FastAPI parses the body only then).
+    """
     parts = []
     for err in exc.errors():
         if err.get("type") == "json_invalid":
             return "the request body is not valid JSON"
         if err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",):
             return "the request needs a JSON body"
-        if tuple(err.get("loc", ())) == ("body",) and isinstance(err.get("input"), (bytes, str)):
-            # a body FastAPI did not parse as JSON: it was sent without that content type (e.g. curl -d)
-            return "the request body must be sent with Content-Type: application/json"
+        if tuple(err.get("loc", ())) == ("body",) and "input" in err:
+            if not sent_as_json:  # FastAPI left the body unparsed (e.g. curl -d, which sends a form type)
+                return "the request body must be sent with Content-Type: application/json"
+            return 'the request body must be a JSON object, e.g. {"prompt": "ROMEO:"}'  # "hi", [1], 3, null
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         field = ".".join(loc) or "body"
         msg = err.get("msg", "is not valid")
@@ -181,7 +185,8 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
     # Errors: always {"error": "..."} with a 4xx status, never a stack trace or pydantic's raw list.
     @app.exception_handler(RequestValidationError)
     async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(422, _describe_validation(exc))
+        sent_as_json = request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
+        return _error(422, _describe_validation(exc, sent_as_json))
 
     @app.exception_handler(ApiError)
     async def _on_api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -336,7 +341,9 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
             maps = attention_maps(model, ids)  # (n_layer, nh, T, T)
         shown = min(len(ids), MAX_ATTENTION_TOKENS)
         weights = maps[req.layer, req.head, -shown:, -shown:]  # (shown, shown): row = query, column = key
-        return {"layer": req.layer, "head": req.head, "offset": len(req.ids) - shown,
+        # offset: ids before the first one sent. window_start: ids before the first one the model read
+        # (all of them got no attention at all); offset > window_start when the map is cut for drawing.
+        return {"layer": req.layer, "head": req.head, "offset": len(req.ids) - shown, "window_start": window,
                 "tokens": [{"id": int(i), "text": tok.token_text(int(i))} for i in ids[-shown:].tolist()],
                 "weights": [[round(w, 4) for w in row] for row in weights.tolist()]}
 
@@ -391,8 +398,18 @@ class _Server(uvicorn.Server):
 
 
 def _url(sock: socket.socket) -> str:
+    """The address to open in a browser. A socket listening on every interface (0.0.0.0, ::) is reached
+    from this machine at the loopback address: browsers refuse or mishandle http://0.0.0.0/."""
     host, port = sock.getsockname()[:2]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _is_loopback(sock: socket.socket) -> bool:
+    """Whether only this machine can reach the socket (127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    return ipaddress.ip_address(sock.getsockname()[0].split("%")[0]).is_loopback
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, checkpoint: str = "last",
@@ -402,8 +419,9 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, checkpoint
     app = create_app(run, checkpoint, device)
     sock = _bind(host, port)
     url = _url(sock)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"fungpt: warning: listening on {host}: anyone who can reach this machine can use the model "
+    if not _is_loopback(sock):
+        where = "every network interface" if host in ("0.0.0.0", "::", "") else host
+        print(f"fungpt: warning: listening on {where}: anyone who can reach this machine can use the model "
               f"(there is no password)")
     print(f"fungpt: exploring {run} at {url}/   (Ctrl-C to stop)", flush=True)
     server = _Server(app)

@@ -87,12 +87,22 @@ def _panel_inches(T: int, n_panels: int) -> float:
     return max(2.4, min(side, 9.0))
 
 
-def attention_figsize(n_rows: int, n_cols: int, T: int) -> tuple[float, float]:
-    """Figure size (inches) of a grid of n_rows x n_cols attention heatmaps of T tokens."""
+def attention_figsize(n_rows: int, n_cols: int, T: int, title_lines: int = 2) -> tuple[float, float]:
+    """Figure size (inches) of a grid of n_rows x n_cols attention heatmaps of T tokens, under a title of
+    title_lines lines (`wrap_title`)."""
     side = _panel_inches(T, n_rows * n_cols)
     width = min(n_cols * side + 1.2, 30.0)  # + room for the colour bar; capped so images stay loadable
-    height = min(n_rows * side + 0.8, 30.0)  # + room for the title
+    height = min(n_rows * side + 0.8 + 0.2 * max(0, title_lines - 2), 30.0)  # + room for the title
     return round(width, 1), round(height, 1)
+
+
+def wrap_title(title: str, width_inches: float) -> str:
+    """Break a figure title into lines that fit width_inches: a narrow figure (one head, a short prompt)
+    would cut a long line off at both ends. About 12 characters per inch at font size 10."""
+    import textwrap
+
+    chars = max(16, int(width_inches * 12))
+    return "\n".join(part for line in title.splitlines() for part in (textwrap.wrap(line, chars) or [""]))
 
 
 def _check_out(out: str | Path) -> Path:
@@ -156,8 +166,10 @@ def plot_attention(weights: torch.Tensor, labels: list[str], out: str | Path, la
             raise FunGPTError(f"--{name} {bad[0]} does not exist: this model has {n} {name}s, numbered 0..{n - 1}")
     plt = _pyplot()
     rows, cols = len(layers), len(heads)
-    fig, axes = plt.subplots(rows, cols, figsize=attention_figsize(rows, cols, T), squeeze=False,
-                             layout="constrained")  # constrained: panels, labels and colour bar fit
+    title = wrap_title(title or "attention weights (each row sums to 1; grey = future, masked)",
+                       attention_figsize(rows, cols, T)[0])
+    fig, axes = plt.subplots(rows, cols, figsize=attention_figsize(rows, cols, T, title.count("\n") + 1),
+                             squeeze=False, layout="constrained")  # constrained: panels, labels and colour bar fit
     future = np.triu(np.ones((T, T), dtype=bool), k=1)  # (T, T) True above the diagonal
     vmax = float(weights[layers][:, heads].max())
     cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")  # masked (future) cells in grey
@@ -179,7 +191,7 @@ def plot_attention(weights: torch.Tensor, labels: list[str], out: str | Path, la
                 ax.set_xlabel("key (attended to)", fontsize=8)
             else:
                 ax.set_xticks([])
-    fig.suptitle(title or "attention weights (each row sums to 1; grey = future, masked)", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight")
     result = _save(fig, out)
     plt.close(fig)
@@ -305,12 +317,12 @@ def plot_positions(kind: str, out: str | Path, run=None, block_size: int | None 
                             interpolation="nearest")
         axes[1].set(title="cos(m theta_i): the angle of pair i at position m", xlabel="pair i",
                     ylabel="position m")
-        fig.colorbar(im, ax=axes[1])
+        fig.colorbar(im, ax=axes[1], label="cos(m theta_i)")
         scores = rope_relative_scores(block_size, hs, rope_base)
         im = axes[2].imshow(scores.numpy(), cmap="viridis", interpolation="nearest")
         axes[2].set(title="(R(m)q).(R(n)k): depends only on n - m", xlabel="key position n",
                     ylabel="query position m")
-        fig.colorbar(im, ax=axes[2])
+        fig.colorbar(im, ax=axes[2], label="score (R(m)q).(R(n)k)")
     for ax in axes:
         ax.title.set_fontsize(10)
     fig.suptitle(f"{name}{kind} position encoding (block_size {block_size}, n_embd {n_embd}, "

@@ -186,6 +186,9 @@ def test_malformed_requests(url):
     r = httpx.post(f"{url}/api/generate", content=b'{"prompt": "hi"}')  # as `curl -d` sends it: no content type
     assert r.status_code == 422
     assert r.json() == {"error": "the request body must be sent with Content-Type: application/json"}
+    for body in ('"hi"', "[1, 2]", "3", "null"):  # JSON, but not an object
+        r = httpx.post(f"{url}/api/generate", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and r.json()["error"].startswith("the request body must be a JSON object"), body
 
 
 def test_attention_is_the_models_own(url, run_dir):
@@ -194,7 +197,7 @@ def test_attention_is_the_models_own(url, run_dir):
     r = httpx.post(f"{url}/api/attention", json={"ids": ids, "layer": 1, "head": 1})
     assert r.status_code == 200
     got = r.json()
-    assert got["offset"] == 0 and "".join(t["text"] for t in got["tokens"]) == "The cat sat"
+    assert got["offset"] == got["window_start"] == 0 and "".join(t["text"] for t in got["tokens"]) == "The cat sat"
     weights = torch.tensor(got["weights"])  # (T, T)
     with torch.no_grad():
         _, _, attn = run.model(torch.tensor([ids]), return_attn=True)
@@ -204,7 +207,7 @@ def test_attention_is_the_models_own(url, run_dir):
     # Longer than the context: the last block_size (32) tokens, as generation sees them.
     long_ids = run.tokenizer.encode("The cat sat on the mat, said Ann!\n" * 2)
     got = httpx.post(f"{url}/api/attention", json={"ids": long_ids, "layer": 0, "head": 0}).json()
-    assert got["offset"] == len(long_ids) - 32 and len(got["weights"]) == 32
+    assert got["offset"] == got["window_start"] == len(long_ids) - 32 and len(got["weights"]) == 32
     assert [t["id"] for t in got["tokens"]] == long_ids[-32:]
 
 
@@ -217,6 +220,7 @@ def test_attention_shown_in_part_is_still_the_whole_windows(url, run_dir, monkey
     ids = run.tokenizer.encode("The cat sat on the mat")  # shorter than block_size (32): all of it is the window
     got = httpx.post(f"{url}/api/attention", json={"ids": ids, "layer": 1, "head": 0}).json()
     assert got["offset"] == len(ids) - 8 and [t["id"] for t in got["tokens"]] == ids[-8:]
+    assert got["window_start"] == 0  # the model read all of them: the map is cut for drawing only
     with torch.no_grad():
         _, _, attn = run.model(torch.tensor([ids]), return_attn=True)
     torch.testing.assert_close(torch.tensor(got["weights"]), attn[1][0, 0, -8:, -8:], atol=1e-4, rtol=0)
@@ -329,3 +333,18 @@ def test_the_pages_sampling_defaults_are_fungpt_samples():
     request = GenerateRequest()
     assert (request.temperature, request.top_k, request.top_p) == (
         defaults["temperature"].default, defaults["top_k"].default, defaults["top_p"].default)
+
+
+@pytest.mark.parametrize("host, loopback, url_host", [("127.0.0.1", True, "127.0.0.1"),
+                                                      ("127.0.0.2", True, "127.0.0.2"),  # all of 127/8 is loopback
+                                                      ("0.0.0.0", False, "127.0.0.1")])  # browsers refuse 0.0.0.0
+def test_the_printed_address_and_the_network_warning(host, loopback, url_host):
+    from fungpt.serve import _is_loopback, _url
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, 0))
+        except OSError:
+            pytest.skip(f"cannot bind {host} here")
+        assert _is_loopback(s) is loopback
+        assert _url(s) == f"http://{url_host}:{s.getsockname()[1]}"

@@ -106,6 +106,27 @@ def test_cli_attention_bad_layer_is_one_line(run_dir, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("T", [1, 5])
+def test_attention_title_fits_a_narrow_figure(tmp_path, monkeypatch, T):
+    """One head of a short prompt makes the narrowest figure: its title must wrap, not be cut at both ends."""
+    import fungpt.viz as viz
+
+    shown = {}
+
+    def keep(fig, out):
+        fig.canvas.draw()
+        shown["title"] = fig._suptitle.get_window_extent()
+        shown["figure"] = fig.bbox
+        return out
+
+    monkeypatch.setattr(viz, "_save", keep)
+    w = torch.softmax(torch.randn(1, 1, T, T).masked_fill(torch.ones(T, T).triu(1).bool(), -torch.inf), -1)
+    title = "a-run-with-a-long-name at step 5000: attention weights\n(row = query, column = key; grey = future, masked)"
+    plot_attention(w, list("abcde")[:T], tmp_path / "a.png", title=title)
+    assert shown["figure"].x0 <= shown["title"].x0 and shown["title"].x1 <= shown["figure"].x1
+    assert shown["figure"].y0 <= shown["title"].y0 and shown["title"].y1 <= shown["figure"].y1
+
+
 def test_plot_attention_svg_is_valid_xml(tmp_path):
     w = torch.softmax(torch.randn(1, 2, 5, 5).masked_fill(torch.ones(5, 5).triu(1).bool(), -torch.inf), -1)
     out = plot_attention(w, list("abcde"), tmp_path / "a.svg")
@@ -203,6 +224,16 @@ def test_inspect_config_without_prepared_data(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "assuming" in out and "809,856" in out  # the README's 0.8M-parameter model
     assert main(["inspect", str(tmp_path / "nothing.txt")]) == 2
+
+
+def test_inspect_an_exported_hugging_face_folder(run_dir, tmp_path, capsys):
+    assert main(["export", "--run", str(run_dir), "--out", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "hf")]) == 0
+    out = capsys.readouterr().out
+    run = load_run(run_dir, device="cpu")
+    assert "(Hugging Face model)" in out and f"{run.model.num_params():,}" in out
+    assert "2 layers x 2 heads x 32 channels, context 32" in out and "planned" not in out
 
 
 @pytest.mark.parametrize("cfg,impl", [

@@ -147,7 +147,7 @@ function readSettings() {
     top_k: num("top_k"),
     top_p: num("top_p"),
     max_new_tokens: num("max_new_tokens") ?? 200,
-    seed: num("seed") ?? 0,
+    seed: num("seed") ?? 1337,  // an emptied box: the page's and the server's default seed
   };
 }
 
@@ -316,8 +316,16 @@ async function loadAttention() {
     state.attn = result;
     drawHeatmap(result);
     const T = result.tokens.length;
-    const cropped = result.offset > 0 ? ` (the last ${T} tokens of the model's context window; weight on ` +
-      "earlier tokens is not drawn)" : "";
+    // Two different reasons for a map that starts after the first token: the model reads only its last
+    // block_size tokens (the ones before get no attention at all), and the server sends at most the last
+    // MAX_ATTENTION_TOKENS of those (the weight on the others is real, only not drawn).
+    const start = result.window_start ?? 0;
+    const notes = [];
+    if (start > 0) notes.push(`the model reads only its last ${ids.length - start} tokens; the ${start} before ` +
+      "them get no attention");
+    if (result.offset > start) notes.push(`only the last ${T} of the tokens it reads are drawn; the weight on ` +
+      "the earlier ones is not");
+    const cropped = notes.length ? ` (${notes.join("; ")})` : "";
     $("attn-info").textContent =
       `Layer ${layer}, head ${head}: row i shows how much token i attends to each earlier token j${cropped}. ` +
       `The bottom row is what the model looked at when it predicted «${visible(state.gen[index].text)}».`;
