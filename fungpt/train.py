@@ -643,15 +643,24 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
             load_optimizer_state(optimizer, state["optimizer"], prec.device)
             scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
             loaders = state["loader"]
-            loader.load_state_dict(loaders[ddp.rank] if ddp.rank < len(loaders) else loaders[0])
+            if ddp.rank < len(loaders):
+                loader.load_state_dict(loaders[ddp.rank])
+            # else: resumed with more processes than saved; this rank keeps the fresh batch stream seeded from
+            # its own rank (a copy of rank 0's would train two replicas on the same batches)
             step, best_val, elapsed_before = int(state["step"]), float(state["best_val"]), float(state["elapsed_s"])
             schedule_origin = float(state.get("schedule_origin_s") or 0.0)  # time-budget mode, see below
             timings = state.get("timings") or {}  # so a resumed run knows what to reserve at once
             tokens_before = state.get("tokens")  # None in checkpoints from before it was saved
-            rng = state["rng"][min(ddp.rank, len(state["rng"]) - 1)]
-            torch.set_rng_state(rng["cpu"])
-            if prec.device == "cuda" and "cuda" in rng:
-                torch.cuda.set_rng_state(rng["cuda"])
+            if ddp.rank < len(state["rng"]):  # a new rank keeps its seed + rank dropout masks (above)
+                rng = state["rng"][ddp.rank]
+                torch.set_rng_state(rng["cpu"])
+                if prec.device == "cuda" and "cuda" in rng:
+                    torch.cuda.set_rng_state(rng["cuda"])
+            if len(loaders) != ddp.world_size:
+                say(f"fungpt: resuming with {ddp.world_size} process(es) where the checkpoint was written by "
+                    f"{len(loaders)}: the batches differ from an uninterrupted run's"
+                    + (f"; processes {len(loaders)}.. start fresh batch streams" if ddp.world_size > len(loaders)
+                       else ""))
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
             raise FunGPTError(f"the training state in {folder / ckpt.STATE_FILE} does not fit this run "
                               f"({type(e).__name__}: {str(e)[:120]}); resume with the original settings") from None
@@ -768,12 +777,28 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         """
         if budget_s is None:
             return False
-        finished = elapsed() + 2 * step_time + end_time() >= budget_s
-        if ddp.enabled:  # every rank must stop at the same step
-            flag = torch.tensor([float(finished)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            finished = bool(flag.item())
-        return finished
+        return elapsed() + 2 * step_time + end_time() >= budget_s
+
+    def must_stop(interrupt: _StopFlag) -> bool:
+        """Whether to end the loop before another step: out of budget, or Ctrl-C.
+
+        Under DDP every rank must stop at the same step: a rank that stopped alone would go on to save
+        while the others wait for it in the next step's gradient all-reduce, for ever. So the ranks agree
+        by one all-reduce of both flags; a Ctrl-C seen by any rank (the signal reaches them at slightly
+        different moments) stops them all, and all of them take the interrupted path.
+        """
+        flags = any_rank([out_of_time(step_time, eval_time), interrupt.stop])
+        if flags[1]:  # (never cleared: a Ctrl-C that arrives during the all-reduce counts at the next step)
+            interrupt.stop = True
+        return any(flags)
+
+    def any_rank(flags: list[bool]) -> list[bool]:
+        """Each flag, True if it is True on any rank (an all-reduce under DDP; as given otherwise)."""
+        if not ddp.enabled:
+            return flags
+        agreed = torch.tensor([float(f) for f in flags], device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        return [bool(f) for f in agreed.tolist()]
 
     losses: dict[str, float] = {}
     step_time, last_loss = timings.get("step", 0.0), float("nan")
@@ -807,7 +832,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
 
         bar = tqdm(total=tc.max_iters, initial=step, desc="train", unit="step", dynamic_ncols=True)
     with _StopFlag() as interrupt, _close_on_error(bar):
-        while step < tc.max_iters and not out_of_time(step_time, eval_time) and not interrupt.stop:
+        while step < tc.max_iters and not must_stop(interrupt):
             t_step = time.time()
             lr = get_lr(schedule_position(), tc)
             for group in optimizer.param_groups:
@@ -880,10 +905,14 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
                     bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             if step % tc.checkpoint_interval == 0 and step < tc.max_iters:  # the last step is saved below
                 do_save()
+        # The loop also ends at max_iters without asking must_stop: a Ctrl-C that reached some ranks during the
+        # last step must not send them down another path than the rest (Ctrl-C no longer changes the flag after
+        # the `with`: it then aborts at once).
+        interrupted = any_rank([interrupt.stop])[0]
 
     if bar is not None:
         bar.close()
-    if interrupt.stop:
+    if interrupted:
         do_save()
         how = " with --resume in place of --overwrite" if overwrite else "" if resume else " plus --resume"
         say(f"fungpt: interrupted at step {step}; checkpoint saved. Resume with the same command{how}")
@@ -899,7 +928,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
     if ddp.enabled:
         dist.barrier()
     return {"out_dir": str(out_dir), "step": step, "train_loss": losses.get("train", last_loss),
-            "val_loss": losses.get("val", float("nan")), "interrupted": interrupt.stop,
+            "val_loss": losses.get("val", float("nan")), "interrupted": interrupted,
             "elapsed_s": time.time() - start_time}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -349,6 +350,86 @@ def test_ddp_two_gloo_processes(corpus, tmp_path):
     assert ranks == [0, 1]  # each rank's batch stream is saved, for exact resume
     assert not torch.equal(state["loader"][0]["generator_state"], state["loader"][1]["generator_state"])
     assert json.loads((out / "run.json").read_text())["world_size"] == 2
+
+
+def _torchrun_train(corpus, out, tmp_path, *extra) -> list[str]:
+    """The command of a tiny 2-process CPU (gloo) training run, as test_ddp_two_gloo_processes runs it."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fungpt",
+            "train", "--data.path", str(corpus), "--out-dir", str(out), "--train.device", "cpu",
+            "--model.n-layer", "1", "--model.n-head", "2", "--model.n-embd", "16", "--model.block-size", "8",
+            "--train.batch-size", "2", "--train.eval-iters", "1", "--train.log-interval", "1", *extra]
+
+
+def _torchrun_env(tmp_path) -> dict:
+    scratch = tmp_path / "tmp"  # torchrun leaves a torchelastic_* folder in TMPDIR: keep it out of /tmp
+    scratch.mkdir(exist_ok=True)
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)}
+
+
+def test_resume_with_more_processes_gives_the_new_rank_its_own_batches(corpus, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_config(corpus, out, max_iters=2, eval_interval=2, checkpoint_interval=2)
+    cfg.model = dataclasses.replace(cfg.model, n_layer=1, n_embd=16, block_size=8)
+    cfg.train = dataclasses.replace(cfg.train, batch_size=2, eval_iters=1)
+    train(cfg, progress=False)  # one process
+    proc = subprocess.run(_torchrun_train(corpus, out, tmp_path, "--train.max-iters", "4", "--train.eval-interval",
+                                          "2", "--resume"), env=_torchrun_env(tmp_path), capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming with 2 process(es) where the checkpoint was written by 1" in proc.stdout
+    state = ckpt.load_state(ckpt.find_checkpoint(out))
+    assert state["step"] == 4 and [s["rank"] for s in state["loader"]] == [0, 1]
+    # rank 1 drew its own batches; before, it continued a copy of rank 0's stream (the same batches on both)
+    assert not torch.equal(state["loader"][0]["generator_state"], state["loader"][1]["generator_state"])
+
+
+def _torchrun_workers(out: Path) -> dict[int, int]:
+    """{rank: pid} of the torchrun workers training into `out` (found through /proc)."""
+    workers = {}
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            env = environ.read_bytes().split(b"\0")
+            cmdline = Path(environ.parent, "cmdline").read_bytes()
+        except OSError:
+            continue
+        if any(e.startswith(b"TORCHELASTIC_RUN_ID=") for e in env) and str(out).encode() in cmdline:
+            rank = next(int(e[5:]) for e in env if e.startswith(b"RANK="))
+            workers[rank] = int(environ.parent.name)
+    return workers
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc (Linux)")
+def test_ctrl_c_seen_by_one_ddp_rank_stops_all_of_them_with_a_checkpoint(corpus, tmp_path):
+    """The signal reaches the ranks at different moments (here: only rank 1 gets it). A rank that stopped alone
+    would wait in a collective that the others never join: the run hung and saved nothing."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_torchrun_train(corpus, out, tmp_path, "--train.max-iters", "100000",
+                                            "--train.eval-interval", "100000", "--train.checkpoint-interval",
+                                            "100000"), env=_torchrun_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    workers: dict[int, int] = {}
+    try:
+        deadline = time.monotonic() + 180
+        while not ((out / "metrics.jsonl").is_file() and len(read_rows(out)) >= 5):  # training, past step 1
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.05)
+        workers = _torchrun_workers(out)
+        assert sorted(workers) == [0, 1], workers
+        os.kill(workers[1], signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=120)  # before the fix: no end (rank 0 trained on, rank 1 waited)
+    finally:
+        if proc.poll() is None:  # the workers run in sessions of their own: kill them, then torchrun
+            for pid in workers.values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.kill()
+            proc.communicate()
+    state = ckpt.load_state(ckpt.find_checkpoint(out))
+    assert state["step"] >= 2 and len(state["loader"]) == 2  # both ranks saved the step they stopped at
+    assert f"interrupted at step {state['step']}; checkpoint saved" in stdout
 
 
 def test_tensorboard_events_are_written(corpus, tmp_path):
