@@ -101,9 +101,10 @@ def _hub_folder(name: str) -> Path:
 
 
 def _how_to_get(name: str, why: str) -> str:
-    return (f"cannot load {name!r}: {why}. On a machine with internet run `huggingface-cli download {name}` "
-            f"(then copy ~/.cache/huggingface here, or set HF_HOME to it), or set init_from to a local folder "
-            f"holding the model's config.json, model.safetensors and tokenizer files")
+    return (f"cannot load {name!r}: {why}. On a machine with internet run `hf download {name}` (older "
+            f"huggingface_hub releases: `huggingface-cli download {name}`), then copy ~/.cache/huggingface here "
+            f"or set HF_HOME to it; or set init_from to a local folder holding the model's config.json, "
+            f"model.safetensors and tokenizer files")
 
 
 def resolve_path(init_from: str) -> Path:

@@ -819,7 +819,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         do_save()
         if ddp.is_main and tc.plot:
             t0 = time.time()
-            _plot_quietly(out_dir)
+            _plot_quietly(out_dir, timing_only=True)
             plot_time = time.time() - t0
     else:
         eval_time = timings.get("eval", 0.0)
@@ -948,11 +948,16 @@ def _gather(obj: Any, ddp: Dist) -> list[Any]:
     return out
 
 
-def _plot_quietly(out_dir: Path) -> None:
-    """Write loss.png at the end of training; a plotting problem must never fail a finished run."""
+def _plot_quietly(out_dir: Path, timing_only: bool = False) -> None:
+    """Write loss.png at the end of training; a plotting problem must never fail a finished run.
+
+    timing_only: the step-0 call of a time-budget run, which times the plot (mostly matplotlib's import)
+    before metrics.jsonl has any rows: its "nothing to plot yet" is expected, not worth a warning.
+    """
     try:
         from fungpt.plot import plot_runs
 
         plot_runs([out_dir], out=out_dir / "loss.png")
     except Exception as e:  # noqa: BLE001 - the run itself succeeded
-        print(f"fungpt: could not draw loss.png ({e})", file=sys.stderr)
+        if not (timing_only and isinstance(e, FunGPTError)):
+            print(f"fungpt: could not draw loss.png ({e})", file=sys.stderr)

@@ -163,7 +163,7 @@ def test_hub_name_offline_and_not_cached_says_how_to_get_it(tmp_path, monkeypatc
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
-    with pytest.raises(FunGPTError, match=r"huggingface-cli download gpt2-medium.*local folder"):
+    with pytest.raises(FunGPTError, match=r"hf download gpt2-medium.*local folder"):
         pretrained.resolve("gpt2-medium")
     with pytest.raises(FunGPTError, match="neither 'scratch', a local Hugging Face GPT-2 folder, nor a hub name"):
         pretrained.resolve(str(tmp_path / "no-such-model"))

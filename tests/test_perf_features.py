@@ -252,6 +252,16 @@ def test_keep_freed_memory_stops_page_faults_between_steps():
     assert faults["default"] >= 18 * block and faults["keep"] <= 2 * block, faults
 
 
+def test_budget_run_times_its_plot_at_step_0_without_a_warning(prepared, tmp_path, capsys):
+    cfg = RunConfig(out_dir=str(tmp_path / "run"), data=DataConfig(path=str(prepared)),
+                    model=GPTConfig(vocab_size=1, block_size=16, n_layer=1, n_head=2, n_embd=16),
+                    train=TrainConfig(batch_size=4, max_iters=3, eval_interval=100, eval_iters=1, warmup_iters=0,
+                                      checkpoint_interval=100, device="cpu", max_minutes=5.0))
+    train(cfg, progress=False)
+    assert "could not draw" not in capsys.readouterr().err  # the step-0 timing found no rows yet: expected
+    assert (tmp_path / "run/loss.png").is_file()
+
+
 def test_budget_run_skips_the_step0_eval_and_can_skip_the_plot(prepared, tmp_path):
     import json
 
