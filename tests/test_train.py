@@ -332,14 +332,9 @@ def test_cli_sample_unknown_character_is_clear(corpus, tmp_path, capsys):
 
 def test_ddp_two_gloo_processes(corpus, tmp_path):
     out = tmp_path / "ddp"
-    scratch = tmp_path / "tmp"  # torchrun leaves a torchelastic_* folder in TMPDIR: keep it out of /tmp
-    scratch.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fungpt",
-           "train", "--data.path", str(corpus), "--out-dir", str(out), "--train.device", "cpu",
-           "--model.n-layer", "1", "--model.n-head", "2", "--model.n-embd", "16", "--model.block-size", "8",
-           "--train.batch-size", "2", "--train.grad-accum-steps", "2", "--train.max-iters", "4",
-           "--train.eval-interval", "2", "--train.eval-iters", "1", "--train.log-interval", "1"]
+    cmd = _torchrun_train(corpus, out, tmp_path, "--train.grad-accum-steps", "2", "--train.max-iters", "4",
+                          "--train.eval-interval", "2")
+    env = _torchrun_env(tmp_path)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_rows(out)
