@@ -272,6 +272,8 @@ def _iter_file_text(
                     "for undecodable bytes: `fungpt prepare --errors replace`, or data.errors = \"replace\" "
                     "(--data.errors replace) for `fungpt train`"
                 ) from None
+            if offset == 0:  # a byte-order mark (some Windows editors write one) is not text: drop it
+                text = text.removeprefix("\ufeff")
             offset += len(data)
             buffer = carry + text
             if final:

@@ -90,7 +90,8 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
         raise FunGPTError("give either --prompt or --prompt-file, not both")
     if prompt_file is not None:
         try:
-            prompt = Path(prompt_file).read_bytes().decode("utf-8")  # as prepare reads: "\r\n" stays "\r\n"
+            # as prepare reads: "\r\n" stays "\r\n" and a byte-order mark is dropped
+            prompt = Path(prompt_file).read_bytes().decode("utf-8").removeprefix("\ufeff")
         except (OSError, UnicodeDecodeError) as e:
             raise FunGPTError(f"cannot read prompt file {prompt_file}: {e}") from None
     loaded = load_run(run, checkpoint, device)
@@ -173,7 +174,8 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
     if input is not None:
         path = Path(input)
         try:
-            text = path.read_bytes().decode("utf-8")  # as prepare reads it: read_text would turn "\r\n" into "\n"
+            # as prepare reads it: read_text would turn "\r\n" into "\n"; a byte-order mark is dropped
+            text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
         except FileNotFoundError:
             raise FunGPTError(f"--input {path} does not exist") from None
         except IsADirectoryError:

@@ -185,6 +185,17 @@ def test_errors_replace_substitutes(tmp_path):
     assert "\ufffd" in load_tokenizer(out).chars
 
 
+def test_byte_order_marks_are_not_text(tmp_path):
+    """Notepad-style files start with a byte-order mark: in each file of a folder, it must not become a token."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes(b"\xef\xbb\xbf" + b"first doc\n" * 20)
+    (folder / "b.txt").write_bytes(b"\xef\xbb\xbf" + b"second doc, \xef\xbb\xbf inside stays\n" * 20)
+    out = prepare(folder, tmp_path / "char", val_fraction=0.2, progress=False)
+    ids = np.concatenate([read_bin(out, "train"), read_bin(out, "val")]).tolist()
+    assert load_tokenizer(out).decode(ids) == "first doc\n" * 20 + "\n" + "second doc, \ufeff inside stays\n" * 20
+
+
 def test_token_dtype():
     assert token_dtype(65) == np.uint16
     assert token_dtype(65536) == np.uint16

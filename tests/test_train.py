@@ -486,6 +486,14 @@ def test_eval_and_prompt_files_keep_windows_line_endings(tmp_path, monkeypatch):
     buf = io.StringIO()
     sample(out, prompt_file=prompt, max_new_tokens=3, seed=1, out=buf)
     assert buf.getvalue().startswith("the cat\r\nthe")
+    # A byte-order mark (Notepad's) is not text, in eval and prompt files as in the corpus: no unknown character
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbf" + crlf.read_bytes())
+    assert evaluate_run(out, input=bom)["tokens"] == len(text) - 1
+    prompt.write_bytes(b"\xef\xbb\xbfthe cat")
+    buf = io.StringIO()
+    sample(out, prompt_file=prompt, max_new_tokens=3, seed=1, out=buf)
+    assert buf.getvalue().startswith("the cat")
 
 
 def test_train_on_text_with_bad_utf8_names_a_fix_train_accepts(corpus, tmp_path):
