@@ -57,18 +57,20 @@ def _config_path(args: list[str]) -> str | None:
 
 
 def cmd_train(args: list[str], start_time: float) -> None:
-    from fungpt.config import load_config
+    from fungpt.config import load_config, model_fields_named
     from fungpt.train import train
 
     path = _config_path(args)
     base = load_config(path) if path else RunConfig()
     parsed = tyro.cli(TrainArgs, default=TrainArgs(config=path, run=base), args=args, prog="fungpt train")
+    named = model_fields_named(path, args)  # e.g. block_size = 64 asked of a fine-tune, though it is the default
     if parsed.dry_run:
         from fungpt.plan import dry_run
 
-        dry_run(parsed.run)
+        dry_run(parsed.run, model_named=named)
         return
-    result = train(parsed.run, resume=parsed.resume, overwrite=parsed.overwrite, start_time=start_time)
+    result = train(parsed.run, resume=parsed.resume, overwrite=parsed.overwrite, start_time=start_time,
+                   model_named=named)
     if not result["interrupted"]:
         print(f"fungpt: done. Sample with: fungpt sample --run {result['out_dir']}")
     else:

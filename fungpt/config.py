@@ -283,7 +283,20 @@ def _check_type(klass: type, name: str, value: Any, where: str) -> Any:
 
 def load_config(path: str | Path) -> RunConfig:
     """Read a TOML run config. Missing settings keep their defaults."""
-    path = Path(path)
+    return RunConfig.from_dict(_read_toml(Path(path)), source=str(path))
+
+
+def model_fields_named(config_path: str | Path | None, args: list[str]) -> frozenset[str]:
+    """The [model] settings a user wrote down, in the config file or as --model.* flags, even where the value
+    equals the default. Fine-tuning needs this: there, an unset field means "the checkpoint's value"."""
+    named = set(_read_toml(Path(config_path)).get("model", {})) if config_path else set()
+    for a in args:
+        if a.startswith("--model."):
+            named.add(a.removeprefix("--model.").split("=", 1)[0].replace("-", "_"))
+    return frozenset(named)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FunGPTError(f"config file {path} does not exist (see configs/ for examples)")
     try:
@@ -297,7 +310,7 @@ def load_config(path: str | Path) -> RunConfig:
         raise FunGPTError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except OSError as e:  # e.g. a folder or an unreadable file
         raise FunGPTError(f"cannot read config file {path}: {e.strerror or e}") from None
-    return RunConfig.from_dict(d, source=str(path))
+    return d
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:

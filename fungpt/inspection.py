@@ -154,7 +154,7 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
     """Everything `fungpt inspect` prints, as a dict. `target` is a run folder, a .toml config or a Hugging Face
     GPT-2 folder (what `fungpt export` writes, what fine-tuning starts from)."""
     from fungpt import pretrained
-    from fungpt.config import RunConfig, default_model, is_hf_config, load_config, load_run_config
+    from fungpt.config import RunConfig, default_model, is_hf_config, load_config, load_run_config, model_fields_named
     from fungpt.hardware import detect_precision
 
     target = Path(target)
@@ -184,7 +184,8 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
             info["kind"] = "config"
         if pretrained.is_pretrained(cfg.model.init_from):  # fine-tuning: the checkpoint's architecture, as training
             checkpoint, info["vocab_note"] = pretrained.architecture(cfg.model.init_from)
-            model = pretrained.merge_model_config(cfg.model, checkpoint, default_model())
+            named = model_fields_named(target, []) if target.suffix == ".toml" else ()
+            model = pretrained.merge_model_config(cfg.model, checkpoint, default_model(), named)
         else:
             vocab, info["vocab_note"] = _vocab_for_config(cfg)
             model = dataclasses.replace(cfg.model, vocab_size=vocab)

@@ -23,7 +23,7 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -95,14 +95,16 @@ def _fmt_duration(s: float) -> str:
     return f"{s / 3600:.1f} h"
 
 
-def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Print the plan for `cfg` and return its figures; trains a few steps to time them, saves nothing."""
+def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = print,
+            model_named: Collection[str] = ()) -> dict[str, Any]:
+    """Print the plan for `cfg` and return its figures; trains a few steps to time them, saves nothing.
+    `model_named`: as for train.train."""
     from fungpt.data import BatchLoader
     from fungpt.train import configure_optimizer, resolve_model_and_data
 
     tc = cfg.train
     prec = detect_precision(tc.device, tc.dtype)
-    cfg, data_dir, pre = resolve_model_and_data(cfg, progress=False)
+    cfg, data_dir, pre = resolve_model_and_data(cfg, progress=False, model_named=model_named)
     mc = cfg.model
 
     # 1-2. Size and compute, on the meta device: shapes only, no memory.

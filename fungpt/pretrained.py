@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,27 +152,33 @@ def resolve(init_from: str) -> Pretrained:
     return Pretrained(init_from, path, config, tokenizer)
 
 
-def merge_model_config(asked: GPTConfig, checkpoint: GPTConfig, defaults: GPTConfig) -> GPTConfig:
+def merge_model_config(asked: GPTConfig, checkpoint: GPTConfig, defaults: GPTConfig,
+                       named: Collection[str] = ()) -> GPTConfig:
     """The architecture to fine-tune: the checkpoint's, with the allowed overrides from `asked`.
 
-    A field counts as set by the user when it differs from `defaults` (the config's defaults).
+    A field counts as set by the user when it differs from `defaults` (the config's defaults) or is in
+    `named` (the fields written in the config file or on the command line, whatever their value).
     block_size may only shrink; dropout may be anything; any other field that is set must equal
     the checkpoint's value. vocab_size always comes from the checkpoint.
     """
     ignored = {"vocab_size", "init_from", *OVERRIDABLE}
+
+    def is_set(name: str) -> bool:
+        return name in named or getattr(asked, name) != getattr(defaults, name)
+
     conflicts = []
     for f in dataclasses.fields(GPTConfig):
         if f.name in ignored:
             continue
-        mine, theirs, default = getattr(asked, f.name), getattr(checkpoint, f.name), getattr(defaults, f.name)
-        if mine != default and mine != theirs:
+        mine, theirs = getattr(asked, f.name), getattr(checkpoint, f.name)
+        if is_set(f.name) and mine != theirs:
             conflicts.append(f"{f.name} = {mine!r} (the checkpoint has {theirs!r})")
     if conflicts:
         raise FunGPTError(f"[model] contradicts the pretrained model {asked.init_from!r}: {'; '.join(conflicts)}. "
                           f"The architecture comes from the checkpoint: remove these settings (only block_size "
                           f"and dropout may be changed)")
     block_size = checkpoint.block_size
-    if asked.block_size != defaults.block_size:
+    if is_set("block_size"):
         if asked.block_size > checkpoint.block_size:
             raise FunGPTError(f"model.block_size = {asked.block_size} is larger than the pretrained model's "
                               f"{checkpoint.block_size} positions: use at most {checkpoint.block_size}")

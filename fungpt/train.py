@@ -28,6 +28,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,15 +201,18 @@ def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> None:
                               f"into a new out_dir")
 
 
-def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool = True):
+def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool = True,
+                           model_named: Collection[str] = ()):
     """Settle the model config and the data together; returns (cfg, data_dir, pretrained or None).
 
     A pretrained start (init_from) brings its own architecture and tokenizer (pretrained.py), and the
     data is encoded with that tokenizer. From scratch, the vocabulary size comes from the data.
+    `model_named`: the [model] fields the user wrote down (see pretrained.merge_model_config).
     """
     pre = pretrained.resolve(cfg.model.init_from) if pretrained.is_pretrained(cfg.model.init_from) else None
     if pre is not None:
-        cfg = dataclasses.replace(cfg, model=pretrained.merge_model_config(cfg.model, pre.config, default_model()))
+        model = pretrained.merge_model_config(cfg.model, pre.config, default_model(), model_named)
+        cfg = dataclasses.replace(cfg, model=model)
     data_dir = resolve_data(cfg.data, is_main, progress, tokenizer=pre and pre.tokenizer)
     meta = load_meta(data_dir)
     if pre is not None:
@@ -594,8 +598,11 @@ def threading_is_main() -> bool:
 
 
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          start_time: float | None = None) -> dict[str, Any]:
-    """Train the model described by `cfg`; return a summary (final step, losses, out_dir)."""
+          start_time: float | None = None, model_named: Collection[str] = ()) -> dict[str, Any]:
+    """Train the model described by `cfg`; return a summary (final step, losses, out_dir).
+
+    `model_named` lists the [model] fields the user wrote down even where they equal the defaults (the
+    CLI passes them): when fine-tuning, the fields not set take the checkpoint's values."""
     start_time = time.time() if start_time is None else start_time
     tc = cfg.train
     prec: Precision = detect_precision(tc.device, tc.dtype)
@@ -612,7 +619,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
     say = print if ddp.is_main else (lambda *a, **k: None)
     check_out_dir(cfg, resume, overwrite)  # before preparing data, which can take minutes
 
-    cfg, data_dir, pre = resolve_model_and_data(cfg, ddp.is_main, progress and ddp.is_main)
+    cfg, data_dir, pre = resolve_model_and_data(cfg, ddp.is_main, progress and ddp.is_main, model_named)
     out_dir = prepare_out_dir(cfg, resume, overwrite) if ddp.is_main else Path(cfg.out_dir)
     say(f"fungpt: {prec.reason}" + (f", matmuls on {cpu_matmul}" if cpu_matmul else "")
         + (f", {ddp.world_size} processes (DDP)" if ddp.enabled else ""))
