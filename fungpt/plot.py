@@ -61,6 +61,10 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
     if not runs:
         raise FunGPTError("give at least one run folder to plot")
     key, label = X_AXES[x]
+    unique: dict[Path, str | Path] = {}
+    for run in runs:  # each run once (b and ./b are one run), in the order given
+        unique.setdefault(Path(run).resolve(), run)
+    runs = list(unique.values())
     names = [Path(run).name for run in runs]
     if len(set(names)) < len(names):  # same folder name in different places: label with the full path
         names = [str(run) for run in runs]

@@ -184,6 +184,9 @@ def test_plot_runs_with_and_without_val_rows(tmp_path):
         check_png(out, (8, 5))
     svg = plot_runs([no_val], tmp_path / "loss.svg")
     assert ET.parse(svg).getroot().tag.endswith("svg")
+    # A run named twice (b and ./b) is drawn once, with one legend entry, in the order first given
+    svg = plot_runs([no_val, with_val, tmp_path / "." / "b"], tmp_path / "twice.svg").read_text(encoding="utf-8")
+    assert svg.count("<!-- b train -->") == 1 and svg.index("<!-- b train -->") < svg.index("<!-- a train -->")
 
 
 def test_plot_cli_on_trained_run_and_errors(run_dir, tmp_path, capsys):
