@@ -56,6 +56,11 @@ def _config_path(args: list[str]) -> str | None:
     return None
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (which sets RANK), 0 otherwise."""
+    return int(os.environ.get("RANK", "0")) if os.environ.get("RANK", "").isdigit() else 0
+
+
 def cmd_train(args: list[str], start_time: float) -> None:
     from fungpt.config import load_config, model_fields_named
     from fungpt.train import train
@@ -71,10 +76,10 @@ def cmd_train(args: list[str], start_time: float) -> None:
         return
     result = train(parsed.run, resume=parsed.resume, overwrite=parsed.overwrite, start_time=start_time,
                    model_named=named)
-    if not result["interrupted"]:
-        print(f"fungpt: done. Sample with: fungpt sample --run {result['out_dir']}")
-    else:
+    if result["interrupted"]:
         sys.exit(130)
+    if _rank() == 0:  # under torchrun, said once, not by every process
+        print(f"fungpt: done. Sample with: fungpt sample --run {result['out_dir']}")
 
 
 def prepare_command(input: str, out: str, tokenizer: Literal["char", "bpe", "gpt2"] = "char",
@@ -322,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             tyro.cli(COMMANDS[name], args=rest, prog=f"fungpt {name}")
     except FunGPTError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Under torchrun every process may fail alike: each says which it is, so that the lines read as copies
+        print(f"error{f' (rank {_rank()})' if _rank() else ''}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nfungpt: interrupted", file=sys.stderr)

@@ -330,6 +330,15 @@ def test_cli_sample_unknown_character_is_clear(corpus, tmp_path, capsys):
     assert err.startswith("error:") and "'Z'" in err
 
 
+def test_cli_errors_under_torchrun_say_which_process_failed(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")  # as torchrun sets it in the second process
+    assert main(["sample", "--run", str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.startswith("error (rank 1): ")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["sample", "--run", str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
 def test_ddp_two_gloo_processes(corpus, tmp_path):
     out = tmp_path / "ddp"
     cmd = _torchrun_train(corpus, out, tmp_path, "--train.grad-accum-steps", "2", "--train.max-iters", "4",
@@ -372,6 +381,7 @@ def test_resume_with_more_processes_gives_the_new_rank_its_own_batches(corpus, t
                           text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming with 2 process(es) where the checkpoint was written by 1" in proc.stdout
+    assert proc.stdout.count("fungpt: done") == 1  # said once, by rank 0, not once per process
     state = ckpt.load_state(ckpt.find_checkpoint(out))
     assert state["step"] == 4 and [s["rank"] for s in state["loader"]] == [0, 1]
     # rank 1 drew its own batches; before, it continued a copy of rank 0's stream (the same batches on both)
