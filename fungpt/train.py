@@ -597,6 +597,14 @@ def threading_is_main() -> bool:
 # The training loop
 
 
+def budget_spent(elapsed_s: float, timings: dict[str, float], budget_s: float) -> bool:
+    """Whether a run that has used `elapsed_s` of its budget has no time left for two more steps and its end
+    (final eval, two checkpoints, plot, exit), by its checkpoint's `timings`. Computed from the checkpoint
+    alone, so that under DDP every rank comes to the same answer."""
+    end = timings.get("eval", 0.0) + 2 * timings.get("save", 0.0) + timings.get("plot", 0.0) + EXIT_RESERVE_S
+    return elapsed_s + 2 * timings.get("step", 0.0) + end >= budget_s
+
+
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress: bool = True,
           start_time: float | None = None, model_named: Collection[str] = ()) -> dict[str, Any]:
     """Train the model described by `cfg`; return a summary (final step, losses, out_dir).
@@ -674,9 +682,15 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         if step != int(manifest["step"]):
             raise FunGPTError(f"{folder / ckpt.STATE_FILE} is at step {step} but {folder / ckpt.MANIFEST_FILE} "
                               f"says step {manifest['step']}: the checkpoint is inconsistent")
+        done = None
         if step >= tc.max_iters:
-            say(f"fungpt: {out_dir} already reached step {step} (train.max_iters = {tc.max_iters}): nothing to "
-                f"train; raise train.max_iters to continue it")
+            done = f"already reached step {step} (train.max_iters = {tc.max_iters})", "train.max_iters"
+        elif tc.max_minutes and budget_spent(elapsed_before, timings, tc.max_minutes * 60):
+            done = (f"already used its time budget ({elapsed_before / 60:.2f} of train.max_minutes = "
+                    f"{tc.max_minutes:g} min, leaving too little for a step, an eval and a checkpoint)",
+                    "train.max_minutes")
+        if done:
+            say(f"fungpt: {out_dir} {done[0]}: nothing to train; raise {done[1]} to continue it")
             return {"out_dir": str(out_dir), "step": step, "train_loss": float("nan"), "val_loss": float("nan"),
                     "interrupted": False, "elapsed_s": time.time() - start_time}
         say(f"fungpt: resuming {out_dir} from step {step}")

@@ -223,7 +223,7 @@ def test_out_of_memory_gives_the_batch_that_fits(corpus, tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- time budget
 
-def test_max_minutes_stops_on_time_with_the_schedule_decayed(corpus, tmp_path):
+def test_max_minutes_stops_on_time_with_the_schedule_decayed(corpus, tmp_path, capsys):
     out = tmp_path / "budget"
     budget_min = 0.1  # 6 seconds
     cfg = tiny_config(corpus, out, max_iters=1_000_000, warmup_iters=10, lr_decay_iters=100,
@@ -239,6 +239,10 @@ def test_max_minutes_stops_on_time_with_the_schedule_decayed(corpus, tmp_path):
     assert (lrs[-1] - cfg.train.min_lr) / (cfg.train.lr - cfg.train.min_lr) < 0.02  # ... to min_lr at the end
     assert rows[-1]["step"] == result["step"] and "val_loss" in rows[-1]  # final eval
 
-    # Resume counts the time already spent: the budget is gone, so it only re-evaluates and saves.
+    # Resume counts the time already spent: the budget is gone, so there is nothing to do, and nothing is
+    # written (before, it evaluated and saved the same step again)
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     again = train(cfg, resume=True, progress=False)
     assert again["step"] == result["step"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == files
+    assert "already used its time budget" in capsys.readouterr().out
