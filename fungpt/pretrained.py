@@ -222,10 +222,12 @@ def same_encoding(a: Tokenizer, b: Tokenizer) -> bool:
 def check_data_tokenizer(data_tok: Tokenizer, data_dir: Path, pre: Pretrained) -> None:
     """Refuse a prepared dataset whose tokens do not mean what the pretrained model expects."""
     if not same_encoding(data_tok, pre.tokenizer):
+        # `fungpt prepare` knows GPT-2's encoding (the hub models'), not the tokenizer of a local model folder
+        again = " or prepare it again with `fungpt prepare --tokenizer gpt2`" if pre.name in HUB_NAMES else ""
         raise FunGPTError(
             f"the prepared data in {data_dir} was made with the {data_tok.describe()}, but the pretrained model "
             f"{pre.name!r} needs its own {pre.tokenizer.describe()}: set data.path to the text itself (it is then "
-            f"encoded with the model's tokenizer) or prepare it again with that tokenizer"
+            f"encoded with the model's tokenizer){again}"
         )
 
 
