@@ -466,8 +466,11 @@ def measure_peak_flops(device: str, dtype: torch.dtype) -> float:
     uses the slower one: MFU says how much of the machine's best matmul speed a run gets.
     """
     n = 1024 if device == "cpu" else 4096
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # Its own generator: drawing from the global one would move the stream that dropout uses, and a resumed
+    # run (which measures this after restoring that stream) would no longer repeat the uninterrupted one
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     kernels = [lambda: a @ b]
     if device == "cpu" and dtype == torch.float32 and onednn_works():
         kernels.append(lambda: onednn_linear(a, b, None))  # a @ b^T: the same 2n³ FLOPs
