@@ -180,6 +180,16 @@ def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> None:
         raise FunGPTError("--resume and --overwrite contradict each other: pick one")
     if out.exists() and not out.is_dir():
         raise FunGPTError(f"out_dir {out} is a file, not a folder: choose another out_dir")
+    if (out / "meta.json").is_file() and (out / "train.bin").is_file():  # its tokenizer files look like a run's
+        raise FunGPTError(f"out_dir {out} is a prepared dataset (meta.json, train.bin), which a run would damage: "
+                          f"choose another out_dir, e.g. out/{out.name}")
+    source = Path(cfg.data.path)
+    if source.is_dir() and not (source / "meta.json").is_file() and out.resolve().is_relative_to(source.resolve()):
+        raise FunGPTError(f"out_dir {out} is inside data.path {source}: the run's files would become part of the "
+                          f"corpus; choose an out_dir outside it")
+    existing = next((p for p in [out, *out.parents] if p.exists()), None)  # out, or the folder it will go in
+    if existing is not None and existing.is_dir() and not os.access(existing, os.W_OK):
+        raise FunGPTError(f"out_dir {out} is not writable; choose another out_dir or fix its permissions")
     has_run = holds_run(out)
     if (out / "config.json").is_file() and not has_run:  # not one of ours: never overwrite or delete it
         raise FunGPTError(f"{out} holds a config.json that is not a FunGPT run's, which training would overwrite: "

@@ -798,9 +798,13 @@ def test_refusals_come_before_any_data_preparation(world, tmp_path, capsys, monk
     for argv, needle in [(["--out-dir", other], "already holds"), (["--out-dir", tmp_path / "x", "--resume"],
                                                                     "nothing to resume"),
                          (["--out-dir", other, "--resume", "--overwrite"], "contradict"),
-                         (["--out-dir", tmp_path / "y", "--train.device", "cuda"], "CUDA")]:
-        code, err = run_cli(["train", "--data.path", world["corpus"], "--train.device", "cpu", *argv], capsys)
+                         (["--out-dir", tmp_path / "y", "--train.device", "cuda"], "CUDA"),
+                         (["--out-dir", world["data"], "--overwrite"], "is a prepared dataset"),
+                         (["--out-dir", Path(world["corpus"]).parent / "run"], "inside data.path")]:
+        source = Path(world["corpus"]).parent if needle == "inside data.path" else world["corpus"]
+        code, err = run_cli(["train", "--data.path", source, "--train.device", "cpu", *argv], capsys)
         assert_one_line_error(code, err, needle)
+    assert (Path(world["data"]) / "tokenizer_meta.json").is_file()  # the dataset's files are all there
 
 
 def test_bad_input_count():
