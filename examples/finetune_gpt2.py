@@ -39,7 +39,8 @@ def main() -> None:
             model=model,  # the architecture itself comes from the checkpoint
             train=TrainConfig(**{**tc.__dict__, "max_iters": args.iters or tc.max_iters}),
         )
-        result = train(cfg, overwrite=True)
+        # model_named: block_size counts as asked for even where it equals the run default (64)
+        result = train(cfg, overwrite=True, model_named={"block_size"} if args.block_size else ())
         print(f"\nval loss {result['val_loss']:.3f} after {result['step']} steps. A sample:\n")
         sample(result["out_dir"], prompt="ROMEO:", max_new_tokens=200, seed=0, out=sys.stdout)
         print(f"\n\nShare it as a Hugging Face folder: fungpt export --run {result['out_dir']} --out hf/finetuned")

@@ -32,17 +32,29 @@ def hf_config(path: str | os.PathLike) -> GPTConfig:
             f"no Hugging Face model at '{path}' (config.json missing): pass a local folder with "
             "config.json and model.safetensors or pytorch_model.bin"
         )
-    hf = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    try:
+        hf = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FunGPTError(f"cannot read {path / 'config.json'}: {e}") from None
+    if isinstance(hf, dict) and {"data", "model", "train"} <= set(hf):
+        raise FunGPTError(f"'{path}' is a FunGPT run, not a Hugging Face GPT-2 folder: continue it with "
+                          f"--resume, or make such a folder from it with `fungpt export --run {path} --out DIR`")
+    missing = [k for k in ("vocab_size", "n_embd", "n_layer", "n_head") if not isinstance(hf, dict) or k not in hf]
+    if missing:
+        raise FunGPTError(f"{path / 'config.json'} is not a Hugging Face GPT-2 config (no {', '.join(missing)}): "
+                          f"pass a folder made by save_pretrained or `fungpt export`")
     if hf.get("model_type", "gpt2") != "gpt2":
         raise FunGPTError(f"'{path}' holds a {hf['model_type']!r} model: only GPT-2 checkpoints can be loaded")
     act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(
         hf.get("activation_function", "gelu_new")
     )
     n_embd = hf["n_embd"]
-    if act is None or hf.get("n_inner") not in (None, 4 * n_embd) or hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
+    # (reorder_and_upcast_attn only computes attention in higher precision: the same model, accepted)
+    if (act is None or hf.get("n_inner") not in (None, 4 * n_embd) or hf.get("layer_norm_epsilon", 1e-5) != 1e-5
+            or not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False)):
         raise FunGPTError(
-            f"'{path}' uses GPT-2 options FunGPT lacks (activation_function, n_inner or "
-            "layer_norm_epsilon differ from GPT-2's): use a standard GPT-2 checkpoint"
+            f"'{path}' uses GPT-2 options FunGPT lacks (activation_function, n_inner, layer_norm_epsilon or "
+            "the attention scaling differ from GPT-2's): use a standard GPT-2 checkpoint"
         )
     return GPTConfig(
         vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
@@ -139,8 +151,9 @@ def save_gpt2(model: GPT, path: str | os.PathLike) -> None:
         "reorder_and_upcast_attn": False, "tie_word_embeddings": True, "use_cache": True,
         "torch_dtype": "float32",
     }
-    if c.vocab_size > 50256:  # GPT-2's <|endoftext|> token
-        hf_config.update(bos_token_id=50256, eos_token_id=50256)
+    # GPT-2's <|endoftext|> token; a smaller vocabulary has no such id (transformers would default to 50256)
+    eot = 50256 if c.vocab_size > 50256 else None
+    hf_config.update(bos_token_id=eot, eos_token_id=eot)
 
     # Write each file under a temporary name, then rename: a crash never leaves half a file.
     path = Path(path)

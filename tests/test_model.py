@@ -434,6 +434,7 @@ def test_save_hf_loads_in_transformers(tmp_path):
     again = GPT.from_hf(tmp_path / "out")
     assert again.config.activation == "gelu"
     assert (again(idx) - ours(idx)).abs().max().item() < 1e-5
+    assert hf.config.eos_token_id is None  # a vocabulary of 100 has no GPT-2 <|endoftext|> (id 50256)
 
 
 def test_save_hf_rejects_non_gpt2_models(tmp_path):
@@ -461,6 +462,19 @@ def test_from_hf_missing_files_are_clear_errors(tmp_path):
     )
     with pytest.raises(FunGPTError, match="model.safetensors"):
         GPT.from_hf(tmp_path)
+    cases = {  # config.json -> the one-line error (each was a KeyError or JSONDecodeError traceback, or wrong logits)
+        '{"model_type": "gpt2", ': "cannot read",
+        '{"name": "x"}': "not a Hugging Face GPT-2 config",
+        '{"out_dir": "o", "data": {}, "model": {"n_embd": 32}, "train": {}}': "is a FunGPT run",
+        '{"n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 100, "scale_attn_weights": false}':
+            "attention scaling",
+        '{"n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 100, "scale_attn_by_inverse_layer_idx": true}':
+            "attention scaling",
+    }
+    for text, message in cases.items():
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(FunGPTError, match=message):
+            GPT.from_hf(tmp_path)
 
 
 def test_from_hf_without_prefix_and_untied(tmp_path):
