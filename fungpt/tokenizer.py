@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -109,13 +110,30 @@ class Tokenizer:
         return np.asarray(self.encode(text), dtype=np.int64)
 
     def save(self, directory: str | Path) -> None:
-        """Write the tokenizer into `directory` so that `load_tokenizer` can read it back."""
+        """Write the tokenizer into `directory` so that `load_tokenizer` can read it back.
+
+        The files are written into a temporary folder first and then renamed into place, the meta file
+        last: a full disk or a crash never leaves a truncated tokenizer where a good one was.
+        """
+        import shutil
+        import tempfile
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        meta = {"kind": self.name, **self._save_files(directory)}
-        with open(directory / META_FILE, "w", encoding="utf-8") as f:
-            json.dump(meta, f, ensure_ascii=False, indent=1)
-            f.write("\n")
+        tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.tmp-", dir=directory))
+        try:
+            meta = {"kind": self.name, **self._save_files(tmp)}
+            with open(tmp / META_FILE, "w", encoding="utf-8") as f:
+                json.dump(meta, f, ensure_ascii=False, indent=1)
+                f.write("\n")
+            for path in sorted(tmp.iterdir(), key=lambda p: p.name == META_FILE):  # the meta file last
+                os.replace(path, directory / path.name)
+        except OSError:
+            raise
+        except Exception as e:  # the tokenizers library reports its write errors as plain Exceptions
+            raise FunGPTError(f"could not write the tokenizer into {directory}: {e}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _save_files(self, directory: Path) -> dict:
         """Write kind-specific files; return extra fields for tokenizer_meta.json."""

@@ -719,7 +719,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
                     "precision_reason": prec.reason, "cpu_matmul": cpu_matmul, "world_size": ddp.world_size,
                     "torch": torch.__version__}
         ckpt.atomic_write_text(out_dir / "run.json", json.dumps(run_info, indent=2))
-        load_tokenizer(data_dir).save(out_dir)
+        if folder is None:  # a resumed run's tokenizer files are already there, checked to match the data's
+            load_tokenizer(data_dir).save(out_dir)
     # Each checkpoint records what it belongs to, so loading can refuse a mismatched config or tokenizer.
     ckpt_extra = {"model": cfg.model.to_dict(),
                   "tokenizer_sha256": ckpt.tokenizer_fingerprint(out_dir) if ddp.is_main else None}

@@ -203,6 +203,24 @@ def test_save_and_load_every_kind(tmp_path, monkeypatch, bpe):
         assert loaded.decode(loaded.encode(text)) == text
 
 
+def test_a_failed_save_keeps_the_tokenizer_that_was_there(tmp_path, bpe):
+    bpe.save(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    class FullDisk:  # the tokenizers library writes part of the file, then raises a plain Exception
+        def save(self, path):
+            with open(path, "w") as f:
+                f.write('{"truncated')
+            raise Exception("File too large (os error 27)")
+
+    broken = BPETokenizer.__new__(BPETokenizer)
+    broken._tok = FullDisk()
+    with pytest.raises(FunGPTError, match="could not write the tokenizer .* File too large"):
+        broken.save(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # intact, no temporary left
+    assert load_tokenizer(tmp_path).encode("hello") == bpe.encode("hello")
+
+
 def test_load_missing_or_corrupt(tmp_path, bpe):
     with pytest.raises(FunGPTError, match="tokenizer_meta.json is missing"):
         load_tokenizer(tmp_path)
