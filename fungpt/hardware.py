@@ -53,6 +53,9 @@ def choose_precision(device: str, dtype: str, *, cuda: bool, mps: bool, cuda_bf1
     Asking for something the machine lacks is a FunGPTError.
     """
     why = []
+    if device not in ("auto", "cpu", "cuda", "mps"):  # e.g. "cuda:0", "tpu": torch would fail later, less clearly
+        raise FunGPTError(f"device {device!r} is not one FunGPT runs on: choose auto, cpu, cuda or mps "
+                          f"(for one GPU of several, set CUDA_VISIBLE_DEVICES)")
     if device == "auto":
         device = "cuda" if cuda else "mps" if mps else "cpu"
         found = "a CUDA GPU is available" if cuda else "Apple MPS is available" if mps else "no GPU found"

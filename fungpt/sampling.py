@@ -5,6 +5,8 @@ it draws from (also shown by `fungpt sample --show-probs`), `draw` the drawing i
 their arguments: the same logits and generator state give the same token.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -56,8 +58,9 @@ def sampling_probs(
     Filters apply in this order: temperature, top_k, top_p (on the renormalised
     top-k distribution); filtered-out tokens get probability 0.
     """
-    if temperature <= 0:
-        raise FunGPTError(f"temperature={temperature} must be > 0 here (0 = greedy is handled by sample_next_token)")
+    if not 0 < temperature < math.inf:  # (NaN fails this test too)
+        raise FunGPTError(f"temperature={temperature} must be a number > 0 here (0 = greedy is handled by "
+                          f"sample_next_token)")
     logits = logits.float()
     # Shifted so that the largest is 0 (softmax is unchanged by a shift): a tiny temperature then sends the
     # others to -inf instead of every logit to +-inf (NaN after softmax). Below 1e-30 (which float32 still
@@ -68,9 +71,9 @@ def sampling_probs(
             raise FunGPTError(f"top_k={top_k} must be >= 1 (or None to disable)")
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]  # (..., 1) k-th largest
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        if not 0.0 < top_p <= 1.0:
-            raise FunGPTError(f"top_p={top_p} must be in (0, 1] (or None to disable)")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise FunGPTError(f"top_p={top_p} must be in (0, 1] (or None to disable)")
+    if top_p is not None and top_p < 1.0:  # 1.0 keeps every token (a float32 running sum can reach 1 early)
         probs = F.softmax(logits, dim=-1)  # (..., V)
         # The most probable tokens, in order: the top NUCLEUS_HEAD first (topk), every token only if those
         # hold less than top_p (sorting GPT-2's 50257 probabilities takes ~4 ms, its top 256 ~0.1 ms).
@@ -98,8 +101,8 @@ def sample_next_token(
     temperature 0 means greedy (argmax, ignoring top_k/top_p); otherwise one token is
     drawn (`draw`, with generator) from `sampling_probs` (see there for the filters).
     """
-    if temperature < 0:
-        raise FunGPTError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if not 0 <= temperature < math.inf:  # (NaN fails this test too)
+        raise FunGPTError(f"temperature={temperature} must be a number >= 0 (0 = greedy)")
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
     return draw(sampling_probs(logits, temperature, top_k, top_p), generator)  # (B, V) -> (B, 1)

@@ -8,6 +8,7 @@ import torch
 from fungpt.errors import FunGPTError
 from fungpt.model import GPT, GPTConfig, KVCache, sample_next_token
 from fungpt.positions import POS_ENCODINGS, RotaryPositions
+from fungpt.sampling import sampling_probs
 
 torch.set_num_threads(2)
 
@@ -239,6 +240,13 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert allowed_tokens(tied, top_p=0.5) == {0, 1, 2}
     # top-k then top-p on the renormalised top-k distribution: {1: 2/3, 2: 1/3}
     assert allowed_tokens(logits, top_k=2, top_p=0.6) == {1}
+    # top_p = 1 keeps every token, also where a float32 running sum reaches 1.0 before the tail (it zeroed 633 of
+    # these 1000)
+    wide = torch.randn(1, 1000, generator=torch.Generator().manual_seed(0)) * 5
+    assert bool((sampling_probs(wide, 1.0, None, 1.0) > 0).all())
+    for bad in (float("nan"), float("inf")):  # refused by name, not blamed on the model at the draw
+        with pytest.raises(FunGPTError, match="temperature"):
+            sample_next_token(wide, temperature=bad)
 
 
 def test_draw_follows_the_probabilities():
