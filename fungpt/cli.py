@@ -16,6 +16,7 @@ can fix.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
@@ -333,7 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nfungpt: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # e.g. `fungpt sample ... | head`
+    except BrokenPipeError:  # the reader of our output went away, e.g. `fungpt sample ... | head`
+        _silence_stdout()
+        if name == "train":  # a training run that stopped is not a success (nor silent): say so where it can be seen
+            print("fungpt: training stopped: its output pipe was closed (e.g. by `| head`); a run can continue "
+                  "with --resume from its last checkpoint", file=sys.stderr)
+            return 141  # 128 + SIGPIPE, what a shell reports for a command ended by a closed pipe
         return 0
     except OSError as e:  # a path that cannot be read or written (a file where a folder is needed, ...)
         where = f"{e.filename}: " if e.filename else ""
@@ -357,9 +363,19 @@ def entry() -> None:
     Tests and library users call main(), which returns normally.
     """
     code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # what was still buffered has no reader any more (`| head`): nothing to report
+        pass
+    with contextlib.suppress(OSError):
+        sys.stderr.flush()
     os._exit(code)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's own final flush does not report the closed pipe again."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

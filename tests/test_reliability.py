@@ -813,3 +813,25 @@ def test_refusals_come_before_any_data_preparation(world, tmp_path, capsys, monk
 def test_bad_input_count():
     """The issue asks for at least 25 distinct bad inputs."""
     assert len(BAD_INPUTS) + len(TYRO_ERRORS) + len(CORRUPTIONS) >= 25
+
+
+def test_a_closed_output_pipe_is_no_traceback(world, tmp_path):
+    """`fungpt sample ... | head`: sample ends quietly with 0; a train that cannot write its output says it
+    stopped and exits 141, never 0."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # the usual block-buffered pipe
+    env["FUNGPT_CACHE_DIR"] = str(world["base"] / "cache")
+
+    def piped(argv: list[str], **extra_env: str) -> tuple[int, str]:
+        proc = subprocess.Popen([sys.executable, "-m", "fungpt", *argv], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env={**env, **extra_env}, cwd=tmp_path)
+        proc.stdout.read(10)  # like `head -c 10`, then the reader goes away
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        return proc.wait(timeout=120), err
+
+    code, err = piped(["sample", "--run", str(world["run"]), "--max-new-tokens", "100000"])
+    assert (code, "Traceback" in err) == (0, False), err[-2000:]
+    code, err = piped(["train", "--data.path", str(world["data"]), "--out-dir", str(tmp_path / "run"),
+                       "--train.device", "cpu", *TINY_MODEL, "--train.max-iters", "2000"],
+                      PYTHONUNBUFFERED="1")  # each line written at once: the first one after `head` left fails
+    assert code == 141 and "Traceback" not in err and "output pipe was closed" in err, err[-2000:]
