@@ -3,9 +3,9 @@
 Layout inside a run folder:
 
     out_dir/
-      latest.json                  pointer: {"step": 500, "dir": "checkpoints/latest-000500"}
+      latest.json                  pointer: {"step": 500, "dir": "checkpoints/latest-0000500"}
       best.json                    pointer to the weights with the best val loss so far
-      checkpoints/latest-000500/
+      checkpoints/latest-0000500/
         model.safetensors          weights of the plain (uncompiled, unwrapped) model
         state.pt                   optimizer, step, RNG and loader state; tensors and plain types only
         manifest.json              step plus the size and sha256 of every file above

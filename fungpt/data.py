@@ -563,7 +563,8 @@ def check_split_fits(meta: dict, block_size: int) -> None:
             raise FunGPTError(
                 f"block size {block_size} is too large for this dataset: the {split} split has only {n} tokens "
                 f"and one training window needs block_size + 1 = {block_size + 1}; use a smaller model.block_size "
-                "(--model.block-size), more text, or a larger data.val_fraction (--data.val-fraction)"
+                "(--model.block-size), more text"
+                + (", or a larger data.val_fraction (--data.val-fraction)" if split == "val" else "")
             )
 
 

@@ -155,7 +155,8 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
             total_s = tc.max_minutes * 60
         out(line)
         result["projected_s"] = total_s
-    out("fungpt: dry run done (nothing was written; drop --dry-run to train)")
+    out("fungpt: dry run done (no run folder was written, only the prepared data's cache; drop --dry-run to "
+        "train)")
     return result
 
 

@@ -1,7 +1,8 @@
 """Position encodings: how a transformer learns *where* each token is.
 
-Self-attention on its own is permutation-equivariant: shuffle the input tokens and
-the outputs are shuffled the same way. Word order matters in language, so every
+Self-attention without a mask is permutation-equivariant: shuffle the input tokens and
+the outputs are shuffled the same way (a causal mask leaks some order, see
+`NoPositions`, but not enough). Word order matters in language, so every
 GPT injects position information somewhere. This file holds four swappable ways
 to do it; the model picks one with `make_positions(config)` and never branches on
 the variant again.
@@ -121,7 +122,7 @@ class RotaryPositions(NoPositions):
     non-persistent buffers (derived from the config, so not saved). They are
     stored at full width hs, with the rotation's minus sign folded into `sin`,
     so that rotating is three tensor operations instead of seven (measured
-    30% faster forward + backward on a CPU, where each operation is one pass
+    1.4x as fast forward + backward on a CPU, where each operation is one pass
     over memory; BENCHMARKS.md, second session: 2,374 -> 1,676 us):
 
         x1' = x1 cos - x2 sin                         cos_full = [cos,  cos]

@@ -407,8 +407,12 @@ def test_load_meta_errors(tmp_path, char_data):
 def test_check_split_fits(char_data):
     meta = load_meta(char_data)
     check_split_fits(meta, meta["val_tokens"] - 1)
-    with pytest.raises(FunGPTError, match=f"block size {meta['val_tokens']} is too large.*val split"):
+    with pytest.raises(FunGPTError, match=f"block size {meta['val_tokens']} is too large.*val split.*val_fraction"):
         check_split_fits(meta, meta["val_tokens"])
+    # a short train split: a larger val_fraction would make it shorter still, so it is not suggested
+    with pytest.raises(FunGPTError, match="train split") as e:
+        check_split_fits({**meta, "train_tokens": 5, "val_tokens": 100}, 10)
+    assert "val_fraction" not in str(e.value)
 
 
 # --- BatchLoader and evaluation windows -------------------------------------------------
