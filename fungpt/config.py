@@ -158,8 +158,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise FunGPTError(f"train.{f.name} = {value} must be a finite number")
-        if self.seed < 0:
-            raise FunGPTError(f"train.seed = {self.seed} must not be negative")
+        if not 0 <= self.seed < 2**63:  # torch.manual_seed takes a 64-bit signed integer
+            raise FunGPTError(f"train.seed = {self.seed} must be between 0 and 2**63 - 1")
         positive = ("batch_size", "grad_accum_steps", "eval_interval", "eval_iters", "checkpoint_interval",
                     "log_interval")
         for name in positive:

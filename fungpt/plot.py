@@ -29,11 +29,13 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
         raise FunGPTError(f"{run_dir} has no metrics.jsonl: pass the out_dir of a training run")
     train, evals = [], []
     earlier = last = 0.0  # seconds of the run's earlier commands; elapsed_s of the previous row
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a half-written last line from a killed run
+        if not isinstance(row, dict):
+            continue  # valid JSON, but not a row of ours (e.g. a stray number)
         if "run_s" not in row and isinstance(row.get("elapsed_s"), (int, float)):
             if row["elapsed_s"] < last:  # a resumed command: its clock started again
                 earlier += last

@@ -69,6 +69,8 @@ def data_dir_of(run_dir: str | Path) -> Path:
 
 
 def seeded_generator(seed: int, device: str) -> torch.Generator:
+    if not -(2**63) <= seed < 2**64:  # what torch's generators take
+        raise FunGPTError(f"--seed {seed} is out of range: use a number below 2**63")
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g

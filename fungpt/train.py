@@ -515,7 +515,8 @@ class MetricsLog:
         self.path = out_dir / "metrics.jsonl"
         if keep_until_step is not None and self.path.exists():
             # Resuming: drop rows logged after the checkpoint, which the resumed run will redo.
-            rows = [r for r in self.path.read_text(encoding="utf-8").splitlines() if r.strip()]
+            # (errors="replace": a damaged byte makes its row unreadable, dropped below, not the resume fail)
+            rows = [r for r in self.path.read_text(encoding="utf-8", errors="replace").splitlines() if r.strip()]
             kept = [r for r in rows if _row_step(r) <= keep_until_step]
             ckpt.atomic_write_text(self.path, "".join(r + "\n" for r in kept))
         elif self.path.exists():

@@ -699,6 +699,7 @@ BAD_INPUTS = {
     "eval_iters zero": ([*TRAIN, "--train.eval-iters", "0"], "eval_iters"),
     "negative max_minutes": ([*TRAIN, "--train.max-minutes", "-1"], "max_minutes"),
     "negative seed": ([*TRAIN, "--train.seed", "-1"], "train.seed"),
+    "seed of 2**64": ([*TRAIN, "--train.seed", str(2**64)], "train.seed"),
     "lr nan": ([*TRAIN, "--train.lr", "nan"], "finite"),
     "lr inf": ([*TRAIN, "--train.lr", "inf"], "finite"),
     # data
@@ -743,6 +744,7 @@ BAD_INPUTS = {
     "sample: unknown device": (["sample", "--run", "{run}", "--device", "tpu"], "choose auto, cpu, cuda or mps"),
     "eval: a numbered device": (["eval", "--run", "{run}", "--device", "cuda:0"], "CUDA_VISIBLE_DEVICES"),
     "sample: temperature nan": (["sample", "--run", "{run}", "--temperature", "nan"], "temperature"),
+    "sample: seed of 2**64": (["sample", "--run", "{run}", "--seed", str(2**64)], "--seed"),
     "sample: a Hugging Face folder": (["sample", "--run", "{tmp}/hf"], "Hugging Face model"),
     "eval: input is a folder": (["eval", "--run", "{run}", "--input", "{tmp}"], "is a folder"),
     "plot: out under a file": (["plot", "{run}", "--out", "{tmp}/a_file/loss.png"], "a_file"),

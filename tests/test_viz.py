@@ -168,7 +168,9 @@ def test_cosine_similarity_matrix():
 
 def write_metrics(run: Path, rows: list[dict]) -> Path:
     run.mkdir(parents=True)
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9, "trai')
+    # after the rows: JSON that is no row, a damaged byte, and a half-written last line, which readers skip
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '5\n'
+    (run / "metrics.jsonl").write_bytes(text.encode() + b'\xff\xfe\n{"step": 9, "trai')
     return run
 
 
