@@ -125,6 +125,19 @@ def test_weights_changed_between_steps_are_used(cpu_matmul):
     torch.testing.assert_close(decoder.step(token), model(token[None], kv_cache=ref_cache), rtol=1e-4, atol=1e-5)
 
 
+def test_weights_written_through_data_between_generations_are_used(cpu_matmul):
+    """A learner's manual SGD step (p.data -= lr * p.grad) moves no version counter; the next generation and
+    forward must still use the new weights (a reviewer saw the old ones: cached and uncached disagreed)."""
+    model = make_model().eval()
+    prompt = torch.tensor([[1, 2, 3]])
+    model.generate(prompt, 8, temperature=0)  # copies the weights for the row sums
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data.mul_(-1.5)
+    cached = model.generate(prompt, 8, temperature=0)
+    assert torch.equal(cached, model.generate(prompt, 8, temperature=0, use_cache=False))
+
+
 def test_decoder_refuses_what_it_cannot_run():
     model = make_model()
     with pytest.raises(FunGPTError, match="one sequence"):

@@ -135,11 +135,14 @@ def test_one_row_decoding_follows_weight_updates_and_saves_nothing(matmul_settin
     layer = Linear(16, 8)
     x = torch.randn(1, 1, 16)
     with torch.no_grad():
-        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        torch.testing.assert_close(layer.decoder()(x.view(-1)), F.linear(x, layer.weight, layer.bias).view(-1))
         layer.weight.mul_(-2.0)  # an in-place update (an optimizer step, load_state_dict) bumps its version
-        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        torch.testing.assert_close(layer.decoder()(x.view(-1)), F.linear(x, layer.weight, layer.bias).view(-1))
     assert len(calls) == 2
     assert set(layer.state_dict()) == {"weight", "bias"}  # the W^T copy is not a parameter or buffer
+    with torch.no_grad():  # forward never uses the copy: it follows even a write through .data, which no
+        layer.weight.data.mul_(3.0)  # version counter sees (a learner's manual SGD step: p.data -= lr * p.grad)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
     layer(x)  # with grad enabled the row goes through OneDNNLinear (it may need a backward)
     assert len(calls) == 2
 
@@ -184,10 +187,10 @@ def test_decoding_cache_sees_new_weights_after_copies_loads_and_replacements(mat
 
     def check(m):
         with torch.no_grad():
-            torch.testing.assert_close(m(x), F.linear(x, m.weight, m.bias))
+            torch.testing.assert_close(m.decoder()(x.view(-1)), F.linear(x, m.weight, m.bias).view(-1))
 
     with torch.no_grad():
-        layer(x)  # fills the W^T cache
+        layer.decoder()  # fills the W^T cache
         layer.weight.add_(1.0)  # version 1
         check(layer)
         twin = copy.deepcopy(layer)  # the copy's weight starts a new version count
