@@ -334,6 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nfungpt: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e):  # torch's CPU allocator
+            raise
+        hint = (" lower train.batch_size (raising train.grad_accum_steps keeps the tokens per step) or the model's "
+                "size; `fungpt train --dry-run` estimates the memory a config needs" if name == "train"
+                else " try a smaller batch or input")
+        print(f"error: out of memory ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__}):{hint}",
+              file=sys.stderr)
+        return 2
     except BrokenPipeError:  # the reader of our output went away, e.g. `fungpt sample ... | head`
         _silence_stdout()
         if name == "train":  # a training run that stopped is not a success (nor silent): say so where it can be seen

@@ -837,3 +837,18 @@ def test_a_closed_output_pipe_is_no_traceback(world, tmp_path):
                        "--train.device", "cpu", *TINY_MODEL, "--train.max-iters", "2000"],
                       PYTHONUNBUFFERED="1")  # each line written at once: the first one after `head` left fails
     assert code == 141 and "Traceback" not in err and "output pipe was closed" in err, err[-2000:]
+
+
+def test_running_out_of_cpu_memory_is_one_line(world, tmp_path, capsys, monkeypatch):
+    """torch's CPU allocator raises a RuntimeError (numpy a MemoryError): one line with what to change."""
+    import fungpt.train as _  # noqa: F401  (so that the module is there to patch)
+
+    def no_memory(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 3686400000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(sys.modules["fungpt.train"], "configure_optimizer", no_memory)
+    code, err = run_cli(["train", "--data.path", world["data"], "--out-dir", tmp_path / "run", "--train.device",
+                         "cpu", *TINY_MODEL], capsys)
+    assert_one_line_error(code, err, "out of memory")
+    assert "train.batch_size" in err and "--dry-run" in err
