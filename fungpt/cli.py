@@ -152,7 +152,8 @@ def eval_command(run: str, input: str | None = None, checkpoint: Literal["last",
 
     if batch_size <= 0:
         raise FunGPTError(f"--batch-size {batch_size} must be positive")
-    print_eval(evaluate_run(run, input=input, checkpoint=checkpoint, device=device, batch_size=batch_size))
+    print_eval(evaluate_run(run, input=input, checkpoint=checkpoint, device=device, batch_size=batch_size,
+                            progress=True))
 
 
 def plot_command(runs: tyro.conf.Positional[list[str]], x: Literal["step", "tokens", "time"] = "step",

@@ -161,7 +161,7 @@ def _sample_showing_probs(loaded: LoadedRun, idx: torch.Tensor, max_new_tokens: 
 
 @torch.no_grad()
 def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: str = "last", device: str = "auto",
-                 batch_size: int = 16) -> dict[str, float]:
+                 batch_size: int = 16, progress: bool = False) -> dict[str, float]:
     """Loss, perplexity and bits per byte/character of a run on its val split or on any text file.
 
     Every token is scored once (data.eval_windows): consecutive windows of block_size tokens each
@@ -170,6 +170,8 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
       perplexity  exp(loss): the model is as unsure as a uniform choice among this many tokens
       bits/byte   total bits / UTF-8 bytes: comparable across tokenizers (char, BPE, GPT-2)
     """
+    if batch_size <= 0:
+        raise FunGPTError(f"batch_size {batch_size} must be positive")
     loaded = load_run(run, checkpoint, device)
     if input is not None:
         path = Path(input)
@@ -204,7 +206,13 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
         n_bytes, n_chars, source = meta["val_bytes"], meta.get("val_chars", meta["val_bytes"]), f"{data_dir} (val)"
     if len(tokens) < 2:
         raise FunGPTError(f"{source} is too short to evaluate: it needs at least 2 tokens")
-    windows = eval_windows(tokens, loaded.config.model.block_size, batch_size, device=loaded.device)
+    T = loaded.config.model.block_size
+    windows = eval_windows(tokens, T, batch_size, device=loaded.device)
+    if progress:  # a long text or val split can take minutes
+        from tqdm.auto import tqdm
+
+        batches = math.ceil(math.ceil((len(tokens) - 1) / T) / batch_size)  # windows of T targets, B per batch
+        windows = tqdm(windows, total=batches, desc="eval", unit="batch", dynamic_ncols=True, leave=False)
     total_nll, total_tokens = score_windows(loaded.model, windows)
     loss = total_nll / total_tokens
     # The first token is never predicted; scale the byte count to the part that was.

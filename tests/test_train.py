@@ -537,6 +537,20 @@ def test_eval_on_a_text_shorter_than_the_context(corpus, tmp_path):
     one.write_text("t", encoding="utf-8")
     with pytest.raises(FunGPTError, match="too short"):
         evaluate_run(out, input=one)
+    with pytest.raises(FunGPTError, match="batch_size 0 must be positive"):
+        evaluate_run(out, input=short, batch_size=0)
+
+
+def test_eval_shows_its_progress_in_batches(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=2), progress=False)
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat. " * 20, encoding="utf-8")  # 480 tokens: 479 targets
+    quiet = evaluate_run(out, input=text, batch_size=4)
+    capsys.readouterr()
+    assert evaluate_run(out, input=text, batch_size=4, progress=True) == quiet
+    err = capsys.readouterr().err
+    assert "eval:" in err and "/8 [" in err  # ceil(479 / 16) = 30 windows of block_size 16, 4 per batch: 8
 
 
 def test_the_command_exits_fast_with_its_status_and_all_its_output():
