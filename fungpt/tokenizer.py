@@ -39,7 +39,7 @@ import functools
 import json
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -284,9 +284,9 @@ class BPETokenizer(Tokenizer):
         if isinstance(corpus, (str, Path)):
             corpus = [corpus]
         if isinstance(corpus, (list, tuple)) and corpus and all(isinstance(c, Path) for c in corpus):
-            tok.train([str(p) for p in corpus], trainer=trainer)  # files: the library reads them
+            interruptible(lambda: tok.train([str(p) for p in corpus], trainer=trainer))  # files: the library reads
         else:
-            tok.train_from_iterator(corpus, trainer=trainer)  # strings / chunks of text
+            interruptible(lambda: tok.train_from_iterator(corpus, trainer=trainer))  # strings / chunks of text
         return cls(tok)
 
     @classmethod
@@ -406,6 +406,31 @@ class HFTokenizer(BPETokenizer):
     def _save_files(self, directory: Path) -> dict:
         self._tok.save(str(directory / BPE_FILE))
         return {"file": BPE_FILE, "source": self.source}
+
+
+def interruptible(work: Callable[[], object]) -> None:
+    """Run `work` in a helper thread and wait for it, so that Ctrl-C still works meanwhile.
+
+    The tokenizers library trains in Rust without Python's lock: Python runs signal handlers only in the
+    main thread, between its own instructions, so a Ctrl-C pressed during a long training was acted on
+    only when it ended (tens of seconds later), and the command then finished as if nothing happened.
+    Waiting in short slices keeps the main thread responsive. After a Ctrl-C the helper thread runs on
+    in the background (a daemon: it does not keep the process alive); `fungpt` exits at once.
+    """
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as e:  # handed to the main thread, which raises it
+            failure.append(e)
+
+    worker = threading.Thread(target=run, name="fungpt-tokenizer", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)  # a Ctrl-C interrupts this wait within 0.1 s
+    if failure:
+        raise failure[0]
 
 
 @functools.cache

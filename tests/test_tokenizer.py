@@ -249,3 +249,24 @@ def test_train_tokenizer_factory():
         train_tokenizer("words", CORPUS)
     with pytest.raises(FunGPTError, match="only applies to --tokenizer bpe"):
         train_tokenizer("char", CORPUS, vocab_size=100)
+
+
+def test_ctrl_c_is_acted_on_while_the_tokenizer_library_works():
+    """BPE training runs in Rust without Python's lock; a Ctrl-C must still stop the command at once."""
+    import signal
+    import threading
+
+    # The work runs off the main thread, whose wait Python can interrupt (Rust code holding the main thread
+    # would not return to Python, where signal handlers run, before it ends)
+    ran_in = []
+    tokenizer_mod.interruptible(lambda: ran_in.append(threading.current_thread()))
+    assert ran_in and ran_in[0] is not threading.main_thread()
+    release = threading.Event()
+    threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        tokenizer_mod.interruptible(lambda: release.wait(30))  # stands in for a long call into Rust
+    assert time.monotonic() - t0 < 5  # not after the work ended (30 s)
+    release.set()
+    with pytest.raises(FunGPTError, match="bad corpus"):  # the work's own errors reach the caller
+        tokenizer_mod.interruptible(lambda: (_ for _ in ()).throw(FunGPTError("bad corpus")))
