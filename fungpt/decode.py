@@ -10,7 +10,7 @@ is tiny (2 FLOPs per weight); the time goes to two things:
      allocating the result), whatever the tensor's size, and several times that when the caches
      are cold, which they are here: the weights streaming through push out the code and data
      that each operation needs. GPT.forward, written for any batch, length and variant, issues
-     245 operations per token for that model (operations that reach torch's dispatcher).
+     195 operations per token for that model (operations that reach torch's dispatcher).
 
 `Decoder.step` computes what `model(token, kv_cache=cache)` computes, for batch size 1, with 142
 operations per token for that model (about 23 per block; `bench/bench_generate.py` counts both and
