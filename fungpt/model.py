@@ -373,6 +373,9 @@ class GPT(nn.Module):
         attn_impl: 'sdpa' (fused, fast) or 'plain' (explicit softmax, readable; same result).
         kv_cache: continue from the kv_cache.pos tokens already cached (see generate_stream).
         """
+        if idx.dim() != 2 or idx.is_floating_point() or idx.is_complex():
+            raise FunGPTError(f"the model takes token ids as a (B, T) integer tensor, got {idx.dtype} of shape "
+                              f"{tuple(idx.shape)}: for one sequence use ids[None]")
         B, T = idx.shape
         t0 = kv_cache.pos if kv_cache is not None else 0
         if t0 + T > self.config.block_size:
@@ -443,8 +446,13 @@ class GPT(nn.Module):
         earlier text and check all guesses in one forward pass. The output is the same greedy
         sequence; it arrives sooner when the text repeats itself.
         """
-        if idx.dim() != 2 or idx.size(1) == 0:
-            raise FunGPTError("generate needs a (B, T) prompt with at least one token: pass a non-empty prompt")
+        if idx.dim() != 2 or idx.is_floating_point() or idx.is_complex():
+            raise FunGPTError(f"generate takes the prompt as a (B, T) integer tensor of token ids, got {idx.dtype} "
+                              f"of shape {tuple(idx.shape)}: for one sequence use ids[None]")
+        if idx.size(1) == 0:
+            raise FunGPTError("generate needs a prompt with at least one token: pass a non-empty prompt")
+        if max_new_tokens < 0:
+            raise FunGPTError(f"max_new_tokens={max_new_tokens} must be >= 0")
         if lookahead < 0:
             raise FunGPTError(f"lookahead={lookahead} must be >= 0 (0 turns speculation off)")
         block_size = self.config.block_size

@@ -513,3 +513,19 @@ def test_generate_stream_can_yield_the_logits_it_sampled_from():
     for (tok, logits), tok2 in zip(pairs, plain):
         assert logits.shape == (1, 50)
         assert tok.item() == logits.argmax(-1).item() == tok2.item()  # greedy picks the argmax of these logits
+
+
+def test_wrong_ids_are_clear_errors_not_torch_internals():
+    model, idx = make_model(), tokens(1, 5)
+    cases = [  # each was a torch error about unpacking, embeddings or expanded sizes
+        (lambda: model(idx[0]), r"\(B, T\) integer tensor.*ids\[None\]"),
+        (lambda: model(idx.float()), "integer tensor"),
+        (lambda: model.generate(idx[0], 3), r"\(B, T\) integer tensor"),
+        (lambda: model.generate(idx.float(), 3), "integer tensor"),
+        (lambda: model.generate(idx[:, :0], 3), "non-empty prompt"),
+        (lambda: model.generate(idx, -1), "max_new_tokens=-1"),
+    ]
+    for call, message in cases:
+        with pytest.raises(FunGPTError, match=message):
+            call()
+    assert model.generate(idx, 0).shape == (1, 5)
