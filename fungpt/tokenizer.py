@@ -218,6 +218,9 @@ class CharTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         try:
+            ids = list(ids)
+            if ids and min(ids) < 0:  # Python's indexing would take -1 for the last character
+                raise IndexError
             return "".join([self.chars[i] for i in ids])
         except (IndexError, TypeError):
             raise FunGPTError(
@@ -337,7 +340,10 @@ class BPETokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         # skip_special_tokens=False keeps <|endoftext|> so decode(encode(s)) == s.
-        return self._tok.decode(list(ids), skip_special_tokens=False)
+        ids = list(ids)
+        if ids and not 0 <= min(ids) <= max(ids) < self.vocab_size:  # the library drops or overflows on these
+            raise FunGPTError(f"cannot decode: ids must be integers in range({self.vocab_size}) for this tokenizer")
+        return self._tok.decode(ids, skip_special_tokens=False)
 
     def token_bytes(self, token_id: int) -> bytes:
         piece = self._tok.id_to_token(token_id)  # the token in byte-level stand-in characters

@@ -76,9 +76,12 @@ def test_char_unknown_character_names_char_and_position():
         tok.encode("a\ud800")  # lone surrogate
 
 
-def test_char_decode_bad_id():
-    with pytest.raises(FunGPTError, match="range"):
-        CharTokenizer.train("ab").decode([0, 5])
+def test_decode_bad_ids(bpe):
+    for tok in (CharTokenizer.train("ab"), bpe):  # -1 wrapped to the last character, or overflowed in Rust
+        for ids in ([0, tok.vocab_size], [0, -1]):  # and the BPE library dropped ids past its vocabulary
+            with pytest.raises(FunGPTError, match="range"):
+                tok.decode(ids)
+    assert bpe.decode([]) == "" and CharTokenizer.train("ab").decode([]) == ""
 
 
 # --- bpe -----------------------------------------------------------------------
