@@ -49,12 +49,16 @@ class TrainArgs:
 
 def _config_path(args: list[str]) -> str | None:
     """Find --config before tyro parses the rest, since the file supplies the defaults."""
+    found = []
     for i, a in enumerate(args):
         if a == "--config" and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith("--config="):
-            return a.split("=", 1)[1]
-    return None
+            found.append(args[i + 1])
+        elif a.startswith("--config="):
+            found.append(a.split("=", 1)[1])
+    if len(found) > 1:  # only one file supplies the defaults: a second one would be silently ignored
+        raise FunGPTError(f"--config is given {len(found)} times ({', '.join(found)}): give one config file, and "
+                          f"override single settings with their own flags")
+    return found[0] if found else None
 
 
 def _rank() -> int:

@@ -297,6 +297,8 @@ def model_fields_named(config_path: str | Path | None, args: list[str]) -> froze
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise FunGPTError(f"config file {path} is a folder: pass a .toml file (see configs/ for examples)")
     if not path.is_file():
         raise FunGPTError(f"config file {path} does not exist (see configs/ for examples)")
     try:

@@ -705,6 +705,8 @@ BAD_INPUTS = {
     # data
     "unknown tokenizer": ([*TRAIN, "--data.tokenizer", "words"], "tokenizer"),
     "missing data path": ([*TRAIN, "--data.path", "/no/such/file.txt"], "does not exist"),
+    "config is a folder": ([*TRAIN, "--config", "{tmp}"], "is a folder"),
+    "two config files": ([*TRAIN, "--config", "{tmp}/a.toml", "--config={tmp}/b.toml"], "given 2 times"),
     "val_fraction 1.5": ([*TRAIN, "--data.val-fraction", "1.5"], "val_fraction"),
     "negative vocab_size": ([*TRAIN, "--data.vocab-size", "-5"], "vocab_size"),
     "vocab_size for the char tokenizer": ([*TRAIN, "--data.vocab-size", "300"], "--data.vocab-size None"),
