@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -84,7 +85,7 @@ def cmd_train(args: list[str], start_time: float) -> None:
     if result["interrupted"]:
         sys.exit(130)
     if _rank() == 0:  # under torchrun, said once, not by every process
-        print(f"fungpt: done. Sample with: fungpt sample --run {result['out_dir']}")
+        print(f"fungpt: done. Sample with: fungpt sample --run {shlex.quote(str(result['out_dir']))}")
 
 
 def prepare_command(input: str, out: str, tokenizer: Literal["char", "bpe", "gpt2"] = "char",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shlex
 import types
 import typing
 from dataclasses import dataclass, field
@@ -326,7 +327,8 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
         raise FunGPTError(f"{path} is corrupt ({e}); it should be the JSON config written by `fungpt train`") from None
     if _names_hf_model(d):  # e.g. the folder of `fungpt export`
         raise FunGPTError(f"{run_dir} holds a Hugging Face model ({d.get('model_type', 'a config.json of its')}), "
-                          f"not a FunGPT training run: fine-tune it with `fungpt train --model.init-from {run_dir}`, "
+                          f"not a FunGPT training run: fine-tune it with "
+                          f"`fungpt train --model.init-from {shlex.quote(str(run_dir))}`, "
                           f"or load it with transformers")
     if not isinstance(d, dict):
         raise FunGPTError(f"{path} is not a FunGPT run config (it holds a JSON {type(d).__name__}, not an object)")

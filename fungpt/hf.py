@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 
 import torch
@@ -37,8 +38,8 @@ def hf_config(path: str | os.PathLike) -> GPTConfig:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FunGPTError(f"cannot read {path / 'config.json'}: {e}") from None
     if isinstance(hf, dict) and {"data", "model", "train"} <= set(hf):
-        raise FunGPTError(f"'{path}' is a FunGPT run, not a Hugging Face GPT-2 folder: continue it with "
-                          f"--resume, or make such a folder from it with `fungpt export --run {path} --out DIR`")
+        raise FunGPTError(f"'{path}' is a FunGPT run, not a Hugging Face GPT-2 folder: continue it with --resume, "
+                          f"or make such a folder of it with `fungpt export --run {shlex.quote(str(path))} --out DIR`")
     missing = [k for k in ("vocab_size", "n_embd", "n_layer", "n_head") if not isinstance(hf, dict) or k not in hf]
     if missing:
         raise FunGPTError(f"{path / 'config.json'} is not a Hugging Face GPT-2 config (no {', '.join(missing)}): "

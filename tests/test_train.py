@@ -270,7 +270,7 @@ def test_lr_schedules():
     assert get_lr(100, const) == 1.0
 
 
-def test_toml_then_cli_precedence(tmp_path, monkeypatch, corpus):
+def test_toml_then_cli_precedence(tmp_path, monkeypatch, corpus, capsys):
     cfg_file = tmp_path / "c.toml"
     cfg_file.write_text(f'out_dir = "{tmp_path / "o"}"\n[data]\npath = "{corpus}"\n'
                         '[model]\nn_layer = 1\nn_head = 2\nn_embd = 16\nblock_size = 8\n'
@@ -286,6 +286,9 @@ def test_toml_then_cli_precedence(tmp_path, monkeypatch, corpus):
     assert run.train.lr == 0.01 and run.model.n_layer == 3  # CLI wins
     assert run.train.max_iters == 3 and run.model.n_embd == 16  # file beats defaults
     assert run.train.weight_decay == TrainConfig().weight_decay
+    # the command it suggests can be pasted into a shell, also for a folder name with a space
+    assert main(["train", "--config", str(cfg_file), "--out-dir", "my run"]) == 0
+    assert "Sample with: fungpt sample --run 'my run'" in capsys.readouterr().out
 
 
 def test_toml_saved_with_a_byte_order_mark_loads(tmp_path):
