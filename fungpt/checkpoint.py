@@ -213,6 +213,8 @@ def find_checkpoint(out_dir: str | Path, kind: str = "latest") -> Path | None:
         return _newest_folder(Path(out_dir), kind)
     try:
         rel = json.loads(pointer.read_text(encoding="utf-8"))["dir"]
+        if not isinstance(rel, str):
+            raise TypeError(f"dir is a {type(rel).__name__}")  # e.g. {"dir": 5}: corrupt like the cases below
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
         newest = _newest_folder(Path(out_dir), kind)
         if newest is None:

@@ -540,6 +540,9 @@ def load_meta(data_dir: str | Path) -> dict:
             f"{meta_path} has format version {meta['format_version']}, this FunGPT reads version "
             f"{FORMAT_VERSION}; run `fungpt prepare --overwrite` again"
         )
+    if meta["dtype"] not in ("uint16", "uint32"):  # what prepare writes (see token_dtype)
+        raise FunGPTError(f"{meta_path} names an unknown token dtype {meta['dtype']!r}; run `fungpt prepare "
+                          f"--overwrite` again")
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in SPLITS:
         bin_path = data_dir / f"{split}.bin"
@@ -603,6 +606,8 @@ class BatchLoader:
             raise FunGPTError(f"unknown split {split!r}: use 'train' or 'val'")
         if not 0 <= rank < world_size:
             raise FunGPTError(f"rank {rank} is outside 0..{world_size - 1}")
+        if batch_size < 1 or block_size < 1:
+            raise FunGPTError(f"batch_size {batch_size} and block_size {block_size} must both be positive")
         self.meta = load_meta(data_dir)
         check_split_fits(self.meta, block_size)
         self.path = Path(data_dir) / f"{split}.bin"

@@ -454,6 +454,11 @@ def _byte_level_alphabet() -> dict[str, int]:
     return table
 
 
+MAX_BPE_VOCAB = 1 << 20
+"""The largest BPE vocabulary FunGPT asks for: 20x GPT-2's, far past what small corpora can fill. Asked for
+1e9, the tokenizers library tried to allocate 70 GB and aborted the whole process."""
+
+
 def check_bpe_vocab_size(vocab_size: int) -> None:
     """Refuse vocabulary sizes that byte-level BPE cannot honour."""
     if not isinstance(vocab_size, int) or vocab_size < MIN_BPE_VOCAB:
@@ -461,6 +466,8 @@ def check_bpe_vocab_size(vocab_size: int) -> None:
             f"vocab size {vocab_size} is too small for byte-level BPE: it needs at least "
             f"{MIN_BPE_VOCAB} (256 bytes + {EOT_TEXT})"
         )
+    if vocab_size > MAX_BPE_VOCAB:  # the tokenizers library allocates for the size asked and aborts the process
+        raise FunGPTError(f"vocab size {vocab_size:,} is too large: use at most {MAX_BPE_VOCAB:,} (GPT-2 has 50,257)")
 
 
 # ---------------------------------------------------------------------------

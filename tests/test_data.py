@@ -399,6 +399,10 @@ def test_load_meta_errors(tmp_path, char_data):
     (char_data / "val.bin").unlink()
     with pytest.raises(FunGPTError, match="val.bin is missing"):
         load_meta(char_data)
+    meta = json.loads((char_data / "meta.json").read_text(encoding="utf-8"))
+    (char_data / "meta.json").write_text(json.dumps({**meta, "dtype": "uint17"}), encoding="utf-8")
+    with pytest.raises(FunGPTError, match="unknown token dtype 'uint17'"):  # was numpy's TypeError
+        load_meta(char_data)
     (char_data / "meta.json").write_text("{", encoding="utf-8")
     with pytest.raises(FunGPTError, match="meta.json is corrupt"):
         load_meta(char_data)
@@ -460,6 +464,9 @@ def test_batch_loader_rejects_bad_arguments(char_data):
         BatchLoader(char_data, "val", batch_size=2, block_size=10**6)
     with pytest.raises(FunGPTError, match="unknown split"):
         BatchLoader(char_data, "test", batch_size=2, block_size=8)
+    for batch_size, block_size in [(2, 0), (2, -5), (-1, 8)]:  # were empty (2, 0) batches or torch errors
+        with pytest.raises(FunGPTError, match="must both be positive"):
+            BatchLoader(char_data, "train", batch_size=batch_size, block_size=block_size)
 
 
 @pytest.mark.parametrize("block_size", [7, 16])

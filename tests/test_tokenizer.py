@@ -118,6 +118,11 @@ def test_bpe_vocab_too_small(size):
         BPETokenizer.train(CORPUS, vocab_size=size)
 
 
+def test_bpe_vocab_too_large_is_refused_before_the_library_aborts():
+    with pytest.raises(FunGPTError, match="vocab size 1,000,000,000 is too large"):
+        BPETokenizer.train(CORPUS, vocab_size=10**9)  # the library tried to allocate 70 GB and aborted the process
+
+
 # --- gpt2 ----------------------------------------------------------------------
 
 

@@ -159,14 +159,16 @@ def test_a_run_saved_with_vocab_size_and_the_char_tokenizer_still_loads(corpus, 
     assert sample(out, prompt="the ", max_new_tokens=3, seed=0)
 
 
-@pytest.mark.parametrize("pointer", ["deleted", "corrupt"])
+@pytest.mark.parametrize("pointer", ["deleted", "corrupt", "dir not a string"])
 def test_resume_without_a_readable_pointer_takes_the_newest_checkpoint(corpus, tmp_path, capsys, pointer):
     out = tmp_path / "run"
     train(tiny_config(corpus, out, max_iters=12), progress=False)
     if pointer == "deleted":
         (out / "latest.json").unlink()
-    else:
+    elif pointer == "corrupt":
         (out / "latest.json").write_text("{not json")
+    else:
+        (out / "latest.json").write_text('{"step": 12, "dir": 5}')  # was a TypeError traceback
     result = train(tiny_config(corpus, out, max_iters=18), resume=True, progress=False)
     assert "resuming" in capsys.readouterr().out and result["step"] == 18
     steps = [r["step"] for r in read_rows(out) if "lr" in r]
