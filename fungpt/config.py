@@ -234,7 +234,9 @@ class RunConfig:
                               f"expected out_dir, [data], [model], [train]")
         kwargs: dict[str, Any] = {}
         if "out_dir" in d:
-            kwargs["out_dir"] = str(d["out_dir"])
+            if not isinstance(d["out_dir"], str):  # str() would make a folder named e.g. "['a', 'b']"
+                raise FunGPTError(f"{source}: out_dir = {d['out_dir']!r} should be a folder name (a string)")
+            kwargs["out_dir"] = d["out_dir"]
         for name, klass in sections.items():
             kwargs[name] = _build_section(klass, d.get(name, {}), f"{source} [{name}]", defaults=getattr(cls(), name))
         return cls(**kwargs)
@@ -273,7 +275,11 @@ def _check_type(klass: type, name: str, value: Any, where: str) -> Any:
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer beyond any float, e.g. 1 followed by 400 zeros
+                raise FunGPTError(f"{where}: {name} is too large for a number (an integer of "
+                                  f"{len(str(abs(value)))} digits)") from None
         if t is str and isinstance(value, str):
             return value
         if t not in (bool, int, float, str, type(None)):

@@ -649,6 +649,8 @@ def _files(world, tmp_path) -> dict[str, str]:
     (t / "unknown_key.toml").write_text("[train]\nlearning_rate = 0.1\n")
     (t / "wrong_type.toml").write_text('[model]\nn_layer = "four"\n')
     (t / "wrong_type_train.toml").write_text('[train]\nbatch_size = "four"\n')
+    (t / "huge_lr.toml").write_text('[train]\nlr = 1' + "0" * 400 + '\n')
+    (t / "out_dir_list.toml").write_text('out_dir = ["a", "b"]\n')
     (t / "unknown_section.toml").write_text("[optim]\nlr = 0.1\n")
     (t / "not_utf8.toml").write_bytes(b"[train]\nlr = \xff\n")
     (t / "a_file").write_text("x")
@@ -733,6 +735,8 @@ BAD_INPUTS = {
     "TOML unknown key": ([*TRAIN, "--config", "{tmp}/unknown_key.toml"], "learning_rate"),
     "TOML wrong type (model)": ([*TRAIN, "--config", "{tmp}/wrong_type.toml"], "n_layer"),
     "TOML wrong type (train)": ([*TRAIN, "--config", "{tmp}/wrong_type_train.toml"], "batch_size"),
+    "TOML integer beyond any float": ([*TRAIN, "--config", "{tmp}/huge_lr.toml"], "lr is too large for a number"),
+    "TOML out_dir not a string": ([*TRAIN, "--config", "{tmp}/out_dir_list.toml"], "['a', 'b'] should be a folder"),
     "TOML unknown section": ([*TRAIN, "--config", "{tmp}/unknown_section.toml"], "optim"),
     "TOML not UTF-8": ([*TRAIN, "--config", "{tmp}/not_utf8.toml"], "not_utf8.toml"),
     # sample / eval / prepare / plot
