@@ -508,6 +508,15 @@ def _sync(device: str) -> None:
         torch.mps.synchronize()
 
 
+def check_loggers(tc: TrainConfig) -> None:
+    """Refuse train.tensorboard / train.wandb without their package, before any work."""
+    import importlib.util
+
+    for wanted, module, package in [(tc.tensorboard, "tensorboard", "tensorboard"), (tc.wandb, "wandb", "wandb")]:
+        if wanted and importlib.util.find_spec(module) is None:
+            raise FunGPTError(f"train.{module} needs the {package} package: pip install {package}")
+
+
 class MetricsLog:
     """metrics.jsonl (one JSON object per line, always), plus TensorBoard and wandb when asked."""
 
@@ -640,6 +649,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         torch.backends.cudnn.allow_tf32 = True
     say = print if ddp.is_main else (lambda *a, **k: None)
     check_out_dir(cfg, resume, overwrite)  # before preparing data, which can take minutes
+    check_loggers(tc)  # likewise, and before the run folder is written (a retry would need --overwrite)
 
     cfg, data_dir, pre = resolve_model_and_data(cfg, ddp.is_main, progress and ddp.is_main, model_named)
     out_dir = prepare_out_dir(cfg, resume, overwrite) if ddp.is_main else Path(cfg.out_dir)

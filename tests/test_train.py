@@ -447,6 +447,17 @@ def test_ctrl_c_seen_by_one_ddp_rank_stops_all_of_them_with_a_checkpoint(corpus,
     assert f"interrupted at step {state['step']}; checkpoint saved" in stdout
 
 
+def test_a_missing_logger_package_is_refused_before_the_run_folder_is_written(corpus, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    out = tmp_path / "run"
+    with pytest.raises(FunGPTError, match="train.wandb needs the wandb package"):
+        train(tiny_config(corpus, out, max_iters=2, wandb=True), progress=False)
+    assert not out.exists()  # so the same command without wandb needs no --overwrite
+
+
 def test_tensorboard_events_are_written(corpus, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
