@@ -64,7 +64,8 @@ def _config_path(args: list[str]) -> str | None:
 
 def _rank() -> int:
     """This process's rank under torchrun (which sets RANK), 0 otherwise."""
-    return int(os.environ.get("RANK", "0")) if os.environ.get("RANK", "").isdigit() else 0
+    rank = os.environ.get("RANK", "")
+    return int(rank) if rank.isdigit() else 0
 
 
 def cmd_train(args: list[str], start_time: float) -> None:

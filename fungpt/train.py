@@ -620,12 +620,20 @@ def threading_is_main() -> bool:
 # The training loop
 
 
+def end_reserve(timings: dict[str, float]) -> float:
+    """Seconds the end of a run takes, by its measured `timings`: final eval, two checkpoints (the final eval
+    usually writes "best", then "latest"), loss plot (measured at step 0), and the command's exit."""
+    return timings.get("eval", 0.0) + 2 * timings.get("save", 0.0) + timings.get("plot", 0.0) + EXIT_RESERVE_S
+
+
 def budget_spent(elapsed_s: float, timings: dict[str, float], budget_s: float) -> bool:
-    """Whether a run that has used `elapsed_s` of its budget has no time left for two more steps and its end
-    (final eval, two checkpoints, plot, exit), by its checkpoint's `timings`. Computed from the checkpoint
-    alone, so that under DDP every rank comes to the same answer."""
-    end = timings.get("eval", 0.0) + 2 * timings.get("save", 0.0) + timings.get("plot", 0.0) + EXIT_RESERVE_S
-    return elapsed_s + 2 * timings.get("step", 0.0) + end >= budget_s
+    """Whether a run that has used `elapsed_s` of its budget has no time left for two more steps and its end.
+
+    Another step is taken only if two steps' time would still fit: step times vary by a few percent, and the
+    budget is a promise to the user. A resume asks this of its checkpoint's timings alone, so that under DDP
+    every rank comes to the same answer; the training loop asks it before each step.
+    """
+    return elapsed_s + 2 * timings.get("step", 0.0) + end_reserve(timings) >= budget_s
 
 
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress: bool = True,
@@ -804,26 +812,22 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         if ddp.is_main:
             state = {"step": step, "tokens": tokens_seen, "best_val": best_val, "elapsed_s": elapsed(),
                      "schedule_origin_s": schedule_origin,
-                     "timings": {"step": step_time, "eval": eval_time, "save": save_time, "plot": plot_time},
+                     "timings": timings_now(),
                      "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "loader": loaders, "rng": rngs}
             ckpt.save_checkpoint(out_dir, "latest", step, model, state=state, extra=ckpt_extra)
         save_time = time.time() - t_save
 
+    def timings_now() -> dict[str, float]:
+        """The measured durations a time budget plans with (also saved in each checkpoint)."""
+        return {"step": step_time, "eval": eval_time, "save": save_time, "plot": plot_time}
+
     def end_time() -> float:
-        """Seconds the end of the run takes: final eval, two checkpoints (the final eval usually writes
-        "best", then "latest") and loss plot (measured at step 0), and the command's exit."""
-        return eval_time + 2 * save_time + plot_time + EXIT_RESERVE_S
+        return end_reserve(timings_now())
 
-    def out_of_time(step_time: float, eval_time: float) -> bool:
-        """Stop early enough that the final eval, checkpoint and plot also fit in the budget.
-
-        Another step is taken only if two steps' time would still fit: step times vary by a few
-        percent, and the budget is a promise to the user.
-        """
-        if budget_s is None:
-            return False
-        return elapsed() + 2 * step_time + end_time() >= budget_s
+    def out_of_time() -> bool:
+        """Stop early enough that the final eval, checkpoint and plot also fit in the budget."""
+        return budget_s is not None and budget_spent(elapsed(), timings_now(), budget_s)
 
     def must_stop(interrupt: _StopFlag) -> bool:
         """Whether to end the loop before another step: out of budget, or Ctrl-C.
@@ -833,7 +837,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
         by one all-reduce of both flags; a Ctrl-C seen by any rank (the signal reaches them at slightly
         different moments) stops them all, and all of them take the interrupted path.
         """
-        flags = any_rank([out_of_time(step_time, eval_time), interrupt.stop])
+        flags = any_rank([out_of_time(), interrupt.stop])
         if flags[1]:  # (never cleared: a Ctrl-C that arrives during the all-reduce counts at the next step)
             interrupt.stop = True
         return any(flags)
