@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import Collection
@@ -35,6 +36,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+try:
+    import fcntl  # the out_dir lock (lock_out_dir); POSIX only
+except ImportError:  # Windows: runs go unlocked
+    fcntl = None
 
 from fungpt import checkpoint as ckpt
 from fungpt import pretrained
@@ -173,6 +179,69 @@ def remove_run(out: Path) -> None:
                           f"fix that and pass --overwrite again, or choose another out_dir") from None
 
 
+def saved_anything(out: Path) -> bool:
+    """Whether the run in out wrote a checkpoint (whole or not). Every run saves one at its end and on
+    Ctrl-C, so a run without any stopped early (an error, out of memory, killed): nothing in it is worth keeping."""
+    return bool(_run_checkpoints(out)) or (out / "latest.json").is_file()
+
+
+# While a run trains, its process holds an exclusive lock on this file in out_dir (flock: the system lets
+# it go when the process ends, however it ends), so a second `fungpt train` into the same folder, with
+# --resume or --overwrite or none, is refused instead of mixing or deleting a live run's files. The file
+# stays; only the lock on it matters. It records who holds it, for the refusal's message.
+LOCK_FILE = ".fungpt-train.lock"
+
+
+def lock_holder(out: Path) -> str | None:
+    """Who holds out's run lock ("pid 123 on host, since 21:55:02"), or None if nobody does."""
+    path = out / LOCK_FILE
+    if fcntl is None or not path.is_file():
+        return None
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a reader's lock: granted unless a run holds it
+                return None  # (released as the file closes)
+            except BlockingIOError:
+                holder = f.read().strip()
+                if holder.startswith(f"pid {os.getpid()} on {socket.gethostname()},"):
+                    return None  # this process: a run checking the folder it has locked
+                return holder or "another process"
+    except OSError:
+        return None  # unreadable, or a file system without locks: nothing to tell
+
+
+@contextlib.contextmanager
+def lock_out_dir(out: Path):
+    """Create out if needed and hold its run lock until the block ends; refuse if another run holds it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FunGPTError(f"cannot create out_dir {out}: {e.strerror or e}") from None
+    if fcntl is None:
+        yield
+        return
+    try:
+        f = open(out / LOCK_FILE, "a+", encoding="utf-8")
+    except OSError as e:
+        raise FunGPTError(f"cannot write {out / LOCK_FILE}: {e.strerror or e}; choose another out_dir") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise FunGPTError(f"{out} is in use by a training run that is still going ({holder}): wait for it to "
+                              f"end, stop it, or choose another out_dir") from None
+        except OSError:
+            pass  # a file system without locks (some network mounts): train unlocked, as before
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')}\n")
+        f.flush()
+        yield  # the lock goes when f closes
+
+
 def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> None:
     """Refuse a bad out_dir before any work (data preparation can take minutes); changes nothing."""
     out = Path(cfg.out_dir)
@@ -190,20 +259,25 @@ def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> None:
     existing = next((p for p in [out, *out.parents] if p.exists()), None)  # out, or the folder it will go in
     if existing is not None and existing.is_dir() and not os.access(existing, os.W_OK):
         raise FunGPTError(f"out_dir {out} is not writable; choose another out_dir or fix its permissions")
+    holder = lock_holder(out)
+    if holder is not None:
+        raise FunGPTError(f"{out} is in use by a training run that is still going ({holder}): wait for it to end, "
+                          f"stop it, or choose another out_dir")
     has_run = holds_run(out)
     if (out / "config.json").is_file() and not has_run:  # not one of ours: never overwrite or delete it
         raise FunGPTError(f"{out} holds a config.json that is not a FunGPT run's, which training would overwrite: "
                           f"choose another out_dir")
     if resume and not has_run:
         raise FunGPTError(f"nothing to resume in {out}: it holds no training run (drop --resume to start a new run)")
-    if has_run and not resume and not overwrite:
+    if has_run and not resume and not overwrite and saved_anything(out):
         raise FunGPTError(f"{out} already holds a training run: pass --resume to continue it, --overwrite to "
                           f"replace it, or choose another out_dir")
     if resume:
         saved = load_run_config(out)  # a corrupt config.json is reported now, not after preparing the data
         ckpt.find_checkpoint(out)  # likewise a corrupt latest.json
         old, new = saved.data, cfg.data
-        if old.path == new.path and (old.tokenizer, old.vocab_size) != (new.tokenizer, new.vocab_size):
+        prepared = (Path(new.path).expanduser() / "meta.json").is_file()  # its own tokenizer; the fields go unused
+        if old.path == new.path and not prepared and (old.tokenizer, old.vocab_size) != (new.tokenizer, new.vocab_size):
             # (caught later too, by the tokenizer check, but only after a possibly long tokenizer training)
             raise FunGPTError(f"cannot resume {out}: it was trained on {old.path} with data.tokenizer = "
                               f"{old.tokenizer!r} (vocab_size {old.vocab_size}), not {new.tokenizer!r} "
@@ -234,7 +308,9 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
 
 
 def prepare_out_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
-    """Check the run folder: refuse to mix two runs in one folder, or to resume with another model."""
+    """Check the run folder: refuse to mix two runs in one folder, or to resume with another model.
+
+    Call it holding the folder's lock (lock_out_dir): it may delete a previous run."""
     out = Path(cfg.out_dir)
     check_out_dir(cfg, resume, overwrite)
     has_run = holds_run(out)
@@ -245,9 +321,17 @@ def prepare_out_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
         if saved.model != cfg.model:
             old, new = saved.model.to_dict(), cfg.model.to_dict()
             diffs = [f"{k} {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k]]
+            if [k for k in old if old[k] != new[k]] == ["vocab_size"] and saved.model.init_from == "scratch":
+                # from scratch vocab_size is not a setting: it is the size of the data's tokenizer
+                raise FunGPTError(f"cannot resume {out}: its data now has {new['vocab_size']} distinct tokens where "
+                                  f"the checkpoint was trained on {old['vocab_size']}; {cfg.data.path} (or its "
+                                  f"tokenizer settings) changed since. Resume with the original data, or train "
+                                  f"into a new out_dir")
             raise FunGPTError(f"cannot resume {out}: its checkpoint was trained with a different model "
                               f"({'; '.join(diffs)}); use the original settings or a new out_dir")
-    elif has_run:  # with --overwrite (check_out_dir refused it otherwise)
+    elif has_run:  # with --overwrite, or a run that never saved (check_out_dir refused anything else)
+        if not overwrite:
+            print(f"fungpt: {out} held a run that stopped before its first checkpoint: starting it over")
         remove_run(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -642,6 +726,12 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
 
     `model_named` lists the [model] fields the user wrote down even where they equal the defaults (the
     CLI passes them): when fine-tuning, the fields not set take the checkpoint's values."""
+    with contextlib.ExitStack() as held:  # what the run holds (its out_dir's lock) is let go however it ends
+        return _train(cfg, resume, overwrite, progress, start_time, model_named, held)
+
+
+def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_time: float | None,
+           model_named: Collection[str], held: contextlib.ExitStack) -> dict[str, Any]:
     start_time = time.time() if start_time is None else start_time
     tc = cfg.train
     prec: Precision = detect_precision(tc.device, tc.dtype)
@@ -660,7 +750,10 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
     check_loggers(tc)  # likewise, and before the run folder is written (a retry would need --overwrite)
 
     cfg, data_dir, pre = resolve_model_and_data(cfg, ddp.is_main, progress and ddp.is_main, model_named)
-    out_dir = prepare_out_dir(cfg, resume, overwrite) if ddp.is_main else Path(cfg.out_dir)
+    out_dir = Path(cfg.out_dir)
+    if ddp.is_main:  # rank 0 alone writes the folder, so it alone locks it
+        held.enter_context(lock_out_dir(out_dir))
+        prepare_out_dir(cfg, resume, overwrite)
     say(f"fungpt: {prec.reason}" + (f", matmuls on {cpu_matmul}" if cpu_matmul else "")
         + (f", {ddp.world_size} processes (DDP)" if ddp.enabled else ""))
 

@@ -31,7 +31,7 @@ from fungpt.data import prepare
 from fungpt.errors import FunGPTError
 from fungpt.model import GPT, GPTConfig
 from fungpt.runs import load_run
-from fungpt.train import train
+from fungpt.train import LOCK_FILE, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,8 +76,9 @@ def copy_run(world, tmp_path) -> Path:
 
 
 def sha256_tree(folder: Path) -> dict[str, str]:
+    """Every file's hash, but the run lock's (it names the last process that locked the folder)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
@@ -246,6 +247,84 @@ def test_unwritable_out_dir_is_refused_up_front(world, tmp_path, capsys, monkeyp
     finally:
         out.chmod(0o700)
     assert not any(out.iterdir())
+
+
+_HOLD_LOCK = """
+import sys
+from pathlib import Path
+from fungpt.train import lock_out_dir
+with lock_out_dir(Path(sys.argv[1])):
+    print("locked", flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the run lock is POSIX flock")
+def test_a_live_runs_folder_is_refused(world, tmp_path, capsys):
+    """While a run trains in a folder, no second train may resume, overwrite or restart it there."""
+    out = copy_run(world, tmp_path)
+    shutil.rmtree(out / "checkpoints")  # like a live run before its first save, which a new run may replace
+    (out / "latest.json").unlink(missing_ok=True)
+    (out / "best.json").unlink(missing_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = sha256_tree(out)
+        base = ["train", "--data.path", world["data"], "--out-dir", out, "--train.device", "cpu", *TINY_MODEL]
+        for flags in ([], ["--resume"], ["--overwrite"]):
+            last = assert_one_line_error(*run_cli([*base, *flags], capsys), "in use by a training run",
+                                         f"pid {holder.pid}")
+            assert "Traceback" not in last
+        assert sha256_tree(out) == before
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    # the lock goes with its process: the same folder trains again
+    assert train(tiny_config(world["data"], out, max_iters=2), progress=False)["step"] == 2
+
+
+def test_a_run_that_never_saved_is_started_over(world, tmp_path, capsys):
+    """A run stopped before its first checkpoint (out of memory, killed) left only its config and logs behind:
+    the same command again starts it over instead of asking for --overwrite."""
+    out = copy_run(world, tmp_path)
+    shutil.rmtree(out / "checkpoints")
+    (out / "latest.json").unlink()
+    (out / "best.json").unlink(missing_ok=True)
+    (out / "notes.txt").write_text("mine")
+    summary = train(tiny_config(world["data"], out, max_iters=3), progress=False)
+    assert summary["step"] == 3
+    assert "stopped before its first checkpoint: starting it over" in capsys.readouterr().out
+    assert (out / "notes.txt").read_text() == "mine"
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and max(steps) == 3  # the old run's log rows (up to step 6) are gone
+    # a run that did save is still protected
+    with pytest.raises(FunGPTError, match="already holds a training run"):
+        train(tiny_config(world["data"], out, max_iters=3), progress=False)
+
+
+def test_resume_on_a_prepared_folder_ignores_the_tokenizer_fields(world, tmp_path):
+    """On a prepared folder data.tokenizer and vocab_size are unused (the folder has its tokenizer): the first
+    run recorded the defaults, and resuming with the folder's true settings must not be refused."""
+    bpe = prepare(str(world["corpus"]), tmp_path / "bpe", tokenizer="bpe", vocab_size=300, progress=False)
+    out = tmp_path / "run"
+    train(tiny_config(bpe, out, max_iters=3), progress=False)
+    assert load_run_config(out).data.tokenizer == "char"  # what the config said, unused
+    cfg = tiny_config(bpe, out, max_iters=5)
+    cfg.data = DataConfig(path=str(bpe), tokenizer="bpe", vocab_size=300)
+    assert train(cfg, resume=True, progress=False)["step"] == 5
+
+
+def test_resume_on_a_grown_corpus_says_the_data_changed(world, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(Path(world["corpus"]).read_text())
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=2), progress=False)
+    with corpus.open("a") as f:
+        f.write("Zebras QUIETLY jumped!\n")  # characters the first vocabulary did not have
+    with pytest.raises(FunGPTError, match=r"its data now has \d+ distinct tokens where the checkpoint was trained "
+                                          r"on \d+; .*corpus.txt .* changed since"):
+        train(tiny_config(corpus, out, max_iters=4), resume=True, progress=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -670,8 +749,13 @@ def _files(world, tmp_path) -> dict[str, str]:
     (t / "nulljson").mkdir()
     (t / "nulljson" / "config.json").write_text("null")
     (t / "hf" / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
+    textrun = t / "textrun"  # a run trained on the text file itself (its data.tokenizer is used, and recorded)
+    shutil.copytree(world["run"], textrun)
+    saved = json.loads((textrun / "config.json").read_text())
+    saved["data"]["path"] = str(world["corpus"])
+    (textrun / "config.json").write_text(json.dumps(saved))
     return {"corpus": str(world["corpus"]), "data": str(world["data"]), "run": str(world["run"]),
-            "other": str(other), "tmp": str(t)}
+            "other": str(other), "textrun": str(textrun), "tmp": str(t)}
 
 
 TRAIN = ["train", "--data.path", "{data}", "--out-dir", "{tmp}/new", "--train.device", "cpu"]
@@ -718,8 +802,8 @@ BAD_INPUTS = {
     "out_dir holds another run": ([*TRAIN, "--out-dir", "{other}"], "already holds a training run"),
     "resume and overwrite": ([*TRAIN, "--out-dir", "{other}", "--resume", "--overwrite"], "contradict"),
     "resume an empty folder": ([*TRAIN, "--resume"], "nothing to resume"),
-    "resume with another tokenizer": ([*TRAIN, "--out-dir", "{other}", "--resume", "--data.tokenizer", "bpe"],
-                                      "data.tokenizer = 'char'"),
+    "resume with another tokenizer": ([*TRAIN, "--data.path", "{corpus}", "--out-dir", "{textrun}", "--resume",
+                                       "--data.tokenizer", "bpe"], "data.tokenizer = 'char'"),
     "resume with another model": ([*TRAIN, "--out-dir", "{other}", "--resume", *TINY_MODEL[:-2],
                                    "--model.block-size", "8"], "different model"),
     "out_dir is a file": ([*TRAIN, "--out-dir", "{tmp}/a_file"], "is a file"),
