@@ -83,7 +83,8 @@ def sampling_probs(
             sorted_probs = probs.sort(dim=-1, descending=True).values  # (..., V)
             mass_upto = sorted_probs.cumsum(dim=-1)
         mass_before = mass_upto - sorted_probs  # probability of strictly better-ranked tokens
-        n_keep = (mass_before < top_p).sum(dim=-1, keepdim=True)  # (..., 1), >= 1 since mass_before[0] = 0
+        # (..., 1); at least the most probable token, also for a top_p too small for float32 (1e-46 -> 0)
+        n_keep = (mass_before < top_p).sum(dim=-1, keepdim=True).clamp_min(1)
         cutoff = sorted_probs.gather(-1, n_keep - 1)  # (..., 1) probability of the last kept token
         logits = logits.masked_fill(probs < cutoff, float("-inf"))
     return F.softmax(logits, dim=-1)  # (..., V)

@@ -17,7 +17,11 @@ The HTTP API behind it (FastAPI on uvicorn):
                           per new token, then {"type": "done", "text", "n_tokens"}; "text" is the token
                           alone (Tokenizer.token_text), "piece" the text it completes (TextPieces)
     POST /api/attention   {"ids", "layer", "head"} -> the (T, T) attention weights of that head
-Every mistake in a request gets a 4xx answer {"error": "<one clear line>"}.
+Every mistake in a request gets a 4xx answer {"error": "<one clear line>"}. Numbers must be JSON numbers
+(true or "5" is refused), and requests must name this machine in their Host header (see _host_allowed).
+
+A run that is still training: when it writes a newer checkpoint, the next request loads it ("step" in
+/api/info, in a generation's "start" event and in an attention answer says which one answered).
 
 Concurrency: there is one model and a lock around every use of it. Generation takes the lock
 for one token at a time, so two clients streaming at once take turns step by step (both see
@@ -29,6 +33,8 @@ other clients.
 from __future__ import annotations
 
 import contextlib
+import errno
+import ipaddress
 import json
 import socket
 import threading
@@ -46,6 +52,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fungpt import checkpoint as ckpt
 from fungpt.errors import FunGPTError
 from fungpt.runs import LoadedRun, load_run, seeded_generator
 from fungpt.sample import default_prompt_ids, top_candidates
@@ -69,9 +76,10 @@ MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
 
 
 class GenerateRequest(BaseModel):
-    """What the page sends to start a sample. Unknown fields are refused, so typos are caught."""
+    """What the page sends to start a sample. Unknown fields are refused, so typos are caught; strict: a
+    number must be a JSON number (true would be taken as 1, "0.5" as 0.5)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     prompt: str = ""
     max_new_tokens: int | None = Field(None, ge=1)  # None: 200, or the server's limit if lower
     temperature: float = Field(0.8, ge=0, allow_inf_nan=False)
@@ -83,7 +91,7 @@ class GenerateRequest(BaseModel):
 class AttentionRequest(BaseModel):
     """A token sequence (usually prompt + generated so far) and which head to show."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     ids: list[int] = Field(min_length=1)
     layer: int = Field(0, ge=0)
     head: int = Field(0, ge=0)
@@ -130,7 +138,11 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def _describe_validation(exc: RequestValidationError, sent_as_json: bool) -> str:
+# A body that is not a JSON object is answered with an example of a good one, per route.
+EXAMPLE_BODIES = {"/api/generate": '{"prompt": "ROMEO:"}', "/api/attention": '{"ids": [1, 2, 3], "layer": 0}'}
+
+
+def _describe_validation(exc: RequestValidationError, sent_as_json: bool, path: str = "/api/generate") -> str:
     """Pydantic's error list as one line a person can act on, e.g. "top_k: must be >= 1 (got 0)".
 
     sent_as_json: whether the request said Content-Type: application/json (FastAPI parses the body only then).
@@ -144,7 +156,8 @@ def _describe_validation(exc: RequestValidationError, sent_as_json: bool) -> str
         if tuple(err.get("loc", ())) == ("body",) and "input" in err:
             if not sent_as_json:  # FastAPI left the body unparsed (e.g. curl -d, which sends a form type)
                 return "the request body must be sent with Content-Type: application/json"
-            return 'the request body must be a JSON object, e.g. {"prompt": "ROMEO:"}'  # "hi", [1], 3, null
+            example = EXAMPLE_BODIES.get(path, EXAMPLE_BODIES["/api/generate"])
+            return f"the request body must be a JSON object, e.g. {example}"  # "hi", [1], 3, null
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         field = ".".join(loc) or "body"
         msg = err.get("msg", "is not valid")
@@ -173,7 +186,7 @@ def create_app(run_dir: str | Path, checkpoint: str = "last", device: str = "aut
 
 def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_prompt_tokens: int,
                max_new_tokens: int) -> FastAPI:
-    model, tok, mcfg = run.model, run.tokenizer, run.config.model
+    tok, mcfg = run.tokenizer, run.config.model  # a resumed run keeps both (training refuses to change them)
     # One model: every forward pass holds this lock. Re-entrant, because a finished stream may be
     # closed (and take the lock) by the garbage collector in a thread that already holds it.
     lock = threading.RLock()
@@ -181,12 +194,37 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
     # Set on Ctrl-C: open streams end at their next token, so the server can stop at once
     # instead of waiting for (or cancelling) a 1000-token generation.
     stopping = app.state.stopping = threading.Event()
+    # The Host names requests may use (see _host_allowed); serve() adds the address it listens on.
+    app.state.hosts = {"127.0.0.1", "localhost", "::1"}
+
+    @app.middleware("http")
+    async def _check_host(request: Request, call_next):
+        host = request.headers.get("host", "")
+        if not _host_allowed(host, app.state.hosts):
+            names = " or ".join(sorted(app.state.hosts))
+            return _error(400, f"this server answers requests for {names}, not for the Host {host!r}")
+        return await call_next(request)
+
+    # The run as served. Training may still be going: a newer checkpoint is loaded at the next request.
+    kind = "latest" if checkpoint == "last" else "best"
+    served = {"run": run, "folder": ckpt.find_checkpoint(run.run_dir, kind)}
+
+    def current() -> LoadedRun:
+        """The served run, after loading the run's newest checkpoint if it changed since."""
+        with lock:  # (no forward pass runs during the swap; streams already going keep their model)
+            try:
+                folder = ckpt.find_checkpoint(run.run_dir, kind)
+                if folder != served["folder"]:
+                    served["run"], served["folder"] = load_run(run.run_dir, checkpoint, str(run.device)), folder
+            except FunGPTError:
+                pass  # caught mid-save or damaged: keep the loaded checkpoint, try again at the next request
+            return served["run"]
 
     # Errors: always {"error": "..."} with a 4xx status, never a stack trace or pydantic's raw list.
     @app.exception_handler(RequestValidationError)
     async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         sent_as_json = request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
-        return _error(422, _describe_validation(exc, sent_as_json))
+        return _error(422, _describe_validation(exc, sent_as_json, request.url.path))
 
     @app.exception_handler(ApiError)
     async def _on_api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -203,6 +241,8 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
         elif exc.status_code == 405:
             allowed = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow", "another method")
             message = f"{request.method} is not allowed on {request.url.path}: use {allowed}"
+        elif exc.status_code == 400 and "parsing the body" in str(exc.detail):  # not UTF-8, or nested too deep
+            return _error(422, "the request body is not valid JSON (UTF-8 text, nested at most a few levels)")
         else:
             message = str(exc.detail)
         return _error(exc.status_code, message)
@@ -226,7 +266,7 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
         "device": str(run.device),
         "tokenizer": tok.name,
         "vocab_size": tok.vocab_size,
-        "params": model.num_params(),
+        "params": run.model.num_params(),
         "block_size": mcfg.block_size,
         "n_layer": mcfg.n_layer,
         "n_head": mcfg.n_head,
@@ -236,11 +276,11 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
                    "max_new_tokens": max_new_tokens, "max_attention_tokens": MAX_ATTENTION_TOKENS},
     }
 
-    @app.get("/api/info")
+    @app.api_route("/api/info", methods=["GET", "HEAD"])
     def get_info() -> dict:
-        return info
+        return {**info, "step": current().step}
 
-    @app.get("/api/metrics")
+    @app.api_route("/api/metrics", methods=["GET", "HEAD"])
     def get_metrics() -> dict:
         from fungpt.plot import read_metrics
 
@@ -273,10 +313,12 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
         def sse(obj: dict) -> str:
             return f"data: {json.dumps(obj)}\n\n"  # one SSE event; JSON never contains a raw newline
 
-        yield sse({"type": "start", "prompt_tokens": [{"id": i, "text": tok.token_text(i)} for i in prompt_ids]})
+        now = current()  # this stream's model, to its end
+        yield sse({"type": "start", "step": now.step,
+                   "prompt_tokens": [{"id": i, "text": tok.token_text(i)} for i in prompt_ids]})
         idx = torch.tensor([prompt_ids], dtype=torch.long, device=run.device)  # (1, T)
         gen = seeded_generator(req.seed, run.device)  # this request's own random stream
-        stream = model.generate_stream(idx, req.max_new_tokens, temperature=req.temperature, top_k=req.top_k,
+        stream = now.model.generate_stream(idx, req.max_new_tokens, temperature=req.temperature, top_k=req.top_k,
                                        top_p=req.top_p, generator=gen, yield_logits=True)
         new: list[int] = []
         pieces = TextPieces(tok)
@@ -338,12 +380,14 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
         window = max(0, len(req.ids) - mcfg.block_size)
         ids = torch.tensor(req.ids[window:], dtype=torch.long, device=run.device)  # (T,)
         with lock:
-            maps = attention_maps(model, ids)  # (n_layer, nh, T, T)
+            now = current()
+            maps = attention_maps(now.model, ids)  # (n_layer, nh, T, T)
         shown = min(len(ids), MAX_ATTENTION_TOKENS)
         weights = maps[req.layer, req.head, -shown:, -shown:]  # (shown, shown): row = query, column = key
         # offset: ids before the first one sent. window_start: ids before the first one the model read
         # (all of them got no attention at all); offset > window_start when the map is cut for drawing.
-        return {"layer": req.layer, "head": req.head, "offset": len(req.ids) - shown, "window_start": window,
+        return {"step": now.step, "layer": req.layer, "head": req.head, "offset": len(req.ids) - shown,
+                "window_start": window,
                 "tokens": [{"id": int(i), "text": tok.token_text(int(i))} for i in ids[-shown:].tolist()],
                 "weights": [[round(w, 4) for w in row] for row in weights.tolist()]}
 
@@ -351,6 +395,31 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
 
 
 # ---------------------------------------------------------------------------- running it
+
+
+def _host_allowed(header: str, hosts: set[str] | None) -> bool:
+    """Whether a request's Host header (e.g. "127.0.0.1:8000", "[::1]:8000") names this server.
+
+    A web page on another site could point its own domain name at 127.0.0.1 (DNS rebinding) and then use
+    the model, and read the run's details, through its visitor's browser; such requests carry that domain
+    as their Host. hosts None: any name (the server listens on every interface, reached by names it
+    cannot know)."""
+    if hosts is None:
+        return True
+    name = header.strip().lower()
+    if name.startswith("["):  # an IPv6 address, with or without a port
+        name = name[1:name.find("]")]
+    elif name.count(":") == 1:  # a name or IPv4 address with a port
+        name = name.split(":")[0]
+    return name in hosts
+
+
+def _allow_listening_host(app: FastAPI, host: str, sock: socket.socket) -> None:
+    """Let requests name the address the server listens on (--host), besides the loopback names."""
+    if host in ("0.0.0.0", "::", ""):
+        app.state.hosts = None
+    else:
+        app.state.hosts = {*app.state.hosts, host.lower().strip("[]"), sock.getsockname()[0].split("%")[0]}
 
 
 def _check_port(port: int) -> None:
@@ -372,8 +441,12 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind(addr)
     except OSError as e:
         sock.close()
-        raise FunGPTError(f"cannot listen on {host}:{port} ({e.strerror}); is another server running there? "
-                          f"pick another --port") from None
+        advice = {errno.EADDRINUSE: "is another server running there? pick another --port",
+                  errno.EADDRNOTAVAIL: f"this machine has no address {host}: use --host 127.0.0.1 (this machine "
+                                       f"only) or 0.0.0.0 (every network interface)",
+                  errno.EACCES: "ports below 1024 need administrator rights: pick a --port above 1024"}
+        raise FunGPTError(f"cannot listen on {host}:{port} ({e.strerror}); "
+                          f"{advice.get(e.errno, 'pick another --host or --port')}") from None
     sock.listen(128)
     sock.set_inheritable(True)
     return sock
@@ -407,8 +480,6 @@ def _url(sock: socket.socket) -> str:
 
 def _is_loopback(sock: socket.socket) -> bool:
     """Whether only this machine can reach the socket (127.0.0.0/8, ::1)."""
-    import ipaddress
-
     return ipaddress.ip_address(sock.getsockname()[0].split("%")[0]).is_loopback
 
 
@@ -418,6 +489,7 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, checkpoint
     _check_port(port)  # before the model is loaded
     app = create_app(run, checkpoint, device)
     sock = _bind(host, port)
+    _allow_listening_host(app, host, sock)
     url = _url(sock)
     if not _is_loopback(sock):
         where = "every network interface" if host in ("0.0.0.0", "::", "") else host
@@ -441,6 +513,7 @@ def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iter
     port=0 lets the OS pick a free port.
     """
     sock = _bind(host, port)
+    _allow_listening_host(app, host, sock)
     server = _Server(app)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -234,6 +234,7 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert allowed_tokens(logits, top_p=0.7) == {1, 2}  # 0.75
     assert allowed_tokens(logits, top_p=0.85) == {1, 2, 3}  # 0.9
     assert allowed_tokens(logits, top_p=0.01) == {1}  # always at least the top token
+    assert allowed_tokens(logits, top_p=1e-46) == {1}  # also below float32's smallest number (it rounds to 0)
     # the least probable kept token (0.05) is tied with another: both are kept
     assert allowed_tokens(logits, top_p=0.95) == {0, 1, 2, 3, 4}
     tied = torch.tensor([[0.3, 0.3, 0.3, 0.1]]).log()

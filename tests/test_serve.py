@@ -165,6 +165,11 @@ def test_client_that_leaves_mid_stream_does_not_block_others(url):
     ({"max_new_tokens": 0}, 422, "max_new_tokens: Input should be greater than or equal to 1"),
     ({"seed": "abc"}, 422, "seed: Input should be a valid integer"),
     ({"promt": "typo"}, 422, "promt: is not a known field"),
+    # numbers must be JSON numbers: true is not 1, "0.5" is not 0.5
+    ({"seed": True}, 422, "seed: Input should be a valid integer (got True)"),
+    ({"max_new_tokens": True}, 422, "max_new_tokens: Input should be a valid integer"),
+    ({"temperature": "0.5"}, 422, "temperature: Input should be a valid number (got '0.5')"),
+    ({"top_k": "5"}, 422, "top_k: Input should be a valid integer"),
 ])
 def test_bad_generate_requests_get_a_clear_json_error(url, body, status, message):
     r = httpx.post(f"{url}/api/generate", json=body)
@@ -189,6 +194,74 @@ def test_malformed_requests(url):
     for body in ('"hi"', "[1, 2]", "3", "null"):  # JSON, but not an object
         r = httpx.post(f"{url}/api/generate", content=body, headers={"Content-Type": "application/json"})
         assert r.status_code == 422 and r.json()["error"].startswith("the request body must be a JSON object"), body
+    r = httpx.post(f"{url}/api/attention", content="[1, 2]", headers={"Content-Type": "application/json"})
+    assert r.json() == {"error": 'the request body must be a JSON object, e.g. {"ids": [1, 2, 3], "layer": 0}'}
+    for body in (b'{"prompt": "\xff"}', b"[" * 100_000):  # not UTF-8; nested deeper than the parser goes
+        r = httpx.post(f"{url}/api/generate", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and r.json()["error"].startswith("the request body is not valid JSON"), body[:20]
+    for route in ("/api/info", "/api/metrics"):  # `curl -I` works on the GET routes too
+        assert httpx.head(f"{url}{route}").status_code == 200
+
+
+def test_a_foreign_host_name_is_refused(url):
+    """DNS rebinding: a page of attacker.example whose name now points at 127.0.0.1 must not use the model."""
+    for path, method in (("/api/info", "GET"), ("/api/generate", "POST"), ("/", "GET")):
+        r = httpx.request(method, f"{url}{path}", json={"max_new_tokens": 1} if method == "POST" else None,
+                          headers={"Host": "attacker.example"})
+        assert r.status_code == 400, path
+        assert r.json()["error"].startswith("this server answers requests for 127.0.0.1 or ::1 or localhost, not")
+    port = url.rsplit(":", 1)[1]
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost"):
+        assert httpx.get(f"{url}/api/info", headers={"Host": host}).status_code == 200, host
+
+
+@pytest.mark.parametrize("header, hosts, ok", [
+    ("127.0.0.1:8000", {"127.0.0.1"}, True), ("[::1]:8000", {"::1"}, True), ("[::1]", {"::1"}, True),
+    ("LOCALHOST:80", {"localhost"}, True), ("evil.example:8000", {"127.0.0.1", "localhost"}, False),
+    ("127.0.0.1.evil.example", {"127.0.0.1"}, False), ("", {"127.0.0.1"}, False), ("anything", None, True),
+])
+def test_host_header_check(header, hosts, ok):
+    from fungpt.serve import _host_allowed
+
+    assert _host_allowed(header, hosts) is ok
+
+
+def test_a_tiny_top_p_keeps_the_most_probable_token(url):
+    """top_p below float32's smallest number (1e-46 rounds to 0) crashed generation; it means greedy."""
+    events = stream_events(url, prompt="The", max_new_tokens=5, top_p=1e-46, top_k=None)
+    assert [e["type"] for e in events] == ["start"] + ["token"] * 5 + ["done"]
+    assert generated_ids(events) == generated_ids(stream_events(url, prompt="The", max_new_tokens=5, temperature=0))
+
+
+def test_a_newer_checkpoint_is_served_at_the_next_request(run_dir, tmp_path):
+    """Serving a run that is still training: after it saves again, the server answers with the new weights."""
+    import shutil
+
+    from fungpt.config import load_run_config
+    from fungpt.train import train
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    app = create_app(run, device="cpu")
+    with running_server(app) as base:
+        assert httpx.get(f"{base}/api/info").json()["step"] == 20
+        before = stream_events(base, prompt="The", max_new_tokens=20, temperature=0)
+        cfg = load_run_config(run)
+        cfg.train.max_iters, cfg.out_dir = 40, str(run)  # (config.json names the original folder)
+        train(cfg, resume=True, progress=False)
+        assert httpx.get(f"{base}/api/info").json()["step"] == 40
+        after = stream_events(base, prompt="The", max_new_tokens=20, temperature=0)
+        assert after[0]["step"] == 40
+        # the first token's probability under the step-40 weights, as the library computes it
+        new = load_run(run, device="cpu")
+        idx = torch.tensor([new.tokenizer.encode("The")])
+        with torch.no_grad():
+            probs = torch.softmax(new.model(idx)[0, -1], dim=-1)
+        first = after[1]
+        assert first["prob"] == pytest.approx(float(probs[first["id"]]), abs=1e-4)
+        assert abs(first["prob"] - before[1]["prob"]) > 1e-3  # (the step-20 weights gave another)
+        r = httpx.post(f"{base}/api/attention", json={"ids": [1, 2, 3]}).json()
+        assert r["step"] == 40
 
 
 def test_attention_is_the_models_own(url, run_dir):
@@ -232,6 +305,8 @@ def test_attention_shown_in_part_is_still_the_whole_windows(url, run_dir, monkey
     ({"ids": [1, 999]}, "token id 999 is not in the vocabulary"),
     ({"ids": []}, "ids: List should have at least 1 item"),
     ({"ids": [1], "layer": -1}, "layer: Input should be greater than or equal to 0"),
+    ({"ids": [True]}, "ids.0: Input should be a valid integer"),
+    ({"ids": ["1"]}, "ids.0: Input should be a valid integer"),
 ])
 def test_bad_attention_requests(url, body, message):
     r = httpx.post(f"{url}/api/attention", json=body)

@@ -151,6 +151,15 @@ function readSettings() {
   };
 }
 
+// JavaScript numbers are doubles: above 2^53 a seed would silently become a neighbouring one
+// (9007199254740993 is sent as ...992), and give another seed's text than `fungpt sample --seed`.
+function checkSeed(seed) {
+  if (!Number.isSafeInteger(seed) || seed < 0) {
+    throw new Error(`seed must be a whole number from 0 to ${Number.MAX_SAFE_INTEGER} here ` +
+                    "(fungpt sample --seed takes larger ones)");
+  }
+}
+
 function addTokenSpan(token, kind, index) {
   const span = document.createElement("span");
   span.className = `tok ${kind}`;
@@ -172,6 +181,12 @@ function addTokenSpan(token, kind, index) {
 async function generate() {
   if (state.controller) return;
   const settings = readSettings();
+  try {
+    checkSeed(settings.seed);
+  } catch (err) {
+    setStatus(err.message, true);
+    return;
+  }
   state.gen = [];
   state.promptTokens = [];
   state.selected = null;
@@ -230,6 +245,11 @@ async function generate() {
 
 function handleEvent(event, started) {
   if (event.type === "start") {
+    // A run still training: the server loaded a newer checkpoint for this sample; show it and its curve.
+    if (state.info && event.step !== state.info.step) {
+      loadInfo().catch(() => {});
+      loadMetrics().catch(() => {});
+    }
     state.promptTokens = event.prompt_tokens;
     addTokenSpan({ text: $("prompt").value }, "prompt");
   } else if (event.type === "token") {
