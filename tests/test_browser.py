@@ -135,3 +135,15 @@ def test_a_bad_request_shows_its_error(url, page):
     sync_api.expect(page.locator("#status")).to_have_class("muted error")
     # the browser logs the 400 response itself; anything else would be a problem
     assert [p for p in page.problems if "400" not in p] == []
+
+
+def test_a_seed_javascript_cannot_hold_is_refused_not_rounded(url, page):
+    """2**53 + 1 is a double's 2**53: the page would send another seed than typed, and show another text."""
+    page.goto(url)
+    sync_api.expect(page.locator("#run-summary")).to_contain_text("step 20")
+    page.fill("#seed", "9007199254740993")
+    page.click("#generate")
+    sync_api.expect(page.locator("#status")).to_contain_text("seed must be a whole number from 0 to 9007199254740991")
+    sync_api.expect(page.locator("#status")).to_have_class("muted error")
+    assert page.locator("#output .tok").count() == 0  # nothing was generated
+    assert page.problems == []
