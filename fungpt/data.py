@@ -144,6 +144,12 @@ def shakespeare_path() -> Path:
         data = fetch_url(SHAKESPEARE_URL)
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
+        if data_dir:  # the user pointed at a folder, and the file is not there: that is the mistake to fix
+            raise FunGPTError(
+                f"FUNGPT_DATA_DIR={data_dir} has no {SHAKESPEARE_FILE}, and the download from {SHAKESPEARE_URL} "
+                f"failed too ({reason}); put {SHAKESPEARE_FILE} in that folder or point FUNGPT_DATA_DIR at the "
+                f"folder that has it"
+            ) from None
         raise FunGPTError(
             f"could not download Tiny Shakespeare from {SHAKESPEARE_URL} ({reason}); download that file "
             f"by hand as {SHAKESPEARE_FILE} into a folder and set FUNGPT_DATA_DIR to that folder"

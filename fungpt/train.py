@@ -746,6 +746,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~fp32 accuracy at tensor-core speed
         torch.backends.cudnn.allow_tf32 = True
     say = print if ddp.is_main else (lambda *a, **k: None)
+    # The run seeds torch's global random streams (weights, dropout, batches); a program that calls train()
+    # gets its own streams back as they were.
+    held.enter_context(torch.random.fork_rng(devices=[ddp.local_rank] if prec.device == "cuda" else []))
     check_out_dir(cfg, resume, overwrite)  # before preparing data, which can take minutes
     check_loggers(tc)  # likewise, and before the run folder is written (a retry would need --overwrite)
 

@@ -275,6 +275,18 @@ def test_no_network_says_how_to_fix(tmp_path, fake_download, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_data_dir_without_the_file_is_named_when_offline(tmp_path, fake_download, monkeypatch):
+    """FUNGPT_DATA_DIR set to the wrong folder (a typo, the file not copied yet): say so, not only "offline"."""
+    def offline(url, timeout=0):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(data_mod, "fetch_url", offline)
+    monkeypatch.setenv("FUNGPT_DATA_DIR", str(tmp_path / "shraed" / "data"))
+    with pytest.raises(FunGPTError, match=r"FUNGPT_DATA_DIR=.*shraed/data has no tinyshakespeare.txt, and the "
+                                          r"download .* failed too \(Name or service not known\)"):
+        shakespeare_path()
+
+
 def test_wrong_file_in_data_dir_refused(tmp_path, monkeypatch):
     (tmp_path / "tinyshakespeare.txt").write_text("not it", encoding="utf-8")
     monkeypatch.setenv("FUNGPT_DATA_DIR", str(tmp_path))

@@ -107,6 +107,22 @@ def test_resume_is_bit_exact(corpus, tmp_path, optimizer, dropout):
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
 
 
+def test_train_gives_the_callers_random_stream_back(corpus, tmp_path):
+    """A program that seeds torch, then trains, then draws: it draws what it would have drawn without train()."""
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    train(tiny_config(corpus, tmp_path / "run", max_iters=2), progress=False)
+    assert torch.equal(torch.rand(4), expected)
+    # and the run itself is still seeded by its config, whatever the caller's stream
+    torch.manual_seed(999)
+    train(tiny_config(corpus, tmp_path / "again", max_iters=2), progress=False)
+    def losses(out):
+        return [(r["step"], r["train_loss"], r.get("val_loss")) for r in read_rows(out)]
+
+    assert losses(tmp_path / "again") == losses(tmp_path / "run")
+
+
 def test_overwrite_deletes_the_runs_files_and_nothing_else(corpus, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train(tiny_config(corpus, out, max_iters=6), progress=False)
