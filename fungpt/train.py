@@ -242,8 +242,11 @@ def lock_out_dir(out: Path):
         yield  # the lock goes when f closes
 
 
-def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> None:
-    """Refuse a bad out_dir before any work (data preparation can take minutes); changes nothing."""
+def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, check_lock: bool = True) -> None:
+    """Refuse a bad out_dir before any work (data preparation can take minutes); changes nothing.
+
+    check_lock: also refuse a folder where a run is training (under torchrun only rank 0 asks: the lock
+    may already be its own)."""
     out = Path(cfg.out_dir)
     if resume and overwrite:
         raise FunGPTError("--resume and --overwrite contradict each other: pick one")
@@ -259,7 +262,7 @@ def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> None:
     existing = next((p for p in [out, *out.parents] if p.exists()), None)  # out, or the folder it will go in
     if existing is not None and existing.is_dir() and not os.access(existing, os.W_OK):
         raise FunGPTError(f"out_dir {out} is not writable; choose another out_dir or fix its permissions")
-    holder = lock_holder(out)
+    holder = lock_holder(out) if check_lock else None
     if holder is not None:
         raise FunGPTError(f"{out} is in use by a training run that is still going ({holder}): wait for it to end, "
                           f"stop it, or choose another out_dir")
@@ -749,7 +752,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     # The run seeds torch's global random streams (weights, dropout, batches); a program that calls train()
     # gets its own streams back as they were.
     held.enter_context(torch.random.fork_rng(devices=[ddp.local_rank] if prec.device == "cuda" else []))
-    check_out_dir(cfg, resume, overwrite)  # before preparing data, which can take minutes
+    check_out_dir(cfg, resume, overwrite, check_lock=ddp.is_main)  # before preparing data (can take minutes)
     check_loggers(tc)  # likewise, and before the run folder is written (a retry would need --overwrite)
 
     cfg, data_dir, pre = resolve_model_and_data(cfg, ddp.is_main, progress and ddp.is_main, model_named)

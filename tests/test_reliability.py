@@ -31,7 +31,7 @@ from fungpt.data import prepare
 from fungpt.errors import FunGPTError
 from fungpt.model import GPT, GPTConfig
 from fungpt.runs import load_run
-from fungpt.train import LOCK_FILE, train
+from fungpt.train import LOCK_FILE, check_out_dir, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -277,6 +277,9 @@ def test_a_live_runs_folder_is_refused(world, tmp_path, capsys):
                                          f"pid {holder.pid}")
             assert "Traceback" not in last
         assert sha256_tree(out) == before
+        # under torchrun, ranks other than 0 do not ask (rank 0 may hold the lock already: a slow rank 1
+        # would refuse its own job's folder)
+        check_out_dir(tiny_config(world["data"], out), resume=True, overwrite=False, check_lock=False)
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
