@@ -68,6 +68,14 @@ def _rank() -> int:
     return int(rank) if rank.isdigit() else 0
 
 
+def _peer_gone(e: BaseException) -> bool:
+    """Whether e is a collective call failing because another process of the torchrun job went away (it
+    failed with its own error, or was killed): gloo's "Connection closed by peer" or "... reset by peer"."""
+    world, text = os.environ.get("WORLD_SIZE", ""), str(e)
+    return (world.isdigit() and int(world) > 1 and isinstance(e, RuntimeError)
+            and any(s in text for s in ("Connection closed by peer", "Connection reset by peer")))
+
+
 def cmd_train(args: list[str], start_time: float) -> None:
     from fungpt.config import load_config, model_fields_named
     from fungpt.train import train
@@ -303,14 +311,17 @@ def _usage() -> str:
 
 
 def process_start_time() -> float:
-    """When this process started (Unix time), so a time budget covers the imports too.
+    """When this command started (Unix time), so a time budget covers the imports too.
 
     Importing torch takes seconds, all spent before main() runs. On Linux the kernel records the
-    process start in /proc/self/stat (field 22, clock ticks since boot), which compared with the
-    clock since boot gives the time already spent. Elsewhere this falls back to "now".
+    process start in /proc/PID/stat (field 22, clock ticks since boot), which compared with the
+    clock since boot gives the time already spent. Elsewhere this falls back to "now". Under torchrun
+    (which sets TORCHELASTIC_RUN_ID) the command is torchrun, our parent: its start counts, since
+    starting the workers takes it seconds more.
     """
+    pid = os.getppid() if os.environ.get("TORCHELASTIC_RUN_ID") else "self"
     try:
-        with open("/proc/self/stat", encoding="utf-8") as f:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
             fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
         started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 overall: start time in ticks
         return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - started)
@@ -342,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\nfungpt: interrupted", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as e:
+        if _peer_gone(e):  # under torchrun: the process that failed has already printed why
+            print(f"error (rank {_rank()}): another process of this torchrun job stopped (its error is above), "
+                  f"so this one stops too", file=sys.stderr)
+            return 2
         if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e):  # torch's CPU allocator
             raise
         hint = (" lower train.batch_size (raising train.grad_accum_steps keeps the tokens per step) or the model's "

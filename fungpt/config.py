@@ -130,7 +130,9 @@ class TrainConfig:
     max_minutes: float | None = None
     """Wall-clock budget for the whole command; when set, the lr schedule runs on the fraction of the
     budget used instead of on steps, and training ends with a final eval and checkpoint on time. The
-    step-0 eval is skipped (its cost is estimated from one batch instead) so the budget goes to training."""
+    step-0 eval is skipped (its cost is estimated from one batch instead) so the budget goes to training.
+    With max_iters too, the run ends at whichever limit comes first; the schedule follows the one further
+    along."""
     optimizer: str = "adamw"
     """adamw (everything on AdamW), or muon: the 2-D matrices inside the blocks on Muon (Keller Jordan
     2024, "Muon: An optimizer for hidden layers in neural networks", the modded-nanogpt speedrun optimizer;

@@ -58,6 +58,9 @@ from fungpt.tokenizer import Tokenizer, load_tokenizer
 # closing files and exiting. The `fungpt` command exits with os._exit (cli.entry), 0.1 s after the
 # final eval here; a normal interpreter exit, tearing down torch, took 0.9-1.1 s and needed a 2.0 s reserve.
 EXIT_RESERVE_S = 0.5
+# Under torchrun the command ends when torchrun does: after its workers exit it notices, and closes its
+# rendezvous; measured 0.4-0.8 s (2 CPU workers, --standalone).
+TORCHRUN_EXIT_S = 1.0
 
 # ----------------------------------------------------------------------------------------------
 # Setup helpers
@@ -180,9 +183,18 @@ def remove_run(out: Path) -> None:
 
 
 def saved_anything(out: Path) -> bool:
-    """Whether the run in out wrote a checkpoint (whole or not). Every run saves one at its end and on
-    Ctrl-C, so a run without any stopped early (an error, out of memory, killed): nothing in it is worth keeping."""
-    return bool(_run_checkpoints(out)) or (out / "latest.json").is_file()
+    """Whether the run in out saved trained weights: a latest checkpoint (whole or not), or a best one after
+    step 0. Every run saves one at its end and on Ctrl-C, so a run without any stopped early (an error, out
+    of memory, killed): nothing in it is worth keeping (the step-0 eval's best checkpoint holds the random
+    initial weights)."""
+    if (out / "latest.json").is_file():
+        return True
+    for folder in _run_checkpoints(out):
+        name = folder.name.lstrip(".")  # "latest-0000030", "best-0000000.1", or a temporary ".best-0000000.tmp-42"
+        step = name.removeprefix("best-")[:7]
+        if not (name.startswith("best-") and step.isdigit() and int(step) == 0):
+            return True
+    return False
 
 
 # While a run trains, its process holds an exclusive lock on this file in out_dir (flock: the system lets
@@ -710,7 +722,8 @@ def threading_is_main() -> bool:
 def end_reserve(timings: dict[str, float]) -> float:
     """Seconds the end of a run takes, by its measured `timings`: final eval, two checkpoints (the final eval
     usually writes "best", then "latest"), loss plot (measured at step 0), and the command's exit."""
-    return timings.get("eval", 0.0) + 2 * timings.get("save", 0.0) + timings.get("plot", 0.0) + EXIT_RESERVE_S
+    exit_s = EXIT_RESERVE_S + (TORCHRUN_EXIT_S if os.environ.get("TORCHELASTIC_RUN_ID") else 0.0)
+    return timings.get("eval", 0.0) + 2 * timings.get("save", 0.0) + timings.get("plot", 0.0) + exit_s
 
 
 def budget_spent(elapsed_s: float, timings: dict[str, float], budget_s: float) -> bool:
@@ -876,7 +889,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         """Where we are in the lr schedule, in steps (time-budget mode: budget fraction × decay_iters).
 
         With a budget, the fraction is taken at the expected end of this step, of the budget minus the
-        time reserved for the final eval and checkpoint: the last step then runs at (almost) min_lr.
+        time reserved for the final eval and checkpoint: the last step then runs at (almost) min_lr. The
+        run ends at the budget or at max_iters, whichever comes first, so the schedule follows whichever
+        of the two fractions (time, steps) is further along.
         """
         if budget_s is None:
             return step
@@ -885,7 +900,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             return tc.decay_iters
         origin = schedule_origin or 0.0  # setup time (data, model, first eval) is not schedule time
         usable = max(budget_s - end_time() - origin, 1e-9)
-        return min(1.0, max(0.0, elapsed() + step_time - origin) / usable) * tc.decay_iters
+        time_frac = min(1.0, max(0.0, elapsed() + step_time - origin) / usable)
+        return max(time_frac, step / tc.max_iters) * tc.decay_iters
 
     def do_eval() -> dict[str, float]:
         nonlocal best_val
@@ -928,6 +944,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         """Stop early enough that the final eval, checkpoint and plot also fit in the budget."""
         return budget_s is not None and budget_spent(elapsed(), timings_now(), budget_s)
 
+    position = 0.0  # the lr schedule's position for the next step, set by must_stop
+
     def must_stop(interrupt: _StopFlag) -> bool:
         """Whether to end the loop before another step: out of budget, or Ctrl-C.
 
@@ -936,18 +954,22 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         by one all-reduce of both flags; a Ctrl-C seen by any rank (the signal reaches them at slightly
         different moments) stops them all, and all of them take the interrupted path.
         """
-        flags = any_rank([out_of_time(), interrupt.stop])
-        if flags[1]:  # (never cleared: a Ctrl-C that arrives during the all-reduce counts at the next step)
+        nonlocal position
+        # The same all-reduce settles the lr schedule's position: with a time budget each rank's clock
+        # gives a slightly different one, and replicas stepped with different lrs would drift apart.
+        late, stop, position = agree([out_of_time(), interrupt.stop, schedule_position()])
+        if stop:  # (never cleared: a Ctrl-C that arrives during the all-reduce counts at the next step)
             interrupt.stop = True
-        return any(flags)
+        return bool(late or stop)
 
-    def any_rank(flags: list[bool]) -> list[bool]:
-        """Each flag, True if it is True on any rank (an all-reduce under DDP; as given otherwise)."""
+    def agree(values: list[float]) -> list[float]:
+        """Each value's maximum over the ranks (one all-reduce under DDP; as given otherwise). For flags: True
+        if True on any rank."""
         if not ddp.enabled:
-            return flags
-        agreed = torch.tensor([float(f) for f in flags], device=device)
+            return values
+        agreed = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-        return [bool(f) for f in agreed.tolist()]
+        return agreed.tolist()
 
     losses: dict[str, float] = {}
     step_time, last_loss = timings.get("step", 0.0), float("nan")
@@ -983,7 +1005,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     with _StopFlag() as interrupt, _close_on_error(bar):
         while step < tc.max_iters and not must_stop(interrupt):
             t_step = time.time()
-            lr = get_lr(schedule_position(), tc)
+            lr = get_lr(position, tc)  # (schedule_position(), agreed by the ranks in must_stop)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon groups peak at muon_lr
 
@@ -1057,7 +1079,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         # The loop also ends at max_iters without asking must_stop: a Ctrl-C that reached some ranks during the
         # last step must not send them down another path than the rest (Ctrl-C no longer changes the flag after
         # the `with`: it then aborts at once).
-        interrupted = any_rank([interrupt.stop])[0]
+        interrupted = bool(agree([interrupt.stop])[0])
 
     if bar is not None:
         bar.close()

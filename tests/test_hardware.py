@@ -223,6 +223,16 @@ def test_out_of_memory_gives_the_batch_that_fits(corpus, tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- time budget
 
+def test_max_iters_before_the_budget_ends_the_schedule_too(corpus, tmp_path):
+    """max_minutes and max_iters: the run ends at whichever comes first, and its lr has decayed by then."""
+    cfg = tiny_config(corpus, tmp_path / "both", max_iters=30, warmup_iters=3, max_minutes=10.0)
+    assert train(cfg, progress=False)["step"] == 30  # long before the 10 minutes
+    rows = map(json.loads, (tmp_path / "both" / "metrics.jsonl").read_text().splitlines())
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert len(lrs) == 30 and max(lrs) > 0.9 * cfg.train.lr
+    assert (lrs[-1] - cfg.train.min_lr) / (cfg.train.lr - cfg.train.min_lr) < 0.05  # at min_lr, as on steps
+
+
 def test_max_minutes_stops_on_time_with_the_schedule_decayed(corpus, tmp_path, capsys):
     out = tmp_path / "budget"
     budget_min = 0.1  # 6 seconds

@@ -8,6 +8,7 @@ the middle of a save) by patching the one function that writes checkpoint files.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -287,20 +288,41 @@ def test_a_live_runs_folder_is_refused(world, tmp_path, capsys):
     assert train(tiny_config(world["data"], out, max_iters=2), progress=False)["step"] == 2
 
 
-def test_a_run_that_never_saved_is_started_over(world, tmp_path, capsys):
-    """A run stopped before its first checkpoint (out of memory, killed) left only its config and logs behind:
-    the same command again starts it over instead of asking for --overwrite."""
-    out = copy_run(world, tmp_path)
-    shutil.rmtree(out / "checkpoints")
-    (out / "latest.json").unlink()
-    (out / "best.json").unlink(missing_ok=True)
+def test_a_run_that_never_saved_is_started_over(world, tmp_path, capsys, monkeypatch):
+    """A run stopped before its first checkpoint (out of memory, killed) left its config, logs and the step-0
+    eval's best checkpoint (random weights) behind: the same command starts it over, no --overwrite needed."""
+    out = tmp_path / "run"
+    real_clip, steps = torch.nn.utils.clip_grad_norm_, []
+
+    def crash_in_step_2(*args, **kwargs):  # (called once per training step)
+        steps.append(1)
+        if len(steps) == 2:
+            raise RuntimeError("simulated crash")
+        return real_clip(*args, **kwargs)
+
+    out.mkdir()
     (out / "notes.txt").write_text("mine")
-    summary = train(tiny_config(world["data"], out, max_iters=3), progress=False)
+    cfg = tiny_config(world["data"], out, max_iters=12, checkpoint_interval=100)
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.utils, "clip_grad_norm_", crash_in_step_2)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(cfg, progress=False)
+    left = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert left == ["best-0000000"], left
+    summary = train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_iters=3)), progress=False)
     assert summary["step"] == 3
     assert "stopped before its first checkpoint: starting it over" in capsys.readouterr().out
     assert (out / "notes.txt").read_text() == "mine"
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(steps) and max(steps) == 3  # the old run's log rows (up to step 6) are gone
+    assert steps == sorted(steps) and max(steps) == 3  # the old run's log rows (steps 0 and 1) are gone
+    # trained weights are kept: a run whose only checkpoint is a best one after step 0 is not started over
+    kept = copy_run(world, tmp_path / "kept")
+    for folder in (kept / "checkpoints").glob("latest-*"):
+        shutil.rmtree(folder)
+    (kept / "latest.json").unlink()
+    assert any(p.name != "best-0000000" for p in (kept / "checkpoints").glob("best-*"))
+    with pytest.raises(FunGPTError, match="already holds a training run"):
+        train(tiny_config(world["data"], kept, max_iters=3), progress=False)
     # a run that did save is still protected
     with pytest.raises(FunGPTError, match="already holds a training run"):
         train(tiny_config(world["data"], out, max_iters=3), progress=False)

@@ -396,6 +396,50 @@ def _torchrun_env(tmp_path) -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)}
 
 
+_RECORD_LRS = """
+import importlib, json, os, sys
+import fungpt.cli
+train_module = importlib.import_module("fungpt.train")  # (fungpt.train, the attribute, is the function)
+real_get_lr, lrs = train_module.get_lr, []
+train_module.get_lr = lambda it, tc: lrs.append(real_get_lr(it, tc)) or lrs[-1]
+code = fungpt.cli.main(sys.argv[2:])
+with open(f"{sys.argv[1]}.{os.environ['RANK']}", "w") as f:
+    json.dump(lrs, f)
+sys.exit(code)
+"""
+
+
+def test_ddp_with_a_time_budget_steps_every_replica_with_the_same_lr(corpus, tmp_path):
+    """With max_minutes the schedule follows each process's clock; unless the ranks agree on it, the replicas
+    take steps of different sizes and drift apart (rank 0's copy is the one saved)."""
+    script = tmp_path / "record_lrs.py"
+    script.write_text(_RECORD_LRS)
+    cmd = _torchrun_train(corpus, tmp_path / "out", tmp_path, "--train.max-iters", "100000",
+                          "--train.max-minutes", "0.2", "--train.warmup-iters", "10")
+    at = cmd.index("-m", cmd.index("--nproc_per_node=2"))
+    cmd[at:at + 2] = [str(script), str(tmp_path / "lrs")]  # `-m fungpt` -> the recording script
+    proc = subprocess.run(cmd, env=_torchrun_env(tmp_path), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"lrs.{r}").read_text()) for r in (0, 1))
+    assert len(rank0) > 20 and rank0 == rank1
+    assert rank0[-1] == pytest.approx(TrainConfig().min_lr, rel=0.05)  # decayed on time
+
+
+def test_a_process_left_alone_by_a_failed_one_says_so_in_one_line(tmp_path):
+    """Under torchrun rank 0 prepares the data while the others wait; if it fails, they lose their peer."""
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"hello world, a small corpus.\n" * 500 + b"\xff\xfe")
+    cmd = _torchrun_train(bad, tmp_path / "out", tmp_path)
+    proc = subprocess.run(cmd, env={**_torchrun_env(tmp_path), "FUNGPT_CACHE_DIR": str(tmp_path / "cache")},
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert ours[0].startswith(f"error: {bad} is not valid UTF-8")
+    assert ours[1] == ("error (rank 1): another process of this torchrun job stopped (its error is above), so this "
+                       "one stops too")
+    assert "[rank1]" not in proc.stderr and "GLHF" not in proc.stderr  # gloo's traceback
+
+
 def test_resume_with_more_processes_gives_the_new_rank_its_own_batches(corpus, tmp_path):
     out = tmp_path / "run"
     cfg = tiny_config(corpus, out, max_iters=2, eval_interval=2, checkpoint_interval=2)
