@@ -94,6 +94,12 @@ def load_gpt2(path: str | os.PathLike) -> GPT:
             f"weights in '{path}' do not match a GPT-2 model: missing {missing[:5]}, unexpected "
             f"{unexpected[:5]}: is this a GPT-2 checkpoint?"
         )
+    shapes = model.state_dict()
+    wrong = [f"{k} is {tuple(sd[k].shape)}, config.json says {tuple(shapes[k].shape)}" for k in sorted(expected)
+             if tuple(sd[k].shape) != tuple(shapes[k].shape)]
+    if wrong:
+        raise FunGPTError(f"the weights in '{path}' do not fit its config.json: {wrong[0]}"
+                          f"{f' (and {len(wrong) - 1} more)' if len(wrong) > 1 else ''}")
     model.load_state_dict(sd, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.wte.weight  # assign=True replaced wte's parameter: re-tie
@@ -168,7 +174,21 @@ def save_gpt2(model: GPT, path: str | os.PathLike) -> None:
 
 
 def _load_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Read a HF checkpoint: model.safetensors (possibly sharded) or pytorch_model.bin."""
+    """Read a HF checkpoint: model.safetensors (possibly sharded) or pytorch_model.bin (tensors only: a
+    pickle that would run code, or build anything but tensors, is refused by weights_only)."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        return _read_hf_weights(path)
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, ValueError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise FunGPTError(f"cannot read the weights in '{path}' ({first}): the file is damaged or not a "
+                          f"safetensors/PyTorch weights file; download the model again") from None
+
+
+def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     if (path / "model.safetensors").is_file():
         from safetensors.torch import load_file
 

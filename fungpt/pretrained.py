@@ -158,10 +158,10 @@ def merge_model_config(asked: GPTConfig, checkpoint: GPTConfig, defaults: GPTCon
 
     A field counts as set by the user when it differs from `defaults` (the config's defaults) or is in
     `named` (the fields written in the config file or on the command line, whatever their value).
-    block_size may only shrink; dropout may be anything; any other field that is set must equal
-    the checkpoint's value. vocab_size always comes from the checkpoint.
+    block_size may only shrink; dropout may be anything; any other field that is set (vocab_size too)
+    must equal the checkpoint's value.
     """
-    ignored = {"vocab_size", "init_from", *OVERRIDABLE}
+    ignored = {"init_from", *OVERRIDABLE}
 
     def is_set(name: str) -> bool:
         return name in named or getattr(asked, name) != getattr(defaults, name)

@@ -268,3 +268,56 @@ def test_model_fields_written_down_count_as_set_even_at_their_default_value(hf_d
     # n_layer = 4 is the default, but it was asked for and the checkpoint has 2: refused, not ignored
     with pytest.raises(FunGPTError, match=r"n_layer = 4 \(the checkpoint has 2\)"):
         inspect_target(toml)
+    # likewise vocab_size: padding a checkpoint's vocabulary is not something fine-tuning does
+    padded = dataclasses.replace(checkpoint, vocab_size=checkpoint.vocab_size + 47)
+    with pytest.raises(FunGPTError, match=rf"vocab_size = {padded.vocab_size} \(the checkpoint has "):
+        pretrained.merge_model_config(padded, checkpoint, defaults, {"vocab_size"})
+    assert pretrained.merge_model_config(checkpoint, checkpoint, defaults, {"vocab_size"}) == checkpoint
+
+
+class _RunsCode:
+    """A pickle payload that would create a file if unpickled without weights_only."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_damaged_or_foreign_weights_in_a_model_folder_are_one_line(hf_dir, tmp_path, capsys):
+    import shutil
+
+    from fungpt.model import GPT
+
+    def folder(name: str) -> Path:
+        d = tmp_path / name
+        shutil.copytree(hf_dir, d)
+        return d
+
+    cut = folder("cut")  # a download that stopped half way
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    junk = folder("junk")  # a .bin that is not a PyTorch file
+    (junk / "model.safetensors").unlink()
+    (junk / "pytorch_model.bin").write_bytes(b"not a pytorch file at all")
+    evil = folder("evil")  # a .bin whose pickle would run code
+    (evil / "model.safetensors").unlink()
+    marker = tmp_path / "PWNED"
+    torch.save({"x": _RunsCode(marker)}, evil / "pytorch_model.bin")
+    for d in (cut, junk, evil):
+        with pytest.raises(FunGPTError, match=rf"cannot read the weights in '{d}' .*damaged or not a safetensors"):
+            GPT.from_hf(d)
+    assert not marker.exists()  # refused, never run
+    # a config.json that does not describe its weights (edited by hand, or from another model)
+    wide = folder("wide")
+    config = json.loads((wide / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps({**config, "n_embd": 64, "n_head": 4}))
+    with pytest.raises(FunGPTError, match=r"do not fit its config.json: blocks.0.attn.c_attn.bias is \(96,\), "
+                                          r"config.json says \(192,\) \(and \d+ more\)"):
+        GPT.from_hf(wide)
+    # and through the command line: one line, no traceback
+    assert main(["train", "--model.init-from", str(cut), "--data.path", str(hf_dir / "vocab.json"),
+                 "--out-dir", str(tmp_path / "out"), "--train.device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: cannot read the weights")
