@@ -87,7 +87,8 @@ def cmd_train(args: list[str], start_time: float) -> None:
     if parsed.dry_run:
         from fungpt.plan import dry_run
 
-        dry_run(parsed.run, model_named=named)
+        if _rank() == 0:  # under torchrun the plan is printed once (it counts every process's tokens)
+            dry_run(parsed.run, model_named=named)
         return
     result = train(parsed.run, resume=parsed.resume, overwrite=parsed.overwrite, start_time=start_time,
                    model_named=named)

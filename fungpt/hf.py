@@ -51,12 +51,18 @@ def hf_config(path: str | os.PathLike) -> GPTConfig:
     )
     n_embd = hf["n_embd"]
     # (reorder_and_upcast_attn only computes attention in higher precision: the same model, accepted)
-    if (act is None or hf.get("n_inner") not in (None, 4 * n_embd) or hf.get("layer_norm_epsilon", 1e-5) != 1e-5
-            or not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False)):
-        raise FunGPTError(
-            f"'{path}' uses GPT-2 options FunGPT lacks (activation_function, n_inner, layer_norm_epsilon or "
-            "the attention scaling differ from GPT-2's): use a standard GPT-2 checkpoint"
-        )
+    unlike = {  # each option FunGPT's model lacks, if set: what this config has
+        "activation_function": act is None,
+        "n_inner": hf.get("n_inner") not in (None, 4 * n_embd),
+        "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5) != 1e-5,
+        "scale_attn_weights": not hf.get("scale_attn_weights", True),
+        "scale_attn_by_inverse_layer_idx": hf.get("scale_attn_by_inverse_layer_idx", False),
+    }
+    if any(unlike.values()):
+        found = ", ".join(f"{k} = {hf.get(k)!r}" for k, bad in unlike.items() if bad)
+        raise FunGPTError(f"'{path}' uses GPT-2 options FunGPT lacks ({found}; GPT-2 has activation_function "
+                          f"gelu_new, n_inner 4 * n_embd, layer_norm_epsilon 1e-5 and plain attention scaling): "
+                          f"use a standard GPT-2 checkpoint")
     return GPTConfig(
         vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
         n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=n_embd, bias=True, pos_encoding="learned",

@@ -111,7 +111,9 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
     with torch.device("meta"):
         meta_model = GPT(mc)
     n_params = meta_model.num_params()
-    tokens_per_step = tc.batch_size * mc.block_size * tc.grad_accum_steps
+    world = os.environ.get("WORLD_SIZE", "")  # under torchrun: the processes, each with its own batches
+    world = int(world) if world.isdigit() and int(world) > 1 else 1
+    tokens_per_step = tc.batch_size * mc.block_size * tc.grad_accum_steps * world
     flops_per_step = meta_model.flops_per_token() * tokens_per_step
     del meta_model
 
@@ -124,7 +126,8 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
     out(f"  model          {n_params:,} parameters ({mc.n_layer} layers, {mc.n_head} heads, n_embd {mc.n_embd}, "
         f"block_size {mc.block_size}, vocab {mc.vocab_size:,}; from {start})")
     out(f"  per step       {tokens_per_step:,} tokens (batch {tc.batch_size} x block {mc.block_size} x "
-        f"grad_accum {tc.grad_accum_steps}), {flops_per_step:.3g} FLOPs")
+        f"grad_accum {tc.grad_accum_steps}" + (f" x {world} processes" if world > 1 else "")
+        + f"), {flops_per_step:.3g} FLOPs")
     out(f"  memory         {_fmt_bytes(mem['total'])} estimated: weights {_fmt_bytes(mem['weights'])}, "
         f"gradients {_fmt_bytes(mem['grads'])}, AdamW {_fmt_bytes(mem['optimizer'])}, "
         + (f"16-bit weight copies {_fmt_bytes(mem['weight_copies'])}, " if mem["weight_copies"] else "")
@@ -153,6 +156,8 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
             steps_in_budget = int(max(0.0, tc.max_minutes * 60 - eval_s) / step_s)
             line += f"; max_minutes = {tc.max_minutes} stops it after about {steps_in_budget:,} steps"
             total_s = tc.max_minutes * 60
+        if world > 1:
+            line += " (timed in one process alone; the processes also all-reduce their gradients each step)"
         out(line)
         result["projected_s"] = total_s
     out("fungpt: dry run done (no run folder was written, only the prepared data's cache; drop --dry-run to "

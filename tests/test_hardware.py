@@ -155,6 +155,21 @@ def test_dry_run_from_the_cli(corpus, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_dry_run_under_torchrun_prints_once_and_counts_every_process(corpus, tmp_path, capsys, monkeypatch):
+    args = ["train", "--data.path", str(corpus), "--out-dir", str(tmp_path / "r"), "--train.device", "cpu",
+            "--model.n-layer", "1", "--model.n-embd", "32", "--model.n-head", "2", "--model.block-size", "16",
+            "--train.batch-size", "2", "--dry-run"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(args) == 0
+    assert capsys.readouterr().out == ""  # rank 1: rank 0 prints the plan
+    monkeypatch.setenv("RANK", "0")
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "64 tokens (batch 2 x block 16 x grad_accum 1 x 2 processes)" in printed
+    assert "timed in one process alone" in printed
+
+
 MEASURE = textwrap.dedent("""
     import json, sys
     import torch

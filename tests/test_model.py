@@ -476,9 +476,14 @@ def test_from_hf_missing_files_are_clear_errors(tmp_path):
         '{"name": "x"}': "not a Hugging Face GPT-2 config",
         '{"out_dir": "o", "data": {}, "model": {"n_embd": 32}, "train": {}}': "is a FunGPT run",
         '{"n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 100, "scale_attn_weights": false}':
-            "attention scaling",
+            r"lacks \(scale_attn_weights = False; GPT-2 has",
         '{"n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 100, "scale_attn_by_inverse_layer_idx": true}':
-            "attention scaling",
+            r"lacks \(scale_attn_by_inverse_layer_idx = True; GPT-2",
+        # each option named by itself, not a list of everything it could be
+        '{"n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 100, "activation_function": "relu", "n_inner": 64}':
+            r"lacks \(activation_function = 'relu', n_inner = 64; GPT-2 has",
+        '{"n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 100, "layer_norm_epsilon": 1e-6}':
+            r"lacks \(layer_norm_epsilon = 1e-06; GPT-2 has",
     }
     for text, message in cases.items():
         (tmp_path / "config.json").write_text(text)
