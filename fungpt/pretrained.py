@@ -62,7 +62,8 @@ class Pretrained:
     """A resolved `init_from`: where its files are, its architecture and its tokenizer."""
 
     name: str  # as written in the config ("gpt2", "models/my-gpt2")
-    path: Path  # the local folder holding config.json, the weights and the tokenizer files
+    path: Path | None  # the local folder holding config.json, the weights and the tokenizer files (None: a
+    # resumed fine-tune whose pretrained model is gone, see train.resolve_model_and_data)
     config: GPTConfig  # the architecture, exactly as in the checkpoint
     tokenizer: Tokenizer
 

@@ -301,14 +301,28 @@ def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, check_lock: boo
 
 
 def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool = True,
-                           model_named: Collection[str] = ()):
+                           model_named: Collection[str] = (), resume_dir: Path | None = None):
     """Settle the model config and the data together; returns (cfg, data_dir, pretrained or None).
 
     A pretrained start (init_from) brings its own architecture and tokenizer (pretrained.py), and the
     data is encoded with that tokenizer. From scratch, the vocabulary size comes from the data.
     `model_named`: the [model] fields the user wrote down (see pretrained.merge_model_config).
+    `resume_dir`: the run being resumed. A fine-tune that has a checkpoint no longer needs its pretrained
+    model's weights, so if init_from is gone (a moved folder, a cleared hub cache) the run's own copies of
+    its architecture and tokenizer stand in.
     """
-    pre = pretrained.resolve(cfg.model.init_from) if pretrained.is_pretrained(cfg.model.init_from) else None
+    pre = None
+    if pretrained.is_pretrained(cfg.model.init_from):
+        try:
+            pre = pretrained.resolve(cfg.model.init_from)
+        except FunGPTError:
+            if resume_dir is None or ckpt.find_checkpoint(resume_dir) is None:
+                raise
+            pre = pretrained.Pretrained(cfg.model.init_from, None, load_run_config(resume_dir).model,
+                                        load_tokenizer(resume_dir))
+            if is_main:
+                print(f"fungpt: {cfg.model.init_from} is not available here; resuming with the architecture and "
+                      f"tokenizer recorded in {resume_dir}")
     if pre is not None:
         model = pretrained.merge_model_config(cfg.model, pre.config, default_model(), model_named)
         cfg = dataclasses.replace(cfg, model=model)
@@ -768,7 +782,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     check_out_dir(cfg, resume, overwrite, check_lock=ddp.is_main)  # before preparing data (can take minutes)
     check_loggers(tc)  # likewise, and before the run folder is written (a retry would need --overwrite)
 
-    cfg, data_dir, pre = resolve_model_and_data(cfg, ddp.is_main, progress and ddp.is_main, model_named)
+    cfg, data_dir, pre = resolve_model_and_data(cfg, ddp.is_main, progress and ddp.is_main, model_named,
+                                                resume_dir=Path(cfg.out_dir) if resume else None)
     out_dir = Path(cfg.out_dir)
     if ddp.is_main:  # rank 0 alone writes the folder, so it alone locks it
         held.enter_context(lock_out_dir(out_dir))

@@ -321,3 +321,34 @@ def test_damaged_or_foreign_weights_in_a_model_folder_are_one_line(hf_dir, tmp_p
                  "--out-dir", str(tmp_path / "out"), "--train.device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: cannot read the weights")
+
+
+def test_a_finetune_resumes_after_its_pretrained_folder_is_gone(hf_dir, corpus, tmp_path, capsys):
+    """The checkpoint holds the weights and the run folder the architecture and tokenizer: resuming does not
+    need init_from any more (a moved folder, a cleared hub cache) and continues exactly."""
+    import shutil
+
+    model_dir = tmp_path / "gpt2-copy"
+    shutil.copytree(hf_dir, model_dir)
+
+    def config(out, max_iters):
+        cfg = finetune_config(model_dir, corpus, out, block_size=32)
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_iters=max_iters,
+                                                                  checkpoint_interval=2))
+
+    train(config(tmp_path / "full", 4), progress=False)
+    train(config(tmp_path / "part", 2), progress=False)
+    shutil.rmtree(model_dir)
+    capsys.readouterr()
+    assert train(config(tmp_path / "part", 4), resume=True, progress=False)["step"] == 4
+    assert f"{model_dir} is not available here; resuming with the architecture and tokenizer recorded in" in \
+        capsys.readouterr().out
+
+    def losses(out):
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["train_loss"]) for r in rows if "lr" in r]
+
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")
+    # a fine-tune that never saved still needs its pretrained weights: said as before
+    with pytest.raises(FunGPTError, match="init_from"):
+        train(config(tmp_path / "new", 2), progress=False)
