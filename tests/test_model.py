@@ -70,14 +70,31 @@ def test_plain_attention_matches_sdpa(pos_encoding):
     assert torch.allclose(model(idx, attn_impl="plain"), model(idx, attn_impl="sdpa"), atol=1e-5)
 
 
-def test_position_encoding_matters():
-    # Without positions a model still sees order only through the causal mask; with them, a
-    # shifted copy of the same tokens gives different logits at equal context.
-    for pe in ("learned", "sinusoidal", "rope"):
-        model = make_model(pos_encoding=pe)
-        idx = tokens(1, 8)
-        twice = torch.cat([idx, idx], dim=1)
-        assert not torch.allclose(model(idx)[0, 0], model(twice)[0, 8], atol=1e-4)
+@pytest.mark.parametrize("pos_encoding", POS_ENCODINGS)
+def test_only_positions_tell_a_one_layer_model_the_order_of_its_context(pos_encoding):
+    """One layer of causal attention without positions sees the tokens before the last as a bag: swapping two of
+    them leaves the last position's logits unchanged ("none"); every position encoding makes them differ."""
+    model = make_model(pos_encoding=pos_encoding, n_layer=1)
+    idx = tokens(1, 8)
+    swapped = idx.clone()
+    swapped[0, [1, 4]] = idx[0, [4, 1]]
+    assert idx[0, 1] != idx[0, 4]
+    with torch.no_grad():
+        change = (model(idx)[0, -1] - model(swapped)[0, -1]).abs().max().item()
+    # none: float rounding only (~5e-8); the encodings: 6e-6 (sinusoidal, whose table outweighs the 0.02-std
+    # token embeddings) to 8e-4 (learned)
+    assert (change > 1e-6) == (pos_encoding != "none"), change
+
+
+def test_the_sinusoidal_table_is_vaswani_et_als():
+    """PE(p, 2i) = sin(p / 10000^(2i/C)), PE(p, 2i+1) = cos(p / 10000^(2i/C)) (Attention Is All You Need, 3.5)."""
+    C = 32
+    model = make_model(pos_encoding="sinusoidal", n_embd=C)
+    pe = model.pos.pe  # (block_size, C)
+    for p_, i in [(0, 0), (1, 0), (5, 3), (15, 15), (7, 8)]:
+        angle = p_ / 10000 ** (2 * i / C)
+        assert pe[p_, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+        assert pe[p_, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
 
 
 def test_targets_minus_one_are_ignored():
@@ -113,12 +130,26 @@ def test_tiny_model_overfits_one_batch():
     assert loss.item() < 0.1
 
 
-def test_dropout_training_runs_both_impls():
+@pytest.mark.parametrize("impl", ["sdpa", "plain"])
+def test_attention_dropout_acts_in_training_only(impl):
+    """Only the attention weights' dropout left on (embedding, residual and MLP dropout off): two training
+    forwards differ, two eval forwards agree, and the loss still backpropagates."""
     torch.manual_seed(0)
-    model = GPT(tiny(dropout=0.1)).train()
-    for impl in ("sdpa", "plain"):
-        _, loss = model(tokens(2, 16), tokens(2, 16, seed=3), attn_impl=impl)
-        loss.backward()
+    model = GPT(tiny(dropout=0.3))
+    model.eval()
+    for block in model.blocks:
+        block.attn.train()
+        block.attn.resid_dropout.eval()
+    idx = tokens(2, 16)
+    a, b = model(idx, attn_impl=impl), model(idx, attn_impl=impl)
+    assert not torch.allclose(a, b)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(idx, attn_impl=impl), model(idx, attn_impl=impl))
+    model.train()
+    _, loss = model(idx, tokens(2, 16, seed=3), attn_impl=impl)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 # ---------------------------------------------------------------- KV cache and generation
@@ -276,6 +307,21 @@ def test_draw_never_runs_past_the_last_token(monkeypatch):
     # A uniform number that, times the total, lands on the total itself (rounding): still a real token.
     monkeypatch.setattr(sampling.torch, "rand", lambda shape, **kw: torch.ones(shape, dtype=kw.get("dtype")))
     assert sampling.draw(torch.tensor([[0.5, 0.5, 0.0]])).item() == 1
+
+
+def test_draw_at_zero_skips_leading_zero_probability_tokens(monkeypatch):
+    from fungpt import sampling
+
+    # u = 0 lies at the very start of the first stretch that is not empty: token 2, never 0 or 1 (probability 0)
+    monkeypatch.setattr(sampling.torch, "rand", lambda shape, **kw: torch.zeros(shape, dtype=kw.get("dtype")))
+    assert sampling.draw(torch.tensor([[0.0, 0.0, 0.7, 0.3]])).item() == 2
+
+
+def test_top_p_stops_where_the_mass_reaches_it():
+    """A nucleus that reaches top_p exactly is complete: {0.5} for top_p 0.5, not {0.5, 0.25, 0.25}."""
+    logits = torch.tensor([[0.5, 0.25, 0.25]]).log()
+    assert allowed_tokens(logits, top_p=0.5) == {0}
+    assert allowed_tokens(logits, top_p=0.75) == {0, 1, 2}  # 0.75 needs a second token; its tie comes along
 
 
 @pytest.mark.parametrize("top_p", [0.3, 0.6, 0.9, 0.999])

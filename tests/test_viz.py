@@ -270,9 +270,19 @@ def test_activation_estimate_matches_saved_tensors(cfg, impl):
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.6),
                                                      (0.9, 10, 0.8)])
 def test_sampling_distribution_is_what_sampling_draws_from(temperature, top_k, top_p):
-    logits = torch.randn(1, 50) * 3
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(0)) * 3
     probs = sampling_distribution(logits, temperature, top_k, top_p)
     torch.testing.assert_close(probs.sum(), torch.tensor(1.0))
+    # computed here from the definitions: softmax(logits / T), the top_k largest, then the smallest set of
+    # the most probable reaching top_p, renormalised
+    expected = torch.softmax(logits[0] / temperature, dim=-1)
+    order = expected.argsort(descending=True)
+    keep = order[:top_k] if top_k else order
+    if top_p is not None:
+        renorm = expected[keep] / expected[keep].sum()
+        keep = keep[:int((renorm.cumsum(0) - renorm < top_p).sum())]
+    expected = torch.zeros_like(expected).index_fill(0, keep, 1.0) * expected
+    torch.testing.assert_close(probs[0], expected / expected.sum(), rtol=1e-5, atol=1e-6)
     for seed in range(20):  # same generator state -> the same draw from the same distribution
         ours = draw(probs, torch.Generator().manual_seed(seed))
         theirs = sample_next_token(logits, torch.Generator().manual_seed(seed), temperature, top_k, top_p)
