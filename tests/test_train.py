@@ -20,6 +20,7 @@ from fungpt.cli import main
 from fungpt.config import DataConfig, RunConfig, TrainConfig, load_config
 from fungpt.errors import FunGPTError
 from fungpt.model import GPT, GPTConfig
+from fungpt.runs import load_run as load_run_folder
 from fungpt.sample import evaluate_run, sample
 from fungpt.tokenizer import load_tokenizer
 from fungpt.train import get_lr, train
@@ -254,26 +255,76 @@ def test_resume_keeps_this_versions_adamw_implementation():
     assert opt.state[next(model.parameters())]["step"] == 1  # the state itself did load
 
 
-def test_grad_accumulation_matches_big_batch():
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=16)
-    model = GPT(cfg)
-    x = torch.randint(0, 20, (8, 8))
-    y = torch.randint(0, 20, (8, 8))
-    _, loss = model(x, y)
-    loss.backward()
-    big = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    k = 4
-    for xm, ym in zip(x.chunk(k), y.chunk(k)):
-        _, loss = model(xm, ym)
-        (loss / k).backward()  # what the trainer does for each micro-step
-    for g_big, p in zip(big, model.parameters()):
-        torch.testing.assert_close(p.grad, g_big, rtol=1e-5, atol=1e-6)
+def test_grad_accumulation_trains_like_the_big_batch(corpus, tmp_path, monkeypatch):
+    """The trainer with batch 4 x 2 micro-steps against batch 8 x 1, on the same 8 sequences: the same logged loss
+    (the micro-losses are averaged, not summed) and the same weights after the step (both micro-batches count)."""
+    from fungpt.data import BatchLoader
+
+    real_next_batch, pools = BatchLoader.next_batch, {}
+
+    def fixed_batches(self):  # the training loader hands out the same 8 windows, B at a time
+        if self.split != "train" or self.seed != 1337:  # (evaluate's loaders use another seed)
+            return real_next_batch(self)
+        if "xy" not in pools:
+            big = BatchLoader(self.path.parent, "train", 8, self.block_size, seed=99)
+            pools["xy"] = real_next_batch(big)
+        n = pools.setdefault(id(self), 0)
+        pools[id(self)] = n + 1
+        x, y = pools["xy"]
+        i = (n * self.batch_size) % 8
+        return x[i:i + self.batch_size], y[i:i + self.batch_size]
+
+    monkeypatch.setattr(BatchLoader, "next_batch", fixed_batches)
+    results = {}
+    for batch, accum in ((8, 1), (4, 2)):
+        out = tmp_path / f"b{batch}"
+        cfg = tiny_config(corpus, out, max_iters=1, batch_size=batch, grad_accum_steps=accum, warmup_iters=0,
+                          lr_schedule="constant", eval_interval=100)
+        train(cfg, progress=False)
+        loss = [r["train_loss"] for r in read_rows(out) if "lr" in r]
+        results[batch] = loss, load_run_folder(out, device="cpu").model.state_dict()
+    (loss8, w8), (loss4, w4) = results[8], results[4]
+    assert loss4 == pytest.approx(loss8, rel=1e-5)
+    for name in w8:
+        torch.testing.assert_close(w4[name], w8[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gradient_clipping_and_weight_decay_reach_the_weights(corpus, tmp_path):
+    """Both change the run: AdamW is blind to a constant gradient scale, but not to a clip whose factor varies from
+    step to step; weight decay goes to the matrices only, never to biases or norm gains."""
+    from fungpt.train import configure_optimizer
+
+    weights = {}
+    for clip in (0.0, 1e-3):
+        out = tmp_path / f"clip{clip}"
+        train(tiny_config(corpus, out, max_iters=5, grad_clip=clip, eval_interval=100), progress=False)
+        weights[clip] = load_run_folder(out, device="cpu").model.state_dict()
+    assert not torch.allclose(weights[0.0]["wte.weight"], weights[1e-3]["wte.weight"])
+
+    model = GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=16, bias=True))
+    decay, no_decay = configure_optimizer(model, TrainConfig(weight_decay=0.1), "cpu").param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in decay["params"]} == {n for n, p in model.named_parameters() if p.dim() == 2}
+    assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters() if p.dim() == 1}
+    assert any(n.endswith("ln_1.weight") for n in (names[id(p)] for p in no_decay["params"]))
+
+
+def test_evaluate_switches_dropout_off_and_back(corpus, tmp_path):
+    from fungpt.train import evaluate, resolve_data
+
+    cfg = tiny_config(corpus, tmp_path / "run")
+    data_dir = resolve_data(cfg.data, progress=False)
+    model = GPT(dataclasses.replace(cfg.model, vocab_size=load_tokenizer(data_dir).vocab_size, dropout=0.5))
+    model.train()
+    first = evaluate(model, data_dir, cfg, "cpu", contextlib.nullcontext)
+    assert evaluate(model, data_dir, cfg, "cpu", contextlib.nullcontext) == first  # no dropout: the same batches,
+    assert model.training  # the same losses; and the model is back in training mode
 
 
 def test_lr_schedules():
     cos = TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    assert get_lr(0, cos) == pytest.approx(1 / 11)  # the first step already moves: (it + 1) / (warmup + 1)
     assert get_lr(0, cos) < get_lr(5, cos) < get_lr(10, cos)
     assert get_lr(10, cos) == pytest.approx(1.0)
     assert get_lr(60, cos) == pytest.approx(0.55)  # half-way down the cosine
