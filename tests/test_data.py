@@ -445,6 +445,19 @@ def test_batch_loader_shapes_and_shift(char_data):
         assert tuple(row_x + row_y[-1:]) in windows
 
 
+def test_batch_loader_draws_every_window_including_the_first_and_last(char_data):
+    """Every start 0 .. n - block_size - 1 is drawn (the last one ends on the split's last token), none beyond."""
+    val = read_bin(char_data, "val").astype(np.int64)  # (the shorter split: block_size must fit both)
+    n, block = len(val), len(val) - 4  # four possible windows
+    loader = BatchLoader(char_data, "val", batch_size=64, block_size=block)
+    ends = set()
+    for _ in range(4):
+        x, y = loader.next_batch()
+        ends |= {tuple(row) for row in y[:, -3:].tolist()}  # each window's last three targets identify it
+    windows = {tuple(val[s + block - 2:s + block + 1]) for s in range(n - block)}
+    assert len(windows) == 4 and ends == windows
+
+
 def test_batch_loader_seeds_and_ranks(char_data):
     def batches(**kw):
         loader = BatchLoader(char_data, "train", batch_size=4, block_size=8, **kw)

@@ -459,10 +459,21 @@ def random_hf_model():
     return model
 
 
-@pytest.mark.parametrize("safe", [True, False])
-def test_from_hf_matches_transformers(tmp_path, safe):
+@pytest.mark.parametrize("layout", ["safetensors", "sharded", "bin with old buffers"])
+def test_from_hf_matches_transformers(tmp_path, layout):
     hf = random_hf_model()
-    hf.save_pretrained(tmp_path, safe_serialization=safe)
+    if layout == "safetensors":
+        hf.save_pretrained(tmp_path)
+    elif layout == "sharded":  # large models come in pieces, listed in model.safetensors.index.json
+        hf.save_pretrained(tmp_path, max_shard_size="20KB")
+        assert len(list(tmp_path.glob("model-*.safetensors"))) > 2 and not (tmp_path / "model.safetensors").exists()
+    else:  # pytorch_model.bin as older transformers wrote it, with the attention-mask buffers among the weights
+        hf.config.save_pretrained(tmp_path)
+        sd = {k: v for k, v in hf.state_dict().items()}
+        for i in range(hf.config.n_layer):
+            sd[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(32, 32)).view(1, 1, 32, 32)
+            sd[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+        torch.save(sd, tmp_path / "pytorch_model.bin")
     ours = GPT.from_hf(tmp_path).eval()
     assert ours.config.block_size == 32 and ours.config.activation == "gelu_tanh"
     assert ours.lm_head.weight is ours.wte.weight
