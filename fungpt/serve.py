@@ -37,6 +37,7 @@ import errno
 import ipaddress
 import json
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -180,13 +181,25 @@ def create_app(run_dir: str | Path, checkpoint: str = "last", device: str = "aut
                max_prompt_chars: int = MAX_PROMPT_CHARS, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
                max_new_tokens: int = MAX_NEW_TOKENS) -> FastAPI:
     """Load the run (raising FunGPTError if it cannot be loaded) and build the web app around it."""
+    loaded = _checkpoint_id(Path(run_dir), checkpoint)  # before loading: a save landing meanwhile is seen later
     run = load_run(run_dir, checkpoint, device)
-    return _build_app(run, checkpoint, max_prompt_chars, max_prompt_tokens, max_new_tokens)
+    return _build_app(run, checkpoint, max_prompt_chars, max_prompt_tokens, max_new_tokens, loaded)
+
+
+def _checkpoint_id(run_dir: Path, checkpoint: str) -> tuple | None:
+    """What identifies the checkpoint a run's pointer names now: its folder and when its manifest was written (a
+    run started over with --overwrite reuses the folder names)."""
+    try:
+        folder = ckpt.find_checkpoint(run_dir, "latest" if checkpoint == "last" else "best")
+        return None if folder is None else (folder, (folder / ckpt.MANIFEST_FILE).stat().st_mtime_ns)
+    except (FunGPTError, OSError):
+        return None
 
 
 def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_prompt_tokens: int,
-               max_new_tokens: int) -> FastAPI:
+               max_new_tokens: int, loaded: tuple | None = None) -> FastAPI:
     tok, mcfg = run.tokenizer, run.config.model  # a resumed run keeps both (training refuses to change them)
+    tok_fingerprint = ckpt.tokenizer_fingerprint(run.run_dir)
     # One model: every forward pass holds this lock. Re-entrant, because a finished stream may be
     # closed (and take the lock) by the garbage collector in a thread that already holds it.
     lock = threading.RLock()
@@ -205,19 +218,29 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
             return _error(400, f"this server answers requests for {names}, not for the Host {host!r}")
         return await call_next(request)
 
-    # The run as served. Training may still be going: a newer checkpoint is loaded at the next request.
-    kind = "latest" if checkpoint == "last" else "best"
-    served = {"run": run, "folder": ckpt.find_checkpoint(run.run_dir, kind)}
+    # The run as served. Training may still be going: a newer checkpoint is loaded at the next request. A
+    # different model in its place (the folder trained over with --overwrite) is not: the page, its limits and
+    # the tokenizer were made for this one; that takes a restart, said once.
+    served = {"run": run, "id": loaded, "warned": False}
 
     def current() -> LoadedRun:
         """The served run, after loading the run's newest checkpoint if it changed since."""
         with lock:  # (no forward pass runs during the swap; streams already going keep their model)
+            now_id = _checkpoint_id(run.run_dir, checkpoint)
+            if now_id is None or now_id == served["id"]:
+                return served["run"]
             try:
-                folder = ckpt.find_checkpoint(run.run_dir, kind)
-                if folder != served["folder"]:
-                    served["run"], served["folder"] = load_run(run.run_dir, checkpoint, str(run.device)), folder
-            except FunGPTError:
-                pass  # caught mid-save or damaged: keep the loaded checkpoint, try again at the next request
+                new = load_run(run.run_dir, checkpoint, str(run.device))
+                same = new.config.model == mcfg and ckpt.tokenizer_fingerprint(run.run_dir) == tok_fingerprint
+            except (FunGPTError, OSError):
+                return served["run"]  # caught mid-save or damaged: keep the loaded one, try again next request
+            served["id"] = now_id  # (either way: not loaded again until the run saves again)
+            if same:
+                served["run"] = new
+            elif not served["warned"]:
+                served["warned"] = True
+                print(f"fungpt: {run.run_dir} now holds a different model (trained over): still serving the one "
+                      f"loaded at start; restart fungpt serve to explore the new one", file=sys.stderr)
             return served["run"]
 
     # Errors: always {"error": "..."} with a 4xx status, never a stack trace or pydantic's raw list.

@@ -314,6 +314,35 @@ def test_bad_attention_requests(url, body, message):
     assert message in r.json()["error"]
 
 
+def test_a_run_trained_over_is_reloaded_only_if_it_is_the_same_model(run_dir, tmp_path, capsys):
+    """--overwrite writes its checkpoints under the same folder names: the same model is served anew; a different
+    one (other sizes, other tokenizer) is not, since the page was built for the first; the server says so once."""
+    import dataclasses
+    import shutil
+
+    from fungpt.config import load_run_config
+    from fungpt.train import train
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    cfg = dataclasses.replace(load_run_config(run), out_dir=str(run))
+    app = create_app(run, device="cpu")
+    with running_server(app) as base:
+        before = stream_events(base, prompt="The", max_new_tokens=3, temperature=0)
+        # the same model, trained again from another seed and for as many steps (20): same folder names
+        train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=7)), overwrite=True, progress=False)
+        again = stream_events(base, prompt="The", max_new_tokens=3, temperature=0)
+        assert again[0]["step"] == 20 and abs(again[1]["prob"] - before[1]["prob"]) > 1e-3  # the new weights
+        # a different model in its place: 1 layer, 1 head
+        small = dataclasses.replace(cfg.model, n_layer=1, n_head=1)
+        train(dataclasses.replace(cfg, model=small), overwrite=True, progress=False)
+        assert httpx.get(f"{base}/api/info").json()["n_layer"] == 2
+        r = httpx.post(f"{base}/api/attention", json={"ids": [1, 2, 3], "layer": 1, "head": 1})
+        assert r.status_code == 200 and r.json()["step"] == 20  # the model loaded at start, still whole
+        httpx.get(f"{base}/api/info")
+    assert capsys.readouterr().err.count("now holds a different model") == 1
+
+
 def test_streams_end_when_the_server_stops(run_dir):
     """What Ctrl-C does to open streams: they end at the next token with a clear last event."""
     app = create_app(run_dir, device="cpu")
