@@ -187,11 +187,19 @@ def _load_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
 
     try:
-        return _read_hf_weights(path)
-    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, ValueError, KeyError) as e:
+        tensors = _read_hf_weights(path)
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, ValueError, KeyError,
+            TypeError, AttributeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise FunGPTError(f"cannot read the weights in '{path}' ({first}): the file is damaged or not a "
                           f"safetensors/PyTorch weights file; download the model again") from None
+    if not (isinstance(tensors, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in tensors.items())):
+        keys = list(tensors)[:5] if isinstance(tensors, dict) else type(tensors).__name__
+        raise FunGPTError(f"the weights file in '{path}' is not a plain table of named tensors (it holds {keys}): "
+                          f"a training checkpoint, perhaps; save the model's state_dict() alone, or use "
+                          f"save_pretrained")
+    return tensors
 
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -183,16 +183,14 @@ def remove_run(out: Path) -> None:
 
 
 def saved_anything(out: Path) -> bool:
-    """Whether the run in out saved trained weights: a latest checkpoint (whole or not), or a best one after
-    step 0. Every run saves one at its end and on Ctrl-C, so a run without any stopped early (an error, out
-    of memory, killed): nothing in it is worth keeping (the step-0 eval's best checkpoint holds the random
-    initial weights)."""
-    if (out / "latest.json").is_file():
-        return True
+    """Whether the run in out saved trained weights: a checkpoint (whole or not) after step 0. Every run saves
+    one at its end and on Ctrl-C, so a run without any stopped early (an error, out of memory, killed): nothing
+    in it is worth keeping. (At step 0 the weights are the initial ones: the step-0 eval's best checkpoint, and
+    the latest one a time-budget run writes to time its saves.)"""
     for folder in _run_checkpoints(out):
         name = folder.name.lstrip(".")  # "latest-0000030", "best-0000000.1", or a temporary ".best-0000000.tmp-42"
-        step = name.removeprefix("best-")[:7]
-        if not (name.startswith("best-") and step.isdigit() and int(step) == 0):
+        step = name.partition("-")[2][:7]
+        if not (step.isdigit() and int(step) == 0):
             return True
     return False
 
@@ -225,13 +223,15 @@ def lock_holder(out: Path) -> str | None:
 
 @contextlib.contextmanager
 def lock_out_dir(out: Path):
-    """Create out if needed and hold its run lock until the block ends; refuse if another run holds it."""
+    """Create out if needed and hold its run lock until the block ends; refuse if another run holds it.
+
+    Yields whether the lock is held (False on Windows and on file systems without locks)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FunGPTError(f"cannot create out_dir {out}: {e.strerror or e}") from None
     if fcntl is None:
-        yield
+        yield False
         return
     try:
         f = open(out / LOCK_FILE, "a+", encoding="utf-8")
@@ -245,13 +245,14 @@ def lock_out_dir(out: Path):
             holder = f.read().strip() or "another process"
             raise FunGPTError(f"{out} is in use by a training run that is still going ({holder}): wait for it to "
                               f"end, stop it, or choose another out_dir") from None
-        except OSError:
-            pass  # a file system without locks (some network mounts): train unlocked, as before
+        except OSError:  # a file system without locks (some network mounts): train unlocked, as before
+            yield False
+            return
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')}\n")
         f.flush()
-        yield  # the lock goes when f closes
+        yield True  # the lock goes when f closes
 
 
 def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, check_lock: bool = True) -> None:
@@ -284,7 +285,8 @@ def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, check_lock: boo
                           f"choose another out_dir")
     if resume and not has_run:
         raise FunGPTError(f"nothing to resume in {out}: it holds no training run (drop --resume to start a new run)")
-    if has_run and not resume and not overwrite and saved_anything(out):
+    # (without a lock, a run that has not saved yet may be live: then it is refused too)
+    if has_run and not resume and not overwrite and (saved_anything(out) or fcntl is None):
         raise FunGPTError(f"{out} already holds a training run: pass --resume to continue it, --overwrite to "
                           f"replace it, or choose another out_dir")
     if resume:
@@ -336,13 +338,17 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
     return cfg, data_dir, pre
 
 
-def prepare_out_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
+def prepare_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, locked: bool = True) -> Path:
     """Check the run folder: refuse to mix two runs in one folder, or to resume with another model.
 
-    Call it holding the folder's lock (lock_out_dir): it may delete a previous run."""
+    Call it holding the folder's lock (lock_out_dir; `locked` False where the file system has none): it may
+    delete a previous run."""
     out = Path(cfg.out_dir)
     check_out_dir(cfg, resume, overwrite)
     has_run = holds_run(out)
+    if has_run and not (resume or overwrite or locked):  # a run that has not saved yet may be live
+        raise FunGPTError(f"{out} already holds a training run: pass --resume to continue it, --overwrite to "
+                          f"replace it, or choose another out_dir")
     if resume:
         # A run killed before its first checkpoint has a config.json but nothing to load; it
         # resumes by starting from step 0 (after the same model check as any other resume).
@@ -777,7 +783,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         torch.backends.cudnn.allow_tf32 = True
     say = print if ddp.is_main else (lambda *a, **k: None)
     # The run seeds torch's global random streams (weights, dropout, batches); a program that calls train()
-    # gets its own streams back as they were.
+    # gets its CPU stream back as it was, and on a CUDA run that GPU's (forking every GPU's would start CUDA
+    # on GPUs the run does not use).
     held.enter_context(torch.random.fork_rng(devices=[ddp.local_rank] if prec.device == "cuda" else []))
     check_out_dir(cfg, resume, overwrite, check_lock=ddp.is_main)  # before preparing data (can take minutes)
     check_loggers(tc)  # likewise, and before the run folder is written (a retry would need --overwrite)
@@ -786,8 +793,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                                                 resume_dir=Path(cfg.out_dir) if resume else None)
     out_dir = Path(cfg.out_dir)
     if ddp.is_main:  # rank 0 alone writes the folder, so it alone locks it
-        held.enter_context(lock_out_dir(out_dir))
-        prepare_out_dir(cfg, resume, overwrite)
+        locked = held.enter_context(lock_out_dir(out_dir))
+        prepare_out_dir(cfg, resume, overwrite, locked)
     say(f"fungpt: {prec.reason}" + (f", matmuls on {cpu_matmul}" if cpu_matmul else "")
         + (f", {ddp.world_size} processes (DDP)" if ddp.enabled else ""))
 

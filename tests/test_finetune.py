@@ -309,6 +309,11 @@ def test_damaged_or_foreign_weights_in_a_model_folder_are_one_line(hf_dir, tmp_p
         with pytest.raises(FunGPTError, match=rf"cannot read the weights in '{d}' .*damaged or not a safetensors"):
             GPT.from_hf(d)
     assert not marker.exists()  # refused, never run
+    nested = folder("nested")  # a training checkpoint's layout: tensors only, but not a flat table of them
+    (nested / "model.safetensors").unlink()
+    torch.save({"model": {"w": torch.zeros(2)}, "epoch": 3}, nested / "pytorch_model.bin")
+    with pytest.raises(FunGPTError, match=r"not a plain table of named tensors \(it holds \['model', 'epoch'\]\)"):
+        GPT.from_hf(nested)
     # a config.json that does not describe its weights (edited by hand, or from another model)
     wide = folder("wide")
     config = json.loads((wide / "config.json").read_text())

@@ -313,9 +313,11 @@ def test_a_live_runs_folder_is_refused(world, tmp_path, capsys):
     assert train(tiny_config(world["data"], out, max_iters=2), progress=False)["step"] == 2
 
 
-def test_a_run_that_never_saved_is_started_over(world, tmp_path, capsys, monkeypatch):
-    """A run stopped before its first checkpoint (out of memory, killed) left its config, logs and the step-0
-    eval's best checkpoint (random weights) behind: the same command starts it over, no --overwrite needed."""
+@pytest.mark.parametrize("budget", [None, 5.0])
+def test_a_run_that_never_saved_is_started_over(world, tmp_path, capsys, monkeypatch, budget):
+    """A run stopped before its first checkpoint (out of memory, killed) left its config, logs and a step-0
+    checkpoint (the initial weights: the step-0 eval's best one, or the one a time-budget run writes to time its
+    saves) behind: the same command starts it over, no --overwrite needed."""
     out = tmp_path / "run"
     real_clip, steps = torch.nn.utils.clip_grad_norm_, []
 
@@ -327,14 +329,20 @@ def test_a_run_that_never_saved_is_started_over(world, tmp_path, capsys, monkeyp
 
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    cfg = tiny_config(world["data"], out, max_iters=12, checkpoint_interval=100)
+    cfg = tiny_config(world["data"], out, max_iters=12, checkpoint_interval=100, max_minutes=budget)
     with monkeypatch.context() as m:
         m.setattr(torch.nn.utils, "clip_grad_norm_", crash_in_step_2)
         with pytest.raises(RuntimeError, match="simulated crash"):
             train(cfg, progress=False)
     left = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert left == ["best-0000000"], left
-    summary = train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_iters=3)), progress=False)
+    assert left == ["latest-0000000" if budget else "best-0000000"], left
+    if budget is None:  # where no lock can be taken, a run that has not saved yet may be live: refused
+        monkeypatch.setattr(sys.modules["fungpt.train"], "fcntl", None)
+        with pytest.raises(FunGPTError, match="already holds a training run"):
+            train(cfg, progress=False)
+        monkeypatch.undo()
+    summary = train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_iters=3, max_minutes=None)),
+                    progress=False)
     assert summary["step"] == 3
     assert "stopped before its first checkpoint: starting it over" in capsys.readouterr().out
     assert (out / "notes.txt").read_text() == "mine"
