@@ -202,6 +202,16 @@ def saved_anything(out: Path) -> bool:
 LOCK_FILE = ".fungpt-train.lock"
 
 
+def _in_use(out: Path, holder: str) -> FunGPTError:
+    return FunGPTError(f"{out} is in use by a training run that is still going ({holder}): wait for it to end, "
+                       f"stop it, or choose another out_dir")
+
+
+def _holds_a_run(out: Path) -> FunGPTError:
+    return FunGPTError(f"{out} already holds a training run: pass --resume to continue it, --overwrite to "
+                       f"replace it, or choose another out_dir")
+
+
 def lock_holder(out: Path) -> str | None:
     """Who holds out's run lock ("pid 123 on host, since 21:55:02"), or None if nobody does."""
     path = out / LOCK_FILE
@@ -243,8 +253,7 @@ def lock_out_dir(out: Path):
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
-            raise FunGPTError(f"{out} is in use by a training run that is still going ({holder}): wait for it to "
-                              f"end, stop it, or choose another out_dir") from None
+            raise _in_use(out, holder) from None
         except OSError:  # a file system without locks (some network mounts): train unlocked, as before
             yield False
             return
@@ -277,8 +286,7 @@ def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, check_lock: boo
         raise FunGPTError(f"out_dir {out} is not writable; choose another out_dir or fix its permissions")
     holder = lock_holder(out) if check_lock else None
     if holder is not None:
-        raise FunGPTError(f"{out} is in use by a training run that is still going ({holder}): wait for it to end, "
-                          f"stop it, or choose another out_dir")
+        raise _in_use(out, holder)
     has_run = holds_run(out)
     if (out / "config.json").is_file() and not has_run:  # not one of ours: never overwrite or delete it
         raise FunGPTError(f"{out} holds a config.json that is not a FunGPT run's, which training would overwrite: "
@@ -287,8 +295,7 @@ def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, check_lock: boo
         raise FunGPTError(f"nothing to resume in {out}: it holds no training run (drop --resume to start a new run)")
     # (without a lock, a run that has not saved yet may be live: then it is refused too)
     if has_run and not resume and not overwrite and (saved_anything(out) or fcntl is None):
-        raise FunGPTError(f"{out} already holds a training run: pass --resume to continue it, --overwrite to "
-                          f"replace it, or choose another out_dir")
+        raise _holds_a_run(out)
     if resume:
         saved = load_run_config(out)  # a corrupt config.json is reported now, not after preparing the data
         ckpt.find_checkpoint(out)  # likewise a corrupt latest.json
@@ -347,8 +354,7 @@ def prepare_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, locked: bool 
     check_out_dir(cfg, resume, overwrite)
     has_run = holds_run(out)
     if has_run and not (resume or overwrite or locked):  # a run that has not saved yet may be live
-        raise FunGPTError(f"{out} already holds a training run: pass --resume to continue it, --overwrite to "
-                          f"replace it, or choose another out_dir")
+        raise _holds_a_run(out)
     if resume:
         # A run killed before its first checkpoint has a config.json but nothing to load; it
         # resumes by starting from step 0 (after the same model check as any other resume).
