@@ -1,8 +1,21 @@
 """Fixtures shared by several test files."""
 
+import signal
 from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config) -> None:
+    """Give the tests' child processes a working Ctrl-C, whatever the shell that started pytest did.
+
+    A shell without job control (a script's `pytest ... &`, some CI runners) starts its background commands
+    with SIGINT ignored, and an ignored signal stays ignored across exec: the commands that the tests
+    interrupt with SIGINT would never see it (Python keeps SIG_IGN at startup, as nohup expects). A Python
+    handler in this process is reset to the default in every child it starts, so the children get Ctrl-C.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture()
