@@ -18,6 +18,7 @@ logs and saves. On CPUs the gloo backend is used, on GPUs nccl.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -923,12 +924,13 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         """
         if budget_s is None:
             return step
-        if elapsed() + 3 * step_time + end_time() >= budget_s:
+        step_s = step_estimate()
+        if elapsed() + 3 * step_s + end_time() >= budget_s:
             # out_of_time will stop after this step (it needs two more steps' time): finish the decay now
             return tc.decay_iters
         origin = schedule_origin or 0.0  # setup time (data, model, first eval) is not schedule time
         usable = max(budget_s - end_time() - origin, 1e-9)
-        time_frac = min(1.0, max(0.0, elapsed() + step_time - origin) / usable)
+        time_frac = min(1.0, max(0.0, elapsed() + step_s - origin) / usable)
         return max(time_frac, step / tc.max_iters) * tc.decay_iters
 
     def do_eval() -> dict[str, float]:
@@ -963,7 +965,20 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
 
     def timings_now() -> dict[str, float]:
         """The measured durations a time budget plans with (also saved in each checkpoint)."""
-        return {"step": step_time, "eval": eval_time, "save": save_time, "plot": plot_time}
+        return {"step": step_estimate(), "eval": eval_time, "save": save_time, "plot": plot_time}
+
+    def step_estimate() -> float:
+        """How long the next step will take: the median of the last few steps (the checkpoint's value at first).
+
+        A median, not the last step's time: one step stalled by the machine (another program, a page fault,
+        the OS) would otherwise count as the speed of every step to come, and end a time-budget run early
+        with its lr schedule unfinished. A lasting slowdown still shows within three steps. The command's
+        first step is left out: it also does one-time work (oneDNN builds its kernels, the memory allocator
+        grows), and took 4x as long as the next ones in a test run.
+        """
+        if not recent_steps:
+            return timings.get("step", 0.0)
+        return sorted(recent_steps)[len(recent_steps) // 2]
 
     def end_time() -> float:
         return end_reserve(timings_now())
@@ -985,7 +1000,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         nonlocal position
         # The same all-reduce settles the lr schedule's position: with a time budget each rank's clock
         # gives a slightly different one, and replicas stepped with different lrs would drift apart.
-        late, stop, position = agree([out_of_time(), interrupt.stop, schedule_position()])
+        late, stop, agreed = agree([out_of_time(), interrupt.stop, schedule_position()])
+        # Never back: the time-budget position is a forecast (from the step time and the reserved end), and
+        # a forecast revised down would raise the lr again after it had decayed.
+        position = max(position, agreed)
         if stop:  # (never cleared: a Ctrl-C that arrives during the all-reduce counts at the next step)
             interrupt.stop = True
         return bool(late or stop)
@@ -1000,7 +1018,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         return agreed.tolist()
 
     losses: dict[str, float] = {}
-    step_time, last_loss = timings.get("step", 0.0), float("nan")
+    last_loss = float("nan")
+    recent_steps: collections.deque[float] = collections.deque(maxlen=5)  # the last steps' times, for step_estimate
+    first_step = True
     plot_time = timings.get("plot", 0.0)
     if step == 0 and budget_s is None:
         t0 = time.time()
@@ -1082,6 +1102,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             optimizer.zero_grad(set_to_none=True)
             step, tokens_seen = step + 1, tokens_seen + tokens_per_step
             step_time = time.time() - t_step
+            if not first_step:
+                recent_steps.append(step_time)
+            first_step = False
 
             if ddp.is_main and (step % tc.log_interval == 0 or step == 1):
                 tok_s = tokens_per_step / step_time

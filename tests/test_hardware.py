@@ -248,7 +248,27 @@ def test_max_iters_before_the_budget_ends_the_schedule_too(corpus, tmp_path):
     assert (lrs[-1] - cfg.train.min_lr) / (cfg.train.lr - cfg.train.min_lr) < 0.05  # at min_lr, as on steps
 
 
-def test_max_minutes_stops_on_time_with_the_schedule_decayed(corpus, tmp_path, capsys):
+@pytest.fixture()
+def quick_steady_budget():
+    """For the 6 s budget tests: setup and steps that a busy machine does not make erratic.
+
+    Imported first, as earlier tests in a full run would have: run alone on a busy machine, torch._dynamo (which
+    the optimizer imports) and matplotlib (the step-0 plot timing) took 3-6 s of the budget, leaving no steps.
+    One torch thread: on a 2-core machine kept busy by another program, two threads that wait for each other
+    made single steps 60x slower than the rest (0.5 s against 8 ms), faster than any forecast of a 6 s budget can
+    follow.
+    """
+    import matplotlib.pyplot  # noqa: F401
+    import torch._dynamo  # noqa: F401
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_max_minutes_stops_on_time_with_the_schedule_decayed(corpus, tmp_path, capsys, quick_steady_budget):
+
     out = tmp_path / "budget"
     budget_min = 0.1  # 6 seconds
     cfg = tiny_config(corpus, out, max_iters=1_000_000, warmup_iters=10, lr_decay_iters=100,
@@ -274,3 +294,42 @@ def test_max_minutes_stops_on_time_with_the_schedule_decayed(corpus, tmp_path, c
     assert again["step"] == result["step"]
     assert written() == files
     assert "already used its time budget" in capsys.readouterr().out
+
+
+def test_a_stalled_step_does_not_end_a_budget_run_early(corpus, tmp_path, monkeypatch, quick_steady_budget):
+    """One step stalled by the machine (here 1.5 s) is not taken as the speed of every step to come.
+
+    Planned with the last step's time, the run stopped right after the stall, 2 s before its budget ran out (two
+    more steps of 1.5 s, it thought, would not fit), and the step after the stall ran at min_lr between two at
+    the peak: the lr schedule's position also went back.
+    """
+    import time
+
+    from fungpt.data import BatchLoader
+
+    first_call, stalls = [], []
+    next_batch = BatchLoader.next_batch
+
+    def stalling(self):
+        first_call.append(first_call[0] if first_call else time.time())
+        if not stalls and time.time() - first_call[0] > 2.0:  # 2 s into training
+            stalls.append(time.time())
+            time.sleep(1.5)
+        return next_batch(self)
+
+    monkeypatch.setattr(BatchLoader, "next_batch", stalling)
+    out = tmp_path / "stall"
+    budget_s = 6.0
+    cfg = tiny_config(corpus, out, max_iters=1_000_000, warmup_iters=10, lr_decay_iters=100,
+                      checkpoint_interval=10**6, eval_interval=10**6, max_minutes=budget_s / 60)
+    result = train(cfg, progress=False)
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    stalled = next(r["step"] for r in rows if r.get("dt_ms", 0) > 1000)
+    assert stalls and rows[-1]["step"] > stalled + 10  # it trained on after the stall ...
+    assert result["elapsed_s"] > budget_s - 1.0  # ... until its budget was (nearly) used
+    assert result["elapsed_s"] <= budget_s + 2.0
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    peak = lrs.index(max(lrs))
+    assert all(a <= b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))  # warmup, then ...
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))  # ... decay, never back up
+    assert (lrs[-1] - cfg.train.min_lr) / (cfg.train.lr - cfg.train.min_lr) < 0.02  # to min_lr at the end
