@@ -93,7 +93,7 @@ def cmd_train(args: list[str], start_time: float) -> None:
     result = train(parsed.run, resume=parsed.resume, overwrite=parsed.overwrite, start_time=start_time,
                    model_named=named)
     if result["interrupted"]:
-        sys.exit(130)
+        sys.exit(128 + (result.get("signal") or 2))  # as a shell reports a command ended by the signal: 130 for Ctrl-C
     if _rank() == 0:  # under torchrun, said once, not by every process
         print(f"fungpt: done. Sample with: fungpt sample --run {shlex.quote(str(result['out_dir']))}")
 

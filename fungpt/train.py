@@ -308,6 +308,11 @@ def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, check_lock: boo
                               f"{old.tokenizer!r} (vocab_size {old.vocab_size}), not {new.tokenizer!r} "
                               f"(vocab_size {new.vocab_size}); resume with the original data settings or train "
                               f"into a new out_dir")
+        if old.path == new.path and not prepared and old.val_fraction != new.val_fraction:
+            raise FunGPTError(f"cannot resume {out}: it was trained on {old.path} split with data.val_fraction = "
+                              f"{old.val_fraction}, not {new.val_fraction}; another split would put text it trained "
+                              f"on into its val split. Resume with data.val_fraction = {old.val_fraction}, or train "
+                              f"into a new out_dir")
 
 
 def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool = True,
@@ -486,6 +491,31 @@ def configure_optimizer(model: GPT, tc: TrainConfig, device: str) -> torch.optim
     matrices = Muon([{"params": muon, "lr_scale": tc.muon_lr / tc.lr}], lr=tc.muon_lr,
                     momentum=tc.muon_momentum, weight_decay=tc.weight_decay)
     return CombinedOptimizer(adamw, matrices)
+
+
+def resume_notes(saved: TrainConfig, new: TrainConfig, step: int) -> list[str]:
+    """One line each on changed settings that make a resumed run differ from one that was never stopped.
+
+    Such changes are allowed (raising max_iters is how a run is trained longer), but they change what the
+    run does from here: the lr schedule (by default it ends at max_iters, so a longer run stretches it and
+    the lr goes back up), or the eval batches (drawn from the seed: val losses before and after the resume
+    would then not compare).
+    """
+    notes = []
+    if not (saved.max_minutes or new.max_minutes):  # (with a time budget the schedule follows the clock)
+        was, now = get_lr(step, saved), get_lr(step, new)
+        if not math.isclose(was, now, rel_tol=1e-6):
+            names = ["lr", "min_lr", "warmup_iters", "lr_schedule", "wsd_decay_frac", "lr_decay_iters", "max_iters"]
+            changed = ", ".join(f"{n} {getattr(saved, n)} -> {getattr(new, n)}" for n in names
+                                if getattr(saved, n) != getattr(new, n))
+            end = (" (the decay ends at max_iters unless train.lr_decay_iters is set)"
+                   if new.lr_decay_iters is None and saved.max_iters != new.max_iters else "")
+            notes.append(f"fungpt: note: the lr schedule changed ({changed}){end}: at step {step} the lr is now "
+                         f"{now:.3g}, not {was:.3g}")
+    if saved.seed != new.seed:
+        notes.append(f"fungpt: note: train.seed changed ({saved.seed} -> {new.seed}): the eval batches differ from "
+                     f"those before step {step}, so val losses before and after it do not compare exactly")
+    return notes
 
 
 def get_lr(it: float, tc: TrainConfig) -> float:
@@ -699,30 +729,48 @@ def _row_step(line: str) -> int:
         return 1 << 62  # an unreadable (half-written) row is dropped
 
 
-class _StopFlag:
-    """Ctrl-C sets a flag; the loop saves a checkpoint at the end of the step and exits cleanly.
+# The signals that stop a run cleanly: Ctrl-C, `kill` (and what schedulers, systemd and `docker stop` send),
+# and a closed terminal. Each one's default would end the process at once, losing the steps since the last save.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
-    A second Ctrl-C interrupts at once (the last saved checkpoint is still intact).
+
+class _StopFlag:
+    """Ctrl-C (or SIGTERM, SIGHUP) sets a flag; the loop saves a checkpoint at the end of the step and exits
+    cleanly. A second one interrupts at once (the last saved checkpoint is still intact).
+
+    A signal that is ignored (a background job's SIGINT, `nohup`'s SIGHUP) stays ignored, and a SIGTERM or
+    SIGHUP handler of the program that calls train() is left alone; `announce` is False on all but one
+    process of a torchrun job, so that the notice is printed once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.stop = False
-        self._old = None
+        self.signum: int | None = None  # the first signal received
+        self.announce = announce
+        self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
         if threading_is_main():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            for signum in STOP_SIGNALS:
+                old = signal.getsignal(signum)
+                if old is signal.SIG_IGN or (signum != signal.SIGINT and old is not signal.SIG_DFL):
+                    continue
+                self._old[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
         if self.stop:
             raise KeyboardInterrupt
-        self.stop = True
-        print("\nCtrl-C: finishing this step and saving a checkpoint (press again to abort)", file=sys.stderr)
+        self.stop, self.signum = True, signum
+        if self.announce:
+            what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+                print(f"\n{what}: finishing this step and saving a checkpoint ({what} again aborts)",
+                      file=sys.stderr)
 
     def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for signum, old in self._old.items():
+            signal.signal(signum, old)
 
 
 @contextlib.contextmanager
@@ -794,6 +842,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     # on GPUs the run does not use).
     held.enter_context(torch.random.fork_rng(devices=[ddp.local_rank] if prec.device == "cuda" else []))
     check_out_dir(cfg, resume, overwrite, check_lock=ddp.is_main)  # before preparing data (can take minutes)
+    saved_cfg = load_run_config(Path(cfg.out_dir)) if resume else None  # (check_out_dir found it loadable)
     check_loggers(tc)  # likewise, and before the run folder is written (a retry would need --overwrite)
 
     cfg, data_dir, pre = resolve_model_and_data(cfg, ddp.is_main, progress and ddp.is_main, model_named,
@@ -856,6 +905,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             raise FunGPTError(f"{folder / ckpt.STATE_FILE} is at step {step} but {folder / ckpt.MANIFEST_FILE} "
                               f"says step {manifest['step']}: the checkpoint is inconsistent")
         done = None
+        if step < tc.max_iters and saved_cfg is not None:
+            for note in resume_notes(saved_cfg.train, tc, step):
+                say(note)
         if step >= tc.max_iters:
             done = f"already reached step {step} (train.max_iters = {tc.max_iters})", "train.max_iters"
         elif tc.max_minutes and budget_spent(elapsed_before, timings, tc.max_minutes * 60):
@@ -865,7 +917,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         if done:
             say(f"fungpt: {out_dir} {done[0]}: nothing to train; raise {done[1]} to continue it")
             return {"out_dir": str(out_dir), "step": step, "train_loss": float("nan"), "val_loss": float("nan"),
-                    "interrupted": False, "elapsed_s": time.time() - start_time}
+                    "interrupted": False, "signal": None, "elapsed_s": time.time() - start_time}
         say(f"fungpt: resuming {out_dir} from step {step}")
     elif resume:
         say(f"fungpt: {out_dir} has no checkpoint yet (stopped before its first save): starting from step 0")
@@ -1050,7 +1102,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         from tqdm.auto import tqdm
 
         bar = tqdm(total=tc.max_iters, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    with _StopFlag() as interrupt, _close_on_error(bar):
+    with _StopFlag(announce=ddp.is_main) as interrupt, _close_on_error(bar):
         while step < tc.max_iters and not must_stop(interrupt):
             t_step = time.time()
             lr = get_lr(position, tc)  # (schedule_position(), agreed by the ranks in must_stop)
@@ -1130,14 +1182,18 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         # The loop also ends at max_iters without asking must_stop: a Ctrl-C that reached some ranks during the
         # last step must not send them down another path than the rest (Ctrl-C no longer changes the flag after
         # the `with`: it then aborts at once).
-        interrupted = bool(agree([interrupt.stop])[0])
+        stopped, signum = agree([interrupt.stop, interrupt.signum or 0])  # (under DDP: any rank's)
+        interrupted = bool(stopped)
+        stop_signal = (int(signum) or signal.SIGINT) if interrupted else None
 
     if bar is not None:
         bar.close()
     if interrupted:
         do_save()
         how = " with --resume in place of --overwrite" if overwrite else "" if resume else " plus --resume"
-        say(f"fungpt: interrupted at step {step}; checkpoint saved. Resume with the same command{how}")
+        by = "" if stop_signal == signal.SIGINT else f" by {signal.Signals(stop_signal).name}"
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone; the checkpoint is saved
+            say(f"fungpt: interrupted{by} at step {step}; checkpoint saved. Resume with the same command{how}")
     else:
         losses = do_eval()
         say(f"fungpt: step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
@@ -1151,7 +1207,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         dist.barrier()
     return {"out_dir": str(out_dir), "step": step, "train_loss": losses.get("train", last_loss),
             "val_loss": losses.get("val", float("nan")), "interrupted": interrupted,
-            "elapsed_s": time.time() - start_time}
+            "signal": stop_signal, "elapsed_s": time.time() - start_time}
 
 
 def _rng_state(device: str) -> dict[str, torch.Tensor]:

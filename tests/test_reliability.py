@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -385,6 +386,43 @@ def test_resume_on_a_grown_corpus_says_the_data_changed(world, tmp_path):
         train(tiny_config(corpus, out, max_iters=4), resume=True, progress=False)
 
 
+def test_resume_refuses_another_val_split_of_the_same_text(world, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(world["corpus"], out, max_iters=2), progress=False)
+    cfg = tiny_config(world["corpus"], out, max_iters=4)
+    cfg.data = DataConfig(path=str(world["corpus"]), val_fraction=0.2)
+    with pytest.raises(FunGPTError, match=r"split with data.val_fraction = 0.1, not 0.2; .* put text it trained on"):
+        train(cfg, resume=True, progress=False)
+    assert train(tiny_config(world["corpus"], out, max_iters=4), resume=True, progress=False)["step"] == 4
+
+
+def test_resume_says_when_its_lr_schedule_or_eval_batches_change(world, tmp_path, capsys):
+    """Raising max_iters is how a run is trained longer, but by default the lr decay ends at max_iters: the
+    schedule stretches and the lr goes back up from min_lr. Allowed, and said, with the numbers."""
+    out = tmp_path / "run"
+    train(tiny_config(world["corpus"], out, max_iters=6, checkpoint_interval=100), progress=False)
+    capsys.readouterr()
+    train(tiny_config(world["corpus"], out, max_iters=10, checkpoint_interval=100), resume=True, progress=False)
+    said = capsys.readouterr().out
+    said_lr = re.search(r"fungpt: note: the lr schedule changed \(max_iters 6 -> 10\) \(the decay ends at "
+                        r"max_iters unless train.lr_decay_iters is set\): at step 6 the lr is now ([0-9.e-]+), "
+                        r"not 0.0003\n", said)
+    assert said_lr, said
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines() if '"lr"' in r]
+    step7 = next(r["lr"] for r in rows if r["step"] == 7)  # the step after 6 ran at the lr the note gave
+    assert step7 > 0.001 and f"{step7:.3g}" == said_lr[1]
+
+    pinned = tmp_path / "pinned"  # decay end pinned, other seed: the schedule is the same, the eval batches not
+    train(tiny_config(world["corpus"], pinned, max_iters=6, lr_decay_iters=10, checkpoint_interval=100),
+          progress=False)
+    capsys.readouterr()
+    train(tiny_config(world["corpus"], pinned, max_iters=10, lr_decay_iters=10, checkpoint_interval=100, seed=7),
+          resume=True, progress=False)
+    said = capsys.readouterr().out
+    assert "lr schedule" not in said
+    assert "fungpt: note: train.seed changed (1337 -> 7): the eval batches differ from those before step 6" in said
+
+
 # ----------------------------------------------------------------------------------------------
 # Resume after kill -9, at random moments (several here; >= 20 in the slow variant)
 
@@ -490,7 +528,9 @@ def test_kill9_many_random_moments(world, tmp_path):
 # Ctrl-C
 
 
-def test_ctrl_c_saves_and_resume_continues(world, tmp_path, capsys):
+@pytest.mark.parametrize("signum, status, name", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_ctrl_c_saves_and_resume_continues(world, tmp_path, capsys, signum, status, name):
+    """Ctrl-C, or `kill` (SIGTERM: also what schedulers and `docker stop` send), saves the step it ends at."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fungpt", "train", "--data.path", str(world["data"]), "--out-dir", str(out),
            "--train.device", "cpu", *TINY_MODEL, "--train.batch-size", "4", "--train.max-iters", "100000",
@@ -504,13 +544,14 @@ def test_ctrl_c_saves_and_resume_continues(world, tmp_path, capsys):
         if metrics.is_file() and sum("lr" in line for line in metrics.read_text().splitlines()) >= 3:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr[-3000:]
+    assert proc.returncode == status, stderr[-3000:]
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
-    assert "Ctrl-C: finishing this step and saving a checkpoint" in stderr
-    line = next(ln for ln in stdout.splitlines() if "interrupted at step" in ln)
-    stopped = int(line.split("interrupted at step ")[1].split(";")[0])
+    assert f"{name}: finishing this step and saving a checkpoint" in stderr
+    line = next(ln for ln in stdout.splitlines() if "at step" in ln and "interrupted" in ln)
+    assert ("by SIGTERM" in line) == (signum == signal.SIGTERM)
+    stopped = int(line.split(" at step ")[1].split(";")[0])
     assert stopped >= 3
     assert check_loadable(out) == stopped  # saved at exactly the step it stopped
     assert _train_steps(out)[-1] == stopped
