@@ -521,6 +521,25 @@ def prepare(
 _REQUIRED_KEYS = ("format_version", "tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens")
 
 
+def check_token_ids(data_dir: Path, meta: dict, chunk: int = 1 << 26) -> None:
+    """Refuse token ids >= meta's vocab_size, as a hand-made or edited dataset may hold: the embedding lookup
+    would otherwise fail mid-run with a raw IndexError (on a GPU, a device-side assert). Reads each .bin once,
+    `chunk` tokens at a time (numpy's max runs at several GB/s: ~1 ms for Tiny Shakespeare)."""
+    vocab = meta["vocab_size"]
+    for split in SPLITS:
+        if not meta[f"{split}_tokens"]:
+            continue
+        bin_path = Path(data_dir) / f"{split}.bin"
+        ids = np.memmap(bin_path, dtype=meta["dtype"], mode="r")
+        for start in range(0, len(ids), chunk):
+            top = int(ids[start:start + chunk].max())
+            if top >= vocab:
+                where = start + int(np.argmax(ids[start:start + chunk] >= vocab))
+                raise FunGPTError(f"{bin_path} holds token id {int(ids[where])} (at token {where}), but meta.json's "
+                                  f"vocab_size is {vocab}: ids must be below it. Prepare the data again with "
+                                  f"`fungpt prepare`, or correct vocab_size in meta.json")
+
+
 def load_meta(data_dir: str | Path) -> dict:
     """Read DIR/meta.json and check that the .bin files match it; return the dict."""
     data_dir = Path(data_dir)
@@ -546,6 +565,12 @@ def load_meta(data_dir: str | Path) -> dict:
             f"{meta_path} has format version {meta['format_version']}, this FunGPT reads version "
             f"{FORMAT_VERSION}; run `fungpt prepare --overwrite` again"
         )
+    counts = ("vocab_size", "train_tokens", "val_tokens")  # (a hand-edited "8100" would multiply as a string)
+    bad = [k for k in counts if not isinstance(meta[k], int) or isinstance(meta[k], bool) or meta[k] < 0]
+    if bad or meta["vocab_size"] < 1:
+        raise FunGPTError(f"{meta_path} is corrupt: {', '.join(bad or ['vocab_size'])} must be a whole number "
+                          f"(got {', '.join(repr(meta[k]) for k in bad or ['vocab_size'])}); run `fungpt prepare "
+                          f"--overwrite` again")
     if meta["dtype"] not in ("uint16", "uint32"):  # what prepare writes (see token_dtype)
         raise FunGPTError(f"{meta_path} names an unknown token dtype {meta['dtype']!r}; run `fungpt prepare "
                           f"--overwrite` again")

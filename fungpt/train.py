@@ -46,7 +46,16 @@ except ImportError:  # Windows: runs go unlocked
 from fungpt import checkpoint as ckpt
 from fungpt import pretrained
 from fungpt.config import DataConfig, RunConfig, TrainConfig, default_model, is_hf_config, load_run_config
-from fungpt.data import BatchLoader, cache_dir, check_split_fits, iter_eval_windows, load_meta, prepare, resolve_source
+from fungpt.data import (
+    BatchLoader,
+    cache_dir,
+    check_split_fits,
+    check_token_ids,
+    iter_eval_windows,
+    load_meta,
+    prepare,
+    resolve_source,
+)
 from fungpt.errors import FunGPTError
 from fungpt.hardware import Precision, check_compile, detect_precision, keep_freed_memory
 from fungpt.linear import onednn_linear, onednn_works, set_cpu_matmul
@@ -124,7 +133,8 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
         for p in resolve_source(data.path):
             st = p.stat()
             key_parts.append(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}")
-    key = hashlib.sha256("\n".join(key_parts).encode()).hexdigest()[:12]
+    # (surrogateescape: a file name that is not UTF-8 arrives from the OS with its bytes escaped)
+    key = hashlib.sha256("\n".join(key_parts).encode("utf-8", "surrogateescape")).hexdigest()[:12]
     out = cache_dir() / "datasets" / f"{name}-{kind}-{key}"
     if is_main and not (out / "meta.json").is_file():
         vocab = data.vocab_size if data.vocab_size is not None else (4096 if data.tokenizer == "bpe" else None)
@@ -343,6 +353,7 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
         cfg = dataclasses.replace(cfg, model=model)
     data_dir = resolve_data(cfg.data, is_main, progress, tokenizer=pre and pre.tokenizer)
     meta = load_meta(data_dir)
+    check_token_ids(data_dir, meta)
     if pre is not None:
         pretrained.check_data_tokenizer(load_tokenizer(data_dir), data_dir, pre)
     else:

@@ -386,6 +386,18 @@ def test_resume_on_a_grown_corpus_says_the_data_changed(world, tmp_path):
         train(tiny_config(corpus, out, max_iters=4), resume=True, progress=False)
 
 
+def test_a_data_folder_with_a_file_name_that_is_not_utf8_trains(world, tmp_path):
+    """Linux file names are bytes; one that is not UTF-8 arrives with its bytes escaped, and the data cache key
+    hashed it as text: a raw UnicodeEncodeError."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    try:
+        (folder / os.fsdecode(b"caf\xe9.txt")).write_bytes(Path(world["corpus"]).read_bytes())
+    except (UnicodeEncodeError, OSError):
+        pytest.skip("this file system takes UTF-8 names only")
+    assert train(tiny_config(folder, tmp_path / "run", max_iters=2), progress=False)["step"] == 2
+
+
 def test_resume_refuses_another_val_split_of_the_same_text(world, tmp_path):
     out = tmp_path / "run"
     train(tiny_config(world["corpus"], out, max_iters=2), progress=False)
@@ -837,6 +849,12 @@ def _files(world, tmp_path) -> dict[str, str]:
     shutil.copytree(world["run"], other)
     (t / "prepared").mkdir()
     (t / "prepared" / "meta.json").write_text("{}")
+    meta = json.loads((Path(world["data"]) / "meta.json").read_text())  # prepared folders edited by hand:
+    for name, change in {"smallvocab": {"vocab_size": 3}, "strcount": {"train_tokens": str(meta["train_tokens"])},
+                         "floatcount": {"train_tokens": float(meta["train_tokens"])},
+                         "nullvocab": {"vocab_size": None}}.items():
+        shutil.copytree(world["data"], t / name)
+        (t / name / "meta.json").write_text(json.dumps({**meta, **change}))
     (t / "project").mkdir()  # a folder of the user's own, with a config.json that is not a run's
     (t / "project" / "config.json").write_text('{"name": "my-app"}')
     (t / "hf").mkdir()  # like the folder `fungpt export` writes
@@ -897,6 +915,13 @@ BAD_INPUTS = {
     "vocab_size for the char tokenizer": ([*TRAIN, "--data.vocab-size", "300"], "--data.vocab-size None"),
     "empty corpus": ([*TRAIN, "--data.path", "{tmp}/empty.txt"], "empty.txt"),
     "corrupt prepared folder": ([*TRAIN, "--data.path", "{tmp}/prepared"], "meta.json"),
+    "prepared data with ids past its vocab_size": ([*TRAIN, "--data.path", "{tmp}/smallvocab"],
+                                                   "but meta.json's vocab_size is 3: ids must be below it"),
+    "meta.json with a count as a string": ([*TRAIN, "--data.path", "{tmp}/strcount"],
+                                           "train_tokens must be a whole number"),
+    "meta.json with a count as a float": ([*TRAIN, "--data.path", "{tmp}/floatcount"],
+                                          "train_tokens must be a whole number"),
+    "meta.json without a vocab_size": ([*TRAIN, "--data.path", "{tmp}/nullvocab"], "vocab_size must be a whole number"),
     # out_dir
     "out_dir holds another run": ([*TRAIN, "--out-dir", "{other}"], "already holds a training run"),
     "resume and overwrite": ([*TRAIN, "--out-dir", "{other}", "--resume", "--overwrite"], "contradict"),
