@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -55,6 +56,24 @@ HF_KIND = "hf"  # loaded from a pretrained model's files, never trained (see HFT
 # A byte-level BPE vocabulary always contains the 256 single bytes plus <|endoftext|>.
 MIN_BPE_VOCAB = 257
 DEFAULT_BPE_VOCAB = 4096
+# BPE training cuts runs of more than this many non-space characters (DNA, long hashes, a line of dashes) into
+# pieces of their own: the trainer's time grows with the square of a "word"'s length, and 300 KB of ACGT
+# without a space took 21.6 s to learn 500 tokens, against 0.2 s cut (encoding the text: 88,678 tokens
+# against 88,500).
+BPE_MAX_WORD_CHARS = 256
+_LONG_RUN = re.compile(rf"\S{{{BPE_MAX_WORD_CHARS + 1},}}")
+
+
+def _cut_long_runs(chunks: Iterable[str]) -> Iterable[str]:
+    """The chunks, with every run of non-space characters longer than BPE_MAX_WORD_CHARS yielded in pieces of
+    that length, each a chunk of its own (no merge crosses chunks)."""
+    for text in chunks:
+        start = 0
+        for m in _LONG_RUN.finditer(text):
+            yield text[start:m.start()]
+            yield from (m[0][i:i + BPE_MAX_WORD_CHARS] for i in range(0, len(m[0]), BPE_MAX_WORD_CHARS))
+            start = m.end()
+        yield text[start:]
 
 # tiktoken downloads GPT-2's files with `requests` and no timeout, which can hang
 # forever on a network that silently drops packets. We wait at most this long.
@@ -289,7 +308,8 @@ class BPETokenizer(Tokenizer):
         if isinstance(corpus, (list, tuple)) and corpus and all(isinstance(c, Path) for c in corpus):
             interruptible(lambda: tok.train([str(p) for p in corpus], trainer=trainer))  # files: the library reads
         else:
-            interruptible(lambda: tok.train_from_iterator(corpus, trainer=trainer))  # strings / chunks of text
+            chunks = _cut_long_runs(corpus)  # strings / chunks of text
+            interruptible(lambda: tok.train_from_iterator(chunks, trainer=trainer))
         return cls(tok)
 
     @classmethod

@@ -112,6 +112,20 @@ def test_bpe_train_from_files_and_chunks(tmp_path):
     assert from_chunks.vocab_size <= 280
 
 
+def test_bpe_training_cuts_runs_without_spaces():
+    """A run of non-space characters longer than BPE_MAX_WORD_CHARS is learned from in pieces (the trainer's
+    time grows with the square of a word's length: DNA or a long hash without spaces took minutes)."""
+    text = "intro " + "ab" * 2000 + " outro"
+    pieces = list(tokenizer_mod._cut_long_runs(["x y", text]))
+    assert "".join(pieces) == "x y" + text
+    assert max(len(w) for p in pieces for w in p.split()) == tokenizer_mod.BPE_MAX_WORD_CHARS
+    # "abab..." merges into tokens twice as long each time: uncut, into one of 2048 characters
+    tok = BPETokenizer.train(text, vocab_size=300)
+    longest = max(len(tok.decode([i])) for i in range(tok.vocab_size))
+    assert 64 < longest <= tokenizer_mod.BPE_MAX_WORD_CHARS
+    assert tok.decode(tok.encode(text)) == text
+
+
 @pytest.mark.parametrize("size", [0, 100, 256])
 def test_bpe_vocab_too_small(size):
     with pytest.raises(FunGPTError, match=f"vocab size {size} is too small.*at least 257"):
