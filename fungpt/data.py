@@ -45,12 +45,15 @@ exactly those of encoding each split's text in one go.
 from __future__ import annotations
 
 import codecs
+import errno
+import glob
 import hashlib
 import itertools
 import json
 import os
 import re
 import shutil
+import socket
 import sys
 import urllib.error
 import urllib.request
@@ -336,6 +339,31 @@ def _encode(tokenizer: Tokenizer, text: str) -> np.ndarray:
     return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=sum(map(len, ids)))
 
 
+_HOST = socket.gethostname().replace("-", "_") or "host"  # in temporary folder names: OUT.tmp-HOST-PID
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Delete the temporary folders (OUT.tmp-HOST-PID, OUT.old-HOST-PID) of a prepare on this machine that
+    was killed (kill -9, out of memory, power loss) before it could clean up; a live one's are kept."""
+    for kind in ("tmp", "old"):
+        for folder in out.parent.glob(f"{glob.escape(out.name)}.{kind}-{glob.escape(_HOST)}-*"):
+            pid = folder.name.rsplit("-", 1)[1]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if os.name == "nt":  # (there signal 0 is CTRL_C_EVENT: never send it; keep the folder)
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # another user's process (or a platform without signal 0): keep it
+        return True
+    return True
+
+
 def _check_out_dir(out: Path, overwrite: bool) -> None:
     if not out.exists():
         return
@@ -387,6 +415,10 @@ def prepare(
     out = Path(out).expanduser().resolve()  # absolute, so out.name is never empty
     _check_out_dir(out, overwrite)
     files = resolve_source(input)
+    source = Path(input).expanduser()
+    if source.is_dir() and out.is_relative_to(source.resolve()):
+        raise FunGPTError(f"--out {out} is inside the input folder {source}: the next prepare of that folder would "
+                          f"read the dataset's own files as text; choose an --out outside it")
     total_bytes = sum(p.stat().st_size for p in files)
     gpt2 = GPT2Tokenizer() if tokenizer == "gpt2" and given is None else None  # fail early if unavailable
     has_eot = given.eot_id is not None if given is not None else tokenizer != "char"
@@ -443,7 +475,8 @@ def prepare(
     dtype = token_dtype(tok.vocab_size)
 
     # --- pass 2: encode into a temporary folder, then rename it --------------------
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    _remove_stale_temps(out)
+    tmp = out.with_name(f"{out.name}.tmp-{_HOST}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     counts = {f"{s}_{k}": 0 for s in SPLITS for k in ("tokens", "bytes", "chars")}
     try:
@@ -499,15 +532,25 @@ def prepare(
             f.write("\n")
 
         # Swap the finished folder into place. When overwriting, the old dataset is
-        # moved aside first and deleted only after the new one is in place.
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        if out.exists():
+        # moved aside first and deleted only after the new one is in place. Without --overwrite a dataset
+        # that another command finished meanwhile is kept (a rename onto a folder that is not empty fails).
+        old = out.with_name(f"{out.name}.old-{_HOST}-{os.getpid()}")
+        if out.exists() and overwrite:
             os.replace(out, old)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not (out / "meta.json").exists():
+                raise
+            raise FunGPTError(f"{out} was prepared by another command while this one ran; pass --overwrite to "
+                              f"replace it") from None
         shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise FunGPTError(f"could not write the dataset to {out}: {e.strerror or e}") from None
+        where = (" (fungpt train prepares its data there: set FUNGPT_CACHE_DIR to a folder with room, or prepare "
+                 "it with `fungpt prepare --out DIR` and train with data.path = DIR)"
+                 if out.is_relative_to(cache_dir().expanduser().resolve()) else "; choose another --out")
+        raise FunGPTError(f"could not write the dataset to {out}: {e.strerror or e}{where}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -5,9 +5,11 @@ Tests needing the real Tiny Shakespeare read it from $FUNGPT_DATA_DIR and are
 skipped when that is not set.
 """
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import urllib.error
 from pathlib import Path
 
@@ -394,6 +396,67 @@ def test_unrelated_folder_never_replaced(tmp_path, corpus):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert load_meta(prepare(corpus, empty, progress=False))["train_tokens"] > 0
+
+
+def test_out_inside_the_input_folder_is_refused(tmp_path):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text(TEXT, encoding="utf-8")
+    with pytest.raises(FunGPTError, match=r"is inside the input folder .*texts: the next prepare of that folder"):
+        prepare(texts, texts / "prepared", progress=False)
+    assert not (texts / "prepared").exists() and not leftovers(texts)
+
+
+def test_a_dataset_finished_meanwhile_by_another_prepare_is_kept(tmp_path, corpus, monkeypatch):
+    """Two prepares into one --out: without --overwrite the second one to finish must not replace the first's
+    dataset (a run may be reading it), nor say that it prepared it."""
+    out = tmp_path / "out"
+    other = prepare(corpus, tmp_path / "other", progress=False)
+    encode = data_mod._encode
+
+    def meanwhile(tok, text):  # the other command finishes while this one encodes
+        if not out.exists():
+            shutil.copytree(other, out)
+        return encode(tok, text)
+
+    monkeypatch.setattr(data_mod, "_encode", meanwhile)
+    before = other / "meta.json"
+    with pytest.raises(FunGPTError, match="was prepared by another command while this one ran; pass --overwrite"):
+        prepare(_write(tmp_path, "mine.txt", TEXT.upper().encode()), out, progress=False)
+    assert (out / "meta.json").read_text() == before.read_text() and not leftovers(tmp_path)
+
+
+def test_temporary_folders_of_a_killed_prepare_are_removed(tmp_path, corpus):
+    """kill -9 (or running out of memory) leaves OUT.tmp-HOST-PID behind; the next prepare into OUT removes the
+    ones whose process is gone, and keeps a live one's."""
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid, live_pid = int(gone.stdout), os.getppid()
+    out = tmp_path / "out"
+    host = data_mod._HOST
+    stale = [tmp_path / f"out.tmp-{host}-{dead_pid}", tmp_path / f"out.old-{host}-{dead_pid}"]
+    live, elsewhere = tmp_path / f"out.tmp-{host}-{live_pid}", tmp_path / f"out.tmp-otherhost-{dead_pid}"
+    for folder in [*stale, live, elsewhere]:
+        folder.mkdir()
+        (folder / "train.bin").write_bytes(b"\0" * 1000)
+    prepare(corpus, out, progress=False)
+    assert sorted(leftovers(tmp_path)) == sorted([live.name, elsewhere.name])
+
+
+def test_a_full_cache_says_where_else_to_prepare(tmp_path, corpus, monkeypatch):
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data_mod.os, "replace", full)
+    with pytest.raises(FunGPTError, match=r"No space left on device \(fungpt train prepares its data there: set "
+                                          r"FUNGPT_CACHE_DIR .* or prepare it with `fungpt prepare --out DIR`"):
+        prepare(corpus, tmp_path / "cache" / "datasets" / "x", progress=False)
+    with pytest.raises(FunGPTError, match="No space left on device; choose another --out"):
+        prepare(corpus, tmp_path / "mine", progress=False)
 
 
 # --- load_meta and check_split_fits ----------------------------------------------------
