@@ -140,13 +140,13 @@ def _read_tokens_seen(run_dir: Path) -> tuple[int | None, int | None]:
     if not path.is_file():
         return None, None
     last = None
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a half-written last line from a killed run
-        if "tokens" in row:
-            last = row
+        if isinstance(row, dict) and isinstance(row.get("tokens"), int) and isinstance(row.get("step"), int):
+            last = row  # (rows of any other shape are damage, as plot.read_metrics skips them)
     return (last["step"], last["tokens"]) if last else (None, None)
 
 
@@ -164,17 +164,22 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
         cfg = load_run_config(target)
         info["kind"] = "run"
         try:
-            dtype = json.loads((target / "run.json").read_text(encoding="utf-8"))["dtype"]
-        except (OSError, ValueError, KeyError):
-            dtype = "float32"
+            run = json.loads((target / "run.json").read_text(encoding="utf-8"))
+            dtype, world_size = str(run["dtype"]), int(run.get("world_size", 1))
+        except (OSError, ValueError, KeyError, TypeError):
+            dtype, world_size = "float32", 1
         info["step"], info["tokens_seen"] = _read_tokens_seen(target)
         from fungpt import checkpoint as ckpt
 
         folder = ckpt.find_checkpoint(target, "latest")
         if folder is not None and (folder / "manifest.json").is_file():
-            manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-            info["checkpoint"] = {"dir": str(folder), "step": manifest.get("step"),
-                                  "bytes": sum(f["bytes"] for f in manifest.get("files", {}).values())}
+            try:
+                manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+                info["checkpoint"] = {"dir": str(folder), "step": int(manifest["step"]),
+                                      "bytes": sum(int(f["bytes"]) for f in manifest["files"].values())}
+            except (ValueError, KeyError, TypeError, AttributeError):  # (UnicodeDecodeError is a ValueError)
+                raise FunGPTError(f"{folder / 'manifest.json'} is corrupt; the checkpoint cannot be trusted") \
+                    from None
     elif hf_folder or target.suffix == ".toml":
         if hf_folder:  # shown as a config that fine-tunes it, with this run's defaults for the rest
             cfg = RunConfig(model=dataclasses.replace(default_model(), init_from=str(target)))
@@ -192,6 +197,7 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
         cfg = dataclasses.replace(cfg, model=model)
         dtype = detect_precision(cfg.train.device, cfg.train.dtype).dtype if cfg.train.dtype == "auto" \
             else cfg.train.dtype
+        world_size = 1  # (a config does not say how many processes will train it)
     else:
         raise FunGPTError(f"{target} is neither a run folder nor a .toml config: pass the out_dir of a training "
                           f"run, a file from configs/ or a Hugging Face GPT-2 folder")
@@ -203,7 +209,7 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
         params=model.num_params(), params_non_embedding=model.num_params(non_embedding=True),
         param_rows=parameter_rows(model),
         flops_per_token_train=model.flops_per_token(), flops_per_token_forward=model.flops_per_token() // 3,
-        tokens_per_step=B * cfg.model.block_size * tc.grad_accum_steps,
+        tokens_per_step=B * cfg.model.block_size * tc.grad_accum_steps * world_size,  # (every process's batches)
         memory=estimate_memory(cfg.model, B, dtype),
     )
     if info["tokens_seen"] is not None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import secrets
 from pathlib import Path
 
 from fungpt.errors import FunGPTError
@@ -94,12 +97,27 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp" + out.suffix)  # write, then rename: never a half-written image
     try:
-        fig.savefig(tmp)
-        tmp.replace(out)
+        return save_figure(fig, out)
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)
+
+
+def save_figure(fig, out: Path, **savefig_kw) -> Path:
+    """Write `fig` to `out` (its format from the suffix) under a temporary name of its own, then rename it into
+    place: never a half-written image, nor another file's name (two commands drawing to one --out each have
+    theirs). An error names `out`."""
+    out = Path(out)
+    if out.is_dir():
+        raise FunGPTError(f"--out {out} is a folder; give a file name, such as {out / 'figure.png'}")
+    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{out.suffix}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, **savefig_kw)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise FunGPTError(f"could not write {out}: {e.strerror or e}; choose another --out") from None
+    finally:
+        with contextlib.suppress(OSError):  # (e.g. ENOTDIR when a file stands where the folder should be)
+            tmp.unlink(missing_ok=True)
     return out

@@ -62,8 +62,11 @@ def data_dir_of(run_dir: str | Path) -> Path:
     """The prepared dataset folder a run was trained on (recorded in run.json)."""
     info = Path(run_dir) / "run.json"
     try:
-        return Path(json.loads(info.read_text(encoding="utf-8"))["data_dir"])
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        data_dir = json.loads(info.read_text(encoding="utf-8"))["data_dir"]
+        if not isinstance(data_dir, str):
+            raise TypeError
+        return Path(data_dir)
+    except (FileNotFoundError, ValueError, KeyError, TypeError):  # (a JSONDecodeError is a ValueError)
         raise FunGPTError(f"{info} is missing or corrupt: cannot tell which data {run_dir} was trained on; "
                           f"pass --input TEXT_FILE") from None
 

@@ -123,14 +123,9 @@ def _pyplot():
 
 def _save(fig, out: Path) -> Path:
     """Save without cropping (so pixel size = figsize * DPI), to a temporary name first: no half files."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp" + out.suffix)
-    try:
-        fig.savefig(tmp, dpi=DPI)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    from fungpt.plot import save_figure
+
+    return save_figure(fig, out, dpi=DPI)
 
 
 def _tick_labels(ax, labels: list[str], axis: str, max_labels: int) -> None:

@@ -201,7 +201,77 @@ def test_plot_cli_on_trained_run_and_errors(run_dir, tmp_path, capsys):
     assert not (tmp_path / "e.png").exists()
 
 
+def test_figures_are_written_under_a_name_of_their_own(run_dir, tmp_path, capsys):
+    """The image goes to a temporary file first; that name was OUT.tmp.png, a user's file of that name was
+    overwritten, and errors named the temporary file instead of --out."""
+    out = tmp_path / "loss.png"
+    (tmp_path / "loss.tmp.png").write_text("mine")
+    assert main(["plot", str(run_dir), "--out", str(out)]) == 0
+    assert (tmp_path / "loss.tmp.png").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "loss.png", "loss.tmp.png"]
+    (tmp_path / "x.png").mkdir()
+    for command in (["plot", str(run_dir)], ["attention", str(run_dir), "--prompt", "ROMEO:"]):
+        assert main([*command, "--out", str(tmp_path / "x.png")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--out {tmp_path / 'x.png'} is a folder; give a file name" in err
+    (tmp_path / "a_file").write_text("")
+    assert main(["plot", str(run_dir), "--out", str(tmp_path / "a_file" / "loss.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: could not write {tmp_path / 'a_file' / 'loss.png'}: ") and ".tmp" not in err
+
+
 # ------------------------------------------------------------------------------------- inspect
+
+
+@pytest.mark.parametrize("damage, said", [
+    ("metrics_number", None), ("metrics_bytes", None), ("manifest", "manifest.json is corrupt"),
+])
+def test_inspect_a_damaged_run_is_one_line_or_skips_the_damage(run_dir, tmp_path, capsys, damage, said):
+    import shutil
+
+    from fungpt import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    if damage == "metrics_number":
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write("5\n")
+    elif damage == "metrics_bytes":
+        with open(run / "metrics.jsonl", "ab") as f:
+            f.write(b"\xff\n")
+    else:
+        (ckpt.find_checkpoint(run) / "manifest.json").write_text("{bad")
+    code = main(["inspect", str(run)])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    if said is None:
+        assert code == 0 and "tokens seen" in captured.out  # the last good row still counts
+    else:
+        assert code == 2 and said in captured.err and captured.err.count("\n") == 1
+
+
+def test_inspect_counts_every_process_tokens_per_step(run_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    one = inspect_target(run)["tokens_per_step"]
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "world_size": 2}))  # as a torchrun job of 2 writes it
+    assert inspect_target(run)["tokens_per_step"] == 2 * one == 2 * 4 * 32
+
+
+def test_a_run_json_of_the_wrong_shape_is_one_line(run_dir, tmp_path):
+    import shutil
+
+    from fungpt.runs import data_dir_of
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    for bad in ('"str"', '{"data_dir": 5}', "[1]"):
+        (run / "run.json").write_text(bad)
+        with pytest.raises(FunGPTError, match="run.json is missing or corrupt"):
+            data_dir_of(run)
 
 
 def test_inspect_run(run_dir, capsys):
