@@ -126,7 +126,8 @@ def prepare_command(input: str, out: str, tokenizer: Literal["char", "bpe", "gpt
 def sample_command(run: str, prompt: str | None = None, prompt_file: str | None = None, num_samples: int = 1,
                    max_new_tokens: int = 500, temperature: float = 0.8, top_k: int | None = 200,
                    top_p: float | None = None, seed: int = 1337, checkpoint: Literal["last", "best"] = "last",
-                   device: str = "auto", show_probs: bool = False, show_top: int = 5) -> None:
+                   device: str = "auto", show_probs: bool = False, show_top: int = 5,
+                   stop_at_eot: bool = True) -> None:
     """Generate text from a trained run, streaming it to stdout.
 
     Args:
@@ -144,12 +145,14 @@ def sample_command(run: str, prompt: str | None = None, prompt_file: str | None 
         show_probs: Print one line per generated token: the token, its probability and the top candidates
             (probabilities after temperature, top-k and top-p: the distribution the token was drawn from).
         show_top: How many candidates --show-probs lists.
+        stop_at_eot: End a sample at <|endoftext|>, the token between documents in BPE and GPT-2 data, so
+            that a sample is one document (--no-stop-at-eot: always max_new_tokens, across documents).
     """
     from fungpt.sample import sample
 
     sample(run, prompt=prompt, prompt_file=prompt_file, num_samples=num_samples, max_new_tokens=max_new_tokens,
            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, checkpoint=checkpoint, device=device,
-           out=sys.stdout, show_probs=show_probs, show_top=show_top)
+           out=sys.stdout, show_probs=show_probs, show_top=show_top, stop_at_eot=stop_at_eot)
 
 
 def eval_command(run: str, input: str | None = None, checkpoint: Literal["last", "best"] = "last",

@@ -68,10 +68,14 @@ def _write_probs_line(out: TextIO, step: int, token: int, p: float, cands: list[
 def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path | None = None, num_samples: int = 1,
            max_new_tokens: int = 500, temperature: float = 0.8, top_k: int | None = 200, top_p: float | None = None,
            seed: int = 1337, checkpoint: str = "last", device: str = "auto",
-           out: TextIO | None = None, show_probs: bool = False, show_top: int = 5) -> list[str]:
+           out: TextIO | None = None, show_probs: bool = False, show_top: int = 5,
+           stop_at_eot: bool = True) -> list[str]:
     """Generate `num_samples` continuations of the prompt, streaming text to `out` as it is made.
 
     The same seed gives the same text. Returns the generated texts (without the prompt).
+    stop_at_eot: end a sample at <|endoftext|>, the token between documents in BPE and GPT-2 data (not
+    written; the char tokenizer has none), so that a sample is one document, as Hugging Face's generate
+    stops at its eos token. False: max_new_tokens tokens, across documents.
     show_probs: instead of streaming the text, write one line per generated token: the token
     chosen, its probability and the `show_top` most likely candidates (probabilities after
     temperature, top-k and top-p, i.e. those the token was drawn from); then the whole text.
@@ -99,6 +103,7 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
     if not ids:
         ids = default_prompt_ids(loaded)
     gen = seeded_generator(seed, loaded.device)
+    eot = loaded.tokenizer.eot_id if stop_at_eot else None
     texts = []
     for i in range(num_samples):
         if out is not None:
@@ -109,13 +114,16 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
         idx = torch.tensor([ids], dtype=torch.long, device=loaded.device)
         if show_probs:
             texts.append(_sample_showing_probs(loaded, idx, max_new_tokens, temperature, top_k, top_p, gen,
-                                               show_top, out, prompt or ""))
+                                               show_top, out, prompt or "", eot))
             continue
         new: list[int] = []
         shown = ""
         for tok in loaded.model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k,
                                                 top_p=top_p, generator=gen):
-            new.append(int(torch.as_tensor(tok).reshape(-1)[0]))
+            token = int(torch.as_tensor(tok).reshape(-1)[0])
+            if token == eot:
+                break
+            new.append(token)
             # Decode everything so far and print what is new: with byte-level BPE a character can
             # span several tokens, so single tokens may not decode to whole characters.
             text = loaded.tokenizer.decode(new)
@@ -133,8 +141,9 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
 
 def _sample_showing_probs(loaded: LoadedRun, idx: torch.Tensor, max_new_tokens: int, temperature: float,
                           top_k: int | None, top_p: float | None, gen: torch.Generator, show_top: int,
-                          out: TextIO | None, prompt: str) -> str:
-    """One sample, writing a line per step with the top candidates; returns the generated text."""
+                          out: TextIO | None, prompt: str, eot: int | None = None) -> str:
+    """One sample, writing a line per step with the top candidates; returns the generated text (which ends
+    before the token `eot`, if drawn; its line is written)."""
     tok = loaded.tokenizer
     if out is not None:
         out.write(f"prompt: {prompt!r}\n")
@@ -152,6 +161,9 @@ def _sample_showing_probs(loaded: LoadedRun, idx: torch.Tensor, max_new_tokens: 
             p = float(sampling_distribution(logits[0], temperature, top_k, top_p)[token])
             _write_probs_line(out, step, token, p, cands, tok)
             out.flush()
+        if token == eot:
+            new.pop()
+            break
     text = tok.decode(new)
     if out is not None:
         out.write(f"--- text ---\n{prompt}{text}\n")

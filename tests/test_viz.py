@@ -370,6 +370,37 @@ def test_top_candidates():
     assert [c[0] for c in top_candidates(logits, tok, k=3, top_k=1)] == [1]  # filtered tokens are left out
 
 
+@pytest.mark.parametrize("show_probs", [False, True])
+def test_a_sample_ends_at_endoftext_unless_asked_to_go_on(run_dir, monkeypatch, show_probs):
+    """In BPE and GPT-2 data <|endoftext|> separates documents: a sample is one document (as Hugging Face's
+    generate stops at its eos token); --no-stop-at-eot goes on across documents."""
+    import dataclasses
+    import importlib
+
+    from fungpt.tokenizer import BPETokenizer
+
+    sample_mod = importlib.import_module("fungpt.sample")  # (`import fungpt.sample` names the function)
+
+    bpe = BPETokenizer.train("The cat sat on the mat. " * 20, vocab_size=270)
+    hello, more = bpe.encode("The cat"), bpe.encode(" sat")
+    drawn = [*hello, bpe.eot_id, *more]
+    real = load_run(run_dir, device="cpu")
+
+    class Scripted(torch.nn.Module):  # draws `drawn`, whatever the model would
+        def generate_stream(self, idx, max_new_tokens, yield_logits=False, **kw):
+            for t in drawn[:max_new_tokens]:
+                ids = torch.tensor([t])
+                yield (ids, torch.zeros(1, bpe.vocab_size)) if yield_logits else ids
+
+    scripted = dataclasses.replace(real, model=Scripted(), tokenizer=bpe)
+    monkeypatch.setattr(sample_mod, "load_run", lambda *a, **k: scripted)
+    out = io.StringIO()
+    assert sample(run_dir, max_new_tokens=10, out=out, show_probs=show_probs) == ["The cat"]
+    assert "<|endoftext|>" not in out.getvalue().split("--- text ---")[-1]
+    assert sample(run_dir, max_new_tokens=10, show_probs=show_probs, stop_at_eot=False) == [
+        "The cat<|endoftext|> sat"]
+
+
 def test_show_probs_same_text_and_one_line_per_token(run_dir):
     plain, shown = io.StringIO(), io.StringIO()
     a = sample(run_dir, prompt="ROMEO:", max_new_tokens=8, device="cpu", out=plain)
