@@ -103,7 +103,7 @@ class TrainConfig:
     beta1: float = 0.9
     """AdamW beta1 (momentum)."""
     beta2: float = 0.99
-    """AdamW beta2 (second-moment decay); 0.99 suits small batches, GPT-2 used 0.95."""
+    """AdamW beta2 (second-moment decay); 0.99 suits small batches, GPT-3 and nanoGPT use 0.95."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     eval_interval: int = 250

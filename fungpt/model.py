@@ -17,6 +17,8 @@ Shape notation used in every comment below:
     B  batch size              T   time (sequence length of this chunk)
     C  n_embd (channels)       nh  n_head (number of attention heads)
     hs head size = C // nh     V   vocab_size
+    t0 tokens already in the KV cache before this chunk (0 without a cache, as in training)
+    T_total = t0 + T: the keys a query of this chunk can attend to
 
 Reading order: GPTConfig, CausalSelfAttention, MLP, Block, KVCache, GPT. Generation
 draws each new token with sampling.py's sample_next_token.
@@ -129,7 +131,8 @@ class GPTConfig:
 
 
 def make_norm(config: GPTConfig, dim: int, bias: bool | None = None) -> nn.Module:
-    """LayerNorm: (x - mean) / std * weight + bias.  RMSNorm: x / rms(x) * weight (no centring, no bias).
+    """LayerNorm: (x - mean) / sqrt(var + eps) * weight + bias, var the biased variance over C.
+    RMSNorm: x / sqrt(mean(x^2) + eps) * weight (no centring, no bias).
 
     On a CPU, LayerNorm is one fused kernel while RMSNorm is composed of several element-wise
     operations: a step with RMSNorm everywhere was 2-20% slower there (BENCHMARKS.md, the speedrun ablations of the
@@ -249,7 +252,8 @@ class CausalSelfAttention(nn.Module):
         else:
             raise FunGPTError(f"attn_impl={attn_impl!r} is unknown: use 'sdpa' or 'plain'")
 
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh, hs) -> (B, T, C): heads side by side
+        # (B, nh, T, hs) -> transpose -> (B, T, nh, hs) -> (B, T, C): the heads' outputs side by side
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y)), weights
 
 
@@ -339,7 +343,9 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
         # GPT-2 init: every block adds its two c_proj outputs to the residual stream, so the variance
-        # of x grows with depth; scaling these by 1/sqrt(2 * n_layer) keeps it roughly constant.
+        # of x grows with depth. Scaling these by 1/sqrt(2 * n_layer) makes the sum of all 2 * n_layer
+        # branches about as large as one unscaled branch, whatever the depth (GPT-2 paper: scale the
+        # residual layers' weights by 1/sqrt(N), N the number of residual layers).
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -402,6 +408,7 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             # Cross-entropy = -log p(correct next token), averaged; -1 marks positions to skip.
+            # (B*T, V) logits against (B*T,) targets: cross_entropy takes (N, classes) and (N,)
             loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
         if return_attn:
             return logits, loss, attn
@@ -534,7 +541,8 @@ class GPT(nn.Module):
 
         6N: each weight does one multiply-add (2 FLOPs) per token forward and twice that
         backward, N = non-embedding parameters. Plus attention scores and weighted sum,
-        which have no weights: 12 * n_layer * n_embd * block_size (same 2 + 4 split).
+        which have no weights: 12 * n_layer * n_embd * block_size (same 2 + 4 split). That counts
+        the full T x T score matrix, PaLM's convention; causal attention needs about half of it.
         """
         c = self.config
         return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * c.block_size

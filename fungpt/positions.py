@@ -1,9 +1,9 @@
 """Position encodings: how a transformer learns *where* each token is.
 
 Self-attention without a mask is permutation-equivariant: shuffle the input tokens and
-the outputs are shuffled the same way (a causal mask leaks some order, see
-`NoPositions`, but not enough). Word order matters in language, so every
-GPT injects position information somewhere. This file holds four swappable ways
+the outputs are shuffled the same way. A causal mask leaks some order, which is often enough
+(see `NoPositions`), but explicit positions are the norm: word order matters in language, so
+GPTs usually inject position information somewhere. This file holds four swappable ways
 to do it; the model picks one with `make_positions(config)` and never branches on
 the variant again.
 

@@ -534,8 +534,9 @@ def get_lr(it: float, tc: TrainConfig) -> float:
 
     warmup: linear from ~0 to lr over warmup_iters (large early updates from random weights are
     unstable, and AdamW's second-moment estimates need a few steps to become meaningful); then
-      cosine:   lr → min_lr along half a cosine by decay_iters (GPT-2, nanoGPT)
-      wsd:      flat at lr, then linear to min_lr over the last wsd_decay_frac (warmup-stable-decay,
+      cosine:   lr → min_lr along half a cosine by decay_iters (GPT-3, nanoGPT; the GPT-2 paper names none)
+      wsd:      flat at lr, then linear to min_lr over the last wsd_decay_frac of decay_iters (warmup
+                included; warmup-stable-decay,
                 Hu et al. 2024 "MiniCPM"); a run can be extended without re-warming
       constant: lr
     With cosine and wsd, the rate stays at min_lr after decay_iters.
@@ -570,6 +571,8 @@ def evaluate(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, device: str
     model.eval()
     out = {}
     for split in ("train",) if cfg.train.eval_full_val else ("train", "val"):
+        # seed + 12345: any fixed offset, so that every eval scores the same windows, drawn apart from the
+        # training batches
         loader = BatchLoader(data_dir, split, cfg.train.batch_size, cfg.model.block_size, device=device,
                              seed=cfg.train.seed + 12345)
         losses = torch.zeros(cfg.train.eval_iters)
@@ -845,7 +848,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     device = f"cuda:{ddp.local_rank}" if prec.device == "cuda" else prec.device
     if prec.device == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~fp32 accuracy at tensor-core speed
+        # TF32 matmuls: fp32's range with a 10-bit mantissa (fp16's precision, ~1e-3 relative) at tensor-core
+        # speed; fine for training
+        torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     say = print if ddp.is_main else (lambda *a, **k: None)
     # The run seeds torch's global random streams (weights, dropout, batches); a program that calls train()
