@@ -758,8 +758,10 @@ def eval_windows(
     for i in range(0, len(starts), batch_size):
         batch_starts = np.array(starts[i : i + batch_size])
         windows = torch.from_numpy(np.asarray(tokens[batch_starts[:, None] + offsets]).astype(np.int64))
-        x = windows[:, :-1].contiguous()  # (B, T)
-        y = windows[:, 1:].contiguous()  # (B, T): x shifted by one
+        # Copies, not views: with one window in the batch, both slices are already contiguous, and y's
+        # ignore_index below would also have written into x (x held -1s: an IndexError in the embedding)
+        x = windows[:, :-1].clone()  # (B, T)
+        y = windows[:, 1:].clone()  # (B, T): x shifted by one
         if tail and i + batch_size >= len(starts):
             y[-1, : T - tail] = ignore_index  # those targets were scored already
         yield _to_device(x, device), _to_device(y, device)

@@ -188,8 +188,9 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
     if input is not None:
         path = Path(input)
         try:
-            # as prepare reads it: read_text would turn "\r\n" into "\n"; a byte-order mark is dropped
-            text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
+            # as prepare reads it: read_text would turn "\r\n" into "\n"; a byte-order mark is dropped; bytes
+            # that are not UTF-8 are refused, or, for a run trained with data.errors = "replace", read as U+FFFD
+            text = path.read_bytes().decode("utf-8", errors=loaded.config.data.errors).removeprefix("\ufeff")
         except FileNotFoundError:
             raise FunGPTError(f"--input {path} does not exist") from None
         except IsADirectoryError:

@@ -578,5 +578,8 @@ def test_eval_windows_scores_every_target_of_an_array_once(n, block_size):
     for x, y in eval_windows(tokens, block_size, batch_size=3):
         assert x.shape == y.shape and x.shape[1] == min(block_size, n - 1)
         assert torch.equal(y[:, :-1][y[:, :-1] != -1], x[:, 1:][y[:, :-1] != -1])  # y is x shifted by one
+        # x is the text itself, in full: the -1s that mark targets already scored are y's alone (with one
+        # window in the last batch, (30, 8), they were written into x too)
+        assert bool((x >= 100).all()) and torch.equal(x[:, 1:] - x[:, :-1], torch.ones_like(x[:, 1:]))
         seen += y[y != -1].tolist()
     assert sorted(seen) == list(range(101, 100 + n))  # every token but the first, exactly once

@@ -649,6 +649,9 @@ def test_train_on_text_with_bad_utf8_names_a_fix_train_accepts(corpus, tmp_path)
     cfg.data = dataclasses.replace(cfg.data, errors="replace")
     assert train(cfg, progress=False)["step"] == 2
     assert "\ufffd" in load_tokenizer(tmp_path / "run").decode(range(load_tokenizer(tmp_path / "run").vocab_size))
+    # the run reads its own corpus as it was trained: `fungpt eval --input` on b.txt (it said "convert it to UTF-8")
+    res = evaluate_run(tmp_path / "run", input=folder / "b.txt")
+    assert res["tokens"] == len((folder / "b.txt").read_bytes().decode("utf-8", errors="replace")) - 1
     with pytest.raises(FunGPTError, match="data.errors"):
         DataConfig(errors="ignore")
 
