@@ -709,8 +709,10 @@ class BatchLoader:
         # starts[b] .. starts[b] + block_size (block_size + 1 of them).
         windows = torch.from_numpy(data[starts.numpy()[:, None] + self._offsets].astype(np.int64))
         self.batches_drawn += 1
-        x = windows[:, :-1].contiguous()
-        y = windows[:, 1:].contiguous()
+        # Copies (not .contiguous(), which returns a view when batch_size is 1): x and y must not share
+        # memory, or a caller that masks targets in y would change x too (eval_windows below did)
+        x = windows[:, :-1].clone()  # (B, T)
+        y = windows[:, 1:].clone()  # (B, T): x shifted by one
         return _to_device(x, self.device), _to_device(y, self.device)
 
     def state_dict(self) -> dict:

@@ -557,6 +557,12 @@ def test_batch_loader_rejects_bad_arguments(char_data):
             BatchLoader(char_data, "train", batch_size=batch_size, block_size=block_size)
 
 
+def test_a_batch_of_one_is_two_tensors_of_their_own(char_data):
+    x, y = BatchLoader(char_data, "train", batch_size=1, block_size=8).next_batch()
+    y[0, 0] = -1  # e.g. masking a target
+    assert x.min() >= 0 and x.untyped_storage().data_ptr() != y.untyped_storage().data_ptr()
+
+
 @pytest.mark.parametrize("block_size", [7, 16])
 def test_eval_windows_score_every_token_once(char_data, block_size):
     val = read_bin(char_data, "val").astype(np.int64)
