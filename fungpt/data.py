@@ -494,7 +494,13 @@ def prepare(
                 bar.update(len(data))
 
             def write(split: str, f, text: str) -> None:
-                ids = _encode(tok, text)
+                try:
+                    ids = _encode(tok, text)
+                except FunGPTError:
+                    if given is None and tokenizer == "char":  # its vocabulary is every character pass 1 saw
+                        raise FunGPTError(f"input '{input}' changed while it was being prepared; run prepare "
+                                          f"again") from None
+                    raise
                 f.write(ids.astype(dtype).tobytes())
                 counts[f"{split}_tokens"] += len(ids)
                 counts[f"{split}_chars"] += len(text)

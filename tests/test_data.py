@@ -398,6 +398,25 @@ def test_unrelated_folder_never_replaced(tmp_path, corpus):
     assert load_meta(prepare(corpus, empty, progress=False))["train_tokens"] > 0
 
 
+def test_a_corpus_edited_during_prepare_says_so(tmp_path, monkeypatch):
+    """A character added between the counting pass and the encoding pass is not in the char vocabulary; the
+    error said so ("use a bpe tokenizer"), naming a position inside the val piece, not the real cause."""
+    path = _write(tmp_path, "c.txt", TEXT.encode())
+    iter_corpus, calls = data_mod._iter_corpus, []
+
+    def edited_after_the_first_pass(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write("\u03a9 new\n")
+        return iter_corpus(*args, **kwargs)
+
+    monkeypatch.setattr(data_mod, "_iter_corpus", edited_after_the_first_pass)
+    with pytest.raises(FunGPTError, match=r"c.txt' changed while it was being prepared; run prepare again"):
+        prepare(path, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
 def test_out_inside_the_input_folder_is_refused(tmp_path):
     texts = tmp_path / "texts"
     texts.mkdir()
