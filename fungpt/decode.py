@@ -159,8 +159,10 @@ class Decoder:
             self._gather()  # a weight changed since the last step (e.g. while a generate_stream was paused)
         with torch.inference_mode():
             x = self._blocks(token, p, T)  # (C,)
-        # Outside inference mode, so that the logits are an ordinary tensor (the caller may edit them in place)
-        return self.lm_head(self.ln_f(x)).view(1, 1, -1)  # (1, 1, V)
+        # Outside inference mode, so that the logits are an ordinary tensor (the caller may edit them in place);
+        # without gradients: decoding never needs them, and an inference tensor cannot be saved for backward
+        with torch.no_grad():
+            return self.lm_head(self.ln_f(x)).view(1, 1, -1)  # (1, 1, V)
 
     def _blocks(self, token: torch.Tensor, p: int, T: int) -> torch.Tensor:
         """The residual stream x (C,) after every block, for the token at position p; fills the cache at p."""

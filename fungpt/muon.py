@@ -64,8 +64,8 @@ class Muon(torch.optim.Optimizer):
                     by_shape.setdefault(tuple(p.shape), []).append(p)
             for (rows, cols), params in by_shape.items():
                 grads = torch.stack([p.grad for p in params])  # (n, rows, cols)
-                if "momentum_buffer" not in self.state[params[0]]:
-                    for p in params:
+                for p in params:  # (each on its own: a matrix may get its first gradient later than others)
+                    if "momentum_buffer" not in self.state[p]:
                         self.state[p]["momentum_buffer"] = torch.zeros_like(p)
                 bufs = [self.state[p]["momentum_buffer"] for p in params]
                 torch._foreach_mul_(bufs, mu)

@@ -105,5 +105,10 @@ def sample_next_token(
     if not 0 <= temperature < math.inf:  # (NaN fails this test too)
         raise FunGPTError(f"temperature={temperature} must be a number >= 0 (0 = greedy)")
     if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+        # max, not argmax: the same first index of the largest, and its value to check, in one operation
+        top, best = logits.max(dim=-1, keepdim=True)  # (B, 1) each; a NaN counts as the largest
+        if not (math.isfinite(top.item()) if top.numel() == 1 else bool(torch.isfinite(top).all())):
+            raise FunGPTError("cannot pick the next token: the logits are NaN or infinite (a model whose training "
+                              "diverged gives these)")  # (NaN, every logit -inf, or one +inf)
+        return best
     return draw(sampling_probs(logits, temperature, top_k, top_p), generator)  # (B, V) -> (B, 1)

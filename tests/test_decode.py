@@ -147,6 +147,17 @@ def test_decoder_refuses_what_it_cannot_run():
         Decoder(model, model.make_kv_cache(1))
 
 
+def test_a_step_with_gradients_enabled_gives_the_models_logits():
+    """Decoding needs no gradients, but a caller outside no_grad got "Inference tensors cannot be saved for
+    backward" from the last layers."""
+    model = make_model()
+    assert torch.is_grad_enabled()
+    logits = Decoder(model, model.make_kv_cache(1)).step(torch.tensor([3]))
+    with torch.no_grad():
+        expected = model(torch.tensor([[3]]))
+    assert torch.allclose(logits, expected, atol=1e-5)
+
+
 @torch.no_grad()
 def test_a_full_cache_is_a_clear_error():
     model = make_model()

@@ -238,6 +238,14 @@ def test_temperature_zero_is_argmax():
     assert sample_next_token(logits).shape == (5, 1)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("row", [[float("-inf")] * 3, [1.0, float("nan"), 0.0]])
+def test_broken_logits_are_refused_greedy_or_not(row, temperature):
+    """A diverged model's logits: sampling refused them, greedy picked token 0 (all -inf) or the NaN."""
+    with pytest.raises(FunGPTError, match="NaN"):
+        sample_next_token(torch.tensor([row]), temperature=temperature)
+
+
 def test_a_tiny_temperature_samples_the_largest_logits_not_nan():
     from fungpt.sampling import sampling_probs
 

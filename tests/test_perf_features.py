@@ -158,6 +158,21 @@ def test_lookahead_must_not_be_negative():
         next(small_model().generate_stream(torch.tensor([[1]]), 3, temperature=0.0, lookahead=-1))
 
 
+def test_muon_gives_a_matrix_its_state_when_its_first_gradient_comes_later():
+    """Momentum state was made for all matrices of a shape when the first of them had none; one that got no
+    gradient then (frozen for a while, or unused) had none later: a KeyError."""
+    from fungpt.muon import Muon
+
+    a, b = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6, requires_grad=True)
+    opt = Muon([a, b], lr=0.01)
+    a.grad = torch.randn(4, 6)
+    opt.step()
+    before = b.detach().clone()
+    a.grad, b.grad = torch.randn(4, 6), torch.randn(4, 6)
+    opt.step()
+    assert not torch.equal(b, before) and torch.equal(opt.state[b]["momentum_buffer"], b.grad)
+
+
 def test_float32_muon_matches_torch_muon():
     from fungpt.muon import Muon
 
