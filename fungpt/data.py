@@ -45,6 +45,7 @@ exactly those of encoding each split's text in one go.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import errno
 import glob
 import hashlib
@@ -55,6 +56,7 @@ import re
 import shutil
 import socket
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -340,28 +342,21 @@ def _encode(tokenizer: Tokenizer, text: str) -> np.ndarray:
 
 
 _HOST = socket.gethostname().replace("-", "_") or "host"  # in temporary folder names: OUT.tmp-HOST-PID
+STALE_TEMP_S = 3600  # a prepare's temporary folder untouched this long was left by a killed one
 
 
 def _remove_stale_temps(out: Path) -> None:
-    """Delete the temporary folders (OUT.tmp-HOST-PID, OUT.old-HOST-PID) of a prepare on this machine that
-    was killed (kill -9, out of memory, power loss) before it could clean up; a live one's are kept."""
+    """Delete the temporary folders (OUT.tmp-*, OUT.old-*) that a prepare killed before it could clean up
+    (kill -9, out of memory, power loss) left, by age: none of their files written for an hour. A live
+    prepare appends to its .bin files every few megabytes. (Not by process id: another machine, or another
+    container on this one, can share the folder and the host name but not the process ids.)"""
+    now = time.time()
     for kind in ("tmp", "old"):
-        for folder in out.parent.glob(f"{glob.escape(out.name)}.{kind}-{glob.escape(_HOST)}-*"):
-            pid = folder.name.rsplit("-", 1)[1]
-            if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    if os.name == "nt":  # (there signal 0 is CTRL_C_EVENT: never send it; keep the folder)
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):  # another user's process (or a platform without signal 0): keep it
-        return True
-    return True
+        for folder in out.parent.glob(f"{glob.escape(out.name)}.{kind}-*"):
+            with contextlib.suppress(OSError):
+                newest = max([folder.stat().st_mtime, *(p.stat().st_mtime for p in folder.iterdir())])
+                if now - newest > STALE_TEMP_S:
+                    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> None:
@@ -416,9 +411,10 @@ def prepare(
     _check_out_dir(out, overwrite)
     files = resolve_source(input)
     source = Path(input).expanduser()
-    if source.is_dir() and out.is_relative_to(source.resolve()):
-        raise FunGPTError(f"--out {out} is inside the input folder {source}: the next prepare of that folder would "
-                          f"read the dataset's own files as text; choose an --out outside it")
+    if source.is_dir() and out.is_relative_to(source.resolve()) and not _is_hidden(out.relative_to(source.resolve())):
+        raise FunGPTError(f"the dataset folder {out} is inside the input folder {source}: the next prepare of that "
+                          f"folder would read the dataset's own files as text; put it outside (or in a hidden folder, "
+                          f"whose files are skipped)")
     total_bytes = sum(p.stat().st_size for p in files)
     gpt2 = GPT2Tokenizer() if tokenizer == "gpt2" and given is None else None  # fail early if unavailable
     has_eot = given.eot_id is not None if given is not None else tokenizer != "char"
@@ -483,6 +479,7 @@ def prepare(
         tmp.mkdir(parents=True)
         check = hashlib.sha256()
         position = 0  # characters of the corpus handled so far
+        max_id = -1  # the largest token id written (meta.json: lets check_token_ids skip reading the files)
         with (
             open(tmp / "train.bin", "wb") as train_f,
             open(tmp / "val.bin", "wb") as val_f,
@@ -494,6 +491,7 @@ def prepare(
                 bar.update(len(data))
 
             def write(split: str, f, text: str) -> None:
+                nonlocal max_id
                 try:
                     ids = _encode(tok, text)
                 except FunGPTError:
@@ -502,6 +500,8 @@ def prepare(
                                           f"again") from None
                     raise
                 f.write(ids.astype(dtype).tobytes())
+                if len(ids):
+                    max_id = max(max_id, int(ids.max()))
                 counts[f"{split}_tokens"] += len(ids)
                 counts[f"{split}_chars"] += len(text)
                 counts[f"{split}_bytes"] += len(text.encode("utf-8"))
@@ -524,6 +524,7 @@ def prepare(
             "vocab_size": tok.vocab_size,
             "eot_id": tok.eot_id,
             "dtype": dtype.name,
+            "max_id": max_id,
             **counts,
             "val_fraction": val_fraction,
             "source": str(input),
@@ -572,10 +573,17 @@ _REQUIRED_KEYS = ("format_version", "tokenizer", "vocab_size", "dtype", "train_t
 
 def check_token_ids(data_dir: Path, meta: dict, chunk: int = 1 << 26) -> None:
     """Refuse token ids >= meta's vocab_size, as a hand-made or edited dataset may hold: the embedding lookup
-    would otherwise fail mid-run with a raw IndexError (on a GPU, a device-side assert). Reads each .bin once,
-    `chunk` tokens at a time (numpy's max runs at several GB/s: ~1 ms for Tiny Shakespeare)."""
+    would otherwise fail mid-run with a raw IndexError (on a GPU, a device-side assert). A folder written by
+    `prepare` records its largest id in meta.json (max_id); any other is read once, `chunk` tokens at a time
+    (numpy's max runs at several GB/s from memory: ~1 ms for Tiny Shakespeare, seconds for gigabytes)."""
     vocab = meta["vocab_size"]
-    for split in SPLITS:
+    if isinstance(meta.get("max_id"), int) and not isinstance(meta["max_id"], bool):  # recorded by prepare
+        if meta["max_id"] >= vocab:
+            raise FunGPTError(f"{Path(data_dir) / 'meta.json'} says its largest token id is {meta['max_id']} but its "
+                              f"vocab_size is {vocab}: ids must be below it. Prepare the data again with `fungpt "
+                              f"prepare`")
+        return
+    for split in SPLITS:  # a folder made some other way: read every id
         if not meta[f"{split}_tokens"]:
             continue
         bin_path = Path(data_dir) / f"{split}.bin"

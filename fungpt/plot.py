@@ -116,7 +116,7 @@ def save_figure(fig, out: Path, **savefig_kw) -> Path:
         fig.savefig(tmp, **savefig_kw)
         os.replace(tmp, out)
     except OSError as e:
-        raise FunGPTError(f"could not write {out}: {e.strerror or e}; choose another --out") from None
+        raise FunGPTError(f"could not write {out}: {e.strerror or e}") from None
     finally:
         with contextlib.suppress(OSError):  # (e.g. ENOTDIR when a file stands where the folder should be)
             tmp.unlink(missing_ok=True)

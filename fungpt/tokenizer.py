@@ -56,17 +56,19 @@ HF_KIND = "hf"  # loaded from a pretrained model's files, never trained (see HFT
 # A byte-level BPE vocabulary always contains the 256 single bytes plus <|endoftext|>.
 MIN_BPE_VOCAB = 257
 DEFAULT_BPE_VOCAB = 4096
-# BPE training cuts runs of more than this many non-space characters (DNA, long hashes, a line of dashes) into
-# pieces of their own: the trainer's time grows with the square of a "word"'s length, and 300 KB of ACGT
-# without a space took 21.6 s to learn 500 tokens, against 0.2 s cut (encoding the text: 88,678 tokens
-# against 88,500).
+# BPE training cuts "words" (GPT-2's pre-tokens: runs of letters, of digits, or of other non-space characters)
+# longer than this into pieces of their own (DNA, long numbers, a line of dashes): the trainer's time grows
+# with the square of a word's length, and 300 KB of ACGT without a space took 21.6 s to learn 500 tokens,
+# against 0.2 s cut (encoding the text: 88,678 tokens against 88,500). Text whose words are short, such as
+# URLs or Chinese (cut at its punctuation), is left as it is.
 BPE_MAX_WORD_CHARS = 256
-_LONG_RUN = re.compile(rf"\S{{{BPE_MAX_WORD_CHARS + 1},}}")
+_LONG_RUN = re.compile("|".join(f"(?:{cls}){{{BPE_MAX_WORD_CHARS + 1},}}"
+                                for cls in (r"[^\W\d_]", r"\d", r"[^\s\w]|_")))  # letters | digits | the rest
 
 
 def _cut_long_runs(chunks: Iterable[str]) -> Iterable[str]:
-    """The chunks, with every run of non-space characters longer than BPE_MAX_WORD_CHARS yielded in pieces of
-    that length, each a chunk of its own (no merge crosses chunks)."""
+    """The chunks, with every word longer than BPE_MAX_WORD_CHARS yielded in pieces of that length, each a
+    chunk of its own (no merge crosses chunks)."""
     for text in chunks:
         start = 0
         for m in _LONG_RUN.finditer(text):

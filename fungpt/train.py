@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -30,7 +31,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -773,8 +774,15 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if signum == getattr(signal, "SIGHUP", None):
+            _silence_terminal()  # its terminal is gone: writing there would fail (EIO) before the save
         if self.stop:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt  # (cli: "fungpt: interrupted", status 130)
+            with contextlib.suppress(OSError):
+                print(f"\nfungpt: {signal.Signals(signum).name} again: stopped at once; the last checkpoint is "
+                      f"intact", file=sys.stderr)
+            os._exit(128 + signum)
         self.stop, self.signum = True, signum
         if self.announce:
             what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
@@ -782,9 +790,29 @@ class _StopFlag:
                 print(f"\n{what}: finishing this step and saving a checkpoint ({what} again aborts)",
                       file=sys.stderr)
 
+    def output(self, write: Callable[..., Any], *args: Any) -> None:
+        """Write to the console (the progress bar's update or write). A terminal that hung up fails writes with
+        EIO, possibly before its SIGHUP reaches Python: the run then stops as for SIGHUP, saving its step."""
+        try:
+            write(*args)
+        except OSError as e:
+            if e.errno != errno.EIO:
+                raise
+            _silence_terminal()
+            self.stop, self.signum = True, self.signum or getattr(signal, "SIGHUP", signal.SIGTERM)
+
     def __exit__(self, *exc) -> None:
         for signum, old in self._old.items():
             signal.signal(signum, old)
+
+
+def _silence_terminal() -> None:
+    """Point stdout and stderr at /dev/null where they are a terminal (one that hung up: SIGHUP), so that the
+    run's remaining output cannot fail; output to files and pipes is kept."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if os.isatty(stream.fileno()):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 @contextlib.contextmanager
@@ -1044,8 +1072,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         first step is left out: it also does one-time work (oneDNN builds its kernels, the memory allocator
         grows), and took 4x as long as the next ones in a test run.
         """
-        if not recent_steps:
-            return timings.get("step", 0.0)
+        if not recent_steps:  # (until a second step is timed, the first one's time, however slow, is all we know)
+            return max(timings.get("step", 0.0), first_step_s)
         return sorted(recent_steps)[len(recent_steps) // 2]
 
     def end_time() -> float:
@@ -1088,7 +1116,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     losses: dict[str, float] = {}
     last_loss = float("nan")
     recent_steps: collections.deque[float] = collections.deque(maxlen=5)  # the last steps' times, for step_estimate
-    first_step = True
+    first_step, first_step_s = True, 0.0
     plot_time = timings.get("plot", 0.0)
     if step == 0 and budget_s is None:
         t0 = time.time()
@@ -1170,9 +1198,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             optimizer.zero_grad(set_to_none=True)
             step, tokens_seen = step + 1, tokens_seen + tokens_per_step
             step_time = time.time() - t_step
-            if not first_step:
+            if first_step:
+                first_step, first_step_s = False, step_time
+            else:
                 recent_steps.append(step_time)
-            first_step = False
 
             if ddp.is_main and (step % tc.log_interval == 0 or step == 1):
                 tok_s = tokens_per_step / step_time
@@ -1186,13 +1215,14 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.0%}",
                                     refresh=False)
             if bar is not None:
-                bar.update(1)
+                interrupt.output(bar.update, 1)
             if step % tc.eval_interval == 0 and step < tc.max_iters:
                 t0 = time.time()
                 losses = do_eval()
                 eval_time = time.time() - t0
                 if bar is not None:
-                    bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                    interrupt.output(bar.write, f"step {step}: train loss {losses['train']:.4f}, "
+                                                f"val loss {losses['val']:.4f}")
             if step % tc.checkpoint_interval == 0 and step < tc.max_iters:  # the last step is saved below
                 do_save()
         # The loop also ends at max_iters without asking must_stop: a Ctrl-C that reached some ranks during the
@@ -1253,5 +1283,5 @@ def _plot_quietly(out_dir: Path, timing_only: bool = False) -> None:
 
         plot_runs([out_dir], out=out_dir / "loss.png")
     except Exception as e:  # noqa: BLE001 - the run itself succeeded
-        if not (timing_only and isinstance(e, FunGPTError)):
+        if not (timing_only and isinstance(e, FunGPTError) and "no loss rows" in str(e)):
             print(f"fungpt: could not draw loss.png ({e})", file=sys.stderr)

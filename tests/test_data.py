@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import urllib.error
 from pathlib import Path
 
@@ -447,21 +448,28 @@ def test_a_dataset_finished_meanwhile_by_another_prepare_is_kept(tmp_path, corpu
 
 def test_temporary_folders_of_a_killed_prepare_are_removed(tmp_path, corpus):
     """kill -9 (or running out of memory) leaves OUT.tmp-HOST-PID behind; the next prepare into OUT removes the
-    ones whose process is gone, and keeps a live one's."""
-    import subprocess
-    import sys
-
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid, live_pid = int(gone.stdout), os.getppid()
+    ones untouched for an hour (a live prepare writes its files every few megabytes), and keeps the others."""
     out = tmp_path / "out"
-    host = data_mod._HOST
-    stale = [tmp_path / f"out.tmp-{host}-{dead_pid}", tmp_path / f"out.old-{host}-{dead_pid}"]
-    live, elsewhere = tmp_path / f"out.tmp-{host}-{live_pid}", tmp_path / f"out.tmp-otherhost-{dead_pid}"
-    for folder in [*stale, live, elsewhere]:
+    stale = [tmp_path / "out.tmp-host-123", tmp_path / "out.old-host-123", tmp_path / "out.tmp-456"]
+    live = tmp_path / "out.tmp-otherhost-789"
+    hour_ago = time.time() - data_mod.STALE_TEMP_S - 60
+    for folder in [*stale, live]:
         folder.mkdir()
         (folder / "train.bin").write_bytes(b"\0" * 1000)
+        if folder in stale:
+            os.utime(folder / "train.bin", (hour_ago, hour_ago))
+            os.utime(folder, (hour_ago, hour_ago))
     prepare(corpus, out, progress=False)
-    assert sorted(leftovers(tmp_path)) == sorted([live.name, elsewhere.name])
+    assert leftovers(tmp_path) == [live.name]
+
+
+def test_a_dataset_in_a_hidden_folder_inside_the_input_folder_is_allowed(tmp_path):
+    """Hidden files are not read as text, so e.g. FUNGPT_CACHE_DIR=texts/.cache with data.path texts is fine."""
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text(TEXT, encoding="utf-8")
+    assert load_meta(prepare(texts, texts / ".cache" / "ds", progress=False))["train_tokens"] > 0
+    assert load_meta(prepare(texts, tmp_path / "again", progress=False))["train_chars"] == len(TEXT) * 9 // 10
 
 
 def test_a_full_cache_says_where_else_to_prepare(tmp_path, corpus, monkeypatch):

@@ -296,6 +296,28 @@ def test_max_minutes_stops_on_time_with_the_schedule_decayed(corpus, tmp_path, c
     assert "already used its time budget" in capsys.readouterr().out
 
 
+def test_a_budget_run_plans_its_second_step_with_the_first_ones_time(corpus, tmp_path, monkeypatch,
+                                                                      quick_steady_budget):
+    """The first step is left out of the step-time median (it includes one-time work), but until a second step
+    is timed it is all there is: planned as free, a second 2 s step overran a 6 s budget by 3 s."""
+    import time
+
+    from fungpt.data import BatchLoader
+
+    next_batch = BatchLoader.next_batch
+
+    def slow(self):
+        time.sleep(2.0)
+        return next_batch(self)
+
+    monkeypatch.setattr(BatchLoader, "next_batch", slow)
+    cfg = tiny_config(corpus, tmp_path / "slow", max_iters=100, checkpoint_interval=10**6, eval_interval=10**6,
+                      eval_iters=1, max_minutes=0.1)
+    result = train(cfg, progress=False)
+    # eval_iters=1: the final eval is one 2 s batch per split (measured at step 0 as one batch)
+    assert result["step"] >= 1 and result["elapsed_s"] <= 6.0 + 1.0
+
+
 def test_a_stalled_step_does_not_end_a_budget_run_early(corpus, tmp_path, monkeypatch, quick_steady_budget):
     """One step stalled by the machine (here 1.5 s) is not taken as the speed of every step to come.
 

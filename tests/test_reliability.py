@@ -576,6 +576,58 @@ def test_ctrl_c_saves_and_resume_continues(world, tmp_path, capsys, signum, stat
     assert check_loadable(out) == stopped + 4
 
 
+@pytest.mark.skipif(not hasattr(os, "fork") or not Path("/dev/ptmx").exists(), reason="needs a pseudo-terminal")
+def test_a_terminal_that_hangs_up_saves_the_step(world, tmp_path):
+    """SIGHUP: its terminal is gone. The run saves the step it stops at and ends with status 129."""
+    import pty
+
+    out, errlog = tmp_path / "run", tmp_path / "stderr.txt"
+    cmd = [sys.executable, "-m", "fungpt", "train", "--data.path", str(world["data"]), "--out-dir", str(out),
+           "--train.device", "cpu", *TINY_MODEL, "--train.batch-size", "4", "--train.max-iters", "100000",
+           "--train.lr-decay-iters", "100000", "--train.checkpoint-interval", "100000", "--train.eval-interval", "1",
+           "--train.eval-iters", "20"]  # (evals long enough that the hang-up lands in one, as it mostly did)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    with open(errlog, "w") as err:
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: stdout (where the eval lines go) is the terminal; stderr a file, to read
+            os.dup2(err.fileno(), 2)
+            os.execve(sys.executable, cmd, env)
+    seen, deadline = b"", time.time() + 120
+    while time.time() < deadline and seen.count(b"val loss") < 5:
+        try:
+            seen += os.read(fd, 4096)
+        except OSError:
+            break
+    os.close(fd)  # hang up: the kernel sends SIGHUP to the terminal's processes
+    _, status = os.waitpid(pid, 0)
+    said = errlog.read_text()
+    assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGHUP, said[-2000:]
+    assert "SIGHUP: finishing this step" in said and "Traceback" not in said
+    stopped = check_loadable(out)
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert stopped >= 3 and max(r["step"] for r in rows) == stopped  # saved at the step it stopped at
+
+
+def test_console_output_to_a_terminal_that_hung_up_stops_the_run_as_sighup(monkeypatch):
+    """After a hang-up, writes to the terminal fail with EIO, often before the SIGHUP reaches Python: a progress
+    line after an eval then ended the run with "error: Input/output error" and no checkpoint of its last steps."""
+    import errno
+    import importlib
+
+    train_mod = importlib.import_module("fungpt.train")  # (`from fungpt import train` is the function)
+    silenced = []
+    monkeypatch.setattr(train_mod, "_silence_terminal", lambda: silenced.append(1))
+    flag = train_mod._StopFlag()
+
+    def hung_up(*args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    flag.output(hung_up, "step 5: ...")
+    assert flag.stop and flag.signum == signal.SIGHUP and silenced
+    with pytest.raises(BrokenPipeError):  # other errors are not this one (a closed pipe has its own handling)
+        flag.output(lambda *a: (_ for _ in ()).throw(BrokenPipeError(errno.EPIPE, "Broken pipe")), "x")
+
+
 def _train_steps(out: Path) -> list[int]:
     return [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
 
@@ -850,6 +902,11 @@ def _files(world, tmp_path) -> dict[str, str]:
     (t / "prepared").mkdir()
     (t / "prepared" / "meta.json").write_text("{}")
     meta = json.loads((Path(world["data"]) / "meta.json").read_text())  # prepared folders edited by hand:
+    handmade = {k: v for k, v in meta.items() if k != "max_id"}  # as a folder made without `fungpt prepare`
+    (t / "handmade").mkdir()
+    for f in ("train.bin", "val.bin"):
+        shutil.copy(Path(world["data"]) / f, t / "handmade" / f)
+    (t / "handmade" / "meta.json").write_text(json.dumps({**handmade, "vocab_size": 3}))
     for name, change in {"smallvocab": {"vocab_size": 3}, "strcount": {"train_tokens": str(meta["train_tokens"])},
                          "floatcount": {"train_tokens": float(meta["train_tokens"])},
                          "nullvocab": {"vocab_size": None}}.items():
@@ -916,7 +973,9 @@ BAD_INPUTS = {
     "empty corpus": ([*TRAIN, "--data.path", "{tmp}/empty.txt"], "empty.txt"),
     "corrupt prepared folder": ([*TRAIN, "--data.path", "{tmp}/prepared"], "meta.json"),
     "prepared data with ids past its vocab_size": ([*TRAIN, "--data.path", "{tmp}/smallvocab"],
-                                                   "but meta.json's vocab_size is 3: ids must be below it"),
+                                                   "but its vocab_size is 3: ids must be below it"),
+    "hand-made data with ids past its vocab_size": ([*TRAIN, "--data.path", "{tmp}/handmade"],
+                                                    "but meta.json's vocab_size is 3: ids must be below it"),
     "meta.json with a count as a string": ([*TRAIN, "--data.path", "{tmp}/strcount"],
                                            "train_tokens must be a whole number"),
     "meta.json with a count as a float": ([*TRAIN, "--data.path", "{tmp}/floatcount"],
