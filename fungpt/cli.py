@@ -270,7 +270,7 @@ def serve_command(run: tyro.conf.Positional[str], host: str = "127.0.0.1", port:
         from fungpt.serve import serve
     except ImportError as e:
         raise FunGPTError(f"fungpt serve needs the web extras ({e.name} is missing): "
-                          f"pip install -e '.[serve]'") from None
+                          f"pip install 'fungpt[serve]' (in a checkout: pip install -e '.[serve]')") from None
     serve(run, host=host, port=port, checkpoint=checkpoint, device=device)
 
 
@@ -337,15 +337,16 @@ def main(argv: list[str] | None = None) -> int:
     start_time = process_start_time()
     _startup.restore()  # Ctrl-C is a KeyboardInterrupt again, handled below (see fungpt/_startup.py)
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
-        return 0
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
+    name, rest = (argv[0], argv[1:]) if argv else ("--help", [])
+    if name not in (*COMMANDS, "-h", "--help", "--version"):
         print(f"error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     try:
-        if name == "train":
+        if name in ("-h", "--help", "--version"):
+            from fungpt import __version__
+
+            print(_usage() if name != "--version" else f"fungpt {__version__}")
+        elif name == "train":
             cmd_train(rest, start_time)
         else:
             tyro.cli(COMMANDS[name], args=rest, prog=f"fungpt {name}")

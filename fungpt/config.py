@@ -22,13 +22,12 @@ import dataclasses
 import json
 import math
 import shlex
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from fungpt.errors import FunGPTError
 from fungpt.linear import CPU_MATMULS
@@ -309,7 +308,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise FunGPTError(f"config file {path} is a folder: pass a .toml file (see configs/ for examples)")
     if not path.is_file():
-        raise FunGPTError(f"config file {path} does not exist (see configs/ for examples)")
+        raise FunGPTError(f"config file {path} does not exist; the example configs are in the configs/ folder of a "
+                          f"FunGPT checkout: run from there, or give a config file's path")
     try:
         with path.open("rb") as f:
             raw = f.read()

@@ -695,6 +695,19 @@ def test_the_command_exits_fast_with_its_status_and_all_its_output():
     assert bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
 
 
+def test_help_into_a_closed_pipe_and_version(capsys):
+    """`fungpt --help | head -0`: the usage was printed before main() handled a closed pipe (a traceback)."""
+    proc = subprocess.Popen([sys.executable, "-m", "fungpt", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc.stdout.close()  # the reader is gone before the command (still importing torch) writes
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err
+    import tomllib
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert main(["--version"]) == 0 and capsys.readouterr().out == f"fungpt {version}\n"
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["/venv/bin/python", "/venv/bin/fungpt", "train"], True),  # the console script
     (["python", "-m", "fungpt", "train"], True),
