@@ -23,6 +23,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   else
     pip install torch==2.13.0
   fi
-  .venv/bin/python -c "import torch; print('setup: installed torch', torch.__version__, '(CUDA build)' if torch.version.cuda else '(CPU build)')"
+  new_torch=1
 fi
 if [ "${1:-}" = "test" ]; then pip install -e ".[test]"; else pip install -e .; fi
+if [ -n "${new_torch:-}" ]; then  # (after numpy is installed: torch warns when it imports without it)
+  .venv/bin/python -c "import torch; print('setup: installed torch', torch.__version__, '(CUDA build)' if torch.version.cuda else '(CPU build)')"
+fi
