@@ -616,3 +616,47 @@ def test_eval_windows_scores_every_target_of_an_array_once(n, block_size):
         assert bool((x >= 100).all()) and torch.equal(x[:, 1:] - x[:, :-1], torch.ones_like(x[:, 1:]))
         seen += y[y != -1].tolist()
     assert sorted(seen) == list(range(101, 100 + n))  # every token but the first, exactly once
+
+
+def test_max_id_is_the_largest_id_in_both_files_and_its_boundary_is_checked(tmp_path):
+    """prepare records the largest token id (so training need not read the files); an id equal to vocab_size is
+    already one too many."""
+    from fungpt.data import check_token_ids
+
+    text = "zz" + "abc abc\n" * 400  # z, the largest id of the char vocabulary, only in the first piece
+    out = prepare(_write(tmp_path, "c.txt", text.encode()), tmp_path / "out", progress=False)
+    meta = load_meta(out)
+    ids = np.concatenate([read_bin(out, "train"), read_bin(out, "val")])
+    assert meta["max_id"] == int(ids.max()) == meta["vocab_size"] - 1
+    check_token_ids(out, meta)
+    with pytest.raises(FunGPTError, match="largest token id is 4 but its vocab_size is 4"):
+        check_token_ids(out, {**meta, "vocab_size": 4, "max_id": 4})
+    handmade = {k: v for k, v in meta.items() if k != "max_id"}  # read id by id, in chunks of 4 tokens
+    bad = read_bin(out, "train").copy()
+    bad[9] = meta["vocab_size"]
+    bad.tofile(out / "train.bin")
+    with pytest.raises(FunGPTError, match=rf"holds token id {meta['vocab_size']} \(at token 9\)"):
+        check_token_ids(out, handmade, chunk=4)
+
+
+@pytest.mark.parametrize("field, value", [("train_tokens", True), ("val_tokens", -1), ("vocab_size", 0)])
+def test_meta_counts_must_be_whole_numbers(char_data, field, value):
+    meta = json.loads((char_data / "meta.json").read_text())
+    (char_data / "meta.json").write_text(json.dumps({**meta, field: value}))
+    with pytest.raises(FunGPTError, match=f"{field} must be a whole number"):
+        load_meta(char_data)
+
+
+def test_stale_temporaries_go_by_their_files_age_and_names_are_matched_exactly(tmp_path, corpus):
+    out = tmp_path / "out[1]"  # glob characters in the name
+    hour_ago = time.time() - data_mod.STALE_TEMP_S - 60
+    stale, other_name = tmp_path / "out[1].tmp-h-1", tmp_path / "out1.tmp-h-1"
+    busy = tmp_path / "out[1].tmp-h-2"  # an old folder whose file is still being written
+    for folder in (stale, other_name, busy):
+        folder.mkdir()
+        (folder / "train.bin").write_bytes(b"\0")
+        os.utime(folder, (hour_ago, hour_ago))
+        if folder is not busy:
+            os.utime(folder / "train.bin", (hour_ago, hour_ago))
+    prepare(corpus, out, progress=False)
+    assert sorted(leftovers(tmp_path)) == sorted([other_name.name, busy.name])

@@ -244,6 +244,8 @@ def test_broken_logits_are_refused_greedy_or_not(row, temperature):
     """A diverged model's logits: sampling refused them, greedy picked token 0 (all -inf) or the NaN."""
     with pytest.raises(FunGPTError, match="NaN"):
         sample_next_token(torch.tensor([row]), temperature=temperature)
+    with pytest.raises(FunGPTError, match="NaN"):  # in any row of a batch
+        sample_next_token(torch.tensor([[0.0, 1.0, 2.0], row]), temperature=temperature)
 
 
 def test_a_tiny_temperature_samples_the_largest_logits_not_nan():

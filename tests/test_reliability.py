@@ -1120,3 +1120,75 @@ def test_running_out_of_cpu_memory_is_one_line(world, tmp_path, capsys, monkeypa
                          "cpu", *TINY_MODEL], capsys)
     assert_one_line_error(code, err, "out of memory")
     assert "train.batch_size" in err and "--dry-run" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# The stop signals, one piece at a time (the end-to-end runs are above)
+
+
+def _train_module():
+    import importlib
+
+    return importlib.import_module("fungpt.train")  # (`from fungpt import train` is the function)
+
+
+@pytest.fixture()
+def signals_kept():
+    kept = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    yield kept
+    for s, handler in kept.items():
+        signal.signal(s, handler)
+
+
+def test_stop_flag_handles_the_stop_signals_and_puts_the_old_handlers_back(signals_kept):
+    flag = _train_module()._StopFlag()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    with flag:
+        assert all(signal.getsignal(s) == flag._handle for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+    assert signal.getsignal(signal.SIGINT) is signals_kept[signal.SIGINT]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+
+
+def test_stop_flag_leaves_ignored_signals_and_a_callers_own_handlers_alone(signals_kept):
+    def mine(signum, frame):
+        pass
+
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+    signal.signal(signal.SIGTERM, mine)  # a program that calls train() and handles SIGTERM itself
+    flag = _train_module()._StopFlag()
+    with flag:
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGINT) == flag._handle  # (Ctrl-C is the run's, unless ignored:)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job of a shell without job control
+    with _train_module()._StopFlag():
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_a_second_signal_aborts_at_once_with_its_own_status(monkeypatch, capsys):
+    train_mod = _train_module()
+    exits, silenced = [], []
+    monkeypatch.setattr(train_mod.os, "_exit", lambda code: exits.append(code))
+    monkeypatch.setattr(train_mod, "_silence_terminal", lambda: silenced.append(1))
+    for signum, status in ((signal.SIGTERM, 143), (signal.SIGHUP, 129)):
+        flag = train_mod._StopFlag()
+        flag._handle(signum, None)
+        assert flag.stop and flag.signum == signum and not exits
+        flag._handle(signum, None)
+        assert exits.pop() == status
+    assert len(silenced) == 2  # SIGHUP's terminal is gone: silenced at each SIGHUP, never for SIGTERM
+    assert "SIGTERM again: stopped at once; the last checkpoint is intact" in capsys.readouterr().err
+    flag = train_mod._StopFlag()
+    flag._handle(signal.SIGINT, None)
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C: "fungpt: interrupted", status 130 (cli)
+        flag._handle(signal.SIGINT, None)
+    assert not exits and len(silenced) == 2
+
+
+def test_resume_notes_leave_a_time_budget_schedule_alone():
+    from fungpt.train import resume_notes
+
+    saved = TrainConfig(max_iters=6, warmup_iters=0, max_minutes=1.0)
+    assert resume_notes(saved, dataclasses.replace(saved, max_iters=60), 6) == []  # the clock decides, not steps
+    steps = dataclasses.replace(saved, max_minutes=None)
+    assert resume_notes(steps, dataclasses.replace(steps, max_iters=60), 6)  # (the control: without a budget)

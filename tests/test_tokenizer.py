@@ -292,3 +292,16 @@ def test_ctrl_c_is_acted_on_while_the_tokenizer_library_works():
     release.set()
     with pytest.raises(FunGPTError, match="bad corpus"):  # the work's own errors reach the caller
         tokenizer_mod.interruptible(lambda: (_ for _ in ()).throw(FunGPTError("bad corpus")))
+
+
+def test_bpe_training_cuts_only_long_words():
+    """The cut is per word, as GPT-2's pre-tokenizer splits: letters, digits and the rest apart."""
+    def cut(text):
+        return list(tokenizer_mod._cut_long_runs([text]))
+
+    url = "https://example.com/" + "section/" * 50
+    chinese = "我们今天去公园散步，" * 40
+    for text in (url, chinese, "a1" * 200, "a" * 256, "-" * 256):
+        assert cut(text) == [text]  # words of at most 256 characters: as they were
+    assert [len(p) for p in cut("a" * 300) if p] == [256, 44]
+    assert [len(p) for p in cut("7" * 600) if p] == [256, 256, 88]

@@ -424,3 +424,14 @@ def test_walkthroughs_show_probs_excerpt_is_the_figures_own_rows():
     rows = [line for line in excerpt.split("```")[0].splitlines() if line.strip()[:1].isdigit()]
     assert len(rows) >= 3
     assert rows == [line for line in figure if line.strip()[:1].isdigit()][:len(rows)]
+
+
+def test_the_sample_command_passes_its_stop_at_eot_flag_on(run_dir, monkeypatch):
+    import importlib
+
+    sample_mod = importlib.import_module("fungpt.sample")  # (`import fungpt.sample` names the function)
+    seen = []
+    monkeypatch.setattr(sample_mod, "sample", lambda *a, **kw: seen.append(kw["stop_at_eot"]))
+    assert main(["sample", "--run", str(run_dir), "--no-stop-at-eot"]) == 0
+    assert main(["sample", "--run", str(run_dir)]) == 0
+    assert seen == [False, True]
