@@ -762,6 +762,7 @@ class _StopFlag:
         self.stop = False
         self.signum: int | None = None  # the first signal received
         self.announce = announce
+        self.hung_up = False  # stopped by a write that failed as the terminal hung up (its SIGHUP may follow)
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
@@ -777,6 +778,9 @@ class _StopFlag:
         if signum == getattr(signal, "SIGHUP", None):
             _silence_terminal()  # its terminal is gone: writing there would fail (EIO) before the save
         if self.stop:
+            if self.hung_up and signum == getattr(signal, "SIGHUP", None):
+                self.hung_up = False  # the SIGHUP of the hang-up that already stopped the run: not a second one
+                return
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt  # (cli: "fungpt: interrupted", status 130)
             with contextlib.suppress(OSError):
@@ -799,7 +803,9 @@ class _StopFlag:
             if e.errno != errno.EIO:
                 raise
             _silence_terminal()
-            self.stop, self.signum = True, self.signum or getattr(signal, "SIGHUP", signal.SIGTERM)
+            if not self.stop:
+                self.stop, self.hung_up = True, True
+                self.signum = getattr(signal, "SIGHUP", signal.SIGTERM)
 
     def __exit__(self, *exc) -> None:
         for signum, old in self._old.items():

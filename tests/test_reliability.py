@@ -624,6 +624,12 @@ def test_console_output_to_a_terminal_that_hung_up_stops_the_run_as_sighup(monke
 
     flag.output(hung_up, "step 5: ...")
     assert flag.stop and flag.signum == signal.SIGHUP and silenced
+    exits = []
+    monkeypatch.setattr(train_mod.os, "_exit", lambda code: exits.append(code))
+    flag._handle(signal.SIGHUP, None)  # the hang-up's own SIGHUP, arriving after the failed write ...
+    assert not exits
+    flag._handle(signal.SIGHUP, None)  # ... is not a second one; another SIGHUP is
+    assert exits == [129]
     with pytest.raises(BrokenPipeError):  # other errors are not this one (a closed pipe has its own handling)
         flag.output(lambda *a: (_ for _ in ()).throw(BrokenPipeError(errno.EPIPE, "Broken pipe")), "x")
 
