@@ -625,9 +625,10 @@ def load_meta(data_dir: str | Path) -> dict:
     counts = ("vocab_size", "train_tokens", "val_tokens")  # (a hand-edited "8100" would multiply as a string)
     bad = [k for k in counts if not isinstance(meta[k], int) or isinstance(meta[k], bool) or meta[k] < 0]
     if bad or meta["vocab_size"] < 1:
-        raise FunGPTError(f"{meta_path} is corrupt: {', '.join(bad or ['vocab_size'])} must be a whole number "
-                          f"(got {', '.join(repr(meta[k]) for k in bad or ['vocab_size'])}); run `fungpt prepare "
-                          f"--overwrite` again")
+        named = bad or ["vocab_size"]
+        raise FunGPTError(f"{meta_path} is corrupt: {', '.join(named)} must be a whole number"
+                          f"{'' if bad else ' of at least 1'} (got {', '.join(repr(meta[k]) for k in named)}); "
+                          f"run `fungpt prepare --overwrite` again")
     if meta["dtype"] not in ("uint16", "uint32"):  # what prepare writes (see token_dtype)
         raise FunGPTError(f"{meta_path} names an unknown token dtype {meta['dtype']!r}; run `fungpt prepare "
                           f"--overwrite` again")

@@ -1070,7 +1070,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         return {"step": step_estimate(), "eval": eval_time, "save": save_time, "plot": plot_time}
 
     def step_estimate() -> float:
-        """How long the next step will take: the median of the last few steps (the checkpoint's value at first).
+        """How long the next step will take: the median of the last few steps (before two are timed: the
+        slower of the checkpoint's value and the command's first step).
 
         A median, not the last step's time: one step stalled by the machine (another program, a page fault,
         the OS) would otherwise count as the speed of every step to come, and end a time-budget run early
