@@ -894,6 +894,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     check_out_dir(cfg, resume, overwrite, check_lock=ddp.is_main)  # before preparing data (can take minutes)
     saved_cfg = load_run_config(Path(cfg.out_dir)) if resume else None  # (check_out_dir found it loadable)
     check_loggers(tc)  # likewise, and before the run folder is written (a retry would need --overwrite)
+    # A resume's checkpoint is checked (every file's size and sha256) before the data, too
+    folder = ckpt.find_checkpoint(cfg.out_dir) if resume else None
+    manifest = ckpt.verify_checkpoint(folder) if folder is not None else None
 
     cfg, data_dir, pre = resolve_model_and_data(cfg, ddp.is_main, progress and ddp.is_main, model_named,
                                                 resume_dir=Path(cfg.out_dir) if resume else None)
@@ -919,9 +922,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     schedule_origin: float | None = None  # budget seconds used when step 1 began (set before the loop)
     torch.manual_seed(tc.seed + ddp.rank)  # dropout masks differ per rank
 
-    folder = ckpt.find_checkpoint(cfg.out_dir) if resume else None
+    if resume and ckpt.find_checkpoint(cfg.out_dir) != folder:  # a run saved meanwhile, before the lock was taken
+        folder = ckpt.find_checkpoint(cfg.out_dir)
+        manifest = ckpt.verify_checkpoint(folder) if folder is not None else None
     if folder is not None:
-        manifest = ckpt.verify_checkpoint(folder)
         ckpt.check_model_config(manifest, folder, cfg.model.to_dict(), Path(cfg.out_dir) / "config.json")
         check_resume_tokenizer(data_dir, out_dir)
         ckpt.load_weights(folder, model)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import importlib
 import json
 import os
 import pickle
@@ -34,6 +35,8 @@ from fungpt.errors import FunGPTError
 from fungpt.model import GPT, GPTConfig
 from fungpt.runs import load_run
 from fungpt.train import LOCK_FILE, check_out_dir, train
+
+train_module = importlib.import_module("fungpt.train")  # (`from fungpt import train` is the function)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -612,9 +615,8 @@ def test_console_output_to_a_terminal_that_hung_up_stops_the_run_as_sighup(monke
     """After a hang-up, writes to the terminal fail with EIO, often before the SIGHUP reaches Python: a progress
     line after an eval then ended the run with "error: Input/output error" and no checkpoint of its last steps."""
     import errno
-    import importlib
 
-    train_mod = importlib.import_module("fungpt.train")  # (`from fungpt import train` is the function)
+    train_mod = train_module
     silenced = []
     monkeypatch.setattr(train_mod, "_silence_terminal", lambda: silenced.append(1))
     flag = train_mod._StopFlag()
@@ -878,9 +880,14 @@ def test_corrupt_checkpoint_gives_one_line_naming_the_file(world, tmp_path, caps
     assert_one_line_error(*run_cli(argv, capsys), *needles)
 
 
-def test_resume_refuses_a_corrupt_checkpoint_too(world, tmp_path, capsys):
+def test_resume_refuses_a_corrupt_checkpoint_too(world, tmp_path, capsys, monkeypatch):
     out = copy_run(world, tmp_path)
     _flip(ckpt.find_checkpoint(out) / "model.safetensors")
+
+    def prepare_data(*args, **kwargs):
+        raise AssertionError("the data was prepared (which can take minutes) before the checkpoint was checked")
+
+    monkeypatch.setattr(train_module, "resolve_model_and_data", prepare_data)
     argv = ["train", "--data.path", world["data"], "--out-dir", out, "--train.device", "cpu", *TINY_MODEL,
             "--train.batch-size", "4", "--train.max-iters", "9", "--resume"]
     assert_one_line_error(*run_cli(argv, capsys), "model.safetensors", "sha256")
@@ -1132,12 +1139,6 @@ def test_running_out_of_cpu_memory_is_one_line(world, tmp_path, capsys, monkeypa
 # The stop signals, one piece at a time (the end-to-end runs are above)
 
 
-def _train_module():
-    import importlib
-
-    return importlib.import_module("fungpt.train")  # (`from fungpt import train` is the function)
-
-
 @pytest.fixture()
 def signals_kept():
     kept = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
@@ -1147,7 +1148,7 @@ def signals_kept():
 
 
 def test_stop_flag_handles_the_stop_signals_and_puts_the_old_handlers_back(signals_kept):
-    flag = _train_module()._StopFlag()
+    flag = train_module._StopFlag()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     with flag:
@@ -1162,17 +1163,17 @@ def test_stop_flag_leaves_ignored_signals_and_a_callers_own_handlers_alone(signa
 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
     signal.signal(signal.SIGTERM, mine)  # a program that calls train() and handles SIGTERM itself
-    flag = _train_module()._StopFlag()
+    flag = train_module._StopFlag()
     with flag:
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is mine
         assert signal.getsignal(signal.SIGINT) == flag._handle  # (Ctrl-C is the run's, unless ignored:)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job of a shell without job control
-    with _train_module()._StopFlag():
+    with train_module._StopFlag():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_a_second_signal_aborts_at_once_with_its_own_status(monkeypatch, capsys):
-    train_mod = _train_module()
+    train_mod = train_module
     exits, silenced = [], []
     monkeypatch.setattr(train_mod.os, "_exit", lambda code: exits.append(code))
     monkeypatch.setattr(train_mod, "_silence_terminal", lambda: silenced.append(1))
