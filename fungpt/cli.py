@@ -37,7 +37,8 @@ class TrainArgs:
     """Train a GPT. Settings come from the defaults, then the --config file, then these flags."""
 
     config: str | None = None
-    """A TOML run config (see configs/); flags given here override its values."""
+    """A TOML run config: a file's path, or the name of an example config in configs/ (shakespeare-char-cpu,
+    speedrun-cpu, ...), which come with FunGPT; flags given here override its values."""
     resume: bool = False
     """Continue the run in out_dir from its last checkpoint."""
     overwrite: bool = False

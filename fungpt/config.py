@@ -7,7 +7,8 @@ A run is described by one `RunConfig`: a top-level `out_dir` plus three sections
     [train]  TrainConfig  optimiser, schedule, batch, logging, device
 
 The same dataclasses feed three places, so they cannot drift apart:
-  * TOML files (`configs/*.toml`), read by `load_config`;
+  * TOML files (`configs/*.toml`, also known by their names: `--config shakespeare-char-cpu`), read by
+    `load_config`;
   * the command line, generated from the dataclasses by tyro (each field's docstring
     becomes its `--help` text); precedence is CLI > file > defaults;
   * the run folder, where the resolved config is saved as `config.json`.
@@ -289,15 +290,46 @@ def _check_type(klass: type, name: str, value: Any, where: str) -> Any:
     raise FunGPTError(f"{where}: {name} = {value!r} should be of type {wanted}")
 
 
+def presets_dir() -> Path | None:
+    """The folder of the example configs that come with FunGPT: `configs/` of a checkout (or of an editable
+    install), or `fungpt/configs` in an installed wheel (pyproject.toml maps the one onto the other)."""
+    package = Path(__file__).resolve().parent
+    if (package / "configs").is_dir():  # an installed wheel
+        return package / "configs"
+    checkout = package.parent  # (in a wheel, site-packages: the pyproject.toml check keeps its folders out)
+    if (checkout / "pyproject.toml").is_file() and (checkout / "configs").is_dir():
+        return checkout / "configs"
+    return None
+
+
+def presets() -> list[str]:
+    """The names of the example configs, e.g. "shakespeare-char-cpu" (configs/shakespeare-char-cpu.toml)."""
+    folder = presets_dir()
+    return sorted(p.stem for p in folder.glob("*.toml")) if folder else []
+
+
+def config_path(path: str | Path) -> Path:
+    """The file a --config names. A path that exists is taken as it is. Otherwise an example config's name
+    ("shakespeare-char-cpu"), or the path the docs give it ("configs/shakespeare-char-cpu.toml") typed outside a
+    checkout's folder, is the example config of that name that comes with FunGPT."""
+    path = Path(path)
+    if path.exists() or path.suffix not in ("", ".toml") or str(path.parent) not in (".", "configs"):
+        return path
+    folder = presets_dir()
+    preset = folder / f"{path.stem}.toml" if folder else None
+    return preset if preset is not None and preset.is_file() else path
+
+
 def load_config(path: str | Path) -> RunConfig:
-    """Read a TOML run config. Missing settings keep their defaults."""
-    return RunConfig.from_dict(_read_toml(Path(path)), source=str(path))
+    """Read a TOML run config (a path, or an example config's name: see config_path). Missing settings keep
+    their defaults."""
+    return RunConfig.from_dict(_read_toml(config_path(path)), source=str(path))
 
 
-def model_fields_named(config_path: str | Path | None, args: list[str]) -> frozenset[str]:
+def model_fields_named(config_path_: str | Path | None, args: list[str]) -> frozenset[str]:
     """The [model] settings a user wrote down, in the config file or as --model.* flags, even where the value
     equals the default. Fine-tuning needs this: there, an unset field means "the checkpoint's value"."""
-    named = set(_read_toml(Path(config_path)).get("model", {})) if config_path else set()
+    named = set(_read_toml(config_path(config_path_)).get("model", {})) if config_path_ else set()
     for a in args:
         if a.startswith("--model."):
             named.add(a.removeprefix("--model.").split("=", 1)[0].replace("-", "_"))
@@ -308,8 +340,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise FunGPTError(f"config file {path} is a folder: pass a .toml file (see configs/ for examples)")
     if not path.is_file():
-        raise FunGPTError(f"config file {path} does not exist; the example configs are in the configs/ folder of a "
-                          f"FunGPT checkout: run from there, or give a config file's path")
+        names = presets()
+        raise FunGPTError(f"config file {path} does not exist; give a config file's path"
+                          + (f", or the name of an example config: {', '.join(names)}" if names else ""))
     try:
         with path.open("rb") as f:
             raw = f.read()

@@ -154,10 +154,18 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
     """Everything `fungpt inspect` prints, as a dict. `target` is a run folder, a .toml config or a Hugging Face
     GPT-2 folder (what `fungpt export` writes, what fine-tuning starts from)."""
     from fungpt import pretrained
-    from fungpt.config import RunConfig, default_model, is_hf_config, load_config, load_run_config, model_fields_named
+    from fungpt.config import (
+        RunConfig,
+        config_path,
+        default_model,
+        is_hf_config,
+        load_config,
+        load_run_config,
+        model_fields_named,
+    )
     from fungpt.hardware import detect_precision
 
-    target = Path(target)
+    target = config_path(target)  # (an example config's name is its file)
     info: dict = {"source": str(target), "vocab_note": None, "step": None, "tokens_seen": None, "checkpoint": None}
     hf_folder = target.is_dir() and is_hf_config(target / "config.json")
     if target.is_dir() and not hf_folder:

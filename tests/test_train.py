@@ -367,6 +367,32 @@ def test_toml_saved_with_a_byte_order_mark_loads(tmp_path):
     assert load_config(cfg_file).train.lr == 0.002
 
 
+def test_an_example_config_is_known_by_its_name_from_any_folder(tmp_path, monkeypatch, capsys):
+    """`--config shakespeare-char-cpu`, or the docs' `--config configs/shakespeare-char-cpu.toml` typed outside a
+    checkout, is the example config that comes with FunGPT (in a wheel: fungpt/configs, see pyproject.toml)."""
+    from fungpt.config import config_path, presets
+
+    repo_configs = Path(__file__).resolve().parents[1] / "configs"
+    assert presets() == sorted(p.stem for p in repo_configs.glob("*.toml")) and "speedrun-cpu" in presets()
+    monkeypatch.chdir(tmp_path)  # a folder without configs/
+    expected = load_config(repo_configs / "speedrun-cpu.toml")
+    assert load_config("speedrun-cpu") == expected == load_config("configs/speedrun-cpu.toml")
+    assert config_path("speedrun-cpu.toml") == repo_configs / "speedrun-cpu.toml"
+    # a file of the user's own is never shadowed by an example config of the same name
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "speedrun-cpu.toml").write_text("[train]\nlr = 0.002\n")
+    assert load_config("configs/speedrun-cpu.toml").train.lr == 0.002
+    (tmp_path / "speedrun-cpu").write_text("[train]\nlr = 0.003\n")
+    assert load_config("speedrun-cpu").train.lr == 0.003
+    # only names and configs/NAME.toml are looked up: another folder's missing file stays missing
+    assert config_path("elsewhere/shakespeare-char.toml") == Path("elsewhere/shakespeare-char.toml")
+    assert main(["train", "--config", "shakespeare-chars", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: config file shakespeare-chars does not exist") and "shakespeare-char-cpu" in err
+    assert main(["inspect", "shakespeare-char-cpu"]) == 0
+    assert "shakespeare-char-cpu.toml (config)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--model.n-embd", "30", "--model.n-head", "4"], "n_embd"),
     (["--train.batch-size", "0"], "batch_size"),
