@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -120,7 +121,6 @@ def gpt2_incompatibilities(c: GPTConfig) -> list[str]:
             (not c.bias, "bias=False (needs True)"),
             (c.norm != "layernorm", f"norm={c.norm!r} (needs 'layernorm')"),
             (c.activation not in ("gelu", "gelu_tanh"), f"activation={c.activation!r} (needs gelu/gelu_tanh)"),
-            (not c.tie_embeddings, "tie_embeddings=False (needs True)"),
             (c.qk_norm, "qk_norm=True (needs False)"),
         ] if bad
     ]
@@ -145,7 +145,10 @@ def save_gpt2(model: GPT, path: str | os.PathLike) -> None:
     tensors = {}
     for key, t in model.state_dict().items():
         if key == "lm_head.weight":
-            continue  # tied to wte; HF re-ties it on load
+            if c.tie_embeddings:
+                continue  # tied to wte; HF re-ties it on load
+            tensors[key] = t.detach().to("cpu", torch.float32).contiguous().clone()  # an untied head: its own
+            continue
         if key.endswith(HF_CONV1D):
             t = t.t()
         if key.startswith("blocks."):  # blocks.{i}.* -> h.{i}.*
@@ -161,7 +164,7 @@ def save_gpt2(model: GPT, path: str | os.PathLike) -> None:
         "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
         "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False, "tie_word_embeddings": True, "use_cache": True,
+        "reorder_and_upcast_attn": False, "tie_word_embeddings": c.tie_embeddings, "use_cache": True,
         "torch_dtype": "float32",
     }
     # GPT-2's <|endoftext|> token; a smaller vocabulary has no such id (transformers would default to 50256)
@@ -190,6 +193,11 @@ def _load_hf_weights(path: Path) -> dict[str, torch.Tensor]:
         tensors = _read_hf_weights(path)
     except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, ValueError, KeyError,
             TypeError, AttributeError) as e:
+        unsafe = re.search(r"GLOBAL (\S+)", str(e))  # the function or class weights_only refused to call
+        if unsafe:
+            raise FunGPTError(f"refusing to load the weights in '{path}': pytorch_model.bin holds more than "
+                              f"tensors (its pickle calls {unsafe.group(1)}), and nothing in it was run; use a "
+                              f"model.safetensors copy, or save the model again with save_pretrained") from None
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise FunGPTError(f"cannot read the weights in '{path}' ({first}): the file is damaged or not a "
                           f"safetensors/PyTorch weights file; download the model again") from None
@@ -215,4 +223,7 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
         return {k: v for shard in sorted(shards) for k, v in load_file(str(path / shard)).items()}
     if (path / "pytorch_model.bin").is_file():
         return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    if (path / "pytorch_model.bin.index.json").is_file():
+        raise FunGPTError(f"'{path}' holds its weights as sharded pytorch_model-*.bin files, which FunGPT does not "
+                          f"read: save the model again with save_pretrained(folder) (safetensors, the default)")
     raise FunGPTError(f"no weights in '{path}': expected model.safetensors or pytorch_model.bin")

@@ -188,11 +188,14 @@ def merge_model_config(asked: GPTConfig, checkpoint: GPTConfig, defaults: GPTCon
 
 
 def load_weights(model: GPT, path: str | Path) -> None:
-    """Copy the pretrained weights of folder `path` into `model` (which may have a shorter block_size)."""
+    """Copy the pretrained weights of folder `path` into `model` (which may have a shorter block_size, or fewer
+    token rows: see train.resolve_model_and_data)."""
     source = GPT.from_hf(path)
     state = source.state_dict()
     if "pos.wpe.weight" in state:  # crop the position table: keep the first block_size positions
         state["pos.wpe.weight"] = state["pos.wpe.weight"][: model.config.block_size]
+    for name in ("wte.weight", "lm_head.weight"):  # keep the first vocab_size tokens (the tokenizer's)
+        state[name] = state[name][: model.config.vocab_size]
     with torch.no_grad():
         model.load_state_dict(state)
 

@@ -313,7 +313,9 @@ def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, check_lock: boo
         ckpt.find_checkpoint(out)  # likewise a corrupt latest.json
         old, new = saved.data, cfg.data
         prepared = (Path(new.path).expanduser() / "meta.json").is_file()  # its own tokenizer; the fields go unused
-        if old.path == new.path and not prepared and (old.tokenizer, old.vocab_size) != (new.tokenizer, new.vocab_size):
+        fine_tune = pretrained.is_pretrained(saved.model.init_from)  # encoded with the model's own tokenizer
+        if (old.path == new.path and not prepared and not fine_tune
+                and (old.tokenizer, old.vocab_size) != (new.tokenizer, new.vocab_size)):
             # (caught later too, by the tokenizer check, but only after a possibly long tokenizer training)
             raise FunGPTError(f"cannot resume {out}: it was trained on {old.path} with data.tokenizer = "
                               f"{old.tokenizer!r} (vocab_size {old.vocab_size}), not {new.tokenizer!r} "
@@ -351,6 +353,14 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
                       f"tokenizer recorded in {resume_dir}")
     if pre is not None:
         model = pretrained.merge_model_config(cfg.model, pre.config, default_model(), model_named)
+        if pre.tokenizer.vocab_size < model.vocab_size:
+            # An embedding table padded past its tokenizer (say 50,304 rows for GPT-2's 50,257 tokens): the
+            # extra rows are ids the tokenizer never makes. The fine-tune drops them (load_weights crops the
+            # table), so that the run's model and tokenizer agree and it never samples an id without text.
+            if is_main:
+                print(f"fungpt: {cfg.model.init_from} has {model.vocab_size:,} token embeddings for "
+                      f"{pre.tokenizer.vocab_size:,} tokens: fine-tuning the {pre.tokenizer.vocab_size:,} in use")
+            model = dataclasses.replace(model, vocab_size=pre.tokenizer.vocab_size)
         cfg = dataclasses.replace(cfg, model=model)
     data_dir = resolve_data(cfg.data, is_main, progress, tokenizer=pre and pre.tokenizer)
     meta = load_meta(data_dir)

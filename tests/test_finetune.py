@@ -305,10 +305,19 @@ def test_damaged_or_foreign_weights_in_a_model_folder_are_one_line(hf_dir, tmp_p
     (evil / "model.safetensors").unlink()
     marker = tmp_path / "PWNED"
     torch.save({"x": _RunsCode(marker)}, evil / "pytorch_model.bin")
-    for d in (cut, junk, evil):
+    for d in (cut, junk):
         with pytest.raises(FunGPTError, match=rf"cannot read the weights in '{d}' .*damaged or not a safetensors"):
             GPT.from_hf(d)
+    # named as what it is (not "damaged"), with the global it would have called
+    with pytest.raises(FunGPTError, match=rf"refusing to load the weights in '{evil}': pytorch_model.bin holds more "
+                                          r"than tensors \(its pickle calls getattr\), and nothing in it was run; use"):
+        GPT.from_hf(evil)
     assert not marker.exists()  # refused, never run
+    sharded = folder("sharded")  # save_pretrained(safe_serialization=False) of a large model
+    (sharded / "model.safetensors").unlink()
+    (sharded / "pytorch_model.bin.index.json").write_text('{"weight_map": {}}')
+    with pytest.raises(FunGPTError, match="sharded pytorch_model-.*bin files, which FunGPT does not read"):
+        GPT.from_hf(sharded)
     nested = folder("nested")  # a training checkpoint's layout: tensors only, but not a flat table of them
     (nested / "model.safetensors").unlink()
     torch.save({"model": {"w": torch.zeros(2)}, "epoch": 3}, nested / "pytorch_model.bin")
@@ -357,3 +366,38 @@ def test_a_finetune_resumes_after_its_pretrained_folder_is_gone(hf_dir, corpus, 
     # a fine-tune that never saved still needs its pretrained weights: said as before
     with pytest.raises(FunGPTError, match="init_from"):
         train(config(tmp_path / "new", 2), progress=False)
+
+
+def test_a_model_with_more_embeddings_than_tokens_fine_tunes_into_a_usable_run(hf_dir, corpus, tmp_path, capsys):
+    """An embedding table padded past its tokenizer (e.g. 50,304 rows for 50,257 tokens) trained to the end, and
+    then sample, eval and export refused the run (model and tokenizer of different sizes). The fine-tune now
+    keeps the tokenizer's rows: the same logits for every real token, and no id without text to sample."""
+    import shutil
+
+    padded = tmp_path / "padded"
+    shutil.copytree(hf_dir, padded)
+    source = hf_model(hf_dir)
+    n_tok = source.config.vocab_size
+    config = transformers.GPT2Config(**{**source.config.to_dict(), "vocab_size": n_tok + 47})
+    big = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        big.transformer.load_state_dict({k: v for k, v in source.transformer.state_dict().items() if k != "wte.weight"},
+                                        strict=False)
+        big.transformer.wte.weight[:n_tok] = source.transformer.wte.weight
+    big.save_pretrained(padded)
+
+    out = tmp_path / "run"
+    cfg = finetune_config(padded, corpus, out, block_size=32)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_iters=2, checkpoint_interval=2))
+    train(cfg, progress=False)
+    assert f"has {n_tok + 47:,} token embeddings for {n_tok:,} tokens" in capsys.readouterr().out
+    run = load_run(out, device="cpu")
+    assert run.model.config.vocab_size == run.tokenizer.vocab_size == n_tok
+    # resumable, and data.tokenizer (which a fine-tune ignores) does not stand in the way
+    more = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer="bpe"),
+                               train=dataclasses.replace(cfg.train, max_iters=3))
+    assert train(more, resume=True, progress=False)["step"] == 3
+    assert main(["sample", "--run", str(out), "--max-new-tokens", "5", "--device", "cpu"]) == 0
+    assert main(["eval", "--run", str(out), "--device", "cpu"]) == 0
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "hf-out")]) == 0
+    assert hf_model(tmp_path / "hf-out").config.vocab_size == n_tok

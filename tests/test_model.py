@@ -525,9 +525,9 @@ def test_gpt2_incompatibilities_names_every_difference():
     modern = GPTConfig(vocab_size=65, n_layer=2, n_head=2, n_embd=32, pos_encoding="rope", bias=False, norm="rmsnorm",
                        activation="relu2", tie_embeddings=False, qk_norm=True)
     found = " ".join(gpt2_incompatibilities(modern))
-    for problem in ("pos_encoding='rope'", "bias=False", "norm='rmsnorm'", "activation='relu2'", "tie_embeddings=False",
-                    "qk_norm=True"):
+    for problem in ("pos_encoding='rope'", "bias=False", "norm='rmsnorm'", "activation='relu2'", "qk_norm=True"):
         assert problem in found
+    assert "tie_embeddings" not in found  # GPT2LMHeadModel holds an untied lm_head too (tie_word_embeddings false)
 
 
 def test_from_hf_missing_files_are_clear_errors(tmp_path):
@@ -575,6 +575,14 @@ def test_from_hf_without_prefix_and_untied(tmp_path):
     assert not ours.config.tie_embeddings and ours.lm_head.weight is not ours.wte.weight
     with torch.no_grad():
         assert (ours(idx) - untied(idx).logits).abs().max().item() < 1e-4
+    # and back: an untied model exports with its own head, which transformers loads untied
+    ours.save_hf(tmp_path / "again")
+    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "again").eval()
+    assert not back.config.tie_word_embeddings
+    assert back.lm_head.weight.data_ptr() != back.transformer.wte.weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(back.lm_head.weight, ours.lm_head.weight)
+        assert (ours(idx) - back(idx).logits).abs().max().item() < 1e-4
 
 
 def test_generate_stream_can_yield_the_logits_it_sampled_from():
