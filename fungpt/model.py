@@ -453,19 +453,25 @@ class GPT(nn.Module):
         earlier text and check all guesses in one forward pass. The output is the same greedy
         sequence; it arrives sooner when the text repeats itself.
         """
-        if idx.dim() != 2 or idx.is_floating_point() or idx.is_complex():
-            raise FunGPTError(f"generate takes the prompt as a (B, T) integer tensor of token ids, got {idx.dtype} "
-                              f"of shape {tuple(idx.shape)}: for one sequence use ids[None]")
+        if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int):
+            raise FunGPTError(f"generate takes the prompt as a (B, T) tensor of token ids (torch.long), got "
+                              f"{idx.dtype} of shape {tuple(idx.shape)}: for one sequence use ids[None]")
         if idx.size(1) == 0:
             raise FunGPTError("generate needs a prompt with at least one token: pass a non-empty prompt")
+        if int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size:
+            bad = int(idx.min()) if int(idx.min()) < 0 else int(idx.max())
+            raise FunGPTError(f"the prompt holds token id {bad}, outside this model's vocabulary "
+                              f"(0..{self.config.vocab_size - 1})")
         if max_new_tokens < 0:
             raise FunGPTError(f"max_new_tokens={max_new_tokens} must be >= 0")
         if lookahead < 0:
             raise FunGPTError(f"lookahead={lookahead} must be >= 0 (0 turns speculation off)")
         block_size = self.config.block_size
         B, T0 = idx.shape
-        # All tokens so far, preallocated: writing into a buffer is cheaper than torch.cat every step.
-        seq = torch.empty(B, T0 + max_new_tokens, dtype=idx.dtype, device=idx.device)
+        # All tokens so far, in a buffer: writing into it is cheaper than torch.cat every step. It doubles when
+        # full (a copy per doubling), so a huge max_new_tokens (a stream left running) allocates nothing up front.
+        end = T0 + max_new_tokens  # the length of the finished sequence
+        seq = torch.empty(B, min(end, T0 + 1024), dtype=idx.dtype, device=idx.device)
         seq[:, :T0] = idx
         n = T0  # tokens filled in seq
         speculate = lookahead > 0 and use_cache and temperature == 0 and B == 1
@@ -477,7 +483,11 @@ class GPT(nn.Module):
             # One float32 sequence on a CPU (and no module hooks to honour): single-token steps take
             # the lean path of decode.py.
             decoder = Decoder(self, cache) if use_cache and Decoder.supports(self, idx) else None
-            while n < T0 + max_new_tokens:
+            while n < end:
+                if min(n + 1 + lookahead, end) > seq.size(1):  # room for this step's tokens (a draft's too)
+                    bigger = seq.new_empty(B, min(max(2 * seq.size(1), n + 1 + lookahead), end))
+                    bigger[:, :n] = seq[:, :n]
+                    seq = bigger
                 if cache is None:
                     logits = self(seq[:, max(0, n - block_size) : n])  # (B, T', V)
                 elif cache.pos == 0 or cache.pos >= block_size:
@@ -485,7 +495,7 @@ class GPT(nn.Module):
                     logits = self(seq[:, max(0, n - block_size) : n], kv_cache=cache)
                 else:
                     fits = speculate and cache.pos + 1 + lookahead <= block_size
-                    draft = lookup_draft(history, min(lookahead, T0 + max_new_tokens - n - 1)) if fits else []
+                    draft = lookup_draft(history, min(lookahead, end - n - 1)) if fits else []
                     if draft:
                         yield from verify_draft(self, seq, n, draft, cache, history, yield_logits)
                         n = len(history)  # history holds the prompt and every token yielded so far

@@ -116,6 +116,10 @@ def save_figure(fig, out: Path, **savefig_kw) -> Path:
         fig.savefig(tmp, **savefig_kw)
         os.replace(tmp, out)
     except OSError as e:
+        above = next((p for p in out.parents if p.exists()), None)  # the nearest part of the path that is there
+        if above is not None and not above.is_dir():  # mkdir says "File exists" for a file where a folder goes
+            raise FunGPTError(f"could not write {out}: {above} is a file, not a folder; choose another --out") \
+                from None
         raise FunGPTError(f"could not write {out}: {e.strerror or e}") from None
     finally:
         with contextlib.suppress(OSError):  # (e.g. ENOTDIR when a file stands where the folder should be)

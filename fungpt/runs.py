@@ -72,8 +72,10 @@ def data_dir_of(run_dir: str | Path) -> Path:
 
 
 def seeded_generator(seed: int, device: str) -> torch.Generator:
-    if not -(2**63) <= seed < 2**64:  # what torch's generators take
-        raise FunGPTError(f"--seed {seed} is out of range: use a number below 2**63")
+    # torch's generators also take negative seeds, as the same 64 bits as a large one (-1 is 2**64 - 1): one
+    # range, the training seed's and the explorer's, keeps one seed one text everywhere
+    if not 0 <= seed < 2**63:
+        raise FunGPTError(f"--seed {seed} is out of range: use a whole number from 0 to 2**63 - 1")
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g

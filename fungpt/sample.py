@@ -14,7 +14,7 @@ from fungpt.data import eval_windows, load_meta
 from fungpt.errors import FunGPTError
 from fungpt.runs import LoadedRun, data_dir_of, load_run, seeded_generator
 from fungpt.sampling import sampling_probs
-from fungpt.tokenizer import load_tokenizer
+from fungpt.tokenizer import TextStream, load_tokenizer
 from fungpt.train import score_windows
 
 
@@ -117,25 +117,23 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
                                                show_top, out, prompt or "", eot))
             continue
         new: list[int] = []
-        shown = ""
+        # With byte-level BPE a character can span several tokens: the stream prints each character once
+        # its last token has come (tokenizer.TextStream)
+        stream = TextStream(loaded.tokenizer)
         for tok in loaded.model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k,
                                                 top_p=top_p, generator=gen):
             token = int(torch.as_tensor(tok).reshape(-1)[0])
             if token == eot:
                 break
             new.append(token)
-            # Decode everything so far and print what is new: with byte-level BPE a character can
-            # span several tokens, so single tokens may not decode to whole characters.
-            text = loaded.tokenizer.decode(new)
-            if out is not None and not text.endswith("\ufffd"):
-                out.write(text[len(shown):])
+            piece = stream.add(token)
+            if out is not None and piece:
+                out.write(piece)
                 out.flush()
-                shown = text
-        text = loaded.tokenizer.decode(new)
         if out is not None:
-            out.write(text[len(shown):] + "\n")
+            out.write(stream.flush() + "\n")
             out.flush()
-        texts.append(text)
+        texts.append(loaded.tokenizer.decode(new))
     return texts
 
 

@@ -28,7 +28,7 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     cdf = probs.cumsum(dim=-1)  # (..., V), added left to right: never decreasing; ends at the total (~1)
     total = cdf[..., -1:]  # (..., 1)
     if not bool((total > 0).all()):  # NaN fails the test too
-        raise FunGPTError("cannot sample the next token: its probabilities are NaN or all zero (NaN or all -inf "
+        raise FunGPTError("cannot sample the next token: its probabilities are NaN or all zero (NaN, +inf or all -inf "
                           "logits; a model whose training diverged gives these)")
     u = torch.rand(total.shape, generator=generator, dtype=probs.dtype) * total  # (..., 1)
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # below the total even after rounding

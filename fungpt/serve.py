@@ -15,7 +15,7 @@ The HTTP API behind it (FastAPI on uvicorn):
                           {"type": "start", "prompt_tokens": [...]}, then one
                           {"type": "token", "index", "id", "text", "piece", "prob", "top": [{"id", "text", "prob"}]}
                           per new token, then {"type": "done", "text", "n_tokens"}; "text" is the token
-                          alone (Tokenizer.token_text), "piece" the text it completes (TextPieces)
+                          alone (Tokenizer.token_text), "piece" the text it completes (TextStream)
     POST /api/attention   {"ids", "layer", "head"} -> the (T, T) attention weights of that head
 Every mistake in a request gets a 4xx answer {"error": "<one clear line>"}. Numbers must be JSON numbers
 (true or "5" is refused), and requests must name this machine in their Host header (see _host_allowed).
@@ -57,6 +57,7 @@ from fungpt import checkpoint as ckpt
 from fungpt.errors import FunGPTError
 from fungpt.runs import LoadedRun, load_run, seeded_generator
 from fungpt.sample import default_prompt_ids, top_candidates
+from fungpt.tokenizer import TextStream
 from fungpt.viz import attention_maps
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -107,29 +108,6 @@ class ApiError(Exception):
 
 
 # ---------------------------------------------------------------------------- model helpers
-
-
-class TextPieces:
-    """Cuts generated text into per-token pieces that join into the decoded text.
-
-    add(id) returns the text that token completes. A byte-level BPE token that starts a
-    multi-byte character completes nothing (its piece is ""); the token that ends the character
-    gets the whole character. The page shows pieces as the running text, and token_text when a
-    single token is inspected.
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
-
-    def add(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        # Decoding bytes that stop inside a character ends in U+FFFD. (Unless the token itself is a
-        # real U+FFFD character: then the text is complete.)
-        if text.endswith("\ufffd") and self.tokenizer.token_text(token_id) != "\ufffd":
-            return ""  # the character is not complete yet
-        piece, self.shown = text[len(self.shown):], text
-        return piece
 
 
 # ---------------------------------------------------------------------------- the app
@@ -344,7 +322,7 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
         stream = now.model.generate_stream(idx, req.max_new_tokens, temperature=req.temperature, top_k=req.top_k,
                                        top_p=req.top_p, generator=gen, yield_logits=True)
         new: list[int] = []
-        pieces = TextPieces(tok)
+        pieces = TextStream(tok)
         try:
             while True:
                 if stopping.is_set():
@@ -364,7 +342,8 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
                 piece = pieces.add(token_id)
                 yield sse({"type": "token", "index": len(new) - 1, "id": token_id, "text": tok.token_text(token_id),
                            "piece": piece, "prob": round(prob, 5), "top": top})
-            yield sse({"type": "done", "text": tok.decode(new), "n_tokens": len(new)})
+            # tail: bytes that never completed a character (U+FFFD), so that the pieces join into the text
+            yield sse({"type": "done", "text": tok.decode(new), "tail": pieces.flush(), "n_tokens": len(new)})
         except Exception as e:  # the response has started: report in the stream, the page shows it
             yield sse({"type": "error", "error": str(e) if isinstance(e, FunGPTError) else f"generation failed: {e!r}"})
         finally:

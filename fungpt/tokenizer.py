@@ -184,6 +184,35 @@ class Tokenizer:
 # ---------------------------------------------------------------------------
 
 
+class TextStream:
+    """Turns generated token ids, one at a time, into text pieces that join into tokenizer.decode(all ids).
+
+    add(id) returns the text that token completes. With a byte-level BPE a character can span several
+    tokens: a token that ends inside one decodes to U+FFFD, so it completes nothing (its piece is "") and
+    the token that ends the character gets the whole character. Only the ids since the last complete
+    piece are decoded each time, so a long stream costs the same per token as a short one (decoding
+    everything so far at every token grows with the square of the length). UTF-8 resynchronises at a
+    character boundary, which is why decoding in such runs gives the same text as decoding it all.
+    flush() returns what the last ids decode to (U+FFFD for bytes of a character that never ended).
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.pending = tokenizer, []
+
+    def add(self, token_id: int) -> str:
+        self.pending.append(token_id)
+        text = self.tokenizer.decode(self.pending)
+        # (unless the token itself is a real U+FFFD character: then the text is complete)
+        if text.endswith("\ufffd") and self.tokenizer.token_text(token_id) != "\ufffd":
+            return ""  # the character is not complete yet
+        self.pending = []
+        return text
+
+    def flush(self) -> str:
+        text, self.pending = self.tokenizer.decode(self.pending) if self.pending else "", []
+        return text
+
+
 class CharTokenizer(Tokenizer):
     """One token per character; the vocabulary is the sorted set of training characters."""
 

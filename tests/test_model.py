@@ -239,13 +239,43 @@ def test_temperature_zero_is_argmax():
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-@pytest.mark.parametrize("row", [[float("-inf")] * 3, [1.0, float("nan"), 0.0]])
+@pytest.mark.parametrize("row", [[float("-inf")] * 3, [1.0, float("nan"), 0.0], [float("inf"), 1.0, 2.0]])
 def test_broken_logits_are_refused_greedy_or_not(row, temperature):
     """A diverged model's logits: sampling refused them, greedy picked token 0 (all -inf) or the NaN."""
     with pytest.raises(FunGPTError, match="NaN"):
         sample_next_token(torch.tensor([row]), temperature=temperature)
     with pytest.raises(FunGPTError, match="NaN"):  # in any row of a batch
         sample_next_token(torch.tensor([[0.0, 1.0, 2.0], row]), temperature=temperature)
+    if math.inf in row and temperature:
+        with pytest.raises(FunGPTError, match=r"\+inf"):  # the message names what it was
+            sample_next_token(torch.tensor([row]), temperature=temperature)
+
+
+def test_generate_refuses_ids_it_cannot_embed_in_one_line():
+    """Such prompts reached the embedding and failed there with a raw RuntimeError or IndexError."""
+    model = make_model()  # vocab 50
+    for dtype in (torch.uint8, torch.int16, torch.bool, torch.float32):
+        with pytest.raises(FunGPTError, match=f"got {dtype} of shape"):
+            model.generate(torch.ones(1, 3, dtype=dtype), 2)
+    for bad in (-1, 50):
+        with pytest.raises(FunGPTError, match=rf"token id {bad}, outside this model's vocabulary \(0..49\)"):
+            model.generate(torch.tensor([[1, bad, 2]]), 2)
+    assert model.generate(torch.tensor([[1, 2]], dtype=torch.int), 2).shape == (1, 4)
+
+
+def test_a_stream_longer_than_its_first_buffer_gives_the_same_tokens_and_allocates_nothing_up_front():
+    """The token buffer starts at 1,024 new tokens and doubles: a stream asked for 10**12 tokens (left running
+    until stopped) starts at once, where it tried to allocate them all (or raised TypeError past 2**63)."""
+    model = make_model(block_size=8)
+    idx = torch.tensor([[1, 2, 3]])
+    for lookahead in (0, 4):
+        g = torch.Generator().manual_seed(0)
+        long = model.generate(idx, 1100, temperature=0.0, lookahead=lookahead)  # past the first buffer
+        assert long.shape == (1, 1103)
+        ref = model.generate(idx, 1100, temperature=0.0, use_cache=False)
+        assert torch.equal(long, ref)
+        stream = model.generate_stream(idx, 10**20, generator=g, lookahead=lookahead)
+        assert len([next(stream) for _ in range(5)]) == 5
 
 
 def test_a_tiny_temperature_samples_the_largest_logits_not_nan():

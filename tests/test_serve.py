@@ -29,7 +29,7 @@ from fungpt.errors import FunGPTError  # noqa: E402
 from fungpt.plot import read_metrics  # noqa: E402
 from fungpt.runs import load_run  # noqa: E402
 from fungpt.sample import sample  # noqa: E402
-from fungpt.serve import TextPieces, create_app, running_server  # noqa: E402
+from fungpt.serve import create_app, running_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW = 50  # the test server's limits, small so the limit tests are cheap
@@ -98,7 +98,7 @@ def test_generate_streams_the_same_text_as_fungpt_sample(url, run_dir):
             assert t["prob"] <= probs[-1]
     text = "".join(t["piece"] for t in tokens)
     assert text == "".join(t["text"] for t in tokens)  # char-level: each token is one whole character
-    assert events[-1] == {"type": "done", "text": text, "n_tokens": 30}
+    assert events[-1] == {"type": "done", "text": text, "tail": "", "n_tokens": 30}
     # Same seed and settings as the command line: the very same text.
     assert sample(run_dir, prompt="The cat", device="cpu", **settings) == [text]
 
@@ -413,17 +413,28 @@ def test_fungpt_serve_stops_cleanly_on_ctrl_c(run_dir):
 
 
 def test_text_pieces_join_into_the_text_and_hold_back_partial_characters():
-    from fungpt.tokenizer import BPETokenizer
+    from fungpt.tokenizer import BPETokenizer, TextStream
 
     tok = BPETokenizer.train("the cat sat on the mat\n" * 50, vocab_size=280)  # never saw "é" or "日"
     text = "the café 日本 mat"
     ids = tok.encode(text)
-    stream = TextPieces(tok)
+    stream = TextStream(tok)
     pieces = [stream.add(i) for i in ids]
-    assert "".join(pieces) == text
+    assert "".join(pieces) == text and stream.flush() == ""
     assert "\ufffd" not in "".join(pieces)
     assert "" in pieces  # the first byte of "é" completes nothing
     assert "é" in pieces and "日" in pieces  # the token with the last byte carries the whole character
+    # a stream that stops inside a character: the rest comes from flush(), as decode shows it
+    part = ids[: pieces.index("") + 1]  # up to the first byte of "é"
+    cut = [stream.add(i) for i in part]
+    assert "".join(cut) + stream.flush() == tok.decode(part) == "the caf\ufffd"
+    # only the ids since the last whole character are decoded: a long stream costs the same per token
+    seen = []
+    decode = tok.decode
+    tok.decode = lambda ids_: seen.append(len(ids_)) or decode(ids_)
+    stream = TextStream(tok)
+    assert "".join(stream.add(i) for i in ids * 50) == text * 50
+    assert max(seen) <= 4
 
 
 def test_the_pages_sampling_defaults_are_fungpt_samples():

@@ -165,7 +165,7 @@ function addTokenSpan(token, kind, index) {
   span.className = `tok ${kind}`;
   // A newline token gets a visible arrow, so it can be seen and clicked, then the line break.
   // Generated tokens show their piece: the text they complete. A token holding only the first byte(s)
-  // of a character completes nothing yet; it stays a small clickable box (see TextPieces in serve.py).
+  // of a character completes nothing yet; it stays a small clickable box (see TextStream in tokenizer.py).
   const text = kind === "gen" ? (token.piece ?? token.text) : token.text;
   span.textContent = kind === "gen" ? text.replace(/\n/g, "↵\n") : text;
   if (kind === "gen" && text === "") span.classList.add("partial");
@@ -259,6 +259,8 @@ function handleEvent(event, started) {
     const out = $("output");
     out.scrollTop = out.scrollHeight;
   } else if (event.type === "done") {
+    // Bytes at the end that never completed a character: shown as the server's text has them (U+FFFD)
+    if (event.tail) $("output").append(document.createTextNode(event.tail));
     const seconds = (performance.now() - started) / 1000;
     setStatus(`done: ${event.n_tokens} tokens in ${seconds.toFixed(1)} s — click a token`);
     $("output").dataset.state = "done";
