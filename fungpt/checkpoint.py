@@ -299,6 +299,8 @@ def load_weights(ckpt_dir: Path, model: torch.nn.Module) -> None:
     path = ckpt_dir / MODEL_FILE
     try:
         tensors = load_file(str(path))
+    except FileNotFoundError:  # (deleted since it was verified: a training run replaced this checkpoint)
+        raise FunGPTError(f"checkpoint file {path} is missing") from None
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a bad header
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise FunGPTError(f"could not read weights from {path}: it is not a valid safetensors file "

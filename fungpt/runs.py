@@ -33,9 +33,23 @@ def load_run(run_dir: str | Path, checkpoint: str = "last", device: str = "auto"
         raise FunGPTError(f"run folder {run_dir} does not exist; pass the out_dir of a training run")
     if checkpoint not in ("last", "best"):
         raise FunGPTError(f"--checkpoint {checkpoint!r} is not valid: choose last or best")
-    cfg = load_run_config(run_dir)
     kind = "latest" if checkpoint == "last" else "best"
     folder = ckpt.find_checkpoint(run_dir, kind)
+    for _ in range(2):
+        try:
+            return _load(run_dir, folder, checkpoint, device)
+        except FunGPTError:
+            # A run still training replaces its checkpoint (a new folder, then the old one deleted): a read
+            # while that happens finds files gone. Then the pointer names the new one: read that instead.
+            newer = ckpt.find_checkpoint(run_dir, kind)
+            if folder is None or newer == folder:
+                raise
+            folder = newer
+    return _load(run_dir, folder, checkpoint, device)
+
+
+def _load(run_dir: Path, folder: Path | None, checkpoint: str, device: str) -> LoadedRun:
+    cfg = load_run_config(run_dir)
     if folder is None:
         raise FunGPTError(f"{run_dir} has no {checkpoint} checkpoint yet (train it first)")
     manifest = ckpt.verify_checkpoint(folder)

@@ -1201,3 +1201,31 @@ def test_resume_notes_leave_a_time_budget_schedule_alone():
     assert resume_notes(saved, dataclasses.replace(saved, max_iters=60), 6) == []  # the clock decides, not steps
     steps = dataclasses.replace(saved, max_minutes=None)
     assert resume_notes(steps, dataclasses.replace(steps, max_iters=60), 6)  # (the control: without a budget)
+
+
+def test_loading_a_run_while_its_training_replaces_the_checkpoint_reads_the_new_one(world, tmp_path, monkeypatch):
+    """`fungpt sample` beside a training run: between reading latest.json and reading the folder it names, the
+    run may save anew and delete that folder. The load failed ("not a valid safetensors file"); it now
+    follows the pointer to the new checkpoint."""
+    out = copy_run(world, tmp_path)
+    old = ckpt.find_checkpoint(out)
+    real_verify, calls = ckpt.verify_checkpoint, []
+
+    def verify_while_training_saves(folder):
+        calls.append(folder)
+        if folder == old and old.exists():  # the run saves step 9 and deletes the folder this load was to read
+            new = old.with_name("latest-0000009")
+            shutil.copytree(old, new)
+            (out / "latest.json").write_text(json.dumps({"dir": f"checkpoints/{new.name}"}))
+            shutil.rmtree(old)
+        return real_verify(folder)
+
+    monkeypatch.setattr(ckpt, "verify_checkpoint", verify_while_training_saves)
+    run = load_run(out, device="cpu")
+    assert calls == [old, old.with_name("latest-0000009")] and run.step == 6
+    # a checkpoint that is damaged for good is still reported, after one look at the pointer
+    calls.clear()
+    _flip(ckpt.find_checkpoint(out) / "model.safetensors")
+    with pytest.raises(FunGPTError, match="sha256"):
+        load_run(out, device="cpu")
+    assert len(calls) == 1
