@@ -51,7 +51,8 @@ def main() -> None:
                                       checkpoint_interval=steps, warmup_iters=min(cfg.train.warmup_iters, steps // 4),
                                       device="cpu", dtype="float32"))
         print(f"training {steps} steps of configs/shakespeare-char-cpu.toml ...", flush=True)
-        train(cfg, progress=False)
+        if train(cfg, progress=False)["interrupted"]:  # Ctrl-C: figures of a half-trained model would be mislabelled
+            sys.exit("make_figures: interrupted before the training ended; no figures written")
         run_dir = Path(cfg.out_dir)
 
         written = [plot_runs([run_dir], args.out / "loss.png", x="step")]

@@ -33,6 +33,8 @@ def main() -> None:
             train=TrainConfig(batch_size=16, max_iters=args.iters, lr=1e-3, min_lr=1e-4, warmup_iters=100),
         )
         result = train(cfg, overwrite=True)
+        if result["interrupted"]:  # stopped by Ctrl-C or a stop signal: no final model to report on
+            sys.exit(128 + (result["signal"] or 2))  # as a shell reports a command ended by that signal
         metrics = evaluate_run(result["out_dir"])
         print(f"val: {metrics['loss']:.3f} nats/token, {metrics['bits_per_byte']:.3f} bits/byte\n")
         sample(result["out_dir"], max_new_tokens=200, seed=0, out=sys.stdout)

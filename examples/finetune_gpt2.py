@@ -12,9 +12,9 @@ The recipe is configs/finetune-gpt2-shakespeare.toml's. On a GPU it takes minute
 
 import argparse
 import sys
-from pathlib import Path
 
 from fungpt import DataConfig, RunConfig, TrainConfig, load_config, sample, train
+from fungpt.config import model_fields_named
 from fungpt.errors import FunGPTError
 
 
@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--out", default="out/finetune-gpt2", help="run folder")
     args = ap.parse_args()
     try:
-        preset = load_config(Path(__file__).resolve().parents[1] / "configs" / "finetune-gpt2-shakespeare.toml")
+        preset = load_config("finetune-gpt2-shakespeare")  # configs/finetune-gpt2-shakespeare.toml
         model = preset.model
         model.init_from = args.init_from
         if args.block_size:
@@ -39,8 +39,12 @@ def main() -> None:
             model=model,  # the architecture itself comes from the checkpoint
             train=TrainConfig(**{**tc.__dict__, "max_iters": args.iters or tc.max_iters}),
         )
-        # model_named: block_size counts as asked for even where it equals the run default (64)
-        result = train(cfg, overwrite=True, model_named={"block_size"} if args.block_size else ())
+        # model_named: the [model] fields asked for, even where they equal the run defaults (block_size 64, say);
+        # the others take the checkpoint's values
+        named = model_fields_named("finetune-gpt2-shakespeare", []) | ({"block_size"} if args.block_size else set())
+        result = train(cfg, overwrite=True, model_named=named)
+        if result["interrupted"]:  # stopped by Ctrl-C or a stop signal: no final model to report on
+            sys.exit(128 + (result["signal"] or 2))  # as a shell reports a command ended by that signal
         print(f"\nval loss {result['val_loss']:.3f} after {result['step']} steps. A sample:\n")
         sample(result["out_dir"], prompt="ROMEO:", max_new_tokens=200, seed=0, out=sys.stdout)
         print(f"\n\nShare it as a Hugging Face folder: fungpt export --run {result['out_dir']} --out hf/finetuned")

@@ -22,6 +22,8 @@ def main() -> None:
                           eval_interval=100 if quick else 250, device="auto"),
     )
     result = train(cfg, overwrite=True)
+    if result["interrupted"]:  # stopped by Ctrl-C or a stop signal: no final model to report on
+        sys.exit(128 + (result["signal"] or 2))  # as a shell reports a command ended by that signal
     print(f"final val loss {result['val_loss']:.4f}; a sample:\n")
     sample(result["out_dir"], prompt="JULIET:", max_new_tokens=300, temperature=0.8, seed=0, out=sys.stdout)
 

@@ -618,6 +618,38 @@ def test_examples_run(tmp_path, monkeypatch, corpus):
     assert "bits/byte" in proc.stdout
 
 
+@pytest.mark.parametrize("script, argv", [
+    ("examples/shakespeare_char.py", ["--quick"]),
+    ("examples/custom_corpus.py", ["{corpus}", "--chars"]),
+    ("examples/finetune_gpt2.py", ["--init-from", "{tmp}/nowhere"]),
+    ("docs/make_figures.py", ["--out", "{tmp}/figures"]),
+])
+def test_scripts_stop_when_their_training_is_interrupted(script, argv, tmp_path, monkeypatch, corpus, capsys):
+    """Ctrl-C (or SIGTERM) ends train() early with result["interrupted"]: the examples went on to report a final
+    loss and a sample, and make_figures drew a half-trained model under titles saying it had finished (over the
+    committed figures)."""
+    import runpy
+
+    import fungpt
+
+    def interrupted(cfg, **kwargs):
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        return {"out_dir": cfg.out_dir, "step": 3, "train_loss": 2.0, "val_loss": 2.1, "interrupted": True,
+                "signal": 15, "elapsed_s": 1.0}
+
+    monkeypatch.setattr(fungpt, "train", interrupted)  # what the examples import
+    monkeypatch.setattr(sys.modules["fungpt.train"], "train", interrupted)  # what make_figures imports
+    monkeypatch.setattr(fungpt, "sample", lambda *a, **k: pytest.fail("sampled an interrupted run"))
+    monkeypatch.chdir(tmp_path)
+    args = [a.format(corpus=corpus, tmp=tmp_path) for a in argv]
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    assert stop.value.code == 143 if script.startswith("examples") else "interrupted" in str(stop.value.code)
+    assert "val loss" not in capsys.readouterr().out
+    assert not (tmp_path / "figures").exists() or not any((tmp_path / "figures").iterdir())
+
+
 def test_eval_refuses_a_data_folder_prepared_again_with_another_tokenizer(corpus, tmp_path):
     """Re-preparing the run's data folder from an edited corpus renumbers the characters: the val loss
     would be computed on ids that mean other text (silently wrong), or crash on ids past the vocabulary."""
