@@ -176,9 +176,10 @@ def save_checkpoint(out_dir: str | Path, kind: str, step: int, model: torch.nn.M
         if final != tmp and not _pointer_names(out_dir, kind, final):
             shutil.rmtree(final, ignore_errors=True)  # renamed, but the pointer could not be switched
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        before = find_checkpoint(out_dir, kind) if (out_dir / f"{kind}.json").is_file() else None
+        kept = "the previous checkpoint is intact" if before is not None else f"there is no {kind} checkpoint yet"
         raise FunGPTError(f"could not save the {kind} checkpoint at step {step} in {out_dir}: {why}; "
-                          f"the previous checkpoint is intact (free some disk space or fix permissions, "
-                          f"then resume with --resume)") from None
+                          f"{kept} (free some disk space or fix permissions, then resume with --resume)") from None
     # Only now that the pointer names the new folder is it safe to delete the old ones (and any
     # temporary folder left behind by a run that was killed in the middle of a save).
     for old in checkpoint_folders(out_dir, kind, temporaries=True):

@@ -723,6 +723,7 @@ class BatchLoader:
         # One fancy-index gathers all windows at once: row b holds tokens
         # starts[b] .. starts[b] + block_size (block_size + 1 of them).
         windows = torch.from_numpy(data[starts.numpy()[:, None] + self._offsets].astype(np.int64))
+        _check_ids(windows, self.meta["vocab_size"], self.path)
         self.batches_drawn += 1
         # Copies (not .contiguous(), which returns a view when batch_size is 1): x and y must not share
         # memory, or a caller that masks targets in y would change x too (eval_windows below did)
@@ -744,12 +745,24 @@ class BatchLoader:
         self.batches_drawn = int(state["batches_drawn"])
 
 
+def _check_ids(windows: torch.Tensor, vocab_size: int, source: Path | str) -> None:
+    """Refuse a batch holding an id past the vocabulary (a .bin damaged after prepare checked it, which
+    check_token_ids does not read again): the embedding would fail with a raw IndexError, or on a GPU a
+    device-side assert. One max over the batch's ids on the CPU, microseconds."""
+    top = int(windows.max())
+    if top >= vocab_size:
+        raise FunGPTError(f"{source} holds token id {top}, but the vocabulary has {vocab_size} (ids 0.."
+                          f"{vocab_size - 1}): the file is damaged; prepare the data again with `fungpt prepare`")
+
+
 def eval_windows(
     tokens: np.ndarray,
     block_size: int,
     batch_size: int,
     device: str | torch.device = "cpu",
     ignore_index: int = -1,
+    vocab_size: int | None = None,
+    source: Path | str = "the data",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (x, y) batches, each (B, T), that score every token of `tokens` exactly once.
 
@@ -760,6 +773,7 @@ def eval_windows(
     (skip them in the loss, e.g. F.cross_entropy(..., ignore_index=-1)): the tail
     keeps a full context instead of being padded. Text shorter than a window gives one
     shorter window (T = n - 1). The last batch may be smaller. n - 1 targets in all.
+    With vocab_size, a batch holding an id past the vocabulary is refused, naming `source`.
     """
     n = len(tokens)
     if n < 2:
@@ -775,6 +789,8 @@ def eval_windows(
     for i in range(0, len(starts), batch_size):
         batch_starts = np.array(starts[i : i + batch_size])
         windows = torch.from_numpy(np.asarray(tokens[batch_starts[:, None] + offsets]).astype(np.int64))
+        if vocab_size is not None:
+            _check_ids(windows, vocab_size, source)
         # Copies, not views: with one window in the batch, both slices are already contiguous, and y's
         # ignore_index below would also have written into x (x held -1s: an IndexError in the embedding)
         x = windows[:, :-1].clone()  # (B, T)
@@ -795,5 +811,6 @@ def iter_eval_windows(
     """`eval_windows` over a prepared split (memory-mapped, so it works for any size)."""
     meta = load_meta(data_dir)
     check_split_fits(meta, block_size)
-    data = np.memmap(Path(data_dir) / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
-    yield from eval_windows(data, block_size, batch_size, device, ignore_index)
+    path = Path(data_dir) / f"{split}.bin"
+    data = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+    yield from eval_windows(data, block_size, batch_size, device, ignore_index, meta["vocab_size"], path)

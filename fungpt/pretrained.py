@@ -272,8 +272,11 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "last"
         if out.exists():
             out.rmdir()  # the empty folder checked above
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # disk full, a size limit, a folder made read-only: said of --out
+            raise FunGPTError(f"could not write the export to {out}: {e.strerror or e}; nothing was left there "
+                              f"(free some disk space or fix permissions, then export again)") from None
         raise
     return out
 

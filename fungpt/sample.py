@@ -218,7 +218,9 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
     if len(tokens) < 2:
         raise FunGPTError(f"{source} is too short to evaluate: it needs at least 2 tokens")
     T = loaded.config.model.block_size
-    windows = eval_windows(tokens, T, batch_size, device=loaded.device)
+    # (ids read from a .bin are checked against the vocabulary, batch by batch: the file may be damaged)
+    windows = eval_windows(tokens, T, batch_size, device=loaded.device, vocab_size=loaded.model.config.vocab_size,
+                           source=getattr(tokens, "filename", None) or source)
     if progress:  # a long text or val split can take minutes
         from tqdm.auto import tqdm
 

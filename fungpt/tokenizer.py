@@ -630,6 +630,10 @@ def train_tokenizer(
 make_tokenizer = train_tokenizer
 
 
+# A run folder's tokenizer must be the one its checkpoint was trained with, so `prepare` cannot mend it
+_RESTORE = "restore the folder's tokenizer files (for a prepared dataset: run `fungpt prepare` again)"
+
+
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """Read back a tokenizer written by `Tokenizer.save(directory)`."""
     meta_path = Path(directory) / META_FILE
@@ -642,27 +646,27 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         kind = meta["kind"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise FunGPTError(
-            f"tokenizer file {meta_path} is corrupt ({type(e).__name__}); run `fungpt prepare` again"
+            f"tokenizer file {meta_path} is corrupt ({type(e).__name__}); {_RESTORE}"
         ) from None
     if kind == "char":
         chars = meta.get("chars")
         if not isinstance(chars, list) or not all(isinstance(c, str) for c in chars):
-            raise FunGPTError(f"tokenizer file {meta_path} is corrupt (bad 'chars' list); run `fungpt prepare` again")
+            raise FunGPTError(f"tokenizer file {meta_path} is corrupt (bad 'chars' list); {_RESTORE}")
         try:
             return CharTokenizer(chars)
         except FunGPTError as e:
-            raise FunGPTError(f"tokenizer file {meta_path} is corrupt ({e}); run `fungpt prepare` again") from None
+            raise FunGPTError(f"tokenizer file {meta_path} is corrupt ({e}); {_RESTORE}") from None
     if kind == "bpe":
         bpe_path = meta_path.parent / str(meta.get("file", BPE_FILE))
         if not bpe_path.is_file():
-            raise FunGPTError(f"BPE tokenizer file {bpe_path} is missing; run `fungpt prepare` again")
+            raise FunGPTError(f"BPE tokenizer file {bpe_path} is missing; {_RESTORE}")
         return BPETokenizer.load(bpe_path)
     if kind == "gpt2":
         return GPT2Tokenizer()
     if kind == HF_KIND:
         hf_path = meta_path.parent / str(meta.get("file", BPE_FILE))
         if not hf_path.is_file():
-            raise FunGPTError(f"tokenizer file {hf_path} is missing; run `fungpt prepare` again")
+            raise FunGPTError(f"tokenizer file {hf_path} is missing; {_RESTORE}")
         tok = HFTokenizer.load(hf_path)
         tok.source = str(meta.get("source") or tok.source)
         return tok

@@ -750,7 +750,7 @@ class MetricsLog:
 def _row_step(line: str) -> int:
     try:
         return int(json.loads(line)["step"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError):  # (Infinity)
         return 1 << 62  # an unreadable (half-written) row is dropped
 
 

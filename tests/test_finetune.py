@@ -210,6 +210,30 @@ def test_export_of_a_non_gpt2_run_is_refused_before_any_folder_is_made(corpus, t
     assert not (tmp_path / "new").exists()
 
 
+def test_export_that_cannot_be_written_names_its_folder_and_leaves_nothing(corpus, tmp_path, capsys, monkeypatch):
+    """A full disk (or a size limit) said only "error: File too large", or named the hidden temporary folder."""
+    import errno
+    import os
+
+    from fungpt.model import GPTConfig
+
+    out = tmp_path / "run"
+    cfg = RunConfig(out_dir=str(out), data=DataConfig(path=str(corpus)),
+                    model=GPTConfig(vocab_size=1, block_size=16, n_layer=1, n_head=2, n_embd=16),
+                    train=TrainConfig(batch_size=2, max_iters=1, eval_iters=1, log_interval=1, device="cpu"))
+    train(cfg, progress=False)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+    monkeypatch.setattr("fungpt.model.GPT.save_hf", full)
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "exp")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: could not write the export to {tmp_path / 'exp'}: File too large; nothing was left there "
+                   f"(free some disk space or fix permissions, then export again)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "corpus.txt", "run"]
+
+
 def test_gpt2_tiktoken_encoding_converts_to_the_same_bpe():
     tiktoken = pytest.importorskip("tiktoken")
     # A small tiktoken encoding (GPT-2's regex, merges learned by the tokenizers library) stands in

@@ -221,6 +221,13 @@ def test_disk_full_during_training(world, tmp_path, monkeypatch, capsys):
     code, stderr = run_cli([*argv, "--resume"], capsys)
     assert code == 0, stderr
     assert check_loadable(out) == 9
+    # the first save failing: there is no previous checkpoint to promise
+    _patch_writer(monkeypatch, lambda p: "best-0000000" in p.parent.name,
+                  OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    code, stderr = run_cli([*argv, "--out-dir", tmp_path / "first", "--train.eval-interval", "3"], capsys)
+    last = assert_one_line_error(code, stderr, "could not save the best checkpoint at step 0",
+                                 "there is no best checkpoint yet")
+    assert "intact" not in last
 
 
 @pytest.mark.parametrize("err, words", [(errno.EACCES, "Permission denied"), (errno.EROFS, "Read-only file system"),
@@ -925,6 +932,14 @@ def _files(world, tmp_path) -> dict[str, str]:
                          "nullvocab": {"vocab_size": None}}.items():
         shutil.copytree(world["data"], t / name)
         (t / name / "meta.json").write_text(json.dumps({**meta, **change}))
+    shutil.copytree(world["data"], t / "damaged")  # .bin bytes changed after prepare recorded max_id
+    for f in ("train.bin", "val.bin"):
+        size = (t / "damaged" / f).stat().st_size
+        (t / "damaged" / f).write_bytes(b"\xff" * size)
+    damagedrun = t / "damagedrun"  # a run whose data folder was damaged since
+    shutil.copytree(world["run"], damagedrun)
+    info = json.loads((damagedrun / "run.json").read_text())
+    (damagedrun / "run.json").write_text(json.dumps({**info, "data_dir": str(t / "damaged")}))
     (t / "project").mkdir()  # a folder of the user's own, with a config.json that is not a run's
     (t / "project" / "config.json").write_text('{"name": "my-app"}')
     (t / "hf").mkdir()  # like the folder `fungpt export` writes
@@ -957,6 +972,10 @@ BAD_INPUTS = {
     "rope with odd head size": ([*TRAIN, "--model.pos-encoding", "rope", "--model.n-embd", "6",
                                  "--model.n-head", "2"], "even"),
     "block_size larger than the val split": ([*TRAIN, "--model.block-size", "100000"], "block_size"),
+    "a data file damaged after prepare": (["train", "--data.path", "{tmp}/damaged", "--out-dir", "{tmp}/new",
+                                           "--train.device", "cpu"], "damaged/"),
+    "eval on a data file damaged since": (["eval", "--run", "{tmp}/damagedrun", "--device", "cpu"],
+                                          "val.bin holds token id 65535"),
     # train
     "batch_size zero": ([*TRAIN, "--train.batch-size", "0"], "batch_size"),
     "batch_size negative": ([*TRAIN, "--train.batch-size", "-3"], "batch_size"),
@@ -1229,3 +1248,16 @@ def test_loading_a_run_while_its_training_replaces_the_checkpoint_reads_the_new_
     with pytest.raises(FunGPTError, match="sha256"):
         load_run(out, device="cpu")
     assert len(calls) == 1
+
+
+def test_resume_drops_metrics_rows_with_a_step_that_is_not_a_whole_number(world, tmp_path, capsys):
+    """`{"step": Infinity}` (valid to Python's json) made every resume end in a raw OverflowError."""
+    out = copy_run(world, tmp_path)
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": Infinity, "train_loss": 1.0}\n{"step": 1e999}\n{"step": NaN}\n')
+    code, err = run_cli(["train", "--data.path", world["data"], "--out-dir", out, "--train.device", "cpu",
+                         *TINY_MODEL, "--train.batch-size", "4", "--train.max-iters", "9", "--resume"], capsys)
+    assert code == 0, err
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert not [r for r in rows if "Infinity" in r or "1e999" in r or "NaN" in r]
+    assert json.loads(rows[-1])["step"] == 9
