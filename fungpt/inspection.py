@@ -278,9 +278,10 @@ def format_report(info: dict) -> str:
               f"  tokens per optimizer step           {info['tokens_per_step']:>10,}"]
     if info["kind"] == "run":
         if info["tokens_seen"] is not None:
-            lines += [f"  step                                {info['step']:>10,}",
-                      f"  tokens seen                         {info['tokens_seen']:>10,}",
-                      f"  training FLOPs so far               {human_count(info['train_flops_so_far']):>10}"]
+            # (from metrics.jsonl, which logs every log_interval steps: it can trail the latest checkpoint)
+            lines += [f"  last logged step                    {info['step']:>10,}",
+                      f"  tokens seen, to that step           {info['tokens_seen']:>10,}",
+                      f"  training FLOPs, to that step        {human_count(info['train_flops_so_far']):>10}"]
         else:
             lines.append("  no metrics.jsonl rows yet: the run has not logged a step")
         ck = info["checkpoint"]

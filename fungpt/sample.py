@@ -144,7 +144,9 @@ def _sample_showing_probs(loaded: LoadedRun, idx: torch.Tensor, max_new_tokens: 
     before the token `eot`, if drawn; its line is written)."""
     tok = loaded.tokenizer
     if out is not None:
-        out.write(f"prompt: {prompt!r}\n")
+        given = repr(prompt) if prompt else \
+            f"none: the model starts from {tok.decode(idx[0].tolist())!r}, as a fresh document"
+        out.write(f"prompt: {given}\n")
         shown = "the model's own softmax (greedy picks the top one)" if temperature == 0 else \
             f"after temperature {temperature}, top-k {top_k}, top-p {top_p}: the distribution sampled from"
         out.write(f"{'step':>5}  {'token':>6} {'p':>5}   | top {show_top} candidates, probabilities {shown}\n")

@@ -916,6 +916,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         prepare_out_dir(cfg, resume, overwrite, locked)
     say(f"fungpt: {prec.reason}" + (f", matmuls on {cpu_matmul}" if cpu_matmul else "")
         + (f", {ddp.world_size} processes (DDP)" if ddp.enabled else ""))
+    schedule_steps = min(tc.max_iters, tc.decay_iters)
+    if tc.warmup_iters >= schedule_steps and not tc.max_minutes:  # e.g. a preset shortened with --train.max-iters
+        say(f"fungpt: note: train.warmup_iters = {tc.warmup_iters} is not below the run's {schedule_steps} steps, "
+            f"so the learning rate never reaches train.lr = {tc.lr:g}; lower warmup_iters to reach it")
 
     # Model and optimizer. Every rank builds the same initial weights from the same seed.
     torch.manual_seed(tc.seed)
@@ -1226,6 +1230,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
 
             if ddp.is_main and (step % tc.log_interval == 0 or step == 1):
                 tok_s = tokens_per_step / step_time
+                # A step faster than the ceiling shows the ceiling was timed in a busy moment (another program
+                # on the cores): it is raised to what the run reached, so MFU never reads above 100%
+                peak_flops = max(peak_flops, flops_per_step / step_time)
                 mfu = flops_per_step / step_time / peak_flops  # achieved FLOP/s over the measured ceiling
                 log.write({"step": step, "train_loss": last_loss, "lr": lr, "dt_ms": round(step_time * 1000, 2),
                            "tokens_per_sec": round(tok_s, 1), "mfu": round(mfu, 4),

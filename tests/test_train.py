@@ -83,6 +83,25 @@ def test_metrics_schema(corpus, tmp_path):
     assert [r["step"] for r in eval_rows] == [0, 3, 6]
 
 
+def test_a_warmup_as_long_as_the_run_is_pointed_out(corpus, tmp_path, capsys):
+    """A preset cut short (--train.max-iters 50 with its warmup_iters = 100) never reaches its learning rate."""
+    train(tiny_config(corpus, tmp_path / "a", max_iters=3, warmup_iters=3), progress=False)
+    assert "train.warmup_iters = 3 is not below the run's 3 steps, so the learning rate never reaches train.lr = " \
+           "0.003" in capsys.readouterr().out
+    train(tiny_config(corpus, tmp_path / "b", max_iters=3, warmup_iters=2), progress=False)
+    assert "warmup_iters" not in capsys.readouterr().out
+
+
+def test_mfu_never_reads_above_100_percent(corpus, tmp_path, monkeypatch):
+    """The ceiling is timed once, at the start: timed while another program had the cores, it came out low, and a
+    loaded machine's rows read "mfu": 1.31. A step faster than the ceiling raises it."""
+    monkeypatch.setattr(sys.modules["fungpt.train"], "measure_peak_flops", lambda device, dtype: 1e6)  # far too low
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=4, eval_interval=100), progress=False)
+    mfus = [r["mfu"] for r in read_rows(out) if "lr" in r]
+    assert len(mfus) == 4 and all(0 < m <= 1 for m in mfus) and mfus[0] == 1
+
+
 @pytest.mark.parametrize(("optimizer", "dropout"), [("adamw", 0.1), ("muon", 0.0)])
 def test_resume_is_bit_exact(corpus, tmp_path, optimizer, dropout):
     # lr_decay_iters pins the schedule, so the short first leg follows the same lr curve.

@@ -412,6 +412,11 @@ def test_show_probs_same_text_and_one_line_per_token(run_dir):
         probs = [float(p) for p in line.split("|")[1].split()[1::2]]
         assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.001
     assert shown.getvalue().rstrip().endswith("ROMEO:" + a[0].rstrip())
+    assert shown.getvalue().startswith("prompt: 'ROMEO:'\n")
+    # no prompt: the header says what the model was given, not prompt: ''
+    shown = io.StringIO()
+    sample(run_dir, max_new_tokens=2, device="cpu", out=shown, show_probs=True)
+    assert shown.getvalue().startswith("prompt: none: the model starts from '\\n', as a fresh document\n")
 
 
 def test_walkthroughs_show_probs_excerpt_is_the_figures_own_rows():
