@@ -92,10 +92,10 @@ class GPTConfig:
             if getattr(self, name) <= 0:
                 raise FunGPTError(f"model config {name}={getattr(self, name)} must be positive: set it to at least 1")
         if self.n_embd % self.n_head != 0:
-            raise FunGPTError(
-                f"model config n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
-                "choose n_embd as a multiple of n_head"
-            )
+            fine_tune = "; a fine-tune takes both from its checkpoint: set neither" if self.init_from != "scratch" \
+                else ""
+            raise FunGPTError(f"model config n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                              f"choose n_embd as a multiple of n_head{fine_tune}")
         if not 0.0 <= self.dropout < 1.0:
             raise FunGPTError(f"model config dropout={self.dropout} must be in [0, 1): use e.g. 0.0 or 0.1")
         if self.pos_encoding not in POS_ENCODINGS:

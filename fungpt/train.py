@@ -335,9 +335,10 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
     A pretrained start (init_from) brings its own architecture and tokenizer (pretrained.py), and the
     data is encoded with that tokenizer. From scratch, the vocabulary size comes from the data.
     `model_named`: the [model] fields the user wrote down (see pretrained.merge_model_config).
-    `resume_dir`: the run being resumed. A fine-tune that has a checkpoint no longer needs its pretrained
-    model's weights, so if init_from is gone (a moved folder, a cleared hub cache) the run's own copies of
-    its architecture and tokenizer stand in.
+    `resume_dir`: the run being resumed. A resumed fine-tune keeps the architecture its folder records (the
+    fields not set take those values, not the pretrained model's); and as it no longer needs its pretrained
+    model's weights, if init_from is gone (a moved folder, a cleared hub cache) the run's own copy of its
+    tokenizer stands in.
     """
     pre = None
     if pretrained.is_pretrained(cfg.model.init_from):
@@ -351,7 +352,15 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
             if is_main:
                 print(f"fungpt: {cfg.model.init_from} is not available here; resuming with the architecture and "
                       f"tokenizer recorded in {resume_dir}")
-    if pre is not None:
+    if pre is not None and resume_dir is not None:
+        # A resumed fine-tune continues its own architecture, as its folder records it (block_size cropped,
+        # vocabulary trimmed): the fields the user set replace those, and the resume check refuses a change
+        saved, defaults = load_run_config(resume_dir).model, default_model()
+        model = dataclasses.replace(saved, **{f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(saved)
+                                              if f.name in model_named
+                                              or getattr(cfg.model, f.name) != getattr(defaults, f.name)})
+        cfg = dataclasses.replace(cfg, model=model)
+    elif pre is not None:
         model = pretrained.merge_model_config(cfg.model, pre.config, default_model(), model_named)
         if pre.tokenizer.vocab_size < model.vocab_size:
             # An embedding table padded past its tokenizer (say 50,304 rows for GPT-2's 50,257 tokens): the

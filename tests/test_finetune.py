@@ -141,6 +141,8 @@ def test_data_prepared_with_another_tokenizer_is_refused(hf_dir, corpus, tmp_pat
     ({"n_embd": 64, "n_head": 8}, r"n_head = 8 .*n_embd = 64"),
     ({"pos_encoding": "rope"}, "pos_encoding = 'rope'"),
     ({"block_size": 128}, "larger than the pretrained model's 64 positions"),
+    # n_head alone, against the run default n_embd (128): not a divisibility puzzle about a width nobody set
+    ({"n_head": 3}, "not divisible by n_head=3: .*a fine-tune takes both from its checkpoint: set neither"),
 ])
 def test_contradicting_model_fields_are_refused(hf_dir, corpus, tmp_path, override, message):
     with pytest.raises(FunGPTError, match=message):
@@ -390,6 +392,24 @@ def test_a_finetune_resumes_after_its_pretrained_folder_is_gone(hf_dir, corpus, 
     # a fine-tune that never saved still needs its pretrained weights: said as before
     with pytest.raises(FunGPTError, match="init_from"):
         train(config(tmp_path / "new", 2), progress=False)
+
+
+def test_a_finetune_resumes_with_its_own_architecture_whatever_the_flags_leave_out(hf_dir, corpus, tmp_path):
+    """Resuming a fine-tune cropped to 32 positions needed --model.block-size 32 again while the pretrained
+    folder was there ("different model (block_size 32 -> 64)") and not once it was gone; now neither does, and
+    a different block_size is refused naming the run's own value."""
+    out = tmp_path / "run"
+    cfg = finetune_config(hf_dir, corpus, out, block_size=32)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_iters=2, checkpoint_interval=2))
+    train(cfg, progress=False)
+    plain = finetune_config(hf_dir, corpus, out)  # block_size not set: the run default, 64
+    plain = dataclasses.replace(plain, train=dataclasses.replace(cfg.train, max_iters=3))
+    assert train(plain, resume=True, progress=False)["step"] == 3
+    assert load_run(out, device="cpu").model.config.block_size == 32
+    other = finetune_config(hf_dir, corpus, out, block_size=16)
+    other = dataclasses.replace(other, train=dataclasses.replace(cfg.train, max_iters=4))
+    with pytest.raises(FunGPTError, match=r"different model \(block_size 32 -> 16\)"):
+        train(other, resume=True, progress=False)
 
 
 def test_a_model_with_more_embeddings_than_tokens_fine_tunes_into_a_usable_run(hf_dir, corpus, tmp_path, capsys):
