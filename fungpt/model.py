@@ -454,8 +454,8 @@ class GPT(nn.Module):
         sequence; it arrives sooner when the text repeats itself.
         """
         if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int):
-            raise FunGPTError(f"generate takes the prompt as a (B, T) tensor of token ids (torch.long), got "
-                              f"{idx.dtype} of shape {tuple(idx.shape)}: for one sequence use ids[None]")
+            raise FunGPTError(f"generate takes the prompt as a (B, T) integer tensor of token ids (torch.long), "
+                              f"got {idx.dtype} of shape {tuple(idx.shape)}: for one sequence use ids[None]")
         if idx.size(1) == 0:
             raise FunGPTError("generate needs a prompt with at least one token: pass a non-empty prompt")
         if int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size:
