@@ -315,6 +315,8 @@ def config_path(path: str | Path) -> Path:
     path = Path(path)
     if path.exists() or path.suffix not in ("", ".toml") or str(path.parent) not in (".", "configs"):
         return path
+    if path.suffix == "" and path.with_name(f"{path.name}.toml").is_file():  # a copy of the user's own comes first
+        return path.with_name(f"{path.name}.toml")
     folder = presets_dir()
     preset = folder / f"{path.stem}.toml" if folder else None
     return preset if preset is not None and preset.is_file() else path

@@ -199,6 +199,8 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
             checkpoint, info["vocab_note"] = pretrained.architecture(cfg.model.init_from)
             named = model_fields_named(target, []) if target.suffix == ".toml" else ()
             model = pretrained.merge_model_config(cfg.model, checkpoint, default_model(), named)
+            tokens = pretrained.tokenizer_size(cfg.model.init_from)  # a padded table is trimmed, as training does
+            model = pretrained.trim_vocab(model, tokens) if tokens is not None else model
         else:
             vocab, info["vocab_note"] = _vocab_for_config(cfg)
             model = dataclasses.replace(cfg.model, vocab_size=vocab)

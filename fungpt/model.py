@@ -458,7 +458,7 @@ class GPT(nn.Module):
                               f"got {idx.dtype} of shape {tuple(idx.shape)}: for one sequence use ids[None]")
         if idx.size(1) == 0:
             raise FunGPTError("generate needs a prompt with at least one token: pass a non-empty prompt")
-        if int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size:
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
             bad = int(idx.min()) if int(idx.min()) < 0 else int(idx.max())
             raise FunGPTError(f"the prompt holds token id {bad}, outside this model's vocabulary "
                               f"(0..{self.config.vocab_size - 1})")

@@ -141,6 +141,28 @@ def architecture(init_from: str) -> tuple[GPTConfig, str | None]:
     return GPT.hf_config(resolve_path(init_from)), None  # neither a folder nor a hub name: resolve_path raises
 
 
+def tokenizer_size(init_from: str) -> int | None:
+    """How many tokens the tokenizer of `init_from` has, without downloading anything (None: not at hand)."""
+    path = Path(init_from).expanduser()
+    if not path.is_dir() and init_from in HUB_NAMES:
+        try:
+            path = _cached_hub_folder(init_from)
+        except ImportError:
+            path = None
+    try:
+        return HFTokenizer.from_dir(path).vocab_size if path is not None and path.is_dir() else None
+    except FunGPTError:
+        return None
+
+
+def trim_vocab(model: GPTConfig, tokens: int) -> GPTConfig:
+    """The architecture to fine-tune when the checkpoint has more token embeddings than its tokenizer has tokens
+    (a table padded to a round size, say 50,304 rows for GPT-2's 50,257): the tokenizer's rows only. The extra
+    rows are ids the tokenizer never makes; dropped (load_weights crops them), the run's model and tokenizer
+    agree in size and it never samples an id without text."""
+    return dataclasses.replace(model, vocab_size=tokens) if tokens < model.vocab_size else model
+
+
 def resolve(init_from: str) -> Pretrained:
     """Find the checkpoint and read its architecture and tokenizer (the weights are loaded later)."""
     path = resolve_path(init_from)

@@ -14,8 +14,10 @@ The HTTP API behind it (FastAPI on uvicorn):
                           -> server-sent events (text/event-stream), one JSON object per event:
                           {"type": "start", "prompt_tokens": [...]}, then one
                           {"type": "token", "index", "id", "text", "piece", "prob", "top": [{"id", "text", "prob"}]}
-                          per new token, then {"type": "done", "text", "n_tokens"}; "text" is the token
-                          alone (Tokenizer.token_text), "piece" the text it completes (TextStream)
+                          per new token, then {"type": "done", "text", "tail", "n_tokens"}; "text" is the token
+                          alone (Tokenizer.token_text), "piece" the text it completes (TextStream), and
+                          "tail" what the last tokens leave when they end inside a character ("\ufffd"): the
+                          pieces and the tail join into the done event's "text"
     POST /api/attention   {"ids", "layer", "head"} -> the (T, T) attention weights of that head
 Every mistake in a request gets a 4xx answer {"error": "<one clear line>"}. Numbers must be JSON numbers
 (true or "5" is refused), and requests must name this machine in their Host header (see _host_allowed).

@@ -91,6 +91,9 @@ class Tokenizer:
     """
 
     name: str = "base"
+    # Whether decoding ids in runs (each ending on a whole character) and joining the texts gives the decoding of
+    # all of them: true of characters, and of byte-level BPE (each token's bytes, concatenated); see TextStream
+    joins_decodings: bool = True
 
     @property
     def vocab_size(self) -> int:
@@ -194,10 +197,11 @@ class TextStream:
     everything so far at every token grows with the square of the length). UTF-8 resynchronises at a
     character boundary, which is why decoding in such runs gives the same text as decoding it all.
     flush() returns what the last ids decode to (U+FFFD for bytes of a character that never ended).
+    A tokenizer whose decodings do not join (Tokenizer.joins_decodings) has all its ids decoded every time.
     """
 
     def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.pending = tokenizer, []
+        self.tokenizer, self.pending, self.shown = tokenizer, [], ""  # shown: the text given out of `pending`
 
     def add(self, token_id: int) -> str:
         self.pending.append(token_id)
@@ -205,11 +209,16 @@ class TextStream:
         # (unless the token itself is a real U+FFFD character: then the text is complete)
         if text.endswith("\ufffd") and self.tokenizer.token_text(token_id) != "\ufffd":
             return ""  # the character is not complete yet
-        self.pending = []
-        return text
+        piece = text[len(self.shown):]
+        if self.tokenizer.joins_decodings:
+            self.pending, self.shown = [], ""
+        else:
+            self.shown = text
+        return piece
 
     def flush(self) -> str:
-        text, self.pending = self.tokenizer.decode(self.pending) if self.pending else "", []
+        text = self.tokenizer.decode(self.pending)[len(self.shown):] if self.pending else ""
+        self.pending, self.shown = [], ""
         return text
 
 
@@ -297,6 +306,9 @@ class BPETokenizer(Tokenizer):
     def __init__(self, hf_tokenizer):
         self._tok = hf_tokenizer
         self._eot = hf_tokenizer.token_to_id(EOT_TEXT)
+        # A model folder's tokenizer.json may decode otherwise: SentencePiece's Metaspace or WordPiece's decoder
+        # read the spaces off each token's place in the text, so runs decoded apart would lose them
+        self.joins_decodings = type(hf_tokenizer.decoder).__name__ == "ByteLevel"
 
     @staticmethod
     def _new_hf_tokenizer():

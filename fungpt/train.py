@@ -362,14 +362,10 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
         cfg = dataclasses.replace(cfg, model=model)
     elif pre is not None:
         model = pretrained.merge_model_config(cfg.model, pre.config, default_model(), model_named)
-        if pre.tokenizer.vocab_size < model.vocab_size:
-            # An embedding table padded past its tokenizer (say 50,304 rows for GPT-2's 50,257 tokens): the
-            # extra rows are ids the tokenizer never makes. The fine-tune drops them (load_weights crops the
-            # table), so that the run's model and tokenizer agree and it never samples an id without text.
-            if is_main:
-                print(f"fungpt: {cfg.model.init_from} has {model.vocab_size:,} token embeddings for "
-                      f"{pre.tokenizer.vocab_size:,} tokens: fine-tuning the {pre.tokenizer.vocab_size:,} in use")
-            model = dataclasses.replace(model, vocab_size=pre.tokenizer.vocab_size)
+        if pre.tokenizer.vocab_size < model.vocab_size and is_main:  # a padded table (pretrained.trim_vocab)
+            print(f"fungpt: {cfg.model.init_from} has {model.vocab_size:,} token embeddings for "
+                  f"{pre.tokenizer.vocab_size:,} tokens: fine-tuning the {pre.tokenizer.vocab_size:,} in use")
+        model = pretrained.trim_vocab(model, pre.tokenizer.vocab_size)
         cfg = dataclasses.replace(cfg, model=model)
     data_dir = resolve_data(cfg.data, is_main, progress, tokenizer=pre and pre.tokenizer)
     meta = load_meta(data_dir)
@@ -925,9 +921,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         prepare_out_dir(cfg, resume, overwrite, locked)
     say(f"fungpt: {prec.reason}" + (f", matmuls on {cpu_matmul}" if cpu_matmul else "")
         + (f", {ddp.world_size} processes (DDP)" if ddp.enabled else ""))
-    schedule_steps = min(tc.max_iters, tc.decay_iters)
-    if tc.warmup_iters >= schedule_steps and not tc.max_minutes:  # e.g. a preset shortened with --train.max-iters
-        say(f"fungpt: note: train.warmup_iters = {tc.warmup_iters} is not below the run's {schedule_steps} steps, "
+    if tc.warmup_iters >= tc.max_iters and not tc.max_minutes:  # e.g. a preset shortened with --train.max-iters
+        say(f"fungpt: note: train.warmup_iters = {tc.warmup_iters} is not below the run's {tc.max_iters} steps, "
             f"so the learning rate never reaches train.lr = {tc.lr:g}; lower warmup_iters to reach it")
 
     # Model and optimizer. Every rank builds the same initial weights from the same seed.
@@ -1030,7 +1025,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
 
     tokens_per_step = tc.batch_size * cfg.model.block_size * tc.grad_accum_steps * ddp.world_size
     tokens_seen = int(tokens_before) if tokens_before is not None else step * tokens_per_step
-    peak_flops = measure_peak_flops(device, prec.torch_dtype if prec.device != "cpu" else torch.float32)
+    # MFU's ceiling: every process's device (the tokens per step above count all the processes' tokens)
+    peak_flops = ddp.world_size * measure_peak_flops(device, prec.torch_dtype if prec.device != "cpu"
+                                                     else torch.float32)
     # Once per run, not per step: each walks the module tree (~55 us for the 4 x 128 model)
     params = list(model.parameters())  # for gradient clipping
     flops_per_step = model.flops_per_token() * tokens_per_step  # for the logged MFU

@@ -445,3 +445,7 @@ def test_a_model_with_more_embeddings_than_tokens_fine_tunes_into_a_usable_run(h
     assert main(["eval", "--run", str(out), "--device", "cpu"]) == 0
     assert main(["export", "--run", str(out), "--out", str(tmp_path / "hf-out")]) == 0
     assert hf_model(tmp_path / "hf-out").config.vocab_size == n_tok
+    # inspect shows the table the fine-tune trains (as --dry-run does), not the padded one
+    from fungpt.inspection import inspect_target
+
+    assert inspect_target(padded)["config"].model.vocab_size == n_tok

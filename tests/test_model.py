@@ -261,6 +261,7 @@ def test_generate_refuses_ids_it_cannot_embed_in_one_line():
         with pytest.raises(FunGPTError, match=rf"token id {bad}, outside this model's vocabulary \(0..49\)"):
             model.generate(torch.tensor([[1, bad, 2]]), 2)
     assert model.generate(torch.tensor([[1, 2]], dtype=torch.int), 2).shape == (1, 4)
+    assert model.generate(torch.empty(0, 3, dtype=torch.long), 2).shape == (0, 5)  # an empty batch, as before
 
 
 def test_a_stream_longer_than_its_first_buffer_gives_the_same_tokens_and_allocates_nothing_up_front():

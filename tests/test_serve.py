@@ -435,6 +435,22 @@ def test_text_pieces_join_into_the_text_and_hold_back_partial_characters():
     stream = TextStream(tok)
     assert "".join(stream.add(i) for i in ids * 50) == text * 50
     assert max(seen) <= 4
+    # a model folder's tokenizer.json that reads spaces off token positions (SentencePiece's Metaspace, WordPiece):
+    # runs decoded apart would lose them, so it is decoded whole ("HelloworldHello", "hello##shello" before)
+    from tokenizers import Tokenizer as HFLib
+    from tokenizers import decoders, models
+
+    from fungpt.tokenizer import HFTokenizer
+
+    for decoder, ids_, expected in [(decoders.Metaspace(), [1, 2, 1], "Hello world Hello"),
+                                    (decoders.WordPiece(), [3, 4, 3], "hellos hello")]:
+        lib = HFLib(models.WordLevel({"[UNK]": 0, "\u2581Hello": 1, "\u2581world": 2, "hello": 3, "##s": 4},
+                                     unk_token="[UNK]"))
+        lib.decoder = decoder
+        hf = HFTokenizer(lib)
+        stream = TextStream(hf)
+        assert not hf.joins_decodings and tok.joins_decodings
+        assert "".join(stream.add(i) for i in ids_) + stream.flush() == hf.decode(ids_) == expected
 
 
 def test_the_pages_sampling_defaults_are_fungpt_samples():

@@ -90,6 +90,10 @@ def test_a_warmup_as_long_as_the_run_is_pointed_out(corpus, tmp_path, capsys):
            "0.003" in capsys.readouterr().out
     train(tiny_config(corpus, tmp_path / "b", max_iters=3, warmup_iters=2), progress=False)
     assert "warmup_iters" not in capsys.readouterr().out
+    # a schedule that decays early still reaches lr first: only max_iters counts
+    train(tiny_config(corpus, tmp_path / "c", max_iters=4, warmup_iters=2, lr_decay_iters=1,
+                      lr_schedule="constant"), progress=False)
+    assert "warmup_iters" not in capsys.readouterr().out
 
 
 def test_mfu_never_reads_above_100_percent(corpus, tmp_path, monkeypatch):
@@ -401,6 +405,8 @@ def test_an_example_config_is_known_by_its_name_from_any_folder(tmp_path, monkey
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "speedrun-cpu.toml").write_text("[train]\nlr = 0.002\n")
     assert load_config("configs/speedrun-cpu.toml").train.lr == 0.002
+    (tmp_path / "speedrun-cpu.toml").write_text("[train]\nlr = 0.004\n")  # a copy, edited: it comes first
+    assert load_config("speedrun-cpu").train.lr == 0.004
     (tmp_path / "speedrun-cpu").write_text("[train]\nlr = 0.003\n")
     assert load_config("speedrun-cpu").train.lr == 0.003
     # only names and configs/NAME.toml are looked up: another folder's missing file stays missing
