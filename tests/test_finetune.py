@@ -410,6 +410,10 @@ def test_a_finetune_resumes_with_its_own_architecture_whatever_the_flags_leave_o
     other = dataclasses.replace(other, train=dataclasses.replace(cfg.train, max_iters=4))
     with pytest.raises(FunGPTError, match=r"different model \(block_size 32 -> 16\)"):
         train(other, resume=True, progress=False)
+    # a field named at its default value (--model.block-size 64) is asked for too
+    named = dataclasses.replace(plain, train=dataclasses.replace(cfg.train, max_iters=4))
+    with pytest.raises(FunGPTError, match=r"different model \(block_size 32 -> 64\)"):
+        train(named, resume=True, progress=False, model_named={"block_size"})
 
 
 def test_a_model_with_more_embeddings_than_tokens_fine_tunes_into_a_usable_run(hf_dir, corpus, tmp_path, capsys):
@@ -437,6 +441,13 @@ def test_a_model_with_more_embeddings_than_tokens_fine_tunes_into_a_usable_run(h
     assert f"has {n_tok + 47:,} token embeddings for {n_tok:,} tokens" in capsys.readouterr().out
     run = load_run(out, device="cpu")
     assert run.model.config.vocab_size == run.tokenizer.vocab_size == n_tok
+    # the rows kept are the tokenizer's ids, 0..n_tok-1: the pretrained embeddings, before any training
+    from fungpt.model import GPT
+
+    full = GPT.from_hf(padded)
+    small = GPT(dataclasses.replace(full.config, vocab_size=n_tok))
+    pretrained.load_weights(small, padded)
+    assert torch.equal(small.wte.weight, full.wte.weight[:n_tok])
     # resumable, and data.tokenizer (which a fine-tune ignores) does not stand in the way
     more = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer="bpe"),
                                train=dataclasses.replace(cfg.train, max_iters=3))

@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -936,6 +937,10 @@ def _files(world, tmp_path) -> dict[str, str]:
     for f in ("train.bin", "val.bin"):
         size = (t / "damaged" / f).stat().st_size
         (t / "damaged" / f).write_bytes(b"\xff" * size)
+    shutil.copytree(world["data"], t / "lastid")  # one id, the last of val.bin, just past the vocabulary
+    val = np.fromfile(t / "lastid" / "val.bin", dtype=meta["dtype"])
+    val[-1] = meta["vocab_size"]
+    val.tofile(t / "lastid" / "val.bin")
     damagedrun = t / "damagedrun"  # a run whose data folder was damaged since
     shutil.copytree(world["run"], damagedrun)
     info = json.loads((damagedrun / "run.json").read_text())
@@ -973,7 +978,11 @@ BAD_INPUTS = {
                                  "--model.n-head", "2"], "even"),
     "block_size larger than the val split": ([*TRAIN, "--model.block-size", "100000"], "block_size"),
     "a data file damaged after prepare": (["train", "--data.path", "{tmp}/damaged", "--out-dir", "{tmp}/new",
-                                           "--train.device", "cpu"], "damaged/"),
+                                           "--train.device", "cpu"], "train.bin holds token id 65535"),
+    "an id just past the vocabulary, read by the full val pass": (
+        ["train", "--data.path", "{tmp}/lastid", "--out-dir", "{tmp}/new", "--train.device", "cpu",
+         *TINY_MODEL, "--train.batch-size", "4", "--train.max-iters", "1", "--train.eval-full-val"],
+        "val.bin holds token id 22, but the vocabulary has 22"),
     "eval on a data file damaged since": (["eval", "--run", "{tmp}/damagedrun", "--device", "cpu"],
                                           "val.bin holds token id 65535"),
     # train

@@ -428,6 +428,7 @@ def test_text_pieces_join_into_the_text_and_hold_back_partial_characters():
     part = ids[: pieces.index("") + 1]  # up to the first byte of "é"
     cut = [stream.add(i) for i in part]
     assert "".join(cut) + stream.flush() == tok.decode(part) == "the caf\ufffd"
+    assert stream.flush() == ""  # flushed once
     # only the ids since the last whole character are decoded: a long stream costs the same per token
     seen = []
     decode = tok.decode

@@ -56,7 +56,7 @@ def test_end_to_end_train_sample_eval(corpus, tmp_path):
 
     buf = io.StringIO()
     texts = sample(out, prompt="the ", max_new_tokens=20, seed=7, out=buf)
-    assert len(texts[0]) > 0 and buf.getvalue().startswith("the ")
+    assert len(texts[0]) > 0 and buf.getvalue() == "the " + texts[0] + "\n"  # streamed: all of it, once
     again = sample(out, prompt="the ", max_new_tokens=20, seed=7)
     assert again == texts  # same seed, same text
 
@@ -94,6 +94,9 @@ def test_a_warmup_as_long_as_the_run_is_pointed_out(corpus, tmp_path, capsys):
     train(tiny_config(corpus, tmp_path / "c", max_iters=4, warmup_iters=2, lr_decay_iters=1,
                       lr_schedule="constant"), progress=False)
     assert "warmup_iters" not in capsys.readouterr().out
+    # on a time budget the schedule runs on time, not on max_iters
+    train(tiny_config(corpus, tmp_path / "d", max_iters=3, warmup_iters=3, max_minutes=0.1), progress=False)
+    assert "warmup_iters" not in capsys.readouterr().out
 
 
 def test_mfu_never_reads_above_100_percent(corpus, tmp_path, monkeypatch):
@@ -102,8 +105,12 @@ def test_mfu_never_reads_above_100_percent(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules["fungpt.train"], "measure_peak_flops", lambda device, dtype: 1e6)  # far too low
     out = tmp_path / "run"
     train(tiny_config(corpus, out, max_iters=4, eval_interval=100), progress=False)
-    mfus = [r["mfu"] for r in read_rows(out) if "lr" in r]
+    rows = [r for r in read_rows(out) if "lr" in r]
+    mfus = [r["mfu"] for r in rows]
     assert len(mfus) == 4 and all(0 < m <= 1 for m in mfus) and mfus[0] == 1
+    # the ceiling is raised to the fastest step so far, not each row clamped at 100%
+    fastest = max(1000 / rows[0]["dt_ms"], 1000 / rows[1]["dt_ms"])  # steps per second
+    assert mfus[1] == pytest.approx((1000 / rows[1]["dt_ms"]) / fastest, abs=2e-3)
 
 
 @pytest.mark.parametrize(("optimizer", "dropout"), [("adamw", 0.1), ("muon", 0.0)])
@@ -401,6 +408,10 @@ def test_an_example_config_is_known_by_its_name_from_any_folder(tmp_path, monkey
     expected = load_config(repo_configs / "speedrun-cpu.toml")
     assert load_config("speedrun-cpu") == expected == load_config("configs/speedrun-cpu.toml")
     assert config_path("speedrun-cpu.toml") == repo_configs / "speedrun-cpu.toml"
+    from fungpt.config import model_fields_named
+
+    named = model_fields_named("finetune-gpt2-shakespeare", [])  # what the fine-tune example relies on
+    assert named == model_fields_named(repo_configs / "finetune-gpt2-shakespeare.toml", []) and named
     # a file of the user's own is never shadowed by an example config of the same name
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "speedrun-cpu.toml").write_text("[train]\nlr = 0.002\n")
