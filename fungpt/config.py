@@ -328,10 +328,10 @@ def load_config(path: str | Path) -> RunConfig:
     return RunConfig.from_dict(_read_toml(config_path(path)), source=str(path))
 
 
-def model_fields_named(config_path_: str | Path | None, args: list[str]) -> frozenset[str]:
+def model_fields_named(config_file: str | Path | None, args: list[str]) -> frozenset[str]:
     """The [model] settings a user wrote down, in the config file or as --model.* flags, even where the value
     equals the default. Fine-tuning needs this: there, an unset field means "the checkpoint's value"."""
-    named = set(_read_toml(config_path(config_path_)).get("model", {})) if config_path_ else set()
+    named = set(_read_toml(config_path(config_file)).get("model", {})) if config_file else set()
     for a in args:
         if a.startswith("--model."):
             named.add(a.removeprefix("--model.").split("=", 1)[0].replace("-", "_"))
