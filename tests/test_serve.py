@@ -454,6 +454,40 @@ def test_text_pieces_join_into_the_text_and_hold_back_partial_characters():
         assert "".join(stream.add(i) for i in ids_) + stream.flush() == hf.decode(ids_) == expected
 
 
+def test_a_stream_that_ends_inside_a_character_ends_with_its_tail(run_dir, monkeypatch):
+    """A byte-level BPE sample can stop between the bytes of one character: the explorer's pieces then missed the
+    final U+FFFD that its done event's text (and `fungpt sample`) have; now the done event carries it as "tail"."""
+    import dataclasses
+    import importlib
+    import io
+
+    from fungpt.tokenizer import BPETokenizer
+
+    bpe = BPETokenizer.train("the cat sat on the mat\n" * 50, vocab_size=280)  # never saw "é": two byte tokens
+    drawn = bpe.encode(" café")[:-1]  # stops after the first byte of "é"
+    real = load_run(run_dir, device="cpu")
+
+    class Scripted(torch.nn.Module):  # draws `drawn`, whatever the model would
+        num_params = real.model.num_params
+
+        def generate_stream(self, idx, max_new_tokens, yield_logits=False, **kw):
+            for t in drawn[:max_new_tokens]:
+                ids = torch.tensor([t])
+                yield (ids, torch.zeros(1, bpe.vocab_size)) if yield_logits else ids
+
+    scripted = dataclasses.replace(real, model=Scripted(), tokenizer=bpe)
+    for name in ("fungpt.serve", "fungpt.sample"):
+        monkeypatch.setattr(importlib.import_module(name), "load_run", lambda *a, **k: scripted)
+    with running_server(create_app(run_dir, device="cpu")) as base:
+        events = stream_events(base, prompt="the", max_new_tokens=len(drawn), temperature=0)
+    done = events[-1]
+    assert done["text"] == bpe.decode(drawn) == " caf\ufffd" and done["tail"] == "\ufffd"
+    assert "".join(e["piece"] for e in events if e["type"] == "token") + done["tail"] == done["text"]
+    out = io.StringIO()  # and the command line prints it too, once
+    sample(run_dir, prompt="the", max_new_tokens=len(drawn), out=out)
+    assert out.getvalue() == "the caf\ufffd\n"
+
+
 def test_the_pages_sampling_defaults_are_fungpt_samples():
     """The same seed gives the text `fungpt sample` gives: same temperature and top_k unless changed."""
     import inspect
