@@ -545,6 +545,19 @@ def resume_notes(saved: TrainConfig, new: TrainConfig, step: int) -> list[str]:
     return notes
 
 
+# What run.json records of how the arithmetic ran: the same model and data give other float32 roundings with
+# another matmul library or thread count (sums are added in another order), or another device, dtype or torch
+NUMERICS = ("device", "dtype", "cpu_matmul", "threads", "torch")
+
+
+def numerics_notes(saved: dict[str, Any], now: dict[str, Any], step: int) -> list[str]:
+    """One line when a resume computes differently from the steps before it (run.json `saved` against `now`):
+    its losses then leave an uninterrupted run's in the last digits, which exact resume otherwise promises."""
+    changed = [f"{k} {saved[k]} -> {now[k]}" for k in NUMERICS if k in saved and saved[k] != now[k]]
+    return [f"fungpt: note: the arithmetic changed since step {step} ({', '.join(changed)}): from here the losses "
+            f"differ from an uninterrupted run's in the last digits"] if changed else []
+
+
 def get_lr(it: float, tc: TrainConfig) -> float:
     """Learning rate at step `it` (a float: in time-budget mode it is the budget fraction times decay_iters).
 
@@ -1001,7 +1014,14 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         ckpt.atomic_write_text(out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
         run_info = {"data_dir": str(data_dir.resolve()), "device": prec.device, "dtype": prec.dtype,
                     "precision_reason": prec.reason, "cpu_matmul": cpu_matmul, "world_size": ddp.world_size,
-                    "torch": torch.__version__}
+                    "threads": torch.get_num_threads(), "torch": torch.__version__}
+        if folder is not None:
+            try:
+                saved_info = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):  # missing or damaged: nothing to compare with
+                saved_info = {}
+            for note in numerics_notes(saved_info if isinstance(saved_info, dict) else {}, run_info, step):
+                say(note)
         ckpt.atomic_write_text(out_dir / "run.json", json.dumps(run_info, indent=2))
         if folder is None:  # a resumed run's tokenizer files are already there, checked to match the data's
             load_tokenizer(data_dir).save(out_dir)

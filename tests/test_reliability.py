@@ -1270,3 +1270,23 @@ def test_resume_drops_metrics_rows_with_a_step_that_is_not_a_whole_number(world,
     rows = (out / "metrics.jsonl").read_text().splitlines()
     assert not [r for r in rows if "Infinity" in r or "1e999" in r or "NaN" in r]
     assert json.loads(rows[-1])["step"] == 9
+
+
+def test_a_resume_that_computes_differently_says_so(world, tmp_path, capsys):
+    """Exact resume holds for the same arithmetic: another matmul library (FUNGPT_CPU_MATMUL) or thread count
+    adds the sums in another order, and the losses then leave the uninterrupted run's in the last digits. The
+    resume said nothing, and run.json was rewritten as if the whole run had computed the new way."""
+    argv = ["train", "--data.path", world["data"], "--train.device", "cpu", *TINY_MODEL, "--train.batch-size", "4",
+            "--train.max-iters", "9", "--resume"]
+    same = copy_run(world, tmp_path / "same")
+    assert main([str(a) for a in [*argv, "--out-dir", same]]) == 0
+    assert "arithmetic changed" not in capsys.readouterr().out
+    other = copy_run(world, tmp_path / "other")
+    info = json.loads((other / "run.json").read_text())
+    threads = info.get("threads", torch.get_num_threads())
+    (other / "run.json").write_text(json.dumps({**info, "threads": threads + 5, "cpu_matmul": "elsewhere"}))
+    assert main([str(a) for a in [*argv, "--out-dir", other]]) == 0
+    out = capsys.readouterr().out
+    assert (f"note: the arithmetic changed since step 6 (cpu_matmul elsewhere -> {info['cpu_matmul']}, threads "
+            f"{threads + 5} -> {threads})") in out
+    assert json.loads((other / "run.json").read_text())["threads"] == threads
