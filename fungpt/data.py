@@ -88,10 +88,14 @@ DOWNLOAD_TIMEOUT_S = 30.0
 CHUNK_BYTES = 8 << 20  # read the corpus 8 MB at a time
 BPE_GROUP_CHARS = 32 << 10  # BPE encodes ~32K-character groups in parallel batches
 
-# A safe place to cut text: just before a newline ("\n" or "\r\n") that follows a
-# non-space character. GPT-2's pre-tokenizer starts a new piece there whatever
-# comes before or after, so cutting never changes the tokens.
-_SAFE_CUT = re.compile(r"(?<=\S)(?=\r?\n)")
+# A safe place to cut text, where GPT-2's pre-tokenizer starts a new piece whatever comes before or after,
+# so that cutting never changes the tokens:
+#   * just before a newline ("\n" or "\r\n") that follows a non-space character;
+#   * just before a "\n" followed by a non-space character, whatever whitespace comes before it (lines
+#     ending in spaces): its rule `\s+(?!\S)` ends a whitespace run one short of the non-space, so the
+#     whitespace before the "\n" is a piece of its own, and the "\n" is one too.
+# Without the second, a file whose every line ends in a space had no cut at all: 32M-character pieces, 8 GB.
+_SAFE_CUT = re.compile(r"(?<=\S)(?=\r?\n)|(?=\n\S)")
 
 
 # ---------------------------------------------------------------------------
@@ -222,6 +226,8 @@ def _last_safe_cut(text: str) -> int | None:
     """Last safe cut position in `text` (same rule as _SAFE_CUT), or None."""
     end = len(text)
     while (newline := text.rfind("\n", 0, end)) > 0:
+        if newline + 1 < len(text) and not text[newline + 1].isspace():
+            return newline  # before a "\n" that a non-space follows
         cut = newline - 1 if text[newline - 1] == "\r" else newline  # cut before "\r\n"
         if cut > 0 and not text[cut - 1].isspace():
             return cut
