@@ -99,7 +99,7 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
             model_named: Collection[str] = ()) -> dict[str, Any]:
     """Print the plan for `cfg` and return its figures; trains a few steps to time them, saves nothing.
     `model_named`: as for train.train."""
-    from fungpt.data import BatchLoader
+    from fungpt.data import BatchLoader, load_meta
     from fungpt.train import configure_optimizer, resolve_model_and_data
 
     tc = cfg.train
@@ -145,10 +145,12 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
                               "flops_per_step": flops_per_step, "memory": mem, "device_memory": have,
                               "fits": fits, "device": prec.device, "dtype": prec.dtype, "step_s": step_s}
     if step_s is not None:
-        # Each evaluation runs eval_iters forward passes on each of 2 splits; a forward pass is about a
-        # third of a micro-step (backward costs about twice the forward).
-        evals = tc.max_iters // tc.eval_interval + 2  # the periodic ones, the first and the final one
-        eval_s = evals * 2 * tc.eval_iters * step_s / tc.grad_accum_steps / 3
+        # Each evaluation runs eval_iters forward passes on each of 2 splits (with eval_full_val, the val split's
+        # every window instead); a forward pass is about a third of a micro-step (backward costs twice as much).
+        evals = 1 + tc.max_iters // tc.eval_interval + (tc.max_iters % tc.eval_interval != 0)  # step 0 and last
+        val_batches = (math.ceil((load_meta(data_dir)["val_tokens"] - 1) / mc.block_size) / tc.batch_size
+                       if tc.eval_full_val else tc.eval_iters)
+        eval_s = evals * (tc.eval_iters + val_batches) * step_s / tc.grad_accum_steps / 3
         total_s = tc.max_iters * step_s + eval_s
         line = (f"  time           {step_s * 1000:.0f} ms per step (median of {timed_steps}): {tc.max_iters:,} steps "
                 f"+ evals ~ {_fmt_duration(total_s)}")
@@ -159,7 +161,7 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
         if world > 1:
             line += " (timed in one process alone; the processes also all-reduce their gradients each step)"
         out(line)
-        result["projected_s"] = total_s
+        result["projected_s"], result["eval_s"] = total_s, eval_s
     out("fungpt: dry run done (no run folder was written, only the prepared data's cache; drop --dry-run to "
         "train)")
     return result

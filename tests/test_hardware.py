@@ -3,7 +3,9 @@ out-of-memory advice and the wall-clock budget (`max_minutes`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -143,6 +145,16 @@ def test_dry_run_counts_what_a_real_run_builds_and_writes_nothing(corpus, tmp_pa
     assert figures["tokens_per_step"] == 4 * 16
     assert figures["flops_per_step"] == real.flops_per_token() * 4 * 16
     assert figures["step_s"] > 0  # timed and figures["projected_s"] > 0
+    # evals at steps 0 and 2 (max_iters 2 ends on no eval_interval multiple: the final one is its own)
+    assert figures["eval_s"] == pytest.approx(2 * 2 * 2 * figures["step_s"] / 3)  # 2 evals x 2 splits x 2 batches
+    # the whole val split scored at each eval (eval_full_val) is counted, not eval_iters batches of it
+    full = plan.dry_run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_full_val=True)),
+                        timed_steps=1)
+    from fungpt.data import load_meta
+    from fungpt.train import resolve_data
+
+    val_windows = math.ceil((load_meta(resolve_data(cfg.data, is_main=False, progress=False))["val_tokens"] - 1) / 16)
+    assert full["eval_s"] == pytest.approx(2 * (2 + val_windows / 4) * full["step_s"] / 3)
 
 
 def test_dry_run_from_the_cli(corpus, tmp_path, capsys):
