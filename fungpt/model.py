@@ -458,8 +458,9 @@ class GPT(nn.Module):
                               f"got {idx.dtype} of shape {tuple(idx.shape)}: for one sequence use ids[None]")
         if idx.size(1) == 0:
             raise FunGPTError("generate needs a prompt with at least one token: pass a non-empty prompt")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
-            bad = int(idx.min()) if int(idx.min()) < 0 else int(idx.max())
+        lo, hi = (int(idx.min()), int(idx.max())) if idx.numel() else (0, 0)  # (an empty batch has neither)
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
             raise FunGPTError(f"the prompt holds token id {bad}, outside this model's vocabulary "
                               f"(0..{self.config.vocab_size - 1})")
         if max_new_tokens < 0:

@@ -175,33 +175,35 @@ def resolve(init_from: str) -> Pretrained:
     return Pretrained(init_from, path, config, tokenizer)
 
 
+def fields_set(asked: GPTConfig, defaults: GPTConfig, named: Collection[str] = ()) -> set[str]:
+    """The [model] fields the user set: those that differ from `defaults` (the config's defaults), and those in
+    `named` (written in the config file or on the command line, whatever their value)."""
+    return {f.name for f in dataclasses.fields(GPTConfig)
+            if f.name in named or getattr(asked, f.name) != getattr(defaults, f.name)}
+
+
 def merge_model_config(asked: GPTConfig, checkpoint: GPTConfig, defaults: GPTConfig,
                        named: Collection[str] = ()) -> GPTConfig:
     """The architecture to fine-tune: the checkpoint's, with the allowed overrides from `asked`.
 
-    A field counts as set by the user when it differs from `defaults` (the config's defaults) or is in
-    `named` (the fields written in the config file or on the command line, whatever their value).
-    block_size may only shrink; dropout may be anything; any other field that is set (vocab_size too)
-    must equal the checkpoint's value.
+    A field counts as set by the user as `fields_set` says. block_size may only shrink; dropout may be
+    anything; any other field that is set (vocab_size too) must equal the checkpoint's value.
     """
     ignored = {"init_from", *OVERRIDABLE}
-
-    def is_set(name: str) -> bool:
-        return name in named or getattr(asked, name) != getattr(defaults, name)
-
+    is_set = fields_set(asked, defaults, named)
     conflicts = []
     for f in dataclasses.fields(GPTConfig):
         if f.name in ignored:
             continue
         mine, theirs = getattr(asked, f.name), getattr(checkpoint, f.name)
-        if is_set(f.name) and mine != theirs:
+        if f.name in is_set and mine != theirs:
             conflicts.append(f"{f.name} = {mine!r} (the checkpoint has {theirs!r})")
     if conflicts:
         raise FunGPTError(f"[model] contradicts the pretrained model {asked.init_from!r}: {'; '.join(conflicts)}. "
                           f"The architecture comes from the checkpoint: remove these settings (only block_size "
                           f"and dropout may be changed)")
     block_size = checkpoint.block_size
-    if is_set("block_size"):
+    if "block_size" in is_set:
         if asked.block_size > checkpoint.block_size:
             raise FunGPTError(f"model.block_size = {asked.block_size} is larger than the pretrained model's "
                               f"{checkpoint.block_size} positions: use at most {checkpoint.block_size}")

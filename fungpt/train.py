@@ -355,10 +355,8 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
     if pre is not None and resume_dir is not None:
         # A resumed fine-tune continues its own architecture, as its folder records it (block_size cropped,
         # vocabulary trimmed): the fields the user set replace those, and the resume check refuses a change
-        saved, defaults = load_run_config(resume_dir).model, default_model()
-        model = dataclasses.replace(saved, **{f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(saved)
-                                              if f.name in model_named
-                                              or getattr(cfg.model, f.name) != getattr(defaults, f.name)})
+        asked = pretrained.fields_set(cfg.model, default_model(), model_named)
+        model = dataclasses.replace(load_run_config(resume_dir).model, **{k: getattr(cfg.model, k) for k in asked})
         cfg = dataclasses.replace(cfg, model=model)
     elif pre is not None:
         model = pretrained.merge_model_config(cfg.model, pre.config, default_model(), model_named)
