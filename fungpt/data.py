@@ -249,12 +249,14 @@ def _split_groups(text: str, size: int) -> list[str]:
 
 
 def _iter_file_text(
-    path: Path, errors: str, chunk_bytes: int, on_bytes: Callable[[bytes], None] | None
+    path: Path, errors: str, chunk_bytes: int, on_bytes: Callable[[bytes], None] | None,
+    utf8_fix: str = ("fix the file, or substitute U+FFFD for undecodable bytes: `fungpt prepare --errors replace`, "
+                     "or data.errors = \"replace\" (--data.errors replace) for `fungpt train`"),
 ) -> Iterator[str]:
     """Yield the text of one file in chunks of about `chunk_bytes`, cut at safe points.
 
     Raises FunGPTError for NUL bytes (binary file) and, with errors="strict", for
-    invalid UTF-8, naming the byte offset of the problem.
+    invalid UTF-8, naming the byte offset of the problem and `utf8_fix`.
     """
     # An incremental decoder keeps a multi-byte character that straddles two reads
     # until the rest of it arrives.
@@ -284,11 +286,7 @@ def _iter_file_text(
                 text = decoder.decode(data, final=final)
             except UnicodeDecodeError as e:
                 bad = offset - pending + e.start
-                raise FunGPTError(
-                    f"{path} is not valid UTF-8 (bad byte at offset {bad}); fix the file, or substitute U+FFFD "
-                    "for undecodable bytes: `fungpt prepare --errors replace`, or data.errors = \"replace\" "
-                    "(--data.errors replace) for `fungpt train`"
-                ) from None
+                raise FunGPTError(f"{path} is not valid UTF-8 (bad byte at offset {bad}); {utf8_fix}") from None
             if offset == 0:  # a byte-order mark (some Windows editors write one) is not text: drop it
                 text = text.removeprefix("\ufeff")
             offset += len(data)
@@ -345,6 +343,28 @@ def _encode(tokenizer: Tokenizer, text: str) -> np.ndarray:
     groups = _split_groups(text, BPE_GROUP_CHARS)
     ids = tokenizer.encode_batch(groups)  # parallel on all cores
     return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=sum(map(len, ids)))
+
+
+def encode_file(
+    path: Path, tokenizer: Tokenizer, errors: str = "strict", progress: bool = False
+) -> tuple[np.ndarray, int, int]:
+    """Token ids of one text file, read and encoded in chunks cut at safe points as prepare does: the ids
+    prepare would write, in a fraction of the memory that encoding the whole text at once takes (a BPE's
+    Python list of ids is ~70 bytes a token). Returns (ids, UTF-8 bytes, characters) of the text read
+    ("\r\n" kept, a byte-order mark dropped, undecodable bytes refused or, with errors="replace", U+FFFD)."""
+    pieces, n_bytes, n_chars = [], 0, 0
+    dtype = token_dtype(tokenizer.vocab_size)
+    with _progress_bar(path.stat().st_size, f"encoding ({tokenizer.name})", progress) as bar:
+        for text in _iter_file_text(path, errors, CHUNK_BYTES, lambda b: bar.update(len(b)),
+                                    utf8_fix="convert it to UTF-8"):
+            if isinstance(tokenizer, CharTokenizer):  # (the position an unknown character is named at)
+                ids = tokenizer.encode_array(text, offset=n_chars)
+            else:
+                ids = _encode(tokenizer, text)
+            pieces.append(ids.astype(dtype))
+            n_bytes += len(text.encode("utf-8"))
+            n_chars += len(text)
+    return (np.concatenate(pieces) if pieces else np.zeros(0, dtype)), n_bytes, n_chars
 
 
 _HOST = socket.gethostname().replace("-", "_") or "host"  # in temporary folder names: OUT.tmp-HOST-PID

@@ -10,7 +10,7 @@ from typing import TextIO
 import numpy as np
 import torch
 
-from fungpt.data import eval_windows, load_meta
+from fungpt.data import encode_file, eval_windows, load_meta
 from fungpt.errors import FunGPTError
 from fungpt.runs import LoadedRun, data_dir_of, load_run, seeded_generator
 from fungpt.sampling import sampling_probs
@@ -187,18 +187,14 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
     loaded = load_run(run, checkpoint, device)
     if input is not None:
         path = Path(input)
-        try:
-            # as prepare reads it: read_text would turn "\r\n" into "\n"; a byte-order mark is dropped; bytes
-            # that are not UTF-8 are refused, or, for a run trained with data.errors = "replace", read as U+FFFD
-            text = path.read_bytes().decode("utf-8", errors=loaded.config.data.errors).removeprefix("\ufeff")
-        except FileNotFoundError:
-            raise FunGPTError(f"--input {path} does not exist") from None
-        except IsADirectoryError:
-            raise FunGPTError(f"--input {path} is a folder: eval reads one text file") from None
-        except UnicodeDecodeError as e:
-            raise FunGPTError(f"--input {path} is not valid UTF-8 (byte {e.start}); convert it to UTF-8") from None
-        tokens = np.asarray(loaded.tokenizer.encode(text), dtype=np.int64)  # (n,)
-        n_bytes, n_chars, source = len(text.encode("utf-8")), len(text), str(path)
+        if not path.exists():
+            raise FunGPTError(f"--input {path} does not exist")
+        if path.is_dir():
+            raise FunGPTError(f"--input {path} is a folder: eval reads one text file")
+        # Read as prepare reads a corpus, in chunks: "\r\n" kept, a byte-order mark dropped, bytes that are not
+        # UTF-8 refused or, for a run trained with data.errors = "replace", read as U+FFFD.
+        tokens, n_bytes, n_chars = encode_file(path, loaded.tokenizer, loaded.config.data.errors, progress)  # (n,)
+        source = str(path)
     else:
         data_dir = data_dir_of(run)
         if not data_dir.is_dir():

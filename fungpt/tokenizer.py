@@ -257,7 +257,9 @@ class CharTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return len(self.chars)
 
-    def encode_array(self, text: str) -> np.ndarray:
+    def encode_array(self, text: str, offset: int = 0) -> np.ndarray:
+        """Ids of `text` as an array. `offset`: where `text` starts in a longer text read in pieces (for the
+        position an error names)."""
         # UTF-32 stores every character as exactly one 4-byte number (its code point),
         # so np.frombuffer gives us all code points at C speed, index for index
         # the same as Python's text[i]. The table maps code points to ids.
@@ -267,7 +269,7 @@ class CharTokenizer(Tokenizer):
         if ids.size and ids.min() < 0:
             pos = int(np.argmax(ids < 0))
             raise FunGPTError(
-                f"character {text[pos]!r} at position {pos} is not in this char-level vocabulary "
+                f"character {text[pos]!r} at position {offset + pos:,} is not in this char-level vocabulary "
                 f"({self.vocab_size} characters seen in training); use a bpe tokenizer or remove it"
             )
         return ids

@@ -23,6 +23,7 @@ import fungpt.tokenizer as tokenizer_mod
 from fungpt.data import (
     BatchLoader,
     check_split_fits,
+    encode_file,
     iter_eval_windows,
     load_meta,
     prepare,
@@ -119,6 +120,29 @@ def test_small_chunks_give_identical_bpe_tokens(tmp_path, corpus, monkeypatch):
     small = prepare(corpus, tmp_path / "small", tokenizer="bpe", vocab_size=300, progress=False)
     for split in ("train", "val"):
         assert read_bin(big, split).tolist() == read_bin(small, split).tolist()
+
+
+def test_encode_file_reads_in_chunks_with_the_ids_of_the_whole_text(tmp_path, corpus, monkeypatch):
+    """`fungpt eval --input` encodes its file piece by piece (a whole 50 MB text took ~8 GB as one BPE call)."""
+    tok = load_tokenizer(prepare(corpus, tmp_path / "bpe", tokenizer="bpe", vocab_size=300, progress=False))
+    text = "\ufeff" + TEXT.replace("\n", "\r\n", 3) + "caf\u00e9  \n"  # a BOM, some \r\n, non-ASCII, trailing spaces
+    path = tmp_path / "eval.txt"
+    path.write_bytes(text.encode("utf-8"))
+    whole = np.array(tok.encode(text[1:]))
+    monkeypatch.setattr(data_mod, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(data_mod, "BPE_GROUP_CHARS", 10)
+    ids, n_bytes, n_chars = encode_file(path, tok)
+    assert ids.dtype == np.uint16 and ids.tolist() == whole.tolist()
+    assert (n_bytes, n_chars) == (len(text[1:].encode("utf-8")), len(text) - 1)  # the BOM is not text
+
+    # a char vocabulary names an unknown character where it is in the file, not where it is in its piece
+    char_tok = load_tokenizer(prepare(corpus, tmp_path / "char", tokenizer="char", progress=False))
+    path.write_text(TEXT + "\u00e9", encoding="utf-8")
+    with pytest.raises(FunGPTError, match=rf"'\u00e9' at position {len(TEXT):,} "):
+        encode_file(path, char_tok)
+    path.write_bytes(TEXT.encode() + b"\xff")
+    with pytest.raises(FunGPTError, match=rf"not valid UTF-8 \(bad byte at offset {len(TEXT)}\); convert it to UTF-8"):
+        encode_file(path, char_tok)
 
 
 def test_gpt2_prepare_with_fake_encoding(tmp_path, corpus, monkeypatch):
