@@ -586,13 +586,15 @@ def get_lr(it: float, tc: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, device: str, autocast) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, device: str, autocast,
+             progress: bool = False) -> dict[str, float]:
     """Mean loss over eval_iters batches of each split.
 
     The eval batches come from loaders with a fixed seed, so every evaluation sees the same
     windows: the curve then shows the model changing, not the batches. Eval has its own
     loaders, so it never disturbs the training batch sequence (exact resume depends on that).
-    With eval_full_val, val is the mean over the whole split instead (no val batches are drawn).
+    With eval_full_val, val is the mean over the whole split instead (no val batches are drawn); `progress`
+    shows a bar for it when it takes more than a second (a large corpus's val split can take minutes).
     """
     was_training = model.training
     model.eval()
@@ -610,7 +612,7 @@ def evaluate(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, device: str
             losses[k] = loss.float().item()
         out[split] = losses.mean().item()
     if cfg.train.eval_full_val:
-        out["val"] = _full_split_loss(model, data_dir, "val", cfg, device, autocast)
+        out["val"] = _full_split_loss(model, data_dir, "val", cfg, device, autocast, progress)
     model.train(was_training)
     return out
 
@@ -659,9 +661,18 @@ def estimate_eval_time(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, d
     return 1.3 * seconds_per_window * n_windows
 
 
-def _full_split_loss(model, data_dir: Path, split: str, cfg: RunConfig, device: str, autocast) -> float:
+def _full_split_loss(model, data_dir: Path, split: str, cfg: RunConfig, device: str, autocast,
+                     progress: bool = False) -> float:
     """Mean loss over every token of a split (each scored once, see data.eval_windows)."""
-    windows = iter_eval_windows(data_dir, split, cfg.model.block_size, 4 * cfg.train.batch_size, device=device)
+    T, B = cfg.model.block_size, 4 * cfg.train.batch_size
+    windows = iter_eval_windows(data_dir, split, T, B, device=device)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = math.ceil(math.ceil((load_meta(data_dir)[f"{split}_tokens"] - 1) / T) / B)  # windows of T targets
+        # delay: shown only when the eval takes over a second, so the usual short evals do not flicker
+        windows = tqdm(windows, total=batches, desc=f"eval ({split}, every token)", unit="batch", leave=False,
+                       dynamic_ncols=True, delay=1.0)
     total, count = score_windows(model, windows, autocast)
     return total / count
 
@@ -1079,7 +1090,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
 
     def do_eval() -> dict[str, float]:
         nonlocal best_val
-        losses = evaluate(model, data_dir, cfg, device, autocast)
+        losses = evaluate(model, data_dir, cfg, device, autocast, progress=progress and ddp.is_main)
         if ddp.is_main:
             log.write({"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
                        "elapsed_s": round(time.time() - start_time, 3), "run_s": round(elapsed(), 3),

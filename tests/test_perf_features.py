@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -116,6 +117,28 @@ def test_eval_full_val_run_logs_the_full_split_loss(prepared, tmp_path):
     run = load_run(tmp_path / "run")
     expected = _full_split_loss(run.model, prepared, "val", cfg, "cpu", lambda: torch.autocast("cpu", enabled=False))
     assert math.isclose(result["val_loss"], expected, rel_tol=1e-5)
+
+
+def test_eval_full_val_shows_its_progress_in_batches(prepared, tmp_path, monkeypatch, capsys):
+    """A large corpus's val split can take minutes to score: the bar (shown after a second) counts its batches."""
+    import tqdm.auto
+
+    class Eager(tqdm.auto.tqdm):  # no one-second delay, so that this tiny eval shows its bar
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **{**kw, "delay": 0})
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Eager)
+    cfg = RunConfig(out_dir=str(tmp_path / "run"), data=DataConfig(path=str(prepared)),
+                    model=GPTConfig(vocab_size=1, block_size=16, n_layer=1, n_head=2, n_embd=16),
+                    train=TrainConfig(batch_size=1, max_iters=1, eval_interval=100, eval_iters=1, warmup_iters=0,
+                                      checkpoint_interval=100, device="cpu", eval_full_val=True))
+    train(cfg, progress=True)
+    targets = load_meta(prepared)["val_tokens"] - 1
+    batches = math.ceil(math.ceil(targets / 16) / 4)  # windows of 16 targets, 4 x batch_size windows a batch
+    err = capsys.readouterr().err
+    assert err.count(f"eval (val, every token):   0%|          | 0/{batches} [") == 2  # the first and last evals
+    train(dataclasses.replace(cfg, out_dir=str(tmp_path / "quiet")), progress=False)
+    assert "every token" not in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- prompt-lookup speculation
