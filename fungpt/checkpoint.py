@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import warnings
 from pathlib import Path
@@ -36,7 +37,7 @@ from typing import Any
 
 import torch
 
-from fungpt.errors import FunGPTError
+from fungpt.errors import FunGPTError, read_json
 
 KINDS = ("latest", "best")  # checkpoints/{kind}-{step:07d}[.n] folders, see save_checkpoint
 MODEL_FILE = "model.safetensors"
@@ -66,18 +67,33 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def open_new_temp(path: Path, mode: str = "w"):
+    """Create and open a temporary file next to `path`, named .NAME.tmp-PID-RANDOM, that did not exist before.
+
+    O_CREAT | O_EXCL makes the open fail rather than reuse whatever already has that name, so a symlink
+    planted there in advance (by another user of a shared folder) cannot redirect the write to a file
+    elsewhere; the random part makes the name unguessable. Returns (temporary path, open file).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)  # umask applies
+    return tmp, os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a small text file so that readers see either the old or the new content, never half."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = None
     try:
-        with tmp.open("w", encoding="utf-8") as f:
+        tmp, f = open_new_temp(path)
+        with f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise FunGPTError(f"could not write {path}: {e.strerror or e}; check free disk space and permissions") from None
     _fsync_dir(path.parent)
 
@@ -120,8 +136,8 @@ def tokenizer_fingerprint(directory: str | Path) -> str | None:
         return None
     h = hashlib.sha256(meta.read_bytes())
     try:
-        extra = json.loads(meta.read_text(encoding="utf-8")).get("file")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        extra = read_json(meta).get("file")
+    except (ValueError, AttributeError):
         extra = None
     if isinstance(extra, str) and (Path(directory) / extra).is_file():
         h.update((Path(directory) / extra).read_bytes())
@@ -213,10 +229,10 @@ def find_checkpoint(out_dir: str | Path, kind: str = "latest") -> Path | None:
     if not pointer.is_file():
         return _newest_folder(Path(out_dir), kind)
     try:
-        rel = json.loads(pointer.read_text(encoding="utf-8"))["dir"]
+        rel = read_json(pointer)["dir"]
         if not isinstance(rel, str):
             raise TypeError(f"dir is a {type(rel).__name__}")  # e.g. {"dir": 5}: corrupt like the cases below
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+    except (ValueError, KeyError, TypeError):  # (a JSONDecodeError or UnicodeDecodeError is a ValueError)
         newest = _newest_folder(Path(out_dir), kind)
         if newest is None:
             raise FunGPTError(f"{pointer} is corrupt and {Path(out_dir) / 'checkpoints'} holds no complete checkpoint; "
@@ -247,14 +263,14 @@ def verify_checkpoint(ckpt_dir: Path) -> dict[str, Any]:
         raise FunGPTError(f"checkpoint folder {ckpt_dir} is missing (the pointer file names it); "
                           f"restore it from a backup or train again")
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = read_json(manifest_path)
         files = manifest["files"]
         expected = {name: (int(info["bytes"]), str(info["sha256"])) for name, info in files.items()}
         int(manifest["step"])
     except FileNotFoundError:
         raise FunGPTError(f"checkpoint {ckpt_dir} has no {MANIFEST_FILE}: it is incomplete or not a FunGPT "
                           f"checkpoint") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError):
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError):  # (OverflowError: int(Infinity))
         raise FunGPTError(f"{manifest_path} is corrupt; the checkpoint cannot be trusted") from None
     if MODEL_FILE not in expected:
         raise FunGPTError(f"{manifest_path} lists no {MODEL_FILE}; the checkpoint cannot be trusted")

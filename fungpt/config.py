@@ -20,7 +20,6 @@ second with one clear line instead of an hour into training.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shlex
 import tomllib
@@ -30,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fungpt.errors import FunGPTError
+from fungpt.errors import FunGPTError, read_json
 from fungpt.linear import CPU_MATMULS
 from fungpt.model import GPTConfig
 
@@ -168,6 +167,10 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise FunGPTError(f"train.{name} = {getattr(self, name)} must be a positive integer")
+        for name in ("batch_size", "grad_accum_steps"):  # (a typo such as 1e20 would fail deep inside torch)
+            if getattr(self, name) > 2**24:
+                raise FunGPTError(f"train.{name} = {getattr(self, name)} is far too large (at most 2**24 = "
+                                  f"16,777,216): check its value")
         for name in ("max_iters", "warmup_iters", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise FunGPTError(f"train.{name} = {getattr(self, name)} must not be negative")
@@ -177,6 +180,11 @@ class TrainConfig:
             raise FunGPTError(f"train.min_lr = {self.min_lr} must be between 0 and train.lr = {self.lr}")
         if self.lr_decay_iters is not None and self.lr_decay_iters <= 0:
             raise FunGPTError(f"train.lr_decay_iters = {self.lr_decay_iters} must be positive (or unset)")
+        if (self.lr_decay_iters is not None and self.lr_decay_iters <= self.warmup_iters
+                and self.lr_schedule != "constant"):  # (get_lr would drop to min_lr the step warmup ends)
+            raise FunGPTError(f"train.lr_decay_iters = {self.lr_decay_iters} must be above train.warmup_iters = "
+                              f"{self.warmup_iters}: the decay comes after the warmup (raise it, or lower "
+                              f"warmup_iters)")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise FunGPTError(f"train.{name} = {getattr(self, name)} must be in [0, 1)")
@@ -308,12 +316,14 @@ def presets() -> list[str]:
     return sorted(p.stem for p in folder.glob("*.toml")) if folder else []
 
 
-def config_path(path: str | Path) -> Path:
-    """The file a --config names. A path that exists is taken as it is. Otherwise an example config's name
-    ("shakespeare-char-cpu"), or the path the docs give it ("configs/shakespeare-char-cpu.toml") typed outside a
-    checkout's folder, is the example config of that name that comes with FunGPT."""
+def config_path(path: str | Path, folders: bool = False) -> Path:
+    """The file a --config names. A file that exists is taken as it is (with `folders`, a folder too: inspect's
+    run folders). Otherwise an example config's name ("shakespeare-char-cpu"), or the path the docs give it
+    ("configs/shakespeare-char-cpu.toml") typed outside a checkout's folder, is the example config of that name
+    that comes with FunGPT: also where a folder has that name (a run's out_dir, named after its preset)."""
     path = Path(path)
-    if path.exists() or path.suffix not in ("", ".toml") or str(path.parent) not in (".", "configs"):
+    there = path.is_file() or (path.is_dir() if folders else False)
+    if there or path.suffix not in ("", ".toml") or str(path.parent) not in (".", "configs"):
         return path
     if path.suffix == "" and path.with_name(f"{path.name}.toml").is_file():  # a copy of the user's own comes first
         return path.with_name(f"{path.name}.toml")
@@ -345,6 +355,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         names = presets()
         raise FunGPTError(f"config file {path} does not exist; give a config file's path"
                           + (f", or the name of an example config: {', '.join(names)}" if names else ""))
+    if path.suffix == ".json":  # the config.json a run saved: train another run like it
+        return _read_saved_config(path)
     try:
         with path.open("rb") as f:
             raw = f.read()
@@ -364,14 +376,21 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise FunGPTError(f"{run_dir} is not a FunGPT run folder (no config.json); pass the out_dir of a training run")
+    return RunConfig.from_dict(_read_saved_config(path), source=str(path))
+
+
+def _read_saved_config(path: Path) -> dict[str, Any]:
+    """The settings in a config.json that `fungpt train` saved (as a dict, ready for RunConfig.from_dict)."""
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        d = read_json(path)
+    except ValueError as e:  # (not JSON, not UTF-8, nested too deeply, an integer too long to read)
         raise FunGPTError(f"{path} is corrupt ({e}); it should be the JSON config written by `fungpt train`") from None
+    except OSError as e:
+        raise FunGPTError(f"cannot read {path}: {e.strerror or e}") from None
     if _names_hf_model(d):  # e.g. the folder of `fungpt export`
-        raise FunGPTError(f"{run_dir} holds a Hugging Face model ({d.get('model_type', 'a config.json of its')}), "
-                          f"not a FunGPT training run: fine-tune it with "
-                          f"`fungpt train --model.init-from {shlex.quote(str(run_dir))}`, "
+        folder = shlex.quote(str(path.parent))
+        raise FunGPTError(f"{path.parent} holds a Hugging Face model ({d.get('model_type', 'a config.json of its')}), "
+                          f"not a FunGPT training run: fine-tune it with `fungpt train --model.init-from {folder}`, "
                           f"or load it with transformers")
     if not isinstance(d, dict):
         raise FunGPTError(f"{path} is not a FunGPT run config (it holds a JSON {type(d).__name__}, not an object)")
@@ -379,13 +398,13 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     if isinstance(data, dict) and data.get("tokenizer", "char") != "bpe":
         # Versions before the check in DataConfig saved a vocab_size that only bpe uses (it was ignored)
         data.pop("vocab_size", None)
-    return RunConfig.from_dict(d, source=str(path))
+    return d
 
 
 def is_hf_config(path: Path) -> bool:
     """Whether the JSON file at path is a Hugging Face model config (it names a model_type or architectures)."""
     try:
-        d = json.loads(Path(path).read_text(encoding="utf-8"))
+        d = read_json(path)
     except (OSError, ValueError):
         return False
     return _names_hf_model(d)

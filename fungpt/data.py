@@ -66,7 +66,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fungpt.errors import FunGPTError
+from fungpt.checkpoint import open_new_temp
+from fungpt.errors import FunGPTError, read_json
 from fungpt.tokenizer import (
     EOT_TEXT,
     CharTokenizer,
@@ -171,9 +172,10 @@ def shakespeare_path() -> Path:
     # Write to a temporary name and rename: a crash mid-write never leaves a
     # truncated file under the real name.
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(f"{cached.name}.tmp-{os.getpid()}")
+    tmp, f = open_new_temp(cached, "wb")
     try:
-        tmp.write_bytes(data)
+        with f:
+            f.write(data)
         os.replace(tmp, cached)
     finally:
         tmp.unlink(missing_ok=True)
@@ -634,8 +636,9 @@ def load_meta(data_dir: str | Path) -> dict:
             f"{data_dir} is not a prepared dataset ({meta_path} is missing); create it with `fungpt prepare`"
         )
     try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = read_json(meta_path)
+        if not isinstance(meta, dict):  # (`k in meta` below would search a string's text)
+            raise TypeError
         missing = [k for k in _REQUIRED_KEYS if k not in meta]
     except (OSError, ValueError, TypeError) as e:
         raise FunGPTError(
@@ -655,6 +658,12 @@ def load_meta(data_dir: str | Path) -> dict:
         raise FunGPTError(f"{meta_path} is corrupt: {', '.join(named)} must be a whole number"
                           f"{'' if bad else ' of at least 1'} (got {', '.join(repr(meta[k]) for k in named)}); "
                           f"run `fungpt prepare --overwrite` again")
+    # Optional (a folder made by hand may lack them): the val text's size, which eval's bits per byte/char divide by
+    bad = [k for k in ("val_bytes", "val_chars") if k in meta and (not isinstance(meta[k], int)
+                                                                   or isinstance(meta[k], bool) or meta[k] < 1)]
+    if bad:
+        raise FunGPTError(f"{meta_path} is corrupt: {', '.join(bad)} must be a whole number of at least 1 (got "
+                          f"{', '.join(repr(meta[k]) for k in bad)}); run `fungpt prepare --overwrite` again")
     if meta["dtype"] not in ("uint16", "uint32"):  # what prepare writes (see token_dtype)
         raise FunGPTError(f"{meta_path} names an unknown token dtype {meta['dtype']!r}; run `fungpt prepare "
                           f"--overwrite` again")

@@ -9,3 +9,26 @@ what is wrong and how to fix it, e.g.
 
 class FunGPTError(Exception):
     """A user-facing error: bad input, bad config, missing file. Printed as one line."""
+
+
+def parse_json(text: str | bytes):
+    """json.loads, where every way damaged text can fail raises ValueError (as json.JSONDecodeError does).
+
+    Two failures of json.loads are not ValueErrors of the usual kind: text nested thousands of levels deep
+    ("[[[[...") exhausts the parser's recursion (RecursionError), and a number of more than 4,300 digits is
+    refused by int() (a ValueError, but not a JSONDecodeError). Both are turned into a plain ValueError here, so
+    each reader of a run's JSON files catches one type and says "X is corrupt" in one line.
+    """
+    import json
+
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def read_json(path):
+    """parse_json of a file's text (UTF-8). OSError if it cannot be read; ValueError if it is not JSON (a
+    UnicodeDecodeError is a ValueError too)."""
+    with open(path, encoding="utf-8") as f:
+        return parse_json(f.read())

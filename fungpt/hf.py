@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fungpt.errors import FunGPTError
+from fungpt.errors import FunGPTError, read_json
 from fungpt.model import GPT, GPTConfig
 
 # HF GPT-2 stores these four as Conv1D, whose weight is (in, out): the transpose of nn.Linear's (out, in).
@@ -35,8 +35,8 @@ def hf_config(path: str | os.PathLike) -> GPTConfig:
             "config.json and model.safetensors or pytorch_model.bin"
         )
     try:
-        hf = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        hf = read_json(path / "config.json")
+    except (OSError, ValueError) as e:  # (not JSON, not UTF-8, nested too deeply)
         raise FunGPTError(f"cannot read {path / 'config.json'}: {e}") from None
     if isinstance(hf, dict) and {"data", "model", "train"} <= set(hf):
         raise FunGPTError(f"'{path}' is a FunGPT run, not a Hugging Face GPT-2 folder: continue it with --resume, "
@@ -47,8 +47,9 @@ def hf_config(path: str | os.PathLike) -> GPTConfig:
                           f"pass a folder made by save_pretrained or `fungpt export`")
     if hf.get("model_type", "gpt2") != "gpt2":
         raise FunGPTError(f"'{path}' holds a {hf['model_type']!r} model: only GPT-2 checkpoints can be loaded")
+    act_name = hf.get("activation_function", "gelu_new")
     act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(
-        hf.get("activation_function", "gelu_new")
+        act_name if isinstance(act_name, str) else None  # (a list or object there is unhashable)
     )
     n_embd = hf["n_embd"]
     # (reorder_and_upcast_attn only computes attention in higher precision: the same model, accepted)
@@ -218,8 +219,14 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     if (path / "model.safetensors.index.json").is_file():
         from safetensors.torch import load_file
 
-        index = (path / "model.safetensors.index.json").read_text(encoding="utf-8")
-        shards = set(json.loads(index)["weight_map"].values())
+        index = path / "model.safetensors.index.json"
+        try:
+            shards = set(read_json(index)["weight_map"].values())
+            if not all(isinstance(s, str) for s in shards):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise FunGPTError(f"{index} is corrupt (it should map each weight to its shard file); download or save "
+                              f"the model again") from None
         return {k: v for shard in sorted(shards) for k, v in load_file(str(path / shard)).items()}
     if (path / "pytorch_model.bin").is_file():
         return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)

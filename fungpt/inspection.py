@@ -17,13 +17,12 @@ GPT-2 XL config is inspected in a fraction of a second without allocating its 6 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 
 import torch
 
-from fungpt.errors import FunGPTError
+from fungpt.errors import FunGPTError, parse_json, read_json
 from fungpt.model import GPT, GPTConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -142,8 +141,8 @@ def _read_tokens_seen(run_dir: Path) -> tuple[int | None, int | None]:
     last = None
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+            row = parse_json(line)
+        except ValueError:
             continue  # a half-written last line from a killed run
         if isinstance(row, dict) and isinstance(row.get("tokens"), int) and isinstance(row.get("step"), int):
             last = row  # (rows of any other shape are damage, as plot.read_metrics skips them)
@@ -165,14 +164,14 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
     )
     from fungpt.hardware import detect_precision
 
-    target = config_path(target)  # (an example config's name is its file)
+    target = config_path(target, folders=True)  # (an example config's name is its file; a run folder is itself)
     info: dict = {"source": str(target), "vocab_note": None, "step": None, "tokens_seen": None, "checkpoint": None}
     hf_folder = target.is_dir() and is_hf_config(target / "config.json")
     if target.is_dir() and not hf_folder:
         cfg = load_run_config(target)
         info["kind"] = "run"
         try:
-            run = json.loads((target / "run.json").read_text(encoding="utf-8"))
+            run = read_json(target / "run.json")
             dtype, world_size = str(run["dtype"]), int(run.get("world_size", 1))
         except (OSError, ValueError, KeyError, TypeError):
             dtype, world_size = "float32", 1
@@ -182,10 +181,10 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
         folder = ckpt.find_checkpoint(target, "latest")
         if folder is not None and (folder / "manifest.json").is_file():
             try:
-                manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+                manifest = read_json(folder / "manifest.json")
                 info["checkpoint"] = {"dir": str(folder), "step": int(manifest["step"]),
                                       "bytes": sum(int(f["bytes"]) for f in manifest["files"].values())}
-            except (ValueError, KeyError, TypeError, AttributeError):  # (UnicodeDecodeError is a ValueError)
+            except (ValueError, KeyError, TypeError, AttributeError, OverflowError):  # (int(Infinity) overflows)
                 raise FunGPTError(f"{folder / 'manifest.json'} is corrupt; the checkpoint cannot be trusted") \
                     from None
     elif hf_folder or target.suffix == ".toml":

@@ -42,6 +42,10 @@ from fungpt.speculative import lookup_draft, verify_draft
 
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu2")
 NORMS = ("layernorm", "rmsnorm")
+# Upper bounds, far above any GPT trained so far (GPT-3: 96 layers, 12288 wide; Llama 3 405B: 126 layers,
+# 16384 wide, a 128k vocabulary and context). A typo such as n_layer = 1e9 is refused at once, instead of hanging
+# while a model that could never fit in memory is built.
+MAX_SIZES = {"vocab_size": 2**32, "block_size": 2**24, "n_layer": 2**12, "n_head": 2**16, "n_embd": 2**18}
 
 
 @dataclasses.dataclass
@@ -88,9 +92,12 @@ class GPTConfig:
                 ok = True
             if not ok:
                 raise FunGPTError(f"model config {f.name}={value!r} should be of type {f.type.__name__}: fix its value")
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        for name, most in MAX_SIZES.items():
             if getattr(self, name) <= 0:
                 raise FunGPTError(f"model config {name}={getattr(self, name)} must be positive: set it to at least 1")
+            if getattr(self, name) > most:
+                raise FunGPTError(f"model config {name}={getattr(self, name)} is larger than any GPT ever trained "
+                                  f"(FunGPT accepts at most {most:,}): check its value")
         if self.n_embd % self.n_head != 0:
             fine_tune = "; a fine-tune takes both from its checkpoint: set neither" if self.init_from != "scratch" \
                 else ""

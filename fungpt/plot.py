@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 from pathlib import Path
 
-from fungpt.errors import FunGPTError
+from fungpt.errors import FunGPTError, parse_json
 
 FIGSIZE = (8, 5)  # inches; the PNG is FIGSIZE * DPI pixels (800 x 500)
 DPI = 100
@@ -34,8 +33,8 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     earlier = last = 0.0  # seconds of the run's earlier commands; elapsed_s of the previous row
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+            row = parse_json(line)
+        except ValueError:  # (a JSONDecodeError is one)
             continue  # a half-written last line from a killed run
         if not isinstance(row, dict):
             continue  # valid JSON, but not a row of ours (e.g. a stray number)

@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,9 +284,15 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "last"
         out.parent.mkdir(parents=True, exist_ok=True)  # here, so that a bad path is named as the user wrote it
     except OSError as e:
         raise FunGPTError(f"cannot create the folder for --out {out}: {e.filename}: {e.strerror}") from None
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
+        # A new folder of its own (mkdtemp: a random name that did not exist), never one planted there in advance
+        tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    except OSError as e:
+        raise FunGPTError(f"cannot create a folder in {out.parent} for --out: {e.strerror}") from None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); an export is made to be shared
         run.model.save_hf(tmp)
         # The end-of-text id, so that transformers' generate stops there (without it, it assumes GPT-2's
         # 50256, outside a small vocabulary); None for a tokenizer without one (char)

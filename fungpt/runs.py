@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import torch
 
 from fungpt import checkpoint as ckpt
 from fungpt.config import RunConfig, load_run_config
-from fungpt.errors import FunGPTError
+from fungpt.errors import FunGPTError, read_json
 from fungpt.hardware import detect_precision
 from fungpt.model import GPT
 from fungpt.tokenizer import Tokenizer, load_tokenizer
@@ -76,7 +75,7 @@ def data_dir_of(run_dir: str | Path) -> Path:
     """The prepared dataset folder a run was trained on (recorded in run.json)."""
     info = Path(run_dir) / "run.json"
     try:
-        data_dir = json.loads(info.read_text(encoding="utf-8"))["data_dir"]
+        data_dir = read_json(info)["data_dir"]
         if not isinstance(data_dir, str):
             raise TypeError
         return Path(data_dir)

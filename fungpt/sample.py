@@ -211,6 +211,9 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
                        f"id {bad} is {data_tok.token_text(bad)!r} there, {run_tok.token_text(bad)!r} in the run")
             raise FunGPTError(f"{data_dir} was prepared again since {run} was trained: its tokens mean other text "
                               f"({differs}); pass --input TEXT_FILE to evaluate on a text file")
+        if "val_bytes" not in meta:  # (a folder made by hand, without `fungpt prepare`)
+            raise FunGPTError(f"{data_dir / 'meta.json'} lacks val_bytes, the size in bytes of the val text that bits "
+                              f"per byte are counted against: pass --input VAL_TEXT_FILE to evaluate on the text")
         tokens = np.memmap(data_dir / "val.bin", dtype=np.dtype(meta["dtype"]), mode="r")  # (n,)
         n_bytes, n_chars, source = meta["val_bytes"], meta.get("val_chars", meta["val_bytes"]), f"{data_dir} (val)"
     if len(tokens) < 2:

@@ -56,7 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fungpt import checkpoint as ckpt
-from fungpt.errors import FunGPTError
+from fungpt.errors import FunGPTError, read_json
 from fungpt.runs import LoadedRun, load_run, seeded_generator
 from fungpt.sample import default_prompt_ids, top_candidates
 from fungpt.tokenizer import TextStream
@@ -152,8 +152,8 @@ def _describe_validation(exc: RequestValidationError, sent_as_json: bool, path: 
 
 def _read_config(run_dir: Path) -> dict:
     try:
-        return json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        return read_json(run_dir / "config.json")
+    except (OSError, ValueError):
         return {}
 
 

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fungpt.errors import FunGPTError
+from fungpt.errors import FunGPTError, read_json
 
 EOT_TEXT = "<|endoftext|>"
 META_FILE = "tokenizer_meta.json"
@@ -308,6 +308,12 @@ class BPETokenizer(Tokenizer):
     def __init__(self, hf_tokenizer):
         self._tok = hf_tokenizer
         self._eot = hf_tokenizer.token_to_id(EOT_TEXT)
+        # Ids must be 0 .. vocab_size - 1: the model has one embedding row per id, and a file edited by hand (or
+        # another library's) could leave gaps, so that an id past vocab_size would reach the model
+        ids = set(hf_tokenizer.get_vocab(with_added_tokens=True).values())
+        if ids and (min(ids) != 0 or max(ids) != len(ids) - 1):
+            raise FunGPTError(f"its {len(ids):,} token ids are not numbered 0 to {len(ids) - 1:,} (they run from "
+                              f"{min(ids):,} to {max(ids):,}): FunGPT needs a vocabulary without gaps")
         # A model folder's tokenizer.json may decode otherwise: SentencePiece's Metaspace or WordPiece's decoder
         # read the spaces off each token's place in the text, so runs decoded apart would lose them
         self.joins_decodings = type(hf_tokenizer.decoder).__name__ == "ByteLevel"
@@ -655,8 +661,7 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         raise FunGPTError(f"no tokenizer found: {meta_path} is missing (a prepared dataset gets one from `fungpt "
                           f"prepare`, a run folder from `fungpt train`)")
     try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = read_json(meta_path)
         kind = meta["kind"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise FunGPTError(

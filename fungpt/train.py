@@ -57,7 +57,7 @@ from fungpt.data import (
     prepare,
     resolve_source,
 )
-from fungpt.errors import FunGPTError
+from fungpt.errors import FunGPTError, parse_json, read_json
 from fungpt.hardware import Precision, check_compile, detect_precision, keep_freed_memory
 from fungpt.linear import onednn_linear, onednn_works, set_cpu_matmul
 from fungpt.model import GPT
@@ -371,6 +371,11 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
     if pre is not None:
         pretrained.check_data_tokenizer(load_tokenizer(data_dir), data_dir, pre)
     else:
+        tokens = load_tokenizer(data_dir).vocab_size  # (a model of another size could never be loaded with it)
+        if tokens != meta["vocab_size"]:
+            raise FunGPTError(f"{data_dir / 'meta.json'} says vocab_size {meta['vocab_size']} but the tokenizer "
+                              f"beside it has {tokens} tokens: the folder was edited or mixed up; run `fungpt "
+                              f"prepare --overwrite` again")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=int(meta["vocab_size"])))
     check_split_fits(meta, cfg.model.block_size)
     return cfg, data_dir, pre
@@ -439,17 +444,20 @@ def adamw_impl(device: str) -> dict[str, Any]:
     return {"fused": True, "foreach": None} if device in ("cuda", "cpu") else {"fused": None, "foreach": True}
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any], device: str) -> None:
-    """Load a saved optimizer state, keeping this run's AdamW implementation (fused or foreach).
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+    """Load a saved optimizer's state (its moments and step counts), keeping this run's settings.
 
-    load_state_dict restores every group setting, the implementation flags included: a state saved
-    by a version that used foreach on CPU would otherwise bring foreach back (and a float16 run's
-    GradScaler, which hands fused AdamW its scale, would then fail).
+    load_state_dict also restores every group setting saved with it: betas, weight decay, Muon's momentum
+    and lr scale, and the implementation flags (fused or foreach). Those belong to this run's config (and
+    config.json records them), so each group gets back the settings configure_optimizer gave it: a resume with
+    --train.beta2 0.95 trains with 0.95, not silently with the checkpoint's 0.99. (An unchanged config gives
+    the same values as the checkpoint's, so an exact resume stays exact. A state saved by a version that used
+    foreach on CPU would otherwise bring foreach back, and a float16 run's GradScaler would then fail.)
     """
+    fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     optimizer.load_state_dict(state_dict)
-    for group in optimizer.param_groups:
-        if "fused" in group:  # AdamW groups (Muon's have no such flag)
-            group.update(adamw_impl(device))
+    for group, settings in zip(optimizer.param_groups, fresh):  # (load_state_dict checks the groups match)
+        group.update(settings)
 
 
 class CombinedOptimizer(torch.optim.Optimizer):
@@ -518,6 +526,10 @@ def configure_optimizer(model: GPT, tc: TrainConfig, device: str) -> torch.optim
     return CombinedOptimizer(adamw, matrices)
 
 
+# The [train] fields configure_optimizer reads, besides the lr schedule's (a resume applies them as now set)
+OPTIMIZER_SETTINGS = ("beta1", "beta2", "weight_decay", "muon_lr", "muon_momentum")
+
+
 def resume_notes(saved: TrainConfig, new: TrainConfig, step: int) -> list[str]:
     """One line each on changed settings that make a resumed run differ from one that was never stopped.
 
@@ -527,19 +539,32 @@ def resume_notes(saved: TrainConfig, new: TrainConfig, step: int) -> list[str]:
     would then not compare).
     """
     notes = []
+    schedule = ["lr", "min_lr", "warmup_iters", "lr_schedule", "wsd_decay_frac", "lr_decay_iters", "max_iters"]
     if not (saved.max_minutes or new.max_minutes):  # (with a time budget the schedule follows the clock)
         was, now = get_lr(step, saved), get_lr(step, new)
         if not math.isclose(was, now, rel_tol=1e-6):
-            names = ["lr", "min_lr", "warmup_iters", "lr_schedule", "wsd_decay_frac", "lr_decay_iters", "max_iters"]
-            changed = ", ".join(f"{n} {getattr(saved, n)} -> {getattr(new, n)}" for n in names
+            changed = ", ".join(f"{n} {getattr(saved, n)} -> {getattr(new, n)}" for n in schedule
                                 if getattr(saved, n) != getattr(new, n))
             end = (" (the decay ends at max_iters unless train.lr_decay_iters is set)"
                    if new.lr_decay_iters is None and saved.max_iters != new.max_iters else "")
             notes.append(f"fungpt: note: the lr schedule changed ({changed}){end}: at step {step} the lr is now "
                          f"{now:.3g}, not {was:.3g}")
+    changed = [f"{n} {getattr(saved, n)} -> {getattr(new, n)}" for n in OPTIMIZER_SETTINGS
+               if getattr(saved, n) != getattr(new, n) and (new.optimizer == "muon" or not n.startswith("muon_"))]
+    if changed:
+        notes.append(f"fungpt: note: the optimizer settings changed ({', '.join(changed)}): they apply from step "
+                     f"{step} on, to the optimizer state saved with the old ones")
     if saved.seed != new.seed:
         notes.append(f"fungpt: note: train.seed changed ({saved.seed} -> {new.seed}): the eval batches differ from "
                      f"those before step {step}, so val losses before and after it do not compare exactly")
+    # The rest, e.g. a batch size given on the command line at the start and forgotten at the resume (the run
+    # length, max_iters or max_minutes, is what a resume usually changes, and the schedule note covers it)
+    covered = {*schedule, *OPTIMIZER_SETTINGS, "seed", "max_minutes"}
+    other = [f"{f.name} {getattr(saved, f.name)!r} -> {getattr(new, f.name)!r}" for f in dataclasses.fields(new)
+             if f.name not in covered and getattr(saved, f.name) != getattr(new, f.name)]
+    if other:
+        notes.append(f"fungpt: note: [train] settings differ from the run's before step {step} ({', '.join(other)}): "
+                     f"it goes on with these")
     return notes
 
 
@@ -776,8 +801,8 @@ class MetricsLog:
 
 def _row_step(line: str) -> int:
     try:
-        return int(json.loads(line)["step"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError):  # (Infinity)
+        return int(parse_json(line)["step"])
+    except (KeyError, TypeError, ValueError, OverflowError):  # (Infinity)
         return 1 << 62  # an unreadable (half-written) row is dropped
 
 
@@ -971,7 +996,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         ckpt.load_weights(folder, model)
         state = ckpt.load_state(folder)
         try:
-            load_optimizer_state(optimizer, state["optimizer"], prec.device)
+            load_optimizer_state(optimizer, state["optimizer"])
             scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
             loaders = state["loader"]
             if ddp.rank < len(loaders):
@@ -982,6 +1007,11 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             schedule_origin = float(state.get("schedule_origin_s") or 0.0)  # time-budget mode, see below
             timings = state.get("timings") or {}  # so a resumed run knows what to reserve at once
             tokens_before = state.get("tokens")  # None in checkpoints from before it was saved
+            if not (isinstance(timings, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                      and math.isfinite(v) for v in timings.values())):
+                raise TypeError(f"timings is {timings!r:.60}, not seconds")
+            if not (tokens_before is None or (isinstance(tokens_before, int) and tokens_before >= 0)):
+                raise TypeError(f"tokens is {tokens_before!r:.60}, not a count")
             if ddp.rank < len(state["rng"]):  # a new rank keeps its seed + rank dropout masks (above)
                 rng = state["rng"][ddp.rank]
                 torch.set_rng_state(rng["cpu"])
@@ -992,7 +1022,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                     f"{len(loaders)}: the batches differ from an uninterrupted run's"
                     + (f"; processes {len(loaders)}.. start fresh batch streams" if ddp.world_size > len(loaders)
                        else ""))
-        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, OverflowError) as e:  # (int(inf))
             raise FunGPTError(f"the training state in {folder / ckpt.STATE_FILE} does not fit this run "
                               f"({type(e).__name__}: {str(e)[:120]}); resume with the original settings") from None
         if step != int(manifest["step"]):
@@ -1026,7 +1056,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                     "threads": torch.get_num_threads(), "torch": torch.__version__}
         if folder is not None:
             try:
-                saved_info = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))
+                saved_info = read_json(out_dir / "run.json")
             except (OSError, ValueError):  # missing or damaged: nothing to compare with
                 saved_info = {}
             for note in numerics_notes(saved_info if isinstance(saved_info, dict) else {}, run_info, step):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -190,6 +191,9 @@ def test_export_char_run_tokenizer_loads_in_transformers(corpus, tmp_path):
     assert json.loads((tmp_path / "exp" / "config.json").read_text())["eos_token_id"] is None  # char: no end-of-text
     modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "exp").iterdir()}
     assert len(set(modes.values())) == 1, modes  # the weights as readable as the other files (were 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "exp").stat().st_mode & 0o777 == 0o777 & ~umask  # not private like its temporary folder
 
     # The exported folder fine-tunes like any Hugging Face GPT-2, though its character vocabulary cannot encode
     # every character (the tokenizer's fingerprint must not need to).

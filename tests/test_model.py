@@ -589,6 +589,10 @@ def test_from_hf_missing_files_are_clear_errors(tmp_path):
             r"lacks \(activation_function = 'relu', n_inner = 64; GPT-2 has",
         '{"n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 100, "layer_norm_epsilon": 1e-6}':
             r"lacks \(layer_norm_epsilon = 1e-06; GPT-2 has",
+        '{"n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 100, "activation_function": ["gelu"]}':
+            r"lacks \(activation_function = \['gelu'\]; GPT-2 has",  # (was TypeError: unhashable type: 'list')
+        '{"n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 100, "tie_word_embeddings": "yes"}':
+            "tie_embeddings='yes' should be of type bool",
     }
     for text, message in cases.items():
         (tmp_path / "config.json").write_text(text)

@@ -31,7 +31,7 @@ import torch
 from fungpt import checkpoint as ckpt
 from fungpt.cli import main
 from fungpt.config import DataConfig, RunConfig, TrainConfig, load_run_config
-from fungpt.data import prepare
+from fungpt.data import load_meta, prepare
 from fungpt.errors import FunGPTError
 from fungpt.model import GPT, GPTConfig
 from fungpt.runs import load_run
@@ -439,11 +439,16 @@ def test_resume_says_when_its_lr_schedule_or_eval_batches_change(world, tmp_path
     train(tiny_config(world["corpus"], pinned, max_iters=6, lr_decay_iters=10, checkpoint_interval=100),
           progress=False)
     capsys.readouterr()
-    train(tiny_config(world["corpus"], pinned, max_iters=10, lr_decay_iters=10, checkpoint_interval=100, seed=7),
-          resume=True, progress=False)
+    train(tiny_config(world["corpus"], pinned, max_iters=10, lr_decay_iters=10, checkpoint_interval=100, seed=7,
+                      beta2=0.95, batch_size=6), resume=True, progress=False)
     said = capsys.readouterr().out
     assert "lr schedule" not in said
     assert "fungpt: note: train.seed changed (1337 -> 7): the eval batches differ from those before step 6" in said
+    assert ("fungpt: note: the optimizer settings changed (beta2 0.99 -> 0.95): they apply from step 6 on, to the "
+            "optimizer state saved with the old ones") in said
+    assert load_run_config(pinned).train.beta2 == 0.95
+    assert ("fungpt: note: [train] settings differ from the run's before step 6 (batch_size 4 -> 6): it goes on "
+            "with these") in said
 
 
 # ----------------------------------------------------------------------------------------------
@@ -930,9 +935,18 @@ def _files(world, tmp_path) -> dict[str, str]:
     (t / "handmade" / "meta.json").write_text(json.dumps({**handmade, "vocab_size": 3}))
     for name, change in {"smallvocab": {"vocab_size": 3}, "strcount": {"train_tokens": str(meta["train_tokens"])},
                          "floatcount": {"train_tokens": float(meta["train_tokens"])},
-                         "nullvocab": {"vocab_size": None}}.items():
+                         "nullvocab": {"vocab_size": None}, "zerobytes": {"val_bytes": 0},
+                         "bigvocab": {"vocab_size": meta["vocab_size"] + 10}}.items():
         shutil.copytree(world["data"], t / name)
         (t / name / "meta.json").write_text(json.dumps({**meta, **change}))
+    shutil.copytree(world["data"], t / "strmeta")  # a JSON string holding every key's name
+    (t / "strmeta" / "meta.json").write_text(json.dumps(" ".join(meta)))
+    shutil.copytree(world["data"], t / "nobytes")  # made by hand, without the val text's size
+    (t / "nobytes" / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "val_bytes"}))
+    nobytesrun = t / "nobytesrun"
+    shutil.copytree(world["run"], nobytesrun)
+    info = json.loads((nobytesrun / "run.json").read_text())
+    (nobytesrun / "run.json").write_text(json.dumps({**info, "data_dir": str(t / "nobytes")}))
     shutil.copytree(world["data"], t / "damaged")  # .bin bytes changed after prepare recorded max_id
     for f in ("train.bin", "val.bin"):
         size = (t / "damaged" / f).stat().st_size
@@ -971,6 +985,10 @@ BAD_INPUTS = {
     # model
     "n_embd not divisible by n_head": ([*TRAIN, "--model.n-embd", "30", "--model.n-head", "4"], "n_embd"),
     "n_layer zero": ([*TRAIN, "--model.n-layer", "0"], "n_layer"),
+    "n_layer of 10**20": ([*TRAIN, "--model.n-layer", str(10**20)], "larger than any GPT ever trained"),
+    "block_size of 10**12": ([*TRAIN, "--model.block-size", str(10**12)], "FunGPT accepts at most 16,777,216"),
+    "batch_size of 10**20": ([*TRAIN, "--train.batch-size", str(10**20)], "batch_size = 100000000000000000000 is "
+                                                                           "far too large"),
     "unknown pos_encoding": ([*TRAIN, "--model.pos-encoding", "spiral"], "pos_encoding"),
     "unknown activation": ([*TRAIN, "--model.activation", "tanh"], "activation"),
     "dropout 1.5": ([*TRAIN, "--model.dropout", "1.5"], "dropout"),
@@ -990,6 +1008,8 @@ BAD_INPUTS = {
     "batch_size negative": ([*TRAIN, "--train.batch-size", "-3"], "batch_size"),
     "negative lr": ([*TRAIN, "--train.lr", "-1"], "train.lr"),
     "min_lr above lr": ([*TRAIN, "--train.min-lr", "1"], "min_lr"),
+    "lr decay ending inside the warmup": ([*TRAIN, "--train.lr-decay-iters", "50"],
+                                          "train.lr_decay_iters = 50 must be above train.warmup_iters = 100"),
     "beta1 of 1": ([*TRAIN, "--train.beta1", "1.0"], "beta1"),
     "unknown lr_schedule": ([*TRAIN, "--train.lr-schedule", "linear"], "lr_schedule"),
     "unknown device": ([*TRAIN, "--train.device", "tpu"], "device"),
@@ -1022,6 +1042,13 @@ BAD_INPUTS = {
     "meta.json with a count as a float": ([*TRAIN, "--data.path", "{tmp}/floatcount"],
                                           "train_tokens must be a whole number"),
     "meta.json without a vocab_size": ([*TRAIN, "--data.path", "{tmp}/nullvocab"], "vocab_size must be a whole number"),
+    "meta.json with a vocab_size its tokenizer lacks": ([*TRAIN, "--data.path", "{tmp}/bigvocab"],
+                                                         "says vocab_size 32 but the tokenizer beside it has 22"),
+    "meta.json with val_bytes 0": ([*TRAIN, "--data.path", "{tmp}/zerobytes"],
+                                   "val_bytes must be a whole number of at least 1 (got 0)"),
+    "meta.json that is a string": ([*TRAIN, "--data.path", "{tmp}/strmeta"], "meta.json is corrupt (TypeError)"),
+    "eval: a hand-made folder without val_bytes": (["eval", "--run", "{tmp}/nobytesrun", "--device", "cpu"],
+                                                   "lacks val_bytes"),
     # out_dir
     "out_dir holds another run": ([*TRAIN, "--out-dir", "{other}"], "already holds a training run"),
     "resume and overwrite": ([*TRAIN, "--out-dir", "{other}", "--resume", "--overwrite"], "contradict"),
@@ -1290,3 +1317,120 @@ def test_a_resume_that_computes_differently_says_so(world, tmp_path, capsys):
     assert (f"note: the arithmetic changed since step 6 (cpu_matmul elsewhere -> {info['cpu_matmul']}, threads "
             f"{threads + 5} -> {threads})") in out
     assert json.loads((other / "run.json").read_text())["threads"] == threads
+
+
+def test_small_file_writes_never_follow_a_link_planted_at_their_temporary_name(tmp_path, monkeypatch):
+    """latest.json, config.json and the like were written through .NAME.tmp-PID, a name anyone could guess: a
+    symlink made there in advance (in a shared run folder) sent the write to a file outside the folder."""
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep me")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / f".latest.json.tmp-{os.getpid()}").symlink_to(outside)  # the old, predictable name
+    ckpt.atomic_write_text(run / "latest.json", '{"step": 1}')
+    assert outside.read_text() == "keep me"
+    assert json.loads((run / "latest.json").read_text()) == {"step": 1}
+
+    # Even a link at the very name chosen (here forced) is refused, not followed, and not deleted.
+    monkeypatch.setattr(ckpt.secrets, "token_hex", lambda n: "abcd")
+    planted = run / f".config.json.tmp-{os.getpid()}-abcd"
+    planted.symlink_to(outside)
+    with pytest.raises(FunGPTError, match=r"^could not write .*config\.json: File exists"):
+        ckpt.atomic_write_text(run / "config.json", "{}")
+    assert outside.read_text() == "keep me" and planted.is_symlink() and not (run / "config.json").exists()
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # json.loads runs out of recursion (RecursionError, not a ValueError)
+LONG_INT = '{"step": ' + "9" * 5000 + ', "dir": 1, "kind": ' + "9" * 5000 + "}"  # int() refuses 4,300+ digits
+
+
+def _with_infinite_step(manifest: Path) -> None:
+    manifest.write_text(manifest.read_text().replace('"step": 6', '"step": Infinity'))
+
+
+JSON_DAMAGE = {  # a run's JSON file damaged beyond what JSONDecodeError covers: (damage, command, needle)
+    "config.json nested too deeply": (lambda o: (o / "config.json").write_text(DEEP), "sample", "config.json"),
+    "config.json with a 5000-digit number": (lambda o: (o / "config.json").write_text(LONG_INT), "sample",
+                                             "config.json"),
+    "manifest nested too deeply": (lambda o: (ckpt.find_checkpoint(o) / "manifest.json").write_text(DEEP), "sample",
+                                   "manifest.json is corrupt"),
+    "manifest with a 5000-digit step": (lambda o: (ckpt.find_checkpoint(o) / "manifest.json").write_text(LONG_INT),
+                                        "sample", "manifest.json is corrupt"),
+    "manifest with an infinite step": (lambda o: _with_infinite_step(ckpt.find_checkpoint(o) / "manifest.json"),
+                                       "sample", "manifest.json is corrupt"),
+    "tokenizer_meta.json nested too deeply": (lambda o: (o / "tokenizer_meta.json").write_text(DEEP), "sample",
+                                              "tokenizer_meta.json is corrupt"),
+    "run.json nested too deeply": (lambda o: (o / "run.json").write_text(DEEP), "eval",
+                                   "run.json is missing or corrupt"),
+    "run.json with a 5000-digit number": (lambda o: (o / "run.json").write_text(LONG_INT), "eval", "run.json"),
+}
+
+
+@pytest.mark.parametrize("name", list(JSON_DAMAGE))
+def test_json_files_damaged_past_a_decode_error_are_one_line(world, tmp_path, capsys, name):
+    """Deep nesting raised RecursionError and a 5,000-digit number a bare ValueError: both were tracebacks."""
+    out = copy_run(world, tmp_path)
+    damage, command, needle = JSON_DAMAGE[name]
+    damage(out)
+    argv = {"sample": ["sample", "--run", out, "--max-new-tokens", "3", "--device", "cpu"],
+            "eval": ["eval", "--run", out, "--device", "cpu", "--batch-size", "2"]}[command]
+    assert_one_line_error(*run_cli(argv, capsys), needle)
+
+
+def test_other_json_damaged_past_a_decode_error(world, tmp_path, capsys):
+    """The pointer, meta.json, a Hugging Face config and a metrics row, each nested too deeply."""
+    out = copy_run(world, tmp_path)
+    folder = ckpt.find_checkpoint(out)
+    (out / "latest.json").write_text(DEEP)  # a damaged pointer falls back to the newest whole folder
+    assert ckpt.find_checkpoint(out) == folder
+
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data)
+    (data / "meta.json").write_text(DEEP)
+    with pytest.raises(FunGPTError, match=r"meta\.json is corrupt"):
+        load_meta(data)
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(DEEP)
+    from fungpt.hf import hf_config
+    with pytest.raises(FunGPTError, match=r"cannot read .*config\.json"):
+        hf_config(hf)
+
+    with (out / "metrics.jsonl").open("a") as f:  # a damaged row is skipped, as a half-written one is
+        f.write(DEEP + "\n" + LONG_INT + "\n")
+    assert main(["plot", str(out), "--out", str(tmp_path / "loss.png")]) == 0
+
+
+@pytest.mark.parametrize("field, value", [("step", float("inf")), ("timings", "abc"), ("timings", {"step": "slow"}),
+                                          ("tokens", "many")])
+def test_a_state_pt_with_a_field_of_the_wrong_type_is_one_line(world, tmp_path, capsys, field, value):
+    """Safe to load (plain types), but not what FunGPT saved: int(inf) raised OverflowError, and timings or tokens
+    of another type a TypeError a few lines later, after config.json had been rewritten."""
+    out = copy_run(world, tmp_path)
+    folder = ckpt.find_checkpoint(out)
+    state = torch.load(folder / ckpt.STATE_FILE, weights_only=True)
+    state[field] = value
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    _plant(folder, ckpt.STATE_FILE, path.read_bytes())
+    config_before = (out / "config.json").read_bytes()
+    argv = ["train", "--data.path", world["data"], "--out-dir", out, "--train.device", "cpu", *TINY_MODEL,
+            "--train.batch-size", "4", "--train.max-iters", "9", "--train.eval-iters", "3", "--resume"]
+    assert_one_line_error(*run_cli(argv, capsys), "the training state in", "state.pt does not fit this run")
+    assert (out / "config.json").read_bytes() == config_before
+
+
+def test_a_runs_config_json_is_a_config_file_too(world, tmp_path, capsys):
+    """`--config RUN/config.json` (train another run like that one) said "not valid TOML"."""
+    from fungpt.config import load_config
+
+    saved = world["run"] / "config.json"
+    assert load_config(saved) == load_run_config(world["run"])
+    out = tmp_path / "again"
+    assert main(["train", "--config", str(saved), "--out-dir", str(out), "--train.max-iters", "2"]) == 0
+    again = load_run_config(out)
+    assert again.model == load_run_config(world["run"]).model and again.train.max_iters == 2
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert_one_line_error(*run_cli(["train", "--config", tmp_path / "list.json"], capsys),
+                          "list.json is not a FunGPT run config (it holds a JSON list")

@@ -305,3 +305,20 @@ def test_bpe_training_cuts_only_long_words():
         assert cut(text) == [text]  # words of at most 256 characters: as they were
     assert [len(p) for p in cut("a" * 300) if p] == [256, 44]
     assert [len(p) for p in cut("7" * 600) if p] == [256, 256, 88]
+
+
+def test_a_tokenizer_whose_ids_have_gaps_is_refused_when_read(tmp_path):
+    """vocab_size counts the tokens; with ids {0, 1000} it said 2, and id 1000 reached a 2-row embedding."""
+    from tokenizers import Tokenizer as LibTokenizer
+    from tokenizers import models
+
+    from fungpt.tokenizer import BPETokenizer, HFTokenizer
+
+    LibTokenizer(models.BPE(vocab={"a": 0, "z": 1000}, merges=[])).save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(FunGPTError, match=r"^could not read the tokenizer files in .*: its 2 token ids are not "
+                                          r"numbered 0 to 1 \(they run from 0 to 1,000\)"):
+        HFTokenizer.from_dir(tmp_path)
+    with pytest.raises(FunGPTError, match="not numbered 0 to 1"):
+        BPETokenizer.load(tmp_path / "tokenizer.json")
+    LibTokenizer(models.BPE(vocab={"a": 0, "z": 1}, merges=[])).save(str(tmp_path / "tokenizer.json"))
+    assert HFTokenizer.from_dir(tmp_path).vocab_size == 2  # (the control)

@@ -280,9 +280,32 @@ def test_resume_keeps_this_versions_adamw_implementation():
                             foreach=True)
     model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1].backward()
     old.step()
-    load_optimizer_state(opt, old.state_dict(), "cpu")
+    load_optimizer_state(opt, old.state_dict())
     assert all(g["fused"] and not g["foreach"] for g in opt.param_groups)
     assert opt.state[next(model.parameters())]["step"] == 1  # the state itself did load
+
+
+def test_resume_trains_with_the_optimizer_settings_now_in_the_config():
+    """load_state_dict brought back the checkpoint's betas, weight decay and Muon momentum: a resume asked for
+    beta2 0.95 (and config.json said so) but trained on with 0.99."""
+    from fungpt.train import configure_optimizer, load_optimizer_state
+
+    model = GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    before = TrainConfig(device="cpu", optimizer="muon")
+    opt = configure_optimizer(model, before, "cpu")
+    model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1].backward()
+    opt.step()
+    moments = {id(p): s["exp_avg_sq"].clone() for p, s in opt.parts[0].state.items()}
+    now = dataclasses.replace(before, beta2=0.95, weight_decay=0.0, muon_momentum=0.9, muon_lr=0.02)
+    resumed = configure_optimizer(model, now, "cpu")
+    load_optimizer_state(resumed, opt.state_dict())
+    adamw, muon = resumed.parts
+    assert [g["betas"] for g in adamw.param_groups] == [(0.9, 0.95)] * 2
+    assert [g["weight_decay"] for g in resumed.param_groups] == [0.0, 0.0, 0.0]
+    assert muon.param_groups[0]["momentum"] == 0.9 and muon.param_groups[0]["lr_scale"] == 0.02 / now.lr
+    assert resumed.param_groups == [*adamw.param_groups, *muon.param_groups]  # what the loop sets lrs on
+    for p, s in adamw.state.items():  # and the moments did load
+        assert torch.equal(s["exp_avg_sq"], moments[id(p)])
 
 
 def test_grad_accumulation_trains_like_the_big_batch(corpus, tmp_path, monkeypatch):
@@ -427,6 +450,11 @@ def test_an_example_config_is_known_by_its_name_from_any_folder(tmp_path, monkey
     assert err.startswith("error: config file shakespeare-chars does not exist") and "shakespeare-char-cpu" in err
     assert main(["inspect", "shakespeare-char-cpu"]) == 0
     assert "shakespeare-char-cpu.toml (config)" in capsys.readouterr().out
+    # A folder of that name (a run's out_dir, named after its preset) is no config: the name still finds it
+    (tmp_path / "shakespeare-char-cpu").mkdir()
+    assert load_config("shakespeare-char-cpu") == load_config(repo_configs / "shakespeare-char-cpu.toml")
+    assert main(["inspect", "shakespeare-char-cpu"]) == 2  # while inspect looks in the folder
+    assert "is not a FunGPT run folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, expected", [
