@@ -20,6 +20,7 @@ second with one clear line instead of an hour into training.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import shlex
 import tomllib
@@ -180,11 +181,6 @@ class TrainConfig:
             raise FunGPTError(f"train.min_lr = {self.min_lr} must be between 0 and train.lr = {self.lr}")
         if self.lr_decay_iters is not None and self.lr_decay_iters <= 0:
             raise FunGPTError(f"train.lr_decay_iters = {self.lr_decay_iters} must be positive (or unset)")
-        if (self.lr_decay_iters is not None and self.lr_decay_iters <= self.warmup_iters
-                and self.lr_schedule != "constant"):  # (get_lr would drop to min_lr the step warmup ends)
-            raise FunGPTError(f"train.lr_decay_iters = {self.lr_decay_iters} must be above train.warmup_iters = "
-                              f"{self.warmup_iters}: the decay comes after the warmup (raise it, or lower "
-                              f"warmup_iters)")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise FunGPTError(f"train.{name} = {getattr(self, name)} must be in [0, 1)")
@@ -252,20 +248,30 @@ class RunConfig:
         return cls(**kwargs)
 
 
+# nanoGPT's names for the settings FunGPT names otherwise (README: "Training fields mostly use nanoGPT's names")
+NANOGPT_NAMES = {"learning_rate": "lr", "gradient_accumulation_steps": "grad_accum_steps", "decay_lr": "lr_schedule"}
+
+
 def _build_section(klass: type, values: Any, where: str, defaults: Any) -> Any:
     if not isinstance(values, dict):
         raise FunGPTError(f"{where} must be a table of settings, got {type(values).__name__}")
     names = {f.name for f in dataclasses.fields(klass)}
     unknown = set(values) - names
     if unknown:
-        raise FunGPTError(f"{where}: unknown setting(s) {sorted(unknown)}; "
-                          f"see `fungpt train --help` for the valid ones")
+        # nanoGPT's names, or a typo: name the setting meant (difflib: the closest by spelling)
+        meant = {k: NANOGPT_NAMES.get(k) or next(iter(difflib.get_close_matches(k, names, n=1)), None)
+                 for k in sorted(unknown)}
+        hints = ", ".join(f"{v} for {k}" for k, v in meant.items() if v)
+        raise FunGPTError(f"{where}: unknown setting(s) {sorted(unknown)}" + (f" (did you mean {hints}?)" if hints
+                          else "") + "; see `fungpt train --help` for the valid ones")
     merged = {**dataclasses.asdict(defaults), **values}
     for name in values:
         merged[name] = _check_type(klass, name, values[name], where)
     try:
         return klass(**merged)
     except TypeError as e:  # e.g. a wrong type that the dataclass cannot take
+        raise FunGPTError(f"{where}: {e}") from None
+    except FunGPTError as e:  # a check in __post_init__ (e.g. min_lr above lr): say which file has the value
         raise FunGPTError(f"{where}: {e}") from None
 
 

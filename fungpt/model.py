@@ -53,7 +53,8 @@ class GPTConfig:
     """Hyperparameters of the model. The defaults are GPT-2 small (124M)."""
 
     vocab_size: int = 50304
-    """Vocabulary size V. GPT-2 has 50257 tokens; 50304 pads it to a multiple of 64, which is faster on GPUs."""
+    """Vocabulary size V. GPT-2 has 50257 tokens; 50304 pads it to a multiple of 64, which is faster on GPUs.
+    `fungpt train` sets it to the size of the data's tokenizer (a value given here is replaced)."""
     block_size: int = 1024
     """Context length: the longest sequence the model can read at once."""
     n_layer: int = 12

@@ -689,4 +689,5 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         tok = HFTokenizer.load(hf_path)
         tok.source = str(meta.get("source") or tok.source)
         return tok
-    raise FunGPTError(f"tokenizer file {meta_path} names an unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    raise FunGPTError(f"tokenizer file {meta_path} names an unknown kind {kind!r}; expected one of "
+                      f"{', '.join((*KINDS, HF_KIND))}")

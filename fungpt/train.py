@@ -376,6 +376,9 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
             raise FunGPTError(f"{data_dir / 'meta.json'} says vocab_size {meta['vocab_size']} but the tokenizer "
                               f"beside it has {tokens} tokens: the folder was edited or mixed up; run `fungpt "
                               f"prepare --overwrite` again")
+        if "vocab_size" in model_named and cfg.model.vocab_size != meta["vocab_size"] and is_main:
+            print(f"fungpt: note: model.vocab_size = {cfg.model.vocab_size} is replaced by the {meta['vocab_size']} "
+                  f"tokens of the data's tokenizer (for a BPE of another size, set data.vocab_size)")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=int(meta["vocab_size"])))
     check_split_fits(meta, cfg.model.block_size)
     return cfg, data_dir, pre
@@ -959,6 +962,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     # A resume's checkpoint is checked (every file's size and sha256) before the data, too
     folder = ckpt.find_checkpoint(cfg.out_dir) if resume else None
     manifest = ckpt.verify_checkpoint(folder) if folder is not None else None
+    if folder is not None and saved_cfg.train.optimizer != tc.optimizer:  # (its saved state is another's)
+        raise FunGPTError(f"cannot resume {cfg.out_dir}: it was trained with train.optimizer = "
+                          f"{saved_cfg.train.optimizer!r}, not {tc.optimizer!r}; resume with --train.optimizer "
+                          f"{saved_cfg.train.optimizer}, or train into a new out_dir")
 
     cfg, data_dir, pre = resolve_model_and_data(cfg, ddp.is_main, progress and ddp.is_main, model_named,
                                                 resume_dir=Path(cfg.out_dir) if resume else None)
@@ -971,6 +978,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     if tc.warmup_iters >= tc.max_iters and not tc.max_minutes:  # e.g. a preset shortened with --train.max-iters
         say(f"fungpt: note: train.warmup_iters = {tc.warmup_iters} is not below the run's {tc.max_iters} steps, "
             f"so the learning rate never reaches train.lr = {tc.lr:g}; lower warmup_iters to reach it")
+    if tc.lr_decay_iters is not None and tc.lr_decay_iters <= tc.warmup_iters and tc.lr_schedule != "constant":
+        say(f"fungpt: note: train.lr_decay_iters = {tc.lr_decay_iters} is not above train.warmup_iters = "
+            f"{tc.warmup_iters}, so the decay is over before the warmup ends: the lr drops to min_lr = "
+            f"{tc.min_lr:g} the step after it; raise lr_decay_iters for a decay")
 
     # Model and optimizer. Every rank builds the same initial weights from the same seed.
     torch.manual_seed(tc.seed)

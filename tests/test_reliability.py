@@ -915,6 +915,8 @@ def _files(world, tmp_path) -> dict[str, str]:
     t = tmp_path
     (t / "bad_syntax.toml").write_text("[model\nn_layer = 2\n")
     (t / "unknown_key.toml").write_text("[train]\nlearning_rate = 0.1\n")
+    (t / "misspelt.toml").write_text("[model]\nn_layers = 2\n")
+    (t / "min_lr.toml").write_text("[train]\nmin_lr = 1.0\n")
     (t / "wrong_type.toml").write_text('[model]\nn_layer = "four"\n')
     (t / "wrong_type_train.toml").write_text('[train]\nbatch_size = "four"\n')
     (t / "huge_lr.toml").write_text('[train]\nlr = 1' + "0" * 400 + '\n')
@@ -1008,8 +1010,6 @@ BAD_INPUTS = {
     "batch_size negative": ([*TRAIN, "--train.batch-size", "-3"], "batch_size"),
     "negative lr": ([*TRAIN, "--train.lr", "-1"], "train.lr"),
     "min_lr above lr": ([*TRAIN, "--train.min-lr", "1"], "min_lr"),
-    "lr decay ending inside the warmup": ([*TRAIN, "--train.lr-decay-iters", "50"],
-                                          "train.lr_decay_iters = 50 must be above train.warmup_iters = 100"),
     "beta1 of 1": ([*TRAIN, "--train.beta1", "1.0"], "beta1"),
     "unknown lr_schedule": ([*TRAIN, "--train.lr-schedule", "linear"], "lr_schedule"),
     "unknown device": ([*TRAIN, "--train.device", "tpu"], "device"),
@@ -1055,6 +1055,8 @@ BAD_INPUTS = {
     "resume an empty folder": ([*TRAIN, "--resume"], "nothing to resume"),
     "resume with another tokenizer": ([*TRAIN, "--data.path", "{corpus}", "--out-dir", "{textrun}", "--resume",
                                        "--data.tokenizer", "bpe"], "data.tokenizer = 'char'"),
+    "resume with another optimizer": ([*TRAIN, "--out-dir", "{other}", "--resume", *TINY_MODEL, "--train.optimizer",
+                                       "muon"], "it was trained with train.optimizer = 'adamw', not 'muon'"),
     "resume with another model": ([*TRAIN, "--out-dir", "{other}", "--resume", *TINY_MODEL[:-2],
                                    "--model.block-size", "8"], "different model"),
     "out_dir is a file": ([*TRAIN, "--out-dir", "{tmp}/a_file"], "is a file"),
@@ -1067,7 +1069,11 @@ BAD_INPUTS = {
     # config files
     "missing config file": ([*TRAIN, "--config", "{tmp}/nope.toml"], "nope.toml"),
     "TOML syntax error": ([*TRAIN, "--config", "{tmp}/bad_syntax.toml"], "not valid TOML"),
-    "TOML unknown key": ([*TRAIN, "--config", "{tmp}/unknown_key.toml"], "learning_rate"),
+    "TOML unknown key": ([*TRAIN, "--config", "{tmp}/unknown_key.toml"],
+                         "unknown setting(s) ['learning_rate'] (did you mean lr for learning_rate?); see"),
+    "TOML misspelt key": ([*TRAIN, "--config", "{tmp}/misspelt.toml"], "(did you mean n_layer for n_layers?)"),
+    "TOML value a check refuses": ([*TRAIN, "--config", "{tmp}/min_lr.toml"],
+                                   "min_lr.toml [train]: train.min_lr = 1.0 must be between 0 and train.lr"),
     "TOML wrong type (model)": ([*TRAIN, "--config", "{tmp}/wrong_type.toml"], "n_layer"),
     "TOML wrong type (train)": ([*TRAIN, "--config", "{tmp}/wrong_type_train.toml"], "batch_size"),
     "TOML integer beyond any float": ([*TRAIN, "--config", "{tmp}/huge_lr.toml"], "lr is too large for a number"),
@@ -1434,3 +1440,14 @@ def test_a_runs_config_json_is_a_config_file_too(world, tmp_path, capsys):
     (tmp_path / "list.json").write_text("[1, 2]")
     assert_one_line_error(*run_cli(["train", "--config", tmp_path / "list.json"], capsys),
                           "list.json is not a FunGPT run config (it holds a JSON list")
+
+
+def test_a_model_vocab_size_given_from_scratch_is_said_to_be_replaced(world, tmp_path, capsys):
+    """--model.vocab-size looks settable (its help said so), but from scratch the data's tokenizer decides."""
+    argv = ["train", "--data.path", str(world["data"]), "--out-dir", str(tmp_path / "new"), *TINY_MODEL,
+            "--train.device", "cpu", "--dry-run"]
+    assert main([*argv, "--model.vocab-size", "500"]) == 0
+    assert ("fungpt: note: model.vocab_size = 500 is replaced by the 22 tokens of the data's tokenizer (for a BPE "
+            "of another size, set data.vocab_size)") in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "model.vocab_size" not in capsys.readouterr().out

@@ -250,7 +250,7 @@ def test_load_missing_or_corrupt(tmp_path, bpe):
     with pytest.raises(FunGPTError, match="tokenizer_meta.json is corrupt"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer_meta.json").write_text('{"kind": "wordpiece"}', encoding="utf-8")
-    with pytest.raises(FunGPTError, match="unknown kind 'wordpiece'"):
+    with pytest.raises(FunGPTError, match="unknown kind 'wordpiece'; expected one of char, bpe, gpt2, hf$"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer_meta.json").write_text('{"kind": "char", "chars": ["a", "ab"]}', encoding="utf-8")
     with pytest.raises(FunGPTError, match="corrupt"):

@@ -97,6 +97,10 @@ def test_a_warmup_as_long_as_the_run_is_pointed_out(corpus, tmp_path, capsys):
     # on a time budget the schedule runs on time, not on max_iters
     train(tiny_config(corpus, tmp_path / "d", max_iters=3, warmup_iters=3, max_minutes=0.1), progress=False)
     assert "warmup_iters" not in capsys.readouterr().out
+    # a decay that ends within the warmup: the lr falls from its peak to min_lr in one step
+    train(tiny_config(corpus, tmp_path / "e", max_iters=4, warmup_iters=2, lr_decay_iters=2), progress=False)
+    assert ("fungpt: note: train.lr_decay_iters = 2 is not above train.warmup_iters = 2, so the decay is over before "
+            "the warmup ends: the lr drops to min_lr = 0.0003 the step after it") in capsys.readouterr().out
 
 
 def test_mfu_never_reads_above_100_percent(corpus, tmp_path, monkeypatch):
@@ -576,8 +580,10 @@ def test_a_process_left_alone_by_a_failed_one_says_so_in_one_line(tmp_path):
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error")]
     assert ours[0].startswith(f"error: {bad} is not valid UTF-8")
-    assert ours[1] == ("error (rank 1): another process of this torchrun job stopped (its error is above), so this "
-                       "one stops too")
+    # Rank 1 says so in one line, unless torchrun's agent, seeing rank 0 gone, stopped it first (SIGTERM, a race:
+    # about one run in ten here): either way no traceback of its own (torchrun's agent prints one of its own)
+    assert ours[1:] in ([], ["error (rank 1): another process of this torchrun job stopped (its error is above), so "
+                             "this one stops too"]), ours
     assert "[rank1]" not in proc.stderr and "GLHF" not in proc.stderr  # gloo's traceback
 
 
