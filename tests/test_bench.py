@@ -223,3 +223,16 @@ def test_run_measured_stopped_early_leaves_nothing_running(bench, tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         run_measured(command, dict(os.environ))
     assert _ended(int(pid_file.read_text()))
+
+
+def test_profile_step_lists_where_a_training_step_goes():
+    """bench/profile_step.py on a tiny shape: the step's operations, the Linear products among them."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(BENCH / "profile_step.py"), "--shape", "1,2,16,8", "--batch-size", "2",
+                           "--steps", "2", "--cpu-matmul", "torch"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(BENCH.parent)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "shape 1 x 16 (2 heads), block 8, batch 2: median step" in proc.stdout
+    rows = proc.stdout.split("ms/step calls/step  share\n")[1].splitlines()
+    assert len(rows) == 15 and any(r.startswith(("aten::addmm", "aten::mm", "aten::linear")) for r in rows), rows
