@@ -232,6 +232,8 @@ def find_checkpoint(out_dir: str | Path, kind: str = "latest") -> Path | None:
         rel = read_json(pointer)["dir"]
         if not isinstance(rel, str):
             raise TypeError(f"dir is a {type(rel).__name__}")  # e.g. {"dir": 5}: corrupt like the cases below
+        if Path(rel).parent != Path("checkpoints") or Path(rel).name in ("", ".", ".."):  # checkpoints/NAME only
+            raise ValueError(f"dir {rel!r} is not a folder of {Path(out_dir) / 'checkpoints'}")
     except (ValueError, KeyError, TypeError):  # (a JSONDecodeError or UnicodeDecodeError is a ValueError)
         newest = _newest_folder(Path(out_dir), kind)
         if newest is None:

@@ -222,7 +222,7 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
         index = path / "model.safetensors.index.json"
         try:
             shards = set(read_json(index)["weight_map"].values())
-            if not all(isinstance(s, str) for s in shards):
+            if not all(isinstance(s, str) and s and Path(s).name == s for s in shards):  # files beside it only
                 raise TypeError
         except (ValueError, KeyError, TypeError, AttributeError):
             raise FunGPTError(f"{index} is corrupt (it should map each weight to its shard file); download or save "

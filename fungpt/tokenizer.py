@@ -675,15 +675,19 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
             return CharTokenizer(chars)
         except FunGPTError as e:
             raise FunGPTError(f"tokenizer file {meta_path} is corrupt ({e}); {_RESTORE}") from None
+    named = meta.get("file", BPE_FILE)
+    if kind in ("bpe", HF_KIND) and not (isinstance(named, str) and named and Path(named).name == named):
+        raise FunGPTError(f"tokenizer file {meta_path} is corrupt: its 'file' {named!r} is not a file name beside it "
+                          f"(such as {BPE_FILE}); {_RESTORE}")
     if kind == "bpe":
-        bpe_path = meta_path.parent / str(meta.get("file", BPE_FILE))
+        bpe_path = meta_path.parent / named
         if not bpe_path.is_file():
             raise FunGPTError(f"BPE tokenizer file {bpe_path} is missing; {_RESTORE}")
         return BPETokenizer.load(bpe_path)
     if kind == "gpt2":
         return GPT2Tokenizer()
     if kind == HF_KIND:
-        hf_path = meta_path.parent / str(meta.get("file", BPE_FILE))
+        hf_path = meta_path.parent / named
         if not hf_path.is_file():
             raise FunGPTError(f"tokenizer file {hf_path} is missing; {_RESTORE}")
         tok = HFTokenizer.load(hf_path)

@@ -1451,3 +1451,26 @@ def test_a_model_vocab_size_given_from_scratch_is_said_to_be_replaced(world, tmp
             "of another size, set data.vocab_size)") in capsys.readouterr().out
     assert main(argv) == 0
     assert "model.vocab_size" not in capsys.readouterr().out
+
+
+def test_files_named_inside_a_run_stay_inside_it(world, tmp_path, capsys):
+    """A pointer, a tokenizer's "file" or a shard index naming a path elsewhere ("../..", "/etc/...") was followed."""
+    out = copy_run(world, tmp_path)
+    folder = ckpt.find_checkpoint(out)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(folder, elsewhere / "latest-0000099")
+    for rel in ["../elsewhere/latest-0000099", str(elsewhere / "latest-0000099"), "checkpoints/..", "checkpoints"]:
+        (out / "latest.json").write_text(json.dumps({"step": 99, "dir": rel}))
+        assert ckpt.find_checkpoint(out) == folder, rel  # treated as a damaged pointer: the newest folder here
+
+    meta = json.loads((out / "tokenizer_meta.json").read_text())
+    (out / "tokenizer_meta.json").write_text(json.dumps({**meta, "kind": "bpe", "file": "../bpe.json"}))
+    assert_one_line_error(*run_cli(["sample", "--run", out, "--max-new-tokens", "2"], capsys),
+                          "its 'file' '../bpe.json' is not a file name beside it")
+
+    from fungpt.hf import _load_hf_weights
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"wte": "../model.safetensors"}}))
+    with pytest.raises(FunGPTError, match=r"model\.safetensors\.index\.json is corrupt"):
+        _load_hf_weights(hf)
