@@ -259,8 +259,8 @@ def _build_section(klass: type, values: Any, where: str, defaults: Any) -> Any:
     unknown = set(values) - names
     if unknown:
         # nanoGPT's names, or a typo: name the setting meant (difflib: the closest by spelling)
-        meant = {k: NANOGPT_NAMES.get(k) or next(iter(difflib.get_close_matches(k, names, n=1)), None)
-                 for k in sorted(unknown)}
+        meant = {k: NANOGPT_NAMES.get(k) if NANOGPT_NAMES.get(k) in names
+                 else next(iter(difflib.get_close_matches(k, names, n=1)), None) for k in sorted(unknown)}
         hints = ", ".join(f"{v} for {k}" for k, v in meant.items() if v)
         raise FunGPTError(f"{where}: unknown setting(s) {sorted(unknown)}" + (f" (did you mean {hints}?)" if hints
                           else "") + "; see `fungpt train --help` for the valid ones")
@@ -362,7 +362,12 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise FunGPTError(f"config file {path} does not exist; give a config file's path"
                           + (f", or the name of an example config: {', '.join(names)}" if names else ""))
     if path.suffix == ".json":  # the config.json a run saved: train another run like it
-        return _read_saved_config(path)
+        d = _read_saved_config(path)
+        if isinstance(d.get("model"), dict):
+            # Not a setting of its own: the size of its data's tokenizer (from scratch), or of its pretrained
+            # model's trimmed to its tokenizer's (a fine-tune); the new run finds it again the same way
+            d["model"].pop("vocab_size", None)
+        return d
     try:
         with path.open("rb") as f:
             raw = f.read()

@@ -186,8 +186,9 @@ def remove_run(out: Path) -> None:
             (out / "checkpoints").rmdir()  # only if nothing else is left in it
         for path in (out / "tensorboard").glob("events.out.tfevents.*"):
             path.unlink()
-        for name in RUN_FILES:
-            for path in [*out.glob(f".{name}.tmp-*"), out / name]:
+        for name in RUN_FILES:  # (a plot's temporary keeps its suffix: .loss.tmp-PID-RANDOM.png, plot.save_figure)
+            stem, suffix = Path(name).stem, Path(name).suffix
+            for path in [*out.glob(f".{name}.tmp-*"), *out.glob(f".{stem}.tmp-*{suffix}"), out / name]:
                 path.unlink(missing_ok=True)
     except OSError as e:
         raise FunGPTError(f"could not remove the previous run's {e.filename or out}: {e.strerror or e}; "
@@ -562,7 +563,9 @@ def resume_notes(saved: TrainConfig, new: TrainConfig, step: int) -> list[str]:
                      f"those before step {step}, so val losses before and after it do not compare exactly")
     # The rest, e.g. a batch size given on the command line at the start and forgotten at the resume (the run
     # length, max_iters or max_minutes, is what a resume usually changes, and the schedule note covers it)
-    covered = {*schedule, *OPTIMIZER_SETTINGS, "seed", "max_minutes"}
+    covered = {*schedule, *OPTIMIZER_SETTINGS, "seed", "max_minutes",
+               # how it runs, not what it computes (numerics_notes reports another device, dtype or matmul library)
+               "device", "dtype", "cpu_matmul", "log_interval", "plot", "tensorboard", "wandb", "wandb_project"}
     other = [f"{f.name} {getattr(saved, f.name)!r} -> {getattr(new, f.name)!r}" for f in dataclasses.fields(new)
              if f.name not in covered and getattr(saved, f.name) != getattr(new, f.name)]
     if other:

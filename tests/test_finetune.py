@@ -464,3 +464,6 @@ def test_a_model_with_more_embeddings_than_tokens_fine_tunes_into_a_usable_run(h
     from fungpt.inspection import inspect_target
 
     assert inspect_target(padded)["config"].model.vocab_size == n_tok
+    # the run's config.json as --config (another run like it): its vocab_size, trimmed, is not a setting of its own
+    assert main(["train", "--config", str(out / "config.json"), "--out-dir", str(tmp_path / "again"),
+                 "--dry-run"]) == 0

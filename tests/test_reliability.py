@@ -449,6 +449,10 @@ def test_resume_says_when_its_lr_schedule_or_eval_batches_change(world, tmp_path
     assert load_run_config(pinned).train.beta2 == 0.95
     assert ("fungpt: note: [train] settings differ from the run's before step 6 (batch_size 4 -> 6): it goes on "
             "with these") in said
+    train(tiny_config(world["corpus"], pinned, max_iters=12, lr_decay_iters=10, checkpoint_interval=100, seed=7,
+                      beta2=0.95, batch_size=6, device="auto", log_interval=3, plot=False), resume=True,
+          progress=False)
+    assert "note" not in capsys.readouterr().out  # how it runs, not what it computes (device auto is the CPU here)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -916,6 +920,7 @@ def _files(world, tmp_path) -> dict[str, str]:
     (t / "bad_syntax.toml").write_text("[model\nn_layer = 2\n")
     (t / "unknown_key.toml").write_text("[train]\nlearning_rate = 0.1\n")
     (t / "misspelt.toml").write_text("[model]\nn_layers = 2\n")
+    (t / "wrong_section.toml").write_text("[model]\nlearning_rate = 0.1\n")  # nanoGPT's name, but of [train]
     (t / "min_lr.toml").write_text("[train]\nmin_lr = 1.0\n")
     (t / "wrong_type.toml").write_text('[model]\nn_layer = "four"\n')
     (t / "wrong_type_train.toml").write_text('[train]\nbatch_size = "four"\n')
@@ -1072,6 +1077,8 @@ BAD_INPUTS = {
     "TOML unknown key": ([*TRAIN, "--config", "{tmp}/unknown_key.toml"],
                          "unknown setting(s) ['learning_rate'] (did you mean lr for learning_rate?); see"),
     "TOML misspelt key": ([*TRAIN, "--config", "{tmp}/misspelt.toml"], "(did you mean n_layer for n_layers?)"),
+    "TOML train key in [model]": ([*TRAIN, "--config", "{tmp}/wrong_section.toml"],
+                                  "[model]: unknown setting(s) ['learning_rate']; see"),
     "TOML value a check refuses": ([*TRAIN, "--config", "{tmp}/min_lr.toml"],
                                    "min_lr.toml [train]: train.min_lr = 1.0 must be between 0 and train.lr"),
     "TOML wrong type (model)": ([*TRAIN, "--config", "{tmp}/wrong_type.toml"], "n_layer"),
@@ -1432,7 +1439,10 @@ def test_a_runs_config_json_is_a_config_file_too(world, tmp_path, capsys):
     from fungpt.config import load_config
 
     saved = world["run"] / "config.json"
-    assert load_config(saved) == load_run_config(world["run"])
+    as_config, run_cfg = load_config(saved), load_run_config(world["run"])
+    # every setting, but vocab_size: the data's tokenizer decides it again (or a fine-tune's, trimmed)
+    default_vocab = RunConfig().model.vocab_size
+    assert as_config == dataclasses.replace(run_cfg, model=dataclasses.replace(run_cfg.model, vocab_size=default_vocab))
     out = tmp_path / "again"
     assert main(["train", "--config", str(saved), "--out-dir", str(out), "--train.max-iters", "2"]) == 0
     again = load_run_config(out)
@@ -1474,3 +1484,12 @@ def test_files_named_inside_a_run_stay_inside_it(world, tmp_path, capsys):
     (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"wte": "../model.safetensors"}}))
     with pytest.raises(FunGPTError, match=r"model\.safetensors\.index\.json is corrupt"):
         _load_hf_weights(hf)
+
+
+def test_overwrite_removes_a_plot_left_half_written(world, tmp_path):
+    """A plot's temporary keeps its suffix (.loss.tmp-PID-RANDOM.png), which --overwrite's .loss.png.tmp-* missed."""
+    out = copy_run(world, tmp_path)
+    (out / ".loss.tmp-42-abcd.png").write_bytes(b"half an image")
+    (out / "notes.png").write_bytes(b"the user's own")
+    train(tiny_config(world["data"], out, max_iters=2), overwrite=True, progress=False)
+    assert not (out / ".loss.tmp-42-abcd.png").exists() and (out / "notes.png").exists()
