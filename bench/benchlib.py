@@ -9,10 +9,14 @@ import torch
 
 
 def cpu_model() -> str:
-    """The CPU's model name (Linux: from /proc/cpuinfo), else what platform knows."""
+    """The CPU's model name (Linux: from /proc/cpuinfo), else what platform knows; with its family and model
+    numbers where known. A cloud host often names only "AMD EPYC", and two generations of it (family 25: Zen 3
+    or Zen 4; family 26: Zen 5) gave ratios that differ by 1.4x (BENCHMARKS.md, "Fifteenth session")."""
     from fungpt.hardware import cpu_info
 
-    return cpu_info("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    name = cpu_info("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    family, model = cpu_info("cpu family"), cpu_info("model")
+    return f"{name} (family {family}, model {model})" if family and model else name
 
 
 def machine() -> str:

@@ -236,3 +236,15 @@ def test_profile_step_lists_where_a_training_step_goes():
     assert "shape 1 x 16 (2 heads), block 8, batch 2: median step" in proc.stdout
     rows = proc.stdout.split("ms/step calls/step  share\n")[1].splitlines()
     assert len(rows) == 15 and any(r.startswith(("aten::addmm", "aten::mm", "aten::linear")) for r in rows), rows
+
+
+def test_the_machine_line_names_the_cpu_generation(monkeypatch):
+    """Two hosts both named "AMD EPYC" (Zen 4 and Zen 5) gave different ratios: each result says which it was."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import benchlib
+
+    fields = {"model name": "AMD EPYC", "cpu family": "25", "model": "17"}
+    monkeypatch.setattr("fungpt.hardware.cpu_info", lambda field: fields.get(field, ""))
+    assert benchlib.cpu_model() == "AMD EPYC (family 25, model 17)"
+    fields.pop("cpu family")  # (not Linux, or not x86: the name alone)
+    assert benchlib.cpu_model() == "AMD EPYC"
