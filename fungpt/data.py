@@ -651,19 +651,15 @@ def load_meta(data_dir: str | Path) -> dict:
             f"{meta_path} has format version {meta['format_version']}, this FunGPT reads version "
             f"{FORMAT_VERSION}; run `fungpt prepare --overwrite` again"
         )
-    counts = ("vocab_size", "train_tokens", "val_tokens")  # (a hand-edited "8100" would multiply as a string)
-    bad = [k for k in counts if not isinstance(meta[k], int) or isinstance(meta[k], bool) or meta[k] < 0]
-    if bad or meta["vocab_size"] < 1:
-        named = bad or ["vocab_size"]
-        raise FunGPTError(f"{meta_path} is corrupt: {', '.join(named)} must be a whole number"
-                          f"{'' if bad else ' of at least 1'} (got {', '.join(repr(meta[k]) for k in named)}); "
-                          f"run `fungpt prepare --overwrite` again")
-    # Optional (a folder made by hand may lack them): the val text's size, which eval's bits per byte/char divide by
-    bad = [k for k in ("val_bytes", "val_chars") if k in meta and (not isinstance(meta[k], int)
-                                                                   or isinstance(meta[k], bool) or meta[k] < 1)]
+    # Whole numbers (a hand-edited "8100" would multiply as a string), each at least this. val_bytes and val_chars,
+    # the val text's size that eval's bits per byte/char divide by, are optional: a folder made by hand may lack them
+    least = {"vocab_size": 1, "train_tokens": 0, "val_tokens": 0, "val_bytes": 1, "val_chars": 1}
+    bad = [k for k, n in least.items()
+           if k in meta and (not isinstance(meta[k], int) or isinstance(meta[k], bool) or meta[k] < n)]
     if bad:
-        raise FunGPTError(f"{meta_path} is corrupt: {', '.join(bad)} must be a whole number of at least 1 (got "
-                          f"{', '.join(repr(meta[k]) for k in bad)}); run `fungpt prepare --overwrite` again")
+        why = "; ".join(f"{k} must be a whole number{f' of at least {least[k]}' if least[k] else ''} (got {meta[k]!r})"
+                        for k in bad)
+        raise FunGPTError(f"{meta_path} is corrupt: {why}; run `fungpt prepare --overwrite` again")
     if meta["dtype"] not in ("uint16", "uint32"):  # what prepare writes (see token_dtype)
         raise FunGPTError(f"{meta_path} names an unknown token dtype {meta['dtype']!r}; run `fungpt prepare "
                           f"--overwrite` again")
