@@ -661,18 +661,10 @@ def score_windows(model: torch.nn.Module, windows, autocast=contextlib.nullconte
 
 
 @torch.no_grad()
-def estimate_eval_time(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, device: str, autocast) -> float:
-    """Seconds one `evaluate` call will take, from timing a single forward batch and scaling up.
-
-    Time-budget runs must reserve the final eval before it happens. Timing one batch costs a
-    fraction of a second where a full eval costs seconds, much of a short budget. The batch is
-    timed three times and the fastest timing used (the first one is cold, and other programs can
-    only add time: two estimates of the same eval, minutes apart, once differed by 64% when the
-    last of two timings was used); the estimate errs high, by 30% on purpose (a budget is a
-    promise; with a 10% margin, a speedrun given 46.2 s took 46.3 s).
-    """
-    tc = cfg.train
-    windows = 4 * tc.batch_size  # the full-split eval's batch size (see _full_split_loss)
+def time_forward(model: torch.nn.Module, cfg: RunConfig, device: str, autocast) -> float:
+    """Seconds per window of one forward batch of the full-split eval's size (4 x batch_size windows), the
+    fastest of three timings (the first one is cold, and other programs can only add time)."""
+    windows = 4 * cfg.train.batch_size  # the full-split eval's batch size (see _full_split_loss)
     x = torch.zeros(windows, cfg.model.block_size, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
@@ -685,6 +677,22 @@ def estimate_eval_time(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, d
             torch.cuda.synchronize()
         seconds_per_window = min(seconds_per_window, (time.time() - t0) / windows)
     model.train(was_training)
+    return seconds_per_window
+
+
+@torch.no_grad()
+def estimate_eval_time(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, device: str, autocast) -> float:
+    """Seconds one `evaluate` call will take, from timing a single forward batch and scaling up.
+
+    Time-budget runs must reserve the final eval before it happens. Timing one batch costs a
+    fraction of a second where a full eval costs seconds, much of a short budget. The batch is
+    timed three times and the fastest timing used (the first one is cold, and other programs can
+    only add time: two estimates of the same eval, minutes apart, once differed by 64% when the
+    last of two timings was used); the estimate errs high, by 30% on purpose (a budget is a
+    promise; with a 10% margin, a speedrun given 46.2 s took 46.3 s).
+    """
+    tc = cfg.train
+    seconds_per_window = time_forward(model, cfg, device, autocast)
     n_windows = 2 * tc.eval_iters * tc.batch_size  # evaluate's train and val batches
     if tc.eval_full_val:  # the whole val split replaces the val batches
         n_windows += math.ceil((load_meta(data_dir)["val_tokens"] - 1) / cfg.model.block_size)
@@ -1168,7 +1176,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
 
     def step_estimate() -> float:
         """How long the next step will take: the median of the last few steps (before two are timed: the
-        slower of the checkpoint's value and the command's first step).
+        slower of the checkpoint's value and the command's first step, or with torch.compile its guess below).
 
         A median, not the last step's time: one step stalled by the machine (another program, a page fault,
         the OS) would otherwise count as the speed of every step to come, and end a time-budget run early
@@ -1177,7 +1185,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         grows), and took 4x as long as the next ones in a test run.
         """
         if not recent_steps:  # (until a second step is timed, the first one's time, however slow, is all we know)
-            return max(timings.get("step", 0.0), first_step_s)
+            return max(timings.get("step", 0.0), min(first_step_s, compiled_first_guess))
         return sorted(recent_steps)[len(recent_steps) // 2]
 
     def end_time() -> float:
@@ -1217,6 +1225,13 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
         return agreed.tolist()
 
+    # With torch.compile the command's first step is mostly compiling: 17.4 s, against 24 ms for an uncompiled step
+    # (H200, configs/speedrun-gpu.toml). Taken as the step time, it ended a 60 s budget after one step. Until
+    # a second step is timed, such a run plans with the uncompiled model's speed instead: one forward batch,
+    # timed, times 3 (a backward costs about two forwards), which compiling only makes faster.
+    compiled_first_guess = float("inf")
+    if tc.compile and budget_s is not None:
+        compiled_first_guess = 3 * tc.batch_size * tc.grad_accum_steps * time_forward(model, cfg, device, autocast)
     losses: dict[str, float] = {}
     last_loss = float("nan")
     recent_steps: collections.deque[float] = collections.deque(maxlen=5)  # the last steps' times, for step_estimate
@@ -1304,6 +1319,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             step_time = time.time() - t_step
             if first_step:
                 first_step, first_step_s = False, step_time
+                if tc.compile and folder is None and budget_s is not None:
+                    # Compiling is setup, not schedule time: counted in, it took 27 s of a 60 s budget on an H200
+                    # and the lr had begun its decay by step 100. (A resume keeps its checkpoint's origin.)
+                    schedule_origin = elapsed()
             else:
                 recent_steps.append(step_time)
 

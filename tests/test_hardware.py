@@ -330,6 +330,40 @@ def test_a_budget_run_plans_its_second_step_with_the_first_ones_time(corpus, tmp
     assert result["step"] >= 1 and result["elapsed_s"] <= 6.0 + 1.0
 
 
+def test_a_compiled_budget_run_does_not_take_its_compiling_step_as_the_step_time(corpus, tmp_path, monkeypatch,
+                                                                                 quick_steady_budget):
+    """With torch.compile the first step is mostly compiling (17.4 s against 24 ms steps on an H200): planned
+    with that step's time, a 60 s budget ended after one step; counted as schedule time, the compile had used
+    up 40% of the lr schedule. Here a 2.5 s first step stands for the compile
+    (torch.compile itself is replaced by the plain model, so the test needs no compiler)."""
+    import sys
+    import time
+
+    from fungpt.data import BatchLoader
+
+    train_mod = sys.modules["fungpt.train"]
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    monkeypatch.setattr(train_mod, "check_compile", lambda device: None)
+    calls = []
+    next_batch = BatchLoader.next_batch
+
+    def compiling_first(self):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(2.5)
+        return next_batch(self)
+
+    monkeypatch.setattr(BatchLoader, "next_batch", compiling_first)
+    cfg = tiny_config(corpus, tmp_path / "compiled", max_iters=10**6, checkpoint_interval=10**6,
+                      eval_interval=10**6, eval_iters=1, max_minutes=0.1, compile=True)
+    result = train(cfg, progress=False)
+    assert result["step"] > 20 and result["elapsed_s"] <= 6.0 + 2.0  # it trained on after the slow step, on time
+    # ... and the compile was not schedule time: the lr was still at its peak after it (not half-way decayed)
+    rows = [json.loads(r) for r in (tmp_path / "compiled" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert lrs[1] > 0.95 * cfg.train.lr and lrs[-1] < 0.5 * cfg.train.lr
+
+
 def test_a_stalled_step_does_not_end_a_budget_run_early(corpus, tmp_path, monkeypatch, quick_steady_budget):
     """One step stalled by the machine (here 1.5 s) is not taken as the speed of every step to come.
 
