@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# GPU runs, side by side on one CUDA GPU: FunGPT's GPU speedrun preset, nanoGPT's GPU recipe for Tiny
+# Shakespeare char (the reference), and FunGPT's copy of that recipe (configs/shakespeare-char.toml).
+#
+#   bash bench/bench_gpu.sh OUT_DIR [SECONDS [RUN...]]
+#
+# Runs, in order of importance (or the RUNs named), each only while SECONDS (default 540) of wall time are left:
+#   speedrun        fungpt train --config configs/speedrun-gpu.toml     (900 steps or 60 s, uncompiled)
+#   nanogpt         nanoGPT's train.py config/train_shakespeare_char.py  (its defaults: bf16, compile)
+#   char-compile    fungpt train --config configs/shakespeare-char.toml --train.compile
+#   speedrun-seed2, speedrun-compile: the speedrun with another seed, or compiled (the compile inside the minute)
+#   speedrun-600, speedrun-1200, speedrun-time60: the speedrun capped at 600 or 1,200 steps, or by the minute alone
+# Every run's log, metrics.jsonl and config land in OUT_DIR/<name>/; OUT_DIR/summary.txt has one line per run:
+# the command's wall time, steps, median ms per step and the final val loss (FunGPT: over the entire val
+# split; nanoGPT: its estimate from 200 random batches, as its README reports).
+# Needs: python with torch (CUDA build) and FunGPT's dependencies; Tiny Shakespeare in $FUNGPT_DATA_DIR;
+# nanoGPT's files in $NANOGPT_DIR (default ../shared/anchors/nanoGPT); $PYTHON (default python3).
+set -u
+out=${1:?usage: bench_gpu.sh OUT_DIR [SECONDS [RUN...]]}
+seconds=${2:-540}
+py=${PYTHON:-python3}
+case $py in */*) py=$(cd "$(dirname "$py")" && pwd)/$(basename "$py");; esac  # nanoGPT runs in another folder
+extra=(${FUNGPT_EXTRA:-})  # e.g. "--train.device cpu --train.max-iters 2": a CPU check of this script
+root=$(cd "$(dirname "$0")/.." && pwd)
+nanogpt=${NANOGPT_DIR:-$root/../shared/anchors/nanoGPT}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+deadline=$(( $(date +%s) + seconds ))
+summary=$out/summary.txt
+export PYTHONUNBUFFERED=1 PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
+
+{
+  echo "# bench_gpu.sh $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1
+  "$py" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', \
+torch.version.cuda, torch.cuda.get_device_name(0))" 2>&1
+  echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"
+} | tee "$summary"
+
+left() { echo $(( deadline - $(date +%s) )); }
+
+# fungpt NAME NEEDED_S ARGS...: one `fungpt train` run, if NEEDED_S seconds are left
+fungpt() {
+  local name=$1 need=$2; shift 2
+  if [ "$(left)" -lt "$need" ]; then echo "$name: skipped ($(left) s left, needs $need)" | tee -a "$summary"; return; fi
+  local t0 t1 rc
+  t0=$(date +%s.%N)
+  timeout "$(left)" "$py" -m fungpt train "$@" "${extra[@]}" --out-dir "$out/$name" --overwrite >"$out/$name.log" 2>&1
+  rc=$?
+  t1=$(date +%s.%N)
+  rm -rf "$out/$name/checkpoints"  # weights are not needed for the numbers (and are too big to bring back)
+  "$py" - "$name" "$rc" "$t0" "$t1" "$out/$name/metrics.jsonl" <<'PY' | tee -a "$summary"
+import json, statistics, sys
+name, rc, t0, t1, path = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+try:
+    rows = [json.loads(line) for line in open(path)]
+except OSError:
+    rows = []
+steps = [r for r in rows if "dt_ms" in r]
+evals = [r for r in rows if "val_loss" in r]
+ms = statistics.median(r["dt_ms"] for r in steps[1:]) if len(steps) > 1 else float("nan")
+final = evals[-1] if evals else {}
+print(f"{name}: rc={rc} wall_s={t1 - t0:.1f} steps={final.get('step', steps[-1]['step'] if steps else 0)} "
+      f"median_ms_per_step={ms:.2f} final_val={final.get('val_loss', float('nan')):.4f} "
+      f"best_val={min((r['val_loss'] for r in evals), default=float('nan')):.4f} "
+      f"tokens_per_s={statistics.median(r['tokens_per_sec'] for r in steps[1:]) if len(steps) > 1 else 0:.0f}")
+PY
+  [ "$rc" = 0 ] || tail -5 "$out/$name.log" | tee -a "$summary"
+}
+
+# nanoGPT's GPU recipe, exactly as its README runs it, in a scratch copy
+nanogpt_run() {
+  local need=$1
+  if [ "$(left)" -lt "$need" ]; then echo "nanogpt: skipped ($(left) s left, needs $need)" | tee -a "$summary"; return; fi
+  local w t0 t1 rc
+  w=$(mktemp -d)
+  cp -r "$nanogpt/." "$w/"
+  cp "$FUNGPT_DATA_DIR/tinyshakespeare.txt" "$w/data/shakespeare_char/input.txt"
+  (cd "$w/data/shakespeare_char" && "$py" prepare.py >/dev/null)
+  t0=$(date +%s.%N)
+  (cd "$w" && PYTHONPATH= timeout "$(left)" "$py" train.py config/train_shakespeare_char.py --out_dir="$w/out" \
+    >"$out/nanogpt.log" 2>&1)
+  rc=$?
+  t1=$(date +%s.%N)
+  "$py" - "$rc" "$t0" "$t1" "$out/nanogpt.log" <<'PY' | tee -a "$summary"
+import re, statistics, sys
+rc, t0, t1, log = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), open(sys.argv[4]).read()
+vals = re.findall(r"^step (\d+): train loss [\d.]+, val loss ([\d.]+)", log, re.M)
+ms = [float(t) for i, t in re.findall(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms", log, re.M) if int(i) >= 20]
+print(f"nanogpt: rc={rc} wall_s={t1 - t0:.1f} steps={vals[-1][0] if vals else 0} "
+      f"median_ms_per_step={statistics.median(ms) if ms else float('nan'):.2f} "
+      f"final_val={float(vals[-1][1]) if vals else float('nan'):.4f} "
+      f"best_val={min((float(v) for _, v in vals), default=float('nan')):.4f}")
+PY
+  rm -rf "$w"
+}
+
+cd "$root"
+speedrun=(--config configs/speedrun-gpu.toml)
+runs=("${@:3}")
+[ ${#runs[@]} -gt 0 ] || runs=(speedrun nanogpt char-compile speedrun-seed2 speedrun-compile speedrun-600
+                               speedrun-1200 speedrun-time60)
+for name in "${runs[@]}"; do
+  case $name in
+    speedrun) fungpt speedrun 75 "${speedrun[@]}" ;;
+    nanogpt) nanogpt_run 150 ;;
+    char-compile) fungpt char-compile 120 --config configs/shakespeare-char.toml --train.compile ;;
+    speedrun-seed2) fungpt speedrun-seed2 75 "${speedrun[@]}" --train.seed 2 ;;
+    speedrun-compile) fungpt speedrun-compile 75 "${speedrun[@]}" --train.compile ;;
+    speedrun-600) fungpt speedrun-600 75 "${speedrun[@]}" --train.max-iters 600 ;;
+    speedrun-1200) fungpt speedrun-1200 75 "${speedrun[@]}" --train.max-iters 1200 ;;
+    speedrun-time60) fungpt speedrun-time60 75 "${speedrun[@]}" --train.max-iters 1000000 ;;  # the minute alone
+    *) echo "unknown run $name" | tee -a "$summary" ;;
+  esac
+done
+echo "done, $(left) s of $seconds left" | tee -a "$summary"
