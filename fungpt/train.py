@@ -681,7 +681,8 @@ def time_forward(model: torch.nn.Module, cfg: RunConfig, device: str, autocast) 
 
 
 @torch.no_grad()
-def estimate_eval_time(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, device: str, autocast) -> float:
+def estimate_eval_time(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, device: str, autocast,
+                       seconds_per_window: float | None = None) -> float:
     """Seconds one `evaluate` call will take, from timing a single forward batch and scaling up.
 
     Time-budget runs must reserve the final eval before it happens. Timing one batch costs a
@@ -689,10 +690,12 @@ def estimate_eval_time(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, d
     timed three times and the fastest timing used (the first one is cold, and other programs can
     only add time: two estimates of the same eval, minutes apart, once differed by 64% when the
     last of two timings was used); the estimate errs high, by 30% on purpose (a budget is a
-    promise; with a 10% margin, a speedrun given 46.2 s took 46.3 s).
+    promise; with a 10% margin, a speedrun given 46.2 s took 46.3 s). `seconds_per_window`: a timing already
+    taken by `time_forward`.
     """
     tc = cfg.train
-    seconds_per_window = time_forward(model, cfg, device, autocast)
+    if seconds_per_window is None:
+        seconds_per_window = time_forward(model, cfg, device, autocast)
     n_windows = 2 * tc.eval_iters * tc.batch_size  # evaluate's train and val batches
     if tc.eval_full_val:  # the whole val split replaces the val batches
         n_windows += math.ceil((load_meta(data_dir)["val_tokens"] - 1) / cfg.model.block_size)
@@ -1229,9 +1232,11 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     # (H200, configs/speedrun-gpu.toml). Taken as the step time, it ended a 60 s budget after one step. Until
     # a second step is timed, such a run plans with the uncompiled model's speed instead: one forward batch,
     # timed, times 3 (a backward costs about two forwards), which compiling only makes faster.
-    compiled_first_guess = float("inf")
+    compiled_first_guess, per_window = float("inf"), None
+    if budget_s is not None and (step == 0 or tc.compile):  # (step 0: for the eval estimate below)
+        per_window = time_forward(model, cfg, device, autocast)
     if tc.compile and budget_s is not None:
-        compiled_first_guess = 3 * tc.batch_size * tc.grad_accum_steps * time_forward(model, cfg, device, autocast)
+        compiled_first_guess = 3 * tc.batch_size * tc.grad_accum_steps * per_window
     losses: dict[str, float] = {}
     last_loss = float("nan")
     recent_steps: collections.deque[float] = collections.deque(maxlen=5)  # the last steps' times, for step_estimate
@@ -1249,7 +1254,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         # is skipped (it would spend seconds of a short budget on a known number, about ln(vocab));
         # its cost is estimated from one batch instead, and a step-0 checkpoint and plot measure how
         # long saving and plotting take on this machine.
-        eval_time = estimate_eval_time(model, data_dir, cfg, device, autocast)
+        eval_time = estimate_eval_time(model, data_dir, cfg, device, autocast, per_window)
         do_save()
         if ddp.is_main and tc.plot:
             t0 = time.time()
@@ -1260,6 +1265,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     if schedule_origin is None:
         schedule_origin = elapsed()
     fwd_model.train()
+    start_step = step
     bar = None
     if progress and ddp.is_main:
         from tqdm.auto import tqdm
@@ -1367,6 +1373,14 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone; the checkpoint is saved
             say(f"fungpt: interrupted{by} at step {step}; checkpoint saved. Resume with the same command{how}")
     else:
+        if budget_s is not None and step == start_step and step < tc.max_iters:
+            # Not one step fitted: an eval now would only overrun the budget (a 6 x 384 model on a 2-core CPU
+            # given 1 minute took 97 s, most of it evaluating)
+            need = (elapsed() + end_time()) / 60
+            raise FunGPTError(f"train.max_minutes = {tc.max_minutes:g} leaves no time to train here: "
+                              f"{elapsed():.0f} s went before the first step, and the final eval and checkpoint "
+                              f"need about {end_time():.0f} s more; give it well over {need:.1f} minutes (with "
+                              f"--overwrite), or a smaller model, batch_size or eval_iters")
         losses = do_eval()
         say(f"fungpt: step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
             f"({time.time() - start_time:.1f} s)")

@@ -364,6 +364,20 @@ def test_a_compiled_budget_run_does_not_take_its_compiling_step_as_the_step_time
     assert lrs[1] > 0.95 * cfg.train.lr and lrs[-1] < 0.5 * cfg.train.lr
 
 
+def test_a_budget_too_short_for_one_step_is_refused_instead_of_overrun(corpus, tmp_path, monkeypatch):
+    """A budget that the start-up and the final eval use up leaves no step: evaluating anyway overran it (a 6 x 384
+    model on a 2-core CPU, given 1 minute, took 97 s). Here the final eval is made to need 20 s of a 6 s budget."""
+    import sys
+
+    train_mod = sys.modules["fungpt.train"]
+    monkeypatch.setattr(train_mod, "estimate_eval_time", lambda *a, **k: 20.0)
+    cfg = tiny_config(corpus, tmp_path / "short", max_iters=100, max_minutes=0.1)
+    with pytest.raises(FunGPTError, match=r"max_minutes = 0.1 leaves no time to train here: .* about 2\d s more"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "short" / "metrics.jsonl").exists() or "val_loss" not in (
+        tmp_path / "short" / "metrics.jsonl").read_text(encoding="utf-8")  # no final eval was run
+
+
 def test_a_stalled_step_does_not_end_a_budget_run_early(corpus, tmp_path, monkeypatch, quick_steady_budget):
     """One step stalled by the machine (here 1.5 s) is not taken as the speed of every step to come.
 
