@@ -18,11 +18,14 @@
 set -u
 out=${1:?usage: bench_gpu.sh OUT_DIR [SECONDS [RUN...]]}
 seconds=${2:-540}
-py=${PYTHON:-python3}
-case $py in */*) py=$(cd "$(dirname "$py")" && pwd)/$(basename "$py");; esac  # nanoGPT runs in another folder
-extra=(${FUNGPT_EXTRA:-})  # e.g. "--train.device cpu --train.max-iters 2": a CPU check of this script
+: "${FUNGPT_DATA_DIR:?set FUNGPT_DATA_DIR to the folder holding tinyshakespeare.txt}"
+absolute() { case $1 in /*) echo "$1";; */*|.*) echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")";; *) echo "$1";; esac; }
+py=$(absolute "${PYTHON:-python3}")  # (nanoGPT and FunGPT run in other folders)
+data=$(absolute "$FUNGPT_DATA_DIR")
 root=$(cd "$(dirname "$0")/.." && pwd)
-nanogpt=${NANOGPT_DIR:-$root/../shared/anchors/nanoGPT}
+nanogpt=$(absolute "${NANOGPT_DIR:-$root/../shared/anchors/nanoGPT}")
+read -r -a extra <<<"${FUNGPT_EXTRA:-}"  # e.g. "--train.device cpu --train.max-iters 2": a CPU check of this script
+export FUNGPT_DATA_DIR=$data
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 deadline=$(( $(date +%s) + seconds ))
@@ -45,17 +48,22 @@ fungpt() {
   if [ "$(left)" -lt "$need" ]; then echo "$name: skipped ($(left) s left, needs $need)" | tee -a "$summary"; return; fi
   local t0 t1 rc
   t0=$(date +%s.%N)
-  timeout "$(left)" "$py" -m fungpt train "$@" "${extra[@]}" --out-dir "$out/$name" --overwrite >"$out/$name.log" 2>&1
+  timeout "$(left)" "$py" -m fungpt train "$@" ${extra[@]+"${extra[@]}"} --out-dir "$out/$name" --overwrite >"$out/$name.log" 2>&1
   rc=$?
   t1=$(date +%s.%N)
   rm -rf "$out/$name/checkpoints"  # weights are not needed for the numbers (and are too big to bring back)
   "$py" - "$name" "$rc" "$t0" "$t1" "$out/$name/metrics.jsonl" <<'PY' | tee -a "$summary"
 import json, statistics, sys
 name, rc, t0, t1, path = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+rows = []
 try:
-    rows = [json.loads(line) for line in open(path)]
+    for line in open(path):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line cut short by the timeout
+            pass
 except OSError:
-    rows = []
+    pass
 steps = [r for r in rows if "dt_ms" in r]
 evals = [r for r in rows if "val_loss" in r]
 ms = statistics.median(r["dt_ms"] for r in steps[1:]) if len(steps) > 1 else float("nan")
@@ -74,8 +82,9 @@ nanogpt_run() {
   if [ "$(left)" -lt "$need" ]; then echo "nanogpt: skipped ($(left) s left, needs $need)" | tee -a "$summary"; return; fi
   local w t0 t1 rc
   w=$(mktemp -d)
+  trap 'rm -rf "$w"' RETURN
   cp -r "$nanogpt/." "$w/"
-  cp "$FUNGPT_DATA_DIR/tinyshakespeare.txt" "$w/data/shakespeare_char/input.txt"
+  cp "$data/tinyshakespeare.txt" "$w/data/shakespeare_char/input.txt"
   (cd "$w/data/shakespeare_char" && "$py" prepare.py >/dev/null)
   t0=$(date +%s.%N)
   (cd "$w" && PYTHONPATH= timeout "$(left)" "$py" train.py config/train_shakespeare_char.py --out_dir="$w/out" \
@@ -92,7 +101,6 @@ print(f"nanogpt: rc={rc} wall_s={t1 - t0:.1f} steps={vals[-1][0] if vals else 0}
       f"final_val={float(vals[-1][1]) if vals else float('nan'):.4f} "
       f"best_val={min((float(v) for _, v in vals), default=float('nan')):.4f}")
 PY
-  rm -rf "$w"
 }
 
 cd "$root"
@@ -103,8 +111,8 @@ runs=("${@:3}")
 for name in "${runs[@]}"; do
   case $name in
     speedrun) fungpt speedrun 75 "${speedrun[@]}" ;;
-    nanogpt) nanogpt_run 150 ;;
-    char-compile) fungpt char-compile 120 --config configs/shakespeare-char.toml --train.compile ;;
+    nanogpt) nanogpt_run 170 ;;  # 140 s on an H200
+    char-compile) fungpt char-compile 170 --config configs/shakespeare-char.toml --train.compile ;;
     speedrun-seed2) fungpt speedrun-seed2 75 "${speedrun[@]}" --train.seed 2 ;;
     speedrun-compile) fungpt speedrun-compile 75 "${speedrun[@]}" --train.compile ;;
     speedrun-600) fungpt speedrun-600 75 "${speedrun[@]}" --train.max-iters 600 ;;

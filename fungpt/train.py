@@ -1325,10 +1325,11 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             step_time = time.time() - t_step
             if first_step:
                 first_step, first_step_s = False, step_time
-                if tc.compile and folder is None and budget_s is not None:
+                if tc.compile and budget_s is not None:
                     # Compiling is setup, not schedule time: counted in, it took 27 s of a 60 s budget on an H200
-                    # and the lr had begun its decay by step 100. (A resume keeps its checkpoint's origin.)
-                    schedule_origin = elapsed()
+                    # and the lr had begun its decay by step 100. The schedule starts later by the time the first
+                    # step took beyond an uncompiled one (a resume compiles again, so this holds for it too).
+                    schedule_origin += max(0.0, first_step_s - compiled_first_guess)
             else:
                 recent_steps.append(step_time)
 
@@ -1372,15 +1373,22 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         by = "" if stop_signal == signal.SIGINT else f" by {signal.Signals(stop_signal).name}"
         with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone; the checkpoint is saved
             say(f"fungpt: interrupted{by} at step {step}; checkpoint saved. Resume with the same command{how}")
+    elif budget_s is not None and step == start_step and step < tc.max_iters:
+        # Not one step fitted in the budget: an eval now would only overrun it (a 6 x 384 model on a 2-core CPU,
+        # given 1 minute, took 97 s, most of it evaluating). A resumed run's checkpoint already holds this step.
+        if ddp.is_main:
+            log.close()
+        if folder is not None:
+            say(f"fungpt: {out_dir} used its time budget ({elapsed() / 60:.2f} of train.max_minutes = "
+                f"{tc.max_minutes:g} min, too little left for a step, an eval and a checkpoint): nothing to "
+                f"train; raise train.max_minutes to continue it")
+            return {"out_dir": str(out_dir), "step": step, "train_loss": float("nan"), "val_loss": float("nan"),
+                    "interrupted": False, "signal": None, "elapsed_s": time.time() - start_time}
+        raise FunGPTError(f"train.max_minutes = {tc.max_minutes:g} leaves no time to train here: {elapsed():.0f} s "
+                          f"went before the first step, and the final eval and checkpoint need about "
+                          f"{end_time():.0f} s more; run again with --overwrite and max_minutes well above "
+                          f"{(elapsed() + end_time()) / 60:.2g}, or a smaller model, batch_size or eval_iters")
     else:
-        if budget_s is not None and step == start_step and step < tc.max_iters:
-            # Not one step fitted: an eval now would only overrun the budget (a 6 x 384 model on a 2-core CPU
-            # given 1 minute took 97 s, most of it evaluating)
-            need = (elapsed() + end_time()) / 60
-            raise FunGPTError(f"train.max_minutes = {tc.max_minutes:g} leaves no time to train here: "
-                              f"{elapsed():.0f} s went before the first step, and the final eval and checkpoint "
-                              f"need about {end_time():.0f} s more; give it well over {need:.1f} minutes (with "
-                              f"--overwrite), or a smaller model, batch_size or eval_iters")
         losses = do_eval()
         say(f"fungpt: step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
             f"({time.time() - start_time:.1f} s)")

@@ -330,13 +330,10 @@ def test_a_budget_run_plans_its_second_step_with_the_first_ones_time(corpus, tmp
     assert result["step"] >= 1 and result["elapsed_s"] <= 6.0 + 1.0
 
 
-def test_a_compiled_budget_run_does_not_take_its_compiling_step_as_the_step_time(corpus, tmp_path, monkeypatch,
-                                                                                 quick_steady_budget):
-    """With torch.compile the first step is mostly compiling (17.4 s against 24 ms steps on an H200): planned
-    with that step's time, a 60 s budget ended after one step; counted as schedule time, the compile had used
-    up 40% of the lr schedule. Here a 2.5 s first step stands for the compile
-    (torch.compile itself is replaced by the plain model, so the test needs no compiler)."""
-    import sys
+@pytest.fixture()
+def slow_first_compiled_step(monkeypatch):
+    """torch.compile replaced by the plain model (no compiler needed), and each command's first batch slowed by
+    2.5 s: the compile that a compiled run's first step does."""
     import time
 
     from fungpt.data import BatchLoader
@@ -345,7 +342,7 @@ def test_a_compiled_budget_run_does_not_take_its_compiling_step_as_the_step_time
     monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
     monkeypatch.setattr(train_mod, "check_compile", lambda device: None)
     calls = []
-    next_batch = BatchLoader.next_batch
+    next_batch, train_fn = BatchLoader.next_batch, train_mod.train
 
     def compiling_first(self):
         calls.append(1)
@@ -353,15 +350,46 @@ def test_a_compiled_budget_run_does_not_take_its_compiling_step_as_the_step_time
             time.sleep(2.5)
         return next_batch(self)
 
+    def each_command_compiles(*args, **kwargs):
+        calls.clear()
+        return train_fn(*args, **kwargs)
+
     monkeypatch.setattr(BatchLoader, "next_batch", compiling_first)
+    return each_command_compiles
+
+
+def _lrs(out: Path) -> list[float]:
+    return [json.loads(r)["lr"] for r in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+            if "lr" in json.loads(r)]
+
+
+def test_a_compiled_budget_run_does_not_take_its_compiling_step_as_the_step_time(corpus, tmp_path,
+                                                                                 slow_first_compiled_step,
+                                                                                 quick_steady_budget):
+    """With torch.compile the first step is mostly compiling (17.4 s against 24 ms steps on an H200): planned
+    with that step's time, a 60 s budget ended after one step; counted as schedule time, the compile had used
+    up over half of the lr schedule."""
     cfg = tiny_config(corpus, tmp_path / "compiled", max_iters=10**6, checkpoint_interval=10**6,
                       eval_interval=10**6, eval_iters=1, max_minutes=0.1, compile=True)
-    result = train(cfg, progress=False)
+    result = slow_first_compiled_step(cfg, progress=False)
     assert result["step"] > 20 and result["elapsed_s"] <= 6.0 + 2.0  # it trained on after the slow step, on time
     # ... and the compile was not schedule time: the lr was still at its peak after it (not half-way decayed)
-    rows = [json.loads(r) for r in (tmp_path / "compiled" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    lrs = [r["lr"] for r in rows if "lr" in r]
+    lrs = _lrs(tmp_path / "compiled")
     assert lrs[1] > 0.95 * cfg.train.lr and lrs[-1] < 0.5 * cfg.train.lr
+
+
+def test_a_resumed_compiled_budget_run_keeps_its_compile_out_of_the_schedule_too(corpus, tmp_path,
+                                                                                  slow_first_compiled_step,
+                                                                                  quick_steady_budget):
+    """A resume compiles again: its 2.5 s first step moved the lr a quarter of the schedule in one step."""
+    out = tmp_path / "resumed"
+    cfg = tiny_config(corpus, out, max_iters=5, checkpoint_interval=10**6, eval_interval=10**6, eval_iters=1,
+                      max_minutes=0.2, compile=True)
+    slow_first_compiled_step(cfg, progress=False)  # ends at max_iters, well inside its budget
+    more = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_iters=10**6))
+    assert slow_first_compiled_step(more, resume=True, progress=False)["step"] > 20
+    lrs = _lrs(out)[5:]  # the resumed command's steps
+    assert abs(lrs[1] - lrs[0]) < 0.05 * cfg.train.lr, lrs[:3]
 
 
 def test_a_budget_too_short_for_one_step_is_refused_instead_of_overrun(corpus, tmp_path, monkeypatch):
@@ -372,10 +400,29 @@ def test_a_budget_too_short_for_one_step_is_refused_instead_of_overrun(corpus, t
     train_mod = sys.modules["fungpt.train"]
     monkeypatch.setattr(train_mod, "estimate_eval_time", lambda *a, **k: 20.0)
     cfg = tiny_config(corpus, tmp_path / "short", max_iters=100, max_minutes=0.1)
-    with pytest.raises(FunGPTError, match=r"max_minutes = 0.1 leaves no time to train here: .* about 2\d s more"):
+    with pytest.raises(FunGPTError, match=r"max_minutes = 0.1 leaves no time to train here: .* about 2\d s more; "
+                                          r"run again with --overwrite and max_minutes well above 0\.\d"):
         train(cfg, progress=False)
     assert not (tmp_path / "short" / "metrics.jsonl").exists() or "val_loss" not in (
         tmp_path / "short" / "metrics.jsonl").read_text(encoding="utf-8")  # no final eval was run
+
+
+def test_a_resumed_run_without_time_for_a_step_ends_with_a_note_not_an_error(corpus, tmp_path, capsys):
+    """A run resumed with just too little budget left for a step (its own start-up used the rest) stops with a
+    note, as one resumed after its budget does, and keeps its checkpoint: no error advising --overwrite."""
+    from fungpt.train import end_reserve
+
+    out = tmp_path / "nearly"
+    cfg = tiny_config(corpus, out, max_iters=5, max_minutes=1.0)
+    train(cfg, progress=False)
+    state = ckpt.load_state(ckpt.find_checkpoint(out))
+    # just enough for the resume's own check (taken before this command's start-up is counted)
+    left = state["elapsed_s"] + 2 * state["timings"]["step"] + end_reserve(state["timings"]) + 0.02
+    more = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_iters=10**6, max_minutes=left / 60))
+    rows = (out / "metrics.jsonl").read_text(encoding="utf-8")
+    assert train(more, resume=True, progress=False)["step"] == 5
+    assert "used its time budget" in capsys.readouterr().out
+    assert (out / "metrics.jsonl").read_text(encoding="utf-8") == rows  # no eval, nothing written
 
 
 def test_a_stalled_step_does_not_end_a_budget_run_early(corpus, tmp_path, monkeypatch, quick_steady_budget):
