@@ -10,6 +10,7 @@
 #   char-compile    fungpt train --config configs/shakespeare-char.toml --train.compile
 #   speedrun-seed2, speedrun-compile: the speedrun with another seed, or compiled (the compile inside the minute)
 #   speedrun-600, speedrun-1200, speedrun-time60: the speedrun capped at 600 or 1,200 steps, or by the minute alone
+#   tests           (only when named) python -m pytest tests/test_gpu.py: the checks that need a CUDA GPU
 # Every run's log, metrics.jsonl and config land in OUT_DIR/<name>/; OUT_DIR/summary.txt has one line per run:
 # the command's wall time, steps, median ms per step and the final val loss (FunGPT: over the entire val
 # split; nanoGPT: its estimate from 200 random batches, as its README reports).
@@ -118,6 +119,9 @@ for name in "${runs[@]}"; do
     speedrun-600) fungpt speedrun-600 75 "${speedrun[@]}" --train.max-iters 600 ;;
     speedrun-1200) fungpt speedrun-1200 75 "${speedrun[@]}" --train.max-iters 1200 ;;
     speedrun-time60) fungpt speedrun-time60 75 "${speedrun[@]}" --train.max-iters 1000000 ;;  # the minute alone
+    tests)  # the CUDA tests (tests/test_gpu.py; skipped on machines without a GPU)
+      timeout "$(left)" "$py" -m pytest tests/test_gpu.py -p no:cacheprovider >"$out/tests.log" 2>&1
+      echo "tests: rc=$? $(tail -1 "$out/tests.log")" | tee -a "$summary" ;;
     *) echo "unknown run $name" | tee -a "$summary" ;;
   esac
 done
