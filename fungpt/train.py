@@ -962,9 +962,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     if prec.device == "cuda":
         torch.cuda.set_device(device)
         # TF32 matmuls: fp32's range with a 10-bit mantissa (fp16's precision, ~1e-3 relative) at tensor-core
-        # speed; fine for training
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        # speed; fine for training. Process-wide settings: a program that calls train() gets its own back.
+        held.callback(_set_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        _set_tf32(True, True)
     say = print if ddp.is_main else (lambda *a, **k: None)
     # The run seeds torch's global random streams (weights, dropout, batches); a program that calls train()
     # gets its CPU stream back as it was, and on a CUDA run that GPU's (forking every GPU's would start CUDA
@@ -1402,6 +1402,11 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     return {"out_dir": str(out_dir), "step": step, "train_loss": losses.get("train", last_loss),
             "val_loss": losses.get("val", float("nan")), "interrupted": interrupted,
             "signal": stop_signal, "elapsed_s": time.time() - start_time}
+
+
+def _set_tf32(matmul: bool, cudnn: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = matmul
+    torch.backends.cudnn.allow_tf32 = cudnn
 
 
 def _rng_state(device: str) -> dict[str, torch.Tensor]:
