@@ -752,9 +752,12 @@ def measure_peak_flops(device: str, dtype: torch.dtype) -> float:
 
 
 def _sync(device: str) -> None:
-    if device == "cuda":
+    """Wait for the device's queued work. `device` may name an index ("cuda:0", as training passes it): compared
+    with "cuda" alone, no GPU run ever waited, so its ceiling was the launch speed (13x an H200's real one)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
         torch.cuda.synchronize()
-    elif device == "mps":
+    elif kind == "mps":
         torch.mps.synchronize()
 
 

@@ -115,6 +115,13 @@ def test_a_compiled_time_budget_run_trains_on_after_its_compile(corpus, tmp_path
     assert max(lrs) > 0.9 * 3e-3 and lrs[-1] < 0.2 * 3e-3  # the schedule ran its course after the compile
 
 
+def test_the_measured_bfloat16_ceiling_is_a_gpus_not_its_launch_speed():
+    from fungpt.train import measure_peak_flops
+
+    peak = measure_peak_flops("cuda:0", torch.bfloat16)  # as training calls it
+    assert 1e12 < peak < 3e15  # dense bfloat16: about 0.8 PFLOP/s on an H100 or H200
+
+
 @pytest.mark.parametrize("pos_encoding", ["learned", "rope"])
 def test_cached_equals_uncached_greedy_on_cuda(pos_encoding):
     torch.manual_seed(0)

@@ -117,6 +117,19 @@ def test_mfu_never_reads_above_100_percent(corpus, tmp_path, monkeypatch):
     assert mfus[1] == pytest.approx((1000 / rows[1]["dt_ms"]) / fastest, abs=2e-3)
 
 
+def test_the_flops_ceiling_waits_for_the_gpu_named_with_its_index(monkeypatch):
+    """Training times the ceiling on "cuda:0": compared with "cuda" alone, the timing never waited for the GPU,
+    so on an H200 the ceiling read 13x too high and every MFU 13x too low."""
+    from fungpt.train import _sync
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: waited.append(True))
+    _sync("cuda:0")
+    _sync("cuda")
+    _sync("cpu")
+    assert waited == [True, True]
+
+
 @pytest.mark.parametrize(("optimizer", "dropout"), [("adamw", 0.1), ("muon", 0.0)])
 def test_resume_is_bit_exact(corpus, tmp_path, optimizer, dropout):
     # lr_decay_iters pins the schedule, so the short first leg follows the same lr curve.
