@@ -89,8 +89,19 @@ def detect_precision(device: str, dtype: str) -> Precision:
     """`choose_precision` with the capabilities of this machine."""
     cuda = torch.cuda.is_available()
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-    cuda_bf16 = cuda and torch.cuda.is_bf16_supported()
-    return choose_precision(device, dtype, cuda=cuda, mps=mps, cuda_bf16=cuda_bf16)
+    return choose_precision(device, dtype, cuda=cuda, mps=mps, cuda_bf16=cuda and cuda_has_bf16())
+
+
+def cuda_has_bf16() -> bool:
+    """Whether the GPU computes in bfloat16 natively (NVIDIA Ampere, sm_80, and newer).
+
+    torch.cuda.is_bf16_supported() alone also says yes where bfloat16 is only emulated (T4, V100, RTX 20xx),
+    slowly, and where torch.compile's kernels cannot use it: float16 with loss scaling is the choice there.
+    """
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # an older torch, whose answer counted no emulation
+        return torch.cuda.is_bf16_supported()
 
 
 def check_compile(device: str, *, platform: str | None = None, has_triton: bool | None = None,

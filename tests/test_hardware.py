@@ -58,6 +58,17 @@ def test_asking_for_what_the_machine_lacks_is_an_error(device, dtype, cuda, mps,
         choose_precision(device, dtype, cuda=cuda, mps=mps, cuda_bf16=bf16)
 
 
+def test_a_gpu_that_only_emulates_bfloat16_trains_in_float16(monkeypatch):
+    """torch.cuda.is_bf16_supported() says yes on a T4 or V100 too (bfloat16 emulated, slowly): "auto" took
+    bfloat16 there, never the float16 with loss scaling that those GPUs run natively."""
+    from fungpt.hardware import detect_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    p = detect_precision("auto", "auto")
+    assert (p.device, p.dtype) == ("cuda", "float16") and p.needs_grad_scaler
+
+
 def test_compile_is_refused_where_it_cannot_work():
     with pytest.raises(FunGPTError, match="Windows"):
         check_compile("cpu", platform="win32", cxx="cl")
