@@ -1307,8 +1307,11 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             last_loss = loss_sum.item()
-            if not (math.isfinite(last_loss) and math.isfinite(grad_norm.item())) and not scaler.is_enabled():
-                # float16 overflow is handled by the scaler (it skips the step); anything else is divergence.
+            # Divergence: a non-finite loss, or gradient. With float16 loss scaling an overflowed gradient is the
+            # scaler's to handle (it skips the step and lowers the scale), but a non-finite loss is not: the
+            # forward pass itself overflowed, and left alone every later step was skipped, the run "finishing"
+            # with a loss of nan.
+            if not math.isfinite(last_loss) or (not math.isfinite(grad_norm.item()) and not scaler.is_enabled()):
                 if not tc.skip_nonfinite:
                     if bar is not None:
                         bar.close()
@@ -1318,6 +1321,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                                       f"(loss {last_loss}); {where}. Lower train.lr, or set "
                                       f"train.skip_nonfinite = true to skip such steps")
                 optimizer.zero_grad(set_to_none=True)
+                scaler.update()  # (float16: ends this step's unscale_, lowers the scale; otherwise a no-op)
                 say(f"fungpt: skipped step {step + 1}: non-finite loss or gradient")
                 step, tokens_seen = step + 1, tokens_seen + tokens_per_step
                 continue

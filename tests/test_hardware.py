@@ -124,6 +124,17 @@ def tiny_config(corpus: Path, out_dir: Path, **train_kw) -> RunConfig:
                      train=TrainConfig(**kw))
 
 
+def test_a_float16_run_whose_loss_overflows_is_stopped_as_diverged(corpus, tmp_path):
+    """Loss scaling handles overflowing gradients, not a forward pass that overflows: with lr 300 every step
+    after the first was skipped and the run "finished" with a loss of nan, where float32 stopped with an error."""
+    with pytest.raises(FunGPTError, match=r"training diverged at step \d+: the loss or gradient is NaN/inf"):
+        train(tiny_config(corpus, tmp_path / "fp16", dtype="float16", lr=300.0, max_iters=12), progress=False)
+    # and with skip_nonfinite the steps are skipped, the scaler kept in step (it failed: unscale_ called twice)
+    result = train(tiny_config(corpus, tmp_path / "skip", dtype="float16", lr=300.0, max_iters=12,
+                               skip_nonfinite=True), progress=False)
+    assert result["step"] == 12
+
+
 def test_training_in_float16_on_cpu_survives_overflow_without_the_nan_guard(corpus, tmp_path, monkeypatch):
     class HugeScale(torch.amp.GradScaler):
         def __init__(self, device, enabled=True):
