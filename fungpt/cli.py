@@ -363,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error (rank {_rank()}): another process of this torchrun job stopped (its error is above), "
                   f"so this one stops too", file=sys.stderr)
             return 2
-        if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e):  # torch's CPU allocator
+        # torch's CPU allocator says "can't allocate memory"; CUDA's "CUDA out of memory" (torch.OutOfMemoryError,
+        # raised anywhere: the optimizer's first step, an eval, sampling), MPS "MPS backend out of memory"
+        if not isinstance(e, MemoryError) and not any(m in str(e) for m in ("can't allocate memory", "out of memory")):
             raise
         hint = (" lower train.batch_size (raising train.grad_accum_steps keeps the tokens per step) or the model's "
                 "size; `fungpt train --dry-run` estimates the memory a config needs" if name == "train"

@@ -1205,6 +1205,21 @@ def test_running_out_of_cpu_memory_is_one_line(world, tmp_path, capsys, monkeypa
     assert "train.batch_size" in err and "--dry-run" in err
 
 
+def test_running_out_of_gpu_memory_outside_a_training_step_is_one_line(world, capsys, monkeypatch):
+    """CUDA's out-of-memory error from anywhere but the training step (sampling, eval, the optimizer's first
+    step) was a traceback: the CLI only knew the CPU allocator's words."""
+    import fungpt.sample  # noqa: F401  (so that the module is there to patch)
+
+    def no_gpu_memory(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                          "capacity of 15.74 GiB of which 1.06 GiB is free.")
+
+    monkeypatch.setattr(sys.modules["fungpt.sample"], "load_run", no_gpu_memory)
+    code, err = run_cli(["sample", "--run", world["run"]], capsys)
+    assert_one_line_error(code, err, "out of memory (CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert "smaller batch" in err
+
+
 # ----------------------------------------------------------------------------------------------
 # The stop signals, one piece at a time (the end-to-end runs are above)
 
