@@ -54,7 +54,8 @@ def top_candidates(logits: torch.Tensor, tokenizer, k: int = 5, temperature: flo
 
     probs = sampling_distribution(logits.reshape(-1), temperature, top_k, top_p)  # (V,)
     values, ids = torch.topk(probs, min(k, probs.numel()))
-    return [(int(i), show_token(tokenizer.token_text(int(i))), float(p)) for p, i in zip(values, ids) if p > 0]
+    # as Python numbers at once: element by element, a GPU tensor is read back to the CPU once per comparison
+    return [(i, show_token(tokenizer.token_text(i)), p) for p, i in zip(values.tolist(), ids.tolist()) if p > 0]
 
 
 def _write_probs_line(out: TextIO, step: int, token: int, p: float, cands: list[tuple[int, str, float]],

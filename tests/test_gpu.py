@@ -135,6 +135,15 @@ def test_cached_equals_uncached_greedy_on_cuda(pos_encoding):
     assert fast.device.type == "cuda" and torch.equal(fast, slow)
 
 
+def test_sampling_refuses_nan_probabilities_on_cuda_too():
+    from fungpt.errors import FunGPTError
+    from fungpt.sampling import draw
+
+    with pytest.raises(FunGPTError, match="NaN or all zero"):  # (torch.multinomial's own error: a RuntimeError)
+        draw(torch.tensor([[0.5, float("nan")]], device="cuda"))
+    assert draw(torch.tensor([[0.0, 1.0]], device="cuda")).item() == 1
+
+
 def test_eval_on_cuda_matches_eval_on_a_cpu(corpus, tmp_path):
     out = tmp_path / "run"
     train(cuda_config(corpus, out), progress=False)
