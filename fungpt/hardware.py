@@ -20,6 +20,8 @@ Precision, in short:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +92,19 @@ def detect_precision(device: str, dtype: str) -> Precision:
     cuda = torch.cuda.is_available()
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     return choose_precision(device, dtype, cuda=cuda, mps=mps, cuda_bf16=cuda and cuda_has_bf16())
+
+
+@contextlib.contextmanager
+def tf32_products() -> Iterator[None]:
+    """CUDA float32 matrix products in TF32 while inside: float32's range with a 10-bit mantissa (float16's
+    precision, ~1e-3 relative) at tensor-core speed, fine for training. These are process-wide settings: the
+    caller's own come back on leaving."""
+    kept = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = kept
 
 
 def cuda_has_bf16() -> bool:

@@ -30,7 +30,7 @@ import torch
 
 from fungpt.config import RunConfig
 from fungpt.errors import FunGPTError
-from fungpt.hardware import Precision, detect_precision
+from fungpt.hardware import Precision, detect_precision, tf32_products
 from fungpt.inspection import estimate_memory
 from fungpt.model import GPT, GPTConfig
 
@@ -185,20 +185,21 @@ def _time_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_opt
 
     times = []
     try:
-        for i in range(n + 1):
-            t0 = time.perf_counter()
-            for _ in range(tc.grad_accum_steps):
-                x, y = loader.next_batch()
-                with autocast():
-                    _, loss = model(x, y)
-                scaler.scale(loss / tc.grad_accum_steps).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if i > 0:  # the first step pays one-off costs (allocations, kernel selection)
-                times.append(time.perf_counter() - t0)
+        with tf32_products() if device == "cuda" else contextlib.nullcontext():  # as training runs them
+            for i in range(n + 1):
+                t0 = time.perf_counter()
+                for _ in range(tc.grad_accum_steps):
+                    x, y = loader.next_batch()
+                    with autocast():
+                        _, loss = model(x, y)
+                    scaler.scale(loss / tc.grad_accum_steps).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                if i > 0:  # the first step pays one-off costs (allocations, kernel selection)
+                    times.append(time.perf_counter() - t0)
     except torch.cuda.OutOfMemoryError:
         raise FunGPTError(out_of_memory_advice(cfg, prec)) from None
     times.sort()

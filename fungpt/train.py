@@ -58,7 +58,7 @@ from fungpt.data import (
     resolve_source,
 )
 from fungpt.errors import FunGPTError, parse_json, read_json
-from fungpt.hardware import Precision, check_compile, detect_precision, keep_freed_memory
+from fungpt.hardware import Precision, check_compile, detect_precision, keep_freed_memory, tf32_products
 from fungpt.linear import onednn_linear, onednn_works, set_cpu_matmul
 from fungpt.model import GPT
 from fungpt.tokenizer import BPE_FILE as TOKENIZER_BPE_FILE
@@ -964,10 +964,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     device = f"cuda:{ddp.local_rank}" if prec.device == "cuda" else prec.device
     if prec.device == "cuda":
         torch.cuda.set_device(device)
-        # TF32 matmuls: fp32's range with a 10-bit mantissa (fp16's precision, ~1e-3 relative) at tensor-core
-        # speed; fine for training. Process-wide settings: a program that calls train() gets its own back.
-        held.callback(_set_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        _set_tf32(True, True)
+        held.enter_context(tf32_products())  # (a program that calls train() gets its own settings back)
     say = print if ddp.is_main else (lambda *a, **k: None)
     # The run seeds torch's global random streams (weights, dropout, batches); a program that calls train()
     # gets its CPU stream back as it was, and on a CUDA run that GPU's (forking every GPU's would start CUDA
@@ -1409,11 +1406,6 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     return {"out_dir": str(out_dir), "step": step, "train_loss": losses.get("train", last_loss),
             "val_loss": losses.get("val", float("nan")), "interrupted": interrupted,
             "signal": stop_signal, "elapsed_s": time.time() - start_time}
-
-
-def _set_tf32(matmul: bool, cudnn: bool) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = matmul
-    torch.backends.cudnn.allow_tf32 = cudnn
 
 
 def _rng_state(device: str) -> dict[str, torch.Tensor]:

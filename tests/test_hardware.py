@@ -69,6 +69,21 @@ def test_a_gpu_that_only_emulates_bfloat16_trains_in_float16(monkeypatch):
     assert (p.device, p.dtype) == ("cuda", "float16") and p.needs_grad_scaler
 
 
+def test_tf32_products_are_turned_on_inside_and_given_back():
+    """train() (and a dry run's timed steps) on CUDA run float32 products in TF32; the process's own settings
+    come back afterwards (a CUDA run used to leave TF32 on for the whole program)."""
+    from fungpt.hardware import tf32_products
+
+    kept = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, False
+        with tf32_products():
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = kept
+
+
 def test_compile_is_refused_where_it_cannot_work():
     with pytest.raises(FunGPTError, match="Windows"):
         check_compile("cpu", platform="win32", cxx="cl")
