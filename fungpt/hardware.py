@@ -48,11 +48,13 @@ class Precision:
         return self.dtype == "float16"
 
 
-def choose_precision(device: str, dtype: str, *, cuda: bool, mps: bool, cuda_bf16: bool) -> Precision:
+def choose_precision(device: str, dtype: str, *, cuda: bool, mps: bool, cuda_bf16: bool,
+                     optimizer: str = "adamw") -> Precision:
     """Resolve "auto" device and dtype given the machine's capabilities.
 
-    cuda / mps: whether those backends are available; cuda_bf16: whether the GPU supports bfloat16.
-    Asking for something the machine lacks is a FunGPTError.
+    cuda / mps: whether those backends are available; cuda_bf16: whether the GPU computes in bfloat16 natively;
+    optimizer: the run's (Muon cannot work with float16 loss scaling). Asking for something the machine lacks
+    is a FunGPTError.
     """
     why = []
     if device not in ("auto", "cpu", "cuda", "mps"):  # e.g. "cuda:0", "tpu": torch would fail later, less clearly
@@ -72,39 +74,49 @@ def choose_precision(device: str, dtype: str, *, cuda: bool, mps: bool, cuda_bf1
         why.append(f"device {device} (as configured)")
 
     if dtype == "auto":
-        if device == "cuda":
-            dtype = "bfloat16" if cuda_bf16 else "float16"
-            why.append("bfloat16 autocast (the GPU supports it)" if cuda_bf16 else
-                       "float16 autocast with loss scaling (this GPU has no bfloat16)")
+        if device == "cuda" and cuda_bf16:
+            dtype = "bfloat16"
+            why.append("bfloat16 autocast (the GPU supports it)")
+        elif device == "cuda" and optimizer != "muon":
+            dtype = "float16"
+            why.append("float16 autocast with loss scaling (this GPU has no native bfloat16)")
+        elif device == "cuda":
+            dtype = "float32"
+            why.append("float32 (this GPU has no native bfloat16, and Muon does not work with float16 loss scaling)")
         else:
             dtype = "float32"
             why.append("float32 (reduced precision is slow on CPUs)" if device == "cpu" else
                        "float32 (the safe default on MPS)")
     else:
-        if dtype == "bfloat16" and device == "cuda" and not cuda_bf16:
-            raise FunGPTError("train.dtype = 'bfloat16' but this GPU does not support it; use 'float16' or 'auto'")
-        why.append(f"{dtype} (as configured)")
+        emulated = dtype == "bfloat16" and device == "cuda" and not cuda_bf16
+        why.append(f"{dtype} (as configured" + ("; this GPU only emulates it, slowly: float16 is native here)"
+                                                if emulated else ")"))
     return Precision(device=device, dtype=dtype, reason=", ".join(why))
 
 
-def detect_precision(device: str, dtype: str) -> Precision:
+def detect_precision(device: str, dtype: str, optimizer: str = "adamw") -> Precision:
     """`choose_precision` with the capabilities of this machine."""
     cuda = torch.cuda.is_available()
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-    return choose_precision(device, dtype, cuda=cuda, mps=mps, cuda_bf16=cuda and cuda_has_bf16())
+    return choose_precision(device, dtype, cuda=cuda, mps=mps, cuda_bf16=cuda and cuda_has_bf16(),
+                            optimizer=optimizer)
 
 
 @contextlib.contextmanager
 def tf32_products() -> Iterator[None]:
     """CUDA float32 matrix products in TF32 while inside: float32's range with a 10-bit mantissa (float16's
-    precision, ~1e-3 relative) at tensor-core speed, fine for training. These are process-wide settings: the
-    caller's own come back on leaving."""
-    kept = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    precision, ~1e-3 relative) at tensor-core speed, fine for training. A process-wide setting: the caller's
+    own comes back on leaving. (The model has no convolutions, so cuDNN's setting is left alone.)"""
+    matmul = torch.backends.cuda.matmul
+    # torch 2.9+ has a new setting, fp32_precision, and refuses to read the old allow_tf32 once a program has
+    # used the new one; the new one reads fine whichever the program used
+    name, on = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+    kept = getattr(matmul, name)
+    setattr(matmul, name, on)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = kept
+        setattr(matmul, name, kept)
 
 
 def cuda_has_bf16() -> bool:

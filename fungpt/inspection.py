@@ -204,8 +204,8 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
             vocab, info["vocab_note"] = _vocab_for_config(cfg)
             model = dataclasses.replace(cfg.model, vocab_size=vocab)
         cfg = dataclasses.replace(cfg, model=model)
-        dtype = detect_precision(cfg.train.device, cfg.train.dtype).dtype if cfg.train.dtype == "auto" \
-            else cfg.train.dtype
+        tc = cfg.train
+        dtype = detect_precision(tc.device, tc.dtype, tc.optimizer).dtype if tc.dtype == "auto" else tc.dtype
         world_size = 1  # (a config does not say how many processes will train it)
     else:
         raise FunGPTError(f"{target} is neither a run folder nor a .toml config: pass the out_dir of a training "

@@ -103,7 +103,7 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
     from fungpt.train import configure_optimizer, resolve_model_and_data
 
     tc = cfg.train
-    prec = detect_precision(tc.device, tc.dtype)
+    prec = detect_precision(tc.device, tc.dtype, tc.optimizer)
     cfg, data_dir, pre = resolve_model_and_data(cfg, progress=False, model_named=model_named)
     mc = cfg.model
 

@@ -955,7 +955,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
            model_named: Collection[str], held: contextlib.ExitStack) -> dict[str, Any]:
     start_time = time.time() if start_time is None else start_time
     tc = cfg.train
-    prec: Precision = detect_precision(tc.device, tc.dtype)
+    prec: Precision = detect_precision(tc.device, tc.dtype, tc.optimizer)
     cpu_matmul = None
     if prec.device == "cpu":
         keep_freed_memory()  # reuse activation memory between steps (see hardware.keep_freed_memory)
@@ -1308,7 +1308,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             # scaler's to handle (it skips the step and lowers the scale), but a non-finite loss is not: the
             # forward pass itself overflowed, and left alone every later step was skipped, the run "finishing"
             # with a loss of nan.
-            if not math.isfinite(last_loss) or (not math.isfinite(grad_norm.item()) and not scaler.is_enabled()):
+            diverged = not math.isfinite(last_loss) or (not math.isfinite(grad_norm.item()) and not scaler.is_enabled())
+            if ddp.enabled and scaler.is_enabled():  # each rank's own loss decides: the ranks must take the same path
+                diverged = bool(agree([float(diverged)])[0])
+            if diverged:
                 if not tc.skip_nonfinite:
                     if bar is not None:
                         bar.close()

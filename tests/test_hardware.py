@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("cpu", "float16", False, False, False, ("cpu", "float16")),  # allowed: it is how the CPU tests run it
     ("cuda", "float32", True, False, True, ("cuda", "float32")),
     ("mps", "auto", False, True, False, ("mps", "float32")),
+    ("cuda", "bfloat16", True, False, False, ("cuda", "bfloat16")),  # asked for on a T4: emulated, with a note
 ])
 def test_choice_table(device, dtype, cuda, mps, bf16, want):
     p = choose_precision(device, dtype, cuda=cuda, mps=mps, cuda_bf16=bf16)
@@ -51,11 +52,20 @@ def test_choice_table(device, dtype, cuda, mps, bf16, want):
 @pytest.mark.parametrize(("device", "dtype", "cuda", "mps", "bf16", "message"), [
     ("cuda", "auto", False, False, False, "no CUDA GPU"),
     ("mps", "auto", False, False, False, "MPS backend is not available"),
-    ("cuda", "bfloat16", True, False, False, "does not support it"),
 ])
 def test_asking_for_what_the_machine_lacks_is_an_error(device, dtype, cuda, mps, bf16, message):
     with pytest.raises(FunGPTError, match=message):
         choose_precision(device, dtype, cuda=cuda, mps=mps, cuda_bf16=bf16)
+
+
+def test_muon_on_a_gpu_without_native_bfloat16_trains_in_float32():
+    """Muon cannot work with float16 loss scaling: "auto" chose float16 on a T4 and the run was refused, whose
+    advice (bfloat16) was refused in turn. Now "auto" takes float32 there, and bfloat16 asked for is allowed."""
+    p = choose_precision("auto", "auto", cuda=True, mps=False, cuda_bf16=False, optimizer="muon")
+    assert (p.dtype, p.needs_grad_scaler) == ("float32", False) and "Muon" in p.reason
+    assert choose_precision("auto", "auto", cuda=True, mps=False, cuda_bf16=True, optimizer="muon").dtype == "bfloat16"
+    asked = choose_precision("cuda", "bfloat16", cuda=True, mps=False, cuda_bf16=False, optimizer="muon")
+    assert asked.dtype == "bfloat16" and "emulates" in asked.reason
 
 
 def test_a_gpu_that_only_emulates_bfloat16_trains_in_float16(monkeypatch):
@@ -70,18 +80,26 @@ def test_a_gpu_that_only_emulates_bfloat16_trains_in_float16(monkeypatch):
 
 
 def test_tf32_products_are_turned_on_inside_and_given_back():
-    """train() (and a dry run's timed steps) on CUDA run float32 products in TF32; the process's own settings
-    come back afterwards (a CUDA run used to leave TF32 on for the whole program)."""
+    """train() and a dry run's timed steps run CUDA float32 products in TF32 and give the program its own
+    setting back, whichever of torch's two settings (allow_tf32, or 2.9's fp32_precision) the program used:
+    torch refuses to read the old one once the new one is set."""
     from fungpt.hardware import tf32_products
 
-    kept = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch before 2.9: allow_tf32 alone")
     try:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, False
+        for program_set in ("ieee", "none"):  # a program that used the new setting; one that set none
+            matmul.fp32_precision = program_set
+            with tf32_products():
+                assert matmul.fp32_precision == "tf32"
+            assert matmul.fp32_precision == program_set
+        matmul.allow_tf32 = False  # one that used the old setting (it reads back through the new one)
         with tf32_products():
-            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+            assert matmul.fp32_precision == "tf32"
+        assert matmul.allow_tf32 is False
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = kept
+        matmul.fp32_precision = "none"
 
 
 def test_compile_is_refused_where_it_cannot_work():
