@@ -23,17 +23,22 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     "Sixth session"). Elsewhere torch.multinomial: a GPU's cumsum adds in an order of its own, so its
     running sums need not even increase.
     """
-    # NaN fails the test too. Checked on every device: torch.multinomial's own refusal is a RuntimeError
-    if not bool((probs.sum(dim=-1) > 0).all()):
-        raise FunGPTError("cannot sample the next token: its probabilities are NaN or all zero (NaN, +inf or all -inf "
-                          "logits; a model whose training diverged gives these)")
     if not probs.is_cpu:
+        _refuse_undrawable(probs.sum(dim=-1))  # (torch.multinomial's own refusal is a RuntimeError)
         return torch.multinomial(probs, 1, generator=generator)
     cdf = probs.cumsum(dim=-1)  # (..., V), added left to right: never decreasing; ends at the total (~1)
     total = cdf[..., -1:]  # (..., 1)
+    _refuse_undrawable(total)
     u = torch.rand(total.shape, generator=generator, dtype=probs.dtype) * total  # (..., 1)
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # below the total even after rounding
     return torch.searchsorted(cdf, u, right=True)  # (..., 1): the first token whose running sum exceeds u
+
+
+def _refuse_undrawable(total: torch.Tensor) -> None:
+    """Refuse rows whose probabilities add up to NaN or 0: there is nothing to draw from."""
+    if not bool((total > 0).all()):  # NaN fails the test too
+        raise FunGPTError("cannot sample the next token: its probabilities are NaN or all zero (NaN, +inf or all -inf "
+                          "logits; a model whose training diverged gives these)")
 
 
 NUCLEUS_HEAD = 256
