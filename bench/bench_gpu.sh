@@ -10,6 +10,7 @@
 #   char-compile    fungpt train --config configs/shakespeare-char.toml --train.compile
 #   speedrun-seed2, speedrun-compile: the speedrun with another seed, or compiled (the compile inside the minute)
 #   speedrun-600, speedrun-1200, speedrun-time60: the speedrun capped at 600 or 1,200 steps, or by the minute alone
+#   profile         bench/profile_step.py on the GPU recipe's shape, uncompiled and compiled
 #   tests           (only when named) python -m pytest tests/test_gpu.py: the checks that need a CUDA GPU
 # Every run's log, metrics.jsonl and config land in OUT_DIR/<name>/; OUT_DIR/summary.txt has one line per run:
 # the command's wall time, steps, median ms per step and the final val loss (FunGPT: over the entire val
@@ -108,7 +109,7 @@ cd "$root"
 speedrun=(--config configs/speedrun-gpu.toml)
 runs=("${@:3}")
 [ ${#runs[@]} -gt 0 ] || runs=(speedrun nanogpt char-compile speedrun-seed2 speedrun-compile speedrun-600
-                               speedrun-1200 speedrun-time60)
+                               speedrun-1200 speedrun-time60 profile)
 for name in "${runs[@]}"; do
   case $name in
     speedrun) fungpt speedrun 75 "${speedrun[@]}" ;;
@@ -119,6 +120,12 @@ for name in "${runs[@]}"; do
     speedrun-600) fungpt speedrun-600 75 "${speedrun[@]}" --train.max-iters 600 ;;
     speedrun-1200) fungpt speedrun-1200 75 "${speedrun[@]}" --train.max-iters 1200 ;;
     speedrun-time60) fungpt speedrun-time60 75 "${speedrun[@]}" --train.max-iters 1000000 ;;  # the minute alone
+    profile)  # where the recipe's step goes on the GPU, and what reading the loss back every step costs
+      for c in "" --compile; do
+        timeout "$(left)" "$py" bench/profile_step.py --device cuda --shape 6,6,384,256 --batch-size 64 $c \
+          >"$out/profile$c.log" 2>&1
+        echo "profile$c: rc=$? $(grep -m2 'ms' "$out/profile$c.log" | tr '\n' ' ')" | tee -a "$summary"
+      done ;;
     tests)  # the CUDA tests (tests/test_gpu.py; skipped on machines without a GPU)
       timeout "$(left)" "$py" -m pytest tests/test_gpu.py -p no:cacheprovider >"$out/tests.log" 2>&1
       echo "tests: rc=$? $(tail -1 "$out/tests.log")" | tee -a "$summary" ;;

@@ -8,9 +8,15 @@ rest is (BENCHMARKS.md, "Fifteenth session", compares a Zen 4 host with a Zen 5 
 
     python bench/profile_step.py                          # nanoGPT's CPU baby shape (bench_train's default)
     python bench/profile_step.py --shape 6,6,384,256 --steps 5
+    python bench/profile_step.py --device cuda --shape 6,6,384,256 --batch-size 64 [--compile]
+
+On a GPU (bfloat16 autocast where the GPU has it, TF32 products, as `fungpt train` runs them) it also times
+the same steps without reading the loss back each step: the trainer does (its NaN guard and logs), which makes
+the CPU wait for the GPU, so the difference is what that wait costs. Operations are listed by GPU time.
 """
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -18,7 +24,7 @@ import torch
 from benchlib import machine
 
 from fungpt.config import TrainConfig
-from fungpt.hardware import keep_freed_memory
+from fungpt.hardware import detect_precision, keep_freed_memory, tf32_products
 from fungpt.linear import set_cpu_matmul
 from fungpt.model import GPT, GPTConfig
 from fungpt.train import configure_optimizer
@@ -32,51 +38,86 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="steps profiled (after as many timed)")
     ap.add_argument("--rows", type=int, default=15, help="operations listed")
     ap.add_argument("--cpu-matmul", default="auto", choices=["auto", "onednn", "torch"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (as train.compile = true)")
     args = ap.parse_args()
     n_layer, n_head, n_embd, block_size = (int(v) for v in args.shape.split(","))
+    gpu = args.device == "cuda"
 
-    keep_freed_memory()  # as the trainer does on a CPU
+    prec = detect_precision(args.device, "auto")  # float32 on a CPU; bfloat16 (or float16) autocast on a GPU
+    if not gpu:
+        keep_freed_memory()  # as the trainer does on a CPU
     matmul = set_cpu_matmul(args.cpu_matmul)
     torch.manual_seed(0)
     # bench_train's architecture for nanoGPT's recipe: no biases, exact GELU, learned positions
     model = GPT(GPTConfig(vocab_size=args.vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
-                          n_embd=n_embd, bias=False, activation="gelu"))
-    optimizer = configure_optimizer(model, TrainConfig(device="cpu"), "cpu")
+                          n_embd=n_embd, bias=False, activation="gelu")).to(args.device)
+    optimizer = configure_optimizer(model, TrainConfig(device=args.device), args.device)
+    scaler = torch.amp.GradScaler(args.device, enabled=prec.needs_grad_scaler)
+    forward = torch.compile(model) if args.compile else model
     params = [p for p in model.parameters() if p.requires_grad]
-    x = torch.randint(0, args.vocab_size, (args.batch_size, block_size))  # (B, T)
-    y = torch.randint(0, args.vocab_size, (args.batch_size, block_size))  # (B, T)
+    x = torch.randint(0, args.vocab_size, (args.batch_size, block_size), device=args.device)  # (B, T)
+    y = torch.randint(0, args.vocab_size, (args.batch_size, block_size), device=args.device)  # (B, T)
 
-    def step() -> None:
-        _, loss = model(x, y)
-        loss.backward()
+    def autocast():
+        return torch.autocast(args.device, dtype=prec.torch_dtype) if prec.autocast else contextlib.nullcontext()
+
+    def step(read_loss: bool = True) -> None:
+        with autocast():
+            _, loss = forward(x, y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        loss.item()  # the trainer reads the loss every step
-        optimizer.step()
+        if read_loss:
+            loss.item()  # the trainer reads the loss every step
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(3):  # oneDNN builds its kernels, the allocator grows
-        step()
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    print(f"{machine()}; cpu_matmul {matmul}")
-    print(f"shape {n_layer} x {n_embd} ({n_head} heads), block {block_size}, batch {args.batch_size}: median step "
-          f"{1000 * statistics.median(times):.1f} ms over {args.steps} steps, unprofiled")
+    def wait() -> None:
+        if gpu:
+            torch.cuda.synchronize()
 
-    from torch.profiler import ProfilerActivity, profile
+    def median_step_ms(read_loss: bool) -> float:
+        """Median over 5 rounds of args.steps steps, each timed as a whole (a GPU runs ahead of the CPU)."""
+        rounds = []
+        for _ in range(5):
+            wait()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step(read_loss)
+            wait()
+            rounds.append((time.perf_counter() - t0) / args.steps)
+        return 1000 * statistics.median(rounds)
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(args.steps):
+    with tf32_products() if gpu else contextlib.nullcontext():  # as `fungpt train` runs CUDA float32 products
+        for _ in range(3):  # oneDNN builds its kernels, the allocator grows, torch.compile compiles
             step()
-    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:args.rows]
-    total = sum(e.self_cpu_time_total for e in prof.key_averages())
-    print(f"\nprofiled: {total / 1000 / args.steps:.1f} ms per step (the profiler adds its own)")
+        print(f"{machine()}; " + (f"{torch.cuda.get_device_name()}, {prec.reason}" if gpu else f"cpu_matmul {matmul}")
+              + (", compiled" if args.compile else ""))
+        print(f"shape {n_layer} x {n_embd} ({n_head} heads), block {block_size}, batch {args.batch_size}: median step "
+              f"{median_step_ms(True):.2f} ms over {args.steps} steps, unprofiled")
+        if gpu:
+            print(f"the same steps without reading the loss back each step: {median_step_ms(False):.2f} ms")
+
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+        with profile(activities=activities) as prof:
+            for _ in range(args.steps):
+                step()
+            wait()
+    # On a GPU the operations are listed by the GPU time of their kernels, on a CPU by their own CPU time
+    own = "self_device_time_total" if gpu else "self_cpu_time_total"
+    events = prof.key_averages()
+    rows = sorted(events, key=lambda e: getattr(e, own), reverse=True)[:args.rows]
+    total = sum(getattr(e, own) for e in events)
+    where = "GPU busy" if gpu else "profiled"
+    print(f"\n{where}: {total / 1000 / args.steps:.2f} ms per step (the profiler adds its own)")
     print(f"{'operation':<60} {'ms/step':>8} {'calls/step':>10} {'share':>6}")
     for e in rows:
-        print(f"{e.key[:60]:<60} {e.self_cpu_time_total / 1000 / args.steps:8.2f} {e.count / args.steps:10.1f} "
-              f"{e.self_cpu_time_total / total:6.1%}")
+        print(f"{e.key[:60]:<60} {getattr(e, own) / 1000 / args.steps:8.2f} {e.count / args.steps:10.1f} "
+              f"{getattr(e, own) / max(total, 1e-9):6.1%}")
 
 
 if __name__ == "__main__":
