@@ -11,6 +11,7 @@
 #   speedrun-seed2, speedrun-compile: the speedrun with another seed, or compiled (the compile inside the minute)
 #   speedrun-600, speedrun-1200, speedrun-time60: the speedrun capped at 600 or 1,200 steps, or by the minute alone
 #   profile         bench/profile_step.py on the GPU recipe's shape, uncompiled and compiled
+#   startup         (only when named) the speedrun's start-up under cProfile
 #   tests           (only when named) python -m pytest tests/test_gpu.py: the checks that need a CUDA GPU
 # Every run's log, metrics.jsonl and config land in OUT_DIR/<name>/; OUT_DIR/summary.txt has one line per run:
 # the command's wall time, steps, median ms per step and the final val loss (FunGPT: over the entire val
@@ -126,6 +127,18 @@ for name in "${runs[@]}"; do
           >"$out/profile$c.log" 2>&1
         echo "profile$c: rc=$? $(grep -m2 'ms' "$out/profile$c.log" | tr '\n' ' ')" | tee -a "$summary"
       done ;;
+    startup)  # where the 10-14 s before the speedrun's first step go: the whole command under cProfile, 5 steps
+      timeout "$(left)" "$py" - "$out/startup" >"$out/startup.log" 2>&1 <<'PY'
+import cProfile, pstats, sys, time
+t0 = time.time()
+from fungpt.cli import main  # (the imports are part of the start-up)
+print(f"importing fungpt.cli: {time.time() - t0:.1f} s")
+cProfile.run(f"main(['train', '--config', 'configs/speedrun-gpu.toml', '--train.max-iters', '5', "
+             f"'--out-dir', {sys.argv[1]!r}, '--overwrite'])", sys.argv[1] + ".prof")
+pstats.Stats(sys.argv[1] + ".prof").sort_stats("cumulative").print_stats(45)
+PY
+      echo "startup: rc=$? $(grep -m1 'importing' "$out/startup.log")" | tee -a "$summary"
+      rm -rf "$out/startup" ;;
     tests)  # the CUDA tests (tests/test_gpu.py; skipped on machines without a GPU)
       timeout "$(left)" "$py" -m pytest tests/test_gpu.py -p no:cacheprovider >"$out/tests.log" 2>&1
       echo "tests: rc=$? $(tail -1 "$out/tests.log")" | tee -a "$summary" ;;
