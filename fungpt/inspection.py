@@ -162,10 +162,11 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
         load_run_config,
         model_fields_named,
     )
-    from fungpt.hardware import detect_precision
+    from fungpt.hardware import choose_precision, detect_precision
 
     target = config_path(target, folders=True)  # (an example config's name is its file; a run folder is itself)
-    info: dict = {"source": str(target), "vocab_note": None, "step": None, "tokens_seen": None, "checkpoint": None}
+    info: dict = {"source": str(target), "vocab_note": None, "device_note": None, "step": None, "tokens_seen": None,
+                  "checkpoint": None}
     hf_folder = target.is_dir() and is_hf_config(target / "config.json")
     if target.is_dir() and not hf_folder:
         cfg = load_run_config(target)
@@ -205,7 +206,12 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
             model = dataclasses.replace(cfg.model, vocab_size=vocab)
         cfg = dataclasses.replace(cfg, model=model)
         tc = cfg.train
-        dtype = detect_precision(tc.device, tc.dtype, tc.optimizer).dtype if tc.dtype == "auto" else tc.dtype
+        try:
+            dtype = detect_precision(tc.device, tc.dtype, tc.optimizer).dtype if tc.dtype == "auto" else tc.dtype
+        except FunGPTError:  # a config for a GPU, read where there is none: as it would train on a recent GPU
+            dtype = choose_precision(tc.device, tc.dtype, cuda=True, mps=True, cuda_bf16=True,
+                                     optimizer=tc.optimizer).dtype
+            info["device_note"] = f"no {tc.device} device here: memory estimated as on one that computes in {dtype}"
         world_size = 1  # (a config does not say how many processes will train it)
     else:
         raise FunGPTError(f"{target} is neither a run folder nor a .toml config: pass the out_dir of a training "
@@ -248,8 +254,7 @@ def format_report(info: dict) -> str:
     lines = [f"{info['source']} ({info['kind']})",
              f"model: {m.n_layer} layers x {m.n_head} heads x {m.n_embd} channels, context {m.block_size}, "
              f"vocabulary {m.vocab_size:,}, positions {m.pos_encoding}, norm {m.norm}, activation {m.activation}"]
-    if info["vocab_note"]:
-        lines.append(f"note: {info['vocab_note']}")
+    lines += [f"note: {note}" for note in (info["vocab_note"], info["device_note"]) if note]
     lines += ["", "parameters", f"  {'module':<26}{'shapes':<34}{'params':>12}"]
     for module, shapes, count in info["param_rows"]:
         lines.append(f"  {module:<26}{shapes:<34}{count:>12,}")

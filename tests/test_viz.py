@@ -301,6 +301,18 @@ def test_inspect_config_without_prepared_data(tmp_path, monkeypatch, capsys):
     assert main(["inspect", str(tmp_path / "nothing.txt")]) == 2
 
 
+def test_inspect_a_gpu_config_where_there_is_no_gpu(tmp_path, monkeypatch, capsys):
+    """configs/speedrun-gpu.toml asks for device "cuda": inspecting it on a laptop (to size a GPU before renting
+    one) was refused as if it were trained here. It shows the memory in the dtype a recent GPU would use."""
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    root = Path(__file__).resolve().parents[1]
+    assert main(["inspect", str(root / "configs/speedrun-gpu.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "note: no cuda device here: memory estimated as on one that computes in bfloat16" in out
+    assert "tokens, bfloat16 (estimate" in out
+
+
 def test_inspect_an_exported_hugging_face_folder(run_dir, tmp_path, capsys):
     assert main(["export", "--run", str(run_dir), "--out", str(tmp_path / "hf")]) == 0
     capsys.readouterr()
