@@ -44,11 +44,17 @@ torch.version.cuda, torch.cuda.get_device_name(0))" 2>&1
 } | tee "$summary"
 
 left() { echo $(( deadline - $(date +%s) )); }
+# enough NAME NEEDED_S: whether NEEDED_S seconds are left for the run NAME (else it says it is skipped)
+enough() {
+  [ "$(left)" -ge "$2" ] && return 0
+  echo "$1: skipped ($(left) s left, needs $2)" | tee -a "$summary"
+  return 1
+}
 
 # fungpt NAME NEEDED_S ARGS...: one `fungpt train` run, if NEEDED_S seconds are left
 fungpt() {
   local name=$1 need=$2; shift 2
-  if [ "$(left)" -lt "$need" ]; then echo "$name: skipped ($(left) s left, needs $need)" | tee -a "$summary"; return; fi
+  enough "$name" "$need" || return
   local t0 t1 rc
   t0=$(date +%s.%N)
   timeout "$(left)" "$py" -m fungpt train "$@" ${extra[@]+"${extra[@]}"} --out-dir "$out/$name" --overwrite >"$out/$name.log" 2>&1
@@ -81,8 +87,7 @@ PY
 
 # nanoGPT's GPU recipe, exactly as its README runs it, in a scratch copy
 nanogpt_run() {
-  local need=$1
-  if [ "$(left)" -lt "$need" ]; then echo "nanogpt: skipped ($(left) s left, needs $need)" | tee -a "$summary"; return; fi
+  enough nanogpt "$1" || return
   local w t0 t1 rc
   w=$(mktemp -d)
   trap 'rm -rf "$w"' RETURN
@@ -123,11 +128,13 @@ for name in "${runs[@]}"; do
     speedrun-time60) fungpt speedrun-time60 75 "${speedrun[@]}" --train.max-iters 1000000 ;;  # the minute alone
     profile)  # where the recipe's step goes on the GPU, and what reading the loss back every step costs
       for c in "" --compile; do
+        enough "profile$c" 60 || continue
         timeout "$(left)" "$py" bench/profile_step.py --device cuda --shape 6,6,384,256 --batch-size 64 $c \
           >"$out/profile$c.log" 2>&1
         echo "profile$c: rc=$? $(grep -m2 'ms' "$out/profile$c.log" | tr '\n' ' ')" | tee -a "$summary"
       done ;;
     startup)  # where the 10-14 s before the speedrun's first step go: the whole command under cProfile, 5 steps
+      enough startup 45 || continue
       timeout "$(left)" "$py" - "$out/startup" >"$out/startup.log" 2>&1 <<'PY'
 import cProfile, pstats, sys, time
 t0 = time.time()
@@ -140,6 +147,7 @@ PY
       echo "startup: rc=$? $(grep -m1 'importing' "$out/startup.log")" | tee -a "$summary"
       rm -rf "$out/startup" ;;
     tests)  # the CUDA tests (tests/test_gpu.py; skipped on machines without a GPU)
+      enough tests 150 || continue
       timeout "$(left)" "$py" -m pytest tests/test_gpu.py -p no:cacheprovider >"$out/tests.log" 2>&1
       echo "tests: rc=$? $(tail -1 "$out/tests.log")" | tee -a "$summary" ;;
     *) echo "unknown run $name" | tee -a "$summary" ;;
