@@ -14,7 +14,9 @@ Precision, in short:
   * float16 autocast on older NVIDIA GPUs (T4, V100): fast, but its small range makes small
     gradients underflow to zero, so the loss is multiplied by a large factor before backward
     and the gradients divided again before the step (`torch.amp.GradScaler`); steps whose
-    gradients overflowed to inf are skipped and the factor lowered.
+    gradients overflowed to inf are skipped and the factor lowered. (torch.cuda.is_bf16_supported()
+    says yes on these GPUs too, where bfloat16 is only emulated, slowly: see cuda_has_bf16.) With
+    Muon, which cannot work with loss scaling, such GPUs train in float32.
   * MPS (Apple GPUs) stays float32 by default: reduced-precision autocast there is less mature.
 """
 
