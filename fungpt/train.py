@@ -146,6 +146,24 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
     return out
 
 
+def note_unused_data_settings(data: DataConfig, meta: dict, data_dir: Path) -> None:
+    """Say which [data] settings a prepared folder leaves unused: its tokens were fixed by `fungpt prepare`.
+
+    Only settings that differ from both the defaults and the folder's own count (a config file written
+    for the raw text may name the same tokenizer the folder used; that needs no note)."""
+    default = DataConfig()
+    unused = [f"{name} = {mine!r} (the folder's: {theirs!r})" for name, mine, theirs in (
+        ("tokenizer", data.tokenizer, meta.get("tokenizer")),
+        ("vocab_size", data.vocab_size, meta.get("vocab_size")),
+        ("val_fraction", data.val_fraction, meta.get("val_fraction")),
+        ("errors", data.errors, meta.get("errors", "strict")),
+    ) if mine != getattr(default, name) and mine != theirs]
+    if unused:
+        print(f"fungpt: note: {data_dir} is a prepared dataset, tokenized once by `fungpt prepare`, so data."
+              f"{'; data.'.join(unused)} {'is' if len(unused) == 1 else 'are'} not used. To change "
+              f"{'it' if len(unused) == 1 else 'them'}, set data.path to the text itself, or prepare it again")
+
+
 # What a training run writes into its out_dir, and so all that --overwrite deletes there: the folder may
 # hold the user's own files too (a run in the current folder, notes next to the checkpoints). config.json
 # comes last: until it is gone the folder still counts as a run, so a failed --overwrite can be repeated.
@@ -369,6 +387,8 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
     data_dir = resolve_data(cfg.data, is_main, progress, tokenizer=pre and pre.tokenizer)
     meta = load_meta(data_dir)
     check_token_ids(data_dir, meta)
+    if is_main and data_dir == Path(cfg.data.path).expanduser():
+        note_unused_data_settings(cfg.data, meta, data_dir)
     if pre is not None:
         pretrained.check_data_tokenizer(load_tokenizer(data_dir), data_dir, pre)
     else:

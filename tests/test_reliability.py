@@ -1478,6 +1478,19 @@ def test_a_model_vocab_size_given_from_scratch_is_said_to_be_replaced(world, tmp
     assert "model.vocab_size" not in capsys.readouterr().out
 
 
+def test_data_settings_a_prepared_folder_leaves_unused_are_named(world, tmp_path, capsys):
+    """--data.tokenizer bpe with data.path a prepared char folder trained on chars without a word."""
+    argv = ["train", "--data.path", str(world["data"]), "--out-dir", str(tmp_path / "new"), *TINY_MODEL,
+            "--train.device", "cpu", "--dry-run"]
+    assert main([*argv, "--data.tokenizer", "bpe", "--data.vocab-size", "300"]) == 0
+    out = capsys.readouterr().out
+    assert (f"fungpt: note: {world['data']} is a prepared dataset, tokenized once by `fungpt prepare`, so "
+            "data.tokenizer = 'bpe' (the folder's: 'char'); data.vocab_size = 300 (the folder's: 22) are not "
+            "used") in out
+    assert main([*argv, "--data.tokenizer", "char", "--data.val-fraction", "0.1"]) == 0  # the folder's own
+    assert "is a prepared dataset" not in capsys.readouterr().out
+
+
 def test_files_named_inside_a_run_stay_inside_it(world, tmp_path, capsys):
     """A pointer, a tokenizer's "file" or a shard index naming a path elsewhere ("../..", "/etc/...") was followed."""
     out = copy_run(world, tmp_path)
