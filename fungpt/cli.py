@@ -149,8 +149,11 @@ def sample_command(run: str, prompt: str | None = None, prompt_file: str | None 
         stop_at_eot: End a sample at <|endoftext|>, the token between documents in BPE and GPT-2 data, so
             that a sample is one document (--no-stop-at-eot: always max_new_tokens, across documents).
     """
+    from fungpt.runs import overfit_note
     from fungpt.sample import sample
 
+    if checkpoint == "last" and (note := overfit_note(run)):
+        print(note, file=sys.stderr)  # (stdout is the text, which may be piped into a file)
     sample(run, prompt=prompt, prompt_file=prompt_file, num_samples=num_samples, max_new_tokens=max_new_tokens,
            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, checkpoint=checkpoint, device=device,
            out=sys.stdout, show_probs=show_probs, show_top=show_top, stop_at_eot=stop_at_eot)
@@ -167,10 +170,13 @@ def eval_command(run: str, input: str | None = None, checkpoint: Literal["last",
         device: auto, cpu, cuda or mps.
         batch_size: Windows scored at once.
     """
+    from fungpt.runs import overfit_note
     from fungpt.sample import evaluate_run, print_eval
 
     if batch_size <= 0:
         raise FunGPTError(f"--batch-size {batch_size} must be positive")
+    if checkpoint == "last" and (note := overfit_note(run)):
+        print(note, file=sys.stderr)
     print_eval(evaluate_run(run, input=input, checkpoint=checkpoint, device=device, batch_size=batch_size,
                             progress=True))
 

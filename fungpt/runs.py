@@ -71,6 +71,36 @@ def _load(run_dir: Path, folder: Path | None, checkpoint: str, device: str) -> L
     return LoadedRun(model, tokenizer, cfg, int(manifest["step"]), dev, run_dir)
 
 
+OVERFIT_MARGIN = 0.01
+"""How much lower (in nats) the best checkpoint's val loss must be than the last's for `overfit_note` to speak:
+less is within what an estimate from eval_iters random batches varies (BENCHMARKS.md, the GPU session)."""
+
+
+def overfit_note(run_dir: str | Path) -> str | None:
+    """A note for using the last checkpoint of a run whose val loss has risen since its best one (it overfit,
+    as nanoGPT's GPU recipe does after ~1,750 steps on a fast GPU); None when the last is (about) the best, or
+    when the files needed to tell are missing (the command itself then says what is wrong)."""
+    from fungpt.plot import read_metrics
+
+    run_dir = Path(run_dir)
+    try:
+        latest, best = ckpt.find_checkpoint(run_dir, "latest"), ckpt.find_checkpoint(run_dir, "best")
+        if latest is None or best is None:
+            return None
+        last_step = read_json(latest / ckpt.MANIFEST_FILE)["step"]
+        best_info = read_json(best / ckpt.MANIFEST_FILE)
+        best_step, best_val = best_info["step"], float(best_info["val_loss"])
+        last_vals = [row["val_loss"] for row in read_metrics(run_dir)[1] if row.get("step") == last_step]
+        last_val = float(last_vals[-1]) if last_vals else None  # (the last row: a resumed run may log a step twice)
+    except (FunGPTError, OSError, ValueError, KeyError, TypeError):
+        return None
+    if last_val is None or not best_step < last_step or not last_val > best_val + OVERFIT_MARGIN:
+        return None
+    return (f"fungpt: note: the last checkpoint (step {last_step:,}, val loss {last_val:.4f}) is worse than the "
+            f"run's best (step {best_step:,}, val loss {best_val:.4f}): it overfit. Pass --checkpoint best to use "
+            f"the best one")
+
+
 def data_dir_of(run_dir: str | Path) -> Path:
     """The prepared dataset folder a run was trained on (recorded in run.json)."""
     info = Path(run_dir) / "run.json"

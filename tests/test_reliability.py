@@ -1491,6 +1491,31 @@ def test_data_settings_a_prepared_folder_leaves_unused_are_named(world, tmp_path
     assert "is a prepared dataset" not in capsys.readouterr().out
 
 
+def test_sampling_an_overfit_runs_last_checkpoint_points_to_the_best(world, tmp_path, capsys, monkeypatch):
+    """On a fast GPU nanoGPT's recipe overfits after ~1,750 of its 5,000 steps; `fungpt sample` took the last
+    (overfit) checkpoint without a word, though the run had kept a better one."""
+    train_module = sys.modules["fungpt.train"]
+    real_evaluate = train_module.evaluate
+    scripted = iter([3.0, 2.0, 2.5])  # val loss at steps 0, 3 and 6: best at 3, worse again at 6
+
+    def evaluate(*args, **kwargs):
+        return {**real_evaluate(*args, **kwargs), "val": next(scripted)}
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate)
+    run = tmp_path / "overfit"
+    train(tiny_config(world["data"], run, max_iters=6, eval_interval=3), progress=False)
+    argv = ["--run", str(run), "--max-new-tokens", "5"]
+    note = ("fungpt: note: the last checkpoint (step 6, val loss 2.5000) is worse than the run's best (step 3, "
+            "val loss 2.0000): it overfit. Pass --checkpoint best to use the best one")
+    for command in ("sample", "eval"):
+        assert main([command, *argv[:2], *(argv[2:] if command == "sample" else [])]) == 0
+        assert note in capsys.readouterr().err
+    assert main(["sample", *argv, "--checkpoint", "best"]) == 0
+    assert "note" not in capsys.readouterr().err
+    assert main(["sample", "--run", str(world["run"]), "--max-new-tokens", "5"]) == 0  # its last is its best
+    assert "note" not in capsys.readouterr().err
+
+
 def test_files_named_inside_a_run_stay_inside_it(world, tmp_path, capsys):
     """A pointer, a tokenizer's "file" or a shard index naming a path elsewhere ("../..", "/etc/...") was followed."""
     out = copy_run(world, tmp_path)
