@@ -82,6 +82,10 @@ def load_gpt2(path: str | os.PathLike) -> GPT:
         key = key.removeprefix("transformer.")
         if key.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # old checkpoints store the causal mask as a buffer; we build it on the fly
+        if not t.is_floating_point():  # e.g. int8 from a quantizer: .float() would make it the wrong numbers
+            raise FunGPTError(f"'{path}' stores {key} as {str(t.dtype).removeprefix('torch.')}, not as floating-point "
+                              f"numbers (a quantized checkpoint?): FunGPT loads float32, float16 or bfloat16 "
+                              f"weights; save the model unquantized")
         if key == "lm_head.weight" and config.tie_embeddings:
             continue  # same matrix as wte
         if key.startswith("h."):  # h.{i}.* -> blocks.{i}.*
