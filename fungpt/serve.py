@@ -10,11 +10,13 @@ side panel shows the run's loss curve and config.
 The HTTP API behind it (FastAPI on uvicorn):
     GET  /api/info        the run: name, step, sizes, config.json, this server's limits
     GET  /api/metrics     the loss curve: train rows [step, loss] and eval rows [step, train, val]
-    POST /api/generate    {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed"}
+    POST /api/generate    {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_at_eot"}
                           -> server-sent events (text/event-stream), one JSON object per event:
                           {"type": "start", "prompt_tokens": [...]}, then one
                           {"type": "token", "index", "id", "text", "piece", "prob", "top": [{"id", "text", "prob"}]}
-                          per new token, then {"type": "done", "text", "tail", "n_tokens"}; "text" is the token
+                          per new token, then {"type": "done", "text", "tail", "n_tokens", "stopped_at_eot"}; as
+                          `fungpt sample`, a sample ends before <|endoftext|> unless stop_at_eot is false;
+                          "text" is the token
                           alone (Tokenizer.token_text), "piece" the text it completes (TextStream), and
                           "tail" what the last tokens leave when they end inside a character ("\ufffd"): the
                           pieces and the tail join into the done event's "text"
@@ -90,6 +92,7 @@ class GenerateRequest(BaseModel):
     top_k: int | None = Field(200, ge=1)  # as `fungpt sample`; null: off
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int = Field(1337, ge=0, le=MAX_SEED)
+    stop_at_eot: bool = True  # as `fungpt sample`: end at <|endoftext|>, the token between documents (BPE, GPT-2)
 
 
 class AttentionRequest(BaseModel):
@@ -325,6 +328,8 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
                                        top_p=req.top_p, generator=gen, yield_logits=True)
         new: list[int] = []
         pieces = TextStream(tok)
+        eot = tok.eot_id if req.stop_at_eot else None  # (None for a char tokenizer: it has no such token)
+        at_eot = False
         try:
             while True:
                 if stopping.is_set():
@@ -336,6 +341,9 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
                     except StopIteration:
                         break
                 token_id = int(ids[0])
+                if token_id == eot:  # the document ended: as `fungpt sample`, the sample ends without it
+                    at_eot = True
+                    break
                 new.append(token_id)
                 prob = float(F.softmax(logits[0].float(), dim=-1)[token_id])
                 # The model's own probabilities (softmax, before temperature and filters), best first.
@@ -345,7 +353,8 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
                 yield sse({"type": "token", "index": len(new) - 1, "id": token_id, "text": tok.token_text(token_id),
                            "piece": piece, "prob": round(prob, 5), "top": top})
             # tail: bytes that never completed a character (U+FFFD), so that the pieces join into the text
-            yield sse({"type": "done", "text": tok.decode(new), "tail": pieces.flush(), "n_tokens": len(new)})
+            yield sse({"type": "done", "text": tok.decode(new), "tail": pieces.flush(), "n_tokens": len(new),
+                       "stopped_at_eot": at_eot})
         except Exception as e:  # the response has started: report in the stream, the page shows it
             yield sse({"type": "error", "error": str(e) if isinstance(e, FunGPTError) else f"generation failed: {e!r}"})
         finally:

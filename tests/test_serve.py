@@ -98,7 +98,7 @@ def test_generate_streams_the_same_text_as_fungpt_sample(url, run_dir):
             assert t["prob"] <= probs[-1]
     text = "".join(t["piece"] for t in tokens)
     assert text == "".join(t["text"] for t in tokens)  # char-level: each token is one whole character
-    assert events[-1] == {"type": "done", "text": text, "tail": "", "n_tokens": 30}
+    assert events[-1] == {"type": "done", "text": text, "tail": "", "n_tokens": 30, "stopped_at_eot": False}
     # Same seed and settings as the command line: the very same text.
     assert sample(run_dir, prompt="The cat", device="cpu", **settings) == [text]
 
@@ -454,17 +454,11 @@ def test_text_pieces_join_into_the_text_and_hold_back_partial_characters():
         assert "".join(stream.add(i) for i in ids_) + stream.flush() == hf.decode(ids_) == expected
 
 
-def test_a_stream_that_ends_inside_a_character_ends_with_its_tail(run_dir, monkeypatch):
-    """A byte-level BPE sample can stop between the bytes of one character: the explorer's pieces then missed the
-    final U+FFFD that its done event's text (and `fungpt sample`) have; now the done event carries it as "tail"."""
+def serve_scripted(run_dir, monkeypatch, tokenizer, drawn: list[int]) -> None:
+    """Make the server and `fungpt sample` load run_dir with `tokenizer` and a model that draws `drawn`."""
     import dataclasses
     import importlib
-    import io
 
-    from fungpt.tokenizer import BPETokenizer
-
-    bpe = BPETokenizer.train("the cat sat on the mat\n" * 50, vocab_size=280)  # never saw "é": two byte tokens
-    drawn = bpe.encode(" café")[:-1]  # stops after the first byte of "é"
     real = load_run(run_dir, device="cpu")
 
     class Scripted(torch.nn.Module):  # draws `drawn`, whatever the model would
@@ -473,11 +467,23 @@ def test_a_stream_that_ends_inside_a_character_ends_with_its_tail(run_dir, monke
         def generate_stream(self, idx, max_new_tokens, yield_logits=False, **kw):
             for t in drawn[:max_new_tokens]:
                 ids = torch.tensor([t])
-                yield (ids, torch.zeros(1, bpe.vocab_size)) if yield_logits else ids
+                yield (ids, torch.zeros(1, tokenizer.vocab_size)) if yield_logits else ids
 
-    scripted = dataclasses.replace(real, model=Scripted(), tokenizer=bpe)
+    scripted = dataclasses.replace(real, model=Scripted(), tokenizer=tokenizer)
     for name in ("fungpt.serve", "fungpt.sample"):
         monkeypatch.setattr(importlib.import_module(name), "load_run", lambda *a, **k: scripted)
+
+
+def test_a_stream_that_ends_inside_a_character_ends_with_its_tail(run_dir, monkeypatch):
+    """A byte-level BPE sample can stop between the bytes of one character: the explorer's pieces then missed the
+    final U+FFFD that its done event's text (and `fungpt sample`) have; now the done event carries it as "tail"."""
+    import io
+
+    from fungpt.tokenizer import BPETokenizer
+
+    bpe = BPETokenizer.train("the cat sat on the mat\n" * 50, vocab_size=280)  # never saw "é": two byte tokens
+    drawn = bpe.encode(" café")[:-1]  # stops after the first byte of "é"
+    serve_scripted(run_dir, monkeypatch, bpe, drawn)
     with running_server(create_app(run_dir, device="cpu")) as base:
         events = stream_events(base, prompt="the", max_new_tokens=len(drawn), temperature=0)
     done = events[-1]
@@ -486,6 +492,27 @@ def test_a_stream_that_ends_inside_a_character_ends_with_its_tail(run_dir, monke
     out = io.StringIO()  # and the command line prints it too, once
     sample(run_dir, prompt="the", max_new_tokens=len(drawn), out=out)
     assert out.getvalue() == "the caf\ufffd\n"
+
+
+def test_a_sample_ends_at_endoftext_as_fungpt_samples_does(run_dir, monkeypatch):
+    """The explorer ran on past <|endoftext|> into a second document, with the marker in its text: the same seed
+    gave other text than `fungpt sample`, which ends a sample there."""
+    import io
+
+    from fungpt.tokenizer import BPETokenizer
+
+    bpe = BPETokenizer.train("the cat sat on the mat\n" * 50, vocab_size=280)
+    drawn = [*bpe.encode("the cat"), bpe.eot_id, *bpe.encode("the mat")]
+    serve_scripted(run_dir, monkeypatch, bpe, drawn)
+    with running_server(create_app(run_dir, device="cpu")) as base:
+        events = stream_events(base, prompt="the", max_new_tokens=len(drawn))
+        whole = stream_events(base, prompt="the", max_new_tokens=len(drawn), stop_at_eot=False)
+    out = io.StringIO()
+    sample(run_dir, prompt="the", max_new_tokens=len(drawn), out=out)
+    assert generated_ids(events) == bpe.encode("the cat")
+    assert events[-1]["text"] == "the cat" and events[-1]["stopped_at_eot"] is True
+    assert out.getvalue() == "the" + "the cat" + "\n"
+    assert generated_ids(whole) == drawn and whole[-1]["stopped_at_eot"] is False  # across documents, if asked
 
 
 def test_the_pages_sampling_defaults_are_fungpt_samples():

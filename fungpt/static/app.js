@@ -262,7 +262,8 @@ function handleEvent(event, started) {
     // Bytes at the end that never completed a character: shown as the server's text has them (U+FFFD)
     if (event.tail) $("output").append(document.createTextNode(event.tail));
     const seconds = (performance.now() - started) / 1000;
-    setStatus(`done: ${event.n_tokens} tokens in ${seconds.toFixed(1)} s — click a token`);
+    const ended = event.stopped_at_eot ? " (the model ended the document: it drew <|endoftext|>)" : "";
+    setStatus(`done: ${event.n_tokens} tokens in ${seconds.toFixed(1)} s${ended} — click a token`);
     $("output").dataset.state = "done";
   } else if (event.type === "error") {
     setStatus(event.error, true);
