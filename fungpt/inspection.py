@@ -57,7 +57,7 @@ def parameter_rows(model: GPT) -> list[tuple[str, str, int]]:
 
 
 def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", attn_impl: str = "sdpa",
-                    block_size: int | None = None) -> dict:
+                    block_size: int | None = None, device: str = "cpu") -> dict:
     """Estimated training memory in bytes, for one micro-batch of batch_size x block_size tokens.
 
     weights      N x 4 bytes     FunGPT keeps float32 weights even with a 16-bit dtype (autocast
@@ -73,6 +73,12 @@ def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", 
                              + s * nh B T^2        only with attn_impl='plain': the softmax weights.
                                                    Fused kernels (sdpa, flash attention) recompute them
                                                    in the backward pass and keep only B nh T statistics.
+                             x 3                   with dropout: the weights, the dropout mask and the
+                                                   dropped weights. Outside CUDA `device`s this holds for
+                                                   sdpa too: torch's fused CPU kernel has no dropout, so
+                                                   attention dropout sends SDPA to its plain math path
+                                                   (2 layers, 2 heads, T = 4096, batch 4 on a CPU: peak
+                                                   memory 4.3 GB with dropout 0.1, 0.45 GB without)
                    top         s * 2 B T C         final norm and lm_head inputs
                              + 4 B T V             cross-entropy's float32 log-softmax of the logits
                  Dropout masks, PyTorch's workspace and allocator slack are not counted: expect
@@ -99,13 +105,15 @@ def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", 
     C, L, nh, V = config.n_embd, config.n_layer, config.n_head, config.vocab_size
     n = meta_model(config).num_params()
     extra = 2 * (config.pos_encoding == "rope") + 2 * config.qk_norm  # new copies of q and k
-    per_block = (16 + extra) * B * T * C + (nh * B * T * T if attn_impl == "plain" else 0)  # elements
+    dropout = config.dropout > 0
+    unfused = attn_impl == "plain" or (dropout and not device.startswith("cuda"))  # keeps (T, T) matrices
+    per_block = (16 + extra) * B * T * C + ((3 if dropout else 1) * nh * B * T * T if unfused else 0)  # elements
     activations = s * (L * per_block + 2 * B * T * C) + FP32 * B * T * V
     mem = {"weights": n * FP32, "grads": n * FP32, "optimizer": 2 * n * FP32, "activations": activations,
            "weight_copies": n * s if s < FP32 else 0, "temporaries": s * 2 * per_block + n * FP32}
     mem["total"] = sum(mem.values())
     mem["kv_cache"] = 2 * L * B * T * C * s
-    mem.update(params=n, batch_size=B, block_size=T, dtype=dtype, attn_impl=attn_impl)
+    mem.update(params=n, batch_size=B, block_size=T, dtype=dtype, attn_impl=attn_impl, device=device)
     return mem
 
 
@@ -173,9 +181,9 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
         info["kind"] = "run"
         try:
             run = read_json(target / "run.json")
-            dtype, world_size = str(run["dtype"]), int(run.get("world_size", 1))
+            dtype, world_size, device = str(run["dtype"]), int(run.get("world_size", 1)), str(run.get("device", "cpu"))
         except (OSError, ValueError, KeyError, TypeError):
-            dtype, world_size = "float32", 1
+            dtype, world_size, device = "float32", 1, "cpu"
         info["step"], info["tokens_seen"] = _read_tokens_seen(target)
         from fungpt import checkpoint as ckpt
 
@@ -207,10 +215,11 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
         cfg = dataclasses.replace(cfg, model=model)
         tc = cfg.train
         try:
+            device = detect_precision(tc.device, "float32").device  # where it would train ("auto" resolved)
             dtype = detect_precision(tc.device, tc.dtype, tc.optimizer).dtype if tc.dtype == "auto" else tc.dtype
         except FunGPTError:  # a config for a GPU, read where there is none: as it would train on a recent GPU
-            dtype = choose_precision(tc.device, tc.dtype, cuda=True, mps=True, cuda_bf16=True,
-                                     optimizer=tc.optimizer).dtype
+            prec = choose_precision(tc.device, tc.dtype, cuda=True, mps=True, cuda_bf16=True, optimizer=tc.optimizer)
+            dtype, device = prec.dtype, prec.device
             info["device_note"] = f"no {tc.device} device here: memory estimated as on one that computes in {dtype}"
         world_size = 1  # (a config does not say how many processes will train it)
     else:
@@ -225,7 +234,7 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
         param_rows=parameter_rows(model),
         flops_per_token_train=model.flops_per_token(), flops_per_token_forward=model.flops_per_token() // 3,
         tokens_per_step=B * cfg.model.block_size * tc.grad_accum_steps * world_size,  # (every process's batches)
-        memory=estimate_memory(cfg.model, B, dtype),
+        memory=estimate_memory(cfg.model, B, dtype, device=device),
     )
     if info["tokens_seen"] is not None:
         info["train_flops_so_far"] = info["flops_per_token_train"] * info["tokens_seen"]

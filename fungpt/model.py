@@ -253,6 +253,8 @@ class CausalSelfAttention(nn.Module):
             mask = None
             if t0 > 0 and T > 1:
                 mask = torch.ones(T, T_total, dtype=torch.bool, device=x.device).tril(diagonal=t0)
+            # Attention dropout: CUDA's fused kernels apply it inside; torch's fused CPU kernel has none, so on
+            # a CPU dropout_p > 0 takes the unfused path, which keeps (B, nh, T, T) tensors for the backward pass.
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=(t0 == 0 and T > 1),
                 dropout_p=self.dropout if self.training else 0.0,

@@ -51,21 +51,28 @@ def device_memory(device: str) -> int | None:
         return None
 
 
-def largest_batch(model_cfg: GPTConfig, dtype: str, memory: int) -> int:
+def largest_batch(model_cfg: GPTConfig, dtype: str, memory: int, device: str = "cpu") -> int:
     """The largest micro-batch whose estimate fits in SAFETY * memory bytes (0 if not even one sequence)."""
-    fixed = estimate_memory(model_cfg, 0, dtype)["total"]
-    per_seq = estimate_memory(model_cfg, 1, dtype)["total"] - fixed
+    fixed = estimate_memory(model_cfg, 0, dtype, device=device)["total"]
+    per_seq = estimate_memory(model_cfg, 1, dtype, device=device)["total"] - fixed
     return max(0, int((SAFETY * memory - fixed) // per_seq))
 
 
-def batch_advice(cfg: RunConfig, dtype: str, memory: int) -> str:
+def batch_advice(cfg: RunConfig, dtype: str, memory: int, device: str = "cpu") -> str:
     """What to set when the batch does not fit: a smaller batch_size with more grad_accum_steps."""
     tc = cfg.train
-    fit = largest_batch(cfg.model, dtype, memory)
+    fit = largest_batch(cfg.model, dtype, memory, device)
     if fit < 1:
-        fixed = estimate_memory(cfg.model, 0, dtype)["total"]
-        return (f"even one sequence does not fit: weights, gradients and AdamW state alone need about "
-                f"{fixed / GIB:.1f} GiB of {memory / GIB:.1f} GiB; use a smaller model or block_size, or a larger GPU")
+        fixed = estimate_memory(cfg.model, 0, dtype, device=device)["total"]
+        if fixed > SAFETY * memory:
+            return (f"even one sequence does not fit: weights, gradients and AdamW state alone need about "
+                    f"{fixed / GIB:.1f} GiB of {memory / GIB:.1f} GiB; use a smaller model, or a larger GPU")
+        one = estimate_memory(cfg.model, 1, dtype, device=device)
+        why = (" (with dropout outside CUDA, attention keeps block_size x block_size matrices: model.dropout = 0 "
+               "avoids them)" if one["attn_impl"] == "sdpa" and cfg.model.dropout > 0 and not device.startswith("cuda")
+               else "")
+        return (f"even one sequence does not fit: batch 1 x block_size {cfg.model.block_size} needs about "
+                f"{one['total'] / GIB:.1f} GiB of {memory / GIB:.1f} GiB{why}; use a smaller block_size")
     fit = min(fit, tc.batch_size)
     accum = math.ceil(tc.batch_size * tc.grad_accum_steps / fit)
     return (f"the estimate says batch_size = {fit} fits; set train.batch_size = {fit} and "
@@ -80,7 +87,7 @@ def out_of_memory_advice(cfg: RunConfig, prec: Precision) -> str:
             f"({prec.dtype})")
     if memory is None:
         return f"{head}: lower train.batch_size and raise train.grad_accum_steps to keep the same tokens per step"
-    return f"{head}: {batch_advice(cfg, prec.dtype, memory)}"
+    return f"{head}: {batch_advice(cfg, prec.dtype, memory, 'cuda')}"
 
 
 def _fmt_bytes(n: float) -> str:
@@ -118,7 +125,7 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
     del meta_model
 
     # 3. Memory.
-    mem = estimate_memory(mc, tc.batch_size, prec.dtype)
+    mem = estimate_memory(mc, tc.batch_size, prec.dtype, device=prec.device)
     have = device_memory(prec.device)
     fits = have is None or mem["total"] <= SAFETY * have
     out(f"fungpt: dry run: {prec.reason}")
@@ -136,7 +143,7 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
     if have is None:
         out(f"  device         {prec.device}: its memory size is unknown here")
     else:
-        verdict = "fits" if fits else f"does NOT fit: {batch_advice(cfg, prec.dtype, have)}"
+        verdict = "fits" if fits else f"does NOT fit: {batch_advice(cfg, prec.dtype, have, prec.device)}"
         out(f"  device         {prec.device} has {_fmt_bytes(have)}: {verdict}")
 
     # 4. Time a few real steps (random weights: the speed does not depend on their values).

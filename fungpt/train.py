@@ -146,6 +146,21 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
     return out
 
 
+def warn_if_memory_short(cfg: RunConfig, prec) -> None:
+    """Say so before training when the memory estimate exceeds the machine's memory: on a CPU (or Apple GPU)
+    running out does not raise an error that could be explained, the system kills the process."""
+    from fungpt.inspection import estimate_memory
+    from fungpt.plan import GIB, batch_advice, device_memory
+
+    have = device_memory(prec.device)
+    need = estimate_memory(cfg.model, cfg.train.batch_size, prec.dtype, device=prec.device)["total"]
+    if have is not None and need > have:
+        advice = batch_advice(cfg, prec.dtype, have, prec.device)
+        print(f"fungpt: warning: this run needs about {need / GIB:.1f} GiB of memory by estimate, more than the "
+              f"{have / GIB:.1f} GiB of this {prec.device}: the system may kill it. {advice[0].upper()}{advice[1:]} "
+              f"(--dry-run shows the estimate)")
+
+
 def note_unused_data_settings(data: DataConfig, meta: dict, data_dir: Path) -> None:
     """Say which [data] settings a prepared folder leaves unused: its tokens were fixed by `fungpt prepare`.
 
@@ -1016,6 +1031,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         say(f"fungpt: note: train.lr_decay_iters = {tc.lr_decay_iters} is not above train.warmup_iters = "
             f"{tc.warmup_iters}, so the decay is over before the warmup ends: the lr drops to min_lr = "
             f"{tc.min_lr:g} the step after it; raise lr_decay_iters for a decay")
+
+    if ddp.is_main and prec.device != "cuda":  # (CUDA: an out-of-memory error is caught and explained below)
+        warn_if_memory_short(cfg, prec)
 
     # Model and optimizer. Every rank builds the same initial weights from the same seed.
     torch.manual_seed(tc.seed)

@@ -282,6 +282,39 @@ def test_memory_estimate_is_within_2x_of_the_measured_peak():
     assert measured / 2 <= estimate <= measured * 2, (estimate, measured)
 
 
+def test_attention_dropout_off_cuda_counts_its_block_size_squared_matrices():
+    """With dropout on a CPU, SDPA falls back to a path that keeps (T, T) matrices: a dry run said 1.4 GiB "fits"
+    at block_size 20,000 and the process was then killed for memory. The advice must name the real cause."""
+    from fungpt.config import RunConfig
+
+    model = GPTConfig(vocab_size=96, block_size=4096, n_layer=2, n_head=2, n_embd=64, dropout=0.1)
+    on_cpu, on_cuda = (estimate_memory(model, 4, device=d)["activations"] for d in ("cpu", "cuda"))
+    squares = 2 * 3 * 4 * 2 * 4096**2 * 4  # layers x 3 float32 (B, nh, T, T) tensors each
+    assert on_cpu - on_cuda == squares
+    no_dropout = dataclasses.replace(model, dropout=0.0)
+    assert estimate_memory(no_dropout, 4, device="cpu")["activations"] == on_cuda
+    cfg = RunConfig(model=model)
+    assert plan.largest_batch(model, "float32", 1024**3, "cuda") > 1
+    advice = plan.batch_advice(cfg, "float32", 1024**3, "cpu")
+    assert advice.startswith("even one sequence does not fit: batch 1 x block_size 4096 needs about ")
+    assert "model.dropout = 0 avoids them); use a smaller block_size" in advice
+
+
+def test_a_cpu_run_that_the_estimate_says_is_too_big_is_warned_about(corpus, tmp_path, monkeypatch, capsys):
+    """On a CPU, running out of memory is not an error to explain: the system kills the process (exit 137, no
+    message). The run starts anyway (the estimate errs high), after a warning with the batch that fits."""
+    cfg = tiny_config(corpus, tmp_path / "run", batch_size=64, max_iters=1)
+    fixed = estimate_memory(GPTConfig(**{**cfg.model.to_dict(), "vocab_size": 100}), 0, "float32")["total"]
+    monkeypatch.setattr(plan, "device_memory", lambda device: 2 * fixed)
+    train(cfg, progress=False)
+    out = capsys.readouterr().out
+    assert "fungpt: warning: this run needs about " in out and " of this cpu: the system may kill it. The " \
+        "estimate says batch_size = " in out
+    monkeypatch.setattr(plan, "device_memory", lambda device: 1024**4)
+    train(dataclasses.replace(cfg, out_dir=str(tmp_path / "again")), progress=False)
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_out_of_memory_gives_the_batch_that_fits(corpus, tmp_path, monkeypatch):
     forward = GPT.forward
 

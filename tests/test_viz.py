@@ -326,6 +326,7 @@ def test_inspect_an_exported_hugging_face_folder(run_dir, tmp_path, capsys):
 @pytest.mark.parametrize("cfg,impl", [
     (GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=4, n_embd=64), "sdpa"),
     (GPTConfig(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32, pos_encoding="rope"), "plain"),
+    (GPTConfig(vocab_size=65, block_size=128, n_layer=2, n_head=2, n_embd=32, dropout=0.1), "sdpa"),  # CPU: unfused
 ])
 def test_activation_estimate_matches_saved_tensors(cfg, impl):
     """The formula in estimate_memory against the bytes autograd really keeps for the backward pass."""
