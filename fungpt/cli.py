@@ -160,7 +160,8 @@ def sample_command(run: str, prompt: str | None = None, prompt_file: str | None 
 
 
 def eval_command(run: str, input: str | None = None, checkpoint: Literal["last", "best"] = "last",
-                 device: str = "auto", batch_size: int = 16) -> None:
+                 device: str = "auto", batch_size: int = 16,
+                 errors: Literal["strict", "replace"] | None = None) -> None:
     """Print loss, perplexity, bits per byte and bits per character on the run's val split or a text file.
 
     Args:
@@ -169,6 +170,8 @@ def eval_command(run: str, input: str | None = None, checkpoint: Literal["last",
         checkpoint: last (latest weights) or best (lowest val loss).
         device: auto, cpu, cuda or mps.
         batch_size: Windows scored at once.
+        errors: Bytes of --input that are not valid UTF-8: strict (stop, naming the byte) or replace (each
+            becomes U+FFFD); default: as the run's own data was read (its data.errors).
     """
     from fungpt.runs import overfit_note
     from fungpt.sample import evaluate_run, print_eval
@@ -178,7 +181,7 @@ def eval_command(run: str, input: str | None = None, checkpoint: Literal["last",
     if checkpoint == "last" and (note := overfit_note(run)):
         print(note, file=sys.stderr)
     print_eval(evaluate_run(run, input=input, checkpoint=checkpoint, device=device, batch_size=batch_size,
-                            progress=True))
+                            progress=True, errors=errors))
 
 
 def plot_command(runs: tyro.conf.Positional[list[str]], x: Literal["step", "tokens", "time"] = "step",

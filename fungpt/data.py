@@ -348,17 +348,18 @@ def _encode(tokenizer: Tokenizer, text: str) -> np.ndarray:
 
 
 def encode_file(
-    path: Path, tokenizer: Tokenizer, errors: str = "strict", progress: bool = False
+    path: Path, tokenizer: Tokenizer, errors: str = "strict", progress: bool = False,
+    utf8_fix: str = "convert it to UTF-8",
 ) -> tuple[np.ndarray, int, int]:
     """Token ids of one text file, read and encoded in chunks cut at safe points as prepare does: the ids
     prepare would write, in a fraction of the memory that encoding the whole text at once takes (a BPE's
     Python list of ids is ~70 bytes a token). Returns (ids, UTF-8 bytes, characters) of the text read
-    ("\r\n" kept, a byte-order mark dropped, undecodable bytes refused or, with errors="replace", U+FFFD)."""
+    ("\r\n" kept, a byte-order mark dropped, undecodable bytes refused (the error ends with utf8_fix) or, with
+    errors="replace", U+FFFD)."""
     pieces, n_bytes, n_chars = [], 0, 0
     dtype = token_dtype(tokenizer.vocab_size)
     with _progress_bar(path.stat().st_size, f"encoding ({tokenizer.name})", progress) as bar:
-        for text in _iter_file_text(path, errors, CHUNK_BYTES, lambda b: bar.update(len(b)),
-                                    utf8_fix="convert it to UTF-8"):
+        for text in _iter_file_text(path, errors, CHUNK_BYTES, lambda b: bar.update(len(b)), utf8_fix=utf8_fix):
             if isinstance(tokenizer, CharTokenizer):  # (the position an unknown character is named at)
                 ids = tokenizer.encode_array(text, offset=n_chars)
             else:

@@ -174,7 +174,7 @@ def _sample_showing_probs(loaded: LoadedRun, idx: torch.Tensor, max_new_tokens: 
 
 @torch.no_grad()
 def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: str = "last", device: str = "auto",
-                 batch_size: int = 16, progress: bool = False) -> dict[str, float]:
+                 batch_size: int = 16, progress: bool = False, errors: str | None = None) -> dict[str, float]:
     """Loss, perplexity and bits per byte/character of a run on its val split or on any text file.
 
     Every token is scored once (data.eval_windows): consecutive windows of block_size tokens each
@@ -182,9 +182,13 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
       loss        mean cross-entropy in nats per token
       perplexity  exp(loss): the model is as unsure as a uniform choice among this many tokens
       bits/byte   total bits / UTF-8 bytes: comparable across tokenizers (char, BPE, GPT-2)
+    errors: how to read bytes of `input` that are not UTF-8, "strict" (refuse) or "replace" (U+FFFD);
+    None: as the run's data was read (data.errors).
     """
     if batch_size <= 0:
         raise FunGPTError(f"batch_size {batch_size} must be positive")
+    if errors not in (None, "strict", "replace"):
+        raise FunGPTError(f"--errors {errors!r} is not valid: choose strict or replace")
     loaded = load_run(run, checkpoint, device)
     if input is not None:
         path = Path(input)
@@ -194,7 +198,9 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
             raise FunGPTError(f"--input {path} is a folder: eval reads one text file")
         # Read as prepare reads a corpus, in chunks: "\r\n" kept, a byte-order mark dropped, bytes that are not
         # UTF-8 refused or, for a run trained with data.errors = "replace", read as U+FFFD.
-        tokens, n_bytes, n_chars = encode_file(path, loaded.tokenizer, loaded.config.data.errors, progress)  # (n,)
+        tokens, n_bytes, n_chars = encode_file(
+            path, loaded.tokenizer, errors or loaded.config.data.errors, progress,
+            utf8_fix="convert it to UTF-8, or pass --errors replace to read such bytes as U+FFFD")  # (n,)
         source = str(path)
     else:
         data_dir = data_dir_of(run)
@@ -238,7 +244,8 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
             "tokens": total_tokens, "step": loaded.step, "source": source}
 
 
-def print_eval(result: dict, file: TextIO = sys.stdout) -> None:
+def print_eval(result: dict, file: TextIO | None = None) -> None:
+    file = file or sys.stdout  # (looked up now: a default of sys.stdout would keep the one of import time)
     print(f"{result['source']} at step {result['step']}: {result['tokens']:,} tokens", file=file)
     print(f"  loss        {result['loss']:.4f} nats/token", file=file)
     print(f"  perplexity  {result['perplexity']:.3f}", file=file)

@@ -797,6 +797,22 @@ def test_train_on_text_with_bad_utf8_names_a_fix_train_accepts(corpus, tmp_path)
         DataConfig(errors="ignore")
 
 
+def test_eval_of_a_text_that_is_not_utf8_can_replace_its_bytes(corpus, tmp_path, capsys):
+    """`fungpt eval --input latin1.txt` on a run trained on UTF-8 said "convert it to UTF-8", with no way past."""
+    good = tmp_path / "good.txt"
+    good.write_text(corpus.read_text() + "caf\ufffd au lait\n", encoding="utf-8")  # (U+FFFD is in its vocabulary)
+    train(tiny_config(good, tmp_path / "run", max_iters=2), progress=False)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\u00e9 au lait\n".encode("latin-1") * 20)
+    with pytest.raises(FunGPTError, match=r"latin.txt is not valid UTF-8 .*pass --errors replace to read such bytes"):
+        evaluate_run(tmp_path / "run", input=latin)
+    replaced = evaluate_run(tmp_path / "run", input=latin, errors="replace")
+    assert replaced["tokens"] == len("caf\ufffd au lait\n") * 20 - 1
+    capsys.readouterr()
+    assert main(["eval", "--run", str(tmp_path / "run"), "--input", str(latin), "--errors", "replace"]) == 0
+    assert f"{latin} at step 2: {len('caf_ au lait_') * 20 - 1} tokens" in capsys.readouterr().out
+
+
 def test_eval_on_a_text_shorter_than_the_context(corpus, tmp_path):
     out = tmp_path / "run"
     train(tiny_config(corpus, out, max_iters=2), progress=False)
