@@ -29,7 +29,8 @@ def load_run(run_dir: str | Path, checkpoint: str = "last", device: str = "auto"
     """Rebuild the model of a run folder from its config and verified safetensors weights."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FunGPTError(f"run folder {run_dir} does not exist; pass the out_dir of a training run")
+        what = "is a file, not a run folder" if run_dir.exists() else "does not exist"
+        raise FunGPTError(f"{run_dir} {what}; pass the out_dir of a training run")
     if checkpoint not in ("last", "best"):
         raise FunGPTError(f"--checkpoint {checkpoint!r} is not valid: choose last or best")
     kind = "latest" if checkpoint == "last" else "best"

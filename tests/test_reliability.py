@@ -1090,6 +1090,7 @@ BAD_INPUTS = {
     # sample / eval / prepare / plot
     "sample: missing run": (["sample", "--run", "{tmp}/nope"], "does not exist"),
     "sample: not a run folder": (["sample", "--run", "{tmp}"], "config.json"),
+    "sample: a file as the run": (["sample", "--run", "{corpus}"], "corpus.txt is a file, not a run folder"),
     "sample: top_p 1.5": (["sample", "--run", "{run}", "--top-p", "1.5"], "top-p"),
     "sample: negative temperature": (["sample", "--run", "{run}", "--temperature", "-1"], "temperature"),
     "sample: top_k 0": (["sample", "--run", "{run}", "--top-k", "0"], "top-k"),
