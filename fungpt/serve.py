@@ -9,7 +9,8 @@ side panel shows the run's loss curve and config.
 
 The HTTP API behind it (FastAPI on uvicorn):
     GET  /api/info        the run: name, step, sizes, config.json, this server's limits
-    GET  /api/metrics     the loss curve: train rows [step, loss] and eval rows [step, train, val]
+    GET  /api/metrics     the loss curve: train rows [step, loss] and eval rows [step, train, val]; none, and a
+                          "note", once the folder was trained over with another model
     POST /api/generate    {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_at_eot"}
                           -> server-sent events (text/event-stream), one JSON object per event:
                           {"type": "start", "prompt_tokens": [...]}, then one
@@ -247,8 +248,10 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
         elif exc.status_code == 405:
             allowed = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow", "another method")
             message = f"{request.method} is not allowed on {request.url.path}: use {allowed}"
-        elif exc.status_code == 400 and "parsing the body" in str(exc.detail):  # not UTF-8, or nested too deep
-            return _error(422, "the request body is not valid JSON (UTF-8 text, nested at most a few levels)")
+        elif exc.status_code == 400 and "parsing the body" in str(exc.detail):
+            # not UTF-8, nested too deep, or an integer past Python's 4,300-digit limit on converting text
+            return _error(422, "the request body is not valid JSON (UTF-8 text, nested at most a few levels, "
+                               "whole numbers of at most 4,300 digits)")
         else:
             message = str(exc.detail)
         return _error(exc.status_code, message)
@@ -290,6 +293,10 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
     def get_metrics() -> dict:
         from fungpt.plot import read_metrics
 
+        current()  # (notices a run trained over since)
+        if served["warned"]:  # the folder's metrics.jsonl is now another model's: not the curve of the one served
+            return {"train": [], "eval": [], "note": "the run folder now holds another model (trained over): its "
+                                                     "curve is not this model's; restart fungpt serve"}
         try:
             train_rows, eval_rows = read_metrics(run.run_dir)
         except FunGPTError:

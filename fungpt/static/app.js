@@ -96,7 +96,7 @@ function ticks(lo, hi, count) {
 
 async function loadMetrics() {
   const svg = $("loss");
-  const { train, eval: evals } = await fetchJSON("/api/metrics");
+  const { train, eval: evals, note } = await fetchJSON("/api/metrics");
   const W = 420, H = 240, left = 42, right = 12, top = 10, bottom = 30;
   const points = train.map(([s, l]) => [s, l]).concat(evals.map(([s, , v]) => [s, v]));
   const ns = "http://www.w3.org/2000/svg";
@@ -109,7 +109,8 @@ async function loadMetrics() {
   };
   svg.innerHTML = "";
   if (!points.length) {
-    el("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, "no metrics.jsonl in this run");
+    const why = note ? "the run folder now holds another model: restart fungpt serve" : "no metrics.jsonl in this run";
+    el("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, why);
     return;
   }
   const xs = points.map((p) => p[0]), ys = points.map((p) => p[1]);
