@@ -69,6 +69,7 @@ from tqdm import tqdm
 from fungpt.checkpoint import open_new_temp
 from fungpt.errors import FunGPTError, read_json
 from fungpt.tokenizer import (
+    DEFAULT_BPE_VOCAB,
     EOT_TEXT,
     CharTokenizer,
     GPT2Tokenizer,
@@ -551,6 +552,8 @@ def prepare(
             "format_version": FORMAT_VERSION,
             "tokenizer": tok.name,
             "vocab_size": tok.vocab_size,
+            # what was asked of a BPE trained here: on a small corpus it stops short of it (vocab_size above)
+            **({"vocab_size_asked": vocab_size or DEFAULT_BPE_VOCAB} if tokenizer == "bpe" else {}),
             "eot_id": tok.eot_id,
             "dtype": dtype.name,
             "max_id": max_id,

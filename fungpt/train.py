@@ -154,25 +154,37 @@ def warn_if_memory_short(cfg: RunConfig, prec) -> None:
 
     have = device_memory(prec.device)
     need = estimate_memory(cfg.model, cfg.train.batch_size, prec.dtype, device=prec.device)["total"]
-    if have is not None and need > have:
-        advice = batch_advice(cfg, prec.dtype, have, prec.device)
-        print(f"fungpt: warning: this run needs about {need / GIB:.1f} GiB of memory by estimate, more than the "
-              f"{have / GIB:.1f} GiB of this {prec.device}: the system may kill it. {advice[0].upper()}{advice[1:]} "
-              f"(--dry-run shows the estimate)")
+    # Under torchrun the processes on this machine share its memory (LOCAL_WORLD_SIZE of them)
+    local = int(os.environ["LOCAL_WORLD_SIZE"]) if os.environ.get("LOCAL_WORLD_SIZE", "").isdigit() else 1
+    who = "this run needs" if local <= 1 else f"the {local} processes of this run on this machine need"
+    if have is not None and need * max(local, 1) > have:
+        advice = batch_advice(cfg, prec.dtype, have // max(local, 1), prec.device)
+        print(f"fungpt: warning: {who} about {need * max(local, 1) / GIB:.1f} GiB of memory by estimate, more than "
+              f"the {have / GIB:.1f} GiB of this {prec.device}: the system may kill it. {advice[0].upper()}"
+              f"{advice[1:]} (--dry-run shows the estimate)")
 
 
-def note_unused_data_settings(data: DataConfig, meta: dict, data_dir: Path) -> None:
+def note_unused_data_settings(data: DataConfig, meta: dict, data_dir: Path, fine_tune: bool = False) -> None:
     """Say which [data] settings a prepared folder leaves unused: its tokens were fixed by `fungpt prepare`.
 
     Only settings that differ from both the defaults and the folder's own count (a config file written
-    for the raw text may name the same tokenizer the folder used; that needs no note)."""
+    for the raw text may name the same tokenizer the folder used; that needs no note). A fine-tune
+    tokenizes with its pretrained model's tokenizer whatever data.tokenizer says: those two are left out."""
     default = DataConfig()
-    unused = [f"{name} = {mine!r} (the folder's: {theirs!r})" for name, mine, theirs in (
-        ("tokenizer", data.tokenizer, meta.get("tokenizer")),
-        ("vocab_size", data.vocab_size, meta.get("vocab_size")),
-        ("val_fraction", data.val_fraction, meta.get("val_fraction")),
-        ("errors", data.errors, meta.get("errors", "strict")),
-    ) if mine != getattr(default, name) and mine != theirs]
+    # A BPE stops short of its vocab_size on a small corpus: the size asked is what the setting compares with
+    # (folders prepared before it was recorded: only a size below the folder's cannot be the one asked)
+    asked = meta.get("vocab_size_asked")
+    if data.vocab_size is None or meta.get("tokenizer") != "bpe":
+        vocab_differs = data.vocab_size is not None  # (a size only applies to a BPE)
+    else:
+        vocab_differs = data.vocab_size != asked if asked is not None else data.vocab_size < meta.get("vocab_size", 0)
+    checks = [("val_fraction", data.val_fraction, meta.get("val_fraction"), True),
+              ("errors", data.errors, meta.get("errors", "strict"), True)]
+    if not fine_tune:
+        checks[:0] = [("tokenizer", data.tokenizer, meta.get("tokenizer"), True),
+                      ("vocab_size", data.vocab_size, asked or meta.get("vocab_size"), vocab_differs)]
+    unused = [f"{name} = {mine!r} (the folder's: {theirs!r})" for name, mine, theirs, differs in checks
+              if mine != getattr(default, name) and mine != theirs and differs]
     if unused:
         print(f"fungpt: note: {data_dir} is a prepared dataset, tokenized once by `fungpt prepare`, so data."
               f"{'; data.'.join(unused)} {'is' if len(unused) == 1 else 'are'} not used. To change "
@@ -403,7 +415,7 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
     meta = load_meta(data_dir)
     check_token_ids(data_dir, meta)
     if is_main and data_dir == Path(cfg.data.path).expanduser():
-        note_unused_data_settings(cfg.data, meta, data_dir)
+        note_unused_data_settings(cfg.data, meta, data_dir, fine_tune=pre is not None)
     if pre is not None:
         pretrained.check_data_tokenizer(load_tokenizer(data_dir), data_dir, pre)
     else:

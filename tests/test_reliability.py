@@ -1490,6 +1490,15 @@ def test_data_settings_a_prepared_folder_leaves_unused_are_named(world, tmp_path
             "used") in out
     assert main([*argv, "--data.tokenizer", "char", "--data.val-fraction", "0.1"]) == 0  # the folder's own
     assert "is a prepared dataset" not in capsys.readouterr().out
+    # A BPE stops short of the size asked on a small corpus: the setting it was prepared with is not "unused"
+    bpe = prepare(str(world["corpus"]), tmp_path / "bpe", tokenizer="bpe", vocab_size=4096, progress=False)
+    assert load_meta(bpe)["vocab_size"] < 4096  # (its corpus is small)
+    bpe_argv = [*argv[:2], str(bpe), *argv[3:], "--data.tokenizer", "bpe"]
+    assert main([*bpe_argv, "--data.vocab-size", "4096", "--data.val-fraction", "0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "data.val_fraction = 0.25 (the folder's: 0.1) is not used" in out and "vocab_size" not in out
+    assert main([*bpe_argv, "--data.vocab-size", "2048"]) == 0
+    assert "data.vocab_size = 2048 (the folder's: 4096) is not used" in capsys.readouterr().out
 
 
 def test_sampling_an_overfit_runs_last_checkpoint_points_to_the_best(world, tmp_path, capsys, monkeypatch):
@@ -1506,8 +1515,8 @@ def test_sampling_an_overfit_runs_last_checkpoint_points_to_the_best(world, tmp_
     run = tmp_path / "overfit"
     train(tiny_config(world["data"], run, max_iters=6, eval_interval=3), progress=False)
     argv = ["--run", str(run), "--max-new-tokens", "5"]
-    note = ("fungpt: note: the last checkpoint (step 6, val loss 2.5000) is worse than the run's best (step 3, "
-            "val loss 2.0000): it overfit. Pass --checkpoint best to use the best one")
+    note = ("fungpt: note: the last checkpoint (step 6, val loss 2.5000) has a higher val loss than the run's best "
+            "(step 3, val loss 2.0000); pass --checkpoint best to use that one")
     for command in ("sample", "eval"):
         assert main([command, *argv[:2], *(argv[2:] if command == "sample" else [])]) == 0
         assert note in capsys.readouterr().err
