@@ -811,6 +811,12 @@ def test_eval_of_a_text_that_is_not_utf8_can_replace_its_bytes(corpus, tmp_path,
     capsys.readouterr()
     assert main(["eval", "--run", str(tmp_path / "run"), "--input", str(latin), "--errors", "replace"]) == 0
     assert f"{latin} at step 2: {len('caf_ au lait_') * 20 - 1} tokens" in capsys.readouterr().out
+    with pytest.raises(FunGPTError, match="--errors applies to an --input text file"):
+        evaluate_run(tmp_path / "run", errors="replace")
+    # a char vocabulary without U+FFFD: replacing cannot help, so the refusal does not send the user there
+    train(tiny_config(corpus, tmp_path / "clean", max_iters=2), progress=False)
+    with pytest.raises(FunGPTError, match=r"convert it to UTF-8 \(this run's characters do not include U\+FFFD"):
+        evaluate_run(tmp_path / "clean", input=latin)
 
 
 def test_eval_on_a_text_shorter_than_the_context(corpus, tmp_path):
