@@ -15,12 +15,11 @@ The HTTP API behind it (FastAPI on uvicorn):
                           -> server-sent events (text/event-stream), one JSON object per event:
                           {"type": "start", "prompt_tokens": [...]}, then one
                           {"type": "token", "index", "id", "text", "piece", "prob", "top": [{"id", "text", "prob"}]}
-                          per new token, then {"type": "done", "text", "tail", "n_tokens", "stopped_at_eot"}; as
-                          `fungpt sample`, a sample ends before <|endoftext|> unless stop_at_eot is false;
-                          "text" is the token
-                          alone (Tokenizer.token_text), "piece" the text it completes (TextStream), and
-                          "tail" what the last tokens leave when they end inside a character ("\ufffd"): the
-                          pieces and the tail join into the done event's "text"
+                          per new token, then {"type": "done", "text", "tail", "n_tokens", "stopped_at_eot"};
+                          a token's "text" is the token alone (Tokenizer.token_text), "piece" the text it completes
+                          (TextStream), and "tail" what the last tokens leave when they end inside a character
+                          ("\ufffd"): the pieces and the tail join into the done event's "text". As `fungpt
+                          sample`, a sample ends before <|endoftext|> unless stop_at_eot is false
     POST /api/attention   {"ids", "layer", "head"} -> the (T, T) attention weights of that head
 Every mistake in a request gets a 4xx answer {"error": "<one clear line>"}. Numbers must be JSON numbers
 (true or "5" is refused), and requests must name this machine in their Host header (see _host_allowed).
@@ -205,7 +204,7 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
     # The run as served. Training may still be going: a newer checkpoint is loaded at the next request. A
     # different model in its place (the folder trained over with --overwrite) is not: the page, its limits and
     # the tokenizer were made for this one; that takes a restart, said once.
-    served = {"run": run, "id": loaded, "warned": False}
+    served = {"run": run, "id": loaded, "warned": False, "other_model": False}
 
     def current() -> LoadedRun:
         """The served run, after loading the run's newest checkpoint if it changed since."""
@@ -219,6 +218,7 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
             except (FunGPTError, OSError):
                 return served["run"]  # caught mid-save or damaged: keep the loaded one, try again next request
             served["id"] = now_id  # (either way: not loaded again until the run saves again)
+            served["other_model"] = not same  # the folder's files (its loss curve) are another model's
             if same:
                 served["run"] = new
             elif not served["warned"]:
@@ -294,7 +294,7 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
         from fungpt.plot import read_metrics
 
         current()  # (notices a run trained over since)
-        if served["warned"]:  # the folder's metrics.jsonl is now another model's: not the curve of the one served
+        if served["other_model"]:  # the folder's metrics.jsonl is another model's: not the curve of the one served
             return {"train": [], "eval": [], "note": "the run folder now holds another model (trained over): its "
                                                      "curve is not this model's; restart fungpt serve"}
         try:

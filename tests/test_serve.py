@@ -347,6 +347,9 @@ def test_a_run_trained_over_is_reloaded_only_if_it_is_the_same_model(run_dir, tm
         assert httpx.get(f"{base}/api/metrics").json() == {
             "train": [], "eval": [], "note": "the run folder now holds another model (trained over): its curve is "
                                              "not this model's; restart fungpt serve"}
+        train(cfg, overwrite=True, progress=False)  # and the served architecture again: served, curve and all
+        assert stream_events(base, prompt="The", max_new_tokens=1)[0]["step"] == 20
+        assert set(httpx.get(f"{base}/api/metrics").json()) == {"train", "eval"}
     assert capsys.readouterr().err.count("now holds a different model") == 1
 
 
