@@ -70,23 +70,25 @@ def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", 
                                                    (1+1+1+1 + 4 for the MLP's wide layer), q, k, v (3),
                                                    the attention output (1), the activation's input (4)
                              + s * 2 B T C         with RoPE, and again with QK-norm: the new q and k
-                             + s * nh B T^2        only with attn_impl='plain': the softmax weights.
-                                                   Fused kernels (sdpa, flash attention) recompute them
-                                                   in the backward pass and keep only B nh T statistics.
+                             + 4 nh B T^2          only with attn_impl='plain': the softmax weights, in
+                                                   float32 whatever the dtype (autocast computes softmax in
+                                                   float32). Fused kernels (sdpa, flash attention) recompute
+                                                   them in the backward pass and keep only B nh T statistics.
                              x 3                   with dropout: the weights, the dropout mask and the
                                                    dropped weights. Outside CUDA `device`s this holds for
                                                    sdpa too: torch's fused CPU kernel has no dropout, so
                                                    attention dropout sends SDPA to its plain math path
                                                    (2 layers, 2 heads, T = 4096, batch 4 on a CPU: peak
-                                                   memory 4.3 GB with dropout 0.1, 0.45 GB without)
+                                                   memory 4.0 GiB with dropout 0.1, 0.42 GiB without; on
+                                                   Apple GPUs not measured)
                    top         s * 2 B T C         final norm and lm_head inputs
                              + 4 B T V             cross-entropy's float32 log-softmax of the logits
-                 Dropout masks, PyTorch's workspace and allocator slack are not counted: expect
-                 the real peak to be somewhat higher. tests/test_viz.py checks the formula against
-                 the tensors autograd actually saves (within 25% on small float32 models).
+                 The other dropout masks (one byte per element), PyTorch's workspace and allocator slack
+                 are not counted: expect the real peak to be somewhat higher. tests/test_viz.py checks the
+                 formula against the tensors autograd actually saves (within 25% on small models).
     weight_copies  N x s          only with 16-bit autocast: the cast copies of the weights that
                                  live through forward and backward
-    temporaries  s * 2 x per-block activations + N x 4 bytes: the gradients of the block backward
+    temporaries  2 x per-block activations + N x 4 bytes: the gradients of the block backward
                  is working on, and AdamW's batched-update scratch (checked against the measured
                  peak of a small CPU run in tests/test_hardware.py: within 2x)
     kv_cache     2 x n_layer x B x T x C x s      what generation with a KV cache of B sequences
@@ -107,10 +109,10 @@ def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", 
     extra = 2 * (config.pos_encoding == "rope") + 2 * config.qk_norm  # new copies of q and k
     dropout = config.dropout > 0
     unfused = attn_impl == "plain" or (dropout and not device.startswith("cuda"))  # keeps (T, T) matrices
-    per_block = (16 + extra) * B * T * C + ((3 if dropout else 1) * nh * B * T * T if unfused else 0)  # elements
-    activations = s * (L * per_block + 2 * B * T * C) + FP32 * B * T * V
+    per_block = s * (16 + extra) * B * T * C + FP32 * ((3 if dropout else 1) * nh * B * T * T if unfused else 0)
+    activations = L * per_block + s * 2 * B * T * C + FP32 * B * T * V  # (bytes)
     mem = {"weights": n * FP32, "grads": n * FP32, "optimizer": 2 * n * FP32, "activations": activations,
-           "weight_copies": n * s if s < FP32 else 0, "temporaries": s * 2 * per_block + n * FP32}
+           "weight_copies": n * s if s < FP32 else 0, "temporaries": 2 * per_block + n * FP32}
     mem["total"] = sum(mem.values())
     mem["kv_cache"] = 2 * L * B * T * C * s
     mem.update(params=n, batch_size=B, block_size=T, dtype=dtype, attn_impl=attn_impl, device=device)

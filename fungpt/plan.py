@@ -24,6 +24,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Collection
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,15 +41,32 @@ GIB = 1024**3
 
 
 def device_memory(device: str) -> int | None:
-    """Total memory of `device` in bytes (None where it cannot be told)."""
+    """Total memory of `device` in bytes (None where it cannot be told). For the CPU: the machine's memory, or
+    the container's limit where that is lower (Linux control groups, as Docker and Kubernetes set them)."""
     try:
         if device.startswith("cuda"):
             return int(torch.cuda.mem_get_info(device)[1])
         if device == "mps":
             return int(torch.mps.recommended_max_memory())
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))  # not on Windows
+        physical = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))  # not on Windows
     except Exception:  # noqa: BLE001 - no such device, no such API on this platform or torch build
         return None
+    limit = cgroup_memory_limit()
+    return physical if limit is None else min(physical, limit)
+
+
+def cgroup_memory_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """This process's memory limit from its control group in bytes, or None if it has none (or off Linux).
+
+    cgroup v2 writes it in memory.max ("max": no limit), v1 in memory/memory.limit_in_bytes (a huge number
+    for no limit, which min() with the machine's memory then ignores)."""
+    for file in (root / "memory.max", root / "memory" / "memory.limit_in_bytes"):
+        try:
+            text = file.read_text().strip()
+        except OSError:
+            continue
+        return int(text) if text.isdigit() else None
+    return None
 
 
 def largest_batch(model_cfg: GPTConfig, dtype: str, memory: int, device: str = "cpu") -> int:
@@ -66,7 +84,8 @@ def batch_advice(cfg: RunConfig, dtype: str, memory: int, device: str = "cpu") -
         fixed = estimate_memory(cfg.model, 0, dtype, device=device)["total"]
         if fixed > SAFETY * memory:
             return (f"even one sequence does not fit: weights, gradients and AdamW state alone need about "
-                    f"{fixed / GIB:.1f} GiB of {memory / GIB:.1f} GiB; use a smaller model, or a larger GPU")
+                    f"{fixed / GIB:.1f} GiB of {memory / GIB:.1f} GiB; use a smaller model, or a "
+                    f"{'larger GPU' if device.startswith('cuda') else 'machine with more memory'}")
         one = estimate_memory(cfg.model, 1, dtype, device=device)
         why = (" (with dropout outside CUDA, attention keeps block_size x block_size matrices: model.dropout = 0 "
                "avoids them)" if one["attn_impl"] == "sdpa" and cfg.model.dropout > 0 and not device.startswith("cuda")

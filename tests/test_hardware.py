@@ -315,6 +315,24 @@ def test_a_cpu_run_that_the_estimate_says_is_too_big_is_warned_about(corpus, tmp
     assert "warning" not in capsys.readouterr().out
 
 
+def test_cpu_memory_is_the_containers_limit_where_that_is_lower(tmp_path, monkeypatch):
+    """In a container the machine's memory is not what the process may use: the kill comes at the limit."""
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text("max\n")
+    assert plan.cgroup_memory_limit(v2) is None
+    (v2 / "memory.max").write_text("1073741824\n")
+    assert plan.cgroup_memory_limit(v2) == 1024**3
+    (tmp_path / "v1" / "memory").mkdir(parents=True)
+    (tmp_path / "v1" / "memory" / "memory.limit_in_bytes").write_text("536870912\n")
+    assert plan.cgroup_memory_limit(tmp_path / "v1") == 512 * 1024**2
+    assert plan.cgroup_memory_limit(tmp_path / "none") is None
+    monkeypatch.setattr(plan, "cgroup_memory_limit", lambda: 1024**3)
+    assert plan.device_memory("cpu") == 1024**3
+    monkeypatch.setattr(plan, "cgroup_memory_limit", lambda: 2**63)  # v1's "no limit"
+    assert 0 < plan.device_memory("cpu") < 2**63
+
+
 def test_out_of_memory_gives_the_batch_that_fits(corpus, tmp_path, monkeypatch):
     forward = GPT.forward
 

@@ -323,12 +323,17 @@ def test_inspect_an_exported_hugging_face_folder(run_dir, tmp_path, capsys):
     assert "2 layers x 2 heads x 32 channels, context 32" in out and "planned" not in out
 
 
-@pytest.mark.parametrize("cfg,impl", [
-    (GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=4, n_embd=64), "sdpa"),
-    (GPTConfig(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32, pos_encoding="rope"), "plain"),
-    (GPTConfig(vocab_size=65, block_size=128, n_layer=2, n_head=2, n_embd=32, dropout=0.1), "sdpa"),  # CPU: unfused
+DROPOUT = GPTConfig(vocab_size=65, block_size=128, n_layer=2, n_head=2, n_embd=32, dropout=0.1)  # CPU SDPA: unfused
+
+
+@pytest.mark.parametrize("cfg,impl,dtype", [
+    (GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=4, n_embd=64), "sdpa", "float32"),
+    (GPTConfig(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32, pos_encoding="rope"), "plain",
+     "float32"),
+    (DROPOUT, "sdpa", "float32"),
+    (DROPOUT, "sdpa", "bfloat16"),  # its (T, T) tensors stay float32 under autocast
 ])
-def test_activation_estimate_matches_saved_tensors(cfg, impl):
+def test_activation_estimate_matches_saved_tensors(cfg, impl, dtype):
     """The formula in estimate_memory against the bytes autograd really keeps for the backward pass."""
     torch.manual_seed(0)
     model = GPT(cfg)
@@ -341,9 +346,10 @@ def test_activation_estimate_matches_saved_tensors(cfg, impl):
         return t
 
     idx = torch.randint(0, cfg.vocab_size, (3, cfg.block_size))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+          torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")):
         model(idx, idx, attn_impl=impl)
-    estimate = estimate_memory(cfg, batch_size=3, attn_impl=impl)["activations"]
+    estimate = estimate_memory(cfg, batch_size=3, dtype=dtype, attn_impl=impl)["activations"]
     assert 0.75 < estimate / sum(saved.values()) < 1.25
 
 
