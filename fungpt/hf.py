@@ -82,10 +82,11 @@ def load_gpt2(path: str | os.PathLike) -> GPT:
         key = key.removeprefix("transformer.")
         if key.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # old checkpoints store the causal mask as a buffer; we build it on the fly
-        if not t.is_floating_point():  # e.g. int8 from a quantizer: .float() would make it the wrong numbers
-            raise FunGPTError(f"'{path}' stores {key} as {str(t.dtype).removeprefix('torch.')}, not as floating-point "
-                              f"numbers (a quantized checkpoint?): FunGPT loads float32, float16 or bfloat16 "
-                              f"weights; save the model unquantized")
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            # e.g. int8 or float8 from a quantizer, which scales them: .float() alone would give the wrong numbers
+            raise FunGPTError(f"'{path}' stores {key} as {str(t.dtype).removeprefix('torch.')} (a quantized "
+                              f"checkpoint?): FunGPT loads float32, float16 or bfloat16 weights; save the model "
+                              f"unquantized")
         if key == "lm_head.weight" and config.tie_embeddings:
             continue  # same matrix as wte
         if key.startswith("h."):  # h.{i}.* -> blocks.{i}.*

@@ -78,9 +78,9 @@ less is within what an estimate from eval_iters random batches varies (BENCHMARK
 
 
 def overfit_note(run_dir: str | Path) -> str | None:
-    """A note for using the last checkpoint of a run whose val loss has risen since its best one (it overfit,
-    as nanoGPT's GPU recipe does after ~1,750 steps on a fast GPU); None when the last is (about) the best, or
-    when the files needed to tell are missing (the command itself then says what is wrong)."""
+    """A note for using the last checkpoint of a run whose val loss has risen since its best one (overfitting, as
+    nanoGPT's GPU recipe does after ~1,750 steps on a fast GPU, or a too-high lr); None when the last is (about)
+    the best, or when the files needed to tell are missing (the command itself then says what is wrong)."""
     from fungpt.plot import read_metrics
 
     run_dir = Path(run_dir)
@@ -97,9 +97,9 @@ def overfit_note(run_dir: str | Path) -> str | None:
         return None
     if last_val is None or not best_step < last_step or not last_val > best_val + OVERFIT_MARGIN:
         return None
-    return (f"fungpt: note: the last checkpoint (step {last_step:,}, val loss {last_val:.4f}) is worse than the "
-            f"run's best (step {best_step:,}, val loss {best_val:.4f}): it overfit. Pass --checkpoint best to use "
-            f"the best one")
+    return (f"fungpt: note: the last checkpoint (step {last_step:,}, val loss {last_val:.4f}) has a higher val loss "
+            f"than the run's best (step {best_step:,}, val loss {best_val:.4f}); pass --checkpoint best to use that "
+            f"one")
 
 
 def data_dir_of(run_dir: str | Path) -> Path:

@@ -602,16 +602,18 @@ def test_from_hf_missing_files_are_clear_errors(tmp_path):
 
 def test_from_hf_refuses_integer_weights(tmp_path):
     """A quantized checkpoint (int8 matrices) was cast to float: a model of wrong numbers, without a word."""
+    pytest.importorskip("transformers")
     from safetensors.torch import load_file, save_file
 
-    pytest.importorskip("transformers")
     random_hf_model().save_pretrained(tmp_path)
-    weights = load_file(tmp_path / "model.safetensors")
+    original = load_file(tmp_path / "model.safetensors")
     key = "transformer.h.0.mlp.c_fc.weight"
-    weights[key] = (weights[key] * 1000).to(torch.int8)
-    save_file(weights, tmp_path / "model.safetensors")
-    with pytest.raises(FunGPTError, match=f"stores {key.removeprefix('transformer.')} as int8, not as floating-point"):
-        GPT.from_hf(tmp_path)
+    for dtype in (torch.int8, torch.float8_e4m3fn):
+        weights = {**original, key: (original[key] * 1000).to(dtype)}
+        save_file(weights, tmp_path / "model.safetensors")
+        name = str(dtype).removeprefix("torch.")
+        with pytest.raises(FunGPTError, match=f"stores {key.removeprefix('transformer.')} as {name} \\(a quantized"):
+            GPT.from_hf(tmp_path)
 
 
 def test_from_hf_without_prefix_and_untied(tmp_path):
