@@ -410,9 +410,17 @@ def entry() -> None:
     files are closed. What is left is Python tearing down its thousands of modules (torch's
     compiler among them, imported by torch.optim), which took 0.9-1.1 s on a 2-core CPU: time a
     run with a time budget would have to reserve. os._exit skips it, after flushing the output.
-    Tests and library users call main(), which returns normally.
+    Tests and library users call main(), which returns normally. An unexpected exception (a bug, not a
+    mistake main() explains) prints its traceback and exits the same fast way: under torchrun the process
+    that failed must exit before the peers it leaves stuck, or torchrun names one of them as the root cause.
     """
-    code = main()
+    try:
+        code = main()
+    except Exception:  # noqa: BLE001 - reported in full, as Python would
+        import traceback
+
+        traceback.print_exc()
+        code = 1
     try:
         sys.stdout.flush()
     except BrokenPipeError:  # what was still buffered has no reader any more (`| head`): nothing to report

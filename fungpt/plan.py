@@ -55,6 +55,13 @@ def device_memory(device: str) -> int | None:
     return physical if limit is None else min(physical, limit)
 
 
+def processes_sharing(device: str) -> int:
+    """How many processes share `device`'s memory: under torchrun on a CPU (or an Apple GPU), all those on this
+    machine (LOCAL_WORLD_SIZE); on CUDA each process has a GPU of its own."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return int(local) if local.isdigit() and int(local) > 1 and not device.startswith("cuda") else 1
+
+
 def cgroup_memory_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
     """This process's memory limit from its control group in bytes, or None if it has none (or off Linux).
 
@@ -146,6 +153,8 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
     # 3. Memory.
     mem = estimate_memory(mc, tc.batch_size, prec.dtype, device=prec.device)
     have = device_memory(prec.device)
+    sharing = processes_sharing(prec.device)  # (the memory check below is per process: its share)
+    have = have // sharing if have is not None else None
     fits = have is None or mem["total"] <= SAFETY * have
     out(f"fungpt: dry run: {prec.reason}")
     start = f"pretrained {pre.name}" if pre else "scratch"
@@ -163,7 +172,8 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
         out(f"  device         {prec.device}: its memory size is unknown here")
     else:
         verdict = "fits" if fits else f"does NOT fit: {batch_advice(cfg, prec.dtype, have, prec.device)}"
-        out(f"  device         {prec.device} has {_fmt_bytes(have)}: {verdict}")
+        share = f" for each of the {sharing} processes on this machine" if sharing > 1 else ""
+        out(f"  device         {prec.device} has {_fmt_bytes(have)}{share}: {verdict}")
 
     # 4. Time a few real steps (random weights: the speed does not depend on their values).
     step_s = _time_steps(cfg, prec, data_dir, timed_steps, configure_optimizer, BatchLoader) if fits else None

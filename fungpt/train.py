@@ -143,6 +143,10 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
                 val_fraction=data.val_fraction, overwrite=True, errors=data.errors, progress=progress)
     if dist.is_initialized():
         dist.barrier()  # the other ranks wait until rank 0 has prepared the data
+        if not (out / "meta.json").is_file():  # another machine: rank 0 prepared it into its own cache
+            raise FunGPTError(f"the data that rank 0 prepared is not in this machine's cache ({out}): on several "
+                              f"machines, set FUNGPT_CACHE_DIR to a folder on a filesystem they share, or prepare "
+                              f"the data once with `fungpt prepare` into such a folder and pass it as data.path")
     return out
 
 
@@ -150,18 +154,17 @@ def warn_if_memory_short(cfg: RunConfig, prec) -> None:
     """Say so before training when the memory estimate exceeds the machine's memory: on a CPU (or Apple GPU)
     running out does not raise an error that could be explained, the system kills the process."""
     from fungpt.inspection import estimate_memory
-    from fungpt.plan import GIB, batch_advice, device_memory
+    from fungpt.plan import GIB, batch_advice, device_memory, processes_sharing
 
     have = device_memory(prec.device)
-    need = estimate_memory(cfg.model, cfg.train.batch_size, prec.dtype, device=prec.device)["total"]
-    # Under torchrun the processes on this machine share its memory (LOCAL_WORLD_SIZE of them)
-    local = int(os.environ["LOCAL_WORLD_SIZE"]) if os.environ.get("LOCAL_WORLD_SIZE", "").isdigit() else 1
-    who = "this run needs" if local <= 1 else f"the {local} processes of this run on this machine need"
-    if have is not None and need * max(local, 1) > have:
-        advice = batch_advice(cfg, prec.dtype, have // max(local, 1), prec.device)
-        print(f"fungpt: warning: {who} about {need * max(local, 1) / GIB:.1f} GiB of memory by estimate, more than "
-              f"the {have / GIB:.1f} GiB of this {prec.device}: the system may kill it. {advice[0].upper()}"
-              f"{advice[1:]} (--dry-run shows the estimate)")
+    local = processes_sharing(prec.device)  # under torchrun, the processes on this machine share its memory
+    need = local * estimate_memory(cfg.model, cfg.train.batch_size, prec.dtype, device=prec.device)["total"]
+    who = "this run needs" if local == 1 else f"the {local} processes of this run on this machine need"
+    if have is not None and need > have:
+        advice = batch_advice(cfg, prec.dtype, have // local, prec.device)
+        print(f"fungpt: warning: {who} about {need / GIB:.1f} GiB of memory by estimate, more than the "
+              f"{have / GIB:.1f} GiB of this {prec.device}: the system may kill it. {advice[0].upper()}{advice[1:]} "
+              f"(--dry-run shows the estimate)")
 
 
 def note_unused_data_settings(data: DataConfig, meta: dict, data_dir: Path, fine_tune: bool = False) -> None:
@@ -1093,8 +1096,15 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 if prec.device == "cuda" and "cuda" in rng:
                     torch.cuda.set_rng_state(rng["cuda"])
             if len(loaders) != ddp.world_size:
+                # Every process trains on its own batch: the tokens per step change with their number
+                per_process = tc.batch_size * cfg.model.block_size * tc.grad_accum_steps
+                now = per_process * ddp.world_size
+                was = (saved_cfg.train.batch_size * saved_cfg.model.block_size * saved_cfg.train.grad_accum_steps
+                       * len(loaders)) if saved_cfg is not None else None
+                tokens = ("" if was is None else f"tokens per step {was:,} -> {now:,}, " if was != now
+                          else f"the same {now:,} tokens per step, ")
                 say(f"fungpt: resuming with {ddp.world_size} process(es) where the checkpoint was written by "
-                    f"{len(loaders)}: the batches differ from an uninterrupted run's"
+                    f"{len(loaders)}: {tokens}and the batches differ from an uninterrupted run's"
                     + (f"; processes {len(loaders)}.. start fresh batch streams" if ddp.world_size > len(loaders)
                        else ""))
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError, OverflowError) as e:  # (int(inf))
@@ -1366,7 +1376,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                     if bar is not None:
                         bar.close()
                     kept = ckpt.find_checkpoint(out_dir)
-                    where = f"the last checkpoint ({kept.name}) is untouched" if kept else "no checkpoint was written"
+                    where = (f"the last checkpoint ({kept.name}) is untouched" if kept else
+                             "no checkpoint to resume from was written")  # (a `best` one may exist: weights only)
                     raise FunGPTError(f"training diverged at step {step + 1}: the loss or gradient is NaN/inf "
                                       f"(loss {last_loss}); {where}. Lower train.lr, or set "
                                       f"train.skip_nonfinite = true to skip such steps")

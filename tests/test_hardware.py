@@ -160,7 +160,8 @@ def tiny_config(corpus: Path, out_dir: Path, **train_kw) -> RunConfig:
 def test_a_float16_run_whose_loss_overflows_is_stopped_as_diverged(corpus, tmp_path):
     """Loss scaling handles overflowing gradients, not a forward pass that overflows: with lr 300 every step
     after the first was skipped and the run "finished" with a loss of nan, where float32 stopped with an error."""
-    with pytest.raises(FunGPTError, match=r"training diverged at step \d+: the loss or gradient is NaN/inf"):
+    with pytest.raises(FunGPTError, match=r"training diverged at step \d+: the loss or gradient is NaN/inf"
+                                          r".*; no checkpoint to resume from was written"):  # (no latest: a best)
         train(tiny_config(corpus, tmp_path / "fp16", dtype="float16", lr=300.0, max_iters=12), progress=False)
     # and with skip_nonfinite the steps are skipped, the scaler kept in step (it failed: unscale_ called twice)
     result = train(tiny_config(corpus, tmp_path / "skip", dtype="float16", lr=300.0, max_iters=12,
@@ -313,6 +314,24 @@ def test_a_cpu_run_that_the_estimate_says_is_too_big_is_warned_about(corpus, tmp
     monkeypatch.setattr(plan, "device_memory", lambda device: 1024**4)
     train(dataclasses.replace(cfg, out_dir=str(tmp_path / "again")), progress=False)
     assert "warning" not in capsys.readouterr().out
+
+
+def test_processes_of_a_torchrun_job_share_the_machines_memory(corpus, tmp_path, monkeypatch, capsys):
+    """On a CPU the memory check compared one process's estimate with the whole machine's memory: two processes
+    needing 60% each were said to fit."""
+    from fungpt.hardware import detect_precision
+    from fungpt.train import warn_if_memory_short
+
+    cfg = tiny_config(corpus, tmp_path / "run")
+    need = estimate_memory(GPTConfig(**{**cfg.model.to_dict(), "vocab_size": 100}), 4, "float32")["total"]
+    monkeypatch.setattr(plan, "device_memory", lambda device: int(need / 0.6))
+    prec = detect_precision("cpu", "float32")
+    warn_if_memory_short(cfg, prec)
+    assert capsys.readouterr().out == ""  # one process: 60%
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert plan.processes_sharing("cpu") == 2 and plan.processes_sharing("cuda") == 1  # (a GPU each)
+    warn_if_memory_short(cfg, prec)
+    assert "fungpt: warning: the 2 processes of this run on this machine need about " in capsys.readouterr().out
 
 
 def test_cpu_memory_is_the_containers_limit_where_that_is_lower(tmp_path, monkeypatch):

@@ -736,6 +736,21 @@ def math_isfinite(x: float) -> bool:
     return x == x and abs(x) != float("inf")
 
 
+def test_an_unexpected_error_exits_at_once_with_its_traceback(tmp_path):
+    """A bug's exception went through Python's slow teardown (~1 s): under torchrun the peer it left stuck exited
+    first, and torchrun named that innocent process as the root cause."""
+    script = ("import fungpt.cli as cli\n"
+              "def main():\n    raise ValueError('a bug')\n"
+              "cli.main = main\n"
+              "import atexit\natexit.register(lambda: print('teardown ran'))\n"  # skipped by the fast exit
+              "cli.entry()\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.rstrip().endswith("ValueError: a bug") and "Traceback" in proc.stderr
+    assert "teardown ran" not in proc.stdout
+
+
 def test_real_divergence_through_the_cli(world, tmp_path, capsys):
     """An absurd learning rate really diverges: exit 2, the step named, the good checkpoint untouched."""
     out = tmp_path / "run"

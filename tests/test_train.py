@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -600,6 +601,27 @@ def test_a_process_left_alone_by_a_failed_one_says_so_in_one_line(tmp_path):
     assert "[rank1]" not in proc.stderr and "GLHF" not in proc.stderr  # gloo's traceback
 
 
+def test_a_rank_on_another_machine_without_the_prepared_data_says_how_to_share_it(corpus, tmp_path, monkeypatch):
+    """Multi-node: rank 0 prepares the data into its own machine's cache; a rank on another machine then read its
+    own cache and failed with "data folder .../datasets/corpus-char-1a2b3c does not exist; create it with ..."."""
+    import torch.distributed as dist
+
+    from fungpt.train import resolve_data
+
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "this-machine"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:  # is_main=False: as a rank that is not rank 0, whose preparing happened elsewhere
+        with pytest.raises(FunGPTError, match="the data that rank 0 prepared is not in this machine's cache .*"
+                                              "set FUNGPT_CACHE_DIR to a folder on a filesystem they share"):
+            resolve_data(DataConfig(path=str(corpus)), is_main=False)
+        assert (resolve_data(DataConfig(path=str(corpus)), is_main=True) / "meta.json").is_file()  # rank 0's own
+    finally:
+        dist.destroy_process_group()
+
+
 def test_resume_with_more_processes_gives_the_new_rank_its_own_batches(corpus, tmp_path):
     out = tmp_path / "run"
     cfg = tiny_config(corpus, out, max_iters=2, eval_interval=2, checkpoint_interval=2)
@@ -610,7 +632,9 @@ def test_resume_with_more_processes_gives_the_new_rank_its_own_batches(corpus, t
                                           "2", "--resume"), env=_torchrun_env(tmp_path), capture_output=True,
                           text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming with 2 process(es) where the checkpoint was written by 1" in proc.stdout
+    # each process trains on its own batch of 2 x 8 tokens: the step grows from 16 tokens to 32, and it says so
+    assert ("resuming with 2 process(es) where the checkpoint was written by 1: tokens per step 16 -> 32, and the "
+            "batches differ from an uninterrupted run's") in proc.stdout
     assert proc.stdout.count("fungpt: done") == 1  # said once, by rank 0, not once per process
     state = ckpt.load_state(ckpt.find_checkpoint(out))
     assert state["step"] == 4 and [s["rank"] for s in state["loader"]] == [0, 1]
