@@ -57,7 +57,7 @@ def parameter_rows(model: GPT) -> list[tuple[str, str, int]]:
 
 
 def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", attn_impl: str = "sdpa",
-                    block_size: int | None = None, device: str = "cpu") -> dict:
+                    block_size: int | None = None, device: str = "cpu", num_params: int | None = None) -> dict:
     """Estimated training memory in bytes, for one micro-batch of batch_size x block_size tokens.
 
     weights      N x 4 bytes     FunGPT keeps float32 weights even with a 16-bit dtype (autocast
@@ -95,6 +95,8 @@ def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", 
                                                    of T tokens stores (not used in training)
     Returns a dict of those byte counts plus 'total' (training: everything but kv_cache),
     'params' and the inputs. batch_size = 0 gives the part that does not grow with the batch.
+    num_params: N, where the caller has the model (counting it on the meta device takes ~1 s the first time:
+    torch imports its reference kernels to initialise meta weights).
     """
     if dtype not in DTYPE_BYTES:
         raise FunGPTError(f"dtype {dtype!r} is not valid: choose one of {', '.join(DTYPE_BYTES)}")
@@ -105,7 +107,7 @@ def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", 
     s = DTYPE_BYTES[dtype]
     B, T = batch_size, block_size or config.block_size
     C, L, nh, V = config.n_embd, config.n_layer, config.n_head, config.vocab_size
-    n = meta_model(config).num_params()
+    n = meta_model(config).num_params() if num_params is None else num_params
     extra = 2 * (config.pos_encoding == "rope") + 2 * config.qk_norm  # new copies of q and k
     dropout = config.dropout > 0
     unfused = attn_impl == "plain" or (dropout and not device.startswith("cuda"))  # keeps (T, T) matrices

@@ -150,7 +150,7 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
     return out
 
 
-def warn_if_memory_short(cfg: RunConfig, prec) -> None:
+def warn_if_memory_short(cfg: RunConfig, prec, num_params: int | None = None) -> None:
     """Say so before training when the memory estimate exceeds the machine's memory: on a CPU (or Apple GPU)
     running out does not raise an error that could be explained, the system kills the process."""
     from fungpt.inspection import estimate_memory
@@ -158,7 +158,8 @@ def warn_if_memory_short(cfg: RunConfig, prec) -> None:
 
     have = device_memory(prec.device)
     local = processes_sharing(prec.device)  # under torchrun, the processes on this machine share its memory
-    need = local * estimate_memory(cfg.model, cfg.train.batch_size, prec.dtype, device=prec.device)["total"]
+    need = local * estimate_memory(cfg.model, cfg.train.batch_size, prec.dtype, device=prec.device,
+                                   num_params=num_params)["total"]
     who = "this run needs" if local == 1 else f"the {local} processes of this run on this machine need"
     if have is not None and need > have:
         advice = batch_advice(cfg, prec.dtype, have // local, prec.device)
@@ -1047,12 +1048,11 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             f"{tc.warmup_iters}, so the decay is over before the warmup ends: the lr drops to min_lr = "
             f"{tc.min_lr:g} the step after it; raise lr_decay_iters for a decay")
 
-    if ddp.is_main and prec.device != "cuda":  # (CUDA: an out-of-memory error is caught and explained below)
-        warn_if_memory_short(cfg, prec)
-
     # Model and optimizer. Every rank builds the same initial weights from the same seed.
     torch.manual_seed(tc.seed)
     model = GPT(cfg.model).to(device)
+    if ddp.is_main and prec.device != "cuda":  # (CUDA: an out-of-memory error is caught and explained below)
+        warn_if_memory_short(cfg, prec, model.num_params())
     optimizer = configure_optimizer(model, tc, prec.device)
     scaler = torch.amp.GradScaler(prec.device, enabled=prec.needs_grad_scaler)
     if tc.optimizer == "muon" and scaler.is_enabled():
