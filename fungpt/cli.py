@@ -343,6 +343,9 @@ def process_start_time() -> float:
         return time.time()
 
 
+PEER_GONE_WAIT_S = 3.0  # > 1 s, torchrun's failure timestamps being whole seconds (see main)
+
+
 def main(argv: list[str] | None = None) -> int:
     start_time = process_start_time()
     _startup.restore()  # Ctrl-C is a KeyboardInterrupt again, handled below (see fungpt/_startup.py)
@@ -371,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         if _peer_gone(e):  # under torchrun: the process that failed has already printed why
             print(f"error (rank {_rank()}): another process of this torchrun job stopped (its error is above), "
                   f"so this one stops too", file=sys.stderr)
+            # torchrun names the first process to fail as the root cause, by whole seconds and then by lowest rank:
+            # leave it a moment to see the one that did fail exit first (it ends this one with SIGTERM meanwhile)
+            time.sleep(PEER_GONE_WAIT_S)
             return 2
         # torch's CPU allocator says "can't allocate memory"; CUDA's "CUDA out of memory" (torch.OutOfMemoryError,
         # raised anywhere: the optimizer's first step, an eval, sampling), MPS "MPS backend out of memory"
@@ -411,15 +417,13 @@ def entry() -> None:
     compiler among them, imported by torch.optim), which took 0.9-1.1 s on a 2-core CPU: time a
     run with a time budget would have to reserve. os._exit skips it, after flushing the output.
     Tests and library users call main(), which returns normally. An unexpected exception (a bug, not a
-    mistake main() explains) prints its traceback and exits the same fast way: under torchrun the process
-    that failed must exit before the peers it leaves stuck, or torchrun names one of them as the root cause.
+    mistake main() explains) is reported as Python reports it (through sys.excepthook, which torchrun's
+    processes prefix with their rank) and exits the same fast way.
     """
     try:
         code = main()
     except Exception:  # noqa: BLE001 - reported in full, as Python would
-        import traceback
-
-        traceback.print_exc()
+        sys.excepthook(*sys.exc_info())
         code = 1
     try:
         sys.stdout.flush()

@@ -749,6 +749,12 @@ def test_an_unexpected_error_exits_at_once_with_its_traceback(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.rstrip().endswith("ValueError: a bug") and "Traceback" in proc.stderr
     assert "teardown ran" not in proc.stdout
+    # reported through sys.excepthook, which torch's elastic processes replace to prefix each line with the rank
+    hooked = script.replace("cli.entry()", "sys.excepthook = lambda *e: print('hooked', e[1], file=sys.stderr)\n"
+                                           "cli.entry()").replace("import fungpt.cli", "import sys\nimport fungpt.cli")
+    proc = subprocess.run([sys.executable, "-c", hooked], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip() == "hooked a bug"
 
 
 def test_real_divergence_through_the_cli(world, tmp_path, capsys):
