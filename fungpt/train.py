@@ -143,10 +143,15 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
                 val_fraction=data.val_fraction, overwrite=True, errors=data.errors, progress=progress)
     if dist.is_initialized():
         dist.barrier()  # the other ranks wait until rank 0 has prepared the data
-        if not (out / "meta.json").is_file():  # another machine: rank 0 prepared it into its own cache
-            raise FunGPTError(f"the data that rank 0 prepared is not in this machine's cache ({out}): on several "
-                              f"machines, set FUNGPT_CACHE_DIR to a folder on a filesystem they share, or prepare "
-                              f"the data once with `fungpt prepare` into such a folder and pass it as data.path")
+        # and read it where rank 0 put it: this rank's own key may differ (another machine's copy of the text has
+        # its own path or modification time)
+        where = [str(out)]
+        dist.broadcast_object_list(where, src=0)
+        out = Path(where[0])
+        if not (out / "meta.json").is_file():  # another machine, without rank 0's filesystem
+            raise FunGPTError(f"the data that rank 0 prepared ({out}) is not on this machine: on several machines, "
+                              f"set FUNGPT_CACHE_DIR to the same folder on a filesystem they share, or prepare the "
+                              f"data once with `fungpt prepare` into such a folder and pass it as data.path")
     return out
 
 
@@ -1097,14 +1102,14 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                     torch.cuda.set_rng_state(rng["cuda"])
             if len(loaders) != ddp.world_size:
                 # Every process trains on its own batch: the tokens per step change with their number
-                per_process = tc.batch_size * cfg.model.block_size * tc.grad_accum_steps
-                now = per_process * ddp.world_size
-                was = (saved_cfg.train.batch_size * saved_cfg.model.block_size * saved_cfg.train.grad_accum_steps
-                       * len(loaders)) if saved_cfg is not None else None
-                tokens = ("" if was is None else f"tokens per step {was:,} -> {now:,}, " if was != now
-                          else f"the same {now:,} tokens per step, ")
+                now = tc.batch_size * cfg.model.block_size * tc.grad_accum_steps * ddp.world_size
+                was = state.get("tokens_per_step")  # (checkpoints before it was saved: from config.json, which a
+                if not isinstance(was, int):  # start that failed before saving may have rewritten)
+                    t = saved_cfg.train
+                    was = t.batch_size * saved_cfg.model.block_size * t.grad_accum_steps * len(loaders)
+                tokens = f"tokens per step {was:,} -> {now:,}" if was != now else f"the same {now:,} tokens per step"
                 say(f"fungpt: resuming with {ddp.world_size} process(es) where the checkpoint was written by "
-                    f"{len(loaders)}: {tokens}and the batches differ from an uninterrupted run's"
+                    f"{len(loaders)}: {tokens}, and the batches differ from an uninterrupted run's"
                     + (f"; processes {len(loaders)}.. start fresh batch streams" if ddp.world_size > len(loaders)
                        else ""))
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError, OverflowError) as e:  # (int(inf))
@@ -1225,7 +1230,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             raise FunGPTError(f"training diverged by step {step}: the weights contain NaN/inf, so no checkpoint "
                               f"was written and the last good one is untouched. Lower train.lr")
         if ddp.is_main:
-            state = {"step": step, "tokens": tokens_seen, "best_val": best_val, "elapsed_s": elapsed(),
+            state = {"step": step, "tokens": tokens_seen, "tokens_per_step": tokens_per_step,
+                     "best_val": best_val, "elapsed_s": elapsed(),
                      "schedule_origin_s": schedule_origin,
                      "timings": timings_now(),
                      "optimizer": optimizer.state_dict(),

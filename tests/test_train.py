@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -599,6 +600,9 @@ def test_a_process_left_alone_by_a_failed_one_says_so_in_one_line(tmp_path):
     assert ours[1:] in ([], ["error (rank 1): another process of this torchrun job stopped (its error is above), so "
                              "this one stops too"]), ours
     assert "[rank1]" not in proc.stderr and "GLHF" not in proc.stderr  # gloo's traceback
+    # torchrun's summary names rank 0, the one that failed, as the root cause (not rank 1, which it left behind)
+    root = proc.stderr.split("Root Cause (first observed failure):", 1)[1]
+    assert re.search(r"rank\s*: 0 \(local_rank: 0\)", root.split("=====")[0]), root
 
 
 def test_a_rank_on_another_machine_without_the_prepared_data_says_how_to_share_it(corpus, tmp_path, monkeypatch):
@@ -614,12 +618,44 @@ def test_a_rank_on_another_machine_without_the_prepared_data_says_how_to_share_i
         port = s.getsockname()[1]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:  # is_main=False: as a rank that is not rank 0, whose preparing happened elsewhere
-        with pytest.raises(FunGPTError, match="the data that rank 0 prepared is not in this machine's cache .*"
-                                              "set FUNGPT_CACHE_DIR to a folder on a filesystem they share"):
+        with pytest.raises(FunGPTError, match=r"the data that rank 0 prepared \(.*\) is not on this machine: .*"
+                                              "set FUNGPT_CACHE_DIR to the same folder on a filesystem they share"):
             resolve_data(DataConfig(path=str(corpus)), is_main=False)
         assert (resolve_data(DataConfig(path=str(corpus)), is_main=True) / "meta.json").is_file()  # rank 0's own
     finally:
         dist.destroy_process_group()
+
+
+_FAIL_ON_RANK_1 = """
+import os, sys
+import fungpt.cli
+from fungpt.data import BatchLoader
+real_next, calls = BatchLoader.next_batch, []
+def next_batch(self):  # rank 1 hits a bug at its third batch, mid-training
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 3:
+        raise ValueError("a bug on rank 1")
+    return real_next(self)
+BatchLoader.next_batch = next_batch
+sys.argv[1:] = sys.argv[2:]
+fungpt.cli.entry()
+"""
+
+
+def test_torchrun_names_the_rank_with_a_bug_as_the_root_cause(corpus, tmp_path):
+    """A bug on rank 1 mid-training: rank 0 noticed its peer gone at once and exited as fast, and torchrun, which
+    times failures in whole seconds and breaks ties by the lowest rank, named the innocent rank 0 as the root cause
+    (4 runs in 5). Rank 0 now waits a moment after its one line."""
+    script = tmp_path / "fail.py"
+    script.write_text(_FAIL_ON_RANK_1)
+    cmd = _torchrun_train(corpus, tmp_path / "out", tmp_path, "--train.max-iters", "20")
+    at = cmd.index("-m", cmd.index("--nproc_per_node=2"))
+    cmd[at:at + 2] = [str(script), "-"]
+    proc = subprocess.run(cmd, env=_torchrun_env(tmp_path), capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert "[rank1]: ValueError: a bug on rank 1" in proc.stderr  # its traceback, prefixed by torch's excepthook
+    root = proc.stderr.split("Root Cause (first observed failure):", 1)[1].split("=====")[0]
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)", root), root
 
 
 def test_resume_with_more_processes_gives_the_new_rank_its_own_batches(corpus, tmp_path):
@@ -628,6 +664,10 @@ def test_resume_with_more_processes_gives_the_new_rank_its_own_batches(corpus, t
     cfg.model = dataclasses.replace(cfg.model, n_layer=1, n_embd=16, block_size=8)
     cfg.train = dataclasses.replace(cfg.train, batch_size=2, eval_iters=1)
     train(cfg, progress=False)  # one process
+    # a start that failed before saving rewrote config.json (here: batch_size 7); the checkpoint's own count counts
+    saved = json.loads((out / "config.json").read_text())
+    saved["train"]["batch_size"] = 7
+    (out / "config.json").write_text(json.dumps(saved))
     proc = subprocess.run(_torchrun_train(corpus, out, tmp_path, "--train.max-iters", "4", "--train.eval-interval",
                                           "2", "--resume"), env=_torchrun_env(tmp_path), capture_output=True,
                           text=True, timeout=240)
