@@ -88,9 +88,9 @@ def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", 
                  formula against the tensors autograd actually saves (within 25% on small models).
     weight_copies  N x s          only with 16-bit autocast: the cast copies of the weights that
                                  live through forward and backward
-    temporaries  2 x per-block activations + N x 4 bytes: the gradients of the block backward
-                 is working on, and AdamW's batched-update scratch (checked against the measured
-                 peak of a small CPU run in tests/test_hardware.py: within 2x)
+    temporaries  2 x per-block activations (with at most two (T, T) tensors) + N x 4 bytes: the gradients of
+                 the block backward is working on, and AdamW's batched-update scratch (checked against the
+                 measured peak of a small CPU run in tests/test_hardware.py: within 2x)
     kv_cache     2 x n_layer x B x T x C x s      what generation with a KV cache of B sequences
                                                    of T tokens stores (not used in training)
     Returns a dict of those byte counts plus 'total' (training: everything but kv_cache),
@@ -111,10 +111,13 @@ def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", 
     extra = 2 * (config.pos_encoding == "rope") + 2 * config.qk_norm  # new copies of q and k
     dropout = config.dropout > 0
     unfused = attn_impl == "plain" or (dropout and not device.startswith("cuda"))  # keeps (T, T) matrices
-    per_block = s * (16 + extra) * B * T * C + FP32 * ((3 if dropout else 1) * nh * B * T * T if unfused else 0)
+    square = FP32 * nh * B * T * T if unfused else 0  # bytes of one (B, nh, T, T) float32 tensor
+    per_block = s * (16 + extra) * B * T * C + (3 if dropout else 1) * square
     activations = L * per_block + s * 2 * B * T * C + FP32 * B * T * V  # (bytes)
+    # a block's backward works on gradients like its saved tensors, but on two (T, T) ones at most, with dropout too
+    temporaries = 2 * (s * (16 + extra) * B * T * C + square) + n * FP32
     mem = {"weights": n * FP32, "grads": n * FP32, "optimizer": 2 * n * FP32, "activations": activations,
-           "weight_copies": n * s if s < FP32 else 0, "temporaries": 2 * per_block + n * FP32}
+           "weight_copies": n * s if s < FP32 else 0, "temporaries": temporaries}
     mem["total"] = sum(mem.values())
     mem["kv_cache"] = 2 * L * B * T * C * s
     mem.update(params=n, batch_size=B, block_size=T, dtype=dtype, attn_impl=attn_impl, device=device)

@@ -56,24 +56,46 @@ def device_memory(device: str) -> int | None:
 
 
 def processes_sharing(device: str) -> int:
-    """How many processes share `device`'s memory: under torchrun on a CPU (or an Apple GPU), all those on this
-    machine (LOCAL_WORLD_SIZE); on CUDA each process has a GPU of its own."""
-    local = os.environ.get("LOCAL_WORLD_SIZE", "")
-    return int(local) if local.isdigit() and int(local) > 1 and not device.startswith("cuda") else 1
+    """How many processes share `device`'s memory: under torchrun (RANK and WORLD_SIZE set, as train's
+    setup_distributed asks) on a CPU or an Apple GPU, all those on this machine (LOCAL_WORLD_SIZE); on CUDA each
+    process has a GPU of its own."""
+    local, world = os.environ.get("LOCAL_WORLD_SIZE", ""), os.environ.get("WORLD_SIZE", "1")
+    launched = "RANK" in os.environ and world.isdigit() and int(world) > 1
+    return int(local) if launched and local.isdigit() and int(local) > 1 and not device.startswith("cuda") else 1
 
 
-def cgroup_memory_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """This process's memory limit from its control group in bytes, or None if it has none (or off Linux).
+def cgroup_memory_limit(root: Path = Path("/sys/fs/cgroup"), proc: Path = Path("/proc/self/cgroup")) -> int | None:
+    """This process's memory limit from its control groups in bytes, or None if it has none (or off Linux).
 
-    cgroup v2 writes it in memory.max ("max": no limit), v1 in memory/memory.limit_in_bytes (a huge number
-    for no limit, which min() with the machine's memory then ignores)."""
-    for file in (root / "memory.max", root / "memory" / "memory.limit_in_bytes"):
-        try:
-            text = file.read_text().strip()
-        except OSError:
-            continue
-        return int(text) if text.isdigit() else None
-    return None
+    The smallest limit from the process's own group (/proc/self/cgroup) up to the root: Docker and Kubernetes
+    set it on the container's, Slurm (--mem) and systemd (MemoryMax) on groups inside. cgroup v2 writes it in
+    memory.max ("max": no limit), v1 in memory/.../memory.limit_in_bytes (a huge number for no limit, which min()
+    with the machine's memory then ignores)."""
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        lines = []
+    groups = []  # (the hierarchy's folder, this process's group in it, the limit's file name)
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and not controllers:
+            groups.append((root, path, "memory.max"))
+        elif "memory" in controllers.split(","):
+            groups.append((root / "memory", path, "memory.limit_in_bytes"))
+    limits = []
+    for base, path, name in groups or [(root, "/", "memory.max"), (root / "memory", "/", "memory.limit_in_bytes")]:
+        folder = base / path.lstrip("/")
+        while True:
+            try:
+                text = (folder / name).read_text().strip()
+            except OSError:
+                text = ""
+            if text.isdigit():
+                limits.append(int(text))
+            if folder == base or base not in folder.parents:
+                break
+            folder = folder.parent
+    return min(limits) if limits else None
 
 
 def largest_batch(model_cfg: GPTConfig, dtype: str, memory: int, device: str = "cpu") -> int:

@@ -328,24 +328,38 @@ def test_processes_of_a_torchrun_job_share_the_machines_memory(corpus, tmp_path,
     prec = detect_precision("cpu", "float32")
     warn_if_memory_short(cfg, prec)
     assert capsys.readouterr().out == ""  # one process: 60%
+    from fungpt.inspection import meta_model
+
+    warn_if_memory_short(cfg, prec, num_params=meta_model(cfg.model).num_params())  # (as train() calls it)
+    assert capsys.readouterr().out == ""
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert plan.processes_sharing("cpu") == 1  # a variable left over, not a torchrun job
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     assert plan.processes_sharing("cpu") == 2 and plan.processes_sharing("cuda") == 1  # (a GPU each)
-    warn_if_memory_short(cfg, prec)
+    warn_if_memory_short(cfg, prec, num_params=meta_model(cfg.model).num_params())
     assert "fungpt: warning: the 2 processes of this run on this machine need about " in capsys.readouterr().out
 
 
 def test_cpu_memory_is_the_containers_limit_where_that_is_lower(tmp_path, monkeypatch):
     """In a container the machine's memory is not what the process may use: the kill comes at the limit."""
+    proc = tmp_path / "cgroup"
     v2 = tmp_path / "v2"
-    v2.mkdir()
-    (v2 / "memory.max").write_text("max\n")
-    assert plan.cgroup_memory_limit(v2) is None
-    (v2 / "memory.max").write_text("1073741824\n")
-    assert plan.cgroup_memory_limit(v2) == 1024**3
-    (tmp_path / "v1" / "memory").mkdir(parents=True)
-    (tmp_path / "v1" / "memory" / "memory.limit_in_bytes").write_text("536870912\n")
-    assert plan.cgroup_memory_limit(tmp_path / "v1") == 512 * 1024**2
-    assert plan.cgroup_memory_limit(tmp_path / "none") is None
+    (v2 / "job" / "step").mkdir(parents=True)
+    proc.write_text("0::/job/step\n")  # cgroup v2: the process in /job/step
+    (v2 / "job" / "step" / "memory.max").write_text("max\n")
+    assert plan.cgroup_memory_limit(v2, proc) is None
+    (v2 / "job" / "memory.max").write_text("1073741824\n")  # a limit on the group above it (Slurm's job)
+    assert plan.cgroup_memory_limit(v2, proc) == 1024**3
+    (v2 / "job" / "step" / "memory.max").write_text("536870912\n")  # and a lower one on its own
+    assert plan.cgroup_memory_limit(v2, proc) == 512 * 1024**2
+    v1 = tmp_path / "v1"
+    (v1 / "memory" / "docker" / "abc").mkdir(parents=True)
+    proc.write_text("5:devices:/\n4:memory:/docker/abc\n0::/\n")  # cgroup v1 (and v2's line of a hybrid)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # the root: no limit
+    (v1 / "memory" / "docker" / "abc" / "memory.limit_in_bytes").write_text("268435456\n")
+    assert plan.cgroup_memory_limit(v1, proc) == 256 * 1024**2
+    assert plan.cgroup_memory_limit(tmp_path / "none", tmp_path / "no-proc-file") is None
     monkeypatch.setattr(plan, "cgroup_memory_limit", lambda: 1024**3)
     assert plan.device_memory("cpu") == 1024**3
     monkeypatch.setattr(plan, "cgroup_memory_limit", lambda: 2**63)  # v1's "no limit"
