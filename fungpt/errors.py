@@ -6,7 +6,8 @@ what is wrong and how to fix it, e.g.
     FunGPTError("data path 'foo.txt' does not exist: pass a text file, a folder or 'shakespeare'")
 
 Also here: parse_json and read_json, JSON reading whose every failure is a ValueError, so that each reader of
-a run's JSON files can turn a damaged file into such a line ("X is corrupt").
+a run's JSON files can turn a damaged file into such a line ("X is corrupt"); and why_download_failed, the short
+reason for such a line when a download fails.
 """
 
 
@@ -35,3 +36,21 @@ def read_json(path):
     UnicodeDecodeError is a ValueError too)."""
     with open(path, encoding="utf-8") as f:
         return parse_json(f.read())
+
+
+# What a failed download's exception says when there is no network (requests, urllib3 and the OS word it so)
+_OFFLINE_SIGNS = ("Failed to resolve", "Name or service not known", "Temporary failure in name resolution",
+                  "nodename nor servname", "Network is unreachable", "Connection refused", "No route to host",
+                  "getaddrinfo failed")
+
+
+def why_download_failed(e: BaseException, width: int = 160) -> str:
+    """A download's exception as a short reason for a one-line message: "no network" when it says so (the
+    chained messages of requests and urllib3 run to hundreds of characters), else its type and text, on one line
+    and cut at a word."""
+    import textwrap
+
+    text = " ".join(str(e).split())
+    if any(sign in text for sign in _OFFLINE_SIGNS):
+        return "no network"
+    return textwrap.shorten(f"{type(e).__name__}: {text}", width=width, placeholder=" ...")

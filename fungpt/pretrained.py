@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from fungpt.errors import FunGPTError
+from fungpt.errors import FunGPTError, why_download_failed
 from fungpt.hf import check_gpt2_compatible
 from fungpt.model import GPT, GPTConfig
 from fungpt.tokenizer import HFTokenizer, Tokenizer
@@ -99,8 +99,8 @@ def _hub_folder(name: str) -> Path:
         print(f"fungpt: downloading {name} from the Hugging Face hub (once; it is cached afterwards)")
         return Path(snapshot_download(name, allow_patterns=HUB_FILES))
     except Exception as e:  # noqa: BLE001 - no network, proxy, disk full...
-        why = " ".join(f"{type(e).__name__}: {e}".split())[:200]
-        raise FunGPTError(_how_to_get(name, f"it is not cached and the download failed ({why})")) from None
+        raise FunGPTError(_how_to_get(name, f"it is not cached and the download failed ({why_download_failed(e)})")) \
+            from None
 
 
 def _how_to_get(name: str, why: str) -> str:

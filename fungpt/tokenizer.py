@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fungpt.errors import FunGPTError, read_json
+from fungpt.errors import FunGPTError, read_json, why_download_failed
 
 EOT_TEXT = "<|endoftext|>"
 META_FILE = "tokenizer_meta.json"
@@ -570,12 +570,11 @@ def _load_gpt2_encoding(timeout: float = GPT2_LOAD_TIMEOUT_S):
     thread.join(timeout)
     if "enc" in result:
         return result["enc"]
-    why = f"{type(result['err']).__name__}: {result['err']}" if "err" in result else f"timed out after {timeout:.0f}s"
-    why = " ".join(why.split())[:300]  # keep the message on one line
+    why = why_download_failed(result["err"]) if "err" in result else f"timed out after {timeout:.0f}s"
     raise FunGPTError(
-        f"could not load GPT-2's encoding through tiktoken (no network and no cached files? {why}); "
-        "connect once to cache it, or set TIKTOKEN_CACHE_DIR to a folder holding its files, "
-        "or use --tokenizer bpe"
+        f"could not load GPT-2's encoding through tiktoken, whose files are not cached here ({why}): connect once "
+        "to cache them, or set TIKTOKEN_CACHE_DIR to a folder holding them, or use the bpe tokenizer "
+        "(`fungpt prepare --tokenizer bpe`, `fungpt train --data.tokenizer bpe`)"
     )
 
 

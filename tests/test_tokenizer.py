@@ -177,8 +177,14 @@ def test_gpt2_load_failure_is_a_clear_error(monkeypatch):
     with pytest.raises(FunGPTError) as err:
         GPT2Tokenizer()
     msg = str(err.value)
-    assert "tiktoken" in msg and "--tokenizer bpe" in msg and "TIKTOKEN_CACHE_DIR" in msg
-    assert "\n" not in msg
+    assert "tiktoken" in msg and "TIKTOKEN_CACHE_DIR" in msg and "\n" not in msg
+    # the flag for each command (`fungpt train` has no --tokenizer), and "no network" instead of 650 characters of
+    # chained urllib3 text cut mid-word
+    assert "`fungpt prepare --tokenizer bpe`, `fungpt train --data.tokenizer bpe`" in msg
+    assert "(no network)" in msg and "openaipublic" not in msg
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: (_ for _ in ()).throw(OSError("disk " * 100)))
+    with pytest.raises(FunGPTError, match=r"\(OSError: disk disk .* \.\.\.\): connect once"):
+        GPT2Tokenizer()
 
 
 def test_gpt2_load_hang_times_out(monkeypatch):
