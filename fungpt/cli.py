@@ -120,8 +120,12 @@ def prepare_command(input: str, out: str, tokenizer: Literal["char", "bpe", "gpt
     path = prepare(input, out, tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
                    overwrite=overwrite, errors=errors)
     meta = load_meta(path)
+    asked = meta.get("vocab_size_asked")
+    short = (f", not the {asked:,} asked: the BPE ran out of pairs to merge, every word of this corpus being one "
+             f"token by then"
+             if isinstance(asked, int) and asked > meta["vocab_size"] else "")
     print(f"fungpt: prepared {path}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, "
-          f"vocabulary {meta['vocab_size']:,} ({meta['tokenizer']})")
+          f"vocabulary {meta['vocab_size']:,} ({meta['tokenizer']}{short})")
 
 
 def sample_command(run: str, prompt: str | None = None, prompt_file: str | None = None, num_samples: int = 1,
@@ -242,12 +246,12 @@ def attention_command(run: tyro.conf.Positional[str], prompt: str, layer: int | 
     print(f"fungpt: wrote {path}")
 
 
-def positions_command(pos_encoding: Literal["learned", "sinusoidal", "rope"] | None = None, run: str | None = None,
-                      out: str = "positions.png") -> None:
+def positions_command(pos_encoding: Literal["auto", "learned", "sinusoidal", "rope", "none"] = "auto",
+                      run: str | None = None, out: str = "positions.png") -> None:
     """Draw a position encoding: sinusoidal table, RoPE frequencies and relative scores, or a learned table.
 
     Args:
-        pos_encoding: Which encoding to draw; default: the --run's own.
+        pos_encoding: Which encoding to draw (none has nothing to draw, and says why); auto: the --run's own.
         run: A run folder: its shape (context, width, heads) is used, and for learned its trained table.
             Without it, the shape is the shakespeare-char-cpu model's.
         out: Image to write (.png, .svg or .pdf).
@@ -259,8 +263,9 @@ def positions_command(pos_encoding: Literal["learned", "sinusoidal", "rope"] | N
         from fungpt.runs import load_run
 
         loaded = load_run(run, "last", "cpu")
-        pos_encoding = pos_encoding or loaded.config.model.pos_encoding
-    if pos_encoding is None:
+        if pos_encoding == "auto":
+            pos_encoding = loaded.config.model.pos_encoding
+    if pos_encoding == "auto":
         raise FunGPTError("say which encoding to draw: --pos-encoding learned|sinusoidal|rope, or pass --run RUN")
     print(f"fungpt: wrote {plot_positions(pos_encoding, out, run=loaded)}")
 

@@ -277,6 +277,10 @@ def _iter_file_text(
             except OSError as e:
                 raise FunGPTError(f"could not read {path}: {e.strerror}") from None
             final = not data
+            if offset == 0 and data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a UTF-16 byte-order mark (also UTF-32's)
+                raise FunGPTError(f"{path} is UTF-16 text (it starts with UTF-16's byte-order mark, as Windows "
+                                  f"PowerShell's `>` writes it), not UTF-8: convert it to UTF-8 (e.g. save it again "
+                                  f"as UTF-8, or `iconv -f UTF-16 -t UTF-8`)")
             nul = data.find(b"\x00")
             if nul >= 0:
                 raise FunGPTError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import warnings
 from pathlib import Path
 
 from fungpt.errors import FunGPTError, parse_json
@@ -112,7 +113,11 @@ def save_figure(fig, out: Path, **savefig_kw) -> Path:
     tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{out.suffix}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(tmp, **savefig_kw)
+        with warnings.catch_warnings():
+            # A token matplotlib's font lacks (CJK, emoji) is drawn as a box; its UserWarning, a raw source line
+            # in the terminal, says nothing the picture does not
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+            fig.savefig(tmp, **savefig_kw)
         os.replace(tmp, out)
     except OSError as e:
         above = next((p for p in out.parents if p.exists()), None)  # the nearest part of the path that is there

@@ -343,6 +343,8 @@ BAD_INPUTS = {
     "empty file": (lambda t: _write(t, "e.txt", b""), {}, "is empty"),
     "empty folder": (lambda t: (t / "d").mkdir() or t / "d", {}, "holds no text"),
     "binary": (lambda t: _write(t, "b.bin", b"\x89PNG\r\n\x1a\n\x00\x00\x00"), {}, "looks like a binary file"),
+    "utf-16": (lambda t: _write(t, "w.txt", "hello, world\n".encode("utf-16")), {},  # (was: "a binary file")
+               "w.txt is UTF-16 text .*convert it to UTF-8"),
     "bad utf-8": (
         lambda t: _write(t, "u.txt", b"abc\n" * 10 + b"\xc3\x28 x"),
         {},
@@ -711,3 +713,15 @@ def test_safe_cuts_never_change_the_pretokenizer_pieces():
                 assert pieces(text[:cut]) + pieces(text[cut:]) == pieces(text), (text, cut)
     trailing = "to be or not \nthat is the question\t\nwhether tis nobler \n"
     assert data_mod._last_safe_cut(trailing) is not None and data_mod._find_safe_cut(trailing, 0) == 13
+
+
+def test_prepare_says_when_a_bpe_stops_short_of_the_size_asked(corpus, tmp_path, capsys):
+    """On a small corpus the BPE stops early: it printed "vocabulary 365 (bpe)" after --vocab-size 4096, no why."""
+    from fungpt.cli import main
+
+    assert main(["prepare", "--input", str(corpus), "--out", str(tmp_path / "bpe"), "--tokenizer", "bpe"]) == 0
+    size = load_meta(tmp_path / "bpe")["vocab_size"]
+    assert (f"vocabulary {size:,} (bpe, not the 4,096 asked: the BPE ran out of pairs to merge, every word of this "
+            "corpus being one token by then)") in capsys.readouterr().out
+    assert main(["prepare", "--input", str(corpus), "--out", str(tmp_path / "char")]) == 0
+    assert "asked" not in capsys.readouterr().out

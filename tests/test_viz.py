@@ -133,6 +133,26 @@ def test_plot_attention_svg_is_valid_xml(tmp_path):
     assert ET.parse(out).getroot().tag.endswith("svg")
 
 
+def test_tokens_the_font_lacks_do_not_print_matplotlibs_warning(tmp_path):
+    """`fungpt attention --prompt "こんにちは"` printed matplotlib's UserWarning with a raw source line."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fungpt.plot import save_figure
+
+    fig, ax = plt.subplots()
+    ax.set_title("\u3053\u3093\u306b\u3061\u306f")  # hiragana: not in matplotlib's own DejaVu fonts
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        save_figure(fig, tmp_path / "cjk.png")
+    plt.close(fig)
+    assert (tmp_path / "cjk.png").stat().st_size > 0
+
+
 # ----------------------------------------------------------------------------------- positions
 
 
@@ -149,6 +169,11 @@ def test_cli_positions_writes_image(run_dir, tmp_path, kind):
 def test_positions_learned_needs_a_run(tmp_path, capsys):
     assert main(["positions", "--pos-encoding", "learned", "--out", str(tmp_path / "p.png")]) == 2
     assert "--run" in capsys.readouterr().err
+    assert main(["positions", "--out", str(tmp_path / "p.png")]) == 2  # auto, without a run to take it from
+    assert "say which encoding to draw" in capsys.readouterr().err
+    # "none", the fourth encoding the docs name, was refused by the parser as an unknown choice
+    assert main(["positions", "--pos-encoding", "none", "--out", str(tmp_path / "p.png")]) == 2
+    assert "a 'none' model has no position encoding to draw" in capsys.readouterr().err
 
 
 def test_rope_scores_depend_only_on_the_offset():
