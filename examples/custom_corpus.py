@@ -1,10 +1,11 @@
 """Train on your own text: a file or a folder of text files, with a BPE tokenizer trained on it.
 
-    python examples/custom_corpus.py PATH [--chars]
+    python examples/custom_corpus.py PATH [--chars] [--out DATA_DIR] [--iters N]
 
 PATH is a .txt file or a folder (every text file below it is used, in sorted order).
 --chars models characters instead of BPE tokens (better for very small corpora).
-The script prepares the data once, trains, reports bits per byte on the held-out 10%, and samples.
+The script prepares the data (into data/NAME-bpe or data/NAME-char, or --out), trains into out/NAME,
+reports bits per byte on the held-out 10%, and samples.
 """
 
 import argparse
@@ -20,10 +21,15 @@ def main() -> None:
     ap.add_argument("path", help="a text file or a folder of text files")
     ap.add_argument("--chars", action="store_true", help="character-level instead of BPE")
     ap.add_argument("--iters", type=int, default=1000)
+    ap.add_argument("--out", help="folder for the prepared data (default: data/NAME-bpe or data/NAME-char); a "
+                                  "prepared dataset there is replaced")
     args = ap.parse_args()
     name = Path(args.path).stem or "corpus"
+    kind = "char" if args.chars else "bpe"
     try:
-        data_dir = prepare(args.path, f"data/{name}", tokenizer="char" if args.chars else "bpe",
+        # (NAME-kind, not NAME: the corpus itself may be data/NAME, and the README's `fungpt prepare` example
+        # writes data/mine, which this must not replace)
+        data_dir = prepare(args.path, args.out or f"data/{name}-{kind}", tokenizer=kind,
                            vocab_size=None if args.chars else 2048, overwrite=True)
         cfg = RunConfig(
             out_dir=f"out/{name}",

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -756,13 +757,17 @@ def test_tensorboard_events_are_written(corpus, tmp_path):
 
 
 def test_examples_run(tmp_path, monkeypatch, corpus):
-    """The custom-corpus example runs end to end on a tiny corpus (a few steps)."""
+    """The custom-corpus example runs end to end on a tiny corpus (a few steps), kept in data/poems: it prepared
+    into data/poems, the corpus's own folder, and stopped with advice to use an --out it did not have."""
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "poems").mkdir(parents=True)
+    shutil.copy(corpus, tmp_path / "data" / "poems" / "a.txt")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "custom_corpus.py"), str(corpus), "--chars",
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "custom_corpus.py"), "data/poems", "--chars",
                            "--iters", "3"], env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "bits/byte" in proc.stdout
+    assert (tmp_path / "data" / "poems-char" / "meta.json").is_file()
 
 
 @pytest.mark.parametrize("script, argv", [
