@@ -38,19 +38,28 @@ def read_json(path):
         return parse_json(f.read())
 
 
-# What a failed download's exception says when there is no network (requests, urllib3 and the OS word it so)
-_OFFLINE_SIGNS = ("Failed to resolve", "Name or service not known", "Temporary failure in name resolution",
-                  "nodename nor servname", "Network is unreachable", "Connection refused", "No route to host",
-                  "getaddrinfo failed")
+# What a failed download's exception (or one it was raised from) says when the machine cannot reach the server:
+# no network, or a name that does not resolve, or nothing answering (requests, urllib3 and the OS word it so)
+_UNREACHABLE_SIGNS = ("Failed to resolve", "Name or service not known", "Temporary failure in name resolution",
+                      "nodename nor servname", "Network is unreachable", "Connection refused", "No route to host",
+                      "getaddrinfo failed", "ConnectError", "ConnectionError")
 
 
 def why_download_failed(e: BaseException, width: int = 160) -> str:
-    """A download's exception as a short reason for a one-line message: "no network" when it says so (the
-    chained messages of requests and urllib3 run to hundreds of characters), else its type and text, on one line
-    and cut at a word."""
+    """A download's exception as a short reason for a one-line message: that the server could not be reached
+    (the chained messages of requests and urllib3 run to hundreds of characters), naming a proxy where one is
+    involved; else its type and text, on one line and cut at a word (or mid-word, for one long word)."""
     import textwrap
 
-    text = " ".join(str(e).split())
-    if any(sign in text for sign in _OFFLINE_SIGNS):
-        return "no network"
-    return textwrap.shorten(f"{type(e).__name__}: {text}", width=width, placeholder=" ...")
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen:  # the exception and those it was raised from
+        seen.add(id(e))
+        chain.append(f"{type(e).__name__}: {' '.join(str(e).split())}")
+        e = e.__cause__ or e.__context__
+    text = " ".join(chain)
+    if "ProxyError" in text or "Unable to connect to proxy" in text:
+        return "could not reach the proxy that HTTPS_PROXY or HTTP_PROXY names"
+    if any(sign in text for sign in _UNREACHABLE_SIGNS):
+        return "could not reach the server: no network, or a proxy or mirror that does not answer"
+    short = textwrap.shorten(chain[0], width=width, placeholder=" ...")
+    return short if short != "..." and not short.endswith(": ...") else chain[0][:width - 4] + " ..."

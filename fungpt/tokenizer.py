@@ -573,8 +573,8 @@ def _load_gpt2_encoding(timeout: float = GPT2_LOAD_TIMEOUT_S):
     why = why_download_failed(result["err"]) if "err" in result else f"timed out after {timeout:.0f}s"
     raise FunGPTError(
         f"could not load GPT-2's encoding through tiktoken, whose files are not cached here ({why}): connect once "
-        "to cache them, or set TIKTOKEN_CACHE_DIR to a folder holding them, or use the bpe tokenizer "
-        "(`fungpt prepare --tokenizer bpe`, `fungpt train --data.tokenizer bpe`)"
+        "to cache them, or set TIKTOKEN_CACHE_DIR to a folder holding them; new data can use the bpe tokenizer "
+        "instead (`fungpt prepare --tokenizer bpe`, `fungpt train --data.tokenizer bpe`)"
     )
 
 

@@ -181,7 +181,8 @@ def test_gpt2_load_failure_is_a_clear_error(monkeypatch):
     # the flag for each command (`fungpt train` has no --tokenizer), and "no network" instead of 650 characters of
     # chained urllib3 text cut mid-word
     assert "`fungpt prepare --tokenizer bpe`, `fungpt train --data.tokenizer bpe`" in msg
-    assert "(no network)" in msg and "openaipublic" not in msg
+    assert "(could not reach the server: no network, or a proxy or mirror that does not answer)" in msg
+    assert "openaipublic" not in msg
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: (_ for _ in ()).throw(OSError("disk " * 100)))
     with pytest.raises(FunGPTError, match=r"\(OSError: disk disk .* \.\.\.\): connect once"):
         GPT2Tokenizer()
@@ -328,3 +329,24 @@ def test_a_tokenizer_whose_ids_have_gaps_is_refused_when_read(tmp_path):
         BPETokenizer.load(tmp_path / "tokenizer.json")
     LibTokenizer(models.BPE(vocab={"a": 0, "z": 1}, merges=[])).save(str(tmp_path / "tokenizer.json"))
     assert HFTokenizer.from_dir(tmp_path).vocab_size == 2  # (the control)
+
+
+def test_why_a_download_failed_in_a_few_words():
+    from fungpt.errors import why_download_failed
+
+    class ProxyError(ConnectionError):
+        pass
+
+    assert why_download_failed(ProxyError("Unable to connect to proxy (Connection refused)")).startswith(
+        "could not reach the proxy")
+    try:  # the reason in the exception it was raised from (older huggingface_hub: "check your connection" only)
+        try:
+            raise OSError("[Errno -2] Name or service not known")
+        except OSError as cause:
+            raise RuntimeError("An error happened while trying to locate the files on the Hub") from cause
+    except RuntimeError as e:
+        assert why_download_failed(e).startswith("could not reach the server")
+    assert why_download_failed(ValueError("bad " * 100)).endswith(" ...") and len(why_download_failed(
+        ValueError("bad " * 100))) <= 160
+    long_word = why_download_failed(OSError("x" * 300))  # one long word: cut, not dropped
+    assert long_word.startswith("OSError: xxx") and long_word.endswith(" ...") and len(long_word) <= 160
