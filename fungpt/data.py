@@ -277,10 +277,14 @@ def _iter_file_text(
             except OSError as e:
                 raise FunGPTError(f"could not read {path}: {e.strerror}") from None
             final = not data
-            if offset == 0 and data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a UTF-16 byte-order mark (also UTF-32's)
-                raise FunGPTError(f"{path} is UTF-16 text (it starts with UTF-16's byte-order mark, as Windows "
-                                  f"PowerShell's `>` writes it), not UTF-8: convert it to UTF-8 (e.g. save it again "
-                                  f"as UTF-8, or `iconv -f UTF-16 -t UTF-8`)")
+            # A byte-order mark of UTF-32 (checked first: its little-endian one starts like UTF-16's) or UTF-16, as
+            # Windows PowerShell's `>` writes text: named, where its NUL bytes would say "a binary file"
+            bom = next((name for mark, name in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+                                                (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+                        if data.startswith(mark)), None) if offset == 0 else None
+            if bom:
+                raise FunGPTError(f"{path} is {bom} text (it starts with {bom}'s byte-order mark), not UTF-8: convert "
+                                  f"it to UTF-8 (e.g. save it again as UTF-8, or `iconv -f {bom} -t UTF-8`)")
             nul = data.find(b"\x00")
             if nul >= 0:
                 raise FunGPTError(

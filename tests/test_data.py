@@ -344,7 +344,11 @@ BAD_INPUTS = {
     "empty folder": (lambda t: (t / "d").mkdir() or t / "d", {}, "holds no text"),
     "binary": (lambda t: _write(t, "b.bin", b"\x89PNG\r\n\x1a\n\x00\x00\x00"), {}, "looks like a binary file"),
     "utf-16": (lambda t: _write(t, "w.txt", "hello, world\n".encode("utf-16")), {},  # (was: "a binary file")
-               "w.txt is UTF-16 text .*convert it to UTF-8"),
+               r"w.txt is UTF-16 text .*convert it to UTF-8 .*iconv -f UTF-16 -t UTF-8"),
+    "utf-32": (lambda t: _write(t, "w.txt", "hello, world\n".encode("utf-32")), {},  # (its BOM starts like UTF-16's)
+               r"w.txt is UTF-32 text .*iconv -f UTF-32 -t UTF-8"),
+    "utf-32-be": (lambda t: _write(t, "w.txt", b"\x00\x00\xfe\xff" + "hi\n".encode("utf-32-be")), {},
+                  "w.txt is UTF-32 text"),
     "bad utf-8": (
         lambda t: _write(t, "u.txt", b"abc\n" * 10 + b"\xc3\x28 x"),
         {},
