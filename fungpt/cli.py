@@ -265,6 +265,9 @@ def positions_command(pos_encoding: Literal["auto", "learned", "sinusoidal", "ro
         loaded = load_run(run, "last", "cpu")
         if pos_encoding == "auto":
             pos_encoding = loaded.config.model.pos_encoding
+            if pos_encoding == "none":
+                raise FunGPTError(f"{run} has pos_encoding = 'none': there is no position encoding to draw; pass "
+                                  f"--pos-encoding sinusoidal or rope to draw one at its shape")
     if pos_encoding == "auto":
         raise FunGPTError("say which encoding to draw: --pos-encoding learned|sinusoidal|rope, or pass --run RUN")
     print(f"fungpt: wrote {plot_positions(pos_encoding, out, run=loaded)}")

@@ -96,11 +96,21 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
     ax.set_title("FunGPT loss curves")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
+    with quiet_glyphs():  # (tight_layout draws the text already: a run folder named in CJK)
+        fig.tight_layout()
     try:
         return save_figure(fig, out)
     finally:
         plt.close(fig)
+
+
+@contextlib.contextmanager
+def quiet_glyphs():
+    """Drawing text matplotlib's font lacks (CJK, emoji: a token, a run folder's name) gives a box and a
+    UserWarning with a raw source line in the terminal, which says nothing the picture does not: silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        yield
 
 
 def save_figure(fig, out: Path, **savefig_kw) -> Path:
@@ -113,10 +123,7 @@ def save_figure(fig, out: Path, **savefig_kw) -> Path:
     tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{out.suffix}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():
-            # A token matplotlib's font lacks (CJK, emoji) is drawn as a box; its UserWarning, a raw source line
-            # in the terminal, says nothing the picture does not
-            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        with quiet_glyphs():
             fig.savefig(tmp, **savefig_kw)
         os.replace(tmp, out)
     except OSError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import xml.etree.ElementTree as ET
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 
 from fungpt.cli import main
-from fungpt.config import DataConfig, RunConfig, TrainConfig
+from fungpt.config import DataConfig, RunConfig, TrainConfig, load_run_config
 from fungpt.errors import FunGPTError
 from fungpt.inspection import estimate_memory, inspect_target
 from fungpt.model import GPT, GPTConfig, sample_next_token
@@ -142,7 +143,7 @@ def test_tokens_the_font_lacks_do_not_print_matplotlibs_warning(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fungpt.plot import save_figure
+    from fungpt.plot import plot_runs, save_figure
 
     fig, ax = plt.subplots()
     ax.set_title("\u3053\u3093\u306b\u3061\u306f")  # hiragana: not in matplotlib's own DejaVu fonts
@@ -151,6 +152,12 @@ def test_tokens_the_font_lacks_do_not_print_matplotlibs_warning(tmp_path):
         save_figure(fig, tmp_path / "cjk.png")
     plt.close(fig)
     assert (tmp_path / "cjk.png").stat().st_size > 0
+    run = tmp_path / "\u5b9f\u9a13"  # a run folder named in kanji: its name is the curve's label
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "train_loss": 2.0}\n{"step": 2, "train_loss": 1.5}\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_runs([run], tmp_path / "loss.png")
 
 
 # ----------------------------------------------------------------------------------- positions
@@ -174,6 +181,18 @@ def test_positions_learned_needs_a_run(tmp_path, capsys):
     # "none", the fourth encoding the docs name, was refused by the parser as an unknown choice
     assert main(["positions", "--pos-encoding", "none", "--out", str(tmp_path / "p.png")]) == 2
     assert "a 'none' model has no position encoding to draw" in capsys.readouterr().err
+
+
+def test_positions_of_a_run_without_positions_says_so(run_dir, tmp_path, monkeypatch, capsys):
+    """It said "--pos-encoding 'none' has no picture", naming a flag the user had not passed."""
+    cfg = load_run_config(run_dir)
+    cfg = dataclasses.replace(cfg, out_dir=str(tmp_path / "nopos"), model=dataclasses.replace(
+        cfg.model, pos_encoding="none"), train=dataclasses.replace(cfg.train, max_iters=2))
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    train(cfg, progress=False)
+    assert main(["positions", "--run", str(tmp_path / "nopos"), "--out", str(tmp_path / "p.png")]) == 2
+    assert "has pos_encoding = 'none': there is no position encoding to draw; pass --pos-encoding sinusoidal or " \
+           "rope" in capsys.readouterr().err
 
 
 def test_rope_scores_depend_only_on_the_offset():
