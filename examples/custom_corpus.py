@@ -9,6 +9,7 @@ reports bits per byte on the held-out 10%, and samples.
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -26,11 +27,17 @@ def main() -> None:
     args = ap.parse_args()
     name = Path(args.path).stem or "corpus"
     kind = "char" if args.chars else "bpe"
+    vocab_size = None if args.chars else 2048
+    # (NAME-kind, not NAME: the corpus itself may be data/NAME)
+    out = Path(args.out or f"data/{name}-{kind}")
     try:
-        # (NAME-kind, not NAME: the corpus itself may be data/NAME, and the README's `fungpt prepare` example
-        # writes data/mine, which this must not replace)
-        data_dir = prepare(args.path, args.out or f"data/{name}-{kind}", tokenizer=kind,
-                           vocab_size=None if args.chars else 2048, overwrite=True)
+        if not args.out and (out / "meta.json").is_file():  # replaced only if it is what this script makes
+            meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+            ours = {"source": args.path, "tokenizer": kind, "val_fraction": 0.1, "vocab_size_asked": vocab_size}
+            if any(meta.get(k) != v for k, v in ours.items() if v is not None):
+                sys.exit(f"error: {out} holds a dataset prepared otherwise (by `fungpt prepare`?), which this "
+                         f"script would replace: pass --out to prepare into another folder")
+        data_dir = prepare(args.path, out, tokenizer=kind, vocab_size=vocab_size, overwrite=True)
         cfg = RunConfig(
             out_dir=f"out/{name}",
             data=DataConfig(path=str(data_dir)),  # an already prepared folder

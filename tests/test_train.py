@@ -768,6 +768,15 @@ def test_examples_run(tmp_path, monkeypatch, corpus):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "bits/byte" in proc.stdout
     assert (tmp_path / "data" / "poems-char" / "meta.json").is_file()
+    # a dataset the user prepared there with other settings is not replaced without a word
+    from fungpt.data import load_meta, prepare
+
+    prepare(tmp_path / "data" / "poems", tmp_path / "data" / "poems-char", val_fraction=0.2, overwrite=True,
+            progress=False)
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "custom_corpus.py"), "data/poems", "--chars",
+                           "--iters", "3"], env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert proc.returncode == 1 and "pass --out to prepare into another folder" in proc.stderr
+    assert load_meta(tmp_path / "data" / "poems-char")["val_fraction"] == 0.2
 
 
 @pytest.mark.parametrize("script, argv", [
