@@ -1101,10 +1101,12 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 if prec.device == "cuda" and "cuda" in rng:
                     torch.cuda.set_rng_state(rng["cuda"])
             if len(loaders) != ddp.world_size:
-                # Every process trains on its own batch: the tokens per step change with their number
+                # Every process trains on its own batch: the tokens per step change with their number. The
+                # checkpoint's own count is the one to compare with (config.json may be from a start that failed
+                # before saving); checkpoints from before it was saved fall back to config.json's settings.
                 now = tc.batch_size * cfg.model.block_size * tc.grad_accum_steps * ddp.world_size
-                was = state.get("tokens_per_step")  # (checkpoints before it was saved: from config.json, which a
-                if not isinstance(was, int):  # start that failed before saving may have rewritten)
+                was = state.get("tokens_per_step")
+                if not isinstance(was, int):
                     t = saved_cfg.train
                     was = t.batch_size * saved_cfg.model.block_size * t.grad_accum_steps * len(loaders)
                 tokens = f"tokens per step {was:,} -> {now:,}" if was != now else f"the same {now:,} tokens per step"
