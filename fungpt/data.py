@@ -251,6 +251,16 @@ def _split_groups(text: str, size: int) -> list[str]:
     return groups
 
 
+def refuse_utf16_or_32(path, head: bytes) -> None:
+    """Refuse a file whose first bytes `head` are the byte-order mark of UTF-32 (checked first: its little-endian
+    one starts like UTF-16's) or UTF-16, as Windows PowerShell's `>` writes text, naming it and the fix."""
+    for mark, name in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+                       (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
+        if head.startswith(mark):
+            raise FunGPTError(f"{path} is {name} text (it starts with {name}'s byte-order mark), not UTF-8: convert "
+                              f"it to UTF-8 (e.g. save it again as UTF-8, or `iconv -f {name} -t UTF-8`)")
+
+
 def _iter_file_text(
     path: Path, errors: str, chunk_bytes: int, on_bytes: Callable[[bytes], None] | None,
     utf8_fix: str = ("fix the file, or substitute U+FFFD for undecodable bytes: `fungpt prepare --errors replace`, "
@@ -277,14 +287,8 @@ def _iter_file_text(
             except OSError as e:
                 raise FunGPTError(f"could not read {path}: {e.strerror}") from None
             final = not data
-            # A byte-order mark of UTF-32 (checked first: its little-endian one starts like UTF-16's) or UTF-16, as
-            # Windows PowerShell's `>` writes text: named, where its NUL bytes would say "a binary file"
-            bom = next((name for mark, name in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
-                                                (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
-                        if data.startswith(mark)), None) if offset == 0 else None
-            if bom:
-                raise FunGPTError(f"{path} is {bom} text (it starts with {bom}'s byte-order mark), not UTF-8: convert "
-                                  f"it to UTF-8 (e.g. save it again as UTF-8, or `iconv -f {bom} -t UTF-8`)")
+            if offset == 0:  # (its NUL bytes would say "a binary file")
+                refuse_utf16_or_32(path, data)
             nul = data.find(b"\x00")
             if nul >= 0:
                 raise FunGPTError(

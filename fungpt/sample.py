@@ -10,7 +10,7 @@ from typing import TextIO
 import numpy as np
 import torch
 
-from fungpt.data import encode_file, eval_windows, load_meta
+from fungpt.data import encode_file, eval_windows, load_meta, refuse_utf16_or_32
 from fungpt.errors import FunGPTError
 from fungpt.runs import LoadedRun, data_dir_of, load_run, seeded_generator
 from fungpt.sampling import sampling_probs
@@ -96,7 +96,9 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
     if prompt_file is not None:
         try:
             # as prepare reads: "\r\n" stays "\r\n" and a byte-order mark is dropped
-            prompt = Path(prompt_file).read_bytes().decode("utf-8").removeprefix("\ufeff")
+            data = Path(prompt_file).read_bytes()
+            refuse_utf16_or_32(prompt_file, data)
+            prompt = data.decode("utf-8").removeprefix("\ufeff")
         except (OSError, UnicodeDecodeError) as e:
             raise FunGPTError(f"cannot read prompt file {prompt_file}: {e}") from None
     loaded = load_run(run, checkpoint, device)

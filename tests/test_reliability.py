@@ -951,6 +951,7 @@ def _files(world, tmp_path) -> dict[str, str]:
     (t / "not_utf8.toml").write_bytes(b"[train]\nlr = \xff\n")
     (t / "a_file").write_text("x")
     (t / "empty.txt").write_text("")
+    (t / "utf16.txt").write_bytes("ROMEO:".encode("utf-16"))  # as Windows PowerShell's `>` writes it
     other = t / "other"
     shutil.copytree(world["run"], other)
     (t / "prepared").mkdir()
@@ -1116,6 +1117,8 @@ BAD_INPUTS = {
     "sample: negative temperature": (["sample", "--run", "{run}", "--temperature", "-1"], "temperature"),
     "sample: top_k 0": (["sample", "--run", "{run}", "--top-k", "0"], "top-k"),
     "sample: missing prompt file": (["sample", "--run", "{run}", "--prompt-file", "{tmp}/nope.txt"], "nope.txt"),
+    "sample: a UTF-16 prompt file": (["sample", "--run", "{run}", "--prompt-file", "{tmp}/utf16.txt"],
+                                     "utf16.txt is UTF-16 text (it starts with UTF-16's byte-order mark), not UTF-8"),
     "sample: cuda without a GPU": (["sample", "--run", "{run}", "--device", "cuda"], "CUDA"),
     "sample: unknown device": (["sample", "--run", "{run}", "--device", "tpu"], "choose auto, cpu, cuda or mps"),
     "eval: a numbered device": (["eval", "--run", "{run}", "--device", "cuda:0"], "CUDA_VISIBLE_DEVICES"),
