@@ -173,6 +173,18 @@ def warn_if_memory_short(cfg: RunConfig, prec, num_params: int | None = None) ->
               f"(--dry-run shows the estimate)")
 
 
+def weights_might_not_fit(cfg: RunConfig, device: str) -> bool:
+    """Whether training's weights, gradients and AdamW state alone (16 bytes a parameter) might exceed the
+    memory, by a lower bound of the parameter count: per block 4 C^2 for attention and 8 C^2 for the MLP,
+    plus V C for the token embedding (GPT-2 small: 85M + 39M of its 124M)."""
+    from fungpt.plan import device_memory, processes_sharing
+
+    m = cfg.model
+    have = device_memory(device)
+    return have is not None and 16 * (12 * m.n_layer * m.n_embd**2 + m.vocab_size * m.n_embd) \
+        * processes_sharing(device) > have
+
+
 def note_unused_data_settings(data: DataConfig, meta: dict, data_dir: Path, fine_tune: bool = False) -> None:
     """Say which [data] settings a prepared folder leaves unused: its tokens were fixed by `fungpt prepare`.
 
@@ -590,6 +602,18 @@ def configure_optimizer(model: GPT, tc: TrainConfig, device: str) -> torch.optim
 OPTIMIZER_SETTINGS = ("beta1", "beta2", "weight_decay", "muon_lr", "muon_momentum")
 
 
+def trained_with(manifest: dict[str, Any] | None, saved_cfg: RunConfig | None) -> TrainConfig | None:
+    """The [train] settings a checkpoint was trained with: its manifest's own record, else (checkpoints from
+    before it was kept there) config.json's. config.json is rewritten by every start, also by one that failed
+    before its first save, so it may hold settings that never trained."""
+    if manifest is None or saved_cfg is None:
+        return saved_cfg.train if saved_cfg is not None else None
+    try:
+        return RunConfig.from_dict({"train": manifest["train"]}).train
+    except (KeyError, FunGPTError):  # (older checkpoints, or a field this version no longer has)
+        return saved_cfg.train
+
+
 def resume_notes(saved: TrainConfig, new: TrainConfig, step: int) -> list[str]:
     """One line each on changed settings that make a resumed run differ from one that was never stopped.
 
@@ -893,13 +917,15 @@ class _StopFlag:
 
     A signal that is ignored (a background job's SIGINT, `nohup`'s SIGHUP) stays ignored, and a SIGTERM or
     SIGHUP handler of the program that calls train() is left alone; `announce` is False on all but one
-    process of a torchrun job, so that the notice is printed once.
+    process of a torchrun job, so that the notice is printed once. In a job of several processes the save needs
+    them all: torchrun also sends SIGTERM when one of them has died, and then the step cannot be finished.
     """
 
-    def __init__(self, announce: bool = True) -> None:
+    def __init__(self, announce: bool = True, processes: int = 1) -> None:
         self.stop = False
         self.signum: int | None = None  # the first signal received
         self.announce = announce
+        self.processes = processes
         self.hung_up = False  # stopped by a write that failed as the terminal hung up (its SIGHUP may follow)
         self._old: dict[int, Any] = {}
 
@@ -929,7 +955,9 @@ class _StopFlag:
         if self.announce:
             what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
-                print(f"\n{what}: finishing this step and saving a checkpoint ({what} again aborts)",
+                unless = ", unless a process of this job has died (the last checkpoint stays intact)" \
+                    if self.processes > 1 else ""
+                print(f"\n{what}: finishing this step and saving a checkpoint{unless} ({what} again aborts)",
                       file=sys.stderr)
 
     def output(self, write: Callable[..., Any], *args: Any) -> None:
@@ -1032,10 +1060,11 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     # A resume's checkpoint is checked (every file's size and sha256) before the data, too
     folder = ckpt.find_checkpoint(cfg.out_dir) if resume else None
     manifest = ckpt.verify_checkpoint(folder) if folder is not None else None
-    if folder is not None and saved_cfg.train.optimizer != tc.optimizer:  # (its saved state is another's)
+    saved_train = trained_with(manifest, saved_cfg)  # the [train] settings the checkpoint was trained with
+    if folder is not None and saved_train.optimizer != tc.optimizer:  # (its saved state is another's)
         raise FunGPTError(f"cannot resume {cfg.out_dir}: it was trained with train.optimizer = "
-                          f"{saved_cfg.train.optimizer!r}, not {tc.optimizer!r}; resume with --train.optimizer "
-                          f"{saved_cfg.train.optimizer}, or train into a new out_dir")
+                          f"{saved_train.optimizer!r}, not {tc.optimizer!r}; resume with --train.optimizer "
+                          f"{saved_train.optimizer}, or train into a new out_dir")
 
     cfg, data_dir, pre = resolve_model_and_data(cfg, ddp.is_main, progress and ddp.is_main, model_named,
                                                 resume_dir=Path(cfg.out_dir) if resume else None)
@@ -1055,8 +1084,15 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
 
     # Model and optimizer. Every rank builds the same initial weights from the same seed.
     torch.manual_seed(tc.seed)
+    # The memory check (CPU, Apple GPU; on CUDA an out-of-memory error is caught and explained below) needs the
+    # parameter count. It is taken from the built model, unless the weights alone might not fit: then building
+    # the model could be what gets the process killed, so it is counted on the meta device first (~1 s)
+    check_memory = ddp.is_main and prec.device != "cuda"
+    if check_memory and weights_might_not_fit(cfg, prec.device):
+        warn_if_memory_short(cfg, prec)
+        check_memory = False
     model = GPT(cfg.model).to(device)
-    if ddp.is_main and prec.device != "cuda":  # (CUDA: an out-of-memory error is caught and explained below)
+    if check_memory:
         warn_if_memory_short(cfg, prec, model.num_params())
     optimizer = configure_optimizer(model, tc, prec.device)
     scaler = torch.amp.GradScaler(prec.device, enabled=prec.needs_grad_scaler)
@@ -1073,6 +1109,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     if resume and ckpt.find_checkpoint(cfg.out_dir) != folder:  # a run saved meanwhile, before the lock was taken
         folder = ckpt.find_checkpoint(cfg.out_dir)
         manifest = ckpt.verify_checkpoint(folder) if folder is not None else None
+        saved_train = trained_with(manifest, saved_cfg)
     if folder is not None:
         ckpt.check_model_config(manifest, folder, cfg.model.to_dict(), Path(cfg.out_dir) / "config.json")
         check_resume_tokenizer(data_dir, out_dir)
@@ -1107,7 +1144,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 now = tc.batch_size * cfg.model.block_size * tc.grad_accum_steps * ddp.world_size
                 was = state.get("tokens_per_step")
                 if not isinstance(was, int):
-                    t = saved_cfg.train
+                    t = saved_train
                     was = t.batch_size * saved_cfg.model.block_size * t.grad_accum_steps * len(loaders)
                 tokens = f"tokens per step {was:,} -> {now:,}" if was != now else f"the same {now:,} tokens per step"
                 say(f"fungpt: resuming with {ddp.world_size} process(es) where the checkpoint was written by "
@@ -1121,8 +1158,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             raise FunGPTError(f"{folder / ckpt.STATE_FILE} is at step {step} but {folder / ckpt.MANIFEST_FILE} "
                               f"says step {manifest['step']}: the checkpoint is inconsistent")
         done = None
-        if step < tc.max_iters and saved_cfg is not None:
-            for note in resume_notes(saved_cfg.train, tc, step):
+        if step < tc.max_iters:
+            for note in resume_notes(saved_train, tc, step):
                 say(note)
         if step >= tc.max_iters:
             done = f"already reached step {step} (train.max_iters = {tc.max_iters})", "train.max_iters"
@@ -1157,7 +1194,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         if folder is None:  # a resumed run's tokenizer files are already there, checked to match the data's
             load_tokenizer(data_dir).save(out_dir)
     # Each checkpoint records what it belongs to, so loading can refuse a mismatched config or tokenizer.
-    ckpt_extra = {"model": cfg.model.to_dict(),
+    ckpt_extra = {"model": cfg.model.to_dict(), "train": dataclasses.asdict(tc),
                   "tokenizer_sha256": ckpt.tokenizer_fingerprint(out_dir) if ddp.is_main else None}
 
     # Compile and wrap *after* loading; saving always uses `model`, the plain module.
@@ -1339,7 +1376,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         from tqdm.auto import tqdm
 
         bar = tqdm(total=tc.max_iters, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    with _StopFlag(announce=ddp.is_main) as interrupt, _close_on_error(bar):
+    with _StopFlag(announce=ddp.is_main, processes=ddp.world_size) as interrupt, _close_on_error(bar):
         while step < tc.max_iters and not must_stop(interrupt):
             t_step = time.time()
             lr = get_lr(position, tc)  # (schedule_position(), agreed by the ranks in must_stop)

@@ -316,6 +316,23 @@ def test_a_cpu_run_that_the_estimate_says_is_too_big_is_warned_about(corpus, tmp
     assert "warning" not in capsys.readouterr().out
 
 
+def test_a_model_whose_weights_alone_might_not_fit_is_warned_about_before_it_is_built(corpus, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """Building such a model can itself be what the system kills the process for: the warning comes first."""
+    cfg = tiny_config(corpus, tmp_path / "run", max_iters=1)
+    m = GPTConfig(**{**cfg.model.to_dict(), "vocab_size": 100})  # (the corpus's char vocabulary is below 100)
+    monkeypatch.setattr(plan, "device_memory", lambda device: 16 * 12 * m.n_layer * m.n_embd**2)
+    train_mod = sys.modules["fungpt.train"]
+
+    def killed(config):
+        raise FunGPTError("killed while building the model")
+
+    monkeypatch.setattr(train_mod, "GPT", killed)
+    with pytest.raises(FunGPTError, match="killed while building"):
+        train(cfg, progress=False)
+    assert "fungpt: warning: this run needs about " in capsys.readouterr().out
+
+
 def test_processes_of_a_torchrun_job_share_the_machines_memory(corpus, tmp_path, monkeypatch, capsys):
     """On a CPU the memory check compared one process's estimate with the whole machine's memory: two processes
     needing 60% each were said to fit."""

@@ -455,6 +455,40 @@ def test_resume_says_when_its_lr_schedule_or_eval_batches_change(world, tmp_path
     assert "note" not in capsys.readouterr().out  # how it runs, not what it computes (device auto is the CPU here)
 
 
+def test_the_stop_notice_of_a_torchrun_job_does_not_promise_a_save_it_may_not_make(capsys):
+    """torchrun also sends SIGTERM when one of its processes died: the survivors cannot finish the step then."""
+    flag = train_module._StopFlag(processes=2)
+    flag._handle(signal.SIGTERM, None)
+    assert flag.stop and ("SIGTERM: finishing this step and saving a checkpoint, unless a process of this job has "
+                          "died (the last checkpoint stays intact) (SIGTERM again aborts)") in capsys.readouterr().err
+    train_module._StopFlag()._handle(signal.SIGTERM, None)
+    assert "SIGTERM: finishing this step and saving a checkpoint (SIGTERM again" in capsys.readouterr().err
+
+
+def test_resume_compares_with_the_settings_the_checkpoint_trained_with(world, tmp_path, capsys, monkeypatch):
+    """A start that fails before its first save has already rewritten config.json with its own settings. The
+    next resume compares with what the checkpoint was trained with, which its manifest records."""
+    out = tmp_path / "run"
+    train(tiny_config(world["corpus"], out, max_iters=6, checkpoint_interval=100), progress=False)
+    train_mod = sys.modules["fungpt.train"]
+
+    def refused(device):
+        raise FunGPTError("torch.compile cannot work here")
+
+    monkeypatch.setattr(train_mod, "check_compile", refused)
+    with pytest.raises(FunGPTError, match="torch.compile cannot work"):  # fails after writing config.json
+        train(tiny_config(world["corpus"], out, max_iters=10, checkpoint_interval=100, lr=1e-2, compile=True,
+                          batch_size=6, beta2=0.95), resume=True, progress=False)
+    assert load_run_config(out).train.lr == 1e-2  # (what the failed start left behind)
+    capsys.readouterr()
+    train(tiny_config(world["corpus"], out, max_iters=10, checkpoint_interval=100, lr_decay_iters=6),
+          resume=True, progress=False)
+    said = capsys.readouterr().out
+    assert "note" not in said, said  # the same settings as the checkpoint's, but for the run's length
+    manifest = json.loads((ckpt.find_checkpoint(out) / ckpt.MANIFEST_FILE).read_text())
+    assert manifest["train"]["max_iters"] == 10 and manifest["train"]["lr_decay_iters"] == 6
+
+
 # ----------------------------------------------------------------------------------------------
 # Resume after kill -9, at random moments (several here; >= 20 in the slow variant)
 
