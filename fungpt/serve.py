@@ -275,6 +275,7 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
         "device": str(run.device),
         "tokenizer": tok.name,
         "vocab_size": tok.vocab_size,
+        "has_eot": tok.eot_id is not None,  # the page offers stop_at_eot only then
         "params": run.model.num_params(),
         "block_size": mcfg.block_size,
         "n_layer": mcfg.n_layer,

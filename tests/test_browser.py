@@ -126,6 +126,29 @@ def test_explore_a_run_in_the_browser(url, page, tmp_path):
     assert page.problems == []
 
 
+def test_the_stop_at_endoftext_box_is_offered_where_the_tokenizer_has_that_token(url, page):
+    page.goto(url)
+    sync_api.expect(page.locator("#run-summary")).to_contain_text("step 20")
+    assert not page.locator("#stop_at_eot").is_visible()  # the tiny run's char tokenizer has no such token
+
+    def with_eot(route):  # as a BPE run's server answers
+        route.fulfill(json={**route.fetch().json(), "has_eot": True})
+
+    page.route("**/api/info", with_eot)
+    page.reload()
+    box = page.locator("#stop_at_eot")
+    sync_api.expect(box).to_be_visible()
+    assert box.is_checked()  # as `fungpt sample`
+    box.uncheck()
+    page.fill("#prompt", "The cat")  # (in the tiny run's alphabet)
+    page.fill("#max_new_tokens", "5")
+    with page.expect_request("**/api/generate") as sent:
+        page.click("#generate")
+    assert sent.value.post_data_json["stop_at_eot"] is False
+    sync_api.expect(page.locator("#output")).to_have_attribute("data-state", "done")
+    assert page.problems == []
+
+
 def test_a_bad_request_shows_its_error(url, page):
     page.goto(url)
     sync_api.expect(page.locator("#run-summary")).to_contain_text("step 20")

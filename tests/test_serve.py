@@ -74,6 +74,7 @@ def test_page_info_and_metrics(url, run_dir):
     assert info["step"] == 20 and info["n_layer"] == 2 and info["n_head"] == 2 and info["block_size"] == 32
     assert info["config"] == json.loads((run_dir / "config.json").read_text())
     assert info["limits"]["max_new_tokens"] == MAX_NEW
+    assert info["has_eot"] is False  # a char tokenizer: the page offers no stop at <|endoftext|>
     metrics = httpx.get(f"{url}/api/metrics").json()
     train_rows, eval_rows = read_metrics(run_dir)
     assert metrics["train"] == [[r["step"], r["train_loss"]] for r in train_rows]
@@ -517,6 +518,7 @@ def test_a_sample_ends_at_endoftext_as_fungpt_samples_does(run_dir, monkeypatch)
     with running_server(create_app(run_dir, device="cpu")) as base:
         events = stream_events(base, prompt="the", max_new_tokens=len(drawn))
         whole = stream_events(base, prompt="the", max_new_tokens=len(drawn), stop_at_eot=False)
+        assert httpx.get(f"{base}/api/info").json()["has_eot"] is True  # (the page offers the choice)
     out = io.StringIO()
     sample(run_dir, prompt="the", max_new_tokens=len(drawn), out=out)
     assert generated_ids(events) == bpe.encode("the cat")

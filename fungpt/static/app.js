@@ -50,6 +50,7 @@ async function loadInfo() {
   fillSelect($("head"), info.n_head);
   $("max_new_tokens").max = info.limits.max_new_tokens;
   $("prompt").maxLength = info.limits.max_prompt_chars;
+  $("eot-control").hidden = !info.has_eot;  // (a char tokenizer has no end-of-text token)
   renderConfig(info.config);
 }
 
@@ -149,6 +150,7 @@ function readSettings() {
     top_p: num("top_p"),
     max_new_tokens: num("max_new_tokens") ?? 200,
     seed: num("seed") ?? 1337,  // an emptied box: the page's and the server's default seed
+    stop_at_eot: $("stop_at_eot").checked,
   };
 }
 
