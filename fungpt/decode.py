@@ -4,8 +4,9 @@ With a KV cache, every step of generation runs the model on a single new token. 
 is tiny (2 FLOPs per weight); the time goes to two things:
 
   1. Reading every weight matrix once. A 6 x 384 model streams 42.6 MB of float32 weights per
-     token, more than the CPU's caches hold. With cpu_matmul "onednn", `Linear.decoder` reads them at
-     close to memory speed (row sums, linear.py): 0.7-1.7 ms per token on the 2-core machine of
+     token with Tiny Shakespeare's 65 characters (the head is V x C: with GPT-2's vocabulary, about
+     120 MB), more than the CPU's caches hold. With cpu_matmul "onednn", `Linear.decoder` reads them
+     at close to memory speed (row sums, linear.py): 0.7-1.7 ms per token on the 2-core machine of
      BENCHMARKS.md.
   2. The fixed cost of every tensor operation: a few us in eager PyTorch (Python, the dispatcher,
      allocating the result), whatever the tensor's size, and several times that when the caches
@@ -15,7 +16,8 @@ is tiny (2 FLOPs per weight); the time goes to two things:
      cpu_matmul "onednn", as below: 220 with torch's BLAS, the choice on Intel CPUs).
 
 `Decoder.step` computes what `model(token[None], kv_cache=cache)` computes, for batch size 1, with
-142 operations per token for that model (113 with torch's BLAS; about 23 per block;
+142 operations per token for that model (113 with torch's BLAS; about 22 per block, 17 with BLAS,
+plus about 10 outside them;
 `bench/bench_generate.py` counts both and BENCHMARKS.md, "Fifth session", has the times). How:
 
   * vectors (C,) instead of (B, T, C) tensors: no reshapes between the pieces;

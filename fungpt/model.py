@@ -154,10 +154,10 @@ def make_norm(config: GPTConfig, dim: int, bias: bool | None = None) -> nn.Modul
 class _ReLU2Function(torch.autograd.Function):
     """relu(x)^2 with a hand-written backward: d/dx relu(x)^2 = 2 relu(x).
 
-    Autograd on `F.relu(x).square()` saves two tensors and runs four element-wise
-    passes in backward; this saves r = relu(x) once and needs two (measured 1.5x
-    as fast forward + backward on a CPU, where the MLP's (B, T, 4C) tensors make
-    every pass over memory count; BENCHMARKS.md, second session: 1,502 -> 985 us on (32, 64, 512)).
+    Autograd on `F.relu(x).square()` saves relu(x) (for both of its backward
+    functions) and runs four element-wise passes in backward; this needs two
+    (measured 1.5x as fast forward + backward on a CPU, where the MLP's (B, T, 4C)
+    tensors make every pass over memory count; BENCHMARKS.md, second session: 1,502 -> 985 us on (32, 64, 512)).
     """
 
     @staticmethod
