@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shlex
+import warnings
 from pathlib import Path
 
 import torch
@@ -196,7 +197,14 @@ def _load_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
 
     try:
-        tensors = _read_hf_weights(path)
+        with warnings.catch_warnings():  # (torch warns of pickle protocols it was not written with; refused below)
+            warnings.simplefilter("ignore", UserWarning)
+            tensors = _read_hf_weights(path)
+    except OSError as e:
+        if e.filename:  # the file could not be opened (permissions)
+            raise FunGPTError(f"cannot read {e.filename}: {e.strerror}") from None
+        raise FunGPTError(f"cannot read the weights in '{path}': the file is damaged or incomplete (a download that "
+                          f"stopped?); download the model again") from None  # (torch's reader of a cut .bin: EINVAL)
     except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, ValueError, KeyError,
             TypeError, AttributeError) as e:
         unsafe = re.search(r"GLOBAL (\S+)", str(e))  # the function or class weights_only refused to call
@@ -204,6 +212,12 @@ def _load_hf_weights(path: Path) -> dict[str, torch.Tensor]:
             raise FunGPTError(f"refusing to load the weights in '{path}': pytorch_model.bin holds more than "
                               f"tensors (its pickle calls {unsafe.group(1)}), and nothing in it was run; use a "
                               f"model.safetensors copy, or save the model again with save_pretrained") from None
+        if "Weights only load failed" in str(e) and _is_pickle(path / "pytorch_model.bin"):  # (not torch.save's)
+            why = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+            raise FunGPTError(f"refusing to load the weights in '{path}': torch's safe loader cannot read "
+                              f"pytorch_model.bin ({why[1].strip()[:80] if why else 'not a plain pickle of tensors'})"
+                              f", and nothing in it was run; use a model.safetensors copy, or save the model again "
+                              f"with save_pretrained") from None
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise FunGPTError(f"cannot read the weights in '{path}' ({first}): the file is damaged or not a "
                           f"safetensors/PyTorch weights file; download the model again") from None
@@ -214,6 +228,16 @@ def _load_hf_weights(path: Path) -> dict[str, torch.Tensor]:
                           f"a training checkpoint, perhaps; save the model's state_dict() alone, or use "
                           f"save_pretrained")
     return tensors
+
+
+def _is_pickle(file: Path) -> bool:
+    """Whether `file` starts as a pickle of protocol 2 or later does (the PROTO opcode, 0x80): the weights_only
+    loader refused its contents, rather than failing on bytes that are no pickle at all."""
+    try:
+        with open(file, "rb") as f:
+            return f.read(1) == b"\x80"
+    except OSError:
+        return False
 
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -212,10 +212,10 @@ def merge_model_config(asked: GPTConfig, checkpoint: GPTConfig, defaults: GPTCon
     return dataclasses.replace(checkpoint, block_size=block_size, dropout=asked.dropout, init_from=asked.init_from)
 
 
-def load_weights(model: GPT, path: str | Path) -> None:
-    """Copy the pretrained weights of folder `path` into `model` (which may have a shorter block_size, or fewer
-    token rows: see train.resolve_model_and_data)."""
-    source = GPT.from_hf(path)
+def load_weights(model: GPT, source: GPT | str | Path) -> None:
+    """Copy the pretrained weights of `source` (a model loaded by GPT.from_hf, or its folder) into `model`
+    (which may have a shorter block_size, or fewer token rows: see train.resolve_model_and_data)."""
+    source = source if isinstance(source, GPT) else GPT.from_hf(source)
     state = source.state_dict()
     if "pos.wpe.weight" in state:  # crop the position table: keep the first block_size positions
         state["pos.wpe.weight"] = state["pos.wpe.weight"][: model.config.block_size]

@@ -1069,6 +1069,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     cfg, data_dir, pre = resolve_model_and_data(cfg, ddp.is_main, progress and ddp.is_main, model_named,
                                                 resume_dir=Path(cfg.out_dir) if resume else None)
     out_dir = Path(cfg.out_dir)
+    # A fine-tune's weights are read now, before the run folder is touched: a damaged or refused weights file
+    # must not leave an empty run behind, nor (with --overwrite) have deleted the run that was there
+    pre_model = GPT.from_hf(pre.path) if pre is not None and folder is None else None
     if ddp.is_main:  # rank 0 alone writes the folder, so it alone locks it
         locked = held.enter_context(lock_out_dir(out_dir))
         prepare_out_dir(cfg, resume, overwrite, locked)
@@ -1175,7 +1178,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     elif resume:
         say(f"fungpt: {out_dir} has no checkpoint yet (stopped before its first save): starting from step 0")
     if pre is not None and folder is None:
-        pretrained.load_weights(model, pre.path)
+        pretrained.load_weights(model, pre_model if pre_model is not None else pre.path)
+        del pre_model
         say(f"fungpt: starting from the pretrained weights of {pre.name} ({model.num_params():,} parameters)")
 
     if ddp.is_main:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -360,11 +362,46 @@ def test_damaged_or_foreign_weights_in_a_model_folder_are_one_line(hf_dir, tmp_p
     with pytest.raises(FunGPTError, match=r"do not fit its config.json: blocks.0.attn.c_attn.bias is \(96,\), "
                                           r"config.json says \(192,\) \(and \d+ more\)"):
         GPT.from_hf(wide)
+    bin_cut = folder("bin_cut")  # a pytorch_model.bin that stopped half way (torch's reader: EINVAL)
+    (bin_cut / "model.safetensors").unlink()
+    torch.save(transformers.GPT2LMHeadModel.from_pretrained(hf_dir).state_dict(), bin_cut / "pytorch_model.bin")
+    whole = (bin_cut / "pytorch_model.bin").read_bytes()
+    (bin_cut / "pytorch_model.bin").write_bytes(whole[:5000])
+    with pytest.raises(FunGPTError, match=rf"cannot read the weights in '{bin_cut}': the file is damaged or "
+                                          r"incomplete \(a download that stopped\?\)"):
+        GPT.from_hf(bin_cut)
+    plain = folder("plain")  # a plain pickle (protocol 4, not torch.save's) that would run code
+    (plain / "model.safetensors").unlink()
+    (plain / "pytorch_model.bin").write_bytes(pickle.dumps({"x": _RunsCode(marker)}, protocol=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (torch's warning about the protocol is not shown either)
+        with pytest.raises(FunGPTError, match=rf"refusing to load the weights in '{plain}': torch's safe loader "
+                                              r"cannot read pytorch_model.bin \(Unsupported operand 149\), and "
+                                              r"nothing in it was run"):
+            GPT.from_hf(plain)
+    assert not marker.exists()
     # and through the command line: one line, no traceback
     assert main(["train", "--model.init-from", str(cut), "--data.path", str(hf_dir / "vocab.json"),
                  "--out-dir", str(tmp_path / "out"), "--train.device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: cannot read the weights")
+    assert not (tmp_path / "out").exists()  # the weights are read before the run folder is made
+
+
+def test_overwriting_a_run_with_a_finetune_whose_weights_are_damaged_keeps_the_run(hf_dir, corpus, tmp_path):
+    """--overwrite deleted the run, then the pretrained weights failed to load: the old run was lost."""
+    import shutil
+
+    out = tmp_path / "run"
+    train(finetune_config(hf_dir, corpus, out), progress=False)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    cut = tmp_path / "cut"
+    shutil.copytree(hf_dir, cut)
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(FunGPTError, match="cannot read the weights"):
+        train(finetune_config(cut, corpus, out), overwrite=True, progress=False)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
 def test_a_finetune_resumes_after_its_pretrained_folder_is_gone(hf_dir, corpus, tmp_path, capsys):
