@@ -532,7 +532,7 @@ def prepare(
                 check.update(data)
                 bar.update(len(data))
 
-            def write(split: str, f, text: str) -> None:
+            def write(split: str, f, text: str, is_separator: bool) -> None:
                 nonlocal max_id
                 try:
                     ids = _encode(tok, text)
@@ -545,16 +545,18 @@ def prepare(
                 if len(ids):
                     max_id = max(max_id, int(ids.max()))
                 counts[f"{split}_tokens"] += len(ids)
-                counts[f"{split}_chars"] += len(text)
-                counts[f"{split}_bytes"] += len(text.encode("utf-8"))
+                if not is_separator:  # bits per byte (and per character) are per byte of the corpus's own text:
+                    # the separator between files (<|endoftext|>, one token, or a newline) is none of it
+                    counts[f"{split}_chars"] += len(text)
+                    counts[f"{split}_bytes"] += len(text.encode("utf-8"))
 
-            for text, _ in _iter_corpus(files, separator, errors, on_bytes=on_bytes):
-                # Cut the piece that straddles the train/val boundary in two.
+            for text, is_separator in _iter_corpus(files, separator, errors, on_bytes=on_bytes):
+                # Cut the piece that straddles the train/val boundary in two (never a separator: see above).
                 cut = min(max(boundary - position, 0), len(text))
                 if cut > 0:
-                    write("train", train_f, text[:cut])
+                    write("train", train_f, text[:cut], is_separator)
                 if cut < len(text):
-                    write("val", val_f, text[cut:])
+                    write("val", val_f, text[cut:], is_separator)
                 position += len(text)
 
         if check.hexdigest() != hasher.hexdigest():

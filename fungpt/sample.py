@@ -245,11 +245,17 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
         windows = tqdm(windows, total=batches, desc="eval", unit="batch", dynamic_ncols=True, leave=False)
     total_nll, total_tokens = score_windows(loaded.model, windows)
     loss = total_nll / total_tokens
-    # The first token is never predicted; scale the byte count to the part that was.
-    frac = total_tokens / len(tokens)
+    # Every token but the first is predicted: bits per byte (per character) divide by the bytes of the text
+    # those tokens stand for, the whole text's less the first token's, and by the characters that start after
+    # it (a byte-level token can hold part of a character: a character starts at each byte that is not a UTF-8
+    # continuation byte, 10xxxxxx). An <|endoftext|> between the files of a prepared split is not counted as text.
+    first = int(tokens[0])
+    head = b"" if input is None and first == loaded.tokenizer.eot_id else loaded.tokenizer.token_bytes(first)
+    n_bytes, n_chars = n_bytes - len(head), n_chars - sum((b & 0xC0) != 0x80 for b in head)
     bits = total_nll / math.log(2)
     return {"loss": loss, "perplexity": math.exp(loss), "bits_per_token": loss / math.log(2),
-            "bits_per_byte": bits / (n_bytes * frac), "bits_per_char": bits / (n_chars * frac),
+            "bits_per_byte": bits / n_bytes if n_bytes > 0 else math.nan,
+            "bits_per_char": bits / n_chars if n_chars > 0 else math.nan,
             "tokens": total_tokens, "step": loaded.step, "source": source}
 
 

@@ -192,6 +192,11 @@ def test_folder_input_sorted_with_separators(tmp_path):
     ids = np.concatenate([read_bin(bpe, "train"), read_bin(bpe, "val")]).tolist()
     assert ids.count(tok.eot_id) == 2
     assert tok.decode(ids) == expected.format(sep=EOT_TEXT)
+    # bits per byte divide by the files' own text: the separators between them (13 characters of <|endoftext|>
+    # for one token, or a newline) are not counted, else many small files would lower them
+    for data in (char, bpe):
+        meta = load_meta(data)
+        assert meta["train_bytes"] + meta["val_bytes"] == meta["train_chars"] + meta["val_chars"] == 300 + 330 + 300
 
 
 def test_split_never_cuts_through_the_separator(tmp_path):
@@ -202,7 +207,8 @@ def test_split_never_cuts_through_the_separator(tmp_path):
     # 86 + 13 + 1 = 100 chars; the 0.1 split point (90) falls inside <|endoftext|>.
     out = prepare(folder, tmp_path / "out", tokenizer="bpe", vocab_size=260, progress=False)
     meta = load_meta(out)
-    assert (meta["train_chars"], meta["val_chars"]) == (99, 1)
+    assert (meta["train_chars"], meta["val_chars"]) == (86, 1)  # (the separator is one token, not the text's)
+    assert read_bin(out, "val").tolist() == load_tokenizer(out).encode("y")
 
 
 def test_errors_replace_substitutes(tmp_path):
