@@ -26,6 +26,7 @@ import shlex
 import tomllib
 import types
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,11 +234,12 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> RunConfig:
         """Build a RunConfig from nested dicts (TOML or config.json); unknown keys are an error."""
-        sections = {"data": DataConfig, "model": GPTConfig, "train": TrainConfig}
+        sections = SECTIONS
         unknown = set(d) - {"out_dir", *sections}
         if unknown:
-            raise FunGPTError(f"{source}: unknown top-level key(s) {sorted(unknown)}; "
-                              f"expected out_dir, [data], [model], [train]")
+            moves = _belongs_elsewhere(unknown, "")
+            raise FunGPTError(f"{source}: unknown top-level key(s) {sorted(unknown)}"
+                              + (f" ({moves})" if moves else "") + "; expected out_dir, [data], [model], [train]")
         kwargs: dict[str, Any] = {}
         if "out_dir" in d:
             if not isinstance(d["out_dir"], str):  # str() would make a folder named e.g. "['a', 'b']"
@@ -246,6 +248,21 @@ class RunConfig:
         for name, klass in sections.items():
             kwargs[name] = _build_section(klass, d.get(name, {}), f"{source} [{name}]", defaults=getattr(cls(), name))
         return cls(**kwargs)
+
+
+SECTIONS = {"data": DataConfig, "model": GPTConfig, "train": TrainConfig}  # a run config's tables
+
+
+def _belongs_elsewhere(names: Collection[str], section: str) -> str:
+    """'block_size belongs in [model], ...' for those of `names` that are settings of another table than
+    `section` ("" for the top level), by their own or nanoGPT's name; "" if none is."""
+    homes: dict[str, list[str]] = {"out_dir": ["at the top of the file, above the tables"]} if section else {}
+    for name, klass in SECTIONS.items():
+        for f in dataclasses.fields(klass) if name != section else ():
+            homes.setdefault(f.name, []).append(f"in [{name}]")  # (vocab_size is in two: [data] and [model])
+    found = {n: " or ".join(homes.get(NANOGPT_NAMES.get(n, n), [])) for n in sorted(names)}
+    return ", ".join(f"{n} belongs {home}" if NANOGPT_NAMES.get(n, n) == n
+                     else f"{n} is {NANOGPT_NAMES[n]}, {home}" for n, home in found.items() if home)
 
 
 # nanoGPT's names for the settings FunGPT names otherwise (README: "Training fields mostly use nanoGPT's names")
@@ -258,12 +275,17 @@ def _build_section(klass: type, values: Any, where: str, defaults: Any) -> Any:
     names = {f.name for f in dataclasses.fields(klass)}
     unknown = set(values) - names
     if unknown:
-        # nanoGPT's names, or a typo: name the setting meant (difflib: the closest by spelling)
+        # A setting of another table (block_size in [train]); else nanoGPT's name for one of this table, or a
+        # typo: name the setting meant (difflib: the closest by spelling)
+        section = where.rsplit("[", 1)[-1].rstrip("]")
+        moved = _belongs_elsewhere(unknown, section)
         meant = {k: NANOGPT_NAMES.get(k) if NANOGPT_NAMES.get(k) in names
-                 else next(iter(difflib.get_close_matches(k, names, n=1)), None) for k in sorted(unknown)}
+                 else next(iter(difflib.get_close_matches(k, names, n=1)), None)
+                 for k in sorted(unknown) if not _belongs_elsewhere([k], section)}
         hints = ", ".join(f"{v} for {k}" for k, v in meant.items() if v)
-        raise FunGPTError(f"{where}: unknown setting(s) {sorted(unknown)}" + (f" (did you mean {hints}?)" if hints
-                          else "") + "; see `fungpt train --help` for the valid ones")
+        said = "; ".join(p for p in (moved, f"did you mean {hints}?" if hints else "") if p)
+        raise FunGPTError(f"{where}: unknown setting(s) {sorted(unknown)}" + (f" ({said})" if said else "")
+                          + "; see `fungpt train --help` for the valid ones")
     merged = {**dataclasses.asdict(defaults), **values}
     for name in values:
         merged[name] = _check_type(klass, name, values[name], where)

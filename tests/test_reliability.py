@@ -976,6 +976,9 @@ def _files(world, tmp_path) -> dict[str, str]:
     (t / "unknown_key.toml").write_text("[train]\nlearning_rate = 0.1\n")
     (t / "misspelt.toml").write_text("[model]\nn_layers = 2\n")
     (t / "wrong_section.toml").write_text("[model]\nlearning_rate = 0.1\n")  # nanoGPT's name, but of [train]
+    # block_size is close in spelling to [train]'s batch_size: renaming it so would have trained another batch
+    (t / "block_size_in_train.toml").write_text("[train]\nblock_size = 64\nbatchsize = 3\n")
+    (t / "flat.toml").write_text("batch_size = 12\nvocab_size = 300\n")  # nanoGPT's flat config style
     (t / "min_lr.toml").write_text("[train]\nmin_lr = 1.0\n")
     (t / "wrong_type.toml").write_text('[model]\nn_layer = "four"\n')
     (t / "wrong_type_train.toml").write_text('[train]\nbatch_size = "four"\n')
@@ -1134,7 +1137,14 @@ BAD_INPUTS = {
                          "unknown setting(s) ['learning_rate'] (did you mean lr for learning_rate?); see"),
     "TOML misspelt key": ([*TRAIN, "--config", "{tmp}/misspelt.toml"], "(did you mean n_layer for n_layers?)"),
     "TOML train key in [model]": ([*TRAIN, "--config", "{tmp}/wrong_section.toml"],
-                                  "[model]: unknown setting(s) ['learning_rate']; see"),
+                                  "[model]: unknown setting(s) ['learning_rate'] (learning_rate is lr, in [train]); "
+                                  "see"),
+    "TOML model key in [train]": ([*TRAIN, "--config", "{tmp}/block_size_in_train.toml"],
+                                  "[train]: unknown setting(s) ['batchsize', 'block_size'] (block_size belongs in "
+                                  "[model]; did you mean batch_size for batchsize?)"),
+    "TOML without tables": ([*TRAIN, "--config", "{tmp}/flat.toml"],
+                            "unknown top-level key(s) ['batch_size', 'vocab_size'] (batch_size belongs in [train], "
+                            "vocab_size belongs in [data] or in [model]); expected out_dir"),
     "TOML value a check refuses": ([*TRAIN, "--config", "{tmp}/min_lr.toml"],
                                    "min_lr.toml [train]: train.min_lr = 1.0 must be between 0 and train.lr"),
     "TOML wrong type (model)": ([*TRAIN, "--config", "{tmp}/wrong_type.toml"], "n_layer"),
