@@ -82,8 +82,16 @@ def cmd_train(args: list[str], start_time: float) -> None:
     from fungpt.train import train
 
     path = _config_path(args)
-    base = load_config(path) if path else RunConfig()
-    parsed = tyro.cli(TrainArgs, default=TrainArgs(config=path, run=base), args=args, prog="fungpt train")
+    # The file's settings are checked together with the flags (a flag may fix what the file set, e.g. min_lr below
+    # a lower lr given on the command line); a check that still fails names the file
+    base = load_config(path, checked=False) if path else RunConfig()
+    try:
+        parsed = tyro.cli(TrainArgs, default=TrainArgs(config=path, run=base), args=args, prog="fungpt train")
+    except FunGPTError as e:
+        if not path:
+            raise
+        flags = any(a.startswith(("--data.", "--model.", "--train.", "--out-dir", "--out_dir")) for a in args)
+        raise FunGPTError(f"{path}{' with the flags given' if flags else ''}: {e}") from None
     named = model_fields_named(path, args)  # e.g. block_size = 64 asked of a fine-tune, though it is the default
     if parsed.dry_run:
         from fungpt.plan import dry_run

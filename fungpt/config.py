@@ -232,8 +232,11 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config") -> RunConfig:
-        """Build a RunConfig from nested dicts (TOML or config.json); unknown keys are an error."""
+    def from_dict(cls, d: dict[str, Any], source: str = "config", checked: bool = True) -> RunConfig:
+        """Build a RunConfig from nested dicts (TOML or config.json); unknown keys are an error.
+
+        checked=False leaves out the checks that relate one value to another (`__post_init__`), for a config
+        file whose settings the command line may still change: `fungpt train` checks what they make together."""
         sections = SECTIONS
         unknown = set(d) - {"out_dir", *sections}
         if unknown:
@@ -246,7 +249,8 @@ class RunConfig:
                 raise FunGPTError(f"{source}: out_dir = {d['out_dir']!r} should be a folder name (a string)")
             kwargs["out_dir"] = d["out_dir"]
         for name, klass in sections.items():
-            kwargs[name] = _build_section(klass, d.get(name, {}), f"{source} [{name}]", defaults=getattr(cls(), name))
+            kwargs[name] = _build_section(klass, d.get(name, {}), f"{source} [{name}]", defaults=getattr(cls(), name),
+                                          checked=checked)
         return cls(**kwargs)
 
 
@@ -269,7 +273,7 @@ def _belongs_elsewhere(names: Collection[str], section: str) -> str:
 NANOGPT_NAMES = {"learning_rate": "lr", "gradient_accumulation_steps": "grad_accum_steps", "decay_lr": "lr_schedule"}
 
 
-def _build_section(klass: type, values: Any, where: str, defaults: Any) -> Any:
+def _build_section(klass: type, values: Any, where: str, defaults: Any, checked: bool = True) -> Any:
     if not isinstance(values, dict):
         raise FunGPTError(f"{where} must be a table of settings, got {type(values).__name__}")
     names = {f.name for f in dataclasses.fields(klass)}
@@ -294,7 +298,11 @@ def _build_section(klass: type, values: Any, where: str, defaults: Any) -> Any:
     except TypeError as e:  # e.g. a wrong type that the dataclass cannot take
         raise FunGPTError(f"{where}: {e}") from None
     except FunGPTError as e:  # a check in __post_init__ (e.g. min_lr above lr): say which file has the value
-        raise FunGPTError(f"{where}: {e}") from None
+        if checked:
+            raise FunGPTError(f"{where}: {e}") from None
+        unchecked = object.__new__(klass)  # (the fields as they are; building it with the flags checks them)
+        unchecked.__dict__.update(merged)
+        return unchecked
 
 
 def _check_type(klass: type, name: str, value: Any, where: str) -> Any:
@@ -360,10 +368,10 @@ def config_path(path: str | Path, folders: bool = False) -> Path:
     return preset if preset is not None and preset.is_file() else path
 
 
-def load_config(path: str | Path) -> RunConfig:
+def load_config(path: str | Path, checked: bool = True) -> RunConfig:
     """Read a TOML run config (a path, or an example config's name: see config_path). Missing settings keep
-    their defaults."""
-    return RunConfig.from_dict(_read_toml(config_path(path)), source=str(path))
+    their defaults. checked=False: see RunConfig.from_dict."""
+    return RunConfig.from_dict(_read_toml(config_path(path)), source=str(path), checked=checked)
 
 
 def model_fields_named(config_file: str | Path | None, args: list[str]) -> frozenset[str]:

@@ -1146,7 +1146,8 @@ BAD_INPUTS = {
                             "unknown top-level key(s) ['batch_size', 'vocab_size'] (batch_size belongs in [train], "
                             "vocab_size belongs in [data] or in [model]); expected out_dir"),
     "TOML value a check refuses": ([*TRAIN, "--config", "{tmp}/min_lr.toml"],
-                                   "min_lr.toml [train]: train.min_lr = 1.0 must be between 0 and train.lr"),
+                                   "min_lr.toml with the flags given: train.min_lr = 1.0 must be between 0 and "
+                                   "train.lr"),
     "TOML wrong type (model)": ([*TRAIN, "--config", "{tmp}/wrong_type.toml"], "n_layer"),
     "TOML wrong type (train)": ([*TRAIN, "--config", "{tmp}/wrong_type_train.toml"], "batch_size"),
     "TOML integer beyond any float": ([*TRAIN, "--config", "{tmp}/huge_lr.toml"], "lr is too large for a number"),

@@ -433,6 +433,28 @@ def test_toml_then_cli_precedence(tmp_path, monkeypatch, corpus, capsys):
     assert "Sample with: fungpt sample --run 'my run'" in capsys.readouterr().out
 
 
+def test_a_flag_can_fix_what_the_config_file_set(tmp_path, monkeypatch, capsys):
+    """The file's values were checked before the flags were applied: the flag that would fix one (even the one
+    the error message advised) could not."""
+    seen = {}
+    monkeypatch.setattr(sys.modules["fungpt.train"], "train", lambda run, **kw: seen.update(run=run) or
+                        {"out_dir": run.out_dir, "interrupted": False})
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text("[data]\nvocab_size = 300\n[model]\nn_embd = 100\nn_head = 3\n[train]\nlr = 1e-5\n")
+    assert main(["train", "--config", str(cfg_file), "--data.vocab-size", "None", "--model.n-embd", "96",
+                 "--train.min-lr", "1e-6"]) == 0
+    run = seen["run"]
+    assert (run.data.vocab_size, run.model.n_embd, run.train.min_lr) == (None, 96, 1e-6)
+    seen.clear()
+    assert main(["train", "--config", str(cfg_file), "--data.tokenizer", "bpe", "--model.n-embd", "96",
+                 "--train.min-lr", "1e-6"]) == 0
+    assert seen["run"].data.vocab_size == 300
+    # what the flags leave wrong is still refused, naming the file
+    assert main(["train", "--config", str(cfg_file), "--data.tokenizer", "bpe", "--train.min-lr", "1e-6"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {cfg_file} with the flags given: model config n_embd=100 is "
+                                               f"not divisible by n_head=3: choose n_embd as a multiple of n_head")
+
+
 def test_toml_saved_with_a_byte_order_mark_loads(tmp_path):
     """Windows editors may start a UTF-8 file with a BOM, which TOML itself does not allow."""
     cfg_file = tmp_path / "bom.toml"
