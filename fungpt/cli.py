@@ -60,6 +60,8 @@ def _config_path(args: list[str]) -> str | None:
     if len(found) > 1:  # only one file supplies the defaults: a second one would be silently ignored
         raise FunGPTError(f"--config is given {len(found)} times ({', '.join(found)}): give one config file, and "
                           f"override single settings with their own flags")
+    if found and not found[0].strip():  # (e.g. --config="$CFG" with CFG unset: the defaults would train silently)
+        raise FunGPTError("--config is empty: give a config file's path, or the name of an example config")
     return found[0] if found else None
 
 

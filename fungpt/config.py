@@ -228,6 +228,11 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     """The optimizer, schedule, batches, evals, checkpoints and hardware of the run."""
 
+    def __post_init__(self) -> None:
+        if not self.out_dir.strip():  # (e.g. --out-dir "$DIR" with DIR unset: the run would fill the current folder)
+            raise FunGPTError("out_dir is empty: give the run's folder, e.g. --out-dir out/my-run (. for the "
+                              "current folder)")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -1124,6 +1124,8 @@ BAD_INPUTS = {
     "resume with another model": ([*TRAIN, "--out-dir", "{other}", "--resume", *TINY_MODEL[:-2],
                                    "--model.block-size", "8"], "different model"),
     "out_dir is a file": ([*TRAIN, "--out-dir", "{tmp}/a_file"], "is a file"),
+    "out_dir empty (a shell variable unset)": ([*TRAIN, "--out-dir", ""], "out_dir is empty: give the run's folder"),
+    "--config empty": ([*TRAIN, "--config="], "--config is empty: give a config file's path"),
     "out_dir has a config.json of something else": ([*TRAIN, "--out-dir", "{tmp}/project"], "not a FunGPT run"),
     "... also with --overwrite": ([*TRAIN, "--out-dir", "{tmp}/project", "--overwrite"], "not a FunGPT run"),
     "out_dir of another tool's model, with --overwrite": ([*TRAIN, "--out-dir", "{tmp}/mlproj", "--overwrite"],
