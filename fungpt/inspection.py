@@ -309,6 +309,11 @@ def format_report(info: dict) -> str:
         ck = info["checkpoint"]
         if ck:
             lines.append(f"  latest checkpoint                   step {ck['step']}, {human_bytes(ck['bytes'])}")
+    elif info["kind"] == "config" and info["config"].train.max_minutes:  # the clock ends it, not max_iters
+        tc = info["config"].train
+        lines.append(f"  planned: a time budget of {tc.max_minutes:g} min (train.max_minutes), or max_iters = "
+                     f"{tc.max_iters:,} steps if they come first: the steps depend on the machine, and `fungpt train "
+                     f"--dry-run` times a few to project them")
     elif info["kind"] == "config":
         n_steps = info["config"].train.max_iters
         lines.append(f"  planned: {n_steps:,} steps = {n_steps * info['tokens_per_step']:,} tokens, "

@@ -342,7 +342,13 @@ def test_inspect_config_without_prepared_data(tmp_path, monkeypatch, capsys):
     assert main(["inspect", str(root / "configs/shakespeare-char-cpu.toml")]) == 0
     out = capsys.readouterr().out
     assert "assuming" in out and "809,856" in out  # the README's 0.8M-parameter model
+    assert "planned: 2,000 steps = 1,536,000 tokens" in out
     assert main(["inspect", str(tmp_path / "nothing.txt")]) == 2
+    # a time budget ends the speedrun, not its max_iters (1,000,000 steps were "planned")
+    assert main(["inspect", str(root / "configs/speedrun-cpu.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "planned: a time budget of 1.63 min (train.max_minutes), or max_iters = " in out and "tokens" not in \
+        out.split("planned:")[1]
 
 
 def test_inspect_a_gpu_config_where_there_is_no_gpu(tmp_path, monkeypatch, capsys):
