@@ -226,7 +226,24 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
 
 
 def _time_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_optimizer, batch_loader) -> float:
-    """Median seconds per optimizer step over `n` steps, after one warm-up step."""
+    """Median seconds per optimizer step over `n` steps, after one warm-up step, set up as training sets up."""
+    from fungpt.hardware import keep_freed_memory
+    from fungpt.linear import cpu_matmul, set_cpu_matmul
+
+    tc = cfg.train
+    device = prec.device
+    if device == "cpu":  # training's CPU settings: its malloc tuning, and its matmul library (restored below)
+        keep_freed_memory()
+        before = cpu_matmul()
+        set_cpu_matmul(tc.cpu_matmul)
+    try:
+        return _timed_steps(cfg, prec, data_dir, n, configure_optimizer, batch_loader)
+    finally:
+        if device == "cpu":
+            set_cpu_matmul(before)
+
+
+def _timed_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_optimizer, batch_loader) -> float:
     tc = cfg.train
     device = prec.device
     torch.manual_seed(tc.seed)

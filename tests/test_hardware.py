@@ -213,6 +213,27 @@ def test_dry_run_counts_what_a_real_run_builds_and_writes_nothing(corpus, tmp_pa
     assert full["eval_s"] == pytest.approx(2 * (2 + val_windows / 4) * full["step_s"] / 3)
 
 
+def test_dry_run_times_steps_on_the_matmul_library_the_run_asks_for(corpus, tmp_path, monkeypatch, capsys):
+    """The timed steps ran on whatever library the process had chosen, whatever train.cpu_matmul said."""
+    from fungpt import linear
+    from fungpt.train import configure_optimizer
+
+    used = []
+
+    def recording(model, tc, device):
+        used.append(linear.cpu_matmul())
+        return configure_optimizer(model, tc, device)
+
+    monkeypatch.setattr(sys.modules["fungpt.train"], "configure_optimizer", recording)
+    before = linear.cpu_matmul()
+    for library in ("torch", "onednn"):
+        if library == "onednn" and not linear.onednn_works():
+            continue
+        plan.dry_run(tiny_config(corpus, tmp_path / "run", cpu_matmul=library), timed_steps=1)
+        assert used[-1] == library
+        assert linear.cpu_matmul() == before  # (the process's own choice is given back)
+
+
 def test_dry_run_from_the_cli(corpus, tmp_path, capsys):
     toml = tmp_path / "c.toml"
     toml.write_text(f'out_dir = "{(tmp_path / "r").as_posix()}"\n[data]\npath = "{corpus.as_posix()}"\n'
