@@ -218,6 +218,9 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
             total_s = tc.max_minutes * 60
         if world > 1:
             line += " (timed in one process alone; the processes also all-reduce their gradients each step)"
+        if tc.compile:  # (compiling here would take as long as it does at the run's start)
+            line += ("; timed without train.compile, which first compiles (17-27 s for the GPU speedrun on an "
+                     "H200, README) and then may run steps faster")
         out(line)
         result["projected_s"], result["eval_s"] = total_s, eval_s
     out("fungpt: dry run done (no run folder was written, only the prepared data's cache; drop --dry-run to "

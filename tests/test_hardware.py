@@ -232,6 +232,9 @@ def test_dry_run_times_steps_on_the_matmul_library_the_run_asks_for(corpus, tmp_
         plan.dry_run(tiny_config(corpus, tmp_path / "run", cpu_matmul=library), timed_steps=1)
         assert used[-1] == library
         assert linear.cpu_matmul() == before  # (the process's own choice is given back)
+    assert "timed without train.compile" not in capsys.readouterr().out
+    plan.dry_run(tiny_config(corpus, tmp_path / "run", compile=True), timed_steps=1)
+    assert "; timed without train.compile, which first compiles" in capsys.readouterr().out
 
 
 def test_dry_run_from_the_cli(corpus, tmp_path, capsys):
