@@ -81,7 +81,7 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
         tr = [r for r in train if key in r and "train_loss" in r]
         if tr:
             ax.plot([r[key] for r in tr], [r["train_loss"] for r in tr], color=color, alpha=0.35, lw=1,
-                    label=f"{name} train")
+                    marker="o" if len(tr) == 1 else None, ms=3, label=f"{name} train")  # (one point: no line)
         ev = [r for r in evals if key in r]
         if ev:
             ax.plot([r[key] for r in ev], [r["val_loss"] for r in ev], color=color, lw=2, marker="o", ms=3,

@@ -233,6 +233,10 @@ def test_plot_runs_with_and_without_val_rows(tmp_path):
     # A run named twice (b and ./b) is drawn once, with one legend entry, in the order first given
     svg = plot_runs([no_val, with_val, tmp_path / "." / "b"], tmp_path / "twice.svg").read_text(encoding="utf-8")
     assert svg.count("<!-- b train -->") == 1 and svg.index("<!-- b train -->") < svg.index("<!-- a train -->")
+    # a run of one logged step: its one point is drawn (a line through one point draws nothing)
+    one = write_metrics(tmp_path / "one", [{"step": 1, "train_loss": 4.0, "tokens": 64, "elapsed_s": 0.5}])
+    svg = plot_runs([one], tmp_path / "one.svg").read_text(encoding="utf-8")
+    assert "<use" in svg.split("<!-- one train -->")[1].split("</g>")[0]  # a marker
 
 
 def test_plot_cli_on_trained_run_and_errors(run_dir, tmp_path, capsys):
