@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -236,7 +237,9 @@ def test_plot_runs_with_and_without_val_rows(tmp_path):
     # a run of one logged step: its one point is drawn (a line through one point draws nothing)
     one = write_metrics(tmp_path / "one", [{"step": 1, "train_loss": 4.0, "tokens": 64, "elapsed_s": 0.5}])
     svg = plot_runs([one], tmp_path / "one.svg").read_text(encoding="utf-8")
-    assert "<use" in svg.split("<!-- one train -->")[1].split("</g>")[0]  # a marker
+    lines = re.split(r'<g id="line2d_\d+">', svg)[1:]  # (grid lines and ticks too; the legend's sample has no clip)
+    train_line = next(g for g in lines if "stroke-opacity: 0.35" in g and "clip-path" in g.split("</g>")[0])
+    assert "<use" in train_line.split("</g>")[0]  # a marker at the point
 
 
 def test_plot_cli_on_trained_run_and_errors(run_dir, tmp_path, capsys):
