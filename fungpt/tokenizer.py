@@ -268,9 +268,11 @@ class CharTokenizer(Tokenizer):
         ids = self._table[codes]
         if ids.size and ids.min() < 0:
             pos = int(np.argmax(ids < 0))
+            fix = ("the text has line endings in \\r (Windows: \\r\\n): convert them to \\n first (e.g. dos2unix)"
+                   if text[pos] == "\r" else "use a bpe tokenizer or remove it")
             raise FunGPTError(
                 f"character {text[pos]!r} at position {offset + pos:,} is not in this char-level vocabulary "
-                f"({self.vocab_size} characters seen in training); use a bpe tokenizer or remove it"
+                f"({self.vocab_size} characters seen in training); {fix}"
             )
         return ids
 

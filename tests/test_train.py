@@ -877,6 +877,14 @@ def test_eval_and_prompt_files_keep_windows_line_endings(tmp_path, monkeypatch):
     buf = io.StringIO()
     sample(out, prompt_file=prompt, max_new_tokens=3, seed=1, out=buf)
     assert buf.getvalue().startswith("the cat")
+    # the other way round: a model of \n text given a \r\n file is told to convert it (as the README says)
+    lf = tmp_path / "lf.txt"
+    lf.write_bytes(crlf.read_bytes().replace(b"\r\n", b"\n"))
+    lf_run = tmp_path / "lf_run"
+    train(tiny_config(lf, lf_run, max_iters=2), progress=False)
+    with pytest.raises(FunGPTError, match=r"character '\\r' at position 23 is not in this char-level vocabulary "
+                                          r".*; the text has line endings in \\r \(Windows: \\r\\n\): convert them"):
+        evaluate_run(lf_run, input=crlf)
 
 
 def test_train_on_text_with_bad_utf8_names_a_fix_train_accepts(corpus, tmp_path):
