@@ -23,6 +23,7 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Literal
 
 import tyro
@@ -65,6 +66,17 @@ def _config_path(args: list[str]) -> str | None:
     return found[0] if found else None
 
 
+def _out_dir_arg(args: list[str]) -> str | None:
+    """The --out-dir given on the command line (the last one, as tyro takes), or None."""
+    found = None
+    for i, a in enumerate(args):
+        if a in ("--out-dir", "--out_dir") and i + 1 < len(args):
+            found = args[i + 1]
+        elif a.startswith(("--out-dir=", "--out_dir=")):
+            found = a.split("=", 1)[1]
+    return found
+
+
 def _rank() -> int:
     """This process's rank under torchrun (which sets RANK), 0 otherwise."""
     rank = os.environ.get("RANK", "")
@@ -84,6 +96,12 @@ def cmd_train(args: list[str], start_time: float) -> None:
     from fungpt.train import train
 
     path = _config_path(args)
+    if path is None and "--resume" in args:  # resume a run as it was: the settings it saved are the defaults
+        saved = Path(_out_dir_arg(args) or RunConfig().out_dir) / "config.json"
+        if saved.is_file():
+            path = str(saved)
+            if _rank() == 0:
+                print(f"fungpt: resuming with the settings saved in {saved} (flags given here override them)")
     # The file's settings are checked together with the flags (a flag may fix what the file set, e.g. min_lr below
     # a lower lr given on the command line); a check that still fails names the file
     base = load_config(path, checked=False) if path else RunConfig()

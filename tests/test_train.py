@@ -20,7 +20,7 @@ import torch
 
 from fungpt import checkpoint as ckpt
 from fungpt.cli import main
-from fungpt.config import DataConfig, RunConfig, TrainConfig, load_config
+from fungpt.config import DataConfig, RunConfig, TrainConfig, load_config, load_run_config
 from fungpt.errors import FunGPTError
 from fungpt.model import GPT, GPTConfig
 from fungpt.runs import load_run as load_run_folder
@@ -529,6 +529,21 @@ def test_out_dir_with_other_run_is_refused(corpus, tmp_path, capsys):
     with pytest.raises(FunGPTError, match="different model"):
         train(other, resume=True, progress=False)
     train(tiny_config(corpus, out, max_iters=2), overwrite=True, progress=False)
+
+
+def test_cli_resume_without_a_config_file_takes_the_runs_saved_settings(corpus, tmp_path, capsys):
+    """`fungpt train --out-dir RUN --resume` resumed with the defaults: a run of any other model was refused
+    ("different model"), and one of other [train] settings went on with the defaults'."""
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=2, lr=2e-3, beta2=0.95), progress=False)
+    capsys.readouterr()
+    assert main(["train", "--out-dir", str(out), "--resume", "--train.max-iters", "4"]) == 0
+    said = capsys.readouterr().out
+    assert f"fungpt: resuming with the settings saved in {out / 'config.json'} (flags given here override them)" \
+        in said and "settings differ" not in said and "optimizer settings changed" not in said
+    saved = load_run_config(out)
+    assert (saved.model.n_layer, saved.train.lr, saved.train.beta2, saved.train.max_iters) == (2, 2e-3, 0.95, 4)
+    assert ckpt.load_state(ckpt.find_checkpoint(out))["step"] == 4
 
 
 def test_cli_sample_unknown_character_is_clear(corpus, tmp_path, capsys):
