@@ -92,10 +92,14 @@ def _peer_gone(e: BaseException) -> bool:
 
 
 def cmd_train(args: list[str], start_time: float) -> None:
-    from fungpt.config import load_config, model_fields_named
+    from fungpt.config import load_config, misplaced_flag, model_fields_named
     from fungpt.train import train
 
     path = _config_path(args)
+    for a in args:  # (tyro would suggest the flag closest in spelling: --train.batch-size for --train.block-size)
+        meant = misplaced_flag(a) if a.startswith("--") else None
+        if meant:
+            raise FunGPTError(f"{a.partition('=')[0]} is not a flag of fungpt train: use {meant}")
     if path is None and "--resume" in args:  # resume a run as it was: the settings it saved are the defaults
         saved = Path(_out_dir_arg(args) or RunConfig().out_dir) / "config.json"
         if saved.is_file():

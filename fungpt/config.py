@@ -274,6 +274,22 @@ def _belongs_elsewhere(names: Collection[str], section: str) -> str:
                      else f"{n} is {NANOGPT_NAMES[n]}, {home}" for n, home in found.items() if home)
 
 
+def misplaced_flag(flag: str) -> str | None:
+    """For a flag such as --train.block-size that names a setting of another table, or one by nanoGPT's name
+    (--train.learning-rate), the flag meant (--model.block-size, --train.lr); None for any other flag."""
+    section, _, name = flag.removeprefix("--").partition("=")[0].partition(".")
+    name = name.replace("-", "_")
+    if section not in SECTIONS or not name or name in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+        return None
+    negated = name.startswith("no_")  # a boolean's --no- form
+    name = name.removeprefix("no_")
+    meant = NANOGPT_NAMES.get(name, name)
+    homes = [s for s, klass in SECTIONS.items() if meant in {f.name for f in dataclasses.fields(klass)}]
+    if not homes or (meant == name and homes == [section]):
+        return None  # a typo (tyro suggests the closest flag), or --no-X of this table's X
+    return " or ".join(f"--{s}.{'no-' if negated else ''}{meant.replace('_', '-')}" for s in homes)
+
+
 # nanoGPT's names for the settings FunGPT names otherwise (README: "Training fields mostly use nanoGPT's names")
 NANOGPT_NAMES = {"learning_rate": "lr", "gradient_accumulation_steps": "grad_accum_steps", "decay_lr": "lr_schedule"}
 

@@ -1126,6 +1126,12 @@ BAD_INPUTS = {
     "out_dir is a file": ([*TRAIN, "--out-dir", "{tmp}/a_file"], "is a file"),
     "out_dir empty (a shell variable unset)": ([*TRAIN, "--out-dir", ""], "out_dir is empty: give the run's folder"),
     "--config empty": ([*TRAIN, "--config="], "--config is empty: give a config file's path"),
+    # tyro suggested the flag closest in spelling: --train.batch-size, another setting that then trains silently
+    "flag of another table": ([*TRAIN, "--train.block-size", "32"],
+                              "--train.block-size is not a flag of fungpt train: use --model.block-size"),
+    "flag by nanoGPT's name": ([*TRAIN, "--train.learning-rate=0.1"],
+                               "--train.learning-rate is not a flag of fungpt train: use --train.lr"),
+    "negated flag of another table": ([*TRAIN, "--train.no-bias"], "use --model.no-bias"),
     "out_dir has a config.json of something else": ([*TRAIN, "--out-dir", "{tmp}/project"], "not a FunGPT run"),
     "... also with --overwrite": ([*TRAIN, "--out-dir", "{tmp}/project", "--overwrite"], "not a FunGPT run"),
     "out_dir of another tool's model, with --overwrite": ([*TRAIN, "--out-dir", "{tmp}/mlproj", "--overwrite"],
