@@ -109,6 +109,9 @@ def cmd_train(args: list[str], start_time: float) -> None:
     # The file's settings are checked together with the flags (a flag may fix what the file set, e.g. min_lr below
     # a lower lr given on the command line); a check that still fails names the file
     base = load_config(path, checked=False) if path else RunConfig()
+    if ("--help" in args or "-h" in args) and base.model.init_from != "scratch":
+        print(f"note: {path} fine-tunes {base.model.init_from}: the --model.* settings it does not set take that "
+              f"model's values, not the defaults shown below\n")
     try:
         parsed = tyro.cli(TrainArgs, default=TrainArgs(config=path, run=base), args=args, prog="fungpt train")
     except FunGPTError as e:
