@@ -169,8 +169,7 @@ def test_help_of_a_finetuning_config_says_the_model_defaults_shown_are_not_used(
     """--help showed --model.block-size (default: 64) for a GPT-2 fine-tune, which takes 1024 unless it is set."""
     toml = tmp_path / "ft.toml"
     toml.write_text(f'[model]\ninit_from = "{hf_dir.as_posix()}"\n', encoding="utf-8")
-    with pytest.raises(SystemExit):
-        main(["train", "--config", str(toml), "--help"])
+    main(["train", "--config", str(toml), "--help"])
     assert capsys.readouterr().out.startswith(f"note: {toml} fine-tunes {hf_dir.as_posix()}: the --model.* settings "
                                               f"it does not set take that model's values, not the defaults shown")
 
