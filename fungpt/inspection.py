@@ -203,7 +203,7 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
             except (ValueError, KeyError, TypeError, AttributeError, OverflowError):  # (int(Infinity) overflows)
                 raise FunGPTError(f"{folder / 'manifest.json'} is corrupt; the checkpoint cannot be trusted") \
                     from None
-    elif hf_folder or target.suffix == ".toml":
+    elif hf_folder or target.suffix in (".toml", ".json"):  # (.json: a run's config.json, as `train --config` takes)
         if hf_folder:  # shown as a config that fine-tunes it, with this run's defaults for the rest
             cfg = RunConfig(model=dataclasses.replace(default_model(), init_from=str(target)))
             info["kind"] = "Hugging Face model"
@@ -212,7 +212,7 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
             info["kind"] = "config"
         if pretrained.is_pretrained(cfg.model.init_from):  # fine-tuning: the checkpoint's architecture, as training
             checkpoint, info["vocab_note"] = pretrained.architecture(cfg.model.init_from)
-            named = model_fields_named(target, []) if target.suffix == ".toml" else ()
+            named = model_fields_named(target, []) if not hf_folder else ()
             model = pretrained.merge_model_config(cfg.model, checkpoint, default_model(), named)
             tokens = pretrained.tokenizer_size(cfg.model.init_from)  # a padded table is trimmed, as training does
             model = pretrained.trim_vocab(model, tokens) if tokens is not None else model

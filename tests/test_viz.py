@@ -341,6 +341,9 @@ def test_inspect_run(run_dir, capsys):
     assert main(["inspect", str(run_dir)]) == 0
     text = capsys.readouterr().out
     assert "blocks.*.attn.c_attn" in text and f"{info['params']:,}" in text and "1,280" in text
+    # its config.json, as `train --config` takes it: the same model, planned as a config
+    as_config = inspect_target(run_dir / "config.json")
+    assert as_config["kind"] == "config" and as_config["params"] == info["params"]
 
 
 def test_inspect_config_without_prepared_data(tmp_path, monkeypatch, capsys):
