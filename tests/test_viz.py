@@ -343,7 +343,9 @@ def test_inspect_run(run_dir, capsys):
     assert "blocks.*.attn.c_attn" in text and f"{info['params']:,}" in text and "1,280" in text
     # its config.json, as `train --config` takes it: the same model, planned as a config
     as_config = inspect_target(run_dir / "config.json")
-    assert as_config["kind"] == "config" and as_config["params"] == info["params"]
+    assert as_config["kind"] == "config"
+    assert [r for r in as_config["param_rows"] if r[0].startswith("blocks.*")] == \
+        [r for r in rows if r[0].startswith("blocks.*")]  # (the vocabulary comes from its data, as for a .toml)
 
 
 def test_inspect_config_without_prepared_data(tmp_path, monkeypatch, capsys):
