@@ -17,6 +17,7 @@ can fix.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import shlex
@@ -30,7 +31,7 @@ import tyro
 
 from fungpt import _startup
 from fungpt.config import RunConfig
-from fungpt.errors import FunGPTError
+from fungpt.errors import FunGPTError, read_json
 
 
 @dataclass
@@ -64,6 +65,20 @@ def _config_path(args: list[str]) -> str | None:
     if found and not found[0].strip():  # (e.g. --config="$CFG" with CFG unset: the defaults would train silently)
         raise FunGPTError("--config is empty: give a config file's path, or the name of an example config")
     return found[0] if found else None
+
+
+def _as_checkpointed(cfg: RunConfig, out_dir: Path) -> RunConfig:
+    """`cfg` (a run's config.json) with the [train] settings its latest checkpoint was trained with: config.json
+    is rewritten by every start, also by one that failed or was killed before its first save."""
+    from fungpt import checkpoint as ckpt
+    from fungpt.train import trained_with
+
+    folder = ckpt.find_checkpoint(out_dir)
+    try:
+        manifest = read_json(folder / ckpt.MANIFEST_FILE) if folder is not None else None
+    except (OSError, ValueError):
+        return cfg  # (training reports a damaged checkpoint, with its own words)
+    return dataclasses.replace(cfg, train=trained_with(manifest if isinstance(manifest, dict) else None, cfg))
 
 
 def _out_dir_arg(args: list[str]) -> str | None:
@@ -100,15 +115,16 @@ def cmd_train(args: list[str], start_time: float) -> None:
         meant = misplaced_flag(a) if a.startswith("--") else None
         if meant:
             raise FunGPTError(f"{a.partition('=')[0]} is not a flag of fungpt train: use {meant}")
-    if path is None and "--resume" in args:  # resume a run as it was: the settings it saved are the defaults
-        saved = Path(_out_dir_arg(args) or RunConfig().out_dir) / "config.json"
-        if saved.is_file():
-            path = str(saved)
-            if _rank() == 0:
-                print(f"fungpt: resuming with the settings saved in {saved} (flags given here override them)")
+    resumed = path is None and "--resume" in args  # resume a run as it was: the settings it saved are the defaults
+    saved = Path(_out_dir_arg(args) or RunConfig().out_dir) / "config.json"
+    path = str(saved) if resumed and saved.is_file() else path
     # The file's settings are checked together with the flags (a flag may fix what the file set, e.g. min_lr below
     # a lower lr given on the command line); a check that still fails names the file
     base = load_config(path, checked=False) if path else RunConfig()
+    if resumed and path:
+        base = _as_checkpointed(base, saved.parent)
+        if _rank() == 0:
+            print(f"fungpt: resuming with the settings saved in {saved.parent} (flags given here override them)")
     if ("--help" in args or "-h" in args) and base.model.init_from != "scratch":
         print(f"note: {path} fine-tunes {base.model.init_from}: the --model.* settings it does not set take that "
               f"model's values, not the defaults shown below\n")

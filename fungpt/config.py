@@ -256,7 +256,12 @@ class RunConfig:
         for name, klass in sections.items():
             kwargs[name] = _build_section(klass, d.get(name, {}), f"{source} [{name}]", defaults=getattr(cls(), name),
                                           checked=checked)
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except FunGPTError as e:  # (an empty out_dir)
+            if checked:
+                raise FunGPTError(f"{source}: {e}") from None
+            return _unchecked(cls, kwargs)
 
 
 SECTIONS = {"data": DataConfig, "model": GPTConfig, "train": TrainConfig}  # a run config's tables
@@ -284,8 +289,9 @@ def misplaced_flag(flag: str) -> str | None:
     negated = name.startswith("no_")  # a boolean's --no- form
     name = name.removeprefix("no_")
     meant = NANOGPT_NAMES.get(name, name)
-    homes = [s for s, klass in SECTIONS.items() if meant in {f.name for f in dataclasses.fields(klass)}]
-    if not homes or (meant == name and homes == [section]):
+    homes = [s for s, klass in SECTIONS.items() if meant in {f.name for f in dataclasses.fields(klass)}
+             and (not negated or typing.get_type_hints(klass)[meant] is bool)]  # (--no- exists for booleans only)
+    if not homes or (meant == name and section in homes):
         return None  # a typo (tyro suggests the closest flag), or --no-X of this table's X
     return " or ".join(f"--{s}.{'no-' if negated else ''}{meant.replace('_', '-')}" for s in homes)
 
@@ -321,9 +327,15 @@ def _build_section(klass: type, values: Any, where: str, defaults: Any, checked:
     except FunGPTError as e:  # a check in __post_init__ (e.g. min_lr above lr): say which file has the value
         if checked:
             raise FunGPTError(f"{where}: {e}") from None
-        unchecked = object.__new__(klass)  # (the fields as they are; building it with the flags checks them)
-        unchecked.__dict__.update(merged)
-        return unchecked
+        return _unchecked(klass, merged)
+
+
+def _unchecked(klass: type, fields: dict[str, Any]) -> Any:
+    """An instance of dataclass `klass` holding `fields` as they are, without its __post_init__ checks (building
+    it again with the command line's flags, as tyro does, checks them)."""
+    unchecked = object.__new__(klass)
+    unchecked.__dict__.update(fields)
+    return unchecked
 
 
 def _check_type(klass: type, name: str, value: Any, where: str) -> Any:

@@ -1179,8 +1179,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         say(f"fungpt: {out_dir} has no checkpoint yet (stopped before its first save): starting from step 0")
     if pre is not None and folder is None:
         pretrained.load_weights(model, pre_model if pre_model is not None else pre.path)
-        del pre_model
         say(f"fungpt: starting from the pretrained weights of {pre.name} ({model.num_params():,} parameters)")
+    del pre_model  # (also when a checkpoint saved meanwhile was found instead: not kept through training)
 
     if ddp.is_main:
         ckpt.atomic_write_text(out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))

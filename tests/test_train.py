@@ -433,6 +433,17 @@ def test_toml_then_cli_precedence(tmp_path, monkeypatch, corpus, capsys):
     assert "Sample with: fungpt sample --run 'my run'" in capsys.readouterr().out
 
 
+def test_a_misplaced_flag_names_only_flags_that_exist():
+    from fungpt.config import misplaced_flag
+
+    assert misplaced_flag("--train.block-size=3") == "--model.block-size"
+    assert misplaced_flag("--train.vocab-size") == "--data.vocab-size or --model.vocab-size"
+    assert misplaced_flag("--train.no-bias") == "--model.no-bias"
+    # --no- exists for booleans only (vocab_size, lr_schedule are not): left to tyro's own message
+    assert misplaced_flag("--model.no-vocab-size") is None and misplaced_flag("--train.no-decay-lr") is None
+    assert misplaced_flag("--model.no-bias") is None and misplaced_flag("--train.batchsize") is None  # (valid; typo)
+
+
 def test_a_flag_can_fix_what_the_config_file_set(tmp_path, monkeypatch, capsys):
     """The file's values were checked before the flags were applied: the flag that would fix one (even the one
     the error message advised) could not."""
@@ -440,17 +451,19 @@ def test_a_flag_can_fix_what_the_config_file_set(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys.modules["fungpt.train"], "train", lambda run, **kw: seen.update(run=run) or
                         {"out_dir": run.out_dir, "interrupted": False})
     cfg_file = tmp_path / "c.toml"
-    cfg_file.write_text("[data]\nvocab_size = 300\n[model]\nn_embd = 100\nn_head = 3\n[train]\nlr = 1e-5\n")
+    cfg_file.write_text('out_dir = ""\n[data]\nvocab_size = 300\n[model]\nn_embd = 100\nn_head = 3\n'
+                        '[train]\nlr = 1e-5\n')
     assert main(["train", "--config", str(cfg_file), "--data.vocab-size", "None", "--model.n-embd", "96",
-                 "--train.min-lr", "1e-6"]) == 0
+                 "--train.min-lr", "1e-6", "--out-dir", str(tmp_path / "run")]) == 0
     run = seen["run"]
     assert (run.data.vocab_size, run.model.n_embd, run.train.min_lr) == (None, 96, 1e-6)
     seen.clear()
     assert main(["train", "--config", str(cfg_file), "--data.tokenizer", "bpe", "--model.n-embd", "96",
-                 "--train.min-lr", "1e-6"]) == 0
+                 "--train.min-lr", "1e-6", "--out-dir", "run"]) == 0
     assert seen["run"].data.vocab_size == 300
     # what the flags leave wrong is still refused, naming the file
-    assert main(["train", "--config", str(cfg_file), "--data.tokenizer", "bpe", "--train.min-lr", "1e-6"]) == 2
+    assert main(["train", "--config", str(cfg_file), "--data.tokenizer", "bpe", "--train.min-lr", "1e-6",
+                 "--out-dir", "run"]) == 2
     assert capsys.readouterr().err.strip() == (f"error: {cfg_file} with the flags given: model config n_embd=100 is "
                                                f"not divisible by n_head=3: choose n_embd as a multiple of n_head")
 
@@ -536,10 +549,14 @@ def test_cli_resume_without_a_config_file_takes_the_runs_saved_settings(corpus, 
     ("different model"), and one of other [train] settings went on with the defaults'."""
     out = tmp_path / "run"
     train(tiny_config(corpus, out, max_iters=2, lr=2e-3, beta2=0.95), progress=False)
+    # a resume killed before its first save left its own settings in config.json: the checkpoint's [train] counts
+    saved = json.loads((out / "config.json").read_text())
+    saved["train"].update(lr=0.5, batch_size=2)
+    (out / "config.json").write_text(json.dumps(saved))
     capsys.readouterr()
     assert main(["train", "--out-dir", str(out), "--resume", "--train.max-iters", "4"]) == 0
     said = capsys.readouterr().out
-    assert f"fungpt: resuming with the settings saved in {out / 'config.json'} (flags given here override them)" \
+    assert f"fungpt: resuming with the settings saved in {out} (flags given here override them)" \
         in said and "settings differ" not in said and "optimizer settings changed" not in said
     saved = load_run_config(out)
     assert (saved.model.n_layer, saved.train.lr, saved.train.beta2, saved.train.max_iters) == (2, 2e-3, 0.95, 4)
