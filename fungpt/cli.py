@@ -235,8 +235,11 @@ def eval_command(run: str, input: str | None = None, checkpoint: Literal["last",
         raise FunGPTError(f"--batch-size {batch_size} must be positive")
     if checkpoint == "last" and (note := overfit_note(run)):
         print(note, file=sys.stderr)
-    print_eval(evaluate_run(run, input=input, checkpoint=checkpoint, device=device, batch_size=batch_size,
-                            progress=True, errors=errors))
+    result = evaluate_run(run, input=input, checkpoint=checkpoint, device=device, batch_size=batch_size,
+                          progress=True, errors=errors)
+    if result["note"]:
+        print(result["note"], file=sys.stderr)
+    print_eval(result)
 
 
 def plot_command(runs: tyro.conf.Positional[list[str]], x: Literal["step", "tokens", "time"] = "step",

@@ -545,8 +545,9 @@ def prepare(
                 if len(ids):
                     max_id = max(max_id, int(ids.max()))
                 counts[f"{split}_tokens"] += len(ids)
-                if not is_separator:  # bits per byte (and per character) are per byte of the corpus's own text:
-                    # the separator between files (<|endoftext|>, one token, or a newline) is none of it
+                if not (is_separator and has_eot):  # bits per byte (and per character) are per byte of the text:
+                    # the <|endoftext|> between files is one token, not 13 characters of it (a char vocabulary's
+                    # separator, a newline, is a character the model predicts like any other)
                     counts[f"{split}_chars"] += len(text)
                     counts[f"{split}_bytes"] += len(text.encode("utf-8"))
 
@@ -572,6 +573,7 @@ def prepare(
             "dtype": dtype.name,
             "max_id": max_id,
             **counts,
+            "bytes_exclude_eot": True,  # (folders prepared before counted each <|endoftext|> as 13 bytes of text)
             "val_fraction": val_fraction,
             "source": str(input),
             "source_files": len(files),
@@ -679,8 +681,9 @@ def load_meta(data_dir: str | Path) -> dict:
                         for k in bad)
         raise FunGPTError(f"{meta_path} is corrupt: {why}; run `fungpt prepare --overwrite` again")
     if meta["dtype"] not in ("uint16", "uint32"):  # what prepare writes (see token_dtype)
-        raise FunGPTError(f"{meta_path} names an unknown token dtype {meta['dtype']!r}; run `fungpt prepare "
-                          f"--overwrite` again")
+        raise FunGPTError(f"{meta_path} names the token dtype {meta['dtype']!r}, which FunGPT does not read: token "
+                          f"ids are stored as uint16 (a vocabulary up to 65,536) or uint32; convert the .bin files, "
+                          f"or run `fungpt prepare --overwrite` again")
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in SPLITS:
         bin_path = data_dir / f"{split}.bin"

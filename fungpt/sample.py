@@ -192,6 +192,7 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
     if errors not in (None, "strict", "replace"):
         raise FunGPTError(f"--errors {errors!r} is not valid: choose strict or replace")
     loaded = load_run(run, checkpoint, device)
+    note = None  # a line for the reader of the numbers, if they need one
     if input is not None:
         path = Path(input)
         if not path.exists():
@@ -227,11 +228,18 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
                        f"id {bad} is {data_tok.token_text(bad)!r} there, {run_tok.token_text(bad)!r} in the run")
             raise FunGPTError(f"{data_dir} was prepared again since {run} was trained: its tokens mean other text "
                               f"({differs}); pass --input TEXT_FILE to evaluate on a text file")
-        if "val_bytes" not in meta:  # (a folder made by hand, without `fungpt prepare`)
-            raise FunGPTError(f"{data_dir / 'meta.json'} lacks val_bytes, the size in bytes of the val text that bits "
-                              f"per byte are counted against: pass --input VAL_TEXT_FILE to evaluate on the text")
         tokens = np.memmap(data_dir / "val.bin", dtype=np.dtype(meta["dtype"]), mode="r")  # (n,)
-        n_bytes, n_chars, source = meta["val_bytes"], meta.get("val_chars", meta["val_bytes"]), f"{data_dir} (val)"
+        # A folder of token ids made without `fungpt prepare` (README: "Data of your own token ids") may not know
+        # the size of its text: loss and perplexity still stand, bits per byte and per character cannot be told
+        n_bytes, n_chars, source = meta.get("val_bytes"), meta.get("val_chars", meta.get("val_bytes")), \
+            f"{data_dir} (val)"
+        if n_bytes is None:
+            note = (f"fungpt: note: {data_dir / 'meta.json'} has no val_bytes (the size of the val text), so bits per "
+                    f"byte and per character cannot be given; pass --input VAL_TEXT_FILE to score the text itself")
+        elif meta.get("eot_id") is not None and meta.get("source_files", 1) > 1 and not meta.get("bytes_exclude_eot"):
+            note = (f"fungpt: note: {data_dir} was prepared by an older FunGPT, which counted each <|endoftext|> "
+                    f"between its files as 13 bytes of text: its bits per byte and per character come out a little "
+                    f"low; prepare it again (or pass --input) for the exact figures")
     if len(tokens) < 2:
         raise FunGPTError(f"{source} is too short to evaluate: it needs at least 2 tokens")
     T = loaded.config.model.block_size
@@ -251,11 +259,14 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
     # continuation byte, 10xxxxxx). An <|endoftext|> between the files of a prepared split is not counted as text.
     first = int(tokens[0])
     head = b"" if input is None and first == loaded.tokenizer.eot_id else loaded.tokenizer.token_bytes(first)
-    n_bytes, n_chars = n_bytes - len(head), n_chars - sum((b & 0xC0) != 0x80 for b in head)
     bits = total_nll / math.log(2)
+    per_byte = per_char = math.nan  # (unknown: a folder of token ids without its text's size)
+    if n_bytes is not None:
+        n_bytes, n_chars = n_bytes - len(head), n_chars - sum((b & 0xC0) != 0x80 for b in head)
+        per_byte = bits / n_bytes if n_bytes > 0 else math.nan
+        per_char = bits / n_chars if n_chars > 0 else math.nan
     return {"loss": loss, "perplexity": math.exp(loss), "bits_per_token": loss / math.log(2),
-            "bits_per_byte": bits / n_bytes if n_bytes > 0 else math.nan,
-            "bits_per_char": bits / n_chars if n_chars > 0 else math.nan,
+            "bits_per_byte": per_byte, "bits_per_char": per_char, "note": note,
             "tokens": total_tokens, "step": loaded.step, "source": source}
 
 
@@ -264,5 +275,6 @@ def print_eval(result: dict, file: TextIO | None = None) -> None:
     print(f"{result['source']} at step {result['step']}: {result['tokens']:,} tokens", file=file)
     print(f"  loss        {result['loss']:.4f} nats/token", file=file)
     print(f"  perplexity  {result['perplexity']:.3f}", file=file)
-    print(f"  bits/byte   {result['bits_per_byte']:.4f}", file=file)
-    print(f"  bits/char   {result['bits_per_char']:.4f}", file=file)
+    for name, key in (("bits/byte", "bits_per_byte"), ("bits/char", "bits_per_char")):
+        value = result[key]
+        print(f"  {name:<11} {'n/a' if math.isnan(value) else f'{value:.4f}'}", file=file)

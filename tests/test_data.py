@@ -192,11 +192,12 @@ def test_folder_input_sorted_with_separators(tmp_path):
     ids = np.concatenate([read_bin(bpe, "train"), read_bin(bpe, "val")]).tolist()
     assert ids.count(tok.eot_id) == 2
     assert tok.decode(ids) == expected.format(sep=EOT_TEXT)
-    # bits per byte divide by the files' own text: the separators between them (13 characters of <|endoftext|>
-    # for one token, or a newline) are not counted, else many small files would lower them
-    for data in (char, bpe):
+    # bits per byte divide by the text: the <|endoftext|> between files is one token, not 13 characters of it
+    # (else many small files would lower them); a char vocabulary's newline between files is a character
+    for data, separators in ((char, 2), (bpe, 0)):
         meta = load_meta(data)
-        assert meta["train_bytes"] + meta["val_bytes"] == meta["train_chars"] + meta["val_chars"] == 300 + 330 + 300
+        assert meta["train_bytes"] + meta["val_bytes"] == meta["train_chars"] + meta["val_chars"] == \
+            300 + 330 + 300 + separators
 
 
 def test_split_never_cuts_through_the_separator(tmp_path):

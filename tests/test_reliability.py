@@ -1111,8 +1111,6 @@ BAD_INPUTS = {
     "meta.json with val_bytes 0": ([*TRAIN, "--data.path", "{tmp}/zerobytes"],
                                    "val_bytes must be a whole number of at least 1 (got 0)"),
     "meta.json that is a string": ([*TRAIN, "--data.path", "{tmp}/strmeta"], "meta.json is corrupt (TypeError)"),
-    "eval: a hand-made folder without val_bytes": (["eval", "--run", "{tmp}/nobytesrun", "--device", "cpu"],
-                                                   "lacks val_bytes"),
     # out_dir
     "out_dir holds another run": ([*TRAIN, "--out-dir", "{other}"], "already holds a training run"),
     "resume and overwrite": ([*TRAIN, "--out-dir", "{other}", "--resume", "--overwrite"], "contradict"),
@@ -1199,6 +1197,17 @@ TYRO_ERRORS = {
     "bad choice": ["sample", "--run", "x", "--checkpoint", "worst"],
     "missing required flag": ["prepare", "--input", "x"],
 }
+
+
+def test_eval_of_token_ids_without_their_texts_size_gives_the_loss_and_says_why_no_bits(world, tmp_path, capsys):
+    """A folder of token ids made by hand (README: "Data of your own token ids") was refused by eval: its loss and
+    perplexity stand without the text's size in bytes."""
+    files = _files(world, tmp_path)
+    code = main(["eval", "--run", files["tmp"] + "/nobytesrun", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "has no val_bytes (the size of the val text), so bits per byte and per character cannot " \
+        "be given" in err
+    assert re.search(r"loss +\d\.\d{4} nats/token", out) and re.search(r"bits/byte +n/a", out), out
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
