@@ -104,19 +104,33 @@ def setup_distributed(device: str) -> Dist:
     return d
 
 
+def _loads(prepared: Path) -> bool:
+    """Whether a cached dataset folder is there and loads (load_meta checks its format and its files' sizes)."""
+    if not (prepared / "meta.json").is_file():
+        return False
+    try:
+        load_meta(prepared)
+        return True
+    except FunGPTError:
+        return False
+
+
 def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
                  tokenizer: Tokenizer | None = None) -> Path:
     """Return a prepared dataset folder for `data.path`, preparing it into the cache if needed.
 
-    The cache key covers everything that changes the tokens: the source files (path, size and
-    modification time), the tokenizer, the vocab size, the val fraction and how undecodable bytes are
-    treated. `tokenizer`: a ready tokenizer to encode with instead of data.tokenizer (a pretrained
+    The cache key covers everything that changes the tokens: the source files (path, size, modification
+    time, and inode and its change time, which no copying tool sets back: `cp -p` or `touch -r` can give
+    new text the old size and modification time), the tokenizer, the vocab size, the val fraction and how
+    undecodable bytes are treated. A cached folder that no longer loads (damaged, or of an older format)
+    is prepared again. `tokenizer`: a ready tokenizer to encode with instead of data.tokenizer (a pretrained
     model's own, see pretrained.py).
     """
     path = Path(data.path).expanduser()
     if path.is_dir() and (path / "meta.json").is_file():
         return path  # already prepared by `fungpt prepare`
-    if data.path != "shakespeare" and not path.exists():
+    builtin = data.path == "shakespeare" and not path.exists()  # (a file or folder of that name is the user's own)
+    if not builtin and not path.exists():
         raise FunGPTError(f"data.path {data.path!r} does not exist: pass a text file, a folder of text, "
                           f"a prepared folder or 'shakespeare'")
     kind = data.tokenizer if tokenizer is None else tokenizer.name
@@ -127,17 +141,17 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
         key_parts = [kind, tokenizer_fingerprint(tokenizer), repr(data.val_fraction)]
     if data.errors != "strict":
         key_parts.append(f"errors={data.errors}")  # only then: the folders prepared before this setting keep their keys
-    if data.path == "shakespeare":
+    if builtin:
         name = "shakespeare"
     else:
         name = path.stem or "corpus"
         for p in resolve_source(data.path):
             st = p.stat()
-            key_parts.append(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}")
+            key_parts.append(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}")
     # (surrogateescape: a file name that is not UTF-8 arrives from the OS with its bytes escaped)
     key = hashlib.sha256("\n".join(key_parts).encode("utf-8", "surrogateescape")).hexdigest()[:12]
     out = cache_dir() / "datasets" / f"{name}-{kind}-{key}"
-    if is_main and not (out / "meta.json").is_file():
+    if is_main and not _loads(out):
         vocab = data.vocab_size if data.vocab_size is not None else (4096 if data.tokenizer == "bpe" else None)
         prepare(data.path, out, tokenizer=tokenizer or data.tokenizer, vocab_size=None if tokenizer else vocab,
                 val_fraction=data.val_fraction, overwrite=True, errors=data.errors, progress=progress)

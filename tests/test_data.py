@@ -736,3 +736,53 @@ def test_prepare_says_when_a_bpe_stops_short_of_the_size_asked(corpus, tmp_path,
             "corpus being one token by then)") in capsys.readouterr().out
     assert main(["prepare", "--input", str(corpus), "--out", str(tmp_path / "char")]) == 0
     assert "asked" not in capsys.readouterr().out
+
+
+@needs_shakespeare
+def test_a_folder_of_ones_own_named_shakespeare_never_shares_the_built_in_corpus_cache(tmp_path, monkeypatch):
+    """train's cache took `shakespeare` for the built-in corpus whatever was there: a user's own folder of that
+    name, prepared first, was later served as Tiny Shakespeare (and the other way round)."""
+    from fungpt.config import DataConfig
+    from fungpt.train import resolve_data
+
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    mine = tmp_path / "project"
+    (mine / "shakespeare").mkdir(parents=True)
+    (mine / "shakespeare" / "notes.txt").write_text("to be or not to be\n" * 50, encoding="utf-8")
+    monkeypatch.chdir(mine)
+    own = resolve_data(DataConfig(path="shakespeare"), progress=False)
+    assert load_meta(own)["vocab_size"] == len(set("to be or not to be\n"))
+    monkeypatch.chdir(tmp_path)  # elsewhere, the name is the built-in corpus
+    builtin = resolve_data(DataConfig(path="shakespeare"), progress=False)
+    assert builtin != own and load_meta(builtin)["vocab_size"] == 65
+
+
+def test_the_cache_sees_new_text_given_the_old_size_and_modification_time(tmp_path, monkeypatch):
+    """`cp -p`, `rsync -a` or `touch -r` can give changed text its old size and mtime: the stale tokens trained."""
+    from fungpt.config import DataConfig
+    from fungpt.train import resolve_data
+
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    text = tmp_path / "small.txt"
+    text.write_text("abcabcabc\n" * 40, encoding="utf-8")
+    first = resolve_data(DataConfig(path=str(text)), progress=False)
+    st = text.stat()
+    text.write_text("xyzxyzxyz\n" * 40, encoding="utf-8")  # the same size
+    os.utime(text, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old modification time
+    second = resolve_data(DataConfig(path=str(text)), progress=False)
+    assert second != first and load_tokenizer(second).decode(read_bin(second, "val").tolist()[:3]) == "xyz"
+
+
+def test_a_damaged_cached_dataset_is_prepared_again(tmp_path, monkeypatch):
+    """Its error said `fungpt prepare --overwrite`, which a user who never ran prepare cannot apply to the cache."""
+    from fungpt.config import DataConfig
+    from fungpt.train import resolve_data
+
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    text = tmp_path / "small.txt"
+    text.write_text("abcabcabc\n" * 40, encoding="utf-8")
+    cached = resolve_data(DataConfig(path=str(text)), progress=False)
+    whole = (cached / "val.bin").read_bytes()
+    (cached / "val.bin").write_bytes(whole[:-2])  # cut short
+    assert resolve_data(DataConfig(path=str(text)), progress=False) == cached
+    assert (cached / "val.bin").read_bytes() == whole
