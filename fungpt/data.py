@@ -187,6 +187,21 @@ def _is_hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
+def _walk_files(folder: Path) -> list[Path]:
+    """Every file below `folder`, through links to folders too (Path.rglob skips those: a linked folder's text
+    was left out), each linked folder once (a link back up would loop)."""
+    files, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []  # (its contents came in already, through another path)
+            continue
+        seen.add(real)
+        dirs.sort()
+        files += [Path(root) / n for n in names if (Path(root) / n).is_file()]
+    return files
+
+
 def resolve_source(source: str | Path) -> list[Path]:
     """Turn the --input argument into the list of files to read (see the module docstring)."""
     path = Path(source).expanduser()
@@ -202,7 +217,7 @@ def resolve_source(source: str | Path) -> list[Path]:
         return [path]
     if path.is_dir():
         files = sorted(
-            (p for p in path.rglob("*") if p.is_file() and not _is_hidden(p.relative_to(path))),
+            (p for p in _walk_files(path) if not _is_hidden(p.relative_to(path))),
             key=lambda p: p.relative_to(path).as_posix(),
         )
         files = [p for p in files if p.stat().st_size > 0]

@@ -786,3 +786,20 @@ def test_a_damaged_cached_dataset_is_prepared_again(tmp_path, monkeypatch):
     (cached / "val.bin").write_bytes(whole[:-2])  # cut short
     assert resolve_data(DataConfig(path=str(text)), progress=False) == cached
     assert (cached / "val.bin").read_bytes() == whole
+
+
+def test_a_linked_folder_inside_the_input_folder_is_read_once(tmp_path):
+    """Path.rglob does not follow links to folders: a linked folder's text was silently left out (and a folder
+    holding only such a link was said to hold no text)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "a.txt").write_text("linked text\n", encoding="utf-8")
+    top = tmp_path / "top"
+    top.mkdir()
+    (top / "b.txt").write_text("own text\n", encoding="utf-8")
+    try:
+        (top / "linked").symlink_to(shared, target_is_directory=True)
+        (shared / "back").symlink_to(top, target_is_directory=True)  # a loop: read once, not forever
+    except OSError:
+        pytest.skip("no symbolic links here")
+    assert [p.relative_to(top).as_posix() for p in resolve_source(top)] == ["b.txt", "linked/a.txt"]
