@@ -341,6 +341,7 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        self._open_streams, self._mode_before_streams = 0, False  # generate_stream's (see there)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embedding table (V, C)
         self.pos = make_positions(config)  # see positions.py
         self.drop = nn.Dropout(config.dropout)
@@ -487,8 +488,12 @@ class GPT(nn.Module):
         n = T0  # tokens filled in seq
         speculate = lookahead > 0 and use_cache and temperature == 0 and B == 1
         history = idx[0].tolist() if speculate else []  # a Python list makes the n-gram search cheap
-        was_training = self.training
-        self.eval()  # no dropout while generating
+        # No dropout while generating. Streams may be open at once (a program taking turns between them): the first
+        # remembers the mode, the last to end restores it, so that no stream goes on in training mode.
+        if not self._open_streams:
+            self._mode_before_streams = self.training
+        self._open_streams += 1
+        self.eval()
         try:
             cache = self.make_kv_cache(B) if use_cache else None
             # One float32 sequence on a CPU (and no module hooks to honour): single-token steps take
@@ -522,7 +527,9 @@ class GPT(nn.Module):
                     history.append(int(next_id))
                 yield (next_id[:, 0], logits[:, -1, :]) if yield_logits else next_id[:, 0]
         finally:
-            self.train(was_training)
+            self._open_streams -= 1
+            if not self._open_streams:
+                self.train(self._mode_before_streams)
 
     @torch.no_grad()
     def generate(

@@ -668,3 +668,20 @@ def test_wrong_ids_are_clear_errors_not_torch_internals():
         with pytest.raises(FunGPTError, match=message):
             call()
     assert model.generate(idx, 0).shape == (1, 5)
+
+
+def test_streams_taking_turns_decode_without_dropout_until_the_last_one_ends():
+    """Each stream put the model back into its mode when it ended: another stream still running then drew its
+    tokens in training mode, with dropout."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.5)).train()
+    prompt = torch.zeros(2, 1, dtype=torch.long)  # (batch 2: GPT.forward, where dropout would act)
+    alone = [t.tolist() for t in model.generate_stream(prompt, max_new_tokens=12, temperature=0)]
+    a = model.generate_stream(prompt, max_new_tokens=3, temperature=0)
+    next(a)  # a starts first,
+    b = model.generate_stream(prompt, max_new_tokens=12, temperature=0)
+    first = [next(b).tolist()]  # then b,
+    list(a)  # and a ends while b goes on
+    assert not model.training
+    assert first + [t.tolist() for t in b] == alone
+    assert model.training  # back as it was, once the last stream ended
