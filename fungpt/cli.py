@@ -81,6 +81,54 @@ def _as_checkpointed(cfg: RunConfig, out_dir: Path) -> RunConfig:
     return dataclasses.replace(cfg, train=trained_with(manifest if isinstance(manifest, dict) else None, cfg))
 
 
+def _parse(f, args: list[str], prog: str, **kwargs):
+    """tyro.cli, with its refusal of the command line (a box of several lines: a missing or unknown option, a
+    value of the wrong type) turned into FunGPT's one line: what is wrong, and where the options are listed."""
+    import functools
+    import io
+
+    said, stderr = io.StringIO(), sys.stderr
+    if not isinstance(f, type):  # a command: tyro calls it once parsed, and it writes to the real stderr
+        command = f
+
+        @functools.wraps(command)
+        def f(*a, **kw):
+            with contextlib.redirect_stderr(stderr):
+                return command(*a, **kw)
+    try:
+        with contextlib.redirect_stderr(said):
+            parsed = tyro.cli(f, args=args, prog=prog, **kwargs)
+        sys.stderr.write(said.getvalue())  # (a warning of tyro's, if any)
+        return parsed
+    except SystemExit as e:
+        if e.code != 2 or not said.getvalue().strip():  # (--help; or not tyro's refusal: as it was)
+            sys.stderr.write(said.getvalue())
+            raise
+        raise FunGPTError(f"{_box_text(said.getvalue())} (`{prog} --help` lists the options)") from None
+
+
+def _box_text(box: str) -> str:
+    """The parts of one of tyro's error boxes that say what is wrong, in one line: its sections (between rules)
+    but those of help text, each a header and the options it names, without their descriptions."""
+    sections, lines = [], []
+    rows = box.strip("\n").splitlines()[1:]  # (the first is the frame's top, with the box's title)
+    for row in rows:
+        text = row.strip().strip("│|").strip()  # (drawn in ASCII where the output cannot show box lines)
+        if not text.strip("─-=+╰╯"):  # a rule between sections, or the frame's bottom
+            if lines:
+                sections.append(lines)
+            lines = []
+        else:
+            lines.append(text)
+    said = []
+    for head, *rest in sections:
+        if head.startswith(("For full helptext", "Argument helptext")):
+            continue
+        named = [r for r in rest if r.startswith("-") or " " not in r]  # options and values, not descriptions
+        said.append(" ".join([head, *rest]) if head[-1:] != ":" else f"{head} {', '.join(named)}")
+    return "; ".join(said) or "the command line could not be read"
+
+
 def _out_dir_arg(args: list[str]) -> str | None:
     """The --out-dir given on the command line (the last one, as tyro takes), or None."""
     found = None
@@ -129,7 +177,7 @@ def cmd_train(args: list[str], start_time: float) -> None:
         print(f"note: {path} fine-tunes {base.model.init_from}: the --model.* settings it does not set take that "
               f"model's values, not the defaults shown below\n")
     try:
-        parsed = tyro.cli(TrainArgs, default=TrainArgs(config=path, run=base), args=args, prog="fungpt train")
+        parsed = _parse(TrainArgs, args, "fungpt train", default=TrainArgs(config=path, run=base))
     except FunGPTError as e:
         if not path:
             raise
@@ -424,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "train":
             cmd_train(rest, start_time)
         else:
-            tyro.cli(COMMANDS[name], args=rest, prog=f"fungpt {name}")
+            _parse(COMMANDS[name], rest, f"fungpt {name}")
     except FunGPTError as e:
         # Under torchrun every process may fail alike: each says which it is, so that the lines read as copies
         print(f"error{f' (rank {_rank()})' if _rank() else ''}: {e}", file=sys.stderr)

@@ -1190,12 +1190,14 @@ BAD_INPUTS = {
     "serve: negative port": (["serve", "{run}", "--port", "-1"], "--port -1"),
 }
 
-# tyro's own parse errors: it prints a framed message (not an `error:` line) and exits 2.
+# tyro's own parse errors: it prints a framed message of several lines, which FunGPT turns into its one line
 TYRO_ERRORS = {
-    "unknown flag": [*TRAIN, "--train.nope", "3"],
-    "not a number": [*TRAIN, "--train.max-iters", "many"],
-    "bad choice": ["sample", "--run", "x", "--checkpoint", "worst"],
-    "missing required flag": ["prepare", "--input", "x"],
+    "unknown flag": ([*TRAIN, "--train.nope", "3"], "Unrecognized options: --train.nope, 3"),
+    "not a number": ([*TRAIN, "--train.max-iters", "many"],
+                     "Error parsing --train.max-iters: invalid literal for int() with base 10: 'many'"),
+    "bad choice": (["sample", "--run", "x", "--checkpoint", "worst"], "--checkpoint"),
+    "missing required flag": (["prepare", "--input", "x"], "Missing from fungpt prepare: --out STR"),
+    "missing value": (["sample", "--run", "x", "--prompt"], "Missing value for argument '--prompt'"),
 }
 
 
@@ -1225,13 +1227,12 @@ def test_bad_input_is_one_clear_line(world, tmp_path, capsys, name):
 
 
 @pytest.mark.parametrize("name", list(TYRO_ERRORS))
-def test_parse_errors_exit_nonzero_without_traceback(world, tmp_path, capsys, name):
+def test_parse_errors_are_one_clear_line_too(world, tmp_path, capsys, name):
     files = _files(world, tmp_path)
-    argv = [a.format(**files) for a in TYRO_ERRORS[name]]
-    code = main(argv)
-    captured = capsys.readouterr()
-    assert code == 2
-    assert "Traceback" not in captured.err + captured.out
+    argv, needle = TYRO_ERRORS[name]
+    code, err = run_cli([a.format(**files) for a in argv], capsys)
+    last = assert_one_line_error(code, err, needle)
+    assert err.strip() == last and "╭" not in err and "--help` lists the options)" in last
 
 
 def test_refusals_come_before_any_data_preparation(world, tmp_path, capsys, monkeypatch):
