@@ -540,7 +540,8 @@ def test_load_meta_errors(tmp_path, char_data):
         load_meta(char_data)
     meta = json.loads((char_data / "meta.json").read_text(encoding="utf-8"))
     (char_data / "meta.json").write_text(json.dumps({**meta, "dtype": "uint17"}), encoding="utf-8")
-    with pytest.raises(FunGPTError, match="unknown token dtype 'uint17'"):  # was numpy's TypeError
+    with pytest.raises(FunGPTError, match="the token dtype 'uint17', which FunGPT does not read: token ids are "
+                                          "stored as uint16"):  # was numpy's TypeError
         load_meta(char_data)
     (char_data / "meta.json").write_text("{", encoding="utf-8")
     with pytest.raises(FunGPTError, match="meta.json is corrupt"):
