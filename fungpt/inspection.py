@@ -240,7 +240,8 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
         params=model.num_params(), params_non_embedding=model.num_params(non_embedding=True),
         param_rows=parameter_rows(model),
         flops_per_token_train=model.flops_per_token(), flops_per_token_forward=model.flops_per_token() // 3,
-        tokens_per_step=B * cfg.model.block_size * tc.grad_accum_steps * world_size,  # (every process's batches)
+        # (every process's batches; the run's own batch size: --batch-size asks only for the memory at another)
+        tokens_per_step=tc.batch_size * cfg.model.block_size * tc.grad_accum_steps * world_size,
         memory=estimate_memory(cfg.model, B, dtype, device=device),
     )
     if info["tokens_seen"] is not None:

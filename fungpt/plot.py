@@ -70,7 +70,7 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
     for run in runs:  # each run once (b and ./b are one run), in the order given
         unique.setdefault(Path(run).resolve(), run)
     runs = list(unique.values())
-    names = [Path(run).name for run in runs]
+    names = [Path(run).resolve().name for run in runs]  # (`.` is named as the folder it is)
     if len(set(names)) < len(names):  # same folder name in different places: label with the full path
         names = [str(run) for run in runs]
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)

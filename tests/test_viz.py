@@ -219,7 +219,7 @@ def write_metrics(run: Path, rows: list[dict]) -> Path:
     return run
 
 
-def test_plot_runs_with_and_without_val_rows(tmp_path):
+def test_plot_runs_with_and_without_val_rows(tmp_path, monkeypatch):
     with_val = write_metrics(tmp_path / "a", [{"step": s, "train_loss": 4 - s / 10, "tokens": 64 * s,
                                                "elapsed_s": s / 2} for s in range(1, 20)]
                              + [{"step": 0, "train_loss": 4.2, "val_loss": 4.2, "tokens": 0, "elapsed_s": 0.0},
@@ -234,6 +234,9 @@ def test_plot_runs_with_and_without_val_rows(tmp_path):
     # A run named twice (b and ./b) is drawn once, with one legend entry, in the order first given
     svg = plot_runs([no_val, with_val, tmp_path / "." / "b"], tmp_path / "twice.svg").read_text(encoding="utf-8")
     assert svg.count("<!-- b train -->") == 1 and svg.index("<!-- b train -->") < svg.index("<!-- a train -->")
+    # a run given as `.` is named as its folder, not "" (the legend said " train")
+    monkeypatch.chdir(with_val)
+    assert "<!-- a train -->" in plot_runs([Path(".")], tmp_path / "dot.svg").read_text(encoding="utf-8")
     # a run of one logged step: its one point is drawn (a line through one point draws nothing)
     one = write_metrics(tmp_path / "one", [{"step": 1, "train_loss": 4.0, "tokens": 64, "elapsed_s": 0.5}])
     svg = plot_runs([one], tmp_path / "one.svg").read_text(encoding="utf-8")
@@ -355,6 +358,9 @@ def test_inspect_config_without_prepared_data(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "assuming" in out and "809,856" in out  # the README's 0.8M-parameter model
     assert "planned: 2,000 steps = 1,536,000 tokens" in out
+    # --batch-size is for the memory at another batch: the run's tokens per step stay its own
+    assert main(["inspect", str(root / "configs/shakespeare-char-cpu.toml"), "--batch-size", "1"]) == 0
+    assert "planned: 2,000 steps = 1,536,000 tokens" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "nothing.txt")]) == 2
     # a time budget ends the speedrun, not its max_iters (1,000,000 steps were "planned")
     assert main(["inspect", str(root / "configs/speedrun-cpu.toml")]) == 0
