@@ -341,7 +341,6 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self._open_streams, self._mode_before_streams = 0, False  # generate_stream's (see there)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embedding table (V, C)
         self.pos = make_positions(config)  # see positions.py
         self.drop = nn.Dropout(config.dropout)
@@ -488,18 +487,27 @@ class GPT(nn.Module):
         n = T0  # tokens filled in seq
         speculate = lookahead > 0 and use_cache and temperature == 0 and B == 1
         history = idx[0].tolist() if speculate else []  # a Python list makes the n-gram search cheap
-        # No dropout while generating. Streams may be open at once (a program taking turns between them): the first
-        # remembers the mode, the last to end restores it, so that no stream goes on in training mode.
-        if not self._open_streams:
-            self._mode_before_streams = self.training
-        self._open_streams += 1
-        self.eval()
+        # No dropout while generating: a model in training mode computes each step in eval mode and has its mode back
+        # at each yield, so streams taking turns, or one left unfinished, change nothing for the others.
+        held = False  # whether this stream switched the model to eval mode for the step it is computing
+
+        def hold(on: bool) -> None:
+            nonlocal held
+            if on and self.training:
+                self.eval()
+                held = True
+            elif not on and held:
+                self.train()
+                held = False
+
+        hold(True)
         try:
             cache = self.make_kv_cache(B) if use_cache else None
             # One float32 sequence on a CPU (and no module hooks to honour): single-token steps take
             # the lean path of decode.py.
             decoder = Decoder(self, cache) if use_cache and Decoder.supports(self, idx) else None
             while n < end:
+                hold(True)
                 if min(n + 1 + lookahead, end) > seq.size(1):  # room for this step's tokens (a draft's too)
                     bigger = seq.new_empty(B, min(max(2 * seq.size(1), n + 1 + lookahead), end))
                     bigger[:, :n] = seq[:, :n]
@@ -513,7 +521,10 @@ class GPT(nn.Module):
                     fits = speculate and cache.pos + 1 + lookahead <= block_size
                     draft = lookup_draft(history, min(lookahead, end - n - 1)) if fits else []
                     if draft:
-                        yield from verify_draft(self, seq, n, draft, cache, history, yield_logits)
+                        for item in verify_draft(self, seq, n, draft, cache, history, yield_logits):
+                            hold(False)
+                            yield item
+                            hold(True)
                         n = len(history)  # history holds the prompt and every token yielded so far
                         continue
                     if decoder is not None:
@@ -525,11 +536,10 @@ class GPT(nn.Module):
                 n += 1
                 if speculate:
                     history.append(int(next_id))
+                hold(False)
                 yield (next_id[:, 0], logits[:, -1, :]) if yield_logits else next_id[:, 0]
         finally:
-            self._open_streams -= 1
-            if not self._open_streams:
-                self.train(self._mode_before_streams)
+            hold(False)  # (an error, or the stream closed mid-step)
 
     @torch.no_grad()
     def generate(

@@ -682,6 +682,12 @@ def test_streams_taking_turns_decode_without_dropout_until_the_last_one_ends():
     b = model.generate_stream(prompt, max_new_tokens=12, temperature=0)
     first = [next(b).tolist()]  # then b,
     list(a)  # and a ends while b goes on
+    assert first + [t.tolist() for t in b] == alone  # every step without dropout
+    assert model.training  # the model's own mode between steps and after
+    # a stream left unfinished (and still referenced) changes nothing for later generation, nor for training
+    left = model.generate_stream(prompt, max_new_tokens=12, temperature=0)
+    next(left)
+    assert model.training and model.generate(prompt, 3, temperature=0).shape == (2, 4) and model.training
+    model.eval()  # the caller's own choice, made between steps, stays when the stream ends
+    left.close()
     assert not model.training
-    assert first + [t.tolist() for t in b] == alone
-    assert model.training  # back as it was, once the last stream ended
