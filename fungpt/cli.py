@@ -88,8 +88,8 @@ def _parse(f, args: list[str], prog: str, **kwargs):
     import io
 
     said, stderr = io.StringIO(), sys.stderr
+    command = f
     if not isinstance(f, type):  # a command: tyro calls it once parsed, and it writes to the real stderr
-        command = f
 
         @functools.wraps(command)
         def f(*a, **kw):
@@ -104,28 +104,51 @@ def _parse(f, args: list[str], prog: str, **kwargs):
         if e.code != 2 or not said.getvalue().strip():  # (--help; or not tyro's refusal: as it was)
             sys.stderr.write(said.getvalue())
             raise
-        raise FunGPTError(f"{_box_text(said.getvalue())} (`{prog} --help` lists the options)") from None
+    # The same refusal again, drawn as wide as it needs (the box wraps its lines at the terminal's width, cutting
+    # values and messages) and without colours; the command, were it reached, would do nothing
+    wide, columns = io.StringIO(), os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100000"
+    try:
+        with contextlib.redirect_stderr(wide):
+            tyro.cli(f if isinstance(f, type) else functools.wraps(command)(lambda *a, **kw: None), args=args,
+                     prog=prog, **kwargs)
+    except SystemExit:
+        pass
+    finally:
+        os.environ.pop("COLUMNS") if columns is None else os.environ.update(COLUMNS=columns)
+    raise FunGPTError(f"{_box_text(wide.getvalue() or said.getvalue())} (`{prog} --help` lists the options)") from None
 
 
 def _box_text(box: str) -> str:
     """The parts of one of tyro's error boxes that say what is wrong, in one line: its sections (between rules)
-    but those of help text, each a header and the options it names, without their descriptions."""
-    sections, lines = [], []
-    rows = box.strip("\n").splitlines()[1:]  # (the first is the frame's top, with the box's title)
+    but those of help text, each a message, or a header and the options it names (a positional argument with its
+    description, the only thing that names it)."""
+    import re
+
+    sections: list[list[tuple[int, str]]] = []
+    lines: list[tuple[int, str]] = []
+    rows = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", box).strip("\n").splitlines()[1:]  # (colours; the top frame)
     for row in rows:
-        text = row.strip().strip("│|").strip()  # (drawn in ASCII where the output cannot show box lines)
+        body = row.strip(" \t").removeprefix("│").removeprefix("|").rstrip(" │|")  # (ASCII where no box lines)
+        text = body.strip()
         if not text.strip("─-=+╰╯"):  # a rule between sections, or the frame's bottom
-            if lines:
-                sections.append(lines)
-            lines = []
+            sections, lines = sections + [lines] if lines else sections, []
         else:
-            lines.append(text)
+            lines.append((len(body) - len(body.lstrip()), text))  # (indented: the options under a header)
     said = []
-    for head, *rest in sections:
+    for (_, head), *rest in sections:
         if head.startswith(("For full helptext", "Argument helptext")):
             continue
-        named = [r for r in rest if r.startswith("-") or " " not in r]  # options and values, not descriptions
-        said.append(" ".join([head, *rest]) if head[-1:] != ":" else f"{head} {', '.join(named)}")
+        if head[-1:] != ":" or not rest:
+            said.append(" ".join([head, *(t for _, t in rest)]))
+            continue
+        items: list[list[str]] = []  # each option (or value) under the header, then its description's lines
+        top = min(indent for indent, _ in rest)
+        for indent, t in rest:
+            items.append([t]) if indent == top or not items else items[-1].append(t)
+        named = [first if first.startswith("-") or not desc else
+                 f"{first} ({' '.join(desc).replace('(required)', '').strip()})" for first, *desc in items]
+        said.append(f"{head} {', '.join(named)}")
     return "; ".join(said) or "the command line could not be read"
 
 

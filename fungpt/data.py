@@ -188,17 +188,26 @@ def _is_hidden(relative: Path) -> bool:
 
 
 def _walk_files(folder: Path) -> list[Path]:
-    """Every file below `folder`, through links to folders too (Path.rglob skips those: a linked folder's text
-    was left out), each linked folder once (a link back up would loop)."""
-    files, seen = [], set()
+    """Every file below `folder` but hidden ones, through links to folders too (Path.rglob skips those: a linked
+    folder's text was left out). A folder's files are read once, under its own path where it is inside `folder`
+    (not under a link's), and a link back up cannot loop."""
+    def visible(dirs: list[str]) -> None:  # hidden folders are skipped, links to others too
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+
+    seen = set()
+    for root, dirs, _ in os.walk(folder):  # the folders that are really here, without following links
+        visible(dirs)
+        seen.add(os.path.realpath(root))
+    files, top = [], os.path.realpath(folder)
     for root, dirs, names in os.walk(folder, followlinks=True):
+        visible(dirs)
         real = os.path.realpath(root)
-        if real in seen:
-            dirs[:] = []  # (its contents came in already, through another path)
-            continue
-        seen.add(real)
-        dirs.sort()
-        files += [Path(root) / n for n in names if (Path(root) / n).is_file()]
+        if real != os.path.normpath(os.path.join(top, os.path.relpath(root, folder))):  # reached through a link
+            if real in seen:
+                dirs[:] = []  # (its files come in under their own path, or came in through another link)
+                continue
+            seen.add(real)
+        files += [Path(root) / n for n in names if not n.startswith(".") and (Path(root) / n).is_file()]
     return files
 
 

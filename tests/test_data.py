@@ -798,9 +798,13 @@ def test_a_linked_folder_inside_the_input_folder_is_read_once(tmp_path):
     top = tmp_path / "top"
     top.mkdir()
     (top / "b.txt").write_text("own text\n", encoding="utf-8")
+    (top / "zz").mkdir()
+    (top / "zz" / "z.txt").write_text("a folder of its own\n", encoding="utf-8")
     try:
         (top / "linked").symlink_to(shared, target_is_directory=True)
         (shared / "back").symlink_to(top, target_is_directory=True)  # a loop: read once, not forever
+        (top / "aa").symlink_to(top / "zz", target_is_directory=True)  # zz is read as zz, not as aa
+        (top / ".backup").symlink_to(top / "zz", target_is_directory=True)  # hidden: skipped, zz still read
     except OSError:
         pytest.skip("no symbolic links here")
-    assert [p.relative_to(top).as_posix() for p in resolve_source(top)] == ["b.txt", "linked/a.txt"]
+    assert [p.relative_to(top).as_posix() for p in resolve_source(top)] == ["b.txt", "linked/a.txt", "zz/z.txt"]

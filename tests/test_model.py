@@ -670,7 +670,7 @@ def test_wrong_ids_are_clear_errors_not_torch_internals():
     assert model.generate(idx, 0).shape == (1, 5)
 
 
-def test_streams_taking_turns_decode_without_dropout_until_the_last_one_ends():
+def test_streams_taking_turns_or_left_unfinished_decode_without_dropout_and_leave_the_mode_alone():
     """Each stream put the model back into its mode when it ended: another stream still running then drew its
     tokens in training mode, with dropout."""
     torch.manual_seed(0)

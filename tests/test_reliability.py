@@ -1226,6 +1226,29 @@ def test_bad_input_is_one_clear_line(world, tmp_path, capsys, name):
     assert not (tmp_path / "new" / "checkpoints").exists()
 
 
+def test_tyros_box_read_in_a_terminal_with_its_colours_and_positional_arguments():
+    """In a terminal tyro colours its box: every error became "the command line could not be read"."""
+    from fungpt.cli import _box_text
+
+    bold, cyan, off = "\x1b[1m", "\x1b[36m", "\x1b[0m"
+    box = (f"{bold}╭─ Required options ──────────────╮{off}\n"
+           f"│ Missing from fungpt attention:  │\n"
+           f"│     {cyan}STR{off}                         │\n"
+           f"│         The run folder. {bold}(required){off} │\n"
+           f"│     {cyan}--prompt STR{off}                │\n"
+           f"│         The text. (required)    │\n"
+           f"│ ─────────────────────────────── │\n"
+           f"│ Unrecognized options:           │\n"
+           f"│     --bogus                     │\n"
+           f"│     1                           │\n"
+           f"│ ─────────────────────────────── │\n"
+           f"│ For full helptext, run:         │\n"
+           f"│     fungpt attention --help     │\n"
+           f"╰─────────────────────────────────╯\n")
+    assert _box_text(box) == ("Missing from fungpt attention: STR (The run folder.), --prompt STR; Unrecognized "
+                              "options: --bogus, 1")
+
+
 @pytest.mark.parametrize("name", list(TYRO_ERRORS))
 def test_parse_errors_are_one_clear_line_too(world, tmp_path, capsys, name):
     files = _files(world, tmp_path)
