@@ -129,9 +129,10 @@ def _box_text(box: str) -> str:
     lines: list[tuple[int, str]] = []
     rows = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", box).strip("\n").splitlines()[1:]  # (colours; the top frame)
     for row in rows:
-        body = row.strip(" \t").removeprefix("│").removeprefix("|").rstrip(" │|")  # (ASCII where no box lines)
+        # (tyro draws a plain box, without side lines, where the output is not UTF-8: its rows keep their margin)
+        body = row.rstrip().removeprefix("│").removesuffix("│").rstrip()
         text = body.strip()
-        if not text.strip("─-=+╰╯"):  # a rule between sections, or the frame's bottom
+        if not text or (len(text) > 8 and not text.strip("─-╰╯")):  # a rule between sections, the frame's bottom
             sections, lines = sections + [lines] if lines else sections, []
         else:
             lines.append((len(body) - len(body.lstrip()), text))  # (indented: the options under a header)
@@ -140,7 +141,8 @@ def _box_text(box: str) -> str:
         if head.startswith(("For full helptext", "Argument helptext")):
             continue
         if head[-1:] != ":" or not rest:
-            said.append(" ".join([head, *(t for _, t in rest)]))
+            said.append(" ".join([head, *(t for _, t in rest)]) if rest or head[-1:] != ":" else
+                        f"{head} an empty argument")  # (tyro shows '' as nothing)
             continue
         items: list[list[str]] = []  # each option (or value) under the header, then its description's lines
         top = min(indent for indent, _ in rest)

@@ -189,8 +189,8 @@ def _is_hidden(relative: Path) -> bool:
 
 def _walk_files(folder: Path) -> list[Path]:
     """Every file below `folder` but hidden ones, through links to folders too (Path.rglob skips those: a linked
-    folder's text was left out). A folder's files are read once, under its own path where it is inside `folder`
-    (not under a link's), and a link back up cannot loop."""
+    folder's text was left out). A folder's or file's text is read once, under its own path where it is inside
+    `folder` (not under a link's), and a link back up cannot loop."""
     def visible(dirs: list[str]) -> None:  # hidden folders are skipped, links to others too
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
 
@@ -207,7 +207,11 @@ def _walk_files(folder: Path) -> list[Path]:
                 dirs[:] = []  # (its files come in under their own path, or came in through another link)
                 continue
             seen.add(real)
-        files += [Path(root) / n for n in names if not n.startswith(".") and (Path(root) / n).is_file()]
+        for n in names:  # (a link to a file inside `folder` too is read there, under its own path)
+            p = Path(root) / n
+            linked_inside = p.is_symlink() and os.path.realpath(p).startswith(top + os.sep)
+            if not n.startswith(".") and p.is_file() and not linked_inside:
+                files.append(p)
     return files
 
 

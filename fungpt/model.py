@@ -489,16 +489,16 @@ class GPT(nn.Module):
         history = idx[0].tolist() if speculate else []  # a Python list makes the n-gram search cheap
         # No dropout while generating: a model in training mode computes each step in eval mode and has its mode back
         # at each yield, so streams taking turns, or one left unfinished, change nothing for the others.
-        held = False  # whether this stream switched the model to eval mode for the step it is computing
+        held: list[nn.Module] = []  # the modules this stream switched to eval mode for the step it is computing
 
         def hold(on: bool) -> None:
-            nonlocal held
             if on and self.training:
+                held[:] = [m for m in self.modules() if m.training]
                 self.eval()
-                held = True
-            elif not on and held:
-                self.train()
-                held = False
+            elif not on:
+                for m in held:  # (each as it was: a submodule the caller put in eval mode stays so)
+                    m.training = True
+                held.clear()
 
         hold(True)
         try:

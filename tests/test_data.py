@@ -805,6 +805,7 @@ def test_a_linked_folder_inside_the_input_folder_is_read_once(tmp_path):
         (shared / "back").symlink_to(top, target_is_directory=True)  # a loop: read once, not forever
         (top / "aa").symlink_to(top / "zz", target_is_directory=True)  # zz is read as zz, not as aa
         (top / ".backup").symlink_to(top / "zz", target_is_directory=True)  # hidden: skipped, zz still read
+        (top / "again.txt").symlink_to(top / "b.txt")  # the same text under another name: read once
     except OSError:
         pytest.skip("no symbolic links here")
     assert [p.relative_to(top).as_posix() for p in resolve_source(top)] == ["b.txt", "linked/a.txt", "zz/z.txt"]

@@ -691,3 +691,7 @@ def test_streams_taking_turns_or_left_unfinished_decode_without_dropout_and_leav
     model.eval()  # the caller's own choice, made between steps, stays when the stream ends
     left.close()
     assert not model.training
+    model.train()
+    model.drop.eval()  # and so does a submodule's own mode
+    list(model.generate_stream(prompt, max_new_tokens=2, temperature=0))
+    assert model.training and not model.drop.training

@@ -1196,7 +1196,11 @@ TYRO_ERRORS = {
     "not a number": ([*TRAIN, "--train.max-iters", "many"],
                      "Error parsing --train.max-iters: invalid literal for int() with base 10: 'many'"),
     "bad choice": (["sample", "--run", "x", "--checkpoint", "worst"], "--checkpoint"),
-    "missing required flag": (["prepare", "--input", "x"], "Missing from fungpt prepare: --out STR"),
+    # (the options named without their descriptions, whether tyro draws its box with lines or plain)
+    "missing required flag": (["prepare", "--input", "x"],
+                              "error: Missing from fungpt prepare: --out STR (`fungpt prepare --help` lists"),
+    "an empty argument": (["sample", "--run", "x", ""], "error: Unrecognized options: an empty argument (`"),
+    "a value with a bar": (["prepare", "--out", "y", "x|"], "Unrecognized options: x| (`"),
     "missing value": (["sample", "--run", "x", "--prompt"], "Missing value for argument '--prompt'"),
 }
 
