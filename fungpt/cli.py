@@ -115,7 +115,10 @@ def _parse(f, args: list[str], prog: str, **kwargs):
     except SystemExit:
         pass
     finally:
-        os.environ.pop("COLUMNS") if columns is None else os.environ.update(COLUMNS=columns)
+        if columns is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = columns
     raise FunGPTError(f"{_box_text(wide.getvalue() or said.getvalue())} (`{prog} --help` lists the options)") from None
 
 
@@ -147,7 +150,10 @@ def _box_text(box: str) -> str:
         items: list[list[str]] = []  # each option (or value) under the header, then its description's lines
         top = min(indent for indent, _ in rest)
         for indent, t in rest:
-            items.append([t]) if indent == top or not items else items[-1].append(t)
+            if indent == top or not items:
+                items.append([t])
+            else:
+                items[-1].append(t)
         named = [first if first.startswith("-") or not desc else
                  f"{first} ({' '.join(desc).replace('(required)', '').strip()})" for first, *desc in items]
         said.append(f"{head} {', '.join(named)}")
