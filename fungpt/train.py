@@ -976,29 +976,43 @@ class _StopFlag:
 
     def output(self, write: Callable[..., Any], *args: Any) -> None:
         """Write to the console (the progress bar's update or write). A terminal that hung up fails writes with
-        EIO, possibly before its SIGHUP reaches Python: the run then stops as for SIGHUP, saving its step."""
+        EIO, possibly before its SIGHUP reaches Python: the run then stops as for SIGHUP, saving its step. A pipe
+        whose reader went away (`| tee log` when the session drops, `| head`) fails them with EPIPE: the run
+        stops the same way, as for SIGPIPE (which Python ignores, raising the error instead)."""
         try:
             write(*args)
         except OSError as e:
-            if e.errno != errno.EIO:
+            if e.errno not in (errno.EIO, errno.EPIPE):
                 raise
-            _silence_terminal()
+            _silence_terminal(pipes=e.errno == errno.EPIPE)
             if not self.stop:
-                self.stop, self.hung_up = True, True
-                self.signum = getattr(signal, "SIGHUP", signal.SIGTERM)
+                self.stop, self.hung_up = True, e.errno == errno.EIO
+                self.signum = getattr(signal, "SIGHUP" if e.errno == errno.EIO else "SIGPIPE", signal.SIGTERM)
 
     def __exit__(self, *exc) -> None:
         for signum, old in self._old.items():
             signal.signal(signum, old)
 
 
-def _silence_terminal() -> None:
-    """Point stdout and stderr at /dev/null where they are a terminal (one that hung up: SIGHUP), so that the
-    run's remaining output cannot fail; output to files and pipes is kept."""
+def _silence_terminal(pipes: bool = False) -> None:
+    """Point stdout and stderr at /dev/null where they are a terminal (one that hung up: SIGHUP), or with `pipes`
+    a pipe whose reader is gone, so that the run's remaining output cannot fail; other output is kept."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError, AttributeError):
-            if os.isatty(stream.fileno()):
+            if os.isatty(stream.fileno()) or (pipes and _reader_gone(stream.fileno())):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+
+def _reader_gone(fd: int) -> bool:
+    """Whether `fd` is a pipe whose reading end was closed: poll reports an error condition on its writing end."""
+    import select
+    import stat
+
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode) or not hasattr(select, "poll"):
+        return False
+    poll = select.poll()
+    poll.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poll.poll(0))
 
 
 @contextlib.contextmanager
@@ -1503,7 +1517,12 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         how = " with --resume in place of --overwrite" if overwrite else "" if resume else " plus --resume"
         by = "" if stop_signal == signal.SIGINT else f" by {signal.Signals(stop_signal).name}"
         with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone; the checkpoint is saved
-            say(f"fungpt: interrupted{by} at step {step}; checkpoint saved. Resume with the same command{how}")
+            if stop_signal == getattr(signal, "SIGPIPE", None):  # (stdout had no reader: said where it can be seen)
+                if ddp.is_main:
+                    print(f"fungpt: training stopped: its output pipe was closed (e.g. by `| head`); checkpoint "
+                          f"saved at step {step}. Resume with the same command{how}", file=sys.stderr)
+            else:
+                say(f"fungpt: interrupted{by} at step {step}; checkpoint saved. Resume with the same command{how}")
     elif budget_s is not None and step == start_step and step < tc.max_iters:
         # Not one step fitted in the budget: an eval now would only overrun it (a 6 x 384 model on a 2-core CPU,
         # given 1 minute, took 97 s, most of it evaluating). A resumed run's checkpoint already holds this step.

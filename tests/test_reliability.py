@@ -669,7 +669,7 @@ def test_console_output_to_a_terminal_that_hung_up_stops_the_run_as_sighup(monke
 
     train_mod = train_module
     silenced = []
-    monkeypatch.setattr(train_mod, "_silence_terminal", lambda: silenced.append(1))
+    monkeypatch.setattr(train_mod, "_silence_terminal", lambda pipes=False: silenced.append(pipes))
     flag = train_mod._StopFlag()
 
     def hung_up(*args):
@@ -683,8 +683,12 @@ def test_console_output_to_a_terminal_that_hung_up_stops_the_run_as_sighup(monke
     assert not exits
     flag._handle(signal.SIGHUP, None)  # ... is not a second one; another SIGHUP is
     assert exits == [129]
-    with pytest.raises(BrokenPipeError):  # other errors are not this one (a closed pipe has its own handling)
-        flag.output(lambda *a: (_ for _ in ()).throw(BrokenPipeError(errno.EPIPE, "Broken pipe")), "x")
+    # a pipe without its reader (`| tee log` when the session drops) stops the run the same way, as SIGPIPE
+    piped = train_mod._StopFlag()
+    piped.output(lambda *a: (_ for _ in ()).throw(BrokenPipeError(errno.EPIPE, "Broken pipe")), "x")
+    assert piped.stop and piped.signum == signal.SIGPIPE and not piped.hung_up and silenced[-1] is True
+    with pytest.raises(OSError):  # other errors are not these
+        flag.output(lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")), "x")
 
 
 def _train_steps(out: Path) -> list[int]:
@@ -1303,6 +1307,21 @@ def test_a_closed_output_pipe_is_no_traceback(world, tmp_path):
                        "--train.device", "cpu", *TINY_MODEL, "--train.max-iters", "2000"],
                       PYTHONUNBUFFERED="1")  # each line written at once: the first one after `head` left fails
     assert code == 141 and "Traceback" not in err and "output pipe was closed" in err, err[-2000:]
+    # the reader gone mid-training (a progress line after an eval fails): the step is saved, as for SIGHUP; before,
+    # the steps since the last checkpoint were lost
+    out = tmp_path / "mid"
+    proc = subprocess.Popen([sys.executable, "-m", "fungpt", "train", "--data.path", str(world["data"]), "--out-dir",
+                             str(out), "--train.device", "cpu", *TINY_MODEL, "--train.max-iters", "2000",
+                             "--train.eval-interval", "30", "--train.eval-iters", "1",
+                             "--train.checkpoint-interval", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**env, "PYTHONUNBUFFERED": "1"}, cwd=tmp_path)
+    while not proc.stdout.readline().startswith(b"step 0:"):  # training has started: the reader goes away
+        pass
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err, err[-2000:]
+    assert "its output pipe was closed (e.g. by `| head`); checkpoint saved at step 30" in err, err[-2000:]
+    assert json.loads((out / "latest.json").read_text())["step"] == 30
 
 
 def test_running_out_of_cpu_memory_is_one_line(world, tmp_path, capsys, monkeypatch):
