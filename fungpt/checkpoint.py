@@ -207,10 +207,15 @@ def save_checkpoint(out_dir: str | Path, kind: str, step: int, model: torch.nn.M
 
 
 def checkpoint_folders(out_dir: Path, kind: str, temporaries: bool = False) -> list[Path]:
-    """The `kind` checkpoint folders in out_dir/checkpoints; with temporaries, also half-written ones left by a
-    save that was killed (.{kind}-STEP.tmp-PID)."""
+    """The `kind` checkpoint folders in out_dir/checkpoints, by the names saving gives them (KIND-STEP or
+    KIND-STEP.N: a copy a user keeps there under another name, e.g. latest-0000040-keep, is not one); with
+    temporaries, also half-written ones left by a save that was killed (.KIND-STEP.tmp-PID)."""
+    import re
+
     parent = Path(out_dir) / "checkpoints"
-    return [*parent.glob(f"{kind}-*"), *(parent.glob(f".{kind}-*.tmp-*") if temporaries else [])]
+    ours = re.compile(rf"{re.escape(kind)}-\d{{7,}}(\.\d+)?")
+    return [*(p for p in parent.glob(f"{kind}-*") if ours.fullmatch(p.name)),
+            *(parent.glob(f".{kind}-*.tmp-*") if temporaries else [])]
 
 
 def _pointer_names(out_dir: Path, kind: str, folder: Path) -> bool:

@@ -465,6 +465,19 @@ def test_the_stop_notice_of_a_torchrun_job_does_not_promise_a_save_it_may_not_ma
     assert "SIGTERM: finishing this step and saving a checkpoint (SIGTERM again" in capsys.readouterr().err
 
 
+def test_a_copy_of_a_checkpoint_kept_beside_it_is_left_alone(world, tmp_path):
+    """The divergence advice resumes "from an earlier copy if you keep one": a copy kept in checkpoints/ under
+    another name was deleted by the next save (every latest-* folder was taken for an old checkpoint)."""
+    out = tmp_path / "run"
+    train(tiny_config(world["corpus"], out, max_iters=3, checkpoint_interval=3), progress=False)
+    kept = out / "checkpoints" / "latest-0000003-keep"
+    shutil.copytree(ckpt.find_checkpoint(out), kept)
+    train(tiny_config(world["corpus"], out, max_iters=6, checkpoint_interval=3), resume=True, progress=False)
+    assert ckpt.find_checkpoint(out).name == "latest-0000006" and (kept / ckpt.MANIFEST_FILE).is_file()
+    train(tiny_config(world["corpus"], out, max_iters=2), overwrite=True, progress=False)
+    assert kept.is_dir()  # (--overwrite deletes what training wrote, not the user's copies)
+
+
 def test_resume_compares_with_the_settings_the_checkpoint_trained_with(world, tmp_path, capsys, monkeypatch):
     """A start that fails before its first save has already rewritten config.json with its own settings. The
     next resume compares with what the checkpoint was trained with, which its manifest records."""
