@@ -267,16 +267,22 @@ class RunConfig:
 SECTIONS = {"data": DataConfig, "model": GPTConfig, "train": TrainConfig}  # a run config's tables
 
 
+def _tables_of(setting: str) -> list[str]:
+    """The tables that have a setting of this name (vocab_size is in two: [data] and [model])."""
+    return [name for name, klass in SECTIONS.items() if setting in {f.name for f in dataclasses.fields(klass)}]
+
+
 def _belongs_elsewhere(names: Collection[str], section: str) -> str:
     """'block_size belongs in [model], ...' for those of `names` that are settings of another table than
     `section` ("" for the top level), by their own or nanoGPT's name; "" if none is."""
-    homes: dict[str, list[str]] = {"out_dir": ["at the top of the file, above the tables"]} if section else {}
-    for name, klass in SECTIONS.items():
-        for f in dataclasses.fields(klass) if name != section else ():
-            homes.setdefault(f.name, []).append(f"in [{name}]")  # (vocab_size is in two: [data] and [model])
-    found = {n: " or ".join(homes.get(NANOGPT_NAMES.get(n, n), [])) for n in sorted(names)}
-    return ", ".join(f"{n} belongs {home}" if NANOGPT_NAMES.get(n, n) == n
-                     else f"{n} is {NANOGPT_NAMES[n]}, {home}" for n, home in found.items() if home)
+    said = []
+    for n in sorted(names):
+        meant = NANOGPT_NAMES.get(n, n)
+        homes = [f"in [{t}]" for t in _tables_of(meant) if t != section]
+        homes += ["at the top of the file, above the tables"] if meant == "out_dir" and section else []
+        if homes:
+            said.append(f"{n} belongs {' or '.join(homes)}" if meant == n else f"{n} is {meant}, {' or '.join(homes)}")
+    return ", ".join(said)
 
 
 def misplaced_flag(flag: str) -> str | None:
@@ -284,13 +290,13 @@ def misplaced_flag(flag: str) -> str | None:
     (--train.learning-rate), the flag meant (--model.block-size, --train.lr); None for any other flag."""
     section, _, name = flag.removeprefix("--").partition("=")[0].partition(".")
     name = name.replace("-", "_")
-    if section not in SECTIONS or not name or name in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+    if section not in SECTIONS or not name or section in _tables_of(name):
         return None
     negated = name.startswith("no_")  # a boolean's --no- form
     name = name.removeprefix("no_")
     meant = NANOGPT_NAMES.get(name, name)
-    homes = [s for s, klass in SECTIONS.items() if meant in {f.name for f in dataclasses.fields(klass)}
-             and (not negated or typing.get_type_hints(klass)[meant] is bool)]  # (--no- exists for booleans only)
+    homes = [s for s in _tables_of(meant)  # (--no- exists for booleans only)
+             if not negated or typing.get_type_hints(SECTIONS[s])[meant] is bool]
     if not homes or (meant == name and section in homes):
         return None  # a typo (tyro suggests the closest flag), or --no-X of this table's X
     return " or ".join(f"--{s}.{'no-' if negated else ''}{meant.replace('_', '-')}" for s in homes)
