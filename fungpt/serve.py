@@ -9,8 +9,9 @@ side panel shows the run's loss curve and config.
 
 The HTTP API behind it (FastAPI on uvicorn):
     GET  /api/info        the run: name, step, sizes, config.json, this server's limits
-    GET  /api/metrics     the loss curve: train rows [step, loss] and eval rows [step, train, val]; none, and a
-                          "note", once the folder was trained over with another model
+    GET  /api/metrics     the loss curve: train rows [step, loss] and eval rows [step, train, val], and "nonfinite":
+                          how many NaN or infinite losses were left out; none, and a "note", once the folder was
+                          trained over with another model
     POST /api/generate    {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_at_eot"}
                           -> server-sent events (text/event-stream), one JSON object per event:
                           {"type": "start", "prompt_tokens": [...]}, then one
@@ -40,6 +41,7 @@ import contextlib
 import errno
 import ipaddress
 import json
+import math
 import socket
 import sys
 import threading
@@ -186,18 +188,21 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
     # One model: every forward pass holds this lock. Re-entrant, because a finished stream may be
     # closed (and take the lock) by the garbage collector in a thread that already holds it.
     lock = threading.RLock()
-    app = FastAPI(title="FunGPT explorer", docs_url=None, redoc_url=None)
+    app = FastAPI(title="FunGPT explorer", docs_url=None, redoc_url=None, openapi_url=None)  # no schema pages
     # Set on Ctrl-C: open streams end at their next token, so the server can stop at once
     # instead of waiting for (or cancelling) a 1000-token generation.
     stopping = app.state.stopping = threading.Event()
     # The Host names requests may use (see _host_allowed); serve() adds the address it listens on.
     app.state.hosts = {"127.0.0.1", "localhost", "::1"}
+    app.state.any_ip = False  # every IP address too (set when listening on every interface)
 
     @app.middleware("http")
     async def _check_host(request: Request, call_next):
         host = request.headers.get("host", "")
-        if not _host_allowed(host, app.state.hosts):
+        if not _host_allowed(host, app.state.hosts, app.state.any_ip):
             names = " or ".join(sorted(app.state.hosts))
+            if app.state.any_ip:
+                names = f"its IP addresses or {names} (start it with --host NAME for another name)"
             return _error(400, f"this server answers requests for {names}, not for the Host {host!r}")
         return await call_next(request)
 
@@ -302,11 +307,16 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
             train_rows, eval_rows = read_metrics(run.run_dir)
         except FunGPTError:
             train_rows, eval_rows = [], []  # a run copied without its metrics: no curve, not an error
+        # A run that diverged (train.skip_nonfinite) logs NaN losses: such points are left out of the curve and
+        # counted, for the page to say so (JSON has no NaN; they would arrive as null, or break the parser).
         train = [[r["step"], r["train_loss"]] for r in train_rows if "step" in r and "train_loss" in r]
-        stride = max(1, -(-len(train) // MAX_TRAIN_POINTS))  # ceil division: thin long runs
-        last = train[-1:] if train and (len(train) - 1) % stride else []
         evals = [[r["step"], r.get("train_loss"), r["val_loss"]] for r in eval_rows if "step" in r]
-        return {"train": train[::stride] + last, "eval": evals}
+        kept_train = [p for p in train if _finite(p[1])]
+        kept_evals = [[s, t if _finite(t) else None, v] for s, t, v in evals if _finite(v)]
+        left_out = len(train) - len(kept_train) + len(evals) - len(kept_evals)
+        stride = max(1, -(-len(kept_train) // MAX_TRAIN_POINTS))  # ceil division: thin long runs
+        last = kept_train[-1:] if kept_train and (len(kept_train) - 1) % stride else []
+        return {"train": kept_train[::stride] + last, "eval": kept_evals, "nonfinite": left_out}
 
     # ------------------------------------------------------------------ generation
 
@@ -418,27 +428,44 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
 # ---------------------------------------------------------------------------- running it
 
 
-def _host_allowed(header: str, hosts: set[str] | None) -> bool:
+def _finite(value) -> bool:
+    """Whether a metrics value is a number that JSON can carry (not NaN, not infinite, not missing)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _host_allowed(header: str, hosts: set[str], any_ip: bool = False) -> bool:
     """Whether a request's Host header (e.g. "127.0.0.1:8000", "[::1]:8000") names this server.
 
     A web page on another site could point its own domain name at 127.0.0.1 (DNS rebinding) and then use
     the model, and read the run's details, through its visitor's browser; such requests carry that domain
-    as their Host. hosts None: any name (the server listens on every interface, reached by names it
-    cannot know)."""
-    if hosts is None:
-        return True
+    as their Host. A rebinding attack needs a domain name, so any_ip (the server listens on every
+    interface, reached at addresses it cannot list) lets every IP address through, and names still only
+    from hosts."""
     name = header.strip().lower()
     if name.startswith("["):  # an IPv6 address, with or without a port
         name = name[1:name.find("]")]
     elif name.count(":") == 1:  # a name or IPv4 address with a port
         name = name.split(":")[0]
-    return name in hosts
+    if name in hosts:
+        return True
+    if not any_ip:
+        return False
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False  # a name (or no Host at all)
+    return True
 
 
 def _allow_listening_host(app: FastAPI, host: str, sock: socket.socket) -> None:
-    """Let requests name the address the server listens on (--host), besides the loopback names."""
+    """Let requests name the address the server listens on (--host), besides the loopback names.
+
+    On every interface (0.0.0.0, ::) other machines reach it at any of its IP addresses, or by this
+    machine's own name; another name takes --host NAME."""
     if host in ("0.0.0.0", "::", ""):
-        app.state.hosts = None
+        app.state.any_ip = True
+        names = {socket.gethostname(), socket.getfqdn()}
+        app.state.hosts = {*app.state.hosts, *(n.lower() for n in names if n)}
     else:
         app.state.hosts = {*app.state.hosts, host.lower().strip("[]"), sock.getsockname()[0].split("%")[0]}
 

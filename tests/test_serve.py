@@ -79,6 +79,33 @@ def test_page_info_and_metrics(url, run_dir):
     train_rows, eval_rows = read_metrics(run_dir)
     assert metrics["train"] == [[r["step"], r["train_loss"]] for r in train_rows]
     assert [row[0] for row in metrics["eval"]] == [r["step"] for r in eval_rows] == [0, 10, 20]
+    assert metrics["nonfinite"] == 0
+    assert httpx.get(f"{url}/openapi.json").status_code == 404  # no schema page (it also warned on the terminal)
+
+
+def test_nan_losses_are_left_out_of_the_curve_and_counted(run_dir, tmp_path):
+    """A run that diverged (train.skip_nonfinite) logs NaN losses: they were sent as null, and the page's curve
+    dropped to 0 and then failed. They are left out, and counted for the page to say so."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    with open(run / "metrics.jsonl", "a") as f:  # written as training writes them (json.dumps: NaN, Infinity)
+        f.write(json.dumps({"step": 21, "train_loss": float("nan"), "lr": 1.0}) + "\n")
+        f.write(json.dumps({"step": 21, "train_loss": float("inf"), "val_loss": float("nan")}) + "\n")
+        f.write(json.dumps({"step": 22, "train_loss": float("nan"), "val_loss": 4.5}) + "\n")
+    with running_server(create_app(run, device="cpu")) as base:
+        r = httpx.get(f"{base}/api/metrics")
+
+    def refuse(name):
+        raise AssertionError(f"{name} in the JSON")
+
+    metrics = json.loads(r.text, parse_constant=refuse)  # strict JSON: no NaN, no Infinity
+    assert [p[0] for p in metrics["train"]] == [r["step"] for r in read_metrics(run_dir)[0]]  # not step 21
+    assert None not in [p[1] for p in metrics["train"]]
+    assert metrics["eval"][-1] == [22, None, 4.5]  # its val loss is drawn; the NaN train loss beside it is not
+    assert [row[0] for row in metrics["eval"]] == [0, 10, 20, 22]
+    assert metrics["nonfinite"] == 2  # the NaN train row and the NaN val row (eval rows' train losses are not drawn)
 
 
 def test_generate_streams_the_same_text_as_fungpt_sample(url, run_dir):
@@ -222,12 +249,43 @@ def test_a_foreign_host_name_is_refused(url):
 @pytest.mark.parametrize("header, hosts, ok", [
     ("127.0.0.1:8000", {"127.0.0.1"}, True), ("[::1]:8000", {"::1"}, True), ("[::1]", {"::1"}, True),
     ("LOCALHOST:80", {"localhost"}, True), ("evil.example:8000", {"127.0.0.1", "localhost"}, False),
-    ("127.0.0.1.evil.example", {"127.0.0.1"}, False), ("", {"127.0.0.1"}, False), ("anything", None, True),
+    ("127.0.0.1.evil.example", {"127.0.0.1"}, False), ("", {"127.0.0.1"}, False),
+    ("192.168.1.5:8000", {"127.0.0.1"}, False),
 ])
 def test_host_header_check(header, hosts, ok):
     from fungpt.serve import _host_allowed
 
     assert _host_allowed(header, hosts) is ok
+
+
+@pytest.mark.parametrize("header, ok", [
+    ("192.168.1.5:8000", True), ("10.0.0.7", True), ("[fe80::1]:8000", True), ("localhost:8000", True),
+    ("mybox:8000", True), ("evil.example:8000", False), ("127.0.0.1.evil.example", False), ("", False),
+    ("0x7f000001", False),
+])
+def test_host_check_on_every_interface(header, ok):
+    """--host 0.0.0.0 turned the check off: a rebinding page's domain name got through. On every interface the
+    server is reached at addresses it cannot list, so any IP address passes; names only its own."""
+    from fungpt.serve import _host_allowed
+
+    assert _host_allowed(header, {"127.0.0.1", "localhost", "::1", "mybox"}, any_ip=True) is ok
+
+
+def test_listening_on_every_interface_keeps_the_host_check(run_dir):
+    app = create_app(run_dir, device="cpu")
+    try:
+        server = running_server(app, host="0.0.0.0")
+        base = server.__enter__()
+    except FunGPTError:
+        pytest.skip("cannot listen on 0.0.0.0 here")
+    try:
+        port = base.rsplit(":", 1)[1]
+        assert httpx.get(f"{base}/api/info").status_code == 200
+        r = httpx.get(f"{base}/api/info", headers={"Host": f"attacker.example:{port}"})
+        assert r.status_code == 400 and "its IP addresses" in r.json()["error"]
+        assert "--host NAME" in r.json()["error"]
+    finally:
+        server.__exit__(None, None, None)
 
 
 def test_a_tiny_top_p_keeps_the_most_probable_token(url):
@@ -350,7 +408,7 @@ def test_a_run_trained_over_is_reloaded_only_if_it_is_the_same_model(run_dir, tm
                                              "not this model's; restart fungpt serve"}
         train(cfg, overwrite=True, progress=False)  # and the served architecture again: served, curve and all
         assert stream_events(base, prompt="The", max_new_tokens=1)[0]["step"] == 20
-        assert set(httpx.get(f"{base}/api/metrics").json()) == {"train", "eval"}
+        assert set(httpx.get(f"{base}/api/metrics").json()) == {"train", "eval", "nonfinite"}
     assert capsys.readouterr().err.count("now holds a different model") == 1
 
 

@@ -16,6 +16,7 @@ const state = {
   selected: null,     // index into gen of the clicked token
   controller: null,   // AbortController of the running generation
   attnRequest: 0,     // number of the latest attention request: an older answer arriving late is dropped
+  sampleStep: null,   // step of the checkpoint that generated the shown sample
 };
 
 // Make whitespace visible where a token is shown on its own.
@@ -97,7 +98,7 @@ function ticks(lo, hi, count) {
 
 async function loadMetrics() {
   const svg = $("loss");
-  const { train, eval: evals, note } = await fetchJSON("/api/metrics");
+  const { train, eval: evals, note, nonfinite } = await fetchJSON("/api/metrics");
   const W = 420, H = 240, left = 42, right = 12, top = 10, bottom = 30;
   const points = train.map(([s, l]) => [s, l]).concat(evals.map(([s, , v]) => [s, v]));
   const ns = "http://www.w3.org/2000/svg";
@@ -129,6 +130,8 @@ async function loadMetrics() {
   el("line", { class: "axis", x1: left, x2: W - right, y1: H - bottom, y2: H - bottom });
   el("line", { class: "axis", x1: left, x2: left, y1: top, y2: H - bottom });
   el("text", { x: (left + W - right) / 2, y: H - 2, "text-anchor": "middle" }, "step");
+  // A run that diverged logged NaN losses: the server leaves them out; say so rather than end the curve silently.
+  if (nonfinite) el("text", { x: W - right, y: top + 12, "text-anchor": "end" }, `${nonfinite} NaN/inf losses not drawn`);
   const path = (rows) => rows.map(([s, l], i) => `${i ? "L" : "M"}${X(s).toFixed(1)},${Y(l).toFixed(1)}`).join("");
   if (train.length) el("path", { class: "train", d: path(train) });
   const val = evals.map(([s, , v]) => [s, v]);
@@ -253,6 +256,7 @@ function handleEvent(event, started) {
       loadInfo().catch(() => {});
       loadMetrics().catch(() => {});
     }
+    state.sampleStep = event.step;  // the checkpoint this sample comes from (attention may come from a newer one)
     state.promptTokens = event.prompt_tokens;
     addTokenSpan({ text: $("prompt").value }, "prompt");
   } else if (event.type === "token") {
@@ -351,6 +355,9 @@ async function loadAttention() {
       "them get no attention");
     if (result.offset > start) notes.push(`only the last ${T} of the tokens it reads are drawn; the weight on ` +
       "the earlier ones is not");
+    // A run still training: the server may have loaded a newer checkpoint since this sample was generated.
+    if (result.step !== state.sampleStep) notes.push(`these weights are from step ${result.step}, the sample ` +
+      `from step ${state.sampleStep}: generate again to see both from one checkpoint`);
     const cropped = notes.length ? ` (${notes.join("; ")})` : "";
     $("attn-info").textContent =
       `Layer ${layer}, head ${head}: row i shows how much token i attends to each earlier token j${cropped}. ` +
