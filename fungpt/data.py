@@ -673,6 +673,15 @@ def check_token_ids(data_dir: Path, meta: dict, chunk: int = 1 << 26) -> None:
                                   f"`fungpt prepare`, or correct vocab_size in meta.json")
 
 
+def is_prepared(path: str | Path) -> bool:
+    """Whether `path` is a folder that `fungpt prepare` made: its meta.json, and its token files or tokenizer.
+
+    meta.json alone is not enough: a folder of the user's own texts may hold one of its own."""
+    path = Path(path).expanduser()
+    return (path / "meta.json").is_file() and any(
+        (path / name).is_file() for name in ("train.bin", "val.bin", "tokenizer_meta.json"))
+
+
 def load_meta(data_dir: str | Path) -> dict:
     """Read DIR/meta.json and check that the .bin files match it; return the dict."""
     data_dir = Path(data_dir)
@@ -727,16 +736,19 @@ def load_meta(data_dir: str | Path) -> dict:
     return meta
 
 
-def check_split_fits(meta: dict, block_size: int) -> None:
-    """Refuse a block_size that leaves no room for a single (x, y) window in a split."""
+def check_split_fits(meta: dict, block_size: int, prepared_by_user: bool = False) -> None:
+    """Refuse a block_size that leaves no room for a single (x, y) window in a split.
+
+    prepared_by_user: the data is a folder the user prepared (data.val_fraction does not apply to it)."""
     for split in SPLITS:
         n = meta[f"{split}_tokens"]
         if block_size + 1 > n:
+            larger_val = ("prepare the folder again with a larger --val-fraction (`fungpt prepare ... --overwrite`)"
+                          if prepared_by_user else "a larger data.val_fraction (--data.val-fraction)")
             raise FunGPTError(
                 f"block size {block_size} is too large for this dataset: the {split} split has only {n} tokens "
                 f"and one training window needs block_size + 1 = {block_size + 1}; use a smaller model.block_size "
-                "(--model.block-size), more text"
-                + (", or a larger data.val_fraction (--data.val-fraction)" if split == "val" else "")
+                "(--model.block-size), more text" + (f", or {larger_val}" if split == "val" else "")
             )
 
 

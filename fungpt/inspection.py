@@ -126,11 +126,11 @@ def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", 
 
 def _vocab_for_config(cfg) -> tuple[int, str | None]:
     """The vocabulary size a TOML config will train with, and a note when it had to be assumed."""
-    from fungpt.data import load_meta
+    from fungpt.data import is_prepared, load_meta
     from fungpt.train import resolve_data
 
     path = Path(cfg.data.path).expanduser()
-    if path.is_dir() and (path / "meta.json").is_file():
+    if is_prepared(path):
         return int(load_meta(path)["vocab_size"]), None
     try:
         # is_main=False: only compute where `fungpt train` caches this dataset, never prepare it.

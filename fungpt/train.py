@@ -52,6 +52,7 @@ from fungpt.data import (
     cache_dir,
     check_split_fits,
     check_token_ids,
+    is_prepared,
     iter_eval_windows,
     load_meta,
     prepare,
@@ -127,7 +128,7 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
     model's own, see pretrained.py).
     """
     path = Path(data.path).expanduser()
-    if path.is_dir() and (path / "meta.json").is_file():
+    if is_prepared(path):
         return path  # already prepared by `fungpt prepare`
     builtin = data.path == "shakespeare" and not path.exists()  # (a file or folder of that name is the user's own)
     if not builtin and not path.exists():
@@ -371,7 +372,7 @@ def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, check_lock: boo
         raise FunGPTError(f"out_dir {out} is a prepared dataset (meta.json, train.bin), which a run would damage: "
                           f"choose another out_dir, e.g. out/{out.name}")
     source = Path(cfg.data.path)
-    if source.is_dir() and not (source / "meta.json").is_file() and out.resolve().is_relative_to(source.resolve()):
+    if source.is_dir() and not is_prepared(source) and out.resolve().is_relative_to(source.resolve()):
         raise FunGPTError(f"out_dir {out} is inside data.path {source}: the run's files would become part of the "
                           f"corpus; choose an out_dir outside it")
     existing = next((p for p in [out, *out.parents] if p.exists()), None)  # out, or the folder it will go in
@@ -393,7 +394,7 @@ def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, check_lock: boo
         saved = load_run_config(out)  # a corrupt config.json is reported now, not after preparing the data
         ckpt.find_checkpoint(out)  # likewise a corrupt latest.json
         old, new = saved.data, cfg.data
-        prepared = (Path(new.path).expanduser() / "meta.json").is_file()  # its own tokenizer; the fields go unused
+        prepared = is_prepared(new.path)  # its own tokenizer; the fields go unused
         fine_tune = pretrained.is_pretrained(saved.model.init_from)  # encoded with the model's own tokenizer
         if (old.path == new.path and not prepared and not fine_tune
                 and (old.tokenizer, old.vocab_size) != (new.tokenizer, new.vocab_size)):
@@ -463,7 +464,7 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
             print(f"fungpt: note: model.vocab_size = {cfg.model.vocab_size} is replaced by the {meta['vocab_size']} "
                   f"tokens of the data's tokenizer (for a BPE of another size, set data.vocab_size)")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=int(meta["vocab_size"])))
-    check_split_fits(meta, cfg.model.block_size)
+    check_split_fits(meta, cfg.model.block_size, prepared_by_user=is_prepared(cfg.data.path))
     return cfg, data_dir, pre
 
 

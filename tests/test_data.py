@@ -557,6 +557,10 @@ def test_check_split_fits(char_data):
     with pytest.raises(FunGPTError, match="train split") as e:
         check_split_fits({**meta, "train_tokens": 5, "val_tokens": 100}, 10)
     assert "val_fraction" not in str(e.value)
+    # a folder the user prepared: data.val_fraction does nothing there, preparing it again does
+    with pytest.raises(FunGPTError, match=r"larger --val-fraction \(`fungpt prepare ... --overwrite`\)") as e:
+        check_split_fits(meta, meta["val_tokens"], prepared_by_user=True)
+    assert "--data.val-fraction" not in str(e.value)
 
 
 # --- BatchLoader and evaluation windows -------------------------------------------------
@@ -772,6 +776,24 @@ def test_the_cache_sees_new_text_given_the_old_size_and_modification_time(tmp_pa
     os.utime(text, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old modification time
     second = resolve_data(DataConfig(path=str(text)), progress=False)
     assert second != first and load_tokenizer(second).decode(read_bin(second, "val").tolist()[:3]) == "xyz"
+
+
+def test_a_text_folder_with_a_meta_json_of_its_own_is_text(tmp_path, monkeypatch):
+    """A meta.json among the user's texts made the folder pass for a prepared dataset: training stopped with
+    "meta.json lacks format_version ...; run `fungpt prepare --overwrite`", which does not apply."""
+    from fungpt.config import DataConfig
+    from fungpt.data import is_prepared
+    from fungpt.train import resolve_data
+
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    texts = tmp_path / "poems"
+    texts.mkdir()
+    (texts / "a.txt").write_text("roses are red\n" * 40, encoding="utf-8")
+    (texts / "meta.json").write_text('{"title": "my poems"}', encoding="utf-8")
+    assert not is_prepared(texts)
+    data_dir = resolve_data(DataConfig(path=str(texts)), progress=False)
+    assert data_dir != texts and is_prepared(data_dir)
+    assert "roses are red" in load_tokenizer(data_dir).decode(read_bin(data_dir, "train").tolist())
 
 
 def test_a_damaged_cached_dataset_is_prepared_again(tmp_path, monkeypatch):
