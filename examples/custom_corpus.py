@@ -1,11 +1,13 @@
 """Train on your own text: a file or a folder of text files, with a BPE tokenizer trained on it.
 
-    python examples/custom_corpus.py PATH [--chars] [--out DATA_DIR] [--iters N]
+    python examples/custom_corpus.py PATH [--chars] [--out DATA_DIR] [--run-dir RUN] [--iters N] [--block-size N]
 
 PATH is a .txt file or a folder (every text file below it is used, in sorted order).
 --chars models characters instead of BPE tokens (better for very small corpora).
-The script prepares the data (into data/NAME-bpe or data/NAME-char, or --out), trains into out/NAME,
-reports bits per byte on the held-out 10%, and samples.
+The script prepares the data (into data/NAME-bpe or data/NAME-char, or --out), trains into out/NAME (or
+--run-dir), reports bits per byte on the held-out 10%, and samples. Running it again replaces what it made
+there, never a run or a dataset made otherwise. The model reads 128 tokens at a time (--block-size): each
+split of the text needs more tokens than that, so a very small corpus needs a smaller --block-size.
 """
 
 import argparse
@@ -14,7 +16,22 @@ import sys
 from pathlib import Path
 
 from fungpt import DataConfig, GPTConfig, RunConfig, TrainConfig, evaluate_run, prepare, sample, train
+from fungpt.config import load_run_config
 from fungpt.errors import FunGPTError
+from fungpt.train import holds_run
+
+
+def same_path(a: str | Path, b: str | Path) -> bool:
+    """Whether two spellings name the same file or folder (texts/, ./texts and /home/me/texts)."""
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def made_here(run_dir: Path, data_dir: Path) -> bool:
+    """Whether run_dir holds a run this script trained (on data_dir), which it may replace."""
+    try:
+        return same_path(load_run_config(run_dir).data.path, data_dir)
+    except FunGPTError:
+        return False
 
 
 def main() -> None:
@@ -22,30 +39,38 @@ def main() -> None:
     ap.add_argument("path", help="a text file or a folder of text files")
     ap.add_argument("--chars", action="store_true", help="character-level instead of BPE")
     ap.add_argument("--iters", type=int, default=1000)
+    ap.add_argument("--block-size", type=int, default=128, help="tokens the model reads at a time")
     ap.add_argument("--out", help="folder for the prepared data (default: data/NAME-bpe or data/NAME-char); a "
                                   "prepared dataset there is replaced")
+    ap.add_argument("--run-dir", help="folder for the training run (default: out/NAME)")
     args = ap.parse_args()
     name = Path(args.path).stem or "corpus"
     kind = "char" if args.chars else "bpe"
     vocab_size = None if args.chars else 2048
     # (NAME-kind, not NAME: the corpus itself may be data/NAME)
     out = Path(args.out or f"data/{name}-{kind}")
+    run_dir = Path(args.run_dir or f"out/{name}")
     try:
         if not args.out and (out / "meta.json").is_file():  # replaced only if it is what this script makes
             meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
-            ours = {"source": args.path, "tokenizer": kind, "val_fraction": 0.1, "vocab_size_asked": vocab_size}
-            if any(meta.get(k) != v for k, v in ours.items() if v is not None):
+            ours = {"tokenizer": kind, "val_fraction": 0.1, "vocab_size_asked": vocab_size}
+            if not same_path(meta.get("source", ""), args.path) or any(
+                    meta.get(k) != v for k, v in ours.items() if v is not None):
                 sys.exit(f"error: {out} holds a dataset prepared otherwise (by `fungpt prepare`?), which this "
                          f"script would replace: pass --out to prepare into another folder")
+        replace_run = made_here(run_dir, out)
+        if holds_run(run_dir) and not replace_run:  # (checked before the data is prepared: that can take minutes)
+            sys.exit(f"error: {run_dir} holds another training run, which this script would replace: pass --run-dir "
+                     f"to train into another folder")
         data_dir = prepare(args.path, out, tokenizer=kind, vocab_size=vocab_size, overwrite=True)
         cfg = RunConfig(
-            out_dir=f"out/{name}",
+            out_dir=str(run_dir),
             data=DataConfig(path=str(data_dir)),  # an already prepared folder
-            model=GPTConfig(vocab_size=1, block_size=128, n_layer=4, n_head=4, n_embd=192, dropout=0.1,
-                            pos_encoding="rope"),
+            model=GPTConfig(vocab_size=1, block_size=args.block_size, n_layer=4, n_head=4, n_embd=192,
+                            dropout=0.1, pos_encoding="rope"),
             train=TrainConfig(batch_size=16, max_iters=args.iters, lr=1e-3, min_lr=1e-4, warmup_iters=100),
         )
-        result = train(cfg, overwrite=True)
+        result = train(cfg, overwrite=replace_run)
         if result["interrupted"]:  # stopped by Ctrl-C or a stop signal: no final model to report on
             sys.exit(128 + (result["signal"] or 2))  # as a shell reports a command ended by that signal
         metrics = evaluate_run(result["out_dir"])

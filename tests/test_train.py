@@ -822,6 +822,21 @@ def test_examples_run(tmp_path, monkeypatch, corpus):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "bits/byte" in proc.stdout
     assert (tmp_path / "data" / "poems-char" / "meta.json").is_file()
+    # again, the corpus spelled another way: its own dataset and run are replaced (the dataset was refused as
+    # "prepared otherwise")
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "custom_corpus.py"), "./data/poems/", "--chars",
+                           "--iters", "2"], env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "poems" / "config.json").read_text())["train"]["max_iters"] == 2
+    # a run trained otherwise in out/poems is never replaced (it was, without a word: overwrite=True)
+    config = json.loads((tmp_path / "out" / "poems" / "config.json").read_text())
+    config["data"]["path"] = "somewhere/else"
+    (tmp_path / "out" / "poems" / "config.json").write_text(json.dumps(config))
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "custom_corpus.py"), "data/poems", "--chars",
+                           "--iters", "3"], env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert proc.returncode == 1 and "out/poems holds another training run" in proc.stderr, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "poems" / "config.json").read_text())["data"]["path"] == "somewhere/else"
+    shutil.rmtree(tmp_path / "out" / "poems")
     # a dataset the user prepared there with other settings is not replaced without a word
     from fungpt.data import load_meta, prepare
 
