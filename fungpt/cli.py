@@ -513,8 +513,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (MemoryError, RuntimeError) as e:
         if _peer_gone(e):  # under torchrun: the process that failed has already printed why
-            print(f"error (rank {_rank()}): another process of this torchrun job stopped (its error is above), "
-                  f"so this one stops too", file=sys.stderr)
+            print(f"error (rank {_rank()}): another process of this torchrun job stopped (its error is above, or, "
+                  f"if it was killed, torchrun's summary below says by what), so this one stops too", file=sys.stderr)
             # torchrun names the first process to fail as the root cause, by whole seconds and then by lowest rank:
             # leave it a moment to see the one that did fail exit first (it ends this one with SIGTERM meanwhile)
             time.sleep(PEER_GONE_WAIT_S)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import datetime
 import errno
 import hashlib
 import json
@@ -65,6 +66,10 @@ from fungpt.model import GPT
 from fungpt.tokenizer import BPE_FILE as TOKENIZER_BPE_FILE
 from fungpt.tokenizer import META_FILE as TOKENIZER_META_FILE
 from fungpt.tokenizer import Tokenizer, load_tokenizer
+
+# How long the other torchrun processes wait for rank 0 to prepare the data (resolve_data): a day, for corpora of
+# many GB; a rank 0 that fails ends the wait at once.
+PREPARE_WAIT = datetime.timedelta(hours=24)
 
 # With a time budget, the seconds kept for the command to end after the final checkpoint: printing,
 # closing files and exiting. The `fungpt` command exits with os._exit (cli.entry), 0.1 s after the
@@ -152,16 +157,22 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
     # (surrogateescape: a file name that is not UTF-8 arrives from the OS with its bytes escaped)
     key = hashlib.sha256("\n".join(key_parts).encode("utf-8", "surrogateescape")).hexdigest()[:12]
     out = cache_dir() / "datasets" / f"{name}-{kind}-{key}"
+    # Under torchrun the other ranks wait while rank 0 prepares, which can outlast the process group's timeout
+    # (30 minutes for gloo, 10 for NCCL: a BPE encodes a few MB/s). They wait in a CPU group of their own, made
+    # before rank 0 starts (making it is collective too), with a timeout of a day; a rank 0 that fails still ends
+    # the wait at once (its peers see the connection close).
+    waiting = dist.new_group(backend="gloo", timeout=PREPARE_WAIT) if dist.is_initialized() else None
     if is_main and not _loads(out):
         vocab = data.vocab_size if data.vocab_size is not None else (4096 if data.tokenizer == "bpe" else None)
         prepare(data.path, out, tokenizer=tokenizer or data.tokenizer, vocab_size=None if tokenizer else vocab,
                 val_fraction=data.val_fraction, overwrite=True, errors=data.errors, progress=progress)
-    if dist.is_initialized():
-        dist.barrier()  # the other ranks wait until rank 0 has prepared the data
+    if waiting is not None:
+        dist.barrier(group=waiting)  # the other ranks wait until rank 0 has prepared the data
         # and read it where rank 0 put it: this rank's own key may differ (another machine's copy of the text has
         # its own path or modification time)
         where = [str(out)]
-        dist.broadcast_object_list(where, src=0)
+        dist.broadcast_object_list(where, src=0, group=waiting)
+        dist.destroy_process_group(waiting)
         out = Path(where[0])
         if not (out / "meta.json").is_file():  # another machine, without rank 0's filesystem
             raise FunGPTError(f"the data that rank 0 prepared ({out}) is not on this machine: on several machines, "

@@ -652,8 +652,8 @@ def test_a_process_left_alone_by_a_failed_one_says_so_in_one_line(tmp_path):
     assert ours[0].startswith(f"error: {bad} is not valid UTF-8")
     # Rank 1 says so in one line, unless torchrun's agent, seeing rank 0 gone, stopped it first (SIGTERM, a race:
     # about one run in ten here): either way no traceback of its own (torchrun's agent prints one of its own)
-    assert ours[1:] in ([], ["error (rank 1): another process of this torchrun job stopped (its error is above), so "
-                             "this one stops too"]), ours
+    assert ours[1:] in ([], ["error (rank 1): another process of this torchrun job stopped (its error is above, or, "
+                             "if it was killed, torchrun's summary below says by what), so this one stops too"]), ours
     assert "[rank1]" not in proc.stderr and "GLHF" not in proc.stderr  # gloo's traceback
     # torchrun's summary names rank 0, the one that failed, as the root cause (not rank 1, which it left behind)
     root = proc.stderr.split("Root Cause (first observed failure):", 1)[1]
@@ -695,6 +695,37 @@ BatchLoader.next_batch = next_batch
 sys.argv[1:] = sys.argv[2:]
 fungpt.cli.entry()
 """
+
+
+_SLOW_PREPARE = """
+import datetime, importlib, sys, time
+import torch.distributed as dist
+import fungpt.cli
+real_init = dist.init_process_group  # the process group's timeout, 30 minutes for gloo, made 5 s
+dist.init_process_group = lambda *a, **k: real_init(*a, **{**k, "timeout": datetime.timedelta(seconds=5)})
+train_module = importlib.import_module("fungpt.train")
+real_prepare = train_module.prepare
+def prepare(*a, **k):  # a corpus that takes longer to prepare than that
+    time.sleep(10)
+    return real_prepare(*a, **k)
+train_module.prepare = prepare
+sys.argv[1:] = sys.argv[2:]
+fungpt.cli.entry()
+"""
+
+
+def test_the_other_ranks_wait_for_a_preparation_longer_than_the_process_groups_timeout(corpus, tmp_path):
+    """Rank 1 waited for rank 0's preparation in a plain barrier: past the group's timeout (30 minutes for gloo, 10
+    for NCCL: a corpus of a few GB) it crashed with gloo's traceback, and torchrun stopped rank 0 too."""
+    script = tmp_path / "slow.py"
+    script.write_text(_SLOW_PREPARE)
+    cmd = _torchrun_train(corpus, tmp_path / "out", tmp_path, "--train.max-iters", "2")
+    at = cmd.index("-m", cmd.index("--nproc_per_node=2"))
+    cmd[at:at + 2] = [str(script), "-"]
+    proc = subprocess.run(cmd, env={**_torchrun_env(tmp_path), "FUNGPT_CACHE_DIR": str(tmp_path / "cache")},
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fungpt: done" in proc.stdout
 
 
 def test_torchrun_names_the_rank_with_a_bug_as_the_root_cause(corpus, tmp_path):
