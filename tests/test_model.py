@@ -232,6 +232,15 @@ def allowed_tokens(logits, n=400, **kw):
     return set(draws.flatten().tolist())
 
 
+def test_top_k_and_top_p_choose_from_the_tempered_distribution():
+    """Temperature first, then top-k and top-p: the nucleus of [0.5, 0.25, 0.25] at temperature 2 is all three
+    tokens (tempered: 0.41, 0.29, 0.29), at temperature 0.5 the first alone (0.67, 0.17, 0.17)."""
+    logits = torch.tensor([[0.5, 0.25, 0.25]]).log()
+    assert allowed_tokens(logits, temperature=2.0, top_p=0.5) == {0, 1, 2}
+    assert allowed_tokens(logits, temperature=0.5, top_p=0.6) == {0}
+    assert allowed_tokens(logits, top_p=0.6) == {0, 1, 2}  # (untempered, 0.5 alone is short of 0.6)
+
+
 def test_temperature_zero_is_argmax():
     logits = torch.randn(5, 30, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sample_next_token(logits, temperature=0), logits.argmax(-1, keepdim=True))

@@ -368,11 +368,13 @@ def test_gradient_clipping_and_weight_decay_reach_the_weights(corpus, tmp_path):
     from fungpt.train import configure_optimizer
 
     weights = {}
-    for clip in (0.0, 1e-3):
+    for clip in (0.0, 1e9, 1e-3):
         out = tmp_path / f"clip{clip}"
         train(tiny_config(corpus, out, max_iters=5, grad_clip=clip, eval_interval=100), progress=False)
         weights[clip] = load_run_folder(out, device="cpu").model.state_dict()
     assert not torch.allclose(weights[0.0]["wte.weight"], weights[1e-3]["wte.weight"])
+    # 0 turns clipping off: the same weights as a clip that never bites (not a default threshold such as 1)
+    assert all(torch.equal(weights[0.0][k], weights[1e9][k]) for k in weights[0.0])
 
     model = GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=16, bias=True))
     decay, no_decay = configure_optimizer(model, TrainConfig(weight_decay=0.1), "cpu").param_groups
@@ -1095,6 +1097,52 @@ def test_ctrl_c_while_the_command_imports_torch_is_one_line(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (out[-500:], err[-2000:])
     assert "fungpt: interrupted" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra", [0, 7])  # whole windows only; then a tail, scored by one last window
+def test_eval_loss_is_the_mean_cross_entropy_over_every_scored_token(tiny_run, tmp_path, extra):
+    """The loss `fungpt eval` prints, against the model's own cross-entropy computed here window by window: the
+    other eval tests check only that perplexity and bits per byte agree with the loss, whatever it is."""
+    import torch.nn.functional as F
+
+    loaded = load_run_folder(tiny_run, device="cpu")
+    T = loaded.config.model.block_size
+    text = ("The cat quietly sat on the mat, said Ann!\n" * 10)[: 3 * T + 1 + extra]
+    path = tmp_path / "text.txt"
+    path.write_text(text, encoding="utf-8")
+    res = evaluate_run(tiny_run, input=path, device="cpu", batch_size=2)  # 2 windows a batch: several batches
+    ids = torch.tensor(load_tokenizer(tiny_run).encode(text))
+    n = len(ids)
+    starts = [0, T, 2 * T] + ([n - 1 - T] if extra else [])
+    losses = torch.full((n,), float("nan"))  # losses[j]: predicting token j, by the first window that scores it
+    with torch.no_grad():
+        for s in starts:
+            x, y = ids[s : s + T], ids[s + 1 : s + T + 1]
+            per_token = F.cross_entropy(loaded.model(x[None])[0], y, reduction="none")
+            fresh = torch.isnan(losses[s + 1 : s + T + 1])
+            losses[s + 1 : s + T + 1][fresh] = per_token[fresh]
+    assert not torch.isnan(losses[1:]).any()
+    assert res["tokens"] == n - 1
+    assert res["loss"] == pytest.approx(losses[1:].mean().item(), rel=1e-5)
+
+
+def test_the_muon_groups_train_at_muon_lr(corpus, tmp_path, monkeypatch):
+    """The loop sets each group's lr to lr x lr_scale: Muon's matrices at muon_lr, the rest at lr. Only the
+    scale was tested, not that the loop applies it (without it the matrices trained at lr: 20x smaller here)."""
+    from fungpt.train import CombinedOptimizer
+
+    seen = []
+    real_step = CombinedOptimizer.step
+
+    def step(self, closure=None):
+        seen.append([[g["lr"] for g in part.param_groups] for part in self.parts])
+        return real_step(self, closure)
+
+    monkeypatch.setattr(CombinedOptimizer, "step", step)
+    train(tiny_config(corpus, tmp_path / "run", optimizer="muon", lr=1e-3, muon_lr=0.02, warmup_iters=0,
+                      lr_schedule="constant", max_iters=2, eval_interval=100), progress=False)
+    adamw, muon = seen[0]
+    assert seen[1] == seen[0] and muon == [pytest.approx(0.02)] and adamw == [pytest.approx(1e-3)] * len(adamw)
 
 
 def test_bits_per_byte_and_char_count_the_text_the_scored_tokens_stand_for(corpus, tmp_path):
