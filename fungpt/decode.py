@@ -29,7 +29,9 @@ plus about 10 outside them;
 
 GPT.forward with a KVCache stays the reference: the tests check that both give the same logits for
 every position encoding, norm, activation and QK-norm. `GPT.generate_stream` takes this path for
-one float32 sequence on a CPU, unless module hooks are registered (the step would skip them).
+one float32 sequence on a CPU, unless module hooks are registered or a forward is overridden (the step
+would skip them), and checks its first step against GPT.forward (`Decoder.checked_step`): after an edit
+to model.py that this file does not repeat, generation runs through GPT.forward.
 
 Shapes: C n_embd, nh n_head, hs = C // nh, V vocab_size, p the new token's position, T = p + 1.
 """
@@ -96,17 +98,26 @@ class Decoder:
     @staticmethod
     def supports(model: nn.Module, idx: torch.Tensor) -> bool:
         """Whether generating from idx (B, T) may use the Decoder: one float32 sequence on a CPU, no autocast,
-        the model's own Linear layers, and no forward hooks anywhere (the step calls no modules, so hooks
-        would silently not run)."""
+        the model's own Linear layers, every forward the step re-implements as written (not overridden by a
+        subclass or on one module: an ablation's edit would be skipped), and no forward hooks anywhere (the
+        step calls no modules, so hooks would silently not run). An edit to model.py itself is caught by the
+        first step's check instead (GPT.generate_stream)."""
+        from fungpt.model import GPT, MLP, Block, CausalSelfAttention  # (model.py imports this module)
+
         w = model.wte.weight
         one_cpu_float32 = idx.size(0) == 1 and idx.is_cpu and w.is_cpu and w.dtype == torch.float32
         linears = [model.lm_head] + [m for b in model.blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc,
                                                                         b.mlp.c_proj)]
         own_linears = all(isinstance(m, Linear) for m in linears)
+        replaced = (GPT, Block, CausalSelfAttention, MLP, Linear, nn.LayerNorm, nn.RMSNorm, nn.GELU, nn.Embedding,
+                    nn.Dropout)  # the classes whose forward the step does in its own way, instead of calling it
+        as_written = not any("forward" in vars(m) or any(isinstance(m, c) and type(m).forward is not c.forward
+                                                          for c in replaced) for m in model.modules())
         # Module hooks, and the global ones of torch.nn.modules.module.register_module_forward_hook & co.
         hooks = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()) or bool(
             nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
-        return one_cpu_float32 and own_linears and not hooks and not torch.is_autocast_enabled("cpu")
+        return (one_cpu_float32 and own_linears and as_written and not hooks
+                and not torch.is_autocast_enabled("cpu"))
 
     def __init__(self, model, cache):
         c = model.config
@@ -165,6 +176,22 @@ class Decoder:
         # without gradients: decoding never needs them, and an inference tensor cannot be saved for backward
         with torch.no_grad():
             return self.lm_head(self.ln_f(x)).view(1, 1, -1)  # (1, 1, V)
+
+    def checked_step(self, token: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """step(token), checked against GPT.forward with the cache: (GPT.forward's logits (1, 1, V), whether the
+        two agree up to float32 rounding).
+
+        The step is a second copy of what model.py computes: a learner who edits model.py (an MLP without its
+        activation, another attention) changes GPT.forward, not this copy. GPT.generate_stream checks the first
+        step of every generation and falls back to GPT.forward where they differ (one forward pass more).
+        """
+        p = self.cache.pos
+        mine = self.step(token)
+        self.cache.pos = p  # the same position again, through the model's own forward (it rewrites p's k, v)
+        theirs = self.model(token.view(1, 1), kv_cache=self.cache)  # (1, 1, V)
+        # float32 sums in another order differ in the last digits (1e-6 relative); an edit, by far more
+        scale = 1e-4 * (1.0 + theirs.abs().max().item())
+        return theirs, bool((mine - theirs).abs().max().item() <= scale)
 
     def _blocks(self, token: torch.Tensor, p: int, T: int) -> torch.Tensor:
         """The residual stream x (C,) after every block, for the token at position p; fills the cache at p."""

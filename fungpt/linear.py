@@ -234,10 +234,6 @@ class Linear(nn.Linear):
     oneDNN directly.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
-        super().__init__(in_features, out_features, bias, device, dtype)
-        self._rows_cache: tuple | None = None  # (key, W^T, bags) for row_product, see _row_table
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
         if torch.compiler.is_compiling() or not (
@@ -296,23 +292,14 @@ class Linear(nn.Linear):
         return lambda x: out.copy_(dense(x).view(1, -1))
 
     def _row_table(self) -> tuple[torch.Tensor, tuple]:
-        """(W^T, bags) for row_product: W^T is a copy of the weight, remade whenever the weight changes.
+        """(W^T, bags) for row_product: W^T a copy of the weight as it is now, made for each decoder.
 
-        The key catches in-place updates (optimizer steps, load_state_dict: the version counter moves),
-        new tensors (`.to()`, `weight.data = t`: another storage), and, by an exact checksum of the
-        weight's bits (their sum as integers), writes through `weight.data` that no version counter sees
-        (a learner's manual SGD step, `p.data -= lr * p.grad`). The checksum reads the weight once, about
-        a third of the time of the copy it saves (6.7 against 20 ms for a 6 x 384 model's matrices), once
-        per generation: decode.Decoder asks for the tables when it starts, and forward never uses them.
+        A decoder is made once per generation (decode.Decoder gathers them when it starts, and again if a
+        weight's version or storage changes between steps), so the copy is never stale, however the weight
+        was changed: also through `weight.data`, which no version counter sees (a learner's manual SGD step,
+        `p.data -= lr * p.grad`, or rows swapped in place). Copying is cheaper than any check that would see
+        every such write: 24 matrices of the 6 x 384 model, 6.5-9 ms, against 21-34 ms for a sum of their
+        bits (Zen 4, BENCHMARKS.md, "Nineteenth session"), about 2% of 500 decoded tokens.
         """
-        w = self.weight
-        bits = int(w.detach().view(torch.int32).sum(dtype=torch.int64))  # changes with any one changed element
-        key = (id(w), w.data_ptr(), w._version, torch.get_num_threads(), bits)
-        if self._rows_cache is None or self._rows_cache[0] != key:
-            self._rows_cache = (key, w.detach().t().contiguous(), row_bags(self.in_features, w.device))
-        return self._rows_cache[1], self._rows_cache[2]
-
-    def __getstate__(self) -> dict:
-        # copy.deepcopy and pickling leave the W^T copy behind: the copy's weights start a new version
-        # count, which could match a stale key, and the copy would carry the cache's memory.
-        return {**super().__getstate__(), "_rows_cache": None}
+        w = self.weight.detach()
+        return w.t().contiguous(), row_bags(self.in_features, w.device)

@@ -26,6 +26,7 @@ draws each new token with sampling.py's sample_next_token.
 
 import dataclasses
 import math
+import numbers
 import os
 from collections.abc import Iterator
 
@@ -89,8 +90,9 @@ class GPTConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             ok = isinstance(value, f.type) and not (f.type is not bool and isinstance(value, bool))
-            if f.type is float and isinstance(value, int) and not isinstance(value, bool):
-                ok = True
+            if f.type in (int, float) and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                ok = True  # also numpy's integers: stored as Python ints (JSON and TOML take those)
+                setattr(self, f.name, f.type(value))
             if not ok:
                 raise FunGPTError(f"model config {f.name}={value!r} should be of type {f.type.__name__}: fix its value")
         for name, most in MAX_SIZES.items():
@@ -405,7 +407,11 @@ class GPT(nn.Module):
             attn_impl = "plain"  # only the plain path materialises the weights
         pos = torch.arange(t0, t0 + T, device=idx.device)  # (T,) absolute positions
 
-        x = self.pos.add_to_embeddings(self.wte(idx), pos)  # (B, T, C)
+        try:
+            x = self.pos.add_to_embeddings(self.wte(idx), pos)  # (B, T, C)
+        except IndexError:  # (a tokenizer that does not match the model, usually)
+            raise FunGPTError(f"token ids {int(idx.min())}..{int(idx.max())} are outside this model's vocabulary (0.."
+                              f"{self.config.vocab_size - 1}): use the tokenizer the model was trained with") from None
         x = self.drop(x)
         attn = []
         for block in self.blocks:
@@ -456,7 +462,8 @@ class GPT(nn.Module):
         last block_size tokens (exactly what the uncached path sees), so the cache is
         rebuilt from that window, at every step from then on. One float32 sequence on a CPU takes
         its single-token steps through decode.py's Decoder: the same logits, far fewer operations
-        (not with module hooks registered: those steps would skip them, so GPT.forward runs instead).
+        (GPT.forward instead with module hooks or overridden forwards, or when an edit to this file makes
+        the first step's logits differ from GPT.forward's).
 
         lookahead=k > 0 (greedy decoding, temperature=0, batch size 1, with the cache) turns on
         prompt-lookup speculation (speculative.py): guess the next k tokens by copying from
@@ -473,10 +480,9 @@ class GPT(nn.Module):
             bad = lo if lo < 0 else hi
             raise FunGPTError(f"the prompt holds token id {bad}, outside this model's vocabulary "
                               f"(0..{self.config.vocab_size - 1})")
-        if max_new_tokens < 0:
-            raise FunGPTError(f"max_new_tokens={max_new_tokens} must be >= 0")
-        if lookahead < 0:
-            raise FunGPTError(f"lookahead={lookahead} must be >= 0 (0 turns speculation off)")
+        for name, value in (("max_new_tokens", max_new_tokens), ("lookahead", lookahead)):
+            if not isinstance(value, numbers.Integral) or value < 0:
+                raise FunGPTError(f"{name}={value!r} must be a whole number >= 0")
         block_size = self.config.block_size
         B, T0 = idx.shape
         # All tokens so far, in a buffer: writing into it is cheaper than torch.cat every step. It doubles when
@@ -503,9 +509,9 @@ class GPT(nn.Module):
         hold(True)
         try:
             cache = self.make_kv_cache(B) if use_cache else None
-            # One float32 sequence on a CPU (and no module hooks to honour): single-token steps take
-            # the lean path of decode.py.
+            # One float32 sequence on a CPU: single-token steps take the lean path of decode.py (see the docstring)
             decoder = Decoder(self, cache) if use_cache and Decoder.supports(self, idx) else None
+            checked = False  # its first step is checked against GPT.forward
             while n < end:
                 hold(True)
                 if min(n + 1 + lookahead, end) > seq.size(1):  # room for this step's tokens (a draft's too)
@@ -527,7 +533,10 @@ class GPT(nn.Module):
                             hold(True)
                         n = len(history)  # history holds the prompt and every token yielded so far
                         continue
-                    if decoder is not None:
+                    if decoder is not None and not checked:  # does the lean step compute what this file does?
+                        logits, agree = decoder.checked_step(seq[0, n - 1 : n])
+                        decoder, checked = (decoder if agree else None), True
+                    elif decoder is not None:
                         logits = decoder.step(seq[0, n - 1 : n])  # (1, 1, V), as GPT.forward below
                     else:
                         logits = self(seq[:, n - 1 : n], kv_cache=cache)  # (B, 1, V): just the newest token

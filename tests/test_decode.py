@@ -138,6 +138,58 @@ def test_weights_written_through_data_between_generations_are_used(cpu_matmul):
     assert torch.equal(cached, model.generate(prompt, 8, temperature=0, use_cache=False))
 
 
+def test_rows_swapped_through_data_between_generations_are_used(cpu_matmul):
+    """Swapping two token embeddings in place (rows of the tied head too) keeps every element, so the sum of the
+    weight's bits that keyed the row sums' copy of W did not change: decoding kept the old rows."""
+    model = make_model().eval()
+    prompt = torch.tensor([[1, 2, 3]])
+    model.generate(prompt, 8, temperature=0)
+    with torch.no_grad():
+        w = model.wte.weight.data
+        w[[4, 7]] = w[[7, 4]]
+        c_fc = model.blocks[0].mlp.c_fc.weight.data  # and two hidden units of an MLP
+        c_fc[[0, 5]] = c_fc[[5, 0]]
+    cached = model.generate(prompt, 8, temperature=0)
+    assert torch.equal(cached, model.generate(prompt, 8, temperature=0, use_cache=False))
+    logits = [lg for _, lg in model.generate_stream(prompt, 4, temperature=0, yield_logits=True)]
+    reference = [lg for _, lg in model.generate_stream(prompt, 4, temperature=0, yield_logits=True, use_cache=False)]
+    torch.testing.assert_close(torch.stack(logits), torch.stack(reference), rtol=1e-4, atol=1e-5)
+
+
+def test_ablations_and_edits_of_the_model_reach_cached_generation(monkeypatch, cpu_matmul):
+    """The lean step does the blocks' work its own way: an MLP subclass (an ablation), a forward overridden on one
+    module, or an edit of MLP.forward in model.py ran in the prompt's pass and not in the generated tokens'
+    (neither model's text); cached and uncached generation disagreed."""
+    from fungpt.model import MLP
+
+    class NoActivation(MLP):
+        def forward(self, x):
+            return self.c_proj(self.c_fc(x))
+
+    prompt = torch.tensor([[1, 2, 3]])
+
+    def logits_of(model, use_cache):
+        return torch.stack([lg for _, lg in model.generate_stream(prompt, 6, temperature=0, yield_logits=True,
+                                                                 use_cache=use_cache)])
+
+    plain = make_model()
+    before = logits_of(plain, True)
+    ablated = make_model()
+    ablated.blocks[0].mlp = NoActivation(ablated.config)
+    ablated.blocks[0].mlp.load_state_dict(plain.blocks[0].mlp.state_dict())
+    overridden = make_model()
+    overridden.blocks[1].mlp.forward = lambda x: torch.zeros_like(x)  # the second MLP taken out
+    for model in (ablated, overridden):
+        assert not Decoder.supports(model, prompt)
+    monkeypatch.setattr(MLP, "forward", lambda self, x: self.c_proj(self.c_fc(x)))  # model.py edited
+    edited = make_model()
+    assert Decoder.supports(edited, prompt)  # (not to be seen from here: the first step's check catches it)
+    for model in (ablated, overridden, edited):
+        cached = logits_of(model, True)
+        torch.testing.assert_close(cached, logits_of(model, False), rtol=1e-4, atol=1e-5)
+        assert (cached - before).abs().max() > 1e-2  # the change matters
+
+
 def test_decoder_refuses_what_it_cannot_run():
     model = make_model()
     with pytest.raises(FunGPTError, match="one sequence"):

@@ -1,7 +1,9 @@
 """Tests for fungpt/model.py and fungpt/positions.py (tiny models, CPU, no network)."""
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -672,11 +674,27 @@ def test_wrong_ids_are_clear_errors_not_torch_internals():
         (lambda: model.generate(idx.float(), 3), "integer tensor"),
         (lambda: model.generate(idx[:, :0], 3), "non-empty prompt"),
         (lambda: model.generate(idx, -1), "max_new_tokens=-1"),
+        (lambda: model.generate(idx, 1e2), r"max_new_tokens=100.0 must be a whole number"),  # (TypeError in empty())
+        (lambda: model.generate(idx, 3, lookahead=2.5), "lookahead=2.5 must be a whole number"),
+        (lambda: model(idx + 50), r"token ids \d+\.\.\d+ are outside this model's vocabulary \(0\.\.49\): use the "
+                                  "tokenizer"),  # (IndexError: index out of range in self)
     ]
     for call, message in cases:
         with pytest.raises(FunGPTError, match=message):
             call()
     assert model.generate(idx, 0).shape == (1, 5)
+    assert model.generate(idx, np.int64(2)).shape == (1, 7)  # a numpy integer is a whole number
+
+
+def test_numpy_integers_are_integers_in_the_config():
+    """np.int64(65) was refused as "should be of type int"; it is stored as a plain int (JSON writes those)."""
+    config = GPTConfig(vocab_size=np.int64(65), block_size=np.int32(8), n_layer=1, n_head=1, n_embd=8,
+                       rope_base=np.int64(500))
+    assert type(config.vocab_size) is int and config.vocab_size == 65 and type(config.block_size) is int
+    assert type(config.rope_base) is float and config.rope_base == 500.0
+    json.dumps(config.to_dict())
+    with pytest.raises(FunGPTError, match="should be of type int"):
+        GPTConfig(n_layer=2.0)
 
 
 def test_streams_taking_turns_or_left_unfinished_decode_without_dropout_and_leave_the_mode_alone():
