@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 import os
 import re
 import threading
@@ -110,6 +111,20 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
+
+    def _id_list(self, ids: Iterable[int]) -> list[int]:
+        """ids (a list, or a 1-D tensor or array) as a list of ints in range(vocab_size); else one clear error."""
+        shape = getattr(ids, "shape", None)
+        if shape is not None and len(shape) != 1:  # e.g. generate's (1, T) output
+            raise FunGPTError(f"cannot decode ids of shape {tuple(shape)}: decode takes one sequence of ids; for "
+                              f"the first row of a batch pass ids[0]")
+        try:  # operator.index: an integer of any kind (numpy's, a 0-d tensor's), never a float
+            ids = [operator.index(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        except TypeError:
+            ids = None
+        if ids is None or (ids and not 0 <= min(ids) <= max(ids) < self.vocab_size):
+            raise FunGPTError(f"cannot decode: ids must be integers in range({self.vocab_size}) for this tokenizer")
+        return ids
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for (a byte-level BPE token can be part of a UTF-8 character)."""
@@ -280,15 +295,7 @@ class CharTokenizer(Tokenizer):
         return self.encode_array(text).tolist()
 
     def decode(self, ids: Iterable[int]) -> str:
-        try:
-            ids = list(ids)
-            if ids and min(ids) < 0:  # Python's indexing would take -1 for the last character
-                raise IndexError
-            return "".join([self.chars[i] for i in ids])
-        except (IndexError, TypeError):
-            raise FunGPTError(
-                f"cannot decode: ids must be integers in range({self.vocab_size}) for this char tokenizer"
-            ) from None
+        return "".join([self.chars[i] for i in self._id_list(ids)])
 
     def _save_files(self, directory: Path) -> dict:
         return {"chars": self.chars}
@@ -413,9 +420,7 @@ class BPETokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         # skip_special_tokens=False keeps <|endoftext|> so decode(encode(s)) == s.
-        ids = list(ids)
-        if ids and not 0 <= min(ids) <= max(ids) < self.vocab_size:  # the library drops or overflows on these
-            raise FunGPTError(f"cannot decode: ids must be integers in range({self.vocab_size}) for this tokenizer")
+        ids = self._id_list(ids)  # (the library drops or overflows on ids out of range)
         return self._tok.decode(ids, skip_special_tokens=False)
 
     def token_bytes(self, token_id: int) -> bytes:
@@ -605,7 +610,7 @@ class GPT2Tokenizer(Tokenizer):
         return self._enc.encode_batch(texts, allowed_special={EOT_TEXT})
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._enc.decode(list(ids))
+        return self._enc.decode(self._id_list(ids))
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._enc.decode_single_token_bytes(token_id)

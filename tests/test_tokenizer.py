@@ -84,6 +84,21 @@ def test_decode_bad_ids(bpe):
     assert bpe.decode([]) == "" and CharTokenizer.train("ab").decode([]) == ""
 
 
+def test_decode_takes_one_sequence_as_a_list_tensor_or_array(bpe):
+    """generate returns (1, T): decoding it whole raised "Boolean value of Tensor ... is ambiguous"."""
+    import numpy as np
+    import torch
+
+    for tok in (CharTokenizer.train("abc"), bpe):
+        ids = tok.encode("abcab")
+        for same in (torch.tensor(ids), np.array(ids), [np.int64(i) for i in ids], [torch.tensor(i) for i in ids]):
+            assert tok.decode(same) == "abcab"
+        with pytest.raises(FunGPTError, match=r"ids of shape \(1, 5\): decode takes one sequence.*ids\[0\]"):
+            tok.decode(torch.tensor([ids]))
+        with pytest.raises(FunGPTError, match="range"):
+            tok.decode([0.0, 1.0])  # not integers
+
+
 # --- bpe -----------------------------------------------------------------------
 
 
