@@ -1108,6 +1108,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
 
     cfg, data_dir, pre = resolve_model_and_data(cfg, ddp.is_main, progress and ddp.is_main, model_named,
                                                 resume_dir=Path(cfg.out_dir) if resume else None)
+    # The text the data was prepared from (None for token ids prepared elsewhere): a resume onto edited text says so
+    data_sha256 = load_meta(data_dir).get("source_sha256")
     out_dir = Path(cfg.out_dir)
     # A fine-tune's weights are read now, before the run folder is touched: a damaged or refused weights file
     # must not leave an empty run behind, nor (with --overwrite) have deleted the run that was there
@@ -1194,7 +1196,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                     f"{len(loaders)}: {tokens}, and the batches differ from an uninterrupted run's"
                     + (f"; processes {len(loaders)}.. start fresh batch streams" if ddp.world_size > len(loaders)
                        else ""))
-        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, OverflowError) as e:  # (int(inf))
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, OverflowError,  # (int(inf))
+                AttributeError) as e:  # (a field of another type: 'str' object has no attribute 'items')
             raise FunGPTError(f"the training state in {folder / ckpt.STATE_FILE} does not fit this run "
                               f"({type(e).__name__}: {str(e)[:120]}); resume with the original settings") from None
         if step != int(manifest["step"]):
@@ -1204,6 +1207,11 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         if step < tc.max_iters:
             for note in resume_notes(saved_train, tc, step):
                 say(note)
+            was = manifest.get("data_sha256")  # (checkpoints from before it was recorded: None)
+            if was is not None and data_sha256 is not None and was != data_sha256:
+                say(f"fungpt: note: the data changed since step {step} (its text's sha256 differs from the one the "
+                    f"checkpoint recorded): the val split may now hold text the run trained on, and val losses "
+                    f"before and after this step do not compare")
         if step >= tc.max_iters:
             done = f"already reached step {step} (train.max_iters = {tc.max_iters})", "train.max_iters"
         elif tc.max_minutes and budget_spent(elapsed_before, timings, tc.max_minutes * 60):
@@ -1239,7 +1247,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             load_tokenizer(data_dir).save(out_dir)
     # Each checkpoint records what it belongs to, so loading can refuse a mismatched config or tokenizer.
     ckpt_extra = {"model": cfg.model.to_dict(), "train": dataclasses.asdict(tc),
-                  "tokenizer_sha256": ckpt.tokenizer_fingerprint(out_dir) if ddp.is_main else None}
+                  "tokenizer_sha256": ckpt.tokenizer_fingerprint(out_dir) if ddp.is_main else None,
+                  "data_sha256": data_sha256}
 
     # Compile and wrap *after* loading; saving always uses `model`, the plain module.
     if tc.compile:
@@ -1521,11 +1530,12 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         stopped, signum = agree([interrupt.stop, interrupt.signum or 0])  # (under DDP: any rank's)
         interrupted = bool(stopped)
         stop_signal = (int(signum) or signal.SIGINT) if interrupted else None
+        if interrupted:
+            do_save()  # still under the handlers: a second signal meanwhile stops at once, saying so
 
     if bar is not None:
         bar.close()
     if interrupted:
-        do_save()
         how = " with --resume in place of --overwrite" if overwrite else "" if resume else " plus --resume"
         by = "" if stop_signal == signal.SIGINT else f" by {signal.Signals(stop_signal).name}"
         with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone; the checkpoint is saved

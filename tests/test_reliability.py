@@ -397,6 +397,61 @@ def test_resume_on_a_grown_corpus_says_the_data_changed(world, tmp_path):
         train(tiny_config(corpus, out, max_iters=4), resume=True, progress=False)
 
 
+def test_resume_on_edited_text_of_the_same_characters_says_so(world, tmp_path, capsys):
+    """The halves of the corpus swapped (same characters, so the same vocabulary): resume went on without a word,
+    with text it had trained on now in the val split."""
+    corpus = tmp_path / "corpus.txt"
+    text = Path(world["corpus"]).read_text()
+    corpus.write_text(text)
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=2), progress=False)
+    train(tiny_config(corpus, out, max_iters=3), resume=True, progress=False)  # the same text: no note
+    assert "the data changed" not in capsys.readouterr().out
+    corpus.write_text("".join(reversed(text.splitlines(keepends=True))))  # the same lines, in another order
+    train(tiny_config(corpus, out, max_iters=4), resume=True, progress=False)
+    said = capsys.readouterr().out
+    assert ("note: the data changed since step 3 (its text's sha256 differs from the one the checkpoint recorded): "
+            "the val split may now hold text the run trained on") in said
+
+
+def test_a_second_sigterm_during_the_interrupts_save_stops_at_once_saying_so(world, tmp_path):
+    """The save after a SIGTERM ran once the run's handlers were gone: a second SIGTERM meanwhile ended the
+    process silently, not with the line the first one promised ("SIGTERM again aborts")."""
+    script = tmp_path / "twice.py"
+    script.write_text(_TWO_SIGTERMS)
+    out = tmp_path / "run"
+    argv = ["--data.path", world["data"], "--out-dir", out, "--train.device", "cpu", *TINY_MODEL,
+            "--train.batch-size", "4", "--train.max-iters", "1000", "--train.eval-interval", "1000",
+            "--train.eval-iters", "1", "--train.checkpoint-interval", "1000"]
+    proc = subprocess.run([sys.executable, str(script), "train", *map(str, argv)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                            "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert "SIGTERM again: stopped at once; the last checkpoint is intact" in proc.stderr
+
+
+_TWO_SIGTERMS = """
+import os, signal, sys
+import fungpt.cli
+from fungpt import checkpoint as ckpt
+from fungpt.data import BatchLoader
+real_next, real_save, sent = BatchLoader.next_batch, ckpt.save_checkpoint, []
+def next_batch(self):
+    if self.split == "train" and not sent and getattr(self, "_n", 0) == 3:
+        sent.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)  # the first: finish the step, save, stop
+    self._n = getattr(self, "_n", 0) + 1
+    return real_next(self)
+def save_checkpoint(out_dir, kind, *args, **kwargs):
+    if sent and kind == "latest":
+        os.kill(os.getpid(), signal.SIGTERM)  # the second, while that save runs
+    return real_save(out_dir, kind, *args, **kwargs)
+BatchLoader.next_batch = next_batch
+ckpt.save_checkpoint = save_checkpoint
+sys.exit(fungpt.cli.main(sys.argv[1:]))
+"""
+
+
 def test_a_data_folder_with_a_file_name_that_is_not_utf8_trains(world, tmp_path):
     """Linux file names are bytes; one that is not UTF-8 arrives with its bytes escaped, and the data cache key
     hashed it as text: a raw UnicodeEncodeError."""
@@ -1578,7 +1633,8 @@ def test_other_json_damaged_past_a_decode_error(world, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("field, value", [("step", float("inf")), ("timings", "abc"), ("timings", {"step": "slow"}),
-                                          ("tokens", "many")])
+                                          ("tokens", "many"), ("optimizer", "x"),  # (AttributeError: 'str' ...)
+                                          ("optimizer", {"state": "x", "param_groups": []})])
 def test_a_state_pt_with_a_field_of_the_wrong_type_is_one_line(world, tmp_path, capsys, field, value):
     """Safe to load (plain types), but not what FunGPT saved: int(inf) raised OverflowError, and timings or tokens
     of another type a TypeError a few lines later, after config.json had been rewritten."""
