@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fungpt import DataConfig, GPTConfig, RunConfig, TrainConfig, evaluate_run, prepare, sample, train
 from fungpt.config import load_run_config
+from fungpt.data import is_prepared
 from fungpt.errors import FunGPTError
 from fungpt.train import holds_run
 
@@ -51,7 +52,7 @@ def main() -> None:
     out = Path(args.out or f"data/{name}-{kind}")
     run_dir = Path(args.run_dir or f"out/{name}")
     try:
-        if not args.out and (out / "meta.json").is_file():  # replaced only if it is what this script makes
+        if not args.out and is_prepared(out):  # replaced only if it is what this script makes
             meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
             ours = {"tokenizer": kind, "val_fraction": 0.1, "vocab_size_asked": vocab_size}
             if not same_path(meta.get("source", ""), args.path) or any(

@@ -434,7 +434,7 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
         return
     if not out.is_dir():
         raise FunGPTError(f"output {out} exists and is not a folder; choose another --out")
-    if (out / "meta.json").exists():
+    if is_prepared(out):
         if not overwrite:
             raise FunGPTError(f"{out} already holds a prepared dataset; pass --overwrite to replace it")
     elif any(out.iterdir()):
@@ -674,12 +674,21 @@ def check_token_ids(data_dir: Path, meta: dict, chunk: int = 1 << 26) -> None:
 
 
 def is_prepared(path: str | Path) -> bool:
-    """Whether `path` is a folder that `fungpt prepare` made: its meta.json, and its token files or tokenizer.
+    """Whether `path` is a folder that `fungpt prepare` made: a meta.json with its token files or tokenizer
+    beside it, or of prepare's own format (a prepared folder that lost its files, for load_meta to name them).
 
-    meta.json alone is not enough: a folder of the user's own texts may hold one of its own."""
+    Any meta.json is not enough: a folder of the user's own texts may hold one of its own, to be read as text
+    (and never replaced by `prepare --overwrite`)."""
     path = Path(path).expanduser()
-    return (path / "meta.json").is_file() and any(
-        (path / name).is_file() for name in ("train.bin", "val.bin", "tokenizer_meta.json"))
+    if not (path / "meta.json").is_file():
+        return False
+    if any((path / name).is_file() for name in ("train.bin", "val.bin", "tokenizer_meta.json")):
+        return True
+    try:
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # (not JSON, not UTF-8: the user's own file)
+        return False
+    return isinstance(meta, dict) and "format_version" in meta and "train_tokens" in meta
 
 
 def load_meta(data_dir: str | Path) -> dict:

@@ -794,6 +794,26 @@ def test_a_text_folder_with_a_meta_json_of_its_own_is_text(tmp_path, monkeypatch
     data_dir = resolve_data(DataConfig(path=str(texts)), progress=False)
     assert data_dir != texts and is_prepared(data_dir)
     assert "roses are red" in load_tokenizer(data_dir).decode(read_bin(data_dir, "train").tolist())
+    # and `prepare --overwrite` into it refuses, as for any folder it did not make (it deleted the texts)
+    with pytest.raises(FunGPTError, match="is not empty and is not a prepared dataset"):
+        prepare(texts / "a.txt", texts, overwrite=True, progress=False)
+    assert (texts / "a.txt").is_file()
+
+
+def test_a_prepared_folder_that_lost_its_token_files_is_not_read_as_text(tmp_path, monkeypatch):
+    """Its meta.json is prepare's own: training names the missing file (it trained on the JSON as text)."""
+    from fungpt.config import DataConfig
+    from fungpt.train import resolve_data
+
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    text = tmp_path / "small.txt"
+    text.write_text("abcabcabc\n" * 40, encoding="utf-8")
+    data = prepare(text, tmp_path / "data", progress=False)
+    for name in ("train.bin", "val.bin", "tokenizer_meta.json"):
+        (data / name).unlink()
+    assert resolve_data(DataConfig(path=str(data)), progress=False) == data
+    with pytest.raises(FunGPTError, match=r"train\.bin is missing"):
+        load_meta(data)
 
 
 def test_a_damaged_cached_dataset_is_prepared_again(tmp_path, monkeypatch):
