@@ -11,6 +11,7 @@ split of the text needs more tokens than that, so a very small corpus needs a sm
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -27,12 +28,16 @@ def same_path(a: str | Path, b: str | Path) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
-def made_here(run_dir: Path, data_dir: Path) -> bool:
-    """Whether run_dir holds a run this script trained (on data_dir), which it may replace."""
+def made_here(run_dir: Path, cfg: RunConfig, data_dirs: list[Path]) -> bool:
+    """Whether run_dir holds a run this script trained, which it may replace: the script's model and training
+    settings (but for those its flags set) on one of the datasets it makes."""
     try:
-        return same_path(load_run_config(run_dir).data.path, data_dir)
+        saved = load_run_config(run_dir)
     except FunGPTError:
         return False
+    model = dataclasses.replace(saved.model, vocab_size=cfg.model.vocab_size, block_size=cfg.model.block_size)
+    train = dataclasses.replace(saved.train, max_iters=cfg.train.max_iters)
+    return model == cfg.model and train == cfg.train and any(same_path(saved.data.path, d) for d in data_dirs)
 
 
 def main() -> None:
@@ -59,18 +64,18 @@ def main() -> None:
                     meta.get(k) != v for k, v in ours.items() if v is not None):
                 sys.exit(f"error: {out} holds a dataset prepared otherwise (by `fungpt prepare`?), which this "
                          f"script would replace: pass --out to prepare into another folder")
-        replace_run = made_here(run_dir, out)
-        if holds_run(run_dir) and not replace_run:  # (checked before the data is prepared: that can take minutes)
-            sys.exit(f"error: {run_dir} holds another training run, which this script would replace: pass --run-dir "
-                     f"to train into another folder")
-        data_dir = prepare(args.path, out, tokenizer=kind, vocab_size=vocab_size, overwrite=True)
         cfg = RunConfig(
             out_dir=str(run_dir),
-            data=DataConfig(path=str(data_dir)),  # an already prepared folder
+            data=DataConfig(path=str(out)),  # a prepared folder (prepared below)
             model=GPTConfig(vocab_size=1, block_size=args.block_size, n_layer=4, n_head=4, n_embd=192,
                             dropout=0.1, pos_encoding="rope"),
             train=TrainConfig(batch_size=16, max_iters=args.iters, lr=1e-3, min_lr=1e-4, warmup_iters=100),
         )
+        replace_run = made_here(run_dir, cfg, [out, Path(f"data/{name}-bpe"), Path(f"data/{name}-char")])
+        if holds_run(run_dir) and not replace_run:  # (checked before the data is prepared: that can take minutes)
+            sys.exit(f"error: {run_dir} holds another training run, which this script would replace: pass --run-dir "
+                     f"to train into another folder")
+        prepare(args.path, out, tokenizer=kind, vocab_size=vocab_size, overwrite=True)
         result = train(cfg, overwrite=replace_run)
         if result["interrupted"]:  # stopped by Ctrl-C or a stop signal: no final model to report on
             sys.exit(128 + (result["signal"] or 2))  # as a shell reports a command ended by that signal

@@ -861,14 +861,15 @@ def test_examples_run(tmp_path, monkeypatch, corpus):
                            "--iters", "2"], env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "out" / "poems" / "config.json").read_text())["train"]["max_iters"] == 2
-    # a run trained otherwise in out/poems is never replaced (it was, without a word: overwrite=True)
+    # a run trained otherwise in out/poems (here: another model, on the script's data) is never replaced (it
+    # was, without a word: overwrite=True)
     config = json.loads((tmp_path / "out" / "poems" / "config.json").read_text())
-    config["data"]["path"] = "somewhere/else"
+    config["model"]["n_layer"] = 1
     (tmp_path / "out" / "poems" / "config.json").write_text(json.dumps(config))
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "custom_corpus.py"), "data/poems", "--chars",
                            "--iters", "3"], env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert proc.returncode == 1 and "out/poems holds another training run" in proc.stderr, proc.stderr[-2000:]
-    assert json.loads((tmp_path / "out" / "poems" / "config.json").read_text())["data"]["path"] == "somewhere/else"
+    assert json.loads((tmp_path / "out" / "poems" / "config.json").read_text())["model"]["n_layer"] == 1
     shutil.rmtree(tmp_path / "out" / "poems")
     # a dataset the user prepared there with other settings is not replaced without a word
     from fungpt.data import load_meta, prepare
