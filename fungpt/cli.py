@@ -561,6 +561,11 @@ def entry() -> None:
     mistake main() explains) is reported as Python reports it (through sys.excepthook, which torchrun's
     processes prefix with their rank) and exits the same fast way.
     """
+    # Each line as soon as it is printed, also into a pipe or a file (`| tee log`, `> log`, nohup, a scheduler):
+    # Python holds such output in a block buffer, so a run's eval lines arrived when it ended, or never if killed
+    with contextlib.suppress(AttributeError, ValueError):  # (a replaced stdout without reconfigure)
+        if not sys.stdout.isatty():
+            sys.stdout.reconfigure(line_buffering=True)
     try:
         code = main()
     except Exception:  # noqa: BLE001 - reported in full, as Python would

@@ -153,7 +153,8 @@ class TrainConfig:
     tensorboard: bool = False
     """Also write TensorBoard event files to out_dir/tensorboard."""
     wandb: bool = False
-    """Also log to Weights & Biases (needs `pip install wandb`)."""
+    """Also log to Weights & Biases (needs `pip install wandb` and `wandb login`; without a network, set
+    WANDB_MODE=offline: the runs are written to out_dir/wandb, for `wandb sync` later)."""
     wandb_project: str = "fungpt"
     """Weights & Biases project name."""
 

@@ -896,13 +896,21 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise FunGPTError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            # Resuming: purge_step drops the events logged after the checkpoint (a run killed past it), as above
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"),
+                                    purge_step=keep_until_step + 1 if keep_until_step is not None else None)
         if cfg.train.wandb:
             try:
                 import wandb
             except ImportError:
                 raise FunGPTError("train.wandb needs the wandb package: pip install wandb") from None
-            self.wandb = wandb.init(project=cfg.train.wandb_project, config=cfg.to_dict(), dir=str(out_dir))
+            try:
+                self.wandb = wandb.init(project=cfg.train.wandb_project, config=cfg.to_dict(), dir=str(out_dir))
+            except Exception as e:  # (wandb's own errors: no API key, no network after its retries, ...)
+                self.close()
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise FunGPTError(f"train.wandb could not start wandb ({first}): run `wandb login`, or set "
+                                  f"WANDB_MODE=offline to log into out_dir/wandb without a network") from None
 
     def write(self, row: dict[str, Any]) -> None:
         try:
@@ -911,9 +919,12 @@ class MetricsLog:
         except OSError as e:  # e.g. the disk filled up between two checkpoints
             raise FunGPTError(f"could not write {self.path}: {e.strerror or e}; the last checkpoint is intact "
                               f"(free some disk space, then resume with --resume)") from None
+        # An eval row's losses are estimates over eval_iters batches (and its times repeat the step's): under eval/,
+        # so each TensorBoard curve holds one kind of number, one point per step
+        group = "eval/" if "val_loss" in row else ""
         for k, v in row.items():
             if k != "step" and isinstance(v, float) and self.tb is not None:
-                self.tb.add_scalar(k, v, row["step"])
+                self.tb.add_scalar(group + k, v, row["step"])
         if self.wandb is not None:
             self.wandb.log(row, step=row["step"])
 
@@ -1004,6 +1015,13 @@ class _StopFlag:
     def __exit__(self, *exc) -> None:
         for signum, old in self._old.items():
             signal.signal(signum, old)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # (a replaced or closed stream)
+        return False
 
 
 def _silence_terminal(pipes: bool = False) -> None:
@@ -1428,7 +1446,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     if progress and ddp.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=tc.max_iters, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        # Into a log file (not a terminal) each redraw is kept: one every 30 s there, not ten a second
+        bar = tqdm(total=tc.max_iters, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                   mininterval=0.1 if _isatty(sys.stderr) else 30.0)
     with _StopFlag(announce=ddp.is_main, processes=ddp.world_size) as interrupt, _close_on_error(bar):
         while step < tc.max_iters and not must_stop(interrupt):
             t_step = time.time()

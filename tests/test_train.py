@@ -839,8 +839,90 @@ def test_tensorboard_events_are_written(corpus, tmp_path):
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
     scalars = acc.Tags()["scalars"]
-    assert {"train_loss", "val_loss", "lr"} <= set(scalars)
+    assert {"train_loss", "eval/val_loss", "eval/train_loss", "lr"} <= set(scalars)
     assert [e.step for e in acc.Scalars("lr")] == [1, 2, 3, 4]
+    # one kind of number per curve: the eval rows' estimates were logged under train_loss too (two points a step)
+    assert [e.step for e in acc.Scalars("train_loss")] == [1, 2, 3, 4]
+    assert [e.step for e in acc.Scalars("eval/val_loss")] == [0, 2, 4]
+
+
+_WAIT_AFTER_STEP_25 = """
+import os, sys, time
+import fungpt.cli
+from fungpt.data import BatchLoader
+real_next, calls, go = BatchLoader.next_batch, [], sys.argv[1]
+def next_batch(self):  # after step 25 the run waits (30 s at most) for the test to have read the step-20 line
+    if self.split == "train" and self.batch_size == 2:
+        calls.append(1)
+        if len(calls) == 26:
+            waited = time.time()
+            while not os.path.exists(go):
+                if time.time() - waited > 30:
+                    open(go + ".timed-out", "w").close()
+                    break
+                time.sleep(0.05)
+    return real_next(self)
+BatchLoader.next_batch = next_batch
+sys.argv[1:] = sys.argv[2:]
+fungpt.cli.entry()
+"""
+
+
+def test_lines_reach_a_pipe_as_they_are_printed(corpus, tmp_path):
+    """Into a pipe (`| tee log`) Python buffers stdout in blocks: the eval lines of a run arrived when it ended, or
+    were lost when it was killed."""
+    script, go = tmp_path / "wait.py", tmp_path / "go"
+    script.write_text(_WAIT_AFTER_STEP_25)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(script), str(go), "train", "--data.path", str(corpus), "--out-dir",
+           str(tmp_path / "run"), "--model.n-layer", "1", "--model.n-head", "2", "--model.n-embd", "16",
+           "--model.block-size", "8", "--train.batch-size", "2", "--train.eval-iters", "1", "--train.eval-interval",
+           "20", "--train.max-iters", "30", "--train.device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("step 20: train loss"):
+                go.touch()
+                break
+        assert not Path(f"{go}.timed-out").exists(), lines  # the line came while the run waited for it
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_resumed_run_purges_the_tensorboard_events_after_its_checkpoint(corpus, tmp_path, monkeypatch):
+    """A run killed after its checkpoint had logged steps it then logged again when resumed: TensorBoard kept both
+    copies (metrics.jsonl drops them)."""
+    pytest.importorskip("tensorboard")
+    import torch.utils.tensorboard as tb
+
+    made = []
+    real = tb.SummaryWriter
+    monkeypatch.setattr(tb, "SummaryWriter", lambda *a, **k: made.append(k.get("purge_step")) or real(*a, **k))
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=4, eval_interval=2, tensorboard=True), progress=False)
+    train(tiny_config(corpus, out, max_iters=6, eval_interval=2, tensorboard=True), resume=True, progress=False)
+    assert made == [None, 5]  # from step 5 on, the events already there are dropped
+
+
+def test_wandb_that_cannot_start_is_one_clear_line(corpus, tmp_path, monkeypatch):
+    """No API key, or no network (after its retries): wandb's own traceback."""
+    import types
+
+    def init(**kwargs):
+        raise RuntimeError("No API key configured. Use `wandb login` to log in.")
+
+    import importlib.machinery
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__, fake.init = importlib.machinery.ModuleSpec("wandb", None), init
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    with pytest.raises(FunGPTError, match=r"train.wandb could not start wandb \(No API key configured\. .*\): run "
+                                          r"`wandb login`, or set WANDB_MODE=offline"):
+        train(tiny_config(corpus, tmp_path / "run", max_iters=2, wandb=True), progress=False)
 
 
 def test_examples_run(tmp_path, monkeypatch, corpus):
