@@ -5,8 +5,9 @@ itself), so every row of the decision table can be tested on any machine.
 
 Precision, in short:
   * float32 everywhere works, and is the right choice on CPUs: bfloat16 autocast made training
-    slower on every CPU measured. Without bf16 instructions the products are emulated (the
-    performance issue measured 17x slower on a 2-core x86 CPU); even on a Zen 5, whose AVX512-BF16
+    slower on every CPU measured. Without bf16 instructions the products are emulated (17x slower on a
+    2-core x86 CPU, in the measurements the performance issue, #11, was filed with; not re-measured in
+    BENCHMARKS.md, whose machines have bf16 instructions); even on a Zen 5, whose AVX512-BF16
     products run ~1.8x float32's speed, a step took 43.3 against 29.8 ms, lost to the casts and to
     elementwise work in bfloat16 (BENCHMARKS.md, eighth session).
   * bfloat16 autocast on GPUs that support it (NVIDIA Ampere and newer): same exponent range
@@ -90,6 +91,9 @@ def choose_precision(device: str, dtype: str, *, cuda: bool, mps: bool, cuda_bf1
             why.append("float32 (reduced precision is slow on CPUs)" if device == "cpu" else
                        "float32 (the safe default on MPS)")
     else:
+        if dtype == "float16" and optimizer == "muon":  # (here, so training, --dry-run and inspect all refuse it)
+            raise FunGPTError("train.optimizer = 'muon' does not support float16 loss scaling: use dtype = "
+                              "'bfloat16' or 'float32'")
         emulated = dtype == "bfloat16" and device == "cuda" and not cuda_bf16
         why.append(f"{dtype} (as configured" + ("; this GPU only emulates it, slowly: float16 is native here)"
                                                 if emulated else ")"))
@@ -151,7 +155,7 @@ def check_compile(device: str, *, platform: str | None = None, has_triton: bool 
         has_triton = importlib.util.find_spec("triton") is not None
     if cxx == "detect":
         cxx = next((c for c in ("c++", "g++", "clang++", "cl") if shutil.which(c)), None)
-    fix = "set train.compile = false (training works the same, just without the compiled speed-up)"
+    fix = "set train.compile = false (training works the same, uncompiled)"
     if platform == "win32":
         raise FunGPTError(f"train.compile = true is not supported on Windows here (torch.compile needs Triton "
                           f"for GPUs and a configured C++ toolchain for CPUs); {fix}")

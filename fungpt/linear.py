@@ -100,7 +100,9 @@ def onednn_works() -> bool:
     try:  # fixed inputs, not torch.randn: the check must not move the random stream a run's seed set
         x = torch.arange(128, dtype=torch.float32).view(8, 16).sin()
         w = torch.arange(64, dtype=torch.float32).view(4, 16).cos()
-        return torch.allclose(onednn_linear(x, w, None), F.linear(x, w), atol=1e-5)
+        # in float32 whatever the caller's context (asked first inside autocast, F.linear gave bfloat16: "no")
+        with torch.autocast("cpu", enabled=False), torch.no_grad():
+            return torch.allclose(onednn_linear(x, w, None), F.linear(x, w), atol=1e-5)
     except (RuntimeError, AttributeError):
         return False
 

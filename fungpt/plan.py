@@ -31,7 +31,7 @@ import torch
 
 from fungpt.config import RunConfig
 from fungpt.errors import FunGPTError
-from fungpt.hardware import Precision, detect_precision, tf32_products
+from fungpt.hardware import Precision, check_compile, detect_precision, tf32_products
 from fungpt.inspection import estimate_memory
 from fungpt.model import GPT, GPTConfig
 
@@ -159,6 +159,8 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
 
     tc = cfg.train
     prec = detect_precision(tc.device, tc.dtype, tc.optimizer)
+    if tc.compile:
+        check_compile(prec.device)  # refused as training would refuse it
     cfg, data_dir, pre = resolve_model_and_data(cfg, progress=False, model_named=model_named)
     mc = cfg.model
 

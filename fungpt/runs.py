@@ -11,6 +11,7 @@ from fungpt import checkpoint as ckpt
 from fungpt.config import RunConfig, load_run_config
 from fungpt.errors import FunGPTError, read_json
 from fungpt.hardware import detect_precision
+from fungpt.linear import cpu_matmul
 from fungpt.model import GPT
 from fungpt.tokenizer import Tokenizer, load_tokenizer
 
@@ -66,6 +67,8 @@ def _load(run_dir: Path, folder: Path | None, checkpoint: str, device: str) -> L
         raise FunGPTError(f"the tokenizer {tok_file} is not the one checkpoint {folder} was trained with "
                           f"(its fingerprint differs): restore the run's original tokenizer files")
     dev = detect_precision(device, "float32").device
+    if dev == "cpu":
+        cpu_matmul()  # resolved now: a bad FUNGPT_CPU_MATMUL is refused at load, not at the first product
     model = GPT(cfg.model)
     ckpt.load_weights(folder, model)
     model.to(dev).eval()

@@ -688,7 +688,8 @@ NUMERICS = ("device", "dtype", "cpu_matmul", "threads", "torch")
 def numerics_notes(saved: dict[str, Any], now: dict[str, Any], step: int) -> list[str]:
     """One line when a resume computes differently from the steps before it (run.json `saved` against `now`):
     its losses then leave an uninterrupted run's in the last digits, which exact resume otherwise promises."""
-    changed = [f"{k} {saved[k]} -> {now[k]}" for k in NUMERICS if k in saved and saved[k] != now[k]]
+    shown = lambda v: "none (autocast or compile)" if v is None else v  # noqa: E731 (cpu_matmul of such runs)
+    changed = [f"{k} {shown(saved[k])} -> {shown(now[k])}" for k in NUMERICS if k in saved and saved[k] != now[k]]
     return [f"fungpt: note: the arithmetic changed since step {step} ({', '.join(changed)}): from here the losses "
             f"differ from an uninterrupted run's in the last digits"] if changed else []
 
@@ -1098,10 +1099,14 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     start_time = time.time() if start_time is None else start_time
     tc = cfg.train
     prec: Precision = detect_precision(tc.device, tc.dtype, tc.optimizer)
+    if tc.compile:
+        check_compile(prec.device)  # a clear refusal where torch.compile cannot work, before anything is written
     cpu_matmul = None
     if prec.device == "cpu":
         keep_freed_memory()  # reuse activation memory between steps (see hardware.keep_freed_memory)
         cpu_matmul = set_cpu_matmul(tc.cpu_matmul)  # oneDNN or torch's BLAS for the Linear layers (linear.py)
+        if prec.autocast or tc.compile:  # then the products are torch's own (Linear.forward): none to choose
+            cpu_matmul = None
     ddp = setup_distributed(prec.device)
     device = f"cuda:{ddp.local_rank}" if prec.device == "cuda" else prec.device
     if prec.device == "cuda":
@@ -1158,10 +1163,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     if check_memory:
         warn_if_memory_short(cfg, prec, model.num_params())
     optimizer = configure_optimizer(model, tc, prec.device)
-    scaler = torch.amp.GradScaler(prec.device, enabled=prec.needs_grad_scaler)
-    if tc.optimizer == "muon" and scaler.is_enabled():
-        raise FunGPTError("train.optimizer = 'muon' does not support float16 loss scaling: use dtype = 'bfloat16' "
-                          "or 'float32'")
+    scaler = torch.amp.GradScaler(prec.device, enabled=prec.needs_grad_scaler)  # (Muon: refused by choose_precision)
     loader = BatchLoader(data_dir, "train", tc.batch_size, cfg.model.block_size, device=device,
                          seed=tc.seed, rank=ddp.rank, world_size=ddp.world_size)
     step, best_val, elapsed_before, timings = 0, float("inf"), 0.0, {}
@@ -1270,7 +1272,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
 
     # Compile and wrap *after* loading; saving always uses `model`, the plain module.
     if tc.compile:
-        check_compile(prec.device)  # a clear refusal where torch.compile cannot work
+        say("fungpt: compiling the model: the first steps take a while (tens of seconds on a CPU)")
     fwd_model: torch.nn.Module = torch.compile(model) if tc.compile else model
     if ddp.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -66,6 +68,9 @@ def test_muon_on_a_gpu_without_native_bfloat16_trains_in_float32():
     assert choose_precision("auto", "auto", cuda=True, mps=False, cuda_bf16=True, optimizer="muon").dtype == "bfloat16"
     asked = choose_precision("cuda", "bfloat16", cuda=True, mps=False, cuda_bf16=False, optimizer="muon")
     assert asked.dtype == "bfloat16" and "emulates" in asked.reason
+    for device in ("cuda", "cpu"):  # float16 asked for: refused here, for training, --dry-run and inspect alike
+        with pytest.raises(FunGPTError, match="'muon' does not support float16 loss scaling"):
+            choose_precision(device, "float16", cuda=True, mps=False, cuda_bf16=False, optimizer="muon")
 
 
 def test_a_gpu_that_only_emulates_bfloat16_trains_in_float16(monkeypatch):
@@ -245,6 +250,49 @@ def test_dry_run_from_the_cli(corpus, tmp_path, capsys):
     assert main(["train", "--config", str(toml), "--dry-run"]) == 0
     assert "projected" not in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_dry_run_and_training_refuse_alike_and_before_writing_anything(corpus, tmp_path, capsys, monkeypatch):
+    """--dry-run said "dry run done" for Muon with float16 and for compile without a C++ compiler, which training
+    then refused; and training's compile refusal came after run.json was rewritten (so the next resume compared
+    with settings that never trained)."""
+    import shutil
+
+    base = ["train", "--data.path", str(corpus), "--out-dir", str(tmp_path / "r"), "--train.device", "cpu",
+            "--model.n-layer", "1", "--model.n-embd", "32", "--model.n-head", "2", "--model.block-size", "16",
+            "--train.batch-size", "2", "--train.max-iters", "4"]
+    for flags, message in ((["--train.optimizer", "muon", "--train.dtype", "float16"], "does not support float16"),
+                           (["--train.compile"], "needs a C\\+\\+ compiler")):
+        monkeypatch.setattr(shutil, "which", lambda name: None)  # a machine without a C++ compiler
+        for dry in (["--dry-run"], []):
+            assert main(base + flags + dry) != 0
+            err = capsys.readouterr().err
+            assert re.search(message, err.strip().splitlines()[-1]), err
+        monkeypatch.undo()
+        assert not (tmp_path / "r").exists()
+
+
+def test_a_bfloat16_run_records_no_matmul_library(corpus, tmp_path, capsys):
+    """Under autocast (and compile) the products are torch's own, not oneDNN's: "matmuls on onednn" was printed and
+    recorded, and a resume with another cpu_matmul then noted a change that changed nothing."""
+    from fungpt.train import numerics_notes
+
+    out = tmp_path / "bf"
+    train(tiny_config(corpus, out, dtype="bfloat16", max_iters=2), progress=False)
+    assert json.loads((out / "run.json").read_text())["cpu_matmul"] is None
+    assert "matmuls on" not in capsys.readouterr().out
+    assert numerics_notes({"cpu_matmul": "onednn"}, {"cpu_matmul": None}, 5) == [
+        "fungpt: note: the arithmetic changed since step 5 (cpu_matmul onednn -> none (autocast or compile)): from "
+        "here the losses differ from an uninterrupted run's in the last digits"]
+
+
+def test_a_bad_matmul_setting_is_refused_when_a_run_is_loaded(tiny_run):
+    """fungpt serve started and said it was serving; then every request failed on FUNGPT_CPU_MATMUL."""
+    env = {**os.environ, "FUNGPT_CPU_MATMUL": "bogus", "OMP_NUM_THREADS": "1"}
+    code = "from fungpt.runs import load_run; load_run(__import__('sys').argv[1], device='cpu')"
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_run)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "FUNGPT_CPU_MATMUL='bogus' is unknown" in proc.stderr
 
 
 def test_dry_run_under_torchrun_prints_once_and_counts_every_process(corpus, tmp_path, capsys, monkeypatch):
@@ -545,13 +593,14 @@ def _lrs(out: Path) -> list[float]:
 
 def test_a_compiled_budget_run_does_not_take_its_compiling_step_as_the_step_time(corpus, tmp_path,
                                                                                  slow_first_compiled_step,
-                                                                                 quick_steady_budget):
+                                                                                 quick_steady_budget, capsys):
     """With torch.compile the first step is mostly compiling (17.4 s against 24 ms steps on an H200): planned
     with that step's time, a 60 s budget ended after one step; counted as schedule time, the compile had used
     up over half of the lr schedule."""
     cfg = tiny_config(corpus, tmp_path / "compiled", max_iters=10**6, checkpoint_interval=10**6,
                       eval_interval=10**6, eval_iters=1, max_minutes=0.1, compile=True)
     result = slow_first_compiled_step(cfg, progress=False)
+    assert "fungpt: compiling the model: the first steps take a while" in capsys.readouterr().out  # (said first)
     assert result["step"] > 20 and result["elapsed_s"] <= 6.0 + 2.0  # it trained on after the slow step, on time
     # ... and the compile was not schedule time: the lr was still at its peak after it (not half-way decayed)
     lrs = _lrs(tmp_path / "compiled")

@@ -222,6 +222,16 @@ def test_the_onednn_check_leaves_the_random_stream_alone():
     torch.testing.assert_close(after, torch.rand(3))
 
 
+def test_the_onednn_check_says_the_same_when_first_asked_inside_autocast():
+    """Asked first inside CPU autocast, F.linear gave bfloat16 and the cached answer was "no oneDNN" for good."""
+    linear.onednn_works.cache_clear()
+    plain = linear.onednn_works()
+    linear.onednn_works.cache_clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear.onednn_works() == plain
+    linear.onednn_works.cache_clear()
+
+
 def test_cpu_info_reads_a_field_and_is_empty_when_unknown(monkeypatch):
     import builtins
     import io
