@@ -407,7 +407,8 @@ def positions_command(pos_encoding: Literal["auto", "learned", "sinusoidal", "ro
 
 
 def serve_command(run: tyro.conf.Positional[str], host: str = "127.0.0.1", port: int = 8000,
-                  checkpoint: Literal["last", "best"] = "last", device: str = "auto") -> None:
+                  checkpoint: Literal["last", "best"] = "last", device: str = "auto",
+                  allow_host: tuple[str, ...] = ()) -> None:
     """Explore a run in the browser: streamed samples, next-token probabilities, attention, loss curve.
 
     Args:
@@ -416,13 +417,14 @@ def serve_command(run: tyro.conf.Positional[str], host: str = "127.0.0.1", port:
         port: Port to listen on (0: any free port).
         checkpoint: last (latest weights) or best (lowest val loss).
         device: auto, cpu, cuda or mps.
+        allow_host: More names requests may reach the server by, e.g. a proxy's: --allow-host NAME [NAME ...]
     """
     try:
         from fungpt.serve import serve
     except ImportError as e:
         raise FunGPTError(f"fungpt serve needs the web extras ({e.name} is missing): "
                           f"pip install 'fungpt[serve]' (in a checkout: pip install -e '.[serve]')") from None
-    serve(run, host=host, port=port, checkpoint=checkpoint, device=device)
+    serve(run, host=host, port=port, checkpoint=checkpoint, device=device, allow_hosts=allow_host)
 
 
 def export_command(run: str, out: str, checkpoint: Literal["last", "best"] = "last") -> None:

@@ -297,11 +297,12 @@ class Linear(nn.Linear):
         """(W^T, bags) for row_product: W^T a copy of the weight as it is now, made for each decoder.
 
         A decoder is made once per generation (decode.Decoder gathers them when it starts, and again if a
-        weight's version or storage changes between steps), so the copy is never stale, however the weight
+        weight's version or storage changes between steps), so a new generation sees the weight however it
         was changed: also through `weight.data`, which no version counter sees (a learner's manual SGD step,
-        `p.data -= lr * p.grad`, or rows swapped in place). Copying is cheaper than any check that would see
-        every such write: 24 matrices of the 6 x 384 model, 6.5-9 ms, against 21-34 ms for a sum of their
-        bits (Zen 4, BENCHMARKS.md, "Nineteenth session"), about 2% of 500 decoded tokens.
+        `p.data -= lr * p.grad`, or rows swapped in place). Only such a write while a generate_stream is
+        paused goes unseen by that stream. Copying is cheaper than a check that would see every such write:
+        24 matrices of the 6 x 384 model, 6.5-9 ms, against 21-34 ms for a sum of their bits (Zen 4,
+        BENCHMARKS.md, "Nineteenth session"), about 1% of 500 decoded tokens.
         """
         w = self.weight.detach()
         return w.t().contiguous(), row_bags(self.in_features, w.device)

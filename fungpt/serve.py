@@ -202,8 +202,9 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
         if not _host_allowed(host, app.state.hosts, app.state.any_ip):
             names = " or ".join(sorted(app.state.hosts))
             if app.state.any_ip:
-                names = f"its IP addresses or {names} (start it with --host NAME for another name)"
-            return _error(400, f"this server answers requests for {names}, not for the Host {host!r}")
+                names = f"its IP addresses or {names}"
+            return _error(400, f"this server answers requests for {names}, not for the Host {host!r} (to allow "
+                               f"that name, start it with --allow-host NAME)")
         return await call_next(request)
 
     # The run as served. Training may still be going: a newer checkpoint is loaded at the next request. A
@@ -457,11 +458,13 @@ def _host_allowed(header: str, hosts: set[str], any_ip: bool = False) -> bool:
     return True
 
 
-def _allow_listening_host(app: FastAPI, host: str, sock: socket.socket) -> None:
-    """Let requests name the address the server listens on (--host), besides the loopback names.
+def _allow_listening_host(app: FastAPI, host: str, sock: socket.socket, allow_hosts: tuple[str, ...] = ()) -> None:
+    """Let requests name the address the server listens on (--host), besides the loopback names, and the names
+    of allow_hosts (--allow-host: a proxy or port forward that reaches the server by another name).
 
     On every interface (0.0.0.0, ::) other machines reach it at any of its IP addresses, or by this
-    machine's own name; another name takes --host NAME."""
+    machine's own name."""
+    app.state.hosts = {*app.state.hosts, *(name.lower().strip("[]") for name in allow_hosts)}
     if host in ("0.0.0.0", "::", ""):
         app.state.any_ip = True
         names = {socket.gethostname(), socket.getfqdn()}
@@ -532,12 +535,12 @@ def _is_loopback(sock: socket.socket) -> bool:
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, checkpoint: str = "last",
-          device: str = "auto") -> None:
-    """Serve the explorer for `run` until Ctrl-C."""
+          device: str = "auto", allow_hosts: tuple[str, ...] = ()) -> None:
+    """Serve the explorer for `run` until Ctrl-C. allow_hosts: more names requests may use (a proxy's)."""
     _check_port(port)  # before the model is loaded
     app = create_app(run, checkpoint, device)
     sock = _bind(host, port)
-    _allow_listening_host(app, host, sock)
+    _allow_listening_host(app, host, sock, allow_hosts)
     url = _url(sock)
     if not _is_loopback(sock):
         where = "every network interface" if host in ("0.0.0.0", "::", "") else host

@@ -115,9 +115,9 @@ class Tokenizer:
     def _id_list(self, ids: Iterable[int]) -> list[int]:
         """ids (a list, or a 1-D tensor or array) as a list of ints in range(vocab_size); else one clear error."""
         shape = getattr(ids, "shape", None)
-        if shape is not None and len(shape) != 1:  # e.g. generate's (1, T) output
-            raise FunGPTError(f"cannot decode ids of shape {tuple(shape)}: decode takes one sequence of ids; for "
-                              f"the first row of a batch pass ids[0]")
+        if shape is not None and len(shape) != 1:  # e.g. generate's (1, T) output, or one id as a 0-d tensor
+            fix = "for one id pass [id]" if len(shape) == 0 else "for the first row of a batch pass ids[0]"
+            raise FunGPTError(f"cannot decode ids of shape {tuple(shape)}: decode takes one sequence of ids; {fix}")
         try:  # operator.index: an integer of any kind (numpy's, a 0-d tensor's), never a float
             ids = [operator.index(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
         except TypeError:

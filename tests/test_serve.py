@@ -271,6 +271,20 @@ def test_host_check_on_every_interface(header, ok):
     assert _host_allowed(header, {"127.0.0.1", "localhost", "::1", "mybox"}, any_ip=True) is ok
 
 
+def test_allow_host_adds_a_name_wherever_the_server_listens(run_dir):
+    """Behind a proxy or port forward the server is reached by a name that is not this machine's (and that --host
+    could not bind to): --allow-host NAME lets that name in, and only it."""
+    from fungpt.serve import _allow_listening_host, _host_allowed
+
+    for host in ("127.0.0.1", "0.0.0.0"):
+        app = create_app(run_dir, device="cpu")
+        with socket.socket() as s:
+            s.bind((host, 0))
+            _allow_listening_host(app, host, s, ("Proxy.Example",))
+        assert _host_allowed("proxy.example:443", app.state.hosts, app.state.any_ip)
+        assert not _host_allowed("other.example", app.state.hosts, app.state.any_ip)
+
+
 def test_listening_on_every_interface_keeps_the_host_check(run_dir):
     app = create_app(run_dir, device="cpu")
     try:
@@ -283,7 +297,7 @@ def test_listening_on_every_interface_keeps_the_host_check(run_dir):
         assert httpx.get(f"{base}/api/info").status_code == 200
         r = httpx.get(f"{base}/api/info", headers={"Host": f"attacker.example:{port}"})
         assert r.status_code == 400 and "its IP addresses" in r.json()["error"]
-        assert "--host NAME" in r.json()["error"]
+        assert "start it with --allow-host NAME" in r.json()["error"]
     finally:
         server.__exit__(None, None, None)
 

@@ -95,6 +95,8 @@ def test_decode_takes_one_sequence_as_a_list_tensor_or_array(bpe):
             assert tok.decode(same) == "abcab"
         with pytest.raises(FunGPTError, match=r"ids of shape \(1, 5\): decode takes one sequence.*ids\[0\]"):
             tok.decode(torch.tensor([ids]))
+        with pytest.raises(FunGPTError, match=r"ids of shape \(\): .*for one id pass \[id\]"):
+            tok.decode(torch.tensor(ids[0]))
         with pytest.raises(FunGPTError, match="range"):
             tok.decode([0.0, 1.0])  # not integers
 
