@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchlib import machine, publish
+from benchlib import check_append, command, machine, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.steps < 10:
         ap.error("--steps must be at least 10: the median step time is taken over steps 10 and later")
+    check_append(ap, args.append)
     with tempfile.TemporaryDirectory(prefix="fungpt-ablate-") as tmp:  # the runs: removed at the end
         return measure(args, argv, Path(tmp))
 
@@ -73,7 +74,9 @@ def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
                "--out-dir", str(out), "--overwrite", "--train.max-minutes", "None",
                "--train.max-iters", str(args.steps), "--train.lr-decay-iters", str(args.steps),
                "--train.warmup-iters", str(max(1, args.steps // 50)), "--train.log-interval", "1", *run_flags]
-        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0:  # fungpt's own message says what is wrong
+            raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         val = [r["val_loss"] for r in metrics if "val_loss" in r][-1]
         ms = statistics.median(r["dt_ms"] for r in metrics if "dt_ms" in r and r["step"] >= 10)
@@ -81,7 +84,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
         print(rows[-1], flush=True)
     text = (f"## speedrun ablation, {datetime.date.today()}\n\n"
             f"- machine: {machine()}\n"
-            f"- command: `python bench/ablate_speedrun.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
+            f"- command: `{command('ablate_speedrun.py', argv)}`\n"
             f"- {args.steps} steps each (schedule on steps), batch 16, block 128, 4 x 96; val over the whole split; "
             f"1-min load average at the end: {os.getloadavg()[0]:.1f}\n\n"
             "| variant (cumulative) | val loss | median ms/step | tokens/s |\n|---|---:|---:|---:|\n"

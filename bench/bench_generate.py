@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from benchlib import cpu_times, machine, machine_state, memory_read_gbs, publish
+from benchlib import check_append, command, cpu_times, machine, machine_state, memory_read_gbs, publish
 
 
 def config_model(path: Path):
@@ -84,7 +84,11 @@ def build_models(cfg, init_std: float, workdir: Path):
                 if p.dim() >= 2:
                     p.normal_(0.0, init_std)
         return None, model.eval(), ", ".join(problems)
-    from transformers import GPT2Config, GPT2LMHeadModel
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        raise SystemExit("bench_generate: Hugging Face's side needs transformers: pip install transformers "
+                         "(the test extras include it)") from None
 
     config = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
                         n_layer=cfg.n_layer, n_head=cfg.n_head, initializer_range=init_std,
@@ -201,7 +205,8 @@ def ops_per_token(model, prompt) -> dict[str, int]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description="Generation speed: FunGPT (KV cache, with and without speculation, and "
+                                             "uncached) against Hugging Face generate, on the same weights.")
     ap.add_argument("--new-tokens", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--lookahead", type=int, default=8, help="draft tokens per pass for the speculative row")
@@ -216,6 +221,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.interleave < 0:
         ap.error("--interleave must be >= 0 (0: off)")
+    if min(args.new_tokens, args.rounds, args.lookahead) < 1:
+        ap.error("--new-tokens, --rounds and --lookahead must be at least 1")
+    check_append(ap, args.append)
     from fungpt.decode import Decoder
     from fungpt.linear import cpu_matmul
     from fungpt.model import GPT, GPTConfig
@@ -309,7 +317,7 @@ def main(argv=None) -> int:
     source = f" from {args.config}" if args.config else ""
     header = (f"## generation, {datetime.date.today()}\n\n"
               f"- machine: {machine()}, Python {platform.python_version()}; FunGPT cpu_matmul: {cpu_matmul()}\n"
-              f"- command: `python bench/bench_generate.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
+              f"- command: `{command('bench_generate.py', argv)}`\n"
               f"- model{source}: {cfg.n_layer} x {cfg.n_embd} ({cfg.n_head} heads) {arch}, vocab {cfg.vocab_size}, "
               f"block_size {cfg.block_size}, random weights (std {args.init_std}), batch 1, "
               f"{n} new greedy tokens ({distinct} distinct); median of {args.rounds} interleaved rounds\n\n"

@@ -19,8 +19,13 @@
 # Needs: python with torch (CUDA build) and FunGPT's dependencies; Tiny Shakespeare in $FUNGPT_DATA_DIR;
 # nanoGPT's files in $NANOGPT_DIR (default ../shared/anchors/nanoGPT); $PYTHON (default python3).
 set -u
-out=${1:?usage: bench_gpu.sh OUT_DIR [SECONDS [RUN...]]}
+case ${1:-} in
+  -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0;;
+  -*|'') echo "usage: bash bench/bench_gpu.sh OUT_DIR [SECONDS [RUN...]] (--help: what it runs)" >&2; exit 2;;
+esac
+out=$1
 seconds=${2:-540}
+case $seconds in ''|*[!0-9]*) echo "bench_gpu.sh: SECONDS must be a whole number, got '$seconds'" >&2; exit 2;; esac
 : "${FUNGPT_DATA_DIR:?set FUNGPT_DATA_DIR to the folder holding tinyshakespeare.txt}"
 absolute() { case $1 in /*) echo "$1";; */*|.*) echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")";; *) echo "$1";; esac; }
 py=$(absolute "${PYTHON:-python3}")  # (nanoGPT and FunGPT run in other folders)
@@ -88,6 +93,10 @@ PY
 # nanoGPT's GPU recipe, exactly as its README runs it, in a scratch copy
 nanogpt_run() {
   enough nanogpt "$1" || return
+  if [ ! -f "$nanogpt/train.py" ]; then  # (said in the summary, not as cp and cd errors)
+    echo "nanogpt: skipped (no nanoGPT at $nanogpt: set NANOGPT_DIR)" | tee -a "$summary"
+    return
+  fi
   local w t0 t1 rc
   w=$(mktemp -d)
   trap 'rm -rf "$w"' RETURN

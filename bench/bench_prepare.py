@@ -24,9 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from benchlib import cpu_model  # noqa: E402
+from benchlib import check_append, cpu_model  # noqa: E402
 
 from fungpt.data import load_meta, prepare, shakespeare_path  # noqa: E402
+from fungpt.errors import FunGPTError  # noqa: E402
 
 
 def build_corpus(path: Path, megabytes: float) -> int:
@@ -51,6 +52,10 @@ def main() -> None:
     parser.add_argument("--bpe-vocab", type=int, default=4096, help="BPE vocabulary size (default 4096)")
     parser.add_argument("--append", metavar="FILE", help="append a result block to this Markdown file")
     args = parser.parse_args()
+    if args.mb <= 0:
+        parser.error("--mb must be positive")
+    if args.append:
+        check_append(parser, Path(args.append))
 
     results = []
     with tempfile.TemporaryDirectory(prefix="fungpt-bench-") as tmp:
@@ -61,7 +66,10 @@ def main() -> None:
             ("char", {"tokenizer": "char"}),
             (f"bpe (vocab {args.bpe_vocab}, incl. training)", {"tokenizer": "bpe", "vocab_size": args.bpe_vocab}),
         ):
-            seconds, meta = time_prepare(corpus, Path(tmp) / kwargs["tokenizer"], **kwargs)
+            try:
+                seconds, meta = time_prepare(corpus, Path(tmp) / kwargs["tokenizer"], **kwargs)
+            except FunGPTError as e:
+                raise SystemExit(f"error: {e}") from None
             tokens = meta["train_tokens"] + meta["val_tokens"]
             rate = size / 1e6 / seconds
             results.append((label, seconds, rate, tokens))

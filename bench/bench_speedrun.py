@@ -4,7 +4,7 @@
     python bench/bench_speedrun.py --fractions 0.125 0.25 0.5 1 --plot bench/speedrun.png --append BENCHMARKS.md
 
 One script, one machine, one after the other, so both sides see the same machine speed:
-1. nanoGPT's CPU recipe, run exactly as /work/shared/anchors/nanogpt-cpu.sh runs it (same files, same
+1. nanoGPT's CPU recipe, run exactly as ../shared/anchors/nanogpt-cpu.sh runs it (same files, same
    flags; $NANOGPT_DIR points elsewhere), but keeping its log for the curve: the wall time of its
    train.py is W, its final val loss is always 1.8857;
 2. `fungpt train --config configs/speedrun-cpu.toml --train.max-minutes W*f/60` for every fraction f.
@@ -25,10 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import cpu_times, machine, machine_state, memory_read_gbs, publish
+from benchlib import ANCHORS, check_append, command, cpu_times, machine, machine_state, memory_read_gbs, publish
 
 ROOT = Path(__file__).resolve().parents[1]
-NANOGPT_DIR = Path(os.environ.get("NANOGPT_DIR", "/work/shared/anchors/nanoGPT"))
+NANOGPT_DIR = Path(os.environ.get("NANOGPT_DIR", ANCHORS / "nanoGPT"))
 # nanogpt-cpu.sh's flags for nanoGPT's README CPU recipe (keep in step with that script)
 NANOGPT_FLAGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
                  "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
@@ -55,6 +55,11 @@ def main(argv=None) -> int:
     ap.add_argument("--append", type=Path, default=None)
     ap.add_argument("extra", nargs="*", help="extra `fungpt train` flags (after --)")
     args = ap.parse_args(argv)
+    if args.wall is None and not (NANOGPT_DIR / "train.py").is_file():
+        ap.error(f"nanoGPT is not at {NANOGPT_DIR}: set NANOGPT_DIR, or give its wall time with --wall")
+    if any(f <= 0 for f in args.fractions) or (args.wall is not None and args.wall <= 0):
+        ap.error("--fractions and --wall must be positive")
+    check_append(ap, args.append)
     with tempfile.TemporaryDirectory(prefix="fungpt-speedrun-") as tmp:  # the runs: removed at the end
         return measure(args, argv, Path(tmp))
 
@@ -95,7 +100,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
             f"- machine: {machine()}; FunGPT's cpu_matmul: {matmul}; "
             f"1-min load average before each run: {', '.join(f'{x:.1f}' for x in loads)}; "
             f"{machine_state(read_gbs, 'before each run', steal_from)}\n"
-            f"- command: `python bench/bench_speedrun.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
+            f"- command: `{command('bench_speedrun.py', argv)}`\n"
             f"- final val loss over the entire val split; each FunGPT budget covers its whole command\n\n"
             "| run | budget | steps | final val | command wall |\n|---|---:|---:|---:|---:|\n"
             + ref_row + "\n" + "\n".join(rows) + "\n")

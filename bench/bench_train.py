@@ -6,7 +6,7 @@
     python bench/bench_train.py --no-reference -- --model.n-layer 6 ...   # extra flags go to fungpt train
 
 Each round runs `fungpt train` (the real command, logging every step) and then nanoGPT's recipe
-(/work/shared/anchors/nanogpt-cpu.sh, or $NANOGPT_CPU_SH) for --iters steps, as separate
+(../shared/anchors/nanogpt-cpu.sh beside the checkout, or $NANOGPT_CPU_SH) for --iters steps, as separate
 processes, one after the other, so machine load hits both alike. Reported per contender: the
 median ms/iter over steps >= 20 (nanoGPT's script uses the same cut) and over rounds, tokens/s,
 MFU against this machine's fp32 matmul ceiling (measured by this script, in the same run), and
@@ -36,10 +36,12 @@ import time
 from pathlib import Path
 
 import torch
-from benchlib import cpu_times, machine, machine_state, memory_read_gbs, publish
+from benchlib import ANCHORS, check_append, command, cpu_times, machine, machine_state, memory_read_gbs, publish
 
 ROOT = Path(__file__).resolve().parents[1]
-NANOGPT_SH = Path(os.environ.get("NANOGPT_CPU_SH", "/work/shared/anchors/nanogpt-cpu.sh"))
+NANOGPT_SH = Path(os.environ.get("NANOGPT_CPU_SH", ANCHORS / "nanogpt-cpu.sh"))
+NANOGPT_RECIPE = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "batch_size": 12, "grad_accum_steps": 1}
+"""nanoGPT's CPU recipe as nanogpt-cpu.sh runs it (--shape changes its first four for both sides)."""
 
 
 PEAK_RSS = ROOT / "bench/peak_rss.py"
@@ -165,6 +167,22 @@ def run_taking_turns(cmds: list[list[str]], env: dict, turn_s: float, lead: int)
     return [results[i] for i in range(len(procs))]
 
 
+def check_same_shape(run_config: Path, shape: str | None) -> None:
+    """Stop when FunGPT's run (its config, flags after --) trained another shape or batch than nanoGPT's recipe:
+    the ratio would compare two different models (--shape sets the shape for both sides)."""
+    cfg = json.loads(run_config.read_text())
+    mine = {**{k: cfg["model"][k] for k in ("n_layer", "n_head", "n_embd", "block_size")},
+            **{k: cfg["train"][k] for k in ("batch_size", "grad_accum_steps")}}
+    theirs = dict(NANOGPT_RECIPE)
+    if shape:
+        theirs.update(zip(("n_layer", "n_head", "n_embd", "block_size"), map(int, shape.split(","))))
+    differ = [f"{k} {mine[k]} (nanoGPT: {theirs[k]})" for k in theirs if mine[k] != theirs[k]]
+    if differ:
+        raise SystemExit(f"bench_train: FunGPT trained another shape or batch than nanoGPT's recipe "
+                         f"({', '.join(differ)}): set the shape of both with --shape L,H,C,T, keep nanoGPT's batch "
+                         f"of 12, or pass --no-reference")
+
+
 def peak_flops() -> float:
     from fungpt.train import measure_peak_flops
 
@@ -187,6 +205,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.turns < 0:
         ap.error("--turns must be >= 0 (0: one command after the other)")
+    if args.iters < 21 or args.rounds < 1:
+        ap.error("--iters must be at least 21 (the medians are over steps 20 and later) and --rounds at least 1")
+    if args.shape is not None and not re.fullmatch(r"\d+,\d+,\d+,\d+", args.shape):
+        ap.error(f"--shape {args.shape!r}: give four whole numbers, n_layer,n_head,n_embd,block_size (e.g. 4,4,128,64)")
+    if not args.no_reference and not NANOGPT_SH.is_file():
+        ap.error(f"nanoGPT's runner is not at {NANOGPT_SH}: set NANOGPT_CPU_SH, or pass --no-reference")
+    check_append(ap, args.append)
     with tempfile.TemporaryDirectory(prefix="fungpt-bench-") as tmp:  # runs and scratch copies: removed at the end
         return measure(args, argv, Path(tmp))
 
@@ -228,6 +253,8 @@ def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
             _, _, mem = run_measured(fungpt_cmd, env)
             if not args.no_reference:
                 out, _, nano_mem = run_measured(nano_cmd, env)
+        if not args.no_reference:
+            check_same_shape(tmp / "run/config.json", args.shape)
         lines = (tmp / "run/metrics.jsonl").read_text().split("\n")[:-1]  # whole lines: a stopped run may cut one
         rows = [json.loads(line) for line in lines]
         steps = [r["dt_ms"] for r in rows if "dt_ms" in r and r["step"] >= 20]
@@ -267,7 +294,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
             f"- machine: {machine()}; FunGPT's cpu_matmul: {run_info.get('cpu_matmul')}; fp32 matmul ceiling "
             f"(the faster of torch's BLAS and oneDNN) measured in this run: {flops / 1e9:.0f} GFLOP/s; "
             f"1-min load average at each round's start: {', '.join(f'{x:.1f}' for x in loads)}; {state}\n"
-            f"- command: `python bench/bench_train.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
+            f"- command: `{command('bench_train.py', argv)}`\n"
             f"- shape: {m['n_layer']} x {m['n_embd']} ({m['n_head']} heads), block {m['block_size']}, batch "
             f"{t['batch_size']}, bias {m['bias']}, {m['activation']}, {m['pos_encoding']}, {m['norm']}; "
             f"{args.iters} steps per run, {args.rounds} interleaved rounds"

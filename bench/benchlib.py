@@ -2,6 +2,8 @@
 
 import os
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -63,8 +65,29 @@ def machine_state(read_gbs: list[float], when: str, steal_from: list[int] | None
             f"CPU time stolen by the host meanwhile: {cpu_steal(steal_from, cpu_times())}")
 
 
+ANCHORS = Path(__file__).resolve().parents[2] / "shared" / "anchors"
+"""nanoGPT's files and its CPU runner, in the shared folder beside the checkout (as CI has it)."""
+
+
+def command(script: str, argv: list[str] | None) -> str:
+    """The command line that ran a bench script, quoted so that it can be pasted and run again."""
+    return shlex.join(["python", f"bench/{script}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def check_append(ap, append: Path | None) -> None:
+    """Refuse an --append file that cannot be written before measuring, not after (ap: the ArgumentParser)."""
+    if append is None:
+        return
+    try:
+        with Path(append).open("a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        ap.error(f"--append {append}: {e.strerror or e}")
+
+
 def publish(text: str, append: Path | None) -> None:
-    """Print a Markdown result block; with --append FILE, also add it to the end of that file."""
+    """Print a Markdown result block; with --append FILE, also add it to the end of that file (BENCHMARKS.md
+    is newest first: move the block under the session's heading)."""
     print(text)
     if append:
         with Path(append).open("a", encoding="utf-8") as f:

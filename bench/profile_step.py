@@ -24,6 +24,7 @@ import torch
 from benchlib import machine
 
 from fungpt.config import TrainConfig
+from fungpt.errors import FunGPTError
 from fungpt.hardware import detect_precision, keep_freed_memory, tf32_products
 from fungpt.linear import set_cpu_matmul
 from fungpt.model import GPT, GPTConfig
@@ -35,16 +36,24 @@ def main() -> None:
     ap.add_argument("--shape", default="4,4,128,64", help="n_layer, n_head, n_embd, block_size")
     ap.add_argument("--batch-size", type=int, default=12)
     ap.add_argument("--vocab-size", type=int, default=65, help="(Tiny Shakespeare's characters)")
-    ap.add_argument("--steps", type=int, default=20, help="steps profiled (after as many timed)")
+    ap.add_argument("--steps", type=int, default=20, help="steps profiled, after 5 rounds of as many timed")
     ap.add_argument("--rows", type=int, default=15, help="operations listed")
     ap.add_argument("--cpu-matmul", default="auto", choices=["auto", "onednn", "torch"])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (as train.compile = true)")
     args = ap.parse_args()
-    n_layer, n_head, n_embd, block_size = (int(v) for v in args.shape.split(","))
+    try:
+        n_layer, n_head, n_embd, block_size = (int(v) for v in args.shape.split(","))
+    except ValueError:
+        ap.error(f"--shape {args.shape!r}: give four whole numbers, n_layer,n_head,n_embd,block_size")
+    if min(args.steps, args.batch_size, args.vocab_size, args.rows) < 1:
+        ap.error("--steps, --batch-size, --vocab-size and --rows must be at least 1")
     gpu = args.device == "cuda"
-
-    prec = detect_precision(args.device, "auto")  # float32 on a CPU; bfloat16 (or float16) autocast on a GPU
+    try:
+        prec = detect_precision(args.device, "auto")  # float32 on a CPU; bfloat16 (or float16) autocast on a GPU
+        GPTConfig(vocab_size=args.vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    except FunGPTError as e:
+        raise SystemExit(f"error: {e}") from None
     if not gpu:
         keep_freed_memory()  # as the trainer does on a CPU
     matmul = set_cpu_matmul(args.cpu_matmul)

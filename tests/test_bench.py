@@ -248,3 +248,47 @@ def test_the_machine_line_names_the_cpu_generation(monkeypatch):
     assert benchlib.cpu_model() == "AMD EPYC (family 25, model 17)"
     fields.pop("cpu family")  # (not Linux, or not x86: the name alone)
     assert benchlib.cpu_model() == "AMD EPYC"
+
+
+def test_bench_train_refuses_to_compare_other_shapes_or_batches(bench, tmp_path):
+    """Flags after -- (or a --config) changed FunGPT's shape or batch while nanoGPT ran its own recipe: the block
+    said one shape for both and printed a 36x "speed-up"."""
+    import json
+
+    import bench_train
+
+    config = tmp_path / "config.json"
+    base = {"model": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64},
+            "train": {"batch_size": 12, "grad_accum_steps": 1}}
+    config.write_text(json.dumps(base))
+    bench_train.check_same_shape(config, None)  # the recipe itself: fine
+    for part, key, value in (("model", "n_layer", 1), ("train", "batch_size", 16), ("train", "grad_accum_steps", 2)):
+        changed = json.loads(json.dumps(base))
+        changed[part][key] = value
+        config.write_text(json.dumps(changed))
+        with pytest.raises(SystemExit, match=f"another shape or batch than nanoGPT's recipe \\({key} {value} "
+                                             f"\\(nanoGPT: "):
+            bench_train.check_same_shape(config, None)
+    shaped = json.loads(json.dumps(base))
+    shaped["model"].update(n_layer=6, n_head=6, n_embd=384, block_size=256)
+    config.write_text(json.dumps(shaped))
+    bench_train.check_same_shape(config, "6,6,384,256")  # --shape sets both sides
+
+
+def test_bench_commands_are_recorded_ready_to_run_again(bench, tmp_path):
+    """A path with a space was recorded unquoted: the printed command could not be pasted back."""
+    import shlex
+
+    from benchlib import check_append, command
+
+    recorded = command("bench_train.py", ["--config", "/tmp/my cfg/baby.toml", "--rounds", "2"])
+    assert shlex.split(recorded) == ["python", "bench/bench_train.py", "--config", "/tmp/my cfg/baby.toml",
+                                     "--rounds", "2"]
+
+    class Parser:
+        def error(self, message):
+            raise SystemExit(message)
+
+    check_append(Parser(), tmp_path / "ok.md")  # can be written: nothing said
+    with pytest.raises(SystemExit, match="--append .*missing/x.md: No such file or directory"):
+        check_append(Parser(), tmp_path / "missing" / "x.md")  # before measuring, not after
