@@ -675,7 +675,8 @@ def check_token_ids(data_dir: Path, meta: dict, chunk: int = 1 << 26) -> None:
 
 def is_prepared(path: str | Path) -> bool:
     """Whether `path` is a folder that `fungpt prepare` made: a meta.json with its token files or tokenizer
-    beside it, or of prepare's own format (a prepared folder that lost its files, for load_meta to name them).
+    beside it, alone, or of prepare's own format (a prepared folder that lost its files, for load_meta to name
+    them).
 
     Any meta.json is not enough: a folder of the user's own texts may hold one of its own, to be read as text
     (and never replaced by `prepare --overwrite`)."""
@@ -684,6 +685,8 @@ def is_prepared(path: str | Path) -> bool:
         return False
     if any((path / name).is_file() for name in ("train.bin", "val.bin", "tokenizer_meta.json")):
         return True
+    if not any(p.name != "meta.json" for p in path.iterdir()):
+        return True  # nothing else: no text to read, a prepared folder that lost the rest
     try:
         meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):  # (not JSON, not UTF-8: the user's own file)

@@ -540,14 +540,16 @@ def test_resume_compares_with_the_settings_the_checkpoint_trained_with(world, tm
     train(tiny_config(world["corpus"], out, max_iters=6, checkpoint_interval=100), progress=False)
     train_mod = sys.modules["fungpt.train"]
 
-    def refused(device):
-        raise FunGPTError("torch.compile cannot work here")
+    def refused(*args, **kwargs):
+        raise FunGPTError("the metrics cannot be written")
 
-    monkeypatch.setattr(train_mod, "check_compile", refused)
-    with pytest.raises(FunGPTError, match="torch.compile cannot work"):  # fails after writing config.json
-        train(tiny_config(world["corpus"], out, max_iters=10, checkpoint_interval=100, lr=1e-2, compile=True,
+    real_log = train_mod.MetricsLog
+    monkeypatch.setattr(train_mod, "MetricsLog", refused)
+    with pytest.raises(FunGPTError, match="the metrics cannot be written"):  # fails after writing config.json
+        train(tiny_config(world["corpus"], out, max_iters=10, checkpoint_interval=100, lr=1e-2,
                           batch_size=6, beta2=0.95), resume=True, progress=False)
     assert load_run_config(out).train.lr == 1e-2  # (what the failed start left behind)
+    monkeypatch.setattr(train_mod, "MetricsLog", real_log)
     capsys.readouterr()
     train(tiny_config(world["corpus"], out, max_iters=10, checkpoint_interval=100, lr_decay_iters=6),
           resume=True, progress=False)
