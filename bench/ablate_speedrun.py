@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchlib import check_append, command, machine, publish
+from benchlib import ANCHORS, check_append, command, machine, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
 def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
     """The runs of main, in tmp; prints (and appends) the result block."""
     env = dict(os.environ)
-    env.setdefault("FUNGPT_DATA_DIR", "/work/shared/data")
+    env.setdefault("FUNGPT_DATA_DIR", str(ANCHORS.parent / "data"))  # (../shared/data)
     flags: list[str] = list(CLASSIC)
     runs = []
     for name, extra in STEPS:

@@ -20,7 +20,7 @@
 # nanoGPT's files in $NANOGPT_DIR (default ../shared/anchors/nanoGPT); $PYTHON (default python3).
 set -u
 case ${1:-} in
-  -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0;;
+  -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0;;
   -*|'') echo "usage: bash bench/bench_gpu.sh OUT_DIR [SECONDS [RUN...]] (--help: what it runs)" >&2; exit 2;;
 esac
 out=$1

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
 def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
     """The runs of main, in tmp; prints (and appends) the result block."""
     env = dict(os.environ)
-    env.setdefault("FUNGPT_DATA_DIR", "/work/shared/data")
+    env.setdefault("FUNGPT_DATA_DIR", str(ANCHORS.parent / "data"))  # (../shared/data)
     loads, read_gbs, steal_from = [os.getloadavg()[0]], [memory_read_gbs()], cpu_times()
     curve: list[tuple[float, float]] = []
     if args.wall is None:

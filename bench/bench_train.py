@@ -40,7 +40,8 @@ from benchlib import ANCHORS, check_append, command, cpu_times, machine, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 NANOGPT_SH = Path(os.environ.get("NANOGPT_CPU_SH", ANCHORS / "nanogpt-cpu.sh"))
-NANOGPT_RECIPE = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "batch_size": 12, "grad_accum_steps": 1}
+NANOGPT_RECIPE = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "vocab_size": 65, "dropout": 0.0,
+                  "batch_size": 12, "grad_accum_steps": 1}
 """nanoGPT's CPU recipe as nanogpt-cpu.sh runs it (--shape changes its first four for both sides)."""
 
 
@@ -168,19 +169,20 @@ def run_taking_turns(cmds: list[list[str]], env: dict, turn_s: float, lead: int)
 
 
 def check_same_shape(run_config: Path, shape: str | None) -> None:
-    """Stop when FunGPT's run (its config, flags after --) trained another shape or batch than nanoGPT's recipe:
-    the ratio would compare two different models (--shape sets the shape for both sides)."""
+    """Stop when FunGPT's run (its config, flags after --) trained another model or batch than nanoGPT's recipe
+    (Tiny Shakespeare's 65 characters, no dropout): the ratio would compare two different models (--shape sets
+    the shape for both sides)."""
     cfg = json.loads(run_config.read_text())
-    mine = {**{k: cfg["model"][k] for k in ("n_layer", "n_head", "n_embd", "block_size")},
+    mine = {**{k: cfg["model"][k] for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout")},
             **{k: cfg["train"][k] for k in ("batch_size", "grad_accum_steps")}}
     theirs = dict(NANOGPT_RECIPE)
     if shape:
         theirs.update(zip(("n_layer", "n_head", "n_embd", "block_size"), map(int, shape.split(","))))
     differ = [f"{k} {mine[k]} (nanoGPT: {theirs[k]})" for k in theirs if mine[k] != theirs[k]]
     if differ:
-        raise SystemExit(f"bench_train: FunGPT trained another shape or batch than nanoGPT's recipe "
+        raise SystemExit(f"bench_train: FunGPT trained another model or batch than nanoGPT's recipe "
                          f"({', '.join(differ)}): set the shape of both with --shape L,H,C,T, keep nanoGPT's batch "
-                         f"of 12, or pass --no-reference")
+                         f"of 12, its characters and no dropout, or pass --no-reference")
 
 
 def peak_flops() -> float:
@@ -220,7 +222,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
     """The rounds of main, with their runs in tmp; prints (and appends) the result block."""
     py = sys.executable
     env = dict(os.environ)
-    env.setdefault("FUNGPT_DATA_DIR", "/work/shared/data")
+    env.setdefault("FUNGPT_DATA_DIR", str(ANCHORS.parent / "data"))  # (../shared/data)
     env["TMPDIR"] = str(tmp)  # nanogpt-cpu.sh's scratch copy goes here too, also when --turns kills it
     arch = [] if args.keep_arch else ["--model.no-bias", "--model.activation", "gelu"]
     ref_shape: list[str] = []

@@ -408,7 +408,7 @@ def positions_command(pos_encoding: Literal["auto", "learned", "sinusoidal", "ro
 
 def serve_command(run: tyro.conf.Positional[str], host: str = "127.0.0.1", port: int = 8000,
                   checkpoint: Literal["last", "best"] = "last", device: str = "auto",
-                  allow_host: tuple[str, ...] = ()) -> None:
+                  allow_host: tyro.conf.UseAppendAction[tuple[str, ...]] = ()) -> None:
     """Explore a run in the browser: streamed samples, next-token probabilities, attention, loss curve.
 
     Args:
@@ -417,7 +417,7 @@ def serve_command(run: tyro.conf.Positional[str], host: str = "127.0.0.1", port:
         port: Port to listen on (0: any free port).
         checkpoint: last (latest weights) or best (lowest val loss).
         device: auto, cpu, cuda or mps.
-        allow_host: More names requests may reach the server by, e.g. a proxy's: --allow-host NAME [NAME ...]
+        allow_host: Another name requests may reach the server by, e.g. a proxy's (repeat for several).
     """
     try:
         from fungpt.serve import serve

@@ -434,6 +434,16 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def _host_name(header: str) -> str:
+    """The host of a Host header, without its port: "Example.org:80" -> "example.org", "[::1]:8000" -> "::1"."""
+    name = header.strip().lower()
+    if name.startswith("["):  # an IPv6 address, with or without a port
+        return name[1:name.find("]")]
+    if name.count(":") == 1:  # a name or IPv4 address with a port
+        return name.split(":")[0]
+    return name
+
+
 def _host_allowed(header: str, hosts: set[str], any_ip: bool = False) -> bool:
     """Whether a request's Host header (e.g. "127.0.0.1:8000", "[::1]:8000") names this server.
 
@@ -442,11 +452,7 @@ def _host_allowed(header: str, hosts: set[str], any_ip: bool = False) -> bool:
     as their Host. A rebinding attack needs a domain name, so any_ip (the server listens on every
     interface, reached at addresses it cannot list) lets every IP address through, and names still only
     from hosts."""
-    name = header.strip().lower()
-    if name.startswith("["):  # an IPv6 address, with or without a port
-        name = name[1:name.find("]")]
-    elif name.count(":") == 1:  # a name or IPv4 address with a port
-        name = name.split(":")[0]
+    name = _host_name(header)
     if name in hosts:
         return True
     if not any_ip:
@@ -464,7 +470,10 @@ def _allow_listening_host(app: FastAPI, host: str, sock: socket.socket, allow_ho
 
     On every interface (0.0.0.0, ::) other machines reach it at any of its IP addresses, or by this
     machine's own name."""
-    app.state.hosts = {*app.state.hosts, *(name.lower().strip("[]") for name in allow_hosts)}
+    for name in allow_hosts:  # as a Host header names it ("proxy.example:8443" -> "proxy.example")
+        if "/" in name or not name.strip():
+            raise FunGPTError(f"--allow-host {name!r} is not a host name: give a name such as proxy.example")
+        app.state.hosts = {*app.state.hosts, _host_name(name)}
     if host in ("0.0.0.0", "::", ""):
         app.state.any_ip = True
         names = {socket.gethostname(), socket.getfqdn()}

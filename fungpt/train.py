@@ -688,7 +688,7 @@ NUMERICS = ("device", "dtype", "cpu_matmul", "threads", "torch")
 def numerics_notes(saved: dict[str, Any], now: dict[str, Any], step: int) -> list[str]:
     """One line when a resume computes differently from the steps before it (run.json `saved` against `now`):
     its losses then leave an uninterrupted run's in the last digits, which exact resume otherwise promises."""
-    shown = lambda v: "none (autocast or compile)" if v is None else v  # noqa: E731 (cpu_matmul of such runs)
+    shown = lambda v: "none" if v is None else v  # noqa: E731 (cpu_matmul on a GPU, or under autocast)
     changed = [f"{k} {shown(saved[k])} -> {shown(now[k])}" for k in NUMERICS if k in saved and saved[k] != now[k]]
     return [f"fungpt: note: the arithmetic changed since step {step} ({', '.join(changed)}): from here the losses "
             f"differ from an uninterrupted run's in the last digits"] if changed else []
@@ -1018,11 +1018,15 @@ class _StopFlag:
             signal.signal(signum, old)
 
 
-def _isatty(stream) -> bool:
+def _into_file(stream) -> bool:
+    """Whether stream writes into a regular file or a pipe (a log), not a terminal or a notebook's output."""
+    import stat
+
     try:
-        return stream.isatty()
-    except (AttributeError, ValueError):  # (a replaced or closed stream)
+        mode = os.fstat(stream.fileno()).st_mode
+    except (AttributeError, ValueError, OSError):  # (no file behind it: a notebook's stream, a StringIO)
         return False
+    return stat.S_ISREG(mode) or stat.S_ISFIFO(mode)
 
 
 def _silence_terminal(pipes: bool = False) -> None:
@@ -1105,8 +1109,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     if prec.device == "cpu":
         keep_freed_memory()  # reuse activation memory between steps (see hardware.keep_freed_memory)
         cpu_matmul = set_cpu_matmul(tc.cpu_matmul)  # oneDNN or torch's BLAS for the Linear layers (linear.py)
-        if prec.autocast or tc.compile:  # then the products are torch's own (Linear.forward): none to choose
-            cpu_matmul = None
+        if prec.autocast:  # then the products are torch's own (Linear.forward): none to choose. (A compiled run's
+            cpu_matmul = None  # steps are inductor's, but its evals run the plain model: the library still counts)
     ddp = setup_distributed(prec.device)
     device = f"cuda:{ddp.local_rank}" if prec.device == "cuda" else prec.device
     if prec.device == "cuda":
@@ -1131,8 +1135,11 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
 
     cfg, data_dir, pre = resolve_model_and_data(cfg, ddp.is_main, progress and ddp.is_main, model_named,
                                                 resume_dir=Path(cfg.out_dir) if resume else None)
-    # The text the data was prepared from (None for token ids prepared elsewhere): a resume onto edited text says so
-    data_sha256 = load_meta(data_dir).get("source_sha256")
+    # The text the data was prepared from and how it was split (no sha256: token ids prepared elsewhere): a resume
+    # onto edited text, or a folder prepared again with another split, says so
+    data_meta = load_meta(data_dir)
+    data_sha256 = (f"{data_meta['source_sha256']}:{data_meta['train_tokens']}:{data_meta['val_tokens']}"
+                   if data_meta.get("source_sha256") else None)
     out_dir = Path(cfg.out_dir)
     # A fine-tune's weights are read now, before the run folder is touched: a damaged or refused weights file
     # must not leave an empty run behind, nor (with --overwrite) have deleted the run that was there
@@ -1229,9 +1236,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 say(note)
             was = manifest.get("data_sha256")  # (checkpoints from before it was recorded: None)
             if was is not None and data_sha256 is not None and was != data_sha256:
-                say(f"fungpt: note: the data changed since step {step} (its text's sha256 differs from the one the "
-                    f"checkpoint recorded): the val split may now hold text the run trained on, and val losses "
-                    f"before and after this step do not compare")
+                say(f"fungpt: note: the data changed since step {step} (its text's sha256, or how it is split, "
+                    f"differs from what the checkpoint recorded): the val split may now hold text the run trained "
+                    f"on, and val losses before and after this step do not compare")
         if step >= tc.max_iters:
             done = f"already reached step {step} (train.max_iters = {tc.max_iters})", "train.max_iters"
         elif tc.max_minutes and budget_spent(elapsed_before, timings, tc.max_minutes * 60):
@@ -1448,9 +1455,11 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     if progress and ddp.is_main:
         from tqdm.auto import tqdm
 
-        # Into a log file (not a terminal) each redraw is kept: one every 30 s there, not ten a second
+        # Into a log file or a pipe each redraw is kept: one every 30 s there, not ten a second (a terminal, or a
+        # notebook's stream, which has no file behind it, redraws as usual)
+        every = 30.0 if _into_file(sys.stderr) else 0.1
         bar = tqdm(total=tc.max_iters, initial=step, desc="train", unit="step", dynamic_ncols=True,
-                   mininterval=0.1 if _isatty(sys.stderr) else 30.0)
+                   mininterval=every, maxinterval=max(every, 10.0))
     with _StopFlag(announce=ddp.is_main, processes=ddp.world_size) as interrupt, _close_on_error(bar):
         while step < tc.max_iters and not must_stop(interrupt):
             t_step = time.time()

@@ -258,15 +258,16 @@ def test_bench_train_refuses_to_compare_other_shapes_or_batches(bench, tmp_path)
     import bench_train
 
     config = tmp_path / "config.json"
-    base = {"model": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64},
+    base = {"model": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "vocab_size": 65, "dropout": 0.0},
             "train": {"batch_size": 12, "grad_accum_steps": 1}}
     config.write_text(json.dumps(base))
     bench_train.check_same_shape(config, None)  # the recipe itself: fine
-    for part, key, value in (("model", "n_layer", 1), ("train", "batch_size", 16), ("train", "grad_accum_steps", 2)):
+    for part, key, value in (("model", "n_layer", 1), ("train", "batch_size", 16), ("train", "grad_accum_steps", 2),
+                             ("model", "vocab_size", 2048), ("model", "dropout", 0.1)):  # (a BPE config's)
         changed = json.loads(json.dumps(base))
         changed[part][key] = value
         config.write_text(json.dumps(changed))
-        with pytest.raises(SystemExit, match=f"another shape or batch than nanoGPT's recipe \\({key} {value} "
+        with pytest.raises(SystemExit, match=f"another model or batch than nanoGPT's recipe \\({key} {value} "
                                              f"\\(nanoGPT: "):
             bench_train.check_same_shape(config, None)
     shaped = json.loads(json.dumps(base))

@@ -273,8 +273,8 @@ def test_dry_run_and_training_refuse_alike_and_before_writing_anything(corpus, t
 
 
 def test_a_bfloat16_run_records_no_matmul_library(corpus, tmp_path, capsys):
-    """Under autocast (and compile) the products are torch's own, not oneDNN's: "matmuls on onednn" was printed and
-    recorded, and a resume with another cpu_matmul then noted a change that changed nothing."""
+    """Under autocast the products are torch's own, not oneDNN's: "matmuls on onednn" was printed and recorded,
+    and a resume with another cpu_matmul then noted a change that changed nothing."""
     from fungpt.train import numerics_notes
 
     out = tmp_path / "bf"
@@ -282,8 +282,8 @@ def test_a_bfloat16_run_records_no_matmul_library(corpus, tmp_path, capsys):
     assert json.loads((out / "run.json").read_text())["cpu_matmul"] is None
     assert "matmuls on" not in capsys.readouterr().out
     assert numerics_notes({"cpu_matmul": "onednn"}, {"cpu_matmul": None}, 5) == [
-        "fungpt: note: the arithmetic changed since step 5 (cpu_matmul onednn -> none (autocast or compile)): from "
-        "here the losses differ from an uninterrupted run's in the last digits"]
+        "fungpt: note: the arithmetic changed since step 5 (cpu_matmul onednn -> none): from here the losses differ "
+        "from an uninterrupted run's in the last digits"]
 
 
 def test_a_bad_matmul_setting_is_refused_when_a_run_is_loaded(tiny_run):

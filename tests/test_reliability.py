@@ -410,8 +410,16 @@ def test_resume_on_edited_text_of_the_same_characters_says_so(world, tmp_path, c
     corpus.write_text("".join(reversed(text.splitlines(keepends=True))))  # the same lines, in another order
     train(tiny_config(corpus, out, max_iters=4), resume=True, progress=False)
     said = capsys.readouterr().out
-    assert ("note: the data changed since step 3 (its text's sha256 differs from the one the checkpoint recorded): "
-            "the val split may now hold text the run trained on") in said
+    assert ("note: the data changed since step 3 (its text's sha256, or how it is split, differs from what the "
+            "checkpoint recorded): the val split may now hold text the run trained on") in said
+    # a prepared folder, prepared again with another split: said too
+    data = prepare(str(corpus), tmp_path / "data", tokenizer="char", progress=False)
+    run2 = tmp_path / "run2"
+    train(tiny_config(data, run2, max_iters=2), progress=False)
+    prepare(str(corpus), data, tokenizer="char", val_fraction=0.5, overwrite=True, progress=False)
+    capsys.readouterr()
+    train(tiny_config(data, run2, max_iters=3), resume=True, progress=False)
+    assert "note: the data changed since step 2" in capsys.readouterr().out
 
 
 def test_a_second_sigterm_during_the_interrupts_save_stops_at_once_saying_so(world, tmp_path):

@@ -280,8 +280,11 @@ def test_allow_host_adds_a_name_wherever_the_server_listens(run_dir):
         app = create_app(run_dir, device="cpu")
         with socket.socket() as s:
             s.bind((host, 0))
-            _allow_listening_host(app, host, s, ("Proxy.Example",))
+            _allow_listening_host(app, host, s, ("Proxy.Example", "fwd.example:8443"))  # (a port is dropped)
+            with pytest.raises(FunGPTError, match="is not a host name"):
+                _allow_listening_host(app, host, s, ("http://proxy.example/",))
         assert _host_allowed("proxy.example:443", app.state.hosts, app.state.any_ip)
+        assert _host_allowed("fwd.example:8443", app.state.hosts, app.state.any_ip)
         assert not _host_allowed("other.example", app.state.hosts, app.state.any_ip)
 
 

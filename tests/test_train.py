@@ -893,6 +893,20 @@ def test_lines_reach_a_pipe_as_they_are_printed(corpus, tmp_path):
         proc.wait()
 
 
+def test_the_progress_bar_redraws_rarely_into_a_file_or_a_pipe_only(tmp_path):
+    """Into a log each redraw stays (a 26 s run left one line of 29,526 characters); a terminal or a notebook's
+    stream (no file behind it) keeps redrawing as usual."""
+    import io
+
+    train_mod = sys.modules["fungpt.train"]
+    with open(tmp_path / "log", "w") as f:
+        assert train_mod._into_file(f)
+    read, write = os.pipe()
+    with os.fdopen(read) as r, os.fdopen(write, "w") as w:
+        assert train_mod._into_file(w) and train_mod._into_file(r)
+    assert not train_mod._into_file(io.StringIO())
+
+
 def test_a_resumed_run_purges_the_tensorboard_events_after_its_checkpoint(corpus, tmp_path, monkeypatch):
     """A run killed after its checkpoint had logged steps it then logged again when resumed: TensorBoard kept both
     copies (metrics.jsonl drops them)."""
