@@ -300,9 +300,12 @@ class Linear(nn.Linear):
         weight's version or storage changes between steps), so a new generation sees the weight however it
         was changed: also through `weight.data`, which no version counter sees (a learner's manual SGD step,
         `p.data -= lr * p.grad`, or rows swapped in place). Only such a write while a generate_stream is
-        paused goes unseen by that stream. Copying is cheaper than a check that would see every such write:
-        24 matrices of the 6 x 384 model, 6.5-9 ms, against 21-34 ms for a sum of their bits (Zen 4,
-        BENCHMARKS.md, "Nineteenth session"), about 1% of 500 decoded tokens.
+        paused goes unseen by that stream. Keeping the copy between generations instead would need a check that
+        sees every such write: for the 24 matrices of the 6 x 384 model the copies take 10.6-12.2 ms per
+        generation, position-weighted sums of the bits 5.3-6.6 ms in one run (13-28 ms in another, minutes before;
+        a plain sum, 2.7-8.0 ms, misses swapped rows): ~5 ms, under 0.5% of 500 decoded tokens, is not worth a
+        second copy of the weights held for the model's whole life (`python bench/bench_weight_copy.py`;
+        BENCHMARKS.md, "Nineteenth session").
         """
         w = self.weight.detach()
         return w.t().contiguous(), row_bags(self.in_features, w.device)
