@@ -30,12 +30,15 @@ plus about 10 outside them;
 GPT.forward with a KVCache stays the reference: the tests check that both give the same logits for
 every position encoding, norm, activation and QK-norm. `GPT.generate_stream` takes this path for
 one float32 sequence on a CPU, unless module hooks are registered or a forward is overridden (the step
-would skip them), and checks its first step against GPT.forward (`Decoder.checked_step`): after an edit
-to model.py that this file does not repeat, generation runs through GPT.forward.
+would skip them), or the forwards this file repeats were edited (MIRRORED, below): after an edit to
+model.py, generation runs through GPT.forward until this file is changed to match.
 
 Shapes: C n_embd, nh n_head, hs = C // nh, V vocab_size, p the new token's position, T = p + 1.
 """
 
+import functools
+import hashlib
+import inspect
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -65,6 +68,31 @@ def direct(module: nn.Module) -> Callable:
         approximate = module.approximate
         return lambda x: F.gelu(x, approximate=approximate)  # F.gelu is the op itself
     return module.forward
+
+
+# The sha256 of the source of the forwards that Decoder.step computes its own way (mirrored_source): GPT.forward,
+# Block.forward, CausalSelfAttention.forward, MLP.forward, KVCache.update and Linear.forward, as this file repeats
+# them. A learner who edits one of them (another attention, an MLP without its activation) gets GPT.forward's
+# generation, slower and right, instead of this file's copy of the old code. After changing them on purpose,
+# change Decoder.step to match and set this to mirrored_source()'s new value (tests/test_decode.py checks it).
+MIRRORED = "7745207a0c4463130167512fb60711c77761d2e7440e0d62cf5f3cbeaa2fcb83"
+
+
+@functools.cache
+def _source_sha256(*functions: Callable) -> str | None:
+    try:
+        text = "".join(inspect.getsource(f) for f in functions)
+    except (OSError, TypeError):  # no source to read (a frozen or compiled install): cannot tell, so not trusted
+        return None
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def mirrored_source() -> str | None:
+    """The sha256 of the source of the forwards Decoder.step repeats, as they are now (see MIRRORED)."""
+    from fungpt.model import GPT, MLP, Block, CausalSelfAttention, KVCache  # (model.py imports this module)
+
+    return _source_sha256(GPT.forward, Block.forward, CausalSelfAttention.forward, MLP.forward, KVCache.update,
+                          Linear.forward)
 
 
 class _Layer(NamedTuple):
@@ -99,9 +127,8 @@ class Decoder:
     def supports(model: nn.Module, idx: torch.Tensor) -> bool:
         """Whether generating from idx (B, T) may use the Decoder: one float32 sequence on a CPU, no autocast,
         the model's own Linear layers, every forward the step re-implements as written (not overridden by a
-        subclass or on one module: an ablation's edit would be skipped), and no forward hooks anywhere (the
-        step calls no modules, so hooks would silently not run). An edit to model.py itself is caught by the
-        first step's check instead (GPT.generate_stream)."""
+        subclass or on one module, nor edited in model.py: an ablation's edit would be skipped), and no forward
+        hooks anywhere (the step calls no modules, so hooks would silently not run)."""
         from fungpt.model import GPT, MLP, Block, CausalSelfAttention  # (model.py imports this module)
 
         w = model.wte.weight
@@ -117,7 +144,7 @@ class Decoder:
         hooks = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()) or bool(
             nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
         return (one_cpu_float32 and own_linears and as_written and not hooks
-                and not torch.is_autocast_enabled("cpu"))
+                and not torch.is_autocast_enabled("cpu") and mirrored_source() == MIRRORED)
 
     def __init__(self, model, cache):
         c = model.config
@@ -176,22 +203,6 @@ class Decoder:
         # without gradients: decoding never needs them, and an inference tensor cannot be saved for backward
         with torch.no_grad():
             return self.lm_head(self.ln_f(x)).view(1, 1, -1)  # (1, 1, V)
-
-    def checked_step(self, token: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """step(token), checked against GPT.forward with the cache: (GPT.forward's logits (1, 1, V), whether the
-        two agree up to float32 rounding).
-
-        The step is a second copy of what model.py computes: a learner who edits model.py (an MLP without its
-        activation, another attention) changes GPT.forward, not this copy. GPT.generate_stream checks the first
-        step of every generation and falls back to GPT.forward where they differ (one forward pass more).
-        """
-        p = self.cache.pos
-        mine = self.step(token)
-        self.cache.pos = p  # the same position again, through the model's own forward (it rewrites p's k, v)
-        theirs = self.model(token.view(1, 1), kv_cache=self.cache)  # (1, 1, V)
-        # float32 sums in another order differ in the last digits (1e-6 relative); an edit, by far more
-        scale = 1e-4 * (1.0 + theirs.abs().max().item())
-        return theirs, bool((mine - theirs).abs().max().item() <= scale)
 
     def _blocks(self, token: torch.Tensor, p: int, T: int) -> torch.Tensor:
         """The residual stream x (C,) after every block, for the token at position p; fills the cache at p."""

@@ -462,8 +462,8 @@ class GPT(nn.Module):
         last block_size tokens (exactly what the uncached path sees), so the cache is
         rebuilt from that window, at every step from then on. One float32 sequence on a CPU takes
         its single-token steps through decode.py's Decoder: the same logits, far fewer operations
-        (GPT.forward instead with module hooks or overridden forwards, or when an edit to this file makes
-        the first step's logits differ from GPT.forward's).
+        (GPT.forward instead with module hooks, overridden forwards, or an edit to the forwards of this file
+        that decode.py repeats: see Decoder.supports).
 
         lookahead=k > 0 (greedy decoding, temperature=0, batch size 1, with the cache) turns on
         prompt-lookup speculation (speculative.py): guess the next k tokens by copying from
@@ -511,7 +511,6 @@ class GPT(nn.Module):
             cache = self.make_kv_cache(B) if use_cache else None
             # One float32 sequence on a CPU: single-token steps take the lean path of decode.py (see the docstring)
             decoder = Decoder(self, cache) if use_cache and Decoder.supports(self, idx) else None
-            checked = False  # its first step is checked against GPT.forward
             while n < end:
                 hold(True)
                 if min(n + 1 + lookahead, end) > seq.size(1):  # room for this step's tokens (a draft's too)
@@ -533,10 +532,7 @@ class GPT(nn.Module):
                             hold(True)
                         n = len(history)  # history holds the prompt and every token yielded so far
                         continue
-                    if decoder is not None and not checked:  # does the lean step compute what this file does?
-                        logits, agree = decoder.checked_step(seq[0, n - 1 : n])
-                        decoder, checked = (decoder if agree else None), True
-                    elif decoder is not None:
+                    if decoder is not None:
                         logits = decoder.step(seq[0, n - 1 : n])  # (1, 1, V), as GPT.forward below
                     else:
                         logits = self(seq[:, n - 1 : n], kv_cache=cache)  # (B, 1, V): just the newest token

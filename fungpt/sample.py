@@ -99,7 +99,10 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
             data = Path(prompt_file).read_bytes()
             refuse_utf16_or_32(prompt_file, data)
             prompt = data.decode("utf-8").removeprefix("\ufeff")
-        except (OSError, UnicodeDecodeError) as e:
+        except UnicodeDecodeError as e:
+            raise FunGPTError(f"prompt file {prompt_file} is not UTF-8 text (byte {e.start} is not): save it as "
+                              f"UTF-8") from None
+        except OSError as e:
             raise FunGPTError(f"cannot read prompt file {prompt_file}: {e}") from None
     loaded = load_run(run, checkpoint, device)
     ids = loaded.tokenizer.encode(prompt) if prompt else default_prompt_ids(loaded)

@@ -9,12 +9,14 @@ verification step of speculative decoding (Leviathan et al. 2023): keep every gu
 the model's own argmax, plus the model's token at the first wrong guess. The output is therefore
 exactly the plain greedy sequence; it only arrives sooner when the text repeats itself.
 
-GPT.generate_stream(lookahead=k) calls these two functions; they need only torch and the model.
+GPT.generate_stream(lookahead=k) calls these two functions; they need only torch, the model and sampling.py.
 """
 
 from collections.abc import Iterator
 
 import torch
+
+from fungpt.sampling import sample_next_token
 
 
 def lookup_draft(history: list[int], k: int, max_ngram: int = 3) -> list[int]:
@@ -56,7 +58,9 @@ def verify_draft(model, seq: torch.Tensor, n: int, draft: list[int], cache, hist
     accepted = 0
     while accepted < len(draft) and draft[accepted] == preds[accepted]:
         accepted += 1
-    new = preds[: accepted + 1]  # the right guesses, then the model's correction (or one bonus token)
+    # the right guesses, then the model's correction (or one bonus token): as the plain path picks each, refusing
+    # NaN or infinite logits (argmax alone took a NaN row's token 0); the rejected positions' are never seen
+    new = sample_next_token(logits[0, : accepted + 1], temperature=0)[:, 0].tolist()
     cache.pos = start + 1 + accepted  # keys/values of rejected guesses sit beyond pos: never read
     for i, tok in enumerate(new):
         seq[0, n + i] = tok

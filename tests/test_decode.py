@@ -183,11 +183,58 @@ def test_ablations_and_edits_of_the_model_reach_cached_generation(monkeypatch, c
         assert not Decoder.supports(model, prompt)
     monkeypatch.setattr(MLP, "forward", lambda self, x: self.c_proj(self.c_fc(x)))  # model.py edited
     edited = make_model()
-    assert Decoder.supports(edited, prompt)  # (not to be seen from here: the first step's check catches it)
+    assert not Decoder.supports(edited, prompt)  # (its source is not the one decode.py repeats)
     for model in (ablated, overridden, edited):
         cached = logits_of(model, True)
         torch.testing.assert_close(cached, logits_of(model, False), rtol=1e-4, atol=1e-5)
         assert (cached - before).abs().max() > 1e-2  # the change matters
+
+
+def test_decode_py_repeats_the_forwards_as_they_are_written():
+    """decode.MIRRORED is the sha256 of the forwards Decoder.step repeats. If this fails, model.py's forwards (or
+    KVCache.update, Linear.forward) changed: change Decoder.step to compute the same, then set MIRRORED to the
+    value below. Until then every generation runs through GPT.forward (right, and slower)."""
+    from fungpt.decode import MIRRORED, mirrored_source
+
+    assert mirrored_source() == MIRRORED, f"set decode.MIRRORED = {mirrored_source()!r} once Decoder.step matches"
+
+
+def test_an_edit_that_shows_only_at_later_positions_reaches_cached_generation(monkeypatch, cpu_matmul):
+    """A sliding attention window (a learner's exercise) changes nothing while the sequence is shorter than the
+    window: a check of the first decoding step passed, and later tokens came from decode.py's unedited copy."""
+    from fungpt import model as model_module
+
+    real = model_module.F.scaled_dot_product_attention
+
+    def windowed(q, k, v, attn_mask=None, is_causal=False, **kw):  # each query sees its last 4 keys at most
+        T, S = q.size(-2), k.size(-2)
+        i = torch.arange(S - T, S)[:, None]
+        j = torch.arange(S)[None, :]
+        return real(q, k, v, attn_mask=(j <= i) & (j > i - 4), **kw)
+
+    monkeypatch.setattr(model_module.CausalSelfAttention, "forward", _windowed_forward(windowed))
+    model = make_model()
+    prompt = torch.tensor([[1, 2, 3]])
+    assert not Decoder.supports(model, prompt)
+    cached = model.generate(prompt, 12, temperature=0)
+    assert torch.equal(cached, model.generate(prompt, 12, temperature=0, use_cache=False))
+
+
+def _windowed_forward(attention):
+    """CausalSelfAttention.forward with another attention function: an edit of model.py, as a learner makes it."""
+    from fungpt import model as model_module
+
+    source_forward = model_module.CausalSelfAttention.forward
+
+    def forward(self, x, positions, pos, kv_cache=None, attn_impl="sdpa"):
+        original = model_module.F.scaled_dot_product_attention
+        model_module.F.scaled_dot_product_attention = attention
+        try:
+            return source_forward(self, x, positions, pos, kv_cache, "sdpa")
+        finally:
+            model_module.F.scaled_dot_product_attention = original
+
+    return forward
 
 
 def test_decoder_refuses_what_it_cannot_run():

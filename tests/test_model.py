@@ -234,6 +234,25 @@ def allowed_tokens(logits, n=400, **kw):
     return set(draws.flatten().tolist())
 
 
+def test_speculation_refuses_nan_logits_as_plain_greedy_decoding_does(monkeypatch):
+    """verify_draft took argmax of the logits directly: a NaN row became token 0, an inf one won, where the plain
+    path stops with its clear error (a model that diverged)."""
+    model, idx = make_model(), torch.zeros(1, 6, dtype=torch.long)  # a repeating prompt: drafts are made
+    real = GPT.forward
+
+    def poisoned(self, x, *args, **kwargs):  # NaN logits from position 8 on, as a model gone bad might give
+        cache = kwargs.get("kv_cache")
+        t0 = cache.pos if cache is not None else 0
+        logits = real(self, x, *args, **kwargs)
+        at = torch.arange(t0, t0 + x.size(1))[None, :, None] >= 8  # (1, T, 1)
+        return logits.masked_fill(at, float("nan"))
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    for lookahead in (0, 4):
+        with pytest.raises(FunGPTError, match="the logits are NaN or infinite"):
+            model.generate(idx, 6, temperature=0.0, lookahead=lookahead, use_cache=True)
+
+
 def test_top_k_and_top_p_choose_from_the_tempered_distribution():
     """Temperature first, then top-k and top-p: the nucleus of [0.5, 0.25, 0.25] at temperature 2 is all three
     tokens (tempered: 0.41, 0.29, 0.29), at temperature 0.5 the first alone (0.67, 0.17, 0.17)."""

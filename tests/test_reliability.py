@@ -1071,6 +1071,7 @@ def _files(world, tmp_path) -> dict[str, str]:
     (t / "a_file").write_text("x")
     (t / "empty.txt").write_text("")
     (t / "utf16.txt").write_bytes("ROMEO:".encode("utf-16"))  # as Windows PowerShell's `>` writes it
+    (t / "latin1.txt").write_bytes("ROMÉO:".encode("latin-1"))
     other = t / "other"
     shutil.copytree(world["run"], other)
     (t / "prepared").mkdir()
@@ -1252,6 +1253,8 @@ BAD_INPUTS = {
     "sample: missing prompt file": (["sample", "--run", "{run}", "--prompt-file", "{tmp}/nope.txt"], "nope.txt"),
     "sample: a UTF-16 prompt file": (["sample", "--run", "{run}", "--prompt-file", "{tmp}/utf16.txt"],
                                      "utf16.txt is UTF-16 text (it starts with UTF-16's byte-order mark), not UTF-8"),
+    "sample: a prompt file that is not UTF-8": (["sample", "--run", "{run}", "--prompt-file", "{tmp}/latin1.txt"],
+                                                "latin1.txt is not UTF-8 text (byte 3 is not): save it as UTF-8"),
     "sample: cuda without a GPU": (["sample", "--run", "{run}", "--device", "cuda"], "CUDA"),
     "sample: unknown device": (["sample", "--run", "{run}", "--device", "tpu"], "choose auto, cpu, cuda or mps"),
     "eval: a numbered device": (["eval", "--run", "{run}", "--device", "cuda:0"], "CUDA_VISIBLE_DEVICES"),
