@@ -5,7 +5,7 @@ FunGPT's parameter names follow GPT-2's, with three differences this file transl
   * the position table is `wpe` (ours: `pos.wpe`, inside the swappable position module);
   * HF's GPT-2 uses `Conv1D` layers whose weight is (in, out), the transpose of `nn.Linear`'s
     (out, in), for c_attn, c_proj and c_fc: those four are transposed on the way in and out.
-Only plain GPT-2 can be written (learned positions, biases, LayerNorm, GELU, tied embeddings).
+Only plain GPT-2 can be written (learned positions, biases, LayerNorm, GELU, no QK-norm; a tied or untied head).
 `GPT.from_hf`, `GPT.hf_config` and `GPT.save_hf` call these functions.
 """
 

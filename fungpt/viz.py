@@ -235,7 +235,11 @@ def position_table(kind: str, block_size: int, n_embd: int, model=None) -> torch
 
         return SinusoidalPositions(block_size, n_embd).pe.clone()
     if kind == "learned":
-        if model is None or model.config.pos_encoding != "learned":
+        if model is not None and model.config.pos_encoding != "learned":
+            kind_of_run = model.config.pos_encoding
+            raise FunGPTError(f"this run has pos_encoding = {kind_of_run!r}, which has no learned table: draw "
+                              f"--pos-encoding {kind_of_run}, or pass a run with pos_encoding = 'learned'")
+        if model is None:
             raise FunGPTError("a learned position table only exists in a trained model: pass --run RUN of a run "
                               "with pos_encoding = 'learned'")
         return model.pos.wpe.weight.detach().float().cpu().clone()

@@ -251,6 +251,14 @@ def test_rope_rotation_equals_the_pairwise_rotation_formula():
         assert torch.allclose(xr, want, atol=1e-6)
 
 
+def test_the_models_rope_base_sets_its_angles():
+    """No test failed when make_positions dropped model.rope_base: --model.rope-base would have done nothing."""
+    hs = 16
+    model = small_model(pos_encoding="rope", rope_base=100.0, n_embd=32, n_head=2)
+    theta = 100.0 ** (-torch.arange(hs // 2) / (hs // 2))
+    assert torch.allclose(model.pos.cos[1, : hs // 2], theta.cos(), atol=1e-6)  # position 1: the angles themselves
+
+
 def test_qk_norm_uses_the_models_norm_kind():
     ln = small_model(qk_norm=True).blocks[0].attn
     rms = small_model(qk_norm=True, norm="rmsnorm").blocks[0].attn

@@ -527,3 +527,16 @@ def test_the_sample_command_passes_its_stop_at_eot_flag_on(run_dir, monkeypatch)
     assert main(["sample", "--run", str(run_dir), "--no-stop-at-eot"]) == 0
     assert main(["sample", "--run", str(run_dir)]) == 0
     assert seen == [False, True]
+
+
+def test_a_learned_table_asked_of_another_runs_model_names_its_encoding():
+    """Passing --run of a RoPE run said "a learned position table only exists in a trained model" to a user who
+    had passed a trained model."""
+    from fungpt.errors import FunGPTError
+    from fungpt.model import GPT, GPTConfig
+    from fungpt.viz import position_table
+
+    model = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8, pos_encoding="rope"))
+    with pytest.raises(FunGPTError, match="this run has pos_encoding = 'rope', which has no learned table: draw "
+                                          "--pos-encoding rope"):
+        position_table("learned", 8, 8, model)
