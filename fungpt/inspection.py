@@ -88,9 +88,10 @@ def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", 
                  formula against the tensors autograd actually saves (within 25% on small models).
     weight_copies  N x s          only with 16-bit autocast: the cast copies of the weights that
                                  live through forward and backward
-    temporaries  2 x per-block activations (with at most two (T, T) tensors) + N x 4 bytes: the gradients of
-                 the block backward is working on, and AdamW's batched-update scratch (checked against the
-                 measured peak of a small CPU run in tests/test_hardware.py: within 2x)
+    temporaries  2 x per-block activations (with at most two (T, T) tensors) + N x 4 bytes + 2 x 4 B T V: the
+                 gradients the block backward is working on, AdamW's batched-update scratch, and the
+                 cross-entropy's two (B, T, V) gradients (checked against the measured peak of small CPU runs in
+                 tests/test_hardware.py: within 2x)
     kv_cache     2 x n_layer x B x T x C x s      what generation with a KV cache of B sequences
                                                    of T tokens stores (not used in training)
     Returns a dict of those byte counts plus 'total' (training: everything but kv_cache),
@@ -115,7 +116,10 @@ def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", 
     per_block = s * (16 + extra) * B * T * C + (3 if dropout else 1) * square
     activations = L * per_block + s * 2 * B * T * C + FP32 * B * T * V  # (bytes)
     # a block's backward works on gradients like its saved tensors, but on two (T, T) ones at most, with dropout too
-    temporaries = 2 * (s * (16 + extra) * B * T * C + square) + n * FP32
+    # and at the top of the backward pass, the gradients of the log-softmax and of the logits: two more (B, T, V)
+    # float32 tensors (with a large vocabulary they are most of the peak: V = 16384, B = 32, T = 256 measured
+    # 2.6 GiB against 0.65 estimated without them, and without dropping the logits in the training loop)
+    temporaries = 2 * (s * (16 + extra) * B * T * C + square) + n * FP32 + 2 * FP32 * B * T * V
     mem = {"weights": n * FP32, "grads": n * FP32, "optimizer": 2 * n * FP32, "activations": activations,
            "weight_copies": n * s if s < FP32 else 0, "temporaries": temporaries}
     mem["total"] = sum(mem.values())
@@ -215,6 +219,10 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
             named = model_fields_named(target, []) if not hf_folder else ()
             model = pretrained.merge_model_config(cfg.model, checkpoint, default_model(), named)
             tokens = pretrained.tokenizer_size(cfg.model.init_from)  # a padded table is trimmed, as training does
+            if tokens is not None and tokens < model.vocab_size:  # said, as training says it
+                trimmed = (f"the checkpoint has {model.vocab_size:,} token embeddings for its tokenizer's {tokens:,} "
+                           f"tokens: shown as fine-tuning trains it, with the {tokens:,} in use")
+                info["vocab_note"] = "; ".join(n for n in (info["vocab_note"], trimmed) if n)
             model = pretrained.trim_vocab(model, tokens) if tokens is not None else model
         else:
             vocab, info["vocab_note"] = _vocab_for_config(cfg)

@@ -271,7 +271,7 @@ def _timed_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_op
                 for _ in range(tc.grad_accum_steps):
                     x, y = loader.next_batch()
                     with autocast():
-                        _, loss = model(x, y)
+                        loss = model(x, y)[1]  # (as the trainer: the logits are not kept)
                     scaler.scale(loss / tc.grad_accum_steps).backward()
                 scaler.step(optimizer)
                 scaler.update()

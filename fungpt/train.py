@@ -472,8 +472,10 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
                               f"beside it has {tokens} tokens: the folder was edited or mixed up; run `fungpt "
                               f"prepare --overwrite` again")
         if "vocab_size" in model_named and cfg.model.vocab_size != meta["vocab_size"] and is_main:
+            other = ("prepare the text again with `fungpt prepare --vocab-size`" if is_prepared(cfg.data.path)
+                     else "set data.vocab_size")  # (a prepared folder's tokenizer is fixed)
             print(f"fungpt: note: model.vocab_size = {cfg.model.vocab_size} is replaced by the {meta['vocab_size']} "
-                  f"tokens of the data's tokenizer (for a BPE of another size, set data.vocab_size)")
+                  f"tokens of the data's tokenizer (for a BPE of another size, {other})")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=int(meta["vocab_size"])))
     check_split_fits(meta, cfg.model.block_size, prepared_by_user=is_prepared(cfg.data.path))
     return cfg, data_dir, pre
@@ -746,7 +748,7 @@ def evaluate(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, device: str
         for k in range(cfg.train.eval_iters):
             x, y = loader.next_batch()
             with autocast():
-                _, loss = model(x, y)
+                loss = model(x, y)[1]
             losses[k] = loss.float().item()
         out[split] = losses.mean().item()
     if cfg.train.eval_full_val:
@@ -1478,8 +1480,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 with sync:
                     try:
                         with autocast():
-                            _, loss = fwd_model(x, y)
-                            loss = loss / tc.grad_accum_steps
+                            # (the logits, B x T x V floats, are not kept: the loss's backward does not need them)
+                            loss = fwd_model(x, y)[1] / tc.grad_accum_steps
                         scaler.scale(loss).backward()
                     except torch.cuda.OutOfMemoryError:
                         from fungpt.plan import out_of_memory_advice

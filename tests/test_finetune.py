@@ -489,6 +489,11 @@ def test_a_model_with_more_embeddings_than_tokens_fine_tunes_into_a_usable_run(h
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_iters=2, checkpoint_interval=2))
     train(cfg, progress=False)
     assert f"has {n_tok + 47:,} token embeddings for {n_tok:,} tokens" in capsys.readouterr().out
+    from fungpt.cli import main
+
+    assert main(["inspect", str(padded)]) == 0  # inspect says so too (it showed the trimmed model without a word)
+    assert (f"the checkpoint has {n_tok + 47:,} token embeddings for its tokenizer's {n_tok:,} tokens: shown as "
+            f"fine-tuning trains it") in capsys.readouterr().out
     run = load_run(out, device="cpu")
     assert run.model.config.vocab_size == run.tokenizer.vocab_size == n_tok
     # the rows kept are the tokenizer's ids, 0..n_tok-1: the pretrained embeddings, before any training

@@ -1688,10 +1688,14 @@ def test_a_model_vocab_size_given_from_scratch_is_said_to_be_replaced(world, tmp
     argv = ["train", "--data.path", str(world["data"]), "--out-dir", str(tmp_path / "new"), *TINY_MODEL,
             "--train.device", "cpu", "--dry-run"]
     assert main([*argv, "--model.vocab-size", "500"]) == 0
+    # (world["data"] is a prepared folder: its tokenizer is fixed, data.vocab_size would do nothing there)
     assert ("fungpt: note: model.vocab_size = 500 is replaced by the 22 tokens of the data's tokenizer (for a BPE "
-            "of another size, set data.vocab_size)") in capsys.readouterr().out
+            "of another size, prepare the text again with `fungpt prepare --vocab-size`)") in capsys.readouterr().out
     assert main(argv) == 0
     assert "model.vocab_size" not in capsys.readouterr().out
+    text = [a if a != str(world["data"]) else str(world["corpus"]) for a in argv]  # the text itself
+    assert main([*text, "--model.vocab-size", "500"]) == 0
+    assert "(for a BPE of another size, set data.vocab_size)" in capsys.readouterr().out
 
 
 def test_data_settings_a_prepared_folder_leaves_unused_are_named(world, tmp_path, capsys):
