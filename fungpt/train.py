@@ -30,6 +30,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable, Collection
@@ -690,7 +691,9 @@ NUMERICS = ("device", "dtype", "cpu_matmul", "threads", "torch")
 def numerics_notes(saved: dict[str, Any], now: dict[str, Any], step: int) -> list[str]:
     """One line when a resume computes differently from the steps before it (run.json `saved` against `now`):
     its losses then leave an uninterrupted run's in the last digits, which exact resume otherwise promises."""
-    shown = lambda v: "none" if v is None else v  # noqa: E731 (cpu_matmul on a GPU, or under autocast)
+    def shown(value: Any) -> Any:
+        return "none" if value is None else value  # (cpu_matmul on a GPU, or under autocast)
+
     changed = [f"{k} {shown(saved[k])} -> {shown(now[k])}" for k in NUMERICS if k in saved and saved[k] != now[k]]
     return [f"fungpt: note: the arithmetic changed since step {step} ({', '.join(changed)}): from here the losses "
             f"differ from an uninterrupted run's in the last digits"] if changed else []
@@ -1022,8 +1025,6 @@ class _StopFlag:
 
 def _into_file(stream) -> bool:
     """Whether stream writes into a regular file or a pipe (a log), not a terminal or a notebook's output."""
-    import stat
-
     try:
         mode = os.fstat(stream.fileno()).st_mode
     except (AttributeError, ValueError, OSError):  # (no file behind it: a notebook's stream, a StringIO)
@@ -1140,8 +1141,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     # The text the data was prepared from and how it was split (no sha256: token ids prepared elsewhere): a resume
     # onto edited text, or a folder prepared again with another split, says so
     data_meta = load_meta(data_dir)
-    data_sha256 = (f"{data_meta['source_sha256']}:{data_meta['train_tokens']}:{data_meta['val_tokens']}"
-                   if data_meta.get("source_sha256") else None)
+    data_fingerprint = (f"{data_meta['source_sha256']}:{data_meta['train_tokens']}:{data_meta['val_tokens']}"
+                        if data_meta.get("source_sha256") else None)  # the text's sha256 : train : val tokens
     out_dir = Path(cfg.out_dir)
     # A fine-tune's weights are read now, before the run folder is touched: a damaged or refused weights file
     # must not leave an empty run behind, nor (with --overwrite) have deleted the run that was there
@@ -1236,8 +1237,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         if step < tc.max_iters:
             for note in resume_notes(saved_train, tc, step):
                 say(note)
-            was = manifest.get("data_sha256")  # (checkpoints from before it was recorded: None)
-            if was is not None and data_sha256 is not None and was != data_sha256:
+            was = manifest.get("data_fingerprint")  # (checkpoints from before it was recorded: None)
+            if was is not None and data_fingerprint is not None and was != data_fingerprint:
                 say(f"fungpt: note: the data changed since step {step} (its text's sha256, or how it is split, "
                     f"differs from what the checkpoint recorded): the val split may now hold text the run trained "
                     f"on, and val losses before and after this step do not compare")
@@ -1277,7 +1278,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     # Each checkpoint records what it belongs to, so loading can refuse a mismatched config or tokenizer.
     ckpt_extra = {"model": cfg.model.to_dict(), "train": dataclasses.asdict(tc),
                   "tokenizer_sha256": ckpt.tokenizer_fingerprint(out_dir) if ddp.is_main else None,
-                  "data_sha256": data_sha256}
+                  "data_fingerprint": data_fingerprint}
 
     # Compile and wrap *after* loading; saving always uses `model`, the plain module.
     if tc.compile:
