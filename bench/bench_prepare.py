@@ -91,7 +91,7 @@ def main() -> None:
             *(f"| {label} | {seconds:.2f} | {rate:.1f} | {tokens:,} |" for label, seconds, rate, tokens in results),
             "",
         ]
-        new_file = not path.exists()
+        new_file = not path.exists() or path.stat().st_size == 0  # check_append may have created it empty
         with open(path, "a", encoding="utf-8") as f:
             if new_file:
                 f.write("# Benchmarks\n")

@@ -293,3 +293,18 @@ def test_bench_commands_are_recorded_ready_to_run_again(bench, tmp_path):
     check_append(Parser(), tmp_path / "ok.md")  # can be written: nothing said
     with pytest.raises(SystemExit, match="--append .*missing/x.md: No such file or directory"):
         check_append(Parser(), tmp_path / "missing" / "x.md")  # before measuring, not after
+
+
+def test_bench_prepare_starts_a_new_append_file_with_its_title(bench, tmp_path, monkeypatch):
+    import bench_prepare
+
+    text = tmp_path / "small.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 200, encoding="utf-8")
+    monkeypatch.setattr(bench_prepare, "shakespeare_path", lambda: text)  # hermetic: no Tiny Shakespeare
+    out = tmp_path / "new.md"
+    monkeypatch.setattr(sys, "argv", ["bench_prepare.py", "--mb", "0.001", "--bpe-vocab", "300", "--append", str(out)])
+    bench_prepare.main()  # check_append creates the file empty before measuring
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "# Benchmarks"
+    assert lines[2].startswith("## prepare throughput, ")
+    assert lines.count("| tokenizer | seconds | MB/s | tokens |") == 1
