@@ -234,8 +234,9 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
         tokens = np.memmap(data_dir / "val.bin", dtype=np.dtype(meta["dtype"]), mode="r")  # (n,)
         # A folder of token ids made without `fungpt prepare` (README: "Data of your own token ids") may not know
         # the size of its text: loss and perplexity still stand, bits per byte and per character cannot be told
-        n_bytes, n_chars, source = meta.get("val_bytes"), meta.get("val_chars", meta.get("val_bytes")), \
-            f"{data_dir} (val)"
+        # (val_chars alone is missing too when only val_bytes was written: bits per character then stay unknown,
+        # since the bytes equal the characters only for ASCII text)
+        n_bytes, n_chars, source = meta.get("val_bytes"), meta.get("val_chars"), f"{data_dir} (val)"
         if n_bytes is None:
             note = (f"fungpt: note: {data_dir / 'meta.json'} has no val_bytes (the size of the val text), so bits per "
                     f"byte and per character cannot be given; pass --input VAL_TEXT_FILE to score the text itself")
@@ -261,12 +262,15 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
     # it (a byte-level token can hold part of a character: a character starts at each byte that is not a UTF-8
     # continuation byte, 10xxxxxx). An <|endoftext|> between the files of a prepared split is not counted as text.
     first = int(tokens[0])
-    head = b"" if input is None and first == loaded.tokenizer.eot_id else loaded.tokenizer.token_bytes(first)
+    head = (b"" if (input is None and first == loaded.tokenizer.eot_id) or (n_bytes is None and n_chars is None)
+            else loaded.tokenizer.token_bytes(first))  # (not needed without a size: GPT-2 ids need no tiktoken)
     bits = total_nll / math.log(2)
     per_byte = per_char = math.nan  # (unknown: a folder of token ids without its text's size)
     if n_bytes is not None:
-        n_bytes, n_chars = n_bytes - len(head), n_chars - sum((b & 0xC0) != 0x80 for b in head)
+        n_bytes -= len(head)
         per_byte = bits / n_bytes if n_bytes > 0 else math.nan
+    if n_chars is not None:
+        n_chars -= sum((b & 0xC0) != 0x80 for b in head)
         per_char = bits / n_chars if n_chars > 0 else math.nan
     return {"loss": loss, "perplexity": math.exp(loss), "bits_per_token": loss / math.log(2),
             "bits_per_byte": per_byte, "bits_per_char": per_char, "note": note,

@@ -585,19 +585,33 @@ def _load_gpt2_encoding(timeout: float = GPT2_LOAD_TIMEOUT_S):
     )
 
 
+GPT2_VOCAB_SIZE, GPT2_EOT_ID = 50257, 50256  # GPT-2's encoding: 50,000 merges + 256 bytes + <|endoftext|>, last
+
+
 class GPT2Tokenizer(Tokenizer):
     """GPT-2's own 50,257-token byte-level BPE, through tiktoken."""
 
     name = "gpt2"
 
-    def __init__(self, encoding=None):
-        # `encoding` lets tests inject a tiktoken.Encoding without the network.
-        self._enc = encoding if encoding is not None else _load_gpt2_encoding()
-        self._eot = self._enc.encode_single_token(EOT_TEXT)
+    def __init__(self, encoding=None, *, vocab_size: int | None = None, eot_id: int | None = None):
+        """encoding: a tiktoken.Encoding (tests inject one without the network); without one, tiktoken's "gpt2"
+        is loaded now, or, given the vocab_size and eot_id a saved tokenizer records, on first use: training
+        on ids already encoded needs only the size, not tiktoken's files (which need the network once)."""
+        if encoding is None and (vocab_size is None or eot_id is None):
+            encoding = _load_gpt2_encoding()
+        self._encoding = encoding
+        self._size = encoding.n_vocab if encoding is not None else vocab_size
+        self._eot = encoding.encode_single_token(EOT_TEXT) if encoding is not None else eot_id
+
+    @property
+    def _enc(self):
+        if self._encoding is None:
+            self._encoding = _load_gpt2_encoding()
+        return self._encoding
 
     @property
     def vocab_size(self) -> int:
-        return self._enc.n_vocab
+        return self._size
 
     @property
     def eot_id(self) -> int | None:
@@ -615,8 +629,13 @@ class GPT2Tokenizer(Tokenizer):
     def token_bytes(self, token_id: int) -> bytes:
         return self._enc.decode_single_token_bytes(token_id)
 
+    def first_difference(self, other: Tokenizer) -> int | None:
+        if isinstance(other, GPT2Tokenizer) and other.vocab_size == self.vocab_size:
+            return None  # one fixed encoding: no need to load it to compare every id
+        return super().first_difference(other)
+
     def _save_files(self, directory: Path) -> dict:
-        return {"encoding": "gpt2"}
+        return {"encoding": "gpt2", "vocab_size": self.vocab_size, "eot_id": self.eot_id}
 
 
 # ---------------------------------------------------------------------------
@@ -691,7 +710,11 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
             raise FunGPTError(f"BPE tokenizer file {bpe_path} is missing; {_RESTORE}")
         return BPETokenizer.load(bpe_path)
     if kind == "gpt2":
-        return GPT2Tokenizer()
+        # the size as recorded (a hand-made {"kind": "gpt2"} has GPT-2's); the encoding is loaded when first used
+        size, eot = meta.get("vocab_size", GPT2_VOCAB_SIZE), meta.get("eot_id", GPT2_EOT_ID)
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (size, eot)) or eot >= size:
+            raise FunGPTError(f"tokenizer file {meta_path} is corrupt (bad vocab_size or eot_id); {_RESTORE}")
+        return GPT2Tokenizer(vocab_size=size, eot_id=eot)
     if kind == HF_KIND:
         hf_path = meta_path.parent / named
         if not hf_path.is_file():

@@ -367,3 +367,17 @@ def test_why_a_download_failed_in_a_few_words():
         ValueError("bad " * 100))) <= 160
     long_word = why_download_failed(OSError("x" * 300))  # one long word: cut, not dropped
     assert long_word.startswith("OSError: xxx") and long_word.endswith(" ...") and len(long_word) <= 160
+
+
+def test_a_saved_gpt2_tokenizer_loads_its_size_without_tiktoken(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # offline, or not installed
+    (tmp_path / "tokenizer_meta.json").write_text(json.dumps({"kind": "gpt2"}))  # as the README has it written
+    tok = load_tokenizer(tmp_path)
+    assert (tok.vocab_size, tok.eot_id) == (50257, 50256)
+    assert tok.first_difference(load_tokenizer(tmp_path)) is None  # the same fixed encoding: nothing loaded
+    with pytest.raises(FunGPTError, match="pip install tiktoken"):
+        tok.decode([1])  # what needs the encoding asks for it when used
+    for bad in ({"vocab_size": "50257"}, {"eot_id": 50257}, {"vocab_size": True}):
+        (tmp_path / "tokenizer_meta.json").write_text(json.dumps({"kind": "gpt2", **bad}))
+        with pytest.raises(FunGPTError, match="is corrupt \\(bad vocab_size or eot_id\\)"):
+            load_tokenizer(tmp_path)

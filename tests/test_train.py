@@ -1289,6 +1289,31 @@ def test_bits_per_byte_of_a_folder_leave_out_the_endoftext_between_its_files(tmp
     assert "was prepared by an older FunGPT, which counted each <|endoftext|>" in evaluate_run(out)["note"]
 
 
+def test_a_folder_of_gpt2_ids_trains_without_tiktoken_and_sampling_says_what_it_needs(tmp_path, monkeypatch):
+    """README, "Data of your own token ids" with {"kind": "gpt2"}: training needs the vocabulary's size, not
+    tiktoken's files (which need the network once); decoding a sample does need them, and says so."""
+    import numpy as np
+
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # `import tiktoken` fails: as offline as it gets
+    folder = tmp_path / "ids"
+    folder.mkdir()
+    ids = (np.arange(3000) * 7919 % 50257).astype(np.uint16)  # ids all over GPT-2's vocabulary
+    ids[:2700].tofile(folder / "train.bin")
+    ids[2700:].tofile(folder / "val.bin")
+    (folder / "meta.json").write_text(json.dumps({"format_version": 1, "tokenizer": "gpt2", "vocab_size": 50257,
+                                                  "eot_id": 50256, "dtype": "uint16", "train_tokens": 2700,
+                                                  "val_tokens": 300}))
+    (folder / "tokenizer_meta.json").write_text(json.dumps({"kind": "gpt2"}))
+    out = tmp_path / "run"
+    train(tiny_config(folder, out, max_iters=2), progress=False)
+    assert json.loads((out / "config.json").read_text())["model"]["vocab_size"] == 50257
+    assert json.loads((out / "tokenizer_meta.json").read_text())["kind"] == "gpt2"
+    train(tiny_config(folder, out, max_iters=4), progress=False, resume=True)  # the resume check loads nothing
+    assert evaluate_run(out)["tokens"] == 299  # eval's loss needs no decoding either
+    with pytest.raises(FunGPTError, match="pip install tiktoken"):
+        sample(out, prompt="the", max_new_tokens=2, seed=1)
+
+
 def test_a_folder_of_token_ids_made_as_the_readme_says_trains_samples_and_evaluates(corpus, tmp_path):
     """README, "Data of your own token ids": two .bin files, meta.json and tokenizer_meta.json written by hand."""
     import numpy as np
@@ -1311,3 +1336,8 @@ def test_a_folder_of_token_ids_made_as_the_readme_says_trains_samples_and_evalua
     res = evaluate_run(out)
     assert res["tokens"] == len(ids) - cut - 1 and math.isfinite(res["loss"]) and math.isnan(res["bits_per_byte"])
     assert "has no val_bytes" in res["note"]
+    # with val_bytes alone, bits per byte are given but not bits per character: bytes are not characters
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "val_bytes": 2 * (len(ids) - cut)}))
+    res = evaluate_run(out)
+    assert math.isfinite(res["bits_per_byte"]) and math.isnan(res["bits_per_char"])
