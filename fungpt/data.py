@@ -647,6 +647,20 @@ def prepare(
 _REQUIRED_KEYS = ("format_version", "tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens")
 
 
+OWN_IDS = "README, \"Data of your own token ids\""  # where a folder of token ids made without prepare is described
+
+
+def mend(meta: dict | None) -> str:
+    """How to mend a damaged dataset folder, for the end of a message. `fungpt prepare` made the folder when its
+    meta.json names the text's sha256: prepare it again. A folder of the user's own token ids has no text to
+    prepare from (and `prepare --overwrite` would replace its files): correct it by hand. meta None: unread."""
+    if meta is None:
+        return f"run `fungpt prepare --overwrite` again, or, for a folder of your own token ids, correct it ({OWN_IDS})"
+    if "source_sha256" in meta:
+        return "run `fungpt prepare --overwrite` again"
+    return f"correct meta.json or the files ({OWN_IDS})"
+
+
 def check_token_ids(data_dir: Path, meta: dict, chunk: int = 1 << 26) -> None:
     """Refuse token ids >= meta's vocab_size, as a hand-made or edited dataset may hold: the embedding lookup
     would otherwise fail mid-run with a raw IndexError (on a GPU, a device-side assert). A folder written by
@@ -664,13 +678,24 @@ def check_token_ids(data_dir: Path, meta: dict, chunk: int = 1 << 26) -> None:
             continue
         bin_path = Path(data_dir) / f"{split}.bin"
         ids = np.memmap(bin_path, dtype=meta["dtype"], mode="r")
+        # uint32 ids read as uint16 are little-endian pairs (id, 0): every second value 0, and nothing out of range
+        head = ids[:4096]
+        if meta["dtype"] == "uint16" and len(head) >= 64 and not head[1::2].any() and head[0::2].any():
+            raise FunGPTError(f"{bin_path} looks like uint32 token ids (every second uint16 is 0) but meta.json says "
+                              f"dtype uint16: set \"dtype\": \"uint32\" and halve train_tokens and val_tokens "
+                              f"({OWN_IDS})")
         for start in range(0, len(ids), chunk):
             top = int(ids[start:start + chunk].max())
             if top >= vocab:
                 where = start + int(np.argmax(ids[start:start + chunk] >= vocab))
-                raise FunGPTError(f"{bin_path} holds token id {int(ids[where])} (at token {where}), but meta.json's "
-                                  f"vocab_size is {vocab}: ids must be below it. Prepare the data again with "
-                                  f"`fungpt prepare`, or correct vocab_size in meta.json")
+                bad = int(ids[where])
+                if meta["dtype"] == "uint32" and bad >> 16 < vocab and bad & 0xFFFF < vocab:
+                    raise FunGPTError(f"{bin_path} holds token id {bad} (at token {where}), two ids below vocab_size "
+                                      f"{vocab} side by side: the file looks like uint16 ids, but meta.json says "
+                                      f"dtype uint32; set \"dtype\": \"uint16\" and double train_tokens and "
+                                      f"val_tokens ({OWN_IDS})")
+                raise FunGPTError(f"{bin_path} holds token id {bad} (at token {where}), but meta.json's "
+                                  f"vocab_size is {vocab}: ids must be below it; {mend(meta)}")
 
 
 def is_prepared(path: str | Path) -> bool:
@@ -711,14 +736,14 @@ def load_meta(data_dir: str | Path) -> dict:
         missing = [k for k in _REQUIRED_KEYS if k not in meta]
     except (OSError, ValueError, TypeError) as e:
         raise FunGPTError(
-            f"{meta_path} is corrupt ({type(e).__name__}); run `fungpt prepare --overwrite` again"
+            f"{meta_path} is corrupt ({type(e).__name__}); {mend(None)}"
         ) from None
     if missing:
-        raise FunGPTError(f"{meta_path} lacks {', '.join(missing)}; run `fungpt prepare --overwrite` again")
+        raise FunGPTError(f"{meta_path} lacks {', '.join(missing)}; {mend(meta)}")
     if meta["format_version"] != FORMAT_VERSION:
         raise FunGPTError(
             f"{meta_path} has format version {meta['format_version']}, this FunGPT reads version "
-            f"{FORMAT_VERSION}; run `fungpt prepare --overwrite` again"
+            f"{FORMAT_VERSION}; {mend(meta)}"
         )
     # Whole numbers (a hand-edited "8100" would multiply as a string), each at least this. val_bytes and val_chars,
     # the val text's size that eval's bits per byte/char divide by, are optional: a folder made by hand may lack them
@@ -728,22 +753,24 @@ def load_meta(data_dir: str | Path) -> dict:
     if bad:
         why = "; ".join(f"{k} must be a whole number{f' of at least {least[k]}' if least[k] else ''} (got {meta[k]!r})"
                         for k in bad)
-        raise FunGPTError(f"{meta_path} is corrupt: {why}; run `fungpt prepare --overwrite` again")
+        raise FunGPTError(f"{meta_path} is corrupt: {why}; {mend(meta)}")
     if meta["dtype"] not in ("uint16", "uint32"):  # what prepare writes (see token_dtype)
         raise FunGPTError(f"{meta_path} names the token dtype {meta['dtype']!r}, which FunGPT does not read: token "
                           f"ids are stored as uint16 (a vocabulary up to 65,536) or uint32; convert the .bin files, "
-                          f"or run `fungpt prepare --overwrite` again")
+                          f"or {mend(meta)}")
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in SPLITS:
         bin_path = data_dir / f"{split}.bin"
         if not bin_path.is_file():
-            raise FunGPTError(f"{bin_path} is missing; run `fungpt prepare --overwrite` again")
+            raise FunGPTError(f"{bin_path} is missing; {mend(meta)}")
         expected = meta[f"{split}_tokens"] * itemsize
         actual = bin_path.stat().st_size
         if actual != expected:
+            fits = ("source_sha256" not in meta and actual % itemsize == 0
+                    and f"set {split}_tokens to {actual // itemsize} (the file's size over {itemsize} bytes), or ")
             raise FunGPTError(
                 f"{bin_path} has {actual} bytes but meta.json promises {meta[f'{split}_tokens']} "
-                f"{meta['dtype']} tokens ({expected} bytes); run `fungpt prepare --overwrite` again"
+                f"{meta['dtype']} tokens ({expected} bytes); {fits or ''}{mend(meta)}"
             )
     return meta
 

@@ -684,7 +684,8 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     meta_path = Path(directory) / META_FILE
     if not meta_path.is_file():
         raise FunGPTError(f"no tokenizer found: {meta_path} is missing (a prepared dataset gets one from `fungpt "
-                          f"prepare`, a run folder from `fungpt train`)")
+                          f"prepare`, a run folder from `fungpt train`; a folder of your own token ids needs one "
+                          f"written by hand: README, \"Data of your own token ids\")")
     try:
         meta = read_json(meta_path)
         kind = meta["kind"]

@@ -50,6 +50,7 @@ from fungpt import checkpoint as ckpt
 from fungpt import pretrained
 from fungpt.config import DataConfig, RunConfig, TrainConfig, default_model, is_hf_config, load_run_config
 from fungpt.data import (
+    OWN_IDS,
     BatchLoader,
     cache_dir,
     check_split_fits,
@@ -57,6 +58,7 @@ from fungpt.data import (
     is_prepared,
     iter_eval_windows,
     load_meta,
+    mend,
     prepare,
     resolve_source,
 )
@@ -469,9 +471,10 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
     else:
         tokens = load_tokenizer(data_dir).vocab_size  # (a model of another size could never be loaded with it)
         if tokens != meta["vocab_size"]:
+            fix = (f"set vocab_size to {tokens} there: the model's vocabulary is its tokenizer's ({OWN_IDS})"
+                   if "source_sha256" not in meta else mend(meta))  # (nanoGPT pads GPT-2's 50257 to 50304)
             raise FunGPTError(f"{data_dir / 'meta.json'} says vocab_size {meta['vocab_size']} but the tokenizer "
-                              f"beside it has {tokens} tokens: the folder was edited or mixed up; run `fungpt "
-                              f"prepare --overwrite` again")
+                              f"beside it has {tokens} tokens: the folder was edited or mixed up; {fix}")
         if "vocab_size" in model_named and cfg.model.vocab_size != meta["vocab_size"] and is_main:
             other = ("prepare the text again with `fungpt prepare --vocab-size`" if is_prepared(cfg.data.path)
                      else "set data.vocab_size")  # (a prepared folder's tokenizer is fixed)

@@ -851,3 +851,40 @@ def test_a_linked_folder_inside_the_input_folder_is_read_once(tmp_path):
     except OSError:
         pytest.skip("no symbolic links here")
     assert [p.relative_to(top).as_posix() for p in resolve_source(top)] == ["b.txt", "linked/a.txt", "zz/z.txt"]
+
+
+def test_a_folder_of_own_ids_is_told_what_to_correct_not_to_prepare_again(tmp_path, corpus):
+    """A hand-made folder (README, "Data of your own token ids") has no text to prepare from, and `prepare
+    --overwrite` would replace its files: its messages say what to correct. prepare's own folders: prepare again."""
+    from fungpt.data import check_token_ids
+
+    def folder(name, ids, dtype="uint16", **meta):
+        d = tmp_path / name
+        d.mkdir()
+        ids[:900].tofile(d / "train.bin")
+        ids[900:].tofile(d / "val.bin")
+        size = ids.itemsize / np.dtype(dtype).itemsize  # declared tokens per id written: counts that fit the files
+        (d / "meta.json").write_text(json.dumps({"format_version": 1, "tokenizer": "char", "vocab_size": 50,
+                                                 "dtype": dtype, "train_tokens": int(900 * size),
+                                                 "val_tokens": int((len(ids) - 900) * size), **meta}))
+        return d
+
+    ids = (np.arange(1000) % 50).astype(np.uint16)
+    odd = folder("odd", ids, train_tokens=901)
+    with pytest.raises(FunGPTError, match=r"promises 901 uint16 tokens \(1802 bytes\); set train_tokens to 900 \(the "
+                                          r"file's size over 2 bytes\), or correct meta.json or the files \(README"):
+        load_meta(odd)
+    wide = folder("wide", ids.astype(np.uint32), dtype="uint16")  # uint32 ids declared uint16: (id, 0) pairs
+    with pytest.raises(FunGPTError, match=r"looks like uint32 token ids .* set \"dtype\": \"uint32\" and halve"):
+        check_token_ids(wide, load_meta(wide))
+    narrow = folder("narrow", ids, dtype="uint32")  # uint16 ids declared uint32: two ids in each value
+    with pytest.raises(FunGPTError, match=r"holds token id 65536 \(at token 0\), two ids below vocab_size 50 side by "
+                                          r"side: .* set \"dtype\": \"uint16\" and double"):
+        check_token_ids(narrow, load_meta(narrow))
+    fine = folder("fine", ids)
+    check_token_ids(fine, load_meta(fine))  # right as it is: nothing said
+    prepared = prepare(corpus, tmp_path / "p", tokenizer="char", progress=False)
+    with open(prepared / "train.bin", "ab") as f:
+        f.write(b"\0\0")
+    with pytest.raises(FunGPTError, match=r"\(\d+ bytes\); run `fungpt prepare --overwrite` again$"):
+        load_meta(prepared)

@@ -1341,3 +1341,8 @@ def test_a_folder_of_token_ids_made_as_the_readme_says_trains_samples_and_evalua
     (folder / "meta.json").write_text(json.dumps({**meta, "val_bytes": 2 * (len(ids) - cut)}))
     res = evaluate_run(out)
     assert math.isfinite(res["bits_per_byte"]) and math.isnan(res["bits_per_char"])
+    # a vocab_size padded past the tokenizer's (as nanoGPT pads GPT-2's): what to correct, not "prepare again"
+    (folder / "meta.json").write_text(json.dumps({**meta, "vocab_size": len(chars) + 6}))
+    with pytest.raises(FunGPTError, match=f"set vocab_size to {len(chars)} there: the model's vocabulary is its "
+                                          f"tokenizer's \\(README, \"Data of your own token ids\"\\)$"):
+        train(tiny_config(folder, tmp_path / "padded", max_iters=2), progress=False)
