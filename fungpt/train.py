@@ -663,8 +663,9 @@ def resume_notes(saved: TrainConfig, new: TrainConfig, step: int) -> list[str]:
                                 if getattr(saved, n) != getattr(new, n))
             end = (" (the decay ends at max_iters unless train.lr_decay_iters is set)"
                    if new.lr_decay_iters is None and saved.max_iters != new.max_iters else "")
+            digits = next(d for d in range(3, 18) if f"{now:.{d}g}" != f"{was:.{d}g}")  # enough to tell them apart
             notes.append(f"fungpt: note: the lr schedule changed ({changed}){end}: at step {step} the lr is now "
-                         f"{now:.3g}, not {was:.3g}")
+                         f"{now:.{digits}g}, not {was:.{digits}g}")
     changed = [f"{n} {getattr(saved, n)} -> {getattr(new, n)}" for n in OPTIMIZER_SETTINGS
                if getattr(saved, n) != getattr(new, n) and (new.optimizer == "muon" or not n.startswith("muon_"))]
     if changed:

@@ -498,6 +498,13 @@ def test_resume_says_when_its_lr_schedule_or_eval_batches_change(world, tmp_path
     step7 = next(r["lr"] for r in rows if r["step"] == 7)  # the step after 6 ran at the lr the note gave
     assert step7 > 0.001 and f"{step7:.3g}" == said_lr[1]
 
+    from fungpt.train import resume_notes
+
+    # a finished run extended by 2 steps: lr 1.001e-4 instead of min_lr 1e-4, shown with digits that differ
+    saved = TrainConfig(max_iters=300, warmup_iters=5, lr=1e-3, min_lr=1e-4)
+    (note,) = resume_notes(saved, dataclasses.replace(saved, max_iters=302), 300)
+    assert note.endswith("at step 300 the lr is now 0.0001001, not 0.0001"), note
+
     pinned = tmp_path / "pinned"  # decay end pinned, other seed: the schedule is the same, the eval batches not
     train(tiny_config(world["corpus"], pinned, max_iters=6, lr_decay_iters=10, checkpoint_interval=100),
           progress=False)
