@@ -6,13 +6,16 @@
 Tiny Shakespeare is downloaded once (sha256-checked) or read from $FUNGPT_DATA_DIR.
 """
 
+import argparse
 import sys
 
 from fungpt import DataConfig, GPTConfig, RunConfig, TrainConfig, sample, train
 
 
 def main() -> None:
-    quick = "--quick" in sys.argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a 200-step smoke run instead of 2,000 steps")
+    quick = ap.parse_args().quick  # (--help, or a mistyped flag, stops here: the run folder is replaced below)
     cfg = RunConfig(
         out_dir="out/example-shakespeare-char",
         data=DataConfig(path="shakespeare", tokenizer="char"),

@@ -979,6 +979,25 @@ def test_examples_run(tmp_path, monkeypatch, corpus):
 
 
 @pytest.mark.parametrize("script, argv", [
+    ("examples/shakespeare_char.py", []), ("examples/custom_corpus.py", ["poems.txt"]),
+    ("examples/finetune_gpt2.py", []), ("docs/make_figures.py", []),
+])
+def test_scripts_refuse_a_mistyped_flag_before_training(script, argv, monkeypatch, tmp_path, capsys):
+    """`--quik` (or --help) must not start a run, which would replace the script's previous run folder."""
+    import runpy
+
+    import fungpt
+
+    monkeypatch.setattr(fungpt, "train", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(sys.modules["fungpt.train"], "train", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [script, *argv, "--quik"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    assert stop.value.code == 2 and "unrecognized arguments: --quik" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, argv", [
     ("examples/shakespeare_char.py", ["--quick"]),
     ("examples/custom_corpus.py", ["{corpus}", "--chars"]),
     ("examples/finetune_gpt2.py", ["--init-from", "{tmp}/nowhere"]),
