@@ -83,6 +83,17 @@ def _cut_long_runs(chunks: Iterable[str]) -> Iterable[str]:
 GPT2_LOAD_TIMEOUT_S = 60.0
 
 
+def not_utf8(ch: str) -> str | None:
+    """What to say of a character that stands for a byte that was not UTF-8, or None for any other.
+
+    Python turns such bytes in command-line arguments into lone surrogates U+DC80..U+DCFF (PEP 383): a prompt
+    typed in a terminal set to Latin-1, say. No tokenizer can encode them, whatever its vocabulary."""
+    if "\udc80" <= ch <= "\udcff":
+        return (f"the text holds byte 0x{ord(ch) - 0xDC00:02x}, which is not UTF-8 (from a terminal not set to "
+                f"UTF-8?); set the terminal to UTF-8, or pass the text in a UTF-8 file (--prompt-file)")
+    return None
+
+
 class Tokenizer:
     """The interface every tokenizer implements.
 
@@ -284,7 +295,7 @@ class CharTokenizer(Tokenizer):
         if ids.size and ids.min() < 0:
             pos = int(np.argmax(ids < 0))
             fix = ("the text has line endings in \\r (Windows: \\r\\n): convert them to \\n first (e.g. dos2unix)"
-                   if text[pos] == "\r" else "use a bpe tokenizer or remove it")
+                   if text[pos] == "\r" else not_utf8(text[pos]) or "use a bpe tokenizer or remove it")
             raise FunGPTError(
                 f"character {text[pos]!r} at position {offset + pos:,} is not in this char-level vocabulary "
                 f"({self.vocab_size} characters seen in training); {fix}"
@@ -414,6 +425,8 @@ class BPETokenizer(Tokenizer):
                 return True
 
         bad = next((ch for ch in dict.fromkeys(text) if fails(ch)), None)  # unique characters, in order
+        if bad is not None and not_utf8(bad):
+            return FunGPTError(f"this tokenizer cannot encode the text: {not_utf8(bad)}")
         what = f"character {bad!r} is not in its vocabulary" if bad is not None else str(error)
         return FunGPTError(f"this tokenizer cannot encode the text: {what}; remove it from the text, or use a "
                            f"tokenizer that covers it")

@@ -381,3 +381,11 @@ def test_a_saved_gpt2_tokenizer_loads_its_size_without_tiktoken(tmp_path, monkey
         (tmp_path / "tokenizer_meta.json").write_text(json.dumps({"kind": "gpt2", **bad}))
         with pytest.raises(FunGPTError, match="is corrupt \\(bad vocab_size or eot_id\\)"):
             load_tokenizer(tmp_path)
+
+
+def test_a_byte_that_was_not_utf8_is_named_as_such(bpe):
+    """`--prompt $'caf\xe9'` from a Latin-1 terminal reaches Python as 'caf\udce9' (PEP 383): not a character a
+    vocabulary lacks, but a byte that is not UTF-8."""
+    for tok in (CharTokenizer.train("cafe"), bpe):
+        with pytest.raises(FunGPTError, match=r"byte 0xe9, which is not UTF-8 .* \(--prompt-file\)$"):
+            tok.encode("caf\udce9")
