@@ -521,6 +521,15 @@ def prepare(
             f"the {which} split has 0 tokens ({n_chars} characters of text, val fraction {val_fraction}); "
             "use more text or a different --val-fraction"
         )
+    # A split of <|endoftext|> separators alone (files holding only a byte-order mark, say) would have tokens but
+    # no text (a char vocabulary's separator, a newline, is text)
+    separators_in_train = sum(min(end, boundary) - start for start, end in separator_spans if start < boundary)
+    separators_in_val = sum(end - max(start, boundary) for start, end in separator_spans if end > boundary)
+    for which, text_chars in (("train", boundary - separators_in_train),
+                              ("val", n_chars - boundary - separators_in_val)):
+        if text_chars == 0 and has_eot:
+            raise FunGPTError(f"the {which} split holds no text, only the separators between files (val fraction "
+                              f"{val_fraction}); use more text or a different --val-fraction")
 
     # --- the tokenizer ---------------------------------------------------------------
     if given is not None:

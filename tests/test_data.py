@@ -888,3 +888,18 @@ def test_a_folder_of_own_ids_is_told_what_to_correct_not_to_prepare_again(tmp_pa
         f.write(b"\0\0")
     with pytest.raises(FunGPTError, match=r"\(\d+ bytes\); run `fungpt prepare --overwrite` again$"):
         load_meta(prepared)
+
+
+def test_a_split_of_separators_alone_is_refused_before_anything_is_written(tmp_path):
+    """A folder whose last file holds only a byte-order mark: the val split would be one <|endoftext|> and no text
+    (val_bytes 0), a folder that load_meta then called corrupt, and that preparing again made again."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("x" * 2000, encoding="utf-8")
+    (folder / "b.txt").write_bytes(b"\xef\xbb\xbf")
+    with pytest.raises(FunGPTError, match=r"the val split holds no text, only the separators between files"):
+        prepare(folder, tmp_path / "out", tokenizer="bpe", vocab_size=300, val_fraction=0.006, progress=False)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    # a char vocabulary's separator is a newline, text like any other: a val split of it alone is one character
+    meta = load_meta(prepare(folder, tmp_path / "out", tokenizer="char", val_fraction=0.0004, progress=False))
+    assert meta["val_tokens"] == meta["val_bytes"] == 1
