@@ -219,7 +219,7 @@ def cmd_train(args: list[str], start_time: float) -> None:
         from fungpt.plan import dry_run
 
         if _rank() == 0:  # under torchrun the plan is printed once (it counts every process's tokens)
-            dry_run(parsed.run, model_named=named)
+            dry_run(parsed.run, model_named=named, resume=parsed.resume, overwrite=parsed.overwrite)
         return
     result = train(parsed.run, resume=parsed.resume, overwrite=parsed.overwrite, start_time=start_time,
                    model_named=named)

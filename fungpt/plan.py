@@ -151,17 +151,33 @@ def _fmt_duration(s: float) -> str:
 
 
 def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = print,
-            model_named: Collection[str] = ()) -> dict[str, Any]:
+            model_named: Collection[str] = (), resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Print the plan for `cfg` and return its figures; trains a few steps to time them, saves nothing.
-    `model_named`: as for train.train."""
+    `model_named`, `resume`, `overwrite`: as for train.train (what training would refuse is refused; a resume
+    plans the steps from its checkpoint's on)."""
+    from fungpt import checkpoint as ckpt
     from fungpt.data import BatchLoader, load_meta
-    from fungpt.train import configure_optimizer, resolve_model_and_data
+    from fungpt.train import (
+        check_out_dir,
+        check_resume_model,
+        configure_optimizer,
+        resolve_model_and_data,
+        resume_point,
+    )
 
     tc = cfg.train
     prec = detect_precision(tc.device, tc.dtype, tc.optimizer)
     if tc.compile:
         check_compile(prec.device)  # refused as training would refuse it
-    cfg, data_dir, pre = resolve_model_and_data(cfg, progress=False, model_named=model_named)
+    check_out_dir(cfg, resume, overwrite)  # likewise (a folder that holds another run, nothing to resume, ...)
+    folder = resume_point(cfg)[1] if resume else None
+    cfg, data_dir, pre = resolve_model_and_data(cfg, progress=False, model_named=model_named,
+                                                resume_dir=Path(cfg.out_dir) if resume else None)
+    if resume:
+        check_resume_model(cfg)
+    # where a resume starts: its checkpoint's step, and the part of a time budget it has used
+    start = int(ckpt.verify_checkpoint(folder)["step"]) if folder is not None else 0
+    used_s = float(ckpt.load_state(folder)["elapsed_s"]) if folder is not None and tc.max_minutes else 0.0
     mc = cfg.model
 
     # 1-2. Size and compute, on the meta device: shapes only, no memory.
@@ -181,9 +197,10 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
     have = have // sharing if have is not None else None
     fits = have is None or mem["total"] <= SAFETY * have
     out(f"fungpt: dry run: {prec.reason}")
-    start = f"pretrained {pre.name}" if pre else "scratch"
+    origin = (f"resuming {cfg.out_dir} at step {start:,}" if resume
+              else f"pretrained {pre.name}" if pre else "scratch")
     out(f"  model          {n_params:,} parameters ({mc.n_layer} layers, {mc.n_head} heads, n_embd {mc.n_embd}, "
-        f"block_size {mc.block_size}, vocab {mc.vocab_size:,}; from {start})")
+        f"block_size {mc.block_size}, vocab {mc.vocab_size:,}; from {origin})")
     out(f"  per step       {tokens_per_step:,} tokens (batch {tc.batch_size} x block {mc.block_size} x "
         f"grad_accum {tc.grad_accum_steps}" + (f" x {world} processes" if world > 1 else "")
         + f"), {flops_per_step:.3g} FLOPs")
@@ -207,17 +224,23 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
     if step_s is not None:
         # Each evaluation runs eval_iters forward passes on each of 2 splits (with eval_full_val, the val split's
         # every window instead); a forward pass is about a third of a micro-step (backward costs twice as much).
-        evals = 1 + tc.max_iters // tc.eval_interval + (tc.max_iters % tc.eval_interval != 0)  # step 0 and last
+        steps = max(0, tc.max_iters - start)
+        # at step 0 (a new run), every eval_interval steps after `start`, and at the last step
+        evals = ((start == 0) + tc.max_iters // tc.eval_interval - start // tc.eval_interval
+                 + (tc.max_iters % tc.eval_interval != 0)) if steps else 0
         val_batches = (math.ceil((load_meta(data_dir)["val_tokens"] - 1) / mc.block_size) / tc.batch_size
                        if tc.eval_full_val else tc.eval_iters)
         eval_s = evals * (tc.eval_iters + val_batches) * step_s / tc.grad_accum_steps / 3
-        total_s = tc.max_iters * step_s + eval_s
-        line = (f"  time           {step_s * 1000:.0f} ms per step (median of {timed_steps}): {tc.max_iters:,} steps "
+        total_s = steps * step_s + eval_s
+        left = f" (from step {start:,} to max_iters = {tc.max_iters:,})" if resume else ""
+        line = (f"  time           {step_s * 1000:.0f} ms per step (median of {timed_steps}): {steps:,} steps{left} "
                 f"+ evals ~ {_fmt_duration(total_s)}")
-        if tc.max_minutes is not None and total_s > tc.max_minutes * 60:
-            steps_in_budget = int(max(0.0, tc.max_minutes * 60 - eval_s) / step_s)
-            line += f"; max_minutes = {tc.max_minutes} stops it after about {steps_in_budget:,} steps"
-            total_s = tc.max_minutes * 60
+        budget_s = tc.max_minutes * 60 - used_s if tc.max_minutes is not None else None
+        if budget_s is not None and total_s > budget_s:
+            steps_in_budget = int(max(0.0, budget_s - eval_s) / step_s)
+            spent = f", {used_s / 60:.1f} of them used," if used_s else ""
+            line += f"; max_minutes = {tc.max_minutes}{spent} stops it after about {steps_in_budget:,} steps"
+            total_s = max(0.0, budget_s)
         if world > 1:
             line += " (timed in one process alone; the processes also all-reduce their gradients each step)"
         if tc.compile:  # (compiling here would take as long as it does at the run's start)

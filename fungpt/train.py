@@ -485,6 +485,24 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
     return cfg, data_dir, pre
 
 
+def check_resume_model(cfg: RunConfig) -> None:
+    """Refuse to resume the run in cfg.out_dir with another model than its checkpoints hold (cfg resolved:
+    vocab_size is the data's)."""
+    out = Path(cfg.out_dir)
+    saved = load_run_config(out)
+    if saved.model != cfg.model:
+        old, new = saved.model.to_dict(), cfg.model.to_dict()
+        diffs = [f"{k} {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k]]
+        if [k for k in old if old[k] != new[k]] == ["vocab_size"] and saved.model.init_from == "scratch":
+            # from scratch vocab_size is not a setting: it is the size of the data's tokenizer
+            raise FunGPTError(f"cannot resume {out}: its data now has {new['vocab_size']} distinct tokens where "
+                              f"the checkpoint was trained on {old['vocab_size']}; {cfg.data.path} (or its "
+                              f"tokenizer settings) changed since. Resume with the original data, or train "
+                              f"into a new out_dir")
+        raise FunGPTError(f"cannot resume {out}: its checkpoint was trained with a different model "
+                          f"({'; '.join(diffs)}); use the original settings or a new out_dir")
+
+
 def prepare_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, locked: bool = True) -> Path:
     """Check the run folder: refuse to mix two runs in one folder, or to resume with another model.
 
@@ -498,18 +516,7 @@ def prepare_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, locked: bool 
     if resume:
         # A run killed before its first checkpoint has a config.json but nothing to load; it
         # resumes by starting from step 0 (after the same model check as any other resume).
-        saved = load_run_config(out)
-        if saved.model != cfg.model:
-            old, new = saved.model.to_dict(), cfg.model.to_dict()
-            diffs = [f"{k} {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k]]
-            if [k for k in old if old[k] != new[k]] == ["vocab_size"] and saved.model.init_from == "scratch":
-                # from scratch vocab_size is not a setting: it is the size of the data's tokenizer
-                raise FunGPTError(f"cannot resume {out}: its data now has {new['vocab_size']} distinct tokens where "
-                                  f"the checkpoint was trained on {old['vocab_size']}; {cfg.data.path} (or its "
-                                  f"tokenizer settings) changed since. Resume with the original data, or train "
-                                  f"into a new out_dir")
-            raise FunGPTError(f"cannot resume {out}: its checkpoint was trained with a different model "
-                              f"({'; '.join(diffs)}); use the original settings or a new out_dir")
+        check_resume_model(cfg)
     elif has_run:  # with --overwrite, or a run that never saved (check_out_dir refused anything else)
         if not overwrite:
             print(f"fungpt: {out} held a run that stopped before its first checkpoint: starting it over")
@@ -632,6 +639,22 @@ def configure_optimizer(model: GPT, tc: TrainConfig, device: str) -> torch.optim
 
 # The [train] fields configure_optimizer reads, besides the lr schedule's (a resume applies them as now set)
 OPTIMIZER_SETTINGS = ("beta1", "beta2", "weight_decay", "muon_lr", "muon_momentum")
+
+
+def resume_point(cfg: RunConfig) -> tuple[RunConfig, Path | None, dict[str, Any] | None, TrainConfig]:
+    """What a resume of cfg.out_dir starts from, checked before the data (after check_out_dir): the run's saved
+    config, its latest checkpoint folder and manifest (every file's size and sha256 verified; None for a run
+    that never saved) and the [train] settings it was trained with. Refuses another optimizer (its saved state
+    is another's)."""
+    saved_cfg = load_run_config(Path(cfg.out_dir))  # (check_out_dir found it loadable)
+    folder = ckpt.find_checkpoint(cfg.out_dir)
+    manifest = ckpt.verify_checkpoint(folder) if folder is not None else None
+    saved_train = trained_with(manifest, saved_cfg)
+    if folder is not None and saved_train.optimizer != cfg.train.optimizer:
+        raise FunGPTError(f"cannot resume {cfg.out_dir}: it was trained with train.optimizer = "
+                          f"{saved_train.optimizer!r}, not {cfg.train.optimizer!r}; resume with --train.optimizer "
+                          f"{saved_train.optimizer}, or train into a new out_dir")
+    return saved_cfg, folder, manifest, saved_train
 
 
 def trained_with(manifest: dict[str, Any] | None, saved_cfg: RunConfig | None) -> TrainConfig | None:
@@ -1129,16 +1152,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     # on GPUs the run does not use).
     held.enter_context(torch.random.fork_rng(devices=[ddp.local_rank] if prec.device == "cuda" else []))
     check_out_dir(cfg, resume, overwrite, check_lock=ddp.is_main)  # before preparing data (can take minutes)
-    saved_cfg = load_run_config(Path(cfg.out_dir)) if resume else None  # (check_out_dir found it loadable)
     check_loggers(tc)  # likewise, and before the run folder is written (a retry would need --overwrite)
-    # A resume's checkpoint is checked (every file's size and sha256) before the data, too
-    folder = ckpt.find_checkpoint(cfg.out_dir) if resume else None
-    manifest = ckpt.verify_checkpoint(folder) if folder is not None else None
-    saved_train = trained_with(manifest, saved_cfg)  # the [train] settings the checkpoint was trained with
-    if folder is not None and saved_train.optimizer != tc.optimizer:  # (its saved state is another's)
-        raise FunGPTError(f"cannot resume {cfg.out_dir}: it was trained with train.optimizer = "
-                          f"{saved_train.optimizer!r}, not {tc.optimizer!r}; resume with --train.optimizer "
-                          f"{saved_train.optimizer}, or train into a new out_dir")
+    saved_cfg, folder, manifest, saved_train = resume_point(cfg) if resume else (None, None, None, None)
 
     cfg, data_dir, pre = resolve_model_and_data(cfg, ddp.is_main, progress and ddp.is_main, model_named,
                                                 resume_dir=Path(cfg.out_dir) if resume else None)

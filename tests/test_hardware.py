@@ -209,8 +209,8 @@ def test_dry_run_counts_what_a_real_run_builds_and_writes_nothing(corpus, tmp_pa
     # evals at steps 0 and 2 (max_iters 2 ends on no eval_interval multiple: the final one is its own)
     assert figures["eval_s"] == pytest.approx(2 * 2 * 2 * figures["step_s"] / 3)  # 2 evals x 2 splits x 2 batches
     # the whole val split scored at each eval (eval_full_val) is counted, not eval_iters batches of it
-    full = plan.dry_run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_full_val=True)),
-                        timed_steps=1)
+    full = plan.dry_run(dataclasses.replace(cfg, out_dir=str(tmp_path / "new"),  # (run: refused without --resume)
+                                            train=dataclasses.replace(cfg.train, eval_full_val=True)), timed_steps=1)
     from fungpt.data import load_meta
     from fungpt.train import resolve_data
 
@@ -270,6 +270,33 @@ def test_dry_run_and_training_refuse_alike_and_before_writing_anything(corpus, t
             assert re.search(message, err.strip().splitlines()[-1]), err
         monkeypatch.undo()
         assert not (tmp_path / "r").exists()
+
+
+def test_dry_run_of_a_resume_plans_the_steps_left_and_refuses_what_the_resume_would(corpus, tmp_path, capsys):
+    """--dry-run --resume planned a new run from step 0: it counted every step, accepted another model (which the
+    resume refuses) and "planned" the resume of a folder holding no run."""
+    base = ["train", "--data.path", str(corpus), "--train.device", "cpu", "--model.n-layer", "1", "--model.n-embd",
+            "32", "--model.n-head", "2", "--model.block-size", "16", "--train.batch-size", "2",
+            "--train.eval-interval", "4", "--train.eval-iters", "1"]
+    run = ["--out-dir", str(tmp_path / "r")]
+    assert main(base + run + ["--train.max-iters", "8"]) == 0
+    capsys.readouterr()
+    assert main(base + run + ["--train.max-iters", "10", "--resume", "--dry-run"]) == 0
+    said = capsys.readouterr().out
+    assert f"from resuming {tmp_path / 'r'} at step 8)" in said
+    assert re.search(r": 2 steps \(from step 8 to max_iters = 10\) \+ evals", said), said
+    refusals = [(run + ["--dry-run"], "already holds a training run"),  # neither --resume nor --overwrite
+                (run + ["--resume", "--dry-run", "--model.n-layer", "2"], "trained with a different model "
+                                                                           "\\(n_layer 1 -> 2\\)"),
+                (run + ["--resume", "--dry-run", "--train.optimizer", "muon"], "trained with train.optimizer = "
+                                                                                 "'adamw', not 'muon'"),
+                (["--out-dir", str(tmp_path / "none"), "--resume", "--dry-run"], "nothing to resume in")]
+    for flags, message in refusals:
+        assert main(base + flags) != 0
+        err = capsys.readouterr().err
+        assert re.search(message, err.strip().splitlines()[-1]), err
+    assert main(base + run + ["--overwrite", "--dry-run"]) == 0  # planned as a new run, and nothing deleted
+    assert ": 2,000 steps + evals" in capsys.readouterr().out and (tmp_path / "r" / "latest.json").is_file()
 
 
 def test_a_bfloat16_run_records_no_matmul_library(corpus, tmp_path, capsys):
