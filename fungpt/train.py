@@ -351,9 +351,13 @@ def lock_out_dir(out: Path):
     if fcntl is None:
         yield False
         return
-    try:
-        f = open(out / LOCK_FILE, "a+", encoding="utf-8")
+    try:  # never through a symbolic link (a copied or shared folder may hold one): it would overwrite its target
+        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        f = os.fdopen(fd, "r+", encoding="utf-8")
     except OSError as e:
+        if e.errno == errno.ELOOP or (out / LOCK_FILE).is_symlink():
+            raise FunGPTError(f"{out / LOCK_FILE} is a symbolic link, which training would write through; delete "
+                              f"it (a run makes its own)") from None
         raise FunGPTError(f"cannot write {out / LOCK_FILE}: {e.strerror or e}; choose another out_dir") from None
     with f:
         try:

@@ -298,6 +298,21 @@ with lock_out_dir(Path(sys.argv[1])):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="the run lock is POSIX flock")
+@pytest.mark.skipif(os.name == "nt", reason="the run lock is POSIX-only")
+def test_a_symlinked_lock_file_is_refused_and_its_target_left_alone(world, tmp_path):
+    """A run folder copied or shared with a symbolic link as its .fungpt-train.lock: training wrote its
+    "pid ... on HOST" line through it, over whatever file it named."""
+    victim = tmp_path / "notes.txt"
+    victim.write_text("important\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".fungpt-train.lock").symlink_to(victim)
+    with pytest.raises(FunGPTError, match=r"\.fungpt-train\.lock is a symbolic link, which training would write "
+                                          r"through; delete it \(a run makes its own\)$"):
+        train(tiny_config(world["corpus"], out, max_iters=2), progress=False)
+    assert victim.read_text() == "important\n"
+
+
 def test_a_live_runs_folder_is_refused(world, tmp_path, capsys):
     """While a run trains in a folder, no second train may resume, overwrite or restart it there."""
     out = copy_run(world, tmp_path)
