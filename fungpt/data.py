@@ -69,8 +69,10 @@ from tqdm import tqdm
 from fungpt.checkpoint import open_new_temp
 from fungpt.errors import FunGPTError, read_json
 from fungpt.tokenizer import (
+    BPE_FILE,
     DEFAULT_BPE_VOCAB,
     EOT_TEXT,
+    META_FILE,
     CharTokenizer,
     GPT2Tokenizer,
     Tokenizer,
@@ -421,12 +423,19 @@ def _remove_stale_temps(out: Path) -> None:
     prepare appends to its .bin files every few megabytes. (Not by process id: another machine, or another
     container on this one, can share the folder and the host name but not the process ids.)"""
     now = time.time()
-    for kind in ("tmp", "old"):
-        for folder in out.parent.glob(f"{glob.escape(out.name)}.{kind}-*"):
-            with contextlib.suppress(OSError):
-                newest = max([folder.stat().st_mtime, *(p.stat().st_mtime for p in folder.iterdir())])
-                if now - newest > STALE_TEMP_S:
-                    shutil.rmtree(folder, ignore_errors=True)
+    # Only what prepare names and writes: OUT.tmp-HOST-PID (OUT.tmp-PID before), holding nothing but a dataset's
+    # files. A folder of the user's beside OUT (corpus.old-v1, a backup) is never taken for one.
+    name = re.compile(rf"{re.escape(out.name)}\.(tmp|old)-([^-/]+-)?\d+")
+    ours = {"train.bin", "val.bin", "meta.json", META_FILE, BPE_FILE}
+    for folder in out.parent.glob(f"{glob.escape(out.name)}.*-*"):
+        with contextlib.suppress(OSError):
+            files = list(folder.iterdir())
+            if not (name.fullmatch(folder.name) and folder.is_dir() and not folder.is_symlink()
+                    and all(p.name in ours or p.name.startswith(".tokenizer.tmp-") for p in files)):
+                continue
+            newest = max([folder.stat().st_mtime, *(p.stat().st_mtime for p in files)])
+            if now - newest > STALE_TEMP_S:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> None:

@@ -70,7 +70,7 @@ def read_bin(directory: Path, split: str) -> np.ndarray:
 
 def leftovers(parent: Path) -> list[str]:
     """Names of temporary folders prepare may have left in `parent`."""
-    return [p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
 
 
 # --- prepare: contents ---------------------------------------------------------
@@ -496,8 +496,15 @@ def test_temporary_folders_of_a_killed_prepare_are_removed(tmp_path, corpus):
         if folder in stale:
             os.utime(folder / "train.bin", (hour_ago, hour_ago))
             os.utime(folder, (hour_ago, hour_ago))
+    # the user's own folders beside it, as old: a backup by a name like ours, one of ours holding a file of theirs
+    backup, kept = tmp_path / "out.old-v1", tmp_path / "out.old-host-124"
+    for folder in (backup, kept):
+        folder.mkdir()
+        (folder / "notes.txt").write_text("mine")
+        os.utime(folder / "notes.txt", (hour_ago, hour_ago))
+        os.utime(folder, (hour_ago, hour_ago))
     prepare(corpus, out, progress=False)
-    assert leftovers(tmp_path) == [live.name]
+    assert leftovers(tmp_path) == sorted([live.name, backup.name, kept.name])
 
 
 def test_a_dataset_in_a_hidden_folder_inside_the_input_folder_is_allowed(tmp_path):
