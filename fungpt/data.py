@@ -731,8 +731,8 @@ def is_prepared(path: str | Path) -> bool:
     if not any(p.name != "meta.json" for p in path.iterdir()):
         return True  # nothing else: no text to read, a prepared folder that lost the rest
     try:
-        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # (not JSON, not UTF-8: the user's own file)
+        meta = read_json(path / "meta.json")
+    except (OSError, ValueError):  # (not JSON, not UTF-8, nested past the parser's depth: the user's own file)
         return False
     return isinstance(meta, dict) and "format_version" in meta and "train_tokens" in meta
 

@@ -796,6 +796,8 @@ def test_a_text_folder_with_a_meta_json_of_its_own_is_text(tmp_path, monkeypatch
     texts = tmp_path / "poems"
     texts.mkdir()
     (texts / "a.txt").write_text("roses are red\n" * 40, encoding="utf-8")
+    (texts / "meta.json").write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")  # past the parser's depth
+    assert not is_prepared(texts)  # (a RecursionError traceback)
     (texts / "meta.json").write_text('{"title": "my poems"}', encoding="utf-8")
     assert not is_prepared(texts)
     data_dir = resolve_data(DataConfig(path=str(texts)), progress=False)
