@@ -78,6 +78,9 @@ MAX_ATTENTION_TOKENS = 256  # a 256 x 256 heatmap is 65k numbers, about 0.5 MB o
 TOP_K_SHOWN = 10  # candidates sent with every token
 MAX_TRAIN_POINTS = 1000  # the loss curve is thinned to at most this many train points
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
+# A request body larger than any good one (a 4,000-character prompt or 3,048 ids are tens of KB of JSON) is
+# refused before it is read: parsed, JSON costs about 13x its size in memory (an 80 MB body: +1 GB for seconds)
+MAX_BODY_BYTES = 1 << 20
 
 
 # ---------------------------------------------------------------------------- requests
@@ -205,6 +208,13 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
                 names = f"its IP addresses or {names}"
             return _error(400, f"this server answers requests for {names}, not for the Host {host!r} (to allow "
                                f"that name, start it with --allow-host NAME)")
+        if request.method == "POST":  # (uvicorn stops a body at its Content-Length: the length is what is read)
+            length = request.headers.get("content-length")
+            if length is None:
+                return _error(411, "send the request body with a Content-Length header (not chunked)")
+            if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+                return _error(413, f"the request body ({length} bytes) is larger than this server takes "
+                                   f"({MAX_BODY_BYTES:,} bytes)")
         return await call_next(request)
 
     # The run as served. Training may still be going: a newer checkpoint is loaded at the next request. A

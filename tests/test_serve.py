@@ -234,6 +234,24 @@ def test_malformed_requests(url):
         assert httpx.head(f"{url}{route}").status_code == 200
 
 
+def test_a_body_larger_than_any_good_request_is_refused_before_it_is_read(url):
+    """An 80 MB list of ids was read, parsed (about 1 GB for seconds) and only then refused as too many tokens."""
+    from fungpt.serve import MAX_BODY_BYTES
+
+    big = b'{"ids": [' + b"1," * (MAX_BODY_BYTES // 2) + b'1]}'
+    r = httpx.post(f"{url}/api/attention", content=big, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"] == (
+        f"the request body ({len(big)} bytes) is larger than this server takes ({MAX_BODY_BYTES:,} bytes)")
+
+    def chunked():  # no Content-Length: the size is not known before reading
+        yield b'{"prompt": "The", "max_new_tokens": 1}'
+
+    r = httpx.post(f"{url}/api/generate", content=chunked(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 411 and "Content-Length" in r.json()["error"]
+    r = httpx.post(f"{url}/api/generate", json={"prompt": "The", "max_new_tokens": 1})  # as the page sends
+    assert r.status_code == 200
+
+
 def test_a_foreign_host_name_is_refused(url):
     """DNS rebinding: a page of attacker.example whose name now points at 127.0.0.1 must not use the model."""
     for path, method in (("/api/info", "GET"), ("/api/generate", "POST"), ("/", "GET")):
