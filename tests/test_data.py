@@ -9,6 +9,7 @@ import errno
 import hashlib
 import json
 import os
+import random
 import shutil
 import time
 import urllib.error
@@ -110,6 +111,19 @@ def test_prepare_writes_consistent_dataset(tmp_path, corpus, kind, vocab):
         assert ids.tolist() == tok.encode(text)  # same as encoding the split in one go
         assert tok.decode(ids.tolist()) == text
     assert leftovers(tmp_path) == []
+
+
+def test_prepare_counts_utf8_bytes_not_characters(tmp_path):
+    """train_bytes + val_bytes are the text's UTF-8 bytes (bits per byte divide by them): counting characters
+    instead agrees only on ASCII text."""
+    text = "café 日本\n" * 50  # 8 characters, 13 bytes a line
+    path = tmp_path / "utf8.txt"
+    path.write_text(text, encoding="utf-8")
+    meta = load_meta(prepare(path, tmp_path / "out", progress=False))
+    assert meta["train_chars"] + meta["val_chars"] == 8 * 50
+    assert meta["train_bytes"] + meta["val_bytes"] == len(text.encode("utf-8")) == 13 * 50
+    n_train = int(len(text) * 0.9)
+    assert meta["train_bytes"] == len(text[:n_train].encode("utf-8")) != n_train
 
 
 def test_small_chunks_give_identical_bpe_tokens(tmp_path, corpus, monkeypatch):
@@ -606,6 +620,20 @@ def test_batch_loader_seeds_and_ranks(char_data):
     assert all(torch.equal(a, b) for a, b in same)
     assert not torch.equal(batches(seed=1)[0], batches(seed=2)[0])
     assert not torch.equal(batches(rank=0, world_size=2)[0], batches(rank=1, world_size=2)[0])
+
+
+def test_batch_loader_train_and_val_draw_different_windows(tmp_path):
+    """The split is mixed into the seed: with the same seed, a val loader that drew the train loader's window starts
+    would evaluate the same positions of the text the model is trained on (here both splits hold the same tokens,
+    so equal starts would give equal batches)."""
+    half = "".join(random.Random(0).choices("abcdefghijklmnopqrstuvwxyz", k=500))  # windows unlike each other
+    path = tmp_path / "twice.txt"
+    path.write_text(half + half, encoding="utf-8")
+    data = prepare(path, tmp_path / "out", val_fraction=0.5, progress=False)
+    assert read_bin(data, "train").tolist() == read_bin(data, "val").tolist()
+    train, val = (BatchLoader(data, split, batch_size=4, block_size=8, seed=3) for split in ("train", "val"))
+    for _ in range(3):
+        assert not torch.equal(train.next_batch()[0], val.next_batch()[0])
 
 
 def test_batch_loader_resume_exactly(tmp_path, char_data):

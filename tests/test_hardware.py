@@ -383,6 +383,43 @@ def test_memory_estimate_is_within_2x_of_the_measured_peak(vocab_size, n_layer, 
     assert measured / 2 <= estimate <= measured * 2, (estimate, measured)
 
 
+def test_kv_cache_estimate_is_what_make_kv_cache_allocates():
+    """kv_cache counts keys and values: without the 2, a server's memory for B cached sequences was half the real."""
+    cfg = GPTConfig(vocab_size=50, block_size=24, n_layer=3, n_head=2, n_embd=16)
+    model = GPT(cfg)
+    for dtype, torch_dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        cache = model.to(torch_dtype).make_kv_cache(5)
+        allocated = cache.k.numel() * cache.k.element_size() + cache.v.numel() * cache.v.element_size()
+        assert estimate_memory(cfg, 5, dtype)["kv_cache"] == allocated == 2 * 3 * 5 * 24 * 16 * (4 if dtype ==
+                                                                                                 "float32" else 2)
+
+
+def test_weight_copies_and_qk_norm_in_the_memory_estimate():
+    """16-bit autocast keeps a 16-bit copy of every weight (2 bytes each; none in float32), and QK-norm keeps new q
+    and k tensors: 2 x s x B x T x C bytes more activations per layer."""
+    cfg = GPTConfig(vocab_size=50, block_size=24, n_layer=3, n_head=2, n_embd=16)
+    n = GPT(cfg).num_params()
+    assert estimate_memory(cfg, 4, "bfloat16")["weight_copies"] == 2 * n
+    assert estimate_memory(cfg, 4, "float16")["weight_copies"] == 2 * n
+    assert estimate_memory(cfg, 4, "float32")["weight_copies"] == 0
+    qk = dataclasses.replace(cfg, qk_norm=True)
+    for dtype, s in (("float32", 4), ("bfloat16", 2)):
+        extra = estimate_memory(qk, 4, dtype)["activations"] - estimate_memory(cfg, 4, dtype)["activations"]
+        assert extra == 3 * 2 * s * 4 * 24 * 16  # layers x (q, k) x bytes x B x T x C
+
+
+def test_largest_batch_keeps_the_safety_margin():
+    """The batch must fit in SAFETY (90%) of the memory, not all of it: the estimate leaves out allocator slack."""
+    model = GPTConfig(vocab_size=96, block_size=64, n_layer=2, n_head=2, n_embd=32)
+    fixed = estimate_memory(model, 0, "float32")["total"]
+    per_seq = estimate_memory(model, 1, "float32")["total"] - fixed
+    assert estimate_memory(model, 7, "float32")["total"] == fixed + 7 * per_seq  # linear in the batch
+    memory = int((fixed + 10.5 * per_seq) / 0.9)  # 90% of it holds 10.5 sequences; all of it about 11.7 + fixed/9
+    assert plan.SAFETY == 0.9 and (memory - fixed) // per_seq > 10
+    assert plan.largest_batch(model, "float32", memory) == 10
+    assert plan.largest_batch(model, "float32", int(fixed / 0.9)) == 0  # the weights and AdamW state fill it
+
+
 def test_attention_dropout_off_cuda_counts_its_block_size_squared_matrices():
     """With dropout on a CPU, SDPA falls back to a path that keeps (T, T) matrices: a dry run said 1.4 GiB "fits"
     at block_size 20,000 and the process was then killed for memory. The advice must name the real cause."""

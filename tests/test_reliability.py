@@ -177,6 +177,19 @@ def test_without_a_pointer_the_newest_whole_checkpoint_is_found(world, tmp_path)
     assert ckpt.find_checkpoint(out) == newest
 
 
+def test_without_a_pointer_the_step_decides_before_the_suffix(world, tmp_path):
+    """latest-0000003.1 (a second save at step 3) is older than latest-0000006: ordered by the suffix first, the
+    fallback resumed from step 3 and threw three steps of training away."""
+    out = copy_run(world, tmp_path)
+    newest = ckpt.find_checkpoint(out)
+    assert newest.name == "latest-0000006"
+    shutil.copytree(newest, out / "checkpoints" / "latest-0000003.1")
+    (out / "latest.json").unlink()
+    assert ckpt.find_checkpoint(out) == newest
+    shutil.copytree(newest, out / "checkpoints" / "latest-0000006.1")  # at one step, the later save (higher suffix)
+    assert ckpt.find_checkpoint(out) == out / "checkpoints" / "latest-0000006.1"
+
+
 def test_weights_missing_a_tensor_are_refused(world, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -1038,6 +1051,8 @@ CORRUPTIONS = {
     "pointer to nowhere": (lambda o: shutil.rmtree(ckpt.find_checkpoint(o)), ["latest-", "missing"]),
     "corrupt config.json": (lambda o: (o / "config.json").write_text("[1, 2"), ["config.json", "corrupt"]),
     "config asks for another model": (lambda o: _edit_config(o, n_embd=64), ["config.json", "n_embd 32 -> 64"]),
+    # fewer heads of the same width: every weight keeps its shape, so only the recorded config tells them apart
+    "config asks for other heads": (lambda o: _edit_config(o, n_head=1), ["config.json", "n_head 2 -> 1"]),
     "tokenizer of another size": (lambda o: _other_tokenizer(o, "abc"), ["tokenizer_meta.json", "3 tokens"]),
     "tokenizer of the same size": (_same_size_tokenizer, ["tokenizer_meta.json", "not the one"]),
     "corrupt tokenizer": (lambda o: (o / "tokenizer_meta.json").write_text("nope"), ["tokenizer_meta.json"]),
@@ -1765,6 +1780,37 @@ def test_sampling_an_overfit_runs_last_checkpoint_points_to_the_best(world, tmp_
     assert "note" not in capsys.readouterr().err
     assert main(["sample", "--run", str(world["run"]), "--max-new-tokens", "5"]) == 0  # its last is its best
     assert "note" not in capsys.readouterr().err
+
+
+def test_the_overfit_note_needs_a_rise_beyond_the_margin(world, tmp_path, monkeypatch):
+    """A last val loss a hair above the best one (eval noise, within OVERFIT_MARGIN = 0.01) gives no note; a rise
+    beyond the margin does."""
+    from fungpt.runs import OVERFIT_MARGIN, overfit_note
+
+    train_module = sys.modules["fungpt.train"]
+    real_evaluate = train_module.evaluate
+    scripted = iter([3.0, 2.0, 2.5])  # val loss at steps 0, 3 and 6: best at 3
+
+    def evaluate(*args, **kwargs):
+        return {**real_evaluate(*args, **kwargs), "val": next(scripted)}
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate)
+    run = tmp_path / "run"
+    train(tiny_config(world["data"], run, max_iters=6, eval_interval=3), progress=False)
+    metrics = run / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+
+    def last_val(value: float) -> None:
+        metrics.write_text("".join(json.dumps({**r, "val_loss": value} if r.get("step") == 6 and "val_loss" in r
+                                              else r) + "\n" for r in rows))
+
+    assert OVERFIT_MARGIN == 0.01
+    last_val(2.005)
+    assert overfit_note(run) is None
+    last_val(2.02)
+    assert overfit_note(run) == ("fungpt: note: the last checkpoint (step 6, val loss 2.0200) has a higher val "
+                                 "loss than the run's best (step 3, val loss 2.0000); pass --checkpoint best to use "
+                                 "that one")
 
 
 def test_files_named_inside_a_run_stay_inside_it(world, tmp_path, capsys):

@@ -516,6 +516,18 @@ def test_fungpt_serve_stops_cleanly_on_ctrl_c(run_dir):
     assert f"http://127.0.0.1:{port}/" in out and "server stopped" in out
 
 
+def test_a_real_replacement_character_in_a_char_vocabulary_is_streamed():
+    """A text with U+FFFD in it gives a char vocabulary holding that character: its token is a whole character,
+    not the start of an unfinished one, so the stream must show it at once rather than hold it back (for good,
+    in a stream that ends with it before flush)."""
+    from fungpt.tokenizer import CharTokenizer, TextStream
+
+    tok = CharTokenizer.train("ab\ufffd")
+    stream = TextStream(tok)
+    pieces = [stream.add(i) for i in tok.encode("a\ufffdb\ufffd")]
+    assert pieces == ["a", "\ufffd", "b", "\ufffd"] and stream.flush() == ""
+
+
 def test_text_pieces_join_into_the_text_and_hold_back_partial_characters():
     from fungpt.tokenizer import BPETokenizer, TextStream
 

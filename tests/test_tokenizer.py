@@ -154,6 +154,23 @@ def test_bpe_vocab_too_large_is_refused_before_the_library_aborts():
         BPETokenizer.train(CORPUS, vocab_size=10**9)  # the library tried to allocate 70 GB and aborted the process
 
 
+def test_bpe_vocab_size_limit_is_exact():
+    """MAX_BPE_VOCAB (2**20) itself is allowed, one more is refused (checked without training either)."""
+    assert tokenizer_mod.MAX_BPE_VOCAB == 2**20
+    tokenizer_mod.check_bpe_vocab_size(2**20)
+    with pytest.raises(FunGPTError, match="vocab size 1,048,577 is too large: use at most 1,048,576"):
+        tokenizer_mod.check_bpe_vocab_size(2**20 + 1)
+
+
+def test_first_difference_of_vocabularies_of_other_sizes_is_id_0():
+    """Other sizes never read each other's token files: None ("every id means the same") would let a run's
+    tokenizer pass for its data's."""
+    two, three = CharTokenizer(["a", "b"]), CharTokenizer(["a", "b", "c"])
+    assert two.first_difference(three) == 0 and three.first_difference(two) == 0
+    assert two.first_difference(CharTokenizer(["a", "b"])) is None
+    assert two.first_difference(CharTokenizer(["a", "c"])) == 1
+
+
 # --- gpt2 ----------------------------------------------------------------------
 
 

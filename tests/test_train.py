@@ -414,6 +414,26 @@ def test_lr_schedules():
     assert get_lr(100, const) == 1.0
 
 
+@pytest.mark.parametrize("schedule,expected", [
+    # it:       0 and 9 in the warmup, (it + 1) / 11; 10 its end; 40, 55, 90, 99 decaying; 100 and on: min_lr
+    ("cosine", {0: 1 / 11, 9: 10 / 11, 10: 1.0, 40: 0.1 + 0.9 * 0.75, 55: 0.55,  # frac (it - 10) / 90: 1/3, 1/2
+                99: 0.1 + 0.45 * (1 - math.cos(math.pi / 90)), 100: 0.1, 103: 0.1, 1000: 0.1}),
+    # wsd: flat until 100 * (1 - 0.2) = 80, then linear from 1.0 to 0.1 over steps 80..100
+    ("wsd", {0: 1 / 11, 9: 10 / 11, 10: 1.0, 50: 1.0, 79: 1.0, 80: 1.0, 90: 0.55, 99: 1.0 - 0.9 * 19 / 20,
+             100: 0.1, 103: 0.1, 1000: 0.1}),
+    ("constant", {0: 1 / 11, 9: 10 / 11, 10: 1.0, 50: 1.0, 99: 1.0, 100: 1.0, 1000: 1.0}),
+])
+def test_lr_schedule_values_through_warmup_decay_and_past_its_end(schedule, expected):
+    """Every phase of each schedule at the default wsd_decay_frac (0.2): a warmup that starts at 0 (no update on the
+    first step), a cosine counted from step 0 instead of the warmup's end, a wsd decay that starts at 20% of the run
+    instead of 80%, or a rate that keeps moving (cosine back up, wsd below min_lr) a few steps past decay_iters
+    would each change one of these."""
+    tc = TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=100, lr_schedule=schedule)
+    assert tc.wsd_decay_frac == 0.2 and tc.decay_iters == 100
+    for it, lr in expected.items():
+        assert get_lr(it, tc) == pytest.approx(lr, abs=1e-12), it
+
+
 def test_toml_then_cli_precedence(tmp_path, monkeypatch, corpus, capsys):
     cfg_file = tmp_path / "c.toml"
     cfg_file.write_text(f'out_dir = "{tmp_path / "o"}"\n[data]\npath = "{corpus}"\n'
@@ -681,6 +701,22 @@ def test_a_rank_on_another_machine_without_the_prepared_data_says_how_to_share_i
         assert (resolve_data(DataConfig(path=str(corpus)), is_main=True) / "meta.json").is_file()  # rank 0's own
     finally:
         dist.destroy_process_group()
+
+
+def test_a_changed_val_fraction_prepares_the_data_again(corpus, tmp_path, monkeypatch):
+    """The val fraction is part of the cache key: without it, data.val_fraction = 0.2 silently reused the folder
+    prepared with 0.1 (and its 90/10 split)."""
+    from fungpt.data import load_meta
+    from fungpt.train import resolve_data
+
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    first = resolve_data(DataConfig(path=str(corpus), val_fraction=0.1), progress=False)
+    second = resolve_data(DataConfig(path=str(corpus), val_fraction=0.2), progress=False)
+    assert first != second and first.parent == second.parent == tmp_path / "cache" / "datasets"
+    assert load_meta(first)["val_fraction"] == 0.1 and load_meta(second)["val_fraction"] == 0.2
+    n = len(corpus.read_text(encoding="utf-8"))
+    assert load_meta(second)["val_chars"] == n - int(n * 0.8)
+    assert resolve_data(DataConfig(path=str(corpus), val_fraction=0.1), progress=False) == first  # still cached
 
 
 _FAIL_ON_RANK_1 = """

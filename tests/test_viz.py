@@ -245,6 +245,48 @@ def test_plot_runs_with_and_without_val_rows(tmp_path, monkeypatch):
     assert "<use" in train_line.split("</g>")[0]  # a marker at the point
 
 
+def record_plots(monkeypatch) -> list[tuple[str, list, list]]:
+    """(label, x, y) of every line plot_runs draws, in order."""
+    from matplotlib.axes import Axes
+
+    drawn, real_plot = [], Axes.plot
+
+    def plot(self, xs, ys, *args, **kwargs):
+        drawn.append((kwargs.get("label"), list(xs), list(ys)))
+        return real_plot(self, xs, ys, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", plot)
+    return drawn
+
+
+def test_plot_runs_draws_val_loss_on_the_val_curve(tmp_path, monkeypatch):
+    """Eval rows also log the train loss of their step: the val curve must show val_loss, not that."""
+    run = write_metrics(tmp_path / "a", [{"step": 1, "train_loss": 4.0}, {"step": 2, "train_loss": 3.5},
+                                         {"step": 0, "train_loss": 4.4, "val_loss": 4.5},
+                                         {"step": 2, "train_loss": 3.4, "val_loss": 3.9}])
+    drawn = record_plots(monkeypatch)
+    plot_runs([run], tmp_path / "loss.svg")
+    assert drawn == [("a train", [1, 2], [4.0, 3.5]), ("a val", [0, 2], [4.5, 3.9])]
+
+
+def test_plot_runs_labels_runs_of_one_folder_name_by_their_paths(tmp_path, monkeypatch):
+    """Two runs named `run` in different folders got the same legend entries ("run train" twice): which is which?"""
+    first = write_metrics(tmp_path / "x" / "run", [{"step": 1, "train_loss": 4.0}])
+    second = write_metrics(tmp_path / "y" / "run", [{"step": 1, "train_loss": 3.0}])
+    drawn = record_plots(monkeypatch)
+    plot_runs([first, second], tmp_path / "loss.svg")
+    assert [(label, ys) for label, _, ys in drawn] == [(f"{first} train", [4.0]), (f"{second} train", [3.0])]
+
+
+def test_plot_runs_draws_a_run_named_relative_and_absolute_once(tmp_path, monkeypatch):
+    """`b` and /abs/path/b are one run: drawn once, under its first name (pathlib does not see them as equal)."""
+    run = write_metrics(tmp_path / "b", [{"step": 1, "train_loss": 4.0}, {"step": 2, "train_loss": 3.0}])
+    monkeypatch.chdir(tmp_path)
+    drawn = record_plots(monkeypatch)
+    plot_runs([run, "b"], tmp_path / "loss.svg")
+    assert drawn == [("b train", [1, 2], [4.0, 3.0])]
+
+
 def test_plot_cli_on_trained_run_and_errors(run_dir, tmp_path, capsys):
     out = tmp_path / "loss.png"
     assert main(["plot", str(run_dir), "--x", "tokens", "--out", str(out)]) == 0
