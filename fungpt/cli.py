@@ -565,9 +565,16 @@ def entry() -> None:
     """
     # Each line as soon as it is printed, also into a pipe or a file (`| tee log`, `> log`, nohup, a scheduler):
     # Python holds such output in a block buffer, so a run's eval lines arrived when it ended, or never if killed
-    with contextlib.suppress(AttributeError, ValueError):  # (a replaced stdout without reconfigure)
-        if not sys.stdout.isatty():
-            sys.stdout.reconfigure(line_buffering=True)
+    # Into a file or a pipe, text is written as UTF-8, as every file FunGPT writes: Windows would use its ANSI code
+    # page there (cp1252), which has no '␣' (--show-probs) nor most of the world's letters, and the print raised
+    # UnicodeEncodeError. A terminal keeps its encoding; what it cannot show is escaped instead of raising.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # (a replaced stream without reconfigure)
+            if stream.isatty():
+                stream.reconfigure(errors="backslashreplace")
+            else:
+                stream.reconfigure(encoding="utf-8", errors="backslashreplace",
+                                   line_buffering=True if stream is sys.stdout else None)
     try:
         code = main()
     except Exception:  # noqa: BLE001 - reported in full, as Python would

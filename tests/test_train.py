@@ -929,6 +929,17 @@ def test_lines_reach_a_pipe_as_they_are_printed(corpus, tmp_path):
         proc.wait()
 
 
+def test_output_into_a_pipe_is_utf8_whatever_the_locale(tiny_run, tmp_path):
+    """Windows writes pipes and files in its ANSI code page (cp1252, simulated here by PYTHONIOENCODING): the '␣'
+    of --show-probs, or a run folder named Łukasz, raised UnicodeEncodeError and a traceback."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "cp1252"}
+    proc = subprocess.run([sys.executable, "-m", "fungpt", "sample", "--run", str(tiny_run), "--show-probs",
+                           "--max-new-tokens", "3", "--prompt", "The cat"], env=env, capture_output=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode("utf-8", "replace")
+    assert "␣" in proc.stdout.decode("utf-8")  # (the space token, as --show-probs shows it)
+
+
 def test_the_progress_bar_redraws_rarely_into_a_file_or_a_pipe_only(tmp_path):
     """Into a log each redraw stays (a 26 s run left one line of 29,526 characters); a terminal or a notebook's
     stream (no file behind it) keeps redrawing as usual."""
