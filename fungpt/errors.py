@@ -32,9 +32,10 @@ def parse_json(text: str | bytes):
 
 
 def read_json(path):
-    """parse_json of a file's text (UTF-8). OSError if it cannot be read; ValueError if it is not JSON (a
-    UnicodeDecodeError is a ValueError too)."""
-    with open(path, encoding="utf-8") as f:
+    """parse_json of a file's text: UTF-8, with or without a byte-order mark, or UTF-16/32 (json.loads of bytes
+    tells them apart: Windows PowerShell and Notepad write those, and a hand-written meta.json may be one). OSError
+    if it cannot be read; ValueError if it is not JSON (a UnicodeDecodeError is a ValueError too)."""
+    with open(path, "rb") as f:
         return parse_json(f.read())
 
 

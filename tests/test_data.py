@@ -940,3 +940,14 @@ def test_a_split_of_separators_alone_is_refused_before_anything_is_written(tmp_p
     # a char vocabulary's separator is a newline, text like any other: a val split of it alone is one character
     meta = load_meta(prepare(folder, tmp_path / "out", tokenizer="char", val_fraction=0.0004, progress=False))
     assert meta["val_tokens"] == meta["val_bytes"] == 1
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-32"])
+def test_json_files_written_by_windows_tools_load(tmp_path, corpus, encoding):
+    """A hand-written meta.json or tokenizer_meta.json (README, "Data of your own token ids") saved by Notepad or
+    PowerShell starts with a byte-order mark, or is UTF-16: "is corrupt (JSONDecodeError)" was all it got."""
+    data = prepare(corpus, tmp_path / "d", progress=False)
+    for name in ("meta.json", "tokenizer_meta.json"):
+        path = data / name
+        path.write_bytes(path.read_text(encoding="utf-8").encode(encoding))
+    assert load_meta(data)["vocab_size"] == load_tokenizer(data).vocab_size
