@@ -324,7 +324,7 @@ def save_hf_tokenizer(tok: Tokenizer, directory: Path, model_max_length: int) ->
     from tokenizers import Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFLibTokenizer
 
-    from fungpt.tokenizer import EOT_TEXT, BPETokenizer, CharTokenizer, GPT2Tokenizer
+    from fungpt.tokenizer import EOT_TEXT, BPETokenizer, CharTokenizer, GPT2Tokenizer, write_hf_json
 
     if isinstance(tok, BPETokenizer):  # also HFTokenizer
         hf = tok._tok
@@ -336,7 +336,7 @@ def save_hf_tokenizer(tok: Tokenizer, directory: Path, model_max_length: int) ->
         hf = _tiktoken_to_hf(tok._enc)
     else:
         raise FunGPTError(f"cannot export a {tok.describe()} in Hugging Face format")
-    hf.save(str(directory / "tokenizer.json"))
+    write_hf_json(hf, directory / "tokenizer.json")
     config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
                               "clean_up_tokenization_spaces": False}
     if tok.eot_id is not None:

@@ -94,6 +94,13 @@ def not_utf8(ch: str) -> str | None:
     return None
 
 
+def write_hf_json(tok, path: Path) -> None:
+    """Write a `tokenizers` Tokenizer's JSON file, as its own save() writes it, but through Python: a full disk is
+    then an OSError with its reason, which every writer explains (save() raises a plain Exception)."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(tok.to_str(pretty=True))
+
+
 class Tokenizer:
     """The interface every tokenizer implements.
 
@@ -446,7 +453,7 @@ class BPETokenizer(Tokenizer):
         return piece.encode("utf-8")  # an added token written with characters outside the byte alphabet
 
     def _save_files(self, directory: Path) -> dict:
-        self._tok.save(str(directory / BPE_FILE))
+        write_hf_json(self._tok, directory / BPE_FILE)
         return {"file": BPE_FILE}
 
 
@@ -501,7 +508,7 @@ class HFTokenizer(BPETokenizer):
         return f"hf tokenizer from {self.source} ({self.vocab_size:,} tokens)" if self.source else super().describe()
 
     def _save_files(self, directory: Path) -> dict:
-        self._tok.save(str(directory / BPE_FILE))
+        write_hf_json(self._tok, directory / BPE_FILE)
         return {"file": BPE_FILE, "source": self.source}
 
 

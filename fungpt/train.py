@@ -369,10 +369,15 @@ def lock_out_dir(out: Path):
         except OSError:  # a file system without locks (some network mounts): train unlocked, as before
             yield False
             return
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')}\n")
-        f.flush()
+        line = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')}\n".encode()
+        try:  # written past Python's buffer (whose flush at close could fail after the checks)
+            os.ftruncate(fd, 0)
+            done = 0
+            while done < len(line):  # (a full disk can take part of it, then refuse the rest)
+                done += os.pwrite(fd, line[done:], done)
+        except OSError as e:  # the first thing a run writes: a full disk shows here
+            raise FunGPTError(f"cannot write {out / LOCK_FILE}: {e.strerror or e}; free some disk space or choose "
+                              f"another out_dir") from None
         yield True  # the lock goes when f closes
 
 

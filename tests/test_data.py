@@ -951,3 +951,33 @@ def test_json_files_written_by_windows_tools_load(tmp_path, corpus, encoding):
         path = data / name
         path.write_bytes(path.read_text(encoding="utf-8").encode(encoding))
     assert load_meta(data)["vocab_size"] == load_tokenizer(data).vocab_size
+
+
+@pytest.mark.skipif(os.name == "nt", reason="RLIMIT_FSIZE is POSIX")
+def test_a_tokenizer_file_that_cannot_be_written_is_a_disk_error_not_the_librarys(tmp_path, corpus):
+    """The tokenizers library reports a failed write as a plain Exception: prepare named a temporary folder that
+    was gone ("could not write the tokenizer into OUT.tmp-HOST-PID") instead of its own disk-full message."""
+    import subprocess
+    import sys
+
+    probe = prepare(corpus, tmp_path / "probe", tokenizer="bpe", vocab_size=300, progress=False)
+    limit = max((probe / name).stat().st_size for name in ("train.bin", "val.bin", "meta.json"))
+    assert limit < (probe / "tokenizer.json").stat().st_size  # the dataset's files fit, tokenizer.json not
+    shutil.rmtree(probe)
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+        "from fungpt.data import prepare\n"
+        "from fungpt.errors import FunGPTError\n"
+        "try:\n"
+        "    prepare(sys.argv[1], sys.argv[2], tokenizer='bpe', vocab_size=300, progress=False)\n"
+        "except FunGPTError as e:\n"
+        "    print(e)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ds"
+    proc = subprocess.run([sys.executable, "-c", script, str(corpus), str(out)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stdout.strip() == f"could not write the dataset to {out}: File too large; choose another --out", \
+        proc.stdout + proc.stderr
+    assert not out.exists() and leftovers(tmp_path) == []

@@ -326,6 +326,25 @@ def test_a_symlinked_lock_file_is_refused_and_its_target_left_alone(world, tmp_p
     assert victim.read_text() == "important\n"
 
 
+@pytest.mark.skipif(os.name == "nt", reason="RLIMIT_FSIZE is POSIX")
+def test_a_full_disk_at_the_runs_first_write_is_one_line_naming_the_file(world, tmp_path):
+    """The run lock's pid line is the first thing a run writes: a full disk there said only "error: No space left
+    on device" (the OSError had no file name), and train() raised a bare OSError to library callers."""
+    script = ("import resource, signal, sys\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (8, 8))\n"
+              "import fungpt.cli\n"
+              "sys.exit(fungpt.cli.main(sys.argv[1:]))\n")
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, "train", "--data.path", str(world["data"]), "--out-dir",
+                           str(out), "--model.n-layer", "1", "--model.n-embd", "16", "--model.n-head", "2",
+                           "--train.device", "cpu"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: cannot write {out / '.fungpt-train.lock'}: File too large; free some disk space or choose another "
+        f"out_dir"), proc.stderr
+
+
 def test_a_live_runs_folder_is_refused(world, tmp_path, capsys):
     """While a run trains in a folder, no second train may resume, overwrite or restart it there."""
     out = copy_run(world, tmp_path)
