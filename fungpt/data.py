@@ -679,29 +679,35 @@ def mend(meta: dict | None) -> str:
     return f"correct meta.json or the files ({OWN_IDS})"
 
 
-def check_token_ids(data_dir: Path, meta: dict, chunk: int = 1 << 26) -> None:
+def check_token_ids(data_dir: Path, meta: dict, chunk: int = 1 << 26) -> str | None:
     """Refuse token ids >= meta's vocab_size, as a hand-made or edited dataset may hold: the embedding lookup
     would otherwise fail mid-run with a raw IndexError (on a GPU, a device-side assert). A folder written by
     `prepare` records its largest id in meta.json (max_id); any other is read once, `chunk` tokens at a time
-    (numpy's max runs at several GB/s from memory: ~1 ms for Tiny Shakespeare, seconds for gigabytes)."""
+    (numpy's max runs at several GB/s from memory: ~1 ms for Tiny Shakespeare, seconds for gigabytes).
+
+    Returns a note for the user when the ids look like they were written with another dtype than meta.json
+    names (None otherwise)."""
     vocab = meta["vocab_size"]
     if isinstance(meta.get("max_id"), int) and not isinstance(meta["max_id"], bool):  # recorded by prepare
         if meta["max_id"] >= vocab:
             raise FunGPTError(f"{Path(data_dir) / 'meta.json'} says its largest token id is {meta['max_id']} but its "
                               f"vocab_size is {vocab}: ids must be below it. Prepare the data again with `fungpt "
                               f"prepare`")
-        return
+        return None
+    note = None
     for split in SPLITS:  # a folder made some other way: read every id
         if not meta[f"{split}_tokens"]:
             continue
         bin_path = Path(data_dir) / f"{split}.bin"
         ids = np.memmap(bin_path, dtype=meta["dtype"], mode="r")
-        # uint32 ids read as uint16 are little-endian pairs (id, 0): every second value 0, and nothing out of range
+        # uint32 ids read as uint16 are little-endian pairs (id, 0): every second value 0, and nothing out of range.
+        # Real uint16 data can look the same (one character a line: id 0, the newline, every second token), so
+        # this is a note, not a refusal.
         head = ids[:4096]
-        if meta["dtype"] == "uint16" and len(head) >= 64 and not head[1::2].any() and head[0::2].any():
-            raise FunGPTError(f"{bin_path} looks like uint32 token ids (every second uint16 is 0) but meta.json says "
-                              f"dtype uint16: set \"dtype\": \"uint32\" and halve train_tokens and val_tokens "
-                              f"({OWN_IDS})")
+        if meta["dtype"] == "uint16" and len(head) >= 64 and not head[1::2].any() and head[0::2].any() and not note:
+            note = (f"fungpt: note: every second token of {bin_path} is id 0 ({len(head):,} read): if its ids were "
+                    f"written as uint32, set \"dtype\": \"uint32\" in meta.json and halve train_tokens and "
+                    f"val_tokens ({OWN_IDS}); if id 0 really alternates with the others, nothing is wrong")
         for start in range(0, len(ids), chunk):
             top = int(ids[start:start + chunk].max())
             if top >= vocab:
@@ -714,6 +720,7 @@ def check_token_ids(data_dir: Path, meta: dict, chunk: int = 1 << 26) -> None:
                                       f"val_tokens ({OWN_IDS})")
                 raise FunGPTError(f"{bin_path} holds token id {bad} (at token {where}), but meta.json's "
                                   f"vocab_size is {vocab}: ids must be below it; {mend(meta)}")
+    return note
 
 
 def is_prepared(path: str | Path) -> bool:
@@ -784,8 +791,12 @@ def load_meta(data_dir: str | Path) -> dict:
         expected = meta[f"{split}_tokens"] * itemsize
         actual = bin_path.stat().st_size
         if actual != expected:
+            other = "uint32" if meta["dtype"] == "uint16" else "uint16"
             fits = ("source_sha256" not in meta and actual % itemsize == 0
                     and f"set {split}_tokens to {actual // itemsize} (the file's size over {itemsize} bytes), or ")
+            if "source_sha256" not in meta and actual == meta[f"{split}_tokens"] * np.dtype(other).itemsize:
+                fits = (f"the size fits {meta[f'{split}_tokens']} {other} tokens: if the ids are {other}, set "
+                        f"\"dtype\": \"{other}\"; else ")
             raise FunGPTError(
                 f"{bin_path} has {actual} bytes but meta.json promises {meta[f'{split}_tokens']} "
                 f"{meta['dtype']} tokens ({expected} bytes); {fits or ''}{mend(meta)}"

@@ -160,7 +160,9 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
     from fungpt.train import (
         check_out_dir,
         check_resume_model,
+        check_resume_tokenizer,
         configure_optimizer,
+        holds_run,
         resolve_model_and_data,
         resume_point,
     )
@@ -169,14 +171,23 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
     prec = detect_precision(tc.device, tc.dtype, tc.optimizer)
     if tc.compile:
         check_compile(prec.device)  # refused as training would refuse it
-    check_out_dir(cfg, resume, overwrite)  # likewise (a folder that holds another run, nothing to resume, ...)
-    folder = resume_point(cfg)[1] if resume else None
+    out_dir = Path(cfg.out_dir)
+    try:  # likewise (a folder that holds another run, nothing to resume, ...); a run training there is no bar
+        check_out_dir(cfg, resume, overwrite, check_lock=False)
+    except FunGPTError as e:
+        if holds_run(out_dir) and not (resume or overwrite):
+            raise FunGPTError(f"{e} (with --dry-run, --overwrite deletes nothing)") from None
+        raise
+    folder, manifest = resume_point(cfg)[1:3] if resume else (None, None)
     cfg, data_dir, pre = resolve_model_and_data(cfg, progress=False, model_named=model_named,
-                                                resume_dir=Path(cfg.out_dir) if resume else None)
-    if resume:
+                                                resume_dir=out_dir if resume else None)
+    if resume:  # the checks of a resume, which do not change the folder
         check_resume_model(cfg)
+        if folder is not None:
+            ckpt.check_model_config(manifest, folder, cfg.model.to_dict(), out_dir / "config.json")
+            check_resume_tokenizer(data_dir, out_dir)
     # where a resume starts: its checkpoint's step, and the part of a time budget it has used
-    start = int(ckpt.verify_checkpoint(folder)["step"]) if folder is not None else 0
+    start = int(manifest["step"]) if manifest is not None else 0
     used_s = float(ckpt.load_state(folder)["elapsed_s"]) if folder is not None and tc.max_minutes else 0.0
     mc = cfg.model
 

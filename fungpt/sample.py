@@ -233,13 +233,15 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
                               f"({differs}); pass --input TEXT_FILE to evaluate on a text file")
         tokens = np.memmap(data_dir / "val.bin", dtype=np.dtype(meta["dtype"]), mode="r")  # (n,)
         # A folder of token ids made without `fungpt prepare` (README: "Data of your own token ids") may not know
-        # the size of its text: loss and perplexity still stand, bits per byte and per character cannot be told
-        # (val_chars alone is missing too when only val_bytes was written: bits per character then stay unknown,
-        # since the bytes equal the characters only for ASCII text)
+        # the size of its text (val_bytes, val_chars): loss and perplexity still stand, bits per byte (per
+        # character) cannot be told without it (the bytes are the characters only in ASCII text)
         n_bytes, n_chars, source = meta.get("val_bytes"), meta.get("val_chars"), f"{data_dir} (val)"
-        if n_bytes is None:
-            note = (f"fungpt: note: {data_dir / 'meta.json'} has no val_bytes (the size of the val text), so bits per "
-                    f"byte and per character cannot be given; pass --input VAL_TEXT_FILE to score the text itself")
+        missing = [(key, unit) for key, unit in (("val_bytes", "byte"), ("val_chars", "character"))
+                   if meta.get(key) is None]
+        if missing:
+            note = (f"fungpt: note: {data_dir / 'meta.json'} has no {' or '.join(k for k, _ in missing)} (the size "
+                    f"of the val text), so bits per {' and per '.join(u for _, u in missing)} cannot be given; pass "
+                    f"--input VAL_TEXT_FILE to score the text itself")
         elif meta.get("eot_id") is not None and meta.get("source_files", 1) > 1 and not meta.get("bytes_exclude_eot"):
             note = (f"fungpt: note: {data_dir} was prepared by an older FunGPT, which counted each <|endoftext|> "
                     f"between its files as 13 bytes of text: its bits per byte and per character come out a little "
@@ -255,15 +257,15 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
 
         batches = math.ceil(math.ceil((len(tokens) - 1) / T) / batch_size)  # windows of T targets, B per batch
         windows = tqdm(windows, total=batches, desc="eval", unit="batch", dynamic_ncols=True, leave=False)
+    first = int(tokens[0])  # (its bytes are read now: a tokenizer that cannot give them fails before the scoring)
+    head = (b"" if (input is None and first == loaded.tokenizer.eot_id) or (n_bytes is None and n_chars is None)
+            else loaded.tokenizer.token_bytes(first))  # (not needed without a size: GPT-2 ids need no tiktoken)
     total_nll, total_tokens = score_windows(loaded.model, windows)
     loss = total_nll / total_tokens
     # Every token but the first is predicted: bits per byte (per character) divide by the bytes of the text
     # those tokens stand for, the whole text's less the first token's, and by the characters that start after
     # it (a byte-level token can hold part of a character: a character starts at each byte that is not a UTF-8
     # continuation byte, 10xxxxxx). An <|endoftext|> between the files of a prepared split is not counted as text.
-    first = int(tokens[0])
-    head = (b"" if (input is None and first == loaded.tokenizer.eot_id) or (n_bytes is None and n_chars is None)
-            else loaded.tokenizer.token_bytes(first))  # (not needed without a size: GPT-2 ids need no tiktoken)
     bits = total_nll / math.log(2)
     per_byte = per_char = math.nan  # (unknown: a folder of token ids without its text's size)
     if n_bytes is not None:

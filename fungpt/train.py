@@ -472,7 +472,9 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
         cfg = dataclasses.replace(cfg, model=model)
     data_dir = resolve_data(cfg.data, is_main, progress, tokenizer=pre and pre.tokenizer)
     meta = load_meta(data_dir)
-    check_token_ids(data_dir, meta)
+    note = check_token_ids(data_dir, meta)
+    if note and is_main:
+        print(note)
     if is_main and data_dir == Path(cfg.data.path).expanduser():
         note_unused_data_settings(cfg.data, meta, data_dir, fine_tune=pre is not None)
     if pre is not None:

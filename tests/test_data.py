@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import time
 import urllib.error
@@ -912,14 +913,22 @@ def test_a_folder_of_own_ids_is_told_what_to_correct_not_to_prepare_again(tmp_pa
                                           r"file's size over 2 bytes\), or correct meta.json or the files \(README"):
         load_meta(odd)
     wide = folder("wide", ids.astype(np.uint32), dtype="uint16")  # uint32 ids declared uint16: (id, 0) pairs
-    with pytest.raises(FunGPTError, match=r"looks like uint32 token ids .* set \"dtype\": \"uint32\" and halve"):
-        check_token_ids(wide, load_meta(wide))
+    # a note, not a refusal: uint16 text of one character a line alternates id 0 (the newline) the same way
+    assert re.fullmatch(r"fungpt: note: every second token of .*train.bin is id 0 \(1,800 read\): if its ids were "
+                        r"written as uint32, set \"dtype\": \"uint32\" in meta.json and halve .*",
+                        check_token_ids(wide, load_meta(wide)))
+    lines = folder("lines", np.array([1 + i % 9 if i % 2 == 0 else 0 for i in range(1000)], dtype=np.uint16))
+    assert check_token_ids(lines, load_meta(lines)) is not None  # noted, and trains
+    counted = folder("counted", ids.astype(np.uint32), dtype="uint16", train_tokens=900, val_tokens=100)
+    with pytest.raises(FunGPTError, match=r"promises 900 uint16 tokens \(1800 bytes\); the size fits 900 uint32 "
+                                          r"tokens: if the ids are uint32, set \"dtype\": \"uint32\"; else correct"):
+        load_meta(counted)  # (not "set train_tokens to 1800", which the note above would then undo)
     narrow = folder("narrow", ids, dtype="uint32")  # uint16 ids declared uint32: two ids in each value
     with pytest.raises(FunGPTError, match=r"holds token id 65536 \(at token 0\), two ids below vocab_size 50 side by "
                                           r"side: .* set \"dtype\": \"uint16\" and double"):
         check_token_ids(narrow, load_meta(narrow))
     fine = folder("fine", ids)
-    check_token_ids(fine, load_meta(fine))  # right as it is: nothing said
+    assert check_token_ids(fine, load_meta(fine)) is None  # right as it is: nothing said
     prepared = prepare(corpus, tmp_path / "p", tokenizer="char", progress=False)
     with open(prepared / "train.bin", "ab") as f:
         f.write(b"\0\0")

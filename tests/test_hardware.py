@@ -285,7 +285,13 @@ def test_dry_run_of_a_resume_plans_the_steps_left_and_refuses_what_the_resume_wo
     said = capsys.readouterr().out
     assert f"from resuming {tmp_path / 'r'} at step 8)" in said
     assert re.search(r": 2 steps \(from step 8 to max_iters = 10\) \+ evals", said), said
-    refusals = [(run + ["--dry-run"], "already holds a training run"),  # neither --resume nor --overwrite
+    other = tmp_path / "other.txt"  # as many characters, other ids: "tokens mean other text"
+    assert "z" not in corpus.read_text()
+    other.write_text(corpus.read_text().replace("a", "z"))
+    refusals = [(run + ["--dry-run"], "already holds a training run: .* \\(with --dry-run, --overwrite deletes "
+                                      "nothing\\)"),  # neither --resume nor --overwrite
+                (run + ["--resume", "--dry-run", "--data.path", str(other)], "cannot resume .*: the data is "
+                                                                               "encoded with a tokenizer whose ids"),
                 (run + ["--resume", "--dry-run", "--model.n-layer", "2"], "trained with a different model "
                                                                            "\\(n_layer 1 -> 2\\)"),
                 (run + ["--resume", "--dry-run", "--train.optimizer", "muon"], "trained with train.optimizer = "

@@ -1352,9 +1352,10 @@ def test_eval_of_token_ids_without_their_texts_size_gives_the_loss_and_says_why_
     files = _files(world, tmp_path)
     code = main(["eval", "--run", files["tmp"] + "/nobytesrun", "--device", "cpu"])
     out, err = capsys.readouterr()
-    assert code == 0 and "has no val_bytes (the size of the val text), so bits per byte and per character cannot " \
-        "be given" in err
+    # (the folder keeps its val_chars: bits per character are given)
+    assert code == 0 and "has no val_bytes (the size of the val text), so bits per byte cannot be given" in err
     assert re.search(r"loss +\d\.\d{4} nats/token", out) and re.search(r"bits/byte +n/a", out), out
+    assert re.search(r"bits/char +\d\.\d{4}", out), out
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUTS))

@@ -1401,12 +1401,13 @@ def test_a_folder_of_token_ids_made_as_the_readme_says_trains_samples_and_evalua
     assert sample(out, prompt="the", max_new_tokens=5, seed=1)[0]
     res = evaluate_run(out)
     assert res["tokens"] == len(ids) - cut - 1 and math.isfinite(res["loss"]) and math.isnan(res["bits_per_byte"])
-    assert "has no val_bytes" in res["note"]
+    assert "has no val_bytes or val_chars (the size of the val text), so bits per byte and per character" in res["note"]
     # with val_bytes alone, bits per byte are given but not bits per character: bytes are not characters
     meta = json.loads((folder / "meta.json").read_text())
     (folder / "meta.json").write_text(json.dumps({**meta, "val_bytes": 2 * (len(ids) - cut)}))
     res = evaluate_run(out)
     assert math.isfinite(res["bits_per_byte"]) and math.isnan(res["bits_per_char"])
+    assert "has no val_chars (the size of the val text), so bits per character cannot be given" in res["note"]
     # a vocab_size padded past the tokenizer's (as nanoGPT pads GPT-2's): what to correct, not "prepare again"
     (folder / "meta.json").write_text(json.dumps({**meta, "vocab_size": len(chars) + 6}))
     with pytest.raises(FunGPTError, match=f"set vocab_size to {len(chars)} there: the model's vocabulary is its "
