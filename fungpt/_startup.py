@@ -20,8 +20,8 @@ def is_the_fungpt_command(argv: list[str]) -> bool:
     name = os.path.basename(argv[0]).lower()
     if name in ("fungpt", "fungpt.exe", "fungpt-script.py"):
         return True
-    if len(argv) > 1 and os.path.basename(argv[1]).lower() in ("fungpt", "fungpt-script.py"):
-        return True  # python .../bin/fungpt ...
+    if len(argv) > 1 and os.path.basename(argv[1]).lower() in ("fungpt", "fungpt.exe", "fungpt-script.py"):
+        return True  # python .../bin/fungpt ... (Windows: pip's launcher runs python ...\Scripts\fungpt.exe ...)
     for i, arg in enumerate(argv[1:], start=1):  # the interpreter's options come before -m MODULE
         if arg == "-m":
             return i + 1 < len(argv) and argv[i + 1] == "fungpt"

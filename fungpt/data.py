@@ -55,6 +55,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import time
 import urllib.error
@@ -189,6 +190,15 @@ def _is_hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
+def _hidden_by_flag(st: os.stat_result) -> bool:
+    """A file its system hides by a flag, not by a leading dot: Windows' hidden or system files (desktop.ini and
+    Thumbs.db in folders Explorer customised, which it does not show even with hidden files shown) and macOS's
+    hidden flag. Neither is the user's text."""
+    attributes = getattr(st, "st_file_attributes", 0)  # (Windows only)
+    flags = getattr(st, "st_flags", 0)  # (macOS and the BSDs)
+    return bool(attributes & (stat.FILE_ATTRIBUTE_HIDDEN | stat.FILE_ATTRIBUTE_SYSTEM) or flags & stat.UF_HIDDEN)
+
+
 def _walk_files(folder: Path) -> list[Path]:
     """Every file below `folder` but hidden ones, through links to folders too (Path.rglob skips those: a linked
     folder's text was left out). A folder's or file's text is read once, under its own path where it is inside
@@ -235,7 +245,7 @@ def resolve_source(source: str | Path) -> list[Path]:
             (p for p in _walk_files(path) if not _is_hidden(p.relative_to(path))),
             key=lambda p: p.relative_to(path).as_posix(),
         )
-        files = [p for p in files if p.stat().st_size > 0]
+        files = [p for p in files if p.stat().st_size > 0 and not _hidden_by_flag(p.stat())]
         if not files:
             raise FunGPTError(
                 f"folder {path} holds no text (hidden and empty files are skipped); put some text files in it"

@@ -42,6 +42,7 @@ import errno
 import ipaddress
 import json
 import math
+import os
 import socket
 import sys
 import threading
@@ -506,7 +507,8 @@ def _bind(host: str, port: int) -> socket.socket:
         raise FunGPTError(f"--host {host!r} is not a valid address ({e.strerror})") from None
     family, _, _, _, addr = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart right after a stop
+    if os.name != "nt":  # restart right after a stop (on Windows it would let a second server share the port)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(addr)
     except OSError as e:

@@ -990,3 +990,17 @@ def test_a_tokenizer_file_that_cannot_be_written_is_a_disk_error_not_the_library
     assert proc.stdout.strip() == f"could not write the dataset to {out}: File too large; choose another --out", \
         proc.stdout + proc.stderr
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_files_the_system_hides_by_a_flag_are_not_text():
+    """Windows marks desktop.ini and Thumbs.db hidden and system (no leading dot, not shown in Explorer): a
+    folder corpus stopped on them ("UTF-16 text: convert it", "a binary file") though the user never saw them."""
+    import stat
+    import types
+
+    hidden = data_mod._hidden_by_flag
+    assert hidden(types.SimpleNamespace(st_file_attributes=stat.FILE_ATTRIBUTE_HIDDEN | stat.FILE_ATTRIBUTE_SYSTEM))
+    assert hidden(types.SimpleNamespace(st_file_attributes=stat.FILE_ATTRIBUTE_SYSTEM))
+    assert hidden(types.SimpleNamespace(st_flags=stat.UF_HIDDEN))  # macOS
+    assert not hidden(types.SimpleNamespace(st_file_attributes=stat.FILE_ATTRIBUTE_ARCHIVE, st_flags=0))
+    assert not hidden(types.SimpleNamespace())  # Linux: neither field

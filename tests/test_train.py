@@ -1224,6 +1224,7 @@ def test_help_into_a_closed_pipe_and_version(capsys):
 
 @pytest.mark.parametrize("argv, expected", [
     (["/venv/bin/python", "/venv/bin/fungpt", "train"], True),  # the console script
+    (["C:/v/Scripts/python.exe", "C:/v/Scripts/fungpt.exe", "train"], True),  # Windows: pip's launcher
     (["python", "-m", "fungpt", "train"], True),
     (["python", "-u", "-m", "fungpt", "train"], True),  # as torchrun starts its workers
     (["python", "-mfungpt"], True),
