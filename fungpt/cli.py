@@ -568,12 +568,15 @@ def entry() -> None:
     # Into a file or a pipe, text is written as UTF-8, as every file FunGPT writes: Windows would use its ANSI code
     # page there (cp1252), which has no '␣' (--show-probs) nor most of the world's letters, and the print raised
     # UnicodeEncodeError. A terminal keeps its encoding; what it cannot show is escaped instead of raising.
+    # (Python's surrogateescape, under a C locale or UTF-8 mode, is kept: it writes a file name's non-UTF-8 bytes
+    # back as they were, so a printed path still works)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError, OSError):  # (a replaced stream without reconfigure)
+            errors = "surrogateescape" if stream.errors == "surrogateescape" else "backslashreplace"
             if stream.isatty():
-                stream.reconfigure(errors="backslashreplace")
+                stream.reconfigure(errors=errors)
             else:
-                stream.reconfigure(encoding="utf-8", errors="backslashreplace",
+                stream.reconfigure(encoding="utf-8", errors=errors,
                                    line_buffering=True if stream is sys.stdout else None)
     try:
         code = main()

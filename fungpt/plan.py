@@ -158,11 +158,11 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
     from fungpt import checkpoint as ckpt
     from fungpt.data import BatchLoader, load_meta
     from fungpt.train import (
+        _holds_a_run,
         check_out_dir,
         check_resume_model,
         check_resume_tokenizer,
         configure_optimizer,
-        holds_run,
         resolve_model_and_data,
         resume_point,
     )
@@ -175,7 +175,7 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
     try:  # likewise (a folder that holds another run, nothing to resume, ...); a run training there is no bar
         check_out_dir(cfg, resume, overwrite, check_lock=False)
     except FunGPTError as e:
-        if holds_run(out_dir) and not (resume or overwrite):
+        if str(e) == str(_holds_a_run(out_dir)):
             raise FunGPTError(f"{e} (with --dry-run, --overwrite deletes nothing)") from None
         raise
     folder, manifest = resume_point(cfg)[1:3] if resume else (None, None)

@@ -73,6 +73,8 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
     names = [Path(run).resolve().name for run in runs]  # (`.` is named as the folder it is)
     if len(set(names)) < len(names):  # same folder name in different places: label with the full path
         names = [str(run) for run in runs]
+    # a name's bytes that are not UTF-8 (Python holds them as lone surrogates) as U+FFFD: matplotlib refuses those
+    names = [name.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for name in names]
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     drawn = 0
     for i, (run, name) in enumerate(zip(runs, names)):

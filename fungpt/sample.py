@@ -248,6 +248,12 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
                     f"low; prepare it again (or pass --input) for the exact figures")
     if len(tokens) < 2:
         raise FunGPTError(f"{source} is too short to evaluate: it needs at least 2 tokens")
+    # The first token's bytes, read before the scoring (a tokenizer that cannot give them fails at once); not
+    # needed without the text's size (GPT-2 ids then need no tiktoken), nor readable for an id past the vocabulary
+    # (a damaged file, which eval_windows names)
+    first = int(tokens[0])
+    head = (b"" if (input is None and first == loaded.tokenizer.eot_id) or (n_bytes is None and n_chars is None)
+            or first >= loaded.tokenizer.vocab_size else loaded.tokenizer.token_bytes(first))
     T = loaded.config.model.block_size
     # (ids read from a .bin are checked against the vocabulary, batch by batch: the file may be damaged)
     windows = eval_windows(tokens, T, batch_size, device=loaded.device, vocab_size=loaded.model.config.vocab_size,
@@ -257,9 +263,6 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
 
         batches = math.ceil(math.ceil((len(tokens) - 1) / T) / batch_size)  # windows of T targets, B per batch
         windows = tqdm(windows, total=batches, desc="eval", unit="batch", dynamic_ncols=True, leave=False)
-    first = int(tokens[0])  # (its bytes are read now: a tokenizer that cannot give them fails before the scoring)
-    head = (b"" if (input is None and first == loaded.tokenizer.eot_id) or (n_bytes is None and n_chars is None)
-            else loaded.tokenizer.token_bytes(first))  # (not needed without a size: GPT-2 ids need no tiktoken)
     total_nll, total_tokens = score_windows(loaded.model, windows)
     loss = total_nll / total_tokens
     # Every token but the first is predicted: bits per byte (per character) divide by the bytes of the text

@@ -90,7 +90,8 @@ def not_utf8(ch: str) -> str | None:
     typed in a terminal set to Latin-1, say. No tokenizer can encode them, whatever its vocabulary."""
     if "\udc80" <= ch <= "\udcff":
         return (f"the text holds byte 0x{ord(ch) - 0xDC00:02x}, which is not UTF-8 (from a terminal not set to "
-                f"UTF-8?); set the terminal to UTF-8, or pass the text in a UTF-8 file (fungpt sample --prompt-file)")
+                f"UTF-8?); set the terminal to UTF-8 (fungpt sample can also read the text from a UTF-8 file: "
+                f"--prompt-file)")
     return None
 
 

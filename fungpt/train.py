@@ -1668,4 +1668,4 @@ def _plot_quietly(out_dir: Path, timing_only: bool = False) -> None:
         plot_runs([out_dir], out=out_dir / "loss.png")
     except Exception as e:  # noqa: BLE001 - the run itself succeeded
         if not (timing_only and isinstance(e, FunGPTError) and "no loss rows" in str(e)):
-            print(f"fungpt: could not draw loss.png ({e})", file=sys.stderr)
+            print(f"fungpt: could not draw loss.png ({' '.join(str(e).split())})", file=sys.stderr)  # (one line)

@@ -297,6 +297,11 @@ def test_dry_run_of_a_resume_plans_the_steps_left_and_refuses_what_the_resume_wo
                 (run + ["--resume", "--dry-run", "--train.optimizer", "muon"], "trained with train.optimizer = "
                                                                                  "'adamw', not 'muon'"),
                 (["--out-dir", str(tmp_path / "none"), "--resume", "--dry-run"], "nothing to resume in")]
+    from fungpt.data import prepare
+
+    prepare(corpus, tmp_path / "prepared", progress=False)  # a refusal of another kind: the note is not added
+    refusals.append((["--out-dir", str(tmp_path / "prepared"), "--dry-run"], "is a prepared dataset .*: choose "
+                                                                             "another out_dir, e.g. out/prepared$"))
     for flags, message in refusals:
         assert main(base + flags) != 0
         err = capsys.readouterr().err

@@ -404,5 +404,6 @@ def test_a_byte_that_was_not_utf8_is_named_as_such(bpe):
     """`--prompt $'caf\xe9'` from a Latin-1 terminal reaches Python as 'caf\udce9' (PEP 383): not a character a
     vocabulary lacks, but a byte that is not UTF-8."""
     for tok in (CharTokenizer.train("cafe"), bpe):
-        with pytest.raises(FunGPTError, match=r"byte 0xe9, which is not UTF-8 .* \(fungpt sample --prompt-file\)$"):
+        with pytest.raises(FunGPTError, match=r"byte 0xe9, which is not UTF-8 .*; set the terminal to UTF-8 \(fungpt "
+                                          r"sample can also read the text from a UTF-8 file: --prompt-file\)$"):
             tok.encode("caf\udce9")

@@ -940,6 +940,18 @@ def test_output_into_a_pipe_is_utf8_whatever_the_locale(tiny_run, tmp_path):
     assert "␣" in proc.stdout.decode("utf-8")  # (the space token, as --show-probs shows it)
 
 
+def test_a_non_utf8_folder_name_is_printed_as_its_bytes(corpus, tmp_path):
+    """Under a C locale or UTF-8 mode, Python writes a file name's bytes that are not UTF-8 back as they were
+    (surrogateescape): the printed path must stay one that works, not caf\\udce9."""
+    out = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUTF8": "1"}
+    env.pop("PYTHONIOENCODING", None)
+    proc = subprocess.run([sys.executable, "-m", "fungpt", "prepare", "--input", str(corpus), "--out", out],
+                          env=env, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert b"/caf\xe9" in proc.stdout and b"udce9" not in proc.stdout, proc.stdout
+
+
 def test_the_progress_bar_redraws_rarely_into_a_file_or_a_pipe_only(tmp_path):
     """Into a log each redraw stays (a 26 s run left one line of 29,526 characters); a terminal or a notebook's
     stream (no file behind it) keeps redrawing as usual."""

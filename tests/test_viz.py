@@ -287,6 +287,18 @@ def test_plot_runs_draws_a_run_named_relative_and_absolute_once(tmp_path, monkey
     assert drawn == [("b train", [1, 2], [4.0, 3.0])]
 
 
+def test_plot_runs_labels_a_folder_name_that_is_not_utf8(tmp_path, monkeypatch):
+    """A run folder named with a byte that is not UTF-8 (Python holds it as a lone surrogate): matplotlib refused
+    the label with a traceback, and training's loss.png was never drawn."""
+    import os
+
+    run = write_metrics(Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9")),
+                        [{"step": 1, "train_loss": 4.0}, {"step": 2, "train_loss": 3.0}])
+    drawn = record_plots(monkeypatch)
+    plot_runs([run], tmp_path / "loss.png")
+    assert drawn == [("caf\ufffd train", [1, 2], [4.0, 3.0])] and (tmp_path / "loss.png").stat().st_size > 0
+
+
 def test_plot_cli_on_trained_run_and_errors(run_dir, tmp_path, capsys):
     out = tmp_path / "loss.png"
     assert main(["plot", str(run_dir), "--x", "tokens", "--out", str(out)]) == 0
