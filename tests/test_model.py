@@ -514,8 +514,9 @@ def test_untied_embeddings_count_separately():
 def test_init_scales_residual_projections():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=8, n_embd=256, n_head=4, vocab_size=100, block_size=32))
-    std = model.blocks[0].mlp.c_proj.weight.std().item()
-    assert std == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    for block in model.blocks[:2]:  # both projections into the residual stream: attention's and the MLP's
+        assert block.attn.c_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+        assert block.mlp.c_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
     assert model.blocks[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert torch.all(model.blocks[0].attn.c_attn.bias == 0)
 
@@ -741,3 +742,108 @@ def test_streams_taking_turns_or_left_unfinished_decode_without_dropout_and_leav
     model.drop.eval()  # and so does a submodule's own mode
     list(model.generate_stream(prompt, max_new_tokens=2, temperature=0))
     assert model.training and not model.drop.training
+
+
+# ---------------------------------------------------------------- pinned by mutation testing
+
+
+def test_a_chunk_after_one_cached_token_is_still_causal():
+    """With t0 = 1 (a 1-token prompt, then a lookahead's draft checked in one chunk) the chunk needs its shifted
+    mask like any other: without it, its queries saw later keys."""
+    model, idx = make_model(), tokens(2, 8)
+    full = model(idx)
+    for impl in ("sdpa", "plain"):
+        cache = model.make_kv_cache(2)
+        parts = [model(idx[:, a:b], kv_cache=cache, attn_impl=impl) for a, b in [(0, 1), (1, 8)]]
+        torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["embedding", "attn_resid", "mlp"])
+def test_each_dropout_acts_where_it_is(which):
+    """The embeddings', attention's residual and the MLP's dropout: each, alone in training mode, changes the
+    output (a dropout removed from its place was unseen: only attention-weight dropout was tested)."""
+    model, idx = make_model(dropout=0.5), tokens(2, 8)
+    with torch.no_grad():
+        ref = model(idx)
+        {"embedding": model.drop, "attn_resid": model.blocks[0].attn.resid_dropout,
+         "mlp": model.blocks[0].mlp.dropout}[which].train()
+        assert not torch.allclose(model(idx), ref)
+
+
+def test_plain_attention_drops_the_softmax_weights_at_rate_p():
+    """Dropout on the (B, nh, T, T) attention weights, at the model's rate: not on their product with v."""
+    model = make_model(dropout=0.3)
+    attn = model.blocks[0].attn
+    attn.attn_dropout.train()
+    seen = []
+    attn.attn_dropout.register_forward_hook(lambda m, inp, out: seen.append((inp[0], out)))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model(tokens(8, 16), attn_impl="plain")
+    weights, dropped = seen[0]
+    assert weights.shape == (8, 2, 16, 16)  # (B, nh, T, T), not (B, nh, T, hs)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(8, 2, 16))
+    live = weights > 0
+    assert (dropped[live] == 0).float().mean().item() == pytest.approx(0.3, abs=0.03)
+
+
+def test_rope_rotates_each_pair_by_position_times_its_frequency():
+    """hs = 4, base 10000: theta_i = base^(-2i/hs) = [1, 0.01]; the pairs are (x0, x2) and (x1, x3) (the halves),
+    rotated by p * theta_i from position 0: a sign, a frequency, the base or the first position wrong shows."""
+    rope = RotaryPositions(block_size=8, head_size=4, base=10000.0)
+    q = torch.tensor([1.0, 1.0, 0.0, 0.0]).view(1, 1, 1, 4)  # (B, nh, T, hs)
+    for p in (0, 1, 3):
+        got, _ = rope.rotate(q, q, torch.tensor([p]))
+        # (x, 0) rotated by a: (x cos a, x sin a)
+        want = torch.tensor([math.cos(p), math.cos(0.01 * p), math.sin(p), math.sin(0.01 * p)])
+        torch.testing.assert_close(got.view(4), want, atol=1e-6, rtol=0)
+
+
+def test_rope_matches_transformers_llama_rotation():
+    """The same rotation as transformers' Llama (rotate_half convention) for another base and later positions."""
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    hs, base = 8, 500.0
+    rope = RotaryPositions(block_size=16, head_size=hs, base=base)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 5, hs, generator=g), torch.randn(1, 2, 5, hs, generator=g)
+    pos = torch.arange(3, 8)
+    freqs = pos[:, None].float() / base ** (torch.arange(0, hs, 2).float() / hs)  # (T, hs/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hs)
+    want_q, want_k = llama.apply_rotary_pos_emb(q, k, emb.cos()[None], emb.sin()[None])
+    got_q, got_k = rope.rotate(q, k, pos)
+    torch.testing.assert_close(got_q, want_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_k, want_k, atol=1e-5, rtol=1e-5)
+
+
+def test_lookahead_is_ignored_when_sampling():
+    """Prompt-lookup speculation is for greedy decoding: with temperature > 0 the draw must be the plain one."""
+    model, prompt = make_model(), tokens(1, 4)
+
+    def run(lookahead):
+        return model.generate(prompt, 10, temperature=1.0, generator=torch.Generator().manual_seed(0),
+                              lookahead=lookahead)
+
+    assert torch.equal(run(0), run(4))
+
+
+def test_sampling_edges_minus_inf_top_p_near_one_and_unnormalised_draws():
+    """A -inf logit gets probability 0 (softmax from the largest logit, or it is NaN), top_p in [0.999, 1) still
+    cuts the tail, and draw's uniform number is scaled to the probabilities' total."""
+    from fungpt.sampling import draw
+
+    e = math.e
+    torch.testing.assert_close(sampling_probs(torch.tensor([[0.0, -math.inf, 1.0]])),
+                               torch.tensor([[1 / (1 + e), 0.0, e / (1 + e)]]))
+    torch.testing.assert_close(sampling_probs(torch.tensor([[math.log(0.9996), math.log(0.0004)]]), top_p=0.9995),
+                               torch.tensor([[1.0, 0.0]]))
+    counts = torch.bincount(draw(torch.ones(2000, 4), torch.Generator().manual_seed(0)).flatten(), minlength=4)
+    assert (counts > 400).all(), counts  # about 500 each: all four drawn, not only the first
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_save_hf_records_the_models_dropout(tmp_path, dropout):
+    """The exported config.json carries the model's dropout in all three of GPT-2's places (a fixed 0.1, GPT-2's
+    own default, made a fine-tune in transformers drop what this model never dropped)."""
+    make_model(dropout=dropout).save_hf(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
+    assert [config[k] for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")] == [dropout] * 3

@@ -393,3 +393,44 @@ def test_every_preset_loads_and_builds_its_model(preset):
             GPT(GPTConfig(**{**cfg.model.to_dict(), "vocab_size": 65}))
     if preset == "speedrun-cpu.toml":
         assert cfg.train.max_minutes and cfg.train.eval_full_val and not cfg.train.plot
+
+
+def test_lookup_draft_prefers_the_latest_and_longest_match_and_runs_on_into_itself():
+    assert lookup_draft([1, 5, 1, 6, 1], 1) == [6]  # the latest match of [1], not the first
+    assert lookup_draft([7, 2, 5, 3, 2, 6, 7, 2], 1) == [5]  # the 2-gram [7, 2] before the later 1-gram [2]
+    assert lookup_draft([1, 2, 3, 1, 2], 4) == [3, 1, 2, 3]  # the copy continues into the guess itself
+
+
+def test_verify_draft_accepts_a_fully_right_draft_and_one_token_more():
+    """A draft the model agrees with entirely is taken whole, plus the model's own next token (the bonus)."""
+    from fungpt.speculative import verify_draft
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=10, block_size=16, n_layer=1, n_head=1, n_embd=8)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()  # all logits equal: the greedy token is 0 everywhere
+        seq = torch.zeros(1, 16, dtype=torch.long)
+        cache = model.make_kv_cache(1)
+        model(seq[:, :3], kv_cache=cache)  # the prompt's first 3 tokens cached, its 4th the newest
+        history = [0, 0, 0, 0]
+        out = list(verify_draft(model, seq, 4, [0, 0, 0], cache, history, False))
+    assert len(out) == 4 and cache.pos == 3 + 1 + 3 and history == [0] * 8
+
+
+def test_muon_second_step_uses_nesterov_momentum_of_the_decayed_buffer():
+    """buf = mu * buf + g; the update orthogonalises g + mu * buf (Nesterov): the buffer's decay by mu matters."""
+    from fungpt.muon import Muon, orthogonalize
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 16, generator=g))
+    g1, g2 = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    opt = Muon([p], lr=0.1, momentum=0.5)
+    p.grad = g1.clone()
+    opt.step()
+    before = p.detach().clone()
+    p.grad = g2.clone()
+    opt.step()
+    buf = 0.5 * g1 + g2
+    torch.testing.assert_close(p.detach() - before, -0.1 * orthogonalize((g2 + 0.5 * buf)[None])[0],
+                               atol=1e-5, rtol=1e-4)
