@@ -245,7 +245,7 @@ def resolve_source(source: str | Path) -> list[Path]:
             (p for p in _walk_files(path) if not _is_hidden(p.relative_to(path))),
             key=lambda p: p.relative_to(path).as_posix(),
         )
-        files = [p for p in files if p.stat().st_size > 0 and not _hidden_by_flag(p.stat())]
+        files = [p for p in files if (st := p.stat()).st_size > 0 and not _hidden_by_flag(st)]
         if not files:
             raise FunGPTError(
                 f"folder {path} holds no text (hidden and empty files are skipped); put some text files in it"

@@ -158,7 +158,7 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
     from fungpt import checkpoint as ckpt
     from fungpt.data import BatchLoader, load_meta
     from fungpt.train import (
-        _holds_a_run,
+        HoldsARun,
         check_out_dir,
         check_resume_model,
         check_resume_tokenizer,
@@ -174,10 +174,8 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
     out_dir = Path(cfg.out_dir)
     try:  # likewise (a folder that holds another run, nothing to resume, ...); a run training there is no bar
         check_out_dir(cfg, resume, overwrite, check_lock=False)
-    except FunGPTError as e:
-        if str(e) == str(_holds_a_run(out_dir)):
-            raise FunGPTError(f"{e} (with --dry-run, --overwrite deletes nothing)") from None
-        raise
+    except HoldsARun as e:
+        raise FunGPTError(f"{e} (with --dry-run, --overwrite deletes nothing)") from None
     folder, manifest = resume_point(cfg)[1:3] if resume else (None, None)
     cfg, data_dir, pre = resolve_model_and_data(cfg, progress=False, model_named=model_named,
                                                 resume_dir=out_dir if resume else None)

@@ -98,7 +98,7 @@ def not_utf8(ch: str) -> str | None:
 def write_hf_json(tok, path: Path) -> None:
     """Write a `tokenizers` Tokenizer's JSON file, as its own save() writes it, but through Python: a full disk is
     then an OSError with its reason, which every writer explains (save() raises a plain Exception)."""
-    with open(path, "w", encoding="utf-8") as f:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:  # (as save() writes it on Windows too: no \r\n)
         f.write(tok.to_str(pretty=True))
 
 

@@ -315,9 +315,13 @@ def _in_use(out: Path, holder: str) -> FunGPTError:
                        f"stop it, or choose another out_dir")
 
 
-def _holds_a_run(out: Path) -> FunGPTError:
-    return FunGPTError(f"{out} already holds a training run: pass --resume to continue it, --overwrite to "
-                       f"replace it, or choose another out_dir")
+class HoldsARun(FunGPTError):
+    """out_dir already holds a run, and neither --resume nor --overwrite was given (a dry run adds a word to it)."""
+
+
+def _holds_a_run(out: Path) -> HoldsARun:
+    return HoldsARun(f"{out} already holds a training run: pass --resume to continue it, --overwrite to replace it, "
+                     f"or choose another out_dir")
 
 
 def lock_holder(out: Path) -> str | None:
