@@ -67,6 +67,8 @@ class Pretrained:
     # resumed fine-tune whose pretrained model is gone, see train.resolve_model_and_data)
     config: GPTConfig  # the architecture, exactly as in the checkpoint
     tokenizer: Tokenizer
+    model: GPT | None = None  # its weights, once read (training reads them before encoding the data, so that a
+    # damaged weights file is refused at once, not after minutes of tokenizing)
 
 
 def is_pretrained(init_from: str) -> bool:

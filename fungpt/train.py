@@ -438,7 +438,8 @@ def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, check_lock: boo
 
 
 def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool = True,
-                           model_named: Collection[str] = (), resume_dir: Path | None = None):
+                           model_named: Collection[str] = (), resume_dir: Path | None = None,
+                           read_weights: bool = False):
     """Settle the model config and the data together; returns (cfg, data_dir, pretrained or None).
 
     A pretrained start (init_from) brings its own architecture and tokenizer (pretrained.py), and the
@@ -448,6 +449,8 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
     fields not set take those values, not the pretrained model's); and as it no longer needs its pretrained
     model's weights, if init_from is gone (a moved folder, a cleared hub cache) the run's own copy of its
     tokenizer stands in.
+    `read_weights`: read the pretrained weights into pre.model (train passes it when they will be needed: no
+    checkpoint to resume from) before the data, which can take minutes to encode: damaged weights are refused first.
     """
     pre = None
     if pretrained.is_pretrained(cfg.model.init_from):
@@ -461,6 +464,9 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
             if is_main:
                 print(f"fungpt: {cfg.model.init_from} is not available here; resuming with the architecture and "
                       f"tokenizer recorded in {resume_dir}")
+        else:
+            if read_weights:
+                pre.model = GPT.from_hf(pre.path)
     if pre is not None and resume_dir is not None:
         # A resumed fine-tune continues its own architecture, as its folder records it (block_size cropped,
         # vocabulary trimmed): the fields the user set replace those, and the resume check refuses a change
@@ -1170,17 +1176,18 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     check_loggers(tc)  # likewise, and before the run folder is written (a retry would need --overwrite)
     saved_cfg, folder, manifest, saved_train = resume_point(cfg) if resume else (None, None, None, None)
 
+    # (a fine-tune's weights are read first, before the data and before the run folder is touched: a damaged or
+    # refused weights file must not cost a long encode, leave an empty run behind, nor, with --overwrite, have
+    # deleted the run that was there)
     cfg, data_dir, pre = resolve_model_and_data(cfg, ddp.is_main, progress and ddp.is_main, model_named,
-                                                resume_dir=Path(cfg.out_dir) if resume else None)
+                                                resume_dir=Path(cfg.out_dir) if resume else None,
+                                                read_weights=folder is None)
     # The text the data was prepared from and how it was split (no sha256: token ids prepared elsewhere): a resume
     # onto edited text, or a folder prepared again with another split, says so
     data_meta = load_meta(data_dir)
     data_fingerprint = (f"{data_meta['source_sha256']}:{data_meta['train_tokens']}:{data_meta['val_tokens']}"
                         if data_meta.get("source_sha256") else None)  # the text's sha256 : train : val tokens
     out_dir = Path(cfg.out_dir)
-    # A fine-tune's weights are read now, before the run folder is touched: a damaged or refused weights file
-    # must not leave an empty run behind, nor (with --overwrite) have deleted the run that was there
-    pre_model = GPT.from_hf(pre.path) if pre is not None and folder is None else None
     if ddp.is_main:  # rank 0 alone writes the folder, so it alone locks it
         locked = held.enter_context(lock_out_dir(out_dir))
         prepare_out_dir(cfg, resume, overwrite, locked)
@@ -1290,9 +1297,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     elif resume:
         say(f"fungpt: {out_dir} has no checkpoint yet (stopped before its first save): starting from step 0")
     if pre is not None and folder is None:
-        pretrained.load_weights(model, pre_model if pre_model is not None else pre.path)
+        pretrained.load_weights(model, pre.model if pre.model is not None else pre.path)
         say(f"fungpt: starting from the pretrained weights of {pre.name} ({model.num_params():,} parameters)")
-    del pre_model  # (also when a checkpoint saved meanwhile was found instead: not kept through training)
+    if pre is not None:
+        pre.model = None  # (also when a checkpoint saved meanwhile was found instead: not kept through training)
 
     if ddp.is_main:
         ckpt.atomic_write_text(out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))

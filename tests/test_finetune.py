@@ -175,10 +175,10 @@ def test_help_of_a_finetuning_config_says_the_model_defaults_shown_are_not_used(
 
 
 def test_hub_name_offline_and_not_cached_says_how_to_get_it(tmp_path, monkeypatch):
-    pytest.importorskip("huggingface_hub")
+    hub_constants = pytest.importorskip("huggingface_hub.constants")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+    # an empty cache: the library read HF_HOME when it was imported, so its constant is what counts
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
     with pytest.raises(FunGPTError, match=r"hf download gpt2-medium.*local folder"):
         pretrained.resolve("gpt2-medium")
     with pytest.raises(FunGPTError, match="neither 'scratch', a local Hugging Face GPT-2 folder, nor a hub name"):
@@ -326,7 +326,7 @@ class _RunsCode:
         return (Path.touch, (self.marker,))
 
 
-def test_damaged_or_foreign_weights_in_a_model_folder_are_one_line(hf_dir, tmp_path, capsys):
+def test_damaged_or_foreign_weights_in_a_model_folder_are_one_line(hf_dir, tmp_path, capsys, monkeypatch):
     import shutil
 
     from fungpt.model import GPT
@@ -390,11 +390,13 @@ def test_damaged_or_foreign_weights_in_a_model_folder_are_one_line(hf_dir, tmp_p
             GPT.from_hf(plain)
     assert not marker.exists()
     # and through the command line: one line, no traceback
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
     assert main(["train", "--model.init-from", str(cut), "--data.path", str(hf_dir / "vocab.json"),
                  "--out-dir", str(tmp_path / "out"), "--train.device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: cannot read the weights")
     assert not (tmp_path / "out").exists()  # the weights are read before the run folder is made
+    assert not list((tmp_path / "cache").glob("datasets/*"))  # and before the text is encoded (can take minutes)
 
 
 def test_overwriting_a_run_with_a_finetune_whose_weights_are_damaged_keeps_the_run(hf_dir, corpus, tmp_path):
