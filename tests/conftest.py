@@ -1,21 +1,49 @@
 """Fixtures shared by several test files."""
 
+import os
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
 
+_SANDBOX: str | None = None  # the session's stand-in for the caches in the user's home folder
+
 
 def pytest_configure(config) -> None:
-    """Give the tests' child processes a working Ctrl-C, whatever the shell that started pytest did.
+    """Keep the tests out of the user's home folder, and give their child processes a working Ctrl-C.
 
-    A shell without job control (a script's `pytest ... &`, some CI runners) starts its background commands
-    with SIGINT ignored, and an ignored signal stays ignored across exec: the commands that the tests
+    Home: matplotlib's font cache and the Hugging Face hub cache go to a folder of this test session (set
+    before any test module imports those libraries, which read these variables once, at import), so no test
+    writes there or reads a model that happens to be cached on this machine.
+
+    Ctrl-C: a shell without job control (a script's `pytest ... &`, some CI runners) starts its background
+    commands with SIGINT ignored, and an ignored signal stays ignored across exec: the commands that the tests
     interrupt with SIGINT would never see it (Python keeps SIG_IGN at startup, as nohup expects). A Python
     handler in this process is reset to the default in every child it starts, so the children get Ctrl-C.
     """
+    global _SANDBOX
+    _SANDBOX = tempfile.mkdtemp(prefix="fungpt-tests-home-")
+    os.environ["MPLCONFIGDIR"] = os.path.join(_SANDBOX, "matplotlib")
+    os.environ["HF_HOME"] = os.path.join(_SANDBOX, "huggingface")
+    os.environ.pop("HF_HUB_CACHE", None)  # else it would win over HF_HOME
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pytest_unconfigure(config) -> None:
+    if _SANDBOX is not None:
+        shutil.rmtree(_SANDBOX, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _own_dataset_cache(tmp_path_factory, monkeypatch) -> None:
+    """Every test's prepared datasets go to a folder of its own, never to the user's ~/.cache/fungpt.
+
+    Tests that look at the cache set FUNGPT_CACHE_DIR themselves (e.g. the `corpus` fixture), which wins.
+    """
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path_factory.mktemp("fungpt-cache")))
 
 
 @pytest.fixture()

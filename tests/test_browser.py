@@ -38,7 +38,10 @@ def url(tiny_run):
 @pytest.fixture()
 def page(tmp_path):
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        home = tmp_path / "browser-home"  # Chromium writes its settings and crash reports under the home folder
+        env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
+               "XDG_CACHE_HOME": str(home / ".cache")}
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, env=env)
         try:
             context = browser.new_context(viewport={"width": 1280, "height": 900})
             pg = context.new_page()

@@ -1453,8 +1453,11 @@ def test_a_closed_output_pipe_is_no_traceback(world, tmp_path):
                              "--train.eval-interval", "30", "--train.eval-iters", "1",
                              "--train.checkpoint-interval", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**env, "PYTHONUNBUFFERED": "1"}, cwd=tmp_path)
-    while not proc.stdout.readline().startswith(b"step 0:"):  # training has started: the reader goes away
-        pass
+    for line in proc.stdout:  # until training has started: then the reader goes away
+        if line.startswith(b"step 0:"):
+            break
+    else:  # the output ended first: the run failed to start
+        pytest.fail(f"no 'step 0:' line; exit {proc.wait(timeout=120)}: {proc.stderr.read().decode()[-2000:]}")
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and "Traceback" not in err, err[-2000:]
