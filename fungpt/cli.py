@@ -489,6 +489,19 @@ def process_start_time() -> float:
 PEER_GONE_WAIT_S = 3.0  # > 1 s, torchrun's failure timestamps being whole seconds (see main)
 
 
+def _run_flag_as_positional(args: list[str]) -> list[str]:
+    """`fungpt serve RUN` and `fungpt attention RUN` name the run without a flag; `--run RUN`, as sample, eval and
+    export take it, is read the same way (else tyro would say only that the argument 'run' is missing)."""
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg == "--run" and i + 1 < len(args):
+            return [args[i + 1], *args[:i], *args[i + 2:]]
+        if arg.startswith("--run="):
+            return [arg.removeprefix("--run="), *args[:i], *args[i + 1:]]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     start_time = process_start_time()
     _startup.restore()  # Ctrl-C is a KeyboardInterrupt again, handled below (see fungpt/_startup.py)
@@ -505,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "train":
             cmd_train(rest, start_time)
         else:
+            if name in ("serve", "attention"):
+                rest = _run_flag_as_positional(rest)
             _parse(COMMANDS[name], rest, f"fungpt {name}")
     except FunGPTError as e:
         # Under torchrun every process may fail alike: each says which it is, so that the lines read as copies

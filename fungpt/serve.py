@@ -14,7 +14,7 @@ The HTTP API behind it (FastAPI on uvicorn):
                           trained over with another model
     POST /api/generate    {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_at_eot"}
                           -> server-sent events (text/event-stream), one JSON object per event:
-                          {"type": "start", "prompt_tokens": [...]}, then one
+                          {"type": "start", "step", "model", "prompt_tokens": [...]}, then one
                           {"type": "token", "index", "id", "text", "piece", "prob", "top": [{"id", "text", "prob"}]}
                           per new token, then {"type": "done", "text", "tail", "n_tokens", "stopped_at_eot"};
                           a token's "text" is the token alone (Tokenizer.token_text), "piece" the text it completes
@@ -26,7 +26,8 @@ Every mistake in a request gets a 4xx answer {"error": "<one clear line>"}. Numb
 (true or "5" is refused), and requests must name this machine in their Host header (see _host_allowed).
 
 A run that is still training: when it writes a newer checkpoint, the next request loads it ("step" in
-/api/info, in a generation's "start" event and in an attention answer says which one answered).
+/api/info, in a generation's "start" event and in an attention answer says which one answered; "model" in the
+first two names the weights that answer, also across a restart of the server, for the page to notice a change).
 
 Concurrency: there is one model and a lock around every use of it. Generation takes the lock
 for one token at a time, so two clients streaming at once take turns step by step (both see
@@ -221,28 +222,38 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
     # The run as served. Training may still be going: a newer checkpoint is loaded at the next request. A
     # different model in its place (the folder trained over with --overwrite) is not: the page, its limits and
     # the tokenizer were made for this one; that takes a restart, said once.
-    served = {"run": run, "id": loaded, "warned": False, "other_model": False}
+    # "model": which weights answer, for the page: this server's own random name (a page left open across a restart,
+    # perhaps on another run, sees another), and how many times it has loaded a newer checkpoint
+    instance = os.urandom(6).hex()
+    served = {"run": run, "id": loaded, "warned": False, "other_model": False, "config": _read_config(run.run_dir),
+              "loads": 0, "model": f"{instance}-0"}
 
-    def current() -> LoadedRun:
-        """The served run, after loading the run's newest checkpoint if it changed since."""
+    def current_and_name() -> tuple[LoadedRun, str]:
+        """The served run, after loading the run's newest checkpoint if it changed since, and its "model" name."""
         with lock:  # (no forward pass runs during the swap; streams already going keep their model)
             now_id = _checkpoint_id(run.run_dir, checkpoint)
             if now_id is None or now_id == served["id"]:
-                return served["run"]
+                return served["run"], served["model"]
             try:
                 new = load_run(run.run_dir, checkpoint, str(run.device))
                 same = new.config.model == mcfg and ckpt.tokenizer_fingerprint(run.run_dir) == tok_fingerprint
             except (FunGPTError, OSError):
-                return served["run"]  # caught mid-save or damaged: keep the loaded one, try again next request
+                return served["run"], served["model"]  # caught mid-save or damaged: keep it, try again next request
             served["id"] = now_id  # (either way: not loaded again until the run saves again)
             served["other_model"] = not same  # the folder's files (its loss curve) are another model's
             if same:
                 served["run"] = new
+                served["loads"] += 1
+                served["model"] = f"{instance}-{served['loads']}"
+                served["config"] = _read_config(run.run_dir)  # (a resume may change e.g. max_iters)
             elif not served["warned"]:
                 served["warned"] = True
                 print(f"fungpt: {run.run_dir} now holds a different model (trained over): still serving the one "
                       f"loaded at start; restart fungpt serve to explore the new one", file=sys.stderr)
-            return served["run"]
+            return served["run"], served["model"]
+
+    def current() -> LoadedRun:
+        return current_and_name()[0]
 
     # Errors: always {"error": "..."} with a 4xx status, never a stack trace or pydantic's raw list.
     @app.exception_handler(RequestValidationError)
@@ -283,7 +294,6 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
 
     # ------------------------------------------------------------------ the run
 
-    config_json = _read_config(run.run_dir)
     info = {
         "run": run.run_dir.resolve().name,
         "run_dir": str(run.run_dir),
@@ -298,14 +308,14 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
         "n_layer": mcfg.n_layer,
         "n_head": mcfg.n_head,
         "n_embd": mcfg.n_embd,
-        "config": config_json,
         "limits": {"max_prompt_chars": max_prompt_chars, "max_prompt_tokens": max_prompt_tokens,
                    "max_new_tokens": max_new_tokens, "max_attention_tokens": MAX_ATTENTION_TOKENS},
     }
 
     @app.api_route("/api/info", methods=["GET", "HEAD"])
     def get_info() -> dict:
-        return {**info, "step": current().step}
+        now, name = current_and_name()
+        return {**info, "step": now.step, "model": name, "config": served["config"]}
 
     @app.api_route("/api/metrics", methods=["GET", "HEAD"])
     def get_metrics() -> dict:
@@ -349,8 +359,8 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
         def sse(obj: dict) -> str:
             return f"data: {json.dumps(obj)}\n\n"  # one SSE event; JSON never contains a raw newline
 
-        now = current()  # this stream's model, to its end
-        yield sse({"type": "start", "step": now.step,
+        now, name = current_and_name()  # this stream's model, to its end
+        yield sse({"type": "start", "step": now.step, "model": name,
                    "prompt_tokens": [{"id": i, "text": tok.token_text(i)} for i in prompt_ids]})
         idx = torch.tensor([prompt_ids], dtype=torch.long, device=run.device)  # (1, T)
         gen = seeded_generator(req.seed, run.device)  # this request's own random stream

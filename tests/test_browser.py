@@ -173,3 +173,74 @@ def test_a_seed_javascript_cannot_hold_is_refused_not_rounded(url, page):
     sync_api.expect(page.locator("#status")).to_have_class("muted error")
     assert page.locator("#output .tok").count() == 0  # nothing was generated
     assert page.problems == []
+
+
+def test_what_the_page_cannot_send_as_typed_is_said_not_changed(url, page):
+    """A number box holding what the browser cannot read ("5e") reads as empty, which means a default: the page
+    generated with settings the user never chose. A paste longer than the server takes was cut by the browser."""
+    page.goto(url)
+    sync_api.expect(page.locator("#run-summary")).to_contain_text("step 20")
+    page.fill("#top_k", "")
+    page.focus("#top_k")
+    page.keyboard.type("5e")  # (fill refuses such text in a number box; a user can type it)
+    page.click("#generate")
+    sync_api.expect(page.locator("#status")).to_contain_text("top-k is not a number: correct it, or empty the box")
+    sync_api.expect(page.locator("#status")).to_have_class("muted error")
+    assert page.locator("#output .tok").count() == 0  # nothing was generated
+    page.fill("#top_k", "10")
+    limit = httpx.get(f"{url}/api/info").json()["limits"]["max_prompt_chars"]
+    page.fill("#prompt", "The cat " * (limit // 8 + 1))
+    assert len(page.input_value("#prompt")) > limit  # the whole paste is kept...
+    page.click("#generate")  # ...and the server says why it is refused
+    sync_api.expect(page.locator("#status")).to_contain_text(f"this server takes at most {limit}")
+    assert [p for p in page.problems if "400" not in p] == []
+
+
+def test_a_lost_server_is_said_in_words(url, page):
+    page.goto(url)
+    sync_api.expect(page.locator("#run-summary")).to_contain_text("step 20")
+    page.route("**/api/generate", lambda route: route.abort())  # as when the server is not running
+    page.click("#generate")
+    sync_api.expect(page.locator("#status")).to_contain_text("cannot reach the server: is fungpt serve still running?")
+
+
+def test_another_model_answering_is_shown_with_the_layer_kept(url, page):
+    """The page showed the details of the model it loaded first as long as the step was the same: a server started
+    again on another run, or a run trained over to the same step, answered with a model the page did not show."""
+    real = httpx.get(f"{url}/api/info").json()
+
+    def stale(route):  # what the page loaded before the server changed: another model, 5 layers
+        route.fulfill(json={**real, "model": "an-earlier-one", "n_layer": 5})
+
+    page.route("**/api/info", stale)
+    page.goto(url)
+    sync_api.expect(page.locator("#layer option")).to_have_count(5)
+    page.select_option("#layer", "1")
+    page.unroute("**/api/info")
+    page.fill("#prompt", "The cat")  # (in the tiny run's alphabet)
+    page.fill("#max_new_tokens", "3")
+    page.click("#generate")
+    sync_api.expect(page.locator("#output")).to_have_attribute("data-state", "done")
+    sync_api.expect(page.locator("#layer option")).to_have_count(2)  # the details of the model that answered
+    assert page.input_value("#layer") == "1"  # the chosen layer, which this model has too, is kept
+    assert page.problems == []
+
+
+def test_the_sample_can_be_explored_with_the_keyboard(url, page):
+    page.goto(url)
+    sync_api.expect(page.locator("#run-summary")).to_contain_text("step 20")
+    page.fill("#prompt", "The cat")
+    page.fill("#max_new_tokens", "5")
+    page.focus("#generate")
+    page.keyboard.press("Enter")
+    sync_api.expect(page.locator("#output")).to_have_attribute("data-state", "done")
+    sync_api.expect(page.locator("#generate")).to_be_focused()  # not lost to the page's body
+    page.keyboard.press("Tab")  # the tokens come after the controls...
+    for _ in range(10):
+        if page.evaluate("() => document.activeElement.classList.contains('gen')"):
+            break
+        page.keyboard.press("Tab")
+    assert page.evaluate("() => document.activeElement.dataset.index") == "0"  # ...the first one first
+    page.keyboard.press("Enter")
+    sync_api.expect(page.locator("#step-info")).to_contain_text("Step 1")
+    assert page.problems == []

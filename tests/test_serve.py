@@ -341,14 +341,18 @@ def test_a_newer_checkpoint_is_served_at_the_next_request(run_dir, tmp_path):
     shutil.copytree(run_dir, run)
     app = create_app(run, device="cpu")
     with running_server(app) as base:
-        assert httpx.get(f"{base}/api/info").json()["step"] == 20
+        info = httpx.get(f"{base}/api/info").json()
+        assert info["step"] == 20 and info["config"]["train"]["max_iters"] == 20
         before = stream_events(base, prompt="The", max_new_tokens=20, temperature=0)
+        assert before[0]["model"] == info["model"]  # the page compares these: nothing changed
         cfg = load_run_config(run)
         cfg.train.max_iters, cfg.out_dir = 40, str(run)  # (config.json names the original folder)
         train(cfg, resume=True, progress=False)
-        assert httpx.get(f"{base}/api/info").json()["step"] == 40
+        later = httpx.get(f"{base}/api/info").json()
+        assert later["step"] == 40 and later["config"]["train"]["max_iters"] == 40  # the config panel follows
+        assert later["model"] != info["model"]  # what tells the page to show the new checkpoint
         after = stream_events(base, prompt="The", max_new_tokens=20, temperature=0)
-        assert after[0]["step"] == 40
+        assert after[0]["step"] == 40 and after[0]["model"] == later["model"]
         # the first token's probability under the step-40 weights, as the library computes it
         new = load_run(run, device="cpu")
         idx = torch.tensor([new.tokenizer.encode("The")])
@@ -359,6 +363,16 @@ def test_a_newer_checkpoint_is_served_at_the_next_request(run_dir, tmp_path):
         assert abs(first["prob"] - before[1]["prob"]) > 1e-3  # (the step-20 weights gave another)
         r = httpx.post(f"{base}/api/attention", json={"ids": [1, 2, 3]}).json()
         assert r["step"] == 40
+
+
+def test_a_server_started_again_names_its_model_anew(run_dir):
+    """A page left open while the server is started again (perhaps on another run, at the same step) must notice
+    that another model answers: the step alone cannot tell."""
+    with running_server(create_app(run_dir, device="cpu")) as base:
+        first = httpx.get(f"{base}/api/info").json()
+    with running_server(create_app(run_dir, device="cpu")) as base:
+        again = httpx.get(f"{base}/api/info").json()
+    assert again["step"] == first["step"] == 20 and again["model"] != first["model"]
 
 
 def test_attention_is_the_models_own(url, run_dir):

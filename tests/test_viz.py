@@ -100,6 +100,17 @@ def test_cli_attention_writes_image(run_dir, tmp_path, flags, grid):
     check_png(out, attention_figsize(*grid, len(prompt)))
 
 
+@pytest.mark.parametrize("spelled", [["--run", "RUN"], ["--run=RUN"]])
+def test_the_run_may_be_named_with_run_as_sample_takes_it(run_dir, tmp_path, spelled):
+    """attention and serve take the run folder without a flag; `--run RUN`, copied from sample, said only that
+    the argument 'run' was missing."""
+    out = tmp_path / "att.png"
+    args = [a.replace("RUN", str(run_dir)) for a in spelled]
+    assert main(["attention", "--prompt", "ROMEO", "--layer", "0", "--head", "0", *args, "--out", str(out)]) == 0
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+
+
 def test_cli_attention_bad_layer_is_one_line(run_dir, tmp_path, capsys):
     out = tmp_path / "att.png"
     assert main(["attention", str(run_dir), "--prompt", "ROMEO", "--layer", "5", "--out", str(out)]) == 2

@@ -30,8 +30,21 @@ function setStatus(text, isError = false) {
   $("status").classList.toggle("error", isError);
 }
 
+// The server could not be reached, or the connection broke (fetch says only "Failed to fetch" or "network error").
+class ConnectionLost extends Error {}
+const NO_SERVER = "cannot reach the server: is fungpt serve still running? Start it again, then reload this page";
+
+async function reach(promise) {
+  try {
+    return await promise;
+  } catch (err) {
+    if (err.name === "AbortError") throw err;  // Stop was pressed
+    throw new ConnectionLost(NO_SERVER);
+  }
+}
+
 async function fetchJSON(url, options) {
-  const response = await fetch(url, options);
+  const response = await reach(fetch(url, options));
   const body = await response.json().catch(() => ({}));
   if (!response.ok) throw new Error(body.error || `${response.status} ${response.statusText}`);
   return body;
@@ -50,14 +63,16 @@ async function loadInfo() {
   fillSelect($("layer"), info.n_layer);
   fillSelect($("head"), info.n_head);
   $("max_new_tokens").max = info.limits.max_new_tokens;
-  $("prompt").maxLength = info.limits.max_prompt_chars;
+  // (no maxLength on the prompt: the browser would cut a longer paste without a word; the server says so)
   $("eot-control").hidden = !info.has_eot;  // (a char tokenizer has no end-of-text token)
   renderConfig(info.config);
 }
 
 function fillSelect(select, n) {
+  const kept = Number(select.value);  // the layer or head chosen before a newer checkpoint: kept if it still exists
   select.innerHTML = "";
   for (let i = 0; i < n; i++) select.add(new Option(String(i), String(i)));
+  if (select.value !== "" && kept < n) select.value = String(kept);
 }
 
 function renderConfig(config) {
@@ -144,7 +159,18 @@ async function loadMetrics() {
 
 // ------------------------------------------------------------------ generation (streamed)
 
+// What an empty box means, and its name in messages.
+const NUMBER_BOXES = {
+  temperature: ["temperature", "0.8"], top_k: ["top-k", "off"], top_p: ["top-p", "off"],
+  max_new_tokens: ["max new tokens", "200"], seed: ["seed", "1337"],
+};
+
 function readSettings() {
+  // A box holding what the browser cannot read as a number ("5e", "-") has the value "", as an empty one does:
+  // say so, rather than generate with the default the user did not choose.
+  for (const [id, [name, empty]] of Object.entries(NUMBER_BOXES)) {
+    if ($(id).validity.badInput) throw new Error(`${name} is not a number: correct it, or empty the box (empty: ${empty})`);
+  }
   const num = (id) => $(id).value.trim() === "" ? null : Number($(id).value);
   return {
     prompt: $("prompt").value,
@@ -178,7 +204,15 @@ function addTokenSpan(token, kind, index) {
   if (kind === "gen") {
     span.dataset.index = index;
     span.title = `token ${token.id}, p = ${(100 * token.prob).toFixed(1)}%`;
+    span.tabIndex = 0;  // reachable with Tab, and Enter or Space selects it, as a click does
+    span.setAttribute("role", "button");
     span.addEventListener("click", () => selectToken(index));
+    span.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" || e.key === " ") {
+        e.preventDefault();
+        selectToken(index);
+      }
+    });
   }
   $("output").append(span);
   return span;
@@ -186,8 +220,9 @@ function addTokenSpan(token, kind, index) {
 
 async function generate() {
   if (state.controller) return;
-  const settings = readSettings();
+  let settings;
   try {
+    settings = readSettings();
     checkSeed(settings.seed);
   } catch (err) {
     setStatus(err.message, true);
@@ -201,17 +236,19 @@ async function generate() {
   clearInspector();
   const controller = new AbortController();
   state.controller = controller;
+  const fromButton = document.activeElement === $("generate");
   $("generate").disabled = true;
   $("stop").disabled = false;
+  if (fromButton) $("stop").focus();  // (a disabled button loses the focus: keyboard users keep a place)
   setStatus("generating…");
   const started = performance.now();
   try {
-    const response = await fetch("/api/generate", {
+    const response = await reach(fetch("/api/generate", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify(settings),
       signal: controller.signal,
-    });
+    }));
     if (!response.ok) {
       const body = await response.json().catch(() => ({}));
       throw new Error(body.error || `${response.status} ${response.statusText}`);
@@ -221,7 +258,7 @@ async function generate() {
     const decoder = new TextDecoder();
     let buffer = "";
     for (;;) {
-      const { value, done } = await reader.read();
+      const { value, done } = await reach(reader.read());
       if (done) break;
       buffer += decoder.decode(value, { stream: true });
       let cut;
@@ -238,21 +275,28 @@ async function generate() {
     if (err.name === "AbortError") {
       setStatus(`stopped after ${state.gen.length} tokens`);
       $("output").dataset.state = "done";
+    } else if (err instanceof ConnectionLost && state.gen.length) {
+      setStatus(`lost the connection to the server after ${state.gen.length} tokens (the sample ends there): ` +
+                "is fungpt serve still running?", true);
+      $("output").dataset.state = "error";
     } else {
       setStatus(err.message, true);
       $("output").dataset.state = "error";
     }
   } finally {
     state.controller = null;
+    const stopFocused = document.activeElement === $("stop");
     $("generate").disabled = false;
     $("stop").disabled = true;
+    if (stopFocused || document.activeElement === document.body) $("generate").focus();
   }
 }
 
 function handleEvent(event, started) {
   if (event.type === "start") {
-    // A run still training: the server loaded a newer checkpoint for this sample; show it and its curve.
-    if (state.info && event.step !== state.info.step) {
+    // Another model answers than the page shows: a run still training (the server loaded a newer checkpoint),
+    // or a server started again, perhaps on another run. Show the one that answers, and its curve.
+    if (state.info && event.model !== state.info.model) {
       loadInfo().catch(() => {});
       loadMetrics().catch(() => {});
     }
