@@ -119,8 +119,10 @@ class Decoder:
 
     Made once per generation: it gathers, layer by layer, the functions and tensors a step uses
     (the Linear layers' decoders, direct norm calls, the cache's views), so that the step itself
-    does little but call tensor operations. If a Linear layer's weight changes in place (or is
-    replaced) between steps, the next step notices and gathers them again.
+    does little but call tensor operations. If a Linear layer's weight changes in place between steps
+    (a new version, or new storage through `weight.data = ...`), the next step notices and gathers them
+    again. A parameter swapped for another tensor (a new nn.Parameter, load_state_dict(assign=True)) is
+    not seen by a Decoder made before: a generation paused meanwhile keeps the old weights; start a new one.
     """
 
     @staticmethod

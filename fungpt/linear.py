@@ -231,9 +231,9 @@ again: covers the block matrices up to GPT-2 medium (1024 x 4096), not the 50257
 class Linear(nn.Linear):
     """nn.Linear whose float32 CPU products may run on oneDNN (module docstring); same parameters.
 
-    With cpu_matmul() == "onednn": products that need a backward go through OneDNNLinear; one input
-    row without grad (batch-1 decoding) through row_product (see `decoder`); other rows through
-    oneDNN directly.
+    With cpu_matmul() == "onednn": products that need a backward go through OneDNNLinear, the others
+    through oneDNN directly. Batch-1 decoding (decode.py) does not call forward: it takes `decoder()`,
+    a function that computes one row by row sums (row_product) where they are faster.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
