@@ -1424,6 +1424,12 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     def end_time() -> float:
         return end_reserve(timings_now())
 
+    def last_step_forecast() -> int:
+        """With a time budget, the step the run should end at, for the progress bar (its percentage and time left):
+        as many more steps as the budget left holds at the current step time, or max_iters if it comes first."""
+        left = budget_s - end_time() - elapsed()
+        return min(tc.max_iters, step + max(0, int(left / max(step_estimate(), 1e-9))))
+
     def out_of_time() -> bool:
         """Stop early enough that the final eval, checkpoint and plot also fit in the budget."""
         return budget_s is not None and budget_spent(elapsed(), timings_now(), budget_s)
@@ -1586,6 +1592,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                            "elapsed_s": round(time.time() - start_time, 3), "run_s": round(elapsed(), 3),
                            "tokens": tokens_seen})
                 if bar is not None:
+                    if budget_s is not None:  # the bar's end: where the budget should end the run, not max_iters
+                        bar.total = last_step_forecast()  # (the speedrun presets' max_iters is never reached)
                     # refresh=False: shown at the bar's next (rate-limited) redraw, not redrawn on every log row
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.0%}",
                                     refresh=False)
@@ -1610,6 +1618,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             do_save()  # still under the handlers: a second signal meanwhile stops at once, saying so
 
     if bar is not None:
+        if budget_s is not None and not interrupted:
+            bar.total = step  # where the budget ended it: 100%
         bar.close()
     if interrupted:
         how = " with --resume in place of --overwrite" if overwrite else "" if resume else " plus --resume"

@@ -589,8 +589,11 @@ def test_max_minutes_stops_on_time_with_the_schedule_decayed(corpus, tmp_path, c
     budget_min = 0.1  # 6 seconds
     cfg = tiny_config(corpus, out, max_iters=1_000_000, warmup_iters=10, lr_decay_iters=100,
                       checkpoint_interval=200, max_minutes=budget_min)
-    result = train(cfg, progress=False)
+    result = train(cfg, progress=True)
     assert 0 < result["step"] < 1_000_000
+    # the progress bar counted to where the budget ended the run, not to max_iters (it read 0% for the whole run)
+    bar = capsys.readouterr().err.split("\r")[-1]
+    assert f" {result['step']}/{result['step']} " in bar and "100%" in bar and "1000000" not in bar, bar
     # "On time": the whole command, final eval and checkpoint included, within the budget
     # (a little slack for the machine being shared).
     assert result["elapsed_s"] <= budget_min * 60 + 2.0
