@@ -90,10 +90,13 @@ class TrainConfig:
     min_lr: float = 1e-4
     """Learning rate at the end of the decay."""
     warmup_iters: int = 100
-    """Steps of linear warmup from 0 to lr."""
+    """Steps of linear warmup from 0 to lr. With max_minutes, the same share of the run instead:
+    warmup_iters / lr_decay_iters of it (see lr_decay_iters)."""
     lr_decay_iters: int | None = None
     """Step at which the decay reaches min_lr; defaults to max_iters. When set, the schedule does not
-    depend on max_iters, so a longer run continues the same curve."""
+    depend on max_iters, so a longer run continues the same curve. With max_minutes, the schedule runs on
+    the share of the run done instead: lr_decay_iters stands for the whole run, which ends at the budget, or
+    at max_iters if that comes first (the decay then ends there)."""
     lr_schedule: str = "cosine"
     """cosine (GPT-2/nanoGPT), wsd (warmup-stable-decay: flat, then linear decay over the last
     wsd_decay_frac of the run) or constant (after warmup)."""
@@ -133,7 +136,7 @@ class TrainConfig:
     budget used instead of on steps, and training ends with a final eval and checkpoint on time. The
     step-0 eval is skipped (its cost is estimated from one batch instead) so the budget goes to training.
     With max_iters too, the run ends at whichever limit comes first; the schedule follows the one further
-    along."""
+    along (so warmup_iters and lr_decay_iters count in shares of the run, not in steps)."""
     optimizer: str = "adamw"
     """adamw (everything on AdamW), or muon: the 2-D matrices inside the blocks on Muon (Keller Jordan
     2024, "Muon: An optimizer for hidden layers in neural networks", the modded-nanogpt speedrun optimizer;
