@@ -448,6 +448,8 @@ class BPETokenizer(Tokenizer):
         piece = self._tok.id_to_token(token_id)  # the token in byte-level stand-in characters
         if piece is None:
             raise FunGPTError(f"cannot decode: token id {token_id} is not in range({self.vocab_size})")
+        if not self.joins_decodings:  # not byte-level (a char run's export: one character per token): 'é' is é
+            return self.decode([token_id]).encode("utf-8")
         alphabet = _byte_level_alphabet()
         if all(ch in alphabet for ch in piece):
             return bytes(alphabet[ch] for ch in piece)

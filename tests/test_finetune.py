@@ -185,6 +185,27 @@ def test_hub_name_offline_and_not_cached_says_how_to_get_it(tmp_path, monkeypatc
         pretrained.resolve(str(tmp_path / "no-such-model"))
 
 
+def test_an_exported_char_tokenizer_gives_each_token_its_own_bytes(tmp_path, monkeypatch):
+    """A char run's export is character-level, not byte-level: read as GPT-2's byte alphabet, 'é' (U+00E9, one of
+    its stand-in characters) was the byte E9, shown as '\\xe9' and counted as 1 byte in eval's bits per byte."""
+    from fungpt.model import GPTConfig
+
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    text = tmp_path / "cafe.txt"
+    text.write_text("le café été naïf, ça ĀĂ 日本 😀\n" * 30, encoding="utf-8")
+    out = tmp_path / "char-run"
+    cfg = RunConfig(out_dir=str(out), data=DataConfig(path=str(text)),
+                    model=GPTConfig(vocab_size=1, block_size=16, n_layer=1, n_head=2, n_embd=16),
+                    train=TrainConfig(batch_size=2, max_iters=1, eval_iters=1, log_interval=1, device="cpu"))
+    train(cfg, progress=False)
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "exp")]) == 0
+    char = load_run(out, device="cpu").tokenizer
+    exported = HFTokenizer.from_dir(tmp_path / "exp")
+    ids = range(char.vocab_size)
+    assert [exported.token_bytes(i) for i in ids] == [char.token_bytes(i) for i in ids]
+    assert "é" in [exported.token_text(i) for i in ids]
+
+
 def test_export_char_run_tokenizer_loads_in_transformers(corpus, tmp_path):
     from fungpt.model import GPTConfig
 
