@@ -185,20 +185,26 @@ def test_hub_name_offline_and_not_cached_says_how_to_get_it(tmp_path, monkeypatc
         pretrained.resolve(str(tmp_path / "no-such-model"))
 
 
-def test_an_exported_char_tokenizer_gives_each_token_its_own_bytes(tmp_path, monkeypatch):
-    """A char run's export is character-level, not byte-level: read as GPT-2's byte alphabet, 'é' (U+00E9, one of
-    its stand-in characters) was the byte E9, shown as '\\xe9' and counted as 1 byte in eval's bits per byte."""
+def _exported_char_run(text: Path, tmp_path: Path) -> Path:
+    """A char run trained on `text` for two steps, in tmp_path/char-run, and exported to tmp_path/exp."""
     from fungpt.model import GPTConfig
 
-    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
-    text = tmp_path / "cafe.txt"
-    text.write_text("le café été naïf, ça ĀĂ 日本 😀\n" * 30, encoding="utf-8")
     out = tmp_path / "char-run"
     cfg = RunConfig(out_dir=str(out), data=DataConfig(path=str(text)),
                     model=GPTConfig(vocab_size=1, block_size=16, n_layer=1, n_head=2, n_embd=16),
-                    train=TrainConfig(batch_size=2, max_iters=1, eval_iters=1, log_interval=1, device="cpu"))
+                    train=TrainConfig(batch_size=2, max_iters=2, eval_iters=1, log_interval=1, device="cpu"))
     train(cfg, progress=False)
     assert main(["export", "--run", str(out), "--out", str(tmp_path / "exp")]) == 0
+    return out
+
+
+def test_an_exported_char_tokenizer_gives_each_token_its_own_bytes(tmp_path, monkeypatch):
+    """A char run's export is character-level, not byte-level: read as GPT-2's byte alphabet, 'é' (U+00E9, one of
+    its stand-in characters) was the byte E9, shown as '\\xe9' and counted as 1 byte in eval's bits per byte."""
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    text = tmp_path / "cafe.txt"
+    text.write_text("le café été naïf, ça ĀĂ 日本 😀\n" * 30, encoding="utf-8")
+    out = _exported_char_run(text, tmp_path)
     char = load_run(out, device="cpu").tokenizer
     exported = HFTokenizer.from_dir(tmp_path / "exp")
     ids = range(char.vocab_size)
@@ -207,14 +213,7 @@ def test_an_exported_char_tokenizer_gives_each_token_its_own_bytes(tmp_path, mon
 
 
 def test_export_char_run_tokenizer_loads_in_transformers(corpus, tmp_path):
-    from fungpt.model import GPTConfig
-
-    out = tmp_path / "char-run"
-    cfg = RunConfig(out_dir=str(out), data=DataConfig(path=str(corpus)),
-                    model=GPTConfig(vocab_size=1, block_size=16, n_layer=1, n_head=2, n_embd=16),
-                    train=TrainConfig(batch_size=2, max_iters=2, eval_iters=1, log_interval=1, device="cpu"))
-    train(cfg, progress=False)
-    assert main(["export", "--run", str(out), "--out", str(tmp_path / "exp")]) == 0
+    out = _exported_char_run(corpus, tmp_path)
     run = load_run(out, device="cpu")
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "exp")
     text = "the dog sat\non the mat."
