@@ -234,19 +234,23 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
         # Each evaluation runs eval_iters forward passes on each of 2 splits (with eval_full_val, the val split's
         # every window instead); a forward pass is about a third of a micro-step (backward costs twice as much).
         steps = max(0, tc.max_iters - start)
-        # at step 0 (a new run), every eval_interval steps after `start`, and at the last step
-        evals = ((start == 0) + tc.max_iters // tc.eval_interval - start // tc.eval_interval
-                 + (tc.max_iters % tc.eval_interval != 0)) if steps else 0
+        # at step 0 (a new run without a time budget, which skips it), every eval_interval steps after `start`,
+        # and at the last step
+        evals = ((start == 0 and tc.max_minutes is None) + tc.max_iters // tc.eval_interval
+                 - start // tc.eval_interval + (tc.max_iters % tc.eval_interval != 0)) if steps else 0
         val_batches = (math.ceil((load_meta(data_dir)["val_tokens"] - 1) / mc.block_size) / tc.batch_size
                        if tc.eval_full_val else tc.eval_iters)
-        eval_s = evals * (tc.eval_iters + val_batches) * step_s / tc.grad_accum_steps / 3
+        one_eval_s = (tc.eval_iters + val_batches) * step_s / tc.grad_accum_steps / 3
+        eval_s = evals * one_eval_s
         total_s = steps * step_s + eval_s
         left = f" (from step {start:,} to max_iters = {tc.max_iters:,})" if resume else ""
         line = (f"  time           {step_s * 1000:.0f} ms per step (median of {timed_steps}): {steps:,} steps{left} "
                 f"+ evals ~ {_fmt_duration(total_s)}")
         budget_s = tc.max_minutes * 60 - used_s if tc.max_minutes is not None else None
         if budget_s is not None and total_s > budget_s:
-            steps_in_budget = int(max(0.0, budget_s - eval_s) / step_s)
+            # the final eval, and each step its share of the evals every eval_interval steps (those of the steps
+            # that fit: not every eval up to max_iters, which left "about 0 steps" for a budget run of thousands)
+            steps_in_budget = int(max(0.0, budget_s - one_eval_s) / (step_s + one_eval_s / tc.eval_interval))
             spent = f", {used_s / 60:.1f} of them used," if used_s else ""
             line += f"; max_minutes = {tc.max_minutes}{spent} stops it after about {steps_in_budget:,} steps"
             total_s = max(0.0, budget_s)

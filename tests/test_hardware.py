@@ -348,6 +348,48 @@ def test_dry_run_under_torchrun_prints_once_and_counts_every_process(corpus, tmp
     assert "timed in one process alone" in printed
 
 
+def test_dry_run_under_torchrun_gives_each_process_its_share_of_the_cpus_memory(corpus, tmp_path, capsys,
+                                                                               monkeypatch):
+    monkeypatch.setattr(plan, "device_memory", lambda device: 2 * 1024**3)
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    figures = plan.dry_run(tiny_config(corpus, tmp_path / "run", max_iters=2), timed_steps=1)
+    assert figures["device_memory"] == 1024**3
+    assert "cpu has 1.00 GiB for each of the 2 processes on this machine: fits" in capsys.readouterr().out
+
+
+def test_dry_run_counts_the_evals_of_a_resume_and_of_accumulated_steps(corpus, tmp_path, capsys):
+    """An evaluation costs eval_iters forward passes per split, a third of a micro-step each: one optimizer step of
+    grad_accum_steps micro-steps is not one forward pass. A resume evaluates at no step 0 of its own."""
+    cfg = tiny_config(corpus, tmp_path / "run", max_iters=2, grad_accum_steps=2)
+    figures = plan.dry_run(cfg, timed_steps=1)
+    assert figures["eval_s"] == pytest.approx(2 * 2 * 2 * figures["step_s"] / 2 / 3)  # at steps 0 and 2
+    train(tiny_config(corpus, tmp_path / "run", max_iters=4, eval_interval=2), progress=False)
+    resumed = tiny_config(corpus, tmp_path / "run", max_iters=8, eval_interval=2)
+    figures = plan.dry_run(resumed, timed_steps=1, resume=True)
+    assert figures["eval_s"] == pytest.approx(2 * 2 * 2 * figures["step_s"] / 3)  # at steps 6 and 8, not 4 again
+    # a time budget counts what the run has used of it already
+    used = ckpt.load_state(ckpt.find_checkpoint(tmp_path / "run"))["elapsed_s"]
+    budget = dataclasses.replace(resumed, train=dataclasses.replace(resumed.train, max_iters=10**9,
+                                                                    max_minutes=(used + 30) / 60))
+    capsys.readouterr()
+    figures = plan.dry_run(budget, timed_steps=1, resume=True)
+    assert figures["projected_s"] == pytest.approx(30)
+    assert f", {used / 60:.1f} of them used, stops it after about " in capsys.readouterr().out
+
+
+def test_dry_run_of_a_budget_counts_the_evals_of_the_steps_that_fit(corpus, tmp_path, capsys, monkeypatch):
+    """A time budget stops the run long before max_iters: the evals up to max_iters never happen. Counting all of
+    them, the dry run said the budget "stops it after about 0 steps" of a run that then trained 3,124."""
+    monkeypatch.setattr(plan, "_time_steps", lambda *a, **k: 0.01)  # 10 ms per step, whatever this machine does
+    cfg = tiny_config(corpus, tmp_path / "run", max_iters=100_000, eval_interval=20, eval_iters=2, max_minutes=0.25)
+    figures = plan.dry_run(cfg, timed_steps=1)
+    one_eval = (2 + 2) * 0.01 / 3  # eval_iters batches of each split, a forward pass a third of a step
+    assert figures["eval_s"] == pytest.approx(100_000 // 20 * one_eval)  # no step-0 eval: a budget run skips it
+    fit = int((15 - one_eval) / (0.01 + one_eval / 20))  # the final eval, and an eval every 20 steps
+    assert f"max_minutes = 0.25 stops it after about {fit:,} steps" in capsys.readouterr().out
+
+
 MEASURE = textwrap.dedent("""
     import json, sys
     import torch
@@ -419,6 +461,22 @@ def test_weight_copies_and_qk_norm_in_the_memory_estimate():
         assert extra == 3 * 2 * s * 4 * 24 * 16  # layers x (q, k) x bytes x B x T x C
 
 
+def test_rope_plain_attention_and_adamw_scratch_in_the_memory_estimate():
+    """As estimate_memory's docstring counts them: RoPE's new q and k (2 x s x B x T x C per layer), plain attention's
+    float32 softmax weights (4 x nh x B x T^2 per layer, once without dropout) kept and once more in the backward's
+    temporaries, and AdamW's batched-update scratch (N x 4 bytes)."""
+    cfg = GPTConfig(vocab_size=50, block_size=24, n_layer=3, n_head=2, n_embd=16)
+    base = estimate_memory(cfg, 4)
+    rope = estimate_memory(dataclasses.replace(cfg, pos_encoding="rope"), 4)
+    assert rope["activations"] - base["activations"] == 3 * 2 * 4 * 4 * 24 * 16
+    plain = estimate_memory(cfg, 4, attn_impl="plain")
+    square = 4 * 2 * 4 * 24 * 24  # one (B, nh, T, T) float32 tensor
+    assert plain["activations"] - base["activations"] == 3 * square
+    assert plain["temporaries"] - base["temporaries"] == 2 * square
+    empty = estimate_memory(cfg, 0)  # what does not grow with the batch: weights, gradients, AdamW and its scratch
+    assert empty["temporaries"] == empty["weights"] == base["weights"] and empty["total"] == 5 * empty["weights"]
+
+
 def test_largest_batch_keeps_the_safety_margin():
     """The batch must fit in SAFETY (90%) of the memory, not all of it: the estimate leaves out allocator slack."""
     model = GPTConfig(vocab_size=96, block_size=64, n_layer=2, n_head=2, n_embd=32)
@@ -429,6 +487,21 @@ def test_largest_batch_keeps_the_safety_margin():
     assert plan.SAFETY == 0.9 and (memory - fixed) // per_seq > 10
     assert plan.largest_batch(model, "float32", memory) == 10
     assert plan.largest_batch(model, "float32", int(fixed / 0.9)) == 0  # the weights and AdamW state fill it
+
+
+def test_batch_advice_never_asks_for_a_larger_batch_nor_blames_the_sequence_for_the_weights():
+    """After a CUDA out-of-memory error the estimate may say a larger batch fits than the one that just failed: the
+    advice keeps the run's own batch then, never a larger one. Weights, gradients and AdamW state that fill more than
+    SAFETY of the memory are named as the cause, not the sequence's block_size."""
+    cfg = RunConfig(model=GPTConfig(vocab_size=96, block_size=64, n_layer=2, n_head=2, n_embd=32),
+                    train=TrainConfig(batch_size=4, grad_accum_steps=3))
+    assert plan.largest_batch(cfg.model, "float32", 1024**3) > 4
+    advice = plan.batch_advice(cfg, "float32", 1024**3)
+    assert advice.startswith("the estimate says batch_size = 4 fits; set train.batch_size = 4 and "
+                             "train.grad_accum_steps = 3 to keep about the same 12 sequences"), advice
+    fixed = estimate_memory(cfg.model, 0, "float32")["total"]
+    advice = plan.batch_advice(cfg, "float32", int(fixed / 0.95))  # above 90% of it, below all of it
+    assert advice.startswith("even one sequence does not fit: weights, gradients and AdamW state alone"), advice
 
 
 def test_attention_dropout_off_cuda_counts_its_block_size_squared_matrices():
