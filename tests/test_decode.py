@@ -241,6 +241,11 @@ def test_decoder_refuses_what_it_cannot_run():
     model = make_model()
     with pytest.raises(FunGPTError, match="one sequence"):
         Decoder(model, model.make_kv_cache(2))
+    from fungpt.model import KVCache
+
+    c = model.config  # room for more positions than the model has (a cache made by hand): positions it cannot encode
+    with pytest.raises(FunGPTError, match=f"at most block_size {c.block_size} positions"):
+        Decoder(model, KVCache(c.n_layer, 1, c.n_head, c.block_size + 1, c.n_embd // c.n_head))
     model.train()
     with pytest.raises(FunGPTError, match="eval mode"):
         Decoder(model, model.make_kv_cache(1))

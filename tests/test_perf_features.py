@@ -418,6 +418,24 @@ def test_verify_draft_accepts_a_fully_right_draft_and_one_token_more():
     assert len(out) == 4 and cache.pos == 3 + 1 + 3 and history == [0] * 8
 
 
+def test_verify_draft_rolls_the_cache_back_over_the_rejected_guesses():
+    """Only the newest token, the right guesses and the model's correction stay cached: the keys and values of the
+    rejected guesses must never be attended to by the next step."""
+    from fungpt.speculative import verify_draft
+
+    model = GPT(GPTConfig(vocab_size=10, block_size=16, n_layer=1, n_head=1, n_embd=8)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()  # all logits equal: the greedy token is 0 everywhere
+        seq = torch.zeros(1, 16, dtype=torch.long)
+        cache = model.make_kv_cache(1)
+        model(seq[:, :3], kv_cache=cache)
+        history = [0, 0, 0, 0]
+        out = list(verify_draft(model, seq, 4, [0, 5, 0], cache, history, False))  # wrong from the second guess
+    assert [int(t) for t in out] == [0, 0] and history == [0] * 6
+    assert cache.pos == 3 + 1 + 1  # the newest token and the one right guess; 5 and what followed it are dropped
+
+
 def test_muon_second_step_uses_nesterov_momentum_of_the_decayed_buffer():
     """buf = mu * buf + g; the update orthogonalises g + mu * buf (Nesterov): the buffer's decay by mu matters."""
     from fungpt.muon import Muon, orthogonalize

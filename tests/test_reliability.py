@@ -188,6 +188,25 @@ def test_without_a_pointer_the_step_decides_before_the_suffix(world, tmp_path):
     assert ckpt.find_checkpoint(out) == newest
     shutil.copytree(newest, out / "checkpoints" / "latest-0000006.1")  # at one step, the later save (higher suffix)
     assert ckpt.find_checkpoint(out) == out / "checkpoints" / "latest-0000006.1"
+    for n in range(2, 11):  # suffixes are numbers: .10 came after .9
+        shutil.copytree(newest, out / "checkpoints" / f"latest-0000006.{n}")
+    assert ckpt.find_checkpoint(out) == out / "checkpoints" / "latest-0000006.10"
+
+
+def test_a_state_pt_without_every_field_is_refused_in_one_line(tmp_path):
+    torch.save({"step": 3, "optimizer": {}}, tmp_path / ckpt.STATE_FILE)  # tensors and plain types, but not ours
+    with pytest.raises(FunGPTError, match="is not a FunGPT training state \\(expected the keys step, best_val, "):
+        ckpt.load_state(tmp_path)
+
+
+def test_the_tokenizer_fingerprint_covers_the_file_the_tokenizer_names(tmp_path):
+    """A BPE tokenizer is tokenizer_meta.json plus the file it names: replacing that file (another merge table, the
+    same vocabulary size) must change the fingerprint that a checkpoint's manifest records."""
+    (tmp_path / "tokenizer_meta.json").write_text(json.dumps({"kind": "bpe", "file": "tokenizer.json"}))
+    (tmp_path / "tokenizer.json").write_text('{"merges": ["a b"]}')
+    before = ckpt.tokenizer_fingerprint(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"merges": ["b a"]}')
+    assert ckpt.tokenizer_fingerprint(tmp_path) not in (before, None)
 
 
 def test_weights_missing_a_tensor_are_refused(world, tmp_path):
@@ -217,6 +236,10 @@ def test_saving_twice_at_one_step_never_deletes_the_current_checkpoint(world, tm
     monkeypatch.undo()
     second = ckpt.save_checkpoint(out, "latest", 6, model, state=state)
     assert second != first and ckpt.find_checkpoint(out) == second and check_loadable(out) == 6
+    # a folder of the first name left beside the second (a run killed before it deleted the old one): a third name
+    shutil.copytree(second, first)
+    third = ckpt.save_checkpoint(out, "latest", 6, model, state=state)
+    assert third.name == "latest-0000006.2" and ckpt.find_checkpoint(out) == third and check_loadable(out) == 6
 
 
 def test_disk_full_during_training(world, tmp_path, monkeypatch, capsys):
@@ -1834,6 +1857,26 @@ def test_the_overfit_note_needs_a_rise_beyond_the_margin(world, tmp_path, monkey
     assert overfit_note(run) == ("fungpt: note: the last checkpoint (step 6, val loss 2.0200) has a higher val "
                                  "loss than the run's best (step 3, val loss 2.0000); pass --checkpoint best to use "
                                  "that one")
+
+
+def test_the_overfit_note_reads_the_last_eval_row_of_a_step_logged_twice(world, tmp_path, monkeypatch):
+    """A resumed run can log the eval of one step twice; the later row is the one of the checkpoint's weights."""
+    from fungpt.runs import overfit_note
+
+    train_module = sys.modules["fungpt.train"]
+    real_evaluate = train_module.evaluate
+    scripted = iter([3.0, 2.0, 2.5])  # val loss at steps 0, 3 and 6: best at 3
+
+    def evaluate(*args, **kwargs):
+        return {**real_evaluate(*args, **kwargs), "val": next(scripted)}
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate)
+    run = tmp_path / "run"
+    train(tiny_config(world["data"], run, max_iters=6, eval_interval=3), progress=False)
+    assert overfit_note(run) is not None
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:  # step 6 evaluated again, lower this time
+        f.write(json.dumps({"step": 6, "train_loss": 2.0, "val_loss": 2.001}) + "\n")
+    assert overfit_note(run) is None
 
 
 def test_files_named_inside_a_run_stay_inside_it(world, tmp_path, capsys):

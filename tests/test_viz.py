@@ -86,9 +86,47 @@ def test_attention_maps_refuses_prompt_longer_than_context(run_dir):
         attention_maps(loaded.model, [0] * 33)
 
 
+def test_attention_maps_take_a_batch_of_one_and_leave_a_training_model_training():
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.5))
+    model.train()
+    ids = [1, 5, 2, 7]
+    w = attention_maps(model, ids)  # (eval mode inside: no dropout)
+    assert model.training
+    assert torch.equal(attention_maps(model, torch.tensor([ids])), w)  # (1, T), as the docstring allows
+    assert torch.equal(attention_maps(model, torch.tensor(ids)), w) and model.training
+
+
+def test_plot_attention_greys_only_the_future_and_scales_colours_to_what_it_draws(tmp_path, monkeypatch):
+    """A cell's own weight (the diagonal) is drawn, not greyed out as the future; the colour scale ends at the
+    largest weight of the layers and heads drawn, not of others; and a negative --layer is refused, not read from
+    the end."""
+    from matplotlib.axes import Axes
+
+    shown, real_imshow = [], Axes.imshow
+
+    def imshow(self, w, *args, **kwargs):
+        shown.append((np.ma.getmaskarray(w).copy(), kwargs.get("vmax")))
+        return real_imshow(self, w, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "imshow", imshow)
+    T = 4
+    w = torch.softmax(torch.randn(2, 1, T, T).masked_fill(torch.ones(T, T).triu(1).bool(), -torch.inf), -1)
+    w[0, 0, 0, 0] = 1.0
+    w[1] *= 0.5  # layer 1's weights all lie below layer 0's largest (1.0)
+    plot_attention(w, list("abcd"), tmp_path / "a.png", layers=[1])
+    [(mask, vmax)] = shown
+    assert mask.tolist() == np.triu(np.ones((T, T), dtype=bool), k=1).tolist()
+    assert vmax == pytest.approx(float(w[1].max())) and vmax < 1.0
+    with pytest.raises(FunGPTError, match="--layer -1 does not exist: this model has 2 layers"):
+        plot_attention(w, list("abcd"), tmp_path / "b.png", layers=[-1])
+    with pytest.raises(FunGPTError, match="--head -1 does not exist"):
+        plot_attention(w, list("abcd"), tmp_path / "b.png", heads=[-1])
+    assert not (tmp_path / "b.png").exists()
+
+
 def test_token_labels_make_whitespace_visible():
-    tok = CharTokenizer.train("ab \n")
-    assert token_labels(tok, tok.encode("a b\n")) == ["a", "␣", "b", "\\n"]
+    tok = CharTokenizer.train("ab \n\t\r")
+    assert token_labels(tok, tok.encode("a b\t\r\n")) == ["a", "␣", "b", "\\t", "\\r", "\\n"]
 
 
 @pytest.mark.parametrize("flags,grid", [([], (2, 2)), (["--layer", "1"], (1, 2)), (["--layer", "0", "--head", "1"],
@@ -207,6 +245,14 @@ def test_positions_of_a_run_without_positions_says_so(run_dir, tmp_path, monkeyp
            "rope" in capsys.readouterr().err
 
 
+def test_rope_positions_of_an_odd_head_size_are_refused_in_one_line(tmp_path):
+    from fungpt.viz import plot_positions
+
+    with pytest.raises(FunGPTError, match="RoPE needs an even head size, got n_embd/n_head = 15"):
+        plot_positions("rope", tmp_path / "rope.png", block_size=16, n_embd=30, n_head=2)
+    assert not (tmp_path / "rope.png").exists()
+
+
 def test_rope_scores_depend_only_on_the_offset():
     s = rope_relative_scores(block_size=24, head_size=16)  # (T, T)
     torch.testing.assert_close(s[1:, 1:], s[:-1, :-1], atol=1e-4, rtol=1e-4)  # constant along diagonals
@@ -280,6 +326,38 @@ def test_plot_runs_draws_val_loss_on_the_val_curve(tmp_path, monkeypatch):
     assert drawn == [("a train", [1, 2], [4.0, 3.5]), ("a val", [0, 2], [4.5, 3.9])]
 
 
+def test_plot_runs_skips_rows_without_a_loss(tmp_path, monkeypatch):
+    """A row with a step but no train_loss (damage, or a row another tool appended) is skipped, not a KeyError."""
+    run = write_metrics(tmp_path / "a", [{"step": 1, "train_loss": 4.0}, {"step": 2, "lr": 0.1},
+                                         {"step": 3, "train_loss": 3.5}])
+    drawn = record_plots(monkeypatch)
+    plot_runs([run], tmp_path / "loss.svg")
+    assert drawn == [("a train", [1, 3], [4.0, 3.5])]
+    # against tokens, an eval row that does not say how many (written by an older version) is left out of the val
+    # curve, as train rows without them are left out of theirs
+    run = write_metrics(tmp_path / "b", [{"step": 1, "train_loss": 4.0, "tokens": 64},
+                                         {"step": 0, "train_loss": 4.4, "val_loss": 4.5},
+                                         {"step": 1, "train_loss": 4.0, "val_loss": 4.1, "tokens": 64}])
+    drawn.clear()
+    plot_runs([run], tmp_path / "tokens.svg", x="tokens")
+    assert drawn == [("b train", [64], [4.0]), ("b val", [64], [4.1])]
+
+
+def test_a_figure_that_fails_to_save_leaves_no_file_behind(tmp_path, monkeypatch):
+    """A write that fails half way (a full disk) is one FunGPTError naming --out, and its temporary file is gone."""
+    from matplotlib.figure import Figure
+
+    def half_written(self, path, **kwargs):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    run = write_metrics(tmp_path / "a", [{"step": 1, "train_loss": 4.0}, {"step": 2, "train_loss": 3.5}])
+    monkeypatch.setattr(Figure, "savefig", half_written)
+    with pytest.raises(FunGPTError, match=r"could not write .*loss\.png: No space left on device"):
+        plot_runs([run], tmp_path / "out" / "loss.png")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_plot_runs_labels_runs_of_one_folder_name_by_their_paths(tmp_path, monkeypatch):
     """Two runs named `run` in different folders got the same legend entries ("run train" twice): which is which?"""
     first = write_metrics(tmp_path / "x" / "run", [{"step": 1, "train_loss": 4.0}])
@@ -343,7 +421,8 @@ def test_figures_are_written_under_a_name_of_their_own(run_dir, tmp_path, capsys
 
 
 @pytest.mark.parametrize("damage, said", [
-    ("metrics_number", None), ("metrics_bytes", None), ("manifest", "manifest.json is corrupt"),
+    ("metrics_number", None), ("metrics_bytes", None), ("metrics_tokens", None),
+    ("manifest", "manifest.json is corrupt"),
 ])
 def test_inspect_a_damaged_run_is_one_line_or_skips_the_damage(run_dir, tmp_path, capsys, damage, said):
     import shutil
@@ -358,6 +437,9 @@ def test_inspect_a_damaged_run_is_one_line_or_skips_the_damage(run_dir, tmp_path
     elif damage == "metrics_bytes":
         with open(run / "metrics.jsonl", "ab") as f:
             f.write(b"\xff\n")
+    elif damage == "metrics_tokens":  # a row whose tokens are no whole number
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write('{"step": 11, "tokens": "many"}\n')
     else:
         (ckpt.find_checkpoint(run) / "manifest.json").write_text("{bad")
     code = main(["inspect", str(run)])
@@ -365,6 +447,7 @@ def test_inspect_a_damaged_run_is_one_line_or_skips_the_damage(run_dir, tmp_path
     assert "Traceback" not in captured.err
     if said is None:
         assert code == 0 and "tokens seen" in captured.out  # the last good row still counts
+        assert re.search(r"last logged step +10\n", captured.out), captured.out
     else:
         assert code == 2 and said in captured.err and captured.err.count("\n") == 1
 
@@ -404,6 +487,8 @@ def test_inspect_run(run_dir, capsys):
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert info["tokens_seen"] == last["tokens"] == 10 * 4 * 32
     assert info["flops_per_token_train"] == model.flops_per_token()
+    assert 3 * info["flops_per_token_forward"] == info["flops_per_token_train"]  # training = forward + 2x backward
+    assert ("lm_head", "tied to wte", 0) in rows  # (its matrix is wte's, counted once)
     mem = info["memory"]
     assert mem["weights"] == 4 * info["params"] and mem["optimizer"] == 2 * mem["weights"]
     assert main(["inspect", str(run_dir)]) == 0
@@ -432,6 +517,21 @@ def test_inspect_config_without_prepared_data(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "planned: a time budget of 1.63 min (train.max_minutes), or max_iters = " in out and "tokens" not in \
         out.split("planned:")[1]
+
+
+def test_inspect_estimates_memory_at_the_batch_asked_for_and_the_bpe_vocabulary_configured(tmp_path,
+                                                                                            monkeypatch):
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))  # nothing prepared here
+    (tmp_path / "corpus.txt").write_text("the cat sat on the mat\n" * 10, encoding="utf-8")
+    config = tmp_path / "bpe.toml"
+    config.write_text(f'[data]\npath = "{(tmp_path / "corpus.txt").as_posix()}"\ntokenizer = "bpe"\n'
+                      f'vocab_size = 1000\n[train]\nbatch_size = 8\n', encoding="utf-8")
+    info = inspect_target(config)
+    assert info["config"].model.vocab_size == 1000 and "BPE vocabulary size 1,000" in info["vocab_note"]
+    at_one = inspect_target(config, batch_size=1)
+    assert (info["memory"]["batch_size"], at_one["memory"]["batch_size"]) == (8, 1)
+    assert at_one["memory"]["activations"] * 8 == info["memory"]["activations"]
+    assert at_one["tokens_per_step"] == info["tokens_per_step"]  # (the run's own batch still trains it)
 
 
 def test_inspect_a_gpu_config_where_there_is_no_gpu(tmp_path, monkeypatch, capsys):
