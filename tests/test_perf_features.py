@@ -401,11 +401,13 @@ def test_lookup_draft_prefers_the_latest_and_longest_match_and_runs_on_into_itse
     assert lookup_draft([1, 2, 3, 1, 2], 4) == [3, 1, 2, 3]  # the copy continues into the guess itself
 
 
-def test_verify_draft_accepts_a_fully_right_draft_and_one_token_more():
-    """A draft the model agrees with entirely is taken whole, plus the model's own next token (the bonus)."""
+@pytest.mark.parametrize("draft, taken", [([0, 0, 0], 4), ([0, 5, 0], 2)])
+def test_verify_draft_keeps_the_right_guesses_and_rolls_the_cache_back_over_the_rest(draft, taken):
+    """A draft the model agrees with entirely is taken whole, plus the model's own next token (the bonus). One wrong
+    from its second guess keeps the first guess and the model's correction; the keys and values of the rejected
+    guesses must leave the cache, never to be attended to by the next step."""
     from fungpt.speculative import verify_draft
 
-    torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=10, block_size=16, n_layer=1, n_head=1, n_embd=8)).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -414,26 +416,9 @@ def test_verify_draft_accepts_a_fully_right_draft_and_one_token_more():
         cache = model.make_kv_cache(1)
         model(seq[:, :3], kv_cache=cache)  # the prompt's first 3 tokens cached, its 4th the newest
         history = [0, 0, 0, 0]
-        out = list(verify_draft(model, seq, 4, [0, 0, 0], cache, history, False))
-    assert len(out) == 4 and cache.pos == 3 + 1 + 3 and history == [0] * 8
-
-
-def test_verify_draft_rolls_the_cache_back_over_the_rejected_guesses():
-    """Only the newest token, the right guesses and the model's correction stay cached: the keys and values of the
-    rejected guesses must never be attended to by the next step."""
-    from fungpt.speculative import verify_draft
-
-    model = GPT(GPTConfig(vocab_size=10, block_size=16, n_layer=1, n_head=1, n_embd=8)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()  # all logits equal: the greedy token is 0 everywhere
-        seq = torch.zeros(1, 16, dtype=torch.long)
-        cache = model.make_kv_cache(1)
-        model(seq[:, :3], kv_cache=cache)
-        history = [0, 0, 0, 0]
-        out = list(verify_draft(model, seq, 4, [0, 5, 0], cache, history, False))  # wrong from the second guess
-    assert [int(t) for t in out] == [0, 0] and history == [0] * 6
-    assert cache.pos == 3 + 1 + 1  # the newest token and the one right guess; 5 and what followed it are dropped
+        out = list(verify_draft(model, seq, 4, draft, cache, history, False))
+    assert [int(t) for t in out] == [0] * taken and history == [0] * (4 + taken)
+    assert cache.pos == 3 + 1 + (taken - 1)  # the newest token and the right guesses (the last token is not cached)
 
 
 def test_muon_second_step_uses_nesterov_momentum_of_the_decayed_buffer():

@@ -1828,21 +1828,27 @@ def test_sampling_an_overfit_runs_last_checkpoint_points_to_the_best(world, tmp_
     assert "note" not in capsys.readouterr().err
 
 
-def test_the_overfit_note_needs_a_rise_beyond_the_margin(world, tmp_path, monkeypatch):
-    """A last val loss a hair above the best one (eval noise, within OVERFIT_MARGIN = 0.01) gives no note; a rise
-    beyond the margin does."""
-    from fungpt.runs import OVERFIT_MARGIN, overfit_note
-
+def _trained_with_val_losses(world, run: Path, monkeypatch, val_losses: list[float]) -> Path:
+    """A 6-step run evaluated at steps 0, 3 and 6, whose evals report these val losses."""
     train_module = sys.modules["fungpt.train"]
     real_evaluate = train_module.evaluate
-    scripted = iter([3.0, 2.0, 2.5])  # val loss at steps 0, 3 and 6: best at 3
+    scripted = iter(val_losses)
 
     def evaluate(*args, **kwargs):
         return {**real_evaluate(*args, **kwargs), "val": next(scripted)}
 
     monkeypatch.setattr(train_module, "evaluate", evaluate)
-    run = tmp_path / "run"
     train(tiny_config(world["data"], run, max_iters=6, eval_interval=3), progress=False)
+    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    return run
+
+
+def test_the_overfit_note_needs_a_rise_beyond_the_margin(world, tmp_path, monkeypatch):
+    """A last val loss a hair above the best one (eval noise, within OVERFIT_MARGIN = 0.01) gives no note; a rise
+    beyond the margin does."""
+    from fungpt.runs import OVERFIT_MARGIN, overfit_note
+
+    run = _trained_with_val_losses(world, tmp_path / "run", monkeypatch, [3.0, 2.0, 2.5])  # best at step 3
     metrics = run / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
 
@@ -1863,16 +1869,7 @@ def test_the_overfit_note_reads_the_last_eval_row_of_a_step_logged_twice(world, 
     """A resumed run can log the eval of one step twice; the later row is the one of the checkpoint's weights."""
     from fungpt.runs import overfit_note
 
-    train_module = sys.modules["fungpt.train"]
-    real_evaluate = train_module.evaluate
-    scripted = iter([3.0, 2.0, 2.5])  # val loss at steps 0, 3 and 6: best at 3
-
-    def evaluate(*args, **kwargs):
-        return {**real_evaluate(*args, **kwargs), "val": next(scripted)}
-
-    monkeypatch.setattr(train_module, "evaluate", evaluate)
-    run = tmp_path / "run"
-    train(tiny_config(world["data"], run, max_iters=6, eval_interval=3), progress=False)
+    run = _trained_with_val_losses(world, tmp_path / "run", monkeypatch, [3.0, 2.0, 2.5])  # best at step 3
     assert overfit_note(run) is not None
     with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:  # step 6 evaluated again, lower this time
         f.write(json.dumps({"step": 6, "train_loss": 2.0, "val_loss": 2.001}) + "\n")
