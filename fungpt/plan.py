@@ -225,6 +225,12 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
         share = f" for each of the {sharing} processes on this machine" if sharing > 1 else ""
         out(f"  device         {prec.device} has {_fmt_bytes(have)}{share}: {verdict}")
 
+    # The pretrained weights a new fine-tune starts from are read, and refused as training would refuse them (a
+    # damaged file); only when the run fits: they are part of its memory, and a machine too small for the run may
+    # be too small for them (the estimate above is what such a dry run is for)
+    if pre is not None and pre.path is not None and folder is None and fits:
+        GPT.from_hf(pre.path)
+
     # 4. Time a few real steps (random weights: the speed does not depend on their values).
     step_s = _time_steps(cfg, prec, data_dir, timed_steps, configure_optimizer, BatchLoader) if fits else None
     result: dict[str, Any] = {"num_params": n_params, "tokens_per_step": tokens_per_step,
