@@ -350,13 +350,17 @@ def inspect_command(target: tyro.conf.Positional[str], batch_size: int | None = 
     print(format_report(inspect_target(target, batch_size=batch_size)))
 
 
-def attention_command(run: tyro.conf.Positional[str], prompt: str, layer: int | None = None,
-                      head: int | None = None, out: str = "attention.png",
-                      checkpoint: Literal["last", "best"] = "last", device: str = "auto") -> None:
+# The run folder named without a flag (serve, attention; `--run RUN` also works: _run_flag_as_positional)
+RunFolder = Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN")]
+
+
+def attention_command(run: RunFolder, prompt: str, layer: int | None = None, head: int | None = None,
+                      out: str = "attention.png", checkpoint: Literal["last", "best"] = "last",
+                      device: str = "auto") -> None:
     """Draw attention-weight heatmaps of a run on a prompt, its tokens on both axes.
 
     Args:
-        run: The run folder (out_dir of `fungpt train`).
+        run: The run folder (out_dir of `fungpt train`), first; or anywhere as --run RUN.
         prompt: The text to run through the model (at most block_size tokens).
         layer: Only this layer (numbered from 0); default: all layers, one row each.
         head: Only this head (numbered from 0); default: all heads, one column each.
@@ -406,13 +410,13 @@ def positions_command(pos_encoding: Literal["auto", "learned", "sinusoidal", "ro
     print(f"fungpt: wrote {plot_positions(pos_encoding, out, run=loaded)}")
 
 
-def serve_command(run: tyro.conf.Positional[str], host: str = "127.0.0.1", port: int = 8000,
+def serve_command(run: RunFolder, host: str = "127.0.0.1", port: int = 8000,
                   checkpoint: Literal["last", "best"] = "last", device: str = "auto",
                   allow_host: tyro.conf.UseAppendAction[tuple[str, ...]] = ()) -> None:
     """Explore a run in the browser: streamed samples, next-token probabilities, attention, loss curve.
 
     Args:
-        run: The run folder (out_dir of `fungpt train`).
+        run: The run folder (out_dir of `fungpt train`), first; or anywhere as --run RUN.
         host: Address to listen on. The default, 127.0.0.1, is reachable only from this machine.
         port: Port to listen on (0: any free port).
         checkpoint: last (latest weights) or best (lowest val loss).
@@ -489,17 +493,28 @@ def process_start_time() -> float:
 PEER_GONE_WAIT_S = 3.0  # > 1 s, torchrun's failure timestamps being whole seconds (see main)
 
 
-def _run_flag_as_positional(args: list[str]) -> list[str]:
+def _run_flag_as_positional(name: str, args: list[str]) -> list[str]:
     """`fungpt serve RUN` and `fungpt attention RUN` name the run without a flag; `--run RUN`, as sample, eval and
     export take it, is read the same way (else tyro would say only that the argument 'run' is missing)."""
-    for i, arg in enumerate(args):
-        if arg == "--":
-            break
-        if arg == "--run" and i + 1 < len(args):
-            return [args[i + 1], *args[:i], *args[i + 2:]]
-        if arg.startswith("--run="):
-            return [arg.removeprefix("--run="), *args[:i], *args[i + 1:]]
-    return args
+    flags = args[:args.index("--")] if "--" in args else args
+    at = [i for i, a in enumerate(flags) if a == "--run" or a.startswith("--run=")]
+    runs, rest = [], list(args)
+    for i in reversed(at):
+        if rest[i] == "--run":
+            if i + 1 >= len(rest) or rest[i + 1].startswith("-"):
+                raise FunGPTError(f"--run needs a run folder: fungpt {name} RUN ... (or --run RUN)")
+            runs.insert(0, rest.pop(i + 1))
+        else:
+            runs.insert(0, rest[i].removeprefix("--run="))
+        del rest[i]
+    if not runs:
+        return args
+    if rest and not rest[0].startswith("-"):  # named without the flag too
+        runs.insert(0, rest[0])
+    if len(runs) > 1:
+        raise FunGPTError(f"the run is named {len(runs)} times ({', '.join(runs)}): name it once, as fungpt {name} "
+                          f"RUN or --run RUN")
+    return [runs[0], *rest]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -519,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd_train(rest, start_time)
         else:
             if name in ("serve", "attention"):
-                rest = _run_flag_as_positional(rest)
+                rest = _run_flag_as_positional(name, rest)
             _parse(COMMANDS[name], rest, f"fungpt {name}")
     except FunGPTError as e:
         # Under torchrun every process may fail alike: each says which it is, so that the lines read as copies

@@ -149,6 +149,19 @@ def test_the_run_may_be_named_with_run_as_sample_takes_it(run_dir, tmp_path, spe
         assert im.format == "PNG"
 
 
+@pytest.mark.parametrize("args, said", [
+    (["RUN", "--prompt", "hi", "--run"], "--run needs a run folder: fungpt attention RUN ... (or --run RUN)"),
+    (["--run", "--prompt", "hi"], "--run needs a run folder: fungpt attention RUN ... (or --run RUN)"),
+    (["RUN", "--run", "OTHER", "--prompt", "hi"],
+     "the run is named 2 times (RUN, OTHER): name it once, as fungpt attention RUN or --run RUN"),
+    (["--run", "RUN", "--prompt", "hi", "--run=OTHER"],
+     "the run is named 2 times (RUN, OTHER): name it once, as fungpt attention RUN or --run RUN"),
+])
+def test_a_run_named_twice_or_not_at_all_is_one_line(args, said, capsys):
+    assert main(["attention", *args]) == 2
+    assert capsys.readouterr().err == f"error: {said}\n"
+
+
 def test_cli_attention_bad_layer_is_one_line(run_dir, tmp_path, capsys):
     out = tmp_path / "att.png"
     assert main(["attention", str(run_dir), "--prompt", "ROMEO", "--layer", "5", "--out", str(out)]) == 2
