@@ -26,8 +26,8 @@ Every mistake in a request gets a 4xx answer {"error": "<one clear line>"}. Numb
 (true or "5" is refused), and requests must name this machine in their Host header (see _host_allowed).
 
 A run that is still training: when it writes a newer checkpoint, the next request loads it ("step" in
-/api/info, in a generation's "start" event and in an attention answer says which one answered; "model" in the
-first two names the weights that answer, also across a restart of the server, for the page to notice a change).
+/api/info, in a generation's "start" event and in an attention answer says which one answered; "model" there
+names the weights that answer, also across a restart of the server, for the page to notice a change).
 
 Concurrency: there is one model and a lock around every use of it. Generation takes the lock
 for one token at a time, so two clients streaming at once take turns step by step (both see
@@ -433,13 +433,13 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
         window = max(0, len(req.ids) - mcfg.block_size)
         ids = torch.tensor(req.ids[window:], dtype=torch.long, device=run.device)  # (T,)
         with lock:
-            now = current()
+            now, name = current_and_name()
             maps = attention_maps(now.model, ids)  # (n_layer, nh, T, T)
         shown = min(len(ids), MAX_ATTENTION_TOKENS)
         weights = maps[req.layer, req.head, -shown:, -shown:]  # (shown, shown): row = query, column = key
         # offset: ids before the first one sent. window_start: ids before the first one the model read
         # (all of them got no attention at all); offset > window_start when the map is cut for drawing.
-        return {"step": now.step, "layer": req.layer, "head": req.head, "offset": len(req.ids) - shown,
+        return {"step": now.step, "model": name, "layer": req.layer, "head": req.head, "offset": len(req.ids) - shown,
                 "window_start": window,
                 "tokens": [{"id": int(i), "text": tok.token_text(int(i))} for i in ids[-shown:].tolist()],
                 "weights": [[round(w, 4) for w in row] for row in weights.tolist()]}

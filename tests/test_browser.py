@@ -204,6 +204,26 @@ def test_a_lost_server_is_said_in_words(url, page):
     sync_api.expect(page.locator("#status")).to_contain_text("cannot reach the server: is fungpt serve still running?")
 
 
+def test_attention_from_other_weights_than_the_samples_says_so(url, page):
+    """A server started again (on another run, at the same step) answered the attention of the old sample with the
+    new model's weights, without a word: the step was all the page compared."""
+    page.goto(url)
+    sync_api.expect(page.locator("#run-summary")).to_contain_text("step 20")
+    page.fill("#prompt", "The cat")
+    page.fill("#max_new_tokens", "5")
+    page.click("#generate")
+    sync_api.expect(page.locator("#output")).to_have_attribute("data-state", "done")
+
+    def restarted(route):  # the same step, other weights
+        route.fulfill(json={**route.fetch().json(), "model": "started-again"})
+
+    page.route("**/api/attention", restarted)
+    page.locator("#output .tok.gen").nth(2).click()
+    sync_api.expect(page.locator("#attn-info")).to_contain_text("these weights are not those that generated the "
+                                                                "sample (the server has loaded others since)")
+    assert page.problems == []
+
+
 def test_another_model_answering_is_shown_with_the_layer_kept(url, page):
     """The page showed the details of the model it loaded first as long as the step was the same: a server started
     again on another run, or a run trained over to the same step, answered with a model the page did not show."""
@@ -243,4 +263,13 @@ def test_the_sample_can_be_explored_with_the_keyboard(url, page):
     assert page.evaluate("() => document.activeElement.dataset.index") == "0"  # ...the first one first
     page.keyboard.press("Enter")
     sync_api.expect(page.locator("#step-info")).to_contain_text("Step 1")
+    page.keyboard.press("ArrowRight")  # the arrows move along the sample, selecting
+    sync_api.expect(page.locator("#step-info")).to_contain_text("Step 2")
+    assert page.evaluate("() => document.activeElement.dataset.index") == "1"
+    page.keyboard.press("End")
+    sync_api.expect(page.locator("#step-info")).to_contain_text("Step 5")
+    page.keyboard.press("Tab")  # the sample is one stop: Tab leaves it (200 tokens were 200 stops)
+    assert not page.evaluate("() => document.activeElement.classList.contains('tok')")
+    page.keyboard.press("Shift+Tab")  # and comes back to the selected token
+    assert page.evaluate("() => document.activeElement.dataset.index") == "4"
     assert page.problems == []

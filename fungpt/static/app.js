@@ -17,6 +17,7 @@ const state = {
   controller: null,   // AbortController of the running generation
   attnRequest: 0,     // number of the latest attention request: an older answer arriving late is dropped
   sampleStep: null,   // step of the checkpoint that generated the shown sample
+  sampleModel: null,  // the server's name for those weights (see /api/info's "model")
 };
 
 // Make whitespace visible where a token is shown on its own.
@@ -204,14 +205,18 @@ function addTokenSpan(token, kind, index) {
   if (kind === "gen") {
     span.dataset.index = index;
     span.title = `token ${token.id}, p = ${(100 * token.prob).toFixed(1)}%`;
-    span.tabIndex = 0;  // reachable with Tab, and Enter or Space selects it, as a click does
+    // The keyboard: the sample is one stop of Tab (its selected token, else its first), Enter or Space selects
+    // the token, as a click does, and the arrow keys (Home, End) move along the tokens and select them.
+    span.tabIndex = index === 0 ? 0 : -1;
     span.setAttribute("role", "button");
     span.addEventListener("click", () => selectToken(index));
     span.addEventListener("keydown", (e) => {
-      if (e.key === "Enter" || e.key === " ") {
-        e.preventDefault();
-        selectToken(index);
-      }
+      const to = { ArrowRight: index + 1, ArrowDown: index + 1, ArrowLeft: index - 1, ArrowUp: index - 1,
+                   Home: 0, End: state.gen.length - 1 }[e.key];
+      if (e.key === "Enter" || e.key === " ") selectToken(index);
+      else if (to !== undefined && to >= 0 && to < state.gen.length) selectToken(to, true);
+      else return;
+      e.preventDefault();
     });
   }
   $("output").append(span);
@@ -301,6 +306,7 @@ function handleEvent(event, started) {
       loadMetrics().catch(() => {});
     }
     state.sampleStep = event.step;  // the checkpoint this sample comes from (attention may come from a newer one)
+    state.sampleModel = event.model;
     state.promptTokens = event.prompt_tokens;
     addTokenSpan({ text: $("prompt").value }, "prompt");
   } else if (event.type === "token") {
@@ -334,11 +340,16 @@ function clearInspector() {
   state.attn = null;
 }
 
-function selectToken(index) {
+function selectToken(index, focus = false) {
   state.selected = index;
   for (const el of document.querySelectorAll(".tok.selected")) el.classList.remove("selected");
+  for (const el of document.querySelectorAll(".tok.gen[tabindex='0']")) el.tabIndex = -1;
   const span = document.querySelector(`.tok.gen[data-index="${index}"]`);
-  if (span) span.classList.add("selected");
+  if (span) {
+    span.classList.add("selected");
+    span.tabIndex = 0;  // Tab comes back to the selected token
+    if (focus) span.focus();
+  }
   const token = state.gen[index];
   $("step-info").innerHTML = "";
   const strong = document.createElement("strong");
@@ -399,9 +410,19 @@ async function loadAttention() {
       "them get no attention");
     if (result.offset > start) notes.push(`only the last ${T} of the tokens it reads are drawn; the weight on ` +
       "the earlier ones is not");
-    // A run still training: the server may have loaded a newer checkpoint since this sample was generated.
-    if (result.step !== state.sampleStep) notes.push(`these weights are from step ${result.step}, the sample ` +
-      `from step ${state.sampleStep}: generate again to see both from one checkpoint`);
+    // A run still training: the server may have loaded a newer checkpoint since this sample was generated; or it
+    // was started again, perhaps on another run (then the page shows that one's details).
+    if (result.model !== state.sampleModel) {
+      notes.push(result.step !== state.sampleStep
+        ? `these weights are from step ${result.step}, the sample from step ${state.sampleStep}: generate again ` +
+          "to see both from one checkpoint"
+        : "these weights are not those that generated the sample (the server has loaded others since): " +
+          "generate again to see both from one model");
+      if (state.info && result.model !== state.info.model) {
+        loadInfo().catch(() => {});
+        loadMetrics().catch(() => {});
+      }
+    }
     const cropped = notes.length ? ` (${notes.join("; ")})` : "";
     $("attn-info").textContent =
       `Layer ${layer}, head ${head}: row i shows how much token i attends to each earlier token j${cropped}. ` +
