@@ -1043,6 +1043,9 @@ class _StopFlag:
                       f"intact", file=sys.stderr)
             os._exit(128 + signum)
         self.stop, self.signum = True, signum
+        self._announce(signum)
+
+    def _announce(self, signum: int) -> None:
         if self.announce:
             what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
@@ -1065,6 +1068,8 @@ class _StopFlag:
             if not self.stop:
                 self.stop, self.hung_up = True, e.errno == errno.EIO
                 self.signum = getattr(signal, "SIGHUP" if e.errno == errno.EIO else "SIGPIPE", signal.SIGTERM)
+                if self.hung_up:  # said as for the SIGHUP itself (into stderr's file, say: its terminal is gone)
+                    self._announce(self.signum)
 
     def __exit__(self, *exc) -> None:
         for signum, old in self._old.items():

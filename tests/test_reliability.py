@@ -817,7 +817,7 @@ def test_a_terminal_that_hangs_up_saves_the_step(world, tmp_path):
     assert stopped >= 3 and max(r["step"] for r in rows) == stopped  # saved at the step it stopped at
 
 
-def test_console_output_to_a_terminal_that_hung_up_stops_the_run_as_sighup(monkeypatch):
+def test_console_output_to_a_terminal_that_hung_up_stops_the_run_as_sighup(monkeypatch, capsys):
     """After a hang-up, writes to the terminal fail with EIO, often before the SIGHUP reaches Python: a progress
     line after an eval then ended the run with "error: Input/output error" and no checkpoint of its last steps."""
     import errno
@@ -832,6 +832,9 @@ def test_console_output_to_a_terminal_that_hung_up_stops_the_run_as_sighup(monke
 
     flag.output(hung_up, "step 5: ...")
     assert flag.stop and flag.signum == signal.SIGHUP and silenced
+    # said as for the SIGHUP itself: a log of stderr told nothing of why the run stopped (the rest went to the
+    # terminal, now gone), and test_a_terminal_that_hangs_up_saves_the_step failed when the write came first
+    assert "SIGHUP: finishing this step and saving a checkpoint" in capsys.readouterr().err
     exits = []
     monkeypatch.setattr(train_mod.os, "_exit", lambda code: exits.append(code))
     flag._handle(signal.SIGHUP, None)  # the hang-up's own SIGHUP, arriving after the failed write ...
