@@ -710,6 +710,14 @@ def resume_notes(saved: TrainConfig, new: TrainConfig, step: int) -> list[str]:
             digits = next(d for d in range(3, 18) if f"{now:.{d}g}" != f"{was:.{d}g}")  # enough to tell them apart
             notes.append(f"fungpt: note: the lr schedule changed ({changed}){end}: at step {step} the lr is now "
                          f"{now:.{digits}g}, not {was:.{digits}g}")
+    elif new.max_minutes is None:  # a budget run resumed without its budget: the lr may go back up to its peak
+        notes.append(f"fungpt: note: train.max_minutes {saved.max_minutes} -> None: the lr schedule now follows the "
+                     f"steps, not the budget's clock: at step {step} the lr is {get_lr(step, new):.4g} (the decay "
+                     f"ends at step {new.decay_iters:,}), whatever the budget had brought it to")
+    elif saved.max_minutes is None:
+        notes.append(f"fungpt: note: train.max_minutes None -> {new.max_minutes}: the lr schedule now follows the "
+                     f"budget's clock, not the steps (warmup_iters and lr_decay_iters count in shares of the run), "
+                     f"so the lr may jump at step {step}")
     changed = [f"{n} {getattr(saved, n)} -> {getattr(new, n)}" for n in OPTIMIZER_SETTINGS
                if getattr(saved, n) != getattr(new, n) and (new.optimizer == "muon" or not n.startswith("muon_"))]
     if changed:

@@ -550,6 +550,12 @@ def test_resume_refuses_another_val_split_of_the_same_text(world, tmp_path):
     with pytest.raises(FunGPTError, match=r"split with data.val_fraction = 0.1, not 0.2; .* put text it trained on"):
         train(cfg, resume=True, progress=False)
     assert train(tiny_config(world["corpus"], out, max_iters=4), resume=True, progress=False)["step"] == 4
+    # a prepared folder keeps its own split, whatever data.val_fraction says: nothing to refuse
+    prepared = tmp_path / "prepared-run"
+    train(tiny_config(world["data"], prepared, max_iters=2), progress=False)
+    cfg = tiny_config(world["data"], prepared, max_iters=4)
+    cfg.data = DataConfig(path=str(world["data"]), val_fraction=0.2)
+    assert train(cfg, resume=True, progress=False)["step"] == 4
 
 
 def test_resume_says_when_its_lr_schedule_or_eval_batches_change(world, tmp_path, capsys):
@@ -574,6 +580,21 @@ def test_resume_says_when_its_lr_schedule_or_eval_batches_change(world, tmp_path
     saved = TrainConfig(max_iters=300, warmup_iters=5, lr=1e-3, min_lr=1e-4)
     (note,) = resume_notes(saved, dataclasses.replace(saved, max_iters=302), 300)
     assert note.endswith("at step 300 the lr is now 0.0001001, not 0.0001"), note
+    # a budget run resumed without its budget, or a step run with one: the schedule changes what it follows
+    budget = dataclasses.replace(saved, max_iters=10**6, max_minutes=2.0)
+    (note,) = resume_notes(budget, dataclasses.replace(budget, max_minutes=None), 300)
+    assert note == ("fungpt: note: train.max_minutes 2.0 -> None: the lr schedule now follows the steps, not the "
+                    "budget's clock: at step 300 the lr is 0.001 (the decay ends at step 1,000,000), whatever the "
+                    "budget had brought it to"), note
+    (note,) = resume_notes(saved, dataclasses.replace(saved, max_minutes=2.0), 300)
+    assert note.startswith("fungpt: note: train.max_minutes None -> 2.0: the lr schedule now follows the budget's "
+                           "clock, not the steps"), note
+    assert resume_notes(budget, dataclasses.replace(budget, max_minutes=3.0), 300) == []  # a longer budget: the clock
+    # Muon's settings are no optimizer setting of an AdamW run: changing them changes nothing, and is not noted
+    assert resume_notes(saved, dataclasses.replace(saved, muon_lr=0.05, muon_momentum=0.9), 300) == []
+    muon = dataclasses.replace(saved, optimizer="muon")
+    (note,) = resume_notes(muon, dataclasses.replace(muon, muon_lr=0.05), 300)
+    assert note.startswith("fungpt: note: the optimizer settings changed (muon_lr 0.03 -> 0.05)"), note
 
     pinned = tmp_path / "pinned"  # decay end pinned, other seed: the schedule is the same, the eval batches not
     train(tiny_config(world["corpus"], pinned, max_iters=6, lr_decay_iters=10, checkpoint_interval=100),
@@ -1326,6 +1347,8 @@ BAD_INPUTS = {
     "TOML unknown section": ([*TRAIN, "--config", "{tmp}/unknown_section.toml"], "optim"),
     "TOML not UTF-8": ([*TRAIN, "--config", "{tmp}/not_utf8.toml"], "not_utf8.toml"),
     # sample / eval / prepare / plot
+    "export: out a folder that is not empty": (["export", "--run", "{run}", "--out", "{tmp}/project"],
+                                               "already exists and is not an empty folder"),
     "sample: missing run": (["sample", "--run", "{tmp}/nope"], "does not exist"),
     "sample: not a run folder": (["sample", "--run", "{tmp}"], "config.json"),
     "sample: a file as the run": (["sample", "--run", "{corpus}"], "corpus.txt is a file, not a run folder"),
