@@ -243,6 +243,9 @@ def test_byte_order_marks_are_not_text(tmp_path):
     out = prepare(folder, tmp_path / "char", val_fraction=0.2, progress=False)
     ids = np.concatenate([read_bin(out, "train"), read_bin(out, "val")]).tolist()
     assert load_tokenizer(out).decode(ids) == "first doc\n" * 20 + "\n" + "second doc, \ufeff inside stays\n" * 20
+    # also where a read happens to start at it: only the file's first bytes can be a byte-order mark
+    inside = _write(tmp_path, "inside.txt", b"ab\xef\xbb\xbfcd")
+    assert "".join(data_mod._iter_file_text(inside, "strict", 2, None)) == "ab\ufeffcd"
 
 
 def test_token_dtype():
@@ -418,6 +421,10 @@ def test_invalid_utf8_offset_across_chunks(tmp_path):
     raw = ("é日🎉\n" * 10).encode("utf-8")
     path = _write(tmp_path, "u.txt", raw + b"ab\xfe")
     with pytest.raises(FunGPTError, match=f"offset {len(raw) + 2}"):
+        list(data_mod._iter_file_text(path, "strict", 3, None))
+    # a character cut short, whose first byte came in the read before: named at that first byte
+    path = _write(tmp_path, "cut.txt", b"ab\xe6\x97(")
+    with pytest.raises(FunGPTError, match=r"bad byte at offset 2\)"):
         list(data_mod._iter_file_text(path, "strict", 3, None))
     good = _write(tmp_path, "g.txt", raw)
     assert "".join(data_mod._iter_file_text(good, "strict", 3, None)) == raw.decode("utf-8")
@@ -927,6 +934,10 @@ def test_a_folder_of_own_ids_is_told_what_to_correct_not_to_prepare_again(tmp_pa
     with pytest.raises(FunGPTError, match=r"holds token id 65536 \(at token 0\), two ids below vocab_size 50 side by "
                                           r"side: .* set \"dtype\": \"uint16\" and double"):
         check_token_ids(narrow, load_meta(narrow))
+    past = folder("past", np.where(ids == 7, 50, ids).astype(np.uint32), dtype="uint32")  # one id too large
+    with pytest.raises(FunGPTError, match=r"holds token id 50 \(at token 7\), but meta.json's vocab_size is 50: ids "
+                                          r"must be below it"):
+        check_token_ids(past, load_meta(past))  # (its upper half 0 and lower half 50: not two uint16 ids)
     fine = folder("fine", ids)
     assert check_token_ids(fine, load_meta(fine)) is None  # right as it is: nothing said
     prepared = prepare(corpus, tmp_path / "p", tokenizer="char", progress=False)

@@ -144,6 +144,7 @@ def test_data_prepared_with_another_tokenizer_is_refused(hf_dir, corpus, tmp_pat
     ({"n_embd": 64, "n_head": 8}, r"n_head = 8 .*n_embd = 64"),
     ({"pos_encoding": "rope"}, "pos_encoding = 'rope'"),
     ({"block_size": 128}, "larger than the pretrained model's 64 positions"),
+    ({"block_size": 65}, r"block_size = 65 is larger than the pretrained model's 64 positions: use at most 64"),
     # n_head alone, against the run default n_embd (128): not a divisibility puzzle about a width nobody set
     ({"n_head": 3}, "not divisible by n_head=3: .*a fine-tune takes both from its checkpoint: set neither"),
 ])

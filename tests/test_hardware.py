@@ -43,10 +43,12 @@ ROOT = Path(__file__).resolve().parents[1]
     ("cuda", "float32", True, False, True, ("cuda", "float32")),
     ("mps", "auto", False, True, False, ("mps", "float32")),
     ("cuda", "bfloat16", True, False, False, ("cuda", "bfloat16")),  # asked for on a T4: emulated, with a note
+    ("cpu", "bfloat16", False, False, False, ("cpu", "bfloat16")),  # no GPU to speak of
 ])
 def test_choice_table(device, dtype, cuda, mps, bf16, want):
     p = choose_precision(device, dtype, cuda=cuda, mps=mps, cuda_bf16=bf16)
     assert (p.device, p.dtype) == want
+    assert ("emulates" in p.reason) == (want == ("cuda", "bfloat16") and not bf16), p.reason
     assert p.needs_grad_scaler == (p.dtype == "float16")
     assert p.reason.startswith(f"device {p.device}")  # the one line printed and saved in run.json
 

@@ -580,6 +580,10 @@ def test_save_hf_loads_in_transformers(tmp_path):
     assert again.config.activation == "gelu"
     assert (again(idx) - ours(idx)).abs().max().item() < 1e-5
     assert hf.config.eos_token_id is None  # a vocabulary of 100 has no GPT-2 <|endoftext|> (id 50256)
+    for vocab, eot in ((50256, None), (50257, 50256)):  # ids 0..50255 hold no 50256; GPT-2's own 50257 do
+        make_model(vocab_size=vocab).save_hf(tmp_path / f"v{vocab}")
+        saved = json.loads((tmp_path / f"v{vocab}" / "config.json").read_text())
+        assert saved["eos_token_id"] == saved["bos_token_id"] == eot, vocab
 
 
 def test_save_hf_rejects_non_gpt2_models(tmp_path):
@@ -629,6 +633,11 @@ def test_from_hf_missing_files_are_clear_errors(tmp_path):
         (tmp_path / "config.json").write_text(text)
         with pytest.raises(FunGPTError, match=message):
             GPT.from_hf(tmp_path)
+    # GPT-2's own n_inner written out (4 * n_embd) is no option FunGPT lacks: only the weights are missing
+    (tmp_path / "config.json").write_text('{"n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 100, '
+                                          '"n_inner": 128}')
+    with pytest.raises(FunGPTError, match="no weights in"):
+        GPT.from_hf(tmp_path)
 
 
 def test_from_hf_refuses_integer_weights(tmp_path):

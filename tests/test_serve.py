@@ -414,6 +414,8 @@ def test_attention_shown_in_part_is_still_the_whole_windows(url, run_dir, monkey
     ({"ids": [1, 2], "layer": 2}, "layer 2 is out of range: this model has 2 layers (0..1)"),
     ({"ids": [1, 2], "head": 5}, "head 5 is out of range: this model has 2 heads (0..1)"),
     ({"ids": [1, 999]}, "token id 999 is not in the vocabulary"),
+    ({"ids": [1] * (2048 + MAX_NEW + 1)}, f"ids has {2048 + MAX_NEW + 1} tokens; this server takes at most "
+                                          f"{2048 + MAX_NEW}"),  # (the default max_prompt_tokens, 2048)
     ({"ids": []}, "ids: List should have at least 1 item"),
     ({"ids": [1], "layer": -1}, "layer: Input should be greater than or equal to 0"),
     ({"ids": [True]}, "ids.0: Input should be a valid integer"),

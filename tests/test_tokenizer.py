@@ -407,3 +407,6 @@ def test_a_byte_that_was_not_utf8_is_named_as_such(bpe):
         with pytest.raises(FunGPTError, match=r"byte 0xe9, which is not UTF-8 .*; set the terminal to UTF-8 \(fungpt "
                                           r"sample can also read the text from a UTF-8 file: --prompt-file\)$"):
             tok.encode("caf\udce9")
+    for byte in (0x80, 0xFF):  # the ends of the escaped range, U+DC80..U+DCFF
+        with pytest.raises(FunGPTError, match=f"byte 0x{byte:02x}, which is not UTF-8"):
+            CharTokenizer.train("cafe").encode((b"caf" + bytes([byte])).decode("utf-8", "surrogateescape"))

@@ -554,6 +554,17 @@ def test_config_errors_are_one_line(args, expected, corpus, tmp_path, capsys):
     assert expected in err
 
 
+def test_train_settings_are_checked_at_the_ends_of_their_ranges():
+    """Each limit is where the settings stop making sense: the ends themselves are allowed, one step past refused."""
+    TrainConfig(lr=1e-3, min_lr=1e-3, lr_schedule="wsd", wsd_decay_frac=1.0, lr_decay_iters=1, seed=2**63 - 1,
+                batch_size=2**24, grad_accum_steps=2**24)  # a constant lr, a decay over the whole run, the largest
+    for bad, message in [({"lr_decay_iters": 0}, "must be positive"), ({"wsd_decay_frac": 1.01}, r"in \(0, 1\]"),
+                         ({"min_lr": 1.01e-3}, "between 0 and train.lr"), ({"seed": 2**63}, "between 0 and 2"),
+                         ({"batch_size": 2**24 + 1}, "far too large"), ({"grad_accum_steps": 2**24 + 1}, "far too")]:
+        with pytest.raises(FunGPTError, match=message):
+            TrainConfig(**{"lr": 1e-3, **bad})
+
+
 def test_out_dir_with_other_run_is_refused(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     train(tiny_config(corpus, out, max_iters=2), progress=False)
@@ -583,6 +594,10 @@ def test_cli_resume_without_a_config_file_takes_the_runs_saved_settings(corpus, 
     saved = load_run_config(out)
     assert (saved.model.n_layer, saved.train.lr, saved.train.beta2, saved.train.max_iters) == (2, 2e-3, 0.95, 4)
     assert ckpt.load_state(ckpt.find_checkpoint(out))["step"] == 4
+    for given, steps in (([f"--out-dir={out}"], 5), (["--out_dir", str(out)], 6)):  # the other spellings tyro takes
+        assert main(["train", *given, "--resume", "--train.max-iters", str(steps)]) == 0
+        assert f"resuming with the settings saved in {out}" in capsys.readouterr().out
+    assert ckpt.load_state(ckpt.find_checkpoint(out))["step"] == 6
 
 
 def test_cli_sample_unknown_character_is_clear(corpus, tmp_path, capsys):
