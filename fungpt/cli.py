@@ -219,7 +219,8 @@ def cmd_train(args: list[str], start_time: float) -> None:
         from fungpt.plan import dry_run
 
         if _rank() == 0:  # under torchrun the plan is printed once (it counts every process's tokens)
-            dry_run(parsed.run, model_named=named, resume=parsed.resume, overwrite=parsed.overwrite)
+            dry_run(parsed.run, model_named=named, resume=parsed.resume, overwrite=parsed.overwrite,
+                    start_time=start_time)
         return
     result = train(parsed.run, resume=parsed.resume, overwrite=parsed.overwrite, start_time=start_time,
                    model_named=named)
@@ -506,11 +507,24 @@ def _run_flag_as_positional(name: str, args: list[str]) -> list[str]:
             runs.insert(0, rest.pop(i + 1))
         else:
             runs.insert(0, rest[i].removeprefix("--run="))
+            if not runs[0]:
+                raise FunGPTError(f"--run needs a run folder: fungpt {name} RUN ... (or --run RUN)")
         del rest[i]
     if not runs:
         return args
-    if rest and not rest[0].startswith("-"):  # named without the flag too
-        runs.insert(0, rest[0])
+    # The run named without the flag too: an argument that is no option's value (these commands' options all
+    # take one, unless written --name=value), or any after "--"
+    named, value_next, after = [], False, False
+    for arg in rest:
+        if after or not (value_next or arg.startswith("-")):
+            named.append(arg)
+        elif value_next:  # (a value may start with a dash: --layer -1)
+            value_next = False
+        elif arg == "--":
+            after = True
+        else:
+            value_next = "=" not in arg and arg not in ("-h", "--help")
+    runs = named + runs
     if len(runs) > 1:
         raise FunGPTError(f"the run is named {len(runs)} times ({', '.join(runs)}): name it once, as fungpt {name} "
                           f"RUN or --run RUN")

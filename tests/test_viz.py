@@ -156,6 +156,11 @@ def test_the_run_may_be_named_with_run_as_sample_takes_it(run_dir, tmp_path, spe
      "the run is named 2 times (RUN, OTHER): name it once, as fungpt attention RUN or --run RUN"),
     (["--run", "RUN", "--prompt", "hi", "--run=OTHER"],
      "the run is named 2 times (RUN, OTHER): name it once, as fungpt attention RUN or --run RUN"),
+    (["--prompt", "hi", "--layer", "-1", "RUN", "--run", "OTHER"],  # (the positional after options' values)
+     "the run is named 2 times (RUN, OTHER): name it once, as fungpt attention RUN or --run RUN"),
+    (["--prompt=hi", "--run", "OTHER", "--", "RUN"],
+     "the run is named 2 times (RUN, OTHER): name it once, as fungpt attention RUN or --run RUN"),
+    (["--run=", "--prompt", "hi"], "--run needs a run folder: fungpt attention RUN ... (or --run RUN)"),
 ])
 def test_a_run_named_twice_or_not_at_all_is_one_line(args, said, capsys):
     assert main(["attention", *args]) == 2
