@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import ipaddress
 import json
 import math
@@ -186,6 +187,14 @@ def _checkpoint_id(run_dir: Path, checkpoint: str) -> tuple | None:
         return None
 
 
+def _model_name(run_dir: Path, checkpoint_id: tuple | None) -> str:
+    """A name for the weights a server answers with, the same across its restarts: the run folder, and the checkpoint
+    folder with the time its manifest was written (a page left open sees another name when the server is started
+    on another run, or loads a newer checkpoint, or one saved anew at the same step)."""
+    return hashlib.sha256(repr((str(run_dir.resolve()), checkpoint_id and (str(checkpoint_id[0]), checkpoint_id[1])))
+                          .encode()).hexdigest()[:16]
+
+
 def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_prompt_tokens: int,
                max_new_tokens: int, loaded: tuple | None = None) -> FastAPI:
     tok, mcfg = run.tokenizer, run.config.model  # a resumed run keeps both (training refuses to change them)
@@ -222,11 +231,9 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
     # The run as served. Training may still be going: a newer checkpoint is loaded at the next request. A
     # different model in its place (the folder trained over with --overwrite) is not: the page, its limits and
     # the tokenizer were made for this one; that takes a restart, said once.
-    # "model": which weights answer, for the page: this server's own random name (a page left open across a restart,
-    # perhaps on another run, sees another), and how many times it has loaded a newer checkpoint
-    instance = os.urandom(6).hex()
+    # "model": which weights answer, for the page (see _model_name)
     served = {"run": run, "id": loaded, "warned": False, "other_model": False, "config": _read_config(run.run_dir),
-              "loads": 0, "model": f"{instance}-0"}
+              "model": _model_name(run.run_dir, loaded)}
 
     def current_and_name() -> tuple[LoadedRun, str]:
         """The served run, after loading the run's newest checkpoint if it changed since, and its "model" name."""
@@ -243,8 +250,7 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
             served["other_model"] = not same  # the folder's files (its loss curve) are another model's
             if same:
                 served["run"] = new
-                served["loads"] += 1
-                served["model"] = f"{instance}-{served['loads']}"
+                served["model"] = _model_name(run.run_dir, now_id)
                 served["config"] = _read_config(run.run_dir)  # (a resume may change e.g. max_iters)
             elif not served["warned"]:
                 served["warned"] = True
