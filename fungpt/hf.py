@@ -73,11 +73,15 @@ def hf_config(path: str | os.PathLike) -> GPTConfig:
     )
 
 
-def load_gpt2(path: str | os.PathLike) -> GPT:
-    """Load a local Hugging Face GPT-2 folder (any size gpt2 .. gpt2-xl), e.g. from save_pretrained."""
+def load_gpt2(path: str | os.PathLike, meta: bool = False) -> GPT:
+    """Load a local Hugging Face GPT-2 folder (any size gpt2 .. gpt2-xl), e.g. from save_pretrained.
+
+    `meta`: check the folder as loading it would, reading only the weights' names, shapes and types (the
+    files' headers, not their data): the model returned is on the meta device (`fungpt train --dry-run`).
+    """
     path = Path(path)
     config = hf_config(path)
-    hf_sd = _load_hf_weights(path)
+    hf_sd = _load_hf_weights(path, meta)
     sd = {}
     for key, t in hf_sd.items():
         key = key.removeprefix("transformer.")
@@ -189,7 +193,7 @@ def save_gpt2(model: GPT, path: str | os.PathLike) -> None:
     os.replace(path / "config.json.tmp", path / "config.json")
 
 
-def _load_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+def _load_hf_weights(path: Path, meta: bool = False) -> dict[str, torch.Tensor]:
     """Read a HF checkpoint: model.safetensors (possibly sharded) or pytorch_model.bin (tensors only: a
     pickle that would run code, or build anything but tensors, is refused by weights_only)."""
     import pickle
@@ -199,7 +203,7 @@ def _load_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         with warnings.catch_warnings():  # (torch warns of pickle protocols it was not written with; refused below)
             warnings.simplefilter("ignore", UserWarning)
-            tensors = _read_hf_weights(path)
+            tensors = _read_hf_weights(path, meta)
     except OSError as e:
         if e.filename:  # the file could not be opened (permissions)
             raise FunGPTError(f"cannot read {e.filename}: {e.strerror}") from None
@@ -240,14 +244,30 @@ def _is_pickle(file: Path) -> bool:
         return False
 
 
-def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+# safetensors' names of its element types -> torch's (those it may hold; see load_gpt2's check of the float ones)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _read_safetensors(file: Path, meta: bool) -> dict[str, torch.Tensor]:
+    """The tensors of one .safetensors file; with `meta`, tensors on the meta device from its header alone (which
+    the library checks against the file's size: a cut file is refused as loading it would be)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not meta:
+        return load_file(str(file))
+    with safe_open(str(file), framework="pt") as f:
+        slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle is no dict)
+        return {k: torch.empty(s.get_shape(), dtype=SAFETENSORS_DTYPES.get(s.get_dtype(), torch.uint8),
+                               device="meta") for k, s in slices.items()}
+
+
+def _read_hf_weights(path: Path, meta: bool = False) -> dict[str, torch.Tensor]:
     if (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(path / "model.safetensors"))
+        return _read_safetensors(path / "model.safetensors", meta)
     if (path / "model.safetensors.index.json").is_file():
-        from safetensors.torch import load_file
-
         index = path / "model.safetensors.index.json"
         try:
             shards = set(read_json(index)["weight_map"].values())
@@ -256,9 +276,9 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
         except (ValueError, KeyError, TypeError, AttributeError):
             raise FunGPTError(f"{index} is corrupt (it should map each weight to its shard file); download or save "
                               f"the model again") from None
-        return {k: v for shard in sorted(shards) for k, v in load_file(str(path / shard)).items()}
-    if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return {k: v for shard in sorted(shards) for k, v in _read_safetensors(path / shard, meta).items()}
+    if (path / "pytorch_model.bin").is_file():  # (on the meta device: the pickle is read, the tensors' data not)
+        return torch.load(path / "pytorch_model.bin", map_location="meta" if meta else "cpu", weights_only=True)
     if (path / "pytorch_model.bin.index.json").is_file():
         raise FunGPTError(f"'{path}' holds its weights as sharded pytorch_model-*.bin files, which FunGPT does not "
                           f"read: save the model again with save_pretrained(folder) (safetensors, the default)")

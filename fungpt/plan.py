@@ -151,10 +151,13 @@ def _fmt_duration(s: float) -> str:
 
 
 def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = print,
-            model_named: Collection[str] = (), resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+            model_named: Collection[str] = (), resume: bool = False, overwrite: bool = False,
+            start_time: float | None = None) -> dict[str, Any]:
     """Print the plan for `cfg` and return its figures; trains a few steps to time them, saves nothing.
     `model_named`, `resume`, `overwrite`: as for train.train (what training would refuse is refused; a resume
-    plans the steps from its checkpoint's on)."""
+    plans the steps from its checkpoint's on). `start_time`: when the command started (time.time()), for the
+    start-up a time budget also covers; by default when this call did."""
+    start_time = time.time() if start_time is None else start_time
     from fungpt import checkpoint as ckpt
     from fungpt.data import BatchLoader, load_meta
     from fungpt.train import (
@@ -177,8 +180,9 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
     except HoldsARun as e:
         raise FunGPTError(f"{e} (with --dry-run, --overwrite deletes nothing)") from None
     folder, manifest = resume_point(cfg)[1:3] if resume else (None, None)
+    # (the pretrained weights a new fine-tune starts from are checked, before the data, as training reads them)
     cfg, data_dir, pre = resolve_model_and_data(cfg, progress=False, model_named=model_named,
-                                                resume_dir=out_dir if resume else None)
+                                                resume_dir=out_dir if resume else None, check_weights=folder is None)
     if resume:  # the checks of a resume, which do not change the folder
         check_resume_model(cfg)
         if folder is not None:
@@ -225,13 +229,8 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
         share = f" for each of the {sharing} processes on this machine" if sharing > 1 else ""
         out(f"  device         {prec.device} has {_fmt_bytes(have)}{share}: {verdict}")
 
-    # The pretrained weights a new fine-tune starts from are read, and refused as training would refuse them (a
-    # damaged file); only when the run fits: they are part of its memory, and a machine too small for the run may
-    # be too small for them (the estimate above is what such a dry run is for)
-    if pre is not None and pre.path is not None and folder is None and fits:
-        GPT.from_hf(pre.path)
-
     # 4. Time a few real steps (random weights: the speed does not depend on their values).
+    timed_at = time.time()  # (the start-up until here: about a real run's, which the budget covers)
     step_s = _time_steps(cfg, prec, data_dir, timed_steps, configure_optimizer, BatchLoader) if fits else None
     result: dict[str, Any] = {"num_params": n_params, "tokens_per_step": tokens_per_step,
                               "flops_per_step": flops_per_step, "memory": mem, "device_memory": have,
@@ -254,11 +253,18 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
                 f"+ evals ~ {_fmt_duration(total_s)}")
         budget_s = tc.max_minutes * 60 - used_s if tc.max_minutes is not None else None
         if budget_s is not None and total_s > budget_s:
-            # the final eval, and each step its share of the evals every eval_interval steps (those of the steps
-            # that fit: not every eval up to max_iters, which left "about 0 steps" for a budget run of thousands)
-            steps_in_budget = int(max(0.0, budget_s - one_eval_s) / (step_s + one_eval_s / tc.eval_interval))
+            # The budget also covers the start-up (imports, data, model: about what this command took until the
+            # steps were timed), the final eval and the exit; and each step its share of the evals every
+            # eval_interval steps (those of the steps that fit, not every eval up to max_iters)
+            from fungpt.train import EXIT_RESERVE_S, TORCHRUN_EXIT_S
+
+            ends_s = one_eval_s + EXIT_RESERVE_S + (TORCHRUN_EXIT_S if world > 1 else 0.0)
+            left_s = budget_s - (timed_at - start_time) - ends_s
+            steps_in_budget = int(max(0.0, left_s) / (step_s + one_eval_s / tc.eval_interval))
             spent = f", {used_s / 60:.1f} of them used," if used_s else ""
-            line += f"; max_minutes = {tc.max_minutes}{spent} stops it after about {steps_in_budget:,} steps"
+            line += (f"; max_minutes = {tc.max_minutes}{spent} stops it after about {steps_in_budget:,} steps"
+                     if steps_in_budget else f"; max_minutes = {tc.max_minutes}{spent} leaves no time for a step "
+                     f"after the start-up and the final eval: training would refuse it")
             total_s = max(0.0, budget_s)
         if world > 1:
             line += " (timed in one process alone; the processes also all-reduce their gradients each step)"

@@ -64,6 +64,7 @@ from fungpt.data import (
 )
 from fungpt.errors import FunGPTError, parse_json, read_json
 from fungpt.hardware import Precision, check_compile, detect_precision, keep_freed_memory, tf32_products
+from fungpt.hf import load_gpt2
 from fungpt.linear import onednn_linear, onednn_works, set_cpu_matmul
 from fungpt.model import GPT
 from fungpt.tokenizer import BPE_FILE as TOKENIZER_BPE_FILE
@@ -439,7 +440,7 @@ def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, check_lock: boo
 
 def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool = True,
                            model_named: Collection[str] = (), resume_dir: Path | None = None,
-                           read_weights: bool = False):
+                           read_weights: bool = False, check_weights: bool = False):
     """Settle the model config and the data together; returns (cfg, data_dir, pretrained or None).
 
     A pretrained start (init_from) brings its own architecture and tokenizer (pretrained.py), and the
@@ -451,6 +452,8 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
     tokenizer stands in.
     `read_weights`: read the pretrained weights into pre.model (train passes it when they will be needed: no
     checkpoint to resume from) before the data, which can take minutes to encode: damaged weights are refused first.
+    `check_weights`: only check them as reading them would (their files' headers: the dry run, which must not need
+    the weights' memory).
     """
     pre = None
     if pretrained.is_pretrained(cfg.model.init_from):
@@ -467,6 +470,8 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
         else:
             if read_weights:
                 pre.model = GPT.from_hf(pre.path)
+            elif check_weights:
+                load_gpt2(pre.path, meta=True)
     if pre is not None and resume_dir is not None:
         # A resumed fine-tune continues its own architecture, as its folder records it (block_size cropped,
         # vocabulary trimmed): the fields the user set replace those, and the resume check refuses a change
@@ -700,24 +705,25 @@ def resume_notes(saved: TrainConfig, new: TrainConfig, step: int) -> list[str]:
     """
     notes = []
     schedule = ["lr", "min_lr", "warmup_iters", "lr_schedule", "wsd_decay_frac", "lr_decay_iters", "max_iters"]
-    if not (saved.max_minutes or new.max_minutes):  # (with a time budget the schedule follows the clock)
+    changed = ", ".join(f"{n} {getattr(saved, n)} -> {getattr(new, n)}" for n in [*schedule, "max_minutes"]
+                        if getattr(saved, n) != getattr(new, n))
+    if not (saved.max_minutes or new.max_minutes):
         was, now = get_lr(step, saved), get_lr(step, new)
         if not math.isclose(was, now, rel_tol=1e-6):
-            changed = ", ".join(f"{n} {getattr(saved, n)} -> {getattr(new, n)}" for n in schedule
-                                if getattr(saved, n) != getattr(new, n))
             end = (" (the decay ends at max_iters unless train.lr_decay_iters is set)"
                    if new.lr_decay_iters is None and saved.max_iters != new.max_iters else "")
             digits = next(d for d in range(3, 18) if f"{now:.{d}g}" != f"{was:.{d}g}")  # enough to tell them apart
             notes.append(f"fungpt: note: the lr schedule changed ({changed}){end}: at step {step} the lr is now "
                          f"{now:.{digits}g}, not {was:.{digits}g}")
     elif new.max_minutes is None:  # a budget run resumed without its budget: the lr may go back up to its peak
-        notes.append(f"fungpt: note: train.max_minutes {saved.max_minutes} -> None: the lr schedule now follows the "
-                     f"steps, not the budget's clock: at step {step} the lr is {get_lr(step, new):.4g} (the decay "
-                     f"ends at step {new.decay_iters:,}), whatever the budget had brought it to")
-    elif saved.max_minutes is None:
-        notes.append(f"fungpt: note: train.max_minutes None -> {new.max_minutes}: the lr schedule now follows the "
-                     f"budget's clock, not the steps (warmup_iters and lr_decay_iters count in shares of the run), "
-                     f"so the lr may jump at step {step}")
+        notes.append(f"fungpt: note: the lr schedule changed ({changed}): it now follows the steps, not the budget's "
+                     f"clock: at step {step} the lr is {get_lr(step, new):.4g} (the decay ends at step "
+                     f"{new.decay_iters:,}), whatever the budget had brought it to")
+    elif changed:  # (a budget's schedule follows the clock: where it stands at the resume is not known here)
+        follows = "now follows the budget's clock, not the steps" if saved.max_minutes is None else "follows the clock"
+        notes.append(f"fungpt: note: the lr schedule changed ({changed}): it {follows} (the share of the budget "
+                     f"used; warmup_iters and lr_decay_iters count in shares of the run), so the lr may jump at "
+                     f"step {step}")
     changed = [f"{n} {getattr(saved, n)} -> {getattr(new, n)}" for n in OPTIMIZER_SETTINGS
                if getattr(saved, n) != getattr(new, n) and (new.optimizer == "muon" or not n.startswith("muon_"))]
     if changed:
@@ -1515,6 +1521,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         schedule_origin = elapsed()
     fwd_model.train()
     start_step = step
+    evaluated_at = saved_at = -1  # the steps of the last periodic eval and checkpoint (the final ones reuse them)
     bar = None
     if progress and ddp.is_main:
         from tqdm.auto import tqdm
@@ -1522,8 +1529,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         # Into a log file or a pipe each redraw is kept: one every 30 s there, not ten a second (a terminal, or a
         # notebook's stream, which has no file behind it, redraws as usual)
         every = 30.0 if _into_file(sys.stderr) else 0.1
-        bar = tqdm(total=tc.max_iters, initial=step, desc="train", unit="step", dynamic_ncols=True,
-                   mininterval=every, maxinterval=max(every, 10.0))
+        # (a budget's end is forecast from the first steps: no total until then, rather than max_iters)
+        bar = tqdm(total=None if budget_s is not None else tc.max_iters, initial=step, desc="train", unit="step",
+                   dynamic_ncols=True, mininterval=every, maxinterval=max(every, 10.0))
     with _StopFlag(announce=ddp.is_main, processes=ddp.world_size) as interrupt, _close_on_error(bar):
         while step < tc.max_iters and not must_stop(interrupt):
             t_step = time.time()
@@ -1614,24 +1622,25 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 interrupt.output(bar.update, 1)
             if step % tc.eval_interval == 0 and step < tc.max_iters:
                 t0 = time.time()
-                losses = do_eval()
+                losses, evaluated_at = do_eval(), step
                 eval_time = time.time() - t0
                 if bar is not None:
                     interrupt.output(bar.write, f"step {step}: train loss {losses['train']:.4f}, "
                                                 f"val loss {losses['val']:.4f}")
             if step % tc.checkpoint_interval == 0 and step < tc.max_iters:  # the last step is saved below
                 do_save()
+                saved_at = step
         # The loop also ends at max_iters without asking must_stop: a Ctrl-C that reached some ranks during the
         # last step must not send them down another path than the rest (Ctrl-C no longer changes the flag after
         # the `with`: it then aborts at once).
         stopped, signum = agree([interrupt.stop, interrupt.signum or 0])  # (under DDP: any rank's)
         interrupted = bool(stopped)
         stop_signal = (int(signum) or signal.SIGINT) if interrupted else None
-        if interrupted:
+        if interrupted and saved_at != step:
             do_save()  # still under the handlers: a second signal meanwhile stops at once, saying so
 
     if bar is not None:
-        if budget_s is not None and not interrupted:
+        if budget_s is not None and not interrupted and step > start_step:
             bar.total = step  # where the budget ended it: 100%
         bar.close()
     if interrupted:
@@ -1660,10 +1669,13 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                           f"{end_time():.0f} s more; run again with --overwrite and max_minutes well above "
                           f"{(elapsed() + end_time()) / 60:.2g}, or a smaller model, batch_size or eval_iters")
     else:
-        losses = do_eval()
+        # (a time budget can end the run at a step just evaluated or saved: not again, which overran the budget)
+        if evaluated_at != step:
+            losses = do_eval()
         say(f"fungpt: step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
             f"({time.time() - start_time:.1f} s)")
-        do_save()
+        if saved_at != step:
+            do_save()
     if ddp.is_main:
         log.close()
         if tc.plot:

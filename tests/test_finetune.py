@@ -418,11 +418,19 @@ def test_damaged_or_foreign_weights_in_a_model_folder_are_one_line(hf_dir, tmp_p
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: cannot read the weights")
     assert not (tmp_path / "out").exists()  # the weights are read before the run folder is made
     assert not list((tmp_path / "cache").glob("datasets/*"))  # and before the text is encoded (can take minutes)
-    # the dry run refuses them too, as it refuses what training would
-    assert main(["train", "--model.init-from", str(cut), "--data.path", str(hf_dir / "vocab.json"),
-                 "--out-dir", str(tmp_path / "out"), "--train.device", "cpu", "--dry-run"]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: cannot read the weights")
+    # the dry run refuses them too, as it refuses what training would, before the data too; from their files'
+    # headers alone (it must not need the weights' memory), for each kind of damage above
+    for bad, said in [(cut, "cannot read the weights"), (junk, "cannot read the weights"),
+                      (evil, "refusing to load the weights"), (wide, "the weights in"),
+                      (plain, "refusing to load the weights")]:
+        assert main(["train", "--model.init-from", str(bad), "--data.path", str(hf_dir / "vocab.json"),
+                     "--out-dir", str(tmp_path / "out"), "--train.device", "cpu", "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"error: {said}"), err
+        assert not list((tmp_path / "cache").glob("datasets/*"))
+    assert not marker.exists()
+    assert main(["train", "--model.init-from", str(hf_dir), "--data.path", str(hf_dir / "vocab.json"),
+                 "--out-dir", str(tmp_path / "out"), "--train.device", "cpu", "--dry-run"]) == 0  # sound: passes
 
 
 def test_overwriting_a_run_with_a_finetune_whose_weights_are_damaged_keeps_the_run(hf_dir, corpus, tmp_path):

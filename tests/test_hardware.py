@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -383,13 +384,23 @@ def test_dry_run_counts_the_evals_of_a_resume_and_of_accumulated_steps(corpus, t
 def test_dry_run_of_a_budget_counts_the_evals_of_the_steps_that_fit(corpus, tmp_path, capsys, monkeypatch):
     """A time budget stops the run long before max_iters: the evals up to max_iters never happen. Counting all of
     them, the dry run said the budget "stops it after about 0 steps" of a run that then trained 3,124."""
+    from fungpt.train import EXIT_RESERVE_S
+
     monkeypatch.setattr(plan, "_time_steps", lambda *a, **k: 0.01)  # 10 ms per step, whatever this machine does
     cfg = tiny_config(corpus, tmp_path / "run", max_iters=100_000, eval_interval=20, eval_iters=2, max_minutes=0.25)
-    figures = plan.dry_run(cfg, timed_steps=1)
+    started = time.time() - 4  # the command started 4 s before this call: the start-up before its steps
+    figures = plan.dry_run(cfg, timed_steps=1, start_time=started)
     one_eval = (2 + 2) * 0.01 / 3  # eval_iters batches of each split, a forward pass a third of a step
     assert figures["eval_s"] == pytest.approx(100_000 // 20 * one_eval)  # no step-0 eval: a budget run skips it
-    fit = int((15 - one_eval) / (0.01 + one_eval / 20))  # the final eval, and an eval every 20 steps
-    assert f"max_minutes = 0.25 stops it after about {fit:,} steps" in capsys.readouterr().out
+    # the start-up, the final eval and the exit; then steps, each with its share of an eval every 20 steps
+    def fit(startup: float) -> int:
+        return int((15 - startup - one_eval - EXIT_RESERVE_S) / (0.01 + one_eval / 20))
+
+    said = re.search(r"max_minutes = 0.25 stops it after about ([\d,]+) steps", capsys.readouterr().out)
+    assert said and fit(4 + 5) <= int(said[1].replace(",", "")) <= fit(4)  # (the call's own work: under 5 s)
+    plan.dry_run(cfg, timed_steps=1, start_time=time.time() - 16)  # a start-up longer than the budget
+    assert "max_minutes = 0.25 leaves no time for a step after the start-up and the final eval: training would " \
+           "refuse it" in capsys.readouterr().out
 
 
 MEASURE = textwrap.dedent("""
@@ -658,6 +669,22 @@ def quick_steady_budget():
     torch.set_num_threads(threads)
 
 
+def test_a_budget_ending_at_a_step_just_evaluated_and_saved_does_not_do_either_again(corpus, tmp_path,
+                                                                                   quick_steady_budget):
+    """The final eval and checkpoint ran again at the step the periodic ones had just done: twice the time of one
+    (a 15 s budget took 17 s), two val rows for one step in metrics.jsonl, and a second checkpoint folder."""
+    out = tmp_path / "every-step"
+    cfg = tiny_config(corpus, out, max_iters=1_000_000, eval_interval=1, eval_iters=2, checkpoint_interval=1,
+                      max_minutes=0.1)
+    result = train(cfg, progress=False)
+    assert result["step"] > 0
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    evaluated = [r["step"] for r in rows if "val_loss" in r]
+    assert len(evaluated) == len(set(evaluated)) and evaluated[-1] == result["step"]
+    assert [d.name for d in (out / "checkpoints").iterdir() if d.name.startswith("latest")] == \
+        [f"latest-{result['step']:07d}"]
+
+
 def test_max_minutes_stops_on_time_with_the_schedule_decayed(corpus, tmp_path, capsys, quick_steady_budget):
 
     out = tmp_path / "budget"
@@ -667,8 +694,10 @@ def test_max_minutes_stops_on_time_with_the_schedule_decayed(corpus, tmp_path, c
     result = train(cfg, progress=True)
     assert 0 < result["step"] < 1_000_000
     # the progress bar counted to where the budget ended the run, not to max_iters (it read 0% for the whole run)
-    bar = capsys.readouterr().err.split("\r")[-1]
-    assert f" {result['step']}/{result['step']} " in bar and "100%" in bar and "1000000" not in bar, bar
+    err = capsys.readouterr().err
+    bar = err.split("\r")[-1]
+    assert f" {result['step']}/{result['step']} " in bar and "100%" in bar, bar
+    assert "1000000" not in err  # not even before the first forecast (into a log, that line stays 30 s)
     # "On time": the whole command, final eval and checkpoint included, within the budget
     # (a little slack for the machine being shared).
     assert result["elapsed_s"] <= budget_min * 60 + 2.0

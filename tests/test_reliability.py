@@ -582,14 +582,19 @@ def test_resume_says_when_its_lr_schedule_or_eval_batches_change(world, tmp_path
     assert note.endswith("at step 300 the lr is now 0.0001001, not 0.0001"), note
     # a budget run resumed without its budget, or a step run with one: the schedule changes what it follows
     budget = dataclasses.replace(saved, max_iters=10**6, max_minutes=2.0)
-    (note,) = resume_notes(budget, dataclasses.replace(budget, max_minutes=None), 300)
-    assert note == ("fungpt: note: train.max_minutes 2.0 -> None: the lr schedule now follows the steps, not the "
-                    "budget's clock: at step 300 the lr is 0.001 (the decay ends at step 1,000,000), whatever the "
-                    "budget had brought it to"), note
+    (note,) = resume_notes(budget, dataclasses.replace(budget, max_minutes=None, lr=2e-3), 300)
+    assert note == ("fungpt: note: the lr schedule changed (lr 0.001 -> 0.002, max_minutes 2.0 -> None): it now "
+                    "follows the steps, not the budget's clock: at step 300 the lr is 0.002 (the decay ends at step "
+                    "1,000,000), whatever the budget had brought it to"), note
     (note,) = resume_notes(saved, dataclasses.replace(saved, max_minutes=2.0), 300)
-    assert note.startswith("fungpt: note: train.max_minutes None -> 2.0: the lr schedule now follows the budget's "
-                           "clock, not the steps"), note
-    assert resume_notes(budget, dataclasses.replace(budget, max_minutes=3.0), 300) == []  # a longer budget: the clock
+    assert note.startswith("fungpt: note: the lr schedule changed (max_minutes None -> 2.0): it now follows the "
+                           "budget's clock, not the steps"), note
+    # a longer budget, or another lr, on a budget: the share of the budget used, and the lr with it, move
+    for change in ({"max_minutes": 3.0}, {"lr": 1e-2}):
+        (note,) = resume_notes(budget, dataclasses.replace(budget, **change), 300)
+        assert note.endswith("it follows the clock (the share of the budget used; warmup_iters and lr_decay_iters "
+                             "count in shares of the run), so the lr may jump at step 300"), note
+    assert resume_notes(budget, budget, 300) == []  # the same budget: its clock goes on
     # Muon's settings are no optimizer setting of an AdamW run: changing them changes nothing, and is not noted
     assert resume_notes(saved, dataclasses.replace(saved, muon_lr=0.05, muon_momentum=0.9), 300) == []
     muon = dataclasses.replace(saved, optimizer="muon")
@@ -1601,13 +1606,19 @@ def test_a_second_signal_aborts_at_once_with_its_own_status(monkeypatch, capsys)
     assert not exits and len(silenced) == 2
 
 
-def test_resume_notes_leave_a_time_budget_schedule_alone():
+def test_resume_notes_of_a_time_budget_say_the_lr_may_jump_not_by_how_much():
+    """A budget run that reached max_iters first, resumed with a larger one: its schedule's share of the run done
+    drops, and the lr goes back up (from 0.00014 to 0.008 in a run of the audit), as without a budget. Where it goes
+    depends on the clock, so the note says that it may jump, not to what."""
     from fungpt.train import resume_notes
 
     saved = TrainConfig(max_iters=6, warmup_iters=0, max_minutes=1.0)
-    assert resume_notes(saved, dataclasses.replace(saved, max_iters=60), 6) == []  # the clock decides, not steps
+    (note,) = resume_notes(saved, dataclasses.replace(saved, max_iters=60), 6)
+    assert note.startswith("fungpt: note: the lr schedule changed (max_iters 6 -> 60): it follows the clock") and \
+        note.endswith("so the lr may jump at step 6"), note
     steps = dataclasses.replace(saved, max_minutes=None)
-    assert resume_notes(steps, dataclasses.replace(steps, max_iters=60), 6)  # (the control: without a budget)
+    (note,) = resume_notes(steps, dataclasses.replace(steps, max_iters=60), 6)  # without a budget: the numbers
+    assert note.endswith("at step 6 the lr is now 0.000978, not 0.0001"), note
 
 
 def test_loading_a_run_while_its_training_replaces_the_checkpoint_reads_the_new_one(world, tmp_path, monkeypatch):
