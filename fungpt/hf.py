@@ -76,8 +76,9 @@ def hf_config(path: str | os.PathLike) -> GPTConfig:
 def load_gpt2(path: str | os.PathLike, meta: bool = False) -> GPT:
     """Load a local Hugging Face GPT-2 folder (any size gpt2 .. gpt2-xl), e.g. from save_pretrained.
 
-    `meta`: check the folder as loading it would, reading only the weights' names, shapes and types (the
-    files' headers, not their data): the model returned is on the meta device (`fungpt train --dry-run`).
+    `meta`: check the folder as loading it would; from safetensors files only the weights' names, shapes and
+    types are read (their headers, not their data), and the model returned is on the meta device (`fungpt
+    train --dry-run`). A pytorch_model.bin is read whole either way.
     """
     path = Path(path)
     config = hf_config(path)
@@ -277,8 +278,9 @@ def _read_hf_weights(path: Path, meta: bool = False) -> dict[str, torch.Tensor]:
             raise FunGPTError(f"{index} is corrupt (it should map each weight to its shard file); download or save "
                               f"the model again") from None
         return {k: v for shard in sorted(shards) for k, v in _read_safetensors(path / shard, meta).items()}
-    if (path / "pytorch_model.bin").is_file():  # (on the meta device: the pickle is read, the tensors' data not)
-        return torch.load(path / "pytorch_model.bin", map_location="meta" if meta else "cpu", weights_only=True)
+    if (path / "pytorch_model.bin").is_file():
+        # (read whole even with `meta`: torch checks the sizes of its records only as it reads their data)
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
     if (path / "pytorch_model.bin.index.json").is_file():
         raise FunGPTError(f"'{path}' holds its weights as sharded pytorch_model-*.bin files, which FunGPT does not "
                           f"read: save the model again with save_pretrained(folder) (safetensors, the default)")

@@ -262,9 +262,11 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
             left_s = budget_s - (timed_at - start_time) - ends_s
             steps_in_budget = int(max(0.0, left_s) / (step_s + one_eval_s / tc.eval_interval))
             spent = f", {used_s / 60:.1f} of them used," if used_s else ""
+            refused = ("nothing would be trained: raise train.max_minutes to continue it" if folder is not None
+                       else "training would refuse it")  # (a resume that used its budget up ends without a step)
             line += (f"; max_minutes = {tc.max_minutes}{spent} stops it after about {steps_in_budget:,} steps"
                      if steps_in_budget else f"; max_minutes = {tc.max_minutes}{spent} leaves no time for a step "
-                     f"after the start-up and the final eval: training would refuse it")
+                     f"after the start-up and the final eval: {refused}")
             total_s = max(0.0, budget_s)
         if world > 1:
             line += " (timed in one process alone; the processes also all-reduce their gradients each step)"

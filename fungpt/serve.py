@@ -191,8 +191,8 @@ def _model_name(run_dir: Path, checkpoint_id: tuple | None) -> str:
     """A name for the weights a server answers with, the same across its restarts: the run folder, and the checkpoint
     folder with the time its manifest was written (a page left open sees another name when the server is started
     on another run, or loads a newer checkpoint, or one saved anew at the same step)."""
-    return hashlib.sha256(repr((str(run_dir.resolve()), checkpoint_id and (str(checkpoint_id[0]), checkpoint_id[1])))
-                          .encode()).hexdigest()[:16]
+    folder = checkpoint_id and (str(Path(checkpoint_id[0]).resolve()), checkpoint_id[1])  # (however it was typed)
+    return hashlib.sha256(repr((str(run_dir.resolve()), folder)).encode()).hexdigest()[:16]
 
 
 def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_prompt_tokens: int,

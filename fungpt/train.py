@@ -1669,12 +1669,14 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                           f"{end_time():.0f} s more; run again with --overwrite and max_minutes well above "
                           f"{(elapsed() + end_time()) / 60:.2g}, or a smaller model, batch_size or eval_iters")
     else:
-        # (a time budget can end the run at a step just evaluated or saved: not again, which overran the budget)
-        if evaluated_at != step:
+        # (a time budget can end the run at a step just evaluated and saved: not again, which overran the budget; a
+        # step saved but not evaluated is saved again after its eval, whose best_val the checkpoint must hold)
+        final_eval = evaluated_at != step
+        if final_eval:
             losses = do_eval()
         say(f"fungpt: step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
             f"({time.time() - start_time:.1f} s)")
-        if saved_at != step:
+        if final_eval or saved_at != step:
             do_save()
     if ddp.is_main:
         log.close()

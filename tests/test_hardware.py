@@ -401,6 +401,10 @@ def test_dry_run_of_a_budget_counts_the_evals_of_the_steps_that_fit(corpus, tmp_
     plan.dry_run(cfg, timed_steps=1, start_time=time.time() - 16)  # a start-up longer than the budget
     assert "max_minutes = 0.25 leaves no time for a step after the start-up and the final eval: training would " \
            "refuse it" in capsys.readouterr().out
+    train(tiny_config(corpus, tmp_path / "run", max_iters=2), progress=False)  # a resume ends without a step instead
+    plan.dry_run(cfg, timed_steps=1, start_time=time.time() - 16, resume=True)
+    assert "leaves no time for a step after the start-up and the final eval: nothing would be trained: raise " \
+           "train.max_minutes to continue it" in capsys.readouterr().out
 
 
 MEASURE = textwrap.dedent("""
@@ -667,6 +671,17 @@ def quick_steady_budget():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def test_a_budget_run_saved_at_its_last_step_saves_it_again_after_the_final_eval(corpus, tmp_path,
+                                                                                quick_steady_budget):
+    """The final eval may lower best_val after the periodic checkpoint of the same step: that checkpoint's best_val
+    (inf here) let a resume replace the `best` weights with worse ones."""
+    out = tmp_path / "saved-each-step"
+    cfg = tiny_config(corpus, out, max_iters=1_000_000, eval_interval=1_000_000, eval_iters=2, checkpoint_interval=1,
+                      max_minutes=0.1)
+    result = train(cfg, progress=False)
+    assert ckpt.load_state(ckpt.find_checkpoint(out))["best_val"] == pytest.approx(result["val_loss"])
 
 
 def test_a_budget_ending_at_a_step_just_evaluated_and_saved_does_not_do_either_again(corpus, tmp_path,
