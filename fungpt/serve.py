@@ -198,7 +198,10 @@ def _model_name(run_dir: Path, checkpoint_id: tuple | None) -> str:
 def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_prompt_tokens: int,
                max_new_tokens: int, loaded: tuple | None = None) -> FastAPI:
     tok, mcfg = run.tokenizer, run.config.model  # a resumed run keeps both (training refuses to change them)
-    tok_fingerprint = ckpt.tokenizer_fingerprint(run.run_dir)
+    # What the handlers need of the run. They never name `run` itself: served["run"] is the run as served, and
+    # once a newer checkpoint replaces it, the model loaded here must be free to go (not held for the server's life).
+    run_dir, device, start_ids = run.run_dir, run.device, default_prompt_ids(run)
+    tok_fingerprint = ckpt.tokenizer_fingerprint(run_dir)
     # One model: every forward pass holds this lock. Re-entrant, because a finished stream may be
     # closed (and take the lock) by the garbage collector in a thread that already holds it.
     lock = threading.RLock()
@@ -232,29 +235,29 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
     # different model in its place (the folder trained over with --overwrite) is not: the page, its limits and
     # the tokenizer were made for this one; that takes a restart, said once.
     # "model": which weights answer, for the page (see _model_name)
-    served = {"run": run, "id": loaded, "warned": False, "other_model": False, "config": _read_config(run.run_dir),
-              "model": _model_name(run.run_dir, loaded)}
+    served = {"run": run, "id": loaded, "warned": False, "other_model": False, "config": _read_config(run_dir),
+              "model": _model_name(run_dir, loaded)}
 
     def current_and_name() -> tuple[LoadedRun, str]:
         """The served run, after loading the run's newest checkpoint if it changed since, and its "model" name."""
         with lock:  # (no forward pass runs during the swap; streams already going keep their model)
-            now_id = _checkpoint_id(run.run_dir, checkpoint)
+            now_id = _checkpoint_id(run_dir, checkpoint)
             if now_id is None or now_id == served["id"]:
                 return served["run"], served["model"]
             try:
-                new = load_run(run.run_dir, checkpoint, str(run.device))
-                same = new.config.model == mcfg and ckpt.tokenizer_fingerprint(run.run_dir) == tok_fingerprint
+                new = load_run(run_dir, checkpoint, str(device))
+                same = new.config.model == mcfg and ckpt.tokenizer_fingerprint(run_dir) == tok_fingerprint
             except (FunGPTError, OSError):
                 return served["run"], served["model"]  # caught mid-save or damaged: keep it, try again next request
             served["id"] = now_id  # (either way: not loaded again until the run saves again)
             served["other_model"] = not same  # the folder's files (its loss curve) are another model's
             if same:
                 served["run"] = new
-                served["model"] = _model_name(run.run_dir, now_id)
-                served["config"] = _read_config(run.run_dir)  # (a resume may change e.g. max_iters)
+                served["model"] = _model_name(run_dir, now_id)
+                served["config"] = _read_config(run_dir)  # (a resume may change e.g. max_iters)
             elif not served["warned"]:
                 served["warned"] = True
-                print(f"fungpt: {run.run_dir} now holds a different model (trained over): still serving the one "
+                print(f"fungpt: {run_dir} now holds a different model (trained over): still serving the one "
                       f"loaded at start; restart fungpt serve to explore the new one", file=sys.stderr)
             return served["run"], served["model"]
 
@@ -301,11 +304,11 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
     # ------------------------------------------------------------------ the run
 
     info = {
-        "run": run.run_dir.resolve().name,
-        "run_dir": str(run.run_dir),
+        "run": run_dir.resolve().name,
+        "run_dir": str(run_dir),
         "checkpoint": checkpoint,
         "step": run.step,
-        "device": str(run.device),
+        "device": str(device),
         "tokenizer": tok.name,
         "vocab_size": tok.vocab_size,
         "has_eot": tok.eot_id is not None,  # the page offers stop_at_eot only then
@@ -332,7 +335,7 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
             return {"train": [], "eval": [], "note": "the run folder now holds another model (trained over): its "
                                                      "curve is not this model's; restart fungpt serve"}
         try:
-            train_rows, eval_rows = read_metrics(run.run_dir)
+            train_rows, eval_rows = read_metrics(run_dir)
         except FunGPTError:
             train_rows, eval_rows = [], []  # a run copied without its metrics: no curve, not an error
         # A run that diverged (train.skip_nonfinite) logs NaN losses: such points are left out of the curve and
@@ -354,7 +357,7 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
         if prompt:
             ids = tok.encode(prompt)  # FunGPTError (-> 400) for characters outside a char vocabulary
         else:
-            ids = default_prompt_ids(run)  # no prompt: start a fresh document, as `fungpt sample` does
+            ids = list(start_ids)  # no prompt: start a fresh document, as `fungpt sample` does
         if len(ids) > max_prompt_tokens:
             raise ApiError(f"the prompt is {len(ids)} tokens; this server takes at most {max_prompt_tokens}")
         return ids or [0]
@@ -368,8 +371,8 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
         now, name = current_and_name()  # this stream's model, to its end
         yield sse({"type": "start", "step": now.step, "model": name,
                    "prompt_tokens": [{"id": i, "text": tok.token_text(i)} for i in prompt_ids]})
-        idx = torch.tensor([prompt_ids], dtype=torch.long, device=run.device)  # (1, T)
-        gen = seeded_generator(req.seed, run.device)  # this request's own random stream
+        idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
+        gen = seeded_generator(req.seed, device)  # this request's own random stream
         stream = now.model.generate_stream(idx, req.max_new_tokens, temperature=req.temperature, top_k=req.top_k,
                                        top_p=req.top_p, generator=gen, yield_logits=True)
         new: list[int] = []
@@ -437,7 +440,7 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
         # are those of that window. Only the last MAX_ATTENTION_TOKENS of them are sent, to keep the map
         # drawable; their rows still sum to 1 over the whole window (the keys left out take the rest).
         window = max(0, len(req.ids) - mcfg.block_size)
-        ids = torch.tensor(req.ids[window:], dtype=torch.long, device=run.device)  # (T,)
+        ids = torch.tensor(req.ids[window:], dtype=torch.long, device=device)  # (T,)
         with lock:
             now, name = current_and_name()
             maps = attention_maps(now.model, ids)  # (n_layer, nh, T, T)

@@ -365,6 +365,39 @@ def test_a_newer_checkpoint_is_served_at_the_next_request(run_dir, tmp_path):
         assert r["step"] == 40
 
 
+def test_a_server_that_loaded_a_newer_checkpoint_lets_the_old_model_go(run_dir, tmp_path, monkeypatch):
+    """Once a newer checkpoint is served (and no stream holds the old one), the model loaded at start is freed: a
+    server following a training run holds one model, not one more for its whole life."""
+    import gc
+    import shutil
+    import weakref
+
+    import fungpt.serve as serve_module
+    from fungpt import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    loaded = []
+
+    def load_and_remember(*args, **kwargs):
+        got = load_run(*args, **kwargs)
+        loaded.append(weakref.ref(got.model))
+        return got
+
+    monkeypatch.setattr(serve_module, "load_run", load_and_remember)
+    app = create_app(run, device="cpu")
+    with running_server(app) as base:
+        assert httpx.get(f"{base}/api/info").json()["step"] == 20 and len(loaded) == 1
+        manifest = ckpt.find_checkpoint(run, "latest") / ckpt.MANIFEST_FILE
+        later = manifest.stat().st_mtime_ns + 10**9
+        os.utime(manifest, ns=(later, later))  # the same weights saved again: the server loads them anew
+        httpx.get(f"{base}/api/info")
+        assert len(loaded) == 2
+        gc.collect()
+        assert loaded[0]() is None, "the model loaded at start is still held after the newer one replaced it"
+        assert loaded[1]() is not None
+
+
 def test_a_server_started_again_names_its_model_as_before_and_another_run_anew(run_dir, tmp_path):
     """A page left open while the server is started again on another run at the same step must notice that another
     model answers (the step alone cannot tell), and on the same run that the same one does."""
