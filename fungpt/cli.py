@@ -21,6 +21,7 @@ import dataclasses
 import errno
 import os
 import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -157,7 +158,17 @@ def _box_text(box: str) -> str:
         named = [first if first.startswith("-") or not desc else
                  f"{first} ({' '.join(desc).replace('(required)', '').strip()})" for first, *desc in items]
         said.append(f"{head} {', '.join(named)}")
-    return "; ".join(said) or "the command line could not be read"
+    return _plain_optional("; ".join(said)) or "the command line could not be read"
+
+
+def _plain_optional(text: str) -> str:
+    """tyro's words for a value that fits neither type of an optional number (`--top-k 1e30`), said plainly."""
+    import re
+
+    kinds = {"INT": "a whole number", "FLOAT": "a number"}
+    return re.sub(r"no type matching \{None\}\|(INT|FLOAT) could be instantiated from \['(.*?)'\]\..*?; Got errors:.*?"
+                  r"(?= \(`|$|; )",
+                  lambda m: f"{m.group(2)!r} is not {kinds[m.group(1)]} (nor None)", text)
 
 
 def _out_dir_arg(args: list[str]) -> str | None:
@@ -539,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in (*COMMANDS, "-h", "--help", "--version"):
         print(f"error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    restore_stop_signals = _startup.stop_signals_raise()  # SIGTERM, SIGHUP: a Stopped (KeyboardInterrupt) from here
     try:
         if name in ("-h", "--help", "--version"):
             from fungpt import __version__
@@ -554,16 +566,26 @@ def main(argv: list[str] | None = None) -> int:
         # Under torchrun every process may fail alike: each says which it is, so that the lines read as copies
         print(f"error{f' (rank {_rank()})' if _rank() else ''}: {e}", file=sys.stderr)
         return 2
+    except _startup.Stopped as e:  # SIGTERM or SIGHUP: what it was doing was cleaned up as for Ctrl-C
+        with contextlib.suppress(OSError):  # (after SIGHUP the terminal may be gone)
+            print(f"fungpt: stopped by {signal.Signals(e.signum).name}", file=sys.stderr)
+        return 128 + e.signum  # what a shell reports for a command ended by that signal
     except KeyboardInterrupt:
         print("\nfungpt: interrupted", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as e:
         if _peer_gone(e):  # under torchrun: the process that failed has already printed why
+            restore_stop_signals()  # torchrun's SIGTERM may end this one during the wait, silently
             print(f"error (rank {_rank()}): another process of this torchrun job stopped (its error is above, or, "
                   f"if it was killed, torchrun's summary below says by what), so this one stops too", file=sys.stderr)
             # torchrun names the first process to fail as the root cause, by whole seconds and then by lowest rank:
             # leave it a moment to see the one that did fail exit first (it ends this one with SIGTERM meanwhile)
             time.sleep(PEER_GONE_WAIT_S)
+            return 2
+        if str(e).startswith("Symlink loop from "):  # Path.resolve() before Python 3.13 on a link loop (not OSError)
+            where = str(e).removeprefix("Symlink loop from ").strip("'")  # (Python quotes the path: repr)
+            print(f"error: {where}: a symbolic link that leads back to itself; "
+                  f"check the path", file=sys.stderr)
             return 2
         # torch's CPU allocator says "can't allocate memory"; CUDA's "CUDA out of memory" (torch.OutOfMemoryError,
         # raised anywhere: the optimizer's first step, an eval, sampling), MPS "MPS backend out of memory"
@@ -593,6 +615,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as e:  # tyro's own parse errors and --help (it has printed its message), Ctrl-C's 130
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    finally:
+        restore_stop_signals()
     return 0
 
 

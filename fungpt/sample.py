@@ -103,7 +103,8 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
             raise FunGPTError(f"prompt file {prompt_file} is not UTF-8 text (byte {e.start} is not): save it as "
                               f"UTF-8") from None
         except OSError as e:
-            raise FunGPTError(f"cannot read prompt file {prompt_file}: {e}") from None
+            raise FunGPTError(f"cannot read prompt file {prompt_file}: {e.strerror or e}; pass a readable text "
+                              f"file") from None
     loaded = load_run(run, checkpoint, device)
     ids = loaded.tokenizer.encode(prompt) if prompt else default_prompt_ids(loaded)
     if not ids:

@@ -524,6 +524,9 @@ def _bind(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise FunGPTError(f"--host {host!r} is not a valid address ({e.strerror})") from None
+    except UnicodeError:  # a name the IDNA codec cannot encode: an empty label ("a..b") or one over 63 characters
+        raise FunGPTError(f"--host {host!r} is not a valid address (a name's dot-separated parts must be 1-63 "
+                          f"characters)") from None
     family, _, _, _, addr = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     if os.name != "nt":  # restart right after a stop (on Windows it would let a second server share the port)

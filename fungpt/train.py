@@ -48,6 +48,7 @@ except ImportError:  # Windows: runs go unlocked
 
 from fungpt import checkpoint as ckpt
 from fungpt import pretrained
+from fungpt._startup import raise_stopped
 from fungpt.config import DataConfig, RunConfig, TrainConfig, default_model, is_hf_config, load_run_config
 from fungpt.data import (
     OWN_IDS,
@@ -1038,7 +1039,8 @@ class _StopFlag:
         if threading_is_main():
             for signum in STOP_SIGNALS:
                 old = signal.getsignal(signum)
-                if old is signal.SIG_IGN or (signum != signal.SIGINT and old is not signal.SIG_DFL):
+                # (_startup.raise_stopped: the fungpt command's own, which would stop the run without its save)
+                if old is signal.SIG_IGN or (signum != signal.SIGINT and old not in (signal.SIG_DFL, raise_stopped)):
                     continue
                 self._old[signum] = signal.signal(signum, self._handle)
         return self

@@ -530,6 +530,45 @@ sys.exit(fungpt.cli.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.parametrize("command", ["prepare", "export", "train"])
+def test_sigterm_midway_cleans_up_as_ctrl_c_does(command, world, tiny_run, tmp_path):
+    """`kill` (or `timeout`, a scheduler) during prepare, export or train's own data preparation ended the process
+    at once: its temporary folder (a half-written dataset, a 15 MB half-written weights file) stayed behind. Now
+    the command cleans up as for Ctrl-C, and says what stopped it, with the status a shell gives that signal."""
+    out = tmp_path / "out"
+    argv = {"prepare": ["prepare", "--input", world["corpus"], "--out", out],
+            "export": ["export", "--run", tiny_run, "--out", out],
+            "train": ["train", "--data.path", world["corpus"], "--out-dir", out, "--train.device", "cpu", *TINY_MODEL,
+                      "--train.max-iters", "2"]}[command]
+    cache = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-c", _SIGTERM_MIDWAY, *map(str, argv)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "FUNGPT_CACHE_DIR": str(cache),
+                                            "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert "SIGTERM sent" in proc.stdout  # (midway: its temporary folder was there)
+    assert proc.stderr.strip().splitlines()[-1] == "fungpt: stopped by SIGTERM" and "Traceback" not in proc.stderr
+    left = [p.name for p in tmp_path.iterdir()] + [p.name for p in cache.rglob("*")]
+    assert not [name for name in left if ".tmp-" in name], left
+    assert not out.exists() or command == "train"  # (a run folder is made before its data is prepared)
+
+
+_SIGTERM_MIDWAY = """
+import json, os, signal, sys
+import fungpt.cli, fungpt.pretrained
+def then_sigterm(real, when=lambda *args: True):
+    def hooked(*args, **kwargs):
+        if when(*args):
+            print("SIGTERM sent", flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    return hooked
+# prepare (also train's): as it writes meta.json into its temporary folder; export: before the tokenizer's files
+json.dump = then_sigterm(json.dump, lambda obj, *rest: isinstance(obj, dict) and "source_sha256" in obj)
+fungpt.pretrained.save_hf_tokenizer = then_sigterm(fungpt.pretrained.save_hf_tokenizer)
+sys.exit(fungpt.cli.main(sys.argv[1:]))
+"""
+
+
 def test_a_data_folder_with_a_file_name_that_is_not_utf8_trains(world, tmp_path):
     """Linux file names are bytes; one that is not UTF-8 arrives with its bytes escaped, and the data cache key
     hashed it as text: a raw UnicodeEncodeError."""
@@ -1383,6 +1422,10 @@ BAD_INPUTS = {
     "plot: missing run": (["plot", "{tmp}/nope"], "nope"),
     "serve: port out of range": (["serve", "{run}", "--port", "70000"], "--port 70000"),
     "serve: negative port": (["serve", "{run}", "--port", "-1"], "--port -1"),
+    "serve: a host name with an empty part": (["serve", "{run}", "--port", "0", "--host", "a..b"],
+                                              "--host 'a..b' is not a valid address (a name's dot-separated parts"),
+    "sample: a folder as the prompt file": (["sample", "--run", "{run}", "--prompt-file", "{tmp}"],
+                                            ": Is a directory; pass a readable text file"),
 }
 
 # tyro's own parse errors: it prints a framed message of several lines, which FunGPT turns into its one line
@@ -1397,6 +1440,8 @@ TYRO_ERRORS = {
     "an empty argument": (["sample", "--run", "x", ""], "error: Unrecognized options: an empty argument (`"),
     "a value with a bar": (["prepare", "--out", "y", "x|"], "Unrecognized options: x| (`"),
     "missing value": (["sample", "--run", "x", "--prompt"], "Missing value for argument '--prompt'"),
+    "not a number where None is allowed too": (["sample", "--run", "x", "--top-k", "1e30"],
+                                               "Error parsing --top-k: '1e30' is not a whole number (nor None) (`"),
 }
 
 
@@ -1424,6 +1469,17 @@ def test_bad_input_is_one_clear_line(world, tmp_path, capsys, name):
     assert (tmp_path / "mlproj" / "checkpoints" / "epoch3" / "model.bin").is_file()
     assert (tmp_path / "mlproj" / "config.json").is_file() and (tmp_path / "mlproj" / "metrics.jsonl").is_file()
     assert not (tmp_path / "new" / "checkpoints").exists()
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 13), reason="Path.resolve() raises RuntimeError on a link loop before 3.13")
+@pytest.mark.parametrize("argv", [["export", "--run", "{run}", "--out", "{loop}"],
+                                  ["prepare", "--input", "{corpus}", "--out", "{loop}"], ["plot", "{loop}"]])
+def test_a_symbolic_link_loop_is_one_clear_line(world, tmp_path, capsys, argv):
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    files = {"run": str(world["run"]), "corpus": str(world["corpus"]), "loop": str(loop)}
+    code, err = run_cli([a.format(**files) for a in argv], capsys)
+    assert_one_line_error(code, err, f"{loop}: a symbolic link that leads back to itself; check the path")
 
 
 def test_tyros_box_read_in_a_terminal_with_its_colours_and_positional_arguments():
@@ -1568,6 +1624,24 @@ def test_stop_flag_handles_the_stop_signals_and_puts_the_old_handlers_back(signa
     with flag:
         assert all(signal.getsignal(s) == flag._handle for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
     assert signal.getsignal(signal.SIGINT) is signals_kept[signal.SIGINT]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+
+
+def test_stop_flag_takes_over_from_the_fungpt_commands_own_handlers(signals_kept):
+    """The command turns SIGTERM and SIGHUP into an exception (so that prepare and export clean up); while it
+    trains, the run's own handler must replace that one, or a `kill` would stop the run without saving its step."""
+    from fungpt import _startup
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    restore = _startup.stop_signals_raise()
+    assert all(signal.getsignal(s) is _startup.raise_stopped for s in (signal.SIGTERM, signal.SIGHUP))
+    flag = train_module._StopFlag()
+    with flag:
+        assert all(signal.getsignal(s) == flag._handle for s in (signal.SIGTERM, signal.SIGHUP))
+    assert all(signal.getsignal(s) is _startup.raise_stopped for s in (signal.SIGTERM, signal.SIGHUP))
+    restore()
+    restore()  # (a second call changes nothing)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
 
 
