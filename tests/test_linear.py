@@ -125,6 +125,38 @@ def test_row_product_equals_f_linear(K, N, bias):
     torch.testing.assert_close(out[0], F.linear(x, w, b), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 4, 6])
+def test_row_bags_fit_row_product_for_any_thread_count(threads):
+    """One bag per thread, but a ceil(K / n_bags) stride can make fewer bags than threads (K = 5 on 4 threads:
+    starts 0, 2, 4): the vector of ones must have one entry per bag that exists."""
+    kept = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for K in (1, 3, 5, 7, 10):
+            torch.manual_seed(K)
+            x, w, b = torch.randn(K), torch.randn(4, K), torch.randn(4)
+            rows, starts, ones = linear.row_bags(K)
+            assert torch.equal(rows, torch.arange(K)) and starts[0] == 0 and ones.shape == starts.shape
+            product = linear.row_product(w.t().contiguous(), b, (rows, starts, ones))
+            torch.testing.assert_close(product(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(kept)
+
+
+@needs_onednn
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_empty_products_do_not_reach_onednn(matmul_setting):
+    """oneDNN refuses products over an empty inner dimension: a backward over an empty batch (the weight
+    gradient sums over zero tokens) or a layer with no inputs. They go to F.linear: zeros and the bias."""
+    matmul_setting("onednn")
+    layer = Linear(16, 8)
+    x = torch.empty(0, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert torch.equal(layer.weight.grad, torch.zeros(8, 16)) and torch.equal(layer.bias.grad, torch.zeros(8))
+    empty = Linear(0, 8)
+    assert torch.equal(empty(torch.empty(3, 0)), empty.bias.detach().expand(3, 8))
+
+
 @needs_onednn
 def test_one_row_decoding_follows_weight_updates_and_saves_nothing(matmul_setting, monkeypatch):
     matmul_setting("onednn")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fungpt.errors import FunGPTError
-from fungpt.model import GPT, GPTConfig, KVCache, sample_next_token
+from fungpt.model import GPT, GPTConfig, KVCache, make_activation, make_norm, sample_next_token
 from fungpt.positions import POS_ENCODINGS, RotaryPositions
 from fungpt.sampling import sampling_probs
 
@@ -856,3 +856,46 @@ def test_save_hf_records_the_models_dropout(tmp_path, dropout):
     make_model(dropout=dropout).save_hf(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
     assert [config[k] for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")] == [dropout] * 3
+
+
+def test_residual_dropout_zeroes_each_branch_output_at_rate_p():
+    """Dropout on the residual branches acts on what each branch adds to x (after its c_proj), as in GPT-2: moved
+    before the c_proj it still changed the output (test_each_dropout_acts_where_it_is) but zeroed nothing there."""
+    model = make_model(dropout=0.3)
+    block = model.blocks[0]
+    block.attn.resid_dropout.train()
+    block.mlp.dropout.train()
+    seen = {}
+    block.attn.register_forward_hook(lambda m, inp, out: seen.__setitem__("attn", out[0]))
+    block.mlp.register_forward_hook(lambda m, inp, out: seen.__setitem__("mlp", out))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model(tokens(8, 16))
+    for name, out in seen.items():
+        assert out.shape == (8, 16, 32), name
+        assert (out == 0).float().mean().item() == pytest.approx(0.3, abs=0.03), name
+
+
+def test_norms_compute_their_documented_formulas_with_eps_1e_5():
+    """make_norm's LayerNorm and RMSNorm, eps included (it matters for small activations; a trained model's
+    outputs depend on it)."""
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(0)) * 1e-3  # mean square ~1e-6: eps counts
+    for norm in ("layernorm", "rmsnorm"):
+        layer = make_norm(tiny(norm=norm), 32)
+        with torch.no_grad():
+            layer.weight.copy_(torch.linspace(0.5, 1.5, 32))
+        if norm == "layernorm":
+            centred = x - x.mean(-1, keepdim=True)
+            want = centred / torch.sqrt(centred.square().mean(-1, keepdim=True) + 1e-5) * layer.weight + layer.bias
+        else:
+            want = x / torch.sqrt(x.square().mean(-1, keepdim=True) + 1e-5) * layer.weight
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_exact_gelu_is_not_the_tanh_approximation():
+    """activation='gelu' is x * Phi(x); 'gelu_tanh' GPT-2's tanh approximation (they differ by up to ~5e-4)."""
+    x = torch.linspace(-4, 4, 81)
+    torch.testing.assert_close(make_activation("gelu")(x), x * 0.5 * (1 + torch.erf(x / math.sqrt(2))))
+    tanh = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    torch.testing.assert_close(make_activation("gelu_tanh")(x), tanh)
+    assert (make_activation("gelu")(x) - tanh).abs().max() > 1e-4

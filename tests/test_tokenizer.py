@@ -386,6 +386,22 @@ def test_why_a_download_failed_in_a_few_words():
     assert long_word.startswith("OSError: xxx") and long_word.endswith(" ...") and len(long_word) <= 160
 
 
+def test_why_a_download_failed_reads_implicit_chains_proxy_messages_and_stays_on_one_line():
+    from fungpt.errors import why_download_failed
+
+    try:  # raised while handling the network error, without `from`: the reason is in __context__
+        try:
+            raise OSError("[Errno 111] Connection refused")
+        except OSError:
+            raise RuntimeError("download failed")  # noqa: B904
+    except RuntimeError as e:
+        assert why_download_failed(e).startswith("could not reach the server")
+    # the proxy named by the message alone (not by an exception type called ProxyError)
+    assert why_download_failed(OSError("Unable to connect to proxy")).startswith("could not reach the proxy")
+    multi = why_download_failed(OSError("\n" + "y" * 300))  # a line break before one long word: still one line
+    assert "\n" not in multi and multi.startswith("OSError: yyy") and len(multi) <= 160
+
+
 def test_a_saved_gpt2_tokenizer_loads_its_size_without_tiktoken(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tiktoken", None)  # offline, or not installed
     (tmp_path / "tokenizer_meta.json").write_text(json.dumps({"kind": "gpt2"}))  # as the README has it written

@@ -1255,6 +1255,8 @@ def test_help_into_a_closed_pipe_and_version(capsys):
     (["python", "-m", "fungpt", "train"], True),
     (["python", "-u", "-m", "fungpt", "train"], True),  # as torchrun starts its workers
     (["python", "-mfungpt"], True),
+    (["C:/v/Scripts/fungpt.exe", "train"], True),  # the launcher itself as argv[0]
+    (["python", "-mpytest", "fungpt"], False),  # -mMODULE for another module
     (["python", "-m", "pytest", "-m", "fungpt"], False),  # a library user (and a marker named fungpt)
     (["python", "script.py", "-m", "fungpt"], False),
     (["python", "-c", "import fungpt"], False),
@@ -1264,6 +1266,29 @@ def test_the_ctrl_c_handler_is_only_for_the_fungpt_command(argv, expected):
     from fungpt._startup import is_the_fungpt_command
 
     assert is_the_fungpt_command(argv) is expected
+
+
+def test_the_startup_handler_leaves_an_ignored_ctrl_c_ignored_and_restore_gives_back_pythons(monkeypatch):
+    """install() takes over Ctrl-C only from Python's own handler: a command started with SIGINT ignored (a
+    background job of a shell without job control) stays deaf to it. restore() gives back KeyboardInterrupt,
+    which cli.main() turns into one line, not the OS's default (the process killed with no message)."""
+    import signal
+
+    from fungpt import _startup
+
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "fungpt", "train"])
+    kept = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _startup.install()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _startup.install()
+        assert signal.getsignal(signal.SIGINT) is _startup.quit_at_once
+        _startup.restore()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, kept)
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="watches /proc/PID/maps (Linux)")
