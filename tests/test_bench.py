@@ -308,3 +308,15 @@ def test_bench_prepare_starts_a_new_append_file_with_its_title(bench, tmp_path, 
     assert lines[0] == "# Benchmarks"
     assert lines[2].startswith("## prepare throughput, ")
     assert lines.count("| tokenizer | seconds | MB/s | tokens |") == 1
+
+
+def test_bench_muon_times_both_optimizers_and_appends_its_block(bench, tmp_path):
+    import bench_muon
+
+    out = tmp_path / "results.md"
+    bench_muon.main(["--layers", "1", "--width", "8", "--steps", "1", "--passes", "1", "--append", str(out)])
+    text = out.read_text(encoding="utf-8")
+    assert "- command: `python bench/bench_muon.py --layers 1 --width 8 --steps 1 --passes 1 --append " in text
+    assert "the blocks of 1 x 8 (4 matrices)" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "Muon" in line]
+    assert len(rows) == 2 and any(line.endswith("| 1.00x |") for line in rows)
