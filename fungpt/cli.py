@@ -166,9 +166,10 @@ def _plain_optional(text: str) -> str:
     import re
 
     kinds = {"INT": "a whole number", "FLOAT": "a number"}
-    return re.sub(r"no type matching \{None\}\|(INT|FLOAT) could be instantiated from \['(.*?)'\]\..*?; Got errors:.*?"
-                  r"(?= \(`|$|; )",
-                  lambda m: f"{m.group(2)!r} is not {kinds[m.group(1)]} (nor None)", text)
+    # tyro: "... from ['V'].; Got errors: - <class 'NoneType'>: ['V'] does not match ..., - <class 'int'>: invalid
+    # literal for int() with base 10: 'V'": up to the value, quoted as the last error quotes it
+    return re.sub(r"no type matching \{None\}\|(INT|FLOAT) could be instantiated from \['(.*?)'\]\.; Got errors: .*?: "
+                  r"'\2'", lambda m: f"{m.group(2)!r} is not {kinds[m.group(1)]} (nor None)", text)
 
 
 def _out_dir_arg(args: list[str]) -> str | None:
@@ -568,7 +569,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except _startup.Stopped as e:  # SIGTERM or SIGHUP: what it was doing was cleaned up as for Ctrl-C
         with contextlib.suppress(OSError):  # (after SIGHUP the terminal may be gone)
-            print(f"fungpt: stopped by {signal.Signals(e.signum).name}", file=sys.stderr)
+            print(f"\nfungpt: stopped by {signal.Signals(e.signum).name}", file=sys.stderr)
+        if not _startup.is_the_fungpt_command(getattr(sys, "orig_argv", sys.argv)):
+            # A program that called main() (a script, a notebook, pytest) ends as the signal would have ended it
+            # without FunGPT: only the cleaning up came first.
+            restore_stop_signals()
+            signal.raise_signal(e.signum)
         return 128 + e.signum  # what a shell reports for a command ended by that signal
     except KeyboardInterrupt:
         print("\nfungpt: interrupted", file=sys.stderr)

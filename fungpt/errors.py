@@ -3,7 +3,7 @@
 Anything raised as `FunGPTError` is shown by the command line as a single line,
 `error: <message>`, with a non-zero exit and no traceback. The message should say
 what is wrong and how to fix it, e.g.
-    FunGPTError("data path 'foo.txt' does not exist: pass a text file, a folder or 'shakespeare'")
+    FunGPTError("data path 'foo.txt' does not exist: pass a text file, a folder of text files or 'shakespeare'")
 
 Also here: parse_json and read_json, JSON reading whose every failure is a ValueError, so that each reader of
 a run's JSON files can turn a damaged file into such a line ("X is corrupt"); and why_download_failed, the short

@@ -45,6 +45,7 @@ import ipaddress
 import json
 import math
 import os
+import signal
 import socket
 import sys
 import threading
@@ -63,6 +64,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fungpt import checkpoint as ckpt
+from fungpt._startup import Stopped
 from fungpt.errors import FunGPTError, read_json
 from fungpt.runs import LoadedRun, load_run, seeded_generator
 from fungpt.sample import default_prompt_ids, top_candidates
@@ -135,7 +137,8 @@ EXAMPLE_BODIES = {"/api/generate": '{"prompt": "ROMEO:"}', "/api/attention": '{"
 
 
 def _describe_validation(exc: RequestValidationError, sent_as_json: bool, path: str = "/api/generate") -> str:
-    """Pydantic's error list as one line a person can act on, e.g. "top_k: must be >= 1 (got 0)".
+    """Pydantic's error list as one line a person can act on,
+    e.g. "top_k: Input should be greater than or equal to 1 (got 0)".
 
     sent_as_json: whether the request said Content-Type: application/json (FastAPI parses the body only then).
     """
@@ -524,9 +527,11 @@ def _bind(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise FunGPTError(f"--host {host!r} is not a valid address ({e.strerror})") from None
-    except UnicodeError:  # a name the IDNA codec cannot encode: an empty label ("a..b") or one over 63 characters
-        raise FunGPTError(f"--host {host!r} is not a valid address (a name's dot-separated parts must be 1-63 "
-                          f"characters)") from None
+    except UnicodeError as e:  # a name the IDNA codec cannot encode: "a..b", a part over 63 characters, ...
+        # ("encoding with 'idna' codec failed (UnicodeError: label empty or too long)": the part in brackets)
+        why = str(e).rpartition("UnicodeError: ")[2].rstrip(")") or str(e)
+        raise FunGPTError(f"--host {host!r} is not a valid address (it cannot be written as a host name: {why})") \
+            from None
     family, _, _, _, addr = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     if os.name != "nt":  # restart right after a stop (on Windows it would let a second server share the port)
@@ -557,6 +562,23 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:  # called by uvicorn's SIGINT/SIGTERM handler
         self.stopping.set()
         super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's, which stops gracefully on SIGINT and SIGTERM, and then raises them again; SIGHUP too (a
+        closed terminal), unless it is ignored (nohup): it would otherwise stop the server inside its event loop."""
+        hup = getattr(signal, "SIGHUP", None)  # (Windows has none)
+        take = (hup is not None and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(hup) is not signal.SIG_IGN)
+        old = signal.signal(hup, self.handle_exit) if take else None
+        try:
+            with super().capture_signals():  # (raises a SIGINT or SIGTERM it caught again as it ends)
+                yield
+        finally:
+            if take:
+                signal.signal(hup, old)
+        if take and hup in self._captured_signals:
+            signal.raise_signal(hup)  # as uvicorn does for the others
 
     def stop(self) -> None:
         """Ask the server to stop, from any thread (what Ctrl-C does)."""
@@ -593,6 +615,8 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, checkpoint
     server = _Server(app)
     try:
         server.run(sockets=[sock])
+    except Stopped:
+        raise  # SIGTERM or SIGHUP, raised again after the clean shut-down: the command says so, status 143 or 129
     except KeyboardInterrupt:
         pass  # uvicorn shut down cleanly, then re-raised the Ctrl-C it had caught
     finally:

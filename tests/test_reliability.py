@@ -530,21 +530,24 @@ sys.exit(fungpt.cli.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("command", ["prepare", "export", "train"])
-def test_sigterm_midway_cleans_up_as_ctrl_c_does(command, world, tiny_run, tmp_path):
+@pytest.mark.parametrize("command, as_the_command", [("prepare", True), ("export", True), ("train", True),
+                                                     ("prepare", False)])
+def test_sigterm_midway_cleans_up_as_ctrl_c_does(command, as_the_command, world, tiny_run, tmp_path):
     """`kill` (or `timeout`, a scheduler) during prepare, export or train's own data preparation ended the process
     at once: its temporary folder (a half-written dataset, a 15 MB half-written weights file) stayed behind. Now
-    the command cleans up as for Ctrl-C, and says what stopped it, with the status a shell gives that signal."""
+    the command cleans up as for Ctrl-C, and says what stopped it, with the status a shell gives that signal. A
+    program that calls cli.main() itself (a script, pytest) is still ended by the signal, after the clean-up."""
     out = tmp_path / "out"
     argv = {"prepare": ["prepare", "--input", world["corpus"], "--out", out],
             "export": ["export", "--run", tiny_run, "--out", out],
             "train": ["train", "--data.path", world["corpus"], "--out-dir", out, "--train.device", "cpu", *TINY_MODEL,
                       "--train.max-iters", "2"]}[command]
     cache = tmp_path / "cache"
-    proc = subprocess.run([sys.executable, "-c", _SIGTERM_MIDWAY, *map(str, argv)], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "FUNGPT_CACHE_DIR": str(cache),
-                                            "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 143, proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "-c", _SIGTERM_MIDWAY, str(as_the_command), *map(str, argv)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "FUNGPT_CACHE_DIR": str(cache),
+                               "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == (143 if as_the_command else -signal.SIGTERM), proc.stderr[-2000:]
     assert "SIGTERM sent" in proc.stdout  # (midway: its temporary folder was there)
     assert proc.stderr.strip().splitlines()[-1] == "fungpt: stopped by SIGTERM" and "Traceback" not in proc.stderr
     left = [p.name for p in tmp_path.iterdir()] + [p.name for p in cache.rglob("*")]
@@ -565,7 +568,9 @@ def then_sigterm(real, when=lambda *args: True):
 # prepare (also train's): as it writes meta.json into its temporary folder; export: before the tokenizer's files
 json.dump = then_sigterm(json.dump, lambda obj, *rest: isinstance(obj, dict) and "source_sha256" in obj)
 fungpt.pretrained.save_hf_tokenizer = then_sigterm(fungpt.pretrained.save_hf_tokenizer)
-sys.exit(fungpt.cli.main(sys.argv[1:]))
+if sys.argv[1] == "True":  # run as the fungpt command is (python -m fungpt ...), not as a program calling main()
+    sys.orig_argv = [sys.executable, "-m", "fungpt", *sys.argv[2:]]
+sys.exit(fungpt.cli.main(sys.argv[2:]))
 """
 
 
@@ -1423,7 +1428,8 @@ BAD_INPUTS = {
     "serve: port out of range": (["serve", "{run}", "--port", "70000"], "--port 70000"),
     "serve: negative port": (["serve", "{run}", "--port", "-1"], "--port -1"),
     "serve: a host name with an empty part": (["serve", "{run}", "--port", "0", "--host", "a..b"],
-                                              "--host 'a..b' is not a valid address (a name's dot-separated parts"),
+                                              "--host 'a..b' is not a valid address (it cannot be written as a "
+                                              "host name: label empty or too long)"),
     "sample: a folder as the prompt file": (["sample", "--run", "{run}", "--prompt-file", "{tmp}"],
                                             ": Is a directory; pass a readable text file"),
 }
@@ -1442,6 +1448,8 @@ TYRO_ERRORS = {
     "missing value": (["sample", "--run", "x", "--prompt"], "Missing value for argument '--prompt'"),
     "not a number where None is allowed too": (["sample", "--run", "x", "--top-k", "1e30"],
                                                "Error parsing --top-k: '1e30' is not a whole number (nor None) (`"),
+    "... with a semicolon in it": (["sample", "--run", "x", "--top-p", "x; y"],
+                                   "Error parsing --top-p: 'x; y' is not a number (nor None) (`"),
 }
 
 
