@@ -163,13 +163,22 @@ def _box_text(box: str) -> str:
 
 def _plain_optional(text: str) -> str:
     """tyro's words for a value that fits neither type of an optional number (`--top-k 1e30`), said plainly."""
+    import ast
     import re
 
     kinds = {"INT": "a whole number", "FLOAT": "a number"}
+
+    def plainly(m: re.Match) -> str:
+        try:
+            value = ast.literal_eval(m.group(2))
+        except (ValueError, SyntaxError):  # (a value holding both kinds of quote: left as tyro wrote it)
+            return m.group(0)
+        return f"{value!r} is not {kinds[m.group(1)]} (nor None)"
+
     # tyro: "... from ['V'].; Got errors: - <class 'NoneType'>: ['V'] does not match ..., - <class 'int'>: invalid
-    # literal for int() with base 10: 'V'": up to the value, quoted as the last error quotes it
-    return re.sub(r"no type matching \{None\}\|(INT|FLOAT) could be instantiated from \['(.*?)'\]\.; Got errors: .*?: "
-                  r"'\2'", lambda m: f"{m.group(2)!r} is not {kinds[m.group(1)]} (nor None)", text)
+    # literal for int() with base 10: 'V'": up to the value, which it quotes as repr does ('V', or "V" for one with ')
+    return re.sub(r"no type matching \{None\}\|(INT|FLOAT) could be instantiated from \[((['\"]).*?\3)\]\.; "
+                  r"Got errors: .*?: \2", plainly, text)
 
 
 def _out_dir_arg(args: list[str]) -> str | None:

@@ -64,7 +64,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fungpt import checkpoint as ckpt
-from fungpt._startup import Stopped
+from fungpt._startup import Stopped, raise_stopped
 from fungpt.errors import FunGPTError, read_json
 from fungpt.runs import LoadedRun, load_run, seeded_generator
 from fungpt.sample import default_prompt_ids, top_candidates
@@ -556,7 +556,10 @@ class _Server(uvicorn.Server):
 
     def __init__(self, app: FastAPI):
         # On Ctrl-C, open streams end at their next token (app.state.stopping); the timeout is a backstop.
-        super().__init__(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+        # lifespan "off": the app has no start-up or shut-down handlers, and a second Ctrl-C (which skips the
+        # shut-down) left uvicorn's lifespan task to be cancelled, logged as a 30-line traceback
+        super().__init__(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+                                        lifespan="off"))
         self.stopping = app.state.stopping
 
     def handle_exit(self, sig, frame) -> None:  # called by uvicorn's SIGINT/SIGTERM handler
@@ -565,14 +568,22 @@ class _Server(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
-        """uvicorn's, which stops gracefully on SIGINT and SIGTERM, and then raises them again; SIGHUP too (a
-        closed terminal), unless it is ignored (nohup): it would otherwise stop the server inside its event loop."""
+        """uvicorn's, which stops gracefully on SIGINT and SIGTERM and then raises them again, with two changes: a
+        signal that was ignored (nohup, `trap '' TERM`) stays ignored, and SIGHUP (a closed terminal) stops it as
+        SIGTERM does where FunGPT's handler or the default would have (it raised inside the event loop); a SIGHUP
+        handler of a program that calls serve() is left alone."""
+        if threading.current_thread() is not threading.main_thread():  # (signals are the main thread's)
+            with super().capture_signals():
+                yield
+            return
         hup = getattr(signal, "SIGHUP", None)  # (Windows has none)
-        take = (hup is not None and threading.current_thread() is threading.main_thread()
-                and signal.getsignal(hup) is not signal.SIG_IGN)
+        take = hup is not None and signal.getsignal(hup) in (signal.SIG_DFL, raise_stopped)
+        ignored = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is signal.SIG_IGN]
         old = signal.signal(hup, self.handle_exit) if take else None
         try:
             with super().capture_signals():  # (raises a SIGINT or SIGTERM it caught again as it ends)
+                for s in ignored:
+                    signal.signal(s, signal.SIG_IGN)  # (uvicorn took them over; it puts SIG_IGN back as it ends)
                 yield
         finally:
             if take:

@@ -1450,6 +1450,8 @@ TYRO_ERRORS = {
                                                "Error parsing --top-k: '1e30' is not a whole number (nor None) (`"),
     "... with a semicolon in it": (["sample", "--run", "x", "--top-p", "x; y"],
                                    "Error parsing --top-p: 'x; y' is not a number (nor None) (`"),
+    "... with a quote in it": (["sample", "--run", "x", "--top-k", "a'b"],
+                               "Error parsing --top-k: \"a'b\" is not a whole number (nor None) (`"),
 }
 
 

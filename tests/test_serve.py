@@ -535,26 +535,83 @@ def test_busy_port_is_a_clear_error(run_dir, capsys):
     assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def start_fungpt_serve(run_dir, port: int, **popen) -> subprocess.Popen:
+    """`fungpt serve RUN` in a process of its own, once it answers."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "fungpt", "serve", str(run_dir), "--port", str(port),
+                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env=env, **popen)
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/info", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"fungpt serve did not come up: {proc.communicate()}")
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("ignored", [False, True])
+def test_a_second_ctrl_c_and_an_ignored_sigterm(run_dir, ignored):
+    """A second Ctrl-C while the server stops skips its shut-down (uvicorn then logged its cancelled lifespan task:
+    a 30-line traceback); a SIGTERM ignored when it started (`trap '' TERM`, as for nohup's SIGHUP) stays ignored."""
+    port = free_port()
+    proc = start_fungpt_serve(run_dir, port, preexec_fn=(lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN))
+                              if ignored else None)
+    try:
+        if ignored:
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(1.5)
+            assert proc.poll() is None and httpx.get(f"http://127.0.0.1:{port}/api/info").status_code == 200
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0 and "Traceback" not in err and "ERROR" not in err, err
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="Windows has no SIGHUP")
+def test_serves_signal_handlers_leave_ignored_signals_and_a_programs_own_sighup_handler_alone(run_dir):
+    from fungpt.serve import _Server
+
+    def mine(signum, frame):
+        pass
+
+    server = _Server(create_app(run_dir, device="cpu"))
+    kept = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, mine)  # a program that calls serve() and handles SIGHUP itself
+        with server.capture_signals():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN and signal.getsignal(signal.SIGHUP) is mine
+            assert signal.getsignal(signal.SIGINT) == server.handle_exit
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN and signal.getsignal(signal.SIGHUP) is mine
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with server.capture_signals():
+            assert signal.getsignal(signal.SIGTERM) == server.handle_exit == signal.getsignal(signal.SIGHUP)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    finally:
+        for s, handler in kept.items():
+            signal.signal(s, handler)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP")
+                                                                    else [])])  # (Windows has no SIGHUP)
 def test_fungpt_serve_stops_cleanly_on_ctrl_c(run_dir, signum):
     """Ctrl-C, `kill` or a closed terminal (SIGHUP: it raised inside uvicorn's event loop, a 30-line traceback) stop
     the server cleanly: the open stream ends, status 0 for Ctrl-C, else the signal's (143, 129)."""
     port = free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "fungpt", "serve", str(run_dir), "--port", str(port),
-                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, env=env)
+    proc = start_fungpt_serve(run_dir, port)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.communicate()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/info", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "fungpt serve did not come up"
-            time.sleep(0.2)
         # Ctrl-C in the middle of a stream: the stream ends (at its next token, or complete if it
         # was already fully sent) and the server exits.
         with httpx.stream("POST", f"http://127.0.0.1:{port}/api/generate", json={"max_new_tokens": 1000},
