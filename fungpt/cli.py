@@ -398,6 +398,9 @@ def attention_command(run: RunFolder, prompt: str, layer: int | None = None, hea
     loaded = load_run(run, checkpoint, device)
     ids = loaded.tokenizer.encode(prompt)
     weights = attention_maps(loaded.model, ids)  # (n_layer, nh, T, T)
+    maps = (1 if layer is not None else weights.size(0)) * (1 if head is not None else weights.size(1))
+    if maps > 16:  # GPT-2's 144 heads take seconds to draw: say what is going on
+        print(f"fungpt: drawing {maps} heatmaps of {len(ids)} x {len(ids)} tokens ...", file=sys.stderr, flush=True)
     path = plot_attention(weights, token_labels(loaded.tokenizer, ids), out,
                           layers=None if layer is None else [layer], heads=None if head is None else [head],
                           title=f"{loaded.run_dir.name} at step {loaded.step}: attention weights\n"

@@ -377,8 +377,24 @@ def _iter_corpus(
             yield text, False
 
 
+def into_file(stream) -> bool:
+    """Whether stream writes into a regular file or a pipe (a log), not a terminal or a notebook's output."""
+    try:
+        mode = os.fstat(stream.fileno()).st_mode
+    except (AttributeError, ValueError, OSError):  # (no file behind it: a notebook's stream, a StringIO)
+        return False
+    return stat.S_ISREG(mode) or stat.S_ISFIFO(mode)
+
+
+def bar_interval() -> float:
+    """Seconds between a progress bar's redraws on stderr: into a log file or a pipe each redraw is kept, so one
+    every 30 s there, not ten a second (a terminal, or a notebook's stream, redraws as usual)."""
+    return 30.0 if into_file(sys.stderr) else 0.1
+
+
 def _progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, disable=not enabled)
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, disable=not enabled,
+                mininterval=bar_interval())
 
 
 # ---------------------------------------------------------------------------

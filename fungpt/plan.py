@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -152,7 +153,7 @@ def _fmt_duration(s: float) -> str:
 
 def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = print,
             model_named: Collection[str] = (), resume: bool = False, overwrite: bool = False,
-            start_time: float | None = None) -> dict[str, Any]:
+            start_time: float | None = None, progress: bool = True) -> dict[str, Any]:
     """Print the plan for `cfg` and return its figures; trains a few steps to time them, saves nothing.
     `model_named`, `resume`, `overwrite`: as for train.train (what training would refuse is refused; a resume
     plans the steps from its checkpoint's on). `start_time`: when the command started (time.time()), for the
@@ -181,7 +182,7 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
         raise FunGPTError(f"{e} (with --dry-run, --overwrite deletes nothing)") from None
     folder, manifest = resume_point(cfg)[1:3] if resume else (None, None)
     # (the pretrained weights a new fine-tune starts from are checked, before the data, as training reads them)
-    cfg, data_dir, pre = resolve_model_and_data(cfg, progress=False, model_named=model_named,
+    cfg, data_dir, pre = resolve_model_and_data(cfg, progress=progress, model_named=model_named,
                                                 resume_dir=out_dir if resume else None, check_weights=folder is None)
     if resume:  # the checks of a resume, which do not change the folder
         check_resume_model(cfg)
@@ -231,7 +232,7 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
 
     # 4. Time a few real steps (random weights: the speed does not depend on their values).
     timed_at = time.time()  # (the start-up until here: about a real run's, which the budget covers)
-    step_s = _time_steps(cfg, prec, data_dir, timed_steps, configure_optimizer, BatchLoader) if fits else None
+    step_s = _time_steps(cfg, prec, data_dir, timed_steps, configure_optimizer, BatchLoader, progress) if fits else None
     result: dict[str, Any] = {"num_params": n_params, "tokens_per_step": tokens_per_step,
                               "flops_per_step": flops_per_step, "memory": mem, "device_memory": have,
                               "fits": fits, "device": prec.device, "dtype": prec.dtype, "step_s": step_s}
@@ -280,7 +281,8 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
     return result
 
 
-def _time_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_optimizer, batch_loader) -> float:
+def _time_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_optimizer, batch_loader,
+                progress: bool = False) -> float:
     """Median seconds per optimizer step over `n` steps, after one warm-up step, set up as training sets up."""
     from fungpt.hardware import keep_freed_memory
     from fungpt.linear import cpu_matmul, set_cpu_matmul
@@ -292,13 +294,18 @@ def _time_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_opt
         before = cpu_matmul()
         set_cpu_matmul(tc.cpu_matmul)
     try:
-        return _timed_steps(cfg, prec, data_dir, n, configure_optimizer, batch_loader)
+        return _timed_steps(cfg, prec, data_dir, n, configure_optimizer, batch_loader, progress)
     finally:
         if device == "cpu":
             set_cpu_matmul(before)
 
 
-def _timed_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_optimizer, batch_loader) -> float:
+def _timed_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_optimizer, batch_loader,
+                 progress: bool = False) -> float:
+    from tqdm import tqdm
+
+    from fungpt.data import bar_interval
+
     tc = cfg.train
     device = prec.device
     torch.manual_seed(tc.seed)
@@ -314,8 +321,13 @@ def _timed_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_op
         return torch.autocast(device_type=device, dtype=prec.torch_dtype)
 
     times = []
+    # A big model's steps take minutes on a CPU (a GPT-2 fine-tune): a bar then, over the micro-batches, on stderr
+    # (the plan goes to stdout); none when they take under a second
+    bar = tqdm(total=(n + 1) * tc.grad_accum_steps, desc=f"timing {n} steps (+1 warm-up)", unit="batch",
+               leave=False, dynamic_ncols=True, delay=1.0, mininterval=bar_interval(), file=sys.stderr,
+               disable=not progress)
     try:
-        with tf32_products() if device == "cuda" else contextlib.nullcontext():  # as training runs them
+        with bar, tf32_products() if device == "cuda" else contextlib.nullcontext():  # as training runs them
             for i in range(n + 1):
                 t0 = time.perf_counter()
                 for _ in range(tc.grad_accum_steps):
@@ -323,6 +335,7 @@ def _timed_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_op
                     with autocast():
                         loss = model(x, y)[1]  # (as the trainer: the logits are not kept)
                     scaler.scale(loss / tc.grad_accum_steps).backward()
+                    bar.update(1)
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)

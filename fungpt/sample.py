@@ -10,7 +10,7 @@ from typing import TextIO
 import numpy as np
 import torch
 
-from fungpt.data import encode_file, eval_windows, load_meta, refuse_utf16_or_32
+from fungpt.data import bar_interval, encode_file, eval_windows, load_meta, refuse_utf16_or_32
 from fungpt.errors import FunGPTError
 from fungpt.runs import LoadedRun, data_dir_of, load_run, seeded_generator
 from fungpt.sampling import sampling_probs
@@ -263,7 +263,8 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
         from tqdm.auto import tqdm
 
         batches = math.ceil(math.ceil((len(tokens) - 1) / T) / batch_size)  # windows of T targets, B per batch
-        windows = tqdm(windows, total=batches, desc="eval", unit="batch", dynamic_ncols=True, leave=False)
+        windows = tqdm(windows, total=batches, desc="eval", unit="batch", dynamic_ncols=True, leave=False,
+                       mininterval=bar_interval())  # (30 s into a log file)
     total_nll, total_tokens = score_windows(loaded.model, windows)
     loss = total_nll / total_tokens
     # Every token but the first is predicted: bits per byte (per character) divide by the bytes of the text

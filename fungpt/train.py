@@ -53,9 +53,11 @@ from fungpt.config import DataConfig, RunConfig, TrainConfig, default_model, is_
 from fungpt.data import (
     OWN_IDS,
     BatchLoader,
+    bar_interval,
     cache_dir,
     check_split_fits,
     check_token_ids,
+    into_file,
     is_prepared,
     iter_eval_windows,
     load_meta,
@@ -805,18 +807,22 @@ def evaluate(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, device: str
     was_training = model.training
     model.eval()
     out = {}
-    for split in ("train",) if cfg.train.eval_full_val else ("train", "val"):
-        # seed + 12345: any fixed offset, so that every eval scores the same windows, drawn apart from the
-        # training batches
-        loader = BatchLoader(data_dir, split, cfg.train.batch_size, cfg.model.block_size, device=device,
-                             seed=cfg.train.seed + 12345)
-        losses = torch.zeros(cfg.train.eval_iters)
-        for k in range(cfg.train.eval_iters):
-            x, y = loader.next_batch()
-            with autocast():
-                loss = model(x, y)[1]
-            losses[k] = loss.float().item()
-        out[split] = losses.mean().item()
+    splits = ("train",) if cfg.train.eval_full_val else ("train", "val")
+    # An eval of a large model can take a minute (a GPT-2 fine-tune on a CPU): a bar then, none for the usual short ones
+    with _eval_bar(len(splits) * cfg.train.eval_iters, "eval", progress) as bar:
+        for split in splits:
+            # seed + 12345: any fixed offset, so that every eval scores the same windows, drawn apart from the
+            # training batches
+            loader = BatchLoader(data_dir, split, cfg.train.batch_size, cfg.model.block_size, device=device,
+                                 seed=cfg.train.seed + 12345)
+            losses = torch.zeros(cfg.train.eval_iters)
+            for k in range(cfg.train.eval_iters):
+                x, y = loader.next_batch()
+                with autocast():
+                    loss = model(x, y)[1]
+                losses[k] = loss.float().item()
+                bar.update(1)
+            out[split] = losses.mean().item()
     if cfg.train.eval_full_val:
         out["val"] = _full_split_loss(model, data_dir, "val", cfg, device, autocast, progress)
     model.train(was_training)
@@ -878,19 +884,23 @@ def estimate_eval_time(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, d
     return 1.3 * seconds_per_window * n_windows
 
 
+def _eval_bar(total: int, desc: str, enabled: bool):
+    """A progress bar for an eval, shown only once it has taken over a second (delay: the usual short evals do not
+    flicker) and cleared when it ends; a bar that shows nothing when not enabled."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True, delay=1.0,
+                mininterval=bar_interval(), disable=not enabled)
+
+
 def _full_split_loss(model, data_dir: Path, split: str, cfg: RunConfig, device: str, autocast,
                      progress: bool = False) -> float:
     """Mean loss over every token of a split (each scored once, see data.eval_windows)."""
     T, B = cfg.model.block_size, 4 * cfg.train.batch_size
     windows = iter_eval_windows(data_dir, split, T, B, device=device)
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = math.ceil(math.ceil((load_meta(data_dir)[f"{split}_tokens"] - 1) / T) / B)  # windows of T targets
-        # delay: shown only when the eval takes over a second, so the usual short evals do not flicker
-        windows = tqdm(windows, total=batches, desc=f"eval ({split}, every token)", unit="batch", leave=False,
-                       dynamic_ncols=True, delay=1.0)
-    total, count = score_windows(model, windows, autocast)
+    batches = math.ceil(math.ceil((load_meta(data_dir)[f"{split}_tokens"] - 1) / T) / B)  # windows of T targets
+    with _eval_bar(batches, f"eval ({split}, every token)", progress) as bar:
+        total, count = score_windows(model, (bar.update(1) or batch for batch in windows), autocast)
     return total / count
 
 
@@ -1092,13 +1102,7 @@ class _StopFlag:
             signal.signal(signum, old)
 
 
-def _into_file(stream) -> bool:
-    """Whether stream writes into a regular file or a pipe (a log), not a terminal or a notebook's output."""
-    try:
-        mode = os.fstat(stream.fileno()).st_mode
-    except (AttributeError, ValueError, OSError):  # (no file behind it: a notebook's stream, a StringIO)
-        return False
-    return stat.S_ISREG(mode) or stat.S_ISFIFO(mode)
+_into_file = into_file  # (data.py: whether stderr is a log file or a pipe)
 
 
 def _silence_terminal(pipes: bool = False) -> None:
@@ -1113,7 +1117,6 @@ def _silence_terminal(pipes: bool = False) -> None:
 def _reader_gone(fd: int) -> bool:
     """Whether `fd` is a pipe whose reading end was closed: poll reports an error condition on its writing end."""
     import select
-    import stat
 
     if not stat.S_ISFIFO(os.fstat(fd).st_mode) or not hasattr(select, "poll"):
         return False
@@ -1528,9 +1531,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     if progress and ddp.is_main:
         from tqdm.auto import tqdm
 
-        # Into a log file or a pipe each redraw is kept: one every 30 s there, not ten a second (a terminal, or a
-        # notebook's stream, which has no file behind it, redraws as usual)
-        every = 30.0 if _into_file(sys.stderr) else 0.1
+        every = bar_interval()  # (30 s into a log file or a pipe, where each redraw is kept)
         # (a budget's end is forecast from the first steps: no total until then, rather than max_iters)
         bar = tqdm(total=None if budget_s is not None else tc.max_iters, initial=step, desc="train", unit="step",
                    dynamic_ncols=True, mininterval=every, maxinterval=max(every, 10.0))

@@ -221,6 +221,29 @@ def test_dry_run_counts_what_a_real_run_builds_and_writes_nothing(corpus, tmp_pa
     assert full["eval_s"] == pytest.approx(2 * (2 + val_windows / 4) * full["step_s"] / 3)
 
 
+def test_dry_run_shows_its_slow_timed_steps_and_the_data_it_prepares(corpus, tmp_path, monkeypatch, capsys):
+    """The dry run of a GPT-2 fine-tune on a CPU timed its steps for 5 minutes, and prepared a 44 MB corpus for 38 s,
+    with nothing on the screen. Bars now show both (on stderr: the plan is stdout's); quick steps show none."""
+    from fungpt.data import BatchLoader
+
+    cfg = tiny_config(corpus, tmp_path / "run", max_iters=2)
+    plan.dry_run(cfg, timed_steps=1)
+    out, err = capsys.readouterr()
+    assert "checking" in err and "encoding" in err and "timing" not in err and "checking" not in out
+    real_next = BatchLoader.next_batch
+
+    def slow_next(self):
+        time.sleep(0.4)
+        return real_next(self)
+
+    monkeypatch.setattr(BatchLoader, "next_batch", slow_next)
+    monkeypatch.setattr(sys.modules["fungpt.data"], "bar_interval", lambda: 0.0)  # (each batch drawn)
+    plan.dry_run(cfg, timed_steps=2)
+    out, err = capsys.readouterr()
+    assert re.search(r"timing 2 steps \(\+1 warm-up\): .*\d/3 ", err), err
+    assert "checking" not in err and "ms per step" in out  # (the data was prepared by the first dry run)
+
+
 def test_dry_run_times_steps_on_the_matmul_library_the_run_asks_for(corpus, tmp_path, monkeypatch, capsys):
     """The timed steps ran on whatever library the process had chosen, whatever train.cpu_matmul said."""
     from fungpt import linear

@@ -397,6 +397,49 @@ def test_evaluate_switches_dropout_off_and_back(corpus, tmp_path):
     assert model.training  # the same losses; and the model is back in training mode
 
 
+def test_a_slow_eval_shows_a_bar_and_a_quick_one_none(corpus, tmp_path, monkeypatch, capsys):
+    """The step-0 and periodic evals of a GPT-2 fine-tune on a CPU took a minute with nothing on the screen (the train
+    bar frozen meanwhile); a bar now shows once an eval has taken a second, and the usual quick evals show none."""
+    import importlib
+
+    from fungpt.train import evaluate, resolve_data
+
+    train_module = importlib.import_module("fungpt.train")  # (fungpt.train, the attribute, is the function)
+    cfg = tiny_config(corpus, tmp_path / "run")
+    cfg.train.eval_iters = 3
+    data_dir = resolve_data(cfg.data, progress=False)
+    model = GPT(dataclasses.replace(cfg.model, vocab_size=load_tokenizer(data_dir).vocab_size))
+    evaluate(model, data_dir, cfg, "cpu", contextlib.nullcontext, progress=True)
+    assert "eval" not in capsys.readouterr().err
+    real_forward = GPT.forward
+
+    def slow_forward(self, *args, **kwargs):
+        import time
+
+        time.sleep(0.25)
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", slow_forward)
+    monkeypatch.setattr(train_module, "bar_interval", lambda: 0.0)  # (each batch drawn)
+    evaluate(model, data_dir, cfg, "cpu", contextlib.nullcontext, progress=True)
+    err = capsys.readouterr().err
+    assert re.search(r"eval: .*\d/6 ", err), err  # 3 batches of each split, shown after the first second
+
+
+def test_bars_redraw_every_30_s_into_a_log_file(tmp_path, monkeypatch):
+    """Into a file or a pipe each redraw is kept: the eval bars (fungpt eval, the full-split eval) and prepare's
+    redrew ten times a second there, 384 lines in 38 s of a log."""
+    from fungpt.data import _progress_bar, bar_interval
+
+    with open(tmp_path / "log", "w") as log:
+        monkeypatch.setattr(sys, "stderr", log)
+        assert bar_interval() == 30.0
+        with _progress_bar(10, "encoding", True) as bar:
+            assert bar.mininterval == 30.0
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # (a notebook's stream, a terminal: as usual)
+    assert bar_interval() == 0.1
+
+
 def test_lr_schedules():
     cos = TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
     assert get_lr(0, cos) == pytest.approx(1 / 11)  # the first step already moves: (it + 1) / (warmup + 1)

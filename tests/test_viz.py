@@ -167,6 +167,20 @@ def test_a_run_named_twice_or_not_at_all_is_one_line(args, said, capsys):
     assert capsys.readouterr().err == f"error: {said}\n"
 
 
+def test_cli_attention_says_when_it_draws_many_heatmaps(run_dir, tmp_path, monkeypatch, capsys):
+    """GPT-2's 144 heads took 7 s to draw with nothing said; a few heads are drawn without a word."""
+    import fungpt.viz
+
+    drawn = []
+    monkeypatch.setattr(fungpt.viz, "plot_attention", lambda weights, labels, out, **kw: drawn.append(out) or out)
+    assert main(["attention", str(run_dir), "--prompt", "ROMEO", "--out", str(tmp_path / "a.png")]) == 0
+    assert "drawing" not in capsys.readouterr().err  # (2 layers x 2 heads)
+    real_maps = fungpt.viz.attention_maps
+    monkeypatch.setattr(fungpt.viz, "attention_maps", lambda model, ids: real_maps(model, ids).repeat(3, 3, 1, 1))
+    assert main(["attention", str(run_dir), "--prompt", "ROMEO", "--out", str(tmp_path / "b.png")]) == 0
+    assert "fungpt: drawing 36 heatmaps of 5 x 5 tokens ..." in capsys.readouterr().err and len(drawn) == 2
+
+
 def test_cli_attention_bad_layer_is_one_line(run_dir, tmp_path, capsys):
     out = tmp_path / "att.png"
     assert main(["attention", str(run_dir), "--prompt", "ROMEO", "--layer", "5", "--out", str(out)]) == 2
