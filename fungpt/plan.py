@@ -157,7 +157,8 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
     """Print the plan for `cfg` and return its figures; trains a few steps to time them, saves nothing.
     `model_named`, `resume`, `overwrite`: as for train.train (what training would refuse is refused; a resume
     plans the steps from its checkpoint's on). `start_time`: when the command started (time.time()), for the
-    start-up a time budget also covers; by default when this call did."""
+    start-up a time budget also covers; by default when this call did. `progress`: bars on stderr for the data
+    it prepares and for timed steps that take over a second."""
     start_time = time.time() if start_time is None else start_time
     from fungpt import checkpoint as ckpt
     from fungpt.data import BatchLoader, load_meta

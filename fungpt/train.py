@@ -801,8 +801,8 @@ def evaluate(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, device: str
     The eval batches come from loaders with a fixed seed, so every evaluation sees the same
     windows: the curve then shows the model changing, not the batches. Eval has its own
     loaders, so it never disturbs the training batch sequence (exact resume depends on that).
-    With eval_full_val, val is the mean over the whole split instead (no val batches are drawn); `progress`
-    shows a bar for it when it takes more than a second (a large corpus's val split can take minutes).
+    With eval_full_val, val is the mean over the whole split instead (no val batches are drawn). `progress`
+    shows a bar once an eval takes more than a second (a large corpus's val split, a big model on a CPU).
     """
     was_training = model.training
     model.eval()
@@ -900,8 +900,15 @@ def _full_split_loss(model, data_dir: Path, split: str, cfg: RunConfig, device: 
     windows = iter_eval_windows(data_dir, split, T, B, device=device)
     batches = math.ceil(math.ceil((load_meta(data_dir)[f"{split}_tokens"] - 1) / T) / B)  # windows of T targets
     with _eval_bar(batches, f"eval ({split}, every token)", progress) as bar:
-        total, count = score_windows(model, (bar.update(1) or batch for batch in windows), autocast)
+        total, count = score_windows(model, _counted(windows, bar), autocast)
     return total / count
+
+
+def _counted(batches, bar):
+    """The batches, each counted on the bar as it is taken."""
+    for batch in batches:
+        bar.update(1)
+        yield batch
 
 
 def measure_peak_flops(device: str, dtype: torch.dtype) -> float:

@@ -416,7 +416,7 @@ def test_a_slow_eval_shows_a_bar_and_a_quick_one_none(corpus, tmp_path, monkeypa
     def slow_forward(self, *args, **kwargs):
         import time
 
-        time.sleep(0.25)
+        time.sleep(0.2)
         return real_forward(self, *args, **kwargs)
 
     monkeypatch.setattr(GPT, "forward", slow_forward)
@@ -424,6 +424,14 @@ def test_a_slow_eval_shows_a_bar_and_a_quick_one_none(corpus, tmp_path, monkeypa
     evaluate(model, data_dir, cfg, "cpu", contextlib.nullcontext, progress=True)
     err = capsys.readouterr().err
     assert re.search(r"eval: .*\d/6 ", err), err  # 3 batches of each split, shown after the first second
+    # The whole val split (eval_full_val), in batches of 4 x batch_size windows: its own bar (a redraw once made
+    # the batches True, a TypeError that ended the run)
+    cfg.train.eval_full_val, cfg.train.eval_iters = True, 1
+    windows = math.ceil((json.loads((data_dir / "meta.json").read_text())["val_tokens"] - 1) / cfg.model.block_size)
+    assert math.ceil(windows / (4 * cfg.train.batch_size)) >= 4  # (so that it takes over a second)
+    full = evaluate(model, data_dir, cfg, "cpu", contextlib.nullcontext, progress=True)
+    assert re.search(r"eval \(val, every token\): .*\d/\d+ ", capsys.readouterr().err)
+    assert full == evaluate(model, data_dir, cfg, "cpu", contextlib.nullcontext)
 
 
 def test_bars_redraw_every_30_s_into_a_log_file(tmp_path, monkeypatch):
