@@ -10,12 +10,12 @@ from typing import TextIO
 import numpy as np
 import torch
 
-from fungpt.data import bar_interval, encode_file, eval_windows, load_meta, refuse_utf16_or_32
+from fungpt.data import encode_file, eval_windows, load_meta, refuse_utf16_or_32
 from fungpt.errors import FunGPTError
 from fungpt.runs import LoadedRun, data_dir_of, load_run, seeded_generator
 from fungpt.sampling import sampling_probs
 from fungpt.tokenizer import TextStream, load_tokenizer
-from fungpt.train import score_windows
+from fungpt.train import counted, eval_bar, score_windows
 
 
 def default_prompt_ids(run: LoadedRun) -> list[int]:
@@ -259,13 +259,9 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
     # (ids read from a .bin are checked against the vocabulary, batch by batch: the file may be damaged)
     windows = eval_windows(tokens, T, batch_size, device=loaded.device, vocab_size=loaded.model.config.vocab_size,
                            source=getattr(tokens, "filename", None) or source)
-    if progress:  # a long text or val split can take minutes
-        from tqdm.auto import tqdm
-
-        batches = math.ceil(math.ceil((len(tokens) - 1) / T) / batch_size)  # windows of T targets, B per batch
-        windows = tqdm(windows, total=batches, desc="eval", unit="batch", dynamic_ncols=True, leave=False,
-                       mininterval=bar_interval())  # (30 s into a log file)
-    total_nll, total_tokens = score_windows(loaded.model, windows)
+    batches = math.ceil(math.ceil((len(tokens) - 1) / T) / batch_size)  # windows of T targets, B per batch
+    with eval_bar(batches, "eval", progress, delay=0) as bar:  # (a long text or val split can take minutes)
+        total_nll, total_tokens = score_windows(loaded.model, counted(windows, bar))
     loss = total_nll / total_tokens
     # Every token but the first is predicted: bits per byte (per character) divide by the bytes of the text
     # those tokens stand for, the whole text's less the first token's, and by the characters that start after

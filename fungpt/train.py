@@ -57,7 +57,6 @@ from fungpt.data import (
     cache_dir,
     check_split_fits,
     check_token_ids,
-    into_file,
     is_prepared,
     iter_eval_windows,
     load_meta,
@@ -809,7 +808,7 @@ def evaluate(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, device: str
     out = {}
     splits = ("train",) if cfg.train.eval_full_val else ("train", "val")
     # An eval of a large model can take a minute (a GPT-2 fine-tune on a CPU): a bar then, none for the usual short ones
-    with _eval_bar(len(splits) * cfg.train.eval_iters, "eval", progress) as bar:
+    with eval_bar(len(splits) * cfg.train.eval_iters, "eval", progress) as bar:
         for split in splits:
             # seed + 12345: any fixed offset, so that every eval scores the same windows, drawn apart from the
             # training batches
@@ -884,12 +883,13 @@ def estimate_eval_time(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, d
     return 1.3 * seconds_per_window * n_windows
 
 
-def _eval_bar(total: int, desc: str, enabled: bool):
-    """A progress bar for an eval, shown only once it has taken over a second (delay: the usual short evals do not
-    flicker) and cleared when it ends; a bar that shows nothing when not enabled."""
+def eval_bar(total: int, desc: str, enabled: bool, delay: float = 1.0):
+    """A progress bar for an eval, cleared when it ends; a bar that shows nothing when not enabled. Shown only once
+    the eval has taken `delay` seconds: training's usual short evals do not flicker under its train bar (`fungpt
+    eval`, whose eval is the whole command, shows it at once)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True, delay=1.0,
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True, delay=delay,
                 mininterval=bar_interval(), disable=not enabled)
 
 
@@ -899,12 +899,12 @@ def _full_split_loss(model, data_dir: Path, split: str, cfg: RunConfig, device: 
     T, B = cfg.model.block_size, 4 * cfg.train.batch_size
     windows = iter_eval_windows(data_dir, split, T, B, device=device)
     batches = math.ceil(math.ceil((load_meta(data_dir)[f"{split}_tokens"] - 1) / T) / B)  # windows of T targets
-    with _eval_bar(batches, f"eval ({split}, every token)", progress) as bar:
-        total, count = score_windows(model, _counted(windows, bar), autocast)
+    with eval_bar(batches, f"eval ({split}, every token)", progress) as bar:
+        total, count = score_windows(model, counted(windows, bar), autocast)
     return total / count
 
 
-def _counted(batches, bar):
+def counted(batches, bar):
     """The batches, each counted on the bar as it is taken."""
     for batch in batches:
         bar.update(1)
@@ -1109,7 +1109,6 @@ class _StopFlag:
             signal.signal(signum, old)
 
 
-_into_file = into_file  # (data.py: whether stderr is a log file or a pipe)
 
 
 def _silence_terminal(pipes: bool = False) -> None:

@@ -1024,13 +1024,14 @@ def test_the_progress_bar_redraws_rarely_into_a_file_or_a_pipe_only(tmp_path):
     stream (no file behind it) keeps redrawing as usual."""
     import io
 
-    train_mod = sys.modules["fungpt.train"]
+    from fungpt.data import into_file
+
     with open(tmp_path / "log", "w") as f:
-        assert train_mod._into_file(f)
+        assert into_file(f)
     read, write = os.pipe()
     with os.fdopen(read) as r, os.fdopen(write, "w") as w:
-        assert train_mod._into_file(w) and train_mod._into_file(r)
-    assert not train_mod._into_file(io.StringIO())
+        assert into_file(w) and into_file(r)
+    assert not into_file(io.StringIO())
 
 
 def test_a_resumed_run_purges_the_tensorboard_events_after_its_checkpoint(corpus, tmp_path, monkeypatch):
