@@ -334,8 +334,6 @@ def _iter_file_text(
                 raise FunGPTError(
                     f"{path} looks like a binary file (NUL byte at byte offset {offset + nul}); pass text files only"
                 )
-            if on_bytes is not None and data:
-                on_bytes(data)
             pending = len(decoder.getstate()[0])  # undecoded bytes held from the last read
             try:
                 text = decoder.decode(data, final=final)
@@ -352,13 +350,16 @@ def _iter_file_text(
                 return
             # Yield up to the last safe cut; keep the rest for the next round.
             cut = _last_safe_cut(buffer)
-            if cut is None:
-                if len(buffer) < 4 * chunk_bytes:
-                    carry = buffer  # no safe cut yet: read more first
-                    continue
-                cut = len(buffer)  # one enormous line: cut anyway (may change a token or two)
-            yield buffer[:cut]
-            carry = buffer[cut:]
+            if cut is None and len(buffer) < 4 * chunk_bytes:
+                carry = buffer  # no safe cut yet: read more first
+            else:
+                cut = len(buffer) if cut is None else cut  # (one enormous line: cut anyway, may change a token or two)
+                yield buffer[:cut]
+                carry = buffer[cut:]
+            # The chunk's bytes are reported once its text has been handled (the caller asks for more), so a progress
+            # bar counts work done: counted when read, prepare's bars ran a chunk (8 MB, seconds) ahead of the work
+            if on_bytes is not None:
+                on_bytes(data)
 
 
 def _iter_corpus(

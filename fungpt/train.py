@@ -841,10 +841,12 @@ def score_windows(model: torch.nn.Module, windows, autocast=contextlib.nullconte
 
 
 @torch.no_grad()
-def time_forward(model: torch.nn.Module, cfg: RunConfig, device: str, autocast) -> float:
-    """Seconds per window of one forward batch of the full-split eval's size (4 x batch_size windows), the
-    fastest of three timings (the first one is cold, and other programs can only add time)."""
-    windows = 4 * cfg.train.batch_size  # the full-split eval's batch size (see _full_split_loss)
+def time_forward(model: torch.nn.Module, cfg: RunConfig, device: str, autocast, bar=None) -> float:
+    """Seconds per window of one forward batch of `evaluate`'s size (batch_size windows), the fastest of three
+    timings (the first one is cold, and other programs can only add time), each counted on `bar`. The full-split
+    eval's batches hold 4 x batch_size windows, which a GPU runs faster per window: timed at batch_size, its
+    estimate errs high, and the timing costs a quarter of what 4 x batch_size windows would."""
+    windows = cfg.train.batch_size  # evaluate's batch (see evaluate)
     x = torch.zeros(windows, cfg.model.block_size, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
@@ -856,6 +858,8 @@ def time_forward(model: torch.nn.Module, cfg: RunConfig, device: str, autocast) 
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds_per_window = min(seconds_per_window, (time.time() - t0) / windows)
+        if bar is not None:
+            bar.update(1)
     model.train(was_training)
     return seconds_per_window
 
@@ -883,13 +887,13 @@ def estimate_eval_time(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, d
     return 1.3 * seconds_per_window * n_windows
 
 
-def eval_bar(total: int, desc: str, enabled: bool, delay: float = 1.0):
+def eval_bar(total: int, desc: str, enabled: bool, delay: float = 1.0, unit: str = "batch"):
     """A progress bar for an eval, cleared when it ends; a bar that shows nothing when not enabled. Shown only once
     the eval has taken `delay` seconds: training's usual short evals do not flicker under its train bar (`fungpt
     eval`, whose eval is the whole command, shows it at once)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True, delay=delay,
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, delay=delay,
                 mininterval=bar_interval(), disable=not enabled)
 
 
@@ -1499,35 +1503,43 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     # a second step is timed, such a run plans with the uncompiled model's speed instead: one forward batch,
     # timed, times 3 (a backward costs about two forwards), which compiling only makes faster.
     compiled_first_guess, per_window = float("inf"), None
-    if budget_s is not None and (step == 0 or tc.compile):  # (step 0: for the eval estimate below)
-        per_window = time_forward(model, cfg, device, autocast)
-    if tc.compile and budget_s is not None:
-        compiled_first_guess = 3 * tc.batch_size * tc.grad_accum_steps * per_window
     losses: dict[str, float] = {}
     last_loss = float("nan")
     recent_steps: collections.deque[float] = collections.deque(maxlen=5)  # the last steps' times, for step_estimate
     first_step, first_step_s = True, 0.0
     plot_time = timings.get("plot", 0.0)
-    if step == 0 and budget_s is None:
-        t0 = time.time()
-        losses = do_eval()  # the starting point of the curve: about ln(vocab_size) for random weights
-        eval_time = time.time() - t0
-        ln_v = math.log(cfg.model.vocab_size)
-        chance = f" (random weights: about ln(vocab_size) = {ln_v:.4f})" if pre is None else ""
-        say(f"step 0: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{chance}")
-    elif step == 0:
-        # With a time budget, the end of the run must be reserved before it happens. The step-0 eval
-        # is skipped (it would spend seconds of a short budget on a known number, about ln(vocab));
-        # its cost is estimated from one batch instead, and a step-0 checkpoint and plot measure how
-        # long saving and plotting take on this machine.
-        eval_time = estimate_eval_time(model, data_dir, cfg, device, autocast, per_window)
-        do_save()
-        if ddp.is_main and tc.plot:
+    plans = budget_s is not None and (step == 0 or tc.compile)  # (step 0: for the eval estimate below)
+    # Planning a budget times three forward batches, then (from step 0) a checkpoint save and the plot: seconds of
+    # silence for a large model on a CPU, so a bar once it takes a second
+    parts = 3 + (step == 0) * (1 + (ddp.is_main and tc.plot))
+    planning = eval_bar(parts, "planning the time budget", plans and progress and ddp.is_main, unit="part")
+    with planning:  # (closed, and cleared, however the planning ends)
+        if plans:
+            per_window = time_forward(model, cfg, device, autocast, planning)
+        if tc.compile and budget_s is not None:
+            compiled_first_guess = 3 * tc.batch_size * tc.grad_accum_steps * per_window
+        if step == 0 and budget_s is None:
             t0 = time.time()
-            _plot_quietly(out_dir, timing_only=True)
-            plot_time = time.time() - t0
-    else:
-        eval_time = timings.get("eval", 0.0)
+            losses = do_eval()  # the starting point of the curve: about ln(vocab_size) for random weights
+            eval_time = time.time() - t0
+            ln_v = math.log(cfg.model.vocab_size)
+            chance = f" (random weights: about ln(vocab_size) = {ln_v:.4f})" if pre is None else ""
+            say(f"step 0: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{chance}")
+        elif step == 0:
+            # With a time budget, the end of the run must be reserved before it happens. The step-0 eval
+            # is skipped (it would spend seconds of a short budget on a known number, about ln(vocab));
+            # its cost is estimated from one batch instead, and a step-0 checkpoint and plot measure how
+            # long saving and plotting take on this machine.
+            eval_time = estimate_eval_time(model, data_dir, cfg, device, autocast, per_window)
+            do_save()
+            planning.update(1)
+            if ddp.is_main and tc.plot:
+                t0 = time.time()
+                _plot_quietly(out_dir, timing_only=True)
+                plot_time = time.time() - t0
+                planning.update(1)
+        else:
+            eval_time = timings.get("eval", 0.0)
     if schedule_origin is None:
         schedule_origin = elapsed()
     fwd_model.train()

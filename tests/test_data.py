@@ -416,6 +416,24 @@ def test_binary_file_inside_folder_is_named(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_bytes_are_reported_once_their_text_is_handled(tmp_path):
+    """prepare's bars count the bytes on_bytes reports: counted when read, they ran a chunk (8 MB, seconds of
+    encoding) ahead of the work, and sat at 100% at the end."""
+    raw = ("to be, or not\n" * 20).encode("utf-8")
+    path = _write(tmp_path, "t.txt", raw)
+    reported, handed_out = [0], []  # bytes reported; the bytes of text handed out, when each piece was taken
+
+    def on_bytes(data):
+        reported[0] += len(data)
+
+    for text in data_mod._iter_file_text(path, "strict", 64, on_bytes):
+        # nothing counted for the piece being handled now: only a chunk's tail after its last safe cut, handed out
+        # with the next chunk, may be counted before it is handled (less than a chunk)
+        assert reported[0] - sum(handed_out) < 64
+        handed_out.append(len(text.encode("utf-8")))
+    assert reported[0] == sum(handed_out) == len(raw) and len(handed_out) > 2
+
+
 def test_invalid_utf8_offset_across_chunks(tmp_path):
     # Tiny reads, so a multi-byte character straddles reads and the bad byte is deep in.
     raw = ("é日🎉\n" * 10).encode("utf-8")

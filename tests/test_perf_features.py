@@ -343,7 +343,7 @@ def test_eval_estimate_uses_the_fastest_of_its_timings(prepared, monkeypatch):
                     model=GPTConfig(vocab_size=1, block_size=16, n_layer=1, n_head=2, n_embd=16),
                     train=TrainConfig(batch_size=4, eval_iters=1, device="cpu", eval_full_val=False))
     est = train_mod.estimate_eval_time(FakeModel(), prepared, cfg, "cpu", contextlib.nullcontext)
-    windows = 4 * 4  # one timed batch holds 4 x batch_size windows
+    windows = 4  # one timed batch holds batch_size windows, as each of evaluate's batches does
     n_windows = 2 * 1 * 4  # evaluate's train and val batches: 2 x eval_iters x batch_size
     assert est == pytest.approx(1.3 * (1.0 / windows) * n_windows)  # the fastest timing, with the 30% margin
 

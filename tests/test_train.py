@@ -434,6 +434,29 @@ def test_a_slow_eval_shows_a_bar_and_a_quick_one_none(corpus, tmp_path, monkeypa
     assert full == evaluate(model, data_dir, cfg, "cpu", contextlib.nullcontext)
 
 
+def test_a_slow_budget_plan_shows_a_bar(corpus, tmp_path, monkeypatch, capsys):
+    """A time-budget run times forward batches, a checkpoint save and the plot before its first step: 19 s with
+    nothing on the screen for a 124M model on a CPU. A bar now shows once that has taken a second."""
+    import importlib
+
+    train_module = importlib.import_module("fungpt.train")  # (fungpt.train, the attribute, is the function)
+    monkeypatch.setattr(train_module, "bar_interval", lambda: 0.0)  # (each part drawn)
+    real_forward = GPT.forward
+
+    def slow_forward(self, idx, targets=None, **kwargs):
+        import time
+
+        if targets is None:  # (the timed forward batches; the training steps stay quick)
+            time.sleep(0.6)
+        return real_forward(self, idx, targets, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", slow_forward)
+    train(tiny_config(corpus, tmp_path / "run", max_iters=2, max_minutes=1.0), progress=True)
+    err = capsys.readouterr().err
+    # three timed batches, the step-0 checkpoint and the plot; shown from the second batch (after 1.2 s)
+    assert re.search(r"planning the time budget: .*[2-5]/5 ", err), err
+
+
 def test_bars_redraw_every_30_s_into_a_log_file(tmp_path, monkeypatch):
     """Into a file or a pipe each redraw is kept: the eval bars (fungpt eval, the full-split eval) and prepare's
     redrew ten times a second there, 384 lines in 38 s of a log."""
