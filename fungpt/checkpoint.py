@@ -331,26 +331,35 @@ def load_weights(ckpt_dir: Path, model: torch.nn.Module) -> None:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise FunGPTError(f"could not read weights from {path}: it is not a valid safetensors file "
                           f"({first[:120]})") from None
+    changed = "was the config, or the model code (fungpt/model.py), changed since it was trained?"
+    tied = _tied_names(model)
+    for name, first in tied.items():
+        # Both loaded into one shared tensor, the second would silently overwrite the first: a model trained
+        # untied (an edit of model.py), loaded into the tied one, gave garbage and no error.
+        if name in tensors and first in tensors and not torch.equal(tensors[name], tensors[first]):
+            raise FunGPTError(f"weights in {path} hold {name} apart from {first}, but the model built from the "
+                              f"config ties the two; {changed}")
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False)
     except RuntimeError as e:  # a tensor of the wrong shape: the model config differs from the weights'
         lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
         raise FunGPTError(f"weights in {path} do not fit the model built from the config "
-                          f"({(lines or [str(e)])[0][:200]}); was the config changed?") from None
+                          f"({(lines or [str(e)])[0][:200]}); {changed}") from None
     # lm_head.weight is stored once under the embedding's name when the two are tied.
-    missing = [m for m in missing if m not in _tied_names(model)]
+    missing = [m for m in missing if m not in tied]
     if missing or unexpected:
         raise FunGPTError(f"weights in {path} do not match the model built from the config "
-                          f"(missing {missing[:3]}, unexpected {unexpected[:3]}); was the config changed?")
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]}); {changed}")
 
 
-def _tied_names(model: torch.nn.Module) -> set[str]:
-    """Names of parameters that share storage with an earlier one (and so were not saved)."""
-    seen, tied = set(), set()
+def _tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """Each parameter that shares storage with an earlier one (and so was not saved), with that earlier one's name."""
+    first_of: dict[int, str] = {}
+    tied = {}
     for name, t in model.state_dict().items():
-        if t.data_ptr() in seen:
-            tied.add(name)
-        seen.add(t.data_ptr())
+        if t.data_ptr() in first_of:
+            tied[name] = first_of[t.data_ptr()]
+        first_of.setdefault(t.data_ptr(), name)
     return tied
 
 

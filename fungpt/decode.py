@@ -51,13 +51,16 @@ from fungpt.linear import Linear
 from fungpt.positions import NoPositions
 
 
-def direct(module: nn.Module) -> Callable:
+def direct(module: nn.Module | Callable) -> Callable:
     """The function a small module computes, as one direct torch call where we know it.
 
     F.layer_norm and friends are Python wrappers that check for tensor subclasses and read
     settings before they call the op: a few us each in the decoding loop, where the caches are cold
-    after streaming the weights. Anything not listed keeps its own forward.
+    after streaming the weights. Anything not listed keeps its own forward; a plain function (an edit such as
+    `self.act = F.relu`) is itself.
     """
+    if not isinstance(module, nn.Module):
+        return module
     if isinstance(module, nn.LayerNorm):
         shape, w, b, eps = module.normalized_shape, module.weight, module.bias, module.eps
         return lambda x: torch.layer_norm(x, shape, w, b, eps)
@@ -75,7 +78,7 @@ def direct(module: nn.Module) -> Callable:
 # them. A learner who edits one of them (another attention, an MLP without its activation) gets GPT.forward's
 # generation, slower and right, instead of this file's copy of the old code. After changing them on purpose,
 # change Decoder.step to match and set this to mirrored_source()'s new value (tests/test_decode.py checks it).
-MIRRORED = "7745207a0c4463130167512fb60711c77761d2e7440e0d62cf5f3cbeaa2fcb83"
+MIRRORED = "68dba8c00eaf38ff8c885812d5475de61c9c6e9edfd05dcb73c657ca7daccf68"
 
 
 @functools.cache
@@ -133,10 +136,15 @@ class Decoder:
         hooks anywhere (the step calls no modules, so hooks would silently not run)."""
         from fungpt.model import GPT, MLP, Block, CausalSelfAttention  # (model.py imports this module)
 
-        w = model.wte.weight
+        if mirrored_source() != MIRRORED:  # (first: an edit may also have renamed the modules read below)
+            return False
+        try:
+            w = model.wte.weight
+            linears = [model.lm_head] + [m for b in model.blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc,
+                                                                            b.mlp.c_proj)]
+        except AttributeError:  # not the layout the step reads (an edited or another model): GPT.forward then
+            return False
         one_cpu_float32 = idx.size(0) == 1 and idx.is_cpu and w.is_cpu and w.dtype == torch.float32
-        linears = [model.lm_head] + [m for b in model.blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc,
-                                                                        b.mlp.c_proj)]
         own_linears = all(isinstance(m, Linear) for m in linears)
         replaced = (GPT, Block, CausalSelfAttention, MLP, Linear, nn.LayerNorm, nn.RMSNorm, nn.GELU, nn.Embedding,
                     nn.Dropout)  # the classes whose forward the step does in its own way, instead of calling it
@@ -145,8 +153,7 @@ class Decoder:
         # Module hooks, and the global ones of torch.nn.modules.module.register_module_forward_hook & co.
         hooks = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()) or bool(
             nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
-        return (one_cpu_float32 and own_linears and as_written and not hooks
-                and not torch.is_autocast_enabled("cpu") and mirrored_source() == MIRRORED)
+        return one_cpu_float32 and own_linears and as_written and not hooks and not torch.is_autocast_enabled("cpu")
 
     def __init__(self, model, cache):
         c = model.config

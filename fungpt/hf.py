@@ -138,13 +138,54 @@ def gpt2_incompatibilities(c: GPTConfig) -> list[str]:
     ]
 
 
-def check_gpt2_compatible(c: GPTConfig) -> None:
-    """Refuse, in one line, a model that Hugging Face's GPT-2 layout cannot hold."""
+def check_gpt2_compatible(c: GPTConfig, model: GPT | None = None) -> None:
+    """Refuse, in one line, a model that Hugging Face's GPT-2 layout cannot hold: by its config, and with `model`
+    by what the model itself is (gpt2_layout_problems)."""
     problems = gpt2_incompatibilities(c)
     if problems:
         raise FunGPTError(f"cannot save as Hugging Face GPT-2: model has {', '.join(problems)}; only a model with "
                           "GPT-2's architecture (the defaults of those settings) fits that layout: this run stays "
                           "usable with fungpt sample, eval and serve")
+    problems = gpt2_layout_problems(model) if model is not None else []
+    if problems:
+        raise FunGPTError(f"cannot save as Hugging Face GPT-2: the model has {'; '.join(problems)}, so "
+                          "transformers' GPT2LMHeadModel would not compute it: this run stays usable with fungpt "
+                          "sample, eval and serve")
+
+
+def gpt2_layout_problems(model: GPT) -> list[str]:
+    """What in the model itself, beyond its config, is not GPT-2's (empty list: nothing). The config can say GPT-2
+    while model.py was edited (a learner's MLP 8x wide, a ReLU, a post-LN block): exported, such a model failed to
+    load in transformers, or loaded and computed another model, after `fungpt export` had said it was done."""
+    from torch import nn
+
+    from fungpt.decode import MIRRORED, mirrored_source  # (the forwards' fingerprint, see decode.py)
+
+    c = model.config
+    C, V = c.n_embd, c.vocab_size
+    want = {"wte.weight": (V, C), "pos.wpe.weight": (c.block_size, C), "ln_f.weight": (C,), "ln_f.bias": (C,),
+            "lm_head.weight": (V, C)}
+    block = {"ln_1.weight": (C,), "ln_1.bias": (C,), "attn.c_attn.weight": (3 * C, C), "attn.c_attn.bias": (3 * C,),
+             "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
+             "mlp.c_fc.weight": (4 * C, C), "mlp.c_fc.bias": (4 * C,), "mlp.c_proj.weight": (C, 4 * C),
+             "mlp.c_proj.bias": (C,)}  # (out, in): GPT-2's Conv1D holds them transposed, see save_gpt2
+    want.update({f"blocks.{i}.{k}": shape for i in range(c.n_layer) for k, shape in block.items()})
+    have = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    problems = [f"{k} of shape {list(have[k])} (GPT-2's is {list(want[k])})" for k in want
+                if k in have and have[k] != want[k]][:2]
+    if set(have) != set(want):
+        problems.append(f"tensors GPT-2 has not {sorted(set(have) - set(want))[:3]} or lacks "
+                        f"{sorted(set(want) - set(have))[:3]}")
+    gelu = "tanh" if c.activation == "gelu_tanh" else "none"
+    modules = [(f"blocks.{i}.mlp.act", b.mlp.act) for i, b in enumerate(model.blocks)]
+    if any(not isinstance(m, nn.GELU) or m.approximate != gelu for _, m in modules):
+        name, m = next((n, m) for n, m in modules if not isinstance(m, nn.GELU) or m.approximate != gelu)
+        problems.append(f"{name} = {m!r} (GPT-2's is GELU(approximate={gelu!r}))")
+    if c.tie_embeddings and model.lm_head.weight is not model.wte.weight:
+        problems.append("an lm_head not tied to wte, though the config ties them")
+    if mirrored_source() not in (MIRRORED, None):  # (None: no source to read; nothing known)
+        problems.append("forwards edited in fungpt/model.py (another computation than GPT-2's)")
+    return problems
 
 
 def save_gpt2(model: GPT, path: str | os.PathLike) -> None:
@@ -152,7 +193,7 @@ def save_gpt2(model: GPT, path: str | os.PathLike) -> None:
     from safetensors.torch import save as safetensors_bytes
 
     c = model.config
-    check_gpt2_compatible(c)
+    check_gpt2_compatible(c, model)
 
     tensors = {}
     for key, t in model.state_dict().items():

@@ -28,6 +28,7 @@ import dataclasses
 import math
 import numbers
 import os
+import typing
 from collections.abc import Iterator
 
 import torch
@@ -89,12 +90,15 @@ class GPTConfig:
         # Types first, so that e.g. a YAML "1e-4" string gives a clear message.
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            ok = isinstance(value, f.type) and not (f.type is not bool and isinstance(value, bool))
-            if f.type in (int, float) and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            types = typing.get_args(f.type) or (f.type,)  # (a field of yours may be optional: float | None)
+            ok = isinstance(value, types) and not (bool not in types and isinstance(value, bool))
+            number = next((t for t in (int, float) if t in types), None)
+            if number and isinstance(value, numbers.Integral) and not isinstance(value, bool):
                 ok = True  # also numpy's integers: stored as Python ints (JSON and TOML take those)
-                setattr(self, f.name, f.type(value))
+                setattr(self, f.name, number(value))
             if not ok:
-                raise FunGPTError(f"model config {f.name}={value!r} should be of type {f.type.__name__}: fix its value")
+                named = " or ".join("None" if t is type(None) else t.__name__ for t in types)
+                raise FunGPTError(f"model config {f.name}={value!r} should be of type {named}: fix its value")
         for name, most in MAX_SIZES.items():
             if getattr(self, name) <= 0:
                 raise FunGPTError(f"model config {name}={getattr(self, name)} must be positive: set it to at least 1")
@@ -241,6 +245,8 @@ class CausalSelfAttention(nn.Module):
         # Query i (absolute position t0 + i) may see keys j <= t0 + i: a lower-triangular
         # (T, T_total) mask shifted right by t0. Without a cache t0 = 0 and it is square.
         weights = None
+        # The plain branch spells the maths out (`fungpt attention` draws its weights; tests check sdpa against it).
+        # Training and generation run the sdpa branch: an edit of the maths belongs in both (sdpa takes scale=).
         if attn_impl == "plain":
             mask = torch.ones(T, T_total, dtype=torch.bool, device=x.device).tril(diagonal=t0)  # (T, T_total)
             att = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_size)  # (B, nh, T, T_total)

@@ -566,13 +566,16 @@ def check_resume_tokenizer(data_dir: Path, out_dir: Path) -> None:
     the tokenizer the checkpoint was trained with (it is rewritten only after this check).
     """
     old, new = load_tokenizer(out_dir), load_tokenizer(data_dir)
-    bad = old.first_difference(new)  # with other sizes 0: the model check reports the size, this names a token
+    bad = old.first_difference(new)
     if bad is None:
         return
+    # Of another size, no id needs naming. (The model check reports most size changes first, but not a fine-tune's:
+    # a resume keeps the run's saved shape, and the model folder it started from may since hold another tokenizer.)
+    which = ("" if old.vocab_size != new.vocab_size
+             else f"; id {bad} is {new.token_text(bad)!r} instead of {old.token_text(bad)!r}")
     raise FunGPTError(f"cannot resume {out_dir}: the data is encoded with a tokenizer whose ids mean other text than "
-                      f"in the checkpoint's ({new.describe()} vs {old.describe()}; id {bad} is "
-                      f"{new.token_text(bad)!r} instead of {old.token_text(bad)!r}); resume with the original data "
-                      f"and tokenizer, or train into a new out_dir")
+                      f"in the checkpoint's ({new.describe()} vs {old.describe()}{which}); resume with the original "
+                      f"data and tokenizer, or train into a new out_dir")
 
 
 def adamw_impl(device: str) -> dict[str, Any]:

@@ -190,6 +190,38 @@ def test_ablations_and_edits_of_the_model_reach_cached_generation(monkeypatch, c
         assert (cached - before).abs().max() > 1e-2  # the change matters
 
 
+def test_renamed_layers_and_a_plain_function_activation_reach_cached_generation(monkeypatch, cpu_matmul):
+    """Two learner edits that generation met with a traceback: a SwiGLU MLP whose layers are named w1 and w3 (the
+    check read mlp.c_fc before it saw that the forward had changed), and `self.act = F.relu` (a function, not a
+    module: the step took its .forward)."""
+    import torch.nn.functional as F
+
+    from fungpt.linear import Linear
+    from fungpt.model import MLP
+
+    prompt = torch.tensor([[1, 2, 3]])
+    relu = make_model()
+    for block in relu.blocks:  # (as MLP.__init__ with `self.act = F.relu` makes it)
+        del block.mlp.act
+        block.mlp.act = F.relu
+    assert Decoder.supports(relu, prompt)  # (the lean step runs it)
+    cached = relu.generate(prompt, 8, temperature=0)
+    assert torch.equal(cached, relu.generate(prompt, 8, temperature=0, use_cache=False))
+
+    def swiglu_init(self, config):
+        torch.nn.Module.__init__(self)
+        self.w1 = Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.w3 = Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    monkeypatch.setattr(MLP, "__init__", swiglu_init)
+    monkeypatch.setattr(MLP, "forward", lambda self, x: self.c_proj(F.silu(self.w1(x)) * self.w3(x)))
+    swiglu = make_model()
+    assert not Decoder.supports(swiglu, prompt)
+    cached = swiglu.generate(prompt, 8, temperature=0)
+    assert torch.equal(cached, swiglu.generate(prompt, 8, temperature=0, use_cache=False))
+
+
 def test_decode_py_repeats_the_forwards_as_they_are_written():
     """decode.MIRRORED is the sha256 of the forwards Decoder.step repeats. If this fails, model.py's forwards (or
     KVCache.update, Linear.forward) changed: change Decoder.step to compute the same, then set MIRRORED to the

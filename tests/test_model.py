@@ -1,5 +1,6 @@
 """Tests for fungpt/model.py and fungpt/positions.py (tiny models, CPU, no network)."""
 
+import dataclasses
 import json
 import math
 
@@ -591,6 +592,35 @@ def test_save_hf_rejects_non_gpt2_models(tmp_path):
         make_model(pos_encoding="rope").save_hf(tmp_path)
 
 
+def test_save_hf_rejects_a_model_whose_code_is_not_gpt2s(tmp_path, monkeypatch):
+    """Learners' edits of model.py the config cannot show: exported, the folder failed to load in transformers (an
+    MLP 8x wide) or computed another model (a ReLU), after `fungpt export` had said it was done."""
+    from torch import nn
+
+    from fungpt.linear import Linear
+    from fungpt.model import MLP
+
+    assert make_model().save_hf(tmp_path / "plain") is None  # GPT-2 as it is: saved
+    relu = make_model()
+    relu.blocks[1].mlp.act = nn.ReLU()
+    with pytest.raises(FunGPTError, match=r"the model has blocks.1.mlp.act = ReLU\(\) \(GPT-2's is GELU\(approximate="
+                                          r"'tanh'\)\), so transformers' GPT2LMHeadModel would not compute it"):
+        relu.save_hf(tmp_path / "relu")
+    wide = make_model()
+    C = wide.config.n_embd
+    wide.blocks[0].mlp.c_fc, wide.blocks[0].mlp.c_proj = Linear(C, 8 * C), Linear(8 * C, C)
+    with pytest.raises(FunGPTError, match=r"blocks.0.mlp.c_fc.weight of shape \[256, 32\] \(GPT-2's is \[128, 32\]\)"):
+        wide.save_hf(tmp_path / "wide")
+    untied = make_model()
+    untied.lm_head.weight = nn.Parameter(untied.wte.weight.detach().clone())
+    with pytest.raises(FunGPTError, match="an lm_head not tied to wte, though the config ties them"):
+        untied.save_hf(tmp_path / "untied")
+    monkeypatch.setattr(MLP, "forward", lambda self, x: self.c_proj(self.c_fc(x)))  # no activation: model.py edited
+    with pytest.raises(FunGPTError, match=r"forwards edited in fungpt/model.py"):
+        make_model().save_hf(tmp_path / "edited")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]  # (refused before any folder was made)
+
+
 def test_gpt2_incompatibilities_names_every_difference():
     from fungpt.hf import gpt2_incompatibilities
 
@@ -724,6 +754,21 @@ def test_numpy_integers_are_integers_in_the_config():
     json.dumps(config.to_dict())
     with pytest.raises(FunGPTError, match="should be of type int"):
         GPTConfig(n_layer=2.0)
+
+
+def test_an_optional_field_added_to_the_config_is_checked_too():
+    """A learner's new field `attn_scale: float | None = None` made every GPTConfig(attn_scale=...) a traceback
+    ('types.UnionType' object has no attribute '__name__'), a valid 1 included."""
+
+    @dataclasses.dataclass
+    class WithScale(GPTConfig):
+        attn_scale: float | None = None
+
+    assert WithScale(attn_scale=None).attn_scale is None
+    scaled = WithScale(attn_scale=1)
+    assert type(scaled.attn_scale) is float and scaled.attn_scale == 1.0
+    with pytest.raises(FunGPTError, match=r"attn_scale='0.5' should be of type float or None: fix its value"):
+        WithScale(attn_scale="0.5")
 
 
 def test_streams_taking_turns_or_left_unfinished_decode_without_dropout_and_leave_the_mode_alone():

@@ -103,6 +103,26 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> str:
     return last
 
 
+def test_weights_trained_untied_are_refused_by_a_tied_model(tmp_path):
+    """Both halves would load into the one shared matrix, the head's over the embedding's: a checkpoint trained
+    untied (a learner's edit of model.py) gave garbage through the tied model, with no error."""
+    from safetensors.torch import save_file
+
+    config = GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    untied = GPT(dataclasses.replace(config, tie_embeddings=False))
+    save_file({k: v.contiguous() for k, v in untied.state_dict().items()}, str(tmp_path / ckpt.MODEL_FILE))
+    with pytest.raises(FunGPTError, match=r"hold lm_head.weight apart from wte.weight, but the model built from the "
+                                          r"config ties the two; was the config, or the model code"):
+        ckpt.load_weights(tmp_path, GPT(config))
+    # The same matrix under both names (one tensor, saved twice) still loads
+    tied = GPT(config)
+    save_file({**tied.state_dict(), "lm_head.weight": tied.wte.weight.detach().clone()},
+              str(tmp_path / ckpt.MODEL_FILE))
+    model = GPT(config)
+    ckpt.load_weights(tmp_path, model)
+    assert torch.equal(model.lm_head.weight, tied.wte.weight) and model.lm_head.weight is model.wte.weight
+
+
 def check_loadable(out: Path) -> int | None:
     """Everything `--resume` and `fungpt sample` need must load; return the checkpoint's step (None if none yet)."""
     folder = ckpt.find_checkpoint(out)

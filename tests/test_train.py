@@ -289,6 +289,22 @@ def test_resume_refuses_data_with_another_tokenizer_of_the_same_size(corpus, tmp
     assert train(tiny_config(corpus, out, max_iters=12), resume=True, progress=False)["step"] == 12
 
 
+def test_resume_refusal_for_another_vocabulary_size_names_the_sizes(tmp_path):
+    """A resumed fine-tune keeps its saved shape, so this check, not the model's, meets a model folder that now holds
+    a tokenizer of another size: it said "id 0 is '<|endoftext|>' instead of '<|endoftext|>'"."""
+    from fungpt.tokenizer import CharTokenizer
+    from fungpt.train import check_resume_tokenizer
+
+    CharTokenizer(list("abc")).save(tmp_path / "run")
+    CharTokenizer(list("abcd")).save(tmp_path / "data")
+    with pytest.raises(FunGPTError) as e:
+        check_resume_tokenizer(tmp_path / "data", tmp_path / "run")
+    assert "(char tokenizer (4 tokens) vs char tokenizer (3 tokens))" in str(e.value) and " id " not in str(e.value)
+    CharTokenizer(list("abd")).save(tmp_path / "data")  # as many tokens: the first that differs is named
+    with pytest.raises(FunGPTError, match=r"tokens\); id 2 is 'd' instead of 'c'\)"):
+        check_resume_tokenizer(tmp_path / "data", tmp_path / "run")
+
+
 def test_resume_keeps_this_versions_adamw_implementation():
     from fungpt.train import configure_optimizer, load_optimizer_state
 
