@@ -75,7 +75,8 @@ def open_new_temp(path: Path, mode: str = "w"):
     elsewhere; the random part makes the name unguessable. Returns (temporary path, open file).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    # (at most 100 characters of path's name: a name near the 255-character limit stays valid with the additions)
+    tmp = path.with_name(f".{path.name[:100]}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     # (O_BINARY: on Windows os.open would otherwise open in text mode, and "\n" would be written as "\r\n")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
     fd = os.open(tmp, flags, 0o666)  # (the umask applies to the mode)

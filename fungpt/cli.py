@@ -552,6 +552,8 @@ def _run_flag_as_positional(name: str, args: list[str]) -> list[str]:
     if len(runs) > 1:
         raise FunGPTError(f"the run is named {len(runs)} times ({', '.join(runs)}): name it once, as fungpt {name} "
                           f"RUN or --run RUN")
+    if runs[0].startswith("-"):  # (--run=-name: first, it would read as an option; after "--" it is the run)
+        return [*rest, runs[0]] if "--" in rest else [*rest, "--", runs[0]]
     return [runs[0], *rest]
 
 
@@ -656,6 +658,12 @@ def entry() -> None:
     # UnicodeEncodeError. A terminal keeps its encoding; what it cannot show is escaped instead of raising.
     # (Python's surrogateescape, under a C locale or UTF-8 mode, is kept: it writes a file name's non-UTF-8 bytes
     # back as they were, so a printed path still works)
+    # A closed stdout or stderr (`>&-`) is None in Python: every print would raise, and a finished run ended in a
+    # traceback and status 1. Its text goes nowhere, as the user asked, and the status still says how it went.
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")  # (for the rest of the process)
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError, OSError):  # (a replaced stream without reconfigure)
             errors = "surrogateescape" if stream.errors == "surrogateescape" else "backslashreplace"

@@ -430,6 +430,9 @@ def model_fields_named(config_file: str | Path | None, args: list[str]) -> froze
 def _read_toml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise FunGPTError(f"config file {path} is a folder: pass a .toml file (see configs/ for examples)")
+    if path.exists() and not path.is_file():  # (read twice, by load_config and model_fields_named)
+        raise FunGPTError(f"config file {path} is not a regular file (a pipe, such as <(...), can be read only "
+                          f"once): save the config into a .toml file and pass that")
     if not path.is_file():
         names = presets()
         raise FunGPTError(f"config file {path} does not exist; give a config file's path"

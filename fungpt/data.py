@@ -109,11 +109,18 @@ _SAFE_CUT = re.compile(r"(?<=\S)(?=\r?\n)|(?=\n\S)")
 
 
 def cache_dir() -> Path:
-    """Where downloads are kept: $FUNGPT_CACHE_DIR, else $XDG_CACHE_HOME/fungpt, else ~/.cache/fungpt."""
-    if os.environ.get("FUNGPT_CACHE_DIR"):
-        return Path(os.environ["FUNGPT_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "fungpt"
+    """Where downloads are kept: $FUNGPT_CACHE_DIR, else $XDG_CACHE_HOME/fungpt, else ~/.cache/fungpt.
+
+    A "~" in the variables is expanded (a quoted FUNGPT_CACHE_DIR='~/c' reaches us as it is): prepare expanded it
+    and wrote there, and train then looked for the data in a folder named "~" and never found it."""
+    try:
+        if os.environ.get("FUNGPT_CACHE_DIR"):
+            return Path(os.environ["FUNGPT_CACHE_DIR"]).expanduser()
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        return Path(base).expanduser() / "fungpt"
+    except RuntimeError:  # no $HOME, and no home folder for this user either (a container's uid)
+        raise FunGPTError("found no home folder for the data cache ($HOME is not set): set FUNGPT_CACHE_DIR to a "
+                          "writable folder") from None
 
 
 def fetch_url(url: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> bytes:
@@ -139,7 +146,7 @@ def shakespeare_path() -> Path:
     """
     data_dir = os.environ.get("FUNGPT_DATA_DIR")
     if data_dir:
-        local = Path(data_dir) / SHAKESPEARE_FILE
+        local = Path(data_dir).expanduser() / SHAKESPEARE_FILE
         if local.is_file():
             if _sha256_file(local) != SHAKESPEARE_SHA256:
                 raise FunGPTError(

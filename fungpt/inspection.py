@@ -239,8 +239,9 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
             info["device_note"] = f"no {tc.device} device here: memory estimated as on one that computes in {dtype}"
         world_size = 1  # (a config does not say how many processes will train it)
     else:
-        raise FunGPTError(f"{target} is neither a run folder nor a .toml config: pass the out_dir of a training "
-                          f"run, a file from configs/ or a Hugging Face GPT-2 folder")
+        what = "does not exist" if not target.exists() else "is neither a run folder nor a .toml config"
+        raise FunGPTError(f"{target} {what}: pass the out_dir of a training run, a file from configs/ or a Hugging "
+                          f"Face GPT-2 folder")
     model = meta_model(cfg.model)
     tc = cfg.train
     B = batch_size or tc.batch_size

@@ -29,7 +29,8 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise FunGPTError(f"{run_dir} has no metrics.jsonl: pass the out_dir of a training run")
+        what = "does not exist" if not Path(run_dir).exists() else "has no metrics.jsonl"
+        raise FunGPTError(f"{run_dir} {what}: pass the out_dir of a training run")
     train, evals = [], []
     earlier = last = 0.0  # seconds of the run's earlier commands; elapsed_s of the previous row
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -122,7 +123,8 @@ def save_figure(fig, out: Path, **savefig_kw) -> Path:
     out = Path(out)
     if out.is_dir():
         raise FunGPTError(f"--out {out} is a folder; give a file name, such as {out / 'figure.png'}")
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{out.suffix}")
+    # (at most 100 characters of out's name: a name near the 255-character limit stays valid with the additions)
+    tmp = out.with_name(f".{out.stem[:100]}.tmp-{os.getpid()}-{secrets.token_hex(4)}{out.suffix}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with quiet_glyphs():

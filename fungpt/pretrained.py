@@ -281,14 +281,19 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "last"
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FunGPTError(f"--out {out} already exists and is not an empty folder; choose a new folder")
     run = load_run(run_dir, checkpoint=checkpoint, device="cpu")
-    check_gpt2_compatible(run.model.config)  # before any folder is made for it
+    check_gpt2_compatible(run.model.config, run.model)  # before any folder is made for it
     try:
         out.parent.mkdir(parents=True, exist_ok=True)  # here, so that a bad path is named as the user wrote it
     except OSError as e:
+        above = next((p for p in out.parents if p.exists()), None)  # the nearest part of the path that is there
+        if above is not None and not above.is_dir():  # (mkdir says "File exists" for a file where a folder goes)
+            raise FunGPTError(f"cannot create the folder for --out {out}: {above} is a file, not a folder; choose "
+                              f"another --out") from None
         raise FunGPTError(f"cannot create the folder for --out {out}: {e.filename}: {e.strerror}") from None
     try:
-        # A new folder of its own (mkdtemp: a random name that did not exist), never one planted there in advance
-        tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        # A new folder of its own (mkdtemp: a random name that did not exist), never one planted there in advance.
+        # (Its name begins with at most 100 characters of out's: a name near the 255-character limit stays valid)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{out.name[:100]}.tmp-{os.getpid()}-", dir=out.parent))
     except OSError as e:
         raise FunGPTError(f"cannot create a folder in {out.parent} for --out: {e.strerror}") from None
     try:

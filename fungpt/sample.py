@@ -66,6 +66,11 @@ def _write_probs_line(out: TextIO, step: int, token: int, p: float, cands: list[
     out.write(f"{step:>5}  {show_token(tokenizer.token_text(token)):>6} {p:.3f}   | {listing}\n")
 
 
+# The most of a prompt file read: far more than any model here sees (the last block_size tokens), and a bound on
+# what a wrong path costs (/dev/zero, or a 2 GB corpus, was read whole: gigabytes of memory and no message)
+PROMPT_FILE_MAX_BYTES = 16 << 20
+
+
 def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path | None = None, num_samples: int = 1,
            max_new_tokens: int = 500, temperature: float = 0.8, top_k: int | None = 200, top_p: float | None = None,
            seed: int = 1337, checkpoint: str = "last", device: str = "auto",
@@ -96,8 +101,16 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
     if prompt_file is not None:
         try:
             # as prepare reads: "\r\n" stays "\r\n" and a byte-order mark is dropped
-            data = Path(prompt_file).read_bytes()
+            with open(prompt_file, "rb") as f:
+                data = f.read(PROMPT_FILE_MAX_BYTES + 1)
             refuse_utf16_or_32(prompt_file, data)
+            if b"\x00" in data:
+                raise FunGPTError(f"prompt file {prompt_file} looks like a binary file (it holds NUL bytes); pass a "
+                                  f"text file")
+            if len(data) > PROMPT_FILE_MAX_BYTES:
+                raise FunGPTError(f"prompt file {prompt_file} is over {PROMPT_FILE_MAX_BYTES >> 20} MiB, and the "
+                                  f"model sees only its last block_size tokens: pass the end of it (e.g. `tail -c "
+                                  f"100000 {prompt_file} > prompt.txt`)")
             prompt = data.decode("utf-8").removeprefix("\ufeff")
         except UnicodeDecodeError as e:
             raise FunGPTError(f"prompt file {prompt_file} is not UTF-8 text (byte {e.start} is not): save it as "

@@ -354,6 +354,27 @@ def test_cache_dir_respects_xdg(tmp_path, monkeypatch):
     assert data_mod.cache_dir() == tmp_path / "x"
 
 
+def test_a_tilde_in_the_folder_variables_is_the_home_folder(tmp_path, monkeypatch, fake_download):
+    """FUNGPT_CACHE_DIR='~/c' (quoted, so the shell leaves the ~): prepare expanded it and wrote the data there,
+    train looked for it in a folder named '~' and asked to prepare it again, every time."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", "~/c")
+    assert data_mod.cache_dir() == tmp_path / "home" / "c"
+    monkeypatch.delenv("FUNGPT_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", "~/xdg")
+    assert data_mod.cache_dir() == tmp_path / "home" / "xdg" / "fungpt"
+    (tmp_path / "home" / "d").mkdir(parents=True)
+    shutil.copy(fake_download, tmp_path / "home" / "d" / "tinyshakespeare.txt")
+    monkeypatch.setenv("FUNGPT_DATA_DIR", "~/d")
+    assert shakespeare_path() == tmp_path / "home" / "d" / "tinyshakespeare.txt"
+    # No $HOME, and no home folder for this user (a container's uid without a passwd entry): one line
+    monkeypatch.delenv("HOME")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    with pytest.raises(FunGPTError, match=r"\$HOME is not set\): set FUNGPT_CACHE_DIR to a writable folder"):
+        data_mod.cache_dir()
+
+
 # --- prepare: bad input --------------------------------------------------------------
 
 

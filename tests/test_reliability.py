@@ -1043,6 +1043,42 @@ def test_an_unexpected_error_exits_at_once_with_its_traceback(tmp_path):
     assert proc.returncode == 1 and proc.stderr.strip() == "hooked a bug"
 
 
+def test_outputs_with_names_near_the_length_limit_are_written(world, tmp_path):
+    """A valid 249-character --out failed with "File name too long": the temporary name added ~25 characters."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fungpt.plot import save_figure
+
+    stem = "a" * 245
+    fig = plt.figure()
+    assert save_figure(fig, tmp_path / f"{stem}.png").stat().st_size > 0
+    plt.close(fig)
+    tmp, f = ckpt.open_new_temp(tmp_path / f"{stem}.json")
+    with f:
+        f.write("{}")
+    assert tmp.parent == tmp_path
+    assert main(["export", "--run", str(world["run"]), "--out", str(tmp_path / stem)]) == 0
+    assert (tmp_path / stem / "config.json").is_file() and len(list(tmp_path.iterdir())) == 3  # (no temporaries)
+
+
+def test_a_closed_stdout_or_stderr_is_no_error(tmp_path):
+    """`fungpt train ... >&-`: Python makes a closed stream None, and a finished run ended in an AttributeError
+    traceback and status 1 (with stderr closed, every command stopped at its first message)."""
+    script = ("import sys\nimport fungpt.cli as cli\n"
+              "def main():\n    print('done')\n    print('a note', file=sys.stderr)\n    return 3\n"
+              "cli.main = main\ncli.entry()\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for closed in (">&-", "2>&-", ">&- 2>&-"):
+        proc = subprocess.run(["sh", "-c", f'exec "$0" -c "$1" {closed}', sys.executable, script], cwd=tmp_path,
+                              env=env, capture_output=closed == "2>&-", timeout=120)
+        assert proc.returncode == 3, (closed, proc)  # main()'s own status
+        if closed == "2>&-":
+            assert proc.stdout == b"done\n"
+
+
 def test_real_divergence_through_the_cli(world, tmp_path, capsys):
     """An absurd learning rate really diverges: exit 2, the step named, the good checkpoint untouched."""
     out = tmp_path / "run"
@@ -1244,6 +1280,8 @@ def _files(world, tmp_path) -> dict[str, str]:
     (t / "empty.txt").write_text("")
     (t / "utf16.txt").write_bytes("ROMEO:".encode("utf-16"))  # as Windows PowerShell's `>` writes it
     (t / "latin1.txt").write_bytes("ROMÉO:".encode("latin-1"))
+    (t / "binary.bin").write_bytes(b"ROMEO\x00\x00\x01")
+    os.mkfifo(t / "pipe.toml")  # (what `--config <(...)` passes, a pipe, named)
     other = t / "other"
     shutil.copytree(world["run"], other)
     (t / "prepared").mkdir()
@@ -1415,6 +1453,8 @@ BAD_INPUTS = {
     "TOML out_dir not a string": ([*TRAIN, "--config", "{tmp}/out_dir_list.toml"], "['a', 'b'] should be a folder"),
     "TOML unknown section": ([*TRAIN, "--config", "{tmp}/unknown_section.toml"], "optim"),
     "TOML not UTF-8": ([*TRAIN, "--config", "{tmp}/not_utf8.toml"], "not_utf8.toml"),
+    "TOML in a pipe": ([*TRAIN, "--config", "{tmp}/pipe.toml"], "pipe.toml is not a regular file (a pipe, such as "
+                                                                "<(...), can be read only once)"),
     # sample / eval / prepare / plot
     "export: out a folder that is not empty": (["export", "--run", "{run}", "--out", "{tmp}/project"],
                                                "already exists and is not an empty folder"),
@@ -1439,12 +1479,16 @@ BAD_INPUTS = {
     "sample: a Hugging Face folder": (["sample", "--run", "{tmp}/hf"], "Hugging Face model"),
     "eval: input is a folder": (["eval", "--run", "{run}", "--input", "{tmp}"], "is a folder"),
     "plot: out under a file": (["plot", "{run}", "--out", "{tmp}/a_file/loss.png"], "a_file is a file, not a folder"),
-    "export: out under a file": (["export", "--run", "{run}", "--out", "{tmp}/a_file/hf"], "a_file"),
+    "export: out under a file": (["export", "--run", "{run}", "--out", "{tmp}/a_file/hf"],
+                                 "a_file is a file, not a folder; choose another --out"),
     "eval: missing input": (["eval", "--run", "{run}", "--input", "{tmp}/nope.txt"], "nope.txt"),
     "eval: batch_size 0": (["eval", "--run", "{run}", "--batch-size", "0"], "batch-size"),
     "prepare: missing input": (["prepare", "--input", "{tmp}/nope.txt", "--out", "{tmp}/p"], "nope.txt"),
     "prepare: out exists": (["prepare", "--input", "{corpus}", "--out", "{data}"], "overwrite"),
-    "plot: missing run": (["plot", "{tmp}/nope"], "nope"),
+    "plot: missing run": (["plot", "{tmp}/nope"], "nope does not exist: pass the out_dir of a training run"),
+    "plot: not a run": (["plot", "{tmp}"], "has no metrics.jsonl: pass the out_dir of a training run"),
+    "inspect: missing run": (["inspect", "{tmp}/nope"], "nope does not exist: pass the out_dir of a training run"),
+    "inspect: not a run": (["inspect", "{corpus}"], "corpus.txt is neither a run folder nor a .toml config: pass"),
     "serve: port out of range": (["serve", "{run}", "--port", "70000"], "--port 70000"),
     "serve: negative port": (["serve", "{run}", "--port", "-1"], "--port -1"),
     "serve: a host name with an empty part": (["serve", "{run}", "--port", "0", "--host", "a..b"],
@@ -1452,6 +1496,8 @@ BAD_INPUTS = {
                                               "host name: label empty or too long)"),
     "sample: a folder as the prompt file": (["sample", "--run", "{run}", "--prompt-file", "{tmp}"],
                                             ": Is a directory; pass a readable text file"),
+    "sample: a binary prompt file": (["sample", "--run", "{run}", "--prompt-file", "{tmp}/binary.bin"],
+                                     "binary.bin looks like a binary file (it holds NUL bytes); pass a text file"),
 }
 
 # tyro's own parse errors: it prints a framed message of several lines, which FunGPT turns into its one line

@@ -1217,6 +1217,19 @@ def test_eval_refuses_a_data_folder_prepared_again_with_another_tokenizer(corpus
     assert evaluate_run(out)["loss"] == before
 
 
+def test_a_prompt_file_is_read_up_to_a_bound(tmp_path, monkeypatch):
+    """A wrong path (a corpus of gigabytes, a device) was read whole into memory, with no message."""
+    import importlib
+
+    sample_module = importlib.import_module("fungpt.sample")
+    monkeypatch.setattr(sample_module, "PROMPT_FILE_MAX_BYTES", 1 << 20)
+    prompt = tmp_path / "long.txt"
+    prompt.write_bytes(b"to be or not to be\n" * 60_000)  # 1.14 MB
+    with pytest.raises(FunGPTError, match=r"long.txt is over 1 MiB, and the model sees only its last block_size "
+                                          r"tokens: pass the end of it \(e.g. `tail -c 100000 "):
+        sample(tmp_path / "no-run-needed", prompt_file=prompt)  # (refused before the run is loaded)
+
+
 def test_eval_and_prompt_files_keep_windows_line_endings(tmp_path, monkeypatch):
     """prepare keeps "\r\n" (the \r is a token); eval --input and --prompt-file must read text the same way."""
     monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))

@@ -149,6 +149,17 @@ def test_the_run_may_be_named_with_run_as_sample_takes_it(run_dir, tmp_path, spe
         assert im.format == "PNG"
 
 
+def test_a_run_folder_whose_name_starts_with_a_dash(run_dir, tmp_path, monkeypatch):
+    """`--run=-name` was read as an option ("Missing value for argument 'run'"), where sample takes it."""
+    (tmp_path / "-run").symlink_to(run_dir, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    for extra in ([], ["--"]):
+        out = tmp_path / f"att{len(extra)}.png"
+        assert main(["attention", "--run=-run", "--prompt", "RO", "--layer", "0", "--head", "0", "--out", str(out),
+                     *extra]) == 0
+        assert out.stat().st_size > 0
+
+
 @pytest.mark.parametrize("args, said", [
     (["RUN", "--prompt", "hi", "--run"], "--run needs a run folder: fungpt attention RUN ... (or --run RUN)"),
     (["--run", "--prompt", "hi"], "--run needs a run folder: fungpt attention RUN ... (or --run RUN)"),
