@@ -325,8 +325,12 @@ def _build_section(klass: type, values: Any, where: str, defaults: Any, checked:
                  for k in sorted(unknown) if not _belongs_elsewhere([k], section)}
         hints = ", ".join(f"{v} for {k}" for k, v in meant.items() if v)
         said = "; ".join(p for p in (moved, f"did you mean {hints}?" if hints else "") if p)
-        raise FunGPTError(f"{where}: unknown setting(s) {sorted(unknown)}" + (f" ({said})" if said else "")
-                          + "; see `fungpt train --help` for the valid ones")
+        # A run's config.json lists what its training had: settings this code lacks were its code's (a learner's
+        # field, since removed; another FunGPT version)
+        fix = ("; the run was saved by code (or a FunGPT version) that had them: go back to that code, or remove them "
+               "from that config.json" if where.split(" [")[0].endswith(".json")
+               else "; see `fungpt train --help` for the valid ones")
+        raise FunGPTError(f"{where}: unknown setting(s) {sorted(unknown)}" + (f" ({said})" if said else "") + fix)
     merged = {**dataclasses.asdict(defaults), **values}
     for name in values:
         merged[name] = _check_type(klass, name, values[name], where)

@@ -578,7 +578,7 @@ def prepare(
     if given is not None:
         tok: Tokenizer = given
     elif tokenizer == "char":
-        tok = CharTokenizer(sorted(chars_seen))
+        tok = CharTokenizer.train("".join(chars_seen))  # (its vocabulary rule, in one place: tokenizer.py)
     elif tokenizer == "bpe":
         with _progress_bar(total_bytes, "training bpe", progress) as bar:
             chunks = (

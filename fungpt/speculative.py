@@ -6,7 +6,7 @@ same weights once, so checking k guessed tokens costs about as much as decoding 
 guesses come from the text itself (Saxena 2023, "Prompt Lookup Decoding"): find the latest
 earlier occurrence of the last few tokens and copy what followed it. The check is the
 verification step of speculative decoding (Leviathan et al. 2023): keep every guess that equals
-the model's own argmax, plus the model's token at the first wrong guess. The output is therefore
+the model's own greedy pick, plus the model's token at the first wrong guess. The output is therefore
 exactly the plain greedy sequence; it only arrives sooner when the text repeats itself.
 
 GPT.generate_stream(lookahead=k) calls these two functions; they need only torch, the model and sampling.py.
@@ -47,20 +47,24 @@ def verify_draft(model, seq: torch.Tensor, n: int, draft: list[int], cache, hist
     seq (1, L) holds the n tokens so far (and room for more); cache holds the keys/values of all
     but the newest one. Input: the newest token seq[:, n-1] followed by the k draft tokens. Output
     position i predicts the token after input i, so draft token i is right iff it equals the
-    argmax at position i. We keep the right prefix plus the model's own token where the first
-    wrong guess was, write them into seq and history, and roll the cache back over the rejected
-    positions. Yields ids (1,), or (ids, logits (1, V)) with yield_logits, like generate_stream.
+    greedy pick (sample_next_token, temperature 0) at position i. We keep the right prefix plus the
+    model's own token where the first wrong guess was, write them into seq and history, and roll the
+    cache back over the rejected positions. Yields ids (1,), or (ids, logits (1, V)) with yield_logits,
+    like generate_stream.
     """
     start = cache.pos
     chunk = torch.tensor([[int(seq[0, n - 1])] + draft], dtype=seq.dtype, device=seq.device)  # (1, 1 + k)
     logits = model(chunk, kv_cache=cache)  # (1, 1 + k, V)
-    preds = logits[0].argmax(dim=-1).tolist()  # 1 + k greedy tokens
-    accepted = 0
-    while accepted < len(draft) and draft[accepted] == preds[accepted]:
-        accepted += 1
-    # the right guesses, then the model's correction (or one bonus token): as the plain path picks each, refusing
-    # NaN or infinite logits (argmax alone took a NaN row's token 0); the rejected positions' are never seen
-    new = sample_next_token(logits[0, : accepted + 1], temperature=0)[:, 0].tolist()
+    # Each position's token as the plain path picks it: sampling.py's greedy rule, which refuses NaN or infinite
+    # logits (argmax alone took a NaN row's token 0) and holds any rule a learner adds there (a banned token; an
+    # argmax here accepted the banned guess). The right guesses, then the model's own token (a correction, or one
+    # bonus token); the positions after the first wrong guess are never looked at.
+    new: list[int] = []
+    for i in range(len(draft) + 1):
+        new.append(int(sample_next_token(logits[0, i : i + 1], temperature=0)))  # (1, V) -> (1, 1)
+        if i == len(draft) or new[i] != draft[i]:
+            break
+    accepted = len(new) - 1
     cache.pos = start + 1 + accepted  # keys/values of rejected guesses sit beyond pos: never read
     for i, tok in enumerate(new):
         seq[0, n + i] = tok

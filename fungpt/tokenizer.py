@@ -257,7 +257,8 @@ class TextStream:
 
 
 class CharTokenizer(Tokenizer):
-    """One token per character; the vocabulary is the sorted set of training characters."""
+    """One token per character; the vocabulary is the sorted set of the characters of the text it is trained on
+    (`prepare`: the whole corpus, val split included, so that every character of the data has an id)."""
 
     name = "char"
 

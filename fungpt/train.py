@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import datetime
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -127,16 +128,33 @@ def _loads(prepared: Path) -> bool:
         return False
 
 
+@functools.cache
+def _token_code_fingerprint() -> str:
+    """The sha256 of data.py and tokenizer.py, the code that turns text into the cached tokens. An edit there (lower
+    case, blank lines dropped) was silently ignored: training read the tokens the old code had cached."""
+    from fungpt import data as data_module
+    from fungpt import tokenizer as tokenizer_module
+
+    h = hashlib.sha256()
+    for module in (data_module, tokenizer_module):
+        try:
+            h.update(Path(module.__file__).read_bytes())
+        except (OSError, TypeError):  # (no source file: a frozen install; its code does not change either)
+            h.update(module.__name__.encode())
+    return "code=" + h.hexdigest()
+
+
 def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
                  tokenizer: Tokenizer | None = None) -> Path:
     """Return a prepared dataset folder for `data.path`, preparing it into the cache if needed.
 
     The cache key covers everything that changes the tokens: the source files (path, size, modification
     time, and inode and its change time, which no copying tool sets back: `cp -p` or `touch -r` can give
-    new text the old size and modification time), the tokenizer, the vocab size, the val fraction and how
-    undecodable bytes are treated. A cached folder that no longer loads (damaged, or of an older format)
-    is prepared again. `tokenizer`: a ready tokenizer to encode with instead of data.tokenizer (a pretrained
-    model's own, see pretrained.py).
+    new text the old size and modification time), the tokenizer, the vocab size, the val fraction, how
+    undecodable bytes are treated, and the code that makes the tokens (data.py and tokenizer.py, as they are
+    now: a learner's edit there, or another FunGPT version, prepares the data again). A cached folder that no
+    longer loads (damaged, or of an older format) is prepared again. `tokenizer`: a ready tokenizer to encode
+    with instead of data.tokenizer (a pretrained model's own, see pretrained.py).
     """
     path = Path(data.path).expanduser()
     if is_prepared(path):
@@ -153,6 +171,7 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
         key_parts = [kind, tokenizer_fingerprint(tokenizer), repr(data.val_fraction)]
     if data.errors != "strict":
         key_parts.append(f"errors={data.errors}")  # only then: the folders prepared before this setting keep their keys
+    key_parts.append(_token_code_fingerprint())
     if builtin:
         name = "shakespeare"
     else:
@@ -647,6 +666,9 @@ def configure_optimizer(model: GPT, tc: TrainConfig, device: str) -> torch.optim
     orthogonal matrix (a few Newton-Schulz iterations), so every direction of the update moves
     equally far. It is meant for the hidden 2-D matrices only: the embedding table (a look-up,
     not a linear map of activations), the output head, norms and biases stay on AdamW.
+
+    (Another optimizer here also changes the memory `inspect` and the dry run report: they count AdamW's two
+    state tensors per weight, see inspection.py.)
     """
     params = [p for p in model.parameters() if p.requires_grad]
     muon: list[torch.nn.Parameter] = []
@@ -1574,7 +1596,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 with sync:
                     try:
                         with autocast():
-                            # (the logits, B x T x V floats, are not kept: the loss's backward does not need them)
+                            # (the logits, B x T x V floats, are not kept: the loss's backward does not need them;
+                            # another loss here should go into plan._timed_steps too, which times the dry run's steps)
                             loss = fwd_model(x, y)[1] / tc.grad_accum_steps
                         scaler.scale(loss).backward()
                     except torch.cuda.OutOfMemoryError:

@@ -437,6 +437,20 @@ def test_binary_file_inside_folder_is_named(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_prepare_builds_the_char_vocabulary_with_char_tokenizer_train(tmp_path, monkeypatch):
+    """prepare made the vocabulary itself, so a learner's edit of CharTokenizer.train (a lower-cased vocabulary)
+    did nothing, even on a fresh prepare."""
+    from fungpt.tokenizer import CharTokenizer
+
+    real = CharTokenizer.train.__func__
+    monkeypatch.setattr(CharTokenizer, "train", classmethod(lambda cls, corpus: real(cls, "".join(corpus).lower())))
+    monkeypatch.setattr(CharTokenizer, "encode_array",
+                        lambda self, text, offset=0, real=CharTokenizer.encode_array: real(self, text.lower(), offset))
+    path = _write(tmp_path, "t.txt", b"To Be, OR not\n" * 50)
+    out = prepare(str(path), tmp_path / "out", tokenizer="char", progress=False)
+    assert load_tokenizer(out).chars == sorted(set("to be, or not\n"))
+
+
 def test_bytes_are_reported_once_their_text_is_handled(tmp_path):
     """prepare's bars count the bytes on_bytes reports: counted when read, they ran a chunk (8 MB, seconds of
     encoding) ahead of the work, and sat at 100% at the end."""

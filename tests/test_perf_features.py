@@ -421,6 +421,34 @@ def test_verify_draft_keeps_the_right_guesses_and_rolls_the_cache_back_over_the_
     assert cache.pos == 3 + 1 + (taken - 1)  # the newest token and the right guesses (the last token is not cached)
 
 
+def test_verify_draft_picks_by_sampling_rules_not_a_raw_argmax(monkeypatch):
+    """A learner bans a token in sample_next_token (a lipogram): the plain path held the ban, and speculation,
+    checking its guesses with a raw argmax, accepted the banned token wherever the text had it before."""
+    import fungpt.sampling
+    import fungpt.speculative
+    from fungpt.speculative import verify_draft
+
+    real = fungpt.sampling.sample_next_token
+
+    def lipogram(logits, *args, **kw):  # token 0 banned
+        logits = logits.clone()
+        logits[..., 0] = float("-inf")
+        return real(logits, *args, **kw)
+
+    monkeypatch.setattr(fungpt.speculative, "sample_next_token", lipogram)  # (as an edit of sampling.py would)
+    model = GPT(GPTConfig(vocab_size=10, block_size=16, n_layer=1, n_head=1, n_embd=8)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()  # all logits equal: the raw argmax is 0 everywhere, the lipogram's pick 1
+        seq = torch.zeros(1, 16, dtype=torch.long)
+        cache = model.make_kv_cache(1)
+        model(seq[:, :3], kv_cache=cache)
+        history = [0, 0, 0, 0]
+        out = list(verify_draft(model, seq, 4, [0, 0, 0], cache, history, False))
+    assert [int(t) for t in out] == [1] and history == [0, 0, 0, 0, 1]  # the guess refused, the rule's token
+    assert cache.pos == 3 + 1
+
+
 def test_muon_second_step_uses_nesterov_momentum_of_the_decayed_buffer():
     """buf = mu * buf + g; the update orthogonalises g + mu * buf (Nesterov): the buffer's decay by mu matters."""
     from fungpt.muon import Muon, orthogonalize

@@ -1064,6 +1064,20 @@ def test_outputs_with_names_near_the_length_limit_are_written(world, tmp_path):
     assert (tmp_path / stem / "config.json").is_file() and len(list(tmp_path.iterdir())) == 3  # (no temporaries)
 
 
+def test_a_run_saved_with_a_setting_this_code_lacks_says_where_it_came_from(world, tmp_path, capsys):
+    """A learner adds a [train] field, trains, then takes it out: sample said to see `fungpt train --help`, which
+    cannot help with a run folder."""
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    saved = json.loads((run / "config.json").read_text())
+    saved["train"]["label_smoothing"] = 0.1
+    (run / "config.json").write_text(json.dumps(saved))
+    assert main(["sample", "--run", str(run), "--max-new-tokens", "2"]) == 2
+    assert_one_line_error(2, capsys.readouterr().err, "config.json [train]: unknown setting(s) ['label_smoothing']; "
+                          "the run was saved by code (or a FunGPT version) that had them: go back to that code, or "
+                          "remove them from that config.json")
+
+
 def test_a_closed_stdout_or_stderr_is_no_error(tmp_path):
     """`fungpt train ... >&-`: Python makes a closed stream None, and a finished run ended in an AttributeError
     traceback and status 1 (with stderr closed, every command stopped at its first message)."""

@@ -825,6 +825,28 @@ def test_a_changed_val_fraction_prepares_the_data_again(corpus, tmp_path, monkey
     assert resolve_data(DataConfig(path=str(corpus), val_fraction=0.1), progress=False) == first  # still cached
 
 
+def test_an_edit_of_the_code_that_makes_the_tokens_prepares_the_data_again(corpus, tmp_path, monkeypatch):
+    """A learner's edit of tokenizer.py or data.py (lower case, blank lines dropped) was silently ignored: training
+    read the tokens the old code had cached."""
+    import importlib
+
+    import fungpt.tokenizer
+    from fungpt.train import resolve_data
+
+    train_module = importlib.import_module("fungpt.train")  # (fungpt.train, the attribute, is the function)
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    first = resolve_data(DataConfig(path=str(corpus)), progress=False)
+    edited = tmp_path / "tokenizer.py"  # the module's source with one more line, as an editor leaves it
+    edited.write_text(Path(fungpt.tokenizer.__file__).read_text(encoding="utf-8") + "# lower-cased\n")
+    monkeypatch.setattr(fungpt.tokenizer, "__file__", str(edited))
+    train_module._token_code_fingerprint.cache_clear()
+    try:
+        second = resolve_data(DataConfig(path=str(corpus)), progress=False)
+    finally:
+        train_module._token_code_fingerprint.cache_clear()  # (the real source again for the tests after this one)
+    assert second != first and second.parent == first.parent and (second / "meta.json").is_file()
+
+
 _FAIL_ON_RANK_1 = """
 import os, sys
 import fungpt.cli
