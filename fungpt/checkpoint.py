@@ -67,6 +67,13 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def temp_stem(name: str) -> str:
+    """The start of a temporary name made from `name`: at most 100 bytes of it in UTF-8 (whole characters), so that
+    with what is added the temporary stays within the file systems' 255-byte limit on a name (a valid 249-character
+    --out failed with "File name too long"; 80 CJK characters are 240 bytes)."""
+    return name.encode("utf-8", "surrogateescape")[:100].decode("utf-8", "ignore")
+
+
 def open_new_temp(path: Path, mode: str = "w"):
     """Create and open a temporary file next to `path`, named .NAME.tmp-PID-RANDOM, that did not exist before.
 
@@ -75,8 +82,7 @@ def open_new_temp(path: Path, mode: str = "w"):
     elsewhere; the random part makes the name unguessable. Returns (temporary path, open file).
     """
     path = Path(path)
-    # (at most 100 characters of path's name: a name near the 255-character limit stays valid with the additions)
-    tmp = path.with_name(f".{path.name[:100]}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = path.with_name(f".{temp_stem(path.name)}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     # (O_BINARY: on Windows os.open would otherwise open in text mode, and "\n" would be written as "\r\n")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
     fd = os.open(tmp, flags, 0o666)  # (the umask applies to the mode)

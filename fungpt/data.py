@@ -67,7 +67,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fungpt.checkpoint import open_new_temp
+from fungpt.checkpoint import open_new_temp, temp_stem
 from fungpt.errors import FunGPTError, read_json
 from fungpt.tokenizer import (
     BPE_FILE,
@@ -113,14 +113,25 @@ def cache_dir() -> Path:
 
     A "~" in the variables is expanded (a quoted FUNGPT_CACHE_DIR='~/c' reaches us as it is): prepare expanded it
     and wrote there, and train then looked for the data in a folder named "~" and never found it."""
+    for variable in ("FUNGPT_CACHE_DIR", "XDG_CACHE_HOME"):
+        if os.environ.get(variable):
+            folder = env_folder(variable)
+            return folder if variable == "FUNGPT_CACHE_DIR" else folder / "fungpt"
     try:
-        if os.environ.get("FUNGPT_CACHE_DIR"):
-            return Path(os.environ["FUNGPT_CACHE_DIR"]).expanduser()
-        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        return Path(base).expanduser() / "fungpt"
+        return Path.home() / ".cache" / "fungpt"
     except RuntimeError:  # no $HOME, and no home folder for this user either (a container's uid)
-        raise FunGPTError("found no home folder for the data cache ($HOME is not set): set FUNGPT_CACHE_DIR to a "
-                          "writable folder") from None
+        raise FunGPTError("found no home folder for the data cache ($HOME is not set, and this user has none): set "
+                          "FUNGPT_CACHE_DIR to a writable folder") from None
+
+
+def env_folder(variable: str) -> Path:
+    """The folder environment variable `variable` names, a "~" in it expanded."""
+    value = os.environ[variable]
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:  # ~name of no such user, or ~ with no home folder ($HOME unset, no passwd entry)
+        raise FunGPTError(f"{variable}={value}: its '~' names no home folder (no such user, or $HOME is not set): "
+                          f"give the folder's full path") from None
 
 
 def fetch_url(url: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> bytes:
@@ -146,7 +157,7 @@ def shakespeare_path() -> Path:
     """
     data_dir = os.environ.get("FUNGPT_DATA_DIR")
     if data_dir:
-        local = Path(data_dir).expanduser() / SHAKESPEARE_FILE
+        local = env_folder("FUNGPT_DATA_DIR") / SHAKESPEARE_FILE
         if local.is_file():
             if _sha256_file(local) != SHAKESPEARE_SHA256:
                 raise FunGPTError(
@@ -323,6 +334,16 @@ def _iter_file_text(
     decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
     offset = 0  # bytes of this file read so far
     carry = ""  # decoded text after the last cut, waiting for more
+    # The chunks read since text was last handed out, reported (on_bytes) once it has been handled (the caller asks
+    # for more), so that a progress bar counts work done: counted when read, prepare's bars ran a chunk (8 MB,
+    # seconds) ahead of the work. (Only the text after a chunk's last safe cut is counted before it is handled.)
+    unreported: list[bytes] = []
+
+    def report() -> None:
+        if on_bytes is not None:
+            for data in unreported:
+                on_bytes(data)
+        unreported.clear()
     try:
         f = open(path, "rb")
     except OSError as e:
@@ -350,10 +371,13 @@ def _iter_file_text(
             if offset == 0:  # a byte-order mark (some Windows editors write one) is not text: drop it
                 text = text.removeprefix("\ufeff")
             offset += len(data)
+            if data:
+                unreported.append(data)
             buffer = carry + text
             if final:
                 if buffer:
                     yield buffer
+                report()
                 return
             # Yield up to the last safe cut; keep the rest for the next round.
             cut = _last_safe_cut(buffer)
@@ -363,10 +387,7 @@ def _iter_file_text(
                 cut = len(buffer) if cut is None else cut  # (one enormous line: cut anyway, may change a token or two)
                 yield buffer[:cut]
                 carry = buffer[cut:]
-            # The chunk's bytes are reported once its text has been handled (the caller asks for more), so a progress
-            # bar counts work done: counted when read, prepare's bars ran a chunk (8 MB, seconds) ahead of the work
-            if on_bytes is not None:
-                on_bytes(data)
+                report()
 
 
 def _iter_corpus(
@@ -459,9 +480,10 @@ def _remove_stale_temps(out: Path) -> None:
     now = time.time()
     # Only what prepare names and writes: OUT.tmp-HOST-PID (OUT.tmp-PID before), holding nothing but a dataset's
     # files. A folder of the user's beside OUT (corpus.old-v1, a backup) is never taken for one.
-    name = re.compile(rf"{re.escape(out.name)}\.(tmp|old)-([^-/]+-)?\d+")
+    stem = temp_stem(out.name)  # (a long name's temporaries begin with its first 100 bytes)
+    name = re.compile(rf"{re.escape(stem)}\.(tmp|old)-([^-/]+-)?\d+")
     ours = {"train.bin", "val.bin", "meta.json", META_FILE, BPE_FILE}
-    for folder in out.parent.glob(f"{glob.escape(out.name)}.*-*"):
+    for folder in out.parent.glob(f"{glob.escape(stem)}.*-*"):
         with contextlib.suppress(OSError):
             files = list(folder.iterdir())
             if not (name.fullmatch(folder.name) and folder.is_dir() and not folder.is_symlink()
@@ -594,7 +616,7 @@ def prepare(
 
     # --- pass 2: encode into a temporary folder, then rename it --------------------
     _remove_stale_temps(out)
-    tmp = out.with_name(f"{out.name}.tmp-{_HOST}-{os.getpid()}")
+    tmp = out.with_name(f"{temp_stem(out.name)}.tmp-{_HOST}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     counts = {f"{s}_{k}": 0 for s in SPLITS for k in ("tokens", "bytes", "chars")}
     try:
@@ -669,7 +691,7 @@ def prepare(
         # Swap the finished folder into place. When overwriting, the old dataset is
         # moved aside first and deleted only after the new one is in place. Without --overwrite a dataset
         # that another command finished meanwhile is kept (a rename onto a folder that is not empty fails).
-        old = out.with_name(f"{out.name}.old-{_HOST}-{os.getpid()}")
+        old = out.with_name(f"{temp_stem(out.name)}.old-{_HOST}-{os.getpid()}")
         if out.exists() and overwrite:
             os.replace(out, old)
         try:

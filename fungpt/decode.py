@@ -98,6 +98,23 @@ def mirrored_source() -> str | None:
                           Linear.forward)
 
 
+def runs_as_written(model: nn.Module) -> bool:
+    """Whether every module of `model` runs the forward its class defines: none overridden on one module or by a
+    subclass of the classes Decoder.step computes its own way, and no forward hooks (the module's own, or the global
+    ones of torch.nn.modules.module.register_module_forward_hook & co.). model.py's source is checked apart, by
+    mirrored_source."""
+    from fungpt.model import GPT, MLP, Block, CausalSelfAttention  # (model.py imports this module)
+
+    replaced = (GPT, Block, CausalSelfAttention, MLP, Linear, nn.LayerNorm, nn.RMSNorm, nn.GELU, nn.Embedding,
+                nn.Dropout)  # the classes whose forward the step does in its own way, instead of calling it
+    if any("forward" in vars(m) or any(isinstance(m, c) and type(m).forward is not c.forward for c in replaced)
+           for m in model.modules()):
+        return False
+    hooks = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()) or bool(
+        nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+    return not hooks
+
+
 class _Layer(NamedTuple):
     """What a decoding step uses of one block: functions (products, norms, activation) and tensors (views)."""
 
@@ -134,8 +151,6 @@ class Decoder:
         the model's own Linear layers, every forward the step re-implements as written (not overridden by a
         subclass or on one module, nor edited in model.py: an ablation's edit would be skipped), and no forward
         hooks anywhere (the step calls no modules, so hooks would silently not run)."""
-        from fungpt.model import GPT, MLP, Block, CausalSelfAttention  # (model.py imports this module)
-
         if mirrored_source() != MIRRORED:  # (first: an edit may also have renamed the modules read below)
             return False
         try:
@@ -146,14 +161,7 @@ class Decoder:
             return False
         one_cpu_float32 = idx.size(0) == 1 and idx.is_cpu and w.is_cpu and w.dtype == torch.float32
         own_linears = all(isinstance(m, Linear) for m in linears)
-        replaced = (GPT, Block, CausalSelfAttention, MLP, Linear, nn.LayerNorm, nn.RMSNorm, nn.GELU, nn.Embedding,
-                    nn.Dropout)  # the classes whose forward the step does in its own way, instead of calling it
-        as_written = not any("forward" in vars(m) or any(isinstance(m, c) and type(m).forward is not c.forward
-                                                          for c in replaced) for m in model.modules())
-        # Module hooks, and the global ones of torch.nn.modules.module.register_module_forward_hook & co.
-        hooks = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()) or bool(
-            nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
-        return one_cpu_float32 and own_linears and as_written and not hooks and not torch.is_autocast_enabled("cpu")
+        return one_cpu_float32 and own_linears and runs_as_written(model) and not torch.is_autocast_enabled("cpu")
 
     def __init__(self, model, cache):
         c = model.config

@@ -155,12 +155,19 @@ def check_gpt2_compatible(c: GPTConfig, model: GPT | None = None) -> None:
 
 def gpt2_layout_problems(model: GPT) -> list[str]:
     """What in the model itself, beyond its config, is not GPT-2's (empty list: nothing). The config can say GPT-2
-    while model.py was edited (a learner's MLP 8x wide, a ReLU, a post-LN block): exported, such a model failed to
-    load in transformers, or loaded and computed another model, after `fungpt export` had said it was done."""
+    while model.py was edited (a learner's MLP 8x wide, a ReLU, a post-LN block) or a module was changed on the
+    model: exported, such a model failed to load in transformers, or loaded and computed another model, after
+    `fungpt export` had said it was done."""
     from torch import nn
 
-    from fungpt.decode import MIRRORED, mirrored_source  # (the forwards' fingerprint, see decode.py)
+    from fungpt.decode import MIRRORED, mirrored_source, runs_as_written  # (see decode.py)
 
+    model = getattr(model, "_orig_mod", model)  # (a torch.compile wrapper: the model it compiles)
+    problems = []
+    if mirrored_source() not in (MIRRORED, None):  # (None: no source to read; nothing known)
+        problems.append("forwards edited in fungpt/model.py (another computation than GPT-2's)")
+    if not runs_as_written(model):
+        problems.append("a forward replaced or hooked on one of its modules (another computation than GPT-2's)")
     c = model.config
     C, V = c.n_embd, c.vocab_size
     want = {"wte.weight": (V, C), "pos.wpe.weight": (c.block_size, C), "ln_f.weight": (C,), "ln_f.bias": (C,),
@@ -171,20 +178,18 @@ def gpt2_layout_problems(model: GPT) -> list[str]:
              "mlp.c_proj.bias": (C,)}  # (out, in): GPT-2's Conv1D holds them transposed, see save_gpt2
     want.update({f"blocks.{i}.{k}": shape for i in range(c.n_layer) for k, shape in block.items()})
     have = {k: tuple(t.shape) for k, t in model.state_dict().items()}
-    problems = [f"{k} of shape {list(have[k])} (GPT-2's is {list(want[k])})" for k in want
-                if k in have and have[k] != want[k]][:2]
-    if set(have) != set(want):
-        problems.append(f"tensors GPT-2 has not {sorted(set(have) - set(want))[:3]} or lacks "
-                        f"{sorted(set(want) - set(have))[:3]}")
+    if set(have) != set(want):  # (another layout: the modules checked below may not even be there)
+        return [*problems, f"tensors GPT-2 has not {sorted(set(have) - set(want))[:3]} or lacks "
+                           f"{sorted(set(want) - set(have))[:3]}"]
+    problems += [f"{k} of shape {list(have[k])} (GPT-2's is {list(want[k])})" for k in want if have[k] != want[k]][:2]
     gelu = "tanh" if c.activation == "gelu_tanh" else "none"
-    modules = [(f"blocks.{i}.mlp.act", b.mlp.act) for i, b in enumerate(model.blocks)]
-    if any(not isinstance(m, nn.GELU) or m.approximate != gelu for _, m in modules):
-        name, m = next((n, m) for n, m in modules if not isinstance(m, nn.GELU) or m.approximate != gelu)
-        problems.append(f"{name} = {m!r} (GPT-2's is GELU(approximate={gelu!r}))")
+    for i, b in enumerate(model.blocks):
+        act = getattr(b.mlp, "act", None)
+        if not isinstance(act, nn.GELU) or act.approximate != gelu:
+            problems.append(f"blocks.{i}.mlp.act = {act!r} (GPT-2's is GELU(approximate={gelu!r}))")
+            break
     if c.tie_embeddings and model.lm_head.weight is not model.wte.weight:
         problems.append("an lm_head not tied to wte, though the config ties them")
-    if mirrored_source() not in (MIRRORED, None):  # (None: no source to read; nothing known)
-        problems.append("forwards edited in fungpt/model.py (another computation than GPT-2's)")
     return problems
 
 
@@ -192,6 +197,7 @@ def save_gpt2(model: GPT, path: str | os.PathLike) -> None:
     """Save as a Hugging Face GPT-2 folder (config.json + model.safetensors) for GPT2LMHeadModel."""
     from safetensors.torch import save as safetensors_bytes
 
+    model = getattr(model, "_orig_mod", model)  # (a torch.compile wrapper: the model it compiles)
     c = model.config
     check_gpt2_compatible(c, model)
 

@@ -28,6 +28,7 @@ import dataclasses
 import math
 import numbers
 import os
+import types
 import typing
 from collections.abc import Iterator
 
@@ -90,14 +91,18 @@ class GPTConfig:
         # Types first, so that e.g. a YAML "1e-4" string gives a clear message.
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            types = typing.get_args(f.type) or (f.type,)  # (a field of yours may be optional: float | None)
-            ok = isinstance(value, types) and not (bool not in types and isinstance(value, bool))
-            number = next((t for t in (int, float) if t in types), None)
+            # (a field of yours may be optional, float | None, or a list[int]: checked as a list; a Literal is not)
+            union = typing.get_origin(f.type) in (typing.Union, types.UnionType)
+            types_ = tuple(typing.get_origin(t) or t for t in (typing.get_args(f.type) if union else (f.type,)))
+            if not all(isinstance(t, type) for t in types_):
+                continue
+            ok = isinstance(value, types_) and not (bool not in types_ and isinstance(value, bool))
+            number = next((t for t in (int, float) if t in types_), None)
             if number and isinstance(value, numbers.Integral) and not isinstance(value, bool):
                 ok = True  # also numpy's integers: stored as Python ints (JSON and TOML take those)
                 setattr(self, f.name, number(value))
             if not ok:
-                named = " or ".join("None" if t is type(None) else t.__name__ for t in types)
+                named = " or ".join("None" if t is type(None) else getattr(t, "__name__", str(t)) for t in types_)
                 raise FunGPTError(f"model config {f.name}={value!r} should be of type {named}: fix its value")
         for name, most in MAX_SIZES.items():
             if getattr(self, name) <= 0:

@@ -120,11 +120,12 @@ def save_figure(fig, out: Path, **savefig_kw) -> Path:
     """Write `fig` to `out` (its format from the suffix) under a temporary name of its own, then rename it into
     place: never a half-written image, nor another file's name (two commands drawing to one --out each have
     theirs). An error names `out`."""
+    from fungpt.checkpoint import temp_stem
+
     out = Path(out)
     if out.is_dir():
         raise FunGPTError(f"--out {out} is a folder; give a file name, such as {out / 'figure.png'}")
-    # (at most 100 characters of out's name: a name near the 255-character limit stays valid with the additions)
-    tmp = out.with_name(f".{out.stem[:100]}.tmp-{os.getpid()}-{secrets.token_hex(4)}{out.suffix}")
+    tmp = out.with_name(f".{temp_stem(out.stem)}.tmp-{os.getpid()}-{secrets.token_hex(4)}{out.suffix}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with quiet_glyphs():

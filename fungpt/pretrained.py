@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from fungpt.checkpoint import temp_stem
 from fungpt.errors import FunGPTError, why_download_failed
 from fungpt.hf import check_gpt2_compatible
 from fungpt.model import GPT, GPTConfig
@@ -291,9 +292,8 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "last"
                               f"another --out") from None
         raise FunGPTError(f"cannot create the folder for --out {out}: {e.filename}: {e.strerror}") from None
     try:
-        # A new folder of its own (mkdtemp: a random name that did not exist), never one planted there in advance.
-        # (Its name begins with at most 100 characters of out's: a name near the 255-character limit stays valid)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{out.name[:100]}.tmp-{os.getpid()}-", dir=out.parent))
+        # A new folder of its own (mkdtemp: a random name that did not exist), never one planted there in advance
+        tmp = Path(tempfile.mkdtemp(prefix=f"{temp_stem(out.name)}.tmp-{os.getpid()}-", dir=out.parent))
     except OSError as e:
         raise FunGPTError(f"cannot create a folder in {out.parent} for --out: {e.strerror}") from None
     try:

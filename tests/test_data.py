@@ -371,8 +371,16 @@ def test_a_tilde_in_the_folder_variables_is_the_home_folder(tmp_path, monkeypatc
     monkeypatch.delenv("HOME")
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
-    with pytest.raises(FunGPTError, match=r"\$HOME is not set\): set FUNGPT_CACHE_DIR to a writable folder"):
+    with pytest.raises(FunGPTError, match=r"\$HOME is not set, and this user has none\): set FUNGPT_CACHE_DIR to a "
+                                          r"writable folder"):
         data_mod.cache_dir()
+    # A "~" that names no home folder, in any of the variables: one line naming the variable
+    monkeypatch.setattr(Path, "expanduser", lambda self: (_ for _ in ()).throw(RuntimeError("no home")))
+    for variable in ("FUNGPT_CACHE_DIR", "XDG_CACHE_HOME", "FUNGPT_DATA_DIR"):
+        monkeypatch.setenv(variable, "~nobody-here/x")
+        with pytest.raises(FunGPTError, match=rf"^{variable}=~nobody-here/x: its '~' names no home folder"):
+            shakespeare_path() if variable == "FUNGPT_DATA_DIR" else data_mod.cache_dir()
+        monkeypatch.delenv(variable)
 
 
 # --- prepare: bad input --------------------------------------------------------------
@@ -454,19 +462,20 @@ def test_prepare_builds_the_char_vocabulary_with_char_tokenizer_train(tmp_path, 
 def test_bytes_are_reported_once_their_text_is_handled(tmp_path):
     """prepare's bars count the bytes on_bytes reports: counted when read, they ran a chunk (8 MB, seconds of
     encoding) ahead of the work, and sat at 100% at the end."""
-    raw = ("to be, or not\n" * 20).encode("utf-8")
-    path = _write(tmp_path, "t.txt", raw)
-    reported, handed_out = [0], []  # bytes reported; the bytes of text handed out, when each piece was taken
+    for raw in (("to be, or not\n" * 20).encode("utf-8"),
+                b"x" * 200 + ("\nto be, or not" * 20).encode("utf-8")):  # (a line of 3 chunks, no safe cut in them)
+        path = _write(tmp_path, "t.txt", raw)
+        reported, handed_out = [0], []  # bytes reported; the bytes of text handed out, when each piece was taken
 
-    def on_bytes(data):
-        reported[0] += len(data)
+        def on_bytes(data, reported=reported):
+            reported[0] += len(data)
 
-    for text in data_mod._iter_file_text(path, "strict", 64, on_bytes):
-        # nothing counted for the piece being handled now: only a chunk's tail after its last safe cut, handed out
-        # with the next chunk, may be counted before it is handled (less than a chunk)
-        assert reported[0] - sum(handed_out) < 64
-        handed_out.append(len(text.encode("utf-8")))
-    assert reported[0] == sum(handed_out) == len(raw) and len(handed_out) > 2
+        for text in data_mod._iter_file_text(path, "strict", 64, on_bytes):
+            # nothing counted for the piece being handled now: only a chunk's tail after its last safe cut, handed
+            # out with the next chunk, may be counted before it is handled (less than a chunk)
+            assert reported[0] - sum(handed_out) < 64
+            handed_out.append(len(text.encode("utf-8")))
+        assert reported[0] == sum(handed_out) == len(raw) and len(handed_out) > 2
 
 
 def test_invalid_utf8_offset_across_chunks(tmp_path):

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import typing
 
 import numpy as np
 import pytest
@@ -615,9 +616,25 @@ def test_save_hf_rejects_a_model_whose_code_is_not_gpt2s(tmp_path, monkeypatch):
     untied.lm_head.weight = nn.Parameter(untied.wte.weight.detach().clone())
     with pytest.raises(FunGPTError, match="an lm_head not tied to wte, though the config ties them"):
         untied.save_hf(tmp_path / "untied")
+    overridden, hooked = make_model(), make_model()  # changed on the model, model.py as it is
+    overridden.blocks[0].mlp.forward = lambda x: x * 0
+    hooked.blocks[1].register_forward_hook(lambda module, args, out: out * 0)
+    for i, model in enumerate((overridden, hooked)):
+        with pytest.raises(FunGPTError, match=r"a forward replaced or hooked on one of its modules"):
+            model.save_hf(tmp_path / f"changed{i}")
     monkeypatch.setattr(MLP, "forward", lambda self, x: self.c_proj(self.c_fc(x)))  # no activation: model.py edited
     with pytest.raises(FunGPTError, match=r"forwards edited in fungpt/model.py"):
         make_model().save_hf(tmp_path / "edited")
+
+    def swiglu_init(self, config):  # another layout: the check must not read mlp.act, which is gone
+        nn.Module.__init__(self)
+        self.w1, self.w3 = Linear(config.n_embd, 4 * config.n_embd), Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+
+    monkeypatch.setattr(MLP, "__init__", swiglu_init)
+    monkeypatch.setattr(MLP, "forward", lambda self, x: self.c_proj(torch.nn.functional.silu(self.w1(x)) * self.w3(x)))
+    with pytest.raises(FunGPTError, match=r"tensors GPT-2 has not \['blocks.0.mlp.w1.bias'"):
+        make_model().save_hf(tmp_path / "swiglu")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]  # (refused before any folder was made)
 
 
@@ -763,8 +780,13 @@ def test_an_optional_field_added_to_the_config_is_checked_too():
     @dataclasses.dataclass
     class WithScale(GPTConfig):
         attn_scale: float | None = None
+        layers: list[int] = dataclasses.field(default_factory=lambda: [0, 1])  # (other generic fields of yours)
+        picks: list[int] | None = None
+        mode: typing.Literal["a", "b"] = "a"
 
-    assert WithScale(attn_scale=None).attn_scale is None
+    assert WithScale(attn_scale=None).attn_scale is None and WithScale(picks=[2]).layers == [0, 1]
+    with pytest.raises(FunGPTError, match=r"layers=3 should be of type list: fix its value"):
+        WithScale(layers=3)
     scaled = WithScale(attn_scale=1)
     assert type(scaled.attn_scale) is float and scaled.attn_scale == 1.0
     with pytest.raises(FunGPTError, match=r"attn_scale='0.5' should be of type float or None: fix its value"):

@@ -1244,12 +1244,19 @@ def test_a_prompt_file_is_read_up_to_a_bound(tmp_path, monkeypatch):
     import importlib
 
     sample_module = importlib.import_module("fungpt.sample")
-    monkeypatch.setattr(sample_module, "PROMPT_FILE_MAX_BYTES", 1 << 20)
-    prompt = tmp_path / "long.txt"
-    prompt.write_bytes(b"to be or not to be\n" * 60_000)  # 1.14 MB
-    with pytest.raises(FunGPTError, match=r"long.txt is over 1 MiB, and the model sees only its last block_size "
+    asked = []
+
+    class Endless(io.BytesIO):  # text without end, as a wrong path can be: only a bounded read ends
+        def read(self, n=-1):
+            assert n >= 0, "read whole"
+            asked.append(n)
+            return b"to be or not to be\n" * (n // 19) + b"t" * (n % 19)
+
+    monkeypatch.setattr(sample_module, "open", lambda path, mode="r": Endless(), raising=False)
+    with pytest.raises(FunGPTError, match=r"long.txt is over 16 MiB, and the model sees only its last block_size "
                                           r"tokens: pass the end of it \(e.g. `tail -c 100000 "):
-        sample(tmp_path / "no-run-needed", prompt_file=prompt)  # (refused before the run is loaded)
+        sample(tmp_path / "no-run-needed", prompt_file=tmp_path / "long.txt")  # (refused before the run is loaded)
+    assert asked == [16 * 2**20 + 1]
 
 
 def test_eval_and_prompt_files_keep_windows_line_endings(tmp_path, monkeypatch):
