@@ -558,7 +558,10 @@ def _run_flag_as_positional(name: str, args: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    start_time = process_start_time()
+    # The fungpt command's time (a time budget, elapsed_s) counts from its process's start, imports included;
+    # main() called by another program (a notebook open for an hour) counts from the call
+    fungpt_command = _startup.is_the_fungpt_command(getattr(sys, "orig_argv", sys.argv))
+    start_time = process_start_time() if fungpt_command else time.time()
     _startup.restore()  # Ctrl-C is a KeyboardInterrupt again, handled below (see fungpt/_startup.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     name, rest = (argv[0], argv[1:]) if argv else ("--help", [])
@@ -584,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     except _startup.Stopped as e:  # SIGTERM or SIGHUP: what it was doing was cleaned up as for Ctrl-C
         with contextlib.suppress(OSError):  # (after SIGHUP the terminal may be gone)
             print(f"\nfungpt: stopped by {signal.Signals(e.signum).name}", file=sys.stderr)
-        if not _startup.is_the_fungpt_command(getattr(sys, "orig_argv", sys.argv)):
+        if not fungpt_command:
             # A program that called main() (a script, a notebook, pytest) ends as the signal would have ended it
             # without FunGPT: only the cleaning up came first.
             restore_stop_signals()

@@ -459,6 +459,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise FunGPTError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except OSError as e:  # e.g. a folder or an unreadable file
         raise FunGPTError(f"cannot read config file {path}: {e.strerror or e}") from None
+    if not d:  # (a script that truncated it: the defaults would train silently, a long run of another model)
+        raise FunGPTError(f"config file {path} holds no settings; write the settings into it, or leave --config out "
+                          f"to train with the defaults")
     return d
 
 

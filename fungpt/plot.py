@@ -59,10 +59,9 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
     out = Path(out)
     if out.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise FunGPTError(f"--out {out} must end in .png, .svg or .pdf")
-    import matplotlib
-
-    matplotlib.use("Agg")  # draw to files; no display needed
-    import matplotlib.pyplot as plt
+    # A Figure of its own, not pyplot's: drawn to a file (with Agg), it leaves a notebook's plotting as it was
+    # (pyplot's backend switched to Agg, and inline plots then stopped showing after a train())
+    from matplotlib.figure import Figure
 
     if not runs:
         raise FunGPTError("give at least one run folder to plot")
@@ -76,7 +75,8 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
         names = [str(run) for run in runs]
     # a name's bytes that are not UTF-8 (Python holds them as lone surrogates) as U+FFFD: matplotlib refuses those
     names = [name.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for name in names]
-    fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    ax = fig.subplots()
     drawn = 0
     for i, (run, name) in enumerate(zip(runs, names)):
         train, evals = read_metrics(run)
@@ -91,7 +91,6 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
                     label=f"{name} val")
         drawn += bool(tr) + bool(ev)
     if not drawn:
-        plt.close(fig)
         raise FunGPTError(f"no loss rows with {key!r} in the metrics.jsonl of {', '.join(map(str, runs))}: "
                           f"train for a few steps first" + (", or try --x step" if x != "step" else ""))
     ax.set_xlabel(label)
@@ -101,10 +100,7 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
     ax.legend()
     with quiet_glyphs():  # (tight_layout draws the text already: a run folder named in CJK)
         fig.tight_layout()
-    try:
-        return save_figure(fig, out)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, out)
 
 
 @contextlib.contextmanager

@@ -69,7 +69,10 @@ def _load(run_dir: Path, folder: Path | None, checkpoint: str, device: str) -> L
     dev = detect_precision(device, "float32").device
     if dev == "cpu":
         cpu_matmul()  # resolved now: a bad FUNGPT_CPU_MATMUL is refused at load, not at the first product
-    model = GPT(cfg.model)
+    # (the random initial weights, drawn only to be overwritten, come from a stream of their own: a program's torch
+    # stream is left as it was, as train() leaves it)
+    with torch.random.fork_rng(devices=[]):
+        model = GPT(cfg.model)
     ckpt.load_weights(folder, model)
     model.to(dev).eval()
     return LoadedRun(model, tokenizer, cfg, int(manifest["step"]), dev, run_dir)

@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import datetime
 import errno
-import functools
 import hashlib
 import json
 import math
@@ -33,6 +32,7 @@ import signal
 import socket
 import stat
 import sys
+import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -128,10 +128,12 @@ def _loads(prepared: Path) -> bool:
         return False
 
 
-@functools.cache
 def _token_code_fingerprint() -> str:
     """The sha256 of data.py and tokenizer.py, the code that turns text into the cached tokens. An edit there (lower
-    case, blank lines dropped) was silently ignored: training read the tokens the old code had cached."""
+    case, blank lines dropped) was silently ignored: training read the tokens the old code had cached. Read at each
+    call, not once per process: a notebook's %autoreload runs the edited code in the same process. Any edit counts,
+    a comment's too (hashing their syntax trees instead took ~90 ms of every training command, a time budget's too).
+    """
     from fungpt import data as data_module
     from fungpt import tokenizer as tokenizer_module
 
@@ -139,7 +141,7 @@ def _token_code_fingerprint() -> str:
     for module in (data_module, tokenizer_module):
         try:
             h.update(Path(module.__file__).read_bytes())
-        except (OSError, TypeError):  # (no source file: a frozen install; its code does not change either)
+        except (OSError, TypeError):  # (no source file: a frozen install, which is not edited)
             h.update(module.__name__.encode())
     return "code=" + h.hexdigest()
 
@@ -1200,12 +1202,27 @@ def budget_spent(elapsed_s: float, timings: dict[str, float], budget_s: float) -
 
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress: bool = True,
           start_time: float | None = None, model_named: Collection[str] = ()) -> dict[str, Any]:
-    """Train the model described by `cfg`; return a summary (final step, losses, out_dir).
+    """Train the model described by `cfg`; return a summary: out_dir, step (the last), train_loss and val_loss at
+    that step, interrupted (and the signal), elapsed_s. Interrupted at a step with no eval, train_loss is that
+    step's batch loss and val_loss NaN.
 
     `model_named` lists the [model] fields the user wrote down even where they equal the defaults (the
-    CLI passes them): when fine-tuning, the fields not set take the checkpoint's values."""
-    with contextlib.ExitStack() as held:  # what the run holds (its out_dir's lock) is let go however it ends
-        return _train(cfg, resume, overwrite, progress, start_time, model_named, held)
+    CLI passes them): when fine-tuning, the fields not set take the checkpoint's values.
+
+    One run at a time in a process: a run seeds and draws from torch's global random streams (weights, dropout,
+    batches), so two runs in two threads drew from each other's, and neither could be repeated."""
+    if not _ONE_RUN.acquire(blocking=False):
+        raise FunGPTError("another train() is running in this process: a run draws from torch's global random "
+                          "streams, which two runs at once would share; train one at a time, or in separate "
+                          "processes")
+    try:
+        with contextlib.ExitStack() as held:  # what the run holds (its out_dir's lock) is let go however it ends
+            return _train(cfg, resume, overwrite, progress, start_time, model_named, held)
+    finally:
+        _ONE_RUN.release()
+
+
+_ONE_RUN = threading.Lock()  # held by the train() running in this process
 
 
 def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_time: float | None,
@@ -1731,6 +1748,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             _plot_quietly(out_dir)
     if ddp.enabled:
         dist.barrier()
+    if interrupted and evaluated_at != step:  # (the last eval's losses are older: step 0's, said as the run's own)
+        losses = {"train": last_loss}  # the last step's batch loss; no val loss at this step
     return {"out_dir": str(out_dir), "step": step, "train_loss": losses.get("train", last_loss),
             "val_loss": losses.get("val", float("nan")), "interrupted": interrupted,
             "signal": stop_signal, "elapsed_s": time.time() - start_time}

@@ -112,13 +112,12 @@ def _check_out(out: str | Path) -> Path:
     return out
 
 
-def _pyplot():
-    import matplotlib
+def _figure(figsize: tuple[float, float]):
+    """A matplotlib Figure of its own, not pyplot's: drawn to a file (with Agg), it leaves a notebook's plotting as it
+    was (pyplot's backend was switched to Agg, and the notebook's inline plots stopped showing)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # draw to files; no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=figsize, layout="constrained")  # constrained: panels, labels and colour bars fit
 
 
 def _save(fig, out: Path) -> Path:
@@ -159,15 +158,16 @@ def plot_attention(weights: torch.Tensor, labels: list[str], out: str | Path, la
         bad = [i for i in chosen if not 0 <= i < n]
         if bad:
             raise FunGPTError(f"--{name} {bad[0]} does not exist: this model has {n} {name}s, numbered 0..{n - 1}")
-    plt = _pyplot()
+    import matplotlib
+
     rows, cols = len(layers), len(heads)
     title = wrap_title(title or "attention weights (each row sums to 1; grey = future, masked)",
                        attention_figsize(rows, cols, T)[0])
-    fig, axes = plt.subplots(rows, cols, figsize=attention_figsize(rows, cols, T, title.count("\n") + 1),
-                             squeeze=False, layout="constrained")  # constrained: panels, labels and colour bar fit
+    fig = _figure(attention_figsize(rows, cols, T, title.count("\n") + 1))
+    axes = fig.subplots(rows, cols, squeeze=False)
     future = np.triu(np.ones((T, T), dtype=bool), k=1)  # (T, T) True above the diagonal
     vmax = float(weights[layers][:, heads].max())
-    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")  # masked (future) cells in grey
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")  # masked (future) cells in grey
     max_labels = 60 if rows * cols == 1 else 24
     image = None
     for r, layer in enumerate(layers):
@@ -188,9 +188,7 @@ def plot_attention(weights: torch.Tensor, labels: list[str], out: str | Path, la
                 ax.set_xticks([])
     fig.suptitle(title, fontsize=10)
     fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight")
-    result = _save(fig, out)
-    plt.close(fig)
-    return result
+    return _save(fig, out)
 
 
 # ------------------------------------------------------------------------------------- positions
@@ -273,11 +271,11 @@ def plot_positions(kind: str, out: str | Path, run=None, block_size: int | None 
     n_head = n_head or cfg.n_head
     rope_base = rope_base or cfg.rope_base
     name = f"{run.run_dir.name}: " if run is not None else ""
-    plt = _pyplot()
     if kind in ("sinusoidal", "learned"):
         table = position_table(kind, block_size, n_embd, run.model if run is not None else None)  # (T, C)
         n_panels = 3 if kind == "sinusoidal" else 2
-        fig, axes = plt.subplots(1, n_panels, figsize=POSITION_FIGSIZE[kind], layout="constrained")
+        fig = _figure(POSITION_FIGSIZE[kind])
+        axes = fig.subplots(1, n_panels)
         lim = float(table.abs().max())
         im = axes[0].imshow(table.numpy(), aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim,
                             interpolation="nearest")
@@ -307,7 +305,8 @@ def plot_positions(kind: str, out: str | Path, run=None, block_size: int | None 
             raise FunGPTError(f"RoPE needs an even head size, got n_embd/n_head = {hs}")
         rope = RotaryPositions(block_size, hs, rope_base)
         theta = rope_base ** (-torch.arange(hs // 2, dtype=torch.float32) / (hs // 2))  # (hs/2,) as in RotaryPositions
-        fig, axes = plt.subplots(1, 3, figsize=POSITION_FIGSIZE["rope"], layout="constrained")
+        fig = _figure(POSITION_FIGSIZE["rope"])
+        axes = fig.subplots(1, 3)
         axes[0].semilogy(theta.numpy(), marker="o", ms=3)
         axes[0].set(title="speed of pair i: theta_i = base^(-2i/hs)", xlabel="pair i",
                     ylabel="radians per position (log)")
@@ -326,6 +325,4 @@ def plot_positions(kind: str, out: str | Path, run=None, block_size: int | None 
         ax.title.set_fontsize(10)
     fig.suptitle(f"{name}{kind} position encoding (block_size {block_size}, n_embd {n_embd}, "
                  f"head size {n_embd // n_head})", fontsize=11)
-    result = _save(fig, out)
-    plt.close(fig)
-    return result
+    return _save(fig, out)

@@ -1078,6 +1078,16 @@ def test_a_run_saved_with_a_setting_this_code_lacks_says_where_it_came_from(worl
                           "remove them from that config.json")
 
 
+def test_loading_a_run_leaves_torch_random_stream_as_it_was(world):
+    """load_run drew the model's random initial weights (overwritten at once) from the caller's torch stream: in a
+    notebook, sample or eval between two seeded cells changed what the second one drew."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    load_run(world["run"], device="cpu")
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_a_closed_stdout_or_stderr_is_no_error(tmp_path):
     """`fungpt train ... >&-`: Python makes a closed stream None, and a finished run ended in an AttributeError
     traceback and status 1 (with stderr closed, every command stopped at its first message)."""
@@ -1296,6 +1306,7 @@ def _files(world, tmp_path) -> dict[str, str]:
     (t / "latin1.txt").write_bytes("ROMÉO:".encode("latin-1"))
     (t / "binary.bin").write_bytes(b"ROMEO\x00\x00\x01")
     os.mkfifo(t / "pipe.toml")  # (what `--config <(...)` passes, a pipe, named)
+    (t / "empty.toml").write_text("# truncated by a script\n")
     other = t / "other"
     shutil.copytree(world["run"], other)
     (t / "prepared").mkdir()
@@ -1467,6 +1478,8 @@ BAD_INPUTS = {
     "TOML out_dir not a string": ([*TRAIN, "--config", "{tmp}/out_dir_list.toml"], "['a', 'b'] should be a folder"),
     "TOML unknown section": ([*TRAIN, "--config", "{tmp}/unknown_section.toml"], "optim"),
     "TOML not UTF-8": ([*TRAIN, "--config", "{tmp}/not_utf8.toml"], "not_utf8.toml"),
+    "TOML empty": ([*TRAIN, "--config", "{tmp}/empty.toml"], "empty.toml holds no settings; write the settings "
+                                                             "into it, or leave --config out"),
     "TOML in a pipe": ([*TRAIN, "--config", "{tmp}/pipe.toml"], "pipe.toml is not a regular file (a pipe, such as "
                                                                 "<(...), can be read only once)"),
     # sample / eval / prepare / plot

@@ -524,6 +524,53 @@ def test_lr_schedule_values_through_warmup_decay_and_past_its_end(schedule, expe
         assert get_lr(it, tc) == pytest.approx(lr, abs=1e-12), it
 
 
+def test_main_called_by_a_program_counts_time_from_the_call(tmp_path, monkeypatch, corpus):
+    """From a notebook open for an hour, main(["train", ..., "--train.max-minutes", "30"]) was refused: "3600 s
+    went before the first step" (the kernel's start, not the command's). The fungpt command still counts its
+    imports."""
+    import time
+
+    import fungpt._startup
+    import fungpt.cli
+
+    seen = {}
+    monkeypatch.setattr(sys.modules["fungpt.train"], "train", lambda run, **kw: seen.update(kw) or
+                        {"out_dir": run.out_dir, "interrupted": False})
+    monkeypatch.setattr(fungpt.cli, "process_start_time", lambda: time.time() - 3600)  # an hour-old process
+    args = ["train", "--data.path", str(corpus), "--out-dir", str(tmp_path / "o"), "--train.device", "cpu"]
+    before = time.time()
+    assert main(args) == 0
+    assert before <= seen["start_time"] <= time.time()  # from the call
+    monkeypatch.setattr(fungpt._startup, "is_the_fungpt_command", lambda argv: True)  # as `fungpt train ...`
+    assert main(args) == 0
+    assert seen["start_time"] < before - 3000  # from the process's start
+
+
+def test_two_runs_at_once_in_one_process_are_refused(corpus, tmp_path, monkeypatch):
+    """Two train() calls in two threads drew from the same global random streams (dropout, batches): each gave
+    other losses than alone, and neither could be repeated."""
+    import importlib
+    import threading
+
+    train_module = importlib.import_module("fungpt.train")  # (fungpt.train, the attribute, is the function)
+    started, finish = threading.Event(), threading.Event()
+
+    def running(*args):  # a run that goes on until told to finish
+        started.set()
+        finish.wait(60)
+        return {"step": 0}
+
+    monkeypatch.setattr(train_module, "_train", running)
+    first = threading.Thread(target=train, args=(tiny_config(corpus, tmp_path / "a"),), kwargs={"progress": False})
+    first.start()
+    assert started.wait(60)
+    with pytest.raises(FunGPTError, match=r"^another train\(\) is running in this process: .* train one at a time"):
+        train(tiny_config(corpus, tmp_path / "b"), progress=False)
+    finish.set()
+    first.join(60)
+    assert train(tiny_config(corpus, tmp_path / "b"), progress=False) == {"step": 0}  # one after the other: fine
+
+
 def test_toml_then_cli_precedence(tmp_path, monkeypatch, corpus, capsys):
     cfg_file = tmp_path / "c.toml"
     cfg_file.write_text(f'out_dir = "{tmp_path / "o"}"\n[data]\npath = "{corpus}"\n'
@@ -828,22 +875,15 @@ def test_a_changed_val_fraction_prepares_the_data_again(corpus, tmp_path, monkey
 def test_an_edit_of_the_code_that_makes_the_tokens_prepares_the_data_again(corpus, tmp_path, monkeypatch):
     """A learner's edit of tokenizer.py or data.py (lower case, blank lines dropped) was silently ignored: training
     read the tokens the old code had cached."""
-    import importlib
-
     import fungpt.tokenizer
     from fungpt.train import resolve_data
 
-    train_module = importlib.import_module("fungpt.train")  # (fungpt.train, the attribute, is the function)
     monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
     first = resolve_data(DataConfig(path=str(corpus)), progress=False)
     edited = tmp_path / "tokenizer.py"  # the module's source with one more line, as an editor leaves it
     edited.write_text(Path(fungpt.tokenizer.__file__).read_text(encoding="utf-8") + "# lower-cased\n")
-    monkeypatch.setattr(fungpt.tokenizer, "__file__", str(edited))
-    train_module._token_code_fingerprint.cache_clear()
-    try:
-        second = resolve_data(DataConfig(path=str(corpus)), progress=False)
-    finally:
-        train_module._token_code_fingerprint.cache_clear()  # (the real source again for the tests after this one)
+    monkeypatch.setattr(fungpt.tokenizer, "__file__", str(edited))  # (in the same process: %autoreload)
+    second = resolve_data(DataConfig(path=str(corpus)), progress=False)
     assert second != first and second.parent == first.parent and (second / "meta.json").is_file()
 
 
@@ -1215,6 +1255,30 @@ def test_scripts_stop_when_their_training_is_interrupted(script, argv, tmp_path,
     assert stop.value.code == 143 if script.startswith("examples") else "interrupted" in str(stop.value.code)
     assert "val loss" not in capsys.readouterr().out
     assert not (tmp_path / "figures").exists() or not any((tmp_path / "figures").iterdir())
+
+
+def test_an_interrupted_run_returns_the_losses_of_the_step_it_stopped_at(corpus, tmp_path, monkeypatch):
+    """train() interrupted at step 5 returned step 0's eval losses (about ln(vocab)) as its train and val loss,
+    with nothing saying how old they were."""
+    import importlib
+    import signal
+
+    train_module = importlib.import_module("fungpt.train")  # (fungpt.train, the attribute, is the function)
+    real_get_lr, calls = train_module.get_lr, []
+
+    def get_lr(it, tc):  # called once before each step: Ctrl-C during the 5th
+        calls.append(it)
+        if len(calls) == 5:
+            signal.raise_signal(signal.SIGINT)
+        return real_get_lr(it, tc)
+
+    monkeypatch.setattr(train_module, "get_lr", get_lr)
+    out = tmp_path / "run"
+    result = train(tiny_config(corpus, out, max_iters=50, eval_interval=100, checkpoint_interval=100), progress=False)
+    assert result["interrupted"] and result["step"] == 5
+    last = [r for r in read_rows(out) if "train_loss" in r and "val_loss" not in r][-1]
+    assert last["step"] == 5 and result["train_loss"] == pytest.approx(last["train_loss"])  # the last step's
+    assert math.isnan(result["val_loss"])  # (no eval at step 5)
 
 
 def test_eval_refuses_a_data_folder_prepared_again_with_another_tokenizer(corpus, tmp_path):

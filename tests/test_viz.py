@@ -227,6 +227,25 @@ def test_plot_attention_svg_is_valid_xml(tmp_path):
     assert ET.parse(out).getroot().tag.endswith("svg")
 
 
+def test_drawing_leaves_a_notebooks_plotting_as_it_was(run_dir, tmp_path, monkeypatch):
+    """The loss plot (drawn by every train()), attention and positions switched pyplot's backend to Agg: in a
+    notebook, plt.show() and inline plots then showed nothing for the rest of the kernel's life."""
+    import matplotlib
+
+    matplotlib.use("pdf")  # (any backend but Agg: a notebook's inline one, here one that needs no display)
+    monkeypatch.setattr(matplotlib, "use", lambda *a, **k: pytest.fail("switched the backend"))
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    plot_runs([run_dir], out=tmp_path / "loss.png")
+    assert main(["attention", str(run_dir), "--prompt", "RO", "--out", str(tmp_path / "a.png")]) == 0
+    assert main(["positions", "--pos-encoding", "rope", "--out", str(tmp_path / "p.png")]) == 0
+    assert matplotlib.get_backend() == "pdf" and plt.get_fignums() == before  # none of ours left in pyplot
+    assert all((tmp_path / name).stat().st_size > 0 for name in ("loss.png", "a.png", "p.png"))
+    monkeypatch.undo()
+    matplotlib.use("Agg")
+
+
 def test_tokens_the_font_lacks_do_not_print_matplotlibs_warning(tmp_path):
     """`fungpt attention --prompt "こんにちは"` printed matplotlib's UserWarning with a raw source line."""
     import warnings
