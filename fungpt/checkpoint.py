@@ -70,8 +70,15 @@ def _sha256(path: Path) -> str:
 def temp_stem(name: str) -> str:
     """The start of a temporary name made from `name`: at most 100 bytes of it in UTF-8 (whole characters), so that
     with what is added the temporary stays within the file systems' 255-byte limit on a name (a valid 249-character
-    --out failed with "File name too long"; 80 CJK characters are 240 bytes)."""
-    return name.encode("utf-8", "surrogateescape")[:100].decode("utf-8", "ignore")
+    --out failed with "File name too long"; 80 CJK characters are 240 bytes). A shorter name is kept whole, its
+    bytes that are not UTF-8 (Python's surrogate escapes) included."""
+    kept, size = 0, 0
+    for ch in name:
+        size += len(ch.encode("utf-8", "surrogateescape"))
+        if size > 100:
+            break
+        kept += 1
+    return name[:kept]
 
 
 def open_new_temp(path: Path, mode: str = "w"):

@@ -328,7 +328,7 @@ def _build_section(klass: type, values: Any, where: str, defaults: Any, checked:
         # A run's config.json lists what its training had: settings this code lacks were its code's (a learner's
         # field, since removed; another FunGPT version)
         fix = ("; the run was saved by code (or a FunGPT version) that had them: go back to that code, or remove them "
-               "from that config.json" if where.split(" [")[0].endswith(".json")
+               "from that config.json" if where.rsplit(" [", 1)[0].endswith(".json")
                else "; see `fungpt train --help` for the valid ones")
         raise FunGPTError(f"{where}: unknown setting(s) {sorted(unknown)}" + (f" ({said})" if said else "") + fix)
     merged = {**dataclasses.asdict(defaults), **values}

@@ -600,7 +600,8 @@ def prepare(
     if given is not None:
         tok: Tokenizer = given
     elif tokenizer == "char":
-        tok = CharTokenizer.train("".join(chars_seen))  # (its vocabulary rule, in one place: tokenizer.py)
+        # (its vocabulary rule, in one place: tokenizer.py; it gets each character of the corpus once, in no order)
+        tok = CharTokenizer.train("".join(chars_seen))
     elif tokenizer == "bpe":
         with _progress_bar(total_bytes, "training bpe", progress) as bar:
             chunks = (

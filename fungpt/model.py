@@ -94,7 +94,7 @@ class GPTConfig:
             # (a field of yours may be optional, float | None, or a list[int]: checked as a list; a Literal is not)
             union = typing.get_origin(f.type) in (typing.Union, types.UnionType)
             types_ = tuple(typing.get_origin(t) or t for t in (typing.get_args(f.type) if union else (f.type,)))
-            if not all(isinstance(t, type) for t in types_):
+            if typing.Any in types_ or not all(isinstance(t, type) for t in types_):
                 continue
             ok = isinstance(value, types_) and not (bool not in types_ and isinstance(value, bool))
             number = next((t for t in (int, float) if t in types_), None)

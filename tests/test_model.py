@@ -598,6 +598,7 @@ def test_save_hf_rejects_a_model_whose_code_is_not_gpt2s(tmp_path, monkeypatch):
     MLP 8x wide) or computed another model (a ReLU), after `fungpt export` had said it was done."""
     from torch import nn
 
+    from fungpt.decode import Decoder
     from fungpt.linear import Linear
     from fungpt.model import MLP
 
@@ -616,12 +617,15 @@ def test_save_hf_rejects_a_model_whose_code_is_not_gpt2s(tmp_path, monkeypatch):
     untied.lm_head.weight = nn.Parameter(untied.wte.weight.detach().clone())
     with pytest.raises(FunGPTError, match="an lm_head not tied to wte, though the config ties them"):
         untied.save_hf(tmp_path / "untied")
-    overridden, hooked = make_model(), make_model()  # changed on the model, model.py as it is
+    overridden, hooked, pre_hooked = make_model(), make_model(), make_model()  # changed on the model, not in model.py
     overridden.blocks[0].mlp.forward = lambda x: x * 0
     hooked.blocks[1].register_forward_hook(lambda module, args, out: out * 0)
-    for i, model in enumerate((overridden, hooked)):
+    pre_hooked.blocks[0].mlp.register_forward_pre_hook(lambda module, args: (args[0] * 0,))
+    for i, model in enumerate((overridden, hooked, pre_hooked)):
+        assert not Decoder.supports(model, torch.tensor([[1, 2]]))  # (generation runs GPT.forward, which runs them)
         with pytest.raises(FunGPTError, match=r"a forward replaced or hooked on one of its modules"):
             model.save_hf(tmp_path / f"changed{i}")
+
     monkeypatch.setattr(MLP, "forward", lambda self, x: self.c_proj(self.c_fc(x)))  # no activation: model.py edited
     with pytest.raises(FunGPTError, match=r"forwards edited in fungpt/model.py"):
         make_model().save_hf(tmp_path / "edited")
@@ -636,6 +640,9 @@ def test_save_hf_rejects_a_model_whose_code_is_not_gpt2s(tmp_path, monkeypatch):
     with pytest.raises(FunGPTError, match=r"tensors GPT-2 has not \['blocks.0.mlp.w1.bias'"):
         make_model().save_hf(tmp_path / "swiglu")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]  # (refused before any folder was made)
+    monkeypatch.undo()
+    monkeypatch.setattr("fungpt.decode.mirrored_source", lambda: None)  # an install without source: nothing known
+    make_model().save_hf(tmp_path / "no-source")
 
 
 def test_gpt2_incompatibilities_names_every_difference():
@@ -783,8 +790,11 @@ def test_an_optional_field_added_to_the_config_is_checked_too():
         layers: list[int] = dataclasses.field(default_factory=lambda: [0, 1])  # (other generic fields of yours)
         picks: list[int] | None = None
         mode: typing.Literal["a", "b"] = "a"
+        maybe: typing.Literal["a"] | None = None  # (a union with a Literal: not checked)
+        anything: typing.Any = None
 
     assert WithScale(attn_scale=None).attn_scale is None and WithScale(picks=[2]).layers == [0, 1]
+    assert WithScale(maybe="a", anything=3).anything == 3
     with pytest.raises(FunGPTError, match=r"layers=3 should be of type list: fix its value"):
         WithScale(layers=3)
     scaled = WithScale(attn_scale=1)

@@ -1069,6 +1069,10 @@ def test_a_run_saved_with_a_setting_this_code_lacks_says_where_it_came_from(worl
     cannot help with a run folder."""
     run = tmp_path / "run"
     shutil.copytree(world["run"], run)
+    from fungpt.config import RunConfig
+
+    with pytest.raises(FunGPTError, match="the run was saved by code"):  # (a folder named with " [" too)
+        RunConfig.from_dict({"train": {"label_smoothing": 0.1}}, source="runs/my [v2]/config.json")
     saved = json.loads((run / "config.json").read_text())
     saved["train"]["label_smoothing"] = 0.1
     (run / "config.json").write_text(json.dumps(saved))

@@ -1321,6 +1321,11 @@ def test_a_prompt_file_is_read_up_to_a_bound(tmp_path, monkeypatch):
                                           r"tokens: pass the end of it \(e.g. `tail -c 100000 "):
         sample(tmp_path / "no-run-needed", prompt_file=tmp_path / "long.txt")  # (refused before the run is loaded)
     assert asked == [16 * 2**20 + 1]
+    monkeypatch.undo()
+    monkeypatch.setattr(sample_module, "PROMPT_FILE_MAX_BYTES", 64)
+    (tmp_path / "just.txt").write_bytes(b"x" * 64)  # exactly the most: taken (then the missing run is named)
+    with pytest.raises(FunGPTError, match="no-run-needed does not exist"):
+        sample(tmp_path / "no-run-needed", prompt_file=tmp_path / "just.txt")
 
 
 def test_eval_and_prompt_files_keep_windows_line_endings(tmp_path, monkeypatch):
