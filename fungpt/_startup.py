@@ -27,18 +27,31 @@ def is_the_fungpt_command(argv: list[str]) -> bool:
     `.../fungpt ...` (the console script) or `python [options] -m fungpt ...`."""
     if not argv:
         return False
-    name = os.path.basename(argv[0]).lower()
-    if name in ("fungpt", "fungpt.exe", "fungpt-script.py"):
+    scripts = ("fungpt", "fungpt.exe", "fungpt-script.py")
+    if os.path.basename(argv[0]).lower() in scripts:
         return True
-    if len(argv) > 1 and os.path.basename(argv[1]).lower() in ("fungpt", "fungpt.exe", "fungpt-script.py"):
-        return True  # python .../bin/fungpt ... (Windows: pip's launcher runs python ...\Scripts\fungpt.exe ...)
-    for i, arg in enumerate(argv[1:], start=1):  # the interpreter's options come before -m MODULE
-        if arg == "-m":
-            return i + 1 < len(argv) and argv[i + 1] == "fungpt"
-        if arg.startswith("-m"):
-            return arg == "-mfungpt"
-        if not arg.startswith("-"):
-            return False  # a script (or an option's value): not -m fungpt
+    # python [options] -m fungpt ..., or python [options] .../bin/fungpt ... (torchrun runs its workers as
+    # `python -u SCRIPT`; Windows: pip's launcher runs python ...\Scripts\fungpt.exe ...)
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--" or not arg.startswith("-") or arg == "-":
+            script = argv[i + 1] if arg == "--" and i + 1 < len(argv) else arg
+            return os.path.basename(script).lower() in scripts
+        if arg in ("-X", "-W", "--check-hash-based-pycs"):  # an option whose value is the next argument
+            i += 2
+            continue
+        if arg.startswith("--"):
+            i += 1
+            continue
+        flags = arg[1:]  # one or more one-letter flags (-u, -uB), the last of which may take a value: -m, -c
+        for j, flag in enumerate(flags):
+            if flag in "mc":
+                value = flags[j + 1:] or (argv[i + 1] if i + 1 < len(argv) else "")
+                return flag == "m" and value == "fungpt"
+            if flag in "XW":  # (-Xdev, -Wignore: the value is attached)
+                break
+        i += 1
     return False
 
 

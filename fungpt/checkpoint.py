@@ -70,15 +70,19 @@ def _sha256(path: Path) -> str:
 def temp_stem(name: str) -> str:
     """The start of a temporary name made from `name`: at most 100 bytes of it in UTF-8 (whole characters), so that
     with what is added the temporary stays within the file systems' 255-byte limit on a name (a valid 249-character
-    --out failed with "File name too long"; 80 CJK characters are 240 bytes). A shorter name is kept whole, its
-    bytes that are not UTF-8 (Python's surrogate escapes) included."""
+    --out failed with "File name too long"; 80 CJK characters are 240 bytes). A name of up to 100 bytes is kept
+    whole, its bytes that are not UTF-8 (Python's surrogate escapes) included; a longer one is cut at a character
+    and ends in a hash of the whole name, so that two long names that begin alike keep temporaries of their own."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= 100:
+        return name
     kept, size = 0, 0
     for ch in name:
         size += len(ch.encode("utf-8", "surrogateescape"))
-        if size > 100:
+        if size > 91:  # (91 bytes + "~" + 8 hex digits = 100)
             break
         kept += 1
-    return name[:kept]
+    return f"{name[:kept]}~{hashlib.sha256(raw).hexdigest()[:8]}"
 
 
 def open_new_temp(path: Path, mode: str = "w"):

@@ -557,11 +557,14 @@ def _run_flag_as_positional(name: str, args: list[str]) -> list[str]:
     return [runs[0], *rest]
 
 
-def main(argv: list[str] | None = None) -> int:
-    # The fungpt command's time (a time budget, elapsed_s) counts from its process's start, imports included;
-    # main() called by another program (a notebook open for an hour) counts from the call
-    fungpt_command = _startup.is_the_fungpt_command(getattr(sys, "orig_argv", sys.argv))
-    start_time = process_start_time() if fungpt_command else time.time()
+def main(argv: list[str] | None = None, *, command_start: float | None = None) -> int:
+    """Run one fungpt command (argv: its arguments, sys.argv[1:] by default); return its exit status.
+
+    command_start: given by entry(), the fungpt command itself: when its process started, so that its time (a time
+    budget, elapsed_s) counts the imports too. main() called by another program (a notebook open for an hour)
+    counts from the call."""
+    fungpt_command = command_start is not None
+    start_time = command_start if fungpt_command else time.time()
     _startup.restore()  # Ctrl-C is a KeyboardInterrupt again, handled below (see fungpt/_startup.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     name, rest = (argv[0], argv[1:]) if argv else ("--help", [])
@@ -676,7 +679,7 @@ def entry() -> None:
                 stream.reconfigure(encoding="utf-8", errors=errors,
                                    line_buffering=True if stream is sys.stdout else None)
     try:
-        code = main()
+        code = main(command_start=process_start_time())
     except Exception:  # noqa: BLE001 - reported in full, as Python would
         sys.excepthook(*sys.exc_info())
         code = 1

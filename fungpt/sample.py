@@ -256,7 +256,8 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
             note = (f"fungpt: note: {data_dir / 'meta.json'} has no {' or '.join(k for k, _ in missing)} (the size "
                     f"of the val text), so bits per {' and per '.join(u for _, u in missing)} cannot be given; pass "
                     f"--input VAL_TEXT_FILE to score the text itself")
-        elif meta.get("eot_id") is not None and meta.get("source_files", 1) > 1 and not meta.get("bytes_exclude_eot"):
+        elif (meta.get("eot_id") is not None and meta.get("source_files", 1) > 1 and not meta.get("bytes_exclude_eot")
+              and bool(np.any(tokens == meta["eot_id"]))):  # (with none in val, its val figures are exact)
             note = (f"fungpt: note: {data_dir} was prepared by an older FunGPT, which counted each <|endoftext|> "
                     f"between its files as 13 bytes of text: its bits per byte and per character come out a little "
                     f"low; prepare it again (or pass --input) for the exact figures")

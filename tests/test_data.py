@@ -462,9 +462,10 @@ def test_prepare_builds_the_char_vocabulary_with_char_tokenizer_train(tmp_path, 
 def test_bytes_are_reported_once_their_text_is_handled(tmp_path):
     """prepare's bars count the bytes on_bytes reports: counted when read, they ran a chunk (8 MB, seconds of
     encoding) ahead of the work, and sat at 100% at the end."""
-    for raw in (("to be, or not\n" * 20).encode("utf-8"),
-                b"x" * 200 + ("\nto be, or not" * 20).encode("utf-8"),  # (a line of 3 chunks, no safe cut in them)
-                b"ab\n" + b"x" * 100):  # (the last chunk has no safe cut: reported at the end)
+    for raw, pieces in ((("to be, or not\n" * 20).encode("utf-8"), 4),
+                        # (a line of 3 chunks, no safe cut in them)
+                        (b"x" * 200 + ("\nto be, or not" * 20).encode("utf-8"), 3),
+                        (b"ab\n" + b"x" * 100, 2)):  # (the last chunk has no safe cut: reported at the end)
         path = _write(tmp_path, "t.txt", raw)
         reported, handed_out = [0], []  # bytes reported; the bytes of text handed out, when each piece was taken
 
@@ -476,7 +477,7 @@ def test_bytes_are_reported_once_their_text_is_handled(tmp_path):
             # out with the next chunk, may be counted before it is handled (less than a chunk)
             assert 0 <= reported[0] - sum(handed_out) < 64  # (and all of what was handed out: the bar moves)
             handed_out.append(len(text.encode("utf-8")))
-        assert reported[0] == sum(handed_out) == len(raw) and len(handed_out) >= 2
+        assert reported[0] == sum(handed_out) == len(raw) and len(handed_out) >= pieces
 
 
 def test_invalid_utf8_offset_across_chunks(tmp_path):
@@ -594,24 +595,30 @@ def test_temporary_folders_of_a_killed_prepare_are_removed(tmp_path, corpus):
 
 def test_prepare_into_a_name_near_the_length_limit(tmp_path, corpus, monkeypatch):
     """Its temporaries added ".tmp-HOST-PID" (a host name of up to 64 characters) to the whole name: a valid
-    250-byte --out failed. They take the name's first 100 bytes, and the stale ones are found by them."""
+    250-byte --out failed. They take at most 100 bytes of it, and the stale ones are found by them (not by those of
+    another long name that begins alike)."""
     from fungpt.checkpoint import temp_stem
 
     assert temp_stem(os.fsdecode(b"caf\xe9")) == os.fsdecode(b"caf\xe9")  # short: whole, its non-UTF-8 byte too
-    assert temp_stem("a" * 99 + "\u00e9") == "a" * 99 and temp_stem("a" * 98 + "\u00e9") == "a" * 98 + "\u00e9"
-    assert temp_stem("\u8a9e" * 80) == "\u8a9e" * 33  # (3 bytes each: whole characters, at most 100 bytes)
+    assert temp_stem("a" * 99 + "\u00e9") != temp_stem("a" * 99 + "\u00e8")  # (101 bytes: cut, told apart)
+    assert temp_stem("a" * 98 + "\u00e9") == "a" * 98 + "\u00e9"  # (100 bytes: whole)
+    for long in ("a" * 99 + "\u00e9", "\u8a9e" * 80, "b" * 250):
+        stem = temp_stem(long)
+        assert len(stem.encode("utf-8")) <= 100 and long.startswith(stem[:-9]) and stem[-9] == "~"
     monkeypatch.setattr(data_mod, "_HOST", "h" * 64)
     name = "b" * 250
-    stale = tmp_path / f"{'b' * 100}.tmp-otherhost-123"  # a killed prepare's, into the same long name
-    stale.mkdir()
-    (stale / "train.bin").write_bytes(b"\0" * 10)
     hour_ago = time.time() - data_mod.STALE_TEMP_S - 60
-    for path in (stale / "train.bin", stale):
-        os.utime(path, (hour_ago, hour_ago))
+    stale = tmp_path / f"{temp_stem(name)}.tmp-otherhost-123"  # a killed prepare's, into the same long name
+    other = tmp_path / f"{temp_stem('b' * 249 + 'c')}.tmp-otherhost-124"  # another long name's: not ours to take
+    for folder in (stale, other):
+        folder.mkdir()
+        (folder / "train.bin").write_bytes(b"\0" * 10)
+        for path in (folder / "train.bin", folder):
+            os.utime(path, (hour_ago, hour_ago))
     out = prepare(corpus, tmp_path / name, progress=False)
     assert out.name == name and load_meta(out)["train_tokens"] > 0
     assert load_meta(prepare(corpus, tmp_path / name, overwrite=True, progress=False))["train_tokens"] > 0
-    assert leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == [other.name]
 
 
 def test_a_dataset_in_a_hidden_folder_inside_the_input_folder_is_allowed(tmp_path):

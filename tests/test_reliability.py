@@ -588,9 +588,9 @@ def then_sigterm(real, when=lambda *args: True):
 # prepare (also train's): as it writes meta.json into its temporary folder; export: before the tokenizer's files
 json.dump = then_sigterm(json.dump, lambda obj, *rest: isinstance(obj, dict) and "source_sha256" in obj)
 fungpt.pretrained.save_hf_tokenizer = then_sigterm(fungpt.pretrained.save_hf_tokenizer)
-if sys.argv[1] == "True":  # run as the fungpt command is (python -m fungpt ...), not as a program calling main()
-    sys.orig_argv = [sys.executable, "-m", "fungpt", *sys.argv[2:]]
-sys.exit(fungpt.cli.main(sys.argv[2:]))
+# as the fungpt command runs it (entry(), python -m fungpt ...: its start given), or as a program calling main()
+command_start = fungpt.cli.process_start_time() if sys.argv[1] == "True" else None
+sys.exit(fungpt.cli.main(sys.argv[2:], command_start=command_start))
 """
 
 
@@ -1026,7 +1026,7 @@ def test_an_unexpected_error_exits_at_once_with_its_traceback(tmp_path):
     """A bug's exception went through Python's slow teardown (~1 s): under torchrun the peer it left stuck exited
     first, and torchrun named that innocent process as the root cause."""
     script = ("import fungpt.cli as cli\n"
-              "def main():\n    raise ValueError('a bug')\n"
+              "def main(argv=None, **kw):\n    raise ValueError('a bug')\n"
               "cli.main = main\n"
               "import atexit\natexit.register(lambda: print('teardown ran'))\n"  # skipped by the fast exit
               "cli.entry()\n")
@@ -1096,7 +1096,7 @@ def test_a_closed_stdout_or_stderr_is_no_error(tmp_path):
     """`fungpt train ... >&-`: Python makes a closed stream None, and a finished run ended in an AttributeError
     traceback and status 1 (with stderr closed, every command stopped at its first message)."""
     script = ("import sys\nimport fungpt.cli as cli\n"
-              "def main():\n    print('done')\n    print('a note', file=sys.stderr)\n    return 3\n"
+              "def main(argv=None, **kw):\n    print('done')\n    print('a note', file=sys.stderr)\n    return 3\n"
               "cli.main = main\ncli.entry()\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     for closed in (">&-", "2>&-", ">&- 2>&-"):

@@ -233,17 +233,19 @@ def test_drawing_leaves_a_notebooks_plotting_as_it_was(run_dir, tmp_path, monkey
     import matplotlib
 
     matplotlib.use("pdf")  # (any backend but Agg: a notebook's inline one, here one that needs no display)
-    monkeypatch.setattr(matplotlib, "use", lambda *a, **k: pytest.fail("switched the backend"))
-    import matplotlib.pyplot as plt
+    try:
+        monkeypatch.setattr(matplotlib, "use", lambda *a, **k: pytest.fail("switched the backend"))
+        import matplotlib.pyplot as plt
 
-    before = plt.get_fignums()
-    plot_runs([run_dir], out=tmp_path / "loss.png")
-    assert main(["attention", str(run_dir), "--prompt", "RO", "--out", str(tmp_path / "a.png")]) == 0
-    assert main(["positions", "--pos-encoding", "rope", "--out", str(tmp_path / "p.png")]) == 0
-    assert matplotlib.get_backend() == "pdf" and plt.get_fignums() == before  # none of ours left in pyplot
-    assert all((tmp_path / name).stat().st_size > 0 for name in ("loss.png", "a.png", "p.png"))
-    monkeypatch.undo()
-    matplotlib.use("Agg")
+        before = plt.get_fignums()
+        plot_runs([run_dir], out=tmp_path / "loss.png")
+        assert main(["attention", str(run_dir), "--prompt", "RO", "--out", str(tmp_path / "a.png")]) == 0
+        assert main(["positions", "--pos-encoding", "rope", "--out", str(tmp_path / "p.png")]) == 0
+        assert matplotlib.get_backend() == "pdf" and plt.get_fignums() == before  # none of ours left in pyplot
+        assert all((tmp_path / name).stat().st_size > 0 for name in ("loss.png", "a.png", "p.png"))
+    finally:  # (the tests after this one draw with Agg, whatever happened here)
+        monkeypatch.undo()
+        matplotlib.use("Agg")
 
 
 def test_tokens_the_font_lacks_do_not_print_matplotlibs_warning(tmp_path):
