@@ -24,7 +24,8 @@ from collections.abc import Callable
 
 def is_the_fungpt_command(argv: list[str]) -> bool:
     """Whether argv, the interpreter's original command line (sys.orig_argv), runs the fungpt command:
-    `.../fungpt ...` (the console script) or `python [options] -m fungpt ...`."""
+    `.../fungpt ...` (the console script), `python [options] .../fungpt ...` (torchrun's workers) or
+    `python [options] -m fungpt ...`. (Importing fungpt installs the quick Ctrl-C handler only then.)"""
     if not argv:
         return False
     scripts = ("fungpt", "fungpt.exe", "fungpt-script.py")
@@ -44,14 +45,16 @@ def is_the_fungpt_command(argv: list[str]) -> bool:
         if arg.startswith("--"):
             i += 1
             continue
-        flags = arg[1:]  # one or more one-letter flags (-u, -uB), the last of which may take a value: -m, -c
+        flags = arg[1:]  # one or more one-letter flags (-u, -uB), the last of which may take a value: -m, -c, -X, -W
+        step = 1
         for j, flag in enumerate(flags):
             if flag in "mc":
                 value = flags[j + 1:] or (argv[i + 1] if i + 1 < len(argv) else "")
                 return flag == "m" and value == "fungpt"
-            if flag in "XW":  # (-Xdev, -Wignore: the value is attached)
+            if flag in "XW":  # its value attached (-Xdev, -uWerror), or the next argument (-uX dev)
+                step = 1 if flags[j + 1:] else 2
                 break
-        i += 1
+        i += step
     return False
 
 

@@ -561,8 +561,9 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
     """Run one fungpt command (argv: its arguments, sys.argv[1:] by default); return its exit status.
 
     command_start: given by entry(), the fungpt command itself: when its process started, so that its time (a time
-    budget, elapsed_s) counts the imports too. main() called by another program (a notebook open for an hour)
-    counts from the call."""
+    budget, elapsed_s) counts the imports too; and a SIGTERM or SIGHUP then ends main() with status 128 + the
+    signal. main() called by another program (a notebook open for an hour) counts from the call, and such a signal
+    ends that program, as it would without FunGPT, once main() has cleaned up."""
     fungpt_command = command_start is not None
     start_time = command_start if fungpt_command else time.time()
     _startup.restore()  # Ctrl-C is a KeyboardInterrupt again, handled below (see fungpt/_startup.py)

@@ -480,7 +480,7 @@ def _remove_stale_temps(out: Path) -> None:
     now = time.time()
     # Only what prepare names and writes: OUT.tmp-HOST-PID (OUT.tmp-PID before), holding nothing but a dataset's
     # files. A folder of the user's beside OUT (corpus.old-v1, a backup) is never taken for one.
-    stem = temp_stem(out.name)  # (a long name's temporaries begin with its first 100 bytes)
+    stem = temp_stem(out.name)  # (a long name's temporaries begin with at most 100 bytes: its start and a hash)
     name = re.compile(rf"{re.escape(stem)}\.(tmp|old)-([^-/]+-)?\d+")
     ours = {"train.bin", "val.bin", "meta.json", META_FILE, BPE_FILE}
     for folder in out.parent.glob(f"{glob.escape(stem)}.*-*"):

@@ -543,6 +543,8 @@ def test_main_called_by_a_program_counts_time_from_the_call(tmp_path, monkeypatc
     # The fungpt command itself (entry(), whatever the command line: -X dev, torchrun's `python -u SCRIPT`)
     monkeypatch.setattr(sys, "argv", ["fungpt", *args])
     monkeypatch.setattr(fungpt.cli.os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+    for name in ("stdout", "stderr"):  # (entry() reconfigures the streams: its own, not the session's)
+        monkeypatch.setattr(sys, name, io.StringIO())
     with pytest.raises(SystemExit) as ended:
         fungpt.cli.entry()
     assert ended.value.code == 0 and seen["start_time"] < before - 3000  # from the process's start
@@ -1476,6 +1478,11 @@ def test_help_into_a_closed_pipe_and_version(capsys):
     (["python", "-u", "/venv/bin/fungpt", "train"], True),  # torchrun's worker: `python -u SCRIPT`
     (["python", "-X", "dev", "script.py"], False),
     (["python", "-uc", "import fungpt"], False),
+    (["python", "-uX", "dev", "-m", "fungpt"], True),  # (a value after combined flags)
+    (["python", "-Xdev", "-Werror", "-bb", "-m", "fungpt"], True),
+    (["python", "--check-hash-based-pycs", "always", "-m", "fungpt"], True),
+    (["python", "--", "/venv/bin/fungpt"], True),
+    (["python", "-"], False),  # (the program from stdin)
 ])
 def test_the_ctrl_c_handler_is_only_for_the_fungpt_command(argv, expected):
     from fungpt._startup import is_the_fungpt_command
