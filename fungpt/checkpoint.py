@@ -85,6 +85,13 @@ def temp_stem(name: str) -> str:
     return f"{name[:kept]}~{hashlib.sha256(raw).hexdigest()[:8]}"
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The file that stands where a folder of `path` should be (the nearest part of the path that exists, when it is
+    not a folder), or None: mkdir says only "File exists" there, which names neither the file nor the fix."""
+    above = next((p for p in path.parents if p.exists()), None)
+    return above if above is not None and not above.is_dir() else None
+
+
 def open_new_temp(path: Path, mode: str = "w"):
     """Create and open a temporary file next to `path`, named .NAME.tmp-PID-RANDOM, that did not exist before.
 

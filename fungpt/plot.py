@@ -116,7 +116,7 @@ def save_figure(fig, out: Path, **savefig_kw) -> Path:
     """Write `fig` to `out` (its format from the suffix) under a temporary name of its own, then rename it into
     place: never a half-written image, nor another file's name (two commands drawing to one --out each have
     theirs). An error names `out`."""
-    from fungpt.checkpoint import temp_stem
+    from fungpt.checkpoint import file_in_the_way, temp_stem
 
     out = Path(out)
     if out.is_dir():
@@ -128,8 +128,8 @@ def save_figure(fig, out: Path, **savefig_kw) -> Path:
             fig.savefig(tmp, **savefig_kw)
         os.replace(tmp, out)
     except OSError as e:
-        above = next((p for p in out.parents if p.exists()), None)  # the nearest part of the path that is there
-        if above is not None and not above.is_dir():  # mkdir says "File exists" for a file where a folder goes
+        above = file_in_the_way(out)
+        if above is not None:
             raise FunGPTError(f"could not write {out}: {above} is a file, not a folder; choose another --out") \
                 from None
         raise FunGPTError(f"could not write {out}: {e.strerror or e}") from None

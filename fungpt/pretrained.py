@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from fungpt.checkpoint import temp_stem
+from fungpt.checkpoint import file_in_the_way, temp_stem
 from fungpt.errors import FunGPTError, why_download_failed
 from fungpt.hf import check_gpt2_compatible
 from fungpt.model import GPT, GPTConfig
@@ -286,8 +286,8 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "last"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)  # here, so that a bad path is named as the user wrote it
     except OSError as e:
-        above = next((p for p in out.parents if p.exists()), None)  # the nearest part of the path that is there
-        if above is not None and not above.is_dir():  # (mkdir says "File exists" for a file where a folder goes)
+        above = file_in_the_way(out)
+        if above is not None:
             raise FunGPTError(f"cannot create the folder for --out {out}: {above} is a file, not a folder; choose "
                               f"another --out") from None
         raise FunGPTError(f"cannot create the folder for --out {out}: {e.filename}: {e.strerror}") from None
