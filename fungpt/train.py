@@ -1540,48 +1540,45 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
         return agreed.tolist()
 
-    # With torch.compile the command's first step is mostly compiling: 17.4 s, against 24 ms for an uncompiled step
-    # (H200, configs/speedrun-gpu.toml). Taken as the step time, it ended a 60 s budget after one step. Until
-    # a second step is timed, such a run plans with the uncompiled model's speed instead: one forward batch,
-    # timed, times 3 (a backward costs about two forwards), which compiling only makes faster.
     compiled_first_guess, per_window = float("inf"), None
     losses: dict[str, float] = {}
     last_loss = float("nan")
     recent_steps: collections.deque[float] = collections.deque(maxlen=5)  # the last steps' times, for step_estimate
     first_step, first_step_s = True, 0.0
     plot_time = timings.get("plot", 0.0)
-    plans = budget_s is not None and (step == 0 or tc.compile)  # (step 0: for the eval estimate below)
-    # Planning a budget times three forward batches, then (from step 0) a checkpoint save and the plot: seconds of
-    # silence for a large model on a CPU, so a bar once it takes a second
-    parts = 3 + (step == 0) * (1 + (ddp.is_main and tc.plot))
-    planning = eval_bar(parts, "planning the time budget", plans and progress and ddp.is_main, unit="part")
-    with planning:  # (closed, and cleared, however the planning ends)
-        if plans:
+    eval_time = timings.get("eval", 0.0)  # (a resumed run's: measured by the command before)
+    if step == 0 and budget_s is None:
+        t0 = time.time()
+        losses = do_eval()  # the starting point of the curve: about ln(vocab_size) for random weights
+        eval_time = time.time() - t0
+        ln_v = math.log(cfg.model.vocab_size)
+        chance = f" (random weights: about ln(vocab_size) = {ln_v:.4f})" if pre is None else ""
+        say(f"step 0: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{chance}")
+    elif budget_s is not None and (step == 0 or tc.compile):
+        # Planning a budget times three forward batches, then (from step 0) a checkpoint save and the plot: seconds
+        # of silence for a large model on a CPU, so a bar once it takes a second
+        parts = 3 + (step == 0) * (1 + (ddp.is_main and tc.plot))
+        with eval_bar(parts, "planning the time budget", progress and ddp.is_main, unit="part") as planning:
             per_window = time_forward(model, cfg, device, autocast, planning)
-        if tc.compile and budget_s is not None:
-            compiled_first_guess = 3 * tc.batch_size * tc.grad_accum_steps * per_window
-        if step == 0 and budget_s is None:
-            t0 = time.time()
-            losses = do_eval()  # the starting point of the curve: about ln(vocab_size) for random weights
-            eval_time = time.time() - t0
-            ln_v = math.log(cfg.model.vocab_size)
-            chance = f" (random weights: about ln(vocab_size) = {ln_v:.4f})" if pre is None else ""
-            say(f"step 0: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{chance}")
-        elif step == 0:
-            # With a time budget, the end of the run must be reserved before it happens. The step-0 eval
-            # is skipped (it would spend seconds of a short budget on a known number, about ln(vocab));
-            # its cost is estimated from one batch instead, and a step-0 checkpoint and plot measure how
-            # long saving and plotting take on this machine.
-            eval_time = estimate_eval_time(model, data_dir, cfg, device, autocast, per_window)
-            do_save()
-            planning.update(1)
-            if ddp.is_main and tc.plot:
-                t0 = time.time()
-                _plot_quietly(out_dir, timing_only=True)
-                plot_time = time.time() - t0
+            if step == 0:
+                # With a time budget, the end of the run must be reserved before it happens. The step-0 eval
+                # is skipped (it would spend seconds of a short budget on a known number, about ln(vocab));
+                # its cost is estimated from one batch instead, and a step-0 checkpoint and plot measure how
+                # long saving and plotting take on this machine.
+                eval_time = estimate_eval_time(model, data_dir, cfg, device, autocast, per_window)
+                do_save()
                 planning.update(1)
-        else:
-            eval_time = timings.get("eval", 0.0)
+                if ddp.is_main and tc.plot:
+                    t0 = time.time()
+                    _plot_quietly(out_dir, timing_only=True)
+                    plot_time = time.time() - t0
+                    planning.update(1)
+    # With torch.compile the command's first step is mostly compiling: 17.4 s, against 24 ms for an uncompiled step
+    # (H200, configs/speedrun-gpu.toml). Taken as the step time, it ended a 60 s budget after one step. Until
+    # a second step is timed, such a run plans with the uncompiled model's speed instead: one forward batch,
+    # timed, times 3 (a backward costs about two forwards), which compiling only makes faster.
+    if tc.compile and budget_s is not None:
+        compiled_first_guess = 3 * tc.batch_size * tc.grad_accum_steps * per_window
     if schedule_origin is None:
         schedule_origin = elapsed()
     fwd_model.train()
