@@ -1190,6 +1190,14 @@ def end_reserve(timings: dict[str, float]) -> float:
     return timings.get("eval", 0.0) + 2 * timings.get("save", 0.0) + timings.get("plot", 0.0) + exit_s
 
 
+def typical(durations: Collection[float]) -> float:
+    """The median of recent durations (of an even count, the longer middle one; 0.0 of none). Not the last one: one
+    stalled by the machine (another program, an fsync waiting for the disk) would count as the time of every one to
+    come, and end a time-budget run early with its lr schedule unfinished. A lasting change still shows within a
+    few."""
+    return sorted(durations)[len(durations) // 2] if durations else 0.0
+
+
 def budget_spent(elapsed_s: float, timings: dict[str, float], budget_s: float) -> bool:
     """Whether a run that has used `elapsed_s` of its budget has no time left for two more steps and its end.
 
@@ -1424,7 +1432,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     budget_s = tc.max_minutes * 60 if tc.max_minutes else None
     # The budget covers the whole command (setup included) plus the time spent before a resume.
     train_start = start_time - elapsed_before
-    save_time = timings.get("save", 0.0)  # how long the last checkpoint took (reserved at the end of a budget)
+    # How long the last few checkpoints and evals took (a budget reserves their typical time for its end; a
+    # resumed run starts from the time the command before measured)
+    recent_saves = collections.deque([timings["save"]] if "save" in timings else [], maxlen=5)
+    recent_evals = collections.deque([timings["eval"]] if "eval" in timings else [], maxlen=5)
 
     def elapsed() -> float:
         return time.time() - train_start
@@ -1461,7 +1472,6 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         return losses
 
     def do_save() -> None:
-        nonlocal save_time
         t_save = time.time()
         # Every rank contributes its loader and RNG state (a collective call); rank 0 writes.
         loaders, rngs = _gather(loader.state_dict(), ddp), _gather(_rng_state(prec.device), ddp)
@@ -1477,25 +1487,25 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                      "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "loader": loaders, "rng": rngs}
             ckpt.save_checkpoint(out_dir, "latest", step, model, state=state, extra=ckpt_extra)
-        save_time = time.time() - t_save
+        recent_saves.append(time.time() - t_save)
 
     def timings_now() -> dict[str, float]:
         """The measured durations a time budget plans with (also saved in each checkpoint)."""
-        return {"step": step_estimate(), "eval": eval_time, "save": save_time, "plot": plot_time}
+        return {"step": step_estimate(), "eval": typical(recent_evals), "save": typical(recent_saves),
+                "plot": plot_time}
 
     def step_estimate() -> float:
         """How long the next step will take: the median of the last few steps (before two are timed: the
         slower of the checkpoint's value and the command's first step, or with torch.compile its guess below).
 
-        A median, not the last step's time: one step stalled by the machine (another program, a page fault,
-        the OS) would otherwise count as the speed of every step to come, and end a time-budget run early
-        with its lr schedule unfinished. A lasting slowdown still shows within three steps. The command's
+        A median (see `typical`), not the last step's time: a step stalled by a page fault or the OS is not
+        the speed of every step to come; a lasting slowdown still shows within three steps. The command's
         first step is left out: it also does one-time work (oneDNN builds its kernels, the memory allocator
         grows), and took 4x as long as the next ones in a test run.
         """
         if not recent_steps:  # (until a second step is timed, the first one's time, however slow, is all we know)
             return max(timings.get("step", 0.0), min(first_step_s, compiled_first_guess))
-        return sorted(recent_steps)[len(recent_steps) // 2]
+        return typical(recent_steps)
 
     def end_time() -> float:
         return end_reserve(timings_now())
@@ -1546,11 +1556,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     recent_steps: collections.deque[float] = collections.deque(maxlen=5)  # the last steps' times, for step_estimate
     first_step, first_step_s = True, 0.0
     plot_time = timings.get("plot", 0.0)
-    eval_time = timings.get("eval", 0.0)  # (a resumed run's: measured by the command before)
     if step == 0 and budget_s is None:
         t0 = time.time()
         losses = do_eval()  # the starting point of the curve: about ln(vocab_size) for random weights
-        eval_time = time.time() - t0
+        recent_evals.append(time.time() - t0)
         ln_v = math.log(cfg.model.vocab_size)
         chance = f" (random weights: about ln(vocab_size) = {ln_v:.4f})" if pre is None else ""
         say(f"step 0: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{chance}")
@@ -1565,7 +1574,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 # is skipped (it would spend seconds of a short budget on a known number, about ln(vocab));
                 # its cost is estimated from one batch instead, and a step-0 checkpoint and plot measure how
                 # long saving and plotting take on this machine.
-                eval_time = estimate_eval_time(model, data_dir, cfg, device, autocast, per_window)
+                recent_evals.append(estimate_eval_time(model, data_dir, cfg, device, autocast, per_window))
                 do_save()
                 planning.update(1)
                 if ddp.is_main and tc.plot:
@@ -1684,7 +1693,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             if step % tc.eval_interval == 0 and step < tc.max_iters:
                 t0 = time.time()
                 losses, evaluated_at = do_eval(), step
-                eval_time = time.time() - t0
+                recent_evals.append(time.time() - t0)
                 if bar is not None:
                     interrupt.output(bar.write, f"step {step}: train loss {losses['train']:.4f}, "
                                                 f"val loss {losses['val']:.4f}")

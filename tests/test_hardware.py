@@ -912,3 +912,37 @@ def test_a_stalled_step_does_not_end_a_budget_run_early(corpus, tmp_path, monkey
     assert all(a <= b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))  # warmup, then ...
     assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))  # ... decay, never back up
     assert (lrs[-1] - cfg.train.min_lr) / (cfg.train.lr - cfg.train.min_lr) < 0.02  # to min_lr at the end
+
+
+@pytest.mark.parametrize("stalled", ["save", "eval"])
+def test_a_stalled_checkpoint_or_eval_does_not_end_a_budget_run_early(corpus, tmp_path, monkeypatch,
+                                                                      quick_steady_budget, stalled):
+    """One periodic checkpoint or eval stalled by the machine (an fsync waiting for the disk, here 1.5 s) is not
+    taken as the time of the final ones: reserved twice for the two final checkpoints, one 1.5 s save ended a run
+    3 s early, its lr a fifth of its schedule short of min_lr (a 24 s DDP budget in CI)."""
+    train_module = sys.modules["fungpt.train"]  # (fungpt.train, the attribute, is the function)
+    first_call, stalls = [], []
+    real = {"save": ckpt.save_checkpoint, "eval": train_module.evaluate}[stalled]
+
+    def stalling(*args, **kwargs):
+        first_call.append(first_call[0] if first_call else time.time())
+        if not stalls and time.time() - first_call[0] > 2.0:  # 2 s into training
+            stalls.append(time.time())
+            time.sleep(1.5)
+        return real(*args, **kwargs)
+
+    if stalled == "save":
+        monkeypatch.setattr(ckpt, "save_checkpoint", stalling)
+    else:
+        monkeypatch.setattr(train_module, "evaluate", stalling)
+    out = tmp_path / "stall"
+    budget_s = 6.0
+    cfg = tiny_config(corpus, out, max_iters=1_000_000, warmup_iters=10, lr_decay_iters=100, eval_iters=1,
+                      checkpoint_interval=20 if stalled == "save" else 10**6,
+                      eval_interval=20 if stalled == "eval" else 10**6, max_minutes=budget_s / 60)
+    result = train(cfg, progress=False)
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert stalls and result["elapsed_s"] > budget_s - 1.0  # it trained on until its budget was (nearly) used
+    assert result["elapsed_s"] <= budget_s + 2.0
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert (lrs[-1] - cfg.train.min_lr) / (cfg.train.lr - cfg.train.min_lr) < 0.02  # to min_lr at the end
