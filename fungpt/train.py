@@ -1193,8 +1193,10 @@ def end_reserve(timings: dict[str, float]) -> float:
 def typical(durations: Collection[float]) -> float:
     """The median of recent durations (of an even count, the longer middle one; 0.0 of none). Not the last one: one
     stalled by the machine (another program, an fsync waiting for the disk) would count as the time of every one to
-    come, and end a time-budget run early with its lr schedule unfinished. A lasting change still shows within a
-    few."""
+    come, and end a time-budget run early with its lr schedule unfinished. Of two, though, the stalled one is taken:
+    the other may be the step-0 checkpoint (a third the size: no optimizer state yet) or a deliberately high
+    estimate. The cost: a lasting slowdown counts only from its second occurrence, and can overrun a budget by
+    that much."""
     return sorted(durations)[len(durations) // 2] if durations else 0.0
 
 
@@ -1432,10 +1434,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     budget_s = tc.max_minutes * 60 if tc.max_minutes else None
     # The budget covers the whole command (setup included) plus the time spent before a resume.
     train_start = start_time - elapsed_before
-    # How long the last few checkpoints and evals took (a budget reserves their typical time for its end; a
-    # resumed run starts from the time the command before measured)
-    recent_saves = collections.deque([timings["save"]] if "save" in timings else [], maxlen=5)
-    recent_evals = collections.deque([timings["eval"]] if "eval" in timings else [], maxlen=5)
+    # How long the last three checkpoints and evals took: a budget reserves their typical time for its end (a
+    # resumed run starts from the time the command before measured; 0.0 there means none was measured)
+    recent_saves = collections.deque([timings["save"]] if timings.get("save") else [], maxlen=3)
+    recent_evals = collections.deque([timings["eval"]] if timings.get("eval") else [], maxlen=3)
 
     def elapsed() -> float:
         return time.time() - train_start

@@ -917,9 +917,9 @@ def test_a_stalled_step_does_not_end_a_budget_run_early(corpus, tmp_path, monkey
 @pytest.mark.parametrize("stalled", ["save", "eval"])
 def test_a_stalled_checkpoint_or_eval_does_not_end_a_budget_run_early(corpus, tmp_path, monkeypatch,
                                                                       quick_steady_budget, stalled):
-    """One periodic checkpoint or eval stalled by the machine (an fsync waiting for the disk, here 1.5 s) is not
-    taken as the time of the final ones: reserved twice for the two final checkpoints, one 1.5 s save ended a run
-    3 s early, its lr a fifth of its schedule short of min_lr (a 24 s DDP budget in CI)."""
+    """A periodic checkpoint or eval stalled by the machine (an fsync waiting for the disk, here 1.5 s), after two
+    that were not, is not taken as the time of the final ones: reserved twice for the two final checkpoints, one
+    1.5 s save ended a run 3 s early, its lr a fifth of its schedule short of min_lr (a 24 s DDP budget in CI)."""
     train_module = sys.modules["fungpt.train"]  # (fungpt.train, the attribute, is the function)
     first_call, stalls = [], []
     real = {"save": ckpt.save_checkpoint, "eval": train_module.evaluate}[stalled]

@@ -805,13 +805,18 @@ sys.exit(code)
 
 
 def _where_time_went(out: Path) -> str:
-    """For a failed time-budget assertion: the run's end, its slowest steps and the checkpoint's timings (a stall
-    of the machine near the end, or a slow save or eval, leaves the lr short of min_lr)."""
-    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    slowest = sorted((r for r in rows if "dt_ms" in r), key=lambda r: -r["dt_ms"])[:3]
+    """For a failed time-budget assertion of a run that logs every step: its end, its slowest steps and the longest
+    gaps between steps (saves and evals), each with its run_s (a stall of the machine near the end leaves the lr
+    short of min_lr), and the checkpoint's timings."""
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines())
+             if "dt_ms" in r]
+    slowest = sorted(steps, key=lambda r: -r["dt_ms"])[:3]
+    gaps = sorted(((b["run_s"] - a["run_s"] - b["dt_ms"] / 1000, a["step"], a["run_s"])
+                   for a, b in zip(steps, steps[1:])), reverse=True)[:3]
     timings = ckpt.load_state(ckpt.find_checkpoint(out))["timings"]
-    return (f"ended at run_s {rows[-1].get('run_s')}; slowest steps (step, ms, run_s) "
-            f"{[(r['step'], r['dt_ms'], r['run_s']) for r in slowest]}; timings {timings}")
+    return (f"last step at run_s {steps[-1]['run_s']}; slowest steps (step, ms, run_s) "
+            f"{[(r['step'], r['dt_ms'], r['run_s']) for r in slowest]}; longest gaps after a step (s, step, run_s) "
+            f"{[(round(g, 3), n, t) for g, n, t in gaps]}; timings {timings}")
 
 
 def test_ddp_with_a_time_budget_steps_every_replica_with_the_same_lr(corpus, tmp_path):
