@@ -1453,7 +1453,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         if budget_s is None:
             return step
         step_s = step_estimate()
-        if elapsed() + 3 * step_s + end_time() >= budget_s:
+        # (the periodic eval and checkpoint that follow this step, if due, also take their time before the next check)
+        periodic = (((step + 1) % tc.eval_interval == 0) * typical(recent_evals)
+                    + ((step + 1) % tc.checkpoint_interval == 0) * typical(recent_saves))
+        if elapsed() + 3 * step_s + periodic + end_time() >= budget_s:
             # out_of_time will stop after this step (it needs two more steps' time): finish the decay now
             return tc.decay_iters
         origin = schedule_origin or 0.0  # setup time (data, model, first eval) is not schedule time

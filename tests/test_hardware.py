@@ -775,8 +775,9 @@ def test_a_budget_run_plans_its_second_step_with_the_first_ones_time(corpus, tmp
     cfg = tiny_config(corpus, tmp_path / "slow", max_iters=100, checkpoint_interval=10**6, eval_interval=10**6,
                       eval_iters=1, max_minutes=0.1)
     result = train(cfg, progress=False)
-    # eval_iters=1: the final eval is one 2 s batch per split (measured at step 0 as one batch)
-    assert result["step"] >= 1 and result["elapsed_s"] <= 6.0 + 1.0
+    # One step: after it, two more 2 s steps cannot fit (planned as free, a second one was taken: ~9 s). The
+    # final eval's two 2 s batches (slowed here, not by its forward pass) are beyond any forecast: 6 s + 2 s
+    assert result["step"] == 1 and result["elapsed_s"] <= 6.0 + 2.0
 
 
 @pytest.fixture()
@@ -839,7 +840,9 @@ def test_a_resumed_compiled_budget_run_keeps_its_compile_out_of_the_schedule_too
     more = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_iters=10**6))
     assert slow_first_compiled_step(more, resume=True, progress=False)["step"] > 20
     lrs = _lrs(out)[5:]  # the resumed command's steps
-    assert abs(lrs[1] - lrs[0]) < 0.05 * cfg.train.lr, lrs[:3]
+    # (counted, the 2.5 s compile moved it ~30% of lr; what moves it here is the schedule's rescaling of the time
+    # already used, this command's start-up included: 2% on a quiet machine, 7% with a busy CPU)
+    assert abs(lrs[1] - lrs[0]) < 0.15 * cfg.train.lr, lrs[:3]
 
 
 def test_a_budget_too_short_for_one_step_is_refused_instead_of_overrun(corpus, tmp_path, monkeypatch):
@@ -945,4 +948,27 @@ def test_a_stalled_checkpoint_or_eval_does_not_end_a_budget_run_early(corpus, tm
     assert stalls and result["elapsed_s"] > budget_s - 1.0  # it trained on until its budget was (nearly) used
     assert result["elapsed_s"] <= budget_s + 2.0
     lrs = [r["lr"] for r in rows if "lr" in r]
+    assert (lrs[-1] - cfg.train.min_lr) / (cfg.train.lr - cfg.train.min_lr) < 0.02  # to min_lr at the end
+
+
+def test_a_budget_run_has_decayed_its_lr_when_a_periodic_eval_ends_it(corpus, tmp_path, monkeypatch,
+                                                                       quick_steady_budget):
+    """The lr finishes its decay when the run is a few steps from its end; that forecast left out the eval (and
+    its `best` checkpoint) the next step does. With each eval taking 0.6 s, the last step was one with an eval,
+    taken short of min_lr (2.5-4% of the lr range above it in 6 runs of 6)."""
+    train_module = sys.modules["fungpt.train"]
+    real = train_module.evaluate
+
+    def slow_eval(*args, **kwargs):
+        time.sleep(0.6)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", slow_eval)
+    out = tmp_path / "slow-evals"
+    cfg = tiny_config(corpus, out, max_iters=1_000_000, warmup_iters=10, lr_decay_iters=100, eval_iters=1,
+                      eval_interval=20, checkpoint_interval=10**6, max_minutes=0.1)
+    result = train(cfg, progress=False)
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert result["step"] > 20 and result["elapsed_s"] <= 6.0 + 2.0
     assert (lrs[-1] - cfg.train.min_lr) / (cfg.train.lr - cfg.train.min_lr) < 0.02  # to min_lr at the end
