@@ -1193,10 +1193,10 @@ def end_reserve(timings: dict[str, float]) -> float:
 def typical(durations: Collection[float]) -> float:
     """The median of recent durations (of an even count, the longer middle one; 0.0 of none). Not the last one: one
     stalled by the machine (another program, an fsync waiting for the disk) would count as the time of every one to
-    come, and end a time-budget run early with its lr schedule unfinished. Of two, though, the stalled one is taken:
-    the other may be the step-0 checkpoint (a third the size: no optimizer state yet) or a deliberately high
-    estimate. The cost: a lasting slowdown counts only from its second occurrence, and can overrun a budget by
-    that much."""
+    come, and end a time-budget run early with its lr schedule unfinished. Of two, the longer is taken: the shorter
+    may be the step-0 checkpoint (a third the size: no optimizer state yet), too short for the later ones, so a
+    stall right after it counts in full. The cost of the median: a lasting slowdown counts only from its second
+    occurrence, and can overrun a budget by that much."""
     return sorted(durations)[len(durations) // 2] if durations else 0.0
 
 
@@ -1445,8 +1445,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     def schedule_position() -> float:
         """Where we are in the lr schedule, in steps (time-budget mode: budget fraction × decay_iters).
 
-        With a budget, the fraction is taken at the expected end of this step, of the budget minus the
-        time reserved for the final eval and checkpoint: the last step then runs at (almost) min_lr. The
+        With a budget, the fraction is taken at the expected end of this step (and of the periodic eval and
+        checkpoint after it, when due), of the budget minus the time reserved for the final eval and
+        checkpoint: the last step then runs at (almost) min_lr. The
         run ends at the budget or at max_iters, whichever comes first, so the schedule follows whichever
         of the two fractions (time, steps) is further along.
         """
@@ -1461,7 +1462,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             return tc.decay_iters
         origin = schedule_origin or 0.0  # setup time (data, model, first eval) is not schedule time
         usable = max(budget_s - end_time() - origin, 1e-9)
-        time_frac = min(1.0, max(0.0, elapsed() + step_s - origin) / usable)
+        time_frac = min(1.0, max(0.0, elapsed() + step_s + periodic - origin) / usable)
         return max(time_frac, step / tc.max_iters) * tc.decay_iters
 
     def do_eval() -> dict[str, float]:
