@@ -1447,9 +1447,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
 
         With a budget, the fraction is taken at the expected end of this step (and of the periodic eval and
         checkpoint after it, when due), of the budget minus the time reserved for the final eval and
-        checkpoint: the last step then runs at (almost) min_lr. The
-        run ends at the budget or at max_iters, whichever comes first, so the schedule follows whichever
-        of the two fractions (time, steps) is further along.
+        checkpoint: the last step then runs at (almost) min_lr. The run ends at the budget or at max_iters,
+        whichever comes first, so the schedule follows whichever of the two fractions (time, steps) is further
+        along.
         """
         if budget_s is None:
             return step
