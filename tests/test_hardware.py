@@ -972,3 +972,22 @@ def test_a_budget_run_has_decayed_its_lr_when_a_periodic_eval_ends_it(corpus, tm
     lrs = [r["lr"] for r in rows if "lr" in r]
     assert result["step"] > 20 and result["elapsed_s"] <= 6.0 + 2.0
     assert (lrs[-1] - cfg.train.min_lr) / (cfg.train.lr - cfg.train.min_lr) < 0.02  # to min_lr at the end
+
+
+def test_a_resumed_run_does_not_count_an_unmeasured_save_time_as_one(corpus, tmp_path, monkeypatch):
+    """A command's first checkpoint records its save time as 0.0 (none measured yet). Resumed, that 0.0 counted as
+    a third save beside two real ones, and the median reserved the shorter of them."""
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=2, checkpoint_interval=10**6), progress=False)  # one save: at the end
+    assert ckpt.load_state(ckpt.find_checkpoint(out))["timings"]["save"] == 0.0
+    real, delays = ckpt.save_checkpoint, [0.3, 0.6]  # the resumed command's first two saves; then none
+
+    def slow_save(*args, **kwargs):
+        time.sleep(delays.pop(0) if delays and args[1] == "latest" else 0.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", slow_save)
+    more = tiny_config(corpus, out, max_iters=5, checkpoint_interval=1)
+    train(more, resume=True, progress=False)  # saves at steps 3 and 4, then the final one at 5
+    # the step-5 checkpoint holds the typical time of the two before it: the longer of 0.3 and 0.6 s, not 0.3 s
+    assert ckpt.load_state(ckpt.find_checkpoint(out))["timings"]["save"] >= 0.6
