@@ -1200,6 +1200,21 @@ def typical(durations: Collection[float]) -> float:
     return sorted(durations)[len(durations) // 2] if durations else 0.0
 
 
+def continuous_origin(would_be_s: float, now_s: float, origin_s: float, schedule_end_s: float) -> float:
+    """The time-budget schedule's new origin after a delay that is not schedule time (a first step that compiled).
+
+    The schedule's fraction is (t - origin) / (schedule_end - origin), t in budget seconds. The new origin gives
+    at `now_s` the fraction that the old one gave at `would_be_s` (when the step would have ended without the
+    delay), so the lr goes on from where it was, and the rest of the schedule fits in the time left. (Adding the
+    delay to the origin would also stretch the fraction already used, by (end - origin) / (end - origin - delay).)
+    """
+    frac = (would_be_s - origin_s) / (schedule_end_s - origin_s) if schedule_end_s > origin_s else 1.0
+    if not 0.0 <= frac < 1.0:  # (no schedule left to place: the run is about to end anyway)
+        return origin_s + max(0.0, now_s - would_be_s)
+    # solving (now - o) / (end - o) = frac for o:
+    return (now_s - frac * schedule_end_s) / (1.0 - frac)
+
+
 def budget_spent(elapsed_s: float, timings: dict[str, float], budget_s: float) -> bool:
     """Whether a run that has used `elapsed_s` of its budget has no time left for two more steps and its end.
 
@@ -1305,7 +1320,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                          seed=tc.seed, rank=ddp.rank, world_size=ddp.world_size)
     step, best_val, elapsed_before, timings = 0, float("inf"), 0.0, {}
     tokens_before: int | None = None  # tokens trained on before a resume (the batch size may have changed since)
-    schedule_origin: float | None = None  # budget seconds used when step 1 began (set before the loop)
+    schedule_origin: float | None = None  # budget seconds used at step 1 (set before the loop; a compile moves it)
     torch.manual_seed(tc.seed + ddp.rank)  # dropout masks differ per rank
 
     if resume and ckpt.find_checkpoint(cfg.out_dir) != folder:  # a run saved meanwhile, before the lock was taken
@@ -1670,11 +1685,14 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             step_time = time.time() - t_step
             if first_step:
                 first_step, first_step_s = False, step_time
-                if tc.compile and budget_s is not None:
+                if tc.compile and budget_s is not None and first_step_s > compiled_first_guess:
                     # Compiling is setup, not schedule time: counted in, it took 27 s of a 60 s budget on an H200
-                    # and the lr had begun its decay by step 100. The schedule starts later by the time the first
-                    # step took beyond an uncompiled one (a resume compiles again, so this holds for it too).
-                    schedule_origin += max(0.0, first_step_s - compiled_first_guess)
+                    # and the lr had begun its decay by step 100 (a resume compiles again, so this holds for it
+                    # too). So the schedule stands where an uncompiled step would have left it, and the rest of it
+                    # is spread over the time left. Moving the origin by the compile's time alone would also
+                    # rescale the time used before it: a resumed run's lr jumped 2-7% of its peak in one step.
+                    schedule_origin = continuous_origin(t_step - train_start + compiled_first_guess, elapsed(),
+                                                        schedule_origin, budget_s - end_time())
             else:
                 recent_steps.append(step_time)
 
