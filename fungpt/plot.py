@@ -59,10 +59,6 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
     out = Path(out)
     if out.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise FunGPTError(f"--out {out} must end in .png, .svg or .pdf")
-    # A Figure of its own, not pyplot's: drawn to a file (with Agg), it leaves a notebook's plotting as it was
-    # (pyplot's backend switched to Agg, and inline plots then stopped showing after a train())
-    from matplotlib.figure import Figure
-
     if not runs:
         raise FunGPTError("give at least one run folder to plot")
     key, label = X_AXES[x]
@@ -75,32 +71,54 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
         names = [str(run) for run in runs]
     # a name's bytes that are not UTF-8 (Python holds them as lone surrogates) as U+FFFD: matplotlib refuses those
     names = [name.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for name in names]
-    fig = Figure(figsize=FIGSIZE, dpi=DPI)
-    ax = fig.subplots()
-    drawn = 0
-    for i, (run, name) in enumerate(zip(runs, names)):
+    curves = []  # per run: its name, then its train and val curves as (xs, losses)
+    for run, name in zip(runs, names):
         train, evals = read_metrics(run)
-        color = f"C{i % 10}"
         tr = [r for r in train if key in r and "train_loss" in r]
-        if tr:
-            ax.plot([r[key] for r in tr], [r["train_loss"] for r in tr], color=color, alpha=0.35, lw=1,
-                    marker="o" if len(tr) == 1 else None, ms=3, label=f"{name} train")  # (one point: no line)
         ev = [r for r in evals if key in r]
-        if ev:
-            ax.plot([r[key] for r in ev], [r["val_loss"] for r in ev], color=color, lw=2, marker="o", ms=3,
-                    label=f"{name} val")
-        drawn += bool(tr) + bool(ev)
-    if not drawn:
+        curves.append((name, ([r[key] for r in tr], [r["train_loss"] for r in tr]),
+                       ([r[key] for r in ev], [r["val_loss"] for r in ev])))
+    if not any(tr_x or ev_x for _, (tr_x, _), (ev_x, _) in curves):
         raise FunGPTError(f"no loss rows with {key!r} in the metrics.jsonl of {', '.join(map(str, runs))}: "
                           f"train for a few steps first" + (", or try --x step" if x != "step" else ""))
-    ax.set_xlabel(label)
+    return save_figure(_loss_figure(curves, label), out)
+
+
+def _loss_figure(curves: list, xlabel: str):
+    """The figure of plot_runs: per run, its train curve (thin) and val curve (thick, with markers), one colour."""
+    # A Figure of its own, not pyplot's: drawn to a file (with Agg), it leaves a notebook's plotting as it was
+    # (pyplot's backend switched to Agg, and inline plots then stopped showing after a train())
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    ax = fig.subplots()
+    for i, (name, (tr_x, tr_y), (ev_x, ev_y)) in enumerate(curves):
+        color = f"C{i % 10}"
+        if tr_x:
+            ax.plot(tr_x, tr_y, color=color, alpha=0.35, lw=1, marker="o" if len(tr_x) == 1 else None, ms=3,
+                    label=f"{name} train")  # (one point: no line)
+        if ev_x:
+            ax.plot(ev_x, ev_y, color=color, lw=2, marker="o", ms=3, label=f"{name} val")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.set_title("FunGPT loss curves")
     ax.grid(alpha=0.3)
     ax.legend()
     with quiet_glyphs():  # (tight_layout draws the text already: a run folder named in CJK)
         fig.tight_layout()
-    return save_figure(fig, out)
+    return fig
+
+
+def rehearse_plot(points: int = 100) -> None:
+    """Draw plot_runs's figure for made-up curves into memory: what the loss.png at a run's end will cost (the
+    import, the fonts, the layout, the PNG's encoding), which a time-budget run measures at step 0, before it
+    has any rows to plot."""
+    import io
+
+    xs = list(range(points))
+    ys = [4.0 - 2.0 * i / points for i in xs]  # (any falling curve: the cost is not in the numbers)
+    fig = _loss_figure([("run", (xs, ys), (xs[::10], ys[::10]))], X_AXES["step"][1])
+    fig.savefig(io.BytesIO(), format="png")
 
 
 @contextlib.contextmanager

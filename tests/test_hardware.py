@@ -1022,3 +1022,25 @@ def test_a_resumed_run_does_not_count_an_unmeasured_save_time_as_one(corpus, tmp
     train(more, resume=True, progress=False)  # saves at steps 3 and 4, then the final one at 5
     # the step-5 checkpoint holds the typical time of the two before it: the longer of 0.3 and 0.6 s, not 0.3 s
     assert ckpt.load_state(ckpt.find_checkpoint(out))["timings"]["save"] >= 0.6
+
+
+def test_a_budget_run_times_its_plot_by_drawing_one(corpus, tmp_path, monkeypatch):
+    """At step 0 there are no loss rows: the plot's timing ended at "nothing to plot yet", 5-20 ms, where the
+    loss.png at the end took 125-200 ms (matplotlib's layout and PNG encoding), unreserved. Drawing made-up curves
+    takes what drawing takes; here a PNG encoding slowed to 0.4 s."""
+    from matplotlib.figure import Figure
+
+    savefig, drawn = Figure.savefig, []
+
+    def slow_savefig(self, *args, **kwargs):
+        drawn.append(kwargs.get("format") or Path(args[0]).suffix)
+        time.sleep(0.4)
+        return savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", slow_savefig)
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=3, max_minutes=0.5), progress=False)
+    state = ckpt.load_state(ckpt.find_checkpoint(out))
+    assert state["timings"]["plot"] >= 0.4
+    assert drawn == ["png", ".png"]  # the rehearsal in memory (no loss.png at step 0), then the real one
+    assert (out / "loss.png").is_file()
