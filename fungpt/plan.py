@@ -294,8 +294,13 @@ def _time_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_opt
         keep_freed_memory()
         before = cpu_matmul()
         set_cpu_matmul(tc.cpu_matmul)
+    # Its own random numbers (the weights' init, the batches' dropout): a caller's seeded torch RNG goes on as if
+    # no plan was made (`fungpt.plan.dry_run` in a notebook, then its own training or sampling). (The CPU's and the
+    # current GPU's; an MPS run's dropout draws on its device's own.)
+    gpu = [torch.cuda.current_device()] if device == "cuda" else []
     try:
-        return _timed_steps(cfg, prec, data_dir, n, configure_optimizer, batch_loader, progress)
+        with torch.random.fork_rng(devices=gpu):
+            return _timed_steps(cfg, prec, data_dir, n, configure_optimizer, batch_loader, progress)
     finally:
         if device == "cpu":
             set_cpu_matmul(before)

@@ -1044,3 +1044,13 @@ def test_a_budget_run_times_its_plot_by_drawing_one(corpus, tmp_path, monkeypatc
     assert state["timings"]["plot"] >= 0.4
     assert drawn == ["png", ".png"]  # the rehearsal in memory (no loss.png at step 0), then the real one
     assert (out / "loss.png").is_file()
+
+
+def test_a_dry_run_leaves_the_callers_random_numbers_as_they_were(corpus, tmp_path):
+    """The dry run builds and trains a model to time its steps; from a notebook, it also moved the seeded torch RNG
+    that the user's next draws come from."""
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    plan.dry_run(tiny_config(corpus, tmp_path / "run"), timed_steps=1)
+    assert torch.equal(torch.rand(3), expected)
