@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import errno
 import os
 import shlex
 import signal
 import sys
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -280,7 +282,11 @@ def prepare_command(input: str, out: str, tokenizer: Literal["char", "bpe", "gpt
           f"vocabulary {meta['vocab_size']:,} ({meta['tokenizer']}{short})")
 
 
-def sample_command(run: str, prompt: str | None = None, prompt_file: str | None = None, num_samples: int = 1,
+# The run folder, named without a flag (`fungpt sample RUN`); `--run RUN` also works: _run_flag_as_positional
+RunFolder = Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN")]
+
+
+def sample_command(run: RunFolder, prompt: str | None = None, prompt_file: str | None = None, num_samples: int = 1,
                    max_new_tokens: int = 500, temperature: float = 0.8, top_k: int | None = 200,
                    top_p: float | None = None, seed: int = 1337, checkpoint: Literal["last", "best"] = "last",
                    device: str = "auto", show_probs: bool = False, show_top: int = 5,
@@ -315,7 +321,7 @@ def sample_command(run: str, prompt: str | None = None, prompt_file: str | None 
            out=sys.stdout, show_probs=show_probs, show_top=show_top, stop_at_eot=stop_at_eot)
 
 
-def eval_command(run: str, input: str | None = None, checkpoint: Literal["last", "best"] = "last",
+def eval_command(run: RunFolder, input: str | None = None, checkpoint: Literal["last", "best"] = "last",
                  device: str = "auto", batch_size: int = 16,
                  errors: Literal["strict", "replace"] | None = None) -> None:
     """Print loss, perplexity, bits per byte and bits per character on the run's val split or a text file.
@@ -372,8 +378,6 @@ def inspect_command(target: tyro.conf.Positional[str], batch_size: int | None = 
     print(format_report(inspect_target(target, batch_size=batch_size)))
 
 
-# The run folder named without a flag (serve, attention; `--run RUN` also works: _run_flag_as_positional)
-RunFolder = Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN")]
 
 
 def attention_command(run: RunFolder, prompt: str, layer: int | None = None, head: int | None = None,
@@ -456,7 +460,7 @@ def serve_command(run: RunFolder, host: str = "127.0.0.1", port: int = 8000,
     serve(run, host=host, port=port, checkpoint=checkpoint, device=device, allow_hosts=allow_host)
 
 
-def export_command(run: str, out: str, checkpoint: Literal["last", "best"] = "last") -> None:
+def export_command(run: RunFolder, out: str, checkpoint: Literal["last", "best"] = "last") -> None:
     """Write a run's weights and tokenizer as a Hugging Face GPT-2 folder, to share or load in transformers.
 
     Args:
@@ -484,6 +488,7 @@ COMMANDS = {
     "positions": positions_command,
     "serve": serve_command,
 }
+RUN_COMMANDS = ("sample", "eval", "export", "attention", "serve")  # (their first parameter: run: RunFolder)
 
 
 def _usage() -> str:
@@ -518,9 +523,21 @@ def process_start_time() -> float:
 PEER_GONE_WAIT_S = 3.0  # > 1 s, torchrun's failure timestamps being whole seconds (see main)
 
 
+def _options(command) -> tuple[set[str], set[str]]:
+    """A command function's options as tyro spells them, and those of them that take no value: help, and the bool
+    parameters, which tyro writes as --name and --no-name."""
+    params = {n: t for n, t in typing.get_type_hints(command).items() if n not in ("run", "return")}
+    bools = [n.replace("_", "-") for n, t in params.items() if t is bool]
+    no_value = {"-h", "--help", *(f"--{n}" for n in bools), *(f"--no-{n}" for n in bools)}
+    return no_value | {"--" + n.replace("_", "-") for n in params}, no_value
+
+
 def _run_flag_as_positional(name: str, args: list[str]) -> list[str]:
-    """`fungpt serve RUN` and `fungpt attention RUN` name the run without a flag; `--run RUN`, as sample, eval and
-    export take it, is read the same way (else tyro would say only that the argument 'run' is missing)."""
+    """The commands of RUN_COMMANDS name their run folder without a flag (`fungpt sample RUN`); `--run RUN` is read
+    the same way (else tyro would say only that the argument 'run' is missing; and sample, eval and export took
+    only --run before, as the README's examples still name it). An unknown option is refused here: tyro would
+    take the run folder after it as its value, and then say only that the run is missing."""
+    options, no_value = _options(COMMANDS[name])
     flags = args[:args.index("--")] if "--" in args else args
     at = [i for i, a in enumerate(flags) if a == "--run" or a.startswith("--run=")]
     runs, rest = [], list(args)
@@ -534,20 +551,26 @@ def _run_flag_as_positional(name: str, args: list[str]) -> list[str]:
             if not runs[0]:
                 raise FunGPTError(f"--run needs a run folder: fungpt {name} RUN ... (or --run RUN)")
         del rest[i]
-    if not runs:
-        return args
-    # The run named without the flag too: an argument that is no option's value (these commands' options all
-    # take one, unless written --name=value), or any after "--"
+    # The run named without the flag: an argument that is no option's value (options take one unless written
+    # --name=value or listed in no_value), or any after "--"
     named, value_next, after = [], False, False
     for arg in rest:
         if after or not (value_next or arg.startswith("-")):
-            named.append(arg)
+            named += [arg] if arg else []  # ("" is no folder: tyro calls it an empty argument)
         elif value_next:  # (a value may start with a dash: --layer -1)
             value_next = False
         elif arg == "--":
             after = True
         else:
-            value_next = "=" not in arg and arg not in ("-h", "--help")
+            typed = arg.split("=", 1)[0]
+            option = typed.replace("_", "-")  # (tyro takes --max_new_tokens too)
+            if option not in options:
+                close = difflib.get_close_matches(option, sorted(options), n=1)
+                raise FunGPTError(f"Unrecognized options: {typed}" + (f"; Perhaps you meant: {close[0]}" if close
+                                  else "") + f" (`fungpt {name} --help` lists the options)")
+            value_next = "=" not in arg and option not in no_value
+    if not runs:
+        return args
     runs = named + runs
     if len(runs) > 1:
         raise FunGPTError(f"the run is named {len(runs)} times ({', '.join(runs)}): name it once, as fungpt {name} "
@@ -581,7 +604,7 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
         elif name == "train":
             cmd_train(rest, start_time)
         else:
-            if name in ("serve", "attention"):
+            if name in RUN_COMMANDS:
                 rest = _run_flag_as_positional(name, rest)
             _parse(COMMANDS[name], rest, f"fungpt {name}")
     except FunGPTError as e:

@@ -1549,6 +1549,11 @@ TYRO_ERRORS = {
                                    "Error parsing --top-p: 'x; y' is not a number (nor None) (`"),
     "... with a quote in it": (["sample", "--run", "x", "--top-k", "a'b"],
                                "Error parsing --top-k: \"a'b\" is not a whole number (nor None) (`"),
+    # (tyro took the run folder after an unknown option as its value, and said only that the run was missing)
+    "an unknown option before the run": (["eval", "--bogus", "{run}"], "error: Unrecognized options: --bogus (`"),
+    "a misspelt option before the run": (["sample", "--max_new", "5", "{run}"],
+                                         "error: Unrecognized options: --max_new; Perhaps you meant: "
+                                         "--max-new-tokens (`fungpt sample --help` lists the options)"),
 }
 
 

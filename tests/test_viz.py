@@ -769,3 +769,17 @@ def test_a_learned_table_asked_of_another_runs_model_names_its_encoding():
     with pytest.raises(FunGPTError, match="this run has pos_encoding = 'rope', which has no learned table: draw "
                                           "--pos-encoding rope"):
         position_table("learned", 8, 8, model)
+
+
+@pytest.mark.parametrize("command", ["sample", "eval", "export"])
+@pytest.mark.parametrize("named", ["RUN", "--run RUN", "--run=RUN"])
+def test_every_command_on_a_run_takes_it_with_or_without_run(run_dir, tmp_path, command, named, capsys):
+    """`fungpt serve RUN` and `fungpt attention RUN`, but `fungpt sample --run RUN`: sample, eval and export
+    refused the run named as the other two name it ("Missing from fungpt sample: --run STR")."""
+    # (--show-probs takes no value: taken to, --max-new-tokens was its value and 5 a second run)
+    options = {"sample": ["--show-probs", "--max-new-tokens", "5"],
+               "eval": ["--device", "cpu"], "export": ["--out", str(tmp_path / "hf")]}[command]
+    run = [a.replace("RUN", str(run_dir)) for a in named.split()]
+    assert main([command, *options, *run]) == 0
+    out = capsys.readouterr().out
+    assert {"sample": "--- text ---", "eval": "perplexity", "export": "fungpt: exported"}[command] in out
