@@ -1209,7 +1209,9 @@ def continuous_origin(would_be_s: float, now_s: float, origin_s: float, schedule
     delay to the origin would also stretch the fraction already used, by (end - origin) / (end - origin - delay).)
     """
     frac = (would_be_s - origin_s) / (schedule_end_s - origin_s) if schedule_end_s > origin_s else 1.0
-    if not 0.0 <= frac < 1.0:  # (no schedule left to place: the run is about to end anyway)
+    if not 0.0 <= frac < 1.0 or now_s >= schedule_end_s:
+        # No schedule left to place: the run ends at its next check. (Solved for, the origin would lie past now, as
+        # far as 1,000 s for a compile that crossed the end of a 40 s schedule.)
         return origin_s + max(0.0, now_s - would_be_s)
     # solving (now - o) / (end - o) = frac for o:
     return (now_s - frac * schedule_end_s) / (1.0 - frac)
@@ -1320,7 +1322,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                          seed=tc.seed, rank=ddp.rank, world_size=ddp.world_size)
     step, best_val, elapsed_before, timings = 0, float("inf"), 0.0, {}
     tokens_before: int | None = None  # tokens trained on before a resume (the batch size may have changed since)
-    schedule_origin: float | None = None  # budget seconds used at step 1 (set before the loop; a compile moves it)
+    schedule_origin: float | None = None  # budget seconds used at step 1 (set before the loop; a compile adds its time)
     torch.manual_seed(tc.seed + ddp.rank)  # dropout masks differ per rank
 
     if resume and ckpt.find_checkpoint(cfg.out_dir) != folder:  # a run saved meanwhile, before the lock was taken
@@ -1475,7 +1477,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         if elapsed() + 3 * step_s + periodic + end_time() >= budget_s:
             # out_of_time will stop after this step (it needs two more steps' time): finish the decay now
             return tc.decay_iters
-        origin = schedule_origin or 0.0  # setup time (data, model, first eval) is not schedule time
+        origin = lr_origin or 0.0  # setup time (data, model, first eval) is not schedule time
         usable = max(budget_s - end_time() - origin, 1e-9)
         time_frac = min(1.0, max(0.0, elapsed() + step_s + periodic - origin) / usable)
         return max(time_frac, step / tc.max_iters) * tc.decay_iters
@@ -1611,6 +1613,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         compiled_first_guess = 3 * tc.batch_size * tc.grad_accum_steps * per_window
     if schedule_origin is None:
         schedule_origin = elapsed()
+    lr_origin = schedule_origin  # this command's: moved by its compile so that the lr goes on (continuous_origin)
     fwd_model.train()
     start_step = step
     evaluated_at = saved_at = -1  # the steps of the last periodic eval and checkpoint (the final ones reuse them)
@@ -1688,11 +1691,13 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 if tc.compile and budget_s is not None and first_step_s > compiled_first_guess:
                     # Compiling is setup, not schedule time: counted in, it took 27 s of a 60 s budget on an H200
                     # and the lr had begun its decay by step 100 (a resume compiles again, so this holds for it
-                    # too). So the schedule stands where an uncompiled step would have left it, and the rest of it
-                    # is spread over the time left. Moving the origin by the compile's time alone would also
-                    # rescale the time used before it: a resumed run's lr jumped 2-7% of its peak in one step.
-                    schedule_origin = continuous_origin(t_step - train_start + compiled_first_guess, elapsed(),
-                                                        schedule_origin, budget_s - end_time())
+                    # too). The saved origin, which a resume with another budget plans from, moves by the compile's
+                    # time. This command's lr goes on from where an uncompiled step would have left it, the rest of
+                    # the schedule spread over the time left: moved by the compile's time alone, its origin also
+                    # rescaled the schedule time before it (a resumed run's lr jumped 2-7% of its peak in one step).
+                    would_be = t_step - train_start + compiled_first_guess
+                    lr_origin = continuous_origin(would_be, elapsed(), lr_origin, budget_s - end_time())
+                    schedule_origin += elapsed() - would_be
             else:
                 recent_steps.append(step_time)
 
@@ -1812,4 +1817,5 @@ def _plot_quietly(out_dir: Path, timing_only: bool = False) -> None:
 
         rehearse_plot() if timing_only else plot_runs([out_dir], out=out_dir / "loss.png")
     except Exception as e:  # noqa: BLE001 - the run itself succeeded
-        print(f"fungpt: could not draw loss.png ({' '.join(str(e).split())})", file=sys.stderr)  # (one line)
+        what = "a trial drawing of the loss plot, to time it, failed" if timing_only else "could not draw loss.png"
+        print(f"fungpt: {what} ({' '.join(str(e).split())})", file=sys.stderr)  # (one line)

@@ -831,18 +831,34 @@ def test_a_compiled_budget_run_does_not_take_its_compiling_step_as_the_step_time
 
 def test_a_resumed_compiled_budget_run_keeps_its_compile_out_of_the_schedule_too(corpus, tmp_path,
                                                                                   slow_first_compiled_step,
-                                                                                  quick_steady_budget):
-    """A resume compiles again: its 2.5 s first step moved the lr a quarter of the schedule in one step."""
+                                                                                  quick_steady_budget, monkeypatch):
+    """A resume compiles again: counted as schedule time, its 2.5 s first step moved the lr a quarter of the
+    schedule. Moved by the compile's time, the schedule's origin also rescaled the schedule time before it: resumed
+    half-way through, the lr fell 16% of its peak in one step."""
+    from fungpt.data import BatchLoader
+
+    next_batch, slow = BatchLoader.next_batch, [True]
+
+    def first_command_slow(self):  # (0.25 s steps: the first command ends half-way through the schedule)
+        time.sleep(0.25 if slow[0] else 0.0)
+        return next_batch(self)
+
+    monkeypatch.setattr(BatchLoader, "next_batch", first_command_slow)
     out = tmp_path / "resumed"
-    cfg = tiny_config(corpus, out, max_iters=5, checkpoint_interval=10**6, eval_interval=10**6, eval_iters=1,
-                      max_minutes=0.2, compile=True)
-    slow_first_compiled_step(cfg, progress=False)  # ends at max_iters, well inside its budget
+    cfg = tiny_config(corpus, out, max_iters=20, checkpoint_interval=10**6, eval_interval=10**6, eval_iters=1,
+                      max_minutes=0.3, compile=True)
+    slow_first_compiled_step(cfg, progress=False)  # ends at max_iters, inside its budget
+    origin = ckpt.load_state(ckpt.find_checkpoint(out))["schedule_origin_s"]
+    slow[0] = False
     more = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_iters=10**6))
-    assert slow_first_compiled_step(more, resume=True, progress=False)["step"] > 20
-    lrs = _lrs(out)[5:]  # the resumed command's steps
-    # (counted, the 2.5 s compile moved it ~25% of lr; with the origin moved by the compile's time, which also
-    # rescaled the time already used, 0.6-7%, the more the busier the CPU; now about 0.01%, one step's worth)
+    assert slow_first_compiled_step(more, resume=True, progress=False)["step"] > 25
+    lrs = _lrs(out)[20:]  # the resumed command's steps
+    assert 0.2 * cfg.train.lr < lrs[0] < 0.8 * cfg.train.lr, lrs[:3]  # (resumed well into the decay)
     assert abs(lrs[1] - lrs[0]) < 0.05 * cfg.train.lr, lrs[:3]
+    # the checkpoint keeps the compile's own time out of the schedule (for a resume with a longer budget, which
+    # plans from it): not the larger move that made this command's lr go on from where it was
+    moved = ckpt.load_state(ckpt.find_checkpoint(out))["schedule_origin_s"] - origin
+    assert 2.5 <= moved < 3.5, moved
 
 
 @pytest.mark.parametrize("origin, would_be", [(0.0, 0.0), (1.0, 2.0), (1.0, 20.0), (5.0, 30.0)])
@@ -868,12 +884,14 @@ def test_a_compiled_first_step_leaves_the_schedule_where_an_uncompiled_one_would
 
 
 def test_a_compile_that_ends_past_the_schedule_moves_the_origin_by_its_time():
-    """No schedule left to place (the end reserve has grown past the time now): the origin just moves by the
-    delay, as before, and the run ends at its next check."""
+    """No schedule left to place (the compile ended past the schedule's end, or the end reserve has grown past
+    the time now): the origin just moves by the delay, as before, and the run ends at its next check."""
     from fungpt.train import continuous_origin
 
     assert continuous_origin(45.0, 48.0, 1.0, 40.0) == 4.0
     assert continuous_origin(5.0, 8.0, 50.0, 40.0) == 53.0
+    # due to end before the schedule's end, the step ended after it: solved for, the origin was 1,000 s, past now
+    assert continuous_origin(39.9, 42.4, 0.0, 40.0) == 2.5
 
 
 def test_a_budget_too_short_for_one_step_is_refused_instead_of_overrun(corpus, tmp_path, monkeypatch):
@@ -1054,3 +1072,17 @@ def test_a_dry_run_leaves_the_callers_random_numbers_as_they_were(corpus, tmp_pa
     torch.manual_seed(1234)
     plan.dry_run(tiny_config(corpus, tmp_path / "run"), timed_steps=1)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_failed_trial_plot_is_named_as_such_and_the_run_goes_on(corpus, tmp_path, monkeypatch, capsys):
+    """The step-0 timing draws no file: its failure said "could not draw loss.png", which the end then drew."""
+    import fungpt.plot
+
+    def broken():
+        raise RuntimeError("no fonts\nhere")
+
+    monkeypatch.setattr(fungpt.plot, "rehearse_plot", broken)
+    out = tmp_path / "run"
+    assert train(tiny_config(corpus, out, max_iters=3, max_minutes=0.5), progress=False)["step"] == 3
+    assert capsys.readouterr().err == "fungpt: a trial drawing of the loss plot, to time it, failed (no fonts here)\n"
+    assert (out / "loss.png").is_file()
