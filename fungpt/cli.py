@@ -208,7 +208,8 @@ def _peer_gone(e: BaseException) -> bool:
             and any(s in text for s in ("Connection closed by peer", "Connection reset by peer")))
 
 
-def cmd_train(args: list[str], start_time: float) -> None:
+def cmd_train(args: list[str], start_time: float) -> int | None:
+    """`fungpt train`: returns the number of the signal that stopped the run (after its checkpoint), or None."""
     from fungpt.config import load_config, misplaced_flag, model_fields_named
     from fungpt.train import train
 
@@ -248,7 +249,7 @@ def cmd_train(args: list[str], start_time: float) -> None:
     result = train(parsed.run, resume=parsed.resume, overwrite=parsed.overwrite, start_time=start_time,
                    model_named=named)
     if result["interrupted"]:
-        sys.exit(128 + (result.get("signal") or 2))  # as a shell reports a command ended by the signal: 130 for Ctrl-C
+        return result.get("signal") or signal.SIGINT
     if _rank() == 0:  # under torchrun, said once, not by every process
         print(f"fungpt: done. Sample with: fungpt sample --run {shlex.quote(str(result['out_dir']))}")
 
@@ -602,7 +603,12 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
 
             print(_usage() if name != "--version" else f"fungpt {__version__}")
         elif name == "train":
-            cmd_train(rest, start_time)
+            stopped_by = cmd_train(rest, start_time)
+            if stopped_by is not None:  # (the run has said so, and saved its checkpoint)
+                if stopped_by != signal.SIGINT and not fungpt_command:  # SIGTERM, SIGHUP: as Stopped, below
+                    restore_stop_signals()
+                    signal.raise_signal(stopped_by)
+                return 128 + stopped_by  # as a shell reports a command ended by the signal: 130 for Ctrl-C
         else:
             if name in RUN_COMMANDS:
                 rest = _run_flag_as_positional(name, rest)

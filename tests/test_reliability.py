@@ -594,6 +594,42 @@ sys.exit(fungpt.cli.main(sys.argv[2:], command_start=command_start))
 """
 
 
+@pytest.mark.parametrize("as_the_command", [True, False])
+def test_sigterm_during_training_ends_a_program_that_called_main_too(world, tmp_path, as_the_command):
+    """During setup a SIGTERM ended a program that called main(["train", ...]) once main() had cleaned up, as
+    main() promises; during the training loop main() saved the step and returned 143, and the program went on."""
+    out = tmp_path / "out"
+    argv = ["train", "--data.path", world["corpus"], "--out-dir", out, "--train.device", "cpu", *TINY_MODEL,
+            "--train.max-iters", "1000", "--train.eval-interval", "1000", "--train.eval-iters", "1"]
+    proc = subprocess.run([sys.executable, "-c", _SIGTERM_IN_THE_LOOP, str(as_the_command), *map(str, argv)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "FUNGPT_CACHE_DIR": str(tmp_path / "cache"),
+                               "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == (143 if as_the_command else -signal.SIGTERM), proc.stderr[-2000:]
+    assert "main() returned" not in proc.stdout
+    assert "SIGTERM: finishing this step and saving a checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    line = next(ln for ln in proc.stdout.splitlines() if "at step" in ln and "interrupted" in ln)
+    assert check_loadable(out) == int(line.split(" at step ")[1].split(";")[0])  # (the step it stopped at, saved)
+
+
+_SIGTERM_IN_THE_LOOP = """
+import os, signal, sys
+import fungpt.cli, fungpt.data
+real, calls = fungpt.data.BatchLoader.next_batch, []
+def third_batch_sigterm(self):  # (in the training loop: the step-0 eval draws the first two)
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(self)
+fungpt.data.BatchLoader.next_batch = third_batch_sigterm
+command_start = fungpt.cli.process_start_time() if sys.argv[1] == "True" else None
+status = fungpt.cli.main(sys.argv[2:], command_start=command_start)
+if command_start is None:
+    print("main() returned", status)
+sys.exit(status)
+"""
+
+
 def test_a_data_folder_with_a_file_name_that_is_not_utf8_trains(world, tmp_path):
     """Linux file names are bytes; one that is not UTF-8 arrives with its bytes escaped, and the data cache key
     hashed it as text: a raw UnicodeEncodeError."""
