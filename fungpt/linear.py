@@ -31,6 +31,7 @@ training config sets it, else the FUNGPT_CPU_MATMUL environment variable (any co
 machine: oneDNN on non-Intel CPUs with AVX-512.
 """
 
+import contextlib
 import functools
 import os
 from collections.abc import Callable
@@ -146,6 +147,18 @@ def set_cpu_matmul(setting: str) -> str:
     resolved = _detected(setting)
     _chosen[:] = [resolved]
     return resolved
+
+
+@contextlib.contextmanager
+def using_cpu_matmul(setting: str):
+    """set_cpu_matmul for the block (a training run, a dry run's timed steps); yields the library resolved. The
+    process's own choice, or none yet, is given back after it: a notebook's later sampling is not held to the last
+    run's setting."""
+    before = list(_chosen)
+    try:
+        yield set_cpu_matmul(setting)
+    finally:
+        _chosen[:] = before
 
 
 def cpu_matmul() -> str:

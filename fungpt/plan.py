@@ -286,24 +286,18 @@ def _time_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_opt
                 progress: bool = False) -> float:
     """Median seconds per optimizer step over `n` steps, after one warm-up step, set up as training sets up."""
     from fungpt.hardware import keep_freed_memory
-    from fungpt.linear import cpu_matmul, set_cpu_matmul
+    from fungpt.linear import using_cpu_matmul
 
-    tc = cfg.train
     device = prec.device
-    if device == "cpu":  # training's CPU settings: its malloc tuning, and its matmul library (restored below)
+    if device == "cpu":  # training's CPU settings: its malloc tuning, and its matmul library (given back after)
         keep_freed_memory()
-        before = cpu_matmul()
-        set_cpu_matmul(tc.cpu_matmul)
     # Its own random numbers (the weights' init, the batches' dropout): a caller's seeded torch RNG goes on as if
     # no plan was made (`fungpt.plan.dry_run` in a notebook, then its own training or sampling). (The CPU's and the
     # current GPU's; an MPS run's dropout draws on its device's own.)
     gpu = [torch.cuda.current_device()] if device == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=gpu):
-            return _timed_steps(cfg, prec, data_dir, n, configure_optimizer, batch_loader, progress)
-    finally:
-        if device == "cpu":
-            set_cpu_matmul(before)
+    with (using_cpu_matmul(cfg.train.cpu_matmul) if device == "cpu" else contextlib.nullcontext(),
+          torch.random.fork_rng(devices=gpu)):
+        return _timed_steps(cfg, prec, data_dir, n, configure_optimizer, batch_loader, progress)
 
 
 def _timed_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_optimizer, batch_loader,

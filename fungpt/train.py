@@ -68,7 +68,7 @@ from fungpt.data import (
 from fungpt.errors import FunGPTError, parse_json, read_json
 from fungpt.hardware import Precision, check_compile, detect_precision, keep_freed_memory, tf32_products
 from fungpt.hf import load_gpt2
-from fungpt.linear import onednn_linear, onednn_works, set_cpu_matmul
+from fungpt.linear import onednn_linear, onednn_works, using_cpu_matmul
 from fungpt.model import GPT
 from fungpt.tokenizer import BPE_FILE as TOKENIZER_BPE_FILE
 from fungpt.tokenizer import META_FILE as TOKENIZER_META_FILE
@@ -1262,7 +1262,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     cpu_matmul = None
     if prec.device == "cpu":
         keep_freed_memory()  # reuse activation memory between steps (see hardware.keep_freed_memory)
-        cpu_matmul = set_cpu_matmul(tc.cpu_matmul)  # oneDNN or torch's BLAS for the Linear layers (linear.py)
+        # oneDNN or torch's BLAS for the Linear layers (linear.py), for this run: the process's choice comes back after
+        cpu_matmul = held.enter_context(using_cpu_matmul(tc.cpu_matmul))
         if prec.autocast:  # then the products are torch's own (Linear.forward): none to choose. (A compiled run's
             cpu_matmul = None  # steps are inductor's, but its evals run the plain model: the library still counts)
     ddp = setup_distributed(prec.device)

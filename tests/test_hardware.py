@@ -1086,3 +1086,20 @@ def test_a_failed_trial_plot_is_named_as_such_and_the_run_goes_on(corpus, tmp_pa
     assert train(tiny_config(corpus, out, max_iters=3, max_minutes=0.5), progress=False)["step"] == 3
     assert capsys.readouterr().err == "fungpt: a trial drawing of the loss plot, to time it, failed (no fonts here)\n"
     assert (out / "loss.png").is_file()
+
+
+def test_a_run_gives_the_process_its_own_matmul_choice_back(corpus, tmp_path, monkeypatch):
+    """A run sets the CPU matmul library it was configured with; it stayed set, so a notebook's sampling after a
+    run with cpu_matmul = "torch" used torch's products where a fresh process uses oneDNN."""
+    from fungpt import linear
+
+    used = []
+    monkeypatch.setattr(sys.modules["fungpt.train"], "configure_optimizer",
+                        lambda *a, real=sys.modules["fungpt.train"].configure_optimizer: used.append(
+                            linear.cpu_matmul()) or real(*a))
+    monkeypatch.setattr(linear, "_chosen", ["onednn"])  # the process's own choice
+    train(tiny_config(corpus, tmp_path / "a", max_iters=1, cpu_matmul="torch"), progress=False)
+    assert used == ["torch"] and linear.cpu_matmul() == "onednn"
+    monkeypatch.setattr(linear, "_chosen", [])  # none made yet: the run's is not kept as the process's
+    train(tiny_config(corpus, tmp_path / "b", max_iters=1, cpu_matmul="torch"), progress=False)
+    assert linear._chosen == []
