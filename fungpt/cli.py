@@ -295,7 +295,7 @@ def sample_command(run: RunFolder, prompt: str | None = None, prompt_file: str |
     """Generate text from a trained run, streaming it to stdout.
 
     Args:
-        run: The run folder (out_dir of `fungpt train`).
+        run: The run folder (out_dir of `fungpt train`), first; or anywhere as --run RUN.
         prompt: Text to continue (default: the start of a new document).
         prompt_file: Read the prompt from this UTF-8 file instead.
         num_samples: How many samples to generate.
@@ -328,7 +328,7 @@ def eval_command(run: RunFolder, input: str | None = None, checkpoint: Literal["
     """Print loss, perplexity, bits per byte and bits per character on the run's val split or a text file.
 
     Args:
-        run: The run folder (out_dir of `fungpt train`).
+        run: The run folder (out_dir of `fungpt train`), first; or anywhere as --run RUN.
         input: A UTF-8 text file to evaluate on instead of the run's val split.
         checkpoint: last (latest weights) or best (lowest val loss).
         device: auto, cpu, cuda or mps.
@@ -465,7 +465,7 @@ def export_command(run: RunFolder, out: str, checkpoint: Literal["last", "best"]
     """Write a run's weights and tokenizer as a Hugging Face GPT-2 folder, to share or load in transformers.
 
     Args:
-        run: The run folder (out_dir of `fungpt train`).
+        run: The run folder (out_dir of `fungpt train`), first; or anywhere as --run RUN.
         out: A new (or empty) folder to write config.json, model.safetensors, tokenizer.json and
             tokenizer_config.json to.
         checkpoint: last (latest weights) or best (lowest val loss).
@@ -543,8 +543,8 @@ def _run_flag_as_positional(name: str, args: list[str]) -> list[str]:
     at = [i for i, a in enumerate(flags) if a == "--run" or a.startswith("--run=")]
     runs, rest = [], list(args)
     for i in reversed(at):
-        if rest[i] == "--run":
-            if i + 1 >= len(rest) or rest[i + 1].startswith("-"):
+        if rest[i] == "--run":  # (its value may start with a dash, -5, but is no option)
+            if i + 1 >= len(rest) or rest[i + 1] == "--" or rest[i + 1].split("=", 1)[0].replace("_", "-") in options:
                 raise FunGPTError(f"--run needs a run folder: fungpt {name} RUN ... (or --run RUN)")
             runs.insert(0, rest.pop(i + 1))
         else:
@@ -555,6 +555,7 @@ def _run_flag_as_positional(name: str, args: list[str]) -> list[str]:
     # The run named without the flag: an argument that is no option's value (options take one unless written
     # --name=value or listed in no_value), or any after "--"
     named, value_next, after = [], False, False
+    asks_help = any(a in ("-h", "--help") for a in flags)  # (help is shown whatever else the line holds)
     for arg in rest:
         if after or not (value_next or arg.startswith("-")):
             named += [arg] if arg else []  # ("" is no folder: tyro calls it an empty argument)
@@ -565,7 +566,7 @@ def _run_flag_as_positional(name: str, args: list[str]) -> list[str]:
         else:
             typed = arg.split("=", 1)[0]
             option = typed.replace("_", "-")  # (tyro takes --max_new_tokens too)
-            if option not in options:
+            if option not in options and not option.startswith("--tyro-") and not asks_help:  # (tyro's own)
                 close = difflib.get_close_matches(option, sorted(options), n=1)
                 raise FunGPTError(f"Unrecognized options: {typed}" + (f"; Perhaps you meant: {close[0]}" if close
                                   else "") + f" (`fungpt {name} --help` lists the options)")
@@ -605,9 +606,8 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
         elif name == "train":
             stopped_by = cmd_train(rest, start_time)
             if stopped_by is not None:  # (the run has said so, and saved its checkpoint)
-                if stopped_by != signal.SIGINT and not fungpt_command:  # SIGTERM, SIGHUP: as Stopped, below
-                    restore_stop_signals()
-                    signal.raise_signal(stopped_by)
+                if stopped_by != signal.SIGINT and not fungpt_command:  # SIGTERM, SIGHUP: as during setup
+                    raise _startup.Stopped(stopped_by)  # (the program then ends by the signal, below)
                 return 128 + stopped_by  # as a shell reports a command ended by the signal: 130 for Ctrl-C
         else:
             if name in RUN_COMMANDS:

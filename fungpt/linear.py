@@ -26,9 +26,9 @@ generation runs in BENCHMARKS.md).
 whose forward takes these paths when `cpu_matmul()` is "onednn" and the input is a float32 CPU
 tensor outside autocast and torch.compile; everything else (GPUs, bfloat16, compiled graphs, and
 cpu_matmul "torch") goes to `F.linear` as usual. Results agree with MKL's to float32 rounding
-(the additions happen in another order). `cpu_matmul` is chosen once per process: train.cpu_matmul when a
-training config sets it, else the FUNGPT_CPU_MATMUL environment variable (any command), else by
-machine: oneDNN on non-Intel CPUs with AVX-512.
+(the additions happen in another order). `cpu_matmul` is chosen once per process, by the
+FUNGPT_CPU_MATMUL environment variable (any command), else by machine: oneDNN on non-Intel CPUs with
+AVX-512. A training run's train.cpu_matmul holds for that run (using_cpu_matmul).
 """
 
 import contextlib

@@ -783,3 +783,17 @@ def test_every_command_on_a_run_takes_it_with_or_without_run(run_dir, tmp_path, 
     assert main([command, *options, *run]) == 0
     out = capsys.readouterr().out
     assert {"sample": "--- text ---", "eval": "perplexity", "export": "fungpt: exported"}[command] in out
+
+
+def test_the_run_scan_leaves_tyros_own_options_help_and_dashed_folders_alone(run_dir, tmp_path, monkeypatch, capsys):
+    """The scan that finds the run refused what tyro took before it: its completion script, --help after a typo,
+    and `--run -5` (a folder whose name starts with a dash)."""
+    assert main(["sample", "--tyro-print-completion", "bash"]) == 0
+    assert "completion" in capsys.readouterr().out.lower()
+    assert main(["sample", "--run", str(run_dir), "--bogus", "--help"]) == 0
+    assert "--max-new-tokens" in capsys.readouterr().out
+    (tmp_path / "-5").symlink_to(run_dir, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    assert main(["sample", "--run", "-5", "--max-new-tokens", "3"]) == 0
+    assert main(["sample", "--run", "--max-new-tokens", "3"]) == 2  # (an option is no folder)
+    assert "--run needs a run folder" in capsys.readouterr().err
