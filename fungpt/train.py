@@ -785,9 +785,13 @@ def numerics_notes(saved: dict[str, Any], now: dict[str, Any], step: int) -> lis
     def shown(value: Any) -> Any:
         return "none" if value is None else value  # (cpu_matmul on a GPU, or under autocast)
 
-    changed = [f"{k} {shown(saved[k])} -> {shown(now[k])}" for k in NUMERICS if k in saved and saved[k] != now[k]]
+    keys = [k for k in NUMERICS if k in saved and saved[k] != now[k]]
+    changed = [f"{k} {shown(saved[k])} -> {shown(now[k])}" for k in keys]
+    # (another order of float32 additions moves the 7th digit; another device or dtype rounds otherwise: bfloat16
+    # moved a tiny run's losses by up to 4e-4, in the 4th digit)
+    how = "in the last digits" if not {"device", "dtype"} & set(keys) else "by its rounding (from about the 4th digit)"
     return [f"fungpt: note: the arithmetic changed since step {step} ({', '.join(changed)}): from here the losses "
-            f"differ from an uninterrupted run's in the last digits"] if changed else []
+            f"differ from an uninterrupted run's {how}"] if changed else []
 
 
 def get_lr(it: float, tc: TrainConfig) -> float:
@@ -1398,6 +1402,17 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             return {"out_dir": str(out_dir), "step": step, "train_loss": float("nan"), "val_loss": float("nan"),
                     "interrupted": False, "signal": None, "elapsed_s": time.time() - start_time}
         say(f"fungpt: resuming {out_dir} from step {step}")
+        # A `best` saved after this checkpoint (a kill -9 between checkpoints) holds weights of steps that are
+        # trained again, maybe otherwise (other settings): it goes, and the next eval below best_val saves one
+        try:
+            best = ckpt.find_checkpoint(out_dir, "best") if ddp.is_main else None
+            best_step = ckpt.folder_step(best) if best is not None else -1
+        except (FunGPTError, ValueError, IndexError):  # (a damaged pointer, a folder named by hand: left as it is)
+            best_step = -1
+        if best_step > step:
+            ckpt.drop_checkpoint(out_dir, "best")
+            say(f"fungpt: note: the best checkpoint was saved at step {best_step}, after this one: removed, as "
+                f"those steps are trained again (the next eval with val loss below {best_val:.4f} saves a new one)")
     elif resume:
         say(f"fungpt: {out_dir} has no checkpoint yet (stopped before its first save): starting from step 0")
     if pre is not None and folder is None:
@@ -1580,7 +1595,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     recent_steps: collections.deque[float] = collections.deque(maxlen=5)  # the last steps' times, for step_estimate
     first_step, first_step_s = True, 0.0
     plot_time = timings.get("plot", 0.0)
-    if step == 0 and budget_s is None:
+    evaluated_at = saved_at = -1  # the steps of the last periodic eval and checkpoint (the final ones reuse them)
+    # (a resume from a step-0 checkpoint whose best_val is set: that eval is in metrics.jsonl already)
+    if step == 0 and budget_s is None and not math.isfinite(best_val):
+        evaluated_at = 0
         t0 = time.time()
         losses = do_eval()  # the starting point of the curve: about ln(vocab_size) for random weights
         recent_evals.append(time.time() - t0)
@@ -1617,7 +1635,6 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     lr_origin = schedule_origin  # this command's: moved by its compile so that the lr goes on (continuous_origin)
     fwd_model.train()
     start_step = step
-    evaluated_at = saved_at = -1  # the steps of the last periodic eval and checkpoint (the final ones reuse them)
     bar = None
     if progress and ddp.is_main:
         from tqdm.auto import tqdm

@@ -348,6 +348,10 @@ def test_a_bfloat16_run_records_no_matmul_library(corpus, tmp_path, capsys):
     assert numerics_notes({"cpu_matmul": "onednn"}, {"cpu_matmul": None}, 5) == [
         "fungpt: note: the arithmetic changed since step 5 (cpu_matmul onednn -> none): from here the losses differ "
         "from an uninterrupted run's in the last digits"]
+    # another dtype (or device) rounds otherwise: bfloat16 moved a tiny run's losses in the 4th digit
+    assert numerics_notes({"dtype": "float32"}, {"dtype": "bfloat16"}, 5)[0].endswith(
+        "(dtype float32 -> bfloat16): from here the losses differ from an uninterrupted run's by its rounding (from "
+        "about the 4th digit)")
 
 
 def test_a_bad_matmul_setting_is_refused_when_a_run_is_loaded(tiny_run):
@@ -1103,3 +1107,43 @@ def test_a_run_gives_the_process_its_own_matmul_choice_back(corpus, tmp_path, mo
     monkeypatch.setattr(linear, "_chosen", [])  # none made yet: the run's is not kept as the process's
     train(tiny_config(corpus, tmp_path / "b", max_iters=1, cpu_matmul="torch"), progress=False)
     assert linear._chosen == []
+
+
+def test_a_best_checkpoint_saved_after_the_resumed_one_is_removed(corpus, tmp_path, capsys):
+    """Killed (kill -9) between checkpoints, a run resumed from its step-10 checkpoint kept a `best` of step 15,
+    from steps trained again: with another lr the new step 15 scored 4.44, and `--checkpoint best` still gave the
+    old one (3.31), weights in no step of the run's history."""
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=4, eval_interval=2, checkpoint_interval=2), progress=False)
+    best = ckpt.find_checkpoint(out, "best")
+    state = ckpt.load_state(ckpt.find_checkpoint(out))
+    # as a kill after a `best` of step 4 and before its `latest`: the step-2 checkpoint is the one resumed from
+    ckpt.save_checkpoint(out, "latest", 2, _weights_of(ckpt.find_checkpoint(out)), state={**state, "step": 2})
+    assert ckpt.folder_step(best) == 4 and ckpt.folder_step(ckpt.find_checkpoint(out)) == 2
+    more = tiny_config(corpus, out, max_iters=3, eval_interval=10**6, checkpoint_interval=10**6, lr=0.3)
+    train(more, resume=True, progress=False)
+    assert "the best checkpoint was saved at step 4, after this one: removed" in capsys.readouterr().out
+    now = ckpt.find_checkpoint(out, "best")  # (the step-3 final eval beat, or not, the step-2 state's best_val)
+    assert now is None or ckpt.folder_step(now) == 3
+    assert not [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(("best", ".best"))
+                and (now is None or p != now)]
+
+
+def _weights_of(folder):
+    from fungpt.config import load_run_config
+    from fungpt.model import GPT
+
+    model = GPT(load_run_config(folder.parent.parent).model)
+    ckpt.load_weights(folder, model)
+    return model
+
+
+@pytest.mark.parametrize("stopped", [0, 2])
+def test_the_step_0_eval_is_in_the_metrics_once(corpus, tmp_path, stopped):
+    """max_iters = 0 evaluated step 0, then again as the final eval, and a resume from that step-0 checkpoint a
+    third time: three rows for one eval."""
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=stopped, eval_interval=2), progress=False)
+    train(tiny_config(corpus, out, max_iters=4, eval_interval=2), resume=True, progress=False)
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 2, 4]
