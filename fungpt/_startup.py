@@ -65,9 +65,16 @@ def quit_at_once(signum, frame) -> None:
 
 def install() -> None:
     """Called first thing by fungpt/__init__.py."""
-    if is_the_fungpt_command(getattr(sys, "orig_argv", sys.argv)) and signal.getsignal(signal.SIGINT) is \
-            signal.default_int_handler:
+    if not is_the_fungpt_command(getattr(sys, "orig_argv", sys.argv)):
+        return
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, quit_at_once)
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # (torch's import then died with "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so")
+        print("error: the current folder no longer exists (deleted or moved): cd into a folder that exists and run "
+              "the command again", file=sys.stderr)
+        os._exit(2)
 
 
 def restore() -> None:

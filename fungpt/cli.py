@@ -617,6 +617,15 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
         # Under torchrun every process may fail alike: each says which it is, so that the lines read as copies
         print(f"error{f' (rank {_rank()})' if _rank() else ''}: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:
+        # A package FunGPT needs, missing from a broken install (pyproject.toml lists them): matplotlib for plot
+        # and attention, tokenizers for BPE, safetensors at the first checkpoint. (A module of FunGPT's own is a bug.)
+        top = (e.name or "").partition(".")[0]
+        if not top or top == "fungpt":
+            raise
+        print(f"error: the Python package {top} is not installed, and fungpt {name} needs it: pip install {top}",
+              file=sys.stderr)
+        return 2
     except _startup.Stopped as e:  # SIGTERM or SIGHUP: what it was doing was cleaned up as for Ctrl-C
         with contextlib.suppress(OSError):  # (after SIGHUP the terminal may be gone)
             print(f"\nfungpt: stopped by {signal.Signals(e.signum).name}", file=sys.stderr)

@@ -183,7 +183,9 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
             key_parts.append(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}")
     # (surrogateescape: a file name that is not UTF-8 arrives from the OS with its bytes escaped)
     key = hashlib.sha256("\n".join(key_parts).encode("utf-8", "surrogateescape")).hexdigest()[:12]
-    out = cache_dir() / "datasets" / f"{name}-{kind}-{key}"
+    # (the name cut to 100 characters: with the key, a 251-byte file name made one over the 255 bytes a name can
+    # have; the key alone tells datasets apart)
+    out = cache_dir() / "datasets" / f"{name[:100]}-{kind}-{key}"
     # Under torchrun the other ranks wait while rank 0 prepares, which can outlast the process group's timeout
     # (30 minutes for gloo, 10 for NCCL: a BPE encodes a few MB/s). They wait in a CPU group of their own, made
     # before rank 0 starts (making it is collective too), with a timeout of a day; a rank 0 that fails still ends
@@ -1038,8 +1040,13 @@ class MetricsLog:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
         except OSError as e:  # e.g. the disk filled up between two checkpoints
-            raise FunGPTError(f"could not write {self.path}: {e.strerror or e}; the last checkpoint is intact "
-                              f"(free some disk space, then resume with --resume)") from None
+            try:
+                kept = ckpt.find_checkpoint(self.path.parent) is not None
+            except FunGPTError:
+                kept = False
+            where = ("the last checkpoint is intact (free some disk space, then resume with --resume)" if kept else
+                     "no checkpoint was saved yet (free some disk space, then start again with --overwrite)")
+            raise FunGPTError(f"could not write {self.path}: {e.strerror or e}; {where}") from None
         # An eval row's losses are estimates over eval_iters batches (and its times repeat the step's): under eval/,
         # so each TensorBoard curve holds one kind of number, one point per step
         group = "eval/" if "val_loss" in row else ""

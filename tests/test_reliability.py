@@ -2165,3 +2165,88 @@ def test_overwrite_removes_a_plot_left_half_written(world, tmp_path):
     (out / "notes.png").write_bytes(b"the user's own")
     train(tiny_config(world["data"], out, max_iters=2), overwrite=True, progress=False)
     assert not (out / ".loss.tmp-42-abcd.png").exists() and (out / "notes.png").exists()
+
+
+_WITHOUT_MATPLOTLIB = """
+import sys
+class Missing:  # as if matplotlib were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "matplotlib":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Missing())
+import fungpt.cli
+sys.exit(fungpt.cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command", [["plot", "{run}"], ["attention", "{run}", "--prompt", "e"]])
+def test_a_missing_package_is_one_line_that_says_what_to_install(tiny_run, tmp_path, command):
+    """matplotlib missing from a broken install: plot and attention ended in a raw ModuleNotFoundError traceback
+    (train said it in one line: no loss.png)."""
+    argv = [a.format(run=tiny_run) for a in command] + ["--out", str(tmp_path / "x.png")]
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_MATPLOTLIB, *argv], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2
+    assert proc.stderr == (f"error: the Python package matplotlib is not installed, and fungpt {command[0]} needs it: "
+                           f"pip install matplotlib\n")
+
+
+def test_a_deleted_current_folder_is_one_line(tmp_path):
+    """Run from a folder deleted under the shell, every command (even --version) died in torch's import with
+    "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    proc = subprocess.run(["sh", "-c", 'cd "$1" && rmdir "$1" && exec "$2" -m fungpt --version', "sh", str(gone),
+                           sys.executable], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2
+    assert proc.stderr == ("error: the current folder no longer exists (deleted or moved): cd into a folder that "
+                           "exists and run the command again\n")
+
+
+def test_a_corpus_file_with_a_long_name_trains(world, tmp_path):
+    """The data cache's folder is named after the file: a 251-byte name made it over the 255 bytes a name can
+    have ("File name too long"), though the file itself was fine."""
+    corpus = tmp_path / ("a" * 251 + ".txt")
+    shutil.copy(world["corpus"], corpus)
+    assert train(_one_layer(corpus, tmp_path / "run", max_iters=1), progress=False)["step"] == 1
+
+
+def _one_layer(corpus: Path, out: Path, max_iters: int) -> RunConfig:
+    return RunConfig(out_dir=str(out), data=DataConfig(path=str(corpus)),
+                     model=GPTConfig(vocab_size=1, block_size=16, n_layer=1, n_head=2, n_embd=32),
+                     train=TrainConfig(batch_size=4, max_iters=max_iters, eval_iters=1, device="cpu"))
+
+
+@pytest.mark.parametrize("saved", [False, True])
+def test_a_full_disk_while_logging_names_the_checkpoint_only_if_there_is_one(world, tmp_path, monkeypatch, saved):
+    """metrics.jsonl could not be written: "the last checkpoint is intact, resume" was said also before the first
+    checkpoint, where --resume starts over."""
+    train_module = sys.modules["fungpt.train"]  # (fungpt.train, the attribute, is the function)
+    out = tmp_path / "run"
+    if saved:  # a run with a checkpoint, resumed
+        train(_one_layer(world["corpus"], out, max_iters=1), progress=False)
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    opened = train_module.MetricsLog.__init__
+
+    def full_disk(self, *args, **kwargs):
+        opened(self, *args, **kwargs)
+        self.file.close()
+        self.file = Full()
+
+    monkeypatch.setattr(train_module.MetricsLog, "__init__", full_disk)
+    cfg = _one_layer(world["corpus"], out, max_iters=3)
+    with pytest.raises(FunGPTError, match="No space left on device; " + (
+            r"the last checkpoint is intact \(free some disk space, then resume with --resume\)" if saved else
+            r"no checkpoint was saved yet \(free some disk space, then start again with --overwrite\)")):
+        train(cfg, resume=saved, progress=False)
