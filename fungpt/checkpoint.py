@@ -236,18 +236,6 @@ def folder_step(folder: Path) -> int:
     return int(folder.name.split("-", 1)[1].partition(".")[0])
 
 
-def drop_checkpoint(out_dir: str | Path, kind: str) -> None:
-    """Remove the `kind` checkpoint as if none had been saved. The pointer goes first (a reader then finds the
-    newest folder: the same one), then the folders are renamed to temporaries (never a half-deleted folder under a
-    checkpoint's name), then deleted; a kill midway leaves temporaries, which the next save clears."""
-    out_dir = Path(out_dir)
-    (out_dir / f"{kind}.json").unlink(missing_ok=True)
-    for folder in checkpoint_folders(out_dir, kind):
-        os.replace(folder, folder.with_name(f".{folder.name}.tmp-{os.getpid()}"))
-    for old in checkpoint_folders(out_dir, kind, temporaries=True):
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def checkpoint_folders(out_dir: Path, kind: str, temporaries: bool = False) -> list[Path]:
     """The `kind` checkpoint folders in out_dir/checkpoints, by the names saving gives them (KIND-STEP or
     KIND-STEP.N: a copy a user keeps there under another name, e.g. latest-0000040-keep, is not one); with

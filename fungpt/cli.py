@@ -489,6 +489,8 @@ COMMANDS = {
     "positions": positions_command,
     "serve": serve_command,
 }
+# Import names whose package is installed by another name (a missing package's advice names what to pip install)
+PIP_NAMES = {"PIL": "pillow", "dateutil": "python-dateutil", "yaml": "pyyaml", "google": "protobuf"}
 RUN_COMMANDS = ("sample", "eval", "export", "attention", "serve")  # (their first parameter: run: RunFolder)
 
 
@@ -623,8 +625,20 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
         top = (e.name or "").partition(".")[0]
         if not top or top == "fungpt":
             raise
-        print(f"error: the Python package {top} is not installed, and fungpt {name} needs it: pip install {top}",
-              file=sys.stderr)
+        import importlib.util
+
+        pip = PIP_NAMES.get(top, top)
+        rank = f" (rank {_rank()})" if _rank() else ""
+        try:
+            installed = importlib.util.find_spec(top) is not None
+        except (ImportError, ValueError):
+            installed = False
+        if not installed:
+            print(f"error{rank}: the Python package {pip} is not installed, and fungpt {name} needs it: "
+                  f"pip install {pip}", file=sys.stderr)
+        else:  # (installed, but part of it is missing: a broken or partial install)
+            print(f"error{rank}: the Python package {pip} is installed but its module {e.name} is missing: reinstall "
+                  f"it (pip install --force-reinstall {pip})", file=sys.stderr)
         return 2
     except _startup.Stopped as e:  # SIGTERM or SIGHUP: what it was doing was cleaned up as for Ctrl-C
         with contextlib.suppress(OSError):  # (after SIGHUP the terminal may be gone)

@@ -183,9 +183,8 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
             key_parts.append(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}")
     # (surrogateescape: a file name that is not UTF-8 arrives from the OS with its bytes escaped)
     key = hashlib.sha256("\n".join(key_parts).encode("utf-8", "surrogateescape")).hexdigest()[:12]
-    # (the name cut to 100 characters: with the key, a 251-byte file name made one over the 255 bytes a name can
-    # have; the key alone tells datasets apart)
-    out = cache_dir() / "datasets" / f"{name[:100]}-{kind}-{key}"
+    # (the name cut to 100 bytes: with the key, a 251-byte file name made one over the 255 bytes a name can have)
+    out = cache_dir() / "datasets" / f"{ckpt.temp_stem(name)}-{kind}-{key}"
     # Under torchrun the other ranks wait while rank 0 prepares, which can outlast the process group's timeout
     # (30 minutes for gloo, 10 for NCCL: a BPE encodes a few MB/s). They wait in a CPU group of their own, made
     # before rank 0 starts (making it is collective too), with a timeout of a day; a rank 0 that fails still ends
@@ -1045,7 +1044,7 @@ class MetricsLog:
             except FunGPTError:
                 kept = False
             where = ("the last checkpoint is intact (free some disk space, then resume with --resume)" if kept else
-                     "no checkpoint was saved yet (free some disk space, then start again with --overwrite)")
+                     "no checkpoint was saved yet (free some disk space, then run again with --resume: it starts over)")
             raise FunGPTError(f"could not write {self.path}: {e.strerror or e}; {where}") from None
         # An eval row's losses are estimates over eval_iters batches (and its times repeat the step's): under eval/,
         # so each TensorBoard curve holds one kind of number, one point per step
@@ -1410,16 +1409,18 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                     "interrupted": False, "signal": None, "elapsed_s": time.time() - start_time}
         say(f"fungpt: resuming {out_dir} from step {step}")
         # A `best` saved after this checkpoint (a kill -9 between checkpoints) holds weights of steps that are
-        # trained again, maybe otherwise (other settings): it goes, and the next eval below best_val saves one
+        # trained again, maybe otherwise (other settings). Kept, it stayed the run's best, from weights in no step
+        # of its history. The next eval replaces it, whatever its loss (the earlier best it replaced is gone);
+        # until then it stays, in case this resume fails.
         try:
-            best = ckpt.find_checkpoint(out_dir, "best") if ddp.is_main else None
+            best = ckpt.find_checkpoint(out_dir, "best") if ddp.is_main else None  # (rank 0 saves `best`)
             best_step = ckpt.folder_step(best) if best is not None else -1
         except (FunGPTError, ValueError, IndexError):  # (a damaged pointer, a folder named by hand: left as it is)
             best_step = -1
         if best_step > step:
-            ckpt.drop_checkpoint(out_dir, "best")
-            say(f"fungpt: note: the best checkpoint was saved at step {best_step}, after this one: removed, as "
-                f"those steps are trained again (the next eval with val loss below {best_val:.4f} saves a new one)")
+            best_val = float("inf")
+            say(f"fungpt: note: the best checkpoint was saved at step {best_step}, after this one: the next eval "
+                f"replaces it, as those steps are trained again")
     elif resume:
         say(f"fungpt: {out_dir} has no checkpoint yet (stopped before its first save): starting from step 0")
     if pre is not None and folder is None:

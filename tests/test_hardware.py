@@ -1109,7 +1109,7 @@ def test_a_run_gives_the_process_its_own_matmul_choice_back(corpus, tmp_path, mo
     assert linear._chosen == []
 
 
-def test_a_best_checkpoint_saved_after_the_resumed_one_is_removed(corpus, tmp_path, capsys):
+def test_a_best_checkpoint_saved_after_the_resumed_one_is_replaced_by_the_next_eval(corpus, tmp_path, capsys):
     """Killed (kill -9) between checkpoints, a run resumed from its step-10 checkpoint kept a `best` of step 15,
     from steps trained again: with another lr the new step 15 scored 4.44, and `--checkpoint best` still gave the
     old one (3.31), weights in no step of the run's history."""
@@ -1120,13 +1120,14 @@ def test_a_best_checkpoint_saved_after_the_resumed_one_is_removed(corpus, tmp_pa
     # as a kill after a `best` of step 4 and before its `latest`: the step-2 checkpoint is the one resumed from
     ckpt.save_checkpoint(out, "latest", 2, _weights_of(ckpt.find_checkpoint(out)), state={**state, "step": 2})
     assert ckpt.folder_step(best) == 4 and ckpt.folder_step(ckpt.find_checkpoint(out)) == 2
-    more = tiny_config(corpus, out, max_iters=3, eval_interval=10**6, checkpoint_interval=10**6, lr=0.3)
-    train(more, resume=True, progress=False)
-    assert "the best checkpoint was saved at step 4, after this one: removed" in capsys.readouterr().out
-    now = ckpt.find_checkpoint(out, "best")  # (the step-3 final eval beat, or not, the step-2 state's best_val)
-    assert now is None or ckpt.folder_step(now) == 3
-    assert not [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(("best", ".best"))
-                and (now is None or p != now)]
+    best_val = json.loads((best / ckpt.MANIFEST_FILE).read_text())["val_loss"]
+    # lr 30: the resumed steps train far worse, and their eval still replaces the step-4 best
+    more = tiny_config(corpus, out, max_iters=3, eval_interval=10**6, checkpoint_interval=10**6, lr=30.0)
+    assert train(more, resume=True, progress=False)["val_loss"] > best_val
+    assert ("the best checkpoint was saved at step 4, after this one: the next eval replaces it"
+            in capsys.readouterr().out)
+    assert ckpt.folder_step(ckpt.find_checkpoint(out, "best")) == 3
+    assert [p.name for p in (out / "checkpoints").iterdir() if "best" in p.name] == ["best-0000003"]
 
 
 def _weights_of(folder):

@@ -2167,11 +2167,12 @@ def test_overwrite_removes_a_plot_left_half_written(world, tmp_path):
     assert not (out / ".loss.tmp-42-abcd.png").exists() and (out / "notes.png").exists()
 
 
-_WITHOUT_MATPLOTLIB = """
+_WITHOUT = """
 import sys
-class Missing:  # as if matplotlib were not installed
+blocked = sys.argv.pop(1)
+class Missing:  # as if that module were not installed
     def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] == "matplotlib":
+        if name == blocked or name.startswith(blocked + ".") and "." not in blocked:
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 sys.meta_path.insert(0, Missing())
 import fungpt.cli
@@ -2179,16 +2180,24 @@ sys.exit(fungpt.cli.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("command", [["plot", "{run}"], ["attention", "{run}", "--prompt", "e"]])
-def test_a_missing_package_is_one_line_that_says_what_to_install(tiny_run, tmp_path, command):
+@pytest.mark.parametrize("blocked, command, said", [
+    ("matplotlib", ["plot", "{run}"], "the Python package matplotlib is not installed, and fungpt plot needs it: "
+                                      "pip install matplotlib"),
+    ("matplotlib", ["attention", "{run}", "--prompt", "e"], "the Python package matplotlib is not installed, and "
+                                                            "fungpt attention needs it: pip install matplotlib"),
+    ("PIL", ["plot", "{run}"], "the Python package pillow is not installed, and fungpt plot needs it: "
+                               "pip install pillow"),  # (its import name is not its name on PyPI)
+    ("matplotlib.figure", ["plot", "{run}"], "the Python package matplotlib is installed but its module "
+                                             "matplotlib.figure is missing: reinstall it (pip install "
+                                             "--force-reinstall matplotlib)"),
+])
+def test_a_missing_package_is_one_line_that_says_what_to_install(tiny_run, tmp_path, blocked, command, said):
     """matplotlib missing from a broken install: plot and attention ended in a raw ModuleNotFoundError traceback
     (train said it in one line: no loss.png)."""
     argv = [a.format(run=tiny_run) for a in command] + ["--out", str(tmp_path / "x.png")]
-    proc = subprocess.run([sys.executable, "-c", _WITHOUT_MATPLOTLIB, *argv], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT, blocked, *argv], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 2
-    assert proc.stderr == (f"error: the Python package matplotlib is not installed, and fungpt {command[0]} needs it: "
-                           f"pip install matplotlib\n")
+    assert proc.returncode == 2 and proc.stderr == f"error: {said}\n"
 
 
 def test_a_deleted_current_folder_is_one_line(tmp_path):
@@ -2204,10 +2213,11 @@ def test_a_deleted_current_folder_is_one_line(tmp_path):
                            "exists and run the command again\n")
 
 
-def test_a_corpus_file_with_a_long_name_trains(world, tmp_path):
+@pytest.mark.parametrize("stem", ["a" * 251, "語" * 80])  # (80 CJK characters: 240 bytes)
+def test_a_corpus_file_with_a_long_name_trains(world, tmp_path, stem):
     """The data cache's folder is named after the file: a 251-byte name made it over the 255 bytes a name can
     have ("File name too long"), though the file itself was fine."""
-    corpus = tmp_path / ("a" * 251 + ".txt")
+    corpus = tmp_path / (stem + ".txt")
     shutil.copy(world["corpus"], corpus)
     assert train(_one_layer(corpus, tmp_path / "run", max_iters=1), progress=False)["step"] == 1
 
@@ -2248,5 +2258,5 @@ def test_a_full_disk_while_logging_names_the_checkpoint_only_if_there_is_one(wor
     cfg = _one_layer(world["corpus"], out, max_iters=3)
     with pytest.raises(FunGPTError, match="No space left on device; " + (
             r"the last checkpoint is intact \(free some disk space, then resume with --resume\)" if saved else
-            r"no checkpoint was saved yet \(free some disk space, then start again with --overwrite\)")):
+            r"no checkpoint was saved yet \(free some disk space, then run again with --resume: it starts over\)")):
         train(cfg, resume=saved, progress=False)
