@@ -584,6 +584,30 @@ def _run_flag_as_positional(name: str, args: list[str]) -> list[str]:
     return [runs[0], *rest]
 
 
+def _missing_module(e: ModuleNotFoundError, command: str) -> str | None:
+    """What to say of a module that could not be imported, or None for one of FunGPT's own (a bug: its traceback)."""
+    import importlib.metadata
+    import importlib.util
+
+    top = (e.name or "").partition(".")[0]
+    if not top or top == "fungpt":
+        return None
+    if top in getattr(sys, "stdlib_module_names", ()):  # (_lzma, _ctypes: left out when Python was built)
+        return (f"this Python was built without its module {e.name}, which fungpt {command} needs: use a Python "
+                f"that has it (a python.org or distribution build)")
+    pip = PIP_NAMES.get(top, top)
+    try:
+        spec = importlib.util.find_spec(top)
+        installed = spec is not None and spec.origin is not None  # (a namespace package, a bare folder: no origin)
+        version = importlib.metadata.version(pip)
+    except Exception:  # noqa: BLE001 - a broken import hook, no such distribution: taken as not installed
+        installed = False
+    if not installed:
+        return f"the Python package {pip} is not installed, and fungpt {command} needs it: pip install {pip}"
+    return (f"the Python package {pip} is installed, but its module {e.name} is missing: reinstall it "
+            f"(pip install --force-reinstall --no-deps {pip}=={version})")
+
+
 def main(argv: list[str] | None = None, *, command_start: float | None = None) -> int:
     """Run one fungpt command (argv: its arguments, sys.argv[1:] by default); return its exit status.
 
@@ -622,23 +646,10 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
     except ModuleNotFoundError as e:
         # A package FunGPT needs, missing from a broken install (pyproject.toml lists them): matplotlib for plot
         # and attention, tokenizers for BPE, safetensors at the first checkpoint. (A module of FunGPT's own is a bug.)
-        top = (e.name or "").partition(".")[0]
-        if not top or top == "fungpt":
+        said = _missing_module(e, name)
+        if said is None:
             raise
-        import importlib.util
-
-        pip = PIP_NAMES.get(top, top)
-        rank = f" (rank {_rank()})" if _rank() else ""
-        try:
-            installed = importlib.util.find_spec(top) is not None
-        except (ImportError, ValueError):
-            installed = False
-        if not installed:
-            print(f"error{rank}: the Python package {pip} is not installed, and fungpt {name} needs it: "
-                  f"pip install {pip}", file=sys.stderr)
-        else:  # (installed, but part of it is missing: a broken or partial install)
-            print(f"error{rank}: the Python package {pip} is installed but its module {e.name} is missing: reinstall "
-                  f"it (pip install --force-reinstall {pip})", file=sys.stderr)
+        print(f"error{f' (rank {_rank()})' if _rank() else ''}: {said}", file=sys.stderr)
         return 2
     except _startup.Stopped as e:  # SIGTERM or SIGHUP: what it was doing was cleaned up as for Ctrl-C
         with contextlib.suppress(OSError):  # (after SIGHUP the terminal may be gone)

@@ -1331,7 +1331,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     scaler = torch.amp.GradScaler(prec.device, enabled=prec.needs_grad_scaler)  # (Muon: refused by choose_precision)
     loader = BatchLoader(data_dir, "train", tc.batch_size, cfg.model.block_size, device=device,
                          seed=tc.seed, rank=ddp.rank, world_size=ddp.world_size)
-    step, best_val, elapsed_before, timings = 0, float("inf"), 0.0, {}
+    step, best_val, elapsed_before, timings, evaluated_before = 0, float("inf"), 0.0, {}, False
     tokens_before: int | None = None  # tokens trained on before a resume (the batch size may have changed since)
     schedule_origin: float | None = None  # budget seconds used at step 1 (set before the loop; a compile adds its time)
     torch.manual_seed(tc.seed + ddp.rank)  # dropout masks differ per rank
@@ -1354,6 +1354,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             # else: resumed with more processes than saved; this rank keeps the fresh batch stream seeded from
             # its own rank (a copy of rank 0's would train two replicas on the same batches)
             step, best_val, elapsed_before = int(state["step"]), float(state["best_val"]), float(state["elapsed_s"])
+            evaluated_before = math.isfinite(best_val)  # (an eval saved best_val: at step 0, the step-0 eval)
             schedule_origin = float(state.get("schedule_origin_s") or 0.0)  # time-budget mode, see below
             timings = state.get("timings") or {}  # so a resumed run knows what to reserve at once
             tokens_before = state.get("tokens")  # None in checkpoints from before it was saved
@@ -1604,8 +1605,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     first_step, first_step_s = True, 0.0
     plot_time = timings.get("plot", 0.0)
     evaluated_at = saved_at = -1  # the steps of the last periodic eval and checkpoint (the final ones reuse them)
-    # (a resume from a step-0 checkpoint whose best_val is set: that eval is in metrics.jsonl already)
-    if step == 0 and budget_s is None and not math.isfinite(best_val):
+    # (a resume from a step-0 checkpoint whose best_val was set: that eval is in metrics.jsonl already)
+    if step == 0 and budget_s is None and not evaluated_before:
         evaluated_at = 0
         t0 = time.time()
         losses = do_eval()  # the starting point of the curve: about ln(vocab_size) for random weights

@@ -1148,3 +1148,14 @@ def test_the_step_0_eval_is_in_the_metrics_once(corpus, tmp_path, stopped):
     train(tiny_config(corpus, out, max_iters=4, eval_interval=2), resume=True, progress=False)
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 2, 4]
+
+
+def test_a_newer_best_does_not_bring_back_the_step_0_eval(corpus, tmp_path):
+    """Resumed from a step-0 checkpoint with a `best` of a later step (killed after it), the reset best_val was
+    taken as "step 0 not evaluated yet": the step-0 eval ran, and was written, again."""
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=0, eval_interval=2), progress=False)
+    ckpt.save_checkpoint(out, "best", 2, _weights_of(ckpt.find_checkpoint(out)), extra={"val_loss": 1.0})
+    train(tiny_config(corpus, out, max_iters=2, eval_interval=2), resume=True, progress=False)
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 2]

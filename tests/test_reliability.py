@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import hashlib
 import importlib
+import importlib.metadata
 import json
 import os
 import pickle
@@ -2187,9 +2188,9 @@ sys.exit(fungpt.cli.main(sys.argv[1:]))
                                                             "fungpt attention needs it: pip install matplotlib"),
     ("PIL", ["plot", "{run}"], "the Python package pillow is not installed, and fungpt plot needs it: "
                                "pip install pillow"),  # (its import name is not its name on PyPI)
-    ("matplotlib.figure", ["plot", "{run}"], "the Python package matplotlib is installed but its module "
+    ("matplotlib.figure", ["plot", "{run}"], "the Python package matplotlib is installed, but its module "
                                              "matplotlib.figure is missing: reinstall it (pip install "
-                                             "--force-reinstall matplotlib)"),
+                                             "--force-reinstall --no-deps matplotlib=={version})"),
 ])
 def test_a_missing_package_is_one_line_that_says_what_to_install(tiny_run, tmp_path, blocked, command, said):
     """matplotlib missing from a broken install: plot and attention ended in a raw ModuleNotFoundError traceback
@@ -2197,7 +2198,8 @@ def test_a_missing_package_is_one_line_that_says_what_to_install(tiny_run, tmp_p
     argv = [a.format(run=tiny_run) for a in command] + ["--out", str(tmp_path / "x.png")]
     proc = subprocess.run([sys.executable, "-c", _WITHOUT, blocked, *argv], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 2 and proc.stderr == f"error: {said}\n"
+    version = importlib.metadata.version("matplotlib")
+    assert proc.returncode == 2 and proc.stderr == f"error: {said.format(version=version)}\n"
 
 
 def test_a_deleted_current_folder_is_one_line(tmp_path):
