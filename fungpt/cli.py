@@ -379,8 +379,6 @@ def inspect_command(target: tyro.conf.Positional[str], batch_size: int | None = 
     print(format_report(inspect_target(target, batch_size=batch_size)))
 
 
-
-
 def attention_command(run: RunFolder, prompt: str, layer: int | None = None, head: int | None = None,
                       out: str = "attention.png", checkpoint: Literal["last", "best"] = "last",
                       device: str = "auto") -> None:

@@ -1411,7 +1411,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         say(f"fungpt: resuming {out_dir} from step {step}")
         # A `best` saved after this checkpoint (a kill -9 between checkpoints) holds weights of steps that are
         # trained again, maybe otherwise (other settings). Kept, it stayed the run's best, from weights in no step
-        # of its history. The next eval replaces it, whatever its loss (the earlier best it replaced is gone);
+        # of its history. The next eval replaces it, whatever its (finite) loss (the earlier best it replaced is gone);
         # until then it stays, in case this resume fails.
         try:
             best = ckpt.find_checkpoint(out_dir, "best") if ddp.is_main else None  # (rank 0 saves `best`)
