@@ -1721,7 +1721,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                     # too). The saved origin, which a resume with another budget plans from, moves by the compile's
                     # time. This command's lr goes on from where an uncompiled step would have left it, the rest of
                     # the schedule spread over the time left: moved by the compile's time alone, its origin also
-                    # rescaled the schedule time before it (a resumed run's lr jumped 2-7% of its peak in one step).
+                    # rescaled the schedule time before it (resumed half-way, the lr fell 12% of its peak in a step).
                     would_be = t_step - train_start + compiled_first_guess
                     lr_origin = continuous_origin(would_be, elapsed(), lr_origin, budget_s - end_time())
                     schedule_origin += elapsed() - would_be
