@@ -8,6 +8,10 @@ it), `fungpt/__init__.py` first installs a SIGINT handler that ends the process 
 "fungpt: interrupted" and status 130; nothing has been written yet. `cli.main()` puts Python's own handler
 back as soon as it runs. Imported as a library (`from fungpt import GPT`, pytest), nothing changes.
 
+A package missing from a broken install (numpy, tqdm, tyro, torch: imported with fungpt itself) likewise ends
+the command during its imports with one line naming what to pip install (`missing_module`), not a traceback;
+cli.main() says the same of the packages a command imports later (matplotlib, tokenizers).
+
 SIGTERM (`kill`, `timeout`, a job scheduler) and SIGHUP (a closed terminal) end a process at once by default,
 without running the clean-ups that Ctrl-C's KeyboardInterrupt runs: a half-prepared dataset or half-written
 export folder was left behind. While a command runs, `stop_signals_raise` turns them into `Stopped`, a
@@ -58,6 +62,56 @@ def is_the_fungpt_command(argv: list[str]) -> bool:
     return False
 
 
+# Import names whose package is installed by another name (a missing package's advice names what to pip install)
+PIP_NAMES = {"PIL": "pillow", "dateutil": "python-dateutil", "yaml": "pyyaml", "google": "protobuf"}
+
+
+def missing_module(e: ModuleNotFoundError, command: str = "") -> str | None:
+    """What to say of a module that could not be imported, or None for one of FunGPT's own (a bug: its traceback).
+
+    command: the fungpt command that needs it, "" while fungpt itself is being imported."""
+    import importlib.metadata
+    import importlib.util
+
+    top = (e.name or "").partition(".")[0]
+    if not top or top == "fungpt":
+        return None
+    who = f"fungpt {command}" if command else "fungpt"
+    if top in getattr(sys, "stdlib_module_names", ()):  # (_lzma, _ctypes: left out when Python was built)
+        return (f"this Python was built without its module {e.name}, which {who} needs: use a Python "
+                f"that has it (a python.org or distribution build)")
+    pip = PIP_NAMES.get(top, top)
+    try:
+        spec = importlib.util.find_spec(top)
+        installed = spec is not None and spec.origin is not None  # (a namespace package, a bare folder: no origin)
+        version = importlib.metadata.version(pip)
+    except Exception:  # noqa: BLE001 - a broken import hook, no such distribution: taken as not installed
+        installed = False
+    if not installed:
+        return f"the Python package {pip} is not installed, and {who} needs it: pip install {pip}"
+    return (f"the Python package {pip} is installed, but its module {e.name} is missing: reinstall it "
+            f"(pip install --force-reinstall --no-deps {pip}=={version})")
+
+
+def rank_prefix() -> str:
+    """' (rank N)' under torchrun (which sets RANK), for an error line that every process may print; else ''."""
+    rank = os.environ.get("RANK", "")
+    return f" (rank {rank})" if rank.isdigit() and rank != "0" else ""
+
+
+_python_excepthook = None  # sys.excepthook before install() wrapped it, while fungpt's imports run
+
+
+def _report_missing_module(kind, value, tb) -> None:
+    """sys.excepthook while the fungpt command imports fungpt: a missing package is one line and status 2."""
+    said = missing_module(value) if isinstance(value, ModuleNotFoundError) else None
+    if said is None:
+        return _python_excepthook(kind, value, tb)
+    print(f"error{rank_prefix()}: {said}", file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(2)  # (as cli.main() returns for a missing package; Python would exit with 1)
+
+
 def quit_at_once(signum, frame) -> None:
     os.write(2, b"\nfungpt: interrupted\n")
     os._exit(130)
@@ -67,8 +121,11 @@ def install() -> None:
     """Called first thing by fungpt/__init__.py."""
     if not is_the_fungpt_command(getattr(sys, "orig_argv", sys.argv)):
         return
+    global _python_excepthook
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, quit_at_once)
+    if sys.excepthook is not _report_missing_module:
+        _python_excepthook, sys.excepthook = sys.excepthook, _report_missing_module
     try:
         os.getcwd()
     except FileNotFoundError:  # (torch's import then died with "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so")
@@ -78,9 +135,12 @@ def install() -> None:
 
 
 def restore() -> None:
-    """Called by cli.main(): from here on Ctrl-C is a KeyboardInterrupt again, which main() handles."""
+    """Called by cli.main(): from here on Ctrl-C is a KeyboardInterrupt again, which main() handles (and a missing
+    package too)."""
     if signal.getsignal(signal.SIGINT) is quit_at_once:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if sys.excepthook is _report_missing_module:
+        sys.excepthook = _python_excepthook
 
 
 class Stopped(KeyboardInterrupt):

@@ -487,8 +487,6 @@ COMMANDS = {
     "positions": positions_command,
     "serve": serve_command,
 }
-# Import names whose package is installed by another name (a missing package's advice names what to pip install)
-PIP_NAMES = {"PIL": "pillow", "dateutil": "python-dateutil", "yaml": "pyyaml", "google": "protobuf"}
 RUN_COMMANDS = ("sample", "eval", "export", "attention", "serve")  # (their first parameter: run: RunFolder)
 
 
@@ -582,30 +580,6 @@ def _run_flag_as_positional(name: str, args: list[str]) -> list[str]:
     return [runs[0], *rest]
 
 
-def _missing_module(e: ModuleNotFoundError, command: str) -> str | None:
-    """What to say of a module that could not be imported, or None for one of FunGPT's own (a bug: its traceback)."""
-    import importlib.metadata
-    import importlib.util
-
-    top = (e.name or "").partition(".")[0]
-    if not top or top == "fungpt":
-        return None
-    if top in getattr(sys, "stdlib_module_names", ()):  # (_lzma, _ctypes: left out when Python was built)
-        return (f"this Python was built without its module {e.name}, which fungpt {command} needs: use a Python "
-                f"that has it (a python.org or distribution build)")
-    pip = PIP_NAMES.get(top, top)
-    try:
-        spec = importlib.util.find_spec(top)
-        installed = spec is not None and spec.origin is not None  # (a namespace package, a bare folder: no origin)
-        version = importlib.metadata.version(pip)
-    except Exception:  # noqa: BLE001 - a broken import hook, no such distribution: taken as not installed
-        installed = False
-    if not installed:
-        return f"the Python package {pip} is not installed, and fungpt {command} needs it: pip install {pip}"
-    return (f"the Python package {pip} is installed, but its module {e.name} is missing: reinstall it "
-            f"(pip install --force-reinstall --no-deps {pip}=={version})")
-
-
 def main(argv: list[str] | None = None, *, command_start: float | None = None) -> int:
     """Run one fungpt command (argv: its arguments, sys.argv[1:] by default); return its exit status.
 
@@ -644,7 +618,7 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
     except ModuleNotFoundError as e:
         # A package FunGPT needs, missing from a broken install (pyproject.toml lists them): matplotlib for plot
         # and attention, tokenizers for BPE, safetensors at the first checkpoint. (A module of FunGPT's own is a bug.)
-        said = _missing_module(e, name)
+        said = _startup.missing_module(e, name)
         if said is None:
             raise
         print(f"error{f' (rank {_rank()})' if _rank() else ''}: {said}", file=sys.stderr)

@@ -2202,6 +2202,38 @@ def test_a_missing_package_is_one_line_that_says_what_to_install(tiny_run, tmp_p
     assert proc.returncode == 2 and proc.stderr == f"error: {said.format(version=version)}\n"
 
 
+_COMMAND_WITHOUT = """
+import os, sys
+blocked = os.environ["BLOCKED"]
+class Missing:  # as if that module were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name == blocked or name.startswith(blocked + "."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Missing())
+from fungpt.cli import entry
+entry()
+"""
+
+
+@pytest.mark.parametrize("blocked, rank, said", [
+    ("tqdm", "", "error: the Python package tqdm is not installed, and fungpt needs it: pip install tqdm\n"),
+    ("tyro", "1", "error (rank 1): the Python package tyro is not installed, and fungpt needs it: pip install tyro\n"),
+    ("fungpt.sampling", "", None),  # one of FunGPT's own: a bug, reported in full
+])
+def test_a_package_missing_while_fungpt_imports_is_one_line(tmp_path, blocked, rank, said):
+    """numpy, tqdm, tyro or torch missing from a broken install ended the fungpt command in a traceback: they are
+    imported with fungpt itself, before cli.main() can catch anything."""
+    script = tmp_path / "fungpt"  # (the console script's name: sys.orig_argv makes this process the fungpt command)
+    script.write_text(_COMMAND_WITHOUT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "BLOCKED": blocked, "RANK": rank}
+    proc = subprocess.run([sys.executable, str(script), "train", "--help"], capture_output=True, text=True,
+                          timeout=120, env=env)
+    if said is None:
+        assert proc.returncode == 1 and "Traceback" in proc.stderr and "fungpt.sampling" in proc.stderr
+    else:
+        assert proc.returncode == 2 and proc.stderr == said
+
+
 def test_a_deleted_current_folder_is_one_line(tmp_path):
     """Run from a folder deleted under the shell, every command (even --version) died in torch's import with
     "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"."""
