@@ -20,16 +20,18 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     one uniform number u below the total, and take the token whose stretch contains u; a token with
     probability 0 has an empty stretch and is never drawn. One random number per row, where
     torch.multinomial draws one per token: 0.05-0.07 against 1.06-1.18 ms for GPT-2's 50257 tokens (BENCHMARKS.md,
-    "Sixth session"). Elsewhere torch.multinomial: a GPU's cumsum adds in an order of its own, so its
-    running sums need not even increase.
+    "Sixth session"; in float64 since, 0.11 against 1.03 ms on the Zen 4 host). Elsewhere torch.multinomial: a
+    GPU's cumsum adds in an order of its own, so its running sums need not even increase.
     """
     if not probs.is_cpu:
         _refuse_undrawable(probs.sum(dim=-1))  # (torch.multinomial's own refusal is a RuntimeError)
         return torch.multinomial(probs, 1, generator=generator)
-    cdf = probs.cumsum(dim=-1)  # (..., V), added left to right: never decreasing; ends at the total (~1)
+    # In float64: float32's running sum (24-bit mantissa) and uniform number (multiples of 2^-24) made tokens of
+    # tiny probability undrawable: with GPT-2's 50257 tokens and no top_k, thousands of them.
+    cdf = probs.double().cumsum(dim=-1)  # (..., V), added left to right: never decreasing; ends at the total (~1)
     total = cdf[..., -1:]  # (..., 1)
     _refuse_undrawable(total)
-    u = torch.rand(total.shape, generator=generator, dtype=probs.dtype) * total  # (..., 1)
+    u = torch.rand(total.shape, generator=generator, dtype=torch.float64) * total  # (..., 1)
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # below the total even after rounding
     return torch.searchsorted(cdf, u, right=True)  # (..., 1): the first token whose running sum exceeds u
 

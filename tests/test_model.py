@@ -373,6 +373,18 @@ def test_draw_follows_the_probabilities():
     assert (freq - probs).abs().max() < 0.011  # ~3 standard errors of a share near 1/2: sqrt(0.25 / 20000) = 0.0035
 
 
+def test_draw_gives_a_token_of_tiny_probability_a_stretch_of_its_own(monkeypatch):
+    """In float32 a running sum of 0.5 plus 2^-30 is 0.5, and a uniform number is a multiple of 2^-24: such a token
+    could never be drawn (with GPT-2's 50257 tokens and no top_k, thousands of tokens with p > 0)."""
+    from fungpt.sampling import draw
+
+    tiny = 2.0 ** -30
+    probs = torch.tensor([[0.5, tiny, 0.5 - tiny]])
+    inside = 0.5 + tiny / 4  # a uniform number that, times the total (1 + 2^-30 here), falls in token 1's stretch
+    monkeypatch.setattr(torch, "rand", lambda shape, generator=None, dtype=None: torch.full(shape, inside, dtype=dtype))
+    assert draw(probs).item() == 1
+
+
 def test_draw_refuses_nan_or_all_zero_probabilities():
     from fungpt.sampling import draw
 
