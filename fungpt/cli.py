@@ -613,7 +613,7 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
             _parse(COMMANDS[name], rest, f"fungpt {name}")
     except FunGPTError as e:
         # Under torchrun every process may fail alike: each says which it is, so that the lines read as copies
-        print(f"error{f' (rank {_rank()})' if _rank() else ''}: {e}", file=sys.stderr)
+        print(f"error{_startup.rank_prefix()}: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
         # A package FunGPT needs, missing from a broken install (pyproject.toml lists them): matplotlib for plot
@@ -621,11 +621,16 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
         said = _startup.missing_module(e, name)
         if said is None:
             raise
-        print(f"error{f' (rank {_rank()})' if _rank() else ''}: {said}", file=sys.stderr)
+        print(f"error{_startup.rank_prefix()}: {said}", file=sys.stderr)
         return 2
     except _startup.Stopped as e:  # SIGTERM or SIGHUP: what it was doing was cleaned up as for Ctrl-C
         with contextlib.suppress(OSError):  # (after SIGHUP the terminal may be gone)
-            print(f"\nfungpt: stopped by {signal.Signals(e.signum).name}", file=sys.stderr)
+            # Under torchrun, a process can be stopped because another one failed (torchrun then sends SIGTERM to
+            # the rest): the line says so, and which process it is.
+            why = (" (from torchrun: if another process failed, its error is above)"
+                   if e.signum == signal.SIGTERM and os.environ.get("TORCHELASTIC_RUN_ID") else "")
+            print(f"\nfungpt{_startup.rank_prefix()}: stopped by {signal.Signals(e.signum).name}{why}",
+                  file=sys.stderr)
         if not fungpt_command:
             # A program that called main() (a script, a notebook, pytest) ends as the signal would have ended it
             # without FunGPT: only the cleaning up came first.

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -1334,7 +1335,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     step, best_val, elapsed_before, timings, evaluated_before = 0, float("inf"), 0.0, {}, False
     tokens_before: int | None = None  # tokens trained on before a resume (the batch size may have changed since)
     schedule_origin: float | None = None  # budget seconds used at step 1 (set before the loop; a compile adds its time)
-    torch.manual_seed(tc.seed + ddp.rank)  # dropout masks differ per rank
+    # Dropout masks differ per rank. Rank 0's stream is the single process's; the others' are mixed from
+    # (seed, rank), so that seed s on rank 1 is not seed s + 1 on rank 0 (a seed sweep would reuse masks).
+    mixed = np.random.SeedSequence([tc.seed, ddp.rank]).generate_state(1)[0]  # (as BatchLoader mixes its streams')
+    torch.manual_seed(tc.seed if ddp.rank == 0 else int(mixed))
 
     if resume and ckpt.find_checkpoint(cfg.out_dir) != folder:  # a run saved meanwhile, before the lock was taken
         folder = ckpt.find_checkpoint(cfg.out_dir)
@@ -1691,8 +1695,13 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             # forward pass itself overflowed, and left alone every later step was skipped, the run "finishing"
             # with a loss of nan.
             diverged = not math.isfinite(last_loss) or (not math.isfinite(grad_norm.item()) and not scaler.is_enabled())
-            if ddp.enabled and scaler.is_enabled():  # each rank's own loss decides: the ranks must take the same path
-                diverged = bool(agree([float(diverged)])[0])
+            loss_elsewhere = False  # (under DDP: another rank's loss was NaN/inf)
+            if ddp.enabled:
+                # Each rank's loss is its own: one rank's can be inf while the averaged gradients are finite. That
+                # rank alone skipped the step (skip_nonfinite) and its replica silently drifted from the others'.
+                # The ranks must take the same path: one all-reduce of two flags.
+                flags = agree([float(diverged), float(not math.isfinite(last_loss))])
+                diverged, loss_elsewhere = bool(flags[0]), bool(flags[1]) and math.isfinite(last_loss)
             if diverged:
                 if not tc.skip_nonfinite:
                     if bar is not None:
@@ -1700,8 +1709,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                     kept = ckpt.find_checkpoint(out_dir)
                     where = (f"the last checkpoint ({kept.name}) is untouched" if kept else
                              "no checkpoint to resume from was written")  # (a `best` one may exist: weights only)
+                    said = f"loss {last_loss}" + (" here, NaN/inf in another process" if loss_elsewhere else "")
                     raise FunGPTError(f"training diverged at step {step + 1}: the loss or gradient is NaN/inf "
-                                      f"(loss {last_loss}); {where}. Lower train.lr, or set "
+                                      f"({said}); {where}. Lower train.lr, or set "
                                       f"train.skip_nonfinite = true to skip such steps")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.update()  # (float16: ends this step's unscale_, lowers the scale; otherwise a no-op)

@@ -551,13 +551,16 @@ sys.exit(fungpt.cli.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("command, as_the_command", [("prepare", True), ("export", True), ("train", True),
-                                                     ("prepare", False)])
-def test_sigterm_midway_cleans_up_as_ctrl_c_does(command, as_the_command, world, tiny_run, tmp_path):
+@pytest.mark.parametrize("command, as_the_command, rank", [("prepare", True, ""), ("export", True, ""),
+                                                           ("train", True, ""), ("prepare", False, ""),
+                                                           ("train", True, "1")])
+def test_sigterm_midway_cleans_up_as_ctrl_c_does(command, as_the_command, rank, world, tiny_run, tmp_path):
     """`kill` (or `timeout`, a scheduler) during prepare, export or train's own data preparation ended the process
     at once: its temporary folder (a half-written dataset, a 15 MB half-written weights file) stayed behind. Now
     the command cleans up as for Ctrl-C, and says what stopped it, with the status a shell gives that signal. A
-    program that calls cli.main() itself (a script, pytest) is still ended by the signal, after the clean-up."""
+    program that calls cli.main() itself (a script, pytest) is still ended by the signal, after the clean-up.
+    Under torchrun (rank 1), whose SIGTERM may come because another process failed, the line says so, and which
+    process it is: the bare line read as if something outside had stopped the job."""
     out = tmp_path / "out"
     argv = {"prepare": ["prepare", "--input", world["corpus"], "--out", out],
             "export": ["export", "--run", tiny_run, "--out", out],
@@ -567,10 +570,12 @@ def test_sigterm_midway_cleans_up_as_ctrl_c_does(command, as_the_command, world,
     proc = subprocess.run([sys.executable, "-c", _SIGTERM_MIDWAY, str(as_the_command), *map(str, argv)],
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "FUNGPT_CACHE_DIR": str(cache),
-                               "PYTHONPATH": str(ROOT)})
+                               "PYTHONPATH": str(ROOT), "RANK": rank, "TORCHELASTIC_RUN_ID": "x" if rank else ""})
     assert proc.returncode == (143 if as_the_command else -signal.SIGTERM), proc.stderr[-2000:]
     assert "SIGTERM sent" in proc.stdout  # (midway: its temporary folder was there)
-    assert proc.stderr.strip().splitlines()[-1] == "fungpt: stopped by SIGTERM" and "Traceback" not in proc.stderr
+    said = ("fungpt (rank 1): stopped by SIGTERM (from torchrun: if another process failed, its error is above)"
+            if rank else "fungpt: stopped by SIGTERM")
+    assert proc.stderr.strip().splitlines()[-1] == said and "Traceback" not in proc.stderr
     left = [p.name for p in tmp_path.iterdir()] + [p.name for p in cache.rglob("*")]
     assert not [name for name in left if ".tmp-" in name], left
     assert not out.exists() or command == "train"  # (a run folder is made before its data is prepared)

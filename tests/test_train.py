@@ -971,6 +971,46 @@ def test_torchrun_names_the_rank_with_a_bug_as_the_root_cause(corpus, tmp_path):
     assert re.search(r"rank\s*: 1 \(local_rank: 1\)", root), root
 
 
+_INF_LOSS_ON_RANK_1 = """
+import os, sys
+import fungpt.cli
+from fungpt.model import GPT
+real_forward, calls = GPT.forward, []
+def forward(self, idx, targets=None, **kwargs):  # rank 1's loss alone is inf at its 3rd step (gradients finite)
+    out = real_forward(self, idx, targets, **kwargs)
+    if self.training and targets is not None:
+        calls.append(1)
+        if os.environ["RANK"] == "1" and len(calls) == 3:
+            return out[0], out[1] + float("inf")
+    return out
+GPT.forward = forward
+sys.argv[1:] = sys.argv[2:]
+fungpt.cli.entry()
+"""
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_ranks_agree_on_a_divergence_only_one_of_them_sees(corpus, tmp_path, skip):
+    """One rank's loss was inf while the averaged gradients stayed finite: with skip_nonfinite that rank alone
+    skipped the step and the others took it, so their replicas differed from then on, silently (rank 0, which
+    prints and saves, saw nothing). Without it, rank 0 said the finite loss of its own as the divergence's."""
+    script = tmp_path / "inf.py"
+    script.write_text(_INF_LOSS_ON_RANK_1)
+    extra = ["--train.skip-nonfinite"] if skip else []
+    cmd = _torchrun_train(corpus, tmp_path / "out", tmp_path, "--train.max-iters", "4", *extra)
+    at = cmd.index("-m", cmd.index("--nproc_per_node=2"))
+    cmd[at:at + 2] = [str(script), "-"]
+    proc = subprocess.run(cmd, env=_torchrun_env(tmp_path), capture_output=True, text=True, timeout=240)
+    if skip:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "fungpt: skipped step 3: non-finite loss or gradient" in proc.stdout + proc.stderr
+    else:
+        assert proc.returncode != 0
+        said = re.search(r"^error: training diverged at step 3: the loss or gradient is NaN/inf \(loss (\S+) here, "
+                         r"NaN/inf in another process\)", proc.stderr, re.M)
+        assert said and math.isfinite(float(said[1])), proc.stderr[-3000:]
+
+
 def test_resume_with_more_processes_gives_the_new_rank_its_own_batches(corpus, tmp_path):
     out = tmp_path / "run"
     cfg = tiny_config(corpus, out, max_iters=2, eval_interval=2, checkpoint_interval=2)
