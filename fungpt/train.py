@@ -1238,6 +1238,13 @@ def budget_spent(elapsed_s: float, timings: dict[str, float], budget_s: float) -
     return elapsed_s + 2 * timings.get("step", 0.0) + end_reserve(timings) >= budget_s
 
 
+def dropout_seed(seed: int, rank: int) -> int:
+    """The seed of a rank's torch random stream (dropout). Rank 0's is the single process's; the others' are mixed
+    from (seed, rank), as BatchLoader mixes its streams', so that seed s on rank 1 is not seed s + 1 on rank 0 (a
+    sweep over seeds under DDP reused dropout masks)."""
+    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress: bool = True,
           start_time: float | None = None, model_named: Collection[str] = ()) -> dict[str, Any]:
     """Train the model described by `cfg`; return a summary: out_dir, step (the last), train_loss and val_loss at
@@ -1335,10 +1342,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     step, best_val, elapsed_before, timings, evaluated_before = 0, float("inf"), 0.0, {}, False
     tokens_before: int | None = None  # tokens trained on before a resume (the batch size may have changed since)
     schedule_origin: float | None = None  # budget seconds used at step 1 (set before the loop; a compile adds its time)
-    # Dropout masks differ per rank. Rank 0's stream is the single process's; the others' are mixed from
-    # (seed, rank), so that seed s on rank 1 is not seed s + 1 on rank 0 (a seed sweep would reuse masks).
-    mixed = np.random.SeedSequence([tc.seed, ddp.rank]).generate_state(1)[0]  # (as BatchLoader mixes its streams')
-    torch.manual_seed(tc.seed if ddp.rank == 0 else int(mixed))
+    torch.manual_seed(dropout_seed(tc.seed, ddp.rank))  # dropout masks differ per rank
 
     if resume and ckpt.find_checkpoint(cfg.out_dir) != folder:  # a run saved meanwhile, before the lock was taken
         folder = ckpt.find_checkpoint(cfg.out_dir)

@@ -1011,6 +1011,16 @@ def test_ranks_agree_on_a_divergence_only_one_of_them_sees(corpus, tmp_path, ski
         assert said and math.isfinite(float(said[1])), proc.stderr[-3000:]
 
 
+def test_each_rank_has_dropout_masks_of_its_own_across_seeds():
+    """The ranks' torch seeds were seed + rank: seed 1 on rank 1 was seed 2 on rank 0, so a sweep over seeds under
+    DDP trained with the same dropout masks twice. Rank 0 keeps the single process's seed (its runs unchanged)."""
+    from fungpt.train import dropout_seed
+
+    seeds = {(s, r): dropout_seed(s, r) for s in range(8) for r in range(4)}
+    assert all(dropout_seed(s, 0) == s for s in range(8))
+    assert len(set(seeds.values())) == len(seeds)  # no two (seed, rank) pairs share a stream
+
+
 def test_resume_with_more_processes_gives_the_new_rank_its_own_batches(corpus, tmp_path):
     out = tmp_path / "run"
     cfg = tiny_config(corpus, out, max_iters=2, eval_interval=2, checkpoint_interval=2)
