@@ -313,8 +313,10 @@ def sample_command(run: RunFolder, prompt: str | None = None, prompt_file: str |
             that a sample is one document (--no-stop-at-eot: always max_new_tokens, across documents).
     """
     from fungpt.runs import overfit_note
-    from fungpt.sample import sample
+    from fungpt.sample import check_options, sample
 
+    check_options(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                  top_p=top_p, show_top=show_top, prompt=prompt, prompt_file=prompt_file)  # (before the note)
     if checkpoint == "last" and (note := overfit_note(run)):
         print(note, file=sys.stderr)  # (stdout is the text, which may be piped into a file)
     sample(run, prompt=prompt, prompt_file=prompt_file, num_samples=num_samples, max_new_tokens=max_new_tokens,
@@ -487,7 +489,7 @@ COMMANDS = {
     "positions": positions_command,
     "serve": serve_command,
 }
-RUN_COMMANDS = ("sample", "eval", "export", "attention", "serve")  # (their first parameter: run: RunFolder)
+RUN_COMMANDS = ("sample", "eval", "export", "attention", "serve", "inspect")  # (their first parameter: the run)
 
 
 def _usage() -> str:

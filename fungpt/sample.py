@@ -71,6 +71,25 @@ def _write_probs_line(out: TextIO, step: int, token: int, p: float, cands: list[
 PROMPT_FILE_MAX_BYTES = 16 << 20
 
 
+def check_options(*, num_samples: int = 1, max_new_tokens: int = 0, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None, show_top: int = 1, prompt: str | None = None,
+                  prompt_file: str | None = None) -> None:
+    """Refuse sample()'s settings that cannot work, before anything is loaded (the sample command checks them
+    before its note on the run, too)."""
+    if show_top <= 0:
+        raise FunGPTError(f"--show-top {show_top} must be positive")
+    if num_samples <= 0 or max_new_tokens < 0:
+        raise FunGPTError("--num-samples must be positive and --max-new-tokens not negative")
+    if not 0 <= temperature < math.inf:  # (NaN fails this test too)
+        raise FunGPTError(f"--temperature {temperature} must be a number >= 0 (0 means greedy)")
+    if top_k is not None and top_k <= 0:
+        raise FunGPTError(f"--top-k {top_k} must be positive")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise FunGPTError(f"--top-p {top_p} must be in (0, 1]")
+    if prompt is not None and prompt_file is not None:
+        raise FunGPTError("give either --prompt or --prompt-file, not both")
+
+
 def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path | None = None, num_samples: int = 1,
            max_new_tokens: int = 500, temperature: float = 0.8, top_k: int | None = 200, top_p: float | None = None,
            seed: int = 1337, checkpoint: str = "last", device: str = "auto",
@@ -86,18 +105,8 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
     chosen, its probability and the `show_top` most likely candidates (probabilities after
     temperature, top-k and top-p, i.e. those the token was drawn from); then the whole text.
     """
-    if show_top <= 0:
-        raise FunGPTError(f"--show-top {show_top} must be positive")
-    if num_samples <= 0 or max_new_tokens < 0:
-        raise FunGPTError("--num-samples must be positive and --max-new-tokens not negative")
-    if not 0 <= temperature < math.inf:  # (NaN fails this test too)
-        raise FunGPTError(f"--temperature {temperature} must be a number >= 0 (0 means greedy)")
-    if top_k is not None and top_k <= 0:
-        raise FunGPTError(f"--top-k {top_k} must be positive")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise FunGPTError(f"--top-p {top_p} must be in (0, 1]")
-    if prompt is not None and prompt_file is not None:
-        raise FunGPTError("give either --prompt or --prompt-file, not both")
+    check_options(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                  top_p=top_p, show_top=show_top, prompt=prompt, prompt_file=prompt_file)
     if prompt_file is not None:
         try:
             # as prepare reads: "\r\n" stays "\r\n" and a byte-order mark is dropped

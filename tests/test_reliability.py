@@ -2091,6 +2091,9 @@ def test_sampling_an_overfit_runs_last_checkpoint_points_to_the_best(world, tmp_
     assert "note" not in capsys.readouterr().err
     assert main(["sample", "--run", str(world["run"]), "--max-new-tokens", "5"]) == 0  # its last is its best
     assert "note" not in capsys.readouterr().err
+    # a setting that cannot work is refused first, alone (the note came before the error)
+    assert main(["sample", *argv, "--top-p", "1.5"]) == 2
+    assert capsys.readouterr().err == "error: --top-p 1.5 must be in (0, 1]\n"
 
 
 def _trained_with_val_losses(world, run: Path, monkeypatch, val_losses: list[float]) -> Path:
