@@ -269,6 +269,7 @@ def prepare_command(input: str, out: str, tokenizer: Literal["char", "bpe", "gpt
         errors: What to do with invalid UTF-8: strict (refuse, naming the byte) or replace (use U+FFFD).
     """
     from fungpt.data import load_meta, prepare
+    from fungpt.tokenizer import BPE_MAX_WORD_CHARS
 
     if tokenizer == "bpe" and vocab_size is None:
         vocab_size = 4096
@@ -277,7 +278,7 @@ def prepare_command(input: str, out: str, tokenizer: Literal["char", "bpe", "gpt
     meta = load_meta(path)
     asked = meta.get("vocab_size_asked")
     short = (f", not the {asked:,} asked: the BPE ran out of pairs to merge, every word of this corpus being one "
-             f"token by then"
+             f"token by then, or {BPE_MAX_WORD_CHARS}-character pieces of longer ones"
              if isinstance(asked, int) and asked > meta["vocab_size"] else "")
     print(f"fungpt: prepared {path}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, "
           f"vocabulary {meta['vocab_size']:,} ({meta['tokenizer']}{short})")

@@ -36,6 +36,7 @@ text, so every string still round-trips exactly.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import operator
 import os
@@ -63,20 +64,40 @@ DEFAULT_BPE_VOCAB = 4096
 # against 0.2 s cut (encoding the text: 88,678 tokens against 88,500). Text whose words are short, such as
 # URLs or Chinese (cut at its punctuation), is left as it is.
 BPE_MAX_WORD_CHARS = 256
+# Long runs of letters and numbers (Python's \w without "_"), or of other non-space characters. Python's \s also
+# holds U+001C..U+001F, which the library's does not: they are among the other characters (as "_" is), else a run
+# of them escaped the cut
 _LONG_RUN = re.compile("|".join(f"(?:{cls}){{{BPE_MAX_WORD_CHARS + 1},}}"
-                                for cls in (r"[^\W\d_]", r"\d", r"[^\s\w]|_")))  # letters | digits | the rest
+                                for cls in (r"[^\W_]", r"[^\s\w]|[_\x1c-\x1f]")))
+
+
+def _long_words(text: str) -> Iterable[tuple[int, int]]:
+    r"""(start, end) of each word of `text` longer than BPE_MAX_WORD_CHARS, split as GPT-2's pre-tokenizer splits:
+    letters (str.isalpha: Unicode's L), numbers (the rest of str.isalnum: Unicode's N, "1", "½", "Ⅻ") and the other
+    non-space characters apart. (Python's \d holds only decimal digits: "1½" * 40000, one number of 80,000
+    characters for the library, escaped the cut as alternating digits and letters.)"""
+    for m in _LONG_RUN.finditer(text):
+        start = m.start()
+        for _, group in itertools.groupby(m[0], key=str.isalpha):  # (other characters: one group)
+            end = start + sum(1 for _ in group)
+            if end - start > BPE_MAX_WORD_CHARS:
+                yield start, end
+            start = end
 
 
 def _cut_long_runs(chunks: Iterable[str]) -> Iterable[str]:
-    """The chunks, with every word longer than BPE_MAX_WORD_CHARS yielded in pieces of that length, each a
-    chunk of its own (no merge crosses chunks)."""
-    for text in chunks:
-        start = 0
-        for m in _LONG_RUN.finditer(text):
-            yield text[start:m.start()]
-            yield from (m[0][i:i + BPE_MAX_WORD_CHARS] for i in range(0, len(m[0]), BPE_MAX_WORD_CHARS))
-            start = m.end()
-        yield text[start:]
+    """The chunks as BPE training should see them: cut at every <|endoftext|>, dropped (encoding splits it off as a
+    token of its own, so merges learned across it, ".<|" or "endoftext", were never used), and with every word
+    longer than BPE_MAX_WORD_CHARS yielded in pieces of that length, each a chunk of its own (no merge crosses
+    chunks)."""
+    for chunk in chunks:
+        for text in chunk.split(EOT_TEXT):
+            start = 0
+            for a, b in _long_words(text):
+                yield text[start:a]
+                yield from (text[i:min(i + BPE_MAX_WORD_CHARS, b)] for i in range(a, b, BPE_MAX_WORD_CHARS))
+                start = b
+            yield text[start:]
 
 # tiktoken downloads GPT-2's files with `requests` and no timeout, which can hang
 # forever on a network that silently drops packets. We wait at most this long.
@@ -87,7 +108,8 @@ def not_utf8(ch: str) -> str | None:
     """What to say of a character that stands for a byte that was not UTF-8, or None for any other.
 
     Python turns such bytes in command-line arguments into lone surrogates U+DC80..U+DCFF (PEP 383): a prompt
-    typed in a terminal set to Latin-1, say. No tokenizer can encode them, whatever its vocabulary."""
+    typed in a terminal set to Latin-1, say. No tokenizer trained on text read as UTF-8 (every one that prepare
+    makes) can encode them, whatever its vocabulary."""
     if "\udc80" <= ch <= "\udcff":
         return (f"the text holds byte 0x{ord(ch) - 0xDC00:02x}, which is not UTF-8 (from a terminal not set to "
                 f"UTF-8?); set the terminal to UTF-8 (fungpt sample can also read the text from a UTF-8 file: "

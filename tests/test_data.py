@@ -864,6 +864,17 @@ def test_safe_cuts_never_change_the_pretokenizer_pieces():
                 assert pieces(text[:cut]) + pieces(text[cut:]) == pieces(text), (text, cut)
     trailing = "to be or not \nthat is the question\t\nwhether tis nobler \n"
     assert data_mod._last_safe_cut(trailing) is not None and data_mod._find_safe_cut(trailing, 0) == 13
+    # A literal <|endoftext|> is split off before the pre-tokenizer runs: the whitespace before it ended its text
+    # and stayed one piece ("\n\n"), which a cut between the newlines made two tokens
+    from fungpt.tokenizer import EOT_TEXT, BPETokenizer
+
+    tok = BPETokenizer.train("".join(rng.choice(alphabet) for _ in range(3000)), vocab_size=300)
+    for _ in range(300):
+        text = "".join(rng.choice([*alphabet, EOT_TEXT]) for _ in range(rng.randint(1, 40)))
+        cuts = [m.start() for m in data_mod._SAFE_CUT.finditer(text)]
+        assert data_mod._last_safe_cut(text) == max((c for c in cuts if c > 0), default=None), text
+        for cut in cuts:
+            assert tok.encode(text[:cut]) + tok.encode(text[cut:]) == tok.encode(text), (text, cut)
 
 
 def test_prepare_says_when_a_bpe_stops_short_of_the_size_asked(corpus, tmp_path, capsys):
@@ -873,7 +884,7 @@ def test_prepare_says_when_a_bpe_stops_short_of_the_size_asked(corpus, tmp_path,
     assert main(["prepare", "--input", str(corpus), "--out", str(tmp_path / "bpe"), "--tokenizer", "bpe"]) == 0
     size = load_meta(tmp_path / "bpe")["vocab_size"]
     assert (f"vocabulary {size:,} (bpe, not the 4,096 asked: the BPE ran out of pairs to merge, every word of this "
-            "corpus being one token by then)") in capsys.readouterr().out
+            "corpus being one token by then, or 256-character pieces of longer ones)") in capsys.readouterr().out
     assert main(["prepare", "--input", str(corpus), "--out", str(tmp_path / "char")]) == 0
     assert "asked" not in capsys.readouterr().out
 

@@ -16,6 +16,7 @@ import fungpt.tokenizer as tokenizer_mod
 from fungpt.errors import FunGPTError
 from fungpt.tokenizer import (
     EOT_TEXT,
+    MIN_BPE_VOCAB,
     BPETokenizer,
     CharTokenizer,
     GPT2Tokenizer,
@@ -346,6 +347,21 @@ def test_bpe_training_cuts_only_long_words():
         assert cut(text) == [text]  # words of at most 256 characters: as they were
     assert [len(p) for p in cut("a" * 300) if p] == [256, 44]
     assert [len(p) for p in cut("7" * 600) if p] == [256, 256, 88]
+    # one word for the library, though Python's classes split them: "½" is a number (Python: not \d), U+001F
+    # is no space (Python: \s); each such run of 80,000 characters took seconds and became one token
+    assert [len(p) for p in cut("1½" * 150) if p] == [256, 44]
+    assert [len(p) for p in cut("\x1f" * 300) if p] == [256, 44]
+    assert [len(p) for p in cut("x" * 10 + "7" * 300) if p] == [10, 256, 44]  # (a number after a short word)
+
+
+def test_bpe_training_learns_nothing_across_an_end_of_text_in_the_corpus():
+    """Encoding splits a literal <|endoftext|> off as its own token, but training saw it as text: its vocabulary
+    spent merges (".<|", "endoftext", "|>") that encoding never used."""
+    assert list(tokenizer_mod._cut_long_runs(["a.<|endoftext|>b", "c"])) == ["a.", "b", "c"]
+    corpus = "".join(f"Document number {i} says hello.<|endoftext|>" for i in range(300))
+    tok = BPETokenizer.train(corpus, vocab_size=320)
+    learned = [tok.token_text(i) for i in range(MIN_BPE_VOCAB, tok.vocab_size)]
+    assert not [t for t in learned if "<" in t or "|" in t or "ext" in t], learned
 
 
 def test_a_tokenizer_whose_ids_have_gaps_is_refused_when_read(tmp_path):
