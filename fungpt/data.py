@@ -474,9 +474,10 @@ _HOST = socket.gethostname().replace("-", "_") or "host"  # in temporary folder 
 STALE_TEMP_S = 3600  # a prepare's temporary folder untouched this long was left by a killed one
 
 
-def _remove_stale_temps(out: Path) -> None:
+def remove_stale_temps(out: Path) -> None:
     """Delete the temporary folders (OUT.tmp-*, OUT.old-*) that a prepare killed before it could clean up
-    (kill -9, out of memory, power loss) left, by age: none of their files written for an hour. A live
+    (kill -9, out of memory, power loss) left, by age: none of their files written for an hour. (prepare calls
+    this; so does training that finds OUT prepared already, which a killed prepare's later run did.) A live
     prepare appends to its .bin files every few megabytes. (Not by process id: another machine, or another
     container on this one, can share the folder and the host name but not the process ids.)"""
     now = time.time()
@@ -618,7 +619,7 @@ def prepare(
     dtype = token_dtype(tok.vocab_size)
 
     # --- pass 2: encode into a temporary folder, then rename it --------------------
-    _remove_stale_temps(out)
+    remove_stale_temps(out)
     tmp = out.with_name(f"{temp_stem(out.name)}.tmp-{_HOST}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     counts = {f"{s}_{k}": 0 for s in SPLITS for k in ("tokens", "bytes", "chars")}

@@ -64,6 +64,7 @@ from fungpt.data import (
     load_meta,
     mend,
     prepare,
+    remove_stale_temps,
     resolve_source,
 )
 from fungpt.errors import FunGPTError, parse_json, read_json
@@ -195,6 +196,10 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
         vocab = data.vocab_size if data.vocab_size is not None else (4096 if data.tokenizer == "bpe" else None)
         prepare(data.path, out, tokenizer=tokenizer or data.tokenizer, vocab_size=None if tokenizer else vocab,
                 val_fraction=data.val_fraction, overwrite=True, errors=data.errors, progress=progress)
+    elif is_main:
+        # A prepare killed (kill -9) before it cleaned up left its temporary folder beside `out`, which a later run
+        # prepared in full: found cached from then on, prepare never ran again to remove it (gigabytes, for ever)
+        remove_stale_temps(out)
     if waiting is not None:
         dist.barrier(group=waiting)  # the other ranks wait until rank 0 has prepared the data
         # and read it where rank 0 put it: this rank's own key may differ (another machine's copy of the text has
@@ -1057,11 +1062,13 @@ class MetricsLog:
             self.wandb.log(row, step=row["step"])
 
     def close(self) -> None:
+        """Close the file and stop TensorBoard's writer thread and wandb (once: closing again does nothing)."""
         self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        tb, wandb, self.tb, self.wandb = self.tb, self.wandb, None, None
+        if tb is not None:
+            tb.close()
+        if wandb is not None:
+            wandb.finish()
 
 
 def _row_step(line: str) -> int:
@@ -1481,6 +1488,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     params = list(model.parameters())  # for gradient clipping
     flops_per_step = model.flops_per_token() * tokens_per_step  # for the logged MFU
     log = MetricsLog(out_dir, cfg, keep_until_step=step if folder is not None else None) if ddp.is_main else None
+    if log is not None:  # closed also when the run fails (TensorBoard's writer thread outlived each failed train())
+        held.callback(log.close)
     budget_s = tc.max_minutes * 60 if tc.max_minutes else None
     # The budget covers the whole command (setup included) plus the time spent before a resume.
     train_start = start_time - elapsed_before

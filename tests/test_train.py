@@ -893,6 +893,27 @@ def test_a_changed_val_fraction_prepares_the_data_again(corpus, tmp_path, monkey
     assert resolve_data(DataConfig(path=str(corpus), val_fraction=0.1), progress=False) == first  # still cached
 
 
+def test_a_cached_dataset_removes_what_a_killed_prepare_of_it_left(corpus, tmp_path, monkeypatch):
+    """A prepare killed (kill -9) left its temporary folder in the cache; the next run prepared the data in full,
+    and every later run found it cached, so nothing ran that removes stale temporaries: they stayed for ever."""
+    import time
+
+    from fungpt import data as data_mod
+    from fungpt.train import resolve_data
+
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    out = resolve_data(DataConfig(path=str(corpus)), progress=False)
+    killed, live = (out.parent / f"{out.name}.tmp-host-{pid}" for pid in (7, 8))
+    hour_ago = time.time() - data_mod.STALE_TEMP_S - 60
+    for folder in (killed, live):
+        folder.mkdir()
+        (folder / "train.bin").write_bytes(b"\0" * 1000)
+    for path in (killed / "train.bin", killed):
+        os.utime(path, (hour_ago, hour_ago))
+    assert resolve_data(DataConfig(path=str(corpus)), progress=False) == out  # cached: not prepared again
+    assert not killed.exists() and live.exists()  # (a live prepare's folder, written to lately, stays)
+
+
 def test_an_edit_of_the_code_that_makes_the_tokens_prepares_the_data_again(corpus, tmp_path, monkeypatch):
     """A learner's edit of tokenizer.py or data.py (lower case, blank lines dropped) was silently ignored: training
     read the tokens the old code had cached."""
@@ -1119,6 +1140,19 @@ def test_tensorboard_events_are_written(corpus, tmp_path):
     # one kind of number per curve: the eval rows' estimates were logged under train_loss too (two points a step)
     assert [e.step for e in acc.Scalars("train_loss")] == [1, 2, 3, 4]
     assert [e.step for e in acc.Scalars("eval/val_loss")] == [0, 2, 4]
+
+
+def test_a_failed_run_stops_its_tensorboard_writer(corpus, tmp_path):
+    """A train() that failed (here: diverged) left TensorBoard's writer thread running and metrics.jsonl open:
+    a notebook that tried lr values in a loop gained a thread per failed run."""
+    pytest.importorskip("tensorboard")
+    import threading
+
+    before = threading.active_count()
+    for i in range(3):
+        with pytest.raises(FunGPTError, match="diverged"):
+            train(tiny_config(corpus, tmp_path / f"run{i}", lr=1e30, tensorboard=True), progress=False)
+    assert threading.active_count() == before
 
 
 _WAIT_AFTER_STEP_25 = """
