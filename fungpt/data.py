@@ -60,6 +60,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -702,9 +703,17 @@ def prepare(
             os.replace(tmp, out)
         except OSError as e:
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not (out / "meta.json").exists():
+                if old.exists() and not out.exists():  # (the dataset moved aside goes back: it stayed there)
+                    with contextlib.suppress(OSError):
+                        os.replace(old, out)
                 raise
-            raise FunGPTError(f"{out} was prepared by another command while this one ran; pass --overwrite to "
-                              f"replace it") from None
+            # Another command put a complete dataset there meanwhile (two runs preparing the same data at once)
+            shutil.rmtree(old, ignore_errors=True)  # (what this one had moved aside stayed there for ever)
+            if not overwrite:
+                raise FunGPTError(f"{out} was prepared by another command while this one ran; pass --overwrite to "
+                                  f"replace it") from None
+            shutil.rmtree(tmp, ignore_errors=True)  # both asked to replace it: the other's, as complete, stands
+            return out
         shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -932,12 +941,17 @@ class BatchLoader:
         self.generator = torch.Generator().manual_seed((int(words[0]) << 31) ^ int(words[1]))
         self.batches_drawn = 0
         self._offsets = np.arange(block_size + 1)
+        # The file is opened once and held, so the loader reads the tokens it was made for to the end: the folder
+        # prepared again meanwhile (`fungpt prepare --overwrite` swaps a new one in) gave a live run the new text's
+        # batches, silently, or an IndexError when that was shorter. (train.py notices the swap at its next eval.)
+        self._file = open(self.path, "rb")
+        weakref.finalize(self, self._file.close)  # (closed with the loader)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        # We open the memmap afresh for every batch, like nanoGPT: pages read
+        # We map the file afresh for every batch, like nanoGPT: pages read
         # through a long-lived memmap stay counted in the process's memory, which
-        # looks like a leak on big datasets. Opening one costs microseconds.
-        data = np.memmap(self.path, dtype=self.dtype, mode="r")
+        # looks like a leak on big datasets. Mapping it costs microseconds.
+        data = np.memmap(self._file, dtype=self.dtype, mode="r")
         # Largest start is n - block_size - 1 so that y's last token exists.
         starts = torch.randint(self.n_tokens - self.block_size, (self.batch_size,), generator=self.generator)
         # One fancy-index gathers all windows at once: row b holds tokens

@@ -54,6 +54,7 @@ from fungpt._startup import raise_stopped
 from fungpt.config import DataConfig, RunConfig, TrainConfig, default_model, is_hf_config, load_run_config
 from fungpt.data import (
     OWN_IDS,
+    SPLITS,
     BatchLoader,
     bar_interval,
     cache_dir,
@@ -148,6 +149,33 @@ def _token_code_fingerprint() -> str:
     return "code=" + h.hexdigest()
 
 
+@contextlib.contextmanager
+def _preparing_alone(out: Path):
+    """Hold the lock of the cached dataset `out` (datasets/.NAME.lock) while this process looks for it and prepares
+    it: runs started together on the same data prepared it each, and swapped their folders in under each other
+    (a run could find none between two renames). The others now wait, then find it prepared. Unlocked where locks
+    do not work (Windows, some network file systems, a read-only cache)."""
+    f = None
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            f = open(out.parent / f".{out.name}.lock", "a")  # (left there, empty: removing it would race)
+    try:
+        if f is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"fungpt: waiting for another process that prepares the same data ({out.name}) ...",
+                      file=sys.stderr)
+                fcntl.flock(f, fcntl.LOCK_EX)
+            except OSError:  # (a file system without locks)
+                pass
+        yield
+    finally:
+        if f is not None:
+            f.close()  # (and the lock with it)
+
+
 def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
                  tokenizer: Tokenizer | None = None) -> Path:
     """Return a prepared dataset folder for `data.path`, preparing it into the cache if needed.
@@ -192,14 +220,15 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
     # before rank 0 starts (making it is collective too), with a timeout of a day; a rank 0 that fails still ends
     # the wait at once (its peers see the connection close).
     waiting = dist.new_group(backend="gloo", timeout=PREPARE_WAIT) if dist.is_initialized() else None
-    if is_main and not _loads(out):
-        vocab = data.vocab_size if data.vocab_size is not None else (4096 if data.tokenizer == "bpe" else None)
-        prepare(data.path, out, tokenizer=tokenizer or data.tokenizer, vocab_size=None if tokenizer else vocab,
-                val_fraction=data.val_fraction, overwrite=True, errors=data.errors, progress=progress)
-    elif is_main:
-        # A prepare killed (kill -9) before it cleaned up left its temporary folder beside `out`, which a later run
-        # prepared in full: found cached from then on, prepare never ran again to remove it (gigabytes, for ever)
-        remove_stale_temps(out)
+    with _preparing_alone(out) if is_main else contextlib.nullcontext():
+        if is_main and not _loads(out):
+            vocab = data.vocab_size if data.vocab_size is not None else (4096 if data.tokenizer == "bpe" else None)
+            prepare(data.path, out, tokenizer=tokenizer or data.tokenizer, vocab_size=None if tokenizer else vocab,
+                    val_fraction=data.val_fraction, overwrite=True, errors=data.errors, progress=progress)
+        elif is_main:
+            # A prepare killed (kill -9) before it cleaned up left its temporary folder beside `out`, which a later
+            # run prepared in full: found cached from then on, prepare never ran again to remove it (gigabytes)
+            remove_stale_temps(out)
     if waiting is not None:
         dist.barrier(group=waiting)  # the other ranks wait until rank 0 has prepared the data
         # and read it where rank 0 put it: this rank's own key may differ (another machine's copy of the text has
@@ -1245,6 +1274,16 @@ def budget_spent(elapsed_s: float, timings: dict[str, float], budget_s: float) -
     return elapsed_s + 2 * timings.get("step", 0.0) + end_reserve(timings) >= budget_s
 
 
+def _data_files(data_dir: Path) -> dict[str, tuple[int, int]]:
+    """Each split's .bin file as (device, inode): a data folder prepared again holds other files."""
+    files = {}
+    for split in SPLITS:
+        with contextlib.suppress(OSError):  # (gone: differs from the run's own too)
+            st = os.stat(Path(data_dir) / f"{split}.bin")
+            files[split] = (st.st_dev, st.st_ino)
+    return files
+
+
 def dropout_seed(seed: int, rank: int) -> int:
     """The seed of a rank's torch random stream (dropout). Rank 0's is the single process's; the others' are mixed
     from (seed, rank), as BatchLoader mixes its streams', so that seed s on rank 1 is not seed s + 1 on rank 0 (a
@@ -1346,6 +1385,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     scaler = torch.amp.GradScaler(prec.device, enabled=prec.needs_grad_scaler)  # (Muon: refused by choose_precision)
     loader = BatchLoader(data_dir, "train", tc.batch_size, cfg.model.block_size, device=device,
                          seed=tc.seed, rank=ddp.rank, world_size=ddp.world_size)
+    data_files = _data_files(data_dir)  # which files the run trains on (the loader holds its own open)
     step, best_val, elapsed_before, timings, evaluated_before = 0, float("inf"), 0.0, {}, False
     tokens_before: int | None = None  # tokens trained on before a resume (the batch size may have changed since)
     schedule_origin: float | None = None  # budget seconds used at step 1 (set before the loop; a compile adds its time)
@@ -1526,6 +1566,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
 
     def do_eval() -> dict[str, float]:
         nonlocal best_val
+        if _data_files(data_dir) != data_files:  # (evaluate reads the folder afresh)
+            raise FunGPTError(f"the data folder {data_dir} was prepared again while this run trained on it (`fungpt "
+                              f"prepare --overwrite`?): stopped before evaluating on other data than it trained on; "
+                              f"the last checkpoint is intact. To go on with the data there now, resume with --resume")
         losses = evaluate(model, data_dir, cfg, device, autocast, progress=progress and ddp.is_main)
         if ddp.is_main:
             log.write({"step": step, "train_loss": losses["train"], "val_loss": losses["val"],

@@ -824,6 +824,24 @@ def test_meta_counts_must_be_whole_numbers(char_data, field, value):
         load_meta(char_data)
 
 
+def test_two_preparations_of_the_same_data_at_once_leave_one_dataset_and_nothing_else(tmp_path, corpus, monkeypatch):
+    """Two runs prepared the same cached data at once: the one that lost the race between moving the old dataset
+    aside and putting its own in failed ("prepared by another command ...; pass --overwrite", though train had),
+    and the dataset it had moved aside (OUT.old-HOST-PID, a full copy) stayed for ever."""
+    out = prepare(corpus, tmp_path / "out", progress=False)
+    theirs = prepare(corpus, tmp_path / "theirs", progress=False)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == out and ".tmp-" in Path(src).name:  # the other command finishes first, in between
+            shutil.copytree(theirs, out)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(data_mod.os, "replace", replace)
+    assert prepare(corpus, out, overwrite=True, progress=False) == out
+    assert load_meta(out) == load_meta(theirs) and leftovers(tmp_path) == []
+
+
 def test_stale_temporaries_go_by_their_files_age_and_names_are_matched_exactly(tmp_path, corpus):
     out = tmp_path / "out[1]"  # glob characters in the name
     hour_ago = time.time() - data_mod.STALE_TEMP_S - 60

@@ -893,6 +893,62 @@ def test_a_changed_val_fraction_prepares_the_data_again(corpus, tmp_path, monkey
     assert resolve_data(DataConfig(path=str(corpus), val_fraction=0.1), progress=False) == first  # still cached
 
 
+def test_a_data_folder_prepared_again_while_a_run_trains_on_it(corpus, tmp_path, monkeypatch):
+    """`fungpt prepare --overwrite` into the folder a live run trained on: the run's next batches were the new
+    text's, silently (or an IndexError when it was shorter), and its evals measured the new text. Now its batches
+    stay the old text's, and it stops at its next eval, in one line."""
+    from fungpt.data import BatchLoader, prepare
+
+    data = prepare(corpus, tmp_path / "data", progress=False)
+    shorter = tmp_path / "shorter.txt"
+    shorter.write_text(corpus.read_text(encoding="utf-8")[:400], encoding="utf-8")
+    real_next, drawn = BatchLoader.next_batch, []
+
+    def next_batch(self):
+        if self.seed == 1337:  # the training batches (evals draw theirs with seed + 12345)
+            drawn.append(1)
+            if len(drawn) == 3:
+                prepare(shorter, data, overwrite=True, progress=False)
+        return real_next(self)
+
+    monkeypatch.setattr(BatchLoader, "next_batch", next_batch)
+    cfg = tiny_config(data, tmp_path / "run", max_iters=12, eval_interval=6, checkpoint_interval=6)
+    with pytest.raises(FunGPTError, match=r"^the data folder .* was prepared again while this run trained on it"):
+        train(cfg, progress=False)
+    assert len(drawn) == 6  # (steps 1-6 trained on the text the run began with; the eval at step 6 refused)
+
+
+def test_runs_that_start_together_prepare_their_data_once(corpus, tmp_path, monkeypatch, capsys):
+    """Runs started at once on the same data each prepared it, and swapped their folders in under each other: a run
+    found none between two renames ("data folder ... does not exist"), or failed as "prepared by another command".
+    A run now waits for the one preparing it, then finds it prepared."""
+    fcntl = pytest.importorskip("fcntl")
+    import threading
+    import time
+
+    from fungpt.data import prepare
+    from fungpt.train import resolve_data
+
+    train_module = sys.modules["fungpt.train"]
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "elsewhere"))
+    name = resolve_data(DataConfig(path=str(corpus)), progress=False).name  # (the key names no cache folder)
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "cache" / "datasets" / name
+    out.parent.mkdir(parents=True)
+    prepared, found = [], []
+    monkeypatch.setattr(train_module, "prepare", lambda *a, **k: prepared.append(1) or prepare(*a, **k))
+    with open(out.parent / f".{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another run, preparing it
+        waiting = threading.Thread(target=lambda: found.append(resolve_data(DataConfig(path=str(corpus)),
+                                                                             progress=False)))
+        waiting.start()
+        time.sleep(0.5)
+        prepare(corpus, out, progress=False)  # ... which it finishes
+    waiting.join(timeout=60)
+    assert found == [out] and prepared == []  # it waited, then took the other's
+    assert f"fungpt: waiting for another process that prepares the same data ({name}) ..." in capsys.readouterr().err
+
+
 def test_a_cached_dataset_removes_what_a_killed_prepare_of_it_left(corpus, tmp_path, monkeypatch):
     """A prepare killed (kill -9) left its temporary folder in the cache; the next run prepared the data in full,
     and every later run found it cached, so nothing ran that removes stale temporaries: they stayed for ever."""
