@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,14 @@ class LoadedRun:
     step: int
     device: str
     run_dir: Path
+    # the checkpoint loaded: its folder, and when its manifest was written (a run started over with --overwrite
+    # reuses folder names); None where the manifest went before it could be read (the run saved again meanwhile)
+    checkpoint_id: tuple[Path, int] | None = None
+
+
+# How long load_run keeps reading a run still training that replaces its checkpoint while it is read (a tiny model
+# saving every few steps: 75 times a second, where reading one took longer, and two tries failed 8 times in 12)
+RELOAD_S = 10.0
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "last", device: str = "auto") -> LoadedRun:
@@ -35,18 +44,30 @@ def load_run(run_dir: str | Path, checkpoint: str = "last", device: str = "auto"
     if checkpoint not in ("last", "best"):
         raise FunGPTError(f"--checkpoint {checkpoint!r} is not valid: choose last or best")
     kind = "latest" if checkpoint == "last" else "best"
-    folder = ckpt.find_checkpoint(run_dir, kind)
-    for _ in range(2):
+    pointer = run_dir / f"{kind}.json"
+    deadline = time.monotonic() + RELOAD_S
+    while True:
+        before = _file_id(pointer)
         try:
-            return _load(run_dir, folder, checkpoint, device)
+            return _load(run_dir, ckpt.find_checkpoint(run_dir, kind), checkpoint, device)
         except FunGPTError:
-            # A run still training replaces its checkpoint (a new folder, then the old one deleted): a read
-            # while that happens finds files gone. Then the pointer names the new one: read that instead.
-            newer = ckpt.find_checkpoint(run_dir, kind)
-            if folder is None or newer == folder:
-                raise
-            folder = newer
-    return _load(run_dir, folder, checkpoint, device)
+            # A run still training replaces its checkpoint (a new folder, its pointer, then the old folder deleted):
+            # a read while that happens finds files gone. When the pointer changed meanwhile, read again.
+            if _file_id(pointer) == before:
+                raise  # nothing was saved meanwhile: the checkpoint itself is at fault, as the error says
+            if time.monotonic() > deadline:
+                raise FunGPTError(f"{run_dir} is training and replaced its {kind} checkpoint while it was read, "
+                                  f"again and again for {RELOAD_S:g} s: try again (a run that saves every few "
+                                  f"steps: raise its train.checkpoint_interval)") from None
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(inode, modification time) of a file, None if it is not there: a file replaced by a rename has another."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _load(run_dir: Path, folder: Path | None, checkpoint: str, device: str) -> LoadedRun:
@@ -54,6 +75,7 @@ def _load(run_dir: Path, folder: Path | None, checkpoint: str, device: str) -> L
     if folder is None:
         raise FunGPTError(f"{run_dir} has no {checkpoint} checkpoint yet (train it first)")
     manifest = ckpt.verify_checkpoint(folder)
+    written = _file_id(folder / ckpt.MANIFEST_FILE)  # (read first: the run may replace the folder while we load it)
     ckpt.check_model_config(manifest, folder, cfg.model.to_dict(), run_dir / "config.json")
     tokenizer = load_tokenizer(run_dir)
     tok_file = run_dir / "tokenizer_meta.json"
@@ -75,7 +97,8 @@ def _load(run_dir: Path, folder: Path | None, checkpoint: str, device: str) -> L
         model = GPT(cfg.model)
     ckpt.load_weights(folder, model)
     model.to(dev).eval()
-    return LoadedRun(model, tokenizer, cfg, int(manifest["step"]), dev, run_dir)
+    return LoadedRun(model, tokenizer, cfg, int(manifest["step"]), dev, run_dir,
+                     (folder, written[1]) if written is not None else None)
 
 
 OVERFIT_MARGIN = 0.01

@@ -177,7 +177,8 @@ def create_app(run_dir: str | Path, checkpoint: str = "last", device: str = "aut
     """Load the run (raising FunGPTError if it cannot be loaded) and build the web app around it."""
     loaded = _checkpoint_id(Path(run_dir), checkpoint)  # before loading: a save landing meanwhile is seen later
     run = load_run(run_dir, checkpoint, device)
-    return _build_app(run, checkpoint, max_prompt_chars, max_prompt_tokens, max_new_tokens, loaded)
+    return _build_app(run, checkpoint, max_prompt_chars, max_prompt_tokens, max_new_tokens,
+                      run.checkpoint_id or loaded)  # (which one loaded: load_run reads again a checkpoint replaced)
 
 
 def _checkpoint_id(run_dir: Path, checkpoint: str) -> tuple | None:
@@ -252,11 +253,13 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
                 same = new.config.model == mcfg and ckpt.tokenizer_fingerprint(run_dir) == tok_fingerprint
             except (FunGPTError, OSError):
                 return served["run"], served["model"]  # caught mid-save or damaged: keep it, try again next request
-            served["id"] = now_id  # (either way: not loaded again until the run saves again)
+            # (either way: not loaded again until the run saves again.) The checkpoint loaded may be newer than
+            # now_id's, saved while it was read: the "model" named the older one with the newer weights
+            served["id"] = new.checkpoint_id or now_id
             served["other_model"] = not same  # the folder's files (its loss curve) are another model's
             if same:
                 served["run"] = new
-                served["model"] = _model_name(run_dir, now_id)
+                served["model"] = _model_name(run_dir, served["id"])
                 served["config"] = _read_config(run_dir)  # (a resume may change e.g. max_iters)
             elif not served["warned"]:
                 served["warned"] = True

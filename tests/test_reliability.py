@@ -2068,6 +2068,44 @@ def test_data_settings_a_prepared_folder_leaves_unused_are_named(world, tmp_path
     assert "data.vocab_size = 2048 (the folder's: 4096) is not used" in capsys.readouterr().out
 
 
+def test_a_run_that_saves_while_it_is_read_is_read_again_until_it_holds_still(world, tmp_path, monkeypatch):
+    """sample, eval and export of a run that saved every few steps (75 times a second) failed 8 times in 12: two
+    tries, with messages that called the checkpoint missing or damaged. A read that fails while the run saves is
+    tried again for up to RELOAD_S; one that fails with the run holding still is the checkpoint's fault."""
+    import fungpt.runs as runs_mod
+
+    out = copy_run(world, tmp_path)
+    pointer = out / "latest.json"
+    real_load, tries = runs_mod._load, []
+
+    def load_during_saves(run_dir, folder, checkpoint, device):
+        tries.append(folder)
+        if len(tries) <= saves:  # the run saves again meanwhile: a new pointer file, and this folder's files gone
+            new = pointer.with_name("latest.json.tmp")
+            new.write_bytes(pointer.read_bytes())
+            os.replace(new, pointer)
+            raise FunGPTError(f"checkpoint file {folder}/model.safetensors is missing")
+        return real_load(run_dir, folder, checkpoint, device)
+
+    monkeypatch.setattr(runs_mod, "_load", load_during_saves)
+    saves = 5
+    loaded = load_run(out, device="cpu")
+    assert loaded.step == json.loads(pointer.read_text())["step"] and len(tries) == 6
+    folder = ckpt.find_checkpoint(out, "latest")  # which one it read (serve names the weights that answer by it)
+    assert loaded.checkpoint_id == (folder, (folder / ckpt.MANIFEST_FILE).stat().st_mtime_ns)
+    tries.clear()
+    monkeypatch.setattr(runs_mod, "RELOAD_S", 0.0)  # a run that never holds still
+    with pytest.raises(FunGPTError, match=r"is training and replaced its latest checkpoint while it was read, "
+                                          r"again and again for 0 s: try again"):
+        load_run(out, device="cpu")
+    tries.clear()
+    monkeypatch.setattr(runs_mod, "_load", lambda *a: tries.append(1) or (_ for _ in ()).throw(
+        FunGPTError("checkpoint file x is damaged")))  # nothing saved meanwhile: said at once
+    with pytest.raises(FunGPTError, match="is damaged"):
+        load_run(out, device="cpu")
+    assert tries == [1]
+
+
 def test_sampling_an_overfit_runs_last_checkpoint_points_to_the_best(world, tmp_path, capsys, monkeypatch):
     """On a fast GPU nanoGPT's recipe overfits after ~1,750 of its 5,000 steps; `fungpt sample` took the last
     (overfit) checkpoint without a word, though the run had kept a better one."""
