@@ -497,6 +497,25 @@ def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, check_lock: boo
                               f"into a new out_dir")
 
 
+def encoded_as_the_run(data: DataConfig, data_dir: Path, resume_dir: Path, is_main: bool, progress: bool) -> Path:
+    """The data of a BPE run resumed from scratch, encoded with the run's own tokenizer where the BPE trained on the
+    text now learns other merges (another FunGPT version: its code prepares the data again; a corpus with
+    <|endoftext|> in it after 0.1.0's change). The resume was refused ("ids mean other text"), though the text was
+    the same. Else `data_dir` as it is (and a user's prepared folder, whose tokenizer is its own, always)."""
+    if data.tokenizer != "bpe" or is_prepared(Path(data.path).expanduser()) or ckpt.find_checkpoint(resume_dir) is None:
+        return data_dir
+    try:
+        own = load_tokenizer(resume_dir)
+    except FunGPTError:
+        return data_dir  # (the resume check says what is wrong with it)
+    if own.name != "bpe" or own.first_difference(load_tokenizer(data_dir)) is None:
+        return data_dir
+    if is_main:
+        print(f"fungpt: note: the BPE trained on {data.path} now differs from the one {resume_dir} was trained with "
+              f"(another FunGPT version?): encoding the text with the run's own tokenizer")
+    return resolve_data(data, is_main, progress, tokenizer=own)
+
+
 def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool = True,
                            model_named: Collection[str] = (), resume_dir: Path | None = None,
                            read_weights: bool = False, check_weights: bool = False):
@@ -545,6 +564,8 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
         model = pretrained.trim_vocab(model, pre.tokenizer.vocab_size)
         cfg = dataclasses.replace(cfg, model=model)
     data_dir = resolve_data(cfg.data, is_main, progress, tokenizer=pre and pre.tokenizer)
+    if pre is None and resume_dir is not None:
+        data_dir = encoded_as_the_run(cfg.data, data_dir, resume_dir, is_main, progress)
     meta = load_meta(data_dir)
     note = check_token_ids(data_dir, meta)
     if note and is_main:

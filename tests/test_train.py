@@ -1098,6 +1098,34 @@ def test_each_rank_has_dropout_masks_of_its_own_across_seeds():
     assert len(set(seeds.values())) == len(seeds)  # no two (seed, rank) pairs share a stream
 
 
+def test_a_bpe_run_resumes_where_another_version_learns_other_merges(corpus, tmp_path, monkeypatch, capsys):
+    """Another FunGPT version prepares the data again (its code is part of the cache key); where its BPE learns
+    other merges from the same text (0.1.0's change for a corpus with <|endoftext|> in it), the resume was refused:
+    "the data is encoded with a tokenizer whose ids mean other text". The text is encoded with the run's own."""
+    import numpy as np
+
+    import fungpt.tokenizer as tokenizer_mod
+
+    def read_bin(folder: Path, split: str):
+        return np.fromfile(folder / f"{split}.bin", dtype=np.dtype(json.loads((folder / "meta.json").read_text())
+                                                                  ["dtype"]))
+
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    train_module = sys.modules["fungpt.train"]
+    cfg = tiny_config(corpus, tmp_path / "run", max_iters=4, eval_interval=2, checkpoint_interval=2)
+    cfg.data = dataclasses.replace(cfg.data, tokenizer="bpe", vocab_size=300)
+    first = train(cfg, progress=False)
+    ids = read_bin(train_module.resolve_data(cfg.data, progress=False), "train")
+    real_cut = tokenizer_mod._cut_long_runs
+    monkeypatch.setattr(tokenizer_mod, "_cut_long_runs", lambda chunks: (c[::-1] for c in real_cut(chunks)))
+    monkeypatch.setattr(train_module, "_token_code_fingerprint", lambda: "code=another-version")
+    cfg.train = dataclasses.replace(cfg.train, max_iters=6)
+    assert train(cfg, resume=True, progress=False)["step"] == 6 and first["step"] == 4
+    assert "encoding the text with the run's own tokenizer" in capsys.readouterr().out
+    data_dir = train_module.resolve_data(cfg.data, progress=False, tokenizer=load_tokenizer(cfg.out_dir))
+    assert (read_bin(data_dir, "train") == ids).all()  # the same ids as the run trained on
+
+
 def test_resume_with_more_processes_gives_the_new_rank_its_own_batches(corpus, tmp_path):
     out = tmp_path / "run"
     cfg = tiny_config(corpus, out, max_iters=2, eval_interval=2, checkpoint_interval=2)
