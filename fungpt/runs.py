@@ -35,8 +35,11 @@ class LoadedRun:
 RELOAD_S = 10.0
 
 
-def load_run(run_dir: str | Path, checkpoint: str = "last", device: str = "auto") -> LoadedRun:
-    """Rebuild the model of a run folder from its config and verified safetensors weights."""
+def load_run(run_dir: str | Path, checkpoint: str = "last", device: str = "auto",
+             retry_s: float = RELOAD_S) -> LoadedRun:
+    """Rebuild the model of a run folder from its config and verified safetensors weights.
+
+    retry_s: how long to keep reading a run that replaces its checkpoint while it is read (see RELOAD_S)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         what = "is a file, not a run folder" if run_dir.exists() else "does not exist"
@@ -44,21 +47,26 @@ def load_run(run_dir: str | Path, checkpoint: str = "last", device: str = "auto"
     if checkpoint not in ("last", "best"):
         raise FunGPTError(f"--checkpoint {checkpoint!r} is not valid: choose last or best")
     kind = "latest" if checkpoint == "last" else "best"
+    dev = detect_precision(device, "float32").device  # (first: an error of the device's is not the checkpoint's)
+    if dev == "cpu":
+        cpu_matmul()  # resolved now: a bad FUNGPT_CPU_MATMUL is refused at load, not at the first product
     pointer = run_dir / f"{kind}.json"
-    deadline = time.monotonic() + RELOAD_S
+    deadline = time.monotonic() + retry_s
     while True:
-        before = _file_id(pointer)
+        before, folder = _file_id(pointer), None
         try:
-            return _load(run_dir, ckpt.find_checkpoint(run_dir, kind), checkpoint, device)
-        except FunGPTError:
+            folder = ckpt.find_checkpoint(run_dir, kind)
+            return _load(run_dir, folder, checkpoint, dev)
+        except FunGPTError as e:
             # A run still training replaces its checkpoint (a new folder, its pointer, then the old folder deleted):
-            # a read while that happens finds files gone. When the pointer changed meanwhile, read again.
-            if _file_id(pointer) == before:
-                raise  # nothing was saved meanwhile: the checkpoint itself is at fault, as the error says
+            # a read while that happens finds files gone. Then read the one the pointer names now.
+            replaced = _file_id(pointer) != before and (folder is None or not folder.exists())
+            if not replaced:
+                raise  # the checkpoint read is still there: the error is its own (or the run's), as it says
             if time.monotonic() > deadline:
                 raise FunGPTError(f"{run_dir} is training and replaced its {kind} checkpoint while it was read, "
-                                  f"again and again for {RELOAD_S:g} s: try again (a run that saves every few "
-                                  f"steps: raise its train.checkpoint_interval)") from None
+                                  f"again and again for {retry_s:g} s (the last try: {e}); try again (a run that "
+                                  f"saves every few steps: raise its train.checkpoint_interval)") from None
 
 
 def _file_id(path: Path) -> tuple[int, int] | None:
@@ -70,7 +78,7 @@ def _file_id(path: Path) -> tuple[int, int] | None:
     return st.st_ino, st.st_mtime_ns
 
 
-def _load(run_dir: Path, folder: Path | None, checkpoint: str, device: str) -> LoadedRun:
+def _load(run_dir: Path, folder: Path | None, checkpoint: str, dev: str) -> LoadedRun:
     cfg = load_run_config(run_dir)
     if folder is None:
         raise FunGPTError(f"{run_dir} has no {checkpoint} checkpoint yet (train it first)")
@@ -88,9 +96,6 @@ def _load(run_dir: Path, folder: Path | None, checkpoint: str, device: str) -> L
     if saved_fp and saved_fp != ckpt.tokenizer_fingerprint(run_dir):
         raise FunGPTError(f"the tokenizer {tok_file} is not the one checkpoint {folder} was trained with "
                           f"(its fingerprint differs): restore the run's original tokenizer files")
-    dev = detect_precision(device, "float32").device
-    if dev == "cpu":
-        cpu_matmul()  # resolved now: a bad FUNGPT_CPU_MATMUL is refused at load, not at the first product
     # (the random initial weights, drawn only to be overwritten, come from a stream of their own: a program's torch
     # stream is left as it was, as train() leaves it)
     with torch.random.fork_rng(devices=[]):

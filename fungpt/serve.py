@@ -249,7 +249,7 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
             if now_id is None or now_id == served["id"]:
                 return served["run"], served["model"]
             try:
-                new = load_run(run_dir, checkpoint, str(device))
+                new = load_run(run_dir, checkpoint, str(device), retry_s=1.0)  # (every request waits meanwhile)
                 same = new.config.model == mcfg and ckpt.tokenizer_fingerprint(run_dir) == tok_fingerprint
             except (FunGPTError, OSError):
                 return served["run"], served["model"]  # caught mid-save or damaged: keep it, try again next request

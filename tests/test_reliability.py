@@ -13,6 +13,7 @@ import errno
 import hashlib
 import importlib
 import importlib.metadata
+import itertools
 import json
 import os
 import pickle
@@ -2071,19 +2072,27 @@ def test_data_settings_a_prepared_folder_leaves_unused_are_named(world, tmp_path
 def test_a_run_that_saves_while_it_is_read_is_read_again_until_it_holds_still(world, tmp_path, monkeypatch):
     """sample, eval and export of a run that saved every few steps (75 times a second) failed 8 times in 12: two
     tries, with messages that called the checkpoint missing or damaged. A read that fails while the run saves is
-    tried again for up to RELOAD_S; one that fails with the run holding still is the checkpoint's fault."""
+    tried again for up to runs.RELOAD_S; one that fails with the run holding still is the checkpoint's fault."""
     import fungpt.runs as runs_mod
 
     out = copy_run(world, tmp_path)
     pointer = out / "latest.json"
     real_load, tries = runs_mod._load, []
 
+    saved = itertools.count(1)
+
+    def save_again(folder: Path, keep: bool = False) -> None:
+        """The run's next save: a new folder (here: the same files), its pointer, the old folder deleted."""
+        moved = folder.with_name(f"{folder.name.split('.')[0]}.{next(saved)}")
+        shutil.copytree(folder, moved) if keep else os.rename(folder, moved)
+        new = pointer.with_name("latest.json.tmp")
+        new.write_text(json.dumps({**json.loads(pointer.read_text()), "dir": f"checkpoints/{moved.name}"}))
+        os.replace(new, pointer)
+
     def load_during_saves(run_dir, folder, checkpoint, device):
         tries.append(folder)
-        if len(tries) <= saves:  # the run saves again meanwhile: a new pointer file, and this folder's files gone
-            new = pointer.with_name("latest.json.tmp")
-            new.write_bytes(pointer.read_bytes())
-            os.replace(new, pointer)
+        if len(tries) <= saves:  # the run saves again while this one is read
+            save_again(folder)
             raise FunGPTError(f"checkpoint file {folder}/model.safetensors is missing")
         return real_load(run_dir, folder, checkpoint, device)
 
@@ -2094,16 +2103,23 @@ def test_a_run_that_saves_while_it_is_read_is_read_again_until_it_holds_still(wo
     folder = ckpt.find_checkpoint(out, "latest")  # which one it read (serve names the weights that answer by it)
     assert loaded.checkpoint_id == (folder, (folder / ckpt.MANIFEST_FILE).stat().st_mtime_ns)
     tries.clear()
-    monkeypatch.setattr(runs_mod, "RELOAD_S", 0.0)  # a run that never holds still
     with pytest.raises(FunGPTError, match=r"is training and replaced its latest checkpoint while it was read, "
-                                          r"again and again for 0 s: try again"):
-        load_run(out, device="cpu")
-    tries.clear()
-    monkeypatch.setattr(runs_mod, "_load", lambda *a: tries.append(1) or (_ for _ in ()).throw(
-        FunGPTError("checkpoint file x is damaged")))  # nothing saved meanwhile: said at once
-    with pytest.raises(FunGPTError, match="is damaged"):
-        load_run(out, device="cpu")
-    assert tries == [1]
+                                          r"again and again for 0 s \(the last try: checkpoint file .* is missing\); "
+                                          r"try again"):
+        load_run(out, device="cpu", retry_s=0)  # a run that never holds still
+    for saving in (False, True):  # the checkpoint read is still there (a save meanwhile or not): its error, at once
+        tries.clear()
+
+        def fails(run_dir, folder, checkpoint, device, saving=saving):
+            tries.append(1)
+            if saving:
+                save_again(folder, keep=True)
+            raise FunGPTError("checkpoint file x is damaged")
+
+        monkeypatch.setattr(runs_mod, "_load", fails)
+        with pytest.raises(FunGPTError, match="is damaged"):
+            load_run(out, device="cpu")
+        assert tries == [1]
 
 
 def test_sampling_an_overfit_runs_last_checkpoint_points_to_the_best(world, tmp_path, capsys, monkeypatch):
