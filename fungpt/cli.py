@@ -528,7 +528,8 @@ PEER_GONE_WAIT_S = 3.0  # > 1 s, torchrun's failure timestamps being whole secon
 def _options(command) -> tuple[set[str], set[str]]:
     """A command function's options as tyro spells them, and those of them that take no value: help, and the bool
     parameters, which tyro writes as --name and --no-name."""
-    params = {n: t for n, t in typing.get_type_hints(command).items() if n not in ("run", "return")}
+    hints = typing.get_type_hints(command)  # (in the order of the parameters: the first is the run, positional)
+    params = {n: t for n, t in hints.items() if n not in (next(iter(hints)), "return")}
     bools = [n.replace("_", "-") for n, t in params.items() if t is bool]
     no_value = {"-h", "--help", *(f"--{n}" for n in bools), *(f"--no-{n}" for n in bools)}
     return no_value | {"--" + n.replace("_", "-") for n in params}, no_value

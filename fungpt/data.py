@@ -699,10 +699,12 @@ def prepare(
         old = out.with_name(f"{temp_stem(out.name)}.old-{_HOST}-{os.getpid()}")
         if out.exists() and overwrite:
             os.replace(out, old)
+        # (Windows refuses a rename onto a folder that is not empty with EACCES)
+        taken = (errno.ENOTEMPTY, errno.EEXIST, errno.EACCES) if os.name == "nt" else (errno.ENOTEMPTY, errno.EEXIST)
         try:
             os.replace(tmp, out)
         except OSError as e:
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not (out / "meta.json").exists():
+            if e.errno not in taken or not (out / "meta.json").exists():
                 if old.exists() and not out.exists():  # (the dataset moved aside goes back: it stayed there)
                     with contextlib.suppress(OSError):
                         os.replace(old, out)
@@ -712,8 +714,15 @@ def prepare(
             if not overwrite:
                 raise FunGPTError(f"{out} was prepared by another command while this one ran; pass --overwrite to "
                                   f"replace it") from None
-            shutil.rmtree(tmp, ignore_errors=True)  # both asked to replace it: the other's, as complete, stands
-            return out
+            try:
+                same = read_json(out / "meta.json") == meta
+            except ValueError:
+                same = False
+            if not same:  # from other text or other settings: this command's dataset replaces it
+                os.replace(out, old)
+                os.replace(tmp, out)
+            # else both made the same dataset: the other's stands
+        shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -944,8 +953,18 @@ class BatchLoader:
         # The file is opened once and held, so the loader reads the tokens it was made for to the end: the folder
         # prepared again meanwhile (`fungpt prepare --overwrite` swaps a new one in) gave a live run the new text's
         # batches, silently, or an IndexError when that was shorter. (train.py notices the swap at its next eval.)
+        self._open()
+
+    def _open(self) -> None:
         self._file = open(self.path, "rb")
         weakref.finalize(self, self._file.close)  # (closed with the loader)
+
+    def __getstate__(self) -> dict:  # copy, deepcopy, pickle (a DataLoader's worker processes): the file reopened
+        return {k: v for k, v in self.__dict__.items() if k != "_file"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._open()
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         # We map the file afresh for every batch, like nanoGPT: pages read

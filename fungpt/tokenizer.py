@@ -64,17 +64,18 @@ DEFAULT_BPE_VOCAB = 4096
 # against 0.2 s cut (encoding the text: 88,678 tokens against 88,500). Text whose words are short, such as
 # URLs or Chinese (cut at its punctuation), is left as it is.
 BPE_MAX_WORD_CHARS = 256
-# Long runs of letters and numbers (Python's \w without "_"), or of other non-space characters. Python's \s also
-# holds U+001C..U+001F, which the library's does not: they are among the other characters (as "_" is), else a run
-# of them escaped the cut
+# Long runs of letters and numbers (Python's \w without "_"), of other non-space characters, or of spaces (the
+# library keeps a run of them one piece too: 80,000 spaces became one token). Python's \s also holds
+# U+001C..U+001F, which the library's does not: they are among the other characters (as "_" is), else a run of
+# them escaped the cut
 _LONG_RUN = re.compile("|".join(f"(?:{cls}){{{BPE_MAX_WORD_CHARS + 1},}}"
-                                for cls in (r"[^\W_]", r"[^\s\w]|[_\x1c-\x1f]")))
+                                for cls in (r"[^\W_]", r"[^\s\w]|[_\x1c-\x1f]", r"[^\S\x1c-\x1f]")))
 
 
 def _long_words(text: str) -> Iterable[tuple[int, int]]:
     r"""(start, end) of each word of `text` longer than BPE_MAX_WORD_CHARS, split as GPT-2's pre-tokenizer splits:
-    letters (str.isalpha: Unicode's L), numbers (the rest of str.isalnum: Unicode's N, "1", "½", "Ⅻ") and the other
-    non-space characters apart. (Python's \d holds only decimal digits: "1½" * 40000, one number of 80,000
+    letters (str.isalpha: Unicode's L), numbers (the rest of str.isalnum: Unicode's N, "1", "½", "Ⅻ"), spaces and
+    the other characters apart. (Python's \d holds only decimal digits: "1½" * 40000, one number of 80,000
     characters for the library, escaped the cut as alternating digits and letters.)"""
     for m in _LONG_RUN.finditer(text):
         start = m.start()

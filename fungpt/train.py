@@ -54,7 +54,6 @@ from fungpt._startup import raise_stopped
 from fungpt.config import DataConfig, RunConfig, TrainConfig, default_model, is_hf_config, load_run_config
 from fungpt.data import (
     OWN_IDS,
-    SPLITS,
     BatchLoader,
     bar_interval,
     cache_dir,
@@ -155,25 +154,28 @@ def _preparing_alone(out: Path):
     it: runs started together on the same data prepared it each, and swapped their folders in under each other
     (a run could find none between two renames). The others now wait, then find it prepared. Unlocked where locks
     do not work (Windows, some network file systems, a read-only cache)."""
-    f = None
+    fd = None
     if fcntl is not None:
         with contextlib.suppress(OSError):
             out.parent.mkdir(parents=True, exist_ok=True)
-            f = open(out.parent / f".{out.name}.lock", "a")  # (left there, empty: removing it would race)
+            # (left there, empty: removing it would race. Read-only: a lock file another user of a shared cache made
+            # is locked as well)
+            fd = os.open(out.parent / f".{out.name}.lock", os.O_RDONLY | os.O_CREAT, 0o666)
     try:
-        if f is not None:
+        if fd is not None:
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print(f"fungpt: waiting for another process that prepares the same data ({out.name}) ...",
-                      file=sys.stderr)
-                fcntl.flock(f, fcntl.LOCK_EX)
-            except OSError:  # (a file system without locks)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    print(f"fungpt: waiting for another process that prepares the same data ({out.name}) ...",
+                          file=sys.stderr)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # (a file system without locks: ENOLCK on some NFS)
                 pass
         yield
     finally:
-        if f is not None:
-            f.close()  # (and the lock with it)
+        if fd is not None:
+            os.close(fd)  # (and the lock with it)
 
 
 def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
@@ -1111,14 +1113,15 @@ class MetricsLog:
         if self.wandb is not None:
             self.wandb.log(row, step=row["step"])
 
-    def close(self) -> None:
-        """Close the file and stop TensorBoard's writer thread and wandb (once: closing again does nothing)."""
+    def close(self, failed: bool = False) -> None:
+        """Close the file and stop TensorBoard's writer thread and wandb (once: closing again does nothing).
+        failed: the run ends with an error, which wandb then records (its default is a run that finished)."""
         self.file.close()
         tb, wandb, self.tb, self.wandb = self.tb, self.wandb, None, None
         if tb is not None:
             tb.close()
         if wandb is not None:
-            wandb.finish()
+            wandb.finish(exit_code=1) if failed else wandb.finish()
 
 
 def _row_step(line: str) -> int:
@@ -1295,14 +1298,14 @@ def budget_spent(elapsed_s: float, timings: dict[str, float], budget_s: float) -
     return elapsed_s + 2 * timings.get("step", 0.0) + end_reserve(timings) >= budget_s
 
 
-def _data_files(data_dir: Path) -> dict[str, tuple[int, int]]:
-    """Each split's .bin file as (device, inode): a data folder prepared again holds other files."""
-    files = {}
-    for split in SPLITS:
-        with contextlib.suppress(OSError):  # (gone: differs from the run's own too)
-            st = os.stat(Path(data_dir) / f"{split}.bin")
-            files[split] = (st.st_dev, st.st_ino)
-    return files
+def _same_data(data_dir: Path, meta: dict[str, Any]) -> bool:
+    """Whether `data_dir` still holds the data whose meta.json the run read when it started: a folder prepared again
+    from other text or with other settings has another (the text's sha256, token counts). Prepared again alike, it
+    holds the same tokens."""
+    try:
+        return load_meta(data_dir) == meta
+    except FunGPTError:  # (gone, for a moment or for good)
+        return False
 
 
 def dropout_seed(seed: int, rank: int) -> int:
@@ -1406,7 +1409,6 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     scaler = torch.amp.GradScaler(prec.device, enabled=prec.needs_grad_scaler)  # (Muon: refused by choose_precision)
     loader = BatchLoader(data_dir, "train", tc.batch_size, cfg.model.block_size, device=device,
                          seed=tc.seed, rank=ddp.rank, world_size=ddp.world_size)
-    data_files = _data_files(data_dir)  # which files the run trains on (the loader holds its own open)
     step, best_val, elapsed_before, timings, evaluated_before = 0, float("inf"), 0.0, {}, False
     tokens_before: int | None = None  # tokens trained on before a resume (the batch size may have changed since)
     schedule_origin: float | None = None  # budget seconds used at step 1 (set before the loop; a compile adds its time)
@@ -1439,7 +1441,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 raise TypeError(f"timings is {timings!r:.60}, not seconds")
             if not (tokens_before is None or (isinstance(tokens_before, int) and tokens_before >= 0)):
                 raise TypeError(f"tokens is {tokens_before!r:.60}, not a count")
-            if ddp.rank < len(state["rng"]):  # a new rank keeps its seed + rank dropout masks (above)
+            if ddp.rank < len(state["rng"]):  # a new rank keeps its own dropout stream (dropout_seed, above)
                 rng = state["rng"][ddp.rank]
                 torch.set_rng_state(rng["cpu"])
                 if prec.device == "cuda" and "cuda" in rng:
@@ -1550,7 +1552,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     flops_per_step = model.flops_per_token() * tokens_per_step  # for the logged MFU
     log = MetricsLog(out_dir, cfg, keep_until_step=step if folder is not None else None) if ddp.is_main else None
     if log is not None:  # closed also when the run fails (TensorBoard's writer thread outlived each failed train())
-        held.callback(log.close)
+        held.push(lambda kind, error, tb: log.close(failed=kind is not None))  # (returns None: the error goes on)
     budget_s = tc.max_minutes * 60 if tc.max_minutes else None
     # The budget covers the whole command (setup included) plus the time spent before a resume.
     train_start = start_time - elapsed_before
@@ -1587,7 +1589,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
 
     def do_eval() -> dict[str, float]:
         nonlocal best_val
-        if _data_files(data_dir) != data_files:  # (evaluate reads the folder afresh)
+        if not _same_data(data_dir, loader.meta):  # (evaluate reads the folder afresh; the loader its file, held)
             raise FunGPTError(f"the data folder {data_dir} was prepared again while this run trained on it (`fungpt "
                               f"prepare --overwrite`?): stopped before evaluating on other data than it trained on; "
                               f"the last checkpoint is intact. To go on with the data there now, resume with --resume")

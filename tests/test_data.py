@@ -722,6 +722,23 @@ def test_batch_loader_seeds_and_ranks(char_data):
     assert not torch.equal(batches(rank=0, world_size=2)[0], batches(rank=1, world_size=2)[0])
 
 
+def test_batch_loader_copies_and_pickles_with_a_file_of_their_own(char_data):
+    """The loader holds its .bin file open (a folder prepared again under a live run): a deepcopy or a pickle (a
+    DataLoader's worker processes) failed on the file, and a copy used it after the original had closed it."""
+    import copy
+    import gc
+    import pickle
+
+    loader = BatchLoader(char_data, "train", batch_size=4, block_size=8)
+    clones = [copy.deepcopy(loader), pickle.loads(pickle.dumps(loader)), copy.copy(loader)]
+    expected = loader.next_batch()
+    del loader
+    gc.collect()
+    for clone in clones[:2]:  # (their generators are copies: the same batches)
+        assert all(torch.equal(a, b) for a, b in zip(clone.next_batch(), expected))
+    assert clones[2].next_batch()[0].shape == (4, 8)  # (a shallow copy shares the generator; its file is its own)
+
+
 def test_batch_loader_train_and_val_draw_different_windows(tmp_path):
     """The split is mixed into the seed: with the same seed, a val loader that drew the train loader's window starts
     would evaluate the same positions of the text the model is trained on (here both splits hold the same tokens,
@@ -829,17 +846,23 @@ def test_two_preparations_of_the_same_data_at_once_leave_one_dataset_and_nothing
     aside and putting its own in failed ("prepared by another command ...; pass --overwrite", though train had),
     and the dataset it had moved aside (OUT.old-HOST-PID, a full copy) stayed for ever."""
     out = prepare(corpus, tmp_path / "out", progress=False)
-    theirs = prepare(corpus, tmp_path / "theirs", progress=False)
+    same = prepare(corpus, tmp_path / "same", progress=False)
+    other_text = tmp_path / "other.txt"
+    other_text.write_text(corpus.read_text(encoding="utf-8")[::-1], encoding="utf-8")
+    other = prepare(other_text, tmp_path / "other", progress=False)
     real_replace = os.replace
+    for theirs in (same, other):
+        done: list[Path] = []
 
-    def replace(src, dst):
-        if Path(dst) == out and ".tmp-" in Path(src).name:  # the other command finishes first, in between
-            shutil.copytree(theirs, out)
-        return real_replace(src, dst)
+        def replace(src, dst, theirs=theirs, done=done):
+            if Path(dst) == out and ".tmp-" in Path(src).name and not done:  # the other command finishes first
+                done.append(shutil.copytree(theirs, out))
+            return real_replace(src, dst)
 
-    monkeypatch.setattr(data_mod.os, "replace", replace)
-    assert prepare(corpus, out, overwrite=True, progress=False) == out
-    assert load_meta(out) == load_meta(theirs) and leftovers(tmp_path) == []
+        monkeypatch.setattr(data_mod.os, "replace", replace)
+        assert prepare(corpus, out, overwrite=True, progress=False) == out
+        monkeypatch.setattr(data_mod.os, "replace", real_replace)
+        assert load_meta(out) == load_meta(same) and leftovers(tmp_path) == []  # (the other text's: replaced)
 
 
 def test_stale_temporaries_go_by_their_files_age_and_names_are_matched_exactly(tmp_path, corpus):

@@ -351,6 +351,7 @@ def test_bpe_training_cuts_only_long_words():
     # is no space (Python: \s); each such run of 80,000 characters took seconds and became one token
     assert [len(p) for p in cut("1½" * 150) if p] == [256, 44]
     assert [len(p) for p in cut("\x1f" * 300) if p] == [256, 44]
+    assert [len(p) for p in cut("a" + " " * 300 + "b") if p] == [1, 256, 44, 1]  # (80,000 spaces: one token)
     assert [len(p) for p in cut("x" * 10 + "7" * 300) if p] == [10, 256, 44]  # (a number after a short word)
 
 

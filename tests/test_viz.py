@@ -560,6 +560,9 @@ def test_inspect_run(run_dir, capsys):
     assert "blocks.*.attn.c_attn" in text and f"{info['params']:,}" in text and "1,280" in text
     # as every command on a run, with --run too (it said only "Missing value for argument 'target'")
     assert main(["inspect", "--run", str(run_dir)]) == 0 and capsys.readouterr().out == text
+    assert main(["inspect", "--target", str(run_dir)]) == 2  # (its parameter's name is no option)
+    assert capsys.readouterr().err == ("error: Unrecognized options: --target (`fungpt inspect --help` lists the "
+                                       "options)\n")
     # its config.json, as `train --config` takes it: the same model, planned as a config
     as_config = inspect_target(run_dir / "config.json")
     assert as_config["kind"] == "config"
