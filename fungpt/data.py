@@ -475,6 +475,12 @@ _HOST = socket.gethostname().replace("-", "_") or "host"  # in temporary folder 
 STALE_TEMP_S = 3600  # a prepare's temporary folder untouched this long was left by a killed one
 
 
+def same_dataset(meta: dict, other: dict) -> bool:
+    """Whether two prepared folders' meta.json describe the same tokens: all but `source`, the path as it was typed
+    (./corpus.txt or corpus.txt, one text)."""
+    return {k: v for k, v in meta.items() if k != "source"} == {k: v for k, v in other.items() if k != "source"}
+
+
 def remove_stale_temps(out: Path) -> None:
     """Delete the temporary folders (OUT.tmp-*, OUT.old-*) that a prepare killed before it could clean up
     (kill -9, out of memory, power loss) left, by age: none of their files written for an hour. (prepare calls
@@ -715,12 +721,18 @@ def prepare(
                 raise FunGPTError(f"{out} was prepared by another command while this one ran; pass --overwrite to "
                                   f"replace it") from None
             try:
-                same = read_json(out / "meta.json") == meta
+                same = same_dataset(read_json(out / "meta.json"), meta)
             except ValueError:
                 same = False
             if not same:  # from other text or other settings: this command's dataset replaces it
                 os.replace(out, old)
-                os.replace(tmp, out)
+                try:
+                    os.replace(tmp, out)
+                except OSError:  # (a third one meanwhile): the other's goes back, as above
+                    if not out.exists():
+                        with contextlib.suppress(OSError):
+                            os.replace(old, out)
+                    raise
             # else both made the same dataset: the other's stands
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

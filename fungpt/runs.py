@@ -60,13 +60,22 @@ def load_run(run_dir: str | Path, checkpoint: str = "last", device: str = "auto"
         except FunGPTError as e:
             # A run still training replaces its checkpoint (a new folder, its pointer, then the old folder deleted):
             # a read while that happens finds files gone. Then read the one the pointer names now.
-            replaced = _file_id(pointer) != before and (folder is None or not folder.exists())
+            replaced = _file_id(pointer) != before and (folder is None or not folder.exists() or
+                                                        _named(run_dir, kind) != folder)  # (deleted, or going)
             if not replaced:
                 raise  # the checkpoint read is still there: the error is its own (or the run's), as it says
             if time.monotonic() > deadline:
                 raise FunGPTError(f"{run_dir} is training and replaced its {kind} checkpoint while it was read, "
                                   f"again and again for {retry_s:g} s (the last try: {e}); try again (a run that "
                                   f"saves every few steps: raise its train.checkpoint_interval)") from None
+
+
+def _named(run_dir: Path, kind: str) -> Path | None:
+    """The checkpoint folder the run's pointer names now (None if none can be found)."""
+    try:
+        return ckpt.find_checkpoint(run_dir, kind)
+    except FunGPTError:
+        return None
 
 
 def _file_id(path: Path) -> tuple[int, int] | None:

@@ -66,6 +66,7 @@ from fungpt.data import (
     prepare,
     remove_stale_temps,
     resolve_source,
+    same_dataset,
 )
 from fungpt.errors import FunGPTError, parse_json, read_json
 from fungpt.hardware import Precision, check_compile, detect_precision, keep_freed_memory, tf32_products
@@ -158,9 +159,11 @@ def _preparing_alone(out: Path):
     if fcntl is not None:
         with contextlib.suppress(OSError):
             out.parent.mkdir(parents=True, exist_ok=True)
-            # (left there, empty: removing it would race. Read-only: a lock file another user of a shared cache made
-            # is locked as well)
-            fd = os.open(out.parent / f".{out.name}.lock", os.O_RDONLY | os.O_CREAT, 0o666)
+            lock = out.parent / f".{out.name}.lock"  # (left there, empty: removing it would race)
+            try:  # (for writing: NFS emulates flock with fcntl locks, whose exclusive lock needs it)
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+            except PermissionError:  # another user's lock file in a shared cache: locked read-only, where that works
+                fd = os.open(lock, os.O_RDONLY)
     try:
         if fd is not None:
             try:
@@ -504,13 +507,21 @@ def encoded_as_the_run(data: DataConfig, data_dir: Path, resume_dir: Path, is_ma
     text now learns other merges (another FunGPT version: its code prepares the data again; a corpus with
     <|endoftext|> in it after 0.1.0's change). The resume was refused ("ids mean other text"), though the text was
     the same. Else `data_dir` as it is (and a user's prepared folder, whose tokenizer is its own, always)."""
-    if data.tokenizer != "bpe" or is_prepared(Path(data.path).expanduser()) or ckpt.find_checkpoint(resume_dir) is None:
+    folder = ckpt.find_checkpoint(resume_dir)
+    if data.tokenizer != "bpe" or is_prepared(Path(data.path).expanduser()) or folder is None:
         return data_dir
     try:
-        own = load_tokenizer(resume_dir)
-    except FunGPTError:
-        return data_dir  # (the resume check says what is wrong with it)
+        own, was = load_tokenizer(resume_dir), load_run_config(resume_dir).data
+        trained_on = str(read_json(folder / ckpt.MANIFEST_FILE).get("data_fingerprint") or "").partition(":")[0]
+    except (FunGPTError, OSError, ValueError, AttributeError):
+        return data_dir  # (the resume checks say what is wrong)
     if own.name != "bpe" or own.first_difference(load_tokenizer(data_dir)) is None:
+        return data_dir
+    # Only for the same text, tokenizer settings and split: other text or settings are the resume checks' to refuse
+    vocab = {None: 4096}
+    if ((was.tokenizer, vocab.get(was.vocab_size, was.vocab_size), was.val_fraction)
+            != (data.tokenizer, vocab.get(data.vocab_size, data.vocab_size), data.val_fraction)
+            or trained_on != load_meta(data_dir).get("source_sha256")):
         return data_dir
     if is_main:
         print(f"fungpt: note: the BPE trained on {data.path} now differs from the one {resume_dir} was trained with "
@@ -1301,9 +1312,9 @@ def budget_spent(elapsed_s: float, timings: dict[str, float], budget_s: float) -
 def _same_data(data_dir: Path, meta: dict[str, Any]) -> bool:
     """Whether `data_dir` still holds the data whose meta.json the run read when it started: a folder prepared again
     from other text or with other settings has another (the text's sha256, token counts). Prepared again alike, it
-    holds the same tokens."""
+    holds the same tokens (see data.same_dataset)."""
     try:
-        return load_meta(data_dir) == meta
+        return same_dataset(load_meta(data_dir), meta)
     except FunGPTError:  # (gone, for a moment or for good)
         return False
 

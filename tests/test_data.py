@@ -856,13 +856,15 @@ def test_two_preparations_of_the_same_data_at_once_leave_one_dataset_and_nothing
 
         def replace(src, dst, theirs=theirs, done=done):
             if Path(dst) == out and ".tmp-" in Path(src).name and not done:  # the other command finishes first
-                done.append(shutil.copytree(theirs, out))
+                shutil.copytree(theirs, out)
+                done.append((out / "train.bin").stat().st_ino)
             return real_replace(src, dst)
 
         monkeypatch.setattr(data_mod.os, "replace", replace)
         assert prepare(corpus, out, overwrite=True, progress=False) == out
         monkeypatch.setattr(data_mod.os, "replace", real_replace)
         assert load_meta(out) == load_meta(same) and leftovers(tmp_path) == []  # (the other text's: replaced)
+        assert ((out / "train.bin").stat().st_ino == done[0]) == (theirs is same)  # the same data: theirs stands
 
 
 def test_stale_temporaries_go_by_their_files_age_and_names_are_matched_exactly(tmp_path, corpus):

@@ -2082,7 +2082,8 @@ def test_a_run_that_saves_while_it_is_read_is_read_again_until_it_holds_still(wo
     saved = itertools.count(1)
 
     def save_again(folder: Path, keep: bool = False) -> None:
-        """The run's next save: a new folder (here: the same files), its pointer, the old folder deleted."""
+        """The run's next save: a new folder (here: the same files), its pointer, the old folder deleted (or still
+        being deleted: keep)."""
         moved = folder.with_name(f"{folder.name.split('.')[0]}.{next(saved)}")
         shutil.copytree(folder, moved) if keep else os.rename(folder, moved)
         new = pointer.with_name("latest.json.tmp")
@@ -2091,8 +2092,8 @@ def test_a_run_that_saves_while_it_is_read_is_read_again_until_it_holds_still(wo
 
     def load_during_saves(run_dir, folder, checkpoint, device):
         tries.append(folder)
-        if len(tries) <= saves:  # the run saves again while this one is read
-            save_again(folder)
+        if len(tries) <= saves:  # the run saves again while this one is read (the 2nd time: its old folder
+            save_again(folder, keep=len(tries) == 2)  # is still being deleted)
             raise FunGPTError(f"checkpoint file {folder}/model.safetensors is missing")
         return real_load(run_dir, folder, checkpoint, device)
 
@@ -2107,13 +2108,15 @@ def test_a_run_that_saves_while_it_is_read_is_read_again_until_it_holds_still(wo
                                           r"again and again for 0 s \(the last try: checkpoint file .* is missing\); "
                                           r"try again"):
         load_run(out, device="cpu", retry_s=0)  # a run that never holds still
-    for saving in (False, True):  # the checkpoint read is still there (a save meanwhile or not): its error, at once
+    for pointer_rewritten in (False, True):  # the pointer still names the checkpoint read: its error, at once
         tries.clear()
 
-        def fails(run_dir, folder, checkpoint, device, saving=saving):
+        def fails(run_dir, folder, checkpoint, device, pointer_rewritten=pointer_rewritten):
             tries.append(1)
-            if saving:
-                save_again(folder, keep=True)
+            if pointer_rewritten:  # (a new pointer file naming the same folder)
+                new = pointer.with_name("latest.json.tmp")
+                new.write_bytes(pointer.read_bytes())
+                os.replace(new, pointer)
             raise FunGPTError("checkpoint file x is damaged")
 
         monkeypatch.setattr(runs_mod, "_load", fails)

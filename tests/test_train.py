@@ -1124,6 +1124,17 @@ def test_a_bpe_run_resumes_where_another_version_learns_other_merges(corpus, tmp
     assert "encoding the text with the run's own tokenizer" in capsys.readouterr().out
     data_dir = train_module.resolve_data(cfg.data, progress=False, tokenizer=load_tokenizer(cfg.out_dir))
     assert (read_bin(data_dir, "train") == ids).all()  # the same ids as the run trained on
+    # Only for the same text and settings: a copy of it asked for another vocab_size, or the text edited, is
+    # refused as before (the run's own tokenizer would have hidden the change)
+    copy = tmp_path / "copy.txt"
+    copy.write_text(corpus.read_text(encoding="utf-8"), encoding="utf-8")
+    edited = tmp_path / "edited.txt"
+    edited.write_text(corpus.read_text(encoding="utf-8").replace("the", "a"), encoding="utf-8")
+    for path, vocab in ((copy, 280), (edited, 300)):
+        cfg.data = dataclasses.replace(cfg.data, path=str(path), vocab_size=vocab)
+        cfg.train = dataclasses.replace(cfg.train, max_iters=8)
+        with pytest.raises(FunGPTError, match="cannot resume"):
+            train(cfg, resume=True, progress=False)
 
 
 def test_resume_with_more_processes_gives_the_new_rank_its_own_batches(corpus, tmp_path):
