@@ -57,7 +57,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "last", device: str = "auto"
         try:
             folder = ckpt.find_checkpoint(run_dir, kind)
             return _load(run_dir, folder, checkpoint, dev)
-        except FunGPTError as e:
+        except (FunGPTError, FileNotFoundError) as e:  # (a file deleted under verify_checkpoint: the latter)
             # A run still training replaces its checkpoint (a new folder, its pointer, then the old folder deleted):
             # a read while that happens finds files gone. Then read the one the pointer names now.
             replaced = _file_id(pointer) != before and (folder is None or not folder.exists() or
