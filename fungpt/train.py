@@ -504,9 +504,9 @@ def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, check_lock: boo
 
 def encoded_as_the_run(data: DataConfig, data_dir: Path, resume_dir: Path, is_main: bool, progress: bool) -> Path:
     """The data of a BPE run resumed from scratch, encoded with the run's own tokenizer where the BPE trained on the
-    text now learns other merges (another FunGPT version: its code prepares the data again; a corpus with
-    <|endoftext|> in it after 0.1.0's change). The resume was refused ("ids mean other text"), though the text was
-    the same. Else `data_dir` as it is (and a user's prepared folder, whose tokenizer is its own, always)."""
+    text now learns other merges (another FunGPT version: its code prepares the data again; a corpus holding
+    <|endoftext|>, since BPE training leaves it out). The resume was refused ("ids mean other text"), though the
+    text was the same. Else `data_dir` as it is (and a user's prepared folder, whose tokenizer is its own, always)."""
     folder = ckpt.find_checkpoint(resume_dir)
     if data.tokenizer != "bpe" or is_prepared(Path(data.path).expanduser()) or folder is None:
         return data_dir

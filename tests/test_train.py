@@ -1100,7 +1100,8 @@ def test_each_rank_has_dropout_masks_of_its_own_across_seeds():
 
 def test_a_bpe_run_resumes_where_another_version_learns_other_merges(corpus, tmp_path, monkeypatch, capsys):
     """Another FunGPT version prepares the data again (its code is part of the cache key); where its BPE learns
-    other merges from the same text (0.1.0's change for a corpus with <|endoftext|> in it), the resume was refused:
+    other merges from the same text (a corpus holding <|endoftext|>, since BPE training leaves it out), the resume
+    was refused:
     "the data is encoded with a tokenizer whose ids mean other text". The text is encoded with the run's own."""
     import numpy as np
 
