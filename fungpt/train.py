@@ -1600,10 +1600,14 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
 
     def do_eval() -> dict[str, float]:
         nonlocal best_val
-        if not _same_data(data_dir, loader.meta):  # (evaluate reads the folder afresh; the loader its file, held)
+        # evaluate reads the folder afresh (the loader its own file, held open). The ranks agree: saving is collective
+        if agree([float(not _same_data(data_dir, loader.meta))])[0]:
+            if saved_at != step:
+                do_save()  # (the weights trained on the text the run began with: the steps since the last save kept)
             raise FunGPTError(f"the data folder {data_dir} was prepared again while this run trained on it (`fungpt "
-                              f"prepare --overwrite`?): stopped before evaluating on other data than it trained on; "
-                              f"the last checkpoint is intact. To go on with the data there now, resume with --resume")
+                              f"prepare --overwrite`?): stopped before evaluating on other data than it trained on, "
+                              f"with a checkpoint at step {step}. To go on with the data there now, resume with "
+                              f"--resume")
         losses = evaluate(model, data_dir, cfg, device, autocast, progress=progress and ddp.is_main)
         if ddp.is_main:
             log.write({"step": step, "train_loss": losses["train"], "val_loss": losses["val"],

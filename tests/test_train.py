@@ -912,10 +912,12 @@ def test_a_data_folder_prepared_again_while_a_run_trains_on_it(corpus, tmp_path,
         return real_next(self)
 
     monkeypatch.setattr(BatchLoader, "next_batch", next_batch)
-    cfg = tiny_config(data, tmp_path / "run", max_iters=12, eval_interval=6, checkpoint_interval=6)
-    with pytest.raises(FunGPTError, match=r"^the data folder .* was prepared again while this run trained on it"):
+    cfg = tiny_config(data, tmp_path / "run", max_iters=12, eval_interval=6, checkpoint_interval=12)
+    with pytest.raises(FunGPTError, match=r"^the data folder .* was prepared again while this run trained on it "
+                                          r".*with a checkpoint at step 6\."):
         train(cfg, progress=False)
     assert len(drawn) == 6  # (steps 1-6 trained on the text the run began with; the eval at step 6 refused)
+    assert ckpt.folder_step(ckpt.find_checkpoint(cfg.out_dir)) == 6  # those steps saved, not lost
 
 
 def test_runs_that_start_together_prepare_their_data_once(corpus, tmp_path, monkeypatch, capsys):
