@@ -481,6 +481,14 @@ def same_dataset(meta: dict, other: dict) -> bool:
     return {k: v for k, v in meta.items() if k != "source"} == {k: v for k, v in other.items() if k != "source"}
 
 
+def _put_back(old: Path, out: Path) -> None:
+    """A dataset that prepare moved aside (to `old`) goes back to `out` when its own could not take its place
+    (else it stayed beside it for ever, and `out` was gone)."""
+    if old.exists() and not out.exists():
+        with contextlib.suppress(OSError):
+            os.replace(old, out)
+
+
 def remove_stale_temps(out: Path) -> None:
     """Delete the temporary folders (OUT.tmp-*, OUT.old-*) that a prepare killed before it could clean up
     (kill -9, out of memory, power loss) left, by age: none of their files written for an hour. (prepare calls
@@ -711,9 +719,7 @@ def prepare(
             os.replace(tmp, out)
         except OSError as e:
             if e.errno not in taken or not (out / "meta.json").exists():
-                if old.exists() and not out.exists():  # (the dataset moved aside goes back: it stayed there)
-                    with contextlib.suppress(OSError):
-                        os.replace(old, out)
+                _put_back(old, out)
                 raise
             # Another command put a complete dataset there meanwhile (two runs preparing the same data at once)
             shutil.rmtree(old, ignore_errors=True)  # (what this one had moved aside stayed there for ever)
@@ -728,10 +734,8 @@ def prepare(
                 os.replace(out, old)
                 try:
                     os.replace(tmp, out)
-                except OSError:  # (a third one meanwhile): the other's goes back, as above
-                    if not out.exists():
-                        with contextlib.suppress(OSError):
-                            os.replace(old, out)
+                except OSError:  # (a third one meanwhile)
+                    _put_back(old, out)
                     raise
             # else both made the same dataset: the other's stands
         shutil.rmtree(tmp, ignore_errors=True)

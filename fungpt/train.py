@@ -74,8 +74,8 @@ from fungpt.hf import load_gpt2
 from fungpt.linear import onednn_linear, onednn_works, using_cpu_matmul
 from fungpt.model import GPT
 from fungpt.tokenizer import BPE_FILE as TOKENIZER_BPE_FILE
+from fungpt.tokenizer import DEFAULT_BPE_VOCAB, Tokenizer, load_tokenizer
 from fungpt.tokenizer import META_FILE as TOKENIZER_META_FILE
-from fungpt.tokenizer import Tokenizer, load_tokenizer
 
 # How long the other torchrun processes wait for rank 0 to prepare the data (resolve_data): a day, for corpora of
 # many GB; a rank 0 that fails ends the wait at once.
@@ -518,10 +518,10 @@ def encoded_as_the_run(data: DataConfig, data_dir: Path, resume_dir: Path, is_ma
     if own.name != "bpe" or own.first_difference(load_tokenizer(data_dir)) is None:
         return data_dir
     # Only for the same text, tokenizer settings and split: other text or settings are the resume checks' to refuse
-    vocab = {None: 4096}
-    if ((was.tokenizer, vocab.get(was.vocab_size, was.vocab_size), was.val_fraction)
-            != (data.tokenizer, vocab.get(data.vocab_size, data.vocab_size), data.val_fraction)
-            or trained_on != load_meta(data_dir).get("source_sha256")):
+    def settings(d: DataConfig) -> tuple:
+        return d.tokenizer, DEFAULT_BPE_VOCAB if d.vocab_size is None else d.vocab_size, d.val_fraction
+
+    if settings(was) != settings(data) or trained_on != load_meta(data_dir).get("source_sha256"):
         return data_dir
     if is_main:
         print(f"fungpt: note: the BPE trained on {data.path} now differs from the one {resume_dir} was trained with "
