@@ -105,6 +105,16 @@ def _cut_long_runs(chunks: Iterable[str]) -> Iterable[str]:
 GPT2_LOAD_TIMEOUT_S = 60.0
 
 
+def _lines_of(paths: Iterable[Path]) -> Iterable[str]:
+    """The lines of UTF-8 text files, one file after another (one line at a time: a corpus larger than memory)."""
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8", newline="") as f:  # (line endings kept as they are in the file)
+                yield from f
+        except (OSError, UnicodeDecodeError) as e:
+            raise FunGPTError(f"could not read {path} to train the tokenizer: {e}") from None
+
+
 def not_utf8(ch: str) -> str | None:
     """What to say of a character that stands for a byte that was not UTF-8, or None for any other.
 
@@ -116,6 +126,16 @@ def not_utf8(ch: str) -> str | None:
                 f"UTF-8?); set the terminal to UTF-8 (fungpt sample can also read the text from a UTF-8 file: "
                 f"--prompt-file)")
     return None
+
+
+def _check_characters(chars: Iterable[str]) -> None:
+    """Refuse text that holds a lone surrogate (U+D800..U+DFFF, see not_utf8): UTF-8 cannot hold one, so a tokenizer
+    that learned it could never be saved."""
+    for ch in chars:
+        if "\ud800" <= ch <= "\udfff":
+            raise FunGPTError(f"cannot learn a tokenizer from text that holds U+{ord(ch):04X}, a lone surrogate, "
+                              f"which UTF-8 cannot hold (a byte that was not UTF-8, read with errors="
+                              f"'surrogateescape'?); read the text with errors='replace', or mend its bytes")
 
 
 def write_hf_json(tok, path: Path) -> None:
@@ -291,6 +311,7 @@ class CharTokenizer(Tokenizer):
             raise FunGPTError("a char tokenizer needs at least one character; the training text is empty")
         if any(len(c) != 1 for c in chars) or len(set(chars)) != len(chars):
             raise FunGPTError("a char vocabulary must be a list of distinct single characters")
+        _check_characters(chars)
         self.chars = chars
         self.stoi = {c: i for i, c in enumerate(chars)}
         # Lookup table from every Unicode code point (0..0x10FFFF) to its id, -1 for
@@ -409,10 +430,13 @@ class BPETokenizer(Tokenizer):
         if isinstance(corpus, (str, Path)):
             corpus = [corpus]
         if isinstance(corpus, (list, tuple)) and corpus and all(isinstance(c, Path) for c in corpus):
-            interruptible(lambda: tok.train([str(p) for p in corpus], trainer=trainer))  # files: the library reads
-        else:
-            chunks = _cut_long_runs(corpus)  # strings / chunks of text
+            corpus = _lines_of(corpus)  # files: read line by line, as the library reads them, and cut the same way
+        chunks = _cut_long_runs(corpus)  # strings / chunks of text
+        try:
             interruptible(lambda: tok.train_from_iterator(chunks, trainer=trainer))
+        except UnicodeEncodeError as e:  # (a lone surrogate, which the library cannot take as text)
+            _check_characters(e.object[e.start:e.end])
+            raise
         return cls(tok)
 
     @classmethod

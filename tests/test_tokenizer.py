@@ -130,6 +130,21 @@ def test_bpe_train_from_files_and_chunks(tmp_path):
     assert from_chunks.vocab_size <= 280
 
 
+def test_bpe_train_from_files_cuts_as_from_text(tmp_path):
+    """Files given as Paths are learned from as text is: without merges across <|endoftext|> (which encoding splits
+    off) and with long words cut (the library reading the files itself did neither)."""
+    path = tmp_path / "c.txt"
+    path.write_text(("hello world.<|endoftext|>the end " * 200 + "\n") * 3 + "ab" * 3000 + "\n", encoding="utf-8")
+    tok = BPETokenizer.train([path], vocab_size=400)
+    pieces = [tok.decode([i]) for i in range(tok.vocab_size)]
+    assert [p for p in pieces if "endof" in p or "<|" in p or "|>" in p] == [EOT_TEXT]
+    assert max(len(p) for p in pieces) <= tokenizer_mod.BPE_MAX_WORD_CHARS
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine\n\xff\xfe not utf-8\n")
+    with pytest.raises(FunGPTError, match=r"could not read .*bad.txt to train the tokenizer: .*byte 0xff"):
+        BPETokenizer.train([bad], vocab_size=300)
+
+
 def test_bpe_training_cuts_runs_without_spaces():
     """A run of non-space characters longer than BPE_MAX_WORD_CHARS is learned from in pieces (the trainer's
     time grows with the square of a word's length: DNA or a long hash without spaces took minutes)."""
@@ -431,6 +446,17 @@ def test_a_saved_gpt2_tokenizer_loads_its_size_without_tiktoken(tmp_path, monkey
         (tmp_path / "tokenizer_meta.json").write_text(json.dumps({"kind": "gpt2", **bad}))
         with pytest.raises(FunGPTError, match="is corrupt \\(bad vocab_size or eot_id\\)"):
             load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("surrogate", ["\udc80", "\ud800"])
+def test_a_tokenizer_is_not_learned_from_a_lone_surrogate(surrogate, tmp_path):
+    """Text read with errors="surrogateescape" holds lone surrogates, which UTF-8 cannot hold: the char tokenizer
+    learned one and then could not be saved, and BPE training raised the library's UnicodeEncodeError."""
+    text = f"ab{surrogate}c hello world " * 20
+    for learn in (CharTokenizer.train, lambda t: BPETokenizer.train(t, vocab_size=270)):
+        with pytest.raises(FunGPTError, match=f"holds U\\+{ord(surrogate):04X}, a lone surrogate, which UTF-8 "
+                                              f"cannot hold"):
+            learn(text)
 
 
 def test_a_byte_that_was_not_utf8_is_named_as_such(bpe):
