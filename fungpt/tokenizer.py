@@ -35,6 +35,7 @@ text, so every string still round-trips exactly.
 
 from __future__ import annotations
 
+import codecs
 import functools
 import itertools
 import json
@@ -283,8 +284,7 @@ class TextStream:
     def add(self, token_id: int) -> str:
         self.pending.append(token_id)
         text = self.tokenizer.decode(self.pending)
-        # (unless the token itself is a real U+FFFD character: then the text is complete)
-        if text.endswith("\ufffd") and self.tokenizer.token_text(token_id) != "\ufffd":
+        if text.endswith("\ufffd") and not self._ends_a_character(token_id):
             return ""  # the character is not complete yet
         piece = text[len(self.shown):]
         if self.tokenizer.joins_decodings:
@@ -292,6 +292,16 @@ class TextStream:
         else:
             self.shown = text
         return piece
+
+    def _ends_a_character(self, token_id: int) -> bool:
+        """Whether the U+FFFD that the pending ids decode to at their end is a whole character: a real one in the
+        text (bytes EF BF BD, which byte-level BPE may split over tokens too), or the stand-in for bytes that are
+        not UTF-8 and will never be (a stray C3 before a space). The start of an unfinished character is not."""
+        if not self.tokenizer.joins_decodings:  # (then the tokens' bytes are not the text's: only a whole token)
+            return self.tokenizer.token_text(token_id) == "\ufffd"
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        decoder.decode(b"".join(map(self.tokenizer.token_bytes, self.pending)))
+        return not decoder.getstate()[0]  # (the bytes it holds back: the start of a character still to come)
 
     def flush(self) -> str:
         text = self.tokenizer.decode(self.pending)[len(self.shown):] if self.pending else ""

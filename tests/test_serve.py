@@ -667,6 +667,18 @@ def test_a_real_replacement_character_in_a_char_vocabulary_is_streamed():
     assert pieces == ["a", "\ufffd", "b", "\ufffd"] and stream.flush() == ""
 
 
+def test_a_real_replacement_character_split_over_bpe_tokens_is_streamed_when_it_ends():
+    """A byte-level BPE that never saw U+FFFD spells it in three tokens (EF BF BD): the last one completes it, so
+    the stream shows it then, not a token later (or, at the end of a stream, only at flush)."""
+    from fungpt.tokenizer import BPETokenizer, TextStream
+
+    tok = BPETokenizer.train("the cat sat on the mat\n" * 50, vocab_size=280)
+    ids = tok.encode("x\ufffd")
+    assert [tok.token_bytes(i) for i in ids] == [b"x", b"\xef", b"\xbf", b"\xbd"]
+    stream = TextStream(tok)
+    assert [stream.add(i) for i in ids] == ["x", "", "", "\ufffd"] and stream.flush() == ""
+
+
 def test_text_pieces_join_into_the_text_and_hold_back_partial_characters():
     from fungpt.tokenizer import BPETokenizer, TextStream
 
