@@ -1423,6 +1423,11 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     step, best_val, elapsed_before, timings, evaluated_before = 0, float("inf"), 0.0, {}, False
     tokens_before: int | None = None  # tokens trained on before a resume (the batch size may have changed since)
     schedule_origin: float | None = None  # budget seconds used at step 1 (set before the loop; a compile adds its time)
+    # The batch streams and random states of processes that a resume with fewer processes left out: saved on with
+    # every checkpoint, so that a later resume with more processes takes them up where they stopped (a fresh stream
+    # seeded from the rank would replay the batches that rank trained on before)
+    parked_loaders: list = []
+    parked_rngs: list = []
     torch.manual_seed(dropout_seed(tc.seed, ddp.rank))  # dropout masks differ per rank
 
     if resume and ckpt.find_checkpoint(cfg.out_dir) != folder:  # a run saved meanwhile, before the lock was taken
@@ -1438,6 +1443,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             load_optimizer_state(optimizer, state["optimizer"])
             scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
             loaders = state["loader"]
+            processes = state.get("processes", len(loaders))  # (checkpoints from before it was saved: one each)
+            if not (isinstance(processes, int) and 1 <= processes <= len(loaders) == len(state["rng"])):
+                raise TypeError(f"processes is {processes!r:.60} for {len(loaders)} batch streams")
+            parked_loaders, parked_rngs = loaders[ddp.world_size:], state["rng"][ddp.world_size:]
             if ddp.rank < len(loaders):
                 loader.load_state_dict(loaders[ddp.rank])
             # else: resumed with more processes than saved; this rank keeps the fresh batch stream seeded from
@@ -1457,7 +1466,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 torch.set_rng_state(rng["cpu"])
                 if prec.device == "cuda" and "cuda" in rng:
                     torch.cuda.set_rng_state(rng["cuda"])
-            if len(loaders) != ddp.world_size:
+            if processes != ddp.world_size:
                 # Every process trains on its own batch: the tokens per step change with their number. The
                 # checkpoint's own count is the one to compare with (config.json may be from a start that failed
                 # before saving); checkpoints from before it was saved fall back to config.json's settings.
@@ -1465,11 +1474,14 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 was = state.get("tokens_per_step")
                 if not isinstance(was, int):
                     t = saved_train
-                    was = t.batch_size * saved_cfg.model.block_size * t.grad_accum_steps * len(loaders)
+                    was = t.batch_size * saved_cfg.model.block_size * t.grad_accum_steps * processes
                 tokens = f"tokens per step {was:,} -> {now:,}" if was != now else f"the same {now:,} tokens per step"
                 say(f"fungpt: resuming with {ddp.world_size} process(es) where the checkpoint was written by "
-                    f"{len(loaders)}: {tokens}, and the batches differ from an uninterrupted run's"
+                    f"{processes}: {tokens}, and the batches differ from an uninterrupted run's"
                     + (f"; processes {len(loaders)}.. start fresh batch streams" if ddp.world_size > len(loaders)
+                       else "")
+                    + (f"; processes {processes}..{min(len(loaders), ddp.world_size) - 1} take up the batch streams "
+                       f"that earlier processes of those ranks left" if ddp.world_size > processes < len(loaders)
                        else ""))
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError, OverflowError,  # (int(inf))
                 AttributeError) as e:  # (a field of another type: 'str' object has no attribute 'items')
@@ -1632,7 +1644,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                      "schedule_origin_s": schedule_origin,
                      "timings": timings_now(),
                      "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "loader": loaders, "rng": rngs}
+                     "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "processes": ddp.world_size,
+                     "loader": loaders + parked_loaders, "rng": rngs + parked_rngs}
             ckpt.save_checkpoint(out_dir, "latest", step, model, state=state, extra=ckpt_extra)
         recent_saves.append(time.time() - t_save)
 

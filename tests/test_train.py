@@ -1164,6 +1164,34 @@ def test_resume_with_more_processes_gives_the_new_rank_its_own_batches(corpus, t
     assert not torch.equal(state["loader"][0]["generator_state"], state["loader"][1]["generator_state"])
 
 
+def test_resume_with_fewer_processes_keeps_the_others_batch_streams_for_later(corpus, tmp_path, capsys):
+    """2 processes, then 1, then 2 again: rank 1 takes up the batch stream it left at the first resume. Before, the
+    1-process checkpoints saved rank 0's stream alone, so rank 1 started afresh and trained again, in order, on the
+    batches it had trained on in the first part."""
+    out = tmp_path / "run"
+    two = _torchrun_train(corpus, out, tmp_path, "--train.eval-interval", "2")
+    proc = subprocess.run([*two, "--train.max-iters", "2"], env=_torchrun_env(tmp_path), capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = ckpt.load_state(ckpt.find_checkpoint(out))["loader"]
+    cfg = tiny_config(corpus, out, max_iters=4, eval_interval=2, checkpoint_interval=2)
+    cfg.model = dataclasses.replace(cfg.model, n_layer=1, n_head=2, n_embd=16, block_size=8)
+    cfg.train = dataclasses.replace(cfg.train, batch_size=2, eval_iters=1)
+    for steps in (4, 6):  # one process, twice: only the first resume changes the number of processes
+        cfg.train = dataclasses.replace(cfg.train, max_iters=steps)
+        train(cfg, resume=True, progress=False)
+        assert ("where the checkpoint was written by 2" in capsys.readouterr().out) == (steps == 4)
+        state = ckpt.load_state(ckpt.find_checkpoint(out))
+        assert state["processes"] == 1 and [s["rank"] for s in state["loader"]] == [0, 1] and len(state["rng"]) == 2
+        assert state["loader"][1]["batches_drawn"] == first[1]["batches_drawn"] == 2  # rank 1's, as it left it
+        assert torch.equal(state["loader"][1]["generator_state"], first[1]["generator_state"])
+    proc = subprocess.run([*two, "--train.max-iters", "8", "--resume"], env=_torchrun_env(tmp_path),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "processes 1..1 take up the batch streams that earlier processes of those ranks left" in proc.stdout
+    assert ckpt.load_state(ckpt.find_checkpoint(out))["loader"][1]["batches_drawn"] == 4  # 2, then steps 7 and 8
+
+
 def _torchrun_workers(out: Path) -> dict[int, int]:
     """{rank: pid} of the torchrun workers training into `out` (found through /proc)."""
     workers = {}
