@@ -98,7 +98,7 @@ class TrainConfig:
     the share of the run done instead: lr_decay_iters stands for the whole run, which ends at the budget, or
     at max_iters if that comes first (the decay then ends there)."""
     lr_schedule: str = "cosine"
-    """cosine (GPT-2/nanoGPT), wsd (warmup-stable-decay: flat, then linear decay over the last
+    """cosine (GPT-3, nanoGPT), wsd (warmup-stable-decay: flat, then linear decay over the last
     wsd_decay_frac of the run) or constant (after warmup)."""
     wsd_decay_frac: float = 0.2
     """With lr_schedule = wsd: the final fraction of the schedule spent decaying to min_lr."""
@@ -129,8 +129,8 @@ class TrainConfig:
     """Compile the model with torch.compile (the saved weights are always the uncompiled model's)."""
     cpu_matmul: str = "auto"
     """Library for float32 matrix products on a CPU: auto ($FUNGPT_CPU_MATMUL if set, else oneDNN on AMD CPUs
-    with AVX-512, where torch's MKL runs its slower AVX2 kernels, and torch's default elsewhere), onednn, or
-    torch (see fungpt/linear.py). The library used is recorded in run.json."""
+    with AVX-512, where torch's MKL runs its AVX2 kernels: slower on a Zen 5, about as fast on a Zen 4; and torch's
+    default elsewhere), onednn, or torch (see fungpt/linear.py). The library used is recorded in run.json."""
     max_minutes: float | None = None
     """Wall-clock budget for the whole command; when set, the lr schedule runs on the fraction of the
     budget used instead of on steps, and training ends with a final eval and checkpoint on time. The

@@ -92,8 +92,9 @@ def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", 
                  gradients the block backward is working on, AdamW's batched-update scratch, and the
                  cross-entropy's two (B, T, V) gradients (checked against the measured peak of small CPU runs in
                  tests/test_hardware.py: within 2x)
-    kv_cache     2 x n_layer x B x T x C x s      what generation with a KV cache of B sequences
-                                                   of T tokens stores (not used in training)
+    kv_cache     2 x n_layer x B x T x C x 4      what generation with a KV cache of B sequences
+                                                   of T tokens stores (not used in training; float32,
+                                                   the weights' dtype, whatever the training dtype)
     Returns a dict of those byte counts plus 'total' (training: everything but kv_cache),
     'params' and the inputs. batch_size = 0 gives the part that does not grow with the batch.
     num_params: N, where the caller has the model (counting it on the meta device takes ~1 s the first time:
@@ -124,7 +125,7 @@ def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", 
     mem = {"weights": n * FP32, "grads": n * FP32, "optimizer": 2 * n * FP32, "activations": activations,
            "weight_copies": n * s if s < FP32 else 0, "temporaries": temporaries}
     mem["total"] = sum(mem.values())
-    mem["kv_cache"] = 2 * L * B * T * C * s
+    mem["kv_cache"] = 2 * L * B * T * C * FP32  # (generation runs the float32 weights: model.make_kv_cache)
     mem.update(params=n, batch_size=B, block_size=T, dtype=dtype, attn_impl=attn_impl, device=device)
     return mem
 

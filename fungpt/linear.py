@@ -10,9 +10,10 @@ in the forward pass, and two more in the backward pass (the gradients for x and 
 
 On a CPU, torch sends float32 products to its BLAS library (Intel MKL in the x86 wheels). MKL
 picks its fastest kernels only on Intel processors: on AMD processors with AVX-512 (Zen 4, Zen 5)
-it runs its 256-bit AVX2 kernels, about half of what the chip can do. oneDNN, the other maths
-library inside torch, chooses its kernels from the CPU's features whatever the vendor, so it runs
-512-bit kernels there. Measured on a 2-core AMD EPYC (Zen 5) at the 4 x 128 model's shapes
+it runs its 256-bit AVX2 kernels, about half of what a Zen 5 can do (a Zen 4 runs each 512-bit
+instruction as two 256-bit halves, so there the two widths run about equally fast). oneDNN, the other
+maths library inside torch, chooses its kernels from the CPU's features whatever the vendor, so it
+runs 512-bit kernels there. Measured on a 2-core AMD EPYC (Zen 5) at the 4 x 128 model's shapes
 (BENCHMARKS.md, "Fourth session"): forward and input-grad products 1.8-2.2x faster, weight
 gradients 1.1-2.0x, a whole training step 1.4-1.5x.
 
