@@ -103,7 +103,8 @@ def _loss_figure(curves: list, xlabel: str):
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.set_title("FunGPT loss curves")
     ax.grid(alpha=0.3)
-    ax.legend()
+    for text in ax.legend().get_texts():
+        text.set_parse_math(False)  # run folders' names as they are: "lr$1e-3$" is not maths, "a$$b" not an error
     with quiet_glyphs():  # (tight_layout draws the text already: a run folder named in CJK)
         fig.tight_layout()
     return fig

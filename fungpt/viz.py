@@ -128,14 +128,16 @@ def _save(fig, out: Path) -> Path:
 
 
 def _tick_labels(ax, labels: list[str], axis: str, max_labels: int) -> None:
-    """Put token labels on an axis; with too many tokens, show every k-th one."""
+    """Put token labels on an axis; with too many tokens, show every k-th one. (parse_math=False: text, not
+    matplotlib's maths between two $, which GPT-2's "$$" token and any LaTeX in a prompt would start.)"""
     T = len(labels)
     every = max(1, math.ceil(T / max_labels))
     ticks = list(range(0, T, every))
     if axis == "x":
-        ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=7, fontfamily="monospace")
+        ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=7, fontfamily="monospace",
+                      parse_math=False)
     else:
-        ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=7, fontfamily="monospace")
+        ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=7, fontfamily="monospace", parse_math=False)
 
 
 def plot_attention(weights: torch.Tensor, labels: list[str], out: str | Path, layers: Sequence[int] | None = None,
@@ -186,7 +188,7 @@ def plot_attention(weights: torch.Tensor, labels: list[str], out: str | Path, la
                 ax.set_xlabel("key (attended to)", fontsize=8)
             else:
                 ax.set_xticks([])
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, parse_math=False)  # (the run's folder name and the prompt, as they are)
     fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight")
     return _save(fig, out)
 
@@ -324,5 +326,5 @@ def plot_positions(kind: str, out: str | Path, run=None, block_size: int | None 
     for ax in axes:
         ax.title.set_fontsize(10)
     fig.suptitle(f"{name}{kind} position encoding (block_size {block_size}, n_embd {n_embd}, "
-                 f"head size {n_embd // n_head})", fontsize=11)
+                 f"head size {n_embd // n_head})", fontsize=11, parse_math=False)
     return _save(fig, out)

@@ -452,6 +452,21 @@ def test_plot_runs_labels_a_folder_name_that_is_not_utf8(tmp_path, monkeypatch):
     assert drawn == [("caf\ufffd train", [1, 2], [4.0, 3.0])] and (tmp_path / "loss.png").stat().st_size > 0
 
 
+def test_dollar_signs_in_run_names_and_tokens_are_text_not_maths(tmp_path):
+    """matplotlib reads text between two $ as maths: a run folder named a$$b, or GPT-2's "$$" token on an axis of
+    `fungpt attention`, ended the command with a traceback, and lr$1e-3$ was drawn in the legend as italic lr1e-3."""
+    from fungpt.plot import _loss_figure
+
+    for name in ("a$$b", "lr$1e-3$"):
+        run = write_metrics(tmp_path / name, [{"step": 1, "train_loss": 4.0}, {"step": 2, "train_loss": 3.0}])
+        assert main(["plot", str(run), "--out", str(tmp_path / "loss.png")]) == 0
+    legend = _loss_figure([("lr$1e-3$", ([1], [4.0]), ([], []))], "step").axes[0].get_legend()
+    assert [(t.get_text(), t.get_parse_math()) for t in legend.get_texts()] == [("lr$1e-3$ train", False)]
+    weights = torch.softmax(torch.randn(1, 1, 4, 4), dim=-1)
+    plot_attention(weights, ["$$", "x", "$$", "\\alpha$"], tmp_path / "a.png", title="a$$b at step 3")
+    check_png(tmp_path / "a.png", attention_figsize(1, 1, 4, 1))
+
+
 def test_plot_cli_on_trained_run_and_errors(run_dir, tmp_path, capsys):
     out = tmp_path / "loss.png"
     assert main(["plot", str(run_dir), "--x", "tokens", "--out", str(out)]) == 0
