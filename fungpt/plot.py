@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import sys
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,14 @@ X_AXES = {  # --x choice: (metrics.jsonl key, axis label)
     "tokens": ("tokens", "tokens seen"),
     "time": ("run_s", "wall time (s)"),
 }
+
+
+# The fields of a metrics.jsonl row that figures read: a row where one is not a number is skipped, as damage
+NUMBER_KEYS = ("step", "tokens", "elapsed_s", "run_s", "train_loss", "val_loss")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # (NaN and inf are: a diverged run's)
 
 
 def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
@@ -38,8 +47,8 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
             row = parse_json(line)
         except ValueError:  # (a JSONDecodeError is one)
             continue  # a half-written last line from a killed run
-        if not isinstance(row, dict):
-            continue  # valid JSON, but not a row of ours (e.g. a stray number)
+        if not isinstance(row, dict) or any(not _is_number(row[k]) for k in NUMBER_KEYS if k in row):
+            continue  # valid JSON, but not a row of ours (a stray number, a step "x", a loss [1])
         if "run_s" not in row and isinstance(row.get("elapsed_s"), (int, float)):
             if row["elapsed_s"] < last:  # a resumed command: its clock started again
                 earlier += last
@@ -81,6 +90,10 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
     if not any(tr_x or ev_x for _, (tr_x, _), (ev_x, _) in curves):
         raise FunGPTError(f"no loss rows with {key!r} in the metrics.jsonl of {', '.join(map(str, runs))}: "
                           f"train for a few steps first" + (", or try --x step" if x != "step" else ""))
+    for run, (_, (tr_x, _), (ev_x, _)) in zip(runs, curves):
+        if not (tr_x or ev_x):  # (drawn without it, the figure would not say that a run is missing)
+            print(f"fungpt: note: {run} has no loss rows with {key!r} in its metrics.jsonl: it is left out of the "
+                  f"figure" + (" (try --x step)" if x != "step" else ""), file=sys.stderr)
     return save_figure(_loss_figure(curves, label), out)
 
 

@@ -19,7 +19,7 @@ from fungpt.config import DataConfig, RunConfig, TrainConfig, load_run_config
 from fungpt.errors import FunGPTError
 from fungpt.inspection import estimate_memory, inspect_target
 from fungpt.model import GPT, GPTConfig, sample_next_token
-from fungpt.plot import plot_runs
+from fungpt.plot import plot_runs, read_metrics
 from fungpt.runs import load_run
 from fungpt.sample import sample, sampling_distribution, top_candidates
 from fungpt.sampling import draw
@@ -465,6 +465,21 @@ def test_dollar_signs_in_run_names_and_tokens_are_text_not_maths(tmp_path):
     weights = torch.softmax(torch.randn(1, 1, 4, 4), dim=-1)
     plot_attention(weights, ["$$", "x", "$$", "\\alpha$"], tmp_path / "a.png", title="a$$b at step 3")
     check_png(tmp_path / "a.png", attention_figsize(1, 1, 4, 1))
+
+
+def test_plot_skips_rows_whose_numbers_are_not_numbers_and_names_runs_it_leaves_out(tmp_path, capsys):
+    """A metrics.jsonl row with a step "x" or a loss [1] (valid JSON, not a row of ours) ended `fungpt plot` with a
+    traceback; a run without the rows that --x needs vanished from the figure without a word."""
+    odd = write_metrics(tmp_path / "odd", [{"step": 1, "train_loss": 4.0}, {"step": "x", "train_loss": 3.5},
+                                           {"step": 3, "train_loss": [1]}, {"step": True, "train_loss": 3.0},
+                                           {"step": 4, "train_loss": float("nan")}, {"step": 5, "train_loss": 2.5}])
+    train_rows, _ = read_metrics(odd)
+    assert [r["step"] for r in train_rows] == [1, 4, 5]
+    assert main(["plot", str(odd), "--out", str(tmp_path / "a.png")]) == 0
+    with_tokens = write_metrics(tmp_path / "new", [{"step": 1, "tokens": 64, "train_loss": 4.0}])
+    assert main(["plot", str(odd), str(with_tokens), "--x", "tokens", "--out", str(tmp_path / "b.png")]) == 0
+    assert (f"fungpt: note: {odd} has no loss rows with 'tokens' in its metrics.jsonl: it is left out of the figure "
+            f"(try --x step)") in capsys.readouterr().err
 
 
 def test_plot_cli_on_trained_run_and_errors(run_dir, tmp_path, capsys):
