@@ -1078,8 +1078,8 @@ class MetricsLog:
             rows = [r for r in self.path.read_text(encoding="utf-8", errors="replace").splitlines() if r.strip()]
             kept = [r for r in rows if _row_step(r) <= keep_until_step]
             ckpt.atomic_write_text(self.path, "".join(r + "\n" for r in kept))
-        elif self.path.exists():
-            self.path.unlink()
+        elif self.path.exists() or self.path.is_symlink():  # (a link to nowhere: appending would create its target,
+            self.path.unlink()                               # outside the run folder)
         self.file = self.path.open("a", encoding="utf-8")
         self.tb = self.wandb = None
         if cfg.train.tensorboard:

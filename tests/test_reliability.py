@@ -371,6 +371,23 @@ def test_a_symlinked_lock_file_is_refused_and_its_target_left_alone(world, tmp_p
     assert victim.read_text() == "important\n"
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_metrics_never_follow_a_link_to_nowhere_out_of_the_run_folder(world, tmp_path, resume):
+    """A metrics.jsonl that is a symbolic link to a file that does not exist (a run folder unpacked or shared from
+    elsewhere): training appended its rows through it, creating that file outside the run folder."""
+    out, victim = tmp_path / "run", tmp_path / "elsewhere" / "created.txt"
+    victim.parent.mkdir()
+    if resume:
+        train(tiny_config(world["corpus"], out, max_iters=2), progress=False)
+        (out / "metrics.jsonl").unlink()
+    else:
+        out.mkdir()
+    (out / "metrics.jsonl").symlink_to(victim)
+    train(tiny_config(world["corpus"], out, max_iters=4), resume=resume, progress=False)
+    assert not victim.exists() and not (out / "metrics.jsonl").is_symlink()
+    assert [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()][-1] == 4
+
+
 @pytest.mark.skipif(os.name == "nt", reason="RLIMIT_FSIZE is POSIX")
 def test_a_full_disk_at_the_runs_first_write_is_one_line_naming_the_file(world, tmp_path):
     """The run lock's pid line is the first thing a run writes: a full disk there said only "error: No space left
