@@ -59,8 +59,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def _sha256(path: Path, h=None) -> str:
+    """The sha256 of a file, read 1 MB at a time; with `h`, the file's bytes go on into that hash."""
+    h = hashlib.sha256() if h is None else h
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
@@ -107,12 +108,12 @@ def open_new_temp(path: Path, mode: str = "w"):
     return tmp, os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file so that readers see either the old or the new content, never half."""
+def atomic_write_text(path: Path, text: str | bytes) -> None:
+    """Write a file (text, or bytes) so that readers see either the old or the new content, never half."""
     path = Path(path)
     tmp = None
     try:
-        tmp, f = open_new_temp(path)
+        tmp, f = open_new_temp(path, "wb" if isinstance(text, bytes) else "w")
         with f:
             f.write(text)
             f.flush()
@@ -166,8 +167,10 @@ def tokenizer_fingerprint(directory: str | Path) -> str | None:
         extra = read_json(meta).get("file")
     except (ValueError, AttributeError):
         extra = None
-    if isinstance(extra, str) and (Path(directory) / extra).is_file():
-        h.update((Path(directory) / extra).read_bytes())
+    # (only a file of this folder, by its bare name, as load_tokenizer reads it: never one that the file names
+    # elsewhere, /etc/passwd or ../../big.iso, read whole)
+    if isinstance(extra, str) and Path(extra).name == extra and (Path(directory) / extra).is_file():
+        _sha256(Path(directory) / extra, h)
     return h.hexdigest()
 
 
@@ -313,6 +316,8 @@ def verify_checkpoint(ckpt_dir: Path) -> dict[str, Any]:
         raise FunGPTError(f"{manifest_path} is corrupt; the checkpoint cannot be trusted") from None
     if MODEL_FILE not in expected:
         raise FunGPTError(f"{manifest_path} lists no {MODEL_FILE}; the checkpoint cannot be trusted")
+    if any(Path(name).name != name or name in (".", "..") for name in expected):  # (files of this folder only)
+        raise FunGPTError(f"{manifest_path} names a file outside its folder; the checkpoint cannot be trusted")
     for name, (size, sha) in expected.items():
         path = ckpt_dir / name
         if not path.is_file():

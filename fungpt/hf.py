@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from fungpt.checkpoint import atomic_write_text
 from fungpt.errors import FunGPTError, read_json
 from fungpt.model import GPT, GPTConfig
 
@@ -230,15 +231,14 @@ def save_gpt2(model: GPT, path: str | os.PathLike) -> None:
     eot = 50256 if c.vocab_size > 50256 else None
     hf_config.update(bos_token_id=eot, eos_token_id=eot)
 
-    # Write each file under a temporary name, then rename: a crash never leaves half a file.
+    # Each file is written under a temporary name of its own, then renamed: a crash never leaves half a file, and a
+    # link planted at a temporary name is never written through (atomic_write_text). Written by Python, not
+    # safetensors.torch.save_file: that creates its file readable by its owner only (0600), and an exported
+    # folder is made to be shared.
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    # Written by Python, not safetensors.torch.save_file: that creates its file readable by its owner only (0600),
-    # and an exported folder is made to be shared.
-    (path / "model.safetensors.tmp").write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
-    (path / "config.json.tmp").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
-    os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
-    os.replace(path / "config.json.tmp", path / "config.json")
+    atomic_write_text(path / "model.safetensors", safetensors_bytes(tensors, metadata={"format": "pt"}))
+    atomic_write_text(path / "config.json", json.dumps(hf_config, indent=2) + "\n")
 
 
 def _load_hf_weights(path: Path, meta: bool = False) -> dict[str, torch.Tensor]:

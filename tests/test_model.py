@@ -600,6 +600,19 @@ def test_save_hf_loads_in_transformers(tmp_path):
         assert saved["eos_token_id"] == saved["bos_token_id"] == eot, vocab
 
 
+def test_save_hf_never_writes_through_a_link_at_a_fixed_temporary_name(tmp_path):
+    """save_hf wrote model.safetensors.tmp and config.json.tmp, fixed names, through whatever links were there."""
+    victim, out = tmp_path / "victim.txt", tmp_path / "out"
+    victim.write_text("keep")
+    out.mkdir()
+    for name in ("model.safetensors.tmp", "config.json.tmp"):
+        (out / name).symlink_to(victim)
+    model = make_model(vocab_size=50)
+    model.save_hf(out)
+    assert victim.read_text() == "keep"
+    assert torch.equal(GPT.from_hf(out).wte.weight, model.wte.weight)
+
+
 def test_save_hf_rejects_non_gpt2_models(tmp_path):
     with pytest.raises(FunGPTError, match="pos_encoding='rope'.*usable with fungpt sample"):
         make_model(pos_encoding="rope").save_hf(tmp_path)

@@ -371,6 +371,26 @@ def test_a_symlinked_lock_file_is_refused_and_its_target_left_alone(world, tmp_p
     assert victim.read_text() == "important\n"
 
 
+def test_a_checkpoint_or_tokenizer_never_has_files_outside_its_folder_read(world, tmp_path):
+    """A crafted run folder: a manifest.json naming ../../x or /etc/hostname had that file checked (and its size told
+    in the error); a tokenizer_meta.json naming a file elsewhere had it read whole into memory at every load."""
+    out = tmp_path / "run"
+    train(tiny_config(world["corpus"], out, max_iters=2), progress=False)
+    folder = ckpt.find_checkpoint(out)
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"x" * 100)
+    manifest = json.loads((folder / ckpt.MANIFEST_FILE).read_text())
+    for name in (str(outside), "../../outside.bin"):
+        crafted = {**manifest, "files": {**manifest["files"], name: {"bytes": 1, "sha256": "00"}}}
+        (folder / ckpt.MANIFEST_FILE).write_text(json.dumps(crafted))
+        with pytest.raises(FunGPTError, match=r"manifest\.json names a file outside its folder; the checkpoint cannot "
+                                              r"be trusted$"):
+            ckpt.verify_checkpoint(folder)
+    meta = out / "tokenizer_meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "file": str(outside)}))
+    assert ckpt.tokenizer_fingerprint(out) == hashlib.sha256(meta.read_bytes()).hexdigest()  # (outside: not read)
+
+
 @pytest.mark.parametrize("resume", [False, True])
 def test_metrics_never_follow_a_link_to_nowhere_out_of_the_run_folder(world, tmp_path, resume):
     """A metrics.jsonl that is a symbolic link to a file that does not exist (a run folder unpacked or shared from
