@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import secrets
 import shutil
@@ -349,6 +350,50 @@ def check_model_config(manifest: dict[str, Any], ckpt_dir: Path, model_config: d
                           f"({'; '.join(diffs)}); use the original settings or retrain")
 
 
+# The dtypes a checkpoint's weights may have (FunGPT saves float32; a cast by hand may give the others). An int8 or
+# complex tensor was cast without a word (sampling garbage, or a raw warning): not weights FunGPT wrote
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# A model this much larger than its weights file is built without comparing shapes first: it takes no time
+BUILD_WITHOUT_CHECK_BYTES = 64 << 20
+
+
+def check_weights_before_building(ckpt_dir: Path, config, config_path: Path) -> None:
+    """Refuse a config whose model is far larger than the weights saved for it, before building that model.
+
+    A run folder from elsewhere can hold a config.json (and manifest.json) of n_layer 64 x n_embd 8192 beside the
+    weights of a small model: building it first filled tens of GB with random weights, only to find they do not
+    fit. Reading the file's header is cheap; when the config asks for more than twice the bytes the file holds
+    (by a lower bound of GPT's parameters: 12 C^2 a block and V C), the model is built on the meta device (no
+    memory, ~1 s) and its shapes compared with the file's. An ordinary run never gets that far.
+    """
+    from safetensors import safe_open
+
+    path = ckpt_dir / MODEL_FILE
+    c = config
+    at_least = 4 * (12 * c.n_layer * c.n_embd**2 + c.vocab_size * c.n_embd)  # float32 bytes
+    try:
+        if at_least <= 2 * path.stat().st_size + BUILD_WITHOUT_CHECK_BYTES:
+            return
+        with safe_open(str(path), "pt") as f:
+            saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception:  # noqa: BLE001 - (missing or not safetensors: load_weights says which, after the build)
+        return
+    from fungpt.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(config)
+    wanted, seen = {}, set()
+    for name, t in model.state_dict(keep_vars=True).items():  # (a tied weight is one tensor: saved once, first)
+        if id(t) not in seen:
+            seen.add(id(t))
+            wanted[name] = tuple(t.shape)
+    if saved != wanted:
+        numbers = sum(math.prod(s) for s in saved.values())
+        raise FunGPTError(f"weights in {path} ({numbers:,} numbers) do not fit the model that {config_path} "
+                          f"describes ({model.num_params():,} parameters): the run folder is damaged, or its "
+                          f"config was edited")
+
+
 def load_weights(ckpt_dir: Path, model: torch.nn.Module) -> None:
     """Load verified safetensors weights into `model` (which re-ties shared weights itself).
 
@@ -366,6 +411,11 @@ def load_weights(ckpt_dir: Path, model: torch.nn.Module) -> None:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise FunGPTError(f"could not read weights from {path}: it is not a valid safetensors file "
                           f"({first[:120]})") from None
+    odd = next(((name, t.dtype) for name, t in tensors.items() if t.dtype not in WEIGHT_DTYPES), None)
+    if odd is not None:
+        raise FunGPTError(f"weights in {path} hold {odd[0]} as {str(odd[1]).removeprefix('torch.')}, not as "
+                          f"floating-point numbers: not weights that FunGPT saved; restore the checkpoint or train "
+                          f"again")
     changed = "was the config, or the model code (fungpt/model.py), changed since it was trained?"
     tied = _tied_names(model)
     for name, first in tied.items():

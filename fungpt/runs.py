@@ -107,6 +107,7 @@ def _load(run_dir: Path, folder: Path | None, checkpoint: str, dev: str) -> Load
                           f"(its fingerprint differs): restore the run's original tokenizer files")
     # (the random initial weights, drawn only to be overwritten, come from a stream of their own: a program's torch
     # stream is left as it was, as train() leaves it)
+    ckpt.check_weights_before_building(folder, cfg.model, run_dir / "config.json")
     with torch.random.fork_rng(devices=[]):
         model = GPT(cfg.model)
     ckpt.load_weights(folder, model)

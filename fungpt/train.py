@@ -1410,6 +1410,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     # parameter count. It is taken from the built model, unless the weights alone might not fit: then building
     # the model could be what gets the process killed, so it is counted on the meta device first (~1 s)
     check_memory = ddp.is_main and prec.device != "cuda"
+    if folder is not None:  # (resuming: a config far larger than the saved weights is refused before it is built)
+        ckpt.check_weights_before_building(folder, cfg.model, Path(cfg.out_dir) / "config.json")
     if check_memory and weights_might_not_fit(cfg, prec.device):
         warn_if_memory_short(cfg, prec)
         check_memory = False

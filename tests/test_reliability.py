@@ -371,6 +371,45 @@ def test_a_symlinked_lock_file_is_refused_and_its_target_left_alone(world, tmp_p
     assert victim.read_text() == "important\n"
 
 
+def test_a_config_far_larger_than_its_weights_is_refused_before_the_model_is_built(world, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """A run folder whose config.json and manifest.json describe 64 x 8192 beside a tiny model's weights: sample,
+    serve, eval and --resume built that model (51 billion random parameters) before finding that the weights did
+    not fit. Weights of another dtype than floats were cast without a word."""
+    out = tmp_path / "run"
+    train(tiny_config(world["corpus"], out, max_iters=2), progress=False)
+    folder = ckpt.find_checkpoint(out)
+    monkeypatch.setattr(ckpt, "BUILD_WITHOUT_CHECK_BYTES", -2**62)  # compare shapes even for this small model
+    assert load_run(out).step == 2  # (the real config's shapes are the file's: tied head, buffers left out)
+    monkeypatch.undo()
+    for path in (out / "config.json", folder / ckpt.MANIFEST_FILE):
+        saved = json.loads(path.read_text())
+        saved["model"].update(n_layer=64, n_embd=8192, n_head=64)
+        path.write_text(json.dumps(saved))
+    built = []  # (the model that load_run and train build: the check builds its own on the meta device)
+    for module in ("fungpt.runs", "fungpt.train"):
+        monkeypatch.setattr(importlib.import_module(module), "GPT", lambda *a, **k: built.append(a) or 1 / 0)
+    tiny = r"weights in .*model\.safetensors \([\d,]+ numbers\) do not fit the model that .*config\.json describes "
+    with pytest.raises(FunGPTError, match=tiny + r"\(51,\d{3},\d{3},\d{3} parameters\): the run folder is damaged"):
+        load_run(out)
+    assert main(["train", "--out-dir", str(out), "--resume", "--train.max-iters", "4"]) == 2  # (its saved config)
+    assert re.match("error: " + tiny, capsys.readouterr().err.splitlines()[-1])
+    assert not built
+
+
+def test_weights_that_are_not_floats_are_refused(world, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "run"
+    train(tiny_config(world["corpus"], out, max_iters=2), progress=False)
+    weights = ckpt.find_checkpoint(out) / ckpt.MODEL_FILE
+    tensors = load_file(str(weights))
+    tensors["wte.weight"] = tensors["wte.weight"].to(torch.int8)
+    save_file(tensors, str(weights))
+    with pytest.raises(FunGPTError, match=r"weights in .* hold wte\.weight as int8, not as floating-point numbers"):
+        ckpt.load_weights(weights.parent, GPT(load_run_config(out).model))
+
+
 def test_a_checkpoint_or_tokenizer_never_has_files_outside_its_folder_read(world, tmp_path):
     """A crafted run folder: a manifest.json naming ../../x or /etc/hostname had that file checked (and its size told
     in the error); a tokenizer_meta.json naming a file elsewhere had it read whole into memory at every load."""
