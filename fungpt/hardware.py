@@ -147,15 +147,14 @@ def check_compile(device: str, *, platform: str | None = None, has_triton: bool 
     The capabilities are arguments so every case can be tested; by default they are detected.
     """
     import importlib.util
-    import shutil
     import sys
 
     platform = sys.platform if platform is None else platform
     if has_triton is None:
         has_triton = importlib.util.find_spec("triton") is not None
-    if cxx == "detect":
-        cxx = next((c for c in ("c++", "g++", "clang++", "cl") if shutil.which(c)), None)
     fix = "set train.compile = false (training works the same, uncompiled)"
+    if cxx == "detect" and device == "cpu" and platform != "win32":
+        cxx = _torch_cpp_compiler(fix)
     if platform == "win32":
         raise FunGPTError(f"train.compile = true is not supported on Windows here (torch.compile needs Triton "
                           f"for GPUs and a configured C++ toolchain for CPUs); {fix}")
@@ -168,6 +167,37 @@ def check_compile(device: str, *, platform: str | None = None, has_triton: bool 
     if device == "cpu" and cxx is None:
         raise FunGPTError(f"train.compile = true on the CPU needs a C++ compiler (torch.compile builds C++ "
                           f"kernels) and none was found: install g++ or clang, or {fix}")
+
+
+def _torch_cpp_compiler(fix: str) -> str | None:
+    """The C++ compiler torch.compile will use on the CPU ($CXX when set, else the first one on PATH), as torch
+    itself finds it; None when there is none. A $CXX that does not work (a stale one) is refused here: looking
+    for g++ on PATH instead passed it, and the run failed at its first step with a 100-line traceback."""
+    import os
+    import shutil
+
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler  # (torch's own choice; a private module)
+    except ImportError:  # (another torch version): the compilers torch looks for, on PATH
+        return next((c for c in ("c++", "g++", "clang++", "cl") if shutil.which(c)), None)
+    try:
+        return get_cpp_compiler()
+    except Exception:  # noqa: BLE001 - torch's InvalidCxxCompiler: none found, or $CXX does not run
+        if os.environ.get("CXX"):
+            raise FunGPTError(f"train.compile = true on the CPU compiles C++ with $CXX = {os.environ['CXX']}, which "
+                              f"does not run: point CXX at a working compiler (or unset it), or {fix}") from None
+        return None
+
+
+def compile_failure(e: BaseException) -> str | None:
+    """The one line to say for an error raised by torch.compile itself (its C++ or Triton toolchain failed at the
+    first compiled step: a compiler without Python's headers, a full disk in its cache), or None for any other."""
+    module = type(e).__module__ or ""
+    if not module.startswith(("torch._dynamo", "torch._inductor")):
+        return None
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    return (f"torch.compile failed ({first[:200]}); set train.compile = false (training works the same, "
+            f"uncompiled), or mend the compiler")
 
 
 def cpu_info(field: str) -> str:

@@ -69,7 +69,14 @@ from fungpt.data import (
     same_dataset,
 )
 from fungpt.errors import FunGPTError, parse_json, read_json
-from fungpt.hardware import Precision, check_compile, detect_precision, keep_freed_memory, tf32_products
+from fungpt.hardware import (
+    Precision,
+    check_compile,
+    compile_failure,
+    detect_precision,
+    keep_freed_memory,
+    tf32_products,
+)
 from fungpt.hf import load_gpt2
 from fungpt.linear import onednn_linear, onednn_works, using_cpu_matmul
 from fungpt.model import GPT
@@ -1794,6 +1801,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                         if bar is not None:
                             bar.close()
                         raise FunGPTError(out_of_memory_advice(cfg, prec)) from None
+                    except Exception as e:
+                        if tc.compile and (failure := compile_failure(e)):  # (at the first step, which compiles)
+                            raise FunGPTError(failure) from None
+                        raise
                 loss_sum += loss.detach()
 
             scaler.unscale_(optimizer)  # back to true gradient values (no-op without float16)

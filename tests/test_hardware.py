@@ -123,6 +123,31 @@ def test_compile_is_refused_where_it_cannot_work():
     check_compile("cpu", platform="linux", cxx="g++")
 
 
+def test_compile_asks_torch_which_compiler_and_its_failure_is_one_line(corpus, tmp_path, monkeypatch):
+    """torch.compile uses $CXX when it is set: a stale CXX passed the check (g++ was on PATH) and the run failed at
+    its first step with a 100-line traceback; a compiler failing there (no Python headers) did the same."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CXX": str(tmp_path / "no-such-g++")}
+    proc = subprocess.run([sys.executable, "-c", "from fungpt.hardware import check_compile; check_compile('cpu')"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "$CXX = " + env["CXX"] + ", which does not run: point CXX at a working " \
+        "compiler (or unset it), or set train.compile = false" in proc.stderr.splitlines()[-1]
+
+    class CppCompileError(RuntimeError):  # as torch's own: raised from its inductor
+        __module__ = "torch._inductor.exc"
+
+    class Failing(torch.nn.Module):
+        def forward(self, *args):
+            raise CppCompileError("C++ compile error\n\nfatal error: Python.h: No such file or directory")
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: Failing())
+    monkeypatch.setattr(sys.modules["fungpt.train"], "check_compile", lambda device: None)
+    cfg = tiny_config(corpus, tmp_path / "run", max_iters=2)
+    cfg.train = dataclasses.replace(cfg.train, compile=True)
+    with pytest.raises(FunGPTError, match=r"^torch\.compile failed \(C\+\+ compile error\); set train\.compile = "
+                                          r"false \(training works the same, uncompiled\), or mend the compiler$"):
+        train(cfg, progress=False)
+
+
 # ----------------------------------------------------------------------------- float16 + GradScaler on CPU
 
 def tiny_model() -> GPT:
