@@ -1378,6 +1378,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         torch.cuda.set_device(device)
         held.enter_context(tf32_products())  # (a program that calls train() gets its own settings back)
     say = print if ddp.is_main else (lambda *a, **k: None)
+    if prec.device == "cpu" and prec.autocast and tc.cpu_matmul != "auto":
+        say(f"fungpt: note: train.cpu_matmul = {tc.cpu_matmul!r} is not used under {prec.dtype} autocast: its "
+            f"products are torch's own (fungpt/linear.py)")
     # The run seeds torch's global random streams (weights, dropout, batches); a program that calls train()
     # gets its CPU stream back as it was, and on a CUDA run that GPU's (forking every GPU's would start CUDA
     # on GPUs the run does not use).

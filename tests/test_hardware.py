@@ -148,6 +148,19 @@ def test_compile_asks_torch_which_compiler_and_its_failure_is_one_line(corpus, t
         train(cfg, progress=False)
 
 
+def test_a_cpu_matmul_chosen_for_a_16_bit_run_is_said_to_be_unused(corpus, tmp_path, capsys):
+    """Under autocast the products are torch's own: train.cpu_matmul = "onednn" was dropped without a word (the
+    config kept it, run.json said null)."""
+    cfg = tiny_config(corpus, tmp_path / "run", max_iters=1)
+    cfg.train = dataclasses.replace(cfg.train, dtype="bfloat16", cpu_matmul="onednn")
+    train(cfg, progress=False)
+    assert ("fungpt: note: train.cpu_matmul = 'onednn' is not used under bfloat16 autocast: its products are "
+            "torch's own") in capsys.readouterr().out
+    cfg.train = dataclasses.replace(cfg.train, dtype="float32")
+    train(cfg, overwrite=True, progress=False)
+    assert "is not used" not in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- float16 + GradScaler on CPU
 
 def tiny_model() -> GPT:
