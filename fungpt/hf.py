@@ -61,12 +61,13 @@ def hf_config(path: str | os.PathLike) -> GPTConfig:
         "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5) != 1e-5,
         "scale_attn_weights": not hf.get("scale_attn_weights", True),
         "scale_attn_by_inverse_layer_idx": hf.get("scale_attn_by_inverse_layer_idx", False),
+        "add_cross_attention": hf.get("add_cross_attention", False),  # (a decoder of an encoder-decoder model)
     }
     if any(unlike.values()):
         found = ", ".join(f"{k} = {hf.get(k)!r}" for k, bad in unlike.items() if bad)
         raise FunGPTError(f"'{path}' uses GPT-2 options FunGPT lacks ({found}; GPT-2 has activation_function "
-                          f"gelu_new, n_inner 4 * n_embd, layer_norm_epsilon 1e-5 and plain attention scaling): "
-                          f"use a standard GPT-2 checkpoint")
+                          f"gelu_new, n_inner 4 * n_embd, layer_norm_epsilon 1e-5, plain attention scaling and no "
+                          f"cross-attention): use a standard GPT-2 checkpoint")
     return GPTConfig(
         vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
         n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=n_embd, bias=True, pos_encoding="learned",

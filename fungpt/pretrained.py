@@ -229,12 +229,15 @@ def load_weights(model: GPT, source: GPT | str | Path) -> None:
 
 
 def encoding_signature(tok: Tokenizer) -> tuple:
-    """What identifies how `tok` turns text into ids: its size and its ids for a varied probe text; for a
-    tokenizer that cannot encode all of the probe (a character vocabulary), what every id stands for."""
+    """What identifies how `tok` turns text into ids: its size, what every id stands for (its bytes), and its ids
+    for a varied probe text (the same vocabulary with merges of another order encodes otherwise; None for a
+    tokenizer that cannot encode all of the probe, a character vocabulary). The probe alone let two tokenizers
+    that agree on it, but not on the rest of a text (two ids swapped), share a cached dataset."""
+    every = [tok.token_bytes(i) for i in range(tok.vocab_size)]
     try:
-        return tok.vocab_size, tok.encode(PROBE_TEXT)
+        return tok.vocab_size, every, tok.encode(PROBE_TEXT)
     except FunGPTError:
-        return tok.vocab_size, [tok.token_bytes(i) for i in range(tok.vocab_size)]
+        return tok.vocab_size, every, None
 
 
 def tokenizer_fingerprint(tok: Tokenizer) -> str:

@@ -468,7 +468,9 @@ class BPETokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         try:
-            return self._tok.encode(text).ids
+            # (add_special_tokens=False: a model folder's post-processor may add a BOS to every piece of text it is
+            # given, which mid-corpus, at every chunk prepare encodes, is an <|endoftext|> that is not in the text)
+            return self._tok.encode(text, add_special_tokens=False).ids
         except Exception as e:  # the library raises plain Exceptions (a WordLevel vocabulary without [UNK])
             raise self._encode_error(text, e) from None
 
@@ -476,7 +478,7 @@ class BPETokenizer(Tokenizer):
         # Runs in parallel on all cores (Rust threads); the "fast" variant skips
         # computing character offsets, which we do not need.
         try:
-            return [e.ids for e in self._tok.encode_batch_fast(texts)]
+            return [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
         except Exception as e:
             raise self._encode_error("".join(texts), e) from None
 
@@ -485,7 +487,7 @@ class BPETokenizer(Tokenizer):
 
         def fails(ch: str) -> bool:
             try:
-                self._tok.encode(ch)
+                self._tok.encode(ch, add_special_tokens=False)
                 return False
             except Exception:
                 return True

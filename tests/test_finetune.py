@@ -139,6 +139,43 @@ def test_data_prepared_with_another_tokenizer_is_refused(hf_dir, corpus, tmp_pat
     assert train(finetune_config(hf_dir, own, tmp_path / "run2", block_size=16), progress=False)["step"] == 10
 
 
+def test_tokenizers_that_agree_on_the_probe_but_not_on_the_text_do_not_share_data(hf_dir, tmp_path):
+    """Two ids of tokens the probe text does not hold, swapped: the probe's ids were all that was compared, so a
+    fine-tune of the other model reused the first one's cached dataset, and a prepared folder passed the check."""
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    tokenizer = json.loads((hf_dir / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    in_probe = set(HFTokenizer.from_dir(hf_dir).encode(pretrained.PROBE_TEXT))
+    a, b = [name for name, i in sorted(vocab.items(), key=lambda kv: -kv[1]) if i not in in_probe][:2]  # (merges)
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (swapped / "tokenizer.json").write_text(json.dumps(tokenizer))
+    ours, theirs = HFTokenizer.from_dir(hf_dir), HFTokenizer.from_dir(swapped)
+    assert ours.encode(pretrained.PROBE_TEXT) == theirs.encode(pretrained.PROBE_TEXT)  # the probe cannot tell them
+    assert ours.encode(_corpus_text()) != theirs.encode(_corpus_text())
+    assert not pretrained.same_encoding(ours, theirs)
+    assert pretrained.tokenizer_fingerprint(ours) != pretrained.tokenizer_fingerprint(theirs)
+    assert pretrained.same_encoding(ours, HFTokenizer.from_dir(hf_dir))
+
+
+def test_a_model_folders_post_processor_adds_no_tokens_to_the_text(hf_dir, tmp_path):
+    """A tokenizer.json whose post-processor adds a BOS (transformers' GPT2Tokenizer(add_bos_token=True) saves one):
+    every piece of text encoded got an <|endoftext|> the text does not hold, mid-corpus at each chunk of prepare."""
+    from tokenizers import Tokenizer, processors
+
+    bos = tmp_path / "bos"
+    bos.mkdir()
+    tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    tok.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+    tok.save(str(bos / "tokenizer.json"))
+    assert tok.encode("the cat").ids[0] == 0  # (what the library's default does)
+    plain, with_bos = HFTokenizer.from_dir(hf_dir), HFTokenizer.from_dir(bos)
+    text = "the cat sat on the mat.\nthe dog<|endoftext|>the fox"
+    assert with_bos.encode(text) == plain.encode(text) and with_bos.encode_batch([text, "a"]) == plain.encode_batch(
+        [text, "a"])
+    assert with_bos.decode(with_bos.encode(text)) == text
+
+
 @pytest.mark.parametrize(("override", "message"), [
     ({"n_layer": 6}, r"n_layer = 6 \(the checkpoint has 2\)"),
     ({"n_embd": 64, "n_head": 8}, r"n_head = 8 .*n_embd = 64"),

@@ -698,6 +698,9 @@ def test_from_hf_missing_files_are_clear_errors(tmp_path):
             r"lacks \(scale_attn_weights = False; GPT-2 has",
         '{"n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 100, "scale_attn_by_inverse_layer_idx": true}':
             r"lacks \(scale_attn_by_inverse_layer_idx = True; GPT-2",
+        # (a decoder of an encoder-decoder: was "unexpected [...crossattention...]: is this a GPT-2 checkpoint?")
+        '{"n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 100, "add_cross_attention": true}':
+            r"lacks \(add_cross_attention = True; GPT-2 has .* no cross-attention\)",
         # each option named by itself, not a list of everything it could be
         '{"n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 100, "activation_function": "relu", "n_inner": 64}':
             r"lacks \(activation_function = 'relu', n_inner = 64; GPT-2 has",
