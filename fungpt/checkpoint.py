@@ -109,12 +109,12 @@ def open_new_temp(path: Path, mode: str = "w"):
     return tmp, os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
 
 
-def atomic_write_text(path: Path, text: str | bytes) -> None:
-    """Write a file (text, or bytes) so that readers see either the old or the new content, never half."""
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small text file so that readers see either the old or the new content, never half."""
     path = Path(path)
     tmp = None
     try:
-        tmp, f = open_new_temp(path, "wb" if isinstance(text, bytes) else "w")
+        tmp, f = open_new_temp(path)
         with f:
             f.write(text)
             f.flush()
@@ -350,8 +350,9 @@ def check_model_config(manifest: dict[str, Any], ckpt_dir: Path, model_config: d
                           f"({'; '.join(diffs)}); use the original settings or retrain")
 
 
-# The dtypes a checkpoint's weights may have (FunGPT saves float32; a cast by hand may give the others). An int8 or
-# complex tensor was cast without a word (sampling garbage, or a raw warning): not weights FunGPT wrote
+# The dtypes the file may hold for a floating-point tensor of the model (FunGPT saves float32; a cast by hand may
+# give the others). An int8 or complex one was cast without a word (sampling garbage, or a raw warning). (A buffer
+# of a model edited to hold one, a bool mask, an int counter, is saved and loaded as it is.)
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # A model this much larger than its weights file is built without comparing shapes first: it takes no time
 BUILD_WITHOUT_CHECK_BYTES = 64 << 20
@@ -411,7 +412,9 @@ def load_weights(ckpt_dir: Path, model: torch.nn.Module) -> None:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise FunGPTError(f"could not read weights from {path}: it is not a valid safetensors file "
                           f"({first[:120]})") from None
-    odd = next(((name, t.dtype) for name, t in tensors.items() if t.dtype not in WEIGHT_DTYPES), None)
+    own = model.state_dict()
+    odd = next(((name, t.dtype) for name, t in tensors.items()
+                if name in own and own[name].is_floating_point() and t.dtype not in WEIGHT_DTYPES), None)
     if odd is not None:
         raise FunGPTError(f"weights in {path} hold {odd[0]} as {str(odd[1]).removeprefix('torch.')}, not as "
                           f"floating-point numbers: not weights that FunGPT saved; restore the checkpoint or train "

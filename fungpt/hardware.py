@@ -166,7 +166,8 @@ def check_compile(device: str, *, platform: str | None = None, has_triton: bool 
                           f"pip install triton, or {fix}")
     if device == "cpu" and cxx is None:
         raise FunGPTError(f"train.compile = true on the CPU needs a C++ compiler (torch.compile builds C++ "
-                          f"kernels) and none was found: install g++ or clang, or {fix}")
+                          f"kernels), and torch found none (it looks for g++, or the compiler $CXX names): install "
+                          f"g++, or set CXX=clang++ where clang is installed, or {fix}")
 
 
 def _torch_cpp_compiler(fix: str) -> str | None:
@@ -182,7 +183,9 @@ def _torch_cpp_compiler(fix: str) -> str | None:
         return next((c for c in ("c++", "g++", "clang++", "cl") if shutil.which(c)), None)
     try:
         return get_cpp_compiler()
-    except Exception:  # noqa: BLE001 - torch's InvalidCxxCompiler: none found, or $CXX does not run
+    except Exception as e:  # noqa: BLE001 - (torch._inductor.exc, imported only here)
+        if type(e).__name__ != "InvalidCxxCompiler":  # none found, or $CXX does not run; anything else: torch's own
+            raise
         if os.environ.get("CXX"):
             raise FunGPTError(f"train.compile = true on the CPU compiles C++ with $CXX = {os.environ['CXX']}, which "
                               f"does not run: point CXX at a working compiler (or unset it), or {fix}") from None
@@ -192,8 +195,10 @@ def _torch_cpp_compiler(fix: str) -> str | None:
 def compile_failure(e: BaseException) -> str | None:
     """The one line to say for an error raised by torch.compile itself (its C++ or Triton toolchain failed at the
     first compiled step: a compiler without Python's headers, a full disk in its cache), or None for any other."""
-    module = type(e).__module__ or ""
-    if not module.startswith(("torch._dynamo", "torch._inductor")):
+    # (the toolchain's errors only: an error in the model's own code, which dynamo reports as TorchRuntimeError while
+    # it traces, is the same uncompiled, and is left as it is)
+    toolchain = ("BackendCompilerFailed", "InductorError", "CppCompileError", "InvalidCxxCompiler", "CUDACompileError")
+    if not ((type(e).__module__ or "").startswith("torch._") and type(e).__name__ in toolchain):
         return None
     first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
     return (f"torch.compile failed ({first[:200]}); set train.compile = false (training works the same, "

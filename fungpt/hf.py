@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fungpt.checkpoint import atomic_write_text
+from fungpt.checkpoint import open_new_temp
 from fungpt.errors import FunGPTError, read_json
 from fungpt.model import GPT, GPTConfig
 
@@ -233,13 +233,26 @@ def save_gpt2(model: GPT, path: str | os.PathLike) -> None:
     hf_config.update(bos_token_id=eot, eos_token_id=eot)
 
     # Each file is written under a temporary name of its own, then renamed: a crash never leaves half a file, and a
-    # link planted at a temporary name is never written through (atomic_write_text). Written by Python, not
+    # link planted at a temporary name is never written through (open_new_temp). Written by Python, not
     # safetensors.torch.save_file: that creates its file readable by its owner only (0600), and an exported
     # folder is made to be shared.
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path / "model.safetensors", safetensors_bytes(tensors, metadata={"format": "pt"}))
-    atomic_write_text(path / "config.json", json.dumps(hf_config, indent=2) + "\n")
+    _write_new(path / "model.safetensors", safetensors_bytes(tensors, metadata={"format": "pt"}))
+    _write_new(path / "config.json", (json.dumps(hf_config, indent=2) + "\n").encode())
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Write `path` through a temporary file of an unguessable name, renamed into place (an OSError, such as a full
+    disk, is the caller's to explain: `fungpt export` names its --out)."""
+    tmp, f = open_new_temp(path, "wb")
+    try:
+        with f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _load_hf_weights(path: Path, meta: bool = False) -> dict[str, torch.Tensor]:

@@ -1079,14 +1079,16 @@ class MetricsLog:
 
     def __init__(self, out_dir: Path, cfg: RunConfig, keep_until_step: int | None):
         self.path = out_dir / "metrics.jsonl"
+        if self.path.is_symlink():  # (a link: resuming read its target, wherever it is; appending created a dangling
+            self.path.unlink()      # one's target outside the run folder)
         if keep_until_step is not None and self.path.exists():
             # Resuming: drop rows logged after the checkpoint, which the resumed run will redo.
             # (errors="replace": a damaged byte makes its row unreadable, dropped below, not the resume fail)
             rows = [r for r in self.path.read_text(encoding="utf-8", errors="replace").splitlines() if r.strip()]
             kept = [r for r in rows if _row_step(r) <= keep_until_step]
             ckpt.atomic_write_text(self.path, "".join(r + "\n" for r in kept))
-        elif self.path.exists() or self.path.is_symlink():  # (a link to nowhere: appending would create its target,
-            self.path.unlink()                               # outside the run folder)
+        elif self.path.exists():
+            self.path.unlink()
         self.file = self.path.open("a", encoding="utf-8")
         self.tb = self.wandb = None
         if cfg.train.tensorboard:
@@ -1766,6 +1768,13 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     if schedule_origin is None:
         schedule_origin = elapsed()
     lr_origin = schedule_origin  # this command's: moved by its compile so that the lr goes on (continuous_origin)
+    if folder is not None and budget_s is not None:
+        # A resumed command's start-up (imports, data, model, planning: seconds) is budget time but not schedule
+        # time, as the first command's is not: counted in, the lr jumped on at the first step resumed (from 76% of
+        # its peak to 36% in a WSD decay). It goes on from where the checkpoint left it instead, the rest of the
+        # schedule spread over the time left; the saved origin moves by the start-up's time, as for a compile.
+        lr_origin = continuous_origin(elapsed_before, elapsed(), lr_origin, budget_s - end_time())
+        schedule_origin += elapsed() - elapsed_before
     fwd_model.train()
     start_step = step
     bar = None

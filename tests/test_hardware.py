@@ -135,6 +135,14 @@ def test_compile_asks_torch_which_compiler_and_its_failure_is_one_line(corpus, t
     class CppCompileError(RuntimeError):  # as torch's own: raised from its inductor
         __module__ = "torch._inductor.exc"
 
+    class TorchRuntimeError(RuntimeError):  # dynamo's report of an error in the model's own code: left as it is
+        __module__ = "torch._dynamo.exc"
+
+    from fungpt.hardware import compile_failure
+
+    assert compile_failure(TorchRuntimeError("shape '[3, -1]' is invalid for input of size 16")) is None
+    assert compile_failure(RuntimeError("C++ compile error")) is None  # (not torch's)
+
     class Failing(torch.nn.Module):
         def forward(self, *args):
             raise CppCompileError("C++ compile error\n\nfatal error: Python.h: No such file or directory")
@@ -320,14 +328,13 @@ def test_dry_run_and_training_refuse_alike_and_before_writing_anything(corpus, t
     """--dry-run said "dry run done" for Muon with float16 and for compile without a C++ compiler, which training
     then refused; and training's compile refusal came after run.json was rewritten (so the next resume compared
     with settings that never trained)."""
-    import shutil
-
     base = ["train", "--data.path", str(corpus), "--out-dir", str(tmp_path / "r"), "--train.device", "cpu",
             "--model.n-layer", "1", "--model.n-embd", "32", "--model.n-head", "2", "--model.block-size", "16",
             "--train.batch-size", "2", "--train.max-iters", "4"]
     for flags, message in ((["--train.optimizer", "muon", "--train.dtype", "float16"], "does not support float16"),
                            (["--train.compile"], "needs a C\\+\\+ compiler")):
-        monkeypatch.setattr(shutil, "which", lambda name: None)  # a machine without a C++ compiler
+        # a machine without a C++ compiler (as torch finds one: it caches its answer, so shutil.which is not asked)
+        monkeypatch.setattr(sys.modules["fungpt.hardware"], "_torch_cpp_compiler", lambda fix: None)
         for dry in (["--dry-run"], []):
             assert main(base + flags + dry) != 0
             err = capsys.readouterr().err
@@ -868,6 +875,34 @@ def test_a_compiled_budget_run_does_not_take_its_compiling_step_as_the_step_time
     # ... and the compile was not schedule time: the lr was still at its peak after it (not half-way decayed)
     lrs = _lrs(tmp_path / "compiled")
     assert lrs[1] > 0.95 * cfg.train.lr and lrs[-1] < 0.5 * cfg.train.lr
+
+
+def test_a_resumed_budget_runs_lr_goes_on_from_where_it_was(corpus, tmp_path, quick_steady_budget, monkeypatch):
+    """A resumed command's start-up is budget time, not schedule time (as the first command's is not): counted in,
+    the lr jumped on at the first step resumed, from 76% of its peak to 36% in a WSD decay."""
+    import signal
+
+    from fungpt.data import BatchLoader
+
+    next_batch, load_state, batches = BatchLoader.next_batch, ckpt.load_state, []
+
+    def slow_and_stopped_at_20(self):  # (0.2 s steps; Ctrl-C at the 20th: saved there, a quarter into the budget)
+        batches.append(1)
+        if len(batches) == 20:
+            os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        return next_batch(self)
+
+    monkeypatch.setattr(BatchLoader, "next_batch", slow_and_stopped_at_20)
+    monkeypatch.setattr(ckpt, "load_state", lambda *a: time.sleep(2.0) or load_state(*a))  # a slow start-up
+    out = tmp_path / "resumed"
+    cfg = tiny_config(corpus, out, max_iters=10**6, checkpoint_interval=10**6, eval_interval=10**6, eval_iters=1,
+                      max_minutes=0.25)
+    assert train(cfg, progress=False)["step"] == 20
+    assert train(cfg, resume=True, progress=False)["step"] > 22
+    lrs = _lrs(out)
+    assert 0.5 * cfg.train.lr < lrs[19] < 0.97 * cfg.train.lr, lrs[17:23]  # (stopped in the decay)
+    assert abs(lrs[20] - lrs[19]) < 0.03 * cfg.train.lr, lrs[17:23]  # one step's change, not the start-up's 2 s
 
 
 def test_a_resumed_compiled_budget_run_keeps_its_compile_out_of_the_schedule_too(corpus, tmp_path,

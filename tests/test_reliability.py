@@ -408,6 +408,14 @@ def test_weights_that_are_not_floats_are_refused(world, tmp_path):
     save_file(tensors, str(weights))
     with pytest.raises(FunGPTError, match=r"weights in .* hold wte\.weight as int8, not as floating-point numbers"):
         ckpt.load_weights(weights.parent, GPT(load_run_config(out).model))
+    # a model edited to keep a bool buffer saves it, and loads it back
+    model = GPT(load_run_config(out).model)
+    model.register_buffer("mask", torch.tril(torch.ones(4, 4, dtype=torch.bool)))
+    saved = ckpt.save_checkpoint(tmp_path / "edited", "best", 1, model)
+    again = GPT(load_run_config(out).model)
+    again.register_buffer("mask", torch.zeros(4, 4, dtype=torch.bool))
+    ckpt.load_weights(saved, again)
+    assert torch.equal(again.mask, model.mask)
 
 
 def test_a_checkpoint_or_tokenizer_never_has_files_outside_its_folder_read(world, tmp_path):
@@ -445,6 +453,12 @@ def test_metrics_never_follow_a_link_to_nowhere_out_of_the_run_folder(world, tmp
     train(tiny_config(world["corpus"], out, max_iters=4), resume=resume, progress=False)
     assert not victim.exists() and not (out / "metrics.jsonl").is_symlink()
     assert [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()][-1] == 4
+    if resume:  # a link to a file that is there: resuming read that file, wherever it is, into the run's metrics
+        (out / "metrics.jsonl").unlink()
+        victim.write_text('{"step": 1, "elsewhere": true}\n')
+        (out / "metrics.jsonl").symlink_to(victim)
+        train(tiny_config(world["corpus"], out, max_iters=6), resume=True, progress=False)
+        assert "elsewhere" not in (out / "metrics.jsonl").read_text() and victim.read_text().count("\n") == 1
 
 
 @pytest.mark.skipif(os.name == "nt", reason="RLIMIT_FSIZE is POSIX")
