@@ -21,7 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchlib import ANCHORS, check_append, command, machine, publish
+import benchlib
+from benchlib import check_append, command, machine, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,8 +60,7 @@ def main(argv=None) -> int:
 
 def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
     """The runs of main, in tmp; prints (and appends) the result block."""
-    env = dict(os.environ)
-    env.setdefault("FUNGPT_DATA_DIR", str(ANCHORS.parent / "data"))  # (../shared/data)
+    env = benchlib.run_env()  # (this checkout's fungpt; ../shared/data unless FUNGPT_DATA_DIR is set)
     flags: list[str] = list(CLASSIC)
     runs = []
     for name, extra in STEPS:

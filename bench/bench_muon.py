@@ -56,8 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     check_append(ap, args.append)
     contenders = {
-        "FunGPT Muon (float32, batched by shape)": lambda ps: Muon(ps, lr=0.03),
-        "torch.optim.Muon (bfloat16, per matrix)": lambda ps: torch.optim.Muon(ps, lr=0.03),
+        # (the same settings on both sides: torch's weight_decay defaults to 0.1, FunGPT's to 0, the presets' value)
+        "FunGPT Muon (float32, batched by shape)": lambda ps: Muon(ps, lr=0.03, momentum=0.95, weight_decay=0.0),
+        "torch.optim.Muon (bfloat16, per matrix)": lambda ps: torch.optim.Muon(ps, lr=0.03, momentum=0.95,
+                                                                              weight_decay=0.0),
     }
     rows = [(name, ms_per_step(make, block_matrices(args.layers, args.width), args.steps, args.passes))
             for name, make in contenders.items()]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from benchlib import check_append, cpu_model  # noqa: E402
+from benchlib import ANCHORS, check_append, cpu_model  # noqa: E402
 
 from fungpt.data import load_meta, prepare, shakespeare_path  # noqa: E402
 from fungpt.errors import FunGPTError  # noqa: E402
@@ -56,11 +56,15 @@ def main() -> None:
         parser.error("--mb must be positive")
     if args.append:
         check_append(parser, Path(args.append))
+    os.environ.setdefault("FUNGPT_DATA_DIR", str(ANCHORS.parent / "data"))  # (../shared/data, as the other benches)
 
     results = []
     with tempfile.TemporaryDirectory(prefix="fungpt-bench-") as tmp:
         corpus = Path(tmp) / "corpus.txt"
-        size = build_corpus(corpus, args.mb)
+        try:
+            size = build_corpus(corpus, args.mb)
+        except FunGPTError as e:  # (Tiny Shakespeare neither here nor downloadable)
+            raise SystemExit(f"error: {e}") from None
         print(f"corpus: {size / 1e6:.1f} MB (Tiny Shakespeare repeated)")
         for label, kwargs in (
             ("char", {"tokenizer": "char"}),

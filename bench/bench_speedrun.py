@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import benchlib
 from benchlib import ANCHORS, check_append, command, cpu_times, machine, machine_state, memory_read_gbs, publish
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,16 +67,16 @@ def main(argv=None) -> int:
 
 def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
     """The runs of main, in tmp; prints (and appends) the result block."""
-    env = dict(os.environ)
-    env.setdefault("FUNGPT_DATA_DIR", str(ANCHORS.parent / "data"))  # (../shared/data)
+    env = benchlib.run_env()  # (this checkout's fungpt; ../shared/data unless FUNGPT_DATA_DIR is set)
     loads, read_gbs, steal_from = [os.getloadavg()[0]], [memory_read_gbs()], cpu_times()
     curve: list[tuple[float, float]] = []
     if args.wall is None:
         w, ref_val, ref_ms, curve = run_nanogpt(tmp, env)
-        ref_row = (f"| nanoGPT CPU recipe (as `nanogpt-cpu.sh`) | - | 2000 | {ref_val:.4f} | "
-                   f"W = {w:.1f} s ({ref_ms:.1f} ms/iter) |")
+        ref_row = (f"| nanoGPT CPU recipe (as `nanogpt-cpu.sh`) | - | 2000 | {ref_val:.4f} (its estimate: 20 random "
+                   f"batches) | W = {w:.1f} s ({ref_ms:.1f} ms/iter) |")
     else:
-        w, ref_row = args.wall, f"| nanoGPT CPU recipe | - | - | {NANOGPT_FINAL_VAL} | W = {args.wall:.1f} s (given) |"
+        w, ref_row = args.wall, (f"| nanoGPT CPU recipe | - | - | {NANOGPT_FINAL_VAL} (its estimate: 20 random "
+                                 f"batches) | W = {args.wall:.1f} s (given) |")
 
     rows, points = [], []
     for f in sorted(args.fractions):
@@ -89,19 +90,21 @@ def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
         final = [r for r in metrics if "val_loss" in r][-1]
         target = TARGETS.get(f)
         met = target is not None and final["val_loss"] <= target
-        verdict = "" if target is None else f" (target <= {target:.4g}: {'met' if met else 'NOT met'})"
+        verdict = "" if target is None else f" (target <= {target}: {'met' if met else 'NOT met'})"
         rows.append(f"| `{Path(args.config).name}`, max_minutes = {f:g} W | {w * f:.1f} s | {final['step']} | "
                     f"**{final['val_loss']:.4f}**{verdict} | {wall:.1f} s |")
         points.append((wall, final["val_loss"], f))
         matmul = json.loads((out_dir / "run.json").read_text()).get("cpu_matmul")
         print(rows[-1], flush=True)
 
-    text = (f"## CPU speedrun, side by side, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n"
+    side = "side by side" if args.wall is None else "against a given W"
+    text = (f"## CPU speedrun, {side}, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n"
             f"- machine: {machine()}; FunGPT's cpu_matmul: {matmul}; "
             f"1-min load average before each run: {', '.join(f'{x:.1f}' for x in loads)}; "
             f"{machine_state(read_gbs, 'before each run', steal_from)}\n"
             f"- command: `{command('bench_speedrun.py', argv)}`\n"
-            f"- final val loss over the entire val split; each FunGPT budget covers its whole command\n\n"
+            f"- FunGPT's final val loss is over the entire val split (nanoGPT's over its own 20 random batches); each "
+            f"FunGPT budget covers its whole command\n\n"
             "| run | budget | steps | final val | command wall |\n|---|---:|---:|---:|---:|\n"
             + ref_row + "\n" + "\n".join(rows) + "\n")
     publish(text, args.append)

@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import benchlib
 import torch
 from benchlib import ANCHORS, check_append, command, cpu_times, machine, machine_state, memory_read_gbs, publish
 
@@ -168,21 +169,30 @@ def run_taking_turns(cmds: list[list[str]], env: dict, turn_s: float, lead: int)
     return [results[i] for i in range(len(procs))]
 
 
-def check_same_shape(run_config: Path, shape: str | None) -> None:
+# What nanoGPT's recipe computes besides its shape: float32 (nullcontext on a CPU), uncompiled (--compile=False),
+# AdamW, GPT-2's layers (learned positions, LayerNorm, a tied head, no QK-norm) and, as this bench sets them unless
+# --keep-arch, no biases and exact GELU. FunGPT in bfloat16, with Muon or RoPE, ran another computation.
+NANOGPT_ARITHMETIC = {"dtype": "float32", "compile": False, "optimizer": "adamw", "pos_encoding": "learned",
+                      "norm": "layernorm", "tie_embeddings": True, "qk_norm": False}
+NANOGPT_LAYERS = {"bias": False, "activation": "gelu"}
+
+
+def check_same_shape(run_dir: Path, shape: str | None, keep_arch: bool = False) -> None:
     """Stop when FunGPT's run (its config, flags after --) trained another model or batch than nanoGPT's recipe
-    (Tiny Shakespeare's 65 characters, no dropout): the ratio would compare two different models (--shape sets
-    the shape for both sides)."""
-    cfg = json.loads(run_config.read_text())
-    mine = {**{k: cfg["model"][k] for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout")},
-            **{k: cfg["train"][k] for k in ("batch_size", "grad_accum_steps")}}
-    theirs = dict(NANOGPT_RECIPE)
+    (Tiny Shakespeare's 65 characters, no dropout), or another computation (NANOGPT_ARITHMETIC: the dtype that
+    ran, from run.json): the ratio would compare two different things (--shape sets the shape for both sides)."""
+    cfg = json.loads((run_dir / "config.json").read_text())
+    ran = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    settings = {**cfg["model"], **cfg["train"], "dtype": ran.get("dtype", cfg["train"].get("dtype"))}
+    theirs = {**NANOGPT_RECIPE, **NANOGPT_ARITHMETIC, **({} if keep_arch else NANOGPT_LAYERS)}
     if shape:
         theirs.update(zip(("n_layer", "n_head", "n_embd", "block_size"), map(int, shape.split(","))))
-    differ = [f"{k} {mine[k]} (nanoGPT: {theirs[k]})" for k in theirs if mine[k] != theirs[k]]
+    differ = [f"{k} {settings.get(k)} (nanoGPT: {theirs[k]})" for k in theirs if settings.get(k) != theirs[k]]
     if differ:
-        raise SystemExit(f"bench_train: FunGPT trained another model or batch than nanoGPT's recipe "
+        raise SystemExit(f"bench_train: FunGPT trained another model, batch or computation than nanoGPT's recipe "
                          f"({', '.join(differ)}): set the shape of both with --shape L,H,C,T, keep nanoGPT's batch "
-                         f"of 12, its characters and no dropout, or pass --no-reference")
+                         f"of 12, its characters, no dropout, float32, AdamW and GPT-2's layers, or pass "
+                         f"--no-reference")
 
 
 def peak_flops() -> float:
@@ -221,8 +231,7 @@ def main(argv=None) -> int:
 def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
     """The rounds of main, with their runs in tmp; prints (and appends) the result block."""
     py = sys.executable
-    env = dict(os.environ)
-    env.setdefault("FUNGPT_DATA_DIR", str(ANCHORS.parent / "data"))  # (../shared/data)
+    env = benchlib.run_env()  # (this checkout's fungpt; ../shared/data unless FUNGPT_DATA_DIR is set)
     env["TMPDIR"] = str(tmp)  # nanogpt-cpu.sh's scratch copy goes here too, also when --turns kills it
     arch = [] if args.keep_arch else ["--model.no-bias", "--model.activation", "gelu"]
     ref_shape: list[str] = []
@@ -256,10 +265,13 @@ def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
             if not args.no_reference:
                 out, _, nano_mem = run_measured(nano_cmd, env)
         if not args.no_reference:
-            check_same_shape(tmp / "run/config.json", args.shape)
+            check_same_shape(tmp / "run", args.shape, args.keep_arch)
         lines = (tmp / "run/metrics.jsonl").read_text().split("\n")[:-1]  # whole lines: a stopped run may cut one
         rows = [json.loads(line) for line in lines]
         steps = [r["dt_ms"] for r in rows if "dt_ms" in r and r["step"] >= 20]
+        if not steps:  # (taking turns, nanoGPT ended before FunGPT's 20th step: nothing after the warm-up to time)
+            raise SystemExit("bench_train: FunGPT made fewer than 20 steps in a round, the warm-up that is not timed: "
+                             "raise --iters")
         ms["FunGPT"].append(statistics.median(steps))
         fungpt_steps.append(len(steps) + 19)
         rss["FunGPT"] = max(rss["FunGPT"], mem)
@@ -298,7 +310,8 @@ def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
             f"1-min load average at each round's start: {', '.join(f'{x:.1f}' for x in loads)}; {state}\n"
             f"- command: `{command('bench_train.py', argv)}`\n"
             f"- shape: {m['n_layer']} x {m['n_embd']} ({m['n_head']} heads), block {m['block_size']}, batch "
-            f"{t['batch_size']}, bias {m['bias']}, {m['activation']}, {m['pos_encoding']}, {m['norm']}; "
+            f"{t['batch_size']}, bias {m['bias']}, {m['activation']}, {m['pos_encoding']}, {m['norm']}, "
+            f"{run_info.get('dtype')}, {t['optimizer']}{', compiled' if t['compile'] else ''}; "
             f"{args.iters} steps per run, {args.rounds} interleaved rounds"
             + (f"; within each round the two commands take turns of {args.turns:g} s, FunGPT stopped when nanoGPT "
                f"ends (after {', '.join(map(str, fungpt_steps))} steps)" if args.turns and not args.no_reference

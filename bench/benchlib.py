@@ -3,11 +3,39 @@
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+"""The checkout these scripts belong to: its fungpt is the one they measure."""
+# (run as `python bench/x.py`, Python puts bench/ first on the path, and `import fungpt` took whichever fungpt is
+# installed: in a second clone sharing a virtual environment, the other clone's code was measured)
+sys.path.insert(1, str(ROOT))
+
+
+def run_env() -> dict[str, str]:
+    """The environment of the commands a bench script runs: this checkout first on PYTHONPATH (as for the script
+    itself, above), and ../shared/data as FUNGPT_DATA_DIR unless one is set."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
+    env.setdefault("FUNGPT_DATA_DIR", str(ANCHORS.parent / "data"))
+    return env
+
+
+def commit() -> str:
+    """The checkout's commit, with "+ changes" when tracked files differ from it ("unknown" outside git)."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + (" + changes" if changed else "")
 
 
 def cpu_model() -> str:
@@ -22,9 +50,10 @@ def cpu_model() -> str:
 
 
 def machine() -> str:
-    """One line for a result block: CPU, cores, torch threads, the kernels torch runs, torch version."""
+    """One line for a result block: CPU, cores, torch threads, the kernels torch runs, torch version, and the
+    commit of FunGPT that ran."""
     return (f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-            f"{torch.backends.cpu.get_cpu_capability()} kernels, torch {torch.__version__}")
+            f"{torch.backends.cpu.get_cpu_capability()} kernels, torch {torch.__version__}, FunGPT at {commit()}")
 
 
 def memory_read_gbs(mbytes: int = 64) -> float:

@@ -258,22 +258,39 @@ def test_bench_train_refuses_to_compare_other_shapes_or_batches(bench, tmp_path)
     import bench_train
 
     config = tmp_path / "config.json"
-    base = {"model": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "vocab_size": 65, "dropout": 0.0},
-            "train": {"batch_size": 12, "grad_accum_steps": 1}}
+    base = {"model": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "vocab_size": 65, "dropout": 0.0,
+                      "pos_encoding": "learned", "norm": "layernorm", "tie_embeddings": True, "qk_norm": False,
+                      "bias": False, "activation": "gelu"},
+            "train": {"batch_size": 12, "grad_accum_steps": 1, "dtype": "auto", "compile": False,
+                      "optimizer": "adamw"}}
     config.write_text(json.dumps(base))
-    bench_train.check_same_shape(config, None)  # the recipe itself: fine
+    (tmp_path / "run.json").write_text(json.dumps({"dtype": "float32"}))  # (auto, as it ran on the CPU)
+    bench_train.check_same_shape(tmp_path, None)  # the recipe itself: fine
+    # another shape or batch; or (flags after -- again) another computation: the ratio printed a "speed-up" of
+    # FunGPT in bfloat16, or with Muon, against nanoGPT in float32 with AdamW
     for part, key, value in (("model", "n_layer", 1), ("train", "batch_size", 16), ("train", "grad_accum_steps", 2),
-                             ("model", "vocab_size", 2048), ("model", "dropout", 0.1)):  # (a BPE config's)
+                             ("model", "vocab_size", 2048), ("model", "dropout", 0.1),  # (a BPE config's)
+                             ("train", "compile", True), ("train", "optimizer", "muon"),
+                             ("model", "pos_encoding", "rope"), ("model", "qk_norm", True), ("model", "bias", True)):
         changed = json.loads(json.dumps(base))
         changed[part][key] = value
         config.write_text(json.dumps(changed))
-        with pytest.raises(SystemExit, match=f"another model or batch than nanoGPT's recipe \\({key} {value} "
-                                             f"\\(nanoGPT: "):
-            bench_train.check_same_shape(config, None)
+        with pytest.raises(SystemExit, match=f"another model, batch or computation than nanoGPT's recipe \\({key} "
+                                             f"{value} \\(nanoGPT: "):
+            bench_train.check_same_shape(tmp_path, None)
+    config.write_text(json.dumps(base))
+    (tmp_path / "run.json").write_text(json.dumps({"dtype": "bfloat16"}))
+    with pytest.raises(SystemExit, match=r"\(dtype bfloat16 \(nanoGPT: float32\)"):
+        bench_train.check_same_shape(tmp_path, None)
+    (tmp_path / "run.json").write_text(json.dumps({"dtype": "float32"}))
+    kept = json.loads(json.dumps(base))
+    kept["model"].update(bias=True, activation="gelu_tanh")
+    config.write_text(json.dumps(kept))
+    bench_train.check_same_shape(tmp_path, None, keep_arch=True)  # --keep-arch: the config's layers, on purpose
     shaped = json.loads(json.dumps(base))
     shaped["model"].update(n_layer=6, n_head=6, n_embd=384, block_size=256)
     config.write_text(json.dumps(shaped))
-    bench_train.check_same_shape(config, "6,6,384,256")  # --shape sets both sides
+    bench_train.check_same_shape(tmp_path, "6,6,384,256")  # --shape sets both sides
 
 
 def test_bench_commands_are_recorded_ready_to_run_again(bench, tmp_path):
