@@ -103,7 +103,8 @@ class TrainConfig:
     wsd_decay_frac: float = 0.2
     """With lr_schedule = wsd: the final fraction of the schedule spent decaying to min_lr."""
     weight_decay: float = 0.1
-    """AdamW weight decay, applied only to matrices (2-D and larger), never to biases or norms."""
+    """Decoupled weight decay, applied only to matrices (2-D and larger), never to biases or norms. With optimizer
+    = muon it applies to the Muon matrices too, scaled by Muon's lr (muon_lr), so the same value pulls harder there."""
     beta1: float = 0.9
     """AdamW beta1 (momentum)."""
     beta2: float = 0.99

@@ -1620,7 +1620,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             # out_of_time will stop after this step (it needs two more steps' time): finish the decay now
             return tc.decay_iters
         origin = lr_origin or 0.0  # setup time (data, model, first eval) is not schedule time
-        usable = max(budget_s - end_time() - origin, 1e-9)
+        # (less the two steps' time that out_of_time keeps in hand: the last step ends about there, so the decay
+        # reaches its end with it, not 2-3 steps short and then at once)
+        usable = max(budget_s - end_time() - origin - 2 * step_s, 1e-9)
         time_frac = min(1.0, max(0.0, elapsed() + step_s + periodic - origin) / usable)
         return max(time_frac, step / tc.max_iters) * tc.decay_iters
 

@@ -902,7 +902,9 @@ def test_a_resumed_budget_runs_lr_goes_on_from_where_it_was(corpus, tmp_path, qu
     assert train(cfg, resume=True, progress=False)["step"] > 22
     lrs = _lrs(out)
     assert 0.5 * cfg.train.lr < lrs[19] < 0.97 * cfg.train.lr, lrs[17:23]  # (stopped in the decay)
-    assert abs(lrs[20] - lrs[19]) < 0.03 * cfg.train.lr, lrs[17:23]  # one step's change, not the start-up's 2 s
+    # one step's change (0.2 s of schedule, more on a busy machine), not also the start-up's 2 s (10 steps' worth)
+    step_change = max(abs(a - b) for a, b in zip(lrs[14:19], lrs[15:20]))
+    assert abs(lrs[20] - lrs[19]) < 3 * step_change, lrs[14:23]
 
 
 def test_a_resumed_compiled_budget_run_keeps_its_compile_out_of_the_schedule_too(corpus, tmp_path,
