@@ -45,6 +45,7 @@ exactly those of encoding each split's text in one go.
 from __future__ import annotations
 
 import codecs
+import collections
 import contextlib
 import errno
 import glob
@@ -104,6 +105,11 @@ BPE_GROUP_CHARS = 32 << 10  # BPE encodes ~32K-character groups in parallel batc
 #     rule keeps the whole run one piece ("\n\n"; cut, it was two tokens).
 # Without the second, a file whose every line ends in a space had no cut at all: 32M-character pieces, 8 GB.
 _SAFE_CUT = re.compile(rf"(?<=\S)(?=\r?\n)|(?=\n(?!{re.escape(EOT_TEXT)})\S)")
+# Where text has no newline to cut at for a long stretch (one long line: text out of a PDF, a JSON dump, old Mac
+# files ending lines in "\r"), just before a single space between two non-space characters: the space starts the
+# next word's piece (" word"), and the piece before ends at the non-space. Without it such text was encoded as
+# pieces of up to 32M characters: 7.4 GB for a 40 MB file.
+_SPACE_CUT = re.compile(rf"(?<=\S)(?= (?!{re.escape(EOT_TEXT)})\S)")
 
 
 # ---------------------------------------------------------------------------
@@ -280,9 +286,13 @@ def resolve_source(source: str | Path) -> list[Path]:
 # ---------------------------------------------------------------------------
 
 
-def _find_safe_cut(text: str, start: int) -> int | None:
-    """First safe cut position at or after `start` (see _SAFE_CUT), or None."""
-    m = _SAFE_CUT.search(text, start)
+def _find_safe_cut(text: str, start: int, within: int | None = None) -> int | None:
+    """First safe cut position at or after `start` (see _SAFE_CUT), or None. With `within`: a newline's cut within
+    that many characters of `start`, else the first cut before a space (_SPACE_CUT), else a newline's anywhere."""
+    if within is None:
+        m = _SAFE_CUT.search(text, start)
+        return m.start() if m else None
+    m = _SAFE_CUT.search(text, start, start + within) or _SPACE_CUT.search(text, start) or _SAFE_CUT.search(text, start)
     return m.start() if m else None
 
 
@@ -299,11 +309,29 @@ def _last_safe_cut(text: str) -> int | None:
     return None
 
 
+def _last_space_cut(text: str) -> int | None:
+    """Last cut before a space in `text` (_SPACE_CUT), or None: for text without a newline to cut at. (Searched in
+    the last 64K characters, then further back: text of long words has fewer spaces.)"""
+    for back in (1 << 16, len(text)):
+        last = collections.deque(_SPACE_CUT.finditer(text, max(0, len(text) - back)), maxlen=1)  # (the last match)
+        if last:
+            return last[0].start()
+    return None
+
+
 def _split_groups(text: str, size: int) -> list[str]:
-    """Cut `text` at safe points into pieces of roughly `size` characters."""
+    """Cut `text` at safe points into pieces of roughly `size` characters: before a newline where there is one,
+    else before a space (_SPACE_CUT). Text with neither for 4 x `size` characters (Chinese without newlines, a
+    hash of millions of characters) is cut there anyway, which may change the token or two at the cut: one piece
+    of millions of characters took 110 bytes of memory a character to encode."""
     groups, start = [], 0
     while len(text) - start > size:
-        cut = _find_safe_cut(text, start + size)
+        cut = _find_safe_cut(text, start + size, within=size)
+        if cut is None or cut - start > 4 * size:
+            cut = start + 4 * size if len(text) - start > 4 * size else None
+            if cut is not None:  # (never inside a literal <|endoftext|>: its halves would be text)
+                eot = text.find(EOT_TEXT, cut - len(EOT_TEXT) + 1, cut + len(EOT_TEXT) - 1)
+                cut = eot if 0 <= eot < cut and eot > start else cut
         if cut is None:
             break
         groups.append(text[start:cut])
@@ -382,8 +410,10 @@ def _iter_file_text(
                     yield buffer
                 report()
                 return
-            # Yield up to the last safe cut; keep the rest for the next round.
+            # Yield up to the last safe cut; keep the rest for the next round. (One long line: up to its last space.)
             cut = _last_safe_cut(buffer)
+            if cut is None and len(buffer) >= chunk_bytes:
+                cut = _last_space_cut(buffer)
             if cut is None and len(buffer) < 4 * chunk_bytes:
                 carry = buffer  # no safe cut yet: read more first
             else:

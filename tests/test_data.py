@@ -902,7 +902,9 @@ def test_safe_cuts_never_change_the_pretokenizer_pieces():
         cuts = [m.start() for m in data_mod._SAFE_CUT.finditer(text)]
         last = data_mod._last_safe_cut(text)
         assert last == max((c for c in cuts if c > 0), default=None), text
-        for cut in cuts:
+        spaces = [m.start() for m in data_mod._SPACE_CUT.finditer(text)]  # (where a long line has no newline)
+        assert data_mod._last_space_cut(text) == max(spaces, default=None), text
+        for cut in cuts + spaces:
             if 0 < cut < len(text):
                 assert pieces(text[:cut]) + pieces(text[cut:]) == pieces(text), (text, cut)
     trailing = "to be or not \nthat is the question\t\nwhether tis nobler \n"
@@ -916,8 +918,33 @@ def test_safe_cuts_never_change_the_pretokenizer_pieces():
         text = "".join(rng.choice([*alphabet, EOT_TEXT]) for _ in range(rng.randint(1, 40)))
         cuts = [m.start() for m in data_mod._SAFE_CUT.finditer(text)]
         assert data_mod._last_safe_cut(text) == max((c for c in cuts if c > 0), default=None), text
-        for cut in cuts:
+        for cut in cuts + [m.start() for m in data_mod._SPACE_CUT.finditer(text)]:
             assert tok.encode(text[:cut]) + tok.encode(text[cut:]) == tok.encode(text), (text, cut)
+
+
+def test_text_without_newlines_is_encoded_in_pieces_of_bounded_size(tmp_path):
+    """One long line (text out of a PDF, old Mac files ending lines in "\\r"): with no newline to cut at, it went to
+    the tokenizer in pieces of up to 32M characters, 7.4 GB of memory for a 40 MB file. It is cut before a space
+    (the same tokens), and text without spaces too every 4 x BPE_GROUP_CHARS characters (never inside a literal
+    <|endoftext|>)."""
+    from fungpt.tokenizer import EOT_TEXT, BPETokenizer
+
+    size = 1000
+    words = " ".join(f"w{i % 97}rd" for i in range(20000))  # 150,000 characters, one line
+    groups = data_mod._split_groups(words, size)
+    assert "".join(groups) == words and len(groups) > 100 and max(map(len, groups)) < size + 10
+    tok = BPETokenizer.train(words[:20000], vocab_size=300)
+    assert [i for g in groups[:20] for i in tok.encode(g)] == tok.encode("".join(groups[:20]))
+    no_spaces = "字" * (10 * size) + EOT_TEXT + "字" * (2 * size)
+    eot_at = 4 * size - 3  # so that a cut at 4 x size would fall inside it
+    no_spaces = no_spaces[:eot_at] + EOT_TEXT + no_spaces[eot_at:]
+    groups = data_mod._split_groups(no_spaces, size)
+    assert "".join(groups) == no_spaces and max(map(len, groups)) <= 4 * size
+    assert groups[0] == no_spaces[:eot_at] and sum(g.count(EOT_TEXT) for g in groups) == 2
+    path = tmp_path / "line.txt"
+    path.write_text(words, encoding="utf-8")
+    pieces = list(data_mod._iter_file_text(path, "strict", 4096, None))  # (read 4 KB at a time)
+    assert "".join(pieces) == words and len(pieces) > 20 and all(p.endswith("rd") for p in pieces[:-1])
 
 
 def test_prepare_says_when_a_bpe_stops_short_of_the_size_asked(corpus, tmp_path, capsys):
