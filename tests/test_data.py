@@ -149,6 +149,13 @@ def test_encode_file_reads_in_chunks_with_the_ids_of_the_whole_text(tmp_path, co
     ids, n_bytes, n_chars = encode_file(path, tok)
     assert ids.dtype == np.uint16 and ids.tolist() == whole.tolist()
     assert (n_bytes, n_chars) == (len(text[1:].encode("utf-8")), len(text) - 1)  # the BOM is not text
+    # the ids go into one array sized by the file; a tokenizer of more tokens than bytes (SentencePiece's "▁"s)
+    # grows it
+    encode = data_mod._encode
+    monkeypatch.setattr(data_mod, "_encode", lambda tok, text: np.repeat(encode(tok, text), 5))
+    ids, _, _ = encode_file(path, tok)
+    assert ids.tolist() == np.repeat(whole, 5).tolist() and len(ids) > path.stat().st_size
+    monkeypatch.setattr(data_mod, "_encode", encode)
 
     # a char vocabulary names an unknown character where it is in the file, not where it is in its piece
     char_tok = load_tokenizer(prepare(corpus, tmp_path / "char", tokenizer="char", progress=False))
