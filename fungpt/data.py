@@ -286,14 +286,23 @@ def resolve_source(source: str | Path) -> list[Path]:
 # ---------------------------------------------------------------------------
 
 
-def _find_safe_cut(text: str, start: int, within: int | None = None) -> int | None:
-    """First safe cut position at or after `start` (see _SAFE_CUT), or None. With `within`: a newline's cut within
-    that many characters of `start`, else the first cut before a space (_SPACE_CUT), else a newline's anywhere."""
-    if within is None:
-        m = _SAFE_CUT.search(text, start)
-        return m.start() if m else None
-    m = _SAFE_CUT.search(text, start, start + within) or _SPACE_CUT.search(text, start) or _SAFE_CUT.search(text, start)
+def _find_safe_cut(text: str, start: int) -> int | None:
+    """First safe cut position at or after `start` (see _SAFE_CUT), or None."""
+    m = _SAFE_CUT.search(text, start)
     return m.start() if m else None
+
+
+def _cut_between(pattern: re.Pattern, text: str, lo: int, hi: int) -> int | None:
+    """The first cut `pattern` allows in text[lo:hi + 1], or None. (The search reads a little past `hi`: its
+    look-aheads must see a whole <|endoftext|> there, not the start of one, which the text seemed to end in.)"""
+    m = pattern.search(text, lo, hi + len(EOT_TEXT) + 1)
+    return m.start() if m and m.start() <= hi else None
+
+
+def _outside_eot(text: str, cut: int) -> int:
+    """`cut`, or the start of a literal <|endoftext|> that it would fall inside (its halves would be text)."""
+    eot = text.find(EOT_TEXT, max(0, cut - len(EOT_TEXT) + 1), cut + len(EOT_TEXT) - 1)
+    return eot if 0 < eot < cut else cut
 
 
 def _last_safe_cut(text: str) -> int | None:
@@ -326,14 +335,13 @@ def _split_groups(text: str, size: int) -> list[str]:
     of millions of characters took 110 bytes of memory a character to encode."""
     groups, start = [], 0
     while len(text) - start > size:
-        cut = _find_safe_cut(text, start + size, within=size)
-        if cut is None or cut - start > 4 * size:
-            cut = start + 4 * size if len(text) - start > 4 * size else None
-            if cut is not None:  # (never inside a literal <|endoftext|>: its halves would be text)
-                eot = text.find(EOT_TEXT, cut - len(EOT_TEXT) + 1, cut + len(EOT_TEXT) - 1)
-                cut = eot if 0 <= eot < cut and eot > start else cut
+        lo, near, far = start + size, start + 2 * size, start + 4 * size  # (searches end there: linear time)
+        cut = (_cut_between(_SAFE_CUT, text, lo, near) or _cut_between(_SPACE_CUT, text, lo, far)
+               or _cut_between(_SAFE_CUT, text, near, far))
         if cut is None:
-            break
+            if len(text) <= far:
+                break
+            cut = _outside_eot(text, far)
         groups.append(text[start:cut])
         start = cut
     groups.append(text[start:])
@@ -417,7 +425,8 @@ def _iter_file_text(
             if cut is None and len(buffer) < 4 * chunk_bytes:
                 carry = buffer  # no safe cut yet: read more first
             else:
-                cut = len(buffer) if cut is None else cut  # (one enormous line: cut anyway, may change a token or two)
+                # (one enormous line: cut anyway, which may change a token or two; not inside an <|endoftext|>)
+                cut = _outside_eot(buffer, len(buffer) - len(EOT_TEXT)) if cut is None else cut
                 yield buffer[:cut]
                 carry = buffer[cut:]
                 report()

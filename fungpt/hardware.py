@@ -184,7 +184,8 @@ def _torch_cpp_compiler(fix: str) -> str | None:
     try:
         return get_cpp_compiler()
     except Exception as e:  # noqa: BLE001 - (torch._inductor.exc, imported only here)
-        if type(e).__name__ != "InvalidCxxCompiler":  # none found, or $CXX does not run; anything else: torch's own
+        # (none found, or $CXX does not run; or cannot be run at all: a folder, a file not executable)
+        if type(e).__name__ != "InvalidCxxCompiler" and not isinstance(e, OSError):
             raise
         if os.environ.get("CXX"):
             raise FunGPTError(f"train.compile = true on the CPU compiles C++ with $CXX = {os.environ['CXX']}, which "

@@ -249,6 +249,8 @@ def _write_new(path: Path, data: bytes) -> None:
     try:
         with f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # (on disk before it takes the name: a crash leaves the old file or the new one)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

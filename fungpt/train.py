@@ -1437,6 +1437,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     step, best_val, elapsed_before, timings, evaluated_before = 0, float("inf"), 0.0, {}, False
     tokens_before: int | None = None  # tokens trained on before a resume (the batch size may have changed since)
     schedule_origin: float | None = None  # budget seconds used at step 1 (set before the loop; a compile adds its time)
+    # The origin this command's lr follows (see continuous_origin), saved too: a resume goes on from it
+    lr_origin: float | None = None
     # The batch streams and random states of processes that a resume with fewer processes left out: saved on with
     # every checkpoint, so that a later resume with more processes takes them up where they stopped (a fresh stream
     # seeded from the rank would replay the batches that rank trained on before)
@@ -1467,7 +1469,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             # its own rank (a copy of rank 0's would train two replicas on the same batches)
             step, best_val, elapsed_before = int(state["step"]), float(state["best_val"]), float(state["elapsed_s"])
             evaluated_before = math.isfinite(best_val)  # (an eval saved best_val: at step 0, the step-0 eval)
-            schedule_origin = float(state.get("schedule_origin_s") or 0.0)  # time-budget mode, see below
+            # time-budget mode, see below (None: saved before step 1, at step 0; older checkpoints have no lr origin)
+            schedule_origin, lr_origin = (None if state.get(k) is None else float(state[k])
+                                          for k in ("schedule_origin_s", "lr_origin_s"))
             timings = state.get("timings") or {}  # so a resumed run knows what to reserve at once
             tokens_before = state.get("tokens")  # None in checkpoints from before it was saved
             if not (isinstance(timings, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -1657,7 +1661,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         if ddp.is_main:
             state = {"step": step, "tokens": tokens_seen, "tokens_per_step": tokens_per_step,
                      "best_val": best_val, "elapsed_s": elapsed(),
-                     "schedule_origin_s": schedule_origin,
+                     "schedule_origin_s": schedule_origin, "lr_origin_s": lr_origin,
                      "timings": timings_now(),
                      "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "processes": ddp.world_size,
@@ -1685,6 +1689,13 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
 
     def end_time() -> float:
         return end_reserve(timings_now())
+
+    def schedule_continued(would_be: float, now: float, origin: float) -> float:
+        """The origin that gives the schedule's position at `now` what `origin` gave at `would_be` (a delay that is
+        not schedule time: a compile, a resumed command's start-up), as schedule_position reads it: a step ahead,
+        of the budget less its end and the two steps kept in hand (continuous_origin)."""
+        s = step_estimate()
+        return continuous_origin(would_be + s, now + s, origin, budget_s - end_time() - 2 * s)
 
     def last_step_forecast() -> int:
         """With a time budget, the step the run should end at, for the progress bar (its percentage and time left):
@@ -1767,16 +1778,19 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     # timed, times 3 (a backward costs about two forwards), which compiling only makes faster.
     if tc.compile and budget_s is not None:
         compiled_first_guess = 3 * tc.batch_size * tc.grad_accum_steps * per_window
-    if schedule_origin is None:
-        schedule_origin = elapsed()
-    lr_origin = schedule_origin  # this command's: moved by its compile so that the lr goes on (continuous_origin)
-    if folder is not None and budget_s is not None:
+    if schedule_origin is None:  # a new run, or one resumed from its step-0 checkpoint (saved before step 1)
+        schedule_origin = lr_origin = elapsed()
+    elif budget_s is not None:
         # A resumed command's start-up (imports, data, model, planning: seconds) is budget time but not schedule
         # time, as the first command's is not: counted in, the lr jumped on at the first step resumed (from 76% of
-        # its peak to 36% in a WSD decay). It goes on from where the checkpoint left it instead, the rest of the
-        # schedule spread over the time left; the saved origin moves by the start-up's time, as for a compile.
-        lr_origin = continuous_origin(elapsed_before, elapsed(), lr_origin, budget_s - end_time())
+        # its peak to 36% in a WSD decay). It goes on from where the checkpoint left it instead (from the origin
+        # the lr followed, saved with it), the rest of the schedule spread over the time left; the saved
+        # origin, which a resume with another budget plans from, moves by the start-up's time, as for a compile.
+        lr_origin = lr_origin if lr_origin is not None else schedule_origin
+        lr_origin = schedule_continued(elapsed_before, elapsed(), lr_origin)
         schedule_origin += elapsed() - elapsed_before
+    else:
+        lr_origin = schedule_origin
     fwd_model.train()
     start_step = step
     bar = None
@@ -1868,7 +1882,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                     # the schedule spread over the time left: moved by the compile's time alone, its origin also
                     # rescaled the schedule time before it (resumed half-way, the lr fell 12% of its peak in a step).
                     would_be = t_step - train_start + compiled_first_guess
-                    lr_origin = continuous_origin(would_be, elapsed(), lr_origin, budget_s - end_time())
+                    lr_origin = schedule_continued(would_be, elapsed(), lr_origin)
                     schedule_origin += elapsed() - would_be
             else:
                 recent_steps.append(step_time)

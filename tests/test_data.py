@@ -948,6 +948,11 @@ def test_text_without_newlines_is_encoded_in_pieces_of_bounded_size(tmp_path):
     groups = data_mod._split_groups(no_spaces, size)
     assert "".join(groups) == no_spaces and max(map(len, groups)) <= 4 * size
     assert groups[0] == no_spaces[:eot_at] and sum(g.count(EOT_TEXT) for g in groups) == 2
+    # a search that stops at its window's end saw "\n<|endof" there, not <|endoftext|>: it cut before that "\n"
+    near_eot = "x" * 29 + " \n" + EOT_TEXT + "y" * 60
+    groups = data_mod._split_groups(near_eot, 16)
+    assert "".join(groups) == near_eot and not any(g.startswith("\n" + EOT_TEXT) for g in groups)
+    assert [i for g in groups for i in tok.encode(g)] == tok.encode(near_eot)
     path = tmp_path / "line.txt"
     path.write_text(words, encoding="utf-8")
     pieces = list(data_mod._iter_file_text(path, "strict", 4096, None))  # (read 4 KB at a time)

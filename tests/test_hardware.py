@@ -126,11 +126,12 @@ def test_compile_is_refused_where_it_cannot_work():
 def test_compile_asks_torch_which_compiler_and_its_failure_is_one_line(corpus, tmp_path, monkeypatch):
     """torch.compile uses $CXX when it is set: a stale CXX passed the check (g++ was on PATH) and the run failed at
     its first step with a 100-line traceback; a compiler failing there (no Python headers) did the same."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CXX": str(tmp_path / "no-such-g++")}
-    proc = subprocess.run([sys.executable, "-c", "from fungpt.hardware import check_compile; check_compile('cpu')"],
-                          env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "$CXX = " + env["CXX"] + ", which does not run: point CXX at a working " \
-        "compiler (or unset it), or set train.compile = false" in proc.stderr.splitlines()[-1]
+    for cxx in (tmp_path / "no-such-g++", tmp_path):  # (a folder: torch's search let its PermissionError through)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "CXX": str(cxx)}
+        proc = subprocess.run([sys.executable, "-c", "from fungpt.hardware import check_compile; check_compile('cpu')"],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and "$CXX = " + env["CXX"] + ", which does not run: point CXX at a working " \
+            "compiler (or unset it), or set train.compile = false" in proc.stderr.splitlines()[-1], proc.stderr
 
     class CppCompileError(RuntimeError):  # as torch's own: raised from its inductor
         __module__ = "torch._inductor.exc"
@@ -879,32 +880,63 @@ def test_a_compiled_budget_run_does_not_take_its_compiling_step_as_the_step_time
 
 def test_a_resumed_budget_runs_lr_goes_on_from_where_it_was(corpus, tmp_path, quick_steady_budget, monkeypatch):
     """A resumed command's start-up is budget time, not schedule time (as the first command's is not): counted in,
-    the lr jumped on at the first step resumed, from 76% of its peak to 36% in a WSD decay."""
+    the lr jumped on at the first step resumed, from 76% of its peak to 36% in a WSD decay. A second resume jumped
+    too (the checkpoint kept the origin a resume plans from, not the one the lr followed)."""
     import signal
 
     from fungpt.data import BatchLoader
 
-    next_batch, load_state, batches = BatchLoader.next_batch, ckpt.load_state, []
+    next_batch, load_state, batches, stops = BatchLoader.next_batch, ckpt.load_state, [], [20, 15]
 
-    def slow_and_stopped_at_20(self):  # (0.2 s steps; Ctrl-C at the 20th: saved there, a quarter into the budget)
+    def slow_and_stopped(self):  # (0.2 s steps; Ctrl-C at step 20, and 15 steps into the next command)
         batches.append(1)
-        if len(batches) == 20:
+        if stops and len(batches) == stops[0]:
+            stops.pop(0)
+            batches.clear()
             os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.2)
         return next_batch(self)
 
-    monkeypatch.setattr(BatchLoader, "next_batch", slow_and_stopped_at_20)
+    monkeypatch.setattr(BatchLoader, "next_batch", slow_and_stopped)
     monkeypatch.setattr(ckpt, "load_state", lambda *a: time.sleep(2.0) or load_state(*a))  # a slow start-up
     out = tmp_path / "resumed"
     cfg = tiny_config(corpus, out, max_iters=10**6, checkpoint_interval=10**6, eval_interval=10**6, eval_iters=1,
-                      max_minutes=0.25)
+                      max_minutes=0.3)
     assert train(cfg, progress=False)["step"] == 20
-    assert train(cfg, resume=True, progress=False)["step"] > 22
+    assert train(cfg, resume=True, progress=False)["step"] == 35
+    assert train(cfg, resume=True, progress=False)["step"] > 37
     lrs = _lrs(out)
-    assert 0.5 * cfg.train.lr < lrs[19] < 0.97 * cfg.train.lr, lrs[17:23]  # (stopped in the decay)
-    # one step's change (0.2 s of schedule, more on a busy machine), not also the start-up's 2 s (10 steps' worth)
-    step_change = max(abs(a - b) for a, b in zip(lrs[14:19], lrs[15:20]))
-    assert abs(lrs[20] - lrs[19]) < 3 * step_change, lrs[14:23]
+    assert 0.15 * cfg.train.lr < lrs[34] < 0.97 * cfg.train.lr, lrs[17:38]  # (stopped in the decay, not at its end)
+    for last in (19, 34):  # each resume: one step's change (0.2 s of schedule, more on a busy machine), not also
+        # the start-up's 2 s (10 steps' worth)
+        step_change = max(abs(a - b) for a, b in zip(lrs[last - 5:last], lrs[last - 4:last + 1]))
+        assert abs(lrs[last + 1] - lrs[last]) < 3 * step_change, (last, lrs[last - 5:last + 3])
+
+
+def test_a_budget_run_resumed_from_its_step_0_checkpoint_warms_up(corpus, tmp_path, quick_steady_budget,
+                                                                   monkeypatch):
+    """A budget run saves step 0 before its first step (its schedule has no origin yet): resumed from there, the
+    first command's start-up was taken for schedule time and the warmup skipped (the lr at 96% of its peak)."""
+    from fungpt.data import BatchLoader
+
+    next_batch, calls = BatchLoader.next_batch, []
+
+    def first_command_fails(self):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(3.0)  # (a slow start)
+            raise FunGPTError("failed at its first step")
+        return next_batch(self)
+
+    monkeypatch.setattr(BatchLoader, "next_batch", first_command_fails)
+    out = tmp_path / "run"
+    cfg = tiny_config(corpus, out, max_iters=10**6, checkpoint_interval=10**6, eval_interval=10**6, eval_iters=1,
+                      max_minutes=0.15, warmup_iters=50_000)
+    with pytest.raises(FunGPTError, match="failed at its first step"):
+        train(cfg, progress=False)
+    assert ckpt.load_state(ckpt.find_checkpoint(out))["step"] == 0
+    train(cfg, resume=True, progress=False)
+    assert _lrs(out)[0] < 0.2 * cfg.train.lr, _lrs(out)[:3]
 
 
 def test_a_resumed_compiled_budget_run_keeps_its_compile_out_of_the_schedule_too(corpus, tmp_path,
