@@ -597,7 +597,9 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
     argv = list(sys.argv[1:] if argv is None else argv)
     name, rest = (argv[0], argv[1:]) if argv else ("--help", [])
     if name not in (*COMMANDS, "-h", "--help", "--version"):
-        print(f"error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        near = difflib.get_close_matches(name, COMMANDS, n=1)  # (a typo: `fungpt trian`)
+        print(f"error: unknown command {name!r}" + (f"; did you mean {near[0]}?" if near else "")
+              + " (`fungpt --help` lists the commands)", file=sys.stderr)
         return 2
     restore_stop_signals = _startup.stop_signals_raise()  # SIGTERM, SIGHUP: a Stopped (KeyboardInterrupt) from here
     try:

@@ -647,10 +647,10 @@ def prepare(
             boundary = end
     if boundary == 0 or boundary == n_chars:
         which = "train" if boundary == 0 else "val"
-        raise FunGPTError(
-            f"the {which} split has 0 tokens ({n_chars} characters of text, val fraction {val_fraction}); "
-            "use more text or a different --val-fraction"
-        )
+        fix = ("use more text" if n_chars < 2 else "use more text, or another val fraction (--val-fraction for "
+               "fungpt prepare, --data.val-fraction for fungpt train)")  # (one character cannot be split in two)
+        raise FunGPTError(f"the {which} split has 0 tokens ({n_chars} character{'s' * (n_chars != 1)} of text, val "
+                          f"fraction {val_fraction}); {fix}")
     # A split of <|endoftext|> separators alone (files holding only a byte-order mark, say) would have tokens but
     # no text (a char vocabulary's separator, a newline, is text)
     separators_in_train = sum(min(end, boundary) - start for start, end in separator_spans if start < boundary)

@@ -70,7 +70,8 @@ def choose_precision(device: str, dtype: str, *, cuda: bool, mps: bool, cuda_bf1
     else:
         if device == "cuda" and not cuda:
             raise FunGPTError("device 'cuda' was asked for, but no CUDA GPU is available here (is the CUDA build of "
-                              "torch installed?); use device = 'auto' or 'cpu'")
+                              "torch installed?); use the device 'auto' or 'cpu' (train.device for training, --device "
+                              "for the other commands)")
         if device == "mps" and not mps:
             raise FunGPTError("device 'mps' was asked for, but Apple's MPS backend is not available here; "
                               "use 'auto' or 'cpu'")
@@ -92,7 +93,7 @@ def choose_precision(device: str, dtype: str, *, cuda: bool, mps: bool, cuda_bf1
                        "float32 (the safe default on MPS)")
     else:
         if dtype == "float16" and optimizer == "muon":  # (here, so training, --dry-run and inspect all refuse it)
-            raise FunGPTError("train.optimizer = 'muon' does not support float16 loss scaling: use dtype = "
+            raise FunGPTError("train.optimizer = 'muon' does not support float16 loss scaling: use train.dtype = "
                               "'bfloat16' or 'float32'")
         emulated = dtype == "bfloat16" and device == "cuda" and not cuda_bf16
         why.append(f"{dtype} (as configured" + ("; this GPU only emulates it, slowly: float16 is native here)"

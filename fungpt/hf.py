@@ -41,14 +41,16 @@ def hf_config(path: str | os.PathLike) -> GPTConfig:
     except (OSError, ValueError) as e:  # (not JSON, not UTF-8, nested too deeply)
         raise FunGPTError(f"cannot read {path / 'config.json'}: {e}") from None
     if isinstance(hf, dict) and {"data", "model", "train"} <= set(hf):
-        raise FunGPTError(f"'{path}' is a FunGPT run, not a Hugging Face GPT-2 folder: continue it with --resume, "
-                          f"or make such a folder of it with `fungpt export --run {shlex.quote(str(path))} --out DIR`")
+        quoted = shlex.quote(str(path))
+        raise FunGPTError(f"'{path}' is a FunGPT run, not a Hugging Face GPT-2 folder: continue it with `fungpt "
+                          f"train --resume --out-dir {quoted}`, or make such a folder of it with `fungpt export --run "
+                          f"{quoted} --out DIR`")
+    if isinstance(hf, dict) and hf.get("model_type", "gpt2") != "gpt2":  # (before its keys: a Llama has none of them)
+        raise FunGPTError(f"'{path}' holds a {hf['model_type']!r} model: only GPT-2 checkpoints can be loaded")
     missing = [k for k in ("vocab_size", "n_embd", "n_layer", "n_head") if not isinstance(hf, dict) or k not in hf]
     if missing:
         raise FunGPTError(f"{path / 'config.json'} is not a Hugging Face GPT-2 config (no {', '.join(missing)}): "
                           f"pass a folder made by save_pretrained or `fungpt export`")
-    if hf.get("model_type", "gpt2") != "gpt2":
-        raise FunGPTError(f"'{path}' holds a {hf['model_type']!r} model: only GPT-2 checkpoints can be loaded")
     act_name = hf.get("activation_function", "gelu_new")
     act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(
         act_name if isinstance(act_name, str) else None  # (a list or object there is unhashable)

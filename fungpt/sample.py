@@ -81,7 +81,7 @@ def check_options(*, num_samples: int = 1, max_new_tokens: int = 0, temperature:
     if num_samples <= 0 or max_new_tokens < 0:
         raise FunGPTError("--num-samples must be positive and --max-new-tokens not negative")
     if not 0 <= temperature < math.inf:  # (NaN fails this test too)
-        raise FunGPTError(f"--temperature {temperature} must be a number >= 0 (0 means greedy)")
+        raise FunGPTError(f"--temperature {temperature} must be a finite number >= 0 (0 means greedy)")
     if top_k is not None and top_k <= 0:
         raise FunGPTError(f"--top-k {top_k} must be positive")
     if top_p is not None and not 0 < top_p <= 1:

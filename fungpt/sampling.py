@@ -111,7 +111,7 @@ def sample_next_token(
     drawn (`draw`, with generator) from `sampling_probs` (see there for the filters).
     """
     if not 0 <= temperature < math.inf:  # (NaN fails this test too)
-        raise FunGPTError(f"temperature={temperature} must be a number >= 0 (0 = greedy)")
+        raise FunGPTError(f"temperature={temperature} must be a finite number >= 0 (0 = greedy)")
     if temperature == 0:
         # max, not argmax: the same first index of the largest, and its value to check, in one operation
         top, best = logits.max(dim=-1, keepdim=True)  # (B, 1) each; a NaN counts as the largest

@@ -358,7 +358,9 @@ class CharTokenizer(Tokenizer):
         if ids.size and ids.min() < 0:
             pos = int(np.argmax(ids < 0))
             fix = ("the text has line endings in \\r (Windows: \\r\\n): convert them to \\n first (e.g. dos2unix)"
-                   if text[pos] == "\r" else not_utf8(text[pos]) or "use a bpe tokenizer or remove it")
+                   if text[pos] == "\r" else not_utf8(text[pos])
+                   or "remove it from the text (a char model knows only the characters it was trained on), or train "
+                      "with a bpe tokenizer")
             raise FunGPTError(
                 f"character {text[pos]!r} at position {offset + pos:,} is not in this char-level vocabulary "
                 f"({self.vocab_size} characters seen in training); {fix}"

@@ -159,7 +159,8 @@ def plot_attention(weights: torch.Tensor, labels: list[str], out: str | Path, la
     for name, chosen, n in (("layer", layers, n_layer), ("head", heads, nh)):
         bad = [i for i in chosen if not 0 <= i < n]
         if bad:
-            raise FunGPTError(f"--{name} {bad[0]} does not exist: this model has {n} {name}s, numbered 0..{n - 1}")
+            raise FunGPTError(f"--{name} {bad[0]} does not exist: this model has {n} {name}{'s' * (n != 1)}, "
+                              f"numbered 0..{n - 1}")
     import matplotlib
 
     rows, cols = len(layers), len(heads)

@@ -438,6 +438,33 @@ def test_a_checkpoint_or_tokenizer_never_has_files_outside_its_folder_read(world
     assert ckpt.tokenizer_fingerprint(out) == hashlib.sha256(meta.read_bytes()).hexdigest()  # (outside: not read)
 
 
+def test_messages_give_advice_that_works_where_they_are_seen(world, tmp_path, capsys):
+    """From a sweep of every error message: advice that named prepare's flag to train, a refusal of a Llama folder
+    that called it no save_pretrained folder, "continue it with --resume" for a run that is not the out_dir, and a
+    typo of a command answered with the whole usage."""
+    assert main(["trian"]) == 2
+    assert capsys.readouterr().err == ("error: unknown command 'trian'; did you mean train? (`fungpt --help` lists the "
+                                       "commands)\n")
+    one = tmp_path / "one.txt"
+    one.write_text("a")
+    assert main(["train", "--data.path", str(one), "--out-dir", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.endswith("the train split has 0 tokens (1 character of text, val fraction 0.1); "
+                                            "use more text\n")
+    two = tmp_path / "two.txt"
+    two.write_text("ab")
+    assert main(["prepare", "--input", str(two), "--out", str(tmp_path / "d"), "--val-fraction", "0.9"]) == 2
+    assert capsys.readouterr().err.endswith("or another val fraction (--val-fraction for fungpt prepare, "
+                                            "--data.val-fraction for fungpt train)\n")
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 32000, "hidden_size": 64}))
+    with pytest.raises(FunGPTError, match=r"holds a 'llama' model: only GPT-2 checkpoints can be loaded$"):
+        GPT.from_hf(llama)
+    with pytest.raises(FunGPTError, match=r"is a FunGPT run, not a Hugging Face GPT-2 folder: continue it with "
+                                          r"`fungpt train --resume --out-dir .*run`"):
+        GPT.from_hf(world["run"])
+
+
 @pytest.mark.parametrize("resume", [False, True])
 def test_metrics_never_follow_a_link_to_nowhere_out_of_the_run_folder(world, tmp_path, resume):
     """A metrics.jsonl that is a symbolic link to a file that does not exist (a run folder unpacked or shared from
