@@ -299,10 +299,13 @@ def _cut_between(pattern: re.Pattern, text: str, lo: int, hi: int) -> int | None
     return m.start() if m and m.start() <= hi else None
 
 
-def _outside_eot(text: str, cut: int) -> int:
-    """`cut`, or the start of a literal <|endoftext|> that it would fall inside (its halves would be text)."""
-    eot = text.find(EOT_TEXT, max(0, cut - len(EOT_TEXT) + 1), cut + len(EOT_TEXT) - 1)
-    return eot if 0 < eot < cut else cut
+def _outside_eot(text: str, cut: int, start: int = 0) -> int:
+    """`cut`, or, where it would fall inside a literal <|endoftext|> (its halves would be text), the start of that
+    one; or its end, when it starts the piece that begins at `start` (a cut there would leave the piece empty)."""
+    eot = text.find(EOT_TEXT, max(start, cut - len(EOT_TEXT) + 1), cut + len(EOT_TEXT) - 1)
+    if eot == -1 or eot >= cut:
+        return cut
+    return eot if eot > start else eot + len(EOT_TEXT)
 
 
 def _last_safe_cut(text: str) -> int | None:
@@ -341,7 +344,7 @@ def _split_groups(text: str, size: int) -> list[str]:
         if cut is None:
             if len(text) <= far:
                 break
-            cut = _outside_eot(text, far)
+            cut = _outside_eot(text, far, start)
         groups.append(text[start:cut])
         start = cut
     groups.append(text[start:])
@@ -426,7 +429,7 @@ def _iter_file_text(
                 carry = buffer  # no safe cut yet: read more first
             else:
                 # (one enormous line: cut anyway, which may change a token or two; not inside an <|endoftext|>)
-                cut = _outside_eot(buffer, len(buffer) - len(EOT_TEXT)) if cut is None else cut
+                cut = _outside_eot(buffer, max(1, len(buffer) - len(EOT_TEXT))) if cut is None else cut
                 yield buffer[:cut]
                 carry = buffer[cut:]
                 report()

@@ -1472,6 +1472,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             # time-budget mode, see below (None: saved before step 1, at step 0; older checkpoints have no lr origin)
             schedule_origin, lr_origin = (None if state.get(k) is None else float(state[k])
                                           for k in ("schedule_origin_s", "lr_origin_s"))
+            if schedule_origin is None and step > 0:  # (checkpoints from before it was saved: their origin was 0)
+                schedule_origin = 0.0
             timings = state.get("timings") or {}  # so a resumed run knows what to reserve at once
             tokens_before = state.get("tokens")  # None in checkpoints from before it was saved
             if not (isinstance(timings, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -1784,8 +1786,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         # A resumed command's start-up (imports, data, model, planning: seconds) is budget time but not schedule
         # time, as the first command's is not: counted in, the lr jumped on at the first step resumed (from 76% of
         # its peak to 36% in a WSD decay). It goes on from where the checkpoint left it instead (from the origin
-        # the lr followed, saved with it), the rest of the schedule spread over the time left; the saved
-        # origin, which a resume with another budget plans from, moves by the start-up's time, as for a compile.
+        # the lr followed, saved with it; checkpoints from before that: the schedule's), the rest of the schedule
+        # spread over the time left. (The schedule's origin moves by the start-up's time, as for a compile.)
         lr_origin = lr_origin if lr_origin is not None else schedule_origin
         lr_origin = schedule_continued(elapsed_before, elapsed(), lr_origin)
         schedule_origin += elapsed() - elapsed_before
@@ -1877,10 +1879,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 if tc.compile and budget_s is not None and first_step_s > compiled_first_guess:
                     # Compiling is setup, not schedule time: counted in, it took 27 s of a 60 s budget on an H200
                     # and the lr had begun its decay by step 100 (a resume compiles again, so this holds for it
-                    # too). The saved origin, which a resume with another budget plans from, moves by the compile's
-                    # time. This command's lr goes on from where an uncompiled step would have left it, the rest of
-                    # the schedule spread over the time left: moved by the compile's time alone, its origin also
-                    # rescaled the schedule time before it (resumed half-way, the lr fell 12% of its peak in a step).
+                    # too). The schedule's origin moves by the compile's time. This command's lr goes on from where
+                    # an uncompiled step would have left it, the rest of the schedule spread over the time left: moved
+                    # by the compile's time alone, its origin also rescaled the schedule time before it (resumed
+                    # half-way, the lr fell 12% of its peak in a step).
                     would_be = t_step - train_start + compiled_first_guess
                     lr_origin = schedule_continued(would_be, elapsed(), lr_origin)
                     schedule_origin += elapsed() - would_be

@@ -953,6 +953,8 @@ def test_text_without_newlines_is_encoded_in_pieces_of_bounded_size(tmp_path):
     groups = data_mod._split_groups(near_eot, 16)
     assert "".join(groups) == near_eot and not any(g.startswith("\n" + EOT_TEXT) for g in groups)
     assert [i for g in groups for i in tok.encode(g)] == tok.encode(near_eot)
+    # a forced cut never leaves a piece empty: an <|endoftext|> that starts the piece is cut after (it looped)
+    assert data_mod._split_groups("a" + EOT_TEXT + "x" * 40, 3) == ["a", EOT_TEXT, *["x" * 12] * 3, "x" * 4]
     path = tmp_path / "line.txt"
     path.write_text(words, encoding="utf-8")
     pieces = list(data_mod._iter_file_text(path, "strict", 4096, None))  # (read 4 KB at a time)
