@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from fungpt.errors import FunGPTError, read_json
+from fungpt.errors import FunGPTError, is_out_of_memory, read_json
 
 KINDS = ("latest", "best")  # checkpoints/{kind}-{step:07d}[.n] folders, see save_checkpoint
 MODEL_FILE = "model.safetensors"
@@ -409,6 +409,8 @@ def load_weights(ckpt_dir: Path, model: torch.nn.Module) -> None:
     except FileNotFoundError:  # (deleted since it was verified: a training run replaced this checkpoint)
         raise FunGPTError(f"checkpoint file {path} is missing") from None
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a bad header
+        if is_out_of_memory(e):
+            raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise FunGPTError(f"could not read weights from {path}: it is not a valid safetensors file "
                           f"({first[:120]})") from None

@@ -34,7 +34,7 @@ import tyro
 
 from fungpt import _startup
 from fungpt.config import RunConfig
-from fungpt.errors import FunGPTError, read_json
+from fungpt.errors import FunGPTError, is_out_of_memory, read_json
 
 
 @dataclass
@@ -662,9 +662,7 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
             return 2
         # torch's CPU allocator says "can't allocate memory"; CUDA's "CUDA out of memory" (torch.OutOfMemoryError,
         # raised anywhere: the optimizer's first step, an eval, sampling), MPS "MPS backend out of memory"
-        first = str(e).split("\n", 1)[0]
-        if not isinstance(e, MemoryError) and type(e).__name__ != "OutOfMemoryError" and not any(
-                m in first for m in ("can't allocate memory", "CUDA out of memory", "MPS backend out of memory")):
+        if not is_out_of_memory(e):
             raise
         hint = (" lower train.batch_size (raising train.grad_accum_steps keeps the tokens per step) or the model's "
                 "size; `fungpt train --dry-run` estimates the memory a config needs" if name == "train"

@@ -6,13 +6,28 @@ what is wrong and how to fix it, e.g.
     FunGPTError("data path 'foo.txt' does not exist: pass a text file, a folder of text files or 'shakespeare'")
 
 Also here: parse_json and read_json, JSON reading whose every failure is a ValueError, so that each reader of
-a run's JSON files can turn a damaged file into such a line ("X is corrupt"); and why_download_failed, the short
-reason for such a line when a download fails.
+a run's JSON files can turn a damaged file into such a line ("X is corrupt"); why_download_failed, the short
+reason for such a line when a download fails; and is_out_of_memory.
 """
 
 
 class FunGPTError(Exception):
     """A user-facing error: bad input, bad config, missing file. Printed as one line."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether `e` says that memory ran out: Python's MemoryError, torch's allocators' errors (the CPU's "can't
+    allocate memory", CUDA's OutOfMemoryError, MPS's), an mmap's ENOMEM. The command says so in one line; a broad
+    catch that reads a file as damaged lets these through (reading a large file is not damage)."""
+    import errno
+
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    if isinstance(e, OSError):
+        return e.errno == errno.ENOMEM
+    first = str(e).split("\n", 1)[0]
+    return isinstance(e, RuntimeError) and any(m in first for m in ("can't allocate memory", "CUDA out of memory",
+                                                                    "MPS backend out of memory"))
 
 
 def parse_json(text: str | bytes):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from fungpt.checkpoint import open_new_temp
-from fungpt.errors import FunGPTError, read_json
+from fungpt.errors import FunGPTError, is_out_of_memory, read_json
 from fungpt.model import GPT, GPTConfig
 
 # HF GPT-2 stores these four as Conv1D, whose weight is (in, out): the transpose of nn.Linear's (out, in).
@@ -271,12 +271,16 @@ def _load_hf_weights(path: Path, meta: bool = False) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore", UserWarning)
             tensors = _read_hf_weights(path, meta)
     except OSError as e:
+        if is_out_of_memory(e):  # (an mmap of a large file: not damage)
+            raise
         if e.filename:  # the file could not be opened (permissions)
             raise FunGPTError(f"cannot read {e.filename}: {e.strerror}") from None
         raise FunGPTError(f"cannot read the weights in '{path}': the file is damaged or incomplete (a download that "
                           f"stopped?); download the model again") from None  # (torch's reader of a cut .bin: EINVAL)
     except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, ValueError, KeyError,
             TypeError, AttributeError) as e:
+        if is_out_of_memory(e):  # (torch's CPU allocator raises a RuntimeError)
+            raise
         unsafe = re.search(r"GLOBAL (\S+)", str(e))  # the function or class weights_only refused to call
         if unsafe:
             raise FunGPTError(f"refusing to load the weights in '{path}': pytorch_model.bin holds more than "

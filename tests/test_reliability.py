@@ -465,6 +465,45 @@ def test_messages_give_advice_that_works_where_they_are_seen(world, tmp_path, ca
         GPT.from_hf(world["run"])
 
 
+def test_resuming_from_another_folder_says_where_a_relative_data_path_is_found(world, tmp_path, monkeypatch,
+                                                                              capsys):
+    """The run's config.json held data.path 'corpus.txt', relative to where it was trained: resumed from another
+    folder, the error named the path and no reason why it was not found."""
+    import shutil
+
+    shutil.copy(world["corpus"], tmp_path / "corpus.txt")
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(Path("corpus.txt"), tmp_path / "run", max_iters=2)
+    train(cfg, progress=False)
+    monkeypatch.chdir(tmp_path / "run")
+    assert main(["train", "--out-dir", str(tmp_path / "run"), "--resume", "--train.max-iters", "4"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "(resuming, the run's config.json gives data.path unless --data.path is passed; a relative one is found from "
+        "the folder you run in: run where you trained, or pass --data.path with its full path)")
+
+
+def test_running_out_of_memory_while_reading_weights_is_not_called_damage(world, monkeypatch):
+    """A broad catch that reads a file as damaged took torch's "can't allocate memory" (a RuntimeError) for a
+    broken safetensors file: the command said to restore it, not that memory ran out."""
+    import errno
+
+    import safetensors.torch
+
+    from fungpt.errors import is_out_of_memory
+
+    assert is_out_of_memory(MemoryError()) and is_out_of_memory(OSError(errno.ENOMEM, "Cannot allocate memory"))
+    assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"))
+    assert not is_out_of_memory(RuntimeError("invalid header")) and not is_out_of_memory(OSError(errno.EIO, "io"))
+    folder = ckpt.find_checkpoint(world["run"])
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", no_memory)
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        ckpt.load_weights(folder, GPT(load_run_config(world["run"]).model))
+
+
 @pytest.mark.parametrize("resume", [False, True])
 def test_metrics_never_follow_a_link_to_nowhere_out_of_the_run_folder(world, tmp_path, resume):
     """A metrics.jsonl that is a symbolic link to a file that does not exist (a run folder unpacked or shared from
