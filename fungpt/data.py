@@ -286,12 +286,6 @@ def resolve_source(source: str | Path) -> list[Path]:
 # ---------------------------------------------------------------------------
 
 
-def _find_safe_cut(text: str, start: int) -> int | None:
-    """First safe cut position at or after `start` (see _SAFE_CUT), or None."""
-    m = _SAFE_CUT.search(text, start)
-    return m.start() if m else None
-
-
 def _cut_between(pattern: re.Pattern, text: str, lo: int, hi: int) -> int | None:
     """The first cut `pattern` allows in text[lo:hi + 1], or None. (The search reads a little past `hi`: its
     look-aheads must see a whole <|endoftext|> there, not the start of one, which the text seemed to end in.)"""

@@ -172,8 +172,8 @@ def check_compile(device: str, *, platform: str | None = None, has_triton: bool 
 
 
 def _torch_cpp_compiler(fix: str) -> str | None:
-    """The C++ compiler torch.compile will use on the CPU ($CXX when set, else the first one on PATH), as torch
-    itself finds it; None when there is none. A $CXX that does not work (a stale one) is refused here: looking
+    """The C++ compiler torch.compile will use on the CPU ($CXX when set, else g++), as torch itself finds it; None
+    when there is none. A $CXX that does not work (a stale one) is refused here: looking
     for g++ on PATH instead passed it, and the run failed at its first step with a 100-line traceback."""
     import os
     import shutil

@@ -915,7 +915,8 @@ def test_safe_cuts_never_change_the_pretokenizer_pieces():
             if 0 < cut < len(text):
                 assert pieces(text[:cut]) + pieces(text[cut:]) == pieces(text), (text, cut)
     trailing = "to be or not \nthat is the question\t\nwhether tis nobler \n"
-    assert data_mod._last_safe_cut(trailing) is not None and data_mod._find_safe_cut(trailing, 0) == 13
+    assert data_mod._last_safe_cut(trailing) is not None
+    assert data_mod._cut_between(data_mod._SAFE_CUT, trailing, 0, len(trailing)) == 13
     # A literal <|endoftext|> is split off before the pre-tokenizer runs: the whitespace before it ended its text
     # and stayed one piece ("\n\n"), which a cut between the newlines made two tokens
     from fungpt.tokenizer import EOT_TEXT, BPETokenizer
