@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fungpt.errors import FunGPTError, read_json
+from fungpt.errors import FunGPTError, check_run_given, read_json
 from fungpt.linear import CPU_MATMULS
 from fungpt.model import GPTConfig
 
@@ -468,6 +468,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
     """Read the resolved config.json that training saved in a run folder."""
+    check_run_given(run_dir)
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise FunGPTError(f"{run_dir} is not a FunGPT run folder (no config.json); pass the out_dir of a training run")

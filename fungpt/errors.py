@@ -15,6 +15,12 @@ class FunGPTError(Exception):
     """A user-facing error: bad input, bad config, missing file. Printed as one line."""
 
 
+def check_run_given(run_dir) -> None:
+    """Refuse an empty run folder argument: Path("") is the current folder, so a `RUN="$UNSET"` would read it."""
+    if not str(run_dir).strip():
+        raise FunGPTError("the run folder is empty: pass the out_dir of a training run")
+
+
 def is_out_of_memory(e: BaseException) -> bool:
     """Whether `e` says that memory ran out: Python's MemoryError, torch's allocators' errors (the CPU's "can't
     allocate memory", CUDA's OutOfMemoryError, MPS's), an mmap's ENOMEM. The command says so in one line; a broad

@@ -185,6 +185,9 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
     )
     from fungpt.hardware import choose_precision, detect_precision
 
+    if not str(target).strip():
+        raise FunGPTError("the folder or config to inspect is empty: pass a run folder, a .toml config or a "
+                          "Hugging Face GPT-2 folder")
     target = config_path(target, folders=True)  # (an example config's name is its file; a run folder is itself)
     info: dict = {"source": str(target), "vocab_note": None, "device_note": None, "step": None, "tokens_seen": None,
                   "checkpoint": None}

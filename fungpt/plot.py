@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from fungpt.errors import FunGPTError, parse_json
+from fungpt.errors import FunGPTError, check_run_given, parse_json
 
 FIGSIZE = (8, 5)  # inches; the PNG is FIGSIZE * DPI pixels (800 x 500)
 DPI = 100
@@ -36,6 +36,7 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     elapsed_s starts again from 0 with each command). Training logs it; for files from versions that
     did not, it is rebuilt from elapsed_s, taking each drop in elapsed_s for a resume.
     """
+    check_run_given(run_dir)
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         what = "does not exist" if not Path(run_dir).exists() else "has no metrics.jsonl"

@@ -78,8 +78,10 @@ def check_options(*, num_samples: int = 1, max_new_tokens: int = 0, temperature:
     before its note on the run, too)."""
     if show_top <= 0:
         raise FunGPTError(f"--show-top {show_top} must be positive")
-    if num_samples <= 0 or max_new_tokens < 0:
-        raise FunGPTError("--num-samples must be positive and --max-new-tokens not negative")
+    if num_samples <= 0:
+        raise FunGPTError(f"--num-samples {num_samples} must be positive")
+    if max_new_tokens < 0:
+        raise FunGPTError(f"--max-new-tokens {max_new_tokens} must not be negative")
     if not 0 <= temperature < math.inf:  # (NaN fails this test too)
         raise FunGPTError(f"--temperature {temperature} must be a finite number >= 0 (0 means greedy)")
     if top_k is not None and top_k <= 0:
