@@ -1,6 +1,6 @@
 """Ablation of the CPU speedrun's modern pieces: add them one at a time to the classic GPT-2 setup.
 
-    python bench/ablate_speedrun.py                         # 300 steps each, batch 16, block 128
+    python bench/ablate_speedrun.py                         # 300 steps each, the preset's shape
     python bench/ablate_speedrun.py --steps 600 --append BENCHMARKS.md
 
 Every variant trains the speedrun shape (configs/speedrun-cpu.toml: 4 x 96, block 128, batch 16)
@@ -80,17 +80,27 @@ def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         val = [r["val_loss"] for r in metrics if "val_loss" in r][-1]
         ms = statistics.median(r["dt_ms"] for r in metrics if "dt_ms" in r and r["step"] >= 10)
-        rows.append(f"| {name} | {val:.4f} | {ms:.0f} | {16 * 128 / ms * 1000:,.0f} |")
+        shape = step_shape(out)  # (the preset's, as this run resolved it: the file may have been edited)
+        rows.append(f"| {name} | {val:.4f} | {ms:.0f} | {shape['tokens'] / ms * 1000:,.0f} |")
         print(rows[-1], flush=True)
     text = (f"## speedrun ablation, {datetime.date.today()}\n\n"
             f"- machine: {machine()}\n"
             f"- command: `{command('ablate_speedrun.py', argv)}`\n"
-            f"- {args.steps} steps each (schedule on steps), batch 16, block 128, 4 x 96; val over the whole split; "
+            f"- {args.steps} steps each (schedule on steps), batch {shape['batch']}, block {shape['block']}, "
+            f"{shape['layers']} x {shape['width']}; val over the whole split; "
             f"1-min load average at the end: {os.getloadavg()[0]:.1f}\n\n"
             "| variant (cumulative) | val loss | median ms/step | tokens/s |\n|---|---:|---:|---:|\n"
             + "\n".join(rows) + "\n")
     publish(text, args.append)
     return 0
+
+
+def step_shape(out: Path) -> dict:
+    """The shape a run in `out` trained, from the config.json it saved: tokens per step and the model's size."""
+    cfg = json.loads((out / "config.json").read_text())
+    model, train = cfg["model"], cfg["train"]
+    return {"batch": train["batch_size"], "block": model["block_size"], "layers": model["n_layer"],
+            "width": model["n_embd"], "tokens": train["batch_size"] * model["block_size"] * train["grad_accum_steps"]}
 
 
 if __name__ == "__main__":

@@ -44,8 +44,11 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
   echo "# bench_gpu.sh $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1
   "$py" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', \
-torch.version.cuda, torch.cuda.get_device_name(0))" 2>&1
+torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device')" 2>&1
   echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"
+  echo "fungpt: $(git -C "$root" describe --always --dirty 2>/dev/null || echo 'commit unknown (no git)')"
+  # (flags added to every FunGPT run change what the numbers mean: say them)
+  [ -z "${FUNGPT_EXTRA:-}" ] || echo "FUNGPT_EXTRA (added to every FunGPT run): $FUNGPT_EXTRA"
 } | tee "$summary"
 
 left() { echo $(( deadline - $(date +%s) )); }
