@@ -61,6 +61,10 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        loss = None
+        if closure is not None:  # (torch.optim's contract: the closure recomputes the loss and the gradients)
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}
@@ -83,3 +87,4 @@ class Muon(torch.optim.Optimizer):
                 if wd:
                     torch._foreach_mul_(params, 1 - lr * wd)
                 torch._foreach_add_(params, list(update.unbind(0)), alpha=-lr * max(1.0, rows / cols) ** 0.5)
+        return loss

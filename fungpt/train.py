@@ -717,13 +717,26 @@ class CombinedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, *parts: torch.optim.Optimizer):
         self.parts = parts
-        self.param_groups = [g for part in parts for g in part.param_groups]
-        self.defaults = {}
-        self.state = {}  # the parts keep their own state
+        # Optimizer.__init__ sets up what torch's step hooks and lr schedulers expect of an optimizer; then
+        # param_groups becomes the parts' own group dicts, so that an lr set here is the lr a part steps with.
+        super().__init__([p for part in parts for g in part.param_groups for p in g["params"]], {})
+        self.param_groups = [g for part in parts for g in part.param_groups]  # (the state stays in the parts)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:  # noqa: D102 - see torch.optim.Optimizer
+        if hasattr(self, "parts") and self.param_groups:  # (Optimizer.__init__ adds one group, replaced above)
+            # (a group added here would be listed but stepped by no part: its parameters would never train)
+            raise ValueError("CombinedOptimizer cannot tell which optimizer should step a new group: add it to "
+                             "one of .parts (parts[i].add_param_group), then build a new CombinedOptimizer")
+        super().add_param_group(param_group)
 
     def step(self, closure=None):  # noqa: D102 - see torch.optim.Optimizer
+        loss = None
+        if closure is not None:  # (once for all parts: it recomputes the loss and every gradient)
+            with torch.enable_grad():
+                loss = closure()
         for part in self.parts:
             part.step()
+        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for part in self.parts:

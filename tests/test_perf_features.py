@@ -45,6 +45,40 @@ def test_muon_takes_block_matrices_and_adamw_the_rest():
     assert [g["lr_scale"] for g in muon.param_groups] == [pytest.approx(20.0)]
 
 
+def test_the_muon_optimizers_keep_torch_optimizers_contract():
+    """Used as torch optimizers (a closure, step hooks, an lr scheduler, a new group): the closure was never
+    called and None returned, hooks raised AttributeError, and a group added to the combination trained by no
+    part, silently."""
+    model = small_model()
+    opt = configure_optimizer(model, TrainConfig(optimizer="muon", lr=1e-3), "cpu")
+    x = torch.randint(0, 50, (2, 16))
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        _, loss = model(x, x)
+        loss.backward()
+        return loss
+
+    hooked = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: hooked.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: hooked.append("post"))
+    w = model.blocks[0].mlp.c_fc.weight
+    before = w.detach().clone()
+    loss = opt.step(closure)
+    assert calls == [1] and loss is not None and math.isfinite(loss.item()) and hooked == ["pre", "post"]
+    assert not torch.equal(w.detach(), before)  # (the closure's gradients reached Muon's part)
+    muon = opt.parts[1]
+    assert muon.step(closure) is not None and calls == [1, 1]
+    # A scheduler sets the lr through the combination's groups, which are the parts' own
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    assert [g["lr"] for g in muon.param_groups] == [pytest.approx(0.5 * g["initial_lr"]) for g in muon.param_groups]
+    del scheduler
+    with pytest.raises(ValueError, match="add it to one of .parts"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3))], "lr": 0.1})
+
+
 def test_muon_step_orthogonalises_and_state_round_trips():
     model = small_model()
     opt = configure_optimizer(model, TrainConfig(optimizer="muon", weight_decay=0.0), "cpu")
