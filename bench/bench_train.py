@@ -277,6 +277,9 @@ def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
         rss["FunGPT"] = max(rss["FunGPT"], mem)
         if not args.no_reference:
             m = re.search(r"median_ms_per_iter=([\d.]+)", out)
+            if m is None:  # (its runner prints the median at its end: a nanoGPT that stopped early has none)
+                raise SystemExit(f"bench_train: nanoGPT's run printed no median_ms_per_iter; its output ended:\n"
+                                 f"{out[-2000:]}")
             ms["nanoGPT"].append(float(m.group(1)))
             rss["nanoGPT"] = max(rss["nanoGPT"], nano_mem)
     state = machine_state(read_gbs, "at each round's start", steal_from)
