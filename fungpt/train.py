@@ -520,7 +520,10 @@ def encoded_as_the_run(data: DataConfig, data_dir: Path, resume_dir: Path, is_ma
     try:
         own, was = load_tokenizer(resume_dir), load_run_config(resume_dir).data
         trained_on = str(read_json(folder / ckpt.MANIFEST_FILE).get("data_fingerprint") or "").partition(":")[0]
-    except (FunGPTError, OSError, ValueError, AttributeError):
+        if not trained_on:  # (checkpoints from before the fingerprint was saved: the text's hash in the prepared
+            # folder the run read, which run.json names, while it is there)
+            trained_on = load_meta(Path(read_json(resume_dir / "run.json")["data_dir"])).get("source_sha256")
+    except (FunGPTError, OSError, ValueError, AttributeError, KeyError, TypeError):
         return data_dir  # (the resume checks say what is wrong)
     if own.name != "bpe" or own.first_difference(load_tokenizer(data_dir)) is None:
         return data_dir
@@ -679,9 +682,19 @@ def check_resume_tokenizer(data_dir: Path, out_dir: Path) -> None:
     # a resume keeps the run's saved shape, and the model folder it started from may since hold another tokenizer.)
     which = ("" if old.vocab_size != new.vocab_size
              else f"; id {bad} is {new.token_text(bad)!r} instead of {old.token_text(bad)!r}")
+    advice = "resume with the original data and tokenizer, or train into a new out_dir"
+    if old.name == new.name == "bpe":  # (maybe learned again from the same text)
+        # Another FunGPT version may learn other merges from the same text (encoded_as_the_run re-encodes such text
+        # with the run's tokenizer where it can tell the text is the same). The folder the run read holds its ids.
+        try:
+            was = Path(read_json(out_dir / "run.json")["data_dir"])
+        except (OSError, ValueError, KeyError, TypeError):
+            was = None
+        advice = ("a BPE learned again (by another FunGPT version?) can hold other merges from the same text: "
+                  + (f"pass the folder the run read, --data.path {was}, or train into a new out_dir"
+                     if was is not None and is_prepared(was) else advice))
     raise FunGPTError(f"cannot resume {out_dir}: the data is encoded with a tokenizer whose ids mean other text than "
-                      f"in the checkpoint's ({new.describe()} vs {old.describe()}{which}); resume with the original "
-                      f"data and tokenizer, or train into a new out_dir")
+                      f"in the checkpoint's ({new.describe()} vs {old.describe()}{which}); {advice}")
 
 
 def adamw_impl(device: str) -> dict[str, Any]:
@@ -888,8 +901,13 @@ def numerics_notes(saved: dict[str, Any], now: dict[str, Any], step: int) -> lis
     # (another order of float32 additions moves the 7th digit; another device or dtype rounds otherwise: bfloat16
     # moved a tiny run's losses by up to 4e-4, in the 4th digit)
     how = "in the last digits" if not {"device", "dtype"} & set(keys) else "by its rounding (from about the 4th digit)"
-    return [f"fungpt: note: the arithmetic changed since step {step} ({', '.join(changed)}): from here the losses "
-            f"differ from an uninterrupted run's {how}"] if changed else []
+    if changed:
+        return [f"fungpt: note: the arithmetic changed since step {step} ({', '.join(changed)}): from here the losses "
+                f"differ from an uninterrupted run's {how}"]
+    unknown = [k for k in NUMERICS if k not in saved]  # (run.json of an older FunGPT, or none: nothing to compare)
+    return [f"fungpt: note: run.json does not say which {', '.join(unknown)} the steps before {step} ran with (an "
+            f"older FunGPT wrote it): if the arithmetic changed since, the losses from here differ from an "
+            f"uninterrupted run's in the last digits"] if unknown else []
 
 
 def get_lr(it: float, tc: TrainConfig) -> float:

@@ -394,6 +394,14 @@ def test_a_bfloat16_run_records_no_matmul_library(corpus, tmp_path, capsys):
     assert numerics_notes({"cpu_matmul": "onednn"}, {"cpu_matmul": None}, 5) == [
         "fungpt: note: the arithmetic changed since step 5 (cpu_matmul onednn -> none): from here the losses differ "
         "from an uninterrupted run's in the last digits"]
+    # run.json of an older FunGPT recorded no matmul library nor thread count: said, not passed over as the same
+    now = {"device": "cpu", "dtype": "float32", "cpu_matmul": "onednn", "threads": 2, "torch": "2.13.0+cpu"}
+    old = {"device": "cpu", "dtype": "float32", "torch": "2.13.0+cpu"}
+    assert numerics_notes(old, now, 5) == [
+        "fungpt: note: run.json does not say which cpu_matmul, threads the steps before 5 ran with (an older FunGPT "
+        "wrote it): if the arithmetic changed since, the losses from here differ from an uninterrupted run's in the "
+        "last digits"]
+    assert numerics_notes(now, dict(now), 5) == []
     # another dtype (or device) rounds otherwise: bfloat16 moved a tiny run's losses in the 4th digit
     assert numerics_notes({"dtype": "float32"}, {"dtype": "bfloat16"}, 5)[0].endswith(
         "(dtype float32 -> bfloat16): from here the losses differ from an uninterrupted run's by its rounding (from "

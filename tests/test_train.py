@@ -1100,7 +1100,9 @@ def test_each_rank_has_dropout_masks_of_its_own_across_seeds():
     assert len(set(seeds.values())) == len(seeds)  # no two (seed, rank) pairs share a stream
 
 
-def test_a_bpe_run_resumes_where_another_version_learns_other_merges(corpus, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("fingerprint_saved", [True, False])
+def test_a_bpe_run_resumes_where_another_version_learns_other_merges(corpus, tmp_path, monkeypatch, capsys,
+                                                                     fingerprint_saved):
     """Another FunGPT version prepares the data again (its code is part of the cache key); where its BPE learns
     other merges from the same text (a corpus holding <|endoftext|>, since BPE training leaves it out), the resume
     was refused:
@@ -1118,6 +1120,11 @@ def test_a_bpe_run_resumes_where_another_version_learns_other_merges(corpus, tmp
     cfg = tiny_config(corpus, tmp_path / "run", max_iters=4, eval_interval=2, checkpoint_interval=2)
     cfg.data = dataclasses.replace(cfg.data, tokenizer="bpe", vocab_size=300)
     first = train(cfg, progress=False)
+    if not fingerprint_saved:  # checkpoints from before it was saved: the text's hash is read where run.json says
+        manifest = ckpt.find_checkpoint(cfg.out_dir) / ckpt.MANIFEST_FILE
+        saved = json.loads(manifest.read_text())
+        del saved["data_fingerprint"]
+        manifest.write_text(json.dumps(saved))
     ids = read_bin(train_module.resolve_data(cfg.data, progress=False), "train")
     real_cut = tokenizer_mod._cut_long_runs
     monkeypatch.setattr(tokenizer_mod, "_cut_long_runs", lambda chunks: (c[::-1] for c in real_cut(chunks)))
@@ -1138,6 +1145,17 @@ def test_a_bpe_run_resumes_where_another_version_learns_other_merges(corpus, tmp
         cfg.train = dataclasses.replace(cfg.train, max_iters=8)
         with pytest.raises(FunGPTError, match="cannot resume"):
             train(cfg, resume=True, progress=False)
+    # Where the text cannot be told the same, ids of a BPE of the same size that differ are refused, and the advice
+    # names the prepared folder the run read (it holds the run's ids)
+    cfg.data = dataclasses.replace(cfg.data, path=str(corpus), vocab_size=300)
+    other = train_module.resolve_data(cfg.data, progress=False)  # (the other version's merges)
+    with pytest.raises(FunGPTError) as refused:
+        train_module.check_resume_tokenizer(other, Path(cfg.out_dir))
+    read = json.loads((Path(cfg.out_dir) / "run.json").read_text())["data_dir"]
+    assert str(refused.value).endswith(f"can hold other merges from the same text: pass the folder the run read, "
+                                       f"--data.path {read}, or train into a new out_dir")
+    cfg.data = dataclasses.replace(cfg.data, path=read)
+    assert train(cfg, resume=True, progress=False)["step"] == 8
 
 
 def test_resume_with_more_processes_gives_the_new_rank_its_own_batches(corpus, tmp_path):
