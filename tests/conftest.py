@@ -12,7 +12,8 @@ _SANDBOX: str | None = None  # the session's stand-in for the caches in the user
 
 
 def pytest_configure(config) -> None:
-    """Keep the tests out of the user's home folder, and give their child processes a working Ctrl-C.
+    """Keep the tests out of the user's home folder and off any proxy, and give their child processes a working
+    Ctrl-C.
 
     Home: matplotlib's font cache and the Hugging Face hub cache go to a folder of this test session (set
     before any test module imports those libraries, which read these variables once, at import), so no test
@@ -28,6 +29,10 @@ def pytest_configure(config) -> None:
     os.environ["MPLCONFIGDIR"] = os.path.join(_SANDBOX, "matplotlib")
     os.environ["HF_HOME"] = os.path.join(_SANDBOX, "huggingface")
     os.environ.pop("HF_HUB_CACHE", None)  # else it would win over HF_HOME
+    # The server tests talk to 127.0.0.1 through httpx, which sends requests through $http_proxy when it is set
+    # (a CI runner behind a proxy): never for this machine's own addresses
+    for name in ("NO_PROXY", "no_proxy"):
+        os.environ[name] = ",".join(filter(None, [os.environ.get(name), "127.0.0.1,localhost,::1"]))
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 

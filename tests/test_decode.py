@@ -11,7 +11,15 @@ from fungpt.linear import Linear
 from fungpt.model import GPT, GPTConfig
 from fungpt.positions import POS_ENCODINGS
 
-torch.set_num_threads(2)
+
+@pytest.fixture(autouse=True, scope="module")
+def _two_threads():
+    """The decoding step's products split their rows over the threads (one bag per thread): two, as on this
+    machine, whatever OMP_NUM_THREADS says. (Set at import, it held for every test of the session.)"""
+    kept = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(kept)
 
 VARIANTS = [
     {},  # GPT-2: LayerNorm, tanh GELU, biases, tied head

@@ -897,8 +897,10 @@ def test_a_resumed_budget_runs_lr_goes_on_from_where_it_was(corpus, tmp_path, qu
     next_batch, load_state, batches, stops = BatchLoader.next_batch, ckpt.load_state, [], [20, 15]
 
     def slow_and_stopped(self):  # (0.2 s steps; Ctrl-C at step 20, and 15 steps into the next command)
-        batches.append(1)
-        if stops and len(batches) == stops[0]:
+        # (the training loop's batches only: a Ctrl-C sent from an eval's batch, after the loop, is not caught there
+        # and stopped the whole pytest session)
+        batches.append(sys._getframe(1).f_code.co_name == "_train")
+        if stops and sum(batches) == stops[0] and batches[-1]:
             stops.pop(0)
             batches.clear()
             os.kill(os.getpid(), signal.SIGINT)
@@ -912,7 +914,8 @@ def test_a_resumed_budget_runs_lr_goes_on_from_where_it_was(corpus, tmp_path, qu
                       max_minutes=0.3)
     assert train(cfg, progress=False)["step"] == 20
     assert train(cfg, resume=True, progress=False)["step"] == 35
-    assert train(cfg, resume=True, progress=False)["step"] > 37
+    assert train(cfg, resume=True, progress=False)["step"] > 35  # (a step after the second resume: a busy machine
+    # spends most of what is left of the budget on the start-up)
     lrs = _lrs(out)
     assert 0.15 * cfg.train.lr < lrs[34] < 0.97 * cfg.train.lr, lrs[17:38]  # (stopped in the decay, not at its end)
     for last in (19, 34):  # each resume: one step's change (0.2 s of schedule, more on a busy machine), not also

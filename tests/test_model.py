@@ -14,8 +14,6 @@ from fungpt.model import GPT, GPTConfig, KVCache, make_activation, make_norm, sa
 from fungpt.positions import POS_ENCODINGS, RotaryPositions
 from fungpt.sampling import sampling_probs
 
-torch.set_num_threads(2)
-
 
 def tiny(**kw) -> GPTConfig:
     base = dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
