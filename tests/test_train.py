@@ -98,7 +98,8 @@ def test_a_warmup_as_long_as_the_run_is_pointed_out(corpus, tmp_path, capsys):
                       lr_schedule="constant"), progress=False)
     assert "warmup_iters" not in capsys.readouterr().out
     # on a time budget the schedule runs on time, not on max_iters
-    train(tiny_config(corpus, tmp_path / "d", max_iters=3, warmup_iters=3, max_minutes=0.1), progress=False)
+    # (max_iters ends it after 3 steps: a budget of a minute costs no time, and a busy machine's start-up fits it)
+    train(tiny_config(corpus, tmp_path / "d", max_iters=3, warmup_iters=3, max_minutes=1.0), progress=False)
     assert "warmup_iters" not in capsys.readouterr().out
     # a decay that ends within the warmup: the lr falls from its peak to min_lr in one step
     train(tiny_config(corpus, tmp_path / "e", max_iters=4, warmup_iters=2, lr_decay_iters=2), progress=False)
