@@ -1175,7 +1175,11 @@ class MetricsLog:
     def close(self, failed: bool = False) -> None:
         """Close the file and stop TensorBoard's writer thread and wandb (once: closing again does nothing).
         failed: the run ends with an error, which wandb then records (its default is a run that finished)."""
-        self.file.close()
+        try:
+            self.file.close()  # (flushes a row that a full disk held back: write failed on it, said why, and it is
+        except OSError:        # tried again here, where its error would replace that message)
+            if not failed:
+                raise
         tb, wandb, self.tb, self.wandb = self.tb, self.wandb, None, None
         if tb is not None:
             tb.close()

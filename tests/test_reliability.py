@@ -289,6 +289,29 @@ def test_disk_full_during_training(world, tmp_path, monkeypatch, capsys):
     assert "intact" not in last
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux), full of writes")
+def test_disk_full_while_logging_metrics_is_said_as_such(world, tmp_path, monkeypatch, capsys):
+    """A full disk between two checkpoints: metrics.jsonl's row could not be written, and the message said so, but
+    closing the file tried that row again and its bare "No space left on device" replaced the message."""
+    train_module = sys.modules["fungpt.train"]
+    real_write, rows = train_module.MetricsLog.write, []
+
+    def write(self, row):
+        rows.append(row)
+        if len(rows) == 3:  # the disk fills: every write from here finds no space
+            self.file = open("/dev/full", "a", encoding="utf-8")  # noqa: SIM115 - closed by MetricsLog.close
+        real_write(self, row)
+
+    monkeypatch.setattr(train_module.MetricsLog, "write", write)
+    out = tmp_path / "run"
+    code, stderr = run_cli(["train", "--data.path", world["data"], "--out-dir", out, "--train.device", "cpu",
+                            *TINY_MODEL, "--train.max-iters", "9", "--train.checkpoint-interval", "1",
+                            "--train.eval-interval", "100", "--train.eval-iters", "1", "--train.batch-size", "4",
+                            "--train.log-interval", "1"], capsys)
+    assert_one_line_error(code, stderr, f"could not write {out / 'metrics.jsonl'}: No space left on device; the last "
+                                        f"checkpoint is intact")
+
+
 @pytest.mark.parametrize("err, words", [(errno.EACCES, "Permission denied"), (errno.EROFS, "Read-only file system"),
                                         (errno.EDQUOT, "quota")])
 @pytest.mark.parametrize("victim", [ckpt.MODEL_FILE, ckpt.STATE_FILE, ckpt.MANIFEST_FILE])
