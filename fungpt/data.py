@@ -680,6 +680,7 @@ def prepare(
     # --- pass 2: encode into a temporary folder, then rename it --------------------
     remove_stale_temps(out)
     tmp = out.with_name(f"{temp_stem(out.name)}.tmp-{_HOST}-{os.getpid()}")
+    old = out.with_name(f"{temp_stem(out.name)}.old-{_HOST}-{os.getpid()}")  # (--overwrite: the dataset there)
     shutil.rmtree(tmp, ignore_errors=True)
     counts = {f"{s}_{k}": 0 for s in SPLITS for k in ("tokens", "bytes", "chars")}
     try:
@@ -754,7 +755,6 @@ def prepare(
         # Swap the finished folder into place. When overwriting, the old dataset is
         # moved aside first and deleted only after the new one is in place. Without --overwrite a dataset
         # that another command finished meanwhile is kept (a rename onto a folder that is not empty fails).
-        old = out.with_name(f"{temp_stem(out.name)}.old-{_HOST}-{os.getpid()}")
         if out.exists() and overwrite:
             os.replace(out, old)
         # (Windows refuses a rename onto a folder that is not empty with EACCES)
@@ -790,7 +790,8 @@ def prepare(
                  "it with `fungpt prepare --out DIR` and train with data.path = DIR)"
                  if out.is_relative_to(cache_dir().expanduser().resolve()) else "; choose another --out")
         raise FunGPTError(f"could not write the dataset to {out}: {e.strerror or e}{where}") from None
-    except BaseException:
+    except BaseException:  # (Ctrl-C, SIGTERM: between the two renames, the dataset moved aside goes back)
+        _put_back(old, out)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out

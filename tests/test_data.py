@@ -517,6 +517,24 @@ def test_failed_overwrite_keeps_old_dataset(tmp_path, char_data):
     assert load_meta(char_data)["tokenizer"] == "char"
 
 
+def test_an_overwrite_stopped_between_its_renames_puts_the_old_dataset_back(tmp_path, char_data, corpus, monkeypatch):
+    """Ctrl-C (or SIGTERM) after the old dataset was moved aside, before the new one took its place: the new one was
+    deleted and the old one left hidden under OUT.old-HOST-PID, with nothing at OUT."""
+    before = load_meta(char_data)
+    real_replace = os.replace
+
+    def stopped(src, dst):
+        if Path(dst) == char_data and ".tmp-" in Path(src).name:  # (the new dataset's rename into place)
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(data_mod.os, "replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(corpus, char_data, tokenizer="bpe", vocab_size=300, overwrite=True, progress=False)
+    assert load_meta(char_data) == before  # the old dataset, back in its place
+    assert leftovers(tmp_path) == []
+
+
 def test_unrelated_folder_never_replaced(tmp_path, corpus):
     out = tmp_path / "precious"
     out.mkdir()

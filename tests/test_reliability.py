@@ -289,7 +289,7 @@ def test_disk_full_during_training(world, tmp_path, monkeypatch, capsys):
     assert "intact" not in last
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux), full of writes")
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux): a device always full")
 def test_disk_full_while_logging_metrics_is_said_as_such(world, tmp_path, monkeypatch, capsys):
     """A full disk between two checkpoints: metrics.jsonl's row could not be written, and the message said so, but
     closing the file tried that row again and its bare "No space left on device" replaced the message."""
