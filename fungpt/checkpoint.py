@@ -87,6 +87,29 @@ def temp_stem(name: str) -> str:
     return f"{name[:kept]}~{hashlib.sha256(raw).hexdigest()[:8]}"
 
 
+STALE_TEMP_S = 3600  # a temporary untouched this long was left by a command that was killed (no live one is so slow)
+
+
+def remove_stale_temps_named(folder: Path, pattern: str) -> None:
+    """Delete the temporaries in `folder` whose whole name matches the regex `pattern`, by age: nothing in them
+    written for STALE_TEMP_S. A command killed before it could clean up (kill -9, out of memory, power loss) leaves
+    them; a live command's are younger. (Not by process id: another machine or container can share the folder.)"""
+    import re
+    import time
+
+    name, now = re.compile(pattern), time.time()
+    with contextlib.suppress(OSError):
+        for path in folder.iterdir():
+            with contextlib.suppress(OSError):
+                if not name.fullmatch(path.name) or path.is_symlink():
+                    continue
+                times = [path.stat().st_mtime]
+                if path.is_dir():
+                    times += [p.lstat().st_mtime for p in path.iterdir()]
+                if now - max(times) > STALE_TEMP_S:
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+
+
 def file_in_the_way(path: Path) -> Path | None:
     """The file that stands where a folder of `path` should be (the nearest part of the path that exists, when it is
     not a folder), or None: mkdir says only "File exists" there, which names neither the file nor the fix."""

@@ -69,7 +69,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fungpt.checkpoint import open_new_temp, temp_stem
+from fungpt.checkpoint import STALE_TEMP_S, open_new_temp, temp_stem
 from fungpt.errors import FunGPTError, read_json
 from fungpt.tokenizer import (
     BPE_FILE,
@@ -516,7 +516,6 @@ def encode_file(
 
 
 _HOST = socket.gethostname().replace("-", "_") or "host"  # in temporary folder names: OUT.tmp-HOST-PID
-STALE_TEMP_S = 3600  # a prepare's temporary folder untouched this long was left by a killed one
 
 
 def same_dataset(meta: dict, other: dict) -> bool:

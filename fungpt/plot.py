@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import sys
 import warnings
@@ -149,7 +150,7 @@ def save_figure(fig, out: Path, **savefig_kw) -> Path:
     """Write `fig` to `out` (its format from the suffix) under a temporary name of its own, then rename it into
     place: never a half-written image, nor another file's name (two commands drawing to one --out each have
     theirs). An error names `out`."""
-    from fungpt.checkpoint import file_in_the_way, temp_stem
+    from fungpt.checkpoint import file_in_the_way, remove_stale_temps_named, temp_stem
 
     out = Path(out)
     if out.is_dir():
@@ -157,6 +158,9 @@ def save_figure(fig, out: Path, **savefig_kw) -> Path:
     tmp = out.with_name(f".{temp_stem(out.stem)}.tmp-{os.getpid()}-{secrets.token_hex(4)}{out.suffix}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        # (a drawing killed before its rename left its image under a hidden name; each one more)
+        remove_stale_temps_named(out.parent, rf"\.{re.escape(temp_stem(out.stem))}\.tmp-\d+-[0-9a-f]{{8}}"
+                                             rf"{re.escape(out.suffix)}")
         with quiet_glyphs():
             fig.savefig(tmp, **savefig_kw)
         os.replace(tmp, out)

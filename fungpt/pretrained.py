@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from typing import Any
 
 import torch
 
-from fungpt.checkpoint import file_in_the_way, temp_stem
+from fungpt.checkpoint import file_in_the_way, remove_stale_temps_named, temp_stem
 from fungpt.errors import FunGPTError, why_download_failed
 from fungpt.hf import check_gpt2_compatible
 from fungpt.model import GPT, GPTConfig
@@ -294,6 +295,8 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "last"
             raise FunGPTError(f"cannot create the folder for --out {out}: {above} is a file, not a folder; choose "
                               f"another --out") from None
         raise FunGPTError(f"cannot create the folder for --out {out}: {e.filename}: {e.strerror}") from None
+    # (an export killed before it could clean up left a folder the size of the weights beside --out)
+    remove_stale_temps_named(out.parent, rf"{re.escape(temp_stem(out.name))}\.tmp-\d+-[a-z0-9_]{{8}}")
     try:
         # A new folder of its own (mkdtemp: a random name that did not exist), never one planted there in advance
         tmp = Path(tempfile.mkdtemp(prefix=f"{temp_stem(out.name)}.tmp-{os.getpid()}-", dir=out.parent))

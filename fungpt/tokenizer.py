@@ -52,6 +52,7 @@ from fungpt.errors import FunGPTError, read_json, why_download_failed
 
 EOT_TEXT = "<|endoftext|>"
 META_FILE = "tokenizer_meta.json"
+TOKENIZER_TEMP = r"\.tokenizer\.tmp-[a-z0-9_]{8}"  # the folder a save writes into first (mkdtemp's name), as a regex
 BPE_FILE = "tokenizer.json"
 KINDS = ("char", "bpe", "gpt2")  # kinds that `train_tokenizer` / `fungpt prepare --tokenizer` can make
 HF_KIND = "hf"  # loaded from a pretrained model's files, never trained (see HFTokenizer)
@@ -220,8 +221,11 @@ class Tokenizer:
         import shutil
         import tempfile
 
+        from fungpt.checkpoint import remove_stale_temps_named
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps_named(directory, TOKENIZER_TEMP)  # (left by a save that was killed)
         tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.tmp-", dir=directory))
         try:
             meta = {"kind": self.name, **self._save_files(tmp)}

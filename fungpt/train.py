@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -81,7 +82,7 @@ from fungpt.hf import load_gpt2
 from fungpt.linear import onednn_linear, onednn_works, using_cpu_matmul
 from fungpt.model import GPT
 from fungpt.tokenizer import BPE_FILE as TOKENIZER_BPE_FILE
-from fungpt.tokenizer import DEFAULT_BPE_VOCAB, Tokenizer, load_tokenizer
+from fungpt.tokenizer import DEFAULT_BPE_VOCAB, TOKENIZER_TEMP, Tokenizer, load_tokenizer
 from fungpt.tokenizer import META_FILE as TOKENIZER_META_FILE
 
 # How long the other torchrun processes wait for rank 0 to prepare the data (resolve_data): a day, for corpora of
@@ -353,6 +354,9 @@ def remove_run(out: Path) -> None:
             (out / "checkpoints").rmdir()  # only if nothing else is left in it
         for path in (out / "tensorboard").glob("events.out.tfevents.*"):
             path.unlink()
+        for path in out.glob(".tokenizer.tmp-*"):  # (a tokenizer's save that was killed: the run is locked, none live)
+            if re.fullmatch(TOKENIZER_TEMP, path.name) and path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
         for name in RUN_FILES:  # (a plot's temporary keeps its suffix: .loss.tmp-PID-RANDOM.png, plot.save_figure)
             stem, suffix = Path(name).stem, Path(name).suffix
             for path in [*out.glob(f".{name}.tmp-*"), *out.glob(f".{stem}.tmp-*{suffix}"), out / name]:

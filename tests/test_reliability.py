@@ -2420,6 +2420,42 @@ def test_overwrite_removes_a_plot_left_half_written(world, tmp_path):
     assert not (out / ".loss.tmp-42-abcd.png").exists() and (out / "notes.png").exists()
 
 
+def test_temporaries_of_killed_commands_do_not_pile_up(world, tmp_path):
+    """A kill -9 before the rename left each time one more: an export's folder the size of the weights beside --out,
+    a plot's hidden image beside its --out, a tokenizer's folder in the run (which --overwrite kept too). Those an
+    hour old are removed by the next such command; younger ones may be a live command's, and names of the user's
+    that only look alike stay."""
+    from fungpt.plot import plot_runs
+    from fungpt.pretrained import export_hf
+    from fungpt.tokenizer import load_tokenizer
+
+    out = copy_run(world, tmp_path)
+    hour_ago = time.time() - ckpt.STALE_TEMP_S - 60
+
+    def left(parent: Path, name: str, old: bool = True) -> Path:
+        path = parent / name
+        if name.endswith(".png"):
+            path.write_bytes(b"half an image")
+        else:
+            path.mkdir()
+            (path / "model.safetensors").write_bytes(b"half the weights")
+            os.utime(path / "model.safetensors", (hour_ago, hour_ago) if old else None)
+        os.utime(path, (hour_ago, hour_ago) if old else None)
+        return path
+
+    stale = [left(tmp_path, "exp.tmp-123-abcd_e9z"), left(tmp_path, ".loss.tmp-123-0123abcd.png"),
+             left(out, ".tokenizer.tmp-k2j4l5m6")]
+    kept = [left(tmp_path, "exp.tmp-124-abcdefgh", old=False), left(tmp_path, ".loss.tmp-124-0123abce.png", old=False),
+            left(tmp_path, "exp.tmp-notes"), left(tmp_path, ".loss.tmp-old.png"), left(tmp_path, "exp2.tmp-1-abcdefgh")]
+    export_hf(out, tmp_path / "exp")
+    plot_runs([out], tmp_path / "loss.png")
+    load_tokenizer(out).save(out)
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+    young = left(out, ".tokenizer.tmp-a1b2c3d4", old=False)  # (a run is locked: --overwrite removes any)
+    train(tiny_config(world["data"], out, max_iters=2), overwrite=True, progress=False)
+    assert not young.exists()
+
+
 _WITHOUT = """
 import sys
 blocked = sys.argv.pop(1)
