@@ -46,7 +46,17 @@ STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
 
 
-def _fsync_dir(path: Path) -> None:
+def sync_folder(folder: Path) -> None:
+    """fsync each file in `folder`, and the folder, before it (or its files) is renamed into place: after a power
+    loss, a name that stands for a complete dataset or export never holds files that were still only in memory."""
+    for path in folder.iterdir():
+        if path.is_file() and not path.is_symlink():
+            with open(path, "r+b") as f:  # (opened for writing: Windows commits only such a file)
+                os.fsync(f.fileno())
+    fsync_dir(folder)
+
+
+def fsync_dir(path: Path) -> None:
     """Make a rename inside `path` durable (a no-op where directories cannot be opened, e.g. Windows)."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -147,7 +157,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         raise FunGPTError(f"could not write {path}: {e.strerror or e}; check free disk space and permissions") from None
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -238,7 +248,7 @@ def save_checkpoint(out_dir: str | Path, kind: str, step: int, model: torch.nn.M
         _write_file(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode("utf-8"))
         final = _fresh_folder(parent, kind, step)
         os.replace(tmp, final)  # the complete folder appears under its final name in one step
-        _fsync_dir(parent)
+        fsync_dir(parent)
         rel = final.relative_to(out_dir).as_posix()
         atomic_write_text(out_dir / f"{kind}.json", json.dumps({"step": step, "dir": rel}))
     except (OSError, FunGPTError) as e:

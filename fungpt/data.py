@@ -69,7 +69,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fungpt.checkpoint import STALE_TEMP_S, open_new_temp, temp_stem
+from fungpt.checkpoint import STALE_TEMP_S, fsync_dir, open_new_temp, sync_folder, temp_stem
 from fungpt.errors import FunGPTError, read_json
 from fungpt.tokenizer import (
     BPE_FILE,
@@ -751,6 +751,7 @@ def prepare(
             json.dump(meta, f, indent=2)
             f.write("\n")
 
+        sync_folder(tmp)  # (on disk before the folder takes its name: meta.json says the dataset is complete)
         # Swap the finished folder into place. When overwriting, the old dataset is
         # moved aside first and deleted only after the new one is in place. Without --overwrite a dataset
         # that another command finished meanwhile is kept (a rename onto a folder that is not empty fails).
@@ -781,6 +782,7 @@ def prepare(
                     _put_back(old, out)
                     raise
             # else both made the same dataset: the other's stands
+        fsync_dir(out.parent)  # (the rename itself, durable)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     except OSError as e:

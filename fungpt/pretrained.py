@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from fungpt.checkpoint import file_in_the_way, remove_stale_temps_named, temp_stem
+from fungpt.checkpoint import file_in_the_way, fsync_dir, remove_stale_temps_named, sync_folder, temp_stem
 from fungpt.errors import FunGPTError, why_download_failed
 from fungpt.hf import check_gpt2_compatible
 from fungpt.model import GPT, GPTConfig
@@ -313,9 +313,11 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "last"
         hf_config["bos_token_id"] = hf_config["eos_token_id"] = run.tokenizer.eot_id
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         save_hf_tokenizer(run.tokenizer, tmp, run.model.config.block_size)
+        sync_folder(tmp)  # (on disk before the folder takes its name: a power loss never leaves a config.json empty)
         if out.exists():
             out.rmdir()  # the empty folder checked above
         os.replace(tmp, out)
+        fsync_dir(out.parent)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):  # disk full, a size limit, a folder made read-only: said of --out

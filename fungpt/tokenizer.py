@@ -221,7 +221,7 @@ class Tokenizer:
         import shutil
         import tempfile
 
-        from fungpt.checkpoint import remove_stale_temps_named
+        from fungpt.checkpoint import fsync_dir, remove_stale_temps_named, sync_folder
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -232,8 +232,10 @@ class Tokenizer:
             with open(tmp / META_FILE, "w", encoding="utf-8") as f:
                 json.dump(meta, f, ensure_ascii=False, indent=1)
                 f.write("\n")
+            sync_folder(tmp)  # (on disk before they take their names)
             for path in sorted(tmp.iterdir(), key=lambda p: p.name == META_FILE):  # the meta file last
                 os.replace(path, directory / path.name)
+            fsync_dir(directory)
         except OSError:
             raise
         except Exception as e:  # the tokenizers library reports its write errors as plain Exceptions

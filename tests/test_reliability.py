@@ -2456,6 +2456,24 @@ def test_temporaries_of_killed_commands_do_not_pile_up(world, tmp_path):
     assert not young.exists()
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an fsync's file through /proc (Linux)")
+def test_a_dataset_and_an_export_are_on_disk_before_they_take_their_names(world, tmp_path, corpus, monkeypatch):
+    """Their files were renamed into place unsynced: after a power loss, a folder whose meta.json says the dataset
+    is complete (or an export whose config.json is empty) could hold files still only in memory."""
+    from fungpt.pretrained import export_hf
+
+    synced, real_fsync, real_replace, events = set(), os.fsync, os.replace, []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.add(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append((str(a), set(synced))) or real_replace(a, b))
+    prepare(corpus, tmp_path / "data", tokenizer="bpe", vocab_size=300, progress=False)
+    export_hf(copy_run(world, tmp_path), tmp_path / "exp")
+    for folder, names in (("data", {"train.bin", "val.bin", "meta.json", "tokenizer.json"}),
+                          ("exp", {"model.safetensors", "config.json", "tokenizer.json"})):
+        src, before = next((a, seen) for a, seen in events if Path(a).name.startswith(f"{folder}.tmp-"))
+        assert {f"{src}/{name}" for name in names} <= before, (src, sorted(before))  # each file, before the rename
+        assert src in before  # the folder too
+
+
 _WITHOUT = """
 import sys
 blocked = sys.argv.pop(1)
