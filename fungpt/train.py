@@ -985,9 +985,11 @@ def score_windows(model: torch.nn.Module, windows, autocast=contextlib.nullconte
     for x, y in windows:
         with autocast():
             logits = model(x)  # (B, T, V)
-        scored = y != -1  # the last window repeats a few already-scored targets, marked -1
-        loss = torch.nn.functional.cross_entropy(logits[scored].float(), y[scored], reduction="sum")
-        total, count = total + loss.item(), count + int(scored.sum())
+        # (the last window repeats a few already-scored targets, marked -1: left out by ignore_index, not by
+        # indexing, whose copy of the logits was the eval's largest tensor with a large vocabulary)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1,
+                                                 reduction="sum")
+        total, count = total + loss.item(), count + int((y != -1).sum())
     return total, count
 
 
@@ -995,8 +997,8 @@ def score_windows(model: torch.nn.Module, windows, autocast=contextlib.nullconte
 def time_forward(model: torch.nn.Module, cfg: RunConfig, device: str, autocast, bar=None) -> float:
     """Seconds per window of one forward batch of `evaluate`'s size (batch_size windows), the fastest of three
     timings (the first one is cold, and other programs can only add time), each counted on `bar`. The full-split
-    eval's batches hold 4 x batch_size windows, which a GPU runs faster per window: timed at batch_size, its
-    estimate errs high, and the timing costs a quarter of what 4 x batch_size windows would."""
+    eval's batches hold up to 4 x batch_size windows (full_split_batch), which a GPU runs faster per window: timed
+    at batch_size, its estimate errs high, and the timing costs a quarter of what 4 x batch_size windows would."""
     windows = cfg.train.batch_size  # evaluate's batch (see evaluate)
     x = torch.zeros(windows, cfg.model.block_size, dtype=torch.long, device=device)
     was_training = model.training
@@ -1051,12 +1053,22 @@ def eval_bar(total: int, desc: str, enabled: bool, delay: float = 1.0, unit: str
 def _full_split_loss(model, data_dir: Path, split: str, cfg: RunConfig, device: str, autocast,
                      progress: bool = False) -> float:
     """Mean loss over every token of a split (each scored once, see data.eval_windows)."""
-    T, B = cfg.model.block_size, 4 * cfg.train.batch_size
+    T, B = cfg.model.block_size, full_split_batch(cfg)
     windows = iter_eval_windows(data_dir, split, T, B, device=device)
     batches = math.ceil(math.ceil((load_meta(data_dir)[f"{split}_tokens"] - 1) / T) / B)  # windows of T targets
     with eval_bar(batches, f"eval ({split}, every token)", progress) as bar:
         total, count = score_windows(model, counted(windows, bar), autocast)
     return total / count
+
+
+def full_split_batch(cfg: RunConfig) -> int:
+    """Windows per batch of a full-split eval: 4 x batch_size, which a GPU runs faster per window, where their
+    logits are small (at most 2^24 floats, 64 MB); else batch_size. With a large vocabulary the (B, T, vocab_size)
+    logits and cross-entropy's log-softmax of them are the largest tensors of the run: at 4 x batch_size they took
+    8x the memory estimated for training (BPE 8192, block 256, batch 16: 3.9 GB), at batch_size less than a
+    training step's (which also holds their gradient)."""
+    B, T, V = cfg.train.batch_size, cfg.model.block_size, cfg.model.vocab_size
+    return 4 * B if 4 * B * T * V <= 2**24 else B
 
 
 def counted(batches, bar):
