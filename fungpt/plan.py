@@ -233,7 +233,8 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
 
     # 4. Time a few real steps (random weights: the speed does not depend on their values).
     timed_at = time.time()  # (the start-up until here: about a real run's, which the budget covers)
-    step_s = _time_steps(cfg, prec, data_dir, timed_steps, configure_optimizer, BatchLoader, progress) if fits else None
+    step_s, timed = (_time_steps(cfg, prec, data_dir, timed_steps, configure_optimizer, BatchLoader, progress) if fits
+                     else (None, 0))
     result: dict[str, Any] = {"num_params": n_params, "tokens_per_step": tokens_per_step,
                               "flops_per_step": flops_per_step, "memory": mem, "device_memory": have,
                               "fits": fits, "device": prec.device, "dtype": prec.dtype, "step_s": step_s}
@@ -251,9 +252,15 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
         eval_s = evals * one_eval_s
         total_s = steps * step_s + eval_s
         left = f" (from step {start:,} to max_iters = {tc.max_iters:,})" if resume else ""
-        line = (f"  time           {step_s * 1000:.0f} ms per step (median of {timed_steps}): {steps:,} steps{left} "
-                f"+ evals ~ {_fmt_duration(total_s)}")
+        per_step = f"  time           {step_s * 1000:.0f} ms per step (median of {timed}): "
+        line = f"{per_step}{steps:,} steps{left} + evals ~ {_fmt_duration(total_s)}"
         budget_s = tc.max_minutes * 60 - used_s if tc.max_minutes is not None else None
+        # The command also starts up (imports, data, model: about what this one took until the steps were timed)
+        # and saves checkpoints, which are not timed here: a run that saves every few steps takes far longer
+        saves = (steps // tc.checkpoint_interval + (steps % tc.checkpoint_interval != 0)) if steps else 0
+        whole = (f"  whole command  ~ {_fmt_duration(total_s + timed_at - start_time)} with its start-up "
+                 f"({timed_at - start_time:.0f} s here), and {saves:,} checkpoint save(s) of "
+                 f"{_fmt_bytes(mem['weights'] + mem['optimizer'])} each, not timed here")
         if budget_s is not None and total_s > budget_s:
             # The budget also covers the start-up (imports, data, model: about what this command took until the
             # steps were timed), the final eval and the exit; and each step its share of the evals every
@@ -266,16 +273,20 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
             spent = f", {used_s / 60:.1f} of them used," if used_s else ""
             refused = ("nothing would be trained: raise train.max_minutes to continue it" if folder is not None
                        else "training would refuse it")  # (a resume that used its budget up ends without a step)
-            line += (f"; max_minutes = {tc.max_minutes}{spent} stops it after about {steps_in_budget:,} steps"
-                     if steps_in_budget else f"; max_minutes = {tc.max_minutes}{spent} leaves no time for a step "
-                     f"after the start-up and the final eval: {refused}")
-            total_s = max(0.0, budget_s)
+            # (the budget first: max_iters, a million steps in a budget preset, would take days)
+            line = (f"{per_step}max_minutes = {tc.max_minutes}{spent} stops it after about {steps_in_budget:,} steps"
+                    if steps_in_budget else f"{per_step}max_minutes = {tc.max_minutes}{spent} leaves no time for a "
+                    f"step after the start-up and the final eval: {refused}") + f" ({steps:,} steps{left} + evals " \
+                f"would take {_fmt_duration(total_s)})"
+            total_s, whole = max(0.0, budget_s), ""  # (the budget covers the whole command)
         if world > 1:
             line += " (timed in one process alone; the processes also all-reduce their gradients each step)"
         if tc.compile:  # (compiling here would take as long as it does at the run's start)
             line += ("; timed without train.compile, which first compiles (17-27 s for the GPU speedrun on an "
                      "H200, README) and then may run steps faster")
         out(line)
+        if whole:
+            out(whole)
         result["projected_s"], result["eval_s"] = total_s, eval_s
     out("fungpt: dry run done (no run folder was written, only the prepared data's cache; drop --dry-run to "
         "train)")
@@ -283,8 +294,9 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
 
 
 def _time_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_optimizer, batch_loader,
-                progress: bool = False) -> float:
-    """Median seconds per optimizer step over `n` steps, after one warm-up step, set up as training sets up."""
+                progress: bool = False) -> tuple[float, int]:
+    """(median seconds per optimizer step, steps timed): `n` steps or more (see _timed_steps), after one warm-up
+    step, set up as training sets up."""
     from fungpt.hardware import keep_freed_memory
     from fungpt.linear import using_cpu_matmul
 
@@ -301,7 +313,7 @@ def _time_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_opt
 
 
 def _timed_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_optimizer, batch_loader,
-                 progress: bool = False) -> float:
+                 progress: bool = False) -> tuple[float, int]:
     from tqdm import tqdm
 
     from fungpt.data import bar_interval
@@ -328,7 +340,10 @@ def _timed_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_op
                disable=not progress)
     try:
         with bar, tf32_products() if device == "cuda" else contextlib.nullcontext():  # as training runs them
-            for i in range(n + 1):
+            i = 0
+            # n steps at least; short ones go on for a second (at most 20): a median of 3 steps of 0.1 s followed
+            # the machine's moment (62-175 ms for one shape, whose real steps took 86-144)
+            while i <= n or (len(times) < 20 and sum(times) < 1.0):
                 t0 = time.perf_counter()
                 for _ in range(tc.grad_accum_steps):
                     x, y = loader.next_batch()
@@ -343,7 +358,8 @@ def _timed_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_op
                     torch.cuda.synchronize()
                 if i > 0:  # the first step pays one-off costs (allocations, kernel selection)
                     times.append(time.perf_counter() - t0)
+                i += 1
     except torch.cuda.OutOfMemoryError:
         raise FunGPTError(out_of_memory_advice(cfg, prec)) from None
     times.sort()
-    return times[len(times) // 2]
+    return times[len(times) // 2], len(times)

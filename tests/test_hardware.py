@@ -256,6 +256,9 @@ def test_dry_run_counts_what_a_real_run_builds_and_writes_nothing(corpus, tmp_pa
     assert figures["tokens_per_step"] == 4 * 16
     assert figures["flops_per_step"] == real.flops_per_token() * 4 * 16
     assert figures["step_s"] > 0  # timed and figures["projected_s"] > 0
+    # the command's start-up and its checkpoint saves (not timed: a run that saves every few steps takes far longer)
+    assert re.search(r"\n  whole command  ~ [\d.]+ s with its start-up \(\d+ s here\), and 1 checkpoint save\(s\) "
+                     r"of [\d.]+ (KiB|MiB) each, not timed here\n", printed), printed
     # evals at steps 0 and 2 (max_iters 2 ends on no eval_interval multiple: the final one is its own)
     assert figures["eval_s"] == pytest.approx(2 * 2 * 2 * figures["step_s"] / 3)  # 2 evals x 2 splits x 2 batches
     # the whole val split scored at each eval (eval_full_val) is counted, not eval_iters batches of it
@@ -467,7 +470,7 @@ def test_dry_run_of_a_budget_counts_the_evals_of_the_steps_that_fit(corpus, tmp_
     them, the dry run said the budget "stops it after about 0 steps" of a run that then trained 3,124."""
     from fungpt.train import EXIT_RESERVE_S
 
-    monkeypatch.setattr(plan, "_time_steps", lambda *a, **k: 0.01)  # 10 ms per step, whatever this machine does
+    monkeypatch.setattr(plan, "_time_steps", lambda *a, **k: (0.01, 3))  # 10 ms per step, whatever this machine does
     cfg = tiny_config(corpus, tmp_path / "run", max_iters=100_000, eval_interval=20, eval_iters=2, max_minutes=0.25)
     started = time.time() - 4  # the command started 4 s before this call: the start-up before its steps
     figures = plan.dry_run(cfg, timed_steps=1, start_time=started)
@@ -477,8 +480,13 @@ def test_dry_run_of_a_budget_counts_the_evals_of_the_steps_that_fit(corpus, tmp_
     def fit(startup: float) -> int:
         return int((15 - startup - one_eval - EXIT_RESERVE_S) / (0.01 + one_eval / 20))
 
-    said = re.search(r"max_minutes = 0.25 stops it after about ([\d,]+) steps", capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    said = re.search(r"max_minutes = 0.25 stops it after about ([\d,]+) steps", printed)
     assert said and fit(4 + 5) <= int(said[1].replace(",", "")) <= fit(4)  # (the call's own work: under 5 s)
+    # the budget is said first, what max_iters would take after it (a million steps of a budget preset: days);
+    # no "whole command" line: the budget covers it
+    assert re.search(r"ms per step \(median of 3\): max_minutes = 0\.25 stops it after about [\d,]+ steps "
+                     r"\(100,000 steps \+ evals would take [\d.]+ min\)\n", printed) and "whole command" not in printed
     plan.dry_run(cfg, timed_steps=1, start_time=time.time() - 16)  # a start-up longer than the budget
     assert "max_minutes = 0.25 leaves no time for a step after the start-up and the final eval: training would " \
            "refuse it" in capsys.readouterr().out
