@@ -33,6 +33,7 @@ import os
 import secrets
 import shutil
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -100,10 +101,12 @@ def temp_stem(name: str) -> str:
 STALE_TEMP_S = 3600  # a temporary untouched this long was left by a command that was killed (no live one is so slow)
 
 
-def remove_stale_temps_named(folder: Path, pattern: str) -> None:
+def remove_stale_temps_named(folder: Path, pattern: str, holding: Collection[str] = ()) -> None:
     """Delete the temporaries in `folder` whose whole name matches the regex `pattern`, by age: nothing in them
     written for STALE_TEMP_S. A command killed before it could clean up (kill -9, out of memory, power loss) leaves
-    them; a live command's are younger. (Not by process id: another machine or container can share the folder.)"""
+    them; a live command's are younger. (Not by process id: another machine or container can share the folder.)
+    A folder is removed only when it holds nothing but the files named in `holding` and hidden temporaries
+    (.NAME.tmp-...): a folder of the user's whose name happens to match is never taken for one."""
     import re
     import time
 
@@ -115,7 +118,11 @@ def remove_stale_temps_named(folder: Path, pattern: str) -> None:
                     continue
                 times = [path.stat().st_mtime]
                 if path.is_dir():
-                    times += [p.lstat().st_mtime for p in path.iterdir()]
+                    inside = list(path.iterdir())
+                    if not all(p.is_file() and (p.name in holding or p.name.startswith(".") and ".tmp-" in p.name)
+                               for p in inside):
+                        continue
+                    times += [p.lstat().st_mtime for p in inside]
                 if now - max(times) > STALE_TEMP_S:
                     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
 

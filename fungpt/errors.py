@@ -16,7 +16,8 @@ class FunGPTError(Exception):
 
 
 def check_run_given(run_dir) -> None:
-    """Refuse an empty run folder argument: Path("") is the current folder, so a `RUN="$UNSET"` would read it."""
+    """Refuse an empty run folder argument (a string: Path("") is already the current folder, "."), which would
+    read the current folder: `fungpt sample "$RUN"` with RUN unset."""
     if not str(run_dir).strip():
         raise FunGPTError("the run folder is empty: pass the out_dir of a training run")
 

@@ -259,8 +259,9 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
         # and saves checkpoints, which are not timed here: a run that saves every few steps takes far longer
         saves = (steps // tc.checkpoint_interval + (steps % tc.checkpoint_interval != 0)) if steps else 0
         whole = (f"  whole command  ~ {_fmt_duration(total_s + timed_at - start_time)} with its start-up "
-                 f"({timed_at - start_time:.0f} s here), and {saves:,} checkpoint save(s) of "
-                 f"{_fmt_bytes(mem['weights'] + mem['optimizer'])} each, not timed here")
+                 f"({timed_at - start_time:.0f} s here); not timed here: {saves:,} checkpoint save(s) of "
+                 f"{_fmt_bytes(mem['weights'] + mem['optimizer'])} each, and up to {evals:,} of the best weights "
+                 f"({_fmt_bytes(mem['weights'])}), one after each eval that improves on the val loss")
         if budget_s is not None and total_s > budget_s:
             # The budget also covers the start-up (imports, data, model: about what this command took until the
             # steps were timed), the final eval and the exit; and each step its share of the evals every
@@ -335,7 +336,7 @@ def _timed_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_op
     times = []
     # A big model's steps take minutes on a CPU (a GPT-2 fine-tune): a bar then, over the micro-batches, on stderr
     # (the plan goes to stdout); none when they take under a second
-    bar = tqdm(total=(n + 1) * tc.grad_accum_steps, desc=f"timing {n} steps (+1 warm-up)", unit="batch",
+    bar = tqdm(total=(n + 1) * tc.grad_accum_steps, desc="timing steps (+1 warm-up)", unit="batch",
                leave=False, dynamic_ncols=True, delay=1.0, mininterval=bar_interval(), file=sys.stderr,
                disable=not progress)
     try:
@@ -359,6 +360,8 @@ def _timed_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_op
                 if i > 0:  # the first step pays one-off costs (allocations, kernel selection)
                     times.append(time.perf_counter() - t0)
                 i += 1
+                if i > n:  # (a step more: the bar counts it in)
+                    bar.total = (i + 1) * tc.grad_accum_steps
     except torch.cuda.OutOfMemoryError:
         raise FunGPTError(out_of_memory_advice(cfg, prec)) from None
     times.sort()

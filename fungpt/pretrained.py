@@ -52,6 +52,7 @@ HUB_NAMES = tuple(HUB_SHAPES)
 # What we need from a hub repository: the config, the weights and the tokenizer (not the
 # TensorFlow, Flax, ONNX... copies of the weights that the gpt2 repositories also hold).
 HUB_FILES = ["config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt"]
+EXPORT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")  # what export writes
 # [model] fields that a fine-tuning config may set differently from the checkpoint.
 OVERRIDABLE = ("block_size", "dropout")
 # Text used to check that two tokenizers agree: letters, digits, punctuation, whitespace runs,
@@ -296,7 +297,8 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "last"
                               f"another --out") from None
         raise FunGPTError(f"cannot create the folder for --out {out}: {e.filename}: {e.strerror}") from None
     # (an export killed before it could clean up left a folder the size of the weights beside --out)
-    remove_stale_temps_named(out.parent, rf"{re.escape(temp_stem(out.name))}\.tmp-\d+-[a-z0-9_]{{8}}")
+    remove_stale_temps_named(out.parent, rf"{re.escape(temp_stem(out.name))}\.tmp-\d+-[a-z0-9_]{{8}}",
+                             holding=EXPORT_FILES)
     try:
         # A new folder of its own (mkdtemp: a random name that did not exist), never one planted there in advance
         tmp = Path(tempfile.mkdtemp(prefix=f"{temp_stem(out.name)}.tmp-{os.getpid()}-", dir=out.parent))

@@ -225,7 +225,7 @@ class Tokenizer:
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps_named(directory, TOKENIZER_TEMP)  # (left by a save that was killed)
+        remove_stale_temps_named(directory, TOKENIZER_TEMP, holding=(META_FILE, BPE_FILE))  # (a killed save's)
         tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.tmp-", dir=directory))
         try:
             meta = {"kind": self.name, **self._save_files(tmp)}

@@ -687,16 +687,20 @@ def check_resume_tokenizer(data_dir: Path, out_dir: Path) -> None:
     which = ("" if old.vocab_size != new.vocab_size
              else f"; id {bad} is {new.token_text(bad)!r} instead of {old.token_text(bad)!r}")
     advice = "resume with the original data and tokenizer, or train into a new out_dir"
-    if old.name == new.name == "bpe":  # (maybe learned again from the same text)
-        # Another FunGPT version may learn other merges from the same text (encoded_as_the_run re-encodes such text
-        # with the run's tokenizer where it can tell the text is the same). The folder the run read holds its ids.
-        try:
-            was = Path(read_json(out_dir / "run.json")["data_dir"])
-        except (OSError, ValueError, KeyError, TypeError):
-            was = None
-        advice = ("a BPE learned again (by another FunGPT version?) can hold other merges from the same text: "
-                  + (f"pass the folder the run read, --data.path {was}, or train into a new out_dir"
-                     if was is not None and is_prepared(was) else advice))
+    try:  # the prepared folder the run read (run.json): it holds the run's own ids, while it is there as it was
+        was = Path(read_json(out_dir / "run.json")["data_dir"])
+        if (is_prepared(was) and was.resolve() != data_dir.resolve()
+                and old.first_difference(load_tokenizer(was)) is None):  # (not prepared again since)
+            # The same text, where another FunGPT version learned other merges from it (encoded_as_the_run
+            # re-encodes such text with the run's tokenizer where the checkpoint says which text it was)
+            text = load_meta(was).get("source_sha256")
+            same = old.name == new.name == "bpe" and text is not None and text == load_meta(data_dir).get(
+                "source_sha256")
+            advice = (("a BPE learned again (by another FunGPT version?) holds other merges from the same text: "
+                       if same else "") + f"resume with the data the run read, --data.path {was}, or train into a new "
+                      f"out_dir")
+    except (OSError, ValueError, KeyError, TypeError, FunGPTError):
+        pass
     raise FunGPTError(f"cannot resume {out_dir}: the data is encoded with a tokenizer whose ids mean other text than "
                       f"in the checkpoint's ({new.describe()} vs {old.describe()}{which}); {advice}")
 
@@ -908,10 +912,10 @@ def numerics_notes(saved: dict[str, Any], now: dict[str, Any], step: int) -> lis
     if changed:
         return [f"fungpt: note: the arithmetic changed since step {step} ({', '.join(changed)}): from here the losses "
                 f"differ from an uninterrupted run's {how}"]
-    unknown = [k for k in NUMERICS if k not in saved]  # (run.json of an older FunGPT, or none: nothing to compare)
+    unknown = [k for k in NUMERICS if k not in saved]  # (run.json of an older FunGPT: nothing to compare with)
     return [f"fungpt: note: run.json does not say which {', '.join(unknown)} the steps before {step} ran with (an "
             f"older FunGPT wrote it): if the arithmetic changed since, the losses from here differ from an "
-            f"uninterrupted run's in the last digits"] if unknown else []
+            f"uninterrupted run's"] if unknown else []
 
 
 def get_lr(it: float, tc: TrainConfig) -> float:
@@ -1618,10 +1622,11 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         if folder is not None:
             try:
                 saved_info = read_json(out_dir / "run.json")
-            except (OSError, ValueError):  # missing or damaged: nothing to compare with
-                saved_info = {}
-            for note in numerics_notes(saved_info if isinstance(saved_info, dict) else {}, run_info, step):
-                say(note)
+            except (OSError, ValueError):  # missing or damaged: nothing to compare with, and nothing to say of it
+                saved_info = None
+            if isinstance(saved_info, dict):
+                for note in numerics_notes(saved_info, run_info, step):
+                    say(note)
         ckpt.atomic_write_text(out_dir / "run.json", json.dumps(run_info, indent=2))
         if folder is None:  # a resumed run's tokenizer files are already there, checked to match the data's
             load_tokenizer(data_dir).save(out_dir)

@@ -51,6 +51,19 @@ def _own_dataset_cache(tmp_path_factory, monkeypatch) -> None:
     monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path_factory.mktemp("fungpt-cache")))
 
 
+@pytest.fixture(scope="module")
+def two_threads():
+    """Torch on two threads for a module's tests, as on this machine, whatever OMP_NUM_THREADS says: decoding
+    splits its products' rows over the threads (one bag per thread), and cached == uncached must hold there
+    too. (Set at a module's import, it held for every test of the session.)"""
+    import torch
+
+    kept = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(kept)
+
+
 @pytest.fixture()
 def corpus(tmp_path, monkeypatch) -> Path:
     """A small text file with some structure to learn; datasets are cached inside tmp_path."""

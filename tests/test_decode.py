@@ -11,15 +11,7 @@ from fungpt.linear import Linear
 from fungpt.model import GPT, GPTConfig
 from fungpt.positions import POS_ENCODINGS
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _two_threads():
-    """The decoding step's products split their rows over the threads (one bag per thread): two, as on this
-    machine, whatever OMP_NUM_THREADS says. (Set at import, it held for every test of the session.)"""
-    kept = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(kept)
+pytestmark = pytest.mark.usefixtures("two_threads")  # (decoding's row sums: one bag per thread)
 
 VARIANTS = [
     {},  # GPT-2: LayerNorm, tanh GELU, biases, tied head

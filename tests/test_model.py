@@ -14,6 +14,8 @@ from fungpt.model import GPT, GPTConfig, KVCache, make_activation, make_norm, sa
 from fungpt.positions import POS_ENCODINGS, RotaryPositions
 from fungpt.sampling import sampling_probs
 
+pytestmark = pytest.mark.usefixtures("two_threads")  # (the cached == uncached checks on decoding's row sums)
+
 
 def tiny(**kw) -> GPTConfig:
     base = dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)

@@ -2432,21 +2432,22 @@ def test_temporaries_of_killed_commands_do_not_pile_up(world, tmp_path):
     out = copy_run(world, tmp_path)
     hour_ago = time.time() - ckpt.STALE_TEMP_S - 60
 
-    def left(parent: Path, name: str, old: bool = True) -> Path:
+    def left(parent: Path, name: str, old: bool = True, holding: str = "model.safetensors") -> Path:
         path = parent / name
         if name.endswith(".png"):
             path.write_bytes(b"half an image")
         else:
             path.mkdir()
-            (path / "model.safetensors").write_bytes(b"half the weights")
-            os.utime(path / "model.safetensors", (hour_ago, hour_ago) if old else None)
+            (path / holding).write_bytes(b"half a file")
+            os.utime(path / holding, (hour_ago, hour_ago) if old else None)
         os.utime(path, (hour_ago, hour_ago) if old else None)
         return path
 
     stale = [left(tmp_path, "exp.tmp-123-abcd_e9z"), left(tmp_path, ".loss.tmp-123-0123abcd.png"),
-             left(out, ".tokenizer.tmp-k2j4l5m6")]
+             left(out, ".tokenizer.tmp-k2j4l5m6", holding="tokenizer.json")]
     kept = [left(tmp_path, "exp.tmp-124-abcdefgh", old=False), left(tmp_path, ".loss.tmp-124-0123abce.png", old=False),
             left(tmp_path, "exp.tmp-notes"), left(tmp_path, ".loss.tmp-old.png"), left(tmp_path, "exp2.tmp-1-abcdefgh")]
+    kept.append(left(tmp_path, "exp.tmp-2-snapshot", holding="notes.txt"))  # named like one, but the user's
     export_hf(out, tmp_path / "exp")
     plot_runs([out], tmp_path / "loss.png")
     load_tokenizer(out).save(out)

@@ -1153,8 +1153,16 @@ def test_a_bpe_run_resumes_where_another_version_learns_other_merges(corpus, tmp
     with pytest.raises(FunGPTError) as refused:
         train_module.check_resume_tokenizer(other, Path(cfg.out_dir))
     read = json.loads((Path(cfg.out_dir) / "run.json").read_text())["data_dir"]
-    assert str(refused.value).endswith(f"can hold other merges from the same text: pass the folder the run read, "
-                                       f"--data.path {read}, or train into a new out_dir")
+    assert str(refused.value).endswith(f"; a BPE learned again (by another FunGPT version?) holds other merges from "
+                                       f"the same text: resume with the data the run read, --data.path {read}, or "
+                                       f"train into a new out_dir")
+    # The folder the run read, prepared again since (here: the folder given itself): not named, the usual advice
+    run_json = Path(cfg.out_dir) / "run.json"
+    run_json.write_text(json.dumps({**json.loads(run_json.read_text()), "data_dir": str(other)}))
+    with pytest.raises(FunGPTError) as refused:
+        train_module.check_resume_tokenizer(other, Path(cfg.out_dir))
+    assert str(refused.value).endswith("; resume with the original data and tokenizer, or train into a new out_dir")
+    run_json.write_text(json.dumps({**json.loads(run_json.read_text()), "data_dir": read}))
     cfg.data = dataclasses.replace(cfg.data, path=read)
     assert train(cfg, resume=True, progress=False)["step"] == 8
 
