@@ -101,12 +101,13 @@ def temp_stem(name: str) -> str:
 STALE_TEMP_S = 3600  # a temporary untouched this long was left by a command that was killed (no live one is so slow)
 
 
-def remove_stale_temps_named(folder: Path, pattern: str, holding: Collection[str] = ()) -> None:
+def remove_stale_temps_named(folder: Path, pattern: str, holding: Collection[str] | None = None) -> None:
     """Delete the temporaries in `folder` whose whole name matches the regex `pattern`, by age: nothing in them
     written for STALE_TEMP_S. A command killed before it could clean up (kill -9, out of memory, power loss) leaves
     them; a live command's are younger. (Not by process id: another machine or container can share the folder.)
-    A folder is removed only when it holds nothing but the files named in `holding` and hidden temporaries
-    (.NAME.tmp-...): a folder of the user's whose name happens to match is never taken for one."""
+    holding: the temporaries are folders (a command's mkdtemp), removed only when they hold nothing but these files
+    and hidden temporaries (.NAME.tmp-...): a file or folder of the user's whose name happens to match is never
+    taken for one. None: the temporaries are files."""
     import re
     import time
 
@@ -116,15 +117,18 @@ def remove_stale_temps_named(folder: Path, pattern: str, holding: Collection[str
             with contextlib.suppress(OSError):
                 if not name.fullmatch(path.name) or path.is_symlink():
                     continue
+                if path.is_dir() != (holding is not None):
+                    continue
                 times = [path.stat().st_mtime]
-                if path.is_dir():
+                if holding is not None:
                     inside = list(path.iterdir())
-                    if not all(p.is_file() and (p.name in holding or p.name.startswith(".") and ".tmp-" in p.name)
-                               for p in inside):
+                    ours = (p.is_file() and not p.is_symlink()
+                            and (p.name in holding or p.name.startswith(".") and ".tmp-" in p.name) for p in inside)
+                    if not all(ours):
                         continue
                     times += [p.lstat().st_mtime for p in inside]
                 if now - max(times) > STALE_TEMP_S:
-                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+                    shutil.rmtree(path, ignore_errors=True) if holding is not None else path.unlink()
 
 
 def file_in_the_way(path: Path) -> Path | None:

@@ -260,8 +260,9 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
         saves = (steps // tc.checkpoint_interval + (steps % tc.checkpoint_interval != 0)) if steps else 0
         whole = (f"  whole command  ~ {_fmt_duration(total_s + timed_at - start_time)} with its start-up "
                  f"({timed_at - start_time:.0f} s here); not timed here: {saves:,} checkpoint save(s) of "
-                 f"{_fmt_bytes(mem['weights'] + mem['optimizer'])} each, and up to {evals:,} of the best weights "
-                 f"({_fmt_bytes(mem['weights'])}), one after each eval that improves on the val loss")
+                 f"{_fmt_bytes(mem['weights'] + mem['optimizer'])} each, and up to {evals:,} save(s) of the best "
+                 f"weights ({_fmt_bytes(mem['weights'])}), one after each eval that improves on the val loss"
+                 ) if steps else ""  # (nothing to train: no command to speak of)
         if budget_s is not None and total_s > budget_s:
             # The budget also covers the start-up (imports, data, model: about what this command took until the
             # steps were timed), the final eval and the exit; and each step its share of the evals every

@@ -72,8 +72,9 @@ def sampling_probs(
     logits = logits.float()
     # Shifted so that the largest is 0 (softmax is unchanged by a shift): a tiny temperature then sends the
     # others to -inf instead of every logit to +-inf (NaN after softmax). Below 1e-30 (which float32 still
-    # holds; 1e-300 would round to 0) the distribution is already all on the largest logits.
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, 1e-30)  # (..., V)
+    # holds; 1e-300 would round to 0) the distribution is already all on the largest logits; above 1e30 it is
+    # already flat (beyond float32's 3.4e38 the temperature would be inf, and a masked -inf logit over it NaN).
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / min(max(temperature, 1e-30), 1e30)  # (..., V)
     if top_k is not None:
         if top_k < 1:
             raise FunGPTError(f"top_k={top_k} must be >= 1 (or None to disable)")

@@ -258,8 +258,8 @@ def test_dry_run_counts_what_a_real_run_builds_and_writes_nothing(corpus, tmp_pa
     assert figures["step_s"] > 0  # timed and figures["projected_s"] > 0
     # the command's start-up and its checkpoint saves (not timed: a run that saves every few steps takes far longer)
     assert re.search(r"\n  whole command  ~ [\d.]+ s with its start-up \(\d+ s here\); not timed here: 1 checkpoint "
-                     r"save\(s\) of [\d.]+ MiB each, and up to 2 of the best weights \([\d.]+ MiB\), one after each "
-                     r"eval that improves on the val loss\n", printed), printed
+                     r"save\(s\) of [\d.]+ MiB each, and up to 2 save\(s\) of the best weights \([\d.]+ MiB\), one "
+                     r"after each eval that improves on the val loss\n", printed), printed
     # evals at steps 0 and 2 (max_iters 2 ends on no eval_interval multiple: the final one is its own)
     assert figures["eval_s"] == pytest.approx(2 * 2 * 2 * figures["step_s"] / 3)  # 2 evals x 2 splits x 2 batches
     # the whole val split scored at each eval (eval_full_val) is counted, not eval_iters batches of it

@@ -326,6 +326,9 @@ def test_a_tiny_temperature_samples_the_largest_logits_not_nan():
         probs = sampling_probs(logits, temperature=t)
         assert torch.equal(probs, torch.tensor([[0.0, 0.5, 0.0, 0.5], [1.0, 0.0, 0.0, 0.0]]))
     assert allowed_tokens(logits[1:], temperature=1e-300) == {0}
+    # a huge one, beyond float32 (inf there), over a masked -inf logit: flat over the others, not NaN
+    masked = torch.tensor([[1.0, float("-inf"), 3.0, 2.0]])
+    assert torch.allclose(sampling_probs(masked, temperature=1e39), torch.tensor([[1 / 3, 0.0, 1 / 3, 1 / 3]]))
 
 
 def test_top_k_keeps_exactly_the_k_largest_and_ties():

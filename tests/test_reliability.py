@@ -2448,6 +2448,9 @@ def test_temporaries_of_killed_commands_do_not_pile_up(world, tmp_path):
     kept = [left(tmp_path, "exp.tmp-124-abcdefgh", old=False), left(tmp_path, ".loss.tmp-124-0123abce.png", old=False),
             left(tmp_path, "exp.tmp-notes"), left(tmp_path, ".loss.tmp-old.png"), left(tmp_path, "exp2.tmp-1-abcdefgh")]
     kept.append(left(tmp_path, "exp.tmp-2-snapshot", holding="notes.txt"))  # named like one, but the user's
+    kept.append(tmp_path / "exp.tmp-3-backup01")  # a file named like an export's temporary (a folder)
+    kept[-1].write_text("my notes")
+    os.utime(kept[-1], (hour_ago, hour_ago))
     export_hf(out, tmp_path / "exp")
     plot_runs([out], tmp_path / "loss.png")
     load_tokenizer(out).save(out)
