@@ -30,8 +30,10 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import shutil
+import time
 import warnings
 from collections.abc import Collection
 from pathlib import Path
@@ -108,9 +110,6 @@ def remove_stale_temps_named(folder: Path, pattern: str, holding: Collection[str
     holding: the temporaries are folders (a command's mkdtemp), removed only when they hold nothing but these files
     and hidden temporaries (.NAME.tmp-...): a file or folder of the user's whose name happens to match is never
     taken for one. None: the temporaries are files."""
-    import re
-    import time
-
     name, now = re.compile(pattern), time.time()
     with contextlib.suppress(OSError):
         for path in folder.iterdir():
@@ -288,8 +287,6 @@ def checkpoint_folders(out_dir: Path, kind: str, temporaries: bool = False) -> l
     """The `kind` checkpoint folders in out_dir/checkpoints, by the names saving gives them (KIND-STEP or
     KIND-STEP.N: a copy a user keeps there under another name, e.g. latest-0000040-keep, is not one); with
     temporaries, also half-written ones left by a save that was killed (.KIND-STEP.tmp-PID)."""
-    import re
-
     parent = Path(out_dir) / "checkpoints"
     ours = re.compile(rf"{re.escape(kind)}-\d{{7,}}(\.\d+)?")
     return [*(p for p in parent.glob(f"{kind}-*") if ours.fullmatch(p.name)),
