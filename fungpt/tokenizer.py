@@ -43,6 +43,7 @@ import operator
 import os
 import re
 import threading
+import unicodedata
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -373,13 +374,21 @@ class CharTokenizer(Tokenizer):
         ids = self._table[codes]
         if ids.size and ids.min() < 0:
             pos = int(np.argmax(ids < 0))
+            ch = text[pos]
+            # (a combining mark printed bare lands on the quote before it; the same letter in another Unicode form,
+            # e.g. e + U+0308 typed on macOS for the corpus's precomposed ë, encodes once normalised)
+            nfc = unicodedata.normalize("NFC", text)
             fix = ("the text has line endings in \\r (Windows: \\r\\n): convert them to \\n first (e.g. dos2unix)"
-                   if text[pos] == "\r" else not_utf8(text[pos])
+                   if ch == "\r" else not_utf8(ch)
+                   or ("the text's letters are in another Unicode form than the training text's: normalise it to "
+                       "NFC (unicodedata.normalize('NFC', text))" if nfc != text and (self._table[np.frombuffer(
+                           nfc.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)] >= 0).all() else "")
                    or "remove it from the text (a char model knows only the characters it was trained on), or train "
                       "with a bpe tokenizer")
+            name = unicodedata.name(ch, "") if len(ch) == 1 else ""
             raise FunGPTError(
-                f"character {text[pos]!r} at position {offset + pos:,} is not in this char-level vocabulary "
-                f"({self.vocab_size} characters seen in training); {fix}"
+                f"character {ch!r} (U+{ord(ch):04X}{' ' + name if name else ''}) at position {offset + pos:,} is not "
+                f"in this char-level vocabulary ({self.vocab_size} characters seen in training); {fix}"
             )
         return ids
 

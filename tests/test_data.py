@@ -160,7 +160,8 @@ def test_encode_file_reads_in_chunks_with_the_ids_of_the_whole_text(tmp_path, co
     # a char vocabulary names an unknown character where it is in the file, not where it is in its piece
     char_tok = load_tokenizer(prepare(corpus, tmp_path / "char", tokenizer="char", progress=False))
     path.write_text(TEXT + "\u00e9", encoding="utf-8")
-    with pytest.raises(FunGPTError, match=rf"'\u00e9' at position {len(TEXT):,} "):
+    with pytest.raises(FunGPTError, match=rf"'\u00e9' \(U\+00E9 LATIN SMALL LETTER E WITH ACUTE\) at position "
+                                          rf"{len(TEXT):,} "):
         encode_file(path, char_tok)
     path.write_bytes(TEXT.encode() + b"\xff")
     with pytest.raises(FunGPTError, match=rf"not valid UTF-8 \(bad byte at offset {len(TEXT)}\); convert it to UTF-8"):
