@@ -377,20 +377,24 @@ class CharTokenizer(Tokenizer):
             ch = text[pos]
             # (a combining mark printed bare lands on the quote before it; the same letter in another Unicode form,
             # e.g. e + U+0308 typed on macOS for the corpus's precomposed ë, encodes once normalised)
-            nfc = unicodedata.normalize("NFC", text)
             fix = ("the text has line endings in \\r (Windows: \\r\\n): convert them to \\n first (e.g. dos2unix)"
                    if ch == "\r" else not_utf8(ch)
                    or ("the text's letters are in another Unicode form than the training text's: normalise it to "
-                       "NFC (unicodedata.normalize('NFC', text))" if nfc != text and (self._table[np.frombuffer(
-                           nfc.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)] >= 0).all() else "")
+                       "NFC (unicodedata.normalize('NFC', text))" if self._encodes_once_normalised(text) else "")
                    or "remove it from the text (a char model knows only the characters it was trained on), or train "
                       "with a bpe tokenizer")
-            name = unicodedata.name(ch, "") if len(ch) == 1 else ""
+            name = unicodedata.name(ch, "")  # ("" for a character without one: a control, a lone surrogate)
             raise FunGPTError(
                 f"character {ch!r} (U+{ord(ch):04X}{' ' + name if name else ''}) at position {offset + pos:,} is not "
                 f"in this char-level vocabulary ({self.vocab_size} characters seen in training); {fix}"
             )
         return ids
+
+    def _encodes_once_normalised(self, text: str) -> bool:
+        """Whether `text`, which holds characters this vocabulary lacks, encodes in NFC (composed) form."""
+        nfc = unicodedata.normalize("NFC", text)
+        codes = np.frombuffer(nfc.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        return nfc != text and bool((self._table[codes] >= 0).all())
 
     def encode(self, text: str) -> list[int]:
         return self.encode_array(text).tolist()
