@@ -353,12 +353,13 @@ def eval_command(run: RunFolder, input: str | None = None, checkpoint: Literal["
     print_eval(result)
 
 
-def plot_command(runs: tyro.conf.Positional[list[str]], x: Literal["step", "tokens", "time"] = "step",
+def plot_command(runs: Annotated[list[str], tyro.conf.Positional, tyro.conf.arg(metavar="RUN [RUN ...]")],
+                 x: Literal["step", "tokens", "time"] = "step",
                  out: str = "loss.png") -> None:
     """Plot train and val loss of one or several runs on one figure.
 
     Args:
-        runs: Run folders to compare.
+        runs: Run folders to compare: one or more.
         x: The x axis: step, tokens or (wall) time.
         out: Image to write (.png, .svg or .pdf).
     """
@@ -419,9 +420,10 @@ def positions_command(pos_encoding: Literal["auto", "learned", "sinusoidal", "ro
     """Draw a position encoding: sinusoidal table, RoPE frequencies and relative scores, or a learned table.
 
     Args:
-        pos_encoding: Which encoding to draw (none has nothing to draw, and says why); auto: the --run's own.
+        pos_encoding: Which encoding to draw (none has nothing to draw, and says why); auto: the --run's own
+            (without --run, name sinusoidal or rope).
         run: A run folder: its shape (context, width, heads) is used, and for learned its trained table.
-            Without it, the shape is the shakespeare-char-cpu model's.
+            Without it, the shape is the shakespeare-char-cpu model's (and learned has no table to draw).
         out: Image to write (.png, .svg or .pdf).
     """
     from fungpt.viz import plot_positions
@@ -437,7 +439,8 @@ def positions_command(pos_encoding: Literal["auto", "learned", "sinusoidal", "ro
                 raise FunGPTError(f"{run} has pos_encoding = 'none': there is no position encoding to draw; pass "
                                   f"--pos-encoding sinusoidal or rope to draw one at its shape")
     if pos_encoding == "auto":
-        raise FunGPTError("say which encoding to draw: --pos-encoding learned|sinusoidal|rope, or pass --run RUN")
+        raise FunGPTError("say which encoding to draw: --pos-encoding sinusoidal|rope, or pass --run RUN to draw its "
+                          "own (a learned table exists only in a trained run)")
     print(f"fungpt: wrote {plot_positions(pos_encoding, out, run=loaded)}")
 
 

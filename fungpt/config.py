@@ -129,9 +129,10 @@ class TrainConfig:
     compile: bool = False
     """Compile the model with torch.compile (the saved weights are always the uncompiled model's)."""
     cpu_matmul: str = "auto"
-    """Library for float32 matrix products on a CPU: auto ($FUNGPT_CPU_MATMUL if set, else oneDNN on AMD CPUs
-    with AVX-512, where torch's MKL runs its AVX2 kernels: slower on a Zen 5, about as fast on a Zen 4; and torch's
-    default elsewhere), onednn, or torch (see fungpt/linear.py). The library used is recorded in run.json."""
+    """Library for float32 matrix products on a CPU: auto ($FUNGPT_CPU_MATMUL if set, else oneDNN on AVX-512
+    CPUs not made by Intel, such as AMD's, where torch's MKL runs its AVX2 kernels: slower on a Zen 5, about as
+    fast on a Zen 4; and torch's default elsewhere), onednn, or torch (see fungpt/linear.py). The library used is
+    recorded in run.json."""
     max_minutes: float | None = None
     """Wall-clock budget for the whole command; when set, the lr schedule runs on the fraction of the
     budget used instead of on steps, and training ends with a final eval and checkpoint on time. The

@@ -235,7 +235,7 @@ class Decoder:
             L.v_all.index_copy_(2, pos, L.v)
             y = F.scaled_dot_product_attention(q, L.k_all.narrow(2, 0, T), L.v_all.narrow(2, 0, T))
             # y (1, nh, 1, hs): one query may see every cached position, so no mask
-            x = L.c_proj(y.view(C), x)  # x + attention(...)
+            x = L.c_proj(y.view(C), x)  # x + attention(...); y (1, nh, 1, hs) -> (C,), the heads side by side
             x = L.mlp_proj(L.act(L.c_fc(L.ln_2(x))), x)  # x + mlp(...)
         self.cache.pos = T
         return x

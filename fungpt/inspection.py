@@ -56,14 +56,22 @@ def parameter_rows(model: GPT) -> list[tuple[str, str, int]]:
     return rows
 
 
+def muon_numel(model: GPT) -> int:
+    """How many weights Muon steps with optimizer = "muon": the blocks' matrices (train.configure_optimizer)."""
+    return sum(p.numel() for name, p in model.named_parameters() if name.startswith("blocks.") and p.dim() == 2)
+
+
 def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", attn_impl: str = "sdpa",
-                    block_size: int | None = None, device: str = "cpu", num_params: int | None = None) -> dict:
+                    block_size: int | None = None, device: str = "cpu", num_params: int | None = None,
+                    optimizer: str = "adamw") -> dict:
     """Estimated training memory in bytes, for one micro-batch of batch_size x block_size tokens.
 
     weights      N x 4 bytes     FunGPT keeps float32 weights even with a 16-bit dtype (autocast
                                  computes in 16 bits from these float32 "master" weights)
     grads        N x 4 bytes     one float32 gradient per weight
-    optimizer    2 N x 4 bytes   AdamW's two running averages (m and v) per weight
+    optimizer    2 N x 4 bytes   AdamW's two running averages (m and v) per weight; with optimizer =
+                                 "muon", one (its momentum) for the M weights of the blocks' matrices:
+                                 (2 N - M) x 4 bytes
     activations  an ESTIMATE of the tensors the forward pass keeps for the backward pass, with
                  s = bytes per element of `dtype`, B = batch_size, T = block_size, C = n_embd:
                    per block   s * 16 B T C        inputs of both norms and of the four Linear layers
@@ -122,11 +130,13 @@ def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", 
     # held about 2.5 GiB in a real run, against 0.65 GiB estimated without them, before the training loop dropped
     # the logits)
     temporaries = 2 * (s * (16 + extra) * B * T * C + square) + n * FP32 + 2 * FP32 * B * T * V
-    mem = {"weights": n * FP32, "grads": n * FP32, "optimizer": 2 * n * FP32, "activations": activations,
+    muon = muon_numel(meta_model(config)) if optimizer == "muon" else 0  # (Muon keeps one buffer, AdamW two)
+    mem = {"weights": n * FP32, "grads": n * FP32, "optimizer": (2 * n - muon) * FP32, "activations": activations,
            "weight_copies": n * s if s < FP32 else 0, "temporaries": temporaries}
     mem["total"] = sum(mem.values())
     mem["kv_cache"] = 2 * L * B * T * C * FP32  # (generation runs the float32 weights: model.make_kv_cache)
-    mem.update(params=n, batch_size=B, block_size=T, dtype=dtype, attn_impl=attn_impl, device=device)
+    mem.update(params=n, optimizer_name="AdamW + Muon" if muon else "AdamW", batch_size=B, block_size=T, dtype=dtype,
+               attn_impl=attn_impl, device=device)
     return mem
 
 
@@ -256,7 +266,7 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
         flops_per_token_train=model.flops_per_token(), flops_per_token_forward=model.flops_per_token() // 3,
         # (every process's batches; the run's own batch size: --batch-size asks only for the memory at another)
         tokens_per_step=tc.batch_size * cfg.model.block_size * tc.grad_accum_steps * world_size,
-        memory=estimate_memory(cfg.model, B, dtype, device=device),
+        memory=estimate_memory(cfg.model, B, dtype, device=device, optimizer=tc.optimizer),
     )
     if info["tokens_seen"] is not None:
         info["train_flops_so_far"] = info["flops_per_token_train"] * info["tokens_seen"]
@@ -303,7 +313,7 @@ def format_report(info: dict) -> str:
                   f"(estimate, see fungpt.inspection.estimate_memory)",
               f"  weights (float32)                   {human_bytes(mem['weights']):>10}",
               f"  gradients (float32)                 {human_bytes(mem['grads']):>10}",
-              f"  AdamW state (2 x float32)           {human_bytes(mem['optimizer']):>10}",
+              f"  {mem['optimizer_name'] + ' state (float32)':<36}{human_bytes(mem['optimizer']):>10}",
               f"  activations (estimate)              {human_bytes(mem['activations']):>10}",
               f"  backward temporaries (estimate)     {human_bytes(mem['temporaries']):>10}",
               *([f"  16-bit weight copies (autocast)     {human_bytes(mem['weight_copies']):>10}"]

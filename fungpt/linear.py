@@ -104,6 +104,7 @@ def onednn_works() -> bool:
         w = torch.arange(64, dtype=torch.float32).view(4, 16).cos()
         # in float32 whatever the caller's context (asked first inside autocast, F.linear gave bfloat16: "no")
         with torch.autocast("cpu", enabled=False), torch.no_grad():
+            # (the products are sums of 16 terms of size <= 1: float32 rounding of another summation order is ~1e-6)
             return torch.allclose(onednn_linear(x, w, None), F.linear(x, w), atol=1e-5)
     except (RuntimeError, AttributeError):
         return False
@@ -259,6 +260,7 @@ class Linear(nn.Linear):
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
             return OneDNNLinear.apply(x, w, b)
         # No backward needed (evaluation, prefill): skip autograd.Function's ~14 us per call.
+        # (..., in) -> (M, in) rows -> (M, out) -> (..., out)
         return onednn_linear(x.reshape(-1, x.size(-1)), w, b).view(*x.shape[:-1], self.out_features)
 
     def _onednn_apply(self) -> bool:
@@ -305,7 +307,7 @@ class Linear(nn.Linear):
             weight_t, bags = self._row_table()
             return row_product_into(weight_t, self.bias, bags, out)
         dense = self._dense()
-        return lambda x: out.copy_(dense(x).view(1, -1))
+        return lambda x: out.copy_(dense(x).view(1, -1))  # (out,) -> (1, out)
 
     def _row_table(self) -> tuple[torch.Tensor, tuple]:
         """(W^T, bags) for row_product: W^T a copy of the weight as it is now, made for each decoder.
@@ -322,4 +324,4 @@ class Linear(nn.Linear):
         BENCHMARKS.md, "Nineteenth session").
         """
         w = self.weight.detach()
-        return w.t().contiguous(), row_bags(self.in_features, w.device)
+        return w.t().contiguous(), row_bags(self.in_features, w.device)  # (out, in) -> W^T (in, out), a row per input

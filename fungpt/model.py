@@ -20,7 +20,8 @@ Shape notation used in every comment below:
     t0 tokens already in the KV cache before this chunk (0 without a cache, as in training)
     T_total = t0 + T: the keys a query of this chunk can attend to
 
-Reading order: GPTConfig, CausalSelfAttention, MLP, Block, KVCache, GPT. Generation
+Reading order: GPTConfig, the norm and activation choices (make_norm, ReLU2, make_activation),
+CausalSelfAttention, MLP, Block, KVCache, GPT. Generation
 draws each new token with sampling.py's sample_next_token.
 """
 
@@ -157,6 +158,7 @@ def make_norm(config: GPTConfig, dim: int, bias: bool | None = None) -> nn.Modul
     operations: a step with RMSNorm everywhere was 2-20% slower there (BENCHMARKS.md, the speedrun ablations of the
     second and fourth sessions), although it does less maths.
     """
+    # eps 1e-5 is GPT-2's layer_norm_epsilon: another value would change the outputs of its loaded weights
     if config.norm == "rmsnorm":
         return nn.RMSNorm(dim, eps=1e-5)
     return nn.LayerNorm(dim, eps=1e-5, bias=config.bias if bias is None else bias)
@@ -281,7 +283,8 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward network: C -> 4C -> activation -> C, applied to every token alone."""
+    """Position-wise feed-forward network: C -> 4C -> activation -> C, applied to every token alone.
+    (4C as in the original Transformer, 2048 for 512, and GPT-2, 3072 for 768: its weights load only at 4C.)"""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -499,7 +502,7 @@ class GPT(nn.Module):
         # All tokens so far, in a buffer: writing into it is cheaper than torch.cat every step. It doubles when
         # full (a copy per doubling), so a huge max_new_tokens (a stream left running) allocates nothing up front.
         end = T0 + max_new_tokens  # the length of the finished sequence
-        seq = torch.empty(B, min(end, T0 + 1024), dtype=idx.dtype, device=idx.device)
+        seq = torch.empty(B, min(end, T0 + 1024), dtype=idx.dtype, device=idx.device)  # (1024 ids: 8 KiB)
         seq[:, :T0] = idx
         n = T0  # tokens filled in seq
         speculate = lookahead > 0 and use_cache and temperature == 0 and B == 1
@@ -572,7 +575,7 @@ class GPT(nn.Module):
         """Like generate_stream, but returns the prompt plus all new tokens: (B, T + max_new_tokens)."""
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache,
                                         lookahead=lookahead))  # max_new_tokens x (B,)
-        return torch.cat((idx, torch.stack(new, dim=1)), dim=1) if new else idx.clone()
+        return torch.cat((idx, torch.stack(new, dim=1)), dim=1) if new else idx.clone()  # (B, T + max_new_tokens)
 
     # ------------------------------------------------------------------ accounting
 

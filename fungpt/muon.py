@@ -34,7 +34,9 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately orthogonalize a batch of matrices g (n, rows, cols) with rows <= cols."""
+    """Approximately orthogonalize a batch of matrices g (n, rows, cols) with rows <= cols.
+
+    eps keeps the first division finite for an all-zero gradient (a matrix that got none): it then stays zero."""
     a, b, c = NS_COEFFICIENTS
     x = g / (g.norm(dim=(1, 2), keepdim=True) + eps)  # Frobenius norm >= spectral norm: all singular values <= 1
     for _ in range(steps):
@@ -80,7 +82,7 @@ class Muon(torch.optim.Optimizer):
                 torch._foreach_mul_(bufs, mu)
                 torch._foreach_add_(bufs, list(grads.unbind(0)))  # buf = mu * buf + g
                 update = grads.add_(torch.stack(bufs), alpha=mu)  # Nesterov: g + mu * buf
-                if rows > cols:
+                if rows > cols:  # (n, rows, cols) -> (n, cols, rows), wide as orthogonalize wants, and back
                     update = orthogonalize(update.transpose(1, 2), group["ns_steps"]).transpose(1, 2)
                 else:
                     update = orthogonalize(update, group["ns_steps"])

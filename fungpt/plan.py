@@ -99,24 +99,25 @@ def cgroup_memory_limit(root: Path = Path("/sys/fs/cgroup"), proc: Path = Path("
     return min(limits) if limits else None
 
 
-def largest_batch(model_cfg: GPTConfig, dtype: str, memory: int, device: str = "cpu") -> int:
+def largest_batch(model_cfg: GPTConfig, dtype: str, memory: int, device: str = "cpu", optimizer: str = "adamw") -> int:
     """The largest micro-batch whose estimate fits in SAFETY * memory bytes (0 if not even one sequence)."""
-    fixed = estimate_memory(model_cfg, 0, dtype, device=device)["total"]
-    per_seq = estimate_memory(model_cfg, 1, dtype, device=device)["total"] - fixed
+    fixed = estimate_memory(model_cfg, 0, dtype, device=device, optimizer=optimizer)["total"]
+    per_seq = estimate_memory(model_cfg, 1, dtype, device=device, optimizer=optimizer)["total"] - fixed
     return max(0, int((SAFETY * memory - fixed) // per_seq))
 
 
 def batch_advice(cfg: RunConfig, dtype: str, memory: int, device: str = "cpu") -> str:
     """What to set when the batch does not fit: a smaller batch_size with more grad_accum_steps."""
     tc = cfg.train
-    fit = largest_batch(cfg.model, dtype, memory, device)
+    fit = largest_batch(cfg.model, dtype, memory, device, tc.optimizer)
     if fit < 1:
-        fixed = estimate_memory(cfg.model, 0, dtype, device=device)["total"]
-        if fixed > SAFETY * memory:
-            return (f"even one sequence does not fit: weights, gradients and AdamW state alone need about "
-                    f"{fixed / GIB:.1f} GiB of {memory / GIB:.1f} GiB; use a smaller model, or a "
+        fixed = estimate_memory(cfg.model, 0, dtype, device=device, optimizer=tc.optimizer)
+        if fixed["total"] > SAFETY * memory:
+            return (f"even one sequence does not fit: weights, gradients and {fixed['optimizer_name']} state alone "
+                    f"need about "
+                    f"{fixed['total'] / GIB:.1f} GiB of {memory / GIB:.1f} GiB; use a smaller model, or a "
                     f"{'larger GPU' if device.startswith('cuda') else 'machine with more memory'}")
-        one = estimate_memory(cfg.model, 1, dtype, device=device)
+        one = estimate_memory(cfg.model, 1, dtype, device=device, optimizer=tc.optimizer)
         why = (" (with dropout outside CUDA, attention keeps block_size x block_size matrices: model.dropout = 0 "
                "avoids them)" if one["attn_impl"] == "sdpa" and cfg.model.dropout > 0 and not device.startswith("cuda")
                else "")
@@ -206,7 +207,7 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
     del meta_model
 
     # 3. Memory.
-    mem = estimate_memory(mc, tc.batch_size, prec.dtype, device=prec.device)
+    mem = estimate_memory(mc, tc.batch_size, prec.dtype, device=prec.device, optimizer=tc.optimizer)
     have = device_memory(prec.device)
     sharing = processes_sharing(prec.device)  # (the memory check below is per process: its share)
     have = have // sharing if have is not None else None
@@ -220,7 +221,7 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
         f"grad_accum {tc.grad_accum_steps}" + (f" x {world} processes" if world > 1 else "")
         + f"), {flops_per_step:.3g} FLOPs")
     out(f"  memory         {_fmt_bytes(mem['total'])} estimated: weights {_fmt_bytes(mem['weights'])}, "
-        f"gradients {_fmt_bytes(mem['grads'])}, AdamW {_fmt_bytes(mem['optimizer'])}, "
+        f"gradients {_fmt_bytes(mem['grads'])}, {mem['optimizer_name']} {_fmt_bytes(mem['optimizer'])}, "
         + (f"16-bit weight copies {_fmt_bytes(mem['weight_copies'])}, " if mem["weight_copies"] else "")
         + f"activations {_fmt_bytes(mem['activations'])} ({prec.dtype}), backward temporaries "
         f"{_fmt_bytes(mem['temporaries'])}")

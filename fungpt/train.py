@@ -266,7 +266,7 @@ def warn_if_memory_short(cfg: RunConfig, prec, num_params: int | None = None) ->
     have = device_memory(prec.device)
     local = processes_sharing(prec.device)  # under torchrun, the processes on this machine share its memory
     need = local * estimate_memory(cfg.model, cfg.train.batch_size, prec.dtype, device=prec.device,
-                                   num_params=num_params)["total"]
+                                   num_params=num_params, optimizer=cfg.train.optimizer)["total"]
     who = "this run needs" if local == 1 else f"the {local} processes of this run on this machine need"
     if have is not None and need > have:
         advice = batch_advice(cfg, prec.dtype, have // local, prec.device)
@@ -789,7 +789,7 @@ def configure_optimizer(model: GPT, tc: TrainConfig, device: str) -> torch.optim
     not a linear map of activations), the output head, norms and biases stay on AdamW.
 
     (Another optimizer here also changes the memory `inspect` and the dry run report: they count AdamW's two
-    state tensors per weight, see inspection.py.)
+    state tensors per weight and Muon's one, see inspection.estimate_memory.)
     """
     params = [p for p in model.parameters() if p.requires_grad]
     muon: list[torch.nn.Parameter] = []

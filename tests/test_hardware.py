@@ -583,6 +583,26 @@ def test_rope_plain_attention_and_adamw_scratch_in_the_memory_estimate():
     assert empty["temporaries"] == empty["weights"] == base["weights"] and empty["total"] == 5 * empty["weights"]
 
 
+def test_optimizer_memory_matches_the_state_muon_and_adamw_keep():
+    """With optimizer = "muon", the estimate counts the state the optimizer really holds after a step: Muon's one
+    momentum buffer per block matrix and AdamW's two per other weight (it counted two for every weight)."""
+    from fungpt.model import GPT
+    from fungpt.train import configure_optimizer
+
+    cfg = GPTConfig(vocab_size=50, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    for name in ("adamw", "muon"):
+        model = GPT(cfg)
+        optimizer = configure_optimizer(model, TrainConfig(optimizer=name), "cpu")
+        model(torch.randint(50, (2, 8)), torch.randint(50, (2, 8)))[1].backward()
+        optimizer.step()
+        parts = getattr(optimizer, "parts", [optimizer])  # (the combination keeps its state in its parts)
+        held = sum(t.numel() * t.element_size() for part in parts for state in part.state.values()
+                   for t in state.values() if t.dim() > 0)  # (AdamW's step counters are scalars: left out)
+        mem = estimate_memory(cfg, 2, optimizer=name)
+        assert mem["optimizer"] == held, name
+        assert mem["optimizer_name"] == {"adamw": "AdamW", "muon": "AdamW + Muon"}[name]
+
+
 def test_largest_batch_keeps_the_safety_margin():
     """The batch must fit in SAFETY (90%) of the memory, not all of it: the estimate leaves out allocator slack."""
     model = GPTConfig(vocab_size=96, block_size=64, n_layer=2, n_head=2, n_embd=32)
