@@ -78,7 +78,7 @@ def direct(module: nn.Module | Callable) -> Callable:
 # them. A learner who edits one of them (another attention, an MLP without its activation) gets GPT.forward's
 # generation, slower and right, instead of this file's copy of the old code. After changing them on purpose,
 # change Decoder.step to match and set this to mirrored_source()'s new value (tests/test_decode.py checks it).
-MIRRORED = "68dba8c00eaf38ff8c885812d5475de61c9c6e9edfd05dcb73c657ca7daccf68"
+MIRRORED = "2f92f1fa7bce0b6b63558c8619aedf86f50ad972826ee9d15754da97a90b502d"
 
 
 @functools.cache
