@@ -274,3 +274,64 @@ def test_the_sample_can_be_explored_with_the_keyboard(url, page):
     page.keyboard.press("Shift+Tab")  # and comes back to the selected token
     assert page.evaluate("() => document.activeElement.dataset.index") == "4"
     assert page.problems == []
+
+
+def test_a_refusal_from_another_model_shows_that_model(url, page):
+    """A server started again on another run refused what the page built for the old one ("token id 221 is not in
+    the vocabulary"), and the page went on showing the old run's details under that error until reloaded."""
+    real = httpx.get(f"{url}/api/info").json()
+    page.route("**/api/info", lambda route: route.fulfill(json={**real, "model": "an-earlier-one", "n_layer": 5}))
+    page.goto(url)
+    sync_api.expect(page.locator("#layer option")).to_have_count(5)
+    page.unroute("**/api/info")
+    page.route("**/api/generate", lambda route: route.fulfill(status=400, json={"error": "the new model refuses"}))
+    page.click("#generate")
+    sync_api.expect(page.locator("#status")).to_contain_text("the new model refuses (the server now serves")
+    sync_api.expect(page.locator("#layer option")).to_have_count(2)  # the details of the model that answers
+
+
+def test_a_long_candidate_token_is_cut_with_an_ellipsis_and_shown_whole_on_hover(url, page):
+    """The candidates' column was 4.2rem wide, clipped without a mark: NORTHUMBERLAND read "NORTHUME"."""
+    page.goto(url)
+    sync_api.expect(page.locator("#run-summary")).to_contain_text("step 20")
+    widths = page.evaluate("""() => {
+        drawProbs({id: 1, prob: 0.5, top: [{id: 1, text: "NORTHUMBERLAND", prob: 0.5}, {id: 2, text: "a", prob: 0.1},
+                                          {id: 3, text: "x".repeat(80), prob: 0.05}]});
+        return [...document.querySelectorAll("#probs .cand")].map(
+            (c) => [c.scrollWidth <= c.clientWidth, c.title, getComputedStyle(c).textOverflow]);
+    }""")
+    assert widths[0] == [True, "«NORTHUMBERLAND», token 1", "ellipsis"]  # whole
+    assert widths[2][0] is False and widths[2][2] == "ellipsis"  # cut, with a mark, and whole in its title
+    assert "x" * 80 in widths[2][1]
+    assert page.problems == []
+
+
+def test_enter_in_a_setting_generates_and_escape_stops(url, page):
+    page.goto(url)
+    sync_api.expect(page.locator("#run-summary")).to_contain_text("step 20")
+    page.fill("#prompt", "The cat")
+    page.fill("#max_new_tokens", "3")
+    page.focus("#temperature")
+    page.keyboard.press("Enter")
+    sync_api.expect(page.locator("#output")).to_have_attribute("data-state", "done")
+    page.route("**/api/generate", lambda route: None)  # a server that never answers
+    page.click("#generate")
+    sync_api.expect(page.locator("#status")).to_contain_text("generating")
+    page.keyboard.press("Escape")
+    sync_api.expect(page.locator("#status")).to_contain_text("stopped after 0 tokens")
+
+
+def test_the_sample_follows_new_tokens_unless_the_reader_scrolled_up(url, page):
+    """Each new token scrolled the sample to its end: an earlier part could not be pointed at while it streamed."""
+    page.goto(url)
+    sync_api.expect(page.locator("#run-summary")).to_contain_text("step 20")
+    add = """(n) => { for (let i = 0; i < n; i++)
+        handleEvent({type: "token", id: 1, text: "line\\n", piece: "line\\n", prob: 0.5, top: []}, 0);
+        const out = document.getElementById("output"); return [out.scrollTop, out.scrollHeight - out.clientHeight]; }"""
+    top, end = page.evaluate(add, 60)
+    assert end > 0 and top == end  # following the end
+    page.evaluate("() => { document.getElementById('output').scrollTop = 0; }")
+    assert page.evaluate(add, 1)[0] == 0  # the reader's place is kept
+    page.evaluate("() => { const o = document.getElementById('output'); o.scrollTop = o.scrollHeight; }")
+    top, end = page.evaluate(add, 1)
+    assert top == end  # back at the end: following again

@@ -53,6 +53,17 @@ async function fetchJSON(url, options) {
 
 // ------------------------------------------------------------------ run info, config, loss curve
 
+// After a refusal: a server started again on another run refuses what the page built for the one it showed (a
+// token id out of the new vocabulary, a layer the new model lacks). If another model answers now, show its details
+// and curve, and return a note saying so for the error line ("" when the same model answers, or none).
+async function anotherModelNote() {
+  const info = await fetchJSON("/api/info").catch(() => null);
+  if (!info || !state.info || info.model === state.info.model) return "";
+  await loadInfo().catch(() => {});
+  loadMetrics().catch(() => {});
+  return ` (the server now serves ${info.run} at step ${info.step}, shown above: generate again)`;
+}
+
 async function loadInfo() {
   const info = await fetchJSON("/api/info");
   state.info = info;
@@ -64,6 +75,7 @@ async function loadInfo() {
   fillSelect($("layer"), info.n_layer);
   fillSelect($("head"), info.n_head);
   $("max_new_tokens").max = info.limits.max_new_tokens;
+  $("max_new_tokens").min = Math.min(10, info.limits.max_new_tokens);  // (the arrows step by 10 from it)
   // (no maxLength on the prompt: the browser would cut a longer paste without a word; the server says so)
   $("eot-control").hidden = !info.has_eot;  // (a char tokenizer has no end-of-text token)
   renderConfig(info.config);
@@ -285,8 +297,12 @@ async function generate() {
                 "is fungpt serve still running?", true);
       $("output").dataset.state = "error";
     } else {
-      setStatus(err.message, true);
       $("output").dataset.state = "error";
+      setStatus(err.message, true);
+      if (!(err instanceof ConnectionLost)) {
+        const note = await anotherModelNote();  // (no new generation starts meanwhile: state.controller is set)
+        if (note) setStatus(err.message + note, true);
+      }
     }
   } finally {
     state.controller = null;
@@ -311,10 +327,11 @@ function handleEvent(event, started) {
     addTokenSpan({ text: $("prompt").value }, "prompt");
   } else if (event.type === "token") {
     state.gen.push(event);
-    addTokenSpan(event, "gen", state.gen.length - 1);
+    const span = addTokenSpan(event, "gen", state.gen.length - 1);
     setStatus(`generating… ${state.gen.length} tokens`);
+    // Follow the text as it grows, unless the reader scrolled up to look at an earlier part
     const out = $("output");
-    out.scrollTop = out.scrollHeight;
+    if (out.scrollHeight - out.scrollTop - out.clientHeight < 40 + span.offsetHeight) out.scrollTop = out.scrollHeight;
   } else if (event.type === "done") {
     // Bytes at the end that never completed a character: shown as the server's text has them (U+FFFD)
     if (event.tail) $("output").append(document.createTextNode(event.tail));
@@ -370,6 +387,7 @@ function drawProbs(token) {
     row.className = "bar-row" + (cand.id === token.id ? " chosen" : "");
     row.innerHTML = `<span class="cand"></span><div class="track"><div class="bar"></div></div><span class="pct"></span>`;
     row.querySelector(".cand").textContent = visible(cand.text);
+    row.querySelector(".cand").title = `«${visible(cand.text)}», token ${cand.id}`;  // (a long one is cut short)
     row.querySelector(".bar").style.width = `${(100 * cand.prob) / max}%`;
     row.querySelector(".pct").textContent = `${(100 * cand.prob).toFixed(1)}%`;
     box.append(row);
@@ -428,7 +446,10 @@ async function loadAttention() {
       `Layer ${layer}, head ${head}: row i shows how much token i attends to each earlier token j${cropped}. ` +
       `The bottom row is what the model looked at when it predicted «${visible(state.gen[index].text)}».`;
   } catch (err) {
-    if (request === state.attnRequest) $("attn-info").textContent = `attention: ${err.message}`;
+    if (request !== state.attnRequest) return;
+    $("attn-info").textContent = `attention: ${err.message}`;
+    const note = err instanceof ConnectionLost ? "" : await anotherModelNote();
+    if (note && request === state.attnRequest) $("attn-info").textContent = `attention: ${err.message}${note}`;
   }
 }
 
@@ -475,6 +496,15 @@ $("generate").addEventListener("click", generate);
 $("stop").addEventListener("click", () => state.controller && state.controller.abort());
 $("prompt").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) generate(); // Ctrl+Enter generates
+});
+// Enter in a setting's box generates, as in a form; Escape anywhere stops a generation
+for (const box of document.querySelectorAll("#controls input")) {
+  box.addEventListener("keydown", (e) => {
+    if (e.key === "Enter") { e.preventDefault(); generate(); }
+  });
+}
+document.addEventListener("keydown", (e) => {
+  if (e.key === "Escape" && state.controller) state.controller.abort();
 });
 $("layer").addEventListener("change", loadAttention);
 $("head").addEventListener("change", loadAttention);
