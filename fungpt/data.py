@@ -86,6 +86,7 @@ from fungpt.tokenizer import (
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
+SPLIT_FILES = tuple(f"{split}.bin" for split in SPLITS)  # the token ids of each split
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -254,6 +255,21 @@ def _walk_files(folder: Path) -> list[Path]:
     return files
 
 
+def _refuse_token_files(path: Path) -> None:
+    """Token ids where text is read (a prepared folder, nanoGPT's train.bin and val.bin, one .bin of them) are
+    named as such, rather than refused as "a binary file", which left the user to guess what FunGPT wants."""
+    folder = path if path.is_dir() else path.parent
+    ids = [n for n in SPLIT_FILES if (folder / n).is_file()]
+    if not ids or (path.is_file() and path.name not in SPLIT_FILES):
+        return
+    if is_prepared(folder):
+        raise FunGPTError(f"{folder} is a prepared dataset (token ids, not text): train on it with --data.path "
+                          f"{folder}, or prepare the text it was made from")
+    raise FunGPTError(f"{folder} holds token ids ({', '.join(ids)}) but no meta.json: add one and a "
+                      f"tokenizer_meta.json beside them to train on them ({OWN_IDS}), or pass the text they were "
+                      f"made from (nanoGPT's input.txt)")
+
+
 def resolve_source(source: str | Path) -> list[Path]:
     """Turn the --input argument into the list of files to read (see the module docstring)."""
     path = Path(source).expanduser()
@@ -263,6 +279,7 @@ def resolve_source(source: str | Path) -> list[Path]:
         raise FunGPTError(
             f"data path '{source}' does not exist: pass a text file, a folder of text files or 'shakespeare'"
         )
+    _refuse_token_files(path)
     if path.is_file():
         if path.stat().st_size == 0:
             raise FunGPTError(f"input file {path} is empty; pass a file with some text in it")
@@ -543,7 +560,7 @@ def remove_stale_temps(out: Path) -> None:
     # files. A folder of the user's beside OUT (corpus.old-v1, a backup) is never taken for one.
     stem = temp_stem(out.name)  # (a long name's temporaries begin with at most 100 bytes: its start and a hash)
     name = re.compile(rf"{re.escape(stem)}\.(tmp|old)-([^-/]+-)?\d+")
-    ours = {"train.bin", "val.bin", "meta.json", META_FILE, BPE_FILE}
+    ours = set(PREPARED_FILES)
     for folder in out.parent.glob(f"{glob.escape(stem)}.*-*"):
         with contextlib.suppress(OSError):
             files = list(folder.iterdir())
@@ -555,6 +572,9 @@ def remove_stale_temps(out: Path) -> None:
                 shutil.rmtree(folder, ignore_errors=True)
 
 
+PREPARED_FILES = ("train.bin", "val.bin", "meta.json", META_FILE, BPE_FILE)  # what prepare writes into its folder
+
+
 def _check_out_dir(out: Path, overwrite: bool) -> None:
     if not out.exists():
         return
@@ -563,6 +583,20 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
     if is_prepared(out):
         if not overwrite:
             raise FunGPTError(f"{out} already holds a prepared dataset; pass --overwrite to replace it")
+        # --overwrite replaces the whole folder: only one that prepare made, holding nothing else. A folder of the
+        # user's own token ids (no source text to prepare them from again) and files put beside a dataset are kept.
+        try:
+            made_here = "source_sha256" in read_json(out / "meta.json")
+        except (OSError, ValueError, TypeError):
+            made_here = False
+        if not made_here:
+            raise FunGPTError(f"{out} holds token ids that fungpt prepare did not make (its meta.json names no "
+                              f"source text), which --overwrite would delete; choose another --out")
+        others = sorted(p.name for p in out.iterdir() if p.name not in PREPARED_FILES)
+        if others:
+            raise FunGPTError(f"{out} holds {others[0]!r}" + (f" and {len(others) - 1} more file(s)" if len(others) > 1
+                              else "") + " beside the prepared dataset, which --overwrite would delete with it; "
+                              "move them out, or choose another --out")
     elif any(out.iterdir()):
         # Never delete a folder we did not make, even with --overwrite.
         raise FunGPTError(f"output folder {out} is not empty and is not a prepared dataset; choose another --out")
@@ -905,10 +939,10 @@ def load_meta(data_dir: str | Path) -> dict:
         ) from None
     if missing:
         raise FunGPTError(f"{meta_path} lacks {', '.join(missing)}; {mend(meta)}")
-    if meta["format_version"] != FORMAT_VERSION:
+    if meta["format_version"] != FORMAT_VERSION or isinstance(meta["format_version"], bool):
         raise FunGPTError(
-            f"{meta_path} has format version {meta['format_version']}, this FunGPT reads version "
-            f"{FORMAT_VERSION}; {mend(meta)}"
+            f"{meta_path} has format version {meta['format_version']!r}, this FunGPT reads version "
+            f"{FORMAT_VERSION} (the number); {mend(meta)}"
         )
     # Whole numbers (a hand-edited "8100" would multiply as a string), each at least this. val_bytes and val_chars,
     # the val text's size that eval's bits per byte/char divide by, are optional: a folder made by hand may lack them
@@ -923,11 +957,20 @@ def load_meta(data_dir: str | Path) -> dict:
         raise FunGPTError(f"{meta_path} names the token dtype {meta['dtype']!r}, which FunGPT does not read: token "
                           f"ids are stored as uint16 (a vocabulary up to 65,536) or uint32; convert the .bin files, "
                           f"or {mend(meta)}")
+    if meta["dtype"] == "uint16" and meta["vocab_size"] > 2**16:  # (ids from 65,536 on do not fit in 16 bits)
+        raise FunGPTError(f"{meta_path} says dtype uint16 for a vocabulary of {meta['vocab_size']:,}, whose ids from "
+                          f"65,536 on a uint16 cannot hold: write the ids as uint32 and say \"dtype\": \"uint32\"; "
+                          f"{mend(meta)}")
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in SPLITS:
         bin_path = data_dir / f"{split}.bin"
         if not bin_path.is_file():
             raise FunGPTError(f"{bin_path} is missing; {mend(meta)}")
+        if "source_sha256" not in meta:  # ids written by hand: np.save's header would be read as 64 token ids
+            with open(bin_path, "rb") as f:
+                if f.read(6) == b"\x93NUMPY":
+                    raise FunGPTError(f"{bin_path} is a NumPy .npy file (np.save), not raw token ids: write them with "
+                                      f"ids.astype(np.{meta['dtype']}).tofile(path) ({OWN_IDS})")
         expected = meta[f"{split}_tokens"] * itemsize
         actual = bin_path.stat().st_size
         if actual != expected:
@@ -944,6 +987,15 @@ def load_meta(data_dir: str | Path) -> dict:
     return meta
 
 
+def data_fingerprint(meta: dict) -> str | None:
+    """The text a prepared folder was made from and how it was split: "sha256 : train tokens : val tokens" (None for
+    token ids prepared elsewhere: no sha256). Each checkpoint records it, so that a resume or an eval onto a folder
+    prepared again (edited text, another split) can say its val split may now hold text the run trained on."""
+    if not meta.get("source_sha256"):
+        return None
+    return f"{meta['source_sha256']}:{meta['train_tokens']}:{meta['val_tokens']}"
+
+
 def check_split_fits(meta: dict, block_size: int, prepared_by_user: bool = False) -> None:
     """Refuse a block_size that leaves no room for a single (x, y) window in a split.
 
@@ -951,12 +1003,17 @@ def check_split_fits(meta: dict, block_size: int, prepared_by_user: bool = False
     for split in SPLITS:
         n = meta[f"{split}_tokens"]
         if block_size + 1 > n:
-            larger_val = ("prepare the folder again with a larger --val-fraction (`fungpt prepare ... --overwrite`)"
-                          if prepared_by_user else "a larger data.val_fraction (--data.val-fraction)")
+            if prepared_by_user and "source_sha256" not in meta:  # token ids of the user's own: no text to prepare
+                more = f"more token ids in {split}.bin, and their count in meta.json ({OWN_IDS})"
+            else:
+                larger_val = ("prepare the folder again with a larger --val-fraction (`fungpt prepare ... "
+                              "--overwrite`)" if prepared_by_user
+                              else "a larger data.val_fraction (--data.val-fraction)")
+                more = "more text" + (f", or {larger_val}" if split == "val" else "")
+            smaller = "use a smaller model.block_size (--model.block-size), " if n >= 2 else "use "
             raise FunGPTError(
                 f"block size {block_size} is too large for this dataset: the {split} split has only {n} tokens "
-                f"and one training window needs block_size + 1 = {block_size + 1}; use a smaller model.block_size "
-                "(--model.block-size), more text" + (f", or {larger_val}" if split == "val" else "")
+                f"and one training window needs block_size + 1 = {block_size + 1}; {smaller}{more}"
             )
 
 

@@ -518,6 +518,85 @@ def test_failed_overwrite_keeps_old_dataset(tmp_path, char_data):
     assert load_meta(char_data)["tokenizer"] == "char"
 
 
+def test_overwrite_replaces_only_a_folder_prepare_made_holding_nothing_else(tmp_path, char_data, corpus):
+    """`prepare --overwrite` deleted a folder of the user's own token ids (no text to make them again from), and
+    files put beside a dataset, with the old folder; a message of train's advised that very command."""
+    from fungpt.data import check_split_fits
+
+    own = tmp_path / "own"
+    own.mkdir()
+    (np.arange(300) % 50).astype(np.uint16).tofile(own / "train.bin")
+    (np.arange(20) % 50).astype(np.uint16).tofile(own / "val.bin")
+    (own / "meta.json").write_text(json.dumps({"format_version": 1, "tokenizer": "char", "vocab_size": 50,
+                                               "dtype": "uint16", "train_tokens": 300, "val_tokens": 20}))
+    with pytest.raises(FunGPTError, match=r"holds token ids that fungpt prepare did not make .* which --overwrite "
+                                          r"would delete; choose another --out"):
+        prepare(corpus, own, overwrite=True, progress=False)
+    assert (own / "val.bin").stat().st_size == 40  # untouched
+    with pytest.raises(FunGPTError, match=r"the val split has only 20 tokens .*; use a smaller model.block_size "
+                                          r"\(--model.block-size\), more token ids in val.bin, and their count in "
+                                          r"meta.json \(README"):
+        check_split_fits(load_meta(own), 32, prepared_by_user=True)  # (not "prepare ... --overwrite")
+    with pytest.raises(FunGPTError, match=r"prepare the folder again with a larger --val-fraction"):
+        check_split_fits(load_meta(char_data), load_meta(char_data)["val_tokens"], prepared_by_user=True)  # it can
+    (char_data / "notes.txt").write_text("mine")
+    with pytest.raises(FunGPTError, match=r"holds 'notes.txt' beside the prepared dataset, which --overwrite would "
+                                          r"delete with it; move them out"):
+        prepare(corpus, char_data, overwrite=True, progress=False)
+    assert (char_data / "notes.txt").read_text() == "mine"
+    (char_data / "notes.txt").unlink()
+    prepare(corpus, char_data, tokenizer="bpe", vocab_size=300, overwrite=True, progress=False)  # prepare's alone
+    assert load_meta(char_data)["tokenizer"] == "bpe"
+
+
+def test_token_ids_given_where_text_is_read_and_ids_written_wrongly_are_named(tmp_path, char_data):
+    """A copy of nanoGPT's data folder (train.bin, val.bin, meta.pkl) or a prepared folder given as text was refused
+    as "a binary file"; ids of a vocabulary past 65,536 declared uint16, and np.save's header read as ids, trained
+    silently; a format_version written "1" was told "has format version 1, this FunGPT reads version 1"."""
+    nano = tmp_path / "nano"
+    nano.mkdir()
+    (nano / "input.txt").write_text("some text")
+    for name in ("train.bin", "val.bin", "meta.pkl"):
+        (nano / name).write_bytes(b"\x01\x00\x02\x00")
+    with pytest.raises(FunGPTError, match=r"nano holds token ids \(train.bin, val.bin\) but no meta.json: add one "
+                                          r"and a tokenizer_meta.json .*or pass the text they were made from"):
+        resolve_source(nano)
+    with pytest.raises(FunGPTError, match="nano holds token ids"):
+        resolve_source(nano / "val.bin")
+    assert resolve_source(nano / "input.txt") == [nano / "input.txt"]  # its text is text
+    with pytest.raises(FunGPTError, match=f"{char_data.name} is a prepared dataset \\(token ids, not text\\): "
+                                          f"train on it with --data.path"):
+        prepare(char_data, tmp_path / "again", progress=False)
+
+    def own(name, ids, **meta):
+        d = tmp_path / name
+        d.mkdir()
+        for split in ("train", "val"):
+            ids.tofile(d / f"{split}.bin")
+        (d / "meta.json").write_text(json.dumps({"format_version": 1, "tokenizer": "char", "vocab_size": 50,
+                                                 "dtype": "uint16", "train_tokens": len(ids),
+                                                 "val_tokens": len(ids), **meta}))
+        return d
+
+    ids = (np.arange(100) % 50).astype(np.uint16)
+    with pytest.raises(FunGPTError, match=r"dtype uint16 for a vocabulary of 70,000, whose ids from 65,536 on a "
+                                          r"uint16 cannot hold: write the ids as uint32"):
+        load_meta(own("wide", ids, vocab_size=70_000))
+    with pytest.raises(FunGPTError, match=r"has format version '1', this FunGPT reads version 1 \(the number\)"):
+        load_meta(own("text", ids, format_version="1"))
+    npy = own("npy", ids)
+    for split in ("train", "val"):
+        np.save(npy / f"{split}.bin", ids)
+        (npy / f"{split}.bin.npy").rename(npy / f"{split}.bin")
+    size = (npy / "train.bin").stat().st_size // 2
+    (npy / "meta.json").write_text(json.dumps({**json.loads((npy / "meta.json").read_text()), "train_tokens": size,
+                                               "val_tokens": size}))  # (as the size message would have them set)
+    with pytest.raises(FunGPTError, match=r"train.bin is a NumPy .npy file \(np.save\), not raw token ids: write "
+                                          r"them with ids.astype\(np.uint16\).tofile\(path\)"):
+        load_meta(npy)
+    assert load_meta(own("fine", ids))["vocab_size"] == 50
+
+
 def test_an_overwrite_stopped_between_its_renames_puts_the_old_dataset_back(tmp_path, char_data, corpus, monkeypatch):
     """Ctrl-C (or SIGTERM) after the old dataset was moved aside, before the new one took its place: the new one was
     deleted and the old one left hidden under OUT.old-HOST-PID, with nothing at OUT."""

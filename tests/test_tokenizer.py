@@ -456,6 +456,11 @@ def test_a_saved_gpt2_tokenizer_loads_its_size_without_tiktoken(tmp_path, monkey
         (tmp_path / "tokenizer_meta.json").write_text(json.dumps({"kind": "gpt2", **bad}))
         with pytest.raises(FunGPTError, match="is corrupt \\(bad vocab_size or eot_id\\)"):
             load_tokenizer(tmp_path)
+    # padded as nanoGPT pads its model (50304): trained, then sampling drew an id the encoding cannot decode
+    (tmp_path / "tokenizer_meta.json").write_text(json.dumps({"kind": "gpt2", "vocab_size": 50304}))
+    with pytest.raises(FunGPTError, match="vocab_size 50304, but it has 50,257 tokens: set 50257 there and in "
+                                          "meta.json \\(a padded vocabulary is not supported\\)"):
+        load_tokenizer(tmp_path)
 
 
 @pytest.mark.parametrize("surrogate", ["\udc80", "\ud800"])
