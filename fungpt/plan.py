@@ -258,7 +258,8 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
         budget_s = tc.max_minutes * 60 - used_s if tc.max_minutes is not None else None
         # The command also starts up (imports, data, model: about what this one took until the steps were timed)
         # and saves checkpoints, which are not timed here: a run that saves every few steps takes far longer
-        saves = (steps // tc.checkpoint_interval + (steps % tc.checkpoint_interval != 0)) if steps else 0
+        # (at every multiple of checkpoint_interval after `start` and below max_iters, and at max_iters)
+        saves = ((tc.max_iters - 1) // tc.checkpoint_interval - start // tc.checkpoint_interval + 1) if steps else 0
         whole = (f"  whole command  ~ {_fmt_duration(total_s + timed_at - start_time)} with its start-up "
                  f"({timed_at - start_time:.0f} s here); not timed here: {saves:,} checkpoint save(s) of "
                  f"{_fmt_bytes(mem['weights'] + mem['optimizer'])} each, and up to {evals:,} save(s) of the best "

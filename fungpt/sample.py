@@ -202,6 +202,27 @@ def _sample_showing_probs(loaded: LoadedRun, idx: torch.Tensor, max_new_tokens: 
     return text
 
 
+def _data_changed_note(loaded, data_dir: Path, meta: dict) -> str | None:
+    """A note when the run's data folder was prepared again, from other text or with another split, since the
+    checkpoint was saved (its val split may then hold text the run trained on), as a resume notes it."""
+    from fungpt.checkpoint import MANIFEST_FILE
+    from fungpt.data import data_fingerprint
+    from fungpt.errors import read_json
+
+    if loaded.checkpoint_id is None:
+        return None
+    try:
+        was = read_json(loaded.checkpoint_id[0] / MANIFEST_FILE).get("data_fingerprint")
+    except (OSError, ValueError, AttributeError):  # (saved again meanwhile; checked when it was loaded)
+        return None
+    now = data_fingerprint(meta)
+    if was is None or now is None or was == now:  # (None: checkpoints from before it was recorded, or own ids)
+        return None
+    return (f"fungpt: note: {data_dir} was prepared again since step {loaded.step} (its text's sha256, or how it is "
+            f"split, differs from what the checkpoint recorded): its val split may hold text the run trained on, "
+            f"and this loss does not compare with the run's val losses")
+
+
 @torch.no_grad()
 def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: str = "last", device: str = "auto",
                  batch_size: int = 16, progress: bool = False, errors: str | None = None) -> dict[str, float]:
@@ -257,6 +278,7 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
             raise FunGPTError(f"{data_dir} was prepared again since {run} was trained: its tokens mean other text "
                               f"({differs}); pass --input TEXT_FILE to evaluate on a text file")
         tokens = np.memmap(data_dir / "val.bin", dtype=np.dtype(meta["dtype"]), mode="r")  # (n,)
+        changed = _data_changed_note(loaded, data_dir, meta)
         # A folder of token ids made without `fungpt prepare` (README: "Data of your own token ids") may not know
         # the size of its text (val_bytes, val_chars): loss and perplexity still stand, bits per byte (per
         # character) cannot be told without it (the bytes are the characters only in ASCII text)
@@ -272,6 +294,7 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
             note = (f"fungpt: note: {data_dir} was prepared by an older FunGPT, which counted each <|endoftext|> "
                     f"between its files as 13 bytes of text: its bits per byte and per character come out a little "
                     f"low; prepare it again (or pass --input) for the exact figures")
+        note = "\n".join(n for n in (changed, note) if n) or None
     if len(tokens) < 2:
         raise FunGPTError(f"{source} is too short to evaluate: it needs at least 2 tokens")
     # The first token's bytes, read before the scoring (a tokenizer that cannot give them fails at once); not

@@ -69,6 +69,9 @@ from fungpt.data import (
     resolve_source,
     same_dataset,
 )
+from fungpt.data import (
+    data_fingerprint as fingerprint_of,
+)
 from fungpt.errors import FunGPTError, parse_json, read_json
 from fungpt.hardware import (
     Precision,
@@ -1014,7 +1017,7 @@ def time_forward(model: torch.nn.Module, cfg: RunConfig, device: str, autocast, 
             model(x)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        seconds_per_window = min(seconds_per_window, (time.time() - t0) / windows)
+        seconds_per_window = min(seconds_per_window, max(time.time() - t0, 1e-6) / windows)  # (a coarse clock: 0)
         if bar is not None:
             bar.update(1)
     model.train(was_training)
@@ -1398,6 +1401,157 @@ def dropout_seed(seed: int, rank: int) -> int:
     return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
+@dataclass
+class Resumed:
+    """Where a run goes on from: what its checkpoint saved (a new run: these defaults)."""
+
+    step: int = 0
+    best_val: float = float("inf")
+    elapsed_s: float = 0.0  # the run's wall seconds before this command
+    evaluated: bool = False  # an eval set best_val (at step 0: the step-0 eval, in metrics.jsonl already)
+    # time-budget mode (see _train): budget seconds used at step 1 (None: saved before step 1, at step 0), and the
+    # origin the lr follows (see continuous_origin; None: checkpoints from before it was saved)
+    schedule_origin: float | None = None
+    lr_origin: float | None = None
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)  # so a budget knows what to reserve at once
+    tokens: int | None = None  # tokens trained on (the batch size may have changed since; None: not saved)
+    tokens_per_step: int | None = None  # with every process (None: checkpoints from before it was saved)
+    processes: int = 1  # the processes that trained it
+    # The batch streams and random states of processes that a resume with fewer processes left out: saved on with
+    # every checkpoint, so that a later resume with more processes takes them up where they stopped (a fresh stream
+    # seeded from the rank would replay the batches that rank trained on before)
+    parked_loaders: list = dataclasses.field(default_factory=list)
+    parked_rngs: list = dataclasses.field(default_factory=list)
+    streams: int = 1  # batch streams saved (processes, plus those parked)
+
+
+def load_training_state(folder: Path, manifest: dict[str, Any], optimizer: torch.optim.Optimizer,
+                        scaler: torch.amp.GradScaler, loader: BatchLoader, ddp: Dist, device: str) -> Resumed:
+    """Restore a checkpoint's optimizer, loss scaler, this rank's batch stream and random state into the run's own
+    objects, and return the rest of what it saved. One clear error for a state that does not fit."""
+    state = ckpt.load_state(folder)
+    try:
+        load_optimizer_state(optimizer, state["optimizer"])
+        scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
+        loaders = state["loader"]
+        processes = state.get("processes", len(loaders))  # (checkpoints from before it was saved: one each)
+        if not (isinstance(processes, int) and 1 <= processes <= len(loaders) == len(state["rng"])):
+            raise TypeError(f"processes is {processes!r:.60} for {len(loaders)} batch streams")
+        if ddp.rank < len(loaders):
+            loader.load_state_dict(loaders[ddp.rank])
+        # else: resumed with more processes than saved; this rank keeps the fresh batch stream seeded from
+        # its own rank (a copy of rank 0's would train two replicas on the same batches)
+        step, best_val = int(state["step"]), float(state["best_val"])
+        schedule_origin, lr_origin = (None if state.get(k) is None else float(state[k])
+                                      for k in ("schedule_origin_s", "lr_origin_s"))
+        if schedule_origin is None and step > 0:  # (checkpoints from before it was saved: their origin was 0)
+            schedule_origin = 0.0
+        timings = state.get("timings") or {}
+        tokens = state.get("tokens")
+        if not (isinstance(timings, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  and math.isfinite(v) for v in timings.values())):
+            raise TypeError(f"timings is {timings!r:.60}, not seconds")
+        if not (tokens is None or (isinstance(tokens, int) and tokens >= 0)):
+            raise TypeError(f"tokens is {tokens!r:.60}, not a count")
+        if ddp.rank < len(state["rng"]):  # a new rank keeps its own dropout stream (dropout_seed)
+            rng = state["rng"][ddp.rank]
+            torch.set_rng_state(rng["cpu"])
+            if device == "cuda" and "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"])
+        per_step = state.get("tokens_per_step")
+        was = Resumed(step=step, best_val=best_val, elapsed_s=float(state["elapsed_s"]),
+                      evaluated=math.isfinite(best_val), schedule_origin=schedule_origin, lr_origin=lr_origin,
+                      timings=timings, tokens=tokens, tokens_per_step=per_step if isinstance(per_step, int) else None,
+                      processes=processes, parked_loaders=loaders[ddp.world_size:],
+                      parked_rngs=state["rng"][ddp.world_size:], streams=len(loaders))
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, OverflowError,  # (int(inf))
+            AttributeError) as e:  # (a field of another type: 'str' object has no attribute 'items')
+        raise FunGPTError(f"the training state in {folder / ckpt.STATE_FILE} does not fit this run "
+                          f"({type(e).__name__}: {str(e)[:120]}); resume with the original settings") from None
+    if was.step != int(manifest["step"]):
+        raise FunGPTError(f"{folder / ckpt.STATE_FILE} is at step {was.step} but {folder / ckpt.MANIFEST_FILE} "
+                          f"says step {manifest['step']}: the checkpoint is inconsistent")
+    return was
+
+
+def processes_note(was: Resumed, cfg: RunConfig, saved_block_size: int, saved_train: TrainConfig,
+                   processes: int) -> str:
+    """What changes when a run resumes with another number of processes than wrote its checkpoint.
+
+    Every process trains on its own batch: the tokens per step change with their number. The checkpoint's own
+    count is the one to compare with (config.json may be from a start that failed before saving); checkpoints from
+    before it was saved fall back to config.json's settings."""
+    tc = cfg.train
+    now = tc.batch_size * cfg.model.block_size * tc.grad_accum_steps * processes
+    before = was.tokens_per_step
+    if before is None:
+        before = saved_train.batch_size * saved_block_size * saved_train.grad_accum_steps * was.processes
+    tokens = f"tokens per step {before:,} -> {now:,}" if before != now else f"the same {now:,} tokens per step"
+    return (f"fungpt: resuming with {processes} process(es) where the checkpoint was written by "
+            f"{was.processes}: {tokens}, and the batches differ from an uninterrupted run's"
+            + (f"; processes {was.streams}.. start fresh batch streams" if processes > was.streams else "")
+            + (f"; processes {was.processes}..{min(was.streams, processes) - 1} take up the batch streams "
+               f"that earlier processes of those ranks left" if processes > was.processes < was.streams else ""))
+
+
+def forward_backward(fwd_model: torch.nn.Module, loader: BatchLoader, cfg: RunConfig, prec: Precision, ddp: Dist,
+                     scaler: torch.amp.GradScaler, autocast, device: str) -> torch.Tensor:
+    """One optimizer step's gradients, by gradient accumulation: A = grad_accum_steps micro-batches, each loss
+    divided by A, so the summed gradients equal those of one batch A times larger. Returns the step's loss (the sum
+    of the A parts, still on the device: reading it waits for the device)."""
+    tc = cfg.train
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(tc.grad_accum_steps):
+        x, y = loader.next_batch()  # (B, T) inputs and (B, T) targets, the inputs shifted by one token
+        last_micro = micro == tc.grad_accum_steps - 1
+        # DDP all-reduces gradients in backward; skip that on all but the last micro-step.
+        sync = contextlib.nullcontext() if (last_micro or not ddp.enabled) else fwd_model.no_sync()
+        with sync:
+            try:
+                with autocast():
+                    # (the logits, B x T x V floats, are not kept: the loss's backward does not need them;
+                    # another loss here should go into plan._timed_steps too, which times the dry run's steps)
+                    loss = fwd_model(x, y)[1] / tc.grad_accum_steps
+                scaler.scale(loss).backward()
+            except torch.cuda.OutOfMemoryError:
+                from fungpt.plan import out_of_memory_advice
+
+                raise FunGPTError(out_of_memory_advice(cfg, prec)) from None
+            except Exception as e:
+                if tc.compile and (failure := compile_failure(e)):  # (at the first step, which compiles)
+                    raise FunGPTError(failure) from None
+                raise
+        loss_sum += loss.detach()
+    return loss_sum
+
+
+def is_diverged(loss: float, grad_norm: torch.Tensor, loss_scaling: bool, agree) -> tuple[bool, bool]:
+    """(whether the step diverged, whether only another process's loss did so).
+
+    Divergence: a non-finite loss, or gradient. With float16 loss scaling an overflowed gradient is the scaler's
+    to handle (it skips the step and lowers the scale), but a non-finite loss is not: the forward pass itself
+    overflowed, and left alone every later step was skipped, the run "finishing" with a loss of nan.
+
+    Under DDP each rank's loss is its own: one rank's can be inf while the averaged gradients are finite. That
+    rank alone skipped the step (skip_nonfinite) and its replica silently drifted from the others'. The ranks
+    must take the same path: `agree` takes each flag's maximum over the ranks (one all-reduce; as given without
+    DDP).
+    """
+    diverged = not math.isfinite(loss) or (not math.isfinite(grad_norm.item()) and not loss_scaling)
+    flags = agree([float(diverged), float(not math.isfinite(loss))])
+    return bool(flags[0]), bool(flags[1]) and math.isfinite(loss)
+
+
+def divergence_error(step: int, loss: float, loss_elsewhere: bool, out_dir: Path) -> FunGPTError:
+    """What stops a run whose step `step` diverged (train.skip_nonfinite = false)."""
+    kept = ckpt.find_checkpoint(out_dir)
+    where = (f"the last checkpoint ({kept.name}) is untouched" if kept else
+             "no checkpoint to resume from was written")  # (a `best` one may exist: weights only)
+    said = f"loss {loss}" + (" here, NaN/inf in another process" if loss_elsewhere else "")
+    return FunGPTError(f"training diverged at step {step}: the loss or gradient is NaN/inf ({said}); {where}. "
+                       f"Lower train.lr, or set train.skip_nonfinite = true to skip such steps")
+
+
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress: bool = True,
           start_time: float | None = None, model_named: Collection[str] = ()) -> dict[str, Any]:
     """Train the model described by `cfg`; return a summary: out_dir, step (the last), train_loss and val_loss at
@@ -1462,9 +1616,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                                                 read_weights=folder is None)
     # The text the data was prepared from and how it was split (no sha256: token ids prepared elsewhere): a resume
     # onto edited text, or a folder prepared again with another split, says so
-    data_meta = load_meta(data_dir)
-    data_fingerprint = (f"{data_meta['source_sha256']}:{data_meta['train_tokens']}:{data_meta['val_tokens']}"
-                        if data_meta.get("source_sha256") else None)  # the text's sha256 : train : val tokens
+    data_fingerprint = fingerprint_of(load_meta(data_dir))
     out_dir = Path(cfg.out_dir)
     if ddp.is_main:  # rank 0 alone writes the folder, so it alone locks it
         locked = held.enter_context(lock_out_dir(out_dir))
@@ -1474,6 +1626,12 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     if tc.warmup_iters >= tc.max_iters and not tc.max_minutes:  # e.g. a preset shortened with --train.max-iters
         say(f"fungpt: note: train.warmup_iters = {tc.warmup_iters} is not below the run's {tc.max_iters} steps, "
             f"so the learning rate never reaches train.lr = {tc.lr:g}; lower warmup_iters to reach it")
+    wsd_start = tc.decay_iters * (1.0 - tc.wsd_decay_frac)  # (WSD's decay window counts the warmup in: get_lr)
+    if tc.lr_schedule == "wsd" and wsd_start < tc.warmup_iters < tc.decay_iters:
+        say(f"fungpt: note: train.warmup_iters = {tc.warmup_iters} runs into the WSD decay, which starts at step "
+            f"{wsd_start:g} (the last wsd_decay_frac = {tc.wsd_decay_frac:g} of {tc.decay_iters} steps, warmup "
+            f"included): after the warmup the lr drops from about train.lr to the decay's line; lower warmup_iters or "
+            f"wsd_decay_frac for a stable phase at train.lr")
     if tc.lr_decay_iters is not None and tc.lr_decay_iters <= tc.warmup_iters and tc.lr_schedule != "constant":
         say(f"fungpt: note: train.lr_decay_iters = {tc.lr_decay_iters} is not above train.warmup_iters = "
             f"{tc.warmup_iters}, so the decay is over before the warmup ends: the lr drops to min_lr = "
@@ -1497,82 +1655,23 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     scaler = torch.amp.GradScaler(prec.device, enabled=prec.needs_grad_scaler)  # (Muon: refused by choose_precision)
     loader = BatchLoader(data_dir, "train", tc.batch_size, cfg.model.block_size, device=device,
                          seed=tc.seed, rank=ddp.rank, world_size=ddp.world_size)
-    step, best_val, elapsed_before, timings, evaluated_before = 0, float("inf"), 0.0, {}, False
-    tokens_before: int | None = None  # tokens trained on before a resume (the batch size may have changed since)
-    schedule_origin: float | None = None  # budget seconds used at step 1 (set before the loop; a compile adds its time)
-    # The origin this command's lr follows (see continuous_origin), saved too: a resume goes on from it
-    lr_origin: float | None = None
-    # The batch streams and random states of processes that a resume with fewer processes left out: saved on with
-    # every checkpoint, so that a later resume with more processes takes them up where they stopped (a fresh stream
-    # seeded from the rank would replay the batches that rank trained on before)
-    parked_loaders: list = []
-    parked_rngs: list = []
     torch.manual_seed(dropout_seed(tc.seed, ddp.rank))  # dropout masks differ per rank
 
     if resume and ckpt.find_checkpoint(cfg.out_dir) != folder:  # a run saved meanwhile, before the lock was taken
         folder = ckpt.find_checkpoint(cfg.out_dir)
         manifest = ckpt.verify_checkpoint(folder) if folder is not None else None
         saved_train = trained_with(manifest, saved_cfg)
+    resumed = Resumed()  # (a new run starts from its defaults)
     if folder is not None:
         ckpt.check_model_config(manifest, folder, cfg.model.to_dict(), Path(cfg.out_dir) / "config.json")
         check_resume_tokenizer(data_dir, out_dir)
         ckpt.load_weights(folder, model)
-        state = ckpt.load_state(folder)
-        try:
-            load_optimizer_state(optimizer, state["optimizer"])
-            scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
-            loaders = state["loader"]
-            processes = state.get("processes", len(loaders))  # (checkpoints from before it was saved: one each)
-            if not (isinstance(processes, int) and 1 <= processes <= len(loaders) == len(state["rng"])):
-                raise TypeError(f"processes is {processes!r:.60} for {len(loaders)} batch streams")
-            parked_loaders, parked_rngs = loaders[ddp.world_size:], state["rng"][ddp.world_size:]
-            if ddp.rank < len(loaders):
-                loader.load_state_dict(loaders[ddp.rank])
-            # else: resumed with more processes than saved; this rank keeps the fresh batch stream seeded from
-            # its own rank (a copy of rank 0's would train two replicas on the same batches)
-            step, best_val, elapsed_before = int(state["step"]), float(state["best_val"]), float(state["elapsed_s"])
-            evaluated_before = math.isfinite(best_val)  # (an eval saved best_val: at step 0, the step-0 eval)
-            # time-budget mode, see below (None: saved before step 1, at step 0; older checkpoints have no lr origin)
-            schedule_origin, lr_origin = (None if state.get(k) is None else float(state[k])
-                                          for k in ("schedule_origin_s", "lr_origin_s"))
-            if schedule_origin is None and step > 0:  # (checkpoints from before it was saved: their origin was 0)
-                schedule_origin = 0.0
-            timings = state.get("timings") or {}  # so a resumed run knows what to reserve at once
-            tokens_before = state.get("tokens")  # None in checkpoints from before it was saved
-            if not (isinstance(timings, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                      and math.isfinite(v) for v in timings.values())):
-                raise TypeError(f"timings is {timings!r:.60}, not seconds")
-            if not (tokens_before is None or (isinstance(tokens_before, int) and tokens_before >= 0)):
-                raise TypeError(f"tokens is {tokens_before!r:.60}, not a count")
-            if ddp.rank < len(state["rng"]):  # a new rank keeps its own dropout stream (dropout_seed, above)
-                rng = state["rng"][ddp.rank]
-                torch.set_rng_state(rng["cpu"])
-                if prec.device == "cuda" and "cuda" in rng:
-                    torch.cuda.set_rng_state(rng["cuda"])
-            if processes != ddp.world_size:
-                # Every process trains on its own batch: the tokens per step change with their number. The
-                # checkpoint's own count is the one to compare with (config.json may be from a start that failed
-                # before saving); checkpoints from before it was saved fall back to config.json's settings.
-                now = tc.batch_size * cfg.model.block_size * tc.grad_accum_steps * ddp.world_size
-                was = state.get("tokens_per_step")
-                if not isinstance(was, int):
-                    t = saved_train
-                    was = t.batch_size * saved_cfg.model.block_size * t.grad_accum_steps * processes
-                tokens = f"tokens per step {was:,} -> {now:,}" if was != now else f"the same {now:,} tokens per step"
-                say(f"fungpt: resuming with {ddp.world_size} process(es) where the checkpoint was written by "
-                    f"{processes}: {tokens}, and the batches differ from an uninterrupted run's"
-                    + (f"; processes {len(loaders)}.. start fresh batch streams" if ddp.world_size > len(loaders)
-                       else "")
-                    + (f"; processes {processes}..{min(len(loaders), ddp.world_size) - 1} take up the batch streams "
-                       f"that earlier processes of those ranks left" if ddp.world_size > processes < len(loaders)
-                       else ""))
-        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, OverflowError,  # (int(inf))
-                AttributeError) as e:  # (a field of another type: 'str' object has no attribute 'items')
-            raise FunGPTError(f"the training state in {folder / ckpt.STATE_FILE} does not fit this run "
-                              f"({type(e).__name__}: {str(e)[:120]}); resume with the original settings") from None
-        if step != int(manifest["step"]):
-            raise FunGPTError(f"{folder / ckpt.STATE_FILE} is at step {step} but {folder / ckpt.MANIFEST_FILE} "
-                              f"says step {manifest['step']}: the checkpoint is inconsistent")
+        resumed = load_training_state(folder, manifest, optimizer, scaler, loader, ddp, prec.device)
+        if resumed.processes != ddp.world_size:
+            say(processes_note(resumed, cfg, saved_cfg.model.block_size, saved_train, ddp.world_size))
+    step, best_val, elapsed_before, timings = resumed.step, resumed.best_val, resumed.elapsed_s, resumed.timings
+    schedule_origin, lr_origin = resumed.schedule_origin, resumed.lr_origin
+    if folder is not None:
         done = None
         if step < tc.max_iters:
             for note in resume_notes(saved_train, tc, step):
@@ -1650,7 +1749,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         return torch.autocast(device_type=prec.device, dtype=prec.torch_dtype)
 
     tokens_per_step = tc.batch_size * cfg.model.block_size * tc.grad_accum_steps * ddp.world_size
-    tokens_seen = int(tokens_before) if tokens_before is not None else step * tokens_per_step
+    tokens_seen = resumed.tokens if resumed.tokens is not None else step * tokens_per_step
     # MFU's ceiling: every process's device (the tokens per step above count all the processes' tokens)
     peak_flops = ddp.world_size * measure_peak_flops(device, prec.torch_dtype if prec.device != "cpu"
                                                      else torch.float32)
@@ -1731,7 +1830,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                      "timings": timings_now(),
                      "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "processes": ddp.world_size,
-                     "loader": loaders + parked_loaders, "rng": rngs + parked_rngs}
+                     "loader": loaders + resumed.parked_loaders, "rng": rngs + resumed.parked_rngs}
             ckpt.save_checkpoint(out_dir, "latest", step, model, state=state, extra=ckpt_extra)
         recent_saves.append(time.time() - t_save)
 
@@ -1811,7 +1910,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     plot_time = timings.get("plot", 0.0)
     evaluated_at = saved_at = -1  # the steps of the last periodic eval and checkpoint (the final ones reuse them)
     # (a resume from a step-0 checkpoint whose best_val was set: that eval is in metrics.jsonl already)
-    if step == 0 and budget_s is None and not evaluated_before:
+    if step == 0 and budget_s is None and not resumed.evaluated:
         evaluated_at = 0
         t0 = time.time()
         losses = do_eval()  # the starting point of the curve: about ln(vocab_size) for random weights
@@ -1874,70 +1973,28 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon groups peak at muon_lr
 
-            # Gradient accumulation: A micro-batches, each loss divided by A, so the summed
-            # gradients equal those of one batch A times larger.
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(tc.grad_accum_steps):
-                x, y = loader.next_batch()
-                last_micro = micro == tc.grad_accum_steps - 1
-                # DDP all-reduces gradients in backward; skip that on all but the last micro-step.
-                sync = contextlib.nullcontext() if (last_micro or not ddp.enabled) else fwd_model.no_sync()
-                with sync:
-                    try:
-                        with autocast():
-                            # (the logits, B x T x V floats, are not kept: the loss's backward does not need them;
-                            # another loss here should go into plan._timed_steps too, which times the dry run's steps)
-                            loss = fwd_model(x, y)[1] / tc.grad_accum_steps
-                        scaler.scale(loss).backward()
-                    except torch.cuda.OutOfMemoryError:
-                        from fungpt.plan import out_of_memory_advice
-
-                        if bar is not None:
-                            bar.close()
-                        raise FunGPTError(out_of_memory_advice(cfg, prec)) from None
-                    except Exception as e:
-                        if tc.compile and (failure := compile_failure(e)):  # (at the first step, which compiles)
-                            raise FunGPTError(failure) from None
-                        raise
-                loss_sum += loss.detach()
-
+            loss_sum = forward_backward(fwd_model, loader, cfg, prec, ddp, scaler, autocast, device)
             scaler.unscale_(optimizer)  # back to true gradient values (no-op without float16)
             max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             last_loss = loss_sum.item()
-            # Divergence: a non-finite loss, or gradient. With float16 loss scaling an overflowed gradient is the
-            # scaler's to handle (it skips the step and lowers the scale), but a non-finite loss is not: the
-            # forward pass itself overflowed, and left alone every later step was skipped, the run "finishing"
-            # with a loss of nan.
-            diverged = not math.isfinite(last_loss) or (not math.isfinite(grad_norm.item()) and not scaler.is_enabled())
-            loss_elsewhere = False  # (under DDP: another rank's loss was NaN/inf)
-            if ddp.enabled:
-                # Each rank's loss is its own: one rank's can be inf while the averaged gradients are finite. That
-                # rank alone skipped the step (skip_nonfinite) and its replica silently drifted from the others'.
-                # The ranks must take the same path: one all-reduce of two flags.
-                flags = agree([float(diverged), float(not math.isfinite(last_loss))])
-                diverged, loss_elsewhere = bool(flags[0]), bool(flags[1]) and math.isfinite(last_loss)
-            if diverged:
-                if not tc.skip_nonfinite:
-                    if bar is not None:
-                        bar.close()
-                    kept = ckpt.find_checkpoint(out_dir)
-                    where = (f"the last checkpoint ({kept.name}) is untouched" if kept else
-                             "no checkpoint to resume from was written")  # (a `best` one may exist: weights only)
-                    said = f"loss {last_loss}" + (" here, NaN/inf in another process" if loss_elsewhere else "")
-                    raise FunGPTError(f"training diverged at step {step + 1}: the loss or gradient is NaN/inf "
-                                      f"({said}); {where}. Lower train.lr, or set "
-                                      f"train.skip_nonfinite = true to skip such steps")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.update()  # (float16: ends this step's unscale_, lowers the scale; otherwise a no-op)
-                say(f"fungpt: skipped step {step + 1}: non-finite loss or gradient")
-                step, tokens_seen = step + 1, tokens_seen + tokens_per_step
-                continue
-            scaler.step(optimizer)
-            scaler.update()
+            diverged, loss_elsewhere = is_diverged(last_loss, grad_norm, scaler.is_enabled(), agree)
+            if diverged and not tc.skip_nonfinite:
+                raise divergence_error(step + 1, last_loss, loss_elsewhere, out_dir)
+            if diverged:  # skipped: no update; the step still counts, and its eval and checkpoint still come
+                skipped = f"fungpt: skipped step {step + 1}: non-finite loss or gradient"
+                if bar is not None:
+                    interrupt.output(bar.write, skipped)  # (on a line of its own, not glued to the bar)
+                else:
+                    say(skipped)
+            else:
+                scaler.step(optimizer)
+            scaler.update()  # (float16: after a skip, lowers the scale; otherwise a no-op)
             optimizer.zero_grad(set_to_none=True)
             step, tokens_seen = step + 1, tokens_seen + tokens_per_step
-            step_time = time.time() - t_step
+            # (at least a microsecond: before Python 3.13, Windows' clock moves in 15.6 ms ticks, and a step timed
+            # 0 s divided by zero below)
+            step_time = max(time.time() - t_step, 1e-6)
             if first_step:
                 first_step, first_step_s = False, step_time
                 if tc.compile and budget_s is not None and first_step_s > compiled_first_guess:
@@ -1953,7 +2010,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             else:
                 recent_steps.append(step_time)
 
-            if ddp.is_main and (step % tc.log_interval == 0 or step == 1):
+            # (the last step too, where log_interval does not divide max_iters: the curve reaches the end; not a
+            # skipped step, whose loss is NaN)
+            if ddp.is_main and not diverged and (step % tc.log_interval == 0 or step in (1, tc.max_iters)):
                 tok_s = tokens_per_step / step_time
                 # A step faster than the ceiling shows the ceiling was timed in a busy moment (another program
                 # on the cores): it is raised to what the run reached, so MFU never reads above 100%

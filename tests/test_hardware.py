@@ -244,6 +244,17 @@ def test_training_in_float16_on_cpu_survives_overflow_without_the_nan_guard(corp
 
 # ----------------------------------------------------------------------------- dry run and memory
 
+def test_the_dry_run_of_a_resume_counts_its_checkpoint_saves(corpus, tmp_path, capsys):
+    """Saves come at multiples of checkpoint_interval, not every interval from the resumed step: from step 6 to 13
+    with interval 4 they are at 8, 12 and 13, where it counted ceil(7 / 4) = 2."""
+    cfg = tiny_config(corpus, tmp_path / "run", max_iters=6, checkpoint_interval=4)
+    train(cfg, progress=False)
+    capsys.readouterr()
+    plan.dry_run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_iters=13)), resume=True,
+                 timed_steps=1)
+    assert "not timed here: 3 checkpoint save(s)" in capsys.readouterr().out
+
+
 def test_dry_run_counts_what_a_real_run_builds_and_writes_nothing(corpus, tmp_path, capsys):
     cfg = tiny_config(corpus, tmp_path / "run", max_iters=2)
     figures = plan.dry_run(cfg, timed_steps=1)

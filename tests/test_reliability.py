@@ -1240,6 +1240,33 @@ def test_skip_nonfinite_skips_the_step(world, tmp_path, monkeypatch, capsys):
     assert check_loadable(out) == 9
 
 
+def test_a_skipped_step_still_gets_its_eval_and_checkpoint(world, tmp_path, monkeypatch, capsys):
+    """A skipped step went on to the next (`continue`) past its eval and checkpoint: the next save came a whole
+    interval later, and the progress bar ended one step short for each skip."""
+    out = tmp_path / "run"
+    _nan_at_step(monkeypatch, 6)
+    saved = []
+    real_save = ckpt.save_checkpoint
+    monkeypatch.setattr(ckpt, "save_checkpoint", lambda o, kind, step, *a, **k: (saved.append((kind, step)),
+                                                                                  real_save(o, kind, step, *a, **k))[1])
+    train(tiny_config(world["data"], out, max_iters=9, skip_nonfinite=True, checkpoint_interval=3, eval_interval=6),
+          progress=False)
+    assert "skipped step 6" in capsys.readouterr().out
+    evals = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+    assert evals == [0, 6, 9] and ("latest", 6) in saved and 6 not in _train_steps(out)
+
+
+def test_a_clock_that_moves_in_ticks_does_not_stop_training(world, tmp_path, monkeypatch):
+    """Before Python 3.13, Windows' time.time() moves in 15.6 ms ticks: a faster step was timed 0 s, and the
+    tokens per second divided by zero (a raw ZeroDivisionError that lost the steps since the last checkpoint)."""
+    import time as time_module
+
+    real = time_module.time
+    monkeypatch.setattr(time_module, "time", lambda: real() // 100.0 * 100.0)  # (a 100 s tick: every step 0 s)
+    result = train(tiny_config(world["data"], tmp_path / "run", max_iters=4), progress=False)
+    assert result["step"] == 4
+
+
 def math_isfinite(x: float) -> bool:
     return x == x and abs(x) != float("inf")
 

@@ -44,6 +44,17 @@ def read_rows(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_the_last_step_is_logged_and_a_wsd_warmup_into_the_decay_is_noted(corpus, tmp_path, capsys):
+    """With a log_interval that does not divide max_iters, the last steps' loss and lr were never logged (the curve
+    stopped short; the bar ended showing an older lr). A WSD warmup that ran into the decay window dropped the lr
+    from its peak in one step, without a word (cosine's like case has its note)."""
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=10, log_interval=4, warmup_iters=9, lr_schedule="wsd"), progress=False)
+    assert [r["step"] for r in read_rows(out) if "lr" in r] == [1, 4, 8, 10]
+    assert re.search(r"note: train.warmup_iters = 9 runs into the WSD decay, which starts at step 8 \(the last "
+                     r"wsd_decay_frac = 0.2 of 10 steps", capsys.readouterr().out)
+
+
 def test_end_to_end_train_sample_eval(corpus, tmp_path):
     out = tmp_path / "run"
     result = train(tiny_config(corpus, out, max_iters=30, eval_interval=10), progress=False)
@@ -1558,7 +1569,12 @@ def test_eval_refuses_a_data_folder_prepared_again_with_another_tokenizer(corpus
     with pytest.raises(FunGPTError, match="prepared again .*bpe tokenizer"):
         evaluate_run(out)
     prepare(corpus, data_dir, "char", overwrite=True, progress=False)  # the original data again: accepted
-    assert evaluate_run(out)["loss"] == before
+    assert evaluate_run(out)["loss"] == before and evaluate_run(out)["note"] is None
+    # split again (the same tokenizer): scored without a word, though val now held text the run trained on
+    prepare(corpus, data_dir, "char", val_fraction=0.5, overwrite=True, progress=False)
+    assert re.fullmatch(r"fungpt: note: .* was prepared again since step 2 \(its text's sha256, or how it is split, "
+                        r"differs .*\): its val split may hold text the run trained on, and this loss does not "
+                        r"compare with the run's val losses", evaluate_run(out)["note"])
 
 
 def test_a_prompt_file_is_read_up_to_a_bound(tmp_path, monkeypatch):
