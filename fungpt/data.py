@@ -575,6 +575,12 @@ def remove_stale_temps(out: Path) -> None:
 PREPARED_FILES = ("train.bin", "val.bin", "meta.json", META_FILE, BPE_FILE)  # what prepare writes into its folder
 
 
+def _system_file(name: str) -> bool:
+    """A file the system puts into any folder it shows: macOS Finder's .DS_Store and ._* twins, Windows'
+    Thumbs.db and desktop.ini (deleting one with the folder loses nothing of the user's)."""
+    return name in (".DS_Store", "Thumbs.db", "desktop.ini") or name.startswith("._")
+
+
 def _check_out_dir(out: Path, overwrite: bool) -> None:
     if not out.exists():
         return
@@ -585,14 +591,20 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
             raise FunGPTError(f"{out} already holds a prepared dataset; pass --overwrite to replace it")
         # --overwrite replaces the whole folder: only one that prepare made, holding nothing else. A folder of the
         # user's own token ids (no source text to prepare them from again) and files put beside a dataset are kept.
+        # (fungpt train's cache is FunGPT's own: a damaged folder there is prepared again, whatever it holds)
+        if out.resolve().is_relative_to(cache_dir().expanduser().resolve()):
+            return
         try:
-            made_here = "source_sha256" in read_json(out / "meta.json")
-        except (OSError, ValueError, TypeError):
-            made_here = False
+            meta = read_json(out / "meta.json")
+            made_here = "source_sha256" in meta
+        except (OSError, ValueError, TypeError) as e:
+            raise FunGPTError(f"{out / 'meta.json'} cannot be read ({type(e).__name__}), so whether fungpt prepare "
+                              f"made {out} (and --overwrite may delete it) is not known; delete the folder yourself "
+                              f"if it is, or choose another --out") from None
         if not made_here:
             raise FunGPTError(f"{out} holds token ids that fungpt prepare did not make (its meta.json names no "
                               f"source text), which --overwrite would delete; choose another --out")
-        others = sorted(p.name for p in out.iterdir() if p.name not in PREPARED_FILES)
+        others = sorted(p.name for p in out.iterdir() if p.name not in PREPARED_FILES and not _system_file(p.name))
         if others:
             raise FunGPTError(f"{out} holds {others[0]!r}" + (f" and {len(others) - 1} more file(s)" if len(others) > 1
                               else "") + " beside the prepared dataset, which --overwrite would delete with it; "
@@ -939,10 +951,14 @@ def load_meta(data_dir: str | Path) -> dict:
         ) from None
     if missing:
         raise FunGPTError(f"{meta_path} lacks {', '.join(missing)}; {mend(meta)}")
-    if meta["format_version"] != FORMAT_VERSION or isinstance(meta["format_version"], bool):
+    version = meta["format_version"]
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        number = isinstance(version, (int, float)) and not isinstance(version, bool)
+        newer = number and version > FORMAT_VERSION
+        fix = "a newer FunGPT wrote it: upgrade FunGPT, or " if newer else ""
         raise FunGPTError(
-            f"{meta_path} has format version {meta['format_version']!r}, this FunGPT reads version "
-            f"{FORMAT_VERSION} (the number); {mend(meta)}"
+            f"{meta_path} has format version {version!r}, this FunGPT reads version {FORMAT_VERSION}"
+            + ("" if number else " (a number)") + f"; {fix}{mend(meta)}"
         )
     # Whole numbers (a hand-edited "8100" would multiply as a string), each at least this. val_bytes and val_chars,
     # the val text's size that eval's bits per byte/char divide by, are optional: a folder made by hand may lack them
@@ -1003,17 +1019,19 @@ def check_split_fits(meta: dict, block_size: int, prepared_by_user: bool = False
     for split in SPLITS:
         n = meta[f"{split}_tokens"]
         if block_size + 1 > n:
+            fixes = ["a smaller model.block_size (--model.block-size)"] if n >= 2 else []  # (none fits 0 or 1)
             if prepared_by_user and "source_sha256" not in meta:  # token ids of the user's own: no text to prepare
-                more = f"more token ids in {split}.bin, and their count in meta.json ({OWN_IDS})"
+                fixes.append(f"more token ids in {split}.bin (with {split}_tokens in meta.json raised; {OWN_IDS})")
             else:
-                larger_val = ("prepare the folder again with a larger --val-fraction (`fungpt prepare ... "
-                              "--overwrite`)" if prepared_by_user
-                              else "a larger data.val_fraction (--data.val-fraction)")
-                more = "more text" + (f", or {larger_val}" if split == "val" else "")
-            smaller = "use a smaller model.block_size (--model.block-size), " if n >= 2 else "use "
+                fixes.append("more text")
+                if split == "val":
+                    fixes.append("prepare the folder again with a larger --val-fraction (`fungpt prepare ... "
+                                 "--overwrite`)" if prepared_by_user
+                                 else "a larger data.val_fraction (--data.val-fraction)")
+            either = fixes[0] if len(fixes) == 1 else f"{', '.join(fixes[:-1])}{',' * (len(fixes) > 2)} or {fixes[-1]}"
             raise FunGPTError(
-                f"block size {block_size} is too large for this dataset: the {split} split has only {n} tokens "
-                f"and one training window needs block_size + 1 = {block_size + 1}; {smaller}{more}"
+                f"block size {block_size} is too large for this dataset: the {split} split has only {n} "
+                f"token{'s' * (n != 1)} and one training window needs block_size + 1 = {block_size + 1}; use {either}"
             )
 
 

@@ -829,7 +829,7 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         size, eot = meta.get("vocab_size", GPT2_VOCAB_SIZE), meta.get("eot_id", GPT2_EOT_ID)
         if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (size, eot)) or eot >= size:
             raise FunGPTError(f"tokenizer file {meta_path} is corrupt (bad vocab_size or eot_id); {_RESTORE}")
-        if size != GPT2_VOCAB_SIZE:  # (a padded 50304: sampling drew ids the encoding cannot decode)
+        if size > GPT2_VOCAB_SIZE:  # (a padded 50304: sampling drew ids the encoding cannot decode)
             raise FunGPTError(f"tokenizer file {meta_path} gives GPT-2's encoding vocab_size {size}, but it has "
                               f"{GPT2_VOCAB_SIZE:,} tokens: set {GPT2_VOCAB_SIZE} there and in meta.json (a padded "
                               f"vocabulary is not supported)")

@@ -534,8 +534,8 @@ def test_overwrite_replaces_only_a_folder_prepare_made_holding_nothing_else(tmp_
         prepare(corpus, own, overwrite=True, progress=False)
     assert (own / "val.bin").stat().st_size == 40  # untouched
     with pytest.raises(FunGPTError, match=r"the val split has only 20 tokens .*; use a smaller model.block_size "
-                                          r"\(--model.block-size\), more token ids in val.bin, and their count in "
-                                          r"meta.json \(README"):
+                                          r"\(--model.block-size\) or more token ids in val.bin \(with val_tokens in "
+                                          r"meta.json raised; README"):
         check_split_fits(load_meta(own), 32, prepared_by_user=True)  # (not "prepare ... --overwrite")
     with pytest.raises(FunGPTError, match=r"prepare the folder again with a larger --val-fraction"):
         check_split_fits(load_meta(char_data), load_meta(char_data)["val_tokens"], prepared_by_user=True)  # it can
@@ -545,8 +545,27 @@ def test_overwrite_replaces_only_a_folder_prepare_made_holding_nothing_else(tmp_
         prepare(corpus, char_data, overwrite=True, progress=False)
     assert (char_data / "notes.txt").read_text() == "mine"
     (char_data / "notes.txt").unlink()
+    (char_data / ".DS_Store").write_bytes(b"\0")  # (what macOS Finder adds to a folder it shows: not the user's)
     prepare(corpus, char_data, tokenizer="bpe", vocab_size=300, overwrite=True, progress=False)  # prepare's alone
     assert load_meta(char_data)["tokenizer"] == "bpe"
+    (char_data / "meta.json").write_text("{")  # unreadable: whether prepare made the folder is not known
+    with pytest.raises(FunGPTError, match=r"meta.json cannot be read \(JSONDecodeError\), so whether fungpt prepare "
+                                          r"made .* is not known"):
+        prepare(corpus, char_data, overwrite=True, progress=False)
+
+
+def test_a_damaged_folder_in_the_cache_is_prepared_again_whatever_it_holds(tmp_path, corpus, monkeypatch):
+    """fungpt train prepares a cached folder again when it no longer loads: a review found that refused after
+    --overwrite learned to keep a user's files (an unreadable meta.json, a file Finder put there)."""
+    from fungpt.data import cache_dir
+
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    cached = cache_dir() / "datasets" / "corpus-char"
+    prepare(corpus, cached, progress=False)
+    (cached / "meta.json").write_text("{")
+    (cached / "Icon\r").write_bytes(b"")
+    prepare(corpus, cached, overwrite=True, progress=False)
+    assert load_meta(cached)["tokenizer"] == "char"
 
 
 def test_token_ids_given_where_text_is_read_and_ids_written_wrongly_are_named(tmp_path, char_data):
@@ -582,8 +601,11 @@ def test_token_ids_given_where_text_is_read_and_ids_written_wrongly_are_named(tm
     with pytest.raises(FunGPTError, match=r"dtype uint16 for a vocabulary of 70,000, whose ids from 65,536 on a "
                                           r"uint16 cannot hold: write the ids as uint32"):
         load_meta(own("wide", ids, vocab_size=70_000))
-    with pytest.raises(FunGPTError, match=r"has format version '1', this FunGPT reads version 1 \(the number\)"):
+    with pytest.raises(FunGPTError, match=r"has format version '1', this FunGPT reads version 1 \(a number\); "):
         load_meta(own("text", ids, format_version="1"))
+    with pytest.raises(FunGPTError, match=r"has format version 2, this FunGPT reads version 1; a newer FunGPT wrote "
+                                          r"it: upgrade FunGPT, or "):
+        load_meta(own("newer", ids, format_version=2))
     npy = own("npy", ids)
     for split in ("train", "val"):
         np.save(npy / f"{split}.bin", ids)
