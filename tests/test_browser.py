@@ -335,3 +335,11 @@ def test_the_sample_follows_new_tokens_unless_the_reader_scrolled_up(url, page):
     page.evaluate("() => { const o = document.getElementById('output'); o.scrollTop = o.scrollHeight; }")
     top, end = page.evaluate(add, 1)
     assert top == end  # back at the end: following again
+    # a prompt taller than the box: the new tokens are followed from the start (they came below the box, unseen)
+    page.fill("#prompt", "\n".join(["The cat"] * 60))  # (in the tiny run's alphabet)
+    page.fill("#max_new_tokens", "30")
+    page.click("#generate")
+    sync_api.expect(page.locator("#output")).to_have_attribute("data-state", "done")
+    top, end = page.evaluate("() => { const o = document.getElementById('output'); "
+                             "return [o.scrollTop, o.scrollHeight - o.clientHeight]; }")
+    assert end > 0 and top == end

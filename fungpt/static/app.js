@@ -325,6 +325,7 @@ function handleEvent(event, started) {
     state.sampleModel = event.model;
     state.promptTokens = event.prompt_tokens;
     addTokenSpan({ text: $("prompt").value }, "prompt");
+    $("output").scrollTop = $("output").scrollHeight;  // (a prompt taller than the box: its end, where tokens come)
   } else if (event.type === "token") {
     state.gen.push(event);
     const span = addTokenSpan(event, "gen", state.gen.length - 1);
