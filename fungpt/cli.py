@@ -353,7 +353,8 @@ def eval_command(run: RunFolder, input: str | None = None, checkpoint: Literal["
     print_eval(result)
 
 
-def plot_command(runs: Annotated[list[str], tyro.conf.Positional, tyro.conf.arg(metavar="RUN [RUN ...]")],
+def plot_command(runs: Annotated[list[str], tyro.conf.Positional,
+                                 tyro.conf.arg(metavar="RUN [RUN ...]", help_behavior_hint="(required)")],
                  x: Literal["step", "tokens", "time"] = "step",
                  out: str = "loss.png") -> None:
     """Plot train and val loss of one or several runs on one figure.

@@ -162,7 +162,7 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
     it prepares and for timed steps that take over a second."""
     start_time = time.time() if start_time is None else start_time
     from fungpt import checkpoint as ckpt
-    from fungpt.data import BatchLoader, load_meta
+    from fungpt.data import BatchLoader, is_prepared, load_meta
     from fungpt.train import (
         HoldsARun,
         check_out_dir,
@@ -292,8 +292,8 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
         if whole:
             out(whole)
         result["projected_s"], result["eval_s"] = total_s, eval_s
-    out("fungpt: dry run done (no run folder was written, only the prepared data's cache; drop --dry-run to "
-        "train)")
+    cached = "" if is_prepared(cfg.data.path) else ", only the prepared data's cache"  # (a folder given: read)
+    out(f"fungpt: dry run done (no run folder was written{cached}; drop --dry-run to train)")
     return result
 
 

@@ -2,9 +2,9 @@
 
     train(cfg)
       ├─ resolve_data         prepared folder, or prepare the text on the fly into a cache
-      ├─ build model, configure_optimizer (AdamW, decay on matrices only)
-      ├─ resume from the latest checkpoint (optional)
-      └─ loop:  get_lr → accumulate gradients over micro-batches → clip → step
+      ├─ build model, configure_optimizer (AdamW, decay on matrices only; or Muon for the blocks' matrices)
+      ├─ resume: load_training_state of the latest checkpoint (optional)
+      └─ loop:  get_lr → forward_backward (gradients of A micro-batches) → clip → is_diverged → step
                 → log → evaluate → save_checkpoint
 
 Notation: B = batch_size, T = block_size, A = grad_accum_steps, W = number of processes.
@@ -309,12 +309,18 @@ def note_unused_data_settings(data: DataConfig, meta: dict, data_dir: Path, fine
     if not fine_tune:
         checks[:0] = [("tokenizer", data.tokenizer, meta.get("tokenizer"), True),
                       ("vocab_size", data.vocab_size, asked or meta.get("vocab_size"), vocab_differs)]
-    unused = [f"{name} = {mine!r} (the folder's: {theirs!r})" for name, mine, theirs, differs in checks
+    unused = [f"{name} = {mine!r}" + (f" (the folder's: {theirs!r})" if theirs is not None else "")
+              for name, mine, theirs, differs in checks
               if mine != getattr(default, name) and mine != theirs and differs]
     if unused:
-        print(f"fungpt: note: {data_dir} is a prepared dataset, tokenized once by `fungpt prepare`, so data."
-              f"{'; data.'.join(unused)} {'is' if len(unused) == 1 else 'are'} not used. To change "
-              f"{'it' if len(unused) == 1 else 'them'}, set data.path to the text itself, or prepare it again")
+        settings = f"data.{'; data.'.join(unused)} {'is' if len(unused) == 1 else 'are'} not used"
+        if "source_sha256" not in meta:  # token ids made elsewhere (README, "Data of your own token ids")
+            print(f"fungpt: note: {data_dir} holds token ids made without `fungpt prepare`, so {settings} (such "
+                  f"settings apply only where FunGPT tokenizes a text)")
+        else:
+            print(f"fungpt: note: {data_dir} is a prepared dataset, tokenized once by `fungpt prepare`, so "
+                  f"{settings}. To change {'it' if len(unused) == 1 else 'them'}, set data.path to the text itself, "
+                  f"or prepare it again")
 
 
 # What a training run writes into its out_dir, and so all that --overwrite deletes there: the folder may
@@ -1012,12 +1018,12 @@ def time_forward(model: torch.nn.Module, cfg: RunConfig, device: str, autocast, 
     model.eval()
     seconds_per_window = float("inf")
     for _ in range(3):
-        t0 = time.time()
+        t0 = time.perf_counter()  # (a fine clock: Windows' time.time() moved in 15.6 ms ticks before Python 3.13)
         with autocast():
             model(x)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        seconds_per_window = min(seconds_per_window, max(time.time() - t0, 1e-6) / windows)  # (a coarse clock: 0)
+        seconds_per_window = min(seconds_per_window, (time.perf_counter() - t0) / windows)
         if bar is not None:
             bar.update(1)
     model.train(was_training)
@@ -1626,12 +1632,16 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     if tc.warmup_iters >= tc.max_iters and not tc.max_minutes:  # e.g. a preset shortened with --train.max-iters
         say(f"fungpt: note: train.warmup_iters = {tc.warmup_iters} is not below the run's {tc.max_iters} steps, "
             f"so the learning rate never reaches train.lr = {tc.lr:g}; lower warmup_iters to reach it")
-    wsd_start = tc.decay_iters * (1.0 - tc.wsd_decay_frac)  # (WSD's decay window counts the warmup in: get_lr)
-    if tc.lr_schedule == "wsd" and wsd_start < tc.warmup_iters < tc.decay_iters:
-        say(f"fungpt: note: train.warmup_iters = {tc.warmup_iters} runs into the WSD decay, which starts at step "
-            f"{wsd_start:g} (the last wsd_decay_frac = {tc.wsd_decay_frac:g} of {tc.decay_iters} steps, warmup "
-            f"included): after the warmup the lr drops from about train.lr to the decay's line; lower warmup_iters or "
-            f"wsd_decay_frac for a stable phase at train.lr")
+    # WSD's decay window counts the warmup in (get_lr): a warmup that runs into it ends on a drop of the lr
+    w = tc.warmup_iters
+    if (tc.lr_schedule == "wsd" and folder is None and 0 < w < tc.decay_iters and (w < tc.max_iters or tc.max_minutes)
+            and get_lr(w, tc) < 0.9 * get_lr(w - 1, tc)):
+        start = (f"{1 - tc.wsd_decay_frac:.0%} into the budget" if tc.max_minutes else
+                 f"at step {tc.decay_iters * (1 - tc.wsd_decay_frac):g}")
+        say(f"fungpt: note: train.warmup_iters = {w} runs into the WSD decay, which starts {start} (the last "
+            f"wsd_decay_frac = {tc.wsd_decay_frac:g} of the schedule, warmup included): after the warmup the lr "
+            f"drops from {get_lr(w - 1, tc):.3g} to {get_lr(w, tc):.3g}; lower warmup_iters or wsd_decay_frac for a "
+            f"stable phase at train.lr")
     if tc.lr_decay_iters is not None and tc.lr_decay_iters <= tc.warmup_iters and tc.lr_schedule != "constant":
         say(f"fungpt: note: train.lr_decay_iters = {tc.lr_decay_iters} is not above train.warmup_iters = "
             f"{tc.warmup_iters}, so the decay is over before the warmup ends: the lr drops to min_lr = "
@@ -1639,8 +1649,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
 
     # Model and optimizer. Every rank builds the same initial weights from the same seed.
     torch.manual_seed(tc.seed)
-    # The memory check (CPU, Apple GPU; on CUDA an out-of-memory error is caught and explained below) needs the
-    # parameter count. It is taken from the built model, unless the weights alone might not fit: then building
+    # The memory check (CPU, Apple GPU; on CUDA an out-of-memory error is caught and explained by forward_backward)
+    # needs the parameter count. It is taken from the built model, unless the weights alone might not fit: then building
     # the model could be what gets the process killed, so it is counted on the meta device first (~1 s)
     check_memory = ddp.is_main and prec.device != "cuda"
     if folder is not None:  # (resuming: a config far larger than the saved weights is refused before it is built)
@@ -1902,7 +1912,22 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
         return agreed.tolist()
 
+    def log_step(step: int, loss: float, lr: float, step_time: float, tokens: int, elapsed_s: float,
+                 run_s: float) -> tuple[float, float]:
+        """Write a step's row of metrics.jsonl; returns its tokens per second and MFU, for the progress bar."""
+        nonlocal peak_flops
+        tok_s = tokens_per_step / step_time
+        # A step faster than the ceiling shows the ceiling was timed in a busy moment (another program
+        # on the cores): it is raised to what the run reached, so MFU never reads above 100%
+        peak_flops = max(peak_flops, flops_per_step / step_time)
+        mfu = flops_per_step / step_time / peak_flops  # achieved FLOP/s over the measured ceiling
+        log.write({"step": step, "train_loss": loss, "lr": lr, "dt_ms": round(step_time * 1000, 2),
+                   "tokens_per_sec": round(tok_s, 1), "mfu": round(mfu, 4), "elapsed_s": round(elapsed_s, 3),
+                   "run_s": round(run_s, 3), "tokens": tokens})
+        return tok_s, mfu
+
     compiled_first_guess, per_window = float("inf"), None
+    unlogged = None  # the last step's row, when log_interval skipped it
     losses: dict[str, float] = {}
     last_loss = float("nan")
     recent_steps: collections.deque[float] = collections.deque(maxlen=5)  # the last steps' times, for step_estimate
@@ -1968,7 +1993,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                    dynamic_ncols=True, mininterval=every, maxinterval=max(every, 10.0))
     with _StopFlag(announce=ddp.is_main, processes=ddp.world_size) as interrupt, _close_on_error(bar):
         while step < tc.max_iters and not must_stop(interrupt):
-            t_step = time.time()
+            t_step, t_clock = time.time(), time.perf_counter()  # (wall time for the budget; a fine clock for the step)
             lr = get_lr(position, tc)  # (schedule_position(), agreed by the ranks in must_stop)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon groups peak at muon_lr
@@ -1989,12 +2014,12 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                     say(skipped)
             else:
                 scaler.step(optimizer)
-            scaler.update()  # (float16: after a skip, lowers the scale; otherwise a no-op)
+            scaler.update()  # (float16: adjusts the scale, lowered after a skip; without float16 a no-op)
             optimizer.zero_grad(set_to_none=True)
             step, tokens_seen = step + 1, tokens_seen + tokens_per_step
-            # (at least a microsecond: before Python 3.13, Windows' clock moves in 15.6 ms ticks, and a step timed
-            # 0 s divided by zero below)
-            step_time = max(time.time() - t_step, 1e-6)
+            # (perf_counter: before Python 3.13, Windows' time.time() moves in 15.6 ms ticks, and a step timed 0 s
+            # divided by zero below)
+            step_time = max(time.perf_counter() - t_clock, 1e-9)
             if first_step:
                 first_step, first_step_s = False, step_time
                 if tc.compile and budget_s is not None and first_step_s > compiled_first_guess:
@@ -2012,16 +2037,12 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
 
             # (the last step too, where log_interval does not divide max_iters: the curve reaches the end; not a
             # skipped step, whose loss is NaN)
-            if ddp.is_main and not diverged and (step % tc.log_interval == 0 or step in (1, tc.max_iters)):
-                tok_s = tokens_per_step / step_time
-                # A step faster than the ceiling shows the ceiling was timed in a busy moment (another program
-                # on the cores): it is raised to what the run reached, so MFU never reads above 100%
-                peak_flops = max(peak_flops, flops_per_step / step_time)
-                mfu = flops_per_step / step_time / peak_flops  # achieved FLOP/s over the measured ceiling
-                log.write({"step": step, "train_loss": last_loss, "lr": lr, "dt_ms": round(step_time * 1000, 2),
-                           "tokens_per_sec": round(tok_s, 1), "mfu": round(mfu, 4),
-                           "elapsed_s": round(time.time() - start_time, 3), "run_s": round(elapsed(), 3),
-                           "tokens": tokens_seen})
+            row = (step, last_loss, lr, step_time, tokens_seen, time.time() - start_time, elapsed())
+            unlogged = None
+            if ddp.is_main and not diverged and not (step % tc.log_interval == 0 or step == 1):
+                unlogged = row  # (written after the loop if the run ends here: its curve reaches the last step)
+            elif ddp.is_main and not diverged:  # (a skipped step's loss is NaN: not logged)
+                tok_s, mfu = log_step(*row)
                 if bar is not None:
                     if budget_s is not None:  # the bar's end: where the budget should end the run, not max_iters
                         bar.total = last_step_forecast()  # (the speedrun presets' max_iters is never reached)
@@ -2040,6 +2061,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             if step % tc.checkpoint_interval == 0 and step < tc.max_iters:  # the last step is saved below
                 do_save()
                 saved_at = step
+        if unlogged is not None:  # (the run ended on a step log_interval skipped: at max_iters, a budget, a signal)
+            log_step(*unlogged)
         # The loop also ends at max_iters without asking must_stop: a Ctrl-C that reached some ranks during the
         # last step must not send them down another path than the rest (Ctrl-C no longer changes the flag after
         # the `with`: it then aborts at once).

@@ -939,7 +939,7 @@ def test_a_resumed_budget_runs_lr_goes_on_from_where_it_was(corpus, tmp_path, qu
     def slow_and_stopped(self):  # (0.2 s steps; Ctrl-C at step 20, and 15 steps into the next command)
         # (the training loop's batches only: a Ctrl-C sent from an eval's batch, after the loop, is not caught there
         # and stopped the whole pytest session)
-        batches.append(sys._getframe(1).f_code.co_name == "_train")
+        batches.append(sys._getframe(1).f_code.co_name == "forward_backward")
         if stops and sum(batches) == stops[0] and batches[-1]:
             stops.pop(0)
             batches.clear()

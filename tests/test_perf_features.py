@@ -385,7 +385,7 @@ def test_eval_estimate_uses_the_fastest_of_its_timings(prepared, monkeypatch):
             clock[0] += next(costs)  # time passes only inside the forward
             return x
 
-    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(time=lambda: clock[0], perf_counter=lambda: clock[0]))
     cfg = RunConfig(out_dir="unused", data=DataConfig(path=str(prepared)),
                     model=GPTConfig(vocab_size=1, block_size=16, n_layer=1, n_head=2, n_embd=16),
                     train=TrainConfig(batch_size=4, eval_iters=1, device="cpu", eval_full_val=False))

@@ -1265,6 +1265,8 @@ def test_a_clock_that_moves_in_ticks_does_not_stop_training(world, tmp_path, mon
     monkeypatch.setattr(time_module, "time", lambda: real() // 100.0 * 100.0)  # (a 100 s tick: every step 0 s)
     result = train(tiny_config(world["data"], tmp_path / "run", max_iters=4), progress=False)
     assert result["step"] == 4
+    rows = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    assert all(0 < r["dt_ms"] and r["mfu"] < 1 for r in rows)  # (timed on a fine clock: not 0 ms, MFU 100%)
 
 
 def math_isfinite(x: float) -> bool:
@@ -2261,6 +2263,18 @@ def test_a_model_vocab_size_given_from_scratch_is_said_to_be_replaced(world, tmp
     assert "(for a BPE of another size, set data.vocab_size)" in capsys.readouterr().out
 
 
+def test_data_settings_a_folder_of_own_token_ids_leaves_unused_are_named_as_such(tmp_path, capsys):
+    """A hand-made folder was called tokenized "by `fungpt prepare`", with "(the folder's: None)" for what its
+    meta.json does not record, and told to be prepared again (it has no text)."""
+    from fungpt.train import note_unused_data_settings
+
+    meta = {"format_version": 1, "tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16"}
+    note_unused_data_settings(DataConfig(tokenizer="bpe", val_fraction=0.5), meta, tmp_path)
+    assert capsys.readouterr().out == (f"fungpt: note: {tmp_path} holds token ids made without `fungpt prepare`, so "
+                                       "data.tokenizer = 'bpe' (the folder's: 'gpt2'); data.val_fraction = 0.5 are "
+                                       "not used (such settings apply only where FunGPT tokenizes a text)\n")
+
+
 def test_data_settings_a_prepared_folder_leaves_unused_are_named(world, tmp_path, capsys):
     """--data.tokenizer bpe with data.path a prepared char folder trained on chars without a word."""
     argv = ["train", "--data.path", str(world["data"]), "--out-dir", str(tmp_path / "new"), *TINY_MODEL,
@@ -2270,6 +2284,7 @@ def test_data_settings_a_prepared_folder_leaves_unused_are_named(world, tmp_path
     assert (f"fungpt: note: {world['data']} is a prepared dataset, tokenized once by `fungpt prepare`, so "
             "data.tokenizer = 'bpe' (the folder's: 'char'); data.vocab_size = 300 (the folder's: 22) are not "
             "used") in out
+    assert "dry run done (no run folder was written; drop --dry-run to train)" in out  # (no cache: the folder's read)
     assert main([*argv, "--data.tokenizer", "char", "--data.val-fraction", "0.1"]) == 0  # the folder's own
     assert "is a prepared dataset" not in capsys.readouterr().out
     # A BPE stops short of the size asked on a small corpus: the setting it was prepared with is not "unused"

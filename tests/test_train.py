@@ -44,15 +44,37 @@ def read_rows(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_the_last_step_is_logged_and_a_wsd_warmup_into_the_decay_is_noted(corpus, tmp_path, capsys):
+def test_the_last_step_is_logged_and_a_wsd_warmup_into_the_decay_is_noted(corpus, tmp_path, capsys, monkeypatch):
     """With a log_interval that does not divide max_iters, the last steps' loss and lr were never logged (the curve
     stopped short; the bar ended showing an older lr). A WSD warmup that ran into the decay window dropped the lr
     from its peak in one step, without a word (cosine's like case has its note)."""
+    import importlib
+    import signal
+
     out = tmp_path / "run"
     train(tiny_config(corpus, out, max_iters=10, log_interval=4, warmup_iters=9, lr_schedule="wsd"), progress=False)
     assert [r["step"] for r in read_rows(out) if "lr" in r] == [1, 4, 8, 10]
     assert re.search(r"note: train.warmup_iters = 9 runs into the WSD decay, which starts at step 8 \(the last "
-                     r"wsd_decay_frac = 0.2 of 10 steps", capsys.readouterr().out)
+                     r"wsd_decay_frac = 0.2 of the schedule, warmup included\): after the warmup the lr drops from "
+                     r"0.0027 to 0.00165", capsys.readouterr().out)
+    # a decay that starts early but slowly: the lr still rises after the warmup, nothing to note
+    train(tiny_config(corpus, tmp_path / "slow", max_iters=20, warmup_iters=2, lr_schedule="wsd", wsd_decay_frac=1.0),
+          progress=False)
+    assert "runs into the WSD decay" not in capsys.readouterr().out
+    # a run that ends elsewhere (a signal, a time budget) logs its last step too
+    train_module = importlib.import_module("fungpt.train")
+    real_get_lr, calls = train_module.get_lr, []
+
+    def get_lr(it, tc):  # called once before each step: Ctrl-C during the 6th
+        calls.append(it)
+        if len(calls) == 6:
+            signal.raise_signal(signal.SIGINT)
+        return real_get_lr(it, tc)
+
+    monkeypatch.setattr(train_module, "get_lr", get_lr)
+    stopped = tmp_path / "stopped"
+    assert train(tiny_config(corpus, stopped, max_iters=10, log_interval=4), progress=False)["step"] == 6
+    assert [r["step"] for r in read_rows(stopped) if "lr" in r] == [1, 4, 6]
 
 
 def test_end_to_end_train_sample_eval(corpus, tmp_path):
