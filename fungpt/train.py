@@ -1699,6 +1699,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                     "train.max_minutes")
         if done:
             say(f"fungpt: {out_dir} {done[0]}: nothing to train; raise {done[1]} to continue it")
+            if ddp.is_main and tc.plot and not (out_dir / "loss.png").is_file():  # (a run stopped while drawing it)
+                _plot_quietly(out_dir)
             return {"out_dir": str(out_dir), "step": step, "train_loss": float("nan"), "val_loss": float("nan"),
                     "interrupted": False, "signal": None, "elapsed_s": time.time() - start_time}
         say(f"fungpt: resuming {out_dir} from step {step}")

@@ -285,6 +285,13 @@ def test_the_last_step_is_saved_once_and_a_finished_run_is_left_alone(corpus, tm
     result = train(tiny_config(corpus, out, max_iters=12), resume=True, progress=False)
     assert result["step"] == 12 and "nothing to train" in capsys.readouterr().out
     assert (out / "metrics.jsonl").read_text() == before
+    # a run stopped (SIGTERM) while it drew loss.png, after its last save: the resume that finds nothing to train
+    # draws it (it was left without one)
+    (out / "loss.png").unlink()
+    train(tiny_config(corpus, out, max_iters=12), resume=True, progress=False)
+    drawn = (out / "loss.png").stat().st_mtime_ns
+    train(tiny_config(corpus, out, max_iters=12), resume=True, progress=False)
+    assert (out / "loss.png").stat().st_mtime_ns == drawn  # (drawn again only when missing)
 
 
 def test_tokens_and_time_add_up_across_a_resume_with_another_batch_size(corpus, tmp_path):
