@@ -185,8 +185,8 @@ def _write_file(path: Path, data: bytes) -> None:
 def _fresh_folder(parent: Path, kind: str, step: int) -> Path:
     """A folder name for a new checkpoint that no existing folder (above all, the current one) has.
 
-    Saving twice at the same step happens (Ctrl-C right after a scheduled save, or a resume that
-    is interrupted at once). Deleting the old folder to reuse its name would open a window in
+    Saving twice at the same step happens (a resume that is interrupted at once, or a final eval at a
+    step that was saved but not evaluated). Deleting the old folder to reuse its name would open a window in
     which the pointer names a folder that does not exist, so the second one gets a suffix.
     """
     final = parent / f"{kind}-{step:07d}"

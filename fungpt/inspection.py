@@ -11,7 +11,8 @@ For a run folder or a TOML config this reports
 `format_report(...)` turns the dict into an aligned plain-text table.
 
 The model is built on PyTorch's "meta" device: tensors with shapes but no storage, so even a
-GPT-2 XL config is inspected in a fraction of a second without allocating its 6 GB.
+GPT-2 XL config is inspected in a second or two (the first meta build imports torch's reference kernels)
+without allocating its 6 GB.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 `fungpt train --config F --dry-run` answers "will this fit, and how long will it take?":
 
   1. the model is built on PyTorch's "meta" device, where tensors have shapes but no storage,
-     so even gpt2-xl is counted in milliseconds without allocating 6 GB;
+     so even gpt2-xl is counted in a second or two (the first meta build imports torch's reference
+     kernels) without allocating 6 GB;
   2. parameters, tokens per optimizer step and FLOPs per step follow from the shapes;
   3. memory is estimated from the parts training keeps alive (below) and compared with what
      the device has;

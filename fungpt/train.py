@@ -1915,8 +1915,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         return agreed.tolist()
 
     def log_step(step: int, loss: float, lr: float, step_time: float, tokens: int, elapsed_s: float,
-                 run_s: float) -> tuple[float, float]:
-        """Write a step's row of metrics.jsonl; returns its tokens per second and MFU, for the progress bar."""
+                 run_s: float) -> None:
+        """Write a step's row of metrics.jsonl, and show its loss, lr, speed and MFU on the progress bar."""
         nonlocal peak_flops
         tok_s = tokens_per_step / step_time
         # A step faster than the ceiling shows the ceiling was timed in a busy moment (another program
@@ -1926,7 +1926,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         log.write({"step": step, "train_loss": loss, "lr": lr, "dt_ms": round(step_time * 1000, 2),
                    "tokens_per_sec": round(tok_s, 1), "mfu": round(mfu, 4), "elapsed_s": round(elapsed_s, 3),
                    "run_s": round(run_s, 3), "tokens": tokens})
-        return tok_s, mfu
+        if bar is not None:  # refresh=False: shown at the bar's next (rate-limited) redraw, not on every row
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.0%}",
+                            refresh=False)
 
     compiled_first_guess, per_window = float("inf"), None
     unlogged = None  # the last step's row, when log_interval skipped it
@@ -2037,20 +2039,17 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             else:
                 recent_steps.append(step_time)
 
-            # (the last step too, where log_interval does not divide max_iters: the curve reaches the end; not a
-            # skipped step, whose loss is NaN)
+            # A row every log_interval steps (and at the first). The step between is kept as `unlogged`, written
+            # after the loop if the run ends on it (at max_iters, a budget's end, a signal): the curve reaches the
+            # run's last step. A skipped step's loss is NaN: it has no row.
             row = (step, last_loss, lr, step_time, tokens_seen, time.time() - start_time, elapsed())
             unlogged = None
             if ddp.is_main and not diverged and not (step % tc.log_interval == 0 or step == 1):
-                unlogged = row  # (written after the loop if the run ends here: its curve reaches the last step)
-            elif ddp.is_main and not diverged:  # (a skipped step's loss is NaN: not logged)
-                tok_s, mfu = log_step(*row)
-                if bar is not None:
-                    if budget_s is not None:  # the bar's end: where the budget should end the run, not max_iters
-                        bar.total = last_step_forecast()  # (the speedrun presets' max_iters is never reached)
-                    # refresh=False: shown at the bar's next (rate-limited) redraw, not redrawn on every log row
-                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.0%}",
-                                    refresh=False)
+                unlogged = row
+            elif ddp.is_main and not diverged:
+                if bar is not None and budget_s is not None:  # the bar's end: where the budget should end the run
+                    bar.total = last_step_forecast()  # (the speedrun presets' max_iters is never reached)
+                log_step(*row)
             if bar is not None:
                 interrupt.output(bar.update, 1)
             if step % tc.eval_interval == 0 and step < tc.max_iters:
