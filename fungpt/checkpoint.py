@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from fungpt.errors import FunGPTError, is_out_of_memory, read_json
+from fungpt.errors import FunGPTError, is_out_of_memory, read_json, utf8_path
 
 KINDS = ("latest", "best")  # checkpoints/{kind}-{step:07d}[.n] folders, see save_checkpoint
 MODEL_FILE = "model.safetensors"
@@ -436,17 +436,24 @@ def check_weights_before_building(ckpt_dir: Path, config, config_path: Path) -> 
                           f"config was edited")
 
 
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file. (The library opens UTF-8 paths only: a folder name that is not UTF-8 is
+    read through the file's bytes.)"""
+    from safetensors.torch import load, load_file
+
+    name = utf8_path(path)
+    return load_file(name) if name is not None else load(path.read_bytes())
+
+
 def load_weights(ckpt_dir: Path, model: torch.nn.Module) -> None:
     """Load verified safetensors weights into `model` (which re-ties shared weights itself).
 
     safetensors is a plain format (a JSON header, then raw numbers): reading it never runs code.
     A file that is not safetensors (e.g. a pickle renamed to model.safetensors) is refused.
     """
-    from safetensors.torch import load_file
-
     path = ckpt_dir / MODEL_FILE
     try:
-        tensors = load_file(str(path))
+        tensors = read_safetensors(path)
     except FileNotFoundError:  # (deleted since it was verified: a training run replaced this checkpoint)
         raise FunGPTError(f"checkpoint file {path} is missing") from None
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a bad header

@@ -7,7 +7,7 @@ what is wrong and how to fix it, e.g.
 
 Also here: parse_json and read_json, JSON reading whose every failure is a ValueError, so that each reader of
 a run's JSON files can turn a damaged file into such a line ("X is corrupt"); why_download_failed, the short
-reason for such a line when a download fails; and is_out_of_memory.
+reason for such a line when a download fails; is_out_of_memory; and utf8_path.
 """
 
 
@@ -20,6 +20,18 @@ def check_run_given(run_dir) -> None:
     read the current folder: `fungpt sample "$RUN"` with RUN unset."""
     if not str(run_dir).strip():
         raise FunGPTError("the run folder is empty: pass the out_dir of a training run")
+
+
+def utf8_path(path) -> str | None:
+    """`path` as text the Rust libraries (safetensors, tokenizers) can open, or None: a name holding bytes that are
+    not UTF-8 (a folder named on a Latin-1 system; Python keeps such bytes as surrogates, which UTF-8 cannot hold).
+    Their readers then take the file's bytes instead."""
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return name
 
 
 def is_out_of_memory(e: BaseException) -> bool:

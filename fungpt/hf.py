@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from fungpt.checkpoint import open_new_temp
-from fungpt.errors import FunGPTError, is_out_of_memory, read_json
+from fungpt.errors import FunGPTError, is_out_of_memory, read_json, utf8_path
 from fungpt.model import GPT, GPTConfig
 
 # HF GPT-2 stores these four as Conv1D, whose weight is (in, out): the transpose of nn.Linear's (out, in).
@@ -324,10 +324,12 @@ def _read_safetensors(file: Path, meta: bool) -> dict[str, torch.Tensor]:
     """The tensors of one .safetensors file; with `meta`, tensors on the meta device from its header alone (which
     the library checks against the file's size: a cut file is refused as loading it would be)."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
-    if not meta:
-        return load_file(str(file))
+    from fungpt.checkpoint import read_safetensors
+
+    if not meta or utf8_path(file) is None:  # (a name that is not UTF-8: read whole, then shapes only)
+        tensors = read_safetensors(file)
+        return {k: torch.empty_like(t, device="meta") for k, t in tensors.items()} if meta else tensors
     with safe_open(str(file), framework="pt") as f:
         slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle is no dict)
         return {k: torch.empty(s.get_shape(), dtype=SAFETENSORS_DTYPES.get(s.get_dtype(), torch.uint8),

@@ -171,6 +171,19 @@ def _read_config(run_dir: Path) -> dict:
         return {}
 
 
+def _as_utf8(value):
+    """`value` with every string valid UTF-8, as JSON answers must be: a path whose bytes are not UTF-8 (a folder
+    named on a Latin-1 system) is held by Python with surrogates, and such a run's name or config.json failed
+    /api/info with a server error. Each of those bytes shows as U+FFFD."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {_as_utf8(k): _as_utf8(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_utf8(v) for v in value]
+    return value
+
+
 def create_app(run_dir: str | Path, checkpoint: str = "last", device: str = "auto", *,
                max_prompt_chars: int = MAX_PROMPT_CHARS, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
                max_new_tokens: int = MAX_NEW_TOKENS) -> FastAPI:
@@ -330,7 +343,7 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
     @app.api_route("/api/info", methods=["GET", "HEAD"])
     def get_info() -> dict:
         now, name = current_and_name()
-        return {**info, "step": now.step, "model": name, "config": served["config"]}
+        return _as_utf8({**info, "step": now.step, "model": name, "config": served["config"]})
 
     metrics_lock, metrics_cache = threading.Lock(), {}  # /api/metrics's last answer, and the file it was read from
 

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fungpt.errors import FunGPTError, read_json, why_download_failed
+from fungpt.errors import FunGPTError, read_json, utf8_path, why_download_failed
 
 EOT_TEXT = "<|endoftext|>"
 META_FILE = "tokenizer_meta.json"
@@ -484,8 +484,8 @@ class BPETokenizer(Tokenizer):
     def load(cls, path: str | Path) -> BPETokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
-        try:
-            return cls(HFTokenizer.from_file(str(path)))
+        try:  # (read here, not by the library: it opens UTF-8 paths only, and a folder's name may not be UTF-8)
+            return cls(HFTokenizer.from_str(Path(path).read_text(encoding="utf-8")))
         except Exception as e:  # the library raises plain Exceptions for bad files
             raise FunGPTError(f"could not read the BPE tokenizer file {path}: {e}") from None
 
@@ -574,9 +574,13 @@ class HFTokenizer(BPETokenizer):
 
         directory = Path(directory)
         try:
-            if (directory / BPE_FILE).is_file():
-                return cls(HFLibTokenizer.from_file(str(directory / BPE_FILE)), source=str(directory))
+            if (directory / BPE_FILE).is_file():  # (read here: the library opens UTF-8 paths only)
+                return cls(HFLibTokenizer.from_str((directory / BPE_FILE).read_text(encoding="utf-8")),
+                           source=str(directory))
             vocab, merges = directory / "vocab.json", directory / "merges.txt"
+            if vocab.is_file() and merges.is_file() and utf8_path(directory) is None:
+                raise FunGPTError(f"the name of {directory} is not UTF-8, and the tokenizers library opens "
+                                  f"vocab.json and merges.txt by name: rename the folder")
             if vocab.is_file() and merges.is_file():
                 tok = HFLibTokenizer(models.BPE.from_file(str(vocab), str(merges)))
                 # GPT-2's recipe: split like GPT-2, work on bytes mapped to printable characters.
@@ -585,6 +589,8 @@ class HFTokenizer(BPETokenizer):
                 if tok.token_to_id(EOT_TEXT) is not None:
                     tok.add_special_tokens([EOT_TEXT])  # encode "<|endoftext|>" as one id, never split it
                 return cls(tok, source=str(directory))
+        except FunGPTError:
+            raise
         except Exception as e:  # the library raises plain Exceptions for bad files
             why = " ".join(str(e).split())  # one line
             raise FunGPTError(f"could not read the tokenizer files in {directory}: {why}") from None

@@ -87,12 +87,18 @@ def _panel_inches(T: int, n_panels: int) -> float:
     return max(2.4, min(side, 9.0))
 
 
-def attention_figsize(n_rows: int, n_cols: int, T: int, title_lines: int = 2) -> tuple[float, float]:
+def attention_figsize(n_rows: int, n_cols: int, T: int, title_lines: int = 2,
+                      label_chars: int = 0) -> tuple[float, float]:
     """Figure size (inches) of a grid of n_rows x n_cols attention heatmaps of T tokens, under a title of
-    title_lines lines (`wrap_title`)."""
+    title_lines lines (`wrap_title`), with token labels up to label_chars characters long: the keys' labels stand
+    upright under the bottom row and the queries' beside the first column, ~0.06 inch a character at font size 7
+    (a BPE word's label cut the x axis's name off the image)."""
     side = _panel_inches(T, n_rows * n_cols)
-    width = min(n_cols * side + 1.2, 30.0)  # + room for the colour bar; capped so images stay loadable
-    height = min(n_rows * side + 0.8 + 0.2 * max(0, title_lines - 2), 30.0)  # + room for the title
+    width = min(n_cols * side + 1.2 + 0.06 * max(0, label_chars - 4), 30.0)  # + the colour bar, the queries' labels
+    # + the title, and under the bottom row its keys' labels and the axis name ("key (attended to)", which a grid
+    # of one row had cut off); capped so images stay loadable
+    below = 0.3 + 0.06 * max(label_chars, 2)
+    height = min(n_rows * side + 0.8 + 0.2 * max(0, title_lines - 2) + below, 30.0)
     return round(width, 1), round(height, 1)
 
 
@@ -164,9 +170,11 @@ def plot_attention(weights: torch.Tensor, labels: list[str], out: str | Path, la
     import matplotlib
 
     rows, cols = len(layers), len(heads)
+    longest = max(map(len, labels), default=0)
     title = wrap_title(title or "attention weights (each row sums to 1; grey = future, masked)",
-                       attention_figsize(rows, cols, T)[0])
-    fig = _figure(attention_figsize(rows, cols, T, title.count("\n") + 1))
+                       attention_figsize(rows, cols, T, label_chars=longest)[0])
+    fig = _figure(attention_figsize(rows, cols, T, title.count("\n") + 1, label_chars=longest))
+    fig.set_layout_engine("compressed")  # (square panels: the room they leave goes to the labels, not to gaps)
     axes = fig.subplots(rows, cols, squeeze=False)
     future = np.triu(np.ones((T, T), dtype=bool), k=1)  # (T, T) True above the diagonal
     vmax = float(weights[layers][:, heads].max())

@@ -1418,6 +1418,37 @@ def test_a_non_utf8_folder_name_is_printed_as_its_bytes(corpus, tmp_path):
     assert b"/caf\xe9" in proc.stdout and b"udce9" not in proc.stdout, proc.stdout
 
 
+def test_a_run_in_a_folder_whose_name_is_not_utf8_loads_again(corpus, tmp_path):
+    """Training wrote the run, but safetensors and tokenizers open UTF-8 paths only: every later command (sample,
+    eval, resume, serve) failed with "not a valid safetensors file", and the BPE tokenizer did not load."""
+    pytest.importorskip("fastapi")
+    from fungpt.serve import create_app
+
+    top = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/lat\xe9"))  # (bytes of a Latin-1 folder name)
+    out = top / "run"
+    cfg = tiny_config(corpus, out, max_iters=2)
+    train(dataclasses.replace(cfg, data=DataConfig(path=str(corpus), tokenizer="bpe", vocab_size=300)),
+          progress=False)
+    assert load_run_folder(out, device="cpu").tokenizer.vocab_size > 0
+    assert evaluate_run(out)["loss"] > 0
+    httpx = pytest.importorskip("httpx")
+    from fungpt.serve import running_server
+
+    with running_server(create_app(out, device="cpu")) as base:  # (its name and config.json: answered as UTF-8)
+        info = httpx.get(f"{base}/api/info", timeout=60)
+    assert info.status_code == 200 and info.json()["config"]["out_dir"].endswith("lat\ufffd/run")
+
+
+def test_a_utf16_config_file_is_named_as_such(tmp_path):
+    """A TOML file written by PowerShell 5's `>` (UTF-16) was told "not UTF-8 text (byte 0)", where text files,
+    prompts and JSON files name UTF-16."""
+    toml = tmp_path / "cfg.toml"
+    toml.write_bytes("[train]\nmax_iters = 10\n".encode("utf-16"))  # (with its byte-order mark, as PowerShell)
+    with pytest.raises(FunGPTError, match=r"config file .*cfg.toml is UTF-16 text \(it starts with UTF-16's "
+                                          r"byte-order mark\), not UTF-8: convert it to UTF-8"):
+        load_config(toml)
+
+
 def test_the_progress_bar_redraws_rarely_into_a_file_or_a_pipe_only(tmp_path):
     """Into a log each redraw stays (a 26 s run left one line of 29,526 characters); a terminal or a notebook's
     stream (no file behind it) keeps redrawing as usual."""

@@ -138,6 +138,20 @@ def test_cli_attention_writes_image(run_dir, tmp_path, flags, grid):
     check_png(out, attention_figsize(*grid, len(prompt)))
 
 
+def test_long_token_labels_leave_the_axis_names_inside_the_image(tmp_path):
+    """One layer's heads in a row left too little room under them: "key (attended to)" was half out of the image,
+    and further with BPE words as labels (upright under the bottom row). Its edges must be blank."""
+    from matplotlib.image import imread
+
+    for labels in (["R", "OME", "O", ":", "␣Is", "␣it", "␣so", "?"],  # (as `fungpt attention` draws one layer)
+                   ["␣gentlemen", "␣therefore", "NORTHUMBERLAND", "␣it", "␣so", "?", "␣what", "␣say"]):
+        plot_attention(torch.softmax(torch.randn(1, 4, 8, 8), dim=-1), labels, tmp_path / "a.png",
+                       title="run at step 400: attention weights\n(row = query, column = key; grey = future, masked)")
+        pixels = imread(tmp_path / "a.png")[..., :3]  # (height, width, RGB) in 0..1
+        edges = [pixels[:2], pixels[-2:], pixels[:, :2], pixels[:, -2:]]
+        assert all(float(edge.min()) > 0.9 for edge in edges), labels  # nothing drawn up to the edges
+
+
 @pytest.mark.parametrize("spelled", [["--run", "RUN"], ["--run=RUN"]])
 def test_the_run_may_be_named_with_run_as_sample_takes_it(run_dir, tmp_path, spelled):
     """attention and serve take the run folder without a flag; `--run RUN`, copied from sample, said only that
@@ -464,7 +478,7 @@ def test_dollar_signs_in_run_names_and_tokens_are_text_not_maths(tmp_path):
     assert [(t.get_text(), t.get_parse_math()) for t in legend.get_texts()] == [("lr$1e-3$ train", False)]
     weights = torch.softmax(torch.randn(1, 1, 4, 4), dim=-1)
     plot_attention(weights, ["$$", "x", "$$", "\\alpha$"], tmp_path / "a.png", title="a$$b at step 3")
-    check_png(tmp_path / "a.png", attention_figsize(1, 1, 4, 1))
+    check_png(tmp_path / "a.png", attention_figsize(1, 1, 4, 1, label_chars=len("\\alpha$")))
 
 
 def test_plot_skips_rows_whose_numbers_are_not_numbers_and_names_runs_it_leaves_out(tmp_path, capsys):
