@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from fungpt.errors import FunGPTError, is_out_of_memory, read_json, utf8_path
+from fungpt.errors import FunGPTError, is_out_of_memory, parse_json, read_json, utf8_path
 
 KINDS = ("latest", "best")  # checkpoints/{kind}-{step:07d}[.n] folders, see save_checkpoint
 MODEL_FILE = "model.safetensors"
@@ -416,8 +416,11 @@ def check_weights_before_building(ckpt_dir: Path, config, config_path: Path) -> 
     try:
         if at_least <= 2 * path.stat().st_size + BUILD_WITHOUT_CHECK_BYTES:
             return
-        with safe_open(str(path), "pt") as f:
-            saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        if utf8_path(path) is None:  # (the library opens UTF-8 paths only)
+            saved = {name: shape for name, (_, shape) in safetensors_header(path).items()}
+        else:
+            with safe_open(str(path), "pt") as f:
+                saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     except Exception:  # noqa: BLE001 - (missing or not safetensors: load_weights says which, after the build)
         return
     from fungpt.model import GPT
@@ -434,6 +437,33 @@ def check_weights_before_building(ckpt_dir: Path, config, config_path: Path) -> 
         raise FunGPTError(f"weights in {path} ({numbers:,} numbers) do not fit the model that {config_path} "
                           f"describes ({model.num_params():,} parameters): the run folder is damaged, or its "
                           f"config was edited")
+
+
+def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Each tensor's (dtype, shape) in a .safetensors file, from its header alone (8 bytes of the header's length,
+    then its JSON): for a path the library cannot open (not UTF-8), without reading the numbers. A header that is
+    not safetensors', or a file cut short of the numbers it names, raises ValueError, as the library refuses it."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 2 <= n <= 100_000_000:  # (the library's own bound on a header)
+            raise ValueError(f"a header of {n} bytes")
+        header = parse_json(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("a header that is no JSON object")
+    size, tensors = path.stat().st_size, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+            shape = tuple(int(d) for d in info["shape"])
+            dtype = str(info["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{name}'s entry in the header is not safetensors'") from None
+        if not 0 <= start <= end <= size - 8 - n:
+            raise ValueError(f"{name}'s numbers lie past the end of the file")
+        tensors[name] = (dtype, shape)
+    return tensors
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -460,7 +460,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as e:  # TOML files must be UTF-8
         from fungpt.data import refuse_utf16_or_32  # (PowerShell 5's `>` writes UTF-16: named as such)
 
-        refuse_utf16_or_32(f"config file {path}", raw)
+        try:
+            refuse_utf16_or_32(f"config file {path}", raw)
+        except FunGPTError as utf16:
+            raise utf16 from None
         raise FunGPTError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except OSError as e:  # e.g. a folder or an unreadable file
         raise FunGPTError(f"cannot read config file {path}: {e.strerror or e}") from None

@@ -325,11 +325,13 @@ def _read_safetensors(file: Path, meta: bool) -> dict[str, torch.Tensor]:
     the library checks against the file's size: a cut file is refused as loading it would be)."""
     from safetensors import safe_open
 
-    from fungpt.checkpoint import read_safetensors
+    from fungpt.checkpoint import read_safetensors, safetensors_header
 
-    if not meta or utf8_path(file) is None:  # (a name that is not UTF-8: read whole, then shapes only)
-        tensors = read_safetensors(file)
-        return {k: torch.empty_like(t, device="meta") for k, t in tensors.items()} if meta else tensors
+    if not meta:
+        return read_safetensors(file)
+    if utf8_path(file) is None:  # (the library opens UTF-8 paths only: the header read here)
+        return {k: torch.empty(shape, dtype=SAFETENSORS_DTYPES.get(dtype, torch.uint8), device="meta")
+                for k, (dtype, shape) in safetensors_header(file).items()}
     with safe_open(str(file), framework="pt") as f:
         slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle is no dict)
         return {k: torch.empty(s.get_shape(), dtype=SAFETENSORS_DTYPES.get(s.get_dtype(), torch.uint8),

@@ -487,7 +487,8 @@ class BPETokenizer(Tokenizer):
         try:  # (read here, not by the library: it opens UTF-8 paths only, and a folder's name may not be UTF-8)
             return cls(HFTokenizer.from_str(Path(path).read_text(encoding="utf-8")))
         except Exception as e:  # the library raises plain Exceptions for bad files
-            raise FunGPTError(f"could not read the BPE tokenizer file {path}: {e}") from None
+            why = e.strerror if isinstance(e, OSError) and e.strerror else e  # (an OSError names the path again)
+            raise FunGPTError(f"could not read the BPE tokenizer file {path}: {why}") from None
 
     @property
     def vocab_size(self) -> int:
@@ -573,14 +574,15 @@ class HFTokenizer(BPETokenizer):
         from tokenizers import decoders, models, pre_tokenizers
 
         directory = Path(directory)
+        vocab, merges = directory / "vocab.json", directory / "merges.txt"
+        if (not (directory / BPE_FILE).is_file() and vocab.is_file() and merges.is_file()
+                and utf8_path(directory) is None):
+            raise FunGPTError(f"the name of {directory} is not UTF-8, and the tokenizers library opens "
+                              f"vocab.json and merges.txt by name: rename the folder")
         try:
             if (directory / BPE_FILE).is_file():  # (read here: the library opens UTF-8 paths only)
                 return cls(HFLibTokenizer.from_str((directory / BPE_FILE).read_text(encoding="utf-8")),
                            source=str(directory))
-            vocab, merges = directory / "vocab.json", directory / "merges.txt"
-            if vocab.is_file() and merges.is_file() and utf8_path(directory) is None:
-                raise FunGPTError(f"the name of {directory} is not UTF-8, and the tokenizers library opens "
-                                  f"vocab.json and merges.txt by name: rename the folder")
             if vocab.is_file() and merges.is_file():
                 tok = HFLibTokenizer(models.BPE.from_file(str(vocab), str(merges)))
                 # GPT-2's recipe: split like GPT-2, work on bytes mapped to printable characters.
@@ -589,8 +591,6 @@ class HFTokenizer(BPETokenizer):
                 if tok.token_to_id(EOT_TEXT) is not None:
                     tok.add_special_tokens([EOT_TEXT])  # encode "<|endoftext|>" as one id, never split it
                 return cls(tok, source=str(directory))
-        except FunGPTError:
-            raise
         except Exception as e:  # the library raises plain Exceptions for bad files
             why = " ".join(str(e).split())  # one line
             raise FunGPTError(f"could not read the tokenizer files in {directory}: {why}") from None
@@ -609,7 +609,10 @@ class HFTokenizer(BPETokenizer):
 
     def _save_files(self, directory: Path) -> dict:
         write_hf_json(self._tok, directory / BPE_FILE)
-        return {"file": BPE_FILE, "source": self.source}
+        # (the folder it came from, for describe(): a name's bytes that are not UTF-8 shown as U+FFFD, as the UTF-8
+        # file can hold no others)
+        source = self.source.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if self.source else None
+        return {"file": BPE_FILE, "source": source}
 
 
 def interruptible(work: Callable[[], object]) -> None:

@@ -2096,6 +2096,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             say(f"fungpt: {out_dir} used its time budget ({elapsed() / 60:.2f} of train.max_minutes = "
                 f"{tc.max_minutes:g} min, too little left for a step, an eval and a checkpoint): nothing to "
                 f"train; raise train.max_minutes to continue it")
+            if ddp.is_main and tc.plot and not (out_dir / "loss.png").is_file():  # (as the `done` resume above)
+                _plot_quietly(out_dir)
             return {"out_dir": str(out_dir), "step": step, "train_loss": float("nan"), "val_loss": float("nan"),
                     "interrupted": False, "signal": None, "elapsed_s": time.time() - start_time}
         raise FunGPTError(f"train.max_minutes = {tc.max_minutes:g} leaves no time to train here: {elapsed():.0f} s "

@@ -1437,6 +1437,22 @@ def test_a_run_in_a_folder_whose_name_is_not_utf8_loads_again(corpus, tmp_path):
     with running_server(create_app(out, device="cpu")) as base:  # (its name and config.json: answered as UTF-8)
         info = httpx.get(f"{base}/api/info", timeout=60)
     assert info.status_code == 200 and info.json()["config"]["out_dir"].endswith("lat\ufffd/run")
+    # a config far larger than its weights is still refused before the model is built (the header read by FunGPT)
+    folder = ckpt.find_checkpoint(out)
+    with pytest.raises(FunGPTError, match="do not fit the model"):
+        ckpt.check_weights_before_building(folder, GPTConfig(vocab_size=300, n_layer=8, n_head=8, n_embd=1024),
+                                           out / "config.json")
+    # exported there, its shapes read alone (not the whole file), and its tokenizer saved again by a fine-tune
+    from fungpt.hf import _read_safetensors
+    from fungpt.pretrained import export_hf
+    from fungpt.tokenizer import HFTokenizer
+
+    export_hf(out, top / "hf")
+    vocab = load_run_folder(out, device="cpu").tokenizer.vocab_size  # (a BPE of this small text: under 300)
+    shapes = _read_safetensors(top / "hf" / "model.safetensors", meta=True)
+    assert shapes["transformer.wte.weight"].shape == (vocab, 32) and shapes["transformer.wte.weight"].is_meta
+    HFTokenizer.from_dir(top / "hf").save(tmp_path / "saved")  # (its source, a path, written as UTF-8)
+    assert load_tokenizer(tmp_path / "saved").vocab_size == vocab
 
 
 def test_a_utf16_config_file_is_named_as_such(tmp_path):
