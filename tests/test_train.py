@@ -44,13 +44,28 @@ def read_rows(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def ctrl_c_during_step(monkeypatch, n: int) -> None:
+    """Send this process a Ctrl-C (SIGINT) during the training loop's n-th step: get_lr is called once before
+    each step."""
+    import importlib
+    import signal
+
+    train_module = importlib.import_module("fungpt.train")  # (fungpt.train, the attribute, is the function)
+    real_get_lr, calls = train_module.get_lr, []
+
+    def get_lr(it, tc):
+        calls.append(it)
+        if len(calls) == n:
+            signal.raise_signal(signal.SIGINT)
+        return real_get_lr(it, tc)
+
+    monkeypatch.setattr(train_module, "get_lr", get_lr)
+
+
 def test_the_last_step_is_logged_and_a_wsd_warmup_into_the_decay_is_noted(corpus, tmp_path, capsys, monkeypatch):
     """With a log_interval that does not divide max_iters, the last steps' loss and lr were never logged (the curve
     stopped short; the bar ended showing an older lr). A WSD warmup that ran into the decay window dropped the lr
     from its peak in one step, without a word (cosine's like case has its note)."""
-    import importlib
-    import signal
-
     out = tmp_path / "run"
     train(tiny_config(corpus, out, max_iters=10, log_interval=4, warmup_iters=9, lr_schedule="wsd"), progress=False)
     assert [r["step"] for r in read_rows(out) if "lr" in r] == [1, 4, 8, 10]
@@ -62,16 +77,7 @@ def test_the_last_step_is_logged_and_a_wsd_warmup_into_the_decay_is_noted(corpus
           progress=False)
     assert "runs into the WSD decay" not in capsys.readouterr().out
     # a run that ends elsewhere (a signal, a time budget) logs its last step too
-    train_module = importlib.import_module("fungpt.train")
-    real_get_lr, calls = train_module.get_lr, []
-
-    def get_lr(it, tc):  # called once before each step: Ctrl-C during the 6th
-        calls.append(it)
-        if len(calls) == 6:
-            signal.raise_signal(signal.SIGINT)
-        return real_get_lr(it, tc)
-
-    monkeypatch.setattr(train_module, "get_lr", get_lr)
+    ctrl_c_during_step(monkeypatch, 6)
     stopped = tmp_path / "stopped"
     assert train(tiny_config(corpus, stopped, max_iters=10, log_interval=4), progress=False)["step"] == 6
     assert [r["step"] for r in read_rows(stopped) if "lr" in r] == [1, 4, 6]
@@ -1605,19 +1611,7 @@ def test_scripts_stop_when_their_training_is_interrupted(script, argv, tmp_path,
 def test_an_interrupted_run_returns_the_losses_of_the_step_it_stopped_at(corpus, tmp_path, monkeypatch):
     """train() interrupted at step 5 returned step 0's eval losses (about ln(vocab)) as its train and val loss,
     with nothing saying how old they were."""
-    import importlib
-    import signal
-
-    train_module = importlib.import_module("fungpt.train")  # (fungpt.train, the attribute, is the function)
-    real_get_lr, calls = train_module.get_lr, []
-
-    def get_lr(it, tc):  # called once before each step: Ctrl-C during the 5th
-        calls.append(it)
-        if len(calls) == 5:
-            signal.raise_signal(signal.SIGINT)
-        return real_get_lr(it, tc)
-
-    monkeypatch.setattr(train_module, "get_lr", get_lr)
+    ctrl_c_during_step(monkeypatch, 5)
     out = tmp_path / "run"
     result = train(tiny_config(corpus, out, max_iters=50, eval_interval=100, checkpoint_interval=100), progress=False)
     assert result["interrupted"] and result["step"] == 5
