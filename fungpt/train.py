@@ -1722,6 +1722,11 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     if pre is not None and folder is None:
         pretrained.load_weights(model, pre.model if pre.model is not None else pre.path)
         say(f"fungpt: starting from the pretrained weights of {pre.name} ({model.num_params():,} parameters)")
+    elif folder is None:  # (a new run from scratch: its size, as a fine-tune's line above says its own)
+        mc = cfg.model
+        say(f"fungpt: a new model of {model.num_params():,} parameters ({mc.n_layer} layer{'s' * (mc.n_layer != 1)}, "
+            f"{mc.n_head} head{'s' * (mc.n_head != 1)}, n_embd {mc.n_embd}, block_size {mc.block_size}, vocab "
+            f"{mc.vocab_size:,})")
     if pre is not None:
         pre.model = None  # (also when a checkpoint saved meanwhile was found instead: not kept through training)
 

@@ -69,9 +69,13 @@ def test_the_last_step_is_logged_and_a_wsd_warmup_into_the_decay_is_noted(corpus
     out = tmp_path / "run"
     train(tiny_config(corpus, out, max_iters=10, log_interval=4, warmup_iters=9, lr_schedule="wsd"), progress=False)
     assert [r["step"] for r in read_rows(out) if "lr" in r] == [1, 4, 8, 10]
+    printed = capsys.readouterr().out
     assert re.search(r"note: train.warmup_iters = 9 runs into the WSD decay, which starts at step 8 \(the last "
                      r"wsd_decay_frac = 0.2 of the schedule, warmup included\): after the warmup the lr drops from "
-                     r"0.0027 to 0.00165", capsys.readouterr().out)
+                     r"0.0027 to 0.00165", printed)
+    # (a new run says its size, as a fine-tune does)
+    params = load_run_folder(out, device="cpu").model.num_params()
+    assert f"fungpt: a new model of {params:,} parameters (2 layers, 2 heads, n_embd 32, block_size 16, " in printed
     # a decay that starts early but slowly: the lr still rises after the warmup, nothing to note
     train(tiny_config(corpus, tmp_path / "slow", max_iters=20, warmup_iters=2, lr_schedule="wsd", wsd_decay_frac=1.0),
           progress=False)
