@@ -16,6 +16,7 @@ can fix.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import dataclasses
 import difflib
@@ -695,6 +696,21 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
     return 0
 
 
+def escape_unencodable(error: UnicodeError) -> tuple[bytes, int]:
+    """The codecs error handler "fungpt-escape" of FunGPT's output streams: a surrogate U+DC80..U+DCFF (a file
+    name's byte that is not UTF-8, as Python decodes it) is written back as that byte, so a printed path still
+    works; any other character the stream's encoding cannot hold becomes a backslash escape (\\xdf, \\u2423)
+    instead of raising UnicodeEncodeError. (Python's surrogateescape raised on the second kind: a sample's ß on an
+    ASCII terminal; its backslashreplace printed a path's byte as \\udce9, which no longer names the file.)"""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    out = bytearray()
+    for char in error.object[error.start:error.end]:
+        code = ord(char)
+        out += bytes([code - 0xDC00]) if 0xDC80 <= code <= 0xDCFF else char.encode("ascii", "backslashreplace")
+    return bytes(out), error.end
+
+
 def entry() -> None:
     """The `fungpt` command and `python -m fungpt`: main(), then a fast exit with its status.
 
@@ -710,18 +726,19 @@ def entry() -> None:
     # Python holds such output in a block buffer, so a run's eval lines arrived when it ended, or never if killed
     # Into a file or a pipe, text is written as UTF-8, as every file FunGPT writes: Windows would use its ANSI code
     # page there (cp1252), which has no '␣' (--show-probs) nor most of the world's letters, and the print raised
-    # UnicodeEncodeError. A terminal keeps its encoding; what it cannot show is escaped instead of raising.
-    # (Python's surrogateescape, under a C locale or UTF-8 mode, is kept: it writes a file name's non-UTF-8 bytes
-    # back as they were, so a printed path still works)
+    # UnicodeEncodeError. A terminal keeps its encoding; what it cannot show is escaped instead of raising, and a
+    # file name's bytes that are not UTF-8 are written back as they were, so a printed path still works
+    # (escape_unencodable; on Windows, whose file names are UTF-16, backslash escapes alone).
     # A closed stdout or stderr (`>&-`) is None in Python: every print would raise, and a finished run ended in a
     # traceback and status 1. Its text goes nowhere, as the user asked, and the status still says how it went.
     if sys.stdout is None:
         sys.stdout = open(os.devnull, "w")  # (for the rest of the process)
     if sys.stderr is None:
         sys.stderr = open(os.devnull, "w")
+    codecs.register_error("fungpt-escape", escape_unencodable)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError, OSError):  # (a replaced stream without reconfigure)
-            errors = "surrogateescape" if stream.errors == "surrogateescape" else "backslashreplace"
+            errors = "fungpt-escape" if os.name == "posix" else "backslashreplace"
             if stream.isatty():
                 stream.reconfigure(errors=errors)
             else:

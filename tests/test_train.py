@@ -1475,6 +1475,18 @@ def test_a_utf16_config_file_is_named_as_such(tmp_path):
         load_config(toml)
 
 
+def test_a_terminal_that_cannot_show_a_character_gets_an_escape_and_a_path_its_bytes():
+    """Under LC_ALL=C with UTF-8 mode and locale coercion off, a terminal is ASCII with surrogateescape: a sampled
+    'ß' raised UnicodeEncodeError mid-sample, and stderr printed a path's byte as \\udce9."""
+    import codecs
+
+    from fungpt.cli import escape_unencodable
+
+    codecs.register_error("fungpt-escape", escape_unencodable)
+    assert "caf\udce9 \u00df \u2423".encode("ascii", "fungpt-escape") == b"caf\xe9 \\xdf \\u2423"
+    assert "caf\udce9 \u00df".encode("utf-8", "fungpt-escape") == b"caf\xe9 \xc3\x9f"  # (into a file or pipe)
+
+
 def test_the_progress_bar_redraws_rarely_into_a_file_or_a_pipe_only(tmp_path):
     """Into a log each redraw stays (a 26 s run left one line of 29,526 characters); a terminal or a notebook's
     stream (no file behind it) keeps redrawing as usual."""
