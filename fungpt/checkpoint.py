@@ -439,30 +439,53 @@ def check_weights_before_building(ckpt_dir: Path, config, config_path: Path) -> 
                           f"config was edited")
 
 
+# The bytes of one number of each safetensors dtype (its format's names)
+SAFETENSORS_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+                          "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
 def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Each tensor's (dtype, shape) in a .safetensors file, from its header alone (8 bytes of the header's length,
-    then its JSON): for a path the library cannot open (not UTF-8), without reading the numbers. A header that is
-    not safetensors', or a file cut short of the numbers it names, raises ValueError, as the library refuses it."""
+    then its JSON): for a path the library cannot open (not UTF-8), without reading the numbers. What the library
+    refuses raises ValueError here too: a header that is not safetensors' (its text, a dtype, a shape or offsets of
+    another kind), or numbers that do not fill the rest of the file exactly, each tensor's bytes its shape's."""
+    def whole(x) -> bool:
+        return type(x) is int and x >= 0  # (not a bool, a float, a negative size)
+
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         if not 2 <= n <= 100_000_000:  # (the library's own bound on a header)
             raise ValueError(f"a header of {n} bytes")
-        header = parse_json(f.read(n))
+        raw = f.read(n)
+    if len(raw) != n:
+        raise ValueError(f"a header of {n} bytes in a file of {path.stat().st_size}")
+    try:
+        header = parse_json(raw.decode("utf-8"))  # (strictly UTF-8, no byte-order mark, as the library reads it)
+    except UnicodeDecodeError:
+        raise ValueError("a header that is not UTF-8") from None
     if not isinstance(header, dict):
         raise ValueError("a header that is no JSON object")
-    size, tensors = path.stat().st_size, {}
+    tensors, spans = {}, []
     for name, info in header.items():
         if name == "__metadata__":
+            if not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
+                raise ValueError("__metadata__ is not a map of strings")
             continue
-        try:
-            start, end = info["data_offsets"]
-            shape = tuple(int(d) for d in info["shape"])
-            dtype = str(info["dtype"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{name}'s entry in the header is not safetensors'") from None
-        if not 0 <= start <= end <= size - 8 - n:
-            raise ValueError(f"{name}'s numbers lie past the end of the file")
-        tensors[name] = (dtype, shape)
+        ok = isinstance(info, dict) and set(info) == {"dtype", "shape", "data_offsets"}
+        dtype, shape, offsets = (info.get("dtype"), info.get("shape"), info.get("data_offsets")) if ok else (0, 0, 0)
+        if not (ok and dtype in SAFETENSORS_ITEM_BYTES and isinstance(shape, list) and all(map(whole, shape))
+                and isinstance(offsets, list) and len(offsets) == 2 and all(map(whole, offsets))
+                and offsets[1] - offsets[0] == math.prod(shape) * SAFETENSORS_ITEM_BYTES[dtype]):
+            raise ValueError(f"{name}'s entry in the header is not safetensors'")
+        tensors[name] = (dtype, tuple(shape))
+        spans.append(tuple(offsets))
+    at = 0
+    for start, end in sorted(spans):  # the numbers fill the rest of the file, tensor after tensor
+        if start != at:
+            raise ValueError("the tensors' numbers overlap or leave a gap")
+        at = end
+    if at != path.stat().st_size - 8 - n:
+        raise ValueError("the numbers do not fill the file: it is cut short or has bytes past them")
     return tensors
 
 

@@ -1465,6 +1465,52 @@ def test_a_run_in_a_folder_whose_name_is_not_utf8_loads_again(corpus, tmp_path):
     assert load_tokenizer(tmp_path / "saved").vocab_size == vocab
 
 
+def test_the_safetensors_header_is_read_as_the_library_reads_it(tmp_path):
+    """FunGPT reads a header itself where the library cannot open the path (not UTF-8): it took damaged files the
+    library refuses (a shape its bytes do not hold, a length past the file, bytes past the numbers), and then blamed
+    the config for the damage."""
+    import json
+    import struct
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    good = tmp_path / "good.safetensors"
+    save_file({"a": torch.zeros(2, 3), "b": torch.ones(4, dtype=torch.float16), "c": torch.zeros(0)}, str(good),
+              metadata={"format": "pt"})
+    with safe_open(str(good), "pt") as f:
+        library = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    assert {k: shape for k, (_, shape) in ckpt.safetensors_header(good).items()} == library
+    raw = good.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+
+    def damaged(name, edit=None, body=None):
+        h = json.loads(json.dumps(header))
+        if edit:
+            edit(h)
+        text = json.dumps(h).encode()
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(struct.pack("<Q", len(text)) + text + (raw[8 + n:] if body is None else body))
+        return path
+
+    cases = [damaged("shape", lambda h: h["a"].update(shape=[100])),  # more numbers than its bytes
+             damaged("negative", lambda h: h["a"].update(shape=[-2, -3])),
+             damaged("dtype", lambda h: h["a"].update(dtype="XX")),
+             damaged("offsets", lambda h: h["a"].update(data_offsets=["0", "24"])),
+             damaged("metadata", lambda h: h["__metadata__"].update(format=1)),
+             damaged("extra", body=raw[8 + n:] + b"\0"),  # bytes past the numbers
+             damaged("cut", body=raw[8 + n:-1])]
+    long_length = tmp_path / "length.safetensors"
+    long_length.write_bytes(struct.pack("<Q", 10**6) + raw[8:])
+    for path in [*cases, long_length]:
+        with pytest.raises(Exception):  # noqa: B017 - the library's own error type
+            with safe_open(str(path), "pt") as f:
+                list(f.keys())
+        with pytest.raises(ValueError):
+            ckpt.safetensors_header(path)
+
+
 def test_a_utf16_config_file_is_named_as_such(tmp_path):
     """A TOML file written by PowerShell 5's `>` (UTF-16) was told "not UTF-8 text (byte 0)", where text files,
     prompts and JSON files name UTF-16."""
