@@ -87,6 +87,7 @@ from fungpt.tokenizer import (
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 SPLIT_FILES = tuple(f"{split}.bin" for split in SPLITS)  # the token ids of each split
+PREPARED_FILES = (*SPLIT_FILES, "meta.json", META_FILE, BPE_FILE)  # all that prepare writes into its folder
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -570,9 +571,6 @@ def remove_stale_temps(out: Path) -> None:
             newest = max([folder.stat().st_mtime, *(p.stat().st_mtime for p in files)])
             if now - newest > STALE_TEMP_S:
                 shutil.rmtree(folder, ignore_errors=True)
-
-
-PREPARED_FILES = ("train.bin", "val.bin", "meta.json", META_FILE, BPE_FILE)  # what prepare writes into its folder
 
 
 def _system_file(name: str) -> bool:
