@@ -7,7 +7,7 @@ what is wrong and how to fix it, e.g.
 
 Also here: parse_json and read_json, JSON reading whose every failure is a ValueError, so that each reader of
 a run's JSON files can turn a damaged file into such a line ("X is corrupt"); why_download_failed, the short
-reason for such a line when a download fails; is_out_of_memory; and utf8_path.
+reason for such a line when a download fails; is_out_of_memory; utf8_path and utf8_text.
 """
 
 
@@ -32,6 +32,12 @@ def utf8_path(path) -> str | None:
     except UnicodeEncodeError:
         return None
     return name
+
+
+def utf8_text(text: str) -> str:
+    """`text` as valid UTF-8 (what JSON, a UTF-8 file or a plot can hold): a name's bytes that are not UTF-8, held
+    by Python as surrogates, each become U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def is_out_of_memory(e: BaseException) -> bool:

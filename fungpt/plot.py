@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from fungpt.errors import FunGPTError, check_run_given, parse_json
+from fungpt.errors import FunGPTError, check_run_given, parse_json, utf8_text
 
 FIGSIZE = (8, 5)  # inches; the PNG is FIGSIZE * DPI pixels (800 x 500)
 DPI = 100
@@ -81,7 +81,7 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
     if len(set(names)) < len(names):  # same folder name in different places: label with the full path
         names = [str(run) for run in runs]
     # a name's bytes that are not UTF-8 (Python holds them as lone surrogates) as U+FFFD: matplotlib refuses those
-    names = [name.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for name in names]
+    names = [utf8_text(name) for name in names]
     curves = []  # per run: its name, then its train and val curves as (xs, losses)
     for run, name in zip(runs, names):
         train, evals = read_metrics(run)

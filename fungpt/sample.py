@@ -10,8 +10,8 @@ from typing import TextIO
 import numpy as np
 import torch
 
-from fungpt.data import encode_file, eval_windows, load_meta, refuse_utf16_or_32
-from fungpt.errors import FunGPTError
+from fungpt.data import data_fingerprint, encode_file, eval_windows, load_meta, refuse_utf16_or_32
+from fungpt.errors import FunGPTError, read_json
 from fungpt.runs import LoadedRun, data_dir_of, load_run, seeded_generator
 from fungpt.sampling import sampling_probs
 from fungpt.tokenizer import TextStream, load_tokenizer
@@ -206,8 +206,6 @@ def _data_changed_note(loaded, data_dir: Path, meta: dict) -> str | None:
     """A note when the run's data folder was prepared again, from other text or with another split, since the
     checkpoint was saved (its val split may then hold text the run trained on), as a resume notes it."""
     from fungpt.checkpoint import MANIFEST_FILE
-    from fungpt.data import data_fingerprint
-    from fungpt.errors import read_json
 
     if loaded.checkpoint_id is None:
         return None

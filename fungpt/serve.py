@@ -65,7 +65,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fungpt import checkpoint as ckpt
 from fungpt._startup import Stopped, raise_stopped
-from fungpt.errors import FunGPTError, read_json
+from fungpt.errors import FunGPTError, read_json, utf8_text
 from fungpt.runs import LoadedRun, load_run, seeded_generator
 from fungpt.sample import default_prompt_ids, top_candidates
 from fungpt.tokenizer import TextStream
@@ -176,7 +176,7 @@ def _as_utf8(value):
     named on a Latin-1 system) is held by Python with surrogates, and such a run's name or config.json failed
     /api/info with a server error. Each of those bytes shows as U+FFFD."""
     if isinstance(value, str):
-        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        return utf8_text(value)
     if isinstance(value, dict):
         return {_as_utf8(k): _as_utf8(v) for k, v in value.items()}
     if isinstance(value, list):

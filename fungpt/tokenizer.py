@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fungpt.errors import FunGPTError, read_json, utf8_path, why_download_failed
+from fungpt.errors import FunGPTError, read_json, utf8_path, utf8_text, why_download_failed
 
 EOT_TEXT = "<|endoftext|>"
 META_FILE = "tokenizer_meta.json"
@@ -611,8 +611,7 @@ class HFTokenizer(BPETokenizer):
         write_hf_json(self._tok, directory / BPE_FILE)
         # (the folder it came from, for describe(): a name's bytes that are not UTF-8 shown as U+FFFD, as the UTF-8
         # file can hold no others)
-        source = self.source.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if self.source else None
-        return {"file": BPE_FILE, "source": source}
+        return {"file": BPE_FILE, "source": utf8_text(self.source) if self.source else None}
 
 
 def interruptible(work: Callable[[], object]) -> None:
