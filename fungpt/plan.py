@@ -270,7 +270,7 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
             # The budget also covers the start-up (imports, data, model: about what this command took until the
             # steps were timed), the final eval and the exit; and each step its share of the evals every
             # eval_interval steps (those of the steps that fit, not every eval up to max_iters)
-            from fungpt.train import EXIT_RESERVE_S, TORCHRUN_EXIT_S
+            from fungpt.budget import EXIT_RESERVE_S, TORCHRUN_EXIT_S
 
             ends_s = one_eval_s + EXIT_RESERVE_S + (TORCHRUN_EXIT_S if world > 1 else 0.0)
             left_s = budget_s - (timed_at - start_time) - ends_s

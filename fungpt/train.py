@@ -18,7 +18,6 @@ logs and saves. On CPUs the gloo backend is used, on GPUs nccl.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import datetime
@@ -52,6 +51,7 @@ except ImportError:  # Windows: runs go unlocked
 from fungpt import checkpoint as ckpt
 from fungpt import pretrained
 from fungpt._startup import raise_stopped
+from fungpt.budget import TimeBudget, budget_spent
 from fungpt.config import DataConfig, RunConfig, TrainConfig, default_model, is_hf_config, load_run_config
 from fungpt.data import (
     OWN_IDS,
@@ -91,14 +91,6 @@ from fungpt.tokenizer import META_FILE as TOKENIZER_META_FILE
 # How long the other torchrun processes wait for rank 0 to prepare the data (resolve_data): a day, for corpora of
 # many GB; a rank 0 that fails ends the wait at once.
 PREPARE_WAIT = datetime.timedelta(hours=24)
-
-# With a time budget, the seconds kept for the command to end after the final checkpoint: printing,
-# closing files and exiting. The `fungpt` command exits with os._exit (cli.entry), 0.1 s after the
-# final eval here; a normal interpreter exit, tearing down torch, took 0.9-1.1 s and needed a 2.0 s reserve.
-EXIT_RESERVE_S = 0.5
-# Under torchrun the command ends when torchrun does: after its workers exit it notices, and closes its
-# rendezvous; measured 0.4-0.8 s (2 CPU workers, --standalone).
-TORCHRUN_EXIT_S = 1.0
 
 # ----------------------------------------------------------------------------------------------
 # Setup helpers
@@ -1346,50 +1338,6 @@ def threading_is_main() -> bool:
 # The training loop
 
 
-def end_reserve(timings: dict[str, float]) -> float:
-    """Seconds the end of a run takes, by its measured `timings`: final eval, two checkpoints (the final eval
-    usually writes "best", then "latest"), loss plot (measured at step 0), and the command's exit."""
-    exit_s = EXIT_RESERVE_S + (TORCHRUN_EXIT_S if os.environ.get("TORCHELASTIC_RUN_ID") else 0.0)
-    return timings.get("eval", 0.0) + 2 * timings.get("save", 0.0) + timings.get("plot", 0.0) + exit_s
-
-
-def typical(durations: Collection[float]) -> float:
-    """The median of recent durations (of an even count, the longer middle one; 0.0 of none). Not the last one: one
-    stalled by the machine (another program, an fsync waiting for the disk) would count as the time of every one to
-    come, and end a time-budget run early with its lr schedule unfinished. Of two, the longer is taken: the shorter
-    may be the step-0 checkpoint (a third the size: no optimizer state yet), too short for the later ones, so a
-    stall right after it counts in full. The cost of the median: a lasting slowdown counts only from its second
-    occurrence, and can overrun a budget by that much."""
-    return sorted(durations)[len(durations) // 2] if durations else 0.0
-
-
-def continuous_origin(would_be_s: float, now_s: float, origin_s: float, schedule_end_s: float) -> float:
-    """The time-budget schedule's new origin after a delay that is not schedule time (a first step that compiled).
-
-    The schedule's fraction is (t - origin) / (schedule_end - origin), t in budget seconds. The new origin gives
-    at `now_s` the fraction that the old one gave at `would_be_s` (when the step would have ended without the
-    delay), so the lr goes on from where it was, and the rest of the schedule fits in the time left. (Adding the
-    delay to the origin would also stretch the fraction already used, by (end - origin) / (end - origin - delay).)
-    """
-    frac = (would_be_s - origin_s) / (schedule_end_s - origin_s) if schedule_end_s > origin_s else 1.0
-    if not 0.0 <= frac < 1.0 or now_s >= schedule_end_s:
-        # No schedule left to place: the run ends at its next check. (Solved for, the origin would lie past now, as
-        # far as 1,000 s for a compile that crossed the end of a 40 s schedule.)
-        return origin_s + max(0.0, now_s - would_be_s)
-    # solving (now - o) / (end - o) = frac for o:
-    return (now_s - frac * schedule_end_s) / (1.0 - frac)
-
-
-def budget_spent(elapsed_s: float, timings: dict[str, float], budget_s: float) -> bool:
-    """Whether a run that has used `elapsed_s` of its budget has no time left for two more steps and its end.
-
-    Another step is taken only if two steps' time would still fit: step times vary by a few percent, and the
-    budget is a promise to the user. A resume asks this of its checkpoint's timings alone, so that under DDP
-    every rank comes to the same answer; the training loop asks it before each step.
-    """
-    return elapsed_s + 2 * timings.get("step", 0.0) + end_reserve(timings) >= budget_s
-
-
 def _same_data(data_dir: Path, meta: dict[str, Any]) -> bool:
     """Whether `data_dir` still holds the data whose meta.json the run read when it started: a folder prepared again
     from other text or with other settings has another (the text's sha256, token counts). Prepared again alike, it
@@ -1680,7 +1628,6 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         if resumed.processes != ddp.world_size:
             say(processes_note(resumed, cfg, saved_cfg.model.block_size, saved_train, ddp.world_size))
     step, best_val, elapsed_before, timings = resumed.step, resumed.best_val, resumed.elapsed_s, resumed.timings
-    schedule_origin, lr_origin = resumed.schedule_origin, resumed.lr_origin
     if folder is not None:
         done = None
         if step < tc.max_iters:
@@ -1776,41 +1723,11 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     log = MetricsLog(out_dir, cfg, keep_until_step=step if folder is not None else None) if ddp.is_main else None
     if log is not None:  # closed also when the run fails (TensorBoard's writer thread outlived each failed train())
         held.push(lambda kind, error, tb: log.close(failed=kind is not None))  # (returns None: the error goes on)
-    budget_s = tc.max_minutes * 60 if tc.max_minutes else None
-    # The budget covers the whole command (setup included) plus the time spent before a resume.
-    train_start = start_time - elapsed_before
-    # How long the last three checkpoints and evals took: a budget reserves their typical time for its end (a
-    # resumed run starts from the time the command before measured; 0.0 there means none was measured)
-    recent_saves = collections.deque([timings["save"]] if timings.get("save") else [], maxlen=3)
-    recent_evals = collections.deque([timings["eval"]] if timings.get("eval") else [], maxlen=3)
-
-    def elapsed() -> float:
-        return time.time() - train_start
-
-    def schedule_position() -> float:
-        """Where we are in the lr schedule, in steps (time-budget mode: budget fraction × decay_iters).
-
-        With a budget, the fraction is taken at the expected end of this step (and of the periodic eval and
-        checkpoint after it, when due), of the budget minus the time reserved for the final eval and
-        checkpoint: the last step then runs at (almost) min_lr. The run ends at the budget or at max_iters,
-        whichever comes first, so the schedule follows whichever of the two fractions (time, steps) is further
-        along.
-        """
-        if budget_s is None:
-            return step
-        step_s = step_estimate()
-        # (the periodic eval and checkpoint that follow this step, if due, also take their time before the next check)
-        periodic = (((step + 1) % tc.eval_interval == 0) * typical(recent_evals)
-                    + ((step + 1) % tc.checkpoint_interval == 0) * typical(recent_saves))
-        if elapsed() + 3 * step_s + periodic + end_time() >= budget_s:
-            # out_of_time will stop after this step (it needs two more steps' time): finish the decay now
-            return tc.decay_iters
-        origin = lr_origin or 0.0  # setup time (data, model, first eval) is not schedule time
-        # (less the two steps' time that out_of_time keeps in hand: the last step ends about there, so the decay
-        # reaches its end with it, not 2-3 steps short and then at once)
-        usable = max(budget_s - end_time() - origin - 2 * step_s, 1e-9)
-        time_frac = min(1.0, max(0.0, elapsed() + step_s + periodic - origin) / usable)
-        return max(time_frac, step / tc.max_iters) * tc.decay_iters
+    # The run's clock: elapsed time, the measured durations, and with a time budget when to stop and where the lr
+    # schedule stands (budget.py). The budget covers the whole command (setup included) plus the time spent before
+    # a resume.
+    clock = TimeBudget(tc, start_time - elapsed_before, timings, resumed.schedule_origin, resumed.lr_origin)
+    budget_s, elapsed = clock.budget_s, clock.elapsed
 
     def do_eval() -> dict[str, float]:
         nonlocal best_val
@@ -1843,51 +1760,13 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         if ddp.is_main:
             state = {"step": step, "tokens": tokens_seen, "tokens_per_step": tokens_per_step,
                      "best_val": best_val, "elapsed_s": elapsed(),
-                     "schedule_origin_s": schedule_origin, "lr_origin_s": lr_origin,
-                     "timings": timings_now(),
+                     "schedule_origin_s": clock.schedule_origin, "lr_origin_s": clock.lr_origin,
+                     "timings": clock.timings(),
                      "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "processes": ddp.world_size,
                      "loader": loaders + resumed.parked_loaders, "rng": rngs + resumed.parked_rngs}
             ckpt.save_checkpoint(out_dir, "latest", step, model, state=state, extra=ckpt_extra)
-        recent_saves.append(time.time() - t_save)
-
-    def timings_now() -> dict[str, float]:
-        """The measured durations a time budget plans with (also saved in each checkpoint)."""
-        return {"step": step_estimate(), "eval": typical(recent_evals), "save": typical(recent_saves),
-                "plot": plot_time}
-
-    def step_estimate() -> float:
-        """How long the next step will take: the median of the last few steps (before two are timed: the
-        slower of the checkpoint's value and the command's first step, or with torch.compile its guess below).
-
-        A median (see `typical`), not the last step's time: a step stalled by a page fault or the OS is not
-        the speed of every step to come; a lasting slowdown still shows within three steps. The command's
-        first step is left out: it also does one-time work (oneDNN builds its kernels, the memory allocator
-        grows), and took 4x as long as the next ones in a test run.
-        """
-        if not recent_steps:  # (until a second step is timed, the first one's time, however slow, is all we know)
-            return max(timings.get("step", 0.0), min(first_step_s, compiled_first_guess))
-        return typical(recent_steps)
-
-    def end_time() -> float:
-        return end_reserve(timings_now())
-
-    def schedule_continued(would_be: float, now: float, origin: float) -> float:
-        """The origin that gives the schedule's position at `now` what `origin` gave at `would_be` (a delay that is
-        not schedule time: a compile, a resumed command's start-up), as schedule_position reads it: a step ahead,
-        of the budget less its end and the two steps kept in hand (continuous_origin)."""
-        s = step_estimate()
-        return continuous_origin(would_be + s, now + s, origin, budget_s - end_time() - 2 * s)
-
-    def last_step_forecast() -> int:
-        """With a time budget, the step the run should end at, for the progress bar (its percentage and time left):
-        as many more steps as the budget left holds at the current step time, or max_iters if it comes first."""
-        left = budget_s - end_time() - elapsed()
-        return min(tc.max_iters, step + max(0, int(left / max(step_estimate(), 1e-9))))
-
-    def out_of_time() -> bool:
-        """Stop early enough that the final eval, checkpoint and plot also fit in the budget."""
-        return budget_s is not None and budget_spent(elapsed(), timings_now(), budget_s)
+        clock.saves.append(time.time() - t_save)
 
     position = 0.0  # the lr schedule's position for the next step, set by must_stop
 
@@ -1902,7 +1781,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         nonlocal position
         # The same all-reduce settles the lr schedule's position: with a time budget each rank's clock
         # gives a slightly different one, and replicas stepped with different lrs would drift apart.
-        late, stop, agreed = agree([out_of_time(), interrupt.stop, schedule_position()])
+        late, stop, agreed = agree([clock.out_of_time(), interrupt.stop, clock.schedule_position(step)])
         # Never back: the time-budget position is a forecast (from the step time and the reserved end), and
         # a forecast revised down would raise the lr again after it had decayed.
         position = max(position, agreed)
@@ -1935,20 +1814,16 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.0%}",
                             refresh=False)
 
-    compiled_first_guess, per_window = float("inf"), None
     unlogged = None  # the last step's row, when log_interval skipped it
     losses: dict[str, float] = {}
     last_loss = float("nan")
-    recent_steps: collections.deque[float] = collections.deque(maxlen=5)  # the last steps' times, for step_estimate
-    first_step, first_step_s = True, 0.0
-    plot_time = timings.get("plot", 0.0)
     evaluated_at = saved_at = -1  # the steps of the last periodic eval and checkpoint (the final ones reuse them)
     # (a resume from a step-0 checkpoint whose best_val was set: that eval is in metrics.jsonl already)
     if step == 0 and budget_s is None and not resumed.evaluated:
         evaluated_at = 0
         t0 = time.time()
         losses = do_eval()  # the starting point of the curve: about ln(vocab_size) for random weights
-        recent_evals.append(time.time() - t0)
+        clock.evals.append(time.time() - t0)
         ln_v = math.log(cfg.model.vocab_size)
         chance = f" (random weights: about ln(vocab_size) = {ln_v:.4f})" if pre is None else ""
         say(f"step 0: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{chance}")
@@ -1963,33 +1838,16 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 # is skipped (it would spend seconds of a short budget on a known number, about ln(vocab));
                 # its cost is estimated from one batch instead, and a step-0 checkpoint and plot measure how
                 # long saving and plotting take on this machine.
-                recent_evals.append(estimate_eval_time(model, data_dir, cfg, device, autocast, per_window))
+                clock.evals.append(estimate_eval_time(model, data_dir, cfg, device, autocast, per_window))
                 do_save()
                 planning.update(1)
                 if ddp.is_main and tc.plot:
                     t0 = time.time()
                     _plot_quietly(out_dir, timing_only=True)
-                    plot_time = time.time() - t0
+                    clock.plot_s = time.time() - t0
                     planning.update(1)
-    # With torch.compile the command's first step is mostly compiling: 17.4 s, against 24 ms for an uncompiled step
-    # (H200, configs/speedrun-gpu.toml). Taken as the step time, it ended a 60 s budget after one step. Until
-    # a second step is timed, such a run plans with the uncompiled model's speed instead: one forward batch,
-    # timed, times 3 (a backward costs about two forwards), which compiling only makes faster.
-    if tc.compile and budget_s is not None:
-        compiled_first_guess = 3 * tc.batch_size * tc.grad_accum_steps * per_window
-    if schedule_origin is None:  # a new run, or one resumed from its step-0 checkpoint (saved before step 1)
-        schedule_origin = lr_origin = elapsed()
-    elif budget_s is not None:
-        # A resumed command's start-up (imports, data, model, planning: seconds) is budget time but not schedule
-        # time, as the first command's is not: counted in, the lr jumped on at the first step resumed (from 76% of
-        # its peak to 36% in a WSD decay). It goes on from where the checkpoint left it instead (from the origin
-        # the lr followed, saved with it; checkpoints from before that: the schedule's), the rest of the schedule
-        # spread over the time left. (The schedule's origin moves by the start-up's time, as for a compile.)
-        lr_origin = lr_origin if lr_origin is not None else schedule_origin
-        lr_origin = schedule_continued(elapsed_before, elapsed(), lr_origin)
-        schedule_origin += elapsed() - elapsed_before
-    else:
-        lr_origin = schedule_origin
+        clock.plan_compiled_step(per_window)  # (with torch.compile: the first step's time, until measured)
+    clock.start_schedule(elapsed_before)
     fwd_model.train()
     start_step = step
     bar = None
@@ -2029,20 +1887,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             # (perf_counter: before Python 3.13, Windows' time.time() moves in 15.6 ms ticks, and a step timed 0 s
             # divided by zero below)
             step_time = max(time.perf_counter() - t_clock, 1e-9)
-            if first_step:
-                first_step, first_step_s = False, step_time
-                if tc.compile and budget_s is not None and first_step_s > compiled_first_guess:
-                    # Compiling is setup, not schedule time: counted in, it took 27 s of a 60 s budget on an H200
-                    # and the lr had begun its decay by step 100 (a resume compiles again, so this holds for it
-                    # too). The schedule's origin moves by the compile's time. This command's lr goes on from where
-                    # an uncompiled step would have left it, the rest of the schedule spread over the time left: moved
-                    # by the compile's time alone, its origin also rescaled the schedule time before it (resumed
-                    # half-way, the lr fell 12% of its peak in a step).
-                    would_be = t_step - train_start + compiled_first_guess
-                    lr_origin = schedule_continued(would_be, elapsed(), lr_origin)
-                    schedule_origin += elapsed() - would_be
-            else:
-                recent_steps.append(step_time)
+            clock.step_done(step_time, started=t_step)
 
             # A row every log_interval steps (and at the first). The step between is kept as `unlogged`, written
             # after the loop if the run ends on it (at max_iters, a budget's end, a signal): the curve reaches the
@@ -2053,14 +1898,14 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 unlogged = row
             elif ddp.is_main and not diverged:
                 if bar is not None and budget_s is not None:  # the bar's end: where the budget should end the run
-                    bar.total = last_step_forecast()  # (the speedrun presets' max_iters is never reached)
+                    bar.total = clock.last_step_forecast(step)  # (the speedrun presets' max_iters is never reached)
                 log_step(*row)
             if bar is not None:
                 interrupt.output(bar.update, 1)
             if step % tc.eval_interval == 0 and step < tc.max_iters:
                 t0 = time.time()
                 losses, evaluated_at = do_eval(), step
-                recent_evals.append(time.time() - t0)
+                clock.evals.append(time.time() - t0)
                 if bar is not None:
                     interrupt.output(bar.write, f"step {step}: train loss {losses['train']:.4f}, "
                                                 f"val loss {losses['val']:.4f}")
@@ -2107,8 +1952,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                     "interrupted": False, "signal": None, "elapsed_s": time.time() - start_time}
         raise FunGPTError(f"train.max_minutes = {tc.max_minutes:g} leaves no time to train here: {elapsed():.0f} s "
                           f"went before the first step, and the final eval and checkpoint need about "
-                          f"{end_time():.0f} s more; run again with --overwrite and max_minutes well above "
-                          f"{(elapsed() + end_time()) / 60:.2g}, or a smaller model, batch_size or eval_iters")
+                          f"{clock.end_time():.0f} s more; run again with --overwrite and max_minutes well above "
+                          f"{(elapsed() + clock.end_time()) / 60:.2g}, or a smaller model, batch_size or eval_iters")
     else:
         # (a time budget can end the run at a step just evaluated and saved: not again, which overran the budget; a
         # step saved but not evaluated is saved again after its eval, whose best_val the checkpoint must hold)

@@ -480,7 +480,7 @@ def test_dry_run_counts_the_evals_of_a_resume_and_of_accumulated_steps(corpus, t
 def test_dry_run_of_a_budget_counts_the_evals_of_the_steps_that_fit(corpus, tmp_path, capsys, monkeypatch):
     """A time budget stops the run long before max_iters: the evals up to max_iters never happen. Counting all of
     them, the dry run said the budget "stops it after about 0 steps" of a run that then trained 3,124."""
-    from fungpt.train import EXIT_RESERVE_S
+    from fungpt.budget import EXIT_RESERVE_S
 
     monkeypatch.setattr(plan, "_time_steps", lambda *a, **k: (0.01, 3))  # 10 ms per step, whatever this machine does
     cfg = tiny_config(corpus, tmp_path / "run", max_iters=100_000, eval_interval=20, eval_iters=2, max_minutes=0.25)
@@ -1028,7 +1028,7 @@ def test_a_compiled_first_step_leaves_the_schedule_where_an_uncompiled_one_would
     schedule spreads over the time left. Adding the 3 s to the origin instead also stretched the time already
     used: a compile that began at 20 s of a 40 s schedule left it at 0.54 where it had been at 0.5 (at 30 s: 0.81,
     for 0.75): an lr jump in one step."""
-    from fungpt.train import continuous_origin
+    from fungpt.budget import continuous_origin
 
     end, delay = 40.0, 3.0
 
@@ -1047,7 +1047,7 @@ def test_a_compiled_first_step_leaves_the_schedule_where_an_uncompiled_one_would
 def test_a_compile_that_ends_past_the_schedule_moves_the_origin_by_its_time():
     """No schedule left to place (the compile ended past the schedule's end, or the end reserve has grown past
     the time now): the origin just moves by the delay, as before, and the run ends at its next check."""
-    from fungpt.train import continuous_origin
+    from fungpt.budget import continuous_origin
 
     assert continuous_origin(45.0, 48.0, 1.0, 40.0) == 4.0
     assert continuous_origin(5.0, 8.0, 50.0, 40.0) == 53.0
@@ -1073,7 +1073,7 @@ def test_a_budget_too_short_for_one_step_is_refused_instead_of_overrun(corpus, t
 def test_a_resumed_run_without_time_for_a_step_ends_with_a_note_not_an_error(corpus, tmp_path, capsys):
     """A run resumed with just too little budget left for a step (its own start-up used the rest) stops with a
     note, as one resumed after its budget does, and keeps its checkpoint: no error advising --overwrite."""
-    from fungpt.train import end_reserve
+    from fungpt.budget import end_reserve
 
     out = tmp_path / "nearly"
     cfg = tiny_config(corpus, out, max_iters=5, max_minutes=1.0)
