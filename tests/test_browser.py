@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -54,6 +55,16 @@ def page(tmp_path):
             yield pg
         finally:
             browser.close()
+
+
+def sample(page, url: str, n: int) -> None:
+    """Open the page and generate `n` tokens after "The cat" (in the tiny run's alphabet)."""
+    page.goto(url)
+    sync_api.expect(page.locator("#run-summary")).to_contain_text("step 20")
+    page.fill("#prompt", "The cat")
+    page.fill("#max_new_tokens", str(n))
+    page.click("#generate")
+    sync_api.expect(page.locator("#output")).to_have_attribute("data-state", "done")
 
 
 def api_text(url: str, **body) -> str:
@@ -208,12 +219,7 @@ def test_a_lost_server_is_said_in_words(url, page):
 def test_attention_from_other_weights_than_the_samples_says_so(url, page):
     """A server started again (on another run, at the same step) answered the attention of the old sample with the
     new model's weights, without a word: the step was all the page compared."""
-    page.goto(url)
-    sync_api.expect(page.locator("#run-summary")).to_contain_text("step 20")
-    page.fill("#prompt", "The cat")
-    page.fill("#max_new_tokens", "5")
-    page.click("#generate")
-    sync_api.expect(page.locator("#output")).to_have_attribute("data-state", "done")
+    sample(page, url, 5)
 
     def restarted(route):  # the same step, other weights
         route.fulfill(json={**route.fetch().json(), "model": "started-again"})
@@ -343,3 +349,82 @@ def test_the_sample_follows_new_tokens_unless_the_reader_scrolled_up(url, page):
     top, end = page.evaluate("() => { const o = document.getElementById('output'); "
                              "return [o.scrollTop, o.scrollHeight - o.clientHeight]; }")
     assert end > 0 and top == end
+
+
+def test_a_screen_reader_and_a_keyboard_can_use_the_page(url, page):
+    """An accessibility audit found the sample read out as one-letter buttons, every token announced by a live region
+    while the status line (start, end, errors) said nothing, no visible focus on the selected token, and a heat map
+    with no text and no keyboard."""
+    page.goto(url)
+    sync_api.expect(page.locator("#run-summary")).to_contain_text("step 20")
+    assert page.locator("h2").all_text_contents()[0].startswith("Sample")  # the cards can be found by heading
+    assert page.locator("#status").get_attribute("role") == "status"
+    assert page.locator("#output").get_attribute("aria-live") is None  # (announced every token, letter by letter)
+    # each setting's help is read with its box, and shown as its tooltip
+    described = page.evaluate("""() => { const box = document.getElementById('top_k');
+        return [document.getElementById(box.getAttribute('aria-describedby')).textContent, box.closest('label').title];
+    }""")
+    assert described[0].startswith("Sample only among the k most likely")
+    assert described[1] == " ".join(described[0].split())
+    page.evaluate("""() => { window.statuses = []; new MutationObserver(() => window.statuses.push(
+        document.getElementById('status').textContent)).observe(document.getElementById('status'),
+        {childList: true, subtree: true, characterData: true}); }""")
+    page.fill("#prompt", "The cat")
+    page.fill("#max_new_tokens", "30")
+    page.click("#generate")
+    sync_api.expect(page.locator("#output")).to_have_attribute("data-state", "done")
+    statuses = page.evaluate("() => window.statuses")
+    assert len(statuses) <= 3, statuses  # "generating…", then "done: …" (not one change per token)
+    assert statuses[-1].startswith("done: 30 tokens")
+    options = page.get_by_role("listbox", name="generated tokens").get_by_role("option")
+    assert options.count() == 30
+    shown = "".join(page.locator("#output .tok.gen").all_text_contents()).replace("↵", "")
+    assert page.locator("#sample-text").text_content() == f"Sample: The cat{shown}"  # the sample as one text
+    labels = [options.nth(i).get_attribute("aria-label") for i in range(30)]
+    texts = page.locator("#output .tok.gen").all_text_contents()
+    for text, label in zip(texts, labels, strict=True):  # whitespace in words, then the probability
+        name = "space" if text == " " else "newline" if text == "↵\n" else text
+        assert re.fullmatch(re.escape(name) + r", \d+\.\d%", label), (text, label)
+
+    options.nth(3).focus()
+    page.keyboard.press("Enter")
+    sync_api.expect(options.nth(3)).to_have_attribute("aria-selected", "true")
+    assert options.nth(3).get_attribute("aria-describedby") == "step-info"  # "Step 4: the model picked …" read with it
+    page.keyboard.press("ArrowRight")
+    sync_api.expect(options.nth(4)).to_have_attribute("aria-selected", "true")
+    assert options.nth(3).get_attribute("aria-selected") == "false"
+    assert options.nth(3).get_attribute("aria-describedby") is None
+    outline = page.evaluate("() => getComputedStyle(document.activeElement).outlineStyle")
+    assert outline != "none"  # the focused, selected token shows the keyboard's place
+
+    heatmap = page.locator("#heatmap")
+    sync_api.expect(heatmap).to_have_attribute("data-t", "11")  # the 7 prompt characters and 4 tokens before the 5th
+    sync_api.expect(heatmap).to_have_attribute("aria-label", re.compile(r"attended most to \d+ «"))
+    heatmap.focus()
+    page.keyboard.press("ArrowLeft")  # the first key shows the cursor's start: the bottom row's largest weight
+    sync_api.expect(page.locator("#attn-hover")).to_contain_text("query 10 «")
+    page.keyboard.press("ArrowUp")
+    sync_api.expect(page.locator("#attn-hover")).to_contain_text("query 9 «")
+    page.keyboard.press("End")  # the row's last key the query can see: itself
+    sync_api.expect(page.locator("#attn-hover")).to_contain_text("→ key 9 «")
+    page.keyboard.press("ArrowRight")  # one more: a masked cell, said as such
+    sync_api.expect(page.locator("#attn-hover")).to_contain_text("cannot see the later key 10")
+    assert "loss curve: train loss" in page.locator("#loss").get_attribute("aria-label")
+    assert page.problems == []
+
+
+def test_high_contrast_mode_keeps_the_bars_and_the_selected_token(url, page):
+    """In forced colours (Windows' high-contrast modes) the probability bars, the selected token and the legend's
+    keys took the background's colour, and vanished."""
+    page.emulate_media(forced_colors="active")
+    sample(page, url, 5)
+    page.locator("#output .tok.gen").nth(1).click()
+    sync_api.expect(page.locator("#probs .bar-row")).to_have_count(10)
+    colours = page.evaluate("""() => {
+        const bg = (sel) => getComputedStyle(document.querySelector(sel)).backgroundColor;
+        return {bar: bg('#probs .bar'), track: bg('#probs .track'), selected: bg('.tok.selected'),
+                card: bg('.card'), legend: getComputedStyle(document.querySelector('.legend.val'),
+                '::before').backgroundColor}; }""")
+    assert colours["bar"] != colours["track"], colours
+    assert colours["selected"] != colours["card"], colours  # (the page's background, as every other token's)
+    assert colours["legend"] not in ("rgba(0, 0, 0, 0)", colours["track"]), colours

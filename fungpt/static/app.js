@@ -18,6 +18,8 @@ const state = {
   attnRequest: 0,     // number of the latest attention request: an older answer arriving late is dropped
   sampleStep: null,   // step of the checkpoint that generated the shown sample
   sampleModel: null,  // the server's name for those weights (see /api/info's "model")
+  attn: null,         // the attention answer drawn on the heat map
+  cursor: null,       // {i, j}: the heat map's cell under the keyboard's cursor
 };
 
 // Make whitespace visible where a token is shown on its own.
@@ -26,9 +28,20 @@ function visible(text) {
   return text.replace(/ /g, "␣").replace(/\n/g, "↵").replace(/\t/g, "⇥").replace(/\r/g, "␍");
 }
 
+// How a token is read out by a screen reader: whitespace in words (a lone "␣" is read as "open box", or not at all)
+function spoken(text) {
+  if (text === "") return "part of a character";
+  if (text.trim() !== "") return text;
+  const words = { " ": "space", "\n": "newline", "\t": "tab", "\r": "carriage return" };
+  return Array.from(text, (c) => words[c] || "blank").join(" ");
+}
+
+// #status is a live region: a screen reader reads out each change, so it changes at the start and the end of a
+// generation and on errors. The count of tokens, which changes with each one, goes to #progress, shown only.
 function setStatus(text, isError = false) {
   $("status").textContent = text;
   $("status").classList.toggle("error", isError);
+  $("progress").textContent = "";
 }
 
 // The server could not be reached, or the connection broke (fetch says only "Failed to fetch" or "network error").
@@ -77,7 +90,9 @@ async function loadInfo() {
   $("max_new_tokens").max = info.limits.max_new_tokens;
   $("max_new_tokens").min = Math.min(10, info.limits.max_new_tokens);  // (the arrows step by 10 from it)
   // (no maxLength on the prompt: the browser would cut a longer paste without a word; the server says so)
-  $("eot-control").hidden = !info.has_eot;  // (a char tokenizer has no end-of-text token)
+  for (const id of ["eot-control", "help-eot-term", "help-stop_at_eot"]) {
+    $(id).hidden = !info.has_eot;  // (a char tokenizer has no end-of-text token)
+  }
   renderConfig(info.config);
 }
 
@@ -141,6 +156,7 @@ async function loadMetrics() {
   if (!points.length) {
     const why = note ? "the run folder now holds another model: restart fungpt serve" : "no metrics.jsonl in this run";
     el("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, why);
+    svg.setAttribute("aria-label", `loss curve: ${why}`);
     return;
   }
   const xs = points.map((p) => p[0]), ys = points.map((p) => p[1]);
@@ -160,6 +176,11 @@ async function loadMetrics() {
   el("text", { x: (left + W - right) / 2, y: H - 2, "text-anchor": "middle" }, "step");
   // A run that diverged logged NaN losses: the server leaves them out; say so rather than end the curve silently.
   if (nonfinite) el("text", { x: W - right, y: top + 12, "text-anchor": "end" }, `${nonfinite} NaN/inf losses not drawn`);
+  // What the picture shows, for a screen reader: where each curve starts and ends
+  const ends = (name, rows) => rows.length ? [`${name} ${rows[0][1].toFixed(3)} at step ${rows[0][0]}` +
+    (rows.length > 1 ? ` to ${rows.at(-1)[1].toFixed(3)} at step ${rows.at(-1)[0]}` : "")] : [];
+  const described = ends("train loss", train).concat(ends("val loss", evals.map(([s, , v]) => [s, v])));
+  svg.setAttribute("aria-label", `loss curve: ${described.join("; ")}`);
   const path = (rows) => rows.map(([s, l], i) => `${i ? "L" : "M"}${X(s).toFixed(1)},${Y(l).toFixed(1)}`).join("");
   if (train.length) el("path", { class: "train", d: path(train) });
   const val = evals.map(([s, , v]) => [s, v]);
@@ -216,11 +237,15 @@ function addTokenSpan(token, kind, index) {
   if (kind === "gen" && text === "") span.classList.add("partial");
   if (kind === "gen") {
     span.dataset.index = index;
-    span.title = `token ${token.id}, p = ${(100 * token.prob).toFixed(1)}%`;
+    const percent = `${(100 * token.prob).toFixed(1)}%`;
+    span.title = `token ${token.id}, p = ${percent}`;
     // The keyboard: the sample is one stop of Tab (its selected token, else its first), Enter or Space selects
     // the token, as a click does, and the arrow keys (Home, End) move along the tokens and select them.
+    // A screen reader hears each token as an option of the listbox, by its text and probability.
     span.tabIndex = index === 0 ? 0 : -1;
-    span.setAttribute("role", "button");
+    span.setAttribute("role", "option");
+    span.setAttribute("aria-selected", "false");
+    span.setAttribute("aria-label", `${spoken(text)}, ${percent}`);
     span.addEventListener("click", () => selectToken(index));
     span.addEventListener("keydown", (e) => {
       const to = { ArrowRight: index + 1, ArrowDown: index + 1, ArrowLeft: index - 1, ArrowUp: index - 1,
@@ -231,8 +256,29 @@ function addTokenSpan(token, kind, index) {
       e.preventDefault();
     });
   }
-  $("output").append(span);
+  (kind === "gen" ? tokenList() : $("output")).append(span);
   return span;
+}
+
+// The generated tokens' listbox, after the prompt in #output (made at the first token)
+function tokenList() {
+  let list = $("gen-tokens");
+  if (!list) {
+    list = document.createElement("span");
+    list.id = "gen-tokens";
+    list.setAttribute("role", "listbox");
+    list.setAttribute("aria-orientation", "horizontal");
+    list.setAttribute("aria-label", "generated tokens: the arrow keys step through them");
+    $("output").append(list);
+  }
+  return list;
+}
+
+// The sample as one plain text, for a screen reader (the tokens are options, read one at a time): set when the
+// generation ends, however it ends.
+function describeSample(tail = "") {
+  const text = state.gen.map((t) => t.piece ?? t.text).join("") + tail;
+  $("sample-text").textContent = state.gen.length ? `Sample: ${$("prompt").value}${text}` : "";
 }
 
 async function generate() {
@@ -249,6 +295,7 @@ async function generate() {
   state.promptTokens = [];
   state.selected = null;
   $("output").innerHTML = "";
+  $("sample-text").textContent = "";
   $("output").dataset.state = "running";
   clearInspector();
   const controller = new AbortController();
@@ -306,6 +353,7 @@ async function generate() {
     }
   } finally {
     state.controller = null;
+    if (!$("sample-text").textContent) describeSample();  // (stopped, or cut short: the tokens that came)
     const stopFocused = document.activeElement === $("stop");
     $("generate").disabled = false;
     $("stop").disabled = true;
@@ -329,13 +377,14 @@ function handleEvent(event, started) {
   } else if (event.type === "token") {
     state.gen.push(event);
     const span = addTokenSpan(event, "gen", state.gen.length - 1);
-    setStatus(`generating… ${state.gen.length} tokens`);
+    $("progress").textContent = `${state.gen.length} tokens`;
     // Follow the text as it grows, unless the reader scrolled up to look at an earlier part
     const out = $("output");
     if (out.scrollHeight - out.scrollTop - out.clientHeight < 40 + span.offsetHeight) out.scrollTop = out.scrollHeight;
   } else if (event.type === "done") {
     // Bytes at the end that never completed a character: shown as the server's text has them (U+FFFD)
     if (event.tail) $("output").append(document.createTextNode(event.tail));
+    describeSample(event.tail || "");
     const seconds = (performance.now() - started) / 1000;
     const ended = event.stopped_at_eot ? " (the model ended the document: it drew <|endoftext|>)" : "";
     setStatus(`done: ${event.n_tokens} tokens in ${seconds.toFixed(1)} s${ended} — click a token`);
@@ -354,20 +403,15 @@ function clearInspector() {
   $("attn-info").textContent = "Click a generated token to see what the model looked at when it predicted it.";
   const canvas = $("heatmap");
   canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  canvas.setAttribute("aria-label", "attention map: click a generated token first");
   delete canvas.dataset.t;
   state.attn = null;
+  state.cursor = null;
+  $("attn-hover").textContent = "\u00a0";
 }
 
 function selectToken(index, focus = false) {
   state.selected = index;
-  for (const el of document.querySelectorAll(".tok.selected")) el.classList.remove("selected");
-  for (const el of document.querySelectorAll(".tok.gen[tabindex='0']")) el.tabIndex = -1;
-  const span = document.querySelector(`.tok.gen[data-index="${index}"]`);
-  if (span) {
-    span.classList.add("selected");
-    span.tabIndex = 0;  // Tab comes back to the selected token
-    if (focus) span.focus();
-  }
   const token = state.gen[index];
   $("step-info").innerHTML = "";
   const strong = document.createElement("strong");
@@ -376,6 +420,21 @@ function selectToken(index, focus = false) {
   $("step-info").append(`Step ${index + 1}: the model picked `, strong,
     ` (p = ${(100 * token.prob).toFixed(1)}%). Its top 10 candidates were:`);
   drawProbs(token);
+  for (const el of document.querySelectorAll(".tok.selected")) {
+    el.classList.remove("selected");
+    el.setAttribute("aria-selected", "false");
+    el.removeAttribute("aria-describedby");
+  }
+  for (const el of document.querySelectorAll(".tok.gen[tabindex='0']")) el.tabIndex = -1;
+  const span = document.querySelector(`.tok.gen[data-index="${index}"]`);
+  if (span) {
+    span.classList.add("selected");
+    span.setAttribute("aria-selected", "true");
+    // (read out with the token when it gets the focus: what the step's panel now says, written above)
+    span.setAttribute("aria-describedby", "step-info");
+    span.tabIndex = 0;  // Tab comes back to the selected token
+    if (focus) span.focus();
+  }
   loadAttention();
 }
 
@@ -418,6 +477,7 @@ async function loadAttention() {
     // have been picked meanwhile).
     if (request !== state.attnRequest || state.selected !== index) return;
     state.attn = result;
+    state.cursor = null;
     drawHeatmap(result);
     const T = result.tokens.length;
     // Two different reasons for a map that starts after the first token: the model reads only its last
@@ -446,6 +506,12 @@ async function loadAttention() {
     $("attn-info").textContent =
       `Layer ${layer}, head ${head}: row i shows how much token i attends to each earlier token j${cropped}. ` +
       `The bottom row is what the model looked at when it predicted «${visible(state.gen[index].text)}».`;
+    // The picture in words: the bottom row's largest weights
+    const last = result.weights[T - 1].map((w, j) => [w, j]).sort((a, b) => b[0] - a[0]).slice(0, 5);
+    $("heatmap").setAttribute("aria-label", `attention map of layer ${layer}, head ${head}, ${T} tokens; when ` +
+      `predicting «${spoken(state.gen[index].text)}» it attended most to ` +
+      last.map(([w, j]) => `${j} «${spoken(result.tokens[j].text)}» ${w.toFixed(2)}`).join(", ") +
+      ". Focus the map and use the arrow keys to read any weight.");
   } catch (err) {
     if (request !== state.attnRequest) return;
     $("attn-info").textContent = `attention: ${err.message}`;
@@ -461,19 +527,48 @@ function color(w) {
   return `rgb(${r},${g},${b})`;
 }
 
+// The masked cells (the future: a token never sees the tokens after it) are hatched, unlike any weight's colour
+function hatch(ctx) {
+  const tile = document.createElement("canvas");
+  tile.width = tile.height = 6;
+  const t = tile.getContext("2d");
+  t.fillStyle = "#fff";
+  t.fillRect(0, 0, 6, 6);
+  t.strokeStyle = "#9aa2ac";
+  t.beginPath();
+  t.moveTo(0, 6); t.lineTo(6, 0);
+  t.stroke();
+  return ctx.createPattern(tile, "repeat");
+}
+
 function drawHeatmap(result) {
   const canvas = $("heatmap");
   const ctx = canvas.getContext("2d");
   const T = result.weights.length;
   const cell = canvas.width / T;
   ctx.clearRect(0, 0, canvas.width, canvas.height);
+  const masked = hatch(ctx);
   for (let i = 0; i < T; i++) {
     for (let j = 0; j < T; j++) {
-      ctx.fillStyle = j > i ? "#f1f2f4" : color(result.weights[i][j]); // grey: the future, always masked
+      ctx.fillStyle = j > i ? masked : color(result.weights[i][j]);
       ctx.fillRect(j * cell, i * cell, Math.ceil(cell), Math.ceil(cell));
     }
   }
+  if (state.cursor) {  // the keyboard's cell: a dark frame
+    ctx.strokeStyle = "#1f2328";
+    ctx.lineWidth = 2;
+    ctx.strokeRect(state.cursor.j * cell + 1, state.cursor.i * cell + 1, Math.max(cell - 2, 2), Math.max(cell - 2, 2));
+  }
   canvas.dataset.t = String(T);
+}
+
+// The weight of one cell, in words (#attn-hover: under the mouse, or the keyboard's cursor)
+function describeCell(i, j) {
+  const result = state.attn;
+  const q = visible(result.tokens[i].text), k = visible(result.tokens[j].text);
+  $("attn-hover").textContent = j > i
+    ? `query ${i} «${q}» cannot see the later key ${j} «${k}»`
+    : `query ${i} «${q}» → key ${j} «${k}»: ${result.weights[i][j].toFixed(3)}`;
 }
 
 function onHeatmapHover(event) {
@@ -485,10 +580,28 @@ function onHeatmapHover(event) {
   const j = Math.floor(((event.clientX - rect.left) / rect.width) * T);
   const i = Math.floor(((event.clientY - rect.top) / rect.height) * T);
   if (i < 0 || j < 0 || i >= T || j >= T) return;
-  const q = visible(result.tokens[i].text), k = visible(result.tokens[j].text);
-  $("attn-hover").textContent = j > i
-    ? `query ${i} «${q}» cannot see the later key ${j} «${k}»`
-    : `query ${i} «${q}» → key ${j} «${k}»: ${result.weights[i][j].toFixed(3)}`;
+  describeCell(i, j);
+}
+
+// The keyboard on the heat map: the arrows move a cursor cell by cell, Home and End to a row's ends. It starts on
+// the bottom row (the token picked), at its largest weight.
+function onHeatmapKey(event) {
+  const result = state.attn;
+  if (!result) return;
+  const T = result.weights.length;
+  const start = () => {
+    const row = result.weights[T - 1];
+    return { i: T - 1, j: row.indexOf(Math.max(...row)) };
+  };
+  const c = state.cursor || start();
+  const moves = { ArrowUp: [c.i - 1, c.j], ArrowDown: [c.i + 1, c.j], ArrowLeft: [c.i, c.j - 1],
+                  ArrowRight: [c.i, c.j + 1], Home: [c.i, 0], End: [c.i, c.i] };
+  if (!(event.key in moves)) return;
+  event.preventDefault();
+  const [i, j] = state.cursor ? moves[event.key] : [c.i, c.j];  // (the first key shows where the cursor starts)
+  state.cursor = { i: Math.max(0, Math.min(T - 1, i)), j: Math.max(0, Math.min(T - 1, j)) };
+  drawHeatmap(result);
+  describeCell(state.cursor.i, state.cursor.j);
 }
 
 // ------------------------------------------------------------------ wiring
@@ -510,6 +623,14 @@ document.addEventListener("keydown", (e) => {
 $("layer").addEventListener("change", loadAttention);
 $("head").addEventListener("change", loadAttention);
 $("heatmap").addEventListener("mousemove", onHeatmapHover);
+$("heatmap").addEventListener("keydown", onHeatmapKey);
+// Each setting's help (in the "What the settings do" list) is also its label's tooltip
+for (const box of document.querySelectorAll("#controls [aria-describedby]")) {
+  box.closest("label").title = $(box.getAttribute("aria-describedby")).textContent.replace(/\s+/g, " ").trim();
+}
+// The heat map's key: the colours of weights 0 to 1 (stops where the square-root scale bends)
+$("attn-ramp").style.background =
+  `linear-gradient(to right, ${[0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1].map((w) => `${color(w)} ${100 * w}%`).join(", ")})`;
 
 loadInfo().catch((err) => setStatus(`could not load the run: ${err.message}`, true));
 loadMetrics().catch((err) => setStatus(`could not load the loss curve: ${err.message}`, true));
