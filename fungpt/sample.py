@@ -15,7 +15,7 @@ from fungpt.errors import FunGPTError, read_json
 from fungpt.runs import LoadedRun, data_dir_of, load_run, seeded_generator
 from fungpt.sampling import sampling_probs
 from fungpt.tokenizer import TextStream, load_tokenizer
-from fungpt.train import counted, eval_bar, score_windows
+from fungpt.train import counted, eval_bar, resolve_data, score_windows
 
 
 def default_prompt_ids(run: LoadedRun) -> list[int]:
@@ -221,6 +221,24 @@ def _data_changed_note(loaded, data_dir: Path, meta: dict) -> str | None:
             f"and this loss does not compare with the run's val losses")
 
 
+def _prepare_again(loaded: LoadedRun, gone: Path, progress: bool) -> Path:
+    """The folder the run's text was prepared into is gone (the README lets a cache be deleted): prepare the text its
+    config names again, as `fungpt train` would, encoded with the run's own tokenizer; its val split is then the
+    run's own if the text is unchanged (if not, the checkpoint's data fingerprint says so: _data_changed_note)."""
+    data = loaded.config.data
+    source = Path(data.path).expanduser()
+    if source.resolve() == gone.resolve():  # (a folder made by `fungpt prepare`, then deleted: nothing to read)
+        raise FunGPTError(f"the data {loaded.run_dir} was trained on ({gone}) is gone; prepare it again with `fungpt "
+                          f"prepare`, or pass --input TEXT_FILE to evaluate on a text file")
+    print(f"fungpt: the data {loaded.run_dir} was trained on ({gone}) is gone (a cleared cache?): reading "
+          f"{data.path} again, as training does (prepared into the cache once)", file=sys.stderr)
+    try:
+        return resolve_data(data, progress=progress, tokenizer=loaded.tokenizer)
+    except FunGPTError as e:
+        raise FunGPTError(f"cannot prepare the data {loaded.run_dir} was trained on again: {e}; pass --input "
+                          f"TEXT_FILE to evaluate on a text file") from None
+
+
 @torch.no_grad()
 def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: str = "last", device: str = "auto",
                  batch_size: int = 16, progress: bool = False, errors: str | None = None) -> dict[str, float]:
@@ -262,8 +280,7 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
                               "was prepared (data.errors)")
         data_dir = data_dir_of(run)
         if not data_dir.is_dir():
-            raise FunGPTError(f"the data {run} was trained on ({data_dir}) is gone; pass --input TEXT_FILE to "
-                              f"evaluate on a text file")
+            data_dir = _prepare_again(loaded, data_dir, progress)
         meta = load_meta(data_dir)
         # The folder may have been prepared again since training (an edited corpus, another tokenizer):
         # its token ids would then mean other text than the model's, and the loss would be meaningless.

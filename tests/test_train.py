@@ -1709,6 +1709,28 @@ def test_eval_refuses_a_data_folder_prepared_again_with_another_tokenizer(corpus
                         r"compare with the run's val losses", evaluate_run(out)["note"])
 
 
+def test_eval_prepares_the_text_again_when_the_cache_was_cleared(corpus, tmp_path, capsys):
+    """The README lets the cache's datasets be deleted to free the space: eval on the val split then refused ("the data
+    ... is gone") until the data was prepared by hand, though the run's config names its text."""
+    from fungpt.runs import data_dir_of
+
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=2), progress=False)
+    before = evaluate_run(out)
+    shutil.rmtree(data_dir_of(out).parent)  # the cache's datasets/ folder
+    capsys.readouterr()
+    again = evaluate_run(out)
+    assert "is gone (a cleared cache?): reading" in capsys.readouterr().err
+    assert (again["loss"], again["tokens"], again["note"]) == (before["loss"], before["tokens"], None)
+    corpus.write_text(corpus.read_text(encoding="utf-8")[::-1], encoding="utf-8")  # other text, same characters
+    shutil.rmtree(data_dir_of(out).parent, ignore_errors=True)
+    assert "prepared again since step 2" in evaluate_run(out)["note"]  # the checkpoint's fingerprint tells
+    corpus.unlink()
+    with pytest.raises(FunGPTError, match=r"cannot prepare the data .* again: data.path .* does not exist.*; pass "
+                                          r"--input TEXT_FILE"):
+        evaluate_run(out)
+
+
 def test_a_prompt_file_is_read_up_to_a_bound(tmp_path, monkeypatch):
     """A wrong path (a corpus of gigabytes, a device) was read whole into memory, with no message."""
     import importlib
