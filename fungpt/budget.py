@@ -74,6 +74,16 @@ def budget_spent(elapsed_s: float, timings: dict[str, float], budget_s: float) -
     return elapsed_s + 2 * timings.get("step", 0.0) + end_reserve(timings) >= budget_s
 
 
+def format_duration(seconds: float) -> str:
+    """A duration as a person reads it: "42.3 s", "12 min 05 s", "2 h 07 min"."""
+    if round(seconds, 1) < 60:  # (59.96 s would print as "60.0 s")
+        return f"{seconds:.1f} s"
+    whole = round(seconds)
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
+
+
 class TimeBudget:
     """One command's clock of a run: elapsed time, the measured durations, and (with `train.max_minutes`) when to
     stop and where the lr schedule stands.

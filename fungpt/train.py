@@ -51,7 +51,7 @@ except ImportError:  # Windows: runs go unlocked
 from fungpt import checkpoint as ckpt
 from fungpt import pretrained
 from fungpt._startup import raise_stopped
-from fungpt.budget import TimeBudget, budget_spent
+from fungpt.budget import TimeBudget, budget_spent, format_duration
 from fungpt.config import DataConfig, RunConfig, TrainConfig, default_model, is_hf_config, load_run_config
 from fungpt.data import (
     OWN_IDS,
@@ -1961,7 +1961,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         if final_eval:
             losses = do_eval()
         say(f"fungpt: step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-            f"({time.time() - start_time:.1f} s)")
+            f"({format_duration(time.time() - start_time)})")
         if final_eval or saved_at != step:
             do_save()
     if ddp.is_main:

@@ -1055,6 +1055,14 @@ def test_a_compile_that_ends_past_the_schedule_moves_the_origin_by_its_time():
     assert continuous_origin(39.9, 42.4, 0.0, 40.0) == 2.5
 
 
+def test_a_run_says_how_long_it_took_in_minutes_and_hours_past_a_minute():
+    """The final line gave an hours-long run's time as "(7384.2 s)"."""
+    from fungpt.budget import format_duration
+
+    assert [format_duration(s) for s in (3.34, 59.94, 59.96, 61.2, 3599.4, 3599.6, 7384.2, 90061)] == [
+        "3.3 s", "59.9 s", "1 min 00 s", "1 min 01 s", "59 min 59 s", "1 h 00 min", "2 h 03 min", "25 h 01 min"]
+
+
 def test_a_budget_too_short_for_one_step_is_refused_instead_of_overrun(corpus, tmp_path, monkeypatch):
     """A budget that the start-up and the final eval use up leaves no step: evaluating anyway overran it (a 6 x 384
     model on a 2-core CPU, given 1 minute, took 97 s). Here the final eval is made to need 20 s of a 6 s budget."""
