@@ -269,7 +269,7 @@ def prepare_command(input: str, out: str, tokenizer: Literal["char", "bpe", "gpt
         overwrite: Replace an existing prepared dataset in `out`.
         errors: What to do with invalid UTF-8: strict (refuse, naming the byte) or replace (use U+FFFD).
     """
-    from fungpt.data import load_meta, prepare
+    from fungpt.data import load_meta, prepare, skipped_files
     from fungpt.tokenizer import BPE_MAX_WORD_CHARS
 
     if tokenizer == "bpe" and vocab_size is None:
@@ -283,6 +283,14 @@ def prepare_command(input: str, out: str, tokenizer: Literal["char", "bpe", "gpt
              if isinstance(asked, int) and asked > meta["vocab_size"] else "")
     print(f"fungpt: prepared {path}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, "
           f"vocabulary {meta['vocab_size']:,} ({meta['tokenizer']}{short})")
+    folder = Path(input).expanduser()
+    if folder.is_dir():  # which files of a folder went in, and which were left out
+        hidden, empty = skipped_files(folder)
+        left_out = [f"{len(names)} {kind} ({', '.join(names[:5])}{', ...' * (len(names) > 5)})"
+                    for kind, names in (("empty", empty), ("hidden", hidden)) if names]
+        files = meta["source_files"]
+        print(f"fungpt: read {files:,} file{'s' * (files != 1)} of {folder}"
+              + (f"; left out {' and '.join(left_out)}" if left_out else ""))
 
 
 # The run folder, named without a flag (`fungpt sample RUN`); `--run RUN` also works: _run_flag_as_positional

@@ -256,6 +256,27 @@ def _walk_files(folder: Path) -> list[Path]:
     return files
 
 
+def skipped_files(folder: Path) -> tuple[list[str], list[str]]:
+    """What prepare leaves out of a folder (resolve_source), for a note: the hidden files and folders (a leading dot,
+    or the system's hidden flag) and the empty files, as paths relative to it, sorted (folders end in "/")."""
+    hidden, empty = [], []
+    for root, dirs, names in os.walk(folder):
+        here = Path(root).relative_to(folder)
+        hidden += [f"{(here / d).as_posix()}/" for d in dirs if d.startswith(".")]  # (not walked into)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for n in names:
+            p = Path(root) / n
+            try:
+                st = p.stat()
+            except OSError:  # (a broken link: not text either)
+                continue
+            if n.startswith(".") or _hidden_by_flag(st):
+                hidden.append((here / n).as_posix())
+            elif st.st_size == 0 and p.is_file():
+                empty.append((here / n).as_posix())
+    return sorted(hidden), sorted(empty)
+
+
 def _refuse_token_files(path: Path) -> None:
     """Token ids where text is read (a prepared folder, nanoGPT's train.bin and val.bin, one .bin of them) are
     named as such, rather than refused as "a binary file", which left the user to guess what FunGPT wants."""

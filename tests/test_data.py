@@ -1094,6 +1094,29 @@ def test_prepare_says_when_a_bpe_stops_short_of_the_size_asked(corpus, tmp_path,
     assert "asked" not in capsys.readouterr().out
 
 
+def test_prepare_of_a_folder_names_the_files_it_left_out(tmp_path, capsys):
+    """Empty and hidden files are skipped (README): prepare said nothing of them, so a file that was meant to be read
+    (saved empty by mistake, or named .notes) went missing without a word."""
+    from fungpt.cli import main
+
+    top = tmp_path / "texts"
+    (top / "sub").mkdir(parents=True)
+    (top / ".git").mkdir()
+    (top / ".git" / "HEAD").write_text("ref", encoding="utf-8")
+    (top / "a.txt").write_text("to be or not to be\n" * 50, encoding="utf-8")
+    (top / "sub" / "b.txt").write_text("that is the question\n" * 50, encoding="utf-8")
+    (top / "sub" / "empty.txt").touch()
+    (top / ".notes").write_text("mine", encoding="utf-8")
+    assert main(["prepare", "--input", str(top), "--out", str(tmp_path / "d")]) == 0
+    assert f"read 2 files of {top}; left out 1 empty (sub/empty.txt) and 2 hidden (.git/, .notes)\n" in (
+        capsys.readouterr().out)
+    for i in range(7):
+        (top / f".h{i}").touch()
+    (top / "sub" / "empty.txt").write_text("now it has text\n", encoding="utf-8")
+    assert main(["prepare", "--input", str(top), "--out", str(tmp_path / "d"), "--overwrite"]) == 0
+    assert f"read 3 files of {top}; left out 9 hidden (.git/, .h0, .h1, .h2, .h3, ...)\n" in capsys.readouterr().out
+
+
 @needs_shakespeare
 def test_a_folder_of_ones_own_named_shakespeare_never_shares_the_built_in_corpus_cache(tmp_path, monkeypatch):
     """train's cache took `shakespeare` for the built-in corpus whatever was there: a user's own folder of that
