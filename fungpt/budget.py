@@ -89,7 +89,7 @@ class TimeBudget:
     stop and where the lr schedule stands.
 
     `timings` and the two origins come from the checkpoint a run resumes from (empty and None for a new run); the
-    training loop adds each step's, eval's and save's duration as it goes (`step_done`, `evals`, `saves`).
+    training loop adds each step's, eval's and save's duration as it goes (`step_done`, `eval_times`, `save_times`).
     """
 
     def __init__(self, tc: TrainConfig, train_start: float, timings: dict[str, float],
@@ -97,17 +97,22 @@ class TimeBudget:
         self.tc = tc
         self.budget_s = tc.max_minutes * 60 if tc.max_minutes else None
         self.train_start = train_start  # the run's start, on time.time(), moved back by the seconds before a resume
-        self.saved = timings  # the durations the checkpoint measured (0.0 there: none was measured)
+        self.checkpoint_timings = timings  # the durations the checkpoint measured (0.0 there: none was measured)
         # How long the last three checkpoints and evals took: the budget reserves their typical time for its end
-        self.saves = collections.deque([timings["save"]] if timings.get("save") else [], maxlen=3)
-        self.evals = collections.deque([timings["eval"]] if timings.get("eval") else [], maxlen=3)
-        self.steps: collections.deque[float] = collections.deque(maxlen=5)  # the last steps' times, but the first
+        # (few of them come in a run, and each takes a while: three is enough for a median)
+        self.save_times = collections.deque([timings["save"]] if timings.get("save") else [], maxlen=3)
+        self.eval_times = collections.deque([timings["eval"]] if timings.get("eval") else [], maxlen=3)
+        # The last five steps' times but the command's first: their median follows a lasting slowdown within three
+        # steps, and ignores two stalled ones
+        self.step_times: collections.deque[float] = collections.deque(maxlen=5)
         self.first_step_s: float | None = None  # this command's first step, which also does one-time work
         self.plot_s = timings.get("plot", 0.0)
-        # With torch.compile and a budget, the first step's time until it is measured (see `plan_compiled_step`)
+        # With torch.compile and a budget: a cap on the first step's measured time (mostly compiling) until a second
+        # step is timed (see `plan_compiled_step`)
         self.compiled_first_guess = float("inf")
-        # Budget seconds where the schedule starts (setup is not schedule time), and the origin the lr follows
-        # (moved on after a compile or a resumed command's start-up, so the lr goes on from where it was)
+        # The lr schedule's origins on the run's clock (set by start_schedule, saved in every checkpoint): the seconds
+        # that are not schedule time (setup before step 1, each resume's start-up, compiles), and the origin the lr
+        # follows (continuous_origin; None: checkpoints from before it was saved)
         self.schedule_origin, self.lr_origin = schedule_origin, lr_origin
 
     def elapsed(self) -> float:
@@ -116,7 +121,7 @@ class TimeBudget:
 
     def timings(self) -> dict[str, float]:
         """The measured durations a time budget plans with (also saved in each checkpoint)."""
-        return {"step": self.step_estimate(), "eval": typical(self.evals), "save": typical(self.saves),
+        return {"step": self.step_estimate(), "eval": typical(self.eval_times), "save": typical(self.save_times),
                 "plot": self.plot_s}
 
     def step_estimate(self) -> float:
@@ -128,9 +133,10 @@ class TimeBudget:
         first step is left out: it also does one-time work (oneDNN builds its kernels, the memory allocator
         grows), and took 4x as long as the next ones in a test run.
         """
-        if not self.steps:  # (until a second step is timed, the first one's time, however slow, is all we know)
-            return max(self.saved.get("step", 0.0), min(self.first_step_s or 0.0, self.compiled_first_guess))
-        return typical(self.steps)
+        if not self.step_times:  # (until a second step is timed, the first one's time, however slow, is all we know)
+            first = min(self.first_step_s or 0.0, self.compiled_first_guess)
+            return max(self.checkpoint_timings.get("step", 0.0), first)
+        return typical(self.step_times)
 
     def end_time(self) -> float:
         """Seconds the run's end will take (`end_reserve`)."""
@@ -155,12 +161,13 @@ class TimeBudget:
             return step
         step_s = self.step_estimate()
         # (the periodic eval and checkpoint that follow this step, if due, also take their time before the next check)
-        periodic = (((step + 1) % tc.eval_interval == 0) * typical(self.evals)
-                    + ((step + 1) % tc.checkpoint_interval == 0) * typical(self.saves))
+        periodic = (((step + 1) % tc.eval_interval == 0) * typical(self.eval_times)
+                    + ((step + 1) % tc.checkpoint_interval == 0) * typical(self.save_times))
         if self.elapsed() + 3 * step_s + periodic + self.end_time() >= self.budget_s:
             # out_of_time will stop after this step (it needs two more steps' time): finish the decay now
             return tc.decay_iters
-        origin = self.lr_origin or 0.0  # setup time (data, model, first eval) is not schedule time
+        # (setup: data, model, the budget's planning (timed forwards, step-0 checkpoint and plot) is not schedule time)
+        origin = self.lr_origin or 0.0
         # (less the two steps' time that out_of_time keeps in hand: the last step ends about there, so the decay
         # reaches its end with it, not 2-3 steps short and then at once)
         usable = max(self.budget_s - self.end_time() - origin - 2 * step_s, 1e-9)
@@ -211,9 +218,11 @@ class TimeBudget:
             self.lr_origin = self.schedule_origin
 
     def step_done(self, step_s: float, started: float) -> None:
-        """Record a step's time (`started`: its start on time.time())."""
+        """Record a step's time (`started`: its start on time.time()). The command's first step is kept apart (it also
+        does one-time work); with torch.compile and a budget, a first step that was mostly compiling moves the
+        schedule's origins by the compile's time."""
         if self.first_step_s is not None:
-            self.steps.append(step_s)
+            self.step_times.append(step_s)
             return
         self.first_step_s = step_s
         if self.first_step_s > self.compiled_first_guess:  # (only with torch.compile and a budget: see above)

@@ -7,8 +7,11 @@ Layout inside a run folder:
       best.json                    pointer to the weights with the best val loss so far
       checkpoints/latest-0000500/
         model.safetensors          weights of the plain (uncompiled, unwrapped) model
-        state.pt                   optimizer, step, RNG and loader state; tensors and plain types only
-        manifest.json              step plus the size and sha256 of every file above
+        state.pt                   optimizer, step, RNG and loader state, best val loss, tokens seen, and the
+                                   run's clock (elapsed time, measured durations, schedule origins: budget.py);
+                                   tensors and plain types only
+        manifest.json              step, model and train config, tokenizer and data fingerprints, and the size
+                                   and sha256 of every file above
 
 Why this shape: a checkpoint is several files, and a kill -9 (or a full disk) can strike
 between any two writes. So every checkpoint is written into a fresh temporary folder,
@@ -554,6 +557,7 @@ def _tied_names(model: torch.nn.Module) -> dict[str, str]:
     return tied
 
 
+# the keys every version of state.pt holds; later ones (tokens, timings, schedule origins) are read with .get
 STATE_KEYS = ("step", "best_val", "elapsed_s", "optimizer", "loader", "rng")
 
 

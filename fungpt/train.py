@@ -1,10 +1,11 @@
 """Training: a linear loop built from small functions, readable in one sitting.
 
     train(cfg)
-      ├─ resolve_data         prepared folder, or prepare the text on the fly into a cache
+      ├─ resolve_model_and_data   prepared folder, or prepare the text on the fly into a cache
       ├─ build model, configure_optimizer (AdamW, decay on matrices only; or Muon for the blocks' matrices)
       ├─ resume: load_training_state of the latest checkpoint (optional)
-      └─ loop:  get_lr → forward_backward (gradients of A micro-batches) → clip → is_diverged → step
+      └─ loop:  agree_on_next_step (out of time? Ctrl-C? the lr position: budget.py) → get_lr
+                → forward_backward (gradients of A micro-batches) → clip → is_diverged → step
                 → log → evaluate → save_checkpoint
 
 Notation: B = batch_size, T = block_size, A = grad_accum_steps, W = number of processes.
@@ -920,7 +921,8 @@ def numerics_notes(saved: dict[str, Any], now: dict[str, Any], step: int) -> lis
 
 
 def get_lr(it: float, tc: TrainConfig) -> float:
-    """Learning rate at step `it` (a float: in time-budget mode it is the budget fraction times decay_iters).
+    """Learning rate at step `it` (a float: with a time budget, the larger of the budget's fraction used and
+    step / max_iters, times decay_iters: budget.TimeBudget.schedule_position).
 
     warmup: linear from ~0 to lr over warmup_iters (large early updates from random weights are
     unstable, and AdamW's second-moment estimates need a few steps to become meaningful); then
@@ -931,7 +933,7 @@ def get_lr(it: float, tc: TrainConfig) -> float:
       constant: lr
     With cosine and wsd, the rate stays at min_lr after decay_iters.
     """
-    if it < tc.warmup_iters:
+    if it < tc.warmup_iters:  # (it + 1): step 0 already moves the weights, at lr / (warmup_iters + 1)
         return tc.lr * (it + 1) / (tc.warmup_iters + 1)
     if tc.lr_schedule == "constant":
         return tc.lr
@@ -939,13 +941,36 @@ def get_lr(it: float, tc: TrainConfig) -> float:
     if it >= total:
         return tc.min_lr
     if tc.lr_schedule == "cosine":
-        frac = (it - tc.warmup_iters) / max(1, total - tc.warmup_iters)  # 0 → 1 over the decay
+        frac = (it - tc.warmup_iters) / max(1, total - tc.warmup_iters)  # 0 → 1 over the decay (max: a guard)
         return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (tc.lr - tc.min_lr)
     decay_start = total * (1.0 - tc.wsd_decay_frac)  # wsd
     if it < decay_start:
         return tc.lr
-    frac = (it - decay_start) / max(1e-9, total - decay_start)
+    frac = (it - decay_start) / max(1e-9, total - decay_start)  # 0 → 1 over the decay (max: a guard)
     return tc.lr + frac * (tc.min_lr - tc.lr)
+
+
+def schedule_notes(tc: TrainConfig, new_run: bool) -> list[str]:
+    """Notes on an lr schedule that does not do what its settings suggest (a warmup that never ends, or runs into
+    the decay; a decay over before the warmup is)."""
+    notes, w = [], tc.warmup_iters
+    if w >= tc.max_iters and not tc.max_minutes:  # e.g. a preset shortened with --train.max-iters
+        notes.append(f"fungpt: note: train.warmup_iters = {w} is not below the run's {tc.max_iters} steps, so the "
+                     f"learning rate never reaches train.lr = {tc.lr:g}; lower warmup_iters to reach it")
+    # WSD's decay window counts the warmup in (get_lr): a warmup that runs into it ends on a drop of the lr
+    if (tc.lr_schedule == "wsd" and new_run and 0 < w < tc.decay_iters and (w < tc.max_iters or tc.max_minutes)
+            and get_lr(w, tc) < 0.9 * get_lr(w - 1, tc)):
+        start = (f"{1 - tc.wsd_decay_frac:.0%} into the budget" if tc.max_minutes else
+                 f"at step {tc.decay_iters * (1 - tc.wsd_decay_frac):g}")
+        notes.append(f"fungpt: note: train.warmup_iters = {w} runs into the WSD decay, which starts {start} (the "
+                     f"last wsd_decay_frac = {tc.wsd_decay_frac:g} of the schedule, warmup included): after the "
+                     f"warmup the lr drops from {get_lr(w - 1, tc):.3g} to {get_lr(w, tc):.3g}; lower warmup_iters "
+                     f"or wsd_decay_frac for a stable phase at train.lr")
+    if tc.lr_decay_iters is not None and tc.lr_decay_iters <= w and tc.lr_schedule != "constant":
+        notes.append(f"fungpt: note: train.lr_decay_iters = {tc.lr_decay_iters} is not above train.warmup_iters = "
+                     f"{w}, so the decay is over before the warmup ends: the lr drops to min_lr = {tc.min_lr:g} "
+                     f"the step after it; raise lr_decay_iters for a decay")
+    return notes
 
 
 @torch.no_grad()
@@ -992,6 +1017,7 @@ def score_windows(model: torch.nn.Module, windows, autocast=contextlib.nullconte
             logits = model(x)  # (B, T, V)
         # (the last window repeats a few already-scored targets, marked -1: left out by ignore_index, not by
         # indexing, whose copy of the logits was the eval's largest tensor with a large vocabulary)
+        # (B, T, V) -> (B*T, V) logits against (B*T,) targets
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1,
                                                  reduction="sum")
         total, count = total + loss.item(), count + int((y != -1).sum())
@@ -1363,8 +1389,9 @@ class Resumed:
     best_val: float = float("inf")
     elapsed_s: float = 0.0  # the run's wall seconds before this command
     evaluated: bool = False  # an eval set best_val (at step 0: the step-0 eval, in metrics.jsonl already)
-    # time-budget mode (see _train): budget seconds used at step 1 (None: saved before step 1, at step 0), and the
-    # origin the lr follows (see continuous_origin; None: checkpoints from before it was saved)
+    # The lr schedule's origins on the run's clock (budget.TimeBudget.start_schedule): the seconds that are not
+    # schedule time (setup before step 1, each resume's start-up, compiles; None: saved at step 0), and the origin
+    # the lr follows (budget.continuous_origin; None: checkpoints from before it was saved)
     schedule_origin: float | None = None
     lr_origin: float | None = None
     timings: dict[str, float] = dataclasses.field(default_factory=dict)  # so a budget knows what to reserve at once
@@ -1386,7 +1413,8 @@ def load_training_state(folder: Path, manifest: dict[str, Any], optimizer: torch
     state = ckpt.load_state(folder)
     try:
         load_optimizer_state(optimizer, state["optimizer"])
-        scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
+        if state.get("scaler"):  # (float16 runs only)
+            scaler.load_state_dict(state["scaler"])
         loaders = state["loader"]
         processes = state.get("processes", len(loaders))  # (checkpoints from before it was saved: one each)
         if not (isinstance(processes, int) and 1 <= processes <= len(loaders) == len(state["rng"])):
@@ -1451,20 +1479,21 @@ def processes_note(was: Resumed, cfg: RunConfig, saved_block_size: int, saved_tr
 def forward_backward(fwd_model: torch.nn.Module, loader: BatchLoader, cfg: RunConfig, prec: Precision, ddp: Dist,
                      scaler: torch.amp.GradScaler, autocast, device: str) -> torch.Tensor:
     """One optimizer step's gradients, by gradient accumulation: A = grad_accum_steps micro-batches, each loss
-    divided by A, so the summed gradients equal those of one batch A times larger. Returns the step's loss (the sum
-    of the A parts, still on the device: reading it waits for the device)."""
+    divided by A, so the summed gradients equal those of one batch A times larger. Returns the step's loss (the mean
+    of the A micro-batch losses, still on the device: reading it waits for the device)."""
     tc = cfg.train
     loss_sum = torch.zeros((), device=device)
     for micro in range(tc.grad_accum_steps):
-        x, y = loader.next_batch()  # (B, T) inputs and (B, T) targets, the inputs shifted by one token
+        x, y = loader.next_batch()  # x (B, T) token ids; y (B, T) the next token at each position (x shifted by one)
         last_micro = micro == tc.grad_accum_steps - 1
         # DDP all-reduces gradients in backward; skip that on all but the last micro-step.
         sync = contextlib.nullcontext() if (last_micro or not ddp.enabled) else fwd_model.no_sync()
         with sync:
             try:
                 with autocast():
-                    # (the logits, B x T x V floats, are not kept: the loss's backward does not need them;
-                    # another loss here should go into plan._timed_steps too, which times the dry run's steps)
+                    # ([1]: the loss; the logits are dropped, though its backward keeps cross_entropy's
+                    # log-softmax, also B x T x V floats)
+                    # (another loss here should go into plan._timed_steps too, which times the dry run's steps)
                     loss = fwd_model(x, y)[1] / tc.grad_accum_steps
                 scaler.scale(loss).backward()
             except torch.cuda.OutOfMemoryError:
@@ -1506,6 +1535,53 @@ def divergence_error(step: int, loss: float, loss_elsewhere: bool, out_dir: Path
                        f"Lower train.lr, or set train.skip_nonfinite = true to skip such steps")
 
 
+def write_run_files(cfg: RunConfig, out_dir: Path, data_dir: Path, run_info: dict[str, Any],
+                    resumed_at: int | None) -> list[str]:
+    """Write the run folder's description: config.json (the resolved config), run.json (where and how it runs:
+    `run_info`) and, for a new run, the tokenizer. Returns the notes on a resumed run (`resumed_at`: its step) whose
+    numerics changed since (numerics_notes)."""
+    ckpt.atomic_write_text(out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+    notes = []
+    if resumed_at is not None:
+        try:
+            saved_info = read_json(out_dir / "run.json")
+        except (OSError, ValueError):  # missing or damaged: nothing to compare with, and nothing to say of it
+            saved_info = None
+        if isinstance(saved_info, dict):
+            notes = numerics_notes(saved_info, run_info, resumed_at)
+    ckpt.atomic_write_text(out_dir / "run.json", json.dumps(run_info, indent=2))
+    if resumed_at is None:  # a resumed run's tokenizer files are already there, checked to match the data's
+        load_tokenizer(data_dir).save(out_dir)
+    return notes
+
+
+def already_done(step: int, tc: TrainConfig, elapsed_before: float, timings: dict[str, float]) -> str | None:
+    """Why a resumed run has nothing left to train (its max_iters reached, or its time budget used), or None."""
+    if step >= tc.max_iters:
+        return (f"already reached step {step} (train.max_iters = {tc.max_iters}): nothing to train; raise "
+                f"train.max_iters to continue it")
+    if tc.max_minutes and budget_spent(elapsed_before, timings, tc.max_minutes * 60):
+        return (f"already used its time budget ({elapsed_before / 60:.2f} of train.max_minutes = {tc.max_minutes:g} "
+                f"min, leaving too little for a step, an eval and a checkpoint): nothing to train; raise "
+                f"train.max_minutes to continue it")
+    return None
+
+
+def nothing_to_train(out_dir: Path, step: int, plot: bool, start_time: float) -> dict[str, Any]:
+    """End a command that found nothing to train: draw loss.png if the run has none (a run stopped while drawing
+    it), and return train()'s summary, without losses."""
+    if plot and not (out_dir / "loss.png").is_file():
+        _plot_quietly(out_dir)
+    return summary(out_dir, step, start_time)
+
+
+def summary(out_dir: Path, step: int, start_time: float, train_loss: float = math.nan, val_loss: float = math.nan,
+            interrupted: bool = False, stop_signal: int | None = None) -> dict[str, Any]:
+    """What train() returns (see its docstring)."""
+    return {"out_dir": str(out_dir), "step": step, "train_loss": train_loss, "val_loss": val_loss,
+            "interrupted": interrupted, "signal": stop_signal, "elapsed_s": time.time() - start_time}
+
+
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress: bool = True,
           start_time: float | None = None, model_named: Collection[str] = ()) -> dict[str, Any]:
     """Train the model described by `cfg`; return a summary: out_dir, step (the last), train_loss and val_loss at
@@ -1543,8 +1619,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         keep_freed_memory()  # reuse activation memory between steps (see hardware.keep_freed_memory)
         # oneDNN or torch's BLAS for the Linear layers (linear.py), for this run: the process's choice comes back after
         cpu_matmul = held.enter_context(using_cpu_matmul(tc.cpu_matmul))
-        if prec.autocast:  # then the products are torch's own (Linear.forward): none to choose. (A compiled run's
-            cpu_matmul = None  # steps are inductor's, but its evals run the plain model: the library still counts)
+        # Under autocast the products are torch's own (Linear.forward): none to choose. (A compiled run's steps are
+        # inductor's, but its evals run the plain model: there the library still counts.)
+        if prec.autocast:
+            cpu_matmul = None
     ddp = setup_distributed(prec.device)
     device = f"cuda:{ddp.local_rank}" if prec.device == "cuda" else prec.device
     if prec.device == "cuda":
@@ -1577,23 +1655,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         prepare_out_dir(cfg, resume, overwrite, locked)
     say(f"fungpt: {prec.reason}" + (f", matmuls on {cpu_matmul}" if cpu_matmul else "")
         + (f", {ddp.world_size} processes (DDP)" if ddp.enabled else ""))
-    if tc.warmup_iters >= tc.max_iters and not tc.max_minutes:  # e.g. a preset shortened with --train.max-iters
-        say(f"fungpt: note: train.warmup_iters = {tc.warmup_iters} is not below the run's {tc.max_iters} steps, "
-            f"so the learning rate never reaches train.lr = {tc.lr:g}; lower warmup_iters to reach it")
-    # WSD's decay window counts the warmup in (get_lr): a warmup that runs into it ends on a drop of the lr
-    w = tc.warmup_iters
-    if (tc.lr_schedule == "wsd" and folder is None and 0 < w < tc.decay_iters and (w < tc.max_iters or tc.max_minutes)
-            and get_lr(w, tc) < 0.9 * get_lr(w - 1, tc)):
-        start = (f"{1 - tc.wsd_decay_frac:.0%} into the budget" if tc.max_minutes else
-                 f"at step {tc.decay_iters * (1 - tc.wsd_decay_frac):g}")
-        say(f"fungpt: note: train.warmup_iters = {w} runs into the WSD decay, which starts {start} (the last "
-            f"wsd_decay_frac = {tc.wsd_decay_frac:g} of the schedule, warmup included): after the warmup the lr "
-            f"drops from {get_lr(w - 1, tc):.3g} to {get_lr(w, tc):.3g}; lower warmup_iters or wsd_decay_frac for a "
-            f"stable phase at train.lr")
-    if tc.lr_decay_iters is not None and tc.lr_decay_iters <= tc.warmup_iters and tc.lr_schedule != "constant":
-        say(f"fungpt: note: train.lr_decay_iters = {tc.lr_decay_iters} is not above train.warmup_iters = "
-            f"{tc.warmup_iters}, so the decay is over before the warmup ends: the lr drops to min_lr = "
-            f"{tc.min_lr:g} the step after it; raise lr_decay_iters for a decay")
+    for note in schedule_notes(tc, new_run=folder is None):
+        say(note)
 
     # Model and optimizer. Every rank builds the same initial weights from the same seed.
     torch.manual_seed(tc.seed)
@@ -1629,7 +1692,6 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             say(processes_note(resumed, cfg, saved_cfg.model.block_size, saved_train, ddp.world_size))
     step, best_val, elapsed_before, timings = resumed.step, resumed.best_val, resumed.elapsed_s, resumed.timings
     if folder is not None:
-        done = None
         if step < tc.max_iters:
             for note in resume_notes(saved_train, tc, step):
                 say(note)
@@ -1638,18 +1700,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 say(f"fungpt: note: the data changed since step {step} (its text's sha256, or how it is split, "
                     f"differs from what the checkpoint recorded): the val split may now hold text the run trained "
                     f"on, and val losses before and after this step do not compare")
-        if step >= tc.max_iters:
-            done = f"already reached step {step} (train.max_iters = {tc.max_iters})", "train.max_iters"
-        elif tc.max_minutes and budget_spent(elapsed_before, timings, tc.max_minutes * 60):
-            done = (f"already used its time budget ({elapsed_before / 60:.2f} of train.max_minutes = "
-                    f"{tc.max_minutes:g} min, leaving too little for a step, an eval and a checkpoint)",
-                    "train.max_minutes")
+        done = already_done(step, tc, elapsed_before, timings)
         if done:
-            say(f"fungpt: {out_dir} {done[0]}: nothing to train; raise {done[1]} to continue it")
-            if ddp.is_main and tc.plot and not (out_dir / "loss.png").is_file():  # (a run stopped while drawing it)
-                _plot_quietly(out_dir)
-            return {"out_dir": str(out_dir), "step": step, "train_loss": float("nan"), "val_loss": float("nan"),
-                    "interrupted": False, "signal": None, "elapsed_s": time.time() - start_time}
+            say(f"fungpt: {out_dir} {done}")
+            return nothing_to_train(out_dir, step, ddp.is_main and tc.plot, start_time)
         say(f"fungpt: resuming {out_dir} from step {step}")
         # A `best` saved after this checkpoint (a kill -9 between checkpoints) holds weights of steps that are
         # trained again, maybe otherwise (other settings). Kept, it stayed the run's best, from weights in no step
@@ -1678,21 +1732,11 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         pre.model = None  # (also when a checkpoint saved meanwhile was found instead: not kept through training)
 
     if ddp.is_main:
-        ckpt.atomic_write_text(out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
         run_info = {"data_dir": str(data_dir.resolve()), "device": prec.device, "dtype": prec.dtype,
                     "precision_reason": prec.reason, "cpu_matmul": cpu_matmul, "world_size": ddp.world_size,
                     "threads": torch.get_num_threads(), "torch": torch.__version__}
-        if folder is not None:
-            try:
-                saved_info = read_json(out_dir / "run.json")
-            except (OSError, ValueError):  # missing or damaged: nothing to compare with, and nothing to say of it
-                saved_info = None
-            if isinstance(saved_info, dict):
-                for note in numerics_notes(saved_info, run_info, step):
-                    say(note)
-        ckpt.atomic_write_text(out_dir / "run.json", json.dumps(run_info, indent=2))
-        if folder is None:  # a resumed run's tokenizer files are already there, checked to match the data's
-            load_tokenizer(data_dir).save(out_dir)
+        for note in write_run_files(cfg, out_dir, data_dir, run_info, resumed_at=step if folder is not None else None):
+            say(note)
     # Each checkpoint records what it belongs to, so loading can refuse a mismatched config or tokenizer.
     ckpt_extra = {"model": cfg.model.to_dict(), "train": dataclasses.asdict(tc),
                   "tokenizer_sha256": ckpt.tokenizer_fingerprint(out_dir) if ddp.is_main else None,
@@ -1727,11 +1771,11 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     # schedule stands (budget.py). The budget covers the whole command (setup included) plus the time spent before
     # a resume.
     clock = TimeBudget(tc, start_time - elapsed_before, timings, resumed.schedule_origin, resumed.lr_origin)
-    budget_s, elapsed = clock.budget_s, clock.elapsed
 
     def do_eval() -> dict[str, float]:
         nonlocal best_val
-        # evaluate reads the folder afresh (the loader its own file, held open). The ranks agree: saving is collective
+        # evaluate opens the data files anew (the training loader keeps its own open): if the folder was prepared
+        # again meanwhile, save and stop rather than score other data. All ranks agree first: do_save is collective
         if agree([float(not _same_data(data_dir, loader.meta))])[0]:
             if saved_at != step:
                 do_save()  # (the weights trained on the text the run began with: the steps since the last save kept)
@@ -1742,7 +1786,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         losses = evaluate(model, data_dir, cfg, device, autocast, progress=progress and ddp.is_main)
         if ddp.is_main:
             log.write({"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                       "elapsed_s": round(time.time() - start_time, 3), "run_s": round(elapsed(), 3),
+                       "elapsed_s": round(time.time() - start_time, 3), "run_s": round(clock.elapsed(), 3),
                        "tokens": tokens_seen})
             if losses["val"] < best_val:
                 best_val = losses["val"]
@@ -1759,35 +1803,32 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                               f"was written and the last good one is untouched. Lower train.lr")
         if ddp.is_main:
             state = {"step": step, "tokens": tokens_seen, "tokens_per_step": tokens_per_step,
-                     "best_val": best_val, "elapsed_s": elapsed(),
+                     "best_val": best_val, "elapsed_s": clock.elapsed(),
                      "schedule_origin_s": clock.schedule_origin, "lr_origin_s": clock.lr_origin,
                      "timings": clock.timings(),
                      "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "processes": ddp.world_size,
                      "loader": loaders + resumed.parked_loaders, "rng": rngs + resumed.parked_rngs}
             ckpt.save_checkpoint(out_dir, "latest", step, model, state=state, extra=ckpt_extra)
-        clock.saves.append(time.time() - t_save)
+        clock.save_times.append(time.time() - t_save)
 
-    position = 0.0  # the lr schedule's position for the next step, set by must_stop
-
-    def must_stop(interrupt: _StopFlag) -> bool:
-        """Whether to end the loop before another step: out of budget, or Ctrl-C.
+    def agree_on_next_step(interrupt: _StopFlag, position: float) -> tuple[bool, float]:
+        """Whether to end the loop before another step (out of budget, or Ctrl-C), and the lr schedule's position
+        for that step (it never moves back from `position`, the last step's).
 
         Under DDP every rank must stop at the same step: a rank that stopped alone would go on to save
         while the others wait for it in the next step's gradient all-reduce, for ever. So the ranks agree
         by one all-reduce of both flags; a Ctrl-C seen by any rank (the signal reaches them at slightly
         different moments) stops them all, and all of them take the interrupted path.
         """
-        nonlocal position
         # The same all-reduce settles the lr schedule's position: with a time budget each rank's clock
         # gives a slightly different one, and replicas stepped with different lrs would drift apart.
         late, stop, agreed = agree([clock.out_of_time(), interrupt.stop, clock.schedule_position(step)])
-        # Never back: the time-budget position is a forecast (from the step time and the reserved end), and
-        # a forecast revised down would raise the lr again after it had decayed.
-        position = max(position, agreed)
         if stop:  # (never cleared: a Ctrl-C that arrives during the all-reduce counts at the next step)
             interrupt.stop = True
-        return bool(late or stop)
+        # Never back: the time-budget position is a forecast (from the step time and the reserved end), and
+        # a forecast revised down would raise the lr again after it had decayed.
+        return bool(late or stop), max(position, agreed)
 
     def agree(values: list[float]) -> list[float]:
         """Each value's maximum over the ranks (one all-reduce under DDP; as given otherwise). For flags: True
@@ -1819,15 +1860,15 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     last_loss = float("nan")
     evaluated_at = saved_at = -1  # the steps of the last periodic eval and checkpoint (the final ones reuse them)
     # (a resume from a step-0 checkpoint whose best_val was set: that eval is in metrics.jsonl already)
-    if step == 0 and budget_s is None and not resumed.evaluated:
+    if step == 0 and clock.budget_s is None and not resumed.evaluated:
         evaluated_at = 0
         t0 = time.time()
         losses = do_eval()  # the starting point of the curve: about ln(vocab_size) for random weights
-        clock.evals.append(time.time() - t0)
+        clock.eval_times.append(time.time() - t0)
         ln_v = math.log(cfg.model.vocab_size)
         chance = f" (random weights: about ln(vocab_size) = {ln_v:.4f})" if pre is None else ""
         say(f"step 0: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{chance}")
-    elif budget_s is not None and (step == 0 or tc.compile):
+    elif clock.budget_s is not None and (step == 0 or tc.compile):
         # Planning a budget times three forward batches, then (from step 0) a checkpoint save and the plot: seconds
         # of silence for a large model on a CPU, so a bar once it takes a second
         parts = 3 + (step == 0) * (1 + (ddp.is_main and tc.plot))
@@ -1838,7 +1879,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 # is skipped (it would spend seconds of a short budget on a known number, about ln(vocab));
                 # its cost is estimated from one batch instead, and a step-0 checkpoint and plot measure how
                 # long saving and plotting take on this machine.
-                clock.evals.append(estimate_eval_time(model, data_dir, cfg, device, autocast, per_window))
+                clock.eval_times.append(estimate_eval_time(model, data_dir, cfg, device, autocast, per_window))
                 do_save()
                 planning.update(1)
                 if ddp.is_main and tc.plot:
@@ -1846,7 +1887,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                     _plot_quietly(out_dir, timing_only=True)
                     clock.plot_s = time.time() - t0
                     planning.update(1)
-        clock.plan_compiled_step(per_window)  # (with torch.compile: the first step's time, until measured)
+        clock.plan_compiled_step(per_window)  # (torch.compile: caps the first step's time, mostly compiling)
     clock.start_schedule(elapsed_before)
     fwd_model.train()
     start_step = step
@@ -1856,18 +1897,23 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
 
         every = bar_interval()  # (30 s into a log file or a pipe, where each redraw is kept)
         # (a budget's end is forecast from the first steps: no total until then, rather than max_iters)
-        bar = tqdm(total=None if budget_s is not None else tc.max_iters, initial=step, desc="train", unit="step",
+        bar = tqdm(total=None if clock.budget_s is not None else tc.max_iters, initial=step, desc="train", unit="step",
                    dynamic_ncols=True, mininterval=every, maxinterval=max(every, 10.0))
     with _StopFlag(announce=ddp.is_main, processes=ddp.world_size) as interrupt, _close_on_error(bar):
-        while step < tc.max_iters and not must_stop(interrupt):
+        position = 0.0  # where the lr schedule stands (in steps), agreed before each step
+        while step < tc.max_iters:
+            stop, position = agree_on_next_step(interrupt, position)
+            if stop:
+                break
             t_step, t_clock = time.time(), time.perf_counter()  # (wall time for the budget; a fine clock for the step)
-            lr = get_lr(position, tc)  # (schedule_position(), agreed by the ranks in must_stop)
+            lr = get_lr(position, tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon groups peak at muon_lr
 
             loss_sum = forward_backward(fwd_model, loader, cfg, prec, ddp, scaler, autocast, device)
             scaler.unscale_(optimizer)  # back to true gradient values (no-op without float16)
-            max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+            max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")  # (0: no clipping; the norm is still
+            # computed, for is_diverged)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             last_loss = loss_sum.item()
             diverged, loss_elsewhere = is_diverged(last_loss, grad_norm, scaler.is_enabled(), agree)
@@ -1891,21 +1937,23 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
 
             # A row every log_interval steps (and at the first). The step between is kept as `unlogged`, written
             # after the loop if the run ends on it (at max_iters, a budget's end, a signal): the curve reaches the
-            # run's last step. A skipped step's loss is NaN: it has no row.
-            row = (step, last_loss, lr, step_time, tokens_seen, time.time() - start_time, elapsed())
+            # run's last step. A skipped step (non-finite loss or gradient, here or on another rank) has no row.
+            row = (step, last_loss, lr, step_time, tokens_seen, time.time() - start_time, clock.elapsed())
             unlogged = None
-            if ddp.is_main and not diverged and not (step % tc.log_interval == 0 or step == 1):
-                unlogged = row
-            elif ddp.is_main and not diverged:
-                if bar is not None and budget_s is not None:  # the bar's end: where the budget should end the run
-                    bar.total = clock.last_step_forecast(step)  # (the speedrun presets' max_iters is never reached)
-                log_step(*row)
+            if ddp.is_main and not diverged:
+                if step % tc.log_interval == 0 or step == 1:
+                    if bar is not None and clock.budget_s is not None:
+                        # the bar's end: the step where the budget should end the run (maybe before max_iters)
+                        bar.total = clock.last_step_forecast(step)
+                    log_step(*row)
+                else:
+                    unlogged = row
             if bar is not None:
                 interrupt.output(bar.update, 1)
             if step % tc.eval_interval == 0 and step < tc.max_iters:
                 t0 = time.time()
                 losses, evaluated_at = do_eval(), step
-                clock.evals.append(time.time() - t0)
+                clock.eval_times.append(time.time() - t0)
                 if bar is not None:
                     interrupt.output(bar.write, f"step {step}: train loss {losses['train']:.4f}, "
                                                 f"val loss {losses['val']:.4f}")
@@ -1914,9 +1962,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 saved_at = step
         if unlogged is not None:  # (the run ended on a step log_interval skipped: at max_iters, a budget, a signal)
             log_step(*unlogged)
-        # The loop also ends at max_iters without asking must_stop: a Ctrl-C that reached some ranks during the
-        # last step must not send them down another path than the rest (Ctrl-C no longer changes the flag after
-        # the `with`: it then aborts at once).
+        # The loop also ends at max_iters without asking agree_on_next_step: a Ctrl-C that reached some ranks
+        # during the last step must not send them down another path than the rest (Ctrl-C no longer changes the
+        # flag after the `with`: it then aborts at once).
         stopped, signum = agree([interrupt.stop, interrupt.signum or 0])  # (under DDP: any rank's)
         interrupted = bool(stopped)
         stop_signal = (int(signum) or signal.SIGINT) if interrupted else None
@@ -1924,7 +1972,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             do_save()  # still under the handlers: a second signal meanwhile stops at once, saying so
 
     if bar is not None:
-        if budget_s is not None and not interrupted and step > start_step:
+        if clock.budget_s is not None and not interrupted and step > start_step:
             bar.total = step  # where the budget ended it: 100%
         bar.close()
     if interrupted:
@@ -1937,23 +1985,21 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                           f"saved at step {step}. Resume with the same command{how}", file=sys.stderr)
             else:
                 say(f"fungpt: interrupted{by} at step {step}; checkpoint saved. Resume with the same command{how}")
-    elif budget_s is not None and step == start_step and step < tc.max_iters:
+    elif clock.budget_s is not None and step == start_step and step < tc.max_iters:
         # Not one step fitted in the budget: an eval now would only overrun it (a 6 x 384 model on a 2-core CPU,
         # given 1 minute, took 97 s, most of it evaluating). A resumed run's checkpoint already holds this step.
         if ddp.is_main:
             log.close()
         if folder is not None:
-            say(f"fungpt: {out_dir} used its time budget ({elapsed() / 60:.2f} of train.max_minutes = "
+            say(f"fungpt: {out_dir} used its time budget ({clock.elapsed() / 60:.2f} of train.max_minutes = "
                 f"{tc.max_minutes:g} min, too little left for a step, an eval and a checkpoint): nothing to "
                 f"train; raise train.max_minutes to continue it")
-            if ddp.is_main and tc.plot and not (out_dir / "loss.png").is_file():  # (as the `done` resume above)
-                _plot_quietly(out_dir)
-            return {"out_dir": str(out_dir), "step": step, "train_loss": float("nan"), "val_loss": float("nan"),
-                    "interrupted": False, "signal": None, "elapsed_s": time.time() - start_time}
-        raise FunGPTError(f"train.max_minutes = {tc.max_minutes:g} leaves no time to train here: {elapsed():.0f} s "
-                          f"went before the first step, and the final eval and checkpoint need about "
-                          f"{clock.end_time():.0f} s more; run again with --overwrite and max_minutes well above "
-                          f"{(elapsed() + clock.end_time()) / 60:.2g}, or a smaller model, batch_size or eval_iters")
+            return nothing_to_train(out_dir, step, ddp.is_main and tc.plot, start_time)
+        used, end = clock.elapsed(), clock.end_time()
+        raise FunGPTError(f"train.max_minutes = {tc.max_minutes:g} leaves no time to train here: {used:.0f} s went "
+                          f"before the first step, and the final eval and checkpoint need about {end:.0f} s more; run "
+                          f"again with --overwrite and max_minutes well above {(used + end) / 60:.2g}, or a smaller "
+                          f"model, batch_size or eval_iters")
     else:
         # (a time budget can end the run at a step just evaluated and saved: not again, which overran the budget; a
         # step saved but not evaluated is saved again after its eval, whose best_val the checkpoint must hold)
@@ -1972,9 +2018,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         dist.barrier()
     if interrupted and evaluated_at != step:  # (the last eval's losses are older: step 0's, said as the run's own)
         losses = {"train": last_loss}  # the last step's batch loss; no val loss at this step
-    return {"out_dir": str(out_dir), "step": step, "train_loss": losses.get("train", last_loss),
-            "val_loss": losses.get("val", float("nan")), "interrupted": interrupted,
-            "signal": stop_signal, "elapsed_s": time.time() - start_time}
+    return summary(out_dir, step, start_time, losses.get("train", last_loss), losses.get("val", float("nan")),
+                   interrupted, stop_signal)
 
 
 def _rng_state(device: str) -> dict[str, torch.Tensor]:
