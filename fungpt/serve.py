@@ -483,8 +483,9 @@ def _loss_curve(run_dir: Path) -> dict:
         train_rows, eval_rows = read_metrics(run_dir)
     except FunGPTError:
         train_rows, eval_rows = [], []  # a run copied without its metrics: no curve, not an error
-    # A run that diverged (train.skip_nonfinite) logs NaN losses: such points are left out of the curve and
-    # counted, for the page to say so (JSON has no NaN; they would arrive as null, or break the parser).
+    # NaN or infinite losses (an eval of a run that diverged; an older FunGPT's rows of the steps skip_nonfinite
+    # skipped, which now have none): such points are left out of the curve and counted, for the page to say so
+    # (JSON has no NaN; they would arrive as null, or break the parser).
     train = [[r["step"], r["train_loss"]] for r in train_rows if "step" in r and "train_loss" in r]
     evals = [[r["step"], r.get("train_loss"), r["val_loss"]] for r in eval_rows if "step" in r]
     kept_train = [p for p in train if _finite(p[1])]

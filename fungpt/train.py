@@ -1176,15 +1176,16 @@ class MetricsLog:
         elif self.path.exists():
             self.path.unlink()
         self.file = self.path.open("a", encoding="utf-8")
+        # The TensorBoard events likewise, whether or not this command logs there (a resume with tensorboard off,
+        # then on, showed the killed steps between)
+        trim_tensorboard(out_dir / "tensorboard", keep_until_step)
         self.tb = self.wandb = None
         if cfg.train.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise FunGPTError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
-            # Resuming: purge_step drops the events logged after the checkpoint (a run killed past it), as above
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"),
-                                    purge_step=keep_until_step + 1 if keep_until_step is not None else None)
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
         if cfg.train.wandb:
             try:
                 import wandb
@@ -1214,7 +1215,7 @@ class MetricsLog:
         # so each TensorBoard curve holds one kind of number, one point per step
         group = "eval/" if "val_loss" in row else ""
         for k, v in row.items():
-            if k != "step" and isinstance(v, float) and self.tb is not None:
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and self.tb is not None:
                 self.tb.add_scalar(group + k, v, row["step"])
         if self.wandb is not None:
             self.wandb.log(row, step=row["step"])
@@ -1232,6 +1233,49 @@ class MetricsLog:
             tb.close()
         if wandb is not None:
             wandb.finish(exit_code=1) if failed else wandb.finish()
+
+
+def trim_tensorboard(folder: Path, keep_until_step: int | None) -> None:
+    """Drop a run's TensorBoard events logged after the checkpoint it resumes from (`keep_until_step`; None: a run
+    that starts from step 0, all of them), as metrics.jsonl drops its rows: the steps will be trained again.
+
+    The events are rewritten, not hidden by a purge marker (SummaryWriter's purge_step): TensorBoard's default data
+    server ignores those markers, and showed the killed run's points among the resumed run's. Markers written by
+    earlier FunGPTs are applied here as TensorBoard's Python loader does, and dropped.
+    """
+    files = sorted(folder.glob("events.out.tfevents.*")) if folder.is_dir() else []
+    if keep_until_step is None:
+        for path in files:
+            path.unlink()
+        return
+    try:
+        from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+        from tensorboard.compat.proto.event_pb2 import SessionLog
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    except ImportError:  # (tensorboard is not installed now: nothing here can show the events either)
+        return
+    kept, changed = [], False
+    for path in files:
+        for event in LegacyEventFileLoader(str(path)).Load():
+            if event.HasField("file_version"):  # (each file's header: the writer below writes its own)
+                continue
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                kept = [e for e in kept if e.step < event.step]  # a purge marker: the steps from there are redone
+            elif event.step <= keep_until_step:
+                kept.append(event)
+                continue
+            changed = True
+    if not changed:
+        return
+    before = set(folder.iterdir())
+    writer = EventFileWriter(str(folder))
+    for event in kept:
+        writer.add_event(event)
+    writer.close()
+    (written,) = set(folder.iterdir()) - before
+    for path in files:
+        path.unlink()
+    written.rename(files[0])  # (the first file's name: TensorBoard reads a folder's files in the order of their names)
 
 
 def _row_step(line: str) -> int:

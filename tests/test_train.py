@@ -1548,19 +1548,46 @@ def test_the_progress_bar_redraws_rarely_into_a_file_or_a_pipe_only(tmp_path):
     assert not into_file(io.StringIO())
 
 
-def test_a_resumed_run_purges_the_tensorboard_events_after_its_checkpoint(corpus, tmp_path, monkeypatch):
-    """A run killed after its checkpoint had logged steps it then logged again when resumed: TensorBoard kept both
-    copies (metrics.jsonl drops them)."""
-    pytest.importorskip("tensorboard")
-    import torch.utils.tensorboard as tb
+def _event_steps(folder, tag):
+    """The steps of a tag's events in a TensorBoard folder as written (no purge applied), file by file in name order."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
-    made = []
-    real = tb.SummaryWriter
-    monkeypatch.setattr(tb, "SummaryWriter", lambda *a, **k: made.append(k.get("purge_step")) or real(*a, **k))
+    return [e.step for path in sorted(folder.glob("events.out.tfevents.*"))
+            for e in LegacyEventFileLoader(str(path)).Load() for v in e.summary.value if v.tag == tag]
+
+
+def test_a_resumed_run_drops_the_tensorboard_events_after_its_checkpoint(corpus, tmp_path):
+    """A run killed after its checkpoint had logged steps that it logs again when resumed. A purge marker hid them from
+    TensorBoard's Python loader only: its default (Rust) data server showed both, and a resume with tensorboard off
+    (then on) kept them. The events are now rewritten, as metrics.jsonl's rows are; `tokens` is logged too."""
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
     out = tmp_path / "run"
     train(tiny_config(corpus, out, max_iters=4, eval_interval=2, tensorboard=True), progress=False)
-    train(tiny_config(corpus, out, max_iters=6, eval_interval=2, tensorboard=True), resume=True, progress=False)
-    assert made == [None, 5]  # from step 5 on, the events already there are dropped
+    with SummaryWriter(str(out / "tensorboard")) as killed:  # what a command killed after its step-4 checkpoint logged
+        for step in (5, 6, 7):
+            killed.add_scalar("lr", 0.5, step)
+    assert _event_steps(out / "tensorboard", "lr") == [1, 2, 3, 4, 5, 6, 7]
+    train(tiny_config(corpus, out, max_iters=6, eval_interval=2), resume=True, progress=False)  # tensorboard off
+    assert _event_steps(out / "tensorboard", "lr") == [1, 2, 3, 4]
+    train(tiny_config(corpus, out, max_iters=8, eval_interval=2, tensorboard=True), resume=True, progress=False)
+    assert _event_steps(out / "tensorboard", "lr") == [1, 2, 3, 4, 7, 8]  # (5 and 6 were trained with it off)
+    assert _event_steps(out / "tensorboard", "tokens") == [1, 2, 3, 4, 7, 8]
+    # an older FunGPT's purge marker (SummaryWriter's purge_step: "steps from 8 are logged again") is applied as
+    # TensorBoard's Python loader applies it, then dropped
+    with SummaryWriter(str(out / "tensorboard"), purge_step=8) as older:
+        older.add_scalar("lr", 0.25, 8)
+    assert _event_steps(out / "tensorboard", "eval/val_loss") == [0, 2, 4, 8]
+    train(tiny_config(corpus, out, max_iters=10, eval_interval=2), resume=True, progress=False)
+    assert _event_steps(out / "tensorboard", "lr") == [1, 2, 3, 4, 7, 8]
+    assert _event_steps(out / "tensorboard", "eval/val_loss") == [0, 2, 4]  # (step 8's, before the marker)
+    # killed before its first checkpoint: the resume starts from step 0, and so do the events
+    shutil.rmtree(out / "checkpoints")
+    for name in ("latest.json", "best.json"):
+        (out / name).unlink()
+    train(tiny_config(corpus, out, max_iters=2, eval_interval=2, tensorboard=True), resume=True, progress=False)
+    assert _event_steps(out / "tensorboard", "lr") == [1, 2]
 
 
 def test_wandb_that_cannot_start_is_one_clear_line(corpus, tmp_path, monkeypatch):
