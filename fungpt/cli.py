@@ -685,7 +685,9 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
         return 2
     except BrokenPipeError:  # the reader of our output went away, e.g. `fungpt sample ... | head`
         _silence_stdout()
-        if name == "train":  # a training run that stopped is not a success (nor silent): say so where it can be seen
+        # A training run that stopped is not a success (nor silent): say so where it can be seen (`--help | head`
+        # trains nothing)
+        if name == "train" and not {"-h", "--help"} & set(rest):
             print("fungpt: training stopped: its output pipe was closed (e.g. by `| head`); a run can continue "
                   "with --resume from its last checkpoint", file=sys.stderr)
             return 141  # 128 + SIGPIPE, what a shell reports for a command ended by a closed pipe

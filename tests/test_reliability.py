@@ -1922,6 +1922,8 @@ def test_a_closed_output_pipe_is_no_traceback(world, tmp_path):
 
     code, err = piped(["sample", "--run", str(world["run"]), "--max-new-tokens", "100000"])
     assert (code, "Traceback" in err) == (0, False), err[-2000:]
+    code, err = piped(["train", "--help"])  # `fungpt train --help | head`: no training stopped, nothing to say
+    assert (code, err) == (0, ""), err[-2000:]
     code, err = piped(["train", "--data.path", str(world["data"]), "--out-dir", str(tmp_path / "run"),
                        "--train.device", "cpu", *TINY_MODEL, "--train.max-iters", "2000"],
                       PYTHONUNBUFFERED="1")  # each line written at once: the first one after `head` left fails
