@@ -382,14 +382,22 @@ def test_a_screen_reader_and_a_keyboard_can_use_the_page(url, page):
     assert page.locator("#sample-text").text_content() == f"Sample: The cat{shown}"  # the sample as one text
     labels = [options.nth(i).get_attribute("aria-label") for i in range(30)]
     texts = page.locator("#output .tok.gen").all_text_contents()
-    for text, label in zip(texts, labels, strict=True):  # whitespace in words, then the probability
-        name = "space" if text == " " else "newline" if text == "↵\n" else text
-        assert re.fullmatch(re.escape(name) + r", \d+\.\d%", label), (text, label)
+    names = {" ": "space", "↵\n": "newline", ",": "comma", ".": "period", ":": "colon", "!": "exclamation mark",
+             "?": "question mark", ";": "semicolon", "'": "apostrophe", "-": "dash", "&": "ampersand"}
+    for text, label in zip(texts, labels, strict=True):  # whitespace and punctuation in words, then the probability
+        assert re.fullmatch(re.escape(names.get(text, text)) + r", \d+\.\d%", label), (text, label)
+    said = page.evaluate("() => [' the', 'ROMEO\\n', '\\x02', ', ', '']")
+    assert [page.evaluate("(t) => spoken(t)", t) for t in said] == [
+        "space the", "ROMEO newline", "U+0002", "comma space", "part of a character"]
+    page.fill("#prompt", "edited after the sample")  # the sample's own prompt stays in its plain text
+    page.evaluate("() => describeSample()")
+    assert page.locator("#sample-text").text_content() == f"Sample: The cat{shown}"
 
     options.nth(3).focus()
     page.keyboard.press("Enter")
     sync_api.expect(options.nth(3)).to_have_attribute("aria-selected", "true")
-    assert options.nth(3).get_attribute("aria-describedby") == "step-info"  # "Step 4: the model picked …" read with it
+    # "Step 4: the model picked …" and the candidates, read with it
+    assert options.nth(3).get_attribute("aria-describedby") == "step-info probs"
     page.keyboard.press("ArrowRight")
     sync_api.expect(options.nth(4)).to_have_attribute("aria-selected", "true")
     assert options.nth(3).get_attribute("aria-selected") == "false"
@@ -409,6 +417,11 @@ def test_a_screen_reader_and_a_keyboard_can_use_the_page(url, page):
     sync_api.expect(page.locator("#attn-hover")).to_contain_text("→ key 9 «")
     page.keyboard.press("ArrowRight")  # one more: a masked cell, said as such
     sync_api.expect(page.locator("#attn-hover")).to_contain_text("cannot see the later key 10")
+    sync_api.expect(page.locator("#attn-said")).to_contain_text("cannot see the later key 10")  # (read out)
+    page.select_option("#head", "1")  # another head of the same map: the cursor stays, and says its new weight
+    sync_api.expect(page.locator("#attn-info")).to_contain_text("Layer 0, head 1")
+    sync_api.expect(page.locator("#attn-hover")).to_contain_text("query 9 «")
+    assert heatmap.get_attribute("role") == "application"  # (a screen reader passes it the arrow keys)
     assert "loss curve: train loss" in page.locator("#loss").get_attribute("aria-label")
     assert page.problems == []
 

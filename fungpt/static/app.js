@@ -18,6 +18,7 @@ const state = {
   attnRequest: 0,     // number of the latest attention request: an older answer arriving late is dropped
   sampleStep: null,   // step of the checkpoint that generated the shown sample
   sampleModel: null,  // the server's name for those weights (see /api/info's "model")
+  prompt: "",         // the prompt of the shown sample, as it was sent
   attn: null,         // the attention answer drawn on the heat map
   cursor: null,       // {i, j}: the heat map's cell under the keyboard's cursor
 };
@@ -28,12 +29,36 @@ function visible(text) {
   return text.replace(/ /g, "␣").replace(/\n/g, "↵").replace(/\t/g, "⇥").replace(/\r/g, "␍");
 }
 
-// How a token is read out by a screen reader: whitespace in words (a lone "␣" is read as "open box", or not at all)
+// How a token is read out by a screen reader, in words: a lone "␣" is read as "open box", and punctuation or a
+// leading space not at all (at a screen reader's usual settings "," says nothing, and " the" sounds as "the")
+const CHAR_NAMES = {
+  " ": "space", "\n": "newline", "\t": "tab", "\r": "carriage return", ",": "comma", ".": "period",
+  "!": "exclamation mark", "?": "question mark", ":": "colon", ";": "semicolon", "'": "apostrophe", '"': "quote",
+  "-": "dash", "&": "ampersand", "$": "dollar", "(": "open paren", ")": "close paren", "[": "open bracket",
+  "]": "close bracket", "*": "star", "/": "slash", "_": "underscore", "#": "hash", "%": "percent", "@": "at",
+};
 function spoken(text) {
   if (text === "") return "part of a character";
-  if (text.trim() !== "") return text;
-  const words = { " ": "space", "\n": "newline", "\t": "tab", "\r": "carriage return" };
-  return Array.from(text, (c) => words[c] || "blank").join(" ");
+  const name = (c) => CHAR_NAMES[c] ??
+    (/[\p{L}\p{N}]/u.test(c) ? c : `U+${c.codePointAt(0).toString(16).toUpperCase().padStart(4, "0")}`);
+  const chars = Array.from(text);
+  if (chars.length === 1 || !/[\p{L}\p{N}]/u.test(text)) return chars.map(name).join(" ");  // "comma", "space newline"
+  // a word: said as it is, with the whitespace around it in words ("space the", "ROMEO newline")
+  const [, lead, word, trail] = text.match(/^(\s*)([\s\S]*?)(\s*)$/);
+  return [...Array.from(lead, name), word, ...Array.from(trail, name)].join(" ");
+}
+
+// A token as the page shows it (whitespace made visible) for the eyes, and in words for a screen reader
+function tokenText(text, quoted = true) {
+  const both = document.createElement("span");
+  const shown = document.createElement("span");
+  shown.setAttribute("aria-hidden", "true");
+  shown.textContent = quoted ? `«${visible(text)}»` : visible(text);
+  const said = document.createElement("span");
+  said.className = "sr-only";
+  said.textContent = spoken(text);
+  both.append(shown, said);
+  return both;
 }
 
 // #status is a live region: a screen reader reads out each change, so it changes at the start and the end of a
@@ -278,7 +303,7 @@ function tokenList() {
 // generation ends, however it ends.
 function describeSample(tail = "") {
   const text = state.gen.map((t) => t.piece ?? t.text).join("") + tail;
-  $("sample-text").textContent = state.gen.length ? `Sample: ${$("prompt").value}${text}` : "";
+  $("sample-text").textContent = state.gen.length ? `Sample: ${state.prompt}${text}` : "";
 }
 
 async function generate() {
@@ -371,8 +396,9 @@ function handleEvent(event, started) {
     }
     state.sampleStep = event.step;  // the checkpoint this sample comes from (attention may come from a newer one)
     state.sampleModel = event.model;
+    state.prompt = $("prompt").value;  // (the box may be edited while the sample streams)
     state.promptTokens = event.prompt_tokens;
-    addTokenSpan({ text: $("prompt").value }, "prompt");
+    addTokenSpan({ text: state.prompt }, "prompt");
     $("output").scrollTop = $("output").scrollHeight;  // (a prompt taller than the box: its end, where tokens come)
   } else if (event.type === "token") {
     state.gen.push(event);
@@ -406,6 +432,7 @@ function clearInspector() {
   canvas.setAttribute("aria-label", "attention map: click a generated token first");
   delete canvas.dataset.t;
   state.attn = null;
+  state.attnIndex = null;
   state.cursor = null;
   $("attn-hover").textContent = "\u00a0";
 }
@@ -416,7 +443,7 @@ function selectToken(index, focus = false) {
   $("step-info").innerHTML = "";
   const strong = document.createElement("strong");
   strong.className = "mono";
-  strong.textContent = `«${visible(token.text)}»`;
+  strong.append(tokenText(token.text));
   $("step-info").append(`Step ${index + 1}: the model picked `, strong,
     ` (p = ${(100 * token.prob).toFixed(1)}%). Its top 10 candidates were:`);
   drawProbs(token);
@@ -431,7 +458,7 @@ function selectToken(index, focus = false) {
     span.classList.add("selected");
     span.setAttribute("aria-selected", "true");
     // (read out with the token when it gets the focus: what the step's panel now says, written above)
-    span.setAttribute("aria-describedby", "step-info");
+    span.setAttribute("aria-describedby", "step-info probs");
     span.tabIndex = 0;  // Tab comes back to the selected token
     if (focus) span.focus();
   }
@@ -446,7 +473,7 @@ function drawProbs(token) {
     const row = document.createElement("div");
     row.className = "bar-row" + (cand.id === token.id ? " chosen" : "");
     row.innerHTML = `<span class="cand"></span><div class="track"><div class="bar"></div></div><span class="pct"></span>`;
-    row.querySelector(".cand").textContent = visible(cand.text);
+    row.querySelector(".cand").append(tokenText(cand.text, false));
     row.querySelector(".cand").title = `«${visible(cand.text)}», token ${cand.id}`;  // (a long one is cut short)
     row.querySelector(".bar").style.width = `${(100 * cand.prob) / max}%`;
     row.querySelector(".pct").textContent = `${(100 * cand.prob).toFixed(1)}%`;
@@ -476,9 +503,15 @@ async function loadAttention() {
     // Answers can arrive out of order: show only the latest request's (another token, layer or head may
     // have been picked meanwhile).
     if (request !== state.attnRequest || state.selected !== index) return;
+    // The keyboard's cell stays where it was for another layer or head of the same token's map, else starts again
+    const T0 = result.weights.length;
+    const same = state.attn && state.attnIndex === index && state.cursor && state.cursor.i < T0;
     state.attn = result;
-    state.cursor = null;
+    state.attnIndex = index;
+    state.cursor = same ? state.cursor : null;
+    $("attn-hover").textContent = "\u00a0";
     drawHeatmap(result);
+    if (state.cursor) describeCell(state.cursor.i, state.cursor.j, true);
     const T = result.tokens.length;
     // Two different reasons for a map that starts after the first token: the model reads only its last
     // block_size tokens (the ones before get no attention at all), and the server sends at most the last
@@ -562,13 +595,17 @@ function drawHeatmap(result) {
   canvas.dataset.t = String(T);
 }
 
-// The weight of one cell, in words (#attn-hover: under the mouse, or the keyboard's cursor)
-function describeCell(i, j) {
+// The weight of one cell, in words: shown in #attn-hover (under the mouse, or the keyboard's cursor), and for the
+// keyboard's (`say`) also read out by a screen reader (#attn-said: whitespace and punctuation in words)
+function describeCell(i, j, say = false) {
   const result = state.attn;
-  const q = visible(result.tokens[i].text), k = visible(result.tokens[j].text);
-  $("attn-hover").textContent = j > i
-    ? `query ${i} «${q}» cannot see the later key ${j} «${k}»`
-    : `query ${i} «${q}» → key ${j} «${k}»: ${result.weights[i][j].toFixed(3)}`;
+  const line = (name) => {
+    const q = name(result.tokens[i].text), k = name(result.tokens[j].text);
+    return j > i ? `query ${i} «${q}» cannot see the later key ${j} «${k}»`
+      : `query ${i} «${q}» → key ${j} «${k}»: ${result.weights[i][j].toFixed(3)}`;
+  };
+  $("attn-hover").textContent = line(visible);
+  if (say) $("attn-said").textContent = line(spoken).replace("→", "to");
 }
 
 function onHeatmapHover(event) {
@@ -601,7 +638,7 @@ function onHeatmapKey(event) {
   const [i, j] = state.cursor ? moves[event.key] : [c.i, c.j];  // (the first key shows where the cursor starts)
   state.cursor = { i: Math.max(0, Math.min(T - 1, i)), j: Math.max(0, Math.min(T - 1, j)) };
   drawHeatmap(result);
-  describeCell(state.cursor.i, state.cursor.j);
+  describeCell(state.cursor.i, state.cursor.j, true);
 }
 
 // ------------------------------------------------------------------ wiring
@@ -633,4 +670,7 @@ $("attn-ramp").style.background =
   `linear-gradient(to right, ${[0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1].map((w) => `${color(w)} ${100 * w}%`).join(", ")})`;
 
 loadInfo().catch((err) => setStatus(`could not load the run: ${err.message}`, true));
-loadMetrics().catch((err) => setStatus(`could not load the loss curve: ${err.message}`, true));
+loadMetrics().catch((err) => {
+  setStatus(`could not load the loss curve: ${err.message}`, true);
+  $("loss").setAttribute("aria-label", "loss curve: could not be loaded");
+});
