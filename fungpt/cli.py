@@ -686,8 +686,8 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
     except BrokenPipeError:  # the reader of our output went away, e.g. `fungpt sample ... | head`
         _silence_stdout()
         # A training run that stopped is not a success (nor silent): say so where it can be seen (`--help | head`
-        # trains nothing)
-        if name == "train" and not {"-h", "--help"} & set(rest):
+        # and `--dry-run | head` train nothing)
+        if name == "train" and not {"-h", "--help", "--dry-run"} & set(rest):
             print("fungpt: training stopped: its output pipe was closed (e.g. by `| head`); a run can continue "
                   "with --resume from its last checkpoint", file=sys.stderr)
             return 141  # 128 + SIGPIPE, what a shell reports for a command ended by a closed pipe

@@ -259,8 +259,12 @@ def _walk_files(folder: Path) -> list[Path]:
 def skipped_files(folder: Path) -> tuple[list[str], list[str]]:
     """What prepare leaves out of a folder (resolve_source), for a note: the hidden files and folders (a leading dot,
     or the system's hidden flag) and the empty files, as paths relative to it, sorted (folders end in "/")."""
-    hidden, empty = [], []
-    for root, dirs, names in os.walk(folder):
+    hidden, empty, seen = [], [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):  # (through links to folders, as _walk_files reads)
+        if os.path.realpath(root) in seen:  # (a link back up, or a second link to one folder: its files once)
+            dirs[:] = []
+            continue
+        seen.add(os.path.realpath(root))
         here = Path(root).relative_to(folder)
         hidden += [f"{(here / d).as_posix()}/" for d in dirs if d.startswith(".")]  # (not walked into)
         dirs[:] = [d for d in dirs if not d.startswith(".")]

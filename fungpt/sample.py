@@ -12,6 +12,7 @@ import torch
 
 from fungpt.data import data_fingerprint, encode_file, eval_windows, load_meta, refuse_utf16_or_32
 from fungpt.errors import FunGPTError, read_json
+from fungpt.pretrained import is_pretrained
 from fungpt.runs import LoadedRun, data_dir_of, load_run, seeded_generator
 from fungpt.sampling import sampling_probs
 from fungpt.tokenizer import TextStream, load_tokenizer
@@ -223,20 +224,32 @@ def _data_changed_note(loaded, data_dir: Path, meta: dict) -> str | None:
 
 def _prepare_again(loaded: LoadedRun, gone: Path, progress: bool) -> Path:
     """The folder the run's text was prepared into is gone (the README lets a cache be deleted): prepare the text its
-    config names again, as `fungpt train` would, encoded with the run's own tokenizer; its val split is then the
-    run's own if the text is unchanged (if not, the checkpoint's data fingerprint says so: _data_changed_note)."""
+    config names again, into the cache, as `fungpt train --resume` would (encoded with the run's own tokenizer where
+    a tokenizer trained again would differ). Text other than the run's (its fingerprint in the checkpoint differs:
+    an edited file, or a relative path found from another folder) is refused: its val split is not the run's."""
     data = loaded.config.data
     source = Path(data.path).expanduser()
     if source.resolve() == gone.resolve():  # (a folder made by `fungpt prepare`, then deleted: nothing to read)
         raise FunGPTError(f"the data {loaded.run_dir} was trained on ({gone}) is gone; prepare it again with `fungpt "
                           f"prepare`, or pass --input TEXT_FILE to evaluate on a text file")
-    print(f"fungpt: the data {loaded.run_dir} was trained on ({gone}) is gone (a cleared cache?): reading "
-          f"{data.path} again, as training does (prepared into the cache once)", file=sys.stderr)
+    where = data.path if data.path == "shakespeare" and not source.exists() else str(source.resolve())
+    print(f"fungpt: the data {loaded.run_dir} was trained on ({gone}) is gone (a cleared cache?): preparing {where} "
+          f"again into the cache, as training does", file=sys.stderr)
+    fine_tuned = is_pretrained(loaded.config.model.init_from)  # (prepared with the model's own tokenizer)
     try:
-        return resolve_data(data, progress=progress, tokenizer=loaded.tokenizer)
+        out = resolve_data(data, progress=progress, tokenizer=loaded.tokenizer if fine_tuned else None)
+        if loaded.tokenizer.first_difference(load_tokenizer(out)) is not None:  # (a BPE trained again, otherwise)
+            out = resolve_data(data, progress=progress, tokenizer=loaded.tokenizer)
     except FunGPTError as e:
-        raise FunGPTError(f"cannot prepare the data {loaded.run_dir} was trained on again: {e}; pass --input "
-                          f"TEXT_FILE to evaluate on a text file") from None
+        hint = ("; a relative data.path is found from the folder you run in: run where you trained" if
+                not source.is_absolute() and not source.exists() and data.path != "shakespeare" else "")
+        raise FunGPTError(f"cannot prepare the data {loaded.run_dir} was trained on again: {e}{hint}; pass "
+                          f"--input TEXT_FILE to evaluate on a text file") from None
+    if _data_changed_note(loaded, out, load_meta(out)):
+        raise FunGPTError(f"{where} is not the text {loaded.run_dir} was trained on (its sha256, or how it is split, "
+                          f"differs from what the checkpoint recorded), so its val split is not the run's; pass "
+                          f"--input TEXT_FILE to evaluate on a text file")
+    return out
 
 
 @torch.no_grad()

@@ -1163,7 +1163,9 @@ def check_loggers(tc: TrainConfig) -> None:
 class MetricsLog:
     """metrics.jsonl (one JSON object per line, always), plus TensorBoard and wandb when asked."""
 
-    def __init__(self, out_dir: Path, cfg: RunConfig, keep_until_step: int | None):
+    def __init__(self, out_dir: Path, cfg: RunConfig, keep_until_step: int | None, saved_at: float | None = None):
+        """keep_until_step: resuming, the checkpoint's step (its rows and events are kept, the later ones dropped);
+        saved_at: when that checkpoint was written."""
         self.path = out_dir / "metrics.jsonl"
         if self.path.is_symlink():  # (a link: resuming read its target, wherever it is; appending created a dangling
             self.path.unlink()      # one's target outside the run folder)
@@ -1178,7 +1180,7 @@ class MetricsLog:
         self.file = self.path.open("a", encoding="utf-8")
         # The TensorBoard events likewise, whether or not this command logs there (a resume with tensorboard off,
         # then on, showed the killed steps between)
-        trim_tensorboard(out_dir / "tensorboard", keep_until_step)
+        trim_tensorboard(out_dir / "tensorboard", keep_until_step, saved_at)
         self.tb = self.wandb = None
         if cfg.train.tensorboard:
             try:
@@ -1235,22 +1237,29 @@ class MetricsLog:
             wandb.finish(exit_code=1) if failed else wandb.finish()
 
 
-def trim_tensorboard(folder: Path, keep_until_step: int | None) -> None:
+def trim_tensorboard(folder: Path, keep_until_step: int | None, saved_at: float | None = None) -> None:
     """Drop a run's TensorBoard events logged after the checkpoint it resumes from (`keep_until_step`; None: a run
     that starts from step 0, all of them), as metrics.jsonl drops its rows: the steps will be trained again.
+    `saved_at`: when that checkpoint was written (time.time()); events files not written since hold none to drop.
 
     The events are rewritten, not hidden by a purge marker (SummaryWriter's purge_step): TensorBoard's default data
     server ignores those markers, and showed the killed run's points among the resumed run's. Markers written by
-    earlier FunGPTs are applied here as TensorBoard's Python loader does, and dropped.
+    earlier FunGPTs are applied here as TensorBoard's Python loader does. The rewrite goes into a hidden folder and
+    then into place (a marker at its start replaces the files before it), so a command killed midway loses nothing.
     """
     files = sorted(folder.glob("events.out.tfevents.*")) if folder.is_dir() else []
+    unfinished = folder / ".fungpt-trim"  # (a rewrite killed before it was in place)
+    if unfinished.is_dir():
+        shutil.rmtree(unfinished)
     if keep_until_step is None:
         for path in files:
             path.unlink()
         return
+    if saved_at is not None and all(path.stat().st_mtime <= saved_at for path in files):
+        return
     try:
         from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
-        from tensorboard.compat.proto.event_pb2 import SessionLog
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
     except ImportError:  # (tensorboard is not installed now: nothing here can show the events either)
         return
@@ -1267,15 +1276,20 @@ def trim_tensorboard(folder: Path, keep_until_step: int | None) -> None:
             changed = True
     if not changed:
         return
-    before = set(folder.iterdir())
-    writer = EventFileWriter(str(folder))
+    unfinished.mkdir()
+    writer = EventFileWriter(str(unfinished), filename_suffix=".fungpt")
+    writer.add_event(Event(step=0, wall_time=time.time(), session_log=SessionLog(status=SessionLog.START)))
     for event in kept:
         writer.add_event(event)
     writer.close()
-    (written,) = set(folder.iterdir()) - before
+    (written,) = unfinished.iterdir()
+    # (named by the time now: after the files it replaces, which TensorBoard reads in the order of their names)
+    target = folder / written.name
+    os.replace(written, target)
     for path in files:
-        path.unlink()
-    written.rename(files[0])  # (the first file's name: TensorBoard reads a folder's files in the order of their names)
+        if path != target:
+            path.unlink()
+    unfinished.rmdir()
 
 
 def _row_step(line: str) -> int:
@@ -1808,7 +1822,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     # Once per run, not per step: each walks the module tree (~55 us for the 4 x 128 model)
     params = list(model.parameters())  # for gradient clipping
     flops_per_step = model.flops_per_token() * tokens_per_step  # for the logged MFU
-    log = MetricsLog(out_dir, cfg, keep_until_step=step if folder is not None else None) if ddp.is_main else None
+    log = MetricsLog(out_dir, cfg, keep_until_step=step if folder is not None else None,
+                     saved_at=(folder / ckpt.MANIFEST_FILE).stat().st_mtime if folder is not None else None
+                     ) if ddp.is_main else None
     if log is not None:  # closed also when the run fails (TensorBoard's writer thread outlived each failed train())
         held.push(lambda kind, error, tb: log.close(failed=kind is not None))  # (returns None: the error goes on)
     # The run's clock: elapsed time, the measured durations, and with a time budget when to stop and where the lr

@@ -1115,6 +1115,14 @@ def test_prepare_of_a_folder_names_the_files_it_left_out(tmp_path, capsys):
     (top / "sub" / "empty.txt").write_text("now it has text\n", encoding="utf-8")
     assert main(["prepare", "--input", str(top), "--out", str(tmp_path / "d"), "--overwrite"]) == 0
     assert f"read 3 files of {top}; left out 9 hidden (.git/, .h0, .h1, .h2, .h3, ...)\n" in capsys.readouterr().out
+    # through a link to another folder, as the files read are (and a link back up, once)
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "c.txt").write_text("more text\n" * 50, encoding="utf-8")
+    (tmp_path / "more" / "blank.txt").touch()
+    (top / "linked").symlink_to(tmp_path / "more", target_is_directory=True)
+    (top / "sub" / "up").symlink_to(top, target_is_directory=True)
+    assert main(["prepare", "--input", str(top), "--out", str(tmp_path / "d"), "--overwrite"]) == 0
+    assert f"read 4 files of {top}; left out 1 empty (linked/blank.txt) and 9 hidden" in capsys.readouterr().out
 
 
 @needs_shakespeare

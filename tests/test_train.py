@@ -1569,8 +1569,11 @@ def test_a_resumed_run_drops_the_tensorboard_events_after_its_checkpoint(corpus,
         for step in (5, 6, 7):
             killed.add_scalar("lr", 0.5, step)
     assert _event_steps(out / "tensorboard", "lr") == [1, 2, 3, 4, 5, 6, 7]
+    (out / "tensorboard" / ".fungpt-trim").mkdir()  # what a rewrite killed midway left: not in place, removed
+    (out / "tensorboard" / ".fungpt-trim" / "events.out.tfevents.1.host.fungpt").write_bytes(b"\x00" * 7)
     train(tiny_config(corpus, out, max_iters=6, eval_interval=2), resume=True, progress=False)  # tensorboard off
     assert _event_steps(out / "tensorboard", "lr") == [1, 2, 3, 4]
+    assert not (out / "tensorboard" / ".fungpt-trim").exists()
     train(tiny_config(corpus, out, max_iters=8, eval_interval=2, tensorboard=True), resume=True, progress=False)
     assert _event_steps(out / "tensorboard", "lr") == [1, 2, 3, 4, 7, 8]  # (5 and 6 were trained with it off)
     assert _event_steps(out / "tensorboard", "tokens") == [1, 2, 3, 4, 7, 8]
@@ -1747,11 +1750,14 @@ def test_eval_prepares_the_text_again_when_the_cache_was_cleared(corpus, tmp_pat
     shutil.rmtree(data_dir_of(out).parent)  # the cache's datasets/ folder
     capsys.readouterr()
     again = evaluate_run(out)
-    assert "is gone (a cleared cache?): reading" in capsys.readouterr().err
+    assert f"is gone (a cleared cache?): preparing {corpus} again into the cache" in capsys.readouterr().err
     assert (again["loss"], again["tokens"], again["note"]) == (before["loss"], before["tokens"], None)
+    assert [p.name for p in data_dir_of(out).parent.glob("[!.]*")] == [data_dir_of(out).name]  # training's own
     corpus.write_text(corpus.read_text(encoding="utf-8")[::-1], encoding="utf-8")  # other text, same characters
-    shutil.rmtree(data_dir_of(out).parent, ignore_errors=True)
-    assert "prepared again since step 2" in evaluate_run(out)["note"]  # the checkpoint's fingerprint tells
+    shutil.rmtree(data_dir_of(out).parent)
+    with pytest.raises(FunGPTError, match=r"corpus.txt is not the text .* was trained on \(its sha256, or how it is "
+                                          r"split, differs .*\), so its val split is not the run's; pass --input"):
+        evaluate_run(out)  # (the checkpoint's fingerprint tells)
     corpus.unlink()
     with pytest.raises(FunGPTError, match=r"cannot prepare the data .* again: data.path .* does not exist.*; pass "
                                           r"--input TEXT_FILE"):
