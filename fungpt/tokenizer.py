@@ -118,6 +118,9 @@ def _lines_of(paths: Iterable[Path]) -> Iterable[str]:
             raise FunGPTError(f"could not read {path} to train the tokenizer: {e}") from None
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")  # a lone surrogate (see not_utf8)
+
+
 def not_utf8(ch: str) -> str | None:
     """What to say of a character that stands for a byte that was not UTF-8, or None for any other.
 
@@ -499,6 +502,7 @@ class BPETokenizer(Tokenizer):
         return self._eot
 
     def encode(self, text: str) -> list[int]:
+        self._refuse_surrogates(text)
         try:
             # (add_special_tokens=False: a model folder's post-processor may add a BOS to every piece of text it is
             # given, which mid-corpus, at every chunk prepare encodes, is an <|endoftext|> that is not in the text)
@@ -507,12 +511,20 @@ class BPETokenizer(Tokenizer):
             raise self._encode_error(text, e) from None
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        for text in texts:
+            self._refuse_surrogates(text)
         # Runs in parallel on all cores (Rust threads); the "fast" variant skips
         # computing character offsets, which we do not need.
         try:
             return [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
         except Exception as e:
             raise self._encode_error("".join(texts), e) from None
+
+    def _refuse_surrogates(self, text: str) -> None:
+        """Refuse a lone surrogate (U+D800..U+DFFF: what Python makes of bytes that were not UTF-8, PEP 383), which no
+        byte-level tokenizer can encode: tokenizers 0.20 encoded it silently as U+FFFD, later versions raise."""
+        if not text.isascii() and (found := _SURROGATE.search(text)):
+            raise self._cannot_encode(found.group())
 
     def _encode_error(self, text: str, error: Exception) -> FunGPTError:
         """The error for text this tokenizer cannot encode, naming the first character it cannot take alone."""
@@ -525,6 +537,11 @@ class BPETokenizer(Tokenizer):
                 return True
 
         bad = next((ch for ch in dict.fromkeys(text) if fails(ch)), None)  # unique characters, in order
+        return self._cannot_encode(bad, error)
+
+    @staticmethod
+    def _cannot_encode(bad: str | None, error: Exception | None = None) -> FunGPTError:
+        """The error for a character this tokenizer cannot encode (None: not found; then the library's `error`)."""
         if bad is not None and not_utf8(bad):
             return FunGPTError(f"this tokenizer cannot encode the text: {not_utf8(bad)}")
         what = f"character {bad!r} is not in its vocabulary" if bad is not None else str(error)

@@ -89,6 +89,11 @@ from fungpt.tokenizer import BPE_FILE as TOKENIZER_BPE_FILE
 from fungpt.tokenizer import DEFAULT_BPE_VOCAB, TOKENIZER_TEMP, Tokenizer, load_tokenizer
 from fungpt.tokenizer import META_FILE as TOKENIZER_META_FILE
 
+# The oldest torch whose multi-process runs (torchrun) pass FunGPT's DDP tests (tests/test_train.py): with 2.4.1 and
+# 2.6.0 a resume with another number of processes, or a time-budget run, hung in the collective calls at start-up;
+# 2.8.0 passed them all. One process works from torch 2.4 (pyproject.toml).
+DDP_MIN_TORCH = "2.8"
+
 # How long the other torchrun processes wait for rank 0 to prepare the data (resolve_data): a day, for corpora of
 # many GB; a rank 0 that fails ends the wait at once.
 PREPARE_WAIT = datetime.timedelta(hours=24)
@@ -118,6 +123,10 @@ def setup_distributed(device: str) -> Dist:
     """Join the process group when launched by torchrun (which sets RANK and WORLD_SIZE)."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Dist()
+    if torch.__version__ < DDP_MIN_TORCH:  # (TorchVersion compares as a version, not as text)
+        raise FunGPTError(f"training with several processes (torchrun) needs torch {DDP_MIN_TORCH} or newer, this is "
+                          f"{torch.__version__} (with 2.4 and 2.6 the processes could wait on each other for ever): "
+                          f"pip install -U torch, or train in one process")
     d = Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")

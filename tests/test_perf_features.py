@@ -242,6 +242,7 @@ def test_muon_gives_a_matrix_its_state_when_its_first_gradient_comes_later():
     assert not torch.equal(b, before) and torch.equal(opt.state[b]["momentum_buffer"], b.grad)
 
 
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="this torch has no torch.optim.Muon to compare with")
 def test_float32_muon_matches_torch_muon():
     from fungpt.muon import Muon
 

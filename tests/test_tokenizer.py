@@ -5,6 +5,7 @@ loader instead of touching the network (set FUNGPT_TEST_GPT2=1 to also try the
 real GPT-2 encoding, which needs tiktoken's cached files or the network).
 """
 
+import copy
 import json
 import os
 import sys
@@ -472,6 +473,30 @@ def test_a_tokenizer_is_not_learned_from_a_lone_surrogate(surrogate, tmp_path):
         with pytest.raises(FunGPTError, match=f"holds U\\+{ord(surrogate):04X}, a lone surrogate, which UTF-8 "
                                               f"cannot hold"):
             learn(text)
+
+
+def test_a_lone_surrogate_is_refused_whatever_the_library_does_with_it(bpe):
+    """tokenizers 0.20 (the declared floor) encoded a byte that was not UTF-8 ('caf\udce9', from a Latin-1 terminal)
+    silently as three U+FFFD tokens; later versions raise. FunGPT checks the text itself."""
+
+    class Lenient:  # as tokenizers 0.20 answers: ids for anything
+        def __init__(self, real):
+            self.real = real
+
+        def encode(self, text, add_special_tokens=False):
+            return self.real.encode(text.encode("utf-8", "replace").decode("utf-8"), add_special_tokens=False)
+
+        def encode_batch_fast(self, texts, add_special_tokens=False):
+            return [self.encode(t) for t in texts]
+
+    lenient = copy.copy(bpe)
+    lenient._tok = Lenient(bpe._tok)
+    assert lenient.encode("cafe") == bpe.encode("cafe")
+    for call in (lenient.encode, lambda t: lenient.encode_batch(["fine", t])):
+        with pytest.raises(FunGPTError, match=r"byte 0xe9, which is not UTF-8"):
+            call("caf\udce9")
+        with pytest.raises(FunGPTError, match=r"character '\\ud800' is not in its vocabulary"):
+            call("a\ud800")
 
 
 def test_a_byte_that_was_not_utf8_is_named_as_such(bpe):

@@ -811,6 +811,22 @@ def test_cli_errors_under_torchrun_say_which_process_failed(tmp_path, monkeypatc
     assert capsys.readouterr().err.startswith("error: ")
 
 
+def test_several_processes_need_a_torch_whose_ddp_runs_pass_the_tests(monkeypatch):
+    """With torch 2.4.1 and 2.6.0 (pyproject.toml allows 2.4) a resume with another number of processes hung at
+    start-up for ever; one process works there."""
+    from torch.torch_version import TorchVersion
+
+    from fungpt.train import setup_distributed
+
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.6.0+cu124"))
+    assert setup_distributed("cpu").world_size == 1  # one process: not asked
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(FunGPTError, match=r"several processes \(torchrun\) needs torch 2.8 or newer, this is "
+                                          r"2.6.0\+cu124 .*: pip install -U torch, or train in one process"):
+        setup_distributed("cpu")
+
+
 def test_ddp_two_gloo_processes(corpus, tmp_path):
     out = tmp_path / "ddp"
     cmd = _torchrun_train(corpus, out, tmp_path, "--train.grad-accum-steps", "2", "--train.max-iters", "4",
