@@ -232,23 +232,25 @@ def _prepare_again(loaded: LoadedRun, gone: Path, progress: bool) -> Path:
     if source.resolve() == gone.resolve():  # (a folder made by `fungpt prepare`, then deleted: nothing to read)
         raise FunGPTError(f"the data {loaded.run_dir} was trained on ({gone}) is gone; prepare it again with `fungpt "
                           f"prepare`, or pass --input TEXT_FILE to evaluate on a text file")
-    where = data.path if data.path == "shakespeare" and not source.exists() else str(source.resolve())
+    if not source.exists() and data.path != "shakespeare":
+        hint = (" (a relative data.path is found from the folder you run in: run where you trained)"
+                if not source.is_absolute() else "")
+        raise FunGPTError(f"the data {loaded.run_dir} was trained on ({gone}) is gone, and so is its text "
+                          f"{data.path}{hint}; pass --input TEXT_FILE to evaluate on a text file")
+    where = str(source.resolve()) if source.exists() else data.path  # (the built-in corpus: by its name)
     print(f"fungpt: the data {loaded.run_dir} was trained on ({gone}) is gone (a cleared cache?): preparing {where} "
           f"again into the cache, as training does", file=sys.stderr)
     fine_tuned = is_pretrained(loaded.config.model.init_from)  # (prepared with the model's own tokenizer)
     try:
         out = resolve_data(data, progress=progress, tokenizer=loaded.tokenizer if fine_tuned else None)
+        if _data_changed_note(loaded, out, load_meta(out)):
+            raise FunGPTError(f"{where} is not the text {loaded.run_dir} was trained on (its sha256, or how it is "
+                              f"split, differs from what the checkpoint recorded), so its val split is not the run's")
         if loaded.tokenizer.first_difference(load_tokenizer(out)) is not None:  # (a BPE trained again, otherwise)
             out = resolve_data(data, progress=progress, tokenizer=loaded.tokenizer)
     except FunGPTError as e:
-        hint = ("; a relative data.path is found from the folder you run in: run where you trained" if
-                not source.is_absolute() and not source.exists() and data.path != "shakespeare" else "")
-        raise FunGPTError(f"cannot prepare the data {loaded.run_dir} was trained on again: {e}{hint}; pass "
-                          f"--input TEXT_FILE to evaluate on a text file") from None
-    if _data_changed_note(loaded, out, load_meta(out)):
-        raise FunGPTError(f"{where} is not the text {loaded.run_dir} was trained on (its sha256, or how it is split, "
-                          f"differs from what the checkpoint recorded), so its val split is not the run's; pass "
-                          f"--input TEXT_FILE to evaluate on a text file")
+        raise FunGPTError(f"cannot evaluate on the val split of {loaded.run_dir}: {e}; pass --input TEXT_FILE to "
+                          f"evaluate on a text file") from None
     return out
 
 

@@ -92,7 +92,7 @@ from fungpt.tokenizer import META_FILE as TOKENIZER_META_FILE
 # The oldest torch whose multi-process runs (torchrun) pass FunGPT's DDP tests (tests/test_train.py): with 2.4.1 and
 # 2.6.0 a resume with another number of processes, or a time-budget run, hung in the collective calls at start-up;
 # 2.8.0 passed them all. One process works from torch 2.4 (pyproject.toml).
-DDP_MIN_TORCH = "2.8"
+DDP_MIN_TORCH = (2, 8)
 
 # How long the other torchrun processes wait for rank 0 to prepare the data (resolve_data): a day, for corpora of
 # many GB; a rank 0 that fails ends the wait at once.
@@ -123,8 +123,9 @@ def setup_distributed(device: str) -> Dist:
     """Join the process group when launched by torchrun (which sets RANK and WORLD_SIZE)."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Dist()
-    if torch.__version__ < DDP_MIN_TORCH:  # (TorchVersion compares as a version, not as text)
-        raise FunGPTError(f"training with several processes (torchrun) needs torch {DDP_MIN_TORCH} or newer, this is "
+    # (major, minor) only: a pre-release of 2.8 (NVIDIA's 2.8.0a0+...) counts as 2.8
+    if tuple(int(n) for n in re.findall(r"\d+", torch.__version__)[:2]) < DDP_MIN_TORCH:
+        raise FunGPTError(f"training with several processes (torchrun) needs torch 2.8 or newer, this is "
                           f"{torch.__version__} (with 2.4 and 2.6 the processes could wait on each other for ever): "
                           f"pip install -U torch, or train in one process")
     d = Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
@@ -1172,9 +1173,8 @@ def check_loggers(tc: TrainConfig) -> None:
 class MetricsLog:
     """metrics.jsonl (one JSON object per line, always), plus TensorBoard and wandb when asked."""
 
-    def __init__(self, out_dir: Path, cfg: RunConfig, keep_until_step: int | None, saved_at: float | None = None):
-        """keep_until_step: resuming, the checkpoint's step (its rows and events are kept, the later ones dropped);
-        saved_at: when that checkpoint was written."""
+    def __init__(self, out_dir: Path, cfg: RunConfig, keep_until_step: int | None):
+        """keep_until_step: resuming, the checkpoint's step (its rows and events are kept, the later ones dropped)."""
         self.path = out_dir / "metrics.jsonl"
         if self.path.is_symlink():  # (a link: resuming read its target, wherever it is; appending created a dangling
             self.path.unlink()      # one's target outside the run folder)
@@ -1189,7 +1189,7 @@ class MetricsLog:
         self.file = self.path.open("a", encoding="utf-8")
         # The TensorBoard events likewise, whether or not this command logs there (a resume with tensorboard off,
         # then on, showed the killed steps between)
-        trim_tensorboard(out_dir / "tensorboard", keep_until_step, saved_at)
+        trim_tensorboard(out_dir / "tensorboard", keep_until_step)
         self.tb = self.wandb = None
         if cfg.train.tensorboard:
             try:
@@ -1246,10 +1246,9 @@ class MetricsLog:
             wandb.finish(exit_code=1) if failed else wandb.finish()
 
 
-def trim_tensorboard(folder: Path, keep_until_step: int | None, saved_at: float | None = None) -> None:
+def trim_tensorboard(folder: Path, keep_until_step: int | None) -> None:
     """Drop a run's TensorBoard events logged after the checkpoint it resumes from (`keep_until_step`; None: a run
     that starts from step 0, all of them), as metrics.jsonl drops its rows: the steps will be trained again.
-    `saved_at`: when that checkpoint was written (time.time()); events files not written since hold none to drop.
 
     The events are rewritten, not hidden by a purge marker (SummaryWriter's purge_step): TensorBoard's default data
     server ignores those markers, and showed the killed run's points among the resumed run's. Markers written by
@@ -1263,8 +1262,6 @@ def trim_tensorboard(folder: Path, keep_until_step: int | None, saved_at: float 
     if keep_until_step is None:
         for path in files:
             path.unlink()
-        return
-    if saved_at is not None and all(path.stat().st_mtime <= saved_at for path in files):
         return
     try:
         from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
@@ -1292,8 +1289,9 @@ def trim_tensorboard(folder: Path, keep_until_step: int | None, saved_at: float 
         writer.add_event(event)
     writer.close()
     (written,) = unfinished.iterdir()
-    # (named by the time now: after the files it replaces, which TensorBoard reads in the order of their names)
-    target = folder / written.name
+    # TensorBoard reads a folder's files in the order of their names: this one's (the time now) sorts after the files
+    # it replaces, and ("!" before any digit) before the file the resumed run's writer opens next, in the same second
+    target = folder / f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.!fungpt"
     os.replace(written, target)
     for path in files:
         if path != target:
@@ -1831,9 +1829,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     # Once per run, not per step: each walks the module tree (~55 us for the 4 x 128 model)
     params = list(model.parameters())  # for gradient clipping
     flops_per_step = model.flops_per_token() * tokens_per_step  # for the logged MFU
-    log = MetricsLog(out_dir, cfg, keep_until_step=step if folder is not None else None,
-                     saved_at=(folder / ckpt.MANIFEST_FILE).stat().st_mtime if folder is not None else None
-                     ) if ddp.is_main else None
+    log = MetricsLog(out_dir, cfg, keep_until_step=step if folder is not None else None) if ddp.is_main else None
     if log is not None:  # closed also when the run fails (TensorBoard's writer thread outlived each failed train())
         held.push(lambda kind, error, tb: log.close(failed=kind is not None))  # (returns None: the error goes on)
     # The run's clock: elapsed time, the measured durations, and with a time budget when to stop and where the lr

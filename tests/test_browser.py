@@ -386,9 +386,10 @@ def test_a_screen_reader_and_a_keyboard_can_use_the_page(url, page):
              "?": "question mark", ";": "semicolon", "'": "apostrophe", "-": "dash", "&": "ampersand"}
     for text, label in zip(texts, labels, strict=True):  # whitespace and punctuation in words, then the probability
         assert re.fullmatch(re.escape(names.get(text, text)) + r", \d+\.\d%", label), (text, label)
-    said = page.evaluate("() => [' the', 'ROMEO\\n', '\\x02', ', ', '']")
+    said = page.evaluate("() => [' the', 'ROMEO\\n', '\\x02', ', ', '', '\u2019', '=', 'a\\x07b', '\u00e9t\u00e9']")
     assert [page.evaluate("(t) => spoken(t)", t) for t in said] == [
-        "space the", "ROMEO newline", "U+0002", "comma space", "part of a character"]
+        "space the", "ROMEO newline", "U+0002", "comma space", "part of a character", "\u2019", "=", "a U+0007 b",
+        "\u00e9t\u00e9"]  # (a code point only for a control character: screen readers name the others)
     page.fill("#prompt", "edited after the sample")  # the sample's own prompt stays in its plain text
     page.evaluate("() => describeSample()")
     assert page.locator("#sample-text").text_content() == f"Sample: The cat{shown}"

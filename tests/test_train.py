@@ -1592,6 +1592,9 @@ def test_a_resumed_run_drops_the_tensorboard_events_after_its_checkpoint(corpus,
     assert not (out / "tensorboard" / ".fungpt-trim").exists()
     train(tiny_config(corpus, out, max_iters=8, eval_interval=2, tensorboard=True), resume=True, progress=False)
     assert _event_steps(out / "tensorboard", "lr") == [1, 2, 3, 4, 7, 8]  # (5 and 6 were trained with it off)
+    # the rewritten file comes first in the order TensorBoard reads (names): "!" before the next writer's counter,
+    # whatever it has counted to in this process (10 sorted before 9)
+    assert sorted(p.name for p in (out / "tensorboard").iterdir())[0].endswith(".!fungpt")
     assert _event_steps(out / "tensorboard", "tokens") == [1, 2, 3, 4, 7, 8]
     # an older FunGPT's purge marker (SummaryWriter's purge_step: "steps from 8 are logged again") is applied as
     # TensorBoard's Python loader applies it, then dropped
@@ -1775,8 +1778,7 @@ def test_eval_prepares_the_text_again_when_the_cache_was_cleared(corpus, tmp_pat
                                           r"split, differs .*\), so its val split is not the run's; pass --input"):
         evaluate_run(out)  # (the checkpoint's fingerprint tells)
     corpus.unlink()
-    with pytest.raises(FunGPTError, match=r"cannot prepare the data .* again: data.path .* does not exist.*; pass "
-                                          r"--input TEXT_FILE"):
+    with pytest.raises(FunGPTError, match=r"is gone, and so is its text .*corpus.txt; pass --input TEXT_FILE"):
         evaluate_run(out)
 
 

@@ -39,13 +39,15 @@ const CHAR_NAMES = {
 };
 function spoken(text) {
   if (text === "") return "part of a character";
-  const name = (c) => CHAR_NAMES[c] ??
-    (/[\p{L}\p{N}]/u.test(c) ? c : `U+${c.codePointAt(0).toString(16).toUpperCase().padStart(4, "0")}`);
+  // (a control or format character has no name a screen reader says: its code point; any other, itself)
+  const code = (c) => `U+${c.codePointAt(0).toString(16).toUpperCase().padStart(4, "0")}`;
+  const name = (c) => CHAR_NAMES[c] ?? (/\p{C}/u.test(c) ? code(c) : c);
   const chars = Array.from(text);
   if (chars.length === 1 || !/[\p{L}\p{N}]/u.test(text)) return chars.map(name).join(" ");  // "comma", "space newline"
   // a word: said as it is, with the whitespace around it in words ("space the", "ROMEO newline")
   const [, lead, word, trail] = text.match(/^(\s*)([\s\S]*?)(\s*)$/);
-  return [...Array.from(lead, name), word, ...Array.from(trail, name)].join(" ");
+  const said = word.replace(/\p{C}/gu, (c) => ` ${code(c)} `).trim();
+  return [...Array.from(lead, name), said, ...Array.from(trail, name)].join(" ");
 }
 
 // A token as the page shows it (whitespace made visible) for the eyes, and in words for a screen reader
