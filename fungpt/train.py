@@ -1275,11 +1275,14 @@ def trim_tensorboard(folder: Path, keep_until_step: int | None) -> None:
             if event.HasField("file_version"):  # (each file's header: the writer below writes its own)
                 continue
             if event.HasField("session_log") and event.session_log.status == SessionLog.START:
-                kept = [e for e in kept if e.step < event.step]  # a purge marker: the steps from there are redone
+                # a purge marker: the steps from there are redone (one that drops nothing, such as the marker a
+                # rewrite below begins with, changes nothing)
+                before, kept = len(kept), [e for e in kept if e.step < event.step]
+                changed |= len(kept) < before
             elif event.step <= keep_until_step:
                 kept.append(event)
-                continue
-            changed = True
+            else:
+                changed = True
     if not changed:
         return
     unfinished.mkdir()

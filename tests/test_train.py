@@ -1579,6 +1579,8 @@ def test_a_resumed_run_drops_the_tensorboard_events_after_its_checkpoint(corpus,
     pytest.importorskip("tensorboard")
     from torch.utils.tensorboard import SummaryWriter
 
+    from fungpt.train import trim_tensorboard
+
     out = tmp_path / "run"
     train(tiny_config(corpus, out, max_iters=4, eval_interval=2, tensorboard=True), progress=False)
     with SummaryWriter(str(out / "tensorboard")) as killed:  # what a command killed after its step-4 checkpoint logged
@@ -1590,6 +1592,9 @@ def test_a_resumed_run_drops_the_tensorboard_events_after_its_checkpoint(corpus,
     train(tiny_config(corpus, out, max_iters=6, eval_interval=2), resume=True, progress=False)  # tensorboard off
     assert _event_steps(out / "tensorboard", "lr") == [1, 2, 3, 4]
     assert not (out / "tensorboard" / ".fungpt-trim").exists()
+    files = sorted((p.name, p.stat().st_ino) for p in (out / "tensorboard").iterdir())
+    trim_tensorboard(out / "tensorboard", 4)  # nothing after step 4 now: not rewritten again (the marker drops nothing)
+    assert sorted((p.name, p.stat().st_ino) for p in (out / "tensorboard").iterdir()) == files
     train(tiny_config(corpus, out, max_iters=8, eval_interval=2, tensorboard=True), resume=True, progress=False)
     assert _event_steps(out / "tensorboard", "lr") == [1, 2, 3, 4, 7, 8]  # (5 and 6 were trained with it off)
     # the rewritten file comes first in the order TensorBoard reads (names): "!" before the next writer's counter,
