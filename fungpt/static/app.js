@@ -169,7 +169,7 @@ function ticks(lo, hi, count) {
 async function loadMetrics() {
   const svg = $("loss");
   const { train, eval: evals, note, nonfinite } = await fetchJSON("/api/metrics");
-  const W = 420, H = 240, left = 42, right = 12, top = 10, bottom = 30;
+  const W = 420, H = 240, left = 42, right = 22, top = 10, bottom = 30;  // (right: room for the last step's label)
   const points = train.map(([s, l]) => [s, l]).concat(evals.map(([s, , v]) => [s, v]));
   const ns = "http://www.w3.org/2000/svg";
   const el = (tag, attrs, text) => {
