@@ -888,6 +888,19 @@ def mend(meta: dict | None) -> str:
     return f"correct meta.json or the files ({OWN_IDS})"
 
 
+def max_token_id(data_dir: Path, meta: dict, chunk: int = 1 << 26) -> int:
+    """The largest token id in a folder's splits (-1 for none): meta.json's max_id where prepare recorded it, else
+    read from the files, `chunk` tokens at a time."""
+    if isinstance(meta.get("max_id"), int) and not isinstance(meta["max_id"], bool):
+        return meta["max_id"]
+    top = -1
+    for split in SPLITS:
+        if meta[f"{split}_tokens"]:
+            ids = np.memmap(Path(data_dir) / f"{split}.bin", dtype=meta["dtype"], mode="r")
+            top = max([top] + [int(ids[start:start + chunk].max()) for start in range(0, len(ids), chunk)])
+    return top
+
+
 def check_token_ids(data_dir: Path, meta: dict, chunk: int = 1 << 26) -> str | None:
     """Refuse token ids >= meta's vocab_size, as a hand-made or edited dataset may hold: the embedding lookup
     would otherwise fail mid-run with a raw IndexError (on a GPU, a device-side assert). A folder written by

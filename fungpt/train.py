@@ -64,6 +64,7 @@ from fungpt.data import (
     is_prepared,
     iter_eval_windows,
     load_meta,
+    max_token_id,
     mend,
     prepare,
     remove_stale_temps,
@@ -624,8 +625,13 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
     else:
         tokens = load_tokenizer(data_dir).vocab_size  # (a model of another size could never be loaded with it)
         if tokens != meta["vocab_size"]:
-            fix = (f"set vocab_size to {tokens} there: the model's vocabulary is its tokenizer's ({OWN_IDS})"
-                   if "source_sha256" not in meta else mend(meta))  # (nanoGPT pads GPT-2's 50257 to 50304)
+            fix = mend(meta)  # (prepare's own folder: prepare again. nanoGPT pads GPT-2's 50257 to 50304)
+            if "source_sha256" not in meta:  # (a folder of one's own ids: what to correct depends on the ids)
+                top = max_token_id(data_dir, meta)
+                fix = (f"set vocab_size to {tokens} there: the model's vocabulary is its tokenizer's ({OWN_IDS})"
+                       if top < tokens else
+                       f"its ids reach {top}, past the tokenizer's last ({tokens - 1}): give the tokenizer a token for "
+                       f"every id in use, or write the ids it has ({OWN_IDS})")
             raise FunGPTError(f"{data_dir / 'meta.json'} says vocab_size {meta['vocab_size']} but the tokenizer "
                               f"beside it has {tokens} tokens: the folder was edited or mixed up; {fix}")
         if "vocab_size" in model_named and cfg.model.vocab_size != meta["vocab_size"] and is_main:

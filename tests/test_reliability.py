@@ -2277,6 +2277,32 @@ def test_data_settings_a_folder_of_own_token_ids_leaves_unused_are_named_as_such
                                        "not used (such settings apply only where FunGPT tokenizes a text)\n")
 
 
+def test_a_folder_of_own_ids_whose_tokenizer_lacks_tokens_is_told_so(tmp_path):
+    """Its meta.json's vocab_size covered its ids but its char tokenizer had fewer characters: the advice was to set
+    vocab_size to the tokenizer's size, which the ids past it then refused."""
+    from fungpt.tokenizer import CharTokenizer
+    from fungpt.train import resolve_model_and_data
+
+    def own(name, top):
+        d = tmp_path / name
+        d.mkdir()
+        ids = (np.arange(200) % (top + 1)).astype(np.uint16)
+        for split in ("train", "val"):
+            ids.tofile(d / f"{split}.bin")
+        (d / "meta.json").write_text(json.dumps({"format_version": 1, "tokenizer": "char", "vocab_size": 40,
+                                                 "dtype": "uint16", "train_tokens": 200, "val_tokens": 200}))
+        CharTokenizer.train("abcdefghijklmnopqrst").save(d)  # 20 characters
+        return RunConfig(out_dir=str(tmp_path / "out"), data=DataConfig(path=str(d)),
+                         model=GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8))
+
+    with pytest.raises(FunGPTError, match=r"says vocab_size 40 but the tokenizer beside it has 20 tokens: .*; its ids "
+                                          r"reach 29, past the tokenizer's last \(19\): give the tokenizer a token for "
+                                          r"every id in use, or write the ids it has"):
+        resolve_model_and_data(own("lacking", 29), progress=False)
+    with pytest.raises(FunGPTError, match=r"beside it has 20 tokens: .*; set vocab_size to 20 there"):
+        resolve_model_and_data(own("padded", 19), progress=False)  # (the ids fit the tokenizer: the count is wrong)
+
+
 def test_data_settings_a_prepared_folder_leaves_unused_are_named(world, tmp_path, capsys):
     """--data.tokenizer bpe with data.path a prepared char folder trained on chars without a word."""
     argv = ["train", "--data.path", str(world["data"]), "--out-dir", str(tmp_path / "new"), *TINY_MODEL,
