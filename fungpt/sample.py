@@ -331,8 +331,16 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
     # needed without the text's size (GPT-2 ids then need no tiktoken), nor readable for an id past the vocabulary
     # (a damaged file, which eval_windows names)
     first = int(tokens[0])
-    head = (b"" if (input is None and first == loaded.tokenizer.eot_id) or (n_bytes is None and n_chars is None)
-            or first >= loaded.tokenizer.vocab_size else loaded.tokenizer.token_bytes(first))
+    head = b""
+    if not ((input is None and first == loaded.tokenizer.eot_id) or (n_bytes is None and n_chars is None)
+            or first >= loaded.tokenizer.vocab_size):
+        try:
+            head = loaded.tokenizer.token_bytes(first)
+        except FunGPTError as e:  # (GPT-2's ids without tiktoken's files: the loss needs no text, bits per byte do)
+            n_bytes = n_chars = None
+            why = (f"fungpt: note: bits per byte and per character cannot be given here: they need the text of the "
+                   f"first token, which the tokenizer cannot read ({e})")
+            note = "\n".join(n for n in (note, why) if n)
     T = loaded.config.model.block_size
     # (ids read from a .bin are checked against the vocabulary, batch by batch: the file may be damaged)
     windows = eval_windows(tokens, T, batch_size, device=loaded.device, vocab_size=loaded.model.config.vocab_size,

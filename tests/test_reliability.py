@@ -1828,6 +1828,26 @@ def test_eval_of_token_ids_without_their_texts_size_gives_the_loss_and_says_why_
     assert re.search(r"bits/char +\d\.\d{4}", out), out
 
 
+def test_eval_gives_the_loss_when_the_tokenizer_cannot_read_a_tokens_bytes(world, monkeypatch, capsys):
+    """GPT-2's ids without tiktoken's files (offline, never cached): eval failed outright, though only bits per byte
+    need the text; the loss and perplexity stand."""
+    from fungpt.tokenizer import CharTokenizer
+
+    real = CharTokenizer.token_bytes
+
+    def offline(self, token_id):  # as GPT2Tokenizer answers eval's read of the first token (its other uses need none)
+        if sys._getframe(1).f_code.co_name == "evaluate_run":
+            raise FunGPTError("could not load GPT-2's encoding through tiktoken, whose files are not cached here")
+        return real(self, token_id)
+
+    monkeypatch.setattr(CharTokenizer, "token_bytes", offline)
+    assert main(["eval", "--run", str(world["run"]), "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert ("bits per byte and per character cannot be given here: they need the text of the first token, which the "
+            "tokenizer cannot read (could not load GPT-2's encoding") in err
+    assert re.search(r"loss +\d\.\d{4} nats/token", out) and re.search(r"bits/byte +n/a", out), out
+
+
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
 def test_bad_input_is_one_clear_line(world, tmp_path, capsys, name):
     argv, needle = BAD_INPUTS[name]
