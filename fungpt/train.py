@@ -1269,6 +1269,8 @@ def trim_tensorboard(folder: Path, keep_until_step: int | None) -> None:
         for path in files:
             path.unlink()
         return
+    if not files:  # (most resumes: a run without TensorBoard, whose library is not imported for nothing)
+        return
     try:
         from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
         from tensorboard.compat.proto.event_pb2 import Event, SessionLog
