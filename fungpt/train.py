@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -989,39 +990,55 @@ def schedule_notes(tc: TrainConfig, new_run: bool) -> list[str]:
     return notes
 
 
+class EvalStopped(Exception):
+    """An eval abandoned part-way, as its `stop` asked (Ctrl-C or SIGTERM during a run's eval)."""
+
+
+def unless_stopped(batches, stop: Callable[[], bool] | None):
+    """The batches, until `stop()` turns true: then EvalStopped (checked before each batch is taken)."""
+    for batch in batches:
+        if stop is not None and stop():
+            raise EvalStopped
+        yield batch
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, device: str, autocast,
-             progress: bool = False) -> dict[str, float]:
+             progress: bool = False, stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """Mean loss over eval_iters batches of each split.
 
     The eval batches come from loaders with a fixed seed, so every evaluation sees the same
     windows: the curve then shows the model changing, not the batches. Eval has its own
     loaders, so it never disturbs the training batch sequence (exact resume depends on that).
     With eval_full_val, val is the mean over the whole split instead (no val batches are drawn). `progress`
-    shows a bar once an eval takes more than a second (a large corpus's val split, a big model on a CPU).
+    shows a bar once an eval takes more than a second (a large corpus's val split, a big model on a CPU). `stop`,
+    asked before each batch: when it turns true the eval is abandoned (EvalStopped), the model left as it was.
     """
     was_training = model.training
     model.eval()
     out = {}
     splits = ("train",) if cfg.train.eval_full_val else ("train", "val")
-    # An eval of a large model can take a minute (a GPT-2 fine-tune on a CPU): a bar then, none for the usual short ones
-    with eval_bar(len(splits) * cfg.train.eval_iters, "eval", progress) as bar:
-        for split in splits:
-            # seed + 12345: any fixed offset, so that every eval scores the same windows, drawn apart from the
-            # training batches
-            loader = BatchLoader(data_dir, split, cfg.train.batch_size, cfg.model.block_size, device=device,
-                                 seed=cfg.train.seed + 12345)
-            losses = torch.zeros(cfg.train.eval_iters)
-            for k in range(cfg.train.eval_iters):
-                x, y = loader.next_batch()
-                with autocast():
-                    loss = model(x, y)[1]
-                losses[k] = loss.float().item()
-                bar.update(1)
-            out[split] = losses.mean().item()
-    if cfg.train.eval_full_val:
-        out["val"] = _full_split_loss(model, data_dir, "val", cfg, device, autocast, progress)
-    model.train(was_training)
+    try:
+        # An eval of a large model can take a minute (a GPT-2 fine-tune on a CPU): a bar then, none for the usual
+        # short ones
+        with eval_bar(len(splits) * cfg.train.eval_iters, "eval", progress) as bar:
+            for split in splits:
+                # seed + 12345: any fixed offset, so that every eval scores the same windows, drawn apart from the
+                # training batches
+                loader = BatchLoader(data_dir, split, cfg.train.batch_size, cfg.model.block_size, device=device,
+                                     seed=cfg.train.seed + 12345)
+                losses = torch.zeros(cfg.train.eval_iters)
+                for k in unless_stopped(range(cfg.train.eval_iters), stop):
+                    x, y = loader.next_batch()
+                    with autocast():
+                        loss = model(x, y)[1]
+                    losses[k] = loss.float().item()
+                    bar.update(1)
+                out[split] = losses.mean().item()
+        if cfg.train.eval_full_val:
+            out["val"] = _full_split_loss(model, data_dir, "val", cfg, device, autocast, progress, stop)
+    finally:
+        model.train(was_training)
     return out
 
 
@@ -1098,13 +1115,13 @@ def eval_bar(total: int, desc: str, enabled: bool, delay: float = 1.0, unit: str
 
 
 def _full_split_loss(model, data_dir: Path, split: str, cfg: RunConfig, device: str, autocast,
-                     progress: bool = False) -> float:
-    """Mean loss over every token of a split (each scored once, see data.eval_windows)."""
+                     progress: bool = False, stop: Callable[[], bool] | None = None) -> float:
+    """Mean loss over every token of a split (each scored once, see data.eval_windows); `stop` as for evaluate."""
     T, B = cfg.model.block_size, full_split_batch(cfg)
     windows = iter_eval_windows(data_dir, split, T, B, device=device)
     batches = math.ceil(math.ceil((load_meta(data_dir)[f"{split}_tokens"] - 1) / T) / B)  # windows of T targets
     with eval_bar(batches, f"eval ({split}, every token)", progress) as bar:
-        total, count = score_windows(model, counted(windows, bar), autocast)
+        total, count = score_windows(model, counted(unless_stopped(windows, stop), bar), autocast)
     return total / count
 
 
@@ -1335,6 +1352,7 @@ class _StopFlag:
     def __init__(self, announce: bool = True, processes: int = 1) -> None:
         self.stop = False
         self.signum: int | None = None  # the first signal received
+        self.doing = "finishing this step"  # what a first signal's notice says happens now (see `evaluating`)
         self.announce = announce
         self.processes = processes
         self.hung_up = False  # stopped by a write that failed as the terminal hung up (its SIGHUP may follow)
@@ -1372,8 +1390,7 @@ class _StopFlag:
             with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
                 unless = ", unless a process of this job has died (the last checkpoint stays intact)" \
                     if self.processes > 1 else ""
-                print(f"\n{what}: finishing this step and saving a checkpoint{unless} ({what} again aborts)",
-                      file=sys.stderr)
+                print(f"\n{what}: {self.doing} and saving a checkpoint{unless} ({what} again aborts)", file=sys.stderr)
 
     def output(self, write: Callable[..., Any], *args: Any) -> None:
         """Write to the console (the progress bar's update or write). A terminal that hung up fails writes with
@@ -1391,6 +1408,15 @@ class _StopFlag:
                 self.signum = getattr(signal, "SIGHUP" if e.errno == errno.EIO else "SIGPIPE", signal.SIGTERM)
                 if self.hung_up:  # said as for the SIGHUP itself (into stderr's file, say: its terminal is gone)
                     self._announce(self.signum)
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """During an eval, which a first signal abandons (see `do_eval`), its notice says so."""
+        self.doing = "leaving the eval"
+        try:
+            yield
+        finally:
+            self.doing = "finishing this step"
 
     def __exit__(self, *exc) -> None:
         for signum, old in self._old.items():
@@ -1848,7 +1874,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     # a resume.
     clock = TimeBudget(tc, start_time - elapsed_before, timings, resumed.schedule_origin, resumed.lr_origin)
 
-    def do_eval() -> dict[str, float]:
+    def do_eval(interrupt: _StopFlag | None = None) -> dict[str, float] | None:
+        """Evaluate (see `evaluate`), log the losses, and save "best" when val improved. Under `interrupt`'s handlers,
+        Ctrl-C or SIGTERM abandons the eval: None, nothing logged (the caller saves the step, as for a signal during a
+        step: a long eval, the speedrun's over the whole val split, is not waited for)."""
         nonlocal best_val
         # evaluate opens the data files anew (the training loader keeps its own open): if the folder was prepared
         # again meanwhile, save and stop rather than score other data. All ranks agree first: do_save is collective
@@ -1859,7 +1888,11 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                               f"prepare --overwrite`?): stopped before evaluating on other data than it trained on, "
                               f"with a checkpoint at step {step}. To go on with the data there now, resume with "
                               f"--resume")
-        losses = evaluate(model, data_dir, cfg, device, autocast, progress=progress and ddp.is_main)
+        try:
+            losses = evaluate(model, data_dir, cfg, device, autocast, progress=progress and ddp.is_main,
+                              stop=None if interrupt is None else (lambda: interrupt.stop))
+        except EvalStopped:
+            return None
         if ddp.is_main:
             log.write({"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
                        "elapsed_s": round(time.time() - start_time, 3), "run_s": round(clock.elapsed(), 3),
@@ -2028,11 +2061,14 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 interrupt.output(bar.update, 1)
             if step % tc.eval_interval == 0 and step < tc.max_iters:
                 t0 = time.time()
-                losses, evaluated_at = do_eval(), step
-                clock.eval_times.append(time.time() - t0)
-                if bar is not None:
-                    interrupt.output(bar.write, f"step {step}: train loss {losses['train']:.4f}, "
-                                                f"val loss {losses['val']:.4f}")
+                with interrupt.evaluating():
+                    scored = do_eval(interrupt)
+                if scored is not None:  # (None: a signal left the eval; the loop stops before the next step)
+                    losses, evaluated_at = scored, step
+                    clock.eval_times.append(time.time() - t0)
+                    if bar is not None:
+                        interrupt.output(bar.write, f"step {step}: train loss {losses['train']:.4f}, "
+                                                    f"val loss {losses['val']:.4f}")
             if step % tc.checkpoint_interval == 0 and step < tc.max_iters:  # the last step is saved below
                 do_save()
                 saved_at = step
@@ -2044,26 +2080,48 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         stopped, signum = agree([interrupt.stop, interrupt.signum or 0])  # (under DDP: any rank's)
         interrupted = bool(stopped)
         stop_signal = (int(signum) or signal.SIGINT) if interrupted else None
+        # Not one step fitted in the budget: an eval now would only overrun it (a 6 x 384 model on a 2-core CPU,
+        # given 1 minute, took 97 s, most of it evaluating). A resumed run's checkpoint already holds this step.
+        no_step = not interrupted and clock.budget_s is not None and step == start_step and step < tc.max_iters
+        # (a time budget can end the run at a step just evaluated and saved: not again, which overran the budget; a
+        # step saved but not evaluated is saved again after its eval, whose best_val the checkpoint must hold)
+        final_eval = not interrupted and not no_step and evaluated_at != step
+        if final_eval:  # still under the handlers: a signal leaves it, and the step is saved as for one during a step
+            with interrupt.evaluating():
+                scored = do_eval(interrupt)
+            left, signum = agree([float(scored is None), interrupt.signum or 0])
+            if left:
+                interrupted, stop_signal, final_eval = True, int(signum) or signal.SIGINT, False
+            else:
+                losses, evaluated_at = scored, step
         if interrupted and saved_at != step:
             do_save()  # still under the handlers: a second signal meanwhile stops at once, saying so
+        if bar is not None:
+            if clock.budget_s is not None and not interrupted and step > start_step:
+                bar.total = step  # where the budget ended it: 100%
+            bar.close()
+        if not interrupted and not no_step:
+            say(f"fungpt: step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+                f"({format_duration(time.time() - start_time)})")
+            if final_eval or saved_at != step:
+                do_save()  # (a signal meanwhile: the run ends as it would have, this save done)
 
-    if bar is not None:
-        if clock.budget_s is not None and not interrupted and step > start_step:
-            bar.total = step  # where the budget ended it: 100%
-        bar.close()
     if interrupted:
         how = " with --resume in place of --overwrite" if overwrite else "" if resume else " plus --resume"
+        if already_done(step, tc, clock.elapsed(), clock.timings()):  # (a resume would find nothing to train)
+            how = "" if evaluated_at == step else (f"; its final eval was not done: `fungpt eval "
+                                                   f"{shlex.quote(str(out_dir))}` scores it")
+        else:
+            how = f". Resume with the same command{how}"
         by = "" if stop_signal == signal.SIGINT else f" by {signal.Signals(stop_signal).name}"
         with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone; the checkpoint is saved
             if stop_signal == getattr(signal, "SIGPIPE", None):  # (stdout had no reader: said where it can be seen)
                 if ddp.is_main:
                     print(f"fungpt: training stopped: its output pipe was closed (e.g. by `| head`); checkpoint "
-                          f"saved at step {step}. Resume with the same command{how}", file=sys.stderr)
+                          f"saved at step {step}{how}", file=sys.stderr)
             else:
-                say(f"fungpt: interrupted{by} at step {step}; checkpoint saved. Resume with the same command{how}")
-    elif clock.budget_s is not None and step == start_step and step < tc.max_iters:
-        # Not one step fitted in the budget: an eval now would only overrun it (a 6 x 384 model on a 2-core CPU,
-        # given 1 minute, took 97 s, most of it evaluating). A resumed run's checkpoint already holds this step.
+                say(f"fungpt: interrupted{by} at step {step}; checkpoint saved{how}")
+    elif no_step:
         if ddp.is_main:
             log.close()
         if folder is not None:
@@ -2076,16 +2134,6 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                           f"before the first step, and the final eval and checkpoint need about {end:.0f} s more; run "
                           f"again with --overwrite and max_minutes well above {(used + end) / 60:.2g}, or a smaller "
                           f"model, batch_size or eval_iters")
-    else:
-        # (a time budget can end the run at a step just evaluated and saved: not again, which overran the budget; a
-        # step saved but not evaluated is saved again after its eval, whose best_val the checkpoint must hold)
-        final_eval = evaluated_at != step
-        if final_eval:
-            losses = do_eval()
-        say(f"fungpt: step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-            f"({format_duration(time.time() - start_time)})")
-        if final_eval or saved_at != step:
-            do_save()
     if ddp.is_main:
         log.close()
         if tc.plot:

@@ -816,6 +816,59 @@ sys.exit(status)
 """
 
 
+@pytest.mark.parametrize("which", ["final", "periodic"])
+def test_ctrl_c_during_an_eval_leaves_it_and_saves_the_step(world, tmp_path, which):
+    """Ctrl-C during the final eval (after the training loop's handlers) ended the command at once: the steps since the
+    last checkpoint were lost (a speedrun, which saves only at its end, lost all of them). Now a signal during any
+    of the run's evals leaves it and saves the step, as during a step; at the run's last step it says how to score
+    it, since a resume would find nothing to train."""
+    out = tmp_path / "out"
+    # periodic: the eval at step 4 of 8 (eval_interval 4); final: the one after step 6 (step 0's is the first)
+    every, steps = ("4", "8") if which == "periodic" else ("1000", "6")
+    argv = ["train", "--data.path", world["corpus"], "--out-dir", out, "--train.device", "cpu", *TINY_MODEL,
+            "--train.max-iters", steps, "--train.eval-interval", every, "--train.eval-iters", "50",
+            "--train.checkpoint-interval", "1000"]
+    proc = subprocess.run([sys.executable, "-c", _CTRL_C_IN_THE_SECOND_EVAL, *map(str, argv)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "FUNGPT_CACHE_DIR": str(tmp_path / "cache"),
+                               "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert "Ctrl-C: leaving the eval and saving a checkpoint (Ctrl-C again aborts)" in proc.stderr
+    assert "batches scored: 1\n" in proc.stdout  # left at its next batch, not scored to its end
+    stopped_at = int(steps) // 2 if which == "periodic" else int(steps)
+    assert check_loadable(out) == stopped_at
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_loss" in r] == [0]  # the left eval has no row
+    said = next(ln for ln in proc.stdout.splitlines() if "interrupted" in ln)
+    if which == "final":
+        assert said == (f"fungpt: interrupted at step {steps}; checkpoint saved; its final eval was not done: "
+                        f"`fungpt eval {out}` scores it")
+    else:
+        assert said == f"fungpt: interrupted at step {stopped_at}; checkpoint saved. Resume with the same command " \
+                       f"plus --resume"
+
+
+_CTRL_C_IN_THE_SECOND_EVAL = """
+import importlib, os, signal, sys
+import fungpt.cli
+train_module = importlib.import_module("fungpt.train")  # (fungpt.train is the function)
+evaluate, batches_of, evals, batches = train_module.evaluate, train_module.unless_stopped, [], []
+def counted_evaluate(*args, **kwargs):
+    evals.append(1)
+    return evaluate(*args, **kwargs)
+def ctrl_c_in_the_second_eval(items, stop):  # (evaluate's loop over batches: step 0's eval is the first)
+    for item in batches_of(items, stop):
+        if len(evals) == 2:
+            batches.append(1)
+            os.kill(os.getpid(), signal.SIGINT)
+        yield item
+train_module.evaluate, train_module.unless_stopped = counted_evaluate, ctrl_c_in_the_second_eval
+status = fungpt.cli.main(sys.argv[1:])
+print("batches scored:", len(batches))
+sys.exit(status)
+"""
+
+
 def test_a_data_folder_with_a_file_name_that_is_not_utf8_trains(world, tmp_path):
     """Linux file names are bytes; one that is not UTF-8 arrives with its bytes escaped, and the data cache key
     hashed it as text: a raw UnicodeEncodeError."""
