@@ -4,7 +4,8 @@ finished on time.
     elapsed     seconds since the run began (across resumes: the seconds before are carried in the checkpoint)
     durations   the last few steps', evals' and checkpoint saves' times, measured as the run goes
     end_time    what the end of the run will take (final eval, checkpoints, plot, exit), from those durations
-    budget      another step is taken only while two steps' time and end_time still fit (out_of_time)
+    budget      another step is taken only while it, the periodic eval or checkpoint due after it, one more step and
+                end_time still fit (out_of_time)
     schedule    the lr schedule runs on the fraction of the budget used, so warmup and decay finish on time
 
 Without a budget the clock still keeps time (each checkpoint saves it, so that a resume given a budget can plan), and
@@ -142,9 +143,18 @@ class TimeBudget:
         """Seconds the run's end will take (`end_reserve`)."""
         return end_reserve(self.timings())
 
-    def out_of_time(self) -> bool:
-        """Stop early enough that the final eval, checkpoint and plot also fit in the budget."""
-        return self.budget_s is not None and budget_spent(self.elapsed(), self.timings(), self.budget_s)
+    def periodic_time(self, step: int) -> float:
+        """The time of the periodic eval and checkpoint due after step `step` + 1, if any (0.0 when none is due)."""
+        tc = self.tc
+        return (((step + 1) % tc.eval_interval == 0) * typical(self.eval_times)
+                + ((step + 1) % tc.checkpoint_interval == 0) * typical(self.save_times))
+
+    def out_of_time(self, step: int) -> bool:
+        """Whether to stop before step `step` + 1, early enough that the final eval, checkpoint and plot also fit in
+        the budget. The periodic eval or checkpoint due after that step counts too: left out, a checkpoint due after
+        the last step (saved again after the final eval) overran the budget by its time less a step's."""
+        return self.budget_s is not None and budget_spent(self.elapsed() + self.periodic_time(step), self.timings(),
+                                                          self.budget_s)
 
     def schedule_position(self, step: int) -> float:
         """Where the run is in the lr schedule before step `step` + 1, in steps (with a budget: the budget's fraction
@@ -161,10 +171,10 @@ class TimeBudget:
             return step
         step_s = self.step_estimate()
         # (the periodic eval and checkpoint that follow this step, if due, also take their time before the next check)
-        periodic = (((step + 1) % tc.eval_interval == 0) * typical(self.eval_times)
-                    + ((step + 1) % tc.checkpoint_interval == 0) * typical(self.save_times))
-        if self.elapsed() + 3 * step_s + periodic + self.end_time() >= self.budget_s:
-            # out_of_time will stop after this step (it needs two more steps' time): finish the decay now
+        periodic = self.periodic_time(step)
+        if self.elapsed() + 3 * step_s + periodic + self.periodic_time(step + 1) + self.end_time() >= self.budget_s:
+            # out_of_time will stop after this step (it needs this step's time, then two more steps' and the periodic
+            # work due after the next one): finish the decay now
             return tc.decay_iters
         # (setup: data, model, the budget's planning (timed forwards, step-0 checkpoint and plot) is not schedule time)
         origin = self.lr_origin or 0.0
@@ -176,9 +186,14 @@ class TimeBudget:
 
     def last_step_forecast(self, step: int) -> int:
         """With a budget, the step the run should end at, for the progress bar (its percentage and time left): as
-        many more steps as the budget left holds at the current step time, or max_iters if it comes first."""
+        many more steps as the budget left holds, or max_iters if it comes first. Each step counts with its share
+        of the periodic evals and checkpoints to come (one eval per eval_interval steps): counted as steps, the
+        total shrank at each eval, and the percentage went back and forth."""
+        tc = self.tc
         left = self.budget_s - self.end_time() - self.elapsed()
-        return min(self.tc.max_iters, step + max(0, int(left / max(self.step_estimate(), 1e-9))))
+        per_step = (self.step_estimate() + typical(self.eval_times) / tc.eval_interval
+                    + typical(self.save_times) / tc.checkpoint_interval)
+        return min(tc.max_iters, step + max(0, int(left / max(per_step, 1e-9))))
 
     def _continued(self, would_be: float, now: float, origin: float) -> float:
         """The origin that gives the schedule's position at `now` what `origin` gave at `would_be` (a delay that is

@@ -1169,6 +1169,27 @@ def test_a_stalled_checkpoint_or_eval_does_not_end_a_budget_run_early(corpus, tm
     assert (lrs[-1] - cfg.train.min_lr) / (cfg.train.lr - cfg.train.min_lr) < 0.02  # to min_lr at the end
 
 
+def test_a_budget_run_reserves_its_final_eval_from_the_step_0_estimate(corpus, tmp_path, monkeypatch,
+                                                                        quick_steady_budget):
+    """A budget run without periodic evals knows the final eval's time only from the estimate made at step 0 (one
+    batch timed, scaled up): that estimate is what it reserves, or the final eval overruns the budget by its time.
+    Here each eval takes 2.5 s more than its batches, and the estimate says so."""
+    train_module = sys.modules["fungpt.train"]  # (fungpt.train, the attribute, is the function)
+    real_evaluate, real_estimate = train_module.evaluate, train_module.estimate_eval_time
+
+    def slow_evaluate(*args, **kwargs):
+        time.sleep(2.5)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", slow_evaluate)
+    monkeypatch.setattr(train_module, "estimate_eval_time", lambda *a, **k: 2.5 + real_estimate(*a, **k))
+    budget_s = 7.0
+    cfg = tiny_config(corpus, tmp_path / "run", max_iters=1_000_000, eval_iters=1, eval_interval=10**6,
+                      checkpoint_interval=10**6, max_minutes=budget_s / 60)
+    result = train(cfg, progress=False)
+    assert budget_s - 2.0 < result["elapsed_s"] <= budget_s + 1.0  # (reserving nothing, it took 9.5 s)
+
+
 def test_a_budget_run_has_decayed_its_lr_when_a_periodic_eval_ends_it(corpus, tmp_path, monkeypatch,
                                                                        quick_steady_budget):
     """The lr finishes its decay when the run is a few steps from its end; that forecast left out the eval (and
