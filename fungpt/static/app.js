@@ -20,6 +20,7 @@ const state = {
   sampleModel: null,  // the server's name for those weights (see /api/info's "model")
   prompt: "",         // the prompt of the shown sample, as it was sent
   attn: null,         // the attention answer drawn on the heat map
+  attnIndex: null,    // index into gen of the token that answer is for
   cursor: null,       // {i, j}: the heat map's cell under the keyboard's cursor
 };
 
