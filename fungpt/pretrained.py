@@ -188,6 +188,14 @@ def fields_set(asked: GPTConfig, defaults: GPTConfig, named: Collection[str] = (
             if f.name in named or getattr(asked, f.name) != getattr(defaults, f.name)}
 
 
+def _flag(name: str, value: Any) -> str:
+    """The command-line flag that sets a [model] field to `value` (tyro's: --model.no-bias for bias = False)."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--model.{flag}" if value else f"--model.no-{flag}"
+    return f"--model.{flag} {value}"
+
+
 def merge_model_config(asked: GPTConfig, checkpoint: GPTConfig, defaults: GPTConfig,
                        named: Collection[str] = ()) -> GPTConfig:
     """The architecture to fine-tune: the checkpoint's, with the allowed overrides from `asked`.
@@ -197,17 +205,19 @@ def merge_model_config(asked: GPTConfig, checkpoint: GPTConfig, defaults: GPTCon
     """
     ignored = {"init_from", *OVERRIDABLE}
     is_set = fields_set(asked, defaults, named)
-    conflicts = []
+    conflicts, flags = [], []
     for f in dataclasses.fields(GPTConfig):
         if f.name in ignored:
             continue
         mine, theirs = getattr(asked, f.name), getattr(checkpoint, f.name)
         if f.name in is_set and mine != theirs:
             conflicts.append(f"{f.name} = {mine!r} (the checkpoint has {theirs!r})")
+            flags.append(_flag(f.name, theirs))
     if conflicts:
         raise FunGPTError(f"[model] contradicts the pretrained model {asked.init_from!r}: {'; '.join(conflicts)}. "
                           f"The architecture comes from the checkpoint: remove these settings (only block_size "
-                          f"and dropout may be changed)")
+                          f"and dropout may be changed), or give the checkpoint's on the command line (over a "
+                          f"preset's, say): {' '.join(flags)}")
     block_size = checkpoint.block_size
     if "block_size" in is_set:
         if asked.block_size > checkpoint.block_size:
