@@ -273,6 +273,7 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
         raise FunGPTError(f"--errors {errors!r} is not valid: choose strict or replace")
     loaded = load_run(run, checkpoint, device)
     note = None  # a line for the reader of the numbers, if they need one
+    changed = None  # with the run's val split: a note that it was prepared again since, if it was
     if input is not None:
         path = Path(input)
         if not path.exists():
@@ -312,7 +313,9 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
         # A folder of token ids made without `fungpt prepare` (README: "Data of your own token ids") may not know
         # the size of its text (val_bytes, val_chars): loss and perplexity still stand, bits per byte (per
         # character) cannot be told without it (the bytes are the characters only in ASCII text)
-        n_bytes, n_chars, source = meta.get("val_bytes"), meta.get("val_chars"), f"{data_dir} (val)"
+        n_bytes, n_chars = meta.get("val_bytes"), meta.get("val_chars")
+        # (named by the text it was prepared from, where known: the folder is a cache's, with a made-up name)
+        source = f"the val split of {meta['source']} ({data_dir})" if meta.get("source") else f"{data_dir} (val)"
         missing = [(key, unit) for key, unit in (("val_bytes", "byte"), ("val_chars", "character"))
                    if meta.get(key) is None]
         if missing:
@@ -361,9 +364,30 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
     if n_chars is not None:
         n_chars -= sum((b & 0xC0) != 0x80 for b in head)
         per_char = bits / n_chars if n_chars > 0 else math.nan
+    if input is None and changed is None:  # (training's val losses are of another split where it changed)
+        note = "\n".join(n for n in (note, _sampled_val_note(loaded, loss)) if n) or None
     return {"loss": loss, "perplexity": math.exp(loss), "bits_per_token": loss / math.log(2),
             "bits_per_byte": per_byte, "bits_per_char": per_char, "note": note,
             "tokens": total_tokens, "step": loaded.step, "source": source}
+
+
+def _sampled_val_note(loaded: LoadedRun, loss: float) -> str | None:
+    """Why the val loss training logged at this checkpoint's step differs from `loss`, every val token's: it was
+    the mean of eval_iters random batches (None when training scored the whole split too, or logged none here)."""
+    from fungpt.plot import read_metrics
+
+    tc = loaded.config.train
+    if tc.eval_full_val:
+        return None
+    try:
+        logged = [row["val_loss"] for row in read_metrics(loaded.run_dir)[1] if row.get("step") == loaded.step]
+    except (FunGPTError, OSError, ValueError, KeyError, TypeError):
+        return None
+    if not logged or abs(float(logged[-1]) - loss) < 5e-5:  # (the last: a resumed run may log a step twice)
+        return None
+    return (f"fungpt: note: training logged val loss {float(logged[-1]):.4f} at step {loaded.step}, the mean of "
+            f"train.eval_iters = {tc.eval_iters} random batches of the val split; this is every val token's "
+            f"(train.eval_full_val = true makes training's the same)")
 
 
 def print_eval(result: dict, file: TextIO | None = None) -> None:

@@ -23,6 +23,7 @@ from fungpt.cli import main
 from fungpt.config import DataConfig, RunConfig, TrainConfig, load_config, load_run_config
 from fungpt.errors import FunGPTError
 from fungpt.model import GPT, GPTConfig
+from fungpt.runs import data_dir_of
 from fungpt.runs import load_run as load_run_folder
 from fungpt.sample import evaluate_run, sample
 from fungpt.tokenizer import load_tokenizer
@@ -108,6 +109,11 @@ def test_end_to_end_train_sample_eval(corpus, tmp_path):
 
     res = evaluate_run(out)
     assert math.isclose(res["perplexity"], math.exp(res["loss"]))
+    # every val token is scored, where training averaged eval_iters random batches: the note says why they differ
+    assert res["note"] == (f"fungpt: note: training logged val loss {evals[-1]['val_loss']:.4f} at step 30, the mean "
+                           f"of train.eval_iters = 2 random batches of the val split; this is every val token's "
+                           f"(train.eval_full_val = true makes training's the same)")
+    assert res["source"] == f"the val split of {corpus} ({data_dir_of(out)})"
     assert res["bits_per_byte"] == pytest.approx(res["bits_per_char"])  # ASCII: one byte per character
     assert res["loss"] < evals[0]["val_loss"]
     res_file = evaluate_run(out, input=corpus)
@@ -1755,7 +1761,7 @@ def test_eval_refuses_a_data_folder_prepared_again_with_another_tokenizer(corpus
     with pytest.raises(FunGPTError, match="prepared again .*bpe tokenizer"):
         evaluate_run(out)
     prepare(corpus, data_dir, "char", overwrite=True, progress=False)  # the original data again: accepted
-    assert evaluate_run(out)["loss"] == before and evaluate_run(out)["note"] is None
+    assert evaluate_run(out)["loss"] == before and "prepared again" not in evaluate_run(out)["note"]
     # split again (the same tokenizer): scored without a word, though val now held text the run trained on
     prepare(corpus, data_dir, "char", val_fraction=0.5, overwrite=True, progress=False)
     assert re.fullmatch(r"fungpt: note: .* was prepared again since step 2 \(its text's sha256, or how it is split, "
@@ -1775,7 +1781,8 @@ def test_eval_prepares_the_text_again_when_the_cache_was_cleared(corpus, tmp_pat
     capsys.readouterr()
     again = evaluate_run(out)
     assert f"is gone (a cleared cache?): preparing {corpus} again into the cache" in capsys.readouterr().err
-    assert (again["loss"], again["tokens"], again["note"]) == (before["loss"], before["tokens"], None)
+    assert (again["loss"], again["tokens"], again["note"]) == (before["loss"], before["tokens"], before["note"])
+    assert before["note"].startswith("fungpt: note: training logged val loss")  # (see test_end_to_end_...)
     assert [p.name for p in data_dir_of(out).parent.glob("[!.]*")] == [data_dir_of(out).name]  # training's own
     corpus.write_text(corpus.read_text(encoding="utf-8")[::-1], encoding="utf-8")  # other text, same characters
     shutil.rmtree(data_dir_of(out).parent)
