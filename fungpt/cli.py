@@ -123,7 +123,47 @@ def _parse(f, args: list[str], prog: str, **kwargs):
             del os.environ["COLUMNS"]
         else:
             os.environ["COLUMNS"] = columns
-    raise FunGPTError(f"{_box_text(wide.getvalue() or said.getvalue())} (`{prog} --help` lists the options)") from None
+    refusal = _box_text(wide.getvalue() or said.getvalue())
+    switch = _switch_given_a_value(args, refusal, _switches(command))
+    raise FunGPTError(f"{switch or refusal} (`{prog} --help` lists the options)") from None
+
+
+# Values a switch was given, as in a config file (train.eval_full_val = true): tyro's switches take none
+_BOOL_WORDS = {"true", "false", "yes", "no", "on", "off", "0", "1"}
+
+
+def _switches(f, prefix: str = "") -> set[str]:
+    """The bool options of a command function or an arguments dataclass (TrainArgs, its RunConfig's sections
+    included), as tyro names them without its "no-": "train.eval-full-val", "show-probs"."""
+    hints = typing.get_type_hints(f, include_extras=True)
+    if not isinstance(f, type):  # a command: its parameters
+        return {prefix + n.replace("_", "-") for n, t in hints.items() if t is bool}
+    found = set()
+    for field_ in dataclasses.fields(f):
+        hint = hints[field_.name]
+        kind, extras = (hint.__origin__, hint.__metadata__) if typing.get_origin(hint) is Annotated else (hint, ())
+        if kind is bool:
+            found.add(prefix + field_.name.replace("_", "-"))
+        elif dataclasses.is_dataclass(kind):  # (a section: tyro.conf.arg(name="") drops its name from the flags)
+            unnamed = any(getattr(extra, "name", None) == "" for extra in extras)
+            found |= _switches(kind, prefix if unnamed else f"{prefix}{field_.name.replace('_', '-')}.")
+    return found
+
+
+def _switch_given_a_value(args: list[str], refusal: str, switches: set[str]) -> str | None:
+    """A line for tyro's refusal of `--train.eval-full-val true` ("Unrecognized options: true"), as a config file
+    writes it: a switch takes no value; how to write each of its two values. None for any other refusal."""
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if not eq:
+            flag, value = (args[i - 1], arg) if i > 0 else ("", "")
+        group, dot, name = flag.removeprefix("--").replace("_", "-").rpartition(".")
+        name = name.removeprefix("no-")
+        if (flag.startswith("--") and value.lower() in _BOOL_WORDS and f"{group}{dot}{name}" in switches
+                and f"Unrecognized options: {value}" in refusal):
+            return (f"{flag} is a switch and takes no value: write --{group}{dot}{name} for true, "
+                    f"--{group}{dot}no-{name} for false")
+    return None
 
 
 def _box_text(box: str) -> str:

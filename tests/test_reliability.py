@@ -1866,6 +1866,15 @@ TYRO_ERRORS = {
     "a misspelt option before the run": (["sample", "--max_new", "5", "{run}"],
                                          "error: Unrecognized options: --max_new; Perhaps you meant: "
                                          "--max-new-tokens (`fungpt sample --help` lists the options)"),
+    # a switch given a value, as a config file writes it (train.eval_full_val = true): tyro said "Unrecognized
+    # options: true"
+    "a switch given a value": ([*TRAIN, "--train.eval-full-val", "true"],
+                               "error: --train.eval-full-val is a switch and takes no value: write "
+                               "--train.eval-full-val for true, --train.no-eval-full-val for false"),
+    "... its no- form, with =": ([*TRAIN, "--model.no_bias=False"], "error: --model.no_bias is a switch and takes no "
+                                 "value: write --model.bias for true, --model.no-bias for false"),
+    "... a command's": (["sample", "x", "--show-probs", "yes"], "error: --show-probs is a switch and takes no value"),
+    "not a switch, an extra value": ([*TRAIN, "--train.max-iters", "1", "1"], "error: Unrecognized options: 1 (`"),
 }
 
 
