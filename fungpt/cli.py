@@ -309,28 +309,14 @@ def prepare_command(input: str, out: str, tokenizer: Literal["char", "bpe", "gpt
         overwrite: Replace an existing prepared dataset in `out`.
         errors: What to do with invalid UTF-8: strict (refuse, naming the byte) or replace (use U+FFFD).
     """
-    from fungpt.data import load_meta, prepare, skipped_files
-    from fungpt.tokenizer import BPE_MAX_WORD_CHARS
+    from fungpt.data import prepare, prepared_summary
 
     if tokenizer == "bpe" and vocab_size is None:
         vocab_size = 4096
     path = prepare(input, out, tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
                    overwrite=overwrite, errors=errors)
-    meta = load_meta(path)
-    asked = meta.get("vocab_size_asked")
-    short = (f", not the {asked:,} asked: the BPE ran out of pairs to merge, every word of this corpus being one "
-             f"token by then, or {BPE_MAX_WORD_CHARS}-character pieces of longer ones"
-             if isinstance(asked, int) and asked > meta["vocab_size"] else "")
-    print(f"fungpt: prepared {path}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, "
-          f"vocabulary {meta['vocab_size']:,} ({meta['tokenizer']}{short})")
-    folder = Path(input).expanduser()
-    if folder.is_dir():  # which files of a folder went in, and which were left out
-        hidden, empty = skipped_files(folder)
-        left_out = [f"{len(names)} {kind} ({', '.join(names[:5])}{', ...' * (len(names) > 5)})"
-                    for kind, names in (("empty", empty), ("hidden", hidden)) if names]
-        files = meta["source_files"]
-        print(f"fungpt: read {files:,} file{'s' * (files != 1)} of {folder}"
-              + (f"; left out {' and '.join(left_out)}" if left_out else ""))
+    for line in prepared_summary(path, input):
+        print(f"fungpt: {line}")
 
 
 # The run folder, named without a flag (`fungpt sample RUN`); `--run RUN` also works: _run_flag_as_positional

@@ -258,6 +258,29 @@ def _walk_files(folder: Path) -> list[Path]:
     return files
 
 
+def prepared_summary(out: Path, input: str | Path) -> list[str]:
+    """What `prepare` made of `input` into `out`, in a line or two: its token counts and vocabulary (a BPE's smaller
+    than asked, said why), and for a folder which of its files went in and which were left out."""
+    from fungpt.tokenizer import BPE_MAX_WORD_CHARS
+
+    meta = load_meta(out)
+    asked = meta.get("vocab_size_asked")
+    short = (f", not the {asked:,} asked: the BPE ran out of pairs to merge, every word of this corpus being one "
+             f"token by then, or {BPE_MAX_WORD_CHARS}-character pieces of longer ones"
+             if isinstance(asked, int) and asked > meta["vocab_size"] else "")
+    lines = [f"prepared {out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, vocabulary "
+             f"{meta['vocab_size']:,} ({meta['tokenizer']}{short})"]
+    folder = Path(input).expanduser()
+    if folder.is_dir():  # which files of a folder went in, and which were left out
+        hidden, empty = skipped_files(folder)
+        left_out = [f"{len(names)} {kind} ({', '.join(names[:5])}{', ...' * (len(names) > 5)})"
+                    for kind, names in (("empty", empty), ("hidden", hidden)) if names]
+        files = meta["source_files"]
+        lines.append(f"read {files:,} file{'s' * (files != 1)} of {folder}"
+                     + (f"; left out {' and '.join(left_out)}" if left_out else ""))
+    return lines
+
+
 def skipped_files(folder: Path) -> tuple[list[str], list[str]]:
     """What prepare leaves out of a folder (resolve_source), for a note: the hidden files and folders (a leading dot,
     or the system's hidden flag) and the empty files, as paths relative to it, sorted (folders end in "/")."""

@@ -68,6 +68,7 @@ from fungpt.data import (
     max_token_id,
     mend,
     prepare,
+    prepared_summary,
     remove_stale_temps,
     resolve_source,
     same_dataset,
@@ -246,6 +247,8 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
             vocab = data.vocab_size if data.vocab_size is not None else (4096 if data.tokenizer == "bpe" else None)
             prepare(data.path, out, tokenizer=tokenizer or data.tokenizer, vocab_size=None if tokenizer else vocab,
                     val_fraction=data.val_fraction, overwrite=True, errors=data.errors, progress=progress)
+            for line in prepared_summary(out, path):  # (as `fungpt prepare` says it: the same data, made here)
+                print(f"fungpt: {line}")
         elif is_main:
             # A prepare killed (kill -9) before it cleaned up left its temporary folder beside `out`, which a later
             # run prepared in full: found cached from then on, prepare never ran again to remove it (gigabytes)

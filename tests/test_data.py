@@ -1094,7 +1094,7 @@ def test_prepare_says_when_a_bpe_stops_short_of_the_size_asked(corpus, tmp_path,
     assert "asked" not in capsys.readouterr().out
 
 
-def test_prepare_of_a_folder_names_the_files_it_left_out(tmp_path, capsys):
+def test_prepare_of_a_folder_names_the_files_it_left_out(tmp_path, capsys, monkeypatch):
     """Empty and hidden files are skipped (README): prepare said nothing of them, so a file that was meant to be read
     (saved empty by mistake, or named .notes) went missing without a word."""
     from fungpt.cli import main
@@ -1123,6 +1123,15 @@ def test_prepare_of_a_folder_names_the_files_it_left_out(tmp_path, capsys):
     (top / "sub" / "up").symlink_to(top, target_is_directory=True)
     assert main(["prepare", "--input", str(top), "--out", str(tmp_path / "d"), "--overwrite"]) == 0
     assert f"read 4 files of {top}; left out 1 empty (linked/blank.txt) and 9 hidden" in capsys.readouterr().out
+    # train, preparing the same folder into the cache itself (as the README suggests), says the same (it said none)
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["train", "--data.path", str(top), "--out-dir", str(tmp_path / "run"), "--data.tokenizer", "bpe",
+                 "--data.vocab-size", "2000", "--train.max-iters", "1", "--train.eval-iters", "1", "--model.n-layer",
+                 "1", "--model.n-embd", "16", "--model.n-head", "1", "--model.block-size", "8"]) == 0
+    said = capsys.readouterr().out
+    assert f"read 4 files of {top}; left out 1 empty (linked/blank.txt) and 9 hidden" in said
+    assert re.search(r"fungpt: prepared .*: [\d,]+ train and [\d,]+ val tokens, vocabulary \d+ \(bpe, not the 2,000 "
+                     r"asked: the BPE ran out of pairs to merge", said), said
 
 
 @needs_shakespeare
