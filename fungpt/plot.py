@@ -96,7 +96,30 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
         if not (tr_x or ev_x):  # (drawn without it, the figure would not say that a run is missing)
             print(f"fungpt: note: {run} has no loss rows with {key!r} in its metrics.jsonl: it is left out of the "
                   f"figure" + (" (try --x step)" if x != "step" else ""), file=sys.stderr)
+    if note := _tokens_note(runs):
+        print(note, file=sys.stderr)
     return save_figure(_loss_figure(curves, label), out)
+
+
+def _tokens_note(runs: list[str | Path]) -> str | None:
+    """A note when the runs' tokens differ (another tokenizer, or vocabulary size): a loss in nats per token then
+    does not compare (a character-level run's reads far lower than a BPE run's that predicts the same text better);
+    bits per byte do. None when they agree, or a run's files do not tell."""
+    from fungpt.errors import read_json
+
+    kinds = {}
+    for run in runs:
+        try:
+            kind = read_json(Path(run) / "tokenizer_meta.json")["kind"]
+            vocab = read_json(Path(run) / "config.json")["model"]["vocab_size"]
+        except (FunGPTError, OSError, KeyError, TypeError):
+            return None
+        kinds.setdefault(f"{kind} {vocab:,}" if isinstance(vocab, int) else str(kind), []).append(str(run))
+    if len(kinds) < 2:
+        return None
+    which = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in kinds.items())
+    return (f"fungpt: note: these runs' tokens differ ({which}), so their losses per token do not compare; "
+            f"`fungpt eval RUN` gives each one's bits per byte, which do")
 
 
 def _loss_figure(curves: list, xlabel: str):

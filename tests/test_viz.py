@@ -380,6 +380,23 @@ def test_plot_runs_with_and_without_val_rows(tmp_path, monkeypatch):
     assert "<use" in train_line.split("</g>")[0]  # a marker at the point
 
 
+def test_plot_runs_says_when_the_runs_tokens_differ(tmp_path, capsys):
+    """A char run's loss per token reads far below a BPE run's that predicts the same text better: plotted on one
+    axis without a word, the figure misled (bits per byte compare)."""
+    runs = {}
+    for name, kind, vocab in (("c", "char", 65), ("c2", "char", 65), ("b", "bpe", 4096), ("b2", "bpe", 512)):
+        runs[name] = write_metrics(tmp_path / name, [{"step": 1, "train_loss": 3.0}])
+        (runs[name] / "tokenizer_meta.json").write_text(json.dumps({"kind": kind}), encoding="utf-8")
+        (runs[name] / "config.json").write_text(json.dumps({"model": {"vocab_size": vocab}}), encoding="utf-8")
+    plot_runs([runs["c"], runs["c2"]], tmp_path / "same.png")
+    assert "note" not in capsys.readouterr().err
+    plot_runs([runs["c"], runs["b"], runs["c2"], runs["b2"]], tmp_path / "mixed.png")
+    assert capsys.readouterr().err == (
+        f"fungpt: note: these runs' tokens differ (char 65: {runs['c']}, {runs['c2']}; bpe 4,096: {runs['b']}; "
+        f"bpe 512: {runs['b2']}), so their losses per token do not compare; `fungpt eval RUN` gives each one's "
+        f"bits per byte, which do\n")
+
+
 def record_plots(monkeypatch) -> list[tuple[str, list, list]]:
     """(label, x, y) of every line plot_runs draws, in order."""
     from matplotlib.axes import Axes
