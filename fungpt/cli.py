@@ -226,13 +226,33 @@ def _plain_optional(text: str) -> str:
 
 def _out_dir_arg(args: list[str]) -> str | None:
     """The --out-dir given on the command line (the last one, as tyro takes), or None."""
-    found = None
+    return _flag_arg(args, "--out-dir")
+
+
+def _flag_arg(args: list[str], flag: str) -> str | None:
+    """The value of `flag` (spelt with dashes; its underscores too) on the command line, the last one as tyro takes
+    it, or None."""
+    found, names = None, (flag, "--" + flag[2:].replace("-", "_"))
     for i, a in enumerate(args):
-        if a in ("--out-dir", "--out_dir") and i + 1 < len(args):
+        if a in names and i + 1 < len(args):
             found = args[i + 1]
-        elif a.startswith(("--out-dir=", "--out_dir=")):
+        elif a.startswith(tuple(f"{name}=" for name in names)):
             found = a.split("=", 1)[1]
     return found
+
+
+def _drop_bpe_size(base: RunConfig, path: str, args: list[str]) -> RunConfig:
+    """A config file of a BPE run (custom-corpus) given another tokenizer on the command line: its vocab_size,
+    which applies to bpe only, is dropped with a note (it was refused, though the file's comment offers the char
+    tokenizer as its second choice). Given on the command line too, it is kept, and refused."""
+    tokenizer = _flag_arg(args, "--data.tokenizer")
+    if (tokenizer in (None, "bpe") or base.data.vocab_size is None or base.data.tokenizer != "bpe"
+            or _flag_arg(args, "--data.vocab-size") is not None):
+        return base
+    if _rank() == 0:
+        print(f"fungpt: note: {path}'s data.vocab_size = {base.data.vocab_size} is for its bpe tokenizer: not used "
+              f"with --data.tokenizer {tokenizer}")
+    return dataclasses.replace(base, data=dataclasses.replace(base.data, vocab_size=None))
 
 
 def _rank() -> int:
@@ -264,7 +284,7 @@ def cmd_train(args: list[str], start_time: float) -> int | None:
     path = str(saved) if resumed and saved.is_file() else path
     # The file's settings are checked together with the flags (a flag may fix what the file set, e.g. min_lr below
     # a lower lr given on the command line); a check that still fails names the file
-    base = load_config(path, checked=False) if path else RunConfig()
+    base = _drop_bpe_size(load_config(path, checked=False), path, args) if path else RunConfig()
     if resumed and path:
         base = _as_checkpointed(base, saved.parent)
         if _rank() == 0:

@@ -1640,6 +1640,24 @@ def test_wandb_that_cannot_start_is_one_clear_line(corpus, tmp_path, monkeypatch
         train(tiny_config(corpus, tmp_path / "run", max_iters=2, wandb=True), progress=False)
 
 
+def test_the_custom_corpus_preset_trains_chars_given_the_char_tokenizer(tmp_path, monkeypatch, corpus, capsys):
+    """The preset's comment offers "char" as its second choice; given on the command line, its vocab_size (for its
+    bpe tokenizer) was refused until --data.vocab-size None was given too. Given on the command line itself, a
+    vocab_size still is."""
+    from fungpt.cli import main
+
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    tiny = ["--model.n-layer", "1", "--model.n-head", "1", "--model.n-embd", "16", "--model.block-size", "8",
+            "--train.max-iters", "1", "--train.eval-iters", "1", "--train.batch-size", "2"]
+    argv = ["train", "--config", "custom-corpus", "--data.path", str(corpus), "--data.tokenizer", "char", *tiny]
+    assert main([*argv, "--out-dir", str(tmp_path / "run")]) == 0
+    assert ("fungpt: note: custom-corpus's data.vocab_size = 4096 is for its bpe tokenizer: not used with "
+            "--data.tokenizer char\n") in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["tokenizer"] == "char"
+    assert main([*argv, "--out-dir", str(tmp_path / "run2"), "--data.vocab-size", "100"]) == 2
+    assert "data.vocab_size = 100 only applies to the bpe tokenizer, not 'char'" in capsys.readouterr().err
+
+
 def test_examples_run(tmp_path, monkeypatch, corpus):
     """The custom-corpus example runs end to end on a tiny corpus (a few steps), kept in data/poems: it prepared
     into data/poems, the corpus's own folder, and stopped with advice to use an --out it did not have."""
