@@ -144,8 +144,11 @@ class TimeBudget:
         return end_reserve(self.timings())
 
     def periodic_time(self, step: int) -> float:
-        """The time of the periodic eval and checkpoint due after step `step` + 1, if any (0.0 when none is due)."""
+        """The time of the periodic eval and checkpoint due after step `step` + 1, if any (0.0 when none is due: at
+        max_iters the final eval and checkpoint take their place, in end_time)."""
         tc = self.tc
+        if step + 1 >= tc.max_iters:
+            return 0.0
         return (((step + 1) % tc.eval_interval == 0) * typical(self.eval_times)
                 + ((step + 1) % tc.checkpoint_interval == 0) * typical(self.save_times))
 

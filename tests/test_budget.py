@@ -65,16 +65,16 @@ def replay(now: list[float], tc: TrainConfig, d: Durations):
         step += 1
         tb.step_done(d.step, started)
         forecasts.append(tb.last_step_forecast(step))
-        eval_last = step % tc.eval_interval == 0
+        eval_last = step % tc.eval_interval == 0 and step < tc.max_iters  # (at max_iters: the final eval instead)
         if eval_last:
             now[0] += d.eval
             tb.eval_times.append(d.eval)
-        if step % tc.checkpoint_interval == 0:
+        if step % tc.checkpoint_interval == 0 and step < tc.max_iters:
             now[0] += d.save
             tb.save_times.append(d.save)
     # train.py's end: the final eval unless the last step was just evaluated, and a checkpoint after it, or one
     # unless just saved; then the plot and the exit
-    saved_last = step % tc.checkpoint_interval == 0
+    saved_last = step % tc.checkpoint_interval == 0 and step < tc.max_iters
     now[0] += (d.save * (not saved_last) if eval_last else d.eval + 2 * d.save) + d.plot + EXIT_S
     return positions, step, forecasts, eval_last, now[0] - start
 
@@ -155,6 +155,14 @@ def test_the_forecast_of_the_last_step_counts_the_evals_and_checkpoints_to_come(
     _, last, forecasts, _, _ = replay(clock, tc, Durations(step=0.1, eval=0.5, save=0.3))
     for step, forecast in enumerate(forecasts[5:], start=6):  # (from the sixth step: the median of five steps)
         assert abs(forecast - last) <= 0.03 * last, (step, forecast, last)
+
+
+def test_a_budget_that_holds_max_iters_reaches_it(clock):
+    """The eval and checkpoint due at max_iters are not periodic ones (the final ones take their place, already
+    reserved): counted twice, a budget 3 s too short for them stopped the run a step before max_iters."""
+    tc = budget_config(max_iters=50, eval_interval=50, checkpoint_interval=50, max_minutes=12.3 / 60)
+    _, last, _, _, end = replay(clock, tc, Durations(step=0.1, eval=3.0, save=0.3))
+    assert last == 50 and end <= 12.3
 
 
 def test_the_forecast_is_max_iters_when_they_come_before_the_budget(clock):
