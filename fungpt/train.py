@@ -1448,6 +1448,26 @@ def _reader_gone(fd: int) -> bool:
     return any(events & select.POLLERR for _, events in poll.poll(0))
 
 
+def _train_bar(tqdm):
+    """The training bar's class: tqdm's, whose rate (and so its time left) is the steps since the command's first
+    step over the time since, the periodic evals and checkpoints included. tqdm's own is a moving average of the
+    last steps, which left the evals out (a run with an eval every 100 steps said 6 s left at step 20 of 400, and
+    took 18.6 s); its average over the whole command counts the first step too, which also compiles (a 20 s first
+    step of a compiled speedrun said ten times the time left)."""
+
+    class TrainBar(tqdm):
+        origin: tuple[float, float] | None = None  # (time, steps) when the command's first step ended
+
+        @property
+        def format_dict(self):
+            d = super().format_dict
+            if self.origin is not None and d["n"] > self.origin[1]:
+                d["rate"] = (d["n"] - self.origin[1]) / max(time.time() - self.origin[0], 1e-9)
+            return d
+
+    return TrainBar
+
+
 @contextlib.contextmanager
 def _close_on_error(bar):
     """Close the progress bar when the loop fails, so the error starts on a line of its own."""
@@ -2009,11 +2029,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
 
         every = bar_interval()  # (30 s into a log file or a pipe, where each redraw is kept)
         # (a budget's end is forecast from the first steps: no total until then, rather than max_iters)
-        # smoothing=0: the rate (and the time left) is this command's steps over its time, the periodic evals and
-        # checkpoints included; tqdm's moving average of the last steps left them out (a run with an eval every 100
-        # steps said 6 s left at step 20 of 400, and took 18.6 s)
-        bar = tqdm(total=None if clock.budget_s is not None else tc.max_iters, initial=step, desc="train", unit="step",
-                   dynamic_ncols=True, mininterval=every, maxinterval=max(every, 10.0), smoothing=0)
+        bar = _train_bar(tqdm)(total=None if clock.budget_s is not None else tc.max_iters, initial=step, desc="train",
+                               unit="step", dynamic_ncols=True, mininterval=every, maxinterval=max(every, 10.0))
     with _StopFlag(announce=ddp.is_main, processes=ddp.world_size) as interrupt, _close_on_error(bar):
         position = 0.0  # where the lr schedule stands (in steps), agreed before each step
         while step < tc.max_iters:
@@ -2065,6 +2082,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                     unlogged = row
             if bar is not None:
                 interrupt.output(bar.update, 1)
+                if step == start_step + 1:
+                    bar.origin = (time.time(), bar.n)  # (the rate from here: see _train_bar)
             if step % tc.eval_interval == 0 and step < tc.max_iters:
                 t0 = time.time()
                 with interrupt.evaluating():
@@ -2096,10 +2115,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             with interrupt.evaluating():
                 scored = do_eval(interrupt)
             left, signum = agree([float(scored is None), interrupt.signum or 0])
+            if scored is not None:  # (under DDP another rank may have left it: this one's eval is logged all the same)
+                losses, evaluated_at = scored, step
             if left:
                 interrupted, stop_signal, final_eval = True, int(signum) or signal.SIGINT, False
-            else:
-                losses, evaluated_at = scored, step
         if interrupted and saved_at != step:
             do_save()  # still under the handlers: a second signal meanwhile stops at once, saying so
         if bar is not None:

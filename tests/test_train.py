@@ -507,6 +507,25 @@ def test_a_slow_eval_shows_a_bar_and_a_quick_one_none(corpus, tmp_path, monkeypa
     assert full == evaluate(model, data_dir, cfg, "cpu", contextlib.nullcontext)
 
 
+def test_the_train_bars_time_left_counts_the_evals_and_not_the_first_step(monkeypatch):
+    """tqdm's rate, a moving average of the last steps, left the evals out of the time left (6 s said, 18.6 s
+    taken); its average over the whole command counts the first step too, which also compiles (ten times the time
+    left). The train bar's rate is the steps since the first one over the time since, the evals included."""
+    from tqdm.std import tqdm
+
+    train_module = sys.modules["fungpt.train"]  # (fungpt.train, the attribute, is the function)
+    now = [1000.0]
+    monkeypatch.setattr(train_module.time, "time", lambda: now[0])
+    bar = train_module._train_bar(tqdm)(total=1100, file=io.StringIO())
+    bar.update(1)  # the first step (a 20 s compile, say), then:
+    bar.origin = (1000.0, 1)
+    now[0] += 1.0 + 0.5  # 100 steps of 10 ms, and an eval of 0.5 s
+    bar.update(100)
+    assert bar.format_dict["rate"] == pytest.approx(100 / 1.5)  # steps per second, evals included
+    assert "<00:14" in bar.format_meter(**bar.format_dict)  # (1100 - 101) steps at 15 ms: 14.985 s left
+    bar.close()
+
+
 def test_a_slow_budget_plan_shows_a_bar(corpus, tmp_path, monkeypatch, capsys):
     """A time-budget run times forward batches, a checkpoint save and the plot before its first step: 19 s with
     nothing on the screen for a 124M model on a CPU. A bar now shows once that has taken a second."""
@@ -2123,7 +2142,8 @@ def test_bits_per_byte_of_a_folder_leave_out_the_endoftext_between_its_files(tmp
         (folder / f"{i:02d}.txt").write_text(text, encoding="utf-8")
     out = tmp_path / "run"
     cfg = tiny_config(folder, out, max_iters=2)
-    cfg.data = DataConfig(path=str(folder), tokenizer="bpe", vocab_size=300)
+    # (eval_full_val: training's val loss is every val token's too, so that eval has no note of its own about it)
+    cfg.data, cfg.train.eval_full_val = DataConfig(path=str(folder), tokenizer="bpe", vocab_size=300), True
     train(cfg, progress=False)
     meta_file = data_dir_of(out) / "meta.json"
     meta = load_meta(meta_file.parent)
@@ -2138,7 +2158,7 @@ def test_bits_per_byte_of_a_folder_leave_out_the_endoftext_between_its_files(tmp
         (tmp_path / "two" / name).parent.mkdir(exist_ok=True)
         (tmp_path / "two" / name).write_text("".join(texts[:15]), encoding="utf-8")
     cfg = tiny_config(tmp_path / "two", tmp_path / "run2", max_iters=2)
-    cfg.data = DataConfig(path=str(tmp_path / "two"), tokenizer="bpe", vocab_size=300)
+    cfg.data, cfg.train.eval_full_val = DataConfig(path=str(tmp_path / "two"), tokenizer="bpe", vocab_size=300), True
     train(cfg, progress=False)
     meta_file = data_dir_of(tmp_path / "run2") / "meta.json"
     meta = load_meta(meta_file.parent)
