@@ -125,7 +125,11 @@ def _parse(f, args: list[str], prog: str, **kwargs):
             os.environ["COLUMNS"] = columns
     refusal = _box_text(wide.getvalue() or said.getvalue())
     switch = _switch_given_a_value(args, refusal, _switches(command))
-    raise FunGPTError(f"{switch or refusal} (`{prog} --help` lists the options)") from None
+    if switch is not None:  # (said in place of tyro's "Unrecognized options: true", the rest of its refusal kept)
+        said, value = switch
+        rest = [part for part in refusal.split("; ") if part != f"Unrecognized options: {value}"]
+        refusal = "; ".join([said, *rest]) if len(rest) < len(refusal.split("; ")) else f"{said}; {refusal}"
+    raise FunGPTError(f"{refusal} (`{prog} --help` lists the options)") from None
 
 
 # Values a switch was given, as in a config file (train.eval_full_val = true): tyro's switches take none
@@ -150,9 +154,10 @@ def _switches(f, prefix: str = "") -> set[str]:
     return found
 
 
-def _switch_given_a_value(args: list[str], refusal: str, switches: set[str]) -> str | None:
+def _switch_given_a_value(args: list[str], refusal: str, switches: set[str]) -> tuple[str, str] | None:
     """A line for tyro's refusal of `--train.eval-full-val true` ("Unrecognized options: true"), as a config file
-    writes it: a switch takes no value; how to write each of its two values. None for any other refusal."""
+    writes it: a switch takes no value; how to write each of its two values; and the value. None for any other
+    refusal."""
     for i, arg in enumerate(args):
         flag, eq, value = arg.partition("=")
         if not eq:
@@ -162,7 +167,7 @@ def _switch_given_a_value(args: list[str], refusal: str, switches: set[str]) -> 
         if (flag.startswith("--") and value.lower() in _BOOL_WORDS and f"{group}{dot}{name}" in switches
                 and f"Unrecognized options: {value}" in refusal):
             return (f"{flag} is a switch and takes no value: write --{group}{dot}{name} for true, "
-                    f"--{group}{dot}no-{name} for false")
+                    f"--{group}{dot}no-{name} for false"), value
     return None
 
 

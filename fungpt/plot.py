@@ -107,12 +107,12 @@ def _tokens_note(runs: list[str | Path]) -> str | None:
     bits per byte do. None when they agree, or a run's files do not tell."""
     from fungpt.errors import read_json
 
-    kinds = {}
-    for run in runs:
+    kinds: dict[str, list[str]] = {}
+    for run in runs if len(runs) > 1 else ():
         try:
             kind = read_json(Path(run) / "tokenizer_meta.json")["kind"]
             vocab = read_json(Path(run) / "config.json")["model"]["vocab_size"]
-        except (FunGPTError, OSError, KeyError, TypeError):
+        except (FunGPTError, OSError, ValueError, KeyError, TypeError):  # (a damaged file: no note, the plot stands)
             return None
         kinds.setdefault(f"{kind} {vocab:,}" if isinstance(vocab, int) else str(kind), []).append(str(run))
     if len(kinds) < 2:

@@ -1874,6 +1874,9 @@ TYRO_ERRORS = {
     "... its no- form, with =": ([*TRAIN, "--model.no_bias=False"], "error: --model.no_bias is a switch and takes no "
                                  "value: write --model.bias for true, --model.no-bias for false"),
     "... a command's": (["sample", "x", "--show-probs", "yes"], "error: --show-probs is a switch and takes no value"),
+    "... with the rest of the refusal": (["prepare", "--input", "x", "--overwrite", "true"],
+                                         "error: --overwrite is a switch and takes no value: write --overwrite for "
+                                         "true, --no-overwrite for false; Missing from fungpt prepare: --out STR (`"),
     "not a switch, an extra value": ([*TRAIN, "--train.max-iters", "1", "1"], "error: Unrecognized options: 1 (`"),
 }
 

@@ -395,6 +395,10 @@ def test_plot_runs_says_when_the_runs_tokens_differ(tmp_path, capsys):
         f"fungpt: note: these runs' tokens differ (char 65: {runs['c']}, {runs['c2']}; bpe 4,096: {runs['b']}; "
         f"bpe 512: {runs['b2']}), so their losses per token do not compare; `fungpt eval RUN` gives each one's "
         f"bits per byte, which do\n")
+    # a damaged file says nothing (the plot is what was asked for)
+    (runs["b"] / "tokenizer_meta.json").write_text('{"kind": "b', encoding="utf-8")
+    plot_runs([runs["c"], runs["b"]], tmp_path / "damaged.png")
+    assert capsys.readouterr().err == "" and (tmp_path / "damaged.png").is_file()
 
 
 def record_plots(monkeypatch) -> list[tuple[str, list, list]]:
