@@ -500,6 +500,13 @@ def test_invalid_utf8_offset_across_chunks(tmp_path):
         list(data_mod._iter_file_text(path, "strict", 3, None))
     good = _write(tmp_path, "g.txt", raw)
     assert "".join(data_mod._iter_file_text(good, "strict", 3, None)) == raw.decode("utf-8")
+    # old Mac line endings, the last one at the very end of the file: read as they are, none lost
+    mac = _write(tmp_path, "mac.txt", b"a\rb\rc\r")
+    assert "".join(data_mod._iter_file_text(mac, "strict", 3, None)) == "a\rb\rc\r"
+    # a NUL past the first read is named at its offset in the file, not in its read
+    nul = _write(tmp_path, "nul.bin", b"x" * 100 + b"\x00")
+    with pytest.raises(FunGPTError, match=r"NUL byte at byte offset 100\)"):
+        list(data_mod._iter_file_text(nul, "strict", 16, None))
 
 
 def test_existing_dataset_refused_then_overwritten(tmp_path, corpus, char_data):
@@ -1034,6 +1041,9 @@ def test_safe_cuts_never_change_the_pretokenizer_pieces():
         for cut in cuts + spaces:
             if 0 < cut < len(text):
                 assert pieces(text[:cut]) + pieces(text[cut:]) == pieces(text), (text, cut)
+    # a last space further back than the 64K characters searched first is still found (not a cut inside a word)
+    long_word = "a b" + "x" * 70_000
+    assert data_mod._last_space_cut(long_word) == max(m.start() for m in data_mod._SPACE_CUT.finditer(long_word))
     trailing = "to be or not \nthat is the question\t\nwhether tis nobler \n"
     assert data_mod._last_safe_cut(trailing) is not None
     assert data_mod._cut_between(data_mod._SAFE_CUT, trailing, 0, len(trailing)) == 13
@@ -1092,6 +1102,10 @@ def test_prepare_says_when_a_bpe_stops_short_of_the_size_asked(corpus, tmp_path,
             "corpus being one token by then, or 256-character pieces of longer ones)") in capsys.readouterr().out
     assert main(["prepare", "--input", str(corpus), "--out", str(tmp_path / "char")]) == 0
     assert "asked" not in capsys.readouterr().out
+    # a BPE that reaches the size asked, exactly: nothing to explain
+    assert main(["prepare", "--input", str(corpus), "--out", str(tmp_path / "reached"), "--tokenizer", "bpe",
+                 "--vocab-size", str(size)]) == 0
+    assert f"vocabulary {size:,} (bpe)\n" in capsys.readouterr().out
 
 
 def test_prepare_of_a_folder_names_the_files_it_left_out(tmp_path, capsys, monkeypatch):

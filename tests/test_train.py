@@ -114,10 +114,28 @@ def test_end_to_end_train_sample_eval(corpus, tmp_path):
                            f"of train.eval_iters = 2 random batches of the val split; this is every val token's "
                            f"(train.eval_full_val = true makes training's the same)")
     assert res["source"] == f"the val split of {corpus} ({data_dir_of(out)})"
+    assert res["bits_per_token"] == pytest.approx(res["loss"] / math.log(2))
+    # the note quotes the last row of the checkpoint's step (a resume may log a step twice), not a later step's
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 30, "train_loss": 1.0, "val_loss": 4.5}) + "\n")
+        f.write(json.dumps({"step": 31, "train_loss": 1.0, "val_loss": 7.25}) + "\n")
+    assert evaluate_run(out)["note"].startswith("fungpt: note: training logged val loss 4.5000 at step 30, ")
     assert res["bits_per_byte"] == pytest.approx(res["bits_per_char"])  # ASCII: one byte per character
     assert res["loss"] < evals[0]["val_loss"]
     res_file = evaluate_run(out, input=corpus)
     assert res_file["tokens"] == len(corpus.read_text()) - 1
+    assert res_file["note"] is None  # (another text than the val split: training's val loss is not its own)
+    # a run whose evals scored every val token too: its logged val loss is eval's, so no note (even one that
+    # differs a little: another device, autocast)
+    full = tmp_path / "full"
+    cfg = tiny_config(corpus, full, max_iters=2)
+    cfg.train.eval_full_val = True
+    train(cfg, progress=False)
+    rows = (full / "metrics.jsonl").read_text().splitlines()
+    last = json.loads(rows[-1])
+    (full / "metrics.jsonl").write_text("\n".join([*rows[:-1], json.dumps({**last, "val_loss": last["val_loss"]
+                                                                             + 1e-3})]) + "\n")
+    assert evaluate_run(full)["note"] is None
 
 
 def test_metrics_schema(corpus, tmp_path):

@@ -787,6 +787,39 @@ def test_a_sample_ends_at_endoftext_unless_asked_to_go_on(run_dir, monkeypatch, 
         "The cat<|endoftext|> sat"]
 
 
+@pytest.mark.parametrize("temperature,top_k", [(0.5, 2), (0.0, None)])
+def test_show_probs_shows_the_drawn_tokens_probability_under_the_sampling_settings(run_dir, monkeypatch, temperature,
+                                                                                    top_k):
+    """Each line's p is the drawn token's probability, and its candidates those of the distribution sampled from
+    (temperature, top-k); greedy (temperature 0) shows the model's own softmax."""
+    import dataclasses
+    import importlib
+
+    sample_mod = importlib.import_module("fungpt.sample")  # (`import fungpt.sample` names the function)
+    tok = CharTokenizer.train("abcd")
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])  # a > b > c > d
+    real = load_run(run_dir, device="cpu")
+
+    class Scripted(torch.nn.Module):  # draws b, then a, whatever sampling would
+        def generate_stream(self, idx, max_new_tokens, yield_logits=False, **kw):
+            for t in (1, 0)[:max_new_tokens]:
+                yield torch.tensor([t]), logits
+
+    monkeypatch.setattr(sample_mod, "load_run", lambda *a, **k: dataclasses.replace(real, model=Scripted(),
+                                                                                    tokenizer=tok))
+    out = io.StringIO()
+    sample(run_dir, prompt="a", max_new_tokens=2, out=out, show_probs=True, show_top=3, temperature=temperature,
+           top_k=top_k)
+    rows = [ln for ln in out.getvalue().splitlines() if ln.strip()[:1].isdigit()]
+    probs = torch.softmax(logits[0] / (temperature or 1.0), 0)
+    if top_k:
+        probs = torch.cat([probs[:top_k] / probs[:top_k].sum(), torch.zeros(4 - top_k)])
+    shown = [(ln.split("|")[0].split()[1:], ln.split("|")[1].split()) for ln in rows]
+    assert shown[0][0] == ["b", f"{probs[1]:.3f}"] and shown[1][0] == ["a", f"{probs[0]:.3f}"]
+    listing = [(text, f"{q:.3f}") for text, q in zip("abc", probs.tolist()) if q > 0]
+    assert shown[0][1] == [x for pair in listing for x in pair]  # (top-k 2: two candidates)
+
+
 def test_show_probs_same_text_and_one_line_per_token(run_dir):
     plain, shown = io.StringIO(), io.StringIO()
     a = sample(run_dir, prompt="ROMEO:", max_new_tokens=8, device="cpu", out=plain)
