@@ -123,6 +123,9 @@ def test_weights_changed_between_steps_are_used(cpu_matmul):
     model.blocks[0].mlp.c_fc.weight.mul_(1.5)  # in place, as an optimizer step would (a paused generate_stream)
     model.blocks[1].attn.c_proj.weight.data = torch.randn(32, 32)  # a new tensor behind the same parameter
     torch.testing.assert_close(decoder.step(token), model(token[None], kv_cache=ref_cache), rtol=1e-4, atol=1e-5)
+    # a new tensor alone (its version counter may equal the old one's: only where it lives tells them apart)
+    model.blocks[0].attn.c_attn.weight.data = torch.randn(96, 32)
+    torch.testing.assert_close(decoder.step(token), model(token[None], kv_cache=ref_cache), rtol=1e-4, atol=1e-5)
 
 
 def test_weights_written_through_data_between_generations_are_used(cpu_matmul):
