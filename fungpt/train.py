@@ -1461,8 +1461,10 @@ def _train_bar(tqdm):
         @property
         def format_dict(self):
             d = super().format_dict
-            if self.origin is not None and d["n"] > self.origin[1]:
-                d["rate"] = (d["n"] - self.origin[1]) / max(time.time() - self.origin[0], 1e-9)
+            if self.origin is not None:
+                # (0 until a second step is done: shown as "?", not the first step's rate, which a log file kept)
+                t0, n0 = self.origin
+                d["rate"] = (d["n"] - n0) / max(time.time() - t0, 1e-9) if d["n"] > n0 else 0
             return d
 
     return TrainBar
@@ -2081,9 +2083,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 else:
                     unlogged = row
             if bar is not None:
-                interrupt.output(bar.update, 1)
                 if step == start_step + 1:
-                    bar.origin = (time.time(), bar.n)  # (the rate from here: see _train_bar)
+                    bar.origin = (time.time(), bar.n + 1)  # (the rate from here, once another step is done: _train_bar)
+                interrupt.output(bar.update, 1)
             if step % tc.eval_interval == 0 and step < tc.max_iters:
                 t0 = time.time()
                 with interrupt.evaluating():

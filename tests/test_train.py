@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -525,7 +526,7 @@ def test_a_slow_eval_shows_a_bar_and_a_quick_one_none(corpus, tmp_path, monkeypa
     assert full == evaluate(model, data_dir, cfg, "cpu", contextlib.nullcontext)
 
 
-def test_the_train_bars_time_left_counts_the_evals_and_not_the_first_step(monkeypatch):
+def test_the_train_bars_time_left_counts_the_evals_and_not_the_first_step(monkeypatch, corpus, tmp_path):
     """tqdm's rate, a moving average of the last steps, left the evals out of the time left (6 s said, 18.6 s
     taken); its average over the whole command counts the first step too, which also compiles (ten times the time
     left). The train bar's rate is the steps since the first one over the time since, the evals included."""
@@ -535,13 +536,30 @@ def test_the_train_bars_time_left_counts_the_evals_and_not_the_first_step(monkey
     now = [1000.0]
     monkeypatch.setattr(train_module.time, "time", lambda: now[0])
     bar = train_module._train_bar(tqdm)(total=1100, file=io.StringIO())
-    bar.update(1)  # the first step (a 20 s compile, say), then:
-    bar.origin = (1000.0, 1)
+    bar.origin = (1020.0, 1)  # set as the first step (a 20 s compile, say) ends, before the bar counts it:
+    now[0] += 20.0
+    bar.update(1)
+    assert "?it/s" in str(bar) and "<?" in str(bar)  # (not 20 s a step, kept in a log file until the next line)
     now[0] += 1.0 + 0.5  # 100 steps of 10 ms, and an eval of 0.5 s
     bar.update(100)
     assert bar.format_dict["rate"] == pytest.approx(100 / 1.5)  # steps per second, evals included
     assert "<00:14" in bar.format_meter(**bar.format_dict)  # (1100 - 101) steps at 15 ms: 14.985 s left
     bar.close()
+    monkeypatch.undo()  # (the clock back)
+    # train() sets the origin as the command's first step ends, a resumed one's too
+    bars = []
+
+    def recorded(tqdm_class):
+        cls = real_bar(tqdm_class)
+        return lambda *a, **k: bars.append(cls(*a, **k)) or bars[-1]
+
+    real_bar = train_module._train_bar
+    monkeypatch.setattr(train_module, "_train_bar", recorded)
+    cfg = tiny_config(corpus, tmp_path / "run", max_iters=3)
+    train(cfg, progress=True)
+    cfg.train.max_iters = 5
+    train(cfg, resume=True, progress=True)
+    assert [bar.origin[1] for bar in bars] == [1, 4] and all(0 < time.time() - bar.origin[0] < 600 for bar in bars)
 
 
 def test_a_slow_budget_plan_shows_a_bar(corpus, tmp_path, monkeypatch, capsys):
