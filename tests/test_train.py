@@ -964,6 +964,41 @@ def test_ddp_with_a_time_budget_steps_every_replica_with_the_same_lr(corpus, tmp
     assert rank0[-1] == pytest.approx(TrainConfig().min_lr, rel=0.05), _where_time_went(tmp_path / "out")  # on time
 
 
+def test_ddp_ctrl_c_in_one_ranks_final_eval_stops_both_and_keeps_the_others_eval(corpus, tmp_path):
+    """A signal that reaches one process during the final eval: that one leaves it, every process saves the step
+    and stops. Rank 0, which scored it, logged its row: it said "its final eval was not done" all the same."""
+    script = tmp_path / "ctrl_c_rank1.py"
+    script.write_text(_CTRL_C_IN_RANK_1S_FINAL_EVAL)
+    out = tmp_path / "out"
+    cmd = _torchrun_train(corpus, out, tmp_path, "--train.max-iters", "4", "--train.eval-interval", "1000",
+                          "--train.eval-iters", "20", "--train.checkpoint-interval", "1000")
+    at = cmd.index("-m", cmd.index("--nproc_per_node=2"))
+    cmd[at:at + 2] = [str(script)]  # `-m fungpt` -> the script
+    proc = subprocess.run(cmd, env=_torchrun_env(tmp_path), capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout, proc.stderr[-3000:]
+    assert "fungpt: interrupted at step 4; checkpoint saved\n" in proc.stdout, proc.stdout[-3000:]
+    assert [r["step"] for r in read_rows(out) if "val_loss" in r] == [0, 4]  # rank 0's final eval, logged
+    assert ckpt.load_state(ckpt.find_checkpoint(out))["step"] == 4
+
+
+_CTRL_C_IN_RANK_1S_FINAL_EVAL = """
+import importlib, os, signal, sys
+import fungpt.cli
+train_module = importlib.import_module("fungpt.train")  # (fungpt.train, the attribute, is the function)
+evaluate, batches_of, evals = train_module.evaluate, train_module.unless_stopped, []
+def counted_evaluate(*args, **kwargs):
+    evals.append(1)
+    return evaluate(*args, **kwargs)
+def ctrl_c_in_rank_1s_final_eval(items, stop):  # (step 0's eval is the first)
+    for item in batches_of(items, stop):
+        if len(evals) == 2 and os.environ["RANK"] == "1":
+            os.kill(os.getpid(), signal.SIGINT)
+        yield item
+train_module.evaluate, train_module.unless_stopped = counted_evaluate, ctrl_c_in_rank_1s_final_eval
+sys.exit(fungpt.cli.main(sys.argv[1:]))  # (argv[1] is "train")
+"""
+
+
 def test_a_process_left_alone_by_a_failed_one_says_so_in_one_line(tmp_path):
     """Under torchrun rank 0 prepares the data while the others wait; if it fails, they lose their peer."""
     bad = tmp_path / "bad.txt"
