@@ -106,11 +106,12 @@ def _tokens_note(runs: list[str | Path]) -> str | None:
     does not compare (a character-level run's reads far lower than a BPE run's that predicts the same text better);
     bits per byte do. None when they agree, or a run's files do not tell."""
     from fungpt.errors import read_json
+    from fungpt.tokenizer import META_FILE
 
     kinds: dict[str, list[str]] = {}
     for run in runs if len(runs) > 1 else ():
         try:
-            kind = read_json(Path(run) / "tokenizer_meta.json")["kind"]
+            kind = read_json(Path(run) / META_FILE)["kind"]
             vocab = read_json(Path(run) / "config.json")["model"]["vocab_size"]
         except (FunGPTError, OSError, ValueError, KeyError, TypeError):  # (a damaged file: no note, the plot stands)
             return None
