@@ -2197,6 +2197,20 @@ def test_bits_per_byte_and_char_count_the_text_the_scored_tokens_stand_for(corpu
     bits = res["loss"] * res["tokens"] / math.log(2)
     assert res["bits_per_byte"] == pytest.approx(bits / (len(text.encode()) - len(first)), rel=1e-9)
     assert res["bits_per_char"] == pytest.approx(bits / (len(text) - len(first.decode())), rel=1e-9)
+    # a first token of one multi-byte character (a BPE trained where "é" is common merges its two bytes): one
+    # character, two bytes, left out of the counts
+    accents = tmp_path / "accents.txt"
+    accents.write_text("été, café, thé à côté de l'épée.\n" * 200, encoding="utf-8")
+    cfg = tiny_config(accents, tmp_path / "run2", max_iters=2)
+    cfg.data = DataConfig(path=str(accents), tokenizer="bpe", vocab_size=270)
+    train(cfg, progress=False)
+    sample_file.write_text("été " * 5, encoding="utf-8")
+    res = evaluate_run(tmp_path / "run2", input=sample_file, device="cpu")
+    tok = load_tokenizer(tmp_path / "run2")
+    first = tok.token_bytes(tok.encode("été " * 5)[0])
+    assert first.startswith("é".encode()) and len(first.decode()) < len(first)  # (the case this is for)
+    bits = res["loss"] * res["tokens"] / math.log(2)
+    assert res["bits_per_char"] == pytest.approx(bits / (len("été " * 5) - len(first.decode())), rel=1e-9)
 
 
 def test_bits_per_byte_of_a_folder_leave_out_the_endoftext_between_its_files(tmp_path, monkeypatch):
