@@ -1450,10 +1450,11 @@ def _reader_gone(fd: int) -> bool:
 
 def _train_bar(tqdm):
     """The training bar's class: tqdm's, whose rate (and so its time left) is the steps since the command's first
-    step over the time since, the periodic evals and checkpoints included. tqdm's own is a moving average of the
-    last steps, which left the evals out (a run with an eval every 100 steps said 6 s left at step 20 of 400, and
-    took 18.6 s); its average over the whole command counts the first step too, which also compiles (a 20 s first
-    step of a compiled speedrun said ten times the time left)."""
+    step over the time since, the periodic evals and checkpoints included once one has run (before the first, as
+    for tqdm's own, the time left is the steps' alone). tqdm's own rate is a moving average of the last steps,
+    which left the evals out all run long (with an eval every 100 steps it said 6 s left at step 20 of 400, and
+    about as little after each eval, for 18.6 s taken); its average over the whole command counts the first step
+    too, which also compiles (a 20 s first step of a compiled speedrun said ten times the time left)."""
 
     class TrainBar(tqdm):
         origin: tuple[float, float] | None = None  # (time, steps) when the command's first step ended

@@ -527,9 +527,9 @@ def test_a_slow_eval_shows_a_bar_and_a_quick_one_none(corpus, tmp_path, monkeypa
 
 
 def test_the_train_bars_time_left_counts_the_evals_and_not_the_first_step(monkeypatch, corpus, tmp_path):
-    """tqdm's rate, a moving average of the last steps, left the evals out of the time left (6 s said, 18.6 s
-    taken); its average over the whole command counts the first step too, which also compiles (ten times the time
-    left). The train bar's rate is the steps since the first one over the time since, the evals included."""
+    """tqdm's rate, a moving average of the last steps, left the evals out of the time left all run long; its
+    average over the whole command counts the first step too, which also compiles (ten times the time left). The
+    train bar's rate is the steps since the first one over the time since, the evals run so far included."""
     from tqdm.std import tqdm
 
     train_module = sys.modules["fungpt.train"]  # (fungpt.train, the attribute, is the function)
