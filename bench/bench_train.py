@@ -3,6 +3,7 @@
     python bench/bench_train.py                                 # baby shape: 4 x 128, block 64, batch 12
     python bench/bench_train.py --append BENCHMARKS.md
     python bench/bench_train.py --shape 6,6,384,256 --iters 40      # both sides: layers, heads, width, block
+    python bench/bench_train.py --rounds 4 --turns 1 --bf16         # and FunGPT with bfloat16 products
     python bench/bench_train.py --no-reference -- --model.n-layer 6 ...   # extra flags go to fungpt train
 
 Each round runs `fungpt train` (the real command, logging every step) and then nanoGPT's recipe
@@ -14,7 +15,11 @@ the peak resident memory of the command (started by peak_rss.py, so that it is t
 and not this script's; the largest over the rounds). The FunGPT side is given nanoGPT's architecture
 (bias = false, exact GELU) unless --keep-arch, so that both do the same arithmetic.
 
---turns S runs each round's two commands at once but never together: they take turns of S seconds
+--bf16 adds a third contender: FunGPT with train.dtype = "bfloat16", whose Linear products run in bfloat16
+(the rest float32; fungpt/linear.py). nanoGPT's CPU recipe has no such mode, so its line is labelled apart,
+and its MFU is quoted against the bfloat16 matmul ceiling, measured in the same run.
+
+--turns S runs each round's commands at once but never together: they take turns of S seconds
 (the one waiting is paused with SIGSTOP; Linux). On a host whose speed swings within seconds, both
 then meet the same swings. FunGPT is given 4x --iters steps and stopped when nanoGPT's recipe ends,
 so neither runs alone; its median is over the steps it made. The medians ignore the few steps that a
@@ -177,14 +182,17 @@ NANOGPT_ARITHMETIC = {"dtype": "float32", "compile": False, "optimizer": "adamw"
 NANOGPT_LAYERS = {"bias": False, "activation": "gelu"}
 
 
-def check_same_shape(run_dir: Path, shape: str | None, keep_arch: bool = False) -> None:
+def check_same_shape(run_dir: Path, shape: str | None, keep_arch: bool = False, bf16: bool = False) -> None:
     """Stop when FunGPT's run (its config, flags after --) trained another model or batch than nanoGPT's recipe
     (Tiny Shakespeare's 65 characters, no dropout), or another computation (NANOGPT_ARITHMETIC: the dtype that
-    ran, from run.json): the ratio would compare two different things (--shape sets the shape for both sides)."""
+    ran, from run.json): the ratio would compare two different things (--shape sets the shape for both sides).
+    bf16: the run that --bf16 adds, whose Linear products are in bfloat16 (its report line says so)."""
     cfg = json.loads((run_dir / "config.json").read_text())
     ran = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
     settings = {**cfg["model"], **cfg["train"], "dtype": ran.get("dtype", cfg["train"].get("dtype"))}
     theirs = {**NANOGPT_RECIPE, **NANOGPT_ARITHMETIC, **({} if keep_arch else NANOGPT_LAYERS)}
+    if bf16:
+        theirs["dtype"] = "bfloat16"
     if shape:
         theirs.update(zip(("n_layer", "n_head", "n_embd", "block_size"), map(int, shape.split(","))))
     differ = [f"{k} {settings.get(k)} (nanoGPT: {theirs[k]})" for k in theirs if settings.get(k) != theirs[k]]
@@ -195,10 +203,10 @@ def check_same_shape(run_dir: Path, shape: str | None, keep_arch: bool = False) 
                          f"--no-reference")
 
 
-def peak_flops() -> float:
+def peak_flops(dtype: torch.dtype) -> float:
     from fungpt.train import measure_peak_flops
 
-    return max(measure_peak_flops("cpu", torch.float32) for _ in range(3))
+    return max(measure_peak_flops("cpu", dtype) for _ in range(3))
 
 
 def main(argv=None) -> int:
@@ -213,6 +221,8 @@ def main(argv=None) -> int:
                     "(default: the config's, nanoGPT's 4,4,128,64)")
     ap.add_argument("--turns", type=float, default=0.0, metavar="S",
                     help="run FunGPT and nanoGPT at once, taking turns of S seconds (0: one after the other)")
+    ap.add_argument("--bf16", action="store_true", help="also run FunGPT with train.dtype = 'bfloat16': its Linear "
+                    "products in bfloat16, the rest float32 (nanoGPT's CPU recipe has no such mode)")
     ap.add_argument("extra", nargs="*", help="extra `fungpt train` flags (after --)")
     args = ap.parse_args(argv)
     if args.turns < 0:
@@ -240,17 +250,25 @@ def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
         arch += ["--model.n-layer", str(n_layer), "--model.n-head", str(n_head), "--model.n-embd", str(n_embd),
                  "--model.block-size", str(block)]
         ref_shape = [f"--n_layer={n_layer}", f"--n_head={n_head}", f"--n_embd={n_embd}", f"--block_size={block}"]
-    fungpt_cmd = [py, "-m", "fungpt", "train", "--config", args.config, "--out-dir", str(tmp / "run"),
-                  "--overwrite", "--train.max-iters", str(args.iters), "--train.log-interval", "1",
-                  "--train.eval-interval", str(args.iters), "--train.checkpoint-interval", str(10 * args.iters),
-                  "--train.device", "cpu", *arch, *args.extra]
-    fungpt_turns_cmd = [*fungpt_cmd, "--train.max-iters", str(4 * args.iters), "--train.eval-interval",
-                        str(40 * args.iters)]  # later flags win: no eval or checkpoint before it is stopped
-    ms: dict[str, list[float]] = {"FunGPT": [], "nanoGPT": []}
-    fungpt_steps: list[int] = []  # steps FunGPT made per round (more than --iters with --turns)
-    rss: dict[str, float] = {"FunGPT": 0.0, "nanoGPT": 0.0}
+    fungpt_runs = {"FunGPT": tmp / "run"}  # contender -> its run folder
+    if args.bf16:
+        fungpt_runs["FunGPT, bf16 products"] = tmp / "run-bf16"
+
+    def fungpt_cmd(name: str, turns: bool) -> list[str]:
+        cmd = [py, "-m", "fungpt", "train", "--config", args.config, "--out-dir", str(fungpt_runs[name]),
+               "--overwrite", "--train.max-iters", str(args.iters), "--train.log-interval", "1",
+               "--train.eval-interval", str(args.iters), "--train.checkpoint-interval", str(10 * args.iters),
+               "--train.device", "cpu", *arch, *args.extra, *(["--train.dtype", "bfloat16"] if "bf16" in name else [])]
+        # taking turns: steps to spare, no eval or checkpoint before it is stopped (later flags win)
+        return cmd + (["--train.max-iters", str(4 * args.iters), "--train.eval-interval", str(40 * args.iters)]
+                      if turns else [])
+
+    ms: dict[str, list[float]] = {**{name: [] for name in fungpt_runs}, "nanoGPT": []}
+    fungpt_steps: dict[str, list[int]] = {name: [] for name in fungpt_runs}  # steps per round (more with --turns)
+    rss: dict[str, float] = dict.fromkeys(ms, 0.0)
     loads, read_gbs = [], []
-    flops = peak_flops()
+    flops = peak_flops(torch.float32)
+    flops_bf16 = peak_flops(torch.bfloat16) if args.bf16 else 0.0
     steal_from = cpu_times()
     for _ in range(args.rounds):
         loads.append(os.getloadavg()[0])
@@ -259,22 +277,26 @@ def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
         if args.turns and not args.no_reference:
             # FunGPT, the faster, gets steps to spare and is stopped when nanoGPT ends: every step of both ran
             # in the same stretch of time
-            (_, mem), (out, nano_mem) = run_taking_turns([fungpt_turns_cmd, nano_cmd], env, args.turns, lead=1)
+            cmds = [fungpt_cmd(name, True) for name in fungpt_runs] + [nano_cmd]
+            results = run_taking_turns(cmds, env, args.turns, lead=len(cmds) - 1)
+            mems = [mem for _, mem in results[:-1]]
+            out, nano_mem = results[-1]
         else:
-            _, _, mem = run_measured(fungpt_cmd, env)
+            mems = [run_measured(fungpt_cmd(name, False), env)[2] for name in fungpt_runs]
             if not args.no_reference:
                 out, _, nano_mem = run_measured(nano_cmd, env)
-        if not args.no_reference:
-            check_same_shape(tmp / "run", args.shape, args.keep_arch)
-        lines = (tmp / "run/metrics.jsonl").read_text().split("\n")[:-1]  # whole lines: a stopped run may cut one
-        rows = [json.loads(line) for line in lines]
-        steps = [r["dt_ms"] for r in rows if "dt_ms" in r and r["step"] >= 20]
-        if not steps:  # (taking turns, nanoGPT ended before FunGPT's 20th step: nothing after the warm-up to time)
-            raise SystemExit("bench_train: FunGPT made fewer than 20 steps in a round, the warm-up that is not timed: "
-                             "raise --iters")
-        ms["FunGPT"].append(statistics.median(steps))
-        fungpt_steps.append(len(steps) + 19)
-        rss["FunGPT"] = max(rss["FunGPT"], mem)
+        for (name, run_dir), mem in zip(fungpt_runs.items(), mems):
+            if not args.no_reference:
+                check_same_shape(run_dir, args.shape, args.keep_arch, bf16="bf16" in name)
+            lines = (run_dir / "metrics.jsonl").read_text().split("\n")[:-1]  # whole lines: a stopped run may cut one
+            rows = [json.loads(line) for line in lines]
+            steps = [r["dt_ms"] for r in rows if "dt_ms" in r and r["step"] >= 20]
+            if not steps:  # (taking turns, nanoGPT ended before FunGPT's 20th step: nothing after the warm-up to time)
+                raise SystemExit("bench_train: FunGPT made fewer than 20 steps in a round, the warm-up that is not "
+                                 "timed: raise --iters")
+            ms[name].append(statistics.median(steps))
+            fungpt_steps[name].append(len(steps) + 19)
+            rss[name] = max(rss[name], mem)
         if not args.no_reference:
             m = re.search(r"median_ms_per_iter=([\d.]+)", out)
             if m is None:  # (its runner prints the median at its end: a nanoGPT that stopped early has none)
@@ -283,7 +305,9 @@ def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
             ms["nanoGPT"].append(float(m.group(1)))
             rss["nanoGPT"] = max(rss["nanoGPT"], nano_mem)
     state = machine_state(read_gbs, "at each round's start", steal_from)
-    flops = max(flops, peak_flops())
+    flops = max(flops, peak_flops(torch.float32))
+    if args.bf16:
+        flops_bf16 = max(flops_bf16, peak_flops(torch.bfloat16))
 
     run_cfg = json.loads((tmp / "run/config.json").read_text())
     run_info = json.loads((tmp / "run/run.json").read_text())
@@ -299,25 +323,28 @@ def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
             continue
         med = statistics.median(values)
         tok_s = tokens / (med / 1000)
-        mfu = model.flops_per_token() * tok_s / flops
+        mfu = model.flops_per_token() * tok_s / (flops_bf16 if "bf16" in name else flops)
         lines.append(f"| {name} | {med:.1f} | {', '.join(f'{v:.1f}' for v in values)} | {tok_s:,.0f} | "
                      f"{mfu:.1%} | {rss[name]:.0f} |")
-    ratio = ""
-    if ms["nanoGPT"]:
-        speedup = statistics.median(ms["nanoGPT"]) / statistics.median(ms["FunGPT"])
-        per_round = ", ".join(f"{n / f:.2f}x" for f, n in zip(ms["FunGPT"], ms["nanoGPT"]))
-        ratio = f"\n- FunGPT speed-up over nanoGPT: **{speedup:.2f}x** (per round: {per_round})\n"
+    ratio = "\n" if ms["nanoGPT"] else ""
+    for name in fungpt_runs if ms["nanoGPT"] else ():
+        speedup = statistics.median(ms["nanoGPT"]) / statistics.median(ms[name])
+        per_round = ", ".join(f"{n / f:.2f}x" for f, n in zip(ms[name], ms["nanoGPT"]))
+        ratio += f"- {name} speed-up over nanoGPT: **{speedup:.2f}x** (per round: {per_round})\n"
     text = (f"## training throughput, {datetime.date.today()}\n\n"
             f"- machine: {machine()}; FunGPT's cpu_matmul: {run_info.get('cpu_matmul')}; fp32 matmul ceiling "
             f"(the faster of torch's BLAS and oneDNN) measured in this run: {flops / 1e9:.0f} GFLOP/s; "
+            + (f"bf16 matmul ceiling (the MFU of the bf16 products run): {flops_bf16 / 1e9:.0f} GFLOP/s; "
+               if args.bf16 else "") +
             f"1-min load average at each round's start: {', '.join(f'{x:.1f}' for x in loads)}; {state}\n"
             f"- command: `{command('bench_train.py', argv)}`\n"
             f"- shape: {m['n_layer']} x {m['n_embd']} ({m['n_head']} heads), block {m['block_size']}, batch "
             f"{t['batch_size']}, bias {m['bias']}, {m['activation']}, {m['pos_encoding']}, {m['norm']}, "
             f"{run_info.get('dtype')}, {t['optimizer']}{', compiled' if t['compile'] else ''}; "
             f"{args.iters} steps per run, {args.rounds} interleaved rounds"
-            + (f"; within each round the two commands take turns of {args.turns:g} s, FunGPT stopped when nanoGPT "
-               f"ends (after {', '.join(map(str, fungpt_steps))} steps)" if args.turns and not args.no_reference
+            + (f"; within each round the commands take turns of {args.turns:g} s, FunGPT stopped when nanoGPT "
+               f"ends (after {'; '.join(', '.join(map(str, v)) for v in fungpt_steps.values())} steps)"
+               if args.turns and not args.no_reference
                else "") + "\n\n"
             "| contender | median ms/iter | per round | tokens/s | MFU | peak RSS MiB |\n"
             "|---|---:|---|---:|---:|---:|\n" + "\n".join(lines) + "\n" + ratio)

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fungpt.errors import FunGPTError
-from fungpt.linear import Linear
+from fungpt.linear import Linear, bfloat16_products_active
 from fungpt.positions import NoPositions
 
 
@@ -78,7 +78,7 @@ def direct(module: nn.Module | Callable) -> Callable:
 # them. A learner who edits one of them (another attention, an MLP without its activation) gets GPT.forward's
 # generation, slower and right, instead of this file's copy of the old code. After changing them on purpose,
 # change Decoder.step to match and set this to mirrored_source()'s new value (tests/test_decode.py checks it).
-MIRRORED = "2f92f1fa7bce0b6b63558c8619aedf86f50ad972826ee9d15754da97a90b502d"
+MIRRORED = "ca68c070cffa6d7ac67839c3e3c2ee6382833e629e65385547e0428eab461fb3"
 
 
 @functools.cache
@@ -147,10 +147,10 @@ class Decoder:
 
     @staticmethod
     def supports(model: nn.Module, idx: torch.Tensor) -> bool:
-        """Whether generating from idx (B, T) may use the Decoder: one float32 sequence on a CPU, no autocast,
-        the model's own Linear layers, every forward the step re-implements as written (not overridden by a
-        subclass or on one module, nor edited in model.py: an ablation's edit would be skipped), and no forward
-        hooks anywhere (the step calls no modules, so hooks would silently not run)."""
+        """Whether generating from idx (B, T) may use the Decoder: one float32 sequence on a CPU, no autocast or
+        bfloat16 products, the model's own Linear layers, every forward the step re-implements as written (not
+        overridden by a subclass or on one module, nor edited in model.py: an ablation's edit would be skipped),
+        and no forward hooks anywhere (the step calls no modules, so hooks would silently not run)."""
         if mirrored_source() != MIRRORED:  # (first: an edit may also have renamed the modules read below)
             return False
         try:
@@ -161,7 +161,8 @@ class Decoder:
             return False
         one_cpu_float32 = idx.size(0) == 1 and idx.is_cpu and w.is_cpu and w.dtype == torch.float32
         own_linears = all(isinstance(m, Linear) for m in linears)
-        return one_cpu_float32 and own_linears and runs_as_written(model) and not torch.is_autocast_enabled("cpu")
+        return (one_cpu_float32 and own_linears and runs_as_written(model) and not torch.is_autocast_enabled("cpu")
+                and not bfloat16_products_active())
 
     def __init__(self, model, cache):
         c = model.config

@@ -43,8 +43,24 @@ class Precision:
         return getattr(torch, self.dtype)
 
     @property
+    def cpu_bf16_products(self) -> bool:
+        """bfloat16 on a CPU: the Linear layers' products in bfloat16, the rest float32 (linear.bfloat16_products)."""
+        return self.device == "cpu" and self.dtype == "bfloat16"
+
+    @property
     def autocast(self) -> bool:
-        return self.dtype != "float32"
+        """Whether torch's autocast runs the forward pass (reduced precision on a GPU, float16 on a CPU)."""
+        return self.dtype != "float32" and not self.cpu_bf16_products
+
+    def context(self) -> contextlib.AbstractContextManager:
+        """What a forward pass runs inside, in this precision: autocast, bfloat16 products, or nothing."""
+        if self.cpu_bf16_products:
+            from fungpt.linear import bfloat16_products  # (linear.py imports this module)
+
+            return bfloat16_products()
+        if self.autocast:
+            return torch.autocast(device_type=self.device, dtype=self.torch_dtype)
+        return contextlib.nullcontext()
 
     @property
     def needs_grad_scaler(self) -> bool:
@@ -52,10 +68,11 @@ class Precision:
 
 
 def choose_precision(device: str, dtype: str, *, cuda: bool, mps: bool, cuda_bf16: bool,
-                     optimizer: str = "adamw") -> Precision:
+                     optimizer: str = "adamw", cpu_bf16: bool | None = None) -> Precision:
     """Resolve "auto" device and dtype given the machine's capabilities.
 
     cuda / mps: whether those backends are available; cuda_bf16: whether the GPU computes in bfloat16 natively;
+    cpu_bf16: whether the CPU has bfloat16 instructions (None: unknown, off Linux);
     optimizer: the run's (Muon cannot work with float16 loss scaling). Asking for something the machine lacks
     is a FunGPTError.
     """
@@ -89,15 +106,21 @@ def choose_precision(device: str, dtype: str, *, cuda: bool, mps: bool, cuda_bf1
             why.append("float32 (this GPU has no native bfloat16, and Muon does not work with float16 loss scaling)")
         else:
             dtype = "float32"
-            why.append("float32 (reduced precision is slow on CPUs)" if device == "cpu" else
-                       "float32 (the safe default on MPS)")
+            why.append("float32 (the safe default on MPS)" if device != "cpu" else
+                       "float32 (nanoGPT's arithmetic; this CPU has bfloat16 instructions: train.dtype = 'bfloat16' "
+                       "runs the Linear layers' products faster)" if cpu_bf16 else
+                       "float32 (reduced precision is slow on CPUs without bfloat16 instructions)")
     else:
         if dtype == "float16" and optimizer == "muon":  # (here, so training, --dry-run and inspect all refuse it)
             raise FunGPTError("train.optimizer = 'muon' does not support float16 loss scaling: use train.dtype = "
                               "'bfloat16' or 'float32'")
         emulated = dtype == "bfloat16" and device == "cuda" and not cuda_bf16
-        why.append(f"{dtype} (as configured" + ("; this GPU only emulates it, slowly: float16 is native here)"
-                                                if emulated else ")"))
+        if dtype == "bfloat16" and device == "cpu":
+            why.append("bfloat16 products in the Linear layers, the rest float32 (as configured" + (
+                "; this CPU has no bfloat16 instructions: slower than float32 here)" if cpu_bf16 is False else ")"))
+        else:
+            why.append(f"{dtype} (as configured" + ("; this GPU only emulates it, slowly: float16 is native here)"
+                                                    if emulated else ")"))
     return Precision(device=device, dtype=dtype, reason=", ".join(why))
 
 
@@ -106,7 +129,13 @@ def detect_precision(device: str, dtype: str, optimizer: str = "adamw") -> Preci
     cuda = torch.cuda.is_available()
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     return choose_precision(device, dtype, cuda=cuda, mps=mps, cuda_bf16=cuda and cuda_has_bf16(),
-                            optimizer=optimizer)
+                            optimizer=optimizer, cpu_bf16=cpu_has_bf16())
+
+
+def cpu_has_bf16() -> bool | None:
+    """Whether the CPU has bfloat16 instructions (AVX512-BF16, or Intel's AMX); None where /proc/cpuinfo is not."""
+    flags = cpu_info("flags").split()
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags)) if flags else None
 
 
 @contextlib.contextmanager

@@ -74,7 +74,8 @@ def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", 
                                  "muon", one (its momentum) for the M weights of the blocks' matrices:
                                  (2 N - M) x 4 bytes
     activations  an ESTIMATE of the tensors the forward pass keeps for the backward pass, with
-                 s = bytes per element of `dtype`, B = batch_size, T = block_size, C = n_embd:
+                 s = bytes per element of `dtype` (4 for bfloat16 on a CPU, whose bfloat16 products keep
+                 float32 activations), B = batch_size, T = block_size, C = n_embd:
                    per block   s * 16 B T C        inputs of both norms and of the four Linear layers
                                                    (1+1+1+1 + 4 for the MLP's wide layer), q, k, v (3),
                                                    the attention output (1), the activation's input (4)
@@ -95,7 +96,7 @@ def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", 
                  The other dropout masks (one byte per element), PyTorch's workspace and allocator slack
                  are not counted: expect the real peak to be somewhat higher. tests/test_viz.py checks the
                  formula against the tensors autograd actually saves (within 25% on small models).
-    weight_copies  N x s          only with 16-bit autocast: the cast copies of the weights that
+    weight_copies  N x 2          only with a 16-bit dtype: the cast copies of the weights that
                                  live through forward and backward
     temporaries  2 x per-block activations (with at most two (T, T) tensors) + N x 4 bytes + 2 x 4 B T V: the
                  gradients the block backward is working on, AdamW's batched-update scratch, and the
@@ -116,6 +117,8 @@ def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", 
     if batch_size < 0:
         raise FunGPTError(f"batch_size {batch_size} must not be negative")
     s = DTYPE_BYTES[dtype]
+    # (bfloat16 on a CPU rounds only the Linear layers' inputs: the activations stay float32, counted as such)
+    s_act = FP32 if dtype == "bfloat16" and device == "cpu" else s
     B, T = batch_size, block_size or config.block_size
     C, L, nh, V = config.n_embd, config.n_layer, config.n_head, config.vocab_size
     n = meta_model(config).num_params() if num_params is None else num_params
@@ -123,14 +126,14 @@ def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", 
     dropout = config.dropout > 0
     unfused = attn_impl == "plain" or (dropout and not device.startswith("cuda"))  # keeps (T, T) matrices
     square = FP32 * nh * B * T * T if unfused else 0  # bytes of one (B, nh, T, T) float32 tensor
-    per_block = s * (16 + extra) * B * T * C + (3 if dropout else 1) * square
-    activations = L * per_block + s * 2 * B * T * C + FP32 * B * T * V  # (bytes)
+    per_block = s_act * (16 + extra) * B * T * C + (3 if dropout else 1) * square
+    activations = L * per_block + s_act * 2 * B * T * C + FP32 * B * T * V  # (bytes)
     # a block's backward works on gradients like its saved tensors, but on two (T, T) ones at most, with dropout too
     # and at the top of the backward pass, the gradients of the log-softmax and of the logits: two more (B, T, V)
     # float32 tensors (with a large vocabulary they are most of the peak: V = 16384, B = 32, T = 256, a 2 x 64 model,
     # held about 2.5 GiB in a real run, against 0.65 GiB estimated without them, before the training loop dropped
     # the logits)
-    temporaries = 2 * (s * (16 + extra) * B * T * C + square) + n * FP32 + 2 * FP32 * B * T * V
+    temporaries = 2 * (s_act * (16 + extra) * B * T * C + square) + n * FP32 + 2 * FP32 * B * T * V
     muon = muon_numel(meta_model(config)) if optimizer == "muon" else 0  # (Muon keeps one buffer, AdamW two)
     mem = {"weights": n * FP32, "grads": n * FP32, "optimizer": (2 * n - muon) * FP32, "activations": activations,
            "weight_copies": n * s if s < FP32 else 0, "temporaries": temporaries}
@@ -317,7 +320,7 @@ def format_report(info: dict) -> str:
               f"  {mem['optimizer_name'] + ' state (float32)':<36}{human_bytes(mem['optimizer']):>10}",
               f"  activations (estimate)              {human_bytes(mem['activations']):>10}",
               f"  backward temporaries (estimate)     {human_bytes(mem['temporaries']):>10}",
-              *([f"  16-bit weight copies (autocast)     {human_bytes(mem['weight_copies']):>10}"]
+              *([f"  16-bit weight copies                {human_bytes(mem['weight_copies']):>10}"]
                 if mem["weight_copies"] else []),
               f"  training total (estimate)           {human_bytes(mem['total']):>10}",
               f"  KV cache for generation             {human_bytes(mem['kv_cache']):>10}   "

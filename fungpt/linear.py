@@ -30,6 +30,10 @@ cpu_matmul "torch") goes to `F.linear` as usual. Results agree with MKL's to flo
 (the additions happen in another order). `cpu_matmul` is chosen once per process, by the
 FUNGPT_CPU_MATMUL environment variable (any command), else by machine: oneDNN on non-Intel CPUs with
 AVX-512. A training run's train.cpu_matmul holds for that run (using_cpu_matmul).
+
+Training with dtype "bfloat16" on a CPU runs inside `bfloat16_products()`: the same products, on the same
+library, with their operands rounded to bfloat16. CPUs with bfloat16 instructions run them about twice
+as fast; the rest of the step stays float32 (see bfloat16_products for why not autocast).
 """
 
 import contextlib
@@ -46,6 +50,7 @@ from fungpt.hardware import cpu_info
 
 CPU_MATMULS = ("auto", "onednn", "torch")
 _chosen: list[str] = []  # the choice of set_cpu_matmul, if any (a one-element list: no `global` statement)
+_bf16_products: list[bool] = []  # [True] inside bfloat16_products()
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -62,38 +67,85 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 class OneDNNLinear(torch.autograd.Function):
     """y = x W^T + b with all three matrix products on oneDNN (see the module docstring).
 
-    First derivatives only: double backward, forward-mode AD and torch.func transforms are not
-    supported (Linear sends float32 CPU products here only when cpu_matmul() is "onednn").
+    `dtype` is the products' precision: float32, or bfloat16 (`bfloat16_products`): x, W and the output gradient
+    rounded to bfloat16 as they enter a product, its sums kept in float32 by oneDNN, its result rounded to
+    bfloat16 and handed back in `out_dtype` (the input's gradient in x's dtype, the weight's in its own).
+    First derivatives only: double backward, forward-mode AD and
+    torch.func transforms are not supported (Linear sends CPU products here only when cpu_matmul() is "onednn").
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x2 = x.reshape(-1, x.size(-1))  # (..., K) -> (M, K)
-        ctx.save_for_backward(x2, weight)
-        ctx.has_bias = bias is not None
-        return onednn_linear(x2, weight, bias).view(*x.shape[:-1], weight.size(0))  # (..., N)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                dtype: torch.dtype = torch.float32, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        x2 = x.reshape(-1, x.size(-1)).to(dtype)  # (..., K) -> (M, K), rounded (a no-op in float32)
+        w = weight.to(dtype)
+        ctx.save_for_backward(x2, w)  # the rounded copies: half the memory in bfloat16
+        ctx.has_bias, ctx.x_dtype, ctx.w_dtype = bias is not None, x.dtype, weight.dtype
+        y = onednn_linear(x2, w, None if bias is None else bias.to(dtype))
+        return y.to(out_dtype).view(*x.shape[:-1], weight.size(0))  # (..., N)
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # a second derivative is refused, not silently zero
     def backward(ctx, gy: torch.Tensor):
-        x2, weight = ctx.saved_tensors
+        x2, w = ctx.saved_tensors
         gy2 = gy.reshape(-1, gy.size(-1))  # (M, N)
+        gyp = gy2.to(w.dtype)  # rounded as it enters the products (a no-op in float32)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = onednn_linear(gy2, weight.t(), None).view(*gy.shape[:-1], weight.size(1))  # gy W: (..., K)
+            gx = onednn_linear(gyp, w.t(), None).to(ctx.x_dtype).view(*gy.shape[:-1], w.size(1))  # gy W: (..., K)
         if ctx.needs_input_grad[1]:
             # gW = gy^T x sums over the M tokens. oneDNN is fastest with the smaller of N and K as
             # the rows of its result (measured: 248 vs 324 us for N, K = 384, 128), so for N > K it
-            # computes gW^T = x^T gy and transposes that (a 20-30 us copy; a transposed view would be
-            # copied anyway, by autograd, to match the weight's layout).
-            N, K = weight.shape
+            # computes gW^T = x^T gy and transposes that (a 20-30 us copy, the same one that returns a bfloat16
+            # result to float32; a transposed view would be copied anyway, by autograd, to match the weight's layout).
+            N, K = w.shape
             if N > K:
-                gw = onednn_linear(x2.t(), gy2.t(), None).t().contiguous()  # (K, M) @ (N, M)^T = (K, N) -> (N, K)
+                gw = onednn_linear(x2.t(), gyp.t(), None).t()  # (K, M) @ (N, M)^T = (K, N) -> (N, K), a view
+                gw = gw.to(ctx.w_dtype, memory_format=torch.contiguous_format)
             else:
-                gw = onednn_linear(gy2.t(), x2.t(), None)  # (N, M) @ (K, M)^T = (N, K)
+                gw = onednn_linear(gyp.t(), x2.t(), None).to(ctx.w_dtype)  # (N, M) @ (K, M)^T = (N, K)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = gy2.sum(0)  # (N,)
-        return gx, gw, gb
+            gb = gy2.sum(0, dtype=torch.float32).to(ctx.w_dtype)  # (N,), summed in float32
+        return gx, gw, gb, None, None
+
+
+@contextlib.contextmanager
+def bfloat16_products():
+    """Inside: the float32 CPU Linear layers compute their three products in bfloat16 (train.dtype = "bfloat16"
+    on a CPU); everything else stays float32: norms, attention, activations, the loss, the weights and AdamW.
+
+    Each product's operands are rounded to bfloat16 (8 bits of mantissa, float32's range) as they enter it, the
+    sums run in float32 inside oneDNN (or torch's own bfloat16 kernel with cpu_matmul "torch"), and the result
+    is rounded to bfloat16 and handed back as float32 (kept in bfloat16 by the MLP's first layer: `Linear`). On CPUs
+    with bfloat16 instructions (AVX512-BF16 on AMD Zen 4 and later and Intel Cooper Lake and later, AMX on Intel
+    Sapphire Rapids) oneDNN runs such products about twice as fast as float32 ones (measured on a Zen 4 at the
+    4 x 128 model's shapes: 306-386 against 133-202 GFLOP/s; BENCHMARKS.md, "Thirty-first session"). torch's
+    autocast does more in bfloat16 (attention, GELU), which this CPU runs slower than in float32, and rounds the
+    activations between them too. Without such instructions bfloat16 is emulated, slowly."""
+    before = list(_bf16_products)
+    _bf16_products[:] = [True]
+    try:
+        yield
+    finally:
+        _bf16_products[:] = before
+
+
+def bfloat16_products_active() -> bool:
+    """Whether the caller is inside bfloat16_products()."""
+    return bool(_bf16_products)
+
+
+@functools.cache
+def onednn_bf16_works() -> bool:
+    """Whether oneDNN's linear op runs bfloat16 products here (it refuses CPUs without AVX-512), checked once."""
+    try:
+        x = torch.arange(128, dtype=torch.float32).view(8, 16).sin().to(torch.bfloat16)
+        w = torch.arange(64, dtype=torch.float32).view(4, 16).cos().to(torch.bfloat16)
+        with torch.autocast("cpu", enabled=False), torch.no_grad():
+            # bfloat16 results carry 8 bits of mantissa: ~0.4% of these sums of 16 terms of size <= 1
+            return torch.allclose(onednn_linear(x, w, None).float(), F.linear(x.float(), w.float()), atol=0.05)
+    except (RuntimeError, AttributeError):
+        return False
 
 
 @functools.cache
@@ -249,19 +301,33 @@ class Linear(nn.Linear):
     With cpu_matmul() == "onednn": products that need a backward go through OneDNNLinear, the others
     through oneDNN directly. Batch-1 decoding (decode.py) does not call forward: it takes `decoder()`,
     a function that computes one row by row sums (row_product) where they are faster.
+
+    Inside `bfloat16_products()` the products run in bfloat16 and the output comes back as float32, unless
+    `keeps_bfloat16` is set: then it stays bfloat16 (the MLP's first layer, whose output only goes through
+    the activation into the next product, which would round it to bfloat16 anyway). A bfloat16 input is taken
+    there as it is.
     """
+
+    keeps_bfloat16 = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
-        if torch.compiler.is_compiling() or not (
-                x.is_cpu and x.dtype == torch.float32 and w.dtype == torch.float32 and x.numel() > 0
-                and cpu_matmul() == "onednn" and not torch.is_autocast_enabled("cpu")):
+        dtype = torch.bfloat16 if _bf16_products else torch.float32
+        compiling = torch.compiler.is_compiling()
+        if not (x.is_cpu and x.dtype in (torch.float32, dtype) and w.dtype == torch.float32 and x.numel() > 0
+                and not torch.is_autocast_enabled("cpu")) or (
+                dtype == torch.float32 and (compiling or cpu_matmul() != "onednn")):
             return F.linear(x, w, b)
+        out_dtype = dtype if self.keeps_bfloat16 else torch.float32
+        if compiling or cpu_matmul() != "onednn" or not onednn_bf16_works():  # bfloat16 products, torch's kernels
+            y = F.linear(x.to(dtype), w.to(dtype)).to(out_dtype)  # autograd's backward: bfloat16 products too
+            return y if b is None else y + b.to(out_dtype)  # the bias added (and its gradient summed) in float32
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
-            return OneDNNLinear.apply(x, w, b)
+            return OneDNNLinear.apply(x, w, b, dtype, out_dtype)
         # No backward needed (evaluation, prefill): skip autograd.Function's ~14 us per call.
         # (..., in) -> (M, in) rows -> (M, out) -> (..., out)
-        return onednn_linear(x.reshape(-1, x.size(-1)), w, b).view(*x.shape[:-1], self.out_features)
+        x2, b = x.reshape(-1, x.size(-1)).to(dtype), None if b is None else b.to(dtype)
+        return onednn_linear(x2, w.to(dtype), b).to(out_dtype).view(*x.shape[:-1], self.out_features)
 
     def _onednn_apply(self) -> bool:
         """Whether this layer's products without autograd go to oneDNN (cpu_matmul "onednn", float32 CPU weight)."""

@@ -289,6 +289,9 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        # Under bfloat16 products (train.dtype = "bfloat16" on a CPU) c_fc's output stays bfloat16: the activation
+        # gives what it would in float32 once c_proj rounds its input, and four (B, T, 4C) casts a step are saved
+        self.c_fc.keeps_bfloat16 = True
         self.act = make_activation(config.activation)
         self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)

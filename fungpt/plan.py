@@ -333,9 +333,7 @@ def _timed_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_op
     loader = batch_loader(data_dir, "train", tc.batch_size, cfg.model.block_size, device=device, seed=tc.seed)
 
     def autocast():
-        if not prec.autocast:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device, dtype=prec.torch_dtype)
+        return prec.context()
 
     times = []
     # A big model's steps take minutes on a CPU (a GPT-2 fine-tune): a bar then, over the micro-batches, on stderr

@@ -86,7 +86,7 @@ from fungpt.hardware import (
     tf32_products,
 )
 from fungpt.hf import load_gpt2
-from fungpt.linear import onednn_linear, onednn_works, using_cpu_matmul
+from fungpt.linear import onednn_bf16_works, onednn_linear, onednn_works, using_cpu_matmul
 from fungpt.model import GPT
 from fungpt.tokenizer import BPE_FILE as TOKENIZER_BPE_FILE
 from fungpt.tokenizer import DEFAULT_BPE_VOCAB, TOKENIZER_TEMP, Tokenizer, load_tokenizer
@@ -1148,8 +1148,8 @@ def counted(batches, bar):
 def measure_peak_flops(device: str, dtype: torch.dtype) -> float:
     """Measure this device's dense matmul throughput (FLOP/s): the ceiling that MFU is quoted against.
 
-    On a CPU in float32 it is the faster of torch's BLAS and oneDNN (fungpt/linear.py), even when the run
-    uses the slower one: MFU says how much of the machine's best matmul speed a run gets.
+    On a CPU it is the faster of torch's BLAS and oneDNN (fungpt/linear.py; bfloat16: oneDNN, where it runs them),
+    even when the run uses the slower one: MFU says how much of the machine's best matmul speed a run gets.
     """
     n = 1024 if device == "cpu" else 4096
     # Its own generator: drawing from the global one would move the stream that dropout uses, and a resumed
@@ -1158,7 +1158,8 @@ def measure_peak_flops(device: str, dtype: torch.dtype) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     kernels = [lambda: a @ b]
-    if device == "cpu" and dtype == torch.float32 and onednn_works():
+    onednn = onednn_bf16_works() if dtype == torch.bfloat16 else dtype == torch.float32 and onednn_works()
+    if device == "cpu" and onednn:
         kernels.append(lambda: onednn_linear(a, b, None))  # a @ b^T: the same 2n³ FLOPs
     # The best of three short timings, not one long one: a moment when another program had the cores would
     # lower the ceiling, and the run's MFU would read above 100%.
@@ -1879,16 +1880,15 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
 
         fwd_model = DDP(fwd_model, device_ids=[ddp.local_rank] if prec.device == "cuda" else None)
 
-    def autocast():
-        if not prec.autocast:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=prec.device, dtype=prec.torch_dtype)
+    def autocast():  # the forward passes' precision: torch's autocast, bfloat16 products on a CPU, or float32
+        return prec.context()
 
     tokens_per_step = tc.batch_size * cfg.model.block_size * tc.grad_accum_steps * ddp.world_size
     tokens_seen = resumed.tokens if resumed.tokens is not None else step * tokens_per_step
     # MFU's ceiling: every process's device (the tokens per step above count all the processes' tokens)
+    # (on a CPU: float32's, unless the run's products are in bfloat16)
     peak_flops = ddp.world_size * measure_peak_flops(device, prec.torch_dtype if prec.device != "cpu"
-                                                     else torch.float32)
+                                                     or prec.cpu_bf16_products else torch.float32)
     # Once per run, not per step: each walks the module tree (~55 us for the 4 x 128 model)
     params = list(model.parameters())  # for gradient clipping
     flops_per_step = model.flops_per_token() * tokens_per_step  # for the logged MFU

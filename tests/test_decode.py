@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from fungpt import linear
 from fungpt.decode import Decoder
 from fungpt.errors import FunGPTError
-from fungpt.linear import Linear
+from fungpt.linear import Linear, bfloat16_products
 from fungpt.model import GPT, GPTConfig
 from fungpt.positions import POS_ENCODINGS
 
@@ -89,6 +89,8 @@ def test_generation_of_one_sequence_on_a_cpu_takes_the_lean_step(monkeypatch):
     model.generate(torch.cat((prompt, prompt)), 6, temperature=0)  # two sequences: GPT.forward, not the step
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model.generate(prompt, 3, temperature=0)  # autocast: GPT.forward
+    with bfloat16_products():
+        model.generate(prompt, 3, temperature=0)  # bfloat16 products (train.dtype bfloat16 on a CPU): GPT.forward
     model.to(torch.bfloat16).generate(prompt, 3, temperature=0)  # not float32: GPT.forward
     assert len(steps) == 5
 

@@ -54,6 +54,35 @@ def test_choice_table(device, dtype, cuda, mps, bf16, want):
     assert p.reason.startswith(f"device {p.device}")  # the one line printed and saved in run.json
 
 
+def test_bfloat16_on_a_cpu_is_bfloat16_products_and_says_so_where_the_cpu_lacks_the_instructions():
+    """On a CPU bfloat16 is no autocast: the Linear layers' products run in bfloat16 (linear.bfloat16_products)."""
+    for cpu_bf16, slow in ((True, False), (None, False), (False, True)):
+        p = choose_precision("cpu", "bfloat16", cuda=False, mps=False, cuda_bf16=False, cpu_bf16=cpu_bf16)
+        assert p.cpu_bf16_products and not p.autocast
+        assert "bfloat16 products in the Linear layers, the rest float32" in p.reason
+        assert ("no bfloat16 instructions: slower than float32 here" in p.reason) == slow, p.reason
+    from fungpt import linear
+
+    with choose_precision("cpu", "bfloat16", cuda=False, mps=False, cuda_bf16=False).context():
+        assert linear._bf16_products and not torch.is_autocast_enabled("cpu")
+    assert not linear._bf16_products  # left on the way out
+    f16 = choose_precision("cpu", "float16", cuda=False, mps=False, cuda_bf16=False)
+    assert f16.autocast and not f16.cpu_bf16_products
+    with f16.context():
+        assert torch.is_autocast_enabled("cpu") and not linear._bf16_products
+    gpu = choose_precision("cuda", "bfloat16", cuda=True, mps=False, cuda_bf16=True)
+    assert gpu.autocast and not gpu.cpu_bf16_products
+
+
+def test_a_cpu_has_bfloat16_instructions_by_its_flags(monkeypatch):
+    from fungpt import hardware
+
+    for flags, want in (("fpu avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True), ("fpu avx2", False),
+                        ("", None)):
+        monkeypatch.setattr(hardware, "cpu_info", lambda field, flags=flags: flags if field == "flags" else "")
+        assert hardware.cpu_has_bf16() is want
+
+
 @pytest.mark.parametrize(("device", "dtype", "cuda", "mps", "bf16", "message"), [
     ("cuda", "auto", False, False, False, "no CUDA GPU"),
     ("mps", "auto", False, False, False, "MPS backend is not available"),
@@ -158,13 +187,16 @@ def test_compile_asks_torch_which_compiler_and_its_failure_is_one_line(corpus, t
 
 
 def test_a_cpu_matmul_chosen_for_a_16_bit_run_is_said_to_be_unused(corpus, tmp_path, capsys):
-    """Under autocast the products are torch's own: train.cpu_matmul = "onednn" was dropped without a word (the
-    config kept it, run.json said null)."""
+    """Under autocast (float16 on a CPU) the products are torch's own: train.cpu_matmul = "onednn" was dropped
+    without a word (the config kept it, run.json said null). bfloat16 on a CPU uses it (bfloat16 products)."""
     cfg = tiny_config(corpus, tmp_path / "run", max_iters=1)
-    cfg.train = dataclasses.replace(cfg.train, dtype="bfloat16", cpu_matmul="onednn")
+    cfg.train = dataclasses.replace(cfg.train, dtype="float16", cpu_matmul="onednn")
     train(cfg, progress=False)
-    assert ("fungpt: note: train.cpu_matmul = 'onednn' is not used under bfloat16 autocast: its products are "
+    assert ("fungpt: note: train.cpu_matmul = 'onednn' is not used under float16 autocast: its products are "
             "torch's own") in capsys.readouterr().out
+    cfg.train = dataclasses.replace(cfg.train, dtype="bfloat16")
+    train(cfg, overwrite=True, progress=False)
+    assert "is not used" not in capsys.readouterr().out
     cfg.train = dataclasses.replace(cfg.train, dtype="float32")
     train(cfg, overwrite=True, progress=False)
     assert "is not used" not in capsys.readouterr().out
@@ -398,13 +430,41 @@ def test_dry_run_of_a_resume_plans_the_steps_left_and_refuses_what_the_resume_wo
     assert ": 2,000 steps + evals" in capsys.readouterr().out and (tmp_path / "r" / "latest.json").is_file()
 
 
-def test_a_bfloat16_run_records_no_matmul_library(corpus, tmp_path, capsys):
-    """Under autocast the products are torch's own, not oneDNN's: "matmuls on onednn" was printed and recorded,
-    and a resume with another cpu_matmul then noted a change that changed nothing."""
+def test_a_bfloat16_cpu_run_trains_with_bfloat16_products_on_its_matmul_library(corpus, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """dtype bfloat16 on a CPU: the Linear products in bfloat16 (no autocast) on the run's cpu_matmul, losses within
+    bfloat16 rounding of float32's, the MFU quoted against the bfloat16 ceiling."""
+    from fungpt import linear
+
+    train_module = sys.modules["fungpt.train"]
+    ceilings = []
+    real_peak = train_module.measure_peak_flops
+    monkeypatch.setattr(train_module, "measure_peak_flops", lambda d, t: ceilings.append(t) or real_peak(d, t))
+    inside = []
+    real_forward = linear.Linear.forward
+    monkeypatch.setattr(linear.Linear, "forward", lambda self, x: inside.append(
+        (bool(linear._bf16_products), torch.is_autocast_enabled("cpu"))) or real_forward(self, x))
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        train(tiny_config(corpus, out, dtype=dtype, max_iters=4, cpu_matmul="torch"), progress=False)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[dtype] = [r["train_loss"] for r in rows if "lr" in r]
+        info = json.loads((out / "run.json").read_text())
+        assert (info["dtype"], info["cpu_matmul"]) == (dtype, "torch")
+    assert ceilings == [torch.float32, torch.bfloat16]
+    assert inside and {(True, False), (False, False)} == set(inside)
+    assert "bfloat16 products in the Linear layers" in capsys.readouterr().out
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=2e-2) and losses["bfloat16"] != losses["float32"]
+
+
+def test_an_autocast_run_records_no_matmul_library(corpus, tmp_path, capsys):
+    """Under autocast (float16 on a CPU) the products are torch's own, not oneDNN's: "matmuls on onednn" was printed
+    and recorded, and a resume with another cpu_matmul then noted a change that changed nothing."""
     from fungpt.train import numerics_notes
 
-    out = tmp_path / "bf"
-    train(tiny_config(corpus, out, dtype="bfloat16", max_iters=2), progress=False)
+    out = tmp_path / "f16"
+    train(tiny_config(corpus, out, dtype="float16", max_iters=2), progress=False)
     assert json.loads((out / "run.json").read_text())["cpu_matmul"] is None
     assert "matmuls on" not in capsys.readouterr().out
     assert numerics_notes({"cpu_matmul": "onednn"}, {"cpu_matmul": None}, 5) == [
@@ -573,8 +633,10 @@ def test_weight_copies_and_qk_norm_in_the_memory_estimate():
     assert estimate_memory(cfg, 4, "float16")["weight_copies"] == 2 * n
     assert estimate_memory(cfg, 4, "float32")["weight_copies"] == 0
     qk = dataclasses.replace(cfg, qk_norm=True)
-    for dtype, s in (("float32", 4), ("bfloat16", 2)):
-        extra = estimate_memory(qk, 4, dtype)["activations"] - estimate_memory(cfg, 4, dtype)["activations"]
+    # (bfloat16 on a CPU is bfloat16 products: float32 activations, and the weights' bfloat16 copies)
+    for dtype, s, device in (("float32", 4, "cpu"), ("bfloat16", 2, "cuda"), ("bfloat16", 4, "cpu")):
+        extra = (estimate_memory(qk, 4, dtype, device=device)["activations"]
+                 - estimate_memory(cfg, 4, dtype, device=device)["activations"])
         assert extra == 3 * 2 * s * 4 * 24 * 16  # layers x (q, k) x bytes x B x T x C
 
 

@@ -282,3 +282,93 @@ def test_cpu_info_reads_a_field_and_is_empty_when_unknown(monkeypatch):
 
     monkeypatch.setattr(builtins, "open", no_file)
     assert cpu_info("vendor_id") == ""
+
+
+# ------------------------------------------------------------------ bfloat16 products (dtype bfloat16 on a CPU)
+
+def _bf(t: torch.Tensor) -> torch.Tensor:
+    """t rounded to bfloat16, back in float32."""
+    return t.to(torch.bfloat16).float()
+
+
+@pytest.mark.parametrize("setting", ["onednn", "torch"])
+def test_bfloat16_products_round_the_operands_and_return_float32(matmul_setting, setting):
+    """Each product takes its operands rounded to bfloat16, sums in float32 and rounds its result to bfloat16;
+    what goes in and out (activations, gradients, the bias gradient) stays float32."""
+    if setting == "onednn" and not linear.onednn_bf16_works():
+        pytest.skip("this CPU or torch has no oneDNN bfloat16 products")
+    matmul_setting(setting)
+    torch.manual_seed(0)
+    layer = Linear(96, 384)  # N > K: the weight gradient's transposed product
+    x = torch.randn(4, 8, 96, requires_grad=True)
+    gy = torch.randn(4, 8, 384)
+    with linear.bfloat16_products():
+        y = layer(x)
+    y.backward(gy)
+    w, b = layer.weight.detach(), layer.bias.detach()
+    want_y = _bf(F.linear(_bf(x.detach()), _bf(w), _bf(b)))
+    want_gx = _bf(_bf(gy) @ _bf(w))
+    want_gw = _bf(_bf(gy).reshape(-1, 384).t() @ _bf(x.detach()).reshape(-1, 96))
+    for got, want in ((y.detach(), want_y), (x.grad, want_gx), (layer.weight.grad, want_gw)):
+        assert got.dtype == torch.float32 and got.is_contiguous()
+        # one bfloat16 rounding apart at most (other order of float32 sums): 2^-8 relative
+        torch.testing.assert_close(got, want, rtol=2 ** -7, atol=1e-2)
+    torch.testing.assert_close(layer.bias.grad, gy.sum((0, 1)))  # from the unrounded gradient
+    exact = F.linear(x.detach(), w, b)
+    assert (y.detach() - exact).abs().max() > 1e-3  # not float32 products: rounding shows
+    # outside the block, float32 again
+    torch.testing.assert_close(layer(x.detach()), exact, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("setting", ["onednn", "torch"])
+def test_bfloat16_products_keep_the_mlps_hidden_layer_in_bfloat16_with_the_same_loss(matmul_setting, setting):
+    """The MLP's first layer hands its bfloat16 result to the activation as it is (c_proj would round the
+    activation's output anyway): the losses and gradients are those of float32 outputs rounded before c_proj."""
+    if setting == "onednn" and not linear.onednn_bf16_works():
+        pytest.skip("this CPU or torch has no oneDNN bfloat16 products")
+    matmul_setting(setting)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    x = torch.randint(0, 50, (4, 32))
+    seen = []
+    model.blocks[0].mlp.act.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype)))
+    model.blocks[0].mlp.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+
+    def loss_and_grads():
+        model.zero_grad()
+        _, loss = model(x, x)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    with linear.bfloat16_products():
+        loss, grads = loss_and_grads()
+    assert seen == [(torch.bfloat16, torch.bfloat16), torch.float32]
+    model.blocks[0].mlp.c_fc.keeps_bfloat16 = model.blocks[1].mlp.c_fc.keeps_bfloat16 = False
+    with linear.bfloat16_products():
+        loss_f32_hidden, grads_f32_hidden = loss_and_grads()
+    assert seen[-2:] == [(torch.float32, torch.float32), torch.float32]
+    assert loss == pytest.approx(loss_f32_hidden, rel=1e-4)
+    for g, h in zip(grads, grads_f32_hidden):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, h, rtol=2 ** -6, atol=1e-3 * h.abs().max().item())
+    model.blocks[0].mlp.c_fc.keeps_bfloat16 = model.blocks[1].mlp.c_fc.keeps_bfloat16 = True
+    exact, _ = loss_and_grads()  # float32 products
+    assert loss == pytest.approx(exact, rel=1e-2) and loss != exact
+
+
+def test_bfloat16_products_hold_in_a_compiled_graph_too(matmul_setting, monkeypatch):
+    """torch.compile traces F.linear, not oneDNN's op: under bfloat16 products it traced float32 products, so a
+    compiled bfloat16 CPU run trained in float32 while its (uncompiled) evals ran bfloat16 products."""
+    matmul_setting("onednn" if linear.onednn_works() else "torch")
+    torch.manual_seed(0)
+    layer = Linear(64, 32)
+    x = torch.randn(8, 64)
+    want = _bf(F.linear(_bf(x), _bf(layer.weight.detach()))) + layer.bias.detach()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as Linear.forward sees it while traced
+    with linear.bfloat16_products(), torch.no_grad():
+        got = layer(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2 ** -7, atol=1e-2)
+    assert (got - F.linear(x, layer.weight, layer.bias)).abs().max() > 1e-3
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))  # float32 outside
