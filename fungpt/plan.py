@@ -224,7 +224,8 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
     out(f"  memory         {_fmt_bytes(mem['total'])} estimated: weights {_fmt_bytes(mem['weights'])}, "
         f"gradients {_fmt_bytes(mem['grads'])}, {mem['optimizer_name']} {_fmt_bytes(mem['optimizer'])}, "
         + (f"16-bit weight copies {_fmt_bytes(mem['weight_copies'])}, " if mem["weight_copies"] else "")
-        + f"activations {_fmt_bytes(mem['activations'])} ({prec.dtype}), backward temporaries "
+        + f"activations {_fmt_bytes(mem['activations'])} ({'float32' if prec.cpu_bf16_products else prec.dtype}), "
+        f"backward temporaries "
         f"{_fmt_bytes(mem['temporaries'])}")
     if have is None:
         out(f"  device         {prec.device}: its memory size is unknown here")

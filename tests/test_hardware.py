@@ -363,6 +363,21 @@ def test_dry_run_times_steps_on_the_matmul_library_the_run_asks_for(corpus, tmp_
     assert "; timed without train.compile, which first compiles" in capsys.readouterr().out
 
 
+def test_a_bfloat16_cpu_dry_run_times_bfloat16_products_and_counts_float32_activations(corpus, tmp_path, capsys,
+                                                                                      monkeypatch):
+    from fungpt import linear
+
+    inside = []
+    real_forward = linear.Linear.forward
+    monkeypatch.setattr(linear.Linear, "forward", lambda self, x: inside.append(
+        linear.bfloat16_products_active()) or real_forward(self, x))
+    plan.dry_run(tiny_config(corpus, tmp_path / "run", dtype="bfloat16"), timed_steps=1)
+    out = capsys.readouterr().out
+    assert "bfloat16 products in the Linear layers, the rest float32" in out
+    assert re.search(r"16-bit weight copies [\d.]+ MiB, activations [\d.]+ MiB \(float32\)", out), out
+    assert inside and all(inside)  # the timed steps ran them
+
+
 def test_dry_run_from_the_cli(corpus, tmp_path, capsys):
     toml = tmp_path / "c.toml"
     toml.write_text(f'out_dir = "{(tmp_path / "r").as_posix()}"\n[data]\npath = "{corpus.as_posix()}"\n'
