@@ -195,7 +195,8 @@ def check_same_shape(run_dir: Path, shape: str | None, keep_arch: bool = False, 
         theirs["dtype"] = "bfloat16"
     if shape:
         theirs.update(zip(("n_layer", "n_head", "n_embd", "block_size"), map(int, shape.split(","))))
-    differ = [f"{k} {settings.get(k)} (nanoGPT: {theirs[k]})" for k in theirs if settings.get(k) != theirs[k]]
+    differ = [f"{k} {settings.get(k)} ({'--bf16' if bf16 and k == 'dtype' else 'nanoGPT'}: {theirs[k]})"
+              for k in theirs if settings.get(k) != theirs[k]]
     if differ:
         raise SystemExit(f"bench_train: FunGPT trained another model, batch or computation than nanoGPT's recipe "
                          f"({', '.join(differ)}): set the shape of both with --shape L,H,C,T, keep nanoGPT's batch "

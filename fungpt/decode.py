@@ -78,7 +78,7 @@ def direct(module: nn.Module | Callable) -> Callable:
 # them. A learner who edits one of them (another attention, an MLP without its activation) gets GPT.forward's
 # generation, slower and right, instead of this file's copy of the old code. After changing them on purpose,
 # change Decoder.step to match and set this to mirrored_source()'s new value (tests/test_decode.py checks it).
-MIRRORED = "ca68c070cffa6d7ac67839c3e3c2ee6382833e629e65385547e0428eab461fb3"
+MIRRORED = "25140409f68713f7f3840226e8a75158689dd11ea8f66bd38699901ba06fa8b7"
 
 
 @functools.cache

@@ -4,12 +4,14 @@ The choice logic takes the machine's capabilities as arguments (rather than aski
 itself), so every row of the decision table can be tested on any machine.
 
 Precision, in short:
-  * float32 everywhere works, and is the right choice on CPUs: bfloat16 autocast made training
-    slower on every CPU measured. Without bf16 instructions the products are emulated (17x slower on a
-    2-core x86 CPU, in the measurements the performance issue, #11, was filed with; not re-measured in
-    BENCHMARKS.md, whose machines have bf16 instructions); even on a Zen 5, whose AVX512-BF16
-    products run ~1.8x float32's speed, a step took 43.3 against 29.8 ms, lost to the casts and to
-    elementwise work in bfloat16 (BENCHMARKS.md, eighth session).
+  * float32 everywhere works, and is the default on CPUs (nanoGPT's arithmetic there). bfloat16 autocast
+    made CPU training slower on every CPU measured. Without bf16 instructions the products are emulated
+    (17x slower on a 2-core x86 CPU, in the measurements the performance issue, #11, was filed with; not
+    re-measured in BENCHMARKS.md, whose machines have bf16 instructions); even on a Zen 5, whose
+    AVX512-BF16 products run ~1.8x float32's speed, a step took 43.3 against 29.8 ms, lost to the casts
+    and to elementwise work in bfloat16 (BENCHMARKS.md, eighth session). So dtype "bfloat16" on a CPU
+    is no autocast: only the Linear layers' products run in bfloat16 (linear.bfloat16_products), about
+    1.3x float32's step on a Zen 4 (BENCHMARKS.md, thirty-first session).
   * bfloat16 autocast on GPUs that support it (NVIDIA Ampere and newer): same exponent range
     as fp32, so no loss scaling is needed, and about twice the matmul speed.
   * float16 autocast on older NVIDIA GPUs (T4, V100): fast, but its small range makes small

@@ -74,8 +74,9 @@ def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", 
                                  "muon", one (its momentum) for the M weights of the blocks' matrices:
                                  (2 N - M) x 4 bytes
     activations  an ESTIMATE of the tensors the forward pass keeps for the backward pass, with
-                 s = bytes per element of `dtype` (4 for bfloat16 on a CPU, whose bfloat16 products keep
-                 float32 activations), B = batch_size, T = block_size, C = n_embd:
+                 s = bytes per element of `dtype`, B = batch_size, T = block_size, C = n_embd (bfloat16
+                 on a CPU, bfloat16 products: 2 bytes for the Linear inputs and the activation's input,
+                 11 of the 16, and 4 for the rest):
                    per block   s * 16 B T C        inputs of both norms and of the four Linear layers
                                                    (1+1+1+1 + 4 for the MLP's wide layer), q, k, v (3),
                                                    the attention output (1), the activation's input (4)
@@ -117,23 +118,27 @@ def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", 
     if batch_size < 0:
         raise FunGPTError(f"batch_size {batch_size} must not be negative")
     s = DTYPE_BYTES[dtype]
-    # (bfloat16 on a CPU rounds only the Linear layers' inputs: the activations stay float32, counted as such)
-    s_act = FP32 if dtype == "bfloat16" and device == "cpu" else s
     B, T = batch_size, block_size or config.block_size
     C, L, nh, V = config.n_embd, config.n_layer, config.n_head, config.vocab_size
     n = meta_model(config).num_params() if num_params is None else num_params
     extra = 2 * (config.pos_encoding == "rope") + 2 * config.qk_norm  # new copies of q and k
+    # bytes per B T C of one block's saved tensors, and of the top's. bfloat16 on a CPU (bfloat16 products): the
+    # Linear layers keep bfloat16 copies of their inputs (7 of the 16) and the activation its bfloat16 input (4);
+    # the rest stays float32, RoPE's and QK-norm's new q and k too; the final norm's input float32, lm_head's bfloat16
+    cpu_bf16 = dtype == "bfloat16" and device == "cpu"
+    block_bytes = 2 * 11 + FP32 * (5 + extra) if cpu_bf16 else s * (16 + extra)
+    top_bytes = FP32 + 2 if cpu_bf16 else s * 2
     dropout = config.dropout > 0
     unfused = attn_impl == "plain" or (dropout and not device.startswith("cuda"))  # keeps (T, T) matrices
     square = FP32 * nh * B * T * T if unfused else 0  # bytes of one (B, nh, T, T) float32 tensor
-    per_block = s_act * (16 + extra) * B * T * C + (3 if dropout else 1) * square
-    activations = L * per_block + s_act * 2 * B * T * C + FP32 * B * T * V  # (bytes)
+    per_block = block_bytes * B * T * C + (3 if dropout else 1) * square
+    activations = L * per_block + top_bytes * B * T * C + FP32 * B * T * V  # (bytes)
     # a block's backward works on gradients like its saved tensors, but on two (T, T) ones at most, with dropout too
     # and at the top of the backward pass, the gradients of the log-softmax and of the logits: two more (B, T, V)
     # float32 tensors (with a large vocabulary they are most of the peak: V = 16384, B = 32, T = 256, a 2 x 64 model,
     # held about 2.5 GiB in a real run, against 0.65 GiB estimated without them, before the training loop dropped
     # the logits)
-    temporaries = 2 * (s_act * (16 + extra) * B * T * C + square) + n * FP32 + 2 * FP32 * B * T * V
+    temporaries = 2 * (block_bytes * B * T * C + square) + n * FP32 + 2 * FP32 * B * T * V
     muon = muon_numel(meta_model(config)) if optimizer == "muon" else 0  # (Muon keeps one buffer, AdamW two)
     mem = {"weights": n * FP32, "grads": n * FP32, "optimizer": (2 * n - muon) * FP32, "activations": activations,
            "weight_copies": n * s if s < FP32 else 0, "temporaries": temporaries}

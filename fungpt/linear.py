@@ -39,6 +39,7 @@ as fast; the rest of the step stays float32 (see bfloat16_products for why not a
 import contextlib
 import functools
 import os
+import threading
 from collections.abc import Callable
 
 import torch
@@ -50,7 +51,7 @@ from fungpt.hardware import cpu_info
 
 CPU_MATMULS = ("auto", "onednn", "torch")
 _chosen: list[str] = []  # the choice of set_cpu_matmul, if any (a one-element list: no `global` statement)
-_bf16_products: list[bool] = []  # [True] inside bfloat16_products()
+_local = threading.local()  # per thread, as torch's autocast: .bf16_products is True inside bfloat16_products()
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -112,7 +113,9 @@ class OneDNNLinear(torch.autograd.Function):
 @contextlib.contextmanager
 def bfloat16_products():
     """Inside: the float32 CPU Linear layers compute their three products in bfloat16 (train.dtype = "bfloat16"
-    on a CPU); everything else stays float32: norms, attention, activations, the loss, the weights and AdamW.
+    on a CPU); everything else stays float32: norms, attention, the residual stream, the loss, the weights and
+    AdamW. (The activation function runs on the MLP's first product's bfloat16 result: see `Linear`.)
+    For the calling thread only, as torch's autocast.
 
     Each product's operands are rounded to bfloat16 (8 bits of mantissa, float32's range) as they enter it, the
     sums run in float32 inside oneDNN (or torch's own bfloat16 kernel with cpu_matmul "torch"), and the result
@@ -122,17 +125,17 @@ def bfloat16_products():
     4 x 128 model's shapes: 306-386 against 133-202 GFLOP/s; BENCHMARKS.md, "Thirty-first session"). torch's
     autocast does more in bfloat16 (attention, GELU), which this CPU runs slower than in float32, and rounds the
     activations between them too. Without such instructions bfloat16 is emulated, slowly."""
-    before = list(_bf16_products)
-    _bf16_products[:] = [True]
+    before = bfloat16_products_active()
+    _local.bf16_products = True
     try:
         yield
     finally:
-        _bf16_products[:] = before
+        _local.bf16_products = before
 
 
 def bfloat16_products_active() -> bool:
-    """Whether the caller is inside bfloat16_products()."""
-    return bool(_bf16_products)
+    """Whether the calling thread is inside bfloat16_products()."""
+    return getattr(_local, "bf16_products", False)
 
 
 @functools.cache
@@ -312,16 +315,18 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
-        dtype = torch.bfloat16 if _bf16_products else torch.float32
-        compiling = torch.compiler.is_compiling()
-        if not (x.is_cpu and x.dtype in (torch.float32, dtype) and w.dtype == torch.float32 and x.numel() > 0
+        dtype = torch.bfloat16 if bfloat16_products_active() else torch.float32
+        compiling, empty = torch.compiler.is_compiling(), x.numel() == 0  # (oneDNN's op refuses empty inputs)
+        if not (x.is_cpu and x.dtype in (torch.float32, dtype) and w.dtype == torch.float32
                 and not torch.is_autocast_enabled("cpu")) or (
-                dtype == torch.float32 and (compiling or cpu_matmul() != "onednn")):
+                dtype == torch.float32 and (compiling or empty or cpu_matmul() != "onednn")):
             return F.linear(x, w, b)
         out_dtype = dtype if self.keeps_bfloat16 else torch.float32
-        if compiling or cpu_matmul() != "onednn" or not onednn_bf16_works():  # bfloat16 products, torch's kernels
+        if compiling or empty or cpu_matmul() != "onednn" or not onednn_bf16_works():  # bfloat16, torch's kernels
             y = F.linear(x.to(dtype), w.to(dtype)).to(out_dtype)  # autograd's backward: bfloat16 products too
-            return y if b is None else y + b.to(out_dtype)  # the bias added (and its gradient summed) in float32
+            # the bias added after the product's rounding, in out_dtype (oneDNN adds it inside, rounded to
+            # bfloat16: the two differ by a bfloat16 rounding at most); its gradient summed by autograd
+            return y if b is None else y + b.to(out_dtype)
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
             return OneDNNLinear.apply(x, w, b, dtype, out_dtype)
         # No backward needed (evaluation, prefill): skip autograd.Function's ~14 us per call.

@@ -1752,6 +1752,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         # inductor's, but its evals run the plain model: there the library still counts.)
         if prec.autocast:
             cpu_matmul = None
+        elif prec.cpu_bf16_products and cpu_matmul == "onednn" and not onednn_bf16_works():
+            cpu_matmul = "torch"  # oneDNN runs no bfloat16 products on this CPU: torch's kernels do (Linear.forward)
     ddp = setup_distributed(prec.device)
     device = f"cuda:{ddp.local_rank}" if prec.device == "cuda" else prec.device
     if prec.device == "cuda":

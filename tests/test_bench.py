@@ -284,7 +284,7 @@ def test_bench_train_refuses_to_compare_other_shapes_or_batches(bench, tmp_path)
         bench_train.check_same_shape(tmp_path, None)
     bench_train.check_same_shape(tmp_path, None, bf16=True)  # --bf16's run, on purpose (reported as such)
     (tmp_path / "run.json").write_text(json.dumps({"dtype": "float32"}))
-    with pytest.raises(SystemExit, match=r"\(dtype float32 \(nanoGPT: bfloat16\)"):
+    with pytest.raises(SystemExit, match=r"\(dtype float32 \(--bf16: bfloat16\)"):
         bench_train.check_same_shape(tmp_path, None, bf16=True)  # --bf16's run did not run bfloat16: said
     kept = json.loads(json.dumps(base))
     kept["model"].update(bias=True, activation="gelu_tanh")

@@ -64,12 +64,12 @@ def test_bfloat16_on_a_cpu_is_bfloat16_products_and_says_so_where_the_cpu_lacks_
     from fungpt import linear
 
     with choose_precision("cpu", "bfloat16", cuda=False, mps=False, cuda_bf16=False).context():
-        assert linear._bf16_products and not torch.is_autocast_enabled("cpu")
-    assert not linear._bf16_products  # left on the way out
+        assert linear.bfloat16_products_active() and not torch.is_autocast_enabled("cpu")
+    assert not linear.bfloat16_products_active()  # left on the way out
     f16 = choose_precision("cpu", "float16", cuda=False, mps=False, cuda_bf16=False)
     assert f16.autocast and not f16.cpu_bf16_products
     with f16.context():
-        assert torch.is_autocast_enabled("cpu") and not linear._bf16_products
+        assert torch.is_autocast_enabled("cpu") and not linear.bfloat16_products_active()
     gpu = choose_precision("cuda", "bfloat16", cuda=True, mps=False, cuda_bf16=True)
     assert gpu.autocast and not gpu.cpu_bf16_products
 
@@ -458,7 +458,7 @@ def test_a_bfloat16_cpu_run_trains_with_bfloat16_products_on_its_matmul_library(
     inside = []
     real_forward = linear.Linear.forward
     monkeypatch.setattr(linear.Linear, "forward", lambda self, x: inside.append(
-        (bool(linear._bf16_products), torch.is_autocast_enabled("cpu"))) or real_forward(self, x))
+        (bool(linear.bfloat16_products_active()), torch.is_autocast_enabled("cpu"))) or real_forward(self, x))
     losses = {}
     for dtype in ("float32", "bfloat16"):
         out = tmp_path / dtype
@@ -471,6 +471,18 @@ def test_a_bfloat16_cpu_run_trains_with_bfloat16_products_on_its_matmul_library(
     assert inside and {(True, False), (False, False)} == set(inside)
     assert "bfloat16 products in the Linear layers" in capsys.readouterr().out
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=2e-2) and losses["bfloat16"] != losses["float32"]
+
+
+def test_a_bfloat16_cpu_run_names_torch_where_onednn_runs_no_bfloat16_products(corpus, tmp_path, monkeypatch):
+    """cpu_matmul "onednn" on a CPU where oneDNN refuses bfloat16 (no AVX-512): torch's kernels ran the products,
+    but run.json and the first line said onednn."""
+    from fungpt import linear
+
+    monkeypatch.setattr(linear, "onednn_bf16_works", lambda: False)
+    monkeypatch.setattr(sys.modules["fungpt.train"], "onednn_bf16_works", lambda: False)
+    out = tmp_path / "r"
+    train(tiny_config(corpus, out, dtype="bfloat16", max_iters=1, cpu_matmul="onednn"), progress=False)
+    assert json.loads((out / "run.json").read_text())["cpu_matmul"] == "torch"
 
 
 def test_an_autocast_run_records_no_matmul_library(corpus, tmp_path, capsys):

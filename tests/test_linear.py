@@ -372,3 +372,38 @@ def test_bfloat16_products_hold_in_a_compiled_graph_too(matmul_setting, monkeypa
     assert (got - F.linear(x, layer.weight, layer.bias)).abs().max() > 1e-3
     with torch.no_grad():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))  # float32 outside
+
+
+def test_bfloat16_products_hold_for_the_calling_thread_only_and_take_empty_inputs(matmul_setting):
+    """Like autocast, per thread: a run inside the context in one thread left another thread's products in
+    bfloat16 too. And an empty bfloat16 input (skipping oneDNN, which refuses empty ones) failed on F.linear."""
+    import threading
+
+    matmul_setting("onednn" if linear.onednn_works() else "torch")
+    torch.manual_seed(0)
+    layer = Linear(16, 8)
+    x = torch.randn(4, 16)
+    exact = F.linear(x, layer.weight, layer.bias).detach()
+    seen = []
+    started, done = threading.Event(), threading.Event()
+
+    def other():
+        started.wait()
+        with torch.no_grad():
+            seen.append(layer(x))
+        done.set()
+
+    t = threading.Thread(target=other)
+    t.start()
+    with linear.bfloat16_products():
+        started.set()
+        done.wait()
+        assert linear.bfloat16_products_active()
+        with torch.no_grad():
+            assert (layer(x) - exact).abs().max() > 1e-4  # this thread: bfloat16 products
+        layer.keeps_bfloat16 = True
+        assert layer(torch.zeros(0, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
+        layer.keeps_bfloat16 = False
+        assert layer(torch.zeros(0, 16)).shape == (0, 8)
+    t.join()
+    torch.testing.assert_close(seen[0], exact)  # the other thread: float32, as it asked
