@@ -126,7 +126,8 @@ class TrainConfig:
     dtype: str = "auto"
     """auto (bfloat16 where the GPU supports it, float16 + loss scaling on older GPUs, float32 on
     CPU and MPS), float32, bfloat16 or float16. On a CPU, bfloat16 runs only the Linear layers' products in
-    bfloat16 (faster where the CPU has bfloat16 instructions, e.g. AMD Zen 4+), the rest in float32."""
+    bfloat16 (faster where the CPU has bfloat16 instructions, e.g. AMD Zen 4+), the rest in float32 (see
+    fungpt/linear.py)."""
     compile: bool = False
     """Compile the model with torch.compile (the saved weights are always the uncompiled model's)."""
     cpu_matmul: str = "auto"

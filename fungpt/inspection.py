@@ -138,7 +138,9 @@ def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", 
     # float32 tensors (with a large vocabulary they are most of the peak: V = 16384, B = 32, T = 256, a 2 x 64 model,
     # held about 2.5 GiB in a real run, against 0.65 GiB estimated without them, before the training loop dropped
     # the logits)
-    temporaries = 2 * (block_bytes * B * T * C + square) + n * FP32 + 2 * FP32 * B * T * V
+    # (the backward's gradients are float32 under bfloat16 products but for the MLP's hidden ones)
+    grad_bytes = FP32 * (16 + extra) if cpu_bf16 else block_bytes
+    temporaries = 2 * (grad_bytes * B * T * C + square) + n * FP32 + 2 * FP32 * B * T * V
     muon = muon_numel(meta_model(config)) if optimizer == "muon" else 0  # (Muon keeps one buffer, AdamW two)
     mem = {"weights": n * FP32, "grads": n * FP32, "optimizer": (2 * n - muon) * FP32, "activations": activations,
            "weight_copies": n * s if s < FP32 else 0, "temporaries": temporaries}

@@ -23,13 +23,13 @@ computes W x as a weighted sum of the rows of W^T with an embedding bag, whose k
 memory 1.4-2.3x as fast as oneDNN's matrix-vector product and 2.1-4.3x as fast as MKL's (the recorded
 generation runs in BENCHMARKS.md).
 
-`Linear` is an `nn.Linear` (same parameters, same checkpoints, same Hugging Face conversion)
-whose forward takes these paths when `cpu_matmul()` is "onednn" and the input is a float32 CPU
-tensor outside autocast and torch.compile; everything else (GPUs, bfloat16, compiled graphs, and
-cpu_matmul "torch") goes to `F.linear` as usual. Results agree with MKL's to float32 rounding
-(the additions happen in another order). `cpu_matmul` is chosen once per process, by the
-FUNGPT_CPU_MATMUL environment variable (any command), else by machine: oneDNN on non-Intel CPUs with
-AVX-512. A training run's train.cpu_matmul holds for that run (using_cpu_matmul).
+`Linear` is an `nn.Linear` (same parameters, same checkpoints, same Hugging Face conversion) whose
+forward takes these paths when `cpu_matmul()` is "onednn" and the input is a float32 CPU tensor outside
+autocast and torch.compile; everything else (GPUs, bfloat16 tensors, compiled graphs, and cpu_matmul
+"torch") goes to `F.linear` as usual (inside `bfloat16_products()`, F.linear on bfloat16 copies).
+Results agree with MKL's to float32 rounding (the additions happen in another order). `cpu_matmul` is
+chosen once per process, by the FUNGPT_CPU_MATMUL environment variable (any command), else by machine:
+oneDNN on non-Intel CPUs with AVX-512. A training run's train.cpu_matmul holds for that run (using_cpu_matmul).
 
 Training with dtype "bfloat16" on a CPU runs inside `bfloat16_products()`: the same products, on the same
 library, with their operands rounded to bfloat16. CPUs with bfloat16 instructions run them about twice
@@ -117,7 +117,8 @@ def bfloat16_products():
     AdamW. (The activation function runs on the MLP's first product's bfloat16 result: see `Linear`.)
     For the calling thread only, as torch's autocast.
 
-    Each product's operands are rounded to bfloat16 (8 bits of mantissa, float32's range) as they enter it, the
+    Each product's operands are rounded to bfloat16 (float32's range, 8 significant bits: 7 stored and the
+    leading 1 implied, against float32's 24) as they enter it, the
     sums run in float32 inside oneDNN (or torch's own bfloat16 kernel with cpu_matmul "torch"), and the result
     is rounded to bfloat16 and handed back as float32 (kept in bfloat16 by the MLP's first layer: `Linear`). On CPUs
     with bfloat16 instructions (AVX512-BF16 on AMD Zen 4 and later and Intel Cooper Lake and later, AMX on Intel

@@ -221,10 +221,11 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
     out(f"  per step       {tokens_per_step:,} tokens (batch {tc.batch_size} x block {mc.block_size} x "
         f"grad_accum {tc.grad_accum_steps}" + (f" x {world} processes" if world > 1 else "")
         + f"), {flops_per_step:.3g} FLOPs")
+    acts = "bfloat16 Linear inputs, the rest float32" if prec.cpu_bf16_products else prec.dtype
     out(f"  memory         {_fmt_bytes(mem['total'])} estimated: weights {_fmt_bytes(mem['weights'])}, "
         f"gradients {_fmt_bytes(mem['grads'])}, {mem['optimizer_name']} {_fmt_bytes(mem['optimizer'])}, "
         + (f"16-bit weight copies {_fmt_bytes(mem['weight_copies'])}, " if mem["weight_copies"] else "")
-        + f"activations {_fmt_bytes(mem['activations'])} ({'float32' if prec.cpu_bf16_products else prec.dtype}), "
+        + f"activations {_fmt_bytes(mem['activations'])} ({acts}), "
         f"backward temporaries "
         f"{_fmt_bytes(mem['temporaries'])}")
     if have is None:

@@ -65,6 +65,9 @@ def test_bfloat16_on_a_cpu_is_bfloat16_products_and_says_so_where_the_cpu_lacks_
 
     with choose_precision("cpu", "bfloat16", cuda=False, mps=False, cuda_bf16=False).context():
         assert linear.bfloat16_products_active() and not torch.is_autocast_enabled("cpu")
+        with linear.bfloat16_products():  # nested (a dry run inside a program's own block)
+            assert linear.bfloat16_products_active()
+        assert linear.bfloat16_products_active()  # the outer block's, given back
     assert not linear.bfloat16_products_active()  # left on the way out
     f16 = choose_precision("cpu", "float16", cuda=False, mps=False, cuda_bf16=False)
     assert f16.autocast and not f16.cpu_bf16_products
@@ -363,8 +366,8 @@ def test_dry_run_times_steps_on_the_matmul_library_the_run_asks_for(corpus, tmp_
     assert "; timed without train.compile, which first compiles" in capsys.readouterr().out
 
 
-def test_a_bfloat16_cpu_dry_run_times_bfloat16_products_and_counts_float32_activations(corpus, tmp_path, capsys,
-                                                                                      monkeypatch):
+def test_a_bfloat16_cpu_dry_run_times_bfloat16_products_and_labels_their_activations(corpus, tmp_path, capsys,
+                                                                                     monkeypatch):
     from fungpt import linear
 
     inside = []
@@ -374,7 +377,8 @@ def test_a_bfloat16_cpu_dry_run_times_bfloat16_products_and_counts_float32_activ
     plan.dry_run(tiny_config(corpus, tmp_path / "run", dtype="bfloat16"), timed_steps=1)
     out = capsys.readouterr().out
     assert "bfloat16 products in the Linear layers, the rest float32" in out
-    assert re.search(r"16-bit weight copies [\d.]+ MiB, activations [\d.]+ MiB \(float32\)", out), out
+    acts = r"activations [\d.]+ MiB \(bfloat16 Linear inputs, the rest float32\)"
+    assert re.search(r"16-bit weight copies [\d.]+ MiB, " + acts, out), out
     assert inside and all(inside)  # the timed steps ran them
 
 
