@@ -111,7 +111,8 @@ def choose_precision(device: str, dtype: str, *, cuda: bool, mps: bool, cuda_bf1
             why.append("float32 (the safe default on MPS)" if device != "cpu" else
                        "float32 (nanoGPT's arithmetic; this CPU has bfloat16 instructions: train.dtype = 'bfloat16' "
                        "runs the Linear layers' products faster)" if cpu_bf16 else
-                       "float32 (reduced precision is slow on CPUs without bfloat16 instructions)")
+                       "float32 (reduced precision is slow on CPUs without bfloat16 instructions)" if cpu_bf16 is False
+                       else "float32 (the default on CPUs)")
     else:
         if dtype == "float16" and optimizer == "muon":  # (here, so training, --dry-run and inspect all refuse it)
             raise FunGPTError("train.optimizer = 'muon' does not support float16 loss scaling: use train.dtype = "

@@ -71,8 +71,8 @@ class OneDNNLinear(torch.autograd.Function):
     `dtype` is the products' precision: float32, or bfloat16 (`bfloat16_products`): x, W and the output gradient
     rounded to bfloat16 as they enter a product, its sums kept in float32 by oneDNN, its result rounded to
     bfloat16 and handed back in `out_dtype` (the input's gradient in x's dtype, the weight's in its own).
-    First derivatives only: double backward, forward-mode AD and
-    torch.func transforms are not supported (Linear sends CPU products here only when cpu_matmul() is "onednn").
+    First derivatives only: double backward, forward-mode AD and torch.func transforms are not supported
+    (Linear sends CPU products here only when cpu_matmul() is "onednn").
     """
 
     @staticmethod

@@ -77,6 +77,14 @@ def test_bfloat16_on_a_cpu_is_bfloat16_products_and_says_so_where_the_cpu_lacks_
     assert gpu.autocast and not gpu.cpu_bf16_products
 
 
+def test_auto_on_a_cpu_is_float32_and_names_bfloat16_products_where_the_cpu_has_the_instructions():
+    reasons = {has: choose_precision("cpu", "auto", cuda=False, mps=False, cuda_bf16=False, cpu_bf16=has).reason
+               for has in (True, False, None)}
+    assert "train.dtype = 'bfloat16' runs the Linear layers' products faster" in reasons[True]
+    assert "slow on CPUs without bfloat16 instructions" in reasons[False]
+    assert reasons[None].endswith("float32 (the default on CPUs)")  # unknown (off Linux): no claim either way
+
+
 def test_a_cpu_has_bfloat16_instructions_by_its_flags(monkeypatch):
     from fungpt import hardware
 
