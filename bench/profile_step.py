@@ -68,11 +68,8 @@ def main() -> None:
     x = torch.randint(0, args.vocab_size, (args.batch_size, block_size), device=args.device)  # (B, T)
     y = torch.randint(0, args.vocab_size, (args.batch_size, block_size), device=args.device)  # (B, T)
 
-    def autocast():
-        return torch.autocast(args.device, dtype=prec.torch_dtype) if prec.autocast else contextlib.nullcontext()
-
     def step(read_loss: bool = True) -> None:
-        with autocast():
+        with prec.context():  # as `fungpt train` runs its forward passes
             _, loss = forward(x, y)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
