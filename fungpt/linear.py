@@ -345,41 +345,52 @@ class Linear(nn.Linear):
         return self._onednn_apply() and self.weight.numel() <= ROW_SUM_MAX_ELEMENTS
 
     def _dense(self) -> Callable:
-        """x (K,) -> W x + b as one matrix-vector product: oneDNN where `_onednn_apply` (like forward), else F.linear.
+        """x (K,) -> W x + b as one matrix-vector product: oneDNN where `_onednn_apply` (like forward), else addmv.
 
         For weights too large for row sums, e.g. GPT-2's 50257 x 768 output layer: oneDNN reads it at 34.5 GB/s,
-        MKL at 14.8 (4.5 against 10.4 ms per token; BENCHMARKS.md, "Sixth session").
+        MKL at 14.8 (4.5 against 10.4 ms per token; BENCHMARKS.md, "Sixth session"). Otherwise torch's BLAS through
+        addmv: the same bits as F.linear on a vector, without its reshapes and transposes on the way to a
+        matrix product (3.7% faster decoding on an Intel Xeon, BENCHMARKS.md, "Thirty-second session").
         """
         w, b = self.weight, self.bias
         if self._onednn_apply():
             return lambda x: onednn_linear(x.view(1, -1), w, b).view(-1)  # (K,) -> (1, K) -> (1, N) -> (N,)
-        return lambda x: F.linear(x, w, b)
+        return (lambda x: torch.mv(w, x)) if b is None else (lambda x: torch.addmv(b, w, x))
 
     def decoder(self) -> Callable:
         """The function x (K,), residual (N,) or None -> W x + b (+ residual): batch-1 decoding's product (decode.py).
 
-        Row sums (row_product) where `_rows_apply`, one matrix-vector product otherwise (`_dense`). The row
-        sums use a copy of the weight made now: after changing the weight, ask for a new decoder. No
-        autograd: call it under torch.no_grad() or torch.inference_mode().
+        Row sums (row_product) where `_rows_apply`, one matrix-vector product otherwise (`_dense`; with torch's
+        BLAS, an addmv that adds the residual in the same call). The row sums use a copy of the weight made now:
+        after changing the weight, ask for a new decoder. No autograd: call it under torch.no_grad() or
+        torch.inference_mode().
         """
         if self._rows_apply():
             weight_t, bags = self._row_table()
             return row_product(weight_t, self.bias, bags)
-        dense = self._dense()
+        dense, w, b = self._dense(), self.weight, self.bias
+        onednn = self._onednn_apply()
 
         def product(x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-            y = dense(x)
-            return y if residual is None else y.add_(residual)  # float addition commutes: = residual + y
+            if residual is None:
+                return dense(x)
+            if onednn:
+                return dense(x).add_(residual)  # float addition commutes: = residual + y
+            y = torch.addmv(residual, w, x)  # residual + W x
+            return y if b is None else y.add_(b)
 
         return product
 
     def decoder_into(self, out: torch.Tensor) -> Callable:
-        """Like decoder, for the function x (K,) -> W x + b written into out, a (1, N) tensor."""
+        """Like decoder, for the function x (K,) -> W x + b written into out, a contiguous (1, N) tensor."""
         if self._rows_apply():
             weight_t, bags = self._row_table()
             return row_product_into(weight_t, self.bias, bags, out)
-        dense = self._dense()
-        return lambda x: out.copy_(dense(x).view(1, -1))  # (out,) -> (1, out)
+        if self._onednn_apply():
+            dense = self._dense()
+            return lambda x: out.copy_(dense(x).view(1, -1))  # (out,) -> (1, out)
+        w, b, flat = self.weight, self.bias, out.view(-1)  # (1, N) -> (N,), the same memory
+        return (lambda x: torch.mv(w, x, out=flat)) if b is None else (lambda x: torch.addmv(b, w, x, out=flat))
 
     def _row_table(self) -> tuple[torch.Tensor, tuple]:
         """(W^T, bags) for row_product: W^T a copy of the weight as it is now, made for each decoder.

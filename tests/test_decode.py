@@ -330,6 +330,42 @@ def test_linear_decoders_add_bias_and_residual(bias, row_sums, cpu_matmul, monke
     assert len(calls) == (3 if cpu_matmul == "onednn" and not row_sums else 0)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@torch.no_grad()
+def test_blas_decoders_add_bias_or_residual_in_the_product_call(bias):
+    """With torch's BLAS, a decoding product is one addmv (or mv) that adds the bias, or the residual, itself:
+    not F.linear's reshapes and transposes on the way to a matrix product, nor a copy into c_attn's buffer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    before = list(linear._chosen)
+    linear.set_cpu_matmul("torch")
+    try:
+        torch.manual_seed(0)
+        layer = Linear(48, 40, bias=bias)
+        x, r, out = torch.randn(48), torch.randn(40), torch.empty(1, 40)
+        product, into = layer.decoder(), layer.decoder_into(out)
+        with Ops() as plain:
+            product(x)
+        with Ops() as residual:
+            product(x, r)
+        with Ops() as written:
+            into(x)
+    finally:
+        linear._chosen[:] = before
+    assert plain.names == ["addmv" if bias else "mv"]
+    assert residual.names == (["addmv", "add_"] if bias else ["addmv"])  # residual + W x, then the bias
+    assert written.names == ["addmv" if bias else "mv"]  # straight into out: no copy
+
+
 @torch.no_grad()
 def test_step_matches_the_forward_pass_without_row_sums(cpu_matmul, monkeypatch):
     monkeypatch.setattr(linear, "ROW_SUM_MAX_ELEMENTS", 0)  # every layer too large for row sums
