@@ -17,8 +17,8 @@ is tiny (2 FLOPs per weight); the time goes to two things:
 
 `Decoder.step` computes what `model(token[None], kv_cache=cache)` computes, for batch size 1, with
 142 operations per token for that model (98 with torch's BLAS: 22 per block, 15 with BLAS, plus 10
-outside them, 8 with BLAS;
-`bench/bench_generate.py` counts both and BENCHMARKS.md, "Fifth session", has the times). How:
+outside them, 8 with BLAS; `bench/bench_generate.py` counts both and BENCHMARKS.md, "Fifth session",
+has the times). How:
 
   * vectors (C,) instead of (B, T, C) tensors: no reshapes between the pieces;
   * each Linear layer's product adds the bias, or the residual stream, in its last operation,

@@ -345,7 +345,7 @@ class Linear(nn.Linear):
         return self._onednn_apply() and self.weight.numel() <= ROW_SUM_MAX_ELEMENTS
 
     def _dense(self) -> Callable:
-        """x (K,) -> W x + b as one matrix-vector product: oneDNN where `_onednn_apply` (like forward), else addmv.
+        """x (K,) -> W x + b, one matrix-vector product: oneDNN where `_onednn_apply` (like forward), else addmv (mv).
 
         For weights too large for row sums, e.g. GPT-2's 50257 x 768 output layer: oneDNN reads it at 34.5 GB/s,
         MKL at 14.8 (4.5 against 10.4 ms per token; BENCHMARKS.md, "Sixth session"). Otherwise torch's BLAS through
@@ -382,7 +382,7 @@ class Linear(nn.Linear):
         return product
 
     def decoder_into(self, out: torch.Tensor) -> Callable:
-        """Like decoder, for the function x (K,) -> W x + b written into out, a contiguous (1, N) tensor."""
+        """Like decoder, for the function x (K,) -> W x + b written into out, a (1, N) tensor (which it returns)."""
         if self._rows_apply():
             weight_t, bags = self._row_table()
             return row_product_into(weight_t, self.bias, bags, out)
@@ -390,7 +390,12 @@ class Linear(nn.Linear):
             dense = self._dense()
             return lambda x: out.copy_(dense(x).view(1, -1))  # (out,) -> (1, out)
         w, b, flat = self.weight, self.bias, out.view(-1)  # (1, N) -> (N,), the same memory
-        return (lambda x: torch.mv(w, x, out=flat)) if b is None else (lambda x: torch.addmv(b, w, x, out=flat))
+
+        def product(x: torch.Tensor) -> torch.Tensor:
+            torch.mv(w, x, out=flat) if b is None else torch.addmv(b, w, x, out=flat)
+            return out
+
+        return product
 
     def _row_table(self) -> tuple[torch.Tensor, tuple]:
         """(W^T, bags) for row_product: W^T a copy of the weight as it is now, made for each decoder.

@@ -358,12 +358,14 @@ def test_blas_decoders_add_bias_or_residual_in_the_product_call(bias):
         with Ops() as residual:
             product(x, r)
         with Ops() as written:
-            into(x)
+            returned = into(x)
     finally:
         linear._chosen[:] = before
     assert plain.names == ["addmv" if bias else "mv"]
     assert residual.names == (["addmv", "add_"] if bias else ["addmv"])  # residual + W x, then the bias
     assert written.names == ["addmv" if bias else "mv"]  # straight into out: no copy
+    assert returned is out  # (1, N), as the other libraries' decoder_into give it back
+    torch.testing.assert_close(out[0], F.linear(x, layer.weight, layer.bias))
 
 
 @torch.no_grad()
