@@ -338,8 +338,13 @@ def prepare_command(input: str, out: str, tokenizer: Literal["char", "bpe", "gpt
 
     if tokenizer == "bpe" and vocab_size is None:
         vocab_size = 4096
-    path = prepare(input, out, tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
-                   overwrite=overwrite, errors=errors)
+    try:
+        path = prepare(input, out, tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
+                       overwrite=overwrite, errors=errors)
+    except KeyboardInterrupt as e:  # Ctrl-C (SIGTERM's and SIGHUP's Stopped say their own line): prepare undid it
+        if type(e) is not KeyboardInterrupt or e.args:
+            raise
+        raise KeyboardInterrupt(f"no partial dataset was left in {out}; run the command again to prepare it") from None
     for line in prepared_summary(path, input):
         print(f"fungpt: {line}")
 
@@ -707,8 +712,8 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
             restore_stop_signals()
             signal.raise_signal(e.signum)
         return 128 + e.signum  # what a shell reports for a command ended by that signal
-    except KeyboardInterrupt:
-        print("\nfungpt: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # (a command may say what the interruption left: KeyboardInterrupt("..."))
+        print(f"\nfungpt: interrupted{': ' + str(e) if e.args else ''}", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as e:
         if _peer_gone(e):  # under torchrun: the process that failed has already printed why

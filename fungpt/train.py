@@ -2000,7 +2000,13 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     if step == 0 and clock.budget_s is None and not resumed.evaluated:
         evaluated_at = 0
         t0 = time.time()
-        losses = do_eval()  # the starting point of the curve: about ln(vocab_size) for random weights
+        try:
+            losses = do_eval()  # the starting point of the curve: about ln(vocab_size) for random weights
+        except KeyboardInterrupt as e:  # (Ctrl-C: outside the loop's handlers; SIGTERM's Stopped says its own line)
+            if type(e) is not KeyboardInterrupt or e.args:
+                raise
+            raise KeyboardInterrupt("during the step-0 eval, before the first step: nothing was trained; the same "
+                                    "command starts the run again") from None
         clock.eval_times.append(time.time() - t0)
         ln_v = math.log(cfg.model.vocab_size)
         chance = f" (random weights: about ln(vocab_size) = {ln_v:.4f})" if pre is None else ""

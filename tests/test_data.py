@@ -1092,6 +1092,27 @@ def test_text_without_newlines_is_encoded_in_pieces_of_bounded_size(tmp_path):
     assert "".join(pieces) == words and len(pieces) > 20 and all(p.endswith("rd") for p in pieces[:-1])
 
 
+def test_ctrl_c_during_prepare_says_that_no_partial_dataset_was_left(corpus, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while prepare swaps its new dataset in: the old one stays whole, and the line says so (it said only
+    "fungpt: interrupted", leaving the user to wonder whether the folder was half written)."""
+    from fungpt.cli import main
+
+    out = tmp_path / "d"
+    assert main(["prepare", "--input", str(corpus), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+
+    def ctrl_c(folder):  # the new dataset complete in its temporary folder, about to take out's place
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data_mod, "sync_folder", ctrl_c)
+    assert main(["prepare", "--input", str(corpus), "--out", str(out), "--overwrite", "--tokenizer", "bpe"]) == 130
+    assert capsys.readouterr().err.endswith(f"\nfungpt: interrupted: no partial dataset was left in {out}; run the "
+                                            f"command again to prepare it\n")  # (after prepare's progress bars)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the char dataset, as it was
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("d.")] == []  # no temporary folder left
+
+
 def test_prepare_says_when_a_bpe_stops_short_of_the_size_asked(corpus, tmp_path, capsys):
     """On a small corpus the BPE stops early: it printed "vocabulary 365 (bpe)" after --vocab-size 4096, no why."""
     from fungpt.cli import main

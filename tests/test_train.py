@@ -64,6 +64,28 @@ def ctrl_c_during_step(monkeypatch, n: int) -> None:
     monkeypatch.setattr(train_module, "get_lr", get_lr)
 
 
+def test_ctrl_c_during_the_step_0_eval_says_that_nothing_was_trained(corpus, tmp_path):
+    """Ctrl-C in the step-0 eval (before the loop's own handlers) said only "fungpt: interrupted": now what it left,
+    and the same command then starts the run."""
+    train_module = sys.modules["fungpt.train"]  # (fungpt.train, the attribute, is the function)
+    real = train_module.evaluate
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    cfg = tiny_config(corpus, tmp_path / "run")
+    train_module.evaluate = ctrl_c
+    try:
+        with pytest.raises(KeyboardInterrupt) as caught:
+            train(cfg)
+    finally:
+        train_module.evaluate = real
+    assert str(caught.value) == ("during the step-0 eval, before the first step: nothing was trained; the same "
+                                 "command starts the run again")
+    assert ckpt.find_checkpoint(tmp_path / "run") is None and ckpt.find_checkpoint(tmp_path / "run", "best") is None
+    assert train(cfg)["step"] == cfg.train.max_iters  # the same command, as said
+
+
 def test_the_last_step_is_logged_and_a_wsd_warmup_into_the_decay_is_noted(corpus, tmp_path, capsys, monkeypatch):
     """With a log_interval that does not divide max_iters, the last steps' loss and lr were never logged (the curve
     stopped short; the bar ended showing an older lr). A WSD warmup that ran into the decay window dropped the lr
