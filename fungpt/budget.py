@@ -152,6 +152,16 @@ class TimeBudget:
         return (((step + 1) % tc.eval_interval == 0) * typical(self.eval_times)
                 + ((step + 1) % tc.checkpoint_interval == 0) * typical(self.save_times))
 
+    def periodic_time_left(self, step: int) -> float:
+        """Seconds of the periodic evals and checkpoints still due after step `step` (before max_iters), as timed so
+        far (a checkpoint not yet timed counts 0): what a time left reckoned from the steps' rate alone leaves out,
+        as the training bar's does until the command's first periodic eval, whose time its rate then holds."""
+        tc = self.tc
+        last = tc.max_iters - 1  # (none at max_iters: the final eval and checkpoint come once the steps are done)
+        evals = max(last // tc.eval_interval - step // tc.eval_interval, 0)
+        saves = max(last // tc.checkpoint_interval - step // tc.checkpoint_interval, 0)
+        return evals * typical(self.eval_times) + saves * typical(self.save_times)
+
     def out_of_time(self, step: int) -> bool:
         """Whether to stop before step `step` + 1, early enough that the final eval, checkpoint and plot also fit in
         the budget. The periodic eval or checkpoint due after that step counts too: left out, a checkpoint due after

@@ -1451,14 +1451,20 @@ def _reader_gone(fd: int) -> bool:
 
 def _train_bar(tqdm):
     """The training bar's class: tqdm's, whose rate (and so its time left) is the steps since the command's first
-    step over the time since, the periodic evals and checkpoints included once one has run (before the first, as
-    for tqdm's own, the time left is the steps' alone). tqdm's own rate is a moving average of the last steps,
-    which left the evals out all run long (with an eval every 100 steps it said 6 s left at step 20 of 400, and
-    about as little after each eval, for 18.6 s taken); its average over the whole command counts the first step
-    too, which also compiles (a 20 s first step of a compiled speedrun said ten times the time left)."""
+    step over the time since, the periodic evals and checkpoints included once one has run (before the first, the
+    time they will take, by the step-0 eval's and the checkpoint's timings, is added: `periodic_left`). tqdm's own
+    rate is a moving average of the last steps, which left the evals out all run long (with an eval every 100
+    steps it said 6 s left at step 20 of 400, and about as little after each eval, for 18.6 s taken); its average
+    over the whole command counts the first step too, which also compiles (a 20 s first step of a compiled
+    speedrun said ten times the time left)."""
 
     class TrainBar(tqdm):
         origin: tuple[float, float] | None = None  # (time, steps) when the command's first step ended
+        # Seconds of the periodic evals and checkpoints due after step n (TimeBudget.periodic_time_left), counted in
+        # the time left until the command's first periodic eval (then None: the rate holds their time). Left out,
+        # configs/shakespeare-char.toml (400 forward batches every 250 steps: with a forward about a third of a step,
+        # evals are a third of the run) was said to end a third too soon until its first periodic eval.
+        periodic_left: Callable[[int], float] | None = None
 
         @property
         def format_dict(self):
@@ -1467,6 +1473,9 @@ def _train_bar(tqdm):
                 # (0 until a second step is done: shown as "?", not the first step's rate, which a log file kept)
                 t0, n0 = self.origin
                 d["rate"] = (d["n"] - n0) / max(time.time() - t0, 1e-9) if d["n"] > n0 else 0
+            left = (d["total"] or 0) - d["n"]  # steps to go
+            if self.periodic_left is not None and d["rate"] and left > 0:  # the rate that ends when they all will
+                d["rate"] = left / (left / d["rate"] + self.periodic_left(d["n"]))
             return d
 
     return TrainBar
@@ -2042,6 +2051,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         # (a budget's end is forecast from the first steps: no total until then, rather than max_iters)
         bar = _train_bar(tqdm)(total=None if clock.budget_s is not None else tc.max_iters, initial=step, desc="train",
                                unit="step", dynamic_ncols=True, mininterval=every, maxinterval=max(every, 10.0))
+        if clock.budget_s is None:  # (a budget's forecast end, the bar's total, already counts them)
+            bar.periodic_left = clock.periodic_time_left
     with _StopFlag(announce=ddp.is_main, processes=ddp.world_size) as interrupt, _close_on_error(bar):
         position = 0.0  # where the lr schedule stands (in steps), agreed before each step
         while step < tc.max_iters:
@@ -2103,6 +2114,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                     losses, evaluated_at = scored, step
                     clock.eval_times.append(time.time() - t0)
                     if bar is not None:
+                        bar.periodic_left = None  # (the rate since the first step holds an eval's time from now on)
                         interrupt.output(bar.write, f"step {step}: train loss {losses['train']:.4f}, "
                                                     f"val loss {losses['val']:.4f}")
             if step % tc.checkpoint_interval == 0 and step < tc.max_iters:  # the last step is saved below

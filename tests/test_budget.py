@@ -170,3 +170,16 @@ def test_the_forecast_is_max_iters_when_they_come_before_the_budget(clock):
     positions, last, forecasts, _, _ = replay(clock, tc, Durations())
     assert last == 40 and forecasts[5:] == [40] * len(forecasts[5:])
     assert positions[-1] == pytest.approx(39 / 40 * tc.decay_iters)  # (steps, not time, lead the schedule)
+
+
+def test_periodic_time_left_counts_the_evals_and_checkpoints_still_due():
+    """The training bar adds it to its time left until its first periodic eval: the evals and checkpoints due after
+    a step, before max_iters (the final ones come once the steps are done), at their timed durations."""
+    tc = TrainConfig(max_iters=100, eval_interval=25, checkpoint_interval=50, device="cpu")
+    tb = TimeBudget(tc, train_start=0.0, timings={"eval": 2.0, "save": 1.0})
+    assert tb.periodic_time_left(0) == 3 * 2.0 + 1 * 1.0  # evals after steps 25, 50, 75; a checkpoint after 50
+    assert tb.periodic_time_left(24) == 3 * 2.0 + 1.0
+    assert tb.periodic_time_left(25) == 2 * 2.0 + 1.0  # (25's done)
+    assert tb.periodic_time_left(50) == 2.0
+    assert tb.periodic_time_left(99) == tb.periodic_time_left(100) == 0.0
+    assert TimeBudget(tc, train_start=0.0, timings={}).periodic_time_left(0) == 0.0  # nothing timed yet

@@ -584,6 +584,40 @@ def test_the_train_bars_time_left_counts_the_evals_and_not_the_first_step(monkey
     assert [bar.origin[1] for bar in bars] == [1, 4] and all(0 < time.time() - bar.origin[0] < 600 for bar in bars)
 
 
+def test_the_train_bars_time_left_counts_the_evals_to_come_before_the_first(monkeypatch, corpus, tmp_path):
+    """Before the command's first periodic eval the bar's rate is the steps' alone: its time left now adds the evals
+    and checkpoints still due (TimeBudget.periodic_time_left), until that eval's time is in the rate itself."""
+    from tqdm.std import tqdm
+
+    train_module = sys.modules["fungpt.train"]  # (fungpt.train, the attribute, is the function)
+    now = [1000.0]
+    monkeypatch.setattr(train_module.time, "time", lambda: now[0])
+    bar = train_module._train_bar(tqdm)(total=1100, file=io.StringIO())
+    bar.origin = (1000.0, 1)
+    bar.periodic_left = lambda n: 4 * 2.5  # four evals of 2.5 s to come
+    now[0] += 1.0
+    bar.update(101)  # 100 steps of 10 ms since the first
+    assert bar.format_dict["rate"] == pytest.approx(999 / (999 * 0.01 + 10.0))  # the rate that ends with them
+    assert "<00:19" in bar.format_meter(**bar.format_dict)  # 9.99 s of steps + 10 s of evals (not <00:09)
+    bar.periodic_left = None  # (after the first eval: the rate holds its time)
+    assert bar.format_dict["rate"] == pytest.approx(100.0)
+    bar.close()
+    monkeypatch.undo()  # (the clock back)
+    bars = []
+
+    def recorded(tqdm_class):
+        cls = real_bar(tqdm_class)
+        return lambda *a, **k: bars.append(cls(*a, **k)) or bars[-1]
+
+    real_bar = train_module._train_bar
+    monkeypatch.setattr(train_module, "_train_bar", recorded)
+    train(tiny_config(corpus, tmp_path / "a", max_iters=5, eval_interval=10), progress=True)  # no periodic eval
+    train(tiny_config(corpus, tmp_path / "b", max_iters=5, eval_interval=2), progress=True)  # evals at 2 and 4
+    train(tiny_config(corpus, tmp_path / "c", max_iters=5, max_minutes=1.0), progress=True)  # a budget's end
+    assert bars[0].periodic_left.__self__.tc.max_iters == 5 and bars[1].periodic_left is None
+    assert bars[2].periodic_left is None  # (its total, the forecast end, counts the evals already)
+
+
 def test_a_slow_budget_plan_shows_a_bar(corpus, tmp_path, monkeypatch, capsys):
     """A time-budget run times forward batches, a checkpoint save and the plot before its first step: 19 s with
     nothing on the screen for a 124M model on a CPU. A bar now shows once that has taken a second."""
