@@ -548,6 +548,19 @@ def test_a_slow_eval_shows_a_bar_and_a_quick_one_none(corpus, tmp_path, monkeypa
     assert full == evaluate(model, data_dir, cfg, "cpu", contextlib.nullcontext)
 
 
+def record_train_bars(monkeypatch) -> list:
+    """The training bars train() makes from now on, in a list, as they are made."""
+    train_module = sys.modules["fungpt.train"]  # (fungpt.train, the attribute, is the function)
+    real_bar, bars = train_module._train_bar, []
+
+    def recorded(tqdm_class):
+        cls = real_bar(tqdm_class)
+        return lambda *a, **k: bars.append(cls(*a, **k)) or bars[-1]
+
+    monkeypatch.setattr(train_module, "_train_bar", recorded)
+    return bars
+
+
 def test_the_train_bars_time_left_counts_the_evals_and_not_the_first_step(monkeypatch, corpus, tmp_path):
     """tqdm's rate, a moving average of the last steps, left the evals out of the time left all run long; its
     average over the whole command counts the first step too, which also compiles (ten times the time left). The
@@ -569,14 +582,7 @@ def test_the_train_bars_time_left_counts_the_evals_and_not_the_first_step(monkey
     bar.close()
     monkeypatch.undo()  # (the clock back)
     # train() sets the origin as the command's first step ends, a resumed one's too
-    bars = []
-
-    def recorded(tqdm_class):
-        cls = real_bar(tqdm_class)
-        return lambda *a, **k: bars.append(cls(*a, **k)) or bars[-1]
-
-    real_bar = train_module._train_bar
-    monkeypatch.setattr(train_module, "_train_bar", recorded)
+    bars = record_train_bars(monkeypatch)
     cfg = tiny_config(corpus, tmp_path / "run", max_iters=3)
     train(cfg, progress=True)
     cfg.train.max_iters = 5
@@ -603,14 +609,7 @@ def test_the_train_bars_time_left_counts_the_evals_to_come_before_the_first(monk
     assert bar.format_dict["rate"] == pytest.approx(100.0)
     bar.close()
     monkeypatch.undo()  # (the clock back)
-    bars = []
-
-    def recorded(tqdm_class):
-        cls = real_bar(tqdm_class)
-        return lambda *a, **k: bars.append(cls(*a, **k)) or bars[-1]
-
-    real_bar = train_module._train_bar
-    monkeypatch.setattr(train_module, "_train_bar", recorded)
+    bars = record_train_bars(monkeypatch)
     train(tiny_config(corpus, tmp_path / "a", max_iters=5, eval_interval=10), progress=True)  # no periodic eval
     train(tiny_config(corpus, tmp_path / "b", max_iters=5, eval_interval=2), progress=True)  # evals at 2 and 4
     train(tiny_config(corpus, tmp_path / "c", max_iters=5, max_minutes=1.0), progress=True)  # a budget's end
