@@ -339,9 +339,10 @@ def _timed_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_op
 
     times = []
     # A big model's steps take minutes on a CPU (a GPT-2 fine-tune): a bar then, over the micro-batches, on stderr
-    # (the plan goes to stdout); none when they take under a second
+    # (the plan goes to stdout); none for short steps, which are timed for a second (below) and their warm-up: a
+    # delay of 1 s showed a bar in the last moment of that second on a busy machine
     bar = tqdm(total=(n + 1) * tc.grad_accum_steps, desc="timing steps (+1 warm-up)", unit="batch",
-               leave=False, dynamic_ncols=True, delay=1.0, mininterval=bar_interval(), file=sys.stderr,
+               leave=False, dynamic_ncols=True, delay=2.0, mininterval=bar_interval(), file=sys.stderr,
                disable=not progress)
     try:
         with bar, tf32_products() if device == "cuda" else contextlib.nullcontext():  # as training runs them
