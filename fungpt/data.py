@@ -775,7 +775,9 @@ def prepare(
     tmp = out.with_name(f"{temp_stem(out.name)}.tmp-{_HOST}-{os.getpid()}")
     old = out.with_name(f"{temp_stem(out.name)}.old-{_HOST}-{os.getpid()}")  # (--overwrite: the dataset there)
     shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)  # (one left by an earlier call of this process, cut short: see below)
     counts = {f"{s}_{k}": 0 for s in SPLITS for k in ("tokens", "bytes", "chars")}
+    swapped = False  # whether the new dataset has taken out's place
     try:
         tmp.mkdir(parents=True)
         check = hashlib.sha256()
@@ -855,6 +857,7 @@ def prepare(
         taken = (errno.ENOTEMPTY, errno.EEXIST, errno.EACCES) if os.name == "nt" else (errno.ENOTEMPTY, errno.EEXIST)
         try:
             os.replace(tmp, out)
+            swapped = True
         except OSError as e:
             if e.errno not in taken or not (out / "meta.json").exists():
                 _put_back(old, out)
@@ -872,6 +875,7 @@ def prepare(
                 os.replace(out, old)
                 try:
                     os.replace(tmp, out)
+                    swapped = True
                 except OSError:  # (a third one meanwhile)
                     _put_back(old, out)
                     raise
@@ -885,7 +889,13 @@ def prepare(
                  "it with `fungpt prepare --out DIR` and train with data.path = DIR)"
                  if out.is_relative_to(cache_dir().expanduser().resolve()) else "; choose another --out")
         raise FunGPTError(f"could not write the dataset to {out}: {e.strerror or e}{where}") from None
-    except BaseException:  # (Ctrl-C, SIGTERM: between the two renames, the dataset moved aside goes back)
+    except BaseException as e:  # (Ctrl-C, SIGTERM: between the two renames, the dataset moved aside goes back)
+        if swapped:  # the new dataset is in place, complete: only the cleaning up after it was cut short
+            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if type(e) is KeyboardInterrupt and not e.args:  # (Ctrl-C: said as it is; a SIGTERM's line is its own)
+                raise KeyboardInterrupt(f"{out} holds the dataset just prepared, complete") from None
+            raise
         _put_back(old, out)
         shutil.rmtree(tmp, ignore_errors=True)
         raise

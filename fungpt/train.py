@@ -1790,8 +1790,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     # onto edited text, or a folder prepared again with another split, says so
     data_fingerprint = fingerprint_of(load_meta(data_dir))
     out_dir = Path(cfg.out_dir)
+    replaced = False  # whether --overwrite deleted a run that was in out_dir (a Ctrl-C before step 1 says so)
     if ddp.is_main:  # rank 0 alone writes the folder, so it alone locks it
         locked = held.enter_context(lock_out_dir(out_dir))
+        replaced = overwrite and holds_run(out_dir)
         prepare_out_dir(cfg, resume, overwrite, locked)
     say(f"fungpt: {prec.reason}" + (f", matmuls on {cpu_matmul}" if cpu_matmul else "")
         + (f", {ddp.world_size} processes (DDP)" if ddp.enabled else ""))
@@ -2014,8 +2016,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         except KeyboardInterrupt as e:  # (Ctrl-C: outside the loop's handlers; SIGTERM's Stopped says its own line)
             if type(e) is not KeyboardInterrupt or e.args:
                 raise
-            raise KeyboardInterrupt("during the step-0 eval, before the first step: nothing was trained; the same "
-                                    "command starts the run again") from None
+            how = " with --resume in place of --overwrite" if overwrite else "" if resume else " plus --resume"
+            gone = f" (--overwrite had already deleted the run that was in {out_dir})" if replaced else ""
+            raise KeyboardInterrupt(f"during the step-0 eval, before the first step: nothing was trained{gone}; "
+                                    f"start it with the same command{how}") from None
         clock.eval_times.append(time.time() - t0)
         ln_v = math.log(cfg.model.vocab_size)
         chance = f" (random weights: about ln(vocab_size) = {ln_v:.4f})" if pre is None else ""

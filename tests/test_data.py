@@ -1102,15 +1102,24 @@ def test_ctrl_c_during_prepare_says_that_no_partial_dataset_was_left(corpus, tmp
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     capsys.readouterr()
 
-    def ctrl_c(folder):  # the new dataset complete in its temporary folder, about to take out's place
-        raise KeyboardInterrupt
+    def ctrl_c(folder):  # the new dataset complete in its temporary folder, about to take out's place (and later,
+        raise KeyboardInterrupt  # after it took it)
 
+    real_sync = data_mod.sync_folder
     monkeypatch.setattr(data_mod, "sync_folder", ctrl_c)
     assert main(["prepare", "--input", str(corpus), "--out", str(out), "--overwrite", "--tokenizer", "bpe"]) == 130
     assert capsys.readouterr().err.endswith(f"\nfungpt: interrupted: no partial dataset was left in {out}; run the "
                                             f"command again to prepare it\n")  # (after prepare's progress bars)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the char dataset, as it was
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("d.")] == []  # no temporary folder left
+    # Ctrl-C once the new dataset has taken its place (while the rename is made durable): that one is said, whole
+    monkeypatch.setattr(data_mod, "sync_folder", real_sync)
+    monkeypatch.setattr(data_mod, "fsync_dir", ctrl_c)
+    assert main(["prepare", "--input", str(corpus), "--out", str(out), "--overwrite", "--tokenizer", "bpe"]) == 130
+    assert capsys.readouterr().err.endswith(f"\nfungpt: interrupted: {out} holds the dataset just prepared, "
+                                            f"complete\n")
+    assert load_meta(out)["tokenizer"] == "bpe"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("d.")] == []  # nor the old one, moved aside
 
 
 def test_prepare_says_when_a_bpe_stops_short_of_the_size_asked(corpus, tmp_path, capsys):

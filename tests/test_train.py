@@ -66,7 +66,8 @@ def ctrl_c_during_step(monkeypatch, n: int) -> None:
 
 def test_ctrl_c_during_the_step_0_eval_says_that_nothing_was_trained(corpus, tmp_path):
     """Ctrl-C in the step-0 eval (before the loop's own handlers) said only "fungpt: interrupted": now what it left,
-    and the same command then starts the run."""
+    and how to start the run (--resume, which starts a run that never saved from step 0, on every platform), and that
+    --overwrite had already deleted the run it replaces."""
     train_module = sys.modules["fungpt.train"]  # (fungpt.train, the attribute, is the function)
     real = train_module.evaluate
 
@@ -74,16 +75,22 @@ def test_ctrl_c_during_the_step_0_eval_says_that_nothing_was_trained(corpus, tmp
         raise KeyboardInterrupt
 
     cfg = tiny_config(corpus, tmp_path / "run")
-    train_module.evaluate = ctrl_c
-    try:
-        with pytest.raises(KeyboardInterrupt) as caught:
-            train(cfg)
-    finally:
-        train_module.evaluate = real
-    assert str(caught.value) == ("during the step-0 eval, before the first step: nothing was trained; the same "
-                                 "command starts the run again")
-    assert ckpt.find_checkpoint(tmp_path / "run") is None and ckpt.find_checkpoint(tmp_path / "run", "best") is None
-    assert train(cfg)["step"] == cfg.train.max_iters  # the same command, as said
+    said = []
+    for overwrite in (False, True):  # a new run; then --overwrite of a run that had trained
+        train_module.evaluate = ctrl_c
+        try:
+            with pytest.raises(KeyboardInterrupt) as caught:
+                train(cfg, overwrite=overwrite)
+        finally:
+            train_module.evaluate = real
+        said.append(str(caught.value))
+        assert ckpt.find_checkpoint(tmp_path / "run") is None and ckpt.find_checkpoint(tmp_path / "run", "best") is None
+        assert train(cfg, resume=True)["step"] == cfg.train.max_iters  # as said
+    assert said == ["during the step-0 eval, before the first step: nothing was trained; start it with the same "
+                    "command plus --resume",
+                    f"during the step-0 eval, before the first step: nothing was trained (--overwrite had already "
+                    f"deleted the run that was in {tmp_path / 'run'}); start it with the same command with --resume in "
+                    f"place of --overwrite"]
 
 
 def test_the_last_step_is_logged_and_a_wsd_warmup_into_the_decay_is_noted(corpus, tmp_path, capsys, monkeypatch):
