@@ -1159,7 +1159,7 @@ def test_a_terminal_that_hangs_up_saves_the_step(world, tmp_path):
     cmd = [sys.executable, "-m", "fungpt", "train", "--data.path", str(world["data"]), "--out-dir", str(out),
            "--train.device", "cpu", *TINY_MODEL, "--train.batch-size", "4", "--train.max-iters", "100000",
            "--train.lr-decay-iters", "100000", "--train.checkpoint-interval", "100000", "--train.eval-interval", "1",
-           "--train.eval-iters", "20"]  # (evals long enough that the hang-up lands in one, as it mostly did)
+           "--train.eval-iters", "20"]  # (evals long enough that the hang-up often lands in one)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     with open(errlog, "w") as err:
         pid, fd = pty.fork()
@@ -1176,7 +1176,9 @@ def test_a_terminal_that_hangs_up_saves_the_step(world, tmp_path):
     _, status = os.waitpid(pid, 0)
     said = errlog.read_text()
     assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGHUP, said[-2000:]
-    assert "SIGHUP: finishing this step" in said and "Traceback" not in said
+    # (the hang-up lands in an eval, which it leaves, or after one, when the eval's line to the terminal fails first)
+    assert re.search(r"SIGHUP: (finishing this step|leaving the eval) and saving a checkpoint", said), said[-2000:]
+    assert "Traceback" not in said
     stopped = check_loadable(out)
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert stopped >= 3 and max(r["step"] for r in rows) == stopped  # saved at the step it stopped at
