@@ -1475,7 +1475,8 @@ def _train_bar(tqdm):
                 d["rate"] = (d["n"] - n0) / max(time.time() - t0, 1e-9) if d["n"] > n0 else 0
             left = (d["total"] or 0) - d["n"]  # steps to go
             if self.periodic_left is not None and d["rate"] and left > 0:  # the rate that ends when they all will
-                d["rate"] = left / (left / d["rate"] + self.periodic_left(d["n"]))
+                # (n - 1: the bar shows step n before its own eval and checkpoint run, which count too)
+                d["rate"] = left / (left / d["rate"] + self.periodic_left(d["n"] - 1))
             return d
 
     return TrainBar

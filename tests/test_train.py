@@ -607,7 +607,7 @@ def test_the_train_bars_time_left_counts_the_evals_to_come_before_the_first(monk
     monkeypatch.setattr(train_module.time, "time", lambda: now[0])
     bar = train_module._train_bar(tqdm)(total=1100, file=io.StringIO())
     bar.origin = (1000.0, 1)
-    bar.periodic_left = lambda n: 4 * 2.5  # four evals of 2.5 s to come
+    bar.periodic_left = lambda n: 4 * 2.5 if n == 100 else 0.0  # after step 100 (the bar shows 101): four evals
     now[0] += 1.0
     bar.update(101)  # 100 steps of 10 ms since the first
     assert bar.format_dict["rate"] == pytest.approx(999 / (999 * 0.01 + 10.0))  # the rate that ends with them
