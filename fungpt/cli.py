@@ -35,7 +35,7 @@ import tyro
 
 from fungpt import _startup
 from fungpt.config import RunConfig
-from fungpt.errors import FunGPTError, is_out_of_memory, read_json
+from fungpt.errors import FunGPTError, is_out_of_memory, read_json, said_on_ctrl_c
 
 
 @dataclass
@@ -338,13 +338,9 @@ def prepare_command(input: str, out: str, tokenizer: Literal["char", "bpe", "gpt
 
     if tokenizer == "bpe" and vocab_size is None:
         vocab_size = 4096
-    try:
+    with said_on_ctrl_c(f"no partial dataset was left in {out}; run the command again to prepare it"):
         path = prepare(input, out, tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
                        overwrite=overwrite, errors=errors)
-    except KeyboardInterrupt as e:  # Ctrl-C (SIGTERM's and SIGHUP's Stopped say their own line): prepare undid it
-        if type(e) is not KeyboardInterrupt or e.args:
-            raise
-        raise KeyboardInterrupt(f"no partial dataset was left in {out}; run the command again to prepare it") from None
     for line in prepared_summary(path, input):
         print(f"fungpt: {line}")
 

@@ -7,12 +7,30 @@ what is wrong and how to fix it, e.g.
 
 Also here: parse_json and read_json, JSON reading whose every failure is a ValueError, so that each reader of
 a run's JSON files can turn a damaged file into such a line ("X is corrupt"); why_download_failed, the short
-reason for such a line when a download fails; is_out_of_memory; utf8_path and utf8_text.
+reason for such a line when a download fails; is_out_of_memory; utf8_path and utf8_text; said_on_ctrl_c, what a
+Ctrl-C left, said in the command's last line.
 """
+
+import contextlib
+from collections.abc import Iterator
 
 
 class FunGPTError(Exception):
     """A user-facing error: bad input, bad config, missing file. Printed as one line."""
+
+
+@contextlib.contextmanager
+def said_on_ctrl_c(what_it_left: str) -> Iterator[None]:
+    """A Ctrl-C in the block is raised again as KeyboardInterrupt(what_it_left), which the command line prints after
+    "fungpt: interrupted: ", so the user knows what the interruption left (a half-written dataset? a run to
+    resume?). An interruption that already says so, and SIGTERM's or SIGHUP's (a subclass, with its own line),
+    pass as they are."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        if type(e) is not KeyboardInterrupt or e.args:
+            raise
+        raise KeyboardInterrupt(what_it_left) from None
 
 
 def check_run_given(run_dir) -> None:

@@ -76,7 +76,7 @@ from fungpt.data import (
 from fungpt.data import (
     data_fingerprint as fingerprint_of,
 )
-from fungpt.errors import FunGPTError, parse_json, read_json
+from fungpt.errors import FunGPTError, parse_json, read_json, said_on_ctrl_c
 from fungpt.hardware import (
     Precision,
     check_compile,
@@ -245,8 +245,10 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
     with _preparing_alone(out) if is_main else contextlib.nullcontext():
         if is_main and not _loads(out):
             vocab = data.vocab_size if data.vocab_size is not None else (4096 if data.tokenizer == "bpe" else None)
-            prepare(data.path, out, tokenizer=tokenizer or data.tokenizer, vocab_size=None if tokenizer else vocab,
-                    val_fraction=data.val_fraction, overwrite=True, errors=data.errors, progress=progress)
+            with said_on_ctrl_c("while the data was being prepared, before training: no partial dataset was "
+                                "kept; the same command prepares it again"):
+                prepare(data.path, out, tokenizer=tokenizer or data.tokenizer, vocab_size=None if tokenizer else vocab,
+                        val_fraction=data.val_fraction, overwrite=True, errors=data.errors, progress=progress)
             for line in prepared_summary(out, path):  # (as `fungpt prepare` says it: the same data, made here)
                 print(f"fungpt: {line}")
         elif is_main:
@@ -2012,15 +2014,11 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     if step == 0 and clock.budget_s is None and not resumed.evaluated:
         evaluated_at = 0
         t0 = time.time()
-        try:
+        how = " with --resume in place of --overwrite" if overwrite else "" if resume else " plus --resume"
+        gone = f" (--overwrite had already deleted the run that was in {out_dir})" if replaced else ""
+        with said_on_ctrl_c(f"during the step-0 eval, before the first step: nothing was trained{gone}; start it "
+                            f"with the same command{how}"):  # (outside the training loop's signal handlers)
             losses = do_eval()  # the starting point of the curve: about ln(vocab_size) for random weights
-        except KeyboardInterrupt as e:  # (Ctrl-C: outside the loop's handlers; SIGTERM's Stopped says its own line)
-            if type(e) is not KeyboardInterrupt or e.args:
-                raise
-            how = " with --resume in place of --overwrite" if overwrite else "" if resume else " plus --resume"
-            gone = f" (--overwrite had already deleted the run that was in {out_dir})" if replaced else ""
-            raise KeyboardInterrupt(f"during the step-0 eval, before the first step: nothing was trained{gone}; "
-                                    f"start it with the same command{how}") from None
         clock.eval_times.append(time.time() - t0)
         ln_v = math.log(cfg.model.vocab_size)
         chance = f" (random weights: about ln(vocab_size) = {ln_v:.4f})" if pre is None else ""

@@ -93,6 +93,33 @@ def test_ctrl_c_during_the_step_0_eval_says_that_nothing_was_trained(corpus, tmp
                     f"place of --overwrite"]
 
 
+def test_ctrl_c_while_training_prepares_its_data_says_that_nothing_was_kept(corpus, tmp_path, monkeypatch):
+    """Ctrl-C while `fungpt train` prepares its data said only "fungpt: interrupted"; now what it left (no dataset in
+    the cache, no run folder) and that the same command starts over. Once the new dataset is in place, prepare says
+    that instead: it is complete, and the next run finds it."""
+    data_mod = sys.modules["fungpt.data"]
+
+    def ctrl_c(folder):  # the dataset complete in its temporary folder, about to take its place
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data_mod, "sync_folder", ctrl_c)
+    cfg = tiny_config(corpus, tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt) as caught:
+        train(cfg)
+    assert str(caught.value) == ("while the data was being prepared, before training: no partial dataset was kept; "
+                                 "the same command prepares it again")
+    kept = [p.name for p in (tmp_path / "cache" / "datasets").iterdir() if not p.name.startswith(".")]  # (.lock)
+    assert not (tmp_path / "run").exists() and kept == []
+    monkeypatch.undo()
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))  # (the corpus fixture's, undone above)
+    monkeypatch.setattr(data_mod, "fsync_dir", lambda folder: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt, match=r"datasets/corpus-char-\w+ holds the dataset just prepared, complete"):
+        train(cfg)
+    monkeypatch.undo()
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    assert train(cfg, progress=False)["step"] == cfg.train.max_iters  # (on the dataset that was kept)
+
+
 def test_the_last_step_is_logged_and_a_wsd_warmup_into_the_decay_is_noted(corpus, tmp_path, capsys, monkeypatch):
     """With a log_interval that does not divide max_iters, the last steps' loss and lr were never logged (the curve
     stopped short; the bar ended showing an older lr). A WSD warmup that ran into the decay window dropped the lr
