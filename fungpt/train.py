@@ -2010,14 +2010,15 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     losses: dict[str, float] = {}
     last_loss = float("nan")
     evaluated_at = saved_at = -1  # the steps of the last periodic eval and checkpoint (the final ones reuse them)
+    # The flags that continue this run after an interruption: the same command's, with --resume
+    resume_flags = " with --resume in place of --overwrite" if overwrite else "" if resume else " plus --resume"
     # (a resume from a step-0 checkpoint whose best_val was set: that eval is in metrics.jsonl already)
     if step == 0 and clock.budget_s is None and not resumed.evaluated:
         evaluated_at = 0
         t0 = time.time()
-        how = " with --resume in place of --overwrite" if overwrite else "" if resume else " plus --resume"
         gone = f" (--overwrite had already deleted the run that was in {out_dir})" if replaced else ""
         with said_on_ctrl_c(f"during the step-0 eval, before the first step: nothing was trained{gone}; start it "
-                            f"with the same command{how}"):  # (outside the training loop's signal handlers)
+                            f"with the same command{resume_flags}"):  # (outside the training loop's signal handlers)
             losses = do_eval()  # the starting point of the curve: about ln(vocab_size) for random weights
         clock.eval_times.append(time.time() - t0)
         ln_v = math.log(cfg.model.vocab_size)
@@ -2158,12 +2159,11 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 do_save()  # (a signal meanwhile: the run ends as it would have, this save done)
 
     if interrupted:
-        how = " with --resume in place of --overwrite" if overwrite else "" if resume else " plus --resume"
         if already_done(step, tc, clock.elapsed(), clock.timings()):  # (a resume would find nothing to train)
             how = "" if evaluated_at == step else (f"; its final eval was not done: `fungpt eval "
                                                    f"{shlex.quote(str(out_dir))}` scores it")
         else:
-            how = f". Resume with the same command{how}"
+            how = f". Resume with the same command{resume_flags}"
         by = "" if stop_signal == signal.SIGINT else f" by {signal.Signals(stop_signal).name}"
         with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone; the checkpoint is saved
             if stop_signal == getattr(signal, "SIGPIPE", None):  # (stdout had no reader: said where it can be seen)
