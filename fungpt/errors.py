@@ -12,7 +12,7 @@ Ctrl-C left, said in the command's last line.
 """
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 class FunGPTError(Exception):
@@ -20,17 +20,19 @@ class FunGPTError(Exception):
 
 
 @contextlib.contextmanager
-def said_on_ctrl_c(what_it_left: str) -> Iterator[None]:
+def said_on_ctrl_c(what_it_left: str | Callable[[], str | None]) -> Iterator[None]:
     """A Ctrl-C in the block is raised again as KeyboardInterrupt(what_it_left), which the command line prints after
     "fungpt: interrupted: ", so the user knows what the interruption left (a half-written dataset? a run to
     resume?). An interruption that already says so, and SIGTERM's or SIGHUP's (a subclass, with its own line),
-    pass as they are."""
+    pass as they are. `what_it_left` may be a function, asked when the Ctrl-C comes (for a block whose work moves
+    on: training's setup); when it gives None, the interruption passes as it is."""
     try:
         yield
     except KeyboardInterrupt as e:
-        if type(e) is not KeyboardInterrupt or e.args:
+        said = what_it_left() if callable(what_it_left) else what_it_left
+        if type(e) is not KeyboardInterrupt or e.args or said is None:
             raise
-        raise KeyboardInterrupt(what_it_left) from None
+        raise KeyboardInterrupt(said) from None
 
 
 def check_run_given(run_dir) -> None:

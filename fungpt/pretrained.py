@@ -314,6 +314,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "last"
         tmp = Path(tempfile.mkdtemp(prefix=f"{temp_stem(out.name)}.tmp-{os.getpid()}-", dir=out.parent))
     except OSError as e:
         raise FunGPTError(f"cannot create a folder in {out.parent} for --out: {e.strerror}") from None
+    placed = False  # whether the export has taken its name
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -329,8 +330,11 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "last"
         if out.exists():
             out.rmdir()  # the empty folder checked above
         os.replace(tmp, out)
+        placed = True
         fsync_dir(out.parent)
     except BaseException as e:
+        if placed and type(e) is KeyboardInterrupt:  # (Ctrl-C in the last moment: the export is there, whole)
+            raise KeyboardInterrupt(f"{out} holds the export, complete") from None
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):  # disk full, a size limit, a folder made read-only: said of --out
             raise FunGPTError(f"could not write the export to {out}: {e.strerror or e}; nothing was left there "

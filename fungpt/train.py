@@ -1798,6 +1798,22 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         locked = held.enter_context(lock_out_dir(out_dir))
         replaced = overwrite and holds_run(out_dir)
         prepare_out_dir(cfg, resume, overwrite, locked)
+    # The flags that continue this run after an interruption: the same command's, with --resume
+    resume_flags = " with --resume in place of --overwrite" if overwrite else "" if resume else " plus --resume"
+    # From here until the training loop takes over the signals, a Ctrl-C (building the model, loading the checkpoint,
+    # the step-0 eval, planning a time budget) says what it left: nothing trained, and the command that goes on
+    doing: str | None = "while the run was being set up"  # (None once the loop's handlers answer Ctrl-C)
+
+    def left_by_ctrl_c() -> str | None:
+        if doing is None:
+            return None
+        if folder is None:
+            gone = f" (--overwrite had already deleted the run that was in {out_dir})" if replaced else ""
+            return (f"{doing}, before the first step: nothing was trained{gone}; start it with the same "
+                    f"command{resume_flags}")
+        return f"{doing}, before training went on: its checkpoints are as they were; resume it with the same command"
+
+    held.enter_context(said_on_ctrl_c(left_by_ctrl_c))
     say(f"fungpt: {prec.reason}" + (f", matmuls on {cpu_matmul}" if cpu_matmul else "")
         + (f", {ddp.world_size} processes (DDP)" if ddp.enabled else ""))
     for note in schedule_notes(tc, new_run=folder is None):
@@ -2010,16 +2026,12 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     losses: dict[str, float] = {}
     last_loss = float("nan")
     evaluated_at = saved_at = -1  # the steps of the last periodic eval and checkpoint (the final ones reuse them)
-    # The flags that continue this run after an interruption: the same command's, with --resume
-    resume_flags = " with --resume in place of --overwrite" if overwrite else "" if resume else " plus --resume"
     # (a resume from a step-0 checkpoint whose best_val was set: that eval is in metrics.jsonl already)
     if step == 0 and clock.budget_s is None and not resumed.evaluated:
         evaluated_at = 0
         t0 = time.time()
-        gone = f" (--overwrite had already deleted the run that was in {out_dir})" if replaced else ""
-        with said_on_ctrl_c(f"during the step-0 eval, before the first step: nothing was trained{gone}; start it "
-                            f"with the same command{resume_flags}"):  # (outside the training loop's signal handlers)
-            losses = do_eval()  # the starting point of the curve: about ln(vocab_size) for random weights
+        doing = "during the step-0 eval"  # (outside the training loop's signal handlers: see left_by_ctrl_c)
+        losses = do_eval()  # the starting point of the curve: about ln(vocab_size) for random weights
         clock.eval_times.append(time.time() - t0)
         ln_v = math.log(cfg.model.vocab_size)
         chance = f" (random weights: about ln(vocab_size) = {ln_v:.4f})" if pre is None else ""
@@ -2028,6 +2040,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         # Planning a budget times three forward batches, then (from step 0) a checkpoint save and the plot: seconds
         # of silence for a large model on a CPU, so a bar once it takes a second
         parts = 3 + (step == 0) * (1 + (ddp.is_main and tc.plot))
+        doing = "while the time budget was being planned"
         with eval_bar(parts, "planning the time budget", progress and ddp.is_main, unit="part") as planning:
             per_window = time_forward(model, cfg, device, autocast, planning)
             if step == 0:
@@ -2057,6 +2070,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                                unit="step", dynamic_ncols=True, mininterval=every, maxinterval=max(every, 10.0))
         if clock.budget_s is None:  # (a budget's forecast end, the bar's total, already counts them)
             bar.periodic_left = clock.periodic_time_left
+    doing = None  # (the loop's handlers, from here on, say what an interruption left)
     with _StopFlag(announce=ddp.is_main, processes=ddp.world_size) as interrupt, _close_on_error(bar):
         position = 0.0  # where the lr schedule stands (in steps), agreed before each step
         while step < tc.max_iters:

@@ -285,11 +285,8 @@ def test_export_of_a_non_gpt2_run_is_refused_before_any_folder_is_made(corpus, t
     assert not (tmp_path / "new").exists()
 
 
-def test_export_that_cannot_be_written_names_its_folder_and_leaves_nothing(corpus, tmp_path, capsys, monkeypatch):
-    """A full disk (or a size limit) said only "error: File too large", or named the hidden temporary folder."""
-    import errno
-    import os
-
+def _one_step_run(corpus, tmp_path) -> Path:
+    """A GPT-2-shaped run of one step in tmp_path/run, to export."""
     from fungpt.model import GPTConfig
 
     out = tmp_path / "run"
@@ -297,6 +294,15 @@ def test_export_that_cannot_be_written_names_its_folder_and_leaves_nothing(corpu
                     model=GPTConfig(vocab_size=1, block_size=16, n_layer=1, n_head=2, n_embd=16),
                     train=TrainConfig(batch_size=2, max_iters=1, eval_iters=1, log_interval=1, device="cpu"))
     train(cfg, progress=False)
+    return out
+
+
+def test_export_that_cannot_be_written_names_its_folder_and_leaves_nothing(corpus, tmp_path, capsys, monkeypatch):
+    """A full disk (or a size limit) said only "error: File too large", or named the hidden temporary folder."""
+    import errno
+    import os
+
+    out = _one_step_run(corpus, tmp_path)
 
     def full(*args, **kwargs):
         raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
@@ -307,6 +313,28 @@ def test_export_that_cannot_be_written_names_its_folder_and_leaves_nothing(corpu
     assert err == (f"error: could not write the export to {tmp_path / 'exp'}: File too large; nothing was left there "
                    f"(free some disk space or fix permissions, then export again)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "corpus.txt", "run"]
+
+
+@pytest.mark.parametrize("where", ["fungpt.model.GPT.save_hf", "fungpt.pretrained.fsync_dir"])
+def test_ctrl_c_during_an_export_says_what_it_left(corpus, tmp_path, capsys, monkeypatch, where):
+    """Ctrl-C during `fungpt export` said only "fungpt: interrupted": now that nothing was written (the temporary
+    folder removed), or, once the export has taken its name, that it is there, complete."""
+    out = _one_step_run(corpus, tmp_path)
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(where, ctrl_c)
+    exp = tmp_path / "exp"
+    assert main(["export", "--run", str(out), "--out", str(exp)]) == 130
+    err = capsys.readouterr().err
+    if where.endswith("save_hf"):
+        assert err.endswith(f"\nfungpt: interrupted: nothing was written to {exp}; run the command again to export\n")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "corpus.txt", "run"]
+    else:
+        assert err.endswith(f"\nfungpt: interrupted: {exp} holds the export, complete\n")
+        assert sorted(p.name for p in exp.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                         "tokenizer_config.json"]
 
 
 def test_gpt2_tiktoken_encoding_converts_to_the_same_bpe():

@@ -93,6 +93,41 @@ def test_ctrl_c_during_the_step_0_eval_says_that_nothing_was_trained(corpus, tmp
                     f"place of --overwrite"]
 
 
+@pytest.mark.parametrize("where", ["measure_peak_flops", "time_forward"])
+def test_ctrl_c_while_a_run_is_set_up_says_what_it_left(corpus, tmp_path, monkeypatch, where):
+    """Ctrl-C between the run folder and the training loop (building the model, measuring the matmul ceiling,
+    planning a time budget) said only "fungpt: interrupted": now that nothing was trained, or on a resume that the
+    checkpoints are as they were, and the command that goes on."""
+    train_module = sys.modules["fungpt.train"]  # (fungpt.train, the attribute, is the function)
+    real, calls = getattr(train_module, where), []
+
+    def ctrl_c(*args, **kwargs):
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    budget = {"max_minutes": 0.5} if where == "time_forward" else {}
+    doing = "while the time budget was being planned" if budget else "while the run was being set up"
+    cfg = tiny_config(corpus, tmp_path / "run", max_iters=4, **budget)
+    monkeypatch.setattr(train_module, where, ctrl_c)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        train(cfg)
+    assert str(caught.value) == (f"{doing}, before the first step: nothing was trained; start it with the same "
+                                 f"command plus --resume")
+    monkeypatch.setattr(train_module, where, real)
+    assert train(cfg, resume=True)["step"] == 4  # as said
+    longer = tiny_config(corpus, tmp_path / "run", max_iters=6, **budget)
+    monkeypatch.setattr(train_module, where, ctrl_c)
+    if budget:  # (a budget is planned again on a resume only for a compiled run's first step: the ceiling instead)
+        monkeypatch.setattr(train_module, "measure_peak_flops", ctrl_c)
+        doing = "while the run was being set up"
+    with pytest.raises(KeyboardInterrupt) as caught:
+        train(longer, resume=True)
+    assert str(caught.value) == (f"{doing}, before training went on: its checkpoints are as they were; resume it "
+                                 f"with the same command")
+    monkeypatch.undo()
+    assert train(longer, resume=True)["step"] == 6
+
+
 def test_ctrl_c_while_training_prepares_its_data_says_that_nothing_was_kept(corpus, tmp_path, monkeypatch):
     """Ctrl-C while `fungpt train` prepares its data said only "fungpt: interrupted"; now what it left (no dataset in
     the cache, no run folder) and that the same command starts over. Once the new dataset is in place, prepare says
