@@ -538,7 +538,8 @@ def export_command(run: RunFolder, out: str, checkpoint: Literal["last", "best"]
     """
     from fungpt.pretrained import export_hf
 
-    with said_on_ctrl_c(f"nothing was written to {out}; run the command again to export"):
+    # (OUT as export_hf names it, resolved: its other messages name it so)
+    with said_on_ctrl_c(f"nothing was written to {Path(out).expanduser().resolve()}; run the command again to export"):
         path = export_hf(run, out, checkpoint=checkpoint)
     print(f"fungpt: exported {run} to {path}; load it with transformers.GPT2LMHeadModel.from_pretrained and "
           f"AutoTokenizer.from_pretrained")

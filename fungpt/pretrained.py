@@ -25,6 +25,7 @@ different model than it says.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -314,7 +315,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "last"
         tmp = Path(tempfile.mkdtemp(prefix=f"{temp_stem(out.name)}.tmp-{os.getpid()}-", dir=out.parent))
     except OSError as e:
         raise FunGPTError(f"cannot create a folder in {out.parent} for --out: {e.strerror}") from None
-    placed = False  # whether the export has taken its name
+    placed = emptied = False  # whether the export has taken its name; whether OUT, an empty folder, was removed
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -329,13 +330,18 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "last"
         sync_folder(tmp)  # (on disk before the folder takes its name: a power loss never leaves a config.json empty)
         if out.exists():
             out.rmdir()  # the empty folder checked above
+            emptied = True
         os.replace(tmp, out)
         placed = True
         fsync_dir(out.parent)
     except BaseException as e:
+        placed = placed or (not tmp.exists() and out.is_dir())  # (os.replace done, interrupted as it returned)
         if placed and type(e) is KeyboardInterrupt:  # (Ctrl-C in the last moment: the export is there, whole)
             raise KeyboardInterrupt(f"{out} holds the export, complete") from None
         shutil.rmtree(tmp, ignore_errors=True)
+        if emptied and not placed:
+            with contextlib.suppress(OSError):
+                out.mkdir()  # the user's empty folder back, as it was
         if isinstance(e, OSError):  # disk full, a size limit, a folder made read-only: said of --out
             raise FunGPTError(f"could not write the export to {out}: {e.strerror or e}; nothing was left there "
                               f"(free some disk space or fix permissions, then export again)") from None

@@ -1807,11 +1807,15 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     def left_by_ctrl_c() -> str | None:
         if doing is None:
             return None
-        if folder is None:
-            gone = f" (--overwrite had already deleted the run that was in {out_dir})" if replaced else ""
-            return (f"{doing}, before the first step: nothing was trained{gone}; start it with the same "
-                    f"command{resume_flags}")
-        return f"{doing}, before training went on: its checkpoints are as they were; resume it with the same command"
+        if folder is not None:
+            return (f"{doing}, before training went on: its checkpoints are as they were; resume it with the same "
+                    f"command")
+        gone = f" (--overwrite had already deleted the run that was in {out_dir})" if replaced else ""
+        try:  # (until config.json is written the folder holds no run, and --resume would be refused: the plain command)
+            flags = resume_flags if holds_run(out_dir) else ""
+        except OSError:
+            flags = resume_flags
+        return f"{doing}, before the first step: nothing was trained{gone}; start it with the same command{flags}"
 
     held.enter_context(said_on_ctrl_c(left_by_ctrl_c))
     say(f"fungpt: {prec.reason}" + (f", matmuls on {cpu_matmul}" if cpu_matmul else "")
@@ -1864,6 +1868,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         done = already_done(step, tc, elapsed_before, timings)
         if done:
             say(f"fungpt: {out_dir} {done}")
+            doing = None  # (a finished run: nothing for a Ctrl-C to say of it)
             return nothing_to_train(out_dir, step, ddp.is_main and tc.plot, start_time)
         say(f"fungpt: resuming {out_dir} from step {step}")
         # A `best` saved after this checkpoint (a kill -9 between checkpoints) holds weights of steps that are

@@ -315,22 +315,34 @@ def test_export_that_cannot_be_written_names_its_folder_and_leaves_nothing(corpu
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "corpus.txt", "run"]
 
 
-@pytest.mark.parametrize("where", ["fungpt.model.GPT.save_hf", "fungpt.pretrained.fsync_dir"])
+@pytest.mark.parametrize("where", ["fungpt.model.GPT.save_hf", "before os.replace", "as os.replace returns",
+                                   "fungpt.pretrained.fsync_dir"])
 def test_ctrl_c_during_an_export_says_what_it_left(corpus, tmp_path, capsys, monkeypatch, where):
     """Ctrl-C during `fungpt export` said only "fungpt: interrupted": now that nothing was written (the temporary
-    folder removed), or, once the export has taken its name, that it is there, complete."""
+    folder removed, an empty --out folder given back), or, once the export has taken its name (also as that rename
+    returns), that it is there, complete."""
     out = _one_step_run(corpus, tmp_path)
+    exp = tmp_path / "exp"
+    exp.mkdir()  # an empty folder made for it: export replaces it
+    real = os.replace
 
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(where, ctrl_c)
-    exp = tmp_path / "exp"
+    def rename(src, dst):  # the export's rename (the empty folder already removed), interrupted before or as it returns
+        if Path(dst) == exp and where.startswith("before"):
+            raise KeyboardInterrupt
+        real(src, dst)
+        if Path(dst) == exp:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(*(("os.replace", rename) if "os.replace" in where else (where, ctrl_c)))
     assert main(["export", "--run", str(out), "--out", str(exp)]) == 130
     err = capsys.readouterr().err
-    if where.endswith("save_hf"):
+    if where.endswith("save_hf") or where.startswith("before"):
         assert err.endswith(f"\nfungpt: interrupted: nothing was written to {exp}; run the command again to export\n")
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "corpus.txt", "run"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "corpus.txt", "exp", "run"]
+        assert not any(exp.iterdir())
     else:
         assert err.endswith(f"\nfungpt: interrupted: {exp} holds the export, complete\n")
         assert sorted(p.name for p in exp.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",

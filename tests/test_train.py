@@ -93,16 +93,16 @@ def test_ctrl_c_during_the_step_0_eval_says_that_nothing_was_trained(corpus, tmp
                     f"place of --overwrite"]
 
 
-@pytest.mark.parametrize("where", ["measure_peak_flops", "time_forward"])
+@pytest.mark.parametrize("where", ["configure_optimizer", "measure_peak_flops", "time_forward"])
 def test_ctrl_c_while_a_run_is_set_up_says_what_it_left(corpus, tmp_path, monkeypatch, where):
     """Ctrl-C between the run folder and the training loop (building the model, measuring the matmul ceiling,
     planning a time budget) said only "fungpt: interrupted": now that nothing was trained, or on a resume that the
-    checkpoints are as they were, and the command that goes on."""
+    checkpoints are as they were, and the command that goes on (--resume once the folder holds a run: before its
+    config.json is written, --resume would be refused there)."""
     train_module = sys.modules["fungpt.train"]  # (fungpt.train, the attribute, is the function)
-    real, calls = getattr(train_module, where), []
+    real = getattr(train_module, where)
 
     def ctrl_c(*args, **kwargs):
-        calls.append(1)
         raise KeyboardInterrupt
 
     budget = {"max_minutes": 0.5} if where == "time_forward" else {}
@@ -111,10 +111,11 @@ def test_ctrl_c_while_a_run_is_set_up_says_what_it_left(corpus, tmp_path, monkey
     monkeypatch.setattr(train_module, where, ctrl_c)
     with pytest.raises(KeyboardInterrupt) as caught:
         train(cfg)
+    early = where == "configure_optimizer"  # (before config.json)
     assert str(caught.value) == (f"{doing}, before the first step: nothing was trained; start it with the same "
-                                 f"command plus --resume")
+                                 f"command{'' if early else ' plus --resume'}")
     monkeypatch.setattr(train_module, where, real)
-    assert train(cfg, resume=True)["step"] == 4  # as said
+    assert train(cfg, resume=not early)["step"] == 4  # as said
     longer = tiny_config(corpus, tmp_path / "run", max_iters=6, **budget)
     monkeypatch.setattr(train_module, where, ctrl_c)
     if budget:  # (a budget is planned again on a resume only for a compiled run's first step: the ceiling instead)
@@ -126,6 +127,13 @@ def test_ctrl_c_while_a_run_is_set_up_says_what_it_left(corpus, tmp_path, monkey
                                  f"with the same command")
     monkeypatch.undo()
     assert train(longer, resume=True)["step"] == 6
+    # A finished run, and the end of a run after its loop, are not "being set up": a Ctrl-C there says nothing of it
+    (tmp_path / "run" / "loss.png").unlink()
+    monkeypatch.setattr(train_module, "_plot_quietly", ctrl_c)
+    for again in (longer, tiny_config(corpus, tmp_path / "run", max_iters=7, **budget)):
+        with pytest.raises(KeyboardInterrupt) as caught:
+            train(again, resume=True)
+        assert not caught.value.args
 
 
 def test_ctrl_c_while_training_prepares_its_data_says_that_nothing_was_kept(corpus, tmp_path, monkeypatch):
