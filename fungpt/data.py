@@ -278,6 +278,10 @@ def prepared_summary(out: Path, input: str | Path) -> list[str]:
         files = meta["source_files"]
         lines.append(f"read {files:,} file{'s' * (files != 1)} of {folder}"
                      + (f"; left out {' and '.join(left_out)}" if left_out else ""))
+    if literal := meta.get("literal_eot_texts"):
+        lines.append(f"note: the text itself holds {EOT_TEXT} {literal:,} time{'s' * (literal != 1)}: each became the "
+                     f"end-of-text token that separates documents (where `fungpt sample` stops); if they are not "
+                     f"document breaks, change them in the text and prepare it again")
     return lines
 
 
@@ -715,6 +719,9 @@ def prepare(
     n_chars = 0
     separator_spans = []  # (start, end) character offsets of each separator
     chars_seen: set[str] = set()
+    # "<|endoftext|>" written in the text itself encodes as the separator too: counted, for prepared_summary to say
+    # (the pieces of text never cut through one: see _iter_file_text)
+    literal_eots = 0
     with _progress_bar(total_bytes, "checking", progress) as bar:
 
         def on_bytes(data: bytes) -> None:
@@ -724,6 +731,8 @@ def prepare(
         for text, is_separator in _iter_corpus(files, separator, errors, on_bytes=on_bytes):
             if is_separator:
                 separator_spans.append((n_chars, n_chars + len(text)))
+            elif has_eot:
+                literal_eots += text.count(EOT_TEXT)
             if tokenizer == "char":
                 chars_seen.update(text)
             n_chars += len(text)
@@ -841,6 +850,7 @@ def prepare(
             "source_bytes": total_bytes,
             "source_sha256": hasher.hexdigest(),
             "errors": errors,
+            "literal_eot_texts": literal_eots,  # (each one an end-of-text token in the data, as the separators)
         }
         # meta.json is written last: a folder with meta.json is a complete dataset.
         with open(tmp / "meta.json", "w", encoding="utf-8") as f:

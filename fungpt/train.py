@@ -215,8 +215,8 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
         return path  # already prepared by `fungpt prepare`
     builtin = data.path == "shakespeare" and not path.exists()  # (a file or folder of that name is the user's own)
     if not builtin and not path.exists():
-        raise FunGPTError(f"data.path {data.path!r} does not exist: pass a text file, a folder of text, "
-                          f"a prepared folder or 'shakespeare'")
+        raise FunGPTError(f"data.path {data.path!r} does not exist: set data.path (--data.path, or path in the "
+                          f"config's [data]) to a text file, a folder of text, a prepared folder or 'shakespeare'")
     kind = data.tokenizer if tokenizer is None else tokenizer.name
     key_parts: list[str] = [data.tokenizer, str(data.vocab_size), repr(data.val_fraction)]
     if tokenizer is not None:
@@ -660,10 +660,13 @@ def check_resume_model(cfg: RunConfig) -> None:
         diffs = [f"{k} {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k]]
         if [k for k in old if old[k] != new[k]] == ["vocab_size"] and saved.model.init_from == "scratch":
             # from scratch vocab_size is not a setting: it is the size of the data's tokenizer
+            why = (f"{cfg.data.path} (or its tokenizer settings) changed since. Resume with the original data"
+                   if saved.data.path == cfg.data.path else  # (else another corpus given: name the run's own)
+                   f"the run trained on data.path {saved.data.path!r}, not {cfg.data.path!r}. Resume with "
+                   f"--data.path {shlex.quote(saved.data.path)}")
             raise FunGPTError(f"cannot resume {out}: its data now has {new['vocab_size']} distinct tokens where "
-                              f"the checkpoint was trained on {old['vocab_size']}; {cfg.data.path} (or its "
-                              f"tokenizer settings) changed since. Resume with the original data, or train "
-                              f"into a new out_dir")
+                              f"the checkpoint was trained on {old['vocab_size']}; {why}, or train into a new "
+                              f"out_dir")
         raise FunGPTError(f"cannot resume {out}: its checkpoint was trained with a different model "
                           f"({'; '.join(diffs)}); use the original settings or a new out_dir")
 

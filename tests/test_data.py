@@ -1138,6 +1138,30 @@ def test_prepare_says_when_a_bpe_stops_short_of_the_size_asked(corpus, tmp_path,
     assert f"vocabulary {size:,} (bpe)\n" in capsys.readouterr().out
 
 
+def test_prepare_counts_the_end_of_text_written_in_the_text_and_says_so(tmp_path, capsys, monkeypatch):
+    """A corpus that merely mentions <|endoftext|> (a README about tokenizers) had each one turned into the document
+    separator without a word: the model learned breaks that are not there, and sampling stopped at them. Counted
+    also when the file is read in small pieces (none cuts through one), and never for the separators prepare puts
+    between files."""
+    from fungpt.cli import main
+
+    top = tmp_path / "texts"
+    top.mkdir()
+    (top / "a.txt").write_text(f"the token {EOT_TEXT} ends a document.\n" * 40, encoding="utf-8")
+    (top / "b.txt").write_text("no special text here at all.\n" * 40, encoding="utf-8")
+    monkeypatch.setattr(data_mod, "CHUNK_BYTES", 64)  # (pieces of 64 bytes, each line 38)
+    assert main(["prepare", "--input", str(top), "--out", str(tmp_path / "bpe"), "--tokenizer", "bpe",
+                 "--vocab-size", "300"]) == 0
+    assert load_meta(tmp_path / "bpe")["literal_eot_texts"] == 40
+    ids = [*read_bin(tmp_path / "bpe", "train").tolist(), *read_bin(tmp_path / "bpe", "val").tolist()]
+    assert ids.count(load_meta(tmp_path / "bpe")["eot_id"]) == 40 + 1  # (and the separator between the files)
+    assert (f"fungpt: note: the text itself holds {EOT_TEXT} 40 times: each became the end-of-text token that "
+            f"separates documents (where `fungpt sample` stops); if they are not document breaks, change them in the "
+            f"text and prepare it again\n") in capsys.readouterr().out
+    assert main(["prepare", "--input", str(top), "--out", str(tmp_path / "char")]) == 0  # (no such token: plain text)
+    assert "note:" not in capsys.readouterr().out and load_meta(tmp_path / "char")["literal_eot_texts"] == 0
+
+
 def test_prepare_of_a_folder_names_the_files_it_left_out(tmp_path, capsys, monkeypatch):
     """Empty and hidden files are skipped (README): prepare said nothing of them, so a file that was meant to be read
     (saved empty by mistake, or named .notes) went missing without a word."""

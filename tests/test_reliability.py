@@ -666,6 +666,13 @@ def test_resume_on_a_grown_corpus_says_the_data_changed(world, tmp_path):
     with pytest.raises(FunGPTError, match=r"its data now has \d+ distinct tokens where the checkpoint was trained "
                                           r"on \d+; .*corpus.txt .* changed since"):
         train(tiny_config(corpus, out, max_iters=4), resume=True, progress=False)
+    # Another corpus given to the resume: named as such (it did not change), with the run's own
+    other = tmp_path / "other.txt"
+    other.write_text("abc abc abc\n" * 200)
+    with pytest.raises(FunGPTError) as caught:
+        train(tiny_config(other, out, max_iters=4), resume=True, progress=False)
+    assert str(caught.value).endswith(f"; the run trained on data.path {str(corpus)!r}, not {str(other)!r}. Resume "
+                                      f"with --data.path {corpus}, or train into a new out_dir")
 
 
 def test_resume_on_edited_text_of_the_same_characters_says_so(world, tmp_path, capsys):
