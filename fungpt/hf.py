@@ -5,7 +5,8 @@ FunGPT's parameter names follow GPT-2's, with three differences this file transl
   * the position table is `wpe` (ours: `pos.wpe`, inside the swappable position module);
   * HF's GPT-2 uses `Conv1D` layers whose weight is (in, out), the transpose of `nn.Linear`'s
     (out, in), for c_attn, c_proj and c_fc: those four are transposed on the way in and out.
-Only plain GPT-2 can be written (learned positions, biases, LayerNorm, GELU, no QK-norm; a tied or untied head).
+Only plain GPT-2 can be written (learned positions, LayerNorm, GELU, no QK-norm; a tied or untied head; without
+biases, GPT-2's are written as zeros, which compute the same model).
 `GPT.from_hf`, `GPT.hf_config` and `GPT.save_hf` call these functions.
 """
 
@@ -134,7 +135,6 @@ def gpt2_incompatibilities(c: GPTConfig) -> list[str]:
     return [
         msg for bad, msg in [
             (c.pos_encoding != "learned", f"pos_encoding={c.pos_encoding!r} (needs 'learned')"),
-            (not c.bias, "bias=False (needs True)"),
             (c.norm != "layernorm", f"norm={c.norm!r} (needs 'layernorm')"),
             (c.activation not in ("gelu", "gelu_tanh"), f"activation={c.activation!r} (needs gelu/gelu_tanh)"),
             (c.qk_norm, "qk_norm=True (needs False)"),
@@ -181,6 +181,8 @@ def gpt2_layout_problems(model: GPT) -> list[str]:
              "mlp.c_fc.weight": (4 * C, C), "mlp.c_fc.bias": (4 * C,), "mlp.c_proj.weight": (C, 4 * C),
              "mlp.c_proj.bias": (C,)}  # (out, in): GPT-2's Conv1D holds them transposed, see save_gpt2
     want.update({f"blocks.{i}.{k}": shape for i in range(c.n_layer) for k, shape in block.items()})
+    if not c.bias:  # (written as zeros by save_gpt2)
+        want = {k: shape for k, shape in want.items() if not k.endswith(".bias")}
     have = {k: tuple(t.shape) for k, t in model.state_dict().items()}
     if set(have) != set(want):  # (another layout: the modules checked below may not even be there)
         return [*problems, f"tensors GPT-2 has not {sorted(set(have) - set(want))[:3]} or lacks "
@@ -219,6 +221,11 @@ def save_gpt2(model: GPT, path: str | os.PathLike) -> None:
         key = key.removeprefix("pos.")  # pos.wpe.weight -> wpe.weight
         # clone: safetensors refuses tensors that share memory
         tensors["transformer." + key] = t.detach().to("cpu", torch.float32).contiguous().clone()
+    if not c.bias:  # GPT-2's layout has a bias in every Linear and LayerNorm: zeros compute the same model
+        for key in [k for k in tensors if k.endswith(".weight") and k.rsplit(".", 2)[-2] not in ("wte", "wpe",
+                                                                                                "lm_head")]:
+            weight = tensors[key]  # (a Conv1D holds (in, out), its bias (out,); a LayerNorm's weight (C,))
+            tensors[key.removesuffix("weight") + "bias"] = torch.zeros(weight.shape[-1])
     hf_config = {
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
         "vocab_size": c.vocab_size, "n_positions": c.block_size, "n_ctx": c.block_size,

@@ -603,6 +603,25 @@ def test_save_hf_loads_in_transformers(tmp_path):
         assert saved["eos_token_id"] == saved["bos_token_id"] == eot, vocab
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_model_without_biases_saves_as_gpt2_with_zero_biases(tmp_path, tie):
+    """bias=False (nanoGPT's choice, and the CPU config's) was refused by save_hf, though GPT-2 with every bias zero
+    computes the same model: now written so, with the same logits in transformers (no bias for the head)."""
+    transformers = pytest.importorskip("transformers")
+    ours = make_model(vocab_size=100, block_size=32, activation="gelu", bias=False, tie_embeddings=tie)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "ln_" in name:
+                p.normal_(1.0, 0.1)  # (not the ones they start as)
+    ours.save_hf(tmp_path / "out")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()  # (a missing tensor: random, or a raise)
+    assert all(not p.any() for n, p in hf.named_parameters() if n.endswith(".bias"))
+    idx = tokens(2, 20, vocab=100)
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)).abs().max().item() < 1e-4
+        assert (GPT.from_hf(tmp_path / "out")(idx) - ours(idx)).abs().max().item() < 1e-5
+
+
 def test_save_hf_never_writes_through_a_link_at_a_fixed_temporary_name(tmp_path):
     """save_hf wrote model.safetensors.tmp and config.json.tmp, fixed names, through whatever links were there."""
     victim, out = tmp_path / "victim.txt", tmp_path / "out"
@@ -680,9 +699,10 @@ def test_gpt2_incompatibilities_names_every_difference():
     modern = GPTConfig(vocab_size=65, n_layer=2, n_head=2, n_embd=32, pos_encoding="rope", bias=False, norm="rmsnorm",
                        activation="relu2", tie_embeddings=False, qk_norm=True)
     found = " ".join(gpt2_incompatibilities(modern))
-    for problem in ("pos_encoding='rope'", "bias=False", "norm='rmsnorm'", "activation='relu2'", "qk_norm=True"):
+    for problem in ("pos_encoding='rope'", "norm='rmsnorm'", "activation='relu2'", "qk_norm=True"):
         assert problem in found
     assert "tie_embeddings" not in found  # GPT2LMHeadModel holds an untied lm_head too (tie_word_embeddings false)
+    assert "bias" not in found  # (its biases written as zeros)
 
 
 def test_from_hf_missing_files_are_clear_errors(tmp_path):
