@@ -58,6 +58,7 @@ import shutil
 import socket
 import stat
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -278,6 +279,11 @@ def prepared_summary(out: Path, input: str | Path) -> list[str]:
         files = meta["source_files"]
         lines.append(f"read {files:,} file{'s' * (files != 1)} of {folder}"
                      + (f"; left out {' and '.join(left_out)}" if left_out else ""))
+    if n := meta.get("replaced"):
+        where, in_files = meta.get("replaced_in", []), meta.get("replaced_files", 0)
+        files = f"{in_files:,} files: " if in_files > 1 else ""
+        lines.append(f"note: {n:,} undecodable byte sequence{'s' * (n != 1)} became U+FFFD (errors \"replace\"), in "
+                     f"{files}{', '.join(where)}{', ...' * (in_files > len(where))}")
     if literal := meta.get("literal_eot_texts"):
         lines.append(f"note: the text itself holds {EOT_TEXT} {literal:,} time{'s' * (literal != 1)}: each became the "
                      f"end-of-text token that separates documents (where `fungpt sample` stops); if they are not "
@@ -425,6 +431,22 @@ def refuse_utf16_or_32(path, head: bytes) -> None:
         if head.startswith(mark):
             raise FunGPTError(f"{path} is {name} text (it starts with {name}'s byte-order mark), not UTF-8: convert "
                               f"it to UTF-8 (e.g. save it again as UTF-8, or `iconv -f {name} -t UTF-8`)")
+
+
+_COUNTED_REPLACE = "fungpt.replace"  # errors="replace", counted: the handler below, registered by prepare
+_replacements = threading.local()  # .count: the substitutions _counted_replace made in this thread
+
+
+def _counted_replace(error: UnicodeDecodeError) -> tuple[str, int]:
+    """What codecs' "replace" does when decoding (one U+FFFD for the undecodable sequence), counted."""
+    _replacements.count = getattr(_replacements, "count", 0) + 1
+    return "\ufffd", error.end
+
+
+def _shown_name(path: Path, source) -> str:
+    """A file of the corpus as the user knows it: relative to the folder given, else its own name."""
+    folder = Path(source).expanduser()
+    return path.relative_to(folder).as_posix() if folder.is_dir() and path.is_relative_to(folder) else path.name
 
 
 def _iter_file_text(
@@ -722,20 +744,29 @@ def prepare(
     # "<|endoftext|>" written in the text itself encodes as the separator too: counted, for prepared_summary to say
     # (the pieces of text never cut through one: see _iter_file_text)
     literal_eots = 0
+    # With errors="replace", the undecodable byte sequences each file had (each became one U+FFFD), by the same
+    # substitution, counted (the counter is per thread); for prepared_summary to name
+    replaced, decoding, _replacements.count = [0] * len(files), errors, 0
+    if errors == "replace":
+        codecs.register_error(_COUNTED_REPLACE, _counted_replace)
+        decoding = _COUNTED_REPLACE
+    n_file = 0
     with _progress_bar(total_bytes, "checking", progress) as bar:
 
         def on_bytes(data: bytes) -> None:
             hasher.update(data)
             bar.update(len(data))
 
-        for text, is_separator in _iter_corpus(files, separator, errors, on_bytes=on_bytes):
-            if is_separator:
+        for text, is_separator in _iter_corpus(files, separator, decoding, on_bytes=on_bytes):
+            if is_separator:  # (the last file's text all decoded)
+                replaced[n_file], _replacements.count, n_file = _replacements.count, 0, n_file + 1
                 separator_spans.append((n_chars, n_chars + len(text)))
             elif has_eot:
                 literal_eots += text.count(EOT_TEXT)
             if tokenizer == "char":
                 chars_seen.update(text)
             n_chars += len(text)
+    replaced[n_file] = _replacements.count
     if n_chars == 0:
         raise FunGPTError(f"input '{input}' holds no text; pass a file with some text in it")
 
@@ -851,6 +882,11 @@ def prepare(
             "source_sha256": hasher.hexdigest(),
             "errors": errors,
             "literal_eot_texts": literal_eots,  # (each one an end-of-text token in the data, as the separators)
+            # (errors "replace": the number of U+FFFD substituted, in how many files, and those with the most, up to 5)
+            "replaced": sum(replaced),
+            "replaced_files": sum(n > 0 for n in replaced),
+            "replaced_in": [_shown_name(files[i], input) for i in sorted(range(len(files)), key=lambda i: -replaced[i])
+                            if replaced[i]][:5],
         }
         # meta.json is written last: a folder with meta.json is a complete dataset.
         with open(tmp / "meta.json", "w", encoding="utf-8") as f:

@@ -1162,6 +1162,30 @@ def test_prepare_counts_the_end_of_text_written_in_the_text_and_says_so(tmp_path
     assert "note:" not in capsys.readouterr().out and load_meta(tmp_path / "char")["literal_eot_texts"] == 0
 
 
+def test_prepare_with_errors_replace_says_how_many_bytes_it_replaced_and_where(tmp_path, capsys):
+    """--errors replace turned undecodable bytes into U+FFFD without a word: which file had them, and how many,
+    went unknown. Counted per file (the one with most first), the text as "replace" makes it."""
+    from fungpt.cli import main
+
+    top = tmp_path / "texts"
+    (top / "sub").mkdir(parents=True)
+    (top / "a.txt").write_bytes("caf\xe9 latin-1 text\n".encode("latin-1") * 30)  # 30 lone bytes
+    (top / "b.txt").write_text("clean text, and a real \ufffd in it\n" * 30, encoding="utf-8")  # (not counted)
+    (top / "sub" / "c.txt").write_bytes(b"two \xff\xfe bad bytes\n" + b"plain line\n" * 30)  # (a U+FFFD each)
+    assert main(["prepare", "--input", str(top), "--out", str(tmp_path / "d"), "--errors", "replace"]) == 0
+    assert ("fungpt: note: 32 undecodable byte sequences became U+FFFD (errors \"replace\"), in 2 files: a.txt, "
+            "sub/c.txt\n") in capsys.readouterr().out
+    tok = load_tokenizer(tmp_path / "d")
+    text = "".join(tok.decode(read_bin(tmp_path / "d", split).tolist()) for split in ("train", "val"))
+    assert text.count("\ufffd") == 32 + 30  # (the replaced and the real ones)
+    assert main(["prepare", "--input", str(top / "b.txt"), "--out", str(tmp_path / "e"), "--errors", "replace"]) == 0
+    assert "note:" not in capsys.readouterr().out
+    assert main(["prepare", "--input", str(top / "sub" / "c.txt"), "--out", str(tmp_path / "f"), "--errors",
+                 "replace"]) == 0
+    said = capsys.readouterr().out
+    assert "note: 2 undecodable byte sequences became U+FFFD (errors \"replace\"), in c.txt\n" in said
+
+
 def test_prepare_of_a_folder_names_the_files_it_left_out(tmp_path, capsys, monkeypatch):
     """Empty and hidden files are skipped (README): prepare said nothing of them, so a file that was meant to be read
     (saved empty by mistake, or named .notes) went missing without a word."""
