@@ -5,7 +5,7 @@
 At the MLP's hidden activations of two shapes (batch 12: the 4 x 128 model at context 64, the 6 x 384 one at
 256), microseconds per call (median of 200 after 20 untimed), and torch.tanh alone on the same tensor: what the
 tanh approximation's kernel would cost if its tanh ran as fast as torch.tanh does. On the Intel Xeon of the
-thirty-third session the tanh GELU took 3.6-4.6x the exact one's time forward, 2x backward: why
+thirty-third session the tanh GELU took 3.6-4.6x the exact one's time forward, 2-2.3x backward: why
 configs/shakespeare-char-cpu.toml, nanoGPT's recipe, uses the exact GELU (BENCHMARKS.md, "Thirty-third session").
 """
 

@@ -44,6 +44,8 @@ exactly those of encoding each split's text in one go.
 
 from __future__ import annotations
 
+import array
+import bisect
 import codecs
 import collections
 import contextlib
@@ -741,9 +743,10 @@ def prepare(
     n_chars = 0
     separator_spans = []  # (start, end) character offsets of each separator
     chars_seen: set[str] = set()
-    # "<|endoftext|>" written in the text itself encodes as the separator too: counted, for prepared_summary to say
-    # (the pieces of text never cut through one: see _iter_file_text)
-    literal_eots = 0
+    # "<|endoftext|>" written in the text itself encodes as the separator too: where each starts (character offsets),
+    # so that the train/val cut falls outside them, and their number, for prepared_summary to say (the pieces of text
+    # never cut through one: see _iter_file_text)
+    literal_starts = array.array("q")
     # With errors="replace", the undecodable byte sequences each file had (each became one U+FFFD), by the same
     # substitution, counted (the counter is per thread); for prepared_summary to name
     replaced, decoding, _replacements.count = [0] * len(files), errors, 0
@@ -762,7 +765,10 @@ def prepare(
                 replaced[n_file], _replacements.count, n_file = _replacements.count, 0, n_file + 1
                 separator_spans.append((n_chars, n_chars + len(text)))
             elif has_eot:
-                literal_eots += text.count(EOT_TEXT)
+                at = text.find(EOT_TEXT)
+                while at >= 0:
+                    literal_starts.append(n_chars + at)
+                    at = text.find(EOT_TEXT, at + len(EOT_TEXT))
             if tokenizer == "char":
                 chars_seen.update(text)
             n_chars += len(text)
@@ -775,6 +781,9 @@ def prepare(
     for start, end in separator_spans:
         if start < boundary < end:
             boundary = end
+    last = bisect.bisect_left(literal_starts, boundary) - 1  # (the last one to start before the cut: around it?)
+    if last >= 0 and boundary < literal_starts[last] + len(EOT_TEXT):
+        boundary = literal_starts[last] + len(EOT_TEXT)
     if boundary == 0 or boundary == n_chars:
         which = "train" if boundary == 0 else "val"
         fix = ("use more text" if n_chars < 2 else "use more text, or another val fraction (--val-fraction for "
@@ -881,7 +890,9 @@ def prepare(
             "source_bytes": total_bytes,
             "source_sha256": hasher.hexdigest(),
             "errors": errors,
-            "literal_eot_texts": literal_eots,  # (each one an end-of-text token in the data, as the separators)
+            # (each one an end-of-text token in the data, as the separators; none where the tokenizer reads the text
+            # as text: a tokenizer.json without it among its added tokens)
+            "literal_eot_texts": len(literal_starts) if literal_starts and tok.encode(EOT_TEXT) == [tok.eot_id] else 0,
             # (errors "replace": the number of U+FFFD substituted, in how many files, and those with the most, up to 5)
             "replaced": sum(replaced),
             "replaced_files": sum(n > 0 for n in replaced),

@@ -660,10 +660,12 @@ def check_resume_model(cfg: RunConfig) -> None:
         diffs = [f"{k} {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k]]
         if [k for k in old if old[k] != new[k]] == ["vocab_size"] and saved.model.init_from == "scratch":
             # from scratch vocab_size is not a setting: it is the size of the data's tokenizer
+            same = saved.data.path == cfg.data.path or "shakespeare" not in (saved.data.path, cfg.data.path) and (
+                Path(saved.data.path).expanduser().resolve() == Path(cfg.data.path).expanduser().resolve())
             why = (f"{cfg.data.path} (or its tokenizer settings) changed since. Resume with the original data"
-                   if saved.data.path == cfg.data.path else  # (else another corpus given: name the run's own)
-                   f"the run trained on data.path {saved.data.path!r}, not {cfg.data.path!r}. Resume with "
-                   f"--data.path {shlex.quote(saved.data.path)}")
+                   if same else  # (another path given: both named, as written; the run's may be from another folder)
+                   f"the run was started with data.path {saved.data.path!r}, and this resume gives "
+                   f"{cfg.data.path!r}. Resume with the data it trained on")
             raise FunGPTError(f"cannot resume {out}: its data now has {new['vocab_size']} distinct tokens where "
                               f"the checkpoint was trained on {old['vocab_size']}; {why}, or train into a new "
                               f"out_dir")

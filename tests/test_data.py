@@ -1160,6 +1160,14 @@ def test_prepare_counts_the_end_of_text_written_in_the_text_and_says_so(tmp_path
             f"text and prepare it again\n") in capsys.readouterr().out
     assert main(["prepare", "--input", str(top), "--out", str(tmp_path / "char")]) == 0  # (no such token: plain text)
     assert "note:" not in capsys.readouterr().out and load_meta(tmp_path / "char")["literal_eot_texts"] == 0
+    # The train/val cut (at 90% of the characters) fell inside one: its halves became text in each split
+    for text, n in (("a" * 85 + EOT_TEXT + "bb", 1), ("x" + EOT_TEXT * 500, 500)):
+        (tmp_path / "one.txt").write_text(text, encoding="utf-8")
+        out = prepare(tmp_path / "one.txt", tmp_path / "one", tokenizer="bpe", vocab_size=260, progress=False,
+                      overwrite=True)
+        eot, ids = load_meta(out)["eot_id"], [read_bin(out, split).tolist() for split in ("train", "val")]
+        assert load_meta(out)["literal_eot_texts"] == ids[0].count(eot) + ids[1].count(eot) == n
+        assert load_tokenizer(out).decode(ids[0]).endswith(EOT_TEXT)
 
 
 def test_prepare_with_errors_replace_says_how_many_bytes_it_replaced_and_where(tmp_path, capsys):

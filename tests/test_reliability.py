@@ -656,7 +656,7 @@ def test_resume_on_a_prepared_folder_ignores_the_tokenizer_fields(world, tmp_pat
     assert train(cfg, resume=True, progress=False)["step"] == 5
 
 
-def test_resume_on_a_grown_corpus_says_the_data_changed(world, tmp_path):
+def test_resume_on_a_grown_corpus_says_the_data_changed(world, tmp_path, monkeypatch):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(Path(world["corpus"]).read_text())
     out = tmp_path / "run"
@@ -671,8 +671,13 @@ def test_resume_on_a_grown_corpus_says_the_data_changed(world, tmp_path):
     other.write_text("abc abc abc\n" * 200)
     with pytest.raises(FunGPTError) as caught:
         train(tiny_config(other, out, max_iters=4), resume=True, progress=False)
-    assert str(caught.value).endswith(f"; the run trained on data.path {str(corpus)!r}, not {str(other)!r}. Resume "
-                                      f"with --data.path {corpus}, or train into a new out_dir")
+    assert str(caught.value).endswith(f"; the run was started with data.path {str(corpus)!r}, and this resume gives "
+                                      f"{str(other)!r}. Resume with the data it trained on, or train into a new "
+                                      f"out_dir")
+    # the same file by another path is the same data: it changed
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FunGPTError, match=r"; corpus.txt \(or its tokenizer settings\) changed since"):
+        train(tiny_config("corpus.txt", out, max_iters=4), resume=True, progress=False)
 
 
 def test_resume_on_edited_text_of_the_same_characters_says_so(world, tmp_path, capsys):
