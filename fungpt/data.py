@@ -761,8 +761,9 @@ def prepare(
             bar.update(len(data))
 
         for text, is_separator in _iter_corpus(files, separator, decoding, on_bytes=on_bytes):
-            if is_separator:  # (the last file's text all decoded)
-                replaced[n_file], _replacements.count, n_file = _replacements.count, 0, n_file + 1
+            if is_separator:  # (the last file's text all decoded: its count is complete)
+                replaced[n_file] = _replacements.count
+                _replacements.count, n_file = 0, n_file + 1
                 separator_spans.append((n_chars, n_chars + len(text)))
             elif has_eot:
                 at = text.find(EOT_TEXT)
