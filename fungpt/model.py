@@ -151,7 +151,8 @@ class GPTConfig:
 
 
 def make_norm(config: GPTConfig, dim: int, bias: bool | None = None) -> nn.Module:
-    """LayerNorm: (x - mean) / sqrt(var + eps) * weight + bias, var the biased variance over C.
+    """LayerNorm: (x - mean) / sqrt(var + eps) * weight + bias, var the biased variance over the last dimension (C; hs
+    for QK-norm).
     RMSNorm: x / sqrt(mean(x^2) + eps) * weight (no centring, no bias).
 
     On a CPU, LayerNorm is one fused kernel while RMSNorm is composed of several element-wise
@@ -223,7 +224,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)  # mixes the heads' outputs
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
-        # QK-norm (Dehghani et al. 2023): bounds the scores q.k, preventing attention-logit blow-ups.
+        # QK-norm (Henry et al. 2020; Dehghani et al. 2023): bounds the scores q.k, preventing attention-logit blow-ups.
         # It uses the model's norm kind, without bias (a gain per head dimension).
         self.q_norm = make_norm(config, self.head_size, bias=False) if config.qk_norm else nn.Identity()
         self.k_norm = make_norm(config, self.head_size, bias=False) if config.qk_norm else nn.Identity()
@@ -290,7 +291,8 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         # Under bfloat16 products (train.dtype = "bfloat16" on a CPU) c_fc's output stays bfloat16: the activation
-        # gives what it would in float32 once c_proj rounds its input, and four (B, T, 4C) casts a step are saved
+        # runs on bfloat16 inputs (its outputs differ from float32's by about one bfloat16 rounding; the same val
+        # loss, BENCHMARKS.md, "Thirty-first session"), and four (B, T, 4C) casts a step are saved
         self.c_fc.keeps_bfloat16 = True
         self.act = make_activation(config.activation)
         self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
@@ -380,7 +382,7 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module: nn.Module) -> None:
-        # GPT-2 initialisation: N(0, 0.02) weights, zero biases, as Hugging Face's GPT2 does (its
+        # GPT-2 initialisation: N(0, 0.02²) weights (std 0.02), zero biases, as Hugging Face's GPT2 does (its
         # initializer_range). OpenAI's original code drew the position table with std 0.01.
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)

@@ -20,8 +20,8 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     one uniform number u below the total, and take the token whose stretch contains u; a token with
     probability 0 has an empty stretch and is never drawn. One random number per row, where
     torch.multinomial draws one per token: 0.05-0.07 against 1.06-1.18 ms for GPT-2's 50257 tokens (BENCHMARKS.md,
-    "Sixth session"; in float64 since, 0.11 against 1.03 ms on the Zen 4 host). Elsewhere torch.multinomial: a
-    GPU's cumsum adds in an order of its own, so its running sums need not even increase.
+    "Sixth session", in float32; in float64 since). Elsewhere torch.multinomial: a GPU's cumsum adds in an order of
+    its own, so its running sums need not even increase.
     """
     if not probs.is_cpu:
         _refuse_undrawable(probs.sum(dim=-1))  # (torch.multinomial's own refusal is a RuntimeError)

@@ -956,7 +956,8 @@ def get_lr(it: float, tc: TrainConfig) -> float:
       cosine:   lr → min_lr along half a cosine by decay_iters (GPT-3, nanoGPT; the GPT-2 paper names none)
       wsd:      flat at lr, then linear to min_lr over the last wsd_decay_frac of decay_iters (warmup
                 included; warmup-stable-decay,
-                Hu et al. 2024 "MiniCPM"); a run can be extended without re-warming
+                Hu et al. 2024 "MiniCPM", whose decay is exponential: linear here); a run can be extended
+                without re-warming
       constant: lr
     With cosine and wsd, the rate stays at min_lr after decay_iters.
     """
