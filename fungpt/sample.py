@@ -180,7 +180,8 @@ def _sample_showing_probs(loaded: LoadedRun, idx: torch.Tensor, max_new_tokens: 
             f"none: the model starts from {tok.decode(idx[0].tolist())!r}, as a fresh document"
         out.write(f"prompt: {given}\n")
         shown = "the model's own softmax (greedy picks the top one)" if temperature == 0 else \
-            f"after temperature {temperature}, top-k {top_k}, top-p {top_p}: the distribution sampled from"
+            (f"after temperature {temperature}, top-k {top_k or 'off'}, top-p {top_p or 'off'}: the distribution "
+             f"sampled from")
         out.write(f"{'step':>5}  {'token':>6} {'p':>5}   | top {show_top} candidates, probabilities {shown}\n")
     new: list[int] = []
     stream = loaded.model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

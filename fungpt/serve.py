@@ -507,8 +507,8 @@ def _host_name(header: str) -> str:
     if name.startswith("["):  # an IPv6 address, with or without a port
         return name[1:name.find("]")]
     if name.count(":") == 1:  # a name or IPv4 address with a port
-        return name.split(":")[0]
-    return name
+        name = name.split(":")[0]
+    return name.removesuffix(".") if ":" not in name else name  # ("vm." is "vm": the root's dot, fully qualified)
 
 
 def _host_allowed(header: str, hosts: set[str], any_ip: bool = False) -> bool:
@@ -536,14 +536,15 @@ def _allow_listening_host(app: FastAPI, host: str, sock: socket.socket, allow_ho
     of allow_hosts (--allow-host: a proxy or port forward that reaches the server by another name).
 
     On every interface (0.0.0.0, ::) other machines reach it at any of its IP addresses, or by this
-    machine's own name."""
+    machine's own name, also as NAME.local (multicast DNS, how machines on a classroom network find each other:
+    no domain of the internet ends in .local, so a rebinding page cannot use it)."""
     for name in allow_hosts:  # as a Host header names it ("proxy.example:8443" -> "proxy.example")
         if "/" in name or not name.strip():
             raise FunGPTError(f"--allow-host {name!r} is not a host name: give a name such as proxy.example")
         app.state.hosts = {*app.state.hosts, _host_name(name)}
     if host in ("0.0.0.0", "::", ""):
         app.state.any_ip = True
-        names = {socket.gethostname(), socket.getfqdn()}
+        names = {socket.gethostname(), socket.getfqdn(), f"{socket.gethostname().split('.')[0]}.local"}
         app.state.hosts = {*app.state.hosts, *(n.lower() for n in names if n)}
     else:
         app.state.hosts = {*app.state.hosts, host.lower().strip("[]"), sock.getsockname()[0].split("%")[0]}
@@ -639,6 +640,23 @@ def _url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def _network_urls(sock: socket.socket) -> list[str]:
+    """URLs other machines may reach a server on every interface at: this machine's address on the network it
+    routes to (no packet is sent: a UDP socket's connect only picks the route), its name and NAME.local."""
+    port = sock.getsockname()[1]
+    urls = []
+    try:
+        with socket.socket(sock.family, socket.SOCK_DGRAM) as probe:
+            probe.connect(("2001:db8::1" if sock.family == socket.AF_INET6 else "192.0.2.1", 9))  # (documentation
+            address = probe.getsockname()[0].split("%")[0]  # addresses, RFC 5737 and 3849: never anyone's)
+        if not ipaddress.ip_address(address).is_loopback:
+            urls.append(f"http://[{address}]:{port}/" if ":" in address else f"http://{address}:{port}/")
+    except (OSError, ValueError):  # (no network route: the names alone)
+        pass
+    name = socket.gethostname().split(".")[0]
+    return [*urls, *(f"http://{n}:{port}/" for n in (name, f"{name}.local") if name)]
+
+
 def _is_loopback(sock: socket.socket) -> bool:
     """Whether only this machine can reach the socket (127.0.0.0/8, ::1)."""
     return ipaddress.ip_address(sock.getsockname()[0].split("%")[0]).is_loopback
@@ -657,6 +675,8 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, checkpoint
         print(f"fungpt: warning: listening on {where}: anyone who can reach this machine can use the model "
               f"(there is no password)")
     print(f"fungpt: exploring {run} at {url}/   (Ctrl-C to stop)", flush=True)
+    if host in ("0.0.0.0", "::", ""):  # (the URL above is this machine's own: the others need one of these)
+        print(f"fungpt: from other machines: {', '.join(_network_urls(sock))}", flush=True)
     server = _Server(app)
     try:
         server.run(sockets=[sock])

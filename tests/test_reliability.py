@@ -394,6 +394,38 @@ def test_a_symlinked_lock_file_is_refused_and_its_target_left_alone(world, tmp_p
     assert victim.read_text() == "important\n"
 
 
+@pytest.mark.skipif(os.name == "nt", reason="the run lock is POSIX-only")
+def test_a_run_training_before_its_first_checkpoint_is_not_told_to_train_first(world, tmp_path):
+    """`fungpt serve` (or sample) on a run that had started but not saved yet said "train it first", which would
+    start a second run: now that it is training, and when it saves."""
+    import subprocess
+
+    out = tmp_path / "run"
+    train(tiny_config(world["corpus"], out, max_iters=2, checkpoint_interval=500), progress=False)
+    shutil.rmtree(out / "checkpoints")
+    for pointer in ("latest.json", "best.json"):
+        (out / pointer).unlink()
+    with pytest.raises(FunGPTError, match=r"has no last checkpoint yet \(train it first\)$"):
+        load_run(out)
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import fcntl, sys, time
+f = open({str(out / LOCK_FILE)!r}, "w")
+fcntl.flock(f, fcntl.LOCK_EX)
+f.write("pid 1 on elsewhere, since 12:00:00"); f.flush()
+print("locked", flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        for which, interval in (("last", "checkpoint_interval = 500"), ("best", "eval_interval = ")):
+            with pytest.raises(FunGPTError, match=rf"has no {which} checkpoint yet: it is training now \(pid 1 on "
+                                                  rf"elsewhere, since 12:00:00\) and saves one every {interval}"):
+                load_run(out, checkpoint=which)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_config_far_larger_than_its_weights_is_refused_before_the_model_is_built(world, tmp_path, monkeypatch,
                                                                                   capsys):
     """A run folder whose config.json and manifest.json describe 64 x 8192 beside a tiny model's weights: sample,

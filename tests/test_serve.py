@@ -288,7 +288,7 @@ def test_a_foreign_host_name_is_refused(url):
     ("127.0.0.1:8000", {"127.0.0.1"}, True), ("[::1]:8000", {"::1"}, True), ("[::1]", {"::1"}, True),
     ("LOCALHOST:80", {"localhost"}, True), ("evil.example:8000", {"127.0.0.1", "localhost"}, False),
     ("127.0.0.1.evil.example", {"127.0.0.1"}, False), ("", {"127.0.0.1"}, False),
-    ("192.168.1.5:8000", {"127.0.0.1"}, False),
+    ("192.168.1.5:8000", {"127.0.0.1"}, False), ("localhost.:80", {"localhost"}, True),  # (the root's dot)
 ])
 def test_host_header_check(header, hosts, ok):
     from fungpt.serve import _host_allowed
@@ -324,6 +324,23 @@ def test_allow_host_adds_a_name_wherever_the_server_listens(run_dir):
         assert _host_allowed("proxy.example:443", app.state.hosts, app.state.any_ip)
         assert _host_allowed("fwd.example:8443", app.state.hosts, app.state.any_ip)
         assert not _host_allowed("other.example", app.state.hosts, app.state.any_ip)
+        # On every interface, this machine's name over multicast DNS too (how a classroom's laptops find it)
+        local = f"{socket.gethostname().split('.')[0]}.local:8000"
+        assert _host_allowed(local, app.state.hosts, app.state.any_ip) is (host == "0.0.0.0")
+
+
+def test_a_server_on_every_interface_names_the_urls_other_machines_open():
+    """--host 0.0.0.0 printed only http://127.0.0.1:PORT/, which no student's laptop can open."""
+    from fungpt.serve import _network_urls
+
+    name = socket.gethostname().split(".")[0]
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        port = s.getsockname()[1]
+        urls = _network_urls(s)
+    assert urls[-2:] == [f"http://{name}:{port}/", f"http://{name}.local:{port}/"]
+    for url in urls[:-2]:  # (the address of the network this machine routes to, if it has one)
+        assert not url.startswith(("http://127.", "http://0.0.0.0")) and url.endswith(f":{port}/")
 
 
 def test_listening_on_every_interface_keeps_the_host_check(run_dir):

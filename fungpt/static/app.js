@@ -239,7 +239,7 @@ function readSettings() {
     temperature: num("temperature") ?? 0.8,
     top_k: num("top_k"),
     top_p: num("top_p"),
-    max_new_tokens: num("max_new_tokens") ?? 200,
+    max_new_tokens: num("max_new_tokens"),  // an emptied box: the server's default (200, or its limit if lower)
     seed: num("seed") ?? 1337,  // an emptied box: the page's and the server's default seed
     stop_at_eot: $("stop_at_eot").checked,
   };
@@ -358,7 +358,7 @@ async function generate() {
         const block = buffer.slice(0, cut);
         buffer = buffer.slice(cut + 2);
         for (const line of block.split("\n")) {
-          if (line.startsWith("data: ")) handleEvent(JSON.parse(line.slice(6)), started);
+          if (line.startsWith("data: ")) handleEvent(JSON.parse(line.slice(6)), started, settings.prompt);
         }
       }
     }
@@ -389,7 +389,7 @@ async function generate() {
   }
 }
 
-function handleEvent(event, started) {
+function handleEvent(event, started, prompt) {
   if (event.type === "start") {
     // Another model answers than the page shows: a run still training (the server loaded a newer checkpoint),
     // or a server started again, perhaps on another run. Show the one that answers, and its curve.
@@ -399,7 +399,7 @@ function handleEvent(event, started) {
     }
     state.sampleStep = event.step;  // the checkpoint this sample comes from (attention may come from a newer one)
     state.sampleModel = event.model;
-    state.prompt = $("prompt").value;  // (the box may be edited while the sample streams)
+    state.prompt = prompt;  // the prompt sent (the box may have been edited since)
     state.promptTokens = event.prompt_tokens;
     addTokenSpan({ text: state.prompt }, "prompt");
     $("output").scrollTop = $("output").scrollHeight;  // (a prompt taller than the box: its end, where tokens come)
