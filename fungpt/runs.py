@@ -91,14 +91,14 @@ def _file_id(path: Path) -> tuple[int, int] | None:
 def _load(run_dir: Path, folder: Path | None, checkpoint: str, dev: str) -> LoadedRun:
     cfg = load_run_config(run_dir)
     if folder is None:
-        from fungpt.train import lock_holder  # (here: train.py imports this module)
+        from fungpt.train import lock_holder  # (imported when needed: the trainer's module is large)
 
         holder = lock_holder(run_dir)
         if holder is not None:  # (started, not saved yet: "train it first" would start a second run)
-            every, which = ((cfg.train.eval_interval, "eval_interval") if checkpoint == "best" else
-                            (cfg.train.checkpoint_interval, "checkpoint_interval"))
-            raise FunGPTError(f"{run_dir} has no {checkpoint} checkpoint yet: it is training now ({holder}) and saves "
-                              f"one every {which} = {every:,} steps; try again once it has")
+            best = checkpoint == "last" and ckpt.find_checkpoint(run_dir, "best") is not None
+            raise FunGPTError(f"{run_dir} has no {checkpoint} checkpoint yet: it is training now ({holder}) and has "
+                              f"not saved one; try again once it has"
+                              + (" (or now with --checkpoint best: its best so far)" if best else ""))
         raise FunGPTError(f"{run_dir} has no {checkpoint} checkpoint yet (train it first)")
     manifest = ckpt.verify_checkpoint(folder)
     written = _file_id(folder / ckpt.MANIFEST_FILE)  # (read first: the run may replace the folder while we load it)

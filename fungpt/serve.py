@@ -544,8 +544,7 @@ def _allow_listening_host(app: FastAPI, host: str, sock: socket.socket, allow_ho
         app.state.hosts = {*app.state.hosts, _host_name(name)}
     if host in ("0.0.0.0", "::", ""):
         app.state.any_ip = True
-        names = {socket.gethostname(), socket.getfqdn(), f"{socket.gethostname().split('.')[0]}.local"}
-        app.state.hosts = {*app.state.hosts, *(n.lower() for n in names if n)}
+        app.state.hosts = {*app.state.hosts, *(n.lower() for n in _own_names())}
     else:
         app.state.hosts = {*app.state.hosts, host.lower().strip("[]"), sock.getsockname()[0].split("%")[0]}
 
@@ -640,21 +639,35 @@ def _url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def _own_names() -> list[str]:
+    """This machine's names, as other machines may reach it: its host name (and getfqdn's), the first part of it,
+    and that part as NAME.local (multicast DNS). None when it calls itself localhost."""
+    full = socket.gethostname()
+    short = full.split(".")[0]
+    names = [short, f"{short}.local", full, socket.getfqdn()] if short else [full, socket.getfqdn()]
+    return [n for n in dict.fromkeys(names) if n and n.lower() not in ("localhost", "localhost.local")]
+
+
 def _network_urls(sock: socket.socket) -> list[str]:
-    """URLs other machines may reach a server on every interface at: this machine's address on the network it
-    routes to (no packet is sent: a UDP socket's connect only picks the route), its name and NAME.local."""
+    """URLs other machines may reach a server on every interface at: this machine's address on each network it
+    routes to (no packet is sent: a UDP socket's connect only picks the route; an IPv6 socket on every interface
+    takes IPv4 too), then its names (_own_names, which the Host check lets in)."""
     port = sock.getsockname()[1]
+    # (documentation addresses, RFC 5737 and 3849: never anyone's)
+    probes = [(socket.AF_INET6, "2001:db8::1"), (socket.AF_INET, "192.0.2.1")] if sock.family == socket.AF_INET6 \
+        else [(socket.AF_INET, "192.0.2.1")]
     urls = []
-    try:
-        with socket.socket(sock.family, socket.SOCK_DGRAM) as probe:
-            probe.connect(("2001:db8::1" if sock.family == socket.AF_INET6 else "192.0.2.1", 9))  # (documentation
-            address = probe.getsockname()[0].split("%")[0]  # addresses, RFC 5737 and 3849: never anyone's)
-        if not ipaddress.ip_address(address).is_loopback:
-            urls.append(f"http://[{address}]:{port}/" if ":" in address else f"http://{address}:{port}/")
-    except (OSError, ValueError):  # (no network route: the names alone)
-        pass
-    name = socket.gethostname().split(".")[0]
-    return [*urls, *(f"http://{n}:{port}/" for n in (name, f"{name}.local") if name)]
+    for family, far in probes:
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.connect((far, 9))
+                address = probe.getsockname()[0].split("%")[0]
+            ip = ipaddress.ip_address(address)
+        except (OSError, ValueError):  # (no route on that network: the names alone)
+            continue
+        if not (ip.is_loopback or ip.is_link_local or ip.is_unspecified):
+            urls.append(f"http://[{address}]:{port}/" if ip.version == 6 else f"http://{address}:{port}/")
+    return [*urls, *(f"http://{n}:{port}/" for n in _own_names()[:2])]
 
 
 def _is_loopback(sock: socket.socket) -> bool:

@@ -402,9 +402,10 @@ def test_a_run_training_before_its_first_checkpoint_is_not_told_to_train_first(w
 
     out = tmp_path / "run"
     train(tiny_config(world["corpus"], out, max_iters=2, checkpoint_interval=500), progress=False)
-    shutil.rmtree(out / "checkpoints")
-    for pointer in ("latest.json", "best.json"):
-        (out / pointer).unlink()
+    kept = tmp_path / "kept"
+    shutil.move(out / "checkpoints", kept)
+    shutil.move(out / "best.json", kept / "best.json")
+    (out / "latest.json").unlink()
     with pytest.raises(FunGPTError, match=r"has no last checkpoint yet \(train it first\)$"):
         load_run(out)
     holder = subprocess.Popen([sys.executable, "-c", f"""
@@ -417,10 +418,19 @@ time.sleep(60)
 """], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
-        for which, interval in (("last", "checkpoint_interval = 500"), ("best", "eval_interval = ")):
+        for which in ("last", "best"):
             with pytest.raises(FunGPTError, match=rf"has no {which} checkpoint yet: it is training now \(pid 1 on "
-                                                  rf"elsewhere, since 12:00:00\) and saves one every {interval}"):
+                                                  rf"elsewhere, since 12:00:00\) and has not saved one; try again "
+                                                  rf"once it has$"):
                 load_run(out, checkpoint=which)
+        (out / "checkpoints").mkdir()  # its best so far back (step 0's eval saves one)
+        best = json.loads((kept / "best.json").read_text())["dir"]
+        shutil.move(kept / Path(best).name, out / best)
+        shutil.move(kept / "best.json", out / "best.json")
+        with pytest.raises(FunGPTError, match=r"try again once it has \(or now with --checkpoint best: its best so "
+                                              r"far\)$"):
+            load_run(out)
+        assert load_run(out, checkpoint="best").step in (0, 2)
     finally:
         holder.kill()
         holder.wait()

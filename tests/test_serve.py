@@ -169,6 +169,8 @@ def test_empty_prompt_starts_a_new_document(url):
     events = stream_events(url, prompt="", max_new_tokens=3, seed=1)
     assert [t["text"] for t in events[0]["prompt_tokens"]] == ["\n"]
     assert len(generated_ids(events)) == 3
+    # no max given (the page's emptied box sends null): the server's default, here its limit
+    assert len(generated_ids(stream_events(url, prompt="", max_new_tokens=None, stop_at_eot=False))) == MAX_NEW
 
 
 def test_two_concurrent_clients_get_what_they_get_alone(url):
@@ -329,18 +331,27 @@ def test_allow_host_adds_a_name_wherever_the_server_listens(run_dir):
         assert _host_allowed(local, app.state.hosts, app.state.any_ip) is (host == "0.0.0.0")
 
 
-def test_a_server_on_every_interface_names_the_urls_other_machines_open():
-    """--host 0.0.0.0 printed only http://127.0.0.1:PORT/, which no student's laptop can open."""
-    from fungpt.serve import _network_urls
+@pytest.mark.parametrize("hostname", [None, "Box.example.com"])  # (this machine's; a name given with its domain)
+def test_a_server_on_every_interface_names_the_urls_other_machines_open(run_dir, monkeypatch, hostname):
+    """--host 0.0.0.0 printed only http://127.0.0.1:PORT/, which no student's laptop can open. Each URL it prints
+    now passes its own Host check."""
+    from fungpt.serve import _allow_listening_host, _host_allowed, _network_urls
 
+    if hostname:
+        monkeypatch.setattr(socket, "gethostname", lambda: hostname)
+        monkeypatch.setattr(socket, "getfqdn", lambda *a: hostname.lower())
     name = socket.gethostname().split(".")[0]
+    app = create_app(run_dir, device="cpu")
     with socket.socket() as s:
         s.bind(("0.0.0.0", 0))
         port = s.getsockname()[1]
         urls = _network_urls(s)
+        _allow_listening_host(app, "0.0.0.0", s, ())
     assert urls[-2:] == [f"http://{name}:{port}/", f"http://{name}.local:{port}/"]
     for url in urls[:-2]:  # (the address of the network this machine routes to, if it has one)
         assert not url.startswith(("http://127.", "http://0.0.0.0")) and url.endswith(f":{port}/")
+    for url in urls:
+        assert _host_allowed(url.split("//")[1].rstrip("/"), app.state.hosts, app.state.any_ip), url
 
 
 def test_listening_on_every_interface_keeps_the_host_check(run_dir):

@@ -839,6 +839,7 @@ def test_show_probs_same_text_and_one_line_per_token(run_dir):
         assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.001
     assert shown.getvalue().rstrip().endswith("ROMEO:" + a[0].rstrip())
     assert shown.getvalue().startswith("prompt: 'ROMEO:'\n")
+    assert "top-k 200, top-p off:" in shown.getvalue()  # (an unset top-p: not Python's None)
     # no prompt: the header says what the model was given, not prompt: ''
     shown = io.StringIO()
     sample(run_dir, max_new_tokens=2, device="cpu", out=shown, show_probs=True)

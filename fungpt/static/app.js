@@ -224,7 +224,7 @@ async function loadMetrics() {
 // What an empty box means, and its name in messages.
 const NUMBER_BOXES = {
   temperature: ["temperature", "0.8"], top_k: ["top-k", "off"], top_p: ["top-p", "off"],
-  max_new_tokens: ["max new tokens", "200"], seed: ["seed", "1337"],
+  max_new_tokens: ["max new tokens", "the server's default"], seed: ["seed", "1337"],
 };
 
 function readSettings() {
