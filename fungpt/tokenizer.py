@@ -539,13 +539,13 @@ class BPETokenizer(Tokenizer):
         bad = next((ch for ch in dict.fromkeys(text) if fails(ch)), None)  # unique characters, in order
         return self._cannot_encode(bad, error)
 
-    @staticmethod
-    def _cannot_encode(bad: str | None, error: Exception | None = None) -> FunGPTError:
-        """The error for a character this tokenizer cannot encode (None: not found; then the library's `error`)."""
+    def _cannot_encode(self, bad: str | None, error: Exception | None = None) -> FunGPTError:
+        """The error for a character this tokenizer cannot encode (None: not found; then the library's `error`),
+        naming the tokenizer (a fine-tune's is its pretrained model's, not one the user chose)."""
         if bad is not None and not_utf8(bad):
-            return FunGPTError(f"this tokenizer cannot encode the text: {not_utf8(bad)}")
+            return FunGPTError(f"the {self.describe()} cannot encode the text: {not_utf8(bad)}")
         what = f"character {bad!r} is not in its vocabulary" if bad is not None else str(error)
-        return FunGPTError(f"this tokenizer cannot encode the text: {what}; remove it from the text, or use a "
+        return FunGPTError(f"the {self.describe()} cannot encode the text: {what}; remove it from the text, or use a "
                            f"tokenizer that covers it")
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -626,6 +626,14 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
         print(note)
     if is_main and data_dir == Path(cfg.data.path).expanduser():
         note_unused_data_settings(cfg.data, meta, data_dir, fine_tune=pre is not None)
+    if pre is not None and is_main and resume_dir is None:  # (a fine-tune's text takes its model's tokenizer)
+        default, kind = DataConfig(), pre.tokenizer.name
+        unused = [f"data.{name} = {mine!r}" for name, mine in (("tokenizer", cfg.data.tokenizer),
+                                                                ("vocab_size", cfg.data.vocab_size))
+                  if mine != getattr(default, name) and not (name == "tokenizer" and mine == kind)]
+        if unused:
+            print(f"fungpt: note: {' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used: a fine-tune "
+                  f"encodes the text with its pretrained model's own tokenizer, the {pre.tokenizer.describe()}")
     if pre is not None:
         pretrained.check_data_tokenizer(load_tokenizer(data_dir), data_dir, pre)
     else:

@@ -74,11 +74,14 @@ def hf_model(path: Path) -> transformers.GPT2LMHeadModel:
     return transformers.GPT2LMHeadModel.from_pretrained(path).eval()
 
 
-def test_finetune_matches_transformers_then_learns_then_exports(hf_dir, corpus, tmp_path):
+def test_finetune_matches_transformers_then_learns_then_exports(hf_dir, corpus, tmp_path, capsys):
     out = tmp_path / "run"
     cfg = finetune_config(hf_dir, corpus, out, block_size=32)
+    cfg.data = DataConfig(path=str(corpus), tokenizer="bpe", vocab_size=300)  # (not used: said so)
     result = train(cfg, progress=False)
     assert result["step"] == 10
+    assert ("fungpt: note: data.tokenizer = 'bpe' and data.vocab_size = 300 are not used: a fine-tune encodes the "
+            "text with its pretrained model's own tokenizer, the hf tokenizer from ") in capsys.readouterr().out
 
     # The architecture came from the checkpoint, with the position table cropped to 32.
     saved = json.loads((out / "config.json").read_text(encoding="utf-8"))["model"]
@@ -268,7 +271,9 @@ def test_export_char_run_tokenizer_loads_in_transformers(corpus, tmp_path):
     # every character (the tokenizer's fingerprint must not need to).
     tuned = train(finetune_config(tmp_path / "exp", corpus, tmp_path / "tuned", block_size=16), progress=False)
     assert tuned["step"] == 10
-    with pytest.raises(FunGPTError, match="character 'é' is not in its vocabulary"):
+    # (named: a fine-tune's tokenizer is its pretrained model's, not one the user chose)
+    with pytest.raises(FunGPTError, match=r"^the hf tokenizer from .*exp \(\d+ tokens\) cannot encode the text: "
+                                          r"character 'é' is not in its vocabulary"):
         load_tokenizer(tmp_path / "tuned").encode("café")
 
 
