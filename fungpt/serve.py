@@ -641,7 +641,7 @@ def _url(sock: socket.socket) -> str:
 
 def _own_names() -> list[str]:
     """This machine's names, as other machines may reach it: its host name (and getfqdn's), the first part of it,
-    and that part as NAME.local (multicast DNS). None when it calls itself localhost."""
+    and that part as NAME.local (multicast DNS); never localhost (allowed anyway, and no name for other machines)."""
     full = socket.gethostname()
     short = full.split(".")[0]
     names = [short, f"{short}.local", full, socket.getfqdn()] if short else [full, socket.getfqdn()]
