@@ -195,7 +195,9 @@ class TimeBudget:
         # reaches its end with it, not 2-3 steps short and then at once)
         usable = max(self.budget_s - self.end_time() - origin - 2 * step_s, 1e-9)
         time_frac = min(1.0, max(0.0, self.elapsed() + step_s + periodic - origin) / usable)
-        return max(time_frac, step / tc.max_iters) * tc.decay_iters
+        # (the steps' fraction, as the time's, at the end of this step: a run that max_iters ends reaches min_lr with
+        # its last step, where step / max_iters left it 1/max_iters of the decay short)
+        return max(time_frac, (step + 1) / tc.max_iters) * tc.decay_iters
 
     def last_step_forecast(self, step: int) -> int:
         """With a budget, the step the run should end at, for the progress bar (its percentage and time left): as

@@ -1100,6 +1100,14 @@ def time_forward(model: torch.nn.Module, cfg: RunConfig, device: str, autocast, 
     return seconds_per_window
 
 
+def evals_changed(saved: TrainConfig | None, tc: TrainConfig, folder: Path | None) -> bool:
+    """Whether a resume's evals differ from those its checkpoint timed (more or fewer batches, other batches, the
+    whole val split or not): a time budget then estimates the final eval again rather than plan with that time (a
+    resume with 100 times the eval_iters ran 6 s past a 30 s budget)."""
+    return folder is not None and saved is not None and any(
+        getattr(saved, k) != getattr(tc, k) for k in ("eval_iters", "eval_full_val", "batch_size"))
+
+
 @torch.no_grad()
 def estimate_eval_time(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, device: str, autocast,
                        seconds_per_window: float | None = None) -> float:
@@ -2055,7 +2063,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         ln_v = math.log(cfg.model.vocab_size)
         chance = f" (random weights: about ln(vocab_size) = {ln_v:.4f})" if pre is None else ""
         say(f"step 0: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{chance}")
-    elif clock.budget_s is not None and (step == 0 or tc.compile):
+    elif clock.budget_s is not None and (step == 0 or tc.compile or evals_changed(saved_train, tc, folder)):
         # Planning a budget times three forward batches, then (from step 0) a checkpoint save and the plot: seconds
         # of silence for a large model on a CPU, so a bar once it takes a second
         parts = 3 + (step == 0) * (1 + (ddp.is_main and tc.plot))
@@ -2075,6 +2083,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                     _plot_quietly(out_dir, timing_only=True)
                     clock.plot_s = time.time() - t0
                     planning.update(1)
+            elif evals_changed(saved_train, tc, folder):  # (the checkpoint timed other evals: estimated again)
+                clock.eval_times.clear()
+                clock.eval_times.append(estimate_eval_time(model, data_dir, cfg, device, autocast, per_window))
         clock.plan_compiled_step(per_window)  # (torch.compile: caps the first step's time, mostly compiling)
     clock.start_schedule(elapsed_before)
     fwd_model.train()

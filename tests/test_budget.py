@@ -166,10 +166,12 @@ def test_a_budget_that_holds_max_iters_reaches_it(clock):
 
 
 def test_the_forecast_is_max_iters_when_they_come_before_the_budget(clock):
+    """Steps, not time, lead the schedule then, and its decay ends with the last step (it was 1/40 short of
+    min_lr there: the steps' fraction was taken at the start of each step, the time's at its end)."""
     tc = budget_config(max_iters=40)
     positions, last, forecasts, _, _ = replay(clock, tc, Durations())
     assert last == 40 and forecasts[5:] == [40] * len(forecasts[5:])
-    assert positions[-1] == pytest.approx(39 / 40 * tc.decay_iters)  # (steps, not time, lead the schedule)
+    assert positions[-1] == pytest.approx(tc.decay_iters) and positions[-2] == pytest.approx(39 / 40 * tc.decay_iters)
 
 
 def test_periodic_time_left_counts_the_evals_and_checkpoints_still_due():

@@ -371,6 +371,32 @@ def test_budget_run_skips_the_step0_eval_and_can_skip_the_plot(prepared, tmp_pat
     assert not (tmp_path / "run/loss.png").exists()
 
 
+def test_a_budget_resume_with_other_evals_estimates_its_final_eval_again(prepared, tmp_path, monkeypatch):
+    """A budget run resumed with 100 times its eval_iters planned with the eval time its checkpoint had measured,
+    and ran 6 s past a 30 s budget: evals other than the checkpoint's are estimated again, as at step 0."""
+    train_mod = sys.modules["fungpt.train"]  # (fungpt.train the name is the function)
+    real, estimated = train_mod.estimate_eval_time, []
+
+    def estimate(*args, **kwargs):
+        estimated.append(args[2].train.eval_iters)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "estimate_eval_time", estimate)
+
+    def run(max_iters: int, eval_iters: int) -> None:
+        cfg = RunConfig(out_dir=str(tmp_path / "run"), data=DataConfig(path=str(prepared)),
+                        model=GPTConfig(vocab_size=1, block_size=16, n_layer=1, n_head=2, n_embd=16),
+                        train=TrainConfig(batch_size=4, max_iters=max_iters, eval_interval=100, eval_iters=eval_iters,
+                                          warmup_iters=0, checkpoint_interval=100, device="cpu", max_minutes=5.0,
+                                          plot=False))
+        train(cfg, resume=max_iters > 2, progress=False)
+
+    run(2, eval_iters=1)  # step 0 estimates it
+    run(4, eval_iters=1)  # the same evals: the checkpoint's time stands
+    run(6, eval_iters=100)  # other evals: estimated again
+    assert estimated == [1, 100]
+
+
 def test_eval_estimate_uses_the_fastest_of_its_timings(prepared, monkeypatch):
     import contextlib
     import types
