@@ -116,6 +116,15 @@ class TimeBudget:
         # follows (continuous_origin; None: checkpoints from before it was saved)
         self.schedule_origin, self.lr_origin = schedule_origin, lr_origin
 
+    def eval_estimated(self, seconds: float, other_evals: bool) -> None:
+        """A resume's estimate of one eval's time (train.estimate_eval_time). The checkpoint's measured times stand
+        unless the evals differ from those it timed (`other_evals`: then the estimate replaces them), or the estimate
+        is larger (another device, dtype or matmul library, a bigger val split): planned with the checkpoint's time,
+        a resume with 100 times the eval_iters ran 6 s past a 30 s budget."""
+        if other_evals or not self.eval_times or seconds > max(self.eval_times):
+            self.eval_times.clear()
+            self.eval_times.append(seconds)
+
     def elapsed(self) -> float:
         """Seconds since the run began, the commands before a resume included."""
         return time.time() - self.train_start
@@ -195,9 +204,7 @@ class TimeBudget:
         # reaches its end with it, not 2-3 steps short and then at once)
         usable = max(self.budget_s - self.end_time() - origin - 2 * step_s, 1e-9)
         time_frac = min(1.0, max(0.0, self.elapsed() + step_s + periodic - origin) / usable)
-        # (the steps' fraction, as the time's, at the end of this step: a run that max_iters ends reaches min_lr with
-        # its last step, where step / max_iters left it 1/max_iters of the decay short)
-        return max(time_frac, (step + 1) / tc.max_iters) * tc.decay_iters
+        return max(time_frac, step / tc.max_iters) * tc.decay_iters
 
     def last_step_forecast(self, step: int) -> int:
         """With a budget, the step the run should end at, for the progress bar (its percentage and time left): as

@@ -627,10 +627,11 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
     if is_main and data_dir == Path(cfg.data.path).expanduser():
         note_unused_data_settings(cfg.data, meta, data_dir, fine_tune=pre is not None)
     if pre is not None and is_main and resume_dir is None:  # (a fine-tune's text takes its model's tokenizer)
-        default, kind = DataConfig(), pre.tokenizer.name
+        default = DataConfig()
+        gpt2 = pre.name in pretrained.HUB_NAMES  # (its tokenizer is GPT-2's: data.tokenizer "gpt2" says the same)
         unused = [f"data.{name} = {mine!r}" for name, mine in (("tokenizer", cfg.data.tokenizer),
                                                                 ("vocab_size", cfg.data.vocab_size))
-                  if mine != getattr(default, name) and not (name == "tokenizer" and mine == kind)]
+                  if mine != getattr(default, name) and not (name == "tokenizer" and mine == "gpt2" and gpt2)]
         if unused:
             print(f"fungpt: note: {' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used: a fine-tune "
                   f"encodes the text with its pretrained model's own tokenizer, the {pre.tokenizer.describe()}")
@@ -1100,12 +1101,11 @@ def time_forward(model: torch.nn.Module, cfg: RunConfig, device: str, autocast, 
     return seconds_per_window
 
 
-def evals_changed(saved: TrainConfig | None, tc: TrainConfig, folder: Path | None) -> bool:
+def evals_changed(saved: TrainConfig | None, tc: TrainConfig) -> bool:
     """Whether a resume's evals differ from those its checkpoint timed (more or fewer batches, other batches, the
-    whole val split or not): a time budget then estimates the final eval again rather than plan with that time (a
-    resume with 100 times the eval_iters ran 6 s past a 30 s budget)."""
-    return folder is not None and saved is not None and any(
-        getattr(saved, k) != getattr(tc, k) for k in ("eval_iters", "eval_full_val", "batch_size"))
+    whole val split or not; `saved`: the checkpoint's [train] settings)."""
+    return saved is not None and any(getattr(saved, k) != getattr(tc, k)
+                                     for k in ("eval_iters", "eval_full_val", "batch_size"))
 
 
 @torch.no_grad()
@@ -2063,7 +2063,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         ln_v = math.log(cfg.model.vocab_size)
         chance = f" (random weights: about ln(vocab_size) = {ln_v:.4f})" if pre is None else ""
         say(f"step 0: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{chance}")
-    elif clock.budget_s is not None and (step == 0 or tc.compile or evals_changed(saved_train, tc, folder)):
+    elif clock.budget_s is not None and (step == 0 or tc.compile or folder is not None):
         # Planning a budget times three forward batches, then (from step 0) a checkpoint save and the plot: seconds
         # of silence for a large model on a CPU, so a bar once it takes a second
         parts = 3 + (step == 0) * (1 + (ddp.is_main and tc.plot))
@@ -2083,9 +2083,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                     _plot_quietly(out_dir, timing_only=True)
                     clock.plot_s = time.time() - t0
                     planning.update(1)
-            elif evals_changed(saved_train, tc, folder):  # (the checkpoint timed other evals: estimated again)
-                clock.eval_times.clear()
-                clock.eval_times.append(estimate_eval_time(model, data_dir, cfg, device, autocast, per_window))
+            elif folder is not None:  # a resume: its checkpoint timed its own evals, maybe other ones, elsewhere
+                clock.eval_estimated(estimate_eval_time(model, data_dir, cfg, device, autocast, per_window),
+                                     other_evals=evals_changed(saved_train, tc))
         clock.plan_compiled_step(per_window)  # (torch.compile: caps the first step's time, mostly compiling)
     clock.start_schedule(elapsed_before)
     fwd_model.train()

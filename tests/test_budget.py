@@ -111,6 +111,21 @@ def test_a_resume_plans_with_its_checkpoints_eval_and_save_times_until_it_measur
     assert tb.out_of_time(0)
 
 
+@pytest.mark.parametrize("estimate, other_evals, reserved", [
+    (3.0, False, 7.0),  # the same evals: the checkpoint's measured time stands over a smaller estimate
+    (9.0, False, 9.0),  # a slower machine, device or dtype (or a bigger val split): the larger estimate
+    (3.0, True, 3.0),  # other evals (fewer batches): the estimate alone
+    (70.0, True, 70.0),  # (100 times the eval_iters: was planned with 7 s, and ran past its budget)
+])
+def test_a_resumes_estimate_of_its_eval_replaces_the_checkpoints_when_larger_or_for_other_evals(
+        clock, estimate, other_evals, reserved):
+    tb = TimeBudget(budget_config(max_minutes=1.0), train_start=clock[0] - 30.0,
+                    timings={"step": 0.1, "eval": 7.0, "save": 5.0, "plot": 0.2})
+    tb.eval_estimated(estimate, other_evals)
+    assert tb.timings()["eval"] == reserved
+    assert tb.end_time() == pytest.approx(reserved + 2 * 5.0 + 0.2 + EXIT_RESERVE_S)
+
+
 @pytest.mark.parametrize("step_s", [0.05, 0.1, 0.13, 0.3])
 @pytest.mark.parametrize("eval_interval", [7, 10, 13, 50])
 def test_a_budget_run_ends_within_its_budget_having_used_it(clock, step_s, eval_interval):
@@ -166,12 +181,10 @@ def test_a_budget_that_holds_max_iters_reaches_it(clock):
 
 
 def test_the_forecast_is_max_iters_when_they_come_before_the_budget(clock):
-    """Steps, not time, lead the schedule then, and its decay ends with the last step (it was 1/40 short of
-    min_lr there: the steps' fraction was taken at the start of each step, the time's at its end)."""
     tc = budget_config(max_iters=40)
     positions, last, forecasts, _, _ = replay(clock, tc, Durations())
     assert last == 40 and forecasts[5:] == [40] * len(forecasts[5:])
-    assert positions[-1] == pytest.approx(tc.decay_iters) and positions[-2] == pytest.approx(39 / 40 * tc.decay_iters)
+    assert positions[-1] == pytest.approx(39 / 40 * tc.decay_iters)  # (steps, not time, lead the schedule)
 
 
 def test_periodic_time_left_counts_the_evals_and_checkpoints_still_due():

@@ -373,7 +373,7 @@ def test_budget_run_skips_the_step0_eval_and_can_skip_the_plot(prepared, tmp_pat
 
 def test_a_budget_resume_with_other_evals_estimates_its_final_eval_again(prepared, tmp_path, monkeypatch):
     """A budget run resumed with 100 times its eval_iters planned with the eval time its checkpoint had measured,
-    and ran 6 s past a 30 s budget: evals other than the checkpoint's are estimated again, as at step 0."""
+    and ran 6 s past a 30 s budget: a resume estimates its eval again, as step 0 does."""
     train_mod = sys.modules["fungpt.train"]  # (fungpt.train the name is the function)
     real, estimated = train_mod.estimate_eval_time, []
 
@@ -392,9 +392,14 @@ def test_a_budget_resume_with_other_evals_estimates_its_final_eval_again(prepare
         train(cfg, resume=max_iters > 2, progress=False)
 
     run(2, eval_iters=1)  # step 0 estimates it
-    run(4, eval_iters=1)  # the same evals: the checkpoint's time stands
-    run(6, eval_iters=100)  # other evals: estimated again
-    assert estimated == [1, 100]
+    run(4, eval_iters=1)  # each resume estimates it again (budget.TimeBudget.eval_estimated chooses)
+    run(6, eval_iters=100)
+    assert estimated == [1, 1, 100]
+    # which evals are other ones than the checkpoint timed (its estimate then replaces the checkpoint's time)
+    same, changed = TrainConfig(), TrainConfig(eval_iters=TrainConfig().eval_iters + 1)
+    assert not train_mod.evals_changed(same, TrainConfig()) and not train_mod.evals_changed(None, changed)
+    for other in (changed, TrainConfig(eval_full_val=True), TrainConfig(batch_size=3)):
+        assert train_mod.evals_changed(same, other)
 
 
 def test_eval_estimate_uses_the_fastest_of_its_timings(prepared, monkeypatch):
