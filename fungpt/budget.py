@@ -116,12 +116,13 @@ class TimeBudget:
         # follows (continuous_origin; None: checkpoints from before it was saved)
         self.schedule_origin, self.lr_origin = schedule_origin, lr_origin
 
-    def eval_estimated(self, seconds: float, other_evals: bool) -> None:
-        """A resume's estimate of one eval's time (train.estimate_eval_time). The checkpoint's measured times stand
-        unless the evals differ from those it timed (`other_evals`: then the estimate replaces them), or the estimate
-        is larger (another device, dtype or matmul library, a bigger val split): planned with the checkpoint's time,
-        a resume with 100 times the eval_iters ran 6 s past a 30 s budget."""
-        if other_evals or not self.eval_times or seconds > max(self.eval_times):
+    def eval_estimated(self, seconds: float, other_evals: bool, margin: float = 1.0) -> None:
+        """A resume's estimate of one eval's time (train.estimate_eval_time, which errs high by `margin`). The
+        checkpoint's measured times stand unless the evals differ from those it timed (`other_evals`: then the
+        estimate replaces them), or the estimate is larger even without its margin (another device, dtype or matmul
+        library, a bigger val split): planned with the checkpoint's time, a resume with 100 times the eval_iters ran
+        6 s past a 30 s budget."""
+        if other_evals or not self.eval_times or seconds / margin > max(self.eval_times):
             self.eval_times.clear()
             self.eval_times.append(seconds)
 
@@ -204,6 +205,8 @@ class TimeBudget:
         # reaches its end with it, not 2-3 steps short and then at once)
         usable = max(self.budget_s - self.end_time() - origin - 2 * step_s, 1e-9)
         time_frac = min(1.0, max(0.0, self.elapsed() + step_s + periodic - origin) / usable)
+        # (the steps' fraction at the start of the step, the time's at its end: with max_iters first, the run's lr is
+        # step for step that of the same run without a budget, whose last step also runs 1/max_iters short of min_lr)
         return max(time_frac, step / tc.max_iters) * tc.decay_iters
 
     def last_step_forecast(self, step: int) -> int:

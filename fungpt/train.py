@@ -1101,6 +1101,9 @@ def time_forward(model: torch.nn.Module, cfg: RunConfig, device: str, autocast, 
     return seconds_per_window
 
 
+EVAL_MARGIN = 1.3  # estimate_eval_time's estimates err high by this, on purpose (see there)
+
+
 def evals_changed(saved: TrainConfig | None, tc: TrainConfig) -> bool:
     """Whether a resume's evals differ from those its checkpoint timed (more or fewer batches, other batches, the
     whole val split or not; `saved`: the checkpoint's [train] settings)."""
@@ -1128,7 +1131,7 @@ def estimate_eval_time(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, d
     if tc.eval_full_val:  # the whole val split replaces the val batches
         n_windows += math.ceil((load_meta(data_dir)["val_tokens"] - 1) / cfg.model.block_size)
         n_windows -= tc.eval_iters * tc.batch_size
-    return 1.3 * seconds_per_window * n_windows
+    return EVAL_MARGIN * seconds_per_window * n_windows
 
 
 def eval_bar(total: int, desc: str, enabled: bool, delay: float = 1.0, unit: str = "batch"):
@@ -2085,7 +2088,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                     planning.update(1)
             elif folder is not None:  # a resume: its checkpoint timed its own evals, maybe other ones, elsewhere
                 clock.eval_estimated(estimate_eval_time(model, data_dir, cfg, device, autocast, per_window),
-                                     other_evals=evals_changed(saved_train, tc))
+                                     other_evals=evals_changed(saved_train, tc), margin=EVAL_MARGIN)
         clock.plan_compiled_step(per_window)  # (torch.compile: caps the first step's time, mostly compiling)
     clock.start_schedule(elapsed_before)
     fwd_model.train()

@@ -113,7 +113,8 @@ def test_a_resume_plans_with_its_checkpoints_eval_and_save_times_until_it_measur
 
 @pytest.mark.parametrize("estimate, other_evals, reserved", [
     (3.0, False, 7.0),  # the same evals: the checkpoint's measured time stands over a smaller estimate
-    (9.0, False, 9.0),  # a slower machine, device or dtype (or a bigger val split): the larger estimate
+    (8.4, False, 7.0),  # ... and over a larger one only by its margin (8.4 / 1.3 < 7: the same machine's speed)
+    (9.8, False, 9.8),  # a slower machine, device or dtype (or a bigger val split): the larger estimate
     (3.0, True, 3.0),  # other evals (fewer batches): the estimate alone
     (70.0, True, 70.0),  # (100 times the eval_iters: was planned with 7 s, and ran past its budget)
 ])
@@ -121,7 +122,7 @@ def test_a_resumes_estimate_of_its_eval_replaces_the_checkpoints_when_larger_or_
         clock, estimate, other_evals, reserved):
     tb = TimeBudget(budget_config(max_minutes=1.0), train_start=clock[0] - 30.0,
                     timings={"step": 0.1, "eval": 7.0, "save": 5.0, "plot": 0.2})
-    tb.eval_estimated(estimate, other_evals)
+    tb.eval_estimated(estimate, other_evals, margin=1.3)
     assert tb.timings()["eval"] == reserved
     assert tb.end_time() == pytest.approx(reserved + 2 * 5.0 + 0.2 + EXIT_RESERVE_S)
 
