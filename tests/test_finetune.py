@@ -70,6 +70,21 @@ def finetune_config(init_from: Path | str, data_path: Path, out_dir: Path, **mod
                                        checkpoint_interval=100, log_interval=1, device="cpu"))
 
 
+def test_a_finetune_of_gpt2_given_data_tokenizer_gpt2_is_not_told_it_is_unused(hf_dir, corpus, tmp_path, capsys,
+                                                                                monkeypatch):
+    """GPT-2's own tokenizer is what data.tokenizer "gpt2" names: no note for it (a hub name's model; the local
+    GPT-2 of these tests stands in for one), where another value is said to be unused."""
+    import fungpt.pretrained as pretrained
+
+    monkeypatch.setattr(pretrained, "HUB_NAMES", (*pretrained.HUB_NAMES, str(hf_dir)))
+    for tokenizer, noted in (("gpt2", False), ("bpe", True)):
+        cfg = finetune_config(hf_dir, corpus, tmp_path / tokenizer, block_size=32)
+        cfg.data = DataConfig(path=str(corpus), tokenizer=tokenizer)
+        cfg.train.max_iters = 1
+        train(cfg, progress=False)
+        assert (f"data.tokenizer = {tokenizer!r} is not used" in capsys.readouterr().out) is noted
+
+
 def hf_model(path: Path) -> transformers.GPT2LMHeadModel:
     return transformers.GPT2LMHeadModel.from_pretrained(path).eval()
 
