@@ -543,6 +543,27 @@ def export_command(run: RunFolder, out: str, checkpoint: Literal["last", "best"]
         path = export_hf(run, out, checkpoint=checkpoint)
     print(f"fungpt: exported {run} to {path}; load it with transformers.GPT2LMHeadModel.from_pretrained and "
           f"AutoTokenizer.from_pretrained")
+    if note := cropped_context_note(run):
+        print(note)
+
+
+def cropped_context_note(run: str) -> str | None:
+    """A note for the export of a fine-tune whose block_size cropped its pretrained model's positions: the export
+    keeps only those, for good (None: a model from scratch, nothing cropped, or the pretrained one not at hand)."""
+    from fungpt.config import load_run_config
+    from fungpt.pretrained import architecture
+
+    model = load_run_config(Path(run)).model
+    if model.init_from == "scratch":
+        return None
+    try:
+        had = architecture(model.init_from)[0].block_size  # (without downloading: a folder, the cache, or the
+    except (FunGPTError, OSError):  # published shape of a hub size; a folder moved away since: nothing said)
+        return None
+    if model.block_size >= had:
+        return None
+    return (f"fungpt: note: the export has {model.block_size:,} positions, not the {had:,} of {model.init_from}: the "
+            f"fine-tune cropped them (block_size), and a model fine-tuned from the export cannot read further")
 
 
 COMMANDS = {

@@ -116,6 +116,8 @@ def test_finetune_matches_transformers_then_learns_then_exports(hf_dir, corpus, 
 
     # Export: transformers loads the fine-tuned weights with the same logits, and the tokenizer too.
     assert main(["export", "--run", str(out), "--out", str(tmp_path / "hf-out")]) == 0
+    assert (f"fungpt: note: the export has 32 positions, not the {N_POSITIONS} of {hf_dir}: the fine-tune cropped "
+            f"them") in capsys.readouterr().out  # (kept for good: said)
     run = load_run(out, device="cpu")
     idx = torch.randint(0, run.model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
