@@ -893,7 +893,9 @@ def resume_notes(saved: TrainConfig, new: TrainConfig, step: int) -> list[str]:
     schedule = ["lr", "min_lr", "warmup_iters", "lr_schedule", "wsd_decay_frac", "lr_decay_iters", "max_iters"]
     changed = ", ".join(f"{n} {getattr(saved, n)} -> {getattr(new, n)}" for n in [*schedule, "max_minutes"]
                         if getattr(saved, n) != getattr(new, n))
-    if not (saved.max_minutes or new.max_minutes):
+    if step == 0:
+        pass  # no step has trained on the old schedule: the run goes as if it had started with the new one
+    elif not (saved.max_minutes or new.max_minutes):
         was, now = get_lr(step, saved), get_lr(step, new)
         if not math.isclose(was, now, rel_tol=1e-6):
             end = (" (the decay ends at max_iters unless train.lr_decay_iters is set)"
@@ -1736,7 +1738,7 @@ def already_done(step: int, tc: TrainConfig, elapsed_before: float, timings: dic
 def nothing_to_train(out_dir: Path, step: int, plot: bool, start_time: float) -> dict[str, Any]:
     """End a command that found nothing to train: draw loss.png if the run has none (a run stopped while drawing
     it), and return train()'s summary, without losses."""
-    if plot and not (out_dir / "loss.png").is_file():
+    if plot and step > 0 and not (out_dir / "loss.png").is_file():  # (at step 0 there is no curve to draw)
         _plot_quietly(out_dir)
     return summary(out_dir, step, start_time)
 

@@ -988,6 +988,9 @@ def test_resume_says_when_its_lr_schedule_or_eval_batches_change(world, tmp_path
         assert note.endswith("it follows the clock (the share of the budget used; warmup_iters and lr_decay_iters "
                              "count in shares of the run), so the lr may jump at step 300"), note
     assert resume_notes(budget, budget, 300) == []  # the same budget: its clock goes on
+    # at step 0 (a budget used up before the first step) no step ran on the old schedule: nothing to note
+    assert resume_notes(budget, dataclasses.replace(budget, max_minutes=3.0), 0) == []
+    assert resume_notes(saved, dataclasses.replace(saved, max_iters=302), 0) == []
     # Muon's settings are no optimizer setting of an AdamW run: changing them changes nothing, and is not noted
     assert resume_notes(saved, dataclasses.replace(saved, muon_lr=0.05, muon_momentum=0.9), 300) == []
     muon = dataclasses.replace(saved, optimizer="muon")

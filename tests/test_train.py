@@ -2441,3 +2441,17 @@ def test_a_folder_of_token_ids_made_as_the_readme_says_trains_samples_and_evalua
     with pytest.raises(FunGPTError, match=f"set vocab_size to {len(chars)} there: the model's vocabulary is its "
                                           f"tokenizer's \\(README, \"Data of your own token ids\"\\)$"):
         train(tiny_config(folder, tmp_path / "padded", max_iters=2), progress=False)
+
+
+def test_a_run_of_no_steps_says_its_weights_are_untrained(corpus, tmp_path, capsys):
+    """`fungpt train` at max_iters 0 (a teacher's untrained model, or a budget used up before the first step)
+    ends by saying that nothing was trained, not a bare "done", and draws no empty curve."""
+    out = tmp_path / "run"
+    argv = ["train", "--data.path", str(corpus), "--out-dir", str(out), "--model.n-layer", "1", "--model.n-embd", "16",
+            "--model.n-head", "1", "--model.block-size", "8", "--train.eval-iters", "1", "--train.device", "cpu"]
+    assert main([*argv, "--train.max-iters", "0"]) == 0
+    said = capsys.readouterr().out
+    assert "fungpt: done (no step trained: the weights are as initialised). Sample with: fungpt sample --run" in said
+    assert main([*argv, "--train.max-iters", "2", "--resume"]) == 0
+    said = capsys.readouterr()
+    assert "fungpt: done. Sample with" in said.out and "no step trained" not in said.out
