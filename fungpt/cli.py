@@ -660,6 +660,9 @@ def _run_flag_as_positional(name: str, args: list[str]) -> list[str]:
             option = typed.replace("_", "-")  # (tyro takes --max_new_tokens too)
             if option not in options and not option.startswith("--tyro-") and not asks_help:  # (tyro's own)
                 close = difflib.get_close_matches(option, sorted(options), n=1)
+                if option == "--config" and name == "inspect":  # (train's flag; inspect reads a config as its run)
+                    raise FunGPTError("fungpt inspect takes a config as it takes a run folder, without a flag: "
+                                      "fungpt inspect CONFIG.toml")
                 raise FunGPTError(f"Unrecognized options: {typed}" + (f"; Perhaps you meant: {close[0]}" if close
                                   else "") + f" (`fungpt {name} --help` lists the options)")
             value_next = "=" not in arg and option not in no_value

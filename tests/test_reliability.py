@@ -1925,6 +1925,9 @@ TYRO_ERRORS = {
     "a misspelt option before the run": (["sample", "--max_new", "5", "{run}"],
                                          "error: Unrecognized options: --max_new; Perhaps you meant: "
                                          "--max-new-tokens (`fungpt sample --help` lists the options)"),
+    # train's --config given to inspect, which reads a config as its run
+    "inspect --config": (["inspect", "--config", "x.toml"], "error: fungpt inspect takes a config as it takes a run "
+                         "folder, without a flag: fungpt inspect CONFIG.toml\n"),
     # a switch given a value, as a config file writes it (train.eval_full_val = true): tyro said "Unrecognized
     # options: true"
     "a switch given a value": ([*TRAIN, "--train.eval-full-val", "true"],
