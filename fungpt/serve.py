@@ -190,6 +190,9 @@ def create_app(run_dir: str | Path, checkpoint: str = "last", device: str = "aut
     """Load the run (raising FunGPTError if it cannot be loaded) and build the web app around it."""
     loaded = _checkpoint_id(Path(run_dir), checkpoint)  # before loading: a save landing meanwhile is seen later
     run = load_run(run_dir, checkpoint, device)
+    # A token's text, asked now: a tokenizer whose files cannot be loaded (GPT-2's ids without tiktoken's cache) is
+    # refused here, in one line, not mid-stream, once a page has asked for a sample (its answer started already).
+    run.tokenizer.token_text(0)
     return _build_app(run, checkpoint, max_prompt_chars, max_prompt_tokens, max_new_tokens,
                       run.checkpoint_id or loaded)  # (which one loaded: load_run reads again a checkpoint replaced)
 

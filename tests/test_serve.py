@@ -165,6 +165,19 @@ def test_top_candidates_match_the_model(url, run_dir):
     assert token["id"] == top.indices[0].item()  # temperature 0: greedy
 
 
+def test_a_tokenizer_that_cannot_load_is_refused_before_serving(run_dir, monkeypatch):
+    """GPT-2's ids without tiktoken's files: the server started, then an empty prompt got an empty answer and two
+    tracebacks in its log (the tokenizer failed inside the stream, after the answer had started)."""
+    from fungpt.tokenizer import CharTokenizer
+
+    def offline(self, token_id):  # as GPT2Tokenizer answers without tiktoken's files
+        raise FunGPTError("could not load GPT-2's encoding through tiktoken, whose files are not cached here")
+
+    monkeypatch.setattr(CharTokenizer, "token_bytes", offline)
+    with pytest.raises(FunGPTError, match="could not load GPT-2's encoding"):
+        create_app(run_dir, device="cpu")
+
+
 def test_empty_prompt_starts_a_new_document(url):
     events = stream_events(url, prompt="", max_new_tokens=3, seed=1)
     assert [t["text"] for t in events[0]["prompt_tokens"]] == ["\n"]
