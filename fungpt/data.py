@@ -322,6 +322,12 @@ def _refuse_token_files(path: Path) -> None:
     """Token ids where text is read (a prepared folder, nanoGPT's train.bin and val.bin, one .bin of them) are
     named as such, rather than refused as "a binary file", which left the user to guess what FunGPT wants."""
     folder = path if path.is_dir() else path.parent
+    arrays = [f"{split}.npy" for split in SPLITS if (folder / f"{split}.npy").is_file()]
+    if arrays and (path.is_dir() or path.name in arrays):  # ids saved by np.save: a header, then the ids
+        what = f"holds NumPy files ({', '.join(arrays)})" if path.is_dir() else "is a NumPy file (np.save)"
+        raise FunGPTError(f"{path} {what}, which FunGPT does not read: to train on token ids, write them raw "
+                          f"beside a meta.json, "
+                          f"np.load('train.npy').astype(np.uint16).tofile('train.bin') ({OWN_IDS}); or pass text")
     ids = [n for n in SPLIT_FILES if (folder / n).is_file()]
     if not ids or (path.is_file() and path.name not in SPLIT_FILES):
         return
@@ -1018,8 +1024,15 @@ def check_token_ids(data_dir: Path, meta: dict, chunk: int = 1 << 26) -> str | N
         # uint32 ids read as uint16 are little-endian pairs (id, 0): every second value 0, and nothing out of range.
         # Real uint16 data can look the same (one character a line: id 0, the newline, every second token), so
         # this is a note, not a refusal.
+        # Likewise int64 ids (numpy's default integer, 8 bytes): (id, 0, 0, 0) as uint16, (id, 0) as uint32.
         head = ids[:4096]
-        if meta["dtype"] == "uint16" and len(head) >= 64 and not head[1::2].any() and head[0::2].any() and not note:
+        per = 4 if meta["dtype"] == "uint16" else 2  # values of one int64 id
+        if len(head) >= 64 and not note and head[0::per].any() and not any(head[i::per].any() for i in range(1, per)):
+            note = (f"fungpt: note: only every {'fourth' if per == 4 else 'second'} token of {bin_path} is not id 0 "
+                    f"({len(head):,} read): if its ids were written as 64-bit integers (int64, numpy's default), "
+                    f"write them again with ids.astype(np.{meta['dtype']}).tofile(path) and divide train_tokens and "
+                    f"val_tokens by {per} ({OWN_IDS}); if id 0 really falls there, nothing is wrong")
+        elif meta["dtype"] == "uint16" and len(head) >= 64 and not head[1::2].any() and head[0::2].any() and not note:
             note = (f"fungpt: note: every second token of {bin_path} is id 0 ({len(head):,} read): if its ids were "
                     f"written as uint32, set \"dtype\": \"uint32\" in meta.json and halve train_tokens and "
                     f"val_tokens ({OWN_IDS}); if id 0 really alternates with the others, nothing is wrong")
@@ -1110,6 +1123,10 @@ def load_meta(data_dir: str | Path) -> dict:
     for split in SPLITS:
         bin_path = data_dir / f"{split}.bin"
         if not bin_path.is_file():
+            if (data_dir / f"{split}.npy").is_file():  # (np.save's file: a header, then the ids)
+                raise FunGPTError(f"{bin_path} is missing, and {split}.npy beside it is a NumPy file, which FunGPT "
+                                  f"does not read: write its ids raw, np.load('{split}.npy').astype(np.{meta['dtype']})"
+                                  f".tofile('{split}.bin') ({OWN_IDS})")
             raise FunGPTError(f"{bin_path} is missing; {mend(meta)}")
         if "source_sha256" not in meta:  # ids written by hand: np.save's header would be read as 64 token ids
             with open(bin_path, "rb") as f:
@@ -1125,6 +1142,9 @@ def load_meta(data_dir: str | Path) -> dict:
             if "source_sha256" not in meta and actual == meta[f"{split}_tokens"] * np.dtype(other).itemsize:
                 fits = (f"the size fits {meta[f'{split}_tokens']} {other} tokens: if the ids are {other}, set "
                         f"\"dtype\": \"{other}\"; else ")
+            elif "source_sha256" not in meta and actual == meta[f"{split}_tokens"] * 8:  # (numpy's default integer)
+                fits = (f"the size fits {meta[f'{split}_tokens']} ids of 8 bytes (int64, numpy's default integer): "
+                        f"write them with ids.astype(np.{meta['dtype']}).tofile(path); else ")
             raise FunGPTError(
                 f"{bin_path} has {actual} bytes but meta.json promises {meta[f'{split}_tokens']} "
                 f"{meta['dtype']} tokens ({expected} bytes); {fits or ''}{mend(meta)}"

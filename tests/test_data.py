@@ -623,6 +623,20 @@ def test_token_ids_given_where_text_is_read_and_ids_written_wrongly_are_named(tm
     with pytest.raises(FunGPTError, match=r"train.bin is a NumPy .npy file \(np.save\), not raw token ids: write "
                                           r"them with ids.astype\(np.uint16\).tofile\(path\)"):
         load_meta(npy)
+    # train.npy and val.npy as np.save names them: no train.bin beside meta.json, or no meta.json at all (read as
+    # text, they were "a binary file")
+    for split in ("train", "val"):
+        (npy / f"{split}.bin").rename(npy / f"{split}.npy")
+    with pytest.raises(FunGPTError, match=r"train.bin is missing, and train.npy beside it is a NumPy file, which "
+                                          r"FunGPT does not read: write its ids raw, np.load\('train.npy'\)"
+                                          r".astype\(np.uint16\).tofile\('train.bin'\) \(README"):
+        load_meta(npy)
+    (npy / "meta.json").unlink()
+    with pytest.raises(FunGPTError, match=r"npy holds NumPy files \(train.npy, val.npy\), which FunGPT does not "
+                                          r"read: to train on token ids, write them raw beside a meta.json"):
+        resolve_source(npy)
+    with pytest.raises(FunGPTError, match=r"val.npy is a NumPy file \(np.save\), which FunGPT does not read"):
+        resolve_source(npy / "val.npy")
     assert load_meta(own("fine", ids))["vocab_size"] == 50
 
 
@@ -1378,6 +1392,18 @@ def test_a_folder_of_own_ids_is_told_what_to_correct_not_to_prepare_again(tmp_pa
     with pytest.raises(FunGPTError, match=r"promises 900 uint16 tokens \(1800 bytes\); the size fits 900 uint32 "
                                           r"tokens: if the ids are uint32, set \"dtype\": \"uint32\"; else correct"):
         load_meta(counted)  # (not "set train_tokens to 1800", which the note above would then undo)
+    # int64 ids (np.array(list).tofile): counted right, the size is 8 bytes an id; counted to fit, a note says so
+    # as uint16 (id, 0, 0, 0) and as uint32 (id, 0), not "write them as uint32", which led to the second
+    long = folder("long", ids.astype(np.int64), train_tokens=900, val_tokens=100)
+    with pytest.raises(FunGPTError, match=r"the size fits 900 ids of 8 bytes \(int64, numpy's default integer\): "
+                                          r"write them with ids.astype\(np.uint16\).tofile\(path\); else correct"):
+        load_meta(long)
+    for dtype, every, by in (("uint16", "fourth", 4), ("uint32", "second", 2)):
+        long = folder(f"long-{dtype}", ids.astype(np.int64), dtype=dtype)
+        assert re.fullmatch(rf"fungpt: note: only every {every} token of .*train.bin is not id 0 \([\d,]+ read\): "
+                            rf"if its ids were written as 64-bit integers \(int64, numpy's default\), write them "
+                            rf"again with ids.astype\(np.{dtype}\).tofile\(path\) and divide train_tokens and "
+                            rf"val_tokens by {by} .*", check_token_ids(long, load_meta(long)))
     narrow = folder("narrow", ids, dtype="uint32")  # uint16 ids declared uint32: two ids in each value
     with pytest.raises(FunGPTError, match=r"holds token id 65536 \(at token 0\), two ids below vocab_size 50 side by "
                                           r"side: .* set \"dtype\": \"uint16\" and double"):
