@@ -231,8 +231,9 @@ def _prepare_again(loaded: LoadedRun, gone: Path, progress: bool) -> Path:
     data = loaded.config.data
     source = Path(data.path).expanduser()
     if source.resolve() == gone.resolve():  # (a folder made by `fungpt prepare`, then deleted: nothing to read)
-        raise FunGPTError(f"the data {loaded.run_dir} was trained on ({gone}) is gone; prepare it again with `fungpt "
-                          f"prepare`, or pass --input TEXT_FILE to evaluate on a text file")
+        raise FunGPTError(f"the data {loaded.run_dir} was trained on ({gone}) is gone: put it back (a folder of your "
+                          f"own token ids has no text to make it from), prepare it again with `fungpt prepare`, or "
+                          f"pass --input TEXT_FILE to evaluate on a text file")
     if not source.exists() and data.path != "shakespeare":
         hint = (" (a relative data.path is found from the folder you run in: run where you trained)"
                 if not source.is_absolute() else "")

@@ -650,10 +650,11 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
             raise FunGPTError(f"{data_dir / 'meta.json'} says vocab_size {meta['vocab_size']} but the tokenizer "
                               f"beside it has {tokens} tokens: the folder was edited or mixed up; {fix}")
         if "vocab_size" in model_named and cfg.model.vocab_size != meta["vocab_size"] and is_main:
-            other = ("prepare the text again with `fungpt prepare --vocab-size`" if is_prepared(cfg.data.path)
-                     else "set data.vocab_size")  # (a prepared folder's tokenizer is fixed)
+            other = ("" if "source_sha256" not in meta  # (a folder of one's own ids: its vocabulary is theirs)
+                     else " (for a BPE of another size, prepare the text again with `fungpt prepare --vocab-size`)"
+                     if is_prepared(cfg.data.path) else " (for a BPE of another size, set data.vocab_size)")
             print(f"fungpt: note: model.vocab_size = {cfg.model.vocab_size} is replaced by the {meta['vocab_size']} "
-                  f"tokens of the data's tokenizer (for a BPE of another size, {other})")
+                  f"tokens of the data's tokenizer{other}")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=int(meta["vocab_size"])))
     check_split_fits(meta, cfg.model.block_size, prepared_by_user=is_prepared(cfg.data.path))
     return cfg, data_dir, pre

@@ -2410,6 +2410,15 @@ def test_a_model_vocab_size_given_from_scratch_is_said_to_be_replaced(world, tmp
     text = [a if a != str(world["data"]) else str(world["corpus"]) for a in argv]  # the text itself
     assert main([*text, "--model.vocab-size", "500"]) == 0
     assert "(for a BPE of another size, set data.vocab_size)" in capsys.readouterr().out
+    own = tmp_path / "own"  # a folder of one's own token ids (no source_sha256): no text to prepare again
+    shutil.copytree(world["data"], own)
+    meta = json.loads((own / "meta.json").read_text())
+    del meta["source_sha256"]
+    (own / "meta.json").write_text(json.dumps(meta))
+    ids = [a if a != str(world["data"]) else str(own) for a in argv]
+    assert main([*ids, "--model.vocab-size", "500"]) == 0
+    assert ("fungpt: note: model.vocab_size = 500 is replaced by the 22 tokens of the data's tokenizer\n"
+            in capsys.readouterr().out)
 
 
 def test_data_settings_a_folder_of_own_token_ids_leaves_unused_are_named_as_such(tmp_path, capsys):

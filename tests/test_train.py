@@ -2032,6 +2032,16 @@ def test_eval_prepares_the_text_again_when_the_cache_was_cleared(corpus, tmp_pat
     corpus.unlink()
     with pytest.raises(FunGPTError, match=r"is gone, and so is its text .*corpus.txt; pass --input TEXT_FILE"):
         evaluate_run(out)
+    # a run on a folder of token ids (data.path names the folder itself): nothing to prepare it from, perhaps
+    from fungpt.data import prepare
+
+    (tmp_path / "other.txt").write_text("some other text to learn from. " * 40, encoding="utf-8")
+    folder = prepare(tmp_path / "other.txt", tmp_path / "ids", progress=False)
+    train(tiny_config(folder, tmp_path / "on-ids", max_iters=1), progress=False)
+    shutil.rmtree(folder)
+    with pytest.raises(FunGPTError, match=r"ids\) is gone: put it back \(a folder of your own token ids has no "
+                                          r"text to make it from\), prepare it again with `fungpt prepare`, or pass"):
+        evaluate_run(tmp_path / "on-ids")
 
 
 def test_a_prompt_file_is_read_up_to_a_bound(tmp_path, monkeypatch):
