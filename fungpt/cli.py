@@ -266,6 +266,13 @@ def _rank() -> int:
     return int(rank) if rank.isdigit() else 0
 
 
+def _say_error(line: str) -> None:
+    """Print one line to stderr in one write: torchrun runs its processes unbuffered (python -u), where print()
+    writes the text and its newline apart, and two processes' error lines ran together into one."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _peer_gone(e: BaseException) -> bool:
     """Whether e is a collective call failing because another process of the torchrun job went away (it
     failed with its own error, or was killed): gloo's "Connection closed by peer" or "... reset by peer"."""
@@ -712,7 +719,7 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
             _parse(COMMANDS[name], rest, f"fungpt {name}")
     except FunGPTError as e:
         # Under torchrun every process may fail alike: each says which it is, so that the lines read as copies
-        print(f"error{_startup.rank_prefix()}: {e}", file=sys.stderr)
+        _say_error(f"error{_startup.rank_prefix()}: {e}")
         return 2
     except ModuleNotFoundError as e:
         # A package FunGPT needs, missing from a broken install (pyproject.toml lists them): matplotlib for plot
@@ -720,7 +727,7 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
         said = _startup.missing_module(e, name)
         if said is None:
             raise
-        print(f"error{_startup.rank_prefix()}: {said}", file=sys.stderr)
+        _say_error(f"error{_startup.rank_prefix()}: {said}")
         return 2
     except _startup.Stopped as e:  # SIGTERM or SIGHUP: what it was doing was cleaned up as for Ctrl-C
         with contextlib.suppress(OSError):  # (after SIGHUP the terminal may be gone)
@@ -728,8 +735,7 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
             # the rest): the line says so, and which process it is.
             why = (" (from torchrun: if another process failed, its error is above)"
                    if e.signum == signal.SIGTERM and os.environ.get("TORCHELASTIC_RUN_ID") else "")
-            print(f"\nfungpt{_startup.rank_prefix()}: stopped by {signal.Signals(e.signum).name}{why}",
-                  file=sys.stderr)
+            _say_error(f"\nfungpt{_startup.rank_prefix()}: stopped by {signal.Signals(e.signum).name}{why}")
         if not fungpt_command:
             # A program that called main() (a script, a notebook, pytest) ends as the signal would have ended it
             # without FunGPT: only the cleaning up came first.
@@ -737,13 +743,13 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
             signal.raise_signal(e.signum)
         return 128 + e.signum  # what a shell reports for a command ended by that signal
     except KeyboardInterrupt as e:  # (a command may say what the interruption left: KeyboardInterrupt("..."))
-        print(f"\nfungpt: interrupted{': ' + str(e) if e.args else ''}", file=sys.stderr)
+        _say_error(f"\nfungpt{_startup.rank_prefix()}: interrupted{': ' + str(e) if e.args else ''}")
         return 130
     except (MemoryError, RuntimeError) as e:
         if _peer_gone(e):  # under torchrun: the process that failed has already printed why
             restore_stop_signals()  # torchrun's SIGTERM may end this one during the wait, silently
-            print(f"error (rank {_rank()}): another process of this torchrun job stopped (its error is above, or, "
-                  f"if it was killed, torchrun's summary below says by what), so this one stops too", file=sys.stderr)
+            _say_error(f"error (rank {_rank()}): another process of this torchrun job stopped (its error is above, "
+                       f"or, if it was killed, torchrun's summary below says by what), so this one stops too")
             # torchrun names the first process to fail as the root cause, by whole seconds and then by lowest rank:
             # leave it a moment to see the one that did fail exit first (it ends this one with SIGTERM meanwhile)
             time.sleep(PEER_GONE_WAIT_S)

@@ -1807,7 +1807,17 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     # gets its CPU stream back as it was, and on a CUDA run that GPU's (forking every GPU's would start CUDA
     # on GPUs the run does not use).
     held.enter_context(torch.random.fork_rng(devices=[ddp.local_rank] if prec.device == "cuda" else []))
-    check_out_dir(cfg, resume, overwrite, check_lock=ddp.is_main)  # before preparing data (can take minutes)
+    refused = None
+    try:
+        check_out_dir(cfg, resume, overwrite, check_lock=ddp.is_main)  # before preparing data (can take minutes)
+    except FunGPTError as e:
+        refused = e
+    if ddp.enabled:  # the processes agree first: one that stopped alone (rank 0 at a locked out_dir) left the others
+        # waiting in the next collective call, where torchrun's SIGTERM cannot reach them (killed 30 s later)
+        first = next((said for said in _gather(refused and str(refused), ddp) if said), None)
+        refused = refused or (first and FunGPTError(first))  # (each process says it, as for errors they all hit)
+    if refused:
+        raise refused
     check_loggers(tc)  # likewise, and before the run folder is written (a retry would need --overwrite)
     saved_cfg, folder, manifest, saved_train = resume_point(cfg) if resume else (None, None, None, None)
 

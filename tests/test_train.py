@@ -1003,6 +1003,19 @@ def test_cli_errors_under_torchrun_say_which_process_failed(tmp_path, monkeypatc
     assert main(["sample", "--run", str(tmp_path / "nothing")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
 
+    class Unbuffered(io.StringIO):  # stderr under torchrun (python -u): each write reaches the terminal alone
+        writes: list[str] = []
+
+        def write(self, text):
+            self.writes.append(text)
+            return super().write(text)
+
+    # one write a line: print() wrote the newline apart, and two processes' lines ran together into one
+    monkeypatch.setattr(sys, "stderr", Unbuffered())
+    assert main(["sample", "--run", str(tmp_path / "nothing")]) == 2
+    assert len(Unbuffered.writes) == 1 and Unbuffered.writes[0].startswith("error: ")
+    assert Unbuffered.writes[0].endswith("\n") and Unbuffered.writes[0].count("\n") == 1
+
 
 def test_several_processes_need_a_torch_whose_ddp_runs_pass_the_tests(monkeypatch):
     """With torch 2.4.1 and 2.6.0 (pyproject.toml allows 2.4) a resume with another number of processes hung at
@@ -1035,6 +1048,30 @@ def test_ddp_two_gloo_processes(corpus, tmp_path):
     assert ranks == [0, 1]  # each rank's batch stream is saved, for exact resume
     assert not torch.equal(state["loader"][0]["generator_state"], state["loader"][1]["generator_state"])
     assert json.loads((out / "run.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.skipif(os.name == "nt", reason="the run lock is POSIX-only")
+def test_ddp_processes_agree_on_a_refused_out_dir_before_they_wait_on_each_other(corpus, tmp_path):
+    """Only rank 0 asks whether a run holds out_dir's lock. It refused and stopped while rank 1 went on into making
+    a process group, a wait that torchrun's SIGTERM cannot end: rank 1 was killed 30 s later. Now every process
+    hears the refusal first, and says it, as they say errors they all hit."""
+    out = tmp_path / "busy"
+    hold = ("import sys\nfrom pathlib import Path\nfrom fungpt.train import lock_out_dir\n"
+            "with lock_out_dir(Path(sys.argv[1])):\n    print('locked', flush=True)\n    sys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        proc = subprocess.run(_torchrun_train(corpus, out, tmp_path), env=_torchrun_env(tmp_path),
+                              capture_output=True, text=True, timeout=240)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert proc.returncode != 0
+    lines = proc.stderr.splitlines()
+    assert any(line.startswith("error: ") and "in use by a training run" in line for line in lines), proc.stderr
+    assert any(line.startswith("error (rank 1): ") and "in use by a training run" in line for line in lines), (
+        proc.stderr)
 
 
 def _torchrun_train(corpus, out, tmp_path, *extra) -> list[str]:
