@@ -29,6 +29,7 @@ live in safetensors (a plain tensor format), and the training state is loaded wi
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -271,8 +272,11 @@ def save_checkpoint(out_dir: str | Path, kind: str, step: int, model: torch.nn.M
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         before = find_checkpoint(out_dir, kind) if (out_dir / f"{kind}.json").is_file() else None
         kept = "the previous checkpoint is intact" if before is not None else f"there is no {kind} checkpoint yet"
+        fix = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space",
+               errno.EACCES: "fix the folder's permissions", errno.EPERM: "fix the folder's permissions",
+               errno.EROFS: "train where the disk is writable"}.get(getattr(e, "errno", None), "fix what it names")
         raise FunGPTError(f"could not save the {kind} checkpoint at step {step} in {out_dir}: {why}; "
-                          f"{kept} (free some disk space or fix permissions, then resume with --resume)") from None
+                          f"{kept} ({fix}, then resume with --resume)") from None
     # Only now that the pointer names the new folder is it safe to delete the old ones (and any
     # temporary folder left behind by a run that was killed in the middle of a save).
     for old in checkpoint_folders(out_dir, kind, temporaries=True):
