@@ -2177,10 +2177,12 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 if scored is not None:  # (None: a signal left the eval; the loop stops before the next step)
                     losses, evaluated_at = scored, step
                     clock.eval_times.append(time.time() - t0)
+                    said = f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                     if bar is not None:
                         bar.periodic_left = None  # (the rate since the first step holds an eval's time from now on)
-                        interrupt.output(bar.write, f"step {step}: train loss {losses['train']:.4f}, "
-                                                    f"val loss {losses['val']:.4f}")
+                        interrupt.output(bar.write, said)
+                    else:  # (progress=False turns off the bar, not the eval lines)
+                        say(said)
             if step % tc.checkpoint_interval == 0 and step < tc.max_iters:  # the last step is saved below
                 do_save()
                 saved_at = step

@@ -2502,3 +2502,11 @@ def test_a_run_of_no_steps_says_its_weights_are_untrained(corpus, tmp_path, caps
     assert main([*argv, "--train.max-iters", "2", "--resume"]) == 0
     said = capsys.readouterr()
     assert "fungpt: done. Sample with" in said.out and "no step trained" not in said.out
+
+
+def test_progress_off_turns_off_the_bar_not_the_periodic_eval_lines(corpus, tmp_path, capsys):
+    """README: progress=False turns off only the bars. The periodic eval lines were written through the bar, and
+    a script (or notebook) training without one saw the step-0 and final evals alone."""
+    train(tiny_config(corpus, tmp_path / "run", max_iters=10, eval_interval=5), progress=False)
+    out = capsys.readouterr().out
+    assert re.search(r"^step 5: train loss \d\.\d{4}, val loss \d\.\d{4}$", out, re.M), out
