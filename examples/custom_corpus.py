@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fungpt import DataConfig, GPTConfig, RunConfig, TrainConfig, evaluate_run, prepare, sample, train
 from fungpt.config import load_run_config
-from fungpt.data import is_prepared
+from fungpt.data import is_prepared, load_meta
 from fungpt.errors import FunGPTError
 from fungpt.train import holds_run
 
@@ -76,6 +76,12 @@ def main() -> None:
             sys.exit(f"error: {run_dir} holds another training run, which this script would replace: pass --run-dir "
                      f"to train into another folder")
         prepare(args.path, out, tokenizer=kind, vocab_size=vocab_size, overwrite=True)
+        meta = load_meta(out)
+        split, tokens = min((("train", meta["train_tokens"]), ("val", meta["val_tokens"])), key=lambda s: s[1])
+        if tokens <= args.block_size:  # a window is block_size tokens and the one after each (its targets)
+            smaller = f"pass --block-size {tokens - 1} or less, or " if tokens > 1 else "pass "
+            sys.exit(f"error: the {split} split of {args.path} has {tokens} tokens, too few for --block-size "
+                     f"{args.block_size}: {smaller}more text")
         result = train(cfg, overwrite=replace_run)
         if result["interrupted"]:  # stopped by Ctrl-C or a stop signal: no final model to report on
             sys.exit(128 + (result["signal"] or 2))  # as a shell reports a command ended by that signal

@@ -1954,6 +1954,14 @@ def test_examples_run(tmp_path, monkeypatch, corpus):
                            "--iters", "3"], env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert proc.returncode == 1 and "pass --out to prepare into another folder" in proc.stderr
     assert load_meta(tmp_path / "data" / "poems-char")["val_fraction"] == 0.2
+    # a corpus too small for the block size: the advice names the script's flag (the library's named
+    # --model.block-size, which the script refuses)
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "custom_corpus.py"), "data/poems", "--chars",
+                           "--block-size", "100000", "--out", "data/big", "--run-dir", "out/big"], env=env,
+                          capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert proc.returncode == 1 and re.search(r"error: the val split of data/poems has \d+ tokens, too few for "
+                                              r"--block-size 100000: pass --block-size \d+ or less, or more text",
+                                              proc.stderr), proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("script, argv", [
