@@ -291,6 +291,8 @@ def cmd_train(args: list[str], start_time: float) -> int | None:
         meant = misplaced_flag(a) if a.startswith("--") else None
         if meant:
             raise FunGPTError(f"{a.partition('=')[0]} is not a flag of fungpt train: use {meant}")
+    if "--resume" in args and "--overwrite" in args:  # (said before the resume's own line, as train() says it)
+        raise FunGPTError("--resume and --overwrite contradict each other: pick one")
     resumed = path is None and "--resume" in args  # resume a run as it was: the settings it saved are the defaults
     saved = Path(_out_dir_arg(args) or RunConfig().out_dir) / "config.json"
     path = str(saved) if resumed and saved.is_file() else path

@@ -2832,3 +2832,13 @@ def test_a_full_disk_while_logging_names_the_checkpoint_only_if_there_is_one(wor
             r"the last checkpoint is intact \(free some disk space, then resume with --resume\)" if saved else
             r"no checkpoint was saved yet \(free some disk space, then run again with --resume: it starts over\)")):
         train(cfg, resume=saved, progress=False)
+
+
+def test_resume_and_overwrite_together_are_refused_before_anything_is_said(world, tmp_path, capsys):
+    """The refusal came after "resuming with the settings saved in ...", a line that promised a resume."""
+    out = copy_run(world, tmp_path)
+    before = sha256_tree(out)
+    assert main(["train", "--out-dir", str(out), "--resume", "--overwrite"]) == 2
+    said = capsys.readouterr()
+    assert said.out == "" and said.err == "error: --resume and --overwrite contradict each other: pick one\n"
+    assert sha256_tree(out) == before
