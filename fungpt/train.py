@@ -2233,7 +2233,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                     print(f"fungpt: training stopped: its output pipe was closed (e.g. by `| head`); checkpoint "
                           f"saved at step {step}{how}", file=sys.stderr)
             else:
-                say(f"fungpt: interrupted{by} at step {step}; checkpoint saved{how}")
+                # (on stderr, as the notice the signal got and a stop during setup: seen with stdout sent to a log)
+                say(f"fungpt: interrupted{by} at step {step}; checkpoint saved{how}", file=sys.stderr)
     elif no_step:
         if ddp.is_main:
             log.close()

@@ -850,7 +850,7 @@ def test_sigterm_during_training_ends_a_program_that_called_main_too(world, tmp_
     assert proc.returncode == (143 if as_the_command else -signal.SIGTERM), proc.stderr[-2000:]
     assert "main() returned" not in proc.stdout
     assert "SIGTERM: finishing this step and saving a checkpoint" in proc.stderr and "Traceback" not in proc.stderr
-    line = next(ln for ln in proc.stdout.splitlines() if "at step" in ln and "interrupted" in ln)
+    line = next(ln for ln in proc.stderr.splitlines() if "at step" in ln and "interrupted" in ln)
     assert check_loadable(out) == int(line.split(" at step ")[1].split(";")[0])  # (the step it stopped at, saved)
 
 
@@ -895,7 +895,7 @@ def test_ctrl_c_during_an_eval_leaves_it_and_saves_the_step(world, tmp_path, whi
     assert check_loadable(out) == stopped_at
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "val_loss" in r] == [0]  # the left eval has no row
-    said = next(ln for ln in proc.stdout.splitlines() if "interrupted" in ln)
+    said = next(ln for ln in proc.stderr.splitlines() if "interrupted" in ln)
     if which == "final":
         assert said == (f"fungpt: interrupted at step {steps}; checkpoint saved; its final eval was not done: "
                         f"`fungpt eval {out}` scores it")
@@ -1194,7 +1194,7 @@ def test_ctrl_c_saves_and_resume_continues(world, tmp_path, capsys, signum, stat
     assert proc.returncode == status, stderr[-3000:]
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert f"{name}: finishing this step and saving a checkpoint" in stderr
-    line = next(ln for ln in stdout.splitlines() if "at step" in ln and "interrupted" in ln)
+    line = next(ln for ln in stderr.splitlines() if "at step" in ln and "interrupted" in ln)
     assert ("by SIGTERM" in line) == (signum == signal.SIGTERM)
     stopped = int(line.split(" at step ")[1].split(";")[0])
     assert stopped >= 3

@@ -1145,7 +1145,7 @@ def test_ddp_ctrl_c_in_one_ranks_final_eval_stops_both_and_keeps_the_others_eval
     cmd[at:at + 2] = [str(script)]  # `-m fungpt` -> the script
     proc = subprocess.run(cmd, env=_torchrun_env(tmp_path), capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0 and "Traceback" not in proc.stdout, proc.stderr[-3000:]
-    assert "fungpt: interrupted at step 4; checkpoint saved\n" in proc.stdout, proc.stdout[-3000:]
+    assert "fungpt: interrupted at step 4; checkpoint saved\n" in proc.stderr, proc.stderr[-3000:]
     assert [r["step"] for r in read_rows(out) if "val_loss" in r] == [0, 4]  # rank 0's final eval, logged
     assert ckpt.load_state(ckpt.find_checkpoint(out))["step"] == 4
 
@@ -1586,7 +1586,7 @@ def test_ctrl_c_seen_by_one_ddp_rank_stops_all_of_them_with_a_checkpoint(corpus,
         workers = _torchrun_workers(out)
         assert sorted(workers) == [0, 1], workers
         os.kill(workers[1], signal.SIGINT)
-        stdout, _ = proc.communicate(timeout=120)  # before the fix: no end (rank 0 trained on, rank 1 waited)
+        _, stderr = proc.communicate(timeout=120)  # before the fix: no end (rank 0 trained on, rank 1 waited)
     finally:
         if proc.poll() is None:  # the workers run in sessions of their own: kill them, then torchrun
             for pid in workers.values():
@@ -1596,7 +1596,7 @@ def test_ctrl_c_seen_by_one_ddp_rank_stops_all_of_them_with_a_checkpoint(corpus,
             proc.communicate()
     state = ckpt.load_state(ckpt.find_checkpoint(out))
     assert state["step"] >= 2 and len(state["loader"]) == 2  # both ranks saved the step they stopped at
-    assert f"interrupted at step {state['step']}; checkpoint saved" in stdout
+    assert f"interrupted at step {state['step']}; checkpoint saved" in stderr
 
 
 def test_a_missing_logger_package_is_refused_before_the_run_folder_is_written(corpus, tmp_path, monkeypatch):
