@@ -275,8 +275,14 @@ def save_checkpoint(out_dir: str | Path, kind: str, step: int, model: torch.nn.M
         fix = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space",
                errno.EACCES: "fix the folder's permissions", errno.EPERM: "fix the folder's permissions",
                errno.EROFS: "train where the disk is writable"}.get(getattr(e, "errno", None), "fix what it names")
+        # (without a latest checkpoint a resume has nothing to continue: the run is trained again)
+        try:
+            latest = before if kind == "latest" else find_checkpoint(out_dir, "latest")
+        except FunGPTError:  # (a damaged pointer with no folder: nothing to resume either)
+            latest = None
+        then = "resume with --resume" if latest is not None else "train it again (with --overwrite)"
         raise FunGPTError(f"could not save the {kind} checkpoint at step {step} in {out_dir}: {why}; "
-                          f"{kept} ({fix}, then resume with --resume)") from None
+                          f"{kept} ({fix}, then {then})") from None
     # Only now that the pointer names the new folder is it safe to delete the old ones (and any
     # temporary folder left behind by a run that was killed in the middle of a save).
     for old in checkpoint_folders(out_dir, kind, temporaries=True):

@@ -863,6 +863,17 @@ def resume_point(cfg: RunConfig) -> tuple[RunConfig, Path | None, dict[str, Any]
     folder = ckpt.find_checkpoint(cfg.out_dir)
     manifest = ckpt.verify_checkpoint(folder) if folder is not None else None
     saved_train = trained_with(manifest, saved_cfg)
+    if folder is None:  # a run that never saved, or whose latest checkpoint was lost (a full disk) but its best
+        try:
+            best = ckpt.find_checkpoint(cfg.out_dir, "best")
+            best_step = ckpt.folder_step(best) if best is not None else 0
+        except (FunGPTError, ValueError, IndexError):  # (a damaged pointer, a folder named by hand)
+            best_step = 0
+        if best_step > 0:  # (starting over would delete trained weights; a step-0 best is the initial ones)
+            raise FunGPTError(f"cannot resume {cfg.out_dir}: it has no latest checkpoint, only its best (step "
+                              f"{best_step}), which holds the weights but not the optimizer and batch state a resume "
+                              f"needs, and starting over would replace it; use it with --checkpoint best (fungpt "
+                              f"sample, eval, export), or start over with --overwrite")
     if folder is not None and saved_train.optimizer != cfg.train.optimizer:
         raise FunGPTError(f"cannot resume {cfg.out_dir}: it was trained with train.optimizer = "
                           f"{saved_train.optimizer!r}, not {cfg.train.optimizer!r}; resume with --train.optimizer "

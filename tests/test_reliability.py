@@ -285,8 +285,31 @@ def test_disk_full_during_training(world, tmp_path, monkeypatch, capsys):
                   OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     code, stderr = run_cli([*argv, "--out-dir", tmp_path / "first", "--train.eval-interval", "3"], capsys)
     last = assert_one_line_error(code, stderr, "could not save the best checkpoint at step 0",
-                                 "there is no best checkpoint yet")
+                                 "there is no best checkpoint yet", "then train it again (with --overwrite)")
     assert "intact" not in last
+
+
+def test_a_run_with_a_best_checkpoint_but_no_latest_is_not_started_over_by_resume(world, tmp_path, capsys):
+    """A full disk can leave a run with its best checkpoint but no latest: --resume said "no checkpoint yet",
+    started over from step 0 and replaced the best weights at its first eval."""
+    out = copy_run(world, tmp_path)
+    assert ckpt.folder_step(ckpt.find_checkpoint(out, "best")) > 0
+    for folder in (out / "checkpoints").glob("latest-*"):
+        shutil.rmtree(folder)
+    (out / "latest.json").unlink()
+    before = sha256_tree(out)
+    argv = ["train", "--out-dir", out, "--resume", "--train.max-iters", "8"]
+    assert_one_line_error(*run_cli(argv, capsys), f"cannot resume {out}: it has no latest checkpoint, only its best "
+                          f"(step ", "use it with --checkpoint best (fungpt sample, eval, export), or start over with "
+                          "--overwrite")
+    assert sha256_tree(out) == before
+    # a best of step 0 holds the initial weights: a resume starts over, as for a run that never saved
+    for folder in (out / "checkpoints").glob("best-*"):
+        shutil.rmtree(folder)
+    (out / "best.json").unlink()
+    ckpt.save_checkpoint(out, "best", 0, GPT(load_run_config(out).model))
+    assert main([str(a) for a in argv]) == 0
+    assert "has no checkpoint yet (stopped before its first save): starting from step 0" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux): a device always full")
