@@ -710,17 +710,22 @@ def prepare_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, locked: bool 
     return out
 
 
-def check_resume_tokenizer(data_dir: Path, out_dir: Path) -> None:
+def check_resume_tokenizer(data_dir: Path, out_dir: Path, trained_sha256: str | None = None) -> None:
     """Refuse to resume on data whose token ids mean something else than in the checkpoint's run.
 
     The model check cannot see this when both tokenizers have the same size (two character sets
     of 65 symbols): token 7 would silently mean another character. The run folder still holds
-    the tokenizer the checkpoint was trained with (it is rewritten only after this check).
+    the tokenizer the checkpoint was trained with (it is rewritten only after this check), unless its files were
+    replaced by hand: trained_sha256, the checkpoint's record of them (tokenizer_fingerprint), then says so.
     """
     old, new = load_tokenizer(out_dir), load_tokenizer(data_dir)
     bad = old.first_difference(new)
     if bad is None:
         return
+    if trained_sha256 is not None and ckpt.tokenizer_fingerprint(out_dir) != trained_sha256:
+        raise FunGPTError(f"cannot resume {out_dir}: its tokenizer files are not the ones its checkpoint was trained "
+                          f"with (their fingerprint differs, and {old.describe()} is not the data's "
+                          f"{new.describe()}): restore the run's original tokenizer files")
     # Of another size, no id needs naming. (The model check reports most size changes first, but not a fine-tune's:
     # a resume keeps the run's saved shape, and the model folder it started from may since hold another tokenizer.)
     which = ("" if old.vocab_size != new.vocab_size
@@ -863,6 +868,9 @@ def resume_point(cfg: RunConfig) -> tuple[RunConfig, Path | None, dict[str, Any]
     folder = ckpt.find_checkpoint(cfg.out_dir)
     manifest = ckpt.verify_checkpoint(folder) if folder is not None else None
     saved_train = trained_with(manifest, saved_cfg)
+    if manifest is not None:  # config.json edited since the checkpoint was saved is said to be that (the check
+        # after the data blamed the data), as `fungpt sample` says it
+        ckpt.check_model_config(manifest, folder, saved_cfg.model.to_dict(), Path(cfg.out_dir) / "config.json")
     if folder is None:  # a run that never saved, or whose latest checkpoint was lost (a full disk) but its best
         try:
             best = ckpt.find_checkpoint(cfg.out_dir, "best")
@@ -1899,7 +1907,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     resumed = Resumed()  # (a new run starts from its defaults)
     if folder is not None:
         ckpt.check_model_config(manifest, folder, cfg.model.to_dict(), Path(cfg.out_dir) / "config.json")
-        check_resume_tokenizer(data_dir, out_dir)
+        check_resume_tokenizer(data_dir, out_dir, manifest.get("tokenizer_sha256"))
         ckpt.load_weights(folder, model)
         resumed = load_training_state(folder, manifest, optimizer, scaler, loader, ddp, prec.device)
         if resumed.processes != ddp.world_size:

@@ -2865,3 +2865,23 @@ def test_resume_and_overwrite_together_are_refused_before_anything_is_said(world
     said = capsys.readouterr()
     assert said.out == "" and said.err == "error: --resume and --overwrite contradict each other: pick one\n"
     assert sha256_tree(out) == before
+
+
+def test_a_resume_says_the_run_folder_was_edited_not_that_the_data_changed(world, tmp_path, capsys):
+    """config.json's vocab_size edited, or the run's tokenizer swapped for another: the refusal said the data had
+    changed ("its data now has 22 distinct tokens where the checkpoint was trained on 23"), though the data was as
+    it was; `fungpt sample` said what was wrong."""
+    out = copy_run(world, tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    config["model"]["vocab_size"] += 1
+    (out / "config.json").write_text(json.dumps(config))
+    argv = ["train", "--out-dir", out, "--resume", "--train.max-iters", "8"]
+    assert_one_line_error(*run_cli(argv, capsys), "was trained with a different model than", "config.json asks for "
+                          f"(vocab_size {config['model']['vocab_size'] - 1} -> {config['model']['vocab_size']})")
+    out = copy_run(world, tmp_path / "b")
+    meta = json.loads((out / "tokenizer_meta.json").read_text())
+    meta["chars"] = meta["chars"][::-1]  # another character set of the same size: ids mean other characters
+    (out / "tokenizer_meta.json").write_text(json.dumps(meta))
+    argv = ["train", "--out-dir", out, "--resume", "--train.max-iters", "8"]
+    assert_one_line_error(*run_cli(argv, capsys), f"cannot resume {out}: its tokenizer files are not the ones its "
+                          "checkpoint was trained with", "restore the run's original tokenizer files")
