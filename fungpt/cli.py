@@ -398,7 +398,7 @@ def sample_command(run: RunFolder, prompt: str | None = None, prompt_file: str |
 
 
 def eval_command(run: RunFolder, input: str | None = None, checkpoint: Literal["last", "best"] = "last",
-                 device: str = "auto", batch_size: int = 16,
+                 device: str = "auto", batch_size: int | None = None,
                  errors: Literal["strict", "replace"] | None = None) -> None:
     """Print loss, perplexity, bits per byte and bits per character on the run's val split or a text file.
 
@@ -407,14 +407,15 @@ def eval_command(run: RunFolder, input: str | None = None, checkpoint: Literal["
         input: A UTF-8 text file to evaluate on instead of the run's val split.
         checkpoint: last (latest weights) or best (lowest val loss).
         device: auto, cpu, cuda or mps.
-        batch_size: Windows scored at once.
+        batch_size: Windows scored at once (default: 16, fewer where their logits would pass 2^24 floats, 64 MB:
+            a large vocabulary and block_size, as GPT-2's, score one at a time).
         errors: Bytes of --input that are not valid UTF-8: strict (stop, naming the byte) or replace (each
             becomes U+FFFD); default: as the run's own data was read (its data.errors).
     """
     from fungpt.runs import overfit_note
     from fungpt.sample import evaluate_run, print_eval
 
-    if batch_size <= 0:
+    if batch_size is not None and batch_size <= 0:
         raise FunGPTError(f"--batch-size {batch_size} must be positive")
     if checkpoint == "last" and (note := overfit_note(run)):
         print(note, file=sys.stderr)

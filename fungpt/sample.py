@@ -256,9 +256,15 @@ def _prepare_again(loaded: LoadedRun, gone: Path, progress: bool) -> Path:
     return out
 
 
+def default_eval_batch(block_size: int, vocab_size: int) -> int:
+    """Windows `fungpt eval` scores at once: 16, or as many as keep their logits within 2^24 floats (at least one)."""
+    return max(1, min(16, 2**24 // (block_size * vocab_size)))
+
+
 @torch.no_grad()
 def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: str = "last", device: str = "auto",
-                 batch_size: int = 16, progress: bool = False, errors: str | None = None) -> dict[str, float]:
+                 batch_size: int | None = None, progress: bool = False, errors: str | None = None
+                 ) -> dict[str, float]:
     """Loss, perplexity and bits per byte/character of a run on its val split or on any text file.
 
     Every token is scored once (data.eval_windows): consecutive windows of block_size tokens each
@@ -268,8 +274,11 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
       bits/byte   total bits / UTF-8 bytes: comparable across tokenizers (char, BPE, GPT-2)
     errors: how to read bytes of `input` that are not UTF-8, "strict" (refuse) or "replace" (U+FFFD);
     None: as the run's data was read (data.errors).
+    batch_size: windows scored at once; None: 16, or fewer where their (B, T, vocab_size) logits would pass 2^24
+    floats (64 MB, and as much again for cross-entropy's log-softmax of them): GPT-2's 1024 x 50,257 took 6.7 GB
+    at 16 windows.
     """
-    if batch_size <= 0:
+    if batch_size is not None and batch_size <= 0:
         raise FunGPTError(f"batch_size {batch_size} must be positive")
     if errors not in (None, "strict", "replace"):
         raise FunGPTError(f"--errors {errors!r} is not valid: choose strict or replace")
@@ -347,6 +356,8 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
                    f"first token, which the tokenizer cannot read ({e})")
             note = "\n".join(n for n in (note, why) if n)
     T = loaded.config.model.block_size
+    if batch_size is None:
+        batch_size = default_eval_batch(T, loaded.model.config.vocab_size)
     # (ids read from a .bin are checked against the vocabulary, batch by batch: the file may be damaged)
     windows = eval_windows(tokens, T, batch_size, device=loaded.device, vocab_size=loaded.model.config.vocab_size,
                            source=getattr(tokens, "filename", None) or source)

@@ -2518,3 +2518,23 @@ def test_progress_off_turns_off_the_bar_not_the_periodic_eval_lines(corpus, tmp_
     train(tiny_config(corpus, tmp_path / "run", max_iters=10, eval_interval=5), progress=False)
     out = capsys.readouterr().out
     assert re.search(r"^step 5: train loss \d\.\d{4}, val loss \d\.\d{4}$", out, re.M), out
+
+
+def test_eval_scores_fewer_windows_at_once_where_the_logits_are_large(corpus, tmp_path, monkeypatch):
+    """16 windows of GPT-2's 1024 x 50,257 logits (and their log-softmax) took 6.7 GB for a 3 MB model: a fine-tune
+    trained at batch 1 to fit a laptop then ran out of memory in `fungpt eval`."""
+    sample_module = sys.modules["fungpt.sample"]
+    from fungpt.sample import default_eval_batch
+
+    assert default_eval_batch(1024, 50257) == 1 and default_eval_batch(256, 8192) == 8
+    assert default_eval_batch(256, 65) == 16  # a char model: as before
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=1), progress=False)
+    asked = []
+    real = sample_module.eval_windows
+    monkeypatch.setattr(sample_module, "eval_windows", lambda tokens, T, B, **kw: asked.append(B) or real(
+        tokens, T, B, **kw))
+    monkeypatch.setattr(sample_module, "default_eval_batch", lambda T, V: 3)
+    evaluate_run(out)
+    evaluate_run(out, batch_size=5)
+    assert asked == [3, 5]
