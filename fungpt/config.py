@@ -285,12 +285,21 @@ def _belongs_elsewhere(names: Collection[str], section: str) -> str:
     `section` ("" for the top level), by their own or nanoGPT's name; "" if none is."""
     said = []
     for n in sorted(names):
-        meant = NANOGPT_NAMES.get(n, n)
+        meant = _setting_name(n)
         homes = [f"in [{t}]" for t in _tables_of(meant) if t != section]
         homes += ["at the top of the file, above the tables"] if meant == "out_dir" and section else []
+        if meant == "out_dir" and not section and meant != n:
+            homes = ["at the top of the file"]  # (out-dir where out_dir is: only its spelling is wrong)
         if homes:
             said.append(f"{n} belongs {' or '.join(homes)}" if meant == n else f"{n} is {meant}, {' or '.join(homes)}")
     return ", ".join(said)
+
+
+def _setting_name(key: str) -> str:
+    """The setting a config file's key means: itself, or nanoGPT's name for one, spelled with dashes as flags
+    are (block-size, learning-rate) or not."""
+    key = key.replace("-", "_")
+    return NANOGPT_NAMES.get(key, key)
 
 
 def misplaced_flag(flag: str) -> str | None:
@@ -324,8 +333,8 @@ def _build_section(klass: type, values: Any, where: str, defaults: Any, checked:
         # typo: name the setting meant (difflib: the closest by spelling)
         section = where.rsplit("[", 1)[-1].rstrip("]")
         moved = _belongs_elsewhere(unknown, section)
-        meant = {k: NANOGPT_NAMES.get(k) if NANOGPT_NAMES.get(k) in names
-                 else next(iter(difflib.get_close_matches(k, names, n=1)), None)
+        meant = {k: _setting_name(k) if _setting_name(k) in names
+                 else next(iter(difflib.get_close_matches(_setting_name(k), names, n=1)), None)
                  for k in sorted(unknown) if not _belongs_elsewhere([k], section)}
         hints = ", ".join(f"{v} for {k}" for k, v in meant.items() if v)
         said = "; ".join(p for p in (moved, f"did you mean {hints}?" if hints else "") if p)

@@ -1684,6 +1684,9 @@ def _files(world, tmp_path) -> dict[str, str]:
     (t / "wrong_section.toml").write_text("[model]\nlearning_rate = 0.1\n")  # nanoGPT's name, but of [train]
     # block_size is close in spelling to [train]'s batch_size: renaming it so would have trained another batch
     (t / "block_size_in_train.toml").write_text("[train]\nblock_size = 64\nbatchsize = 3\n")
+    # keys spelled as the flags are: block-size was taken for a misspelt batch_size
+    (t / "dashed.toml").write_text('[train]\nblock-size = 64\nlearning-rate = 1.0\nmax-iters = 3\n')
+    (t / "dashed_top.toml").write_text('out-dir = "x"\n')
     (t / "flat.toml").write_text("batch_size = 12\nvocab_size = 300\n")  # nanoGPT's flat config style
     (t / "min_lr.toml").write_text("[train]\nmin_lr = 1.0\n")
     (t / "wrong_type.toml").write_text('[model]\nn_layer = "four"\n')
@@ -1858,6 +1861,11 @@ BAD_INPUTS = {
     "TOML model key in [train]": ([*TRAIN, "--config", "{tmp}/block_size_in_train.toml"],
                                   "[train]: unknown setting(s) ['batchsize', 'block_size'] (block_size belongs in "
                                   "[model]; did you mean batch_size for batchsize?)"),
+    "TOML keys with dashes": ([*TRAIN, "--config", "{tmp}/dashed.toml"],
+                              "[train]: unknown setting(s) ['block-size', 'learning-rate', 'max-iters'] (block-size is "
+                              "block_size, in [model]; did you mean lr for learning-rate, max_iters for max-iters?)"),
+    "TOML out-dir": ([*TRAIN, "--config", "{tmp}/dashed_top.toml"],
+                     "unknown top-level key(s) ['out-dir'] (out-dir is out_dir, at the top of the file); expected"),
     "TOML without tables": ([*TRAIN, "--config", "{tmp}/flat.toml"],
                             "unknown top-level key(s) ['batch_size', 'vocab_size'] (batch_size belongs in [train], "
                             "vocab_size belongs in [data] or in [model]); expected out_dir"),
