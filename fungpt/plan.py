@@ -172,6 +172,7 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
         configure_optimizer,
         resolve_model_and_data,
         resume_point,
+        schedule_notes,
     )
 
     tc = cfg.train
@@ -191,7 +192,7 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
         check_resume_model(cfg)
         if folder is not None:
             ckpt.check_model_config(manifest, folder, cfg.model.to_dict(), out_dir / "config.json")
-            check_resume_tokenizer(data_dir, out_dir)
+            check_resume_tokenizer(data_dir, out_dir, manifest.get("tokenizer_sha256"))
     # where a resume starts: its checkpoint's step, and the part of a time budget it has used
     start = int(manifest["step"]) if manifest is not None else 0
     used_s = float(ckpt.load_state(folder)["elapsed_s"]) if folder is not None and tc.max_minutes else 0.0
@@ -295,6 +296,8 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
         if whole:
             out(whole)
         result["projected_s"], result["eval_s"] = total_s, eval_s
+    for note in schedule_notes(tc, new_run=folder is None):  # (as training says them: a plan is where they help)
+        out(note)
     cached = "" if is_prepared(cfg.data.path) else ", only the prepared data's cache"  # (a folder given: read)
     out(f"fungpt: dry run done (no run folder was written{cached}; drop --dry-run to train)")
     return result

@@ -396,8 +396,11 @@ def test_dry_run_from_the_cli(corpus, tmp_path, capsys):
                     '[model]\nn_layer = 1\nn_embd = 32\nn_head = 2\nblock_size = 16\n'
                     '[train]\ndevice = "cpu"\nmax_iters = 50\nbatch_size = 2\n', encoding="utf-8")
     assert main(["train", "--config", str(toml), "--dry-run"]) == 0
-    assert "projected" not in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert "projected" not in said.err
     assert not (tmp_path / "r").exists()
+    # the lr schedule's notes, as training says them (a warmup of 100 steps in a run of 50: lr never reached)
+    assert "fungpt: note: train.warmup_iters = 100 is not below the run's 50 steps" in said.out
 
 
 def test_dry_run_and_training_refuse_alike_and_before_writing_anything(corpus, tmp_path, capsys, monkeypatch):
