@@ -116,6 +116,9 @@ class GPTConfig:
                 else ""
             raise FunGPTError(f"model config n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
                               f"choose n_embd as a multiple of n_head{fine_tune}")
+        if not self.init_from.strip():  # (read as the folder "." it was refused as no Hugging Face model there)
+            raise FunGPTError("model config init_from is empty: use 'scratch', a Hugging Face GPT-2 folder or a hub "
+                              "name such as gpt2")
         if not 0.0 <= self.dropout < 1.0:
             raise FunGPTError(f"model config dropout={self.dropout} must be in [0, 1): use e.g. 0.0 or 0.1")
         if self.pos_encoding not in POS_ENCODINGS:

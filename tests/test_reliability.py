@@ -1861,6 +1861,8 @@ BAD_INPUTS = {
     "TOML model key in [train]": ([*TRAIN, "--config", "{tmp}/block_size_in_train.toml"],
                                   "[train]: unknown setting(s) ['batchsize', 'block_size'] (block_size belongs in "
                                   "[model]; did you mean batch_size for batchsize?)"),
+    "an empty init_from": ([*TRAIN, "--model.init-from", ""], "model config init_from is empty: use 'scratch', a "
+                           "Hugging Face GPT-2 folder or a hub name such as gpt2"),
     "TOML keys with dashes": ([*TRAIN, "--config", "{tmp}/dashed.toml"],
                               "[train]: unknown setting(s) ['block-size', 'learning-rate', 'max-iters'] (block-size is "
                               "block_size, in [model]; did you mean lr for learning-rate, max_iters for max-iters?)"),
