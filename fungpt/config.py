@@ -71,7 +71,7 @@ class DataConfig:
             raise FunGPTError(f"data.vocab_size = {self.vocab_size} must be positive")
         if self.vocab_size is not None and self.tokenizer != "bpe":
             raise FunGPTError(f"data.vocab_size = {self.vocab_size} only applies to the bpe tokenizer, not "
-                              f"{self.tokenizer!r}: remove it from the config file or pass --data.vocab-size None")
+                              f"{self.tokenizer!r}: leave it out (or pass --data.vocab-size None over a config file's)")
 
 
 @dataclass

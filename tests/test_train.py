@@ -1914,7 +1914,8 @@ def test_the_custom_corpus_preset_trains_chars_given_the_char_tokenizer(tmp_path
             "--data.tokenizer char\n") in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["tokenizer"] == "char"
     assert main([*argv, "--out-dir", str(tmp_path / "run2"), "--data.vocab-size", "100"]) == 2
-    assert "data.vocab_size = 100 only applies to the bpe tokenizer, not 'char'" in capsys.readouterr().err
+    assert ("data.vocab_size = 100 only applies to the bpe tokenizer, not 'char': leave it out (or pass "
+            "--data.vocab-size None over a config file's)") in capsys.readouterr().err  # (it named a config file)
 
 
 def test_examples_run(tmp_path, monkeypatch, corpus):
