@@ -1687,6 +1687,7 @@ def _files(world, tmp_path) -> dict[str, str]:
     # keys spelled as the flags are: block-size was taken for a misspelt batch_size
     (t / "dashed.toml").write_text('[train]\nblock-size = 64\nlearning-rate = 1.0\nmax-iters = 3\n')
     (t / "dashed_top.toml").write_text('out-dir = "x"\n')
+    (t / "none.toml").write_text('[train]\nlr_decay_iters = "None"\n')  # (TOML has no null)
     (t / "flat.toml").write_text("batch_size = 12\nvocab_size = 300\n")  # nanoGPT's flat config style
     (t / "min_lr.toml").write_text("[train]\nmin_lr = 1.0\n")
     (t / "wrong_type.toml").write_text('[model]\nn_layer = "four"\n')
@@ -1863,6 +1864,8 @@ BAD_INPUTS = {
                                   "[model]; did you mean batch_size for batchsize?)"),
     "an empty init_from": ([*TRAIN, "--model.init-from", ""], "model config init_from is empty: use 'scratch', a "
                            "Hugging Face GPT-2 folder or a hub name such as gpt2"),
+    "TOML None": ([*TRAIN, "--config", "{tmp}/none.toml"], "none.toml [train]: lr_decay_iters = 'None' should be of "
+                  "type int or null; TOML has no null: for its default, delete the line"),
     "TOML keys with dashes": ([*TRAIN, "--config", "{tmp}/dashed.toml"],
                               "[train]: unknown setting(s) ['block-size', 'learning-rate', 'max-iters'] (block-size is "
                               "block_size, in [model]; did you mean lr for learning-rate, max_iters for max-iters?)"),
