@@ -449,7 +449,8 @@ def model_fields_named(config_file: str | Path | None, args: list[str]) -> froze
 
 def _read_toml(path: Path) -> dict[str, Any]:
     if path.is_dir():
-        raise FunGPTError(f"config file {path} is a folder: pass a .toml file (see configs/ for examples)")
+        run = f", or {path / 'config.json'} for that run's own settings" if (path / "config.json").is_file() else ""
+        raise FunGPTError(f"config file {path} is a folder: pass a .toml file (see configs/ for examples){run}")
     if path.exists() and not path.is_file():  # (read twice, by load_config and model_fields_named)
         raise FunGPTError(f"config file {path} is not a regular file (a pipe, such as <(...), can be read only "
                           f"once): save the config into a .toml file and pass that")
@@ -470,7 +471,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
         # Some Windows editors start UTF-8 files with a byte-order mark, which TOML does not allow: skip it.
         d = tomllib.loads(raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
     except tomllib.TOMLDecodeError as e:
-        raise FunGPTError(f"config file {path} is not valid TOML: {e}") from None
+        # (nanoGPT's configs are Python files, which are never run here)
+        python = (": FunGPT reads TOML, not nanoGPT's Python configs; write the settings as TOML, as configs/*.toml "
+                  "are" if path.suffix == ".py" else "")
+        raise FunGPTError(f"config file {path} is not valid TOML: {e}{python}") from None
     except UnicodeDecodeError as e:  # TOML files must be UTF-8
         from fungpt.data import refuse_utf16_or_32  # (PowerShell 5's `>` writes UTF-16: named as such)
 

@@ -1688,6 +1688,7 @@ def _files(world, tmp_path) -> dict[str, str]:
     (t / "dashed.toml").write_text('[train]\nblock-size = 64\nlearning-rate = 1.0\nmax-iters = 3\n')
     (t / "dashed_top.toml").write_text('out-dir = "x"\n')
     (t / "none.toml").write_text('[train]\nlr_decay_iters = "None"\n')  # (TOML has no null)
+    (t / "train_shakespeare_char.py").write_text("out_dir = 'out'\nalways_save_checkpoint = False\n")  # nanoGPT's
     (t / "flat.toml").write_text("batch_size = 12\nvocab_size = 300\n")  # nanoGPT's flat config style
     (t / "min_lr.toml").write_text("[train]\nmin_lr = 1.0\n")
     (t / "wrong_type.toml").write_text('[model]\nn_layer = "four"\n')
@@ -1853,6 +1854,11 @@ BAD_INPUTS = {
     # config files
     "missing config file": ([*TRAIN, "--config", "{tmp}/nope.toml"], "nope.toml"),
     "TOML syntax error": ([*TRAIN, "--config", "{tmp}/bad_syntax.toml"], "not valid TOML"),
+    "nanoGPT's Python config": ([*TRAIN, "--config", "{tmp}/train_shakespeare_char.py"],
+                                "is not valid TOML: Invalid value (at line 2, column 26): FunGPT reads TOML, not "
+                                "nanoGPT's Python configs"),
+    "a run folder as the config": ([*TRAIN, "--config", "{run}"], "is a folder: pass a .toml file (see configs/ for "
+                                   "examples), or "),
     "TOML unknown key": ([*TRAIN, "--config", "{tmp}/unknown_key.toml"],
                          "unknown setting(s) ['learning_rate'] (did you mean lr for learning_rate?); see"),
     "TOML misspelt key": ([*TRAIN, "--config", "{tmp}/misspelt.toml"], "(did you mean n_layer for n_layers?)"),
