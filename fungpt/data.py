@@ -1173,14 +1173,14 @@ def check_split_fits(meta: dict, block_size: int, prepared_by_user: bool = False
                 fixes.append(f"more token ids in {split}.bin (with {split}_tokens in meta.json raised; {OWN_IDS})")
             else:
                 fixes.append("more text")
-                if split == "val":
-                    fixes.append("prepare the folder again with a larger --val-fraction (`fungpt prepare ... "
-                                 "--overwrite`)" if prepared_by_user
-                                 else "a larger data.val_fraction (--data.val-fraction)")
+                larger = "a larger" if split == "val" else "a smaller"  # (the train split gets the rest)
+                fixes.append(f"prepare the folder again with {larger} --val-fraction (`fungpt prepare ... "
+                             f"--overwrite`)" if prepared_by_user
+                             else f"{larger} data.val_fraction (--data.val-fraction)")
             either = fixes[0] if len(fixes) == 1 else f"{', '.join(fixes[:-1])}{',' * (len(fixes) > 2)} or {fixes[-1]}"
             raise FunGPTError(
                 f"block size {block_size} is too large for this dataset: the {split} split has only {n} "
-                f"token{'s' * (n != 1)} and one training window needs block_size + 1 = {block_size + 1}; use {either}"
+                f"token{'s' * (n != 1)} and one window needs block_size + 1 = {block_size + 1}; use {either}"
             )
 
 

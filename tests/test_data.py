@@ -822,10 +822,10 @@ def test_check_split_fits(char_data):
     check_split_fits(meta, meta["val_tokens"] - 1)
     with pytest.raises(FunGPTError, match=f"block size {meta['val_tokens']} is too large.*val split.*val_fraction"):
         check_split_fits(meta, meta["val_tokens"])
-    # a short train split: a larger val_fraction would make it shorter still, so it is not suggested
+    # a short train split: a larger val_fraction would make it shorter still; a smaller one is suggested
     with pytest.raises(FunGPTError, match="train split") as e:
         check_split_fits({**meta, "train_tokens": 5, "val_tokens": 100}, 10)
-    assert "val_fraction" not in str(e.value)
+    assert "larger" not in str(e.value) and "a smaller data.val_fraction (--data.val-fraction)" in str(e.value)
     # a folder the user prepared: data.val_fraction does nothing there, preparing it again does
     with pytest.raises(FunGPTError, match=r"larger --val-fraction \(`fungpt prepare ... --overwrite`\)") as e:
         check_split_fits(meta, meta["val_tokens"], prepared_by_user=True)
