@@ -353,8 +353,11 @@ def _newest_folder(out_dir: Path, kind: str) -> Path | None:
     return complete[0] if complete else None
 
 
-def verify_checkpoint(ckpt_dir: Path) -> dict[str, Any]:
-    """Check every file against the manifest's size and sha256; return the manifest."""
+def verify_checkpoint(ckpt_dir: Path, weights_only: bool = False) -> dict[str, Any]:
+    """Check every file against the manifest's size and sha256; return the manifest.
+
+    weights_only: check only the weights (for sample, eval, export: a damaged state.pt, the optimizer's, does not
+    keep them from using the weights; a resume needs it whole)."""
     manifest_path = ckpt_dir / MANIFEST_FILE
     if not ckpt_dir.is_dir():
         raise FunGPTError(f"checkpoint folder {ckpt_dir} is missing (the pointer file names it); "
@@ -375,8 +378,10 @@ def verify_checkpoint(ckpt_dir: Path) -> dict[str, Any]:
         raise FunGPTError(f"{manifest_path} names a file outside its folder; the checkpoint cannot be trusted")
     for name, (size, sha) in expected.items():
         path = ckpt_dir / name
+        if weights_only and name != MODEL_FILE:
+            continue
         if not path.is_file():
-            raise FunGPTError(f"checkpoint file {path} is missing")
+            raise FunGPTError(f"checkpoint file {path} is missing; restore it or train again")
         if path.stat().st_size != size:
             raise FunGPTError(f"checkpoint file {path} is truncated or corrupt ({path.stat().st_size} bytes, "
                               f"{MANIFEST_FILE} says {size}); restore it or train again")
@@ -534,6 +539,13 @@ def load_weights(ckpt_dir: Path, model: torch.nn.Module) -> None:
     if odd is not None:
         raise FunGPTError(f"weights in {path} hold {odd[0]} as {str(odd[1]).removeprefix('torch.')}, not as "
                           f"floating-point numbers: not weights that FunGPT saved; restore the checkpoint or train "
+                          f"again")
+    # (a run that diverges stops before it saves: NaN or inf here came from elsewhere, and eval printed "loss nan",
+    # export wrote them on, a resume blamed the lr)
+    bad = next((name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise FunGPTError(f"weights in {path} hold values that are not finite numbers (NaN or inf) in {bad}, which "
+                          f"FunGPT never saves (a run that diverges stops first); restore the checkpoint or train "
                           f"again")
     changed = "was the config, or the model code (fungpt/model.py), changed since it was trained?"
     tied = _tied_names(model)

@@ -100,7 +100,7 @@ def _load(run_dir: Path, folder: Path | None, checkpoint: str, dev: str) -> Load
                               f"not saved one; try again once it has"
                               + (" (or now with --checkpoint best: its best so far)" if best else ""))
         raise FunGPTError(f"{run_dir} has no {checkpoint} checkpoint yet (train it first)")
-    manifest = ckpt.verify_checkpoint(folder)
+    manifest = ckpt.verify_checkpoint(folder, weights_only=True)  # (the weights are all a loaded run uses)
     written = _file_id(folder / ckpt.MANIFEST_FILE)  # (read first: the run may replace the folder while we load it)
     ckpt.check_model_config(manifest, folder, cfg.model.to_dict(), run_dir / "config.json")
     tokenizer = load_tokenizer(run_dir)

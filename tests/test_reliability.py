@@ -2904,3 +2904,32 @@ def test_a_resume_says_the_run_folder_was_edited_not_that_the_data_changed(world
     argv = ["train", "--out-dir", out, "--resume", "--train.max-iters", "8"]
     assert_one_line_error(*run_cli(argv, capsys), f"cannot resume {out}: its tokenizer files are not the ones its "
                           "checkpoint was trained with", "restore the run's original tokenizer files")
+
+
+def test_a_damaged_state_file_leaves_the_weights_usable_and_nan_weights_are_refused(world, tmp_path, capsys):
+    """sample, eval and export use only the weights: a missing or truncated state.pt (the optimizer's) refused
+    them too, with no way out. Weights of NaN (another program's edit, matched in the manifest) were scored as
+    "loss nan" and exported without a word."""
+    from safetensors.torch import load_file, save_file
+
+    out = copy_run(world, tmp_path)
+    folder = ckpt.find_checkpoint(out)
+    (folder / ckpt.STATE_FILE).unlink()
+    assert main(["eval", "--run", str(out), "--device", "cpu"]) == 0
+    assert re.search(r"loss +\d\.\d{4} nats/token", capsys.readouterr().out)
+    assert_one_line_error(*run_cli(["train", "--out-dir", out, "--resume", "--train.max-iters", "8"], capsys),
+                          f"checkpoint file {folder / ckpt.STATE_FILE} is missing; restore it or train again")
+    out = copy_run(world, tmp_path / "nan")
+    folder = ckpt.find_checkpoint(out)
+    tensors = load_file(str(folder / ckpt.MODEL_FILE))
+    tensors["wte.weight"][3, 1] = float("nan")
+    save_file(tensors, str(folder / ckpt.MODEL_FILE))
+    manifest = json.loads((folder / ckpt.MANIFEST_FILE).read_text())
+    data = (folder / ckpt.MODEL_FILE).read_bytes()
+    manifest["files"][ckpt.MODEL_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest))
+    for argv in (["eval", "--run", out, "--device", "cpu"], ["export", "--run", out, "--out", tmp_path / "hf"],
+                 ["train", "--out-dir", out, "--resume", "--train.max-iters", "8"]):
+        assert_one_line_error(*run_cli(argv, capsys), "hold values that are not finite numbers (NaN or inf) in "
+                              "wte.weight, which FunGPT never saves")
+    assert not (tmp_path / "hf").exists()
