@@ -491,7 +491,7 @@ class BPETokenizer(Tokenizer):
             return cls(HFTokenizer.from_str(Path(path).read_text(encoding="utf-8")))
         except Exception as e:  # the library raises plain Exceptions for bad files
             why = e.strerror if isinstance(e, OSError) and e.strerror else e  # (an OSError names the path again)
-            raise FunGPTError(f"could not read the BPE tokenizer file {path}: {why}") from None
+            raise FunGPTError(f"could not read the BPE tokenizer file {path}: {why}; {_RESTORE}") from None
 
     @property
     def vocab_size(self) -> int:
