@@ -230,6 +230,18 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
                 manifest = read_json(folder / "manifest.json")
                 info["checkpoint"] = {"dir": str(folder), "step": int(manifest["step"]),
                                       "bytes": sum(int(f["bytes"]) for f in manifest["files"].values())}
+                # What every other command refuses, said here too (sizes only: reading each file's sha256 would make
+                # inspecting a large run slow): a file missing or cut short, or a config.json edited since
+                info["checkpoint"]["problem"] = next(
+                    (f"{name} is missing" if not (folder / name).is_file() else f"{name} is truncated or corrupt"
+                     for name, f in manifest["files"].items()
+                     if not (folder / name).is_file() or (folder / name).stat().st_size != int(f["bytes"])), None)
+                saved = manifest.get("model")
+                differ = [k for k, v in cfg.model.to_dict().items()
+                          if isinstance(saved, dict) and k in saved and k != "init_from" and saved[k] != v]
+                if differ and not info["checkpoint"]["problem"]:
+                    info["checkpoint"]["problem"] = (f"it was trained with another model than config.json describes "
+                                                     f"({', '.join(differ)}): the numbers above are config.json's")
             except (ValueError, KeyError, TypeError, AttributeError, OverflowError):  # (int(Infinity) overflows)
                 raise FunGPTError(f"{folder / 'manifest.json'} is corrupt; the checkpoint cannot be trusted") \
                     from None
@@ -344,7 +356,8 @@ def format_report(info: dict) -> str:
             lines.append("  no metrics.jsonl rows yet: the run has not logged a step")
         ck = info["checkpoint"]
         if ck:
-            lines.append(f"  latest checkpoint                   step {ck['step']}, {human_bytes(ck['bytes'])}")
+            lines.append(f"  latest checkpoint                   step {ck['step']}, {human_bytes(ck['bytes'])}"
+                         + (f" (damaged: {ck['problem']})" if ck.get("problem") else ""))
     elif info["kind"] == "config" and info["config"].train.max_minutes:  # the clock ends it, not max_iters
         tc = info["config"].train
         lines.append(f"  planned: a time budget of {tc.max_minutes:g} min (train.max_minutes), or max_iters = "

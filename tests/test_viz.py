@@ -583,6 +583,29 @@ def test_inspect_a_damaged_run_is_one_line_or_skips_the_damage(run_dir, tmp_path
         assert code == 2 and said in captured.err and captured.err.count("\n") == 1
 
 
+def test_inspect_names_a_checkpoint_that_other_commands_refuse(run_dir, tmp_path, capsys):
+    """Its weights deleted, or config.json's model edited since: inspect showed the checkpoint's step and size as
+    if all were well, and the edited model's parameter count beside it."""
+    import json
+    import shutil
+
+    from fungpt import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    assert main(["inspect", str(run)]) == 0
+    assert re.search(r"latest checkpoint +step \d+, [\d.]+ KiB\n", capsys.readouterr().out)
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["n_layer"] += 1
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["inspect", str(run)]) == 0
+    assert ("(damaged: it was trained with another model than config.json describes (n_layer): the numbers above "
+            "are config.json's)") in capsys.readouterr().out
+    (ckpt.find_checkpoint(run) / ckpt.MODEL_FILE).unlink()
+    assert main(["inspect", str(run)]) == 0
+    assert "(damaged: model.safetensors is missing)" in capsys.readouterr().out
+
+
 def test_inspect_counts_every_process_tokens_per_step(run_dir, tmp_path):
     import shutil
 
