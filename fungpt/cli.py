@@ -327,7 +327,7 @@ def cmd_train(args: list[str], start_time: float) -> int | None:
         return result.get("signal") or signal.SIGINT
     if _rank() == 0:  # under torchrun, said once, not by every process
         # (a run at step 0, of max_iters 0 or a budget used up before its first step, holds its initial weights)
-        untrained = " (no step trained: the weights are as initialised)" if result["step"] == 0 else ""
+        untrained = " (no step trained: the weights are as initialised)" if result.get("step") == 0 else ""
         print(f"fungpt: done{untrained}. Sample with: fungpt sample --run {shlex.quote(str(result['out_dir']))}")
 
 
@@ -672,7 +672,7 @@ def _run_flag_as_positional(name: str, args: list[str]) -> list[str]:
                 close = difflib.get_close_matches(option, sorted(options), n=1)
                 if option == "--config" and name == "inspect":  # (train's flag; inspect reads a config as its run)
                     raise FunGPTError("fungpt inspect takes a config as it takes a run folder, without a flag: "
-                                      "fungpt inspect CONFIG.toml")
+                                      "fungpt inspect CONFIG.toml (`fungpt inspect --help` lists the options)")
                 raise FunGPTError(f"Unrecognized options: {typed}" + (f"; Perhaps you meant: {close[0]}" if close
                                   else "") + f" (`fungpt {name} --help` lists the options)")
             value_next = "=" not in arg and option not in no_value

@@ -94,11 +94,13 @@ def _load(run_dir: Path, folder: Path | None, checkpoint: str, dev: str) -> Load
         from fungpt.train import lock_holder  # (imported when needed: the trainer's module is large)
 
         holder = lock_holder(run_dir)
+        best = checkpoint == "last" and ckpt.find_checkpoint(run_dir, "best") is not None
         if holder is not None:  # (started, not saved yet: "train it first" would start a second run)
-            best = checkpoint == "last" and ckpt.find_checkpoint(run_dir, "best") is not None
             raise FunGPTError(f"{run_dir} has no {checkpoint} checkpoint yet: it is training now ({holder}) and has "
                               f"not saved one; try again once it has"
                               + (" (or now with --checkpoint best: its best so far)" if best else ""))
+        if best:  # (its latest lost, a full disk: its best weights are there)
+            raise FunGPTError(f"{run_dir} has no last checkpoint, but a best one: pass --checkpoint best")
         raise FunGPTError(f"{run_dir} has no {checkpoint} checkpoint yet (train it first)")
     manifest = ckpt.verify_checkpoint(folder, weights_only=True)  # (the weights are all a loaded run uses)
     written = _file_id(folder / ckpt.MANIFEST_FILE)  # (read first: the run may replace the folder while we load it)

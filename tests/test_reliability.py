@@ -303,6 +303,8 @@ def test_a_run_with_a_best_checkpoint_but_no_latest_is_not_started_over_by_resum
                           f"(step ", "use it with --checkpoint best (fungpt sample, eval, export), or start over with "
                           "--overwrite")
     assert sha256_tree(out) == before
+    assert_one_line_error(*run_cli(["sample", out, "--max-new-tokens", "3"], capsys),
+                          f"{out} has no last checkpoint, but a best one: pass --checkpoint best")
     # a best of step 0 holds the initial weights: a resume starts over, as for a run that never saved
     for folder in (out / "checkpoints").glob("best-*"):
         shutil.rmtree(folder)
@@ -1971,7 +1973,7 @@ TYRO_ERRORS = {
                                          "--max-new-tokens (`fungpt sample --help` lists the options)"),
     # train's --config given to inspect, which reads a config as its run
     "inspect --config": (["inspect", "--config", "x.toml"], "error: fungpt inspect takes a config as it takes a run "
-                         "folder, without a flag: fungpt inspect CONFIG.toml\n"),
+                         "folder, without a flag: fungpt inspect CONFIG.toml"),
     # a switch given a value, as a config file writes it (train.eval_full_val = true): tyro said "Unrecognized
     # options: true"
     "a switch given a value": ([*TRAIN, "--train.eval-full-val", "true"],
@@ -2267,14 +2269,14 @@ def test_loading_a_run_while_its_training_replaces_the_checkpoint_reads_the_new_
     old = ckpt.find_checkpoint(out)
     real_verify, calls = ckpt.verify_checkpoint, []
 
-    def verify_while_training_saves(folder):
+    def verify_while_training_saves(folder, **kw):
         calls.append(folder)
         if folder == old and old.exists():  # the run saves step 9 and deletes the folder this load was to read
             new = old.with_name("latest-0000009")
             shutil.copytree(old, new)
             (out / "latest.json").write_text(json.dumps({"dir": f"checkpoints/{new.name}"}))
             shutil.rmtree(old)
-        return real_verify(folder)
+        return real_verify(folder, **kw)
 
     monkeypatch.setattr(ckpt, "verify_checkpoint", verify_while_training_saves)
     run = load_run(out, device="cpu")
