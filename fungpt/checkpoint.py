@@ -280,7 +280,7 @@ def save_checkpoint(out_dir: str | Path, kind: str, step: int, model: torch.nn.M
             latest = before if kind == "latest" else find_checkpoint(out_dir, "latest")
         except FunGPTError:  # (a damaged pointer with no folder: nothing to resume either)
             latest = None
-        then = "resume with --resume" if latest is not None else "train it again (with --overwrite)"
+        then = "resume with --resume" if latest is not None else "run again with --resume: it starts over"
         raise FunGPTError(f"could not save the {kind} checkpoint at step {step} in {out_dir}: {why}; "
                           f"{kept} ({fix}, then {then})") from None
     # Only now that the pointer names the new folder is it safe to delete the old ones (and any
@@ -542,7 +542,9 @@ def load_weights(ckpt_dir: Path, model: torch.nn.Module) -> None:
                           f"again")
     # (a run that diverges stops before it saves: NaN or inf here came from elsewhere, and eval printed "loss nan",
     # export wrote them on, a resume blamed the lr)
-    bad = next((name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    params = dict(model.named_parameters(remove_duplicate=False))  # (a buffer of an edited model may hold -inf)
+    bad = next((name for name, t in tensors.items()
+                if name in params and t.is_floating_point() and not torch.isfinite(t).all()), None)
     if bad is not None:
         raise FunGPTError(f"weights in {path} hold values that are not finite numbers (NaN or inf) in {bad}, which "
                           f"FunGPT never saves (a run that diverges stops first); restore the checkpoint or train "

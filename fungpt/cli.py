@@ -326,8 +326,9 @@ def cmd_train(args: list[str], start_time: float) -> int | None:
     if result["interrupted"]:
         return result.get("signal") or signal.SIGINT
     if _rank() == 0:  # under torchrun, said once, not by every process
-        # (a run at step 0, of max_iters 0 or a budget used up before its first step, holds its initial weights)
-        untrained = " (no step trained: the weights are as initialised)" if result.get("step") == 0 else ""
+        # (a run at step 0, of max_iters 0 or a budget used up before its first step, holds the weights it started
+        # from: initial ones, or a fine-tune's pretrained ones)
+        untrained = " (no step trained: the weights are the ones it started from)" if result.get("step") == 0 else ""
         print(f"fungpt: done{untrained}. Sample with: fungpt sample --run {shlex.quote(str(result['out_dir']))}")
 
 

@@ -392,8 +392,8 @@ def _check_type(klass: type, name: str, value: Any, where: str) -> Any:
             return value  # a type this simple check does not know: let the dataclass judge
     wanted = " or ".join("null" if t is type(None) else getattr(t, "__name__", str(t)) for t in options)
     # (TOML has no null: "None" written there is a string; the setting's default comes from leaving it out)
-    unset = "; TOML has no null: for its default, delete the line" if type(None) in options and ".toml" in where \
-        else ""
+    unset = ("; TOML has no null: for its default, delete the line" if type(None) in options and ".toml" in where
+             and isinstance(value, str) and value.strip().lower() in ("none", "null", "nil", "") else "")
     raise FunGPTError(f"{where}: {name} = {value!r} should be of type {wanted}{unset}")
 
 

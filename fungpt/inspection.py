@@ -230,8 +230,9 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
                 manifest = read_json(folder / "manifest.json")
                 info["checkpoint"] = {"dir": str(folder), "step": int(manifest["step"]),
                                       "bytes": sum(int(f["bytes"]) for f in manifest["files"].values())}
-                # What every other command refuses, said here too (sizes only: reading each file's sha256 would make
-                # inspecting a large run slow): a file missing or cut short, or a config.json edited since
+                # What other commands refuse (a resume any file, sample and eval the weights), said here too (sizes
+                # only: reading each file's sha256 would make inspecting a large run slow): a file missing or cut
+                # short, or a config.json edited since
                 info["checkpoint"]["problem"] = next(
                     (f"{name} is missing" if not (folder / name).is_file() else f"{name} is truncated or corrupt"
                      for name, f in manifest["files"].items()

@@ -871,17 +871,6 @@ def resume_point(cfg: RunConfig) -> tuple[RunConfig, Path | None, dict[str, Any]
     if manifest is not None:  # config.json edited since the checkpoint was saved is said to be that (the check
         # after the data blamed the data), as `fungpt sample` says it
         ckpt.check_model_config(manifest, folder, saved_cfg.model.to_dict(), Path(cfg.out_dir) / "config.json")
-    if folder is None:  # a run that never saved, or whose latest checkpoint was lost (a full disk) but its best
-        try:
-            best = ckpt.find_checkpoint(cfg.out_dir, "best")
-            best_step = ckpt.folder_step(best) if best is not None else 0
-        except (FunGPTError, ValueError, IndexError):  # (a damaged pointer, a folder named by hand)
-            best_step = 0
-        if best_step > 0:  # (starting over would delete trained weights; a step-0 best is the initial ones)
-            raise FunGPTError(f"cannot resume {cfg.out_dir}: it has no latest checkpoint, only its best (step "
-                              f"{best_step}), which holds the weights but not the optimizer and batch state a resume "
-                              f"needs, and starting over would replace it; use it with --checkpoint best (fungpt "
-                              f"sample, eval, export), or start over with --overwrite")
     if folder is not None and saved_train.optimizer != cfg.train.optimizer:
         raise FunGPTError(f"cannot resume {cfg.out_dir}: it was trained with train.optimizer = "
                           f"{saved_train.optimizer!r}, not {cfg.train.optimizer!r}; resume with --train.optimizer "
@@ -1942,7 +1931,15 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             say(f"fungpt: note: the best checkpoint was saved at step {best_step}, after this one: the next eval "
                 f"replaces it, as those steps are trained again")
     elif resume:
-        say(f"fungpt: {out_dir} has no checkpoint yet (stopped before its first save): starting from step 0")
+        try:  # a best checkpoint of trained weights without a latest one (killed, or a full disk, between the two)
+            best = ckpt.find_checkpoint(out_dir, "best") if ddp.is_main else None
+            best_step = ckpt.folder_step(best) if best is not None else 0
+        except (FunGPTError, ValueError, IndexError):  # (a damaged pointer, a folder named by hand)
+            best_step = 0
+        say(f"fungpt: {out_dir} has no latest checkpoint, only its best (step {best_step}, weights without the "
+            f"optimizer's state): starting from step 0, and the next eval replaces that best checkpoint (copy its "
+            f"folder to keep it)" if best_step > 0 else
+            f"fungpt: {out_dir} has no checkpoint yet (stopped before its first save): starting from step 0")
     if pre is not None and folder is None:
         pretrained.load_weights(model, pre.model if pre.model is not None else pre.path)
         say(f"fungpt: starting from the pretrained weights of {pre.name} ({model.num_params():,} parameters)")

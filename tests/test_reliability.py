@@ -15,6 +15,7 @@ import importlib
 import importlib.metadata
 import itertools
 import json
+import math
 import os
 import pickle
 import random
@@ -285,32 +286,35 @@ def test_disk_full_during_training(world, tmp_path, monkeypatch, capsys):
                   OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     code, stderr = run_cli([*argv, "--out-dir", tmp_path / "first", "--train.eval-interval", "3"], capsys)
     last = assert_one_line_error(code, stderr, "could not save the best checkpoint at step 0",
-                                 "there is no best checkpoint yet", "then train it again (with --overwrite)")
+                                 "there is no best checkpoint yet", "then run again with --resume: it starts over")
     assert "intact" not in last
 
 
-def test_a_run_with_a_best_checkpoint_but_no_latest_is_not_started_over_by_resume(world, tmp_path, capsys):
-    """A full disk can leave a run with its best checkpoint but no latest: --resume said "no checkpoint yet",
-    started over from step 0 and replaced the best weights at its first eval."""
+def test_a_run_with_a_best_checkpoint_but_no_latest_says_so_when_resumed(world, tmp_path, capsys):
+    """A kill between the best and the latest save of a step (both at eval_interval = checkpoint_interval), or a
+    full disk, leaves a best checkpoint without a latest one: --resume said "no checkpoint yet" and started over,
+    replacing the best weights at its first eval without a word; sample said "train it first"."""
     out = copy_run(world, tmp_path)
-    assert ckpt.folder_step(ckpt.find_checkpoint(out, "best")) > 0
+    best = ckpt.folder_step(ckpt.find_checkpoint(out, "best"))
+    assert best > 0
     for folder in (out / "checkpoints").glob("latest-*"):
         shutil.rmtree(folder)
     (out / "latest.json").unlink()
-    before = sha256_tree(out)
-    argv = ["train", "--out-dir", out, "--resume", "--train.max-iters", "8"]
-    assert_one_line_error(*run_cli(argv, capsys), f"cannot resume {out}: it has no latest checkpoint, only its best "
-                          f"(step ", "use it with --checkpoint best (fungpt sample, eval, export), or start over with "
-                          "--overwrite")
-    assert sha256_tree(out) == before
     assert_one_line_error(*run_cli(["sample", out, "--max-new-tokens", "3"], capsys),
                           f"{out} has no last checkpoint, but a best one: pass --checkpoint best")
-    # a best of step 0 holds the initial weights: a resume starts over, as for a run that never saved
-    for folder in (out / "checkpoints").glob("best-*"):
+    assert main(["train", "--out-dir", str(out), "--resume", "--train.max-iters", "2"]) == 0
+    assert (f"fungpt: {out} has no latest checkpoint, only its best (step {best}, weights without the optimizer's "
+            f"state): starting from step 0, and the next eval replaces that best checkpoint (copy its folder to keep "
+            f"it)") in capsys.readouterr().out
+    # a best of step 0 holds the initial weights: said as a run that never saved, and not pointed at
+    for folder in (out / "checkpoints").glob("*-*"):
         shutil.rmtree(folder)
-    (out / "best.json").unlink()
+    for pointer in ("best.json", "latest.json"):
+        (out / pointer).unlink()
     ckpt.save_checkpoint(out, "best", 0, GPT(load_run_config(out).model))
-    assert main([str(a) for a in argv]) == 0
+    assert_one_line_error(*run_cli(["sample", out, "--max-new-tokens", "3"], capsys),
+                          f"{out} has no last checkpoint yet (train it first)")
+    assert main(["train", "--out-dir", str(out), "--resume", "--train.max-iters", "2"]) == 0
     assert "has no checkpoint yet (stopped before its first save): starting from step 0" in capsys.readouterr().out
 
 
@@ -2935,3 +2939,21 @@ def test_a_damaged_state_file_leaves_the_weights_usable_and_nan_weights_are_refu
         assert_one_line_error(*run_cli(argv, capsys), "hold values that are not finite numbers (NaN or inf) in "
                               "wte.weight, which FunGPT never saves")
     assert not (tmp_path / "hf").exists()
+    # a buffer of an edited model may hold -inf (a causal mask): saved, it loads again (only weights are checked)
+    model = GPT(load_run_config(out).model)
+    model.register_buffer("mask", torch.full((4, 4), -math.inf).triu(1))
+    ckpt.save_checkpoint(tmp_path / "edited", "latest", 1, model)
+    again = GPT(load_run_config(out).model)
+    again.register_buffer("mask", torch.zeros(4, 4))
+    ckpt.load_weights(ckpt.find_checkpoint(tmp_path / "edited"), again)
+    assert torch.equal(again.mask, model.mask)
+
+
+def test_only_a_none_written_in_toml_is_told_that_toml_has_no_null(tmp_path):
+    from fungpt.config import load_config
+
+    for value, hint in (('"None"', True), ('"null"', True), ("1.5", False), ('"ten"', False)):
+        (tmp_path / "c.toml").write_text(f"[train]\nlr_decay_iters = {value}\n")
+        with pytest.raises(FunGPTError, match="lr_decay_iters = .* should be of type int or null") as e:
+            load_config(tmp_path / "c.toml")
+        assert ("TOML has no null: for its default, delete the line" in str(e.value)) == hint, str(e.value)

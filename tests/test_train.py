@@ -2507,7 +2507,7 @@ def test_a_run_of_no_steps_says_its_weights_are_untrained(corpus, tmp_path, caps
             "--model.n-head", "1", "--model.block-size", "8", "--train.eval-iters", "1", "--train.device", "cpu"]
     assert main([*argv, "--train.max-iters", "0"]) == 0
     said = capsys.readouterr().out
-    assert "fungpt: done (no step trained: the weights are as initialised). Sample with: fungpt sample --run" in said
+    assert "fungpt: done (no step trained: the weights are the ones it started from). Sample with: fungpt" in said
     assert main([*argv, "--train.max-iters", "2", "--resume"]) == 0
     said = capsys.readouterr()
     assert "fungpt: done. Sample with" in said.out and "no step trained" not in said.out
