@@ -63,8 +63,13 @@ def _write_probs_line(out: TextIO, step: int, token: int, p: float, cands: list[
                       tokenizer) -> None:
     from fungpt.viz import show_token
 
-    listing = "  ".join(f"{text:>6} {q:.3f}" for _, text, q in cands)
-    out.write(f"{step:>5}  {show_token(tokenizer.token_text(token)):>6} {p:.3f}   | {listing}\n")
+    listing = "  ".join(f"{text:>6} {_probability(q)}" for _, text, q in cands)
+    out.write(f"{step:>5}  {show_token(tokenizer.token_text(token)):>6} {_probability(p)}   | {listing}\n")
+
+
+def _probability(p: float) -> str:
+    """A probability in 5 characters: 0.034, or 3e-04 below 0.0005 (a token drawn was shown as 0.000)."""
+    return f"{p:.3f}" if p >= 0.0005 or p == 0 else f"{p:.0e}"
 
 
 # The most of a prompt file read: far more than any model here sees (the last block_size tokens), and a bound on
@@ -156,6 +161,9 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
                                                 top_p=top_p, generator=gen):
             token = int(torch.as_tensor(tok).reshape(-1)[0])
             if token == eot:
+                if not new:  # (an empty sample, with no word why, looked like a failure)
+                    print("fungpt: note: the sample ended at once: the model's first token was <|endoftext|>, the "
+                          "end of a document (--no-stop-at-eot goes on past it)", file=sys.stderr)
                 break
             new.append(token)
             piece = stream.add(token)

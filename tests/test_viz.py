@@ -787,7 +787,7 @@ def test_top_candidates():
 
 
 @pytest.mark.parametrize("show_probs", [False, True])
-def test_a_sample_ends_at_endoftext_unless_asked_to_go_on(run_dir, monkeypatch, show_probs):
+def test_a_sample_ends_at_endoftext_unless_asked_to_go_on(run_dir, monkeypatch, capsys, show_probs):
     """In BPE and GPT-2 data <|endoftext|> separates documents: a sample is one document (as Hugging Face's
     generate stops at its eos token); --no-stop-at-eot goes on across documents."""
     import dataclasses
@@ -815,6 +815,11 @@ def test_a_sample_ends_at_endoftext_unless_asked_to_go_on(run_dir, monkeypatch, 
     assert "<|endoftext|>" not in out.getvalue().split("--- text ---")[-1]
     assert sample(run_dir, max_new_tokens=10, show_probs=show_probs, stop_at_eot=False) == [
         "The cat<|endoftext|> sat"]
+    if not show_probs:  # (there the drawn <|endoftext|> has its line)
+        # a sample that ends at its first token: an empty line alone looked like a failure
+        drawn[:] = [bpe.eot_id, *more]
+        assert sample(run_dir, max_new_tokens=10, out=io.StringIO()) == [""]
+        assert "the sample ended at once: the model's first token was <|endoftext|>" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("temperature,top_k", [(0.5, 2), (0.0, None)])
@@ -931,3 +936,11 @@ def test_the_run_scan_leaves_tyros_own_options_help_and_dashed_folders_alone(run
     assert main(["sample", "--run", "-5", "--max-new-tokens", "3"]) == 0
     assert main(["sample", "--run", "--max-new-tokens", "3"]) == 2  # (an option is no folder)
     assert "--run needs a run folder" in capsys.readouterr().err
+
+
+def test_show_probs_shows_a_small_probability_as_such():
+    """A token drawn at a probability under 0.0005 was listed as 0.000: drawn where it could not be, it read."""
+    from fungpt.sample import _probability
+
+    assert [_probability(p) for p in (0.0341, 0.0005, 0.00031, 2.5e-9, 0.0, 1.0)] == [
+        "0.034", "0.001", "3e-04", "3e-09", "0.000", "1.000"]
