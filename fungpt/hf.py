@@ -53,7 +53,9 @@ def hf_config(path: str | os.PathLike) -> GPTConfig:
         raise FunGPTError(f"{path / 'config.json'} is not a Hugging Face GPT-2 config (no {', '.join(missing)}): "
                           f"pass a folder made by save_pretrained or `fungpt export`")
     act_name = hf.get("activation_function", "gelu_new")
-    act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(
+    # (gelu_fast computes gelu_new's tanh formula, gelu_python the exact GELU: the same functions)
+    act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu",
+           "gelu_python": "gelu"}.get(
         act_name if isinstance(act_name, str) else None  # (a list or object there is unhashable)
     )
     n_embd = hf["n_embd"]
@@ -69,13 +71,18 @@ def hf_config(path: str | os.PathLike) -> GPTConfig:
     if any(unlike.values()):
         found = ", ".join(f"{k} = {hf.get(k)!r}" for k, bad in unlike.items() if bad)
         raise FunGPTError(f"'{path}' uses GPT-2 options FunGPT lacks ({found}; GPT-2 has activation_function "
-                          f"gelu_new, n_inner 4 * n_embd, layer_norm_epsilon 1e-5, plain attention scaling and no "
-                          f"cross-attention): use a standard GPT-2 checkpoint")
-    return GPTConfig(
-        vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
-        n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=n_embd, bias=True, pos_encoding="learned",
-        activation=act, tie_embeddings=hf.get("tie_word_embeddings", True), norm="layernorm",
-    )
+                          f"gelu_new (FunGPT also reads gelu, gelu_pytorch_tanh, gelu_fast and gelu_python), n_inner "
+                          f"4 * n_embd, layer_norm_epsilon 1e-5, plain attention scaling and no cross-attention): use "
+                          f"a standard GPT-2 checkpoint")
+    try:
+        return GPTConfig(
+            vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
+            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=n_embd, bias=True, pos_encoding="learned",
+            activation=act, tie_embeddings=hf.get("tie_word_embeddings", True), norm="layernorm",
+        )
+    except FunGPTError as e:  # (its checks name FunGPT's fields: block_size is n_positions there)
+        raise FunGPTError(f"{path / 'config.json'} describes no GPT-2 that FunGPT can build ({e}; FunGPT's "
+                          f"block_size is its n_positions): correct that file") from None
 
 
 def load_gpt2(path: str | os.PathLike, meta: bool = False) -> GPT:
@@ -99,7 +106,14 @@ def load_gpt2(path: str | os.PathLike, meta: bool = False) -> GPT:
                               f"checkpoint?): FunGPT loads float32, float16 or bfloat16 weights; save the model "
                               f"unquantized")
         if key == "lm_head.weight" and config.tie_embeddings:
-            continue  # same matrix as wte
+            # the same matrix as wte, if the file says so: a head of its own under a config that ties the two
+            # (transformers then keeps the head apart) would be dropped, and the model compute something else
+            wte = hf_sd.get("transformer.wte.weight", hf_sd.get("wte.weight"))
+            if t.device.type != "meta" and wte is not None and not torch.equal(t, wte):
+                raise FunGPTError(f"'{path}' stores an lm_head.weight that differs from its wte.weight, but its "
+                                  f"config.json ties the two (tie_word_embeddings true, or unset: GPT-2's default): "
+                                  f"set \"tie_word_embeddings\": false there to load the head it stores")
+            continue
         if key.startswith("h."):  # h.{i}.* -> blocks.{i}.*
             key = "blocks." + key.removeprefix("h.")
         elif key.startswith("wpe."):  # wpe.weight -> pos.wpe.weight
@@ -299,7 +313,8 @@ def _load_hf_weights(path: Path, meta: bool = False) -> dict[str, torch.Tensor]:
                               f"pytorch_model.bin ({why[1].strip()[:80] if why else 'not a plain pickle of tensors'})"
                               f", and nothing in it was run; use a model.safetensors copy, or save the model again "
                               f"with save_pretrained") from None
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first[:first.find(". ") + 1 or None][:160]  # (its first sentence: torch adds advice on miniz)
         raise FunGPTError(f"cannot read the weights in '{path}' ({first}): the file is damaged or not a "
                           f"safetensors/PyTorch weights file; download the model again") from None
     if not (isinstance(tensors, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)

@@ -788,6 +788,34 @@ def test_from_hf_without_prefix_and_untied(tmp_path):
         assert (ours(idx) - back(idx).logits).abs().max().item() < 1e-4
 
 
+def test_from_hf_refuses_a_head_of_its_own_under_a_tied_config_and_names_its_config_mistakes(tmp_path):
+    """A folder whose config.json ties the head to the embeddings but whose weights hold a head apart: the head
+    was dropped and the model computed something else (transformers keeps it); and a config.json value FunGPT
+    cannot build was told as one of FunGPT's own fields (block_size), not naming the file."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=16, vocab_size=100,
+                                  tie_word_embeddings=False)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "m")
+    assert "lm_head.weight" in load_file(str(tmp_path / "m" / "model.safetensors"))
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(FunGPTError, match=r"stores an lm_head.weight that differs from its wte.weight, but its "
+                                          r"config.json ties the two .*set \"tie_word_embeddings\": false there"):
+        GPT.from_hf(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "n_positions": None}))
+    with pytest.raises(FunGPTError, match=r"m/config.json describes no GPT-2 that FunGPT can build \(model config "
+                                          r"block_size=None should be of type int.*FunGPT's block_size is its "
+                                          r"n_positions\): correct that file"):
+        GPT.from_hf(tmp_path / "m")
+    for name in ("gelu_fast", "gelu_python"):  # gelu_new's formula and the exact GELU, under other names
+        (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "activation_function": name}))
+        assert GPT.from_hf(tmp_path / "m").config.activation == ("gelu_tanh" if name == "gelu_fast" else "gelu")
+
+
 def test_generate_stream_can_yield_the_logits_it_sampled_from():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32))
