@@ -346,11 +346,14 @@ def prepare_command(input: str, out: str, tokenizer: Literal["char", "bpe", "gpt
         overwrite: Replace an existing prepared dataset in `out`.
         errors: What to do with invalid UTF-8: strict (refuse, naming the byte) or replace (use U+FFFD).
     """
-    from fungpt.data import prepare, prepared_summary
+    from fungpt.data import is_prepared, prepare, prepared_summary
 
     if tokenizer == "bpe" and vocab_size is None:
         vocab_size = 4096
-    with said_on_ctrl_c(f"no partial dataset was left in {out}; run the command again to prepare it"):
+    # (with --overwrite, the dataset there is replaced only once the new one is complete)
+    left = (f"{out} still holds the dataset it held before" if overwrite and is_prepared(out)
+            else f"no partial dataset was left in {out}")
+    with said_on_ctrl_c(f"{left}; run the command again to prepare it"):
         path = prepare(input, out, tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
                        overwrite=overwrite, errors=errors)
     for line in prepared_summary(path, input):

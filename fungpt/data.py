@@ -65,7 +65,7 @@ import time
 import urllib.error
 import urllib.request
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -562,6 +562,13 @@ def bar_interval() -> float:
     return 30.0 if into_file(sys.stderr) else 0.1
 
 
+def _then(items: Iterable, done: Callable[[], None]) -> Iterator:
+    """The items, then a call of done() once they are all taken (BPE training reads its text, then merges for as long
+    again with no progress to show: the bar, at 100%, says so rather than looking stuck)."""
+    yield from items
+    done()
+
+
 def _progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, disable=not enabled,
                 mininterval=bar_interval())
@@ -821,7 +828,9 @@ def prepare(
                 if not is_separator
                 for group in _split_groups(text, BPE_GROUP_CHARS)
             )
-            tok = train_tokenizer("bpe", chunks, vocab_size)
+            tok = train_tokenizer("bpe", _then(chunks, lambda: bar.set_description("training bpe (text read; "
+                                                                                  "merging, no progress shown)")),
+                                  vocab_size)
     else:
         tok = gpt2
     dtype = token_dtype(tok.vocab_size)

@@ -255,6 +255,8 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
             # A prepare killed (kill -9) before it cleaned up left its temporary folder beside `out`, which a later
             # run prepared in full: found cached from then on, prepare never ran again to remove it (gigabytes)
             remove_stale_temps(out)
+            if progress:  # (said, as a preparation is: which data the run reads, and that it was not made again)
+                print(f"fungpt: data: {out}, prepared earlier from the same text and settings")
     if waiting is not None:
         dist.barrier(group=waiting)  # the other ranks wait until rank 0 has prepared the data
         # and read it where rank 0 put it: this rank's own key may differ (another machine's copy of the text has

@@ -180,6 +180,13 @@ def test_gpt2_prepare_with_fake_encoding(tmp_path, corpus, monkeypatch):
     assert load_tokenizer(out).decode(read_bin(out, "train").tolist()) == TEXT[: meta["train_chars"]]
 
 
+def test_the_bpe_bar_says_when_the_text_is_read_and_merging_goes_on(tmp_path, corpus, capsys):
+    """The bar counts the bytes read; the merges come after, for as long again on a large corpus, and the bar sat at
+    100% meanwhile, looking stuck."""
+    prepare(corpus, tmp_path / "b", tokenizer="bpe", vocab_size=300, progress=True)
+    assert "training bpe (text read; merging, no progress shown)" in capsys.readouterr().err
+
+
 def test_gpt2_unavailable_is_clean_error(tmp_path, corpus, monkeypatch):
     def offline():
         raise FunGPTError("could not load GPT-2's encoding through tiktoken (offline)")
@@ -1122,8 +1129,9 @@ def test_ctrl_c_during_prepare_says_that_no_partial_dataset_was_left(corpus, tmp
     real_sync = data_mod.sync_folder
     monkeypatch.setattr(data_mod, "sync_folder", ctrl_c)
     assert main(["prepare", "--input", str(corpus), "--out", str(out), "--overwrite", "--tokenizer", "bpe"]) == 130
-    assert capsys.readouterr().err.endswith(f"\nfungpt: interrupted: no partial dataset was left in {out}; run the "
-                                            f"command again to prepare it\n")  # (after prepare's progress bars)
+    # (said after prepare's progress bars; "no partial dataset was left" read as if the folder were now empty)
+    assert capsys.readouterr().err.endswith(f"\nfungpt: interrupted: {out} still holds the dataset it held before; "
+                                            f"run the command again to prepare it\n")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the char dataset, as it was
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("d.")] == []  # no temporary folder left
     # Ctrl-C once the new dataset has taken its place (while the rename is made durable): that one is said, whole
@@ -1134,6 +1142,13 @@ def test_ctrl_c_during_prepare_says_that_no_partial_dataset_was_left(corpus, tmp
                                             f"complete\n")
     assert load_meta(out)["tokenizer"] == "bpe"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("d.")] == []  # nor the old one, moved aside
+    # into a new folder: nothing there before, nothing there after
+    monkeypatch.setattr(data_mod, "sync_folder", ctrl_c)
+    assert main(["prepare", "--input", str(corpus), "--out", str(tmp_path / "new")]) == 130
+    new = tmp_path / "new"
+    assert capsys.readouterr().err.endswith(f"\nfungpt: interrupted: no partial dataset was left in {new}; run the "
+                                            f"command again to prepare it\n")
+    assert not (tmp_path / "new").exists()
 
 
 def test_prepare_says_when_a_bpe_stops_short_of_the_size_asked(corpus, tmp_path, capsys):
