@@ -379,8 +379,9 @@ def sample_command(run: RunFolder, prompt: str | None = None, prompt_file: str |
         max_new_tokens: Tokens to generate per sample.
         temperature: Divide the logits by this; lower is more conservative, 0 is greedy.
         top_k: Sample only among the k most likely tokens (and any tied with the k-th); None: all.
-        top_p: Sample only among the fewest most likely tokens whose probabilities reach p (nucleus sampling),
-            taken after temperature and top-k: pass --top-k None for the nucleus of the whole distribution.
+        top_p: Sample only among the fewest most likely tokens whose probabilities add up to at least p (nucleus
+            sampling), taken after temperature and top-k: pass --top-k None for the nucleus of the whole
+            distribution.
         seed: Random seed: the same seed gives the same text.
         checkpoint: last (latest weights) or best (lowest val loss).
         device: auto, cpu, cuda or mps.

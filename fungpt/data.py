@@ -831,6 +831,7 @@ def prepare(
             tok = train_tokenizer("bpe", _then(chunks, lambda: bar.set_description("training bpe (text read; "
                                                                                   "merging, no progress shown)")),
                                   vocab_size)
+            bar.set_description("training bpe", refresh=False)  # (its last line: done)
     else:
         tok = gpt2
     dtype = token_dtype(tok.vocab_size)

@@ -81,8 +81,11 @@ def hf_config(path: str | os.PathLike) -> GPTConfig:
             activation=act, tie_embeddings=hf.get("tie_word_embeddings", True), norm="layernorm",
         )
     except FunGPTError as e:  # (its checks name FunGPT's fields: block_size is n_positions there)
-        raise FunGPTError(f"{path / 'config.json'} describes no GPT-2 that FunGPT can build ({e}; FunGPT's "
-                          f"block_size is its n_positions): correct that file") from None
+        said = str(e).removesuffix(": fix its value")  # (FunGPT's field names: block_size is n_positions there)
+        for ours, theirs in (("block_size", "n_positions"), ("tie_embeddings", "tie_word_embeddings")):
+            said = said.replace(f"config {ours}=", f"config {theirs}=")
+        raise FunGPTError(f"{path / 'config.json'} describes no GPT-2 that FunGPT can build ({said}): correct that "
+                          f"file") from None
 
 
 def load_gpt2(path: str | os.PathLike, meta: bool = False) -> GPT:
@@ -108,8 +111,7 @@ def load_gpt2(path: str | os.PathLike, meta: bool = False) -> GPT:
         if key == "lm_head.weight" and config.tie_embeddings:
             # the same matrix as wte, if the file says so: a head of its own under a config that ties the two
             # (transformers then keeps the head apart) would be dropped, and the model compute something else
-            wte = hf_sd.get("transformer.wte.weight", hf_sd.get("wte.weight"))
-            if t.device.type != "meta" and wte is not None and not torch.equal(t, wte):
+            if _head_differs(path, hf_sd):
                 raise FunGPTError(f"'{path}' stores an lm_head.weight that differs from its wte.weight, but its "
                                   f"config.json ties the two (tie_word_embeddings true, or unset: GPT-2's default): "
                                   f"set \"tie_word_embeddings\": false there to load the head it stores")
@@ -280,6 +282,23 @@ def _write_new(path: Path, data: bytes) -> None:
         raise
 
 
+def _head_differs(path: Path, hf_sd: dict[str, torch.Tensor]) -> bool:
+    """Whether a folder's stored lm_head.weight is another matrix than its wte.weight (read whole where `hf_sd` holds
+    only their shapes: a dry run's headers, in the rare folder that stores both)."""
+    names = [next((k for k in hf_sd if k.removeprefix("transformer.") == n), None) for n in ("lm_head.weight",
+                                                                                               "wte.weight")]
+    if None in names:
+        return False
+    head, wte = (hf_sd[n] for n in names)
+    if head.device.type == "meta":
+        whole = _load_hf_weights(path)
+        head, wte = (whole[n] for n in names)
+    if head.shape != wte.shape:
+        return True
+    same = head.data_ptr() == wte.data_ptr() and head.stride() == wte.stride()  # (one tensor saved under two names)
+    return not (same or torch.equal(head, wte) or torch.allclose(head, wte, rtol=0, atol=0, equal_nan=True))
+
+
 def _load_hf_weights(path: Path, meta: bool = False) -> dict[str, torch.Tensor]:
     """Read a HF checkpoint: model.safetensors (possibly sharded) or pytorch_model.bin (tensors only: a
     pickle that would run code, or build anything but tensors, is refused by weights_only)."""
@@ -313,7 +332,8 @@ def _load_hf_weights(path: Path, meta: bool = False) -> dict[str, torch.Tensor]:
                               f"pytorch_model.bin ({why[1].strip()[:80] if why else 'not a plain pickle of tensors'})"
                               f", and nothing in it was run; use a model.safetensors copy, or save the model again "
                               f"with save_pretrained") from None
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        why = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))  # (torch's own cause, after its advice)
+        first = why[1].strip() if why else (str(e).strip().splitlines() or [type(e).__name__])[0]
         first = first[:first.find(". ") + 1 or None][:160]  # (its first sentence: torch adds advice on miniz)
         raise FunGPTError(f"cannot read the weights in '{path}' ({first}): the file is damaged or not a "
                           f"safetensors/PyTorch weights file; download the model again") from None

@@ -199,7 +199,7 @@ def _preparing_alone(out: Path):
 
 
 def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
-                 tokenizer: Tokenizer | None = None) -> Path:
+                 tokenizer: Tokenizer | None = None, say_cached: bool = False) -> Path:
     """Return a prepared dataset folder for `data.path`, preparing it into the cache if needed.
 
     The cache key covers everything that changes the tokens: the source files (path, size, modification
@@ -208,7 +208,8 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
     undecodable bytes are treated, and the code that makes the tokens (data.py and tokenizer.py, as they are
     now: a learner's edit there, or another FunGPT version, prepares the data again). A cached folder that no
     longer loads (damaged, or of an older format) is prepared again. `tokenizer`: a ready tokenizer to encode
-    with instead of data.tokenizer (a pretrained model's own, see pretrained.py).
+    with instead of data.tokenizer (a pretrained model's own, see pretrained.py). `say_cached`: print a line when
+    the cache holds the dataset already (a new run's: a preparation prints its own summary).
     """
     path = Path(data.path).expanduser()
     if is_prepared(path):
@@ -255,7 +256,7 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
             # A prepare killed (kill -9) before it cleaned up left its temporary folder beside `out`, which a later
             # run prepared in full: found cached from then on, prepare never ran again to remove it (gigabytes)
             remove_stale_temps(out)
-            if progress:  # (said, as a preparation is: which data the run reads, and that it was not made again)
+            if say_cached:  # (as a preparation is said: which data a new run reads, and that it was not made again)
                 print(f"fungpt: data: {out}, prepared earlier from the same text and settings")
     if waiting is not None:
         dist.barrier(group=waiting)  # the other ranks wait until rank 0 has prepared the data
@@ -612,7 +613,8 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
         model = pretrained.trim_vocab(model, pre.tokenizer.vocab_size)
         cfg = dataclasses.replace(cfg, model=model)
     try:
-        data_dir = resolve_data(cfg.data, is_main, progress, tokenizer=pre and pre.tokenizer)
+        data_dir = resolve_data(cfg.data, is_main, progress, tokenizer=pre and pre.tokenizer,
+                                say_cached=is_main and resume_dir is None)
     except FunGPTError as e:
         gone = Path(cfg.data.path).expanduser()
         if resume_dir is None or gone.is_absolute() or gone.exists() or cfg.data.path == "shakespeare":

@@ -2539,3 +2539,15 @@ def test_eval_scores_fewer_windows_at_once_where_the_logits_are_large(corpus, tm
     evaluate_run(out)
     evaluate_run(out, batch_size=5)
     assert asked == [3, 5]
+
+
+def test_a_new_run_says_when_it_reads_data_prepared_earlier(corpus, tmp_path, capsys):
+    """A second run on the same text found it in the cache and said nothing of its data: whether it had been
+    prepared again (a large corpus: minutes) was left to guess. A resume says nothing of it (its data is the run's)."""
+    train(tiny_config(corpus, tmp_path / "a", max_iters=1), progress=False)
+    assert "fungpt: prepared " in capsys.readouterr().out
+    train(tiny_config(corpus, tmp_path / "b", max_iters=1), progress=False)
+    assert re.search(r"^fungpt: data: .*, prepared earlier from the same text and settings$", capsys.readouterr().out,
+                     re.M)
+    train(tiny_config(corpus, tmp_path / "b", max_iters=2), resume=True, progress=False)
+    assert "fungpt: data:" not in capsys.readouterr().out
