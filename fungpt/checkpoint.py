@@ -296,6 +296,16 @@ def folder_step(folder: Path) -> int:
     return int(folder.name.split("-", 1)[1].partition(".")[0])
 
 
+def saved_step(out_dir: str | Path, kind: str) -> int | None:
+    """The step of the run's `kind` checkpoint, None if it has none (or its pointer or folder name is damaged: a
+    note that asks does without it)."""
+    try:
+        folder = find_checkpoint(out_dir, kind)
+        return folder_step(folder) if folder is not None else None
+    except (FunGPTError, ValueError, IndexError):
+        return None
+
+
 def checkpoint_folders(out_dir: Path, kind: str, temporaries: bool = False) -> list[Path]:
     """The `kind` checkpoint folders in out_dir/checkpoints, by the names saving gives them (KIND-STEP or
     KIND-STEP.N: a copy a user keeps there under another name, e.g. latest-0000040-keep, is not one); with

@@ -94,11 +94,9 @@ def _load(run_dir: Path, folder: Path | None, checkpoint: str, dev: str) -> Load
         from fungpt.train import lock_holder  # (imported when needed: the trainer's module is large)
 
         holder = lock_holder(run_dir)
-        try:  # (a best of step 0 holds the initial weights: nothing to point at)
-            found = ckpt.find_checkpoint(run_dir, "best") if checkpoint == "last" else None
-            best = found is not None and (holder is not None or ckpt.folder_step(found) > 0)
-        except (FunGPTError, ValueError, IndexError):  # (a damaged pointer: the plain refusal below)
-            best = False
+        best_step = ckpt.saved_step(run_dir, "best") if checkpoint == "last" else None
+        # (a best of step 0 holds the initial weights: nothing to point at, but in a run training now)
+        best = best_step is not None and (holder is not None or best_step > 0)
         if holder is not None:  # (started, not saved yet: "train it first" would start a second run)
             raise FunGPTError(f"{run_dir} has no {checkpoint} checkpoint yet: it is training now ({holder}) and has "
                               f"not saved one; try again once it has"

@@ -1925,21 +1925,14 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         # trained again, maybe otherwise (other settings). Kept, it stayed the run's best, from weights in no step
         # of its history. The next eval replaces it, whatever its (finite) loss (the earlier best it replaced is gone);
         # until then it stays, in case this resume fails.
-        try:
-            best = ckpt.find_checkpoint(out_dir, "best") if ddp.is_main else None  # (rank 0 saves `best`)
-            best_step = ckpt.folder_step(best) if best is not None else -1
-        except (FunGPTError, ValueError, IndexError):  # (a damaged pointer, a folder named by hand: left as it is)
-            best_step = -1
-        if best_step > step:
+        best_step = ckpt.saved_step(out_dir, "best") if ddp.is_main else None  # (rank 0 saves `best`)
+        if best_step is not None and best_step > step:
             best_val = float("inf")
             say(f"fungpt: note: the best checkpoint was saved at step {best_step}, after this one: the next eval "
                 f"replaces it, as those steps are trained again")
     elif resume:
-        try:  # a best checkpoint of trained weights without a latest one (killed, or a full disk, between the two)
-            best = ckpt.find_checkpoint(out_dir, "best") if ddp.is_main else None
-            best_step = ckpt.folder_step(best) if best is not None else 0
-        except (FunGPTError, ValueError, IndexError):  # (a damaged pointer, a folder named by hand)
-            best_step = 0
+        # a best checkpoint of trained weights without a latest one (killed, or a full disk, between the two)
+        best_step = (ckpt.saved_step(out_dir, "best") or 0) if ddp.is_main else 0
         say(f"fungpt: {out_dir} has no latest checkpoint, only its best (step {best_step}, weights without the "
             f"optimizer's state): starting from step 0, and the next eval replaces that best checkpoint (copy its "
             f"folder to keep it)" if best_step > 0 else
