@@ -16,7 +16,7 @@ from fungpt.pretrained import is_pretrained
 from fungpt.runs import LoadedRun, data_dir_of, load_run, seeded_generator
 from fungpt.sampling import sampling_probs
 from fungpt.tokenizer import TextStream, load_tokenizer
-from fungpt.train import counted, eval_bar, resolve_data, score_windows
+from fungpt.train import EVAL_LOGITS_MAX, counted, eval_bar, resolve_data, score_windows
 
 
 def default_prompt_ids(run: LoadedRun) -> list[int]:
@@ -265,8 +265,9 @@ def _prepare_again(loaded: LoadedRun, gone: Path, progress: bool) -> Path:
 
 
 def default_eval_batch(block_size: int, vocab_size: int) -> int:
-    """Windows `fungpt eval` scores at once: 16, or as many as keep their logits within 2^24 floats (at least one)."""
-    return max(1, min(16, 2**24 // (block_size * vocab_size)))
+    """Windows `fungpt eval` scores at once: 16, or as many as keep their logits within EVAL_LOGITS_MAX floats (at
+    least one)."""
+    return max(1, min(16, EVAL_LOGITS_MAX // (block_size * vocab_size)))
 
 
 @torch.no_grad()

@@ -1170,6 +1170,11 @@ def _full_split_loss(model, data_dir: Path, split: str, cfg: RunConfig, device: 
     return total / count
 
 
+# The most logits an eval batch holds, in floats (64 MB; as much again for cross-entropy's log-softmax of them): past
+# this a large vocabulary's eval took more memory than training (full_split_batch, and `fungpt eval`'s batch)
+EVAL_LOGITS_MAX = 2**24
+
+
 def full_split_batch(cfg: RunConfig) -> int:
     """Windows per batch of a full-split eval: 4 x batch_size, which a GPU runs faster per window, where their
     logits are small (at most 2^24 floats, 64 MB); else batch_size. With a large vocabulary the (B, T, vocab_size)
@@ -1177,7 +1182,7 @@ def full_split_batch(cfg: RunConfig) -> int:
     8x the memory estimated for training (BPE 8192, block 256, batch 16: 3.9 GB), at batch_size less than a
     training step's (which also holds their gradient)."""
     B, T, V = cfg.train.batch_size, cfg.model.block_size, cfg.model.vocab_size
-    return 4 * B if 4 * B * T * V <= 2**24 else B
+    return 4 * B if 4 * B * T * V <= EVAL_LOGITS_MAX else B
 
 
 def counted(batches, bar):
