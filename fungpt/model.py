@@ -44,7 +44,6 @@ from fungpt.positions import POS_ENCODINGS, NoPositions, make_positions
 from fungpt.sampling import sample_next_token  # logits -> next token (sampling.py); also imported from here
 from fungpt.speculative import lookup_draft, verify_draft
 
-ACTIVATIONS = ("gelu_tanh", "gelu", "relu2")
 NORMS = ("layernorm", "rmsnorm")
 # Upper bounds, far above any GPT trained so far (GPT-3: 96 layers, 12288 wide; Llama 3 405B: 126 layers,
 # 16384 wide, a 128k vocabulary and context). A typo such as n_layer = 1e9 is refused at once, instead of hanging
@@ -196,13 +195,17 @@ class ReLU2(nn.Module):
         return _ReLU2Function.apply(x)
 
 
+_ACTIVATIONS = {  # by config name; a new one is added here only (ACTIVATIONS, the names GPTConfig accepts, follow)
+    # GPT-2 used the tanh approximation 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) of GELU
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "gelu": lambda: nn.GELU(),  # exact: x * Phi(x), Phi the standard normal CDF
+    "relu2": ReLU2,
+}
+ACTIVATIONS = tuple(_ACTIVATIONS)
+
+
 def make_activation(name: str) -> nn.Module:
-    return {
-        # GPT-2 used the tanh approximation 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) of GELU
-        "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
-        "gelu": lambda: nn.GELU(),  # exact: x * Phi(x), Phi the standard normal CDF
-        "relu2": ReLU2,
-    }[name]()
+    return _ACTIVATIONS[name]()
 
 
 class CausalSelfAttention(nn.Module):

@@ -22,6 +22,8 @@ where new tokens continue after the t0 tokens already in the cache.
 
 Shapes: T time, C n_embd, nh heads, hs head size, B batch.
     tok_emb, x: (B, T, C)    q, k: (B, nh, T, hs)    pos: (T,)
+(decode.py's one-token step passes tok_emb as (1, C), one position's embedding: an encoding that adds its (T, C)
+table by broadcasting, as these do, serves both; one that unpacks B, T, C = tok_emb.shape does not)
 """
 
 import torch
@@ -151,17 +153,19 @@ class RotaryPositions(NoPositions):
         return self._rotate_one(q, cos, sin), self._rotate_one(k, cos, sin)
 
 
+# Each encoding by its config name, built from a GPTConfig: a new one is added here only (POS_ENCODINGS, the names
+# GPTConfig accepts, and `fungpt positions` follow)
+_MAKERS = {
+    "learned": lambda c: LearnedPositions(c.block_size, c.n_embd),
+    "sinusoidal": lambda c: SinusoidalPositions(c.block_size, c.n_embd),
+    "rope": lambda c: RotaryPositions(c.block_size, c.n_embd // c.n_head, c.rope_base),
+    "none": lambda c: NoPositions(),
+}
+
+POS_ENCODINGS = tuple(_MAKERS)
+"""The valid values of GPTConfig.pos_encoding."""
+
+
 def make_positions(config) -> NoPositions:
     """Build the position module named by `config.pos_encoding`."""
-    head_size = config.n_embd // config.n_head
-    makers = {
-        "learned": lambda: LearnedPositions(config.block_size, config.n_embd),
-        "sinusoidal": lambda: SinusoidalPositions(config.block_size, config.n_embd),
-        "rope": lambda: RotaryPositions(config.block_size, head_size, config.rope_base),
-        "none": lambda: NoPositions(),
-    }
-    return makers[config.pos_encoding]()  # GPTConfig has validated the name
-
-
-POS_ENCODINGS = ("learned", "sinusoidal", "rope", "none")
-"""The valid values of GPTConfig.pos_encoding."""
+    return _MAKERS[config.pos_encoding](config)  # GPTConfig has validated the name

@@ -57,11 +57,16 @@ def test_step_matches_the_forward_pass_with_a_cache(pos_encoding, variant, cpu_m
     prompt = torch.randint(0, 50, (1, 5), generator=torch.Generator().manual_seed(1))
     ref_cache, decoder, token = prefilled(model, prompt)
     lean_cache = decoder.cache
+    seq = prompt
     for _ in range(10):
         want = model(token[None], kv_cache=ref_cache)  # (1, 1, V)
         got = decoder.step(token)
         assert got.shape == want.shape == (1, 1, 50)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        # and what the uncached model computes for the whole sequence (a position handled wrongly in both cached
+        # paths, e.g. a new encoding's query positions taken from 0 in the cache, agrees with itself only)
+        seq = torch.cat((seq, token[None]), dim=1)  # (1, T): the tokens the cache holds now
+        torch.testing.assert_close(got[0, -1], model(seq)[0, -1], rtol=1e-4, atol=1e-5)
         assert lean_cache.pos == ref_cache.pos
         token = want[0, -1].argmax().view(1)
     n = ref_cache.pos  # the same keys and values stored
