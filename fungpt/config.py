@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import shlex
 import tomllib
 import types
@@ -240,6 +241,9 @@ class RunConfig:
         if not self.out_dir.strip():  # (e.g. --out-dir "$DIR" with DIR unset: the run would fill the current folder)
             raise FunGPTError("out_dir is empty: give the run's folder, e.g. --out-dir out/my-run (. for the "
                               "current folder)")
+        # ~ as the home folder, as data.path reads it: in a TOML file, or quoted on a command line, no shell expands
+        # it, and the run went into a folder named "~" (which `rm -rf ~` would then take for the home folder)
+        self.out_dir = os.path.expanduser(self.out_dir)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

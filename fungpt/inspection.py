@@ -209,7 +209,8 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
     if not str(target).strip():
         raise FunGPTError("the folder or config to inspect is empty: pass a run folder, a .toml config or a "
                           "Hugging Face GPT-2 folder")
-    target = config_path(target, folders=True)  # (an example config's name is its file; a run folder is itself)
+    # (an example config's name is its file; a run folder is itself; ~ quoted on a command line reaches us as it is)
+    target = config_path(Path(target).expanduser(), folders=True)
     info: dict = {"source": str(target), "vocab_note": None, "device_note": None, "step": None, "tokens_seen": None,
                   "checkpoint": None}
     hf_folder = target.is_dir() and is_hf_config(target / "config.json")

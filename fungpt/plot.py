@@ -38,7 +38,8 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     did not, it is rebuilt from elapsed_s, taking each drop in elapsed_s for a resume.
     """
     check_run_given(run_dir)
-    path = Path(run_dir) / "metrics.jsonl"
+    run_dir = Path(run_dir).expanduser()  # (~ quoted on a command line reaches us as it is)
+    path = run_dir / "metrics.jsonl"
     if not path.is_file():
         what = "does not exist" if not Path(run_dir).exists() else "has no metrics.jsonl"
         raise FunGPTError(f"{run_dir} {what}: pass the out_dir of a training run")
@@ -75,9 +76,10 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
     key, label = X_AXES[x]
     unique: dict[Path, str | Path] = {}
     for run in runs:  # each run once (b and ./b are one run), in the order given
-        unique.setdefault(Path(run).resolve(), run)
+        unique.setdefault(Path(run).expanduser().resolve(), run)
     runs = list(unique.values())
-    names = [Path(run).resolve().name for run in runs]  # (`.` is named as the folder it is)
+    # each by the name given (a link by its own name), `.` and `..` as the folder they are
+    names = [p.name if p.name not in ("", ".", "..") else p.resolve().name for p in map(Path, runs)]
     if len(set(names)) < len(names):  # same folder name in different places: label with the full path
         names = [str(run) for run in runs]
     # a name's bytes that are not UTF-8 (Python holds them as lone surrogates) as U+FFFD: matplotlib refuses those

@@ -41,7 +41,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "last", device: str = "auto"
 
     retry_s: how long to keep reading a run that replaces its checkpoint while it is read (see RELOAD_S)."""
     check_run_given(run_dir)
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).expanduser()  # (~ quoted on a command line reaches us as it is)
     if not run_dir.is_dir():
         what = "is a file, not a run folder" if run_dir.exists() else "does not exist"
         raise FunGPTError(f"{run_dir} {what}; pass the out_dir of a training run")

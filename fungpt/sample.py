@@ -295,7 +295,7 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
     note = None  # a line for the reader of the numbers, if they need one
     changed = None  # with the run's val split: a note that it was prepared again since, if it was
     if input is not None:
-        path = Path(input)
+        path = Path(input).expanduser()
         if not path.exists():
             raise FunGPTError(f"--input {path} does not exist")
         if path.is_dir():

@@ -188,7 +188,8 @@ def create_app(run_dir: str | Path, checkpoint: str = "last", device: str = "aut
                max_prompt_chars: int = MAX_PROMPT_CHARS, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
                max_new_tokens: int = MAX_NEW_TOKENS) -> FastAPI:
     """Load the run (raising FunGPTError if it cannot be loaded) and build the web app around it."""
-    loaded = _checkpoint_id(Path(run_dir), checkpoint)  # before loading: a save landing meanwhile is seen later
+    run_dir = Path(run_dir).expanduser()  # (~ quoted on a command line reaches us as it is)
+    loaded = _checkpoint_id(run_dir, checkpoint)  # before loading: a save landing meanwhile is seen later
     run = load_run(run_dir, checkpoint, device)
     # A token's text, asked now: a tokenizer whose files cannot be loaded (GPT-2's ids without tiktoken's cache) is
     # refused here, in one line, not mid-stream, once a page has asked for a sample (its answer started already).

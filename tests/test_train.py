@@ -2551,3 +2551,22 @@ def test_a_new_run_says_when_it_reads_data_prepared_earlier(corpus, tmp_path, ca
                      re.M)
     train(tiny_config(corpus, tmp_path / "b", max_iters=2), resume=True, progress=False)
     assert "fungpt: data:" not in capsys.readouterr().out
+
+
+def test_a_tilde_in_a_path_is_the_home_folder_everywhere(corpus, tmp_path, monkeypatch, capsys):
+    """~ written where no shell expands it (a TOML config, or quoted): data.path read it as the home folder, but the
+    run went into a folder named "~" in the current one (which `rm -rf ~` would take for the home folder), and
+    sample, eval, plot and inspect said the run did not exist."""
+    from fungpt.plot import read_metrics
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(corpus, home / "t.txt")
+    cfg = tiny_config(Path("~/t.txt"), Path("~/run"), max_iters=2)
+    assert cfg.out_dir == str(home / "run")
+    train(cfg, progress=False)
+    assert (home / "run" / "config.json").is_file() and not (tmp_path / "~").exists()
+    assert evaluate_run("~/run", input="~/t.txt")["tokens"] > 0
+    assert read_metrics("~/run") and main(["inspect", "~/run"]) == 0

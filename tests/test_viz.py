@@ -374,6 +374,14 @@ def test_plot_runs_with_and_without_val_rows(tmp_path, monkeypatch):
     # a run given as `.` is named as its folder, not "" (the legend said " train")
     monkeypatch.chdir(with_val)
     assert "<!-- a train -->" in plot_runs([Path(".")], tmp_path / "dot.svg").read_text(encoding="utf-8")
+    # a link to a run is named as given (it was named as the folder it leads to)
+    try:
+        (tmp_path / "mine").symlink_to(with_val, target_is_directory=True)
+    except OSError:
+        pass
+    else:
+        assert "<!-- mine train -->" in plot_runs([tmp_path / "mine"], tmp_path / "link.svg").read_text(
+            encoding="utf-8")
     # a run of one logged step: its one point is drawn (a line through one point draws nothing)
     one = write_metrics(tmp_path / "one", [{"step": 1, "train_loss": 4.0, "tokens": 64, "elapsed_s": 0.5}])
     svg = plot_runs([one], tmp_path / "one.svg").read_text(encoding="utf-8")
