@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import errno
 import os
+import re
 import shlex
 import signal
 import sys
@@ -129,6 +130,11 @@ def _parse(f, args: list[str], prog: str, **kwargs):
         said, value = switch
         rest = [part for part in refusal.split("; ") if part != f"Unrecognized options: {value}"]
         refusal = "; ".join([said, *rest]) if len(rest) < len(refusal.split("; ")) else f"{said}; {refusal}"
+    missing = re.search(r"Missing value for argument '(--[\w.-]+)'", refusal)
+    if missing:  # (its value may be there, starting with a dash, which reads as another option: -run, -0.5)
+        i = args.index(missing[1]) if missing[1] in args else -1
+        if 0 <= i < len(args) - 1 and args[i + 1].startswith("-"):
+            refusal += f"; a value that starts with a dash is written {missing[1]}={shlex.quote(args[i + 1])}"
     raise FunGPTError(f"{refusal} (`{prog} --help` lists the options)") from None
 
 

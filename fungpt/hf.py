@@ -44,7 +44,7 @@ def hf_config(path: str | os.PathLike) -> GPTConfig:
     if isinstance(hf, dict) and {"data", "model", "train"} <= set(hf):
         quoted = shlex.quote(str(path))
         raise FunGPTError(f"'{path}' is a FunGPT run, not a Hugging Face GPT-2 folder: continue it with `fungpt "
-                          f"train --resume --out-dir {quoted}`, or make such a folder of it with `fungpt export --run "
+                          f"train --resume --out-dir={quoted}`, or make such a folder of it with `fungpt export --run "
                           f"{quoted} --out DIR`")
     if isinstance(hf, dict) and hf.get("model_type", "gpt2") != "gpt2":  # (before its keys: a Llama has none of them)
         raise FunGPTError(f"'{path}' holds a {hf['model_type']!r} model: only GPT-2 checkpoints can be loaded")

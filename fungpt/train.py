@@ -2241,7 +2241,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     if interrupted:
         if already_done(step, tc, clock.elapsed(), clock.timings()):  # (a resume would find nothing to train)
             how = "" if evaluated_at == step else (f"; its final eval was not done: `fungpt eval "
-                                                   f"{shlex.quote(str(out_dir))}` scores it")
+                                                   f"--run {shlex.quote(str(out_dir))}` scores it")
         else:
             how = f". Resume with the same command{resume_flags}"
         by = "" if stop_signal == signal.SIGINT else f" by {signal.Signals(stop_signal).name}"

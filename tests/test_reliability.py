@@ -557,7 +557,7 @@ def test_messages_give_advice_that_works_where_they_are_seen(world, tmp_path, ca
     with pytest.raises(FunGPTError, match=r"holds a 'llama' model: only GPT-2 checkpoints can be loaded$"):
         GPT.from_hf(llama)
     with pytest.raises(FunGPTError, match=r"is a FunGPT run, not a Hugging Face GPT-2 folder: continue it with "
-                                          r"`fungpt train --resume --out-dir .*run`"):
+                                          r"`fungpt train --resume --out-dir=.*run`"):
         GPT.from_hf(world["run"])
 
 
@@ -927,7 +927,7 @@ def test_ctrl_c_during_an_eval_leaves_it_and_saves_the_step(world, tmp_path, whi
     said = next(ln for ln in proc.stderr.splitlines() if "interrupted" in ln)
     if which == "final":
         assert said == (f"fungpt: interrupted at step {steps}; checkpoint saved; its final eval was not done: "
-                        f"`fungpt eval {out}` scores it")
+                        f"`fungpt eval --run {out}` scores it")
     else:
         assert said == f"fungpt: interrupted at step {stopped_at}; checkpoint saved. Resume with the same command " \
                        f"plus --resume"
@@ -1975,6 +1975,10 @@ TYRO_ERRORS = {
     "a misspelt option before the run": (["sample", "--max_new", "5", "{run}"],
                                          "error: Unrecognized options: --max_new; Perhaps you meant: "
                                          "--max-new-tokens (`fungpt sample --help` lists the options)"),
+    # a value that starts with a dash reads as another option: the refusal said only "Missing value"
+    "a value starting with a dash": (["sample", "x", "--prompt", "-To be"], "Missing value for argument '--prompt'. "
+                                     "Expected 1 values.; a value that starts with a dash is written "
+                                     "--prompt='-To be' (`"),
     # train's --config given to inspect, which reads a config as its run
     "inspect --config": (["inspect", "--config", "x.toml"], "error: fungpt inspect takes a config as it takes a run "
                          "folder, without a flag: fungpt inspect CONFIG.toml"),
