@@ -80,8 +80,8 @@ def hf_config(path: str | os.PathLike) -> GPTConfig:
             n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=n_embd, bias=True, pos_encoding="learned",
             activation=act, tie_embeddings=hf.get("tie_word_embeddings", True), norm="layernorm",
         )
-    except FunGPTError as e:  # (its checks name FunGPT's fields: block_size is n_positions there)
-        said = str(e).removesuffix(": fix its value")  # (FunGPT's field names: block_size is n_positions there)
+    except FunGPTError as e:  # (its checks name FunGPT's fields, said here by the file's names: n_positions, ...)
+        said = str(e).removesuffix(": fix its value")
         for ours, theirs in (("block_size", "n_positions"), ("tie_embeddings", "tie_word_embeddings")):
             said = said.replace(f"config {ours}=", f"config {theirs}=")
         raise FunGPTError(f"{path / 'config.json'} describes no GPT-2 that FunGPT can build ({said}): correct that "
@@ -296,7 +296,7 @@ def _head_differs(path: Path, hf_sd: dict[str, torch.Tensor]) -> bool:
     if head.shape != wte.shape:
         return True
     same = head.data_ptr() == wte.data_ptr() and head.stride() == wte.stride()  # (one tensor saved under two names)
-    return not (same or torch.equal(head, wte) or torch.allclose(head, wte, rtol=0, atol=0, equal_nan=True))
+    return not (same or torch.allclose(head, wte, rtol=0, atol=0, equal_nan=True))  # (equal, NaN as NaN)
 
 
 def _load_hf_weights(path: Path, meta: bool = False) -> dict[str, torch.Tensor]:

@@ -153,8 +153,8 @@ class RotaryPositions(NoPositions):
         return self._rotate_one(q, cos, sin), self._rotate_one(k, cos, sin)
 
 
-# Each encoding by its config name, built from a GPTConfig: a new one is added here only (POS_ENCODINGS, the names
-# GPTConfig accepts, and `fungpt positions` follow)
+# Each encoding by its config name, built from a GPTConfig: a new one is added here (POS_ENCODINGS, the names
+# GPTConfig accepts, follow; `fungpt positions` draws only the encodings viz.py knows how to picture)
 _MAKERS = {
     "learned": lambda c: LearnedPositions(c.block_size, c.n_embd),
     "sinusoidal": lambda c: SinusoidalPositions(c.block_size, c.n_embd),
