@@ -7,6 +7,7 @@ import os
 import re
 import secrets
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from fungpt.errors import FunGPTError, check_run_given, parse_json, utf8_text
 
 FIGSIZE = (8, 5)  # inches; the PNG is FIGSIZE * DPI pixels (800 x 500)
 DPI = 100
+LEGEND_WIDTH = 48  # characters per line of a run's name in the legend: about half the figure's width
 
 X_AXES = {  # --x choice: (metrics.jsonl key, axis label)
     "step": ("step", "optimizer step"),
@@ -84,6 +86,9 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
         names = [str(run) for run in runs]
     # a name's bytes that are not UTF-8 (Python holds them as lone surrogates) as U+FFFD: matplotlib refuses those
     names = [utf8_text(name) for name in names]
+    # a long name (a sweep's run folders, full paths) on lines of LEGEND_WIDTH: on one line it ran off the figure,
+    # and cut short it could lose the part that tells two runs apart
+    names = ["\n".join(textwrap.wrap(name, LEGEND_WIDTH)) or name for name in names]
     curves = []  # per run: its name, then its train and val curves as (xs, losses)
     for run, name in zip(runs, names):
         train, evals = read_metrics(run)

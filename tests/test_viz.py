@@ -473,7 +473,8 @@ def test_plot_runs_labels_runs_of_one_folder_name_by_their_paths(tmp_path, monke
     second = write_metrics(tmp_path / "y" / "run", [{"step": 1, "train_loss": 3.0}])
     drawn = record_plots(monkeypatch)
     plot_runs([first, second], tmp_path / "loss.svg")
-    assert [(label, ys) for label, _, ys in drawn] == [(f"{first} train", [4.0]), (f"{second} train", [3.0])]
+    assert [(label.replace("\n", ""), ys) for label, _, ys in drawn] == [(f"{first} train", [4.0]),
+                                                                           (f"{second} train", [3.0])]
 
 
 def test_plot_runs_draws_a_run_named_relative_and_absolute_once(tmp_path, monkeypatch):
@@ -952,3 +953,21 @@ def test_show_probs_shows_a_small_probability_as_such():
 
     assert [_probability(p) for p in (0.0341, 0.0005, 0.00031, 2.5e-9, 0.0, 1.0)] == [
         "0.034", "0.001", "3e-04", "3e-09", "0.000", "1.000"]
+
+
+def test_plot_runs_wraps_a_long_run_name_in_the_legend(tmp_path, monkeypatch):
+    """A sweep's long run folder names ran off the figure on one line (and tight_layout warned); cut short they could
+    lose the part that tells two runs apart: they are wrapped, whole."""
+    import warnings
+
+    from fungpt.plot import LEGEND_WIDTH
+
+    name = "sweep-" + "-".join(f"lr{i}e-4" for i in range(20))  # 141 characters
+    run = write_metrics(tmp_path / name, [{"step": 1, "train_loss": 4.0}, {"step": 2, "train_loss": 3.5}])
+    drawn = record_plots(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (matplotlib's "Tight layout not applied" when the legend did not fit)
+        plot_runs([run], tmp_path / "loss.png")
+    (label, _, _), = drawn
+    lines = label.removesuffix(" train").split("\n")
+    assert "".join(lines) == name and len(lines) > 1 and max(map(len, lines)) <= LEGEND_WIDTH
