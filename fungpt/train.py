@@ -441,15 +441,23 @@ def lock_holder(out: Path) -> str | None:
         return None  # unreadable, or a file system without locks: nothing to tell
 
 
+def make_out_dir(out: Path) -> None:
+    """Create the folder out (and its parents) unless it exists; an error says why in one line."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if out.is_symlink() and not out.exists():  # (mkdir says only "File exists")
+            raise FunGPTError(f"cannot create out_dir {out}: it is a link to {os.readlink(out)}, which does not "
+                              f"exist; create that folder, or choose another --out-dir") from None
+        raise FunGPTError(f"cannot create out_dir {out}: {e.strerror or e}") from None
+
+
 @contextlib.contextmanager
 def lock_out_dir(out: Path):
     """Create out if needed and hold its run lock until the block ends; refuse if another run holds it.
 
     Yields whether the lock is held (False on Windows and on file systems without locks)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FunGPTError(f"cannot create out_dir {out}: {e.strerror or e}") from None
+    make_out_dir(out)
     if fcntl is None:
         yield False
         return
@@ -705,10 +713,7 @@ def prepare_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, locked: bool 
         if not overwrite:
             print(f"fungpt: {out} held a run that stopped before its first checkpoint: starting it over")
         remove_run(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FunGPTError(f"cannot create out_dir {out}: {e.strerror or e}") from None
+    make_out_dir(out)
     if not os.access(out, os.W_OK):
         raise FunGPTError(f"out_dir {out} is not writable; choose another out_dir or fix its permissions")
     return out

@@ -1704,6 +1704,7 @@ def _files(world, tmp_path) -> dict[str, str]:
     (t / "unknown_section.toml").write_text("[optim]\nlr = 0.1\n")
     (t / "not_utf8.toml").write_bytes(b"[train]\nlr = \xff\n")
     (t / "a_file").write_text("x")
+    (t / "dangling").symlink_to("nowhere-yet")
     (t / "empty.txt").write_text("")
     (t / "utf16.txt").write_bytes("ROMEO:".encode("utf-16"))  # as Windows PowerShell's `>` writes it
     (t / "latin1.txt").write_bytes("ROMÉO:".encode("latin-1"))
@@ -1843,6 +1844,9 @@ BAD_INPUTS = {
     "resume with another model": ([*TRAIN, "--out-dir", "{other}", "--resume", *TINY_MODEL[:-2],
                                    "--model.block-size", "8"], "different model"),
     "out_dir is a file": ([*TRAIN, "--out-dir", "{tmp}/a_file"], "is a file"),
+    # (mkdir said only "File exists")
+    "out_dir is a link to nowhere": ([*TRAIN, "--out-dir", "{tmp}/dangling"], "dangling: it is a link to "
+                                     "nowhere-yet, which does not exist; create that folder, or choose another"),
     "out_dir empty (a shell variable unset)": ([*TRAIN, "--out-dir", ""], "out_dir is empty: give the run's folder"),
     "--config empty": ([*TRAIN, "--config="], "--config is empty: give a config file's path"),
     # tyro suggested the flag closest in spelling: --train.batch-size, another setting that then trains silently
