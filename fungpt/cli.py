@@ -734,7 +734,8 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
             _parse(COMMANDS[name], rest, f"fungpt {name}")
     except FunGPTError as e:
         # Under torchrun every process may fail alike: each says which it is, so that the lines read as copies
-        _say_error(f"error{_startup.rank_prefix()}: {e}")
+        # (a newline in a path it names is shown as \n, so that the error stays one line)
+        _say_error(f"error{_startup.rank_prefix()}: " + str(e).replace("\n", "\\n"))
         return 2
     except ModuleNotFoundError as e:
         # A package FunGPT needs, missing from a broken install (pyproject.toml lists them): matplotlib for plot

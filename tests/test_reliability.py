@@ -1845,6 +1845,7 @@ BAD_INPUTS = {
                                    "--model.block-size", "8"], "different model"),
     "out_dir is a file": ([*TRAIN, "--out-dir", "{tmp}/a_file"], "is a file"),
     # (mkdir said only "File exists")
+    "run path with a newline": (["sample", "--run", "{tmp}/my\nrun"], "my\\nrun does not exist"),  # (one line)
     "out_dir is a link to nowhere": ([*TRAIN, "--out-dir", "{tmp}/dangling"], "dangling: it is a link to "
                                      "nowhere-yet, which does not exist; create that folder, or choose another"),
     "out_dir empty (a shell variable unset)": ([*TRAIN, "--out-dir", ""], "out_dir is empty: give the run's folder"),
