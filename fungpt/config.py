@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fungpt.errors import FunGPTError, check_run_given, read_json
+from fungpt.errors import FunGPTError, check_field_types, check_run_given, read_json
 from fungpt.linear import CPU_MATMULS
 from fungpt.model import GPTConfig
 
@@ -64,6 +64,7 @@ class DataConfig:
     and the byte) or replace (each becomes U+FFFD, the replacement character)."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, lambda name: f"data.{name} = ")
         _check_choice("data", "tokenizer", self.tokenizer, TOKENIZERS)
         _check_choice("data", "errors", self.errors, ("strict", "replace"))
         if not 0.0 < self.val_fraction < 1.0:
@@ -167,6 +168,7 @@ class TrainConfig:
     """Weights & Biases project name."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, lambda name: f"train.{name} = ")
         for f in dataclasses.fields(self):  # nan passes every comparison below as False, inf most of them
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -238,6 +240,16 @@ class RunConfig:
     """The optimizer, schedule, batches, evals, checkpoints and hardware of the run."""
 
     def __post_init__(self) -> None:
+        # Each section as its dataclass (a dict of its settings is read as one), then out_dir as a str (or a path)
+        for name, klass in SECTIONS.items():
+            section = getattr(self, name)
+            if isinstance(section, dict):
+                setattr(self, name, _build_section(klass, section, f"RunConfig {name}",
+                                                   defaults=getattr(RunConfig(), name)))
+            elif not isinstance(section, klass):
+                raise FunGPTError(f"RunConfig {name} = {section!r} should be a {klass.__name__} (or a dict of its "
+                                  f"settings): e.g. RunConfig({name}={klass.__name__}(...))")
+        check_field_types(self, lambda name: f"RunConfig {name} = ")
         if not self.out_dir.strip():  # (e.g. --out-dir "$DIR" with DIR unset: the run would fill the current folder)
             raise FunGPTError("out_dir is empty: give the run's folder, e.g. --out-dir out/my-run (. for the "
                               "current folder)")

@@ -8,10 +8,15 @@ what is wrong and how to fix it, e.g.
 Also here: parse_json and read_json, JSON reading whose every failure is a ValueError, so that each reader of
 a run's JSON files can turn a damaged file into such a line ("X is corrupt"); why_download_failed, the short
 reason for such a line when a download fails; is_out_of_memory; utf8_path and utf8_text; said_on_ctrl_c, what a
-Ctrl-C left, said in the command's last line.
+Ctrl-C left, said in the command's last line; check_field_types, the type check of every config dataclass.
 """
 
 import contextlib
+import dataclasses
+import numbers
+import os
+import types
+import typing
 from collections.abc import Callable, Iterator
 
 
@@ -33,6 +38,45 @@ def said_on_ctrl_c(what_it_left: str | Callable[[], str | None]) -> Iterator[Non
         if type(e) is not KeyboardInterrupt or e.args or said is None:
             raise
         raise KeyboardInterrupt(said) from None
+
+
+def check_field_types(config, named: Callable[[str], str]) -> None:
+    """Check each field of the dataclass instance `config` against its annotation, converting in place where the
+    value means the same: any whole number (numpy's too) for an int, any real number for a float, a path for a str.
+    A wrong type is one FunGPTError, `named(field)` followed by the value: without this, `max_iters=1e1` trained
+    and then saved 10.0, which no later command could load, and `batch_size="4"` failed deep in a comparison.
+    Fields whose annotation is not a plain type (a Literal, Any) are left to the dataclass's own checks."""
+    try:
+        hints = typing.get_type_hints(type(config))  # (resolves annotations written as strings)
+    except Exception:  # (a class of yours whose annotations cannot be resolved: read them as written)
+        hints = {}
+    for f in dataclasses.fields(config):
+        value, hint = getattr(config, f.name), hints.get(f.name, f.type)
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        # (a field of yours may be optional, float | None, or a list[int]: checked as a list)
+        options = tuple(typing.get_origin(t) or t for t in (typing.get_args(hint) if union else (hint,)))
+        if typing.Any in options or not all(isinstance(t, type) for t in options):
+            continue
+        real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if isinstance(value, options) and (bool in options or not isinstance(value, bool)):
+            converted = value
+        elif int in options and isinstance(value, numbers.Integral) and real:
+            converted = int(value)  # (numpy's integers: stored as Python ints, which JSON and TOML take)
+        elif float in options and real:
+            try:
+                converted = float(value)
+            except OverflowError:  # an integer beyond any float
+                raise FunGPTError(f"{named(f.name)}an integer of {len(str(abs(value)))} digits is too large for a "
+                                  f"number: fix its value") from None
+        elif str in options and isinstance(value, os.PathLike) and isinstance(os.fspath(value), str):
+            converted = os.fspath(value)  # a pathlib.Path as a folder's name
+        else:
+            named_types = " or ".join("None" if t is type(None) else t.__name__ for t in options)
+            whole = (f" (a whole number: write {int(value)})" if int in options and isinstance(value, float)
+                     and value.is_integer() else "")
+            raise FunGPTError(f"{named(f.name)}{value!r} should be of type {named_types}{whole}: fix its value")
+        if converted is not value and type(converted) is not type(value):
+            setattr(config, f.name, converted)
 
 
 def check_run_given(run_dir) -> None:

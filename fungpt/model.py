@@ -29,8 +29,6 @@ import dataclasses
 import math
 import numbers
 import os
-import types
-import typing
 from collections.abc import Iterator
 
 import torch
@@ -38,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fungpt.decode import Decoder
-from fungpt.errors import FunGPTError
+from fungpt.errors import FunGPTError, check_field_types
 from fungpt.linear import Linear  # nn.Linear, with faster CPU kernels where measured (linear.py)
 from fungpt.positions import POS_ENCODINGS, NoPositions, make_positions
 from fungpt.sampling import sample_next_token  # logits -> next token (sampling.py); also imported from here
@@ -88,22 +86,8 @@ class GPTConfig:
     pretrained start the architecture comes from the checkpoint (see pretrained.py)."""
 
     def __post_init__(self):
-        # Types first, so that e.g. a YAML "1e-4" string gives a clear message.
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            # (a field of yours may be optional, float | None, or a list[int]: checked as a list; a Literal is not)
-            union = typing.get_origin(f.type) in (typing.Union, types.UnionType)
-            types_ = tuple(typing.get_origin(t) or t for t in (typing.get_args(f.type) if union else (f.type,)))
-            if typing.Any in types_ or not all(isinstance(t, type) for t in types_):
-                continue
-            ok = isinstance(value, types_) and not (bool not in types_ and isinstance(value, bool))
-            number = next((t for t in (int, float) if t in types_), None)
-            if number and isinstance(value, numbers.Integral) and not isinstance(value, bool):
-                ok = True  # also numpy's integers: stored as Python ints (JSON and TOML take those)
-                setattr(self, f.name, number(value))
-            if not ok:
-                named = " or ".join("None" if t is type(None) else getattr(t, "__name__", str(t)) for t in types_)
-                raise FunGPTError(f"model config {f.name}={value!r} should be of type {named}: fix its value")
+        # Types first, so that e.g. a YAML "1e-4" string gives a clear message (a numpy integer is stored as an int)
+        check_field_types(self, lambda name: f"model config {name}=")
         for name, most in MAX_SIZES.items():
             if getattr(self, name) <= 0:
                 raise FunGPTError(f"model config {name}={getattr(self, name)} must be positive: set it to at least 1")

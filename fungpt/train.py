@@ -1784,6 +1784,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
 
     One run at a time in a process: a run seeds and draws from torch's global random streams (weights, dropout,
     batches), so two runs in two threads drew from each other's, and neither could be repeated."""
+    cfg = checked_again(cfg)
     if not _ONE_RUN.acquire(blocking=False):
         raise FunGPTError("another train() is running in this process: a run draws from torch's global random "
                           "streams, which two runs at once would share; train one at a time, or in separate "
@@ -1796,6 +1797,18 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
 
 
 _ONE_RUN = threading.Lock()  # held by the train() running in this process
+
+
+def checked_again(cfg: RunConfig) -> RunConfig:
+    """cfg, its checks run again: a setting changed after the config was built (`cfg.train.lr = -1` in a notebook,
+    a section replaced by a dict) skipped the checks of the dataclasses' __post_init__."""
+    if not isinstance(cfg, RunConfig):
+        raise FunGPTError(f"train() takes a RunConfig, not {type(cfg).__name__}: e.g. train(load_config("
+                          f"'shakespeare-char-cpu')), or train(RunConfig(out_dir=..., model=GPTConfig(...)))")
+    cfg.__post_init__()  # (first: each section as its dataclass)
+    for section in (cfg.data, cfg.model, cfg.train):
+        section.__post_init__()  # (a subclass's own checks included)
+    return cfg
 
 
 def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_time: float | None,

@@ -821,6 +821,44 @@ def test_two_runs_at_once_in_one_process_are_refused(corpus, tmp_path, monkeypat
     assert train(tiny_config(corpus, tmp_path / "b"), progress=False) == {"step": 0}  # one after the other: fine
 
 
+def test_configs_built_in_python_are_type_checked_and_checked_again_by_train(corpus, tmp_path):
+    """From a notebook: max_iters=1e1 trained and saved 10.0, which no later command could load; batch_size=2.5 and
+    lr="1e-3" failed deep in torch or a comparison; a Path for out_dir was an AttributeError; a dict for a section,
+    or a setting changed after the config was built (cfg.train.lr = -1), failed (or not) only once training began."""
+    import numpy as np
+
+    for make, said in ((lambda: TrainConfig(max_iters=1e1), "train.max_iters = 10.0 should be of type int (a whole "
+                                                             "number: write 10): fix its value"),
+                       (lambda: TrainConfig(batch_size=2.5), "train.batch_size = 2.5 should be of type int"),
+                       (lambda: TrainConfig(lr="1e-3"), "train.lr = '1e-3' should be of type float"),
+                       (lambda: TrainConfig(compile="no"), "train.compile = 'no' should be of type bool"),
+                       (lambda: DataConfig(val_fraction="0.1"), "data.val_fraction = '0.1' should be of type float"),
+                       (lambda: RunConfig(model=3), "RunConfig model = 3 should be a GPTConfig (or a dict of its "
+                                                    "settings)"),
+                       (lambda: RunConfig(train={"max_iter": 3}), "RunConfig train: unknown setting(s) ['max_iter'] "
+                                                                  "(did you mean max_iters for max_iter?)")):
+        with pytest.raises(FunGPTError) as e:
+            make()
+        assert str(e.value).startswith(said), str(e.value)
+    # what means the same is taken as it is meant
+    tc = TrainConfig(max_iters=np.int64(5), lr=np.float32(0.5))
+    assert (type(tc.max_iters), tc.max_iters, type(tc.lr), tc.lr) == (int, 5, float, 0.5)
+    cfg = RunConfig(out_dir=tmp_path / "run", data=DataConfig(path=Path(corpus)), train={"max_iters": 3})
+    assert cfg.out_dir == str(tmp_path / "run") and cfg.data.path == str(corpus) and cfg.train == TrainConfig(
+        max_iters=3)
+    # train() checks again: what was changed since, and what is not a config at all; nothing is written
+    cfg = tiny_config(corpus, tmp_path / "later")
+    cfg.train.lr = -1
+    with pytest.raises(FunGPTError, match=r"^train.lr = -1.0 must be positive"):
+        train(cfg, progress=False)
+    cfg.train.lr, cfg.train.max_iters = 1e-3, 2.0
+    with pytest.raises(FunGPTError, match=r"^train.max_iters = 2.0 should be of type int"):
+        train(cfg, progress=False)
+    with pytest.raises(FunGPTError, match=r"^train\(\) takes a RunConfig, not str: e.g. train\(load_config\("):
+        train("shakespeare-char-cpu", progress=False)
+    assert not (tmp_path / "later").exists()
+
+
 def test_toml_then_cli_precedence(tmp_path, monkeypatch, corpus, capsys):
     cfg_file = tmp_path / "c.toml"
     cfg_file.write_text(f'out_dir = "{tmp_path / "o"}"\n[data]\npath = "{corpus}"\n'
