@@ -1252,8 +1252,10 @@ def check_loggers(tc: TrainConfig) -> None:
 class MetricsLog:
     """metrics.jsonl (one JSON object per line, always), plus TensorBoard and wandb when asked."""
 
-    def __init__(self, out_dir: Path, cfg: RunConfig, keep_until_step: int | None):
-        """keep_until_step: resuming, the checkpoint's step (its rows and events are kept, the later ones dropped)."""
+    def __init__(self, out_dir: Path, cfg: RunConfig, keep_until_step: int | None, redo_eval: bool = False):
+        """keep_until_step: resuming, the checkpoint's step (its rows and events are kept, the later ones dropped).
+        redo_eval: the resume evaluates that step again (a signal had left its eval): an eval row logged for it by
+        an earlier resume is dropped too."""
         self.path = out_dir / "metrics.jsonl"
         if self.path.is_symlink():  # (a link: resuming read its target, wherever it is; appending created a dangling
             self.path.unlink()      # one's target outside the run folder)
@@ -1261,7 +1263,8 @@ class MetricsLog:
             # Resuming: drop rows logged after the checkpoint, which the resumed run will redo.
             # (errors="replace": a damaged byte makes its row unreadable, dropped below, not the resume fail)
             rows = [r for r in self.path.read_text(encoding="utf-8", errors="replace").splitlines() if r.strip()]
-            kept = [r for r in rows if _row_step(r) <= keep_until_step]
+            kept = [r for r in rows if _row_step(r) < keep_until_step or _row_step(r) == keep_until_step
+                    and not (redo_eval and '"val_loss"' in r)]
             ckpt.atomic_write_text(self.path, "".join(r + "\n" for r in kept))
         elif self.path.exists():
             self.path.unlink()
@@ -1580,6 +1583,7 @@ class Resumed:
     best_val: float = float("inf")
     elapsed_s: float = 0.0  # the run's wall seconds before this command
     evaluated: bool = False  # an eval set best_val (at step 0: the step-0 eval, in metrics.jsonl already)
+    eval_left: bool = False  # a signal left the eval of the checkpoint's step: the resume does it first
     # The lr schedule's origins on the run's clock (budget.TimeBudget.start_schedule): the seconds that are not
     # schedule time (setup before step 1, each resume's start-up, compiles; None: saved at step 0), and the origin
     # the lr follows (budget.continuous_origin; None: checkpoints from before it was saved)
@@ -1632,8 +1636,12 @@ def load_training_state(folder: Path, manifest: dict[str, Any], optimizer: torch
             if device == "cuda" and "cuda" in rng:
                 torch.cuda.set_rng_state(rng["cuda"])
         per_step = state.get("tokens_per_step")
+        eval_left = state.get("eval_left", False)  # (checkpoints from before it was saved: False)
+        if not isinstance(eval_left, bool):
+            raise TypeError(f"eval_left is {eval_left!r:.60}, not true or false")
         was = Resumed(step=step, best_val=best_val, elapsed_s=float(state["elapsed_s"]),
-                      evaluated=math.isfinite(best_val), schedule_origin=schedule_origin, lr_origin=lr_origin,
+                      evaluated=math.isfinite(best_val), eval_left=eval_left, schedule_origin=schedule_origin,
+                      lr_origin=lr_origin,
                       timings=timings, tokens=tokens, tokens_per_step=per_step if isinstance(per_step, int) else None,
                       processes=processes, parked_loaders=loaders[ddp.world_size:],
                       parked_rngs=state["rng"][ddp.world_size:], streams=len(loaders))
@@ -2003,7 +2011,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     # Once per run, not per step: each walks the module tree (~55 us for the 4 x 128 model)
     params = list(model.parameters())  # for gradient clipping
     flops_per_step = model.flops_per_token() * tokens_per_step  # for the logged MFU
-    log = MetricsLog(out_dir, cfg, keep_until_step=step if folder is not None else None) if ddp.is_main else None
+    log = MetricsLog(out_dir, cfg, keep_until_step=step if folder is not None else None,
+                     redo_eval=resumed.eval_left) if ddp.is_main else None
     if log is not None:  # closed also when the run fails (TensorBoard's writer thread outlived each failed train())
         held.push(lambda kind, error, tb: log.close(failed=kind is not None))  # (returns None: the error goes on)
     # The run's clock: elapsed time, the measured durations, and with a time budget when to stop and where the lr
@@ -2051,7 +2060,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             state = {"step": step, "tokens": tokens_seen, "tokens_per_step": tokens_per_step,
                      "best_val": best_val, "elapsed_s": clock.elapsed(),
                      "schedule_origin_s": clock.schedule_origin, "lr_origin_s": clock.lr_origin,
-                     "timings": clock.timings(),
+                     "timings": clock.timings(), "eval_left": eval_left_at == step,
                      "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "processes": ddp.world_size,
                      "loader": loaders + resumed.parked_loaders, "rng": rngs + resumed.parked_rngs}
@@ -2105,6 +2114,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     losses: dict[str, float] = {}
     last_loss = float("nan")
     evaluated_at = saved_at = -1  # the steps of the last periodic eval and checkpoint (the final ones reuse them)
+    eval_left_at = -1  # the step whose periodic eval a signal left (its checkpoint says so: the resume does it)
     # (a resume from a step-0 checkpoint whose best_val was set: that eval is in metrics.jsonl already)
     if step == 0 and clock.budget_s is None and not resumed.evaluated:
         evaluated_at = 0
@@ -2139,6 +2149,15 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 clock.eval_estimated(estimate_eval_time(model, data_dir, cfg, device, autocast, per_window),
                                      other_evals=evals_changed(saved_train, tc), margin=EVAL_MARGIN)
         clock.plan_compiled_step(per_window)  # (torch.compile: caps the first step's time, mostly compiling)
+    if resumed.eval_left and step < tc.max_iters:
+        # A signal left this step's eval: done now, before the steps after it, so that the curve and the best
+        # checkpoint are the uninterrupted run's (the eval changes no training state: its own batches, no dropout)
+        t0 = time.time()
+        doing = f"during the eval of step {step}, which the interruption had left"
+        losses, evaluated_at = do_eval(), step
+        clock.eval_times.append(time.time() - t0)
+        say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} (the eval the "
+            f"interruption left)")
     clock.start_schedule(elapsed_before)
     fwd_model.train()
     start_step = step
@@ -2210,7 +2229,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 t0 = time.time()
                 with interrupt.evaluating():
                     scored = do_eval(interrupt)
-                if scored is not None:  # (None: a signal left the eval; the loop stops before the next step)
+                if scored is None:  # a signal left the eval; the loop stops before the next step
+                    eval_left_at = step
+                else:
                     losses, evaluated_at = scored, step
                     clock.eval_times.append(time.time() - t0)
                     said = f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"

@@ -931,6 +931,34 @@ def test_ctrl_c_during_an_eval_leaves_it_and_saves_the_step(world, tmp_path, whi
     else:
         assert said == f"fungpt: interrupted at step {stopped_at}; checkpoint saved. Resume with the same command " \
                        f"plus --resume"
+        # The resume does the eval the signal left, first: its row and the best checkpoint are the uninterrupted
+        # run's (it was never done: a better val loss at that step could not become the best)
+        straight = tmp_path / "straight"
+        assert main([str(a) if a != out else str(straight) for a in argv]) == 0
+        assert main([*map(str, argv), "--resume"]) == 0
+
+        def evals(run):
+            return [(r["step"], r["val_loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text()
+                                                            .splitlines()) if "val_loss" in r]
+
+        assert evals(out) == evals(straight) and [step for step, _ in evals(out)] == [0, 4, 8]
+        assert ckpt.saved_step(out, "best") == ckpt.saved_step(straight, "best")
+
+
+def test_a_resume_that_evaluates_its_step_again_keeps_one_eval_row_for_it(tmp_path):
+    """A second resume of a step whose eval a signal left (interrupted again before the next checkpoint) logged its
+    eval row twice."""
+    from fungpt.train import MetricsLog
+
+    rows = [{"step": 0, "train_loss": 4.0, "val_loss": 4.1}, {"step": 4, "train_loss": 3.0},
+            {"step": 4, "train_loss": 3.1, "val_loss": 3.2}, {"step": 5, "train_loss": 2.9}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = RunConfig(out_dir=str(tmp_path))
+    MetricsLog(tmp_path, cfg, keep_until_step=4, redo_eval=True).close()
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == rows[:2]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    MetricsLog(tmp_path, cfg, keep_until_step=4).close()  # (a resume that does not: the row stays)
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == rows[:3]
 
 
 _CTRL_C_IN_THE_SECOND_EVAL = """
