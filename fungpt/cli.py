@@ -502,7 +502,8 @@ def attention_command(run: RunFolder, prompt: str, layer: int | None = None, hea
 
 
 def positions_command(pos_encoding: Literal["auto", "learned", "sinusoidal", "rope", "none"] = "auto",
-                      run: str | None = None, out: str = "positions.png") -> None:
+                      run: str | None = None, out: str = "positions.png",
+                      checkpoint: Literal["last", "best"] = "last") -> None:
     """Draw a position encoding: sinusoidal table, RoPE frequencies and relative scores, or a learned table.
 
     Args:
@@ -511,23 +512,32 @@ def positions_command(pos_encoding: Literal["auto", "learned", "sinusoidal", "ro
         run: A run folder: its shape (context, width, heads) is used, and for learned its trained table.
             Without it, the shape is the shakespeare-char-cpu model's (and learned has no table to draw).
         out: Image to write (.png, .svg or .pdf).
+        checkpoint: For a learned table: last (latest weights) or best (lowest val loss).
     """
     from fungpt.viz import plot_positions
 
-    loaded = None
-    if run is not None:
+    if run is None:
+        if pos_encoding == "auto":
+            raise FunGPTError("say which encoding to draw: --pos-encoding sinusoidal|rope, or pass --run RUN to draw "
+                              "its own (a learned table exists only in a trained run)")
+        print(f"fungpt: wrote {plot_positions(pos_encoding, out)}")
+        return
+    from fungpt.config import load_run_config
+
+    model = load_run_config(run).model  # the run's shape (and encoding): its config.json
+    if pos_encoding == "auto":
+        pos_encoding = model.pos_encoding
+        if pos_encoding == "none":
+            raise FunGPTError(f"{run} has pos_encoding = 'none': there is no position encoding to draw; pass "
+                              f"--pos-encoding sinusoidal or rope to draw one at its shape")
+    if pos_encoding == "learned":  # a trained table: the run's weights
         from fungpt.runs import load_run
 
-        loaded = load_run(run, "last", "cpu")
-        if pos_encoding == "auto":
-            pos_encoding = loaded.config.model.pos_encoding
-            if pos_encoding == "none":
-                raise FunGPTError(f"{run} has pos_encoding = 'none': there is no position encoding to draw; pass "
-                                  f"--pos-encoding sinusoidal or rope to draw one at its shape")
-    if pos_encoding == "auto":
-        raise FunGPTError("say which encoding to draw: --pos-encoding sinusoidal|rope, or pass --run RUN to draw its "
-                          "own (a learned table exists only in a trained run)")
-    print(f"fungpt: wrote {plot_positions(pos_encoding, out, run=loaded)}")
+        path = plot_positions(pos_encoding, out, run=load_run(run, checkpoint, "cpu"))
+    else:  # a formula at the run's shape: no weights to load
+        path = plot_positions(pos_encoding, out, block_size=model.block_size, n_embd=model.n_embd,
+                              n_head=model.n_head, rope_base=model.rope_base, name=Path(run).name or str(run))
+    print(f"fungpt: wrote {path}")
 
 
 def serve_command(run: RunFolder, host: str = "127.0.0.1", port: int = 8000,

@@ -70,7 +70,7 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
     """
     if x not in X_AXES:
         raise FunGPTError(f"--x {x!r} is not valid: choose one of {', '.join(X_AXES)}")
-    out = Path(out)
+    out = Path(out).expanduser()  # (~ quoted on a command line reaches us as it is)
     if out.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise FunGPTError(f"--out {out} must end in .png, .svg or .pdf")
     if not runs:

@@ -190,7 +190,10 @@ def _sample_showing_probs(loaded: LoadedRun, idx: torch.Tensor, max_new_tokens: 
         shown = "the model's own softmax (greedy picks the top one)" if temperature == 0 else \
             (f"after temperature {temperature}, top-k {top_k or 'off'}, top-p {top_p or 'off'}: the distribution "
              f"sampled from")
-        out.write(f"{'step':>5}  {'token':>6} {'p':>5}   | top {show_top} candidates, probabilities {shown}\n")
+        # as many as there are: the vocabulary, top-k's; top-p keeps a share that changes from step to step
+        most = min(show_top, loaded.config.model.vocab_size, top_k if top_k and temperature != 0 else show_top)
+        upto = "up to " if top_p and temperature != 0 and most > 1 else ""
+        out.write(f"{'step':>5}  {'token':>6} {'p':>5}   | top {upto}{most} candidates, probabilities {shown}\n")
     new: list[int] = []
     stream = loaded.model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                           generator=gen, yield_logits=True)

@@ -112,7 +112,7 @@ def wrap_title(title: str, width_inches: float) -> str:
 
 
 def _check_out(out: str | Path) -> Path:
-    out = Path(out)
+    out = Path(out).expanduser()  # (~ quoted on a command line reaches us as it is)
     if out.suffix.lower() not in SUFFIXES:
         raise FunGPTError(f"--out {out} must end in .png, .svg or .pdf")
     return out
@@ -259,12 +259,14 @@ POSITION_FIGSIZE = {"sinusoidal": (15.0, 4.6), "rope": (15.0, 4.6), "learned": (
 
 
 def plot_positions(kind: str, out: str | Path, run=None, block_size: int | None = None,
-                   n_embd: int | None = None, n_head: int | None = None, rope_base: float | None = None) -> Path:
+                   n_embd: int | None = None, n_head: int | None = None, rope_base: float | None = None,
+                   name: str | None = None) -> Path:
     """Draw a position encoding (see `fungpt positions --help`).
 
     kind: learned, sinusoidal or rope. run: a LoadedRun (from fungpt.runs.load_run) whose shape
     (block_size, n_embd, n_head, rope_base) is used; required for learned, whose table is trained.
-    Without a run, the shape comes from the arguments, defaulting to the shakespeare-char-cpu model.
+    Without a run, the shape comes from the arguments, defaulting to the shakespeare-char-cpu model. name: the
+    figure's title names it (by default the run's folder).
       sinusoidal: the table (position x channel) and its dot products between positions
       rope:       the rotation frequency of every pair, cos(m theta_i), and the relative-position scores
       learned:    the trained table and the cosine similarity of every two positions
@@ -281,7 +283,7 @@ def plot_positions(kind: str, out: str | Path, run=None, block_size: int | None 
     n_embd = n_embd or cfg.n_embd
     n_head = n_head or cfg.n_head
     rope_base = rope_base or cfg.rope_base
-    name = f"{run.run_dir.name}: " if run is not None else ""
+    name = f"{name}: " if name else f"{run.run_dir.name}: " if run is not None else ""
     if kind in ("sinusoidal", "learned"):
         table = position_table(kind, block_size, n_embd, run.model if run is not None else None)  # (T, C)
         n_panels = 3 if kind == "sinusoidal" else 2
@@ -329,9 +331,9 @@ def plot_positions(kind: str, out: str | Path, run=None, block_size: int | None 
         fig.colorbar(im, ax=axes[1], label="cos(m theta_i)")
         scores = rope_relative_scores(block_size, hs, rope_base)
         im = axes[2].imshow(scores.numpy(), cmap="viridis", interpolation="nearest")
-        axes[2].set(title="(R(m)q).(R(n)k): depends only on n - m", xlabel="key position n",
+        axes[2].set(title="(R(m)q).(R(n)k) / sqrt(hs): depends only on n - m", xlabel="key position n",
                     ylabel="query position m")
-        fig.colorbar(im, ax=axes[2], label="score (R(m)q).(R(n)k)")
+        fig.colorbar(im, ax=axes[2], label="attention score (R(m)q).(R(n)k) / sqrt(hs)")
     for ax in axes:
         ax.title.set_fontsize(10)
     fig.suptitle(f"{name}{kind} position encoding (block_size {block_size}, n_embd {n_embd}, "

@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import re
+import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fungpt import checkpoint as ckpt
 from fungpt.cli import main
 from fungpt.config import DataConfig, RunConfig, TrainConfig, load_run_config
 from fungpt.errors import FunGPTError
@@ -323,6 +325,32 @@ def test_positions_of_a_run_without_positions_says_so(run_dir, tmp_path, monkeyp
     assert main(["positions", "--run", str(tmp_path / "nopos"), "--out", str(tmp_path / "p.png")]) == 2
     assert "has pos_encoding = 'none': there is no position encoding to draw; pass --pos-encoding sinusoidal or " \
            "rope" in capsys.readouterr().err
+
+
+def test_positions_of_a_run_with_only_a_best_checkpoint_or_damaged_weights(run_dir, tmp_path, monkeypatch, capsys):
+    """A run with only its best checkpoint was told to pass --checkpoint best, which positions did not have; and a
+    formula's picture (RoPE, sinusoidal) loaded the weights it does not need, refusing a run whose weights were
+    damaged. A quoted ~ in --out made a folder named ~."""
+    run = tmp_path / "bestonly"
+    shutil.copytree(run_dir, run)
+    best = tmp_path / "best-only"  # a run with `best` and no `latest`
+    shutil.copytree(run_dir, best)
+    if ckpt.find_checkpoint(best, "best") is None:
+        pytest.skip("the fixture run saved no best checkpoint")
+    shutil.rmtree(ckpt.find_checkpoint(best, "latest"))
+    (best / "latest.json").unlink(missing_ok=True)
+    out = tmp_path / "p.png"
+    assert main(["positions", "--run", str(best), "--out", str(out)]) == 2
+    assert "pass --checkpoint best" in capsys.readouterr().err
+    assert main(["positions", "--run", str(best), "--checkpoint", "best", "--out", str(out)]) == 0
+    check_png(out, POSITION_FIGSIZE["learned"])
+    # RoPE at a run's shape, its weights damaged: drawn from its config.json
+    for weights in run.glob("checkpoints/*/model.safetensors"):
+        weights.write_bytes(b"damaged")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["positions", "--run", str(run), "--pos-encoding", "rope", "--out", "~/rope.png"]) == 0
+    check_png(tmp_path / "rope.png", POSITION_FIGSIZE["rope"])
+    assert f"fungpt: wrote {tmp_path / 'rope.png'}" in capsys.readouterr().out
 
 
 def test_rope_positions_of_an_odd_head_size_are_refused_in_one_line(tmp_path):
@@ -862,6 +890,18 @@ def test_show_probs_shows_the_drawn_tokens_probability_under_the_sampling_settin
     assert shown[0][0] == ["b", f"{probs[1]:.3f}"] and shown[1][0] == ["a", f"{probs[0]:.3f}"]
     listing = [(text, f"{q:.3f}") for text, q in zip("abc", probs.tolist()) if q > 0]
     assert shown[0][1] == [x for pair in listing for x in pair]  # (top-k 2: two candidates)
+    # the header says as many as a line can show (it said "top 3" over lines of top-k's 2)
+    assert f"| top {top_k or 3} candidates, probabilities" in out.getvalue()
+
+
+def test_show_probs_header_counts_the_candidates_a_line_can_show(run_dir):
+    """--show-top 1000 on a 65-character model said "top 1000 candidates"; under top-p, as many as its share holds."""
+    vocab = load_run_config(run_dir).model.vocab_size
+    for flags, said in ((dict(show_top=1000), f"top {vocab} candidates"), (dict(top_p=0.5, top_k=None), "top up to 5 "),
+                        (dict(show_top=12, top_k=3, temperature=0.0), "top 12 candidates")):  # (greedy: unfiltered)
+        out = io.StringIO()
+        sample(run_dir, prompt="a", max_new_tokens=1, out=out, show_probs=True, device="cpu", **flags)
+        assert said in out.getvalue().splitlines()[1], (flags, out.getvalue())
 
 
 def test_show_probs_same_text_and_one_line_per_token(run_dir):
