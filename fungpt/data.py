@@ -73,7 +73,7 @@ import torch
 from tqdm import tqdm
 
 from fungpt.checkpoint import STALE_TEMP_S, fsync_dir, open_new_temp, sync_folder, temp_stem
-from fungpt.errors import FunGPTError, read_json
+from fungpt.errors import FunGPTError, check_number, read_json
 from fungpt.tokenizer import (
     BPE_FILE,
     DEFAULT_BPE_VOCAB,
@@ -732,7 +732,10 @@ def prepare(
         raise FunGPTError(f"--vocab-size only applies to --tokenizer bpe, not {tokenizer}; leave it out")
     if tokenizer == "bpe" and vocab_size is not None:
         check_bpe_vocab_size(vocab_size)
-    if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+        vocab_size = int(vocab_size)  # (a numpy integer: as a Python int, which the tokenizers library and JSON take)
+    check_number(val_fraction, "val_fraction", whole=False)
+    val_fraction = float(val_fraction)
+    if not 0 < val_fraction < 1:
         raise FunGPTError(
             f"val fraction must be between 0 and 1 (exclusive), got {val_fraction}; e.g. --val-fraction 0.1"
         )

@@ -8,7 +8,8 @@ what is wrong and how to fix it, e.g.
 Also here: parse_json and read_json, JSON reading whose every failure is a ValueError, so that each reader of
 a run's JSON files can turn a damaged file into such a line ("X is corrupt"); why_download_failed, the short
 reason for such a line when a download fails; is_out_of_memory; utf8_path and utf8_text; said_on_ctrl_c, what a
-Ctrl-C left, said in the command's last line; check_field_types, the type check of every config dataclass.
+Ctrl-C left, said in the command's last line; check_field_types, the type check of every config dataclass, and
+check_number, a function argument's.
 """
 
 import contextlib
@@ -77,6 +78,14 @@ def check_field_types(config, named: Callable[[str], str]) -> None:
             raise FunGPTError(f"{named(f.name)}{value!r} should be of type {named_types}{whole}: fix its value")
         if converted is not value and type(converted) is not type(value):
             setattr(config, f.name, converted)
+
+
+def check_number(value, named: str, whole: bool = False) -> None:
+    """Refuse a value that is not a number (a whole number with whole=True), in one line naming it: a library
+    caller's seed="1" or top_k=2.5 failed deep in a comparison or in torch. numpy's numbers are numbers."""
+    kind = numbers.Integral if whole else numbers.Real
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise FunGPTError(f"{named} {value!r} should be {'a whole number' if whole else 'a number'}")
 
 
 def check_run_given(run_dir) -> None:

@@ -479,6 +479,9 @@ class GPT(nn.Module):
         earlier text and check all guesses in one forward pass. The output is the same greedy
         sequence; it arrives sooner when the text repeats itself.
         """
+        if not isinstance(idx, torch.Tensor):  # (a list of ids: torch.tensor([ids]) makes the tensor)
+            raise FunGPTError(f"generate takes the prompt as a (B, T) tensor of token ids, got a "
+                              f"{type(idx).__name__}: e.g. torch.tensor([ids]) for one sequence")
         if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int):
             raise FunGPTError(f"generate takes the prompt as a (B, T) integer tensor of token ids (torch.long), "
                               f"got {idx.dtype} of shape {tuple(idx.shape)}: for one sequence use ids[None]")

@@ -10,7 +10,7 @@ import torch
 
 from fungpt import checkpoint as ckpt
 from fungpt.config import RunConfig, load_run_config
-from fungpt.errors import FunGPTError, check_run_given, read_json
+from fungpt.errors import FunGPTError, check_number, check_run_given, read_json
 from fungpt.hardware import detect_precision
 from fungpt.linear import cpu_matmul
 from fungpt.model import GPT
@@ -175,8 +175,9 @@ def data_dir_of(run_dir: str | Path) -> Path:
 def seeded_generator(seed: int, device: str) -> torch.Generator:
     # torch's generators also take negative seeds, as the same 64 bits as a large one (-1 is 2**64 - 1): one
     # range, the training seed's and the explorer's, keeps one seed one text everywhere
+    check_number(seed, "--seed", whole=True)
     if not 0 <= seed < 2**63:
         raise FunGPTError(f"--seed {seed} is out of range: use a whole number from 0 to 2**63 - 1")
     g = torch.Generator(device=device)
-    g.manual_seed(seed)
+    g.manual_seed(int(seed))  # (a numpy integer: as a Python int, which manual_seed takes)
     return g

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from fungpt.data import data_fingerprint, encode_file, eval_windows, load_meta, refuse_utf16_or_32
-from fungpt.errors import FunGPTError, read_json
+from fungpt.errors import FunGPTError, check_number, read_json
 from fungpt.pretrained import is_pretrained
 from fungpt.runs import LoadedRun, data_dir_of, load_run, seeded_generator
 from fungpt.sampling import sampling_probs
@@ -82,6 +82,11 @@ def check_options(*, num_samples: int = 1, max_new_tokens: int = 0, temperature:
                   prompt_file: str | None = None) -> None:
     """Refuse sample()'s settings that cannot work, before anything is loaded (the sample command checks them
     before its note on the run, too)."""
+    # (numbers from Python: the command line's parser has checked its own)
+    for named, value, whole in (("--show-top", show_top, True), ("--num-samples", num_samples, True),
+                                ("--max-new-tokens", max_new_tokens, True), ("--temperature", temperature, False),
+                                ("--top-k", top_k or 1, True), ("--top-p", top_p or 1.0, False)):  # (None: off)
+        check_number(value, named, whole)
     if show_top <= 0:
         raise FunGPTError(f"--show-top {show_top} must be positive")
     if num_samples <= 0:

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fungpt.errors import FunGPTError, read_json, utf8_path, utf8_text, why_download_failed
+from fungpt.errors import FunGPTError, check_number, read_json, utf8_path, utf8_text, why_download_failed
 
 EOT_TEXT = "<|endoftext|>"
 META_FILE = "tokenizer_meta.json"
@@ -678,7 +678,8 @@ MAX_BPE_VOCAB = 1 << 20
 
 def check_bpe_vocab_size(vocab_size: int) -> None:
     """Refuse vocabulary sizes that byte-level BPE cannot honour."""
-    if not isinstance(vocab_size, int) or vocab_size < MIN_BPE_VOCAB:
+    check_number(vocab_size, "vocab size", whole=True)
+    if vocab_size < MIN_BPE_VOCAB:
         raise FunGPTError(
             f"vocab size {vocab_size} is too small for byte-level BPE: it needs at least "
             f"{MIN_BPE_VOCAB} (256 bytes + {EOT_TEXT})"

@@ -1011,7 +1011,8 @@ def schedule_notes(tc: TrainConfig, new_run: bool) -> list[str]:
     """Notes on an lr schedule that does not do what its settings suggest (a warmup that never ends, or runs into
     the decay; a decay over before the warmup is)."""
     notes, w = [], tc.warmup_iters
-    if w >= tc.max_iters and not tc.max_minutes:  # e.g. a preset shortened with --train.max-iters
+    # e.g. a preset shortened with --train.max-iters (max_iters = 0, no step at all, needs no note of the lr)
+    if w >= tc.max_iters > 0 and not tc.max_minutes:
         notes.append(f"fungpt: note: train.warmup_iters = {w} is not below the run's {tc.max_iters} steps, so the "
                      f"learning rate never reaches train.lr = {tc.lr:g}; lower warmup_iters to reach it")
     # WSD's decay window counts the warmup in (get_lr): a warmup that runs into it ends on a drop of the lr

@@ -289,6 +289,8 @@ def test_generate_refuses_ids_it_cannot_embed_in_one_line():
     for dtype in (torch.uint8, torch.int16, torch.bool, torch.float32):
         with pytest.raises(FunGPTError, match=f"got {dtype} of shape"):
             model.generate(torch.ones(1, 3, dtype=dtype), 2)
+    with pytest.raises(FunGPTError, match=r"got a list: e.g. torch.tensor\(\[ids\]\) for one sequence"):
+        model.generate([[1, 2, 3]], 2)  # (was: 'list' object has no attribute 'dim')
     for bad in (-1, 50):
         with pytest.raises(FunGPTError, match=rf"token id {bad}, outside this model's vocabulary \(0..49\)"):
             model.generate(torch.tensor([[1, bad, 2]]), 2)

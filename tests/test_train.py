@@ -260,6 +260,8 @@ def test_a_warmup_as_long_as_the_run_is_pointed_out(corpus, tmp_path, capsys):
            "0.003" in capsys.readouterr().out
     train(tiny_config(corpus, tmp_path / "b", max_iters=3, warmup_iters=2), progress=False)
     assert "warmup_iters" not in capsys.readouterr().out
+    from fungpt.train import schedule_notes  # (max_iters 0, no step: "... is not below the run's 0 steps" was noise)
+    assert schedule_notes(TrainConfig(max_iters=0, warmup_iters=0), new_run=True) == []
     # a schedule that decays early still reaches lr first: only max_iters counts
     train(tiny_config(corpus, tmp_path / "c", max_iters=4, warmup_iters=2, lr_decay_iters=1,
                       lr_schedule="constant"), progress=False)
@@ -857,6 +859,37 @@ def test_configs_built_in_python_are_type_checked_and_checked_again_by_train(cor
     with pytest.raises(FunGPTError, match=r"^train\(\) takes a RunConfig, not str: e.g. train\(load_config\("):
         train("shakespeare-char-cpu", progress=False)
     assert not (tmp_path / "later").exists()
+
+
+def test_numbers_passed_from_python_are_checked_in_one_line(tmp_path):
+    """sample(seed="1"), top_k=2.5 or temperature="0.8" failed deep in torch or a comparison; prepare() said
+    vocab_size="300" or np.int64(4096) was "too small", and printed np.float32(0.1) as 0.10000000149011612 "not
+    between 0 and 1". numpy's numbers are numbers."""
+    import numpy as np
+
+    from fungpt.data import prepare
+    from fungpt.runs import seeded_generator
+
+    for kwargs, said in ((dict(top_k=2.5), "--top-k 2.5 should be a whole number"),
+                         (dict(temperature="0.8"), "--temperature '0.8' should be a number"),
+                         (dict(max_new_tokens=5.0), "--max-new-tokens 5.0 should be a whole number")):
+        with pytest.raises(FunGPTError) as e:
+            sample(tmp_path / "no-run-needed", **kwargs)  # (checked before the run is read)
+        assert str(e.value) == said
+    with pytest.raises(FunGPTError, match=r"^--seed '1' should be a whole number$"):
+        seeded_generator("1", "cpu")
+    assert seeded_generator(np.int64(3), "cpu").initial_seed() == 3
+    text = tmp_path / "t.txt"
+    text.write_text("hello world\n" * 50)
+    with pytest.raises(FunGPTError, match=r"^vocab size '300' should be a whole number$"):
+        prepare(text, tmp_path / "p", tokenizer="bpe", vocab_size="300", progress=False)
+    with pytest.raises(FunGPTError, match=r"^val_fraction '0.1' should be a number$"):
+        prepare(text, tmp_path / "p", val_fraction="0.1", progress=False)
+    assert not (tmp_path / "p").exists()
+    out = prepare(text, tmp_path / "p", tokenizer="bpe", vocab_size=np.int64(300), val_fraction=np.float32(0.25),
+                  progress=False)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["vocab_size"] <= 300 and type(meta["val_fraction"]) is float
 
 
 def test_toml_then_cli_precedence(tmp_path, monkeypatch, corpus, capsys):
