@@ -42,6 +42,7 @@ import json
 import operator
 import os
 import re
+import sys
 import threading
 import unicodedata
 from collections.abc import Callable, Iterable
@@ -638,22 +639,43 @@ def interruptible(work: Callable[[], object]) -> None:
     main thread, between its own instructions, so a Ctrl-C pressed during a long training was acted on
     only when it ended (tens of seconds later), and the command then finished as if nothing happened.
     Waiting in short slices keeps the main thread responsive. After a Ctrl-C the helper thread runs on
-    in the background (a daemon: it does not keep the process alive); `fungpt` exits at once.
+    in the background (a daemon: it does not keep the process alive); `fungpt` exits at once. A process that goes
+    on (a notebook's kernel) waits for it before the next such work starts: two at once shared the cores and
+    held twice the memory.
     """
+    for earlier in _LEFT_RUNNING:
+        if not earlier.is_set():
+            print("fungpt: note: waiting for the tokenizer training that a Ctrl-C interrupted to end (the tokenizers "
+                  "library cannot be stopped part-way; two at once would share the cores and double the memory)",
+                  file=sys.stderr, flush=True)
+            while not earlier.wait(0.1):
+                pass
+    _LEFT_RUNNING.clear()
     failure: list[BaseException] = []
+    # Set when the work ends. (Not Thread.join: before Python 3.12, a join that Ctrl-C interrupted marked the thread
+    # as stopped while it ran on)
+    done = threading.Event()
 
     def run() -> None:
         try:
             work()
         except BaseException as e:  # handed to the main thread, which raises it
             failure.append(e)
+        finally:
+            done.set()
 
-    worker = threading.Thread(target=run, name="fungpt-tokenizer", daemon=True)
-    worker.start()
-    while worker.is_alive():
-        worker.join(0.1)  # a Ctrl-C interrupts this wait within 0.1 s
+    threading.Thread(target=run, name="fungpt-tokenizer", daemon=True).start()
+    try:
+        while not done.wait(0.1):  # a Ctrl-C interrupts this wait within 0.1 s
+            pass
+    except BaseException:
+        _LEFT_RUNNING.append(done)
+        raise
     if failure:
         raise failure[0]
+
+
+_LEFT_RUNNING: list[threading.Event] = []  # the end of interruptible's work that a Ctrl-C left running, if any
 
 
 @functools.cache
