@@ -547,7 +547,8 @@ def serve_command(run: RunFolder, host: str = "127.0.0.1", port: int = 8000,
 
     Args:
         run: The run folder (out_dir of `fungpt train`), first; or anywhere as --run RUN.
-        host: Address to listen on. The default, 127.0.0.1, is reachable only from this machine.
+        host: Address to listen on. The default, 127.0.0.1, is reachable only from this machine; 0.0.0.0 opens it
+            to your network (there is no password).
         port: Port to listen on (0: any free port).
         checkpoint: last (latest weights) or best (lowest val loss).
         device: auto, cpu, cuda or mps.

@@ -50,6 +50,7 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,6 +87,11 @@ MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
 # A request body larger than any good one (a 4,000-character prompt or 3,048 ids are tens of KB of JSON) is
 # refused before it is read: parsed, JSON costs about 13x its size in memory (an 80 MB body: +1 GB for seconds)
 MAX_BODY_BYTES = 1 << 20
+# Generations open at once: each holds a KV cache for the whole context (2 x n_layer x block_size x n_embd floats:
+# 75 MB for GPT-2 small), so a loop of requests left unread could fill the memory. As many as STREAMS_MEMORY
+# holds, at least MIN_STREAMS and at most MAX_STREAMS (they take turns on one model: more only slows each one).
+STREAMS_MEMORY = 1 << 30
+MIN_STREAMS, MAX_STREAMS = 4, 64
 
 
 # ---------------------------------------------------------------------------- requests
@@ -245,9 +251,10 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
                                f"that name, start it with --allow-host NAME)")
         if request.method == "POST":  # (uvicorn stops a body at its Content-Length: the length is what is read)
             length = request.headers.get("content-length")
-            if length is None:
+            if length is None and "transfer-encoding" in request.headers:
                 return _error(411, "send the request body with a Content-Length header (not chunked)")
-            if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            # (neither header: an empty body, which the handler refuses as such)
+            if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
                 return _error(413, f"the request body ({length} bytes) is larger than this server takes "
                                    f"({MAX_BODY_BYTES:,} bytes)")
         return await call_next(request)
@@ -430,15 +437,26 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
             with lock:
                 stream.close()  # also when the client went away mid-stream
 
+    # The generations open now (see MAX_STREAMS): one that ended, or was dropped unstarted, is not counted
+    streams: weakref.WeakSet = weakref.WeakSet()
+    # (float32's 4 bytes a number: a bfloat16 model's caches take half, and the cap is then on the safe side)
+    cache_bytes = 2 * mcfg.n_layer * mcfg.block_size * mcfg.n_embd * 4
+    most_streams = max(MIN_STREAMS, min(MAX_STREAMS, STREAMS_MEMORY // cache_bytes))
+
     @app.post("/api/generate")
     def generate(req: GenerateRequest) -> StreamingResponse:
+        if sum(g.gi_frame is not None for g in list(streams)) >= most_streams:  # (gi_frame: None once it ended)
+            raise ApiError(f"the server is running {most_streams} generations, the most it runs at once: try again "
+                           f"when one has ended", status=503)
         if req.max_new_tokens is None:
             req.max_new_tokens = min(DEFAULT_NEW_TOKENS, max_new_tokens)
         if req.max_new_tokens > max_new_tokens:
             raise ApiError(f"max_new_tokens {req.max_new_tokens} is over this server's limit of {max_new_tokens}")
         prompt_ids = encode_prompt(req.prompt)  # before streaming starts, so errors still get a 4xx
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # tell proxies not to buffer
-        return StreamingResponse(events(req, prompt_ids), media_type="text/event-stream", headers=headers)
+        stream = events(req, prompt_ids)
+        streams.add(stream)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 
     # ------------------------------------------------------------------ attention
 

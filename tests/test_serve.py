@@ -6,6 +6,7 @@ server on 127.0.0.1 through httpx, as the page does.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -283,8 +284,45 @@ def test_a_body_larger_than_any_good_request_is_refused_before_it_is_read(url):
 
     r = httpx.post(f"{url}/api/generate", content=chunked(), headers={"Content-Type": "application/json"})
     assert r.status_code == 411 and "Content-Length" in r.json()["error"]
+    # Neither header: an empty body (HTTP/1.1), answered as such; it was 411 on every route, GET-only and unknown too
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    for path, answer in (("/api/generate", "422 "), ("/api/info", "405 "), ("/nope", "404 ")):
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            conn.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                         f"Connection: close\r\n\r\n".encode())
+            said = b""
+            while chunk := conn.recv(65536):
+                said += chunk
+        assert said.startswith(f"HTTP/1.1 {answer}".encode()), (path, said[:300])
+        if path == "/api/generate":
+            assert b"the request needs a JSON body" in said, said[-300:]
     r = httpx.post(f"{url}/api/generate", json={"prompt": "The", "max_new_tokens": 1})  # as the page sends
     assert r.status_code == 200
+
+
+def test_generations_open_at_once_are_capped(run_dir, monkeypatch):
+    """Each open generation holds a KV cache of the whole context: 500 streams left unread took 2.4 GB on a small
+    model (75 MB each on GPT-2 small). Past the cap, a one-line 503; one that ended, or was dropped before it began,
+    no longer counts."""
+    import fungpt.serve as serve_mod
+
+    monkeypatch.setattr(serve_mod, "MIN_STREAMS", 2)
+    monkeypatch.setattr(serve_mod, "MAX_STREAMS", 2)
+    app = create_app(run_dir, device="cpu", max_prompt_chars=MAX_CHARS, max_new_tokens=MAX_NEW)
+    generate = next(r.endpoint for r in app.routes if getattr(r, "path", "") == "/api/generate")
+    request = serve_mod.GenerateRequest(prompt="The", max_new_tokens=5)
+    open_now = [generate(request), generate(request)]  # (their streams not yet read: open)
+    with pytest.raises(serve_mod.ApiError) as e:
+        generate(request)
+    assert e.value.status == 503 and str(e.value) == ("the server is running 2 generations, the most it runs at "
+                                                      "once: try again when one has ended")
+    async def read_to_its_end(body):
+        return [chunk async for chunk in body]
+
+    assert asyncio.run(read_to_its_end(open_now[0].body_iterator))[-1].startswith('data: {"type": "done"')  # ended
+    open_now[0] = generate(request)
+    open_now.pop()  # dropped before it began
+    generate(request)
 
 
 def test_a_foreign_host_name_is_refused(url):
