@@ -801,8 +801,10 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
         # A training run that stopped is not a success (nor silent): say so where it can be seen (`--help | head`
         # and `--dry-run | head` train nothing)
         if name == "train" and not {"-h", "--help", "--dry-run"} & set(rest):
-            print("fungpt: training stopped: its output pipe was closed (e.g. by `| head`); a run can continue "
-                  "with --resume from its last checkpoint", file=sys.stderr)
+            with contextlib.suppress(OSError):  # (stderr may be that pipe too: `2>&1 | head`)
+                print("fungpt: training stopped: its output pipe was closed (e.g. by `| head`); the same command "
+                      "with --resume continues the run, from its last checkpoint (or from step 0 if it saved none)",
+                      file=sys.stderr)
             return 141  # 128 + SIGPIPE, what a shell reports for a command ended by a closed pipe
         return 0
     except OSError as e:  # a path that cannot be read or written (a file where a folder is needed, ...)

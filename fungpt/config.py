@@ -243,9 +243,9 @@ class RunConfig:
         # Each section as its dataclass (a dict of its settings is read as one), then out_dir as a str (or a path)
         for name, klass in SECTIONS.items():
             section = getattr(self, name)
-            if isinstance(section, dict):
-                setattr(self, name, _build_section(klass, section, f"RunConfig {name}",
-                                                   defaults=getattr(RunConfig(), name)))
+            if isinstance(section, dict):  # (on the defaults of this class: a subclass of RunConfig may have its own)
+                default = next(f for f in dataclasses.fields(self) if f.name == name).default_factory()
+                setattr(self, name, _build_section(klass, section, f"RunConfig {name}", defaults=default))
             elif not isinstance(section, klass):
                 raise FunGPTError(f"RunConfig {name} = {section!r} should be a {klass.__name__} (or a dict of its "
                                   f"settings): e.g. RunConfig({name}={klass.__name__}(...))")
@@ -510,7 +510,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def load_run_config(run_dir: str | Path) -> RunConfig:
     """Read the resolved config.json that training saved in a run folder."""
     check_run_given(run_dir)
-    path = Path(run_dir) / "config.json"
+    path = Path(run_dir).expanduser() / "config.json"  # (~ quoted on a command line reaches us as it is)
     if not path.is_file():
         raise FunGPTError(f"{run_dir} is not a FunGPT run folder (no config.json); pass the out_dir of a training run")
     return RunConfig.from_dict(_read_saved_config(path), source=str(path))

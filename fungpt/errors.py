@@ -47,10 +47,12 @@ def check_field_types(config, named: Callable[[str], str]) -> None:
     A wrong type is one FunGPTError, `named(field)` followed by the value: without this, `max_iters=1e1` trained
     and then saved 10.0, which no later command could load, and `batch_size="4"` failed deep in a comparison.
     Fields whose annotation is not a plain type (a Literal, Any) are left to the dataclass's own checks."""
-    try:
-        hints = typing.get_type_hints(type(config))  # (resolves annotations written as strings)
-    except Exception:  # (a class of yours whose annotations cannot be resolved: read them as written)
-        hints = {}
+    hints: dict = {}
+    for klass in reversed(type(config).__mro__):  # (class by class: one annotation that cannot be resolved, in a
+        try:                                      # subclass of yours, leaves its base classes' fields checked)
+            hints.update(typing.get_type_hints(klass))  # (resolves annotations written as strings)
+        except Exception:
+            pass
     for f in dataclasses.fields(config):
         value, hint = getattr(config, f.name), hints.get(f.name, f.type)
         union = typing.get_origin(hint) in (typing.Union, types.UnionType)
@@ -59,18 +61,20 @@ def check_field_types(config, named: Callable[[str], str]) -> None:
         if typing.Any in options or not all(isinstance(t, type) for t in options):
             continue
         real = isinstance(value, numbers.Real) and not isinstance(value, bool)
-        if isinstance(value, options) and (bool in options or not isinstance(value, bool)):
+        if (value is None and type(None) in options) or (bool in options and isinstance(value, bool)):
             converted = value
         elif int in options and isinstance(value, numbers.Integral) and real:
             converted = int(value)  # (numpy's integers: stored as Python ints, which JSON and TOML take)
         elif float in options and real:
             try:
-                converted = float(value)
+                converted = float(value)  # (numpy's floats too, float64 included)
             except OverflowError:  # an integer beyond any float
                 raise FunGPTError(f"{named(f.name)}an integer of {len(str(abs(value)))} digits is too large for a "
                                   f"number: fix its value") from None
         elif str in options and isinstance(value, os.PathLike) and isinstance(os.fspath(value), str):
             converted = os.fspath(value)  # a pathlib.Path as a folder's name
+        elif isinstance(value, options) and not isinstance(value, bool):  # (a str, a list, ...)
+            converted = value
         else:
             named_types = " or ".join("None" if t is type(None) else t.__name__ for t in options)
             whole = (f" (a whole number: write {int(value)})" if int in options and isinstance(value, float)

@@ -85,7 +85,8 @@ def check_options(*, num_samples: int = 1, max_new_tokens: int = 0, temperature:
     # (numbers from Python: the command line's parser has checked its own)
     for named, value, whole in (("--show-top", show_top, True), ("--num-samples", num_samples, True),
                                 ("--max-new-tokens", max_new_tokens, True), ("--temperature", temperature, False),
-                                ("--top-k", top_k or 1, True), ("--top-p", top_p or 1.0, False)):  # (None: off)
+                                ("--top-k", 1 if top_k is None else top_k, True),  # (None: off)
+                                ("--top-p", 1.0 if top_p is None else top_p, False)):
         check_number(value, named, whole)
     if show_top <= 0:
         raise FunGPTError(f"--show-top {show_top} must be positive")
@@ -197,8 +198,9 @@ def _sample_showing_probs(loaded: LoadedRun, idx: torch.Tensor, max_new_tokens: 
              f"sampled from")
         # as many as there are: the vocabulary, top-k's; top-p keeps a share that changes from step to step
         most = min(show_top, loaded.config.model.vocab_size, top_k if top_k and temperature != 0 else show_top)
-        upto = "up to " if top_p and temperature != 0 and most > 1 else ""
-        out.write(f"{'step':>5}  {'token':>6} {'p':>5}   | top {upto}{most} candidates, probabilities {shown}\n")
+        # (up to: top-p's share changes from step to step, and a probability that rounds to 0 in float32 is not shown)
+        top = f"up to {most} top" if (top_k or top_p) and temperature != 0 and most > 1 else f"top {most}"
+        out.write(f"{'step':>5}  {'token':>6} {'p':>5}   | {top} candidates, probabilities {shown}\n")
     new: list[int] = []
     stream = loaded.model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                           generator=gen, yield_logits=True)

@@ -446,9 +446,12 @@ def make_out_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        if out.is_symlink() and not out.exists():  # (mkdir says only "File exists")
-            raise FunGPTError(f"cannot create out_dir {out}: it is a link to {os.readlink(out)}, which does not "
-                              f"exist; create that folder, or choose another --out-dir") from None
+        # a link to a folder that does not exist, out_dir's or one above it (mkdir says only "File exists")
+        link = next((p for p in (out, *out.parents) if p.is_symlink() and not p.exists()), None)
+        if link is not None:
+            to = link.parent / os.readlink(link)  # (a relative link's target, from the link's folder)
+            raise FunGPTError(f"cannot create out_dir {out}: {link} is a link to {to}, which does not exist; create "
+                              f"that folder, or choose another --out-dir") from None
         raise FunGPTError(f"cannot create out_dir {out}: {e.strerror or e}") from None
 
 
@@ -1272,7 +1275,7 @@ class MetricsLog:
         self.file = self.path.open("a", encoding="utf-8")
         # The TensorBoard events likewise, whether or not this command logs there (a resume with tensorboard off,
         # then on, showed the killed steps between)
-        trim_tensorboard(out_dir / "tensorboard", keep_until_step)
+        trim_tensorboard(out_dir / "tensorboard", keep_until_step, redo_eval)
         self.tb = self.wandb = None
         if cfg.train.tensorboard:
             try:
@@ -1329,9 +1332,10 @@ class MetricsLog:
             wandb.finish(exit_code=1) if failed else wandb.finish()
 
 
-def trim_tensorboard(folder: Path, keep_until_step: int | None) -> None:
+def trim_tensorboard(folder: Path, keep_until_step: int | None, redo_eval: bool = False) -> None:
     """Drop a run's TensorBoard events logged after the checkpoint it resumes from (`keep_until_step`; None: a run
-    that starts from step 0, all of them), as metrics.jsonl drops its rows: the steps will be trained again.
+    that starts from step 0, all of them), as metrics.jsonl drops its rows: the steps will be trained again. With
+    redo_eval, the eval/ events of that step go too: its eval is done again.
 
     The events are rewritten, not hidden by a purge marker (SummaryWriter's purge_step): TensorBoard's default data
     server ignores those markers, and showed the killed run's points among the resumed run's. Markers written by
@@ -1364,7 +1368,8 @@ def trim_tensorboard(folder: Path, keep_until_step: int | None) -> None:
                 # rewrite below begins with, changes nothing)
                 before, kept = len(kept), [e for e in kept if e.step < event.step]
                 changed |= len(kept) < before
-            elif event.step <= keep_until_step:
+            elif event.step < keep_until_step or event.step == keep_until_step and not (
+                    redo_eval and any(v.tag.startswith("eval/") for v in event.summary.value)):
                 kept.append(event)
             else:
                 changed = True
@@ -2028,7 +2033,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         nonlocal best_val
         # evaluate opens the data files anew (the training loader keeps its own open): if the folder was prepared
         # again meanwhile, save and stop rather than score other data. All ranks agree first: do_save is collective
+        nonlocal eval_left_at
         if agree([float(not _same_data(data_dir, loader.meta))])[0]:
+            eval_left_at = step  # (not done: a resume onto the data now there does it first)
             if saved_at != step:
                 do_save()  # (the weights trained on the text the run began with: the steps since the last save kept)
             raise FunGPTError(f"the data folder {data_dir} was prepared again while this run trained on it (`fungpt "
@@ -2115,7 +2122,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     losses: dict[str, float] = {}
     last_loss = float("nan")
     evaluated_at = saved_at = -1  # the steps of the last periodic eval and checkpoint (the final ones reuse them)
-    eval_left_at = -1  # the step whose periodic eval a signal left (its checkpoint says so: the resume does it)
+    eval_left_at = -1  # the step whose eval was left, by a signal or a data change (its checkpoint says so: a resume
+    # that trains on does it first)
     # (a resume from a step-0 checkpoint whose best_val was set: that eval is in metrics.jsonl already)
     if step == 0 and clock.budget_s is None and not resumed.evaluated:
         evaluated_at = 0
@@ -2262,6 +2270,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             with interrupt.evaluating():
                 scored = do_eval(interrupt)
             left, signum = agree([float(scored is None), interrupt.signum or 0])
+            if left:  # (a resume that trains further does it first)
+                eval_left_at = step
             if scored is not None:  # (under DDP another rank may have left it: this one's eval is logged all the same)
                 losses, evaluated_at = scored, step
             if left:

@@ -928,6 +928,10 @@ def test_ctrl_c_during_an_eval_leaves_it_and_saves_the_step(world, tmp_path, whi
     if which == "final":
         assert said == (f"fungpt: interrupted at step {steps}; checkpoint saved; its final eval was not done: "
                         f"`fungpt eval --run {out}` scores it")
+        # a resume that trains further does that eval first: the curve has no hole at step 6
+        assert main([*map(str, argv), "--resume", "--train.max-iters", "8"]) == 0
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if "val_loss" in r] == [0, 6, 8]
     else:
         assert said == f"fungpt: interrupted at step {stopped_at}; checkpoint saved. Resume with the same command " \
                        f"plus --resume"
@@ -946,8 +950,8 @@ def test_ctrl_c_during_an_eval_leaves_it_and_saves_the_step(world, tmp_path, whi
 
 
 def test_a_resume_that_evaluates_its_step_again_keeps_one_eval_row_for_it(tmp_path):
-    """A second resume of a step whose eval a signal left (interrupted again before the next checkpoint) logged its
-    eval row twice."""
+    """A resume that does the eval a signal left, then ends before its next checkpoint without saving (killed, or
+    an error), left that eval's row for the next resume, which logged it again."""
     from fungpt.train import MetricsLog
 
     rows = [{"step": 0, "train_loss": 4.0, "val_loss": 4.1}, {"step": 4, "train_loss": 3.0},
@@ -1874,8 +1878,9 @@ BAD_INPUTS = {
     "out_dir is a file": ([*TRAIN, "--out-dir", "{tmp}/a_file"], "is a file"),
     # (mkdir said only "File exists")
     "run path with a newline": (["sample", "--run", "{tmp}/my\nrun"], "my\\nrun does not exist"),  # (one line)
-    "out_dir is a link to nowhere": ([*TRAIN, "--out-dir", "{tmp}/dangling"], "dangling: it is a link to "
-                                     "nowhere-yet, which does not exist; create that folder, or choose another"),
+    "out_dir is a link to nowhere": ([*TRAIN, "--out-dir", "{tmp}/dangling"], "/dangling is a link to "),
+    "out_dir under a link to nowhere": ([*TRAIN, "--out-dir", "{tmp}/dangling/run"],
+                                        "/nowhere-yet, which does not exist; create that folder, or choose another"),
     "out_dir empty (a shell variable unset)": ([*TRAIN, "--out-dir", ""], "out_dir is empty: give the run's folder"),
     "--config empty": ([*TRAIN, "--config="], "--config is empty: give a config file's path"),
     # tyro suggested the flag closest in spelling: --train.batch-size, another setting that then trains silently
@@ -2162,6 +2167,14 @@ def test_a_closed_output_pipe_is_no_traceback(world, tmp_path):
                        "--train.device", "cpu", *TINY_MODEL, "--train.max-iters", "2000"],
                       PYTHONUNBUFFERED="1")  # each line written at once: the first one after `head` left fails
     assert code == 141 and "Traceback" not in err and "output pipe was closed" in err, err[-2000:]
+    # `2>&1 | head`: stderr is that pipe too, and the line saying so failed in its turn (exit status 1)
+    proc = subprocess.Popen([sys.executable, "-m", "fungpt", "train", "--data.path", str(world["data"]), "--out-dir",
+                             str(tmp_path / "both"), "--train.device", "cpu", *TINY_MODEL, "--train.max-iters", "2000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**env, "PYTHONUNBUFFERED": "1"},
+                            cwd=tmp_path)
+    proc.stdout.read(10)
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 141
     # the reader gone mid-training (a progress line after an eval fails): the step is saved, as for SIGHUP; before,
     # the steps since the last checkpoint were lost
     out = tmp_path / "mid"

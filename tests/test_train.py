@@ -843,8 +843,27 @@ def test_configs_built_in_python_are_type_checked_and_checked_again_by_train(cor
             make()
         assert str(e.value).startswith(said), str(e.value)
     # what means the same is taken as it is meant
-    tc = TrainConfig(max_iters=np.int64(5), lr=np.float32(0.5))
-    assert (type(tc.max_iters), tc.max_iters, type(tc.lr), tc.lr) == (int, 5, float, 0.5)
+    tc = TrainConfig(max_iters=np.int64(5), lr=np.float32(0.5), min_lr=np.float64(0.25))
+    assert (type(tc.max_iters), tc.max_iters, type(tc.lr), tc.lr, type(tc.min_lr)) == (int, 5, float, 0.5, float)
+
+    def subclass_of_yours():  # one annotation that cannot be resolved: the base class's fields are checked still
+        class Local:
+            pass
+
+        @dataclasses.dataclass
+        class MyTrain(TrainConfig):
+            extra: Local | None = None  # (a string, as this file's annotations are: Local is not found)
+
+        return MyTrain
+
+    with pytest.raises(FunGPTError, match=r"^train.batch_size = '4' should be of type int"):
+        subclass_of_yours()(batch_size="4")
+
+    @dataclasses.dataclass
+    class LongerRuns(RunConfig):  # a dict section starts from this class's defaults, not RunConfig's
+        train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(max_iters=100))
+
+    assert LongerRuns(train={"lr": 0.01}).train == TrainConfig(max_iters=100, lr=0.01)
     cfg = RunConfig(out_dir=tmp_path / "run", data=DataConfig(path=Path(corpus)), train={"max_iters": 3})
     assert cfg.out_dir == str(tmp_path / "run") and cfg.data.path == str(corpus) and cfg.train == TrainConfig(
         max_iters=3)

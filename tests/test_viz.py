@@ -348,7 +348,7 @@ def test_positions_of_a_run_with_only_a_best_checkpoint_or_damaged_weights(run_d
     for weights in run.glob("checkpoints/*/model.safetensors"):
         weights.write_bytes(b"damaged")
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert main(["positions", "--run", str(run), "--pos-encoding", "rope", "--out", "~/rope.png"]) == 0
+    assert main(["positions", "--run", "~/bestonly", "--pos-encoding", "rope", "--out", "~/rope.png"]) == 0
     check_png(tmp_path / "rope.png", POSITION_FIGSIZE["rope"])
     assert f"fungpt: wrote {tmp_path / 'rope.png'}" in capsys.readouterr().out
 
@@ -891,13 +891,15 @@ def test_show_probs_shows_the_drawn_tokens_probability_under_the_sampling_settin
     listing = [(text, f"{q:.3f}") for text, q in zip("abc", probs.tolist()) if q > 0]
     assert shown[0][1] == [x for pair in listing for x in pair]  # (top-k 2: two candidates)
     # the header says as many as a line can show (it said "top 3" over lines of top-k's 2)
-    assert f"| top {top_k or 3} candidates, probabilities" in out.getvalue()
+    said = "up to 2 top candidates" if top_k else "top 3 candidates"
+    assert f"| {said}, probabilities" in out.getvalue()
 
 
 def test_show_probs_header_counts_the_candidates_a_line_can_show(run_dir):
     """--show-top 1000 on a 65-character model said "top 1000 candidates"; under top-p, as many as its share holds."""
     vocab = load_run_config(run_dir).model.vocab_size
-    for flags, said in ((dict(show_top=1000), f"top {vocab} candidates"), (dict(top_p=0.5, top_k=None), "top up to 5 "),
+    for flags, said in ((dict(show_top=1000), f"up to {vocab} top candidates"),
+                        (dict(top_p=0.5, top_k=None), "up to 5 top "),
                         (dict(show_top=12, top_k=3, temperature=0.0), "top 12 candidates")):  # (greedy: unfiltered)
         out = io.StringIO()
         sample(run_dir, prompt="a", max_new_tokens=1, out=out, show_probs=True, device="cpu", **flags)
