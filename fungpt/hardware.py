@@ -121,6 +121,9 @@ def choose_precision(device: str, dtype: str, *, cuda: bool, mps: bool, cuda_bf1
         if dtype == "bfloat16" and device == "cpu":
             why.append("bfloat16 products in the Linear layers, the rest float32 (as configured" + (
                 "; this CPU has no bfloat16 instructions: slower than float32 here)" if cpu_bf16 is False else ")"))
+        elif dtype == "float16" and device == "cpu":  # (1.5x slower than float32 on the AMX Xeon of BENCHMARKS.md)
+            why.append("float16 autocast with loss scaling (as configured; on a CPU it is slower than float32, and "
+                       "bfloat16 is the half precision with fast products there)")
         else:
             why.append(f"{dtype} (as configured" + ("; this GPU only emulates it, slowly: float16 is native here)"
                                                     if emulated else ")"))

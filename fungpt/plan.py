@@ -290,8 +290,10 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
         if world > 1:
             line += " (timed in one process alone; the processes also all-reduce their gradients each step)"
         if tc.compile:  # (compiling here would take as long as it does at the run's start)
-            line += ("; timed without train.compile, which first compiles (17-27 s for the GPU speedrun on an "
-                     "H200, README) and then may run steps faster")
+            took = ("about 30 s for a tiny model on a 2-core CPU" if prec.device == "cpu" else
+                    "17-27 s for the GPU speedrun on an H200, README")
+            line += f"; timed without train.compile, which first compiles ({took}; not in the total) and then may " \
+                    f"run steps faster"
         out(line)
         if whole:
             out(whole)

@@ -71,6 +71,8 @@ def test_bfloat16_on_a_cpu_is_bfloat16_products_and_says_so_where_the_cpu_lacks_
     assert not linear.bfloat16_products_active()  # left on the way out
     f16 = choose_precision("cpu", "float16", cuda=False, mps=False, cuda_bf16=False)
     assert f16.autocast and not f16.cpu_bf16_products
+    # (said: it was "float16 (as configured)", the slowest choice on a CPU without a word)
+    assert "float16 autocast with loss scaling (as configured; on a CPU it is slower than float32" in f16.reason
     with f16.context():
         assert torch.is_autocast_enabled("cpu") and not linear.bfloat16_products_active()
     gpu = choose_precision("cuda", "bfloat16", cuda=True, mps=False, cuda_bf16=True)
