@@ -1421,6 +1421,7 @@ class _StopFlag:
         self.announce = announce
         self.processes = processes
         self.hung_up = False  # stopped by a write that failed as the terminal hung up (its SIGHUP may follow)
+        self.output_failed: str | None = None  # why the console's output could not be written (a full disk)
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
@@ -1461,10 +1462,16 @@ class _StopFlag:
         """Write to the console (the progress bar's update or write). A terminal that hung up fails writes with
         EIO, possibly before its SIGHUP reaches Python: the run then stops as for SIGHUP, saving its step. A pipe
         whose reader went away (`| tee log` when the session drops, `| head`) fails them with EPIPE: the run
-        stops the same way, as for SIGPIPE (which Python ignores, raising the error instead)."""
+        stops the same way, as for SIGPIPE (which Python ignores, raising the error instead). A log file whose disk
+        is full stops it too, saving its step (`output_failed`: training then ends with an error saying so)."""
         try:
             write(*args)
         except OSError as e:
+            if e.errno in _FULL:
+                _silence_files()  # (the rest of the run's output, the error included, could not be written there)
+                if not self.stop:
+                    self.stop, self.signum, self.output_failed = True, signal.SIGTERM, e.strerror or str(e)
+                return
             if e.errno not in (errno.EIO, errno.EPIPE):
                 raise
             _silence_terminal(pipes=e.errno == errno.EPIPE)
@@ -1488,6 +1495,19 @@ class _StopFlag:
             signal.signal(signum, old)
 
 
+
+
+_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}  # a file that cannot grow
+
+
+def _silence_files() -> None:
+    """Point stdout and stderr at /dev/null where they are not a terminal or a pipe: a log file on a full disk
+    (or /dev/full), where every later write would fail as the first did."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            mode = os.fstat(stream.fileno()).st_mode
+            if not (os.isatty(stream.fileno()) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 def _silence_terminal(pipes: bool = False) -> None:
@@ -2288,6 +2308,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             if final_eval or saved_at != step:
                 do_save()  # (a signal meanwhile: the run ends as it would have, this save done)
 
+    if interrupted and interrupt.output_failed:  # (its step saved; an error, as the run did not end as asked)
+        raise FunGPTError(f"training stopped at step {step}: its output could not be written "
+                          f"({interrupt.output_failed}); checkpoint saved. Free some space, or send the output "
+                          f"elsewhere, then resume with the same command{resume_flags}")
     if interrupted:
         if already_done(step, tc, clock.elapsed(), clock.timings()):  # (a resume would find nothing to train)
             how = "" if evaluated_at == step else (f"; its final eval was not done: `fungpt eval "

@@ -1333,7 +1333,34 @@ def test_console_output_to_a_terminal_that_hung_up_stops_the_run_as_sighup(monke
     piped.output(lambda *a: (_ for _ in ()).throw(BrokenPipeError(errno.EPIPE, "Broken pipe")), "x")
     assert piped.stop and piped.signum == signal.SIGPIPE and not piped.hung_up and silenced[-1] is True
     with pytest.raises(OSError):  # other errors are not these
-        flag.output(lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")), "x")
+        flag.output(lambda *a: (_ for _ in ()).throw(OSError(errno.EBADF, "Bad file descriptor")), "x")
+
+
+def test_console_output_to_a_full_disk_stops_the_run_with_its_step_saved(world, tmp_path, monkeypatch):
+    """A log file (`> train.log`) whose disk filled up: the run died on the next progress line with "error: No space
+    left on device" and lost the steps since its last checkpoint, though that disk had room."""
+    import errno
+
+    train_mod = train_module
+    silenced = []
+    monkeypatch.setattr(train_mod, "_silence_files", lambda: silenced.append(1))  # (not this test's own output)
+    real_output, writes = train_mod._StopFlag.output, []
+
+    def full_after_a_while(self, write, *args):
+        writes.append(1)
+        if len(writes) > 6:  # (the bar's updates, one a step, and the eval lines)
+            write = lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))  # noqa: E731
+        real_output(self, write, *args)
+
+    monkeypatch.setattr(train_mod._StopFlag, "output", full_after_a_while)
+    out = tmp_path / "run"
+    with pytest.raises(FunGPTError) as e:
+        train(tiny_config(world["data"], out, max_iters=50, checkpoint_interval=1000), progress=True)
+    stopped = check_loadable(out)
+    assert 1 < stopped < 50 and silenced
+    assert str(e.value) == (f"training stopped at step {stopped}: its output could not be written (No space left on "
+                            f"device); checkpoint saved. Free some space, or send the output elsewhere, then resume "
+                            f"with the same command plus --resume")
 
 
 def _train_steps(out: Path) -> list[int]:
