@@ -52,6 +52,7 @@ import contextlib
 import errno
 import glob
 import hashlib
+import http.client
 import itertools
 import json
 import os
@@ -190,7 +191,7 @@ def shakespeare_path() -> Path:
 
     try:
         data = fetch_url(SHAKESPEARE_URL)
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:  # (IncompleteRead: cut short)
         reason = getattr(e, "reason", e)
         if data_dir:  # the user pointed at a folder, and the file is not there: that is the mistake to fix
             raise FunGPTError(
@@ -358,7 +359,13 @@ def resolve_source(source: str | Path) -> list[Path]:
             (p for p in _walk_files(path) if not _is_hidden(p.relative_to(path))),
             key=lambda p: p.relative_to(path).as_posix(),
         )
-        files = [p for p in files if (st := p.stat()).st_size > 0 and not _hidden_by_flag(st)]
+        kept, seen = [], set()
+        for p in files:  # each file once: two links to one file (or hard links) read it twice, maybe into both splits
+            st = p.stat()
+            if st.st_size > 0 and not _hidden_by_flag(st) and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                kept.append(p)
+        files = kept
         if not files:
             raise FunGPTError(
                 f"folder {path} holds no text (hidden and empty files are skipped); put some text files in it"
@@ -392,8 +399,10 @@ def _last_safe_cut(text: str) -> int | None:
     """Last safe cut position in `text` (same rule as _SAFE_CUT), or None."""
     end = len(text)
     while (newline := text.rfind("\n", 0, end)) > 0:
-        if newline + 1 < len(text) and not text[newline + 1].isspace() and not text.startswith(EOT_TEXT, newline + 1):
-            return newline  # before a "\n" that a non-space (not an <|endoftext|>) follows
+        after = text[newline + 1 : newline + 1 + len(EOT_TEXT)]
+        # before a "\n" that a non-space follows: not an <|endoftext|>, nor the start of one the text may go on to
+        if after and not after[0].isspace() and not EOT_TEXT.startswith(after):
+            return newline
         cut = newline - 1 if text[newline - 1] == "\r" else newline  # cut before "\r\n"
         if cut > 0 and not text[cut - 1].isspace():
             return cut
@@ -675,14 +684,15 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
         return
     if not out.is_dir():
         raise FunGPTError(f"output {out} exists and is not a folder; choose another --out")
+    # (fungpt train's cache is FunGPT's own: a damaged folder there, its meta.json lost too, is prepared again,
+    # whatever it holds)
+    if overwrite and out.resolve().is_relative_to(cache_dir().expanduser().resolve()):
+        return
     if is_prepared(out):
         if not overwrite:
             raise FunGPTError(f"{out} already holds a prepared dataset; pass --overwrite to replace it")
         # --overwrite replaces the whole folder: only one that prepare made, holding nothing else. A folder of the
         # user's own token ids (no source text to prepare them from again) and files put beside a dataset are kept.
-        # (fungpt train's cache is FunGPT's own: a damaged folder there is prepared again, whatever it holds)
-        if out.resolve().is_relative_to(cache_dir().expanduser().resolve()):
-            return
         try:
             meta = read_json(out / "meta.json")
             made_here = "source_sha256" in meta
@@ -898,7 +908,7 @@ def prepare(
             "tokenizer": tok.name,
             "vocab_size": tok.vocab_size,
             # what was asked of a BPE trained here: on a small corpus it stops short of it (vocab_size above)
-            **({"vocab_size_asked": vocab_size or DEFAULT_BPE_VOCAB} if tokenizer == "bpe" else {}),
+            **({"vocab_size_asked": vocab_size or DEFAULT_BPE_VOCAB} if tokenizer == "bpe" and given is None else {}),
             "eot_id": tok.eot_id,
             "dtype": dtype.name,
             "max_id": max_id,

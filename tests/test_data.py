@@ -1504,3 +1504,51 @@ def test_files_the_system_hides_by_a_flag_are_not_text():
     assert hidden(types.SimpleNamespace(st_flags=stat.UF_HIDDEN))  # macOS
     assert not hidden(types.SimpleNamespace(st_file_attributes=stat.FILE_ATTRIBUTE_ARCHIVE, st_flags=0))
     assert not hidden(types.SimpleNamespace())  # Linux: neither field
+
+
+def test_a_file_reached_twice_is_read_once(tmp_path):
+    """Two links to one file, or a file and a link to its folder, read its text twice: maybe into both splits."""
+    outside, folder = tmp_path / "outside", tmp_path / "corpus"
+    outside.mkdir()
+    folder.mkdir()
+    (outside / "a.txt").write_text("outside text\n" * 20, encoding="utf-8")
+    (folder / "own.txt").write_text("own text\n" * 20, encoding="utf-8")
+    try:
+        (folder / "ext").symlink_to(outside, target_is_directory=True)
+        (folder / "a-link.txt").symlink_to(outside / "a.txt")
+    except OSError:
+        pytest.skip("no symbolic links here")
+    os.link(folder / "own.txt", folder / "own-again.txt")  # (a hard link: one file, two names)
+    # (the first name in sorted order stands for the file)
+    assert [p.relative_to(folder).as_posix() for p in resolve_source(folder)] == ["a-link.txt", "own-again.txt"]
+
+
+def test_damage_or_odd_input_met_while_preparing_is_handled(tmp_path, fake_download, monkeypatch):
+    """A cached dataset that lost its meta.json blocked every later run ("not empty and not a prepared dataset");
+    a download cut short was a raw IncompleteRead; a ready BPE tokenizer was recorded as 4,096 tokens "asked"; and a
+    1 MB read ending inside a literal <|endoftext|> cut between two newlines, which changed the tokens."""
+    import http.client
+
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    damaged = tmp_path / "cache" / "datasets" / "x-char-0123"
+    damaged.mkdir(parents=True)
+    (damaged / "train.bin").write_bytes(b"\0\0")  # (its meta.json gone)
+    data_mod._check_out_dir(damaged, overwrite=True)  # prepared again, not refused
+    with pytest.raises(FunGPTError, match="not empty and is not a prepared dataset"):
+        data_mod._check_out_dir(damaged, overwrite=False)
+
+    def cut_short(url, timeout=0):
+        raise http.client.IncompleteRead(b"abcde", 995)
+
+    monkeypatch.setattr(data_mod, "fetch_url", cut_short)
+    with pytest.raises(FunGPTError, match=r"could not download Tiny Shakespeare .*IncompleteRead"):
+        data_mod.shakespeare_path()
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("some words of text here\n" * 200, encoding="utf-8")
+    tok = load_tokenizer(prepare(corpus, tmp_path / "a", tokenizer="bpe", vocab_size=300, progress=False))
+    assert "vocab_size_asked" in load_meta(tmp_path / "a")
+    assert "vocab_size_asked" not in load_meta(prepare(corpus, tmp_path / "b", tokenizer=tok, progress=False))
+
+    text = "x " * 50 + ".\n\n" + EOT_TEXT[:5]  # (the read ends inside the <|endoftext|> that follows)
+    assert data_mod._last_safe_cut(text) == text.index(".\n\n") + 1  # before both newlines, not between them
