@@ -1018,6 +1018,10 @@ def schedule_notes(tc: TrainConfig, new_run: bool) -> list[str]:
     if w >= tc.max_iters > 0 and not tc.max_minutes:
         notes.append(f"fungpt: note: train.warmup_iters = {w} is not below the run's {tc.max_iters} steps, so the "
                      f"learning rate never reaches train.lr = {tc.lr:g}; lower warmup_iters to reach it")
+    elif w >= tc.decay_iters > 0 and tc.max_minutes:  # (under a budget, decay_iters steps stand for the whole run)
+        notes.append(f"fungpt: note: train.warmup_iters = {w} is not below lr_decay_iters (or max_iters) = "
+                     f"{tc.decay_iters}, the steps that stand for the whole time budget, so the learning rate never "
+                     f"reaches train.lr = {tc.lr:g}, nor decays; lower warmup_iters to reach it")
     # WSD's decay window counts the warmup in (get_lr): a warmup that runs into it ends on a drop of the lr
     if (tc.lr_schedule == "wsd" and new_run and 0 < w < tc.decay_iters and (w < tc.max_iters or tc.max_minutes)
             and get_lr(w, tc) < 0.9 * get_lr(w - 1, tc)):
@@ -2168,6 +2172,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 # long saving and plotting take on this machine.
                 clock.eval_times.append(estimate_eval_time(model, data_dir, cfg, device, autocast, per_window))
                 do_save()
+                saved_at = step  # (a signal before step 1 needs no second save of it)
                 planning.update(1)
                 if ddp.is_main and tc.plot:
                     t0 = time.time()

@@ -262,13 +262,24 @@ def test_a_warmup_as_long_as_the_run_is_pointed_out(corpus, tmp_path, capsys):
     assert "warmup_iters" not in capsys.readouterr().out
     from fungpt.train import schedule_notes  # (max_iters 0, no step: "... is not below the run's 0 steps" was noise)
     assert schedule_notes(TrainConfig(max_iters=0, warmup_iters=0), new_run=True) == []
+    # under a time budget, lr_decay_iters (or max_iters) steps stand for the whole run: a warmup as long never ended
+    # (the lr of the last step was half of train.lr), without a word
+    said = schedule_notes(TrainConfig(max_iters=20, warmup_iters=40, max_minutes=1.0), new_run=True)
+    assert said == ["fungpt: note: train.warmup_iters = 40 is not below lr_decay_iters (or max_iters) = 20, the steps "
+                    "that stand for the whole time budget, so the learning rate never reaches train.lr = 0.001, nor "
+                    "decays; lower warmup_iters to reach it"]
+    assert schedule_notes(TrainConfig(max_iters=20, warmup_iters=10, max_minutes=1.0), new_run=True) == []
     # a schedule that decays early still reaches lr first: only max_iters counts
     train(tiny_config(corpus, tmp_path / "c", max_iters=4, warmup_iters=2, lr_decay_iters=1,
                       lr_schedule="constant"), progress=False)
     assert "warmup_iters" not in capsys.readouterr().out
-    # on a time budget the schedule runs on time, not on max_iters
+    # on a time budget the schedule runs on the share of the run done, decay_iters steps standing for all of it: a
+    # warmup as long never ends there either (the lrs of this run: 0.00075, 0.0015, 0.00225)
     # (max_iters ends it after 3 steps: a budget of a minute costs no time, and a busy machine's start-up fits it)
     train(tiny_config(corpus, tmp_path / "d", max_iters=3, warmup_iters=3, max_minutes=1.0), progress=False)
+    assert "train.warmup_iters = 3 is not below lr_decay_iters (or max_iters) = 3, the steps that stand for the " \
+           "whole time budget" in capsys.readouterr().out
+    train(tiny_config(corpus, tmp_path / "d2", max_iters=3, warmup_iters=2, max_minutes=1.0), progress=False)
     assert "warmup_iters" not in capsys.readouterr().out
     # a decay that ends within the warmup: the lr falls from its peak to min_lr in one step
     train(tiny_config(corpus, tmp_path / "e", max_iters=4, warmup_iters=2, lr_decay_iters=2), progress=False)
