@@ -492,9 +492,13 @@ class GPT(nn.Module):
             bad = lo if lo < 0 else hi
             raise FunGPTError(f"the prompt holds token id {bad}, outside this model's vocabulary "
                               f"(0..{self.config.vocab_size - 1})")
-        for name, value in (("max_new_tokens", max_new_tokens), ("lookahead", lookahead)):
-            if not isinstance(value, numbers.Integral) or value < 0:
-                raise FunGPTError(f"{name}={value!r} must be a whole number >= 0")
+        # (top_k and top_p here too: greedy decoding never reads them, and a mistake there went unseen)
+        for name, value, least in (("max_new_tokens", max_new_tokens, 0), ("lookahead", lookahead, 0),
+                                   ("top_k", 1 if top_k is None else top_k, 1)):
+            if not isinstance(value, numbers.Integral) or value < least:
+                raise FunGPTError(f"{name}={value!r} must be a whole number >= {least}")
+        if top_p is not None and not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
+            raise FunGPTError(f"top_p={top_p!r} must be a number in (0, 1]")
         block_size = self.config.block_size
         B, T0 = idx.shape
         # All tokens so far, in a buffer: writing into it is cheaper than torch.cat every step. It doubles when

@@ -842,6 +842,11 @@ def test_wrong_ids_are_clear_errors_not_torch_internals():
         (lambda: model.generate(idx, -1), "max_new_tokens=-1"),
         (lambda: model.generate(idx, 1e2), r"max_new_tokens=100.0 must be a whole number"),  # (TypeError in empty())
         (lambda: model.generate(idx, 3, lookahead=2.5), "lookahead=2.5 must be a whole number"),
+        # greedy never reads top_k and top_p: their mistakes went unseen (sampling then failed in torch, or not)
+        (lambda: model.generate(idx, 3, temperature=0, top_k=-3), r"top_k=-3 must be a whole number >= 1"),
+        (lambda: model.generate(idx, 3, temperature=0, top_k=0), r"top_k=0 must be a whole number >= 1"),
+        (lambda: model.generate(idx, 0, top_p=5.0), r"top_p=5.0 must be a number in \(0, 1\]"),
+        (lambda: model.generate(idx, 1, top_p="0.9"), r"top_p='0.9' must be a number in \(0, 1\]"),
         (lambda: model(idx + 50), r"token ids \d+\.\.\d+ are outside this model's vocabulary \(0\.\.49\): use the "
                                   "tokenizer"),  # (IndexError: index out of range in self)
     ]
