@@ -260,6 +260,7 @@ def save_checkpoint(out_dir: str | Path, kind: str, step: int, model: torch.nn.M
         manifest = {"step": step, "kind": kind, **(extra or {}),
                     "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in files}}
         _write_file(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode("utf-8"))
+        fsync_dir(tmp)  # the files' names in it are durable too, before the folder is renamed into place
         final = _fresh_folder(parent, kind, step)
         os.replace(tmp, final)  # the complete folder appears under its final name in one step
         fsync_dir(parent)
@@ -270,7 +271,10 @@ def save_checkpoint(out_dir: str | Path, kind: str, step: int, model: torch.nn.M
         if final != tmp and not _pointer_names(out_dir, kind, final):
             shutil.rmtree(final, ignore_errors=True)  # renamed, but the pointer could not be switched
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        before = find_checkpoint(out_dir, kind) if (out_dir / f"{kind}.json").is_file() else None
+        try:  # (a pointer damaged by hand must not hide this error behind its own)
+            before = find_checkpoint(out_dir, kind) if (out_dir / f"{kind}.json").is_file() else None
+        except FunGPTError:
+            before = None
         kept = "the previous checkpoint is intact" if before is not None else f"there is no {kind} checkpoint yet"
         fix = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space",
                errno.EACCES: "fix the folder's permissions", errno.EPERM: "fix the folder's permissions",
@@ -283,6 +287,11 @@ def save_checkpoint(out_dir: str | Path, kind: str, step: int, model: torch.nn.M
         then = "resume with --resume" if latest is not None else "run again with --resume: it starts over"
         raise FunGPTError(f"could not save the {kind} checkpoint at step {step} in {out_dir}: {why}; "
                           f"{kept} ({fix}, then {then})") from None
+    except (Exception, KeyboardInterrupt):  # (memory running out, Ctrl-C: no half-written folder left, maybe GBs)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if final != tmp and not _pointer_names(out_dir, kind, final):
+            shutil.rmtree(final, ignore_errors=True)
+        raise
     # Only now that the pointer names the new folder is it safe to delete the old ones (and any
     # temporary folder left behind by a run that was killed in the middle of a save).
     for old in checkpoint_folders(out_dir, kind, temporaries=True):

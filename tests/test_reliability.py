@@ -360,6 +360,27 @@ def test_write_errors_while_saving_keep_the_previous_checkpoint(world, tmp_path,
     assert check_loadable(out) == 6
 
 
+def test_a_save_that_fails_otherwise_leaves_no_half_written_folder(world, tmp_path, monkeypatch):
+    """Memory running out (or Ctrl-C) while the optimizer state was serialised left its temporary folder, maybe
+    gigabytes, until a later save; and a pointer damaged by hand hid a full disk behind its own error."""
+    out = copy_run(world, tmp_path)
+    hashes = sha256_tree(out)
+    model = GPT(load_run_config(out).model)
+    ckpt.load_weights(ckpt.find_checkpoint(out), model)
+    state = ckpt.load_state(ckpt.find_checkpoint(out))
+    _patch_writer(monkeypatch, lambda p: p.name == ckpt.STATE_FILE, MemoryError())
+    with pytest.raises(MemoryError):
+        ckpt.save_checkpoint(out, "latest", 7, model, state={**state, "step": 7})
+    assert sha256_tree(out) == hashes and check_loadable(out) == 6  # nothing left behind
+    for best in (out / "checkpoints").glob("best-*"):
+        shutil.rmtree(best)
+    (out / "best.json").write_text("{garbage")  # (and no best folder: "best.json is corrupt ..." was all it said)
+    _patch_writer(monkeypatch, lambda p: True, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    with pytest.raises(FunGPTError, match=r"could not save the best checkpoint at step 7 in .*: No space left on "
+                                          r"device; there is no best checkpoint yet"):
+        ckpt.save_checkpoint(out, "best", 7, model)
+
+
 def test_pointer_write_failure_keeps_the_previous_checkpoint(world, tmp_path, monkeypatch):
     """The last step of a save (replacing latest.json) failing must not leave the new folder half-adopted."""
     out = copy_run(world, tmp_path)
