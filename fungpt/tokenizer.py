@@ -207,6 +207,7 @@ class Tokenizer:
         alone it would become the replacement character '\ufffd'. Here its bytes stay visible,
         as escapes: '\\xc3'. Joining the token_texts of a text is then not always the text.
         """
+        (token_id,) = self._id_list([token_id])  # (one clear error for an id out of range, not the library's)
         return self.token_bytes(token_id).decode("utf-8", errors="backslashreplace")
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -768,7 +769,13 @@ class GPT2Tokenizer(Tokenizer):
     @property
     def _enc(self):
         if self._encoding is None:
-            self._encoding = _load_gpt2_encoding()
+            encoding = _load_gpt2_encoding()
+            # (the sizes a tokenizer_meta.json records, maybe written by hand, must be the encoding's)
+            if (self._size, self._eot) != (encoding.n_vocab, encoding.encode_single_token(EOT_TEXT)):
+                raise FunGPTError(f"the tokenizer_meta.json of this gpt2 tokenizer records vocab_size {self._size} "
+                                  f"and eot_id {self._eot}, but GPT-2's encoding has {encoding.n_vocab} and "
+                                  f"{encoding.encode_single_token(EOT_TEXT)}: correct them there")
+            self._encoding = encoding
         return self._encoding
 
     @property
@@ -780,10 +787,21 @@ class GPT2Tokenizer(Tokenizer):
         return self._eot
 
     def encode(self, text: str) -> list[int]:
+        self._refuse_surrogates(text)
         return self._enc.encode(text, allowed_special={EOT_TEXT})
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        for text in texts:
+            self._refuse_surrogates(text)
         return self._enc.encode_batch(texts, allowed_special={EOT_TEXT})
+
+    def _refuse_surrogates(self, text: str) -> None:
+        """A lone surrogate (bytes that were not UTF-8, PEP 383) is refused, as the bpe and char tokenizers refuse
+        it: tiktoken silently encoded it as U+FFFD, changing a prompt typed in a Latin-1 terminal."""
+        if not text.isascii() and (found := _SURROGATE.search(text)):
+            ch = found.group()
+            why = not_utf8(ch) or f"it holds U+{ord(ch):04X}, a lone surrogate, which UTF-8 cannot hold"
+            raise FunGPTError(f"the {self.describe()} cannot encode the text: {why}")
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._enc.decode(self._id_list(ids))
@@ -877,6 +895,9 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         size, eot = meta.get("vocab_size", GPT2_VOCAB_SIZE), meta.get("eot_id", GPT2_EOT_ID)
         if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (size, eot)) or eot >= size:
             raise FunGPTError(f"tokenizer file {meta_path} is corrupt (bad vocab_size or eot_id); {_RESTORE}")
+        if size == GPT2_VOCAB_SIZE and eot != GPT2_EOT_ID:  # (the end of text is also where a sample stops)
+            raise FunGPTError(f"tokenizer file {meta_path} gives GPT-2's encoding eot_id {eot}, but its <|endoftext|> "
+                              f"is {GPT2_EOT_ID}: set {GPT2_EOT_ID} there")
         if size > GPT2_VOCAB_SIZE:  # (a padded 50304: sampling drew ids the encoding cannot decode)
             raise FunGPTError(f"tokenizer file {meta_path} gives GPT-2's encoding vocab_size {size}, but it has "
                               f"{GPT2_VOCAB_SIZE:,} tokens: set {GPT2_VOCAB_SIZE} there and in meta.json (a padded "

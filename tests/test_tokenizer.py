@@ -8,6 +8,7 @@ real GPT-2 encoding, which needs tiktoken's cached files or the network).
 import copy
 import json
 import os
+import re
 import sys
 import time
 
@@ -208,6 +209,31 @@ def test_gpt2_with_fake_encoding_round_trip():
         assert tok.decode(tok.encode(text)) == text
     assert tok.encode(f"a{EOT_TEXT}") == [ord("a"), 257]
     assert tok.encode_batch(["the", "x"]) == [tok.encode("the"), tok.encode("x")]
+
+
+def test_gpt2_refuses_what_the_other_tokenizers_refuse(tmp_path, monkeypatch, bpe):
+    """A lone surrogate (a prompt typed in a Latin-1 terminal) was encoded silently as U+FFFD by tiktoken; a
+    hand-written tokenizer_meta.json with GPT-2's size but another eot_id (the token where samples stop), or sizes
+    that are not the encoding's, loaded without a word; an id out of range was a raw KeyError in token_text."""
+    fake = fake_gpt2_encoding()
+    tok = GPT2Tokenizer(encoding=fake)
+    for call, said in ((lambda: tok.encode("a\udcffb"), "byte 0xff, which is not UTF-8"),
+                       (lambda: tok.encode_batch(["x", "y\ud800"]), "U+D800, a lone surrogate")):
+        with pytest.raises(FunGPTError, match=f"cannot encode the text: .*{re.escape(said)}"):
+            call()
+    for t in (tok, bpe, CharTokenizer.train("abc")):
+        with pytest.raises(FunGPTError, match=r"ids must be integers in range"):
+            t.token_text(t.vocab_size)
+        with pytest.raises(FunGPTError, match=r"ids must be integers in range"):
+            t.token_text(-1)
+    (tmp_path / "tokenizer_meta.json").write_text(json.dumps({"kind": "gpt2", "vocab_size": 50257, "eot_id": 0}))
+    with pytest.raises(FunGPTError, match="gives GPT-2's encoding eot_id 0, but its <|endoftext|> is 50256"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_meta.json").write_text(json.dumps({"kind": "gpt2", "vocab_size": 300, "eot_id": 2}))
+    loaded = load_tokenizer(tmp_path)  # (training on ids needs only the sizes: the encoding is loaded when used)
+    monkeypatch.setattr(tokenizer_mod, "_load_gpt2_encoding", lambda: fake)
+    with pytest.raises(FunGPTError, match="records vocab_size 300 and eot_id 2, but GPT-2's encoding has 258 and 257"):
+        loaded.encode("hello")
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe", "gpt2"])
