@@ -120,6 +120,7 @@ def _lines_of(paths: Iterable[Path]) -> Iterable[str]:
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")  # a lone surrogate (see not_utf8)
+_FALLBACK = re.compile(r"<0x[0-9A-F]{2}>")  # a byte-fallback token's piece (BPETokenizer.fallback_byte)
 
 
 def not_utf8(ch: str) -> str | None:
@@ -316,10 +317,18 @@ class TextStream:
         """Whether the U+FFFD that the pending ids decode to at their end is a whole character: a real one in the
         text (bytes EF BF BD, which byte-level BPE may split over tokens too), or the stand-in for bytes that are
         not UTF-8 and will never be (a stray C3 before a space). The start of an unfinished character is not."""
-        if not self.tokenizer.joins_decodings:  # (then the tokens' bytes are not the text's: only a whole token)
-            return self.tokenizer.token_text(token_id) == "\ufffd"
+        if not self.tokenizer.joins_decodings:  # (then the tokens' bytes are not the text's)
+            # byte-fallback tokens (<0xC3>, Llama's and Mistral's): their bytes, at the end of the pending ids, tell;
+            # any other token's U+FFFD is whole (it decoded to one alone)
+            byte_of = getattr(self.tokenizer, "fallback_byte", lambda i: None)
+            tail = list(itertools.takewhile(lambda b: b is not None, map(byte_of, reversed(self.pending))))
+            if not tail:
+                return self.tokenizer.token_text(token_id) == "\ufffd"
+            pieces = [bytes(reversed(tail))]
+        else:
+            pieces = list(map(self.tokenizer.token_bytes, self.pending))
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        decoder.decode(b"".join(map(self.tokenizer.token_bytes, self.pending)))
+        decoder.decode(b"".join(pieces))
         return not decoder.getstate()[0]  # (the bytes it holds back: the start of a character still to come)
 
     def flush(self) -> str:
@@ -555,11 +564,30 @@ class BPETokenizer(Tokenizer):
         ids = self._id_list(ids)  # (the library drops or overflows on ids out of range)
         return self._tok.decode(ids, skip_special_tokens=False)
 
+    def fallback_byte(self, token_id: int) -> int | None:
+        """The byte a byte-fallback token stands for (<0xC3>: 0xC3, in tokenizers that are not byte-level, such as
+        Llama's), or None for any other token."""
+        piece = self._tok.id_to_token(token_id) or ""
+        return int(piece[3:5], 16) if len(piece) == 6 and _FALLBACK.fullmatch(piece) else None
+
+    def first_difference(self, other: Tokenizer) -> int | None:
+        """As Tokenizer.first_difference; where either is not byte-level, by the tokens' pieces and the decoder:
+        decoded one by one such tokens lose what tells them apart ("▁a" and "a" both read "a")."""
+        if not isinstance(other, BPETokenizer) or (self.joins_decodings and other.joins_decodings):
+            return super().first_difference(other)
+        if self.vocab_size != other.vocab_size or json.loads(self._tok.to_str()).get("decoder") != json.loads(
+                other._tok.to_str()).get("decoder"):
+            return 0
+        return next((i for i in range(self.vocab_size) if self._tok.id_to_token(i) != other._tok.id_to_token(i)),
+                    None)
+
     def token_bytes(self, token_id: int) -> bytes:
         piece = self._tok.id_to_token(token_id)  # the token in byte-level stand-in characters
         if piece is None:
             raise FunGPTError(f"cannot decode: token id {token_id} is not in range({self.vocab_size})")
         if not self.joins_decodings:  # not byte-level (a char run's export: one character per token): 'é' is é
+            if (byte := self.fallback_byte(token_id)) is not None:
+                return bytes([byte])  # (shown as \xc3 by token_text, not as U+FFFD)
             return self.decode([token_id]).encode("utf-8")
         alphabet = _byte_level_alphabet()
         if all(ch in alphabet for ch in piece):

@@ -22,6 +22,7 @@ from fungpt.tokenizer import (
     BPETokenizer,
     CharTokenizer,
     GPT2Tokenizer,
+    TextStream,
     load_tokenizer,
     train_tokenizer,
 )
@@ -545,3 +546,36 @@ def test_a_byte_that_was_not_utf8_is_named_as_such(bpe):
     for byte in (0x80, 0xFF):  # the ends of the escaped range, U+DC80..U+DCFF
         with pytest.raises(FunGPTError, match=f"byte 0x{byte:02x}, which is not UTF-8"):
             CharTokenizer.train("cafe").encode((b"caf" + bytes([byte])).decode("utf-8", "surrogateescape"))
+
+
+def byte_fallback_tokenizer(swap: tuple[str, str] | None = None):
+    """A tiny Llama-style tokenizer (not byte-level): Metaspace-like spaces and <0xNN> byte-fallback tokens."""
+    from tokenizers import Tokenizer as HFLibTokenizer
+    from tokenizers import decoders, models, normalizers
+
+    vocab = {f"<0x{b:02X}>": b for b in range(256)}
+    for piece in ["▁", "h", "i", "a", "b", "▁h", "▁hi", "▁a", "▁b"]:
+        vocab.setdefault(piece, len(vocab))
+    if swap:
+        vocab[swap[0]], vocab[swap[1]] = vocab[swap[1]], vocab[swap[0]]
+    tok = HFLibTokenizer(models.BPE(vocab, [("▁", "h"), ("▁h", "i"), ("▁", "a"), ("▁", "b")], byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return tokenizer_mod.HFTokenizer(tok)
+
+
+def test_a_byte_fallback_tokenizer_streams_whole_characters_and_is_told_apart():
+    """A character split into byte-fallback tokens (<0xC3><0xA9>) streamed as U+FFFD, its start let out early; and two
+    such tokenizers whose ids differed ("▁a" and "a" swapped: both read "a" alone) were taken for the same one, so a
+    resume or an eval read ids as other text."""
+    tok = byte_fallback_tokenizer()
+    assert not tok.joins_decodings
+    for text in ("hi é a", "a 😀 b", "a\ufffdb"):
+        ids = tok.encode(text)
+        stream = TextStream(tok)
+        assert "".join(stream.add(i) for i in ids) + stream.flush() == tok.decode(ids) == text
+    assert tok.token_text(0xC3) == "\\xc3"  # (its byte, as byte-level tokens show theirs)
+    assert tok.first_difference(byte_fallback_tokenizer()) is None
+    swapped = byte_fallback_tokenizer(swap=("▁a", "a"))
+    assert tok.first_difference(swapped) == min(tok._tok.token_to_id("a"), tok._tok.token_to_id("▁a"))
