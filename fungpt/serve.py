@@ -51,9 +51,10 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import anyio
 import torch
 import torch.nn.functional as F
 import uvicorn
@@ -118,6 +119,38 @@ class AttentionRequest(BaseModel):
     ids: list[int] = Field(min_length=1)
     layer: int = Field(0, ge=0)
     head: int = Field(0, ge=0)
+
+
+class _CountedStream(StreamingResponse):
+    """A generation's response, counted as open (see MAX_STREAMS) until it ends however it ends: finished, or its
+    client gone mid-stream or before it began. Its generator is then closed at once (its KV cache freed): left to
+    the garbage collector, a client that went away still counted, and the server refused others while idle."""
+
+    def __init__(self, stream: Iterator[str], release: Callable[[], None], **kwargs):
+        super().__init__(stream, **kwargs)
+        self._stream = stream
+        self._release = weakref.finalize(self, release)  # (once: here, or when dropped without being sent)
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+            await anyio.to_thread.run_sync(_close_when_idle, self._stream)
+
+
+def _close_when_idle(stream) -> None:
+    """Close a generator, waiting for the step it may be running in another thread (the client went away meanwhile:
+    closing it then raises "generator already executing") to end."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            stream.close()
+            return
+        except ValueError:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.01)
 
 
 class ApiError(Exception):
@@ -437,26 +470,33 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
             with lock:
                 stream.close()  # also when the client went away mid-stream
 
-    # The generations open now (see MAX_STREAMS): one that ended, or was dropped unstarted, is not counted
-    streams: weakref.WeakSet = weakref.WeakSet()
+    # The generations open now (see MAX_STREAMS), counted from their request until their response ends, however it
+    # ends (see _CountedStream)
     # (float32's 4 bytes a number: a bfloat16 model's caches take half, and the cap is then on the safe side)
     cache_bytes = 2 * mcfg.n_layer * mcfg.block_size * mcfg.n_embd * 4
     most_streams = max(MIN_STREAMS, min(MAX_STREAMS, STREAMS_MEMORY // cache_bytes))
+    open_streams = {"n": 0}
+    count_lock = threading.Lock()
+
+    def release_stream() -> None:
+        with count_lock:
+            open_streams["n"] -= 1
 
     @app.post("/api/generate")
     def generate(req: GenerateRequest) -> StreamingResponse:
-        if sum(g.gi_frame is not None for g in list(streams)) >= most_streams:  # (gi_frame: None once it ended)
-            raise ApiError(f"the server is running {most_streams} generations, the most it runs at once: try again "
-                           f"when one has ended", status=503)
         if req.max_new_tokens is None:
             req.max_new_tokens = min(DEFAULT_NEW_TOKENS, max_new_tokens)
         if req.max_new_tokens > max_new_tokens:
             raise ApiError(f"max_new_tokens {req.max_new_tokens} is over this server's limit of {max_new_tokens}")
         prompt_ids = encode_prompt(req.prompt)  # before streaming starts, so errors still get a 4xx
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # tell proxies not to buffer
-        stream = events(req, prompt_ids)
-        streams.add(stream)
-        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+        with count_lock:  # (checked and counted in one step)
+            if open_streams["n"] >= most_streams:
+                raise ApiError(f"the server is running {most_streams} generations, the most it runs at once: try "
+                               f"again when one has ended", status=503)
+            open_streams["n"] += 1
+        return _CountedStream(events(req, prompt_ids), release_stream, media_type="text/event-stream",
+                              headers=headers)
 
     # ------------------------------------------------------------------ attention
 

@@ -6,7 +6,8 @@ server on 127.0.0.1 through httpx, as the page does.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
+import gc
 import json
 import os
 import signal
@@ -302,27 +303,45 @@ def test_a_body_larger_than_any_good_request_is_refused_before_it_is_read(url):
 
 def test_generations_open_at_once_are_capped(run_dir, monkeypatch):
     """Each open generation holds a KV cache of the whole context: 500 streams left unread took 2.4 GB on a small
-    model (75 MB each on GPT-2 small). Past the cap, a one-line 503; one that ended, or was dropped before it began,
-    no longer counts."""
+    model (75 MB each on GPT-2 small). Past the cap, a one-line 503. A generation stops counting when its response
+    ends, however: finished, or its client gone (those counted on until the garbage collector ran, and an idle
+    server refused everyone), or dropped before it was sent."""
     import fungpt.serve as serve_mod
 
     monkeypatch.setattr(serve_mod, "MIN_STREAMS", 2)
     monkeypatch.setattr(serve_mod, "MAX_STREAMS", 2)
-    app = create_app(run_dir, device="cpu", max_prompt_chars=MAX_CHARS, max_new_tokens=MAX_NEW)
-    generate = next(r.endpoint for r in app.routes if getattr(r, "path", "") == "/api/generate")
-    request = serve_mod.GenerateRequest(prompt="The", max_new_tokens=5)
-    open_now = [generate(request), generate(request)]  # (their streams not yet read: open)
-    with pytest.raises(serve_mod.ApiError) as e:
-        generate(request)
-    assert e.value.status == 503 and str(e.value) == ("the server is running 2 generations, the most it runs at "
-                                                      "once: try again when one has ended")
-    async def read_to_its_end(body):
-        return [chunk async for chunk in body]
+    app = create_app(run_dir, device="cpu", max_prompt_chars=MAX_CHARS, max_new_tokens=1000)
+    body = json.dumps({"prompt": "The", "max_new_tokens": 1000}).encode()
+    with contextlib.ExitStack() as stack:
+        stack.callback(gc.enable)
+        gc.disable()  # (the count must not wait for the garbage collector)
+        base = stack.enter_context(running_server(app))
+        host, port = base.removeprefix("http://").rsplit(":", 1)
 
-    assert asyncio.run(read_to_its_end(open_now[0].body_iterator))[-1].startswith('data: {"type": "done"')  # ended
-    open_now[0] = generate(request)
-    open_now.pop()  # dropped before it began
-    generate(request)
+        def held_open() -> socket.socket:  # a client that reads the start of its stream, then nothing more
+            conn = socket.create_connection((host, int(port)), timeout=30)
+            conn.sendall(f"POST /api/generate HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+            return conn
+
+        clients = [held_open(), held_open()]
+        r = httpx.post(f"{base}/api/generate", json={"prompt": "The", "max_new_tokens": 2})
+        assert (r.status_code, r.json()) == (503, {"error": "the server is running 2 generations, the most it runs "
+                                                            "at once: try again when one has ended"})
+        for conn in clients:  # the clients go away
+            conn.close()
+        deadline = time.monotonic() + 30
+        while (r := httpx.post(f"{base}/api/generate", json={"prompt": "The", "max_new_tokens": 2})).status_code \
+                == 503 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert r.status_code == 200 and '"type": "done"' in r.text  # free again, without a garbage collection
+        for _ in range(3):  # finished generations do not count either
+            assert stream_events(base, prompt="The", max_new_tokens=2)[-1]["type"] == "done"
+    generate = next(r.endpoint for r in app.routes if getattr(r, "path", "") == "/api/generate")
+    request = serve_mod.GenerateRequest(prompt="The", max_new_tokens=2)
+    for _ in range(3):  # a response made and dropped before it was sent
+        generate(request)
 
 
 def test_a_foreign_host_name_is_refused(url):
