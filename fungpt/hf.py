@@ -98,7 +98,7 @@ def load_gpt2(path: str | os.PathLike, meta: bool = False) -> GPT:
     path = Path(path)
     config = hf_config(path)
     hf_sd = _load_hf_weights(path, meta)
-    sd = {}
+    sd, taken = {}, set()  # (taken: the storage of the tensors in sd so far)
     for key, t in hf_sd.items():
         key = key.removeprefix("transformer.")
         if key.endswith((".attn.bias", ".attn.masked_bias")):
@@ -122,7 +122,11 @@ def load_gpt2(path: str | os.PathLike, meta: bool = False) -> GPT:
             key = "pos." + key
         if key.endswith(HF_CONV1D):
             t = t.t()
-        sd[key] = t.float().contiguous()
+        t = t.float().contiguous()  # (the same tensor, when it already is)
+        if t.data_ptr() in taken and t.device.type != "meta":  # one tensor saved under two names (an untied head
+            t = t.clone()                                        # and wte, in a .bin): two parameters of their own
+        taken.add(t.data_ptr())
+        sd[key] = t
 
     # Build on the meta device (no memory, no random init) and then adopt the loaded tensors.
     with torch.device("meta"):
@@ -296,7 +300,8 @@ def _head_differs(path: Path, hf_sd: dict[str, torch.Tensor]) -> bool:
     if head.shape != wte.shape:
         return True
     same = head.data_ptr() == wte.data_ptr() and head.stride() == wte.stride()  # (one tensor saved under two names)
-    return not (same or torch.allclose(head, wte, rtol=0, atol=0, equal_nan=True))  # (equal, NaN as NaN)
+    # (equal, NaN as NaN; in float32, where one was stored in another dtype)
+    return not (same or torch.allclose(head.float(), wte.float(), rtol=0, atol=0, equal_nan=True))
 
 
 def _load_hf_weights(path: Path, meta: bool = False) -> dict[str, torch.Tensor]:

@@ -820,6 +820,39 @@ def test_from_hf_refuses_a_head_of_its_own_under_a_tied_config_and_names_its_con
         assert GPT.from_hf(tmp_path / "m").config.activation == ("gelu_tanh" if name == "gelu_fast" else "gelu")
 
 
+def test_from_hf_reads_one_tensor_saved_under_two_names_as_the_config_says(tmp_path):
+    """An untied config whose pytorch_model.bin stores the head and wte as one tensor: the two parameters shared
+    their memory, and trained as tied. A tied config whose head is stored in another dtype: a raw RuntimeError."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=16, vocab_size=100)
+    hf = transformers.GPT2LMHeadModel(cfg)
+    hf.save_pretrained(tmp_path / "tied")
+    sd = {k: v for k, v in hf.state_dict().items()}
+    assert sd["lm_head.weight"].data_ptr() == sd["transformer.wte.weight"].data_ptr()
+    (tmp_path / "bin").mkdir()
+    torch.save(sd, tmp_path / "bin" / "pytorch_model.bin")  # (one tensor under both names)
+    config = json.loads((tmp_path / "tied" / "config.json").read_text())
+    (tmp_path / "bin" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    untied = GPT.from_hf(tmp_path / "bin")
+    assert untied.lm_head.weight.data_ptr() != untied.wte.weight.data_ptr()
+    assert torch.equal(untied.lm_head.weight, untied.wte.weight)  # (equal values, two matrices)
+    weights = load_file(str(tmp_path / "tied" / "model.safetensors"))
+    weights["lm_head.weight"] = weights["transformer.wte.weight"].half()
+    save_file(weights, str(tmp_path / "tied" / "model.safetensors"))
+    (tmp_path / "tied" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(FunGPTError, match="stores an lm_head.weight that differs"):  # (float16 rounds the values)
+        GPT.from_hf(tmp_path / "tied")
+    weights["lm_head.weight"] = weights["transformer.wte.weight"].half()
+    weights["transformer.wte.weight"] = weights["lm_head.weight"].float()  # (equal in float32: the same head)
+    save_file(weights, str(tmp_path / "tied" / "model.safetensors"))
+    tied = GPT.from_hf(tmp_path / "tied")
+    assert tied.lm_head.weight is tied.wte.weight
+
+
 def test_generate_stream_can_yield_the_logits_it_sampled_from():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32))
