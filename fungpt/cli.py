@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import copy
 import dataclasses
 import difflib
 import errno
@@ -69,7 +70,15 @@ def _config_path(args: list[str]) -> str | None:
                           f"override single settings with their own flags")
     if found and not found[0].strip():  # (e.g. --config="$CFG" with CFG unset: the defaults would train silently)
         raise FunGPTError("--config is empty: give a config file's path, or the name of an example config")
+    if found and found[0] == "None" and not Path("None").exists():  # (what --help offers: {None}|STR, no file)
+        return None
     return found[0] if found else None
+
+
+def _switch(args: list[str], name: str) -> bool:
+    """Whether the switch --NAME is on: the last of --NAME and --no-NAME given decides, as tyro takes them."""
+    given = [a for a in args if a in (f"--{name}", f"--no-{name}")]
+    return bool(given) and given[-1] == f"--{name}"
 
 
 def _as_checkpointed(cfg: RunConfig, out_dir: Path) -> RunConfig:
@@ -263,7 +272,9 @@ def _drop_bpe_size(base: RunConfig, path: str, args: list[str]) -> RunConfig:
     if _rank() == 0:
         print(f"fungpt: note: {path}'s data.vocab_size = {base.data.vocab_size} is for its bpe tokenizer: not used "
               f"with --data.tokenizer {tokenizer}")
-    return dataclasses.replace(base, data=dataclasses.replace(base.data, vocab_size=None))
+    data = copy.copy(base.data)  # (not checked here: a flag may still fix the file's other values, as it may below)
+    data.vocab_size = None
+    return dataclasses.replace(base, data=data)
 
 
 def _rank() -> int:
@@ -297,16 +308,19 @@ def cmd_train(args: list[str], start_time: float) -> int | None:
         meant = misplaced_flag(a) if a.startswith("--") else None
         if meant:
             raise FunGPTError(f"{a.partition('=')[0]} is not a flag of fungpt train: use {meant}")
-    if "--resume" in args and "--overwrite" in args:  # (said before the resume's own line, as train() says it)
+    if _switch(args, "resume") and _switch(args, "overwrite"):  # (said before the resume's own line, as train() does)
         raise FunGPTError("--resume and --overwrite contradict each other: pick one")
-    resumed = path is None and "--resume" in args  # resume a run as it was: the settings it saved are the defaults
-    saved = Path(_out_dir_arg(args) or RunConfig().out_dir) / "config.json"
+    resumed = path is None and _switch(args, "resume")  # resume a run as it was: the settings it saved are the defaults
+    # (~ as the home folder, as RunConfig reads out_dir: --out-dir=~/x, or quoted, reaches us as it is)
+    saved = Path(os.path.expanduser(_out_dir_arg(args) or RunConfig().out_dir)) / "config.json"
     path = str(saved) if resumed and saved.is_file() else path
     # The file's settings are checked together with the flags (a flag may fix what the file set, e.g. min_lr below
     # a lower lr given on the command line); a check that still fails names the file
     base = _drop_bpe_size(load_config(path, checked=False), path, args) if path else RunConfig()
     if resumed and path:
         base = _as_checkpointed(base, saved.parent)
+        if _out_dir_arg(args) is None:  # the folder whose config.json was read (a run copied there names another)
+            base = dataclasses.replace(base, out_dir=str(saved.parent))
         if _rank() == 0:
             print(f"fungpt: resuming with the settings saved in {saved.parent} (flags given here override them)")
     if ("--help" in args or "-h" in args) and base.model.init_from != "scratch":

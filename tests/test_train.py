@@ -1088,6 +1088,35 @@ def test_cli_resume_without_a_config_file_takes_the_runs_saved_settings(corpus, 
     assert ckpt.load_state(ckpt.find_checkpoint(out))["step"] == 6
 
 
+def test_cli_resume_reads_the_run_it_names_and_the_switches_as_tyro_does(corpus, tmp_path, capsys, monkeypatch):
+    """--out-dir='~/run' --resume took the defaults (the saved config.json was looked for under a folder named ~);
+    a run copied into the default out_dir, resumed without --out-dir, trained into the folder its config.json named;
+    --resume --no-resume, and --no-overwrite, were read as given at all; --config None, as --help offers, was taken
+    for a file named None; a flag could not fix a config file's value once the file's bpe vocab_size was dropped."""
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=2, lr=2e-3), progress=False)
+    runs = []
+    monkeypatch.setattr(sys.modules["fungpt.train"], "train", lambda cfg, **kw: runs.append((cfg, kw)) or {
+        "interrupted": False, "step": 1, "out_dir": cfg.out_dir})
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["train", "--out-dir=~/run", "--resume"]) == 0
+    assert runs[-1][0].train.lr == 2e-3 and runs[-1][0].out_dir == str(out)
+    shutil.copytree(out, tmp_path / "here" / "out" / "shakespeare-char-cpu")
+    monkeypatch.chdir(tmp_path / "here")
+    assert main(["train", "--resume"]) == 0
+    assert Path(runs[-1][0].out_dir).resolve() == (tmp_path / "here" / "out" / "shakespeare-char-cpu").resolve()
+    assert main(["train", "--out-dir", str(out), "--resume", "--no-resume", "--overwrite"]) == 0
+    assert runs[-1][1]["resume"] is False and runs[-1][1]["overwrite"] is True
+    assert main(["train", "--out-dir", str(out), "--overwrite", "--no-overwrite", "--resume"]) == 0
+    assert runs[-1][1]["resume"] is True
+    assert main(["train", "--config", "None", "--out-dir", str(tmp_path / "new")]) == 0
+    assert runs[-1][0].train == TrainConfig()
+    (tmp_path / "g.toml").write_text('[data]\ntokenizer = "bpe"\nvocab_size = 300\nval_fraction = 0.0\n')
+    assert main(["train", "--config", str(tmp_path / "g.toml"), "--data.val-fraction", "0.1", "--data.tokenizer",
+                 "char", "--out-dir", str(tmp_path / "g")]) == 0
+    assert (runs[-1][0].data.val_fraction, runs[-1][0].data.vocab_size) == (0.1, None)
+
+
 def test_cli_sample_unknown_character_is_clear(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     train(tiny_config(corpus, out, max_iters=2), progress=False)
