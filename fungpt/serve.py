@@ -83,7 +83,7 @@ MAX_NEW_TOKENS = 1000
 DEFAULT_NEW_TOKENS = 200
 MAX_ATTENTION_TOKENS = 256  # a 256 x 256 heatmap is 65k numbers, about 0.5 MB of JSON
 TOP_K_SHOWN = 10  # candidates sent with every token
-MAX_TRAIN_POINTS = 1000  # the loss curve is thinned to at most this many train points
+MAX_TRAIN_POINTS = 1000  # the loss curve is thinned to at most this many train points, and as many eval points
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
 # A request body larger than any good one (a 4,000-character prompt or 3,048 ids are tens of KB of JSON) is
 # refused before it is read: parsed, JSON costs about 13x its size in memory (an 80 MB body: +1 GB for seconds)
@@ -538,7 +538,8 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
 
 
 def _loss_curve(run_dir: Path) -> dict:
-    """/api/metrics's answer: the run's loss curve, thinned to MAX_TRAIN_POINTS train points."""
+    """/api/metrics's answer: the run's loss curve, thinned to MAX_TRAIN_POINTS train points and as many eval points
+    (a run evaluated at every step sent them all: 200,000 took 7 MB, and the page could not draw them)."""
     from fungpt.plot import read_metrics
 
     try:
@@ -553,9 +554,14 @@ def _loss_curve(run_dir: Path) -> dict:
     kept_train = [p for p in train if _finite(p[1])]
     kept_evals = [[s, t if _finite(t) else None, v] for s, t, v in evals if _finite(v)]
     left_out = len(train) - len(kept_train) + len(evals) - len(kept_evals)
-    stride = max(1, -(-len(kept_train) // MAX_TRAIN_POINTS))  # ceil division: thin long runs
-    last = kept_train[-1:] if kept_train and (len(kept_train) - 1) % stride else []
-    return {"train": kept_train[::stride] + last, "eval": kept_evals, "nonfinite": left_out}
+    return {"train": _thinned(kept_train), "eval": _thinned(kept_evals), "nonfinite": left_out}
+
+
+def _thinned(points: list) -> list:
+    """At most about MAX_TRAIN_POINTS of `points`, evenly strided, the last one always kept."""
+    stride = max(1, -(-len(points) // MAX_TRAIN_POINTS))  # ceil division: thin long runs
+    last = points[-1:] if points and (len(points) - 1) % stride else []
+    return points[::stride] + last
 
 
 def _finite(value) -> bool:

@@ -216,6 +216,20 @@ def test_a_lost_server_is_said_in_words(url, page):
     sync_api.expect(page.locator("#status")).to_contain_text("cannot reach the server: is fungpt serve still running?")
 
 
+@pytest.mark.parametrize("answer, said", [
+    ({"train": [], "eval": [], "nonfinite": 3}, "all 3 logged losses are NaN or infinite: the run diverged"),
+    # (a server that sends a long curve: Math.min(...xs) overflowed the call stack past about 125,000 points)
+    ({"train": [[s, 4.0 - s / 200_000] for s in range(200_000)], "eval": [], "nonfinite": 0}, "loss curve: train"),
+])
+def test_the_loss_curve_says_what_it_holds(url, page, answer, said):
+    """A run whose logged losses were all NaN was said to have no metrics.jsonl; a very long curve did not draw."""
+    page.route("**/api/metrics", lambda route: route.fulfill(status=200, content_type="application/json",
+                                                            body=json.dumps(answer)))
+    page.goto(url)
+    sync_api.expect(page.locator("#loss")).to_have_attribute("aria-label", re.compile(re.escape(said)))
+    assert page.problems == []
+
+
 def test_attention_from_other_weights_than_the_samples_says_so(url, page):
     """A server started again (on another run, at the same step) answered the attention of the old sample with the
     new model's weights, without a word: the step was all the page compared."""

@@ -130,6 +130,16 @@ def test_the_curve_is_read_again_only_when_the_metrics_change(run_dir, tmp_path,
     assert len(reads) == 2 and after["train"][-1] == [21, 1.5]
 
 
+def test_a_curve_of_many_evals_is_thinned_too(tmp_path):
+    """Eval rows were sent whole (a run evaluated at every step: 200,000 rows, 7 MB) while train rows were thinned."""
+    from fungpt.serve import MAX_TRAIN_POINTS, _loss_curve
+
+    rows = [{"step": s, "train_loss": 3.0, "val_loss": 3.0 + s / 1e6} for s in range(1, 5002)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    curve = _loss_curve(tmp_path)
+    assert len(curve["eval"]) <= MAX_TRAIN_POINTS + 1 and curve["eval"][0][0] == 1 and curve["eval"][-1][0] == 5001
+
+
 def test_generate_streams_the_same_text_as_fungpt_sample(url, run_dir):
     settings = dict(max_new_tokens=30, temperature=0.9, top_k=20, seed=5)
     events = stream_events(url, prompt="The cat", **settings)

@@ -182,14 +182,18 @@ async function loadMetrics() {
   };
   svg.innerHTML = "";
   if (!points.length) {
-    const why = note ? "the run folder now holds another model: restart fungpt serve" : "no metrics.jsonl in this run";
+    const why = note ? "the run folder now holds another model: restart fungpt serve"
+      : nonfinite ? `all ${nonfinite} logged losses are NaN or infinite: the run diverged`
+      : "no metrics.jsonl in this run";
     el("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, why);
     svg.setAttribute("aria-label", `loss curve: ${why}`);
     return;
   }
   const xs = points.map((p) => p[0]), ys = points.map((p) => p[1]);
-  const x0 = Math.min(...xs), x1 = Math.max(...xs, x0 + 1);
-  const y0 = Math.min(...ys), y1 = Math.max(...ys, y0 + 1e-3);
+  // (reduce, not Math.min(...xs): spreading a long list overflows the call stack)
+  const least = (v) => v.reduce((a, b) => Math.min(a, b)), most = (v) => v.reduce((a, b) => Math.max(a, b));
+  const x0 = least(xs), x1 = Math.max(most(xs), x0 + 1);
+  const y0 = least(ys), y1 = Math.max(most(ys), y0 + 1e-3);
   const X = (s) => left + ((s - x0) / (x1 - x0)) * (W - left - right);
   const Y = (l) => top + (1 - (l - y0) / (y1 - y0)) * (H - top - bottom);
   for (const t of ticks(y0, y1, 5)) {
