@@ -212,9 +212,7 @@ def tokenizer_fingerprint(directory: str | Path) -> str | None:
         return None
     h = hashlib.sha256(meta.read_bytes())
     try:
-        recorded = read_json(meta)
-        # (the file load_tokenizer reads: named, or tokenizer.json for a bpe or hf tokenizer that names none)
-        extra = recorded.get("file", "tokenizer.json" if recorded.get("kind") in ("bpe", "hf") else None)
+        extra = read_json(meta).get("file")
     except (ValueError, AttributeError):
         extra = None
     # (only a file of this folder, by its bare name, as load_tokenizer reads it: never one that the file names

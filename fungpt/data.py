@@ -362,8 +362,10 @@ def resolve_source(source: str | Path) -> list[Path]:
         kept, seen = [], set()
         for p in files:  # each file once: two links to one file (or hard links) read it twice, maybe into both splits
             st = p.stat()
-            if st.st_size > 0 and not _hidden_by_flag(st) and (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
+            # (a file system without inode numbers, some network or Windows ones, gives 0: its real path then)
+            key = (st.st_dev, st.st_ino) if st.st_ino else os.path.realpath(p)
+            if st.st_size > 0 and not _hidden_by_flag(st) and key not in seen:
+                seen.add(key)
                 kept.append(p)
         files = kept
         if not files:
@@ -684,15 +686,18 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
         return
     if not out.is_dir():
         raise FunGPTError(f"output {out} exists and is not a folder; choose another --out")
-    # (fungpt train's cache is FunGPT's own: a damaged folder there, its meta.json lost too, is prepared again,
-    # whatever it holds)
-    if overwrite and out.resolve().is_relative_to(cache_dir().expanduser().resolve()):
+    # (fungpt train's cache is FunGPT's own: one of its dataset folders that is damaged, its meta.json lost too, is
+    # prepared again, whatever it holds; only those, not the cache itself or another folder in it)
+    cache = cache_dir().expanduser().resolve()
+    if overwrite and out.resolve().parent == cache / "datasets":
         return
     if is_prepared(out):
         if not overwrite:
             raise FunGPTError(f"{out} already holds a prepared dataset; pass --overwrite to replace it")
         # --overwrite replaces the whole folder: only one that prepare made, holding nothing else. A folder of the
         # user's own token ids (no source text to prepare them from again) and files put beside a dataset are kept.
+        if out.resolve().is_relative_to(cache):
+            return
         try:
             meta = read_json(out / "meta.json")
             made_here = "source_sha256" in meta

@@ -554,7 +554,11 @@ def _loss_curve(run_dir: Path) -> dict:
     kept_train = [p for p in train if _finite(p[1])]
     kept_evals = [[s, t if _finite(t) else None, v] for s, t, v in evals if _finite(v)]
     left_out = len(train) - len(kept_train) + len(evals) - len(kept_evals)
-    return {"train": _thinned(kept_train), "eval": _thinned(kept_evals), "nonfinite": left_out}
+    evals = _thinned(kept_evals)
+    best = min(kept_evals, key=lambda p: p[2], default=None)  # (the lowest val loss stays on the curve)
+    if best is not None and best not in evals:
+        evals = sorted([*evals, best], key=lambda p: p[0])
+    return {"train": _thinned(kept_train), "eval": evals, "nonfinite": left_out}
 
 
 def _thinned(points: list) -> list:

@@ -1019,9 +1019,11 @@ def schedule_notes(tc: TrainConfig, new_run: bool) -> list[str]:
         notes.append(f"fungpt: note: train.warmup_iters = {w} is not below the run's {tc.max_iters} steps, so the "
                      f"learning rate never reaches train.lr = {tc.lr:g}; lower warmup_iters to reach it")
     elif w >= tc.decay_iters > 0 and tc.max_minutes:  # (under a budget, decay_iters steps stand for the whole run)
+        decays = ", nor decays" if tc.lr_schedule != "constant" else ""
         notes.append(f"fungpt: note: train.warmup_iters = {w} is not below lr_decay_iters (or max_iters) = "
                      f"{tc.decay_iters}, the steps that stand for the whole time budget, so the learning rate never "
-                     f"reaches train.lr = {tc.lr:g}, nor decays; lower warmup_iters to reach it")
+                     f"reaches train.lr = {tc.lr:g}{decays}; lower warmup_iters to reach it")
+        return notes  # (the notes below, of a decay that ends in the warmup, do not hold under a budget)
     # WSD's decay window counts the warmup in (get_lr): a warmup that runs into it ends on a drop of the lr
     if (tc.lr_schedule == "wsd" and new_run and 0 < w < tc.decay_iters and (w < tc.max_iters or tc.max_minutes)
             and get_lr(w, tc) < 0.9 * get_lr(w - 1, tc)):
@@ -1505,13 +1507,18 @@ _FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}  # a
 
 
 def _silence_files() -> None:
-    """Point stdout and stderr at /dev/null where they are not a terminal or a pipe: a log file on a full disk
-    (or /dev/full), where every later write would fail as the first did."""
+    """Point stdout or stderr at /dev/null where it is a file on a full disk (or /dev/full), where every later write
+    would fail as the first did; a stream elsewhere (stderr into a log on another disk) keeps its output."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError, AttributeError):
-            mode = os.fstat(stream.fileno()).st_mode
-            if not (os.isatty(stream.fileno()) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+            fd = stream.fileno()
+            mode = os.fstat(fd).st_mode
+            full = (stat.S_ISREG(mode) and os.fstatvfs(fd).f_bavail == 0) or (stat.S_ISCHR(mode) and not
+                                                                               os.isatty(fd))
+            if full:
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, fd)
+                os.close(null)
 
 
 def _silence_terminal(pipes: bool = False) -> None:

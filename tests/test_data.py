@@ -1521,6 +1521,18 @@ def test_a_file_reached_twice_is_read_once(tmp_path):
     os.link(folder / "own.txt", folder / "own-again.txt")  # (a hard link: one file, two names)
     # (the first name in sorted order stands for the file)
     assert [p.relative_to(folder).as_posix() for p in resolve_source(folder)] == ["a-link.txt", "own-again.txt"]
+    # a file system without inode numbers (0 for every file, some network or Windows ones): every file is read
+    (folder / "zz.txt").write_text("more text\n" * 20, encoding="utf-8")
+    real_stat = Path.stat
+
+    def no_inodes(self, **kwargs):
+        st = real_stat(self, **kwargs)
+        return os.stat_result((st.st_mode, 0, *tuple(st)[2:]))
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Path, "stat", no_inodes)
+        names = [p.relative_to(folder).as_posix() for p in resolve_source(folder)]
+    assert names == ["a-link.txt", "own-again.txt", "own.txt", "zz.txt"]  # (the link to a.txt's folder: its path)
 
 
 def test_damage_or_odd_input_met_while_preparing_is_handled(tmp_path, fake_download, monkeypatch):
@@ -1536,6 +1548,9 @@ def test_damage_or_odd_input_met_while_preparing_is_handled(tmp_path, fake_downl
     data_mod._check_out_dir(damaged, overwrite=True)  # prepared again, not refused
     with pytest.raises(FunGPTError, match="not empty and is not a prepared dataset"):
         data_mod._check_out_dir(damaged, overwrite=False)
+    for elsewhere in (tmp_path / "cache", tmp_path / "cache" / "datasets"):  # (only a dataset folder of the cache:
+        with pytest.raises(FunGPTError, match="not empty and is not a prepared dataset"):  # --overwrite of the cache
+            data_mod._check_out_dir(elsewhere, overwrite=True)                          # itself deleted all of it
 
     def cut_short(url, timeout=0):
         raise http.client.IncompleteRead(b"abcde", 995)

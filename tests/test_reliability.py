@@ -1357,6 +1357,19 @@ def test_console_output_to_a_terminal_that_hung_up_stops_the_run_as_sighup(monke
         flag.output(lambda *a: (_ for _ in ()).throw(OSError(errno.EBADF, "Bad file descriptor")), "x")
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
+def test_only_output_that_cannot_be_written_is_silenced(tmp_path):
+    """stdout into a full file (/dev/full), stderr into a log on a disk with room: stderr was silenced too, and the
+    error saying why training stopped was lost with it."""
+    script = ("import importlib, sys\nt = importlib.import_module('fungpt.train')\nt._silence_files()\n"
+              "print('to stdout', flush=True)\nprint('to stderr', file=sys.stderr, flush=True)\n")
+    with open("/dev/full", "w") as full, open(tmp_path / "err.log", "w") as err:
+        proc = subprocess.run([sys.executable, "-c", script], stdout=full, stderr=err, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0  # (stdout silenced: its write no longer fails)
+    assert (tmp_path / "err.log").read_text() == "to stderr\n"
+
+
 def test_console_output_to_a_full_disk_stops_the_run_with_its_step_saved(world, tmp_path, monkeypatch):
     """A log file (`> train.log`) whose disk filled up: the run died on the next progress line with "error: No space
     left on device" and lost the steps since its last checkpoint, though that disk had room."""

@@ -134,10 +134,12 @@ def test_a_curve_of_many_evals_is_thinned_too(tmp_path):
     """Eval rows were sent whole (a run evaluated at every step: 200,000 rows, 7 MB) while train rows were thinned."""
     from fungpt.serve import MAX_TRAIN_POINTS, _loss_curve
 
-    rows = [{"step": s, "train_loss": 3.0, "val_loss": 3.0 + s / 1e6} for s in range(1, 5002)]
+    rows = [{"step": s, "train_loss": 3.0, "val_loss": 3.0 + s / 1e6 - (s == 1234)} for s in range(1, 5002)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     curve = _loss_curve(tmp_path)
-    assert len(curve["eval"]) <= MAX_TRAIN_POINTS + 1 and curve["eval"][0][0] == 1 and curve["eval"][-1][0] == 5001
+    steps = [s for s, _, _ in curve["eval"]]
+    assert len(steps) <= MAX_TRAIN_POINTS + 2 and steps[0] == 1 and steps[-1] == 5001 and steps == sorted(steps)
+    assert 1234 in steps  # the lowest val loss is kept, wherever the stride falls
 
 
 def test_generate_streams_the_same_text_as_fungpt_sample(url, run_dir):

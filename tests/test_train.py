@@ -269,6 +269,10 @@ def test_a_warmup_as_long_as_the_run_is_pointed_out(corpus, tmp_path, capsys):
                     "that stand for the whole time budget, so the learning rate never reaches train.lr = 0.001, nor "
                     "decays; lower warmup_iters to reach it"]
     assert schedule_notes(TrainConfig(max_iters=20, warmup_iters=10, max_minutes=1.0), new_run=True) == []
+    # (and no note of a decay "over before the warmup ends, the lr dropping to min_lr", which a budget never does)
+    said = schedule_notes(TrainConfig(max_iters=1000, lr_decay_iters=100, warmup_iters=200, max_minutes=1.0,
+                                      lr_schedule="constant"), new_run=True)
+    assert len(said) == 1 and "reaches train.lr = 0.001; lower warmup_iters" in said[0]  # (constant: never decays)
     # a schedule that decays early still reaches lr first: only max_iters counts
     train(tiny_config(corpus, tmp_path / "c", max_iters=4, warmup_iters=2, lr_decay_iters=1,
                       lr_schedule="constant"), progress=False)
