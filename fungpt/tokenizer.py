@@ -399,7 +399,8 @@ class CharTokenizer(Tokenizer):
                       "with a bpe tokenizer")
             name = unicodedata.name(ch, "")  # ("" for a character without one: a control, a lone surrogate)
             raise FunGPTError(
-                f"character {ch!r} (U+{ord(ch):04X}{' ' + name if name else ''}) at position {offset + pos:,} is not "
+                f"character {ch!r} (U+{ord(ch):04X}{' ' + name if name else ''}) at position {offset + pos:,} "
+                f"(counting from 0) is not "
                 f"in this char-level vocabulary ({self.vocab_size} characters seen in training); {fix}"
             )
         return ids

@@ -169,7 +169,7 @@ def test_a_bad_request_shows_its_error(url, page):
     page.fill("#prompt", "The cat €")  # € is not in the tiny run's character vocabulary
     page.click("#generate")
     sync_api.expect(page.locator("#status")).to_contain_text(
-        "'€' (U+20AC EURO SIGN) at position 8 is not in this char-level vocabulary")
+        "'€' (U+20AC EURO SIGN) at position 8 (counting from 0) is not in this char-level vocabulary")
     sync_api.expect(page.locator("#status")).to_have_class("muted error")
     # the browser logs the 400 response itself; anything else would be a problem
     assert [p for p in page.problems if "400" not in p] == []

@@ -234,7 +234,8 @@ def test_client_that_leaves_mid_stream_does_not_block_others(url):
 @pytest.mark.parametrize("body, status, message", [
     ({"max_new_tokens": MAX_NEW + 1}, 400, f"over this server's limit of {MAX_NEW}"),
     ({"prompt": "a" * (MAX_CHARS + 1)}, 400, f"at most {MAX_CHARS}"),
-    ({"prompt": "The cat€"}, 400, "'€' (U+20AC EURO SIGN) at position 7 is not in this char-level vocabulary"),
+    ({"prompt": "The cat€"}, 400, "'€' (U+20AC EURO SIGN) at position 7 (counting from 0) is not in this char-level "
+                                  "vocabulary"),
     ({"top_k": 0}, 422, "top_k: Input should be greater than or equal to 1"),
     ({"top_p": 1.5}, 422, "top_p: Input should be less than or equal to 1"),
     ({"top_p": 0}, 422, "top_p: Input should be greater than 0"),

@@ -82,11 +82,12 @@ def test_char_unknown_character_names_char_and_position():
     # in another Unicode form (e + U+0308, as macOS may type the corpus's precomposed ë) is said to need NFC
     with pytest.raises(FunGPTError) as err:
         CharTokenizer.train("Zo\u00eb, ").encode("Zoe\u0308,")
-    assert str(err.value) == ("character 'e' (U+0065 LATIN SMALL LETTER E) at position 2 is not in this char-level "
-                              "vocabulary (5 characters seen in training); the text's letters are in another Unicode "
-                              "form than the training text's: normalise it to NFC (unicodedata.normalize('NFC', text))")
-    with pytest.raises(FunGPTError, match=r"^character '\u0308' \(U\+0308 COMBINING DIAERESIS\) at position 1 .*; "
-                                          r"remove it from the text"):
+    assert str(err.value) == ("character 'e' (U+0065 LATIN SMALL LETTER E) at position 2 (counting from 0) is not in "
+                              "this char-level vocabulary (5 characters seen in training); the text's letters are in "
+                              "another Unicode form than the training text's: normalise it to NFC "
+                              "(unicodedata.normalize('NFC', text))")
+    with pytest.raises(FunGPTError, match=r"^character '\u0308' \(U\+0308 COMBINING DIAERESIS\) at position 1 "
+                                          r"\(counting from 0\) .*; remove it from the text"):
         CharTokenizer.train("Zoe, ").encode("e\u0308")  # (a mark NFC cannot join: no such hint)
 
 

@@ -2276,7 +2276,8 @@ def test_eval_and_prompt_files_keep_windows_line_endings(tmp_path, monkeypatch):
     lf.write_bytes(crlf.read_bytes().replace(b"\r\n", b"\n"))
     lf_run = tmp_path / "lf_run"
     train(tiny_config(lf, lf_run, max_iters=2), progress=False)
-    with pytest.raises(FunGPTError, match=r"character '\\r' \(U\+000D\) at position 23 is not in this char-level "
+    with pytest.raises(FunGPTError, match=r"character '\\r' \(U\+000D\) at position 23 \(counting from 0\) is not in "
+                                          r"this char-level "
                                           r"vocabulary .*; the text has line endings in \\r \(Windows: \\r\\n\): "
                                           r"convert them"):
         evaluate_run(lf_run, input=crlf)
