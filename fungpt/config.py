@@ -396,6 +396,11 @@ def _check_type(klass: type, name: str, value: Any, where: str) -> Any:
             return value
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return value
+        # (a run's own config.json, written by an older FunGPT whose Python API took max_iters=1e1 as 10.0: read as
+        # the whole number it is; a config file of the user's is told below to write it so)
+        if t is int and isinstance(value, float) and value.is_integer() and where.rsplit(" [", 1)[0].endswith(
+                ".json"):
+            return int(value)
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             try:
                 return float(value)
@@ -410,7 +415,9 @@ def _check_type(klass: type, name: str, value: Any, where: str) -> Any:
     # (TOML has no null: "None" written there is a string; the setting's default comes from leaving it out)
     unset = ("; TOML has no null: for its default, delete the line" if type(None) in options and ".toml" in where
              and isinstance(value, str) and value.strip().lower() in ("none", "null", "nil", "") else "")
-    raise FunGPTError(f"{where}: {name} = {value!r} should be of type {wanted}{unset}")
+    whole = (f" (a whole number: write {int(value)})" if int in options and isinstance(value, float)
+             and value.is_integer() else "")
+    raise FunGPTError(f"{where}: {name} = {value!r} should be of type {wanted}{unset}{whole}")
 
 
 def presets_dir() -> Path | None:

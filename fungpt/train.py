@@ -1398,6 +1398,15 @@ def trim_tensorboard(folder: Path, keep_until_step: int | None, redo_eval: bool 
     unfinished.rmdir()
 
 
+def _eval_logged(out_dir: Path, step: int) -> bool:
+    """Whether the run's metrics.jsonl holds an eval row of `step`."""
+    try:
+        lines = (out_dir / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return False
+    return any(_row_step(line) == step and '"val_loss"' in line for line in lines)
+
+
 def _row_step(line: str) -> int:
     try:
         return int(parse_json(line)["step"])
@@ -1620,7 +1629,9 @@ class Resumed:
     best_val: float = float("inf")
     elapsed_s: float = 0.0  # the run's wall seconds before this command
     evaluated: bool = False  # an eval set best_val (at step 0: the step-0 eval, in metrics.jsonl already)
-    eval_left: bool = False  # a signal left the eval of the checkpoint's step: the resume does it first
+    # a signal left the eval of the checkpoint's step: the resume does it first (None: a checkpoint from before this
+    # was saved, whose metrics.jsonl tells)
+    eval_left: bool | None = False
     # The lr schedule's origins on the run's clock (budget.TimeBudget.start_schedule): the seconds that are not
     # schedule time (setup before step 1, each resume's start-up, compiles; None: saved at step 0), and the origin
     # the lr follows (budget.continuous_origin; None: checkpoints from before it was saved)
@@ -1673,8 +1684,8 @@ def load_training_state(folder: Path, manifest: dict[str, Any], optimizer: torch
             if device == "cuda" and "cuda" in rng:
                 torch.cuda.set_rng_state(rng["cuda"])
         per_step = state.get("tokens_per_step")
-        eval_left = state.get("eval_left", False)  # (checkpoints from before it was saved: False)
-        if not isinstance(eval_left, bool):
+        eval_left = state.get("eval_left")  # (checkpoints from before it was saved: None)
+        if not isinstance(eval_left, bool | None):
             raise TypeError(f"eval_left is {eval_left!r:.60}, not true or false")
         was = Resumed(step=step, best_val=best_val, elapsed_s=float(state["elapsed_s"]),
                       evaluated=math.isfinite(best_val), eval_left=eval_left, schedule_origin=schedule_origin,
@@ -1971,6 +1982,11 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         check_resume_tokenizer(data_dir, out_dir, manifest.get("tokenizer_sha256"))
         ckpt.load_weights(folder, model)
         resumed = load_training_state(folder, manifest, optimizer, scaler, loader, ddp, prec.device)
+        if resumed.eval_left is None:  # (an older checkpoint: a step of a periodic eval that metrics.jsonl lacks)
+            every = (saved_train or tc).eval_interval
+            left = 0 < resumed.step and resumed.step % every == 0 and not _eval_logged(out_dir, resumed.step) \
+                if ddp.is_main else None
+            resumed.eval_left = bool(_gather(left, ddp)[0])  # (rank 0 reads the file: every rank does the eval)
         if resumed.processes != ddp.world_size:
             say(processes_note(resumed, cfg, saved_cfg.model.block_size, saved_train, ddp.world_size))
     step, best_val, elapsed_before, timings = resumed.step, resumed.best_val, resumed.elapsed_s, resumed.timings

@@ -958,7 +958,8 @@ def test_ctrl_c_during_an_eval_leaves_it_and_saves_the_step(world, tmp_path, whi
                        f"plus --resume"
         # The resume does the eval the signal left, first: its row and the best checkpoint are the uninterrupted
         # run's (it was never done: a better val loss at that step could not become the best)
-        straight = tmp_path / "straight"
+        straight, older = tmp_path / "straight", tmp_path / "older"
+        shutil.copytree(out, older)
         assert main([str(a) if a != out else str(straight) for a in argv]) == 0
         assert main([*map(str, argv), "--resume"]) == 0
 
@@ -968,6 +969,14 @@ def test_ctrl_c_during_an_eval_leaves_it_and_saves_the_step(world, tmp_path, whi
 
         assert evals(out) == evals(straight) and [step for step, _ in evals(out)] == [0, 4, 8]
         assert ckpt.saved_step(out, "best") == ckpt.saved_step(straight, "best")
+        # a checkpoint of an older FunGPT, which did not record the eval left: its metrics.jsonl, without that
+        # step's eval row, tells
+        real_load_state = ckpt.load_state
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(ckpt, "load_state", lambda folder: {k: v for k, v in real_load_state(folder).items()
+                                                          if k != "eval_left"})
+            assert main([str(a) if a != out else str(older) for a in argv] + ["--resume"]) == 0
+        assert evals(older) == evals(straight)
 
 
 def test_a_resume_that_evaluates_its_step_again_keeps_one_eval_row_for_it(tmp_path):

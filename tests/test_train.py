@@ -895,6 +895,18 @@ def test_configs_built_in_python_are_type_checked_and_checked_again_by_train(cor
     assert not (tmp_path / "later").exists()
 
 
+def test_a_whole_number_written_as_a_float_in_a_runs_config_is_read(tmp_path):
+    """An older FunGPT's Python API took max_iters=1e1 and saved 10.0 into config.json: every command then refused
+    the run. A config file of the user's is told how to write it."""
+    from fungpt.config import _check_type
+
+    assert _check_type(TrainConfig, "max_iters", 20.0, "runs/old/config.json [train]") == 20
+    with pytest.raises(FunGPTError, match=r"max_iters = 20.0 should be of type int \(a whole number: write 20\)$"):
+        _check_type(TrainConfig, "max_iters", 20.0, "mine.toml [train]")
+    with pytest.raises(FunGPTError, match="should be of type int"):
+        _check_type(TrainConfig, "max_iters", 20.5, "runs/old/config.json [train]")
+
+
 def test_numbers_passed_from_python_are_checked_in_one_line(tmp_path):
     """sample(seed="1"), top_k=2.5 or temperature="0.8" failed deep in torch or a comparison; prepare() said
     vocab_size="300" or np.int64(4096) was "too small", and printed np.float32(0.1) as 0.10000000149011612 "not
