@@ -261,11 +261,14 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config", checked: bool = True) -> RunConfig:
+    def from_dict(cls, d: dict[str, Any], source: str = "config", checked: bool = True,
+                  saved: bool = False) -> RunConfig:
         """Build a RunConfig from nested dicts (TOML or config.json); unknown keys are an error.
 
         checked=False leaves out the checks that relate one value to another (`__post_init__`), for a config
-        file whose settings the command line may still change: `fungpt train` checks what they make together."""
+        file whose settings the command line may still change: `fungpt train` checks what they make together.
+        saved=True: settings a run saved (its config.json, a checkpoint's record), where a whole number written as a
+        float by an older FunGPT is read as the number it is."""
         sections = SECTIONS
         unknown = set(d) - {"out_dir", *sections}
         if unknown:
@@ -279,7 +282,7 @@ class RunConfig:
             kwargs["out_dir"] = d["out_dir"]
         for name, klass in sections.items():
             kwargs[name] = _build_section(klass, d.get(name, {}), f"{source} [{name}]", defaults=getattr(cls(), name),
-                                          checked=checked)
+                                          checked=checked, saved=saved)
         try:
             return cls(**kwargs)
         except FunGPTError as e:  # (an empty out_dir)
@@ -339,7 +342,8 @@ def misplaced_flag(flag: str) -> str | None:
 NANOGPT_NAMES = {"learning_rate": "lr", "gradient_accumulation_steps": "grad_accum_steps", "decay_lr": "lr_schedule"}
 
 
-def _build_section(klass: type, values: Any, where: str, defaults: Any, checked: bool = True) -> Any:
+def _build_section(klass: type, values: Any, where: str, defaults: Any, checked: bool = True,
+                   saved: bool = False) -> Any:
     if not isinstance(values, dict):
         raise FunGPTError(f"{where} must be a table of settings, got {type(values).__name__}")
     names = {f.name for f in dataclasses.fields(klass)}
@@ -362,7 +366,7 @@ def _build_section(klass: type, values: Any, where: str, defaults: Any, checked:
         raise FunGPTError(f"{where}: unknown setting(s) {sorted(unknown)}" + (f" ({said})" if said else "") + fix)
     merged = {**dataclasses.asdict(defaults), **values}
     for name in values:
-        merged[name] = _check_type(klass, name, values[name], where)
+        merged[name] = _check_type(klass, name, values[name], where, saved)
     try:
         return klass(**merged)
     except TypeError as e:  # e.g. a wrong type that the dataclass cannot take
@@ -381,7 +385,7 @@ def _unchecked(klass: type, fields: dict[str, Any]) -> Any:
     return unchecked
 
 
-def _check_type(klass: type, name: str, value: Any, where: str) -> Any:
+def _check_type(klass: type, name: str, value: Any, where: str, saved: bool = False) -> Any:
     """Check a value from a file against the field's annotation; return it (an int is fine for a float).
 
     TOML and JSON values arrive untyped as far as the dataclass is concerned, so without this
@@ -396,10 +400,9 @@ def _check_type(klass: type, name: str, value: Any, where: str) -> Any:
             return value
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return value
-        # (a run's own config.json, written by an older FunGPT whose Python API took max_iters=1e1 as 10.0: read as
-        # the whole number it is; a config file of the user's is told below to write it so)
-        if t is int and isinstance(value, float) and value.is_integer() and where.rsplit(" [", 1)[0].endswith(
-                ".json"):
+        # (saved by a run, whose older FunGPT's Python API took max_iters=1e1 as 10.0: read as the whole number it
+        # is; a config file of the user's is told below to write it so)
+        if t is int and saved and isinstance(value, float) and value.is_integer():
             return int(value)
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             try:
@@ -520,7 +523,7 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     path = Path(run_dir).expanduser() / "config.json"  # (~ quoted on a command line reaches us as it is)
     if not path.is_file():
         raise FunGPTError(f"{run_dir} is not a FunGPT run folder (no config.json); pass the out_dir of a training run")
-    return RunConfig.from_dict(_read_saved_config(path), source=str(path))
+    return RunConfig.from_dict(_read_saved_config(path), source=str(path), saved=True)
 
 
 def _read_saved_config(path: Path) -> dict[str, Any]:

@@ -897,7 +897,7 @@ def trained_with(manifest: dict[str, Any] | None, saved_cfg: RunConfig | None) -
     if manifest is None or saved_cfg is None:
         return saved_cfg.train if saved_cfg is not None else None
     try:
-        return RunConfig.from_dict({"train": manifest["train"]}).train
+        return RunConfig.from_dict({"train": manifest["train"]}, saved=True).train
     except (KeyError, FunGPTError):  # (older checkpoints, or a field this version no longer has)
         return saved_cfg.train
 
@@ -1398,13 +1398,16 @@ def trim_tensorboard(folder: Path, keep_until_step: int | None, redo_eval: bool 
     unfinished.rmdir()
 
 
-def _eval_logged(out_dir: Path, step: int) -> bool:
-    """Whether the run's metrics.jsonl holds an eval row of `step`."""
+def _eval_left_in_log(out_dir: Path, step: int) -> bool:
+    """Whether the run's metrics.jsonl shows `step` trained but not evaluated: a row of its training, none of its
+    eval (a missing file, or one without that step, tells nothing: no eval is taken for left)."""
     try:
         lines = (out_dir / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return False
-    return any(_row_step(line) == step and '"val_loss"' in line for line in lines)
+    start = f'{{"step": {step},'  # (how training writes a row: a quick look before parsing it)
+    rows = [line for line in lines if line.startswith(start) and _row_step(line) == step]
+    return any('"val_loss"' not in r for r in rows) and not any('"val_loss"' in r for r in rows)
 
 
 def _row_step(line: str) -> int:
@@ -1984,7 +1987,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         resumed = load_training_state(folder, manifest, optimizer, scaler, loader, ddp, prec.device)
         if resumed.eval_left is None:  # (an older checkpoint: a step of a periodic eval that metrics.jsonl lacks)
             every = (saved_train or tc).eval_interval
-            left = 0 < resumed.step and resumed.step % every == 0 and not _eval_logged(out_dir, resumed.step) \
+            left = 0 < resumed.step and resumed.step % every == 0 and _eval_left_in_log(out_dir, resumed.step) \
                 if ddp.is_main else None
             resumed.eval_left = bool(_gather(left, ddp)[0])  # (rank 0 reads the file: every rank does the eval)
         if resumed.processes != ddp.world_size:

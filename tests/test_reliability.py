@@ -979,6 +979,22 @@ def test_ctrl_c_during_an_eval_leaves_it_and_saves_the_step(world, tmp_path, whi
         assert evals(older) == evals(straight)
 
 
+def test_an_older_checkpoint_is_evaluated_again_only_where_its_log_shows_the_eval_left(world, tmp_path, capsys,
+                                                                                        monkeypatch):
+    """A checkpoint of an older FunGPT does not say whether a signal left its step's eval: metrics.jsonl tells, by a
+    row of the step's training without one of its eval. Without the file (or the step's rows) nothing was left."""
+    real_load_state = ckpt.load_state
+    monkeypatch.setattr(ckpt, "load_state", lambda folder: {k: v for k, v in real_load_state(folder).items()
+                                                            if k != "eval_left"})
+    out = tmp_path / "run"
+    train(tiny_config(world["data"], out, max_iters=8, eval_interval=4, checkpoint_interval=4), progress=False)
+    (out / "metrics.jsonl").unlink()
+    capsys.readouterr()
+    train(tiny_config(world["data"], out, max_iters=12, eval_interval=4, checkpoint_interval=4), resume=True,
+          progress=False)
+    assert "the eval the interruption left" not in capsys.readouterr().out
+
+
 def test_a_resume_that_evaluates_its_step_again_keeps_one_eval_row_for_it(tmp_path):
     """A resume that does the eval a signal left, then ends before its next checkpoint without saving (killed, or
     an error), left that eval's row for the next resume, which logged it again."""

@@ -899,12 +899,17 @@ def test_a_whole_number_written_as_a_float_in_a_runs_config_is_read(tmp_path):
     """An older FunGPT's Python API took max_iters=1e1 and saved 10.0 into config.json: every command then refused
     the run. A config file of the user's is told how to write it."""
     from fungpt.config import _check_type
+    from fungpt.train import trained_with
 
-    assert _check_type(TrainConfig, "max_iters", 20.0, "runs/old/config.json [train]") == 20
-    with pytest.raises(FunGPTError, match=r"max_iters = 20.0 should be of type int \(a whole number: write 20\)$"):
-        _check_type(TrainConfig, "max_iters", 20.0, "mine.toml [train]")
+    assert _check_type(TrainConfig, "max_iters", 20.0, "runs/old/config.json [train]", saved=True) == 20
+    for mine in ("mine.toml [train]", "mine.json [train]"):  # (a file of the user's, whatever its suffix)
+        with pytest.raises(FunGPTError, match=r"max_iters = 20.0 should be of type int \(a whole number: write 20\)$"):
+            _check_type(TrainConfig, "max_iters", 20.0, mine)
     with pytest.raises(FunGPTError, match="should be of type int"):
-        _check_type(TrainConfig, "max_iters", 20.5, "runs/old/config.json [train]")
+        _check_type(TrainConfig, "max_iters", 20.5, "runs/old/config.json [train]", saved=True)
+    # a checkpoint's own record of its [train] settings too (it was passed over for config.json's)
+    recorded = {"train": {**dataclasses.asdict(TrainConfig(eval_interval=200)), "max_iters": 1000.0}}
+    assert trained_with(recorded, RunConfig(train=TrainConfig(eval_interval=50))).eval_interval == 200
 
 
 def test_numbers_passed_from_python_are_checked_in_one_line(tmp_path):
