@@ -193,7 +193,7 @@ def _sample_showing_probs(loaded: LoadedRun, idx: torch.Tensor, max_new_tokens: 
         given = repr(prompt) if prompt else \
             f"none: the model starts from {tok.decode(idx[0].tolist())!r}, as a fresh document"
         out.write(f"prompt: {given}\n")
-        shown = "the model's own softmax (greedy picks the top one)" if temperature == 0 else \
+        shown = "of the model's own softmax (greedy picks the top one)" if temperature == 0 else \
             (f"after temperature {temperature}, top-k {top_k or 'off'}, top-p {top_p or 'off'}: the distribution "
              f"sampled from")
         # as many as there are: the vocabulary, top-k's; top-p keeps a share that changes from step to step

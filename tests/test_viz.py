@@ -891,8 +891,9 @@ def test_show_probs_shows_the_drawn_tokens_probability_under_the_sampling_settin
     listing = [(text, f"{q:.3f}") for text, q in zip("abc", probs.tolist()) if q > 0]
     assert shown[0][1] == [x for pair in listing for x in pair]  # (top-k 2: two candidates)
     # the header says as many as a line can show (it said "top 3" over lines of top-k's 2)
-    said = "up to 2 top candidates" if top_k else "top 3 candidates"
-    assert f"| {said}, probabilities" in out.getvalue()
+    said = ("up to 2 top candidates, probabilities after temperature 0.5" if top_k else
+            "top 3 candidates, probabilities of the model's own softmax")  # (the greedy header lacked its "of")
+    assert f"| {said}" in out.getvalue()
 
 
 def test_show_probs_header_counts_the_candidates_a_line_can_show(run_dir):
