@@ -400,8 +400,8 @@ class CharTokenizer(Tokenizer):
             name = unicodedata.name(ch, "")  # ("" for a character without one: a control, a lone surrogate)
             raise FunGPTError(
                 f"character {ch!r} (U+{ord(ch):04X}{' ' + name if name else ''}) at position {offset + pos:,} "
-                f"(counting from 0) is not "
-                f"in this char-level vocabulary ({self.vocab_size} characters seen in training); {fix}"
+                f"(counting from 0) is not in this char-level vocabulary ({self.vocab_size} characters seen in "
+                f"training); {fix}"
             )
         return ids
 
@@ -569,7 +569,7 @@ class BPETokenizer(Tokenizer):
         """The byte a byte-fallback token stands for (<0xC3>: 0xC3, in tokenizers that are not byte-level, such as
         Llama's), or None for any other token."""
         piece = self._tok.id_to_token(token_id) or ""
-        return int(piece[3:5], 16) if len(piece) == 6 and _FALLBACK.fullmatch(piece) else None
+        return int(piece[3:5], 16) if _FALLBACK.fullmatch(piece) else None  # ("<0xC3>"[3:5] is "C3")
 
     def first_difference(self, other: Tokenizer) -> int | None:
         """As Tokenizer.first_difference; where either is not byte-level, by the tokens' pieces and the decoder:
