@@ -78,7 +78,7 @@ def direct(module: nn.Module | Callable) -> Callable:
 # them. A learner who edits one of them (another attention, an MLP without its activation) gets GPT.forward's
 # generation, slower and right, instead of this file's copy of the old code. After changing them on purpose,
 # change Decoder.step to match and set this to mirrored_source()'s new value (tests/test_decode.py checks it).
-MIRRORED = "25140409f68713f7f3840226e8a75158689dd11ea8f66bd38699901ba06fa8b7"
+MIRRORED = "7f2400737c755d389cf8f36feeb15fd9ceb39c4df253c5c459ede77671994420"
 
 
 @functools.cache

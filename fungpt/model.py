@@ -39,7 +39,7 @@ from fungpt.decode import Decoder
 from fungpt.errors import FunGPTError, check_field_types
 from fungpt.linear import Linear  # nn.Linear, with faster CPU kernels where measured (linear.py)
 from fungpt.positions import POS_ENCODINGS, NoPositions, make_positions
-from fungpt.sampling import sample_next_token  # logits -> next token (sampling.py); also imported from here
+from fungpt.sampling import check_generate_args, sample_next_token  # logits -> next token; also imported from here
 from fungpt.speculative import lookup_draft, verify_draft
 
 NORMS = ("layernorm", "rmsnorm")
@@ -346,6 +346,24 @@ class KVCache:
         return k_all.narrow(2, 0, t0 + T).to(k.dtype), v_all.narrow(2, 0, t0 + T).to(v.dtype)
 
 
+def check_ids(idx, what: str) -> None:
+    """Refuse, in one line, token ids the embedding cannot look up: anything but a (B, T) tensor of torch.long or
+    torch.int (a uint16 array from train.bin, bools, floats, a list). `what` starts the message."""
+    if not isinstance(idx, torch.Tensor):  # (a list of ids: torch.tensor([ids]) makes the tensor)
+        raise FunGPTError(f"{what} as a (B, T) tensor of token ids, got a {type(idx).__name__}: e.g. "
+                          f"torch.tensor([ids]) for one sequence")
+    if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int):
+        raise FunGPTError(f"{what} as a (B, T) integer tensor (torch.long), got {idx.dtype} of shape "
+                          f"{tuple(idx.shape)}: for one sequence use ids[None], for numpy ids .long()")
+
+
+def out_of_vocab(ids: torch.Tensor, vocab_size: int, where: str) -> FunGPTError:
+    """The error for ids outside 0..vocab_size-1, naming the first such id (a tokenizer that does not match)."""
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    return FunGPTError(f"{where} token id {int(bad[0]) if bad.numel() else '?'}, outside this model's "
+                       f"vocabulary (0..{vocab_size - 1}): use the tokenizer the model was trained with")
+
+
 class GPT(nn.Module):
     """The language model: token ids (B, T) -> next-token logits (B, T, V)."""
 
@@ -394,15 +412,17 @@ class GPT(nn.Module):
             logits (B, T, V)                      if targets is None and not return_attn
             (logits, loss)                        if targets (B, T) is given; loss is the mean
                                                   cross-entropy over positions whose target != -1
+                                                  (NaN if there are none)
             (logits, loss_or_None, attn)          if return_attn: attn is a list with one
                                                   (B, nh, T, T_total) tensor of attention weights
                                                   per layer (this forces attn_impl='plain')
         attn_impl: 'sdpa' (fused, fast) or 'plain' (explicit softmax, readable; same result).
         kv_cache: continue from the kv_cache.pos tokens already cached (see generate_stream).
         """
-        if idx.dim() != 2 or idx.is_floating_point() or idx.is_complex():
-            raise FunGPTError(f"the model takes token ids as a (B, T) integer tensor, got {idx.dtype} of shape "
-                              f"{tuple(idx.shape)}: for one sequence use ids[None]")
+        check_ids(idx, "the model takes token ids")
+        if targets is not None and (targets.shape != idx.shape or targets.dtype not in (torch.long, torch.int)):
+            raise FunGPTError(f"targets must be integer ids of the input's shape {tuple(idx.shape)}, got "
+                              f"{targets.dtype} of shape {tuple(targets.shape)}")
         B, T = idx.shape
         t0 = kv_cache.pos if kv_cache is not None else 0
         if t0 + T > self.config.block_size:
@@ -419,8 +439,7 @@ class GPT(nn.Module):
         try:
             x = self.pos.add_to_embeddings(self.wte(idx), pos)  # (B, T, C)
         except IndexError:  # (a tokenizer that does not match the model, usually)
-            raise FunGPTError(f"token ids {int(idx.min())}..{int(idx.max())} are outside this model's vocabulary (0.."
-                              f"{self.config.vocab_size - 1}): use the tokenizer the model was trained with") from None
+            raise out_of_vocab(idx, self.config.vocab_size, "the input holds") from None
         x = self.drop(x)
         attn = []
         for block in self.blocks:
@@ -434,7 +453,10 @@ class GPT(nn.Module):
         if targets is not None:
             # Cross-entropy = -log p(correct next token), averaged; -1 marks positions to skip.
             # (B*T, V) logits against (B*T,) targets: cross_entropy takes (N, classes) and (N,)
-            loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
+            try:
+                loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten().long(), ignore_index=-1)
+            except IndexError:  # (a target id outside the vocabulary; a CPU says so, a GPU asserts)
+                raise out_of_vocab(targets[targets != -1], self.config.vocab_size, "the targets hold") from None
         if return_attn:
             return logits, loss, attn
         return logits if targets is None else (logits, loss)
@@ -444,6 +466,8 @@ class GPT(nn.Module):
     def make_kv_cache(self, batch_size: int) -> KVCache:
         """An empty KV cache for this model with room for block_size positions."""
         c, p = self.config, self.wte.weight
+        if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 0:
+            raise FunGPTError(f"make_kv_cache: batch_size={batch_size!r} must be a whole number >= 0")
         return KVCache(c.n_layer, batch_size, c.n_head, c.block_size, c.n_embd // c.n_head, p.device, p.dtype)
 
     @torch.no_grad()
@@ -479,32 +503,19 @@ class GPT(nn.Module):
         earlier text and check all guesses in one forward pass. The output is the same greedy
         sequence; it arrives sooner when the text repeats itself.
         """
-        if not isinstance(idx, torch.Tensor):  # (a list of ids: torch.tensor([ids]) makes the tensor)
-            raise FunGPTError(f"generate takes the prompt as a (B, T) tensor of token ids, got a "
-                              f"{type(idx).__name__}: e.g. torch.tensor([ids]) for one sequence")
-        if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int):
-            raise FunGPTError(f"generate takes the prompt as a (B, T) integer tensor of token ids (torch.long), "
-                              f"got {idx.dtype} of shape {tuple(idx.shape)}: for one sequence use ids[None]")
+        check_ids(idx, "generate takes the prompt")
         if idx.size(1) == 0:
             raise FunGPTError("generate needs a prompt with at least one token: pass a non-empty prompt")
-        lo, hi = (int(idx.min()), int(idx.max())) if idx.numel() else (0, 0)  # (an empty batch has neither)
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise FunGPTError(f"the prompt holds token id {bad}, outside this model's vocabulary "
-                              f"(0..{self.config.vocab_size - 1})")
-        # (top_k and top_p here too: greedy decoding never reads them, and a mistake there went unseen)
-        for name, value, least in (("max_new_tokens", max_new_tokens, 0), ("lookahead", lookahead, 0),
-                                   ("top_k", 1 if top_k is None else top_k, 1)):
-            if not isinstance(value, numbers.Integral) or value < least:
-                raise FunGPTError(f"{name}={value!r} must be a whole number >= {least}")
-        if top_p is not None and not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
-            raise FunGPTError(f"top_p={top_p!r} must be a number in (0, 1]")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
+            raise out_of_vocab(idx, self.config.vocab_size, "the prompt holds")
+        check_generate_args(max_new_tokens, lookahead, top_k, top_p)  # (sampling.py)
         block_size = self.config.block_size
         B, T0 = idx.shape
         # All tokens so far, in a buffer: writing into it is cheaper than torch.cat every step. It doubles when
         # full (a copy per doubling), so a huge max_new_tokens (a stream left running) allocates nothing up front.
         end = T0 + max_new_tokens  # the length of the finished sequence
-        seq = torch.empty(B, min(end, T0 + 1024), dtype=idx.dtype, device=idx.device)  # (1024 ids: 8 KiB)
+        # (torch.long whatever the prompt's type: every step yields ids of one type, drafted or sampled)
+        seq = torch.empty(B, min(end, T0 + 1024), dtype=torch.long, device=idx.device)  # (1024 ids: 8 KiB)
         seq[:, :T0] = idx
         n = T0  # tokens filled in seq
         speculate = lookahead > 0 and use_cache and temperature == 0 and B == 1
@@ -577,7 +588,8 @@ class GPT(nn.Module):
         """Like generate_stream, but returns the prompt plus all new tokens: (B, T + max_new_tokens)."""
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache,
                                         lookahead=lookahead))  # max_new_tokens x (B,)
-        return torch.cat((idx, torch.stack(new, dim=1)), dim=1) if new else idx.clone()  # (B, T + max_new_tokens)
+        # (B, T + max_new_tokens), in the prompt's integer type
+        return torch.cat((idx, torch.stack(new, dim=1).to(idx.dtype)), dim=1) if new else idx.clone()
 
     # ------------------------------------------------------------------ accounting
 

@@ -6,6 +6,7 @@ their arguments: the same logits and generator state give the same token.
 """
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +98,17 @@ def sampling_probs(
         cutoff = sorted_probs.gather(-1, n_keep - 1)  # (..., 1) probability of the last kept token
         logits = logits.masked_fill(probs < cutoff, float("-inf"))
     return F.softmax(logits, dim=-1)  # (..., V)
+
+
+def check_generate_args(max_new_tokens, lookahead, top_k, top_p) -> None:
+    """Refuse generation's counts and filters in one line before the first token. top_k and top_p too when
+    decoding is greedy: it never reads them, and a mistake there went unseen. bool is no number here."""
+    for name, value, least in (("max_new_tokens", max_new_tokens, 0), ("lookahead", lookahead, 0),
+                               ("top_k", 1 if top_k is None else top_k, 1)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+            raise FunGPTError(f"{name}={value!r} must be a whole number >= {least}")
+    if top_p is not None and not (isinstance(top_p, numbers.Real) and not isinstance(top_p, bool) and 0 < top_p <= 1):
+        raise FunGPTError(f"top_p={top_p!r} must be a number in (0, 1]")
 
 
 def sample_next_token(

@@ -320,6 +320,19 @@ def test_a_stream_longer_than_its_first_buffer_gives_the_same_tokens_and_allocat
     assert torch.equal(drafted, echo.generate(idx, 1100, temperature=0.0, use_cache=False))
 
 
+def test_a_stream_yields_ids_of_one_type_for_an_int32_prompt():
+    """Drafted tokens were views of the prompt-typed buffer (int32), sampled ones int64, in the same stream."""
+    model = make_model(block_size=32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()  # greedy repeats token 0, so lookahead's drafts are accepted
+    idx = torch.tensor([[1, 0, 0, 0, 0]], dtype=torch.int)
+    for lookahead in (0, 4):
+        kinds = {t.dtype for t in model.generate_stream(idx, 9, temperature=0.0, lookahead=lookahead)}
+        assert kinds == {torch.int64}, (lookahead, kinds)
+        assert model.generate(idx, 9, temperature=0.0, lookahead=lookahead).dtype == torch.int32
+
+
 def test_a_tiny_temperature_samples_the_largest_logits_not_nan():
     from fungpt.sampling import sampling_probs
 
@@ -880,14 +893,31 @@ def test_wrong_ids_are_clear_errors_not_torch_internals():
         (lambda: model.generate(idx, 3, temperature=0, top_k=0), r"top_k=0 must be a whole number >= 1"),
         (lambda: model.generate(idx, 0, top_p=5.0), r"top_p=5.0 must be a number in \(0, 1\]"),
         (lambda: model.generate(idx, 1, top_p="0.9"), r"top_p='0.9' must be a number in \(0, 1\]"),
-        (lambda: model(idx + 50), r"token ids \d+\.\.\d+ are outside this model's vocabulary \(0\.\.49\): use the "
+        (lambda: model(idx + 50), r"the input holds token id \d+, outside this model's vocabulary \(0\.\.49\): use the "
                                   "tokenizer"),  # (IndexError: index out of range in self)
+        # the id that is out, not the input's whole range (was "token ids 3..70", 3 being in the vocabulary)
+        (lambda: model(torch.tensor([[3, 70]])), r"the input holds token id 70, outside"),
+        # numpy's uint16 ids (train.bin's type) and bools passed the float check and failed in the embedding
+        (lambda: model(torch.ones(1, 3, dtype=torch.uint16)), r"integer tensor \(torch.long\), got torch.uint16"),
+        (lambda: model(torch.ones(1, 3, dtype=torch.bool)), "got torch.bool"),
+        # targets were reshaped unchecked: a transposed (T, B) tensor gave a wrong loss, others torch's errors
+        (lambda: model(idx, idx.T.contiguous()), r"targets must be integer ids of the input's shape \(1, 5\), got "
+                                                 r"torch.int64 of shape \(5, 1\)"),
+        (lambda: model(idx, idx.float()), "targets must be integer ids"),
+        (lambda: model(idx, torch.full_like(idx, 50)), r"the targets hold token id 50, outside this model's vocab"),
+        (lambda: model.generate(idx, True), "max_new_tokens=True must be a whole number"),  # (a bool is no count)
+        (lambda: model.generate(idx, 2, top_p=True), r"top_p=True must be a number in \(0, 1\]"),
+        (lambda: model.make_kv_cache(-1), "batch_size=-1 must be a whole number >= 0"),
     ]
     for call, message in cases:
         with pytest.raises(FunGPTError, match=message):
             call()
     assert model.generate(idx, 0).shape == (1, 5)
     assert model.generate(idx, np.int64(2)).shape == (1, 7)  # a numpy integer is a whole number
+    assert model.generate(idx.int(), 2).dtype == torch.int32  # the prompt's type (the new ids made it int64)
+    # int32 targets give the loss of int64 ones; -1 skips a position, and none left is NaN (as the docstring says)
+    assert torch.equal(model(idx, idx.int())[1], model(idx, idx)[1])
+    assert model(idx, torch.full_like(idx, -1))[1].isnan() and model(idx[:, :0], idx[:, :0])[1].isnan()
 
 
 def test_numpy_integers_are_integers_in_the_config():
