@@ -125,8 +125,9 @@ def choose_precision(device: str, dtype: str, *, cuda: bool, mps: bool, cuda_bf1
             why.append("float16 autocast with loss scaling (as configured; on a CPU it is slower than float32, and "
                        "bfloat16 is the half precision with fast products there)")
         else:
-            why.append(f"{dtype} (as configured" + ("; this GPU only emulates it, slowly: float16 is native here)"
-                                                    if emulated else ")"))
+            native = "float16 is native here" if optimizer != "muon" else "float32 is faster, and Muon refuses float16"
+            why.append(f"{dtype} (as configured" + (f"; this GPU only emulates it, slowly: {native})" if emulated
+                                                    else ")"))
     return Precision(device=device, dtype=dtype, reason=", ".join(why))
 
 

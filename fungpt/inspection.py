@@ -271,7 +271,7 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
         tc = cfg.train
         try:
             device = detect_precision(tc.device, "float32").device  # where it would train ("auto" resolved)
-            dtype = detect_precision(tc.device, tc.dtype, tc.optimizer).dtype if tc.dtype == "auto" else tc.dtype
+            dtype = detect_precision(tc.device, tc.dtype, tc.optimizer).dtype  # (refuses what training refuses)
         except FunGPTError:  # a config for a GPU, read where there is none: as it would train on a recent GPU
             prec = choose_precision(tc.device, tc.dtype, cuda=True, mps=True, cuda_bf16=True, optimizer=tc.optimizer)
             dtype, device = prec.dtype, prec.device

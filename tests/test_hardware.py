@@ -113,6 +113,7 @@ def test_muon_on_a_gpu_without_native_bfloat16_trains_in_float32():
     assert choose_precision("auto", "auto", cuda=True, mps=False, cuda_bf16=True, optimizer="muon").dtype == "bfloat16"
     asked = choose_precision("cuda", "bfloat16", cuda=True, mps=False, cuda_bf16=False, optimizer="muon")
     assert asked.dtype == "bfloat16" and "emulates" in asked.reason
+    assert "float32 is faster" in asked.reason and "float16 is native" not in asked.reason  # (which Muon refuses)
     for device in ("cuda", "cpu"):  # float16 asked for: refused here, for training, --dry-run and inspect alike
         with pytest.raises(FunGPTError, match="'muon' does not support float16 loss scaling"):
             choose_precision(device, "float16", cuda=True, mps=False, cuda_bf16=False, optimizer="muon")

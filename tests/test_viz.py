@@ -730,6 +730,16 @@ def test_inspect_estimates_memory_at_the_batch_asked_for_and_the_bpe_vocabulary_
     assert at_one["tokens_per_step"] == info["tokens_per_step"]  # (the run's own batch still trains it)
 
 
+def test_inspect_refuses_the_precision_training_refuses(tmp_path, monkeypatch, capsys):
+    """An explicit dtype was taken as given: inspect sized Muon with float16, which training refuses."""
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    config = tmp_path / "m16.toml"
+    config.write_text('[model]\nn_layer = 1\nn_embd = 32\nn_head = 2\nblock_size = 16\n'
+                      '[train]\noptimizer = "muon"\ndtype = "float16"\n', encoding="utf-8")
+    assert main(["inspect", str(config)]) == 2
+    assert "'muon' does not support float16 loss scaling" in capsys.readouterr().err
+
+
 def test_inspect_a_gpu_config_where_there_is_no_gpu(tmp_path, monkeypatch, capsys):
     """configs/speedrun-gpu.toml asks for device "cuda": inspecting it on a laptop (to size a GPU before renting
     one) was refused as if it were trained here. It shows the memory in the dtype a recent GPU would use."""
