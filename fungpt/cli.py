@@ -37,7 +37,7 @@ import tyro
 
 from fungpt import _startup
 from fungpt.config import RunConfig
-from fungpt.errors import FunGPTError, is_out_of_memory, read_json, said_on_ctrl_c
+from fungpt.errors import FunGPTError, folder_name, is_out_of_memory, read_json, said_on_ctrl_c
 
 
 @dataclass
@@ -510,7 +510,7 @@ def attention_command(run: RunFolder, prompt: str, layer: int | None = None, hea
         print(f"fungpt: drawing {maps} heatmaps of {len(ids)} x {len(ids)} tokens ...", file=sys.stderr, flush=True)
     path = plot_attention(weights, token_labels(loaded.tokenizer, ids), out,
                           layers=None if layer is None else [layer], heads=None if head is None else [head],
-                          title=f"{loaded.run_dir.name} at step {loaded.step}: attention weights\n"
+                          title=f"{folder_name(loaded.run_dir)} at step {loaded.step}: attention weights\n"
                                 f"(row = query, column = key; grey = future, masked)")
     print(f"fungpt: wrote {path}")
 
@@ -550,7 +550,7 @@ def positions_command(pos_encoding: Literal["auto", "learned", "sinusoidal", "ro
         path = plot_positions(pos_encoding, out, run=load_run(run, checkpoint, "cpu"))
     else:  # a formula at the run's shape: no weights to load
         path = plot_positions(pos_encoding, out, block_size=model.block_size, n_embd=model.n_embd,
-                              n_head=model.n_head, rope_base=model.rope_base, name=Path(run).name or str(run))
+                              n_head=model.n_head, rope_base=model.rope_base, name=folder_name(run))
     print(f"fungpt: wrote {path}")
 
 

@@ -19,6 +19,7 @@ import os
 import types
 import typing
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 
 class FunGPTError(Exception):
@@ -97,6 +98,13 @@ def check_run_given(run_dir) -> None:
     read the current folder: `fungpt sample "$RUN"` with RUN unset."""
     if not str(run_dir).strip():
         raise FunGPTError("the run folder is empty: pass the out_dir of a training run")
+
+
+def folder_name(path) -> str:
+    """A run folder's name for a title or legend: its own name (a link by the link's), `.` and `..` (and "") as the
+    folder they are, whose `name` is empty or a dot."""
+    p = Path(path).expanduser()
+    return p.name if p.name not in ("", ".", "..") else p.resolve().name
 
 
 def utf8_path(path) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import secrets
@@ -11,7 +12,7 @@ import textwrap
 import warnings
 from pathlib import Path
 
-from fungpt.errors import FunGPTError, check_run_given, parse_json, utf8_text
+from fungpt.errors import FunGPTError, check_run_given, folder_name, parse_json, utf8_text
 
 FIGSIZE = (8, 5)  # inches; the PNG is FIGSIZE * DPI pixels (800 x 500)
 DPI = 100
@@ -81,7 +82,7 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
         unique.setdefault(Path(run).expanduser().resolve(), run)
     runs = list(unique.values())
     # each by the name given (a link by its own name), `.` and `..` as the folder they are
-    names = [p.name if p.name not in ("", ".", "..") else p.resolve().name for p in map(Path, runs)]
+    names = [folder_name(run) for run in runs]
     if len(set(names)) < len(names):  # same folder name in different places: label with the full path
         names = [str(run) for run in runs]
     # a name's bytes that are not UTF-8 (Python holds them as lone surrogates) as U+FFFD: matplotlib refuses those
@@ -103,6 +104,11 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
         if not (tr_x or ev_x):  # (drawn without it, the figure would not say that a run is missing)
             print(f"fungpt: note: {run} has no loss rows with {key!r} in its metrics.jsonl: it is left out of the "
                   f"figure" + (" (try --x step)" if x != "step" else ""), file=sys.stderr)
+    for run, (_, (tr_x, tr_y), (ev_x, ev_y)) in zip(runs, curves):
+        bad = sorted(x for x, y in zip(tr_x + ev_x, tr_y + ev_y) if not math.isfinite(y))
+        if bad:  # (matplotlib leaves them out without a word: a diverged run's curve just stopped)
+            print(f"fungpt: note: {run} has {len(bad)} NaN or infinite loss(es) in its metrics.jsonl, first at "
+                  f"{key} {bad[0]:g}: they cannot be drawn, so its curves break there", file=sys.stderr)
     if note := _tokens_note(runs):
         print(note, file=sys.stderr)
     return save_figure(_loss_figure(curves, label), out)
@@ -141,8 +147,11 @@ def _loss_figure(curves: list, xlabel: str):
     for i, (name, (tr_x, tr_y), (ev_x, ev_y)) in enumerate(curves):
         color = f"C{i % 10}"
         if tr_x:
-            ax.plot(tr_x, tr_y, color=color, alpha=0.35, lw=1, marker="o" if len(tr_x) == 1 else None, ms=3,
-                    label=f"{name} train")  # (one point: no line)
+            # a point without a finite neighbour (the only one, or between NaNs) makes no line: a marker shows it
+            ok = [math.isfinite(y) for y in tr_y]
+            lone = [i for i, good in enumerate(ok) if good and not any(ok[max(i - 1, 0) : i] + ok[i + 1 : i + 2])]
+            ax.plot(tr_x, tr_y, color=color, alpha=0.35, lw=1, marker="o", markevery=lone, ms=3,
+                    label=f"{name} train")
         if ev_x:
             ax.plot(ev_x, ev_y, color=color, lw=2, marker="o", ms=3, label=f"{name} val")
     ax.set_xlabel(xlabel)

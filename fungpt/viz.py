@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from fungpt.errors import FunGPTError
+from fungpt.errors import FunGPTError, folder_name
 
 DPI = 100  # dots per inch of every figure written here (PNG pixels = inches * DPI)
 SUFFIXES = (".png", ".svg", ".pdf")
@@ -283,7 +283,7 @@ def plot_positions(kind: str, out: str | Path, run=None, block_size: int | None 
     n_embd = n_embd or cfg.n_embd
     n_head = n_head or cfg.n_head
     rope_base = rope_base or cfg.rope_base
-    name = f"{name}: " if name else f"{run.run_dir.name}: " if run is not None else ""
+    name = f"{name}: " if name else f"{folder_name(run.run_dir)}: " if run is not None else ""
     if kind in ("sinusoidal", "learned"):
         table = position_table(kind, block_size, n_embd, run.model if run is not None else None)  # (T, C)
         n_panels = 3 if kind == "sinusoidal" else 2

@@ -305,6 +305,27 @@ def test_cli_positions_writes_image(run_dir, tmp_path, kind):
     check_png(out, POSITION_FIGSIZE[kind])
 
 
+def test_titles_name_the_run_given_as_a_dot(run_dir, tmp_path, monkeypatch):
+    """`fungpt attention .` was titled " at step N" and `positions --run .` ".: rope ...": the name of Path(".")."""
+    import fungpt.viz as viz
+
+    titles = []
+    monkeypatch.setattr(viz, "plot_attention", lambda *a, title, **k: titles.append(title) or tmp_path / "a.png")
+    real = viz.plot_positions
+    monkeypatch.setattr(viz, "plot_positions", lambda *a, **k: titles.append(k.get("name") or k["run"].run_dir) or
+                        real(*a, **k))
+    monkeypatch.chdir(run_dir)
+    assert main(["attention", ".", "--prompt", "RO", "--layer", "0", "--head", "0", "--out",
+                 str(tmp_path / "a.png")]) == 0
+    assert titles[-1].startswith(f"{run_dir.name} at step ")
+    assert main(["positions", "--run", ".", "--pos-encoding", "rope", "--out", str(tmp_path / "p.png")]) == 0
+    assert titles[-1] == run_dir.name
+    from fungpt.errors import folder_name
+
+    assert [folder_name(p) for p in (".", "", run_dir / "..", "~")] == [run_dir.name, run_dir.name,
+                                                                        run_dir.parent.name, Path.home().name]
+
+
 def test_positions_learned_needs_a_run(tmp_path, capsys):
     assert main(["positions", "--pos-encoding", "learned", "--out", str(tmp_path / "p.png")]) == 2
     assert "--run" in capsys.readouterr().err
@@ -478,6 +499,24 @@ def test_plot_runs_skips_rows_without_a_loss(tmp_path, monkeypatch):
     drawn.clear()
     plot_runs([run], tmp_path / "tokens.svg", x="tokens")
     assert drawn == [("b train", [64], [4.0]), ("b val", [64], [4.1])]
+
+
+def test_plot_runs_says_what_it_cannot_draw_and_marks_a_point_left_alone(tmp_path, monkeypatch, capsys):
+    """NaN and inf losses vanished without a word, and a finite train point between them with them (no line)."""
+    from matplotlib.axes import Axes
+
+    nan, inf = float("nan"), float("inf")
+    run = write_metrics(tmp_path / "a", [{"step": 10, "train_loss": 4.0}, {"step": 20, "train_loss": 3.5},
+                                         {"step": 30, "train_loss": nan}, {"step": 40, "train_loss": 3.0},
+                                         {"step": 50, "train_loss": inf}, {"step": 20, "train_loss": 3.5,
+                                                                           "val_loss": inf}])
+    marked, real_plot = {}, Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, xs, ys, *a, **k: marked.setdefault(k.get("label"), k.get(
+        "markevery")) and 0 or real_plot(self, xs, ys, *a, **k))
+    plot_runs([run], tmp_path / "loss.png")
+    assert marked["a train"] == [3]  # step 40, between the NaN and the inf
+    assert capsys.readouterr().err == (f"fungpt: note: {run} has 3 NaN or infinite loss(es) in its metrics.jsonl, "
+                                       f"first at step 20: they cannot be drawn, so its curves break there\n")
 
 
 def test_a_figure_that_fails_to_save_leaves_no_file_behind(tmp_path, monkeypatch):
