@@ -43,7 +43,9 @@ def load_run(run_dir: str | Path, checkpoint: str = "last", device: str = "auto"
     check_run_given(run_dir)
     run_dir = Path(run_dir).expanduser()  # (~ quoted on a command line reaches us as it is)
     if not run_dir.is_dir():
-        what = "is a file, not a run folder" if run_dir.exists() else "does not exist"
+        what = ("is a file, not a run folder" if run_dir.exists() else
+                "is a symbolic link that leads nowhere (or back to itself)" if run_dir.is_symlink() else
+                "does not exist")
         raise FunGPTError(f"{run_dir} {what}; pass the out_dir of a training run")
     if checkpoint not in ("last", "best"):
         raise FunGPTError(f"--checkpoint {checkpoint!r} is not valid: choose last or best")
@@ -104,6 +106,10 @@ def _load(run_dir: Path, folder: Path | None, checkpoint: str, dev: str) -> Load
         if best:  # (its latest lost, a full disk: its best weights are there)
             raise FunGPTError(f"{run_dir} has no last checkpoint, but a best one: pass --checkpoint best")
         raise FunGPTError(f"{run_dir} has no {checkpoint} checkpoint yet (train it first)")
+    best = _named(run_dir, "best") if checkpoint == "last" and not folder.is_dir() else None
+    if best is not None and best.is_dir():
+        raise FunGPTError(f"{run_dir}'s last checkpoint folder {folder.name} is missing (its pointer latest.json "
+                          f"names it), but a best one is there: pass --checkpoint best")
     manifest = ckpt.verify_checkpoint(folder, weights_only=True)  # (the weights are all a loaded run uses)
     written = _file_id(folder / ckpt.MANIFEST_FILE)  # (read first: the run may replace the folder while we load it)
     ckpt.check_model_config(manifest, folder, cfg.model.to_dict(), run_dir / "config.json")
@@ -140,7 +146,9 @@ def overfit_note(run_dir: str | Path) -> str | None:
     the best, or when the files needed to tell are missing (the command itself then says what is wrong)."""
     from fungpt.plot import read_metrics
 
-    run_dir = Path(run_dir)
+    if not str(run_dir).strip():
+        return None  # (the command itself says the run folder is empty)
+    run_dir = Path(run_dir).expanduser()  # (~ quoted on a command line reaches us as it is)
     try:
         latest, best = ckpt.find_checkpoint(run_dir, "latest"), ckpt.find_checkpoint(run_dir, "best")
         if latest is None or best is None:

@@ -122,6 +122,7 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
     check_options(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                   top_p=top_p, show_top=show_top, prompt=prompt, prompt_file=prompt_file)
     if prompt_file is not None:
+        prompt_file = Path(prompt_file).expanduser()  # (~ after `--prompt-file=` reaches us as it is)
         try:
             # as prepare reads: "\r\n" stays "\r\n" and a byte-order mark is dropped
             with open(prompt_file, "rb") as f:

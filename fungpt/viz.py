@@ -35,8 +35,10 @@ SUFFIXES = (".png", ".svg", ".pdf")
 
 
 def show_token(text: str) -> str:
-    """Make a token's text visible: a space becomes '␣', a newline '\\n', a tab '\\t'."""
-    return text.replace(" ", "␣").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    """Make a token's text visible: a space becomes '␣', a newline '\\n', a tab '\\t', another control character
+    its escape ('\\x1b': a terminal would act on it, an ESC starting a colour or cursor code)."""
+    text = text.replace(" ", "␣").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    return "".join(f"\\x{ord(ch):02x}" if ch < " " or "\x7f" <= ch <= "\x9f" else ch for ch in text)
 
 
 def token_labels(tokenizer, ids: Sequence[int]) -> list[str]:

@@ -299,6 +299,11 @@ def test_a_run_with_a_best_checkpoint_but_no_latest_says_so_when_resumed(world, 
     assert best > 0
     for folder in (out / "checkpoints").glob("latest-*"):
         shutil.rmtree(folder)
+    pointer = (out / "latest.json").read_bytes()
+    # the pointer names a folder that is gone: the same hint (it said only "restore it from a backup")
+    assert_one_line_error(*run_cli(["sample", out, "--max-new-tokens", "3"], capsys),
+                          f"{out}'s last checkpoint folder {json.loads(pointer)['dir'].split('/')[-1]} is missing "
+                          f"(its pointer latest.json names it), but a best one is there: pass --checkpoint best")
     (out / "latest.json").unlink()
     assert_one_line_error(*run_cli(["sample", out, "--max-new-tokens", "3"], capsys),
                           f"{out} has no last checkpoint, but a best one: pass --checkpoint best")
@@ -2178,6 +2183,25 @@ def test_a_symbolic_link_loop_is_one_clear_line(world, tmp_path, capsys, argv):
     assert_one_line_error(code, err, f"{loop}: a symbolic link that leads back to itself; check the path")
 
 
+def test_a_prompt_file_under_a_quoted_home_folder(world, tmp_path, capsys, monkeypatch):
+    """`--prompt-file=~/p.txt` (no shell expands that ~) was "No such file", where the run and eval's --input read
+    ~ as the home folder."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "p.txt").write_text("the", encoding="utf-8")
+    assert main(["sample", str(world["run"]), "--prompt-file=~/p.txt", "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.startswith("the")
+
+
+def test_a_run_folder_that_is_a_link_to_nowhere_says_so(tmp_path, capsys):
+    """A link loop, or a link to a folder since deleted, as the run was reported as "does not exist"."""
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "gone").symlink_to(tmp_path / "deleted", target_is_directory=True)
+    for name in ("loop", "gone"):
+        assert_one_line_error(*run_cli(["sample", str(tmp_path / name)], capsys),
+                              f"{tmp_path / name} is a symbolic link that leads nowhere (or back to itself); pass "
+                              f"the out_dir of a training run")
+
+
 def test_tyros_box_read_in_a_terminal_with_its_colours_and_positional_arguments():
     """In a terminal tyro colours its box: every error became "the command line could not be read"."""
     from fungpt.cli import _box_text
@@ -2747,6 +2771,13 @@ def test_sampling_an_overfit_runs_last_checkpoint_points_to_the_best(world, tmp_
     assert "note" not in capsys.readouterr().err
     assert main(["sample", "--run", str(world["run"]), "--max-new-tokens", "5"]) == 0  # its last is its best
     assert "note" not in capsys.readouterr().err
+    # through a quoted ~ (read as the home folder by the command, and now by the note too)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["sample", "--run", "~/overfit", "--max-new-tokens", "5"]) == 0
+    assert note in capsys.readouterr().err
+    monkeypatch.chdir(run)
+    assert main(["sample", "--run", " ", "--max-new-tokens", "5"]) == 2  # (a note on "." came before the error)
+    assert capsys.readouterr().err == "error: the run folder is empty: pass the out_dir of a training run\n"
     # a setting that cannot work is refused first, alone (the note came before the error)
     assert main(["sample", *argv, "--top-p", "1.5"]) == 2
     assert capsys.readouterr().err == "error: --top-p 1.5 must be in (0, 1]\n"

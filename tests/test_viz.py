@@ -37,6 +37,7 @@ from fungpt.viz import (
     cosine_similarity_matrix,
     plot_attention,
     rope_relative_scores,
+    show_token,
     token_labels,
 )
 
@@ -131,6 +132,8 @@ def test_plot_attention_greys_only_the_future_and_scales_colours_to_what_it_draw
 def test_token_labels_make_whitespace_visible():
     tok = CharTokenizer.train("ab \n\t\r")
     assert token_labels(tok, tok.encode("a b\t\r\n")) == ["a", "␣", "b", "\\t", "\\r", "\\n"]
+    # other control characters as escapes: an ESC token printed raw started a terminal's escape code
+    assert show_token("\x1b[31m\x08\x7f\x85é") == "\\x1b[31m\\x08\\x7f\\x85é"
 
 
 @pytest.mark.parametrize("flags,grid", [([], (2, 2)), (["--layer", "1"], (1, 2)), (["--layer", "0", "--head", "1"],
