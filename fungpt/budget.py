@@ -109,8 +109,9 @@ class TimeBudget:
         self.first_step_s: float | None = None  # this command's first step, which also does one-time work
         self.plot_s = timings.get("plot", 0.0)
         # With torch.compile and a budget: a cap on the first step's measured time (mostly compiling) until a second
-        # step is timed (see `plan_compiled_step`)
+        # step is timed (see `plan_first_step`)
         self.compiled_first_guess = float("inf")
+        self.first_guess = 0.0  # a step's time before one is timed (see `plan_first_step`)
         # The lr schedule's origins on the run's clock (set by start_schedule, saved in every checkpoint): the seconds
         # that are not schedule time (setup before step 1, each resume's start-up, compiles), and the origin the lr
         # follows (continuous_origin; None: checkpoints from before it was saved)
@@ -137,7 +138,8 @@ class TimeBudget:
 
     def step_estimate(self) -> float:
         """How long the next step will take: the median of the last few steps (before two are timed: the
-        slower of the checkpoint's value and the command's first step, or with torch.compile its guess).
+        slower of the checkpoint's value and the command's first step, or with torch.compile its guess; before any, the
+        guess of `plan_first_step`).
 
         A median (see `typical`), not the last step's time: a step stalled by a page fault or the OS is not
         the speed of every step to come; a lasting slowdown still shows within three steps. The command's
@@ -145,7 +147,9 @@ class TimeBudget:
         grows), and took 4x as long as the next ones in a test run.
         """
         if not self.step_times:  # (until a second step is timed, the first one's time, however slow, is all we know)
-            first = min(self.first_step_s or 0.0, self.compiled_first_guess)
+            # (before any: the planning's guess; counted as 0 s, one 10 s step overran a 12 s budget by 6 s)
+            first = self.first_guess if self.first_step_s is None else min(self.first_step_s,
+                                                                           self.compiled_first_guess)
             return max(self.checkpoint_timings.get("step", 0.0), first)
         return typical(self.step_times)
 
@@ -227,17 +231,20 @@ class TimeBudget:
         s = self.step_estimate()
         return continuous_origin(would_be + s, now + s, origin, self.budget_s - self.end_time() - 2 * s)
 
-    def plan_compiled_step(self, per_window_s: float) -> None:
-        """With torch.compile and a budget: guess the first step's time from the uncompiled model's.
+    def plan_first_step(self, per_window_s: float) -> None:
+        """With a budget: guess a step's time from the planning's forward timing, before a step is timed.
 
+        The guess: one forward window's time (`per_window_s`) times the step's windows, times 3 (a backward costs
+        about two forwards). Until the first step is timed, the budget plans with it.
         With torch.compile the command's first step is mostly compiling: 17.4 s, against 24 ms for an uncompiled
         step (H200, configs/speedrun-gpu.toml). Taken as the step time, it ended a 60 s budget after one step.
-        Until a second step is timed, such a run plans with the uncompiled model's speed instead: one forward
-        window's time (`per_window_s`) times the step's windows, times 3 (a backward costs about two forwards),
-        which compiling only makes faster.
+        Until a second step is timed, such a run plans with the guess instead (the uncompiled model's speed, which
+        compiling only makes faster).
         """
-        if self.tc.compile and self.budget_s is not None:
-            self.compiled_first_guess = 3 * self.tc.batch_size * self.tc.grad_accum_steps * per_window_s
+        if self.budget_s is not None:
+            self.first_guess = 3 * self.tc.batch_size * self.tc.grad_accum_steps * per_window_s
+            if self.tc.compile:
+                self.compiled_first_guess = self.first_guess
 
     def start_schedule(self, elapsed_before: float) -> None:
         """Place the schedule's origins as the first step of this command begins (`elapsed_before`: the seconds the

@@ -269,13 +269,13 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
                  f"{_fmt_bytes(mem['weights'] + mem['optimizer'])} each, and up to {evals:,} save(s) of the best "
                  f"weights ({_fmt_bytes(mem['weights'])}), one after each eval that improves on the val loss"
                  ) if steps else ""  # (nothing to train: no command to speak of)
-        if budget_s is not None and total_s > budget_s:
-            # The budget also covers the start-up (imports, data, model: about what this command took until the
-            # steps were timed), the final eval and the exit; and each step its share of the evals every
-            # eval_interval steps (those of the steps that fit, not every eval up to max_iters)
-            from fungpt.budget import EXIT_RESERVE_S, TORCHRUN_EXIT_S
+        # The budget also covers the start-up (imports, data, model: about what this command took until the
+        # steps were timed), the final eval and the exit; and each step its share of the evals every
+        # eval_interval steps (those of the steps that fit, not every eval up to max_iters)
+        from fungpt.budget import EXIT_RESERVE_S, TORCHRUN_EXIT_S
 
-            ends_s = one_eval_s + EXIT_RESERVE_S + (TORCHRUN_EXIT_S if world > 1 else 0.0)
+        ends_s = one_eval_s + EXIT_RESERVE_S + (TORCHRUN_EXIT_S if world > 1 else 0.0)
+        if budget_s is not None and total_s + (timed_at - start_time) + ends_s > budget_s:
             left_s = budget_s - (timed_at - start_time) - ends_s
             steps_in_budget = int(max(0.0, left_s) / (step_s + one_eval_s / tc.eval_interval))
             spent = f", {used_s / 60:.1f} of them used," if used_s else ""

@@ -1994,19 +1994,21 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             say(processes_note(resumed, cfg, saved_cfg.model.block_size, saved_train, ddp.world_size))
     step, best_val, elapsed_before, timings = resumed.step, resumed.best_val, resumed.elapsed_s, resumed.timings
     if folder is not None:
-        if step < tc.max_iters:
-            for note in resume_notes(saved_train, tc, step):
-                say(note)
-            was = manifest.get("data_fingerprint")  # (checkpoints from before it was recorded: None)
-            if was is not None and data_fingerprint is not None and was != data_fingerprint:
-                say(f"fungpt: note: the data changed since step {step} (its text's sha256, or how it is split, "
-                    f"differs from what the checkpoint recorded): the val split may now hold text the run trained "
-                    f"on, and val losses before and after this step do not compare")
-        done = already_done(step, tc, elapsed_before, timings)
-        if done:
+        # With a budget, this command's start-up so far counts (the slowest rank's: every rank decides alike); left
+        # out, a resume with a little time left started, overran the budget, then found no time for a step
+        started_s = max(_gather(time.time() - start_time, ddp)) if tc.max_minutes else 0.0
+        done = already_done(step, tc, elapsed_before + started_s, timings)
+        if done:  # (before the notes on the steps to come, and before any file is written: nothing changes)
             say(f"fungpt: {out_dir} {done}")
             doing = None  # (a finished run: nothing for a Ctrl-C to say of it)
             return nothing_to_train(out_dir, step, ddp.is_main and tc.plot, start_time)
+        for note in resume_notes(saved_train, tc, step):
+            say(note)
+        was = manifest.get("data_fingerprint")  # (checkpoints from before it was recorded: None)
+        if was is not None and data_fingerprint is not None and was != data_fingerprint:
+            say(f"fungpt: note: the data changed since step {step} (its text's sha256, or how it is split, "
+                f"differs from what the checkpoint recorded): the val split may now hold text the run trained "
+                f"on, and val losses before and after this step do not compare")
         say(f"fungpt: resuming {out_dir} from step {step}")
         # A `best` saved after this checkpoint (a kill -9 between checkpoints) holds weights of steps that are
         # trained again, maybe otherwise (other settings). Kept, it stayed the run's best, from weights in no step
@@ -2208,7 +2210,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             elif folder is not None:  # a resume: its checkpoint timed its own evals, maybe other ones, elsewhere
                 clock.eval_estimated(estimate_eval_time(model, data_dir, cfg, device, autocast, per_window),
                                      other_evals=evals_changed(saved_train, tc), margin=EVAL_MARGIN)
-        clock.plan_compiled_step(per_window)  # (torch.compile: caps the first step's time, mostly compiling)
+        clock.plan_first_step(per_window)  # (a step's time until one is timed; with torch.compile, a cap on it)
     if resumed.eval_left and step < tc.max_iters:
         # A signal left this step's eval: done now, before the steps after it, so that the curve and the best
         # checkpoint are the uninterrupted run's (the eval changes no training state: its own batches, no dropout)
@@ -2366,11 +2368,13 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 f"{tc.max_minutes:g} min, too little left for a step, an eval and a checkpoint): nothing to "
                 f"train; raise train.max_minutes to continue it")
             return nothing_to_train(out_dir, step, ddp.is_main and tc.plot, start_time)
-        used, end = clock.elapsed(), clock.end_time()
+        used, end, step_s = clock.elapsed(), clock.end_time(), clock.step_estimate()
+        # (out_of_time keeps two steps' time in hand: see budget_spent)
         raise FunGPTError(f"train.max_minutes = {tc.max_minutes:g} leaves no time to train here: {used:.0f} s went "
-                          f"before the first step, and the final eval and checkpoint need about {end:.0f} s more; run "
-                          f"again with --overwrite and max_minutes well above {(used + end) / 60:.2g}, or a smaller "
-                          f"model, batch_size or eval_iters")
+                          f"before the first step, a step takes about {step_s:.2g} s and the final eval and checkpoint "
+                          f"need about {end:.0f} s more; run again with --overwrite and max_minutes well above "
+                          f"{(used + end + 3 * step_s) / 60:.2g}, or a smaller model, batch_size, grad_accum_steps "
+                          f"or eval_iters")
     if ddp.is_main:
         log.close()
         if tc.plot:

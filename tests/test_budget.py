@@ -111,6 +111,22 @@ def test_a_resume_plans_with_its_checkpoints_eval_and_save_times_until_it_measur
     assert tb.out_of_time(0)
 
 
+def test_before_a_step_is_timed_the_budget_plans_with_the_planning_forwards_guess(clock):
+    """A step was counted as 0 s until the first one was timed: one 10 s step (a big model on a CPU) overran a 12 s
+    budget by 6 s, where the planning's forward timing had already said it would take seconds."""
+    tc = budget_config(max_minutes=0.2, batch_size=8, grad_accum_steps=4)
+    tb = TimeBudget(tc, train_start=clock[0] - 5.0, timings={})
+    assert tb.step_estimate() == 0.0  # (nothing timed, no planning: nothing known)
+    tb.plan_first_step(0.1)  # 0.1 s per forward window
+    assert tb.step_estimate() == pytest.approx(3 * 8 * 4 * 0.1)  # forward and backward (2 forwards) of 32 windows
+    assert tb.out_of_time(0)  # 5 s used + 2 x 9.6 s > 12 s: no step is started
+    tb.step_done(0.5, clock[0])  # a first step timed: it stands, as before, until a second one
+    assert tb.step_estimate() == 0.5
+    untimed = TimeBudget(budget_config(max_minutes=None), train_start=clock[0], timings={})
+    untimed.plan_first_step(0.1)  # (no budget: nothing to plan)
+    assert untimed.step_estimate() == 0.0
+
+
 @pytest.mark.parametrize("estimate, other_evals, reserved", [
     (3.0, False, 7.0),  # the same evals: the checkpoint's measured time stands over a smaller estimate
     (8.4, False, 7.0),  # ... and over a larger one only by its margin (8.4 / 1.3 < 7: the same machine's speed)

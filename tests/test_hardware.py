@@ -604,6 +604,12 @@ def test_dry_run_of_a_budget_counts_the_evals_of_the_steps_that_fit(corpus, tmp_
     # no "whole command" line: the budget covers it
     assert re.search(r"ms per step \(median of 3\): max_minutes = 0\.25 stops it after about [\d,]+ steps "
                      r"\(100,000 steps \+ evals would take [\d.]+ min\)\n", printed) and "whole command" not in printed
+    # steps and evals that fit in the budget alone, but not with the start-up and the end: the budget still binds
+    # (the dry run said nothing of it, and the run then stopped at a fraction of max_iters)
+    fits = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_iters=1000))
+    plan.dry_run(fits, timed_steps=1, start_time=time.time() - 4)
+    assert re.search(r"max_minutes = 0.25 stops it after about [\d,]+ steps \(1,000 steps \+ evals would take "
+                     r"1\d s\)", capsys.readouterr().out)
     plan.dry_run(cfg, timed_steps=1, start_time=time.time() - 16)  # a start-up longer than the budget
     assert "max_minutes = 0.25 leaves no time for a step after the start-up and the final eval: training would " \
            "refuse it" in capsys.readouterr().out
@@ -1198,9 +1204,16 @@ def test_a_resumed_run_without_time_for_a_step_ends_with_a_note_not_an_error(cor
     left = state["elapsed_s"] + 2 * state["timings"]["step"] + end_reserve(state["timings"]) + 0.02
     more = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_iters=10**6, max_minutes=left / 60))
     rows = (out / "metrics.jsonl").read_text(encoding="utf-8")
+    config = (out / "config.json").read_bytes()
+    capsys.readouterr()
     assert train(more, resume=True, progress=False)["step"] == 5
-    assert "used its time budget" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    # this command's start-up counted at once: the check before it found the budget used, so the notes on the
+    # steps to come (the lr schedule changed with max_minutes) and a config.json rewritten with the new budget,
+    # for a run that trains nothing, are gone
+    assert "already used its time budget" in said and "note" not in said, said
     assert (out / "metrics.jsonl").read_text(encoding="utf-8") == rows  # no eval, nothing written
+    assert (out / "config.json").read_bytes() == config
 
 
 def test_a_stalled_step_does_not_end_a_budget_run_early(corpus, tmp_path, monkeypatch, quick_steady_budget):
