@@ -65,6 +65,8 @@ def test_causality(pos_encoding, variant):
     a, b = model(idx), model(changed)
     assert torch.allclose(a[:, : t + 1], b[:, : t + 1], atol=1e-6)
     assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])
+    # two tokens, the shortest sequence a mask matters for: the first must not see the second
+    assert torch.allclose(model(idx[:, :2])[:, 0], model(changed[:, :1].repeat(1, 2))[:, 0], atol=1e-6)
 
 
 @pytest.mark.parametrize("pos_encoding", POS_ENCODINGS)

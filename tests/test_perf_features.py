@@ -528,6 +528,23 @@ def test_verify_draft_picks_by_sampling_rules_not_a_raw_argmax(monkeypatch):
     assert cache.pos == 3 + 1
 
 
+def test_muon_decays_by_lr_times_weight_decay_and_scales_a_tall_matrix_by_the_root_of_its_aspect():
+    """Checked by hand, where torch.optim.Muon (the other test's reference) is missing: torch before 2.9."""
+    from fungpt.muon import Muon, orthogonalize
+
+    g = torch.Generator().manual_seed(0)
+    for rows, cols, scale in ((16, 8, 2**0.5), (8, 16, 1.0)):  # tall: sqrt(16 / 8); wide: 1
+        p = torch.nn.Parameter(torch.randn(rows, cols, generator=g))
+        grad = torch.randn(rows, cols, generator=g)
+        before = p.detach().clone()
+        p.grad = grad.clone()
+        Muon([p], lr=0.1, momentum=0.5, weight_decay=0.2).step()
+        nesterov = grad + 0.5 * grad  # buf = g at the first step; the update orthogonalises g + mu * buf
+        ortho = orthogonalize(nesterov.T[None])[0].T if rows > cols else orthogonalize(nesterov[None])[0]
+        expected = before * (1 - 0.1 * 0.2) - 0.1 * scale * ortho  # decoupled decay scaled by lr
+        torch.testing.assert_close(p.detach(), expected, atol=1e-5, rtol=1e-4)
+
+
 def test_muon_second_step_uses_nesterov_momentum_of_the_decayed_buffer():
     """buf = mu * buf + g; the update orthogonalises g + mu * buf (Nesterov): the buffer's decay by mu matters."""
     from fungpt.muon import Muon, orthogonalize

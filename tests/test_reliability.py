@@ -2783,6 +2783,28 @@ def test_sampling_an_overfit_runs_last_checkpoint_points_to_the_best(world, tmp_
     assert capsys.readouterr().err == "error: --top-p 1.5 must be in (0, 1]\n"
 
 
+@pytest.mark.parametrize("show_probs", [False, True])
+def test_sample_draws_with_the_temperature_and_filters_it_is_given(world, show_probs):
+    """Nothing checked that sample() passes them on: each could be dropped (the defaults, 0.8 and top-k 200, which
+    65 characters never reach) with every test passing. top_k = 1, or a top_p that keeps the top token only, draws
+    the greedy text; temperature 0 is greedy."""
+    from fungpt.runs import load_run
+    from fungpt.sample import sample
+
+    loaded = load_run(world["run"], device="cpu")
+    ids = loaded.tokenizer.encode("the ")
+    greedy = loaded.tokenizer.decode(loaded.model.generate(torch.tensor([ids]), 40, temperature=0)[0, len(ids):]
+                                     .tolist())
+    def drawn(**kwargs) -> str:
+        return sample(world["run"], prompt="the ", max_new_tokens=40, device="cpu", show_probs=show_probs,
+                      **kwargs)[0]
+
+    assert drawn(temperature=0) == greedy
+    assert drawn(temperature=1.0, top_k=1) == greedy
+    assert drawn(temperature=1.0, top_k=None, top_p=1e-9) == greedy
+    assert drawn(temperature=1.0, top_k=None) != greedy  # (the test's check: sampling at all is not greedy here)
+
+
 def _trained_with_val_losses(world, run: Path, monkeypatch, val_losses: list[float]) -> Path:
     """A 6-step run evaluated at steps 0, 3 and 6, whose evals report these val losses."""
     train_module = sys.modules["fungpt.train"]
@@ -2904,7 +2926,8 @@ def test_temporaries_of_killed_commands_do_not_pile_up(world, tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an fsync's file through /proc (Linux)")
-def test_a_dataset_and_an_export_are_on_disk_before_they_take_their_names(world, tmp_path, corpus, monkeypatch):
+def test_a_dataset_an_export_and_a_checkpoint_are_on_disk_before_they_take_their_names(world, tmp_path, corpus,
+                                                                                         monkeypatch):
     """Their files were renamed into place unsynced: after a power loss, a folder whose meta.json says the dataset
     is complete (or an export whose config.json is empty) could hold files still only in memory."""
     from fungpt.pretrained import export_hf
@@ -2914,8 +2937,12 @@ def test_a_dataset_and_an_export_are_on_disk_before_they_take_their_names(world,
     monkeypatch.setattr(os, "replace", lambda a, b: events.append((str(a), set(synced))) or real_replace(a, b))
     prepare(corpus, tmp_path / "data", tokenizer="bpe", vocab_size=300, progress=False)
     export_hf(copy_run(world, tmp_path), tmp_path / "exp")
+    # and a checkpoint (a resume trusts its manifest): the module's docstring promises it, no test checked it
+    ckpt.save_checkpoint(tmp_path / "run", "latest", 7, GPT(GPTConfig(vocab_size=8, block_size=4, n_layer=1,
+                                                                        n_head=1, n_embd=4)), state={"step": 7})
     for folder, names in (("data", {"train.bin", "val.bin", "meta.json", "tokenizer.json"}),
-                          ("exp", {"model.safetensors", "config.json", "tokenizer.json"})):
+                          ("exp", {"model.safetensors", "config.json", "tokenizer.json"}),
+                          (".latest-0000007", {"model.safetensors", "state.pt", "manifest.json"})):
         src, before = next((a, seen) for a, seen in events if Path(a).name.startswith(f"{folder}.tmp-"))
         assert {f"{src}/{name}" for name in names} <= before, (src, sorted(before))  # each file, before the rename
         assert src in before  # the folder too

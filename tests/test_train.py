@@ -605,6 +605,25 @@ def test_evaluate_switches_dropout_off_and_back(corpus, tmp_path):
     assert model.training  # the same losses; and the model is back in training mode
 
 
+def test_evaluate_scores_other_windows_than_the_first_training_batches(corpus, tmp_path, monkeypatch):
+    """The eval's train loss is over windows drawn apart from training's: seeded as the training loader is, it
+    scored exactly the batches of the first eval_iters steps (an estimate biased low once the model learns them)."""
+    from fungpt.data import BatchLoader
+    from fungpt.train import evaluate, resolve_data
+
+    cfg = tiny_config(corpus, tmp_path / "run")
+    data_dir = resolve_data(cfg.data, progress=False)
+    model = GPT(dataclasses.replace(cfg.model, vocab_size=load_tokenizer(data_dir).vocab_size))
+    scored, real = [], BatchLoader.next_batch
+    monkeypatch.setattr(BatchLoader, "next_batch", lambda self: scored.append(real(self)[0]) or scored[-1:] * 2)
+    evaluate(model, data_dir, cfg, "cpu", contextlib.nullcontext)
+    monkeypatch.undo()
+    training = BatchLoader(data_dir, "train", cfg.train.batch_size, cfg.model.block_size, seed=cfg.train.seed)
+    first = [training.next_batch()[0] for _ in range(cfg.train.eval_iters)]
+    assert len(scored) == 2 * cfg.train.eval_iters  # train, then val
+    assert not any(torch.equal(a, b) for a in scored[:cfg.train.eval_iters] for b in first)
+
+
 def test_a_slow_eval_shows_a_bar_and_a_quick_one_none(corpus, tmp_path, monkeypatch, capsys):
     """The step-0 and periodic evals of a GPT-2 fine-tune on a CPU took a minute with nothing on the screen (the train
     bar frozen meanwhile); a bar now shows once an eval has taken a second, and the usual quick evals show none."""
