@@ -211,6 +211,8 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
                           "Hugging Face GPT-2 folder")
     # (an example config's name is its file; a run folder is itself; ~ quoted on a command line reaches us as it is)
     target = config_path(Path(target).expanduser(), folders=True)
+    if target.name == "config.json" and target.is_file() and is_hf_config(target):
+        target = target.parent  # a Hugging Face folder's config: the folder (load_config advised training from it)
     info: dict = {"source": str(target), "vocab_note": None, "device_note": None, "step": None, "tokens_seen": None,
                   "checkpoint": None}
     hf_folder = target.is_dir() and is_hf_config(target / "config.json")

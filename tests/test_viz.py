@@ -802,6 +802,9 @@ def test_inspect_an_exported_hugging_face_folder(run_dir, tmp_path, capsys):
     run = load_run(run_dir, device="cpu")
     assert "(Hugging Face model)" in out and f"{run.model.num_params():,}" in out
     assert "2 layers x 2 heads x 32 channels, context 32" in out and "planned" not in out
+    # its config.json given: the folder (was an error advising to fine-tune from it)
+    assert main(["inspect", str(tmp_path / "hf" / "config.json")]) == 0
+    assert capsys.readouterr().out == out
 
 
 DROPOUT = GPTConfig(vocab_size=65, block_size=128, n_layer=2, n_head=2, n_embd=32, dropout=0.1)  # CPU SDPA: unfused
