@@ -5,9 +5,9 @@ is tiny (2 FLOPs per weight); the time goes to two things:
 
   1. Reading every weight matrix once. A 6 x 384 model streams 42.6 MB of float32 weights per
      token with Tiny Shakespeare's 65 characters (the head is V x C: with GPT-2's vocabulary, about
-     120 MB), more than the CPU's caches hold. With cpu_matmul "onednn", `Linear.decoder` reads them
-     at close to memory speed (row sums, linear.py): 0.8-2.4 ms per token on the 2-core machines of
-     BENCHMARKS.md, following the host's memory bandwidth at the time.
+     120 MB), more than most CPUs' caches hold. `Linear.decoder` reads them at close to memory speed
+     (row sums with cpu_matmul "onednn", linear.py; one addmv with torch's BLAS): 0.8-2.8 ms per token on
+     the 2-core machines of BENCHMARKS.md, following the host's memory bandwidth at the time.
   2. The fixed cost of every tensor operation: a few us in eager PyTorch (Python, the dispatcher,
      allocating the result), whatever the tensor's size, and several times that when the caches
      are cold, which they are here: the weights streaming through push out the code and data

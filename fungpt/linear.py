@@ -20,8 +20,10 @@ gradients 1.1-2.0x, a whole training step 1.4-1.5x.
 Batch-1 decoding is different: one token multiplies a single row x by every weight matrix, so the
 time goes into reading the weights from memory, not into arithmetic. There `row_sums`
 computes W x as a weighted sum of the rows of W^T with an embedding bag, whose kernel streams
-memory 1.4-2.3x as fast as oneDNN's matrix-vector product and 2.1-4.3x as fast as MKL's (the recorded
-generation runs in BENCHMARKS.md).
+memory 1.2-2.3x as fast as oneDNN's matrix-vector product over the recorded generation runs in
+BENCHMARKS.md, and up to 4.3x as fast as MKL's on the AMD hosts there. On the Intel Xeon there, MKL's
+matrix-vector product was the faster (0.96-1.03 against 1.13-1.20 ms per token), as MKL tends to be on
+Intel CPUs: there "auto" keeps torch's BLAS (choose_cpu_matmul).
 
 `Linear` is an `nn.Linear` (same parameters, same checkpoints, same Hugging Face conversion) whose
 forward takes these paths when `cpu_matmul()` is "onednn" and the input is a float32 CPU tensor outside
@@ -121,11 +123,12 @@ def bfloat16_products():
     leading 1 implied, against float32's 24) as they enter it, the
     sums run in float32 inside oneDNN (or torch's own bfloat16 kernel with cpu_matmul "torch"), and the result
     is rounded to bfloat16 and handed back as float32 (kept in bfloat16 by the MLP's first layer: `Linear`). On CPUs
-    with bfloat16 instructions (AVX512-BF16 on AMD Zen 4 and later and Intel Cooper Lake and later, AMX on Intel
-    Sapphire Rapids) oneDNN runs such products about twice as fast as float32 ones (measured on a Zen 4 at the
-    4 x 128 model's shapes: 306-386 against 133-202 GFLOP/s; BENCHMARKS.md, "Thirty-first session"). torch's
-    autocast does more in bfloat16 (attention, GELU), which this CPU runs slower than in float32, and rounds the
-    activations between them too. Without such instructions bfloat16 is emulated, slowly."""
+    with bfloat16 instructions (AVX512-BF16 on AMD Zen 4 and later, Intel Cooper Lake and Sapphire Rapids and later,
+    whose AMX also multiplies bfloat16 tiles) oneDNN runs such products about twice as fast as float32 ones
+    (measured on a Zen 4 at the 4 x 128 model's shapes: 306-386 against 133-202 GFLOP/s; BENCHMARKS.md,
+    "Thirty-first session"). torch's autocast does more in bfloat16 (attention, GELU), which this CPU runs slower
+    than in float32, and rounds the activations between them too. Without such instructions bfloat16 is emulated,
+    slowly."""
     before = bfloat16_products_active()
     _local.bf16_products = True
     try:
@@ -233,10 +236,10 @@ def row_sums(weight_t: torch.Tensor, bags: tuple[torch.Tensor, ...], x: torch.Te
     embedding bag in "sum" mode with per-sample weights x computes over a "bag" of all K rows, and
     its CPU kernel streams each row once at close to memory speed: batch-1 decoding reads every
     weight once per token, so that speed is what counts (BENCHMARKS.md, the generation blocks'
-    "What bounds plain cached decoding": 1.4-2.3x oneDNN's matrix-vector product and 2.1-4.3x
-    MKL's over the recorded runs). bags = (rows, starts, ones) from `row_bags`: the K rows in one bag per
-    thread, which the threads sum in parallel; the partial sums still have to be added up
-    (row_product).
+    "What bounds plain cached decoding": 1.2-2.3x oneDNN's matrix-vector product over the recorded runs, up to 4.3x
+    MKL's on AMD hosts; on the Intel Xeon MKL's was faster, see the module docstring). bags = (rows, starts, ones)
+    from `row_bags`: the K rows in one bag per thread, which the threads sum in parallel; the partial sums still
+    have to be added up (row_product).
     """
     rows, starts, _ = bags
     # torch.embedding_bag is F.embedding_bag without its Python argument checks (a few us less, 25 calls a

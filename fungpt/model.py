@@ -198,9 +198,9 @@ class CausalSelfAttention(nn.Module):
     Every token emits a query q, a key k and a value v (three linear maps of x).
     Token t's output is a weighted average of the values of tokens 0..t, with
     weights softmax(q_t . k_s / sqrt(hs)): the "scaled dot-product attention"
-    of Vaswani et al. The 1/sqrt(hs) keeps the scores at unit variance so the
-    softmax does not saturate. "Causal": a token never looks at later tokens,
-    which is what lets us train on all positions of a sequence at once.
+    of Vaswani et al. The 1/sqrt(hs) keeps the scores at unit variance (for q and k of zero-mean, unit-variance
+    components) so the softmax does not saturate. "Causal": a token never looks at later tokens, which is what lets
+    us train on all positions of a sequence at once.
     With nh heads, C is split into nh independent heads of size hs.
     """
 
