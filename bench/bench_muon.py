@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--passes", type=int, default=5)
     ap.add_argument("--append", type=Path)
     args = ap.parse_args(argv)
+    if min(args.layers, args.width, args.steps, args.passes) < 1:
+        ap.error("--layers, --width, --steps and --passes must be at least 1")
     check_append(ap, args.append)
     contenders = {
         # (the same settings on both sides: torch's weight_decay defaults to 0.1, FunGPT's to 0, the presets' value)

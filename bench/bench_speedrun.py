@@ -11,7 +11,8 @@ One script, one machine, one after the other, so both sides see the same machine
    The budget covers the whole command (imports, data, training, final eval); the final val loss is
    over the entire val split. Reported: steps, final val loss, the command's own wall time.
 The plot shows the final val loss of each budget against its wall time (each point a complete run),
-and nanoGPT's evals (every 250 steps) at the wall time of their step, interpolated from its ms/iter.
+and nanoGPT's evals (every 250 steps) placed by their step's share of its whole wall time W (start-up
+included: nanoGPT logs no clock time).
 """
 
 import argparse

@@ -13,7 +13,10 @@ median ms/iter over steps >= 20 (nanoGPT's script uses the same cut) and over ro
 MFU against this machine's fp32 matmul ceiling (measured by this script, in the same run), and
 the peak resident memory of the command (started by peak_rss.py, so that it is the command's own
 and not this script's; the largest over the rounds). The FunGPT side is given nanoGPT's architecture
-(bias = false, exact GELU) unless --keep-arch, so that both do the same arithmetic.
+(bias = false, exact GELU) unless --keep-arch, so that both do the same arithmetic. A step's time is its
+loop's whole period on both sides: nanoGPT's `dt` runs from one iteration's start to the next; FunGPT's is the
+time between consecutive rows of metrics.jsonl (its `dt_ms` leaves out the row's writing, the progress bar and
+the loop's checks, about 2% of the baby step).
 
 --bf16 adds a third contender: FunGPT with train.dtype = "bfloat16", whose Linear products run in bfloat16
 (the rest float32; fungpt/linear.py). nanoGPT's CPU recipe has no such mode, so its line is labelled apart,
@@ -239,6 +242,13 @@ def main(argv=None) -> int:
         return measure(args, argv, Path(tmp))
 
 
+def loop_periods_ms(rows: list[dict]) -> list[float]:
+    """The ms of each FunGPT step >= 20 as a whole loop iteration, as nanoGPT's dt: from the previous step's row in
+    metrics.jsonl (logged every step) to its own. A step after an eval row (or a missing row) is left out."""
+    return [1000 * (r["elapsed_s"] - q["elapsed_s"]) for q, r in zip(rows, rows[1:])
+            if "dt_ms" in q and "dt_ms" in r and r["step"] == q["step"] + 1 and r["step"] >= 20]
+
+
 def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
     """The rounds of main, with their runs in tmp; prints (and appends) the result block."""
     py = sys.executable
@@ -291,12 +301,15 @@ def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
                 check_same_shape(run_dir, args.shape, args.keep_arch, bf16="bf16" in name)
             lines = (run_dir / "metrics.jsonl").read_text().split("\n")[:-1]  # whole lines: a stopped run may cut one
             rows = [json.loads(line) for line in lines]
-            steps = [r["dt_ms"] for r in rows if "dt_ms" in r and r["step"] >= 20]
+            steps = loop_periods_ms(rows)
             if not steps:  # (taking turns, nanoGPT ended before FunGPT's 20th step: nothing after the warm-up to time)
                 raise SystemExit("bench_train: FunGPT made fewer than 20 steps in a round, the warm-up that is not "
                                  "timed: raise --iters")
             ms[name].append(statistics.median(steps))
             fungpt_steps[name].append(len(steps) + 19)
+            if args.turns and not args.no_reference and rows[-1]["step"] >= 4 * args.iters:
+                raise SystemExit(f"bench_train: {name} made all its {4 * args.iters} steps before nanoGPT's recipe "
+                                 f"ended, which then ran alone: raise --iters")
             rss[name] = max(rss[name], mem)
         if not args.no_reference:
             m = re.search(r"median_ms_per_iter=([\d.]+)", out)

@@ -27,11 +27,13 @@ def run_env() -> dict[str, str]:
 
 
 def commit() -> str:
-    """The checkout's commit, with "+ changes" when tracked files differ from it ("unknown" outside git)."""
+    """The checkout's commit, with "+ changes" when tracked files differ from it ("unknown" outside git); not for
+    BENCHMARKS.md alone, which a session edits while it measures."""
     try:
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=10, check=True).stdout.strip()
-        changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+        changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                  ":!BENCHMARKS.md"],
                                  capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -2164,8 +2164,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         peak_flops = max(peak_flops, flops_per_step / step_time)
         mfu = flops_per_step / step_time / peak_flops  # achieved FLOP/s over the measured ceiling
         log.write({"step": step, "train_loss": loss, "lr": lr, "dt_ms": round(step_time * 1000, 2),
-                   "tokens_per_sec": round(tok_s, 1), "mfu": round(mfu, 4), "elapsed_s": round(elapsed_s, 3),
-                   "run_s": round(run_s, 3), "tokens": tokens})
+                   "tokens_per_sec": round(tok_s, 1), "mfu": round(mfu, 4), "elapsed_s": round(elapsed_s, 4),
+                   "run_s": round(run_s, 4), "tokens": tokens})  # (0.1 ms: bench_train times steps by them)
         if bar is not None:  # refresh=False: shown at the bar's next (rate-limited) redraw, not on every row
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.0%}",
                             refresh=False)

@@ -296,6 +296,17 @@ def test_bench_train_refuses_to_compare_other_shapes_or_batches(bench, tmp_path)
     bench_train.check_same_shape(tmp_path, "6,6,384,256")  # --shape sets both sides
 
 
+def test_bench_train_times_a_fungpt_step_by_its_whole_loop_as_nanogpt_does(bench):
+    """dt_ms leaves out the row's writing, the bar and the loop's checks, which nanoGPT's dt counts: the step is
+    timed between consecutive rows, and a step after an eval (whose row comes between) is left out."""
+    import bench_train
+
+    rows = [{"step": s, "dt_ms": 10.0, "elapsed_s": 0.012 * s} for s in range(18, 23)]
+    rows.insert(3, {"step": 20, "train_loss": 3.0, "val_loss": 3.1, "elapsed_s": 0.5})  # the eval after step 20
+    rows[4:] = [{**r, "elapsed_s": r["elapsed_s"] + 0.3} for r in rows[4:]]
+    assert [round(ms, 6) for ms in bench_train.loop_periods_ms(rows)] == [12.0, 12.0]  # steps 20 and 22
+
+
 def test_bench_commands_are_recorded_ready_to_run_again(bench, tmp_path):
     """A path with a space was recorded unquoted: the printed command could not be pasted back."""
     import shlex
