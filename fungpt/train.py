@@ -1265,8 +1265,11 @@ class MetricsLog:
     def __init__(self, out_dir: Path, cfg: RunConfig, keep_until_step: int | None, redo_eval: bool = False):
         """keep_until_step: resuming, the checkpoint's step (its rows and events are kept, the later ones dropped).
         redo_eval: the resume evaluates that step again (a signal had left its eval): an eval row logged for it by
-        an earlier resume is dropped too."""
+        an earlier resume is dropped too. A train row at that step that log_interval does not log (written because
+        the command ended there: a signal, max_iters) is dropped as well: the resumed run's rows are then those of
+        the same run uninterrupted."""
         self.path = out_dir / "metrics.jsonl"
+        stray = keep_until_step is not None and keep_until_step % cfg.train.log_interval != 0 and keep_until_step > 1
         if self.path.is_symlink():  # (a link: resuming read its target, wherever it is; appending created a dangling
             self.path.unlink()      # one's target outside the run folder)
         if keep_until_step is not None and self.path.exists():
@@ -1274,14 +1277,14 @@ class MetricsLog:
             # (errors="replace": a damaged byte makes its row unreadable, dropped below, not the resume fail)
             rows = [r for r in self.path.read_text(encoding="utf-8", errors="replace").splitlines() if r.strip()]
             kept = [r for r in rows if _row_step(r) < keep_until_step or _row_step(r) == keep_until_step
-                    and not (redo_eval and '"val_loss"' in r)]
+                    and not (redo_eval if '"val_loss"' in r else stray)]
             ckpt.atomic_write_text(self.path, "".join(r + "\n" for r in kept))
         elif self.path.exists():
             self.path.unlink()
         self.file = self.path.open("a", encoding="utf-8")
         # The TensorBoard events likewise, whether or not this command logs there (a resume with tensorboard off,
         # then on, showed the killed steps between)
-        trim_tensorboard(out_dir / "tensorboard", keep_until_step, redo_eval)
+        trim_tensorboard(out_dir / "tensorboard", keep_until_step, redo_eval, stray)
         self.tb = self.wandb = None
         if cfg.train.tensorboard:
             try:
@@ -1338,10 +1341,11 @@ class MetricsLog:
             wandb.finish(exit_code=1) if failed else wandb.finish()
 
 
-def trim_tensorboard(folder: Path, keep_until_step: int | None, redo_eval: bool = False) -> None:
+def trim_tensorboard(folder: Path, keep_until_step: int | None, redo_eval: bool = False, stray: bool = False) -> None:
     """Drop a run's TensorBoard events logged after the checkpoint it resumes from (`keep_until_step`; None: a run
     that starts from step 0, all of them), as metrics.jsonl drops its rows: the steps will be trained again. With
-    redo_eval, the eval/ events of that step go too: its eval is done again.
+    redo_eval, the eval/ events of that step go too: its eval is done again; with stray, its train events (a step
+    log_interval does not log, logged as the command's last).
 
     The events are rewritten, not hidden by a purge marker (SummaryWriter's purge_step): TensorBoard's default data
     server ignores those markers, and showed the killed run's points among the resumed run's. Markers written by
@@ -1375,7 +1379,7 @@ def trim_tensorboard(folder: Path, keep_until_step: int | None, redo_eval: bool 
                 before, kept = len(kept), [e for e in kept if e.step < event.step]
                 changed |= len(kept) < before
             elif event.step < keep_until_step or event.step == keep_until_step and not (
-                    redo_eval and any(v.tag.startswith("eval/") for v in event.summary.value)):
+                    redo_eval if any(v.tag.startswith("eval/") for v in event.summary.value) else stray):
                 kept.append(event)
             else:
                 changed = True

@@ -318,10 +318,12 @@ def test_the_flops_ceiling_waits_for_the_gpu_named_with_its_index(monkeypatch):
     assert waited == [True, True]
 
 
-@pytest.mark.parametrize(("optimizer", "dropout"), [("adamw", 0.1), ("muon", 0.0)])
-def test_resume_is_bit_exact(corpus, tmp_path, optimizer, dropout):
-    # lr_decay_iters pins the schedule, so the short first leg follows the same lr curve.
-    kw = dict(lr_decay_iters=12, optimizer=optimizer)
+@pytest.mark.parametrize(("optimizer", "dropout", "log_interval"), [("adamw", 0.1, 1), ("muon", 0.0, 1),
+                                                                    ("adamw", 0.0, 4)])
+def test_resume_is_bit_exact(corpus, tmp_path, optimizer, dropout, log_interval):
+    # lr_decay_iters pins the schedule, so the short first leg follows the same lr curve. With log_interval 4 the
+    # first leg also logs its last step, 6, which the uninterrupted run does not: the resume drops that row.
+    kw = dict(lr_decay_iters=12, optimizer=optimizer, log_interval=log_interval)
 
     def config(out, max_iters):  # with dropout, the random stream must also continue where it stopped
         cfg = tiny_config(corpus, out, max_iters=max_iters, **kw)
@@ -338,6 +340,8 @@ def test_resume_is_bit_exact(corpus, tmp_path, optimizer, dropout):
         return [(r["step"], r["train_loss"]) for r in read_rows(out) if "lr" in r]
 
     assert losses(part) == losses(full)  # bit for bit, not approximately
+    assert [(r["step"], "val_loss" in r) for r in read_rows(part)] == [(r["step"], "val_loss" in r)
+                                                                        for r in read_rows(full)]
     a = ckpt.find_checkpoint(full)
     b = ckpt.find_checkpoint(part)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
@@ -2010,6 +2014,23 @@ def _event_steps(folder, tag):
 
     return [e.step for path in sorted(folder.glob("events.out.tfevents.*"))
             for e in LegacyEventFileLoader(str(path)).Load() for v in e.summary.value if v.tag == tag]
+
+
+def test_a_resume_drops_the_train_events_of_a_last_step_that_log_interval_skips(tmp_path):
+    """A command that ends on a step log_interval does not log (a signal, max_iters) logs it anyway, so that the
+    curve reaches it; resumed from there, the point stayed, one the same run uninterrupted has not (nor has its
+    metrics.jsonl now). Its eval stays."""
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    from fungpt.train import trim_tensorboard
+
+    with SummaryWriter(str(tmp_path)) as w:
+        for step in (1, 4, 6):
+            w.add_scalar("lr", 0.1, step)
+        w.add_scalar("eval/val_loss", 3.0, 6)
+    trim_tensorboard(tmp_path, 6, stray=True)
+    assert (_event_steps(tmp_path, "lr"), _event_steps(tmp_path, "eval/val_loss")) == ([1, 4], [6])
 
 
 def test_a_resumed_run_drops_the_tensorboard_events_after_its_checkpoint(corpus, tmp_path):
