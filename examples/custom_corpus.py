@@ -50,7 +50,8 @@ def main() -> None:
                                   "prepared dataset there is replaced")
     ap.add_argument("--run-dir", help="folder for the training run (default: out/NAME)")
     args = ap.parse_args()
-    name = Path(args.path).stem or "corpus"
+    given = Path(args.path).expanduser()
+    name = given.stem if given.name not in ("", "..") else "corpus"  # (`..` named out/.., the folder above out/)
     kind = "char" if args.chars else "bpe"
     vocab_size = None if args.chars else 2048
     # (NAME-kind, not NAME: the corpus itself may be data/NAME)

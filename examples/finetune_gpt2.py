@@ -11,20 +11,35 @@ The recipe is configs/finetune-gpt2-shakespeare.toml's. On a GPU it takes minute
 """
 
 import argparse
+import dataclasses
 import sys
+from pathlib import Path
 
 from fungpt import DataConfig, RunConfig, TrainConfig, load_config, sample, train
-from fungpt.config import model_fields_named
+from fungpt.config import load_run_config, model_fields_named
 from fungpt.errors import FunGPTError
+from fungpt.train import holds_run
+
+
+def made_here(run_dir: str, cfg: RunConfig) -> bool:
+    """Whether run_dir holds a fine-tune this script made, which it may replace: the preset's training settings
+    (but max_iters, its flag) on a pretrained start. Another run there is refused, not replaced."""
+    try:
+        saved = load_run_config(run_dir)
+    except FunGPTError:
+        return False
+    return saved.model.init_from != "scratch" and dataclasses.replace(saved.train, max_iters=0) == \
+        dataclasses.replace(cfg.train, max_iters=0)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--init-from", default="gpt2", help="hub name or local Hugging Face GPT-2 folder")
     ap.add_argument("--data", default="shakespeare", help="'shakespeare', a text file or a folder")
-    ap.add_argument("--iters", type=int, default=None, help="optimizer steps (default: the preset's 300)")
+    ap.add_argument("--iters", type=int, default=None, help="optimizer steps (default: the preset's 20)")
     ap.add_argument("--block-size", type=int, default=None, help="crop the context (default: the checkpoint's)")
-    ap.add_argument("--out", default="out/finetune-gpt2", help="run folder")
+    ap.add_argument("--out", default="out/finetune-gpt2", help="run folder (a fine-tune this script made there is "
+                                                               "replaced, another run refused)")
     args = ap.parse_args()
     try:
         preset = load_config("finetune-gpt2-shakespeare")  # configs/finetune-gpt2-shakespeare.toml
@@ -42,7 +57,11 @@ def main() -> None:
         # model_named: the [model] fields asked for, even where they equal the run defaults (block_size 64, say);
         # the others take the checkpoint's values
         named = model_fields_named("finetune-gpt2-shakespeare", []) | ({"block_size"} if args.block_size else set())
-        result = train(cfg, overwrite=True, model_named=named)
+        replace_run = made_here(args.out, cfg)
+        if holds_run(Path(args.out)) and not replace_run:
+            sys.exit(f"error: {args.out} holds another training run, which this script would replace: pass --out "
+                     f"to fine-tune into another folder")
+        result = train(cfg, overwrite=replace_run, model_named=named)
         if result["interrupted"]:  # stopped by Ctrl-C or a stop signal: no final model to report on
             sys.exit(128 + (result["signal"] or 2))  # as a shell reports a command ended by that signal
         print(f"\nval loss {result['val_loss']:.3f} after {result['step']} steps. A sample:\n")

@@ -2161,6 +2161,37 @@ def test_examples_run(tmp_path, monkeypatch, corpus):
                                               proc.stderr), proc.stderr[-2000:]
 
 
+def test_the_examples_never_train_over_another_run_or_into_the_folder_above(tmp_path, monkeypatch, corpus, capsys):
+    """finetune_gpt2.py --out replaced any run there without a word (overwrite=True); custom_corpus.py .. trained
+    into out/.., the current folder, which lies in the corpus it then read again."""
+    import runpy
+
+    import fungpt
+
+    train(tiny_config(corpus, tmp_path / "mine", max_iters=1), progress=False)
+    trained = []
+
+    def record(cfg, **kwargs):
+        trained.append(cfg.out_dir)
+        return {"out_dir": cfg.out_dir, "interrupted": True, "signal": 15}
+
+    monkeypatch.setattr(fungpt, "train", record)
+    monkeypatch.setattr(sys, "argv", ["finetune_gpt2.py", "--init-from", str(tmp_path / "hf"), "--out",
+                                      str(tmp_path / "mine")])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(ROOT / "examples" / "finetune_gpt2.py"), run_name="__main__")
+    assert stop.value.code == f"error: {tmp_path / 'mine'} holds another training run, which this script would " \
+                              f"replace: pass --out to fine-tune into another folder" and not trained
+    (tmp_path / "texts" / "work").mkdir(parents=True)
+    shutil.copy(corpus, tmp_path / "texts" / "poems.txt")
+    monkeypatch.chdir(tmp_path / "texts" / "work")
+    monkeypatch.setattr(sys, "argv", ["custom_corpus.py", "..", "--chars", "--block-size", "16", "--out",
+                                      str(tmp_path / "prepared")])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(ROOT / "examples" / "custom_corpus.py"), run_name="__main__")
+    assert stop.value.code == 143 and trained == ["out/corpus"]
+
+
 @pytest.mark.parametrize("script, argv", [
     ("examples/shakespeare_char.py", []), ("examples/custom_corpus.py", ["poems.txt"]),
     ("examples/finetune_gpt2.py", []), ("docs/make_figures.py", []),
