@@ -104,6 +104,21 @@ def check_options(*, num_samples: int = 1, max_new_tokens: int = 0, temperature:
         raise FunGPTError("give either --prompt or --prompt-file, not both")
 
 
+def for_terminal(text: str) -> str:
+    """Generated text as a terminal should show it: control characters but newline and tab as escapes ('\\x1b'). A
+    barely trained byte-level model draws them (its vocabulary holds every byte), and an ESC followed by '[' is a
+    terminal's colour or cursor code; a carriage return overwrote the line."""
+    return "".join(f"\\x{ord(ch):02x}" if (ch < " " and ch not in "\n\t") or "\x7f" <= ch <= "\x9f" else ch
+                   for ch in text)
+
+
+def _is_terminal(out) -> bool:
+    try:
+        return out.isatty()
+    except (AttributeError, ValueError, OSError):  # (a stream without one, or closed)
+        return False
+
+
 def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path | None = None, num_samples: int = 1,
            max_new_tokens: int = 500, temperature: float = 0.8, top_k: int | None = 200, top_p: float | None = None,
            seed: int = 1337, checkpoint: str = "last", device: str = "auto",
@@ -148,6 +163,7 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
         ids = default_prompt_ids(loaded)
     gen = seeded_generator(seed, loaded.device)
     eot = loaded.tokenizer.eot_id if stop_at_eot else None
+    shown = for_terminal if out is not None and _is_terminal(out) else str  # (into a file or pipe: as generated)
     texts = []
     for i in range(num_samples):
         if out is not None:
@@ -175,10 +191,10 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
             new.append(token)
             piece = stream.add(token)
             if out is not None and piece:
-                out.write(piece)
+                out.write(shown(piece))
                 out.flush()
         if out is not None:
-            out.write(stream.flush() + "\n")
+            out.write(shown(stream.flush()) + "\n")
             out.flush()
         texts.append(loaded.tokenizer.decode(new))
     return texts

@@ -2183,6 +2183,27 @@ def test_a_symbolic_link_loop_is_one_clear_line(world, tmp_path, capsys, argv):
     assert_one_line_error(code, err, f"{loop}: a symbolic link that leads back to itself; check the path")
 
 
+def test_sample_shows_control_characters_as_escapes_on_a_terminal_only(world, monkeypatch):
+    """A byte-level model's raw ESC, CR or NUL reached the terminal as they were (an ESC then '[' is a colour or
+    cursor code); into a file or a pipe the text stays exactly as generated."""
+    import io
+
+    from fungpt.sample import for_terminal, sample
+
+    assert for_terminal("a\x1b[31mb\r\nc\td\x00\x85é") == "a\\x1b[31mb\\x0d\nc\td\\x00\\x85é"
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys.modules["fungpt.sample"].TextStream, "add", lambda self, token: "\x1b[2J")
+    monkeypatch.setattr(sys.modules["fungpt.sample"].TextStream, "flush", lambda self: "")
+    piped, terminal = io.StringIO(), Terminal()
+    for out in (piped, terminal):
+        sample(world["run"], prompt="the", max_new_tokens=2, device="cpu", out=out)
+    assert piped.getvalue() == "the\x1b[2J\x1b[2J\n" and terminal.getvalue() == "the\\x1b[2J\\x1b[2J\n"
+
+
 def test_a_prompt_file_under_a_quoted_home_folder(world, tmp_path, capsys, monkeypatch):
     """`--prompt-file=~/p.txt` (no shell expands that ~) was "No such file", where the run and eval's --input read
     ~ as the home folder."""
