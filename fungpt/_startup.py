@@ -5,7 +5,8 @@ Ctrl-C while the `fungpt` command is still starting: one line, not a traceback f
 Importing torch takes a second or two, all of it before `cli.main()` can catch KeyboardInterrupt. So when
 this process is the `fungpt` command itself (the console script, or `python -m fungpt` as torchrun starts
 it), `fungpt/__init__.py` first installs a SIGINT handler that ends the process at once with the usual
-"fungpt: interrupted" and status 130; nothing has been written yet. `cli.main()` puts Python's own handler
+"fungpt: interrupted" and status 130 (SIGTERM and SIGHUP likewise: "fungpt: stopped by SIGTERM", 143); nothing
+has been written yet. `cli.main()` puts Python's own handler
 back as soon as it runs. Imported as a library (`from fungpt import GPT`, pytest), nothing changes.
 
 A package missing from a broken install (numpy, tqdm, tyro, torch: imported with fungpt itself) likewise ends
@@ -113,8 +114,14 @@ def _report_missing_module(kind, value, tb) -> None:
 
 
 def quit_at_once(signum, frame) -> None:
-    os.write(2, b"\nfungpt: interrupted\n")
-    os._exit(130)
+    """Ctrl-C, SIGTERM or SIGHUP while the command is still starting: one line, and the shell's status for it."""
+    said = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    os.write(2, f"\nfungpt: {said}\n".encode())
+    os._exit(128 + signum)
+
+
+EARLY_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # (SIGHUP: not on Windows)
+_DEFAULT = {"SIGINT": signal.default_int_handler, "SIGTERM": signal.SIG_DFL, "SIGHUP": signal.SIG_DFL}
 
 
 def install() -> None:
@@ -122,8 +129,10 @@ def install() -> None:
     if not is_the_fungpt_command(getattr(sys, "orig_argv", sys.argv)):
         return
     global _python_excepthook
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, quit_at_once)
+    for name in EARLY_SIGNALS:  # (only from the default: a signal the caller ignores stays ignored)
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) is _DEFAULT[name]:
+            signal.signal(signum, quit_at_once)
     if sys.excepthook is not _report_missing_module:
         _python_excepthook, sys.excepthook = sys.excepthook, _report_missing_module
     try:
@@ -137,8 +146,10 @@ def install() -> None:
 def restore() -> None:
     """Called by cli.main(): from here on Ctrl-C is a KeyboardInterrupt again, which main() handles (and a missing
     package too)."""
-    if signal.getsignal(signal.SIGINT) is quit_at_once:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    for name in EARLY_SIGNALS:
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) is quit_at_once:
+            signal.signal(signum, _DEFAULT[name])
     if sys.excepthook is _report_missing_module:
         sys.excepthook = _python_excepthook
 

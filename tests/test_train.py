@@ -2509,24 +2509,29 @@ def test_the_startup_handler_leaves_an_ignored_ctrl_c_ignored_and_restore_gives_
     from fungpt import _startup
 
     monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "fungpt", "train"])
-    kept = signal.getsignal(signal.SIGINT)
+    kept = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _startup.install()
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        _startup.install()
-        assert signal.getsignal(signal.SIGINT) is _startup.quit_at_once
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _startup.install()  # SIGTERM too: it ended a starting command without a word
+        assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is _startup.quit_at_once
         _startup.restore()
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
-        signal.signal(signal.SIGINT, kept)
+        for s, handler in kept.items():
+            signal.signal(s, handler)
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="watches /proc/PID/maps (Linux)")
-def test_ctrl_c_while_the_command_imports_torch_is_one_line(tmp_path):
-    """SIGINT while torch is being imported, before cli.main() runs, is the same one line as later on."""
-    import signal
+@pytest.mark.parametrize("sent, said", [(2, "fungpt: interrupted"), (15, "fungpt: stopped by SIGTERM")])
+def test_ctrl_c_while_the_command_imports_torch_is_one_line(tmp_path, sent, said):
+    """SIGINT while torch is being imported, before cli.main() runs, is the same one line as later on; SIGTERM too
+    (it ended the command without a word)."""
     import time
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -2541,10 +2546,10 @@ def test_ctrl_c_while_the_command_imports_torch_is_one_line(tmp_path):
         except OSError:
             pass
         time.sleep(0.005)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sent)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, (out[-500:], err[-2000:])
-    assert "fungpt: interrupted" in err and "Traceback" not in err
+    assert proc.returncode == 128 + sent, (out[-500:], err[-2000:])
+    assert said in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("extra", [0, 7])  # whole windows only; then a tail, scored by one last window
