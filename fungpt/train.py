@@ -2342,6 +2342,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         if not interrupted and not no_step:
             say(f"fungpt: step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
                 f"({format_duration(time.time() - start_time)})")
+            if not math.isfinite(losses["val"]):  # (finite weights whose outputs overflow: no guard above sees them)
+                say("fungpt: warning: the final val loss is not a finite number: the model's outputs overflow (its "
+                    "training diverged; train.skip_nonfinite only skips such steps) and sampling it will fail; "
+                    "train again with a lower train.lr")
             if final_eval or saved_at != step:
                 do_save()  # (a signal meanwhile: the run ends as it would have, this save done)
 

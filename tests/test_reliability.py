@@ -1501,9 +1501,21 @@ def test_skip_nonfinite_skips_the_step(world, tmp_path, monkeypatch, capsys):
     _nan_at_step(monkeypatch, 5)
     result = train(tiny_config(world["data"], out, max_iters=9, skip_nonfinite=True), progress=False)
     assert result["step"] == 9 and math_isfinite(result["val_loss"])
-    assert "skipped step 5" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "skipped step 5" in said and "warning" not in said
     assert 5 not in _train_steps(out) and 6 in _train_steps(out)
     assert check_loadable(out) == 9
+
+
+def test_a_run_whose_final_val_loss_is_not_finite_says_so(world, tmp_path, capsys):
+    """With skip_nonfinite and a huge lr, finite weights (about 1e30) whose outputs overflow: every step after the
+    first skipped, a NaN val loss, then "done. Sample with ...", and sampling failed."""
+    out = tmp_path / "run"
+    result = train(tiny_config(world["data"], out, max_iters=4, skip_nonfinite=True, lr=1e30, min_lr=0.0,
+                               warmup_iters=0), progress=False)
+    assert not math_isfinite(result["val_loss"])
+    assert "fungpt: warning: the final val loss is not a finite number: the model's outputs overflow" in \
+        capsys.readouterr().out
 
 
 def test_a_skipped_step_still_gets_its_eval_and_checkpoint(world, tmp_path, monkeypatch, capsys):
