@@ -298,6 +298,19 @@ def _peer_gone(e: BaseException) -> bool:
             and any(s in text for s in ("Connection closed by peer", "Connection reset by peer")))
 
 
+def _refuse_a_path_beside_the_config(data_path: str, config: str | None) -> None:
+    """A relative data.path is read from the current folder, not the config file's: said in one line when the
+    file is missing here but lies beside the config (a config copied next to its corpus, run from elsewhere)."""
+    given = Path(data_path).expanduser()
+    if config is None or given.is_absolute() or given.exists() or data_path == "shakespeare":
+        return
+    beside = Path(config).expanduser().parent / given
+    if beside.exists():
+        raise FunGPTError(f"data.path {data_path!r} does not exist in the current folder ({os.getcwd()}), from which "
+                          f"a relative path is read; it is beside the config: set data.path to {str(beside)!r}, "
+                          f"or run from {str(beside.parent)!r}")
+
+
 def cmd_train(args: list[str], start_time: float) -> int | None:
     """`fungpt train`: returns the number of the signal that stopped the run (after its checkpoint), or None."""
     from fungpt.config import load_config, misplaced_flag, model_fields_named
@@ -334,6 +347,7 @@ def cmd_train(args: list[str], start_time: float) -> int | None:
         flags = any(a.startswith(("--data.", "--model.", "--train.", "--out-dir", "--out_dir")) for a in args)
         raise FunGPTError(f"{path}{' with the flags given' if flags else ''}: {e}") from None
     named = model_fields_named(path, args)  # e.g. block_size = 64 asked of a fine-tune, though it is the default
+    _refuse_a_path_beside_the_config(parsed.run.data.path, path)
     if parsed.dry_run:
         from fungpt.plan import dry_run
 

@@ -2161,6 +2161,19 @@ def test_examples_run(tmp_path, monkeypatch, corpus):
                                               proc.stderr), proc.stderr[-2000:]
 
 
+def test_a_relative_data_path_beside_the_config_is_named(tmp_path, monkeypatch, capsys):
+    """A config copied next to its corpus (path = "poems.txt") and run from elsewhere: "does not exist", with no
+    word that a relative path is read from the current folder."""
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "poems.txt").write_text("hello there\n" * 50, encoding="utf-8")
+    (tmp_path / "proj" / "poems.toml").write_text('[data]\npath = "poems.txt"\n', encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", "proj/poems.toml", "--dry-run"]) == 2
+    assert capsys.readouterr().err == (f"error: data.path 'poems.txt' does not exist in the current folder ({tmp_path})"
+                                       f", from which a relative path is read; it is beside the config: set data.path "
+                                       f"to 'proj/poems.txt', or run from 'proj'\n")
+
+
 def test_the_examples_never_train_over_another_run_or_into_the_folder_above(tmp_path, monkeypatch, corpus, capsys):
     """finetune_gpt2.py --out replaced any run there without a word (overwrite=True); custom_corpus.py .. trained
     into out/.., the current folder, which lies in the corpus it then read again."""
