@@ -170,6 +170,7 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
         check_resume_model,
         check_resume_tokenizer,
         configure_optimizer,
+        passes_note,
         resolve_model_and_data,
         resume_point,
         schedule_notes,
@@ -222,6 +223,8 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
     out(f"  per step       {tokens_per_step:,} tokens (batch {tc.batch_size} x block {mc.block_size} x "
         f"grad_accum {tc.grad_accum_steps}" + (f" x {world} processes" if world > 1 else "")
         + f"), {flops_per_step:.3g} FLOPs")
+    if not resume and (note := passes_note(tc, tokens_per_step, load_meta(data_dir)["train_tokens"])):
+        out(f"  {note.removeprefix('fungpt: ')}")  # (as training will say it)
     acts = "bfloat16 Linear inputs, the rest float32" if prec.cpu_bf16_products else prec.dtype
     out(f"  memory         {_fmt_bytes(mem['total'])} estimated: weights {_fmt_bytes(mem['weights'])}, "
         f"gradients {_fmt_bytes(mem['grads'])}, {mem['optimizer_name']} {_fmt_bytes(mem['optimizer'])}, "

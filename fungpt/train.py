@@ -1821,6 +1821,22 @@ def already_done(step: int, tc: TrainConfig, elapsed_before: float, timings: dic
     return None
 
 
+MANY_PASSES = 50
+"""Passes over the train split past which a new run is told it will memorise its text: nanoGPT's GPU recipe for
+Tiny Shakespeare (82 passes) had its best val loss at about 29, then rose (configs/shakespeare-char.toml)."""
+
+
+def passes_note(tc: TrainConfig, tokens_per_step: int, train_tokens: int) -> str | None:
+    """A note for a run whose max_iters go over its train split more than MANY_PASSES times (a small corpus with a
+    preset's steps), None otherwise or under a time budget (which decides the steps)."""
+    passes = tc.max_iters * tokens_per_step / max(train_tokens, 1)
+    if tc.max_minutes is not None or passes <= MANY_PASSES:
+        return None
+    return (f"fungpt: note: {tc.max_iters:,} steps of {tokens_per_step:,} tokens go over the {train_tokens:,} train "
+            f"tokens about {passes:,.0f} times: the model will likely learn them by heart, and its val loss rise again "
+            f"after its best (checkpoints/best keeps that step); fewer steps (train.max_iters) or more text avoid it")
+
+
 def nothing_to_train(out_dir: Path, step: int, plot: bool, start_time: float) -> dict[str, Any]:
     """End a command that found nothing to train: draw loss.png if the run has none (a run stopped while drawing
     it), and return train()'s summary, without losses."""
@@ -2066,6 +2082,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
 
     tokens_per_step = tc.batch_size * cfg.model.block_size * tc.grad_accum_steps * ddp.world_size
     tokens_seen = resumed.tokens if resumed.tokens is not None else step * tokens_per_step
+    if folder is None and (note := passes_note(tc, tokens_per_step, load_meta(data_dir)["train_tokens"])):
+        say(note)
     # MFU's ceiling: every process's device (the tokens per step above count all the processes' tokens)
     # (on a CPU: float32's, unless the run's products are in bfloat16)
     peak_flops = ddp.world_size * measure_peak_flops(device, prec.torch_dtype if prec.device != "cpu"

@@ -2161,6 +2161,24 @@ def test_examples_run(tmp_path, monkeypatch, corpus):
                                               proc.stderr), proc.stderr[-2000:]
 
 
+def test_a_run_that_goes_over_its_text_many_times_is_told_so(corpus, tmp_path, capsys):
+    """A preset's 3,000 steps on a 30 KB corpus went over it ~850 times without a word: the model learns it by
+    heart. Said when training starts; not under a time budget (which decides the steps), nor for a few passes."""
+    from fungpt.train import MANY_PASSES, passes_note
+
+    tc = TrainConfig(max_iters=3000, batch_size=16)
+    assert passes_note(tc, 2048, 7234) == (
+        "fungpt: note: 3,000 steps of 2,048 tokens go over the 7,234 train tokens about 849 times: the model will "
+        "likely learn them by heart, and its val loss rise again after its best (checkpoints/best keeps that step); "
+        "fewer steps (train.max_iters) or more text avoid it")
+    assert passes_note(tc, 2048, 3000 * 2048 // MANY_PASSES) is None  # (just at the limit)
+    assert passes_note(dataclasses.replace(tc, max_minutes=1.0), 2048, 7234) is None
+    small = tmp_path / "small.txt"
+    small.write_text("the cat sat on the mat. " * 9, encoding="utf-8")  # 216 characters: ~194 train tokens
+    train(tiny_config(small, tmp_path / "run", max_iters=10, batch_size=64, eval_interval=10), progress=False)
+    assert "fungpt: note: 10 steps of 1,024 tokens go over the " in capsys.readouterr().out
+
+
 def test_a_relative_data_path_beside_the_config_is_named(tmp_path, monkeypatch, capsys):
     """A config copied next to its corpus (path = "poems.txt") and run from elsewhere: "does not exist", with no
     word that a relative path is read from the current folder."""
