@@ -240,8 +240,26 @@ def _plain_optional(text: str) -> str:
 
     # tyro: "... from ['V'].; Got errors: - <class 'NoneType'>: ['V'] does not match ..., - <class 'int'>: invalid
     # literal for int() with base 10: 'V'": up to the value, which it quotes as repr does ('V', or "V" for one with ')
-    return re.sub(r"no type matching \{None\}\|(INT|FLOAT) could be instantiated from \[((['\"]).*?\3)\]\.; "
+    text = re.sub(r"no type matching \{None\}\|(INT|FLOAT) could be instantiated from \[((['\"]).*?\3)\]\.; "
                   r"Got errors: .*?: \2", plainly, text)
+    # a plain int or float: Python's own words ("invalid literal for int() with base 10: '1e3'"), as a config file's
+    # error says them (for '1e3', also the whole number it means)
+    def python_words(m: re.Match) -> str:
+        try:
+            value = ast.literal_eval(m.group("value"))
+        except (ValueError, SyntaxError):
+            return m.group(0)
+        if m.group("int") is None:
+            return f"{value!r} is not a number"
+        try:
+            meant = float(value)
+        except ValueError:
+            meant = float("nan")
+        write = f": write {int(meant)}" if meant.is_integer() and abs(meant) < 2**63 else ""
+        return f"{value!r} is not a whole number{write}"
+
+    return re.sub(r"(?:invalid literal for (?P<int>int)\(\) with base 10|could not convert string to float): "
+                  r"(?P<value>(?P<q>['\"]).*?(?P=q))", python_words, text)
 
 
 def _out_dir_arg(args: list[str]) -> str | None:
@@ -375,7 +393,7 @@ def prepare_command(input: str, out: str, tokenizer: Literal["char", "bpe", "gpt
         input: A text file, a folder of text files, or 'shakespeare'.
         out: Folder to write the prepared dataset to.
         tokenizer: char (one token per character), bpe (trained on this corpus) or gpt2 (GPT-2's own).
-        vocab_size: Vocabulary size for bpe (default 4096).
+        vocab_size: Vocabulary size for bpe (None: 4096).
         val_fraction: Fraction of the corpus, from its end, held out for validation.
         overwrite: Replace an existing prepared dataset in `out`.
         errors: What to do with invalid UTF-8: strict (refuse, naming the byte) or replace (use U+FFFD).
@@ -430,6 +448,9 @@ def sample_command(run: RunFolder, prompt: str | None = None, prompt_file: str |
 
     check_options(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                   top_p=top_p, show_top=show_top, prompt=prompt, prompt_file=prompt_file)  # (before the note)
+    if show_top != 5 and not show_probs:  # (its default: 5)
+        print(f"fungpt: note: --show-top {show_top} applies to --show-probs, which is not given: it changes nothing",
+              file=sys.stderr)
     if checkpoint == "last" and (note := overfit_note(run)):
         print(note, file=sys.stderr)  # (stdout is the text, which may be piped into a file)
     sample(run, prompt=prompt, prompt_file=prompt_file, num_samples=num_samples, max_new_tokens=max_new_tokens,

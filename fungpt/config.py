@@ -56,7 +56,7 @@ class DataConfig:
     tokenizer: str = "char"
     """Tokenizer used when `path` still has to be prepared: char, bpe or gpt2."""
     vocab_size: int | None = None
-    """Vocabulary size for a BPE tokenizer trained on the corpus (default 4096)."""
+    """Vocabulary size for a BPE tokenizer trained on the corpus (None: 4096)."""
     val_fraction: float = 0.1
     """Fraction of the corpus, taken from its end, held out for validation."""
     errors: str = "strict"
@@ -141,8 +141,9 @@ class TrainConfig:
     """Wall-clock budget for the whole command; when set, the lr schedule runs on the fraction of the
     budget used instead of on steps, and training ends with a final eval and checkpoint on time. The
     step-0 eval is skipped (its cost is estimated from one batch instead) so the budget goes to training.
-    With max_iters too, the run ends at whichever limit comes first; the schedule follows the one further
-    along (so warmup_iters and lr_decay_iters count in shares of the run, not in steps)."""
+    max_iters (2000 by default) still applies: the run ends at whichever limit comes first (set max_iters far
+    above what the budget holds for the budget to decide, as configs/speedrun-cpu.toml does); the schedule
+    follows the one further along (so warmup_iters and lr_decay_iters count in shares of the run, not in steps)."""
     optimizer: str = "adamw"
     """adamw (everything on AdamW), or muon: the 2-D matrices inside the blocks on Muon (Keller Jordan
     2024, "Muon: An optimizer for hidden layers in neural networks", the modded-nanogpt speedrun optimizer;
@@ -216,8 +217,10 @@ class TrainConfig:
 
 
 def _default_model() -> GPTConfig:
-    # A small model that trains on a laptop CPU in minutes; vocab_size is set from the data.
-    return GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
+    # A small model that trains on a laptop CPU in minutes; vocab_size is set from the data. nanoGPT's CPU recipe,
+    # as configs/shakespeare-char-cpu.toml (no biases, exact GELU): a plain `fungpt train` trains that preset,
+    # into its out_dir (with GPT-2's biases there, a resume with the preset was refused as another model)
+    return GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False, activation="gelu")
 
 
 def default_model() -> GPTConfig:
@@ -234,8 +237,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     """Which text to train on and how to turn it into tokens."""
     model: GPTConfig = field(default_factory=_default_model)
-    """The model. A run's defaults are a small 4 x 128 GPT (0.8M parameters) that trains on a laptop CPU in
-    minutes; GPTConfig() by itself is GPT-2 small (124M)."""
+    """The model. A run's defaults are a small 4 x 128 GPT (0.8M parameters, nanoGPT's CPU recipe: no biases,
+    exact GELU) that trains on a laptop CPU in minutes; GPTConfig() by itself is GPT-2 small (124M)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The optimizer, schedule, batches, evals, checkpoints and hardware of the run."""
 

@@ -54,8 +54,9 @@ class GPTConfig:
     """Hyperparameters of the model. The defaults are GPT-2 small (124M)."""
 
     vocab_size: int = 50304
-    """Vocabulary size V. GPT-2 has 50257 tokens; 50304 pads it to a multiple of 64, which is faster on GPUs.
-    `fungpt train` sets it to the size of the data's tokenizer (a value given here is replaced)."""
+    """Vocabulary size V. `fungpt train` sets it to the size of the data's tokenizer (a value given here is
+    replaced). For a model built in Python: GPT-2 has 50257 tokens, and 50304 (a multiple of 64) runs faster on
+    GPUs, the padding never predicted once trained."""
     block_size: int = 1024
     """Context length: the longest sequence the model can read at once."""
     n_layer: int = 12

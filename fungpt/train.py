@@ -2360,6 +2360,11 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         if not interrupted and not no_step:
             say(f"fungpt: step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
                 f"({format_duration(time.time() - start_time)})")
+            if clock.budget_s is not None and step >= tc.max_iters and step > start_step:
+                # (max_iters, 2,000 by default, still applies: a budget meant to decide the steps was cut short)
+                say(f"fungpt: note: train.max_iters = {tc.max_iters:,} ended this run after "
+                    f"{format_duration(clock.elapsed())} of its {format_duration(clock.budget_s)} budget "
+                    f"(train.max_minutes); raise max_iters for a budget to end the run")
             if not math.isfinite(losses["val"]):  # (finite weights whose outputs overflow: no guard above sees them)
                 say("fungpt: warning: the final val loss is not a finite number: the model's outputs overflow (its "
                     "training diverged; train.skip_nonfinite only skips such steps) and sampling it will fail; "

@@ -1180,6 +1180,14 @@ def test_a_run_says_how_long_it_took_in_minutes_and_hours_past_a_minute():
         "3.3 s", "59.9 s", "1 min 00 s", "1 min 01 s", "59 min 59 s", "1 h 00 min", "2 h 03 min", "25 h 01 min"]
 
 
+def test_a_budget_run_that_max_iters_ends_first_says_so(corpus, tmp_path, capsys):
+    """max_iters (2,000 by default) still applies under a budget: a run that used half its budget ended without a
+    word on why."""
+    train(tiny_config(corpus, tmp_path / "run", max_iters=3, max_minutes=1.0), progress=False)
+    assert re.search(r"fungpt: note: train.max_iters = 3 ended this run after [\d.]+ s of its 1 min 00 s budget "
+                     r"\(train.max_minutes\); raise max_iters for a budget to end the run", capsys.readouterr().out)
+
+
 def test_a_budget_too_short_for_one_step_is_refused_instead_of_overrun(corpus, tmp_path, monkeypatch):
     """A budget that the start-up and the final eval use up leaves no step: evaluating anyway overran it (a 6 x 384
     model on a 2-core CPU, given 1 minute, took 97 s). Here the final eval is made to need 20 s of a 6 s budget."""

@@ -2096,8 +2096,12 @@ BAD_INPUTS = {
 # tyro's own parse errors: it prints a framed message of several lines, which FunGPT turns into its one line
 TYRO_ERRORS = {
     "unknown flag": ([*TRAIN, "--train.nope", "3"], "Unrecognized options: --train.nope, 3"),
-    "not a number": ([*TRAIN, "--train.max-iters", "many"],
-                     "Error parsing --train.max-iters: invalid literal for int() with base 10: 'many'"),
+    # (in plain words, as a config file's error says them: it was Python's "invalid literal for int() with base 10")
+    "not a number": ([*TRAIN, "--train.max-iters", "many"], "Error parsing --train.max-iters: 'many' is not a whole "
+                                                            "number"),
+    "a float for a whole number": ([*TRAIN, "--train.max-iters", "1e3"],
+                                   "Error parsing --train.max-iters: '1e3' is not a whole number: write 1000"),
+    "not a float": ([*TRAIN, "--train.lr", "hot"], "Error parsing --train.lr: 'hot' is not a number"),
     "bad choice": (["sample", "--run", "x", "--checkpoint", "worst"], "--checkpoint"),
     # (the options named without their descriptions, whether tyro draws its box with lines or plain)
     "missing required flag": (["prepare", "--input", "x"],
@@ -2214,6 +2218,11 @@ def test_sample_shows_control_characters_as_escapes_on_a_terminal_only(world, mo
     for out in (piped, terminal):
         sample(world["run"], prompt="the", max_new_tokens=2, device="cpu", out=out)
     assert piped.getvalue() == "the\x1b[2J\x1b[2J\n" and terminal.getvalue() == "the\\x1b[2J\\x1b[2J\n"
+
+
+def test_show_top_without_show_probs_says_it_changes_nothing(world, capsys):
+    assert main(["sample", str(world["run"]), "--max-new-tokens", "2", "--show-top", "3"]) == 0
+    assert "fungpt: note: --show-top 3 applies to --show-probs, which is not given" in capsys.readouterr().err
 
 
 def test_a_prompt_file_under_a_quoted_home_folder(world, tmp_path, capsys, monkeypatch):
