@@ -707,6 +707,21 @@ def _options(command) -> tuple[set[str], set[str]]:
     return no_value | {"--" + n.replace("_", "-") for n in params}, no_value
 
 
+def _runs_flag_as_positional(args: list[str]) -> list[str]:
+    """plot's run folders given with `--run RUN` (or --run=RUN), as the other commands take a run: read as the
+    folders plot takes without a flag, in the order given."""
+    flags = args[:args.index("--")] if "--" in args else args
+    out, i = [], 0
+    while i < len(flags):
+        if flags[i] == "--run" and i + 1 < len(flags) and not flags[i + 1].startswith("--"):
+            out.append(flags[i + 1])
+            i += 2
+        else:
+            out.append(flags[i].removeprefix("--run=") if flags[i].startswith("--run=") else flags[i])
+            i += 1
+    return out + args[len(flags):]
+
+
 def _run_flag_as_positional(name: str, args: list[str]) -> list[str]:
     """The commands of RUN_COMMANDS name their run folder without a flag (`fungpt sample RUN`); `--run RUN` is read
     the same way (else tyro would say only that the argument 'run' is missing; and sample, eval and export took
@@ -791,6 +806,10 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
         else:
             if name in RUN_COMMANDS:
                 rest = _run_flag_as_positional(name, rest)
+            elif name == "positions" and rest and not rest[0].startswith("-"):  # (`fungpt positions RUN`, as the
+                rest = ["--run", *rest]                                             # other see-inside commands)
+            elif name == "plot":  # (`--run RUN`, as the other commands name a run: each one a folder to plot)
+                rest = _runs_flag_as_positional(rest)
             _parse(COMMANDS[name], rest, f"fungpt {name}")
     except FunGPTError as e:
         # Under torchrun every process may fail alike: each says which it is, so that the lines read as copies

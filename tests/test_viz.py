@@ -308,6 +308,22 @@ def test_cli_positions_writes_image(run_dir, tmp_path, kind):
     check_png(out, POSITION_FIGSIZE[kind])
 
 
+def test_plot_takes_runs_with_run_and_positions_without(run_dir, tmp_path, monkeypatch):
+    """Every other command names a run both ways: `plot --run RUN` and `positions RUN` were unknown options."""
+    import sys
+
+    import fungpt.viz as viz
+
+    plotted = []
+    monkeypatch.setattr(sys.modules["fungpt.plot"], "plot_runs", lambda runs, out, x: plotted.append(runs) or out)
+    assert main(["plot", "--run", str(run_dir), "--run=b", "c", "--out", str(tmp_path / "l.png")]) == 0
+    assert plotted == [[str(run_dir), "b", "c"]]
+    drawn = []
+    monkeypatch.setattr(viz, "plot_positions", lambda kind, out, **k: drawn.append(k) or out)
+    assert main(["positions", str(run_dir), "--pos-encoding", "rope", "--out", str(tmp_path / "p.png")]) == 0
+    assert drawn and drawn[0]["name"] == run_dir.name
+
+
 def test_titles_name_the_run_given_as_a_dot(run_dir, tmp_path, monkeypatch):
     """`fungpt attention .` was titled " at step N" and `positions --run .` ".: rope ...": the name of Path(".")."""
     import fungpt.viz as viz
