@@ -89,11 +89,8 @@ def check_number(value, named: str, whole: bool = False) -> None:
     """Refuse a value that is not a number (a whole number with whole=True), in one line naming it: a library
     caller's seed="1" or top_k=2.5 failed deep in a comparison or in torch. numpy's numbers are numbers."""
     kind = numbers.Integral if whole else numbers.Real
-    # (a Fraction is a number torch takes in no operation: refused too; its float() is)
-    fraction = isinstance(value, numbers.Rational) and not isinstance(value, numbers.Integral)
-    if not isinstance(value, kind) or isinstance(value, bool) or fraction:
-        raise FunGPTError(f"{named} {value!r} should be {'a whole number' if whole else 'a number'}"
-                          + (f": pass float({value!r})" if fraction and not whole else ""))
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise FunGPTError(f"{named} {value!r} should be {'a whole number' if whole else 'a number'}")
 
 
 def check_run_given(run_dir) -> None:

@@ -5,10 +5,10 @@ itself), so every row of the decision table can be tested on any machine.
 
 Precision, in short:
   * float32 everywhere works, and is the default on CPUs (nanoGPT's arithmetic there). bfloat16 autocast
-    did worse on every CPU measured: slower than float32, or (on a Zen 4, 1.09x) slower than bfloat16 products
-    in the Linear layers alone (1.25x; BENCHMARKS.md, "Thirty-first session"). Without bf16 instructions the
-    products are emulated (17x slower on a 2-core x86 CPU, in the measurements the performance issue, #11, was
-    filed with; not
+    did worse on every CPU measured: slower than float32, or (on a Zen 4: 1.09x float32's speed) slower than
+    bfloat16 products in the Linear layers alone (1.25x; BENCHMARKS.md, "Thirty-first session"). Without bf16
+    instructions the products are emulated (17x slower on a 2-core x86 CPU, in the measurements the performance
+    issue, #11, was filed with; not
     re-measured in BENCHMARKS.md, whose machines have bf16 instructions); even on a Zen 5, whose
     AVX512-BF16 products run ~1.8x float32's speed, a step took 43.3 against 29.8 ms, lost to the casts
     and to elementwise work in bfloat16 (BENCHMARKS.md, eighth session). So dtype "bfloat16" on a CPU

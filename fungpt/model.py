@@ -358,11 +358,11 @@ def check_ids(idx, what: str) -> None:
                           f"{tuple(idx.shape)}: for one sequence use ids[None], for numpy ids .long()")
 
 
-def out_of_vocab(ids: torch.Tensor, vocab_size: int, where: str) -> FunGPTError:
+def out_of_vocab(ids: torch.Tensor, vocab_size: int, where: str, more: str = "") -> FunGPTError:
     """The error for ids outside 0..vocab_size-1, naming the first such id (a tokenizer that does not match)."""
     bad = ids[(ids < 0) | (ids >= vocab_size)]
     return FunGPTError(f"{where} token id {int(bad[0]) if bad.numel() else '?'}, outside this model's "
-                       f"vocabulary (0..{vocab_size - 1}): use the tokenizer the model was trained with")
+                       f"vocabulary (0..{vocab_size - 1}): use the tokenizer the model was trained with{more}")
 
 
 class GPT(nn.Module):
@@ -420,10 +420,12 @@ class GPT(nn.Module):
         attn_impl: 'sdpa' (fused, fast) or 'plain' (explicit softmax, readable; same result).
         kv_cache: continue from the kv_cache.pos tokens already cached (see generate_stream).
         """
-        check_ids(idx, "the model takes token ids")
-        if targets is not None and (targets.shape != idx.shape or targets.dtype not in (torch.long, torch.int)):
-            raise FunGPTError(f"targets must be integer ids of the input's shape {tuple(idx.shape)}, got "
-                              f"{targets.dtype} of shape {tuple(targets.shape)}")
+        check_ids(idx, "the model takes its input")
+        if targets is not None and not (isinstance(targets, torch.Tensor) and targets.shape == idx.shape
+                                        and targets.dtype in (torch.long, torch.int)):
+            got = (f"{targets.dtype} of shape {tuple(targets.shape)}" if isinstance(targets, torch.Tensor)
+                   else f"a {type(targets).__name__}")
+            raise FunGPTError(f"targets must be an integer tensor of the input's shape {tuple(idx.shape)}, got {got}")
         B, T = idx.shape
         t0 = kv_cache.pos if kv_cache is not None else 0
         if t0 + T > self.config.block_size:
@@ -457,7 +459,8 @@ class GPT(nn.Module):
             try:
                 loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten().long(), ignore_index=-1)
             except IndexError:  # (a target id outside the vocabulary; a CPU says so, a GPU asserts)
-                raise out_of_vocab(targets[targets != -1], self.config.vocab_size, "the targets hold") from None
+                raise out_of_vocab(targets[targets != -1], self.config.vocab_size, "the targets hold",
+                                   "; -1 marks a position to skip") from None
         if return_attn:
             return logits, loss, attn
         return logits if targets is None else (logits, loss)
@@ -509,7 +512,7 @@ class GPT(nn.Module):
             raise FunGPTError("generate needs a prompt with at least one token: pass a non-empty prompt")
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
             raise out_of_vocab(idx, self.config.vocab_size, "the prompt holds")
-        check_generate_args(max_new_tokens, lookahead, top_k, top_p)  # (sampling.py)
+        temperature, top_p = check_generate_args(max_new_tokens, lookahead, temperature, top_k, top_p)  # (sampling.py)
         block_size = self.config.block_size
         B, T0 = idx.shape
         # All tokens so far, in a buffer: writing into it is cheaper than torch.cat every step. It doubles when

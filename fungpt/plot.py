@@ -107,8 +107,9 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
     for run, (_, (tr_x, tr_y), (ev_x, ev_y)) in zip(runs, curves):
         bad = sorted(x for x, y in zip(tr_x + ev_x, tr_y + ev_y) if not math.isfinite(y))
         if bad:  # (matplotlib leaves them out without a word: a diverged run's curve just stopped)
+            at = f"{bad[0]:.1f} s" if x == "time" else f"{x} {bad[0]:,}"
             print(f"fungpt: note: {run} has {len(bad)} NaN or infinite loss(es) in its metrics.jsonl, first at "
-                  f"{key} {bad[0]:g}: they cannot be drawn, so its curves break there", file=sys.stderr)
+                  f"{at}: they cannot be drawn, so its curves break there", file=sys.stderr)
     if note := _tokens_note(runs):
         print(note, file=sys.stderr)
     return save_figure(_loss_figure(curves, label), out)
@@ -150,8 +151,8 @@ def _loss_figure(curves: list, xlabel: str):
             # a point without a finite neighbour (the only one, or between NaNs) makes no line: a marker shows it
             ok = [math.isfinite(y) for y in tr_y]
             lone = [i for i, good in enumerate(ok) if good and not any(ok[max(i - 1, 0) : i] + ok[i + 1 : i + 2])]
-            ax.plot(tr_x, tr_y, color=color, alpha=0.35, lw=1, marker="o", markevery=lone, ms=3,
-                    label=f"{name} train")
+            ax.plot(tr_x, tr_y, color=color, alpha=0.35, lw=1, marker="o" if lone else None, markevery=lone or None,
+                    ms=3, label=f"{name} train")  # (no marker otherwise: the legend's train entry stays a line)
         if ev_x:
             ax.plot(ev_x, ev_y, color=color, lw=2, marker="o", ms=3, label=f"{name} val")
     ax.set_xlabel(xlabel)

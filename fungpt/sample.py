@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -104,12 +105,28 @@ def check_options(*, num_samples: int = 1, max_new_tokens: int = 0, temperature:
         raise FunGPTError("give either --prompt or --prompt-file, not both")
 
 
+_CONTROL = re.compile("\r(?!\n)|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # (a CR ending a CRLF line is no harm)
+
+
 def for_terminal(text: str) -> str:
-    """Generated text as a terminal should show it: control characters but newline and tab as escapes ('\\x1b'). A
-    barely trained byte-level model draws them (its vocabulary holds every byte), and an ESC followed by '[' is a
-    terminal's colour or cursor code; a carriage return overwrote the line."""
-    return "".join(f"\\x{ord(ch):02x}" if (ch < " " and ch not in "\n\t") or "\x7f" <= ch <= "\x9f" else ch
-                   for ch in text)
+    """Generated text as a terminal should show it: control characters but newline, tab and the CR of a CRLF as
+    escapes ('\\x1b', '\\r'), as --show-probs shows tokens. A barely trained byte-level model draws them (its
+    vocabulary holds every byte): an ESC followed by '[' is a terminal's colour or cursor code, a lone carriage
+    return overwrote the line."""
+    return _CONTROL.sub(lambda m: "\\r" if m.group() == "\r" else f"\\x{ord(m.group()):02x}", text)
+
+
+class _TerminalStream:
+    """for_terminal over a stream of pieces: a CR ending one piece waits for the next, whose LF may follow it."""
+
+    def __init__(self) -> None:
+        self.cr = ""
+
+    def __call__(self, piece: str, last: bool = False) -> str:
+        text, self.cr = self.cr + piece, ""
+        if text.endswith("\r") and not last:
+            text, self.cr = text[:-1], "\r"
+        return for_terminal(text)
 
 
 def _is_terminal(out) -> bool:
@@ -136,7 +153,10 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
     """
     check_options(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                   top_p=top_p, show_top=show_top, prompt=prompt, prompt_file=prompt_file)
+    temperature, top_p = float(temperature), None if top_p is None else float(top_p)  # (a Fraction: torch takes none)
     if prompt_file is not None:
+        if not str(prompt_file).strip():  # (Path("") is the current folder)
+            raise FunGPTError("the prompt file is empty: pass a text file's path, or --prompt TEXT")
         prompt_file = Path(prompt_file).expanduser()  # (~ after `--prompt-file=` reaches us as it is)
         try:
             # as prepare reads: "\r\n" stays "\r\n" and a byte-order mark is dropped
@@ -163,7 +183,7 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
         ids = default_prompt_ids(loaded)
     gen = seeded_generator(seed, loaded.device)
     eot = loaded.tokenizer.eot_id if stop_at_eot else None
-    shown = for_terminal if out is not None and _is_terminal(out) else str  # (into a file or pipe: as generated)
+    terminal = out is not None and _is_terminal(out)  # (into a file or pipe: the text as generated)
     texts = []
     for i in range(num_samples):
         if out is not None:
@@ -180,6 +200,7 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
         # With byte-level BPE a character can span several tokens: the stream prints each character once
         # its last token has come (tokenizer.TextStream)
         stream = TextStream(loaded.tokenizer)
+        shown = _TerminalStream() if terminal else (lambda piece, last=False: piece)
         for tok in loaded.model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k,
                                                 top_p=top_p, generator=gen):
             token = int(torch.as_tensor(tok).reshape(-1)[0])
@@ -194,7 +215,7 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
                 out.write(shown(piece))
                 out.flush()
         if out is not None:
-            out.write(shown(stream.flush()) + "\n")
+            out.write(shown(stream.flush(), last=True) + "\n")
             out.flush()
         texts.append(loaded.tokenizer.decode(new))
     return texts
@@ -234,7 +255,8 @@ def _sample_showing_probs(loaded: LoadedRun, idx: torch.Tensor, max_new_tokens: 
             break
     text = tok.decode(new)
     if out is not None:
-        out.write(f"--- text ---\n{prompt}{text}\n")
+        whole = for_terminal(text) if _is_terminal(out) else text  # (as the streamed text: see sample)
+        out.write(f"--- text ---\n{prompt}{whole}\n")
         out.flush()
     return text
 

@@ -100,15 +100,20 @@ def sampling_probs(
     return F.softmax(logits, dim=-1)  # (..., V)
 
 
-def check_generate_args(max_new_tokens, lookahead, top_k, top_p) -> None:
+def check_generate_args(max_new_tokens, lookahead, temperature, top_k, top_p) -> tuple[float, float | None]:
     """Refuse generation's counts and filters in one line before the first token. top_k and top_p too when
-    decoding is greedy: it never reads them, and a mistake there went unseen. bool is no number here."""
+    decoding is greedy: it never reads them, and a mistake there went unseen. bool is no number here. Returns
+    temperature and top_p as floats, which torch takes (a Fraction, say, it does not)."""
     for name, value, least in (("max_new_tokens", max_new_tokens, 0), ("lookahead", lookahead, 0),
                                ("top_k", 1 if top_k is None else top_k, 1)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
             raise FunGPTError(f"{name}={value!r} must be a whole number >= {least}")
+    if not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
+            and 0 <= temperature < math.inf):  # (NaN fails this test too)
+        raise FunGPTError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
     if top_p is not None and not (isinstance(top_p, numbers.Real) and not isinstance(top_p, bool) and 0 < top_p <= 1):
         raise FunGPTError(f"top_p={top_p!r} must be a number in (0, 1]")
+    return float(temperature), None if top_p is None else float(top_p)
 
 
 def sample_next_token(

@@ -903,10 +903,15 @@ def test_wrong_ids_are_clear_errors_not_torch_internals():
         (lambda: model(torch.ones(1, 3, dtype=torch.uint16)), r"integer tensor \(torch.long\), got torch.uint16"),
         (lambda: model(torch.ones(1, 3, dtype=torch.bool)), "got torch.bool"),
         # targets were reshaped unchecked: a transposed (T, B) tensor gave a wrong loss, others torch's errors
-        (lambda: model(idx, idx.T.contiguous()), r"targets must be integer ids of the input's shape \(1, 5\), got "
-                                                 r"torch.int64 of shape \(5, 1\)"),
-        (lambda: model(idx, idx.float()), "targets must be integer ids"),
+        (lambda: model(idx, idx.T.contiguous()), r"targets must be an integer tensor of the input's shape \(1, 5\), "
+                                                 r"got torch.int64 of shape \(5, 1\)"),
+        (lambda: model(idx, idx.float()), "targets must be an integer tensor"),
+        (lambda: model(idx, idx.tolist()), "targets must be an integer tensor .* got a list"),
         (lambda: model(idx, torch.full_like(idx, 50)), r"the targets hold token id 50, outside this model's vocab"),
+        # (-100, PyTorch's and Hugging Face's skip marker, is not FunGPT's)
+        (lambda: model(idx, torch.full_like(idx, -100)), r"token id -100, .*; -1 marks a position to skip$"),
+        (lambda: model.generate(idx, 2, temperature="0.5"), r"temperature='0.5' must be a finite number >= 0"),
+        (lambda: model.generate(idx, 2, temperature=True), r"temperature=True must be a finite number >= 0"),
         (lambda: model.generate(idx, True), "max_new_tokens=True must be a whole number"),  # (a bool is no count)
         (lambda: model.generate(idx, 2, top_p=True), r"top_p=True must be a number in \(0, 1\]"),
         (lambda: model.make_kv_cache(-1), "batch_size=-1 must be a whole number >= 0"),
@@ -917,6 +922,9 @@ def test_wrong_ids_are_clear_errors_not_torch_internals():
     assert model.generate(idx, 0).shape == (1, 5)
     assert model.generate(idx, np.int64(2)).shape == (1, 7)  # a numpy integer is a whole number
     assert model.generate(idx.int(), 2).dtype == torch.int32  # the prompt's type (the new ids made it int64)
+    from fractions import Fraction  # (torch takes no Fraction: a raw TypeError in a comparison or a division)
+
+    assert model.generate(idx, 2, temperature=Fraction(1, 2), top_p=Fraction(1, 2)).shape == (1, 7)
     # int32 targets give the loss of int64 ones; -1 skips a position, and none left is NaN (as the docstring says)
     assert torch.equal(model(idx, idx.int())[1], model(idx, idx)[1])
     assert model(idx, torch.full_like(idx, -1))[1].isnan() and model(idx[:, :0], idx[:, :0])[1].isnan()

@@ -2206,7 +2206,13 @@ def test_sample_shows_control_characters_as_escapes_on_a_terminal_only(world, mo
 
     from fungpt.sample import for_terminal, sample
 
-    assert for_terminal("a\x1b[31mb\r\nc\td\x00\x85é") == "a\\x1b[31mb\\x0d\nc\td\\x00\\x85é"
+    # (a CRLF line's CR is kept: text trained from a Windows file printed "\x0d" at every line's end)
+    assert for_terminal("a\x1b[31mb\r\nc\td\x00\x85é\rf") == "a\\x1b[31mb\r\nc\td\\x00\\x85é\\rf"
+    from fungpt.sample import _TerminalStream
+
+    stream = _TerminalStream()  # a CR that ends one piece waits for the next: a LF may follow it
+    assert [stream("ab\r"), stream("\ncd\r"), stream("e"), stream("\r", last=True)] == ["ab", "\r\ncd", "\\re",
+                                                                                          "\\r"]
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -2830,6 +2836,8 @@ def test_sample_draws_with_the_temperature_and_filters_it_is_given(world, show_p
     """Nothing checked that sample() passes them on: each could be dropped (the defaults, 0.8 and top-k 200, which
     65 characters never reach) with every test passing. top_k = 1, or a top_p that keeps the top token only, draws
     the greedy text; temperature 0 is greedy."""
+    from fractions import Fraction
+
     from fungpt.runs import load_run
     from fungpt.sample import sample
 
@@ -2843,6 +2851,8 @@ def test_sample_draws_with_the_temperature_and_filters_it_is_given(world, show_p
 
     assert drawn(temperature=0) == greedy
     assert drawn(temperature=1.0, top_k=1) == greedy
+    # a Fraction is a number, made a float before torch sees it (it was a raw TypeError in a division)
+    assert drawn(temperature=Fraction(1, 2), top_k=1, top_p=Fraction(1, 2)) == greedy
     assert drawn(temperature=1.0, top_k=None, top_p=1e-9) == greedy
     assert drawn(temperature=1.0, top_k=None) != greedy  # (the test's check: sampling at all is not greedy here)
 
