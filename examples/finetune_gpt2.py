@@ -11,7 +11,6 @@ The recipe is configs/finetune-gpt2-shakespeare.toml's. On a GPU it takes minute
 """
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -22,14 +21,16 @@ from fungpt.train import holds_run
 
 
 def made_here(run_dir: str, cfg: RunConfig) -> bool:
-    """Whether run_dir holds a fine-tune this script made, which it may replace: the preset's training settings
-    (but max_iters, its flag) on a pretrained start. Another run there is refused, not replaced."""
+    """Whether run_dir holds a fine-tune this script made, which it may replace: the recipe's optimizer settings on
+    a pretrained start (its evals, logging and length may differ: the preset's changed over versions). Another
+    run there is refused, not replaced."""
     try:
         saved = load_run_config(run_dir)
     except FunGPTError:
         return False
-    return saved.model.init_from != "scratch" and dataclasses.replace(saved.train, max_iters=0) == \
-        dataclasses.replace(cfg.train, max_iters=0)
+    recipe = ("batch_size", "grad_accum_steps", "lr", "min_lr", "lr_schedule", "weight_decay", "beta2")
+    return saved.model.init_from != "scratch" and all(getattr(saved.train, k) == getattr(cfg.train, k)
+                                                      for k in recipe)
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import difflib
 import errno
+import math
 import os
 import re
 import shlex
@@ -255,7 +256,7 @@ def _plain_optional(text: str) -> str:
             meant = float(value)
         except ValueError:
             meant = float("nan")
-        write = f": write {int(meant)}" if meant.is_integer() and abs(meant) < 2**63 else ""
+        write = f": write {int(meant)}" if meant.is_integer() and 0 <= meant < 2**63 else ""
         return f"{value!r} is not a whole number{write}"
 
     return re.sub(r"(?:invalid literal for (?P<int>int)\(\) with base 10|could not convert string to float): "
@@ -381,6 +382,9 @@ def cmd_train(args: list[str], start_time: float) -> int | None:
         # (a run at step 0, of max_iters 0 or a budget used up before its first step, holds the weights it started
         # from: initial ones, or a fine-tune's pretrained ones)
         untrained = " (no step trained: the weights are the ones it started from)" if result.get("step") == 0 else ""
+        if result.get("trained") and not math.isfinite(result["val_loss"]):  # (the run has warned why)
+            print("fungpt: done, with a model whose outputs are not finite numbers: see the warning above")
+            return None
         print(f"fungpt: done{untrained}. Sample with: fungpt sample --run {shlex.quote(str(result['out_dir']))}")
 
 
@@ -707,13 +711,36 @@ def _options(command) -> tuple[set[str], set[str]]:
     return no_value | {"--" + n.replace("_", "-") for n in params}, no_value
 
 
+def _positional_run_as_flag(args: list[str]) -> list[str]:
+    """positions names its run with --run (drawing a formula needs none): a run folder given without the flag, as
+    the other commands take it, is read as --run RUN; given both ways, refused in one line."""
+    takes_value = {"--pos-encoding", "--pos_encoding", "--run", "--out", "--checkpoint"}
+    bare, value_next = [], False
+    for i, a in enumerate(args):
+        if value_next:
+            value_next = False
+        elif a.startswith("-"):
+            value_next = a in takes_value
+        else:
+            bare.append(i)
+    if len(bare) != 1:
+        return args  # (none, or several: tyro names what it does not know)
+    flagged = [a for a in args if a == "--run" or a.startswith("--run=")]
+    if flagged:
+        raise FunGPTError(f"the run is named 2 times ({args[bare[0]]} and {flagged[0]} ...): name it once, as "
+                          f"fungpt positions RUN or --run RUN")
+    return ["--run", args[bare[0]], *args[:bare[0]], *args[bare[0] + 1:]]
+
+
 def _runs_flag_as_positional(args: list[str]) -> list[str]:
     """plot's run folders given with `--run RUN` (or --run=RUN), as the other commands take a run: read as the
     folders plot takes without a flag, in the order given."""
     flags = args[:args.index("--")] if "--" in args else args
     out, i = [], 0
     while i < len(flags):
-        if flags[i] == "--run" and i + 1 < len(flags) and not flags[i + 1].startswith("--"):
+        if flags[i] == "--run" and (i + 1 == len(flags) or flags[i + 1].startswith("--")):
+            raise FunGPTError("--run needs a run folder: fungpt plot RUN [RUN ...] (or --run RUN)")
+        if flags[i] == "--run":
             out.append(flags[i + 1])
             i += 2
         else:
@@ -806,8 +833,8 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
         else:
             if name in RUN_COMMANDS:
                 rest = _run_flag_as_positional(name, rest)
-            elif name == "positions" and rest and not rest[0].startswith("-"):  # (`fungpt positions RUN`, as the
-                rest = ["--run", *rest]                                             # other see-inside commands)
+            elif name == "positions":  # (`fungpt positions RUN`, as the other see-inside commands)
+                rest = _positional_run_as_flag(rest)
             elif name == "plot":  # (`--run RUN`, as the other commands name a run: each one a folder to plot)
                 rest = _runs_flag_as_positional(rest)
             _parse(COMMANDS[name], rest, f"fungpt {name}")

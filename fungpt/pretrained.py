@@ -189,7 +189,7 @@ def fields_set(asked: GPTConfig, defaults: GPTConfig, named: Collection[str] = (
             if f.name in named or getattr(asked, f.name) != getattr(defaults, f.name)}
 
 
-def _flag(name: str, value: Any) -> str:
+def model_flag(name: str, value: Any) -> str:
     """The command-line flag that sets a [model] field to `value` (tyro's: --model.no-bias for bias = False)."""
     flag = name.replace("_", "-")
     if isinstance(value, bool):
@@ -213,7 +213,7 @@ def merge_model_config(asked: GPTConfig, checkpoint: GPTConfig, defaults: GPTCon
         mine, theirs = getattr(asked, f.name), getattr(checkpoint, f.name)
         if f.name in is_set and mine != theirs:
             conflicts.append(f"{f.name} = {mine!r} (the checkpoint has {theirs!r})")
-            flags.append(_flag(f.name, theirs))
+            flags.append(model_flag(f.name, theirs))
     if conflicts:
         raise FunGPTError(f"[model] contradicts the pretrained model {asked.init_from!r}: {'; '.join(conflicts)}. "
                           f"The architecture comes from the checkpoint: remove these settings (only block_size "

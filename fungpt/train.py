@@ -54,7 +54,15 @@ from fungpt import checkpoint as ckpt
 from fungpt import pretrained
 from fungpt._startup import raise_stopped
 from fungpt.budget import TimeBudget, budget_spent, format_duration
-from fungpt.config import DataConfig, RunConfig, TrainConfig, default_model, is_hf_config, load_run_config
+from fungpt.config import (
+    TOKENIZERS,
+    DataConfig,
+    RunConfig,
+    TrainConfig,
+    default_model,
+    is_hf_config,
+    load_run_config,
+)
 from fungpt.data import (
     OWN_IDS,
     BatchLoader,
@@ -672,6 +680,15 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
                   f"tokens of the data's tokenizer{other}")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=int(meta["vocab_size"])))
     check_split_fits(meta, cfg.model.block_size, prepared_by_user=is_prepared(cfg.data.path))
+    if (pre is None and data_dir == Path(cfg.data.path).expanduser() and "source_sha256" in meta
+            and meta.get("tokenizer") in TOKENIZERS):
+        # A folder `fungpt prepare` made: the settings its tokens were made with, not those it left unused (saved
+        # in config.json, the file that trains another run like this one from its text)
+        bpe = meta.get("tokenizer") == "bpe"
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, tokenizer=meta["tokenizer"], val_fraction=meta.get(
+                "val_fraction", cfg.data.val_fraction), errors=meta.get("errors", "strict"),
+            vocab_size=(meta.get("vocab_size_asked") or meta.get("vocab_size")) if bpe else None))
     return cfg, data_dir, pre
 
 
@@ -694,8 +711,12 @@ def check_resume_model(cfg: RunConfig) -> None:
             raise FunGPTError(f"cannot resume {out}: its data now has {new['vocab_size']} distinct tokens where "
                               f"the checkpoint was trained on {old['vocab_size']}; {why}, or train into a new "
                               f"out_dir")
+        from fungpt.pretrained import model_flag  # (the flag that sets a [model] field to a value)
+
+        back = " ".join(model_flag(k, old[k]) for k in old if old[k] != new[k] and k != "vocab_size")
         raise FunGPTError(f"cannot resume {out}: its checkpoint was trained with a different model "
-                          f"({'; '.join(diffs)}); use the original settings or a new out_dir")
+                          f"({'; '.join(diffs)}); use the original settings" + (f" ({back})" if back else "")
+                          + " or a new out_dir")
 
 
 def prepare_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, locked: bool = True) -> Path:
@@ -1262,14 +1283,17 @@ def check_loggers(tc: TrainConfig) -> None:
 class MetricsLog:
     """metrics.jsonl (one JSON object per line, always), plus TensorBoard and wandb when asked."""
 
-    def __init__(self, out_dir: Path, cfg: RunConfig, keep_until_step: int | None, redo_eval: bool = False):
+    def __init__(self, out_dir: Path, cfg: RunConfig, keep_until_step: int | None, redo_eval: bool = False,
+                 logged_every: int | None = None):
         """keep_until_step: resuming, the checkpoint's step (its rows and events are kept, the later ones dropped).
         redo_eval: the resume evaluates that step again (a signal had left its eval): an eval row logged for it by
         an earlier resume is dropped too. A train row at that step that log_interval does not log (written because
         the command ended there: a signal, max_iters) is dropped as well: the resumed run's rows are then those of
-        the same run uninterrupted."""
+        the same run uninterrupted. `logged_every`: the log_interval the rows were written with (the checkpoint's
+        [train]; None: this run's)."""
         self.path = out_dir / "metrics.jsonl"
-        stray = keep_until_step is not None and keep_until_step % cfg.train.log_interval != 0 and keep_until_step > 1
+        every = logged_every or cfg.train.log_interval
+        stray = keep_until_step is not None and keep_until_step % every != 0 and keep_until_step > 1
         if self.path.is_symlink():  # (a link: resuming read its target, wherever it is; appending created a dangling
             self.path.unlink()      # one's target outside the run folder)
         if keep_until_step is not None and self.path.exists():
@@ -1846,17 +1870,18 @@ def nothing_to_train(out_dir: Path, step: int, plot: bool, start_time: float) ->
 
 
 def summary(out_dir: Path, step: int, start_time: float, train_loss: float = math.nan, val_loss: float = math.nan,
-            interrupted: bool = False, stop_signal: int | None = None) -> dict[str, Any]:
+            interrupted: bool = False, stop_signal: int | None = None, trained: bool = False) -> dict[str, Any]:
     """What train() returns (see its docstring)."""
     return {"out_dir": str(out_dir), "step": step, "train_loss": train_loss, "val_loss": val_loss,
-            "interrupted": interrupted, "signal": stop_signal, "elapsed_s": time.time() - start_time}
+            "interrupted": interrupted, "signal": stop_signal, "elapsed_s": time.time() - start_time,
+            "trained": trained}
 
 
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress: bool = True,
           start_time: float | None = None, model_named: Collection[str] = ()) -> dict[str, Any]:
     """Train the model described by `cfg`; return a summary: out_dir, step (the last), train_loss and val_loss at
-    that step, interrupted (and the signal), elapsed_s. Interrupted at a step with no eval, train_loss is that
-    step's batch loss and val_loss NaN.
+    that step, interrupted (and the signal), elapsed_s, trained (whether this call trained a step). Interrupted at
+    a step with no eval, train_loss is that step's batch loss and val_loss NaN.
 
     `model_named` lists the [model] fields the user wrote down even where they equal the defaults (the
     CLI passes them): when fine-tuning, the fields not set take the checkpoint's values.
@@ -2092,7 +2117,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     params = list(model.parameters())  # for gradient clipping
     flops_per_step = model.flops_per_token() * tokens_per_step  # for the logged MFU
     log = MetricsLog(out_dir, cfg, keep_until_step=step if folder is not None else None,
-                     redo_eval=resumed.eval_left) if ddp.is_main else None
+                     redo_eval=resumed.eval_left,
+                     logged_every=saved_train.log_interval if saved_train is not None else None) if ddp.is_main \
+        else None
     if log is not None:  # closed also when the run fails (TensorBoard's writer thread outlived each failed train())
         held.push(lambda kind, error, tb: log.close(failed=kind is not None))  # (returns None: the error goes on)
     # The run's clock: elapsed time, the measured durations, and with a time budget when to stop and where the lr
@@ -2415,7 +2442,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     if interrupted and evaluated_at != step:  # (the last eval's losses are older: step 0's, said as the run's own)
         losses = {"train": last_loss}  # the last step's batch loss; no val loss at this step
     return summary(out_dir, step, start_time, losses.get("train", last_loss), losses.get("val", float("nan")),
-                   interrupted, stop_signal)
+                   interrupted, stop_signal, trained=step > start_step)
 
 
 def _rng_state(device: str) -> dict[str, torch.Tensor]:

@@ -430,8 +430,8 @@ def test_model_fields_written_down_count_as_set_even_at_their_default_value(hf_d
     with pytest.raises(FunGPTError, match=r"n_layer = 4 \(the checkpoint has 2\)"):
         inspect_target(toml)
     # a preset's settings cannot be removed: the message gives the flags that override them with the checkpoint's
-    rope = dataclasses.replace(defaults, pos_encoding="rope", bias=True)
-    with pytest.raises(FunGPTError, match=r"on the command line \(over a preset's, say\): --model.no-bias "
+    rope = dataclasses.replace(defaults, pos_encoding="rope", bias=False)
+    with pytest.raises(FunGPTError, match=r"on the command line \(over a preset's, say\): --model.bias "
                                           r"--model.pos-encoding learned$"):
         pretrained.merge_model_config(rope, checkpoint, defaults)
     # likewise vocab_size: padding a checkpoint's vocabulary is not something fine-tuning does

@@ -446,7 +446,8 @@ def test_dry_run_of_a_resume_plans_the_steps_left_and_refuses_what_the_resume_wo
                 (run + ["--resume", "--dry-run", "--data.path", str(other)], "cannot resume .*: the data is "
                                                                                "encoded with a tokenizer whose ids"),
                 (run + ["--resume", "--dry-run", "--model.n-layer", "2"], "trained with a different model "
-                                                                           "\\(n_layer 1 -> 2\\)"),
+                                                                           "\\(n_layer 1 -> 2\\); use the original "
+                                                                           "settings \\(--model.n-layer 1\\)"),
                 (run + ["--resume", "--dry-run", "--train.optimizer", "muon"], "trained with train.optimizer = "
                                                                                  "'adamw', not 'muon'"),
                 (["--out-dir", str(tmp_path / "none"), "--resume", "--dry-run"], "nothing to resume in")]

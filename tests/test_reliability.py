@@ -1513,9 +1513,16 @@ def test_a_run_whose_final_val_loss_is_not_finite_says_so(world, tmp_path, capsy
     out = tmp_path / "run"
     result = train(tiny_config(world["data"], out, max_iters=4, skip_nonfinite=True, lr=1e30, min_lr=0.0,
                                warmup_iters=0), progress=False)
-    assert not math_isfinite(result["val_loss"])
+    assert not math_isfinite(result["val_loss"]) and result["trained"]
     assert "fungpt: warning: the final val loss is not a finite number: the model's outputs overflow" in \
         capsys.readouterr().out
+    # the command does not go on to invite a sample that would fail
+    assert main(["train", "--data.path", str(world["data"]), "--out-dir", str(tmp_path / "cli"), "--model.n-layer",
+                 "1", "--model.n-embd", "16", "--model.n-head", "2", "--model.block-size", "16", "--train.batch-size",
+                 "2", "--train.max-iters", "3", "--train.eval-iters", "1", "--train.skip-nonfinite", "--train.lr",
+                 "1e30", "--train.min-lr", "0", "--train.warmup-iters", "0"]) == 0
+    said = capsys.readouterr().out
+    assert "done, with a model whose outputs are not finite numbers" in said and "Sample with" not in said
 
 
 def test_a_skipped_step_still_gets_its_eval_and_checkpoint(world, tmp_path, monkeypatch, capsys):

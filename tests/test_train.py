@@ -347,6 +347,15 @@ def test_resume_is_bit_exact(corpus, tmp_path, optimizer, dropout, log_interval)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
 
 
+def test_a_resume_with_another_log_interval_keeps_the_rows_logged_before(corpus, tmp_path):
+    """Whether the checkpoint's step was logged only because the command ended there is a question of the
+    log_interval it was trained with: the resume's own (10) took step 25, logged every 5, for a stray row."""
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=25, log_interval=5, eval_interval=100), progress=False)
+    train(tiny_config(corpus, out, max_iters=30, log_interval=10, eval_interval=100), resume=True, progress=False)
+    assert [r["step"] for r in read_rows(out) if "val_loss" not in r] == [1, 5, 10, 15, 20, 25, 30]
+
+
 def test_train_gives_the_callers_random_stream_back(corpus, tmp_path):
     """A program that seeds torch, then trains, then draws: it draws what it would have drawn without train()."""
     torch.manual_seed(123)

@@ -322,6 +322,10 @@ def test_plot_takes_runs_with_run_and_positions_without(run_dir, tmp_path, monke
     monkeypatch.setattr(viz, "plot_positions", lambda kind, out, **k: drawn.append(k) or out)
     assert main(["positions", str(run_dir), "--pos-encoding", "rope", "--out", str(tmp_path / "p.png")]) == 0
     assert drawn and drawn[0]["name"] == run_dir.name
+    assert main(["positions", "--out", str(tmp_path / "p.png"), "--pos-encoding", "rope", str(run_dir)]) == 0
+    assert len(drawn) == 2  # (after the options too, as sample takes its run)
+    assert main(["positions", str(run_dir), "--run", "other", "--out", str(tmp_path / "p.png")]) == 2
+    assert main(["plot", "--out", str(tmp_path / "l.png"), "--run"]) == 2  # (was "Unrecognized options: --run")
 
 
 def test_titles_name_the_run_given_as_a_dot(run_dir, tmp_path, monkeypatch):
