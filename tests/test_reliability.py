@@ -1008,7 +1008,7 @@ def test_a_resume_that_evaluates_its_step_again_keeps_one_eval_row_for_it(tmp_pa
     rows = [{"step": 0, "train_loss": 4.0, "val_loss": 4.1}, {"step": 4, "train_loss": 3.0},
             {"step": 4, "train_loss": 3.1, "val_loss": 3.2}, {"step": 5, "train_loss": 2.9}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = RunConfig(out_dir=str(tmp_path))
+    cfg = RunConfig(out_dir=str(tmp_path), train=TrainConfig(log_interval=4))  # (step 4 a logged step: no stray row)
     MetricsLog(tmp_path, cfg, keep_until_step=4, redo_eval=True).close()
     assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == rows[:2]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -2068,8 +2068,12 @@ def test_a_resumed_run_drops_the_tensorboard_events_after_its_checkpoint(corpus,
     assert _event_steps(out / "tensorboard", "tokens") == [1, 2, 3, 4, 7, 8]
     # an older FunGPT's purge marker (SummaryWriter's purge_step: "steps from 8 are logged again") is applied as
     # TensorBoard's Python loader applies it, then dropped
-    with SummaryWriter(str(out / "tensorboard"), purge_step=8) as older:
+    with SummaryWriter(str(tmp_path / "older"), purge_step=8) as older:
         older.add_scalar("lr", 0.25, 8)
+    # (named to sort after the last writer's file, as one written later does: in the same second, the writers'
+    # counters decided, "10" before "9", and the marker came first)
+    (older_file,) = (tmp_path / "older").iterdir()
+    older_file.rename(out / "tensorboard" / "events.out.tfevents.9999999999.host.older")
     assert _event_steps(out / "tensorboard", "eval/val_loss") == [0, 2, 4, 8]
     train(tiny_config(corpus, out, max_iters=10, eval_interval=2), resume=True, progress=False)
     assert _event_steps(out / "tensorboard", "lr") == [1, 2, 3, 4, 7, 8]
