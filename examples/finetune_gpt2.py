@@ -7,7 +7,7 @@ local Hugging Face GPT-2 folder (config.json, model.safetensors, tokenizer.json 
 merges.txt). --data: 'shakespeare' (default), a text file or a folder of text files.
 
 The recipe is configs/finetune-gpt2-shakespeare.toml's. On a GPU it takes minutes; on a CPU, use
---block-size 256 --iters 20 to see it work (each step still takes a while).
+--block-size 256 --iters 5 to see it work (each step still takes a while).
 """
 
 import argparse

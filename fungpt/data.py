@@ -282,6 +282,7 @@ def prepared_summary(out: Path, input: str | Path) -> list[str]:
         files = meta["source_files"]
         lines.append(f"read {files:,} file{'s' * (files != 1)} of {folder}"
                      + (f"; left out {' and '.join(left_out)}" if left_out else ""))
+        lines += _sources_notes(folder, meta["val_fraction"])
     if n := meta.get("replaced"):
         where, in_files = meta.get("replaced_in", []), meta.get("replaced_files", 0)
         files = f"{in_files:,} files: " if in_files > 1 else ""
@@ -292,6 +293,40 @@ def prepared_summary(out: Path, input: str | Path) -> list[str]:
                      f"end-of-text token that separates documents (where `fungpt sample` stops); if they are not "
                      f"document breaks, change them in the text and prepare it again")
     return lines
+
+
+def _sources_notes(folder: Path, val_fraction: float) -> list[str]:
+    """Notes on a folder's files: which of them the val split comes from (the text's end, in the files' sorted
+    order: a last file unlike the rest gave a val loss unlike the train loss, rising as the model learned), and
+    which have Windows line endings, kept (a model learns the \\r too). Byte counts, so "about"."""
+    try:
+        sources = resolve_source(folder)
+        sizes = [p.stat().st_size for p in sources]
+    except (FunGPTError, OSError):  # (changed since it was read: no note)
+        return []
+    notes, start, at, val = [], sum(sizes) * (1 - val_fraction), 0, []
+    for p, n in zip(sources, sizes):
+        if at + n > start and val_fraction > 0:
+            val.append(p.relative_to(folder).as_posix())
+        at += n
+    if len(sources) > 1 and val:
+        notes.append(f"the val split, the last {val_fraction:.0%} of the text, is about the end of "
+                     f"{', '.join(val[:3])}{', ...' * (len(val) > 3)} (files are read in sorted order): if that text "
+                     f"is unlike the rest, so will be the val loss")
+    crlf = []
+    for p in sources:
+        try:
+            with open(p, "rb") as f:
+                if b"\r\n" in f.read(1 << 16):
+                    crlf.append(p.relative_to(folder).as_posix())
+        except OSError:
+            continue
+    if crlf:
+        one = len(crlf) == 1
+        notes.append(f"note: {len(crlf):,} file{'' if one else 's'} ({', '.join(crlf[:3])}{', ...' * (len(crlf) > 3)})"
+                     f" end{'s its' if one else ' their'} lines with \\r\\n (Windows), kept as they are: the model "
+                     f"learns the \\r too (convert them with dos2unix first for \\n alone)")
+    return notes
 
 
 def skipped_files(folder: Path) -> tuple[list[str], list[str]]:
