@@ -713,40 +713,54 @@ def _options(command) -> tuple[set[str], set[str]]:
 
 def _positional_run_as_flag(args: list[str]) -> list[str]:
     """positions names its run with --run (drawing a formula needs none): a run folder given without the flag, as
-    the other commands take it, is read as --run RUN; given both ways, refused in one line."""
+    the other commands take it (also after "--"), is read as --run RUN; given both ways, refused in one line."""
     takes_value = {"--pos-encoding", "--pos_encoding", "--run", "--out", "--checkpoint"}
-    bare, value_next = [], False
+    bare, value_next, after = [], False, False
     for i, a in enumerate(args):
-        if value_next:
-            value_next = False
-        elif a.startswith("-"):
-            value_next = a in takes_value
-        else:
+        if after or not (value_next or a.startswith("-")):
             bare.append(i)
+        elif value_next:
+            value_next = False
+        elif a == "--":
+            after = True
+        else:
+            value_next = a in takes_value
     if len(bare) != 1:
         return args  # (none, or several: tyro names what it does not know)
-    flagged = [a for a in args if a == "--run" or a.startswith("--run=")]
+    flagged = [i for i, a in enumerate(args) if (a == "--run" and i + 1 < len(args) and i + 1 != bare[0])
+               or a.startswith("--run=")]
     if flagged:
-        raise FunGPTError(f"the run is named 2 times ({args[bare[0]]} and {flagged[0]} ...): name it once, as "
+        raise FunGPTError(f"the run is named 2 times ({args[bare[0]]} and {args[flagged[0]]} ...): name it once, as "
                           f"fungpt positions RUN or --run RUN")
-    return ["--run", args[bare[0]], *args[:bare[0]], *args[bare[0] + 1:]]
+    if "--run" in args:  # (`positions RUN --run`: the flag without its value, which tyro took RUN for)
+        raise FunGPTError("--run needs a run folder: fungpt positions RUN ... (or --run RUN)")
+    rest = [a for i, a in enumerate(args) if i != bare[0] and a != "--"]
+    return [f"--run={args[bare[0]]}", *rest]
 
 
 def _runs_flag_as_positional(args: list[str]) -> list[str]:
     """plot's run folders given with `--run RUN` (or --run=RUN), as the other commands take a run: read as the
-    folders plot takes without a flag, in the order given."""
-    flags = args[:args.index("--")] if "--" in args else args
-    out, i = [], 0
+    folders plot takes without a flag, after "--" (a folder's name may start with a dash), in the order given."""
+    cut = args.index("--") if "--" in args else len(args)
+    flags, runs, options, i = args[:cut], [], [], 0
+    if not any(a == "--run" or a.startswith("--run=") for a in flags):
+        return args  # (tyro reads the line as it is)
     while i < len(flags):
-        if flags[i] == "--run" and (i + 1 == len(flags) or flags[i + 1].startswith("--")):
+        a = flags[i]
+        if a == "--run" and (i + 1 == len(flags) or flags[i + 1].startswith("--")):
             raise FunGPTError("--run needs a run folder: fungpt plot RUN [RUN ...] (or --run RUN)")
-        if flags[i] == "--run":
-            out.append(flags[i + 1])
+        if a == "--run" or a in ("--out", "--x"):  # (an option's value, which may start with a dash)
+            (runs if a == "--run" else options).extend(flags[i + 1:i + 2] if a == "--run" else flags[i:i + 2])
             i += 2
+            continue
+        if a.startswith("--run="):
+            runs.append(a.removeprefix("--run="))
+        elif a.startswith("-"):
+            options.append(a)
         else:
-            out.append(flags[i].removeprefix("--run=") if flags[i].startswith("--run=") else flags[i])
-            i += 1
-    return out + args[len(flags):]
+            runs.append(a)  # a folder named without the flag: with the others, in the order given
+        i += 1
+    return [*options, "--", *runs, *args[cut + 1:]]
 
 
 def _run_flag_as_positional(name: str, args: list[str]) -> list[str]:

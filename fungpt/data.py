@@ -282,6 +282,7 @@ def prepared_summary(out: Path, input: str | Path) -> list[str]:
         files = meta["source_files"]
         lines.append(f"read {files:,} file{'s' * (files != 1)} of {folder}"
                      + (f"; left out {' and '.join(left_out)}" if left_out else ""))
+    if folder.exists():  # (not the built-in shakespeare: its file is the canonical one)
         lines += _sources_notes(folder, meta["val_fraction"])
     if n := meta.get("replaced"):
         where, in_files = meta.get("replaced_in", []), meta.get("replaced_files", 0)
@@ -304,21 +305,26 @@ def _sources_notes(folder: Path, val_fraction: float) -> list[str]:
         sizes = [p.stat().st_size for p in sources]
     except (FunGPTError, OSError):  # (changed since it was read: no note)
         return []
+
+    def name(p: Path) -> str:
+        return p.relative_to(folder).as_posix() if folder.is_dir() else p.name
+
     notes, start, at, val = [], sum(sizes) * (1 - val_fraction), 0, []
     for p, n in zip(sources, sizes):
         if at + n > start and val_fraction > 0:
-            val.append(p.relative_to(folder).as_posix())
+            val.append(name(p))
         at += n
     if len(sources) > 1 and val:
-        notes.append(f"the val split, the last {val_fraction:.0%} of the text, is about the end of "
-                     f"{', '.join(val[:3])}{', ...' * (len(val) > 3)} (files are read in sorted order): if that text "
-                     f"is unlike the rest, so will be the val loss")
+        rest = f" and all of {', '.join(val[1:4])}{', ...' * (len(val) > 4)}" if len(val) > 1 else ""
+        notes.append(f"note: the val split, the last {val_fraction * 100:.3g}% of the text, is about the end of "
+                     f"{val[0]}{rest} (files are read in sorted order): if that text is unlike the rest, so will be "
+                     f"the val loss")
     crlf = []
-    for p in sources:
+    for p in sources:  # (the first 64 KiB of each: a file's line endings are the same throughout, as a rule)
         try:
             with open(p, "rb") as f:
                 if b"\r\n" in f.read(1 << 16):
-                    crlf.append(p.relative_to(folder).as_posix())
+                    crlf.append(name(p))
         except OSError:
             continue
     if crlf:

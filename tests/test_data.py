@@ -1241,7 +1241,7 @@ def test_prepare_of_a_folder_names_the_files_it_left_out(tmp_path, capsys, monke
     assert f"read 2 files of {top}; left out 1 empty (sub/empty.txt) and 2 hidden (.git/, .notes)\n" in said
     # where the val split comes from (the last file in sorted order, whose text may be unlike the rest), and no
     # line-ending note for \n text
-    assert "the val split, the last 10% of the text, is about the end of sub/b.txt (files are read in sorted " \
+    assert "note: the val split, the last 10% of the text, is about the end of sub/b.txt (files are read in sorted " \
            "order)" in said and "\\r\\n" not in said
     for i in range(7):
         (top / f".h{i}").touch()

@@ -326,6 +326,12 @@ def test_plot_takes_runs_with_run_and_positions_without(run_dir, tmp_path, monke
     assert len(drawn) == 2  # (after the options too, as sample takes its run)
     assert main(["positions", str(run_dir), "--run", "other", "--out", str(tmp_path / "p.png")]) == 2
     assert main(["plot", "--out", str(tmp_path / "l.png"), "--run"]) == 2  # (was "Unrecognized options: --run")
+    # a folder named with a leading dash, with --run or after --, and runs named both ways at once
+    assert main(["plot", "c", "--run", "-r", "--out", str(tmp_path / "l.png"), "--x", "time"]) == 0
+    assert plotted[-1] == ["c", "-r"]
+    assert main(["positions", "--pos-encoding", "rope", "--out", str(tmp_path / "p.png"), "--", str(run_dir)]) == 0
+    assert len(drawn) == 3
+    assert main(["positions", str(run_dir), "--run"]) == 2  # (the flag without its folder: not "named 2 times")
 
 
 def test_titles_name_the_run_given_as_a_dot(run_dir, tmp_path, monkeypatch):
