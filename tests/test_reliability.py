@@ -744,15 +744,18 @@ def test_a_run_that_never_saved_is_started_over(world, tmp_path, capsys, monkeyp
 
 
 def test_resume_on_a_prepared_folder_ignores_the_tokenizer_fields(world, tmp_path):
-    """On a prepared folder data.tokenizer and vocab_size are unused (the folder has its tokenizer): the first
-    run recorded the defaults, and resuming with the folder's true settings must not be refused."""
+    """On a prepared folder data.tokenizer and vocab_size are unused (the folder has its tokenizer): resuming with
+    the folder's true settings, or with the config's unused ones, must not be refused. config.json records the
+    folder's (it recorded the config's: trained again from the text, its vocabulary was another)."""
     bpe = prepare(str(world["corpus"]), tmp_path / "bpe", tokenizer="bpe", vocab_size=300, progress=False)
     out = tmp_path / "run"
-    train(tiny_config(bpe, out, max_iters=3), progress=False)
-    assert load_run_config(out).data.tokenizer == "char"  # what the config said, unused
+    train(tiny_config(bpe, out, max_iters=3), progress=False)  # (the config says char)
+    saved = load_run_config(out).data
+    assert (saved.tokenizer, saved.vocab_size) == ("bpe", 300)
     cfg = tiny_config(bpe, out, max_iters=5)
     cfg.data = DataConfig(path=str(bpe), tokenizer="bpe", vocab_size=300)
     assert train(cfg, resume=True, progress=False)["step"] == 5
+    assert train(tiny_config(bpe, out, max_iters=7), resume=True, progress=False)["step"] == 7
 
 
 def test_resume_on_a_grown_corpus_says_the_data_changed(world, tmp_path, monkeypatch):
