@@ -2387,7 +2387,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         if not interrupted and not no_step:
             say(f"fungpt: step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
                 f"({format_duration(time.time() - start_time)})")
-            if clock.budget_s is not None and step >= tc.max_iters and step > start_step:
+            if (clock.budget_s is not None and step >= tc.max_iters and step > start_step
+                    and clock.elapsed() < 0.9 * clock.budget_s):  # (a budget used to its end needs no word)
                 # (max_iters, 2,000 by default, still applies: a budget meant to decide the steps was cut short)
                 say(f"fungpt: note: train.max_iters = {tc.max_iters:,} ended this run after "
                     f"{format_duration(clock.elapsed())} of its {format_duration(clock.budget_s)} budget "
