@@ -1188,7 +1188,8 @@ def test_prepare_counts_the_end_of_text_written_in_the_text_and_says_so(tmp_path
             f"separates documents (where `fungpt sample` stops); if they are not document breaks, change them in the "
             f"text and prepare it again\n") in capsys.readouterr().out
     assert main(["prepare", "--input", str(top), "--out", str(tmp_path / "char")]) == 0  # (no such token: plain text)
-    assert "note:" not in capsys.readouterr().out and load_meta(tmp_path / "char")["literal_eot_texts"] == 0
+    assert "the text itself holds" not in capsys.readouterr().out and load_meta(tmp_path / "char")[
+        "literal_eot_texts"] == 0
     # The train/val cut (at 90% of the characters) fell inside one: its halves became text in each split
     for text, n in (("a" * 85 + EOT_TEXT + "bb", 1), ("x" + EOT_TEXT * 500, 500)):
         (tmp_path / "one.txt").write_text(text, encoding="utf-8")
