@@ -427,6 +427,9 @@ def sample_command(run: RunFolder, prompt: str | None = None, prompt_file: str |
                    stop_at_eot: bool = True) -> None:
     """Generate text from a trained run, streaming it to stdout.
 
+    On a terminal, control characters in the text are shown as escapes such as \\x1b; into a file or a pipe, the
+    text is written as generated.
+
     Args:
         run: The run folder (out_dir of `fungpt train`), first; or anywhere as --run RUN.
         prompt: Text to continue (default: the start of a new document).
