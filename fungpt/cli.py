@@ -237,7 +237,12 @@ def _plain_optional(text: str) -> str:
             value = ast.literal_eval(m.group(2))
         except (ValueError, SyntaxError):  # (a value holding both kinds of quote: left as tyro wrote it)
             return m.group(0)
-        return f"{value!r} is not {kinds[m.group(1)]} (nor None)"
+        try:  # (for '1e3' where a whole number is asked: the number it means, as a config file's error says it)
+            meant = float(value)
+        except (TypeError, ValueError):
+            meant = float("nan")
+        write = f": write {int(meant)}" if m.group(1) == "INT" and meant.is_integer() and 0 <= meant < 2**63 else ""
+        return f"{value!r} is not {kinds[m.group(1)]} (nor None){write}"
 
     # tyro: "... from ['V'].; Got errors: - <class 'NoneType'>: ['V'] does not match ..., - <class 'int'>: invalid
     # literal for int() with base 10: 'V'": up to the value, which it quotes as repr does ('V', or "V" for one with ')
@@ -830,6 +835,8 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
     _startup.restore()  # Ctrl-C is a KeyboardInterrupt again, handled below (see fungpt/_startup.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     name, rest = (argv[0], argv[1:]) if argv else ("--help", [])
+    if name in ("-h", "--help") and rest[:1] and rest[0] in COMMANDS:  # `fungpt --help train`: train's own help
+        name, rest = rest[0], ["--help"]
     if name not in (*COMMANDS, "-h", "--help", "--version"):
         near = difflib.get_close_matches(name, COMMANDS, n=1)  # (a typo: `fungpt trian`)
         print(f"error: unknown command {name!r}" + (f"; did you mean {near[0]}?" if near else "")

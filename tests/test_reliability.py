@@ -2112,6 +2112,9 @@ TYRO_ERRORS = {
     "a float for a whole number": ([*TRAIN, "--train.max-iters", "1e3"],
                                    "Error parsing --train.max-iters: '1e3' is not a whole number: write 1000"),
     "not a float": ([*TRAIN, "--train.lr", "hot"], "Error parsing --train.lr: 'hot' is not a number"),
+    "a float for an optional whole number": (["sample", "--run", "x", "--top-k", "1e3"],
+                                             "Error parsing --top-k: '1e3' is not a whole number (nor None): write "
+                                             "1000"),
     "bad choice": (["sample", "--run", "x", "--checkpoint", "worst"], "--checkpoint"),
     # (the options named without their descriptions, whether tyro draws its box with lines or plain)
     "missing required flag": (["prepare", "--input", "x"],

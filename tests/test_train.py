@@ -2187,6 +2187,12 @@ def test_a_run_that_goes_over_its_text_many_times_is_told_so(corpus, tmp_path, c
     assert "fungpt: note: 10 steps of 1,024 tokens go over the " in capsys.readouterr().out
 
 
+def test_help_before_a_command_is_that_commands_help(capsys):
+    """`fungpt --help train` showed the list of commands, not train's options."""
+    assert main(["--help", "train"]) == 0
+    assert capsys.readouterr().out.startswith("usage: fungpt train")
+
+
 def test_a_relative_data_path_beside_the_config_is_named(tmp_path, monkeypatch, capsys):
     """A config copied next to its corpus (path = "poems.txt") and run from elsewhere: "does not exist", with no
     word that a relative path is read from the current folder."""
