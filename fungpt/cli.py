@@ -226,46 +226,31 @@ def _box_text(box: str) -> str:
 
 
 def _plain_optional(text: str) -> str:
-    """tyro's words for a value that fits neither type of an optional number (`--top-k 1e30`), said plainly."""
+    """tyro's words for a number it could not read, said plainly: a value that fits neither type of an optional
+    number (`--top-k 1e30`), and Python's own words for a plain int or float ("invalid literal for int() with base
+    10: '1e3'"), as a config file's error says them (for '1e3' where a whole number is asked, the number it means)."""
     import ast
     import re
 
-    kinds = {"INT": "a whole number", "FLOAT": "a number"}
-
-    def plainly(m: re.Match) -> str:
+    def plainly(quoted: str, whole: bool, optional: bool, original: str) -> str:
         try:
-            value = ast.literal_eval(m.group(2))
+            value = ast.literal_eval(quoted)
         except (ValueError, SyntaxError):  # (a value holding both kinds of quote: left as tyro wrote it)
-            return m.group(0)
-        try:  # (for '1e3' where a whole number is asked: the number it means, as a config file's error says it)
+            return original
+        try:
             meant = float(value)
-        except (TypeError, ValueError):
+        except ValueError:  # ('hot')
             meant = float("nan")
-        write = f": write {int(meant)}" if m.group(1) == "INT" and meant.is_integer() and 0 <= meant < 2**63 else ""
-        return f"{value!r} is not {kinds[m.group(1)]} (nor None){write}"
+        write = f": write {int(meant)}" if whole and meant.is_integer() and 0 <= meant < 2**63 else ""
+        return f"{value!r} is not {'a whole number' if whole else 'a number'}{' (nor None)' * optional}{write}"
 
     # tyro: "... from ['V'].; Got errors: - <class 'NoneType'>: ['V'] does not match ..., - <class 'int'>: invalid
     # literal for int() with base 10: 'V'": up to the value, which it quotes as repr does ('V', or "V" for one with ')
     text = re.sub(r"no type matching \{None\}\|(INT|FLOAT) could be instantiated from \[((['\"]).*?\3)\]\.; "
-                  r"Got errors: .*?: \2", plainly, text)
-    # a plain int or float: Python's own words ("invalid literal for int() with base 10: '1e3'"), as a config file's
-    # error says them (for '1e3', also the whole number it means)
-    def python_words(m: re.Match) -> str:
-        try:
-            value = ast.literal_eval(m.group("value"))
-        except (ValueError, SyntaxError):
-            return m.group(0)
-        if m.group("int") is None:
-            return f"{value!r} is not a number"
-        try:
-            meant = float(value)
-        except ValueError:
-            meant = float("nan")
-        write = f": write {int(meant)}" if meant.is_integer() and 0 <= meant < 2**63 else ""
-        return f"{value!r} is not a whole number{write}"
-
+                  r"Got errors: .*?: \2", lambda m: plainly(m.group(2), m.group(1) == "INT", True, m.group(0)), text)
     return re.sub(r"(?:invalid literal for (?P<int>int)\(\) with base 10|could not convert string to float): "
-                  r"(?P<value>(?P<q>['\"]).*?(?P=q))", python_words, text)
+                  r"(?P<value>(?P<q>['\"]).*?(?P=q))",
+                  lambda m: plainly(m.group("value"), m.group("int") is not None, False, m.group(0)), text)
 
 
 def _out_dir_arg(args: list[str]) -> str | None:
@@ -709,11 +694,13 @@ def process_start_time() -> float:
 PEER_GONE_WAIT_S = 3.0  # > 1 s, torchrun's failure timestamps being whole seconds (see main)
 
 
-def _options(command) -> tuple[set[str], set[str]]:
+def _options(command, first_is_run: bool = True) -> tuple[set[str], set[str]]:
     """A command function's options as tyro spells them, and those of them that take no value: help, and the bool
-    parameters, which tyro writes as --name and --no-name."""
-    hints = typing.get_type_hints(command)  # (in the order of the parameters: the first is the run, positional)
-    params = {n: t for n, t in hints.items() if n not in (next(iter(hints)), "return")}
+    parameters, which tyro writes as --name and --no-name. first_is_run: its first parameter is the run, positional
+    (RUN_COMMANDS), and no option."""
+    hints = typing.get_type_hints(command)  # (in the order of the parameters)
+    skipped = {next(iter(hints))} if first_is_run else set()
+    params = {n: t for n, t in hints.items() if n not in (*skipped, "return")}
     bools = [n.replace("_", "-") for n, t in params.items() if t is bool]
     no_value = {"-h", "--help", *(f"--{n}" for n in bools), *(f"--no-{n}" for n in bools)}
     return no_value | {"--" + n.replace("_", "-") for n in params}, no_value
@@ -722,7 +709,7 @@ def _options(command) -> tuple[set[str], set[str]]:
 def _positional_run_as_flag(args: list[str]) -> list[str]:
     """positions names its run with --run (drawing a formula needs none): a run folder given without the flag, as
     the other commands take it (also after "--"), is read as --run RUN; given both ways, refused in one line."""
-    takes_value = {"--pos-encoding", "--pos_encoding", "--run", "--out", "--checkpoint"}
+    options, no_value = _options(positions_command, first_is_run=False)
     bare, value_next, after = [], False, False
     for i, a in enumerate(args):
         if after or not (value_next or a.startswith("-")):
@@ -732,7 +719,7 @@ def _positional_run_as_flag(args: list[str]) -> list[str]:
         elif a == "--":
             after = True
         else:
-            value_next = a in takes_value
+            value_next = a.replace("_", "-") in options - no_value  # (--name value; tyro takes --name_x too)
     if len(bare) != 1:
         return args  # (none, or several: tyro names what it does not know)
     flagged = [i for i, a in enumerate(args) if (a == "--run" and i + 1 < len(args) and i + 1 != bare[0])
@@ -751,13 +738,15 @@ def _runs_flag_as_positional(args: list[str]) -> list[str]:
     folders plot takes without a flag, after "--" (a folder's name may start with a dash), in the order given."""
     cut = args.index("--") if "--" in args else len(args)
     flags, runs, options, i = args[:cut], [], [], 0
+    every, no_value = _options(plot_command)  # (its first parameter: the runs, positional)
+    takes_value = every - no_value
     if not any(a == "--run" or a.startswith("--run=") for a in flags):
         return args  # (tyro reads the line as it is)
     while i < len(flags):
         a = flags[i]
         if a == "--run" and (i + 1 == len(flags) or flags[i + 1].startswith("--")):
             raise FunGPTError("--run needs a run folder: fungpt plot RUN [RUN ...] (or --run RUN)")
-        if a == "--run" or a in ("--out", "--x"):  # (an option's value, which may start with a dash)
+        if a == "--run" or a.replace("_", "-") in takes_value:  # (an option's value, which may start with a dash)
             (runs if a == "--run" else options).extend(flags[i + 1:i + 2] if a == "--run" else flags[i:i + 2])
             i += 2
             continue

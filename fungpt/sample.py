@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -18,6 +17,7 @@ from fungpt.runs import LoadedRun, data_dir_of, load_run, seeded_generator
 from fungpt.sampling import sampling_probs
 from fungpt.tokenizer import TextStream, load_tokenizer
 from fungpt.train import EVAL_LOGITS_MAX, counted, eval_bar, resolve_data, score_windows
+from fungpt.viz import for_terminal, show_token  # (for_terminal: also imported from here)
 
 
 def default_prompt_ids(run: LoadedRun) -> list[int]:
@@ -52,8 +52,6 @@ def top_candidates(logits: torch.Tensor, tokenizer, k: int = 5, temperature: flo
     with the given settings (temperature=1 and no filters: the model's own softmax). Tokens that
     the filters removed (probability 0) are left out, so fewer than k may come back.
     """
-    from fungpt.viz import show_token
-
     probs = sampling_distribution(logits.reshape(-1), temperature, top_k, top_p)  # (V,)
     values, ids = torch.topk(probs, min(k, probs.numel()))
     # as Python numbers at once: element by element, a GPU tensor is read back to the CPU once per comparison
@@ -62,8 +60,6 @@ def top_candidates(logits: torch.Tensor, tokenizer, k: int = 5, temperature: flo
 
 def _write_probs_line(out: TextIO, step: int, token: int, p: float, cands: list[tuple[int, str, float]],
                       tokenizer) -> None:
-    from fungpt.viz import show_token
-
     listing = "  ".join(f"{text:>6} {_probability(q)}" for _, text, q in cands)
     out.write(f"{step:>5}  {show_token(tokenizer.token_text(token)):>6} {_probability(p)}   | {listing}\n")
 
@@ -103,17 +99,6 @@ def check_options(*, num_samples: int = 1, max_new_tokens: int = 0, temperature:
         raise FunGPTError(f"--top-p {top_p} must be in (0, 1]")
     if prompt is not None and prompt_file is not None:
         raise FunGPTError("give either --prompt or --prompt-file, not both")
-
-
-_CONTROL = re.compile("\r(?!\n)|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # (a CR ending a CRLF line is no harm)
-
-
-def for_terminal(text: str) -> str:
-    """Generated text as a terminal should show it: control characters but newline, tab and the CR of a CRLF as
-    escapes ('\\x1b', '\\r'), as --show-probs shows tokens. A barely trained byte-level model draws them (its
-    vocabulary holds every byte): an ESC followed by '[' is a terminal's colour or cursor code, a lone carriage
-    return overwrote the line."""
-    return _CONTROL.sub(lambda m: "\\r" if m.group() == "\r" else f"\\x{ord(m.group()):02x}", text)
 
 
 class _TerminalStream:

@@ -20,6 +20,7 @@ without cropping, so a PNG is exactly figsize * DPI pixels: what the tests check
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,11 +35,21 @@ SUFFIXES = (".png", ".svg", ".pdf")
 # ---------------------------------------------------------------------------------------- tokens
 
 
+# Control characters but newline, tab and the CR of a CRLF line (which do no harm where text is printed)
+_CONTROL = re.compile("\r(?!\n)|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def for_terminal(text: str) -> str:
+    """Text as a terminal should show it: control characters but newline, tab and the CR of a CRLF as escapes
+    ('\\x1b', '\\r'). A barely trained byte-level model draws them (its vocabulary holds every byte): an ESC
+    followed by '[' is a terminal's colour or cursor code, a lone carriage return overwrites the line."""
+    return _CONTROL.sub(lambda m: "\\r" if m.group() == "\r" else f"\\x{ord(m.group()):02x}", text)
+
+
 def show_token(text: str) -> str:
     """Make a token's text visible: a space becomes '␣', a newline '\\n', a tab '\\t', another control character
-    its escape ('\\x1b': a terminal would act on it, an ESC starting a colour or cursor code)."""
-    text = text.replace(" ", "␣").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
-    return "".join(f"\\x{ord(ch):02x}" if ch < " " or "\x7f" <= ch <= "\x9f" else ch for ch in text)
+    its escape ('\\x1b', as `for_terminal`)."""
+    return for_terminal(text.replace(" ", "␣").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r"))
 
 
 def token_labels(tokenizer, ids: Sequence[int]) -> list[str]:
