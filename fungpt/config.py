@@ -276,8 +276,13 @@ class RunConfig:
         unknown = set(d) - {"out_dir", *sections}
         if unknown:
             moves = _belongs_elsewhere(unknown, "")
+            # a misspelt table ([trian]): name the table meant (difflib: the closest by spelling)
+            near = {k: difflib.get_close_matches(k, list(sections), n=1) for k in sorted(unknown)
+                    if isinstance(d[k], dict)}
+            hints = ", ".join(f"[{v[0]}] for [{k}]" for k, v in near.items() if v)
+            said = "; ".join(p for p in (moves, f"did you mean {hints}?" if hints else "") if p)
             raise FunGPTError(f"{source}: unknown top-level key(s) {sorted(unknown)}"
-                              + (f" ({moves})" if moves else "") + "; expected out_dir, [data], [model], [train]")
+                              + (f" ({said})" if said else "") + "; expected out_dir, [data], [model], [train]")
         kwargs: dict[str, Any] = {}
         if "out_dir" in d:
             if not isinstance(d["out_dir"], str):  # str() would make a folder named e.g. "['a', 'b']"
@@ -485,7 +490,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
                           f"once): save the config into a .toml file and pass that")
     if not path.is_file():
         names = presets()
-        raise FunGPTError(f"config file {path} does not exist; give a config file's path"
+        near = difflib.get_close_matches(path.name.removesuffix(".toml"), names, n=1)  # a misspelt example's name
+        raise FunGPTError(f"config file {path} does not exist; " + (f"did you mean {near[0]}? " if near else "")
+                          + "give a config file's path"
                           + (f", or the name of an example config: {', '.join(names)}" if names else ""))
     if path.suffix == ".json":  # the config.json a run saved: train another run like it
         d = _read_saved_config(path)

@@ -1847,6 +1847,7 @@ def _files(world, tmp_path) -> dict[str, str]:
     (t / "huge_lr.toml").write_text('[train]\nlr = 1' + "0" * 400 + '\n')
     (t / "out_dir_list.toml").write_text('out_dir = ["a", "b"]\n')
     (t / "unknown_section.toml").write_text("[optim]\nlr = 0.1\n")
+    (t / "misspelt_section.toml").write_text("[trian]\nlr = 0.1\n")
     (t / "not_utf8.toml").write_bytes(b"[train]\nlr = \xff\n")
     (t / "a_file").write_text("x")
     (t / "dangling").symlink_to("nowhere-yet")
@@ -2045,6 +2046,10 @@ BAD_INPUTS = {
     "TOML integer beyond any float": ([*TRAIN, "--config", "{tmp}/huge_lr.toml"], "lr is too large for a number"),
     "TOML out_dir not a string": ([*TRAIN, "--config", "{tmp}/out_dir_list.toml"], "['a', 'b'] should be a folder"),
     "TOML unknown section": ([*TRAIN, "--config", "{tmp}/unknown_section.toml"], "optim"),
+    "TOML misspelt section": ([*TRAIN, "--config", "{tmp}/misspelt_section.toml"],
+                              "unknown top-level key(s) ['trian'] (did you mean [train] for [trian]?); expected"),
+    "misspelt example config": ([*TRAIN, "--config", "shakespeare-chr"], "config file shakespeare-chr does not exist; "
+                                "did you mean shakespeare-char? give a config file's path, or the name of an example"),
     "TOML not UTF-8": ([*TRAIN, "--config", "{tmp}/not_utf8.toml"], "not_utf8.toml"),
     "TOML empty": ([*TRAIN, "--config", "{tmp}/empty.toml"], "empty.toml holds no settings; write the settings "
                                                              "into it, or leave --config out"),
