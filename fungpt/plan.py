@@ -34,7 +34,7 @@ import torch
 from fungpt.config import RunConfig
 from fungpt.errors import FunGPTError
 from fungpt.hardware import Precision, check_compile, detect_precision, tf32_products
-from fungpt.inspection import estimate_memory
+from fungpt.inspection import estimate_memory, human_bytes
 from fungpt.model import GPT, GPTConfig
 
 # Keep this fraction of the device free for the framework (CUDA context, allocator fragmentation).
@@ -142,7 +142,7 @@ def out_of_memory_advice(cfg: RunConfig, prec: Precision) -> str:
 
 
 def _fmt_bytes(n: float) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 1024**2:.1f} MiB"
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else human_bytes(n)  # (a tiny model's weights in KiB, not 0.0 MiB)
 
 
 def _fmt_duration(s: float) -> str:

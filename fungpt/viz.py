@@ -312,7 +312,7 @@ def plot_positions(kind: str, out: str | Path, run=None, block_size: int | None 
             im = axes[1].imshow(dots.numpy(), cmap="viridis", interpolation="nearest")
             axes[1].set(title="PE[p] . PE[q]: depends only on p - q", xlabel="position q", ylabel="position p")
             fig.colorbar(im, ax=axes[1])
-            for i in sorted({0, 6, 16, 32, n_embd // 2}):
+            for i in sorted({0, 6, 16, 32, 2 * (n_embd // 4)}):  # even channels: the sines (odd ones are cosines)
                 if i < n_embd:
                     axes[2].plot(table[:, i].numpy(), label=f"channel {i}", lw=1.2)
             axes[2].set(title="channels 2i: sin(p / 10000^(2i/C)), fast to slow", xlabel="position p",

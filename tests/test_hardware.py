@@ -310,12 +310,14 @@ def test_dry_run_counts_what_a_real_run_builds_and_writes_nothing(corpus, tmp_pa
     train(cfg, progress=False)
     real = load_run(tmp_path / "run", device="cpu").model
     assert figures["num_params"] == real.num_params()
+    # a tiny model's sizes in KiB (not "0.0 MiB"): its float32 weights, 4 bytes a parameter
+    assert f"best weights ({4 * real.num_params() / 1024:.1f} KiB)" in printed
     assert figures["tokens_per_step"] == 4 * 16
     assert figures["flops_per_step"] == real.flops_per_token() * 4 * 16
     assert figures["step_s"] > 0  # timed and figures["projected_s"] > 0
     # the command's start-up and its checkpoint saves (not timed: a run that saves every few steps takes far longer)
     assert re.search(r"\n  whole command  ~ [\d.]+ s with its start-up \(\d+ s here\); not timed here: 1 checkpoint "
-                     r"save\(s\) of [\d.]+ MiB each, and up to 2 save\(s\) of the best weights \([\d.]+ MiB\), one "
+                     r"save\(s\) of [\d.]+ KiB each, and up to 2 save\(s\) of the best weights \(([\d.]+) KiB\), one "
                      r"after each eval that improves on the val loss\n", printed), printed
     # evals at steps 0 and 2 (max_iters 2 ends on no eval_interval multiple: the final one is its own)
     assert figures["eval_s"] == pytest.approx(2 * 2 * 2 * figures["step_s"] / 3)  # 2 evals x 2 splits x 2 batches
@@ -388,8 +390,8 @@ def test_a_bfloat16_cpu_dry_run_times_bfloat16_products_and_labels_their_activat
     plan.dry_run(tiny_config(corpus, tmp_path / "run", dtype="bfloat16"), timed_steps=1)
     out = capsys.readouterr().out
     assert "bfloat16 products in the Linear layers, the rest float32" in out
-    acts = r"activations [\d.]+ MiB \(bfloat16 Linear inputs, the rest float32\)"
-    assert re.search(r"16-bit weight copies [\d.]+ MiB, " + acts, out), out
+    acts = r"activations [\d.]+ [KM]iB \(bfloat16 Linear inputs, the rest float32\)"
+    assert re.search(r"16-bit weight copies [\d.]+ [KM]iB, " + acts, out), out
     assert inside and all(inside)  # the timed steps ran them
 
 

@@ -403,6 +403,26 @@ def test_positions_of_a_run_with_only_a_best_checkpoint_or_damaged_weights(run_d
     assert f"fungpt: wrote {tmp_path / 'rope.png'}" in capsys.readouterr().out
 
 
+def test_sinusoidal_positions_draw_only_sine_channels_under_the_sine_title(tmp_path, monkeypatch):
+    # n_embd 50: channel n_embd // 2 = 25 is odd, a cosine (1 at p = 0); every curve drawn under "channels 2i: sin"
+    # must be a sine, 0 at p = 0
+    import matplotlib.axes
+
+    from fungpt.viz import plot_positions, position_table
+
+    curves = []
+    real = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, y, *a, **k: curves.append((k.get("label"), y))
+                        or real(ax, y, *a, **k))
+    plot_positions("sinusoidal", tmp_path / "sin.png", block_size=16, n_embd=50, n_head=2)
+    table = position_table("sinusoidal", 16, 50)
+    drawn = {label: y for label, y in curves if label and label.startswith("channel ")}
+    assert sorted(int(label.split()[1]) for label in drawn) == [0, 6, 16, 24, 32]
+    for label, y in drawn.items():
+        assert y[0] == 0.0, label  # sin(0)
+        torch.testing.assert_close(torch.as_tensor(y), table[:, int(label.split()[1])])
+
+
 def test_rope_positions_of_an_odd_head_size_are_refused_in_one_line(tmp_path):
     from fungpt.viz import plot_positions
 
