@@ -1489,9 +1489,13 @@ class _StopFlag:
                 return
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt  # (cli: "fungpt: interrupted", status 130)
-            with contextlib.suppress(OSError):
-                print(f"\nfungpt: {signal.Signals(signum).name} again: stopped at once; the last checkpoint is "
-                      f"intact", file=sys.stderr)
+            # Under torchrun a second Ctrl-C reaches the processes as torchrun's SIGTERM: name what the user did.
+            # One line from the job (the process that announced the first), not one per process.
+            torchrun_passed = self.processes > 1 and self.signum == signal.SIGINT and signum == signal.SIGTERM
+            what = "Ctrl-C" if torchrun_passed else signal.Signals(signum).name
+            if self.announce:
+                with contextlib.suppress(OSError):
+                    print(f"\nfungpt: {what} again: stopped at once; the last checkpoint is intact", file=sys.stderr)
             os._exit(128 + signum)
         self.stop, self.signum = True, signum
         self._announce(signum)
@@ -1749,9 +1753,15 @@ def processes_note(was: Resumed, cfg: RunConfig, saved_block_size: int, saved_tr
     tokens = f"tokens per step {before:,} -> {now:,}" if before != now else f"the same {now:,} tokens per step"
     return (f"fungpt: resuming with {processes} process(es) where the checkpoint was written by "
             f"{was.processes}: {tokens}, and the batches differ from an uninterrupted run's"
-            + (f"; processes {was.streams}.. start fresh batch streams" if processes > was.streams else "")
-            + (f"; processes {was.processes}..{min(was.streams, processes) - 1} take up the batch streams "
+            + (f"; {_ranks(was.streams, processes - 1, 'start')} fresh batch streams"
+               if processes > was.streams else "")
+            + (f"; {_ranks(was.processes, min(was.streams, processes) - 1, 'take')} up the batch streams "
                f"that earlier processes of those ranks left" if processes > was.processes < was.streams else ""))
+
+
+def _ranks(first: int, last: int, verb: str) -> str:
+    """'process 1 starts' or 'processes 1..3 start': the ranks first..last of a job, and what they do."""
+    return f"process {first} {verb}s" if first == last else f"processes {first}..{last} {verb}"
 
 
 def forward_backward(fwd_model: torch.nn.Module, loader: BatchLoader, cfg: RunConfig, prec: Precision, ddp: Dist,
@@ -1839,8 +1849,9 @@ def already_done(step: int, tc: TrainConfig, elapsed_before: float, timings: dic
         return (f"already reached step {step} (train.max_iters = {tc.max_iters}): nothing to train; raise "
                 f"train.max_iters to continue it")
     if tc.max_minutes and budget_spent(elapsed_before, timings, tc.max_minutes * 60):
-        return (f"already used its time budget ({elapsed_before / 60:.2f} of train.max_minutes = {tc.max_minutes:g} "
-                f"min, leaving too little for a step, an eval and a checkpoint): nothing to train; raise "
+        return (f"already used its time budget ({elapsed_before / 60:.2f} min used, this start-up included, of "
+                f"train.max_minutes = {tc.max_minutes:g}, leaving too little for a step, an eval and a checkpoint): "
+                f"nothing to train; raise "
                 f"train.max_minutes to continue it")
     return None
 

@@ -2473,6 +2473,16 @@ def test_a_second_signal_aborts_at_once_with_its_own_status(monkeypatch, capsys)
     flag._handle(signal.SIGINT, None)
     with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C: "fungpt: interrupted", status 130 (cli)
         flag._handle(signal.SIGINT, None)
+    # Under torchrun a second Ctrl-C arrives as torchrun's SIGTERM: named as the user's Ctrl-C, by one process only
+    for announce in (True, False):
+        flag = train_mod._StopFlag(announce=announce, processes=2)
+        flag._handle(signal.SIGINT, None)
+        capsys.readouterr()
+        flag._handle(signal.SIGTERM, None)
+        assert exits.pop() == 143
+        err = capsys.readouterr().err  # (os._exit is a stub here: the handler goes on past it)
+        assert err.startswith("\nfungpt: Ctrl-C again: stopped at once; the last checkpoint is intact\n") == announce
+        assert "again: stopped" not in err or announce
     assert not exits and len(silenced) == 2
 
 

@@ -1681,6 +1681,23 @@ def test_a_bpe_run_resumes_where_another_version_learns_other_merges(corpus, tmp
     assert train(cfg, resume=True, progress=False)["step"] == 8
 
 
+def test_the_processes_note_names_the_ranks_it_means():
+    from fungpt.config import RunConfig
+
+    train_module = sys.modules["fungpt.train"]  # (fungpt.train, the attribute, is the function)
+    cfg = RunConfig()
+    cfg.train = dataclasses.replace(cfg.train, batch_size=2, grad_accum_steps=1)
+    note = train_module.processes_note(train_module.Resumed(processes=1, streams=1, tokens_per_step=2048), cfg, 1024,
+                                       cfg.train, 4)
+    now = 2 * cfg.model.block_size * 4  # batch 2 x block x 4 processes
+    assert note.endswith(f"tokens per step 2,048 -> {now:,}, and the batches differ from an uninterrupted run's; "
+                         "processes 1..3 start fresh batch streams"), note
+    # 4 processes saved, 2 resumed them, now 3: rank 2 takes up the stream rank 2 left; none is new
+    note = train_module.processes_note(train_module.Resumed(processes=2, streams=4, tokens_per_step=4096), cfg, 1024,
+                                       cfg.train, 3)
+    assert note.endswith("; process 2 takes up the batch streams that earlier processes of those ranks left"), note
+
+
 def test_resume_with_more_processes_gives_the_new_rank_its_own_batches(corpus, tmp_path):
     out = tmp_path / "run"
     cfg = tiny_config(corpus, out, max_iters=2, eval_interval=2, checkpoint_interval=2)
@@ -1697,7 +1714,7 @@ def test_resume_with_more_processes_gives_the_new_rank_its_own_batches(corpus, t
     assert proc.returncode == 0, proc.stderr[-3000:]
     # each process trains on its own batch of 2 x 8 tokens: the step grows from 16 tokens to 32, and it says so
     assert ("resuming with 2 process(es) where the checkpoint was written by 1: tokens per step 16 -> 32, and the "
-            "batches differ from an uninterrupted run's") in proc.stdout
+            "batches differ from an uninterrupted run's; process 1 starts fresh batch streams") in proc.stdout
     assert proc.stdout.count("fungpt: done") == 1  # said once, by rank 0, not once per process
     state = ckpt.load_state(ckpt.find_checkpoint(out))
     assert state["step"] == 4 and [s["rank"] for s in state["loader"]] == [0, 1]
@@ -1729,7 +1746,7 @@ def test_resume_with_fewer_processes_keeps_the_others_batch_streams_for_later(co
     proc = subprocess.run([*two, "--train.max-iters", "8", "--resume"], env=_torchrun_env(tmp_path),
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "processes 1..1 take up the batch streams that earlier processes of those ranks left" in proc.stdout
+    assert "process 1 takes up the batch streams that earlier processes of those ranks left" in proc.stdout
     assert ckpt.load_state(ckpt.find_checkpoint(out))["loader"][1]["batches_drawn"] == 4  # 2, then steps 7 and 8
 
 
