@@ -356,16 +356,17 @@ def cmd_train(args: list[str], start_time: float) -> int | None:
         flags = any(a.startswith(("--data.", "--model.", "--train.", "--out-dir", "--out_dir")) for a in args)
         raise FunGPTError(f"{path}{' with the flags given' if flags else ''}: {e}") from None
     named = model_fields_named(path, args)  # e.g. block_size = 64 asked of a fine-tune, though it is the default
+    data_named = model_fields_named(path, args, "data")  # e.g. tokenizer = "char" asked of a fine-tune
     _refuse_a_path_beside_the_config(parsed.run.data.path, path)
     if parsed.dry_run:
         from fungpt.plan import dry_run
 
         if _rank() == 0:  # under torchrun the plan is printed once (it counts every process's tokens)
             dry_run(parsed.run, model_named=named, resume=parsed.resume, overwrite=parsed.overwrite,
-                    start_time=start_time)
+                    start_time=start_time, data_named=data_named)
         return
     result = train(parsed.run, resume=parsed.resume, overwrite=parsed.overwrite, start_time=start_time,
-                   model_named=named)
+                   model_named=named, data_named=data_named)
     if result["interrupted"]:
         return result.get("signal") or signal.SIGINT
     if _rank() == 0:  # under torchrun, said once, not by every process

@@ -471,13 +471,14 @@ def load_config(path: str | Path, checked: bool = True) -> RunConfig:
     return RunConfig.from_dict(_read_toml(config_path(path)), source=str(path), checked=checked)
 
 
-def model_fields_named(config_file: str | Path | None, args: list[str]) -> frozenset[str]:
-    """The [model] settings a user wrote down, in the config file or as --model.* flags, even where the value
-    equals the default. Fine-tuning needs this: there, an unset field means "the checkpoint's value"."""
-    named = set(_read_toml(config_path(config_file)).get("model", {})) if config_file else set()
+def model_fields_named(config_file: str | Path | None, args: list[str], section: str = "model") -> frozenset[str]:
+    """The [model] settings (or another table's) a user wrote down, in the config file or as --model.* flags, even
+    where the value equals the default. Fine-tuning needs this: there, an unset field means "the checkpoint's
+    value", and a [data] tokenizer asked for, even the default "char", is not the one a fine-tune uses."""
+    named = set(_read_toml(config_path(config_file)).get(section, {})) if config_file else set()
     for a in args:
-        if a.startswith("--model."):
-            named.add(a.removeprefix("--model.").split("=", 1)[0].replace("-", "_"))
+        if a.startswith(f"--{section}."):
+            named.add(a.removeprefix(f"--{section}.").split("=", 1)[0].replace("-", "_"))
     return frozenset(named)
 
 

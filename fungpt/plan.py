@@ -155,10 +155,10 @@ def _fmt_duration(s: float) -> str:
 
 def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = print,
             model_named: Collection[str] = (), resume: bool = False, overwrite: bool = False,
-            start_time: float | None = None, progress: bool = True) -> dict[str, Any]:
+            start_time: float | None = None, progress: bool = True, data_named: Collection[str] = ()) -> dict[str, Any]:
     """Print the plan for `cfg` and return its figures; trains a few steps to time them, saves nothing.
-    `model_named`, `resume`, `overwrite`: as for train.train (what training would refuse is refused; a resume
-    plans the steps from its checkpoint's on). `start_time`: when the command started (time.time()), for the
+    `model_named`, `data_named`, `resume`, `overwrite`: as for train.train (what training would refuse is refused; a
+    resume plans the steps from its checkpoint's on). `start_time`: when the command started (time.time()), for the
     start-up a time budget also covers; by default when this call did. `progress`: bars on stderr for the data
     it prepares and for timed steps that take over a second."""
     start_time = time.time() if start_time is None else start_time
@@ -188,7 +188,8 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
     folder, manifest = resume_point(cfg)[1:3] if resume else (None, None)
     # (the pretrained weights a new fine-tune starts from are checked, before the data, as training reads them)
     cfg, data_dir, pre = resolve_model_and_data(cfg, progress=progress, model_named=model_named,
-                                                resume_dir=out_dir if resume else None, check_weights=folder is None)
+                                                resume_dir=out_dir if resume else None, check_weights=folder is None,
+                                                data_named=data_named)
     if resume:  # the checks of a resume, which do not change the folder
         check_resume_model(cfg)
         if folder is not None:

@@ -586,12 +586,14 @@ def encoded_as_the_run(data: DataConfig, data_dir: Path, resume_dir: Path, is_ma
 
 def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool = True,
                            model_named: Collection[str] = (), resume_dir: Path | None = None,
-                           read_weights: bool = False, check_weights: bool = False):
+                           read_weights: bool = False, check_weights: bool = False,
+                           data_named: Collection[str] = ()):
     """Settle the model config and the data together; returns (cfg, data_dir, pretrained or None).
 
     A pretrained start (init_from) brings its own architecture and tokenizer (pretrained.py), and the
     data is encoded with that tokenizer. From scratch, the vocabulary size comes from the data.
-    `model_named`: the [model] fields the user wrote down (see pretrained.merge_model_config).
+    `model_named`: the [model] fields the user wrote down (see pretrained.merge_model_config); `data_named`: the
+    [data] ones (a fine-tune notes a tokenizer asked for that it does not use, even the default).
     `resume_dir`: the run being resumed. A resumed fine-tune keeps the architecture its folder records (the
     fields not set take those values, not the pretrained model's); and as it no longer needs its pretrained
     model's weights, if init_from is gone (a moved folder, a cleared hub cache) the run's own copy of its
@@ -654,7 +656,8 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
         gpt2 = pre.name in pretrained.HUB_NAMES  # (its tokenizer is GPT-2's: data.tokenizer "gpt2" says the same)
         unused = [f"data.{name} = {mine!r}" for name, mine in (("tokenizer", cfg.data.tokenizer),
                                                                 ("vocab_size", cfg.data.vocab_size))
-                  if mine != getattr(default, name) and not (name == "tokenizer" and mine == "gpt2" and gpt2)]
+                  if (mine != getattr(default, name) or name in data_named)
+                  and not (name == "tokenizer" and mine == "gpt2" and gpt2)]
         if unused:
             print(f"fungpt: note: {' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used: a fine-tune "
                   f"encodes the text with its pretrained model's own tokenizer, the {pre.tokenizer.describe()}")
@@ -1889,13 +1892,15 @@ def summary(out_dir: Path, step: int, start_time: float, train_loss: float = mat
 
 
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progress: bool = True,
-          start_time: float | None = None, model_named: Collection[str] = ()) -> dict[str, Any]:
+          start_time: float | None = None, model_named: Collection[str] = (),
+          data_named: Collection[str] = ()) -> dict[str, Any]:
     """Train the model described by `cfg`; return a summary: out_dir, step (the last), train_loss and val_loss at
     that step, interrupted (and the signal), elapsed_s, trained (whether this call trained a step). Interrupted at
     a step with no eval, train_loss is that step's batch loss and val_loss NaN.
 
     `model_named` lists the [model] fields the user wrote down even where they equal the defaults (the
-    CLI passes them): when fine-tuning, the fields not set take the checkpoint's values.
+    CLI passes them): when fine-tuning, the fields not set take the checkpoint's values. `data_named`: the same for
+    [data] (a fine-tune notes a tokenizer asked for that it does not use, the default "char" included).
 
     One run at a time in a process: a run seeds and draws from torch's global random streams (weights, dropout,
     batches), so two runs in two threads drew from each other's, and neither could be repeated."""
@@ -1906,7 +1911,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
                           "processes")
     try:
         with contextlib.ExitStack() as held:  # what the run holds (its out_dir's lock) is let go however it ends
-            return _train(cfg, resume, overwrite, progress, start_time, model_named, held)
+            return _train(cfg, resume, overwrite, progress, start_time, model_named, held, data_named)
     finally:
         _ONE_RUN.release()
 
@@ -1927,7 +1932,8 @@ def checked_again(cfg: RunConfig) -> RunConfig:
 
 
 def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_time: float | None,
-           model_named: Collection[str], held: contextlib.ExitStack) -> dict[str, Any]:
+           model_named: Collection[str], held: contextlib.ExitStack,
+           data_named: Collection[str] = ()) -> dict[str, Any]:
     start_time = time.time() if start_time is None else start_time
     tc = cfg.train
     prec: Precision = detect_precision(tc.device, tc.dtype, tc.optimizer)
@@ -1976,7 +1982,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     # deleted the run that was there)
     cfg, data_dir, pre = resolve_model_and_data(cfg, ddp.is_main, progress and ddp.is_main, model_named,
                                                 resume_dir=Path(cfg.out_dir) if resume else None,
-                                                read_weights=folder is None)
+                                                read_weights=folder is None, data_named=data_named)
     # The text the data was prepared from and how it was split (no sha256: token ids prepared elsewhere): a resume
     # onto edited text, or a folder prepared again with another split, says so
     data_fingerprint = fingerprint_of(load_meta(data_dir))

@@ -85,6 +85,23 @@ def test_a_finetune_of_gpt2_given_data_tokenizer_gpt2_is_not_told_it_is_unused(h
         assert (f"data.tokenizer = {tokenizer!r} is not used" in capsys.readouterr().out) is noted
 
 
+def test_a_finetune_given_the_default_char_tokenizer_by_name_is_told_it_is_unused(hf_dir, corpus, tmp_path, capsys):
+    """data.tokenizer = "char" is the default: only a setting the user wrote down (a shakespeare-char config given
+    an init_from) is noted as unused; left out, nothing is said."""
+    for named, noted in (((), False), (("tokenizer",), True)):
+        cfg = finetune_config(hf_dir, corpus, tmp_path / f"run{len(named)}", block_size=32)
+        cfg.train.max_iters = 1
+        train(cfg, progress=False, data_named=named)
+        assert ("data.tokenizer = 'char' is not used: a fine-tune encodes the text with its pretrained model's own "
+                "tokenizer" in capsys.readouterr().out) is noted
+    config = tmp_path / "char.toml"  # the CLI finds what the file names
+    config.write_text(f'[data]\npath = "{corpus.as_posix()}"\ntokenizer = "char"\n[model]\ninit_from = '
+                      f'"{hf_dir.as_posix()}"\nblock_size = 32\n[train]\nmax_iters = 1\nbatch_size = 2\n'
+                      f'eval_iters = 1\ndevice = "cpu"\n', encoding="utf-8")
+    assert main(["train", "--config", str(config), "--out-dir", str(tmp_path / "cli")]) == 0
+    assert "data.tokenizer = 'char' is not used" in capsys.readouterr().out
+
+
 def hf_model(path: Path) -> transformers.GPT2LMHeadModel:
     return transformers.GPT2LMHeadModel.from_pretrained(path).eval()
 
