@@ -771,9 +771,11 @@ def _load_gpt2_encoding(timeout: float = GPT2_LOAD_TIMEOUT_S):
         return result["enc"]
     why = why_download_failed(result["err"]) if "err" in result else f"timed out after {timeout:.0f}s"
     raise FunGPTError(
-        f"could not load GPT-2's encoding through tiktoken, whose files are not cached here ({why}): connect once "
-        "to cache them, or set TIKTOKEN_CACHE_DIR to a folder holding them; new data can use the bpe tokenizer "
-        "instead (`fungpt prepare --tokenizer bpe`, `fungpt train --data.tokenizer bpe`)"
+        f"could not load GPT-2's encoding through tiktoken, which neither read it from its cache nor downloaded it "
+        f"({why}): connect to the internet once (tiktoken then caches it), or set TIKTOKEN_CACHE_DIR to a copy of a "
+        "tiktoken cache folder from a machine that has it (its files are named by hashes: copy the whole folder); "
+        "for new data, the bpe tokenizer needs no download (`fungpt prepare --tokenizer bpe`, "
+        "`fungpt train --data.tokenizer bpe`)"
     )
 
 

@@ -267,13 +267,14 @@ def test_gpt2_load_failure_is_a_clear_error(monkeypatch):
         GPT2Tokenizer()
     msg = str(err.value)
     assert "tiktoken" in msg and "TIKTOKEN_CACHE_DIR" in msg and "\n" not in msg
+    assert "copy the whole folder" in msg  # (a folder's worth of hashed names: not one file the user could name)
     # the flag for each command (`fungpt train` has no --tokenizer), and "no network" instead of 650 characters of
     # chained urllib3 text cut mid-word
     assert "`fungpt prepare --tokenizer bpe`, `fungpt train --data.tokenizer bpe`" in msg
     assert "(could not reach the server: no network, or a proxy or mirror that does not answer)" in msg
     assert "openaipublic" not in msg
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: (_ for _ in ()).throw(OSError("disk " * 100)))
-    with pytest.raises(FunGPTError, match=r"\(OSError: disk disk .* \.\.\.\): connect once"):
+    with pytest.raises(FunGPTError, match=r"\(OSError: disk disk .* \.\.\.\): connect to the internet once"):
         GPT2Tokenizer()
 
 
