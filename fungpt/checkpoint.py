@@ -420,7 +420,7 @@ def check_model_config(manifest: dict[str, Any], ckpt_dir: Path, model_config: d
     saved = manifest.get("model")
     if not isinstance(saved, dict):
         return
-    skip = {"init_from"}  # where training started, not part of the architecture
+    skip = {"init_from", "dropout"}  # where training started, and dropout (a resume may change it): not architecture
     diffs = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in model_config.items()
              if k in saved and k not in skip and saved[k] != v]
     if diffs:

@@ -695,11 +695,17 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
     return cfg, data_dir, pre
 
 
-def check_resume_model(cfg: RunConfig) -> None:
+def check_resume_model(cfg: RunConfig, is_main: bool = True) -> None:
     """Refuse to resume the run in cfg.out_dir with another model than its checkpoints hold (cfg resolved:
-    vocab_size is the data's)."""
+    vocab_size is the data's). dropout may change (it is no part of the weights, as nanoGPT's resume allows): a
+    note says so."""
     out = Path(cfg.out_dir)
     saved = load_run_config(out)
+    if saved.model.dropout != cfg.model.dropout:
+        if is_main:
+            print(f"fungpt: note: dropout {saved.model.dropout:g} -> {cfg.model.dropout:g} from this step on (the "
+                  f"checkpoint was trained with {saved.model.dropout:g})")
+        saved.model = dataclasses.replace(saved.model, dropout=cfg.model.dropout)
     if saved.model != cfg.model:
         old, new = saved.model.to_dict(), cfg.model.to_dict()
         diffs = [f"{k} {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k]]

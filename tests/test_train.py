@@ -494,6 +494,30 @@ def test_resume_refuses_data_with_another_tokenizer_of_the_same_size(corpus, tmp
     assert train(tiny_config(corpus, out, max_iters=12), resume=True, progress=False)["step"] == 12
 
 
+def test_resume_may_change_dropout_with_a_note_and_the_run_still_loads(corpus, tmp_path, capsys):
+    """dropout is no part of the weights: a resume may lower it (as nanoGPT's may), saying so; the checkpoints saved
+    before, with the old value in their manifests, still load (sample, eval, the best weights)."""
+    out = tmp_path / "run"
+    cfg = tiny_config(corpus, out, max_iters=2, eval_interval=2, checkpoint_interval=2)
+    cfg.model = dataclasses.replace(cfg.model, dropout=0.1)
+    train(cfg, progress=False)
+    capsys.readouterr()
+    cfg.model = dataclasses.replace(cfg.model, dropout=0.0)
+    cfg.train = dataclasses.replace(cfg.train, max_iters=4)
+    assert train(cfg, resume=True, progress=False)["step"] == 4
+    assert "fungpt: note: dropout 0.1 -> 0 from this step on (the checkpoint was trained with 0.1)" in \
+        capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["model"]["dropout"] == 0.0
+    assert load_run_folder(out, device="cpu").model.config.dropout == 0.0
+    for folder in (out / "checkpoints").iterdir():  # the step-2 best weights were saved with dropout 0.1
+        if folder.is_dir() and not folder.name.startswith("."):
+            ckpt.check_model_config(json.loads((folder / ckpt.MANIFEST_FILE).read_text()), folder,
+                                    load_run_config(out).model.to_dict(), out / "config.json")
+    cfg.model = dataclasses.replace(cfg.model, n_layer=cfg.model.n_layer + 1)  # the architecture is still checked
+    with pytest.raises(FunGPTError, match="trained with a different model"):
+        train(cfg, resume=True, progress=False)
+
+
 def test_resume_refusal_for_another_vocabulary_size_names_the_sizes(tmp_path):
     """A resumed fine-tune keeps its saved shape, so this check, not the model's, meets a model folder that now holds
     a tokenizer of another size: it said "id 0 is '<|endoftext|>' instead of '<|endoftext|>'"."""
