@@ -564,7 +564,11 @@ def encoded_as_the_run(data: DataConfig, data_dir: Path, resume_dir: Path, is_ma
         return data_dir
     try:
         own, was = load_tokenizer(resume_dir), load_run_config(resume_dir).data
-        trained_on = str(read_json(folder / ckpt.MANIFEST_FILE).get("data_fingerprint") or "").partition(":")[0]
+        manifest = read_json(folder / ckpt.MANIFEST_FILE)
+        if manifest.get("tokenizer_sha256") not in (None, ckpt.tokenizer_fingerprint(resume_dir)):
+            return data_dir  # the run's tokenizer files were replaced or damaged since: never encode with them
+            # (check_resume_tokenizer refuses, naming them)
+        trained_on = str(manifest.get("data_fingerprint") or "").partition(":")[0]
         if not trained_on:  # (checkpoints from before the fingerprint was saved: the text's hash in the prepared
             # folder the run read, which run.json names, while it is there)
             trained_on = load_meta(Path(read_json(resume_dir / "run.json")["data_dir"])).get("source_sha256")

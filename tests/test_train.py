@@ -1639,6 +1639,25 @@ def test_each_rank_has_dropout_masks_of_its_own_across_seeds():
     assert len(set(seeds.values())) == len(seeds)  # no two (seed, rank) pairs share a stream
 
 
+def test_a_bpe_run_whose_tokenizer_file_was_damaged_is_not_resumed_with_it(corpus, tmp_path, monkeypatch):
+    """The run's tokenizer.json with two ids swapped by hand: the resume encoded the text with it (taking it for
+    another FunGPT version's BPE), trained, and saved its fingerprint as the checkpoint's. Refused, naming the files."""
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = tiny_config(corpus, tmp_path / "run", max_iters=2, eval_interval=2, checkpoint_interval=2)
+    cfg.data = dataclasses.replace(cfg.data, tokenizer="bpe", vocab_size=300)
+    train(cfg, progress=False)
+    path = Path(cfg.out_dir) / "tokenizer.json"
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    vocab = saved["model"]["vocab"]
+    a, b = list(vocab)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    path.write_text(json.dumps(saved), encoding="utf-8")
+    cfg.train = dataclasses.replace(cfg.train, max_iters=4)
+    with pytest.raises(FunGPTError, match="its tokenizer files are not the ones its checkpoint was trained with"):
+        train(cfg, resume=True, progress=False)
+    assert ckpt.load_state(ckpt.find_checkpoint(cfg.out_dir))["step"] == 2  # nothing trained with them
+
+
 @pytest.mark.parametrize("fingerprint_saved", [True, False])
 def test_a_bpe_run_resumes_where_another_version_learns_other_merges(corpus, tmp_path, monkeypatch, capsys,
                                                                      fingerprint_saved):
