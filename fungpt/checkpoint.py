@@ -158,7 +158,14 @@ def open_new_temp(path: Path, mode: str = "w"):
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a small text file so that readers see either the old or the new content, never half."""
-    path = Path(path)
+    try:
+        _atomic_write_text(Path(path), text)
+    except OSError as e:
+        raise FunGPTError(f"could not write {path}: {e.strerror or e}; check free disk space and permissions") from None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """atomic_write_text, its failure the OSError itself (save_checkpoint explains it by its errno)."""
     tmp = None
     try:
         tmp, f = open_new_temp(path)
@@ -167,10 +174,10 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except OSError:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        raise FunGPTError(f"could not write {path}: {e.strerror or e}; check free disk space and permissions") from None
+        raise
     fsync_dir(path.parent)
 
 
@@ -265,14 +272,14 @@ def save_checkpoint(out_dir: str | Path, kind: str, step: int, model: torch.nn.M
         os.replace(tmp, final)  # the complete folder appears under its final name in one step
         fsync_dir(parent)
         rel = final.relative_to(out_dir).as_posix()
-        atomic_write_text(out_dir / f"{kind}.json", json.dumps({"step": step, "dir": rel}))
+        _atomic_write_text(out_dir / f"{kind}.json", json.dumps({"step": step, "dir": rel}))
     except (OSError, FunGPTError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if final != tmp and not _pointer_names(out_dir, kind, final):
             shutil.rmtree(final, ignore_errors=True)  # renamed, but the pointer could not be switched
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         try:  # (a pointer damaged by hand must not hide this error behind its own)
-            before = find_checkpoint(out_dir, kind) if (out_dir / f"{kind}.json").is_file() else None
+            before = find_checkpoint(out_dir, kind)  # (a pointer missing: the newest complete folder, as resume finds)
         except FunGPTError:
             before = None
         kept = "the previous checkpoint is intact" if before is not None else f"there is no {kind} checkpoint yet"

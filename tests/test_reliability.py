@@ -398,15 +398,34 @@ def test_pointer_write_failure_keeps_the_previous_checkpoint(world, tmp_path, mo
 
     def replace(src, dst):
         if Path(dst).name == "latest.json":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(FunGPTError, match="No space left on device"):
+    with pytest.raises(FunGPTError) as err:
         ckpt.save_checkpoint(out, "latest", 7, model, state={**state, "step": 7})
+    # one message, with the fix for its errno (the pointer's own "could not write ...; check free disk space and
+    # permissions" was nested inside, and the fix lost)
+    assert str(err.value) == (f"could not save the latest checkpoint at step 7 in {out}: Permission denied; the "
+                              f"previous checkpoint is intact (fix the folder's permissions, then resume with "
+                              f"--resume)")
     monkeypatch.undo()
     assert sha256_tree(out) == hashes
     assert check_loadable(out) == 6
+
+
+def test_a_failed_save_without_a_pointer_names_the_checkpoint_a_resume_finds(world, tmp_path, monkeypatch):
+    """A run killed between renaming its folder into place and writing latest.json: a resume continues from that
+    folder, so a failed save there said wrongly "there is no latest checkpoint yet ... it starts over"."""
+    out = copy_run(world, tmp_path)
+    (out / "latest.json").unlink()
+    assert check_loadable(out) == 6  # found without its pointer
+    model = GPT(load_run_config(out).model)
+    state = ckpt.load_state(ckpt.find_checkpoint(out))
+    _patch_writer(monkeypatch, lambda p: p.name == ckpt.STATE_FILE, OSError(errno.EFBIG, os.strerror(errno.EFBIG)))
+    with pytest.raises(FunGPTError, match=r": File too large; the previous checkpoint is intact \(fix what it names, "
+                                          r"then resume with --resume\)$"):
+        ckpt.save_checkpoint(out, "latest", 7, model, state={**state, "step": 7})
 
 
 def test_unwritable_out_dir_is_refused_up_front(world, tmp_path, capsys, monkeypatch):
