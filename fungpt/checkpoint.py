@@ -628,8 +628,12 @@ def load_state(ckpt_dir: Path) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - UnpicklingError for anything unsafe, others for corrupt bytes
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
+        detail = (detail.split(". ")[0] or type(e).__name__)[:160]  # (its first sentence: torch's go on for lines)
+        if "PytorchStreamReader" in detail:  # a zip archive cut short or damaged: no pickle was read at all
+            raise FunGPTError(f"cannot load {path}: the file is damaged (truncated or corrupt: {detail}); "
+                              f"resume from a good copy of the run, or train it again") from None
         raise FunGPTError(f"refusing to load {path}: it is not a plain tensor checkpoint, nothing in it was run "
-                          f"({(detail or type(e).__name__)[:160]})") from None
+                          f"({detail})") from None
     if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
         raise FunGPTError(f"{path} is not a FunGPT training state (expected the keys {', '.join(STATE_KEYS)})")
     return state

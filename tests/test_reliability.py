@@ -1737,6 +1737,20 @@ def test_malicious_state_pt_is_refused_by_resume_and_never_run(world, tmp_path, 
     assert not marker.exists()
 
 
+def test_a_truncated_state_pt_is_called_damaged_not_unsafe(world, tmp_path):
+    """A state.pt cut short (its manifest fixed to match) was "not a plain tensor checkpoint, nothing in it was run
+    (PytorchStreamReader ... there is a high)": called unsafe, torch's text cut mid-sentence."""
+    out = copy_run(world, tmp_path)
+    folder = ckpt.find_checkpoint(out)
+    data = (folder / ckpt.STATE_FILE).read_bytes()
+    _plant(folder, ckpt.STATE_FILE, data[: len(data) // 2])
+    with pytest.raises(FunGPTError) as err:
+        ckpt.load_state(folder)
+    assert str(err.value) == (f"cannot load {folder / ckpt.STATE_FILE}: the file is damaged (truncated or corrupt: "
+                              f"PytorchStreamReader failed reading zip archive: failed finding central directory); "
+                              f"resume from a good copy of the run, or train it again")
+
+
 def test_pickle_disguised_as_safetensors_is_refused_by_sample_and_resume(world, tmp_path, capsys):
     out = copy_run(world, tmp_path)
     marker = tmp_path / "PWNED"
