@@ -917,6 +917,13 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
             return 141  # 128 + SIGPIPE, what a shell reports for a command ended by a closed pipe
         return 0
     except OSError as e:  # a path that cannot be read or written (a file where a folder is needed, ...)
+        if e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            # A write with no file named: the command's output (`> log` on a full disk, `> /dev/full`); FunGPT's own
+            # files name themselves in their errors
+            _silence_stdout()
+            print(f"error: could not write: {e.strerror or e} (where this command's output goes, if it is redirected "
+                  f"to a file): free some space, or send the output elsewhere", file=sys.stderr)
+            return 2
         where = f"{e.filename}: " if e.filename else ""
         path_errors = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EACCES, errno.EPERM,
                        errno.EROFS, errno.ENAMETOOLONG)

@@ -1737,6 +1737,26 @@ def test_malicious_state_pt_is_refused_by_resume_and_never_run(world, tmp_path, 
     assert not marker.exists()
 
 
+def test_output_to_a_full_disk_is_one_line_that_says_so(world, tmp_path, monkeypatch, capsys):
+    """`fungpt inspect RUN > /dev/full` said only "error: No space left on device"."""
+    import io
+
+    import fungpt.cli as cli
+
+    out = copy_run(world, tmp_path)
+
+    class Full(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cli, "_silence_stdout", lambda: None)  # (the test's stdout is not a file descriptor)
+    monkeypatch.setattr(sys, "stdout", Full())
+    assert main(["inspect", str(out)]) == 2
+    assert capsys.readouterr().err == ("error: could not write: No space left on device (where this command's output "
+                                       "goes, if it is redirected to a file): free some space, or send the output "
+                                       "elsewhere\n")
+
+
 def test_a_truncated_state_pt_is_called_damaged_not_unsafe(world, tmp_path):
     """A state.pt cut short (its manifest fixed to match) was "not a plain tensor checkpoint, nothing in it was run
     (PytorchStreamReader ... there is a high)": called unsafe, torch's text cut mid-sentence."""
