@@ -389,6 +389,7 @@ def resolve_source(source: str | Path) -> list[Path]:
             return [shakespeare_path()]
         raise FunGPTError(
             f"data path '{source}' does not exist: pass a text file, a folder of text files or 'shakespeare'"
+            + left_in_a_temporary(path)
         )
     _refuse_token_files(path)
     if path.is_file():
@@ -714,6 +715,18 @@ def remove_stale_temps(out: Path) -> None:
             newest = max([folder.stat().st_mtime, *(p.stat().st_mtime for p in files)])
             if now - newest > STALE_TEMP_S:
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def left_in_a_temporary(out: Path) -> str:
+    """For a prepared folder that is missing: a `fungpt prepare --overwrite` killed between moving the old dataset
+    aside and renaming the new one into place (one system call apart) left the complete new one as OUT.tmp-*."""
+    stem = temp_stem(out.name)
+    with contextlib.suppress(OSError):
+        for folder in sorted(out.parent.glob(f"{glob.escape(stem)}.tmp-*")):
+            if (folder / "meta.json").is_file():  # (written last: the dataset in it is complete)
+                return (f" (a `fungpt prepare` stopped while putting it in place left the complete dataset in "
+                        f"{folder}: rename that folder to {out.name})")
+    return ""
 
 
 def _system_file(name: str) -> bool:
@@ -1146,7 +1159,8 @@ def load_meta(data_dir: str | Path) -> dict:
     data_dir = Path(data_dir)
     meta_path = data_dir / "meta.json"
     if not data_dir.is_dir():
-        raise FunGPTError(f"data folder {data_dir} does not exist; create it with `fungpt prepare --out {data_dir}`")
+        raise FunGPTError(f"data folder {data_dir} does not exist; create it with `fungpt prepare --out {data_dir}`"
+                          + left_in_a_temporary(data_dir))
     if not meta_path.is_file():
         raise FunGPTError(
             f"{data_dir} is not a prepared dataset ({meta_path} is missing); create it with `fungpt prepare`"

@@ -72,6 +72,7 @@ from fungpt.data import (
     check_token_ids,
     is_prepared,
     iter_eval_windows,
+    left_in_a_temporary,
     load_meta,
     max_token_id,
     mend,
@@ -225,7 +226,8 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
     builtin = data.path == "shakespeare" and not path.exists()  # (a file or folder of that name is the user's own)
     if not builtin and not path.exists():
         raise FunGPTError(f"data.path {data.path!r} does not exist: set data.path (--data.path, or path in the "
-                          f"config's [data]) to a text file, a folder of text, a prepared folder or 'shakespeare'")
+                          f"config's [data]) to a text file, a folder of text, a prepared folder or 'shakespeare'"
+                          + left_in_a_temporary(path))
     kind = data.tokenizer if tokenizer is None else tokenizer.name
     key_parts: list[str] = [data.tokenizer, str(data.vocab_size), repr(data.val_fraction)]
     if tokenizer is not None:

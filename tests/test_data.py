@@ -197,6 +197,30 @@ def test_gpt2_unavailable_is_clean_error(tmp_path, corpus, monkeypatch):
     assert not (tmp_path / "g").exists() and leftovers(tmp_path) == []
 
 
+def test_a_dataset_left_complete_in_its_temporary_folder_is_named_where_it_is_missing(tmp_path, corpus):
+    """`prepare --overwrite` killed between moving the old dataset aside and renaming the new one into place (one
+    system call apart) left OUT missing and the complete new dataset in OUT.tmp-HOST-PID: the errors said only
+    "does not exist"."""
+    from fungpt.config import DataConfig
+    from fungpt.train import resolve_data
+
+    out = tmp_path / "prep"
+    prepare(corpus, out, "char")
+    (tmp_path / "prep.tmp-box-7").mkdir()  # an incomplete one (no meta.json) is not offered
+    out.rename(tmp_path / "prep.tmp-box-9")
+    hint = (f"(a `fungpt prepare` stopped while putting it in place left the complete dataset in "
+            f"{tmp_path / 'prep.tmp-box-9'}: rename that folder to prep)")
+    for call in (lambda: load_meta(out), lambda: resolve_data(DataConfig(path=str(out)), progress=False),
+                 lambda: data_mod.resolve_source(out)):
+        with pytest.raises(FunGPTError) as err:
+            call()
+        assert str(err.value).endswith(hint), str(err.value)
+    shutil.rmtree(tmp_path / "prep.tmp-box-9")
+    with pytest.raises(FunGPTError) as err:
+        load_meta(out)
+    assert str(err.value).endswith("create it with `fungpt prepare --out " + str(out) + "`")
+
+
 def test_folder_input_sorted_with_separators(tmp_path):
     folder = tmp_path / "docs"
     (folder / "sub").mkdir(parents=True)
