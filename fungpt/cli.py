@@ -411,11 +411,17 @@ def prepare_command(input: str, out: str, tokenizer: Literal["char", "bpe", "gpt
 RunFolder = Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN")]
 
 
+STOP_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}  # --stop '\n\n': what a shell passes as backslash and n
+STOP_HELP = ("End a sample where its text first holds this text, which it then ends with: --stop '\\n\\n' stops at "
+             "the first blank line (one paragraph, one speech); \\n and \\t are read as a newline and a tab, \\\\ as "
+             "one backslash.")
+
+
 def sample_command(run: RunFolder, prompt: str | None = None, prompt_file: str | None = None, num_samples: int = 1,
                    max_new_tokens: int = 500, temperature: float = 0.8, top_k: int | None = 200,
                    top_p: float | None = None, seed: int = 1337, checkpoint: Literal["last", "best"] = "last",
                    device: str = "auto", show_probs: bool = False, show_top: int = 5,
-                   stop_at_eot: bool = True) -> None:
+                   stop_at_eot: bool = True, stop: Annotated[str | None, tyro.conf.arg(help=STOP_HELP)] = None) -> None:
     """Generate text from a trained run, streaming it to stdout.
 
     On a terminal, control characters in the text are shown as escapes such as \\x1b; into a file or a pipe, the
@@ -440,12 +446,15 @@ def sample_command(run: RunFolder, prompt: str | None = None, prompt_file: str |
         show_top: How many candidates --show-probs lists.
         stop_at_eot: End a sample at <|endoftext|>, the token between documents in BPE and GPT-2 data, so
             that a sample is one document (--no-stop-at-eot: always max_new_tokens, across documents).
+        stop: (see STOP_HELP: a help text with backslashes is given as tyro.conf.arg's, which keeps it one paragraph)
     """
     from fungpt.runs import overfit_note
     from fungpt.sample import check_options, sample
 
+    stop = None if stop is None else re.sub(r"\\([nt\\])", lambda m: STOP_ESCAPES[m.group(1)], stop)
     check_options(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                  top_p=top_p, show_top=show_top, prompt=prompt, prompt_file=prompt_file)  # (before the note)
+                  top_p=top_p, show_top=show_top, prompt=prompt, prompt_file=prompt_file,
+                  stop=stop)  # (before the note)
     if show_top != 5 and not show_probs:  # (its default: 5)
         print(f"fungpt: note: --show-top {show_top} applies to --show-probs, which is not given: it changes nothing",
               file=sys.stderr)
@@ -453,7 +462,7 @@ def sample_command(run: RunFolder, prompt: str | None = None, prompt_file: str |
         print(note, file=sys.stderr)  # (stdout is the text, which may be piped into a file)
     sample(run, prompt=prompt, prompt_file=prompt_file, num_samples=num_samples, max_new_tokens=max_new_tokens,
            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, checkpoint=checkpoint, device=device,
-           out=sys.stdout, show_probs=show_probs, show_top=show_top, stop_at_eot=stop_at_eot)
+           out=sys.stdout, show_probs=show_probs, show_top=show_top, stop_at_eot=stop_at_eot, stop=stop)
 
 
 def eval_command(run: RunFolder, input: str | None = None, checkpoint: Literal["last", "best"] = "last",

@@ -76,7 +76,7 @@ PROMPT_FILE_MAX_BYTES = 16 << 20
 
 def check_options(*, num_samples: int = 1, max_new_tokens: int = 0, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, show_top: int = 1, prompt: str | None = None,
-                  prompt_file: str | None = None) -> None:
+                  prompt_file: str | None = None, stop: str | None = None) -> None:
     """Refuse sample()'s settings that cannot work, before anything is loaded (the sample command checks them
     before its note on the run, too)."""
     # (numbers from Python: the command line's parser has checked its own)
@@ -99,6 +99,8 @@ def check_options(*, num_samples: int = 1, max_new_tokens: int = 0, temperature:
         raise FunGPTError(f"--top-p {top_p} must be in (0, 1]")
     if prompt is not None and prompt_file is not None:
         raise FunGPTError("give either --prompt or --prompt-file, not both")
+    if stop is not None and (not isinstance(stop, str) or not stop):  # ("" would end every sample at once)
+        raise FunGPTError(f"--stop {stop!r} must be some text, e.g. --stop '\\n\\n' to end at a blank line")
 
 
 class _TerminalStream:
@@ -125,19 +127,21 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
            max_new_tokens: int = 500, temperature: float = 0.8, top_k: int | None = 200, top_p: float | None = None,
            seed: int = 1337, checkpoint: str = "last", device: str = "auto",
            out: TextIO | None = None, show_probs: bool = False, show_top: int = 5,
-           stop_at_eot: bool = True) -> list[str]:
+           stop_at_eot: bool = True, stop: str | None = None) -> list[str]:
     """Generate `num_samples` continuations of the prompt, streaming text to `out` as it is made.
 
     The same seed gives the same text. Returns the generated texts (without the prompt).
     stop_at_eot: end a sample at <|endoftext|>, the token between documents in BPE and GPT-2 data (not
     written; the char tokenizer has none), so that a sample is one document, as Hugging Face's generate
     stops at its eos token. False: max_new_tokens tokens, across documents.
+    stop: end a sample where its text first holds this string, which ends it (e.g. "\n\n": one paragraph; a
+    token that runs past it is cut there). None: no such end.
     show_probs: instead of streaming the text, write one line per generated token: the token
     chosen, its probability and the `show_top` most likely candidates (probabilities after
     temperature, top-k and top-p, i.e. those the token was drawn from); then the whole text.
     """
     check_options(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                  top_p=top_p, show_top=show_top, prompt=prompt, prompt_file=prompt_file)
+                  top_p=top_p, show_top=show_top, prompt=prompt, prompt_file=prompt_file, stop=stop)
     temperature, top_p = float(temperature), None if top_p is None else float(top_p)  # (a Fraction: torch takes none)
     if prompt_file is not None:
         if not str(prompt_file).strip():  # (Path("") is the current folder)
@@ -179,9 +183,10 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
         idx = torch.tensor([ids], dtype=torch.long, device=loaded.device)
         if show_probs:
             texts.append(_sample_showing_probs(loaded, idx, max_new_tokens, temperature, top_k, top_p, gen,
-                                               show_top, out, prompt or "", eot))
+                                               show_top, out, prompt or "", eot, stop))
             continue
         new: list[int] = []
+        made, end = "", None  # the sample's text so far, as written (searched for `stop`); where `stop` ended it
         # With byte-level BPE a character can span several tokens: the stream prints each character once
         # its last token has come (tokenizer.TextStream)
         stream = TextStream(loaded.tokenizer)
@@ -196,21 +201,39 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
                 break
             new.append(token)
             piece = stream.add(token)
+            end = _stop_end(made, piece, stop)
+            if end is not None:
+                piece = piece[: end - len(made)]  # (a token may run past the stop string: cut at its end)
+            made += piece
             if out is not None and piece:
                 out.write(shown(piece))
                 out.flush()
+            if end is not None:
+                break
+        rest = "" if end is not None else stream.flush()  # (a character whose last bytes never came)
         if out is not None:
-            out.write(shown(stream.flush(), last=True) + "\n")
+            out.write(shown(rest, last=True) + "\n")
             out.flush()
-        texts.append(loaded.tokenizer.decode(new))
+        texts.append(made if end is not None else loaded.tokenizer.decode(new))
     return texts
+
+
+def _stop_end(made: str, piece: str, stop: str | None) -> int | None:
+    """Where the text made + piece ends if `stop` first appears in it with this piece (the index just past it in
+    made + piece), else None. Only the last len(stop) - 1 characters of `made` can begin a new match."""
+    if not stop:
+        return None
+    start = max(0, len(made) - len(stop) + 1)
+    at = (made + piece).find(stop, start)
+    return None if at < 0 else at + len(stop)
 
 
 def _sample_showing_probs(loaded: LoadedRun, idx: torch.Tensor, max_new_tokens: int, temperature: float,
                           top_k: int | None, top_p: float | None, gen: torch.Generator, show_top: int,
-                          out: TextIO | None, prompt: str, eot: int | None = None) -> str:
+                          out: TextIO | None, prompt: str, eot: int | None = None, stop: str | None = None) -> str:
     """One sample, writing a line per step with the top candidates; returns the generated text (which ends
-    before the token `eot`, if drawn; its line is written)."""
+    before the token `eot`, if drawn, or just past `stop` where the text first holds it; that token's line is
+    written)."""
     tok = loaded.tokenizer
     if out is not None:
         given = repr(prompt) if prompt else \
@@ -238,7 +261,11 @@ def _sample_showing_probs(loaded: LoadedRun, idx: torch.Tensor, max_new_tokens: 
         if token == eot:
             new.pop()
             break
+        if stop and stop in tok.decode(new):
+            break
     text = tok.decode(new)
+    if stop and stop in text:
+        text = text[: text.index(stop) + len(stop)]  # (the last token may run past it)
     if out is not None:
         whole = for_terminal(text) if _is_terminal(out) else text  # (as the streamed text: see sample)
         out.write(f"--- text ---\n{prompt}{whole}\n")

@@ -1039,6 +1039,72 @@ def test_walkthroughs_show_probs_excerpt_is_the_figures_own_rows():
     assert rows == [line for line in figure if line.strip()[:1].isdigit()][:len(rows)]
 
 
+@pytest.mark.parametrize("show_probs", [False, True])
+def test_a_sample_ends_where_its_text_first_holds_the_stop_text(run_dir, show_probs):
+    """--stop TEXT: the sample is the one without it, up to and including the first TEXT in it (same seed)."""
+    whole = sample(run_dir, max_new_tokens=80, seed=5, stop_at_eot=False)[0]
+    stop = whole[20:22]
+    first = whole.find(stop)
+    out = io.StringIO()
+    assert sample(run_dir, max_new_tokens=80, seed=5, stop=stop, out=out, show_probs=show_probs) == [
+        whole[: first + len(stop)]]
+    if not show_probs:  # the written text ends there too (then the line's end)
+        assert out.getvalue() == whole[: first + len(stop)] + "\n"
+    missing = "\x00never"  # a stop the sample never holds changes nothing
+    assert sample(run_dir, max_new_tokens=80, seed=5, stop=missing, show_probs=show_probs) == [whole]
+
+
+@pytest.mark.parametrize("show_probs", [False, True])
+def test_a_token_that_runs_past_the_stop_text_is_cut_at_its_end(run_dir, monkeypatch, show_probs):
+    import dataclasses
+    import importlib
+
+    from fungpt.tokenizer import BPETokenizer
+
+    sample_mod = importlib.import_module("fungpt.sample")  # (`import fungpt.sample` names the function)
+    bpe = BPETokenizer.train("The cat sat on the mat. " * 20, vocab_size=300)
+    drawn = bpe.encode("The cat sat on the mat. The cat")
+    assert "ca" not in [bpe.decode([t]) for t in drawn]  # (so "ca" ends inside a token: " cat" or a longer one)
+
+    class Scripted(torch.nn.Module):  # draws `drawn`, whatever the model would
+        def generate_stream(self, idx, max_new_tokens, yield_logits=False, **kw):
+            for t in drawn[:max_new_tokens]:
+                ids = torch.tensor([t])
+                yield (ids, torch.zeros(1, bpe.vocab_size)) if yield_logits else ids
+
+    real = load_run(run_dir, device="cpu")
+    monkeypatch.setattr(sample_mod, "load_run", lambda *a, **k: dataclasses.replace(real, model=Scripted(),
+                                                                                    tokenizer=bpe))
+    out = io.StringIO()
+    # "at" ends inside the token " cat" (or one holding more): the sample ends just past it, whatever the token
+    assert sample(run_dir, max_new_tokens=20, stop="ca", out=out, show_probs=show_probs) == ["The ca"]
+    if not show_probs:
+        assert out.getvalue() == "The ca\n"
+
+
+def test_the_stop_text_may_span_pieces_and_is_found_once():
+    from fungpt.sample import _stop_end
+
+    assert _stop_end("", "abc", None) is None
+    assert _stop_end("xa", "bcd", "abc") == 4  # "xabcd": "abc" ends at 4, spanning the two pieces
+    assert _stop_end("abc", "abc", "abc") == 6  # (a match inside `made` was found at its own step)
+    assert _stop_end("ab", "x", "abc") is None
+
+
+def test_the_sample_command_reads_escapes_in_its_stop_text(run_dir, monkeypatch, capsys):
+    import importlib
+
+    sample_mod = importlib.import_module("fungpt.sample")  # (`import fungpt.sample` names the function)
+    seen = []
+    monkeypatch.setattr(sample_mod, "sample", lambda *a, **kw: seen.append(kw["stop"]))
+    for given in ("\\n\\n", "a\\tb", "\\\\n", "plain"):
+        assert main(["sample", str(run_dir), "--stop", given]) == 0
+    assert main(["sample", str(run_dir)]) == 0
+    assert seen == ["\n\n", "a\tb", "\\n", "plain", None]
+    assert main(["sample", str(run_dir), "--stop", ""]) == 2
+    assert "--stop '' must be some text" in capsys.readouterr().err
+
+
 def test_the_sample_command_passes_its_stop_at_eot_flag_on(run_dir, monkeypatch):
     import importlib
 
