@@ -927,16 +927,19 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
         return 0
     except OSError as e:  # a path that cannot be read or written (a file where a folder is needed, ...)
         if e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            # A write with no file named: the command's output (`> log` on a full disk, `> /dev/full`); FunGPT's own
-            # files name themselves in their errors
+            # A write with no file named: most likely the command's output (`> log` on a full disk, `> /dev/full`);
+            # FunGPT's own writes name their files (FunGPTError, or the OSError's filename)
             _silence_stdout()
-            print(f"error: could not write: {e.strerror or e} (where this command's output goes, if it is redirected "
-                  f"to a file): free some space, or send the output elsewhere", file=sys.stderr)
+            print(f"error: could not write: {e.strerror or e} (no file named: most likely this command's output, "
+                  f"where it is redirected to a file): free some space, or send the output elsewhere",
+                  file=sys.stderr)
             return 2
         where = f"{e.filename}: " if e.filename else ""
         path_errors = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EACCES, errno.EPERM,
                        errno.EROFS, errno.ENAMETOOLONG)
-        hint = "; check the path" if e.errno in path_errors else ""  # not for e.g. a full disk
+        full = {errno.ENOSPC: "; free some space there", errno.EDQUOT: "; free some space there",
+                errno.EFBIG: "; a file size limit (ulimit -f) stopped the write"}
+        hint = "; check the path" if e.errno in path_errors else full.get(e.errno, "")
         print(f"error: {where}{e.strerror or e}{hint}", file=sys.stderr)
         return 2
     except SystemExit as e:  # tyro's own parse errors and --help (it has printed its message), Ctrl-C's 130

@@ -216,6 +216,10 @@ def shakespeare_path() -> Path:
         with f:
             f.write(data)
         os.replace(tmp, cached)
+    except OSError as e:
+        if e.filename is None:  # (a write that failed names no file: a full disk, a size limit)
+            e.filename = str(cached)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return cached

@@ -243,7 +243,9 @@ class Tokenizer:
             for path in sorted(tmp.iterdir(), key=lambda p: p.name == META_FILE):  # the meta file last
                 os.replace(path, directory / path.name)
             fsync_dir(directory)
-        except OSError:
+        except OSError as e:
+            if e.filename is None:  # (a write or fsync that failed names no file: a full disk, a size limit)
+                e.filename = str(directory)
             raise
         except Exception as e:  # the tokenizers library reports its write errors as plain Exceptions
             raise FunGPTError(f"could not write the tokenizer into {directory}: {e}") from None

@@ -1752,9 +1752,9 @@ def test_output_to_a_full_disk_is_one_line_that_says_so(world, tmp_path, monkeyp
     monkeypatch.setattr(cli, "_silence_stdout", lambda: None)  # (the test's stdout is not a file descriptor)
     monkeypatch.setattr(sys, "stdout", Full())
     assert main(["inspect", str(out)]) == 2
-    assert capsys.readouterr().err == ("error: could not write: No space left on device (where this command's output "
-                                       "goes, if it is redirected to a file): free some space, or send the output "
-                                       "elsewhere\n")
+    assert capsys.readouterr().err == ("error: could not write: No space left on device (no file named: most likely "
+                                       "this command's output, where it is redirected to a file): free some space, "
+                                       "or send the output elsewhere\n")
 
 
 def test_a_truncated_state_pt_is_called_damaged_not_unsafe(world, tmp_path):

@@ -581,3 +581,20 @@ def test_a_byte_fallback_tokenizer_streams_whole_characters_and_is_told_apart():
     assert tok.first_difference(byte_fallback_tokenizer()) is None
     swapped = byte_fallback_tokenizer(swap=("▁a", "a"))
     assert tok.first_difference(swapped) == min(tok._tok.token_to_id("a"), tok._tok.token_to_id("▁a"))
+
+
+def test_a_tokenizer_save_that_fails_names_its_folder(tmp_path, monkeypatch):
+    """A full disk or a size limit fails a write or fsync with an OSError that names no file: the command said only
+    "error: File too large", or blamed its own output."""
+    import errno
+
+    tok = CharTokenizer.train("hello")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+    monkeypatch.setattr(type(tok), "_save_files", full)
+    with pytest.raises(OSError) as err:
+        tok.save(tmp_path / "run")
+    assert err.value.filename == str(tmp_path / "run") and err.value.errno == errno.EFBIG
+    assert [p.name for p in (tmp_path / "run").iterdir()] == []  # nothing half-written
