@@ -28,6 +28,7 @@ Precision, in short:
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -69,6 +70,18 @@ class Precision:
     @property
     def needs_grad_scaler(self) -> bool:
         return self.dtype == "float16"
+
+
+# The torch that first runs each half precision on an Apple GPU: autocast to bfloat16 there came with 2.6 (2.5's
+# autocast knew float16 only, and turned bfloat16 off with a warning); float16 also needs GradScaler, whose MPS
+# kernels came with 2.8 (before, its unscaling cast to float64, which MPS lacks)
+MPS_MIN_TORCH = {"bfloat16": (2, 6), "float16": (2, 8)}
+
+
+def torch_version() -> tuple[int, int]:
+    """(major, minor) of the installed torch: a pre-release such as NVIDIA's 2.8.0a0+... counts as 2.8."""
+    major, minor = (int(n) for n in re.findall(r"\d+", torch.__version__)[:2])
+    return major, minor
 
 
 def choose_precision(device: str, dtype: str, *, cuda: bool, mps: bool, cuda_bf16: bool,
@@ -119,6 +132,10 @@ def choose_precision(device: str, dtype: str, *, cuda: bool, mps: bool, cuda_bf1
         if dtype == "float16" and optimizer == "muon":  # (here, so training, --dry-run and inspect all refuse it)
             raise FunGPTError("train.optimizer = 'muon' does not support float16 loss scaling: use train.dtype = "
                               "'bfloat16' or 'float32'")
+        if device == "mps" and dtype in MPS_MIN_TORCH and torch_version() < MPS_MIN_TORCH[dtype]:
+            need = ".".join(map(str, MPS_MIN_TORCH[dtype]))
+            raise FunGPTError(f"train.dtype = {dtype!r} on an Apple GPU needs torch {need} or newer, this is "
+                              f"{torch.__version__}: pip install -U torch, or use train.dtype = 'float32'")
         emulated = dtype == "bfloat16" and device == "cuda" and not cuda_bf16
         if dtype == "bfloat16" and device == "cpu":
             why.append("bfloat16 products in the Linear layers, the rest float32 (as configured" + (

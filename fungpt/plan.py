@@ -59,8 +59,8 @@ def device_memory(device: str) -> int | None:
 
 def processes_sharing(device: str) -> int:
     """How many processes share `device`'s memory: under torchrun (RANK and WORLD_SIZE set, as train's
-    setup_distributed asks) on a CPU or an Apple GPU, all those on this machine (LOCAL_WORLD_SIZE); on CUDA each
-    process has a GPU of its own."""
+    setup_distributed asks) on a CPU, all those on this machine (LOCAL_WORLD_SIZE); on CUDA each process has a GPU
+    of its own (an Apple GPU is refused under torchrun)."""
     local, world = os.environ.get("LOCAL_WORLD_SIZE", ""), os.environ.get("WORLD_SIZE", "1")
     launched = "RANK" in os.environ and world.isdigit() and int(world) > 1
     return int(local) if launched and local.isdigit() and int(local) > 1 and not device.startswith("cuda") else 1

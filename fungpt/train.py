@@ -93,6 +93,7 @@ from fungpt.hardware import (
     detect_precision,
     keep_freed_memory,
     tf32_products,
+    torch_version,
 )
 from fungpt.hf import load_gpt2
 from fungpt.linear import onednn_bf16_works, onednn_linear, onednn_works, using_cpu_matmul
@@ -135,11 +136,14 @@ def setup_distributed(device: str) -> Dist:
     """Join the process group when launched by torchrun (which sets RANK and WORLD_SIZE)."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Dist()
-    # (major, minor) only: a pre-release of 2.8 (NVIDIA's 2.8.0a0+...) counts as 2.8
-    if tuple(int(n) for n in re.findall(r"\d+", torch.__version__)[:2]) < DDP_MIN_TORCH:
+    if torch_version() < DDP_MIN_TORCH:
         raise FunGPTError(f"training with several processes (torchrun) needs torch 2.8 or newer, this is "
                           f"{torch.__version__} (with 2.4 and 2.6 the processes could wait on each other for ever): "
                           f"pip install -U torch, or train in one process")
+    if device == "mps":  # (gloo, the backend off CUDA, carries CPU and CUDA tensors only)
+        raise FunGPTError("training with several processes (torchrun) on an Apple GPU is not supported: torch's "
+                          "gloo backend cannot carry its tensors; train in one process on the GPU, or under "
+                          "torchrun on the CPU (--train.device cpu)")
     d = Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
@@ -1733,6 +1737,8 @@ def load_training_state(folder: Path, manifest: dict[str, Any], optimizer: torch
             torch.set_rng_state(rng["cpu"])
             if device == "cuda" and "cuda" in rng:
                 torch.cuda.set_rng_state(rng["cuda"])
+            if device == "mps" and "mps" in rng:  # (checkpoints from before it was saved: the seeded stream)
+                torch.mps.set_rng_state(rng["mps"])
         per_step = state.get("tokens_per_step")
         eval_left = state.get("eval_left")  # (checkpoints from before it was saved: None)
         if not isinstance(eval_left, bool | None):
@@ -2476,9 +2482,12 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
 
 
 def _rng_state(device: str) -> dict[str, torch.Tensor]:
+    """The random streams a resume sets back: the CPU's, and the GPU's that draws the dropout masks there."""
     state = {"cpu": torch.get_rng_state()}
     if device == "cuda":
         state["cuda"] = torch.cuda.get_rng_state()
+    elif device == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 

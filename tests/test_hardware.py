@@ -105,6 +105,24 @@ def test_asking_for_what_the_machine_lacks_is_an_error(device, dtype, cuda, mps,
         choose_precision(device, dtype, cuda=cuda, mps=mps, cuda_bf16=bf16)
 
 
+def test_half_precision_on_an_apple_gpu_needs_the_torch_that_runs_it(monkeypatch):
+    """torch 2.4 raised a raw "unsupported autocast device_type 'mps'"; 2.5 turned bfloat16 off with a warning (the
+    run still said bfloat16); float16's GradScaler failed on MPS before 2.8."""
+    from torch.torch_version import TorchVersion
+
+    for version, dtype, ok in (("2.4.1", "float16", False), ("2.7.1", "float16", False), ("2.8.0", "float16", True),
+                               ("2.5.1", "bfloat16", False), ("2.6.0", "bfloat16", True), ("2.4.1", "float32", True)):
+        monkeypatch.setattr(torch, "__version__", TorchVersion(version))
+        if ok:
+            assert choose_precision("mps", dtype, cuda=False, mps=True, cuda_bf16=False).dtype == dtype
+        else:
+            with pytest.raises(FunGPTError, match=rf"train.dtype = '{dtype}' on an Apple GPU needs torch 2.[68] or "
+                                                  rf"newer, this is {version}: pip install -U torch, or use"):
+                choose_precision("mps", dtype, cuda=False, mps=True, cuda_bf16=False)
+        # (the CPU and CUDA are not concerned)
+        assert choose_precision("cpu", dtype, cuda=False, mps=True, cuda_bf16=False).dtype == dtype
+
+
 def test_muon_on_a_gpu_without_native_bfloat16_trains_in_float32():
     """Muon cannot work with float16 loss scaling: "auto" chose float16 on a T4 and the run was refused, whose
     advice (bfloat16) was refused in turn. Now "auto" takes float32 there, and bfloat16 asked for is allowed."""

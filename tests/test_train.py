@@ -1238,6 +1238,19 @@ def test_several_processes_need_a_torch_whose_ddp_runs_pass_the_tests(monkeypatc
     with pytest.raises(FunGPTError, match=r"several processes \(torchrun\) needs torch 2.8 or newer, this is "
                                           r"2.6.0\+cu124 .*: pip install -U torch, or train in one process"):
         setup_distributed("cpu")
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.8.0a0+5228986c39"))  # (NVIDIA's pre-release: 2.8)
+    # an Apple GPU: gloo cannot carry its tensors (a raw "invalid tensor type" from the first all-reduce)
+    with pytest.raises(FunGPTError, match=r"torchrun\) on an Apple GPU is not supported: .* under torchrun on the "
+                                          r"CPU \(--train.device cpu\)$"):
+        setup_distributed("mps")
+
+
+def test_an_apple_gpu_run_saves_its_gpu_random_stream_for_the_resume(monkeypatch):
+    """Dropout masks on MPS come from its own generator: a resume reseeded it (the masks of step 1 again)."""
+    train_module = sys.modules["fungpt.train"]
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
+    assert torch.equal(train_module._rng_state("mps")["mps"], torch.tensor([7], dtype=torch.uint8))
+    assert set(train_module._rng_state("cpu")) == {"cpu"}
 
 
 def test_ddp_two_gloo_processes(corpus, tmp_path):
