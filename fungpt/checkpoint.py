@@ -150,10 +150,11 @@ def open_new_temp(path: Path, mode: str = "w"):
     """
     path = Path(path)
     tmp = path.with_name(f".{temp_stem(path.name)}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    # (O_BINARY: on Windows os.open would otherwise open in text mode, and "\n" would be written as "\r\n")
+    # (O_BINARY: on Windows os.open would otherwise open in text mode; newline="\n", that Python's text layer
+    # writes "\n" as it is there too, not as "\r\n")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
     fd = os.open(tmp, flags, 0o666)  # (the umask applies to the mode)
-    return tmp, os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+    return tmp, os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": "\n"}))
 
 
 def atomic_write_text(path: Path, text: str) -> None:

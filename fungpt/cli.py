@@ -25,7 +25,6 @@ import errno
 import math
 import os
 import re
-import shlex
 import signal
 import sys
 import time
@@ -38,7 +37,14 @@ import tyro
 
 from fungpt import _startup
 from fungpt.config import RunConfig
-from fungpt.errors import FunGPTError, folder_name, is_out_of_memory, read_json, said_on_ctrl_c
+from fungpt.errors import (
+    FunGPTError,
+    folder_name,
+    is_out_of_memory,
+    read_json,
+    said_on_ctrl_c,
+    shell_quote,
+)
 
 
 @dataclass
@@ -144,7 +150,7 @@ def _parse(f, args: list[str], prog: str, **kwargs):
     if missing:  # (its value may be there, starting with a dash, which reads as another option: -run, -0.5)
         i = args.index(missing[1]) if missing[1] in args else -1
         if 0 <= i < len(args) - 1 and args[i + 1].startswith("-"):
-            refusal += f"; a value that starts with a dash is written {missing[1]}={shlex.quote(args[i + 1])}"
+            refusal += f"; a value that starts with a dash is written {missing[1]}={shell_quote(args[i + 1])}"
     raise FunGPTError(f"{refusal} (`{prog} --help` lists the options)") from None
 
 
@@ -376,7 +382,7 @@ def cmd_train(args: list[str], start_time: float) -> int | None:
         if result.get("trained") and not math.isfinite(result["val_loss"]):  # (the run has warned why)
             print("fungpt: done, with a model whose outputs are not finite numbers: see the warning above")
             return None
-        print(f"fungpt: done{untrained}. Sample with: fungpt sample --run {shlex.quote(str(result['out_dir']))}")
+        print(f"fungpt: done{untrained}. Sample with: fungpt sample --run {shell_quote(str(result['out_dir']))}")
 
 
 def prepare_command(input: str, out: str, tokenizer: Literal["char", "bpe", "gpt2"] = "char",
@@ -614,7 +620,7 @@ def serve_command(run: RunFolder, host: str = "127.0.0.1", port: int = 8000,
         from fungpt.serve import serve
     except ImportError as e:
         raise FunGPTError(f"fungpt serve needs the web extras ({e.name} is missing): "
-                          f"pip install 'fungpt[serve]' (in a checkout: pip install -e '.[serve]')") from None
+                          f'pip install "fungpt[serve]" (in a checkout: pip install -e ".[serve]")') from None
     serve(run, host=host, port=port, checkpoint=checkpoint, device=device, allow_hosts=allow_host)
 
 

@@ -23,7 +23,6 @@ import dataclasses
 import difflib
 import math
 import os
-import shlex
 import tomllib
 import types
 import typing
@@ -32,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fungpt.errors import FunGPTError, check_field_types, check_run_given, read_json
+from fungpt.errors import FunGPTError, check_field_types, check_run_given, read_json, shell_quote
 from fungpt.linear import CPU_MATMULS
 from fungpt.model import GPTConfig
 
@@ -511,6 +510,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         # (nanoGPT's configs are Python files, which are never run here)
         python = (": FunGPT reads TOML, not nanoGPT's Python configs; write the settings as TOML, as configs/*.toml "
                   "are" if path.suffix == ".py" else "")
+        if not python and ("hex value" in str(e) or "Unescaped" in str(e)):  # ("C:\Users": \U starts an escape)
+            python = f": {BACKSLASH_HINT}"
         raise FunGPTError(f"config file {path} is not valid TOML: {e}{python}") from None
     except UnicodeDecodeError as e:  # TOML files must be UTF-8
         from fungpt.data import refuse_utf16_or_32  # (PowerShell 5's `>` writes UTF-16: named as such)
@@ -525,7 +526,18 @@ def _read_toml(path: Path) -> dict[str, Any]:
     if not d:  # (a script that truncated it: the defaults would train silently, a long run of another model)
         raise FunGPTError(f"config file {path} holds no settings; write the settings into it, or leave --config out "
                           f"to train with the defaults")
+    # A path in double quotes whose backslashes TOML read as escapes ("D:\new\texts": a newline and a tab): no
+    # file has such a name, and the error about it would print the name as the user wrote it
+    for where, value in (("out_dir", d.get("out_dir")), ("[data] path", (d.get("data") or {}).get("path")),
+                         ("[model] init_from", (d.get("model") or {}).get("init_from"))):
+        if isinstance(value, str) and any(ord(c) < 0x20 for c in value):
+            raise FunGPTError(f"config file {path}: {where} = {value!r} holds a control character: "
+                              f"{BACKSLASH_HINT}")
     return d
+
+
+BACKSLASH_HINT = ("in double quotes a backslash starts an escape (\\n, \\t, \\U...): write a Windows path in single "
+                  "quotes, path = 'C:\\data\\my.txt', or with forward slashes")
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
@@ -546,7 +558,7 @@ def _read_saved_config(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise FunGPTError(f"cannot read {path}: {e.strerror or e}") from None
     if _names_hf_model(d):  # e.g. the folder of `fungpt export`
-        folder = shlex.quote(str(path.parent))
+        folder = shell_quote(str(path.parent))
         raise FunGPTError(f"{path.parent} holds a Hugging Face model ({d.get('model_type', 'a config.json of its')}), "
                           f"not a FunGPT training run: fine-tune it with `fungpt train --model.init-from {folder}`, "
                           f"or load it with transformers")

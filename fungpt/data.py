@@ -1006,6 +1006,8 @@ def prepare(
         # (Windows refuses a rename onto a folder that is not empty with EACCES)
         taken = (errno.ENOTEMPTY, errno.EEXIST, errno.EACCES) if os.name == "nt" else (errno.ENOTEMPTY, errno.EEXIST)
         try:
+            if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+                out.rmdir()  # an empty --out folder: Windows renames onto no folder at all, even an empty one
             os.replace(tmp, out)
             swapped = True
         except OSError as e:

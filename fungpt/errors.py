@@ -16,6 +16,8 @@ import contextlib
 import dataclasses
 import numbers
 import os
+import re
+import shlex
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -189,3 +191,12 @@ def why_download_failed(e: BaseException, width: int = 160) -> str:
         return "could not reach the server: no network, or a proxy or mirror that does not answer"
     short = textwrap.shorten(chain[0], width=width, placeholder=" ...")
     return short if short != "..." and not short.endswith(": ...") else chain[0][:width - 4] + " ..."
+
+
+def shell_quote(text: str) -> str:
+    """`text` as one argument of a command the user can paste into their shell: POSIX quoting (shlex.quote) or, on
+    Windows, double quotes where it needs any (cmd.exe passes single quotes on as part of the argument; double
+    quotes work there and in PowerShell)."""
+    if os.name != "nt":
+        return shlex.quote(text)
+    return f'"{text}"' if not text or re.search(r"[\s&|<>^()%!;,'`$]", text) else text

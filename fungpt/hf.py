@@ -15,14 +15,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import warnings
 from pathlib import Path
 
 import torch
 
 from fungpt.checkpoint import open_new_temp
-from fungpt.errors import FunGPTError, is_out_of_memory, read_json, utf8_path
+from fungpt.errors import FunGPTError, is_out_of_memory, read_json, shell_quote, utf8_path
 from fungpt.model import GPT, GPTConfig
 
 # HF GPT-2 stores these four as Conv1D, whose weight is (in, out): the transpose of nn.Linear's (out, in).
@@ -42,7 +41,7 @@ def hf_config(path: str | os.PathLike) -> GPTConfig:
     except (OSError, ValueError) as e:  # (not JSON, not UTF-8, nested too deeply)
         raise FunGPTError(f"cannot read {path / 'config.json'}: {e}") from None
     if isinstance(hf, dict) and {"data", "model", "train"} <= set(hf):
-        quoted = shlex.quote(str(path))
+        quoted = shell_quote(str(path))
         raise FunGPTError(f"'{path}' is a FunGPT run, not a Hugging Face GPT-2 folder: continue it with `fungpt "
                           f"train --resume --out-dir={quoted}`, or make such a folder of it with `fungpt export --run "
                           f"{quoted} --out DIR`")

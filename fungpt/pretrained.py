@@ -94,7 +94,7 @@ def _hub_folder(name: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise FunGPTError(f"init_from = {name!r} needs the huggingface_hub package: pip install 'fungpt[hf]' "
+        raise FunGPTError(f"init_from = {name!r} needs the huggingface_hub package: pip install \"fungpt[hf]\" "
                           "(or pass a local Hugging Face GPT-2 folder)") from None
     cached = _cached_hub_folder(name)  # the cache first: works offline
     if cached is not None:

@@ -754,7 +754,7 @@ def _load_gpt2_encoding(timeout: float = GPT2_LOAD_TIMEOUT_S):
     except ImportError:
         raise FunGPTError(
             "the gpt2 tokenizer needs the tiktoken package: pip install tiktoken "
-            "(or install the extra: pip install 'fungpt[gpt2]')"
+            '(or install the extra: pip install "fungpt[gpt2]")'
         ) from None
 
     # Load in a helper thread so a hanging download cannot freeze us forever.

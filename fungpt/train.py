@@ -28,7 +28,6 @@ import json
 import math
 import os
 import re
-import shlex
 import shutil
 import signal
 import socket
@@ -85,7 +84,7 @@ from fungpt.data import (
 from fungpt.data import (
     data_fingerprint as fingerprint_of,
 )
-from fungpt.errors import FunGPTError, parse_json, read_json, said_on_ctrl_c
+from fungpt.errors import FunGPTError, parse_json, read_json, said_on_ctrl_c, shell_quote
 from fungpt.hardware import (
     Precision,
     check_compile,
@@ -2442,7 +2441,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     if interrupted:
         if already_done(step, tc, clock.elapsed(), clock.timings()):  # (a resume would find nothing to train)
             how = "" if evaluated_at == step else (f"; its final eval was not done: `fungpt eval "
-                                                   f"--run {shlex.quote(str(out_dir))}` scores it")
+                                                   f"--run {shell_quote(str(out_dir))}` scores it")
         else:
             how = f". Resume with the same command{resume_flags}"
         by = "" if stop_signal == signal.SIGINT else f" by {signal.Signals(stop_signal).name}"

@@ -1901,6 +1901,8 @@ def _files(world, tmp_path) -> dict[str, str]:
     (t / "out_dir_list.toml").write_text('out_dir = ["a", "b"]\n')
     (t / "unknown_section.toml").write_text("[optim]\nlr = 0.1\n")
     (t / "misspelt_section.toml").write_text("[trian]\nlr = 0.1\n")
+    (t / "windows_escapes.toml").write_text('[data]\npath = "D:\\new\\texts"\n')  # (a newline and a tab)
+    (t / "windows_hex.toml").write_text('[data]\npath = "C:\\Users\\me\\corpus.txt"\n')  # (\U: an escape)
     (t / "not_utf8.toml").write_bytes(b"[train]\nlr = \xff\n")
     (t / "a_file").write_text("x")
     (t / "dangling").symlink_to("nowhere-yet")
@@ -2101,6 +2103,13 @@ BAD_INPUTS = {
     "TOML unknown section": ([*TRAIN, "--config", "{tmp}/unknown_section.toml"], "optim"),
     "TOML misspelt section": ([*TRAIN, "--config", "{tmp}/misspelt_section.toml"],
                               "unknown top-level key(s) ['trian'] (did you mean [train] for [trian]?); expected"),
+    "TOML Windows path read as escapes": ([*TRAIN, "--config", "{tmp}/windows_escapes.toml"],
+                                          "windows_escapes.toml: [data] path = 'D:\\new\\texts' holds a control "
+                                          "character: in double quotes a backslash starts an escape"),
+    "TOML Windows path not TOML": ([*TRAIN, "--config", "{tmp}/windows_hex.toml"],
+                                   "is not valid TOML: Invalid hex value (at line 2, column 13): in double quotes a "
+                                   "backslash starts an escape (\\n, \\t, \\U...): write a Windows path in single "
+                                   "quotes, path = 'C:\\data\\my.txt', or with forward slashes"),
     "misspelt example config": ([*TRAIN, "--config", "shakespeare-chr"], "config file shakespeare-chr does not exist; "
                                 "did you mean shakespeare-char? give a config file's path, or the name of an example"),
     "TOML not UTF-8": ([*TRAIN, "--config", "{tmp}/not_utf8.toml"], "not_utf8.toml"),
@@ -3284,3 +3293,30 @@ def test_only_a_none_written_in_toml_is_told_that_toml_has_no_null(tmp_path):
         with pytest.raises(FunGPTError, match="lr_decay_iters = .* should be of type int or null") as e:
             load_config(tmp_path / "c.toml")
         assert ("TOML has no null: for its default, delete the line" in str(e.value)) == hint, str(e.value)
+
+
+def test_commands_to_paste_are_quoted_for_the_users_shell(monkeypatch):
+    """On Windows, shlex's single quotes reach a cmd.exe command as part of the path ('out\\run' not found)."""
+    from fungpt import errors
+
+    assert errors.shell_quote("out/my run") == "'out/my run'"
+    monkeypatch.setattr(errors.os, "name", "nt")
+    quoted = [errors.shell_quote(p) for p in ("out\\shakespeare-char", "C:\\my runs\\a", "a&b", "")]
+    monkeypatch.undo()
+    assert quoted == ["out\\shakespeare-char", '"C:\\my runs\\a"', '"a&b"', '""']
+
+
+def test_prepare_into_an_existing_empty_folder_renames_no_folder_onto_it(tmp_path, corpus, monkeypatch):
+    """Windows refuses to rename a folder onto any existing folder, an empty one too: prepare --out EMPTY failed
+    there ("Access is denied") where it works on Linux."""
+    real_replace = os.replace
+
+    def windows_replace(src, dst):
+        if Path(dst).is_dir():
+            raise PermissionError(errno.EACCES, "Access is denied", str(dst))
+        real_replace(src, dst)
+
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(os, "replace", windows_replace)
+    prepare(corpus, tmp_path / "empty", "char")
+    assert load_meta(tmp_path / "empty")["vocab_size"] > 0
