@@ -418,6 +418,10 @@ def verify_checkpoint(ckpt_dir: Path, weights_only: bool = False) -> dict[str, A
     return manifest
 
 
+# [model] settings that weights do not depend on: where training started, and dropout (a resume may change it)
+NOT_ARCHITECTURE = frozenset({"init_from", "dropout"})
+
+
 def check_model_config(manifest: dict[str, Any], ckpt_dir: Path, model_config: dict[str, Any],
                        config_path: Path) -> None:
     """Refuse weights that were trained with a different architecture than `model_config` asks for.
@@ -428,9 +432,8 @@ def check_model_config(manifest: dict[str, Any], ckpt_dir: Path, model_config: d
     saved = manifest.get("model")
     if not isinstance(saved, dict):
         return
-    skip = {"init_from", "dropout"}  # where training started, and dropout (a resume may change it): not architecture
     diffs = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in model_config.items()
-             if k in saved and k not in skip and saved[k] != v]
+             if k in saved and k not in NOT_ARCHITECTURE and saved[k] != v]
     if diffs:
         raise FunGPTError(f"checkpoint {ckpt_dir} was trained with a different model than {config_path} asks for "
                           f"({'; '.join(diffs)}); use the original settings or retrain")
@@ -630,7 +633,7 @@ def load_state(ckpt_dir: Path) -> dict[str, Any]:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
         detail = (detail.split(". ")[0] or type(e).__name__)[:160]  # (its first sentence: torch's go on for lines)
-        if "PytorchStreamReader" in detail:  # a zip archive cut short or damaged: no pickle was read at all
+        if "PytorchStreamReader" in detail or isinstance(e, EOFError):  # a file cut short or damaged: nothing was read
             raise FunGPTError(f"cannot load {path}: the file is damaged (truncated or corrupt: {detail}); "
                               f"resume from a good copy of the run, or train it again") from None
         raise FunGPTError(f"refusing to load {path}: it is not a plain tensor checkpoint, nothing in it was run "

@@ -474,7 +474,10 @@ def model_fields_named(config_file: str | Path | None, args: list[str], section:
     """The [model] settings (or another table's) a user wrote down, in the config file or as --model.* flags, even
     where the value equals the default. Fine-tuning needs this: there, an unset field means "the checkpoint's
     value", and a [data] tokenizer asked for, even the default "char", is not the one a fine-tune uses."""
-    named = set(_read_toml(config_path(config_file)).get(section, {})) if config_file else set()
+    path = config_path(config_file) if config_file else None
+    # (a run's config.json records every [data] setting, the unused defaults too: only the flags name any there)
+    named = set(_read_toml(path).get(section, {})) if path and not (section == "data" and path.suffix == ".json") \
+        else set()
     for a in args:
         if a.startswith(f"--{section}."):
             named.add(a.removeprefix(f"--{section}.").split("=", 1)[0].replace("-", "_"))
@@ -490,7 +493,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
                           f"once): save the config into a .toml file and pass that")
     if not path.is_file():
         names = presets()
-        near = difflib.get_close_matches(path.name.removesuffix(".toml"), names, n=1)  # a misspelt example's name
+        # a misspelt example's name, where config_path would have found the example (a bare name, or configs/NAME)
+        bare = path.suffix in ("", ".toml") and str(path.parent) in (".", "configs")
+        near = difflib.get_close_matches(path.name.removesuffix(".toml"), names, n=1) if bare else []
         raise FunGPTError(f"config file {path} does not exist; " + (f"did you mean {near[0]}? " if near else "")
                           + "give a config file's path"
                           + (f", or the name of an example config: {', '.join(names)}" if names else ""))

@@ -710,11 +710,7 @@ def check_resume_model(cfg: RunConfig, is_main: bool = True) -> None:
     note says so."""
     out = Path(cfg.out_dir)
     saved = load_run_config(out)
-    if saved.model.dropout != cfg.model.dropout:
-        if is_main:
-            print(f"fungpt: note: dropout {saved.model.dropout:g} -> {cfg.model.dropout:g} from this step on (the "
-                  f"checkpoint was trained with {saved.model.dropout:g})")
-        saved.model = dataclasses.replace(saved.model, dropout=cfg.model.dropout)
+    saved.model = dataclasses.replace(saved.model, dropout=cfg.model.dropout)  # (said below, once the rest agrees)
     if saved.model != cfg.model:
         old, new = saved.model.to_dict(), cfg.model.to_dict()
         diffs = [f"{k} {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k]]
@@ -735,6 +731,17 @@ def check_resume_model(cfg: RunConfig, is_main: bool = True) -> None:
         raise FunGPTError(f"cannot resume {out}: its checkpoint was trained with a different model "
                           f"({'; '.join(diffs)}); use the original settings" + (f" ({back})" if back else "")
                           + " or a new out_dir")
+    # The dropout the checkpoint trained with is its manifest's (config.json is rewritten by every start, also by
+    # one that stopped before it saved)
+    try:
+        folder = ckpt.find_checkpoint(out)
+        trained = read_json(folder / ckpt.MANIFEST_FILE).get("model") if folder is not None else None
+    except (FunGPTError, AttributeError):  # (a damaged checkpoint: the resume's own checks say what is wrong)
+        trained = None
+    was = trained.get("dropout") if isinstance(trained, dict) else None
+    if is_main and isinstance(was, int | float) and was != cfg.model.dropout:
+        print(f"fungpt: note: dropout {was:g} -> {cfg.model.dropout:g} from this step on (the checkpoint was "
+              f"trained with {was:g})")
 
 
 def prepare_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, locked: bool = True) -> Path:

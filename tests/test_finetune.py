@@ -100,6 +100,9 @@ def test_a_finetune_given_the_default_char_tokenizer_by_name_is_told_it_is_unuse
                       f'eval_iters = 1\ndevice = "cpu"\n', encoding="utf-8")
     assert main(["train", "--config", str(config), "--out-dir", str(tmp_path / "cli")]) == 0
     assert "data.tokenizer = 'char' is not used" in capsys.readouterr().out
+    # a run's config.json records every [data] setting, the unused default too: training another like it is no note
+    assert main(["train", "--config", str(tmp_path / "cli" / "config.json"), "--out-dir", str(tmp_path / "again")]) == 0
+    assert "is not used" not in capsys.readouterr().out
 
 
 def hf_model(path: Path) -> transformers.GPT2LMHeadModel:

@@ -1769,6 +1769,9 @@ def test_a_truncated_state_pt_is_called_damaged_not_unsafe(world, tmp_path):
     assert str(err.value) == (f"cannot load {folder / ckpt.STATE_FILE}: the file is damaged (truncated or corrupt: "
                               f"PytorchStreamReader failed reading zip archive: failed finding central directory); "
                               f"resume from a good copy of the run, or train it again")
+    _plant(folder, ckpt.STATE_FILE, b"")  # empty
+    with pytest.raises(FunGPTError, match=r"the file is damaged \(truncated or corrupt: EOFError\)"):
+        ckpt.load_state(folder)
 
 
 def test_pickle_disguised_as_safetensors_is_refused_by_sample_and_resume(world, tmp_path, capsys):
@@ -2112,6 +2115,8 @@ BAD_INPUTS = {
                                    "quotes, path = 'C:\\data\\my.txt', or with forward slashes"),
     "misspelt example config": ([*TRAIN, "--config", "shakespeare-chr"], "config file shakespeare-chr does not exist; "
                                 "did you mean shakespeare-char? give a config file's path, or the name of an example"),
+    "missing config in a folder": ([*TRAIN, "--config", "{tmp}/shakespeare-chr.toml"], "shakespeare-chr.toml does not "
+                                   "exist; give a config file's path"),  # (an example would not be found there)
     "TOML not UTF-8": ([*TRAIN, "--config", "{tmp}/not_utf8.toml"], "not_utf8.toml"),
     "TOML empty": ([*TRAIN, "--config", "{tmp}/empty.toml"], "empty.toml holds no settings; write the settings "
                                                              "into it, or leave --config out"),

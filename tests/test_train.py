@@ -513,9 +513,23 @@ def test_resume_may_change_dropout_with_a_note_and_the_run_still_loads(corpus, t
         if folder.is_dir() and not folder.name.startswith("."):
             ckpt.check_model_config(json.loads((folder / ckpt.MANIFEST_FILE).read_text()), folder,
                                     load_run_config(out).model.to_dict(), out / "config.json")
-    cfg.model = dataclasses.replace(cfg.model, n_layer=cfg.model.n_layer + 1)  # the architecture is still checked
+    # config.json is rewritten by every start, one that stops before it saves too: the note follows the checkpoint
+    saved = json.loads((out / "config.json").read_text())
+    saved["model"]["dropout"] = 0.3
+    (out / "config.json").write_text(json.dumps(saved))
+    cfg.model = dataclasses.replace(cfg.model, dropout=0.3)
+    cfg.train = dataclasses.replace(cfg.train, max_iters=6)
+    train(cfg, resume=True, progress=False)
+    assert "fungpt: note: dropout 0 -> 0.3 from this step on (the checkpoint was trained with 0)" in \
+        capsys.readouterr().out
+    saved["model"]["dropout"] = 0.05  # (a start that stopped before it saved: config.json differs from the manifest)
+    (out / "config.json").write_text(json.dumps(saved))
+    assert main(["inspect", str(out)]) == 0  # not "damaged: trained with another model (dropout)"
+    assert "damaged" not in capsys.readouterr().out
+    cfg.model = dataclasses.replace(cfg.model, n_layer=cfg.model.n_layer + 1, dropout=0.0)  # architecture: checked
     with pytest.raises(FunGPTError, match="trained with a different model"):
         train(cfg, resume=True, progress=False)
+    assert "note: dropout" not in capsys.readouterr().out  # (no note before a refusal)
 
 
 def test_resume_refusal_for_another_vocabulary_size_names_the_sizes(tmp_path):
