@@ -417,17 +417,18 @@ def prepare_command(input: str, out: str, tokenizer: Literal["char", "bpe", "gpt
 RunFolder = Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN")]
 
 
-STOP_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}  # --stop '\n\n': what a shell passes as backslash and n
+# --stop '\n\n': what a shell passes as backslash and n
+STOP_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "\\": "\\"}
 STOP_HELP = ("End a sample where its text first holds this text, which it then ends with: --stop '\\n\\n' stops at "
-             "the first blank line (one paragraph, one speech); \\n and \\t are read as a newline and a tab, \\\\ as "
-             "one backslash.")
+             "the first blank line (one paragraph, one speech; '\\r\\n\\r\\n' in text with Windows line ends); \\n, "
+             "\\r and \\t are read as a newline, a carriage return and a tab, \\\\ as one backslash. Empty: none.")
 
 
 def sample_command(run: RunFolder, prompt: str | None = None, prompt_file: str | None = None, num_samples: int = 1,
                    max_new_tokens: int = 500, temperature: float = 0.8, top_k: int | None = 200,
                    top_p: float | None = None, seed: int = 1337, checkpoint: Literal["last", "best"] = "last",
                    device: str = "auto", show_probs: bool = False, show_top: int = 5,
-                   stop_at_eot: bool = True, stop: Annotated[str | None, tyro.conf.arg(help=STOP_HELP)] = None) -> None:
+                   stop_at_eot: bool = True, stop: Annotated[str, tyro.conf.arg(help=STOP_HELP)] = "") -> None:
     """Generate text from a trained run, streaming it to stdout.
 
     On a terminal, control characters in the text are shown as escapes such as \\x1b; into a file or a pipe, the
@@ -457,7 +458,8 @@ def sample_command(run: RunFolder, prompt: str | None = None, prompt_file: str |
     from fungpt.runs import overfit_note
     from fungpt.sample import check_options, sample
 
-    stop = None if stop is None else re.sub(r"\\([nt\\])", lambda m: STOP_ESCAPES[m.group(1)], stop)
+    # ("": none; a plain str, so that --stop None is that text, not "no stop")
+    stop = re.sub(r"\\([nrt\\])", lambda m: STOP_ESCAPES[m.group(1)], stop) or None
     check_options(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                   top_p=top_p, show_top=show_top, prompt=prompt, prompt_file=prompt_file,
                   stop=stop)  # (before the note)

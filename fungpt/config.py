@@ -23,6 +23,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -533,9 +534,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
                           f"to train with the defaults")
     # A path in double quotes whose backslashes TOML read as escapes ("D:\new\texts": a newline and a tab): no
     # file has such a name, and the error about it would print the name as the user wrote it
+    # (only where the file writes it in double quotes with a backslash: a tab in single quotes is one on purpose)
+    text = raw.decode("utf-8", "replace")
     for where, value in (("out_dir", d.get("out_dir")), ("[data] path", (d.get("data") or {}).get("path")),
                          ("[model] init_from", (d.get("model") or {}).get("init_from"))):
-        if isinstance(value, str) and any(ord(c) < 0x20 for c in value):
+        key = where.rsplit(" ", 1)[-1]
+        escaped = re.search(rf'^\s*{key}\s*=\s*"[^"\n]*\\', text, re.MULTILINE)
+        if isinstance(value, str) and any(ord(c) < 0x20 for c in value) and escaped:
             raise FunGPTError(f"config file {path}: {where} = {value!r} holds a control character: "
                               f"{BACKSLASH_HINT}")
     return d

@@ -993,7 +993,7 @@ def prepare(
                             if replaced[i]][:5],
         }
         # meta.json is written last: a folder with meta.json is a complete dataset.
-        with open(tmp / "meta.json", "w", encoding="utf-8") as f:
+        with open(tmp / "meta.json", "w", encoding="utf-8", newline="\n") as f:  # (LF on Windows too)
             json.dump(meta, f, indent=2)
             f.write("\n")
 
@@ -1007,7 +1007,8 @@ def prepare(
         taken = (errno.ENOTEMPTY, errno.EEXIST, errno.EACCES) if os.name == "nt" else (errno.ENOTEMPTY, errno.EEXIST)
         try:
             if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-                out.rmdir()  # an empty --out folder: Windows renames onto no folder at all, even an empty one
+                with contextlib.suppress(FileNotFoundError):  # (another prepare may have removed it first)
+                    out.rmdir()  # an empty --out folder: Windows renames onto no folder at all, even an empty one
             os.replace(tmp, out)
             swapped = True
         except OSError as e:

@@ -196,7 +196,8 @@ def why_download_failed(e: BaseException, width: int = 160) -> str:
 def shell_quote(text: str) -> str:
     """`text` as one argument of a command the user can paste into their shell: POSIX quoting (shlex.quote) or, on
     Windows, double quotes where it needs any (cmd.exe passes single quotes on as part of the argument; double
-    quotes work there and in PowerShell)."""
+    quotes work there and in PowerShell for paths, though a $ or ` in one (PowerShell), or a %NAME% (cmd.exe), is
+    still read by the shell)."""
     if os.name != "nt":
         return shlex.quote(text)
     return f'"{text}"' if not text or re.search(r"[\s&|<>^()%!;,'`$]", text) else text

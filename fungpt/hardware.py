@@ -132,10 +132,6 @@ def choose_precision(device: str, dtype: str, *, cuda: bool, mps: bool, cuda_bf1
         if dtype == "float16" and optimizer == "muon":  # (here, so training, --dry-run and inspect all refuse it)
             raise FunGPTError("train.optimizer = 'muon' does not support float16 loss scaling: use train.dtype = "
                               "'bfloat16' or 'float32'")
-        if device == "mps" and dtype in MPS_MIN_TORCH and torch_version() < MPS_MIN_TORCH[dtype]:
-            need = ".".join(map(str, MPS_MIN_TORCH[dtype]))
-            raise FunGPTError(f"train.dtype = {dtype!r} on an Apple GPU needs torch {need} or newer, this is "
-                              f"{torch.__version__}: pip install -U torch, or use train.dtype = 'float32'")
         emulated = dtype == "bfloat16" and device == "cuda" and not cuda_bf16
         if dtype == "bfloat16" and device == "cpu":
             why.append("bfloat16 products in the Linear layers, the rest float32 (as configured" + (
@@ -154,8 +150,14 @@ def detect_precision(device: str, dtype: str, optimizer: str = "adamw") -> Preci
     """`choose_precision` with the capabilities of this machine."""
     cuda = torch.cuda.is_available()
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-    return choose_precision(device, dtype, cuda=cuda, mps=mps, cuda_bf16=cuda and cuda_has_bf16(),
+    prec = choose_precision(device, dtype, cuda=cuda, mps=mps, cuda_bf16=cuda and cuda_has_bf16(),
                             optimizer=optimizer, cpu_bf16=cpu_has_bf16())
+    # (this torch's, not the machine's: `fungpt inspect` of a Mac's config elsewhere estimates with choose_precision)
+    if prec.device == "mps" and prec.dtype in MPS_MIN_TORCH and torch_version() < MPS_MIN_TORCH[prec.dtype]:
+        need = ".".join(map(str, MPS_MIN_TORCH[prec.dtype]))
+        raise FunGPTError(f"train.dtype = {prec.dtype!r} on an Apple GPU needs torch {need} or newer, this is "
+                          f"{torch.__version__}: pip install -U torch, or use train.dtype = 'float32'")
+    return prec
 
 
 def cpu_has_bf16() -> bool | None:

@@ -170,6 +170,7 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
         check_resume_model,
         check_resume_tokenizer,
         configure_optimizer,
+        dropout_note,
         passes_note,
         resolve_model_and_data,
         resume_point,
@@ -195,6 +196,8 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
         if folder is not None:
             ckpt.check_model_config(manifest, folder, cfg.model.to_dict(), out_dir / "config.json")
             check_resume_tokenizer(data_dir, out_dir, manifest.get("tokenizer_sha256"))
+            if note := dropout_note(manifest, cfg.model.dropout):
+                out(note)
     # where a resume starts: its checkpoint's step, and the part of a time budget it has used
     start = int(manifest["step"]) if manifest is not None else 0
     used_s = float(ckpt.load_state(folder)["elapsed_s"]) if folder is not None and tc.max_minutes else 0.0

@@ -325,7 +325,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "last"
         # 50256, outside a small vocabulary); None for a tokenizer without one (char)
         hf_config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
         hf_config["bos_token_id"] = hf_config["eos_token_id"] = run.tokenizer.eot_id
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8", newline="\n")
         save_hf_tokenizer(run.tokenizer, tmp, run.model.config.block_size)
         sync_folder(tmp)  # (on disk before the folder takes its name: a power loss never leaves a config.json empty)
         if out.exists():
@@ -378,7 +378,8 @@ def save_hf_tokenizer(tok: Tokenizer, directory: Path, model_max_length: int) ->
                               "clean_up_tokenization_spaces": False}
     if tok.eot_id is not None:
         config.update(bos_token=EOT_TEXT, eos_token=EOT_TEXT, unk_token=EOT_TEXT)
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8",
+                                                     newline="\n")
 
 
 def _byte_to_char() -> dict[int, str]:

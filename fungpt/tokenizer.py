@@ -236,7 +236,7 @@ class Tokenizer:
         tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.tmp-", dir=directory))
         try:
             meta = {"kind": self.name, **self._save_files(tmp)}
-            with open(tmp / META_FILE, "w", encoding="utf-8") as f:
+            with open(tmp / META_FILE, "w", encoding="utf-8", newline="\n") as f:  # (LF on Windows too)
                 json.dump(meta, f, ensure_ascii=False, indent=1)
                 f.write("\n")
             sync_folder(tmp)  # (on disk before they take their names)

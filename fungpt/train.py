@@ -704,13 +704,13 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
     return cfg, data_dir, pre
 
 
-def check_resume_model(cfg: RunConfig, is_main: bool = True) -> None:
+def check_resume_model(cfg: RunConfig) -> None:
     """Refuse to resume the run in cfg.out_dir with another model than its checkpoints hold (cfg resolved:
-    vocab_size is the data's). dropout may change (it is no part of the weights, as nanoGPT's resume allows): a
-    note says so."""
+    vocab_size is the data's). dropout may change (it is no part of the weights, as nanoGPT's resume allows):
+    dropout_note says so."""
     out = Path(cfg.out_dir)
     saved = load_run_config(out)
-    saved.model = dataclasses.replace(saved.model, dropout=cfg.model.dropout)  # (said below, once the rest agrees)
+    saved.model = dataclasses.replace(saved.model, dropout=cfg.model.dropout)  # (see dropout_note)
     if saved.model != cfg.model:
         old, new = saved.model.to_dict(), cfg.model.to_dict()
         diffs = [f"{k} {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k]]
@@ -731,17 +731,16 @@ def check_resume_model(cfg: RunConfig, is_main: bool = True) -> None:
         raise FunGPTError(f"cannot resume {out}: its checkpoint was trained with a different model "
                           f"({'; '.join(diffs)}); use the original settings" + (f" ({back})" if back else "")
                           + " or a new out_dir")
-    # The dropout the checkpoint trained with is its manifest's (config.json is rewritten by every start, also by
-    # one that stopped before it saved)
-    try:
-        folder = ckpt.find_checkpoint(out)
-        trained = read_json(folder / ckpt.MANIFEST_FILE).get("model") if folder is not None else None
-    except (FunGPTError, AttributeError):  # (a damaged checkpoint: the resume's own checks say what is wrong)
-        trained = None
+
+
+def dropout_note(manifest: dict[str, Any], dropout: float) -> str | None:
+    """The note for a resume that changes dropout, after its checks passed. The dropout the checkpoint trained with
+    is its manifest's (config.json is rewritten by every start, also by one that stopped before it saved)."""
+    trained = manifest.get("model")
     was = trained.get("dropout") if isinstance(trained, dict) else None
-    if is_main and isinstance(was, int | float) and was != cfg.model.dropout:
-        print(f"fungpt: note: dropout {was:g} -> {cfg.model.dropout:g} from this step on (the checkpoint was "
-              f"trained with {was:g})")
+    if not isinstance(was, int | float) or was == dropout:
+        return None
+    return f"fungpt: note: dropout {was:g} -> {dropout:g} from this step on (the checkpoint was trained with {was:g})"
 
 
 def prepare_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, locked: bool = True) -> Path:
@@ -1330,7 +1329,7 @@ class MetricsLog:
             ckpt.atomic_write_text(self.path, "".join(r + "\n" for r in kept))
         elif self.path.exists():
             self.path.unlink()
-        self.file = self.path.open("a", encoding="utf-8")
+        self.file = self.path.open("a", encoding="utf-8", newline="\n")  # (LF on Windows too, as a resume's rewrite)
         # The TensorBoard events likewise, whether or not this command logs there (a resume with tensorboard off,
         # then on, showed the killed steps between)
         trim_tensorboard(out_dir / "tensorboard", keep_until_step, redo_eval, stray)
@@ -2069,6 +2068,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     if folder is not None:
         ckpt.check_model_config(manifest, folder, cfg.model.to_dict(), Path(cfg.out_dir) / "config.json")
         check_resume_tokenizer(data_dir, out_dir, manifest.get("tokenizer_sha256"))
+        if note := dropout_note(manifest, cfg.model.dropout):
+            say(note)
         ckpt.load_weights(folder, model)
         resumed = load_training_state(folder, manifest, optimizer, scaler, loader, ddp, prec.device)
         if resumed.eval_left is None:  # (an older checkpoint: a step of a periodic eval that metrics.jsonl lacks)

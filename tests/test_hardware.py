@@ -110,17 +110,21 @@ def test_half_precision_on_an_apple_gpu_needs_the_torch_that_runs_it(monkeypatch
     run still said bfloat16); float16's GradScaler failed on MPS before 2.8."""
     from torch.torch_version import TorchVersion
 
+    from fungpt.hardware import detect_precision
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)  # (an Apple GPU, as far as FunGPT asks)
     for version, dtype, ok in (("2.4.1", "float16", False), ("2.7.1", "float16", False), ("2.8.0", "float16", True),
                                ("2.5.1", "bfloat16", False), ("2.6.0", "bfloat16", True), ("2.4.1", "float32", True)):
         monkeypatch.setattr(torch, "__version__", TorchVersion(version))
         if ok:
-            assert choose_precision("mps", dtype, cuda=False, mps=True, cuda_bf16=False).dtype == dtype
+            assert detect_precision("mps", dtype).dtype == dtype
         else:
             with pytest.raises(FunGPTError, match=rf"train.dtype = '{dtype}' on an Apple GPU needs torch 2.[68] or "
                                                   rf"newer, this is {version}: pip install -U torch, or use"):
-                choose_precision("mps", dtype, cuda=False, mps=True, cuda_bf16=False)
-        # (the CPU and CUDA are not concerned)
-        assert choose_precision("cpu", dtype, cuda=False, mps=True, cuda_bf16=False).dtype == dtype
+                detect_precision("mps", dtype)
+        # (the CPU is not concerned; nor is a Mac's config estimated elsewhere: choose_precision, what inspect uses)
+        assert detect_precision("cpu", dtype).dtype == dtype
+        assert choose_precision("mps", dtype, cuda=False, mps=True, cuda_bf16=False).dtype == dtype
 
 
 def test_muon_on_a_gpu_without_native_bfloat16_trains_in_float32():

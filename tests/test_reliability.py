@@ -3325,3 +3325,13 @@ def test_prepare_into_an_existing_empty_folder_renames_no_folder_onto_it(tmp_pat
     monkeypatch.setattr(os, "replace", windows_replace)
     prepare(corpus, tmp_path / "empty", "char")
     assert load_meta(tmp_path / "empty")["vocab_size"] > 0
+
+
+def test_a_control_character_a_toml_file_writes_on_purpose_is_kept(tmp_path):
+    """The check for Windows paths whose backslashes TOML read as escapes refused a tab written in single quotes,
+    where it is one on purpose (the form its own message recommends)."""
+    from fungpt.config import load_config
+
+    config = tmp_path / "tab.toml"
+    config.write_text("[data]\npath = 'a\tb'\n", encoding="utf-8")
+    assert load_config(config, checked=False).data.path == "a\tb"

@@ -1052,6 +1052,9 @@ def test_a_sample_ends_where_its_text_first_holds_the_stop_text(run_dir, show_pr
         assert out.getvalue() == whole[: first + len(stop)] + "\n"
     missing = "\x00never"  # a stop the sample never holds changes nothing
     assert sample(run_dir, max_new_tokens=80, seed=5, stop=missing, show_probs=show_probs) == [whole]
+    # only the generated text counts: the prompt holding the stop text ends nothing
+    prompted = sample(run_dir, prompt=stop, max_new_tokens=80, seed=5, stop=stop, show_probs=show_probs)[0]
+    assert prompted and prompted.find(stop) in (-1, len(prompted) - len(stop))
 
 
 @pytest.mark.parametrize("show_probs", [False, True])
@@ -1097,12 +1100,13 @@ def test_the_sample_command_reads_escapes_in_its_stop_text(run_dir, monkeypatch,
     sample_mod = importlib.import_module("fungpt.sample")  # (`import fungpt.sample` names the function)
     seen = []
     monkeypatch.setattr(sample_mod, "sample", lambda *a, **kw: seen.append(kw["stop"]))
-    for given in ("\\n\\n", "a\\tb", "\\\\n", "plain"):
+    for given in ("\\n\\n", "\\r\\n\\r\\n", "a\\tb", "\\\\n", "plain", "None", ""):
         assert main(["sample", str(run_dir), "--stop", given]) == 0
     assert main(["sample", str(run_dir)]) == 0
-    assert seen == ["\n\n", "a\tb", "\\n", "plain", None]
-    assert main(["sample", str(run_dir), "--stop", ""]) == 2
-    assert "--stop '' must be some text" in capsys.readouterr().err
+    # (None is that text, not "no stop": the option is a plain string, "" its default, none)
+    assert seen == ["\n\n", "\r\n\r\n", "a\tb", "\\n", "plain", "None", None, None]
+    with pytest.raises(FunGPTError, match="--stop '' must be some text"):  # (from Python: "" is not "none" there)
+        sample_mod.check_options(stop="")
 
 
 def test_the_sample_command_passes_its_stop_at_eot_flag_on(run_dir, monkeypatch):
