@@ -674,8 +674,22 @@ def no_core_file() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
+def _as_from_a_terminal(then=None):
+    """A child's signals as a terminal's command has them, whatever the test runner's: under `nohup pytest` SIGHUP
+    was ignored, and so stayed ignored in `fungpt serve` (as it should), which then never stopped for it."""
+    def preexec():
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+        if then is not None:
+            then()
+    return preexec
+
+
 def start_fungpt_serve(run_dir, port: int, **popen) -> subprocess.Popen:
-    """`fungpt serve RUN` in a process of its own, once it answers."""
+    """`fungpt serve RUN` in a process of its own, once it answers (its signals as from a terminal, then popen's
+    preexec_fn)."""
+    if os.name == "posix":
+        popen["preexec_fn"] = _as_from_a_terminal(popen.get("preexec_fn"))
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")  # (SIGABRT: its threads' stacks on stderr)
     proc = subprocess.Popen([sys.executable, "-m", "fungpt", "serve", str(run_dir), "--port", str(port),
                              "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
