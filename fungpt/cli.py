@@ -39,6 +39,7 @@ from fungpt import _startup
 from fungpt.config import RunConfig
 from fungpt.errors import (
     FunGPTError,
+    check_run_given,
     folder_name,
     is_out_of_memory,
     read_json,
@@ -102,6 +103,20 @@ def _as_checkpointed(cfg: RunConfig, out_dir: Path) -> RunConfig:
     return dataclasses.replace(cfg, train=trained_with(manifest if isinstance(manifest, dict) else None, cfg))
 
 
+# A command's path options, and what to give instead of "" (Path("") is the current folder: `--input "$CORPUS"` with
+# CORPUS unset prepared the folder the user was in)
+PATH_OPTIONS = {"input": "a text file (or, for prepare, a folder of them)", "out": "the path to write to"}
+
+
+def _refuse_empty_paths(options: dict) -> None:
+    if isinstance(options.get("run"), str):
+        check_run_given(options["run"])  # (the run folder, as every command that loads one says it)
+    for name, what in PATH_OPTIONS.items():
+        value = options.get(name)
+        if isinstance(value, str) and not value.strip():
+            raise FunGPTError(f"--{name} is empty: give {what}")
+
+
 def _parse(f, args: list[str], prog: str, **kwargs):
     """tyro.cli, with its refusal of the command line (a box of several lines: a missing or unknown option, a
     value of the wrong type) turned into FunGPT's one line: what is wrong, and where the options are listed."""
@@ -114,6 +129,7 @@ def _parse(f, args: list[str], prog: str, **kwargs):
 
         @functools.wraps(command)
         def f(*a, **kw):
+            _refuse_empty_paths(kw)
             with contextlib.redirect_stderr(stderr):
                 return command(*a, **kw)
     try:
@@ -942,7 +958,7 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
                   f"where it is redirected to a file): free some space, or send the output elsewhere",
                   file=sys.stderr)
             return 2
-        where = f"{e.filename}: " if e.filename else ""
+        where = f"{_blocked_folder(e)}: " if e.filename else ""
         path_errors = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EACCES, errno.EPERM,
                        errno.EROFS, errno.ENAMETOOLONG)
         full = {errno.ENOSPC: "; free some space there", errno.EDQUOT: "; free some space there",
@@ -1017,6 +1033,17 @@ def entry() -> None:
     with contextlib.suppress(OSError):
         sys.stderr.flush()
     os._exit(code)
+
+
+def _blocked_folder(e: OSError) -> str:
+    """The path an OSError names, or, for a permission error inside a folder that cannot be opened, that folder
+    (a file the user never named, such as the train.npy a check looked for, hid which folder to fix)."""
+    path = Path(str(e.filename))
+    if e.errno in (errno.EACCES, errno.EPERM):
+        for folder in reversed(path.parents):  # (the outermost first: the one to fix)
+            if folder.is_dir() and not os.access(folder, os.R_OK | os.X_OK):
+                return f"{folder} (a folder it cannot open)"
+    return str(e.filename)
 
 
 def _silence_stdout() -> None:

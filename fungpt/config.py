@@ -65,6 +65,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self, lambda name: f"data.{name} = ")
+        if not self.path.strip():  # (Path("") is the current folder: --data.path "$CORPUS" with CORPUS unset)
+            raise FunGPTError("data.path is empty: give a text file, a folder of text, a prepared folder or "
+                              "'shakespeare'")
         _check_choice("data", "tokenizer", self.tokenizer, TOKENIZERS)
         _check_choice("data", "errors", self.errors, ("strict", "replace"))
         if not 0.0 < self.val_fraction < 1.0:

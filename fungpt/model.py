@@ -115,8 +115,9 @@ class GPTConfig:
             )
         if self.norm not in NORMS:
             raise FunGPTError(f"model config norm={self.norm!r} is unknown: use one of {', '.join(NORMS)}")
-        if not 0 < self.rope_base < math.inf:  # (nan fails this too)
-            raise FunGPTError(f"model config rope_base={self.rope_base} must be a positive number: the usual value is "
+        # (nan fails this too; at or below 1 the angles no longer slow down along the head: 1e-300's overflow)
+        if not 1 < self.rope_base < math.inf:
+            raise FunGPTError(f"model config rope_base={self.rope_base} must be a number above 1: the usual value is "
                               f"10000")
         if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2 != 0:
             raise FunGPTError(

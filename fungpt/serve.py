@@ -45,6 +45,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -611,7 +612,9 @@ def _allow_listening_host(app: FastAPI, host: str, sock: socket.socket, allow_ho
     machine's own name, also as NAME.local (multicast DNS, how machines on a classroom network find each other:
     no domain of the internet ends in .local, so a rebinding page cannot use it)."""
     for name in allow_hosts:  # as a Host header names it ("proxy.example:8443" -> "proxy.example")
-        if "/" in name or not name.strip():
+        # (a Host header holds letters, digits, dots, dashes, a port's colon, an IPv6 address's brackets: a name with
+        # spaces or control characters could never match one)
+        if not re.fullmatch(r"[A-Za-z0-9._:\[\]-]+", name) or name.startswith("-"):
             raise FunGPTError(f"--allow-host {name!r} is not a host name: give a name such as proxy.example")
         app.state.hosts = {*app.state.hosts, _host_name(name)}
     if host in ("0.0.0.0", "::", ""):

@@ -761,6 +761,13 @@ def prepare_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, locked: bool 
         if not overwrite:
             print(f"fungpt: {out} held a run that stopped before its first checkpoint: starting it over")
         remove_run(out)
+    elif out.is_dir():  # a folder of the user's (a project's, notes): allowed, but said, as `--out-dir /tmp` is a slip
+        others = sorted(p.name for p in out.iterdir()
+                        if p.name not in (*RUN_FILES, LOCK_FILE, "checkpoints", "tensorboard"))
+        if others:
+            shown = ", ".join(others[:3]) + (f" and {len(others) - 3:,} more" if len(others) > 3 else "")
+            print(f"fungpt: note: out_dir {out} already holds files of its own ({shown}): the run's files go among "
+                  f"them (--overwrite would later delete only the run's)")
     make_out_dir(out)
     if not os.access(out, os.W_OK):
         raise FunGPTError(f"out_dir {out} is not writable; choose another out_dir or fix its permissions")

@@ -2126,6 +2126,13 @@ BAD_INPUTS = {
     "export: out a folder that is not empty": (["export", "--run", "{run}", "--out", "{tmp}/project"],
                                                "already exists and is not an empty folder"),
     "sample: missing run": (["sample", "--run", "{tmp}/nope"], "does not exist"),
+    # an empty path (an unset shell variable) is no path: Path("") is the current folder
+    "prepare: empty input": (["prepare", "--input", "", "--out", "{tmp}/x"], "--input is empty: give a text file"),
+    "eval: empty input": (["eval", "{run}", "--input", ""], "--input is empty: give a text file"),
+    "plot: empty out": (["plot", "{run}", "--out", ""], "--out is empty: give the path to write to"),
+    "export: empty out": (["export", "{run}", "--out", ""], "--out is empty: give the path to write to"),
+    "serve: empty run": (["serve", ""], "the run folder is empty: pass the out_dir of a training run"),
+    "train: empty data.path": ([*TRAIN, "--data.path", ""], "data.path is empty: give a text file"),
     "sample: not a run folder": (["sample", "--run", "{tmp}"], "config.json"),
     "sample: a file as the run": (["sample", "--run", "{corpus}"], "corpus.txt is a file, not a run folder"),
     "sample: top_p 1.5": (["sample", "--run", "{run}", "--top-p", "1.5"], "top-p"),
@@ -3335,3 +3342,18 @@ def test_a_control_character_a_toml_file_writes_on_purpose_is_kept(tmp_path):
     config = tmp_path / "tab.toml"
     config.write_text("[data]\npath = 'a\tb'\n", encoding="utf-8")
     assert load_config(config, checked=False).data.path == "a\tb"
+
+
+def test_a_permission_error_inside_a_folder_that_cannot_be_opened_names_the_folder(tmp_path, monkeypatch):
+    """`prepare --input LOCKED` (chmod 000) said "LOCKED/train.npy: Permission denied": a file the user never named,
+    looked for by a check, hid which folder to fix."""
+    from fungpt import cli
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(cli.os, "access", lambda p, mode: Path(p) != locked and real_access(p, mode))
+    e = PermissionError(errno.EACCES, "Permission denied", str(locked / "train.npy"))
+    assert cli._blocked_folder(e) == f"{locked} (a folder it cannot open)"
+    monkeypatch.setattr(cli.os, "access", real_access)
+    assert cli._blocked_folder(e) == str(locked / "train.npy")  # (an open folder: the file is the one to fix)

@@ -404,8 +404,10 @@ def test_allow_host_adds_a_name_wherever_the_server_listens(run_dir):
         with socket.socket() as s:
             s.bind((host, 0))
             _allow_listening_host(app, host, s, ("Proxy.Example", "fwd.example:8443"))  # (a port is dropped)
-            with pytest.raises(FunGPTError, match="is not a host name"):
-                _allow_listening_host(app, host, s, ("http://proxy.example/",))
+            for bad in ("http://proxy.example/", "h\u00e9llo\x01\x1b[31m", "two words", "-1", ""):
+                with pytest.raises(FunGPTError, match="is not a host name"):
+                    _allow_listening_host(app, host, s, (bad,))
+            _allow_listening_host(app, host, s, ("[::1]:8000", "10.0.0.7"))  # (an address is a name too)
         assert _host_allowed("proxy.example:443", app.state.hosts, app.state.any_ip)
         assert _host_allowed("fwd.example:8443", app.state.hosts, app.state.any_ip)
         assert not _host_allowed("other.example", app.state.hosts, app.state.any_ip)

@@ -372,6 +372,21 @@ def test_train_gives_the_callers_random_stream_back(corpus, tmp_path):
     assert losses(tmp_path / "again") == losses(tmp_path / "run")
 
 
+def test_a_new_run_in_a_folder_of_other_files_says_so(corpus, tmp_path, capsys):
+    """`--out-dir /tmp` trained without a word, its files scattered among others: allowed (a run in a project's
+    folder), and now said."""
+    out = tmp_path / "project"
+    out.mkdir()
+    for name in ("notes.txt", "a.py", "b.py", "data"):
+        (out / name).write_text("mine")
+    train(tiny_config(corpus, out, max_iters=1), progress=False)
+    assert (f"fungpt: note: out_dir {out} already holds files of its own (a.py, b.py, data and 1 more): the run's "
+            f"files go among them (--overwrite would later delete only the run's)") in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    train(tiny_config(corpus, tmp_path / "empty", max_iters=1), progress=False)
+    assert "already holds files of its own" not in capsys.readouterr().out
+
+
 def test_overwrite_deletes_the_runs_files_and_nothing_else(corpus, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train(tiny_config(corpus, out, max_iters=6), progress=False)
