@@ -223,9 +223,9 @@ def _stop_end(made: str, piece: str, stop: str | None) -> int | None:
     made + piece), else None. Only the last len(stop) - 1 characters of `made` can begin a new match."""
     if not stop:
         return None
-    start = max(0, len(made) - len(stop) + 1)
-    at = (made + piece).find(stop, start)
-    return None if at < 0 else at + len(stop)
+    keep = made[max(0, len(made) - len(stop) + 1):]  # (searching only there: a long stream costs no more a step)
+    at = (keep + piece).find(stop)
+    return None if at < 0 else len(made) - len(keep) + at + len(stop)
 
 
 def _sample_showing_probs(loaded: LoadedRun, idx: torch.Tensor, max_new_tokens: int, temperature: float,
