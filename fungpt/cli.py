@@ -344,7 +344,7 @@ def _refuse_a_path_beside_the_config(data_path: str, config: str | None) -> None
 
 def cmd_train(args: list[str], start_time: float) -> int | None:
     """`fungpt train`: returns the number of the signal that stopped the run (after its checkpoint), or None."""
-    from fungpt.config import load_config, misplaced_flag, model_fields_named
+    from fungpt.config import fields_named, load_config, misplaced_flag
     from fungpt.train import train
 
     path = _config_path(args)
@@ -377,8 +377,8 @@ def cmd_train(args: list[str], start_time: float) -> int | None:
             raise
         flags = any(a.startswith(("--data.", "--model.", "--train.", "--out-dir", "--out_dir")) for a in args)
         raise FunGPTError(f"{path}{' with the flags given' if flags else ''}: {e}") from None
-    named = model_fields_named(path, args)  # e.g. block_size = 64 asked of a fine-tune, though it is the default
-    data_named = model_fields_named(path, args, "data")  # e.g. tokenizer = "char" asked of a fine-tune
+    named = fields_named(path, args)  # e.g. block_size = 64 asked of a fine-tune, though it is the default
+    data_named = fields_named(path, args, "data")  # e.g. tokenizer = "char" asked of a fine-tune
     _refuse_a_path_beside_the_config(parsed.run.data.path, path)
     if parsed.dry_run:
         from fungpt.plan import dry_run

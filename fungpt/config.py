@@ -474,9 +474,9 @@ def load_config(path: str | Path, checked: bool = True) -> RunConfig:
     return RunConfig.from_dict(_read_toml(config_path(path)), source=str(path), checked=checked)
 
 
-def model_fields_named(config_file: str | Path | None, args: list[str], section: str = "model") -> frozenset[str]:
-    """The [model] settings (or another table's) a user wrote down, in the config file or as --model.* flags, even
-    where the value equals the default. Fine-tuning needs this: there, an unset field means "the checkpoint's
+def fields_named(config_file: str | Path | None, args: list[str], section: str = "model") -> frozenset[str]:
+    """The settings of [section] a user wrote down, in the config file or as --section.* flags, even where the
+    value equals the default. Fine-tuning needs this: there, an unset field means "the checkpoint's
     value", and a [data] tokenizer asked for, even the default "char", is not the one a fine-tune uses."""
     path = config_path(config_file) if config_file else None
     # (a run's config.json records every [data] setting, the unused defaults too: only the flags name any there)
@@ -492,7 +492,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         run = f", or {path / 'config.json'} for that run's own settings" if (path / "config.json").is_file() else ""
         raise FunGPTError(f"config file {path} is a folder: pass a .toml file (see configs/ for examples){run}")
-    if path.exists() and not path.is_file():  # (read twice, by load_config and model_fields_named)
+    if path.exists() and not path.is_file():  # (read twice, by load_config and fields_named)
         raise FunGPTError(f"config file {path} is not a regular file (a pipe, such as <(...), can be read only "
                           f"once): save the config into a .toml file and pass that")
     if not path.is_file():

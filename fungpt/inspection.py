@@ -199,10 +199,10 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
         RunConfig,
         config_path,
         default_model,
+        fields_named,
         is_hf_config,
         load_config,
         load_run_config,
-        model_fields_named,
     )
     from fungpt.hardware import choose_precision, detect_precision
 
@@ -259,7 +259,7 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
             info["kind"] = "config"
         if pretrained.is_pretrained(cfg.model.init_from):  # fine-tuning: the checkpoint's architecture, as training
             checkpoint, info["vocab_note"] = pretrained.architecture(cfg.model.init_from)
-            named = model_fields_named(target, []) if not hf_folder else ()
+            named = fields_named(target, []) if not hf_folder else ()
             model = pretrained.merge_model_config(cfg.model, checkpoint, default_model(), named)
             tokens = pretrained.tokenizer_size(cfg.model.init_from)  # a padded table is trimmed, as training does
             if tokens is not None and tokens < model.vocab_size:  # said, as training says it

@@ -434,7 +434,7 @@ def test_inspect_shows_the_pretrained_architecture_of_a_finetuning_config(hf_dir
 
 
 def test_model_fields_written_down_count_as_set_even_at_their_default_value(hf_dir, tmp_path):
-    from fungpt.config import model_fields_named
+    from fungpt.config import fields_named
     from fungpt.inspection import inspect_target
 
     defaults = default_model()  # block_size 64, n_layer 4
@@ -444,7 +444,7 @@ def test_model_fields_written_down_count_as_set_even_at_their_default_value(hf_d
     assert pretrained.merge_model_config(defaults, checkpoint, defaults, {"block_size"}).block_size == 64
     toml = tmp_path / "ft.toml"
     toml.write_text(f'[model]\ninit_from = "{hf_dir.as_posix()}"\nn_layer = 4\n', encoding="utf-8")
-    assert model_fields_named(toml, ["--model.block-size", "64", "--model.dropout=0.1", "--train.lr", "1"]) == {
+    assert fields_named(toml, ["--model.block-size", "64", "--model.dropout=0.1", "--train.lr", "1"]) == {
         "init_from", "n_layer", "block_size", "dropout"}
     # n_layer = 4 is the default, but it was asked for and the checkpoint has 2: refused, not ignored
     with pytest.raises(FunGPTError, match=r"n_layer = 4 \(the checkpoint has 2\)"):

@@ -1102,10 +1102,10 @@ def test_an_example_config_is_known_by_its_name_from_any_folder(tmp_path, monkey
     expected = load_config(repo_configs / "speedrun-cpu.toml")
     assert load_config("speedrun-cpu") == expected == load_config("configs/speedrun-cpu.toml")
     assert config_path("speedrun-cpu.toml") == repo_configs / "speedrun-cpu.toml"
-    from fungpt.config import model_fields_named
+    from fungpt.config import fields_named
 
-    named = model_fields_named("finetune-gpt2-shakespeare", [])  # what the fine-tune example relies on
-    assert named == model_fields_named(repo_configs / "finetune-gpt2-shakespeare.toml", []) and named
+    named = fields_named("finetune-gpt2-shakespeare", [])  # what the fine-tune example relies on
+    assert named == fields_named(repo_configs / "finetune-gpt2-shakespeare.toml", []) and named
     # a file of the user's own is never shadowed by an example config of the same name
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "speedrun-cpu.toml").write_text("[train]\nlr = 0.002\n")
