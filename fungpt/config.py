@@ -36,6 +36,7 @@ from fungpt.errors import FunGPTError, check_field_types, check_run_given, read_
 from fungpt.linear import CPU_MATMULS
 from fungpt.model import GPTConfig
 
+MAX_MINUTES = 525_600  # train.max_minutes at most: a year
 TOKENIZERS = ("char", "bpe", "gpt2")
 LR_SCHEDULES = ("cosine", "wsd", "constant")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -184,7 +185,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise FunGPTError(f"train.{name} = {getattr(self, name)} must be a positive integer")
-        for name in ("batch_size", "grad_accum_steps"):  # (a typo such as 1e20 would fail deep inside torch)
+        for name in ("batch_size", "grad_accum_steps", "eval_iters"):  # (a typo such as 1e20 failed deep in torch)
             if getattr(self, name) > 2**24:
                 raise FunGPTError(f"train.{name} = {getattr(self, name)} is far too large (at most 2**24 = "
                                   f"16,777,216): check its value")
@@ -204,11 +205,15 @@ class TrainConfig:
             raise FunGPTError(f"train.wsd_decay_frac = {self.wsd_decay_frac} must be in (0, 1]")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise FunGPTError(f"train.max_minutes = {self.max_minutes} must be positive (or unset)")
+        if self.max_minutes is not None and self.max_minutes > MAX_MINUTES:  # (1e308 overflowed the step forecast)
+            raise FunGPTError(f"train.max_minutes = {self.max_minutes:g} is more than a year ({MAX_MINUTES:,} "
+                              f"minutes): for no time limit, leave it unset")
         _check_choice("train", "lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("train", "optimizer", self.optimizer, ("adamw", "muon"))
-        if self.muon_lr <= 0 or not 0.0 <= self.muon_momentum < 1.0:
-            raise FunGPTError(f"train.muon_lr = {self.muon_lr} must be positive and train.muon_momentum = "
-                              f"{self.muon_momentum} in [0, 1)")
+        if self.muon_lr <= 0:
+            raise FunGPTError(f"train.muon_lr = {self.muon_lr} must be positive (e.g. 0.03)")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise FunGPTError(f"train.muon_momentum = {self.muon_momentum} must be in [0, 1) (e.g. 0.95)")
         _check_choice("train", "device", self.device, DEVICES)
         _check_choice("train", "dtype", self.dtype, DTYPES)
         _check_choice("train", "cpu_matmul", self.cpu_matmul, CPU_MATMULS)

@@ -331,6 +331,9 @@ def _time_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_opt
         return _timed_steps(cfg, prec, data_dir, n, configure_optimizer, batch_loader, progress)
 
 
+TIMED_MICRO_BATCHES = 16  # the most micro-batches of a step a dry run times (the rest: as many times theirs)
+
+
 def _timed_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_optimizer, batch_loader,
                  progress: bool = False) -> tuple[float, int]:
     from tqdm import tqdm
@@ -350,10 +353,13 @@ def _timed_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_op
         return prec.context()
 
     times = []
+    # A step of many micro-batches is timed on the first TIMED_MICRO_BATCHES of them, scaled up to all: they all
+    # cost the same, and timing "a few steps" of grad_accum_steps = 2**24 took days
+    micro = min(tc.grad_accum_steps, TIMED_MICRO_BATCHES)
     # A big model's steps take minutes on a CPU (a GPT-2 fine-tune): a bar then, over the micro-batches, on stderr
     # (the plan goes to stdout); none for short steps, which are timed for a second (below) and their warm-up: a
     # delay of 1 s showed a bar in the last moment of that second on a busy machine
-    bar = tqdm(total=(n + 1) * tc.grad_accum_steps, desc="timing steps (+1 warm-up)", unit="batch",
+    bar = tqdm(total=(n + 1) * micro, desc="timing steps (+1 warm-up)", unit="batch",
                leave=False, dynamic_ncols=True, delay=2.0, mininterval=bar_interval(), file=sys.stderr,
                disable=not progress)
     try:
@@ -363,22 +369,26 @@ def _timed_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_op
             # the machine's moment (62-175 ms for one shape, whose real steps took 86-144)
             while i <= n or (len(times) < 20 and sum(times) < 1.0):
                 t0 = time.perf_counter()
-                for _ in range(tc.grad_accum_steps):
+                for _ in range(micro):
                     x, y = loader.next_batch()
                     with autocast():
                         loss = model(x, y)[1]  # (as the trainer: the logits are not kept)
                     scaler.scale(loss / tc.grad_accum_steps).backward()
                     bar.update(1)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t_micro = time.perf_counter() - t0
+                t0 = time.perf_counter()
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 if device == "cuda":
                     torch.cuda.synchronize()
                 if i > 0:  # the first step pays one-off costs (allocations, kernel selection)
-                    times.append(time.perf_counter() - t0)
+                    times.append(t_micro * tc.grad_accum_steps / micro + time.perf_counter() - t0)
                 i += 1
                 if i > n:  # (a step more: the bar counts it in)
-                    bar.total = (i + 1) * tc.grad_accum_steps
+                    bar.total = (i + 1) * micro
     except torch.cuda.OutOfMemoryError:
         raise FunGPTError(out_of_memory_advice(cfg, prec)) from None
     times.sort()

@@ -1846,14 +1846,24 @@ def is_diverged(loss: float, grad_norm: torch.Tensor, loss_scaling: bool, agree)
     return bool(flags[0]), bool(flags[1]) and math.isfinite(loss)
 
 
-def divergence_error(step: int, loss: float, loss_elsewhere: bool, out_dir: Path) -> FunGPTError:
+def divergence_error(step: int, loss: float, loss_elsewhere: bool, out_dir: Path, tc: TrainConfig) -> FunGPTError:
     """What stops a run whose step `step` diverged (train.skip_nonfinite = false)."""
     kept = ckpt.find_checkpoint(out_dir)
     where = (f"the last checkpoint ({kept.name}) is untouched" if kept else
              "no checkpoint to resume from was written")  # (a `best` one may exist: weights only)
     said = f"loss {loss}" + (" here, NaN/inf in another process" if loss_elsewhere else "")
     return FunGPTError(f"training diverged at step {step}: the loss or gradient is NaN/inf ({said}); {where}. "
-                       f"Lower train.lr, or set train.skip_nonfinite = true to skip such steps")
+                       f"{lower_lr(tc)}, or set train.skip_nonfinite = true to skip such steps")
+
+
+def lower_lr(tc: TrainConfig) -> str:
+    """The advice for a run that diverged: the learning rates it trains with, and a weight decay so strong that
+    each step takes lr x weight_decay (a tenth or more) off every weight."""
+    lrs = "train.muon_lr (the matrices' lr) or train.lr" if tc.optimizer == "muon" else "train.lr"
+    shrink = max(tc.lr, tc.muon_lr if tc.optimizer == "muon" else 0.0) * tc.weight_decay
+    decay = (f", or train.weight_decay = {tc.weight_decay:g} (lr x weight_decay = {shrink:.3g}: a step takes that "
+             f"share off every weight)") if shrink >= 0.1 else ""
+    return f"Lower {lrs}{decay}"
 
 
 def write_run_files(cfg: RunConfig, out_dir: Path, data_dir: Path, run_info: dict[str, Any],
@@ -2213,7 +2223,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         # Never replace a good checkpoint with broken weights (e.g. a huge update that overflowed).
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             raise FunGPTError(f"training diverged by step {step}: the weights contain NaN/inf, so no checkpoint "
-                              f"was written and the last good one is untouched. Lower train.lr")
+                              f"was written and the last good one is untouched. {lower_lr(tc)}")
         if ddp.is_main:
             state = {"step": step, "tokens": tokens_seen, "tokens_per_step": tokens_per_step,
                      "best_val": best_val, "elapsed_s": clock.elapsed(),
@@ -2351,7 +2361,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             last_loss = loss_sum.item()
             diverged, loss_elsewhere = is_diverged(last_loss, grad_norm, scaler.is_enabled(), agree)
             if diverged and not tc.skip_nonfinite:
-                raise divergence_error(step + 1, last_loss, loss_elsewhere, out_dir)
+                raise divergence_error(step + 1, last_loss, loss_elsewhere, out_dir, tc)
             if diverged:  # skipped: no update; the step still counts, and its eval and checkpoint still come
                 skipped = f"fungpt: skipped step {step + 1}: non-finite loss or gradient"
                 if bar is not None:
@@ -2445,7 +2455,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             if not math.isfinite(losses["val"]):  # (finite weights whose outputs overflow: no guard above sees them)
                 say("fungpt: warning: the final val loss is not a finite number: the model's outputs overflow (its "
                     "training diverged; train.skip_nonfinite only skips such steps) and sampling it will fail; "
-                    "train again with a lower train.lr")
+                    f"train again: {lower_lr(tc)[0].lower()}{lower_lr(tc)[1:]}")
             if final_eval or saved_at != step:
                 do_save()  # (a signal meanwhile: the run ends as it would have, this save done)
 

@@ -280,6 +280,32 @@ def tiny_config(corpus: Path, out_dir: Path, **train_kw) -> RunConfig:
                      train=TrainConfig(**kw))
 
 
+def test_a_dry_run_times_a_step_of_many_micro_batches_on_a_few_of_them(corpus, tmp_path, monkeypatch, capsys):
+    """grad_accum_steps = 2**24 (allowed) made "a few timed steps" take days: the first TIMED_MICRO_BATCHES of a
+    step are timed, and the step's time scaled up from them."""
+    from fungpt.data import BatchLoader
+
+    drawn = []
+    real = BatchLoader.next_batch
+    monkeypatch.setattr(BatchLoader, "next_batch", lambda self: drawn.append(1) or real(self))
+    monkeypatch.setattr(plan, "TIMED_MICRO_BATCHES", 2)
+    figures = plan.dry_run(tiny_config(corpus, tmp_path / "run", grad_accum_steps=1000), timed_steps=1)
+    assert 0 < len(drawn) <= 2 * 21  # at most 21 steps (a second's worth, 20, and the warm-up) of 2 micro-batches
+    one = plan.dry_run(tiny_config(corpus, tmp_path / "run", grad_accum_steps=1), timed_steps=1)["step_s"]
+    assert figures["step_s"] > 100 * one  # a step of 1,000 micro-batches, scaled up from 2 of them
+
+
+def test_divergence_advice_names_the_settings_that_make_the_steps(corpus, tmp_path):
+    """It said "Lower train.lr" to a Muon run whose muon_lr was 1e30, and to a weight decay of 1e6."""
+    from fungpt.train import lower_lr
+
+    assert lower_lr(TrainConfig()) == "Lower train.lr"
+    assert lower_lr(TrainConfig(optimizer="muon")) == "Lower train.muon_lr (the matrices' lr) or train.lr"
+    assert lower_lr(TrainConfig(weight_decay=1e6)) == ("Lower train.lr, or train.weight_decay = 1e+06 (lr x "
+                                                       "weight_decay = 1e+03: a step takes that share off every "
+                                                       "weight)")
+
+
 def test_a_float16_run_whose_loss_overflows_is_stopped_as_diverged(corpus, tmp_path):
     """Loss scaling handles overflowing gradients, not a forward pass that overflows: with lr 300 every step
     after the first was skipped and the run "finished" with a loss of nan, where float32 stopped with an error."""

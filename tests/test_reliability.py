@@ -2104,6 +2104,12 @@ BAD_INPUTS = {
     "TOML integer beyond any float": ([*TRAIN, "--config", "{tmp}/huge_lr.toml"], "lr is too large for a number"),
     "TOML out_dir not a string": ([*TRAIN, "--config", "{tmp}/out_dir_list.toml"], "['a', 'b'] should be a folder"),
     "TOML unknown section": ([*TRAIN, "--config", "{tmp}/unknown_section.toml"], "optim"),
+    "eval_iters beyond any use": ([*TRAIN, "--train.eval-iters", str(10**30)], "train.eval_iters = "
+                                  "1000000000000000000000000000000 is far too large (at most 2**24"),
+    "max_minutes beyond a year": ([*TRAIN, "--train.max-minutes", "1e308"], "train.max_minutes = 1e+308 is more "
+                                  "than a year (525,600 minutes): for no time limit, leave it unset"),
+    "muon_momentum out of range": ([*TRAIN, "--train.muon-momentum", "-1"], "train.muon_momentum = -1.0 must be in "
+                                   "[0, 1) (e.g. 0.95)"),
     "TOML misspelt section": ([*TRAIN, "--config", "{tmp}/misspelt_section.toml"],
                               "unknown top-level key(s) ['trian'] (did you mean [train] for [trian]?); expected"),
     "TOML Windows path read as escapes": ([*TRAIN, "--config", "{tmp}/windows_escapes.toml"],
