@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from fungpt import DataConfig, RunConfig, TrainConfig, load_config, sample, train
-from fungpt.config import load_run_config, model_fields_named
+from fungpt.config import fields_named, load_run_config
 from fungpt.errors import FunGPTError
 from fungpt.train import holds_run
 
@@ -57,7 +57,7 @@ def main() -> None:
         )
         # model_named: the [model] fields asked for, even where they equal the run defaults (block_size 64, say);
         # the others take the checkpoint's values
-        named = model_fields_named("finetune-gpt2-shakespeare", []) | ({"block_size"} if args.block_size else set())
+        named = fields_named("finetune-gpt2-shakespeare", []) | ({"block_size"} if args.block_size else set())
         replace_run = made_here(args.out, cfg)
         if holds_run(Path(args.out)) and not replace_run:
             sys.exit(f"error: {args.out} holds another training run, which this script would replace: pass --out "

@@ -1040,8 +1040,8 @@ def _blocked_folder(e: OSError) -> str:
     (a file the user never named, such as the train.npy a check looked for, hid which folder to fix)."""
     path = Path(str(e.filename))
     if e.errno in (errno.EACCES, errno.EPERM):
-        for folder in reversed(path.parents):  # (the outermost first: the one to fix)
-            if folder.is_dir() and not os.access(folder, os.R_OK | os.X_OK):
+        for folder in reversed(path.parents):  # (the outermost first; a folder passed through needs only x)
+            if folder.is_dir() and not os.access(folder, os.X_OK):
                 return f"{folder} (a folder it cannot open)"
     return str(e.filename)
 

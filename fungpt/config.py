@@ -23,7 +23,6 @@ import dataclasses
 import difflib
 import math
 import os
-import re
 import tomllib
 import types
 import typing
@@ -185,7 +184,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise FunGPTError(f"train.{name} = {getattr(self, name)} must be a positive integer")
-        for name in ("batch_size", "grad_accum_steps", "eval_iters"):  # (a typo such as 1e20 failed deep in torch)
+        for name in ("batch_size", "grad_accum_steps"):  # (a typo such as 1e20 would fail deep inside torch)
             if getattr(self, name) > 2**24:
                 raise FunGPTError(f"train.{name} = {getattr(self, name)} is far too large (at most 2**24 = "
                                   f"16,777,216): check its value")
@@ -205,9 +204,6 @@ class TrainConfig:
             raise FunGPTError(f"train.wsd_decay_frac = {self.wsd_decay_frac} must be in (0, 1]")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise FunGPTError(f"train.max_minutes = {self.max_minutes} must be positive (or unset)")
-        if self.max_minutes is not None and self.max_minutes > MAX_MINUTES:  # (1e308 overflowed the step forecast)
-            raise FunGPTError(f"train.max_minutes = {self.max_minutes:g} is more than a year ({MAX_MINUTES:,} "
-                              f"minutes): for no time limit, leave it unset")
         _check_choice("train", "lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("train", "optimizer", self.optimizer, ("adamw", "muon"))
         if self.muon_lr <= 0:
@@ -217,6 +213,16 @@ class TrainConfig:
         _check_choice("train", "device", self.device, DEVICES)
         _check_choice("train", "dtype", self.dtype, DTYPES)
         _check_choice("train", "cpu_matmul", self.cpu_matmul, CPU_MATMULS)
+
+    def check_limits(self) -> None:
+        """Bounds a run about to train (or plan) must keep, checked then rather than in __post_init__: a run saved by
+        an older FunGPT with a larger value still loads for sample, eval and export."""
+        if self.eval_iters > 2**24:  # (10**30 failed deep inside torch: a raw traceback)
+            raise FunGPTError(f"train.eval_iters = {self.eval_iters} is far too large (at most 2**24 = 16,777,216): "
+                              f"check its value")
+        if self.max_minutes is not None and self.max_minutes > MAX_MINUTES:  # (1e308 overflowed the step forecast)
+            raise FunGPTError(f"train.max_minutes = {self.max_minutes:g} is more than a year ({MAX_MINUTES:,} "
+                              f"minutes): for no time limit, leave it unset (--train.max-minutes None)")
 
     @property
     def decay_iters(self) -> int:
@@ -542,13 +548,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
                           f"to train with the defaults")
     # A path in double quotes whose backslashes TOML read as escapes ("D:\new\texts": a newline and a tab): no
     # file has such a name, and the error about it would print the name as the user wrote it
-    # (only where the file writes it in double quotes with a backslash: a tab in single quotes is one on purpose)
+    # (only a character the file does not hold as it is: one an escape made; a tab in single quotes is on purpose)
     text = raw.decode("utf-8", "replace")
     for where, value in (("out_dir", d.get("out_dir")), ("[data] path", (d.get("data") or {}).get("path")),
                          ("[model] init_from", (d.get("model") or {}).get("init_from"))):
-        key = where.rsplit(" ", 1)[-1]
-        escaped = re.search(rf'^\s*{key}\s*=\s*"[^"\n]*\\', text, re.MULTILINE)
-        if isinstance(value, str) and any(ord(c) < 0x20 for c in value) and escaped:
+        if isinstance(value, str) and any(ord(c) < 0x20 and c not in text for c in value):
             raise FunGPTError(f"config file {path}: {where} = {value!r} holds a control character: "
                               f"{BACKSLASH_HINT}")
     return d

@@ -796,6 +796,10 @@ def prepare(
     Returns the output folder.
     """
     # --- check the arguments before touching anything -------------------------
+    for name, path in (("input", input), ("out", out)):  # (Path("") is the current folder, prepared or written)
+        if not str(path).strip():
+            raise FunGPTError(f"prepare: {name} is empty: give " + ("a text file or a folder of them" if name == "input"
+                                                                    else "the folder to write the dataset into"))
     # A ready Tokenizer object (e.g. a pretrained model's own, see pretrained.py) is used as is.
     given = tokenizer if isinstance(tokenizer, Tokenizer) else None
     tokenizer = given.name if given is not None else tokenizer

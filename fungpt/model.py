@@ -115,10 +115,10 @@ class GPTConfig:
             )
         if self.norm not in NORMS:
             raise FunGPTError(f"model config norm={self.norm!r} is unknown: use one of {', '.join(NORMS)}")
-        # (nan fails this too; at or below 1 the angles no longer slow down along the head: 1e-300's overflow)
-        if not 1 < self.rope_base < math.inf:
-            raise FunGPTError(f"model config rope_base={self.rope_base} must be a number above 1: the usual value is "
-                              f"10000")
+        # (nan fails this too; below 1e-30 the angles rope_base^(-2i/hs) overflow float32, and the loss is NaN)
+        if not 1e-30 <= self.rope_base < math.inf:
+            raise FunGPTError(f"model config rope_base={self.rope_base} must be a positive number (at least 1e-30): "
+                              f"the usual value is 10000")
         if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2 != 0:
             raise FunGPTError(
                 f"model config head size n_embd/n_head={self.n_embd // self.n_head} must be even for "

@@ -762,8 +762,8 @@ def prepare_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, locked: bool 
             print(f"fungpt: {out} held a run that stopped before its first checkpoint: starting it over")
         remove_run(out)
     elif out.is_dir():  # a folder of the user's (a project's, notes): allowed, but said, as `--out-dir /tmp` is a slip
-        others = sorted(p.name for p in out.iterdir()
-                        if p.name not in (*RUN_FILES, LOCK_FILE, "checkpoints", "tensorboard"))
+        others = sorted(p.name for p in out.iterdir()  # (hidden ones, such as macOS's .DS_Store, are not counted)
+                        if p.name not in (*RUN_FILES, "checkpoints", "tensorboard", "wandb") and p.name[0] != ".")
         if others:
             shown = ", ".join(others[:3]) + (f" and {len(others) - 3:,} more" if len(others) > 3 else "")
             print(f"fungpt: note: out_dir {out} already holds files of its own ({shown}): the run's files go among "
@@ -1861,8 +1861,9 @@ def lower_lr(tc: TrainConfig) -> str:
     each step takes lr x weight_decay (a tenth or more) off every weight."""
     lrs = "train.muon_lr (the matrices' lr) or train.lr" if tc.optimizer == "muon" else "train.lr"
     shrink = max(tc.lr, tc.muon_lr if tc.optimizer == "muon" else 0.0) * tc.weight_decay
+    # (named where the decay itself is unusual, 1 or more: with the usual 0.1 a huge lr is the cause alone)
     decay = (f", or train.weight_decay = {tc.weight_decay:g} (lr x weight_decay = {shrink:.3g}: a step takes that "
-             f"share off every weight)") if shrink >= 0.1 else ""
+             f"share off every weight)") if shrink >= 0.1 and tc.weight_decay >= 1 else ""
     return f"Lower {lrs}{decay}"
 
 
@@ -1968,6 +1969,7 @@ def checked_again(cfg: RunConfig) -> RunConfig:
     cfg.__post_init__()  # (first: each section as its dataclass)
     for section in (cfg.data, cfg.model, cfg.train):
         section.__post_init__()  # (a subclass's own checks included)
+    cfg.train.check_limits()  # (what a run about to train must keep: a saved one may load without)
     return cfg
 
 

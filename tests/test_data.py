@@ -221,6 +221,15 @@ def test_a_dataset_left_complete_in_its_temporary_folder_is_named_where_it_is_mi
     assert str(err.value).endswith("create it with `fungpt prepare --out " + str(out) + "`")
 
 
+def test_prepare_refuses_an_empty_path_from_python_too(tmp_path, corpus, monkeypatch):
+    """prepare("", ...) prepared the current folder (Path("") is "."), without a word."""
+    monkeypatch.chdir(corpus.parent)
+    for args, said in ((("", tmp_path / "x"), "prepare: input is empty"), ((corpus, " "), "prepare: out is empty")):
+        with pytest.raises(FunGPTError, match=said):
+            prepare(*args)
+    assert not (tmp_path / "x").exists()
+
+
 def test_folder_input_sorted_with_separators(tmp_path):
     folder = tmp_path / "docs"
     (folder / "sub").mkdir(parents=True)

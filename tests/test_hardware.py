@@ -304,6 +304,7 @@ def test_divergence_advice_names_the_settings_that_make_the_steps(corpus, tmp_pa
     assert lower_lr(TrainConfig(weight_decay=1e6)) == ("Lower train.lr, or train.weight_decay = 1e+06 (lr x "
                                                        "weight_decay = 1e+03: a step takes that share off every "
                                                        "weight)")
+    assert lower_lr(TrainConfig(lr=2.0)) == "Lower train.lr"  # (the usual decay: a huge lr is the cause alone)
 
 
 def test_a_float16_run_whose_loss_overflows_is_stopped_as_diverged(corpus, tmp_path):

@@ -1906,6 +1906,7 @@ def _files(world, tmp_path) -> dict[str, str]:
     (t / "misspelt_section.toml").write_text("[trian]\nlr = 0.1\n")
     (t / "windows_escapes.toml").write_text('[data]\npath = "D:\\new\\texts"\n')  # (a newline and a tab)
     (t / "windows_hex.toml").write_text('[data]\npath = "C:\\Users\\me\\corpus.txt"\n')  # (\U: an escape)
+    (t / "windows_dotted.toml").write_text('data.path = "D:\\new\\texts"\n')  # (a dotted key: the same)
     (t / "not_utf8.toml").write_bytes(b"[train]\nlr = \xff\n")
     (t / "a_file").write_text("x")
     (t / "dangling").symlink_to("nowhere-yet")
@@ -2115,6 +2116,9 @@ BAD_INPUTS = {
     "TOML Windows path read as escapes": ([*TRAIN, "--config", "{tmp}/windows_escapes.toml"],
                                           "windows_escapes.toml: [data] path = 'D:\\new\\texts' holds a control "
                                           "character: in double quotes a backslash starts an escape"),
+    "TOML Windows path as a dotted key": ([*TRAIN, "--config", "{tmp}/windows_dotted.toml"],
+                                          "windows_dotted.toml: [data] path = 'D:\\new\\texts' holds a control "
+                                          "character"),
     "TOML Windows path not TOML": ([*TRAIN, "--config", "{tmp}/windows_hex.toml"],
                                    "is not valid TOML: Invalid hex value (at line 2, column 13): in double quotes a "
                                    "backslash starts an escape (\\n, \\t, \\U...): write a Windows path in single "

@@ -382,9 +382,13 @@ def test_a_new_run_in_a_folder_of_other_files_says_so(corpus, tmp_path, capsys):
     train(tiny_config(corpus, out, max_iters=1), progress=False)
     assert (f"fungpt: note: out_dir {out} already holds files of its own (a.py, b.py, data and 1 more): the run's "
             f"files go among them (--overwrite would later delete only the run's)") in capsys.readouterr().out
-    (tmp_path / "empty").mkdir()
-    train(tiny_config(corpus, tmp_path / "empty", max_iters=1), progress=False)
-    assert "already holds files of its own" not in capsys.readouterr().out
+    for name in ("empty", "wandb-only"):  # (FunGPT's own logger's folder, and hidden files, are not the user's)
+        (tmp_path / name).mkdir()
+    (tmp_path / "wandb-only" / "wandb").mkdir()
+    (tmp_path / "wandb-only" / ".DS_Store").write_text("")
+    for name in ("empty", "wandb-only"):
+        train(tiny_config(corpus, tmp_path / name, max_iters=1), progress=False)
+        assert "already holds files of its own" not in capsys.readouterr().out
 
 
 def test_overwrite_deletes_the_runs_files_and_nothing_else(corpus, tmp_path, monkeypatch):
@@ -545,6 +549,20 @@ def test_resume_may_change_dropout_with_a_note_and_the_run_still_loads(corpus, t
     with pytest.raises(FunGPTError, match="trained with a different model"):
         train(cfg, resume=True, progress=False)
     assert "note: dropout" not in capsys.readouterr().out  # (no note before a refusal)
+
+
+def test_a_run_saved_with_values_beyond_todays_bounds_still_loads(corpus, tmp_path):
+    """eval_iters and max_minutes got upper bounds (a huge value crashed with a traceback): checked when a run is
+    about to train, so that a run an older FunGPT saved with a larger value still loads for sample and eval."""
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=2, eval_interval=2, checkpoint_interval=2), progress=False)
+    saved = json.loads((out / "config.json").read_text())
+    saved["train"].update(eval_iters=2**25, max_minutes=1e6)
+    (out / "config.json").write_text(json.dumps(saved))
+    assert load_run_folder(out, device="cpu").step == 2
+    cfg = load_run_config(out)
+    with pytest.raises(FunGPTError, match=r"train.eval_iters = 33554432 is far too large"):
+        train(cfg, resume=True, progress=False)
 
 
 def test_resume_refusal_for_another_vocabulary_size_names_the_sizes(tmp_path):
