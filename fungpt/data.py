@@ -733,7 +733,7 @@ def left_in_a_temporary(out: Path) -> str:
     return ""
 
 
-def _system_file(name: str) -> bool:
+def system_file(name: str) -> bool:
     """A file the system puts into any folder it shows: macOS Finder's .DS_Store and ._* twins, Windows'
     Thumbs.db and desktop.ini (deleting one with the folder loses nothing of the user's)."""
     return name in (".DS_Store", "Thumbs.db", "desktop.ini") or name.startswith("._")
@@ -766,7 +766,7 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
         if not made_here:
             raise FunGPTError(f"{out} holds token ids that fungpt prepare did not make (its meta.json names no "
                               f"source text), which --overwrite would delete; choose another --out")
-        others = sorted(p.name for p in out.iterdir() if p.name not in PREPARED_FILES and not _system_file(p.name))
+        others = sorted(p.name for p in out.iterdir() if p.name not in PREPARED_FILES and not system_file(p.name))
         if others:
             raise FunGPTError(f"{out} holds {others[0]!r}" + (f" and {len(others) - 1} more file(s)" if len(others) > 1
                               else "") + " beside the prepared dataset, which --overwrite would delete with it; "

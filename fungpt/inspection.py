@@ -256,6 +256,10 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
             info["kind"] = "Hugging Face model"
         else:
             cfg = load_config(target)
+            try:  # (a config to train: refused as training refuses it)
+                cfg.train.check_limits()
+            except FunGPTError as e:
+                raise FunGPTError(f"{target}: {e}") from None
             info["kind"] = "config"
         if pretrained.is_pretrained(cfg.model.init_from):  # fine-tuning: the checkpoint's architecture, as training
             checkpoint, info["vocab_note"] = pretrained.architecture(cfg.model.init_from)

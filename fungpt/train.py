@@ -80,6 +80,7 @@ from fungpt.data import (
     remove_stale_temps,
     resolve_source,
     same_dataset,
+    system_file,
 )
 from fungpt.data import (
     data_fingerprint as fingerprint_of,
@@ -762,8 +763,9 @@ def prepare_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, locked: bool 
             print(f"fungpt: {out} held a run that stopped before its first checkpoint: starting it over")
         remove_run(out)
     elif out.is_dir():  # a folder of the user's (a project's, notes): allowed, but said, as `--out-dir /tmp` is a slip
-        others = sorted(p.name for p in out.iterdir()  # (hidden ones, such as macOS's .DS_Store, are not counted)
-                        if p.name not in (*RUN_FILES, "checkpoints", "tensorboard", "wandb") and p.name[0] != ".")
+        others = sorted(p.name for p in out.iterdir()  # (nor the system's own, such as macOS's .DS_Store)
+                        if p.name not in (*RUN_FILES, LOCK_FILE, "checkpoints", "tensorboard", "wandb")
+                        and not system_file(p.name))
         if others:
             shown = ", ".join(others[:3]) + (f" and {len(others) - 3:,} more" if len(others) > 3 else "")
             print(f"fungpt: note: out_dir {out} already holds files of its own ({shown}): the run's files go among "
@@ -1857,8 +1859,8 @@ def divergence_error(step: int, loss: float, loss_elsewhere: bool, out_dir: Path
 
 
 def lower_lr(tc: TrainConfig) -> str:
-    """The advice for a run that diverged: the learning rates it trains with, and a weight decay so strong that
-    each step takes lr x weight_decay (a tenth or more) off every weight."""
+    """The advice for a run that diverged: the learning rates it trains with, and an unusual weight decay (1 or
+    more) so strong that each step takes lr x weight_decay (a tenth or more) off every weight."""
     lrs = "train.muon_lr (the matrices' lr) or train.lr" if tc.optimizer == "muon" else "train.lr"
     shrink = max(tc.lr, tc.muon_lr if tc.optimizer == "muon" else 0.0) * tc.weight_decay
     # (named where the decay itself is unusual, 1 or more: with the usual 0.1 a huge lr is the cause alone)

@@ -1907,6 +1907,10 @@ def _files(world, tmp_path) -> dict[str, str]:
     (t / "windows_escapes.toml").write_text('[data]\npath = "D:\\new\\texts"\n')  # (a newline and a tab)
     (t / "windows_hex.toml").write_text('[data]\npath = "C:\\Users\\me\\corpus.txt"\n')  # (\U: an escape)
     (t / "windows_dotted.toml").write_text('data.path = "D:\\new\\texts"\n')  # (a dotted key: the same)
+    # (\n alone, which every file of several lines also holds as it is; \t in a file indented with tabs)
+    (t / "windows_newline.toml").write_text('out_dir = "C:\\new_run"\n[train]\nmax_iters = 1\n')
+    (t / "windows_tabbed.toml").write_text('[data]\n\tpath = "D:\\texts.txt"\n')
+    (t / "huge_eval_iters.toml").write_text("[train]\neval_iters = 100000000\n")
     (t / "not_utf8.toml").write_bytes(b"[train]\nlr = \xff\n")
     (t / "a_file").write_text("x")
     (t / "dangling").symlink_to("nowhere-yet")
@@ -2119,6 +2123,17 @@ BAD_INPUTS = {
     "TOML Windows path as a dotted key": ([*TRAIN, "--config", "{tmp}/windows_dotted.toml"],
                                           "windows_dotted.toml: [data] path = 'D:\\new\\texts' holds a control "
                                           "character"),
+    "TOML Windows path with a newline escape": ([*TRAIN, "--config", "{tmp}/windows_newline.toml"],
+                                                "windows_newline.toml: out_dir = 'C:\\new_run' holds a control "
+                                                "character"),
+    "TOML Windows path with a tab escape in a tabbed file": ([*TRAIN, "--config", "{tmp}/windows_tabbed.toml"],
+                                                             "windows_tabbed.toml: [data] path = 'D:\\texts.txt' "
+                                                             "holds a control character"),
+    "TOML eval_iters beyond any use": ([*TRAIN, "--config", "{tmp}/huge_eval_iters.toml"],
+                                       "huge_eval_iters.toml with the flags given: train.eval_iters = 100000000 is "
+                                       "far too large"),
+    "inspect: a config training refuses": (["inspect", "{tmp}/huge_eval_iters.toml"],
+                                           "huge_eval_iters.toml: train.eval_iters = 100000000 is far too large"),
     "TOML Windows path not TOML": ([*TRAIN, "--config", "{tmp}/windows_hex.toml"],
                                    "is not valid TOML: Invalid hex value (at line 2, column 13): in double quotes a "
                                    "backslash starts an escape (\\n, \\t, \\U...): write a Windows path in single "

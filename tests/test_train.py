@@ -382,13 +382,14 @@ def test_a_new_run_in_a_folder_of_other_files_says_so(corpus, tmp_path, capsys):
     train(tiny_config(corpus, out, max_iters=1), progress=False)
     assert (f"fungpt: note: out_dir {out} already holds files of its own (a.py, b.py, data and 1 more): the run's "
             f"files go among them (--overwrite would later delete only the run's)") in capsys.readouterr().out
-    for name in ("empty", "wandb-only"):  # (FunGPT's own logger's folder, and hidden files, are not the user's)
-        (tmp_path / name).mkdir()
+    for name in ("empty", "wandb-only", "git"):  # (FunGPT's own logger's folder, and the system's files, are not
+        (tmp_path / name).mkdir()                  # the user's; a project's .git is)
     (tmp_path / "wandb-only" / "wandb").mkdir()
     (tmp_path / "wandb-only" / ".DS_Store").write_text("")
-    for name in ("empty", "wandb-only"):
+    (tmp_path / "git" / ".git").mkdir()
+    for name in ("empty", "wandb-only", "git"):
         train(tiny_config(corpus, tmp_path / name, max_iters=1), progress=False)
-        assert "already holds files of its own" not in capsys.readouterr().out
+        assert ("already holds files of its own (.git)" in capsys.readouterr().out) == (name == "git")
 
 
 def test_overwrite_deletes_the_runs_files_and_nothing_else(corpus, tmp_path, monkeypatch):
