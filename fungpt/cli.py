@@ -372,7 +372,8 @@ def cmd_train(args: list[str], start_time: float) -> int | None:
               f"model's values, not the defaults shown below\n")
     try:
         parsed = _parse(TrainArgs, args, "fungpt train", default=TrainArgs(config=path, run=base))
-        parsed.run.train.check_limits()  # (here, so that its refusal names the file, as the other checks' do)
+        if not resumed:  # (here, so that its refusal names the file, as the other checks' do; a resume's values
+            parsed.run.train.check_limits()  # may be its checkpoint's, not its config.json's: train() says it)
     except FunGPTError as e:
         if not path:
             raise

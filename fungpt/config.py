@@ -19,10 +19,12 @@ second with one clear line instead of an hour into training.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -548,20 +550,21 @@ def _read_toml(path: Path) -> dict[str, Any]:
                           f"to train with the defaults")
     # A path in double quotes whose backslashes TOML read as escapes ("D:\new\texts": a newline and a tab): no
     # file has such a name, and the error about it would print the name as the user wrote it
-    # (only where the file spells the value with escapes, "D:\\new": a tab written as it is, in single quotes, is on
-    # purpose; any key form, dotted or in an inline table, is found by its value)
-    text = raw.decode("utf-8", "replace")
+    # (only where a double-quoted string of the file that holds escapes reads as the value, "D:\\new": a tab written
+    # as it is, in single quotes, is on purpose; any key form, dotted or in an inline table, is found by its value)
+    escaped = set()
+    for literal in re.findall(r'"(?:[^"\\\n]|\\.)*"', raw.decode("utf-8", "replace")):
+        if "\\" in literal:
+            with contextlib.suppress(tomllib.TOMLDecodeError):
+                escaped.add(tomllib.loads(f"x = {literal}")["x"])
     for where, value in (("out_dir", d.get("out_dir")), ("[data] path", (d.get("data") or {}).get("path")),
                          ("[model] init_from", (d.get("model") or {}).get("init_from"))):
-        spelt = "".join(TOML_ESCAPES.get(c, f"\\u{ord(c):04X}" if ord(c) < 0x20 else c) for c in value) \
-            if isinstance(value, str) else ""
-        if isinstance(value, str) and any(ord(c) < 0x20 for c in value) and spelt in text:
+        if isinstance(value, str) and any(ord(c) < 0x20 for c in value) and value in escaped:
             raise FunGPTError(f"config file {path}: {where} = {value!r} holds a control character: "
                               f"{BACKSLASH_HINT}")
     return d
 
 
-TOML_ESCAPES = {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}  # (the others: \\uXXXX)
 BACKSLASH_HINT = ("in double quotes a backslash starts an escape (\\n, \\t, \\U...): write a Windows path in single "
                   "quotes, path = 'C:\\data\\my.txt', or with forward slashes")
 

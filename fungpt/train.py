@@ -763,9 +763,11 @@ def prepare_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, locked: bool 
             print(f"fungpt: {out} held a run that stopped before its first checkpoint: starting it over")
         remove_run(out)
     elif out.is_dir():  # a folder of the user's (a project's, notes): allowed, but said, as `--out-dir /tmp` is a slip
-        others = sorted(p.name for p in out.iterdir()  # (nor the system's own, such as macOS's .DS_Store)
+        # (not the run's own, a killed run's temporaries such as .config.json.tmp-PID-... included, nor the
+        # system's, such as macOS's .DS_Store)
+        others = sorted(p.name for p in out.iterdir()
                         if p.name not in (*RUN_FILES, LOCK_FILE, "checkpoints", "tensorboard", "wandb")
-                        and not system_file(p.name))
+                        and not system_file(p.name) and not (p.name[0] == "." and ".tmp-" in p.name))
         if others:
             shown = ", ".join(others[:3]) + (f" and {len(others) - 3:,} more" if len(others) > 3 else "")
             print(f"fungpt: note: out_dir {out} already holds files of its own ({shown}): the run's files go among "

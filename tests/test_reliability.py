@@ -1911,6 +1911,8 @@ def _files(world, tmp_path) -> dict[str, str]:
     (t / "windows_newline.toml").write_text('out_dir = "C:\\new_run"\n[train]\nmax_iters = 1\n')
     (t / "windows_tabbed.toml").write_text('[data]\n\tpath = "D:\\texts.txt"\n')
     (t / "huge_eval_iters.toml").write_text("[train]\neval_iters = 100000000\n")
+    (t / "windows_half_doubled.toml").write_text('out_dir = "D:\\\\runs\\tiny"\n')  # (\\ once, \t not)
+    (t / "windows_u_escape.toml").write_text('[data]\npath = "D:\\u0009x.txt"\n')
     (t / "not_utf8.toml").write_bytes(b"[train]\nlr = \xff\n")
     (t / "a_file").write_text("x")
     (t / "dangling").symlink_to("nowhere-yet")
@@ -2129,6 +2131,12 @@ BAD_INPUTS = {
     "TOML Windows path with a tab escape in a tabbed file": ([*TRAIN, "--config", "{tmp}/windows_tabbed.toml"],
                                                              "windows_tabbed.toml: [data] path = 'D:\\texts.txt' "
                                                              "holds a control character"),
+    "TOML Windows path half doubled": ([*TRAIN, "--config", "{tmp}/windows_half_doubled.toml"],
+                                       "windows_half_doubled.toml: out_dir = 'D:\\\\runs\\tiny' holds a control "
+                                       "character"),
+    "TOML control character as a \\u escape": ([*TRAIN, "--config", "{tmp}/windows_u_escape.toml"],
+                                               "windows_u_escape.toml: [data] path = 'D:\\tx.txt' holds a control "
+                                               "character"),
     "TOML eval_iters beyond any use": ([*TRAIN, "--config", "{tmp}/huge_eval_iters.toml"],
                                        "huge_eval_iters.toml with the flags given: train.eval_iters = 100000000 is "
                                        "far too large"),

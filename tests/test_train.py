@@ -386,6 +386,7 @@ def test_a_new_run_in_a_folder_of_other_files_says_so(corpus, tmp_path, capsys):
         (tmp_path / name).mkdir()                  # the user's; a project's .git is)
     (tmp_path / "wandb-only" / "wandb").mkdir()
     (tmp_path / "wandb-only" / ".DS_Store").write_text("")
+    (tmp_path / "wandb-only" / ".config.json.tmp-123-abcd1234").write_text("")  # (a killed run's temporary)
     (tmp_path / "git" / ".git").mkdir()
     for name in ("empty", "wandb-only", "git"):
         train(tiny_config(corpus, tmp_path / name, max_iters=1), progress=False)
