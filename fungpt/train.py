@@ -2338,7 +2338,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     fwd_model.train()
     start_step = step
     bar = None
-    if progress and ddp.is_main:
+    if progress and ddp.is_main and step < tc.max_iters:  # (max_iters = 0: no steps, no bar)
         from tqdm.auto import tqdm
 
         every = bar_interval()  # (30 s into a log file or a pipe, where each redraw is kept)
@@ -2450,8 +2450,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 bar.total = step  # where the budget ended it: 100%
             bar.close()
         if not interrupted and not no_step:
-            say(f"fungpt: step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-                f"({format_duration(time.time() - start_time)})")
+            if step > start_step or final_eval:  # (no step and no final eval: the eval line above said these)
+                say(f"fungpt: step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+                    f"({format_duration(time.time() - start_time)})")
             if (clock.budget_s is not None and step >= tc.max_iters and step > start_step
                     and clock.elapsed() < 0.9 * clock.budget_s):  # (a budget used to its end needs no word)
                 # (max_iters, 2,000 by default, still applies: a budget meant to decide the steps was cut short)

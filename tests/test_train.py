@@ -2906,8 +2906,10 @@ def test_a_run_of_no_steps_says_its_weights_are_untrained(corpus, tmp_path, caps
     argv = ["train", "--data.path", str(corpus), "--out-dir", str(out), "--model.n-layer", "1", "--model.n-embd", "16",
             "--model.n-head", "1", "--model.block-size", "8", "--train.eval-iters", "1", "--train.device", "cpu"]
     assert main([*argv, "--train.max-iters", "0"]) == 0
-    said = capsys.readouterr().out
+    said, err = capsys.readouterr()
     assert "fungpt: done (no step trained: the weights are the ones it started from). Sample with: fungpt" in said
+    # the step-0 losses once (not again as a final summary), and no empty progress bar
+    assert len(re.findall(r"step 0: train loss", said)) == 1 and "train:" not in err, (said, err)
     assert main([*argv, "--train.max-iters", "2", "--resume"]) == 0
     said = capsys.readouterr()
     assert "fungpt: done. Sample with" in said.out and "no step trained" not in said.out
