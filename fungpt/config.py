@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import json
 import math
 import os
 import re
@@ -438,13 +439,31 @@ def _check_type(klass: type, name: str, value: Any, where: str, saved: bool = Fa
             return value
         if t not in (bool, int, float, str, type(None)):
             return value  # a type this simple check does not know: let the dataclass judge
-    wanted = " or ".join("null" if t is type(None) else getattr(t, "__name__", str(t)) for t in options)
+    # Said in the file's own words (TOML's and JSON's: true, "text"), not Python's (True, 'text', int)
+    # (TOML has no null: an optional setting's default comes from leaving it out)
+    said = [t for t in options if t is not type(None) or ".toml" not in where]
+    wanted = " or ".join(FILE_TYPE_NAMES.get(t, getattr(t, "__name__", str(t))) for t in said)
     # (TOML has no null: "None" written there is a string; the setting's default comes from leaving it out)
     unset = ("; TOML has no null: for its default, delete the line" if type(None) in options and ".toml" in where
              and isinstance(value, str) and value.strip().lower() in ("none", "null", "nil", "") else "")
-    whole = (f" (a whole number: write {int(value)})" if int in options and isinstance(value, float)
+    whole = (f" (write {int(value)})" if int in options and isinstance(value, float)
              and value.is_integer() else "")
-    raise FunGPTError(f"{where}: {name} = {value!r} should be of type {wanted}{unset}{whole}")
+    raise FunGPTError(f"{where}: {name} = {as_written(value)} should be {wanted}{unset}{whole}")
+
+
+# How a config file's reader is told the type a setting takes
+FILE_TYPE_NAMES = {int: "a whole number", float: "a number", str: 'a string in double quotes ("...")',
+                   bool: "true or false", type(None): "null"}
+
+
+def as_written(value: Any) -> str:
+    """A value from a TOML or JSON file, spelled as it is written there: true, "text", [1, 2]."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # nan, inf, -inf (TOML's spelling; JSON has none)
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except TypeError:  # (a TOML date or time)
+        return str(value)
 
 
 def presets_dir() -> Path | None:

@@ -2093,8 +2093,8 @@ BAD_INPUTS = {
                                   "[model]; did you mean batch_size for batchsize?)"),
     "an empty init_from": ([*TRAIN, "--model.init-from", ""], "model config init_from is empty: use 'scratch', a "
                            "Hugging Face GPT-2 folder or a hub name such as gpt2"),
-    "TOML None": ([*TRAIN, "--config", "{tmp}/none.toml"], "none.toml [train]: lr_decay_iters = 'None' should be of "
-                  "type int or null; TOML has no null: for its default, delete the line"),
+    "TOML None": ([*TRAIN, "--config", "{tmp}/none.toml"], "none.toml [train]: lr_decay_iters = \"None\" should be a "
+                  "whole number; TOML has no null: for its default, delete the line"),
     "TOML keys with dashes": ([*TRAIN, "--config", "{tmp}/dashed.toml"],
                               "[train]: unknown setting(s) ['block-size', 'learning-rate', 'max-iters'] (block-size is "
                               "block_size, in [model]; did you mean lr for learning-rate, max_iters for max-iters?)"),
@@ -3335,7 +3335,7 @@ def test_only_a_none_written_in_toml_is_told_that_toml_has_no_null(tmp_path):
 
     for value, hint in (('"None"', True), ('"null"', True), ("1.5", False), ('"ten"', False)):
         (tmp_path / "c.toml").write_text(f"[train]\nlr_decay_iters = {value}\n")
-        with pytest.raises(FunGPTError, match="lr_decay_iters = .* should be of type int or null") as e:
+        with pytest.raises(FunGPTError, match="lr_decay_iters = .* should be a whole number(;|$)") as e:
             load_config(tmp_path / "c.toml")
         assert ("TOML has no null: for its default, delete the line" in str(e.value)) == hint, str(e.value)
 
@@ -3390,3 +3390,23 @@ def test_a_permission_error_inside_a_folder_that_cannot_be_opened_names_the_fold
     assert cli._blocked_folder(e) == f"{locked} (a folder it cannot open)"
     monkeypatch.setattr(cli.os, "access", real_access)
     assert cli._blocked_folder(e) == str(locked / "train.npy")  # (an open folder: the file is the one to fix)
+
+
+def test_a_config_files_wrong_type_is_said_in_the_files_own_words(tmp_path):
+    """A TOML value of the wrong type was quoted in Python's spelling with Python's type names (`max_iters = True
+    should be of type int`), which a TOML file's author does not write."""
+    from fungpt.config import load_config
+
+    for line, said in (("[train]\nmax_iters = true", "max_iters = true should be a whole number"),
+                       ('[train]\nlr = "fast"', 'lr = "fast" should be a number'),
+                       ("[model]\nbias = 1", "bias = 1 should be true or false"),
+                       ("[train]\ndevice = 3", 'device = 3 should be a string in double quotes ("...")'),
+                       ("[train]\nmax_iters = 1e3", "max_iters = 1000.0 should be a whole number (write 1000)"),
+                       ("[train]\nlr_decay_iters = nan", "lr_decay_iters = nan should be a whole number")):
+        (tmp_path / "c.toml").write_text(line + "\n")
+        with pytest.raises(FunGPTError) as e:
+            load_config(tmp_path / "c.toml")
+        assert str(e.value).endswith(said), str(e.value)
+    (tmp_path / "c.json").write_text('{"train": {"lr_decay_iters": "x"}}')  # (JSON has a null: named)
+    with pytest.raises(FunGPTError, match=r'lr_decay_iters = "x" should be a whole number or null$'):
+        load_config(tmp_path / "c.json")
