@@ -1802,10 +1802,12 @@ def _ranks(first: int, last: int, verb: str) -> str:
 
 
 def forward_backward(fwd_model: torch.nn.Module, loader: BatchLoader, cfg: RunConfig, prec: Precision, ddp: Dist,
-                     scaler: torch.amp.GradScaler, autocast, device: str) -> torch.Tensor:
+                     scaler: torch.amp.GradScaler, autocast, device: str,
+                     micro_done: Callable[[], None] | None = None) -> torch.Tensor:
     """One optimizer step's gradients, by gradient accumulation: A = grad_accum_steps micro-batches, each loss
     divided by A, so the summed gradients equal those of one batch A times larger. Returns the step's loss (the mean
-    of the A micro-batch losses, still on the device: reading it waits for the device)."""
+    of the A micro-batch losses, still on the device: reading it waits for the device). `micro_done` is called after
+    each micro-batch (a progress bar within a long step)."""
     tc = cfg.train
     loss_sum = torch.zeros((), device=device)
     for micro in range(tc.grad_accum_steps):
@@ -1830,6 +1832,8 @@ def forward_backward(fwd_model: torch.nn.Module, loader: BatchLoader, cfg: RunCo
                     raise FunGPTError(failure) from None
                 raise
         loss_sum += loss.detach()
+        if micro_done is not None:
+            micro_done()
     return loss_sum
 
 
@@ -2347,6 +2351,21 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                                unit="step", dynamic_ncols=True, mininterval=every, maxinterval=max(every, 10.0))
         if clock.budget_s is None:  # (a budget's forecast end, the bar's total, already counts them)
             bar.periodic_left = clock.periodic_time_left
+    @contextlib.contextmanager
+    def micro_bar(step: int):
+        """A bar within a step of many micro-batches that takes long (a GPT-2 fine-tune on a CPU: 32 micro-batches, a
+        minute or more, with the step bar standing still). It shows once the step has taken MICRO_BAR_DELAY_S, and
+        clears itself at the step's end. Yields what forward_backward calls after each micro-batch (None: no bar)."""
+        if bar is None or tc.grad_accum_steps == 1 or (clock.step_times and clock.step_estimate() < MICRO_BAR_DELAY_S):
+            yield None  # (a step shorter than the delay would never show it: not made, as it costs ~0.1 ms)
+            return
+        micro = tqdm(total=tc.grad_accum_steps, desc=f"step {step + 1}", unit=" micro-batch", leave=False,
+                     delay=MICRO_BAR_DELAY_S, dynamic_ncols=True, mininterval=every)
+        try:
+            yield lambda: interrupt.output(micro.update, 1)
+        finally:
+            interrupt.output(micro.close)
+
     doing = None  # (the loop's handlers, from here on, say what an interruption left)
     with _StopFlag(announce=ddp.is_main, processes=ddp.world_size) as interrupt, _close_on_error(bar):
         position = 0.0  # where the lr schedule stands (in steps), agreed before each step
@@ -2359,7 +2378,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon groups peak at muon_lr
 
-            loss_sum = forward_backward(fwd_model, loader, cfg, prec, ddp, scaler, autocast, device)
+            with micro_bar(step) as micro_done:
+                loss_sum = forward_backward(fwd_model, loader, cfg, prec, ddp, scaler, autocast, device, micro_done)
             scaler.unscale_(optimizer)  # back to true gradient values (no-op without float16)
             max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")  # (0: no clipping; the norm is still
             # computed, for is_diverged)
@@ -2510,6 +2530,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         losses = {"train": last_loss}  # the last step's batch loss; no val loss at this step
     return summary(out_dir, step, start_time, losses.get("train", last_loss), losses.get("val", float("nan")),
                    interrupted, stop_signal, trained=step > start_step)
+
+
+MICRO_BAR_DELAY_S = 2.0  # a step's own bar of micro-batches shows once the step has taken this long (see micro_bar)
 
 
 def _rng_state(device: str) -> dict[str, torch.Tensor]:

@@ -2972,3 +2972,15 @@ def test_a_tilde_in_a_path_is_the_home_folder_everywhere(corpus, tmp_path, monke
     assert (home / "run" / "config.json").is_file() and not (tmp_path / "~").exists()
     assert evaluate_run("~/run", input="~/t.txt")["tokens"] > 0
     assert read_metrics("~/run") and main(["inspect", "~/run"]) == 0
+
+
+def test_a_long_step_of_many_micro_batches_shows_them(corpus, tmp_path, monkeypatch, capsys):
+    """A GPT-2 fine-tune on a CPU (32 micro-batches a step) stood a minute or more at its step bar's last value: a
+    step that takes long shows its micro-batches in a bar of its own, cleared at the step's end."""
+    monkeypatch.setattr(sys.modules["fungpt.train"], "MICRO_BAR_DELAY_S", 0.0)  # (every step counts as long)
+    train(tiny_config(corpus, tmp_path / "a", max_iters=3, grad_accum_steps=3), progress=True)
+    err = capsys.readouterr().err
+    assert re.search(r"step 3: .*/3 \[.*micro-batch/s", err), err
+    train(tiny_config(corpus, tmp_path / "b", max_iters=3), progress=True)  # (one micro-batch a step: no such bar)
+    err = capsys.readouterr().err
+    assert "micro-batch" not in err and "train:" in err, err
