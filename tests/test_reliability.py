@@ -1025,7 +1025,7 @@ def test_an_older_checkpoint_is_evaluated_again_only_where_its_log_shows_the_eva
 def test_a_resume_that_evaluates_its_step_again_keeps_one_eval_row_for_it(tmp_path):
     """A resume that does the eval a signal left, then ends before its next checkpoint without saving (killed, or
     an error), left that eval's row for the next resume, which logged it again."""
-    from fungpt.train import MetricsLog
+    from fungpt.metrics import MetricsLog
 
     rows = [{"step": 0, "train_loss": 4.0, "val_loss": 4.1}, {"step": 4, "train_loss": 3.0},
             {"step": 4, "train_loss": 3.1, "val_loss": 3.2}, {"step": 5, "train_loss": 2.9}]

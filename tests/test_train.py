@@ -2149,7 +2149,7 @@ def test_a_resume_drops_the_train_events_of_a_last_step_that_log_interval_skips(
     pytest.importorskip("tensorboard")
     from torch.utils.tensorboard import SummaryWriter
 
-    from fungpt.train import trim_tensorboard
+    from fungpt.metrics import trim_tensorboard
 
     with SummaryWriter(str(tmp_path)) as w:
         for step in (1, 4, 6):
@@ -2166,7 +2166,7 @@ def test_a_resumed_run_drops_the_tensorboard_events_after_its_checkpoint(corpus,
     pytest.importorskip("tensorboard")
     from torch.utils.tensorboard import SummaryWriter
 
-    from fungpt.train import trim_tensorboard
+    from fungpt.metrics import trim_tensorboard
 
     out = tmp_path / "run"
     train(tiny_config(corpus, out, max_iters=4, eval_interval=2, tensorboard=True), progress=False)
