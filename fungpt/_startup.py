@@ -17,7 +17,7 @@ SIGTERM (`kill`, `timeout`, a job scheduler) and SIGHUP (a closed terminal) end 
 without running the clean-ups that Ctrl-C's KeyboardInterrupt runs: a half-prepared dataset or half-written
 export folder was left behind. While a command runs, `stop_signals_raise` turns them into `Stopped`, a
 KeyboardInterrupt, so the same clean-ups run; cli.main() then says which signal stopped it. Training's own
-handler (train._StopFlag: save the step, then stop) replaces this one while it trains.
+handler (stopping.StopFlag: save the step, then stop) replaces this one while it trains.
 """
 
 import os

@@ -31,7 +31,6 @@ import re
 import shutil
 import signal
 import socket
-import stat
 import sys
 import threading
 import time
@@ -51,7 +50,6 @@ except ImportError:  # Windows: runs go unlocked
 
 from fungpt import checkpoint as ckpt
 from fungpt import pretrained
-from fungpt._startup import raise_stopped
 from fungpt.budget import TimeBudget, budget_spent, format_duration
 from fungpt.config import (
     TOKENIZERS,
@@ -99,6 +97,7 @@ from fungpt.hf import load_gpt2
 from fungpt.linear import onednn_bf16_works, onednn_linear, onednn_works, using_cpu_matmul
 from fungpt.metrics import MetricsLog, check_loggers, eval_left_in_log
 from fungpt.model import GPT
+from fungpt.stopping import StopFlag, close_on_error
 from fungpt.tokenizer import BPE_FILE as TOKENIZER_BPE_FILE
 from fungpt.tokenizer import DEFAULT_BPE_VOCAB, TOKENIZER_TEMP, Tokenizer, load_tokenizer
 from fungpt.tokenizer import META_FILE as TOKENIZER_META_FILE
@@ -1307,144 +1306,6 @@ def _sync(device: str) -> None:
         torch.mps.synchronize()
 
 
-# The signals that stop a run cleanly: Ctrl-C, `kill` (and what schedulers, systemd and `docker stop` send),
-# and a closed terminal. Each one's default would end the process at once, losing the steps since the last save.
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
-
-
-class _StopFlag:
-    """Ctrl-C (or SIGTERM, SIGHUP) sets a flag; the loop saves a checkpoint at the end of the step and exits
-    cleanly. A second one interrupts at once (the last saved checkpoint is still intact).
-
-    A signal that is ignored (a background job's SIGINT, `nohup`'s SIGHUP) stays ignored, and a SIGTERM or
-    SIGHUP handler of the program that calls train() is left alone; `announce` is False on all but one
-    process of a torchrun job, so that the notice is printed once. In a job of several processes the save needs
-    them all: torchrun also sends SIGTERM when one of them has died, and then the step cannot be finished.
-    """
-
-    def __init__(self, announce: bool = True, processes: int = 1) -> None:
-        self.stop = False
-        self.signum: int | None = None  # the first signal received
-        self.doing = "finishing this step"  # what a first signal's notice says happens now (see `evaluating`)
-        self.announce = announce
-        self.processes = processes
-        self.hung_up = False  # stopped by a write that failed as the terminal hung up (its SIGHUP may follow)
-        self.output_failed: str | None = None  # why the console's output could not be written (a full disk)
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        if threading_is_main():
-            for signum in STOP_SIGNALS:
-                old = signal.getsignal(signum)
-                # (_startup.raise_stopped: the fungpt command's own, which would stop the run without its save)
-                if old is signal.SIG_IGN or (signum != signal.SIGINT and old not in (signal.SIG_DFL, raise_stopped)):
-                    continue
-                self._old[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if signum == getattr(signal, "SIGHUP", None):
-            _silence_terminal()  # its terminal is gone: writing there would fail (EIO) before the save
-        if self.stop:
-            if self.hung_up and signum == getattr(signal, "SIGHUP", None):
-                self.hung_up = False  # the SIGHUP of the hang-up that already stopped the run: not a second one
-                return
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt  # (cli: "fungpt: interrupted", status 130)
-            # Under torchrun a second Ctrl-C reaches the processes as torchrun's SIGTERM: name what the user did.
-            # One line from the job (the process that announced the first), not one per process.
-            torchrun_passed = self.processes > 1 and self.signum == signal.SIGINT and signum == signal.SIGTERM
-            what = "Ctrl-C" if torchrun_passed else signal.Signals(signum).name
-            if self.announce:
-                with contextlib.suppress(OSError):
-                    print(f"\nfungpt: {what} again: stopped at once; the last checkpoint is intact", file=sys.stderr)
-            os._exit(128 + signum)
-        self.stop, self.signum = True, signum
-        self._announce(signum)
-
-    def _announce(self, signum: int) -> None:
-        if self.announce:
-            what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-            with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
-                unless = ", unless a process of this job has died (the last checkpoint stays intact)" \
-                    if self.processes > 1 else ""
-                print(f"\n{what}: {self.doing} and saving a checkpoint{unless} ({what} again aborts)", file=sys.stderr)
-
-    def output(self, write: Callable[..., Any], *args: Any) -> None:
-        """Write to the console (the progress bar's update or write). A terminal that hung up fails writes with
-        EIO, possibly before its SIGHUP reaches Python: the run then stops as for SIGHUP, saving its step. A pipe
-        whose reader went away (`| tee log` when the session drops, `| head`) fails them with EPIPE: the run
-        stops the same way, as for SIGPIPE (which Python ignores, raising the error instead). A log file whose disk
-        is full stops it too, saving its step (`output_failed`: training then ends with an error saying so)."""
-        try:
-            write(*args)
-        except OSError as e:
-            if e.errno in _FULL:
-                _silence_files()  # (the rest of the run's output, the error included, could not be written there)
-                if not self.stop:
-                    self.stop, self.signum, self.output_failed = True, signal.SIGTERM, e.strerror or str(e)
-                return
-            if e.errno not in (errno.EIO, errno.EPIPE):
-                raise
-            _silence_terminal(pipes=e.errno == errno.EPIPE)
-            if not self.stop:
-                self.stop, self.hung_up = True, e.errno == errno.EIO
-                self.signum = getattr(signal, "SIGHUP" if e.errno == errno.EIO else "SIGPIPE", signal.SIGTERM)
-                if self.hung_up:  # said as for the SIGHUP itself (into stderr's file, say: its terminal is gone)
-                    self._announce(self.signum)
-
-    @contextlib.contextmanager
-    def evaluating(self):
-        """During an eval, which a first signal abandons (see `do_eval`), its notice says so."""
-        self.doing = "leaving the eval"
-        try:
-            yield
-        finally:
-            self.doing = "finishing this step"
-
-    def __exit__(self, *exc) -> None:
-        for signum, old in self._old.items():
-            signal.signal(signum, old)
-
-
-_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}  # a file that cannot grow
-
-
-def _silence_files() -> None:
-    """Point stdout or stderr at /dev/null where it is a file on a full disk (or /dev/full), where every later write
-    would fail as the first did; a stream elsewhere (stderr into a log on another disk) keeps its output."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            fd = stream.fileno()
-            mode = os.fstat(fd).st_mode
-            full = (stat.S_ISREG(mode) and os.fstatvfs(fd).f_bavail == 0) or (stat.S_ISCHR(mode) and not
-                                                                               os.isatty(fd))
-            if full:
-                null = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(null, fd)
-                os.close(null)
-
-
-def _silence_terminal(pipes: bool = False) -> None:
-    """Point stdout and stderr at /dev/null where they are a terminal (one that hung up: SIGHUP), or with `pipes`
-    a pipe whose reader is gone, so that the run's remaining output cannot fail; other output is kept."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            if os.isatty(stream.fileno()) or (pipes and _reader_gone(stream.fileno())):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
-
-
-def _reader_gone(fd: int) -> bool:
-    """Whether `fd` is a pipe whose reading end was closed: poll reports an error condition on its writing end."""
-    import select
-
-    if not stat.S_ISFIFO(os.fstat(fd).st_mode) or not hasattr(select, "poll"):
-        return False
-    poll = select.poll()
-    poll.register(fd, select.POLLOUT)
-    return any(events & select.POLLERR for _, events in poll.poll(0))
-
-
 def _train_bar(tqdm):
     """The training bar's class: tqdm's, whose rate (and so its time left) is the steps since the command's first
     step over the time since, the periodic evals and checkpoints included once one has run (before the first, the
@@ -1476,23 +1337,6 @@ def _train_bar(tqdm):
             return d
 
     return TrainBar
-
-
-@contextlib.contextmanager
-def _close_on_error(bar):
-    """Close the progress bar when the loop fails, so the error starts on a line of its own."""
-    try:
-        yield
-    except BaseException:
-        if bar is not None:
-            bar.close()
-        raise
-
-
-def threading_is_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2021,7 +1865,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     # a resume.
     clock = TimeBudget(tc, start_time - elapsed_before, timings, resumed.schedule_origin, resumed.lr_origin)
 
-    def do_eval(interrupt: _StopFlag | None = None) -> dict[str, float] | None:
+    def do_eval(interrupt: StopFlag | None = None) -> dict[str, float] | None:
         """Evaluate (see `evaluate`), log the losses, and save "best" when val improved. Under `interrupt`'s handlers,
         Ctrl-C or SIGTERM abandons the eval: None, nothing logged (the caller saves the step, as for a signal during a
         step: a long eval, the speedrun's over the whole val split, is not waited for)."""
@@ -2070,7 +1914,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             ckpt.save_checkpoint(out_dir, "latest", step, model, state=state, extra=ckpt_extra)
         clock.save_times.append(time.time() - t_save)
 
-    def agree_on_next_step(interrupt: _StopFlag, position: float) -> tuple[bool, float]:
+    def agree_on_next_step(interrupt: StopFlag, position: float) -> tuple[bool, float]:
         """Whether to end the loop before another step (out of budget, or Ctrl-C), and the lr schedule's position
         for that step (it never moves back from `position`, the last step's).
 
@@ -2192,7 +2036,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             interrupt.output(micro.close)
 
     doing = None  # (the loop's handlers, from here on, say what an interruption left)
-    with _StopFlag(announce=ddp.is_main, processes=ddp.world_size) as interrupt, _close_on_error(bar):
+    with StopFlag(announce=ddp.is_main, processes=ddp.world_size) as interrupt, close_on_error(bar):
         position = 0.0  # where the lr schedule stands (in steps), agreed before each step
         while step < tc.max_iters:
             stop, position = agree_on_next_step(interrupt, position)

@@ -41,6 +41,7 @@ from fungpt.runs import load_run
 from fungpt.train import LOCK_FILE, check_out_dir, train
 
 train_module = importlib.import_module("fungpt.train")  # (`from fungpt import train` is the function)
+stopping = importlib.import_module("fungpt.stopping")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -1155,11 +1156,11 @@ def test_resume_says_when_its_lr_schedule_or_eval_batches_change(world, tmp_path
 
 def test_the_stop_notice_of_a_torchrun_job_does_not_promise_a_save_it_may_not_make(capsys):
     """torchrun also sends SIGTERM when one of its processes died: the survivors cannot finish the step then."""
-    flag = train_module._StopFlag(processes=2)
+    flag = stopping.StopFlag(processes=2)
     flag._handle(signal.SIGTERM, None)
     assert flag.stop and ("SIGTERM: finishing this step and saving a checkpoint, unless a process of this job has "
                           "died (the last checkpoint stays intact) (SIGTERM again aborts)") in capsys.readouterr().err
-    train_module._StopFlag()._handle(signal.SIGTERM, None)
+    stopping.StopFlag()._handle(signal.SIGTERM, None)
     assert "SIGTERM: finishing this step and saving a checkpoint (SIGTERM again" in capsys.readouterr().err
 
 
@@ -1382,10 +1383,9 @@ def test_console_output_to_a_terminal_that_hung_up_stops_the_run_as_sighup(monke
     line after an eval then ended the run with "error: Input/output error" and no checkpoint of its last steps."""
     import errno
 
-    train_mod = train_module
     silenced = []
-    monkeypatch.setattr(train_mod, "_silence_terminal", lambda pipes=False: silenced.append(pipes))
-    flag = train_mod._StopFlag()
+    monkeypatch.setattr(stopping, "silence_terminal", lambda pipes=False: silenced.append(pipes))
+    flag = stopping.StopFlag()
 
     def hung_up(*args):
         raise OSError(errno.EIO, "Input/output error")
@@ -1396,13 +1396,13 @@ def test_console_output_to_a_terminal_that_hung_up_stops_the_run_as_sighup(monke
     # terminal, now gone), and test_a_terminal_that_hangs_up_saves_the_step failed when the write came first
     assert "SIGHUP: finishing this step and saving a checkpoint" in capsys.readouterr().err
     exits = []
-    monkeypatch.setattr(train_mod.os, "_exit", lambda code: exits.append(code))
+    monkeypatch.setattr(stopping.os, "_exit", lambda code: exits.append(code))
     flag._handle(signal.SIGHUP, None)  # the hang-up's own SIGHUP, arriving after the failed write ...
     assert not exits
     flag._handle(signal.SIGHUP, None)  # ... is not a second one; another SIGHUP is
     assert exits == [129]
     # a pipe without its reader (`| tee log` when the session drops) stops the run the same way, as SIGPIPE
-    piped = train_mod._StopFlag()
+    piped = stopping.StopFlag()
     piped.output(lambda *a: (_ for _ in ()).throw(BrokenPipeError(errno.EPIPE, "Broken pipe")), "x")
     assert piped.stop and piped.signum == signal.SIGPIPE and not piped.hung_up and silenced[-1] is True
     with pytest.raises(OSError):  # other errors are not these
@@ -1413,7 +1413,7 @@ def test_console_output_to_a_terminal_that_hung_up_stops_the_run_as_sighup(monke
 def test_only_output_that_cannot_be_written_is_silenced(tmp_path):
     """stdout into a full file (/dev/full), stderr into a log on a disk with room: stderr was silenced too, and the
     error saying why training stopped was lost with it."""
-    script = ("import importlib, sys\nt = importlib.import_module('fungpt.train')\nt._silence_files()\n"
+    script = ("import importlib, sys\nt = importlib.import_module('fungpt.stopping')\nt.silence_files()\n"
               "print('to stdout', flush=True)\nprint('to stderr', file=sys.stderr, flush=True)\n")
     with open("/dev/full", "w") as full, open(tmp_path / "err.log", "w") as err:
         proc = subprocess.run([sys.executable, "-c", script], stdout=full, stderr=err, timeout=120,
@@ -1427,10 +1427,9 @@ def test_console_output_to_a_full_disk_stops_the_run_with_its_step_saved(world, 
     left on device" and lost the steps since its last checkpoint, though that disk had room."""
     import errno
 
-    train_mod = train_module
     silenced = []
-    monkeypatch.setattr(train_mod, "_silence_files", lambda: silenced.append(1))  # (not this test's own output)
-    real_output, writes = train_mod._StopFlag.output, []
+    monkeypatch.setattr(stopping, "silence_files", lambda: silenced.append(1))  # (not this test's own output)
+    real_output, writes = stopping.StopFlag.output, []
 
     def full_after_a_while(self, write, *args):
         writes.append(1)
@@ -1438,7 +1437,7 @@ def test_console_output_to_a_full_disk_stops_the_run_with_its_step_saved(world, 
             write = lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))  # noqa: E731
         real_output(self, write, *args)
 
-    monkeypatch.setattr(train_mod._StopFlag, "output", full_after_a_while)
+    monkeypatch.setattr(stopping.StopFlag, "output", full_after_a_while)
     out = tmp_path / "run"
     with pytest.raises(FunGPTError) as e:
         train(tiny_config(world["data"], out, max_iters=50, checkpoint_interval=1000), progress=True)
@@ -2521,7 +2520,7 @@ def signals_kept():
 
 
 def test_stop_flag_handles_the_stop_signals_and_puts_the_old_handlers_back(signals_kept):
-    flag = train_module._StopFlag()
+    flag = stopping.StopFlag()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     with flag:
@@ -2539,7 +2538,7 @@ def test_stop_flag_takes_over_from_the_fungpt_commands_own_handlers(signals_kept
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     restore = _startup.stop_signals_raise()
     assert all(signal.getsignal(s) is _startup.raise_stopped for s in (signal.SIGTERM, signal.SIGHUP))
-    flag = train_module._StopFlag()
+    flag = stopping.StopFlag()
     with flag:
         assert all(signal.getsignal(s) == flag._handle for s in (signal.SIGTERM, signal.SIGHUP))
     assert all(signal.getsignal(s) is _startup.raise_stopped for s in (signal.SIGTERM, signal.SIGHUP))
@@ -2554,35 +2553,34 @@ def test_stop_flag_leaves_ignored_signals_and_a_callers_own_handlers_alone(signa
 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
     signal.signal(signal.SIGTERM, mine)  # a program that calls train() and handles SIGTERM itself
-    flag = train_module._StopFlag()
+    flag = stopping.StopFlag()
     with flag:
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is mine
         assert signal.getsignal(signal.SIGINT) == flag._handle  # (Ctrl-C is the run's, unless ignored:)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job of a shell without job control
-    with train_module._StopFlag():
+    with stopping.StopFlag():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_a_second_signal_aborts_at_once_with_its_own_status(monkeypatch, capsys):
-    train_mod = train_module
     exits, silenced = [], []
-    monkeypatch.setattr(train_mod.os, "_exit", lambda code: exits.append(code))
-    monkeypatch.setattr(train_mod, "_silence_terminal", lambda: silenced.append(1))
+    monkeypatch.setattr(stopping.os, "_exit", lambda code: exits.append(code))
+    monkeypatch.setattr(stopping, "silence_terminal", lambda: silenced.append(1))
     for signum, status in ((signal.SIGTERM, 143), (signal.SIGHUP, 129)):
-        flag = train_mod._StopFlag()
+        flag = stopping.StopFlag()
         flag._handle(signum, None)
         assert flag.stop and flag.signum == signum and not exits
         flag._handle(signum, None)
         assert exits.pop() == status
     assert len(silenced) == 2  # SIGHUP's terminal is gone: silenced at each SIGHUP, never for SIGTERM
     assert "SIGTERM again: stopped at once; the last checkpoint is intact" in capsys.readouterr().err
-    flag = train_mod._StopFlag()
+    flag = stopping.StopFlag()
     flag._handle(signal.SIGINT, None)
     with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C: "fungpt: interrupted", status 130 (cli)
         flag._handle(signal.SIGINT, None)
     # Under torchrun a second Ctrl-C arrives as torchrun's SIGTERM: named as the user's Ctrl-C, by one process only
     for announce in (True, False):
-        flag = train_mod._StopFlag(announce=announce, processes=2)
+        flag = stopping.StopFlag(announce=announce, processes=2)
         flag._handle(signal.SIGINT, None)
         capsys.readouterr()
         flag._handle(signal.SIGTERM, None)
