@@ -14,6 +14,7 @@ from fungpt.errors import FunGPTError, check_number, check_run_given, read_json
 from fungpt.hardware import detect_precision
 from fungpt.linear import cpu_matmul
 from fungpt.model import GPT
+from fungpt.rundir import lock_holder
 from fungpt.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -93,8 +94,6 @@ def _file_id(path: Path) -> tuple[int, int] | None:
 def _load(run_dir: Path, folder: Path | None, checkpoint: str, dev: str) -> LoadedRun:
     cfg = load_run_config(run_dir)
     if folder is None:
-        from fungpt.train import lock_holder  # (imported when needed: the trainer's module is large)
-
         holder = lock_holder(run_dir)
         best_step = ckpt.saved_step(run_dir, "best") if checkpoint == "last" else None
         # (a best of step 0 holds the initial weights: nothing to point at, but in a run training now)

@@ -25,8 +25,9 @@ from fungpt.errors import FunGPTError
 from fungpt.hardware import check_compile, choose_precision
 from fungpt.inspection import estimate_memory
 from fungpt.model import GPT, GPTConfig
+from fungpt.rundir import LOCK_FILE
 from fungpt.runs import load_run
-from fungpt.train import LOCK_FILE, train
+from fungpt.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

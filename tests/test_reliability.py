@@ -37,8 +37,9 @@ from fungpt.config import DataConfig, RunConfig, TrainConfig, load_run_config
 from fungpt.data import load_meta, prepare
 from fungpt.errors import FunGPTError
 from fungpt.model import GPT, GPTConfig
+from fungpt.rundir import LOCK_FILE, check_out_dir
 from fungpt.runs import load_run
-from fungpt.train import LOCK_FILE, check_out_dir, train
+from fungpt.train import train
 
 train_module = importlib.import_module("fungpt.train")  # (`from fungpt import train` is the function)
 stopping = importlib.import_module("fungpt.stopping")
@@ -448,7 +449,7 @@ def test_unwritable_out_dir_is_refused_up_front(world, tmp_path, capsys, monkeyp
 _HOLD_LOCK = """
 import sys
 from pathlib import Path
-from fungpt.train import lock_out_dir
+from fungpt.rundir import lock_out_dir
 with lock_out_dir(Path(sys.argv[1])):
     print("locked", flush=True)
     sys.stdin.read()  # until the test closes our stdin
@@ -739,7 +740,7 @@ def test_a_run_that_never_saved_is_started_over(world, tmp_path, capsys, monkeyp
     left = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert left == ["latest-0000000" if budget else "best-0000000"], left
     if budget is None:  # where no lock can be taken, a run that has not saved yet may be live: refused
-        monkeypatch.setattr(sys.modules["fungpt.train"], "fcntl", None)
+        monkeypatch.setattr(sys.modules["fungpt.rundir"], "fcntl", None)
         with pytest.raises(FunGPTError, match="already holds a training run"):
             train(cfg, progress=False)
         monkeypatch.undo()

@@ -1325,7 +1325,7 @@ def test_ddp_processes_agree_on_a_refused_out_dir_before_they_wait_on_each_other
     a process group, a wait that torchrun's SIGTERM cannot end: rank 1 was killed 30 s later. Now every process
     hears the refusal first, and says it, as they say errors they all hit."""
     out = tmp_path / "busy"
-    hold = ("import sys\nfrom pathlib import Path\nfrom fungpt.train import lock_out_dir\n"
+    hold = ("import sys\nfrom pathlib import Path\nfrom fungpt.rundir import lock_out_dir\n"
             "with lock_out_dir(Path(sys.argv[1])):\n    print('locked', flush=True)\n    sys.stdin.read()\n")
     holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
