@@ -154,7 +154,7 @@ def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", 
 def _vocab_for_config(cfg) -> tuple[int, str | None]:
     """The vocabulary size a TOML config will train with, and a note when it had to be assumed."""
     from fungpt.data import is_prepared, load_meta
-    from fungpt.train import resolve_data
+    from fungpt.rundata import resolve_data
 
     path = Path(cfg.data.path).expanduser()
     if is_prepared(path):

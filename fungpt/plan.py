@@ -164,13 +164,12 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
     start_time = time.time() if start_time is None else start_time
     from fungpt import checkpoint as ckpt
     from fungpt.data import BatchLoader, is_prepared, load_meta
+    from fungpt.rundata import check_resume_tokenizer, resolve_model_and_data
     from fungpt.rundir import HoldsARun, check_out_dir, check_resume_model
     from fungpt.train import (
-        check_resume_tokenizer,
         configure_optimizer,
         dropout_note,
         passes_note,
-        resolve_model_and_data,
         resume_point,
         schedule_notes,
     )

@@ -68,7 +68,7 @@ class Pretrained:
 
     name: str  # as written in the config ("gpt2", "models/my-gpt2")
     path: Path | None  # the local folder holding config.json, the weights and the tokenizer files (None: a
-    # resumed fine-tune whose pretrained model is gone, see train.resolve_model_and_data)
+    # resumed fine-tune whose pretrained model is gone, see rundata.resolve_model_and_data)
     config: GPTConfig  # the architecture, exactly as in the checkpoint
     tokenizer: Tokenizer
     model: GPT | None = None  # its weights, once read (training reads them before encoding the data, so that a
@@ -230,7 +230,7 @@ def merge_model_config(asked: GPTConfig, checkpoint: GPTConfig, defaults: GPTCon
 
 def load_weights(model: GPT, source: GPT | str | Path) -> None:
     """Copy the pretrained weights of `source` (a model loaded by GPT.from_hf, or its folder) into `model`
-    (which may have a shorter block_size, or fewer token rows: see train.resolve_model_and_data)."""
+    (which may have a shorter block_size, or fewer token rows: see rundata.resolve_model_and_data)."""
     source = source if isinstance(source, GPT) else GPT.from_hf(source)
     state = source.state_dict()
     if "pos.wpe.weight" in state:  # crop the position table: keep the first block_size positions

@@ -202,7 +202,7 @@ def test_a_dataset_left_complete_in_its_temporary_folder_is_named_where_it_is_mi
     system call apart) left OUT missing and the complete new dataset in OUT.tmp-HOST-PID: the errors said only
     "does not exist"."""
     from fungpt.config import DataConfig
-    from fungpt.train import resolve_data
+    from fungpt.rundata import resolve_data
 
     out = tmp_path / "prep"
     prepare(corpus, out, "char")
@@ -1310,7 +1310,7 @@ def test_a_folder_of_ones_own_named_shakespeare_never_shares_the_built_in_corpus
     """train's cache took `shakespeare` for the built-in corpus whatever was there: a user's own folder of that
     name, prepared first, was later served as Tiny Shakespeare (and the other way round)."""
     from fungpt.config import DataConfig
-    from fungpt.train import resolve_data
+    from fungpt.rundata import resolve_data
 
     monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
     mine = tmp_path / "project"
@@ -1327,7 +1327,7 @@ def test_a_folder_of_ones_own_named_shakespeare_never_shares_the_built_in_corpus
 def test_the_cache_sees_new_text_given_the_old_size_and_modification_time(tmp_path, monkeypatch):
     """`cp -p`, `rsync -a` or `touch -r` can give changed text its old size and mtime: the stale tokens trained."""
     from fungpt.config import DataConfig
-    from fungpt.train import resolve_data
+    from fungpt.rundata import resolve_data
 
     monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
     text = tmp_path / "small.txt"
@@ -1345,7 +1345,7 @@ def test_a_text_folder_with_a_meta_json_of_its_own_is_text(tmp_path, monkeypatch
     "meta.json lacks format_version ...; run `fungpt prepare --overwrite`", which does not apply."""
     from fungpt.config import DataConfig
     from fungpt.data import is_prepared
-    from fungpt.train import resolve_data
+    from fungpt.rundata import resolve_data
 
     monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
     texts = tmp_path / "poems"
@@ -1367,7 +1367,7 @@ def test_a_text_folder_with_a_meta_json_of_its_own_is_text(tmp_path, monkeypatch
 def test_a_prepared_folder_that_lost_its_token_files_is_not_read_as_text(tmp_path, monkeypatch):
     """Its meta.json is prepare's own: training names the missing file (it trained on the JSON as text)."""
     from fungpt.config import DataConfig
-    from fungpt.train import resolve_data
+    from fungpt.rundata import resolve_data
 
     monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
     text = tmp_path / "small.txt"
@@ -1383,7 +1383,7 @@ def test_a_prepared_folder_that_lost_its_token_files_is_not_read_as_text(tmp_pat
 def test_a_damaged_cached_dataset_is_prepared_again(tmp_path, monkeypatch):
     """Its error said `fungpt prepare --overwrite`, which a user who never ran prepare cannot apply to the cache."""
     from fungpt.config import DataConfig
-    from fungpt.train import resolve_data
+    from fungpt.rundata import resolve_data
 
     monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
     text = tmp_path / "small.txt"

@@ -375,7 +375,7 @@ def test_dry_run_counts_what_a_real_run_builds_and_writes_nothing(corpus, tmp_pa
     full = plan.dry_run(dataclasses.replace(cfg, out_dir=str(tmp_path / "new"),  # (run: refused without --resume)
                                             train=dataclasses.replace(cfg.train, eval_full_val=True)), timed_steps=1)
     from fungpt.data import load_meta
-    from fungpt.train import resolve_data
+    from fungpt.rundata import resolve_data
 
     val_windows = math.ceil((load_meta(resolve_data(cfg.data, is_main=False, progress=False))["val_tokens"] - 1) / 16)
     assert full["eval_s"] == pytest.approx(2 * (2 + val_windows / 4) * full["step_s"] / 3)

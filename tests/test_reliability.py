@@ -2409,12 +2409,11 @@ def test_parse_errors_are_one_clear_line_too(world, tmp_path, capsys, name):
 
 def test_refusals_come_before_any_data_preparation(world, tmp_path, capsys, monkeypatch):
     """Out_dir and config mistakes must not wait for a (possibly long) preparation of the data."""
-    train_module = sys.modules["fungpt.train"]  # (fungpt.train, the attribute, is the function)
 
     def boom(*a, **k):
         raise AssertionError("data was prepared before the refusal")
 
-    monkeypatch.setattr(train_module, "resolve_data", boom)
+    monkeypatch.setattr(sys.modules["fungpt.rundata"], "resolve_data", boom)
     other = copy_run(world, tmp_path)
     for argv, needle in [(["--out-dir", other], "already holds"), (["--out-dir", tmp_path / "x", "--resume"],
                                                                     "nothing to resume"),
@@ -2816,7 +2815,7 @@ def test_a_model_vocab_size_given_from_scratch_is_said_to_be_replaced(world, tmp
 def test_data_settings_a_folder_of_own_token_ids_leaves_unused_are_named_as_such(tmp_path, capsys):
     """A hand-made folder was called tokenized "by `fungpt prepare`", with "(the folder's: None)" for what its
     meta.json does not record, and told to be prepared again (it has no text)."""
-    from fungpt.train import note_unused_data_settings
+    from fungpt.rundata import note_unused_data_settings
 
     meta = {"format_version": 1, "tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16"}
     note_unused_data_settings(DataConfig(tokenizer="bpe", val_fraction=0.5), meta, tmp_path)
@@ -2828,8 +2827,8 @@ def test_data_settings_a_folder_of_own_token_ids_leaves_unused_are_named_as_such
 def test_a_folder_of_own_ids_whose_tokenizer_lacks_tokens_is_told_so(tmp_path):
     """Its meta.json's vocab_size covered its ids but its char tokenizer had fewer characters: the advice was to set
     vocab_size to the tokenizer's size, which the ids past it then refused."""
+    from fungpt.rundata import resolve_model_and_data
     from fungpt.tokenizer import CharTokenizer
-    from fungpt.train import resolve_model_and_data
 
     def own(name, top):
         d = tmp_path / name

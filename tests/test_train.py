@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from fungpt import checkpoint as ckpt
+from fungpt import rundata
 from fungpt.cli import main
 from fungpt.config import DataConfig, RunConfig, TrainConfig, load_config, load_run_config
 from fungpt.errors import FunGPTError
@@ -570,8 +571,8 @@ def test_a_run_saved_with_values_beyond_todays_bounds_still_loads(corpus, tmp_pa
 def test_resume_refusal_for_another_vocabulary_size_names_the_sizes(tmp_path):
     """A resumed fine-tune keeps its saved shape, so this check, not the model's, meets a model folder that now holds
     a tokenizer of another size: it said "id 0 is '<|endoftext|>' instead of '<|endoftext|>'"."""
+    from fungpt.rundata import check_resume_tokenizer
     from fungpt.tokenizer import CharTokenizer
-    from fungpt.train import check_resume_tokenizer
 
     CharTokenizer(list("abc")).save(tmp_path / "run")
     CharTokenizer(list("abcd")).save(tmp_path / "data")
@@ -680,7 +681,8 @@ def test_gradient_clipping_and_weight_decay_reach_the_weights(corpus, tmp_path):
 
 
 def test_evaluate_switches_dropout_off_and_back(corpus, tmp_path):
-    from fungpt.train import evaluate, resolve_data
+    from fungpt.rundata import resolve_data
+    from fungpt.train import evaluate
 
     cfg = tiny_config(corpus, tmp_path / "run")
     data_dir = resolve_data(cfg.data, progress=False)
@@ -695,7 +697,8 @@ def test_evaluate_scores_other_windows_than_the_first_training_batches(corpus, t
     """The eval's train loss is over windows drawn apart from training's: seeded as the training loader is, it
     scored exactly the batches of the first eval_iters steps (an estimate biased low once the model learns them)."""
     from fungpt.data import BatchLoader
-    from fungpt.train import evaluate, resolve_data
+    from fungpt.rundata import resolve_data
+    from fungpt.train import evaluate
 
     cfg = tiny_config(corpus, tmp_path / "run")
     data_dir = resolve_data(cfg.data, progress=False)
@@ -715,7 +718,8 @@ def test_a_slow_eval_shows_a_bar_and_a_quick_one_none(corpus, tmp_path, monkeypa
     bar frozen meanwhile); a bar now shows once an eval has taken a second, and the usual quick evals show none."""
     import importlib
 
-    from fungpt.train import evaluate, resolve_data
+    from fungpt.rundata import resolve_data
+    from fungpt.train import evaluate
 
     train_module = importlib.import_module("fungpt.train")  # (fungpt.train, the attribute, is the function)
     cfg = tiny_config(corpus, tmp_path / "run")
@@ -1462,7 +1466,7 @@ def test_a_rank_on_another_machine_without_the_prepared_data_says_how_to_share_i
     own cache and failed with "data folder .../datasets/corpus-char-1a2b3c does not exist; create it with ..."."""
     import torch.distributed as dist
 
-    from fungpt.train import resolve_data
+    from fungpt.rundata import resolve_data
 
     monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "this-machine"))
     with socket.socket() as s:
@@ -1482,7 +1486,7 @@ def test_a_changed_val_fraction_prepares_the_data_again(corpus, tmp_path, monkey
     """The val fraction is part of the cache key: without it, data.val_fraction = 0.2 silently reused the folder
     prepared with 0.1 (and its 90/10 split)."""
     from fungpt.data import load_meta
-    from fungpt.train import resolve_data
+    from fungpt.rundata import resolve_data
 
     monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
     first = resolve_data(DataConfig(path=str(corpus), val_fraction=0.1), progress=False)
@@ -1530,16 +1534,15 @@ def test_runs_that_start_together_prepare_their_data_once(corpus, tmp_path, monk
     import time
 
     from fungpt.data import prepare
-    from fungpt.train import resolve_data
+    from fungpt.rundata import resolve_data
 
-    train_module = sys.modules["fungpt.train"]
     monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "elsewhere"))
     name = resolve_data(DataConfig(path=str(corpus)), progress=False).name  # (the key names no cache folder)
     monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "cache" / "datasets" / name
     out.parent.mkdir(parents=True)
     prepared, found = [], []
-    monkeypatch.setattr(train_module, "prepare", lambda *a, **k: prepared.append(1) or prepare(*a, **k))
+    monkeypatch.setattr(rundata, "prepare", lambda *a, **k: prepared.append(1) or prepare(*a, **k))
     with open(out.parent / f".{name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another run, preparing it
         waiting = threading.Thread(target=lambda: found.append(resolve_data(DataConfig(path=str(corpus)),
@@ -1558,7 +1561,7 @@ def test_a_cached_dataset_removes_what_a_killed_prepare_of_it_left(corpus, tmp_p
     import time
 
     from fungpt import data as data_mod
-    from fungpt.train import resolve_data
+    from fungpt.rundata import resolve_data
 
     monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
     out = resolve_data(DataConfig(path=str(corpus)), progress=False)
@@ -1577,7 +1580,7 @@ def test_an_edit_of_the_code_that_makes_the_tokens_prepares_the_data_again(corpu
     """A learner's edit of tokenizer.py or data.py (lower case, blank lines dropped) was silently ignored: training
     read the tokens the old code had cached."""
     import fungpt.tokenizer
-    from fungpt.train import resolve_data
+    from fungpt.rundata import resolve_data
 
     monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
     first = resolve_data(DataConfig(path=str(corpus)), progress=False)
@@ -1610,12 +1613,12 @@ import torch.distributed as dist
 import fungpt.cli
 real_init = dist.init_process_group  # the process group's timeout, 30 minutes for gloo, made 5 s
 dist.init_process_group = lambda *a, **k: real_init(*a, **{**k, "timeout": datetime.timedelta(seconds=5)})
-train_module = importlib.import_module("fungpt.train")
-real_prepare = train_module.prepare
+rundata = importlib.import_module("fungpt.rundata")
+real_prepare = rundata.prepare
 def prepare(*a, **k):  # a corpus that takes longer to prepare than that
     time.sleep(10)
     return real_prepare(*a, **k)
-train_module.prepare = prepare
+rundata.prepare = prepare
 sys.argv[1:] = sys.argv[2:]
 fungpt.cli.entry()
 """
@@ -1736,7 +1739,6 @@ def test_a_bpe_run_resumes_where_another_version_learns_other_merges(corpus, tmp
                                                                   ["dtype"]))
 
     monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
-    train_module = sys.modules["fungpt.train"]
     cfg = tiny_config(corpus, tmp_path / "run", max_iters=4, eval_interval=2, checkpoint_interval=2)
     cfg.data = dataclasses.replace(cfg.data, tokenizer="bpe", vocab_size=300)
     first = train(cfg, progress=False)
@@ -1745,14 +1747,14 @@ def test_a_bpe_run_resumes_where_another_version_learns_other_merges(corpus, tmp
         saved = json.loads(manifest.read_text())
         del saved["data_fingerprint"]
         manifest.write_text(json.dumps(saved))
-    ids = read_bin(train_module.resolve_data(cfg.data, progress=False), "train")
+    ids = read_bin(rundata.resolve_data(cfg.data, progress=False), "train")
     real_cut = tokenizer_mod._cut_long_runs
     monkeypatch.setattr(tokenizer_mod, "_cut_long_runs", lambda chunks: (c[::-1] for c in real_cut(chunks)))
-    monkeypatch.setattr(train_module, "_token_code_fingerprint", lambda: "code=another-version")
+    monkeypatch.setattr(rundata, "_token_code_fingerprint", lambda: "code=another-version")
     cfg.train = dataclasses.replace(cfg.train, max_iters=6)
     assert train(cfg, resume=True, progress=False)["step"] == 6 and first["step"] == 4
     assert "encoding the text with the run's own tokenizer" in capsys.readouterr().out
-    data_dir = train_module.resolve_data(cfg.data, progress=False, tokenizer=load_tokenizer(cfg.out_dir))
+    data_dir = rundata.resolve_data(cfg.data, progress=False, tokenizer=load_tokenizer(cfg.out_dir))
     assert (read_bin(data_dir, "train") == ids).all()  # the same ids as the run trained on
     # Only for the same text and settings: a copy of it asked for another vocab_size, or the text edited, is
     # refused as before (the run's own tokenizer would have hidden the change)
@@ -1768,9 +1770,9 @@ def test_a_bpe_run_resumes_where_another_version_learns_other_merges(corpus, tmp
     # Where the text cannot be told the same, ids of a BPE of the same size that differ are refused, and the advice
     # names the prepared folder the run read (it holds the run's ids)
     cfg.data = dataclasses.replace(cfg.data, path=str(corpus), vocab_size=300)
-    other = train_module.resolve_data(cfg.data, progress=False)  # (the other version's merges)
+    other = rundata.resolve_data(cfg.data, progress=False)  # (the other version's merges)
     with pytest.raises(FunGPTError) as refused:
-        train_module.check_resume_tokenizer(other, Path(cfg.out_dir))
+        rundata.check_resume_tokenizer(other, Path(cfg.out_dir))
     read = json.loads((Path(cfg.out_dir) / "run.json").read_text())["data_dir"]
     assert str(refused.value).endswith(f"; a BPE learned again (by another FunGPT version?) holds other merges from "
                                        f"the same text: resume with the data the run read, --data.path {read}, or "
@@ -1779,7 +1781,7 @@ def test_a_bpe_run_resumes_where_another_version_learns_other_merges(corpus, tmp
     run_json = Path(cfg.out_dir) / "run.json"
     run_json.write_text(json.dumps({**json.loads(run_json.read_text()), "data_dir": str(other)}))
     with pytest.raises(FunGPTError) as refused:
-        train_module.check_resume_tokenizer(other, Path(cfg.out_dir))
+        rundata.check_resume_tokenizer(other, Path(cfg.out_dir))
     assert str(refused.value).endswith("; resume with the original data and tokenizer, or train into a new out_dir")
     run_json.write_text(json.dumps({**json.loads(run_json.read_text()), "data_dir": read}))
     cfg.data = dataclasses.replace(cfg.data, path=read)
