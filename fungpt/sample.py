@@ -202,7 +202,7 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
                 break
             new.append(token)
             piece = stream.add(token)
-            end = _stop_end(made, piece, stop)
+            end = stop_end(made, piece, stop)
             if end is not None:
                 piece = piece[: end - len(made)]  # (a token may run past the stop string: cut at its end)
             made += piece
@@ -219,7 +219,7 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
     return texts
 
 
-def _stop_end(made: str, piece: str, stop: str | None) -> int | None:
+def stop_end(made: str, piece: str, stop: str | None) -> int | None:
     """Where the text made + piece ends if `stop` first appears in it with this piece (the index just past it in
     made + piece), else None. Only the last len(stop) - 1 characters of `made` can begin a new match."""
     if not stop:

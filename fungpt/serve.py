@@ -12,15 +12,17 @@ The HTTP API behind it (FastAPI on uvicorn):
     GET  /api/metrics     the loss curve: train rows [step, loss] and eval rows [step, train, val], and "nonfinite":
                           how many NaN or infinite losses were left out; none, and a "note", once the folder was
                           trained over with another model
-    POST /api/generate    {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_at_eot"}
+    POST /api/generate    {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_at_eot", "stop"}
                           -> server-sent events (text/event-stream), one JSON object per event:
                           {"type": "start", "step", "model", "prompt_tokens": [...]}, then one
                           {"type": "token", "index", "id", "text", "piece", "prob", "top": [{"id", "text", "prob"}]}
-                          per new token, then {"type": "done", "text", "tail", "n_tokens", "stopped_at_eot"};
+                          per new token, then {"type": "done", "text", "tail", "n_tokens", "stopped_at_eot",
+                          "stopped_at_stop"};
                           a token's "text" is the token alone (Tokenizer.token_text), "piece" the text it completes
                           (TextStream), and "tail" what the last tokens leave when they end inside a character
                           ("\ufffd"): the pieces and the tail join into the done event's "text". As `fungpt
-                          sample`, a sample ends before <|endoftext|> unless stop_at_eot is false
+                          sample`, a sample ends before <|endoftext|> unless stop_at_eot is false, and just after
+                          the first "stop" text (`--stop`) if one is given (its last token's piece cut there)
     POST /api/attention   {"ids", "layer", "head"} -> the (T, T) attention weights of that head
 Every mistake in a request gets a 4xx answer {"error": "<one clear line>"}. Numbers must be JSON numbers
 (true or "5" is refused), and requests must name this machine in their Host header (see _host_allowed).
@@ -38,6 +40,7 @@ other clients.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import hashlib
@@ -70,7 +73,7 @@ from fungpt import checkpoint as ckpt
 from fungpt._startup import Stopped, raise_stopped
 from fungpt.errors import FunGPTError, read_json, utf8_text
 from fungpt.runs import LoadedRun, load_run, seeded_generator
-from fungpt.sample import default_prompt_ids, top_candidates
+from fungpt.sample import default_prompt_ids, stop_end, top_candidates
 from fungpt.tokenizer import TextStream
 from fungpt.viz import attention_maps
 
@@ -94,6 +97,7 @@ MAX_BODY_BYTES = 1 << 20
 # holds, at least MIN_STREAMS and at most MAX_STREAMS (they take turns on one model: more only slows each one).
 STREAMS_MEMORY = 1 << 30
 MIN_STREAMS, MAX_STREAMS = 4, 64
+MAX_STOP_CHARS = 1000  # a generation's stop text (each token searches only its last characters: see stop_end)
 
 
 # ---------------------------------------------------------------------------- requests
@@ -108,9 +112,11 @@ class GenerateRequest(BaseModel):
     max_new_tokens: int | None = Field(None, ge=1)  # None: 200, or the server's limit if lower
     temperature: float = Field(0.8, ge=0, allow_inf_nan=False)
     top_k: int | None = Field(200, ge=1)  # as `fungpt sample`; null: off
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     seed: int = Field(1337, ge=0, le=MAX_SEED)
     stop_at_eot: bool = True  # as `fungpt sample`: end at <|endoftext|>, the token between documents (BPE, GPT-2)
+    # as `fungpt sample --stop`: end where the text first holds this ("\n\n": at the first blank line); "": none
+    stop: str = Field("", max_length=MAX_STOP_CHARS)
 
 
 class AttentionRequest(BaseModel):
@@ -199,9 +205,15 @@ def _describe_validation(exc: RequestValidationError, sent_as_json: bool, path: 
         if err.get("type") == "extra_forbidden":
             msg = "is not a known field"
         elif "input" in err and err.get("type") != "missing" and not isinstance(err["input"], (dict, list)):
-            msg += f" (got {err['input']!r})"
+            got = repr(err["input"])
+            msg += f" (got {got if len(got) <= 60 else got[:50] + '...'})"  # (a value of a megabyte: its start)
         parts.append(f"{field}: {msg}")
-    return "; ".join(parts) or "the request is not valid"
+    # The first few: a list of 100,000 bad ids was answered with every one of them, 5 MB in one "line"
+    more = f" (and {len(parts) - SAID_ERRORS:,} more)" if len(parts) > SAID_ERRORS else ""
+    return "; ".join(parts[:SAID_ERRORS]) + more or "the request is not valid"
+
+
+SAID_ERRORS = 3  # the mistakes of a request named in its answer (the rest counted)
 
 
 def _read_config(run_dir: Path) -> dict:
@@ -415,6 +427,10 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
     def encode_prompt(prompt: str) -> list[int]:
         if len(prompt) > max_prompt_chars:
             raise ApiError(f"the prompt has {len(prompt)} characters; this server takes at most {max_prompt_chars}")
+        if (odd := re.search("[\ud800-\udfff]", prompt)) is not None:  # (a JSON "\udcff": half of a UTF-16 pair)
+            # (said here: the tokenizer's message is a terminal's, whose bytes that were not UTF-8 become these)
+            raise ApiError(f"the prompt holds U+{ord(odd[0]):04X}, half of a UTF-16 surrogate pair, which is no "
+                           f"character: send the prompt's text as UTF-8")
         if prompt:
             ids = tok.encode(prompt)  # FunGPTError (-> 400) for characters outside a char vocabulary
         else:
@@ -440,6 +456,7 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
         pieces = TextStream(tok)
         eot = tok.eot_id if req.stop_at_eot else None  # (None for a char tokenizer: it has no such token)
         at_eot = False
+        made, end = "", None  # the text so far (searched for req.stop); where req.stop ended it
         try:
             while True:
                 if stopping.is_set():
@@ -460,11 +477,18 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
                 top = [{"id": i, "text": tok.token_text(i), "prob": round(p, 5)}
                        for i, _, p in top_candidates(logits[0], tok, k=TOP_K_SHOWN)]
                 piece = pieces.add(token_id)
+                end = stop_end(made, piece, req.stop)
+                if end is not None:
+                    piece = piece[: end - len(made)]  # (as `fungpt sample --stop`: a token that runs past it is cut)
+                made += piece
                 yield sse({"type": "token", "index": len(new) - 1, "id": token_id, "text": tok.token_text(token_id),
                            "piece": piece, "prob": round(prob, 5), "top": top})
+                if end is not None:
+                    break
             # tail: bytes that never completed a character (U+FFFD), so that the pieces join into the text
-            yield sse({"type": "done", "text": tok.decode(new), "tail": pieces.flush(), "n_tokens": len(new),
-                       "stopped_at_eot": at_eot})
+            yield sse({"type": "done", "text": made if end is not None else tok.decode(new),
+                       "tail": "" if end is not None else pieces.flush(), "n_tokens": len(new),
+                       "stopped_at_eot": at_eot, "stopped_at_stop": end is not None})
         except Exception as e:  # the response has started: report in the stream, the page shows it
             yield sse({"type": "error", "error": str(e) if isinstance(e, FunGPTError) else f"generation failed: {e!r}"})
         finally:
@@ -660,6 +684,45 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _AnsweredWhenStopping:
+    """The app, for uvicorn: a request whose body is still arriving when the server stops (Ctrl-C) is answered
+    "shutting down" at once. It waited for timeout_graceful_shutdown (5 s), then uvicorn cancelled it and logged a
+    60-line traceback of CancelledError."""
+
+    POLL_S = 0.25  # how often a wait for a request's body looks at the server's stop
+
+    def __init__(self, app: FastAPI):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        body_done = scope["type"] != "http"  # (its last part read: later receives wait for a disconnect)
+        cut = False  # the body was cut short by the stop: the app's answer (to a "disconnected" client) is replaced
+
+        async def receiving():
+            nonlocal body_done, cut
+            if body_done:
+                return await receive()
+            part = asyncio.ensure_future(receive())
+            try:
+                while not (await asyncio.wait({part}, timeout=self.POLL_S))[0]:
+                    if self.app.state.stopping.is_set():
+                        cut = True
+                        return {"type": "http.disconnect"}  # (the app then stops reading, as for a client gone)
+            finally:
+                part.cancel()  # (a no-op once it is done)
+            message = part.result()
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        async def sending(message) -> None:
+            if not cut:
+                await send(message)
+            elif message["type"] == "http.response.start":
+                await _error(503, "the server is shutting down")(scope, receive, send)
+
+        await self.app(scope, receiving, sending)
+
+
 class _Server(uvicorn.Server):
     """uvicorn's server, which also tells the app's open streams to end when it is asked to stop."""
 
@@ -667,8 +730,8 @@ class _Server(uvicorn.Server):
         # On Ctrl-C, open streams end at their next token (app.state.stopping); the timeout is a backstop.
         # lifespan "off": the app has no start-up or shut-down handlers, and a second Ctrl-C (which skips the
         # shut-down) left uvicorn's lifespan task to be cancelled, logged as a 30-line traceback
-        super().__init__(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
-                                        lifespan="off"))
+        super().__init__(uvicorn.Config(_AnsweredWhenStopping(app), log_level="warning", access_log=False,
+                                        timeout_graceful_shutdown=5, lifespan="off"))
         self.stopping = app.state.stopping
 
     def handle_exit(self, sig, frame) -> None:  # called by uvicorn's SIGINT/SIGTERM handler

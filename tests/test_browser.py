@@ -163,6 +163,20 @@ def test_the_stop_at_endoftext_box_is_offered_where_the_tokenizer_has_that_token
     assert page.problems == []
 
 
+def test_the_stop_box_sends_its_escapes_as_the_characters_they_name(url, page):
+    """The stop box, as `fungpt sample --stop`: \\n is a newline (a one-line box holds none), \\\\ a backslash."""
+    page.goto(url)
+    sync_api.expect(page.locator("#run-summary")).to_contain_text("step 20")
+    page.fill("#prompt", "The cat")
+    page.fill("#max_new_tokens", "5")
+    page.fill("#stop_text", "a\\n\\n\\t\\\\n")
+    with page.expect_request("**/api/generate") as sent:
+        page.press("#stop_text", "Enter")  # (Enter in a setting's box generates)
+    assert sent.value.post_data_json["stop"] == "a\n\n\t\\n"
+    sync_api.expect(page.locator("#output")).to_have_attribute("data-state", "done")
+    assert page.problems == []
+
+
 def test_a_bad_request_shows_its_error(url, page):
     page.goto(url)
     sync_api.expect(page.locator("#run-summary")).to_contain_text("step 20")

@@ -160,9 +160,25 @@ def test_generate_streams_the_same_text_as_fungpt_sample(url, run_dir):
             assert t["prob"] <= probs[-1]
     text = "".join(t["piece"] for t in tokens)
     assert text == "".join(t["text"] for t in tokens)  # char-level: each token is one whole character
-    assert events[-1] == {"type": "done", "text": text, "tail": "", "n_tokens": 30, "stopped_at_eot": False}
+    assert events[-1] == {"type": "done", "text": text, "tail": "", "n_tokens": 30, "stopped_at_eot": False,
+                          "stopped_at_stop": False}
     # Same seed and settings as the command line: the very same text.
     assert sample(run_dir, prompt="The cat", device="cpu", **settings) == [text]
+
+
+def test_a_sample_ends_at_its_stop_text_as_fungpt_samples_does(url, run_dir):
+    """`fungpt sample --stop` ends a sample where its text first holds the stop text (one speech: "\n\n"); the
+    explorer had no such setting. Its last token's piece is cut there, as the command line cuts it."""
+    settings = dict(max_new_tokens=MAX_NEW, temperature=1.0, top_k=None, seed=7)
+    whole = stream_events(url, prompt="The cat", **settings)[-1]["text"]
+    stop = whole[20:22]  # (two characters the sample holds: it ends just after their first appearance)
+    events = stream_events(url, prompt="The cat", stop=stop, **settings)
+    done = events[-1]
+    cut = whole[: whole.index(stop) + len(stop)]
+    assert done["text"] == cut and done["stopped_at_stop"] is True and done["n_tokens"] == len(cut), done
+    assert "".join(e["piece"] for e in events if e["type"] == "token") == cut
+    assert sample(run_dir, prompt="The cat", device="cpu", stop=stop, **settings) == [cut]  # the command line's
+    assert stream_events(url, prompt="The cat", stop="", **settings)[-1]["text"] == whole  # "": no stop
 
 
 def test_top_candidates_match_the_model(url, run_dir):
@@ -248,12 +264,37 @@ def test_client_that_leaves_mid_stream_does_not_block_others(url):
     ({"max_new_tokens": True}, 422, "max_new_tokens: Input should be a valid integer"),
     ({"temperature": "0.5"}, 422, "temperature: Input should be a valid number (got '0.5')"),
     ({"top_k": "5"}, 422, "top_k: Input should be a valid integer"),
+    ({"stop": 5}, 422, "stop: Input should be a valid string"),
+    ({"stop": "x" * 1001}, 422, "stop: String should have at most 1000 characters"),
 ])
 def test_bad_generate_requests_get_a_clear_json_error(url, body, status, message):
     r = httpx.post(f"{url}/api/generate", json=body)
     assert r.status_code == status
     assert r.headers["content-type"] == "application/json"
     assert message in r.json()["error"]
+
+
+def test_nan_top_p_and_half_a_surrogate_pair_are_named(url):
+    """top_p NaN was "should be less than or equal to 1 (got nan)"; a prompt holding a lone surrogate (a JSON
+    "\\udcff") was told to set its terminal to UTF-8, which a browser has no setting for."""
+    for body, message in ((b'{"top_p": NaN}', "top_p: Input should be a finite number"),
+                          (b'{"prompt": "a\\udcffb"}', "the prompt holds U+DCFF, half of a UTF-16 surrogate pair, "
+                                                      "which is no character: send the prompt's text as UTF-8")):
+        r = httpx.post(f"{url}/api/generate", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code in (400, 422) and message in r.json()["error"], r.json()
+
+
+def test_a_request_of_many_mistakes_is_answered_with_the_first_few(url):
+    """100,000 bad ids were answered with an error naming every one: 5 MB in one "line", which the page showed
+    whole. A megabyte-long value is quoted by its start."""
+    r = httpx.post(f"{url}/api/attention", json={"ids": ["x"] * 100_000})
+    assert r.status_code == 422 and len(r.content) < 1000, len(r.content)
+    assert r.json()["error"] == ("ids.0: Input should be a valid integer (got 'x'); ids.1: Input should be a valid "
+                                 "integer (got 'x'); ids.2: Input should be a valid integer (got 'x') (and 99,997 "
+                                 "more)")
+    r = httpx.post(f"{url}/api/generate", json={"temperature": "9" * 500_000})
+    assert r.status_code == 422 and r.json()["error"] == (
+        "temperature: Input should be a valid number (got '" + "9" * 49 + "...)"), r.json()
 
 
 def test_malformed_requests(url):
@@ -644,6 +685,21 @@ def test_streams_end_when_the_server_stops(run_dir):
     assert [e["type"] for e in events] == ["start", "error"]
     assert events[-1]["error"] == "the server is shutting down"
     assert not app.state.stopping.is_set()  # cleared when the server has stopped
+
+
+def test_a_request_still_sending_its_body_when_the_server_stops_is_answered(run_dir):
+    """Ctrl-C while a client was still sending a request's body: the server waited 5 s for it, then cancelled it and
+    printed a 60-line traceback of CancelledError; the client got no answer."""
+    app = create_app(run_dir, device="cpu")
+    with running_server(app) as base:
+        client = socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])))
+        client.sendall(b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 100\r\n\r\n{")  # (1 byte of the 100)
+        time.sleep(0.5)  # (the server waits for the rest)
+    client.settimeout(10)
+    with client:
+        answer = client.recv(1000)
+    assert answer.startswith(b"HTTP/1.1 503 ") and answer.endswith(b'{"error":"the server is shutting down"}'), answer
 
 
 def test_create_app_on_a_missing_run_is_a_fungpt_error(tmp_path):

@@ -1086,12 +1086,12 @@ def test_a_token_that_runs_past_the_stop_text_is_cut_at_its_end(run_dir, monkeyp
 
 
 def test_the_stop_text_may_span_pieces_and_is_found_once():
-    from fungpt.sample import _stop_end
+    from fungpt.sample import stop_end
 
-    assert _stop_end("", "abc", None) is None
-    assert _stop_end("xa", "bcd", "abc") == 4  # "xabcd": "abc" ends at 4, spanning the two pieces
-    assert _stop_end("abc", "abc", "abc") == 6  # (a match inside `made` was found at its own step)
-    assert _stop_end("ab", "x", "abc") is None
+    assert stop_end("", "abc", None) is None
+    assert stop_end("xa", "bcd", "abc") == 4  # "xabcd": "abc" ends at 4, spanning the two pieces
+    assert stop_end("abc", "abc", "abc") == 6  # (a match inside `made` was found at its own step)
+    assert stop_end("ab", "x", "abc") is None
 
 
 def test_the_sample_command_reads_escapes_in_its_stop_text(run_dir, monkeypatch, capsys):

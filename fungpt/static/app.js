@@ -246,7 +246,14 @@ function readSettings() {
     max_new_tokens: num("max_new_tokens"),  // an emptied box: the server's default (200, or its limit if lower)
     seed: num("seed") ?? 1337,  // an emptied box: the page's and the server's default seed
     stop_at_eot: $("stop_at_eot").checked,
+    stop: unescape($("stop_text").value),  // "" (the server's default): none
   };
+}
+
+// The stop box's escapes, as fungpt sample --stop reads them: \n a newline, \r a carriage return, \t a tab,
+// \\ one backslash (a one-line box cannot hold a newline)
+function unescape(text) {
+  return text.replace(/\\([nrt\\])/g, (_, c) => ({ n: "\n", r: "\r", t: "\t", "\\": "\\" })[c]);
 }
 
 // JavaScript numbers are doubles: above 2^53 a seed would silently become a neighbouring one
@@ -419,7 +426,8 @@ function handleEvent(event, started, prompt) {
     if (event.tail) $("output").append(document.createTextNode(event.tail));
     describeSample(event.tail || "");
     const seconds = (performance.now() - started) / 1000;
-    const ended = event.stopped_at_eot ? " (the model ended the document: it drew <|endoftext|>)" : "";
+    const ended = event.stopped_at_eot ? " (the model ended the document: it drew <|endoftext|>)"
+      : event.stopped_at_stop ? " (the text reached the stop text)" : "";
     setStatus(`done: ${event.n_tokens} tokens in ${seconds.toFixed(1)} s${ended} — click a token`);
     $("output").dataset.state = "done";
   } else if (event.type === "error") {
