@@ -1124,7 +1124,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         started_s = max(_gather(time.time() - start_time, ddp)) if tc.max_minutes else 0.0
         done = already_done(step, tc, elapsed_before + started_s, timings)
         if done:  # (before the notes on the steps to come, and before any file is written: nothing changes)
-            say(f"fungpt: {out_dir} {done}")
+            unscored = ddp.is_main and eval_left_in_log(out_dir, step)  # (stopped by a signal before its final eval)
+            say(f"fungpt: {out_dir} {done}" + (f"; its final eval was not done: `fungpt eval --run "
+                                               f"{shell_quote(str(out_dir))}` scores it" if unscored else ""))
             doing = None  # (a finished run: nothing for a Ctrl-C to say of it)
             return nothing_to_train(out_dir, step, ddp.is_main and tc.plot, start_time)
         for note in resume_notes(saved_train, tc, step):
@@ -1237,7 +1239,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 ckpt.save_checkpoint(out_dir, "best", step, model, extra={"val_loss": best_val, **ckpt_extra})
         return losses
 
-    def do_save() -> None:
+    def do_save(last: bool = False) -> None:
+        """Save the `latest` checkpoint (`last`: the command ends after it, and its plot)."""
         t_save = time.time()
         # Every rank contributes its loader and RNG state (a collective call); rank 0 writes.
         loaders, rngs = _gather(loader.state_dict(), ddp), _gather(_rng_state(prec.device), ddp)
@@ -1246,8 +1249,11 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             raise FunGPTError(f"training diverged by step {step}: the weights contain NaN/inf, so no checkpoint "
                               f"was written and the last good one is untouched. {lower_lr(tc)}")
         if ddp.is_main:
+            # The run's time counts this save's own (its typical time), and after the command's last one its plot:
+            # left out, each resume of a time-budget run began that much short, and a chain of them overran it
+            then = clock.elapsed() + clock.timings()["save"] + (clock.plot_s if last and tc.plot else 0.0)
             state = {"step": step, "tokens": tokens_seen, "tokens_per_step": tokens_per_step,
-                     "best_val": best_val, "elapsed_s": clock.elapsed(),
+                     "best_val": best_val, "elapsed_s": then,
                      "schedule_origin_s": clock.schedule_origin, "lr_origin_s": clock.lr_origin,
                      "timings": clock.timings(), "eval_left": eval_left_at == step,
                      "optimizer": optimizer.state_dict(),
@@ -1303,8 +1309,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     losses: dict[str, float] = {}
     last_loss = float("nan")
     evaluated_at = saved_at = -1  # the steps of the last periodic eval and checkpoint (the final ones reuse them)
-    eval_left_at = -1  # the step whose eval was left, by a signal or a data change (its checkpoint says so: a resume
-    # that trains on does it first)
+    # the step whose eval was left, by a signal or a data change (its checkpoint says so: a resume that trains on
+    # does it first); a resume's own, until it is done (a save before it, timing one for a budget, keeps the word)
+    eval_left_at = step if resumed.eval_left else -1
     # (a resume from a step-0 checkpoint whose best_val was set: that eval is in metrics.jsonl already)
     if step == 0 and clock.budget_s is None and not resumed.evaluated:
         evaluated_at = 0
@@ -1318,7 +1325,11 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     elif clock.budget_s is not None and (step == 0 or tc.compile or folder is not None):
         # Planning a budget times three forward batches, then (from step 0) a checkpoint save and the plot: seconds
         # of silence for a large model on a CPU, so a bar once it takes a second
-        parts = 3 + (step == 0) * (1 + (ddp.is_main and tc.plot))
+        # (a resume from a checkpoint that timed no save, or no plot, times them too: a run without a budget, or
+        # saved once, resumed with one; left out, the budget's end reserved nothing for them and ran over)
+        time_save = step == 0 or (folder is not None and not clock.save_times)
+        time_plot = ddp.is_main and tc.plot and (step == 0 or (folder is not None and not clock.plot_s))
+        parts = 3 + time_save + time_plot
         doing = "while the time budget was being planned"
         with eval_bar(parts, "planning the time budget", progress and ddp.is_main, unit="part") as planning:
             per_window = time_forward(model, cfg, device, autocast, planning)
@@ -1328,28 +1339,30 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 # its cost is estimated from one batch instead, and a step-0 checkpoint and plot measure how
                 # long saving and plotting take on this machine.
                 clock.eval_times.append(estimate_eval_time(model, data_dir, cfg, device, autocast, per_window))
-                do_save()
-                saved_at = step  # (a signal before step 1 needs no second save of it)
-                planning.update(1)
-                if ddp.is_main and tc.plot:
-                    t0 = time.time()
-                    _plot_quietly(out_dir, timing_only=True)
-                    clock.plot_s = time.time() - t0
-                    planning.update(1)
             elif folder is not None:  # a resume: its checkpoint timed its own evals, maybe other ones, elsewhere
                 clock.eval_estimated(estimate_eval_time(model, data_dir, cfg, device, autocast, per_window),
                                      other_evals=evals_changed(saved_train, tc), margin=EVAL_MARGIN)
+            if time_save:  # (a resume's: the same step saved again, which changes nothing)
+                do_save()
+                saved_at = step  # (a signal before the next step needs no second save of it)
+                planning.update(1)
+            if time_plot:  # (at step 0 a drawing of made-up curves: metrics.jsonl has no rows yet)
+                t0 = time.time()
+                _plot_quietly(out_dir, timing_only=step == 0)
+                clock.plot_s = time.time() - t0
+                planning.update(1)
         clock.plan_first_step(per_window)  # (a step's time until one is timed; with torch.compile, a cap on it)
     if resumed.eval_left and step < tc.max_iters:
         # A signal left this step's eval: done now, before the steps after it, so that the curve and the best
         # checkpoint are the uninterrupted run's (the eval changes no training state: its own batches, no dropout)
         t0 = time.time()
         doing = f"during the eval of step {step}, which the interruption had left"
-        losses, evaluated_at = do_eval(), step
+        losses, evaluated_at, eval_left_at = do_eval(), step, -1
         clock.eval_times.append(time.time() - t0)
         say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} (the eval the "
             f"interruption left)")
     clock.start_schedule(elapsed_before)
+    startup_s = time.time() - start_time  # this command's, before its first step: about what a resume's will take
     fwd_model.train()
     start_step = step
     bar = None
@@ -1475,7 +1488,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             if left:
                 interrupted, stop_signal, final_eval = True, int(signum) or signal.SIGINT, False
         if interrupted and saved_at != step:
-            do_save()  # still under the handlers: a second signal meanwhile stops at once, saying so
+            do_save(last=True)  # still under the handlers: a second signal meanwhile stops at once, saying so
         if bar is not None:
             if clock.budget_s is not None and not interrupted and step > start_step:
                 bar.total = step  # where the budget ended it: 100%
@@ -1495,14 +1508,15 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                     "training diverged; train.skip_nonfinite only skips such steps) and sampling it will fail; "
                     f"train again: {lower_lr(tc)[0].lower()}{lower_lr(tc)[1:]}")
             if final_eval or saved_at != step:
-                do_save()  # (a signal meanwhile: the run ends as it would have, this save done)
+                do_save(last=True)  # (a signal meanwhile: the run ends as it would have, this save done)
 
     if interrupted and interrupt.output_failed:  # (its step saved; an error, as the run did not end as asked)
         raise FunGPTError(f"training stopped at step {step}: its output could not be written "
                           f"({interrupt.output_failed}); checkpoint saved. Free some space, or send the output "
                           f"elsewhere, then resume with the same command{resume_flags}")
     if interrupted:
-        if already_done(step, tc, clock.elapsed(), clock.timings()):  # (a resume would find nothing to train)
+        # (a resume would find nothing to train: counted with its start-up, as the resume counts it)
+        if already_done(step, tc, clock.elapsed() + (clock.plot_s if tc.plot else 0.0) + startup_s, clock.timings()):
             how = "" if evaluated_at == step else (f"; its final eval was not done: `fungpt eval "
                                                    f"--run {shell_quote(str(out_dir))}` scores it")
         else:

@@ -1130,6 +1130,64 @@ def test_a_resumed_budget_runs_lr_goes_on_from_where_it_was(corpus, tmp_path, qu
         assert abs(lrs[last + 1] - lrs[last]) < 3 * step_change, (last, lrs[last - 5:last + 3])
 
 
+def test_a_budget_runs_last_checkpoint_counts_its_own_save_and_the_plot(corpus, tmp_path, quick_steady_budget,
+                                                                        monkeypatch):
+    """The time a command spends after its last checkpoint began (the save itself, the plot) was in no checkpoint:
+    each resume of a budget run began that much short, and a chain of interrupted commands overran the budget."""
+    save, plot = ckpt.save_checkpoint, sys.modules["fungpt.train"]._plot_quietly
+    monkeypatch.setattr(ckpt, "save_checkpoint", lambda *a, **k: time.sleep(0.5) or save(*a, **k))  # (a big model)
+    monkeypatch.setattr(sys.modules["fungpt.train"], "_plot_quietly", lambda *a, **k: time.sleep(0.5) or plot(*a, **k))
+    cfg = tiny_config(corpus, tmp_path / "run", max_iters=5, max_minutes=1.0, eval_iters=1, plot=True)
+    t0 = time.time()
+    train(cfg, progress=False)
+    took = time.time() - t0
+    used = ckpt.load_state(ckpt.find_checkpoint(tmp_path / "run"))["elapsed_s"]
+    assert took - 0.3 < used < took + 0.3, (used, took)  # (left out, the two made it 1 s short)
+
+
+def test_a_budget_resume_times_the_save_and_plot_its_checkpoint_did_not(corpus, tmp_path, quick_steady_budget):
+    """A run trained without a budget (or saved once) timed no save and no plot: resumed with a budget, its end
+    reserved nothing for them, and ran past the budget by their time."""
+    cfg = tiny_config(corpus, tmp_path / "run", max_iters=4, eval_iters=1, plot=True)
+    train(cfg, progress=False)
+    timings = ckpt.load_state(ckpt.find_checkpoint(tmp_path / "run"))["timings"]
+    assert timings["save"] == timings["plot"] == 0.0, timings  # (its one save timed none before it)
+    budget = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_iters=8, max_minutes=1.0))
+    assert train(budget, resume=True, progress=False)["step"] == 8
+    timings = ckpt.load_state(ckpt.find_checkpoint(tmp_path / "run"))["timings"]
+    assert timings["save"] > 0 and timings["plot"] > 0, timings
+
+
+def test_a_budget_resume_refused_says_the_final_eval_was_not_done(corpus, tmp_path, quick_steady_budget, monkeypatch,
+                                                                 capsys):
+    """Interrupted near its budget's end, a run was told to resume; the resume was refused (no time left), and
+    nothing said that its last step had no eval."""
+    import signal
+
+    from fungpt.data import BatchLoader
+
+    next_batch, steps = BatchLoader.next_batch, []
+
+    def counting(self):
+        if sys._getframe(1).f_code.co_name == "forward_backward":
+            steps.append(1)
+            if len(steps) == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+        return next_batch(self)
+
+    monkeypatch.setattr(BatchLoader, "next_batch", counting)
+    out = tmp_path / "run"
+    cfg = tiny_config(corpus, out, max_iters=10**6, eval_iters=1, max_minutes=0.5)
+    assert train(cfg, progress=False)["step"] == 3
+    capsys.readouterr()
+    used = ckpt.load_state(ckpt.find_checkpoint(out))["elapsed_s"]
+    spent = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_minutes=used / 60))
+    train(spent, resume=True, progress=False)
+    said = capsys.readouterr().out
+    assert re.search(r"already used its time budget .*; raise train.max_minutes to continue it; its final eval was "
+                     r"not done: `fungpt eval --run .*run` scores it", said), said
+
+
 def test_a_budget_run_resumed_from_its_step_0_checkpoint_warms_up(corpus, tmp_path, quick_steady_budget,
                                                                    monkeypatch):
     """A budget run saves step 0 before its first step (its schedule has no origin yet): resumed from there, the
