@@ -118,7 +118,7 @@ class TimeBudget:
         self.schedule_origin, self.lr_origin = schedule_origin, lr_origin
 
     def eval_estimated(self, seconds: float, other_evals: bool, margin: float = 1.0) -> None:
-        """A resume's estimate of one eval's time (train.estimate_eval_time, which errs high by `margin`). The
+        """A resume's estimate of one eval's time (evaluation.estimate_eval_time, which errs high by `margin`). The
         checkpoint's measured times stand unless the evals differ from those it timed (`other_evals`: then the
         estimate replaces them), or the estimate is larger even without its margin (another device, dtype or matmul
         library, a bigger val split): planned with the checkpoint's time, a resume with 100 times the eval_iters ran

@@ -12,12 +12,12 @@ import torch
 
 from fungpt.data import data_fingerprint, encode_file, eval_windows, load_meta, refuse_utf16_or_32
 from fungpt.errors import FunGPTError, check_number, read_json
+from fungpt.evaluation import EVAL_LOGITS_MAX, counted, eval_bar, score_windows
 from fungpt.pretrained import is_pretrained
 from fungpt.rundata import resolve_data
 from fungpt.runs import LoadedRun, data_dir_of, load_run, seeded_generator
 from fungpt.sampling import sampling_probs
 from fungpt.tokenizer import TextStream, load_tokenizer
-from fungpt.train import EVAL_LOGITS_MAX, counted, eval_bar, score_windows
 from fungpt.viz import for_terminal, show_token  # (for_terminal: also imported from here)
 
 

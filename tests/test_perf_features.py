@@ -14,9 +14,10 @@ import torch
 from fungpt.config import DataConfig, RunConfig, TrainConfig
 from fungpt.data import load_meta, prepare
 from fungpt.errors import FunGPTError
+from fungpt.evaluation import full_split_loss
 from fungpt.model import GPT, GPTConfig
 from fungpt.speculative import lookup_draft
-from fungpt.train import CombinedOptimizer, _full_split_loss, configure_optimizer, train
+from fungpt.train import CombinedOptimizer, configure_optimizer, train
 
 
 def small_model(**kw) -> GPT:
@@ -126,7 +127,7 @@ def test_full_split_loss_scores_every_val_token_once(prepared):
     meta = json.loads((prepared / "meta.json").read_text())
     model = small_model(vocab_size=meta["vocab_size"], block_size=16).eval()
     cfg = RunConfig(model=model.config, train=TrainConfig(batch_size=3))
-    got = _full_split_loss(model, prepared, "val", cfg, "cpu", lambda: torch.autocast("cpu", enabled=False))
+    got = full_split_loss(model, prepared, "val", cfg, "cpu", lambda: torch.autocast("cpu", enabled=False))
     # Reference: every target 1..n-1 scored with as much context as its window gives, one at a time.
     data = torch.from_numpy(np.fromfile(prepared / "val.bin", dtype=np.dtype(meta["dtype"])).astype(np.int64))
     n, T = len(data), 16
@@ -142,7 +143,7 @@ def test_full_split_loss_scores_every_val_token_once(prepared):
 def test_a_full_split_eval_batches_a_large_vocabulary_as_training_does():
     """At 4 x batch_size, a BPE 8192 model's (B, T, vocab) logits and their log-softmax took 8x the memory estimated
     for training (3.9 GB, the dry run said 0.45 GB fits); small logits keep the faster 4 x batch_size."""
-    from fungpt.train import full_split_batch
+    from fungpt.evaluation import full_split_batch
 
     def cfg(vocab: int) -> RunConfig:
         return RunConfig(model=GPTConfig(vocab_size=vocab, block_size=256, n_layer=1, n_head=2, n_embd=32),
@@ -151,7 +152,7 @@ def test_a_full_split_eval_batches_a_large_vocabulary_as_training_does():
     assert full_split_batch(cfg(65)) == 64 and full_split_batch(cfg(8192)) == 16
 
 
-def test_eval_full_val_run_logs_the_full_split_loss(prepared, tmp_path):
+def test_eval_full_val_run_logs_thefull_split_loss(prepared, tmp_path):
     cfg = RunConfig(out_dir=str(tmp_path / "run"), data=DataConfig(path=str(prepared)),
                     model=GPTConfig(vocab_size=1, block_size=16, n_layer=1, n_head=2, n_embd=16),
                     train=TrainConfig(batch_size=4, max_iters=3, eval_interval=100, eval_iters=1, warmup_iters=0,
@@ -161,7 +162,7 @@ def test_eval_full_val_run_logs_the_full_split_loss(prepared, tmp_path):
     from fungpt.runs import load_run
 
     run = load_run(tmp_path / "run")
-    expected = _full_split_loss(run.model, prepared, "val", cfg, "cpu", lambda: torch.autocast("cpu", enabled=False))
+    expected = full_split_loss(run.model, prepared, "val", cfg, "cpu", lambda: torch.autocast("cpu", enabled=False))
     assert math.isclose(result["val_loss"], expected, rel_tol=1e-5)
 
 
@@ -417,7 +418,8 @@ def test_eval_estimate_uses_the_fastest_of_its_timings(prepared, monkeypatch):
             clock[0] += next(costs)  # time passes only inside the forward
             return x
 
-    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(time=lambda: clock[0], perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(sys.modules["fungpt.evaluation"], "time",  # (time_forward's clock)
+                        types.SimpleNamespace(time=lambda: clock[0], perf_counter=lambda: clock[0]))
     cfg = RunConfig(out_dir="unused", data=DataConfig(path=str(prepared)),
                     model=GPTConfig(vocab_size=1, block_size=16, n_layer=1, n_head=2, n_embd=16),
                     train=TrainConfig(batch_size=4, eval_iters=1, device="cpu", eval_full_val=False))
@@ -455,7 +457,7 @@ def test_full_val_eval_draws_no_val_batches(prepared, monkeypatch):
     model = GPT(cfg.model)
     out = train_mod.evaluate(model, prepared, cfg, "cpu", contextlib.nullcontext)
     assert splits == ["train"]
-    assert out["val"] == pytest.approx(_full_split_loss(model, prepared, "val", cfg, "cpu", contextlib.nullcontext))
+    assert out["val"] == pytest.approx(full_split_loss(model, prepared, "val", cfg, "cpu", contextlib.nullcontext))
     cfg.train.eval_full_val = False
     splits.clear()
     train_mod.evaluate(model, prepared, cfg, "cpu", contextlib.nullcontext)

@@ -716,12 +716,10 @@ def test_evaluate_scores_other_windows_than_the_first_training_batches(corpus, t
 def test_a_slow_eval_shows_a_bar_and_a_quick_one_none(corpus, tmp_path, monkeypatch, capsys):
     """The step-0 and periodic evals of a GPT-2 fine-tune on a CPU took a minute with nothing on the screen (the train
     bar frozen meanwhile); a bar now shows once an eval has taken a second, and the usual quick evals show none."""
-    import importlib
 
     from fungpt.rundata import resolve_data
     from fungpt.train import evaluate
 
-    train_module = importlib.import_module("fungpt.train")  # (fungpt.train, the attribute, is the function)
     cfg = tiny_config(corpus, tmp_path / "run")
     cfg.train.eval_iters = 3
     data_dir = resolve_data(cfg.data, progress=False)
@@ -737,7 +735,7 @@ def test_a_slow_eval_shows_a_bar_and_a_quick_one_none(corpus, tmp_path, monkeypa
         return real_forward(self, *args, **kwargs)
 
     monkeypatch.setattr(GPT, "forward", slow_forward)
-    monkeypatch.setattr(train_module, "bar_interval", lambda: 0.0)  # (each batch drawn)
+    monkeypatch.setattr(sys.modules["fungpt.evaluation"], "bar_interval", lambda: 0.0)  # (each batch drawn)
     evaluate(model, data_dir, cfg, "cpu", contextlib.nullcontext, progress=True)
     err = capsys.readouterr().err
     assert re.search(r"eval: .*\d/6 ", err), err  # 3 batches of each split, shown after the first second
@@ -823,10 +821,7 @@ def test_the_train_bars_time_left_counts_the_evals_to_come_before_the_first(monk
 def test_a_slow_budget_plan_shows_a_bar(corpus, tmp_path, monkeypatch, capsys):
     """A time-budget run times forward batches, a checkpoint save and the plot before its first step: 19 s with
     nothing on the screen for a 124M model on a CPU. A bar now shows once that has taken a second."""
-    import importlib
-
-    train_module = importlib.import_module("fungpt.train")  # (fungpt.train, the attribute, is the function)
-    monkeypatch.setattr(train_module, "bar_interval", lambda: 0.0)  # (each part drawn)
+    monkeypatch.setattr(sys.modules["fungpt.evaluation"], "bar_interval", lambda: 0.0)  # (each part drawn)
     real_forward = GPT.forward
 
     def slow_forward(self, idx, targets=None, **kwargs):
