@@ -48,7 +48,7 @@ def replay(now: list[float], tc: TrainConfig, d: Durations):
     start = now[0]
     tb = TimeBudget(tc, train_start=start, timings={})
     now[0] += d.setup
-    tb.eval_times.append(d.eval)  # (train.py: estimate_eval_time)
+    tb.eval_times.append(d.eval)  # (evaluation.py: estimate_eval_time)
     now[0] += d.save
     tb.save_times.append(d.save)  # the step-0 checkpoint
     now[0] += d.plot
