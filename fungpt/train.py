@@ -591,6 +591,7 @@ class Resumed:
     step: int = 0
     best_val: float = float("inf")
     elapsed_s: float = 0.0  # the run's wall seconds before this command
+    after_step_s: float = 0.0  # of them, those after the checkpoint's step: its save, the plot (not schedule time)
     evaluated: bool = False  # an eval set best_val (at step 0: the step-0 eval, in metrics.jsonl already)
     # a signal left the eval of the checkpoint's step: the resume does it first (None: a checkpoint from before this
     # was saved, whose metrics.jsonl tells)
@@ -652,7 +653,8 @@ def load_training_state(folder: Path, manifest: dict[str, Any], optimizer: torch
         eval_left = state.get("eval_left")  # (checkpoints from before it was saved: None)
         if not isinstance(eval_left, bool | None):
             raise TypeError(f"eval_left is {eval_left!r:.60}, not true or false")
-        was = Resumed(step=step, best_val=best_val, elapsed_s=float(state["elapsed_s"]),
+        after = float(state.get("after_step_s", 0.0))  # (checkpoints from before it was saved: 0)
+        was = Resumed(step=step, best_val=best_val, elapsed_s=float(state["elapsed_s"]), after_step_s=after,
                       evaluated=math.isfinite(best_val), eval_left=eval_left, schedule_origin=schedule_origin,
                       lr_origin=lr_origin,
                       timings=timings, tokens=tokens, tokens_per_step=per_step if isinstance(per_step, int) else None,
@@ -923,9 +925,11 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     # (a fine-tune's weights are read first, before the data and before the run folder is touched: a damaged or
     # refused weights file must not cost a long encode, leave an empty run behind, nor, with --overwrite, have
     # deleted the run that was there)
+    t_data = time.time()
     cfg, data_dir, pre = resolve_model_and_data(cfg, ddp.is_main, progress and ddp.is_main, model_named,
                                                 resume_dir=Path(cfg.out_dir) if resume else None,
                                                 read_weights=folder is None, data_named=data_named)
+    data_s = time.time() - t_data  # (preparing the data: once; a resume finds it ready)
     # The text the data was prepared from and how it was split (no sha256: token ids prepared elsewhere): a resume
     # onto edited text, or a folder prepared again with another split, says so
     data_fingerprint = fingerprint_of(load_meta(data_dir))
@@ -972,6 +976,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         warn_if_memory_short(cfg, prec)
         check_memory = False
     model = GPT(cfg.model).to(device)
+    # This command's start-up until its model was built, but the data's preparation: about the start-up a resume
+    # spends before it checks whether its budget has time left (see the interrupted run's last word)
+    startup_s = time.time() - start_time - data_s
     if check_memory:
         warn_if_memory_short(cfg, prec, model.num_params())
     optimizer = configure_optimizer(model, tc, prec.device)
@@ -1121,8 +1128,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 ckpt.save_checkpoint(out_dir, "best", step, model, extra={"val_loss": best_val, **ckpt_extra})
         return losses
 
-    def do_save(last: bool = False) -> None:
-        """Save the `latest` checkpoint (`last`: the command ends after it, and its plot)."""
+    def do_save() -> None:
+        """Save the `latest` checkpoint."""
         t_save = time.time()
         # Every rank contributes its loader and RNG state (a collective call); rank 0 writes.
         loaders, rngs = _gather(loader.state_dict(), ddp), _gather(_rng_state(prec.device), ddp)
@@ -1131,11 +1138,16 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             raise FunGPTError(f"training diverged by step {step}: the weights contain NaN/inf, so no checkpoint "
                               f"was written and the last good one is untouched. {lower_lr(tc)}")
         if ddp.is_main:
-            # The run's time counts this save's own (its typical time), and after the command's last one its plot:
-            # left out, each resume of a time-budget run began that much short, and a chain of them overran it
-            then = clock.elapsed() + clock.timings()["save"] + (clock.plot_s if last and tc.plot else 0.0)
+            # The run's time counts this save's own (its typical time) and the plot that ends the command (for the
+            # command's last checkpoint, which a resume starts from: a periodic one may be that last one, at a budget's
+            # end or a signal); left out, each resume of a time-budget run began that much short, and a chain of them
+            # overran the budget. Of that time, what is not the lr schedule's (a resume's lr goes on from the step):
+            # the save, the plot, and before this command's first step its start-up since the step (a resume's save
+            # to time one)
+            after = clock.timings()["save"] + (clock.plot_s if tc.plot else 0.0)
+            unscheduled = after + (0.0 if scheduled else clock.elapsed() - (elapsed_before - resumed.after_step_s))
             state = {"step": step, "tokens": tokens_seen, "tokens_per_step": tokens_per_step,
-                     "best_val": best_val, "elapsed_s": then,
+                     "best_val": best_val, "elapsed_s": clock.elapsed() + after, "after_step_s": unscheduled,
                      "schedule_origin_s": clock.schedule_origin, "lr_origin_s": clock.lr_origin,
                      "timings": clock.timings(), "eval_left": eval_left_at == step,
                      "optimizer": optimizer.state_dict(),
@@ -1188,6 +1200,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                             refresh=False)
 
     unlogged = None  # the last step's row, when log_interval skipped it
+    scheduled = False  # whether this command's lr schedule has started (see do_save)
     losses: dict[str, float] = {}
     last_loss = float("nan")
     evaluated_at = saved_at = -1  # the steps of the last periodic eval and checkpoint (the final ones reuse them)
@@ -1243,8 +1256,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         clock.eval_times.append(time.time() - t0)
         say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} (the eval the "
             f"interruption left)")
-    clock.start_schedule(elapsed_before)
-    startup_s = time.time() - start_time  # this command's, before its first step: about what a resume's will take
+    clock.start_schedule(elapsed_before - resumed.after_step_s)  # (the lr goes on from the checkpoint's step)
+    scheduled = True  # (the lr schedule's clock runs from here: see do_save)
     fwd_model.train()
     start_step = step
     bar = None
@@ -1370,7 +1383,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             if left:
                 interrupted, stop_signal, final_eval = True, int(signum) or signal.SIGINT, False
         if interrupted and saved_at != step:
-            do_save(last=True)  # still under the handlers: a second signal meanwhile stops at once, saying so
+            do_save()  # still under the handlers: a second signal meanwhile stops at once, saying so
         if bar is not None:
             if clock.budget_s is not None and not interrupted and step > start_step:
                 bar.total = step  # where the budget ended it: 100%
@@ -1390,14 +1403,15 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                     "training diverged; train.skip_nonfinite only skips such steps) and sampling it will fail; "
                     f"train again: {lower_lr(tc)[0].lower()}{lower_lr(tc)[1:]}")
             if final_eval or saved_at != step:
-                do_save(last=True)  # (a signal meanwhile: the run ends as it would have, this save done)
+                do_save()  # (a signal meanwhile: the run ends as it would have, this save done)
 
     if interrupted and interrupt.output_failed:  # (its step saved; an error, as the run did not end as asked)
         raise FunGPTError(f"training stopped at step {step}: its output could not be written "
                           f"({interrupt.output_failed}); checkpoint saved. Free some space, or send the output "
                           f"elsewhere, then resume with the same command{resume_flags}")
     if interrupted:
-        # (a resume would find nothing to train: counted with its start-up, as the resume counts it)
+        # (a resume would find nothing to train: counted with the plot still to come and a resume's start-up, as the
+        # resume counts them)
         if already_done(step, tc, clock.elapsed() + (clock.plot_s if tc.plot else 0.0) + startup_s, clock.timings()):
             how = "" if evaluated_at == step else (f"; its final eval was not done: `fungpt eval "
                                                    f"--run {shell_quote(str(out_dir))}` scores it")

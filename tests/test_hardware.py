@@ -1188,6 +1188,33 @@ def test_a_budget_resume_refused_says_the_final_eval_was_not_done(corpus, tmp_pa
                      r"not done: `fungpt eval --run .*run` scores it", said), said
 
 
+def test_an_interrupted_budget_run_is_told_to_resume_when_a_resume_would_have_time(corpus, tmp_path,
+                                                                                 quick_steady_budget, monkeypatch,
+                                                                                 capsys):
+    """Whether a resume would find time to train counted this command's start-up twice, its data preparation too
+    (once only: a resume finds the data ready): a run with half its budget left was told it could not resume."""
+    import signal
+
+    from fungpt.data import BatchLoader
+
+    train_mod = sys.modules["fungpt.train"]
+    real_resolve, next_batch, steps = train_mod.resolve_model_and_data, BatchLoader.next_batch, []
+    monkeypatch.setattr(train_mod, "resolve_model_and_data", lambda *a, **k: time.sleep(5) or real_resolve(*a, **k))
+
+    def counting(self):
+        if sys._getframe(1).f_code.co_name == "forward_backward":
+            steps.append(1)
+            if len(steps) == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+        return next_batch(self)
+
+    monkeypatch.setattr(BatchLoader, "next_batch", counting)
+    cfg = tiny_config(corpus, tmp_path / "run", max_iters=10**6, eval_iters=1, max_minutes=8 / 60)
+    assert train(cfg, progress=False)["step"] == 3
+    said = capsys.readouterr().err
+    assert "interrupted at step 3; checkpoint saved. Resume with the same command plus --resume" in said, said
+
+
 def test_a_budget_run_resumed_from_its_step_0_checkpoint_warms_up(corpus, tmp_path, quick_steady_budget,
                                                                    monkeypatch):
     """A budget run saves step 0 before its first step (its schedule has no origin yet): resumed from there, the
@@ -1233,7 +1260,8 @@ def test_a_resumed_compiled_budget_run_keeps_its_compile_out_of_the_schedule_too
     cfg = tiny_config(corpus, out, max_iters=20, checkpoint_interval=10**6, eval_interval=10**6, eval_iters=1,
                       max_minutes=0.3, compile=True)
     slow_first_compiled_step(cfg, progress=False)  # ends at max_iters, inside its budget
-    origin = ckpt.load_state(ckpt.find_checkpoint(out))["schedule_origin_s"]
+    saved = ckpt.load_state(ckpt.find_checkpoint(out))
+    origin, after = saved["schedule_origin_s"], saved["after_step_s"]  # (after the step: its save, the plot)
     slow[0] = False
     more = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_iters=10**6))
     assert slow_first_compiled_step(more, resume=True, progress=False)["step"] > 25
@@ -1243,11 +1271,12 @@ def test_a_resumed_compiled_budget_run_keeps_its_compile_out_of_the_schedule_too
     # the checkpoint keeps the compile's own time out of the schedule (for a resume with a longer budget, which
     # plans from it): not the larger move that made this command's lr go on from where it was
     moved = ckpt.load_state(ckpt.find_checkpoint(out))["schedule_origin_s"] - origin
-    # by the compile (2.5 s) and the resumed command's start-up: together at most the time until its first row
-    # (a busy machine's start-up took over a second: a fixed bound of 3.5 s failed there)
+    # by the compile (2.5 s), the resumed command's start-up (together at most the time until its first row: a busy
+    # machine's start-up took over a second, and a fixed bound of 3.5 s failed there) and the first command's time
+    # after its step (its save and plot)
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     first_resumed = next(r for r in rows if r["step"] == 21)
-    assert 2.5 <= moved <= first_resumed["elapsed_s"], (moved, first_resumed["elapsed_s"])
+    assert 2.5 <= moved <= first_resumed["elapsed_s"] + after, (moved, first_resumed["elapsed_s"], after)
 
 
 @pytest.mark.parametrize("origin, would_be", [(0.0, 0.0), (1.0, 2.0), (1.0, 20.0), (5.0, 30.0)])
