@@ -1158,10 +1158,8 @@ def test_a_budget_resume_times_the_save_and_plot_its_checkpoint_did_not(corpus, 
     assert timings["save"] > 0 and timings["plot"] > 0, timings
 
 
-def test_a_budget_resume_refused_says_the_final_eval_was_not_done(corpus, tmp_path, quick_steady_budget, monkeypatch,
-                                                                 capsys):
-    """Interrupted near its budget's end, a run was told to resume; the resume was refused (no time left), and
-    nothing said that its last step had no eval."""
+def ctrl_c_in_step(n: int, monkeypatch) -> None:
+    """Ctrl-C during the training loop's step n (from its first micro-batch; an eval's batches are not counted)."""
     import signal
 
     from fungpt.data import BatchLoader
@@ -1171,11 +1169,18 @@ def test_a_budget_resume_refused_says_the_final_eval_was_not_done(corpus, tmp_pa
     def counting(self):
         if sys._getframe(1).f_code.co_name == "forward_backward":
             steps.append(1)
-            if len(steps) == 3:
+            if len(steps) == n:
                 os.kill(os.getpid(), signal.SIGINT)
         return next_batch(self)
 
     monkeypatch.setattr(BatchLoader, "next_batch", counting)
+
+
+def test_a_budget_resume_refused_says_the_final_eval_was_not_done(corpus, tmp_path, quick_steady_budget, monkeypatch,
+                                                                 capsys):
+    """Interrupted near its budget's end, a run was told to resume; the resume was refused (no time left), and
+    nothing said that its last step had no eval."""
+    ctrl_c_in_step(3, monkeypatch)
     out = tmp_path / "run"
     cfg = tiny_config(corpus, out, max_iters=10**6, eval_iters=1, max_minutes=0.5)
     assert train(cfg, progress=False)["step"] == 3
@@ -1193,22 +1198,10 @@ def test_an_interrupted_budget_run_is_told_to_resume_when_a_resume_would_have_ti
                                                                                  capsys):
     """Whether a resume would find time to train counted this command's start-up twice, its data preparation too
     (once only: a resume finds the data ready): a run with half its budget left was told it could not resume."""
-    import signal
-
-    from fungpt.data import BatchLoader
-
     train_mod = sys.modules["fungpt.train"]
-    real_resolve, next_batch, steps = train_mod.resolve_model_and_data, BatchLoader.next_batch, []
+    real_resolve = train_mod.resolve_model_and_data
     monkeypatch.setattr(train_mod, "resolve_model_and_data", lambda *a, **k: time.sleep(5) or real_resolve(*a, **k))
-
-    def counting(self):
-        if sys._getframe(1).f_code.co_name == "forward_backward":
-            steps.append(1)
-            if len(steps) == 3:
-                os.kill(os.getpid(), signal.SIGINT)
-        return next_batch(self)
-
-    monkeypatch.setattr(BatchLoader, "next_batch", counting)
+    ctrl_c_in_step(3, monkeypatch)
     cfg = tiny_config(corpus, tmp_path / "run", max_iters=10**6, eval_iters=1, max_minutes=8 / 60)
     assert train(cfg, progress=False)["step"] == 3
     said = capsys.readouterr().err
