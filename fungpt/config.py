@@ -303,7 +303,8 @@ class RunConfig:
         kwargs: dict[str, Any] = {}
         if "out_dir" in d:
             if not isinstance(d["out_dir"], str):  # str() would make a folder named e.g. "['a', 'b']"
-                raise FunGPTError(f"{source}: out_dir = {d['out_dir']!r} should be a folder name (a string)")
+                raise FunGPTError(f"{source}: out_dir = {as_written(d['out_dir'])} should be a folder name (a string "
+                                  f"in double quotes)")
             kwargs["out_dir"] = d["out_dir"]
         for name, klass in sections.items():
             kwargs[name] = _build_section(klass, d.get(name, {}), f"{source} [{name}]", defaults=getattr(cls(), name),
@@ -370,7 +371,7 @@ NANOGPT_NAMES = {"learning_rate": "lr", "gradient_accumulation_steps": "grad_acc
 def _build_section(klass: type, values: Any, where: str, defaults: Any, checked: bool = True,
                    saved: bool = False) -> Any:
     if not isinstance(values, dict):
-        raise FunGPTError(f"{where} must be a table of settings, got {type(values).__name__}")
+        raise FunGPTError(f"{where} must be a table of settings, not {as_written(values)}")
     names = {f.name for f in dataclasses.fields(klass)}
     unknown = set(values) - names
     if unknown:
@@ -441,10 +442,11 @@ def _check_type(klass: type, name: str, value: Any, where: str, saved: bool = Fa
             return value  # a type this simple check does not know: let the dataclass judge
     # Said in the file's own words (TOML's and JSON's: true, "text"), not Python's (True, 'text', int)
     # (TOML has no null: an optional setting's default comes from leaving it out)
-    said = [t for t in options if t is not type(None) or ".toml" not in where]
+    toml = not where.split(" [", 1)[0].endswith(".json")  # (a config file of any other name is read as TOML)
+    said = [t for t in options if t is not type(None) or not toml]
     wanted = " or ".join(FILE_TYPE_NAMES.get(t, getattr(t, "__name__", str(t))) for t in said)
     # (TOML has no null: "None" written there is a string; the setting's default comes from leaving it out)
-    unset = ("; TOML has no null: for its default, delete the line" if type(None) in options and ".toml" in where
+    unset = ("; TOML has no null: for its default, delete the line" if type(None) in options and toml
              and isinstance(value, str) and value.strip().lower() in ("none", "null", "nil", "") else "")
     whole = (f" (write {int(value)})" if int in options and isinstance(value, float)
              and value.is_integer() else "")
@@ -459,7 +461,7 @@ FILE_TYPE_NAMES = {int: "a whole number", float: "a number", str: 'a string in d
 def as_written(value: Any) -> str:
     """A value from a TOML or JSON file, spelled as it is written there: true, "text", [1, 2]."""
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # nan, inf, -inf (TOML's spelling; JSON has none)
+        return str(value)  # nan, inf, -inf (TOML's spelling; a JSON file's NaN and Infinity are said so too)
     try:
         return json.dumps(value, ensure_ascii=False)
     except TypeError:  # (a TOML date or time)
@@ -554,7 +556,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         if not python and ("hex value" in str(e) or "Unescaped" in str(e)):  # ("C:\Users": \U starts an escape)
             python = f": {BACKSLASH_HINT}"
         raise FunGPTError(f"config file {path} is not valid TOML: {e}{python}") from None
-    except UnicodeDecodeError as e:  # TOML files must be UTF-8
+    except UnicodeDecodeError as e:  # TOML files must be UTF-8 (before ValueError: a kind of it)
         from fungpt.data import refuse_utf16_or_32  # (PowerShell 5's `>` writes UTF-16: named as such)
 
         try:
@@ -562,6 +564,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
         except FunGPTError as utf16:
             raise utf16 from None
         raise FunGPTError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except ValueError as e:  # (an integer of over 4,300 digits: Python's limit on reading one)
+        digits = re.search(r"value has (\d+) digits", str(e))
+        raise FunGPTError(f"config file {path} holds a whole number of " + (f"{int(digits[1]):,}" if digits else "over "
+                          "4,300") + " digits, more than Python reads (4,300 at most); fix that value") from None
     except OSError as e:  # e.g. a folder or an unreadable file
         raise FunGPTError(f"cannot read config file {path}: {e.strerror or e}") from None
     if not d:  # (a script that truncated it: the defaults would train silently, a long run of another model)

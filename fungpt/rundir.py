@@ -243,7 +243,7 @@ def check_resume_model(cfg: RunConfig) -> None:
     dropout_note says so."""
     out = Path(cfg.out_dir)
     saved = load_run_config(out)
-    saved.model = dataclasses.replace(saved.model, dropout=cfg.model.dropout)  # (see dropout_note)
+    saved.model = dataclasses.replace(saved.model, dropout=cfg.model.dropout)  # (see train.dropout_note)
     if saved.model != cfg.model:
         old, new = saved.model.to_dict(), cfg.model.to_dict()
         diffs = [f"{k} {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k]]

@@ -103,7 +103,7 @@ class StopFlag:
 
     @contextlib.contextmanager
     def evaluating(self):
-        """During an eval, which a first signal abandons (see `do_eval`), its notice says so."""
+        """During an eval, which a first signal abandons (see `do_eval` in train.py), its notice says so."""
         self.doing = "leaving the eval"
         try:
             yield

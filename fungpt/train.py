@@ -1278,7 +1278,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         if bar is None or tc.grad_accum_steps == 1 or (clock.step_times and clock.step_estimate() < MICRO_BAR_DELAY_S):
             yield None  # (a step shorter than the delay would never show it: not made, as it costs ~0.1 ms)
             return
-        micro = tqdm(total=tc.grad_accum_steps, desc=f"step {step + 1}", unit=" micro-batch", leave=False,
+        micro = tqdm(total=tc.grad_accum_steps, desc=f"step {step + 1}, micro-batches", unit="batch", leave=False,
                      delay=MICRO_BAR_DELAY_S, dynamic_ncols=True, mininterval=every)
         try:
             yield lambda: interrupt.output(micro.update, 1)

@@ -2109,7 +2109,7 @@ BAD_INPUTS = {
     "TOML wrong type (model)": ([*TRAIN, "--config", "{tmp}/wrong_type.toml"], "n_layer"),
     "TOML wrong type (train)": ([*TRAIN, "--config", "{tmp}/wrong_type_train.toml"], "batch_size"),
     "TOML integer beyond any float": ([*TRAIN, "--config", "{tmp}/huge_lr.toml"], "lr is too large for a number"),
-    "TOML out_dir not a string": ([*TRAIN, "--config", "{tmp}/out_dir_list.toml"], "['a', 'b'] should be a folder"),
+    "TOML out_dir not a string": ([*TRAIN, "--config", "{tmp}/out_dir_list.toml"], '["a", "b"] should be a folder'),
     "TOML unknown section": ([*TRAIN, "--config", "{tmp}/unknown_section.toml"], "optim"),
     "eval_iters beyond any use": ([*TRAIN, "--train.eval-iters", str(10**30)], "train.eval_iters = "
                                   "1000000000000000000000000000000 is far too large (at most 2**24"),
@@ -3408,3 +3408,15 @@ def test_a_config_files_wrong_type_is_said_in_the_files_own_words(tmp_path):
     (tmp_path / "c.json").write_text('{"train": {"lr_decay_iters": "x"}}')  # (JSON has a null: named)
     with pytest.raises(FunGPTError, match=r'lr_decay_iters = "x" should be a whole number or null$'):
         load_config(tmp_path / "c.json")
+    (tmp_path / "c.cfg").write_text('[train]\nlr_decay_iters = "None"\n')  # (TOML, whatever the file's suffix)
+    with pytest.raises(FunGPTError, match=r'= "None" should be a whole number; TOML has no null: for its default'):
+        load_config(tmp_path / "c.cfg")
+    for text, said in (("out_dir = true\n", "out_dir = true should be a folder name (a string in double quotes)"),
+                       ("train = true\n", "[train] must be a table of settings, not true"),
+                       ("[train]\nmax_iters = 1" + "0" * 5000 + "\n", "holds a whole number of 5,001 digits, more "
+                                                                     "than Python reads (4,300 at most); fix that "
+                                                                     "value")):
+        (tmp_path / "c.toml").write_text(text)
+        with pytest.raises(FunGPTError) as e:
+            load_config(tmp_path / "c.toml")
+        assert str(e.value).endswith(said), str(e.value)

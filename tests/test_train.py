@@ -2977,7 +2977,7 @@ def test_a_long_step_of_many_micro_batches_shows_them(corpus, tmp_path, monkeypa
     monkeypatch.setattr(sys.modules["fungpt.train"], "MICRO_BAR_DELAY_S", 0.0)  # (every step counts as long)
     train(tiny_config(corpus, tmp_path / "a", max_iters=3, grad_accum_steps=3), progress=True)
     err = capsys.readouterr().err
-    assert re.search(r"step 3: .*/3 \[.*micro-batch/s", err), err
+    assert re.search(r"step 3, micro-batches: .*/3 \[.*batch/s", err), err
     train(tiny_config(corpus, tmp_path / "b", max_iters=3), progress=True)  # (one micro-batch a step: no such bar)
     err = capsys.readouterr().err
-    assert "micro-batch" not in err and "train:" in err, err
+    assert "micro-batches" not in err and "train:" in err, err
