@@ -976,8 +976,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         warn_if_memory_short(cfg, prec)
         check_memory = False
     model = GPT(cfg.model).to(device)
-    # This command's start-up until its model was built, but the data's preparation: about the start-up a resume
-    # spends before it checks whether its budget has time left (see the interrupted run's last word)
+    # This command's start-up until its model was built, but the data's preparation (a resume finds it ready); a
+    # resume's, until its checkpoint is loaded: about the start-up a resume spends before it checks whether its budget
+    # has time left (see the interrupted run's last word)
     startup_s = time.time() - start_time - data_s
     if check_memory:
         warn_if_memory_short(cfg, prec, model.num_params())
@@ -1011,6 +1012,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         # With a budget, this command's start-up so far counts (the slowest rank's: every rank decides alike); left
         # out, a resume with a little time left started, overran the budget, then found no time for a step
         started_s = max(_gather(time.time() - start_time, ddp)) if tc.max_minutes else 0.0
+        startup_s = time.time() - start_time - data_s  # (with the checkpoint's load: see above)
         done = already_done(step, tc, elapsed_before + started_s, timings)
         if done:  # (before the notes on the steps to come, and before any file is written: nothing changes)
             unscored = ddp.is_main and eval_left_in_log(out_dir, step)  # (stopped by a signal before its final eval)
@@ -1128,8 +1130,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 ckpt.save_checkpoint(out_dir, "best", step, model, extra={"val_loss": best_val, **ckpt_extra})
         return losses
 
-    def do_save() -> None:
-        """Save the `latest` checkpoint."""
+    def do_save(periodic: bool = False) -> None:
+        """Save the `latest` checkpoint (`periodic`: one of checkpoint_interval's, which the run makes anyway)."""
         t_save = time.time()
         # Every rank contributes its loader and RNG state (a collective call); rank 0 writes.
         loaders, rngs = _gather(loader.state_dict(), ddp), _gather(_rng_state(prec.device), ddp)
@@ -1141,11 +1143,13 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             # The run's time counts this save's own (its typical time) and the plot that ends the command (for the
             # command's last checkpoint, which a resume starts from: a periodic one may be that last one, at a budget's
             # end or a signal); left out, each resume of a time-budget run began that much short, and a chain of them
-            # overran the budget. Of that time, what is not the lr schedule's (a resume's lr goes on from the step):
-            # the save, the plot, and before this command's first step its start-up since the step (a resume's save
-            # to time one)
+            # overran the budget. Of that time, what is not the lr schedule's (a resume's lr goes on from there, as the
+            # run uninterrupted would): the plot, a save the run makes only because it stops here (not a periodic
+            # one: those take schedule time in any run), and before this command's first step its start-up since the
+            # step (a resume's save to time one)
             after = clock.timings()["save"] + (clock.plot_s if tc.plot else 0.0)
-            unscheduled = after + (0.0 if scheduled else clock.elapsed() - (elapsed_before - resumed.after_step_s))
+            unscheduled = (after - (clock.timings()["save"] if periodic else 0.0)
+                           + (0.0 if scheduled else clock.elapsed() - (elapsed_before - resumed.after_step_s)))
             state = {"step": step, "tokens": tokens_seen, "tokens_per_step": tokens_per_step,
                      "best_val": best_val, "elapsed_s": clock.elapsed() + after, "after_step_s": unscheduled,
                      "schedule_origin_s": clock.schedule_origin, "lr_origin_s": clock.lr_origin,
@@ -1246,6 +1250,12 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 _plot_quietly(out_dir, timing_only=step == 0)
                 clock.plot_s = time.time() - t0
                 planning.update(1)
+            if folder is not None:
+                # The command before saved its last checkpoint (and drew its plot) untimed, so its time left them
+                # out: counted now, as what they take here (the run's time, not its lr schedule's)
+                missing = (clock.save_times[-1] if time_save else 0.0) + (clock.plot_s if time_plot else 0.0)
+                clock.train_start -= missing
+                elapsed_before, resumed.after_step_s = elapsed_before + missing, resumed.after_step_s + missing
         clock.plan_first_step(per_window)  # (a step's time until one is timed; with torch.compile, a cap on it)
     if resumed.eval_left and step < tc.max_iters:
         # A signal left this step's eval: done now, before the steps after it, so that the curve and the best
@@ -1356,7 +1366,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                     else:  # (progress=False turns off the bar, not the eval lines)
                         say(said)
             if step % tc.checkpoint_interval == 0 and step < tc.max_iters:  # the last step is saved below
-                do_save()
+                do_save(periodic=True)
                 saved_at = step
         if unlogged is not None:  # (the run ended on a step log_interval skipped: at max_iters, a budget, a signal)
             log_step(*unlogged)
@@ -1412,7 +1422,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     if interrupted:
         # (a resume would find nothing to train: counted with the plot still to come and a resume's start-up, as the
         # resume counts them)
-        if already_done(step, tc, clock.elapsed() + (clock.plot_s if tc.plot else 0.0) + startup_s, clock.timings()):
+        # (a new run's start-up loaded no checkpoint: a save's time stands for the load)
+        load_s = clock.timings()["save"] if folder is None else 0.0
+        if already_done(step, tc, clock.elapsed() + (clock.plot_s if tc.plot else 0.0) + startup_s + load_s,
+                        clock.timings()):
             how = "" if evaluated_at == step else (f"; its final eval was not done: `fungpt eval "
                                                    f"--run {shell_quote(str(out_dir))}` scores it")
         else:
@@ -1430,9 +1443,12 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         if ddp.is_main:
             log.close()
         if folder is not None:
+            unscored = ddp.is_main and eval_left_in_log(out_dir, step)  # (stopped by a signal before its final eval)
             say(f"fungpt: {out_dir} used its time budget ({clock.elapsed() / 60:.2f} of train.max_minutes = "
                 f"{tc.max_minutes:g} min, too little left for a step, an eval and a checkpoint): nothing to "
-                f"train; raise train.max_minutes to continue it")
+                f"train; raise train.max_minutes to continue it" + (f"; its final eval was not done: `fungpt eval "
+                                                                    f"--run {shell_quote(str(out_dir))}` scores it"
+                                                                    if unscored else ""))
             return nothing_to_train(out_dir, step, ddp.is_main and tc.plot, start_time)
         used, end, step_s = clock.elapsed(), clock.end_time(), clock.step_estimate()
         # (out_of_time keeps two steps' time in hand: see budget_spent)

@@ -1158,6 +1158,53 @@ def test_a_budget_resume_times_the_save_and_plot_its_checkpoint_did_not(corpus, 
     assert timings["save"] > 0 and timings["plot"] > 0, timings
 
 
+def test_a_run_without_a_budget_resumed_with_one_counts_its_untimed_save_and_plot(corpus, tmp_path,
+                                                                                quick_steady_budget, monkeypatch):
+    """A run's first save records no save time (none was timed before it), and a run without a budget times no
+    plot: resumed with a budget, the first command's last save and plot were in no one's time, and the two commands
+    overran the budget by them."""
+    save, plot = ckpt.save_checkpoint, sys.modules["fungpt.train"]._plot_quietly
+    monkeypatch.setattr(ckpt, "save_checkpoint", lambda *a, **k: time.sleep(1.0) or save(*a, **k))  # (a big model)
+    monkeypatch.setattr(sys.modules["fungpt.train"], "_plot_quietly", lambda *a, **k: time.sleep(1.0) or plot(*a, **k))
+    cfg = tiny_config(corpus, tmp_path / "run", max_iters=4, eval_iters=1, plot=True)
+    t0 = time.time()
+    train(cfg, progress=False)
+    budget = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_iters=6, max_minutes=1.0))
+    train(budget, resume=True, progress=False)
+    took = time.time() - t0
+    used = ckpt.load_state(ckpt.find_checkpoint(tmp_path / "run"))["elapsed_s"]
+    assert took - 0.5 < used < took + 0.5, (used, took)  # (2 s short without them)
+
+
+def test_a_budget_runs_lr_goes_on_from_a_periodic_checkpoint_as_uninterrupted(corpus, tmp_path, quick_steady_budget,
+                                                                            monkeypatch):
+    """A periodic save takes schedule time in any run; a resume from one (after a crash) took it out of the
+    schedule and the lr rose at the first step resumed."""
+    from fungpt.data import BatchLoader
+
+    next_batch, save, saves = BatchLoader.next_batch, ckpt.save_checkpoint, []
+    monkeypatch.setattr(BatchLoader, "next_batch", lambda self: time.sleep(0.1) or next_batch(self))
+
+    def crash_after_the_step_10_save(*a, **k):
+        time.sleep(1.0)  # (a big model's save: 10 steps' worth of the schedule)
+        folder = save(*a, **k)
+        saves.append(a[2])
+        if a[1] == "latest" and a[2] == 10 and len(saves) < 4:
+            raise RuntimeError("crashed right after the save")
+        return folder
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", crash_after_the_step_10_save)
+    out = tmp_path / "run"
+    cfg = tiny_config(corpus, out, max_iters=10**6, eval_interval=10**6, checkpoint_interval=10, eval_iters=1,
+                      max_minutes=0.25)
+    with pytest.raises(RuntimeError, match="crashed"):
+        train(cfg, progress=False)
+    train(cfg, resume=True, progress=False)
+    lrs = _lrs(out)
+    # (rows from step 1: lrs[9] is step 10's, the checkpoint's; lrs[10] the first step resumed)
+    assert 0 <= lrs[9] - lrs[10] < 3 * (lrs[10] - lrs[11]), lrs[6:14]  # one step's fall: no rise, no jump
+
+
 def ctrl_c_in_step(n: int, monkeypatch) -> None:
     """Ctrl-C during the training loop's step n (from its first micro-batch; an eval's batches are not counted)."""
     import signal
