@@ -20,7 +20,7 @@ from fungpt import DataConfig, GPTConfig, RunConfig, TrainConfig, evaluate_run, 
 from fungpt.config import load_run_config
 from fungpt.data import is_prepared, load_meta
 from fungpt.errors import FunGPTError
-from fungpt.train import holds_run
+from fungpt.rundir import holds_run
 
 
 def same_path(a: str | Path, b: str | Path) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 from fungpt import DataConfig, RunConfig, TrainConfig, load_config, sample, train
 from fungpt.config import fields_named, load_run_config
 from fungpt.errors import FunGPTError
-from fungpt.train import holds_run
+from fungpt.rundir import holds_run
 
 
 def made_here(run_dir: str, cfg: RunConfig) -> bool:

@@ -1,5 +1,6 @@
-"""Scoring a model on its data, for training's evals and `fungpt eval`: the mean loss over every window of a split
-(each target scored once), and the timing of a forward batch from which a time budget reserves an eval's time."""
+"""Scoring a model on its data: training's evals (`evaluate`: the mean loss over eval_iters batches of each split),
+the mean loss over every window of a split (each target scored once: eval_full_val, `fungpt eval`), and the timing
+of a forward batch from which a time budget reserves an eval's time."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 import torch
 
 from fungpt.config import RunConfig, TrainConfig
-from fungpt.data import bar_interval, iter_eval_windows, load_meta
+from fungpt.data import BatchLoader, bar_interval, iter_eval_windows, load_meta
+from fungpt.hardware import sync
 
 
 class EvalStopped(Exception):
@@ -57,8 +59,7 @@ def time_forward(model: torch.nn.Module, cfg: RunConfig, device: str, autocast, 
         t0 = time.perf_counter()  # (a fine clock: Windows' time.time() moved in 15.6 ms ticks before Python 3.13)
         with autocast():
             model(x)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync(device)  # (a GPU's queued work done: timed, not its queueing; an Apple GPU's too)
         seconds_per_window = min(seconds_per_window, (time.perf_counter() - t0) / windows)
         if bar is not None:
             bar.update(1)
@@ -140,3 +141,43 @@ def counted(batches, bar):
     for batch in batches:
         bar.update(1)
         yield batch
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, device: str, autocast,
+             progress: bool = False, stop: Callable[[], bool] | None = None) -> dict[str, float]:
+    """Mean loss over eval_iters batches of each split.
+
+    The eval batches come from loaders with a fixed seed, so every evaluation sees the same
+    windows: the curve then shows the model changing, not the batches. Eval has its own
+    loaders, so it never disturbs the training batch sequence (exact resume depends on that).
+    With eval_full_val, val is the mean over the whole split instead (no val batches are drawn). `progress`
+    shows a bar once an eval takes more than a second (a large corpus's val split, a big model on a CPU). `stop`,
+    asked before each batch: when it turns true the eval is abandoned (EvalStopped), the model left as it was.
+    """
+    was_training = model.training
+    model.eval()
+    out = {}
+    splits = ("train",) if cfg.train.eval_full_val else ("train", "val")
+    try:
+        # An eval of a large model can take a minute (a GPT-2 fine-tune on a CPU): a bar then, none for the usual
+        # short ones
+        with eval_bar(len(splits) * cfg.train.eval_iters, "eval", progress) as bar:
+            for split in splits:
+                # seed + 12345: any fixed offset, so that every eval scores the same windows, drawn apart from the
+                # training batches
+                loader = BatchLoader(data_dir, split, cfg.train.batch_size, cfg.model.block_size, device=device,
+                                     seed=cfg.train.seed + 12345)
+                losses = torch.zeros(cfg.train.eval_iters)
+                for k in unless_stopped(range(cfg.train.eval_iters), stop):
+                    x, y = loader.next_batch()
+                    with autocast():
+                        loss = model(x, y)[1]
+                    losses[k] = loss.float().item()
+                    bar.update(1)
+                out[split] = losses.mean().item()
+        if cfg.train.eval_full_val:
+            out["val"] = full_split_loss(model, data_dir, "val", cfg, device, autocast, progress, stop)
+    finally:
+        model.train(was_training)
+    return out

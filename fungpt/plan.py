@@ -337,7 +337,7 @@ def _timed_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_op
     from tqdm import tqdm
 
     from fungpt.data import bar_interval
-    from fungpt.train import _sync  # (waits for a GPU's queued work: CUDA's or an Apple GPU's)
+    from fungpt.hardware import sync  # (waits for a GPU's queued work: CUDA's or an Apple GPU's)
 
     tc = cfg.train
     device = prec.device
@@ -374,13 +374,13 @@ def _timed_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_op
                         loss = model(x, y)[1]  # (as the trainer: the logits are not kept)
                     scaler.scale(loss / tc.grad_accum_steps).backward()
                     bar.update(1)
-                _sync(device)  # (the queued work done: the time scaled up is the micro-batches', not their queueing)
+                sync(device)  # (the queued work done: the time scaled up is the micro-batches', not their queueing)
                 t_micro = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-                _sync(device)
+                sync(device)
                 if i > 0:  # the first step pays one-off costs (allocations, kernel selection)
                     times.append(t_micro * tc.grad_accum_steps / micro + time.perf_counter() - t0)
                 i += 1

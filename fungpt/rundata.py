@@ -1,6 +1,7 @@
 """What a run trains on: its data folder (prepared by `fungpt prepare`, or prepared on the fly from data.path into a
 cache, once, however many processes ask) and its model's settings (vocab_size from the data's tokenizer; a
-fine-tune's from the pretrained weights), checked against what a resumed run trained on."""
+fine-tune's from the pretrained weights), checked against what a resumed run trained on (its tokenizer's settings
+and split are checked earlier, before any preparation: rundir.check_out_dir)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """A run's folder (out_dir): which files are a run's, the lock that keeps two commands from training into it at once,
-and the checks before a run starts there: never mix two runs in one folder, nor resume with another model."""
+and the checks before a run starts there: never mix two runs in one folder, nor resume with another model, or onto
+data tokenized or split otherwise (check_out_dir: before the data is prepared, which can take minutes)."""
 
 from __future__ import annotations
 

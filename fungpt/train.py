@@ -1,13 +1,16 @@
 """Training: a linear loop built from small functions, readable in one sitting.
 
     train(cfg)
-      ├─ check_out_dir, prepare_out_dir   the run folder and its lock (rundir.py)
-      ├─ resolve_model_and_data   prepared folder, or prepare the text on the fly into a cache (rundata.py)
+      ├─ check_out_dir            refuse a run folder that holds another run, before any long work (rundir.py)
+      ├─ resume_point             a resume's saved config and checkpoint, checked
+      ├─ resolve_model_and_data   prepared folder, or prepare the text on the fly into a cache (rundata.py); a
+      │                           fine-tune's weights read, before --overwrite deletes anything
+      ├─ lock_out_dir, prepare_out_dir   the run folder and its lock (rundir.py)
       ├─ build model, configure_optimizer (AdamW, decay on matrices only; or Muon for the blocks' matrices)
       ├─ resume: load_training_state of the latest checkpoint (optional)
       └─ loop:  agree_on_next_step (out of time? Ctrl-C? the lr position: budget.py; stopping.py) → get_lr
                 → forward_backward (gradients of A micro-batches) → clip → is_diverged → step
-                → log (metrics.py) → evaluate → save_checkpoint (checkpoint.py)
+                → log (metrics.py) → evaluate (evaluation.py) → save_checkpoint (checkpoint.py)
 
 Notation: B = batch_size, T = block_size, A = grad_accum_steps, W = number of processes.
 One optimizer step sees B * T * A * W tokens.
@@ -62,9 +65,8 @@ from fungpt.evaluation import (
     estimate_eval_time,
     eval_bar,
     evals_changed,
-    full_split_loss,
+    evaluate,
     time_forward,
-    unless_stopped,
 )
 from fungpt.hardware import (
     Precision,
@@ -72,6 +74,7 @@ from fungpt.hardware import (
     compile_failure,
     detect_precision,
     keep_freed_memory,
+    sync,
     tf32_products,
     torch_version,
 )
@@ -90,7 +93,7 @@ DDP_MIN_TORCH = (2, 8)
 
 
 # ----------------------------------------------------------------------------------------------
-# Setup helpers
+# The pieces of a run: processes, optimizer, resume, lr schedule, steps (the loop itself is below, in _train)
 
 
 @dataclass
@@ -447,46 +450,6 @@ def schedule_notes(tc: TrainConfig, new_run: bool) -> list[str]:
     return notes
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, data_dir: Path, cfg: RunConfig, device: str, autocast,
-             progress: bool = False, stop: Callable[[], bool] | None = None) -> dict[str, float]:
-    """Mean loss over eval_iters batches of each split.
-
-    The eval batches come from loaders with a fixed seed, so every evaluation sees the same
-    windows: the curve then shows the model changing, not the batches. Eval has its own
-    loaders, so it never disturbs the training batch sequence (exact resume depends on that).
-    With eval_full_val, val is the mean over the whole split instead (no val batches are drawn). `progress`
-    shows a bar once an eval takes more than a second (a large corpus's val split, a big model on a CPU). `stop`,
-    asked before each batch: when it turns true the eval is abandoned (EvalStopped), the model left as it was.
-    """
-    was_training = model.training
-    model.eval()
-    out = {}
-    splits = ("train",) if cfg.train.eval_full_val else ("train", "val")
-    try:
-        # An eval of a large model can take a minute (a GPT-2 fine-tune on a CPU): a bar then, none for the usual
-        # short ones
-        with eval_bar(len(splits) * cfg.train.eval_iters, "eval", progress) as bar:
-            for split in splits:
-                # seed + 12345: any fixed offset, so that every eval scores the same windows, drawn apart from the
-                # training batches
-                loader = BatchLoader(data_dir, split, cfg.train.batch_size, cfg.model.block_size, device=device,
-                                     seed=cfg.train.seed + 12345)
-                losses = torch.zeros(cfg.train.eval_iters)
-                for k in unless_stopped(range(cfg.train.eval_iters), stop):
-                    x, y = loader.next_batch()
-                    with autocast():
-                        loss = model(x, y)[1]
-                    losses[k] = loss.float().item()
-                    bar.update(1)
-                out[split] = losses.mean().item()
-        if cfg.train.eval_full_val:
-            out["val"] = full_split_loss(model, data_dir, "val", cfg, device, autocast, progress, stop)
-    finally:
-        model.train(was_training)
-    return out
-
-
 def measure_peak_flops(device: str, dtype: torch.dtype) -> float:
     """Measure this device's dense matmul throughput (FLOP/s): the ceiling that MFU is quoted against.
 
@@ -511,23 +474,13 @@ def measure_peak_flops(device: str, dtype: torch.dtype) -> float:
         for _ in range(2):  # warm up
             kernel()
         for _ in range(3):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             for _ in range(reps):
                 kernel()
-            _sync(device)
+            sync(device)
             best = min(best, time.perf_counter() - t0)
     return 2 * n**3 * reps / best  # a matmul of two n×n matrices costs 2n³ FLOPs
-
-
-def _sync(device: str) -> None:
-    """Wait for the device's queued work. `device` may name an index ("cuda:0", as training passes it): compared
-    with "cuda" alone, no GPU run ever waited, so its ceiling was the launch speed (13x an H200's real one)."""
-    kind = torch.device(device).type
-    if kind == "cuda":
-        torch.cuda.synchronize()
-    elif kind == "mps":
-        torch.mps.synchronize()
 
 
 def _train_bar(tqdm):

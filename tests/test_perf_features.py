@@ -407,9 +407,8 @@ def test_eval_estimate_uses_the_fastest_of_its_timings(prepared, monkeypatch):
     import contextlib
     import types
 
-    import fungpt.train  # noqa: F401 - the module (fungpt.train the name is the function)
+    import fungpt.evaluation as evaluation
 
-    train_mod = sys.modules["fungpt.train"]
     clock = [0.0]
     costs = iter([5.0, 1.0, 3.0])  # seconds per forward pass: a cold first pass, then interference
 
@@ -418,12 +417,12 @@ def test_eval_estimate_uses_the_fastest_of_its_timings(prepared, monkeypatch):
             clock[0] += next(costs)  # time passes only inside the forward
             return x
 
-    monkeypatch.setattr(sys.modules["fungpt.evaluation"], "time",  # (time_forward's clock)
+    monkeypatch.setattr(evaluation, "time",  # (time_forward's clock)
                         types.SimpleNamespace(time=lambda: clock[0], perf_counter=lambda: clock[0]))
     cfg = RunConfig(out_dir="unused", data=DataConfig(path=str(prepared)),
                     model=GPTConfig(vocab_size=1, block_size=16, n_layer=1, n_head=2, n_embd=16),
                     train=TrainConfig(batch_size=4, eval_iters=1, device="cpu", eval_full_val=False))
-    est = train_mod.estimate_eval_time(FakeModel(), prepared, cfg, "cpu", contextlib.nullcontext)
+    est = evaluation.estimate_eval_time(FakeModel(), prepared, cfg, "cpu", contextlib.nullcontext)
     windows = 4  # one timed batch holds batch_size windows, as each of evaluate's batches does
     n_windows = 2 * 1 * 4  # evaluate's train and val batches: 2 x eval_iters x batch_size
     assert est == pytest.approx(1.3 * (1.0 / windows) * n_windows)  # the fastest timing, with the 30% margin
@@ -431,36 +430,35 @@ def test_eval_estimate_uses_the_fastest_of_its_timings(prepared, monkeypatch):
     # With the full val split, evaluate draws train batches only, then scores every val window once.
     costs = iter([1.0, 1.0, 1.0])
     cfg.train.eval_full_val = True
-    est = train_mod.estimate_eval_time(FakeModel(), prepared, cfg, "cpu", contextlib.nullcontext)
+    est = evaluation.estimate_eval_time(FakeModel(), prepared, cfg, "cpu", contextlib.nullcontext)
     val_windows = math.ceil((load_meta(prepared)["val_tokens"] - 1) / 16)
     assert est == pytest.approx(1.3 * (1.0 / windows) * (1 * 4 + val_windows))
 
 
 def test_full_val_eval_draws_no_val_batches(prepared, monkeypatch):
     """The val batches' mean would be replaced by the full-split loss: drawing them is wasted time."""
-    import fungpt.train  # noqa: F401
+    import fungpt.evaluation as evaluation
 
-    train_mod = sys.modules["fungpt.train"]
     splits = []
-    real = train_mod.BatchLoader
+    real = evaluation.BatchLoader
 
     def recording(data_dir, split, *a, **k):
         splits.append(split)
         return real(data_dir, split, *a, **k)
 
-    monkeypatch.setattr(train_mod, "BatchLoader", recording)
+    monkeypatch.setattr(evaluation, "BatchLoader", recording)
     cfg = RunConfig(out_dir="unused", data=DataConfig(path=str(prepared)),
                     model=GPTConfig(vocab_size=load_meta(prepared)["vocab_size"], block_size=16, n_layer=1, n_head=2,
                                     n_embd=16),
                     train=TrainConfig(batch_size=4, eval_iters=2, device="cpu", eval_full_val=True))
     torch.manual_seed(0)
     model = GPT(cfg.model)
-    out = train_mod.evaluate(model, prepared, cfg, "cpu", contextlib.nullcontext)
+    out = evaluation.evaluate(model, prepared, cfg, "cpu", contextlib.nullcontext)
     assert splits == ["train"]
     assert out["val"] == pytest.approx(full_split_loss(model, prepared, "val", cfg, "cpu", contextlib.nullcontext))
     cfg.train.eval_full_val = False
     splits.clear()
-    train_mod.evaluate(model, prepared, cfg, "cpu", contextlib.nullcontext)
+    evaluation.evaluate(model, prepared, cfg, "cpu", contextlib.nullcontext)
     assert splits == ["train", "val"]
 
 

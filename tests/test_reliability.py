@@ -1044,7 +1044,8 @@ _CTRL_C_IN_THE_SECOND_EVAL = """
 import importlib, os, signal, sys
 import fungpt.cli
 train_module = importlib.import_module("fungpt.train")  # (fungpt.train is the function)
-evaluate, batches_of, evals, batches = train_module.evaluate, train_module.unless_stopped, [], []
+evaluation = importlib.import_module("fungpt.evaluation")  # (evaluate's batches: its unless_stopped)
+evaluate, batches_of, evals, batches = train_module.evaluate, evaluation.unless_stopped, [], []
 def counted_evaluate(*args, **kwargs):
     evals.append(1)
     return evaluate(*args, **kwargs)
@@ -1054,7 +1055,7 @@ def ctrl_c_in_the_second_eval(items, stop):  # (evaluate's loop over batches: st
             batches.append(1)
             os.kill(os.getpid(), signal.SIGINT)
         yield item
-train_module.evaluate, train_module.unless_stopped = counted_evaluate, ctrl_c_in_the_second_eval
+train_module.evaluate, evaluation.unless_stopped = counted_evaluate, ctrl_c_in_the_second_eval
 status = fungpt.cli.main(sys.argv[1:])
 print("batches scored:", len(batches))
 sys.exit(status)

@@ -309,13 +309,13 @@ def test_mfu_never_reads_above_100_percent(corpus, tmp_path, monkeypatch):
 def test_the_flops_ceiling_waits_for_the_gpu_named_with_its_index(monkeypatch):
     """Training times the ceiling on "cuda:0": compared with "cuda" alone, the timing never waited for the GPU,
     so on an H200 the ceiling read 13x too high and every MFU 13x too low."""
-    from fungpt.train import _sync
+    from fungpt.hardware import sync
 
     waited = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: waited.append(True))
-    _sync("cuda:0")
-    _sync("cuda")
-    _sync("cpu")
+    sync("cuda:0")
+    sync("cuda")
+    sync("cpu")
     assert waited == [True, True]
 
 
@@ -681,8 +681,8 @@ def test_gradient_clipping_and_weight_decay_reach_the_weights(corpus, tmp_path):
 
 
 def test_evaluate_switches_dropout_off_and_back(corpus, tmp_path):
+    from fungpt.evaluation import evaluate
     from fungpt.rundata import resolve_data
-    from fungpt.train import evaluate
 
     cfg = tiny_config(corpus, tmp_path / "run")
     data_dir = resolve_data(cfg.data, progress=False)
@@ -697,8 +697,8 @@ def test_evaluate_scores_other_windows_than_the_first_training_batches(corpus, t
     """The eval's train loss is over windows drawn apart from training's: seeded as the training loader is, it
     scored exactly the batches of the first eval_iters steps (an estimate biased low once the model learns them)."""
     from fungpt.data import BatchLoader
+    from fungpt.evaluation import evaluate
     from fungpt.rundata import resolve_data
-    from fungpt.train import evaluate
 
     cfg = tiny_config(corpus, tmp_path / "run")
     data_dir = resolve_data(cfg.data, progress=False)
@@ -717,8 +717,8 @@ def test_a_slow_eval_shows_a_bar_and_a_quick_one_none(corpus, tmp_path, monkeypa
     """The step-0 and periodic evals of a GPT-2 fine-tune on a CPU took a minute with nothing on the screen (the train
     bar frozen meanwhile); a bar now shows once an eval has taken a second, and the usual quick evals show none."""
 
+    from fungpt.evaluation import evaluate
     from fungpt.rundata import resolve_data
-    from fungpt.train import evaluate
 
     cfg = tiny_config(corpus, tmp_path / "run")
     cfg.train.eval_iters = 3
@@ -1422,7 +1422,8 @@ _CTRL_C_IN_RANK_1S_FINAL_EVAL = """
 import importlib, os, signal, sys
 import fungpt.cli
 train_module = importlib.import_module("fungpt.train")  # (fungpt.train, the attribute, is the function)
-evaluate, batches_of, evals = train_module.evaluate, train_module.unless_stopped, []
+evaluation = importlib.import_module("fungpt.evaluation")  # (evaluate's batches: its unless_stopped)
+evaluate, batches_of, evals = train_module.evaluate, evaluation.unless_stopped, []
 def counted_evaluate(*args, **kwargs):
     evals.append(1)
     return evaluate(*args, **kwargs)
@@ -1431,7 +1432,7 @@ def ctrl_c_in_rank_1s_final_eval(items, stop):  # (step 0's eval is the first)
         if len(evals) == 2 and os.environ["RANK"] == "1":
             os.kill(os.getpid(), signal.SIGINT)
         yield item
-train_module.evaluate, train_module.unless_stopped = counted_evaluate, ctrl_c_in_rank_1s_final_eval
+train_module.evaluate, evaluation.unless_stopped = counted_evaluate, ctrl_c_in_rank_1s_final_eval
 sys.exit(fungpt.cli.main(sys.argv[1:]))  # (argv[1] is "train")
 """
 
