@@ -748,7 +748,10 @@ def already_done(step: int, tc: TrainConfig, elapsed_before: float, timings: dic
     if step >= tc.max_iters:
         return (f"already reached step {step} (train.max_iters = {tc.max_iters}): nothing to train; raise "
                 f"train.max_iters to continue it")
-    if tc.max_minutes and budget_spent(elapsed_before, timings, tc.max_minutes * 60):
+    # (the periodic eval and checkpoint due after the next step count, as the training loop counts them: out_of_time)
+    due = (step + 1 < tc.max_iters) * (((step + 1) % tc.eval_interval == 0) * timings.get("eval", 0.0)
+                                       + ((step + 1) % tc.checkpoint_interval == 0) * timings.get("save", 0.0))
+    if tc.max_minutes and budget_spent(elapsed_before + due, timings, tc.max_minutes * 60):
         return (f"already used its time budget ({elapsed_before / 60:.2f} min used, this start-up included, of "
                 f"train.max_minutes = {tc.max_minutes:g}, leaving too little for a step, an eval and a checkpoint): "
                 f"nothing to train; raise "
@@ -1103,10 +1106,12 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             after = clock.timings()["save"] + (clock.plot_s if tc.plot else 0.0)
             unscheduled = (after - (clock.timings()["save"] if periodic else 0.0)
                            + (0.0 if scheduled else clock.elapsed() - (elapsed_before - resumed.after_step_s)))
+            nonlocal last_saved
+            last_saved = (clock.elapsed() + after, clock.timings())  # (what a resume will plan with)
             state = {"step": step, "tokens": tokens_seen, "tokens_per_step": tokens_per_step,
-                     "best_val": best_val, "elapsed_s": clock.elapsed() + after, "after_step_s": unscheduled,
+                     "best_val": best_val, "elapsed_s": last_saved[0], "after_step_s": unscheduled,
                      "schedule_origin_s": clock.schedule_origin, "lr_origin_s": clock.lr_origin,
-                     "timings": clock.timings(), "eval_left": eval_left_at == step,
+                     "timings": last_saved[1], "eval_left": eval_left_at == step,
                      "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "processes": ddp.world_size,
                      "loader": loaders + resumed.parked_loaders, "rng": rngs + resumed.parked_rngs}
@@ -1158,6 +1163,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
 
     unlogged = None  # the last step's row, when log_interval skipped it
     scheduled = False  # whether this command's lr schedule has started (see do_save)
+    last_saved: tuple[float, dict[str, float]] | None = None  # the last checkpoint's elapsed_s and timings (rank 0)
     losses: dict[str, float] = {}
     last_loss = float("nan")
     evaluated_at = saved_at = -1  # the steps of the last periodic eval and checkpoint (the final ones reuse them)
@@ -1373,12 +1379,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                           f"({interrupt.output_failed}); checkpoint saved. Free some space, or send the output "
                           f"elsewhere, then resume with the same command{resume_flags}")
     if interrupted:
-        # (a resume would find nothing to train: counted with the plot still to come and a resume's start-up, as the
-        # resume counts them)
-        # (a new run's start-up loaded no checkpoint: a save's time stands for the load)
-        load_s = clock.timings()["save"] if folder is None else 0.0
-        if already_done(step, tc, clock.elapsed() + (clock.plot_s if tc.plot else 0.0) + startup_s + load_s,
-                        clock.timings()):
+        # Whether a resume would find nothing to train: asked of what the checkpoint holds (its time, the plot to come
+        # included, and its timings), as the resume asks it, with a resume's start-up added
+        if last_saved is not None and already_done(step, tc, last_saved[0] + startup_s, last_saved[1]):
             how = "" if evaluated_at == step else (f"; its final eval was not done: `fungpt eval "
                                                    f"--run {shell_quote(str(out_dir))}` scores it")
         else:

@@ -215,3 +215,14 @@ def test_periodic_time_left_counts_the_evals_and_checkpoints_still_due():
     assert tb.periodic_time_left(50) == 2.0
     assert tb.periodic_time_left(99) == tb.periodic_time_left(100) == 0.0
     assert TimeBudget(tc, train_start=0.0, timings={}).periodic_time_left(0) == 0.0  # nothing timed yet
+
+
+def test_a_resume_counts_the_periodic_eval_due_after_its_next_step():
+    """The training loop stops before a step whose periodic eval would not fit (out_of_time); a resume's check did
+    not count it, so a run was told it could resume, then found no time for that step."""
+    from fungpt.train import already_done
+
+    tc = TrainConfig(max_iters=100, eval_interval=10, checkpoint_interval=1000, max_minutes=1.0)
+    timings = {"step": 0.1, "eval": 5.0, "save": 0.1, "plot": 0.0}
+    assert already_done(8, tc, 50.0, timings) is None  # (no eval due after step 9)
+    assert "already used its time budget" in already_done(9, tc, 50.0, timings)  # (step 10's eval would not fit)
