@@ -743,14 +743,18 @@ def write_run_files(cfg: RunConfig, out_dir: Path, data_dir: Path, run_info: dic
     return notes
 
 
-def already_done(step: int, tc: TrainConfig, elapsed_before: float, timings: dict[str, float]) -> str | None:
-    """Why a resumed run has nothing left to train (its max_iters reached, or its time budget used), or None."""
+def already_done(step: int, tc: TrainConfig, elapsed_before: float, timings: dict[str, float],
+                 periodic: bool = True) -> str | None:
+    """Why a resumed run has nothing left to train (its max_iters reached, or its time budget used), or None.
+    `periodic`: count the eval and checkpoint due after the next step by `timings` (not where the resume changes its
+    evals: their time is then estimated again, and the checkpoint's would count a longer eval twice)."""
     if step >= tc.max_iters:
         return (f"already reached step {step} (train.max_iters = {tc.max_iters}): nothing to train; raise "
                 f"train.max_iters to continue it")
     # (the periodic eval and checkpoint due after the next step count, as the training loop counts them: out_of_time)
-    due = (step + 1 < tc.max_iters) * (((step + 1) % tc.eval_interval == 0) * timings.get("eval", 0.0)
-                                       + ((step + 1) % tc.checkpoint_interval == 0) * timings.get("save", 0.0))
+    nxt = step + 1
+    due = periodic * (nxt < tc.max_iters) * ((nxt % tc.eval_interval == 0) * timings.get("eval", 0.0)
+                                             + (nxt % tc.checkpoint_interval == 0) * timings.get("save", 0.0))
     if tc.max_minutes and budget_spent(elapsed_before + due, timings, tc.max_minutes * 60):
         return (f"already used its time budget ({elapsed_before / 60:.2f} min used, this start-up included, of "
                 f"train.max_minutes = {tc.max_minutes:g}, leaving too little for a step, an eval and a checkpoint): "
@@ -969,7 +973,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         # out, a resume with a little time left started, overran the budget, then found no time for a step
         started_s = max(_gather(time.time() - start_time, ddp)) if tc.max_minutes else 0.0
         startup_s = time.time() - start_time - data_s  # (with the checkpoint's load: see above)
-        done = already_done(step, tc, elapsed_before + started_s, timings)
+        done = already_done(step, tc, elapsed_before + started_s, timings, periodic=not evals_changed(saved_train, tc))
         if done:  # (before the notes on the steps to come, and before any file is written: nothing changes)
             unscored = ddp.is_main and eval_left_in_log(out_dir, step)  # (stopped by a signal before its final eval)
             say(f"fungpt: {out_dir} {done}" + (f"; its final eval was not done: `fungpt eval --run "
@@ -1380,8 +1384,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                           f"elsewhere, then resume with the same command{resume_flags}")
     if interrupted:
         # Whether a resume would find nothing to train: asked of what the checkpoint holds (its time, the plot to come
-        # included, and its timings), as the resume asks it, with a resume's start-up added
-        if last_saved is not None and already_done(step, tc, last_saved[0] + startup_s, last_saved[1]):
+        # included, and its timings), as the resume asks it, with a resume's start-up added (a new run's loaded no
+        # checkpoint: a save's time stands for the load)
+        load_s = last_saved[1]["save"] if last_saved is not None and folder is None else 0.0
+        if last_saved is not None and already_done(step, tc, last_saved[0] + startup_s + load_s, last_saved[1]):
             how = "" if evaluated_at == step else (f"; its final eval was not done: `fungpt eval "
                                                    f"--run {shell_quote(str(out_dir))}` scores it")
         else:

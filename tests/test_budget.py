@@ -226,3 +226,6 @@ def test_a_resume_counts_the_periodic_eval_due_after_its_next_step():
     timings = {"step": 0.1, "eval": 5.0, "save": 0.1, "plot": 0.0}
     assert already_done(8, tc, 50.0, timings) is None  # (no eval due after step 9)
     assert "already used its time budget" in already_done(9, tc, 50.0, timings)  # (step 10's eval would not fit)
+    # a resume with other evals than the checkpoint timed estimates them again: the checkpoint's 5 s eval (one of
+    # 100 eval_iters, say, where the resume asks 1) counted twice, it was refused after 1 s of a 13 s budget
+    assert already_done(9, tc, 50.0, timings, periodic=False) is None
