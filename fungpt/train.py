@@ -1247,8 +1247,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     def micro_bar(step: int):
         """A bar within a step of many micro-batches that takes long (a GPT-2 fine-tune on a CPU: 32 micro-batches, a
         minute or more, with the step bar standing still). It shows once the step has taken MICRO_BAR_DELAY_S, and
-        clears itself at the step's end. Yields what forward_backward calls after each micro-batch (None: no bar)."""
-        if bar is None or tc.grad_accum_steps == 1 or (clock.step_times and clock.step_estimate() < MICRO_BAR_DELAY_S):
+        clears itself at the step's end. Yields what forward_backward calls after each micro-batch (None: no bar).
+        (Asked only where such a bar can be: see `micro_bars` below.)"""
+        if clock.step_times and clock.step_estimate() < MICRO_BAR_DELAY_S:
             yield None  # (a step shorter than the delay would never show it: not made, as it costs ~0.1 ms)
             return
         micro = tqdm(total=tc.grad_accum_steps, desc=f"step {step + 1}, micro-batches", unit="batch", leave=False,
@@ -1258,6 +1259,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         finally:
             interrupt.output(micro.close)
 
+    micro_bars = bar is not None and tc.grad_accum_steps > 1  # (else a step is one bar update: none within it)
     doing = None  # (the loop's handlers, from here on, say what an interruption left)
     with StopFlag(announce=ddp.is_main, processes=ddp.world_size) as interrupt, close_on_error(bar):
         position = 0.0  # where the lr schedule stands (in steps), agreed before each step
@@ -1270,7 +1272,7 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon groups peak at muon_lr
 
-            with micro_bar(step) as micro_done:
+            with micro_bar(step) if micro_bars else contextlib.nullcontext() as micro_done:
                 loss_sum = forward_backward(fwd_model, loader, cfg, prec, ddp, scaler, autocast, device, micro_done)
             scaler.unscale_(optimizer)  # back to true gradient values (no-op without float16)
             max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")  # (0: no clipping; the norm is still
