@@ -75,6 +75,14 @@ def budget_spent(elapsed_s: float, timings: dict[str, float], budget_s: float) -
     return elapsed_s + 2 * timings.get("step", 0.0) + end_reserve(timings) >= budget_s
 
 
+def periodic_due(tc: TrainConfig, step: int, eval_s: float, save_s: float) -> float:
+    """The time of the periodic eval and checkpoint due after step `step` + 1, if any, by an eval's and a save's time
+    (0.0 when none is due: at max_iters the final eval and checkpoint take their place, in end_reserve)."""
+    if step + 1 >= tc.max_iters:
+        return 0.0
+    return ((step + 1) % tc.eval_interval == 0) * eval_s + ((step + 1) % tc.checkpoint_interval == 0) * save_s
+
+
 def format_duration(seconds: float) -> str:
     """A duration as a person reads it: "42.3 s", "12 min 05 s", "2 h 07 min"."""
     if round(seconds, 1) < 60:  # (59.96 s would print as "60.0 s")
@@ -158,13 +166,8 @@ class TimeBudget:
         return end_reserve(self.timings())
 
     def periodic_time(self, step: int) -> float:
-        """The time of the periodic eval and checkpoint due after step `step` + 1, if any (0.0 when none is due: at
-        max_iters the final eval and checkpoint take their place, in end_time)."""
-        tc = self.tc
-        if step + 1 >= tc.max_iters:
-            return 0.0
-        return (((step + 1) % tc.eval_interval == 0) * typical(self.eval_times)
-                + ((step + 1) % tc.checkpoint_interval == 0) * typical(self.save_times))
+        """The time of the periodic eval and checkpoint due after step `step` + 1, if any (see periodic_due)."""
+        return periodic_due(self.tc, step, typical(self.eval_times), typical(self.save_times))
 
     def periodic_time_left(self, step: int) -> float:
         """Seconds of the periodic evals and checkpoints still due after step `step` (before max_iters), as timed so

@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 from fungpt import checkpoint as ckpt
 from fungpt import pretrained
-from fungpt.budget import TimeBudget, budget_spent, format_duration
+from fungpt.budget import TimeBudget, budget_spent, format_duration, periodic_due
 from fungpt.config import (
     RunConfig,
     TrainConfig,
@@ -752,9 +752,7 @@ def already_done(step: int, tc: TrainConfig, elapsed_before: float, timings: dic
         return (f"already reached step {step} (train.max_iters = {tc.max_iters}): nothing to train; raise "
                 f"train.max_iters to continue it")
     # (the periodic eval and checkpoint due after the next step count, as the training loop counts them: out_of_time)
-    nxt = step + 1
-    due = periodic * (nxt < tc.max_iters) * ((nxt % tc.eval_interval == 0) * timings.get("eval", 0.0)
-                                             + (nxt % tc.checkpoint_interval == 0) * timings.get("save", 0.0))
+    due = periodic_due(tc, step, timings.get("eval", 0.0), timings.get("save", 0.0)) if periodic else 0.0
     if tc.max_minutes and budget_spent(elapsed_before + due, timings, tc.max_minutes * 60):
         return (f"already used its time budget ({elapsed_before / 60:.2f} min used, this start-up included, of "
                 f"train.max_minutes = {tc.max_minutes:g}, leaving too little for a step, an eval and a checkpoint): "
@@ -1107,11 +1105,12 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             # run uninterrupted would): the plot, a save the run makes only because it stops here (not a periodic
             # one: those take schedule time in any run), and before this command's first step its start-up since the
             # step (a resume's save to time one)
-            after = clock.timings()["save"] + (clock.plot_s if tc.plot else 0.0)
-            unscheduled = (after - (clock.timings()["save"] if periodic else 0.0)
+            timings = clock.timings()
+            after = timings["save"] + (clock.plot_s if tc.plot else 0.0)
+            unscheduled = (after - (timings["save"] if periodic else 0.0)
                            + (0.0 if scheduled else clock.elapsed() - (elapsed_before - resumed.after_step_s)))
             nonlocal last_saved
-            last_saved = (clock.elapsed() + after, clock.timings())  # (what a resume will plan with)
+            last_saved = (clock.elapsed() + after, timings)  # (what a resume will plan with)
             state = {"step": step, "tokens": tokens_seen, "tokens_per_step": tokens_per_step,
                      "best_val": best_val, "elapsed_s": last_saved[0], "after_step_s": unscheduled,
                      "schedule_origin_s": clock.schedule_origin, "lr_origin_s": clock.lr_origin,
