@@ -169,7 +169,7 @@ class Decoder:
         if cache.k.size(1) != 1 or cache.max_len > c.block_size:
             raise FunGPTError(f"Decoder needs a cache for one sequence of at most block_size {c.block_size} positions "
                               f"(got batch {cache.k.size(1)}, max_len {cache.max_len}): use model.make_kv_cache(1)")
-        if model.training or not cache.k.is_cpu or cache.k.dtype != torch.float32:
+        if any(m.training for m in model.modules()) or not cache.k.is_cpu or cache.k.dtype != torch.float32:
             raise FunGPTError("Decoder runs float32 models on a CPU in eval mode: call model.eval() (and keep the "
                               "model in float32 on the CPU), or generate with GPT.forward")
         self.model, self.cache = model, cache
@@ -185,7 +185,7 @@ class Decoder:
         self.rotate = None if type(model.pos).rotate is NoPositions.rotate else model.pos.rotate
         self.layers = []
         for i, b in enumerate(model.blocks):
-            qkv = torch.empty(1, 3 * C)  # c_attn writes each new token's q, k, v here
+            qkv = torch.empty(1, 3 * C, dtype=cache.k.dtype)  # c_attn writes each new token's q, k, v here
             q, k, v = qkv.view(3, 1, nh, 1, hs).unbind(0)  # 3 x (1, nh, 1, hs), views into qkv
             self.layers.append(_Layer(
                 ln_1=direct(b.ln_1), c_attn=b.attn.c_attn.decoder_into(qkv), q=q, k=k, v=v,

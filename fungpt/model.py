@@ -528,9 +528,12 @@ class GPT(nn.Module):
         # No dropout while generating: a model in training mode computes each step in eval mode and has its mode back
         # at each yield, so streams taking turns, or one left unfinished, change nothing for the others.
         held: list[nn.Module] = []  # the modules this stream switched to eval mode for the step it is computing
+        # (a submodule in training mode under a model in eval mode is looked for once: a walk over the modules at
+        # every step would cost a decoding step a few percent)
+        partly_training = any(m.training for m in self.modules())
 
         def hold(on: bool) -> None:
-            if on and self.training:
+            if on and not held and (self.training or partly_training):  # (held: this step holds them already)
                 held[:] = [m for m in self.modules() if m.training]
                 self.eval()
             elif not on:
@@ -568,13 +571,16 @@ class GPT(nn.Module):
                         logits = decoder.step(seq[0, n - 1 : n])  # (1, 1, V), as GPT.forward below
                     else:
                         logits = self(seq[:, n - 1 : n], kv_cache=cache)  # (B, 1, V): just the newest token
-                next_id = sample_next_token(logits[:, -1, :], generator, temperature, top_k, top_p)  # (B, 1)
+                last = logits[:, -1, :]  # (B, V)
+                next_id = sample_next_token(last, generator, temperature, top_k, top_p)  # (B, 1)
                 seq[:, n] = next_id[:, 0]
                 n += 1
                 if speculate:
                     history.append(int(next_id))
                 hold(False)
-                yield (next_id[:, 0], logits[:, -1, :]) if yield_logits else next_id[:, 0]
+                if yield_logits and logits.size(1) > 1:
+                    last = last.clone()  # (a view would keep every position's logits alive: GPT-2's 206 MB)
+                yield (next_id[:, 0], last) if yield_logits else next_id[:, 0]
         finally:
             hold(False)  # (an error, or the stream closed mid-step)
 

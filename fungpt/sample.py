@@ -146,7 +146,8 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
     temperature, top_p = float(temperature), None if top_p is None else float(top_p)  # (a Fraction: torch takes none)
     if prompt_file is not None:
         if not str(prompt_file).strip():  # (Path("") is the current folder)
-            raise FunGPTError("the prompt file is empty: pass a text file's path, or --prompt TEXT")
+            raise FunGPTError("no prompt file was named (--prompt-file is empty): pass a text file's path, or "
+                              "--prompt TEXT")
         prompt_file = Path(prompt_file).expanduser()  # (~ after `--prompt-file=` reaches us as it is)
         try:
             # as prepare reads: "\r\n" stays "\r\n" and a byte-order mark is dropped
@@ -168,6 +169,9 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
             raise FunGPTError(f"cannot read prompt file {prompt_file}: {e.strerror or e}; pass a readable text "
                               f"file") from None
     loaded = load_run(run, checkpoint, device)
+    if prompt_file is not None and not prompt:  # (a file saved before its text was written, say: said, not guessed)
+        print(f"fungpt: note: prompt file {prompt_file} is empty: sampling from the model's default start, as with no "
+              f"prompt", file=sys.stderr)
     ids = loaded.tokenizer.encode(prompt) if prompt else default_prompt_ids(loaded)
     if not ids:
         ids = default_prompt_ids(loaded)

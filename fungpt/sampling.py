@@ -76,13 +76,10 @@ def sampling_probs(
     # holds; 1e-300 would round to 0) the distribution is already all on the largest logits; above 1e30 it is
     # already flat (beyond float32's 3.4e38 the temperature would be inf, and a masked -inf logit over it NaN).
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / min(max(temperature, 1e-30), 1e30)  # (..., V)
+    check_filters(top_k, top_p)
     if top_k is not None:
-        if top_k < 1:
-            raise FunGPTError(f"top_k={top_k} must be >= 1 (or None to disable)")
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]  # (..., 1) k-th largest
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise FunGPTError(f"top_p={top_p} must be in (0, 1] (or None to disable)")
     if top_p is not None and top_p < 1.0:  # 1.0 keeps every token (a float32 running sum can reach 1 early)
         probs = F.softmax(logits, dim=-1)  # (..., V)
         # The most probable tokens, in order: the top NUCLEUS_HEAD first (topk), every token only if those
@@ -100,19 +97,26 @@ def sampling_probs(
     return F.softmax(logits, dim=-1)  # (..., V)
 
 
+def check_filters(top_k, top_p) -> None:
+    """Refuse a top_k that is not a whole number >= 1 and a top_p that is not a number in (0, 1], in one line (None:
+    that filter is off). bool is no number here: top_p=True read as 1 would silently mean no filter."""
+    if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 1):
+        raise FunGPTError(f"top_k={top_k!r} must be a whole number >= 1 (or None to disable)")
+    if top_p is not None and not (isinstance(top_p, numbers.Real) and not isinstance(top_p, bool) and 0 < top_p <= 1):
+        raise FunGPTError(f"top_p={top_p!r} must be a number in (0, 1] (or None to disable)")
+
+
 def check_generate_args(max_new_tokens, lookahead, temperature, top_k, top_p) -> tuple[float, float | None]:
     """Refuse generation's counts and filters in one line before the first token. top_k and top_p too when
     decoding is greedy: it never reads them, and a mistake there went unseen. bool is no number here. Returns
     temperature and top_p as floats, which torch takes (a Fraction, say, it does not)."""
-    for name, value, least in (("max_new_tokens", max_new_tokens, 0), ("lookahead", lookahead, 0),
-                               ("top_k", 1 if top_k is None else top_k, 1)):
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
-            raise FunGPTError(f"{name}={value!r} must be a whole number >= {least}")
+    for name, value in (("max_new_tokens", max_new_tokens), ("lookahead", lookahead)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+            raise FunGPTError(f"{name}={value!r} must be a whole number >= 0")
     if not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
             and 0 <= temperature < math.inf):  # (NaN fails this test too)
         raise FunGPTError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
-    if top_p is not None and not (isinstance(top_p, numbers.Real) and not isinstance(top_p, bool) and 0 < top_p <= 1):
-        raise FunGPTError(f"top_p={top_p!r} must be a number in (0, 1]")
+    check_filters(top_k, top_p)
     return float(temperature), None if top_p is None else float(top_p)
 
 

@@ -70,4 +70,4 @@ def verify_draft(model, seq: torch.Tensor, n: int, draft: list[int], cache, hist
         seq[0, n + i] = tok
         history.append(tok)
         ids = seq[:, n + i]  # (1,)
-        yield (ids, logits[:, i, :]) if yield_logits else ids
+        yield (ids, logits[:, i, :].clone()) if yield_logits else ids  # (a view: all k + 1 rows kept alive)

@@ -291,6 +291,23 @@ def test_decoder_refuses_what_it_cannot_run():
     model.train()
     with pytest.raises(FunGPTError, match="eval mode"):
         Decoder(model, model.make_kv_cache(1))
+    model.eval().blocks[1].train()  # (a submodule in training mode: its dropout would not be the step's)
+    with pytest.raises(FunGPTError, match="eval mode"):
+        Decoder(model, model.make_kv_cache(1))
+
+
+def test_the_step_follows_the_models_dtype_not_torchs_default():
+    """A default dtype changed after the model was built (float64 for a numerics experiment): the step's buffer
+    for q, k, v was made in it, and the first cached token failed with a raw 'Expected out tensor' error."""
+    model = make_model()
+    prompt = torch.randint(0, 50, (1, 4), generator=torch.Generator().manual_seed(3))
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        fast = model.generate(prompt, 8, temperature=0)
+        assert torch.equal(fast, model.generate(prompt, 8, temperature=0, use_cache=False))
+    finally:
+        torch.set_default_dtype(before)
 
 
 def test_a_step_with_gradients_enabled_gives_the_models_logits():

@@ -880,6 +880,22 @@ def test_generate_stream_can_yield_the_logits_it_sampled_from():
         assert tok.item() == logits.argmax(-1).item() == tok2.item()  # greedy picks the argmax of these logits
 
 
+def test_the_public_sampling_functions_refuse_wrong_filters_in_one_line():
+    """sample_next_token and sampling_probs (exported for learners' own loops) checked only the filters' ranges: a
+    top_k of 2.5 failed inside torch.topk, and top_p=True passed as 1, no filter."""
+    logits = torch.randn(2, 10)
+    for top_k, top_p, said in [(2.5, None, r"top_k=2.5 must be a whole number >= 1"),
+                               (True, None, r"top_k=True must be a whole number >= 1"),
+                               (0, None, r"top_k=0 must be a whole number >= 1"),
+                               (None, True, r"top_p=True must be a number in \(0, 1\]"),
+                               (None, "0.9", r"top_p='0.9' must be a number in \(0, 1\]")]:
+        with pytest.raises(FunGPTError, match=said):
+            sampling_probs(logits, 1.0, top_k, top_p)
+        with pytest.raises(FunGPTError, match=said):
+            sample_next_token(logits, None, 1.0, top_k, top_p)
+    assert sample_next_token(logits, torch.Generator().manual_seed(0), 1.0, np.int64(3), 0.5).shape == (2, 1)
+
+
 def test_wrong_ids_are_clear_errors_not_torch_internals():
     model, idx = make_model(), tokens(1, 5)
     cases = [  # each was a torch error about unpacking, embeddings or expanded sizes
@@ -990,6 +1006,32 @@ def test_streams_taking_turns_or_left_unfinished_decode_without_dropout_and_leav
     model.drop.eval()  # and so does a submodule's own mode
     list(model.generate_stream(prompt, max_new_tokens=2, temperature=0))
     assert model.training and not model.drop.training
+
+
+def test_a_submodule_in_training_mode_decodes_without_dropout():
+    """A model in eval mode with one block in training mode: only the model's own mode was looked at, so that block's
+    dropout acted during generation (greedy decoding gave another sequence each call)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.5)).eval()
+    with torch.no_grad():  # large weights: a dropped unit changes which token is the most likely
+        for p in model.parameters():
+            p.mul_(20)
+    prompt = torch.zeros(2, 1, dtype=torch.long)
+    ref = model.generate(prompt, 12, temperature=0)
+    model.blocks[0].train()
+    for use_cache in (True, False):
+        assert torch.equal(model.generate(prompt, 12, temperature=0, use_cache=use_cache), ref)
+        assert model.blocks[0].training and not model.training and not model.blocks[1].training  # (as they were)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_yielded_logits_hold_only_their_own_row(use_cache):
+    """Each (ids, logits) item of yield_logits was a view into the forward pass's (B, T, V) logits, keeping all T
+    rows alive: 206 MB per kept item for GPT-2 at 1024 tokens."""
+    model = GPT(GPTConfig(vocab_size=300, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    prompt = torch.randint(0, 300, (1, 32), generator=torch.Generator().manual_seed(0))  # a full window: it slides
+    items = list(model.generate_stream(prompt, 4, temperature=0, use_cache=use_cache, yield_logits=True))
+    assert [logits.untyped_storage().nbytes() for _, logits in items] == [300 * 4] * 4
 
 
 # ---------------------------------------------------------------- pinned by mutation testing

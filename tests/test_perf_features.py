@@ -210,6 +210,7 @@ def test_lookahead_gives_the_same_greedy_tokens_and_logits(prompt):
     assert torch.equal(torch.stack([t for t, _ in plain]), torch.stack([t for t, _ in fast]))
     for (_, a), (_, b) in zip(plain, fast):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert b.untyped_storage().nbytes() == b.numel() * 4  # its own row: not the checked draft's k + 1 kept alive
 
 
 def test_lookahead_saves_forward_passes_on_repetitive_text():

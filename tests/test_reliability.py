@@ -2214,6 +2214,9 @@ BAD_INPUTS = {
                                             ": Is a directory; pass a readable text file"),
     "sample: a binary prompt file": (["sample", "--run", "{run}", "--prompt-file", "{tmp}/binary.bin"],
                                      "binary.bin looks like a binary file (it holds NUL bytes); pass a text file"),
+    # (was "the prompt file is empty", of a file never named)
+    "sample: an empty --prompt-file": (["sample", "--run", "{run}", "--prompt-file", ""],
+                                       "no prompt file was named (--prompt-file is empty): pass a text file's path"),
 }
 
 # tyro's own parse errors: it prints a framed message of several lines, which FunGPT turns into its one line
@@ -2364,6 +2367,15 @@ def test_a_prompt_file_under_a_quoted_home_folder(world, tmp_path, capsys, monke
     (tmp_path / "p.txt").write_text("the", encoding="utf-8")
     assert main(["sample", str(world["run"]), "--prompt-file=~/p.txt", "--max-new-tokens", "2"]) == 0
     assert capsys.readouterr().out.startswith("the")
+
+
+def test_an_empty_prompt_file_says_where_the_sample_starts(world, tmp_path, capsys):
+    """An empty prompt file sampled from the default start without a word, as if the file had been read."""
+    (tmp_path / "empty.txt").write_bytes(b"")
+    assert main(["sample", str(world["run"]), "--prompt-file", str(tmp_path / "empty.txt"), "--max-new-tokens",
+                 "2"]) == 0
+    assert (f"fungpt: note: prompt file {tmp_path / 'empty.txt'} is empty: sampling from the model's default start, "
+            f"as with no prompt") in capsys.readouterr().err
 
 
 def test_a_run_folder_that_is_a_link_to_nowhere_says_so(tmp_path, capsys):
