@@ -59,7 +59,7 @@ OVERRIDABLE = ("block_size", "dropout")
 # Text used to check that two tokenizers agree: letters, digits, punctuation, whitespace runs,
 # accents and an emoji, so different merges or vocabularies show up as different ids.
 PROBE_TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n  ROMEO. O, 1597 — "
-              "naïve café, 'tis well!  \t\"Quoth\" <|endoftext|> 😀 end.")
+              "naïve café, 'tis well!  \t\"Quoth\" <|endoftext|> 😀 end. ﬁne ½ Ｍ①")  # (the last four: NFKC)
 
 
 @dataclass
@@ -254,8 +254,10 @@ def encoding_signature(tok: Tokenizer) -> tuple:
 
 
 def tokenizer_fingerprint(tok: Tokenizer) -> str:
-    """A short hash of `encoding_signature` (for cache folder names)."""
-    return hashlib.sha256(repr(encoding_signature(tok)).encode()).hexdigest()[:12]
+    """A short hash of `encoding_signature` and of the tokenizer's whole definition where it has one (for cache folder
+    names: a cached dataset keeps the tokenizer files it was prepared with, which its runs copy and `fungpt export`
+    ships; two model folders whose tokenizers differed only in a rule the probe text missed shared one)."""
+    return hashlib.sha256(repr((encoding_signature(tok), tok.definition())).encode()).hexdigest()[:12]
 
 
 def same_encoding(a: Tokenizer, b: Tokenizer) -> bool:

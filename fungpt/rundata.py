@@ -50,11 +50,13 @@ PREPARE_WAIT = datetime.timedelta(hours=24)
 
 
 def _loads(prepared: Path) -> bool:
-    """Whether a cached dataset folder is there and loads (load_meta checks its format and its files' sizes)."""
+    """Whether a cached dataset folder is there and loads: load_meta checks its format and its files' sizes, and its
+    tokenizer must load too (a folder that lost its tokenizer files was taken, and the run then refused)."""
     if not (prepared / "meta.json").is_file():
         return False
     try:
         load_meta(prepared)
+        load_tokenizer(prepared)
         return True
     except FunGPTError:
         return False
@@ -132,7 +134,9 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
                           f"config's [data]) to a text file, a folder of text, a prepared folder or 'shakespeare'"
                           + left_in_a_temporary(path))
     kind = data.tokenizer if tokenizer is None else tokenizer.name
-    key_parts: list[str] = [data.tokenizer, str(data.vocab_size), repr(data.val_fraction)]
+    # (a BPE's size written out as the default's is the default: one folder for both, under the default's key)
+    vocab_size = None if data.tokenizer == "bpe" and data.vocab_size == DEFAULT_BPE_VOCAB else data.vocab_size
+    key_parts: list[str] = [data.tokenizer, str(vocab_size), repr(data.val_fraction)]
     if tokenizer is not None:
         from fungpt.pretrained import tokenizer_fingerprint
 
@@ -158,7 +162,8 @@ def resolve_data(data: DataConfig, is_main: bool = True, progress: bool = True,
     waiting = dist.new_group(backend="gloo", timeout=PREPARE_WAIT) if dist.is_initialized() else None
     with _preparing_alone(out) if is_main else contextlib.nullcontext():
         if is_main and not _loads(out):
-            vocab = data.vocab_size if data.vocab_size is not None else (4096 if data.tokenizer == "bpe" else None)
+            vocab = data.vocab_size if data.vocab_size is not None else (DEFAULT_BPE_VOCAB if data.tokenizer == "bpe"
+                                                                         else None)
             with said_on_ctrl_c("while the data was being prepared, before training: no partial dataset was "
                                 "kept; the same command prepares it again"):
                 prepare(data.path, out, tokenizer=tokenizer or data.tokenizer, vocab_size=None if tokenizer else vocab,
@@ -289,6 +294,15 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
                 pre.model = GPT.from_hf(pre.path)
             elif check_weights:
                 load_gpt2(pre.path, meta=True)
+            if resume_dir is not None and ckpt.find_checkpoint(resume_dir) is not None:
+                # A resume encodes its text as the run did: the run's own copy of the tokenizer, should the model
+                # folder hold another one since (its data was then refused, and the advice sent the user round)
+                own = load_tokenizer(resume_dir)
+                if not pretrained.same_encoding(own, pre.tokenizer):
+                    if is_main:
+                        print(f"fungpt: note: {cfg.model.init_from} holds another tokenizer than when {resume_dir} "
+                              f"began: resuming with the run's own ({own.describe()})")
+                    pre.tokenizer = own
     if pre is not None and resume_dir is not None:
         # A resumed fine-tune continues its own architecture, as its folder records it (block_size cropped,
         # vocabulary trimmed): the fields the user set replace those, and the resume check refuses a change

@@ -21,12 +21,12 @@ except ImportError:  # Windows: runs go unlocked
 
 from fungpt import checkpoint as ckpt
 from fungpt import pretrained
-from fungpt.config import RunConfig, is_hf_config, load_run_config
+from fungpt.config import DataConfig, RunConfig, is_hf_config, load_run_config
 from fungpt.data import is_prepared, system_file
 from fungpt.errors import FunGPTError
 from fungpt.tokenizer import BPE_FILE as TOKENIZER_BPE_FILE
+from fungpt.tokenizer import DEFAULT_BPE_VOCAB, TOKENIZER_TEMP
 from fungpt.tokenizer import META_FILE as TOKENIZER_META_FILE
-from fungpt.tokenizer import TOKENIZER_TEMP
 
 # What a training run writes into its out_dir, and so all that --overwrite deletes there: the folder may
 # hold the user's own files too (a run in the current folder, notes next to the checkpoints). config.json
@@ -199,10 +199,10 @@ def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, check_lock: boo
     if (out / "meta.json").is_file() and (out / "train.bin").is_file():  # its tokenizer files look like a run's
         raise FunGPTError(f"out_dir {out} is a prepared dataset (meta.json, train.bin), which a run would damage: "
                           f"choose another out_dir, e.g. out/{out.name}")
-    source = Path(cfg.data.path)
+    source = Path(cfg.data.path).expanduser()  # (as resolve_data reads it: "~/corpus" in a config file)
     if source.is_dir() and not is_prepared(source) and out.resolve().is_relative_to(source.resolve()):
-        raise FunGPTError(f"out_dir {out} is inside data.path {source}: the run's files would become part of the "
-                          f"corpus; choose an out_dir outside it")
+        raise FunGPTError(f"out_dir {out} is inside data.path {cfg.data.path}: the run's files would become part of "
+                          f"the corpus; choose an out_dir outside it")
     existing = next((p for p in [out, *out.parents] if p.exists()), None)  # out, or the folder it will go in
     if existing is not None and existing.is_dir() and not os.access(existing, os.W_OK):
         raise FunGPTError(f"out_dir {out} is not writable; choose another out_dir or fix its permissions")
@@ -224,18 +224,37 @@ def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, check_lock: boo
         old, new = saved.data, cfg.data
         prepared = is_prepared(new.path)  # its own tokenizer; the fields go unused
         fine_tune = pretrained.is_pretrained(saved.model.init_from)  # encoded with the model's own tokenizer
-        if (old.path == new.path and not prepared and not fine_tune
-                and (old.tokenizer, old.vocab_size) != (new.tokenizer, new.vocab_size)):
+        same_text = same_data_path(old.path, new.path)  # (./corpus.txt is corpus.txt)
+        if same_text and not prepared and not fine_tune and tokenizer_setting(old) != tokenizer_setting(new):
             # (caught later too, by the tokenizer check, but only after a possibly long tokenizer training)
             raise FunGPTError(f"cannot resume {out}: it was trained on {old.path} with data.tokenizer = "
-                              f"{old.tokenizer!r} (vocab_size {old.vocab_size}), not {new.tokenizer!r} "
-                              f"(vocab_size {new.vocab_size}); resume with the original data settings or train "
-                              f"into a new out_dir")
-        if old.path == new.path and not prepared and old.val_fraction != new.val_fraction:
+                              f"{tokenizer_setting(old)}, not {tokenizer_setting(new)}; resume with the original "
+                              f"data settings or train into a new out_dir")
+        if same_text and not prepared and old.val_fraction != new.val_fraction:
             raise FunGPTError(f"cannot resume {out}: it was trained on {old.path} split with data.val_fraction = "
                               f"{old.val_fraction}, not {new.val_fraction}; another split would put text it trained "
                               f"on into its val split. Resume with data.val_fraction = {old.val_fraction}, or train "
                               f"into a new out_dir")
+
+
+def same_data_path(a: str, b: str) -> bool:
+    """Whether two data.path values name the same text: as written, or as files (./corpus.txt, ~/corpus.txt and its
+    full path are one file). "shakespeare" is the built-in corpus unless a file of that name is there."""
+    if a == b:
+        return True
+    if "shakespeare" in (a, b):
+        return False
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except (OSError, RuntimeError):  # (a link loop)
+        return False
+
+
+def tokenizer_setting(data: DataConfig) -> str:
+    """data.tokenizer as the tokens depend on it: a BPE with its size (None is the default, DEFAULT_BPE_VOCAB)."""
+    if data.tokenizer != "bpe":
+        return repr(data.tokenizer)
+    return f"'bpe' (vocab_size {DEFAULT_BPE_VOCAB if data.vocab_size is None else data.vocab_size})"
 
 
 def check_resume_model(cfg: RunConfig) -> None:
@@ -250,8 +269,7 @@ def check_resume_model(cfg: RunConfig) -> None:
         diffs = [f"{k} {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k]]
         if [k for k in old if old[k] != new[k]] == ["vocab_size"] and saved.model.init_from == "scratch":
             # from scratch vocab_size is not a setting: it is the size of the data's tokenizer
-            same = saved.data.path == cfg.data.path or "shakespeare" not in (saved.data.path, cfg.data.path) and (
-                Path(saved.data.path).expanduser().resolve() == Path(cfg.data.path).expanduser().resolve())
+            same = same_data_path(saved.data.path, cfg.data.path)
             why = (f"{cfg.data.path} (or its tokenizer settings) changed since. Resume with the original data"
                    if same else  # (another path given: both named, as written; the run's may be from another folder)
                    f"the run was started with data.path {saved.data.path!r}, and this resume gives "
@@ -273,7 +291,9 @@ def prepare_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, locked: bool 
     Call it holding the folder's lock (lock_out_dir; `locked` False where the file system has none): it may
     delete a previous run."""
     out = Path(cfg.out_dir)
-    check_out_dir(cfg, resume, overwrite)
+    # (not the lock: this process holds it. Asked again, on NFS, where flock is emulated by per-process fcntl locks,
+    # the question turned this process's lock into a shared one, and closing it released the lock)
+    check_out_dir(cfg, resume, overwrite, check_lock=False)
     has_run = holds_run(out)
     if has_run and not (resume or overwrite or locked):  # a run that has not saved yet may be live
         raise _holds_a_run(out)

@@ -196,6 +196,10 @@ class Tokenizer:
             raise FunGPTError(f"cannot decode: ids must be integers in range({self.vocab_size}) for this tokenizer")
         return ids
 
+    def definition(self) -> str | None:
+        """The whole tokenizer as text, where a library defines it in full (None: its ids and their bytes say all)."""
+        return None
+
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for (a byte-level BPE token can be part of a UTF-8 character)."""
         return self.decode([token_id]).encode("utf-8")
@@ -448,6 +452,11 @@ class BPETokenizer(Tokenizer):
         # A model folder's tokenizer.json may decode otherwise: SentencePiece's Metaspace or WordPiece's decoder
         # read the spaces off each token's place in the text, so runs decoded apart would lose them
         self.joins_decodings = type(hf_tokenizer.decoder).__name__ == "ByteLevel"
+
+    def definition(self) -> str:
+        """tokenizer.json's text as the tokenizers library writes it: the model, and the normalizer, pre-tokenizer and
+        post-processor, whose rules need not show in a few encodings."""
+        return self._tok.to_str()
 
     @staticmethod
     def _new_hf_tokenizer():

@@ -604,6 +604,58 @@ def test_a_finetune_resumes_after_its_pretrained_folder_is_gone(hf_dir, corpus, 
         train(config(tmp_path / "new", 2), progress=False)
 
 
+def nfkc_copy(hf_dir: Path, where: Path) -> Path:
+    """hf_dir with an NFKC normalizer added to its tokenizer.json: the same vocabulary and merges, and the same ids for
+    most text (not for ligatures, fractions or full-width letters)."""
+    import shutil
+
+    shutil.copytree(hf_dir, where)
+    spec = json.loads((where / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["normalizer"] = {"type": "NFKC"}
+    (where / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    return where
+
+
+def test_model_folders_whose_tokenizers_differ_in_a_rule_share_no_cached_data(hf_dir, corpus, tmp_path):
+    """Two model folders whose tokenizer.json differed only in its normalizer shared one cached dataset: the second
+    fine-tune trained on ids its tokenizer does not give, and kept the other folder's tokenizer files (which `fungpt
+    export` then shipped)."""
+    from fungpt.pretrained import same_encoding, tokenizer_fingerprint
+
+    nfkc = nfkc_copy(hf_dir, tmp_path / "nfkc")
+    plain, normalized = HFTokenizer.from_dir(hf_dir), HFTokenizer.from_dir(nfkc)
+    assert not same_encoding(plain, normalized)  # (the probe text holds characters NFKC rewrites)
+    assert tokenizer_fingerprint(plain) != tokenizer_fingerprint(normalized)
+    data_dirs = []
+    for name, folder in (("a", nfkc), ("b", hf_dir)):
+        cfg = finetune_config(folder, corpus, tmp_path / name, block_size=32)
+        cfg.train.max_iters = 1
+        train(cfg, progress=False)
+        data_dirs.append(json.loads((tmp_path / name / "run.json").read_text())["data_dir"])
+        assert json.loads((tmp_path / name / "tokenizer.json").read_text()).get("normalizer") == (
+            {"type": "NFKC"} if folder == nfkc else None)
+    assert data_dirs[0] != data_dirs[1]
+
+
+def test_a_finetune_resumes_with_its_own_tokenizer_after_its_model_folders_changed(hf_dir, corpus, tmp_path, capsys):
+    """The model folder given another tokenizer since the run began: the resume encoded the text with the new one,
+    was refused, and its advice (--data.path of the run's data) was refused in turn, round and round."""
+    import shutil
+
+    model_dir = tmp_path / "gpt2-copy"
+    shutil.copytree(hf_dir, model_dir)
+    cfg = finetune_config(model_dir, corpus, tmp_path / "run", block_size=32)
+    cfg.train.max_iters, cfg.train.checkpoint_interval = 2, 2
+    train(cfg, progress=False)
+    shutil.rmtree(model_dir)
+    nfkc_copy(hf_dir, model_dir)
+    capsys.readouterr()
+    cfg.train.max_iters = 3
+    assert train(cfg, resume=True, progress=False)["step"] == 3
+    assert (f"fungpt: note: {model_dir} holds another tokenizer than when {tmp_path / 'run'} began: resuming with the "
+            f"run's own") in capsys.readouterr().out
+
+
 def test_a_finetune_resumes_with_its_own_architecture_whatever_the_flags_leave_out(hf_dir, corpus, tmp_path):
     """Resuming a fine-tune cropped to 32 positions needed --model.block-size 32 again while the pretrained
     folder was there ("different model (block_size 32 -> 64)") and not once it was gone; now neither does, and

@@ -1494,6 +1494,80 @@ def test_a_changed_val_fraction_prepares_the_data_again(corpus, tmp_path, monkey
     assert resolve_data(DataConfig(path=str(corpus), val_fraction=0.1), progress=False) == first  # still cached
 
 
+def test_the_default_bpe_size_written_out_is_the_default(corpus, tmp_path, monkeypatch, capsys):
+    """data.vocab_size = 4096 is what None means for a BPE: it had a cache folder of its own (a second BPE trained on
+    the same text), and a resume that wrote it out was refused as "vocab_size None, not 4096"."""
+    from fungpt.rundata import resolve_data
+    from fungpt.tokenizer import DEFAULT_BPE_VOCAB
+
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    default = resolve_data(DataConfig(path=str(corpus), tokenizer="bpe"), progress=False)
+    assert resolve_data(DataConfig(path=str(corpus), tokenizer="bpe", vocab_size=DEFAULT_BPE_VOCAB),
+                        progress=False) == default
+    assert resolve_data(DataConfig(path=str(corpus), tokenizer="bpe", vocab_size=300), progress=False) != default
+    cfg = tiny_config(corpus, tmp_path / "run", max_iters=2)
+    cfg.data = DataConfig(path=str(corpus), tokenizer="bpe")
+    train(cfg, progress=False)
+    cfg.data = DataConfig(path=str(corpus), tokenizer="bpe", vocab_size=DEFAULT_BPE_VOCAB)
+    cfg.train.max_iters = 3
+    assert train(cfg, resume=True, progress=False)["step"] == 3
+    cfg.data = DataConfig(path=str(corpus), tokenizer="bpe", vocab_size=300)  # another size is still refused
+    with pytest.raises(FunGPTError, match=r"with data.tokenizer = 'bpe' \(vocab_size 4096\), not 'bpe' "
+                                          r"\(vocab_size 300\); resume with the original data settings"):
+        train(cfg, resume=True, progress=False)
+    cfg.data = DataConfig(path=str(corpus), tokenizer="char")  # a char tokenizer has no size to name
+    with pytest.raises(FunGPTError, match=r"'bpe' \(vocab_size 4096\), not 'char'; resume with"):
+        train(cfg, resume=True, progress=False)
+
+
+def test_the_resume_checks_read_one_file_by_any_of_its_names(corpus, tmp_path, monkeypatch):
+    """./corpus.txt is corpus.txt: resumed with another split under another spelling of its path, a run trained on,
+    its val split now holding text it had trained on (only a note said so); and an out_dir inside a data.path written
+    with ~ was not refused (the run's checkpoints became corpus text)."""
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(corpus.parent)
+    train(tiny_config(Path(corpus.name), tmp_path / "run", max_iters=2), progress=False)
+    again = tiny_config(Path(".") / corpus.name, tmp_path / "run", max_iters=3)
+    again.data.path = f"./{corpus.name}"
+    again.data.val_fraction = 0.3
+    with pytest.raises(FunGPTError, match=r"split with data.val_fraction = 0.1, not 0.3; another split would put"):
+        train(again, resume=True, progress=False)
+    home = tmp_path / "home"
+    (home / "texts").mkdir(parents=True)
+    (home / "texts" / "a.txt").write_text(corpus.read_text(encoding="utf-8"), encoding="utf-8")
+    monkeypatch.setenv("HOME", str(home))
+    inside = tiny_config(Path("~/texts"), Path("~/texts/run"), max_iters=1)
+    inside.data.path = "~/texts"
+    with pytest.raises(FunGPTError, match=r"is inside data.path ~/texts: the run's files would become part of the "):
+        train(inside, progress=False)
+    assert not (home / "texts" / "run").exists()
+
+
+def test_a_cached_dataset_that_lost_its_tokenizer_is_prepared_again(corpus, tmp_path, monkeypatch):
+    """A cache folder without its tokenizer_meta.json was taken as prepared, and the run then refused it ("no
+    tokenizer found"), with no word of the cache."""
+    from fungpt.rundata import resolve_data
+
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    folder = resolve_data(DataConfig(path=str(corpus)), progress=False)
+    (folder / "tokenizer_meta.json").unlink()
+    assert resolve_data(DataConfig(path=str(corpus)), progress=False) == folder
+    assert load_tokenizer(folder).vocab_size > 0
+
+
+def test_a_run_asks_no_lock_of_the_folder_it_has_locked(corpus, tmp_path, monkeypatch):
+    """prepare_out_dir ran check_out_dir's lock question on the folder this process had locked: on NFS, where flock
+    is emulated with per-process fcntl locks, that turned the run's lock into a shared one and released it."""
+    from fungpt import rundir
+
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    asked = []
+    real = rundir.lock_holder
+    monkeypatch.setattr(rundir, "lock_holder", lambda out: asked.append(out) or real(out))
+    train(tiny_config(corpus, tmp_path / "run", max_iters=1), progress=False)
+    assert asked == [tmp_path / "run"]  # once, before the lock was taken (check_out_dir at the start)
+
+
 def test_a_data_folder_prepared_again_while_a_run_trains_on_it(corpus, tmp_path, monkeypatch):
     """`fungpt prepare --overwrite` into the folder a live run trained on: the run's next batches were the new
     text's, silently (or an IndexError when it was shorter), and its evals measured the new text. Now its batches
