@@ -1268,9 +1268,11 @@ def check_split_fits(meta: dict, block_size: int, prepared_by_user: bool = False
             else:
                 fixes.append("more text")
                 larger = "a larger" if split == "val" else "a smaller"  # (the train split gets the rest)
-                fixes.append(f"prepare the folder again with {larger} --val-fraction (`fungpt prepare ... "
-                             f"--overwrite`)" if prepared_by_user
-                             else f"{larger} data.val_fraction (--data.val-fraction)")
+                # (only where both splits can hold a window: "hi" split otherwise is no fix)
+                if meta["train_tokens"] + meta["val_tokens"] >= 2 * (block_size + 1):
+                    fixes.append(f"prepare the folder again with {larger} --val-fraction (`fungpt prepare ... "
+                                 f"--overwrite`)" if prepared_by_user
+                                 else f"{larger} data.val_fraction (--data.val-fraction)")
             either = fixes[0] if len(fixes) == 1 else f"{', '.join(fixes[:-1])}{',' * (len(fixes) > 2)} or {fixes[-1]}"
             raise FunGPTError(
                 f"block size {block_size} is too large for this dataset: the {split} split has only {n} "

@@ -41,7 +41,7 @@ from fungpt.data import (
 )
 from fungpt.errors import FunGPTError, read_json, said_on_ctrl_c
 from fungpt.hf import load_gpt2
-from fungpt.model import GPT
+from fungpt.model import GPT, GPTConfig
 from fungpt.tokenizer import DEFAULT_BPE_VOCAB, Tokenizer, load_tokenizer
 
 # How long the other torchrun processes wait for rank 0 to prepare the data (resolve_data): a day, for corpora of
@@ -316,6 +316,8 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
                   f"{pre.tokenizer.vocab_size:,} tokens: fine-tuning the {pre.tokenizer.vocab_size:,} in use")
         model = pretrained.trim_vocab(model, pre.tokenizer.vocab_size)
         cfg = dataclasses.replace(cfg, model=model)
+        if is_main and (note := dropout_left_out(cfg.model, pre, model_named)):
+            print(note)
     try:
         data_dir = resolve_data(cfg.data, is_main, progress, tokenizer=pre and pre.tokenizer,
                                 say_cached=is_main and resume_dir is None)
@@ -376,6 +378,22 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
                 "val_fraction", cfg.data.val_fraction), errors=meta.get("errors", "strict"),
             vocab_size=(meta.get("vocab_size_asked") or meta.get("vocab_size")) if bpe else None))
     return cfg, data_dir, pre
+
+
+def dropout_left_out(model: GPTConfig, pre: pretrained.Pretrained, named: Collection[str]) -> str | None:
+    """A note for a fine-tune that trains without the dropout its model folder's config.json sets (resid_pdrop,
+    GPT-2's 0.1; transformers' Trainer keeps it), model.dropout not being set: the default, 0.0, is used."""
+    if pre.path is None or "dropout" in pretrained.fields_set(model, default_model(), named):
+        return None
+    try:
+        theirs = read_json(pre.path / "config.json").get("resid_pdrop")
+    except (FunGPTError, OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(theirs, (int, float)) or isinstance(theirs, bool) or theirs == model.dropout:
+        return None
+    return (f"fungpt: note: {model.init_from}'s config.json sets dropout {theirs} (resid_pdrop); this fine-tune trains "
+            f"with model.dropout = {model.dropout}: set --model.dropout {theirs} (or dropout in the config's [model]) "
+            f"for the model's own")
 
 
 def check_resume_tokenizer(data_dir: Path, out_dir: Path, trained_sha256: str | None = None) -> None:

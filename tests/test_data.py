@@ -870,6 +870,10 @@ def test_check_split_fits(char_data):
     with pytest.raises(FunGPTError, match=r"larger --val-fraction \(`fungpt prepare ... --overwrite`\)") as e:
         check_split_fits(meta, meta["val_tokens"], prepared_by_user=True)
     assert "--data.val-fraction" not in str(e.value)
+    # two tokens in all ("hi" and a newline): no split holds a window of 2, so none is offered
+    with pytest.raises(FunGPTError, match=r"the train split has only 1 token and one window needs block_size \+ 1 = "
+                                          r"129; use more text$"):
+        check_split_fits({**meta, "train_tokens": 1, "val_tokens": 1}, 128)
 
 
 # --- BatchLoader and evaluation windows -------------------------------------------------

@@ -604,6 +604,29 @@ def test_a_finetune_resumes_after_its_pretrained_folder_is_gone(hf_dir, corpus, 
         train(config(tmp_path / "new", 2), progress=False)
 
 
+def test_a_finetune_without_its_models_dropout_says_so(hf_dir, corpus, tmp_path, capsys):
+    """A model folder whose config.json sets dropout 0.1 (GPT-2's), fine-tuned from the command line without
+    model.dropout: it trained with 0.0, silently, and its export then said the model has none."""
+    import shutil
+
+    folder = tmp_path / "with-dropout"
+    shutil.copytree(hf_dir, folder)
+    spec = json.loads((folder / "config.json").read_text())
+    spec.update(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+    (folder / "config.json").write_text(json.dumps(spec))
+    for named, dropout, noted in (((), 0.0, True), (("dropout",), 0.0, False), ((), 0.1, False)):
+        cfg = finetune_config(folder, corpus, tmp_path / f"run-{len(named)}-{dropout}", block_size=32, dropout=dropout)
+        cfg.train.max_iters = 1
+        train(cfg, progress=False, model_named=named)
+        said = capsys.readouterr().out
+        assert (f"fungpt: note: {folder}'s config.json sets dropout 0.1 (resid_pdrop); this fine-tune trains with "
+                f"model.dropout = 0.0: set --model.dropout 0.1" in said) is noted
+    cfg = finetune_config(hf_dir, corpus, tmp_path / "plain", block_size=32)  # (its config.json: 0.0, the same)
+    cfg.train.max_iters = 1
+    train(cfg, progress=False)
+    assert "resid_pdrop" not in capsys.readouterr().out
+
+
 def nfkc_copy(hf_dir: Path, where: Path) -> Path:
     """hf_dir with an NFKC normalizer added to its tokenizer.json: the same vocabulary and merges, and the same ids for
     most text (not for ligatures, fractions or full-width letters)."""
