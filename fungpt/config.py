@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fungpt.errors import FunGPTError, check_field_types, check_run_given, read_json, shell_quote
+from fungpt.errors import FunGPTError, check_field_types, read_json, run_folder, shell_quote
 from fungpt.linear import CPU_MATMULS
 from fungpt.model import GPTConfig
 
@@ -596,8 +596,7 @@ BACKSLASH_HINT = ("in double quotes a backslash starts an escape (\\n, \\t, \\U.
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
     """Read the resolved config.json that training saved in a run folder."""
-    check_run_given(run_dir)
-    path = Path(run_dir).expanduser() / "config.json"  # (~ quoted on a command line reaches us as it is)
+    path = run_folder(run_dir) / "config.json"
     if not path.is_file():
         raise FunGPTError(f"{run_dir} is not a FunGPT run folder (no config.json); pass the out_dir of a training run")
     return RunConfig.from_dict(_read_saved_config(path), source=str(path), saved=True)

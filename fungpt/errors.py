@@ -102,6 +102,19 @@ def check_run_given(run_dir) -> None:
         raise FunGPTError("the run folder is empty: pass the out_dir of a training run")
 
 
+def run_folder(run_dir) -> Path:
+    """The run folder argument as a folder (~ expanded: quoted on a command line it reaches us as it is); else one
+    line saying what it is instead, the same from every command."""
+    check_run_given(run_dir)
+    folder = Path(run_dir).expanduser()
+    if not folder.is_dir():
+        what = ("is a file, not a run folder" if folder.exists() else
+                "is a symbolic link that leads nowhere (or back to itself)" if folder.is_symlink() else
+                "does not exist")
+        raise FunGPTError(f"{folder} {what}; pass the out_dir of a training run")
+    return folder
+
+
 def folder_name(path) -> str:
     """A run folder's name for a title or legend: its own name (a link by the link's), `.` and `..` (and "") as the
     folder they are, whose `name` is empty or a dot."""

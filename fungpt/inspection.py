@@ -155,24 +155,27 @@ def _vocab_for_config(cfg) -> tuple[int, str | None]:
     """The vocabulary size a TOML config will train with, and a note when it had to be assumed."""
     from fungpt.data import is_prepared, load_meta
     from fungpt.rundata import resolve_data
+    from fungpt.tokenizer import DEFAULT_BPE_VOCAB
 
     path = Path(cfg.data.path).expanduser()
     if is_prepared(path):
         return int(load_meta(path)["vocab_size"]), None
+    why = "data not prepared yet"
     try:
         # is_main=False: only compute where `fungpt train` caches this dataset, never prepare it.
         cached = resolve_data(cfg.data, is_main=False, progress=False)
         if (cached / "meta.json").is_file():
             return int(load_meta(cached)["vocab_size"]), None
-    except FunGPTError:
-        pass
+    except FunGPTError as e:
+        if not path.exists() and cfg.data.path != "shakespeare":  # (a typo in the path: training would stop there)
+            why = f"{str(e).partition(':')[0]} (training would stop there)"
     if cfg.data.tokenizer == "gpt2":
-        return 50257, "data not prepared yet: assuming GPT-2's vocabulary of 50,257 tokens"
+        return 50257, f"{why}: assuming GPT-2's vocabulary of 50,257 tokens"
     if cfg.data.tokenizer == "bpe":
-        v = cfg.data.vocab_size or 4096
-        return v, f"data not prepared yet: assuming the BPE vocabulary size {v:,}"
-    return cfg.model.vocab_size, (f"data not prepared yet: assuming the config's vocab_size = "
-                                  f"{cfg.model.vocab_size} (Tiny Shakespeare has 65 characters)")
+        v = cfg.data.vocab_size or DEFAULT_BPE_VOCAB
+        return v, f"{why}: assuming the BPE vocabulary size {v:,}"
+    return cfg.model.vocab_size, (f"{why}: assuming the config's vocab_size = {cfg.model.vocab_size} (Tiny "
+                                  f"Shakespeare has 65 characters)")
 
 
 def _read_tokens_seen(run_dir: Path) -> tuple[int | None, int | None]:

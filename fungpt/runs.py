@@ -10,7 +10,7 @@ import torch
 
 from fungpt import checkpoint as ckpt
 from fungpt.config import RunConfig, load_run_config
-from fungpt.errors import FunGPTError, check_number, check_run_given, read_json
+from fungpt.errors import FunGPTError, check_number, read_json, run_folder
 from fungpt.hardware import detect_precision
 from fungpt.linear import cpu_matmul
 from fungpt.model import GPT
@@ -41,13 +41,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "last", device: str = "auto"
     """Rebuild the model of a run folder from its config and verified safetensors weights.
 
     retry_s: how long to keep reading a run that replaces its checkpoint while it is read (see RELOAD_S)."""
-    check_run_given(run_dir)
-    run_dir = Path(run_dir).expanduser()  # (~ quoted on a command line reaches us as it is)
-    if not run_dir.is_dir():
-        what = ("is a file, not a run folder" if run_dir.exists() else
-                "is a symbolic link that leads nowhere (or back to itself)" if run_dir.is_symlink() else
-                "does not exist")
-        raise FunGPTError(f"{run_dir} {what}; pass the out_dir of a training run")
+    run_dir = run_folder(run_dir)
     if checkpoint not in ("last", "best"):
         raise FunGPTError(f"--checkpoint {checkpoint!r} is not valid: choose last or best")
     kind = "latest" if checkpoint == "last" else "best"

@@ -173,6 +173,9 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
         print(f"fungpt: note: prompt file {prompt_file} is empty: sampling from the model's default start, as with no "
               f"prompt", file=sys.stderr)
     ids = loaded.tokenizer.encode(prompt) if prompt else default_prompt_ids(loaded)
+    if out is not None:  # (which weights speak: a run still training, or its best saved early, is not its last word)
+        print(f"fungpt: sampling {run} at step {loaded.step:,} (its {'latest' if checkpoint == 'last' else 'best'} "
+              f"checkpoint)", file=sys.stderr)
     if not ids:
         ids = default_prompt_ids(loaded)
     gen = seeded_generator(seed, loaded.device)

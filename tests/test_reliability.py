@@ -2196,6 +2196,9 @@ BAD_INPUTS = {
     "plot: missing run": (["plot", "{tmp}/nope"], "nope does not exist: pass the out_dir of a training run"),
     "plot: not a run": (["plot", "{tmp}"], "has no metrics.jsonl: pass the out_dir of a training run"),
     "inspect: missing run": (["inspect", "{tmp}/nope"], "nope does not exist: pass the out_dir of a training run"),
+    # (was "is not a FunGPT run folder (no config.json)", where the other commands say it does not exist)
+    "positions: missing run": (["positions", "--run", "{tmp}/nope"], "nope does not exist; pass the out_dir of a "
+                                                                       "training run"),
     # (Path("") is the current folder: a RUN="$UNSET" read whatever run the shell stood in)
     "sample: an empty run": (["sample", ""], "the run folder is empty: pass the out_dir of a training run"),
     "eval: an empty run": (["eval", "--run", " "], "the run folder is empty: pass the out_dir of a training run"),
@@ -2367,6 +2370,18 @@ def test_a_prompt_file_under_a_quoted_home_folder(world, tmp_path, capsys, monke
     (tmp_path / "p.txt").write_text("the", encoding="utf-8")
     assert main(["sample", str(world["run"]), "--prompt-file=~/p.txt", "--max-new-tokens", "2"]) == 0
     assert capsys.readouterr().out.startswith("the")
+
+
+def test_sample_says_which_weights_speak(world, capsys):
+    """`fungpt sample` never said which checkpoint or step it read: a class could not tell which moment of a run
+    still training it heard, nor that --checkpoint best of a run stopped early was its step-0 weights."""
+    from fungpt.checkpoint import saved_step
+
+    run = world["run"]
+    for which, name in (("last", "latest"), ("best", "best")):
+        assert main(["sample", str(run), "--max-new-tokens", "2", "--checkpoint", which]) == 0
+        err = capsys.readouterr().err
+        assert f"fungpt: sampling {run} at step {saved_step(run, name):,} (its {name} checkpoint)\n" in err
 
 
 def test_an_empty_prompt_file_says_where_the_sample_starts(world, tmp_path, capsys):

@@ -803,6 +803,19 @@ def test_inspect_config_without_prepared_data(tmp_path, monkeypatch, capsys):
         out.split("planned:")[1]
 
 
+def test_inspect_says_a_data_path_that_does_not_exist(tmp_path, monkeypatch, capsys):
+    """A config naming text that is not there was said to be "not prepared yet": the typo came out only at train."""
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "typo.toml").write_text('[data]\npath = "nonexist.txt"\n', encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", "typo.toml"]) == 0
+    assert ("data.path 'nonexist.txt' does not exist (training would stop there): assuming the config's vocab_size = "
+            in capsys.readouterr().out)
+    (tmp_path / "nonexist.txt").write_text("the cat sat\n" * 50, encoding="utf-8")  # there, not prepared: as before
+    assert main(["inspect", "typo.toml"]) == 0
+    assert "data not prepared yet: assuming the config's vocab_size = " in capsys.readouterr().out
+
+
 def test_inspect_estimates_memory_at_the_batch_asked_for_and_the_bpe_vocabulary_configured(tmp_path,
                                                                                             monkeypatch):
     monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))  # nothing prepared here
