@@ -566,12 +566,13 @@ def attention_command(run: RunFolder, prompt: str, layer: int | None = None, hea
         device: auto, cpu, cuda or mps.
     """
     from fungpt.runs import load_run
+    from fungpt.sample import encode_typed
     from fungpt.viz import attention_maps, plot_attention, token_labels
 
     if not prompt:
         raise FunGPTError("--prompt is empty: give some text to look at, e.g. --prompt 'ROMEO: '")
     loaded = load_run(run, checkpoint, device)
-    ids = loaded.tokenizer.encode(prompt)
+    ids = encode_typed(loaded.tokenizer, prompt)
     weights = attention_maps(loaded.model, ids)  # (n_layer, nh, T, T)
     maps = (1 if layer is not None else weights.size(0)) * (1 if head is not None else weights.size(1))
     if maps > 16:  # GPT-2's 144 heads take seconds to draw: say what is going on

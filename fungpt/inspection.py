@@ -166,9 +166,9 @@ def _vocab_for_config(cfg) -> tuple[int, str | None]:
         cached = resolve_data(cfg.data, is_main=False, progress=False)
         if (cached / "meta.json").is_file():
             return int(load_meta(cached)["vocab_size"]), None
-    except FunGPTError as e:
+    except FunGPTError:
         if not path.exists() and cfg.data.path != "shakespeare":  # (a typo in the path: training would stop there)
-            why = f"{str(e).partition(':')[0]} (training would stop there)"
+            why = f"data.path {cfg.data.path!r} does not exist (training would stop there)"
     if cfg.data.tokenizer == "gpt2":
         return 50257, f"{why}: assuming GPT-2's vocabulary of 50,257 tokens"
     if cfg.data.tokenizer == "bpe":

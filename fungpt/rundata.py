@@ -224,6 +224,19 @@ def note_unused_data_settings(data: DataConfig, meta: dict, data_dir: Path, fine
                   f"or prepare it again")
 
 
+def _tokenizer_as_trained(resume_dir: Path) -> bool:
+    """Whether the run being resumed has a checkpoint and, where it recorded them, the tokenizer files it was trained
+    with (not replaced or damaged since; a checkpoint from before they were recorded: taken as they are)."""
+    folder = ckpt.find_checkpoint(resume_dir)
+    if folder is None:
+        return False
+    try:
+        trained = read_json(folder / ckpt.MANIFEST_FILE).get("tokenizer_sha256")
+        return trained is None or trained == ckpt.tokenizer_fingerprint(resume_dir)
+    except (FunGPTError, OSError, ValueError, AttributeError):
+        return False
+
+
 def encoded_as_the_run(data: DataConfig, data_dir: Path, resume_dir: Path, is_main: bool, progress: bool) -> Path:
     """The data of a BPE run resumed from scratch, encoded with the run's own tokenizer where the BPE trained on the
     text now learns other merges (another FunGPT version: its code prepares the data again; a corpus holding
@@ -284,6 +297,11 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
         except FunGPTError:
             if resume_dir is None or ckpt.find_checkpoint(resume_dir) is None:
                 raise
+            if not _tokenizer_as_trained(resume_dir):
+                raise FunGPTError(f"cannot resume {resume_dir}: its tokenizer files are not the ones its checkpoint "
+                                  f"was trained with (their fingerprint differs), and {cfg.model.init_from}, whose "
+                                  f"tokenizer it was, is not available here: restore the run's original tokenizer "
+                                  f"files") from None
             pre = pretrained.Pretrained(cfg.model.init_from, None, load_run_config(resume_dir).model,
                                         load_tokenizer(resume_dir))
             if is_main:
@@ -294,9 +312,10 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
                 pre.model = GPT.from_hf(pre.path)
             elif check_weights:
                 load_gpt2(pre.path, meta=True)
-            if resume_dir is not None and ckpt.find_checkpoint(resume_dir) is not None:
+            if resume_dir is not None and _tokenizer_as_trained(resume_dir):
                 # A resume encodes its text as the run did: the run's own copy of the tokenizer, should the model
-                # folder hold another one since (its data was then refused, and the advice sent the user round)
+                # folder hold another one since (its data was then refused, and the advice sent the user round).
+                # (Run files replaced since: check_resume_tokenizer refuses, naming them)
                 own = load_tokenizer(resume_dir)
                 if not pretrained.same_encoding(own, pre.tokenizer):
                     if is_main:

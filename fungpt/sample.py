@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -17,7 +18,7 @@ from fungpt.pretrained import is_pretrained
 from fungpt.rundata import resolve_data
 from fungpt.runs import LoadedRun, data_dir_of, load_run, seeded_generator
 from fungpt.sampling import sampling_probs
-from fungpt.tokenizer import TextStream, load_tokenizer
+from fungpt.tokenizer import TextStream, Tokenizer, load_tokenizer
 from fungpt.viz import for_terminal, show_token  # (for_terminal: also imported from here)
 
 
@@ -30,6 +31,24 @@ def default_prompt_ids(run: LoadedRun) -> list[int]:
         return tok.encode("\n")
     except FunGPTError:
         return [0]
+
+
+def encode_typed(tok: Tokenizer, prompt: str) -> list[int]:
+    """The ids of a prompt typed on the command line (--prompt). A shell passes `\\n` there as a backslash and an
+    n, not a newline, and a char model of text without backslashes refuses it: said so, with how to type one
+    (the walkthrough's prompt, ROMEO: and a newline, is typed so)."""
+    escape = re.search(r"\\[nt]", prompt)
+    if escape is not None:
+        try:
+            tok.encode("\\")
+        except FunGPTError:
+            n = escape.group() == "\\n"
+            raise FunGPTError(f"--prompt holds {escape.group()}, which a command line passes as a backslash and "
+                              f"{'an n' if n else 'a t'}, not as {'a newline' if n else 'a tab'}, and this model has "
+                              f"no backslash: in bash quote the "
+                              f"prompt as $'...' (a $ before the quotes: $'ROMEO:\\nIs it'), or put it in a file "
+                              f"(--prompt-file)") from None
+    return tok.encode(prompt)
 
 
 def sampling_distribution(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -172,7 +191,8 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
     if prompt_file is not None and not prompt:  # (a file saved before its text was written, say: said, not guessed)
         print(f"fungpt: note: prompt file {prompt_file} is empty: sampling from the model's default start, as with no "
               f"prompt", file=sys.stderr)
-    ids = loaded.tokenizer.encode(prompt) if prompt else default_prompt_ids(loaded)
+    ids = (loaded.tokenizer.encode(prompt) if prompt_file is not None else encode_typed(loaded.tokenizer, prompt)) \
+        if prompt else default_prompt_ids(loaded)
     if out is not None:  # (which weights speak: a run still training, or its best saved early, is not its last word)
         print(f"fungpt: sampling {run} at step {loaded.step:,} (its {'latest' if checkpoint == 'last' else 'best'} "
               f"checkpoint)", file=sys.stderr)

@@ -397,12 +397,8 @@ class CharTokenizer(Tokenizer):
             ch = text[pos]
             # (a combining mark printed bare lands on the quote before it; the same letter in another Unicode form,
             # e.g. e + U+0308 typed on macOS for the corpus's precomposed ë, encodes once normalised)
-            escape = ch == "\\" and text[pos + 1 : pos + 2] in ("n", "t")  # (a "\\n" typed as a newline)
             fix = ("the text has line endings in \\r (Windows: \\r\\n): convert them to \\n first (e.g. dos2unix)"
                    if ch == "\r" else not_utf8(ch)
-                   or (f"\\{text[pos + 1]} typed in a command line is a backslash and an {text[pos + 1]}, not a "
-                       f"{'newline' if text[pos + 1] == 'n' else 'tab'}: in bash quote the text as $'...' (a $ before "
-                       f"the quotes: $'ROMEO:\\nIs it'), or put it in a file (--prompt-file)" if escape else "")
                    or ("the text's letters are in another Unicode form than the training text's: normalise it to "
                        "NFC (unicodedata.normalize('NFC', text))" if self._encodes_once_normalised(text) else "")
                    or "remove it from the text (a char model knows only the characters it was trained on), or train "

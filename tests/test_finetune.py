@@ -679,6 +679,33 @@ def test_a_finetune_resumes_with_its_own_tokenizer_after_its_model_folders_chang
             f"run's own") in capsys.readouterr().out
 
 
+def test_a_finetune_whose_run_tokenizer_was_replaced_is_refused(hf_dir, corpus, tmp_path):
+    """The run's own tokenizer files replaced (its model folder untouched): the resume took them as the run's, encoded
+    the text with them and trained on ids of other text, saying the model folder had changed. Refused, as before,
+    also with the model folder gone."""
+    import shutil
+
+    model_dir = tmp_path / "gpt2-copy"
+    shutil.copytree(hf_dir, model_dir)
+    cfg = finetune_config(model_dir, corpus, tmp_path / "run", block_size=32)
+    cfg.train.max_iters, cfg.train.checkpoint_interval = 2, 2
+    train(cfg, progress=False)
+    from tokenizers import ByteLevelBPETokenizer
+
+    other = ByteLevelBPETokenizer()  # as many tokens, other merges: its ids mean other text
+    other.train_from_iterator([_corpus_text().upper() * 2], vocab_size=HFTokenizer.from_dir(hf_dir).vocab_size,
+                              special_tokens=["<|endoftext|>"], show_progress=False)
+    other.save(str(tmp_path / "run" / "tokenizer.json"))
+    cfg.train.max_iters = 3
+    with pytest.raises(FunGPTError, match="its tokenizer files are not the ones its checkpoint was trained with"):
+        train(cfg, resume=True, progress=False)
+    shutil.rmtree(model_dir)
+    with pytest.raises(FunGPTError, match=r"its tokenizer files are not the ones its checkpoint was trained with "
+                                          r"\(their fingerprint differs\), and .*gpt2-copy, whose tokenizer it was, is "
+                                          r"not available here: restore the run's original tokenizer files"):
+        train(cfg, resume=True, progress=False)
+
+
 def test_a_finetune_resumes_with_its_own_architecture_whatever_the_flags_leave_out(hf_dir, corpus, tmp_path):
     """Resuming a fine-tune cropped to 32 positions needed --model.block-size 32 again while the pretrained
     folder was there ("different model (block_size 32 -> 64)") and not once it was gone; now neither does, and

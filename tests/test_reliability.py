@@ -2372,6 +2372,24 @@ def test_a_prompt_file_under_a_quoted_home_folder(world, tmp_path, capsys, monke
     assert capsys.readouterr().out.startswith("the")
 
 
+def test_a_typed_backslash_n_is_said_to_be_no_newline(world, tmp_path, capsys):
+    """`--prompt 'ROMEO:\nIs it'` (the walkthrough's prompt, typed) reaches FunGPT as a backslash and an n: the char
+    model was told to remove the backslash or train a BPE, not how to type a newline. Text from a file is text: a
+    backslash there is the file's own, said as any unknown character."""
+    for command in (["sample", str(world["run"]), "--max-new-tokens", "2"],
+                    ["attention", str(world["run"]), "--out", str(tmp_path / "a.png")]):
+        assert main([*command, "--prompt", "the\\ncat"]) == 2
+        assert capsys.readouterr().err == (
+            "error: --prompt holds \\n, which a command line passes as a backslash and an n, not as a newline, and "
+            "this model has no backslash: in bash quote the prompt as $'...' (a $ before the quotes: "
+            "$'ROMEO:\\nIs it'), or put it in a file (--prompt-file)\n")
+    assert main(["sample", str(world["run"]), "--max-new-tokens", "2", "--prompt", "the\\tcat"]) == 2
+    assert "not as a tab" in capsys.readouterr().err
+    (tmp_path / "p.txt").write_text("the\\ncat", encoding="utf-8")
+    assert main(["sample", str(world["run"]), "--max-new-tokens", "2", "--prompt-file", str(tmp_path / "p.txt")]) == 2
+    assert "is not in this char-level vocabulary" in capsys.readouterr().err
+
+
 def test_sample_says_which_weights_speak(world, capsys):
     """`fungpt sample` never said which checkpoint or step it read: a class could not tell which moment of a run
     still training it heard, nor that --checkpoint best of a run stopped early was its step-0 weights."""

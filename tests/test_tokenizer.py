@@ -63,21 +63,6 @@ def test_char_round_trip_and_vocab():
     assert tok.encode("") == [] and tok.decode([]) == ""
 
 
-def test_a_typed_backslash_n_is_said_to_be_no_newline():
-    """`--prompt 'ROMEO:\nIs it'` (the walkthrough's prompt, typed) reaches the tokenizer as a backslash and an n: it
-    was told to remove the backslash or train a BPE, not how to type a newline."""
-    tok = CharTokenizer.train("ROMEO:\nIs it so?\t")
-    for typed, what in (("n", "newline"), ("t", "tab")):
-        with pytest.raises(FunGPTError, match=re.escape(
-                f"at position 6 (counting from 0) is not in this char-level vocabulary (14 characters seen in "
-                f"training); \\{typed} typed in a command line is a backslash and an {typed}, not a {what}: in bash "
-                f"quote the text as $'...' (a $ before the quotes: $'ROMEO:\\nIs it'), or put it in a file "
-                f"(--prompt-file)")):
-            tok.encode(f"ROMEO:\\{typed}Is it")
-    with pytest.raises(FunGPTError, match="; remove it from the text"):
-        tok.encode("ROMEO:\\Is it")  # (a backslash before anything else: as any unknown character)
-
-
 def test_char_train_from_chunks_equals_from_text():
     chunks = [CORPUS[i : i + 7] for i in range(0, len(CORPUS), 7)]
     assert CharTokenizer.train(iter(chunks)).chars == CharTokenizer.from_text(CORPUS).chars

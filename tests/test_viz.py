@@ -811,6 +811,9 @@ def test_inspect_says_a_data_path_that_does_not_exist(tmp_path, monkeypatch, cap
     assert main(["inspect", "typo.toml"]) == 0
     assert ("data.path 'nonexist.txt' does not exist (training would stop there): assuming the config's vocab_size = "
             in capsys.readouterr().out)
+    (tmp_path / "colon.toml").write_text('[data]\npath = "nope: a.txt"\n', encoding="utf-8")  # (said whole)
+    assert main(["inspect", "colon.toml"]) == 0
+    assert "data.path 'nope: a.txt' does not exist (training would stop there)" in capsys.readouterr().out
     (tmp_path / "nonexist.txt").write_text("the cat sat\n" * 50, encoding="utf-8")  # there, not prepared: as before
     assert main(["inspect", "typo.toml"]) == 0
     assert "data not prepared yet: assuming the config's vocab_size = " in capsys.readouterr().out
