@@ -278,7 +278,11 @@ def save_checkpoint(out_dir: str | Path, kind: str, step: int, model: torch.nn.M
         shutil.rmtree(tmp, ignore_errors=True)
         if final != tmp and not _pointer_names(out_dir, kind, final):
             shutil.rmtree(final, ignore_errors=True)  # renamed, but the pointer could not be switched
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        why = str(e)
+        if isinstance(e, OSError) and e.strerror:  # named: "Not a directory" alone named neither the file nor the fix
+            blocker = file_in_the_way(Path(e.filename)) if e.filename else None
+            why = (f"{blocker} is a file where a folder is needed" if blocker is not None
+                   else f"{e.strerror} ({e.filename})" if e.filename else e.strerror)
         try:  # (a pointer damaged by hand must not hide this error behind its own)
             before = find_checkpoint(out_dir, kind)  # (a pointer missing: the newest complete folder, as resume finds)
         except FunGPTError:
@@ -305,6 +309,10 @@ def save_checkpoint(out_dir: str | Path, kind: str, step: int, model: torch.nn.M
     for old in checkpoint_folders(out_dir, kind, temporaries=True):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
+    # And a killed save's temporary of the other kind (a `best` killed half way, in a run that then never improved on
+    # it: as large as the weights, and kept for good). Saves run one after the other, so none is being written.
+    for stale in parent.glob(f".{'best' if kind == 'latest' else 'latest'}-*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 

@@ -388,6 +388,32 @@ def test_a_save_that_fails_otherwise_leaves_no_half_written_folder(world, tmp_pa
         ckpt.save_checkpoint(out, "best", 7, model)
 
 
+def test_a_save_that_fails_names_what_is_in_the_way(world, tmp_path):
+    """A file named checkpoints in the run folder: the error said "Not a directory ... (fix what it names ...)" and
+    named nothing; a save also names the path an error comes with."""
+    out = copy_run(world, tmp_path)
+    model = GPT(load_run_config(out).model)
+    shutil.rmtree(out / "checkpoints")
+    (out / "checkpoints").write_text("not a folder")
+    with pytest.raises(FunGPTError, match=re.escape(f"could not save the best checkpoint at step 7 in {out}: "
+                                                    f"{out / 'checkpoints'} is a file where a folder is needed; ")):
+        ckpt.save_checkpoint(out, "best", 7, model)
+
+
+def test_a_killed_save_of_the_other_kind_is_cleared_by_the_next_save(world, tmp_path):
+    """A `best` save killed half way left a hidden folder as large as the weights, removed only by a later best save:
+    in a run whose val loss never improved again, for good."""
+    out = copy_run(world, tmp_path)
+    model = GPT(load_run_config(out).model)
+    ckpt.load_weights(ckpt.find_checkpoint(out), model)
+    state = ckpt.load_state(ckpt.find_checkpoint(out))
+    killed = out / "checkpoints" / ".best-0000009.tmp-424242"
+    killed.mkdir()
+    (killed / ckpt.MODEL_FILE).write_bytes(b"half the weights")
+    ckpt.save_checkpoint(out, "latest", 7, model, state={**state, "step": 7})
+    assert not killed.exists() and check_loadable(out) == 7
+
+
 def test_pointer_write_failure_keeps_the_previous_checkpoint(world, tmp_path, monkeypatch):
     """The last step of a save (replacing latest.json) failing must not leave the new folder half-adopted."""
     out = copy_run(world, tmp_path)
