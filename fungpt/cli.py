@@ -54,7 +54,8 @@ class TrainArgs:
 
     config: str | None = None
     """A TOML run config: a file's path, or the name of an example config in configs/ (shakespeare-char-cpu,
-    speedrun-cpu, ...), which come with FunGPT; flags given here override its values."""
+    speedrun-cpu, ...), which come with FunGPT; or a run's config.json, to train another run like it. Flags given
+    here override its values."""
     resume: bool = False
     """Continue the run in out_dir from its last checkpoint."""
     overwrite: bool = False
@@ -117,6 +118,10 @@ def _refuse_empty_paths(options: dict) -> None:
             raise FunGPTError(f"--{name} is empty: give {what}")
 
 
+class CommandLineError(FunGPTError):
+    """tyro's refusal of the command line itself (an unknown option, a missing value): the words typed, not a file."""
+
+
 def _parse(f, args: list[str], prog: str, **kwargs):
     """tyro.cli, with its refusal of the command line (a box of several lines: a missing or unknown option, a
     value of the wrong type) turned into FunGPT's one line: what is wrong, and where the options are listed."""
@@ -165,9 +170,10 @@ def _parse(f, args: list[str], prog: str, **kwargs):
     missing = re.search(r"Missing value for argument '(--[\w.-]+)'", refusal)
     if missing:  # (its value may be there, starting with a dash, which reads as another option: -run, -0.5)
         i = args.index(missing[1]) if missing[1] in args else -1
-        if 0 <= i < len(args) - 1 and args[i + 1].startswith("-"):
+        # (not where the next word is an option of its own, --dry-run: the value was left out)
+        if 0 <= i < len(args) - 1 and args[i + 1].startswith("-") and not args[i + 1].startswith("--"):
             refusal += f"; a value that starts with a dash is written {missing[1]}={shell_quote(args[i + 1])}"
-    raise FunGPTError(f"{refusal} (`{prog} --help` lists the options)") from None
+    raise CommandLineError(f"{refusal} (`{prog} --help` lists the options)") from None
 
 
 # Values a switch was given, as in a config file (train.eval_full_val = true): tyro's switches take none
@@ -375,7 +381,7 @@ def cmd_train(args: list[str], start_time: float) -> int | None:
         if not resumed:  # (here, so that its refusal names the file, as the other checks' do; a resume's values
             parsed.run.train.check_limits()  # may be its checkpoint's, not its config.json's: train() says it)
     except FunGPTError as e:
-        if not path:
+        if not path or isinstance(e, CommandLineError):  # (a typo in a flag is no fault of the file's)
             raise
         flags = any(a.startswith(("--data.", "--model.", "--train.", "--out-dir", "--out_dir")) for a in args)
         raise FunGPTError(f"{path}{' with the flags given' if flags else ''}: {e}") from None

@@ -505,7 +505,9 @@ def config_path(path: str | Path, folders: bool = False) -> Path:
 def load_config(path: str | Path, checked: bool = True) -> RunConfig:
     """Read a TOML run config (a path, or an example config's name: see config_path). Missing settings keep
     their defaults. checked=False: see RunConfig.from_dict."""
-    return RunConfig.from_dict(_read_toml(config_path(path)), source=str(path), checked=checked)
+    found = config_path(path)
+    # (a run's config.json is read as a run saved it: 12.0 for a whole number, as an older FunGPT wrote some)
+    return RunConfig.from_dict(_read_toml(found), source=str(path), checked=checked, saved=found.suffix == ".json")
 
 
 def fields_named(config_file: str | Path | None, args: list[str], section: str = "model") -> frozenset[str]:
@@ -539,6 +541,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
                           + (f", or the name of an example config: {', '.join(names)}" if names else ""))
     if path.suffix == ".json":  # the config.json a run saved: train another run like it
         d = _read_saved_config(path)
+        if not d:  # ({}: as an empty TOML file, below)
+            raise FunGPTError(f"config file {path} holds no settings; write the settings into it, or leave --config "
+                              f"out to train with the defaults")
         if isinstance(d.get("model"), dict):
             # Not a setting of its own: the size of its data's tokenizer (from scratch), or of its pretrained
             # model's trimmed to its tokenizer's (a fine-tune); the new run finds it again the same way
@@ -605,7 +610,7 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
 def _read_saved_config(path: Path) -> dict[str, Any]:
     """The settings in a config.json that `fungpt train` saved (as a dict, ready for RunConfig.from_dict)."""
     try:
-        d = read_json(path)
+        d = read_json(path, unique_keys=True)  # (a table written twice by hand: the first one's settings were lost)
     except ValueError as e:  # (not JSON, not UTF-8, nested too deeply, an integer too long to read)
         raise FunGPTError(f"{path} is corrupt ({e}); it should be the JSON config written by `fungpt train`") from None
     except OSError as e:

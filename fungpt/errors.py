@@ -155,28 +155,38 @@ def is_out_of_memory(e: BaseException) -> bool:
                                                                     "MPS backend out of memory"))
 
 
-def parse_json(text: str | bytes):
+def _unique_keys(pairs: list[tuple[str, typing.Any]]) -> dict[str, typing.Any]:
+    seen: dict[str, typing.Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"the key {key!r} appears twice in one object")
+        seen[key] = value
+    return seen
+
+
+def parse_json(text: str | bytes, unique_keys: bool = False):
     """json.loads, where every way damaged text can fail raises ValueError (as json.JSONDecodeError does).
 
     Two failures of json.loads are not ValueErrors of the usual kind: text nested thousands of levels deep
     ("[[[[...") exhausts the parser's recursion (RecursionError), and a number of more than 4,300 digits is
     refused by int() (a ValueError, but not a JSONDecodeError). Both are turned into a plain ValueError here, so
     each reader of a run's JSON files catches one type and says "X is corrupt" in one line.
+    unique_keys: a key twice in one object is a ValueError too (json.loads keeps the last: settings lost silently).
     """
     import json
 
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys if unique_keys else None)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
 
 
-def read_json(path):
+def read_json(path, unique_keys: bool = False):
     """parse_json of a file's text: UTF-8, with or without a byte-order mark, or UTF-16/32 (json.loads of bytes
     tells them apart: Windows PowerShell and Notepad write those, and a hand-written meta.json may be one). OSError
     if it cannot be read; ValueError if it is not JSON (a UnicodeDecodeError is a ValueError too)."""
     with open(path, "rb") as f:
-        return parse_json(f.read())
+        return parse_json(f.read(), unique_keys)
 
 
 # What a failed download's exception (or one it was raised from) says when the machine cannot reach the server:

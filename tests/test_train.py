@@ -1242,6 +1242,34 @@ def test_cli_resume_reads_the_run_it_names_and_the_switches_as_tyro_does(corpus,
     assert (runs[-1][0].data.val_fraction, runs[-1][0].data.vocab_size) == (0.1, None)
 
 
+def test_json_configs_are_read_as_strictly_as_toml_and_as_kindly_as_a_run_saved_them(corpus, tmp_path, capsys):
+    """A run's config.json with a whole number written 12.0 (as an older FunGPT saved some) was refused by --config
+    and --resume, which sample and eval read; a JSON table written twice kept only its last (a setting lost without a
+    word); {} trained the defaults; and a typo in a flag was blamed on the config file."""
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=2), progress=False)
+    saved = json.loads((out / "config.json").read_text())
+    saved["train"]["max_iters"] = 2.0
+    (out / "config.json").write_text(json.dumps(saved))
+    assert main(["train", "--out-dir", str(out), "--resume", "--train.max-iters", "3"]) == 0
+    saved["train"]["max_iters"] = 3.0
+    (out / "config.json").write_text(json.dumps(saved))
+    assert main(["train", "--config", str(out / "config.json"), "--out-dir", str(tmp_path / "again")]) == 0
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["train"]["max_iters"] == 3
+    capsys.readouterr()
+    (tmp_path / "dup.json").write_text('{"out_dir": "x", "train": {"max_iters": 5}, "train": {"lr": 0.5}}')
+    (tmp_path / "empty.json").write_text("{}")
+    (tmp_path / "tiny.toml").write_text(f'[data]\npath = "{corpus.as_posix()}"\n')
+    for argv, said in (
+            (["--config", str(tmp_path / "dup.json")], "the key 'train' appears twice in one object"),
+            (["--config", str(tmp_path / "empty.json")], f"config file {tmp_path / 'empty.json'} holds no settings"),
+            (["--config", str(tmp_path / "tiny.toml"), "--bogus"], "error: Unrecognized options: --bogus ("),
+            (["--config", str(tmp_path / "tiny.toml"), "--train.max-iters", "--dry-run"],
+             "error: Missing value for argument '--train.max-iters'. Expected 1 values. (`")):
+        assert main(["train", *argv, "--dry-run"]) == 2
+        assert said in capsys.readouterr().err
+
+
 def test_cli_sample_unknown_character_is_clear(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     train(tiny_config(corpus, out, max_iters=2), progress=False)
