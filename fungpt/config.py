@@ -386,8 +386,8 @@ def _build_section(klass: type, values: Any, where: str, defaults: Any, checked:
         said = "; ".join(p for p in (moved, f"did you mean {hints}?" if hints else "") if p)
         # A run's config.json lists what its training had: settings this code lacks were its code's (a learner's
         # field, since removed; another FunGPT version)
-        fix = ("; the run was saved by code (or a FunGPT version) that had them: go back to that code, or remove them "
-               "from that config.json" if where.rsplit(" [", 1)[0].endswith(".json")
+        fix = ("; remove them from that config.json, or, if its run was saved by code (or a FunGPT version) that had "
+               "them, go back to that code" if where.rsplit(" [", 1)[0].endswith(".json")
                else "; see `fungpt train --help` for the valid ones")
         raise FunGPTError(f"{where}: unknown setting(s) {sorted(unknown)}" + (f" ({said})" if said else "") + fix)
     merged = {**dataclasses.asdict(defaults), **values}

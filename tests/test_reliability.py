@@ -1656,15 +1656,15 @@ def test_a_run_saved_with_a_setting_this_code_lacks_says_where_it_came_from(worl
     shutil.copytree(world["run"], run)
     from fungpt.config import RunConfig
 
-    with pytest.raises(FunGPTError, match="the run was saved by code"):  # (a folder named with " [" too)
+    with pytest.raises(FunGPTError, match="if its run was saved by code"):  # (a folder named with " [" too)
         RunConfig.from_dict({"train": {"label_smoothing": 0.1}}, source="runs/my [v2]/config.json")
     saved = json.loads((run / "config.json").read_text())
     saved["train"]["label_smoothing"] = 0.1
     (run / "config.json").write_text(json.dumps(saved))
     assert main(["sample", "--run", str(run), "--max-new-tokens", "2"]) == 2
     assert_one_line_error(2, capsys.readouterr().err, "config.json [train]: unknown setting(s) ['label_smoothing']; "
-                          "the run was saved by code (or a FunGPT version) that had them: go back to that code, or "
-                          "remove them from that config.json")
+                          "remove them from that config.json, or, if its run was saved by code (or a FunGPT "
+                          "version) that had them, go back to that code")
 
 
 def test_loading_a_run_leaves_torch_random_stream_as_it_was(world):
