@@ -78,7 +78,7 @@ def direct(module: nn.Module | Callable) -> Callable:
 # them. A learner who edits one of them (another attention, an MLP without its activation) gets GPT.forward's
 # generation, slower and right, instead of this file's copy of the old code. After changing them on purpose,
 # change Decoder.step to match and set this to mirrored_source()'s new value (tests/test_decode.py checks it).
-MIRRORED = "b257efd928c74e033ab04d938fd20b78efa3fcec1ce39378ff52bd7dbeac02c3"
+MIRRORED = "becad31cd1e4eb1a8833862bbcd7c62b55be374c30d54201f100218cb6c99541"
 
 
 @functools.cache

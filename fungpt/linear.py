@@ -45,6 +45,7 @@ import threading
 from collections.abc import Callable
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
@@ -67,14 +68,19 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+def _plain(t: torch.Tensor) -> bool:
+    """Whether t is an ordinary tensor: not a forward-mode dual number nor a torch.func wrapper (jvp, vmap, grad)."""
+    return not torch._C._functorch.is_functorch_wrapped_tensor(t) and fwAD.unpack_dual(t).tangent is None
+
+
 class OneDNNLinear(torch.autograd.Function):
     """y = x W^T + b with all three matrix products on oneDNN (see the module docstring).
 
     `dtype` is the products' precision: float32, or bfloat16 (`bfloat16_products`): x, W and the output gradient
     rounded to bfloat16 as they enter a product, its sums kept in float32 by oneDNN, its result rounded to
     bfloat16 and handed back in `out_dtype` (the input's gradient in x's dtype, the weight's in its own).
-    First derivatives only: double backward, forward-mode AD and torch.func transforms are not supported
-    (Linear sends CPU products here only when cpu_matmul() is "onednn").
+    Second derivatives (create_graph=True: a gradient penalty) take torch's differentiable products in backward;
+    forward-mode AD and torch.func transforms never come here (Linear sends them to F.linear).
     """
 
     @staticmethod
@@ -88,12 +94,20 @@ class OneDNNLinear(torch.autograd.Function):
         return y.to(out_dtype).view(*x.shape[:-1], weight.size(0))  # (..., N)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # a second derivative is refused, not silently zero
     def backward(ctx, gy: torch.Tensor):
         x2, w = ctx.saved_tensors
         gy2 = gy.reshape(-1, gy.size(-1))  # (M, N)
         gyp = gy2.to(w.dtype)  # rounded as it enters the products (a no-op in float32)
         gx = gw = gb = None
+        if torch.is_grad_enabled():  # create_graph=True: the same products, as ops autograd can differentiate again
+            # (oneDNN's op has no derivative: through it a second derivative came out zero, silently)
+            if ctx.needs_input_grad[0]:
+                gx = (gyp @ w).to(ctx.x_dtype).view(*gy.shape[:-1], w.size(1))  # gy W: (..., K)
+            if ctx.needs_input_grad[1]:
+                gw = (gyp.t() @ x2).to(ctx.w_dtype)  # gy^T x: (N, K)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                gb = gy2.sum(0, dtype=torch.float32).to(ctx.w_dtype)
+            return gx, gw, gb, None, None
         if ctx.needs_input_grad[0]:
             gx = onednn_linear(gyp, w.t(), None).to(ctx.x_dtype).view(*gy.shape[:-1], w.size(1))  # gy W: (..., K)
         if ctx.needs_input_grad[1]:
@@ -200,11 +214,15 @@ def set_cpu_matmul(setting: str) -> str:
     "onednn" and "torch" are taken as they are. "auto" takes $FUNGPT_CPU_MATMUL when it is set, and
     otherwise asks choose_cpu_matmul about this machine.
     """
-    if setting == "auto" and os.environ.get("FUNGPT_CPU_MATMUL", "auto") != "auto":
-        setting = os.environ["FUNGPT_CPU_MATMUL"]
+    variable = os.environ.get("FUNGPT_CPU_MATMUL", "").strip() or "auto"  # (set empty: as unset)
+    if setting == "auto" and variable != "auto":
+        setting = variable
         if setting not in CPU_MATMULS:
             raise FunGPTError(f"FUNGPT_CPU_MATMUL={setting!r} is unknown: set it to one of {', '.join(CPU_MATMULS)}, "
                               "or unset it")
+        if setting == "onednn" and not onednn_works():  # (choose_cpu_matmul's advice, 'auto', is what read it)
+            raise FunGPTError("FUNGPT_CPU_MATMUL=onednn, but this torch build has no working oneDNN linear op: "
+                              "unset it, or set it to torch")
     resolved = _detected(setting)
     _chosen[:] = [resolved]
     return resolved
@@ -326,7 +344,11 @@ class Linear(nn.Linear):
                 dtype == torch.float32 and (compiling or empty or cpu_matmul() != "onednn")):
             return F.linear(x, w, b)
         out_dtype = dtype if self.keeps_bfloat16 else torch.float32
-        if compiling or empty or cpu_matmul() != "onednn" or not onednn_bf16_works():  # bfloat16, torch's kernels
+        # torch's kernels: for bfloat16 where oneDNN runs none; and for an input oneDNN's op would mishandle: of
+        # another width (its error names no shapes), a 0-d one, or one of forward-mode AD or torch.func (jvp, vmap),
+        # whose tangents the op drops (derivatives that came out zero, silently)
+        if (compiling or empty or cpu_matmul() != "onednn" or not onednn_bf16_works() or x.dim() == 0
+                or x.size(-1) != w.size(1) or not (_plain(x) and _plain(w))):
             y = F.linear(x.to(dtype), w.to(dtype)).to(out_dtype)  # autograd's backward: bfloat16 products too
             # the bias added after the product's rounding, in out_dtype (oneDNN adds it inside, rounded to
             # bfloat16: the two differ by a bfloat16 rounding at most); its gradient summed by autograd

@@ -199,13 +199,43 @@ def test_gradients_reach_a_trainable_bias_of_a_frozen_layer_and_strided_inputs(m
 
 
 @needs_onednn
-def test_second_derivatives_are_refused_not_silently_zero(matmul_setting):
+def test_second_derivatives_are_nn_linears(matmul_setting):
+    """A gradient penalty through oneDNN's products: refused with a raw error where the first gradient's own gradient
+    required grad, and silently zero (or "does not require grad") where it did not."""
     matmul_setting("onednn")
-    layer = Linear(4, 3)
-    x = torch.randn(2, 4, requires_grad=True)
-    (g,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|double backward"):
-        g.sum().backward()
+    torch.manual_seed(0)
+    layer, ref = Linear(4, 3), torch.nn.Linear(4, 3)
+    ref.load_state_dict(layer.state_dict())
+    for lin in (layer, ref):
+        x = torch.randn(2, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        (g,) = torch.autograd.grad(lin(x).square().sum(), x, create_graph=True)
+        lin.second = torch.autograd.grad(g.square().sum(), (x, lin.weight, lin.bias))
+        (g,) = torch.autograd.grad(lin(x).sum(), x, create_graph=True)  # a constant incoming gradient
+        g.square().sum().backward()
+    for got, want in zip((*layer.second, layer.weight.grad), (*ref.second, ref.weight.grad)):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want)
+
+
+@needs_onednn
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # (torch.func's own import)
+def test_forward_mode_derivatives_and_wrong_widths_are_nn_linears(matmul_setting):
+    """jvp, jacfwd and forward_ad through a layer needing no backward went to oneDNN's op, which dropped the tangents
+    (zeros or None, silently); an input of another width got oneDNN's "could not create a primitive descriptor"."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import jacfwd, jvp
+
+    matmul_setting("onednn")
+    torch.manual_seed(0)
+    layer, ref = Linear(4, 3).requires_grad_(False), torch.nn.Linear(4, 3)
+    ref.load_state_dict(layer.state_dict())
+    x, t = torch.randn(2, 4), torch.randn(2, 4)
+    torch.testing.assert_close(jvp(layer, (x,), (t,))[1], jvp(ref, (x,), (t,))[1])
+    torch.testing.assert_close(jacfwd(layer)(x), jacfwd(ref)(x))
+    with fwAD.dual_level():
+        torch.testing.assert_close(fwAD.unpack_dual(layer(fwAD.make_dual(x, t))).tangent, t @ layer.weight.t())
+    with pytest.raises(RuntimeError, match=r"mat1 and mat2 shapes cannot be multiplied \(2x5 and 4x3\)"):
+        layer(torch.ones(2, 5))
 
 
 @needs_onednn
@@ -242,6 +272,14 @@ def test_env_var_sets_auto_and_bad_values_get_one_clear_line(matmul_setting, mon
         assert matmul_setting("onednn") == "onednn"  # an explicit setting beats the variable
     monkeypatch.setenv("FUNGPT_CPU_MATMUL", "mkl")
     with pytest.raises(FunGPTError, match="FUNGPT_CPU_MATMUL='mkl' is unknown"):
+        matmul_setting("auto")
+    monkeypatch.setenv("FUNGPT_CPU_MATMUL", "")  # set empty (FUNGPT_CPU_MATMUL= in a script): as unset
+    assert matmul_setting("auto") == linear._detected("auto")
+    # oneDNN asked for by the variable where this torch has none: said of the variable ('auto' is what read it)
+    monkeypatch.setenv("FUNGPT_CPU_MATMUL", "onednn")
+    monkeypatch.setattr(linear, "onednn_works", lambda: False)
+    with pytest.raises(FunGPTError, match=r"^FUNGPT_CPU_MATMUL=onednn, but this torch build has no working oneDNN "
+                                          r"linear op: unset it, or set it to torch$"):
         matmul_setting("auto")
 
 
