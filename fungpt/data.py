@@ -39,7 +39,9 @@ Big corpora are streamed in chunks of about 1 MB, so memory stays flat whatever
 the corpus size. Chunks (and the smaller groups sent to BPE's parallel encoder)
 are cut just before a newline that follows a non-space character. At such a point
 GPT-2's pre-tokenizer always starts a new piece anyway, so the token ids are
-exactly those of encoding each split's text in one go.
+exactly those of encoding each split's text in one go. (Text with no such point, nor a
+space, for 128K characters, a DNA sequence say, is cut where it must be: there a token
+can differ from one-go encoding; the text decodes back the same.)
 """
 
 from __future__ import annotations
@@ -847,6 +849,10 @@ def prepare(
         codecs.register_error(_COUNTED_REPLACE, _counted_replace)
         decoding = _COUNTED_REPLACE
     n_file = 0
+    # A given char tokenizer is asked about each character here, in pass 1: where one is missing, its error names the
+    # file and the position in it (encoding in pass 2 knows neither: a position in a piece of the split, no file)
+    known = set(given.chars) if isinstance(given, CharTokenizer) else None
+    file_start = 0  # where the current file's text starts (characters of the corpus before it)
     with _progress_bar(total_bytes, "checking", progress) as bar:
 
         def on_bytes(data: bytes) -> None:
@@ -858,6 +864,12 @@ def prepare(
                 replaced[n_file] = _replacements.count
                 _replacements.count, n_file = 0, n_file + 1
                 separator_spans.append((n_chars, n_chars + len(text)))
+                file_start = n_chars + len(text)
+            elif known is not None and not known.issuperset(text):
+                try:
+                    given.encode_array(text, offset=n_chars - file_start)
+                except FunGPTError as e:
+                    raise FunGPTError(f"{files[n_file]}: {e}") from None
             elif has_eot:
                 at = text.find(EOT_TEXT)
                 while at >= 0:
@@ -892,7 +904,8 @@ def prepare(
                               ("val", n_chars - boundary - separators_in_val)):
         if text_chars == 0 and has_eot:
             raise FunGPTError(f"the {which} split holds no text, only the separators between files (val fraction "
-                              f"{val_fraction}); use more text or a different --val-fraction")
+                              f"{val_fraction}); use more text, or another val fraction (--val-fraction for fungpt "
+                              f"prepare, --data.val-fraction for fungpt train)")
 
     # --- the tokenizer ---------------------------------------------------------------
     if given is not None:

@@ -1489,7 +1489,9 @@ def test_a_split_of_separators_alone_is_refused_before_anything_is_written(tmp_p
     folder.mkdir()
     (folder / "a.txt").write_text("x" * 2000, encoding="utf-8")
     (folder / "b.txt").write_bytes(b"\xef\xbb\xbf")
-    with pytest.raises(FunGPTError, match=r"the val split holds no text, only the separators between files"):
+    with pytest.raises(FunGPTError, match=r"the val split holds no text, only the separators between files .*; use "
+                                          r"more text, or another val fraction \(--val-fraction for fungpt prepare, "
+                                          r"--data.val-fraction for fungpt train\)$"):  # (train has no --val-fraction)
         prepare(folder, tmp_path / "out", tokenizer="bpe", vocab_size=300, val_fraction=0.006, progress=False)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
     # a char vocabulary's separator is a newline, text like any other: a val split of it alone is one character
@@ -1613,3 +1615,23 @@ def test_damage_or_odd_input_met_while_preparing_is_handled(tmp_path, fake_downl
 
     text = "x " * 50 + ".\n\n" + EOT_TEXT[:5]  # (the read ends inside the <|endoftext|> that follows)
     assert data_mod._last_safe_cut(text) == text.index(".\n\n") + 1  # before both newlines, not between them
+
+
+def test_a_given_char_tokenizer_names_the_file_and_its_position_of_a_missing_character(tmp_path):
+    """prepare(..., tokenizer=a char tokenizer) said a missing character's position within a piece of the split (799
+    for the 8,000th character) and no file."""
+    from fungpt.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.train("abc \n")
+    (tmp_path / "one.txt").write_text("abc abc\n" * 1000 + "Z\n", encoding="utf-8")
+    with pytest.raises(FunGPTError, match=re.escape(f"{tmp_path / 'one.txt'}: character 'Z' (U+005A LATIN CAPITAL "
+                                                    f"LETTER Z) at position 8,000 (counting from 0) is not in")):
+        prepare(tmp_path / "one.txt", tmp_path / "o1", tokenizer=tok, progress=False)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("abc\n" * 10, encoding="utf-8")
+    (tmp_path / "c" / "b.txt").write_text("ab\nQ", encoding="utf-8")
+    with pytest.raises(FunGPTError, match=re.escape(f"{tmp_path / 'c' / 'b.txt'}: character 'Q' (U+0051 LATIN CAPITAL "
+                                                    f"LETTER Q) at position 3 (counting")):
+        prepare(tmp_path / "c", tmp_path / "o2", tokenizer=tok, progress=False)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    assert load_meta(prepare(tmp_path / "c" / "a.txt", tmp_path / "o3", tokenizer=tok, progress=False))["train_tokens"]
