@@ -913,7 +913,9 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
             # the rest): the line says so, and which process it is.
             why = (" (from torchrun: if another process failed, its error is above)"
                    if e.signum == signal.SIGTERM and os.environ.get("TORCHELASTIC_RUN_ID") else "")
-            _say_error(f"\nfungpt{_startup.rank_prefix()}: stopped by {signal.Signals(e.signum).name}{why}")
+            left = getattr(e, "left", None)  # (what it left, where the command says so: see said_on_ctrl_c)
+            _say_error(f"\nfungpt{_startup.rank_prefix()}: stopped by {signal.Signals(e.signum).name}{why}"
+                       + (f": {left}" if left else ""))
         if not fungpt_command:
             # A program that called main() (a script, a notebook, pytest) ends as the signal would have ended it
             # without FunGPT: only the cleaning up came first.

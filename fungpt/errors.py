@@ -32,13 +32,16 @@ class FunGPTError(Exception):
 def said_on_ctrl_c(what_it_left: str | Callable[[], str | None]) -> Iterator[None]:
     """A Ctrl-C in the block is raised again as KeyboardInterrupt(what_it_left), which the command line prints after
     "fungpt: interrupted: ", so the user knows what the interruption left (a half-written dataset? a run to
-    resume?). An interruption that already says so, and SIGTERM's or SIGHUP's (a subclass, with its own line),
-    pass as they are. `what_it_left` may be a function, asked when the Ctrl-C comes (for a block whose work moves
-    on: training's setup); when it gives None, the interruption passes as it is."""
+    resume?). An interruption that already says so passes as it is, and so do SIGTERM's and SIGHUP's (a subclass,
+    with its own line, which says what_it_left after it: their `left`). `what_it_left` may be a function, asked
+    when the Ctrl-C comes (for a block whose work moves on: training's setup); when it gives None, the interruption
+    passes as it is."""
     try:
         yield
     except KeyboardInterrupt as e:
         said = what_it_left() if callable(what_it_left) else what_it_left
+        if type(e) is not KeyboardInterrupt and said is not None and getattr(e, "left", None) is None:
+            e.left = said  # (SIGTERM, SIGHUP: said after their own line, as Ctrl-C's is; the innermost block's)
         if type(e) is not KeyboardInterrupt or e.args or said is None:
             raise
         raise KeyboardInterrupt(said) from None

@@ -874,7 +874,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     if ddp.enabled:  # the processes agree first: one that stopped alone (rank 0 at a locked out_dir) left the others
         # waiting in the next collective call, where torchrun's SIGTERM cannot reach them (killed 30 s later)
         first = next((said for said in _gather(refused and str(refused), ddp) if said), None)
-        refused = refused or (first and FunGPTError(first))  # (each process says it, as for errors they all hit)
+        # (each process says the first rank's, as for errors they all hit: rank 0 alone asks the lock, and another
+        # rank's own "already holds a run" gave advice the lock then refused)
+        refused = first and FunGPTError(first)
     if refused:
         raise refused
     check_loggers(tc)  # likewise, and before the run folder is written (a retry would need --overwrite)

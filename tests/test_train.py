@@ -1350,8 +1350,10 @@ def test_ddp_two_gloo_processes(corpus, tmp_path):
 def test_ddp_processes_agree_on_a_refused_out_dir_before_they_wait_on_each_other(corpus, tmp_path):
     """Only rank 0 asks whether a run holds out_dir's lock. It refused and stopped while rank 1 went on into making
     a process group, a wait that torchrun's SIGTERM cannot end: rank 1 was killed 30 s later. Now every process
-    hears the refusal first, and says it, as they say errors they all hit."""
+    hears the refusal first, and says it, as they say errors they all hit: rank 0's (a folder holding a run, training
+    still, had rank 1 say "already holds a training run: pass --resume ...", advice the lock then refused)."""
     out = tmp_path / "busy"
+    train(tiny_config(corpus, out, max_iters=1), progress=False)  # (a run there, as one still training has)
     hold = ("import sys\nfrom pathlib import Path\nfrom fungpt.rundir import lock_out_dir\n"
             "with lock_out_dir(Path(sys.argv[1])):\n    print('locked', flush=True)\n    sys.stdin.read()\n")
     holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -1368,6 +1370,7 @@ def test_ddp_processes_agree_on_a_refused_out_dir_before_they_wait_on_each_other
     assert any(line.startswith("error: ") and "in use by a training run" in line for line in lines), proc.stderr
     assert any(line.startswith("error (rank 1): ") and "in use by a training run" in line for line in lines), (
         proc.stderr)
+    assert "already holds" not in proc.stderr
 
 
 def _torchrun_train(corpus, out, tmp_path, *extra) -> list[str]:
