@@ -280,9 +280,10 @@ def save_checkpoint(out_dir: str | Path, kind: str, step: int, model: torch.nn.M
             shutil.rmtree(final, ignore_errors=True)  # renamed, but the pointer could not be switched
         why = str(e)
         if isinstance(e, OSError) and e.strerror:  # named: "Not a directory" alone named neither the file nor the fix
-            blocker = file_in_the_way(Path(e.filename)) if e.filename else None
+            named = e.filename2 or e.filename  # (a rename's: the target that is in the way, not the source)
+            blocker = file_in_the_way(Path(named)) if named else None
             why = (f"{blocker} is a file where a folder is needed" if blocker is not None
-                   else f"{e.strerror} ({e.filename})" if e.filename else e.strerror)
+                   else f"{e.strerror} ({named})" if named else e.strerror)
         try:  # (a pointer damaged by hand must not hide this error behind its own)
             before = find_checkpoint(out_dir, kind)  # (a pointer missing: the newest complete folder, as resume finds)
         except FunGPTError:

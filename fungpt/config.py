@@ -541,8 +541,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
                           + (f", or the name of an example config: {', '.join(names)}" if names else ""))
     if path.suffix == ".json":  # the config.json a run saved: train another run like it
         d = _read_saved_config(path)
-        if not d:  # ({}: as an empty TOML file, below)
-            raise FunGPTError(f"config file {path} holds no settings; write the settings into it, or leave --config "
+        if not d:  # ({}: as an empty TOML file, below; a run's own, read by --resume: damaged)
+            run = (path.parent / "metrics.jsonl").is_file() or (path.parent / "checkpoints").is_dir()
+            raise FunGPTError(f"{path} holds no settings: the run's config.json is damaged; restore it (the settings "
+                              f"it trained with), or train into a new out_dir" if run else
+                              f"config file {path} holds no settings; write the settings into it, or leave --config "
                               f"out to train with the defaults")
         if isinstance(d.get("model"), dict):
             # Not a setting of its own: the size of its data's tokenizer (from scratch), or of its pretrained

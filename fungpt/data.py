@@ -865,6 +865,9 @@ def prepare(
                 _replacements.count, n_file = 0, n_file + 1
                 separator_spans.append((n_chars, n_chars + len(text)))
                 file_start = n_chars + len(text)
+                if known is not None and not known.issuperset(text):  # (refused in pass 2 as text to remove)
+                    raise FunGPTError(f"the given char tokenizer has no {text!r}, which prepare puts between the files "
+                                      f"of a folder ({input}): use a tokenizer that has it, or join the files into one")
             elif known is not None and not known.issuperset(text):
                 try:
                     given.encode_array(text, offset=n_chars - file_start)

@@ -78,7 +78,7 @@ def direct(module: nn.Module | Callable) -> Callable:
 # them. A learner who edits one of them (another attention, an MLP without its activation) gets GPT.forward's
 # generation, slower and right, instead of this file's copy of the old code. After changing them on purpose,
 # change Decoder.step to match and set this to mirrored_source()'s new value (tests/test_decode.py checks it).
-MIRRORED = "becad31cd1e4eb1a8833862bbcd7c62b55be374c30d54201f100218cb6c99541"
+MIRRORED = "73867c18d80c5e1f692a3cc9592a5129795da0003d2224f3d13474a61603d5cf"
 
 
 @functools.cache

@@ -88,7 +88,10 @@ class OneDNNLinear(torch.autograd.Function):
                 dtype: torch.dtype = torch.float32, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         x2 = x.reshape(-1, x.size(-1)).to(dtype)  # (..., K) -> (M, K), rounded (a no-op in float32)
         w = weight.to(dtype)
-        ctx.save_for_backward(x2, w)  # the rounded copies: half the memory in bfloat16
+        # bfloat16: the rounded copies (half the memory); float32: the inputs themselves (x2 is x's rows, w the
+        # weight), so that a second derivative (create_graph) reaches them, which copies made here would not
+        ctx.rounded = dtype != torch.float32
+        ctx.save_for_backward(*((x2, w) if ctx.rounded else (x, weight)))
         ctx.has_bias, ctx.x_dtype, ctx.w_dtype = bias is not None, x.dtype, weight.dtype
         y = onednn_linear(x2, w, None if bias is None else bias.to(dtype))
         return y.to(out_dtype).view(*x.shape[:-1], weight.size(0))  # (..., N)
@@ -96,11 +99,16 @@ class OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy: torch.Tensor):
         x2, w = ctx.saved_tensors
+        if not ctx.rounded:
+            x2 = x2.reshape(-1, x2.size(-1))  # x's rows (M, K), as forward took them
         gy2 = gy.reshape(-1, gy.size(-1))  # (M, N)
         gyp = gy2.to(w.dtype)  # rounded as it enters the products (a no-op in float32)
         gx = gw = gb = None
         if torch.is_grad_enabled():  # create_graph=True: the same products, as ops autograd can differentiate again
             # (oneDNN's op has no derivative: through it a second derivative came out zero, silently)
+            if ctx.rounded:  # (the rounded copies lead back to no input)
+                raise RuntimeError("second derivatives through bfloat16 products (train.dtype = 'bfloat16' on a "
+                                   "CPU) are not supported: take them in float32")
             if ctx.needs_input_grad[0]:
                 gx = (gyp @ w).to(ctx.x_dtype).view(*gy.shape[:-1], w.size(1))  # gy W: (..., K)
             if ctx.needs_input_grad[1]:
@@ -348,7 +356,7 @@ class Linear(nn.Linear):
         # another width (its error names no shapes), a 0-d one, or one of forward-mode AD or torch.func (jvp, vmap),
         # whose tangents the op drops (derivatives that came out zero, silently)
         if (compiling or empty or cpu_matmul() != "onednn" or not onednn_bf16_works() or x.dim() == 0
-                or x.size(-1) != w.size(1) or not (_plain(x) and _plain(w))):
+                or x.size(-1) != w.size(1) or not (_plain(x) and _plain(w) and (b is None or _plain(b)))):
             y = F.linear(x.to(dtype), w.to(dtype)).to(out_dtype)  # autograd's backward: bfloat16 products too
             # the bias added after the product's rounding, in out_dtype (oneDNN adds it inside, rounded to
             # bfloat16: the two differ by a bfloat16 rounding at most); its gradient summed by autograd

@@ -1633,5 +1633,11 @@ def test_a_given_char_tokenizer_names_the_file_and_its_position_of_a_missing_cha
     with pytest.raises(FunGPTError, match=re.escape(f"{tmp_path / 'c' / 'b.txt'}: character 'Q' (U+0051 LATIN CAPITAL "
                                                     f"LETTER Q) at position 3 (counting")):
         prepare(tmp_path / "c", tmp_path / "o2", tokenizer=tok, progress=False)
+    with pytest.raises(FunGPTError, match=r"the given char tokenizer has no '\\n', which prepare puts between the "
+                                          r"files of a folder \(.*\): use a tokenizer that has it, or join"):
+        (tmp_path / "d").mkdir()  # (files without a newline of their own: only the one put between them)
+        (tmp_path / "d" / "a.txt").write_text("abc " * 100, encoding="utf-8")
+        (tmp_path / "d" / "b.txt").write_text("cab " * 100, encoding="utf-8")
+        prepare(tmp_path / "d", tmp_path / "o4", tokenizer=CharTokenizer.train("abc "), progress=False)
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
     assert load_meta(prepare(tmp_path / "c" / "a.txt", tmp_path / "o3", tokenizer=tok, progress=False))["train_tokens"]

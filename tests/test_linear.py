@@ -204,17 +204,23 @@ def test_second_derivatives_are_nn_linears(matmul_setting):
     required grad, and silently zero (or "does not require grad") where it did not."""
     matmul_setting("onednn")
     torch.manual_seed(0)
-    layer, ref = Linear(4, 3), torch.nn.Linear(4, 3)
+    layer, ref = Linear(8, 4), torch.nn.Linear(8, 4)
     ref.load_state_dict(layer.state_dict())
     for lin in (layer, ref):
-        x = torch.randn(2, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
-        (g,) = torch.autograd.grad(lin(x).square().sum(), x, create_graph=True)
-        lin.second = torch.autograd.grad(g.square().sum(), (x, lin.weight, lin.bias))
+        x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)  # (B, T, C)
+        lin.second = []
+        for of in (x, lin.weight):  # a penalty on the input's gradient, then on the weight's
+            (g,) = torch.autograd.grad(lin(x).square().sum(), of, create_graph=True)
+            lin.second += torch.autograd.grad(g.square().sum(), (x, lin.weight, lin.bias))
         (g,) = torch.autograd.grad(lin(x).sum(), x, create_graph=True)  # a constant incoming gradient
         g.square().sum().backward()
     for got, want in zip((*layer.second, layer.weight.grad), (*ref.second, ref.weight.grad)):
         assert want.abs().sum() > 0
         torch.testing.assert_close(got, want)
+    x = torch.randn(2, 8, requires_grad=True)
+    if linear.onednn_bf16_works():  # (the rounded copies it keeps lead back to no input: refused, not zero)
+        with linear.bfloat16_products(), pytest.raises(RuntimeError, match="second derivatives through bfloat16"):
+            torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
 
 
 @needs_onednn
@@ -236,6 +242,10 @@ def test_forward_mode_derivatives_and_wrong_widths_are_nn_linears(matmul_setting
         torch.testing.assert_close(fwAD.unpack_dual(layer(fwAD.make_dual(x, t))).tangent, t @ layer.weight.t())
     with pytest.raises(RuntimeError, match=r"mat1 and mat2 shapes cannot be multiplied \(2x5 and 4x3\)"):
         layer(torch.ones(2, 5))
+    # a tangent on the bias alone (torch.func.functional_call over it)
+    tb = torch.randn(3)
+    got = jvp(lambda b: torch.func.functional_call(layer, {"bias": b}, (x,)), (layer.bias,), (tb,))[1]
+    torch.testing.assert_close(got, tb.expand(2, 3))
 
 
 @needs_onednn

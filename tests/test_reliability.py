@@ -398,6 +398,11 @@ def test_a_save_that_fails_names_what_is_in_the_way(world, tmp_path):
     with pytest.raises(FunGPTError, match=re.escape(f"could not save the best checkpoint at step 7 in {out}: "
                                                     f"{out / 'checkpoints'} is a file where a folder is needed; ")):
         ckpt.save_checkpoint(out, "best", 7, model)
+    (out / "checkpoints").unlink()
+    (out / "best.json").unlink()
+    (out / "best.json").mkdir()  # the pointer's rename fails: named by its target, not the temporary file renamed
+    with pytest.raises(FunGPTError, match=re.escape(f": Is a directory ({out / 'best.json'}); ")):
+        ckpt.save_checkpoint(out, "best", 7, model)
 
 
 def test_a_killed_save_of_the_other_kind_is_cleared_by_the_next_save(world, tmp_path):

@@ -1257,6 +1257,10 @@ def test_json_configs_are_read_as_strictly_as_toml_and_as_kindly_as_a_run_saved_
     assert main(["train", "--config", str(out / "config.json"), "--out-dir", str(tmp_path / "again")]) == 0
     assert json.loads((tmp_path / "again" / "config.json").read_text())["train"]["max_iters"] == 3
     capsys.readouterr()
+    (out / "config.json").write_text("{}")  # a run's own, damaged: no --config to leave out
+    assert main(["train", "--out-dir", str(out), "--resume"]) == 2
+    assert (f"{out / 'config.json'} holds no settings: the run's config.json is damaged; restore it"
+            in capsys.readouterr().err)
     (tmp_path / "dup.json").write_text('{"out_dir": "x", "train": {"max_iters": 5}, "train": {"lr": 0.5}}')
     (tmp_path / "empty.json").write_text("{}")
     (tmp_path / "tiny.toml").write_text(f'[data]\npath = "{corpus.as_posix()}"\n')
