@@ -116,23 +116,41 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
 
 
 def _tokens_note(runs: list[str | Path]) -> str | None:
-    """A note when the runs' tokens differ (another tokenizer, or vocabulary size): a loss in nats per token then
-    does not compare (a character-level run's reads far lower than a BPE run's that predicts the same text better);
-    bits per byte do. None when they agree, or a run's files do not tell."""
+    """A note when the runs' losses do not compare: their val splits are other text (the corpus changed between
+    them, or its split), or their tokens differ (another tokenizer, size, or merges: a character-level run's loss per
+    token reads far lower than a BPE run's that predicts the same text better; bits per byte compare). None when
+    they agree, or a run's files do not tell."""
+    from fungpt import checkpoint as ckpt
     from fungpt.errors import read_json
     from fungpt.tokenizer import META_FILE
 
-    kinds: dict[str, list[str]] = {}
-    for run in runs if len(runs) > 1 else ():
+    if len(runs) < 2:
+        return None
+    labels, tokens, texts = {}, set(), set()
+    for run in runs:
         try:
             kind = read_json(Path(run) / META_FILE)["kind"]
-            vocab = read_json(Path(run) / "config.json")["model"]["vocab_size"]
-        except (FunGPTError, OSError, ValueError, KeyError, TypeError):  # (a damaged file: no note, the plot stands)
+            saved = read_json(Path(run) / "config.json")
+            vocab = saved["model"]["vocab_size"]
+            tokens.add(ckpt.tokenizer_fingerprint(run))
+        except (FunGPTError, OSError, ValueError, KeyError, TypeError, AttributeError):  # (damaged: no note)
             return None
-        kinds.setdefault(f"{kind} {vocab:,}" if isinstance(vocab, int) else str(kind), []).append(str(run))
-    if len(kinds) < 2:
+        try:  # the text's sha256, as the checkpoint recorded it, and the split (None where a run does not tell)
+            folder = ckpt.find_checkpoint(run)
+            text = str(read_json(folder / ckpt.MANIFEST_FILE).get("data_fingerprint") or "").partition(":")[0]
+            texts.add((text, saved["data"]["val_fraction"]) if text else None)
+        except (FunGPTError, OSError, ValueError, KeyError, TypeError, AttributeError):
+            texts.add(None)
+        labels.setdefault(f"{kind} {vocab:,}" if isinstance(vocab, int) else str(kind), []).append(str(run))
+    tokens_differ = len(tokens) > 1 or len(labels) > 1
+    if None not in texts and len(texts) > 1:
+        return ("fungpt: note: these runs' val splits are other text (their corpus, or its split, differs), so their "
+                "val losses do not compare; `fungpt eval RUN --input FILE` scores each on one same file"
+                + (" (in bits per byte: their tokens differ too)" if tokens_differ else ""))
+    if not tokens_differ:
         return None
-    which = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in kinds.items())
+    which = ("; ".join(f"{kind}: {', '.join(names)}" for kind, names in labels.items()) if len(labels) > 1
+             else f"{next(iter(labels))} each, with other tokens")
     return (f"fungpt: note: these runs' tokens differ ({which}), so their losses per token do not compare; "
             f"`fungpt eval RUN` gives each one's bits per byte, which do")
 

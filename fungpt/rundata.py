@@ -344,9 +344,9 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
         gone = Path(cfg.data.path).expanduser()
         if resume_dir is None or gone.is_absolute() or gone.exists() or cfg.data.path == "shakespeare":
             raise
-        raise FunGPTError(f"{e} (resuming, the run's config.json gives data.path unless --data.path is passed; a "
-                          f"relative one is found from the folder you run in: run where you trained, or pass "
-                          f"--data.path with its full path)") from None
+        raise FunGPTError(f"{e} (resuming, data.path is the run's config.json's unless --config or --data.path "
+                          f"gives another; a relative one is found from the folder you run in: run where you trained, "
+                          f"or pass --data.path with its full path)") from None
     if pre is None and resume_dir is not None:
         data_dir = encoded_as_the_run(cfg.data, data_dir, resume_dir, is_main, progress)
     meta = load_meta(data_dir)

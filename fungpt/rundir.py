@@ -257,6 +257,21 @@ def tokenizer_setting(data: DataConfig) -> str:
     return f"'bpe' (vocab_size {DEFAULT_BPE_VOCAB if data.vocab_size is None else data.vocab_size})"
 
 
+def the_data_it_read(out: Path) -> Path | None:
+    """The prepared folder a run read (run.json's data_dir), while it is there with the run's own tokenizer (not
+    prepared again since): the data to resume with when the text it came from has changed; else None."""
+    from fungpt.errors import read_json  # (light: a resume's refusal only)
+    from fungpt.tokenizer import load_tokenizer
+
+    try:
+        was = Path(read_json(out / "run.json")["data_dir"])
+        if is_prepared(was) and load_tokenizer(out).first_difference(load_tokenizer(was)) is None:
+            return was
+    except (OSError, ValueError, KeyError, TypeError, FunGPTError):
+        pass
+    return None
+
+
 def check_resume_model(cfg: RunConfig) -> None:
     """Refuse to resume the run in cfg.out_dir with another model than its checkpoints hold (cfg resolved:
     vocab_size is the data's). dropout may change (it is no part of the weights, as nanoGPT's resume allows):
@@ -274,8 +289,11 @@ def check_resume_model(cfg: RunConfig) -> None:
                    if same else  # (another path given: both named, as written; the run's may be from another folder)
                    f"the run was started with data.path {saved.data.path!r}, and this resume gives "
                    f"{cfg.data.path!r}. Resume with the data it trained on")
-            raise FunGPTError(f"cannot resume {out}: its data now has {new['vocab_size']} distinct tokens where "
-                              f"the checkpoint was trained on {old['vocab_size']}; {why}, or train into a new "
+            read = the_data_it_read(out)  # (a corpus added to since: its cached tokens are the way back)
+            if read is not None:
+                why += f" (the tokens it read are still in {read}: --data.path {read})"
+            raise FunGPTError(f"cannot resume {out}: its data now has {new['vocab_size']:,} distinct tokens where "
+                              f"the checkpoint was trained on {old['vocab_size']:,}; {why}, or train into a new "
                               f"out_dir")
         from fungpt.pretrained import model_flag  # (the flag that sets a [model] field to a value)
 

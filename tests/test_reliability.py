@@ -652,8 +652,8 @@ def test_resuming_from_another_folder_says_where_a_relative_data_path_is_found(w
     monkeypatch.chdir(tmp_path / "run")
     assert main(["train", "--out-dir", str(tmp_path / "run"), "--resume", "--train.max-iters", "4"]) == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(
-        "(resuming, the run's config.json gives data.path unless --data.path is passed; a relative one is found from "
-        "the folder you run in: run where you trained, or pass --data.path with its full path)")
+        "(resuming, data.path is the run's config.json's unless --config or --data.path gives another; a relative "
+        "one is found from the folder you run in: run where you trained, or pass --data.path with its full path)")
 
 
 def test_running_out_of_memory_while_reading_weights_is_not_called_damage(world, monkeypatch):
@@ -818,20 +818,24 @@ def test_resume_on_a_grown_corpus_says_the_data_changed(world, tmp_path, monkeyp
     with corpus.open("a") as f:
         f.write("Zebras QUIETLY jumped!\n")  # characters the first vocabulary did not have
     with pytest.raises(FunGPTError, match=r"its data now has \d+ distinct tokens where the checkpoint was trained "
-                                          r"on \d+; .*corpus.txt .* changed since"):
+                                          r"on \d+; .*corpus.txt .* changed since") as caught:
         train(tiny_config(corpus, out, max_iters=4), resume=True, progress=False)
+    # the text it came from added to, the tokens it read are the way back: named (the same-size case named them)
+    read = json.loads((out / "run.json").read_text())["data_dir"]
+    assert f"(the tokens it read are still in {read}: --data.path {read})" in str(caught.value)
     # Another corpus given to the resume: named as such (it did not change), with the run's own
     other = tmp_path / "other.txt"
     other.write_text("abc abc abc\n" * 200)
     with pytest.raises(FunGPTError) as caught:
         train(tiny_config(other, out, max_iters=4), resume=True, progress=False)
     assert str(caught.value).endswith(f"; the run was started with data.path {str(corpus)!r}, and this resume gives "
-                                      f"{str(other)!r}. Resume with the data it trained on, or train into a new "
-                                      f"out_dir")
+                                      f"{str(other)!r}. Resume with the data it trained on (the tokens it read are "
+                                      f"still in {read}: --data.path {read}), or train into a new out_dir")
     # the same file by another path is the same data: it changed
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FunGPTError, match=r"; corpus.txt \(or its tokenizer settings\) changed since"):
         train(tiny_config("corpus.txt", out, max_iters=4), resume=True, progress=False)
+    assert train(tiny_config(Path(read), out, max_iters=4), resume=True, progress=False)["step"] == 4  # (so it is)
 
 
 def test_resume_on_edited_text_of_the_same_characters_says_so(world, tmp_path, capsys):

@@ -509,6 +509,31 @@ def test_plot_runs_says_when_the_runs_tokens_differ(tmp_path, capsys):
     assert capsys.readouterr().err == "" and (tmp_path / "damaged.png").is_file()
 
 
+def test_plot_runs_says_when_the_runs_val_splits_are_other_text(corpus, tmp_path, capsys):
+    """Two runs of one corpus, text added to it between them (tokens alike, or other merges of one size): drawn
+    without a word, or with "`fungpt eval RUN` gives bits per byte, which do" compare, which they do not: each
+    run's val split is other text."""
+    def run(name: str):
+        cfg = RunConfig(out_dir=str(tmp_path / name), data=DataConfig(path=str(corpus)),
+                        model=GPTConfig(vocab_size=1, block_size=16, n_layer=1, n_head=2, n_embd=16),
+                        train=TrainConfig(batch_size=2, max_iters=2, eval_iters=1, device="cpu", plot=False))
+        train(cfg, progress=False)
+        return tmp_path / name
+
+    a, same = run("a"), run("same")
+    capsys.readouterr()
+    plot_runs([a, same], tmp_path / "same.png")
+    assert "note" not in capsys.readouterr().err
+    with corpus.open("a", encoding="utf-8") as f:
+        f.write("the cat sat on the wall.\n" * 200)  # (the same characters: the tokens alike)
+    b = run("b")
+    capsys.readouterr()
+    plot_runs([a, b], tmp_path / "other.png")
+    assert capsys.readouterr().err == (
+        "fungpt: note: these runs' val splits are other text (their corpus, or its split, differs), so their val "
+        "losses do not compare; `fungpt eval RUN --input FILE` scores each on one same file\n")
+
+
 def record_plots(monkeypatch) -> list[tuple[str, list, list]]:
     """(label, x, y) of every line plot_runs draws, in order."""
     from matplotlib.axes import Axes
