@@ -129,10 +129,13 @@ def _tokens_note(runs: list[str | Path]) -> str | None:
     labels, tokens, texts = {}, set(), set()
     for run in runs:
         try:
-            kind = read_json(Path(run) / META_FILE)["kind"]
-            saved = read_json(Path(run) / "config.json")
+            meta = read_json(Path(run) / META_FILE)
+            kind, saved = meta["kind"], read_json(Path(run) / "config.json")
             vocab = saved["model"]["vocab_size"]
-            tokens.add(ckpt.tokenizer_fingerprint(run))
+            # the tokenizer's files, less where it came from (one model folder's copies elsewhere: the same tokens)
+            named = Path(run) / meta["file"] if isinstance(meta.get("file"), str) else None
+            tokens.add((repr({k: v for k, v in meta.items() if k != "source"}),
+                        named.read_bytes() if named is not None and named.parent == Path(run) else b""))
         except (FunGPTError, OSError, ValueError, KeyError, TypeError, AttributeError):  # (damaged: no note)
             return None
         try:  # the text's sha256, as the checkpoint recorded it, and the split (None where a run does not tell)

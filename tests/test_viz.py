@@ -503,6 +503,18 @@ def test_plot_runs_says_when_the_runs_tokens_differ(tmp_path, capsys):
         f"fungpt: note: these runs' tokens differ (char 65: {runs['c']}, {runs['c2']}; bpe 4,096: {runs['b']}; "
         f"bpe 512: {runs['b2']}), so their losses per token do not compare; `fungpt eval RUN` gives each one's "
         f"bits per byte, which do\n")
+    # one model folder's tokenizer, copied from two places: the same tokens; another tokenizer.json of that size: not
+    for name, source, merges in (("h1", "models/a", "x y"), ("h2", "copies/a", "x y"), ("h3", "models/a", "y x")):
+        runs[name] = write_metrics(tmp_path / name, [{"step": 1, "train_loss": 3.0}])
+        (runs[name] / "tokenizer_meta.json").write_text(json.dumps({"kind": "hf", "file": "tokenizer.json",
+                                                                    "source": source}), encoding="utf-8")
+        (runs[name] / "tokenizer.json").write_text(json.dumps({"merges": [merges]}), encoding="utf-8")
+        (runs[name] / "config.json").write_text(json.dumps({"model": {"vocab_size": 300}}), encoding="utf-8")
+    plot_runs([runs["h1"], runs["h2"]], tmp_path / "copies.png")
+    assert "note" not in capsys.readouterr().err
+    plot_runs([runs["h1"], runs["h3"]], tmp_path / "merges.png")
+    assert capsys.readouterr().err.startswith("fungpt: note: these runs' tokens differ (hf 300 each, with other "
+                                              "tokens), so their losses per token do not compare")
     # a damaged file says nothing (the plot is what was asked for)
     (runs["b"] / "tokenizer_meta.json").write_text('{"kind": "b', encoding="utf-8")
     plot_runs([runs["c"], runs["b"]], tmp_path / "damaged.png")
