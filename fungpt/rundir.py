@@ -23,9 +23,9 @@ from fungpt import checkpoint as ckpt
 from fungpt import pretrained
 from fungpt.config import DataConfig, RunConfig, is_hf_config, load_run_config
 from fungpt.data import is_prepared, system_file
-from fungpt.errors import FunGPTError
+from fungpt.errors import FunGPTError, read_json
 from fungpt.tokenizer import BPE_FILE as TOKENIZER_BPE_FILE
-from fungpt.tokenizer import DEFAULT_BPE_VOCAB, TOKENIZER_TEMP
+from fungpt.tokenizer import DEFAULT_BPE_VOCAB, TOKENIZER_TEMP, load_tokenizer
 from fungpt.tokenizer import META_FILE as TOKENIZER_META_FILE
 
 # What a training run writes into its out_dir, and so all that --overwrite deletes there: the folder may
@@ -260,9 +260,6 @@ def tokenizer_setting(data: DataConfig) -> str:
 def the_data_it_read(out: Path) -> Path | None:
     """The prepared folder a run read (run.json's data_dir), while it is there with the run's own tokenizer (not
     prepared again since): the data to resume with when the text it came from has changed; else None."""
-    from fungpt.errors import read_json  # (light: a resume's refusal only)
-    from fungpt.tokenizer import load_tokenizer
-
     try:
         was = Path(read_json(out / "run.json")["data_dir"])
         if is_prepared(was) and load_tokenizer(out).first_difference(load_tokenizer(was)) is None:
