@@ -396,6 +396,11 @@ def _read_hf_weights(path: Path, meta: bool = False) -> dict[str, torch.Tensor]:
         except (ValueError, KeyError, TypeError, AttributeError):
             raise FunGPTError(f"{index} is corrupt (it should map each weight to its shard file); download or save "
                               f"the model again") from None
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:  # (safetensors says "No such file" without naming it: it read as a damaged file)
+            more = f" and {len(missing) - 1:,} more" if len(missing) > 1 else ""
+            raise FunGPTError(f"{path / missing[0]}{more}, listed in {index.name}, is missing: copy the shard files "
+                              f"into {path} (or download the model again)")
         return {k: v for shard in sorted(shards) for k, v in _read_safetensors(path / shard, meta).items()}
     if (path / "pytorch_model.bin").is_file():
         # (read whole even with `meta`: torch checks the sizes of its records only as it reads their data)

@@ -267,8 +267,8 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
         if pretrained.is_pretrained(cfg.model.init_from):  # fine-tuning: the checkpoint's architecture, as training
             checkpoint, info["vocab_note"] = pretrained.architecture(cfg.model.init_from)
             named = fields_named(target, []) if not hf_folder else ()
-            model = pretrained.merge_model_config(cfg.model, checkpoint, default_model(), named)
             tokens = pretrained.tokenizer_size(cfg.model.init_from)  # a padded table is trimmed, as training does
+            model = pretrained.merge_model_config(cfg.model, checkpoint, default_model(), named, tokens=tokens)
             if tokens is not None and tokens < model.vocab_size:  # said, as training says it
                 trimmed = (f"the checkpoint has {model.vocab_size:,} token embeddings for its tokenizer's {tokens:,} "
                            f"tokens: shown as fine-tuning trains it, with the {tokens:,} in use")

@@ -122,20 +122,23 @@ def _tokens_note(runs: list[str | Path]) -> str | None:
     they agree, or a run's files do not tell."""
     from fungpt import checkpoint as ckpt
     from fungpt.errors import read_json
-    from fungpt.tokenizer import META_FILE
+    from fungpt.tokenizer import META_FILE, load_tokenizer
 
     if len(runs) < 2:
         return None
-    labels, tokens, texts = {}, set(), set()
+    labels, texts, first, tokens_differ = {}, set(), None, False
     for run in runs:
         try:
-            meta = read_json(Path(run) / META_FILE)
-            kind, saved = meta["kind"], read_json(Path(run) / "config.json")
+            kind = read_json(Path(run) / META_FILE)["kind"]
+            saved = read_json(Path(run) / "config.json")
             vocab = saved["model"]["vocab_size"]
-            # the tokenizer's files, less where it came from (one model folder's copies elsewhere: the same tokens)
-            named = Path(run) / meta["file"] if isinstance(meta.get("file"), str) else None
-            tokens.add((repr({k: v for k, v in meta.items() if k != "source"}),
-                        named.read_bytes() if named is not None and named.parent == Path(run) else b""))
+            # by what each id stands for, not by the files (one model folder's tokenizer.json and its vocab.json +
+            # merges.txt, or its copy elsewhere, are the same tokens)
+            tok = load_tokenizer(run)
+            if first is None:
+                first = tok
+            elif first.first_difference(tok) is not None:
+                tokens_differ = True
         except (FunGPTError, OSError, ValueError, KeyError, TypeError, AttributeError):  # (damaged: no note)
             return None
         try:  # the text's sha256, as the checkpoint recorded it, and the split (None where a run does not tell)
@@ -145,7 +148,7 @@ def _tokens_note(runs: list[str | Path]) -> str | None:
         except (FunGPTError, OSError, ValueError, KeyError, TypeError, AttributeError):
             texts.add(None)
         labels.setdefault(f"{kind} {vocab:,}" if isinstance(vocab, int) else str(kind), []).append(str(run))
-    tokens_differ = len(tokens) > 1 or len(labels) > 1
+    tokens_differ = tokens_differ or len(labels) > 1
     if None not in texts and len(texts) > 1:
         return ("fungpt: note: these runs' val splits are other text (their corpus, or its split, differs), so their "
                 "val losses do not compare; `fungpt eval RUN --input FILE` scores each on one same file"

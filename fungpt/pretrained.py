@@ -198,11 +198,12 @@ def model_flag(name: str, value: Any) -> str:
 
 
 def merge_model_config(asked: GPTConfig, checkpoint: GPTConfig, defaults: GPTConfig,
-                       named: Collection[str] = ()) -> GPTConfig:
+                       named: Collection[str] = (), tokens: int | None = None) -> GPTConfig:
     """The architecture to fine-tune: the checkpoint's, with the allowed overrides from `asked`.
 
     A field counts as set by the user as `fields_set` says. block_size may only shrink; dropout may be
-    anything; any other field that is set (vocab_size too) must equal the checkpoint's value.
+    anything; any other field that is set (vocab_size too) must equal the checkpoint's value, but vocab_size may
+    also be `tokens`, its tokenizer's size, where that is smaller: a padded table is trimmed to it (trim_vocab).
     """
     ignored = {"init_from", *OVERRIDABLE}
     is_set = fields_set(asked, defaults, named)
@@ -211,6 +212,8 @@ def merge_model_config(asked: GPTConfig, checkpoint: GPTConfig, defaults: GPTCon
         if f.name in ignored:
             continue
         mine, theirs = getattr(asked, f.name), getattr(checkpoint, f.name)
+        if f.name == "vocab_size" and tokens is not None and mine == tokens < theirs:
+            continue  # (the size the run trains at: asked for, it was refused for the checkpoint's padded one)
         if f.name in is_set and mine != theirs:
             conflicts.append(f"{f.name} = {mine!r} (the checkpoint has {theirs!r})")
             flags.append(model_flag(f.name, theirs))

@@ -329,7 +329,8 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
         model = dataclasses.replace(load_run_config(resume_dir).model, **{k: getattr(cfg.model, k) for k in asked})
         cfg = dataclasses.replace(cfg, model=model)
     elif pre is not None:
-        model = pretrained.merge_model_config(cfg.model, pre.config, default_model(), model_named)
+        model = pretrained.merge_model_config(cfg.model, pre.config, default_model(), model_named,
+                                              tokens=pre.tokenizer.vocab_size)
         if pre.tokenizer.vocab_size < model.vocab_size and is_main:  # a padded table (pretrained.trim_vocab)
             print(f"fungpt: {cfg.model.init_from} has {model.vocab_size:,} token embeddings for "
                   f"{pre.tokenizer.vocab_size:,} tokens: fine-tuning the {pre.tokenizer.vocab_size:,} in use")

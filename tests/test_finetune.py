@@ -459,6 +459,13 @@ def test_model_fields_written_down_count_as_set_even_at_their_default_value(hf_d
     with pytest.raises(FunGPTError, match=rf"vocab_size = {padded.vocab_size} \(the checkpoint has "):
         pretrained.merge_model_config(padded, checkpoint, defaults, {"vocab_size"})
     assert pretrained.merge_model_config(checkpoint, checkpoint, defaults, {"vocab_size"}) == checkpoint
+    # a padded checkpoint's table is trimmed to its tokenizer's size: that size, asked for, is the run's (it was
+    # refused, and the checkpoint's padded size, which the run does not use, was asked for instead)
+    trimmed = dataclasses.replace(checkpoint, vocab_size=checkpoint.vocab_size - 20)
+    assert pretrained.merge_model_config(trimmed, checkpoint, defaults, {"vocab_size"},
+                                         tokens=trimmed.vocab_size).vocab_size == checkpoint.vocab_size
+    with pytest.raises(FunGPTError, match=r"vocab_size = .* \(the checkpoint has "):  # (not another size)
+        pretrained.merge_model_config(trimmed, checkpoint, defaults, {"vocab_size"}, tokens=trimmed.vocab_size + 1)
 
 
 class _RunsCode:

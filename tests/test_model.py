@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import re
 import typing
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from fungpt.errors import FunGPTError
+from fungpt.hf import load_gpt2
 from fungpt.model import GPT, GPTConfig, KVCache, make_activation, make_norm, sample_next_token
 from fungpt.positions import POS_ENCODINGS, RotaryPositions
 from fungpt.sampling import sampling_probs
@@ -596,6 +598,13 @@ def test_from_hf_matches_transformers(tmp_path, layout):
         expected = hf(idx).logits
         assert (ours(idx) - expected).abs().max().item() < 1e-4
         assert (ours(idx, attn_impl="plain") - expected).abs().max().item() < 1e-4
+    if layout == "sharded":  # a shard not copied: named (it was "the file is damaged ...; download the model again")
+        lost = sorted(tmp_path.glob("model-*.safetensors"))[1]
+        lost.unlink()
+        for meta in (False, True):
+            with pytest.raises(FunGPTError, match=re.escape(f"{lost}, listed in model.safetensors.index.json, is "
+                                                            f"missing: copy the shard files into {tmp_path}")):
+                load_gpt2(tmp_path, meta=meta)
 
 
 def test_save_hf_loads_in_transformers(tmp_path):

@@ -490,30 +490,40 @@ def test_plot_runs_with_and_without_val_rows(tmp_path, monkeypatch):
 
 def test_plot_runs_says_when_the_runs_tokens_differ(tmp_path, capsys):
     """A char run's loss per token reads far below a BPE run's that predicts the same text better: plotted on one
-    axis without a word, the figure misled (bits per byte compare)."""
+    axis without a word, the figure misled (bits per byte compare). Tokenizers are told apart by what their ids
+    stand for: one model folder's tokenizer, saved from its tokenizer.json or its vocab.json + merges.txt, or from
+    a copy elsewhere, is the same tokens."""
+    from fungpt.tokenizer import BPETokenizer
+
+    text = "the cat sat on the mat. the dog sat on the log.\n" * 50
     runs = {}
-    for name, kind, vocab in (("c", "char", 65), ("c2", "char", 65), ("b", "bpe", 4096), ("b2", "bpe", 512)):
+
+    def run(name: str, tok, vocab: int) -> Path:
         runs[name] = write_metrics(tmp_path / name, [{"step": 1, "train_loss": 3.0}])
-        (runs[name] / "tokenizer_meta.json").write_text(json.dumps({"kind": kind}), encoding="utf-8")
+        tok.save(runs[name])
         (runs[name] / "config.json").write_text(json.dumps({"model": {"vocab_size": vocab}}), encoding="utf-8")
+        return runs[name]
+
+    chars = CharTokenizer.train(text)
+    run("c", chars, chars.vocab_size), run("c2", CharTokenizer.train(text), chars.vocab_size)
+    bpe = BPETokenizer.train(text, 270)
+    run("b", bpe, bpe.vocab_size), run("b2", BPETokenizer.train(text, 260), 260)
     plot_runs([runs["c"], runs["c2"]], tmp_path / "same.png")
     assert "note" not in capsys.readouterr().err
     plot_runs([runs["c"], runs["b"], runs["c2"], runs["b2"]], tmp_path / "mixed.png")
     assert capsys.readouterr().err == (
-        f"fungpt: note: these runs' tokens differ (char 65: {runs['c']}, {runs['c2']}; bpe 4,096: {runs['b']}; "
-        f"bpe 512: {runs['b2']}), so their losses per token do not compare; `fungpt eval RUN` gives each one's "
-        f"bits per byte, which do\n")
-    # one model folder's tokenizer, copied from two places: the same tokens; another tokenizer.json of that size: not
-    for name, source, merges in (("h1", "models/a", "x y"), ("h2", "copies/a", "x y"), ("h3", "models/a", "y x")):
-        runs[name] = write_metrics(tmp_path / name, [{"step": 1, "train_loss": 3.0}])
-        (runs[name] / "tokenizer_meta.json").write_text(json.dumps({"kind": "hf", "file": "tokenizer.json",
-                                                                    "source": source}), encoding="utf-8")
-        (runs[name] / "tokenizer.json").write_text(json.dumps({"merges": [merges]}), encoding="utf-8")
-        (runs[name] / "config.json").write_text(json.dumps({"model": {"vocab_size": 300}}), encoding="utf-8")
-    plot_runs([runs["h1"], runs["h2"]], tmp_path / "copies.png")
+        f"fungpt: note: these runs' tokens differ (char {chars.vocab_size}: {runs['c']}, {runs['c2']}; bpe "
+        f"{bpe.vocab_size}: {runs['b']}; bpe 260: {runs['b2']}), so their losses per token do not compare; `fungpt "
+        f"eval RUN` gives each one's bits per byte, which do\n")
+    # the same BPE learned again (the same tokens), and one of that size from other text (other tokens)
+    run("b3", BPETokenizer.train(text, 270), bpe.vocab_size)
+    other = BPETokenizer.train(text.upper() + text[::-1], 270)
+    assert other.vocab_size == bpe.vocab_size == 270
+    run("b4", other, bpe.vocab_size)
+    plot_runs([runs["b"], runs["b3"]], tmp_path / "again.png")
     assert "note" not in capsys.readouterr().err
-    plot_runs([runs["h1"], runs["h3"]], tmp_path / "merges.png")
-    assert capsys.readouterr().err.startswith("fungpt: note: these runs' tokens differ (hf 300 each, with other "
+    plot_runs([runs["b"], runs["b4"]], tmp_path / "merges.png")
+    assert capsys.readouterr().err.startswith("fungpt: note: these runs' tokens differ (bpe 270 each, with other "
                                               "tokens), so their losses per token do not compare")
     # a damaged file says nothing (the plot is what was asked for)
     (runs["b"] / "tokenizer_meta.json").write_text('{"kind": "b', encoding="utf-8")
