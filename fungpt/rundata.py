@@ -42,6 +42,7 @@ from fungpt.data import (
 from fungpt.errors import FunGPTError, read_json, said_on_ctrl_c
 from fungpt.hf import load_gpt2
 from fungpt.model import GPT, GPTConfig
+from fungpt.rundir import the_data_it_read
 from fungpt.tokenizer import DEFAULT_BPE_VOCAB, Tokenizer, load_tokenizer
 
 # How long the other torchrun processes wait for rank 0 to prepare the data (resolve_data): a day, for corpora of
@@ -438,9 +439,8 @@ def check_resume_tokenizer(data_dir: Path, out_dir: Path, trained_sha256: str | 
              else f"; id {bad} is {new.token_text(bad)!r} instead of {old.token_text(bad)!r}")
     advice = "resume with the original data and tokenizer, or train into a new out_dir"
     try:  # the prepared folder the run read (run.json): it holds the run's own ids, while it is there as it was
-        was = Path(read_json(out_dir / "run.json")["data_dir"])
-        if (is_prepared(was) and was.resolve() != data_dir.resolve()
-                and old.first_difference(load_tokenizer(was)) is None):  # (not prepared again since)
+        was = the_data_it_read(out_dir)
+        if was is not None and was.resolve() != data_dir.resolve():
             # The same text, where another FunGPT version learned other merges from it (encoded_as_the_run
             # re-encodes such text with the run's tokenizer where the checkpoint says which text it was)
             text = load_meta(was).get("source_sha256")

@@ -45,9 +45,8 @@ def encode_typed(tok: Tokenizer, prompt: str) -> list[int]:
             n = escape.group() == "\\n"
             raise FunGPTError(f"--prompt holds {escape.group()}, which a command line passes as a backslash and "
                               f"{'an n' if n else 'a t'}, not as {'a newline' if n else 'a tab'}, and this model has "
-                              f"no backslash: in bash quote the "
-                              f"prompt as $'...' (a $ before the quotes: $'ROMEO:\\nIs it'), or put it in a file "
-                              f"(--prompt-file)") from None
+                              f"no backslash: in bash quote the prompt as $'...' (a $ before the quotes: "
+                              f"$'ROMEO:\\nIs it'), or put it in a file (--prompt-file)") from None
     return tok.encode(prompt)
 
 
@@ -191,8 +190,12 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
     if prompt_file is not None and not prompt:  # (a file saved before its text was written, say: said, not guessed)
         print(f"fungpt: note: prompt file {prompt_file} is empty: sampling from the model's default start, as with no "
               f"prompt", file=sys.stderr)
-    ids = (loaded.tokenizer.encode(prompt) if prompt_file is not None else encode_typed(loaded.tokenizer, prompt)) \
-        if prompt else default_prompt_ids(loaded)
+    if not prompt:
+        ids = default_prompt_ids(loaded)
+    elif prompt_file is not None:  # (text from a file: a backslash there is the file's own)
+        ids = loaded.tokenizer.encode(prompt)
+    else:
+        ids = encode_typed(loaded.tokenizer, prompt)
     if out is not None:  # (which weights speak: a run still training, or its best saved early, is not its last word)
         print(f"fungpt: sampling {run} at step {loaded.step:,} (its {'latest' if checkpoint == 'last' else 'best'} "
               f"checkpoint)", file=sys.stderr)
