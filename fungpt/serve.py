@@ -544,11 +544,12 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
         # drawable; their rows still sum to 1 over the whole window (the keys left out take the rest).
         window = max(0, len(req.ids) - mcfg.block_size)
         ids = torch.tensor(req.ids[window:], dtype=torch.long, device=device)  # (T,)
-        with lock:
-            now, name = current_and_name()
-            maps = attention_maps(now.model, ids)  # (n_layer, nh, T, T)
         shown = min(len(ids), MAX_ATTENTION_TOKENS)
-        weights = maps[req.layer, req.head, -shown:, -shown:]  # (shown, shown): row = query, column = key
+        with lock:  # (only the rows shown and the layer asked for: the whole window's maps of every layer and
+            # head are T x T numbers each, 1.2 GB for GPT-2 small's full context, for one head's map)
+            now, name = current_and_name()
+            maps = attention_maps(now.model, ids, last=shown, layer=req.layer)  # (nh, shown, T)
+        weights = maps[req.head, :, -shown:]  # (shown, shown): row = query, column = key
         # offset: ids before the first one sent. window_start: ids before the first one the model read
         # (all of them got no attention at all); offset > window_start when the map is cut for drawing.
         return {"step": now.step, "model": name, "layer": req.layer, "head": req.head, "offset": len(req.ids) - shown,

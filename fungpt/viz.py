@@ -4,7 +4,7 @@ Two kinds of functions live here, kept apart on purpose:
 
   * data functions return plain tensors, so tests (and the web explorer) can check and reuse
     the very numbers that get drawn:
-        attention_maps(model, ids)        -> (n_layer, nh, T, T) attention weights
+        attention_maps(model, ids)        -> (n_layer, nh, T, T) attention weights (or the last rows)
         token_labels(tokenizer, ids)      -> one readable label per token
         position_table(kind, ...)         -> the vectors an absolute encoding adds
         cosine_similarity_matrix(table)   -> how alike the vectors of two positions are
@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from fungpt.errors import FunGPTError, folder_name
+from fungpt.model import KVCache
 
 DPI = 100  # dots per inch of every figure written here (PNG pixels = inches * DPI)
 SUFFIXES = (".png", ".svg", ".pdf")
@@ -65,31 +66,44 @@ def token_labels(tokenizer, ids: Sequence[int]) -> list[str]:
 
 
 @torch.no_grad()
-def attention_maps(model, ids) -> torch.Tensor:
+def attention_maps(model, ids, *, last: int | None = None, layer: int | None = None) -> torch.Tensor:
     """The model's own attention weights for one sequence: a float tensor (n_layer, nh, T, T) on the CPU.
 
     `ids` is a list of token ids, a 1-D tensor (T,) or a (1, T) tensor. Entry [l, h, i, j] is how
     much token i (the query) attends to token j (the key) in head h of layer l: the softmax
     output of that head, so every row sums to 1 and everything above the diagonal (j > i, the
     future) is exactly 0. The model runs in eval mode (no dropout) on its own device.
+
+    last=Q keeps only the rows of the last Q queries: (n_layer, nh, Q, T). The earlier tokens then run through
+    a KV cache, without weights, so a long context costs Q x T numbers a head instead of T x T (the web
+    explorer's full context of GPT-2 small: 151 MB instead of 604). layer=l returns only that layer's (nh, ., T).
     """
     idx = torch.as_tensor(ids, dtype=torch.long)
     if idx.dim() == 2 and idx.size(0) == 1:
         idx = idx[0]
     if idx.dim() != 1 or idx.numel() == 0:
         raise FunGPTError("attention_maps needs one non-empty sequence of token ids: pass a non-empty prompt")
-    block_size = model.config.block_size
-    if idx.numel() > block_size:
-        raise FunGPTError(f"the prompt is {idx.numel()} tokens but the model's context is {block_size}: "
+    c = model.config
+    if idx.numel() > c.block_size:
+        raise FunGPTError(f"the prompt is {idx.numel()} tokens but the model's context is {c.block_size}: "
                           f"shorten the prompt")
-    device = next(model.parameters()).device
+    T = idx.numel()
+    Q = T if last is None else max(1, min(last, T))  # the query rows kept
+    weight = next(model.parameters())
+    idx = idx[None].to(weight.device)  # (1, T)
     was_training = model.training
     model.eval()
     try:
-        _, _, attn = model(idx[None].to(device), return_attn=True)  # n_layer x (1, nh, T, T)
+        cache = None
+        if Q < T:  # the first T - Q tokens fill the cache (no weights kept); the last Q attend to all T
+            cache = KVCache(c.n_layer, 1, c.n_head, T, c.n_embd // c.n_head, weight.device, weight.dtype)
+            model(idx[:, : T - Q], kv_cache=cache)
+        _, _, attn = model(idx[:, T - Q :], kv_cache=cache, return_attn=True)  # n_layer x (1, nh, Q, T)
     finally:
         model.train(was_training)
-    return torch.stack([a[0] for a in attn]).float().cpu()  # (n_layer, nh, T, T)
+    if layer is not None:
+        return attn[layer][0].float().cpu()  # (nh, Q, T)
+    return torch.stack([a[0] for a in attn]).float().cpu()  # (n_layer, nh, Q, T)
 
 
 def _panel_inches(T: int, n_panels: int) -> float:

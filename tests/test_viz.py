@@ -85,6 +85,21 @@ def test_attention_maps_are_the_models_own_weights(run_dir):
     assert not torch.allclose(attention_maps(fresh, ids), w)
 
 
+@pytest.mark.parametrize("pos_encoding", ["learned", "rope"])
+def test_attention_maps_of_the_last_queries_are_the_full_maps_last_rows(pos_encoding):
+    """last=Q runs the earlier tokens through a KV cache: the same rows as the full T x T maps, a fraction of the
+    memory (the web explorer's full-context map of GPT-2 small held 1.2 GB for one head's 256 x 256 rows)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=3, n_head=2, n_embd=16, pos_encoding=pos_encoding))
+    ids = torch.randint(0, 11, (13,)).tolist()
+    full = attention_maps(model, ids)  # (3, 2, 13, 13)
+    for Q in (1, 4, 13, 99):
+        rows = attention_maps(model, ids, last=Q)
+        assert rows.shape == (3, 2, min(Q, 13), 13)
+        torch.testing.assert_close(rows, full[:, :, -min(Q, 13):])
+    torch.testing.assert_close(attention_maps(model, ids, last=4, layer=1), full[1, :, -4:])
+
+
 def test_attention_maps_refuses_prompt_longer_than_context(run_dir):
     loaded = load_run(run_dir, device="cpu")
     with pytest.raises(FunGPTError, match="context is 32"):
@@ -208,7 +223,7 @@ def test_cli_attention_says_when_it_draws_many_heatmaps(run_dir, tmp_path, monke
     assert main(["attention", str(run_dir), "--prompt", "ROMEO", "--out", str(tmp_path / "a.png")]) == 0
     assert "drawing" not in capsys.readouterr().err  # (2 layers x 2 heads)
     real_maps = fungpt.viz.attention_maps
-    monkeypatch.setattr(fungpt.viz, "attention_maps", lambda model, ids: real_maps(model, ids).repeat(3, 3, 1, 1))
+    monkeypatch.setattr(fungpt.viz, "attention_maps", lambda model, ids, **kw: real_maps(model, ids).repeat(3, 3, 1, 1))
     assert main(["attention", str(run_dir), "--prompt", "ROMEO", "--out", str(tmp_path / "b.png")]) == 0
     assert "fungpt: drawing 36 heatmaps of 5 x 5 tokens ..." in capsys.readouterr().err and len(drawn) == 2
 
