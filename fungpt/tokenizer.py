@@ -452,6 +452,31 @@ class BPETokenizer(Tokenizer):
         # A model folder's tokenizer.json may decode otherwise: SentencePiece's Metaspace or WordPiece's decoder
         # read the spaces off each token's place in the text, so runs decoded apart would lose them
         self.joins_decodings = type(hf_tokenizer.decoder).__name__ == "ByteLevel"
+        self._kept: set[str] = set()  # characters seen to encode to some token (see _check_kept)
+
+    @functools.cached_property
+    def _may_drop(self) -> bool:
+        """Whether this tokenizer may encode a character as nothing at all: the library drops a character that its
+        vocabulary lacks, without a word, unless the model has an unknown token or byte fallback (Llama's), or is
+        byte-level with all 256 bytes (FunGPT's BPE, GPT-2's). A model folder's tokenizer can lack some."""
+        model = json.loads(self._tok.to_str()).get("model") or {}
+        if model.get("unk_token") is not None or model.get("unk_id") is not None or model.get("byte_fallback"):
+            return False
+        if self.joins_decodings:
+            vocab = self._tok.get_vocab(with_added_tokens=False)
+            return not all(ch in vocab for ch in _byte_level_alphabet())
+        return True
+
+    def _check_kept(self, text: str) -> None:
+        """Refuse text holding a character this tokenizer would drop (see _may_drop): a fine-tune's data would lose
+        it without a word, and a prompt would not be the text typed. Each distinct character is tried once; a space
+        may encode as nothing where the pre-tokenizer splits on it (BERT's), not in a byte-level tokenizer."""
+        for ch in dict.fromkeys(text):  # (its distinct characters in order: the first one dropped is named)
+            if ch in self._kept:
+                continue
+            if not self._tok.encode(ch, add_special_tokens=False).ids and (self.joins_decodings or not ch.isspace()):
+                raise self._cannot_encode(ch)
+            self._kept.add(ch)
 
     def definition(self) -> str:
         """tokenizer.json's text as the tokenizers library writes it: the model, and the normalizer, pre-tokenizer and
@@ -529,9 +554,12 @@ class BPETokenizer(Tokenizer):
         try:
             # (add_special_tokens=False: a model folder's post-processor may add a BOS to every piece of text it is
             # given, which mid-corpus, at every chunk prepare encodes, is an <|endoftext|> that is not in the text)
-            return self._tok.encode(text, add_special_tokens=False).ids
+            ids = self._tok.encode(text, add_special_tokens=False).ids
         except Exception as e:  # the library raises plain Exceptions (a WordLevel vocabulary without [UNK])
             raise self._encode_error(text, e) from None
+        if self._may_drop:
+            self._check_kept(text)
+        return ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         for text in texts:
@@ -539,9 +567,13 @@ class BPETokenizer(Tokenizer):
         # Runs in parallel on all cores (Rust threads); the "fast" variant skips
         # computing character offsets, which we do not need.
         try:
-            return [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
+            ids = [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
         except Exception as e:
             raise self._encode_error("".join(texts), e) from None
+        if self._may_drop:
+            for text in texts:
+                self._check_kept(text)
+        return ids
 
     def _refuse_surrogates(self, text: str) -> None:
         """Refuse a lone surrogate (U+D800..U+DFFF: what Python makes of bytes that were not UTF-8, PEP 383), which no
@@ -565,8 +597,9 @@ class BPETokenizer(Tokenizer):
     def _cannot_encode(self, bad: str | None, error: Exception | None = None) -> FunGPTError:
         """The error for a character this tokenizer cannot encode (None: not found; then the library's `error`),
         naming the tokenizer (a fine-tune's is its pretrained model's, not one the user chose)."""
-        if bad is not None and not_utf8(bad):
-            return FunGPTError(f"the {self.describe()} cannot encode the text: {not_utf8(bad)}")
+        if bad is not None and "\ud800" <= bad <= "\udfff":  # (no tokenizer could cover it: UTF-8 cannot hold it)
+            why = not_utf8(bad) or f"it holds U+{ord(bad):04X}, a lone surrogate, which UTF-8 cannot hold"
+            return FunGPTError(f"the {self.describe()} cannot encode the text: {why}")
         what = f"character {bad!r} is not in its vocabulary" if bad is not None else str(error)
         return FunGPTError(f"the {self.describe()} cannot encode the text: {what}; remove it from the text, or use a "
                            f"tokenizer that covers it")

@@ -534,8 +534,26 @@ def test_a_lone_surrogate_is_refused_whatever_the_library_does_with_it(bpe):
     for call in (lenient.encode, lambda t: lenient.encode_batch(["fine", t])):
         with pytest.raises(FunGPTError, match=r"byte 0xe9, which is not UTF-8"):
             call("caf\udce9")
-        with pytest.raises(FunGPTError, match=r"character '\\ud800' is not in its vocabulary"):
-            call("a\ud800")
+        with pytest.raises(FunGPTError, match=r"it holds U\+D800, a lone surrogate, which UTF-8 cannot hold$"):
+            call("a\ud800")  # (not "use a tokenizer that covers it": none can)
+
+
+def test_a_model_folders_tokenizer_that_would_drop_a_character_refuses_it(tmp_path, bpe):
+    """The library drops a character its vocabulary lacks, without a word, where the model has no unknown token
+    and no byte fallback: a fine-tune's data lost its 'z's and newlines and a prompt was not the text typed."""
+    import json
+
+    from fungpt.tokenizer import HFTokenizer
+
+    (tmp_path / "vocab.json").write_text(json.dumps({"a": 0, "b": 1, "c": 2, "\u0120": 3, "<|endoftext|>": 4}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tok = HFTokenizer.from_dir(tmp_path)
+    assert tok.encode("abc ab") == [0, 1, 2, 3, 0, 1] and tok.encode_batch(["ab", " c"]) == [[0, 1], [3, 2]]
+    for text, bad in (("abz", "z"), ("ab\nc", "\n"), ("cab\u00e9a", "\u00e9")):
+        for call in (tok.encode, lambda t: tok.encode_batch(["ab", t])):
+            with pytest.raises(FunGPTError, match=f"character {re.escape(repr(bad))} is not in its vocabulary"):
+                call(text)
+    assert not bpe._may_drop  # (all 256 bytes: nothing to check, nothing spent)
 
 
 def test_a_byte_that_was_not_utf8_is_named_as_such(bpe):
