@@ -420,7 +420,9 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
                        f"id {bad} is {data_tok.token_text(bad)!r} there, {run_tok.token_text(bad)!r} in the run")
             raise FunGPTError(f"{data_dir} was prepared again since {run} was trained: its tokens mean other text "
                               f"({differs}); pass --input TEXT_FILE to evaluate on a text file")
-        tokens = np.memmap(data_dir / "val.bin", dtype=np.dtype(meta["dtype"]), mode="r")  # (n,)
+        # (n,); an empty file cannot be mapped: it is too short to evaluate, as said below
+        tokens = (np.memmap(data_dir / "val.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+                  if (data_dir / "val.bin").stat().st_size else np.zeros(0, dtype=np.dtype(meta["dtype"])))
         changed = _data_changed_note(loaded, data_dir, meta)
         # A folder of token ids made without `fungpt prepare` (README: "Data of your own token ids") may not know
         # the size of its text (val_bytes, val_chars): loss and perplexity still stand, bits per byte (per
@@ -480,7 +482,9 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
         per_char = bits / n_chars if n_chars > 0 else math.nan
     if input is None and changed is None:  # (training's val losses are of another split where it changed)
         note = "\n".join(n for n in (note, _sampled_val_note(loaded, loss)) if n) or None
-    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_token": loss / math.log(2),
+    # (a loss above ln(float max), 709.8 nats: a diverged model whose weights are finite, is a perplexity of inf)
+    perplexity = math.inf if loss > math.log(sys.float_info.max) else math.exp(loss)
+    return {"loss": loss, "perplexity": perplexity, "bits_per_token": loss / math.log(2),
             "bits_per_byte": per_byte, "bits_per_char": per_char, "note": note,
             "tokens": total_tokens, "step": loaded.step, "source": source}
 

@@ -2705,6 +2705,37 @@ def test_eval_on_a_text_shorter_than_the_context(corpus, tmp_path):
         evaluate_run(out, input=short, batch_size=0)
 
 
+def test_eval_of_an_empty_val_split_says_it_is_too_short(corpus, tmp_path):
+    """An empty val.bin cannot be memory-mapped: numpy's "cannot mmap an empty file" reached the user."""
+    from fungpt.runs import data_dir_of
+
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=2), progress=False)
+    data = data_dir_of(out)
+    (data / "val.bin").write_bytes(b"")
+    meta = json.loads((data / "meta.json").read_text())
+    meta["val_tokens"] = 0
+    (data / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(FunGPTError, match="is too short to evaluate: it needs at least 2 tokens"):
+        evaluate_run(out)
+
+
+def test_eval_of_a_loss_beyond_float_range_gives_an_infinite_perplexity(corpus, tmp_path, monkeypatch):
+    """A diverged model with finite weights can score 800 nats a token: math.exp raised OverflowError (a
+    traceback) where perplexity is inf; the loss itself is still printed."""
+    sample_module = sys.modules["fungpt.sample"]  # (fungpt.sample is the function)
+
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=2), progress=False)
+    monkeypatch.setattr(sample_module, "score_windows", lambda model, windows: (800.0 * 10, 10))
+    res = evaluate_run(out)
+    assert res["loss"] == 800.0 and res["perplexity"] == math.inf
+    monkeypatch.setattr(sample_module, "score_windows", lambda model, windows: (5.0, 10))
+    assert evaluate_run(out)["perplexity"] == pytest.approx(math.exp(0.5))
+    monkeypatch.setattr(sample_module, "score_windows", lambda model, windows: (math.nan, 10))
+    assert math.isnan(evaluate_run(out)["perplexity"])
+
+
 def test_eval_shows_its_progress_in_batches(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     train(tiny_config(corpus, out, max_iters=2), progress=False)
