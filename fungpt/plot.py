@@ -104,9 +104,16 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "step") -> Path:
         if not (tr_x or ev_x):  # (drawn without it, the figure would not say that a run is missing)
             print(f"fungpt: note: {run} has no loss rows with {key!r} in its metrics.jsonl: it is left out of the "
                   f"figure" + (" (try --x step)" if x != "step" else ""), file=sys.stderr)
-    for run, (_, (tr_x, tr_y), (ev_x, ev_y)) in zip(runs, curves):
+    drawable = [any(math.isfinite(y) for y in tr_y + ev_y) for _, (_, tr_y), (_, ev_y) in curves]
+    if not any(drawable):  # (an empty figure, its axes made up, was written)
+        raise FunGPTError(f"every loss in the metrics.jsonl of {', '.join(map(str, runs))} is NaN or infinite: "
+                          f"there is nothing to draw (the training diverged: lower train.lr and train again)")
+    for run, (_, (tr_x, tr_y), (ev_x, ev_y)), shown in zip(runs, curves, drawable):
         bad = sorted(x for x, y in zip(tr_x + ev_x, tr_y + ev_y) if not math.isfinite(y))
-        if bad:  # (matplotlib leaves them out without a word: a diverged run's curve just stopped)
+        if bad and not shown:
+            print(f"fungpt: note: every loss of {run} in its metrics.jsonl is NaN or infinite: it is left out of the "
+                  f"figure", file=sys.stderr)
+        elif bad:  # (matplotlib leaves them out without a word: a diverged run's curve just stopped)
             at = f"{bad[0]:.1f} s" if x == "time" else f"{x} {bad[0]:,}"
             print(f"fungpt: note: {run} has {len(bad)} NaN or infinite loss(es) in its metrics.jsonl, first at "
                   f"{at}: they cannot be drawn, so its curves break there", file=sys.stderr)

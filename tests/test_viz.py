@@ -630,6 +630,23 @@ def test_plot_runs_says_what_it_cannot_draw_and_marks_a_point_left_alone(tmp_pat
                                        f"first at step 20: they cannot be drawn, so its curves break there\n")
 
 
+def test_plot_runs_whose_losses_are_all_nan_draws_nothing_and_says_so(tmp_path, capsys):
+    """A run of NaN and inf losses only was drawn as an empty figure (its axes made up) with the note that "its
+    curves break there"; beside a drawable run it is left out with a note of its own."""
+    nan, inf = float("nan"), float("inf")
+    bad = write_metrics(tmp_path / "bad", [{"step": 1, "train_loss": nan}, {"step": 2, "train_loss": inf,
+                                                                           "val_loss": nan}])
+    with pytest.raises(FunGPTError, match=r"every loss in the metrics.jsonl of .*bad is NaN or infinite: there is "
+                                          r"nothing to draw"):
+        plot_runs([bad], tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
+    good = write_metrics(tmp_path / "good", [{"step": 1, "train_loss": 4.0}])
+    plot_runs([bad, good], tmp_path / "both.png")
+    assert capsys.readouterr().err == (f"fungpt: note: every loss of {bad} in its metrics.jsonl is NaN or infinite: "
+                                       f"it is left out of the figure\n")
+    assert (tmp_path / "both.png").exists()
+
+
 def test_a_figure_that_fails_to_save_leaves_no_file_behind(tmp_path, monkeypatch):
     """A write that fails half way (a full disk) is one FunGPTError naming --out, and its temporary file is gone."""
     from matplotlib.figure import Figure
