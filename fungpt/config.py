@@ -126,7 +126,8 @@ class TrainConfig:
     checkpoint_interval: int = 250
     """Steps between checkpoints (a checkpoint is also written at the end and on Ctrl-C)."""
     log_interval: int = 10
-    """Steps between rows in metrics.jsonl and progress-bar updates."""
+    """Steps between rows in metrics.jsonl and updates of the progress bar's loss, lr, tok_s and mfu (its count of
+    steps moves every step)."""
     seed: int = 1337
     """Random seed for initialisation, batches and dropout."""
     device: str = "auto"
@@ -144,7 +145,8 @@ class TrainConfig:
     fast on a Zen 4; and torch's default elsewhere), onednn, or torch (see fungpt/linear.py). The library used is
     recorded in run.json."""
     max_minutes: float | None = None
-    """Wall-clock budget for the whole command; when set, the lr schedule runs on the fraction of the
+    """Wall-clock budget for the whole command (a --resume counts the time the run already spent: the budget is
+    the whole run's); when set, the lr schedule runs on the fraction of the
     budget used instead of on steps, and training ends with a final eval and checkpoint on time. The
     step-0 eval is skipped (its cost is estimated from one batch instead) so the budget goes to training.
     max_iters (2000 by default) still applies: the run ends at whichever limit comes first (set max_iters far
