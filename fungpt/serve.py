@@ -205,7 +205,7 @@ def _describe_validation(exc: RequestValidationError, sent_as_json: bool, path: 
         if err.get("type") == "extra_forbidden":
             msg = "is not a known field"
         elif "input" in err and err.get("type") != "missing" and not isinstance(err["input"], (dict, list)):
-            got = repr(err["input"])
+            got = json.dumps(err["input"], ensure_ascii=False, default=repr)  # as the client wrote it: null, true
             msg += f" (got {got if len(got) <= 60 else got[:50] + '...'})"  # (a value of a megabyte: its start)
         parts.append(f"{field}: {msg}")
     # The first few: a list of 100,000 bad ids was answered with every one of them, 5 MB in one "line"

@@ -260,11 +260,12 @@ def test_client_that_leaves_mid_stream_does_not_block_others(url):
     ({"seed": "abc"}, 422, "seed: Input should be a valid integer"),
     ({"promt": "typo"}, 422, "promt: is not a known field"),
     # numbers must be JSON numbers: true is not 1, "0.5" is not 0.5
-    ({"seed": True}, 422, "seed: Input should be a valid integer (got True)"),
+    ({"seed": True}, 422, "seed: Input should be a valid integer (got true)"),  # (JSON's spelling)
     ({"max_new_tokens": True}, 422, "max_new_tokens: Input should be a valid integer"),
-    ({"temperature": "0.5"}, 422, "temperature: Input should be a valid number (got '0.5')"),
+    ({"temperature": "0.5"}, 422, "temperature: Input should be a valid number (got \"0.5\")"),
     ({"top_k": "5"}, 422, "top_k: Input should be a valid integer"),
     ({"stop": 5}, 422, "stop: Input should be a valid string"),
+    ({"prompt": None}, 422, "prompt: Input should be a valid string (got null)"),
     ({"stop": "x" * 1001}, 422, "stop: String should have at most 1000 characters"),
 ])
 def test_bad_generate_requests_get_a_clear_json_error(url, body, status, message):
@@ -289,12 +290,12 @@ def test_a_request_of_many_mistakes_is_answered_with_the_first_few(url):
     whole. A megabyte-long value is quoted by its start."""
     r = httpx.post(f"{url}/api/attention", json={"ids": ["x"] * 100_000})
     assert r.status_code == 422 and len(r.content) < 1000, len(r.content)
-    assert r.json()["error"] == ("ids.0: Input should be a valid integer (got 'x'); ids.1: Input should be a valid "
-                                 "integer (got 'x'); ids.2: Input should be a valid integer (got 'x') (and 99,997 "
-                                 "more)")
+    assert r.json()["error"] == ('ids.0: Input should be a valid integer (got "x"); ids.1: Input should be a valid '
+                                 'integer (got "x"); ids.2: Input should be a valid integer (got "x") (and 99,997 '
+                                 'more)')
     r = httpx.post(f"{url}/api/generate", json={"temperature": "9" * 500_000})
     assert r.status_code == 422 and r.json()["error"] == (
-        "temperature: Input should be a valid number (got '" + "9" * 49 + "...)"), r.json()
+        "temperature: Input should be a valid number (got \"" + "9" * 49 + "...)"), r.json()
 
 
 def test_malformed_requests(url):
