@@ -558,7 +558,9 @@ def test_existing_dataset_refused_then_overwritten(tmp_path, corpus, char_data):
     assert leftovers(tmp_path) == []
 
 
-def test_failed_overwrite_keeps_old_dataset(tmp_path, char_data):
+def test_an_overwrite_refused_by_its_checks_keeps_the_old_dataset(tmp_path, char_data):
+    """Refused in the first pass (NUL bytes), before anything is written. An overwrite that fails once writing,
+    between its renames, is test_an_overwrite_stopped_between_its_renames_puts_the_old_dataset_back."""
     bad = _write(tmp_path, "bad.bin", b"\x00\x00")
     with pytest.raises(FunGPTError):
         prepare(bad, char_data, overwrite=True, progress=False)

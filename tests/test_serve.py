@@ -999,6 +999,14 @@ def test_the_pages_sampling_defaults_are_fungpt_samples():
     request = GenerateRequest()
     assert (request.temperature, request.top_k, request.top_p) == (
         defaults["temperature"].default, defaults["top_k"].default, defaults["top_p"].default)
+    # ... and the page's inputs, which it sends (the request's defaults apply to other clients): read from its HTML
+    import re
+
+    page = (Path(__file__).parents[1] / "fungpt" / "static" / "index.html").read_text(encoding="utf-8")
+    value = {name: re.search(rf'<input id="{name}"[^>]*?value="([^"]*)"', page).group(1)
+             for name in ("temperature", "top_k", "top_p")}
+    assert (float(value["temperature"]), int(value["top_k"]), value["top_p"] or None) == (
+        defaults["temperature"].default, defaults["top_k"].default, defaults["top_p"].default)
 
 
 @pytest.mark.parametrize("host, loopback, url_host", [("127.0.0.1", True, "127.0.0.1"),

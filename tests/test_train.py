@@ -306,6 +306,29 @@ def test_mfu_never_reads_above_100_percent(corpus, tmp_path, monkeypatch):
     assert mfus[1] == pytest.approx((1000 / rows[1]["dt_ms"]) / fastest, abs=2e-3)
 
 
+def test_the_logged_speed_and_mfu_are_the_steps_tokens_and_flops_over_its_time(corpus, tmp_path, monkeypatch):
+    """tokens_per_sec and the FLOPs side of MFU were checked only to be positive (and MFU below 1): a speed 1000x
+    wrong, or MFU counting 3x the FLOPs, passed. Here the ceiling is fixed: a step of 0.1 ms would be 100%."""
+    from fungpt.runs import load_run as load_run_folder
+
+    out = tmp_path / "run"
+    config = tiny_config(corpus, out, max_iters=4, eval_interval=100)
+    tokens_per_step = config.train.batch_size * config.model.block_size  # 4 x 16
+    # FLOPs of a step of a model of the run's shape (its vocabulary is the corpus's 22 characters: checked below)
+    flops = GPT(GPTConfig(vocab_size=22, block_size=16, n_layer=2, n_head=2, n_embd=32)).flops_per_token() * \
+        tokens_per_step
+    monkeypatch.setattr(sys.modules["fungpt.train"], "measure_peak_flops", lambda device, dtype: flops / 1e-4)
+    train(config, progress=False)
+    assert load_run_folder(out, device="cpu").model.flops_per_token() * tokens_per_step == flops
+    rows = [r for r in read_rows(out) if "lr" in r]
+    assert len(rows) == 4
+    for r in rows:
+        seconds = r["dt_ms"] / 1000
+        assert r["tokens"] == r["step"] * tokens_per_step
+        assert r["tokens_per_sec"] == pytest.approx(tokens_per_step / seconds, rel=5e-3)
+        assert r["mfu"] == pytest.approx(1e-4 / seconds, rel=5e-3, abs=1e-4)  # (flops / seconds / ceiling)
+
+
 def test_the_flops_ceiling_waits_for_the_gpu_named_with_its_index(monkeypatch):
     """Training times the ceiling on "cuda:0": compared with "cuda" alone, the timing never waited for the GPU,
     so on an H200 the ceiling read 13x too high and every MFU 13x too low."""

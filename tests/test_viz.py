@@ -453,9 +453,13 @@ def test_rope_scores_depend_only_on_the_offset():
 
 
 def test_cosine_similarity_matrix():
-    sim = cosine_similarity_matrix(torch.randn(10, 8))
+    table = torch.randn(10, 8)
+    sim = cosine_similarity_matrix(table)
     torch.testing.assert_close(sim.diagonal(), torch.ones(10))
     torch.testing.assert_close(sim, sim.T)
+    # every entry is the cosine of its two rows' angle (a matrix of ones passed the two checks above)
+    torch.testing.assert_close(sim, torch.nn.functional.cosine_similarity(table[:, None], table[None], dim=-1))
+    assert sim.min() < 0  # (random rows: some point apart)
 
 
 # ---------------------------------------------------------------------------------------- plot
