@@ -952,6 +952,11 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         chars = meta.get("chars")
         if not isinstance(chars, list) or not all(isinstance(c, str) for c in chars):
             raise FunGPTError(f"tokenizer file {meta_path} is corrupt (bad 'chars' list); {_RESTORE}")
+        # (said of the file: CharTokenizer's own messages are about training text)
+        why = ("its 'chars' list is empty" if not chars else "its 'chars' list holds a lone surrogate, which no text "
+               "can hold" if any("\ud800" <= c <= "\udfff" for c in chars) else None)
+        if why:
+            raise FunGPTError(f"tokenizer file {meta_path} is corrupt ({why}); {_RESTORE}")
         try:
             return CharTokenizer(chars)
         except FunGPTError as e:

@@ -346,6 +346,12 @@ def test_load_missing_or_corrupt(tmp_path, bpe):
     (tmp_path / "tokenizer_meta.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(FunGPTError, match="tokenizer_meta.json is corrupt"):
         load_tokenizer(tmp_path)
+    # a damaged char list is said to be one (the messages were about training text: "the training text is empty")
+    for chars, why in (([], "its 'chars' list is empty"), (["a", "\ud800"], "its 'chars' list holds a lone surrogate"),
+                       (["a", "a"], "a char vocabulary must be a list of distinct single characters")):
+        (tmp_path / "tokenizer_meta.json").write_text(json.dumps({"kind": "char", "chars": chars}), encoding="utf-8")
+        with pytest.raises(FunGPTError, match=rf"tokenizer_meta.json is corrupt \({re.escape(why)}"):
+            load_tokenizer(tmp_path)
     (tmp_path / "tokenizer_meta.json").write_text('{"kind": "wordpiece"}', encoding="utf-8")
     with pytest.raises(FunGPTError, match="unknown kind 'wordpiece'; expected one of char, bpe, gpt2, hf$"):
         load_tokenizer(tmp_path)
