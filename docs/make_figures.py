@@ -75,7 +75,8 @@ def main() -> None:
         report = report.replace(str(run_dir), "out/shakespeare-char-cpu")  # not the temporary folder
         (args.out / "inspect.txt").write_text(report + "\n", encoding="utf-8")
         buf = io.StringIO()
-        with contextlib.redirect_stdout(io.StringIO()):
+        # (its notes name the temporary run folder, gone when this script ends)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             sample(run_dir, prompt="ROMEO:", max_new_tokens=20, device="cpu", out=buf, show_probs=True)
         (args.out / "show-probs.txt").write_text(buf.getvalue(), encoding="utf-8")
         written += [args.out / "inspect.txt", args.out / "show-probs.txt"]
