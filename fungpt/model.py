@@ -117,8 +117,8 @@ class GPTConfig:
             raise FunGPTError(f"model config norm={self.norm!r} is unknown: use one of {', '.join(NORMS)}")
         # (nan fails this too; below 1e-30 the angles rope_base^(-2i/hs) overflow float32, and the loss is NaN)
         if not 1e-30 <= self.rope_base < math.inf:
-            raise FunGPTError(f"model config rope_base={self.rope_base} must be a positive number (at least 1e-30): "
-                              f"the usual value is 10000")
+            raise FunGPTError(f"model config rope_base={self.rope_base} must be a finite positive number (at least "
+                              f"1e-30): the usual value is 10000")
         if self.pos_encoding == "rope" and (self.n_embd // self.n_head) % 2 != 0:
             raise FunGPTError(
                 f"model config head size n_embd/n_head={self.n_embd // self.n_head} must be even for "
@@ -170,6 +170,9 @@ class _ReLU2Function(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():  # create_graph=True: r has no graph back to x, so the result would be cut off
+            raise FunGPTError("activation 'relu2' has a hand-written backward that cannot be differentiated again "
+                              "(create_graph=True): use activation 'gelu' where second derivatives are needed")
         (r,) = ctx.saved_tensors
         return (r + r).mul_(grad)  # 2 relu(x) * grad: zero where x <= 0
 
@@ -524,6 +527,9 @@ class GPT(nn.Module):
         seq[:, :T0] = idx
         n = T0  # tokens filled in seq
         speculate = lookahead > 0 and use_cache and temperature == 0 and B == 1
+        # (a draft fits in the block with the token before it; without speculation lookahead plays no part, and a huge
+        # one sized the token buffer: 8 TB asked of the allocator)
+        lookahead = min(lookahead, block_size - 1) if speculate else 0
         history = idx[0].tolist() if speculate else []  # a Python list makes the n-gram search cheap
         # No dropout while generating: a model in training mode computes each step in eval mode and has its mode back
         # at each yield, so streams taking turns, or one left unfinished, change nothing for the others.
@@ -558,8 +564,10 @@ class GPT(nn.Module):
                     cache.reset()  # (re)fill the cache from the current window
                     logits = self(seq[:, max(0, n - block_size) : n], kv_cache=cache)
                 else:
-                    fits = speculate and cache.pos + 1 + lookahead <= block_size
-                    draft = lookup_draft(history, min(lookahead, end - n - 1)) if fits else []
+                    # the draft's length: what is left to generate, and what the block has room for after the
+                    # token it follows (a lookahead as long as the block turned speculation off without a word)
+                    k = min(lookahead, end - n - 1, block_size - cache.pos - 1)
+                    draft = lookup_draft(history, k) if k > 0 else []
                     if draft:
                         for item in verify_draft(self, seq, n, draft, cache, history, yield_logits):
                             hold(False)

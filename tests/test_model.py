@@ -518,6 +518,25 @@ def test_config_rejects_bad_values(bad):
         tiny(**bad)
 
 
+def test_an_infinite_rope_base_is_said_to_be_infinite():
+    """inf was told it "must be a positive number (at least 1e-30)", which it is."""
+    with pytest.raises(FunGPTError, match=r"rope_base=inf must be a finite positive number"):
+        tiny(rope_base=float("inf"))
+
+
+def test_relu2_refuses_a_second_derivative_by_name():
+    """Its hand-written backward keeps relu(x), which has no graph back to x: with create_graph=True its gradient
+    was cut off from x (a second derivative failed with "element 0 of tensors does not require grad", or through a
+    model came out wrong without a word); first derivatives are exact."""
+    from fungpt.model import ReLU2
+
+    x = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ReLU2(), (x,))
+    with pytest.raises(FunGPTError, match="activation 'relu2' has a hand-written backward that cannot be "
+                                          "differentiated again"):
+        torch.autograd.grad(ReLU2()(x).sum(), x, create_graph=True)  # (a result cut off from x: silently wrong)
+
+
 def test_config_dict_round_trip():
     cfg = tiny(pos_encoding="rope", dropout=0.1)
     assert GPTConfig.from_dict(cfg.to_dict()) == cfg

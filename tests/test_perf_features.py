@@ -224,6 +224,29 @@ def test_lookahead_saves_forward_passes_on_repetitive_text():
         assert n_fast < 40 / 3
 
 
+@pytest.mark.parametrize("lookahead", [8, 16, 10**6])
+def test_a_lookahead_as_long_as_the_block_still_speculates_up_to_its_edge(lookahead):
+    """The check asked whether the whole lookahead fit after the cached tokens, not the draft actually made: a
+    lookahead of block_size or more turned speculation off without a word."""
+    model = small_model(block_size=16)
+    calls = []
+    model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    prompt = torch.tensor([[3, 3, 3, 3]])
+    out = model.generate(prompt, 10, temperature=0.0, lookahead=lookahead)  # 14 tokens: inside the block
+    passes = len(calls)
+    assert torch.equal(out, model.generate(prompt, 10, temperature=0.0))
+    assert out[0].tolist() == [3] * 14  # (this seed's model repeats the token: every guess is right)
+    assert passes == 2  # the prompt, then one pass checking a draft of the 9 tokens after the first
+
+
+def test_a_huge_lookahead_while_sampling_asks_for_no_memory():
+    """Without speculation (sampling) lookahead plays no part; it sized the token buffer: 8 TB was asked of the
+    allocator, a raw RuntimeError."""
+    stream = small_model().generate_stream(torch.tensor([[1, 2]]), 10**12, temperature=1.0, lookahead=10**12)
+    assert [next(stream).shape for _ in range(3)] == [torch.Size([1])] * 3
+    stream.close()
+
+
 def test_lookahead_must_not_be_negative():
     with pytest.raises(FunGPTError, match="lookahead"):
         next(small_model().generate_stream(torch.tensor([[1]]), 3, temperature=0.0, lookahead=-1))
