@@ -245,7 +245,7 @@ def _torch_cpp_compiler(fix: str) -> str | None:
         # (none found, or $CXX does not run; or cannot be run at all: a folder, a file not executable)
         if type(e).__name__ != "InvalidCxxCompiler" and not isinstance(e, OSError):
             raise
-        if os.environ.get("CXX"):
+        if "CXX" in os.environ:  # (set, if empty: torch runs it as it is, and "" cannot run)
             raise FunGPTError(f"train.compile = true on the CPU compiles C++ with $CXX = {os.environ['CXX']}, which "
                               f"does not run: point CXX at a working compiler (or unset it), or {fix}") from None
         return None

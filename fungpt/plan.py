@@ -107,16 +107,20 @@ def largest_batch(model_cfg: GPTConfig, dtype: str, memory: int, device: str = "
     return max(0, int((SAFETY * memory - fixed) // per_seq))
 
 
-def batch_advice(cfg: RunConfig, dtype: str, memory: int, device: str = "cpu") -> str:
-    """What to set when the batch does not fit: a smaller batch_size with more grad_accum_steps."""
+def batch_advice(cfg: RunConfig, dtype: str, memory: int, device: str = "cpu", failed: bool = False) -> str:
+    """What to set when the batch does not fit: a smaller batch_size with more grad_accum_steps. failed: the run's
+    batch ran out of memory (the estimate may say it fits: the GPU's memory is its total, not what is free), so the
+    advice is at most half of it."""
     tc = cfg.train
     fit = largest_batch(cfg.model, dtype, memory, device, tc.optimizer)
     if fit < 1:
         fixed = estimate_memory(cfg.model, 0, dtype, device=device, optimizer=tc.optimizer)
         if fixed["total"] > SAFETY * memory:
-            return (f"even one sequence does not fit: weights, gradients and {fixed['optimizer_name']} state alone "
-                    f"need about "
-                    f"{fixed['total'] / GIB:.1f} GiB of {memory / GIB:.1f} GiB; use a smaller model, or a "
+            # (at batch 0: the weights, their gradients, the optimizer's state and its update's scratch, and under
+            # 16-bit autocast the weights' copies)
+            return (f"even one sequence does not fit: the weights, their gradients, {fixed['optimizer_name']} state "
+                    f"and its update's scratch alone need about {fixed['total'] / GIB:.1f} GiB of "
+                    f"{memory / GIB:.1f} GiB; use a smaller model, or a "
                     f"{'larger GPU' if device.startswith('cuda') else 'machine with more memory'}")
         one = estimate_memory(cfg.model, 1, dtype, device=device, optimizer=tc.optimizer)
         why = (" (with dropout outside CUDA, attention keeps block_size x block_size matrices: model.dropout = 0 "
@@ -124,7 +128,7 @@ def batch_advice(cfg: RunConfig, dtype: str, memory: int, device: str = "cpu") -
                else "")
         return (f"even one sequence does not fit: batch 1 x block_size {cfg.model.block_size} needs about "
                 f"{one['total'] / GIB:.1f} GiB of {memory / GIB:.1f} GiB{why}; use a smaller block_size")
-    fit = min(fit, tc.batch_size)
+    fit = min(fit, max(1, tc.batch_size // 2) if failed else tc.batch_size)
     accum = math.ceil(tc.batch_size * tc.grad_accum_steps / fit)
     return (f"the estimate says batch_size = {fit} fits; set train.batch_size = {fit} and "
             f"train.grad_accum_steps = {accum} to keep about the same {tc.batch_size * tc.grad_accum_steps} "
@@ -138,7 +142,7 @@ def out_of_memory_advice(cfg: RunConfig, prec: Precision) -> str:
             f"({prec.dtype})")
     if memory is None:
         return f"{head}: lower train.batch_size and raise train.grad_accum_steps to keep the same tokens per step"
-    return f"{head}: {batch_advice(cfg, prec.dtype, memory, 'cuda')}"
+    return f"{head}: {batch_advice(cfg, prec.dtype, memory, 'cuda', failed=True)}"
 
 
 def _fmt_bytes(n: float) -> str:

@@ -135,16 +135,17 @@ def warn_if_memory_short(cfg: RunConfig, prec, num_params: int | None = None) ->
     """Say so before training when the memory estimate exceeds the machine's memory: on a CPU (or Apple GPU)
     running out does not raise an error that could be explained, the system kills the process."""
     from fungpt.inspection import estimate_memory
-    from fungpt.plan import GIB, batch_advice, device_memory, processes_sharing
+    from fungpt.plan import GIB, SAFETY, batch_advice, device_memory, processes_sharing
 
     have = device_memory(prec.device)
     local = processes_sharing(prec.device)  # under torchrun, the processes on this machine share its memory
     need = local * estimate_memory(cfg.model, cfg.train.batch_size, prec.dtype, device=prec.device,
                                    num_params=num_params, optimizer=cfg.train.optimizer)["total"]
     who = "this run needs" if local == 1 else f"the {local} processes of this run on this machine need"
-    if have is not None and need > have:
+    if have is not None and need > SAFETY * have:  # (the margin --dry-run's "does NOT fit" leaves)
         advice = batch_advice(cfg, prec.dtype, have // local, prec.device)
-        print(f"fungpt: warning: {who} about {need / GIB:.1f} GiB of memory by estimate, more than the "
+        than = "more than" if need > have else f"over {SAFETY:.0%} of"
+        print(f"fungpt: warning: {who} about {need / GIB:.1f} GiB of memory by estimate, {than} the "
               f"{have / GIB:.1f} GiB of this {prec.device}: the system may kill it. {advice[0].upper()}{advice[1:]} "
               f"(--dry-run shows the estimate)")
 

@@ -22,7 +22,7 @@ from fungpt import plan
 from fungpt.cli import main
 from fungpt.config import DataConfig, RunConfig, TrainConfig
 from fungpt.errors import FunGPTError
-from fungpt.hardware import check_compile, choose_precision
+from fungpt.hardware import Precision, check_compile, choose_precision
 from fungpt.inspection import estimate_memory
 from fungpt.model import GPT, GPTConfig
 from fungpt.rundir import LOCK_FILE
@@ -192,7 +192,9 @@ def test_compile_is_refused_where_it_cannot_work():
 def test_compile_asks_torch_which_compiler_and_its_failure_is_one_line(corpus, tmp_path, monkeypatch):
     """torch.compile uses $CXX when it is set: a stale CXX passed the check (g++ was on PATH) and the run failed at
     its first step with a 100-line traceback; a compiler failing there (no Python headers) did the same."""
-    for cxx in (tmp_path / "no-such-g++", tmp_path):  # (a folder: torch's search let its PermissionError through)
+    # (a folder: torch's search let its PermissionError through; an empty $CXX, which torch runs as it is, was taken
+    # for an unset one: "install g++", where g++ was there)
+    for cxx in (tmp_path / "no-such-g++", tmp_path, ""):
         env = {**os.environ, "PYTHONPATH": str(ROOT), "CXX": str(cxx)}
         proc = subprocess.run([sys.executable, "-c", "from fungpt.hardware import check_compile; check_compile('cpu')"],
                               env=env, capture_output=True, text=True, timeout=120)
@@ -804,7 +806,21 @@ def test_batch_advice_never_asks_for_a_larger_batch_nor_blames_the_sequence_for_
                              "train.grad_accum_steps = 3 to keep about the same 12 sequences"), advice
     fixed = estimate_memory(cfg.model, 0, "float32")["total"]
     advice = plan.batch_advice(cfg, "float32", int(fixed / 0.95))  # above 90% of it, below all of it
-    assert advice.startswith("even one sequence does not fit: weights, gradients and AdamW state alone"), advice
+    assert advice.startswith(f"even one sequence does not fit: the weights, their gradients, AdamW state and its "
+                             f"update's scratch alone need about {fixed / 1024**3:.1f} GiB"), advice
+    # what "alone" counts is the sum of those parts (the weights, gradients and AdamW state named alone came to
+    # less than the total printed: 768 against 960 GiB)
+    parts = estimate_memory(cfg.model, 0, "float32")
+    assert parts["weights"] + parts["grads"] + parts["optimizer"] + parts["temporaries"] == fixed
+    # After a CUDA out-of-memory error the estimate may say the batch that failed fits (a GPU's memory is its total,
+    # not what is free): the advice was to set the very batch that failed; it is half of it now
+    prec = Precision("cuda", "float32", "")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(plan, "device_memory", lambda device: 1024**3)
+        said = plan.out_of_memory_advice(cfg, prec)
+    assert said == ("out of GPU memory with batch_size = 4, block_size = 64 (float32): the estimate says batch_size = "
+                    "2 fits; set train.batch_size = 2 and train.grad_accum_steps = 6 to keep about the same 12 "
+                    "sequences per optimizer step"), said
 
 
 def test_attention_dropout_off_cuda_counts_its_block_size_squared_matrices():
@@ -873,6 +889,11 @@ def test_processes_of_a_torchrun_job_share_the_machines_memory(corpus, tmp_path,
 
     warn_if_memory_short(cfg, prec, num_params=meta_model(cfg.model).num_params())  # (as train() calls it)
     assert capsys.readouterr().out == ""
+    # between 90% and all of the memory: --dry-run says "does NOT fit", and so does the run (it said nothing)
+    monkeypatch.setattr(plan, "device_memory", lambda device: int(need / 0.95))
+    warn_if_memory_short(cfg, prec)
+    assert "GiB of memory by estimate, over 90% of the " in capsys.readouterr().out
+    monkeypatch.setattr(plan, "device_memory", lambda device: int(need / 0.6))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert plan.processes_sharing("cpu") == 1  # a variable left over, not a torchrun job
     monkeypatch.setenv("RANK", "0")
