@@ -10,10 +10,12 @@ The weights: a randomly initialised Hugging Face GPT-2 (by default n_layer 6, n_
 vocab 65 like Tiny Shakespeare char, n_positions 1024 so that prompt + 500 tokens fit the context),
 saved with save_pretrained and loaded into FunGPT with GPT.from_hf. With --config, the model is that
 TOML run config's [model], its block_size raised where needed so that the prompt and all new tokens
-fit one window; a model Hugging Face's GPT-2 cannot express (RoPE, RMSNorm, ...) is measured on
-FunGPT's side only, with the reason printed. --init-std scales the random weights: with GPT-2's 0.02
-a random model's greedy output repeats one token, the easiest case for speculation; a larger std
-gives varied text (a harder case), reported as the "tokens per forward pass" column.
+fit one window; a model without biases or with an untied head is FunGPT's as configured, and Hugging
+Face's its export (zero biases: the same model); a model Hugging Face's GPT-2 cannot express (RoPE,
+RMSNorm, ...) is measured on FunGPT's side only, with the reason printed. --init-std scales the
+random weights: with GPT-2's 0.02 a random model's greedy output repeats one token, the easiest case
+for speculation; a larger std gives varied text (a harder case), reported as the "tokens per forward
+pass" column.
 
 Every round runs each contender once, in turn (interleaved), so load from other processes hits
 all of them alike; the table reports each one's median tokens/s over the rounds and checks that
@@ -71,25 +73,35 @@ def config_model(path: Path):
 
 
 def build_models(cfg, init_std: float, workdir: Path):
-    """(HF model or None, FunGPT model, why HF is left out) with the same random weights, for GPTConfig cfg."""
+    """(HF model or None, FunGPT model, why HF is left out) with the same random weights, for GPTConfig cfg.
+
+    GPT-2's layout (biases, a tied head): a Hugging Face GPT-2 of its own random init (std init_std), saved, and
+    FunGPT's model loaded from that folder through GPT.from_hf. A config without biases or with an untied head:
+    FunGPT's model as configured, every matrix drawn from normal(0, init_std), and Hugging Face's its export
+    (GPT.save_hf: zero biases, which compute the same model). Either way both give the same tokens.
+    """
     from fungpt.hf import gpt2_incompatibilities
     from fungpt.model import GPT
 
     torch.manual_seed(0)
     problems = gpt2_incompatibilities(cfg)
-    if problems:  # FunGPT only; every matrix drawn from normal(0, std)
+    if problems or not (cfg.bias and cfg.tie_embeddings):  # FunGPT's model as configured
         model = GPT(cfg)
         with torch.no_grad():
             for p in model.parameters():
                 if p.dim() >= 2:
                     p.normal_(0.0, init_std)
-        return None, model.eval(), ", ".join(problems)
+        if problems:  # FunGPT only
+            return None, model.eval(), ", ".join(problems)
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
         raise SystemExit("bench_generate: Hugging Face's side needs transformers: pip install transformers "
                          "(the test extras include it)") from None
 
+    if not (cfg.bias and cfg.tie_embeddings):
+        model.save_hf(workdir)
+        return GPT2LMHeadModel.from_pretrained(workdir).eval(), model.eval(), ""
     config = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
                         n_layer=cfg.n_layer, n_head=cfg.n_head, initializer_range=init_std,
                         activation_function="gelu_new" if cfg.activation == "gelu_tanh" else "gelu",
@@ -321,6 +333,9 @@ def main(argv=None) -> int:
                     else "-" if "prompt_lookup" in name else "1")  # HF's passes are not counted
         rows.append(f"| {name} | {tps:,.1f} | {tps / base_tps:.2f}x | {per_pass} | {'yes' if same else 'NO'} |")
     arch = "GPT-2" if hf is not None else f"FunGPT ({no_hf}: no Hugging Face GPT-2 to compare with)"
+    if hf is not None and not (cfg.bias and cfg.tie_embeddings):  # (FunGPT's model as configured; HF's the export)
+        arch += (" layout" + ("" if cfg.bias else ", no biases (Hugging Face's: zeros)")
+                 + ("" if cfg.tie_embeddings else ", an untied head"))
     source = f" from {args.config}" if args.config else ""
     header = (f"## generation, {datetime.date.today()}\n\n"
               f"- machine: {machine()}, Python {platform.python_version()}; FunGPT cpu_matmul: {cpu_matmul()}\n"

@@ -83,10 +83,16 @@ except OSError:
     pass
 steps = [r for r in rows if "dt_ms" in r]
 evals = [r for r in rows if "val_loss" in r]
-ms = statistics.median(r["dt_ms"] for r in steps[1:]) if len(steps) > 1 else float("nan")
+# A step as nanoGPT's dt times it: the loop's whole period, from one train row to the next (log_interval steps
+# apart, no eval between them), from step 20 on as nanoGPT's median below; dt_ms is the step's body alone
+periods = [1000 * (r["elapsed_s"] - q["elapsed_s"]) / (r["step"] - q["step"]) for q, r in zip(rows, rows[1:])
+           if "dt_ms" in q and "dt_ms" in r and r["step"] > q["step"] >= 20]
+ms = statistics.median(periods) if periods else float("nan")
+body = statistics.median(r["dt_ms"] for r in steps[1:]) if len(steps) > 1 else float("nan")
 final = evals[-1] if evals else {}
 print(f"{name}: rc={rc} wall_s={t1 - t0:.1f} steps={final.get('step', steps[-1]['step'] if steps else 0)} "
-      f"median_ms_per_step={ms:.2f} final_val={final.get('val_loss', float('nan')):.4f} "
+      f"median_ms_per_step={ms:.2f} (loop period; step body {body:.2f}) "
+      f"final_val={final.get('val_loss', float('nan')):.4f} "
       f"best_val={min((r['val_loss'] for r in evals), default=float('nan')):.4f} "
       f"tokens_per_s={statistics.median(r['tokens_per_sec'] for r in steps[1:]) if len(steps) > 1 else 0:.0f}")
 PY

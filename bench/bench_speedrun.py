@@ -79,7 +79,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
         w, ref_row = args.wall, (f"| nanoGPT CPU recipe | - | - | {NANOGPT_FINAL_VAL} (its estimate: 20 random "
                                  f"batches) | W = {args.wall:.1f} s (given) |")
 
-    rows, points = [], []
+    rows, points, full = [], [], []
     for f in sorted(args.fractions):
         loads.append(os.getloadavg()[0])
         read_gbs.append(memory_read_gbs())
@@ -96,6 +96,8 @@ def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
                     f"**{final['val_loss']:.4f}**{verdict} | {wall:.1f} s |")
         points.append((wall, final["val_loss"], f))
         matmul = json.loads((out_dir / "run.json").read_text()).get("cpu_matmul")
+        # (the preset scores the final val loss over the entire split; a config or flag may not)
+        full.append(json.loads((out_dir / "config.json").read_text())["train"].get("eval_full_val", False))
         print(rows[-1], flush=True)
 
     side = "side by side" if args.wall is None else "against a given W"
@@ -104,14 +106,23 @@ def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
             f"1-min load average before each run: {', '.join(f'{x:.1f}' for x in loads)}; "
             f"{machine_state(read_gbs, 'before each run', steal_from)}\n"
             f"- command: `{command('bench_speedrun.py', argv)}`\n"
-            f"- FunGPT's final val loss is over the entire val split (nanoGPT's over its own 20 random batches); each "
+            f"- FunGPT's final val loss is {scored(full)} (nanoGPT's over its own 20 random batches); each "
             f"FunGPT budget covers its whole command\n\n"
             "| run | budget | steps | final val | command wall |\n|---|---:|---:|---:|---:|\n"
             + ref_row + "\n" + "\n".join(rows) + "\n")
     publish(text, args.append)
     if args.plot:
-        plot(points, curve, w, args.plot)
+        plot(points, curve, w, args.plot, all(full))
     return 0
+
+
+def scored(full: list[bool]) -> str:
+    """What the FunGPT runs' final val losses were computed over: train.eval_full_val of each run's config.json."""
+    if all(full):
+        return "over the entire val split"
+    if not any(full):
+        return "an estimate over eval_iters random val batches (train.eval_full_val = false)"
+    return "over the entire val split in some runs and random batches in others (train.eval_full_val differs)"
 
 
 def run_nanogpt(tmp: Path, env: dict) -> tuple[float, float, float, list[tuple[float, float]]]:
@@ -142,7 +153,8 @@ def run_nanogpt(tmp: Path, env: dict) -> tuple[float, float, float, list[tuple[f
     return w, evals[-1][1], statistics.median(ms), curve
 
 
-def plot(points: list[tuple[float, float, float]], curve: list[tuple[float, float]], w: float, out: Path) -> None:
+def plot(points: list[tuple[float, float, float]], curve: list[tuple[float, float]], w: float, out: Path,
+         full: bool = True) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,7 +162,8 @@ def plot(points: list[tuple[float, float, float]], curve: list[tuple[float, floa
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
-            label="FunGPT speedrun preset: final val (entire split) of a run given that budget")
+            label=f"FunGPT speedrun preset: final val ({'entire split' if full else 'random val batches'}) of a "
+                  f"run given that budget")
     for wall, val, f in points:
         ax.annotate(f"{f:g} W", (wall, val), textcoords="offset points", xytext=(5, 5), fontsize=8)
     curve = [c for c in curve if c[1] < 2.6]  # leave out the random-init point (~4.2) so the axis stays readable

@@ -9,7 +9,7 @@
 Each round runs `fungpt train` (the real command, logging every step) and then nanoGPT's recipe
 (../shared/anchors/nanogpt-cpu.sh beside the checkout, or $NANOGPT_CPU_SH) for --iters steps, as separate
 processes, one after the other, so machine load hits both alike. Reported per contender: the
-median ms/iter over steps >= 20 (nanoGPT's script uses the same cut) and over rounds, tokens/s,
+median ms/iter from the 21st step on (nanoGPT's script uses the same cut) and over rounds, tokens/s,
 MFU against this machine's fp32 matmul ceiling (measured by this script, in the same run), and
 the peak resident memory of the command (started by peak_rss.py, so that it is the command's own
 and not this script's; the largest over the rounds). The FunGPT side is given nanoGPT's architecture
@@ -243,10 +243,11 @@ def main(argv=None) -> int:
 
 
 def loop_periods_ms(rows: list[dict]) -> list[float]:
-    """The ms of each FunGPT step >= 20 as a whole loop iteration, as nanoGPT's dt: from the previous step's row in
-    metrics.jsonl (logged every step) to its own. A step after an eval row (or a missing row) is left out."""
+    """The ms of each FunGPT step from the 21st on as a whole loop iteration, as nanoGPT's dt: from the previous
+    step's row in metrics.jsonl (logged every step) to its own. A step after an eval row (or a missing row) is left
+    out. (FunGPT's step s is nanoGPT's iter s - 1, which counts from 0: its cut, iter >= 20, is step >= 21.)"""
     return [1000 * (r["elapsed_s"] - q["elapsed_s"]) for q, r in zip(rows, rows[1:])
-            if "dt_ms" in q and "dt_ms" in r and r["step"] == q["step"] + 1 and r["step"] >= 20]
+            if "dt_ms" in q and "dt_ms" in r and r["step"] == q["step"] + 1 and r["step"] >= 21]
 
 
 def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
@@ -281,7 +282,7 @@ def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
     flops = peak_flops(torch.float32)
     flops_bf16 = peak_flops(torch.bfloat16) if args.bf16 else 0.0
     steal_from = cpu_times()
-    for _ in range(args.rounds):
+    for round_index in range(args.rounds):
         loads.append(os.getloadavg()[0])
         read_gbs.append(memory_read_gbs())  # the machine's state at the round's start
         nano_cmd = ["bash", str(NANOGPT_SH), py, f"--max_iters={args.iters}", *ref_shape]
@@ -292,9 +293,13 @@ def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
             results = run_taking_turns(cmds, env, args.turns, lead=len(cmds) - 1)
             mems = [mem for _, mem in results[:-1]]
             out, nano_mem = results[-1]
-        else:
+        else:  # one after the other, nanoGPT first in every other round (the first run of a round may find the
+            # caches and the host's clock otherwise than the second)
+            nano_first = round_index % 2 == 1 and not args.no_reference
+            if nano_first:
+                out, _, nano_mem = run_measured(nano_cmd, env)
             mems = [run_measured(fungpt_cmd(name, False), env)[2] for name in fungpt_runs]
-            if not args.no_reference:
+            if not args.no_reference and not nano_first:
                 out, _, nano_mem = run_measured(nano_cmd, env)
         for (name, run_dir), mem in zip(fungpt_runs.items(), mems):
             if not args.no_reference:
@@ -302,11 +307,11 @@ def measure(args: argparse.Namespace, argv: list[str] | None, tmp: Path) -> int:
             lines = (run_dir / "metrics.jsonl").read_text().split("\n")[:-1]  # whole lines: a stopped run may cut one
             rows = [json.loads(line) for line in lines]
             steps = loop_periods_ms(rows)
-            if not steps:  # (taking turns, nanoGPT ended before FunGPT's 20th step: nothing after the warm-up to time)
-                raise SystemExit("bench_train: FunGPT made fewer than 20 steps in a round, the warm-up that is not "
+            if not steps:  # (taking turns, nanoGPT ended before FunGPT's 21st step: nothing after the warm-up to time)
+                raise SystemExit("bench_train: FunGPT made fewer than 21 steps in a round, the warm-up that is not "
                                  "timed: raise --iters")
             ms[name].append(statistics.median(steps))
-            fungpt_steps[name].append(len(steps) + 19)
+            fungpt_steps[name].append(len(steps) + 20)
             if args.turns and not args.no_reference and rows[-1]["step"] >= 4 * args.iters:
                 raise SystemExit(f"bench_train: {name} made all its {4 * args.iters} steps before nanoGPT's recipe "
                                  f"ended, which then ran alone: raise --iters")

@@ -173,6 +173,23 @@ def _rss_mib() -> float:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("bias, tied", [(False, True), (True, False), (True, True)])
+def test_bench_generate_measures_the_configs_own_model_on_the_same_weights_as_hf(bench, tmp_path, bias, tied):
+    """A config without biases (configs/shakespeare-char.toml) or with an untied head was measured as GPT-2's layout:
+    FunGPT's tokens/s were another model's than the config's."""
+    pytest.importorskip("transformers")
+    from bench_generate import build_models
+
+    from fungpt.model import GPTConfig
+
+    cfg = GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32, bias=bias, tie_embeddings=tied)
+    hf, model, why = build_models(cfg, 0.02, tmp_path)
+    assert why == "" and (model.config.bias, model.config.tie_embeddings) == (bias, tied)
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_peak_rss_is_the_commands_own_not_the_bench_scripts(bench):
     """wait4 on a command started straight from a large process reports at least that process's size."""
     from bench_train import run_measured
@@ -301,10 +318,11 @@ def test_bench_train_times_a_fungpt_step_by_its_whole_loop_as_nanogpt_does(bench
     timed between consecutive rows, and a step after an eval (whose row comes between) is left out."""
     import bench_train
 
-    rows = [{"step": s, "dt_ms": 10.0, "elapsed_s": 0.012 * s} for s in range(18, 23)]
-    rows.insert(3, {"step": 20, "train_loss": 3.0, "val_loss": 3.1, "elapsed_s": 0.5})  # the eval after step 20
-    rows[4:] = [{**r, "elapsed_s": r["elapsed_s"] + 0.3} for r in rows[4:]]
-    assert [round(ms, 6) for ms in bench_train.loop_periods_ms(rows)] == [12.0, 12.0]  # steps 20 and 22
+    rows = [{"step": s, "dt_ms": 10.0, "elapsed_s": 0.012 * s} for s in range(18, 24)]
+    rows.insert(4, {"step": 21, "train_loss": 3.0, "val_loss": 3.1, "elapsed_s": 0.5})  # the eval after step 21
+    rows[5:] = [{**r, "elapsed_s": r["elapsed_s"] + 0.3} for r in rows[5:]]
+    # steps 21 and 23: from the 21st on, as nanoGPT's iter >= 20 (its iters count from 0); 22 follows the eval
+    assert [round(ms, 6) for ms in bench_train.loop_periods_ms(rows)] == [12.0, 12.0]
 
 
 def test_bench_commands_are_recorded_ready_to_run_again(bench, tmp_path):
