@@ -171,9 +171,18 @@ def _parse(f, args: list[str], prog: str, **kwargs):
     if missing:  # (its value may be there, starting with a dash, which reads as another option: -run, -0.5)
         i = args.index(missing[1]) if missing[1] in args else -1
         # (not where the next word is an option of its own, --dry-run: the value was left out)
-        if 0 <= i < len(args) - 1 and args[i + 1].startswith("-") and not args[i + 1].startswith("--"):
+        if 0 <= i < len(args) - 1 and args[i + 1].startswith("-") and not _is_option(args[i + 1], command):
             refusal += f"; a value that starts with a dash is written {missing[1]}={shell_quote(args[i + 1])}"
     raise CommandLineError(f"{refusal} (`{prog} --help` lists the options)") from None
+
+
+def _is_option(word: str, command) -> bool:
+    """Whether `word` is one of the command's options (then the value before it was left out), not a value that
+    starts with dashes (--prompt "--hello"). train's flags, many and nested, are taken to be any "--" word."""
+    if isinstance(command, type):
+        return word.startswith("--")
+    options, _ = _options(command, first_is_run=False)
+    return word.split("=", 1)[0].replace("_", "-") in options
 
 
 # Values a switch was given, as in a config file (train.eval_full_val = true): tyro's switches take none
@@ -362,7 +371,9 @@ def cmd_train(args: list[str], start_time: float) -> int | None:
         raise FunGPTError("--resume and --overwrite contradict each other: pick one")
     resumed = path is None and _switch(args, "resume")  # resume a run as it was: the settings it saved are the defaults
     # (~ as the home folder, as RunConfig reads out_dir: --out-dir=~/x, or quoted, reaches us as it is)
-    saved = Path(os.path.expanduser(_out_dir_arg(args) or RunConfig().out_dir)) / "config.json"
+    # (an empty --out-dir "$RUN", RUN unset, is refused as empty below: not read as the default run's folder)
+    given = _out_dir_arg(args)
+    saved = Path(os.path.expanduser(given if given is not None else RunConfig().out_dir)) / "config.json"
     path = str(saved) if resumed and saved.is_file() else path
     # The file's settings are checked together with the flags (a flag may fix what the file set, e.g. min_lr below
     # a lower lr given on the command line); a check that still fails names the file
@@ -486,7 +497,7 @@ def sample_command(run: RunFolder, prompt: str | None = None, prompt_file: str |
     stop = re.sub(r"\\([nrt\\])", lambda m: STOP_ESCAPES[m.group(1)], stop) or None
     check_options(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                   top_p=top_p, show_top=show_top, prompt=prompt, prompt_file=prompt_file,
-                  stop=stop)  # (before the note)
+                  stop=stop, seed=seed)  # (before the note)
     if show_top != 5 and not show_probs:  # (its default: 5)
         print(f"fungpt: note: --show-top {show_top} applies to --show-probs, which is not given: it changes nothing",
               file=sys.stderr)
@@ -824,9 +835,15 @@ def _run_flag_as_positional(name: str, args: list[str]) -> list[str]:
         del rest[i]
     # The run named without the flag: an argument that is no option's value (options take one unless written
     # --name=value or listed in no_value), or any after "--"
-    named, value_next, after = [], False, False
+    named, value_next, after, switch_before = [], False, False, False
     asks_help = any(a in ("-h", "--help") for a in flags)  # (help is shown whatever else the line holds)
     for arg in rest:
+        # (--show-probs true beside --run RUN: a switch given a value, which tyro's refusal names; read as a second
+        # run, it was "the run is named 2 times")
+        given_a_value = switch_before and runs and arg.lower() in _BOOL_WORDS and not os.path.exists(arg)
+        switch_before = False
+        if given_a_value:
+            continue
         if after or not (value_next or arg.startswith("-")):
             named += [arg] if arg else []  # ("" is no folder: tyro calls it an empty argument)
         elif value_next:  # (a value may start with a dash: --layer -1)
@@ -844,6 +861,7 @@ def _run_flag_as_positional(name: str, args: list[str]) -> list[str]:
                 raise FunGPTError(f"Unrecognized options: {typed}" + (f"; Perhaps you meant: {close[0]}" if close
                                   else "") + f" (`fungpt {name} --help` lists the options)")
             value_next = "=" not in arg and option not in no_value
+            switch_before = "=" not in arg and option in no_value
     if not runs:
         return args
     runs = named + runs

@@ -173,12 +173,17 @@ def data_dir_of(run_dir: str | Path) -> Path:
                           f"pass --input TEXT_FILE") from None
 
 
-def seeded_generator(seed: int, device: str) -> torch.Generator:
-    # torch's generators also take negative seeds, as the same 64 bits as a large one (-1 is 2**64 - 1): one
-    # range, the training seed's and the explorer's, keeps one seed one text everywhere
+def check_seed(seed: int) -> None:
+    """Refuse a seed outside 0 .. 2**63 - 1. torch's generators also take negative seeds, as the same 64 bits as a
+    large one (-1 is 2**64 - 1): one range, the training seed's and the explorer's, keeps one seed one text
+    everywhere."""
     check_number(seed, "--seed", whole=True)
     if not 0 <= seed < 2**63:
         raise FunGPTError(f"--seed {seed} is out of range: use a whole number from 0 to 2**63 - 1")
+
+
+def seeded_generator(seed: int, device: str) -> torch.Generator:
+    check_seed(seed)
     g = torch.Generator(device=device)
     g.manual_seed(int(seed))  # (a numpy integer: as a Python int, which manual_seed takes)
     return g

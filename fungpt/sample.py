@@ -16,7 +16,7 @@ from fungpt.errors import FunGPTError, check_number, read_json
 from fungpt.evaluation import EVAL_LOGITS_MAX, counted, eval_bar, score_windows
 from fungpt.pretrained import is_pretrained
 from fungpt.rundata import resolve_data
-from fungpt.runs import LoadedRun, data_dir_of, load_run, seeded_generator
+from fungpt.runs import LoadedRun, check_seed, data_dir_of, load_run, seeded_generator
 from fungpt.sampling import sampling_probs
 from fungpt.tokenizer import TextStream, Tokenizer, load_tokenizer
 from fungpt.viz import for_terminal, show_token  # (for_terminal: also imported from here)
@@ -95,9 +95,10 @@ PROMPT_FILE_MAX_BYTES = 16 << 20
 
 def check_options(*, num_samples: int = 1, max_new_tokens: int = 0, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, show_top: int = 1, prompt: str | None = None,
-                  prompt_file: str | None = None, stop: str | None = None) -> None:
+                  prompt_file: str | None = None, stop: str | None = None, seed: int = 0) -> None:
     """Refuse sample()'s settings that cannot work, before anything is loaded (the sample command checks them
     before its note on the run, too)."""
+    check_seed(seed)
     # (numbers from Python: the command line's parser has checked its own)
     for named, value, whole in (("--show-top", show_top, True), ("--num-samples", num_samples, True),
                                 ("--max-new-tokens", max_new_tokens, True), ("--temperature", temperature, False),
@@ -160,7 +161,7 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
     temperature, top-k and top-p, i.e. those the token was drawn from); then the whole text.
     """
     check_options(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                  top_p=top_p, show_top=show_top, prompt=prompt, prompt_file=prompt_file, stop=stop)
+                  top_p=top_p, show_top=show_top, prompt=prompt, prompt_file=prompt_file, stop=stop, seed=seed)
     temperature, top_p = float(temperature), None if top_p is None else float(top_p)  # (a Fraction: torch takes none)
     if prompt_file is not None:
         if not str(prompt_file).strip():  # (Path("") is the current folder)

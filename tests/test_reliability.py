@@ -2310,7 +2310,30 @@ TYRO_ERRORS = {
                                          "error: --overwrite is a switch and takes no value: write --overwrite for "
                                          "true, --no-overwrite for false; Missing from fungpt prepare: --out STR (`"),
     "not a switch, an extra value": ([*TRAIN, "--train.max-iters", "1", "1"], "error: Unrecognized options: 1 (`"),
+    # beside --run, the switch's value was read as a second run: "the run is named 2 times (true, RUN)"
+    "... beside --run": (["sample", "--run", "{run}", "--show-probs", "true"],
+                         "error: --show-probs is a switch and takes no value"),
+    # two dashes: the hint was given for one only ("--" reads as an option too)
+    "a value starting with two dashes": (["sample", "x", "--prompt", "--hello"], "Missing value for argument "
+                                         "'--prompt'. Expected 1 values.; a value that starts with a dash is written "
+                                         "--prompt=--hello (`"),
 }
+
+
+def test_a_bad_seed_is_refused_before_the_run_is_loaded(world, capsys):
+    """--seed was checked once the checkpoint was loaded: a second line ("sampling RUN at step N") came first, and a
+    GPT-2-sized run paid its whole load."""
+    code, err = run_cli(["sample", "--run", str(world["run"]), "--seed", "-1"], capsys)
+    assert code == 2 and err == "error: --seed -1 is out of range: use a whole number from 0 to 2**63 - 1\n", err
+
+
+def test_an_empty_out_dir_on_a_resume_is_refused_as_empty_not_read_as_the_default_run(world, tmp_path, monkeypatch,
+                                                                                       capsys):
+    """`--out-dir "$RUN"` with RUN unset: the default run's folder was resumed from, and its config.json blamed."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(world["run"], tmp_path / RunConfig().out_dir)
+    code, err = run_cli(["train", "--resume", "--out-dir", ""], capsys)
+    assert code == 2 and err.startswith("error: out_dir is empty: give the run's folder") and err.count("\n") == 1, err
 
 
 def test_eval_of_token_ids_without_their_texts_size_gives_the_loss_and_says_why_no_bits(world, tmp_path, capsys):
