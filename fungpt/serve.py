@@ -74,6 +74,7 @@ from fungpt._startup import Stopped, raise_stopped
 from fungpt.errors import FunGPTError, read_json, utf8_text
 from fungpt.runs import LoadedRun, load_run, seeded_generator
 from fungpt.sample import default_prompt_ids, stop_end, top_candidates
+from fungpt.stopping import silence_terminal
 from fungpt.tokenizer import TextStream
 from fungpt.viz import attention_maps
 
@@ -814,6 +815,15 @@ def _is_loopback(sock: socket.socket) -> bool:
     return ipaddress.ip_address(sock.getsockname()[0].split("%")[0]).is_loopback
 
 
+def _say(line: str) -> None:
+    """Print a line of the server's own: where its reader has gone (`fungpt serve ... | head -1`, a closed pipe) the
+    rest of the output goes nowhere, and the server goes on serving (the closed pipe ended it, status 0)."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        silence_terminal(pipes=True)
+
+
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, checkpoint: str = "last",
           device: str = "auto", allow_hosts: tuple[str, ...] = ()) -> None:
     """Serve the explorer for `run` until Ctrl-C. allow_hosts: more names requests may use (a proxy's)."""
@@ -824,11 +834,11 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, checkpoint
     url = _url(sock)
     if not _is_loopback(sock):
         where = "every network interface" if host in ("0.0.0.0", "::", "") else host
-        print(f"fungpt: warning: listening on {where}: anyone who can reach this machine can use the model "
-              f"(there is no password)")
-    print(f"fungpt: exploring {run} at {url}/   (Ctrl-C to stop)", flush=True)
+        _say(f"fungpt: warning: listening on {where}: anyone who can reach this machine can use the model "
+             f"(there is no password)")
+    _say(f"fungpt: exploring {run} at {url}/   (Ctrl-C to stop)")
     if host in ("0.0.0.0", "::", ""):  # (the URL above is this machine's own: the others need one of these)
-        print(f"fungpt: from other machines: {', '.join(_network_urls(sock))}", flush=True)
+        _say(f"fungpt: from other machines: {', '.join(_network_urls(sock))}")
     server = _Server(app)
     try:
         server.run(sockets=[sock])
@@ -838,7 +848,7 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, checkpoint
         pass  # uvicorn shut down cleanly, then re-raised the Ctrl-C it had caught
     finally:
         sock.close()
-    print("fungpt: server stopped", flush=True)
+    _say("fungpt: server stopped")
 
 
 @contextlib.contextmanager

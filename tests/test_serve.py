@@ -767,6 +767,37 @@ def start_fungpt_serve(run_dir, port: int, **popen) -> subprocess.Popen:
         time.sleep(0.2)
 
 
+@pytest.mark.skipif(os.name != "posix", reason="a closed pipe's writer gets EPIPE on POSIX")
+def test_fungpt_serve_goes_on_serving_when_its_output_pipe_is_closed(run_dir):
+    """`fungpt serve RUN | head -1`: its next line hit the closed pipe, and the server ended, status 0, unseen."""
+    port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "fungpt", "serve", str(run_dir), "--port", str(port), "--device",
+                             "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                            preexec_fn=_as_from_a_terminal(None))
+    proc.stdout.close()  # (before its first line)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/api/info", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "fungpt serve did not come up"
+            time.sleep(0.2)
+        time.sleep(0.5)
+        assert proc.poll() is None and httpx.get(f"http://127.0.0.1:{port}/api/info", timeout=10).status_code == 200
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("ignored", [False, True])
 def test_a_second_ctrl_c_and_an_ignored_sigterm(run_dir, ignored):
     """A second Ctrl-C while the server stops skips its shut-down (uvicorn then logged its cancelled lifespan task:
