@@ -462,24 +462,30 @@ def check_weights_before_building(ckpt_dir: Path, config, config_path: Path) -> 
     A run folder from elsewhere can hold a config.json (and manifest.json) of n_layer 64 x n_embd 8192 beside the
     weights of a small model: building it first filled tens of GB with random weights, only to find they do not
     fit. Reading the file's header is cheap; when the config asks for more than twice the bytes the file holds
-    (by a lower bound of GPT's parameters: 12 C^2 a block and V C), the model is built on the meta device (no
-    memory, ~1 s) and its shapes compared with the file's. An ordinary run never gets that far.
+    (by a lower bound of GPT's parameters and tables: 12 C^2 a block, V C, and block_size C for the positions), the
+    model is built on the meta device (no memory, ~1 s) and its shapes compared with the file's; a header that
+    cannot be read is refused then, before the build. An ordinary run never gets that far.
     """
     from safetensors import safe_open
 
     path = ckpt_dir / MODEL_FILE
     c = config
-    at_least = 4 * (12 * c.n_layer * c.n_embd**2 + c.vocab_size * c.n_embd)  # float32 bytes
+    at_least = 4 * (12 * c.n_layer * c.n_embd**2 + (c.vocab_size + c.block_size) * c.n_embd)  # float32 bytes
     try:
         if at_least <= 2 * path.stat().st_size + BUILD_WITHOUT_CHECK_BYTES:
             return
+    except OSError:  # (missing: load_weights says so)
+        return
+    try:
         if utf8_path(path) is None:  # (the library opens UTF-8 paths only)
             saved = {name: shape for name, (_, shape) in safetensors_header(path).items()}
         else:
             with safe_open(str(path), "pt") as f:
                 saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-    except Exception:  # noqa: BLE001 - (missing or not safetensors: load_weights says which, after the build)
-        return
+    except Exception as e:  # noqa: BLE001 - (not safetensors: the model it would have been built for is not built)
+        why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise FunGPTError(f"cannot read {path} ({why}): the checkpoint is damaged; resume from a good copy of the "
+                          f"run, or train it again") from None
     from fungpt.model import GPT
 
     with torch.device("meta"):
@@ -624,6 +630,38 @@ def _tied_names(model: torch.nn.Module) -> dict[str, str]:
 STATE_KEYS = ("step", "best_val", "elapsed_s", "optimizer", "loader", "rng")
 
 
+def check_torch_file(path: Path) -> None:
+    """Refuse a torch.save file whose records are compressed before it is read: torch.save stores them as they are,
+    so what loading reads is at most the file's size, while a compressed record can unpack to any size (a 98 KB
+    file was read as 100 MB). Not a zip (an older format, a damaged file): torch.load says what it is."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            packed = next((i.filename for i in z.infolist() if i.compress_type != zipfile.ZIP_STORED), None)
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return
+    if packed is not None:
+        raise FunGPTError(f"refusing to load {path}: its record {packed} is compressed, which torch.save never "
+                          f"writes (it could unpack to any size); save it again with torch.save")
+
+
+def check_tensors_fit_their_storage(obj: Any, path: Path) -> None:
+    """Refuse tensors (in nested dicts, lists and tuples) that claim more numbers than their storage holds: a view of
+    one number with stride 0 reads as a tensor of any size (a 1.7 KB file as 4 TB once copied), which torch.save
+    never writes for a model's or an optimizer's tensors."""
+    if isinstance(obj, torch.Tensor):
+        if obj.numel() * obj.element_size() > obj.untyped_storage().nbytes():
+            raise FunGPTError(f"{path} is damaged: a tensor of shape {tuple(obj.shape)} claims more numbers than the "
+                              f"file holds for it; download or save it again")
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            check_tensors_fit_their_storage(value, path)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            check_tensors_fit_their_storage(value, path)
+
+
 def load_state(ckpt_dir: Path) -> dict[str, Any]:
     """Load the training state with weights_only=True: tensors and plain containers, never code.
 
@@ -632,6 +670,7 @@ def load_state(ckpt_dir: Path) -> dict[str, Any]:
     tensors, numbers, strings and containers, and refuses everything else before calling it.
     """
     path = ckpt_dir / STATE_FILE
+    check_torch_file(path)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols; the error below says enough
             warnings.simplefilter("ignore")
@@ -649,4 +688,5 @@ def load_state(ckpt_dir: Path) -> dict[str, Any]:
                           f"({detail})") from None
     if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
         raise FunGPTError(f"{path} is not a FunGPT training state (expected the keys {', '.join(STATE_KEYS)})")
+    check_tensors_fit_their_storage(state, path)
     return state

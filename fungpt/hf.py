@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fungpt.checkpoint import open_new_temp
+from fungpt.checkpoint import check_tensors_fit_their_storage, check_torch_file, open_new_temp
 from fungpt.errors import FunGPTError, is_out_of_memory, read_json, shell_quote, utf8_path
 from fungpt.model import GPT, GPTConfig
 
@@ -404,7 +404,11 @@ def _read_hf_weights(path: Path, meta: bool = False) -> dict[str, torch.Tensor]:
         return {k: v for shard in sorted(shards) for k, v in _read_safetensors(path / shard, meta).items()}
     if (path / "pytorch_model.bin").is_file():
         # (read whole even with `meta`: torch checks the sizes of its records only as it reads their data)
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        bin_file = path / "pytorch_model.bin"
+        check_torch_file(bin_file)
+        weights = torch.load(bin_file, map_location="cpu", weights_only=True)
+        check_tensors_fit_their_storage(weights, bin_file)
+        return weights
     if (path / "pytorch_model.bin.index.json").is_file():
         raise FunGPTError(f"'{path}' holds its weights as sharded pytorch_model-*.bin files, which FunGPT does not "
                           f"read: save the model again with save_pretrained(folder) (safetensors, the default)")

@@ -192,6 +192,16 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict[str,
     """
     fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     optimizer.load_state_dict(state_dict)
+    # Each moment the shape of its parameter, in one piece (and a step count one number): a state file whose
+    # tensors do not (damaged, or forged with a matching manifest) made the fused AdamW write past their ends
+    for part in getattr(optimizer, "parts", (optimizer,)):
+        for param, saved in part.state.items():
+            for name, value in saved.items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                fits = value.dim() == 0 if name == "step" else value.shape == param.shape and value.is_contiguous()
+                if not fits:
+                    raise ValueError(f"its {name} of a {tuple(param.shape)} parameter is {tuple(value.shape)}")
     for group, settings in zip(optimizer.param_groups, fresh):  # (load_state_dict checks the groups match)
         group.update(settings)
 

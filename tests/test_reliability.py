@@ -1814,6 +1814,76 @@ def test_a_truncated_state_pt_is_called_damaged_not_unsafe(world, tmp_path):
         ckpt.load_state(folder)
 
 
+def test_a_training_state_whose_moments_do_not_fit_the_model_is_refused_not_run_past_their_ends(world, tmp_path,
+                                                                                                 capsys):
+    """weights_only lets any plain tensor through: AdamW moments of one number each (a forged state.pt, its manifest
+    fixed to match) made the fused AdamW write past their ends, and the resume died of a segmentation fault."""
+    out = copy_run(world, tmp_path)
+    folder = ckpt.find_checkpoint(out)
+    state = ckpt.load_state(folder)
+    for moments in state["optimizer"]["state"].values():
+        moments["exp_avg"] = torch.zeros(1)
+    forged = tmp_path / "forged.pt"
+    torch.save(state, forged)
+    _plant(folder, ckpt.STATE_FILE, forged.read_bytes())
+    argv = ["train", "--data.path", world["data"], "--out-dir", out, "--train.device", "cpu", *TINY_MODEL,
+            "--train.batch-size", "4", "--train.max-iters", "9", "--resume"]
+    assert_one_line_error(*run_cli(argv, capsys), "the training state in", "does not fit this run", "exp_avg of a")
+
+
+def test_torch_files_that_would_unpack_to_any_size_are_refused_before_reading(tmp_path):
+    """A stride-0 view of one number is a tensor of any size (1.7 KB of pytorch_model.bin asked for 4 TB), and a
+    compressed record unpacks to any size: torch.save writes neither."""
+    import zipfile
+
+    from fungpt.hf import _read_hf_weights
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    torch.save({"transformer.wte.weight": torch.zeros(1).as_strided((10**9,), (0,))}, folder / "pytorch_model.bin")
+    assert (folder / "pytorch_model.bin").stat().st_size < 4000
+    with pytest.raises(FunGPTError, match=r"pytorch_model.bin is damaged: a tensor of shape \(1000000000,\) claims "
+                                          r"more numbers than the file holds"):
+        _read_hf_weights(folder)
+    packed = tmp_path / "packed.pt"
+    torch.save({"w": torch.zeros(1000)}, tmp_path / "plain.pt")
+    with zipfile.ZipFile(tmp_path / "plain.pt") as src, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
+        for item in src.infolist():
+            dst.writestr(item.filename, src.read(item))
+    assert torch.load(packed, weights_only=True)["w"].numel() == 1000  # (torch reads it: the check must refuse)
+    with pytest.raises(FunGPTError, match="is compressed, which torch.save never writes"):
+        ckpt.check_torch_file(packed)
+    ckpt.check_torch_file(tmp_path / "plain.pt")  # (torch.save's own: fine)
+
+
+def test_a_long_context_or_an_unreadable_weights_header_is_refused_before_the_model_is_built(world, tmp_path,
+                                                                                              monkeypatch):
+    """Learned positions were left out of the size the weights are checked against (block_size 2**24 x 256: 17 GB
+    built), and a weights file whose header could not be read let the config's model be built first."""
+    import fungpt.runs as runs_mod
+
+    def copy_with(name: str, **model) -> Path:
+        out = Path(copy_run(world, tmp_path / name))
+        config = json.loads((out / "config.json").read_text())
+        config["model"].update(model)
+        (out / "config.json").write_text(json.dumps(config))
+        for manifest in out.glob("checkpoints/*/manifest.json"):
+            data = json.loads(manifest.read_text())
+            data["model"].update(model)
+            manifest.write_text(json.dumps(data))
+        return out
+
+    built = []
+    monkeypatch.setattr(runs_mod, "GPT", lambda config: built.append(config) or pytest.fail("built"))
+    with pytest.raises(FunGPTError, match="do not fit the model that"):
+        load_run(copy_with("long", block_size=2**24, n_embd=256, n_head=4), device="cpu")
+    out = copy_with("wide", n_layer=64, n_embd=8192, n_head=8)
+    _plant(ckpt.find_checkpoint(out), ckpt.MODEL_FILE, b"not safetensors")
+    with pytest.raises(FunGPTError, match=r"cannot read .*model.safetensors .*: the checkpoint is damaged"):
+        load_run(out, device="cpu")
+    assert built == []
+
+
 def test_pickle_disguised_as_safetensors_is_refused_by_sample_and_resume(world, tmp_path, capsys):
     out = copy_run(world, tmp_path)
     marker = tmp_path / "PWNED"
