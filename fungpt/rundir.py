@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import json
 import os
 import re
 import shutil
@@ -33,6 +34,34 @@ from fungpt.tokenizer import META_FILE as TOKENIZER_META_FILE
 # comes last: until it is gone the folder still counts as a run, so a failed --overwrite can be repeated.
 RUN_FILES = ("run.json", "metrics.jsonl", "latest.json", "best.json", "loss.png", TOKENIZER_META_FILE,
              TOKENIZER_BPE_FILE, "config.json")
+
+
+def foreign_run_files(out: Path) -> list[str]:
+    """The files in out named as a run's (RUN_FILES, but config.json, which holds_run reads) that no FunGPT run
+    wrote, by their contents: a project's own tokenizer.json or metrics.jsonl beside a run config copied in
+    (`fungpt train --config config.json --out-dir .`) was deleted as a run's that never saved, or overwritten.
+    loss.png, written at a run's end, cannot be told apart: a folder holding one with no run there is foreign."""
+    meta_keys = {"run.json": "device", "latest.json": "dir", "best.json": "dir", TOKENIZER_META_FILE: "kind"}
+
+    def ours(path: Path) -> bool:
+        try:
+            if path.name == "metrics.jsonl":
+                with open(path, encoding="utf-8") as f:
+                    first = f.readline()
+                row = json.loads(first) if first.strip() else {"step": None}  # (empty: nothing to lose)
+                return isinstance(row, dict) and "step" in row
+            if path.name in meta_keys:
+                data = read_json(path)
+                return isinstance(data, dict) and meta_keys[path.name] in data
+            if path.name == TOKENIZER_BPE_FILE:  # (the file a bpe or hf tokenizer's meta names)
+                meta = read_json(out / TOKENIZER_META_FILE)
+                named = meta.get("file", path.name) if isinstance(meta, dict) else None
+                return isinstance(meta, dict) and meta.get("kind") in ("bpe", "hf") and named == path.name
+            return path.stat().st_size == 0
+        except (OSError, ValueError, TypeError, FunGPTError):
+            return False
+
+    return [name for name in RUN_FILES if name != "config.json" and (out / name).is_file() and not ours(out / name)]
 
 
 def _run_checkpoints(out: Path) -> list[Path]:
@@ -218,6 +247,11 @@ def check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool, check_lock: boo
     # (without a lock, a run that has not saved yet may be live: then it is refused too)
     if has_run and not resume and not overwrite and (saved_anything(out) or fcntl is None):
         raise _holds_a_run(out)
+    # A new run here writes its files over any of the same names (and a run that never saved is deleted first):
+    # files of those names that no run wrote are the user's (--overwrite replaces a run that trained, not them)
+    if not resume and not (has_run and saved_anything(out)) and (foreign := foreign_run_files(out)):
+        raise FunGPTError(f"out_dir {out} holds {', '.join(foreign)}, named as a run's files but not written by "
+                          f"FunGPT: training would replace them; move them elsewhere, or choose another out_dir")
     if resume:
         saved = load_run_config(out)  # a corrupt config.json is reported now, not after preparing the data
         ckpt.find_checkpoint(out)  # likewise a corrupt latest.json

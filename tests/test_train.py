@@ -417,6 +417,31 @@ def test_a_new_run_in_a_folder_of_other_files_says_so(corpus, tmp_path, capsys):
         assert ("already holds files of its own (.git)" in capsys.readouterr().out) == (name == "git")
 
 
+def test_files_named_as_a_runs_but_not_a_runs_are_never_replaced(corpus, tmp_path):
+    """A run config copied into a project (`fungpt train --config config.json --out-dir .`) made the folder read as
+    a run that never saved: its own tokenizer.json and metrics.jsonl were deleted with it; without a run config,
+    the user's run.json and loss.png were overwritten (and named nowhere: the note left run files' names out)."""
+    project = tmp_path / "project"
+    train(tiny_config(corpus, tmp_path / "model", max_iters=1), progress=False)
+    project.mkdir()
+    shutil.copy(tmp_path / "model" / "config.json", project / "config.json")
+    mine = {"tokenizer.json": '{"model": {"type": "BPE"}}', "metrics.jsonl": '{"epoch": 1}\n', "notes.txt": "mine"}
+    for name, text in mine.items():
+        (project / name).write_text(text)
+    for overwrite in (False, True):
+        with pytest.raises(FunGPTError, match=r"holds metrics.jsonl, tokenizer.json, named as a run's files but not "
+                                              r"written by FunGPT: training would replace them"):
+            train(tiny_config(corpus, project, max_iters=1), progress=False, overwrite=overwrite)
+        assert {p.name: p.read_text() for p in project.iterdir() if p.name in mine} == mine
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "run.json").write_text('{"mine": true}')
+    (other / "loss.png").write_text("my plot")
+    with pytest.raises(FunGPTError, match=r"holds run.json, loss.png, named as a run's files"):
+        train(tiny_config(corpus, other, max_iters=1), progress=False)
+    assert (other / "loss.png").read_text() == "my plot"
+
+
 def test_overwrite_deletes_the_runs_files_and_nothing_else(corpus, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train(tiny_config(corpus, out, max_iters=6), progress=False)
