@@ -848,6 +848,7 @@ def checked_again(cfg: RunConfig) -> RunConfig:
 def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_time: float | None,
            model_named: Collection[str], held: contextlib.ExitStack,
            data_named: Collection[str] = ()) -> dict[str, Any]:
+    from_python = start_time is None  # (the fungpt command passes its start: its messages name its flags)
     start_time = time.time() if start_time is None else start_time
     tc = cfg.train
     prec: Precision = detect_precision(tc.device, tc.dtype, tc.optimizer)
@@ -910,8 +911,10 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         locked = held.enter_context(lock_out_dir(out_dir))
         replaced = overwrite and holds_run(out_dir)
         prepare_out_dir(cfg, resume, overwrite, locked)
-    # The flags that continue this run after an interruption: the same command's, with --resume
-    resume_flags = " with --resume in place of --overwrite" if overwrite else "" if resume else " plus --resume"
+    # The flags that continue this run after an interruption: the same command's, with --resume (called from Python,
+    # a script of the user's: the call's own argument)
+    resume_flags = (" (from Python: train(config, resume=True))" if from_python else
+                    " with --resume in place of --overwrite" if overwrite else "" if resume else " plus --resume")
     # From here until the training loop takes over the signals, a Ctrl-C (building the model, loading the checkpoint,
     # the step-0 eval, planning a time budget) says what it left: nothing trained, and the command that goes on
     doing: str | None = "while the run was being set up"  # (None once the loop's handlers answer Ctrl-C)

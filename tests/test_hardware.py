@@ -1271,7 +1271,7 @@ def test_an_interrupted_budget_run_is_told_to_resume_when_a_resume_would_have_ti
     monkeypatch.setattr(train_mod, "resolve_model_and_data", lambda *a, **k: time.sleep(5) or real_resolve(*a, **k))
     ctrl_c_in_step(3, monkeypatch)
     cfg = tiny_config(corpus, tmp_path / "run", max_iters=10**6, eval_iters=1, max_minutes=8 / 60)
-    assert train(cfg, progress=False)["step"] == 3
+    assert train(cfg, progress=False, start_time=time.time())["step"] == 3  # (as the fungpt command calls it)
     said = capsys.readouterr().err
     assert "interrupted at step 3; checkpoint saved. Resume with the same command plus --resume" in said, said
 

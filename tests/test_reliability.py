@@ -1481,7 +1481,8 @@ def test_console_output_to_a_full_disk_stops_the_run_with_its_step_saved(world, 
     monkeypatch.setattr(stopping.StopFlag, "output", full_after_a_while)
     out = tmp_path / "run"
     with pytest.raises(FunGPTError) as e:
-        train(tiny_config(world["data"], out, max_iters=50, checkpoint_interval=1000), progress=True)
+        train(tiny_config(world["data"], out, max_iters=50, checkpoint_interval=1000), progress=True,
+              start_time=time.time())  # (as the fungpt command calls it: its messages name its flags)
     stopped = check_loadable(out)
     assert 1 < stopped < 50 and silenced
     assert str(e.value) == (f"training stopped at step {stopped}: its output could not be written (No space left on "

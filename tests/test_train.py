@@ -65,6 +65,19 @@ def ctrl_c_during_step(monkeypatch, n: int) -> None:
     monkeypatch.setattr(train_module, "get_lr", get_lr)
 
 
+def test_an_interrupted_run_called_from_python_says_how_to_resume_it_from_python(corpus, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """The example scripts, stopped by Ctrl-C, said to resume "with the same command plus --resume", a flag they do
+    not have (and run again, they start over): a Python caller is told the call's own argument."""
+    ctrl_c_during_step(monkeypatch, 3)
+    result = train(tiny_config(corpus, tmp_path / "run", max_iters=10, eval_interval=100), progress=False)
+    assert result["interrupted"] and result["step"] == 3
+    said = capsys.readouterr().err
+    assert ("interrupted at step 3; checkpoint saved. Resume with the same command (from Python: train(config, "
+            "resume=True))") in said, said
+    assert "--resume" not in said
+
+
 def test_ctrl_c_during_the_step_0_eval_says_that_nothing_was_trained(corpus, tmp_path):
     """Ctrl-C in the step-0 eval (before the loop's own handlers) said only "fungpt: interrupted": now what it left,
     and how to start the run (--resume, which starts a run that never saved from step 0, on every platform), and that
@@ -81,7 +94,7 @@ def test_ctrl_c_during_the_step_0_eval_says_that_nothing_was_trained(corpus, tmp
         train_module.evaluate = ctrl_c
         try:
             with pytest.raises(KeyboardInterrupt) as caught:
-                train(cfg, overwrite=overwrite)
+                train(cfg, overwrite=overwrite, start_time=time.time())  # (as the fungpt command does)
         finally:
             train_module.evaluate = real
         said.append(str(caught.value))
