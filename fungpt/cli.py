@@ -46,6 +46,7 @@ from fungpt.errors import (
     said_on_ctrl_c,
     shell_quote,
 )
+from fungpt.stopping import pipe_closed
 
 
 @dataclass
@@ -967,18 +968,18 @@ def main(argv: list[str] | None = None, *, command_start: float | None = None) -
         print(f"error: out of memory ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__}):{hint}",
               file=sys.stderr)
         return 2
-    except BrokenPipeError:  # the reader of our output went away, e.g. `fungpt sample ... | head`
-        _silence_stdout()
-        # A training run that stopped is not a success (nor silent): say so where it can be seen (`--help | head`
-        # and `--dry-run | head` train nothing)
-        if name == "train" and not {"-h", "--help", "--dry-run"} & set(rest):
-            with contextlib.suppress(OSError):  # (stderr may be that pipe too: `2>&1 | head`)
-                print("fungpt: training stopped: its output pipe was closed (e.g. by `| head`); the same command "
-                      "with --resume continues the run, from its last checkpoint (or from step 0 if it saved none)",
-                      file=sys.stderr)
-            return 141  # 128 + SIGPIPE, what a shell reports for a command ended by a closed pipe
-        return 0
     except OSError as e:  # a path that cannot be read or written (a file where a folder is needed, ...)
+        if pipe_closed(e):  # the reader of our output went away, e.g. `fungpt sample ... | head`
+            _silence_stdout()
+            # A training run that stopped is not a success (nor silent): say so where it can be seen (`--help | head`
+            # and `--dry-run | head` train nothing)
+            if name == "train" and not {"-h", "--help", "--dry-run"} & set(rest):
+                with contextlib.suppress(OSError):  # (stderr may be that pipe too: `2>&1 | head`)
+                    print("fungpt: training stopped: its output pipe was closed (e.g. by `| head`); the same command "
+                          "with --resume continues the run, from its last checkpoint (or from step 0 if it saved "
+                          "none)", file=sys.stderr)
+                return 141  # 128 + SIGPIPE, what a shell reports for a command ended by a closed pipe
+            return 0
         if e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             # A write with no file named: most likely the command's output (`> log` on a full disk, `> /dev/full`);
             # FunGPT's own writes name their files (FunGPTError, or the OSError's filename)
@@ -1057,8 +1058,9 @@ def entry() -> None:
         code = 1
     try:
         sys.stdout.flush()
-    except BrokenPipeError:  # what was still buffered has no reader any more (`| head`): nothing to report
-        pass
+    except OSError as e:  # what was still buffered has no reader any more (`| head`): nothing to report
+        if not pipe_closed(e):
+            raise
     with contextlib.suppress(OSError):
         sys.stderr.flush()
     os._exit(code)

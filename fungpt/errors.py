@@ -154,8 +154,9 @@ def is_out_of_memory(e: BaseException) -> bool:
     if isinstance(e, OSError):
         return e.errno == errno.ENOMEM
     first = str(e).split("\n", 1)[0]
-    return isinstance(e, RuntimeError) and any(m in first for m in ("can't allocate memory", "CUDA out of memory",
-                                                                    "MPS backend out of memory"))
+    # (torch's CPU allocator: "can't allocate memory" on Linux and macOS, "not enough memory" on Windows)
+    return isinstance(e, RuntimeError) and any(m in first for m in ("can't allocate memory", "not enough memory",
+                                                                    "CUDA out of memory", "MPS backend out of memory"))
 
 
 def _unique_keys(pairs: list[tuple[str, typing.Any]]) -> dict[str, typing.Any]:

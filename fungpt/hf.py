@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fungpt.checkpoint import check_tensors_fit_their_storage, check_torch_file, open_new_temp
+from fungpt.checkpoint import check_tensors_fit_their_storage, check_torch_file, fsync, open_new_temp
 from fungpt.errors import FunGPTError, is_out_of_memory, read_json, shell_quote, utf8_path
 from fungpt.model import GPT, GPTConfig
 
@@ -278,7 +278,7 @@ def _write_new(path: Path, data: bytes) -> None:
         with f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())  # (on disk before it takes the name: a crash leaves the old file or the new one)
+            fsync(f.fileno())  # (on disk before it takes the name: a crash leaves the old file or the new one)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -328,9 +328,16 @@ def _time_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_opt
     # no plan was made (`fungpt.plan.dry_run` in a notebook, then its own training or sampling). (The CPU's and the
     # current GPU's; an MPS run's dropout draws on its device's own.)
     gpu = [torch.cuda.current_device()] if device == "cuda" else []
-    with (using_cpu_matmul(cfg.train.cpu_matmul) if device == "cpu" else contextlib.nullcontext(),
-          torch.random.fork_rng(devices=gpu)):
-        return _timed_steps(cfg, prec, data_dir, n, configure_optimizer, batch_loader, progress)
+    # (fork_rng keeps the CPU's stream and the CUDA devices listed; torch.manual_seed below also seeds an Apple GPU's,
+    # kept here by hand)
+    mps_state = torch.mps.get_rng_state() if torch.backends.mps.is_available() else None
+    try:
+        with (using_cpu_matmul(cfg.train.cpu_matmul) if device == "cpu" else contextlib.nullcontext(),
+              torch.random.fork_rng(devices=gpu)):
+            return _timed_steps(cfg, prec, data_dir, n, configure_optimizer, batch_loader, progress)
+    finally:
+        if mps_state is not None:
+            torch.mps.set_rng_state(mps_state)
 
 
 TIMED_MICRO_BATCHES = 16  # the most micro-batches of a step a dry run times (the rest: as many times theirs)

@@ -74,7 +74,7 @@ from fungpt._startup import Stopped, raise_stopped
 from fungpt.errors import FunGPTError, read_json, utf8_text
 from fungpt.runs import LoadedRun, load_run, seeded_generator
 from fungpt.sample import default_prompt_ids, stop_end, top_candidates
-from fungpt.stopping import silence_terminal
+from fungpt.stopping import pipe_closed, silence_terminal
 from fungpt.tokenizer import TextStream
 from fungpt.viz import attention_maps
 
@@ -820,7 +820,9 @@ def _say(line: str) -> None:
     rest of the output goes nowhere, and the server goes on serving (the closed pipe ended it, status 0)."""
     try:
         print(line, flush=True)
-    except BrokenPipeError:
+    except OSError as e:
+        if not pipe_closed(e):
+            raise
         silence_terminal(pipes=True)
 
 

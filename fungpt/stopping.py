@@ -92,9 +92,9 @@ class StopFlag:
                 if not self.stop:
                     self.stop, self.signum, self.output_failed = True, signal.SIGTERM, e.strerror or str(e)
                 return
-            if e.errno not in (errno.EIO, errno.EPIPE):
+            if e.errno != errno.EIO and not pipe_closed(e):
                 raise
-            silence_terminal(pipes=e.errno == errno.EPIPE)
+            silence_terminal(pipes=e.errno != errno.EIO)
             if not self.stop:
                 self.stop, self.hung_up = True, e.errno == errno.EIO
                 self.signum = getattr(signal, "SIGHUP" if e.errno == errno.EIO else "SIGPIPE", signal.SIGTERM)
@@ -116,6 +116,15 @@ class StopFlag:
 
 
 FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}  # a file that cannot grow
+
+
+WINDOWS = os.name == "nt"
+
+
+def pipe_closed(e: OSError) -> bool:
+    """Whether a write failed because the pipe's reader went away (`| head`): EPIPE, or on Windows EINVAL, which
+    its C runtime makes of "the pipe is being closed" (python/cpython#79935)."""
+    return isinstance(e, BrokenPipeError) or e.errno == errno.EPIPE or (WINDOWS and e.errno == errno.EINVAL)
 
 
 def silence_files() -> None:
@@ -146,8 +155,10 @@ def reader_gone(fd: int) -> bool:
     """Whether `fd` is a pipe whose reading end was closed: poll reports an error condition on its writing end."""
     import select
 
-    if not stat.S_ISFIFO(os.fstat(fd).st_mode) or not hasattr(select, "poll"):
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
         return False
+    if not hasattr(select, "poll"):  # (Windows: no way to ask; a pipe's write failed as closed, so taken as gone)
+        return WINDOWS
     poll = select.poll()
     poll.register(fd, select.POLLOUT)
     return any(events & select.POLLERR for _, events in poll.poll(0))

@@ -27,5 +27,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 if [ "${1:-}" = "test" ]; then pip install -e ".[test]"; else pip install -e .; fi
 if [ -n "${new_torch:-}" ]; then  # (after numpy is installed: torch warns when it imports without it)
-  .venv/bin/python -c "import torch; print('setup: installed torch', torch.__version__, '(CUDA build)' if torch.version.cuda else '(CPU build)')"
+  .venv/bin/python -c "import torch; print('setup: installed torch', torch.__version__, '(CUDA build)' if torch.version.cuda else '(with Apple GPU support: mps)' if torch.backends.mps.is_built() else '(CPU build)')"
 fi

@@ -78,6 +78,38 @@ def test_an_interrupted_run_called_from_python_says_how_to_resume_it_from_python
     assert "--resume" not in said
 
 
+def test_a_closed_pipe_is_told_apart_on_windows_too(monkeypatch, capsys):
+    """On Windows a write to a pipe whose reader left fails with EINVAL, not EPIPE (python/cpython#79935): `fungpt
+    sample RUN | more` ended "error: Invalid argument", and a run lost its last steps instead of saving them."""
+    import errno
+    import signal
+
+    import fungpt.cli as cli
+    from fungpt import stopping
+
+    assert stopping.pipe_closed(BrokenPipeError()) and not stopping.pipe_closed(OSError(errno.EINVAL, "x"))
+    monkeypatch.setattr(stopping, "WINDOWS", True)
+    assert stopping.pipe_closed(OSError(errno.EINVAL, "Invalid argument"))
+    flag = stopping.StopFlag()
+
+    def write(*args):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(stopping, "silence_terminal", lambda pipes=False: None)
+    flag.output(write, "a row")  # (the run stops as for a closed pipe, saving its step: no error)
+    assert flag.stop and flag.signum == getattr(signal, "SIGPIPE", signal.SIGTERM)
+
+    import functools
+
+    @functools.wraps(cli.COMMANDS["inspect"])  # (its options, as tyro reads them)
+    def inspect_into_a_closed_pipe(*args, **kwargs):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(cli, "_silence_stdout", lambda: None)
+    monkeypatch.setitem(cli.COMMANDS, "inspect", inspect_into_a_closed_pipe)
+    assert main(["inspect", "x"]) == 0 and "Invalid argument" not in capsys.readouterr().err
+
+
 def test_ctrl_c_during_the_step_0_eval_says_that_nothing_was_trained(corpus, tmp_path):
     """Ctrl-C in the step-0 eval (before the loop's own handlers) said only "fungpt: interrupted": now what it left,
     and how to start the run (--resume, which starts a run that never saved from step 0, on every platform), and that
