@@ -1433,9 +1433,11 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
         # (out_of_time keeps two steps' time in hand: see budget_spent)
         raise FunGPTError(f"train.max_minutes = {tc.max_minutes:g} leaves no time to train here: {used:.0f} s went "
                           f"before the first step, a step takes about {step_s:.2g} s and the final eval and checkpoint "
-                          f"need about {end:.0f} s more; run again with --overwrite and max_minutes well above "
+                          f"need about {end:.0f} s more; run again with max_minutes well above "
                           f"{(used + end + 3 * step_s) / 60:.2g}, or a smaller model, batch_size, grad_accum_steps "
-                          f"or eval_iters")
+                          # (with eval_full_val the final eval scores the whole val split: eval_iters changes nothing)
+                          + ("or train.eval_full_val = false (the final eval then scores eval_iters batches, not the "
+                             "whole val split)" if tc.eval_full_val else "or eval_iters"))
     if ddp.is_main:
         log.close()
         if tc.plot:

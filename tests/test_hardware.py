@@ -1398,10 +1398,20 @@ def test_a_budget_too_short_for_one_step_is_refused_instead_of_overrun(corpus, t
     monkeypatch.setattr(train_mod, "estimate_eval_time", lambda *a, **k: 20.0)
     cfg = tiny_config(corpus, tmp_path / "short", max_iters=100, max_minutes=0.1)
     with pytest.raises(FunGPTError, match=r"max_minutes = 0.1 leaves no time to train here: .* about 2\d s more; "
-                                          r"run again with --overwrite and max_minutes well above 0\.\d"):
+                                          r"run again with max_minutes well above 0\.\d.*, grad_accum_steps or "
+                                          r"eval_iters$"):
         train(cfg, progress=False)
     assert not (tmp_path / "short" / "metrics.jsonl").exists() or "val_loss" not in (
         tmp_path / "short" / "metrics.jsonl").read_text(encoding="utf-8")  # no final eval was run
+    # run again as said (no --overwrite: the folder holds nothing trained), with time enough, it trains
+    monkeypatch.setattr(train_mod, "estimate_eval_time", lambda *a, **k: 0.1)
+    assert train(tiny_config(corpus, tmp_path / "short", max_iters=3, max_minutes=1.0), progress=False)["step"] == 3
+    # the speedrun presets score the whole val split at the end: eval_iters changes nothing there (it was advised)
+    monkeypatch.setattr(train_mod, "estimate_eval_time", lambda *a, **k: 20.0)
+    with pytest.raises(FunGPTError, match=r"or train.eval_full_val = false \(the final eval then scores eval_iters "
+                                          r"batches, not the whole val split\)$"):
+        train(tiny_config(corpus, tmp_path / "full", max_iters=100, max_minutes=0.1, eval_full_val=True),
+              progress=False)
 
 
 def test_a_resumed_run_without_time_for_a_step_ends_with_a_note_not_an_error(corpus, tmp_path, capsys):
