@@ -341,6 +341,7 @@ def _time_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_opt
 
 
 TIMED_MICRO_BATCHES = 16  # the most micro-batches of a step a dry run times (the rest: as many times theirs)
+SLOW_MICRO_BATCH_S = 2.0  # a warm-up micro-batch slower than this: 2 micro-batches a timed step, not 16
 
 
 def _timed_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_optimizer, batch_loader,
@@ -369,7 +370,7 @@ def _timed_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_op
     # A big model's steps take minutes on a CPU (a GPT-2 fine-tune): a bar then, over the micro-batches, on stderr
     # (the plan goes to stdout); none for short steps, which are timed for a second (below) and their warm-up: a
     # delay of 1 s showed a bar in the last moment of that second on a busy machine
-    bar = tqdm(total=(n + 1) * micro, desc="timing steps (+1 warm-up)", unit="batch",
+    bar = tqdm(total=1 + n * micro, desc="timing steps (+1 warm-up)", unit="batch",
                leave=False, dynamic_ncols=True, delay=2.0, mininterval=bar_interval(), file=sys.stderr,
                disable=not progress)
     try:
@@ -379,7 +380,7 @@ def _timed_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_op
             # the machine's moment (62-175 ms for one shape, whose real steps took 86-144)
             while i <= n or (len(times) < 20 and sum(times) < 1.0):
                 t0 = time.perf_counter()
-                for _ in range(micro):
+                for _ in range(1 if i == 0 else micro):  # (the warm-up: one micro-batch pays the one-off costs)
                     x, y = loader.next_batch()
                     with autocast():
                         loss = model(x, y)[1]  # (as the trainer: the logits are not kept)
@@ -394,9 +395,13 @@ def _timed_steps(cfg: RunConfig, prec: Precision, data_dir, n: int, configure_op
                 sync(device)
                 if i > 0:  # the first step pays one-off costs (allocations, kernel selection)
                     times.append(t_micro * tc.grad_accum_steps / micro + time.perf_counter() - t0)
+                elif t_micro > SLOW_MICRO_BATCH_S:  # (a GPT-2 fine-tune on a CPU: 20 s a micro-batch; 16 of them a
+                    # step made the dry run take 11 minutes to time 3 steps: 2 a step tell the time as well)
+                    micro = min(micro, 2)
+                    bar.total = 1 + n * micro
                 i += 1
                 if i > n:  # (a step more: the bar counts it in)
-                    bar.total = (i + 1) * micro
+                    bar.total = 1 + i * micro
     except torch.cuda.OutOfMemoryError:
         raise FunGPTError(out_of_memory_advice(cfg, prec)) from None
     times.sort()

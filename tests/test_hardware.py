@@ -298,6 +298,24 @@ def test_a_dry_run_times_a_step_of_many_micro_batches_on_a_few_of_them(corpus, t
     assert figures["step_s"] > 100 * one  # a step of 1,000 micro-batches, scaled up from 2 of them
 
 
+def test_a_dry_run_of_slow_micro_batches_times_two_a_step_after_a_warm_up_of_one(corpus, tmp_path, monkeypatch):
+    """The fine-tune preset's dry run on a CPU (20 s a micro-batch) timed a warm-up and 3 steps of 16 micro-batches
+    each: 11 minutes to predict a run of 20 steps. One micro-batch warms up; slow ones are timed 2 a step."""
+    from fungpt.data import BatchLoader
+
+    drawn = []
+    real = BatchLoader.next_batch
+    monkeypatch.setattr(BatchLoader, "next_batch", lambda self: drawn.append(1) or real(self))
+    monkeypatch.setattr(plan, "SLOW_MICRO_BATCH_S", 0.0)  # (every micro-batch counts as slow)
+    plan.dry_run(tiny_config(corpus, tmp_path / "run", grad_accum_steps=8), timed_steps=3)
+    steps = len(drawn) - 1  # after the warm-up's one
+    assert steps >= 6 and steps % 2 == 0, len(drawn)  # 2 micro-batches a timed step, not 8
+    drawn.clear()
+    monkeypatch.setattr(plan, "SLOW_MICRO_BATCH_S", 1e9)  # (fast ones: the step's 8, as before)
+    plan.dry_run(tiny_config(corpus, tmp_path / "run", grad_accum_steps=8), timed_steps=3)
+    assert len(drawn) >= 1 + 3 * 8 and (len(drawn) - 1) % 8 == 0, len(drawn)
+
+
 def test_divergence_advice_names_the_settings_that_make_the_steps(corpus, tmp_path):
     """It said "Lower train.lr" to a Muon run whose muon_lr was 1e30, and to a weight decay of 1e6."""
     from fungpt.train import lower_lr
