@@ -477,7 +477,8 @@ def check_weights_before_building(ckpt_dir: Path, config, config_path: Path) -> 
     A run folder from elsewhere can hold a config.json (and manifest.json) of n_layer 64 x n_embd 8192 beside the
     weights of a small model: building it first filled tens of GB with random weights, only to find they do not
     fit. Reading the file's header is cheap; when the config asks for more than twice the bytes the file holds
-    (by a lower bound of GPT's parameters and tables: 12 C^2 a block, V C, and block_size C for the positions), the
+    (by an estimate of GPT's parameters and tables: 12 C^2 a block, V C, and block_size C for the positions, which
+    RoPE and 'none' have not: then an extra shape check on the meta device, never a wrong refusal), the
     model is built on the meta device (no memory, ~1 s) and its shapes compared with the file's; a header that
     cannot be read is refused then, before the build. An ordinary run never gets that far.
     """

@@ -180,7 +180,7 @@ def _parse(f, args: list[str], prog: str, **kwargs):
 def _is_option(word: str, command) -> bool:
     """Whether `word` is one of the command's options (then the value before it was left out), not a value that
     starts with dashes (--prompt "--hello"). train's flags, many and nested, are taken to be any "--" word."""
-    if isinstance(command, type):
+    if isinstance(command, type) or word == "--":  # ("--" ends the options: --prompt=-- is no likely meaning)
         return word.startswith("--")
     options, _ = _options(command, first_is_run=False)
     return word.split("=", 1)[0].replace("_", "-") in options
@@ -375,7 +375,7 @@ def cmd_train(args: list[str], start_time: float) -> int | None:
     # (an empty --out-dir "$RUN", RUN unset, is refused as empty below: not read as the default run's folder)
     given = _out_dir_arg(args)
     saved = Path(os.path.expanduser(given if given is not None else RunConfig().out_dir)) / "config.json"
-    path = str(saved) if resumed and saved.is_file() else path
+    path = str(saved) if resumed and saved.is_file() and given != "" else path  # ("": this folder's config.json)
     # The file's settings are checked together with the flags (a flag may fix what the file set, e.g. min_lr below
     # a lower lr given on the command line); a check that still fails names the file
     base = _drop_bpe_size(load_config(path, checked=False), path, args) if path else RunConfig()

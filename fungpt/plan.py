@@ -128,6 +128,9 @@ def batch_advice(cfg: RunConfig, dtype: str, memory: int, device: str = "cpu", f
                else "")
         return (f"even one sequence does not fit: batch 1 x block_size {cfg.model.block_size} needs about "
                 f"{one['total'] / GIB:.1f} GiB of {memory / GIB:.1f} GiB{why}; use a smaller block_size")
+    if failed and tc.batch_size == 1:  # (no smaller batch: the sequence itself is too long for what is free)
+        return (f"batch_size = 1 ran out of memory, though the estimate says it fits (other programs may hold the "
+                f"GPU's memory): use a smaller block_size (now {cfg.model.block_size}) or model, or free the GPU")
     fit = min(fit, max(1, tc.batch_size // 2) if failed else tc.batch_size)
     accum = math.ceil(tc.batch_size * tc.grad_accum_steps / fit)
     return (f"the estimate says batch_size = {fit} fits; set train.batch_size = {fit} and "

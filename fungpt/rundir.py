@@ -40,16 +40,22 @@ def foreign_run_files(out: Path) -> list[str]:
     """The files in out named as a run's (RUN_FILES, but config.json, which holds_run reads) that no FunGPT run
     wrote, by their contents: a project's own tokenizer.json or metrics.jsonl beside a run config copied in
     (`fungpt train --config config.json --out-dir .`) was deleted as a run's that never saved, or overwritten.
-    loss.png, written at a run's end, cannot be told apart: a folder holding one with no run there is foreign."""
+    loss.png, written at a run's end, cannot be told apart: beside a run's config it is the run's (a run that
+    trained no step draws one too), and with no run there it is foreign."""
     meta_keys = {"run.json": "device", "latest.json": "dir", "best.json": "dir", TOKENIZER_META_FILE: "kind"}
+    run_there = holds_run(out)
 
     def ours(path: Path) -> bool:
         try:
             if path.name == "metrics.jsonl":
                 with open(path, encoding="utf-8") as f:
                     first = f.readline()
+                if first.startswith('{"step": '):  # (a run's row, even cut short by a full disk)
+                    return True
                 row = json.loads(first) if first.strip() else {"step": None}  # (empty: nothing to lose)
                 return isinstance(row, dict) and "step" in row
+            if path.name == "loss.png":
+                return run_there or path.stat().st_size == 0
             if path.name in meta_keys:
                 data = read_json(path)
                 return isinstance(data, dict) and meta_keys[path.name] in data

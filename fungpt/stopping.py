@@ -123,8 +123,10 @@ WINDOWS = os.name == "nt"
 
 def pipe_closed(e: OSError) -> bool:
     """Whether a write failed because the pipe's reader went away (`| head`): EPIPE, or on Windows EINVAL, which
-    its C runtime makes of "the pipe is being closed" (python/cpython#79935)."""
-    return isinstance(e, BrokenPipeError) or e.errno == errno.EPIPE or (WINDOWS and e.errno == errno.EINVAL)
+    its C runtime makes of "the pipe is being closed" (python/cpython#79935), on a write that names no file (EINVAL
+    naming one is a name Windows refuses: "loss?.png")."""
+    return (isinstance(e, BrokenPipeError) or e.errno == errno.EPIPE
+            or (WINDOWS and e.errno == errno.EINVAL and e.filename is None))
 
 
 def silence_files() -> None:

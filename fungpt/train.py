@@ -201,7 +201,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict[str,
                     continue
                 fits = value.dim() == 0 if name == "step" else value.shape == param.shape and value.is_contiguous()
                 if not fits:
-                    raise ValueError(f"its {name} of a {tuple(param.shape)} parameter is {tuple(value.shape)}")
+                    raise ValueError(f"its {name} of a {tuple(param.shape)} parameter is {tuple(value.shape)}"
+                                     + ("" if value.shape != param.shape or name == "step" else ", not in one piece"))
     for group, settings in zip(optimizer.param_groups, fresh):  # (load_state_dict checks the groups match)
         group.update(settings)
 

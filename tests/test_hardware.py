@@ -839,6 +839,10 @@ def test_batch_advice_never_asks_for_a_larger_batch_nor_blames_the_sequence_for_
     assert said == ("out of GPU memory with batch_size = 4, block_size = 64 (float32): the estimate says batch_size = "
                     "2 fits; set train.batch_size = 2 and train.grad_accum_steps = 6 to keep about the same 12 "
                     "sequences per optimizer step"), said
+    one = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=1))  # (no smaller batch to give)
+    said = plan.batch_advice(one, "float32", 1024**3, "cuda", failed=True)
+    assert said.startswith("batch_size = 1 ran out of memory, though the estimate says it fits") and \
+        "use a smaller block_size (now 64) or model" in said, said
 
 
 def test_attention_dropout_off_cuda_counts_its_block_size_squared_matrices():

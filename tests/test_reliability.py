@@ -2391,6 +2391,8 @@ TYRO_ERRORS = {
     "a value starting with two dashes": (["sample", "x", "--prompt", "--hello"], "Missing value for argument "
                                          "'--prompt'. Expected 1 values.; a value that starts with a dash is written "
                                          "--prompt=--hello (`"),
+    "... but not a bare --": (["sample", "x", "--prompt", "--"], "Missing value for argument '--prompt'. Expected 1 "
+                              "values. (`"),
 }
 
 
@@ -2406,6 +2408,9 @@ def test_an_empty_out_dir_on_a_resume_is_refused_as_empty_not_read_as_the_defaul
     """`--out-dir "$RUN"` with RUN unset: the default run's folder was resumed from, and its config.json blamed."""
     monkeypatch.chdir(tmp_path)
     shutil.copytree(world["run"], tmp_path / RunConfig().out_dir)
+    code, err = run_cli(["train", "--resume", "--out-dir", ""], capsys)
+    assert code == 2 and err.startswith("error: out_dir is empty: give the run's folder") and err.count("\n") == 1, err
+    (tmp_path / "config.json").write_text('{"name": "my-app"}')  # (nor this folder's: Path("") is ".")
     code, err = run_cli(["train", "--resume", "--out-dir", ""], capsys)
     assert code == 2 and err.startswith("error: out_dir is empty: give the run's folder") and err.count("\n") == 1, err
 

@@ -560,6 +560,18 @@ def test_a_model_folders_tokenizer_that_would_drop_a_character_refuses_it(tmp_pa
             with pytest.raises(FunGPTError, match=f"character {re.escape(repr(bad))} is not in its vocabulary"):
                 call(text)
     assert not bpe._may_drop  # (all 256 bytes: nothing to check, nothing spent)
+    # SentencePiece's Metaspace gives its word-start token "▁" for a character it drops: not empty, still dropped
+    from tokenizers import Tokenizer as HFLib
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    lib = HFLib(models.BPE())
+    lib.pre_tokenizer, lib.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    lib.normalizer = normalizers.NFKC()
+    lib.train_from_iterator(["le orro le orro la fi"], trainers.BpeTrainer(vocab_size=40))
+    spm = HFTokenizer(lib)
+    assert spm._may_drop and spm.decode(spm.encode("le orro \ufb01")) == "le orro fi"  # (NFKC: "ﬁ" is "fi")
+    with pytest.raises(FunGPTError, match="character 'Z' is not in its vocabulary"):
+        spm.encode("le Zorro")
 
 
 def test_a_byte_that_was_not_utf8_is_named_as_such(bpe):

@@ -90,6 +90,7 @@ def test_a_closed_pipe_is_told_apart_on_windows_too(monkeypatch, capsys):
     assert stopping.pipe_closed(BrokenPipeError()) and not stopping.pipe_closed(OSError(errno.EINVAL, "x"))
     monkeypatch.setattr(stopping, "WINDOWS", True)
     assert stopping.pipe_closed(OSError(errno.EINVAL, "Invalid argument"))
+    assert not stopping.pipe_closed(OSError(errno.EINVAL, "Invalid argument", "loss?.png"))  # (a name Windows refuses)
     flag = stopping.StopFlag()
 
     def write(*args):
@@ -485,6 +486,15 @@ def test_files_named_as_a_runs_but_not_a_runs_are_never_replaced(corpus, tmp_pat
     with pytest.raises(FunGPTError, match=r"holds run.json, loss.png, named as a run's files"):
         train(tiny_config(corpus, other, max_iters=1), progress=False)
     assert (other / "loss.png").read_text() == "my plot"
+    # a run's own files are its own: one that trained no step (max_iters 0, its starting val loss) drew its loss.png,
+    # and runs again, as before; a metrics.jsonl whose first row a full disk cut short is a run's too
+    zero = tmp_path / "zero"
+    train(tiny_config(corpus, zero, max_iters=0), progress=False)
+    assert (zero / "loss.png").is_file()
+    for overwrite in (False, True):
+        assert train(tiny_config(corpus, zero, max_iters=0), progress=False, overwrite=overwrite)["step"] == 0
+    (zero / "metrics.jsonl").write_text('{"step": 0, "train_lo')
+    assert train(tiny_config(corpus, zero, max_iters=0), progress=False)["step"] == 0
 
 
 def test_overwrite_deletes_the_runs_files_and_nothing_else(corpus, tmp_path, monkeypatch):

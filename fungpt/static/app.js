@@ -200,7 +200,7 @@ async function loadMetrics() {
     el("line", { class: "grid", x1: left, x2: W - right, y1: Y(t), y2: Y(t) });
     el("text", { x: left - 5, y: Y(t) + 4, "text-anchor": "end" }, String(t));
   }
-  for (const t of ticks(x0, x1, 5)) {
+  for (const t of ticks(x0, x1, 5).filter(Number.isInteger)) {  // (steps are whole: a short run's 0.2, 1.5 are not)
     el("text", { x: X(t), y: H - bottom + 15, "text-anchor": "middle" }, String(t));
   }
   el("line", { class: "axis", x1: left, x2: W - right, y1: H - bottom, y2: H - bottom });
@@ -330,13 +330,18 @@ async function generate() {
     setStatus(err.message, true);
     return;
   }
-  state.gen = [];
-  state.promptTokens = [];
-  state.selected = null;
-  $("output").innerHTML = "";
-  $("sample-text").textContent = "";
-  $("output").dataset.state = "running";
-  clearInspector();
+  // The sample on screen stays until the server accepts the request (settings it refuses leave it there)
+  let cleared = false;
+  const clear = () => {
+    state.gen = [];
+    state.promptTokens = [];
+    state.selected = null;
+    $("output").innerHTML = "";
+    $("sample-text").textContent = "";
+    $("output").dataset.state = "running";
+    clearInspector();
+    cleared = true;
+  };
   const controller = new AbortController();
   state.controller = controller;
   const fromButton = document.activeElement === $("generate");
@@ -356,6 +361,7 @@ async function generate() {
       const body = await response.json().catch(() => ({}));
       throw new Error(body.error || `${response.status} ${response.statusText}`);
     }
+    clear();
     // Server-sent events: blocks separated by a blank line, each "data: {json}".
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
@@ -373,8 +379,21 @@ async function generate() {
         }
       }
     }
-    if ($("output").dataset.state === "running") $("output").dataset.state = "done";
+    if ($("output").dataset.state === "running") {  // (no "done" nor "error" event: cut short on the way)
+      $("output").dataset.state = "done";
+      setStatus(`the stream ended after ${state.gen.length} tokens without the server's last word: the sample may ` +
+                "be cut short", true);
+    }
   } catch (err) {
+    if (!cleared) {  // (refused, not reached, or stopped before the answer: the sample on screen is kept)
+      const stopped = err.name === "AbortError";
+      setStatus(stopped ? "stopped before the server answered" : err.message, !stopped);
+      if (!stopped && !(err instanceof ConnectionLost)) {
+        const note = await anotherModelNote();
+        if (note) setStatus(err.message + note, true);
+      }
+      return;
+    }
     if (err.name === "AbortError") {
       setStatus(`stopped after ${state.gen.length} tokens`);
       $("output").dataset.state = "done";
@@ -561,10 +580,13 @@ async function loadAttention() {
       last.map(([w, j]) => `${j} «${spoken(result.tokens[j].text)}» ${w.toFixed(2)}`).join(", ") +
       ". Focus the map and use the arrow keys to read any weight.");
   } catch (err) {
-    if (request !== state.attnRequest) return;
+    // (as an answer: an old request's error, for a token no longer picked or a sample since replaced, is dropped)
+    if (request !== state.attnRequest || state.selected !== index) return;
     $("attn-info").textContent = `attention: ${err.message}`;
     const note = err instanceof ConnectionLost ? "" : await anotherModelNote();
-    if (note && request === state.attnRequest) $("attn-info").textContent = `attention: ${err.message}${note}`;
+    if (note && request === state.attnRequest && state.selected === index) {
+      $("attn-info").textContent = `attention: ${err.message}${note}`;
+    }
   }
 }
 
