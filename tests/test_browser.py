@@ -189,6 +189,67 @@ def test_a_bad_request_shows_its_error(url, page):
     assert [p for p in page.problems if "400" not in p] == []
 
 
+def test_settings_the_server_refuses_leave_the_sample_on_screen(url, page):
+    """A refused request (temperature -1, said by the server) emptied the page: the sample and the token picked were
+    gone under the error, while a mistake the page caught itself kept them."""
+    sample(page, url, 5)
+    page.locator("#output .tok.gen").nth(2).click()
+    page.fill("#temperature", "-1")
+    page.click("#generate")
+    sync_api.expect(page.locator("#status")).to_contain_text("temperature: Input should be greater than or equal to 0")
+    sync_api.expect(page.locator("#output .tok.gen")).to_have_count(5)
+    assert [p for p in page.problems if "422" not in p] == []
+
+
+def test_a_stream_that_ends_without_the_servers_last_word_says_so(url, page):
+    """A stream cut short on the way (a proxy) without a "done" or "error" event left the page saying
+    "generating…" over a finished sample."""
+    events = "".join(f"data: {json.dumps(e)}\n\n" for e in (
+        {"type": "start", "prompt_tokens": [{"id": 1, "text": "T"}], "model": "m", "step": 20},
+        {"type": "token", "id": 2, "text": "h", "p": 0.5, "top": []},
+        {"type": "token", "id": 3, "text": "e", "p": 0.5, "top": []}))
+    page.route("**/api/generate", lambda route: route.fulfill(status=200, content_type="text/event-stream",
+                                                             body=events))
+    page.goto(url)
+    sync_api.expect(page.locator("#run-summary")).to_contain_text("step 20")
+    page.click("#generate")
+    sync_api.expect(page.locator("#status")).to_contain_text("the stream ended after 2 tokens without the server's "
+                                                             "last word")
+
+
+def test_an_old_attention_requests_error_is_not_shown_under_a_new_sample(url, page):
+    """A late error for a token of the previous sample appeared in the new sample's cleared inspector (a late
+    answer was already dropped; its error was not)."""
+    held = []
+    page.route("**/api/attention", lambda route: held.append(route))
+    sample(page, url, 5)
+    page.locator("#output .tok.gen").nth(2).click()
+    sync_api.expect(page.locator("#attn-info")).not_to_contain_text("attention:")
+    page.click("#generate")
+    sync_api.expect(page.locator("#output")).to_have_attribute("data-state", "done")
+    assert held, "the attention request was not made"
+    held[0].fulfill(status=400, json={"error": "boom from an old request"})
+    page.wait_for_timeout(500)
+    assert "boom" not in page.locator("#attn-info").inner_text()
+
+
+def test_the_loss_curves_step_axis_shows_whole_steps(url, page):
+    """A run of a few steps (or only its step-0 eval) labelled its step axis 0.2, 0.4, 1.5."""
+    for answer in ({"train": [], "eval": [[0, 4.19, 4.19]], "nonfinite": 0},  # (only the step-0 eval)
+                   {"train": [[1, 4.0], [2, 3.9], [3, 3.8]], "eval": [], "nonfinite": 0}):
+        body = json.dumps(answer)
+        page.route("**/api/metrics", lambda route, _request=None, body=body: route.fulfill(
+            status=200, content_type="application/json", body=body))
+        page.goto(url)
+        sync_api.expect(page.locator("#loss path")).not_to_have_count(0)
+        # the step axis's labels: centred under it (the loss axis's stand at its left, anchored at their end)
+        steps = page.eval_on_selector_all("#loss text", "ts => ts.filter(t => t.getAttribute('text-anchor') === "
+                                                        "'middle').map(t => t.textContent)")
+        steps = [t for t in steps if re.fullmatch(r"-?[\d.]+", t)]
+        assert steps and all(float(t).is_integer() and "." not in t for t in steps), steps
+        page.unroute("**/api/metrics")
+
+
 def test_a_seed_javascript_cannot_hold_is_refused_not_rounded(url, page):
     """2**53 + 1 is a double's 2**53: the page would send another seed than typed, and show another text."""
     page.goto(url)
