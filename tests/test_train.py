@@ -157,7 +157,7 @@ def test_ctrl_c_while_a_run_is_set_up_says_what_it_left(corpus, tmp_path, monkey
     cfg = tiny_config(corpus, tmp_path / "run", max_iters=4, **budget)
     monkeypatch.setattr(train_module, where, ctrl_c)
     with pytest.raises(KeyboardInterrupt) as caught:
-        train(cfg)
+        train(cfg, start_time=time.time())  # (as the fungpt command calls it: its messages name its flags)
     early = where == "configure_optimizer"  # (before config.json)
     assert str(caught.value) == (f"{doing}, before the first step: nothing was trained; start it with the same "
                                  f"command{'' if early else ' plus --resume'}")
