@@ -744,15 +744,18 @@ def _as_from_a_terminal(then=None):
     return preexec
 
 
-def start_fungpt_serve(run_dir, port: int, **popen) -> subprocess.Popen:
+def start_fungpt_serve(run_dir, port: int, close_stdout: bool = False, **popen) -> subprocess.Popen:
     """`fungpt serve RUN` in a process of its own, once it answers (its signals as from a terminal, then popen's
-    preexec_fn)."""
+    preexec_fn); close_stdout: its output pipe closed at once, before its first line."""
     if os.name == "posix":
         popen["preexec_fn"] = _as_from_a_terminal(popen.get("preexec_fn"))
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")  # (SIGABRT: its threads' stacks on stderr)
     proc = subprocess.Popen([sys.executable, "-m", "fungpt", "serve", str(run_dir), "--port", str(port),
                              "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT, env=env, **popen)
+    if close_stdout:
+        proc.stdout.close()
+        proc.stdout = None  # (communicate() then reads stderr alone)
     deadline = time.monotonic() + 60
     while True:
         assert proc.poll() is None, proc.communicate()
@@ -771,22 +774,8 @@ def start_fungpt_serve(run_dir, port: int, **popen) -> subprocess.Popen:
 def test_fungpt_serve_goes_on_serving_when_its_output_pipe_is_closed(run_dir):
     """`fungpt serve RUN | head -1`: its next line hit the closed pipe, and the server ended, status 0, unseen."""
     port = free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "fungpt", "serve", str(run_dir), "--port", str(port), "--device",
-                             "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
-                            preexec_fn=_as_from_a_terminal(None))
-    proc.stdout.close()  # (before its first line)
+    proc = start_fungpt_serve(run_dir, port, close_stdout=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.communicate()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/info", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "fungpt serve did not come up"
-            time.sleep(0.2)
         time.sleep(0.5)
         assert proc.poll() is None and httpx.get(f"http://127.0.0.1:{port}/api/info", timeout=10).status_code == 200
         proc.send_signal(signal.SIGINT)
