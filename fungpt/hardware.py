@@ -196,18 +196,22 @@ def cuda_has_bf16() -> bool:
 
 
 def check_compile(device: str, *, platform: str | None = None, has_triton: bool | None = None,
-                  cxx: str | None = "detect") -> None:
+                  cxx: str | None = "detect", capability: tuple[int, int] | None = None) -> None:
     """Refuse `compile = true` with one clear line where torch.compile cannot work.
 
     torch.compile's default backend (inductor) writes new kernels and compiles them: on NVIDIA GPUs
     with Triton (a separate package, Linux only in practice), on CPUs as C++ with the system's
     compiler. On Apple MPS it is still experimental. Nothing in FunGPT needs Triton otherwise.
-    The capabilities are arguments so every case can be tested; by default they are detected.
+    Triton compiles for NVIDIA GPUs of compute capability 7.0 and newer: on a Pascal GPU (GTX 10xx, P100) inductor
+    raised at the first step. The capabilities are arguments so every case can be tested; by default they are
+    detected (`capability`: the GPU's, (major, minor)).
     """
     import importlib.util
     import sys
 
     platform = sys.platform if platform is None else platform
+    if capability is None and device == "cuda" and torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability()
     if has_triton is None:
         has_triton = importlib.util.find_spec("triton") is not None
     fix = "set train.compile = false (training works the same, uncompiled)"
@@ -222,6 +226,9 @@ def check_compile(device: str, *, platform: str | None = None, has_triton: bool 
     if device == "cuda" and not has_triton:
         raise FunGPTError(f"train.compile = true on a CUDA GPU needs the triton package, which is not installed: "
                           f"pip install triton, or {fix}")
+    if device == "cuda" and capability is not None and tuple(capability) < (7, 0):
+        raise FunGPTError(f"train.compile = true on a CUDA GPU needs compute capability 7.0 or newer (Triton's "
+                          f"floor), and this GPU's is {capability[0]}.{capability[1]}; {fix}")
     if device == "cpu" and cxx is None:
         raise FunGPTError(f"train.compile = true on the CPU needs a C++ compiler (torch.compile builds C++ "
                           f"kernels), and torch found none (it looks for g++, or the compiler $CXX names): install "
@@ -256,12 +263,18 @@ def compile_failure(e: BaseException) -> str | None:
     first compiled step: a compiler without Python's headers, a full disk in its cache), or None for any other."""
     # (the toolchain's errors only: an error in the model's own code, which dynamo reports as TorchRuntimeError while
     # it traces, is the same uncompiled, and is left as it is)
-    toolchain = ("BackendCompilerFailed", "InductorError", "CppCompileError", "InvalidCxxCompiler", "CUDACompileError")
+    toolchain = ("BackendCompilerFailed", "InductorError", "CppCompileError", "InvalidCxxCompiler", "CUDACompileError",
+                 "GPUTooOldForTriton", "TritonMissing")
     if not ((type(e).__module__ or "").startswith("torch._") and type(e).__name__ in toolchain):
         return None
-    first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    # (BackendCompilerFailed's own first line is "backend='inductor' raised:": the cause is the error it wraps)
+    inner = getattr(e, "inner_exception", None)
+    said = f"{type(inner).__name__}: {inner}" if isinstance(inner, BaseException) else str(e)
+    first = next((line.strip() for line in said.splitlines() if line.strip()), type(e).__name__)
+    mend = {"GPUTooOldForTriton": "", "TritonMissing": ", or reinstall triton"}.get(type(e).__name__,
+                                                                                    ", or mend the compiler")
     return (f"torch.compile failed ({first[:200]}); set train.compile = false (training works the same, "
-            f"uncompiled), or mend the compiler")
+            f"uncompiled){mend}")
 
 
 def cpu_info(field: str) -> str:

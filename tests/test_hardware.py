@@ -185,6 +185,10 @@ def test_compile_is_refused_where_it_cannot_work():
         check_compile("mps", platform="darwin")
     with pytest.raises(FunGPTError, match="C\\+\\+ compiler"):
         check_compile("cpu", platform="linux", cxx=None)
+    with pytest.raises(FunGPTError, match=r"needs compute capability 7.0 or newer \(Triton's floor\), and this GPU's "
+                                          r"is 6.0; set train.compile = false"):
+        check_compile("cuda", platform="linux", has_triton=True, capability=(6, 0))  # (a P100: inductor raised)
+    check_compile("cuda", platform="linux", has_triton=True, capability=(8, 0))
     check_compile("cuda", platform="linux", has_triton=True)  # these work: no error
     check_compile("cpu", platform="linux", cxx="g++")
 
@@ -210,6 +214,19 @@ def test_compile_asks_torch_which_compiler_and_its_failure_is_one_line(corpus, t
     from fungpt.hardware import compile_failure
 
     assert compile_failure(TorchRuntimeError("shape '[3, -1]' is invalid for input of size 16")) is None
+    # BackendCompilerFailed's first line is "backend='inductor' raised:": the cause is the error it wraps
+    import torch._dynamo.exc as dynamo_exc
+
+    wrapped = dynamo_exc.BackendCompilerFailed(lambda: None, RuntimeError("Found Tesla P100 which is too old"), None)
+    assert compile_failure(wrapped).startswith("torch.compile failed (RuntimeError: Found Tesla P100 which is too "
+                                               "old); set train.compile = false"), compile_failure(wrapped)
+
+    class GPUTooOldForTriton(RuntimeError):  # as torch's own (a GPU below capability 7.0 at the first step)
+        __module__ = "torch._inductor.exc"
+
+    assert compile_failure(GPUTooOldForTriton("Found Tesla P100 which is too old")) == (
+        "torch.compile failed (Found Tesla P100 which is too old); set train.compile = false (training works the "
+        "same, uncompiled)")
     assert compile_failure(RuntimeError("C++ compile error")) is None  # (not torch's)
 
     class Failing(torch.nn.Module):
