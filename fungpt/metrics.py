@@ -21,8 +21,9 @@ def check_loggers(tc: TrainConfig) -> None:
     import importlib.util
 
     for wanted, module, package in [(tc.tensorboard, "tensorboard", "tensorboard"), (tc.wandb, "wandb", "wandb")]:
-        if wanted and importlib.util.find_spec(module) is None:
-            raise FunGPTError(f"train.{module} needs the {package} package: pip install {package}")
+        if wanted and importlib.util.find_spec(module) is None:  # (a resume's may come from the run's config.json)
+            raise FunGPTError(f"train.{module} needs the {package} package: pip install {package}, or pass "
+                              f"--train.no-{module} to train without it")
 
 
 class MetricsLog:
@@ -87,13 +88,14 @@ class MetricsLog:
                      "no checkpoint was saved yet (free some disk space, then run again with --resume: it starts over)")
             raise FunGPTError(f"could not write {self.path}: {e.strerror or e}; {where}") from None
         # An eval row's losses are estimates over eval_iters batches (and its times repeat the step's): under eval/,
-        # so each TensorBoard curve holds one kind of number, one point per step
+        # so each TensorBoard and wandb curve holds one kind of number, one point per step (wandb merges two logs at
+        # one step: the eval's train_loss replaced the step's own)
         group = "eval/" if "val_loss" in row else ""
         for k, v in row.items():
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and self.tb is not None:
                 self.tb.add_scalar(group + k, v, row["step"])
         if self.wandb is not None:
-            self.wandb.log(row, step=row["step"])
+            self.wandb.log({group + k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
     def close(self, failed: bool = False) -> None:
         """Close the file and stop TensorBoard's writer thread and wandb (once: closing again does nothing).

@@ -186,6 +186,9 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
     prec = detect_precision(tc.device, tc.dtype, tc.optimizer)
     if tc.compile:
         check_compile(prec.device)  # refused as training would refuse it
+    from fungpt.metrics import check_loggers
+
+    check_loggers(tc)  # (likewise: a logger's missing package)
     out_dir = Path(cfg.out_dir)
     try:  # likewise (a folder that holds another run, nothing to resume, ...); a run training there is no bar
         check_out_dir(cfg, resume, overwrite, check_lock=False)

@@ -2120,9 +2120,31 @@ def test_a_missing_logger_package_is_refused_before_the_run_folder_is_written(co
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     out = tmp_path / "run"
-    with pytest.raises(FunGPTError, match="train.wandb needs the wandb package"):
+    with pytest.raises(FunGPTError, match=r"train.wandb needs the wandb package: pip install wandb, or pass "
+                                          r"--train.no-wandb to train without it$"):  # (a resume's may be its config's)
         train(tiny_config(corpus, out, max_iters=2, wandb=True), progress=False)
     assert not out.exists()  # so the same command without wandb needs no --overwrite
+    from fungpt.plan import dry_run  # (what training refuses, the dry run refuses: it said "dry run done")
+
+    with pytest.raises(FunGPTError, match="train.wandb needs the wandb package"):
+        dry_run(tiny_config(corpus, out, max_iters=2, wandb=True), out=lambda line: None)
+
+
+def test_wandb_gets_the_eval_rows_under_eval(corpus, tmp_path, monkeypatch):
+    """wandb merges two logs at one step: the eval row's train_loss (an estimate over eval_iters batches) replaced
+    the step's own at every eval step. Its keys go under eval/, as TensorBoard's do."""
+    import sys
+    import types
+
+    logged = []
+    fake = types.SimpleNamespace(init=lambda **kw: types.SimpleNamespace(
+        log=lambda row, step: logged.append((step, row)), finish=lambda **kw: None))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setattr(sys.modules["fungpt.train"], "check_loggers", lambda tc: None)
+    train(tiny_config(corpus, tmp_path / "run", max_iters=4, eval_interval=2, wandb=True), progress=False)
+    at_two = [row for step, row in logged if step == 2]
+    assert len(at_two) == 2 and "train_loss" in at_two[0] and "val_loss" not in at_two[0]
+    assert "eval/val_loss" in at_two[1] and "eval/train_loss" in at_two[1] and "train_loss" not in at_two[1]
 
 
 def test_tensorboard_events_are_written(corpus, tmp_path):
