@@ -233,6 +233,18 @@ def test_an_old_attention_requests_error_is_not_shown_under_a_new_sample(url, pa
     assert "boom" not in page.locator("#attn-info").inner_text()
 
 
+def test_a_heatmap_cell_is_numbered_from_the_texts_first_token(url, page):
+    """A map of the last block_size tokens of a longer text numbered its cells from the map's first row: "query 31"
+    for the text's 46th token, where the page's notes count from the text's start."""
+    sample(page, url, 40)  # "The cat" (7) + 40: past the tiny run's block_size of 32
+    page.locator("#output .tok.gen").nth(39).click()  # read after 7 + 39 = 46 tokens: the model sees the last 32
+    heatmap = page.locator("#heatmap")
+    sync_api.expect(heatmap).to_have_attribute("data-t", "32")
+    heatmap.focus()
+    page.keyboard.press("ArrowLeft")
+    sync_api.expect(page.locator("#attn-hover")).to_contain_text("query 45 «")  # (14 before the map + its row 31)
+
+
 def test_the_loss_curves_step_axis_shows_whole_steps(url, page):
     """A run of a few steps (or only its step-0 eval) labelled its step axis 0.2, 0.4, 1.5."""
     for answer in ({"train": [], "eval": [[0, 4.19, 4.19]], "nonfinite": 0},  # (only the step-0 eval)
@@ -413,7 +425,8 @@ def test_enter_in_a_setting_generates_and_escape_stops(url, page):
     page.click("#generate")
     sync_api.expect(page.locator("#status")).to_contain_text("generating")
     page.keyboard.press("Escape")
-    sync_api.expect(page.locator("#status")).to_contain_text("stopped after 0 tokens")
+    sync_api.expect(page.locator("#status")).to_contain_text("stopped before the server answered")
+    sync_api.expect(page.locator("#output .tok.gen")).to_have_count(3)  # (the sample before stays on screen)
 
 
 def test_the_sample_follows_new_tokens_unless_the_reader_scrolled_up(url, page):

@@ -577,7 +577,8 @@ async function loadAttention() {
     const last = result.weights[T - 1].map((w, j) => [w, j]).sort((a, b) => b[0] - a[0]).slice(0, 5);
     $("heatmap").setAttribute("aria-label", `attention map of layer ${layer}, head ${head}, ${T} tokens; when ` +
       `predicting «${spoken(state.gen[index].text)}» it attended most to ` +
-      last.map(([w, j]) => `${j} «${spoken(result.tokens[j].text)}» ${w.toFixed(2)}`).join(", ") +
+      last.map(([w, j]) => `${(result.offset ?? 0) + j} «${spoken(result.tokens[j].text)}» ${w.toFixed(2)}`)
+        .join(", ") +
       ". Focus the map and use the arrow keys to read any weight.");
   } catch (err) {
     // (as an answer: an old request's error, for a token no longer picked or a sample since replaced, is dropped)
@@ -636,10 +637,11 @@ function drawHeatmap(result) {
 // keyboard's (`say`) also read out by a screen reader (#attn-said: whitespace and punctuation in words)
 function describeCell(i, j, say = false) {
   const result = state.attn;
+  const o = result.offset ?? 0;  // (tokens are numbered from the text's first: a map cut for drawing starts later)
   const line = (name) => {
     const q = name(result.tokens[i].text), k = name(result.tokens[j].text);
-    return j > i ? `query ${i} «${q}» cannot see the later key ${j} «${k}»`
-      : `query ${i} «${q}» → key ${j} «${k}»: ${result.weights[i][j].toFixed(3)}`;
+    return j > i ? `query ${o + i} «${q}» cannot see the later key ${o + j} «${k}»`
+      : `query ${o + i} «${q}» → key ${o + j} «${k}»: ${result.weights[i][j].toFixed(3)}`;
   };
   $("attn-hover").textContent = line(visible);
   if (say) $("attn-said").textContent = line(spoken).replace("→", "to");
