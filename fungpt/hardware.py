@@ -223,12 +223,12 @@ def check_compile(device: str, *, platform: str | None = None, has_triton: bool 
     if device == "mps":
         raise FunGPTError(f"train.compile = true is not supported on Apple MPS (torch.compile is experimental "
                           f"there); {fix}")
+    if device == "cuda" and capability is not None and tuple(capability) < (7, 0):  # (first: triton cannot help)
+        raise FunGPTError(f"train.compile = true on a CUDA GPU needs compute capability 7.0 or newer (Triton's "
+                          f"floor), and this GPU's is {capability[0]}.{capability[1]}; {fix}")
     if device == "cuda" and not has_triton:
         raise FunGPTError(f"train.compile = true on a CUDA GPU needs the triton package, which is not installed: "
                           f"pip install triton, or {fix}")
-    if device == "cuda" and capability is not None and tuple(capability) < (7, 0):
-        raise FunGPTError(f"train.compile = true on a CUDA GPU needs compute capability 7.0 or newer (Triton's "
-                          f"floor), and this GPU's is {capability[0]}.{capability[1]}; {fix}")
     if device == "cpu" and cxx is None:
         raise FunGPTError(f"train.compile = true on the CPU needs a C++ compiler (torch.compile builds C++ "
                           f"kernels), and torch found none (it looks for g++, or the compiler $CXX names): install "
@@ -271,8 +271,8 @@ def compile_failure(e: BaseException) -> str | None:
     inner = getattr(e, "inner_exception", None)
     said = f"{type(inner).__name__}: {inner}" if isinstance(inner, BaseException) else str(e)
     first = next((line.strip() for line in said.splitlines() if line.strip()), type(e).__name__)
-    mend = {"GPUTooOldForTriton": "", "TritonMissing": ", or reinstall triton"}.get(type(e).__name__,
-                                                                                    ", or mend the compiler")
+    cause = type(inner if isinstance(inner, BaseException) else e).__name__
+    mend = {"GPUTooOldForTriton": "", "TritonMissing": ", or reinstall triton"}.get(cause, ", or mend the compiler")
     return (f"torch.compile failed ({first[:200]}); set train.compile = false (training works the same, "
             f"uncompiled){mend}")
 

@@ -40,10 +40,11 @@ def foreign_run_files(out: Path) -> list[str]:
     """The files in out named as a run's (RUN_FILES, but config.json, which holds_run reads) that no FunGPT run
     wrote, by their contents: a project's own tokenizer.json or metrics.jsonl beside a run config copied in
     (`fungpt train --config config.json --out-dir .`) was deleted as a run's that never saved, or overwritten.
-    loss.png, written at a run's end, cannot be told apart: beside a run's config it is the run's (a run that
-    trained no step draws one too), and with no run there it is foreign."""
+    loss.png, written at a run's end, cannot be told apart: where a run saved a checkpoint it is the run's (one that
+    trained no step draws one too, beside its step-0 checkpoint), and elsewhere it is foreign (a run config copied in
+    saved none)."""
     meta_keys = {"run.json": "device", "latest.json": "dir", "best.json": "dir", TOKENIZER_META_FILE: "kind"}
-    run_there = holds_run(out)
+    run_there = bool(_run_checkpoints(out))
 
     def ours(path: Path) -> bool:
         try:

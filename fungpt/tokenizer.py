@@ -471,7 +471,8 @@ class BPETokenizer(Tokenizer):
         """Refuse text holding a character this tokenizer would drop (see _may_drop): a fine-tune's data would lose
         it without a word, and a prompt would not be the text typed. Each distinct character is tried once, encoded
         alone and decoded again: dropped, it is not in what comes back (SentencePiece's Metaspace still gives its
-        word-start token "▁" for it), after the tokenizer's own normalisation (lowercase, NFKC: "ﬁ" comes back "fi").
+        word-start token "▁" for it), after the tokenizer's own normalisation (lowercase, NFKC: "ﬁ" comes back "fi"),
+        spaces aside (a decoder may join its pieces with them).
         A space may encode as nothing where the pre-tokenizer splits on it (BERT's), not in a byte-level one."""
         normalizer = self._tok.normalizer
         for ch in dict.fromkeys(text):  # (its distinct characters in order: the first one dropped is named)
@@ -481,8 +482,9 @@ class BPETokenizer(Tokenizer):
                 self._kept.add(ch)
                 continue
             ids = self._tok.encode(ch, add_special_tokens=False).ids
-            expected = (normalizer.normalize_str(ch) if normalizer is not None else ch).strip()
-            if not ids or (expected and expected not in self._tok.decode(ids, skip_special_tokens=False)):
+            # (without spaces: a decoder may join its pieces with them, "ﬁ" as "f i")
+            expected = "".join((normalizer.normalize_str(ch) if normalizer is not None else ch).split())
+            if not ids or expected not in "".join(self._tok.decode(ids, skip_special_tokens=False).split()):
                 raise self._cannot_encode(ch)
             self._kept.add(ch)
 

@@ -424,6 +424,8 @@ def test_enter_in_a_setting_generates_and_escape_stops(url, page):
     page.route("**/api/generate", lambda route: None)  # a server that never answers
     page.click("#generate")
     sync_api.expect(page.locator("#status")).to_contain_text("generating")
+    # (waiting: not the old sample's "done", which anything waiting for the new one took for it)
+    sync_api.expect(page.locator("#output")).to_have_attribute("data-state", "waiting")
     page.keyboard.press("Escape")
     sync_api.expect(page.locator("#status")).to_contain_text("stopped before the server answered")
     sync_api.expect(page.locator("#output .tok.gen")).to_have_count(3)  # (the sample before stays on screen)

@@ -188,6 +188,8 @@ def test_compile_is_refused_where_it_cannot_work():
     with pytest.raises(FunGPTError, match=r"needs compute capability 7.0 or newer \(Triton's floor\), and this GPU's "
                                           r"is 6.0; set train.compile = false"):
         check_compile("cuda", platform="linux", has_triton=True, capability=(6, 0))  # (a P100: inductor raised)
+    with pytest.raises(FunGPTError, match=r"needs compute capability 7.0 .* this GPU's is 6.1"):  # (not "pip install
+        check_compile("cuda", platform="linux", has_triton=False, capability=(6, 1))              # triton": no help)
     check_compile("cuda", platform="linux", has_triton=True, capability=(8, 0))
     check_compile("cuda", platform="linux", has_triton=True)  # these work: no error
     check_compile("cpu", platform="linux", cxx="g++")

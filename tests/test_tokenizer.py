@@ -572,6 +572,15 @@ def test_a_model_folders_tokenizer_that_would_drop_a_character_refuses_it(tmp_pa
     assert spm._may_drop and spm.decode(spm.encode("le orro \ufb01")) == "le orro fi"  # (NFKC: "ﬁ" is "fi")
     with pytest.raises(FunGPTError, match="character 'Z' is not in its vocabulary"):
         spm.encode("le Zorro")
+    # a decoder that joins its pieces with spaces (the library's default) decodes "⑴" (NFKC: "(1)") as "( 1 )":
+    # kept, not refused
+    plain = HFLib(models.BPE())
+    plain.pre_tokenizer, plain.normalizer = pre_tokenizers.Whitespace(), normalizers.NFKC()
+    plain.train_from_iterator(["( 1 ) a"], trainers.BpeTrainer(vocab_size=30))
+    joined = HFTokenizer(plain)
+    assert joined._may_drop and joined.encode("\u2474") == joined.encode("(1)") and len(joined.encode("(1)")) == 3
+    with pytest.raises(FunGPTError, match="character 'z' is not in its vocabulary"):
+        joined.encode("(z)")
 
 
 def test_a_byte_that_was_not_utf8_is_named_as_such(bpe):

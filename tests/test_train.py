@@ -486,6 +486,11 @@ def test_files_named_as_a_runs_but_not_a_runs_are_never_replaced(corpus, tmp_pat
     with pytest.raises(FunGPTError, match=r"holds run.json, loss.png, named as a run's files"):
         train(tiny_config(corpus, other, max_iters=1), progress=False)
     assert (other / "loss.png").read_text() == "my plot"
+    (project / "metrics.jsonl").unlink()
+    (project / "tokenizer.json").unlink()
+    (project / "loss.png").write_text("my own figure")  # (beside the copied run config: no run saved here)
+    with pytest.raises(FunGPTError, match=r"holds loss.png, named as a run's files"):
+        train(tiny_config(corpus, project, max_iters=1), progress=False)
     # a run's own files are its own: one that trained no step (max_iters 0, its starting val loss) drew its loss.png,
     # and runs again, as before; a metrics.jsonl whose first row a full disk cut short is a run's too
     zero = tmp_path / "zero"

@@ -342,6 +342,8 @@ async function generate() {
     clearInspector();
     cleared = true;
   };
+  const before = $("output").dataset.state;  // (given back if the request is refused: its sample stays)
+  $("output").dataset.state = "waiting";  // (not the old sample's "done": a new one is on its way)
   const controller = new AbortController();
   state.controller = controller;
   const fromButton = document.activeElement === $("generate");
@@ -386,6 +388,8 @@ async function generate() {
     }
   } catch (err) {
     if (!cleared) {  // (refused, not reached, or stopped before the answer: the sample on screen is kept)
+      if (before === undefined) delete $("output").dataset.state;
+      else $("output").dataset.state = before;
       const stopped = err.name === "AbortError";
       setStatus(stopped ? "stopped before the server answered" : err.message, !stopped);
       if (!stopped && !(err instanceof ConnectionLost)) {
