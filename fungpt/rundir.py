@@ -40,11 +40,19 @@ def foreign_run_files(out: Path) -> list[str]:
     """The files in out named as a run's (RUN_FILES, but config.json, which holds_run reads) that no FunGPT run
     wrote, by their contents: a project's own tokenizer.json or metrics.jsonl beside a run config copied in
     (`fungpt train --config config.json --out-dir .`) was deleted as a run's that never saved, or overwritten.
-    loss.png, written at a run's end, cannot be told apart: where a run saved a checkpoint it is the run's (one that
-    trained no step draws one too, beside its step-0 checkpoint), and elsewhere it is foreign (a run config copied in
-    saved none)."""
+    loss.png, written at a run's end, cannot be told apart: where a run trained (it saved a checkpoint, or wrote its
+    run.json; one that trained no step draws a plot too) it is the run's, and elsewhere it is foreign (a run config
+    copied in wrote neither)."""
     meta_keys = {"run.json": "device", "latest.json": "dir", "best.json": "dir", TOKENIZER_META_FILE: "kind"}
-    run_there = bool(_run_checkpoints(out))
+
+    def ran_here() -> bool:
+        if _run_checkpoints(out):
+            return True
+        try:
+            info = read_json(out / "run.json")
+        except (OSError, ValueError, FunGPTError):
+            return False
+        return isinstance(info, dict) and "device" in info
 
     def ours(path: Path) -> bool:
         try:
@@ -56,7 +64,7 @@ def foreign_run_files(out: Path) -> list[str]:
                 row = json.loads(first) if first.strip() else {"step": None}  # (empty: nothing to lose)
                 return isinstance(row, dict) and "step" in row
             if path.name == "loss.png":
-                return run_there or path.stat().st_size == 0
+                return ran_here() or path.stat().st_size == 0
             if path.name in meta_keys:
                 data = read_json(path)
                 return isinstance(data, dict) and meta_keys[path.name] in data
