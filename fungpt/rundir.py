@@ -45,14 +45,8 @@ def foreign_run_files(out: Path) -> list[str]:
     copied in wrote neither)."""
     meta_keys = {"run.json": "device", "latest.json": "dir", "best.json": "dir", TOKENIZER_META_FILE: "kind"}
 
-    def ran_here() -> bool:
-        if _run_checkpoints(out):
-            return True
-        try:
-            info = read_json(out / "run.json")
-        except (OSError, ValueError, FunGPTError):
-            return False
-        return isinstance(info, dict) and "device" in info
+    def ran_here() -> bool:  # (a checkpoint, or a run.json that a run wrote)
+        return bool(_run_checkpoints(out)) or ((out / "run.json").is_file() and ours(out / "run.json"))
 
     def ours(path: Path) -> bool:
         try:

@@ -452,7 +452,7 @@ class BPETokenizer(Tokenizer):
         # A model folder's tokenizer.json may decode otherwise: SentencePiece's Metaspace or WordPiece's decoder
         # read the spaces off each token's place in the text, so runs decoded apart would lose them
         self.joins_decodings = type(hf_tokenizer.decoder).__name__ == "ByteLevel"
-        self._kept: set[str] = set()  # characters seen to encode to some token (see _check_kept)
+        self._kept: set[str] = set()  # characters seen to come back from an encode and decode (see _check_kept)
 
     @functools.cached_property
     def _may_drop(self) -> bool:
