@@ -310,8 +310,8 @@ def row_product_into(weight_t: torch.Tensor, bias: torch.Tensor | None, bags: tu
     return product
 
 
-def row_bags(K: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows, starts, ones) for row_product: all K rows, in one bag per thread.
+def row_bags(K: int, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, starts, ones) for row_product: all K rows, in one bag per thread; the ones in the weights' dtype.
 
     Measured in decoding on 2 threads (6 x 384 model, BENCHMARKS.md "Fifth session"): one bag per
     thread was a little faster than 2, 3 or 4 (1.35 ms per token against 1.39, 1.42 and 1.49); each bag's
@@ -320,7 +320,8 @@ def row_bags(K: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     n_bags = min(K, torch.get_num_threads())
     rows = torch.arange(K, device=device)  # bag contents: every row of W^T, in order
     starts = torch.arange(0, K, -(-K // n_bags), device=device)  # where each bag begins
-    return rows, starts, torch.ones(starts.numel(), device=device)  # starts may be fewer than n_bags
+    # (the ones' dtype is given, not torch's default: a default changed to float64 made them refuse float32 sums)
+    return rows, starts, torch.ones(starts.numel(), device=device, dtype=dtype)  # starts may be fewer than n_bags
 
 
 ROW_SUM_MAX_ELEMENTS = 1 << 22
@@ -445,4 +446,5 @@ class Linear(nn.Linear):
         BENCHMARKS.md, "Nineteenth session").
         """
         w = self.weight.detach()
-        return w.t().contiguous(), row_bags(self.in_features, w.device)  # (out, in) -> W^T (in, out), a row per input
+        # (out, in) -> W^T (in, out), a row per input
+        return w.t().contiguous(), row_bags(self.in_features, w.device, w.dtype)

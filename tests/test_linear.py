@@ -215,8 +215,8 @@ def test_second_derivatives_are_nn_linears(matmul_setting):
         (g,) = torch.autograd.grad(lin(x).sum(), x, create_graph=True)  # a constant incoming gradient
         g.square().sum().backward()
     for got, want in zip((*layer.second, layer.weight.grad), (*ref.second, ref.weight.grad)):
-        assert want.abs().sum() > 0
-        torch.testing.assert_close(got, want)
+        assert want.abs().sum() > 0  # (the sums of ~17 here differ in their float32 rounding: 8e-6 relative on Zen 5)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     x = torch.randn(2, 8, requires_grad=True)
     if linear.onednn_bf16_works():  # (the rounded copies it keeps lead back to no input: refused, not zero)
         with linear.bfloat16_products(), pytest.raises(RuntimeError, match="second derivatives through bfloat16"):
