@@ -45,6 +45,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from fungpt.errors import FunGPTError
 from fungpt.linear import Linear, bfloat16_products_active
@@ -100,9 +101,9 @@ def mirrored_source() -> str | None:
 
 def runs_as_written(model: nn.Module) -> bool:
     """Whether every module of `model` runs the forward its class defines: none overridden on one module or by a
-    subclass of the classes Decoder.step computes its own way, and no forward hooks (the module's own, or the global
-    ones of torch.nn.modules.module.register_module_forward_hook & co.). model.py's source is checked apart, by
-    mirrored_source."""
+    subclass of the classes Decoder.step computes its own way, no parametrized weights, and no forward hooks (the
+    module's own, or the global ones of torch.nn.modules.module.register_module_forward_hook & co.). model.py's
+    source is checked apart, by mirrored_source."""
     from fungpt.model import GPT, MLP, Block, CausalSelfAttention  # (model.py imports this module)
 
     replaced = (GPT, Block, CausalSelfAttention, MLP, Linear, nn.LayerNorm, nn.RMSNorm, nn.GELU, nn.Embedding,
@@ -112,7 +113,10 @@ def runs_as_written(model: nn.Module) -> bool:
         return False
     hooks = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()) or bool(
         nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
-    return not hooks
+    # A parametrized weight (torch.nn.utils.parametrize: weight norm, a learner's mask) is computed from other
+    # tensors at every access: the step's copies and version checks would not see those tensors change
+    parametrized = any(parametrize.is_parametrized(m) for m in model.modules())
+    return not hooks and not parametrized
 
 
 class _Layer(NamedTuple):

@@ -503,8 +503,9 @@ class GPT(nn.Module):
         last block_size tokens (exactly what the uncached path sees), so the cache is
         rebuilt from that window, at every step from then on. One float32 sequence on a CPU takes
         its single-token steps through decode.py's Decoder: the same logits, far fewer operations
-        (GPT.forward instead with module hooks, overridden forwards, or an edit to the forwards of this file
-        that decode.py repeats: see Decoder.supports).
+        (GPT.forward instead with module hooks, parametrized layers, overridden forwards, or an edit to the
+        forwards of this file that decode.py repeats: see Decoder.supports; this is decided when generation starts,
+        so a hook registered while a stream is paused runs from the next generation on).
 
         lookahead=k > 0 (greedy decoding, temperature=0, batch size 1, with the cache) turns on
         prompt-lookup speculation (speculative.py): guess the next k tokens by copying from

@@ -1,5 +1,7 @@
 """fungpt/decode.py: the lean one-token decoding step must compute what GPT.forward with a KVCache computes."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -119,6 +121,35 @@ def test_module_hooks_still_run_and_foreign_linears_still_work():
     plain.load_state_dict(model.blocks[0].mlp.c_fc.state_dict())
     model.blocks[0].mlp.c_fc = plain
     assert torch.equal(model.generate(prompt, 6, temperature=0), want)
+
+
+def test_a_parametrized_weight_changed_while_a_stream_is_paused_is_used(cpu_matmul):
+    """A weight computed by torch.nn.utils.parametrize from another tensor: the step's copy of it never changed, and
+    a paused stream went on with the old weight after that tensor was edited. Such models go through GPT.forward."""
+
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, w):
+            return w * self.s
+
+    model = make_model()
+    torch.nn.utils.parametrize.register_parametrization(model.blocks[0].mlp.c_fc, "weight", Scale())
+    reference = copy.deepcopy(model)
+    reference.register_forward_hook(lambda *a: None)  # (a hook: generation through GPT.forward and its KV cache)
+    prompt = torch.randint(0, 50, (1, 4), generator=torch.Generator().manual_seed(7))
+    streams = [m.generate_stream(prompt, 3, temperature=0, yield_logits=True) for m in (model, reference)]
+    first = [next(s)[1] for s in streams]
+    torch.testing.assert_close(first[0], first[1], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        for m in (model, reference):
+            m.blocks[0].mlp.c_fc.parametrizations.weight[0].s.fill_(-5.0)
+    second = [next(s)[1] for s in streams]  # the second token's logits, from the models as they are now
+    for s in streams:
+        s.close()
+    torch.testing.assert_close(second[0], second[1], rtol=1e-4, atol=1e-5)
 
 
 @torch.no_grad()
@@ -296,7 +327,7 @@ def test_decoder_refuses_what_it_cannot_run():
         Decoder(model, model.make_kv_cache(1))
 
 
-def test_the_step_follows_the_models_dtype_not_torchs_default():
+def test_the_step_follows_the_models_dtype_not_torchs_default(cpu_matmul):
     """A default dtype changed after the model was built (float64 for a numerics experiment): the step's buffer
     for q, k, v was made in it, and the first cached token failed with a raw 'Expected out tensor' error."""
     model = make_model()
