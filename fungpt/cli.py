@@ -554,7 +554,8 @@ def plot_command(runs: Annotated[list[str], tyro.conf.Positional,
     print(f"fungpt: wrote {plot_runs(runs, out=out, x=x)}")
 
 
-def inspect_command(target: tyro.conf.Positional[str], batch_size: int | None = None) -> None:
+def inspect_command(target: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN|CONFIG|HF_DIR")],
+                    batch_size: int | None = None) -> None:
     """Show parameters per module, FLOPs per token, memory and tokens seen of a run or a config.
 
     Args:

@@ -202,6 +202,10 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
               f"checkpoint)", file=sys.stderr)
     if not ids:
         ids = default_prompt_ids(loaded)
+    never = stop and _never_written(loaded.tokenizer, stop)
+    if never and out is not None:  # (e.g. '\r\n\r\n' for a char model of text with '\n' line endings)
+        print(f"fungpt: note: --stop {stop!r} holds {never!r}, a character this model's tokenizer cannot write: "
+              f"no sample will stop there", file=sys.stderr)
     gen = seeded_generator(seed, loaded.device)
     eot = loaded.tokenizer.eot_id if stop_at_eot else None
     terminal = out is not None and _is_terminal(out)  # (into a file or pipe: the text as generated)
@@ -248,6 +252,16 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
             out.flush()
         texts.append(made if end is not None else loaded.tokenizer.decode(new))
     return texts
+
+
+def _never_written(tokenizer, text: str) -> str | None:
+    """The first character of `text` that `tokenizer` cannot encode (one a char model never saw), else None."""
+    for ch in dict.fromkeys(text):  # (each distinct character once, in order)
+        try:
+            tokenizer.encode(ch)
+        except FunGPTError:
+            return ch
+    return None
 
 
 def stop_end(made: str, piece: str, stop: str | None) -> int | None:

@@ -2552,6 +2552,16 @@ def test_help_before_a_command_is_that_commands_help(capsys):
     assert capsys.readouterr().out.startswith("usage: fungpt train")
 
 
+def test_every_commands_usage_names_what_its_positional_argument_is(capsys):
+    """`fungpt inspect --help` showed its argument as STR, where the other commands show RUN."""
+    from fungpt.cli import COMMANDS
+
+    for name in COMMANDS:
+        assert main([name, "--help"]) == 0
+        usage = capsys.readouterr().out.splitlines()[0]
+        assert usage.startswith(f"usage: fungpt {name} [-h]") and " STR " not in usage.replace("--out STR", ""), usage
+
+
 def test_a_relative_data_path_beside_the_config_is_named(tmp_path, monkeypatch, capsys):
     """A config copied next to its corpus (path = "poems.txt") and run from elsewhere: "does not exist", with no
     word that a relative path is read from the current folder."""

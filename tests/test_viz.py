@@ -1184,6 +1184,16 @@ def test_a_token_that_runs_past_the_stop_text_is_cut_at_its_end(run_dir, monkeyp
         assert out.getvalue() == "The ca\n"
 
 
+def test_a_stop_text_the_model_cannot_write_is_said(run_dir, capsys):
+    r"""A char model never writes a character it was not trained on: a --stop holding one ('\r\n\r\n' for text
+    with '\n' line endings) could never end a sample, and said nothing."""
+    sample(run_dir, max_new_tokens=5, stop="\r\n\r\n", out=io.StringIO())
+    assert "--stop '\\r\\n\\r\\n' holds '\\r', a character this model's tokenizer cannot write" in (
+        capsys.readouterr().err)
+    sample(run_dir, max_new_tokens=5, stop="\n\n", out=io.StringIO())
+    assert "cannot write" not in capsys.readouterr().err
+
+
 def test_the_stop_text_may_span_pieces_and_is_found_once():
     from fungpt.sample import stop_end
 
