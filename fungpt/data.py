@@ -825,9 +825,12 @@ def prepare(
     files = resolve_source(input)
     source = Path(input).expanduser()
     if source.is_dir() and out.is_relative_to(source.resolve()) and not _is_hidden(out.relative_to(source.resolve())):
+        # (train's datasets go to the data cache: there the folder to move is the cache, by its variable)
+        where = ("training prepares its datasets in the data cache: set FUNGPT_CACHE_DIR to a folder outside the input "
+                 "folder (or to a hidden folder, whose files are skipped)" if out.is_relative_to(cache_dir().resolve())
+                 else "put it outside (or in a hidden folder, whose files are skipped)")
         raise FunGPTError(f"the dataset folder {out} is inside the input folder {source}: the next prepare of that "
-                          f"folder would read the dataset's own files as text; put it outside (or in a hidden folder, "
-                          f"whose files are skipped)")
+                          f"folder would read the dataset's own files as text; {where}")
     total_bytes = sum(p.stat().st_size for p in files)
     gpt2 = GPT2Tokenizer() if tokenizer == "gpt2" and given is None else None  # fail early if unavailable
     has_eot = given.eot_id is not None if given is not None else tokenizer != "char"

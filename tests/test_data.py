@@ -731,13 +731,17 @@ def test_a_corpus_edited_during_prepare_says_so(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
 
 
-def test_out_inside_the_input_folder_is_refused(tmp_path):
+def test_out_inside_the_input_folder_is_refused(tmp_path, monkeypatch):
     texts = tmp_path / "texts"
     texts.mkdir()
     (texts / "a.txt").write_text(TEXT, encoding="utf-8")
     with pytest.raises(FunGPTError, match=r"is inside the input folder .*texts: the next prepare of that folder"):
         prepare(texts, texts / "prepared", progress=False)
     assert not (texts / "prepared").exists() and not leftovers(texts)
+    # the data cache inside it (where training prepares its datasets): the variable that places it is named
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(texts / "cache"))
+    with pytest.raises(FunGPTError, match=r"set FUNGPT_CACHE_DIR to a folder outside the input folder"):
+        prepare(texts, texts / "cache" / "datasets" / "texts-char", progress=False)
 
 
 def test_a_dataset_finished_meanwhile_by_another_prepare_is_kept(tmp_path, corpus, monkeypatch):
