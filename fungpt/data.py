@@ -977,14 +977,30 @@ def prepare(
                     counts[f"{split}_chars"] += len(text)
                     counts[f"{split}_bytes"] += len(text.encode("utf-8"))
 
+            # A chunk of a document that goes to train whole waits for the next piece: where that piece holds the
+            # train/val boundary, the two are encoded as one. A chunk ends at a cut that is safe for what follows it
+            # (see _last_safe_cut: before a "\n" after a space, safe when a non-space follows the "\n"), but the
+            # train text ends at the boundary: just past that "\n", one-go encoding joins the space and the "\n".
+            held = ""
             for text, is_separator in _iter_corpus(files, separator, errors, on_bytes=on_bytes):
                 # Cut the piece that straddles the train/val boundary in two (never a separator: see above).
                 cut = min(max(boundary - position, 0), len(text))
+                position += len(text)
+                if held:
+                    if not is_separator and 0 < cut < len(text):  # the boundary is in this chunk of the document
+                        text, cut = held + text, cut + len(held)
+                    else:
+                        write("train", train_f, held, False)
+                    held = ""
+                if cut == len(text) and not is_separator:
+                    held = text  # (all train: written with the next piece, or at the end)
+                    continue
                 if cut > 0:
                     write("train", train_f, text[:cut], is_separator)
                 if cut < len(text):
                     write("val", val_f, text[cut:], is_separator)
-                position += len(text)
+            if held:
+                write("train", train_f, held, False)
 
         if check.hexdigest() != hasher.hexdigest():
             raise FunGPTError(f"input '{input}' changed while it was being prepared; run prepare again")

@@ -8,6 +8,7 @@ skipped when that is not set.
 import errno
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -135,6 +136,26 @@ def test_small_chunks_give_identical_bpe_tokens(tmp_path, corpus, monkeypatch):
     small = prepare(corpus, tmp_path / "small", tokenizer="bpe", vocab_size=300, progress=False)
     for split in ("train", "val"):
         assert read_bin(big, split).tolist() == read_bin(small, split).tolist()
+
+
+def test_each_split_has_the_ids_of_its_whole_text_wherever_a_chunk_ends(tmp_path, monkeypatch):
+    """A chunk ends before a "\n" after a space where a non-space follows that "\n"; when the train/val boundary
+    fell just past it, the train text's last " \n" became two tokens, where encoding the train text in one go
+    gives one."""
+    monkeypatch.setattr(data_mod, "CHUNK_BYTES", 64)
+    for lines in (150, 151):  # (a 10% val split of ~110 characters, past the 80 Ys that hold no safe cut)
+        train = "ab \n\n" * lines + "x \n"  # the boundary just past this "\n"; a chunk ends before it
+        n = math.ceil(len(train) / 0.9)
+        while int(n * 0.9) != len(train):
+            n += 1
+        boundary = len(train)
+        text = train + ("Y" * 80 + "cd \n" * n)[: n - boundary]
+        path = tmp_path / f"t{lines}.txt"
+        path.write_text(text, encoding="utf-8", newline="")
+        out = prepare(path, tmp_path / f"o{lines}", tokenizer="bpe", vocab_size=300, progress=False)
+        tok = load_tokenizer(out)
+        assert read_bin(out, "train").tolist() == tok.encode(text[:boundary])
+        assert read_bin(out, "val").tolist() == tok.encode(text[boundary:])
 
 
 def test_encode_file_reads_in_chunks_with_the_ids_of_the_whole_text(tmp_path, corpus, monkeypatch):
