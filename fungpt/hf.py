@@ -61,7 +61,8 @@ def hf_config(path: str | os.PathLike) -> GPTConfig:
     # (reorder_and_upcast_attn only computes attention in higher precision: the same model, accepted)
     unlike = {  # each option FunGPT's model lacks, if set: what this config has
         "activation_function": act is None,
-        "n_inner": hf.get("n_inner") not in (None, 4 * n_embd),
+        # (n_embd of another type is refused by GPTConfig below, in the file's words; null here made 4 * None fail)
+        "n_inner": hf.get("n_inner") not in (None, 4 * n_embd if isinstance(n_embd, int) else None),
         "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5) != 1e-5,
         "scale_attn_weights": not hf.get("scale_attn_weights", True),
         "scale_attn_by_inverse_layer_idx": hf.get("scale_attn_by_inverse_layer_idx", False),
@@ -107,6 +108,10 @@ def load_gpt2(path: str | os.PathLike, meta: bool = False) -> GPT:
             raise FunGPTError(f"'{path}' stores {key} as {str(t.dtype).removeprefix('torch.')} (a quantized "
                               f"checkpoint?): FunGPT loads float32, float16 or bfloat16 weights; save the model "
                               f"unquantized")
+        # (a fine-tune from such weights diverged at its first step, and was told to lower its learning rate)
+        if t.device.type != "meta" and not torch.isfinite(t).all():
+            raise FunGPTError(f"'{path}' stores NaN or inf in {key}: its weights are damaged; download or save the "
+                              f"model again")
         if key == "lm_head.weight" and config.tie_embeddings:
             # the same matrix as wte, if the file says so: a head of its own under a config that ties the two
             # (transformers then keeps the head apart) would be dropped, and the model compute something else
@@ -132,6 +137,10 @@ def load_gpt2(path: str | os.PathLike, meta: bool = False) -> GPT:
         model = GPT(config)
     expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_embeddings else set())
     missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing == ["lm_head.weight"] and not unexpected:  # (transformers would give it a random head)
+        raise FunGPTError(f"{path / 'config.json'} unties the head from the embedding (tie_word_embeddings false), "
+                          f"but '{path}' stores no lm_head.weight: set \"tie_word_embeddings\": true there to use "
+                          f"wte as the head, as GPT-2 does")
     if missing or unexpected:
         raise FunGPTError(
             f"weights in '{path}' do not match a GPT-2 model: missing {missing[:5]}, unexpected "
@@ -363,7 +372,17 @@ def _is_pickle(file: Path) -> bool:
 # safetensors' names of its element types -> torch's (those it may hold; see load_gpt2's check of the float ones)
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+                      "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _meta_tensor(file: Path, name: str, dtype: str, shape: list[int]) -> torch.Tensor:
+    """An empty tensor on the meta device as the header of `file` describes tensor `name`; a type torch cannot hold
+    is refused here (loading it would be refused too), by the header's own name for it."""
+    if dtype not in SAFETENSORS_DTYPES:
+        raise FunGPTError(f"'{file.parent}' stores {name} as {dtype} (a quantized checkpoint?): FunGPT loads "
+                          f"float32, float16 or bfloat16 weights; save the model unquantized")
+    return torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype], device="meta")
 
 
 def _read_safetensors(file: Path, meta: bool) -> dict[str, torch.Tensor]:
@@ -376,12 +395,10 @@ def _read_safetensors(file: Path, meta: bool) -> dict[str, torch.Tensor]:
     if not meta:
         return read_safetensors(file)
     if utf8_path(file) is None:  # (the library opens UTF-8 paths only: the header read here)
-        return {k: torch.empty(shape, dtype=SAFETENSORS_DTYPES.get(dtype, torch.uint8), device="meta")
-                for k, (dtype, shape) in safetensors_header(file).items()}
+        return {k: _meta_tensor(file, k, dtype, shape) for k, (dtype, shape) in safetensors_header(file).items()}
     with safe_open(str(file), framework="pt") as f:
         slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle is no dict)
-        return {k: torch.empty(s.get_shape(), dtype=SAFETENSORS_DTYPES.get(s.get_dtype(), torch.uint8),
-                               device="meta") for k, s in slices.items()}
+        return {k: _meta_tensor(file, k, s.get_dtype(), s.get_shape()) for k, s in slices.items()}
 
 
 def _read_hf_weights(path: Path, meta: bool = False) -> dict[str, torch.Tensor]:

@@ -779,6 +779,8 @@ def test_from_hf_missing_files_are_clear_errors(tmp_path):
             r"lacks \(activation_function = \['gelu'\]; GPT-2 has",  # (was TypeError: unhashable type: 'list')
         '{"n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 100, "tie_word_embeddings": "yes"}':
             r"tie_word_embeddings='yes' should be of type bool\): correct that file",
+        '{"n_embd": null, "n_layer": 2, "n_head": 2, "vocab_size": 100}':  # (was TypeError: int * NoneType)
+            r"n_embd=None should be of type int\): correct that file",
     }
     for text, message in cases.items():
         (tmp_path / "config.json").write_text(text)
@@ -799,12 +801,39 @@ def test_from_hf_refuses_integer_weights(tmp_path):
     random_hf_model().save_pretrained(tmp_path)
     original = load_file(tmp_path / "model.safetensors")
     key = "transformer.h.0.mlp.c_fc.weight"
-    for dtype in (torch.int8, torch.float8_e4m3fn):
+    from fungpt.hf import load_gpt2
+
+    for dtype in (torch.int8, torch.float8_e4m3fn, torch.uint16):
         weights = {**original, key: (original[key] * 1000).to(dtype)}
         save_file(weights, tmp_path / "model.safetensors")
         name = str(dtype).removeprefix("torch.")
-        with pytest.raises(FunGPTError, match=f"stores {key.removeprefix('transformer.')} as {name} \\(a quantized"):
-            GPT.from_hf(tmp_path)
+        for meta in (False, True):  # (the dry run, from the header alone, named a uint16 "uint8")
+            with pytest.raises(FunGPTError, match=f"stores {key.removeprefix('transformer.')} as {name} \\(a quantiz"):
+                load_gpt2(tmp_path, meta=meta)
+
+
+def test_from_hf_refuses_damaged_weights_and_an_untied_config_without_its_head(tmp_path):
+    """NaN weights were loaded, and the fine-tune from them diverged, told to lower its learning rate; an untied
+    config whose file has no head was asked "is this a GPT-2 checkpoint?\""""
+    import json
+
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+
+    random_hf_model().save_pretrained(tmp_path)
+    original = load_file(tmp_path / "model.safetensors")
+    key = "transformer.h.0.mlp.c_fc.weight"
+    damaged = original[key].clone()
+    damaged[0, 1] = math.nan
+    save_file({**original, key: damaged}, tmp_path / "model.safetensors")
+    with pytest.raises(FunGPTError, match=r"stores NaN or inf in h.0.mlp.c_fc.weight: its weights are damaged"):
+        GPT.from_hf(tmp_path)
+    save_file({k: v for k, v in original.items() if k != "lm_head.weight"}, tmp_path / "model.safetensors")
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    with pytest.raises(FunGPTError, match=r"unties the head .* stores no lm_head.weight: set \"tie_word_embeddings\": "
+                                          r"true there"):
+        GPT.from_hf(tmp_path)
 
 
 def test_from_hf_without_prefix_and_untied(tmp_path):
