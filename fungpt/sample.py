@@ -394,8 +394,14 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
     floats (64 MB, and as much again for cross-entropy's log-softmax of them): GPT-2's 1024 x 50,257 took 6.7 GB
     at 16 windows.
     """
-    if batch_size is not None and batch_size <= 0:
-        raise FunGPTError(f"batch_size {batch_size} must be positive")
+    if batch_size is not None:  # (from Python: the command line's parser has checked its own)
+        check_number(batch_size, "batch_size", whole=True)
+        if batch_size <= 0:
+            raise FunGPTError(f"batch_size {batch_size} must be positive")
+        batch_size = int(batch_size)  # (a numpy integer: as Python's)
+    if input is not None and not str(input).strip():  # (Path("") is the current folder: "is a folder", wrongly)
+        raise FunGPTError("no --input file was named (an empty name): pass a text file, or leave --input out to "
+                          "evaluate on the run's val split")
     if errors not in (None, "strict", "replace"):
         raise FunGPTError(f"--errors {errors!r} is not valid: choose strict or replace")
     loaded = load_run(run, checkpoint, device)

@@ -70,6 +70,8 @@ def sampling_probs(
     if not 0 < temperature < math.inf:  # (NaN fails this test too)
         raise FunGPTError(f"temperature={temperature} must be a number > 0 here (0 = greedy is handled by "
                           f"sample_next_token)")
+    if logits.dtype == torch.float64:  # (shifted first: a logit past float32's 3.4e38 would be inf there, then NaN)
+        logits = logits - logits.amax(dim=-1, keepdim=True)
     logits = logits.float()
     # Shifted so that the largest is 0 (softmax is unchanged by a shift): a tiny temperature then sends the
     # others to -inf instead of every logit to +-inf (NaN after softmax). Below 1e-30 (which float32 still

@@ -348,6 +348,9 @@ def test_a_tiny_temperature_samples_the_largest_logits_not_nan():
     # a huge one, beyond float32 (inf there), over a masked -inf logit: flat over the others, not NaN
     masked = torch.tensor([[1.0, float("-inf"), 3.0, 2.0]])
     assert torch.allclose(sampling_probs(masked, temperature=1e39), torch.tensor([[1 / 3, 0.0, 1 / 3, 1 / 3]]))
+    # float64 logits past float32's range (a float64 model): inf - inf was NaN, refused as broken logits
+    huge = torch.tensor([[0.0, 1e39]], dtype=torch.float64)
+    assert torch.equal(sampling_probs(huge, temperature=1.0), torch.tensor([[0.0, 1.0]]))
 
 
 def test_top_k_keeps_exactly_the_k_largest_and_ties():

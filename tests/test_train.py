@@ -2843,6 +2843,10 @@ def test_eval_on_a_text_shorter_than_the_context(corpus, tmp_path):
         evaluate_run(out, input=one)
     with pytest.raises(FunGPTError, match="batch_size 0 must be positive"):
         evaluate_run(out, input=short, batch_size=0)
+    with pytest.raises(FunGPTError, match="batch_size 2.5 should be a whole number"):  # (was a raw TypeError)
+        evaluate_run(out, input=short, batch_size=2.5)
+    with pytest.raises(FunGPTError, match="no --input file was named"):  # (was "--input . is a folder")
+        evaluate_run(out, input="")
 
 
 def test_eval_of_an_empty_val_split_says_it_is_too_short(corpus, tmp_path):
