@@ -177,15 +177,17 @@ def _loss_figure(curves: list, xlabel: str):
     fig = Figure(figsize=FIGSIZE, dpi=DPI)
     ax = fig.subplots()
     for i, (name, (tr_x, tr_y), (ev_x, ev_y)) in enumerate(curves):
-        color = f"C{i % 10}"
+        # matplotlib's 10 colours, then again with another line style: the 1st and 11th run of a sweep looked the same
+        color, style = f"C{i % 10}", ("-", "--", ":", "-.")[i // 10 % 4]
         if tr_x:
             # a point without a finite neighbour (the only one, or between NaNs) makes no line: a marker shows it
             ok = [math.isfinite(y) for y in tr_y]
             lone = [i for i, good in enumerate(ok) if good and not any(ok[max(i - 1, 0) : i] + ok[i + 1 : i + 2])]
-            ax.plot(tr_x, tr_y, color=color, alpha=0.35, lw=1, marker="o" if lone else None, markevery=lone or None,
-                    ms=3, label=f"{name} train")  # (no marker otherwise: the legend's train entry stays a line)
+            # (no marker otherwise: the legend's train entry stays a line)
+            ax.plot(tr_x, tr_y, color=color, ls=style, alpha=0.35, lw=1, marker="o" if lone else None,
+                    markevery=lone or None, ms=3, label=f"{name} train")
         if ev_x:
-            ax.plot(ev_x, ev_y, color=color, lw=2, marker="o", ms=3, label=f"{name} val")
+            ax.plot(ev_x, ev_y, color=color, ls=style, lw=2, marker="o", ms=3, label=f"{name} val")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.set_title("FunGPT loss curves")

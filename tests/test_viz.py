@@ -697,6 +697,16 @@ def test_plot_runs_labels_a_folder_name_that_is_not_utf8(tmp_path, monkeypatch):
     assert drawn == [("caf\ufffd train", [1, 2], [4.0, 3.0])] and (tmp_path / "loss.png").stat().st_size > 0
 
 
+def test_every_run_of_a_sweep_has_its_own_look():
+    """matplotlib has 10 colours: the 1st and the 11th run of a sweep were drawn alike, in the plot and its legend."""
+    from fungpt.plot import _loss_figure
+
+    curves = [(f"lr{i}", ([1, 2], [4.0, 3.0]), ([2], [3.5])) for i in range(12)]
+    lines = _loss_figure(curves, "step").axes[0].get_lines()  # a train and a val line per run
+    looks = [(line.get_color(), line.get_linestyle(), line.get_linewidth()) for line in lines]
+    assert len(set(looks)) == len(looks) == 24
+
+
 def test_dollar_signs_in_run_names_and_tokens_are_text_not_maths(tmp_path):
     """matplotlib reads text between two $ as maths: a run folder named a$$b, or GPT-2's "$$" token on an axis of
     `fungpt attention`, ended the command with a traceback, and lr$1e-3$ was drawn in the legend as italic lr1e-3."""
