@@ -20,10 +20,10 @@ gradients 1.1-2.0x, a whole training step 1.4-1.5x.
 Batch-1 decoding is different: one token multiplies a single row x by every weight matrix, so the
 time goes into reading the weights from memory, not into arithmetic. There `row_sums`
 computes W x as a weighted sum of the rows of W^T with an embedding bag, whose kernel streams
-memory 1.2-2.3x as fast as oneDNN's matrix-vector product over the recorded generation runs in
+memory 1.1-2.3x as fast as oneDNN's matrix-vector product over the recorded generation runs in
 BENCHMARKS.md, and up to 4.3x as fast as MKL's on the AMD hosts there. On the Intel Xeon there, MKL's
-matrix-vector product was the faster (0.96-1.03 against 1.13-1.20 ms per token), as MKL tends to be on
-Intel CPUs: there "auto" keeps torch's BLAS (choose_cpu_matmul).
+matrix-vector product was the faster (0.96-1.38 against 1.13-1.64 ms per token over its sessions), as
+MKL tends to be on Intel CPUs: there "auto" keeps torch's BLAS (choose_cpu_matmul).
 
 `Linear` is an `nn.Linear` (same parameters, same checkpoints, same Hugging Face conversion) whose
 forward takes these paths when `cpu_matmul()` is "onednn" and the input is a float32 CPU tensor outside
@@ -262,7 +262,7 @@ def row_sums(weight_t: torch.Tensor, bags: tuple[torch.Tensor, ...], x: torch.Te
     embedding bag in "sum" mode with per-sample weights x computes over a "bag" of all K rows, and
     its CPU kernel streams each row once at close to memory speed: batch-1 decoding reads every
     weight once per token, so that speed is what counts (BENCHMARKS.md, the generation blocks'
-    "What bounds plain cached decoding": 1.2-2.3x oneDNN's matrix-vector product over the recorded runs, up to 4.3x
+    "What bounds plain cached decoding": 1.1-2.3x oneDNN's matrix-vector product over the recorded runs, up to 4.3x
     MKL's on AMD hosts; on the Intel Xeon MKL's was faster, see the module docstring). bags = (rows, starts, ones)
     from `row_bags`: the K rows in one bag per thread, which the threads sum in parallel; the partial sums still
     have to be added up (row_product).
