@@ -61,7 +61,9 @@ class StopFlag:
                 raise KeyboardInterrupt  # (cli: "fungpt: interrupted", status 130)
             # Under torchrun a second Ctrl-C reaches the processes as torchrun's SIGTERM: name what the user did.
             # One line from the job (the process that announced the first), not one per process.
-            torchrun_passed = self.processes > 1 and self.signum == signal.SIGINT and signum == signal.SIGTERM
+            # (a job of one process too: torchrun sets TORCHELASTIC_RUN_ID)
+            under_torchrun = self.processes > 1 or bool(os.environ.get("TORCHELASTIC_RUN_ID"))
+            torchrun_passed = under_torchrun and self.signum == signal.SIGINT and signum == signal.SIGTERM
             what = "Ctrl-C" if torchrun_passed else signal.Signals(signum).name
             if self.announce:
                 with contextlib.suppress(OSError):

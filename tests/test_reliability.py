@@ -2775,6 +2775,13 @@ def test_a_second_signal_aborts_at_once_with_its_own_status(monkeypatch, capsys)
         err = capsys.readouterr().err  # (os._exit is a stub here: the handler goes on past it)
         assert err.startswith("\nfungpt: Ctrl-C again: stopped at once; the last checkpoint is intact\n") == announce
         assert "again: stopped" not in err or announce
+    # a torchrun job of one process (processes=1): torchrun passes the second Ctrl-C on as SIGTERM all the same
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    flag = stopping.StopFlag(processes=1)
+    flag._handle(signal.SIGINT, None)
+    capsys.readouterr()
+    flag._handle(signal.SIGTERM, None)
+    assert exits.pop() == 143 and "Ctrl-C again: stopped at once" in capsys.readouterr().err
     assert not exits and len(silenced) == 2
 
 
