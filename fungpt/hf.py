@@ -62,7 +62,7 @@ def hf_config(path: str | os.PathLike) -> GPTConfig:
     unlike = {  # each option FunGPT's model lacks, if set: what this config has
         "activation_function": act is None,
         # (n_embd of another type is refused by GPTConfig below, in the file's words; null here made 4 * None fail)
-        "n_inner": hf.get("n_inner") not in (None, 4 * n_embd if isinstance(n_embd, int) else None),
+        "n_inner": isinstance(n_embd, int) and hf.get("n_inner") not in (None, 4 * n_embd),
         "layer_norm_epsilon": hf.get("layer_norm_epsilon", 1e-5) != 1e-5,
         "scale_attn_weights": not hf.get("scale_attn_weights", True),
         "scale_attn_by_inverse_layer_idx": hf.get("scale_attn_by_inverse_layer_idx", False),
@@ -198,8 +198,9 @@ def gpt2_layout_problems(model: GPT) -> list[str]:
     problems = []
     if mirrored_source() not in (MIRRORED, None):  # (None: no source to read; nothing known)
         problems.append("forwards edited in fungpt/model.py (another computation than GPT-2's)")
-    if not runs_as_written(model):
-        problems.append("a forward replaced or hooked on one of its modules (another computation than GPT-2's)")
+    if not runs_as_written(model):  # (a parametrized weight too: computed from tensors GPT-2's layout lacks)
+        problems.append("a forward replaced or hooked, or a parametrized weight, on one of its modules (another "
+                        "computation than GPT-2's)")
     c = model.config
     C, V = c.n_embd, c.vocab_size
     want = {"wte.weight": (V, C), "pos.wpe.weight": (c.block_size, C), "ln_f.weight": (C,), "ln_f.bias": (C,),

@@ -719,8 +719,12 @@ def test_save_hf_rejects_a_model_whose_code_is_not_gpt2s(tmp_path, monkeypatch):
     pre_hooked.blocks[0].mlp.register_forward_pre_hook(lambda module, args: (args[0] * 0,))
     for i, model in enumerate((overridden, hooked, pre_hooked)):
         assert not Decoder.supports(model, torch.tensor([[1, 2]]))  # (generation runs GPT.forward, which runs them)
-        with pytest.raises(FunGPTError, match=r"a forward replaced or hooked on one of its modules"):
+        with pytest.raises(FunGPTError, match=r"a forward replaced or hooked, or a parametrized weight, on one of"):
             model.save_hf(tmp_path / f"changed{i}")
+    parametrized = make_model()  # (named among the causes: "replaced or hooked" alone was untrue for it)
+    torch.nn.utils.parametrize.register_parametrization(parametrized.blocks[0].mlp.c_fc, "weight", nn.Identity())
+    with pytest.raises(FunGPTError, match=r"or a parametrized weight, on one of its modules"):
+        parametrized.save_hf(tmp_path / "parametrized")
 
     monkeypatch.setattr(MLP, "forward", lambda self, x: self.c_proj(self.c_fc(x)))  # no activation: model.py edited
     with pytest.raises(FunGPTError, match=r"forwards edited in fungpt/model.py"):
@@ -784,6 +788,9 @@ def test_from_hf_missing_files_are_clear_errors(tmp_path):
             r"tie_word_embeddings='yes' should be of type bool\): correct that file",
         '{"n_embd": null, "n_layer": 2, "n_head": 2, "vocab_size": 100}':  # (was TypeError: int * NoneType)
             r"n_embd=None should be of type int\): correct that file",
+        # (n_inner is GPT-2's 4 * n_embd: the float is the fault, not an n_inner FunGPT lacks)
+        '{"n_embd": 32.0, "n_inner": 128, "n_layer": 2, "n_head": 2, "vocab_size": 100}':
+            r"n_embd=32.0 should be of type int",
     }
     for text, message in cases.items():
         (tmp_path / "config.json").write_text(text)
