@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -309,12 +310,21 @@ def test_a_dry_run_times_a_step_of_many_micro_batches_on_a_few_of_them(corpus, t
 
     drawn = []
     real = BatchLoader.next_batch
-    monkeypatch.setattr(BatchLoader, "next_batch", lambda self: drawn.append(1) or real(self))
+    clock = [0.0]  # the timing's clock: each micro-batch takes 1 ms of it, the rest of a step none (no timed test)
+
+    def next_batch(self):
+        drawn.append(1)
+        clock[0] += 1e-3
+        return real(self)
+
+    monkeypatch.setattr(BatchLoader, "next_batch", next_batch)
+    monkeypatch.setattr(plan, "time", types.SimpleNamespace(perf_counter=lambda: clock[0], time=time.time))
     monkeypatch.setattr(plan, "TIMED_MICRO_BATCHES", 2)
     figures = plan.dry_run(tiny_config(corpus, tmp_path / "run", grad_accum_steps=1000), timed_steps=1)
     assert 0 < len(drawn) <= 2 * 21  # at most 21 steps (a second's worth, 20, and the warm-up) of 2 micro-batches
-    one = plan.dry_run(tiny_config(corpus, tmp_path / "run", grad_accum_steps=1), timed_steps=1)["step_s"]
-    assert figures["step_s"] > 100 * one  # a step of 1,000 micro-batches, scaled up from 2 of them
+    assert figures["step_s"] == pytest.approx(1.0)  # a step of 1,000 micro-batches, scaled up from 2 of them
+    assert plan.dry_run(tiny_config(corpus, tmp_path / "run", grad_accum_steps=1), timed_steps=1)["step_s"] == (
+        pytest.approx(1e-3))
 
 
 def test_a_dry_run_of_slow_micro_batches_times_two_a_step_after_a_warm_up_of_one(corpus, tmp_path, monkeypatch):
