@@ -91,9 +91,10 @@ def _switch(args: list[str], name: str) -> bool:
     return bool(given) and given[-1] == f"--{name}"
 
 
-def _as_checkpointed(cfg: RunConfig, out_dir: Path) -> RunConfig:
+def _as_checkpointed(cfg: RunConfig, out_dir: Path) -> tuple[RunConfig, str | None]:
     """`cfg` (a run's config.json) with the [train] settings its latest checkpoint was trained with: config.json
-    is rewritten by every start, also by one that failed or was killed before its first save."""
+    is rewritten by every start, also by one that failed or was killed before its first save. Also a note naming
+    the [train] values of config.json that are not the checkpoint's (an edit of the file by hand), or None."""
     from fungpt import checkpoint as ckpt
     from fungpt.train import trained_with
 
@@ -101,8 +102,16 @@ def _as_checkpointed(cfg: RunConfig, out_dir: Path) -> RunConfig:
     try:
         manifest = read_json(folder / ckpt.MANIFEST_FILE) if folder is not None else None
     except (OSError, ValueError):
-        return cfg  # (training reports a damaged checkpoint, with its own words)
-    return dataclasses.replace(cfg, train=trained_with(manifest if isinstance(manifest, dict) else None, cfg))
+        return cfg, None  # (training reports a damaged checkpoint, with its own words)
+    train = trained_with(manifest if isinstance(manifest, dict) else None, cfg)
+    differ = [f.name for f in dataclasses.fields(train) if getattr(train, f.name) != getattr(cfg.train, f.name)]
+    note = None
+    if differ:
+        shown = ", ".join(f"{n} {getattr(cfg.train, n)!r}" for n in differ[:4]) + (", ..." if len(differ) > 4 else "")
+        flags = " ".join(f"--train.{n.replace('_', '-')} {getattr(cfg.train, n)}" for n in differ[:2])
+        note = (f"fungpt: note: {out_dir / 'config.json'} holds [train] values its latest checkpoint did not train "
+                f"with ({shown}): resuming with the checkpoint's; give them as flags to change them (e.g. {flags})")
+    return dataclasses.replace(cfg, train=train), note
 
 
 # A command's path options, and what to give instead of "" (Path("") is the current folder: `--input "$CORPUS"` with
@@ -380,11 +389,13 @@ def cmd_train(args: list[str], start_time: float) -> int | None:
     # a lower lr given on the command line); a check that still fails names the file
     base = _drop_bpe_size(load_config(path, checked=False), path, args) if path else RunConfig()
     if resumed and path:
-        base = _as_checkpointed(base, saved.parent)
+        base, unused = _as_checkpointed(base, saved.parent)
         if _out_dir_arg(args) is None:  # the folder whose config.json was read (a run copied there names another)
             base = dataclasses.replace(base, out_dir=str(saved.parent))
         if _rank() == 0:
             print(f"fungpt: resuming with the settings saved in {saved.parent} (flags given here override them)")
+            if unused:
+                print(unused)
     if ("--help" in args or "-h" in args) and base.model.init_from != "scratch":
         print(f"note: {path} fine-tunes {base.model.init_from}: the --model.* settings it does not set take that "
               f"model's values, not the defaults shown below\n")

@@ -1312,12 +1312,17 @@ def test_cli_resume_without_a_config_file_takes_the_runs_saved_settings(corpus, 
     said = capsys.readouterr().out
     assert f"fungpt: resuming with the settings saved in {out} (flags given here override them)" \
         in said and "settings differ" not in said and "optimizer settings changed" not in said
+    # (said: a hand edit of config.json, read as the run's settings, was dropped without a word)
+    assert (f"fungpt: note: {out / 'config.json'} holds [train] values its latest checkpoint did not train with "
+            f"(batch_size 2, lr 0.5): resuming with the checkpoint's; give them as flags to change them (e.g. "
+            f"--train.batch-size 2 --train.lr 0.5)") in said
     saved = load_run_config(out)
     assert (saved.model.n_layer, saved.train.lr, saved.train.beta2, saved.train.max_iters) == (2, 2e-3, 0.95, 4)
     assert ckpt.load_state(ckpt.find_checkpoint(out))["step"] == 4
     for given, steps in (([f"--out-dir={out}"], 5), (["--out_dir", str(out)], 6)):  # the other spellings tyro takes
         assert main(["train", *given, "--resume", "--train.max-iters", str(steps)]) == 0
-        assert f"resuming with the settings saved in {out}" in capsys.readouterr().out
+        said = capsys.readouterr().out
+        assert f"resuming with the settings saved in {out}" in said and "did not train with" not in said
     assert ckpt.load_state(ckpt.find_checkpoint(out))["step"] == 6
 
 
