@@ -91,6 +91,15 @@ def _switch(args: list[str], name: str) -> bool:
     return bool(given) and given[-1] == f"--{name}"
 
 
+def _flag(name: str, value) -> str:
+    """The command-line flag that sets field `name` ("train.lr") to `value`: a switch for a bool (--train.no-plot)."""
+    dashed = name.replace("_", "-")
+    if isinstance(value, bool):
+        section, _, field = dashed.rpartition(".")
+        return f"--{section}.{'' if value else 'no-'}{field}"
+    return f"--{dashed} {value}"
+
+
 def _as_checkpointed(cfg: RunConfig, out_dir: Path) -> tuple[RunConfig, str | None]:
     """`cfg` (a run's config.json) with the [train] settings its latest checkpoint was trained with: config.json
     is rewritten by every start, also by one that failed or was killed before its first save. Also a note naming
@@ -108,7 +117,7 @@ def _as_checkpointed(cfg: RunConfig, out_dir: Path) -> tuple[RunConfig, str | No
     note = None
     if differ:
         shown = ", ".join(f"{n} {getattr(cfg.train, n)!r}" for n in differ[:4]) + (", ..." if len(differ) > 4 else "")
-        flags = " ".join(f"--train.{n.replace('_', '-')} {getattr(cfg.train, n)}" for n in differ[:2])
+        flags = " ".join(_flag(f"train.{n}", getattr(cfg.train, n)) for n in differ[:2])
         note = (f"fungpt: note: {out_dir / 'config.json'} holds [train] values its latest checkpoint did not train "
                 f"with ({shown}): resuming with the checkpoint's; give them as flags to change them (e.g. {flags})")
     return dataclasses.replace(cfg, train=train), note

@@ -202,8 +202,8 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
               f"checkpoint)", file=sys.stderr)
     if not ids:
         ids = default_prompt_ids(loaded)
-    never = stop and _never_written(loaded.tokenizer, stop)
-    if never and out is not None:  # (e.g. '\r\n\r\n' for a char model of text with '\n' line endings)
+    never = out is not None and stop and _never_written(loaded.tokenizer, stop)  # (said on the console only)
+    if never:  # (e.g. '\r\n\r\n' for a char model of text with '\n' line endings)
         print(f"fungpt: note: --stop {stop!r} holds {never!r}, a character this model's tokenizer cannot write: "
               f"no sample will stop there", file=sys.stderr)
     gen = seeded_generator(seed, loaded.device)

@@ -1319,6 +1319,11 @@ def test_cli_resume_without_a_config_file_takes_the_runs_saved_settings(corpus, 
     saved = load_run_config(out)
     assert (saved.model.n_layer, saved.train.lr, saved.train.beta2, saved.train.max_iters) == (2, 2e-3, 0.95, 4)
     assert ckpt.load_state(ckpt.find_checkpoint(out))["step"] == 4
+    from fungpt.cli import _as_checkpointed  # (a switch's flag is named as one: --train.X, --train.no-X)
+
+    edited = load_run_config(out)
+    edited = dataclasses.replace(edited, train=dataclasses.replace(edited.train, plot=not edited.train.plot))
+    assert f"(e.g. --train.{'' if edited.train.plot else 'no-'}plot)" in _as_checkpointed(edited, out)[1]
     for given, steps in (([f"--out-dir={out}"], 5), (["--out_dir", str(out)], 6)):  # the other spellings tyro takes
         assert main(["train", *given, "--resume", "--train.max-iters", str(steps)]) == 0
         said = capsys.readouterr().out
