@@ -282,9 +282,10 @@ def prepared_summary(out: Path, input: str | Path) -> list[str]:
              f"{meta['vocab_size']:,} ({meta['tokenizer']}{short})"]
     folder = Path(input).expanduser()
     if folder.is_dir():  # which files of a folder went in, and which were left out
-        hidden, empty = skipped_files(folder)
+        hidden, empty, broken = skipped_files(folder)
         left_out = [f"{len(names)} {kind} ({', '.join(names[:5])}{', ...' * (len(names) > 5)})"
-                    for kind, names in (("empty", empty), ("hidden", hidden)) if names]
+                    for kind, names in (("empty", empty), ("hidden", hidden),
+                                        ("broken link" + "s" * (len(broken) != 1), broken)) if names]
         files = meta["source_files"]
         lines.append(f"read {files:,} file{'s' * (files != 1)} of {folder}"
                      + (f"; left out {' and '.join(left_out)}" if left_out else ""))
@@ -299,7 +300,8 @@ def prepared_summary(out: Path, input: str | Path) -> list[str]:
         lines.append(f"note: the text itself holds {EOT_TEXT} {literal:,} time{'s' * (literal != 1)}: each became the "
                      f"end-of-text token that separates documents (where `fungpt sample` stops); if they are not "
                      f"document breaks, change them in the text and prepare it again")
-    return lines
+    # a file name may hold a newline: shown as \n, so that each note stays one line (as errors do, cli.main)
+    return [line.replace("\n", "\\n") for line in lines]
 
 
 def _sources_notes(folder: Path, val_fraction: float) -> list[str]:
@@ -341,10 +343,11 @@ def _sources_notes(folder: Path, val_fraction: float) -> list[str]:
     return notes
 
 
-def skipped_files(folder: Path) -> tuple[list[str], list[str]]:
+def skipped_files(folder: Path) -> tuple[list[str], list[str], list[str]]:
     """What prepare leaves out of a folder (resolve_source), for a note: the hidden files and folders (a leading dot,
-    or the system's hidden flag) and the empty files, as paths relative to it, sorted (folders end in "/")."""
-    hidden, empty, seen = [], [], set()
+    or the system's hidden flag), the empty files and the links to nothing (a file moved or on a drive not mounted:
+    a chapter missing unseen otherwise), as paths relative to it, sorted (folders end in "/")."""
+    hidden, empty, broken, seen = [], [], [], set()
     for root, dirs, names in os.walk(folder, followlinks=True):  # (through links to folders, as _walk_files reads)
         if os.path.realpath(root) in seen:  # (a link back up, or a second link to one folder: its files once)
             dirs[:] = []
@@ -357,13 +360,15 @@ def skipped_files(folder: Path) -> tuple[list[str], list[str]]:
             p = Path(root) / n
             try:
                 st = p.stat()
-            except OSError:  # (a broken link: not text either)
+            except OSError:  # a broken link (or one that leads back to itself): no text to read
+                if not n.startswith("."):
+                    broken.append((here / n).as_posix())
                 continue
             if n.startswith(".") or _hidden_by_flag(st):
                 hidden.append((here / n).as_posix())
             elif st.st_size == 0 and p.is_file():
                 empty.append((here / n).as_posix())
-    return sorted(hidden), sorted(empty)
+    return sorted(hidden), sorted(empty), sorted(broken)
 
 
 def _refuse_token_files(path: Path) -> None:

@@ -415,13 +415,15 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
             raise FunGPTError(f"--input {path} is a folder: eval reads one text file")
         # Read as prepare reads a corpus, in chunks: "\r\n" kept, a byte-order mark dropped, bytes that are not
         # UTF-8 refused or, for a run trained with data.errors = "replace", read as U+FFFD.
+        mode = errors or loaded.config.data.errors
         try:  # --errors replace helps only where U+FFFD is a token (byte-level BPE, GPT-2; rarely a char vocabulary)
             loaded.tokenizer.encode("\ufffd")
             fix = "convert it to UTF-8, or pass --errors replace to read such bytes as U+FFFD"
         except FunGPTError:
             fix = "convert it to UTF-8 (this run's characters do not include U+FFFD, so --errors replace cannot help)"
-        tokens, n_bytes, n_chars = encode_file(path, loaded.tokenizer, errors or loaded.config.data.errors, progress,
-                                               utf8_fix=fix)  # (n,)
+            # read strictly: a bad byte is then named as such, not as a U+FFFD "missing from the vocabulary"
+            mode = "strict"
+        tokens, n_bytes, n_chars = encode_file(path, loaded.tokenizer, mode, progress, utf8_fix=fix)  # (n,)
         source = str(path)
     else:
         if errors is not None:

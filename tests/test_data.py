@@ -1336,6 +1336,23 @@ def test_prepare_of_a_folder_names_the_files_it_left_out(tmp_path, capsys, monke
                      r"asked: the BPE ran out of pairs to merge", said), said
 
 
+def test_prepare_names_broken_links_and_keeps_odd_names_on_one_line(tmp_path, capsys):
+    """A link to a file that is gone (a drive not mounted) was dropped without a word, and a name holding a newline
+    split a note over two lines."""
+    from fungpt.cli import main
+
+    top = tmp_path / "texts"
+    top.mkdir()
+    (top / "a.txt").write_text("to be or not to be\n" * 50, encoding="utf-8")
+    (top / "chapter2.txt").symlink_to(tmp_path / "usb" / "chapter2.txt")
+    (top / "empty\nfile.txt").touch()
+    (top / "z\nlast.txt").write_text("that is the question\n" * 50, encoding="utf-8")
+    assert main(["prepare", "--input", str(top), "--out", str(tmp_path / "d")]) == 0
+    said = capsys.readouterr().out
+    assert f"read 2 files of {top}; left out 1 empty (empty\\nfile.txt) and 1 broken link (chapter2.txt)\n" in said
+    assert "is about the end of z\\nlast.txt (files are read in sorted order)" in said
+
+
 @needs_shakespeare
 def test_a_folder_of_ones_own_named_shakespeare_never_shares_the_built_in_corpus_cache(tmp_path, monkeypatch):
     """train's cache took `shakespeare` for the built-in corpus whatever was there: a user's own folder of that

@@ -2839,6 +2839,9 @@ def test_eval_of_a_text_that_is_not_utf8_can_replace_its_bytes(corpus, tmp_path,
     train(tiny_config(corpus, tmp_path / "clean", max_iters=2), progress=False)
     with pytest.raises(FunGPTError, match=r"convert it to UTF-8 \(this run's characters do not include U\+FFFD"):
         evaluate_run(tmp_path / "clean", input=latin)
+    # and asking to replace names the bad byte too (it said U+FFFD was missing from the vocabulary: remove it)
+    with pytest.raises(FunGPTError, match=r"latin.txt is not valid UTF-8 \(bad byte at offset 3\).*cannot help"):
+        evaluate_run(tmp_path / "clean", input=latin, errors="replace")
 
 
 def test_eval_on_a_text_shorter_than_the_context(corpus, tmp_path):
