@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from benchlib import ANCHORS, check_append, cpu_model  # noqa: E402
+from benchlib import ANCHORS, append_text, check_append, cpu_model  # noqa: E402
 
 from fungpt.data import load_meta, prepare, shakespeare_path  # noqa: E402
 from fungpt.errors import FunGPTError  # noqa: E402
@@ -96,10 +96,7 @@ def main() -> None:
             "",
         ]
         new_file = not path.exists() or path.stat().st_size == 0  # check_append may have created it empty
-        with open(path, "a", encoding="utf-8") as f:
-            if new_file:
-                f.write("# Benchmarks\n")
-            f.write("\n".join(lines))
+        append_text(path, "# Benchmarks\n" * new_file + "\n".join(lines))
         print(f"appended results to {path}")
 
 

@@ -121,5 +121,20 @@ def publish(text: str, append: Path | None) -> None:
     is newest first: move the block under the session's heading)."""
     print(text)
     if append:
-        with Path(append).open("a", encoding="utf-8") as f:
-            f.write("\n" + text)
+        append_text(Path(append), "\n" + text)
+
+
+def append_text(path: Path, text: str) -> None:
+    """Add `text` to the end of `path`, whole or not at all: a write that fails partway (a full disk) is cut off
+    again, and said in one line (the results were printed above), instead of leaving half a block in the file."""
+    try:
+        size = path.stat().st_size if path.exists() else 0
+        with path.open("a", encoding="utf-8") as f:
+            try:
+                f.write(text)
+                f.flush()
+            except OSError:
+                f.truncate(size)
+                raise
+    except OSError as e:
+        raise SystemExit(f"could not append to {path}: {e.strerror or e}; the results above were not saved") from None

@@ -61,7 +61,11 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise FunGPTError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            try:
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except OSError as e:
+                raise self._unwritable(out_dir / "tensorboard", e) from None
+            _quiet_writer_threads()
         if cfg.train.wandb:
             try:
                 import wandb
@@ -80,22 +84,29 @@ class MetricsLog:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
         except OSError as e:  # e.g. the disk filled up between two checkpoints
-            try:
-                kept = ckpt.find_checkpoint(self.path.parent) is not None
-            except FunGPTError:
-                kept = False
-            where = ("the last checkpoint is intact (free some disk space, then resume with --resume)" if kept else
-                     "no checkpoint was saved yet (free some disk space, then run again with --resume: it starts over)")
-            raise FunGPTError(f"could not write {self.path}: {e.strerror or e}; {where}") from None
+            raise self._unwritable(self.path, e) from None
         # An eval row's losses are estimates over eval_iters batches (and its times repeat the step's): under eval/,
         # so each TensorBoard and wandb curve holds one kind of number, one point per step (wandb merges two logs at
         # one step: the eval's train_loss replaced the step's own)
         group = "eval/" if "val_loss" in row else ""
-        for k, v in row.items():
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and self.tb is not None:
-                self.tb.add_scalar(group + k, v, row["step"])
+        try:  # (TensorBoard's writer thread fails on a full disk; its next call raises that OSError, with no name)
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and self.tb is not None:
+                    self.tb.add_scalar(group + k, v, row["step"])
+        except OSError as e:
+            raise self._unwritable(self.path.parent / "tensorboard", e) from None
         if self.wandb is not None:
             self.wandb.log({group + k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def _unwritable(self, where: Path, e: OSError) -> FunGPTError:
+        """The one-line error for a record that could not be written (a full disk, most likely), saying what is kept."""
+        try:
+            kept = ckpt.find_checkpoint(self.path.parent) is not None
+        except FunGPTError:
+            kept = False
+        what = ("the last checkpoint is intact (free some disk space, then resume with --resume)" if kept else
+                "no checkpoint was saved yet (free some disk space, then run again with --resume: it starts over)")
+        return FunGPTError(f"could not write {where}: {e.strerror or e}; {what}")
 
     def close(self, failed: bool = False) -> None:
         """Close the file and stop TensorBoard's writer thread and wandb (once: closing again does nothing).
@@ -107,9 +118,36 @@ class MetricsLog:
                 raise
         tb, wandb, self.tb, self.wandb = self.tb, self.wandb, None, None
         if tb is not None:
-            tb.close()
+            try:
+                tb.flush()  # (writes what is queued, which can meet a full disk too: flush says so, close would not)
+                tb.close()
+            except OSError as e:
+                if not failed:
+                    raise self._unwritable(self.path.parent / "tensorboard", e) from None
         if wandb is not None:
             wandb.finish(exit_code=1) if failed else wandb.finish()
+
+
+def _quiet_writer_threads() -> None:
+    """Keep the traceback of TensorBoard's writer thread off the screen: a write that fails there (a full disk) is
+    raised again by the writer's next call in the main thread, and said in one line (MetricsLog.write). Other
+    threads' errors print as before. (Installed once per process; the thread class is TensorBoard's own.)"""
+    import threading
+
+    try:
+        from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+    except ImportError:
+        return
+    previous = threading.excepthook
+    if getattr(previous, "fungpt_quiet", False):
+        return
+
+    def hook(args) -> None:
+        if not (isinstance(args.thread, _AsyncWriterThread) and isinstance(args.exc_value, OSError)):
+            previous(args)
+
+    hook.fungpt_quiet = True
+    threading.excepthook = hook
 
 
 def trim_tensorboard(folder: Path, keep_until_step: int | None, redo_eval: bool = False, stray: bool = False) -> None:
@@ -122,6 +160,8 @@ def trim_tensorboard(folder: Path, keep_until_step: int | None, redo_eval: bool 
     server ignores those markers, and showed the killed run's points among the resumed run's. Markers written by
     earlier FunGPTs are applied here as TensorBoard's Python loader does. The rewrite goes into a hidden folder and
     then into place (a marker at its start replaces the files before it), so a command killed midway loses nothing.
+    It is written here, not by TensorBoard's writer, whose thread drops what it could not write (a full disk) without
+    telling its caller: the old files were then deleted for a rewrite that missed the last events.
     """
     files = sorted(folder.glob("events.out.tfevents.*")) if folder.is_dir() else []
     unfinished = folder / ".fungpt-trim"  # (a rewrite killed before it was in place)
@@ -136,7 +176,7 @@ def trim_tensorboard(folder: Path, keep_until_step: int | None, redo_eval: bool 
     try:
         from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
         from tensorboard.compat.proto.event_pb2 import Event, SessionLog
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        from tensorboard.summary.writer.record_writer import RecordWriter
     except ImportError:  # (tensorboard is not installed now: nothing here can show the events either)
         return
     kept, changed = [], False
@@ -156,13 +196,21 @@ def trim_tensorboard(folder: Path, keep_until_step: int | None, redo_eval: bool 
                 changed = True
     if not changed:
         return
-    unfinished.mkdir()
-    writer = EventFileWriter(str(unfinished), filename_suffix=".fungpt")
-    writer.add_event(Event(step=0, wall_time=time.time(), session_log=SessionLog(status=SessionLog.START)))
-    for event in kept:
-        writer.add_event(event)
-    writer.close()
-    (written,) = unfinished.iterdir()
+    written = unfinished / "events.out.tfevents.fungpt"
+    try:
+        unfinished.mkdir()
+        with open(written, "wb") as f:
+            records = RecordWriter(f)  # each event as a length- and CRC-framed record, as TensorBoard's files hold
+            now = time.time()
+            for event in [Event(wall_time=now, file_version="brain.Event:2"),  # (the header of every events file)
+                          Event(step=0, wall_time=now, session_log=SessionLog(status=SessionLog.START)), *kept]:
+                records.write(event.SerializeToString())
+            f.flush()
+            ckpt.fsync(f.fileno())
+    except OSError as e:
+        shutil.rmtree(unfinished, ignore_errors=True)
+        raise FunGPTError(f"could not rewrite the TensorBoard events in {folder} (kept as they were): "
+                          f"{e.strerror or e}; free some disk space, then resume again") from None
     # TensorBoard reads a folder's files in the order of their names: this one's (the time now) sorts after the files
     # it replaces, and ("!" before any digit) before the file the resumed run's writer opens next, in the same second
     target = folder / f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.!fungpt"

@@ -344,6 +344,26 @@ def test_bench_commands_are_recorded_ready_to_run_again(bench, tmp_path):
         check_append(Parser(), tmp_path / "missing" / "x.md")  # before measuring, not after
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="a file size limit (RLIMIT_FSIZE) stands for a full disk")
+def test_an_append_that_fails_partway_leaves_the_file_as_it_was(bench, tmp_path):
+    """--append on a full disk left half a result block in BENCHMARKS.md, and a raw traceback."""
+    import subprocess
+
+    path = tmp_path / "B.md"
+    path.write_text("# Benchmarks\n\nolder results\n", encoding="utf-8")
+    before = path.read_bytes()
+    # the file may grow to 20 kB (then writes fail with EFBIG, as on a full disk): the block is 100 kB
+    script = ("import resource, signal, sys; from pathlib import Path; from benchlib import append_text; "
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); "
+              "append_text(Path(sys.argv[1]), '\\n## a block\\n' + 'x' * 100000)")
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1] / "bench")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == f"could not append to {path}: File too large; the results above were not saved"
+    assert path.read_bytes() == before
+
+
 def test_bench_prepare_starts_a_new_append_file_with_its_title(bench, tmp_path, monkeypatch):
     import bench_prepare
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import io
 import json
 import math
@@ -2176,6 +2177,40 @@ def test_tensorboard_events_are_written(corpus, tmp_path):
     # one kind of number per curve: the eval rows' estimates were logged under train_loss too (two points a step)
     assert [e.step for e in acc.Scalars("train_loss")] == [1, 2, 3, 4]
     assert [e.step for e in acc.Scalars("eval/val_loss")] == [0, 2, 4]
+
+
+@pytest.mark.parametrize("fails_at", [3, 10_000])
+def test_tensorboard_on_a_full_disk_is_one_line_naming_its_folder(corpus, tmp_path, capfd, monkeypatch, fails_at):
+    """TensorBoard's writer thread printed its traceback, and the next call raised an OSError that named no file (said
+    as "most likely this command's output"); a rewrite on resume lost its last events, then deleted the originals.
+    fails_at: the write that meets the full disk (10,000: none while training, the first in the resume's rewrite)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    out, real, calls = tmp_path / "run", RecordWriter.write, []
+
+    def write(self, data):
+        calls.append(1)
+        if len(calls) >= fails_at:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(RecordWriter, "write", write)
+    if fails_at < 10_000:  # while training: at the run's first events
+        with pytest.raises(FunGPTError, match=rf"could not write {re.escape(str(out / 'tensorboard'))}: No space "
+                                              r"left on device; no checkpoint was saved yet"):
+            train(tiny_config(corpus, out, max_iters=4, eval_interval=2, tensorboard=True), progress=False)
+        assert "Traceback" not in capfd.readouterr().err
+        return
+    train(tiny_config(corpus, out, max_iters=4, eval_interval=2, tensorboard=True), progress=False)
+    (old,) = (out / "tensorboard").iterdir()
+    before = old.read_bytes()
+    calls[:] = [1] * (fails_at - 3)  # the rewrite for a resume from step 2 fails at its third event
+    with pytest.raises(FunGPTError, match=r"could not rewrite the TensorBoard events in .* \(kept as they were\): No "
+                                          r"space left on device; free some disk space, then resume again"):
+        from fungpt.metrics import trim_tensorboard
+        trim_tensorboard(out / "tensorboard", 2)
+    assert [p.name for p in (out / "tensorboard").iterdir()] == [old.name] and old.read_bytes() == before
 
 
 def test_a_failed_run_stops_its_tensorboard_writer(corpus, tmp_path):
