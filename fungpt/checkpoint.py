@@ -420,13 +420,16 @@ def verify_checkpoint(ckpt_dir: Path, weights_only: bool = False) -> dict[str, A
         int(manifest["step"])
     except FileNotFoundError:
         raise FunGPTError(f"checkpoint {ckpt_dir} has no {MANIFEST_FILE}: it is incomplete or not a FunGPT "
-                          f"checkpoint") from None
+                          f"checkpoint; restore it or train again") from None
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError):  # (OverflowError: int(Infinity))
-        raise FunGPTError(f"{manifest_path} is corrupt; the checkpoint cannot be trusted") from None
+        raise FunGPTError(f"{manifest_path} is corrupt; the checkpoint cannot be trusted: restore it or train "
+                          f"again") from None
     if MODEL_FILE not in expected:
-        raise FunGPTError(f"{manifest_path} lists no {MODEL_FILE}; the checkpoint cannot be trusted")
+        raise FunGPTError(f"{manifest_path} lists no {MODEL_FILE}; the checkpoint cannot be trusted: restore it or "
+                          f"train again")
     if any(Path(name).name != name or name in (".", "..") for name in expected):  # (files of this folder only)
-        raise FunGPTError(f"{manifest_path} names a file outside its folder; the checkpoint cannot be trusted")
+        raise FunGPTError(f"{manifest_path} names a file outside its folder; the checkpoint cannot be trusted: "
+                          f"restore it or train again")
     for name, (size, sha) in expected.items():
         path = ckpt_dir / name
         if weights_only and name != MODEL_FILE:

@@ -373,7 +373,7 @@ def _refuse_a_path_beside_the_config(data_path: str, config: str | None) -> None
     if beside.exists():
         raise FunGPTError(f"data.path {data_path!r} does not exist in the current folder ({os.getcwd()}), from which "
                           f"a relative path is read; it is beside the config: set data.path to {str(beside)!r}, "
-                          f"or run from {str(beside.parent)!r}")
+                          f"or run from {str(Path(config).expanduser().parent)!r}")
 
 
 def cmd_train(args: list[str], start_time: float) -> int | None:

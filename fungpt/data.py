@@ -373,7 +373,17 @@ def skipped_files(folder: Path) -> tuple[list[str], list[str], list[str]]:
 
 def _refuse_token_files(path: Path) -> None:
     """Token ids where text is read (a prepared folder, nanoGPT's train.bin and val.bin, one .bin of them) are
-    named as such, rather than refused as "a binary file", which left the user to guess what FunGPT wants."""
+    named as such, rather than refused as "a binary file", which left the user to guess what FunGPT wants; so are
+    a training run's folder and a model's (Hugging Face layout), whose weights were that binary file."""
+    from fungpt.config import is_hf_config
+
+    if path.is_dir() and (path / "config.json").is_file():
+        if (path / "checkpoints").is_dir() or (path / "latest.json").is_file():
+            raise FunGPTError(f"{path} is a training run, not text: pass the text it was trained on (data.path in its "
+                              f"config.json), or go on training it with --out-dir {path} --resume")
+        if is_hf_config(path / "config.json"):
+            raise FunGPTError(f"{path} is a model folder (config.json and weights), not text: pass text files; to "
+                              f"start from this model, give it as --model.init-from {path}")
     folder = path if path.is_dir() else path.parent
     arrays = [f"{split}.npy" for split in SPLITS if (folder / f"{split}.npy").is_file()]
     if arrays and (path.is_dir() or path.name in arrays):  # ids saved by np.save: a header, then the ids
@@ -561,9 +571,10 @@ def _iter_file_text(
                 refuse_utf16_or_32(path, data)
             nul = data.find(b"\x00")
             if nul >= 0:
-                raise FunGPTError(
-                    f"{path} looks like a binary file (NUL byte at byte offset {offset + nul}); pass text files only"
-                )
+                weights = " (a model's weights, in a run or model folder: move that folder out)" * (
+                    path.suffix in (".safetensors", ".pt", ".pth", ".ckpt") or path.name == "pytorch_model.bin")
+                raise FunGPTError(f"{path} looks like a binary file{weights} (NUL byte at byte offset {offset + nul}); "
+                                  f"pass text files only")
             pending = len(decoder.getstate()[0])  # undecoded bytes held from the last read
             try:
                 text = decoder.decode(data, final=final)
@@ -1295,15 +1306,19 @@ def data_fingerprint(meta: dict) -> str | None:
     return f"{meta['source_sha256']}:{meta['train_tokens']}:{meta['val_tokens']}"
 
 
-def check_split_fits(meta: dict, block_size: int, prepared_by_user: bool = False) -> None:
+def check_split_fits(meta: dict, block_size: int, prepared_by_user: bool = False, resuming: bool = False) -> None:
     """Refuse a block_size that leaves no room for a single (x, y) window in a split.
 
-    prepared_by_user: the data is a folder the user prepared (data.val_fraction does not apply to it)."""
+    prepared_by_user: the data is a folder the user prepared (data.val_fraction does not apply to it).
+    resuming: a resumed run's block_size is its checkpoint's, so the fix is other data."""
     for split in SPLITS:
         n = meta[f"{split}_tokens"]
         if block_size + 1 > n:
             fixes = ["a smaller model.block_size (--model.block-size)"] if n >= 2 else []  # (none fits 0 or 1)
-            if prepared_by_user and "source_sha256" not in meta:  # token ids of the user's own: no text to prepare
+            if resuming:
+                fixes = ["the data the run trained on (a resumed run keeps its block_size), or train a new run "
+                         "(another out_dir)"]
+            elif prepared_by_user and "source_sha256" not in meta:  # token ids of the user's own: no text to prepare
                 fixes.append(f"more token ids in {split}.bin (with {split}_tokens in meta.json raised; {OWN_IDS})")
             else:
                 fixes.append("more text")

@@ -39,7 +39,8 @@ def hf_config(path: str | os.PathLike) -> GPTConfig:
     try:
         hf = read_json(path / "config.json")
     except (OSError, ValueError) as e:  # (not JSON, not UTF-8, nested too deeply)
-        raise FunGPTError(f"cannot read {path / 'config.json'}: {e}") from None
+        raise FunGPTError(f"cannot read {path / 'config.json'}: {e}; copy the model's folder again from where it "
+                          f"came from") from None
     if isinstance(hf, dict) and {"data", "model", "train"} <= set(hf):
         quoted = shell_quote(str(path))
         raise FunGPTError(f"'{path}' is a FunGPT run, not a Hugging Face GPT-2 folder: continue it with `fungpt "

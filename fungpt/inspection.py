@@ -30,6 +30,20 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FP32 = 4  # bytes: FunGPT keeps weights, gradients and AdamW state in float32 (autocast only computes in 16 bits)
 
 
+def _reads_as_toml(path: Path) -> bool:
+    """Whether `path` is a file of TOML text (a config saved as .txt or without a suffix, which `train --config`
+    reads as well). A file over 1 MB is no config (a corpus given by mistake): not read."""
+    import tomllib
+
+    try:
+        if not path.is_file() or path.stat().st_size > 1 << 20:
+            return False
+        tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # (unreadable, not UTF-8, not TOML)
+        return False
+    return True
+
+
 def meta_model(config: GPTConfig) -> GPT:
     """The model with shapes only (no memory, no random init work), for counting."""
     with torch.device("meta"):
@@ -251,9 +265,10 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
                     info["checkpoint"]["problem"] = (f"it was trained with another model than config.json describes "
                                                      f"({', '.join(differ)}): the numbers above are config.json's")
             except (ValueError, KeyError, TypeError, AttributeError, OverflowError):  # (int(Infinity) overflows)
-                raise FunGPTError(f"{folder / 'manifest.json'} is corrupt; the checkpoint cannot be trusted") \
-                    from None
-    elif hf_folder or target.suffix in (".toml", ".json"):  # (.json: a run's config.json, as `train --config` takes)
+                raise FunGPTError(f"{folder / 'manifest.json'} is corrupt; the checkpoint cannot be trusted: restore "
+                                  f"it or train again") from None
+    # (.json: a run's config.json, as `train --config` takes; another name if it reads as TOML, as training reads it)
+    elif hf_folder or target.suffix in (".toml", ".json") or _reads_as_toml(target):
         if hf_folder:  # shown as a config that fine-tunes it, with this run's defaults for the rest
             cfg = RunConfig(model=dataclasses.replace(default_model(), init_from=str(target)))
             info["kind"] = "Hugging Face model"

@@ -388,7 +388,8 @@ def resolve_model_and_data(cfg: RunConfig, is_main: bool = True, progress: bool 
             print(f"fungpt: note: model.vocab_size = {cfg.model.vocab_size} is replaced by the {meta['vocab_size']} "
                   f"tokens of the data's tokenizer{other}")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=int(meta["vocab_size"])))
-    check_split_fits(meta, cfg.model.block_size, prepared_by_user=is_prepared(cfg.data.path))
+    check_split_fits(meta, cfg.model.block_size, prepared_by_user=is_prepared(cfg.data.path),
+                     resuming=resume_dir is not None and ckpt.find_checkpoint(resume_dir) is not None)
     if (pre is None and data_dir == Path(cfg.data.path).expanduser() and "source_sha256" in meta
             and meta.get("tokenizer") in TOKENIZERS):
         # A folder `fungpt prepare` made: the settings its tokens were made with, not those it left unused (saved

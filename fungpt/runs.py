@@ -103,7 +103,13 @@ def _load(run_dir: Path, folder: Path | None, checkpoint: str, dev: str) -> Load
     if best is not None and best.is_dir():
         raise FunGPTError(f"{run_dir}'s last checkpoint folder {folder.name} is missing (its pointer latest.json "
                           f"names it), but a best one is there: pass --checkpoint best")
-    manifest = ckpt.verify_checkpoint(folder, weights_only=True)  # (the weights are all a loaded run uses)
+    try:
+        manifest = ckpt.verify_checkpoint(folder, weights_only=True)  # (the weights are all a loaded run uses)
+    except FunGPTError as e:
+        other = _named(run_dir, "best") if checkpoint == "last" else None  # (a best one of its own may be whole)
+        if other is None or not other.is_dir() or other.resolve() == folder.resolve():
+            raise
+        raise FunGPTError(f"{e} (or use the run's best checkpoint: --checkpoint best)") from None
     written = _file_id(folder / ckpt.MANIFEST_FILE)  # (read first: the run may replace the folder while we load it)
     ckpt.check_model_config(manifest, folder, cfg.model.to_dict(), run_dir / "config.json")
     tokenizer = load_tokenizer(run_dir)

@@ -695,7 +695,8 @@ class HFTokenizer(BPETokenizer):
                 return cls(tok, source=str(directory))
         except Exception as e:  # the library raises plain Exceptions for bad files
             why = " ".join(str(e).split())  # one line
-            raise FunGPTError(f"could not read the tokenizer files in {directory}: {why}") from None
+            raise FunGPTError(f"could not read the tokenizer files in {directory}: {why}; copy them again from where "
+                              f"the model came from") from None
         raise FunGPTError(
             f"no tokenizer in {directory}: a Hugging Face model folder needs tokenizer.json, or vocab.json and "
             "merges.txt; copy them from where the model came from"

@@ -514,6 +514,34 @@ def test_binary_file_inside_folder_is_named(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_run_or_model_folder_given_as_text_is_named_as_such(tmp_path):
+    """`--data.path RUN` (a run's folder) or a model folder said only that its model.safetensors "looks like a binary
+    file", and a run left among the texts the same, without saying what the file is."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "latest-0000020").mkdir(parents=True)
+    (run / "config.json").write_text("{}", encoding="utf-8")
+    (run / "checkpoints" / "latest-0000020" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00{}")
+    with pytest.raises(FunGPTError, match=rf"^{re.escape(str(run))} is a training run, not text: pass the text it was "
+                                          rf"trained on \(data.path in its config.json\), or go on training it with "
+                                          rf"--out-dir {re.escape(str(run))} --resume$"):
+        prepare(run, tmp_path / "out", progress=False)
+    model = tmp_path / "gpt2-small"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "gpt2"}', encoding="utf-8")
+    (model / "model.safetensors").write_bytes(b"\x08\x00\x00\x00{}")
+    with pytest.raises(FunGPTError, match=r"gpt2-small is a model folder \(config.json and weights\), not text: pass "
+                                          r"text files; to start from this model, give it as --model.init-from "):
+        prepare(model, tmp_path / "out", progress=False)
+    texts = tmp_path / "texts"  # a run left inside a folder of texts: its weights are named as weights
+    texts.mkdir()
+    (texts / "a.txt").write_text(TEXT, encoding="utf-8")
+    run.rename(texts / "run")
+    with pytest.raises(FunGPTError, match=r"model.safetensors looks like a binary file \(a model's weights, in a run "
+                                          r"or model folder: move that folder out\) \(NUL byte at byte offset 1\)"):
+        prepare(texts, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_prepare_builds_the_char_vocabulary_with_char_tokenizer_train(tmp_path, monkeypatch):
     """prepare made the vocabulary itself, so a learner's edit of CharTokenizer.train (a lower-cased vocabulary)
     did nothing, even on a fresh prepare."""

@@ -190,6 +190,23 @@ def test_crash_mid_save_leaves_previous_checkpoint(world, tmp_path, monkeypatch,
     assert not before.exists()
 
 
+def test_a_damaged_manifest_says_what_to_do(world, tmp_path, capsys):
+    """A manifest overwritten with random bytes said only "is corrupt; the checkpoint cannot be trusted": no fix, though
+    the run's best checkpoint was whole."""
+    out = copy_run(world, tmp_path)
+    latest = ckpt.find_checkpoint(out)
+    assert ckpt.find_checkpoint(out, "best") not in (None, latest)
+    (latest / ckpt.MANIFEST_FILE).write_bytes(bytes(range(200, 250)))
+    code = main(["sample", "--run", str(out), "--max-new-tokens", "2"])
+    assert_one_line_error(code, capsys.readouterr().err, "manifest.json is corrupt; the checkpoint cannot be trusted: "
+                          "restore it or train again (or use the run's best checkpoint: --checkpoint best)")
+    assert load_run(out, "best").step > 0
+    (latest / ckpt.MANIFEST_FILE).unlink()
+    with pytest.raises(FunGPTError, match=r"has no manifest.json: it is incomplete or not a FunGPT checkpoint; restore "
+                                          r"it or train again \(or use the run's best checkpoint: --checkpoint best\)"):
+        load_run(out)
+
+
 def test_without_a_pointer_the_newest_whole_checkpoint_is_found(world, tmp_path):
     """The fallback when latest.json is gone: the folder with the highest step that has a manifest."""
     out = copy_run(world, tmp_path)

@@ -625,6 +625,18 @@ def test_resume_refuses_data_with_another_tokenizer_of_the_same_size(corpus, tmp
     assert train(tiny_config(corpus, out, max_iters=12), resume=True, progress=False)["step"] == 12
 
 
+def test_resume_on_too_little_data_does_not_suggest_another_block_size(corpus, tmp_path):
+    """A resume keeps its checkpoint's block_size: "use a smaller model.block_size" led to "a different model"."""
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=2), progress=False)
+    small = tmp_path / "small.txt"
+    small.write_text(corpus.read_text()[:12], encoding="utf-8")
+    with pytest.raises(FunGPTError, match=r"block size 16 is too large for this dataset: the train split has only "
+                                          r"\d+ tokens .*; use the data the run trained on \(a resumed run keeps its "
+                                          r"block_size\), or train a new run \(another out_dir\)$"):
+        train(tiny_config(small, out, max_iters=4), resume=True, progress=False)
+
+
 def test_resume_may_change_dropout_with_a_note_and_the_run_still_loads(corpus, tmp_path, capsys):
     """dropout is no part of the weights: a resume may lower it (as nanoGPT's may), saying so; the checkpoints saved
     before, with the old value in their manifests, still load (sample, eval, the best weights)."""
@@ -2619,6 +2631,13 @@ def test_a_relative_data_path_beside_the_config_is_named(tmp_path, monkeypatch, 
     assert capsys.readouterr().err == (f"error: data.path 'poems.txt' does not exist in the current folder ({tmp_path})"
                                        f", from which a relative path is read; it is beside the config: set data.path "
                                        f"to 'proj/poems.txt', or run from 'proj'\n")
+    # a path into a folder beside the config: run from the config's folder (it said the data's, where the path
+    # does not lead either)
+    (tmp_path / "proj" / "data").mkdir()
+    (tmp_path / "proj" / "poems.txt").rename(tmp_path / "proj" / "data" / "poems.txt")
+    (tmp_path / "proj" / "poems.toml").write_text('[data]\npath = "data/poems.txt"\n', encoding="utf-8")
+    assert main(["train", "--config", "proj/poems.toml", "--dry-run"]) == 2
+    assert capsys.readouterr().err.endswith("set data.path to 'proj/data/poems.txt', or run from 'proj'\n")
 
 
 def test_the_examples_never_train_over_another_run_or_into_the_folder_above(tmp_path, monkeypatch, corpus, capsys):

@@ -889,6 +889,10 @@ def test_inspect_config_without_prepared_data(tmp_path, monkeypatch, capsys):
     assert main(["inspect", str(root / "configs/shakespeare-char-cpu.toml"), "--batch-size", "1"]) == 0
     assert "planned: 2,000 steps = 1,536,000 tokens" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "nothing.txt")]) == 2
+    # a config saved under another name reads as TOML, as `train --config` reads it (it was "neither a run folder
+    # nor a .toml config")
+    shutil.copy(root / "configs/shakespeare-char-cpu.toml", tmp_path / "mine.txt")
+    assert main(["inspect", str(tmp_path / "mine.txt")]) == 0 and "804,096" in capsys.readouterr().out
     # a time budget ends the speedrun, not its max_iters (1,000,000 steps were "planned")
     assert main(["inspect", str(root / "configs/speedrun-cpu.toml")]) == 0
     out = capsys.readouterr().out
