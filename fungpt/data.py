@@ -823,6 +823,9 @@ def prepare(
     tokenizer = given.name if given is not None else tokenizer
     if given is None:
         check_kind(tokenizer)
+    if vocab_size is not None and given is not None:  # (it was dropped without a word for a ready BPE)
+        raise FunGPTError(f"vocab_size {vocab_size} does not apply to a ready tokenizer, which has its own "
+                          f"vocabulary ({given.vocab_size:,} tokens); leave it out")
     if vocab_size is not None and tokenizer != "bpe":
         raise FunGPTError(f"--vocab-size only applies to --tokenizer bpe, not {tokenizer}; leave it out")
     if tokenizer == "bpe" and vocab_size is not None:

@@ -183,6 +183,19 @@ def tf32_products() -> Iterator[None]:
         setattr(matmul, name, kept)
 
 
+@contextlib.contextmanager
+def float32_default() -> Iterator[None]:
+    """torch's default dtype float32 while inside, as in a fresh process; the caller's comes back on leaving. A
+    notebook's torch.set_default_dtype(torch.float64) made train() build a float64 model (while it said, and
+    run.json recorded, float32, and oneDNN's products need float32 weights) and load_run() load one."""
+    kept = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(kept)
+
+
 def cuda_has_bf16() -> bool:
     """Whether the GPU computes in bfloat16 natively (NVIDIA Ampere, sm_80, and newer).
 

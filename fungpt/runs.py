@@ -11,7 +11,7 @@ import torch
 from fungpt import checkpoint as ckpt
 from fungpt.config import RunConfig, load_run_config
 from fungpt.errors import FunGPTError, check_number, read_json, run_folder
-from fungpt.hardware import detect_precision
+from fungpt.hardware import detect_precision, float32_default
 from fungpt.linear import cpu_matmul
 from fungpt.model import GPT
 from fungpt.rundir import lock_holder
@@ -126,7 +126,8 @@ def _load(run_dir: Path, folder: Path | None, checkpoint: str, dev: str) -> Load
     # (the random initial weights, drawn only to be overwritten, come from a stream of their own: a program's torch
     # stream is left as it was, as train() leaves it)
     ckpt.check_weights_before_building(folder, cfg.model, run_dir / "config.json")
-    with torch.random.fork_rng(devices=[]):
+    # (and float32 whatever the caller's default dtype: a float64 one made a float64 model of float32 weights)
+    with torch.random.fork_rng(devices=[]), float32_default():
         model = GPT(cfg.model)
     ckpt.load_weights(folder, model)
     model.to(dev).eval()

@@ -637,6 +637,7 @@ class BPETokenizer(Tokenizer):
                     None)
 
     def token_bytes(self, token_id: int) -> bytes:
+        (token_id,) = self._id_list([token_id])  # (one clear error: -1 overflowed in the library)
         piece = self._tok.id_to_token(token_id)  # the token in byte-level stand-in characters
         if piece is None:
             raise FunGPTError(f"cannot decode: token id {token_id} is not in range({self.vocab_size})")
@@ -893,6 +894,7 @@ class GPT2Tokenizer(Tokenizer):
         return self._enc.decode(self._id_list(ids))
 
     def token_bytes(self, token_id: int) -> bytes:
+        (token_id,) = self._id_list([token_id])  # (one clear error for an id out of range, not the library's)
         return self._enc.decode_single_token_bytes(token_id)
 
     def first_difference(self, other: Tokenizer) -> int | None:

@@ -73,6 +73,7 @@ from fungpt.hardware import (
     check_compile,
     compile_failure,
     detect_precision,
+    float32_default,
     keep_freed_memory,
     sync,
     tf32_products,
@@ -825,6 +826,11 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, progres
                           "processes")
     try:
         with contextlib.ExitStack() as held:  # what the run holds (its out_dir's lock) is let go however it ends
+            # a run computes as in a fresh process, whatever the caller's settings (they come back after): gradients
+            # on (inside a notebook's torch.no_grad() or inference_mode, backward failed) and float32 by default
+            held.enter_context(torch.inference_mode(False))
+            held.enter_context(torch.enable_grad())
+            held.enter_context(float32_default())
             return _train(cfg, resume, overwrite, progress, start_time, model_named, held, data_named)
     finally:
         _ONE_RUN.release()

@@ -1684,6 +1684,10 @@ def test_damage_or_odd_input_met_while_preparing_is_handled(tmp_path, fake_downl
     tok = load_tokenizer(prepare(corpus, tmp_path / "a", tokenizer="bpe", vocab_size=300, progress=False))
     assert "vocab_size_asked" in load_meta(tmp_path / "a")
     assert "vocab_size_asked" not in load_meta(prepare(corpus, tmp_path / "b", tokenizer=tok, progress=False))
+    # a ready tokenizer has its own vocabulary: a vocab_size beside it was dropped without a word
+    with pytest.raises(FunGPTError, match=r"vocab_size 1000 does not apply to a ready tokenizer, which has its own "
+                                          r"vocabulary \([\d,]+ tokens\); leave it out"):
+        prepare(corpus, tmp_path / "c", tokenizer=tok, vocab_size=1000, progress=False)
 
     text = "x " * 50 + ".\n\n" + EOT_TEXT[:5]  # (the read ends inside the <|endoftext|> that follows)
     assert data_mod._last_safe_cut(text) == text.index(".\n\n") + 1  # before both newlines, not between them

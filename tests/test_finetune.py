@@ -21,6 +21,7 @@ from fungpt.cli import main
 from fungpt.config import DataConfig, RunConfig, TrainConfig, default_model
 from fungpt.data import BatchLoader, prepare
 from fungpt.errors import FunGPTError
+from fungpt.model import GPTConfig
 from fungpt.runs import data_dir_of, load_run
 from fungpt.tokenizer import HFTokenizer, load_tokenizer
 from fungpt.train import train
@@ -228,6 +229,17 @@ def test_a_model_folders_post_processor_adds_no_tokens_to_the_text(hf_dir, tmp_p
 def test_contradicting_model_fields_are_refused(hf_dir, corpus, tmp_path, override, message):
     with pytest.raises(FunGPTError, match=message):
         train(finetune_config(hf_dir, corpus, tmp_path / "run", **override), progress=False)
+
+
+def test_a_plain_gptconfig_with_init_from_takes_the_checkpoints_architecture(hf_dir):
+    """From Python, GPTConfig(init_from=...) holds GPTConfig's own defaults (GPT-2 small's sizes): they were refused
+    as contradicting the checkpoint ("remove these settings"), though nobody had set them."""
+    merged = pretrained.merge_model_config(GPTConfig(init_from=str(hf_dir)), pretrained.resolve(str(hf_dir)).config,
+                                           default_model())
+    assert (merged.n_layer, merged.n_embd, merged.block_size) == (2, 32, 64)
+    with pytest.raises(FunGPTError, match=r"n_layer = 6 \(the checkpoint has 2\)"):  # a size set still counts
+        pretrained.merge_model_config(GPTConfig(init_from=str(hf_dir), n_layer=6),
+                                      pretrained.resolve(str(hf_dir)).config, default_model())
 
 
 def test_allowed_overrides_and_toml(hf_dir, tmp_path):

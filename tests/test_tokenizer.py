@@ -254,6 +254,9 @@ def test_token_bytes_join_to_the_text_and_partial_characters_show_as_escapes(kin
         partial = [t for i, t in zip(ids, texts) if tok.token_bytes(i) in (b"\xc3", b"\xa9")]
         assert partial and set(partial) <= {"\\xc3", "\\xa9"}
         assert tok.token_text(tok.encode("abc")[0]) == tok.decode(tok.encode("abc")[:1])  # whole characters: as decode
+    for bad in (-1, tok.vocab_size):  # (the BPE's -1 was a raw OverflowError from the library)
+        with pytest.raises(FunGPTError, match=rf"cannot decode: ids must be integers in range\({tok.vocab_size}\)"):
+            tok.token_bytes(bad)
 
 
 def test_gpt2_load_failure_is_a_clear_error(monkeypatch):

@@ -443,6 +443,30 @@ def test_train_gives_the_callers_random_stream_back(corpus, tmp_path):
     assert losses(tmp_path / "again") == losses(tmp_path / "run")
 
 
+def test_train_computes_as_in_a_fresh_process_whatever_the_callers_grad_mode_and_default_dtype(corpus, tmp_path):
+    """Inside a notebook's torch.no_grad() (or inference_mode) train() failed at backward with a raw error, leaving a
+    run half made; under torch.set_default_dtype(torch.float64) it trained a float64 model while saying and recording
+    float32, and load_run then loaded float64 weights. The caller's settings come back after."""
+    from safetensors.torch import load_file
+
+    reference = train(tiny_config(corpus, tmp_path / "plain", max_iters=2), progress=False)["val_loss"]
+    with torch.no_grad():
+        assert train(tiny_config(corpus, tmp_path / "no_grad", max_iters=2), progress=False)["val_loss"] == reference
+        assert not torch.is_grad_enabled()
+    with torch.inference_mode():
+        assert train(tiny_config(corpus, tmp_path / "inference", max_iters=2), progress=False)["val_loss"] == reference
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert train(tiny_config(corpus, tmp_path / "f64", max_iters=2), progress=False)["val_loss"] == reference
+        assert torch.get_default_dtype() == torch.float64
+        saved = load_file(str(ckpt.find_checkpoint(tmp_path / "f64") / ckpt.MODEL_FILE))
+        assert {t.dtype for t in saved.values()} == {torch.float32}
+        assert {p.dtype for p in load_run_folder(tmp_path / "f64").model.parameters()} == {torch.float32}
+    finally:
+        torch.set_default_dtype(before)
+
+
 def test_a_new_run_in_a_folder_of_other_files_says_so(corpus, tmp_path, capsys):
     """`--out-dir /tmp` trained without a word, its files scattered among others: allowed (a run in a project's
     folder), and now said."""
