@@ -67,9 +67,11 @@ def sampling_probs(
     Filters apply in this order: temperature, top_k, top_p (on the renormalised
     top-k distribution); filtered-out tokens get probability 0.
     """
-    if not 0 < temperature < math.inf:  # (NaN fails this test too)
-        raise FunGPTError(f"temperature={temperature} must be a number > 0 here (0 = greedy is handled by "
-                          f"sample_next_token)")
+    temperature = checked_temperature(temperature)
+    if temperature == 0:
+        raise FunGPTError("temperature=0 must be a number > 0 here (0 = greedy is handled by sample_next_token)")
+    check_filters(top_k, top_p)
+    top_p = None if top_p is None else float(top_p)  # (torch compares tensors with floats, not with a Fraction)
     if logits.dtype == torch.float64:  # (shifted first: a logit past float32's 3.4e38 would be inf there, then NaN)
         logits = logits - logits.amax(dim=-1, keepdim=True)
     logits = logits.float()
@@ -78,7 +80,6 @@ def sampling_probs(
     # holds; 1e-300 would round to 0) the distribution is already all on the largest logits; above 1e30 it is
     # already flat (beyond float32's 3.4e38 the temperature would be inf, and a masked -inf logit over it NaN).
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / min(max(temperature, 1e-30), 1e30)  # (..., V)
-    check_filters(top_k, top_p)
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]  # (..., 1) k-th largest
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -108,6 +109,15 @@ def check_filters(top_k, top_p) -> None:
         raise FunGPTError(f"top_p={top_p!r} must be a number in (0, 1] (or None to disable)")
 
 
+def checked_temperature(temperature) -> float:
+    """temperature as a float, refused in one line unless a finite number >= 0 (0 = greedy). bool is no number here
+    (True was read as 1); a Fraction or Decimal becomes a float, which torch takes."""
+    if not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
+            and 0 <= temperature < math.inf):  # (NaN fails this test too)
+        raise FunGPTError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
+    return float(temperature)
+
+
 def check_generate_args(max_new_tokens, lookahead, temperature, top_k, top_p) -> tuple[float, float | None]:
     """Refuse generation's counts and filters in one line before the first token. top_k and top_p too when
     decoding is greedy: it never reads them, and a mistake there went unseen. bool is no number here. Returns
@@ -115,11 +125,9 @@ def check_generate_args(max_new_tokens, lookahead, temperature, top_k, top_p) ->
     for name, value in (("max_new_tokens", max_new_tokens), ("lookahead", lookahead)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
             raise FunGPTError(f"{name}={value!r} must be a whole number >= 0")
-    if not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
-            and 0 <= temperature < math.inf):  # (NaN fails this test too)
-        raise FunGPTError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
+    temperature = checked_temperature(temperature)
     check_filters(top_k, top_p)
-    return float(temperature), None if top_p is None else float(top_p)
+    return temperature, None if top_p is None else float(top_p)
 
 
 def sample_next_token(
@@ -134,8 +142,7 @@ def sample_next_token(
     temperature 0 means greedy (argmax, ignoring top_k/top_p); otherwise one token is
     drawn (`draw`, with generator) from `sampling_probs` (see there for the filters).
     """
-    if not 0 <= temperature < math.inf:  # (NaN fails this test too)
-        raise FunGPTError(f"temperature={temperature} must be a finite number >= 0 (0 = greedy)")
+    temperature = checked_temperature(temperature)
     if temperature == 0:
         # max, not argmax: the same first index of the largest, and its value to check, in one operation
         top, best = logits.max(dim=-1, keepdim=True)  # (B, 1) each; a NaN counts as the largest

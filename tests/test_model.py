@@ -5,6 +5,7 @@ import json
 import math
 import re
 import typing
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -961,6 +962,15 @@ def test_the_public_sampling_functions_refuse_wrong_filters_in_one_line():
         with pytest.raises(FunGPTError, match=said):
             sample_next_token(logits, None, 1.0, top_k, top_p)
     assert sample_next_token(logits, torch.Generator().manual_seed(0), 1.0, np.int64(3), 0.5).shape == (2, 1)
+    # the temperature likewise (True was read as 1; a string or a Fraction failed inside torch), and a Fraction top_p
+    for temperature in (True, "0.5", -1.0, math.nan):
+        with pytest.raises(FunGPTError, match=rf"temperature={re.escape(repr(temperature))} must be a finite number"):
+            sampling_probs(logits, temperature)
+        with pytest.raises(FunGPTError, match=rf"temperature={re.escape(repr(temperature))} must be a finite number"):
+            sample_next_token(logits, None, temperature)
+    half = Fraction(1, 2)
+    assert torch.equal(sampling_probs(logits, half, None, half), sampling_probs(logits, 0.5, None, 0.5))
+    assert torch.equal(sample_next_token(logits, None, Fraction(0)), logits.argmax(-1, keepdim=True))
 
 
 def test_wrong_ids_are_clear_errors_not_torch_internals():
