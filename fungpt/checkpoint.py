@@ -449,6 +449,13 @@ def verify_checkpoint(ckpt_dir: Path, weights_only: bool = False) -> dict[str, A
 NOT_ARCHITECTURE = frozenset({"init_from", "dropout"})
 
 
+def not_architecture(model: dict[str, Any]) -> frozenset[str]:
+    """The fields of a model config (as a dict) that do not change what its weights mean: NOT_ARCHITECTURE, and
+    rope_base where the positions are not rotary (it plays no part there: a learned-position run was refused as
+    "a different model" for an edited rope_base)."""
+    return NOT_ARCHITECTURE | ({"rope_base"} if model.get("pos_encoding") != "rope" else frozenset())
+
+
 def check_model_config(manifest: dict[str, Any], ckpt_dir: Path, model_config: dict[str, Any],
                        config_path: Path) -> None:
     """Refuse weights that were trained with a different architecture than `model_config` asks for.
@@ -460,7 +467,7 @@ def check_model_config(manifest: dict[str, Any], ckpt_dir: Path, model_config: d
     if not isinstance(saved, dict):
         return
     diffs = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in model_config.items()
-             if k in saved and k not in NOT_ARCHITECTURE and saved[k] != v]
+             if k in saved and k not in not_architecture(model_config) and saved[k] != v]
     if diffs:
         raise FunGPTError(f"checkpoint {ckpt_dir} was trained with a different model than {config_path} asks for "
                           f"({'; '.join(diffs)}); use the original settings or retrain")

@@ -258,9 +258,9 @@ def inspect_target(target: str | Path, batch_size: int | None = None) -> dict:
                      for name, f in manifest["files"].items()
                      if not (folder / name).is_file() or (folder / name).stat().st_size != int(f["bytes"])), None)
                 saved = manifest.get("model")
-                differ = [k for k, v in cfg.model.to_dict().items()
-                          if isinstance(saved, dict) and k in saved and k not in ckpt.NOT_ARCHITECTURE
-                          and saved[k] != v]
+                described = cfg.model.to_dict()
+                differ = [k for k, v in described.items() if isinstance(saved, dict) and k in saved
+                          and k not in ckpt.not_architecture(described) and saved[k] != v]
                 if differ and not info["checkpoint"]["problem"]:
                     info["checkpoint"]["problem"] = (f"it was trained with another model than config.json describes "
                                                      f"({', '.join(differ)}): the numbers above are config.json's")

@@ -209,6 +209,8 @@ def merge_model_config(asked: GPTConfig, checkpoint: GPTConfig, defaults: GPTCon
     also be `tokens`, its tokenizer's size, where that is smaller: a padded table is trimmed to it (trim_vocab).
     """
     ignored = {"init_from", *OVERRIDABLE}
+    if checkpoint.pos_encoding != "rope":  # (plays no part there; a GPT-2 folder has none to compare with)
+        ignored.add("rope_base")
     is_set = fields_set(asked, defaults, named)
     conflicts, flags = [], []
     for f in dataclasses.fields(GPTConfig):

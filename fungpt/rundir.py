@@ -319,6 +319,8 @@ def check_resume_model(cfg: RunConfig) -> None:
     out = Path(cfg.out_dir)
     saved = load_run_config(out)
     saved.model = dataclasses.replace(saved.model, dropout=cfg.model.dropout)  # (see train.dropout_note)
+    if saved.model.pos_encoding != "rope":  # (rope_base plays no part without rotary positions: no other model)
+        saved.model = dataclasses.replace(saved.model, rope_base=cfg.model.rope_base)
     if saved.model != cfg.model:
         old, new = saved.model.to_dict(), cfg.model.to_dict()
         diffs = [f"{k} {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k]]

@@ -273,8 +273,10 @@ def position_table(kind: str, block_size: int, n_embd: int, model=None) -> torch
     if kind == "learned":
         if model is not None and model.config.pos_encoding != "learned":
             kind_of_run = model.config.pos_encoding
+            # (a 'none' run has nothing of its own to draw: "draw --pos-encoding none" was then refused)
+            draw = "sinusoidal or rope at its shape" if kind_of_run == "none" else kind_of_run
             raise FunGPTError(f"this run has pos_encoding = {kind_of_run!r}, which has no learned table: draw "
-                              f"--pos-encoding {kind_of_run}, or pass a run with pos_encoding = 'learned'")
+                              f"--pos-encoding {draw}, or pass a run with pos_encoding = 'learned'")
         if model is None:
             raise FunGPTError("a learned position table only exists in a trained model: pass --run RUN of a run "
                               "with pos_encoding = 'learned'")
@@ -342,7 +344,8 @@ def plot_positions(kind: str, out: str | Path, run=None, block_size: int | None 
 
         hs = n_embd // n_head
         if hs % 2:
-            raise FunGPTError(f"RoPE needs an even head size, got n_embd/n_head = {hs}")
+            raise FunGPTError(f"RoPE needs an even head size, got n_embd/n_head = {hs}: draw --pos-encoding "
+                              f"sinusoidal, or a shape whose n_embd/n_head is even")
         rope = RotaryPositions(block_size, hs, rope_base)
         theta = rope_base ** (-torch.arange(hs // 2, dtype=torch.float32) / (hs // 2))  # (hs/2,) as in RotaryPositions
         fig = _figure(POSITION_FIGSIZE["rope"])

@@ -661,6 +661,33 @@ def test_resume_on_too_little_data_does_not_suggest_another_block_size(corpus, t
         train(tiny_config(small, out, max_iters=4), resume=True, progress=False)
 
 
+def test_rope_base_is_no_part_of_a_model_without_rotary_positions(corpus, tmp_path):
+    """rope_base only acts with pos_encoding = 'rope' (its docstring): on a learned-position run an edited one was
+    refused as "a different model" by resume, sample and eval, and a fine-tune of a GPT-2 folder as a contradiction."""
+    from fungpt import pretrained
+
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, max_iters=2), progress=False)
+    other = tiny_config(corpus, out, max_iters=4)
+    other.model = dataclasses.replace(other.model, rope_base=500.0)
+    assert train(other, resume=True, progress=False)["step"] == 4
+    saved = json.loads((out / "config.json").read_text())
+    saved["model"]["rope_base"] = 123.0
+    (out / "config.json").write_text(json.dumps(saved))
+    assert load_run_folder(out).step == 4  # (the manifest's 500 or 10000 against config.json's 123: no matter)
+    checkpoint = GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32)  # (learned positions)
+    merged = pretrained.merge_model_config(GPTConfig(init_from="x", rope_base=500.0), checkpoint,
+                                           tiny_config(corpus, out).model, named=["rope_base"])
+    assert merged.n_layer == 2
+    # with rotary positions it is part of the model
+    rope = tiny_config(corpus, tmp_path / "rope", max_iters=2)
+    rope.model = dataclasses.replace(rope.model, pos_encoding="rope")
+    train(rope, progress=False)
+    rope.model = dataclasses.replace(rope.model, rope_base=500.0)
+    with pytest.raises(FunGPTError, match=r"different model \(rope_base 10000.0 -> 500.0\)"):
+        train(rope, resume=True, progress=False)
+
+
 def test_resume_may_change_dropout_with_a_note_and_the_run_still_loads(corpus, tmp_path, capsys):
     """dropout is no part of the weights: a resume may lower it (as nanoGPT's may), saying so; the checkpoints saved
     before, with the old value in their manifests, still load (sample, eval, the best weights)."""

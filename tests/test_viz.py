@@ -441,7 +441,8 @@ def test_sinusoidal_positions_draw_only_sine_channels_under_the_sine_title(tmp_p
 def test_rope_positions_of_an_odd_head_size_are_refused_in_one_line(tmp_path):
     from fungpt.viz import plot_positions
 
-    with pytest.raises(FunGPTError, match="RoPE needs an even head size, got n_embd/n_head = 15"):
+    with pytest.raises(FunGPTError, match="RoPE needs an even head size, got n_embd/n_head = 15: draw --pos-encoding "
+                                          "sinusoidal, or a shape whose n_embd/n_head is even"):
         plot_positions("rope", tmp_path / "rope.png", block_size=16, n_embd=30, n_head=2)
     assert not (tmp_path / "rope.png").exists()
 
@@ -1253,6 +1254,11 @@ def test_a_learned_table_asked_of_another_runs_model_names_its_encoding():
     model = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8, pos_encoding="rope"))
     with pytest.raises(FunGPTError, match="this run has pos_encoding = 'rope', which has no learned table: draw "
                                           "--pos-encoding rope"):
+        position_table("learned", 8, 8, model)
+    # a run without positions has none of its own to draw: "draw --pos-encoding none" was refused in turn
+    model = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8, pos_encoding="none"))
+    with pytest.raises(FunGPTError, match="this run has pos_encoding = 'none', which has no learned table: draw "
+                                          "--pos-encoding sinusoidal or rope at its shape, or pass a run"):
         position_table("learned", 8, 8, model)
 
 
