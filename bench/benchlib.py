@@ -127,14 +127,18 @@ def publish(text: str, append: Path | None) -> None:
 def append_text(path: Path, text: str) -> None:
     """Add `text` to the end of `path`, whole or not at all: a write that fails partway (a full disk) is cut off
     again, and said in one line (the results were printed above), instead of leaving half a block in the file."""
+    data = text.encode("utf-8")
     try:
-        size = path.stat().st_size if path.exists() else 0
-        with path.open("a", encoding="utf-8") as f:
+        # unbuffered bytes: a failed write is seen where it happens, and nothing is left in a buffer to be flushed
+        # (and to fail again) before the file can be cut back
+        with path.open("ab", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
             try:
-                f.write(text)
-                f.flush()
+                written = 0
+                while written < len(data):
+                    written += f.write(data[written:])
             except OSError:
-                f.truncate(size)
+                os.ftruncate(f.fileno(), size)
                 raise
     except OSError as e:
         raise SystemExit(f"could not append to {path}: {e.strerror or e}; the results above were not saved") from None

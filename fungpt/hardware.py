@@ -187,7 +187,8 @@ def tf32_products() -> Iterator[None]:
 def float32_default() -> Iterator[None]:
     """torch's default dtype float32 while inside, as in a fresh process; the caller's comes back on leaving. A
     notebook's torch.set_default_dtype(torch.float64) made train() build a float64 model (while it said, and
-    run.json recorded, float32, and oneDNN's products need float32 weights) and load_run() load one."""
+    run.json recorded, float32, and oneDNN's products need float32 weights). A process-wide setting, which other
+    threads see: fit for train(), one run at a time in a process."""
     kept = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:

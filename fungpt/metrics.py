@@ -3,6 +3,7 @@ losses), plus TensorBoard and wandb when asked. Resuming keeps the rows up to th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -118,12 +119,15 @@ class MetricsLog:
                 raise
         tb, wandb, self.tb, self.wandb = self.tb, self.wandb, None, None
         if tb is not None:
+            unwritten = None
             try:
                 tb.flush()  # (writes what is queued, which can meet a full disk too: flush says so, close would not)
-                tb.close()
             except OSError as e:
-                if not failed:
-                    raise self._unwritable(self.path.parent / "tensorboard", e) from None
+                unwritten = e
+            with contextlib.suppress(OSError):
+                tb.close()  # (always: it stops the writer's thread, which a failed flush left running)
+            if unwritten is not None and not failed:
+                raise self._unwritable(self.path.parent / "tensorboard", unwritten) from None
         if wandb is not None:
             wandb.finish(exit_code=1) if failed else wandb.finish()
 

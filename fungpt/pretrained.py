@@ -184,12 +184,18 @@ def resolve(init_from: str) -> Pretrained:
 
 def fields_set(asked: GPTConfig, defaults: GPTConfig, named: Collection[str] = ()) -> set[str]:
     """The [model] fields the user set: those that differ from `defaults` (the config's defaults), and those in
-    `named` (written in the config file or on the command line, whatever their value). A field at GPTConfig's own
-    default is not set either, unless named: from Python, `GPTConfig(init_from=...)` holds GPT-2 small's sizes
-    (GPTConfig's defaults), which were refused as contradicting the checkpoint, though nobody had set them."""
+    `named` (written in the config file or on the command line, whatever their value).
+
+    From Python, `GPTConfig(init_from=...)` holds GPTConfig's own defaults (GPT-2 small's sizes), which were refused
+    as contradicting the checkpoint, though nobody had set them: where every field but those a fine-tune may change
+    is at GPTConfig's default, a field at that default counts as not set either. (A config built from `defaults`
+    with a value of GPTConfig's, block_size=1024 say, keeps it: that one was asked for.)"""
     plain = GPTConfig()
+    untouched = all(getattr(asked, f.name) == getattr(plain, f.name) for f in dataclasses.fields(GPTConfig)
+                    if f.name not in ("init_from", *OVERRIDABLE))
     return {f.name for f in dataclasses.fields(GPTConfig)
-            if f.name in named or getattr(asked, f.name) not in (getattr(defaults, f.name), getattr(plain, f.name))}
+            if f.name in named or getattr(asked, f.name) != getattr(defaults, f.name)
+            and not (untouched and getattr(asked, f.name) == getattr(plain, f.name))}
 
 
 def model_flag(name: str, value: Any) -> str:

@@ -11,7 +11,7 @@ import torch
 from fungpt import checkpoint as ckpt
 from fungpt.config import RunConfig, load_run_config
 from fungpt.errors import FunGPTError, check_number, read_json, run_folder
-from fungpt.hardware import detect_precision, float32_default
+from fungpt.hardware import detect_precision
 from fungpt.linear import cpu_matmul
 from fungpt.model import GPT
 from fungpt.rundir import lock_holder
@@ -76,6 +76,15 @@ def _named(run_dir: Path, kind: str) -> Path | None:
         return None
 
 
+def _whole(folder: Path) -> bool:
+    """Whether a checkpoint's weights pass verify_checkpoint (a hint to use it must not lead to the same error)."""
+    try:
+        ckpt.verify_checkpoint(folder, weights_only=True)
+    except FunGPTError:
+        return False
+    return True
+
+
 def _file_id(path: Path) -> tuple[int, int] | None:
     """(inode, modification time) of a file, None if it is not there: a file replaced by a rename has another."""
     try:
@@ -107,7 +116,7 @@ def _load(run_dir: Path, folder: Path | None, checkpoint: str, dev: str) -> Load
         manifest = ckpt.verify_checkpoint(folder, weights_only=True)  # (the weights are all a loaded run uses)
     except FunGPTError as e:
         other = _named(run_dir, "best") if checkpoint == "last" else None  # (a best one of its own may be whole)
-        if other is None or not other.is_dir() or other.resolve() == folder.resolve():
+        if other is None or not other.is_dir() or other.resolve() == folder.resolve() or not _whole(other):
             raise
         raise FunGPTError(f"{e} (or use the run's best checkpoint: --checkpoint best)") from None
     written = _file_id(folder / ckpt.MANIFEST_FILE)  # (read first: the run may replace the folder while we load it)
@@ -126,9 +135,10 @@ def _load(run_dir: Path, folder: Path | None, checkpoint: str, dev: str) -> Load
     # (the random initial weights, drawn only to be overwritten, come from a stream of their own: a program's torch
     # stream is left as it was, as train() leaves it)
     ckpt.check_weights_before_building(folder, cfg.model, run_dir / "config.json")
-    # (and float32 whatever the caller's default dtype: a float64 one made a float64 model of float32 weights)
-    with torch.random.fork_rng(devices=[]), float32_default():
-        model = GPT(cfg.model)
+    with torch.random.fork_rng(devices=[]):
+        # float32 whatever the caller's default dtype (a float64 one made a float64 model of float32 weights): cast,
+        # not by setting the default, which other threads share (the position tables are float32 in any case)
+        model = GPT(cfg.model).float()
     ckpt.load_weights(folder, model)
     model.to(dev).eval()
     return LoadedRun(model, tokenizer, cfg, int(manifest["step"]), dev, run_dir,

@@ -5,6 +5,7 @@ it draws from (also shown by `fungpt sample --show-probs`), `draw` the drawing i
 their arguments: the same logits and generator state give the same token.
 """
 
+import decimal
 import math
 import numbers
 
@@ -111,7 +112,11 @@ def check_filters(top_k, top_p) -> None:
 
 def checked_temperature(temperature) -> float:
     """temperature as a float, refused in one line unless a finite number >= 0 (0 = greedy). bool is no number here
-    (True was read as 1); a Fraction or Decimal becomes a float, which torch takes."""
+    (True was read as 1); a Fraction, a Decimal or a 0-d tensor becomes a float, which torch takes."""
+    if isinstance(temperature, torch.Tensor) and temperature.dim() == 0 and temperature.is_floating_point():
+        temperature = temperature.item()
+    elif isinstance(temperature, decimal.Decimal):  # (not a numbers.Real, though a number)
+        temperature = float(temperature)
     if not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
             and 0 <= temperature < math.inf):  # (NaN fails this test too)
         raise FunGPTError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")

@@ -344,8 +344,8 @@ def plot_positions(kind: str, out: str | Path, run=None, block_size: int | None 
 
         hs = n_embd // n_head
         if hs % 2:
-            raise FunGPTError(f"RoPE needs an even head size, got n_embd/n_head = {hs}: draw --pos-encoding "
-                              f"sinusoidal, or a shape whose n_embd/n_head is even")
+            raise FunGPTError(f"RoPE needs an even head size, got n_embd/n_head = {hs}: it rotates pairs of a "
+                              f"head's channels; draw --pos-encoding sinusoidal instead")
         rope = RotaryPositions(block_size, hs, rope_base)
         theta = rope_base ** (-torch.arange(hs // 2, dtype=torch.float32) / (hs // 2))  # (hs/2,) as in RotaryPositions
         fig = _figure(POSITION_FIGSIZE["rope"])

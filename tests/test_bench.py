@@ -352,16 +352,18 @@ def test_an_append_that_fails_partway_leaves_the_file_as_it_was(bench, tmp_path)
     path = tmp_path / "B.md"
     path.write_text("# Benchmarks\n\nolder results\n", encoding="utf-8")
     before = path.read_bytes()
-    # the file may grow to 20 kB (then writes fail with EFBIG, as on a full disk): the block is 100 kB
-    script = ("import resource, signal, sys; from pathlib import Path; from benchlib import append_text; "
-              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)); "
-              "append_text(Path(sys.argv[1]), '\\n## a block\\n' + 'x' * 100000)")
-    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1] / "bench")
-    assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert done.stderr.strip() == f"could not append to {path}: File too large; the results above were not saved"
-    assert path.read_bytes() == before
+    # the file may grow to 1 kB (then writes fail with EFBIG, as on a full disk): a block of 3 kB (it fitted in a
+    # write buffer, whose flush failed again when the file was cut back: half a block stayed) and of 100 kB
+    for block in (3000, 100_000):
+        script = ("import resource, signal, sys; from pathlib import Path; from benchlib import append_text; "
+                  "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                  "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000)); "
+                  f"append_text(Path(sys.argv[1]), '\\n## a block\\n' + 'x' * {block})")
+        done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1] / "bench")
+        assert done.returncode == 1 and "Traceback" not in done.stderr
+        assert done.stderr.strip() == f"could not append to {path}: File too large; the results above were not saved"
+        assert path.read_bytes() == before
 
 
 def test_bench_prepare_starts_a_new_append_file_with_its_title(bench, tmp_path, monkeypatch):

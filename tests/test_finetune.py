@@ -240,6 +240,11 @@ def test_a_plain_gptconfig_with_init_from_takes_the_checkpoints_architecture(hf_
     with pytest.raises(FunGPTError, match=r"n_layer = 6 \(the checkpoint has 2\)"):  # a size set still counts
         pretrained.merge_model_config(GPTConfig(init_from=str(hf_dir), n_layer=6),
                                       pretrained.resolve(str(hf_dir)).config, default_model())
+    # a config made from the run's defaults keeps a value that happens to be GPTConfig's (it was dropped: the
+    # fine-tune ran at the checkpoint's context, not the one asked for)
+    asked = dataclasses.replace(default_model(), init_from=str(hf_dir), block_size=GPTConfig().block_size)
+    with pytest.raises(FunGPTError, match="block_size = 1024 is larger than the pretrained model's 64 positions"):
+        pretrained.merge_model_config(asked, pretrained.resolve(str(hf_dir)).config, default_model())
 
 
 def test_allowed_overrides_and_toml(hf_dir, tmp_path):

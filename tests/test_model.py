@@ -5,6 +5,7 @@ import json
 import math
 import re
 import typing
+from decimal import Decimal
 from fractions import Fraction
 
 import numpy as np
@@ -970,6 +971,8 @@ def test_the_public_sampling_functions_refuse_wrong_filters_in_one_line():
             sample_next_token(logits, None, temperature)
     half = Fraction(1, 2)
     assert torch.equal(sampling_probs(logits, half, None, half), sampling_probs(logits, 0.5, None, 0.5))
+    for other in (Decimal("0.5"), torch.tensor(0.5)):  # (a 0-d tensor worked before the check came; a Decimal too)
+        assert torch.equal(sampling_probs(logits, other), sampling_probs(logits, 0.5))
     assert torch.equal(sample_next_token(logits, None, Fraction(0)), logits.argmax(-1, keepdim=True))
 
 

@@ -201,6 +201,13 @@ def test_a_damaged_manifest_says_what_to_do(world, tmp_path, capsys):
     assert_one_line_error(code, capsys.readouterr().err, "manifest.json is corrupt; the checkpoint cannot be trusted: "
                           "restore it or train again (or use the run's best checkpoint: --checkpoint best)")
     assert load_run(out, "best").step > 0
+    best = ckpt.find_checkpoint(out, "best")  # damaged too: no hint that leads to the same error
+    manifest = (best / ckpt.MANIFEST_FILE).read_bytes()
+    (best / ckpt.MANIFEST_FILE).write_bytes(b"{}")
+    with pytest.raises(FunGPTError, match=r"manifest.json is corrupt; the checkpoint cannot be trusted: restore it or "
+                                          r"train again$"):
+        load_run(out)
+    (best / ckpt.MANIFEST_FILE).write_bytes(manifest)
     (latest / ckpt.MANIFEST_FILE).unlink()
     with pytest.raises(FunGPTError, match=r"has no manifest.json: it is incomplete or not a FunGPT checkpoint; restore "
                                           r"it or train again \(or use the run's best checkpoint: --checkpoint best\)"):

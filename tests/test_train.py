@@ -2276,6 +2276,29 @@ def test_tensorboard_on_a_full_disk_is_one_line_naming_its_folder(corpus, tmp_pa
     assert [p.name for p in (out / "tensorboard").iterdir()] == [old.name] and old.read_bytes() == before
 
 
+def test_a_tensorboard_flush_that_fails_at_the_end_still_stops_its_writer(corpus, tmp_path, monkeypatch):
+    """The last events meeting a full disk at close: said in one line, and the writer's thread stopped all the same
+    (a failed flush skipped the close, and a notebook kept a thread per run)."""
+    pytest.importorskip("tensorboard")
+    import threading
+
+    from fungpt.metrics import MetricsLog
+
+    before = threading.active_count()
+    cfg = tiny_config(corpus, tmp_path / "run", tensorboard=True)
+    (tmp_path / "run").mkdir()
+    log = MetricsLog(tmp_path / "run", cfg, keep_until_step=None)
+    log.write({"step": 1, "train_loss": 3.0})
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(log.tb, "flush", full)
+    with pytest.raises(FunGPTError, match=r"could not write .*tensorboard: No space left on device"):
+        log.close()
+    assert threading.active_count() == before
+
+
 def test_a_failed_run_stops_its_tensorboard_writer(corpus, tmp_path):
     """A train() that failed (here: diverged) left TensorBoard's writer thread running and metrics.jsonl open:
     a notebook that tried lr values in a loop gained a thread per failed run."""

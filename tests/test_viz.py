@@ -441,8 +441,8 @@ def test_sinusoidal_positions_draw_only_sine_channels_under_the_sine_title(tmp_p
 def test_rope_positions_of_an_odd_head_size_are_refused_in_one_line(tmp_path):
     from fungpt.viz import plot_positions
 
-    with pytest.raises(FunGPTError, match="RoPE needs an even head size, got n_embd/n_head = 15: draw --pos-encoding "
-                                          "sinusoidal, or a shape whose n_embd/n_head is even"):
+    with pytest.raises(FunGPTError, match="RoPE needs an even head size, got n_embd/n_head = 15: it rotates pairs of "
+                                          "a head's channels; draw --pos-encoding sinusoidal instead"):
         plot_positions("rope", tmp_path / "rope.png", block_size=16, n_embd=30, n_head=2)
     assert not (tmp_path / "rope.png").exists()
 
