@@ -827,6 +827,24 @@ def test_grad_accumulation_trains_like_the_big_batch(corpus, tmp_path, monkeypat
     assert loss4 == pytest.approx(loss8, rel=1e-5)
     for name in w8:
         torch.testing.assert_close(w4[name], w8[name], rtol=1e-4, atol=1e-6, msg=name)
+    # The gradients themselves: AdamW's step (and clipping) hardly depends on their scale, so the weights above
+    # would not see micro-losses summed instead of averaged (a gradient A times too large)
+    import contextlib
+
+    from fungpt.hardware import detect_precision
+
+    train_module = sys.modules["fungpt.train"]
+    model = load_run_folder(tmp_path / "b8", device="cpu").model.train()
+    grads = {}
+    for batch, accum in ((8, 1), (4, 2)):
+        cfg = tiny_config(corpus, tmp_path / "b8", batch_size=batch, grad_accum_steps=accum)
+        loader = BatchLoader(data_dir_of(tmp_path / "b8"), "train", batch, cfg.model.block_size, seed=1337)
+        model.zero_grad(set_to_none=True)
+        train_module.forward_backward(model, loader, cfg, detect_precision("cpu", "float32"), train_module.Dist(),
+                                      torch.amp.GradScaler("cpu", enabled=False), contextlib.nullcontext, "cpu")
+        grads[batch] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, g in grads[8].items():
+        torch.testing.assert_close(grads[4][name], g, rtol=1e-4, atol=1e-7, msg=name)
 
 
 def test_gradient_clipping_and_weight_decay_reach_the_weights(corpus, tmp_path):
