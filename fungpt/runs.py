@@ -60,8 +60,10 @@ def load_run(run_dir: str | Path, checkpoint: str = "last", device: str = "auto"
             # a read while that happens finds files gone. Then read the one the pointer names now.
             replaced = _file_id(pointer) != before and (folder is None or not folder.exists() or
                                                         _named(run_dir, kind) != folder)  # (deleted, or going)
-            if not replaced:
-                raise  # the checkpoint read is still there: the error is its own (or the run's), as it says
+            if not replaced:  # the checkpoint read is still there: the error is its own (or the run's), as it says
+                if isinstance(e, _Damaged) and checkpoint == "last" and _whole_best(run_dir, folder):
+                    raise FunGPTError(f"{e} (or use the run's best checkpoint: --checkpoint best)") from None
+                raise
             if time.monotonic() > deadline:
                 raise FunGPTError(f"{run_dir} is training and replaced its {kind} checkpoint while it was read, "
                                   f"again and again for {retry_s:g} s (the last try: {e}); try again (a run that "
@@ -76,10 +78,18 @@ def _named(run_dir: Path, kind: str) -> Path | None:
         return None
 
 
-def _whole(folder: Path) -> bool:
-    """Whether a checkpoint's weights pass verify_checkpoint (a hint to use it must not lead to the same error)."""
+class _Damaged(FunGPTError):
+    """A checkpoint whose files failed verify_checkpoint (load_run then points to the run's best one, if whole)."""
+
+
+def _whole_best(run_dir: Path, damaged: Path | None) -> bool:
+    """Whether the run has a best checkpoint other than `damaged` whose weights verify (a hint to use it must not
+    lead to the same error)."""
+    best = _named(run_dir, "best")
+    if best is None or not best.is_dir() or damaged is None or best.resolve() == damaged.resolve():
+        return False
     try:
-        ckpt.verify_checkpoint(folder, weights_only=True)
+        ckpt.verify_checkpoint(best, weights_only=True)
     except FunGPTError:
         return False
     return True
@@ -115,10 +125,7 @@ def _load(run_dir: Path, folder: Path | None, checkpoint: str, dev: str) -> Load
     try:
         manifest = ckpt.verify_checkpoint(folder, weights_only=True)  # (the weights are all a loaded run uses)
     except FunGPTError as e:
-        other = _named(run_dir, "best") if checkpoint == "last" else None  # (a best one of its own may be whole)
-        if other is None or not other.is_dir() or other.resolve() == folder.resolve() or not _whole(other):
-            raise
-        raise FunGPTError(f"{e} (or use the run's best checkpoint: --checkpoint best)") from None
+        raise _Damaged(str(e)) from None
     written = _file_id(folder / ckpt.MANIFEST_FILE)  # (read first: the run may replace the folder while we load it)
     ckpt.check_model_config(manifest, folder, cfg.model.to_dict(), run_dir / "config.json")
     tokenizer = load_tokenizer(run_dir)

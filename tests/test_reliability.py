@@ -629,7 +629,7 @@ def test_a_checkpoint_or_tokenizer_never_has_files_outside_its_folder_read(world
         crafted = {**manifest, "files": {**manifest["files"], name: {"bytes": 1, "sha256": "00"}}}
         (folder / ckpt.MANIFEST_FILE).write_text(json.dumps(crafted))
         with pytest.raises(FunGPTError, match=r"manifest\.json names a file outside its folder; the checkpoint cannot "
-                                              r"be trusted$"):
+                                              r"be trusted: restore it or train again$"):
             ckpt.verify_checkpoint(folder)
     meta = out / "tokenizer_meta.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "file": str(outside)}))
@@ -2847,9 +2847,9 @@ def test_loading_a_run_while_its_training_replaces_the_checkpoint_reads_the_new_
     # a checkpoint that is damaged for good is still reported, after one look at the pointer
     calls.clear()
     _flip(ckpt.find_checkpoint(out) / "model.safetensors")
-    with pytest.raises(FunGPTError, match="sha256"):
+    with pytest.raises(FunGPTError, match=r"sha256.* \(or use the run's best checkpoint: --checkpoint best\)"):
         load_run(out, device="cpu")
-    assert len(calls) == 1
+    assert [c.name.split("-")[0] for c in calls] == ["latest", "best"]  # (the best one verified for the hint)
 
 
 def test_resume_drops_metrics_rows_with_a_step_that_is_not_a_whole_number(world, tmp_path, capsys):

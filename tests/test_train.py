@@ -676,8 +676,9 @@ def test_rope_base_is_no_part_of_a_model_without_rotary_positions(corpus, tmp_pa
     (out / "config.json").write_text(json.dumps(saved))
     assert load_run_folder(out).step == 4  # (the manifest's 500 or 10000 against config.json's 123: no matter)
     checkpoint = GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32)  # (learned positions)
-    merged = pretrained.merge_model_config(GPTConfig(init_from="x", rope_base=500.0), checkpoint,
-                                           tiny_config(corpus, out).model, named=["rope_base"])
+    defaults = tiny_config(corpus, out).model
+    merged = pretrained.merge_model_config(dataclasses.replace(defaults, init_from="x", rope_base=500.0), checkpoint,
+                                           defaults, named=["rope_base"])
     assert merged.n_layer == 2
     # with rotary positions it is part of the model
     rope = tiny_config(corpus, tmp_path / "rope", max_iters=2)
