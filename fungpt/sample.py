@@ -526,14 +526,16 @@ def _sampled_val_note(loaded: LoadedRun, loss: float) -> str | None:
         return None
     if not logged or abs(float(logged[-1]) - loss) < 5e-5:  # (the last: a resumed run may log a step twice)
         return None
+    batches = f"{tc.eval_iters} random batch{'es' * (tc.eval_iters != 1)}"
     return (f"fungpt: note: training logged val loss {float(logged[-1]):.4f} at step {loaded.step}, the mean of "
-            f"train.eval_iters = {tc.eval_iters} random batches of the val split; this is every val token's "
+            f"train.eval_iters = {batches} of the val split; this is every val token's "
             f"(train.eval_full_val = true makes training's the same)")
 
 
 def print_eval(result: dict, file: TextIO | None = None) -> None:
     file = file or sys.stdout  # (looked up now: a default of sys.stdout would keep the one of import time)
-    print(f"{result['source']} at step {result['step']}: {result['tokens']:,} tokens", file=file)
+    n = result["tokens"]
+    print(f"{result['source']} at step {result['step']}: {n:,} token{'s' * (n != 1)}", file=file)
     print(f"  loss        {result['loss']:.4f} nats/token", file=file)
     print(f"  perplexity  {result['perplexity']:.3f}", file=file)
     for name, key in (("bits/byte", "bits_per_byte"), ("bits/char", "bits_per_char")):

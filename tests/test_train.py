@@ -3002,6 +3002,11 @@ def test_eval_on_a_text_shorter_than_the_context(corpus, tmp_path):
     one.write_text("t", encoding="utf-8")
     with pytest.raises(FunGPTError, match="too short"):
         evaluate_run(out, input=one)
+    two = tmp_path / "two.txt"  # the shortest text that can be scored: one token predicted ("1 tokens" was said)
+    two.write_text("th", encoding="utf-8")
+    said = io.StringIO()
+    sys.modules["fungpt.sample"].print_eval(evaluate_run(out, input=two), said)
+    assert f"{two} at step 2: 1 token\n" in said.getvalue()
     with pytest.raises(FunGPTError, match="batch_size 0 must be positive"):
         evaluate_run(out, input=short, batch_size=0)
     with pytest.raises(FunGPTError, match="batch_size 2.5 should be a whole number"):  # (was a raw TypeError)
