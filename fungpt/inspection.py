@@ -95,6 +95,8 @@ def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", 
                                                    (1+1+1+1 + 4 for the MLP's wide layer), q, k, v (3),
                                                    the attention output (1), the activation's input (4)
                              + s * 2 B T C         with RoPE, and again with QK-norm: the new q and k
+                             + s * 2 B T C         with RMSNorm (composed of element-wise operations, it also
+                                                   keeps each norm's normalised input), and again with QK-norm
                              + 4 nh B T^2          only with attn_impl='plain': the softmax weights, in
                                                    float32 whatever the dtype (autocast computes softmax in
                                                    float32). Fused kernels (sdpa, flash attention) recompute
@@ -106,11 +108,11 @@ def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", 
                                                    (2 layers, 2 heads, T = 4096, batch 4 on a CPU: peak
                                                    memory 4.0 GiB with dropout 0.1, 0.42 GiB without; on
                                                    Apple GPUs not measured)
-                   top         s * 2 B T C         final norm and lm_head inputs
+                   top         s * 2 B T C         final norm and lm_head inputs (s * 3 B T C with RMSNorm)
                              + 4 B T V             cross-entropy's float32 log-softmax of the logits
                  The other dropout masks (one byte per element), PyTorch's workspace and allocator slack
                  are not counted: expect the real peak to be somewhat higher. tests/test_viz.py checks the
-                 formula against the tensors autograd actually saves (within 25% on small models).
+                 formula against the tensors autograd actually saves (within 15% on small models).
     weight_copies  N x 2          only with a 16-bit dtype: the cast copies of the weights that
                                  live through forward and backward
     temporaries  2 x per-block activations (with at most two (T, T) tensors) + N x 4 bytes + 2 x 4 B T V: the
@@ -136,12 +138,16 @@ def estimate_memory(config: GPTConfig, batch_size: int, dtype: str = "float32", 
     C, L, nh, V = config.n_embd, config.n_layer, config.n_head, config.vocab_size
     n = meta_model(config).num_params() if num_params is None else num_params
     extra = 2 * (config.pos_encoding == "rope") + 2 * config.qk_norm  # new copies of q and k
+    # nn.RMSNorm is composed of element-wise operations: autograd keeps its input and also the normalised input
+    # (x / rms, for the weight's gradient), where LayerNorm's fused kernel keeps the input and two (B, T) statistics
+    rms = config.norm == "rmsnorm"
+    extra += rms * (2 + 2 * config.qk_norm)  # ln_1 and ln_2; with QK-norm, q_norm and k_norm
     # bytes per B T C of one block's saved tensors, and of the top's. bfloat16 on a CPU (bfloat16 products): the
     # Linear layers keep bfloat16 copies of their inputs (7 of the 16) and the activation its bfloat16 input (4);
     # the rest stays float32, RoPE's and QK-norm's new q and k too; the final norm's input float32, lm_head's bfloat16
     cpu_bf16 = dtype == "bfloat16" and device == "cpu"
     block_bytes = 2 * 11 + FP32 * (5 + extra) if cpu_bf16 else s * (16 + extra)
-    top_bytes = FP32 + 2 if cpu_bf16 else s * 2
+    top_bytes = FP32 * (1 + rms) + 2 if cpu_bf16 else s * (2 + rms)
     dropout = config.dropout > 0
     unfused = attn_impl == "plain" or (dropout and not device.startswith("cuda"))  # keeps (T, T) matrices
     square = FP32 * nh * B * T * T if unfused else 0  # bytes of one (B, nh, T, T) float32 tensor
@@ -344,7 +350,10 @@ def format_report(info: dict) -> str:
     m = info["config"].model
     lines = [f"{info['source']} ({info['kind']})",
              f"model: {m.n_layer} layers x {m.n_head} heads x {m.n_embd} channels, context {m.block_size}, "
-             f"vocabulary {m.vocab_size:,}, positions {m.pos_encoding}, norm {m.norm}, activation {m.activation}"]
+             f"vocabulary {m.vocab_size:,}, positions {m.pos_encoding}, norm {m.norm}, activation {m.activation}",
+             f"       QK-norm {'yes' if m.qk_norm else 'no'}, bias {'yes' if m.bias else 'no'}, dropout {m.dropout:g}, "
+             f"lm_head {'tied to wte' if m.tie_embeddings else 'untied (its own weights)'}"
+             + (f", RoPE base {m.rope_base:g}" if m.pos_encoding == "rope" else "")]
     lines += [f"note: {note}" for note in (info["vocab_note"], info["device_note"]) if note]
     lines += ["", "parameters", f"  {'module':<26}{'shapes':<34}{'params':>12}"]
     for module, shapes, count in info["param_rows"]:
