@@ -1637,6 +1637,57 @@ def test_ddp_with_a_time_budget_steps_every_replica_with_the_same_lr(corpus, tmp
     assert rank0[-1] == pytest.approx(TrainConfig().min_lr, rel=0.05), _where_time_went(tmp_path / "out")  # on time
 
 
+_RECORD_GRADS = """
+import importlib, os, sys
+import torch
+import fungpt.cli
+train_module = importlib.import_module("fungpt.train")  # (fungpt.train, the attribute, is the function)
+real_forward_backward = train_module.forward_backward
+
+
+def recording(fwd_model, loader, *args, **kwargs):
+    model = fwd_model.module  # (the DDP wrapper's model)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    batches, real_next = [], loader.next_batch
+    loader.next_batch = lambda: batches.append(real_next()) or batches[-1]
+    loss = real_forward_backward(fwd_model, loader, *args, **kwargs)
+    loader.next_batch = real_next
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    torch.save({"start": start, "batches": batches, "grads": grads}, f"{sys.argv[1]}.{os.environ['RANK']}")
+    return loss
+
+
+train_module.forward_backward = recording
+sys.exit(fungpt.cli.main(sys.argv[2:]))
+"""
+
+
+def test_ddp_gradients_are_the_mean_over_every_process_and_micro_batch(corpus, tmp_path):
+    """What DDP promises: each process's step uses the gradient of all the processes' batches together, the mean
+    over the 2 ranks' gradients (each itself accumulated over its 2 micro-batches without syncing), as one process
+    computing on the 4 micro-batches would get. A rank stepping on its own gradient, or on the sum, fails here."""
+    script = tmp_path / "record_grads.py"
+    script.write_text(_RECORD_GRADS)
+    out = tmp_path / "out"
+    cmd = _torchrun_train(corpus, out, tmp_path, "--train.grad-accum-steps", "2", "--train.max-iters", "1")
+    at = cmd.index("-m", cmd.index("--nproc_per_node=2"))
+    cmd[at:at + 2] = [str(script), str(tmp_path / "grads")]  # `-m fungpt` -> the recording script
+    proc = subprocess.run(cmd, env=_torchrun_env(tmp_path), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"grads.{r}", weights_only=True) for r in (0, 1)]
+    model = GPT(load_run_config(out).model)
+    model.load_state_dict(ranks[0]["start"])
+    assert all(torch.equal(ranks[1]["start"][k], v) for k, v in ranks[0]["start"].items())  # same replica
+    assert not torch.equal(ranks[0]["batches"][0][0], ranks[1]["batches"][0][0])  # each rank its own data
+    batches = ranks[0]["batches"] + ranks[1]["batches"]
+    assert len(batches) == 4
+    for x, y in batches:
+        (model(x, y)[1] / len(batches)).backward()  # the mean loss over all 4 micro-batches
+    for r in ranks:
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(r["grads"][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_ddp_ctrl_c_in_one_ranks_final_eval_stops_both_and_keeps_the_others_eval(corpus, tmp_path):
     """A signal that reaches one process during the final eval: that one leaves it, every process saves the step
     and stops. Rank 0, which scored it, logged its row: it said "its final eval was not done" all the same."""
