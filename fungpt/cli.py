@@ -553,6 +553,10 @@ def eval_command(run: RunFolder, input: str | None = None, checkpoint: Literal["
         print(note, file=sys.stderr)
     result = evaluate_run(run, input=input, checkpoint=checkpoint, device=device, batch_size=batch_size,
                           progress=True, errors=errors)
+    if not math.isfinite(result["loss"]):  # (printed, "loss nan" and exit 0 read as a result; the note above, if
+        # any, names the run's best checkpoint)
+        raise FunGPTError(f"{result['source']} at step {result['step']}: the loss is {result['loss']}: the model's "
+                          f"outputs are not finite numbers, its training diverged; train again with a lower train.lr")
     if result["note"]:
         print(result["note"], file=sys.stderr)
     print_eval(result)

@@ -349,7 +349,8 @@ def format_report(info: dict) -> str:
     """The dict of `inspect_target` as aligned plain text."""
     m = info["config"].model
     lines = [f"{info['source']} ({info['kind']})",
-             f"model: {m.n_layer} layers x {m.n_head} heads x {m.n_embd} channels, context {m.block_size}, "
+             f"model: {m.n_layer} layer{'s' * (m.n_layer != 1)} x {m.n_head} head{'s' * (m.n_head != 1)} x "
+             f"{m.n_embd} channels, context {m.block_size}, "
              f"vocabulary {m.vocab_size:,}, positions {m.pos_encoding}, norm {m.norm}, activation {m.activation}",
              f"       QK-norm {'yes' if m.qk_norm else 'no'}, bias {'yes' if m.bias else 'no'}, dropout {m.dropout:g}, "
              f"lm_head {'tied to wte' if m.tie_embeddings else 'untied (its own weights)'}"
@@ -360,7 +361,7 @@ def format_report(info: dict) -> str:
         lines.append(f"  {module:<26}{shapes:<34}{count:>12,}")
     block = sum(c for mod, _, c in info["param_rows"] if mod.startswith("blocks.*"))
     lines += [f"  {'one block (blocks.*)':<60}{block:>12,}",
-              f"  {f'all {m.n_layer} blocks':<60}{block * m.n_layer:>12,}",
+              f"  {f'all {m.n_layer} blocks' if m.n_layer != 1 else '1 block':<60}{block * m.n_layer:>12,}",
               f"  {'total':<60}{info['params']:>12,}",
               f"  {'total without look-up tables (positions; untied wte)':<60}{info['params_non_embedding']:>12,}"]
     ft, ff = info["flops_per_token_train"], info["flops_per_token_forward"]
@@ -379,7 +380,7 @@ def format_report(info: dict) -> str:
                 if mem["weight_copies"] else []),
               f"  training total (estimate)           {human_bytes(mem['total']):>10}",
               f"  KV cache for generation             {human_bytes(mem['kv_cache']):>10}   "
-              f"{info['batch_size']} sequences of {info['block_size']} tokens"]
+              f"{info['batch_size']} sequence{'s' * (info['batch_size'] != 1)} of {info['block_size']} tokens"]
     lines += ["", "training",
               f"  tokens per optimizer step           {info['tokens_per_step']:>10,}"]
     if info["kind"] == "run":

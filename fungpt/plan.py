@@ -230,7 +230,8 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
     out(f"fungpt: dry run: {prec.reason}")
     origin = (f"resuming {cfg.out_dir} at step {start:,}" if resume
               else f"pretrained {pre.name}" if pre else "scratch")
-    out(f"  model          {n_params:,} parameters ({mc.n_layer} layers, {mc.n_head} heads, n_embd {mc.n_embd}, "
+    out(f"  model          {n_params:,} parameters ({mc.n_layer} layer{'s' * (mc.n_layer != 1)}, "
+        f"{mc.n_head} head{'s' * (mc.n_head != 1)}, n_embd {mc.n_embd}, "
         f"block_size {mc.block_size}, vocab {mc.vocab_size:,}; from {origin})")
     out(f"  per step       {tokens_per_step:,} tokens (batch {tc.batch_size} x block {mc.block_size} x "
         f"grad_accum {tc.grad_accum_steps}" + (f" x {world} processes" if world > 1 else "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,7 +178,13 @@ def overfit_note(run_dir: str | Path) -> str | None:
         last_val = float(last_vals[-1]) if last_vals else None  # (the last row: a resumed run may log a step twice)
     except (FunGPTError, OSError, ValueError, KeyError, TypeError):
         return None
-    if last_val is None or not best_step < last_step or not last_val > best_val + OVERFIT_MARGIN:
+    if last_val is None or not best_step < last_step or not math.isfinite(best_val):
+        return None
+    if not math.isfinite(last_val):  # (nan > best is False: a diverged run's last checkpoint was not named)
+        return (f"fungpt: note: the last checkpoint (step {last_step:,}) has val loss {last_val}: its training "
+                f"diverged; the run's best (step {best_step:,}, val loss {best_val:.4f}) does not: pass --checkpoint "
+                f"best to use that one")
+    if not last_val > best_val + OVERFIT_MARGIN:
         return None
     return (f"fungpt: note: the last checkpoint (step {last_step:,}, val loss {last_val:.4f}) has a higher val loss "
             f"than the run's best (step {best_step:,}, val loss {best_val:.4f}); pass --checkpoint best to use that "

@@ -292,7 +292,7 @@ def _sample_showing_probs(loaded: LoadedRun, idx: torch.Tensor, max_new_tokens: 
         most = min(show_top, loaded.config.model.vocab_size, top_k if top_k and temperature != 0 else show_top)
         # (up to: top-p's share changes from step to step, and a probability that rounds to 0 in float32 is not shown)
         top = f"up to {most} top" if (top_k or top_p) and temperature != 0 and most > 1 else f"top {most}"
-        out.write(f"{'step':>5}  {'token':>6} {'p':>5}   | {top} candidates, probabilities {shown}\n")
+        out.write(f"{'step':>5}  {'token':>6} {'p':>5}   | {top} candidate{'s' * (most != 1)}, probabilities {shown}\n")
     new: list[int] = []
     stream = loaded.model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                           generator=gen, yield_logits=True)
@@ -524,7 +524,9 @@ def _sampled_val_note(loaded: LoadedRun, loss: float) -> str | None:
         logged = [row["val_loss"] for row in read_metrics(loaded.run_dir)[1] if row.get("step") == loaded.step]
     except (FunGPTError, OSError, ValueError, KeyError, TypeError):
         return None
-    if not logged or abs(float(logged[-1]) - loss) < 5e-5:  # (the last: a resumed run may log a step twice)
+    # (the last: a resumed run may log a step twice; NaN is no "difference" that random batches explain)
+    if not logged or not math.isfinite(float(logged[-1])) or not math.isfinite(loss) or abs(
+            float(logged[-1]) - loss) < 5e-5:
         return None
     batches = f"{tc.eval_iters} random batch{'es' * (tc.eval_iters != 1)}"
     return (f"fungpt: note: training logged val loss {float(logged[-1]):.4f} at step {loaded.step}, the mean of "

@@ -529,10 +529,12 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
     @app.post("/api/attention")
     def attention(req: AttentionRequest) -> dict:
         if req.layer >= mcfg.n_layer:
-            raise ApiError(f"layer {req.layer} is out of range: this model has {mcfg.n_layer} layers "
+            raise ApiError(f"layer {req.layer} is out of range: this model has {mcfg.n_layer} "
+                           f"layer{'s' * (mcfg.n_layer != 1)} "
                            f"(0..{mcfg.n_layer - 1})")
         if req.head >= mcfg.n_head:
-            raise ApiError(f"head {req.head} is out of range: this model has {mcfg.n_head} heads "
+            raise ApiError(f"head {req.head} is out of range: this model has {mcfg.n_head} "
+                           f"head{'s' * (mcfg.n_head != 1)} "
                            f"(0..{mcfg.n_head - 1})")
         if len(req.ids) > max_prompt_tokens + max_new_tokens:
             raise ApiError(f"ids has {len(req.ids)} tokens; this server takes at most "

@@ -1398,7 +1398,9 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
             if not math.isfinite(losses["val"]):  # (finite weights whose outputs overflow: no guard above sees them)
                 say("fungpt: warning: the final val loss is not a finite number: the model's outputs overflow (its "
                     "training diverged; train.skip_nonfinite only skips such steps) and sampling it will fail; "
-                    f"train again: {lower_lr(tc)[0].lower()}{lower_lr(tc)[1:]}")
+                    + (f"its best checkpoint (val loss {best_val:.4f}) still works: pass "
+                       "--checkpoint best to sample or evaluate it; or " if math.isfinite(best_val) else "")
+                    + f"train again: {lower_lr(tc)[0].lower()}{lower_lr(tc)[1:]}")
             if final_eval or saved_at != step:
                 do_save()  # (a signal meanwhile: the run ends as it would have, this save done)
 

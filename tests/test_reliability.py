@@ -1604,8 +1604,17 @@ def test_a_run_whose_final_val_loss_is_not_finite_says_so(world, tmp_path, capsy
     result = train(tiny_config(world["data"], out, max_iters=4, skip_nonfinite=True, lr=1e30, min_lr=0.0,
                                warmup_iters=0), progress=False)
     assert not math_isfinite(result["val_loss"]) and result["trained"]
-    assert "fungpt: warning: the final val loss is not a finite number: the model's outputs overflow" in \
-        capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "fungpt: warning: the final val loss is not a finite number: the model's outputs overflow" in said
+    assert "its best checkpoint (val loss " in said and "pass --checkpoint best" in said  # step 0's, finite
+    # eval refuses a NaN loss in one line (it printed "loss nan", exit 0, and blamed random batches for the
+    # difference from the logged NaN), and the note before it names the run's best, as for an overfitted run (NaN
+    # compared as not worse than the best, so no note)
+    assert main(["eval", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "the loss is nan: the model's outputs are not finite numbers" in err and "random batch" not in err
+    assert "has val loss nan: its training diverged; the run's best (step 0, val loss " in err
+    assert main(["eval", str(out), "--checkpoint", "best"]) == 0
     # the command does not go on to invite a sample that would fail
     assert main(["train", "--data.path", str(world["data"]), "--out-dir", str(tmp_path / "cli"), "--model.n-layer",
                  "1", "--model.n-embd", "16", "--model.n-head", "2", "--model.block-size", "16", "--train.batch-size",
@@ -2131,6 +2140,10 @@ BAD_INPUTS = {
     "dropout 1.5": ([*TRAIN, "--model.dropout", "1.5"], "dropout"),
     "rope with odd head size": ([*TRAIN, "--model.pos-encoding", "rope", "--model.n-embd", "6",
                                  "--model.n-head", "2"], "even"),
+    # LayerNorm of one number is its bias: the model was blind to its input, and trained without a word
+    "n_embd 1 with LayerNorm": ([*TRAIN, "--model.n-embd", "1", "--model.n-head", "1"], "or norm='rmsnorm'"),
+    "QK-norm at head size 1 with LayerNorm": ([*TRAIN, "--model.n-embd", "8", "--model.n-head", "8",
+                                               "--model.qk-norm"], "use fewer heads (n_head < 8), or norm='rmsnorm'"),
     "block_size larger than the val split": ([*TRAIN, "--model.block-size", "100000"], "block_size"),
     "a data file damaged after prepare": (["train", "--data.path", "{tmp}/damaged", "--out-dir", "{tmp}/new",
                                            "--train.device", "cpu"], "train.bin holds token id 65535"),

@@ -920,6 +920,21 @@ def test_inspect_says_a_data_path_that_does_not_exist(tmp_path, monkeypatch, cap
     assert "data not prepared yet: assuming the config's vocab_size = " in capsys.readouterr().out
 
 
+def test_inspect_and_the_dry_run_count_one_layer_head_and_sequence_in_the_singular(tmp_path, monkeypatch, capsys):
+    """A learner's smallest model read "1 layers x 1 heads", "all 1 blocks" and "1 sequences"."""
+    monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "one.toml").write_text('[model]\nn_layer = 1\nn_head = 1\nn_embd = 8\nblock_size = 16\n',
+                                       encoding="utf-8")
+    assert main(["inspect", str(tmp_path / "one.toml"), "--batch-size", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "model: 1 layer x 1 head x 8 channels" in out and "  1 block " in out and "1 sequence of 16" in out
+    assert " 1 layers" not in out and "1 heads" not in out and "1 blocks" not in out and "1 sequences" not in out
+    (tmp_path / "t.txt").write_text("hello there\n" * 40, encoding="utf-8")
+    assert main(["train", "--config", str(tmp_path / "one.toml"), "--data.path", str(tmp_path / "t.txt"),
+                 "--out-dir", str(tmp_path / "run"), "--dry-run"]) == 0
+    assert "parameters (1 layer, 1 head, n_embd 8" in capsys.readouterr().out
+
+
 def test_inspect_estimates_memory_at_the_batch_asked_for_and_the_bpe_vocabulary_configured(tmp_path,
                                                                                             monkeypatch):
     monkeypatch.setenv("FUNGPT_CACHE_DIR", str(tmp_path / "cache"))  # nothing prepared here
