@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fungpt.checkpoint import check_tensors_fit_their_storage, check_torch_file, fsync, open_new_temp
+from fungpt.checkpoint import MANIFEST_FILE, check_tensors_fit_their_storage, check_torch_file, fsync, open_new_temp
 from fungpt.errors import FunGPTError, is_out_of_memory, read_json, shell_quote, utf8_path
 from fungpt.model import GPT, GPTConfig
 
@@ -32,6 +32,13 @@ def hf_config(path: str | os.PathLike) -> GPTConfig:
     """The architecture of a local Hugging Face GPT-2 folder, read from its config.json (no weights)."""
     path = Path(path)
     if not (path / "config.json").is_file():
+        # a FunGPT checkpoint folder (checkpoints/best-0000020, or checkpoints/) holds a model.safetensors too: the
+        # advice to add a config.json would lead nowhere
+        run = path.parent.parent if path.parent.name == "checkpoints" and (path / MANIFEST_FILE).is_file() else \
+            path.parent if path.name == "checkpoints" else None
+        if run is not None and _is_run_config(run / "config.json"):
+            raise FunGPTError(f"'{path}' is a checkpoint of the FunGPT run '{run}', not a Hugging Face GPT-2 folder: "
+                              f"{_fungpt_run_advice(run)}")
         raise FunGPTError(
             f"no Hugging Face model at '{path}' (config.json missing): pass a local folder with "
             "config.json and model.safetensors or pytorch_model.bin"
@@ -41,11 +48,8 @@ def hf_config(path: str | os.PathLike) -> GPTConfig:
     except (OSError, ValueError) as e:  # (not JSON, not UTF-8, nested too deeply)
         raise FunGPTError(f"cannot read {path / 'config.json'}: {e}; copy the model's folder again from where it "
                           f"came from") from None
-    if isinstance(hf, dict) and {"data", "model", "train"} <= set(hf):
-        quoted = shell_quote(str(path))
-        raise FunGPTError(f"'{path}' is a FunGPT run, not a Hugging Face GPT-2 folder: continue it with `fungpt "
-                          f"train --resume --out-dir={quoted}`, or make such a folder of it with `fungpt export --run "
-                          f"{quoted} --out DIR`")
+    if _is_run_config(path / "config.json"):
+        raise FunGPTError(f"'{path}' is a FunGPT run, not a Hugging Face GPT-2 folder: {_fungpt_run_advice(path)}")
     if isinstance(hf, dict) and hf.get("model_type", "gpt2") != "gpt2":  # (before its keys: a Llama has none of them)
         raise FunGPTError(f"'{path}' holds a {hf['model_type']!r} model: only GPT-2 checkpoints can be loaded")
     missing = [k for k in ("vocab_size", "n_embd", "n_layer", "n_head") if not isinstance(hf, dict) or k not in hf]
@@ -157,6 +161,31 @@ def load_gpt2(path: str | os.PathLike, meta: bool = False) -> GPT:
     if config.tie_embeddings:
         model.lm_head.weight = model.wte.weight  # assign=True replaced wte's parameter: re-tie
     return model
+
+
+def _is_run_config(file: Path) -> bool:
+    """Whether `file` is a FunGPT run's config.json (its data, model and train sections)."""
+    try:
+        saved = read_json(file)
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"data", "model", "train"} <= set(saved)
+
+
+def _fungpt_run_advice(run: Path) -> str:
+    """What to do with a FunGPT run given as init_from: resume it on its own data, or fine-tune its GPT-2 export
+    (a model without GPT-2's form, RoPE say, has none: the first alone then)."""
+    quoted = shell_quote(str(run))
+    resume = f"`fungpt train --resume --out-dir={quoted}` continues it on its own data"
+    try:
+        problems = gpt2_incompatibilities(GPTConfig.from_dict(read_json(run / "config.json")["model"]))
+    except (OSError, ValueError, KeyError, TypeError, FunGPTError):
+        problems = []  # (a damaged config: the export says so itself)
+    if problems:
+        return (f"{resume}; init_from takes Hugging Face GPT-2 folders, and this run's model has no such form "
+                f"({', '.join(problems)}), so it cannot start a fine-tune on other text")
+    return (f"{resume}; to fine-tune it on other text, make a Hugging Face folder of it with `fungpt export --run "
+            f"{quoted} --out DIR` and pass DIR as init_from")
 
 
 def gpt2_incompatibilities(c: GPTConfig) -> list[str]:

@@ -188,14 +188,15 @@ def fields_set(asked: GPTConfig, defaults: GPTConfig, named: Collection[str] = (
 
     From Python, `GPTConfig(init_from=...)` holds GPTConfig's own defaults (GPT-2 small's sizes), which were refused
     as contradicting the checkpoint, though nobody had set them: where every field but those a fine-tune may change
-    is at GPTConfig's default, a field at that default counts as not set either. (A config built from `defaults`
-    with a value of GPTConfig's, block_size=1024 say, keeps it: that one was asked for.)"""
+    is at GPTConfig's default, the fields set are those that differ from GPTConfig's defaults (so block_size=64 there
+    counts, though it is also the run's default). (A config built from `defaults` with a value of GPTConfig's,
+    block_size=1024 say, keeps it: that one was asked for.)"""
     plain = GPTConfig()
     untouched = all(getattr(asked, f.name) == getattr(plain, f.name) for f in dataclasses.fields(GPTConfig)
                     if f.name not in ("init_from", *OVERRIDABLE))
+    baseline = plain if untouched else defaults
     return {f.name for f in dataclasses.fields(GPTConfig)
-            if f.name in named or getattr(asked, f.name) != getattr(defaults, f.name)
-            and not (untouched and getattr(asked, f.name) == getattr(plain, f.name))}
+            if f.name in named or getattr(asked, f.name) != getattr(baseline, f.name)}
 
 
 def model_flag(name: str, value: Any) -> str:

@@ -611,8 +611,10 @@ class BPETokenizer(Tokenizer):
             why = not_utf8(bad) or f"it holds U+{ord(bad):04X}, a lone surrogate, which UTF-8 cannot hold"
             return FunGPTError(f"the {self.describe()} cannot encode the text: {why}")
         what = f"character {bad!r} is not in its vocabulary" if bad is not None else str(error)
-        return FunGPTError(f"the {self.describe()} cannot encode the text: {what}; remove it from the text, or use a "
-                           f"tokenizer that covers it")
+        # (a model folder's tokenizer comes with its weights: a fine-tune cannot pick another, so not "use another")
+        return FunGPTError(f"the {self.describe()} cannot encode the text: {what}; remove it from the text (this "
+                           f"tokenizer belongs to its model's weights), or start from a model whose tokenizer "
+                           f"covers it")
 
     def decode(self, ids: Iterable[int]) -> str:
         # skip_special_tokens=False keeps <|endoftext|> so decode(encode(s)) == s.

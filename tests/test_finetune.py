@@ -237,6 +237,12 @@ def test_a_plain_gptconfig_with_init_from_takes_the_checkpoints_architecture(hf_
     merged = pretrained.merge_model_config(GPTConfig(init_from=str(hf_dir)), pretrained.resolve(str(hf_dir)).config,
                                            default_model())
     assert (merged.n_layer, merged.n_embd, merged.block_size) == (2, 32, 64)
+    # a context asked for that is also the run's default counts (it was dropped: with a real GPT-2, the fine-tune ran
+    # at 1024 positions, 16x the memory asked for); the run's default here 16, as 64 is for a real run
+    ctx16 = dataclasses.replace(default_model(), block_size=16)
+    merged = pretrained.merge_model_config(GPTConfig(init_from=str(hf_dir), block_size=16),
+                                           pretrained.resolve(str(hf_dir)).config, ctx16)
+    assert merged.block_size == 16
     with pytest.raises(FunGPTError, match=r"n_layer = 6 \(the checkpoint has 2\)"):  # a size set still counts
         pretrained.merge_model_config(GPTConfig(init_from=str(hf_dir), n_layer=6),
                                       pretrained.resolve(str(hf_dir)).config, default_model())
@@ -327,7 +333,8 @@ def test_export_char_run_tokenizer_loads_in_transformers(corpus, tmp_path):
     assert tuned["step"] == 10
     # (named: a fine-tune's tokenizer is its pretrained model's, not one the user chose)
     with pytest.raises(FunGPTError, match=r"^the hf tokenizer from .*exp \(\d+ tokens\) cannot encode the text: "
-                                          r"character 'é' is not in its vocabulary"):
+                                          r"character 'é' is not in its vocabulary; remove it from the text \(this "
+                                          r"tokenizer belongs to its model's weights\)"):
         load_tokenizer(tmp_path / "tuned").encode("café")
 
 

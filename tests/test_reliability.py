@@ -658,9 +658,25 @@ def test_messages_give_advice_that_works_where_they_are_seen(world, tmp_path, ca
     (llama / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 32000, "hidden_size": 64}))
     with pytest.raises(FunGPTError, match=r"holds a 'llama' model: only GPT-2 checkpoints can be loaded$"):
         GPT.from_hf(llama)
-    with pytest.raises(FunGPTError, match=r"is a FunGPT run, not a Hugging Face GPT-2 folder: continue it with "
-                                          r"`fungpt train --resume --out-dir=.*run`"):
+    with pytest.raises(FunGPTError, match=r"is a FunGPT run, not a Hugging Face GPT-2 folder: `fungpt train --resume "
+                                          r"--out-dir=.*run` continues it on its own data; to fine-tune it on other "
+                                          r"text, make a Hugging Face folder of it with `fungpt export --run .*run"):
         GPT.from_hf(world["run"])
+    # one of its checkpoints was "no Hugging Face model (config.json missing)": adding one led to advice to --resume
+    # the checkpoint folder
+    for folder in (ckpt.find_checkpoint(world["run"], "best"), Path(world["run"]) / "checkpoints"):
+        with pytest.raises(FunGPTError, match=r"is a checkpoint of the FunGPT run '.*run', not a Hugging Face GPT-2 "
+                                              r"folder: `fungpt train --resume"):
+            GPT.from_hf(folder)
+    # a model without GPT-2's form was sent to an export that refuses it
+    rope = tmp_path / "rope"
+    rope.mkdir()
+    saved = json.loads((Path(world["run"]) / "config.json").read_text())
+    saved["model"]["pos_encoding"] = "rope"
+    (rope / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(FunGPTError, match=r"continues it on its own data; init_from takes Hugging Face GPT-2 folders, "
+                                          r"and this run's model has no such form \(pos_encoding='rope'"):
+        GPT.from_hf(rope)
 
 
 def test_resuming_from_another_folder_says_where_a_relative_data_path_is_found(world, tmp_path, monkeypatch,
