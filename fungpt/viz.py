@@ -330,7 +330,9 @@ def plot_positions(kind: str, out: str | Path, run=None, block_size: int | None 
             fig.colorbar(im, ax=axes[1])
             for i in sorted({0, 6, 16, 32, 2 * (n_embd // 4)}):  # even channels: the sines (odd ones are cosines)
                 if i < n_embd:
-                    axes[2].plot(table[:, i].numpy(), label=f"channel {i}", lw=1.2)
+                    # (markers where there are few positions: a line through one point draws nothing)
+                    axes[2].plot(table[:, i].numpy(), label=f"channel {i}", lw=1.2,
+                                 marker="o" if block_size <= 16 else None, ms=3)
             axes[2].set(title="channels 2i: sin(p / 10000^(2i/C)), fast to slow", xlabel="position p",
                         ylabel="value")
             axes[2].legend(fontsize=7)
