@@ -702,10 +702,16 @@ def encode_file(
 _HOST = socket.gethostname().replace("-", "_") or "host"  # in temporary folder names: OUT.tmp-HOST-PID
 
 
+NOT_THE_TOKENS = ("source", "train_bytes", "train_chars", "val_bytes", "val_chars", "bytes_exclude_eot")
+"""meta.json keys that describe the text, not the tokens: `source`, the path as it was typed (./corpus.txt or
+corpus.txt, one text), and the sizes for bits per byte and per character, which the README has users add by hand
+to a folder of their own ids (while a run trains on it, too)."""
+
+
 def same_dataset(meta: dict, other: dict) -> bool:
-    """Whether two prepared folders' meta.json describe the same tokens: all but `source`, the path as it was typed
-    (./corpus.txt or corpus.txt, one text)."""
-    return {k: v for k, v in meta.items() if k != "source"} == {k: v for k, v in other.items() if k != "source"}
+    """Whether two prepared folders' meta.json describe the same tokens: all keys but NOT_THE_TOKENS."""
+    return ({k: v for k, v in meta.items() if k not in NOT_THE_TOKENS}
+            == {k: v for k, v in other.items() if k not in NOT_THE_TOKENS})
 
 
 def _put_back(old: Path, out: Path) -> None:
@@ -1416,7 +1422,7 @@ class BatchLoader:
         # One fancy-index gathers all windows at once: row b holds tokens
         # starts[b] .. starts[b] + block_size (block_size + 1 of them).
         windows = torch.from_numpy(data[starts.numpy()[:, None] + self._offsets].astype(np.int64))
-        _check_ids(windows, self.meta["vocab_size"], self.path)
+        _check_ids(windows, self.meta["vocab_size"], self.path, self.meta)
         self.batches_drawn += 1
         # Copies (not .contiguous(), which returns a view when batch_size is 1): x and y must not share
         # memory, or a caller that masks targets in y would change x too (eval_windows below did)
@@ -1438,14 +1444,15 @@ class BatchLoader:
         self.batches_drawn = int(state["batches_drawn"])
 
 
-def _check_ids(windows: torch.Tensor, vocab_size: int, source: Path | str) -> None:
+def _check_ids(windows: torch.Tensor, vocab_size: int, source: Path | str, meta: dict | None) -> None:
     """Refuse a batch holding an id past the vocabulary (a .bin damaged after prepare checked it, which
     check_token_ids does not read again): the embedding would fail with a raw IndexError, or on a GPU a
-    device-side assert. One max over the batch's ids on the CPU, microseconds."""
+    device-side assert. One max over the batch's ids on the CPU, microseconds. meta: the folder's meta.json, for
+    the advice (a folder of one's own ids has no text to prepare again; see mend)."""
     top = int(windows.max())
     if top >= vocab_size:
         raise FunGPTError(f"{source} holds token id {top}, but the vocabulary has {vocab_size} (ids 0.."
-                          f"{vocab_size - 1}): the file is damaged; prepare the data again with `fungpt prepare`")
+                          f"{vocab_size - 1}): the file is damaged; {mend(meta)}")
 
 
 def eval_windows(
@@ -1456,6 +1463,7 @@ def eval_windows(
     ignore_index: int = -1,
     vocab_size: int | None = None,
     source: Path | str = "the data",
+    meta: dict | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (x, y) batches, each (B, T), that score every token of `tokens` exactly once.
 
@@ -1466,7 +1474,8 @@ def eval_windows(
     (skip them in the loss, e.g. F.cross_entropy(..., ignore_index=-1)): the tail
     keeps a full context instead of being padded. Text shorter than a window gives one
     shorter window (T = n - 1). The last batch may be smaller. n - 1 targets in all.
-    With vocab_size, a batch holding an id past the vocabulary is refused, naming `source`.
+    With vocab_size, a batch holding an id past the vocabulary is refused, naming `source`, with advice for the
+    folder whose meta.json is `meta` (None: a text just encoded, or unknown).
     """
     n = len(tokens)
     if n < 2:
@@ -1485,7 +1494,7 @@ def eval_windows(
             batch_starts[-1] = n - 1 - T
         windows = torch.from_numpy(np.asarray(tokens[batch_starts[:, None] + offsets]).astype(np.int64))
         if vocab_size is not None:
-            _check_ids(windows, vocab_size, source)
+            _check_ids(windows, vocab_size, source, meta)
         # Copies, not views: with one window in the batch, both slices are already contiguous, and y's
         # ignore_index below would also have written into x (x held -1s: an IndexError in the embedding)
         x = windows[:, :-1].clone()  # (B, T)
@@ -1508,4 +1517,4 @@ def iter_eval_windows(
     check_split_fits(meta, block_size)
     path = Path(data_dir) / f"{split}.bin"
     data = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
-    yield from eval_windows(data, block_size, batch_size, device, ignore_index, meta["vocab_size"], path)
+    yield from eval_windows(data, block_size, batch_size, device, ignore_index, meta["vocab_size"], path, meta)

@@ -28,7 +28,7 @@ def default_prompt_ids(run: LoadedRun) -> list[int]:
     if getattr(tok, "eot_id", None) is not None:
         return [tok.eot_id]
     try:
-        return tok.encode("\n")
+        return tok.encode("\n") or [0]  # (a tokenizer that drops whitespace, BERT's, encodes it as nothing)
     except FunGPTError:
         return [0]
 
@@ -225,7 +225,7 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
         made, end = "", None  # the sample's text so far, as written (searched for `stop`); where `stop` ended it
         # With byte-level BPE a character can span several tokens: the stream prints each character once
         # its last token has come (tokenizer.TextStream)
-        stream = TextStream(loaded.tokenizer)
+        stream = TextStream(loaded.tokenizer, context=ids if prompt else ())  # (after the prompt written above)
         shown = _TerminalStream() if terminal else (lambda piece, last=False: piece)
         for tok in loaded.model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k,
                                                 top_p=top_p, generator=gen):
@@ -250,7 +250,7 @@ def sample(run: str | Path, prompt: str | None = None, prompt_file: str | Path |
         if out is not None:
             out.write(shown(rest, last=True) + "\n")
             out.flush()
-        texts.append(made if end is not None else loaded.tokenizer.decode(new))
+        texts.append(made + rest)  # (as written: a decoder that looks back reads the first token after the prompt)
     return texts
 
 
@@ -407,6 +407,7 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
     loaded = load_run(run, checkpoint, device)
     note = None  # a line for the reader of the numbers, if they need one
     changed = None  # with the run's val split: a note that it was prepared again since, if it was
+    meta = None  # with the run's val split: its folder's meta.json
     if input is not None:
         path = Path(input).expanduser()
         if not path.exists():
@@ -486,7 +487,7 @@ def evaluate_run(run: str | Path, input: str | Path | None = None, checkpoint: s
         batch_size = default_eval_batch(T, loaded.model.config.vocab_size)
     # (ids read from a .bin are checked against the vocabulary, batch by batch: the file may be damaged)
     windows = eval_windows(tokens, T, batch_size, device=loaded.device, vocab_size=loaded.model.config.vocab_size,
-                           source=getattr(tokens, "filename", None) or source)
+                           source=getattr(tokens, "filename", None) or source, meta=meta)
     batches = math.ceil(math.ceil((len(tokens) - 1) / T) / batch_size)  # windows of T targets, B per batch
     with eval_bar(batches, "eval", progress, delay=0) as bar:  # (a long text or val split can take minutes)
         total_nll, total_tokens = score_windows(loaded.model, counted(windows, bar))

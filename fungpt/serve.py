@@ -454,7 +454,7 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
         stream = now.model.generate_stream(idx, req.max_new_tokens, temperature=req.temperature, top_k=req.top_k,
                                        top_p=req.top_p, generator=gen, yield_logits=True)
         new: list[int] = []
-        pieces = TextStream(tok)
+        pieces = TextStream(tok, context=prompt_ids if req.prompt else ())  # (the pieces follow the prompt)
         eot = tok.eot_id if req.stop_at_eot else None  # (None for a char tokenizer: it has no such token)
         at_eot = False
         made, end = "", None  # the text so far (searched for req.stop); where req.stop ended it
@@ -486,9 +486,10 @@ def _build_app(run: LoadedRun, checkpoint: str, max_prompt_chars: int, max_promp
                            "piece": piece, "prob": round(prob, 5), "top": top})
                 if end is not None:
                     break
-            # tail: bytes that never completed a character (U+FFFD), so that the pieces join into the text
-            yield sse({"type": "done", "text": made if end is not None else tok.decode(new),
-                       "tail": "" if end is not None else pieces.flush(), "n_tokens": len(new),
+            # tail: bytes that never completed a character (U+FFFD), so that the pieces join into the text (the
+            # pieces', not tok.decode(new): a decoder that looks back reads the first one after the prompt)
+            tail = "" if end is not None else pieces.flush()
+            yield sse({"type": "done", "text": made + tail, "tail": tail, "n_tokens": len(new),
                        "stopped_at_eot": at_eot, "stopped_at_stop": end is not None})
         except Exception as e:  # the response has started: report in the stream, the page shows it
             yield sse({"type": "error", "error": str(e) if isinstance(e, FunGPTError) else f"generation failed: {e!r}"})

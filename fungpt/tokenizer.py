@@ -45,7 +45,7 @@ import re
 import sys
 import threading
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -302,9 +302,12 @@ class TextStream:
 
     CONTEXT = 16  # ids of context for a decoder that looks back (its rules look a token or two back)
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = ()):
+        """context: the ids before the first one added, a prompt written out already (for a decoder that looks back:
+        Metaspace starts a text without its first space, so "ROMEO:" + "▁good" read "ROMEO:good")."""
         self.tokenizer, self.pending = tokenizer, []
-        self.context: list[int] = []  # (decodings that do not join: the last ids given out, for their context)
+        # (decodings that do not join: the last ids given out, for their context)
+        self.context: list[int] = [] if tokenizer.joins_decodings else list(context)[-self.CONTEXT:]
 
     def add(self, token_id: int) -> str:
         self.pending.append(token_id)

@@ -1547,11 +1547,33 @@ def test_a_folder_of_own_ids_is_told_what_to_correct_not_to_prepare_again(tmp_pa
         check_token_ids(past, load_meta(past))  # (its upper half 0 and lower half 50: not two uint16 ids)
     fine = folder("fine", ids)
     assert check_token_ids(fine, load_meta(fine)) is None  # right as it is: nothing said
+    # an id damaged after that check, found by a training batch or an eval window: not "prepare the data again"
+    spoilt = np.memmap(fine / "val.bin", dtype=np.uint16, mode="r+")
+    spoilt[:] = 60000
+    spoilt.flush()
+    del spoilt
+    with pytest.raises(FunGPTError, match=r"val.bin holds token id 60000, but the vocabulary has 50 \(ids 0..49\): the "
+                                          r"file is damaged; correct meta.json or the files \(README"):
+        next(iter_eval_windows(fine, "val", 16, 4))
+    with pytest.raises(FunGPTError, match=r"the file is damaged; correct meta.json or the files \(README"):
+        BatchLoader(fine, "val", batch_size=4, block_size=16).next_batch()
     prepared = prepare(corpus, tmp_path / "p", tokenizer="char", progress=False)
     with open(prepared / "train.bin", "ab") as f:
         f.write(b"\0\0")
     with pytest.raises(FunGPTError, match=r"\(\d+ bytes\); run `fungpt prepare --overwrite` again$"):
         load_meta(prepared)
+
+
+def test_sizes_of_the_text_added_to_meta_json_leave_the_dataset_the_same(tmp_path, corpus):
+    """The README has users add val_bytes and val_chars to a folder of their own ids for bits per byte: added while
+    a run trained on it, the run stopped, its data "prepared again". The tokens' own keys still count."""
+    from fungpt.data import same_dataset
+
+    meta = load_meta(prepare(corpus, tmp_path / "p", tokenizer="char", progress=False))
+    sized = {k: v for k, v in meta.items() if k not in ("val_bytes", "val_chars")}
+    assert same_dataset(meta, sized) and same_dataset(meta, {**meta, "source": "./" + str(meta["source"])})
+    assert not same_dataset(meta, {**meta, "val_tokens": meta["val_tokens"] + 1})
+    assert not same_dataset(meta, {**meta, "source_sha256": "0" * 64})
 
 
 def test_a_split_of_separators_alone_is_refused_before_anything_is_written(tmp_path):

@@ -986,6 +986,44 @@ def test_a_stream_that_ends_inside_a_character_ends_with_its_tail(run_dir, monke
     assert out.getvalue() == "the caf\ufffd\n"
 
 
+def test_a_sample_after_a_prompt_keeps_the_space_a_metaspace_decoder_reads_off_its_place(run_dir, monkeypatch):
+    """SentencePiece's Metaspace (Llama's tokenizer.json) and WordPiece decode a text's first token without its
+    space: the new tokens, decoded without the prompt before them, read "ROMEO:good night" in `fungpt sample` and the
+    explorer, where decoding all ids gives "ROMEO: good night". A WordPiece vocabulary that encodes "\n" as nothing
+    also made `fungpt sample` with no prompt say "pass a non-empty prompt"."""
+    import dataclasses
+    import io
+
+    from tokenizers import Tokenizer as HFLib
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from fungpt.sample import default_prompt_ids
+    from fungpt.tokenizer import HFTokenizer
+
+    vocab = {"[UNK]": 0, "\u2581ROMEO:": 1, "\u2581good": 2, "\u2581night": 3}
+    lib = HFLib(models.WordLevel(vocab, unk_token="[UNK]"))
+    lib.pre_tokenizer, lib.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    hf = HFTokenizer(lib)
+    assert not hf.joins_decodings and hf.encode("ROMEO:") == [1]
+    serve_scripted(run_dir, monkeypatch, hf, [2, 3])
+    with running_server(create_app(run_dir, device="cpu")) as base:
+        events = stream_events(base, prompt="ROMEO:", max_new_tokens=2, temperature=0)
+    assert hf.decode([1, 2, 3]) == "ROMEO: good night"
+    assert "".join(e["piece"] for e in events if e["type"] == "token") == events[-1]["text"] == " good night"
+    out = io.StringIO()
+    assert sample(run_dir, prompt="ROMEO:", max_new_tokens=2, out=out) == [" good night"]
+    assert out.getvalue() == "ROMEO: good night\n"
+    # no prompt: the text starts as decoding starts it (no space)
+    assert sample(run_dir, max_new_tokens=2, out=io.StringIO()) == ["good night"]
+    # WordPiece after a whitespace-splitting pre-tokenizer (BERT's): "\n", the default start without an
+    # end-of-text token, encodes to nothing, and was refused as an empty prompt nobody gave
+    lib = HFLib(models.WordLevel({"[UNK]": 0, "good": 1, "night": 2}, unk_token="[UNK]"))
+    lib.pre_tokenizer, lib.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece()
+    bert = HFTokenizer(lib)
+    assert bert.encode("\n") == [] and bert.eot_id is None
+    assert default_prompt_ids(dataclasses.replace(load_run(run_dir, device="cpu"), tokenizer=bert)) == [0]
+
+
 def test_a_sample_ends_at_endoftext_as_fungpt_samples_does(run_dir, monkeypatch):
     """The explorer ran on past <|endoftext|> into a second document, with the marker in its text: the same seed
     gave other text than `fungpt sample`, which ends a sample there."""
