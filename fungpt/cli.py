@@ -698,7 +698,16 @@ def export_command(run: RunFolder, out: str, checkpoint: Literal["last", "best"]
         checkpoint: last (latest weights) or best (lowest val loss).
     """
     from fungpt.pretrained import export_hf
+    from fungpt.runs import last_val_loss, overfit_note
 
+    if checkpoint == "last":  # (a model to share: its outputs NaN were exported without a word)
+        last = last_val_loss(run)
+        if last is not None and not math.isfinite(last[1]):
+            raise FunGPTError(f"the last checkpoint of {run} (step {last[0]:,}) has val loss {last[1]}: its training "
+                              f"diverged, and transformers would compute NaN from its export; export the run's best "
+                              f"with --checkpoint best, or train again with a lower train.lr")
+        if note := overfit_note(run):
+            print(note, file=sys.stderr)
     # (OUT as export_hf names it, resolved: its other messages name it so)
     with said_on_ctrl_c(f"nothing was written to {Path(out).expanduser().resolve()}; run the command again to export"):
         path = export_hf(run, out, checkpoint=checkpoint)

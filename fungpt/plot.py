@@ -188,6 +188,12 @@ def _loss_figure(curves: list, xlabel: str):
                     markevery=lone or None, ms=3, label=f"{name} train")
         if ev_x:
             ax.plot(ev_x, ev_y, color=color, ls=style, lw=2, marker="o", ms=3, label=f"{name} val")
+            # NaN or infinite evals (a diverged run) draw nothing: crosses at the top edge say where they are, and
+            # keep the x axis to the run's end (it stopped at the last finite point, step 1 of a 10-step run)
+            lost = [x for x, y in zip(ev_x, ev_y) if not math.isfinite(y)]
+            if lost:
+                ax.plot(lost, [1.0] * len(lost), ls="", marker="x", ms=7, mew=2, color=color, clip_on=False,
+                        transform=ax.get_xaxis_transform(), label=f"{name} val not finite (at the top)")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.set_title("FunGPT loss curves")

@@ -105,6 +105,27 @@ def _file_id(path: Path) -> tuple[int, int] | None:
     return st.st_ino, st.st_mtime_ns
 
 
+def _no_checkpoint(run_dir: Path, checkpoint: str) -> str:
+    """Why a run that is not training has no `checkpoint` (last or best): never trained, or trained and saved none
+    ("train it first" was said to a run whose weights diverged, so that their save was refused, or whose every eval
+    was NaN, so that no best was kept)."""
+    from fungpt.plot import read_metrics
+
+    try:
+        steps, evals = read_metrics(run_dir)
+    except (FunGPTError, OSError):
+        steps, evals = [], []
+    if not steps:
+        return f"{run_dir} has no {checkpoint} checkpoint yet (train it first)"
+    if checkpoint == "best" and evals and not any(math.isfinite(r["val_loss"]) for r in evals if "val_loss" in r):
+        return (f"{run_dir} has no best checkpoint: no eval of it gave a finite val loss (its training diverged); "
+                f"train it again with a lower train.lr")
+    # (a best of step 0 holds the starting weights: not pointed at)
+    return (f"{run_dir} has no {checkpoint} checkpoint, though it trained to step {steps[-1]['step']:,}: its weights "
+            f"diverged (a save of non-finite weights is refused), or it stopped before its first save; train it again "
+            f"(with a lower train.lr if it diverged)")
+
+
 def _load(run_dir: Path, folder: Path | None, checkpoint: str, dev: str) -> LoadedRun:
     cfg = load_run_config(run_dir)
     if folder is None:
@@ -118,7 +139,7 @@ def _load(run_dir: Path, folder: Path | None, checkpoint: str, dev: str) -> Load
                               + (" (or now with --checkpoint best: its best so far)" if best else ""))
         if best:  # (its latest lost, a full disk: its best weights are there)
             raise FunGPTError(f"{run_dir} has no last checkpoint, but a best one: pass --checkpoint best")
-        raise FunGPTError(f"{run_dir} has no {checkpoint} checkpoint yet (train it first)")
+        raise FunGPTError(_no_checkpoint(run_dir, checkpoint))
     best = _named(run_dir, "best") if checkpoint == "last" and not folder.is_dir() else None
     if best is not None and best.is_dir():
         raise FunGPTError(f"{run_dir}'s last checkpoint folder {folder.name} is missing (its pointer latest.json "
@@ -158,27 +179,45 @@ OVERFIT_MARGIN = 0.01
 less is within what an estimate from eval_iters random batches varies (BENCHMARKS.md, the GPU session)."""
 
 
-def overfit_note(run_dir: str | Path) -> str | None:
-    """A note for using the last checkpoint of a run whose val loss has risen since its best one (overfitting, as
-    nanoGPT's GPU recipe does after ~1,750 steps on a fast GPU, or a too-high lr); None when the last is (about)
-    the best, or when the files needed to tell are missing (the command itself then says what is wrong)."""
+def last_val_loss(run_dir: str | Path) -> tuple[int, float] | None:
+    """(step, val loss logged there) of the run's last checkpoint; None when it has none, no eval was logged at its
+    step, or the files needed to tell are missing (the command itself then says what is wrong)."""
     from fungpt.plot import read_metrics
 
     if not str(run_dir).strip():
         return None  # (the command itself says the run folder is empty)
     run_dir = Path(run_dir).expanduser()  # (~ quoted on a command line reaches us as it is)
     try:
-        latest, best = ckpt.find_checkpoint(run_dir, "latest"), ckpt.find_checkpoint(run_dir, "best")
-        if latest is None or best is None:
+        latest = ckpt.find_checkpoint(run_dir, "latest")
+        if latest is None:
             return None
         last_step = read_json(latest / ckpt.MANIFEST_FILE)["step"]
-        best_info = read_json(best / ckpt.MANIFEST_FILE)
-        best_step, best_val = best_info["step"], float(best_info["val_loss"])
         last_vals = [row["val_loss"] for row in read_metrics(run_dir)[1] if row.get("step") == last_step]
-        last_val = float(last_vals[-1]) if last_vals else None  # (the last row: a resumed run may log a step twice)
+        # (the last row: a resumed run may log a step twice)
+        return (int(last_step), float(last_vals[-1])) if last_vals else None
     except (FunGPTError, OSError, ValueError, KeyError, TypeError):
         return None
-    if last_val is None or not best_step < last_step or not math.isfinite(best_val):
+
+
+def overfit_note(run_dir: str | Path) -> str | None:
+    """A note for using the last checkpoint of a run whose val loss has risen since its best one (overfitting, as
+    nanoGPT's GPU recipe does after ~1,750 steps on a fast GPU, or a too-high lr); None when the last is (about)
+    the best, or when the files needed to tell are missing (the command itself then says what is wrong)."""
+    last = last_val_loss(run_dir)
+    if last is None:
+        return None
+    last_step, last_val = last
+    try:
+        best = ckpt.find_checkpoint(Path(run_dir).expanduser(), "best")
+        if best is None:
+            return None
+        best_info = read_json(best / ckpt.MANIFEST_FILE)
+        best_step, best_val = best_info["step"], float(best_info["val_loss"])
+    except (FunGPTError, OSError, ValueError, KeyError, TypeError):
+        return None
+    if not best_step < last_step or not math.isfinite(best_val):
+        return None
+    if not math.isfinite(last_val) and best_step == 0:  # (the starting weights: nothing to point at)
         return None
     if not math.isfinite(last_val):  # (nan > best is False: a diverged run's last checkpoint was not named)
         return (f"fungpt: note: the last checkpoint (step {last_step:,}) has val loss {last_val}: its training "

@@ -1395,11 +1395,14 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
                 say(f"fungpt: note: train.max_iters = {tc.max_iters:,} ended this run after "
                     f"{format_duration(clock.elapsed())} of its {format_duration(clock.budget_s)} budget "
                     f"(train.max_minutes); raise max_iters for a budget to end the run")
-            if not math.isfinite(losses["val"]):  # (finite weights whose outputs overflow: no guard above sees them)
+            # (finite weights whose outputs overflow: no guard above sees them; non-finite weights are refused by
+            # the save below, in its own words)
+            if not math.isfinite(losses["val"]) and all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                best_at = ckpt.saved_step(out_dir, "best") if ddp.is_main else None
                 say("fungpt: warning: the final val loss is not a finite number: the model's outputs overflow (its "
                     "training diverged; train.skip_nonfinite only skips such steps) and sampling it will fail; "
-                    + (f"its best checkpoint (val loss {best_val:.4f}) still works: pass "
-                       "--checkpoint best to sample or evaluate it; or " if math.isfinite(best_val) else "")
+                    + (f"its best checkpoint (step {best_at:,}, val loss {best_val:.4f}) still works: pass "
+                       "--checkpoint best to sample or evaluate it; or " if best_at else "")  # (step 0: a new model)
                     + f"train again: {lower_lr(tc)[0].lower()}{lower_lr(tc)[1:]}")
             if final_eval or saved_at != step:
                 do_save()  # (a signal meanwhile: the run ends as it would have, this save done)

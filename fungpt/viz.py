@@ -101,6 +101,11 @@ def attention_maps(model, ids, *, last: int | None = None, layer: int | None = N
         _, _, attn = model(idx[:, T - Q :], kv_cache=cache, return_attn=True)  # n_layer x (1, nh, Q, T)
     finally:
         model.train(was_training)
+    # A diverged model's NaN weights drew as the colormap's "bad" grey, the masked future's colour: a blank picture
+    if not all(bool(torch.isfinite(a).all()) for a in attn):
+        raise FunGPTError("the attention weights are not finite numbers (NaN): the model's activations overflow, its "
+                          "training diverged; look at an earlier checkpoint (--checkpoint best) or train again with "
+                          "a lower train.lr")
     if layer is not None:
         return attn[layer][0].float().cpu()  # (nh, Q, T)
     return torch.stack([a[0] for a in attn]).float().cpu()  # (n_layer, nh, Q, T)
@@ -234,8 +239,10 @@ def plot_attention(weights: torch.Tensor, labels: list[str], out: str | Path, la
 
 def cosine_similarity_matrix(table: torch.Tensor) -> torch.Tensor:
     """(T, C) position vectors -> (T, T) cosine similarities: 1 on the diagonal, near 1 = alike."""
-    unit = torch.nn.functional.normalize(table.float(), dim=-1)  # (T, C), rows of length 1
-    return unit @ unit.T  # (T, T)
+    # (in float64: a row's length squared overflows float32 past entries of about 1e19, a diverged run's, and every
+    # similarity came out 0, the diagonal too)
+    unit = torch.nn.functional.normalize(table.double(), dim=-1)  # (T, C), rows of length 1
+    return (unit @ unit.T).float()  # (T, T)
 
 
 def rope_relative_scores(block_size: int, head_size: int, base: float = 10000.0, seed: int = 0,

@@ -344,7 +344,9 @@ def test_a_run_with_a_best_checkpoint_but_no_latest_says_so_when_resumed(world, 
         (out / pointer).unlink()
     ckpt.save_checkpoint(out, "best", 0, GPT(load_run_config(out).model))
     assert_one_line_error(*run_cli(["sample", out, "--max-new-tokens", "3"], capsys),
-                          f"{out} has no last checkpoint yet (train it first)")
+                          f"{out} has no last checkpoint, though it trained to step 2: its weights diverged (a save of "
+                          f"non-finite weights is refused), or it stopped before its first save; train it again (with "
+                          f"a lower train.lr if it diverged)")
     assert main(["train", "--out-dir", str(out), "--resume", "--train.max-iters", "2"]) == 0
     assert "has no checkpoint yet (stopped before its first save): starting from step 0" in capsys.readouterr().out
 
@@ -527,6 +529,29 @@ def test_a_symlinked_lock_file_is_refused_and_its_target_left_alone(world, tmp_p
     assert victim.read_text() == "important\n"
 
 
+def test_a_diverged_run_without_a_best_checkpoint_is_not_told_to_train_first(world, tmp_path):
+    """A time-budget run skips the step-0 eval; if every later eval is NaN, no best is kept: --checkpoint best said
+    "has no best checkpoint yet (train it first)" of a run that had trained."""
+    out = copy_run(world, tmp_path)
+    for pointer in ("best.json",):
+        (out / pointer).unlink()
+    for folder in (out / "checkpoints").glob("best-*"):
+        shutil.rmtree(folder)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        if "val_loss" in row:
+            row["val_loss"] = float("nan")
+    (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(FunGPTError, match=r"has no best checkpoint: no eval of it gave a finite val loss \(its "
+                                          r"training diverged\); train it again with a lower train.lr$"):
+        load_run(out, checkpoint="best")
+    fresh = tmp_path / "fresh"  # (never trained: as before)
+    fresh.mkdir()
+    shutil.copy(out / "config.json", fresh / "config.json")
+    with pytest.raises(FunGPTError, match=r"has no best checkpoint yet \(train it first\)$"):
+        load_run(fresh, checkpoint="best")
+
+
 @pytest.mark.skipif(os.name == "nt", reason="the run lock is POSIX-only")
 def test_a_run_training_before_its_first_checkpoint_is_not_told_to_train_first(world, tmp_path):
     """`fungpt serve` (or sample) on a run that had started but not saved yet said "train it first", which would
@@ -539,7 +564,8 @@ def test_a_run_training_before_its_first_checkpoint_is_not_told_to_train_first(w
     shutil.move(out / "checkpoints", kept)
     shutil.move(out / "best.json", kept / "best.json")
     (out / "latest.json").unlink()
-    with pytest.raises(FunGPTError, match=r"has no last checkpoint yet \(train it first\)$"):
+    with pytest.raises(FunGPTError, match=r"has no last checkpoint, though it trained to step 2: .* or it stopped "
+                                          r"before its first save; train it again"):
         load_run(out)
     holder = subprocess.Popen([sys.executable, "-c", f"""
 import fcntl, sys, time
@@ -1622,15 +1648,33 @@ def test_a_run_whose_final_val_loss_is_not_finite_says_so(world, tmp_path, capsy
     assert not math_isfinite(result["val_loss"]) and result["trained"]
     said = capsys.readouterr().out
     assert "fungpt: warning: the final val loss is not a finite number: the model's outputs overflow" in said
-    assert "its best checkpoint (val loss " in said and "pass --checkpoint best" in said  # step 0's, finite
+    assert "--checkpoint best" not in said  # (its best is step 0's: the starting weights)
     # eval refuses a NaN loss in one line (it printed "loss nan", exit 0, and blamed random batches for the
-    # difference from the logged NaN), and the note before it names the run's best, as for an overfitted run (NaN
-    # compared as not worse than the best, so no note)
+    # difference from the logged NaN)
     assert main(["eval", str(out)]) == 2
     err = capsys.readouterr().err
     assert "the loss is nan: the model's outputs are not finite numbers" in err and "random batch" not in err
-    assert "has val loss nan: its training diverged; the run's best (step 0, val loss " in err
-    assert main(["eval", str(out), "--checkpoint", "best"]) == 0
+    assert "--checkpoint best" not in err
+    # a run that diverged after a good eval: train's warning and the note of sample and eval name its best (NaN
+    # compared as not worse than the best, so that note was not given)
+    good = tmp_path / "good"
+    train(tiny_config(world["data"], good, max_iters=4, eval_interval=2), progress=False)
+    capsys.readouterr()
+    train(tiny_config(world["data"], good, max_iters=8, eval_interval=2, skip_nonfinite=True, lr=1e30, min_lr=0.0,
+                      warmup_iters=0), resume=True, progress=False)
+    best = ckpt.folder_step(ckpt.find_checkpoint(good, "best"))
+    assert best in (2, 4)
+    assert f"its best checkpoint (step {best}, val loss " in capsys.readouterr().out
+    assert main(["eval", str(good)]) == 2
+    assert f"has val loss nan: its training diverged; the run's best (step {best}, val loss " in capsys.readouterr().err
+    assert main(["eval", str(good), "--checkpoint", "best"]) == 0
+    # an export of the diverged weights (NaN in transformers) is refused; of the best, made
+    capsys.readouterr()
+    assert main(["export", str(good), "--out", str(tmp_path / "exp")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: the last checkpoint of {good} (step 8) has val loss nan: its "
+                                              f"training diverged, and transformers would compute NaN from its export")
+    assert not (tmp_path / "exp").exists()
+    assert main(["export", str(good), "--out", str(tmp_path / "exp"), "--checkpoint", "best"]) == 0
     # the command does not go on to invite a sample that would fail
     assert main(["train", "--data.path", str(world["data"]), "--out-dir", str(tmp_path / "cli"), "--model.n-layer",
                  "1", "--model.n-embd", "16", "--model.n-head", "2", "--model.block-size", "16", "--train.batch-size",

@@ -461,6 +461,19 @@ def test_cosine_similarity_matrix():
     # every entry is the cosine of its two rows' angle (a matrix of ones passed the two checks above)
     torch.testing.assert_close(sim, torch.nn.functional.cosine_similarity(table[:, None], table[None], dim=-1))
     assert sim.min() < 0  # (random rows: some point apart)
+    # a diverged run's table (entries past 1e19): its rows' lengths overflowed float32, and every entry was 0
+    torch.testing.assert_close(cosine_similarity_matrix(table * 1e30), sim)
+
+
+def test_attention_maps_of_a_diverged_model_are_refused_not_drawn_blank():
+    """NaN weights drew as the colormap's "bad" grey, the colour of the masked future: a blank picture, exit 0 (and
+    nulls from the explorer's API)."""
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    with torch.no_grad():
+        model.blocks[0].attn.c_attn.weight.fill_(float("nan"))
+    with pytest.raises(FunGPTError, match=r"^the attention weights are not finite numbers \(NaN\): .* training "
+                                          r"diverged; look at an earlier checkpoint \(--checkpoint best\)"):
+        attention_maps(model, [1, 2, 3])
 
 
 # ---------------------------------------------------------------------------------------- plot
@@ -633,6 +646,21 @@ def test_plot_runs_says_what_it_cannot_draw_and_marks_a_point_left_alone(tmp_pat
     assert marked["a train"] == [3]  # step 40, between the NaN and the inf
     assert capsys.readouterr().err == (f"fungpt: note: {run} has 3 NaN or infinite loss(es) in its metrics.jsonl, "
                                        f"first at step 20: they cannot be drawn, so its curves break there\n")
+
+
+def test_a_diverged_runs_evals_are_marked_and_its_axis_reaches_its_end():
+    """Skipped steps log no train row and NaN evals draw nothing: a 10-step run that diverged after step 1 was drawn
+    as a 1-step run, its divergence nowhere in the figure."""
+    from fungpt.plot import _loss_figure
+
+    nan = float("nan")
+    fig = _loss_figure([("a", ([0, 1], [4.0, 3.9]), ([0, 5, 10], [4.1, nan, nan]))], "step")
+    ax = fig.axes[0]
+    assert ax.get_xlim()[1] >= 10
+    marks = [line for line in ax.get_lines() if line.get_label() == "a val not finite (at the top)"]
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == [5, 10] and marks[0].get_marker() == "x"
+    healthy = _loss_figure([("b", ([0, 1], [4.0, 3.9]), ([0, 1], [4.1, 4.0]))], "step")
+    assert len(healthy.axes[0].get_lines()) == 2  # (nothing added to a run without such evals)
 
 
 def test_plot_runs_whose_losses_are_all_nan_draws_nothing_and_says_so(tmp_path, capsys):
