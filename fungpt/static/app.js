@@ -111,7 +111,8 @@ async function loadInfo() {
   const params = info.params >= 1e6 ? `${(info.params / 1e6).toFixed(2)}M` : `${(info.params / 1e3).toFixed(1)}k`;
   $("run-summary").textContent =
     `${info.run} · step ${info.step} (${info.checkpoint}) · ${params} parameters · ` +
-    `${info.n_layer} layer${info.n_layer === 1 ? "" : "s"} × ${info.n_head} head${info.n_head === 1 ? "" : "s"} × ${info.n_embd} wide · context ${info.block_size} · ` +
+    `${info.n_layer} layer${info.n_layer === 1 ? "" : "s"} × ` +
+    `${info.n_head} head${info.n_head === 1 ? "" : "s"} × ${info.n_embd} wide · context ${info.block_size} · ` +
     `${info.tokenizer} tokenizer, ${info.vocab_size} tokens · ${info.device}`;
   fillSelect($("layer"), info.n_layer);
   fillSelect($("head"), info.n_head);
