@@ -697,15 +697,18 @@ def export_command(run: RunFolder, out: str, checkpoint: Literal["last", "best"]
             tokenizer_config.json to.
         checkpoint: last (latest weights) or best (lowest val loss).
     """
+    from fungpt import checkpoint as ckpt
     from fungpt.pretrained import export_hf
     from fungpt.runs import last_val_loss, overfit_note
 
     if checkpoint == "last":  # (a model to share: its outputs NaN were exported without a word)
         last = last_val_loss(run)
         if last is not None and not math.isfinite(last[1]):
+            best_at = ckpt.saved_step(run, "best")  # (a best of step 0 holds the random starting weights)
+            best = f"export the run's best (step {best_at:,}) with --checkpoint best, or " if best_at else ""
             raise FunGPTError(f"the last checkpoint of {run} (step {last[0]:,}) has val loss {last[1]}: its training "
-                              f"diverged, and transformers would compute NaN from its export; export the run's best "
-                              f"with --checkpoint best, or train again with a lower train.lr")
+                              f"diverged, and transformers would compute NaN from its export; {best}train again with "
+                              f"a lower train.lr")
         if note := overfit_note(run):
             print(note, file=sys.stderr)
     # (OUT as export_hf names it, resolved: its other messages name it so)

@@ -125,9 +125,12 @@ class GPTConfig:
                 "pos_encoding='rope' (dimensions are rotated in pairs): change n_embd or n_head"
             )
 
-        # LayerNorm of a single number outputs its bias whatever the number (x minus its mean is 0): a model whose
-        # norms see one feature cannot see its input (n_embd 1: constant logits; QK-norm at head size 1: q and k all
-        # 0, attention uniform). RMSNorm keeps the sign.
+    def check_new(self) -> None:
+        """Refuse what would make a new model blind, though it builds and trains (checked for new runs only: a run
+        saved with such a config still loads, samples and resumes). LayerNorm of a single number outputs its bias
+        whatever the number (x minus its mean is 0): a model whose norms see one feature cannot see its input
+        (n_embd 1: constant logits; QK-norm at head size 1: q and k all 0, attention uniform). RMSNorm keeps the
+        sign."""
         if self.norm == "layernorm" and self.n_embd == 1:
             raise FunGPTError("model config n_embd=1 with norm='layernorm': LayerNorm of one number is always its "
                               "bias, so the model could not see its input: use a larger n_embd, or norm='rmsnorm'")
@@ -135,7 +138,6 @@ class GPTConfig:
             raise FunGPTError(f"model config qk_norm with head size n_embd/n_head=1 and norm='layernorm': LayerNorm "
                               f"of one number is always its bias, so q and k would be constant and attention "
                               f"uniform: use fewer heads (n_head < {self.n_embd}), or norm='rmsnorm'")
-
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
         """Build a config from a dict (e.g. read from JSON); unknown keys are an error, not ignored."""

@@ -194,6 +194,8 @@ def dry_run(cfg: RunConfig, timed_steps: int = 3, out: Callable[[str], Any] = pr
         check_out_dir(cfg, resume, overwrite, check_lock=False)
     except HoldsARun as e:
         raise FunGPTError(f"{e} (with --dry-run, --overwrite deletes nothing)") from None
+    if not resume:
+        cfg.model.check_new()
     folder, manifest = resume_point(cfg)[1:3] if resume else (None, None)
     # (the pretrained weights a new fine-tune starts from are checked, before the data, as training reads them)
     cfg, data_dir, pre = resolve_model_and_data(cfg, progress=progress, model_named=model_named,

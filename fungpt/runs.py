@@ -120,10 +120,15 @@ def _no_checkpoint(run_dir: Path, checkpoint: str) -> str:
     if checkpoint == "best" and evals and not any(math.isfinite(r["val_loss"]) for r in evals if "val_loss" in r):
         return (f"{run_dir} has no best checkpoint: no eval of it gave a finite val loss (its training diverged); "
                 f"train it again with a lower train.lr")
-    # (a best of step 0 holds the starting weights: not pointed at)
-    return (f"{run_dir} has no {checkpoint} checkpoint, though it trained to step {steps[-1]['step']:,}: its weights "
-            f"diverged (a save of non-finite weights is refused), or it stopped before its first save; train it again "
-            f"(with a lower train.lr if it diverged)")
+    if checkpoint == "best" and ckpt.saved_step(run_dir, "latest") is not None:  # (a time budget skips step 0's eval)
+        return (f"{run_dir} has no best checkpoint yet: no eval of it has finished (a run on a time budget skips the "
+                f"one at step 0); use its last one (--checkpoint last), or resume it to its next eval")
+    # (skipped steps log no row: the last step is the largest logged, an eval's too; a best of step 0 holds the
+    # starting weights: not pointed at)
+    last = max(int(r["step"]) for r in steps + evals if "step" in r)
+    return (f"{run_dir} has no {checkpoint} checkpoint, though it trained to step {last:,}: its weights diverged (a "
+            f"save of non-finite weights is refused), or it stopped before its first save; train it again (with a "
+            f"lower train.lr if it diverged)")
 
 
 def _load(run_dir: Path, folder: Path | None, checkpoint: str, dev: str) -> LoadedRun:

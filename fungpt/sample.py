@@ -18,7 +18,7 @@ from fungpt.pretrained import is_pretrained
 from fungpt.rundata import resolve_data
 from fungpt.runs import LoadedRun, check_seed, data_dir_of, load_run, seeded_generator
 from fungpt.sampling import sampling_probs
-from fungpt.tokenizer import TextStream, Tokenizer, load_tokenizer
+from fungpt.tokenizer import TextStream, Tokenizer, decode_after, load_tokenizer
 from fungpt.viz import for_terminal, show_token  # (for_terminal: also imported from here)
 
 
@@ -294,6 +294,8 @@ def _sample_showing_probs(loaded: LoadedRun, idx: torch.Tensor, max_new_tokens: 
         top = f"up to {most} top" if (top_k or top_p) and temperature != 0 and most > 1 else f"top {most}"
         out.write(f"{'step':>5}  {'token':>6} {'p':>5}   | {top} candidate{'s' * (most != 1)}, probabilities {shown}\n")
     new: list[int] = []
+    # (the text after the prompt's last ids, as `sample` streams it: see tokenizer.decode_after)
+    context = idx[0].tolist()[-TextStream.CONTEXT:] if prompt else []
     stream = loaded.model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                           generator=gen, yield_logits=True)
     for step, (ids, logits) in enumerate(stream, start=1):
@@ -307,9 +309,9 @@ def _sample_showing_probs(loaded: LoadedRun, idx: torch.Tensor, max_new_tokens: 
         if token == eot:
             new.pop()
             break
-        if stop and stop in tok.decode(new):
+        if stop and stop in decode_after(tok, context, new):
             break
-    text = tok.decode(new)
+    text = decode_after(tok, context, new)
     if stop and stop in text:
         text = text[: text.index(stop) + len(stop)]  # (the last token may run past it)
     if out is not None:

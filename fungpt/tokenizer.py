@@ -284,6 +284,15 @@ class Tokenizer:
 # ---------------------------------------------------------------------------
 
 
+def decode_after(tokenizer: Tokenizer, context: Sequence[int], ids: Sequence[int]) -> str:
+    """The text of `ids` as it reads after the ids `context`: tokenizer.decode(ids) where decodings join (char,
+    byte-level BPE), else what decoding them after the context adds (Metaspace drops a text's first space, so that
+    "ROMEO:" then "▁good" decoded apart read "ROMEO:good")."""
+    if tokenizer.joins_decodings or not context:
+        return tokenizer.decode(ids)
+    return tokenizer.decode([*context, *ids])[len(tokenizer.decode(context)):]
+
+
 class TextStream:
     """Turns generated token ids, one at a time, into text pieces that join into tokenizer.decode(all ids).
 
@@ -311,11 +320,7 @@ class TextStream:
 
     def add(self, token_id: int) -> str:
         self.pending.append(token_id)
-        if not self.tokenizer.joins_decodings:
-            before = self.tokenizer.decode(self.context) if self.context else ""
-            text = self.tokenizer.decode(self.context + self.pending)[len(before):]
-        else:
-            text = self.tokenizer.decode(self.pending)
+        text = decode_after(self.tokenizer, self.context, self.pending)
         if text.endswith("\ufffd") and not self._ends_a_character(token_id):
             return ""  # the character is not complete yet
         self.context = (self.context + self.pending)[-self.CONTEXT:] if not self.tokenizer.joins_decodings else []

@@ -888,6 +888,8 @@ def _train(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, start_
     refused = None
     try:
         check_out_dir(cfg, resume, overwrite, check_lock=ddp.is_main)  # before preparing data (can take minutes)
+        if not resume:
+            cfg.model.check_new()
     except FunGPTError as e:
         refused = e
     if ddp.enabled:  # the processes agree first: one that stopped alone (rank 0 at a locked out_dir) left the others

@@ -104,8 +104,9 @@ def attention_maps(model, ids, *, last: int | None = None, layer: int | None = N
     # A diverged model's NaN weights drew as the colormap's "bad" grey, the masked future's colour: a blank picture
     if not all(bool(torch.isfinite(a).all()) for a in attn):
         raise FunGPTError("the attention weights are not finite numbers (NaN): the model's activations overflow, its "
-                          "training diverged; look at an earlier checkpoint (--checkpoint best) or train again with "
-                          "a lower train.lr")
+                          "training diverged; draw a checkpoint saved before that (--checkpoint best, where the run's "
+                          "best is past step 0, whose weights are the random start) or train again with a lower "
+                          "train.lr")
     if layer is not None:
         return attn[layer][0].float().cpu()  # (nh, Q, T)
     return torch.stack([a[0] for a in attn]).float().cpu()  # (n_layer, nh, Q, T)

@@ -529,6 +529,23 @@ def test_a_symlinked_lock_file_is_refused_and_its_target_left_alone(world, tmp_p
     assert victim.read_text() == "important\n"
 
 
+def test_a_blind_layernorm_is_refused_for_new_runs_but_a_saved_one_still_loads(world, tmp_path, monkeypatch, capsys):
+    """QK-norm's LayerNorm at head size 1 makes attention uniform: refused for a new run. Checked in GPTConfig
+    itself, it also refused to load, sample or resume a run trained before the check (its MLP works)."""
+    cfg = tiny_config(world["data"], tmp_path / "blind", max_iters=2)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_head=32, qk_norm=True))  # head size 1
+    with pytest.raises(FunGPTError, match=r"head size n_embd/n_head=1 and norm='layernorm'"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "blind" / "config.json").exists()
+    monkeypatch.setattr(GPTConfig, "check_new", lambda self: None)  # (a run from before the check)
+    train(cfg, progress=False)
+    monkeypatch.undo()
+    assert load_run(tmp_path / "blind").step == 2
+    assert main(["sample", str(tmp_path / "blind"), "--max-new-tokens", "3"]) == 0
+    assert train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_iters=3)), resume=True,
+                 progress=False)["step"] == 3
+
+
 def test_a_diverged_run_without_a_best_checkpoint_is_not_told_to_train_first(world, tmp_path):
     """A time-budget run skips the step-0 eval; if every later eval is NaN, no best is kept: --checkpoint best said
     "has no best checkpoint yet (train it first)" of a run that had trained."""
@@ -545,6 +562,13 @@ def test_a_diverged_run_without_a_best_checkpoint_is_not_told_to_train_first(wor
     with pytest.raises(FunGPTError, match=r"has no best checkpoint: no eval of it gave a finite val loss \(its "
                                           r"training diverged\); train it again with a lower train.lr$"):
         load_run(out, checkpoint="best")
+    # a healthy time-budget run stopped before its first eval (it skips step 0's) has its last checkpoint: it was
+    # told its weights may have diverged
+    (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows if "val_loss" not in row))
+    with pytest.raises(FunGPTError, match=r"has no best checkpoint yet: no eval of it has finished \(a run on a time "
+                                          r"budget skips the one at step 0\); use its last one \(--checkpoint last\)"):
+        load_run(out, checkpoint="best")
+    assert load_run(out).step > 0
     fresh = tmp_path / "fresh"  # (never trained: as before)
     fresh.mkdir()
     shutil.copy(out / "config.json", fresh / "config.json")
@@ -1655,6 +1679,10 @@ def test_a_run_whose_final_val_loss_is_not_finite_says_so(world, tmp_path, capsy
     err = capsys.readouterr().err
     assert "the loss is nan: the model's outputs are not finite numbers" in err and "random batch" not in err
     assert "--checkpoint best" not in err
+    # nor does export send it to its best, the starting weights
+    assert main(["export", str(out), "--out", str(tmp_path / "exp0")]) == 2
+    assert "diverged, and transformers would compute NaN from its export; train again with a lower train.lr" in \
+        capsys.readouterr().err
     # a run that diverged after a good eval: train's warning and the note of sample and eval name its best (NaN
     # compared as not worse than the best, so that note was not given)
     good = tmp_path / "good"
@@ -1671,8 +1699,10 @@ def test_a_run_whose_final_val_loss_is_not_finite_says_so(world, tmp_path, capsy
     # an export of the diverged weights (NaN in transformers) is refused; of the best, made
     capsys.readouterr()
     assert main(["export", str(good), "--out", str(tmp_path / "exp")]) == 2
-    assert capsys.readouterr().err.startswith(f"error: the last checkpoint of {good} (step 8) has val loss nan: its "
-                                              f"training diverged, and transformers would compute NaN from its export")
+    assert capsys.readouterr().err == (f"error: the last checkpoint of {good} (step 8) has val loss nan: its training "
+                                       f"diverged, and transformers would compute NaN from its export; export the "
+                                       f"run's best (step {best}) with --checkpoint best, or train again with a lower "
+                                       f"train.lr\n")
     assert not (tmp_path / "exp").exists()
     assert main(["export", str(good), "--out", str(tmp_path / "exp"), "--checkpoint", "best"]) == 0
     # the command does not go on to invite a sample that would fail

@@ -1013,6 +1013,13 @@ def test_a_sample_after_a_prompt_keeps_the_space_a_metaspace_decoder_reads_off_i
     out = io.StringIO()
     assert sample(run_dir, prompt="ROMEO:", max_new_tokens=2, out=out) == [" good night"]
     assert out.getvalue() == "ROMEO: good night\n"
+    # --show-probs and --stop read the same text (the stop " good" was never found there)
+    out = io.StringIO()
+    assert sample(run_dir, prompt="ROMEO:", max_new_tokens=2, out=out, show_probs=True) == [" good night"]
+    assert out.getvalue().endswith("--- text ---\nROMEO: good night\n")
+    for probs in (False, True):
+        assert sample(run_dir, prompt="ROMEO:", max_new_tokens=2, out=io.StringIO(), stop=" good",
+                      show_probs=probs) == [" good"]
     # no prompt: the text starts as decoding starts it (no space)
     assert sample(run_dir, max_new_tokens=2, out=io.StringIO()) == ["good night"]
     # WordPiece after a whitespace-splitting pre-tokenizer (BERT's): "\n", the default start without an

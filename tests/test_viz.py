@@ -472,7 +472,7 @@ def test_attention_maps_of_a_diverged_model_are_refused_not_drawn_blank():
     with torch.no_grad():
         model.blocks[0].attn.c_attn.weight.fill_(float("nan"))
     with pytest.raises(FunGPTError, match=r"^the attention weights are not finite numbers \(NaN\): .* training "
-                                          r"diverged; look at an earlier checkpoint \(--checkpoint best\)"):
+                                          r"diverged; draw a checkpoint saved before that \(--checkpoint best, "):
         attention_maps(model, [1, 2, 3])
 
 
