@@ -505,13 +505,17 @@ def _split_groups(text: str, size: int) -> list[str]:
     return groups
 
 
+class BadText(FunGPTError):
+    """A file of the corpus that is not UTF-8 text (binary, UTF-16, bytes that do not decode)."""
+
+
 def refuse_utf16_or_32(path, head: bytes) -> None:
     """Refuse a file whose first bytes `head` are the byte-order mark of UTF-32 (checked first: its little-endian
     one starts like UTF-16's) or UTF-16, as Windows PowerShell's `>` writes text, naming it and the fix."""
     for mark, name in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
                        (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
         if head.startswith(mark):
-            raise FunGPTError(f"{path} is {name} text (it starts with {name}'s byte-order mark), not UTF-8: convert "
+            raise BadText(f"{path} is {name} text (it starts with {name}'s byte-order mark), not UTF-8: convert "
                               f"it to UTF-8 (e.g. save it again as UTF-8, or `iconv -f {name} -t UTF-8`)")
 
 
@@ -573,14 +577,14 @@ def _iter_file_text(
             if nul >= 0:
                 weights = " (a model's weights, in a run or model folder: move that folder out)" * (
                     path.suffix in (".safetensors", ".pt", ".pth", ".ckpt") or path.name == "pytorch_model.bin")
-                raise FunGPTError(f"{path} looks like a binary file{weights} (NUL byte at byte offset {offset + nul}); "
+                raise BadText(f"{path} looks like a binary file{weights} (NUL byte at byte offset {offset + nul}); "
                                   f"pass text files only")
             pending = len(decoder.getstate()[0])  # undecoded bytes held from the last read
             try:
                 text = decoder.decode(data, final=final)
             except UnicodeDecodeError as e:
                 bad = offset - pending + e.start
-                raise FunGPTError(f"{path} is not valid UTF-8 (bad byte at offset {bad}); {utf8_fix}") from None
+                raise BadText(f"{path} is not valid UTF-8 (bad byte at offset {bad}); {utf8_fix}") from None
             if offset == 0:  # a byte-order mark (some Windows editors write one) is not text: drop it
                 text = text.removeprefix("\ufeff")
             offset += len(data)
@@ -618,8 +622,42 @@ def _iter_corpus(
     for i, path in enumerate(files):
         if i > 0:
             yield separator, True
-        for text in _iter_file_text(path, errors, chunk_bytes, on_bytes):
-            yield text, False
+        try:
+            for text in _iter_file_text(path, errors, chunk_bytes, on_bytes):
+                yield text, False
+        except BadText as e:  # (one file at a time, a folder of 300 such files took 300 runs to mend)
+            raise FunGPTError(f"{e}{_more_bad_files(files[i + 1:], errors, chunk_bytes)}") from None
+
+
+BAD_FILE_SCAN_BYTES = 1 << 29
+"""How much of the files after a bad one `_more_bad_files` reads (512 MB: a few seconds) to say how many are bad too."""
+
+
+def _more_bad_files(rest: list[Path], errors: str, chunk_bytes: int) -> str:
+    """The end of a bad file's message: how many of the files after it are not UTF-8 text either, and the first few
+    names ("" when none), from reading up to BAD_FILE_SCAN_BYTES of them."""
+    bad, read, checked = [], 0, 0
+    for path in rest:
+        if read >= BAD_FILE_SCAN_BYTES:
+            break
+        try:
+            read += path.stat().st_size
+            for _ in _iter_file_text(path, errors, chunk_bytes, None):
+                pass
+        except BadText:
+            bad.append(path)
+        except FunGPTError:  # (unreadable: said when it is reached)
+            pass
+        except OSError:
+            pass
+        checked += 1
+    if not bad:
+        return ""
+    names = ", ".join(str(p) for p in bad[:3]) + (", ..." if len(bad) > 3 else "")
+    where = "" if checked == len(rest) else \
+        f" (of the next {checked:,} file{'s' * (checked != 1)}; {len(rest) - checked:,} not checked)"
+    more = f"{len(bad):,} more files after it are" if len(bad) != 1 else "1 more file after it is"
+    return f" [{more} not UTF-8 text either{where}: {names}]"
 
 
 def into_file(stream) -> bool:

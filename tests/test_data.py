@@ -514,6 +514,36 @@ def test_binary_file_inside_folder_is_named(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_folder_of_many_bad_files_says_how_many_not_one_per_run(tmp_path, monkeypatch):
+    """A scraped folder of 300 cp1252 files named one per run, "fix the file": 300 runs to mend. The first is named
+    as before, then how many of the files after it are not UTF-8 text either, with the first few names."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text(TEXT, encoding="utf-8")
+    for i in range(5):
+        (folder / f"b{i}.txt").write_bytes("café\n".encode("latin-1"))
+    (folder / "c.png").write_bytes(b"\x89PNG\x00\x00")
+    (folder / "d.txt").write_text(TEXT, encoding="utf-8")
+    with pytest.raises(FunGPTError) as err:
+        prepare(folder, tmp_path / "out", progress=False)
+    said = str(err.value)
+    assert re.fullmatch(r".*b0\.txt is not valid UTF-8 \(bad byte at offset 3\); .* \[5 more files after it are not "
+                        r"UTF-8 text either: .*b1\.txt, .*b2\.txt, .*b3\.txt, \.\.\.\]", said), said
+    assert "\n" not in said and not (tmp_path / "out").exists()
+    for i in range(1, 5):
+        (folder / f"b{i}.txt").unlink()
+    (folder / "c.png").unlink()
+    with pytest.raises(FunGPTError, match=r"b0\.txt is not valid UTF-8 \(bad byte at offset 3\); [^\[]*$"):
+        prepare(folder, tmp_path / "out", progress=False)  # (the only one: nothing added)
+    # a corpus too large to read at once is read only so far
+    for i in range(1, 4):
+        (folder / f"b{i}.txt").write_bytes("café\n".encode("latin-1"))
+    monkeypatch.setattr(data_mod, "BAD_FILE_SCAN_BYTES", 1)
+    with pytest.raises(FunGPTError, match=r"\[1 more file after it is not UTF-8 text either \(of the next 1 file; 3 "
+                                          r"not checked\): .*b1\.txt\]"):
+        prepare(folder, tmp_path / "out", progress=False)
+
+
 def test_a_run_or_model_folder_given_as_text_is_named_as_such(tmp_path):
     """`--data.path RUN` (a run's folder) or a model folder said only that its model.safetensors "looks like a binary
     file", and a run left among the texts the same, without saying what the file is."""
