@@ -646,9 +646,7 @@ def _more_bad_files(rest: list[Path], errors: str, chunk_bytes: int) -> str:
                 pass
         except BadText:
             bad.append(path)
-        except FunGPTError:  # (unreadable: said when it is reached)
-            pass
-        except OSError:
+        except (FunGPTError, OSError):  # (unreadable: said when it is reached)
             pass
         checked += 1
     if not bad:

@@ -527,12 +527,12 @@ def _sampled_val_note(loaded: LoadedRun, loss: float) -> str | None:
         logged = [row["val_loss"] for row in read_metrics(loaded.run_dir)[1] if row.get("step") == loaded.step]
     except (FunGPTError, OSError, ValueError, KeyError, TypeError):
         return None
-    # (the last: a resumed run may log a step twice; NaN is no "difference" that random batches explain)
-    if not logged or not math.isfinite(float(logged[-1])) or not math.isfinite(loss) or abs(
-            float(logged[-1]) - loss) < 5e-5:
+    was = float(logged[-1]) if logged else math.nan  # (the last: a resumed run may log a step twice)
+    # (NaN is no "difference" that random batches explain)
+    if not (math.isfinite(was) and math.isfinite(loss)) or abs(was - loss) < 5e-5:
         return None
     batches = f"{tc.eval_iters} random batch{'es' * (tc.eval_iters != 1)}"
-    return (f"fungpt: note: training logged val loss {float(logged[-1]):.4f} at step {loaded.step}, the mean of "
+    return (f"fungpt: note: training logged val loss {was:.4f} at step {loaded.step}, the mean of "
             f"train.eval_iters = {batches} of the val split; this is every val token's "
             f"(train.eval_full_val = true makes training's the same)")
 
